@@ -1,0 +1,15 @@
+//! blockrep's core: the pieces of replication that do no I/O.
+//!
+//! Everything here is driven synchronously by its callers: no threads, no clocks, no files.
+//! That keeps the rules the design depends on (crash-safe dirty tracking first) testable by
+//! unit tests, property tests and deterministic simulation.
+
+pub mod activity_log;
+pub mod dirty_map;
+pub mod extent;
+pub mod ids;
+
+pub use activity_log::{ActivityLog, Admission, AlVersion, FlushTicket, RegionIndex, RetirePolicy};
+pub use dirty_map::{BITMAP_PAGE_BYTES, DirtyMap, Granularity, GranularityError, PageIndex};
+pub use extent::{ByteRange, RangeError};
+pub use ids::{NameError, VolumeId, VolumeName};
