@@ -1,0 +1,129 @@
+//! The device or file a volume lives on, opened for direct I/O.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Offsets, lengths and memory of direct I/O are multiples of this.
+pub const DIRECT_IO_ALIGN: u64 = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingKind {
+    BlockDevice,
+    File,
+}
+
+impl std::fmt::Display for BackingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackingKind::BlockDevice => "block device",
+            BackingKind::File => "file",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path} is neither a block device nor a regular file")]
+    NotABlockDeviceOrFile { path: PathBuf },
+    #[error("cannot read the size of {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
+    #[error("{path} is empty")]
+    Empty { path: PathBuf },
+    #[error("{path} is {size} bytes, not a multiple of {DIRECT_IO_ALIGN}")]
+    Unaligned { path: PathBuf, size: u64 },
+}
+
+/// A backing device or file. Reads and writes through the fd are direct (`O_DIRECT`)
+/// when the file system allows it; `is_direct` says which.
+#[derive(Debug)]
+pub struct Backing {
+    file: File,
+    path: PathBuf,
+    kind: BackingKind,
+    size: u64,
+    direct: bool,
+}
+
+nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+
+impl Backing {
+    pub fn open(path: &Path) -> Result<Self, OpenError> {
+        let open_err = |source| OpenError::Open { path: path.to_owned(), source };
+        let meta = std::fs::metadata(path).map_err(open_err)?;
+        let kind = if meta.file_type().is_block_device() {
+            BackingKind::BlockDevice
+        } else if meta.is_file() {
+            BackingKind::File
+        } else {
+            return Err(OpenError::NotABlockDeviceOrFile { path: path.to_owned() });
+        };
+        let open = |flags| {
+            OpenOptions::new().read(true).write(true).custom_flags(flags).open(path)
+        };
+        let (file, direct) = match open(libc::O_DIRECT) {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(path = %path.display(), "file system refuses O_DIRECT; using buffered I/O");
+                (open(0).map_err(open_err)?, false)
+            }
+            Err(e) => return Err(open_err(e)),
+        };
+        let size = match kind {
+            BackingKind::File => meta.len(),
+            BackingKind::BlockDevice => {
+                let mut size = 0u64;
+                // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+                unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }.map_err(|e| {
+                    OpenError::Size { path: path.to_owned(), source: io::Error::from(e) }
+                })?;
+                size
+            }
+        };
+        if size == 0 {
+            return Err(OpenError::Empty { path: path.to_owned() });
+        }
+        if size % DIRECT_IO_ALIGN != 0 {
+            return Err(OpenError::Unaligned { path: path.to_owned(), size });
+        }
+        Ok(Self { file, path: path.to_owned(), kind, size, direct })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Blocking aligned read, for the slow paths (read-modify-write).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Blocking aligned write, for the slow paths.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}

@@ -1,0 +1,164 @@
+//! Page-aligned buffers for `O_DIRECT` I/O, and a per-thread pool of them.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+
+use crate::backing::DIRECT_IO_ALIGN;
+
+/// A zero-initialised buffer aligned to [`DIRECT_IO_ALIGN`], whose capacity is a multiple of it.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    capacity: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only read.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of `len` bytes (capacity rounded up to the alignment).
+    pub fn new(len: usize) -> Self {
+        let align = DIRECT_IO_ALIGN as usize;
+        let capacity = len.max(1).div_ceil(align) * align;
+        let layout = Layout::from_size_align(capacity, align).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, capacity, len }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets the length; panics past the capacity. Bytes keep whatever they held.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity, "length {len} past capacity {}", self.capacity);
+        self.len = len;
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for capacity >= len initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for capacity >= len initialised bytes, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity, DIRECT_IO_ALIGN as usize)
+            .expect("layout was valid at allocation");
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf").field("len", &self.len).field("capacity", &self.capacity).finish()
+    }
+}
+
+/// Free lists of buffers by power-of-two capacity, so the I/O path does not allocate per
+/// request once warm. Not shared between threads.
+#[derive(Default)]
+pub struct BufPool {
+    classes: Vec<Vec<AlignedBuf>>,
+    /// Bytes held idle in the pool, and the most it keeps.
+    idle_bytes: usize,
+}
+
+const MAX_IDLE_BYTES: usize = 256 << 20;
+
+impl BufPool {
+    /// A buffer of at least `len` bytes, with its length set to `len`.
+    pub fn take(&mut self, len: usize) -> AlignedBuf {
+        let class = Self::class_of(len);
+        let mut buf = match self.classes.get_mut(class).and_then(Vec::pop) {
+            Some(buf) => {
+                self.idle_bytes -= buf.capacity();
+                buf
+            }
+            None => AlignedBuf::new(Self::class_capacity(class)),
+        };
+        buf.set_len(len);
+        buf
+    }
+
+    pub fn give(&mut self, buf: AlignedBuf) {
+        let class = Self::class_of(buf.capacity());
+        if Self::class_capacity(class) != buf.capacity()
+            || self.idle_bytes + buf.capacity() > MAX_IDLE_BYTES
+        {
+            return;
+        }
+        if self.classes.len() <= class {
+            self.classes.resize_with(class + 1, Vec::new);
+        }
+        self.idle_bytes += buf.capacity();
+        self.classes[class].push(buf);
+    }
+
+    fn class_of(len: usize) -> usize {
+        let units = len.max(1).div_ceil(DIRECT_IO_ALIGN as usize);
+        units.next_power_of_two().trailing_zeros() as usize
+    }
+
+    fn class_capacity(class: usize) -> usize {
+        (DIRECT_IO_ALIGN as usize) << class
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_zeroed() {
+        let buf = AlignedBuf::new(5000);
+        assert_eq!(buf.as_ptr() as usize % DIRECT_IO_ALIGN as usize, 0);
+        assert_eq!(buf.capacity(), 8192);
+        assert_eq!(buf.len(), 5000);
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pool_reuses_by_class() {
+        let mut pool = BufPool::default();
+        let a = pool.take(4096);
+        let ptr = a.as_ptr();
+        pool.give(a);
+        let b = pool.take(100);
+        assert_eq!(b.as_ptr(), ptr, "same class reuses the buffer");
+        assert_eq!(b.len(), 100);
+        let c = pool.take(3 * 4096);
+        assert_eq!(c.capacity(), 4 * 4096);
+    }
+}
