@@ -1,1 +1,150 @@
-fn main() {}
+//! `blockrepd`: the blockrep agent.
+
+mod agent;
+mod config;
+mod connections;
+mod registry;
+mod service;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use blockrep_api::proto::agent_server::AgentServer;
+use clap::Parser;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::agent::{Agent, set_mode};
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+
+#[derive(Parser)]
+#[command(name = "blockrepd", version, about = "blockrep agent: serves volumes over NBD and tracks their dirty blocks")]
+struct Args {
+    /// Configuration file.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("blockrepd: invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("{}: configuration is valid", args.config.display());
+        return std::process::ExitCode::SUCCESS;
+    }
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("blockrepd: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("blockrepd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    for dir in [&config.state_dir, &config.runtime_dir, &config.runtime_dir.join("nbd")] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _lock = lock_state_dir(&config.state_dir)?;
+    let control_socket = config.control_socket.clone();
+    let tcp = config.nbd_tcp_listen;
+
+    let agent = Agent::start(config, tokio::runtime::Handle::current()).context("open registered volumes")?;
+    let tcp_listener = match tcp {
+        Some(addr) => Some(agent.listen_tcp(addr).await?),
+        None => None,
+    };
+    let incoming = bind_control_socket(&control_socket)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = AgentServer::new(service::AgentService { agent: Arc::clone(&agent) });
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(node = %agent.config.node_name, az = %agent.config.availability_zone,
+        control_socket = %control_socket.display(), "blockrepd ready");
+
+    wait_for_stop_signal().await?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("stopping: draining NBD clients and flushing bitmaps");
+    if let Some(listener) = tcp_listener {
+        listener.abort();
+    }
+    let _ = stop_tx.send(());
+    let drained = Arc::clone(&agent);
+    tokio::task::spawn_blocking(move || drained.shut_down()).await.context("shut down volumes")?;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "control server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "control server task failed"),
+    }
+    let _ = std::fs::remove_file(&control_socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One daemon per state directory.
+fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = state_dir.join("lock");
+    let file = File::create(&path).with_context(|| format!("open {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!("{} is locked ({errno}): another blockrepd uses this state_dir", path.display())
+    })
+}
+
+fn bind_control_socket(path: &Path) -> anyhow::Result<tokio_stream::wrappers::UnixListenerStream> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("remove stale {}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
+    set_mode(path, 0o660).with_context(|| format!("chmod {}", path.display()))?;
+    Ok(tokio_stream::wrappers::UnixListenerStream::new(listener))
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    Ok(())
+}

@@ -307,7 +307,10 @@ impl Connection {
             Command::Read => {
                 let mut buf = self.pool.take(req.len as usize);
                 match self.volume.read_unaligned(range, &mut buf) {
-                    Ok(()) => self.reply_data(req.handle, &buf),
+                    Ok(()) => {
+                        self.stats.bytes_read += buf.len() as u64;
+                        self.reply_data(req.handle, &buf);
+                    }
                     Err(e) => self.reply_error(req.handle, e.raw_os_error().unwrap_or(libc::EIO)),
                 }
                 self.pool.give(buf);

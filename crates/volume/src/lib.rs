@@ -15,5 +15,5 @@ mod volume;
 pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, OpenError};
 pub use buf::{AlignedBuf, BufPool};
 pub use durable_file::write_file_durably;
-pub use tracker::{DirtyTracker, RecoveryReport, TrackerConfig, TrackerError};
+pub use tracker::{DirtyTracker, FlusherHandle, RecoveryReport, TrackerConfig, TrackerError};
 pub use volume::{ClientGuard, Volume, VolumeIoError};

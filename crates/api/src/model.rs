@@ -1,0 +1,77 @@
+//! Requests parsed into domain types ("parse, don't validate"), and the one conversion of
+//! API errors into gRPC statuses.
+
+use std::path::PathBuf;
+
+use blockrep_core::{NameError, VolumeName};
+
+use crate::proto;
+
+/// `AddVolume`, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddVolume {
+    pub name: VolumeName,
+    pub path: PathBuf,
+}
+
+impl TryFrom<proto::AddVolumeRequest> for AddVolume {
+    type Error = ApiError;
+    fn try_from(req: proto::AddVolumeRequest) -> Result<Self, ApiError> {
+        let name = VolumeName::try_from(req.name).map_err(ApiError::BadName)?;
+        if req.path.is_empty() {
+            return Err(ApiError::InvalidArgument("path is empty".into()));
+        }
+        let path = PathBuf::from(req.path);
+        if !path.is_absolute() {
+            return Err(ApiError::InvalidArgument(format!("path {} is not absolute", path.display())));
+        }
+        Ok(Self { name, path })
+    }
+}
+
+/// Every error the control API answers with. Messages name the rule that was broken.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("volume name: {0}")]
+    BadName(NameError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("no volume {0:?} (give a volume id or name)")]
+    VolumeNotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        let message = e.to_string();
+        match e {
+            ApiError::BadName(_) | ApiError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            ApiError::VolumeNotFound(_) => tonic::Status::not_found(message),
+            ApiError::AlreadyExists(_) => tonic::Status::already_exists(message),
+            ApiError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            ApiError::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_volume_is_validated() {
+        let ok = AddVolume::try_from(proto::AddVolumeRequest { name: "v1".into(), path: "/dev/loop0".into() });
+        assert_eq!(ok.unwrap(), AddVolume { name: "v1".parse().unwrap(), path: "/dev/loop0".into() });
+        let relative = AddVolume::try_from(proto::AddVolumeRequest { name: "v1".into(), path: "disk.img".into() });
+        assert!(matches!(relative, Err(ApiError::InvalidArgument(m)) if m.contains("not absolute")));
+        let bad = AddVolume::try_from(proto::AddVolumeRequest { name: "a b".into(), path: "/x".into() });
+        let status = tonic::Status::from(bad.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("volume name:"), "{}", status.message());
+    }
+}

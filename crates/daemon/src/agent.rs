@@ -1,0 +1,349 @@
+//! The agent's volumes: registered in the registry, opened with their trackers, exported
+//! over NBD.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use blockrep_api::ApiError;
+use blockrep_api::model::AddVolume;
+use blockrep_core::VolumeId;
+use blockrep_nbd::{ClientStream, ExportSet};
+use blockrep_volume::{Backing, DirtyTracker, Volume};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::connections::Connections;
+use crate::registry::{self, VolumeRecord};
+
+pub struct Agent {
+    pub config: Config,
+    volumes: Mutex<BTreeMap<VolumeId, Entry>>,
+    pub connections: Arc<Connections>,
+    runtime: tokio::runtime::Handle,
+}
+
+struct Entry {
+    record: VolumeRecord,
+    state: Result<Online, String>,
+}
+
+/// A volume that is open and exported.
+struct Online {
+    volume: Arc<Volume>,
+    flusher: Option<blockrep_volume::FlusherHandle>,
+    listener: JoinHandle<()>,
+    socket: PathBuf,
+    /// Set while the volume is being removed: new clients are turned away.
+    closing: Arc<AtomicBool>,
+}
+
+/// What the API reports of a volume.
+pub struct VolumeView {
+    pub record: VolumeRecord,
+    pub online: Option<OnlineView>,
+    pub error: Option<String>,
+    pub nbd_socket: PathBuf,
+}
+
+pub struct OnlineView {
+    pub kind: &'static str,
+    pub direct_io: bool,
+    pub dirty_bytes: Option<u64>,
+    pub active_regions: usize,
+    pub connected_clients: usize,
+}
+
+impl Agent {
+    /// Opens every registered volume. A volume whose backing cannot be opened stays
+    /// registered, in error, so the operator sees it.
+    pub fn start(config: Config, runtime: tokio::runtime::Handle) -> anyhow::Result<Arc<Self>> {
+        let records = registry::load(&config.state_dir)?;
+        let agent = Arc::new(Self {
+            config,
+            volumes: Mutex::new(BTreeMap::new()),
+            connections: Arc::new(Connections::default()),
+            runtime,
+        });
+        for record in records {
+            let state = agent.bring_online(&record).map_err(|e| {
+                tracing::error!(volume = %record.name, id = %record.id, error = %e, "volume stays offline");
+                e.to_string()
+            });
+            agent.lock().insert(record.id, Entry { record, state });
+        }
+        Ok(agent)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<VolumeId, Entry>> {
+        self.volumes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tracker_dir(&self, id: VolumeId) -> PathBuf {
+        self.config.state_dir.join("volumes").join(id.to_string())
+    }
+
+    fn bring_online(self: &Arc<Self>, record: &VolumeRecord) -> Result<Online, ApiError> {
+        let backing = Backing::open(&record.path).map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+        if backing.size() != record.size {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is {} bytes but was registered with {}; resizing is not supported yet",
+                record.path.display(),
+                backing.size(),
+                record.size
+            )));
+        }
+        let tracker = match self.config.tracker {
+            Some(tracker_config) => {
+                let (tracker, report) = DirtyTracker::open(&self.tracker_dir(record.id), backing.size(), tracker_config)
+                    .map_err(|e| ApiError::Internal(format!("dirty tracker: {e}")))?;
+                tracing::info!(volume = %record.name, replayed_regions = report.replayed_regions,
+                    dirty_bytes = report.dirty_bytes, "dirty tracker opened");
+                Some(Arc::new(tracker))
+            }
+            None => None,
+        };
+        let flusher = tracker.as_ref().map(|t| t.spawn_flusher(record.name.to_string()));
+        let volume = Arc::new(Volume::new(record.name.to_string(), backing, tracker));
+        let socket = self.config.nbd_socket(record.name.as_str());
+        let closing = Arc::new(AtomicBool::new(false));
+        let listener = self.listen_unix(&socket, Arc::clone(&volume), Arc::clone(&closing))?;
+        Ok(Online { volume, flusher, listener, socket, closing })
+    }
+
+    fn listen_unix(self: &Arc<Self>, socket: &Path, volume: Arc<Volume>, closing: Arc<AtomicBool>) -> Result<JoinHandle<()>, ApiError> {
+        let bind_err = |e: std::io::Error| ApiError::Internal(format!("cannot listen on {}: {e}", socket.display()));
+        match std::fs::remove_file(socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let _guard = self.runtime.enter();
+        let listener = tokio::net::UnixListener::bind(socket).map_err(bind_err)?;
+        set_mode(socket, 0o660).map_err(bind_err)?;
+        let exports: Arc<dyn ExportSet> = Arc::new(SingleExport { volume, closing });
+        let connections = Arc::clone(&self.connections);
+        let label = socket.display().to_string();
+        Ok(self.runtime.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+                        Ok(stream) => connections.spawn(ClientStream::Unix(stream), Arc::clone(&exports), label.clone()),
+                        Err(e) => tracing::warn!(error = %e, "cannot take accepted connection"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(socket = %label, error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Serves every online volume, by export name, on a TCP address.
+    pub async fn listen_tcp(self: &Arc<Self>, addr: std::net::SocketAddr) -> anyhow::Result<JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on nbd.tcp_listen {addr}: {e}"))?;
+        let agent = Arc::clone(self);
+        Ok(tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+                        Ok(stream) => {
+                            let exports: Arc<dyn ExportSet> = Arc::clone(&agent) as Arc<dyn ExportSet>;
+                            agent.connections.spawn(ClientStream::Tcp(stream), exports, peer.to_string());
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot take accepted connection"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TCP accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }))
+    }
+
+    pub fn add_volume(self: &Arc<Self>, req: AddVolume) -> Result<VolumeView, ApiError> {
+        let mut volumes = self.lock();
+        if let Some(e) = volumes.values().find(|e| e.record.name == req.name) {
+            return Err(ApiError::AlreadyExists(format!("a volume named {} already exists (id {})", req.name, e.record.id)));
+        }
+        let path = std::fs::canonicalize(&req.path)
+            .map_err(|e| ApiError::InvalidArgument(format!("cannot open {}: {e}", req.path.display())))?;
+        if let Some(e) = volumes.values().find(|e| e.record.path == path) {
+            return Err(ApiError::AlreadyExists(format!("{} is already volume {} (id {})", path.display(), e.record.name, e.record.id)));
+        }
+        let size = Backing::open(&path).map_err(|e| ApiError::InvalidArgument(e.to_string()))?.size();
+        let record = VolumeRecord::new(req.name, path, size);
+        let online = self.bring_online(&record).inspect_err(|_| self.remove_tracker_dir(record.id))?;
+        let mut records: Vec<VolumeRecord> = volumes.values().map(|e| e.record.clone()).collect();
+        records.push(record.clone());
+        if let Err(e) = registry::save(&self.config.state_dir, &records) {
+            self.take_offline(online);
+            self.remove_tracker_dir(record.id);
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        tracing::info!(volume = %record.name, id = %record.id, path = %record.path.display(), size, "volume added");
+        let entry = Entry { record, state: Ok(online) };
+        let view = self.view(&entry);
+        volumes.insert(entry.record.id, entry);
+        Ok(view)
+    }
+
+    pub fn remove_volume(&self, reference: &str) -> Result<VolumeId, ApiError> {
+        let mut volumes = self.lock();
+        let id = find(&volumes, reference)?;
+        let entry = &volumes[&id];
+        if let Ok(online) = &entry.state {
+            online.closing.store(true, Ordering::SeqCst);
+            let clients = online.volume.connected_clients();
+            if clients > 0 {
+                online.closing.store(false, Ordering::SeqCst);
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {} has {clients} connected NBD client(s); disconnect them first",
+                    entry.record.name
+                )));
+            }
+        }
+        let records: Vec<VolumeRecord> = volumes.values().filter(|e| e.record.id != id).map(|e| e.record.clone()).collect();
+        if let Err(e) = registry::save(&self.config.state_dir, &records) {
+            if let Ok(online) = &volumes[&id].state {
+                online.closing.store(false, Ordering::SeqCst);
+            }
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        let entry = volumes.remove(&id).expect("found above");
+        if let Ok(online) = entry.state {
+            self.take_offline(online);
+        }
+        self.remove_tracker_dir(id);
+        tracing::info!(volume = %entry.record.name, %id, "volume removed");
+        Ok(id)
+    }
+
+    fn take_offline(&self, online: Online) {
+        online.listener.abort();
+        let _ = std::fs::remove_file(&online.socket);
+        drop(online.flusher);
+        if let Some(tracker) = online.volume.tracker()
+            && let Err(e) = tracker.close()
+        {
+            tracing::error!(volume = %online.volume.name(), error = %e, "closing the dirty tracker failed");
+        }
+    }
+
+    fn remove_tracker_dir(&self, id: VolumeId) {
+        let dir = self.tracker_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove tracker directory");
+        }
+    }
+
+    pub fn list(&self) -> Vec<VolumeView> {
+        self.lock().values().map(|e| self.view(e)).collect()
+    }
+
+    pub fn get(&self, reference: &str) -> Result<VolumeView, ApiError> {
+        let volumes = self.lock();
+        let id = find(&volumes, reference)?;
+        Ok(self.view(&volumes[&id]))
+    }
+
+    pub fn dirty_extents(&self, reference: &str) -> Result<(VolumeId, u64, Vec<blockrep_core::ByteRange>), ApiError> {
+        let volumes = self.lock();
+        let id = find(&volumes, reference)?;
+        let entry = &volumes[&id];
+        let online = entry.state.as_ref().map_err(|e| ApiError::FailedPrecondition(format!("volume {} is offline: {e}", entry.record.name)))?;
+        let tracker = online.volume.tracker().ok_or_else(|| {
+            ApiError::FailedPrecondition("dirty tracking is switched off (bitmap.dirty_tracking = false)".into())
+        })?;
+        Ok((id, tracker.config().granularity.bytes(), tracker.dirty_runs()))
+    }
+
+    fn view(&self, entry: &Entry) -> VolumeView {
+        let online = entry.state.as_ref().ok().map(|o| OnlineView {
+            kind: match o.volume.backing().kind() {
+                blockrep_volume::BackingKind::BlockDevice => "block-device",
+                blockrep_volume::BackingKind::File => "file",
+            },
+            direct_io: o.volume.backing().is_direct(),
+            dirty_bytes: o.volume.tracker().map(|t| t.dirty_bytes()),
+            active_regions: o.volume.tracker().map_or(0, |t| t.active_regions()),
+            connected_clients: o.volume.connected_clients(),
+        });
+        VolumeView {
+            record: entry.record.clone(),
+            online,
+            error: entry.state.as_ref().err().cloned(),
+            nbd_socket: self.config.nbd_socket(entry.record.name.as_str()),
+        }
+    }
+
+    /// Stops accepting clients, lets the connected ones finish what is in flight, then
+    /// writes every tracker's state out.
+    pub fn shut_down(&self) {
+        let mut volumes = self.lock();
+        for entry in volumes.values() {
+            if let Ok(online) = &entry.state {
+                online.listener.abort();
+            }
+        }
+        self.connections.drain();
+        for (_, entry) in std::mem::take(&mut *volumes) {
+            if let Ok(online) = entry.state {
+                self.take_offline(online);
+            }
+        }
+    }
+}
+
+fn find(volumes: &BTreeMap<VolumeId, Entry>, reference: &str) -> Result<VolumeId, ApiError> {
+    if let Ok(id) = reference.parse::<VolumeId>()
+        && volumes.contains_key(&id)
+    {
+        return Ok(id);
+    }
+    volumes
+        .values()
+        .find(|e| e.record.name.as_str() == reference)
+        .map(|e| e.record.id)
+        .ok_or_else(|| ApiError::VolumeNotFound(reference.to_owned()))
+}
+
+impl ExportSet for Agent {
+    fn find(&self, name: &str) -> Option<Arc<Volume>> {
+        self.lock().values().find_map(|e| {
+            let online = e.state.as_ref().ok()?;
+            (e.record.name.as_str() == name && !online.closing.load(Ordering::SeqCst)).then(|| Arc::clone(&online.volume))
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.lock().values().filter(|e| e.state.is_ok()).map(|e| e.record.name.to_string()).collect()
+    }
+}
+
+/// A volume's own socket: it serves that volume under its name or the empty (default) name.
+struct SingleExport {
+    volume: Arc<Volume>,
+    closing: Arc<AtomicBool>,
+}
+
+impl ExportSet for SingleExport {
+    fn find(&self, name: &str) -> Option<Arc<Volume>> {
+        let matches = name.is_empty() || name == self.volume.name();
+        (matches && !self.closing.load(Ordering::SeqCst)).then(|| Arc::clone(&self.volume))
+    }
+
+    fn names(&self) -> Vec<String> {
+        vec![self.volume.name().to_owned()]
+    }
+}
+
+pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}

@@ -1,0 +1,272 @@
+//! `blockrepd.toml`: parsed, then validated, with errors that name the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use blockrep_core::Granularity;
+use blockrep_volume::TrackerConfig;
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/blockrep/blockrepd.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid { path: PathBuf, key: &'static str, message: String },
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_name: String,
+    availability_zone: String,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_runtime_dir")]
+    runtime_dir: PathBuf,
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    bitmap: RawBitmap,
+    #[serde(default)]
+    nbd: RawNbd,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBitmap {
+    #[serde(default = "default_true")]
+    dirty_tracking: bool,
+    #[serde(default = "default_granularity")]
+    granularity: ByteSize,
+    #[serde(default = "default_region_size")]
+    region_size: ByteSize,
+    #[serde(default = "default_active_regions")]
+    active_regions: u64,
+    #[serde(default = "default_flush_interval_ms")]
+    flush_interval_ms: u64,
+}
+
+impl Default for RawBitmap {
+    fn default() -> Self {
+        Self {
+            dirty_tracking: true,
+            granularity: default_granularity(),
+            region_size: default_region_size(),
+            active_regions: default_active_regions(),
+            flush_interval_ms: default_flush_interval_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNbd {
+    tcp_listen: Option<String>,
+}
+
+/// A size given as bytes (`4096`) or with a binary suffix (`"4KiB"`, `"4MiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(text) => parse_size(text),
+        }
+    }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 4096, \"4KiB\" or \"4MiB\""))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" | "K" => 10,
+        "MiB" | "M" => 20,
+        "GiB" | "G" => 30,
+        other => return Err(format!("unknown unit {other:?} in {text:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/blockrep".into()
+}
+fn default_runtime_dir() -> PathBuf {
+    "/run/blockrep".into()
+}
+fn default_granularity() -> ByteSize {
+    ByteSize::Bytes(Granularity::DEFAULT.bytes())
+}
+fn default_region_size() -> ByteSize {
+    ByteSize::Bytes(TrackerConfig::default().region_size)
+}
+fn default_active_regions() -> u64 {
+    TrackerConfig::default().active_regions as u64
+}
+fn default_flush_interval_ms() -> u64 {
+    TrackerConfig::default().flush_interval.as_millis() as u64
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    pub availability_zone: String,
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub control_socket: PathBuf,
+    /// `None` when dirty tracking is switched off (benchmarks only).
+    pub tracker: Option<TrackerConfig>,
+    pub nbd_tcp_listen: Option<SocketAddr>,
+}
+
+/// The largest single NBD write, which one admission must fit in the activity log.
+const MAX_WRITE: u64 = 32 << 20;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let invalid = |key, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+
+        check_label(&raw.node_name).map_err(|m| invalid("node_name", m))?;
+        check_label(&raw.availability_zone).map_err(|m| invalid("availability_zone", m))?;
+        for (key, dir) in [("state_dir", &raw.state_dir), ("runtime_dir", &raw.runtime_dir)] {
+            if !dir.is_absolute() {
+                return Err(invalid(key, format!("{} is not an absolute path", dir.display())));
+            }
+        }
+        let control_socket = raw.control_socket.unwrap_or_else(|| raw.runtime_dir.join("control.sock"));
+        if !control_socket.is_absolute() {
+            return Err(invalid("control_socket", format!("{} is not an absolute path", control_socket.display())));
+        }
+
+        let b = &raw.bitmap;
+        let granularity = b.granularity.bytes().map_err(|m| invalid("bitmap.granularity", m))?;
+        let granularity = Granularity::new(granularity).map_err(|e| invalid("bitmap.granularity", e.to_string()))?;
+        let region_size = b.region_size.bytes().map_err(|m| invalid("bitmap.region_size", m))?;
+        if !region_size.is_power_of_two() || region_size < 1 << 20 || region_size > 1 << 30 {
+            return Err(invalid("bitmap.region_size", format!("{region_size} must be a power of two from 1 MiB to 1 GiB")));
+        }
+        if region_size < granularity.bytes() {
+            return Err(invalid("bitmap.region_size", format!("{region_size} is smaller than bitmap.granularity")));
+        }
+        let min_regions = (MAX_WRITE / region_size + 2).max(16);
+        if b.active_regions < min_regions || b.active_regions > 65536 {
+            return Err(invalid(
+                "bitmap.active_regions",
+                format!("{} must be from {min_regions} to 65536 (a 32 MiB write must fit)", b.active_regions),
+            ));
+        }
+        if !(10..=60_000).contains(&b.flush_interval_ms) {
+            return Err(invalid("bitmap.flush_interval_ms", format!("{} must be from 10 to 60000", b.flush_interval_ms)));
+        }
+        let tracker = b.dirty_tracking.then_some(TrackerConfig {
+            granularity,
+            region_size,
+            active_regions: b.active_regions as usize,
+            flush_interval: Duration::from_millis(b.flush_interval_ms),
+        });
+        let nbd_tcp_listen = raw
+            .nbd
+            .tcp_listen
+            .as_deref()
+            .map(|a| a.parse::<SocketAddr>().map_err(|e| invalid("nbd.tcp_listen", format!("{a:?}: {e}"))))
+            .transpose()?;
+
+        Ok(Self {
+            node_name: raw.node_name,
+            availability_zone: raw.availability_zone,
+            state_dir: raw.state_dir,
+            runtime_dir: raw.runtime_dir,
+            control_socket,
+            tracker,
+            nbd_tcp_listen,
+        })
+    }
+
+    /// Where a volume's NBD socket lives.
+    pub fn nbd_socket(&self, volume_name: &str) -> PathBuf {
+        self.runtime_dir.join("nbd").join(format!("{volume_name}.sock"))
+    }
+}
+
+fn check_label(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > 255 || !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(format!("{value:?} must be at most 255 letters, digits, '.', '_' or '-'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = "node_name = \"host-a\"\navailability_zone = \"az1\"\n";
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.control_socket, Path::new("/run/blockrep/control.sock"));
+        assert_eq!(c.tracker, Some(TrackerConfig::default()));
+        assert_eq!(c.nbd_tcp_listen, None);
+    }
+
+    #[test]
+    fn sizes_take_suffixes() {
+        let c = parse(&format!("{MINIMAL}[bitmap]\ngranularity = \"64KiB\"\nregion_size = \"8MiB\"\n")).unwrap();
+        let t = c.tracker.unwrap();
+        assert_eq!((t.granularity.bytes(), t.region_size), (65536, 8 << 20));
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(error_of(&format!("{MINIMAL}[bitmap]\ngranularity = 6000\n")).contains("bitmap.granularity: bitmap granularity 6000"));
+        assert!(error_of(&format!("{MINIMAL}[bitmap]\ngranularity = \"4XB\"\n")).contains("unknown unit"));
+        assert!(error_of(&format!("{MINIMAL}[bitmap]\nactive_regions = 3\n")).contains("bitmap.active_regions"));
+        assert!(error_of(&format!("{MINIMAL}[nbd]\ntcp_listen = \"nowhere\"\n")).contains("nbd.tcp_listen"));
+        assert!(error_of(&format!("{MINIMAL}state_dir = \"relative\"\n")).contains("state_dir: relative is not an absolute path"));
+        assert!(error_of("node_name = \"a b\"\navailability_zone = \"az1\"\n").contains("node_name:"));
+        assert!(error_of("availability_zone = \"az1\"\n").contains("missing field `node_name`"));
+        assert!(error_of(&format!("{MINIMAL}colour = 1\n")).contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn tracking_can_be_switched_off() {
+        let c = parse(&format!("{MINIMAL}[bitmap]\ndirty_tracking = false\n")).unwrap();
+        assert_eq!(c.tracker, None);
+    }
+}

@@ -1,0 +1,101 @@
+//! The gRPC control service over the agent.
+
+use std::sync::Arc;
+
+use blockrep_api::model::AddVolume;
+use blockrep_api::proto::{self, agent_server};
+use blockrep_api::ApiError;
+use tonic::{Request, Response, Status};
+
+use crate::agent::{Agent, VolumeView};
+
+pub struct AgentService {
+    pub agent: Arc<Agent>,
+}
+
+impl AgentService {
+    fn to_proto(&self, v: VolumeView) -> proto::Volume {
+        let config = &self.agent.config;
+        let online = v.online.as_ref();
+        proto::Volume {
+            id: v.record.id.to_string(),
+            name: v.record.name.to_string(),
+            path: v.record.path.display().to_string(),
+            size_bytes: v.record.size,
+            availability_zone: config.availability_zone.clone(),
+            node_name: config.node_name.clone(),
+            backing_kind: online.map_or("", |o| o.kind).to_owned(),
+            direct_io: online.is_some_and(|o| o.direct_io),
+            state: if online.is_some() { proto::VolumeState::Online } else { proto::VolumeState::Error } as i32,
+            error: v.error.unwrap_or_default(),
+            nbd_socket: if online.is_some() { v.nbd_socket.display().to_string() } else { String::new() },
+            nbd_tcp: config.nbd_tcp_listen.map(|a| a.to_string()).unwrap_or_default(),
+            dirty_tracking: online.is_some_and(|o| o.dirty_bytes.is_some()),
+            dirty_bytes: online.and_then(|o| o.dirty_bytes).unwrap_or(0),
+            bitmap_granularity: config.tracker.map_or(0, |t| t.granularity.bytes() as u32),
+            active_regions: online.map_or(0, |o| o.active_regions as u32),
+            connected_clients: online.map_or(0, |o| o.connected_clients as u32),
+            created_at: v.record.created_at,
+        }
+    }
+
+    /// Runs blocking agent work (file and device I/O) off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Arc<Agent>) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let agent = Arc::clone(&self.agent);
+        tokio::task::spawn_blocking(move || work(agent))
+            .await
+            .map_err(|e| Status::internal(format!("request task failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl agent_server::Agent for AgentService {
+    async fn add_volume(&self, request: Request<proto::AddVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+        let req = AddVolume::try_from(request.into_inner())?;
+        let view = self.blocking(move |agent| agent.add_volume(req)).await?;
+        Ok(Response::new(self.to_proto(view)))
+    }
+
+    async fn list_volumes(&self, _: Request<proto::ListVolumesRequest>) -> Result<Response<proto::ListVolumesResponse>, Status> {
+        let views = self.blocking(|agent| Ok(agent.list())).await?;
+        Ok(Response::new(proto::ListVolumesResponse { volumes: views.into_iter().map(|v| self.to_proto(v)).collect() }))
+    }
+
+    async fn get_volume(&self, request: Request<proto::VolumeRef>) -> Result<Response<proto::Volume>, Status> {
+        let reference = request.into_inner().volume;
+        let view = self.blocking(move |agent| agent.get(&reference)).await?;
+        Ok(Response::new(self.to_proto(view)))
+    }
+
+    async fn remove_volume(&self, request: Request<proto::VolumeRef>) -> Result<Response<proto::RemoveVolumeResponse>, Status> {
+        let reference = request.into_inner().volume;
+        let id = self.blocking(move |agent| agent.remove_volume(&reference)).await?;
+        Ok(Response::new(proto::RemoveVolumeResponse { id: id.to_string() }))
+    }
+
+    async fn get_dirty_extents(&self, request: Request<proto::VolumeRef>) -> Result<Response<proto::DirtyExtents>, Status> {
+        let reference = request.into_inner().volume;
+        let (id, granularity, runs) = self.blocking(move |agent| agent.dirty_extents(&reference)).await?;
+        Ok(Response::new(proto::DirtyExtents {
+            volume_id: id.to_string(),
+            dirty_bytes: runs.iter().map(|r| r.len).sum(),
+            granularity: granularity as u32,
+            extents: runs.into_iter().map(|r| proto::Extent { offset: r.offset, length: r.len }).collect(),
+        }))
+    }
+
+    async fn status(&self, _: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+        let views = self.blocking(|agent| Ok(agent.list())).await?;
+        let config = &self.agent.config;
+        Ok(Response::new(proto::StatusResponse {
+            node_name: config.node_name.clone(),
+            availability_zone: config.availability_zone.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            volumes: views.into_iter().map(|v| self.to_proto(v)).collect(),
+        }))
+    }
+}
