@@ -69,6 +69,8 @@ fn init_logging() {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything can announce readiness: a SIGTERM from then on must stop us cleanly.
+    let stop_signal = StopSignal::install()?;
     for dir in [&config.state_dir, &config.runtime_dir, &config.runtime_dir.join("nbd")] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -97,7 +99,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(node = %agent.config.node_name, az = %agent.config.availability_zone,
         control_socket = %control_socket.display(), "blockrepd ready");
 
-    wait_for_stop_signal().await?;
+    stop_signal.wait().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping: draining NBD clients and flushing bitmaps");
     if let Some(listener) = tcp_listener {
@@ -139,12 +141,23 @@ fn bind_control_socket(path: &Path) -> anyhow::Result<tokio_stream::wrappers::Un
     Ok(tokio_stream::wrappers::UnixListenerStream::new(listener))
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+struct StopSignal {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM"),
+            _ = self.int.recv() => tracing::info!("SIGINT"),
+        }
+    }
 }
