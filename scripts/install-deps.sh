@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building, testing, the demo and the benchmarks need. Idempotent: does
+# nothing when every tool is already there.
+set -euo pipefail
+
+# tool -> Debian package
+declare -A packages=(
+    [fio]=fio
+    [nbdkit]=nbdkit
+    [nbdinfo]=libnbd-bin
+    [nbdcopy]=libnbd-bin
+    [nbdfuse]=libnbd-bin
+    [qemu-io]=qemu-utils
+    [protoc]=protobuf-compiler
+    [fusermount3]=fuse3
+    [mkfs.ext4]=e2fsprogs
+    [losetup]=mount
+    [sha256sum]=coreutils
+)
+
+missing=()
+for tool in "${!packages[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("${packages[$tool]}")
+done
+if ((${#missing[@]})); then
+    mapfile -t wanted < <(printf '%s\n' "${missing[@]}" | sort -u)
+    echo "install-deps: installing ${wanted[*]}" >&2
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install-deps: need root to apt-get install ${wanted[*]}" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "install-deps: installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest
+fi
