@@ -1,0 +1,172 @@
+//! What the benchmark sets up, and its teardown: in reverse order, at the end, on error and
+//! on Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sigaction};
+use nix::unistd::Pid;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM set a flag the run checks between steps (fio, in our process group,
+/// gets the terminal's Ctrl-C too and stops).
+pub fn catch_interrupts() -> anyhow::Result<()> {
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        sigaction(Signal::SIGINT, &action)?;
+        sigaction(Signal::SIGTERM, &action)?;
+    }
+    Ok(())
+}
+
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+enum Resource {
+    Loop(String),
+    /// A server: SIGTERM, then wait.
+    Process(String, Child),
+    /// nbdfuse: unmount, then wait for it to exit.
+    Fuse(PathBuf, Child),
+    Dir(PathBuf),
+}
+
+/// Everything set up so far, torn down last-in first-out when dropped.
+#[derive(Default)]
+pub struct Env {
+    stack: Vec<Resource>,
+}
+
+impl Env {
+    pub fn temp_dir(&mut self) -> anyhow::Result<PathBuf> {
+        let out = run(Command::new("mktemp").args(["-d", "/tmp/blockrep-bench.XXXXXX"]))?;
+        let dir = PathBuf::from(out.trim());
+        self.stack.push(Resource::Dir(dir.clone()));
+        Ok(dir)
+    }
+
+    pub fn attach_loop(&mut self, file: &Path) -> anyhow::Result<String> {
+        let dev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(file))?;
+        let dev = dev.trim().to_owned();
+        self.stack.push(Resource::Loop(dev.clone()));
+        Ok(dev)
+    }
+
+    /// Starts a server in its own process group (so Ctrl-C reaches it only through us) and
+    /// waits until `ready()` says it serves.
+    pub fn start_server(&mut self, name: &str, cmd: &mut Command, ready: impl FnMut() -> bool) -> anyhow::Result<u32> {
+        use std::os::unix::process::CommandExt;
+        let child = cmd.process_group(0).stdout(Stdio::null()).spawn().with_context(|| format!("start {name}"))?;
+        let pid = child.id();
+        self.stack.push(Resource::Process(name.to_owned(), child));
+        self.wait_ready(name, ready)?;
+        Ok(pid)
+    }
+
+    pub fn start_nbdfuse(&mut self, mountpoint: &Path, uri: &str) -> anyhow::Result<PathBuf> {
+        use std::os::unix::process::CommandExt;
+        std::fs::create_dir_all(mountpoint)?;
+        let pidfile = mountpoint.with_extension("pid");
+        let child = Command::new("nbdfuse")
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg(mountpoint)
+            .arg(uri)
+            .process_group(0)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start nbdfuse")?;
+        self.stack.push(Resource::Fuse(mountpoint.to_owned(), child));
+        self.wait_ready("nbdfuse", || pidfile.exists())?;
+        Ok(mountpoint.join("nbd"))
+    }
+
+    fn wait_ready(&mut self, name: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready() {
+            check_interrupted()?;
+            if let Some(Resource::Process(_, child) | Resource::Fuse(_, child)) = self.stack.last_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("{name} exited before it was ready ({status})");
+            }
+            if Instant::now() > deadline {
+                bail!("{name} not ready after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        while let Some(resource) = self.stack.pop() {
+            match resource {
+                Resource::Loop(dev) => {
+                    let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+                }
+                Resource::Process(name, mut child) => {
+                    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+                    if let Err(e) = child.wait() {
+                        eprintln!("bench: waiting for {name}: {e}");
+                    }
+                }
+                Resource::Fuse(mountpoint, mut child) => {
+                    let _ = Command::new("fusermount3").arg("-u").arg(&mountpoint).status();
+                    let _ = child.wait();
+                }
+                Resource::Dir(dir) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+    }
+}
+
+/// Runs a command and returns its stdout; fails with its stderr.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
+/// Peak resident set size of a process, in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

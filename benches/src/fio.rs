@@ -1,0 +1,90 @@
+//! Running fio and reading its JSON.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::targets::Target;
+use crate::workloads::{Figure, Workload};
+
+/// One fio run's figures.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    /// IOPS, or MB/s (10^6 bytes) for bandwidth workloads.
+    pub value: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// CPU seconds the target's server used during the run.
+    pub server_cpu_s: Option<f64>,
+}
+
+pub struct Timing {
+    pub runtime_s: u32,
+    pub ramp_s: u32,
+}
+
+pub fn run(target: &Target, workload: &Workload, timing: &Timing) -> anyhow::Result<Sample> {
+    let mut cmd = Command::new("fio");
+    cmd.arg(format!("--name={}", workload.name))
+        .args(["--output-format=json", "--time_based", "--numjobs=1", "--group_reporting"])
+        .arg("--percentile_list=50:99")
+        .arg(format!("--runtime={}", timing.runtime_s))
+        .arg(format!("--ramp_time={}", timing.ramp_s))
+        .args(&target.fio_args)
+        .args(workload.fio_args);
+    let before = target.server_pid.and_then(crate::env::cpu_seconds);
+    let out = cmd.output().context("run fio")?;
+    let after = target.server_pid.and_then(crate::env::cpu_seconds);
+    if !out.status.success() {
+        bail!("fio failed on {} / {} ({}): {}", target.name, workload.name, out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    // fio may print notices before its JSON.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = &text[text.find('{').context("no JSON in fio output")?..];
+    let mut sample = parse(json, workload.figure)?;
+    sample.server_cpu_s = before.zip(after).map(|(b, a)| a - b);
+    Ok(sample)
+}
+
+fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
+    let v: Value = serde_json::from_str(json).context("parse fio JSON")?;
+    let job = &v["jobs"][0];
+    if job["error"].as_i64().unwrap_or(0) != 0 {
+        bail!("fio job error {}", job["error"]);
+    }
+    let num = |dir: &str, key: &str| job[dir][key].as_f64().unwrap_or(0.0);
+    let value = match figure {
+        Figure::Iops => num("read", "iops") + num("write", "iops"),
+        Figure::MegabytesPerSecond => (num("read", "bw_bytes") + num("write", "bw_bytes")) / 1e6,
+    };
+    // Latency of the direction that did most of the I/O.
+    let dir = if num("read", "total_ios") >= num("write", "total_ios") { "read" } else { "write" };
+    let pct = |p: &str| job[dir]["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    Ok(Sample { value, p50_us: pct("50.000000"), p99_us: pct("99.000000"), server_cpu_s: None })
+}
+
+pub fn version() -> String {
+    crate::env::run(Command::new("fio").arg("--version")).map(|v| v.trim().to_owned()).unwrap_or_else(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_iops_and_the_dominant_direction_latency() {
+        let json = r#"{"jobs":[{"error":0,
+            "read":{"iops":700.0,"bw_bytes":2867200,"total_ios":7000,"clat_ns":{"percentile":{"50.000000":1000,"99.000000":5000}}},
+            "write":{"iops":300.0,"bw_bytes":1228800,"total_ios":3000,"clat_ns":{"percentile":{"50.000000":2000,"99.000000":9000}}}}]}"#;
+        let s = parse(json, Figure::Iops).unwrap();
+        assert_eq!((s.value, s.p50_us, s.p99_us), (1000.0, 1.0, 5.0));
+        let s = parse(json, Figure::MegabytesPerSecond).unwrap();
+        assert!((s.value - 4.096).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_job_error_is_an_error() {
+        assert!(parse(r#"{"jobs":[{"error":5}]}"#, Figure::Iops).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! `blockrep-bench`: fio on a loop device, every target side by side in one run, a Markdown
+//! table on stdout and JSON under `benches/results/`. Run through `scripts/bench.sh`.
+
+mod env;
+mod fio;
+mod report;
+mod targets;
+mod workloads;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::json;
+
+use crate::env::{Env, check_interrupted, is_root, run};
+use crate::report::{Report, Row};
+
+#[derive(Parser)]
+#[command(about = "fio benchmarks: blockrepd beside nbdkit and the raw device")]
+struct Args {
+    /// Longer runs and more repetitions.
+    #[arg(long)]
+    full: bool,
+    /// Repetitions of every (workload, target) pair; the table shows the median.
+    #[arg(long)]
+    repeats: Option<u32>,
+    /// Seconds per fio run (after one second of ramp).
+    #[arg(long)]
+    runtime: Option<u32>,
+    /// Size of the benchmark device in MiB.
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// Only these targets (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Only these workloads (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Directory holding the blockrepd and blockrep binaries.
+    #[arg(long, default_value = "target/release")]
+    bin: PathBuf,
+    /// Where the JSON and Markdown results are written.
+    #[arg(long, default_value = "benches/results")]
+    out: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    match run_bench(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_bench(args: Args) -> anyhow::Result<()> {
+    env::catch_interrupts()?;
+    let repeats = args.repeats.unwrap_or(if args.full { 5 } else { 3 });
+    let timing = fio::Timing { runtime_s: args.runtime.unwrap_or(if args.full { 15 } else { 4 }), ramp_s: 1 };
+    let size = args.size_mib.unwrap_or(if args.full { 4096 } else { 1024 }) << 20;
+    let bin = std::path::absolute(&args.bin)?;
+    for binary in ["blockrepd", "blockrep"] {
+        if !bin.join(binary).exists() {
+            bail!("{} missing: build with `cargo build --release --bins`", bin.join(binary).display());
+        }
+    }
+    let root = is_root();
+    if !root {
+        eprintln!("bench: not root: using a plain file instead of a loop device, and skipping the kernel-path target");
+    }
+    let specs: Vec<_> = targets::all()
+        .into_iter()
+        .filter(|s| args.targets.is_empty() || args.targets.iter().any(|t| t == s.name))
+        .filter(|s| root || !s.needs_root)
+        .collect();
+    let workloads: Vec<_> = workloads::all()
+        .into_iter()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
+        .collect();
+    if specs.is_empty() || workloads.is_empty() {
+        bail!("no targets or no workloads selected");
+    }
+
+    let mut env = Env::default();
+    let work = env.temp_dir()?;
+    eprintln!("bench: preparing a {} MiB device", size >> 20);
+    let device = targets::prepare_device(&mut env, &work, size, root)?;
+    let mut ready = Vec::new();
+    for spec in &specs {
+        check_interrupted()?;
+        let mut setup = targets::Setup { env: &mut env, device: &device, work: &work, bin: &bin };
+        ready.push(setup.target(spec).with_context(|| format!("set up target {}", spec.name))?);
+    }
+
+    let mut rows: Vec<Row> = workloads
+        .iter()
+        .flat_map(|w| {
+            ready.iter().map(|t| Row { workload: w.clone(), target: t.name, target_title: t.title, samples: Vec::new(), peak_rss: None })
+        })
+        .collect();
+    // Repetitions outermost and targets innermost, so drift on a noisy machine hits every
+    // target alike.
+    for rep in 0..repeats {
+        for (wi, workload) in workloads.iter().enumerate() {
+            for (ti, target) in ready.iter().enumerate() {
+                check_interrupted()?;
+                settle(root)?;
+                let sample = fio::run(target, workload, &timing)?;
+                eprintln!(
+                    "bench: [{}/{repeats}] {:<22} {:<18} {:>10.0} {}",
+                    rep + 1,
+                    workload.name,
+                    target.name,
+                    sample.value,
+                    if workload.figure == workloads::Figure::Iops { "IOPS" } else { "MB/s" }
+                );
+                rows[wi * ready.len() + ti].samples.push(sample);
+            }
+        }
+    }
+    for row in &mut rows {
+        let pid = ready.iter().find(|t| t.name == row.target).and_then(|t| t.server_pid);
+        row.peak_rss = pid.and_then(env::peak_rss);
+    }
+    drop(env);
+
+    let report = Report { rows };
+    let machine = machine_info(&timing, repeats, size, root, args.full);
+    let table = report.markdown();
+    let goals = report.goals_markdown();
+    println!("{table}\n{goals}");
+    std::fs::create_dir_all(&args.out)?;
+    let stem = format!(
+        "{}-{}",
+        machine["date"].as_str().unwrap_or("run").replace(':', ""),
+        machine["commit"].as_str().unwrap_or("unknown")
+    );
+    let json_path = args.out.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report.json(machine.clone()))?)?;
+    let md = format!("{}\n\n{table}\n{goals}", describe(&machine));
+    std::fs::write(args.out.join(format!("{stem}.md")), md)?;
+    eprintln!("bench: results in {}", json_path.display());
+    Ok(())
+}
+
+/// Same starting point for every run: dirty pages written back and caches dropped.
+fn settle(root: bool) -> anyhow::Result<()> {
+    run(&mut Command::new("sync"))?;
+    if root {
+        std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop caches")?;
+    }
+    Ok(())
+}
+
+fn machine_info(timing: &fio::Timing, repeats: u32, size: u64, root: bool, full: bool) -> serde_json::Value {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let git = |args: &[&str]| run(Command::new("git").args(args)).map(|s| s.trim().to_owned()).unwrap_or_default();
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let commit = format!("{}{}", git(&["rev-parse", "--short", "HEAD"]), if dirty { "-dirty" } else { "" });
+    json!({
+        "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        "commit": commit,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu_model,
+        "memory_gib": std::fs::read_to_string("/proc/meminfo").ok()
+            .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .map(|kib| kib >> 20),
+        "kernel": nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        "fio": fio::version(),
+        "mode": if full { "full" } else { "quick" },
+        "runtime_s": timing.runtime_s,
+        "ramp_s": timing.ramp_s,
+        "repeats": repeats,
+        "device_bytes": size,
+        "device": if root { "loop device (direct-io=on) over a preallocated file" } else { "preallocated file (not root)" },
+    })
+}
+
+fn describe(m: &serde_json::Value) -> String {
+    format!(
+        "{} · commit {} · {} CPUs ({}) · kernel {} · {} · {} mode: {} × {} s per row, {} MiB {}",
+        m["date"].as_str().unwrap_or(""),
+        m["commit"].as_str().unwrap_or(""),
+        m["cpus"],
+        m["cpu_model"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or(""),
+        m["fio"].as_str().unwrap_or(""),
+        m["mode"].as_str().unwrap_or(""),
+        m["repeats"],
+        m["runtime_s"],
+        m["device_bytes"].as_u64().unwrap_or(0) >> 20,
+        m["device"].as_str().unwrap_or(""),
+    )
+}

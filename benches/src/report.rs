@@ -1,0 +1,169 @@
+//! The table: medians, spread, ratios, and the targets the project holds itself to.
+
+use serde_json::{Value, json};
+
+use crate::fio::Sample;
+use crate::workloads::{Figure, Workload};
+
+pub struct Row {
+    pub workload: Workload,
+    pub target: &'static str,
+    pub target_title: &'static str,
+    pub samples: Vec<Sample>,
+    pub peak_rss: Option<u64>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| !v.is_nan());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+impl Row {
+    pub fn median(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.value).collect())
+    }
+    fn min(&self) -> f64 {
+        self.samples.iter().map(|s| s.value).fold(f64::INFINITY, f64::min)
+    }
+    fn max(&self) -> f64 {
+        self.samples.iter().map(|s| s.value).fold(0.0, f64::max)
+    }
+    fn p50(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.p50_us).collect())
+    }
+    fn p99(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.p99_us).collect())
+    }
+    fn cpu(&self) -> Option<f64> {
+        let v: Vec<f64> = self.samples.iter().filter_map(|s| s.server_cpu_s).collect();
+        (!v.is_empty()).then(|| median(v))
+    }
+}
+
+pub struct Report {
+    pub rows: Vec<Row>,
+}
+
+fn unit(figure: Figure) -> &'static str {
+    match figure {
+        Figure::Iops => "IOPS",
+        Figure::MegabytesPerSecond => "MB/s",
+    }
+}
+
+fn fmt_value(v: f64, figure: Figure) -> String {
+    match figure {
+        Figure::Iops if v >= 1000.0 => format!("{:.1}k", v / 1000.0),
+        Figure::Iops => format!("{v:.0}"),
+        Figure::MegabytesPerSecond => format!("{v:.0}"),
+    }
+}
+
+impl Report {
+    fn find(&self, workload: &str, target: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.workload.name == workload && r.target == target)
+    }
+
+    fn ratio(&self, row: &Row, baseline: &str) -> Option<f64> {
+        let base = self.find(row.workload.name, baseline)?.median();
+        (base > 0.0).then(|| row.median() / base)
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::from(
+            "| workload | target | median | spread (min–max) | p50 µs | p99 µs | × nbdkit | × raw | server CPU s | server peak RSS |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for row in &self.rows {
+            let f = row.workload.figure;
+            let ratio = |b| self.ratio(row, b).map_or("–".into(), |r| format!("{r:.2}"));
+            out.push_str(&format!(
+                "| {} | {} | {} {} | {}–{} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
+                row.workload.title,
+                row.target,
+                fmt_value(row.median(), f),
+                unit(f),
+                fmt_value(row.min(), f),
+                fmt_value(row.max(), f),
+                row.p50(),
+                row.p99(),
+                ratio("nbdkit"),
+                ratio("raw"),
+                row.cpu().map_or("–".into(), |c| format!("{c:.1}")),
+                row.peak_rss.map_or("–".into(), |b| format!("{} MiB", b >> 20)),
+            ));
+        }
+        out
+    }
+
+    /// The figures the project holds itself to, as (claim, measured, met).
+    pub fn goals(&self) -> Vec<(String, Option<f64>, bool)> {
+        let ratio = |w: &str, t: &str, b: &str| Some(self.find(w, t)?.median() / self.find(w, b)?.median());
+        let mut goals = Vec::new();
+        let r = ratio("randwrite-4k-qd32", "blockrepd", "nbdkit");
+        goals.push(("4k randwrite QD32: blockrepd ≥ 1.0 × nbdkit".to_owned(), r, r.is_some_and(|r| r >= 1.0)));
+        let r = ratio("seqwrite-1m-qd8", "blockrepd", "raw");
+        goals.push(("1M seq write QD8: blockrepd ≥ 0.9 × raw".to_owned(), r, r.is_some_and(|r| r >= 0.9)));
+        for w in ["randwrite-4k-qd32", "seqwrite-1m-qd8"] {
+            let cost = ratio(w, "blockrepd", "blockrepd-notrack").map(|r| 1.0 - r);
+            goals.push((format!("{w}: dirty tracking costs ≤ 5%"), cost, cost.is_some_and(|c| c <= 0.05)));
+        }
+        goals
+    }
+
+    pub fn goals_markdown(&self) -> String {
+        let mut out = String::new();
+        for (claim, measured, met) in self.goals() {
+            let value = measured.map_or("not measured".into(), |v| {
+                if claim.contains("costs") { format!("{:.1}%", v * 100.0) } else { format!("{v:.2}×") }
+            });
+            out.push_str(&format!("- {claim}: {value} — {}\n", if met { "met" } else { "NOT met" }));
+        }
+        out
+    }
+
+    pub fn json(&self, machine: Value) -> Value {
+        let rows: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "workload": r.workload.name,
+                    "target": r.target,
+                    "target_title": r.target_title,
+                    "unit": unit(r.workload.figure),
+                    "median": r.median(),
+                    "min": r.min(),
+                    "max": r.max(),
+                    "samples": r.samples.iter().map(|s| s.value).collect::<Vec<_>>(),
+                    "p50_us": r.p50(),
+                    "p99_us": r.p99(),
+                    "ratio_to_nbdkit": self.ratio(r, "nbdkit"),
+                    "ratio_to_raw": self.ratio(r, "raw"),
+                    "server_cpu_s": r.cpu(),
+                    "server_peak_rss_bytes": r.peak_rss,
+                })
+            })
+            .collect();
+        let goals: Vec<Value> =
+            self.goals().into_iter().map(|(claim, value, met)| json!({"claim": claim, "measured": value, "met": met})).collect();
+        json!({ "machine": machine, "rows": rows, "goals": goals })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}

@@ -1,0 +1,158 @@
+//! The targets fio runs against, as a list: each sets itself up on the shared device and
+//! says how fio reaches it. A new target (a replication pair, a consistency group) is one
+//! more entry in [`all`].
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+
+use crate::env::{Env, run};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// fio io_uring with O_DIRECT straight on the device.
+    Raw,
+    /// `nbdkit file` with default options on a unix socket, fio's nbd engine.
+    Nbdkit,
+    /// blockrepd serving the device, fio's nbd engine.
+    Blockrepd,
+    /// The same with dirty tracking switched off: what tracking costs.
+    BlockrepdNoTracking,
+    /// blockrepd through the kernel: nbdfuse + a loop device, fio io_uring on that device.
+    BlockrepdKernel,
+}
+
+pub struct Spec {
+    pub kind: Kind,
+    pub name: &'static str,
+    pub title: &'static str,
+    pub needs_root: bool,
+}
+
+pub fn all() -> Vec<Spec> {
+    vec![
+        Spec { kind: Kind::Raw, name: "raw", title: "raw device (fio io_uring, O_DIRECT)", needs_root: false },
+        Spec { kind: Kind::Nbdkit, name: "nbdkit", title: "nbdkit file, unix socket (fio nbd)", needs_root: false },
+        Spec { kind: Kind::Blockrepd, name: "blockrepd", title: "blockrepd (fio nbd)", needs_root: false },
+        Spec {
+            kind: Kind::BlockrepdNoTracking,
+            name: "blockrepd-notrack",
+            title: "blockrepd, dirty tracking off (fio nbd)",
+            needs_root: false,
+        },
+        Spec {
+            kind: Kind::BlockrepdKernel,
+            name: "blockrepd-kernel",
+            title: "blockrepd via nbdfuse + loop (fio io_uring)",
+            needs_root: true,
+        },
+    ]
+}
+
+/// A target ready to run.
+pub struct Target {
+    pub name: &'static str,
+    pub title: &'static str,
+    pub fio_args: Vec<String>,
+    /// The process whose CPU time and memory are reported.
+    pub server_pid: Option<u32>,
+}
+
+pub struct Setup<'a> {
+    pub env: &'a mut Env,
+    pub device: &'a Path,
+    pub work: &'a Path,
+    pub bin: &'a Path,
+}
+
+impl Setup<'_> {
+    pub fn target(&mut self, spec: &Spec) -> anyhow::Result<Target> {
+        let (fio_args, server_pid) = match spec.kind {
+            Kind::Raw => (io_uring_args(self.device), None),
+            Kind::Nbdkit => {
+                let socket = self.work.join("nbdkit.sock");
+                let pidfile = self.work.join("nbdkit.pid");
+                let pid = self.env.start_server(
+                    "nbdkit",
+                    Command::new("nbdkit").arg("--foreground").arg("--unix").arg(&socket).arg("--pidfile").arg(&pidfile).arg("file").arg(self.device),
+                    || pidfile.exists(),
+                )?;
+                (nbd_args(&format!("nbd+unix:///?socket={}", socket.display())), Some(pid))
+            }
+            Kind::Blockrepd | Kind::BlockrepdNoTracking => {
+                let (pid, uri) = self.blockrepd(spec.name, spec.kind == Kind::Blockrepd)?;
+                (nbd_args(&uri), Some(pid))
+            }
+            Kind::BlockrepdKernel => {
+                let (pid, uri) = self.blockrepd(spec.name, true)?;
+                let file = self.env.start_nbdfuse(&self.work.join(spec.name).join("fuse"), &uri)?;
+                let dev = self.env.attach_loop(&file)?;
+                (io_uring_args(Path::new(&dev)), Some(pid))
+            }
+        };
+        Ok(Target { name: spec.name, title: spec.title, fio_args, server_pid })
+    }
+
+    /// Starts a daemon of its own for this target and registers the device as volume `bench`.
+    fn blockrepd(&mut self, name: &str, tracking: bool) -> anyhow::Result<(u32, String)> {
+        let dir = self.work.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("blockrepd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"bench\"\navailability_zone = \"az1\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n[bitmap]\ndirty_tracking = {tracking}\n",
+                dir.join("state").display(),
+                dir.join("run").display()
+            ),
+        )?;
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path)?;
+        notify.set_nonblocking(true)?;
+        let log = std::fs::File::create(dir.join("blockrepd.log"))?;
+        let pid = self.env.start_server(
+            "blockrepd",
+            Command::new(self.bin.join("blockrepd"))
+                .arg("--config")
+                .arg(&config)
+                .env("NOTIFY_SOCKET", &notify_path)
+                .env("BLOCKREP_LOG", "warn")
+                .stderr(log),
+            || {
+                let mut buf = [0u8; 128];
+                notify.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"))
+            },
+        )?;
+        let socket = dir.join("run/control.sock");
+        run(Command::new(self.bin.join("blockrep"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["volume", "add", "--name", "bench", "--path"])
+            .arg(self.device))
+        .context("register the bench volume")?;
+        Ok((pid, format!("nbd+unix:///bench?socket={}", dir.join("run/nbd/bench.sock").display())))
+    }
+}
+
+fn io_uring_args(device: &Path) -> Vec<String> {
+    vec!["--ioengine=io_uring".into(), "--direct=1".into(), format!("--filename={}", device.display())]
+}
+
+fn nbd_args(uri: &str) -> Vec<String> {
+    vec!["--ioengine=nbd".into(), format!("--uri={uri}")]
+}
+
+/// The shared backing: a loop device over a preallocated file, or the file itself without root.
+pub fn prepare_device(env: &mut Env, work: &Path, bytes: u64, root: bool) -> anyhow::Result<PathBuf> {
+    let file = work.join("backing.img");
+    // Written, not just fallocated: unwritten extents would make the first pass slower.
+    run(Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .arg("bs=1M")
+        .arg(format!("count={}", bytes >> 20))
+        .args(["oflag=direct", "conv=fsync", "status=none"]))?;
+    if root { Ok(PathBuf::from(env.attach_loop(&file)?)) } else { Ok(file) }
+}
