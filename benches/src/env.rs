@@ -19,7 +19,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// SIGINT and SIGTERM set a flag the run checks between steps (fio, in our process group,
 /// gets the terminal's Ctrl-C too and stops).
 pub fn catch_interrupts() -> anyhow::Result<()> {
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         sigaction(Signal::SIGINT, &action)?;
@@ -59,7 +63,9 @@ impl Env {
     }
 
     pub fn attach_loop(&mut self, file: &Path) -> anyhow::Result<String> {
-        let dev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(file))?;
+        let dev = run(Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file))?;
         let dev = dev.trim().to_owned();
         self.stack.push(Resource::Loop(dev.clone()));
         Ok(dev)
@@ -67,9 +73,18 @@ impl Env {
 
     /// Starts a server in its own process group (so Ctrl-C reaches it only through us) and
     /// waits until `ready()` says it serves.
-    pub fn start_server(&mut self, name: &str, cmd: &mut Command, ready: impl FnMut() -> bool) -> anyhow::Result<u32> {
+    pub fn start_server(
+        &mut self,
+        name: &str,
+        cmd: &mut Command,
+        ready: impl FnMut() -> bool,
+    ) -> anyhow::Result<u32> {
         use std::os::unix::process::CommandExt;
-        let child = cmd.process_group(0).stdout(Stdio::null()).spawn().with_context(|| format!("start {name}"))?;
+        let child = cmd
+            .process_group(0)
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
         let pid = child.id();
         self.stack.push(Resource::Process(name.to_owned(), child));
         self.wait_ready(name, ready)?;
@@ -89,7 +104,8 @@ impl Env {
             .stdout(Stdio::null())
             .spawn()
             .context("start nbdfuse")?;
-        self.stack.push(Resource::Fuse(mountpoint.to_owned(), child));
+        self.stack
+            .push(Resource::Fuse(mountpoint.to_owned(), child));
         self.wait_ready("nbdfuse", || pidfile.exists())?;
         Ok(mountpoint.join("nbd"))
     }
@@ -98,7 +114,8 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ready() {
             check_interrupted()?;
-            if let Some(Resource::Process(_, child) | Resource::Fuse(_, child)) = self.stack.last_mut()
+            if let Some(Resource::Process(_, child) | Resource::Fuse(_, child)) =
+                self.stack.last_mut()
                 && let Some(status) = child.try_wait()?
             {
                 bail!("{name} exited before it was ready ({status})");
@@ -126,7 +143,10 @@ impl Drop for Env {
                     }
                 }
                 Resource::Fuse(mountpoint, mut child) => {
-                    let _ = Command::new("fusermount3").arg("-u").arg(&mountpoint).status();
+                    let _ = Command::new("fusermount3")
+                        .arg("-u")
+                        .arg(&mountpoint)
+                        .status();
                     let _ = child.wait();
                 }
                 Resource::Dir(dir) => {
@@ -141,7 +161,11 @@ impl Drop for Env {
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

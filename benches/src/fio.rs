@@ -27,7 +27,12 @@ pub struct Timing {
 pub fn run(target: &Target, workload: &Workload, timing: &Timing) -> anyhow::Result<Sample> {
     let mut cmd = Command::new("fio");
     cmd.arg(format!("--name={}", workload.name))
-        .args(["--output-format=json", "--time_based", "--numjobs=1", "--group_reporting"])
+        .args([
+            "--output-format=json",
+            "--time_based",
+            "--numjobs=1",
+            "--group_reporting",
+        ])
         .arg("--percentile_list=50:99")
         .arg(format!("--runtime={}", timing.runtime_s))
         .arg(format!("--ramp_time={}", timing.ramp_s))
@@ -37,7 +42,13 @@ pub fn run(target: &Target, workload: &Workload, timing: &Timing) -> anyhow::Res
     let out = cmd.output().context("run fio")?;
     let after = target.server_pid.and_then(crate::env::cpu_seconds);
     if !out.status.success() {
-        bail!("fio failed on {} / {} ({}): {}", target.name, workload.name, out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "fio failed on {} / {} ({}): {}",
+            target.name,
+            workload.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     // fio may print notices before its JSON.
     let text = String::from_utf8_lossy(&out.stdout);
@@ -59,13 +70,29 @@ fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
         Figure::MegabytesPerSecond => (num("read", "bw_bytes") + num("write", "bw_bytes")) / 1e6,
     };
     // Latency of the direction that did most of the I/O.
-    let dir = if num("read", "total_ios") >= num("write", "total_ios") { "read" } else { "write" };
-    let pct = |p: &str| job[dir]["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
-    Ok(Sample { value, p50_us: pct("50.000000"), p99_us: pct("99.000000"), server_cpu_s: None })
+    let dir = if num("read", "total_ios") >= num("write", "total_ios") {
+        "read"
+    } else {
+        "write"
+    };
+    let pct = |p: &str| {
+        job[dir]["clat_ns"]["percentile"][p]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            / 1000.0
+    };
+    Ok(Sample {
+        value,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+        server_cpu_s: None,
+    })
 }
 
 pub fn version() -> String {
-    crate::env::run(Command::new("fio").arg("--version")).map(|v| v.trim().to_owned()).unwrap_or_else(|e| e.to_string())
+    crate::env::run(Command::new("fio").arg("--version"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|e| e.to_string())
 }
 
 #[cfg(test)]

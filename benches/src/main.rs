@@ -59,17 +59,25 @@ fn main() -> std::process::ExitCode {
 fn run_bench(args: Args) -> anyhow::Result<()> {
     env::catch_interrupts()?;
     let repeats = args.repeats.unwrap_or(if args.full { 5 } else { 3 });
-    let timing = fio::Timing { runtime_s: args.runtime.unwrap_or(if args.full { 15 } else { 4 }), ramp_s: 1 };
+    let timing = fio::Timing {
+        runtime_s: args.runtime.unwrap_or(if args.full { 15 } else { 4 }),
+        ramp_s: 1,
+    };
     let size = args.size_mib.unwrap_or(if args.full { 4096 } else { 1024 }) << 20;
     let bin = std::path::absolute(&args.bin)?;
     for binary in ["blockrepd", "blockrep"] {
         if !bin.join(binary).exists() {
-            bail!("{} missing: build with `cargo build --release --bins`", bin.join(binary).display());
+            bail!(
+                "{} missing: build with `cargo build --release --bins`",
+                bin.join(binary).display()
+            );
         }
     }
     let root = is_root();
     if !root {
-        eprintln!("bench: not root: using a plain file instead of a loop device, and skipping the kernel-path target");
+        eprintln!(
+            "bench: not root: using a plain file instead of a loop device, and skipping the kernel-path target"
+        );
     }
     let specs: Vec<_> = targets::all()
         .into_iter()
@@ -91,14 +99,29 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     let mut ready = Vec::new();
     for spec in &specs {
         check_interrupted()?;
-        let mut setup = targets::Setup { env: &mut env, device: &device, work: &work, bin: &bin };
-        ready.push(setup.target(spec).with_context(|| format!("set up target {}", spec.name))?);
+        let mut setup = targets::Setup {
+            env: &mut env,
+            device: &device,
+            work: &work,
+            bin: &bin,
+        };
+        ready.push(
+            setup
+                .target(spec)
+                .with_context(|| format!("set up target {}", spec.name))?,
+        );
     }
 
     let mut rows: Vec<Row> = workloads
         .iter()
         .flat_map(|w| {
-            ready.iter().map(|t| Row { workload: w.clone(), target: t.name, target_title: t.title, samples: Vec::new(), peak_rss: None })
+            ready.iter().map(|t| Row {
+                workload: w.clone(),
+                target: t.name,
+                target_title: t.title,
+                samples: Vec::new(),
+                peak_rss: None,
+            })
         })
         .collect();
     // Repetitions outermost and targets innermost, so drift on a noisy machine hits every
@@ -115,14 +138,21 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                     workload.name,
                     target.name,
                     sample.value,
-                    if workload.figure == workloads::Figure::Iops { "IOPS" } else { "MB/s" }
+                    if workload.figure == workloads::Figure::Iops {
+                        "IOPS"
+                    } else {
+                        "MB/s"
+                    }
                 );
                 rows[wi * ready.len() + ti].samples.push(sample);
             }
         }
     }
     for row in &mut rows {
-        let pid = ready.iter().find(|t| t.name == row.target).and_then(|t| t.server_pid);
+        let pid = ready
+            .iter()
+            .find(|t| t.name == row.target)
+            .and_then(|t| t.server_pid);
         row.peak_rss = pid.and_then(env::peak_rss);
     }
     drop(env);
@@ -139,7 +169,10 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         machine["commit"].as_str().unwrap_or("unknown")
     );
     let json_path = args.out.join(format!("{stem}.json"));
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report.json(machine.clone()))?)?;
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&report.json(machine.clone()))?,
+    )?;
     let md = format!("{}\n\n{table}\n{goals}", describe(&machine));
     std::fs::write(args.out.join(format!("{stem}.md")), md)?;
     eprintln!("bench: results in {}", json_path.display());
@@ -155,14 +188,32 @@ fn settle(root: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn machine_info(timing: &fio::Timing, repeats: u32, size: u64, root: bool, full: bool) -> serde_json::Value {
+fn machine_info(
+    timing: &fio::Timing,
+    repeats: u32,
+    size: u64,
+    root: bool,
+    full: bool,
+) -> serde_json::Value {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
-    let git = |args: &[&str]| run(Command::new("git").args(args)).map(|s| s.trim().to_owned()).unwrap_or_default();
+    let git = |args: &[&str]| {
+        run(Command::new("git").args(args))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
     let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    let commit = format!("{}{}", git(&["rev-parse", "--short", "HEAD"]), if dirty { "-dirty" } else { "" });
+    let commit = format!(
+        "{}{}",
+        git(&["rev-parse", "--short", "HEAD"]),
+        if dirty { "-dirty" } else { "" }
+    );
     json!({
         "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         "commit": commit,

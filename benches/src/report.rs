@@ -20,7 +20,11 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
     values.sort_by(f64::total_cmp);
     let n = values.len();
-    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
 impl Row {
@@ -28,7 +32,10 @@ impl Row {
         median(self.samples.iter().map(|s| s.value).collect())
     }
     fn min(&self) -> f64 {
-        self.samples.iter().map(|s| s.value).fold(f64::INFINITY, f64::min)
+        self.samples
+            .iter()
+            .map(|s| s.value)
+            .fold(f64::INFINITY, f64::min)
     }
     fn max(&self) -> f64 {
         self.samples.iter().map(|s| s.value).fold(0.0, f64::max)
@@ -66,7 +73,9 @@ fn fmt_value(v: f64, figure: Figure) -> String {
 
 impl Report {
     fn find(&self, workload: &str, target: &str) -> Option<&Row> {
-        self.rows.iter().find(|r| r.workload.name == workload && r.target == target)
+        self.rows
+            .iter()
+            .find(|r| r.workload.name == workload && r.target == target)
     }
 
     fn ratio(&self, row: &Row, baseline: &str) -> Option<f64> {
@@ -95,7 +104,8 @@ impl Report {
                 ratio("nbdkit"),
                 ratio("raw"),
                 row.cpu().map_or("–".into(), |c| format!("{c:.1}")),
-                row.peak_rss.map_or("–".into(), |b| format!("{} MiB", b >> 20)),
+                row.peak_rss
+                    .map_or("–".into(), |b| format!("{} MiB", b >> 20)),
             ));
         }
         out
@@ -103,15 +113,28 @@ impl Report {
 
     /// The figures the project holds itself to, as (claim, measured, met).
     pub fn goals(&self) -> Vec<(String, Option<f64>, bool)> {
-        let ratio = |w: &str, t: &str, b: &str| Some(self.find(w, t)?.median() / self.find(w, b)?.median());
+        let ratio =
+            |w: &str, t: &str, b: &str| Some(self.find(w, t)?.median() / self.find(w, b)?.median());
         let mut goals = Vec::new();
         let r = ratio("randwrite-4k-qd32", "blockrepd", "nbdkit");
-        goals.push(("4k randwrite QD32: blockrepd ≥ 1.0 × nbdkit".to_owned(), r, r.is_some_and(|r| r >= 1.0)));
+        goals.push((
+            "4k randwrite QD32: blockrepd ≥ 1.0 × nbdkit".to_owned(),
+            r,
+            r.is_some_and(|r| r >= 1.0),
+        ));
         let r = ratio("seqwrite-1m-qd8", "blockrepd", "raw");
-        goals.push(("1M seq write QD8: blockrepd ≥ 0.9 × raw".to_owned(), r, r.is_some_and(|r| r >= 0.9)));
+        goals.push((
+            "1M seq write QD8: blockrepd ≥ 0.9 × raw".to_owned(),
+            r,
+            r.is_some_and(|r| r >= 0.9),
+        ));
         for w in ["randwrite-4k-qd32", "seqwrite-1m-qd8"] {
             let cost = ratio(w, "blockrepd", "blockrepd-notrack").map(|r| 1.0 - r);
-            goals.push((format!("{w}: dirty tracking costs ≤ 5%"), cost, cost.is_some_and(|c| c <= 0.05)));
+            goals.push((
+                format!("{w}: dirty tracking costs ≤ 5%"),
+                cost,
+                cost.is_some_and(|c| c <= 0.05),
+            ));
         }
         goals
     }
@@ -120,9 +143,16 @@ impl Report {
         let mut out = String::new();
         for (claim, measured, met) in self.goals() {
             let value = measured.map_or("not measured".into(), |v| {
-                if claim.contains("costs") { format!("{:.1}%", v * 100.0) } else { format!("{v:.2}×") }
+                if claim.contains("costs") {
+                    format!("{:.1}%", v * 100.0)
+                } else {
+                    format!("{v:.2}×")
+                }
             });
-            out.push_str(&format!("- {claim}: {value} — {}\n", if met { "met" } else { "NOT met" }));
+            out.push_str(&format!(
+                "- {claim}: {value} — {}\n",
+                if met { "met" } else { "NOT met" }
+            ));
         }
         out
     }
@@ -150,8 +180,11 @@ impl Report {
                 })
             })
             .collect();
-        let goals: Vec<Value> =
-            self.goals().into_iter().map(|(claim, value, met)| json!({"claim": claim, "measured": value, "met": met})).collect();
+        let goals: Vec<Value> = self
+            .goals()
+            .into_iter()
+            .map(|(claim, value, met)| json!({"claim": claim, "measured": value, "met": met}))
+            .collect();
         json!({ "machine": machine, "rows": rows, "goals": goals })
     }
 }

@@ -20,6 +20,9 @@ pub enum Kind {
     Blockrepd,
     /// The same with dirty tracking switched off: what tracking costs.
     BlockrepdNoTracking,
+    /// blockrepd with the volume in writeback cache mode: the page-cache semantics of
+    /// `nbdkit file`'s defaults.
+    BlockrepdWriteback,
     /// blockrepd through the kernel: nbdfuse + a loop device, fio io_uring on that device.
     BlockrepdKernel,
 }
@@ -33,13 +36,34 @@ pub struct Spec {
 
 pub fn all() -> Vec<Spec> {
     vec![
-        Spec { kind: Kind::Raw, name: "raw", title: "raw device (fio io_uring, O_DIRECT)", needs_root: false },
-        Spec { kind: Kind::Nbdkit, name: "nbdkit", title: "nbdkit file, unix socket (fio nbd)", needs_root: false },
-        Spec { kind: Kind::Blockrepd, name: "blockrepd", title: "blockrepd (fio nbd)", needs_root: false },
+        Spec {
+            kind: Kind::Raw,
+            name: "raw",
+            title: "raw device (fio io_uring, O_DIRECT)",
+            needs_root: false,
+        },
+        Spec {
+            kind: Kind::Nbdkit,
+            name: "nbdkit",
+            title: "nbdkit file, unix socket (fio nbd)",
+            needs_root: false,
+        },
+        Spec {
+            kind: Kind::Blockrepd,
+            name: "blockrepd",
+            title: "blockrepd (fio nbd)",
+            needs_root: false,
+        },
         Spec {
             kind: Kind::BlockrepdNoTracking,
             name: "blockrepd-notrack",
             title: "blockrepd, dirty tracking off (fio nbd)",
+            needs_root: false,
+        },
+        Spec {
+            kind: Kind::BlockrepdWriteback,
+            name: "blockrepd-writeback",
+            title: "blockrepd, cache=writeback (fio nbd)",
             needs_root: false,
         },
         Spec {
@@ -76,27 +100,55 @@ impl Setup<'_> {
                 let pidfile = self.work.join("nbdkit.pid");
                 let pid = self.env.start_server(
                     "nbdkit",
-                    Command::new("nbdkit").arg("--foreground").arg("--unix").arg(&socket).arg("--pidfile").arg(&pidfile).arg("file").arg(self.device),
+                    Command::new("nbdkit")
+                        .arg("--foreground")
+                        .arg("--unix")
+                        .arg(&socket)
+                        .arg("--pidfile")
+                        .arg(&pidfile)
+                        .arg("file")
+                        .arg(self.device),
                     || pidfile.exists(),
                 )?;
-                (nbd_args(&format!("nbd+unix:///?socket={}", socket.display())), Some(pid))
+                (
+                    nbd_args(&format!("nbd+unix:///?socket={}", socket.display())),
+                    Some(pid),
+                )
             }
-            Kind::Blockrepd | Kind::BlockrepdNoTracking => {
-                let (pid, uri) = self.blockrepd(spec.name, spec.kind == Kind::Blockrepd)?;
+            Kind::Blockrepd | Kind::BlockrepdNoTracking | Kind::BlockrepdWriteback => {
+                let tracking = spec.kind != Kind::BlockrepdNoTracking;
+                let cache = if spec.kind == Kind::BlockrepdWriteback {
+                    "writeback"
+                } else {
+                    "direct"
+                };
+                let (pid, uri) = self.blockrepd(spec.name, tracking, cache)?;
                 (nbd_args(&uri), Some(pid))
             }
             Kind::BlockrepdKernel => {
-                let (pid, uri) = self.blockrepd(spec.name, true)?;
-                let file = self.env.start_nbdfuse(&self.work.join(spec.name).join("fuse"), &uri)?;
+                let (pid, uri) = self.blockrepd(spec.name, true, "direct")?;
+                let file = self
+                    .env
+                    .start_nbdfuse(&self.work.join(spec.name).join("fuse"), &uri)?;
                 let dev = self.env.attach_loop(&file)?;
                 (io_uring_args(Path::new(&dev)), Some(pid))
             }
         };
-        Ok(Target { name: spec.name, title: spec.title, fio_args, server_pid })
+        Ok(Target {
+            name: spec.name,
+            title: spec.title,
+            fio_args,
+            server_pid,
+        })
     }
 
     /// Starts a daemon of its own for this target and registers the device as volume `bench`.
-    fn blockrepd(&mut self, name: &str, tracking: bool) -> anyhow::Result<(u32, String)> {
+    fn blockrepd(
+        &mut self,
+        name: &str,
+        tracking: bool,
+        cache: &str,
+    ) -> anyhow::Result<(u32, String)> {
         let dir = self.work.join(name);
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("blockrepd.toml");
@@ -122,22 +174,36 @@ impl Setup<'_> {
                 .stderr(log),
             || {
                 let mut buf = [0u8; 128];
-                notify.recv(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"))
+                notify
+                    .recv(&mut buf)
+                    .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"))
             },
         )?;
         let socket = dir.join("run/control.sock");
         run(Command::new(self.bin.join("blockrep"))
             .arg("--socket")
             .arg(&socket)
-            .args(["volume", "add", "--name", "bench", "--path"])
+            .args([
+                "volume", "add", "--name", "bench", "--cache", cache, "--path",
+            ])
             .arg(self.device))
         .context("register the bench volume")?;
-        Ok((pid, format!("nbd+unix:///bench?socket={}", dir.join("run/nbd/bench.sock").display())))
+        Ok((
+            pid,
+            format!(
+                "nbd+unix:///bench?socket={}",
+                dir.join("run/nbd/bench.sock").display()
+            ),
+        ))
     }
 }
 
 fn io_uring_args(device: &Path) -> Vec<String> {
-    vec!["--ioengine=io_uring".into(), "--direct=1".into(), format!("--filename={}", device.display())]
+    vec![
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--filename={}", device.display()),
+    ]
 }
 
 fn nbd_args(uri: &str) -> Vec<String> {
@@ -145,7 +211,12 @@ fn nbd_args(uri: &str) -> Vec<String> {
 }
 
 /// The shared backing: a loop device over a preallocated file, or the file itself without root.
-pub fn prepare_device(env: &mut Env, work: &Path, bytes: u64, root: bool) -> anyhow::Result<PathBuf> {
+pub fn prepare_device(
+    env: &mut Env,
+    work: &Path,
+    bytes: u64,
+    root: bool,
+) -> anyhow::Result<PathBuf> {
     let file = work.join("backing.img");
     // Written, not just fallocated: unwritten extents would make the first pass slower.
     run(Command::new("dd")
@@ -154,5 +225,9 @@ pub fn prepare_device(env: &mut Env, work: &Path, bytes: u64, root: bool) -> any
         .arg("bs=1M")
         .arg(format!("count={}", bytes >> 20))
         .args(["oflag=direct", "conv=fsync", "status=none"]))?;
-    if root { Ok(PathBuf::from(env.attach_loop(&file)?)) } else { Ok(file) }
+    if root {
+        Ok(PathBuf::from(env.attach_loop(&file)?))
+    } else {
+        Ok(file)
+    }
 }

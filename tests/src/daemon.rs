@@ -13,9 +13,16 @@ use nix::unistd::Pid;
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }
 
@@ -24,7 +31,10 @@ pub fn require_tool(name: &str) {
     let found = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|p| p.join(name).exists()))
         .unwrap_or(false);
-    assert!(found, "{name} is not installed: scripts/test.sh installs it");
+    assert!(
+        found,
+        "{name} is not installed: scripts/test.sh installs it"
+    );
 }
 
 pub struct Daemon {
@@ -57,7 +67,10 @@ impl Daemon {
         let notify = UnixDatagram::bind(&notify_path)?;
         notify.set_read_timeout(Some(Duration::from_millis(200)))?;
         let log = dir.join("blockrepd.log");
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = Command::new(binary("blockrepd"))
             .arg("--config")
             .arg(config)
@@ -78,16 +91,24 @@ impl Daemon {
         let mut buf = [0u8; 256];
         loop {
             if let Ok(n) = notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
             {
                 return Ok(daemon);
             }
             if let Some(status) = daemon.child.as_mut().expect("running").try_wait()? {
                 daemon.child = None;
-                bail!("blockrepd exited before it was ready ({status}); log:\n{}", daemon.log_text());
+                bail!(
+                    "blockrepd exited before it was ready ({status}); log:\n{}",
+                    daemon.log_text()
+                );
             }
             if Instant::now() > deadline {
-                bail!("blockrepd not ready after {READY_TIMEOUT:?}; log:\n{}", daemon.log_text());
+                bail!(
+                    "blockrepd not ready after {READY_TIMEOUT:?}; log:\n{}",
+                    daemon.log_text()
+                );
             }
         }
     }
@@ -106,7 +127,10 @@ impl Daemon {
     }
 
     pub fn nbd_uri(&self, volume: &str) -> String {
-        format!("nbd+unix:///{volume}?socket={}", self.nbd_socket(volume).display())
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.nbd_socket(volume).display()
+        )
     }
 
     /// Runs the CLI against this daemon.
@@ -134,11 +158,20 @@ impl Daemon {
     }
 
     pub fn add_volume(&self, name: &str, path: &Path) -> serde_json::Value {
-        self.cli_json(&["volume", "add", "--name", name, "--path", path.to_str().expect("utf-8 path")])
+        self.cli_json(&[
+            "volume",
+            "add",
+            "--name",
+            name,
+            "--path",
+            path.to_str().expect("utf-8 path"),
+        ])
     }
 
     pub fn dirty_bytes(&self, volume: &str) -> u64 {
-        self.cli_json(&["volume", "show", volume])["dirty_bytes"].as_u64().expect("dirty_bytes")
+        self.cli_json(&["volume", "show", volume])["dirty_bytes"]
+            .as_u64()
+            .expect("dirty_bytes")
     }
 
     /// The dirty extents as (offset, length).
@@ -148,7 +181,12 @@ impl Daemon {
             .as_array()
             .expect("extents")
             .iter()
-            .map(|e| (e["offset"].as_u64().expect("offset"), e["length"].as_u64().expect("length")))
+            .map(|e| {
+                (
+                    e["offset"].as_u64().expect("offset"),
+                    e["length"].as_u64().expect("length"),
+                )
+            })
             .collect()
     }
 

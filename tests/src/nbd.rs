@@ -34,11 +34,15 @@ pub struct Reply {
 impl NbdClient {
     /// Connects and negotiates `export` with OPT_GO.
     pub fn connect(socket: &Path, export: &str) -> anyhow::Result<Self> {
-        let mut stream = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+        let mut stream =
+            UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut greeting = [0u8; 18];
         stream.read_exact(&mut greeting)?;
-        ensure!(&greeting[..16] == b"NBDMAGICIHAVEOPT", "bad greeting {greeting:?}");
+        ensure!(
+            &greeting[..16] == b"NBDMAGICIHAVEOPT",
+            "bad greeting {greeting:?}"
+        );
         stream.write_all(&3u32.to_be_bytes())?; // fixed newstyle, no zeroes
         let mut data = (export.len() as u32).to_be_bytes().to_vec();
         data.extend_from_slice(export.as_bytes());
@@ -63,14 +67,30 @@ impl NbdClient {
                     flags = u16::from_be_bytes(body[10..12].try_into()?);
                 }
                 3 => {}
-                other => bail!("OPT_GO refused ({other:#x}): {}", String::from_utf8_lossy(&body)),
+                other => bail!(
+                    "OPT_GO refused ({other:#x}): {}",
+                    String::from_utf8_lossy(&body)
+                ),
             }
         }
-        Ok(Self { stream, size: size.context("no INFO_EXPORT")?, transmission_flags: flags })
+        Ok(Self {
+            stream,
+            size: size.context("no INFO_EXPORT")?,
+            transmission_flags: flags,
+        })
     }
 
-    pub fn send(&mut self, command: u16, flags: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) -> io::Result<()> {
-        self.stream.write_all(&request(command, flags, handle, offset, len))?;
+    pub fn send(
+        &mut self,
+        command: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        self.stream
+            .write_all(&request(command, flags, handle, offset, len))?;
         self.stream.write_all(payload)
     }
 
@@ -86,7 +106,11 @@ impl NbdClient {
     pub fn read(&mut self, offset: u64, len: u32) -> anyhow::Result<Vec<u8>> {
         self.send(CMD_READ, 0, 2, offset, len, &[])?;
         let reply = self.reply()?;
-        ensure!(reply.error == 0, "read failed with NBD error {}", reply.error);
+        ensure!(
+            reply.error == 0,
+            "read failed with NBD error {}",
+            reply.error
+        );
         let mut data = vec![0u8; len as usize];
         self.stream.read_exact(&mut data)?;
         Ok(data)
@@ -119,5 +143,8 @@ pub fn read_reply(stream: &mut impl Read) -> anyhow::Result<Reply> {
     stream.read_exact(&mut header)?;
     let magic = u32::from_be_bytes(header[..4].try_into()?);
     ensure!(magic == REPLY_MAGIC, "bad reply magic {magic:#x}");
-    Ok(Reply { error: u32::from_be_bytes(header[4..8].try_into()?), handle: u64::from_be_bytes(header[8..16].try_into()?) })
+    Ok(Reply {
+        error: u32::from_be_bytes(header[4..8].try_into()?),
+        handle: u64::from_be_bytes(header[8..16].try_into()?),
+    })
 }

@@ -12,9 +12,18 @@ fn stderr_of(out: &std::process::Output) -> String {
 fn bad_config_files_are_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("node_name = \"a\"\navailability_zone = \"az1\"\n[bitmap]\ngranularity = 3000\n", "bitmap.granularity"),
-        ("node_name = \"a\"\navailability_zone = \"az1\"\nstate_dir = \"rel\"\n", "state_dir"),
-        ("node_name = \"a\"\navailability_zone = \"az1\"\nbogus = 1\n", "unknown field `bogus`"),
+        (
+            "node_name = \"a\"\navailability_zone = \"az1\"\n[bitmap]\ngranularity = 3000\n",
+            "bitmap.granularity",
+        ),
+        (
+            "node_name = \"a\"\navailability_zone = \"az1\"\nstate_dir = \"rel\"\n",
+            "state_dir",
+        ),
+        (
+            "node_name = \"a\"\navailability_zone = \"az1\"\nbogus = 1\n",
+            "unknown field `bogus`",
+        ),
         ("node_name = \"a\"\n", "missing field `availability_zone`"),
         ("node_name = \n", "invalid"),
     ];
@@ -22,18 +31,35 @@ fn bad_config_files_are_refused_naming_the_key() {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
         for extra in [&["--check-config"][..], &[][..]] {
-            let out = Command::new(binary("blockrepd")).arg("--config").arg(&path).args(extra).output().unwrap();
+            let out = Command::new(binary("blockrepd"))
+                .arg("--config")
+                .arg(&path)
+                .args(extra)
+                .output()
+                .unwrap();
             assert_eq!(out.status.code(), Some(2), "{text:?}");
-            assert!(stderr_of(&out).contains(expected), "{text:?}: {}", stderr_of(&out));
+            assert!(
+                stderr_of(&out).contains(expected),
+                "{text:?}: {}",
+                stderr_of(&out)
+            );
         }
     }
-    let missing = Command::new(binary("blockrepd")).args(["--config", "/nonexistent/b.toml"]).output().unwrap();
+    let missing = Command::new(binary("blockrepd"))
+        .args(["--config", "/nonexistent/b.toml"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(stderr_of(&missing).contains("cannot read /nonexistent/b.toml"));
 
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "node_name = \"a\"\navailability_zone = \"az1\"\n").unwrap();
-    let out = Command::new(binary("blockrepd")).arg("--config").arg(&good).arg("--check-config").output().unwrap();
+    let out = Command::new(binary("blockrepd"))
+        .arg("--config")
+        .arg(&good)
+        .arg("--check-config")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
 }
 
@@ -41,7 +67,10 @@ fn bad_config_files_are_refused_naming_the_key() {
 fn bad_cli_input_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.img");
-    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let odd = dir.path().join("odd.img");
     std::fs::File::create(&odd).unwrap().set_len(4097).unwrap();
     let daemon = Daemon::start(dir.path(), "").unwrap();
@@ -50,32 +79,97 @@ fn bad_cli_input_is_refused_and_changes_nothing() {
     let refused = |args: &[&str], expected: &str| {
         let out = daemon.cli(args);
         assert!(!out.status.success(), "{args:?} should fail");
-        assert!(stderr_of(&out).contains(expected), "{args:?}: {}", stderr_of(&out));
+        assert!(
+            stderr_of(&out).contains(expected),
+            "{args:?}: {}",
+            stderr_of(&out)
+        );
     };
     let image_arg = image.to_str().unwrap();
-    refused(&["volume", "add", "--name", "vol1", "--path", image_arg], "already exists: a volume named vol1");
-    refused(&["volume", "add", "--name", "vol2", "--path", image_arg], "is already volume vol1");
-    refused(&["volume", "add", "--name", "bad name", "--path", image_arg], "invalid argument: volume name");
-    refused(&["volume", "add", "--name", "vol3", "--path", "/nonexistent/disk"], "cannot open /nonexistent/disk");
-    refused(&["volume", "add", "--name", "vol3", "--path", odd.to_str().unwrap()], "not a multiple of 4096");
-    refused(&["volume", "add", "--name", "vol3", "--path", "/dev/null"], "neither a block device nor a regular file");
+    refused(
+        &["volume", "add", "--name", "vol1", "--path", image_arg],
+        "already exists: a volume named vol1",
+    );
+    refused(
+        &["volume", "add", "--name", "vol2", "--path", image_arg],
+        "is already volume vol1",
+    );
+    refused(
+        &["volume", "add", "--name", "bad name", "--path", image_arg],
+        "invalid argument: volume name",
+    );
+    refused(
+        &[
+            "volume",
+            "add",
+            "--name",
+            "vol3",
+            "--path",
+            "/nonexistent/disk",
+        ],
+        "cannot open /nonexistent/disk",
+    );
+    refused(
+        &[
+            "volume",
+            "add",
+            "--name",
+            "vol3",
+            "--path",
+            odd.to_str().unwrap(),
+        ],
+        "not a multiple of 4096",
+    );
+    refused(
+        &["volume", "add", "--name", "vol3", "--path", "/dev/null"],
+        "neither a block device nor a regular file",
+    );
+    refused(
+        &[
+            "volume", "add", "--name", "vol3", "--cache", "none", "--path", image_arg,
+        ],
+        "cache mode \"none\" is not one of: direct, writeback",
+    );
     refused(&["volume", "show", "nope"], "not found: no volume \"nope\"");
     refused(&["volume", "remove", "nope"], "not found");
     refused(&["volume", "frobnicate"], "unrecognized subcommand");
 
     // Removal is refused while a client is connected, and allowed after.
     let client = NbdClient::connect(&daemon.nbd_socket("vol1"), "vol1").unwrap();
-    refused(&["volume", "remove", "vol1"], "refused: volume vol1 has 1 connected NBD client(s)");
+    refused(
+        &["volume", "remove", "vol1"],
+        "refused: volume vol1 has 1 connected NBD client(s)",
+    );
     client.disconnect().unwrap();
     let list = daemon.cli_json(&["volume", "list"]);
-    assert_eq!(list.as_array().unwrap().len(), 1, "nothing was added by the refused calls");
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "nothing was added by the refused calls"
+    );
     let removed = daemon.cli(&["volume", "remove", "vol1"]);
     assert!(removed.status.success(), "{}", stderr_of(&removed));
-    assert!(daemon.cli_json(&["volume", "list"]).as_array().unwrap().is_empty());
-    assert!(!daemon.nbd_socket("vol1").exists(), "export socket removed with the volume");
+    assert!(
+        daemon
+            .cli_json(&["volume", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !daemon.nbd_socket("vol1").exists(),
+        "export socket removed with the volume"
+    );
 
-    let down = Command::new(binary("blockrep")).args(["--socket", "/nonexistent.sock", "status"]).output().unwrap();
+    let down = Command::new(binary("blockrep"))
+        .args(["--socket", "/nonexistent.sock", "status"])
+        .output()
+        .unwrap();
     assert!(!down.status.success());
-    assert!(stderr_of(&down).contains("cannot reach blockrepd at /nonexistent.sock"), "{}", stderr_of(&down));
+    assert!(
+        stderr_of(&down).contains("cannot reach blockrepd at /nonexistent.sock"),
+        "{}",
+        stderr_of(&down)
+    );
     daemon.stop().unwrap();
 }

@@ -42,7 +42,10 @@ fn kill_9_never_loses_an_acknowledged_write() {
     let base = seed(20261123);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.img");
-    std::fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
     let mut daemon = Daemon::start(dir.path(), CONFIGS[0]).unwrap();
     daemon.add_volume("vol1", &image);
     let mut acked: Vec<(u64, u64)> = Vec::new();
@@ -60,7 +63,11 @@ fn kill_9_never_loses_an_acknowledged_write() {
             for handle in 0.. {
                 // Mostly 4k writes, some up to 256k, clustered in a few hot areas and spread
                 // over the whole volume.
-                let blocks = if rng.random_range(0..8) == 0 { rng.random_range(2..64) } else { 1 };
+                let blocks = if rng.random_range(0..8) == 0 {
+                    rng.random_range(2..64)
+                } else {
+                    1
+                };
                 let offset = if rng.random_bool(0.5) {
                     rng.random_range(0..64u64) * (16 << 20) + rng.random_range(0..256u64) * BLOCK
                 } else {
@@ -97,11 +104,24 @@ fn kill_9_never_loses_an_acknowledged_write() {
         // Recover with the configuration the crash happened under, then switch for the next round.
         daemon = restart(dir.path(), round);
         let extents = daemon.dirty_extents("vol1");
-        let lost: Vec<_> = acked.iter().filter(|(o, l)| !covered(&extents, *o, *l)).take(5).collect();
-        assert!(lost.is_empty(), "round {round}: acknowledged writes {lost:?} are not dirty after kill -9 (seed {base})");
+        let lost: Vec<_> = acked
+            .iter()
+            .filter(|(o, l)| !covered(&extents, *o, *l))
+            .take(5)
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: acknowledged writes {lost:?} are not dirty after kill -9 (seed {base})"
+        );
         let dirty: u64 = extents.iter().map(|(_, l)| l).sum();
-        assert!(dirty < SIZE, "round {round}: the whole volume is dirty; recovery over-marked everything");
-        eprintln!("round {round}: {} acknowledged writes covered, {dirty} bytes dirty", acked.len());
+        assert!(
+            dirty < SIZE,
+            "round {round}: the whole volume is dirty; recovery over-marked everything"
+        );
+        eprintln!(
+            "round {round}: {} acknowledged writes covered, {dirty} bytes dirty",
+            acked.len()
+        );
         daemon.stop().unwrap();
         daemon = restart(dir.path(), round + 1);
     }

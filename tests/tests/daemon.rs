@@ -7,8 +7,17 @@ use blockrep_tests::{Daemon, require_tool};
 const MIB: u64 = 1 << 20;
 
 fn preallocated(path: &std::path::Path, size: u64) {
-    let out = Command::new("fallocate").arg("-l").arg(size.to_string()).arg(path).output().unwrap();
-    assert!(out.status.success(), "fallocate: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("fallocate")
+        .arg("-l")
+        .arg(size.to_string())
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fallocate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -36,27 +45,61 @@ fn fio_and_qemu_io_write_and_read_back_and_the_volume_survives_restart() {
     assert_eq!(added["size_bytes"], 128 * MIB);
     assert_eq!(added["availability_zone"], "az1");
     assert_eq!(added["dirty_bytes"], 0);
+    assert_eq!(added["cache_mode"], "direct");
+    assert_eq!(added["direct_io"], true);
 
     // fio's nbd engine: random 4k writes over the first 32 MiB, each verified by crc32c.
     let uri = daemon.nbd_uri("vol1");
     run(Command::new("fio")
-        .args(["--name=verify", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=32"])
-        .args(["--size=32M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"])
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+        ])
+        .args([
+            "--size=32M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+        ])
         .arg(format!("--uri={uri}")));
 
     // qemu-io: aligned and unaligned patterns, read back through NBD.
     run(Command::new("qemu-io")
         .args(["-f", "raw"])
-        .args(["-c", "write -P 0xa5 64M 1M", "-c", "write -P 0x5a 70000000 3333", "-c", "write -z 80M 64k"])
-        .args(["-c", "read -P 0xa5 64M 1M", "-c", "read -P 0x5a 70000000 3333", "-c", "read -P 0 80M 64k"])
+        .args([
+            "-c",
+            "write -P 0xa5 64M 1M",
+            "-c",
+            "write -P 0x5a 70000000 3333",
+            "-c",
+            "write -z 80M 64k",
+        ])
+        .args([
+            "-c",
+            "read -P 0xa5 64M 1M",
+            "-c",
+            "read -P 0x5a 70000000 3333",
+            "-c",
+            "read -P 0 80M 64k",
+        ])
         .arg(&uri));
 
     // The backing file holds what the clients wrote: compare it with an nbdcopy of the export.
     let copy = dir.path().join("copy.img");
     run(Command::new("nbdcopy").arg(&uri).arg(&copy));
-    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(), "export and backing file differ");
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap(),
+        "export and backing file differ"
+    );
     let backing = std::fs::read(&image).unwrap();
-    assert!(backing[64 * MIB as usize..65 * MIB as usize].iter().all(|&b| b == 0xa5));
+    assert!(
+        backing[64 * MIB as usize..65 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0xa5)
+    );
     assert!(backing[70_000_000..70_003_333].iter().all(|&b| b == 0x5a));
 
     // Dirty bytes: 32 MiB by fio, 1 MiB + two 4k blocks + 64k by qemu-io.
@@ -68,8 +111,13 @@ fn fio_and_qemu_io_write_and_read_back_and_the_volume_survives_restart() {
     let shown = daemon.cli_json(&["volume", "show", &id]);
     assert_eq!(shown["name"], "vol1");
     assert_eq!(shown["state"], "online");
-    assert_eq!(shown["dirty_bytes"], dirty, "a clean restart keeps the dirty map exactly");
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0xa5 64M 1M"]).arg(&uri));
+    assert_eq!(
+        shown["dirty_bytes"], dirty,
+        "a clean restart keeps the dirty map exactly"
+    );
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0xa5 64M 1M"])
+        .arg(&uri));
     daemon.stop().unwrap();
 }
 
@@ -79,10 +127,20 @@ fn nbdinfo_lists_the_export_with_its_block_sizes_and_tcp_serves_it() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.img");
     preallocated(&image, 16 * MIB);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let daemon = Daemon::start(dir.path(), &format!("[nbd]\ntcp_listen = \"127.0.0.1:{port}\"\n")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!("[nbd]\ntcp_listen = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
     daemon.add_volume("vol1", &image);
-    let info = run(Command::new("nbdinfo").arg("--json").arg(daemon.nbd_uri("vol1")));
+    let info = run(Command::new("nbdinfo")
+        .arg("--json")
+        .arg(daemon.nbd_uri("vol1")));
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     let export = &info["exports"][0];
     assert_eq!(export["export-size"], 16 * MIB);
@@ -90,8 +148,44 @@ fn nbdinfo_lists_the_export_with_its_block_sizes_and_tcp_serves_it() {
     assert_eq!(export["block_size_maximum"], 32 * MIB);
     assert_eq!(export["can_multi_conn"], true);
     assert_eq!(export["can_fua"], true);
-    let listed = run(Command::new("nbdinfo").arg("--list").arg(format!("nbd://127.0.0.1:{port}")));
-    assert!(listed.contains("vol1"), "{listed}");
+    // A second volume in writeback cache mode, served on the same TCP address by name.
+    let wb_image = dir.path().join("wb.img");
+    preallocated(&wb_image, 8 * MIB);
+    let wb = daemon.cli_json(&[
+        "volume",
+        "add",
+        "--name",
+        "wb",
+        "--cache",
+        "writeback",
+        "--path",
+        wb_image.to_str().unwrap(),
+    ]);
+    assert_eq!(wb["cache_mode"], "writeback");
+    assert_eq!(wb["direct_io"], false);
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 1M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 9 1M 64k",
+        ])
+        .arg(format!("nbd://127.0.0.1:{port}/wb")));
+    assert!(
+        std::fs::read(&wb_image).unwrap()[MIB as usize..][..65536]
+            .iter()
+            .all(|&b| b == 9),
+        "flushed to the file"
+    );
+    assert_eq!(daemon.dirty_bytes("wb"), 65536);
+    let listed = run(Command::new("nbdinfo")
+        .arg("--list")
+        .arg(format!("nbd://127.0.0.1:{port}")));
+    assert!(listed.contains("vol1") && listed.contains("wb"), "{listed}");
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 7 0 4k", "-c", "read -P 7 0 4k"])
         .arg(format!("nbd://127.0.0.1:{port}/vol1")));

@@ -11,7 +11,11 @@ const MIB: u64 = 1 << 20;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -43,7 +47,9 @@ impl Drop for Cleanup {
 }
 
 fn attach_loop(cleanup: &mut Cleanup, file: &Path) -> String {
-    let dev = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(file));
+    let dev = run(Command::new("losetup")
+        .args(["--find", "--show", "--direct-io=on"])
+        .arg(file));
     cleanup.loops.push(dev.clone());
     dev
 }
@@ -86,8 +92,19 @@ fn sha256(path: &Path) -> String {
 
 #[test]
 fn ext4_on_nbdfuse_over_a_loop_device_volume() {
-    assert!(nix::unistd::geteuid().is_root(), "this test needs root (loop devices, mounts)");
-    for tool in ["losetup", "nbdfuse", "fusermount3", "mkfs.ext4", "mount", "umount", "sha256sum"] {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (loop devices, mounts)"
+    );
+    for tool in [
+        "losetup",
+        "nbdfuse",
+        "fusermount3",
+        "mkfs.ext4",
+        "mount",
+        "umount",
+        "sha256sum",
+    ] {
         require_tool(tool);
     }
     let seed = blockrep_tests::seed(7);
@@ -95,7 +112,9 @@ fn ext4_on_nbdfuse_over_a_loop_device_volume() {
     let mut cleanup = Cleanup::default();
 
     let backing = dir.path().join("backing.img");
-    run(Command::new("fallocate").args(["-l", &(256 * MIB).to_string()]).arg(&backing));
+    run(Command::new("fallocate")
+        .args(["-l", &(256 * MIB).to_string()])
+        .arg(&backing));
     let volume_dev = attach_loop(&mut cleanup, &backing);
 
     let daemon = Daemon::start(dir.path(), "").unwrap();
@@ -104,9 +123,15 @@ fn ext4_on_nbdfuse_over_a_loop_device_volume() {
     assert_eq!(added["direct_io"], true);
     assert_eq!(added["size_bytes"], 256 * MIB);
 
-    let fuse_file = start_nbdfuse(&mut cleanup, &dir.path().join("fuse"), &daemon.nbd_uri("kvol"));
+    let fuse_file = start_nbdfuse(
+        &mut cleanup,
+        &dir.path().join("fuse"),
+        &daemon.nbd_uri("kvol"),
+    );
     let kernel_dev = attach_loop(&mut cleanup, &fuse_file);
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&kernel_dev));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&kernel_dev));
     let mnt = dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     run(Command::new("mount").arg(&kernel_dev).arg(&mnt));
@@ -134,7 +159,10 @@ fn ext4_on_nbdfuse_over_a_loop_device_volume() {
     run(Command::new("mount").arg(&kernel_dev).arg(&mnt));
     cleanup.mounts.push(mnt.clone());
     assert_eq!(sha256(&mnt.join("data.bin")), expected);
-    assert!(daemon.dirty_bytes("kvol") >= 24 * MIB, "the file's blocks are dirty");
+    assert!(
+        daemon.dirty_bytes("kvol") >= 24 * MIB,
+        "the file's blocks are dirty"
+    );
 
     drop(cleanup);
     daemon.stop().unwrap();

@@ -4,8 +4,8 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
-use blockrep_tests::nbd::{self, CMD_READ, CMD_WRITE, NbdClient, read_reply, request};
 use blockrep_tests::Daemon;
+use blockrep_tests::nbd::{self, CMD_READ, CMD_WRITE, NbdClient, read_reply, request};
 
 const SIZE: u64 = 16 << 20;
 const EINVAL: u32 = 22;
@@ -14,8 +14,14 @@ const ENOSPC: u32 = 28;
 /// Reads until the server closes the connection; fails if it answers instead.
 fn expect_disconnect(stream: &mut UnixStream) {
     let mut rest = Vec::new();
-    stream.read_to_end(&mut rest).expect("server closes the connection");
-    assert!(rest.is_empty(), "server answered {} bytes before closing", rest.len());
+    stream
+        .read_to_end(&mut rest)
+        .expect("server closes the connection");
+    assert!(
+        rest.is_empty(),
+        "server answered {} bytes before closing",
+        rest.len()
+    );
 }
 
 #[test]
@@ -33,14 +39,46 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
     let mut c = connect();
     let answered: &[(&str, Vec<u8>, u32)] = &[
         ("unknown command", request(99, 0, 1, 0, 4096), EINVAL),
-        ("BLOCK_STATUS without negotiation", request(7, 0, 2, 0, 4096), EINVAL),
-        ("unknown flag on read", request(CMD_READ, 1 << 9, 3, 0, 4096), EINVAL),
-        ("FUA on read", request(CMD_READ, nbd::FLAG_FUA, 4, 0, 4096), EINVAL),
-        ("read past the end", request(CMD_READ, 0, 5, SIZE - 4096, 8192), EINVAL),
-        ("read offset overflow", request(CMD_READ, 0, 6, u64::MAX - 10, 4096), EINVAL),
-        ("read over 32 MiB", request(CMD_READ, 0, 7, 0, (32 << 20) + 4096), EINVAL),
-        ("trim past the end", request(nbd::CMD_TRIM, 0, 8, SIZE, 4096), ENOSPC),
-        ("zeroes past the end", request(nbd::CMD_WRITE_ZEROES, 0, 9, SIZE - 512, 4096), ENOSPC),
+        (
+            "BLOCK_STATUS without negotiation",
+            request(7, 0, 2, 0, 4096),
+            EINVAL,
+        ),
+        (
+            "unknown flag on read",
+            request(CMD_READ, 1 << 9, 3, 0, 4096),
+            EINVAL,
+        ),
+        (
+            "FUA on read",
+            request(CMD_READ, nbd::FLAG_FUA, 4, 0, 4096),
+            EINVAL,
+        ),
+        (
+            "read past the end",
+            request(CMD_READ, 0, 5, SIZE - 4096, 8192),
+            EINVAL,
+        ),
+        (
+            "read offset overflow",
+            request(CMD_READ, 0, 6, u64::MAX - 10, 4096),
+            EINVAL,
+        ),
+        (
+            "read over 32 MiB",
+            request(CMD_READ, 0, 7, 0, (32 << 20) + 4096),
+            EINVAL,
+        ),
+        (
+            "trim past the end",
+            request(nbd::CMD_TRIM, 0, 8, SIZE, 4096),
+            ENOSPC,
+        ),
+        (
+            "zeroes past the end",
+            request(nbd::CMD_WRITE_ZEROES, 0, 9, SIZE - 512, 4096),
+            ENOSPC,
+        ),
     ];
     for (case, bytes, errno) in answered {
         c.stream.write_all(bytes).unwrap();
@@ -48,11 +86,17 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
         assert_eq!(reply.error, *errno, "{case}");
     }
     // A write past the end: its payload is consumed, then ENOSPC; the next request works.
-    c.send(CMD_WRITE, 0, 10, SIZE - 4096, 8192, &[0xee; 8192]).unwrap();
+    c.send(CMD_WRITE, 0, 10, SIZE - 4096, 8192, &[0xee; 8192])
+        .unwrap();
     assert_eq!(c.reply().unwrap().error, ENOSPC);
-    c.send(CMD_WRITE, 1 << 9, 11, 0, 4096, &[0xee; 4096]).unwrap();
+    c.send(CMD_WRITE, 1 << 9, 11, 0, 4096, &[0xee; 4096])
+        .unwrap();
     assert_eq!(c.reply().unwrap().error, EINVAL, "unknown flag on write");
-    assert_eq!(c.read(0, 4096).unwrap(), vec![0x11; 4096], "connection still in step");
+    assert_eq!(
+        c.read(0, 4096).unwrap(),
+        vec![0x11; 4096],
+        "connection still in step"
+    );
     c.disconnect().unwrap();
 
     // Cases the server answers by closing the connection.
@@ -60,7 +104,10 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
     bad_magic[0] ^= 0xff;
     let closing: Vec<(&str, Vec<u8>)> = vec![
         ("bad request magic", [bad_magic, vec![0xee; 4096]].concat()),
-        ("write over 32 MiB", request(CMD_WRITE, 0, 1, 0, (32 << 20) + 1)),
+        (
+            "write over 32 MiB",
+            request(CMD_WRITE, 0, 1, 0, (32 << 20) + 1),
+        ),
     ];
     for (case, bytes) in closing {
         let mut c = connect();
@@ -70,7 +117,10 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
     }
 
     // Truncated frames: half a header, and a write whose payload never fully arrives.
-    for partial in [request(CMD_WRITE, 0, 1, 0, 4096)[..13].to_vec(), [request(CMD_WRITE, 0, 1, 0, 4096), vec![0xee; 1000]].concat()] {
+    for partial in [
+        request(CMD_WRITE, 0, 1, 0, 4096)[..13].to_vec(),
+        [request(CMD_WRITE, 0, 1, 0, 4096), vec![0xee; 1000]].concat(),
+    ] {
         let mut c = connect();
         c.stream.write_all(&partial).unwrap();
         c.stream.shutdown(std::net::Shutdown::Write).unwrap();
@@ -78,13 +128,17 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
     }
 
     // Handshake abuse: garbage client flags, bad option magic, a huge option length.
-    for bytes in [vec![0xff; 4], [3u32.to_be_bytes().to_vec(), vec![0u8; 16]].concat(), {
-        let mut v = 3u32.to_be_bytes().to_vec();
-        v.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
-        v.extend_from_slice(&7u32.to_be_bytes());
-        v.extend_from_slice(&u32::MAX.to_be_bytes());
-        v
-    }] {
+    for bytes in [
+        vec![0xff; 4],
+        [3u32.to_be_bytes().to_vec(), vec![0u8; 16]].concat(),
+        {
+            let mut v = 3u32.to_be_bytes().to_vec();
+            v.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+            v.extend_from_slice(&7u32.to_be_bytes());
+            v.extend_from_slice(&u32::MAX.to_be_bytes());
+            v
+        },
+    ] {
         let mut s = UnixStream::connect(&socket).unwrap();
         let mut greeting = [0u8; 18];
         s.read_exact(&mut greeting).unwrap();
@@ -98,7 +152,10 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
     let status = daemon.cli_json(&["status"]);
     assert_eq!(status["volumes"][0]["state"], "online");
     assert_eq!(daemon.dirty_bytes("vol1"), 0);
-    assert!(std::fs::read(&image).unwrap() == before, "volume bytes changed");
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "volume bytes changed"
+    );
     let mut c = connect();
     c.send(CMD_READ, 0, 77, 4096, 4096, &[]).unwrap();
     let reply = read_reply(&mut c.stream).unwrap();

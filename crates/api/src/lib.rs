@@ -26,15 +26,24 @@ pub struct ConnectError {
 }
 
 /// Connects a client to the daemon's control socket.
-pub async fn connect(path: &Path) -> Result<proto::agent_client::AgentClient<Channel>, ConnectError> {
+pub async fn connect(
+    path: &Path,
+) -> Result<proto::agent_client::AgentClient<Channel>, ConnectError> {
     let socket = path.to_owned();
     // The URI is required by the API but unused: every connection goes to the socket.
     let channel = Endpoint::from_static("http://blockrepd.local")
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
-            async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await
-        .map_err(|source| ConnectError { path: path.to_owned(), source })?;
+        .map_err(|source| ConnectError {
+            path: path.to_owned(),
+            source,
+        })?;
     Ok(proto::agent_client::AgentClient::new(channel))
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use blockrep_core::{NameError, VolumeName};
+use blockrep_core::{CacheMode, NameError, VolumeName};
 
 use crate::proto;
 
@@ -12,6 +12,7 @@ use crate::proto;
 pub struct AddVolume {
     pub name: VolumeName,
     pub path: PathBuf,
+    pub cache: CacheMode,
 }
 
 impl TryFrom<proto::AddVolumeRequest> for AddVolume {
@@ -23,9 +24,21 @@ impl TryFrom<proto::AddVolumeRequest> for AddVolume {
         }
         let path = PathBuf::from(req.path);
         if !path.is_absolute() {
-            return Err(ApiError::InvalidArgument(format!("path {} is not absolute", path.display())));
+            return Err(ApiError::InvalidArgument(format!(
+                "path {} is not absolute",
+                path.display()
+            )));
         }
-        Ok(Self { name, path })
+        let cache = if req.cache_mode.is_empty() {
+            CacheMode::default()
+        } else {
+            req.cache_mode
+                .parse()
+                .map_err(|e: blockrep_core::UnknownCacheMode| {
+                    ApiError::InvalidArgument(e.to_string())
+                })?
+        };
+        Ok(Self { name, path, cache })
     }
 }
 
@@ -50,7 +63,9 @@ impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let message = e.to_string();
         match e {
-            ApiError::BadName(_) | ApiError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            ApiError::BadName(_) | ApiError::InvalidArgument(_) => {
+                tonic::Status::invalid_argument(message)
+            }
             ApiError::VolumeNotFound(_) => tonic::Status::not_found(message),
             ApiError::AlreadyExists(_) => tonic::Status::already_exists(message),
             ApiError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
@@ -65,13 +80,37 @@ mod tests {
 
     #[test]
     fn add_volume_is_validated() {
-        let ok = AddVolume::try_from(proto::AddVolumeRequest { name: "v1".into(), path: "/dev/loop0".into() });
-        assert_eq!(ok.unwrap(), AddVolume { name: "v1".parse().unwrap(), path: "/dev/loop0".into() });
-        let relative = AddVolume::try_from(proto::AddVolumeRequest { name: "v1".into(), path: "disk.img".into() });
-        assert!(matches!(relative, Err(ApiError::InvalidArgument(m)) if m.contains("not absolute")));
-        let bad = AddVolume::try_from(proto::AddVolumeRequest { name: "a b".into(), path: "/x".into() });
+        let req = |name: &str, path: &str, cache: &str| proto::AddVolumeRequest {
+            name: name.into(),
+            path: path.into(),
+            cache_mode: cache.into(),
+        };
+        let ok = AddVolume::try_from(req("v1", "/dev/loop0", ""));
+        assert_eq!(
+            ok.unwrap(),
+            AddVolume {
+                name: "v1".parse().unwrap(),
+                path: "/dev/loop0".into(),
+                cache: CacheMode::Direct
+            }
+        );
+        let wb = AddVolume::try_from(req("v1", "/dev/loop0", "writeback")).unwrap();
+        assert_eq!(wb.cache, CacheMode::Writeback);
+        let bad_cache = AddVolume::try_from(req("v1", "/dev/loop0", "none"));
+        assert!(
+            matches!(bad_cache, Err(ApiError::InvalidArgument(m)) if m.contains("not one of: direct, writeback"))
+        );
+        let relative = AddVolume::try_from(req("v1", "disk.img", ""));
+        assert!(
+            matches!(relative, Err(ApiError::InvalidArgument(m)) if m.contains("not absolute"))
+        );
+        let bad = AddVolume::try_from(req("a b", "/x", ""));
         let status = tonic::Status::from(bad.unwrap_err());
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().starts_with("volume name:"), "{}", status.message());
+        assert!(
+            status.message().starts_with("volume name:"),
+            "{}",
+            status.message()
+        );
     }
 }

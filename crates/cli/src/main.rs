@@ -12,7 +12,11 @@ use tonic::transport::Channel;
 use crate::render::Output;
 
 #[derive(Parser)]
-#[command(name = "blockrep", version, about = "Control the blockrep agent on this host")]
+#[command(
+    name = "blockrep",
+    version,
+    about = "Control the blockrep agent on this host"
+)]
 struct Cli {
     /// The daemon's control socket.
     #[arg(long, env = "BLOCKREP_SOCKET", default_value = blockrep_api::DEFAULT_CONTROL_SOCKET, global = true)]
@@ -48,6 +52,9 @@ enum VolumeCommand {
         /// Absolute path of a block device or regular file.
         #[arg(long)]
         path: PathBuf,
+        /// `direct` (O_DIRECT) or `writeback` (host page cache; durable on FLUSH/FUA).
+        #[arg(long, default_value = "direct")]
+        cache: String,
     },
     /// List the volumes.
     List,
@@ -70,7 +77,10 @@ enum VolumeCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("blockrep: cannot start: {e}");
@@ -87,7 +97,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let out = Output { json: cli.output == Format::Json };
+    let out = Output {
+        json: cli.output == Format::Json,
+    };
     let path = match &cli.command {
         Command::Volume(VolumeCommand::Add { path, .. }) => Some(absolute(path)?),
         _ => None,
@@ -99,9 +111,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.print(&status);
         }
         Command::Volume(command) => match command {
-            VolumeCommand::Add { name, .. } => {
+            VolumeCommand::Add { name, cache, .. } => {
                 let path = path.expect("set above").display().to_string();
-                let volume = call(client.add_volume(proto::AddVolumeRequest { name, path })).await?;
+                let request = proto::AddVolumeRequest {
+                    name,
+                    path,
+                    cache_mode: cache,
+                };
+                let volume = call(client.add_volume(request)).await?;
                 out.print(&volume);
             }
             VolumeCommand::List => {
@@ -130,10 +147,16 @@ fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).map_err(|e| anyhow::anyhow!("path {}: {e}", path.display()))
 }
 
-async fn call<T>(request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> anyhow::Result<T> {
+async fn call<T>(
+    request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
     match request.await {
         Ok(response) => Ok(response.into_inner()),
-        Err(status) => Err(anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())),
+        Err(status) => Err(anyhow::anyhow!(
+            "{}: {}",
+            code_name(status.code()),
+            status.message()
+        )),
     }
 }
 

@@ -15,7 +15,10 @@ pub trait Render {
 impl Output {
     pub fn print(&self, item: &impl Render) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&item.json()).expect("JSON values serialise"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&item.json()).expect("JSON values serialise")
+            );
         } else {
             print!("{}", item.table());
         }
@@ -40,6 +43,7 @@ fn volume_json(v: &proto::Volume) -> Value {
         "node_name": v.node_name,
         "backing_kind": v.backing_kind,
         "direct_io": v.direct_io,
+        "cache_mode": v.cache_mode,
         "state": state_name(v),
         "error": if v.error.is_empty() { Value::Null } else { json!(v.error) },
         "nbd_socket": v.nbd_socket,
@@ -62,11 +66,19 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 fn dirty_text(v: &proto::Volume) -> String {
-    if v.dirty_tracking { human_bytes(v.dirty_bytes) } else { "off".into() }
+    if v.dirty_tracking {
+        human_bytes(v.dirty_bytes)
+    } else {
+        "off".into()
+    }
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -79,7 +91,11 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     let mut out = String::new();
     let mut line = |cells: Vec<&str>| {
-        let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(text.join("  ").trim_end());
         out.push('\n');
     };
@@ -101,14 +117,50 @@ impl Render for proto::Volume {
             ("name", self.name.clone()),
             ("state", state_name(self).into()),
             ("path", self.path.clone()),
-            ("backing", format!("{}{}", self.backing_kind, if self.direct_io { ", O_DIRECT" } else { "" })),
-            ("size", format!("{} ({} bytes)", human_bytes(self.size_bytes), self.size_bytes)),
+            (
+                "backing",
+                format!(
+                    "{}{}",
+                    self.backing_kind,
+                    if self.direct_io { ", O_DIRECT" } else { "" }
+                ),
+            ),
+            ("cache", self.cache_mode.clone()),
+            (
+                "size",
+                format!(
+                    "{} ({} bytes)",
+                    human_bytes(self.size_bytes),
+                    self.size_bytes
+                ),
+            ),
             ("availability zone", self.availability_zone.clone()),
             ("node", self.node_name.clone()),
             ("nbd socket", self.nbd_socket.clone()),
-            ("nbd tcp", if self.nbd_tcp.is_empty() { "-".into() } else { format!("{} (export {})", self.nbd_tcp, self.name) }),
-            ("dirty", if self.dirty_tracking { format!("{} ({} bytes)", human_bytes(self.dirty_bytes), self.dirty_bytes) } else { "tracking off".into() }),
-            ("bitmap granularity", human_bytes(u64::from(self.bitmap_granularity))),
+            (
+                "nbd tcp",
+                if self.nbd_tcp.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{} (export {})", self.nbd_tcp, self.name)
+                },
+            ),
+            (
+                "dirty",
+                if self.dirty_tracking {
+                    format!(
+                        "{} ({} bytes)",
+                        human_bytes(self.dirty_bytes),
+                        self.dirty_bytes
+                    )
+                } else {
+                    "tracking off".into()
+                },
+            ),
+            (
+                "bitmap granularity",
+                human_bytes(u64::from(self.bitmap_granularity)),
+            ),
             ("active regions", self.active_regions.to_string()),
             ("connected clients", self.connected_clients.to_string()),
             ("created", self.created_at.clone()),
@@ -116,7 +168,9 @@ impl Render for proto::Volume {
         if !self.error.is_empty() {
             rows.insert(3, ("error", self.error.clone()));
         }
-        rows.iter().map(|(k, v)| format!("{:<19} {v}\n", format!("{k}:"))).collect()
+        rows.iter()
+            .map(|(k, v)| format!("{:<19} {v}\n", format!("{k}:")))
+            .collect()
     }
 }
 
@@ -141,7 +195,10 @@ impl Render for proto::ListVolumesResponse {
                 ]
             })
             .collect();
-        table(&["NAME", "ID", "STATE", "SIZE", "DIRTY", "CLIENTS", "PATH"], &rows)
+        table(
+            &["NAME", "ID", "STATE", "SIZE", "DIRTY", "CLIENTS", "PATH"],
+            &rows,
+        )
     }
 }
 
@@ -173,7 +230,10 @@ impl Render for proto::StatusResponse {
             }
         }
         if self.volumes.is_empty() {
-            out.push_str(&format!("no volumes on {} ({})\n", self.node_name, self.availability_zone));
+            out.push_str(&format!(
+                "no volumes on {} ({})\n",
+                self.node_name, self.availability_zone
+            ));
         }
         out
     }
@@ -200,10 +260,23 @@ impl Render for proto::DirtyExtents {
     }
 
     fn table(&self) -> String {
-        let rows: Vec<Vec<String>> =
-            self.extents.iter().map(|e| vec![e.offset.to_string(), e.length.to_string(), human_bytes(e.length)]).collect();
+        let rows: Vec<Vec<String>> = self
+            .extents
+            .iter()
+            .map(|e| {
+                vec![
+                    e.offset.to_string(),
+                    e.length.to_string(),
+                    human_bytes(e.length),
+                ]
+            })
+            .collect();
         let mut out = table(&["OFFSET", "LENGTH", "SIZE"], &rows);
-        out.push_str(&format!("{} dirty in {} extents\n", human_bytes(self.dirty_bytes), self.extents.len()));
+        out.push_str(&format!(
+            "{} dirty in {} extents\n",
+            human_bytes(self.dirty_bytes),
+            self.extents.len()
+        ));
         out
     }
 }

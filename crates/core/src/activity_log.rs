@@ -88,7 +88,10 @@ pub struct ActivityLog {
 impl ActivityLog {
     /// An empty log. `region_size` is a power of two; `capacity` is the most regions it holds.
     pub fn new(region_size: u64, capacity: usize) -> Self {
-        assert!(region_size.is_power_of_two(), "region size must be a power of two");
+        assert!(
+            region_size.is_power_of_two(),
+            "region size must be a power of two"
+        );
         assert!(capacity > 0, "the activity log needs room for a region");
         Self {
             region_size,
@@ -129,7 +132,9 @@ impl ActivityLog {
         }
         let first = range.offset / self.region_size;
         let last = (range.end() - 1) / self.region_size;
-        let new = (first..=last).filter(|r| !self.regions.contains_key(&RegionIndex(*r))).count();
+        let new = (first..=last)
+            .filter(|r| !self.regions.contains_key(&RegionIndex(*r)))
+            .count();
         if new > 0 && self.regions.len() + new > self.capacity {
             return Admission::Full;
         }
@@ -139,14 +144,18 @@ impl ActivityLog {
         self.write_seq += 1;
         let mut needed = AlVersion(0);
         for r in first..=last {
-            let region = self
-                .regions
-                .entry(RegionIndex(r))
-                .or_insert(Region { added_in: self.version, last_write: 0 });
+            let region = self.regions.entry(RegionIndex(r)).or_insert(Region {
+                added_in: self.version,
+                last_write: 0,
+            });
             region.last_write = self.write_seq;
             needed = needed.max(region.added_in);
         }
-        if needed > self.durable { Admission::PersistFirst(needed) } else { Admission::Ready }
+        if needed > self.durable {
+            Admission::PersistFirst(needed)
+        } else {
+            Admission::Ready
+        }
     }
 
     /// Whether the on-disk log is at `version` or later.
@@ -168,7 +177,9 @@ impl ActivityLog {
 
     /// Call under the same lock as the dirty map's `take_changed_pages`.
     pub fn begin_flush(&self) -> FlushTicket {
-        FlushTicket { seq: self.write_seq }
+        FlushTicket {
+            seq: self.write_seq,
+        }
     }
 
     /// The bitmap pages taken with `ticket` are durable: retire regions by `policy`.
@@ -227,7 +238,10 @@ mod tests {
         let a = log.admit(ByteRange::new(0, 4096));
         assert_eq!(a, Admission::PersistFirst(AlVersion(1)));
         // A second writer into the same region, before the log is durable, must wait too.
-        assert_eq!(log.admit(ByteRange::new(8192, 4096)), Admission::PersistFirst(AlVersion(1)));
+        assert_eq!(
+            log.admit(ByteRange::new(8192, 4096)),
+            Admission::PersistFirst(AlVersion(1))
+        );
         durable_after(&mut log, a);
         assert_eq!(log.admit(ByteRange::new(4096, 4096)), Admission::Ready);
     }
@@ -237,7 +251,10 @@ mod tests {
         let mut log = ActivityLog::new(MIB, 8);
         let a = log.admit(ByteRange::new(MIB - 1, 2 * MIB));
         durable_after(&mut log, a);
-        assert_eq!(log.snapshot().1, vec![RegionIndex(0), RegionIndex(1), RegionIndex(2)]);
+        assert_eq!(
+            log.snapshot().1,
+            vec![RegionIndex(0), RegionIndex(1), RegionIndex(2)]
+        );
     }
 
     #[test]
@@ -248,13 +265,20 @@ mod tests {
             durable_after(&mut log, a);
         }
         assert_eq!(log.admit(ByteRange::new(4 * MIB, 4096)), Admission::Full);
-        assert_eq!(log.admit(ByteRange::new(0, 4096)), Admission::Ready, "hot region still passes");
+        assert_eq!(
+            log.admit(ByteRange::new(0, 4096)),
+            Admission::Ready,
+            "hot region still passes"
+        );
         let ticket = log.begin_flush();
         assert!(log.finish_flush(ticket, RetirePolicy::ToLowWater));
         assert_eq!(log.len(), 3);
         // Region 0 was written last, so it stays.
         assert!(log.snapshot().1.contains(&RegionIndex(0)));
-        assert!(matches!(log.admit(ByteRange::new(4 * MIB, 4096)), Admission::PersistFirst(_)));
+        assert!(matches!(
+            log.admit(ByteRange::new(4 * MIB, 4096)),
+            Admission::PersistFirst(_)
+        ));
     }
 
     #[test]
@@ -263,9 +287,15 @@ mod tests {
         let a = log.admit(ByteRange::new(0, 4096));
         durable_after(&mut log, a);
         let t1 = log.begin_flush();
-        assert!(!log.finish_flush(t1, RetirePolicy::Idle), "written during the interval");
+        assert!(
+            !log.finish_flush(t1, RetirePolicy::Idle),
+            "written during the interval"
+        );
         let t2 = log.begin_flush();
-        assert!(log.finish_flush(t2, RetirePolicy::Idle), "idle for a whole interval");
+        assert!(
+            log.finish_flush(t2, RetirePolicy::Idle),
+            "idle for a whole interval"
+        );
         assert!(log.is_empty());
     }
 

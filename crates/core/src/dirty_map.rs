@@ -124,7 +124,11 @@ impl DirtyMap {
     pub fn clear_range(&mut self, range: ByteRange) {
         let shift = self.granularity.shift();
         let first = range.offset.div_ceil(self.granularity.bytes());
-        let end = if range.end() >= self.volume_size { self.nbits } else { range.end() >> shift };
+        let end = if range.end() >= self.volume_size {
+            self.nbits
+        } else {
+            range.end() >> shift
+        };
         if first < end {
             self.update_bits(first, end.min(self.nbits), false);
         }
@@ -132,7 +136,10 @@ impl DirtyMap {
 
     /// The dirty runs, in order, each as long as possible.
     pub fn runs(&self) -> DirtyRuns<'_> {
-        DirtyRuns { map: self, next_bit: 0 }
+        DirtyRuns {
+            map: self,
+            next_bit: 0,
+        }
     }
 
     /// The pages changed since the last call, which are then considered unchanged.
@@ -165,7 +172,11 @@ impl DirtyMap {
 
     /// Copies a page's bits, little-endian, into `out`.
     pub fn copy_page(&self, page: PageIndex, out: &mut [u8]) {
-        assert_eq!(out.len(), BITMAP_PAGE_BYTES, "a bitmap page is {BITMAP_PAGE_BYTES} bytes");
+        assert_eq!(
+            out.len(),
+            BITMAP_PAGE_BYTES,
+            "a bitmap page is {BITMAP_PAGE_BYTES} bytes"
+        );
         let words = &self.words[page.0 as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
         for (chunk, word) in out.chunks_exact_mut(8).zip(words) {
             chunk.copy_from_slice(&word.to_le_bytes());
@@ -174,7 +185,11 @@ impl DirtyMap {
 
     /// Adds the bits of a page read back from disk (bits past the volume's end are ignored).
     pub fn merge_page(&mut self, page: PageIndex, bytes: &[u8]) {
-        assert_eq!(bytes.len(), BITMAP_PAGE_BYTES, "a bitmap page is {BITMAP_PAGE_BYTES} bytes");
+        assert_eq!(
+            bytes.len(),
+            BITMAP_PAGE_BYTES,
+            "a bitmap page is {BITMAP_PAGE_BYTES} bytes"
+        );
         let base_bit = page.0 * BITS_PER_PAGE;
         for (i, chunk) in bytes.chunks_exact(8).enumerate() {
             let mut w = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
@@ -210,14 +225,22 @@ impl DirtyMap {
         let last_word = ((end - 1) / 64) as usize;
         for w in first_word..=last_word {
             let lo = if w == first_word { first % 64 } else { 0 };
-            let hi = if w == last_word { (end - 1) % 64 + 1 } else { 64 };
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            let hi = if w == last_word {
+                (end - 1) % 64 + 1
+            } else {
+                64
+            };
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
             let old = self.words[w];
             let new = if set { old | mask } else { old & !mask };
             if new != old {
                 self.words[w] = new;
-                self.dirty_blocks = self.dirty_blocks + u64::from(new.count_ones())
-                    - u64::from(old.count_ones());
+                self.dirty_blocks =
+                    self.dirty_blocks + u64::from(new.count_ones()) - u64::from(old.count_ones());
                 let page = w / WORDS_PER_PAGE;
                 self.changed_pages[page / 64] |= 1 << (page % 64);
             }
@@ -231,7 +254,8 @@ impl DirtyMap {
 
     /// First clear bit at or after `from` (or `nbits`).
     fn next_clear(&self, from: u64) -> u64 {
-        self.scan(from, |w| !w).map_or(self.nbits, |b| b.min(self.nbits))
+        self.scan(from, |w| !w)
+            .map_or(self.nbits, |b| b.min(self.nbits))
     }
 
     fn scan(&self, from: u64, view: impl Fn(u64) -> u64) -> Option<u64> {
@@ -264,7 +288,10 @@ impl Iterator for DirtyRuns<'_> {
     type Item = ByteRange;
 
     fn next(&mut self) -> Option<ByteRange> {
-        let start = self.map.next_set(self.next_bit).filter(|&b| b < self.map.nbits)?;
+        let start = self
+            .map
+            .next_set(self.next_bit)
+            .filter(|&b| b < self.map.nbits)?;
         let end = self.map.next_clear(start);
         self.next_bit = end;
         let g = self.map.granularity.bytes();
@@ -288,9 +315,18 @@ mod tests {
     fn granularity_bounds() {
         assert!(Granularity::new(4096).is_ok());
         assert!(Granularity::new(1 << 20).is_ok());
-        assert_eq!(Granularity::new(2048), Err(GranularityError { bytes: 2048 }));
-        assert_eq!(Granularity::new(6000), Err(GranularityError { bytes: 6000 }));
-        assert_eq!(Granularity::new(2 << 20), Err(GranularityError { bytes: 2 << 20 }));
+        assert_eq!(
+            Granularity::new(2048),
+            Err(GranularityError { bytes: 2048 })
+        );
+        assert_eq!(
+            Granularity::new(6000),
+            Err(GranularityError { bytes: 6000 })
+        );
+        assert_eq!(
+            Granularity::new(2 << 20),
+            Err(GranularityError { bytes: 2 << 20 })
+        );
     }
 
     #[test]
@@ -310,7 +346,10 @@ mod tests {
         let mut map = DirtyMap::new(size, Granularity::DEFAULT);
         map.set_range(ByteRange::new(10 * G, 512));
         assert_eq!(map.dirty_bytes(), 512);
-        assert_eq!(map.runs().collect::<Vec<_>>(), vec![ByteRange::new(10 * G, 512)]);
+        assert_eq!(
+            map.runs().collect::<Vec<_>>(),
+            vec![ByteRange::new(10 * G, 512)]
+        );
         map.clear_range(ByteRange::new(10 * G, 512));
         assert!(map.is_clean());
     }
@@ -330,7 +369,10 @@ mod tests {
         assert_eq!(map.take_changed_pages(), vec![PageIndex(0), PageIndex(3)]);
         assert!(map.take_changed_pages().is_empty());
         map.set_range(ByteRange::new(0, G));
-        assert!(map.take_changed_pages().is_empty(), "setting a set bit changes nothing");
+        assert!(
+            map.take_changed_pages().is_empty(),
+            "setting a set bit changes nothing"
+        );
     }
 
     fn model_runs(model: &BTreeSet<u64>, size: u64) -> Vec<ByteRange> {

@@ -24,7 +24,9 @@ impl ByteRange {
 
     /// Builds a range and checks it lies inside a volume of `size` bytes.
     pub fn within(offset: u64, len: u64, size: u64) -> Result<Self, RangeError> {
-        let end = offset.checked_add(len).ok_or(RangeError::Overflow { offset, len })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(RangeError::Overflow { offset, len })?;
         if end > size {
             return Err(RangeError::PastEnd { offset, len, size });
         }
@@ -48,7 +50,10 @@ impl ByteRange {
     pub const fn align_out(&self, align: u64) -> Self {
         let start = self.offset & !(align - 1);
         let end = (self.end() + align - 1) & !(align - 1);
-        Self { offset: start, len: end - start }
+        Self {
+            offset: start,
+            len: end - start,
+        }
     }
 }
 
@@ -64,14 +69,24 @@ mod tests {
 
     #[test]
     fn within_rejects_past_end_and_overflow() {
-        assert_eq!(ByteRange::within(0, 4096, 4096), Ok(ByteRange::new(0, 4096)));
+        assert_eq!(
+            ByteRange::within(0, 4096, 4096),
+            Ok(ByteRange::new(0, 4096))
+        );
         assert_eq!(
             ByteRange::within(4096, 1, 4096),
-            Err(RangeError::PastEnd { offset: 4096, len: 1, size: 4096 })
+            Err(RangeError::PastEnd {
+                offset: 4096,
+                len: 1,
+                size: 4096
+            })
         );
         assert_eq!(
             ByteRange::within(u64::MAX, 2, u64::MAX),
-            Err(RangeError::Overflow { offset: u64::MAX, len: 2 })
+            Err(RangeError::Overflow {
+                offset: u64::MAX,
+                len: 2
+            })
         );
     }
 

@@ -112,14 +112,23 @@ mod tests {
     fn names_are_validated() {
         assert!("vol-1.a_b".parse::<VolumeName>().is_ok());
         assert_eq!("".parse::<VolumeName>(), Err(NameError::Empty));
-        assert!(matches!("a/b".parse::<VolumeName>(), Err(NameError::BadCharacter { bad: '/', .. })));
-        assert!(matches!("-x".parse::<VolumeName>(), Err(NameError::BadStart { .. })));
+        assert!(matches!(
+            "a/b".parse::<VolumeName>(),
+            Err(NameError::BadCharacter { bad: '/', .. })
+        ));
+        assert!(matches!(
+            "-x".parse::<VolumeName>(),
+            Err(NameError::BadStart { .. })
+        ));
         assert!(matches!(
             "x".repeat(256).parse::<VolumeName>(),
             Err(NameError::TooLong { len: 256 })
         ));
         let id = VolumeId::random().to_string();
-        assert!(matches!(id.parse::<VolumeName>(), Err(NameError::LooksLikeId { .. })));
+        assert!(matches!(
+            id.parse::<VolumeName>(),
+            Err(NameError::LooksLikeId { .. })
+        ));
     }
 
     #[test]

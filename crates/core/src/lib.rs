@@ -5,11 +5,13 @@
 //! unit tests, property tests and deterministic simulation.
 
 pub mod activity_log;
+pub mod cache_mode;
 pub mod dirty_map;
 pub mod extent;
 pub mod ids;
 
 pub use activity_log::{ActivityLog, Admission, AlVersion, FlushTicket, RegionIndex, RetirePolicy};
+pub use cache_mode::{CacheMode, UnknownCacheMode};
 pub use dirty_map::{BITMAP_PAGE_BYTES, DirtyMap, Granularity, GranularityError, PageIndex};
 pub use extent::{ByteRange, RangeError};
 pub use ids::{NameError, VolumeId, VolumeName};

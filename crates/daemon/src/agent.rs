@@ -85,7 +85,8 @@ impl Agent {
     }
 
     fn bring_online(self: &Arc<Self>, record: &VolumeRecord) -> Result<Online, ApiError> {
-        let backing = Backing::open(&record.path).map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+        let backing = Backing::open(&record.path, record.cache)
+            .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
         if backing.size() != record.size {
             return Err(ApiError::FailedPrecondition(format!(
                 "{} is {} bytes but was registered with {}; resizing is not supported yet",
@@ -96,24 +97,43 @@ impl Agent {
         }
         let tracker = match self.config.tracker {
             Some(tracker_config) => {
-                let (tracker, report) = DirtyTracker::open(&self.tracker_dir(record.id), backing.size(), tracker_config)
-                    .map_err(|e| ApiError::Internal(format!("dirty tracker: {e}")))?;
+                let (tracker, report) = DirtyTracker::open(
+                    &self.tracker_dir(record.id),
+                    backing.size(),
+                    tracker_config,
+                )
+                .map_err(|e| ApiError::Internal(format!("dirty tracker: {e}")))?;
                 tracing::info!(volume = %record.name, replayed_regions = report.replayed_regions,
                     dirty_bytes = report.dirty_bytes, "dirty tracker opened");
                 Some(Arc::new(tracker))
             }
             None => None,
         };
-        let flusher = tracker.as_ref().map(|t| t.spawn_flusher(record.name.to_string()));
+        let flusher = tracker
+            .as_ref()
+            .map(|t| t.spawn_flusher(record.name.to_string()));
         let volume = Arc::new(Volume::new(record.name.to_string(), backing, tracker));
         let socket = self.config.nbd_socket(record.name.as_str());
         let closing = Arc::new(AtomicBool::new(false));
         let listener = self.listen_unix(&socket, Arc::clone(&volume), Arc::clone(&closing))?;
-        Ok(Online { volume, flusher, listener, socket, closing })
+        Ok(Online {
+            volume,
+            flusher,
+            listener,
+            socket,
+            closing,
+        })
     }
 
-    fn listen_unix(self: &Arc<Self>, socket: &Path, volume: Arc<Volume>, closing: Arc<AtomicBool>) -> Result<JoinHandle<()>, ApiError> {
-        let bind_err = |e: std::io::Error| ApiError::Internal(format!("cannot listen on {}: {e}", socket.display()));
+    fn listen_unix(
+        self: &Arc<Self>,
+        socket: &Path,
+        volume: Arc<Volume>,
+        closing: Arc<AtomicBool>,
+    ) -> Result<JoinHandle<()>, ApiError> {
+        let bind_err = |e: std::io::Error| {
+            ApiError::Internal(format!("cannot listen on {}: {e}", socket.display()))
+        };
         match std::fs::remove_file(socket) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -128,8 +148,15 @@ impl Agent {
         Ok(self.runtime.spawn(async move {
             loop {
                 match listener.accept().await {
-                    Ok((stream, _)) => match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
-                        Ok(stream) => connections.spawn(ClientStream::Unix(stream), Arc::clone(&exports), label.clone()),
+                    Ok((stream, _)) => match stream
+                        .into_std()
+                        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                    {
+                        Ok(stream) => connections.spawn(
+                            ClientStream::Unix(stream),
+                            Arc::clone(&exports),
+                            label.clone(),
+                        ),
                         Err(e) => tracing::warn!(error = %e, "cannot take accepted connection"),
                     },
                     Err(e) => {
@@ -142,16 +169,29 @@ impl Agent {
     }
 
     /// Serves every online volume, by export name, on a TCP address.
-    pub async fn listen_tcp(self: &Arc<Self>, addr: std::net::SocketAddr) -> anyhow::Result<JoinHandle<()>> {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on nbd.tcp_listen {addr}: {e}"))?;
+    pub async fn listen_tcp(
+        self: &Arc<Self>,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on nbd.tcp_listen {addr}: {e}"))?;
         let agent = Arc::clone(self);
         Ok(tokio::spawn(async move {
             loop {
                 match listener.accept().await {
-                    Ok((stream, peer)) => match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+                    Ok((stream, peer)) => match stream
+                        .into_std()
+                        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                    {
                         Ok(stream) => {
-                            let exports: Arc<dyn ExportSet> = Arc::clone(&agent) as Arc<dyn ExportSet>;
-                            agent.connections.spawn(ClientStream::Tcp(stream), exports, peer.to_string());
+                            let exports: Arc<dyn ExportSet> =
+                                Arc::clone(&agent) as Arc<dyn ExportSet>;
+                            agent.connections.spawn(
+                                ClientStream::Tcp(stream),
+                                exports,
+                                peer.to_string(),
+                            );
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot take accepted connection"),
                     },
@@ -167,16 +207,29 @@ impl Agent {
     pub fn add_volume(self: &Arc<Self>, req: AddVolume) -> Result<VolumeView, ApiError> {
         let mut volumes = self.lock();
         if let Some(e) = volumes.values().find(|e| e.record.name == req.name) {
-            return Err(ApiError::AlreadyExists(format!("a volume named {} already exists (id {})", req.name, e.record.id)));
+            return Err(ApiError::AlreadyExists(format!(
+                "a volume named {} already exists (id {})",
+                req.name, e.record.id
+            )));
         }
-        let path = std::fs::canonicalize(&req.path)
-            .map_err(|e| ApiError::InvalidArgument(format!("cannot open {}: {e}", req.path.display())))?;
+        let path = std::fs::canonicalize(&req.path).map_err(|e| {
+            ApiError::InvalidArgument(format!("cannot open {}: {e}", req.path.display()))
+        })?;
         if let Some(e) = volumes.values().find(|e| e.record.path == path) {
-            return Err(ApiError::AlreadyExists(format!("{} is already volume {} (id {})", path.display(), e.record.name, e.record.id)));
+            return Err(ApiError::AlreadyExists(format!(
+                "{} is already volume {} (id {})",
+                path.display(),
+                e.record.name,
+                e.record.id
+            )));
         }
-        let size = Backing::open(&path).map_err(|e| ApiError::InvalidArgument(e.to_string()))?.size();
-        let record = VolumeRecord::new(req.name, path, size);
-        let online = self.bring_online(&record).inspect_err(|_| self.remove_tracker_dir(record.id))?;
+        let size = Backing::open(&path, req.cache)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?
+            .size();
+        let record = VolumeRecord::new(req.name, path, size, req.cache);
+        let online = self
+            .bring_online(&record)
+            .inspect_err(|_| self.remove_tracker_dir(record.id))?;
         let mut records: Vec<VolumeRecord> = volumes.values().map(|e| e.record.clone()).collect();
         records.push(record.clone());
         if let Err(e) = registry::save(&self.config.state_dir, &records) {
@@ -185,7 +238,10 @@ impl Agent {
             return Err(ApiError::Internal(e.to_string()));
         }
         tracing::info!(volume = %record.name, id = %record.id, path = %record.path.display(), size, "volume added");
-        let entry = Entry { record, state: Ok(online) };
+        let entry = Entry {
+            record,
+            state: Ok(online),
+        };
         let view = self.view(&entry);
         volumes.insert(entry.record.id, entry);
         Ok(view)
@@ -206,7 +262,11 @@ impl Agent {
                 )));
             }
         }
-        let records: Vec<VolumeRecord> = volumes.values().filter(|e| e.record.id != id).map(|e| e.record.clone()).collect();
+        let records: Vec<VolumeRecord> = volumes
+            .values()
+            .filter(|e| e.record.id != id)
+            .map(|e| e.record.clone())
+            .collect();
         if let Err(e) = registry::save(&self.config.state_dir, &records) {
             if let Ok(online) = &volumes[&id].state {
                 online.closing.store(false, Ordering::SeqCst);
@@ -252,15 +312,26 @@ impl Agent {
         Ok(self.view(&volumes[&id]))
     }
 
-    pub fn dirty_extents(&self, reference: &str) -> Result<(VolumeId, u64, Vec<blockrep_core::ByteRange>), ApiError> {
+    pub fn dirty_extents(
+        &self,
+        reference: &str,
+    ) -> Result<(VolumeId, u64, Vec<blockrep_core::ByteRange>), ApiError> {
         let volumes = self.lock();
         let id = find(&volumes, reference)?;
         let entry = &volumes[&id];
-        let online = entry.state.as_ref().map_err(|e| ApiError::FailedPrecondition(format!("volume {} is offline: {e}", entry.record.name)))?;
-        let tracker = online.volume.tracker().ok_or_else(|| {
-            ApiError::FailedPrecondition("dirty tracking is switched off (bitmap.dirty_tracking = false)".into())
+        let online = entry.state.as_ref().map_err(|e| {
+            ApiError::FailedPrecondition(format!("volume {} is offline: {e}", entry.record.name))
         })?;
-        Ok((id, tracker.config().granularity.bytes(), tracker.dirty_runs()))
+        let tracker = online.volume.tracker().ok_or_else(|| {
+            ApiError::FailedPrecondition(
+                "dirty tracking is switched off (bitmap.dirty_tracking = false)".into(),
+            )
+        })?;
+        Ok((
+            id,
+            tracker.config().granularity.bytes(),
+            tracker.dirty_runs(),
+        ))
     }
 
     fn view(&self, entry: &Entry) -> VolumeView {
@@ -317,12 +388,17 @@ impl ExportSet for Agent {
     fn find(&self, name: &str) -> Option<Arc<Volume>> {
         self.lock().values().find_map(|e| {
             let online = e.state.as_ref().ok()?;
-            (e.record.name.as_str() == name && !online.closing.load(Ordering::SeqCst)).then(|| Arc::clone(&online.volume))
+            (e.record.name.as_str() == name && !online.closing.load(Ordering::SeqCst))
+                .then(|| Arc::clone(&online.volume))
         })
     }
 
     fn names(&self) -> Vec<String> {
-        self.lock().values().filter(|e| e.state.is_ok()).map(|e| e.record.name.to_string()).collect()
+        self.lock()
+            .values()
+            .filter(|e| e.state.is_ok())
+            .map(|e| e.record.name.to_string())
+            .collect()
     }
 }
 

@@ -13,11 +13,18 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/blockrep/blockrepd.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {key}: {message}")]
-    Invalid { path: PathBuf, key: &'static str, message: String },
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
 }
 
 /// The file as written.
@@ -91,15 +98,22 @@ fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 4096, \"4KiB\" or \"4MiB\""))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 4096, \"4KiB\" or \"4MiB\""))?;
     let shift = match unit.trim() {
         "" | "B" => 0,
         "KiB" | "K" => 10,
         "MiB" | "M" => 20,
         "GiB" | "G" => 30,
-        other => return Err(format!("unknown unit {other:?} in {text:?}; use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}; use B, KiB, MiB or GiB"
+            ));
+        }
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn default_true() -> bool {
@@ -142,46 +156,85 @@ const MAX_WRITE: u64 = 32 << 20;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        let invalid = |key, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
 
         check_label(&raw.node_name).map_err(|m| invalid("node_name", m))?;
         check_label(&raw.availability_zone).map_err(|m| invalid("availability_zone", m))?;
-        for (key, dir) in [("state_dir", &raw.state_dir), ("runtime_dir", &raw.runtime_dir)] {
+        for (key, dir) in [
+            ("state_dir", &raw.state_dir),
+            ("runtime_dir", &raw.runtime_dir),
+        ] {
             if !dir.is_absolute() {
-                return Err(invalid(key, format!("{} is not an absolute path", dir.display())));
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", dir.display()),
+                ));
             }
         }
-        let control_socket = raw.control_socket.unwrap_or_else(|| raw.runtime_dir.join("control.sock"));
+        let control_socket = raw
+            .control_socket
+            .unwrap_or_else(|| raw.runtime_dir.join("control.sock"));
         if !control_socket.is_absolute() {
-            return Err(invalid("control_socket", format!("{} is not an absolute path", control_socket.display())));
+            return Err(invalid(
+                "control_socket",
+                format!("{} is not an absolute path", control_socket.display()),
+            ));
         }
 
         let b = &raw.bitmap;
-        let granularity = b.granularity.bytes().map_err(|m| invalid("bitmap.granularity", m))?;
-        let granularity = Granularity::new(granularity).map_err(|e| invalid("bitmap.granularity", e.to_string()))?;
-        let region_size = b.region_size.bytes().map_err(|m| invalid("bitmap.region_size", m))?;
+        let granularity = b
+            .granularity
+            .bytes()
+            .map_err(|m| invalid("bitmap.granularity", m))?;
+        let granularity = Granularity::new(granularity)
+            .map_err(|e| invalid("bitmap.granularity", e.to_string()))?;
+        let region_size = b
+            .region_size
+            .bytes()
+            .map_err(|m| invalid("bitmap.region_size", m))?;
         if !region_size.is_power_of_two() || region_size < 1 << 20 || region_size > 1 << 30 {
-            return Err(invalid("bitmap.region_size", format!("{region_size} must be a power of two from 1 MiB to 1 GiB")));
+            return Err(invalid(
+                "bitmap.region_size",
+                format!("{region_size} must be a power of two from 1 MiB to 1 GiB"),
+            ));
         }
         if region_size < granularity.bytes() {
-            return Err(invalid("bitmap.region_size", format!("{region_size} is smaller than bitmap.granularity")));
+            return Err(invalid(
+                "bitmap.region_size",
+                format!("{region_size} is smaller than bitmap.granularity"),
+            ));
         }
         let min_regions = (MAX_WRITE / region_size + 2).max(16);
         if b.active_regions < min_regions || b.active_regions > 65536 {
             return Err(invalid(
                 "bitmap.active_regions",
-                format!("{} must be from {min_regions} to 65536 (a 32 MiB write must fit)", b.active_regions),
+                format!(
+                    "{} must be from {min_regions} to 65536 (a 32 MiB write must fit)",
+                    b.active_regions
+                ),
             ));
         }
         if !(10..=60_000).contains(&b.flush_interval_ms) {
-            return Err(invalid("bitmap.flush_interval_ms", format!("{} must be from 10 to 60000", b.flush_interval_ms)));
+            return Err(invalid(
+                "bitmap.flush_interval_ms",
+                format!("{} must be from 10 to 60000", b.flush_interval_ms),
+            ));
         }
         let tracker = b.dirty_tracking.then_some(TrackerConfig {
             granularity,
@@ -193,7 +246,10 @@ impl Config {
             .nbd
             .tcp_listen
             .as_deref()
-            .map(|a| a.parse::<SocketAddr>().map_err(|e| invalid("nbd.tcp_listen", format!("{a:?}: {e}"))))
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid("nbd.tcp_listen", format!("{a:?}: {e}")))
+            })
             .transpose()?;
 
         Ok(Self {
@@ -209,7 +265,9 @@ impl Config {
 
     /// Where a volume's NBD socket lives.
     pub fn nbd_socket(&self, volume_name: &str) -> PathBuf {
-        self.runtime_dir.join("nbd").join(format!("{volume_name}.sock"))
+        self.runtime_dir
+            .join("nbd")
+            .join(format!("{volume_name}.sock"))
     }
 }
 
@@ -217,8 +275,14 @@ fn check_label(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err("must not be empty".into());
     }
-    if value.len() > 255 || !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-        return Err(format!("{value:?} must be at most 255 letters, digits, '.', '_' or '-'"));
+    if value.len() > 255
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "{value:?} must be at most 255 letters, digits, '.', '_' or '-'"
+        ));
     }
     Ok(())
 }
@@ -243,7 +307,10 @@ mod tests {
 
     #[test]
     fn sizes_take_suffixes() {
-        let c = parse(&format!("{MINIMAL}[bitmap]\ngranularity = \"64KiB\"\nregion_size = \"8MiB\"\n")).unwrap();
+        let c = parse(&format!(
+            "{MINIMAL}[bitmap]\ngranularity = \"64KiB\"\nregion_size = \"8MiB\"\n"
+        ))
+        .unwrap();
         let t = c.tracker.unwrap();
         assert_eq!((t.granularity.bytes(), t.region_size), (65536, 8 << 20));
     }
@@ -254,12 +321,29 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        assert!(error_of(&format!("{MINIMAL}[bitmap]\ngranularity = 6000\n")).contains("bitmap.granularity: bitmap granularity 6000"));
-        assert!(error_of(&format!("{MINIMAL}[bitmap]\ngranularity = \"4XB\"\n")).contains("unknown unit"));
-        assert!(error_of(&format!("{MINIMAL}[bitmap]\nactive_regions = 3\n")).contains("bitmap.active_regions"));
-        assert!(error_of(&format!("{MINIMAL}[nbd]\ntcp_listen = \"nowhere\"\n")).contains("nbd.tcp_listen"));
-        assert!(error_of(&format!("{MINIMAL}state_dir = \"relative\"\n")).contains("state_dir: relative is not an absolute path"));
-        assert!(error_of("node_name = \"a b\"\navailability_zone = \"az1\"\n").contains("node_name:"));
+        assert!(
+            error_of(&format!("{MINIMAL}[bitmap]\ngranularity = 6000\n"))
+                .contains("bitmap.granularity: bitmap granularity 6000")
+        );
+        assert!(
+            error_of(&format!("{MINIMAL}[bitmap]\ngranularity = \"4XB\"\n"))
+                .contains("unknown unit")
+        );
+        assert!(
+            error_of(&format!("{MINIMAL}[bitmap]\nactive_regions = 3\n"))
+                .contains("bitmap.active_regions")
+        );
+        assert!(
+            error_of(&format!("{MINIMAL}[nbd]\ntcp_listen = \"nowhere\"\n"))
+                .contains("nbd.tcp_listen")
+        );
+        assert!(
+            error_of(&format!("{MINIMAL}state_dir = \"relative\"\n"))
+                .contains("state_dir: relative is not an absolute path")
+        );
+        assert!(
+            error_of("node_name = \"a b\"\navailability_zone = \"az1\"\n").contains("node_name:")
+        );
         assert!(error_of("availability_zone = \"az1\"\n").contains("missing field `node_name`"));
         assert!(error_of(&format!("{MINIMAL}colour = 1\n")).contains("unknown field `colour`"));
     }

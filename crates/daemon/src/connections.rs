@@ -40,7 +40,12 @@ pub struct Connections {
 
 impl Connections {
     /// Serves `stream` on a thread of its own.
-    pub fn spawn(self: &Arc<Self>, stream: ClientStream, exports: Arc<dyn ExportSet>, peer: String) {
+    pub fn spawn(
+        self: &Arc<Self>,
+        stream: ClientStream,
+        exports: Arc<dyn ExportSet>,
+        peer: String,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let socket = match SocketHandle::of(&stream) {
             Ok(socket) => socket,

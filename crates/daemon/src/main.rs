@@ -20,7 +20,11 @@ use crate::agent::{Agent, set_mode};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
 #[derive(Parser)]
-#[command(name = "blockrepd", version, about = "blockrep agent: serves volumes over NBD and tracks their dirty blocks")]
+#[command(
+    name = "blockrepd",
+    version,
+    about = "blockrep agent: serves volumes over NBD and tracks their dirty blocks"
+)]
 struct Args {
     /// Configuration file.
     #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -44,7 +48,11 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("blockrepd: cannot start the async runtime: {e}");
@@ -65,20 +73,29 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything can announce readiness: a SIGTERM from then on must stop us cleanly.
     let stop_signal = StopSignal::install()?;
-    for dir in [&config.state_dir, &config.runtime_dir, &config.runtime_dir.join("nbd")] {
+    for dir in [
+        &config.state_dir,
+        &config.runtime_dir,
+        &config.runtime_dir.join("nbd"),
+    ] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     let _lock = lock_state_dir(&config.state_dir)?;
     let control_socket = config.control_socket.clone();
     let tcp = config.nbd_tcp_listen;
 
-    let agent = Agent::start(config, tokio::runtime::Handle::current()).context("open registered volumes")?;
+    let agent = Agent::start(config, tokio::runtime::Handle::current())
+        .context("open registered volumes")?;
     let tcp_listener = match tcp {
         Some(addr) => Some(agent.listen_tcp(addr).await?),
         None => None,
@@ -86,7 +103,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let incoming = bind_control_socket(&control_socket)?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = AgentServer::new(service::AgentService { agent: Arc::clone(&agent) });
+    let service = AgentServer::new(service::AgentService {
+        agent: Arc::clone(&agent),
+    });
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -107,7 +126,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(());
     let drained = Arc::clone(&agent);
-    tokio::task::spawn_blocking(move || drained.shut_down()).await.context("shut down volumes")?;
+    tokio::task::spawn_blocking(move || drained.shut_down())
+        .await
+        .context("shut down volumes")?;
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "control server ended with an error"),
@@ -123,7 +144,10 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Flock<File>> {
     let path = state_dir.join("lock");
     let file = File::create(&path).with_context(|| format!("open {}", path.display()))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        anyhow::anyhow!("{} is locked ({errno}): another blockrepd uses this state_dir", path.display())
+        anyhow::anyhow!(
+            "{} is locked ({errno}): another blockrepd uses this state_dir",
+            path.display()
+        )
     })
 }
 
@@ -136,7 +160,8 @@ fn bind_control_socket(path: &Path) -> anyhow::Result<tokio_stream::wrappers::Un
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("remove stale {}", path.display())),
     }
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("listen on {}", path.display()))?;
     set_mode(path, 0o660).with_context(|| format!("chmod {}", path.display()))?;
     Ok(tokio_stream::wrappers::UnixListenerStream::new(listener))
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use blockrep_core::{VolumeId, VolumeName};
+use blockrep_core::{CacheMode, VolumeId, VolumeName};
 use blockrep_volume::write_file_durably;
 use serde::{Deserialize, Serialize};
 
@@ -15,13 +15,22 @@ pub struct VolumeRecord {
     pub name: VolumeName,
     pub path: PathBuf,
     pub size: u64,
+    #[serde(default)]
+    pub cache: CacheMode,
     pub created_at: String,
 }
 
 impl VolumeRecord {
-    pub fn new(name: VolumeName, path: PathBuf, size: u64) -> Self {
+    pub fn new(name: VolumeName, path: PathBuf, size: u64, cache: CacheMode) -> Self {
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        Self { id: VolumeId::random(), name, path, size, created_at }
+        Self {
+            id: VolumeId::random(),
+            name,
+            path,
+            size,
+            cache,
+            created_at,
+        }
     }
 }
 
@@ -34,13 +43,22 @@ struct RegistryFile {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid volume registry: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path} has format {found}; this blockrepd reads format {FORMAT}")]
     Format { path: PathBuf, found: u32 },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub fn registry_path(state_dir: &Path) -> PathBuf {
@@ -54,16 +72,26 @@ pub fn load(state_dir: &Path) -> Result<Vec<VolumeRecord>, RegistryError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(RegistryError::Read { path, source }),
     };
-    let file: RegistryFile = serde_json::from_slice(&text).map_err(|source| RegistryError::Parse { path: path.clone(), source })?;
+    let file: RegistryFile =
+        serde_json::from_slice(&text).map_err(|source| RegistryError::Parse {
+            path: path.clone(),
+            source,
+        })?;
     if file.format != FORMAT {
-        return Err(RegistryError::Format { path, found: file.format });
+        return Err(RegistryError::Format {
+            path,
+            found: file.format,
+        });
     }
     Ok(file.volumes)
 }
 
 pub fn save(state_dir: &Path, volumes: &[VolumeRecord]) -> Result<(), RegistryError> {
     let path = registry_path(state_dir);
-    let file = RegistryFile { format: FORMAT, volumes: volumes.to_vec() };
+    let file = RegistryFile {
+        format: FORMAT,
+        volumes: volumes.to_vec(),
+    };
     let text = serde_json::to_vec_pretty(&file).expect("records serialise");
     write_file_durably(&path, &text).map_err(|source| RegistryError::Write { path, source })
 }
@@ -76,7 +104,12 @@ mod tests {
     fn round_trips_and_starts_empty() {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).unwrap().is_empty());
-        let rec = VolumeRecord::new("v1".parse().unwrap(), "/dev/loop0".into(), 1 << 30);
+        let rec = VolumeRecord::new(
+            "v1".parse().unwrap(),
+            "/dev/loop0".into(),
+            1 << 30,
+            CacheMode::Writeback,
+        );
         save(dir.path(), std::slice::from_ref(&rec)).unwrap();
         assert_eq!(load(dir.path()).unwrap(), vec![rec]);
     }

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
+use blockrep_api::ApiError;
 use blockrep_api::model::AddVolume;
 use blockrep_api::proto::{self, agent_server};
-use blockrep_api::ApiError;
 use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, VolumeView};
@@ -26,16 +26,28 @@ impl AgentService {
             node_name: config.node_name.clone(),
             backing_kind: online.map_or("", |o| o.kind).to_owned(),
             direct_io: online.is_some_and(|o| o.direct_io),
-            state: if online.is_some() { proto::VolumeState::Online } else { proto::VolumeState::Error } as i32,
+            state: if online.is_some() {
+                proto::VolumeState::Online
+            } else {
+                proto::VolumeState::Error
+            } as i32,
             error: v.error.unwrap_or_default(),
-            nbd_socket: if online.is_some() { v.nbd_socket.display().to_string() } else { String::new() },
-            nbd_tcp: config.nbd_tcp_listen.map(|a| a.to_string()).unwrap_or_default(),
+            nbd_socket: if online.is_some() {
+                v.nbd_socket.display().to_string()
+            } else {
+                String::new()
+            },
+            nbd_tcp: config
+                .nbd_tcp_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             dirty_tracking: online.is_some_and(|o| o.dirty_bytes.is_some()),
             dirty_bytes: online.and_then(|o| o.dirty_bytes).unwrap_or(0),
             bitmap_granularity: config.tracker.map_or(0, |t| t.granularity.bytes() as u32),
             active_regions: online.map_or(0, |o| o.active_regions as u32),
             connected_clients: online.map_or(0, |o| o.connected_clients as u32),
             created_at: v.record.created_at,
+            cache_mode: v.record.cache.to_string(),
         }
     }
 
@@ -54,41 +66,73 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl agent_server::Agent for AgentService {
-    async fn add_volume(&self, request: Request<proto::AddVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+    async fn add_volume(
+        &self,
+        request: Request<proto::AddVolumeRequest>,
+    ) -> Result<Response<proto::Volume>, Status> {
         let req = AddVolume::try_from(request.into_inner())?;
         let view = self.blocking(move |agent| agent.add_volume(req)).await?;
         Ok(Response::new(self.to_proto(view)))
     }
 
-    async fn list_volumes(&self, _: Request<proto::ListVolumesRequest>) -> Result<Response<proto::ListVolumesResponse>, Status> {
+    async fn list_volumes(
+        &self,
+        _: Request<proto::ListVolumesRequest>,
+    ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         let views = self.blocking(|agent| Ok(agent.list())).await?;
-        Ok(Response::new(proto::ListVolumesResponse { volumes: views.into_iter().map(|v| self.to_proto(v)).collect() }))
+        Ok(Response::new(proto::ListVolumesResponse {
+            volumes: views.into_iter().map(|v| self.to_proto(v)).collect(),
+        }))
     }
 
-    async fn get_volume(&self, request: Request<proto::VolumeRef>) -> Result<Response<proto::Volume>, Status> {
+    async fn get_volume(
+        &self,
+        request: Request<proto::VolumeRef>,
+    ) -> Result<Response<proto::Volume>, Status> {
         let reference = request.into_inner().volume;
         let view = self.blocking(move |agent| agent.get(&reference)).await?;
         Ok(Response::new(self.to_proto(view)))
     }
 
-    async fn remove_volume(&self, request: Request<proto::VolumeRef>) -> Result<Response<proto::RemoveVolumeResponse>, Status> {
+    async fn remove_volume(
+        &self,
+        request: Request<proto::VolumeRef>,
+    ) -> Result<Response<proto::RemoveVolumeResponse>, Status> {
         let reference = request.into_inner().volume;
-        let id = self.blocking(move |agent| agent.remove_volume(&reference)).await?;
-        Ok(Response::new(proto::RemoveVolumeResponse { id: id.to_string() }))
+        let id = self
+            .blocking(move |agent| agent.remove_volume(&reference))
+            .await?;
+        Ok(Response::new(proto::RemoveVolumeResponse {
+            id: id.to_string(),
+        }))
     }
 
-    async fn get_dirty_extents(&self, request: Request<proto::VolumeRef>) -> Result<Response<proto::DirtyExtents>, Status> {
+    async fn get_dirty_extents(
+        &self,
+        request: Request<proto::VolumeRef>,
+    ) -> Result<Response<proto::DirtyExtents>, Status> {
         let reference = request.into_inner().volume;
-        let (id, granularity, runs) = self.blocking(move |agent| agent.dirty_extents(&reference)).await?;
+        let (id, granularity, runs) = self
+            .blocking(move |agent| agent.dirty_extents(&reference))
+            .await?;
         Ok(Response::new(proto::DirtyExtents {
             volume_id: id.to_string(),
             dirty_bytes: runs.iter().map(|r| r.len).sum(),
             granularity: granularity as u32,
-            extents: runs.into_iter().map(|r| proto::Extent { offset: r.offset, length: r.len }).collect(),
+            extents: runs
+                .into_iter()
+                .map(|r| proto::Extent {
+                    offset: r.offset,
+                    length: r.len,
+                })
+                .collect(),
         }))
     }
 
-    async fn status(&self, _: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
         let views = self.blocking(|agent| Ok(agent.list())).await?;
         let config = &self.agent.config;
         Ok(Response::new(proto::StatusResponse {

@@ -48,7 +48,10 @@ pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
 /// 4 KiB is fast, 32 MiB is the most one request may carry.
 pub const BLOCK_SIZES: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD);
 
-pub fn negotiate<S: Read + Write>(stream: &mut S, exports: &dyn ExportSet) -> Result<Outcome, HandshakeError> {
+pub fn negotiate<S: Read + Write>(
+    stream: &mut S,
+    exports: &dyn ExportSet,
+) -> Result<Outcome, HandshakeError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -117,7 +120,12 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, exports: &dyn ExportSet) -> Re
             }
             OPT_INFO | OPT_GO => {
                 let Some((name, requests)) = parse_info_request(&data) else {
-                    option_reply(stream, option, REP_ERR_INVALID, b"malformed OPT_INFO/OPT_GO data")?;
+                    option_reply(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        b"malformed OPT_INFO/OPT_GO data",
+                    )?;
                     continue;
                 };
                 let Some(volume) = exports.find(&name) else {
@@ -162,7 +170,10 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     if list.len() != count * 2 {
         return None;
     }
-    let requests = list.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+    let requests = list
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
     Some((String::from_utf8(name.to_vec()).ok()?, requests))
 }
 
@@ -193,9 +204,20 @@ mod tests {
         data.extend_from_slice(b"vol");
         data.extend_from_slice(&1u16.to_be_bytes());
         data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(parse_info_request(&data), Some(("vol".into(), vec![INFO_BLOCK_SIZE])));
-        assert_eq!(parse_info_request(&data[..data.len() - 1]), None, "truncated list");
-        assert_eq!(parse_info_request(&[0, 0, 0, 9, b'x']), None, "name past the end");
+        assert_eq!(
+            parse_info_request(&data),
+            Some(("vol".into(), vec![INFO_BLOCK_SIZE]))
+        );
+        assert_eq!(
+            parse_info_request(&data[..data.len() - 1]),
+            None,
+            "truncated list"
+        );
+        assert_eq!(
+            parse_info_request(&[0, 0, 0, 9, b'x']),
+            None,
+            "name past the end"
+        );
     }
 
     /// A scripted client on one side of an in-memory stream.
@@ -242,7 +264,10 @@ mod tests {
         let mut input = 3u32.to_be_bytes().to_vec();
         input.extend(option(OPT_LIST, &[]));
         input.extend(option(OPT_ABORT, &[]));
-        let mut s = Scripted { input: io::Cursor::new(input), output: Vec::new() };
+        let mut s = Scripted {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        };
         assert!(matches!(negotiate(&mut s, &NoExports), Ok(Outcome::Closed)));
         let mut expected = b"NBDMAGICIHAVEOPT\x00\x03".to_vec();
         let reply = |ty: u32, data: &[u8]| {
@@ -269,15 +294,23 @@ mod tests {
         go.extend_from_slice(&0u16.to_be_bytes());
         input.extend(option(OPT_GO, &go));
         input.extend(option(42, b"xyz"));
-        let mut s = Scripted { input: io::Cursor::new(input), output: Vec::new() };
-        let err = negotiate(&mut s, &NoExports).err().expect("EOF after the options");
+        let mut s = Scripted {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        };
+        let err = negotiate(&mut s, &NoExports)
+            .err()
+            .expect("EOF after the options");
         assert!(matches!(err, HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof));
         let types: Vec<u32> = {
             let mut at = 18;
             let mut types = Vec::new();
             while at + 20 <= s.output.len() {
-                types.push(u32::from_be_bytes(s.output[at + 12..at + 16].try_into().unwrap()));
-                let len = u32::from_be_bytes(s.output[at + 16..at + 20].try_into().unwrap()) as usize;
+                types.push(u32::from_be_bytes(
+                    s.output[at + 12..at + 16].try_into().unwrap(),
+                ));
+                let len =
+                    u32::from_be_bytes(s.output[at + 16..at + 20].try_into().unwrap()) as usize;
                 at += 20 + len;
             }
             types
@@ -289,14 +322,26 @@ mod tests {
     fn bad_option_magic_and_huge_options_are_refused() {
         let mut input = 1u32.to_be_bytes().to_vec();
         input.extend_from_slice(&[0u8; 16]);
-        let mut s = Scripted { input: io::Cursor::new(input), output: Vec::new() };
-        assert!(matches!(negotiate(&mut s, &NoExports), Err(HandshakeError::BadOptionMagic(0))));
+        let mut s = Scripted {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        };
+        assert!(matches!(
+            negotiate(&mut s, &NoExports),
+            Err(HandshakeError::BadOptionMagic(0))
+        ));
 
         let mut input = 1u32.to_be_bytes().to_vec();
         let mut opt = option(OPT_GO, &[]);
         opt[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
         input.extend(opt);
-        let mut s = Scripted { input: io::Cursor::new(input), output: Vec::new() };
-        assert!(matches!(negotiate(&mut s, &NoExports), Err(HandshakeError::OptionTooLong { .. })));
+        let mut s = Scripted {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        };
+        assert!(matches!(
+            negotiate(&mut s, &NoExports),
+            Err(HandshakeError::OptionTooLong { .. })
+        ));
     }
 }

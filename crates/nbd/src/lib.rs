@@ -7,12 +7,14 @@ pub mod proto;
 mod transmission;
 
 use std::io;
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::net::TcpStream;
 use std::time::Duration;
 
-pub use handshake::{BLOCK_SIZES, ExportSet, HandshakeError, Outcome, TRANSMISSION_FLAGS, negotiate};
+pub use handshake::{
+    BLOCK_SIZES, ExportSet, HandshakeError, Outcome, TRANSMISSION_FLAGS, negotiate,
+};
 pub use transmission::{Connection, ConnectionStats};
 
 /// How long a client may take over each step of the handshake.
@@ -54,7 +56,10 @@ pub fn serve(stream: ClientStream, exports: &dyn ExportSet) -> Result<Served, Se
         }
     };
     let Outcome::Transmit(volume) = outcome else {
-        return Ok(Served { export: None, stats: ConnectionStats::default() });
+        return Ok(Served {
+            export: None,
+            stats: ConnectionStats::default(),
+        });
     };
     let fd = match &stream {
         ClientStream::Unix(s) => s.as_raw_fd(),

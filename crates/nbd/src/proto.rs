@@ -142,8 +142,14 @@ pub fn put_simple_reply(out: &mut Vec<u8>, error: u32, handle: u64) {
 /// NBD error values (they match Linux errno for the ones NBD defines).
 pub fn nbd_error(errno: i32) -> u32 {
     match errno {
-        libc::EPERM | libc::EIO | libc::ENOMEM | libc::EINVAL | libc::ENOSPC | libc::EOVERFLOW
-        | libc::ENOTSUP | libc::ESHUTDOWN => errno as u32,
+        libc::EPERM
+        | libc::EIO
+        | libc::ENOMEM
+        | libc::EINVAL
+        | libc::ENOSPC
+        | libc::EOVERFLOW
+        | libc::ENOTSUP
+        | libc::ESHUTDOWN => errno as u32,
         _ => libc::EIO as u32,
     }
 }
@@ -165,7 +171,13 @@ mod tests {
         let req = Request::parse(&bytes).unwrap();
         assert_eq!(
             req,
-            Request { flags: CMD_FLAG_FUA, command: Command::Write, handle: 42, offset: 4096, len: 4096 }
+            Request {
+                flags: CMD_FLAG_FUA,
+                command: Command::Write,
+                handle: 42,
+                offset: 4096,
+                len: 4096
+            }
         );
         assert!(req.fua() && req.has_payload());
     }
@@ -176,14 +188,20 @@ mod tests {
         assert_eq!(Request::parse(&bytes), Err(BadMagic(0)));
         bytes[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         bytes[7] = 99;
-        assert_eq!(Request::parse(&bytes).unwrap().command, Command::Unsupported(99));
+        assert_eq!(
+            Request::parse(&bytes).unwrap().command,
+            Command::Unsupported(99)
+        );
     }
 
     #[test]
     fn simple_reply_golden_bytes() {
         let mut out = Vec::new();
         put_simple_reply(&mut out, 22, 7);
-        assert_eq!(out, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]);
+        assert_eq!(
+            out,
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]
+        );
     }
 
     #[test]

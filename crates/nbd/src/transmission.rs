@@ -45,9 +45,22 @@ pub struct ConnectionStats {
 }
 
 enum DiskOp {
-    Read { handle: u64, buf: AlignedBuf, offset: u64, done: usize },
-    Write { handle: u64, buf: AlignedBuf, offset: u64, done: usize, fua: bool },
-    Flush { handle: u64 },
+    Read {
+        handle: u64,
+        buf: AlignedBuf,
+        offset: u64,
+        done: usize,
+    },
+    Write {
+        handle: u64,
+        buf: AlignedBuf,
+        offset: u64,
+        done: usize,
+        fua: bool,
+    },
+    Flush {
+        handle: u64,
+    },
 }
 
 /// A write whose payload is still arriving. `reject` is the error to answer once it has
@@ -101,7 +114,7 @@ impl Connection {
             sock,
             disk,
             volume,
-            ring: IoUring::new(RING_ENTRIES)?,
+            ring: new_ring()?,
             input: Input::Open,
             inbuf: vec![0u8; INBUF_BYTES].into_boxed_slice(),
             in_start: 0,
@@ -140,7 +153,8 @@ impl Connection {
                 Err(e) => return Err(e),
             }
             self.completions.clear();
-            self.completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.completions
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             for i in 0..self.completions.len() {
                 let (user_data, result) = self.completions[i];
                 match user_data {
@@ -186,7 +200,10 @@ impl Connection {
             return Ok(());
         }
         let direct = self.in_start == self.in_end
-            && self.payload.as_ref().is_some_and(|p| p.req.len as usize - p.filled >= DIRECT_RECV_MIN);
+            && self
+                .payload
+                .as_ref()
+                .is_some_and(|p| p.req.len as usize - p.filled >= DIRECT_RECV_MIN);
         let (ptr, len) = if direct {
             let p = self.payload.as_mut().expect("checked above");
             let want = p.req.len as usize - p.filled;
@@ -241,7 +258,8 @@ impl Connection {
             if let Some(p) = self.payload.as_mut() {
                 let avail = self.in_end - self.in_start;
                 let n = avail.min(p.req.len as usize - p.filled);
-                p.buf[p.filled..p.filled + n].copy_from_slice(&self.inbuf[self.in_start..self.in_start + n]);
+                p.buf[p.filled..p.filled + n]
+                    .copy_from_slice(&self.inbuf[self.in_start..self.in_start + n]);
                 p.filled += n;
                 self.in_start += n;
                 self.stats.bytes_written += n as u64;
@@ -255,7 +273,8 @@ impl Connection {
             if self.input == Input::Closing || self.in_end - self.in_start < REQUEST_HEADER_LEN {
                 break;
             }
-            let header: &[u8; REQUEST_HEADER_LEN] = self.inbuf[self.in_start..self.in_start + REQUEST_HEADER_LEN]
+            let header: &[u8; REQUEST_HEADER_LEN] = self.inbuf
+                [self.in_start..self.in_start + REQUEST_HEADER_LEN]
                 .try_into()
                 .expect("length checked");
             self.in_start += REQUEST_HEADER_LEN;
@@ -283,13 +302,21 @@ impl Connection {
         self.stats.requests += 1;
         if req.command == Command::Write {
             if req.len > MAX_PAYLOAD {
-                tracing::warn!(len = req.len, "closing connection: write payload over the 32 MiB limit");
+                tracing::warn!(
+                    len = req.len,
+                    "closing connection: write payload over the 32 MiB limit"
+                );
                 self.close_input(Some("write payload too large"));
                 return Ok(());
             }
             let reject = self.check(&req).err();
             let buf = self.pool.take(req.len as usize);
-            self.payload = Some(Payload { req, buf, filled: 0, reject });
+            self.payload = Some(Payload {
+                req,
+                buf,
+                filled: 0,
+                reject,
+            });
             return Ok(());
         }
         if let Err(errno) = self.check(&req) {
@@ -300,7 +327,12 @@ impl Connection {
         match req.command {
             Command::Read if range.is_aligned(DIRECT_IO_ALIGN) && !range.is_empty() => {
                 let buf = self.pool.take(req.len as usize);
-                let slot = self.insert(DiskOp::Read { handle: req.handle, buf, offset: req.offset, done: 0 });
+                let slot = self.insert(DiskOp::Read {
+                    handle: req.handle,
+                    buf,
+                    offset: req.offset,
+                    done: 0,
+                });
                 self.submit_disk(slot)?;
             }
             Command::Read if range.is_empty() => self.reply_data(req.handle, &[]),
@@ -326,7 +358,10 @@ impl Connection {
             Command::WriteZeroes => {
                 let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
                 let done = self.volume.write_zeroes(range, may_trim, req.fua());
-                self.reply_result(req.handle, done.map_err(|e| log_io_error("write zeroes", &e)));
+                self.reply_result(
+                    req.handle,
+                    done.map_err(|e| log_io_error("write zeroes", &e)),
+                );
             }
             Command::Disconnect => self.close_input(None),
             Command::Write | Command::Unsupported(_) => unreachable!("handled before"),
@@ -364,7 +399,12 @@ impl Connection {
     }
 
     fn write_arrived(&mut self, p: Payload) -> io::Result<()> {
-        let Payload { req, mut buf, reject, .. } = p;
+        let Payload {
+            req,
+            mut buf,
+            reject,
+            ..
+        } = p;
         if let Some(errno) = reject {
             self.reply_error(req.handle, errno);
             self.pool.give(buf);
@@ -374,7 +414,13 @@ impl Connection {
         if range.is_empty() {
             self.reply_ok(req.handle);
         } else if range.is_aligned(DIRECT_IO_ALIGN) {
-            let slot = self.insert(DiskOp::Write { handle: req.handle, buf, offset: req.offset, done: 0, fua: req.fua() });
+            let slot = self.insert(DiskOp::Write {
+                handle: req.handle,
+                buf,
+                offset: req.offset,
+                done: 0,
+                fua: req.fua(),
+            });
             self.to_admit.push((slot, range));
             return Ok(());
         } else {
@@ -442,20 +488,35 @@ impl Connection {
     fn submit_disk(&mut self, slot: usize) -> io::Result<()> {
         let disk = types::Fd(self.disk);
         let sqe = match self.ops[slot].as_mut().expect("submitting a live slot") {
-            DiskOp::Read { buf, offset, done, .. } => {
+            DiskOp::Read {
+                buf, offset, done, ..
+            } => {
                 let len = (buf.len() - *done) as u32;
                 // SAFETY: done < len <= capacity; the buffer lives in the slot until completion.
                 let ptr = unsafe { buf.as_mut_ptr().add(*done) };
-                opcode::Read::new(disk, ptr, len).offset(*offset + *done as u64).build()
+                opcode::Read::new(disk, ptr, len)
+                    .offset(*offset + *done as u64)
+                    .build()
             }
-            DiskOp::Write { buf, offset, done, fua, .. } => {
+            DiskOp::Write {
+                buf,
+                offset,
+                done,
+                fua,
+                ..
+            } => {
                 let len = (buf.len() - *done) as u32;
                 // SAFETY: as above.
                 let ptr = unsafe { buf.as_ptr().add(*done) };
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(disk, ptr, len).offset(*offset + *done as u64).rw_flags(flags).build()
+                opcode::Write::new(disk, ptr, len)
+                    .offset(*offset + *done as u64)
+                    .rw_flags(flags)
+                    .build()
             }
-            DiskOp::Flush { .. } => opcode::Fsync::new(disk).flags(types::FsyncFlags::DATASYNC).build(),
+            DiskOp::Flush { .. } => opcode::Fsync::new(disk)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
         };
         self.push(sqe.user_data(slot as u64))
     }
@@ -546,10 +607,14 @@ impl Connection {
 
     fn push_send(&mut self) -> io::Result<()> {
         let rest = &self.sending[self.sent..];
-        let sqe = opcode::Send::new(types::Fd(self.sock), rest.as_ptr(), rest.len().min(u32::MAX as usize) as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(UD_SEND);
+        let sqe = opcode::Send::new(
+            types::Fd(self.sock),
+            rest.as_ptr(),
+            rest.len().min(u32::MAX as usize) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(UD_SEND);
         self.send_inflight = true;
         self.push(sqe)
     }
@@ -591,6 +656,17 @@ impl Connection {
             self.ring.submit()?;
         }
     }
+}
+
+/// One thread submits and reaps, so completion work can wait until that thread asks for
+/// it (`DEFER_TASKRUN`) instead of interrupting it; older kernels get a plain ring.
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .build(RING_ENTRIES)
+        .or_else(|_| IoUring::new(RING_ENTRIES))
 }
 
 fn log_io_error(what: &str, e: &blockrep_volume::VolumeIoError) -> i32 {

@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use blockrep_core::CacheMode;
+
 /// Offsets, lengths and memory of direct I/O are multiples of this.
 pub const DIRECT_IO_ALIGN: u64 = 4096;
 
@@ -52,26 +54,40 @@ pub struct Backing {
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 
 impl Backing {
-    pub fn open(path: &Path) -> Result<Self, OpenError> {
-        let open_err = |source| OpenError::Open { path: path.to_owned(), source };
+    /// Opens `path` with `O_DIRECT` for [`CacheMode::Direct`] (falling back to buffered I/O,
+    /// with a warning, where the file system refuses it), or buffered for `Writeback`.
+    pub fn open(path: &Path, cache: CacheMode) -> Result<Self, OpenError> {
+        let open_err = |source| OpenError::Open {
+            path: path.to_owned(),
+            source,
+        };
         let meta = std::fs::metadata(path).map_err(open_err)?;
         let kind = if meta.file_type().is_block_device() {
             BackingKind::BlockDevice
         } else if meta.is_file() {
             BackingKind::File
         } else {
-            return Err(OpenError::NotABlockDeviceOrFile { path: path.to_owned() });
+            return Err(OpenError::NotABlockDeviceOrFile {
+                path: path.to_owned(),
+            });
         };
         let open = |flags| {
-            OpenOptions::new().read(true).write(true).custom_flags(flags).open(path)
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(path)
         };
-        let (file, direct) = match open(libc::O_DIRECT) {
-            Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(path = %path.display(), "file system refuses O_DIRECT; using buffered I/O");
-                (open(0).map_err(open_err)?, false)
-            }
-            Err(e) => return Err(open_err(e)),
+        let (file, direct) = match cache {
+            CacheMode::Writeback => (open(0).map_err(open_err)?, false),
+            CacheMode::Direct => match open(libc::O_DIRECT) {
+                Ok(file) => (file, true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(path = %path.display(), "file system refuses O_DIRECT; using buffered I/O");
+                    (open(0).map_err(open_err)?, false)
+                }
+                Err(e) => return Err(open_err(e)),
+            },
         };
         let size = match kind {
             BackingKind::File => meta.len(),
@@ -79,18 +95,32 @@ impl Backing {
                 let mut size = 0u64;
                 // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
                 unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }.map_err(|e| {
-                    OpenError::Size { path: path.to_owned(), source: io::Error::from(e) }
+                    OpenError::Size {
+                        path: path.to_owned(),
+                        source: io::Error::from(e),
+                    }
                 })?;
                 size
             }
         };
         if size == 0 {
-            return Err(OpenError::Empty { path: path.to_owned() });
+            return Err(OpenError::Empty {
+                path: path.to_owned(),
+            });
         }
         if size % DIRECT_IO_ALIGN != 0 {
-            return Err(OpenError::Unaligned { path: path.to_owned(), size });
+            return Err(OpenError::Unaligned {
+                path: path.to_owned(),
+                size,
+            });
         }
-        Ok(Self { file, path: path.to_owned(), kind, size, direct })
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            kind,
+            size,
+            direct,
+        })
     }
 
     pub fn path(&self) -> &Path {

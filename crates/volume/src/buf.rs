@@ -43,7 +43,11 @@ impl AlignedBuf {
 
     /// Sets the length; panics past the capacity. Bytes keep whatever they held.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.capacity, "length {len} past capacity {}", self.capacity);
+        assert!(
+            len <= self.capacity,
+            "length {len} past capacity {}",
+            self.capacity
+        );
         self.len = len;
     }
 
@@ -82,7 +86,10 @@ impl Drop for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf").field("len", &self.len).field("capacity", &self.capacity).finish()
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 

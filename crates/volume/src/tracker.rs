@@ -58,7 +58,11 @@ impl Default for TrackerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum TrackerError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("a write of {len} bytes spans more regions than the activity log holds ({capacity})")]
     ActivityLogTooSmall { len: u64, capacity: usize },
 }
@@ -145,7 +149,10 @@ impl DirtyTracker {
         for (region_size, region) in &regions {
             let start = region * region_size;
             if start < volume_size {
-                map.set_range(ByteRange::new(start, (*region_size).min(volume_size - start)));
+                map.set_range(ByteRange::new(
+                    start,
+                    (*region_size).min(volume_size - start),
+                ));
             }
         }
 
@@ -160,17 +167,37 @@ impl DirtyTracker {
         map.mark_all_pages_changed();
         let pages = map.take_changed_pages();
         write_pages(&bitmap_file, &map, &pages).map_err(io_err("write", &bitmap_path))?;
-        bitmap_file.sync_all().map_err(io_err("sync", &bitmap_path))?;
+        bitmap_file
+            .sync_all()
+            .map_err(io_err("sync", &bitmap_path))?;
         // Allocate both slots with real zeroes so later writes need no metadata update.
-        al.write_all_at(&vec![0; 2 * slot_bytes as usize], 0).map_err(io_err("write", &al_path))?;
-        al.set_len(2 * slot_bytes).map_err(io_err("resize", &al_path))?;
-        let mut al_file = AlFile { file: al, slot_bytes, generation, buf: Vec::new() };
-        al_file.write(AlVersion(0), config.region_size, &[]).map_err(io_err("write", &al_path))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))?;
+        al.write_all_at(&vec![0; 2 * slot_bytes as usize], 0)
+            .map_err(io_err("write", &al_path))?;
+        al.set_len(2 * slot_bytes)
+            .map_err(io_err("resize", &al_path))?;
+        let mut al_file = AlFile {
+            file: al,
+            slot_bytes,
+            generation,
+            buf: Vec::new(),
+        };
+        al_file
+            .write(AlVersion(0), config.region_size, &[])
+            .map_err(io_err("write", &al_path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("sync", dir))?;
 
-        let report = RecoveryReport { replayed_regions, marked_all_dirty, dirty_bytes: map.dirty_bytes() };
+        let report = RecoveryReport {
+            replayed_regions,
+            marked_all_dirty,
+            dirty_bytes: map.dirty_bytes(),
+        };
         let tracker = Self {
-            state: Mutex::new(State { map, log: ActivityLog::new(config.region_size, config.active_regions) }),
+            state: Mutex::new(State {
+                map,
+                log: ActivityLog::new(config.region_size, config.active_regions),
+            }),
             al_file: Mutex::new(al_file),
             bitmap_file: Mutex::new(bitmap_file),
             dir: dir.to_owned(),
@@ -241,7 +268,10 @@ impl DirtyTracker {
                 Admission::Full => continue,
             }
         }
-        Err(TrackerError::ActivityLogTooSmall { len: range.len, capacity: self.config.active_regions })
+        Err(TrackerError::ActivityLogTooSmall {
+            len: range.len,
+            capacity: self.config.active_regions,
+        })
     }
 
     /// The peer has these bytes: clear their blocks (written to disk lazily; a crash before
@@ -266,7 +296,11 @@ impl DirtyTracker {
         let written = write_page_bytes(&file, &pages, &bytes).and_then(|()| file.sync_data());
         if let Err(source) = written {
             self.lock_state().map.mark_pages_changed(&pages);
-            return Err(TrackerError::Io { what: "flush", path: self.dir.join("bitmap"), source });
+            return Err(TrackerError::Io {
+                what: "flush",
+                path: self.dir.join("bitmap"),
+                source,
+            });
         }
         let changed = self.lock_state().log.finish_flush(ticket, policy);
         if changed {
@@ -291,11 +325,12 @@ impl DirtyTracker {
             }
             state.log.snapshot()
         };
-        al.write(version, self.config.region_size, &regions).map_err(|source| TrackerError::Io {
-            what: "write",
-            path: self.dir.join("activity-log"),
-            source,
-        })?;
+        al.write(version, self.config.region_size, &regions)
+            .map_err(|source| TrackerError::Io {
+                what: "write",
+                path: self.dir.join("activity-log"),
+                source,
+            })?;
         self.lock_state().log.mark_durable(version);
         Ok(())
     }
@@ -319,7 +354,10 @@ impl DirtyTracker {
                 }
             })
             .expect("spawn flusher thread");
-        FlusherHandle { stop: Some(stop), thread: Some(thread) }
+        FlusherHandle {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 }
 
@@ -340,7 +378,12 @@ impl Drop for FlusherHandle {
 
 impl AlFile {
     /// Writes a record into the slot after the current one and syncs it.
-    fn write(&mut self, version: AlVersion, region_size: u64, regions: &[RegionIndex]) -> io::Result<()> {
+    fn write(
+        &mut self,
+        version: AlVersion,
+        region_size: u64,
+        regions: &[RegionIndex],
+    ) -> io::Result<()> {
         let generation = self.generation + 1;
         let buf = &mut self.buf;
         buf.clear();
@@ -361,7 +404,8 @@ impl AlFile {
                 self.slot_bytes
             )));
         }
-        self.file.write_all_at(buf, (generation % 2) * self.slot_bytes)?;
+        self.file
+            .write_all_at(buf, (generation % 2) * self.slot_bytes)?;
         self.file.sync_data()?;
         self.generation = generation;
         Ok(())
@@ -394,7 +438,8 @@ fn load_bitmap(file: &File, map: &mut DirtyMap) -> Result<(), String> {
         return Ok(());
     }
     let mut header = [0u8; 36];
-    file.read_exact_at(&mut header, 0).map_err(|e| format!("read header: {e}"))?;
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| format!("read header: {e}"))?;
     let field = |at: usize, n: usize| &header[at..at + n];
     if field(0, 8) != BITMAP_MAGIC {
         return Err("bad magic in header".into());
@@ -405,7 +450,9 @@ fn load_bitmap(file: &File, map: &mut DirtyMap) -> Result<(), String> {
     }
     let version = u32::from_le_bytes(field(8, 4).try_into().expect("4 bytes"));
     if version != FORMAT_VERSION {
-        return Err(format!("format version {version}, expected {FORMAT_VERSION}"));
+        return Err(format!(
+            "format version {version}, expected {FORMAT_VERSION}"
+        ));
     }
     let granularity = u32::from_le_bytes(field(12, 4).try_into().expect("4 bytes"));
     let granularity = Granularity::new(u64::from(granularity)).map_err(|e| e.to_string())?;
@@ -413,7 +460,9 @@ fn load_bitmap(file: &File, map: &mut DirtyMap) -> Result<(), String> {
     let pages = u64::from_le_bytes(field(24, 8).try_into().expect("8 bytes"));
     let mut stored = DirtyMap::new(volume_size, granularity);
     if stored.page_count() != pages || len < HEADER_BYTES + pages * BITMAP_PAGE_BYTES as u64 {
-        return Err(format!("header says {pages} pages but the file is {len} bytes"));
+        return Err(format!(
+            "header says {pages} pages but the file is {len} bytes"
+        ));
     }
     let mut page = vec![0u8; BITMAP_PAGE_BYTES];
     for p in 0..pages {
@@ -452,7 +501,8 @@ fn load_activity_log(file: &File) -> Result<(u64, Vec<(u64, u64)>), String> {
     let mut any_content = false;
     let mut slot = vec![0u8; slot_bytes as usize];
     for i in 0..2 {
-        file.read_exact_at(&mut slot, i * slot_bytes).map_err(|e| format!("read slot {i}: {e}"))?;
+        file.read_exact_at(&mut slot, i * slot_bytes)
+            .map_err(|e| format!("read slot {i}: {e}"))?;
         any_content |= slot.iter().any(|&b| b != 0);
         if let Some((generation, regions)) = parse_al_slot(&slot)
             && best.as_ref().is_none_or(|(g, _)| generation > *g)
@@ -468,7 +518,10 @@ fn load_activity_log(file: &File) -> Result<(u64, Vec<(u64, u64)>), String> {
 }
 
 fn parse_al_slot(slot: &[u8]) -> Option<(u64, Vec<(u64, u64)>)> {
-    let u64_at = |at: usize| slot.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8")));
+    let u64_at = |at: usize| {
+        slot.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+    };
     if slot.get(..8)? != AL_MAGIC {
         return None;
     }
@@ -480,7 +533,9 @@ fn parse_al_slot(slot: &[u8]) -> Option<(u64, Vec<(u64, u64)>)> {
     if crc != crc32fast::hash(&slot[..end]) || !region_size.is_power_of_two() {
         return None;
     }
-    let regions = (0..count).map(|i| u64_at(36 + 8 * i).map(|r| (region_size, r))).collect::<Option<_>>()?;
+    let regions = (0..count)
+        .map(|i| u64_at(36 + 8 * i).map(|r| (region_size, r)))
+        .collect::<Option<_>>()?;
     Some((generation, regions))
 }
 
@@ -520,7 +575,11 @@ mod tests {
     const SIZE: u64 = 64 << 20;
 
     fn config(active_regions: usize) -> TrackerConfig {
-        TrackerConfig { region_size: 1 << 20, active_regions, ..TrackerConfig::default() }
+        TrackerConfig {
+            region_size: 1 << 20,
+            active_regions,
+            ..TrackerConfig::default()
+        }
     }
 
     fn blocks(range: ByteRange) -> impl Iterator<Item = u64> {
@@ -535,8 +594,17 @@ mod tests {
     fn clean_close_keeps_exactly_the_dirty_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let (tracker, report) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
-        assert_eq!(report, RecoveryReport { replayed_regions: 0, marked_all_dirty: None, dirty_bytes: 0 });
-        tracker.admit(&[ByteRange::new(0, 4096), ByteRange::new(10 << 20, 8192)]).unwrap();
+        assert_eq!(
+            report,
+            RecoveryReport {
+                replayed_regions: 0,
+                marked_all_dirty: None,
+                dirty_bytes: 0
+            }
+        );
+        tracker
+            .admit(&[ByteRange::new(0, 4096), ByteRange::new(10 << 20, 8192)])
+            .unwrap();
         tracker.clear(ByteRange::new(0, 4096));
         tracker.close().unwrap();
         drop(tracker);
@@ -565,10 +633,15 @@ mod tests {
         drop(tracker);
         // A torn newest slot means its sync never returned, so the write it was to admit
         // was never submitted: recovery must use the older slot.
-        let al = OpenOptions::new().read(true).write(true).open(dir.path().join("activity-log")).unwrap();
+        let al = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join("activity-log"))
+            .unwrap();
         let (generation, _) = load_activity_log(&al).unwrap();
         let slot_bytes = al.metadata().unwrap().len() / 2;
-        al.write_all_at(b"garbage!", (generation % 2) * slot_bytes + 12).unwrap();
+        al.write_all_at(b"garbage!", (generation % 2) * slot_bytes + 12)
+            .unwrap();
         let (older, regions) = load_activity_log(&al).unwrap();
         assert_eq!(older, generation - 1);
         assert_eq!(regions, vec![(1 << 20, 0)]);
@@ -580,10 +653,16 @@ mod tests {
         let (tracker, _) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
         tracker.close().unwrap();
         drop(tracker);
-        let file = OpenOptions::new().write(true).open(dir.path().join("bitmap")).unwrap();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("bitmap"))
+            .unwrap();
         file.write_all_at(b"XX", 0).unwrap();
         let (tracker, report) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
-        assert_eq!(report.marked_all_dirty.as_deref(), Some("bad magic in header"));
+        assert_eq!(
+            report.marked_all_dirty.as_deref(),
+            Some("bad magic in header")
+        );
         assert_eq!(tracker.dirty_bytes(), SIZE);
     }
 
@@ -594,7 +673,10 @@ mod tests {
         tracker.admit(&[ByteRange::new(70_000 * 4, 4096)]).unwrap();
         tracker.close().unwrap();
         drop(tracker);
-        let coarse = TrackerConfig { granularity: Granularity::new(65536).unwrap(), ..config(64) };
+        let coarse = TrackerConfig {
+            granularity: Granularity::new(65536).unwrap(),
+            ..config(64)
+        };
         let (tracker, _) = DirtyTracker::open(dir.path(), SIZE, coarse).unwrap();
         assert_eq!(tracker.dirty_runs(), vec![ByteRange::new(262_144, 65536)]);
     }
@@ -603,7 +685,10 @@ mod tests {
     /// admitted since it was last cleared must come back dirty.
     #[test]
     fn seeded_crashes_never_lose_an_admitted_write() {
-        let base_seed: u64 = std::env::var("BLOCKREP_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+        let base_seed: u64 = std::env::var("BLOCKREP_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed);
         eprintln!("seed: BLOCKREP_SEED={base_seed}");
         for round in 0..40u64 {
             let seed = base_seed.wrapping_add(round);
@@ -631,12 +716,18 @@ mod tests {
                     }
                 }
             }
-            assert!(tracker.active_regions() <= active, "seed {seed}: log over capacity");
+            assert!(
+                tracker.active_regions() <= active,
+                "seed {seed}: log over capacity"
+            );
             drop(tracker);
             let (recovered, _) = DirtyTracker::open(dir.path(), SIZE, config(active)).unwrap();
             let dirty = dirty_blocks(&recovered);
             let lost: Vec<_> = must_be_dirty.difference(&dirty).take(5).collect();
-            assert!(lost.is_empty(), "seed {seed}: blocks {lost:?} lost their dirty bit (replay with BLOCKREP_SEED={seed})");
+            assert!(
+                lost.is_empty(),
+                "seed {seed}: blocks {lost:?} lost their dirty bit (replay with BLOCKREP_SEED={seed})"
+            );
         }
     }
 }

@@ -45,7 +45,13 @@ pub struct Volume {
 
 impl Volume {
     pub fn new(name: String, backing: Backing, tracker: Option<Arc<DirtyTracker>>) -> Self {
-        Self { name, backing, tracker, rmw: Mutex::new(()), clients: AtomicUsize::new(0) }
+        Self {
+            name,
+            backing,
+            tracker,
+            rmw: Mutex::new(()),
+            clients: AtomicUsize::new(0),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -71,7 +77,9 @@ impl Volume {
     /// Counts a client until the guard drops.
     pub fn connect_client(self: &Arc<Self>) -> ClientGuard {
         self.clients.fetch_add(1, Ordering::Relaxed);
-        ClientGuard { volume: Arc::clone(self) }
+        ClientGuard {
+            volume: Arc::clone(self),
+        }
     }
 
     /// Records writes about to be submitted; returns once a crash cannot lose track of them.
@@ -94,18 +102,27 @@ impl Volume {
 
     /// Writes `data` at any offset: the edge blocks are read, patched and written whole.
     /// `data == None` writes zeroes.
-    pub fn write_unaligned(&self, range: ByteRange, data: Option<&[u8]>, fua: bool) -> Result<(), VolumeIoError> {
+    pub fn write_unaligned(
+        &self,
+        range: ByteRange,
+        data: Option<&[u8]>,
+        fua: bool,
+    ) -> Result<(), VolumeIoError> {
         self.admit_writes(&[range])?;
         let outer = range.align_out(DIRECT_IO_ALIGN);
         let mut buf = AlignedBuf::new(outer.len as usize);
         let _rmw = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
         let block = DIRECT_IO_ALIGN as usize;
         if range.offset != outer.offset {
-            self.backing.read_exact_at(&mut buf[..block], outer.offset)?;
+            self.backing
+                .read_exact_at(&mut buf[..block], outer.offset)?;
         }
-        if range.end() != outer.end() && (outer.len as usize > block || range.offset == outer.offset) {
+        if range.end() != outer.end()
+            && (outer.len as usize > block || range.offset == outer.offset)
+        {
             let last = outer.len as usize - block;
-            self.backing.read_exact_at(&mut buf[last..], outer.end() - block as u64)?;
+            self.backing
+                .read_exact_at(&mut buf[last..], outer.end() - block as u64)?;
         }
         let start = (range.offset - outer.offset) as usize;
         let target = &mut buf[start..start + range.len as usize];
@@ -121,7 +138,12 @@ impl Volume {
     }
 
     /// Zeroes a range; `may_trim` lets the blocks be deallocated (NBD without NO_HOLE).
-    pub fn write_zeroes(&self, range: ByteRange, may_trim: bool, fua: bool) -> Result<(), VolumeIoError> {
+    pub fn write_zeroes(
+        &self,
+        range: ByteRange,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), VolumeIoError> {
         let inner_start = range.offset.next_multiple_of(DIRECT_IO_ALIGN);
         let inner_end = range.end() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
         if inner_start >= inner_end {
@@ -129,10 +151,18 @@ impl Volume {
         }
         self.admit_writes(&[range])?;
         if range.offset < inner_start {
-            self.write_unaligned(ByteRange::new(range.offset, inner_start - range.offset), None, false)?;
+            self.write_unaligned(
+                ByteRange::new(range.offset, inner_start - range.offset),
+                None,
+                false,
+            )?;
         }
         if inner_end < range.end() {
-            self.write_unaligned(ByteRange::new(inner_end, range.end() - inner_end), None, false)?;
+            self.write_unaligned(
+                ByteRange::new(inner_end, range.end() - inner_end),
+                None,
+                false,
+            )?;
         }
         let inner = ByteRange::new(inner_start, inner_end - inner_start);
         let mode = if may_trim {
@@ -179,7 +209,11 @@ impl Volume {
         // A block device punches or zeroes through the same call (blkdev_fallocate).
         // SAFETY: plain syscall on an fd we own; no memory is passed.
         let rc = unsafe { libc::fallocate64(fd, mode, range.offset as i64, range.len as i64) };
-        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn write_zero_blocks(&self, range: ByteRange) -> io::Result<()> {
