@@ -8,7 +8,9 @@
 //! region's writes cost no bitmap I/O. Replies go out as operations complete, in any order.
 //!
 //! Aligned reads, writes and flushes go to io_uring; unaligned I/O, zeroing and discard take
-//! the volume's blocking slow paths.
+//! the volume's blocking slow paths. Without `O_DIRECT` (writeback cache mode) writes are
+//! copies into the page cache, which io_uring would hand to a worker thread each: they are
+//! done inline instead.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -83,6 +85,7 @@ pub struct Connection {
     sock: RawFd,
     disk: RawFd,
     volume: Arc<Volume>,
+    inline_writes: bool,
     ring: IoUring,
     input: Input,
     inbuf: Box<[u8]>,
@@ -110,9 +113,11 @@ impl Connection {
     /// `sock` must stay open until `run` returns.
     pub fn new(sock: RawFd, volume: Arc<Volume>) -> io::Result<Self> {
         let disk = volume.backing().fd().as_raw_fd();
+        let inline_writes = !volume.backing().is_direct();
         Ok(Self {
             sock,
             disk,
+            inline_writes,
             volume,
             ring: new_ring()?,
             input: Input::Open,
@@ -442,6 +447,11 @@ impl Connection {
         let admitted = self.volume.admit_writes(&self.ranges);
         let batch = std::mem::take(&mut self.to_admit);
         match admitted {
+            Ok(()) if self.inline_writes => {
+                for &(slot, _) in &batch {
+                    self.write_inline(slot);
+                }
+            }
             Ok(()) => {
                 for &(slot, _) in &batch {
                     self.submit_disk(slot)?;
@@ -460,6 +470,32 @@ impl Connection {
         self.to_admit = batch;
         self.to_admit.clear();
         Ok(())
+    }
+
+    /// A page-cache write, done on this thread.
+    fn write_inline(&mut self, slot: usize) {
+        let Some(DiskOp::Write {
+            handle,
+            buf,
+            offset,
+            fua,
+            ..
+        }) = self.remove(slot)
+        else {
+            unreachable!("admitted slots hold writes");
+        };
+        let backing = self.volume.backing();
+        let written = backing
+            .write_all_at(&buf, offset)
+            .and_then(|()| if fua { backing.sync_data() } else { Ok(()) });
+        self.pool.give(buf);
+        match written {
+            Ok(()) => self.reply_ok(handle),
+            Err(e) => {
+                tracing::error!(error = %e, "write failed");
+                self.reply_error(handle, e.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
     }
 
     // ---- disk operations ----
