@@ -201,6 +201,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Sends SIGTERM and returns at once; [`Daemon::wait_exit_success`] waits for the exit.
+    pub fn stop_in_background(&self) {
+        let pid = Pid::from_raw(self.pid() as i32);
+        kill(pid, Signal::SIGTERM).expect("signal blockrepd");
+    }
+
+    /// Waits for the daemon to exit and requires a clean exit.
+    pub fn wait_exit_success(mut self) -> anyhow::Result<()> {
+        let status = self.child.take().expect("daemon running").wait()?;
+        if !status.success() {
+            bail!("blockrepd exited with {status}; log:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill9(mut self) {
         let mut child = self.child.take().expect("daemon running");

@@ -6,6 +6,8 @@ use std::os::unix::net::UnixStream;
 
 use blockrep_tests::Daemon;
 use blockrep_tests::nbd::{self, CMD_READ, CMD_WRITE, NbdClient, read_reply, request};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 const SIZE: u64 = 16 << 20;
 const EINVAL: u32 = 22;
@@ -147,6 +149,42 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
     }
     // An unknown export over OPT_GO is refused politely.
     assert!(NbdClient::connect(&socket, "other").is_err());
+
+    // Seeded garbage: frames with a valid magic and random everything else (but never a
+    // command that writes), mixed with random bytes, on many connections.
+    let seed = blockrep_tests::seed(0xbad);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for _ in 0..40 {
+        let mut c = connect();
+        let mut bytes = Vec::new();
+        for _ in 0..rng.random_range(1..20) {
+            let mut frame = request(0, 0, 0, 0, 0);
+            rng.fill(&mut frame[4..]);
+            let command = loop {
+                let c: u16 = rng.random_range(0..12);
+                if ![CMD_WRITE, nbd::CMD_TRIM, nbd::CMD_WRITE_ZEROES].contains(&c) {
+                    break c;
+                }
+            };
+            frame[6..8].copy_from_slice(&command.to_be_bytes());
+            if rng.random_bool(0.5) {
+                // Mostly small lengths, so reads are served rather than refused.
+                frame[24..28].copy_from_slice(&rng.random_range(0u32..70_000).to_be_bytes());
+                frame[16..24].copy_from_slice(&rng.random_range(0..SIZE + 8192).to_be_bytes());
+            }
+            bytes.extend_from_slice(&frame);
+            if rng.random_bool(0.1) {
+                let mut junk = vec![0u8; rng.random_range(1..64)];
+                rng.fill(&mut junk[..]);
+                bytes.extend_from_slice(&junk);
+            }
+        }
+        // The server may close on the junk before reading it all; that is fine.
+        let _ = c.stream.write_all(&bytes);
+        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = c.stream.read_to_end(&mut rest);
+    }
 
     // The daemon is up, the data untouched, nothing marked dirty.
     let status = daemon.cli_json(&["status"]);

@@ -226,7 +226,11 @@ impl Connection {
             let spare = &mut self.inbuf[self.in_end..];
             (spare.as_mut_ptr(), spare.len())
         };
+        // A payload is received whole (io_uring retries until it is), not one socket buffer's
+        // worth per turn of the loop.
+        let flags = if direct { libc::MSG_WAITALL } else { 0 };
         let sqe = opcode::Recv::new(types::Fd(self.sock), ptr, len.min(u32::MAX as usize) as u32)
+            .flags(flags)
             .build()
             .user_data(UD_RECV);
         self.push(sqe)?;

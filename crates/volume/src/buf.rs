@@ -102,7 +102,8 @@ pub struct BufPool {
     idle_bytes: usize,
 }
 
-const MAX_IDLE_BYTES: usize = 256 << 20;
+/// Enough for a connection's in-flight limit at 1 MiB requests with room to spare.
+const MAX_IDLE_BYTES: usize = 64 << 20;
 
 impl BufPool {
     /// A buffer of at least `len` bytes, with its length set to `len`.
