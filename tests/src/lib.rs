@@ -7,6 +7,27 @@ pub mod nbd;
 pub use daemon::{Daemon, binary, require_tool};
 pub use nbd::NbdClient;
 
+/// Runs a command, fails the test with its output if it fails, and returns its stdout
+/// without surrounding white space.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Creates a file of `size` bytes with its blocks allocated.
+pub fn preallocated(path: &std::path::Path, size: u64) {
+    run(std::process::Command::new("fallocate")
+        .arg("-l")
+        .arg(size.to_string())
+        .arg(path));
+}
+
 /// A seed from `BLOCKREP_SEED` or the given default, printed so a failure can be replayed.
 pub fn seed(default: u64) -> u64 {
     let seed = std::env::var("BLOCKREP_SEED")

@@ -173,3 +173,69 @@ fn bad_cli_input_is_refused_and_changes_nothing() {
     );
     daemon.stop().unwrap();
 }
+
+#[test]
+fn a_volume_whose_backing_vanished_stays_listed_in_error_and_can_be_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vol.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let daemon = Daemon::start(dir.path(), "").unwrap();
+    daemon.add_volume("vol1", &image);
+    daemon.stop().unwrap();
+
+    std::fs::rename(&image, dir.path().join("moved.img")).unwrap();
+    let daemon = Daemon::start_with_config(dir.path(), &dir.path().join("blockrepd.toml")).unwrap();
+    let shown = daemon.cli_json(&["volume", "show", "vol1"]);
+    assert_eq!(shown["state"], "error");
+    let error = shown["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot open") && error.contains("vol.img"),
+        "{error}"
+    );
+    let status = daemon.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("vol1 error"),
+        "{status:?}"
+    );
+    let dirty = daemon.cli(&["volume", "dirty", "vol1"]);
+    assert!(
+        stderr_of(&dirty).contains("refused: volume vol1 is offline"),
+        "{}",
+        stderr_of(&dirty)
+    );
+
+    daemon.cli_json(&["volume", "remove", "vol1"]);
+    assert!(
+        daemon
+            .cli_json(&["volume", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Daemon::start(dir.path(), "").unwrap();
+    let out = Command::new(binary("blockrepd"))
+        .arg("--config")
+        .arg(&first.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("another blockrepd uses this state_dir"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(
+        first.cli(&["status"]).status.success(),
+        "the first daemon is unaffected"
+    );
+    first.stop().unwrap();
+}

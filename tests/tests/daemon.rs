@@ -2,34 +2,9 @@
 
 use std::process::Command;
 
-use blockrep_tests::{Daemon, require_tool};
+use blockrep_tests::{Daemon, preallocated, require_tool, run};
 
 const MIB: u64 = 1 << 20;
-
-fn preallocated(path: &std::path::Path, size: u64) {
-    let out = Command::new("fallocate")
-        .arg("-l")
-        .arg(size.to_string())
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fallocate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn fio_and_qemu_io_write_and_read_back_and_the_volume_survives_restart() {

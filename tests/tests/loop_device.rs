@@ -5,19 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockrep_tests::{Daemon, require_tool};
+use blockrep_tests::{Daemon, preallocated, require_tool, run};
 
 const MIB: u64 = 1 << 20;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Everything the test set up, torn down in reverse order whatever happens.
 #[derive(Default)]
@@ -112,9 +102,7 @@ fn ext4_on_nbdfuse_over_a_loop_device_volume() {
     let mut cleanup = Cleanup::default();
 
     let backing = dir.path().join("backing.img");
-    run(Command::new("fallocate")
-        .args(["-l", &(256 * MIB).to_string()])
-        .arg(&backing));
+    preallocated(&backing, 256 * MIB);
     let volume_dev = attach_loop(&mut cleanup, &backing);
 
     let daemon = Daemon::start(dir.path(), "").unwrap();
