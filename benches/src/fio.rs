@@ -42,6 +42,8 @@ pub fn run(target: &Target, workload: &Workload, timing: &Timing) -> anyhow::Res
     let out = cmd.output().context("run fio")?;
     let after = target.server_pid.and_then(crate::env::cpu_seconds);
     if !out.status.success() {
+        // Ctrl-C reaches fio too; say what happened rather than blame fio.
+        crate::env::check_interrupted()?;
         bail!(
             "fio failed on {} / {} ({}): {}",
             target.name,

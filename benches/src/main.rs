@@ -50,7 +50,7 @@ fn main() -> std::process::ExitCode {
     match run_bench(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bench: {e:#}");
+            eprintln!("bench: {e:#}; everything it set up was removed");
             std::process::ExitCode::FAILURE
         }
     }
