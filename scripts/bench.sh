@@ -8,4 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --locked --release --bins
-exec target/release/blockrep-bench "$@"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
+exec "$bin/blockrep-bench" --bin "$bin" "$@"

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --locked --release --bins
-bin="$PWD/target/release"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 work=$(mktemp -d /tmp/blockrep-demo.XXXXXX)
 daemon_pid=""
