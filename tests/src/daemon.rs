@@ -190,15 +190,10 @@ impl Daemon {
             .collect()
     }
 
-    /// SIGTERM, then wait; returns whether it exited cleanly.
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        let mut child = self.child.take().expect("daemon running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
-        let status = child.wait()?;
-        if !status.success() {
-            bail!("blockrepd exited with {status}; log:\n{}", self.log_text());
-        }
-        Ok(())
+    /// SIGTERM, then wait; fails unless it exited cleanly.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.stop_in_background();
+        self.wait_exit_success()
     }
 
     /// Sends SIGTERM and returns at once; [`Daemon::wait_exit_success`] waits for the exit.

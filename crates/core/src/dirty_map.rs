@@ -211,7 +211,7 @@ impl DirtyMap {
         }
         let shift = self.granularity.shift();
         let first = range.offset >> shift;
-        let end = (range.end().min(self.volume_size) - 1 >> shift) + 1;
+        let end = ((range.end().min(self.volume_size) - 1) >> shift) + 1;
         Some((first, end))
     }
 

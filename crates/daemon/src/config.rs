@@ -208,7 +208,7 @@ impl Config {
             .region_size
             .bytes()
             .map_err(|m| invalid("bitmap.region_size", m))?;
-        if !region_size.is_power_of_two() || region_size < 1 << 20 || region_size > 1 << 30 {
+        if !region_size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&region_size) {
             return Err(invalid(
                 "bitmap.region_size",
                 format!("{region_size} must be a power of two from 1 MiB to 1 GiB"),
