@@ -28,6 +28,13 @@ pub fn preallocated(path: &std::path::Path, size: u64) {
         .arg(path));
 }
 
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &std::path::Path, size: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .expect("create sparse file");
+}
+
 /// A seed from `BLOCKREP_SEED` or the given default, printed so a failure can be replayed.
 pub fn seed(default: u64) -> u64 {
     let seed = std::env::var("BLOCKREP_SEED")

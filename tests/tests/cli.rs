@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use blockrep_tests::{Daemon, NbdClient, binary};
+use blockrep_tests::{Daemon, NbdClient, binary, sparse_file};
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -67,12 +67,9 @@ fn bad_config_files_are_refused_naming_the_key() {
 fn bad_cli_input_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    sparse_file(&image, 8 << 20);
     let odd = dir.path().join("odd.img");
-    std::fs::File::create(&odd).unwrap().set_len(4097).unwrap();
+    sparse_file(&odd, 4097);
     let daemon = Daemon::start(dir.path(), "").unwrap();
     daemon.add_volume("vol1", &image);
 
@@ -178,10 +175,7 @@ fn bad_cli_input_is_refused_and_changes_nothing() {
 fn a_volume_whose_backing_vanished_stays_listed_in_error_and_can_be_removed() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    sparse_file(&image, 8 << 20);
     let daemon = Daemon::start(dir.path(), "").unwrap();
     daemon.add_volume("vol1", &image);
     daemon.stop().unwrap();

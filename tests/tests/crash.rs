@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::mpsc;
 
 use blockrep_tests::nbd::{CMD_WRITE, read_reply, request};
-use blockrep_tests::{Daemon, NbdClient, seed};
+use blockrep_tests::{Daemon, NbdClient, seed, sparse_file};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -42,10 +42,7 @@ fn kill_9_never_loses_an_acknowledged_write() {
     let base = seed(20261123);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(SIZE)
-        .unwrap();
+    sparse_file(&image, SIZE);
     let mut daemon = Daemon::start(dir.path(), CONFIGS[0]).unwrap();
     daemon.add_volume("vol1", &image);
     let mut acked: Vec<(u64, u64)> = Vec::new();
