@@ -271,3 +271,34 @@ fn sigterm_answers_writes_in_flight_then_exits_cleanly() {
     );
     daemon.stop().unwrap();
 }
+
+/// A client that stops taking its replies cannot hold shutdown up past the grace period.
+#[test]
+fn sigterm_disconnects_a_client_that_does_not_read_its_replies() {
+    use std::io::Write;
+
+    use blockrep_tests::NbdClient;
+    use blockrep_tests::nbd::{CMD_READ, read_reply, request};
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vol.img");
+    preallocated(&image, 64 * MIB);
+    let daemon = Daemon::start(dir.path(), "shutdown_grace_ms = 300\n").unwrap();
+    daemon.add_volume("vol1", &image);
+    let mut client = NbdClient::connect(&daemon.nbd_socket("vol1"), "vol1").unwrap();
+    // 100 reads of 1 MiB: far more reply data than the socket buffers hold, never read.
+    let requests: Vec<u8> = (0..100)
+        .flat_map(|h| request(CMD_READ, 0, h, h * MIB % (63 * MIB), MIB as u32))
+        .collect();
+    client.stream.write_all(&requests).unwrap();
+    // Once the first reply header arrives the daemon is answering; the rest stays unread.
+    let first = read_reply(&mut client.stream).unwrap();
+    assert_eq!(first.error, 0);
+    let started = std::time::Instant::now();
+    daemon.stop().unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "shutdown waited {:?}",
+        started.elapsed()
+    );
+}

@@ -356,14 +356,16 @@ impl Agent {
     /// Stops accepting clients, lets the connected ones finish what is in flight, then
     /// writes every tracker's state out.
     pub fn shut_down(&self) {
-        let mut volumes = self.lock();
-        for entry in volumes.values() {
+        for entry in self.lock().values() {
             if let Ok(online) = &entry.state {
                 online.listener.abort();
             }
         }
-        self.connections.drain();
-        for (_, entry) in std::mem::take(&mut *volumes) {
+        // Not under the lock: a client in the middle of its handshake may still look its
+        // export up, and the drain waits for that client.
+        self.connections.drain(self.config.shutdown_grace);
+        let volumes = std::mem::take(&mut *self.lock());
+        for (_, entry) in volumes {
             if let Ok(online) = entry.state {
                 self.take_offline(online);
             }

@@ -38,6 +38,8 @@ struct RawConfig {
     #[serde(default = "default_runtime_dir")]
     runtime_dir: PathBuf,
     control_socket: Option<PathBuf>,
+    #[serde(default = "default_shutdown_grace_ms")]
+    shutdown_grace_ms: u64,
     #[serde(default)]
     bitmap: RawBitmap,
     #[serde(default)]
@@ -116,6 +118,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+fn default_shutdown_grace_ms() -> u64 {
+    20_000
+}
 fn default_true() -> bool {
     true
 }
@@ -146,6 +151,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub runtime_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// How long clients get, at shutdown, to take the replies to their requests in flight.
+    pub shutdown_grace: Duration,
     /// `None` when dirty tracking is switched off (benchmarks only).
     pub tracker: Option<TrackerConfig>,
     pub nbd_tcp_listen: Option<SocketAddr>,
@@ -197,6 +204,12 @@ impl Config {
             ));
         }
 
+        if raw.shutdown_grace_ms > 600_000 {
+            return Err(invalid(
+                "shutdown_grace_ms",
+                format!("{} must be at most 600000", raw.shutdown_grace_ms),
+            ));
+        }
         let b = &raw.bitmap;
         let granularity = b
             .granularity
@@ -258,6 +271,7 @@ impl Config {
             state_dir: raw.state_dir,
             runtime_dir: raw.runtime_dir,
             control_socket,
+            shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
             tracker,
             nbd_tcp_listen,
         })

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use blockrep_nbd::{ClientStream, ExportSet};
 
@@ -21,11 +22,11 @@ impl SocketHandle {
         })
     }
 
-    fn shutdown_read(&self) {
+    fn shutdown(&self, how: Shutdown) {
         // The client may be gone already; nothing to do then.
         let _ = match self {
-            SocketHandle::Unix(s) => s.shutdown(Shutdown::Read),
-            SocketHandle::Tcp(s) => s.shutdown(Shutdown::Read),
+            SocketHandle::Unix(s) => s.shutdown(how),
+            SocketHandle::Tcp(s) => s.shutdown(how),
         };
     }
 }
@@ -81,14 +82,37 @@ impl Connections {
     }
 
     /// Ends every client's input and waits until each has finished its requests in flight
-    /// and sent their replies. Call once nothing accepts new connections.
-    pub fn drain(&self) {
+    /// and sent their replies. A client that does not take its replies within `grace` is cut
+    /// off (its writes in flight still complete). Call once nothing accepts new connections.
+    pub fn drain(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
         let mut live = self.lock();
         for socket in live.values() {
-            socket.shutdown_read();
+            socket.shutdown(Shutdown::Read);
         }
+        let mut cut_off = false;
         while !live.is_empty() {
-            live = self.ended.wait(live).unwrap_or_else(|e| e.into_inner());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && !cut_off {
+                tracing::warn!(
+                    clients = live.len(),
+                    "clients not taking their replies; disconnecting them"
+                );
+                for socket in live.values() {
+                    socket.shutdown(Shutdown::Both);
+                }
+                cut_off = true;
+            }
+            let wait = if cut_off {
+                Duration::from_secs(1)
+            } else {
+                left
+            };
+            live = self
+                .ended
+                .wait_timeout(live, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
