@@ -111,7 +111,9 @@ impl Agent {
         };
         let flusher = tracker
             .as_ref()
-            .map(|t| t.spawn_flusher(record.name.to_string()));
+            .map(|t| t.spawn_flusher(record.name.to_string()))
+            .transpose()
+            .map_err(|e| ApiError::Internal(format!("cannot start the bitmap flusher: {e}")))?;
         let volume = Arc::new(Volume::new(record.name.to_string(), backing, tracker));
         let socket = self.config.nbd_socket(record.name.as_str());
         let closing = Arc::new(AtomicBool::new(false));

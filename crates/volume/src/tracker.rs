@@ -340,7 +340,7 @@ impl DirtyTracker {
     }
 
     /// Runs `flush(Idle)` every `flush_interval` on a thread of its own until the handle drops.
-    pub fn spawn_flusher(self: &Arc<Self>, label: String) -> FlusherHandle {
+    pub fn spawn_flusher(self: &Arc<Self>, label: String) -> io::Result<FlusherHandle> {
         let (stop, stopped) = mpsc::channel::<()>();
         let tracker = Arc::clone(self);
         let interval = self.config.flush_interval;
@@ -352,12 +352,11 @@ impl DirtyTracker {
                         tracing::error!(volume = %label, error = %e, "bitmap flush failed; will retry");
                     }
                 }
-            })
-            .expect("spawn flusher thread");
-        FlusherHandle {
+            })?;
+        Ok(FlusherHandle {
             stop: Some(stop),
             thread: Some(thread),
-        }
+        })
     }
 }
 
