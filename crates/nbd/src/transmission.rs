@@ -105,6 +105,7 @@ pub struct Connection {
     pool: BufPool,
     to_admit: Vec<(usize, ByteRange)>,
     ranges: Vec<ByteRange>,
+    ready: Vec<bool>,
     completions: Vec<(u64, i32)>,
     stats: ConnectionStats,
 }
@@ -138,6 +139,7 @@ impl Connection {
             pool: BufPool::default(),
             to_admit: Vec::new(),
             ranges: Vec::new(),
+            ready: Vec::new(),
             completions: Vec::new(),
             stats: ConnectionStats::default(),
         })
@@ -441,32 +443,45 @@ impl Connection {
         Ok(())
     }
 
-    /// Admits this turn's writes to the dirty tracker together, then submits them.
+    /// Admits this turn's writes to the dirty tracker together, then starts them: first the
+    /// writes whose regions are already in the on-disk activity log, then, once the log write
+    /// they need is durable, the writes into new regions.
     fn submit_admitted_writes(&mut self) -> io::Result<()> {
         if self.to_admit.is_empty() {
             return Ok(());
         }
-        self.ranges.clear();
-        self.ranges.extend(self.to_admit.iter().map(|(_, r)| *r));
-        let admitted = self.volume.admit_writes(&self.ranges);
         let batch = std::mem::take(&mut self.to_admit);
+        self.ranges.clear();
+        self.ranges.extend(batch.iter().map(|(_, r)| *r));
+        let tracker = self.volume.tracker().cloned();
+        let admitted = match &tracker {
+            Some(tracker) => tracker.admit_batch(&self.ranges, &mut self.ready),
+            None => {
+                self.ready.clear();
+                self.ready.resize(batch.len(), true);
+                Ok(None)
+            }
+        };
         match admitted {
-            Ok(()) if self.inline_writes => {
-                for &(slot, _) in &batch {
-                    self.write_inline(slot);
+            Err(e) => self.refuse_writes(&batch, None, &e),
+            Ok(needed) => {
+                for (i, &(slot, _)) in batch.iter().enumerate() {
+                    if self.ready[i] {
+                        self.start_write(slot)?;
+                    }
                 }
-            }
-            Ok(()) => {
-                for &(slot, _) in &batch {
-                    self.submit_disk(slot)?;
-                }
-            }
-            Err(e) => {
-                tracing::error!(volume = %self.volume.name(), error = %e, "dirty tracking failed; refusing writes");
-                for &(slot, _) in &batch {
-                    if let Some(DiskOp::Write { handle, buf, .. }) = self.remove(slot) {
-                        self.pool.give(buf);
-                        self.reply_error(handle, libc::EIO);
+                if let (Some(version), Some(tracker)) = (needed, tracker) {
+                    // The writes into logged regions go to the device while the log is synced.
+                    self.ring.submit()?;
+                    match tracker.make_durable(version) {
+                        Ok(()) => {
+                            for (i, &(slot, _)) in batch.iter().enumerate() {
+                                if !self.ready[i] {
+                                    self.start_write(slot)?;
+                                }
+                            }
+                        }
+                        Err(e) => self.refuse_writes(&batch, Some(false), &e),
                     }
                 }
             }
@@ -474,6 +489,35 @@ impl Connection {
         self.to_admit = batch;
         self.to_admit.clear();
         Ok(())
+    }
+
+    fn start_write(&mut self, slot: usize) -> io::Result<()> {
+        if self.inline_writes {
+            self.write_inline(slot);
+            Ok(())
+        } else {
+            self.submit_disk(slot)
+        }
+    }
+
+    /// Answers EIO to the batch's writes (only those with `ready[i] == only`, if given):
+    /// without dirty tracking they must not reach the disk.
+    fn refuse_writes(
+        &mut self,
+        batch: &[(usize, ByteRange)],
+        only: Option<bool>,
+        e: &dyn std::fmt::Display,
+    ) {
+        tracing::error!(volume = %self.volume.name(), error = %e, "dirty tracking failed; refusing writes");
+        for (i, &(slot, _)) in batch.iter().enumerate() {
+            if only.is_some_and(|ready| self.ready[i] != ready) {
+                continue;
+            }
+            if let Some(DiskOp::Write { handle, buf, .. }) = self.remove(slot) {
+                self.pool.give(buf);
+                self.reply_error(handle, libc::EIO);
+            }
+        }
     }
 
     /// A page-cache write, done on this thread.

@@ -226,29 +226,57 @@ impl DirtyTracker {
     /// Records writes into `ranges`; returns once they may be submitted, that is once the
     /// on-disk bitmap or activity log covers each of them.
     pub fn admit(&self, ranges: &[ByteRange]) -> Result<(), TrackerError> {
+        let mut ready = Vec::new();
+        match self.admit_batch(ranges, &mut ready)? {
+            Some(version) => self.make_durable(version),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a batch of writes without waiting for the activity log where it can.
+    /// Afterwards `ready[i]` says whether `ranges[i]` may be submitted now (every region it
+    /// touches is in the on-disk log). The others may be submitted once
+    /// [`DirtyTracker::make_durable`] has returned for the version this returns.
+    pub fn admit_batch(
+        &self,
+        ranges: &[ByteRange],
+        ready: &mut Vec<bool>,
+    ) -> Result<Option<AlVersion>, TrackerError> {
+        ready.clear();
         let mut needed = AlVersion(0);
         let mut refused = Vec::new();
         {
             let mut state = self.lock_state();
             let State { map, log } = &mut *state;
-            for &range in ranges {
-                match log.admit(range) {
-                    Admission::Ready => map.set_range(range),
+            for (i, &range) in ranges.iter().enumerate() {
+                let admission = log.admit(range);
+                if admission != Admission::Full {
+                    map.set_range(range);
+                }
+                match admission {
+                    Admission::Ready => ready.push(true),
                     Admission::PersistFirst(v) => {
-                        map.set_range(range);
                         needed = needed.max(v);
+                        ready.push(false);
                     }
-                    Admission::Full => refused.push(range),
+                    Admission::Full => {
+                        refused.push(i);
+                        ready.push(false);
+                    }
                 }
             }
         }
-        if needed > AlVersion(0) {
-            self.persist_log(Some(needed))?;
+        // The log is full: the rare slow path flushes the bitmap, then admits these.
+        for i in refused {
+            self.admit_into_full_log(ranges[i])?;
+            ready[i] = true;
         }
-        for range in refused {
-            self.admit_into_full_log(range)?;
-        }
-        Ok(())
+        Ok((needed > AlVersion(0)).then_some(needed))
+    }
+
+    /// Returns once the activity log is durable at `version` (writing it if no one has).
+    pub fn make_durable(&self, version: AlVersion) -> Result<(), TrackerError> {
+        self.persist_log(Some(version))
     }
 
     fn admit_into_full_log(&self, range: ByteRange) -> Result<(), TrackerError> {
@@ -610,6 +638,42 @@ mod tests {
         let (tracker, report) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
         assert_eq!(report.replayed_regions, 0);
         assert_eq!(tracker.dirty_runs(), vec![ByteRange::new(10 << 20, 8192)]);
+    }
+
+    #[test]
+    fn a_batch_reports_writes_into_logged_regions_ready_and_the_rest_after_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
+        tracker.admit(&[ByteRange::new(0, 4096)]).unwrap();
+        let mut ready = Vec::new();
+        let batch = [ByteRange::new(4096, 4096), ByteRange::new(5 << 20, 4096)];
+        let needed = tracker.admit_batch(&batch, &mut ready).unwrap();
+        assert_eq!(ready, vec![true, false]);
+        assert!(needed.is_some(), "a new region needs a log write");
+        // A crash now: only the ready write may have been submitted, and it is covered.
+        drop(tracker);
+        let (tracker, _) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
+        assert!(
+            tracker
+                .dirty_runs()
+                .iter()
+                .any(|r| r.offset <= 4096 && 8192 <= r.end())
+        );
+        let needed = tracker.admit_batch(&batch, &mut ready).unwrap();
+        assert_eq!(
+            ready,
+            vec![false, false],
+            "after recovery the log starts empty"
+        );
+        tracker.make_durable(needed.unwrap()).unwrap();
+        drop(tracker);
+        let (tracker, _) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
+        assert!(
+            tracker
+                .dirty_runs()
+                .iter()
+                .any(|r| r.offset <= 5 << 20 && (5 << 20) + 4096 <= r.end())
+        );
     }
 
     #[test]
