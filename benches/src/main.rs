@@ -92,6 +92,8 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         bail!("no targets or no workloads selected");
     }
 
+    // Taken before the runs: the commit and date describe what was measured.
+    let machine = machine_info(&timing, repeats, size, root, args.full);
     let mut env = Env::default();
     let work = env.temp_dir()?;
     eprintln!("bench: preparing a {} MiB device", size >> 20);
@@ -158,7 +160,6 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     drop(env);
 
     let report = Report { rows };
-    let machine = machine_info(&timing, repeats, size, root, args.full);
     let table = report.markdown();
     let goals = report.goals_markdown();
     println!("{table}\n{goals}");
