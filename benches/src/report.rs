@@ -129,10 +129,24 @@ impl Report {
         out
     }
 
-    /// The figures the project holds itself to. A goal whose rows were not run is unmeasured.
+    /// The median over repetitions of `target / baseline`, each pair measured back to back in
+    /// the same repetition, so slow drift of the machine cancels out.
+    fn paired_ratio(&self, workload: &str, target: &str, baseline: &str) -> Option<f64> {
+        let t = self.find(workload, target)?;
+        let b = self.find(workload, baseline)?;
+        let ratios: Vec<f64> = t
+            .samples
+            .iter()
+            .zip(&b.samples)
+            .map(|(t, b)| t.value / b.value)
+            .collect();
+        (!ratios.is_empty()).then(|| median(ratios))
+    }
+
+    /// The figures the project holds itself to, as medians of paired ratios. A goal whose
+    /// rows were not run is unmeasured.
     pub fn goals(&self) -> Vec<Goal> {
-        let ratio =
-            |w: &str, t: &str, b: &str| Some(self.find(w, t)?.median() / self.find(w, b)?.median());
+        let ratio = |w: &str, t: &str, b: &str| self.paired_ratio(w, t, b);
         let mut goals = Vec::new();
         for target in ["blockrepd", "blockrepd-writeback"] {
             goals.push(Goal::at_least(
@@ -159,7 +173,7 @@ impl Report {
     }
 
     pub fn goals_markdown(&self) -> String {
-        let mut out = String::new();
+        let mut out = String::from("Goals (median of per-repetition paired ratios):\n\n");
         for goal in self.goals() {
             let value = match goal.measured {
                 None => "not measured".to_owned(),
@@ -211,6 +225,33 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_ratios_cancel_drift() {
+        let sample = |value| Sample {
+            value,
+            p50_us: 1.0,
+            p99_us: 1.0,
+            server_cpu_s: None,
+        };
+        let w = crate::workloads::all().remove(0);
+        let row = |target, values: &[f64]| Row {
+            workload: w.clone(),
+            target,
+            target_title: "",
+            samples: values.iter().map(|&v| sample(v)).collect(),
+            peak_rss: None,
+        };
+        // The machine slows down over the run; each pair is 10% apart all the same.
+        let report = Report {
+            rows: vec![
+                row("a", &[110.0, 55.0, 220.0]),
+                row("b", &[100.0, 50.0, 200.0]),
+            ],
+        };
+        let r = report.paired_ratio(w.name, "a", "b").unwrap();
+        assert!((r - 1.1).abs() < 1e-9);
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
