@@ -127,10 +127,12 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     // Repetitions outermost and targets innermost, so drift on a noisy machine hits every
-    // target alike.
+    // target alike. The target order rotates each repetition: a run right after a heavy
+    // writer pays for the host's write-back, and no target should always be that run.
     for rep in 0..repeats {
         for (wi, workload) in workloads.iter().enumerate() {
-            for (ti, target) in ready.iter().enumerate() {
+            for ti in (0..ready.len()).map(|i| (i + rep as usize) % ready.len()) {
+                let target = &ready[ti];
                 check_interrupted()?;
                 settle(root)?;
                 let sample = fio::run(target, workload, &timing)?;
