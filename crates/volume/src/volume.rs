@@ -109,6 +109,16 @@ impl Volume {
         fua: bool,
     ) -> Result<(), VolumeIoError> {
         self.admit_writes(&[range])?;
+        self.read_modify_write(range, data, fua)
+    }
+
+    /// The read-modify-write of [`Volume::write_unaligned`], for a range already admitted.
+    fn read_modify_write(
+        &self,
+        range: ByteRange,
+        data: Option<&[u8]>,
+        fua: bool,
+    ) -> Result<(), VolumeIoError> {
         let outer = range.align_out(DIRECT_IO_ALIGN);
         let mut buf = AlignedBuf::new(outer.len as usize);
         let _rmw = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,19 +156,19 @@ impl Volume {
     ) -> Result<(), VolumeIoError> {
         let inner_start = range.offset.next_multiple_of(DIRECT_IO_ALIGN);
         let inner_end = range.end() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
-        if inner_start >= inner_end {
-            return self.write_unaligned(range, None, fua);
-        }
         self.admit_writes(&[range])?;
+        if inner_start >= inner_end {
+            return self.read_modify_write(range, None, fua);
+        }
         if range.offset < inner_start {
-            self.write_unaligned(
+            self.read_modify_write(
                 ByteRange::new(range.offset, inner_start - range.offset),
                 None,
                 false,
             )?;
         }
         if inner_end < range.end() {
-            self.write_unaligned(
+            self.read_modify_write(
                 ByteRange::new(inner_end, range.end() - inner_end),
                 None,
                 false,
