@@ -166,7 +166,8 @@ impl DirtyTracker {
             .map_err(io_err("write header of", &bitmap_path))?;
         map.mark_all_pages_changed();
         let pages = map.take_changed_pages();
-        write_pages(&bitmap_file, &map, &pages).map_err(io_err("write", &bitmap_path))?;
+        write_page_bytes(&bitmap_file, &pages, &copy_pages(&map, &pages))
+            .map_err(io_err("write", &bitmap_path))?;
         bitmap_file
             .sync_all()
             .map_err(io_err("sync", &bitmap_path))?;
@@ -315,10 +316,7 @@ impl DirtyTracker {
             let state = &mut *self.lock_state();
             let ticket = state.log.begin_flush();
             let pages = state.map.take_changed_pages();
-            let mut bytes = vec![0u8; pages.len() * BITMAP_PAGE_BYTES];
-            for (page, chunk) in pages.iter().zip(bytes.chunks_exact_mut(BITMAP_PAGE_BYTES)) {
-                state.map.copy_page(*page, chunk);
-            }
+            let bytes = copy_pages(&state.map, &pages);
             (ticket, pages, bytes)
         };
         let written = write_page_bytes(&file, &pages, &bytes).and_then(|()| file.sync_data());
@@ -566,12 +564,13 @@ fn parse_al_slot(slot: &[u8]) -> Option<(u64, Vec<(u64, u64)>)> {
     Some((generation, regions))
 }
 
-fn write_pages(file: &File, map: &DirtyMap, pages: &[PageIndex]) -> io::Result<()> {
+/// The bytes of `pages`, one after the other.
+fn copy_pages(map: &DirtyMap, pages: &[PageIndex]) -> Vec<u8> {
     let mut bytes = vec![0u8; pages.len() * BITMAP_PAGE_BYTES];
     for (page, chunk) in pages.iter().zip(bytes.chunks_exact_mut(BITMAP_PAGE_BYTES)) {
         map.copy_page(*page, chunk);
     }
-    write_page_bytes(file, pages, &bytes)
+    bytes
 }
 
 /// Writes each run of consecutive pages with one call.
