@@ -608,22 +608,17 @@ impl Connection {
     fn on_disk(&mut self, slot: usize, result: i32) -> io::Result<()> {
         if result < 0 {
             let errno = -result;
-            match self.remove(slot) {
-                Some(DiskOp::Read { handle, buf, .. }) => {
+            if let Some(op) = self.remove(slot) {
+                let (what, handle, buf) = match op {
+                    DiskOp::Read { handle, buf, .. } => ("read", handle, Some(buf)),
+                    DiskOp::Write { handle, buf, .. } => ("write", handle, Some(buf)),
+                    DiskOp::Flush { handle } => ("flush", handle, None),
+                };
+                if let Some(buf) = buf {
                     self.pool.give(buf);
-                    tracing::error!(error = %io::Error::from_raw_os_error(errno), "read failed");
-                    self.reply_error(handle, errno);
                 }
-                Some(DiskOp::Write { handle, buf, .. }) => {
-                    self.pool.give(buf);
-                    tracing::error!(error = %io::Error::from_raw_os_error(errno), "write failed");
-                    self.reply_error(handle, errno);
-                }
-                Some(DiskOp::Flush { handle }) => {
-                    tracing::error!(error = %io::Error::from_raw_os_error(errno), "flush failed");
-                    self.reply_error(handle, errno);
-                }
-                None => {}
+                tracing::error!(error = %io::Error::from_raw_os_error(errno), "{what} failed");
+                self.reply_error(handle, errno);
             }
             return Ok(());
         }
