@@ -136,38 +136,23 @@ impl Agent {
         let bind_err = |e: std::io::Error| {
             ApiError::Internal(format!("cannot listen on {}: {e}", socket.display()))
         };
-        match std::fs::remove_file(socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bind_err(e)),
-        }
+        remove_stale_socket(socket).map_err(bind_err)?;
         let _guard = self.runtime.enter();
         let listener = tokio::net::UnixListener::bind(socket).map_err(bind_err)?;
         set_mode(socket, 0o660).map_err(bind_err)?;
         let exports: Arc<dyn ExportSet> = Arc::new(SingleExport { volume, closing });
-        let connections = Arc::clone(&self.connections);
         let label = socket.display().to_string();
-        Ok(self.runtime.spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => match stream
-                        .into_std()
-                        .and_then(|s| s.set_nonblocking(false).map(|()| s))
-                    {
-                        Ok(stream) => connections.spawn(
-                            ClientStream::Unix(stream),
-                            Arc::clone(&exports),
-                            label.clone(),
-                        ),
-                        Err(e) => tracing::warn!(error = %e, "cannot take accepted connection"),
-                    },
-                    Err(e) => {
-                        tracing::warn!(socket = %label, error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }))
+        Ok(self.runtime.spawn(accept_loop(
+            Arc::clone(&self.connections),
+            exports,
+            label.clone(),
+            async move || {
+                let (stream, _) = listener.accept().await?;
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                Ok((ClientStream::Unix(stream), label.clone()))
+            },
+        )))
     }
 
     /// Serves every online volume, by export name, on a TCP address.
@@ -178,32 +163,18 @@ impl Agent {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on nbd.tcp_listen {addr}: {e}"))?;
-        let agent = Arc::clone(self);
-        Ok(tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => match stream
-                        .into_std()
-                        .and_then(|s| s.set_nonblocking(false).map(|()| s))
-                    {
-                        Ok(stream) => {
-                            let exports: Arc<dyn ExportSet> =
-                                Arc::clone(&agent) as Arc<dyn ExportSet>;
-                            agent.connections.spawn(
-                                ClientStream::Tcp(stream),
-                                exports,
-                                peer.to_string(),
-                            );
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot take accepted connection"),
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TCP accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }))
+        let exports: Arc<dyn ExportSet> = Arc::clone(self) as Arc<dyn ExportSet>;
+        Ok(tokio::spawn(accept_loop(
+            Arc::clone(&self.connections),
+            exports,
+            addr.to_string(),
+            async move || {
+                let (stream, peer) = listener.accept().await?;
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                Ok((ClientStream::Tcp(stream), peer.to_string()))
+            },
+        )))
     }
 
     pub fn add_volume(self: &Arc<Self>, req: AddVolume) -> Result<VolumeView, ApiError> {
@@ -375,6 +346,24 @@ impl Agent {
     }
 }
 
+/// Accepts clients until aborted; each is served on a thread of its own.
+async fn accept_loop(
+    connections: Arc<Connections>,
+    exports: Arc<dyn ExportSet>,
+    listener: String,
+    mut accept: impl AsyncFnMut() -> std::io::Result<(ClientStream, String)>,
+) {
+    loop {
+        match accept().await {
+            Ok((stream, peer)) => connections.spawn(stream, Arc::clone(&exports), peer),
+            Err(e) => {
+                tracing::warn!(%listener, error = %e, "accepting a client failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 fn find(volumes: &BTreeMap<VolumeId, Entry>, reference: &str) -> Result<VolumeId, ApiError> {
     if let Ok(id) = reference.parse::<VolumeId>()
         && volumes.contains_key(&id)
@@ -420,6 +409,14 @@ impl ExportSet for SingleExport {
 
     fn names(&self) -> Vec<String> {
         vec![self.volume.name().to_owned()]
+    }
+}
+
+/// Removes a socket file left by an earlier run, if there is one.
+pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 

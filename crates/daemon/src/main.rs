@@ -16,7 +16,7 @@ use clap::Parser;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::agent::{Agent, set_mode};
+use crate::agent::{Agent, remove_stale_socket, set_mode};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
 #[derive(Parser)]
@@ -155,11 +155,7 @@ fn bind_control_socket(path: &Path) -> anyhow::Result<tokio_stream::wrappers::Un
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("remove stale {}", path.display())),
-    }
+    remove_stale_socket(path).with_context(|| format!("remove stale {}", path.display()))?;
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("listen on {}", path.display()))?;
     set_mode(path, 0o660).with_context(|| format!("chmod {}", path.display()))?;
