@@ -56,8 +56,8 @@ pub struct Env {
 
 impl Env {
     pub fn temp_dir(&mut self) -> anyhow::Result<PathBuf> {
-        let out = run(Command::new("mktemp").args(["-d", "/tmp/blockrep-bench.XXXXXX"]))?;
-        let dir = PathBuf::from(out.trim());
+        // Kept past the TempDir: removal is this stack's job, in its order.
+        let dir = tempfile::Builder::new().prefix("blockrep-bench.").tempdir_in("/tmp")?.keep();
         self.stack.push(Resource::Dir(dir.clone()));
         Ok(dir)
     }
