@@ -49,8 +49,8 @@ blockrep volume add --name demo --path "$work/demo.img"
 uri="nbd+unix:///demo?socket=$work/run/nbd/demo.sock"
 
 step "write 64 MiB of random 4k blocks with fio (nbd engine), verified with crc32c"
-fio --name=demo --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
-    --offset=128M --size=64M --verify=crc32c --verify_fatal=1 --group_reporting \
+(cd "$work" && fio --name=demo --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
+    --offset=128M --size=64M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
     | grep -E 'write:|read:|IOPS|err='
 
 step "write and read back patterns with qemu-io (aligned, unaligned, zeroes)"

@@ -1,10 +1,26 @@
 #!/usr/bin/env bash
 # Runs every test: unit, property and simulation tests, and the process tests (real daemons,
 # fio, qemu-io, libnbd tools, kill -9, loop devices and nbdfuse; these need root).
+# Fails, too, if the run left the checkout modified (a stray file written by a tool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+checkout_state() {
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git status --porcelain --untracked-files=all
+    fi
+}
+before=$(checkout_state)
+
 # The process tests run the daemon and CLI binaries.
 cargo build --locked --workspace --bins
 cargo nextest run --locked --workspace --no-fail-fast "$@"
+
+after=$(checkout_state)
+if [[ "$before" != "$after" ]]; then
+    echo "test.sh: the test run modified the checkout:" >&2
+    diff <(echo "$before") <(echo "$after") >&2 || true
+    exit 1
+fi

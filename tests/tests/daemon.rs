@@ -26,6 +26,7 @@ fn fio_and_qemu_io_write_and_read_back_and_the_volume_survives_restart() {
     // fio's nbd engine: random 4k writes over the first 32 MiB, each verified by crc32c.
     let uri = daemon.nbd_uri("vol1");
     run(Command::new("fio")
+        .current_dir(dir.path())
         .args([
             "--name=verify",
             "--ioengine=nbd",
@@ -38,6 +39,7 @@ fn fio_and_qemu_io_write_and_read_back_and_the_volume_survives_restart() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
         ])
         .arg(format!("--uri={uri}")));
 
