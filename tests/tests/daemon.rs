@@ -122,7 +122,9 @@ fn nbdinfo_lists_the_export_with_its_block_sizes_and_tcp_serves_it() {
     let export = &info["exports"][0];
     assert_eq!(export["export-size"], 16 * MIB);
     assert_eq!(export["block_size_preferred"], 4096);
-    assert_eq!(export["block_size_maximum"], 32 * MIB);
+    assert_eq!(export["block_size_maximum"], 64 * MIB);
+    assert_eq!(info["protocol"], "newstyle-fixed");
+    assert_eq!(export["contexts"], serde_json::json!(["base:allocation"]));
     assert_eq!(export["can_multi_conn"], true);
     assert_eq!(export["can_fua"], true);
     // A second volume in writeback cache mode, served on the same TCP address by name.

@@ -9,9 +9,11 @@ pub mod cache_mode;
 pub mod dirty_map;
 pub mod extent;
 pub mod ids;
+pub mod range_lock;
 
 pub use activity_log::{ActivityLog, Admission, AlVersion, FlushTicket, RegionIndex, RetirePolicy};
 pub use cache_mode::{CacheMode, UnknownCacheMode};
 pub use dirty_map::{BITMAP_PAGE_BYTES, DirtyMap, Granularity, GranularityError, PageIndex};
 pub use extent::{ByteRange, RangeError};
 pub use ids::{NameError, VolumeId, VolumeName};
+pub use range_lock::{Acquired, LockId, RangeLocks};

@@ -13,10 +13,19 @@ pub trait ExportSet: Send + Sync {
     fn names(&self) -> Vec<String>;
 }
 
+/// What the client and server agreed on for the transmission phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: reads answer with chunks.
+    pub structured_replies: bool,
+    /// `base:allocation` was selected for the chosen export: BLOCK_STATUS is served.
+    pub base_allocation: bool,
+}
+
 /// How the handshake ended.
 pub enum Outcome {
     /// The client chose this export; transmission starts.
-    Transmit(Arc<Volume>),
+    Transmit(Arc<Volume>, Negotiated),
     /// The client sent OPT_ABORT or asked for an export that does not exist (OPT_EXPORT_NAME
     /// cannot be refused gracefully).
     Closed,
@@ -36,7 +45,8 @@ pub enum HandshakeError {
     OptionTooLong { option: u32, len: u32 },
 }
 
-/// The flags sent with every export: what transmission supports.
+/// The flags sent with every export: what transmission supports. With structured replies
+/// negotiated, [`TFLAG_SEND_DF`] is added (a read is always one chunk).
 pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
     | TFLAG_SEND_FLUSH
     | TFLAG_SEND_FUA
@@ -45,8 +55,21 @@ pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
     | TFLAG_CAN_MULTI_CONN;
 
 /// Block sizes advertised: any alignment works (unaligned writes are read-modify-write),
-/// 4 KiB is fast, 32 MiB is the most one request may carry.
+/// 4 KiB is fast, 64 MiB is the most one read or write may carry.
 pub const BLOCK_SIZES: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD);
+
+fn transmission_flags(negotiated: &Negotiated) -> u16 {
+    if negotiated.structured_replies {
+        TRANSMISSION_FLAGS | TFLAG_SEND_DF
+    } else {
+        TRANSMISSION_FLAGS
+    }
+}
+
+/// Metadata contexts selected with `NBD_OPT_SET_META_CONTEXT`: for which export.
+struct MetaSelection {
+    export: String,
+}
 
 pub fn negotiate<S: Read + Write>(
     stream: &mut S,
@@ -67,6 +90,15 @@ pub fn negotiate<S: Read + Write>(
         return Err(HandshakeError::NotFixedNewstyle);
     }
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
+    let mut negotiated = Negotiated::default();
+    let mut meta: Option<MetaSelection> = None;
+    // Block status is served for the export the contexts were selected for.
+    let chosen = |volume: &Arc<Volume>, negotiated: Negotiated, meta: &Option<MetaSelection>| {
+        Negotiated {
+            base_allocation: meta.as_ref().is_some_and(|m| m.export == volume.name()),
+            ..negotiated
+        }
+    };
 
     loop {
         let mut header = [0u8; 16];
@@ -92,13 +124,14 @@ pub fn negotiate<S: Read + Write>(
                 };
                 let mut reply = Vec::with_capacity(10 + 124);
                 reply.extend_from_slice(&volume.size().to_be_bytes());
-                reply.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                reply.extend_from_slice(&transmission_flags(&negotiated).to_be_bytes());
                 if !no_zeroes {
                     reply.resize(reply.len() + 124, 0);
                 }
                 stream.write_all(&reply)?;
                 stream.flush()?;
-                return Ok(Outcome::Transmit(volume));
+                let negotiated = chosen(&volume, negotiated, &meta);
+                return Ok(Outcome::Transmit(volume, negotiated));
             }
             OPT_ABORT => {
                 // The client may already be gone; the acknowledgement is best effort.
@@ -136,7 +169,7 @@ pub fn negotiate<S: Read + Write>(
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&volume.size().to_be_bytes());
-                info.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                info.extend_from_slice(&transmission_flags(&negotiated).to_be_bytes());
                 option_reply(stream, option, REP_INFO, &info)?;
                 let (min, preferred, max) = BLOCK_SIZES;
                 let mut sizes = Vec::with_capacity(14);
@@ -152,8 +185,59 @@ pub fn negotiate<S: Read + Write>(
                 }
                 option_reply(stream, option, REP_ACK, &[])?;
                 if option == OPT_GO {
-                    return Ok(Outcome::Transmit(volume));
+                    let negotiated = chosen(&volume, negotiated, &meta);
+                    return Ok(Outcome::Transmit(volume, negotiated));
                 }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    option_reply(stream, option, REP_ERR_INVALID, b"takes no data")?;
+                } else if negotiated.structured_replies {
+                    option_reply(stream, option, REP_ERR_INVALID, b"already negotiated")?;
+                } else {
+                    negotiated.structured_replies = true;
+                    option_reply(stream, option, REP_ACK, &[])?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if !negotiated.structured_replies {
+                    let msg = b"negotiate structured replies first";
+                    option_reply(stream, option, REP_ERR_INVALID, msg)?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta_request(&data) else {
+                    option_reply(stream, option, REP_ERR_INVALID, b"malformed meta context request")?;
+                    continue;
+                };
+                let Some(volume) = exports.find(&name) else {
+                    let msg = format!("no export named {name:?}");
+                    option_reply(stream, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                };
+                let listing = option == OPT_LIST_META_CONTEXT;
+                let selects_allocation = if listing && queries.is_empty() {
+                    true
+                } else {
+                    queries
+                        .iter()
+                        .any(|q| q == "base:" || q == META_BASE_ALLOCATION)
+                };
+                if !listing {
+                    meta = None;
+                }
+                if selects_allocation {
+                    // Listing replies carry id 0, as the spec asks.
+                    let id = if listing { 0 } else { META_BASE_ALLOCATION_ID };
+                    let mut reply = id.to_be_bytes().to_vec();
+                    reply.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                    option_reply(stream, option, REP_META_CONTEXT, &reply)?;
+                    if !listing {
+                        meta = Some(MetaSelection {
+                            export: volume.name().to_owned(),
+                        });
+                    }
+                }
+                option_reply(stream, option, REP_ACK, &[])?;
             }
             _ => option_reply(stream, option, REP_ERR_UNSUP, b"option not supported")?,
         }
@@ -177,6 +261,25 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((String::from_utf8(name.to_vec()).ok()?, requests))
 }
 
+/// `u32 name length, name, u32 count, count × (u32 length, query)`.
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let mut at = 0;
+    let string = |at: &mut usize| -> Option<String> {
+        let len = u32::from_be_bytes(data.get(*at..*at + 4)?.try_into().ok()?) as usize;
+        let bytes = data.get(*at + 4..*at + 4 + len)?;
+        *at += 4 + len;
+        String::from_utf8(bytes.to_vec()).ok()
+    };
+    let name = string(&mut at)?;
+    let count = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+    at += 4;
+    let mut queries = Vec::with_capacity(count.min(16));
+    for _ in 0..count {
+        queries.push(string(&mut at)?);
+    }
+    (at == data.len()).then_some((name, queries))
+}
+
 fn option_reply<S: Write>(stream: &mut S, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
     let mut out = Vec::with_capacity(20 + data.len());
     out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
@@ -197,6 +300,22 @@ fn read_u32<S: Read>(stream: &mut S) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_request_parsing() {
+        let mut data = 3u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"vol");
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&15u32.to_be_bytes());
+        data.extend_from_slice(b"base:allocation");
+        assert_eq!(
+            parse_meta_request(&data),
+            Some(("vol".into(), vec!["base:allocation".into()]))
+        );
+        assert_eq!(parse_meta_request(&data[..data.len() - 1]), None);
+        data.push(0);
+        assert_eq!(parse_meta_request(&data), None, "trailing bytes");
+    }
 
     #[test]
     fn info_request_parsing() {

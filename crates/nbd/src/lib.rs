@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 pub use handshake::{
-    BLOCK_SIZES, ExportSet, HandshakeError, Outcome, TRANSMISSION_FLAGS, negotiate,
+    BLOCK_SIZES, ExportSet, HandshakeError, Negotiated, Outcome, TRANSMISSION_FLAGS, negotiate,
 };
 pub use transmission::{Connection, ConnectionStats};
 
@@ -55,7 +55,7 @@ pub fn serve(stream: ClientStream, exports: &dyn ExportSet) -> Result<Served, Se
             negotiate(&mut &*s, exports)?
         }
     };
-    let Outcome::Transmit(volume) = outcome else {
+    let Outcome::Transmit(volume, negotiated) = outcome else {
         return Ok(Served {
             export: None,
             stats: ConnectionStats::default(),
@@ -77,7 +77,7 @@ pub fn serve(stream: ClientStream, exports: &dyn ExportSet) -> Result<Served, Se
     }
     let client = volume.connect_client();
     let export = Some(volume.name().to_owned());
-    let stats = Connection::new(fd, volume)?.run()?;
+    let stats = Connection::new(fd, volume, negotiated)?.run()?;
     drop(client);
     drop(stream);
     Ok(Served { export, stats })

@@ -7,6 +7,7 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -19,11 +20,15 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option replies.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
@@ -40,19 +45,38 @@ pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
-/// Largest request payload we accept (and advertise as the maximum block size).
-pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Structured reply chunk flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The one metadata context served, and the id it gets once selected.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+pub const META_BASE_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` extent flags.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+/// Largest read or write we serve (and advertise as the maximum block size). Larger reads
+/// are refused with EINVAL; larger writes have their payload read and dropped, then EINVAL.
+pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// Largest option payload we read during the handshake.
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 
 pub const REQUEST_HEADER_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
+pub const STRUCTURED_REPLY_LEN: usize = 20;
 
 /// A transmission-phase command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +87,8 @@ pub enum Command {
     Flush,
     Trim,
     WriteZeroes,
-    /// A command we do not serve (CACHE, BLOCK_STATUS, RESIZE, or unknown): EINVAL.
+    BlockStatus,
+    /// A command we do not serve (CACHE, RESIZE, or unknown): EINVAL.
     Unsupported(u16),
 }
 
@@ -76,17 +101,26 @@ impl Command {
             3 => Command::Flush,
             4 => Command::Trim,
             6 => Command::WriteZeroes,
+            7 => Command::BlockStatus,
             other => Command::Unsupported(other),
         }
     }
 
-    /// The command flags this command may carry.
-    pub fn allowed_flags(self) -> u16 {
+    /// The command flags this command may carry. FUA is allowed on every command (the
+    /// spec lets a client send it anywhere once `SEND_FUA` is advertised; where it means
+    /// nothing it is ignored); DF only once structured replies are negotiated.
+    pub fn allowed_flags(self, structured: bool) -> u16 {
         match self {
-            Command::Write | Command::Trim => CMD_FLAG_FUA,
             Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            _ => 0,
+            Command::Read if structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+            Command::BlockStatus => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+            _ => CMD_FLAG_FUA,
         }
+    }
+
+    /// Whether the command changes the volume (and so passes the write gate).
+    pub fn writes(self) -> bool {
+        matches!(self, Command::Write | Command::WriteZeroes | Command::Trim)
     }
 }
 
@@ -137,6 +171,44 @@ pub fn put_simple_reply(out: &mut Vec<u8>, error: u32, handle: u64) {
     out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&handle.to_be_bytes());
+}
+
+/// Appends a structured reply chunk header; `len` bytes of payload follow.
+pub fn put_chunk_header(out: &mut Vec<u8>, flags: u16, ty: u16, handle: u64, len: u32) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&ty.to_be_bytes());
+    out.extend_from_slice(&handle.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Appends the final chunk of a read: `OFFSET_DATA` with the offset; `len` data bytes
+/// follow. A read of nothing gets a `NONE` chunk.
+pub fn put_read_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, len: u32) {
+    if len == 0 {
+        put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
+        return;
+    }
+    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle, 8 + len);
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
+/// Appends a final `ERROR` chunk (no message).
+pub fn put_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32) {
+    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6);
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+}
+
+/// Appends a final `BLOCK_STATUS` chunk for one context: (length, flags) per extent.
+pub fn put_block_status(out: &mut Vec<u8>, handle: u64, context: u32, extents: &[(u32, u32)]) {
+    let len = 4 + 8 * extents.len() as u32;
+    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, handle, len);
+    out.extend_from_slice(&context.to_be_bytes());
+    for (length, flags) in extents {
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
 }
 
 /// NBD error values (they match Linux errno for the ones NBD defines).
@@ -202,6 +274,43 @@ mod tests {
             out,
             [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]
         );
+    }
+
+    #[test]
+    fn structured_chunks_golden_bytes() {
+        let mut out = Vec::new();
+        put_read_chunk(&mut out, 7, 4096, 2);
+        out.extend_from_slice(b"hi");
+        assert_eq!(
+            out,
+            [
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 10, // header
+                0, 0, 0, 0, 0, 0, 0x10, 0, b'h', b'i'
+            ]
+        );
+        out.clear();
+        put_error_chunk(&mut out, 9, 22);
+        assert_eq!(
+            out,
+            [
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 6, 0, 0, 0,
+                22, 0, 0
+            ]
+        );
+        out.clear();
+        put_block_status(&mut out, 3, 1, &[(4096, 3), (8192, 0)]);
+        assert_eq!(out.len(), 20 + 4 + 16);
+        assert_eq!(&out[4..8], &[0, 1, 0, 5]);
+        assert_eq!(&out[20..28], &[0, 0, 0, 1, 0, 0, 0x10, 0]);
+    }
+
+    #[test]
+    fn fua_is_allowed_on_every_command() {
+        for command in [Command::Read, Command::Flush, Command::Trim, Command::BlockStatus] {
+            assert_ne!(command.allowed_flags(false) & CMD_FLAG_FUA, 0, "{command:?}");
+        }
+        assert_eq!(Command::Read.allowed_flags(false) & CMD_FLAG_DF, 0);
+        assert_ne!(Command::Read.allowed_flags(true) & CMD_FLAG_DF, 0);
     }
 
     #[test]

@@ -1,38 +1,55 @@
-//! The transmission phase: one thread per connection, one io_uring for its socket and its
-//! disk I/O.
+//! The transmission phase: one thread per connection, one io_uring for its socket, its disk
+//! I/O and its wake-ups.
 //!
 //! Each turn of the loop submits everything queued (a receive, a send of all replies ready,
-//! the disk operations) with one `io_uring_enter`, waits for at least one completion, handles
-//! the completions, parses every complete request in the input buffer, and admits the batch
-//! of writes to the dirty tracker at once, so many requests cost one system call and a hot
-//! region's writes cost no bitmap I/O. Replies go out as operations complete, in any order.
+//! the disk operations, a read of the wake-up eventfd) with one `io_uring_enter`, waits for
+//! at least one completion, handles the completions, parses every complete request in the
+//! input buffer, and admits the batch of writes at once, so many requests cost one system
+//! call and a hot region's writes cost no bitmap I/O. Replies go out as operations complete,
+//! in any order.
 //!
-//! Aligned reads, writes and flushes go to io_uring; unaligned I/O, zeroing and discard take
-//! the volume's blocking slow paths. Without `O_DIRECT` (writeback cache mode) writes are
-//! copies into the page cache, which io_uring would hand to a worker thread each: they are
-//! done inline instead.
+//! Every write-like command (WRITE, WRITE_ZEROES, TRIM, aligned or not) takes one path:
+//!
+//! ```text
+//!  parsed ─► enter_gate ─► (queued: woken when its blocks are free) ─► admit_and_start
+//!        ─► io_uring / inline / blocking slow path ─► finish_write ─► answer
+//! ```
+//!
+//! [`Connection::enter_gate`] is where a write enters the volume's write gate and
+//! [`Connection::finish_write`] is where it leaves and is answered; nothing else admits or
+//! answers a write. Aligned writes go to io_uring; without `O_DIRECT` (writeback cache mode)
+//! they are copies into the page cache, which io_uring would hand to a worker thread each,
+//! so they are done inline; unaligned writes, zeroing and discard take the volume's blocking
+//! slow paths.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use blockrep_core::{ByteRange, RangeError};
-use blockrep_volume::{AlignedBuf, BufPool, DIRECT_IO_ALIGN, Volume};
+use blockrep_core::{ByteRange, LockId, RangeError};
+use blockrep_volume::{ADMIT_CHUNK, AlignedBuf, BufPool, DIRECT_IO_ALIGN, Entered, Volume, Waker};
 use io_uring::{IoUring, opcode, squeue, types};
 
+use crate::handshake::Negotiated;
 use crate::proto::*;
 
 const RING_ENTRIES: u32 = 256;
-/// Disk operations in flight per connection before the loop stops reading requests.
+/// Disk operations in flight (or writes queued in the gate) per connection before the loop
+/// stops reading requests.
 const MAX_INFLIGHT: usize = 128;
 const INBUF_BYTES: usize = 256 << 10;
 /// Queued reply bytes before the loop stops reading requests.
 const OUT_HIGH_WATER: usize = 64 << 20;
 /// A write payload at least this large is received straight into its aligned buffer.
 const DIRECT_RECV_MIN: usize = 64 << 10;
+/// Most extents one BLOCK_STATUS answer carries.
+const MAX_EXTENTS: usize = 1024;
 
 const UD_RECV: u64 = u64::MAX;
 const UD_SEND: u64 = u64::MAX - 1;
+const UD_WAKE: u64 = u64::MAX - 2;
 
 /// What a connection did, for the log line at its end.
 #[derive(Debug, Default, Clone, Copy)]
@@ -46,6 +63,29 @@ pub struct ConnectionStats {
     pub protocol_error: Option<&'static str>,
 }
 
+/// A write-like command that has entered the volume's write gate, until it is answered.
+struct GatedWrite {
+    handle: u64,
+    range: ByteRange,
+    fua: bool,
+    kind: WriteKind,
+    lock: LockId,
+}
+
+enum WriteKind {
+    Data(AlignedBuf),
+    Zeroes { may_trim: bool },
+    Trim,
+}
+
+impl GatedWrite {
+    /// Whether it goes to io_uring (or, in writeback mode, is copied inline) rather than a
+    /// blocking slow path.
+    fn is_aligned_data(&self) -> bool {
+        matches!(self.kind, WriteKind::Data(_)) && self.range.is_aligned(DIRECT_IO_ALIGN)
+    }
+}
+
 enum DiskOp {
     Read {
         handle: u64,
@@ -54,11 +94,8 @@ enum DiskOp {
         done: usize,
     },
     Write {
-        handle: u64,
-        buf: AlignedBuf,
-        offset: u64,
+        write: GatedWrite,
         done: usize,
-        fua: bool,
     },
     Flush {
         handle: u64,
@@ -66,10 +103,11 @@ enum DiskOp {
 }
 
 /// A write whose payload is still arriving. `reject` is the error to answer once it has
-/// been consumed, for writes that must not reach the disk.
+/// been consumed, for writes that must not reach the disk; their payload is dropped as it
+/// arrives (`buf` is `None`) when it is too large to hold.
 struct Payload {
     req: Request,
-    buf: AlignedBuf,
+    buf: Option<AlignedBuf>,
     filled: usize,
     reject: Option<i32>,
 }
@@ -85,6 +123,7 @@ pub struct Connection {
     sock: RawFd,
     disk: RawFd,
     volume: Arc<Volume>,
+    negotiated: Negotiated,
     inline_writes: bool,
     ring: IoUring,
     input: Input,
@@ -103,16 +142,24 @@ pub struct Connection {
     free_slots: Vec<usize>,
     inflight: usize,
     pool: BufPool,
-    to_admit: Vec<(usize, ByteRange)>,
+    /// Wakes the loop when a queued write's blocks are granted.
+    waker: Arc<Waker>,
+    wake_buf: Box<[u8; 8]>,
+    wake_inflight: bool,
+    /// Writes waiting in the gate for an overlapping write, in arrival order.
+    queued: VecDeque<GatedWrite>,
+    /// Writes holding their blocks, to be admitted together this turn.
+    to_admit: Vec<GatedWrite>,
     ranges: Vec<ByteRange>,
     ready: Vec<bool>,
+    later: Vec<GatedWrite>,
     completions: Vec<(u64, i32)>,
     stats: ConnectionStats,
 }
 
 impl Connection {
     /// `sock` must stay open until `run` returns.
-    pub fn new(sock: RawFd, volume: Arc<Volume>) -> io::Result<Self> {
+    pub fn new(sock: RawFd, volume: Arc<Volume>, negotiated: Negotiated) -> io::Result<Self> {
         let disk = volume.backing().fd().as_raw_fd();
         let inline_writes = !volume.backing().is_direct();
         Ok(Self {
@@ -120,6 +167,7 @@ impl Connection {
             disk,
             inline_writes,
             volume,
+            negotiated,
             ring: new_ring()?,
             input: Input::Open,
             inbuf: vec![0u8; INBUF_BYTES].into_boxed_slice(),
@@ -137,9 +185,14 @@ impl Connection {
             free_slots: Vec::new(),
             inflight: 0,
             pool: BufPool::default(),
+            waker: Arc::new(Waker::new()?),
+            wake_buf: Box::new([0; 8]),
+            wake_inflight: false,
+            queued: VecDeque::new(),
             to_admit: Vec::new(),
             ranges: Vec::new(),
             ready: Vec::new(),
+            later: Vec::new(),
             completions: Vec::new(),
             stats: ConnectionStats::default(),
         })
@@ -150,6 +203,7 @@ impl Connection {
     pub fn run(mut self) -> io::Result<ConnectionStats> {
         loop {
             self.queue_recv()?;
+            self.queue_wake()?;
             self.queue_send()?;
             if self.finished() {
                 return Ok(self.stats);
@@ -167,20 +221,31 @@ impl Connection {
                 match user_data {
                     UD_RECV => self.on_recv(result),
                     UD_SEND => self.on_send(result),
+                    UD_WAKE => self.on_wake(),
                     slot => self.on_disk(slot as usize, result)?,
                 }
             }
             self.parse_input()?;
-            self.submit_admitted_writes()?;
+            self.take_granted();
+            self.admit_and_start()?;
         }
     }
 
-    fn finished(&self) -> bool {
-        self.input == Input::Closing
+    /// Everything is answered and sent, and nothing of ours is left in the ring.
+    fn finished(&mut self) -> bool {
+        let done = self.input == Input::Closing
             && !self.recv_inflight
             && self.inflight == 0
+            && self.queued.is_empty()
+            && self.to_admit.is_empty()
             && !self.send_inflight
-            && (self.out.is_empty() || self.send_failed)
+            && (self.out.is_empty() || self.send_failed);
+        if done && self.wake_inflight {
+            // The posted eventfd read must complete before its buffer goes.
+            self.waker.signal();
+            return false;
+        }
+        done
     }
 
     fn close_input(&mut self, protocol_error: Option<&'static str>) {
@@ -201,21 +266,21 @@ impl Connection {
     fn queue_recv(&mut self) -> io::Result<()> {
         if self.recv_inflight
             || self.input == Input::Closing
-            || self.inflight >= MAX_INFLIGHT
+            || self.inflight + self.queued.len() >= MAX_INFLIGHT
             || self.out.len() >= OUT_HIGH_WATER
         {
             return Ok(());
         }
         let direct = self.in_start == self.in_end
-            && self
-                .payload
-                .as_ref()
-                .is_some_and(|p| p.req.len as usize - p.filled >= DIRECT_RECV_MIN);
+            && self.payload.as_ref().is_some_and(|p| {
+                p.buf.is_some() && p.req.len as usize - p.filled >= DIRECT_RECV_MIN
+            });
         let (ptr, len) = if direct {
             let p = self.payload.as_mut().expect("checked above");
             let want = p.req.len as usize - p.filled;
+            let buf = p.buf.as_mut().expect("checked above");
             // SAFETY: filled < len <= capacity of the buffer.
-            (unsafe { p.buf.as_mut_ptr().add(p.filled) }, want)
+            (unsafe { buf.as_mut_ptr().add(p.filled) }, want)
         } else {
             if self.in_start == self.in_end {
                 self.in_start = 0;
@@ -269,8 +334,10 @@ impl Connection {
             if let Some(p) = self.payload.as_mut() {
                 let avail = self.in_end - self.in_start;
                 let n = avail.min(p.req.len as usize - p.filled);
-                p.buf[p.filled..p.filled + n]
-                    .copy_from_slice(&self.inbuf[self.in_start..self.in_start + n]);
+                if let Some(buf) = p.buf.as_mut() {
+                    buf[p.filled..p.filled + n]
+                        .copy_from_slice(&self.inbuf[self.in_start..self.in_start + n]);
+                }
                 p.filled += n;
                 self.in_start += n;
                 self.stats.bytes_written += n as u64;
@@ -278,7 +345,7 @@ impl Connection {
                     break;
                 }
                 let p = self.payload.take().expect("checked above");
-                self.write_arrived(p)?;
+                self.write_arrived(p);
                 continue;
             }
             if self.input == Input::Closing || self.in_end - self.in_start < REQUEST_HEADER_LEN {
@@ -302,7 +369,7 @@ impl Connection {
             && p.filled == p.req.len as usize
         {
             let p = self.payload.take().expect("checked above");
-            self.write_arrived(p)?;
+            self.write_arrived(p);
         }
         Ok(())
     }
@@ -312,16 +379,9 @@ impl Connection {
     fn dispatch(&mut self, req: Request) -> io::Result<()> {
         self.stats.requests += 1;
         if req.command == Command::Write {
-            if req.len > MAX_PAYLOAD {
-                tracing::warn!(
-                    len = req.len,
-                    "closing connection: write payload over the 32 MiB limit"
-                );
-                self.close_input(Some("write payload too large"));
-                return Ok(());
-            }
             let reject = self.check(&req).err();
-            let buf = self.pool.take(req.len as usize);
+            // A payload over the limit is read and dropped; the rest is held for the disk.
+            let buf = (req.len <= MAX_PAYLOAD).then(|| self.pool.take(req.len as usize));
             self.payload = Some(Payload {
                 req,
                 buf,
@@ -346,15 +406,18 @@ impl Connection {
                 });
                 self.submit_disk(slot)?;
             }
-            Command::Read if range.is_empty() => self.reply_data(req.handle, &[]),
+            Command::Read if range.is_empty() => self.reply_read(req.handle, req.offset, &[]),
             Command::Read => {
                 let mut buf = self.pool.take(req.len as usize);
                 match self.volume.read_unaligned(range, &mut buf) {
                     Ok(()) => {
-                        self.stats.bytes_read += buf.len() as u64;
-                        self.reply_data(req.handle, &buf);
+                        self.count_read(buf.len());
+                        self.reply_read(req.handle, req.offset, &buf);
                     }
-                    Err(e) => self.reply_error(req.handle, e.raw_os_error().unwrap_or(libc::EIO)),
+                    Err(e) => {
+                        let errno = log_io_error("read", &e);
+                        self.reply_error(req.handle, errno);
+                    }
                 }
                 self.pool.give(buf);
             }
@@ -362,18 +425,12 @@ impl Connection {
                 let slot = self.insert(DiskOp::Flush { handle: req.handle });
                 self.submit_disk(slot)?;
             }
-            Command::Trim => {
-                let done = self.volume.trim(range, req.fua());
-                self.reply_result(req.handle, done.map_err(|e| log_io_error("trim", &e)));
-            }
+            Command::Trim => self.enter_gate(req, range, WriteKind::Trim),
             Command::WriteZeroes => {
                 let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
-                let done = self.volume.write_zeroes(range, may_trim, req.fua());
-                self.reply_result(
-                    req.handle,
-                    done.map_err(|e| log_io_error("write zeroes", &e)),
-                );
+                self.enter_gate(req, range, WriteKind::Zeroes { may_trim });
             }
+            Command::BlockStatus => self.block_status(req, range),
             Command::Disconnect => self.close_input(None),
             Command::Write | Command::Unsupported(_) => unreachable!("handled before"),
         }
@@ -393,157 +450,265 @@ impl Connection {
         if let Command::Unsupported(_) = req.command {
             return Err(libc::EINVAL);
         }
-        if req.flags & !req.command.allowed_flags() != 0 {
+        let structured = self.negotiated.structured_replies;
+        if req.flags & !req.command.allowed_flags(structured) != 0 {
             return Err(libc::EINVAL);
         }
-        if matches!(req.command, Command::Flush | Command::Disconnect) {
-            return Ok(());
-        }
-        if req.command == Command::Read && req.len > MAX_PAYLOAD {
-            return Err(libc::EINVAL);
+        match req.command {
+            Command::Flush | Command::Disconnect => return Ok(()),
+            Command::Read | Command::Write if req.len > MAX_PAYLOAD => return Err(libc::EINVAL),
+            Command::BlockStatus if !self.negotiated.base_allocation || req.len == 0 => {
+                return Err(libc::EINVAL);
+            }
+            _ => {}
         }
         match ByteRange::within(req.offset, u64::from(req.len), self.volume.size()) {
             Ok(_) => Ok(()),
-            Err(RangeError::PastEnd { .. }) if req.command != Command::Read => Err(libc::ENOSPC),
+            // As nbdkit and qemu-nbd: writes past the end are out of space, the rest invalid.
+            Err(RangeError::PastEnd { .. })
+                if matches!(req.command, Command::Write | Command::WriteZeroes) =>
+            {
+                Err(libc::ENOSPC)
+            }
             Err(_) => Err(libc::EINVAL),
         }
     }
 
-    fn write_arrived(&mut self, p: Payload) -> io::Result<()> {
+    fn write_arrived(&mut self, p: Payload) {
         let Payload {
             req,
-            mut buf,
+            buf,
             reject,
             ..
         } = p;
-        if let Some(errno) = reject {
-            self.reply_error(req.handle, errno);
-            self.pool.give(buf);
-            return Ok(());
+        match (reject, buf) {
+            (None, Some(mut buf)) => {
+                buf.set_len(req.len as usize);
+                let range = ByteRange::new(req.offset, u64::from(req.len));
+                self.enter_gate(req, range, WriteKind::Data(buf));
+            }
+            (reject, buf) => {
+                if let Some(buf) = buf {
+                    self.pool.give(buf);
+                }
+                self.reply_error(req.handle, reject.unwrap_or(libc::EINVAL));
+            }
         }
-        let range = ByteRange::new(req.offset, u64::from(req.len));
-        if range.is_empty() {
-            self.reply_ok(req.handle);
-        } else if range.is_aligned(DIRECT_IO_ALIGN) {
-            let slot = self.insert(DiskOp::Write {
-                handle: req.handle,
-                buf,
-                offset: req.offset,
-                done: 0,
-                fua: req.fua(),
-            });
-            self.to_admit.push((slot, range));
-            return Ok(());
+    }
+
+    fn block_status(&mut self, req: Request, range: ByteRange) {
+        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            1
         } else {
-            buf.set_len(req.len as usize);
-            let done = self.volume.write_unaligned(range, Some(&buf), req.fua());
-            self.reply_result(req.handle, done.map_err(|e| log_io_error("write", &e)));
+            MAX_EXTENTS
+        };
+        match self.volume.allocation(range, max) {
+            Ok(extents) => {
+                let extents: Vec<(u32, u32)> = extents
+                    .iter()
+                    .map(|e| {
+                        let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                        // Each extent lies within the request, whose length fits in 32 bits.
+                        (e.len as u32, flags)
+                    })
+                    .collect();
+                put_block_status(&mut self.out, req.handle, META_BASE_ALLOCATION_ID, &extents);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "block status failed");
+                self.reply_error(req.handle, e.raw_os_error().unwrap_or(libc::EIO));
+            }
         }
-        self.pool.give(buf);
-        Ok(())
+    }
+
+    // ---- the write gate ----
+
+    /// The one admission point: a write-like command enters the volume's write gate. It
+    /// goes on this turn if its blocks are free, or waits in `queued` until they are.
+    fn enter_gate(&mut self, req: Request, range: ByteRange, kind: WriteKind) {
+        let entered = self.volume.gate().enter(range, &self.waker);
+        let (Entered::Go(lock) | Entered::Queued(lock)) = entered;
+        let write = GatedWrite {
+            handle: req.handle,
+            range,
+            fua: req.fua(),
+            kind,
+            lock,
+        };
+        match entered {
+            Entered::Go(_) => self.to_admit.push(write),
+            Entered::Queued(_) => self.queued.push_back(write),
+        }
+    }
+
+    /// Moves queued writes whose blocks were granted to this turn's batch, keeping the
+    /// order of the rest.
+    fn take_granted(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let gate = self.volume.gate();
+        let mut i = 0;
+        while i < self.queued.len() {
+            if gate.is_held(self.queued[i].lock) {
+                let write = self.queued.remove(i).expect("index checked");
+                self.to_admit.push(write);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// Admits this turn's writes to the dirty tracker together, then starts them: first the
     /// writes whose regions are already in the on-disk activity log, then, once the log write
-    /// they need is durable, the writes into new regions.
-    fn submit_admitted_writes(&mut self) -> io::Result<()> {
+    /// they need is durable, the writes into new regions. Zeroing and discard are admitted
+    /// piece by piece as they run.
+    fn admit_and_start(&mut self) -> io::Result<()> {
         if self.to_admit.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.to_admit);
+        let mut batch = std::mem::take(&mut self.to_admit);
+        let mut later = std::mem::take(&mut self.later);
+        let mut ready = std::mem::take(&mut self.ready);
         self.ranges.clear();
-        self.ranges.extend(batch.iter().map(|(_, r)| *r));
-        let tracker = self.volume.tracker().cloned();
-        let admitted = match &tracker {
-            Some(tracker) => tracker.admit_batch(&self.ranges, &mut self.ready),
-            None => {
-                self.ready.clear();
-                self.ready.resize(batch.len(), true);
-                Ok(None)
-            }
+        self.ranges.extend(
+            batch
+                .iter()
+                .filter(|w| matches!(w.kind, WriteKind::Data(_)))
+                .map(|w| w.range),
+        );
+        let volume = Arc::clone(&self.volume);
+        let gate = volume.gate();
+        let admitted = if self.ranges.is_empty() {
+            Ok(None)
+        } else {
+            gate.admit(&self.ranges, &mut ready)
         };
+        let mut data_index = 0;
+        for write in batch.drain(..) {
+            if !matches!(write.kind, WriteKind::Data(_)) {
+                self.run_blocking(write);
+                continue;
+            }
+            let is_ready = ready.get(data_index).copied().unwrap_or(false);
+            data_index += 1;
+            match &admitted {
+                Err(_) => self.finish_write(write, Err(libc::EIO)),
+                Ok(_) if is_ready => self.start_write(write)?,
+                Ok(_) => later.push(write),
+            }
+        }
         match admitted {
-            Err(e) => self.refuse_writes(&batch, None, &e),
+            Err(e) => {
+                tracing::error!(volume = %volume.name(), error = %e, "dirty tracking failed; refusing writes");
+            }
             Ok(needed) => {
-                for (i, &(slot, _)) in batch.iter().enumerate() {
-                    if self.ready[i] {
-                        self.start_write(slot)?;
+                let durable = match needed {
+                    Some(version) => {
+                        // The writes into logged regions go to the device while the log is
+                        // synced.
+                        self.ring.submit()?;
+                        gate.make_durable(version)
                     }
+                    None => Ok(()),
+                };
+                if let Err(e) = &durable {
+                    tracing::error!(volume = %volume.name(), error = %e, "dirty tracking failed; refusing writes");
                 }
-                if let (Some(version), Some(tracker)) = (needed, tracker) {
-                    // The writes into logged regions go to the device while the log is synced.
-                    self.ring.submit()?;
-                    match tracker.make_durable(version) {
-                        Ok(()) => {
-                            for (i, &(slot, _)) in batch.iter().enumerate() {
-                                if !self.ready[i] {
-                                    self.start_write(slot)?;
-                                }
-                            }
-                        }
-                        Err(e) => self.refuse_writes(&batch, Some(false), &e),
+                for write in later.drain(..) {
+                    match durable {
+                        Ok(()) => self.start_write(write)?,
+                        Err(_) => self.finish_write(write, Err(libc::EIO)),
                     }
                 }
             }
         }
         self.to_admit = batch;
-        self.to_admit.clear();
+        self.later = later;
+        self.ready = ready;
         Ok(())
     }
 
-    fn start_write(&mut self, slot: usize) -> io::Result<()> {
+    /// Starts an admitted write of data: io_uring, an inline page-cache copy, or a
+    /// read-modify-write.
+    fn start_write(&mut self, write: GatedWrite) -> io::Result<()> {
+        if !write.is_aligned_data() {
+            self.run_blocking(write);
+            return Ok(());
+        }
         if self.inline_writes {
-            self.write_inline(slot);
-            Ok(())
-        } else {
-            self.submit_disk(slot)
+            let WriteKind::Data(buf) = &write.kind else {
+                unreachable!("aligned data")
+            };
+            let backing = self.volume.backing();
+            let written = backing
+                .write_all_at(buf, write.range.offset)
+                .and_then(|()| if write.fua { backing.sync_data() } else { Ok(()) })
+                .map_err(|e| log_io_error("write", &e));
+            self.finish_write(write, written);
+            return Ok(());
         }
+        let slot = self.insert(DiskOp::Write { write, done: 0 });
+        self.submit_disk(slot)
     }
 
-    /// Answers EIO to the batch's writes (only those with `ready[i] == only`, if given):
-    /// without dirty tracking they must not reach the disk.
-    fn refuse_writes(
-        &mut self,
-        batch: &[(usize, ByteRange)],
-        only: Option<bool>,
-        e: &dyn std::fmt::Display,
-    ) {
-        tracing::error!(volume = %self.volume.name(), error = %e, "dirty tracking failed; refusing writes");
-        for (i, &(slot, _)) in batch.iter().enumerate() {
-            if only.is_some_and(|ready| self.ready[i] != ready) {
-                continue;
-            }
-            if let Some(DiskOp::Write { handle, buf, .. }) = self.remove(slot) {
-                self.pool.give(buf);
-                self.reply_error(handle, libc::EIO);
-            }
-        }
-    }
-
-    /// A page-cache write, done on this thread.
-    fn write_inline(&mut self, slot: usize) {
-        let Some(DiskOp::Write {
-            handle,
-            buf,
-            offset,
-            fua,
-            ..
-        }) = self.remove(slot)
-        else {
-            unreachable!("admitted slots hold writes");
+    /// Runs a write on the volume's blocking slow paths: unaligned data, zeroing, discard.
+    fn run_blocking(&mut self, write: GatedWrite) {
+        let volume = Arc::clone(&self.volume);
+        let done = match &write.kind {
+            // Admitted with its batch.
+            WriteKind::Data(buf) => volume.read_modify_write(write.range, Some(buf), write.fua),
+            WriteKind::Zeroes { may_trim } => admit_in_pieces(&volume, write.range)
+                .and_then(|()| volume.write_zeroes(write.range, *may_trim, write.fua)),
+            WriteKind::Trim => admit_in_pieces(&volume, Volume::trim_blocks(write.range))
+                .and_then(|()| volume.trim(write.range, write.fua)),
         };
-        let backing = self.volume.backing();
-        let written = backing
-            .write_all_at(&buf, offset)
-            .and_then(|()| if fua { backing.sync_data() } else { Ok(()) });
-        self.pool.give(buf);
-        match written {
-            Ok(()) => self.reply_ok(handle),
-            Err(e) => {
-                tracing::error!(error = %e, "write failed");
-                self.reply_error(handle, e.raw_os_error().unwrap_or(libc::EIO));
-            }
+        let done = done.map_err(|e| log_io_error("write", &e));
+        self.finish_write(write, done);
+    }
+
+    /// The one answer point of a write: it leaves the gate, its blocks go to the next
+    /// writer, and its answer is queued.
+    fn finish_write(&mut self, write: GatedWrite, result: Result<(), i32>) {
+        self.volume.gate().leave(write.lock);
+        if result.is_ok() {
+            self.volume
+                .counters()
+                .bytes_written
+                .fetch_add(write.range.len, Ordering::Relaxed);
         }
+        if let WriteKind::Data(buf) = write.kind {
+            self.pool.give(buf);
+        }
+        match result {
+            Ok(()) => self.reply_ok(write.handle),
+            Err(errno) => self.reply_error(write.handle, errno),
+        }
+    }
+
+    // ---- wake-ups ----
+
+    /// Keeps a read posted on the eventfd while a write waits in the gate.
+    fn queue_wake(&mut self) -> io::Result<()> {
+        if self.wake_inflight || self.queued.is_empty() {
+            return Ok(());
+        }
+        let sqe = opcode::Read::new(
+            types::Fd(self.waker.fd()),
+            self.wake_buf.as_mut_ptr(),
+            self.wake_buf.len() as u32,
+        )
+        .build()
+        .user_data(UD_WAKE);
+        self.push(sqe)?;
+        self.wake_inflight = true;
+        Ok(())
+    }
+
+    fn on_wake(&mut self) {
+        self.wake_inflight = false;
+        // What the wake-up was about is looked at after this, in `take_granted`.
+        self.waker.reset();
     }
 
     // ---- disk operations ----
@@ -582,19 +747,16 @@ impl Connection {
                     .offset(*offset + *done as u64)
                     .build()
             }
-            DiskOp::Write {
-                buf,
-                offset,
-                done,
-                fua,
-                ..
-            } => {
+            DiskOp::Write { write, done } => {
+                let WriteKind::Data(buf) = &write.kind else {
+                    unreachable!("only data writes go to the ring")
+                };
                 let len = (buf.len() - *done) as u32;
                 // SAFETY: as above.
                 let ptr = unsafe { buf.as_ptr().add(*done) };
-                let flags = if *fua { libc::RWF_DSYNC } else { 0 };
+                let flags = if write.fua { libc::RWF_DSYNC } else { 0 };
                 opcode::Write::new(disk, ptr, len)
-                    .offset(*offset + *done as u64)
+                    .offset(write.range.offset + *done as u64)
                     .rw_flags(flags)
                     .build()
             }
@@ -609,24 +771,32 @@ impl Connection {
         if result < 0 {
             let errno = -result;
             if let Some(op) = self.remove(slot) {
-                let (what, handle, buf) = match op {
-                    DiskOp::Read { handle, buf, .. } => ("read", handle, Some(buf)),
-                    DiskOp::Write { handle, buf, .. } => ("write", handle, Some(buf)),
-                    DiskOp::Flush { handle } => ("flush", handle, None),
+                let what = match &op {
+                    DiskOp::Read { .. } => "read",
+                    DiskOp::Write { .. } => "write",
+                    DiskOp::Flush { .. } => "flush",
                 };
-                if let Some(buf) = buf {
-                    self.pool.give(buf);
-                }
                 tracing::error!(error = %io::Error::from_raw_os_error(errno), "{what} failed");
-                self.reply_error(handle, errno);
+                match op {
+                    DiskOp::Read { handle, buf, .. } => {
+                        self.pool.give(buf);
+                        self.reply_error(handle, errno);
+                    }
+                    DiskOp::Write { write, .. } => self.finish_write(write, Err(errno)),
+                    DiskOp::Flush { handle } => self.reply_error(handle, errno),
+                }
             }
             return Ok(());
         }
         let n = result as usize;
         let (progress, total) = match self.ops[slot].as_mut() {
-            Some(DiskOp::Read { buf, done, .. } | DiskOp::Write { buf, done, .. }) => {
+            Some(DiskOp::Read { buf, done, .. }) => {
                 *done += n;
                 (*done, buf.len())
+            }
+            Some(DiskOp::Write { write, done }) => {
+                *done += n;
+                (*done, write.range.len as usize)
             }
             Some(DiskOp::Flush { .. }) => (0, 0),
             None => return Ok(()),
@@ -639,18 +809,28 @@ impl Connection {
             return self.submit_disk(slot);
         }
         match self.remove(slot).expect("slot is live") {
-            DiskOp::Read { handle, buf, .. } => {
-                self.stats.bytes_read += buf.len() as u64;
-                self.reply_data(handle, &buf);
+            DiskOp::Read {
+                handle,
+                buf,
+                offset,
+                ..
+            } => {
+                self.count_read(buf.len());
+                self.reply_read(handle, offset, &buf);
                 self.pool.give(buf);
             }
-            DiskOp::Write { handle, buf, .. } => {
-                self.pool.give(buf);
-                self.reply_ok(handle);
-            }
+            DiskOp::Write { write, .. } => self.finish_write(write, Ok(())),
             DiskOp::Flush { handle } => self.reply_ok(handle),
         }
         Ok(())
+    }
+
+    fn count_read(&mut self, bytes: usize) {
+        self.stats.bytes_read += bytes as u64;
+        self.volume
+            .counters()
+            .bytes_read
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     // ---- replies ----
@@ -659,20 +839,23 @@ impl Connection {
         put_simple_reply(&mut self.out, 0, handle);
     }
 
+    /// With structured replies, errors go as `ERROR` chunks (a read must never get a simple
+    /// reply then); without, as simple replies.
     fn reply_error(&mut self, handle: u64, errno: i32) {
-        put_simple_reply(&mut self.out, nbd_error(errno), handle);
-    }
-
-    fn reply_data(&mut self, handle: u64, data: &[u8]) {
-        put_simple_reply(&mut self.out, 0, handle);
-        self.out.extend_from_slice(data);
-    }
-
-    fn reply_result(&mut self, handle: u64, result: Result<(), i32>) {
-        match result {
-            Ok(()) => self.reply_ok(handle),
-            Err(errno) => self.reply_error(handle, errno),
+        if self.negotiated.structured_replies {
+            put_error_chunk(&mut self.out, handle, nbd_error(errno));
+        } else {
+            put_simple_reply(&mut self.out, nbd_error(errno), handle);
         }
+    }
+
+    fn reply_read(&mut self, handle: u64, offset: u64, data: &[u8]) {
+        if self.negotiated.structured_replies {
+            put_read_chunk(&mut self.out, handle, offset, data.len() as u32);
+        } else {
+            put_simple_reply(&mut self.out, 0, handle);
+        }
+        self.out.extend_from_slice(data);
     }
 
     fn queue_send(&mut self) -> io::Result<()> {
@@ -727,14 +910,30 @@ impl Connection {
     fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: every buffer an entry points at is owned by `self` (the input buffer, a
-            // payload, an op's buffer in its slot, or `sending`) and is neither moved nor freed
-            // until the entry's completion has been handled.
+            // payload, an op's buffer in its slot, the wake-up buffer, or `sending`) and is
+            // neither moved nor freed until the entry's completion has been handled.
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return Ok(());
             }
             self.ring.submit()?;
         }
     }
+}
+
+/// Admits a locked range to the dirty tracker in pieces small enough for the activity log.
+/// All pieces are admitted before the write starts: a piece's regions may leave the log
+/// once its bits are in the on-disk bitmap, and they stay set there.
+fn admit_in_pieces(volume: &Volume, range: ByteRange) -> io::Result<()> {
+    let mut at = range.offset;
+    while at < range.end() {
+        let len = ADMIT_CHUNK.min(range.end() - at);
+        volume
+            .gate()
+            .admit_blocking(ByteRange::new(at, len))
+            .map_err(io::Error::other)?;
+        at += len;
+    }
+    Ok(())
 }
 
 /// One thread submits and reaps, so completion work can wait until that thread asks for
@@ -748,7 +947,12 @@ fn new_ring() -> io::Result<IoUring> {
         .or_else(|_| IoUring::new(RING_ENTRIES))
 }
 
-fn log_io_error(what: &str, e: &blockrep_volume::VolumeIoError) -> i32 {
+/// Logs a failed disk operation and gives the errno its client should see: ENOSPC as it is
+/// (the device is full), everything else as EIO.
+fn log_io_error(what: &str, e: &io::Error) -> i32 {
     tracing::error!(error = %e, "{what} failed");
-    e.errno()
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => libc::ENOSPC,
+        _ => libc::EIO,
+    }
 }

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use blockrep_core::CacheMode;
+use blockrep_core::{ByteRange, CacheMode};
 
 /// Offsets, lengths and memory of direct I/O are multiples of this.
 pub const DIRECT_IO_ALIGN: u64 = 4096;
@@ -24,6 +24,14 @@ impl std::fmt::Display for BackingKind {
             BackingKind::File => "file",
         })
     }
+}
+
+/// A run of a volume with one allocation status (NBD `base:allocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// A hole: unallocated, reads as zeroes.
+    pub hole: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,5 +163,94 @@ impl Backing {
 
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// The allocation of `range` as at most `max_extents` runs (at least one) that start at
+    /// `range.offset`, cover no more than `range`, and alternate between data and hole.
+    /// A file is read with `SEEK_DATA`/`SEEK_HOLE`; a block device (or a file system without
+    /// them) is reported as data throughout.
+    pub fn allocation(&self, range: ByteRange, max_extents: usize) -> io::Result<Vec<Extent>> {
+        let mut extents: Vec<Extent> = Vec::new();
+        if range.is_empty() {
+            return Ok(extents);
+        }
+        if self.kind == BackingKind::BlockDevice {
+            extents.push(Extent {
+                len: range.len,
+                hole: false,
+            });
+            return Ok(extents);
+        }
+        let end = range.end();
+        let mut at = range.offset;
+        while at < end && extents.len() < max_extents.max(1) {
+            let data = match self.seek(at, libc::SEEK_DATA) {
+                Ok(data) => data.min(end),
+                // No data at or after `at`: the rest is a hole.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // SEEK_DATA unsupported here: report data.
+                    extents.push(Extent {
+                        len: end - at,
+                        hole: false,
+                    });
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let (len, hole) = if data > at {
+                (data - at, true)
+            } else {
+                let hole = match self.seek(at, libc::SEEK_HOLE) {
+                    Ok(hole) => hole.min(end),
+                    Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                    Err(e) => return Err(e),
+                };
+                (hole.max(at + 1) - at, false)
+            };
+            match extents.last_mut() {
+                Some(last) if last.hole == hole => last.len += len,
+                _ => extents.push(Extent { len, hole }),
+            }
+            at += len;
+        }
+        Ok(extents)
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<u64> {
+        // SAFETY: plain syscall on an fd we own. The file position it moves is not used:
+        // all I/O here is positional.
+        let at = unsafe { libc::lseek64(self.file.as_raw_fd(), offset as i64, whence) };
+        if at < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(at as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_follows_seek_data_and_seek_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.img");
+        let file = File::create(&path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        file.write_all_at(&[7u8; 4096], 64 << 10).unwrap();
+        file.sync_all().unwrap();
+        let backing = Backing::open(&path, CacheMode::Writeback).unwrap();
+        let all = backing.allocation(ByteRange::new(0, 1 << 20), 16).unwrap();
+        let data: Vec<_> = all.iter().filter(|e| !e.hole).collect();
+        assert_eq!(all.iter().map(|e| e.len).sum::<u64>(), 1 << 20);
+        assert_eq!(data.len(), 1, "{all:?}");
+        // The file system may allocate more than the 4 KiB written, never less.
+        let before: u64 = all.iter().take_while(|e| e.hole).map(|e| e.len).sum();
+        assert!(before <= 64 << 10 && before + data[0].len >= (64 << 10) + 4096, "{all:?}");
+        let one = backing.allocation(ByteRange::new(0, 1 << 20), 1).unwrap();
+        assert_eq!(one.len(), 1);
+        assert!(one[0].hole);
     }
 }

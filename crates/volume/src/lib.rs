@@ -4,16 +4,22 @@
 //! - [`AlignedBuf`]: page-aligned buffers for direct I/O.
 //! - [`DirtyTracker`]: the dirty map and activity log of `blockrep-core`, persisted so that
 //!   after `kill -9` or power loss every block written since the last clear is dirty again.
-//! - [`Volume`]: what the NBD server serves: a backing plus its tracker.
+//! - [`WriteGate`]: the one place every write passes: block-range locks, then the tracker.
+//! - [`Waker`]: wakes a connection's ring from another thread.
+//! - [`Volume`]: what the NBD server serves: a backing plus its gate and tracker.
 
 mod backing;
 mod buf;
 mod durable_file;
+mod gate;
 mod tracker;
 mod volume;
+mod waker;
 
-pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, OpenError};
+pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, Extent, OpenError};
 pub use buf::{AlignedBuf, BufPool};
 pub use durable_file::write_file_durably;
 pub use tracker::{DirtyTracker, FlusherHandle, RecoveryReport, TrackerConfig, TrackerError};
-pub use volume::{ClientGuard, Volume, VolumeIoError};
+pub use gate::{ADMIT_CHUNK, Entered, WriteGate};
+pub use volume::{ClientGuard, IoCounters, Volume};
+pub use waker::Waker;

@@ -1,46 +1,35 @@
-//! A served volume: its backing, its dirty tracker and the slow paths of its I/O.
+//! A served volume: its backing, its write gate and dirty tracker, and the slow paths of
+//! its I/O.
 //!
 //! The NBD server submits aligned reads and writes straight to the backing with io_uring;
 //! what is left (unaligned writes, zeroing, discard) goes through the blocking methods here.
+//! Every write, fast or slow, holds its blocks through the [`WriteGate`] first.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use blockrep_core::ByteRange;
 
-use crate::backing::{Backing, DIRECT_IO_ALIGN};
+use crate::backing::{Backing, DIRECT_IO_ALIGN, Extent};
 use crate::buf::AlignedBuf;
-use crate::tracker::{DirtyTracker, TrackerError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum VolumeIoError {
-    #[error("dirty tracking: {0}")]
-    Tracker(#[from] TrackerError),
-    #[error("backing I/O: {0}")]
-    Io(#[from] io::Error),
-}
-
-impl VolumeIoError {
-    /// The errno an NBD client should see.
-    pub fn errno(&self) -> i32 {
-        match self {
-            VolumeIoError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => libc::ENOSPC,
-            _ => libc::EIO,
-        }
-    }
-}
+use crate::gate::WriteGate;
+use crate::tracker::DirtyTracker;
 
 pub struct Volume {
     name: String,
     backing: Backing,
-    tracker: Option<Arc<DirtyTracker>>,
-    /// Held across read-modify-write cycles, so two unaligned writes into one block do not
-    /// undo each other. Aligned writes never take it: they overlap an unaligned write into
-    /// the same block only when the client sent overlapping writes at once.
-    rmw: Mutex<()>,
+    gate: WriteGate,
     clients: AtomicUsize,
+    counters: IoCounters,
+}
+
+/// Bytes the volume's clients read and wrote since it came online.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
 }
 
 impl Volume {
@@ -48,9 +37,9 @@ impl Volume {
         Self {
             name,
             backing,
-            tracker,
-            rmw: Mutex::new(()),
+            gate: WriteGate::new(tracker),
             clients: AtomicUsize::new(0),
+            counters: IoCounters::default(),
         }
     }
 
@@ -66,8 +55,17 @@ impl Volume {
         self.backing.size()
     }
 
+    /// Every write-like command passes here; see [`WriteGate`].
+    pub fn gate(&self) -> &WriteGate {
+        &self.gate
+    }
+
     pub fn tracker(&self) -> Option<&Arc<DirtyTracker>> {
-        self.tracker.as_ref()
+        self.gate.tracker()
+    }
+
+    pub fn counters(&self) -> &IoCounters {
+        &self.counters
     }
 
     pub fn connected_clients(&self) -> usize {
@@ -82,14 +80,6 @@ impl Volume {
         }
     }
 
-    /// Records writes about to be submitted; returns once a crash cannot lose track of them.
-    pub fn admit_writes(&self, ranges: &[ByteRange]) -> Result<(), TrackerError> {
-        match &self.tracker {
-            Some(tracker) => tracker.admit(ranges),
-            None => Ok(()),
-        }
-    }
-
     /// Reads any range (aligned or not) with a blocking bounce read.
     pub fn read_unaligned(&self, range: ByteRange, out: &mut [u8]) -> io::Result<()> {
         let outer = range.align_out(DIRECT_IO_ALIGN);
@@ -101,27 +91,16 @@ impl Volume {
     }
 
     /// Writes `data` at any offset: the edge blocks are read, patched and written whole.
-    /// `data == None` writes zeroes.
-    pub fn write_unaligned(
+    /// `data == None` writes zeroes. The caller holds the range's blocks through the gate
+    /// and has admitted the range.
+    pub fn read_modify_write(
         &self,
         range: ByteRange,
         data: Option<&[u8]>,
         fua: bool,
-    ) -> Result<(), VolumeIoError> {
-        self.admit_writes(&[range])?;
-        self.read_modify_write(range, data, fua)
-    }
-
-    /// The read-modify-write of [`Volume::write_unaligned`], for a range already admitted.
-    fn read_modify_write(
-        &self,
-        range: ByteRange,
-        data: Option<&[u8]>,
-        fua: bool,
-    ) -> Result<(), VolumeIoError> {
+    ) -> io::Result<()> {
         let outer = range.align_out(DIRECT_IO_ALIGN);
         let mut buf = AlignedBuf::new(outer.len as usize);
-        let _rmw = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
         let block = DIRECT_IO_ALIGN as usize;
         if range.offset != outer.offset {
             self.backing
@@ -148,15 +127,10 @@ impl Volume {
     }
 
     /// Zeroes a range; `may_trim` lets the blocks be deallocated (NBD without NO_HOLE).
-    pub fn write_zeroes(
-        &self,
-        range: ByteRange,
-        may_trim: bool,
-        fua: bool,
-    ) -> Result<(), VolumeIoError> {
+    /// The caller holds the range's blocks and has admitted the range.
+    pub fn write_zeroes(&self, range: ByteRange, may_trim: bool, fua: bool) -> io::Result<()> {
         let inner_start = range.offset.next_multiple_of(DIRECT_IO_ALIGN);
         let inner_end = range.end() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
-        self.admit_writes(&[range])?;
         if inner_start >= inner_end {
             return self.read_modify_write(range, None, fua);
         }
@@ -182,7 +156,7 @@ impl Volume {
         };
         if let Err(e) = self.fallocate(mode, inner) {
             if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
-                return Err(e.into());
+                return Err(e);
             }
             self.write_zero_blocks(inner)?;
         }
@@ -192,26 +166,35 @@ impl Volume {
         Ok(())
     }
 
-    /// Discards a range. Only whole blocks are discarded; discard is advisory, but the range
-    /// still counts as written, since the peer must see what the device now returns.
-    pub fn trim(&self, range: ByteRange, fua: bool) -> Result<(), VolumeIoError> {
+    /// The whole blocks inside `range`: what [`Volume::trim`] discards.
+    pub fn trim_blocks(range: ByteRange) -> ByteRange {
         let start = range.offset.next_multiple_of(DIRECT_IO_ALIGN);
         let end = range.end() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
-        if start >= end {
-            return Ok(());
-        }
-        let inner = ByteRange::new(start, end - start);
-        self.admit_writes(&[inner])?;
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match self.fallocate(mode, inner) {
-            Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {}
-            Err(e) => return Err(e.into()),
+        ByteRange::new(start, end.saturating_sub(start))
+    }
+
+    /// Discards the whole blocks of a range. Discard is advisory, but the range still counts
+    /// as written (the caller admits it), since the peer must see what the device now returns.
+    pub fn trim(&self, range: ByteRange, fua: bool) -> io::Result<()> {
+        let inner = Self::trim_blocks(range);
+        if !inner.is_empty() {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.fallocate(mode, inner) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {}
+                Err(e) => return Err(e),
+            }
         }
         if fua {
             self.backing.sync_data()?;
         }
         Ok(())
+    }
+
+    /// Which parts of `range` are allocated, for NBD block status; see
+    /// [`Backing::allocation`].
+    pub fn allocation(&self, range: ByteRange, max_extents: usize) -> io::Result<Vec<Extent>> {
+        self.backing.allocation(range, max_extents)
     }
 
     fn fallocate(&self, mode: i32, range: ByteRange) -> io::Result<()> {
