@@ -53,6 +53,8 @@ fn volume_json(v: &proto::Volume) -> Value {
         "bitmap_granularity": v.bitmap_granularity,
         "active_regions": v.active_regions,
         "connected_clients": v.connected_clients,
+        "bytes_read": v.bytes_read,
+        "bytes_written": v.bytes_written,
         "created_at": v.created_at,
     })
 }
@@ -163,6 +165,14 @@ impl Render for proto::Volume {
             ),
             ("active regions", self.active_regions.to_string()),
             ("connected clients", self.connected_clients.to_string()),
+            (
+                "client i/o",
+                format!(
+                    "{} read, {} written",
+                    human_bytes(self.bytes_read),
+                    human_bytes(self.bytes_written)
+                ),
+            ),
             ("created", self.created_at.clone()),
         ];
         if !self.error.is_empty() {

@@ -53,6 +53,8 @@ pub struct OnlineView {
     pub dirty_bytes: Option<u64>,
     pub active_regions: usize,
     pub connected_clients: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 impl Agent {
@@ -317,6 +319,8 @@ impl Agent {
             dirty_bytes: o.volume.tracker().map(|t| t.dirty_bytes()),
             active_regions: o.volume.tracker().map_or(0, |t| t.active_regions()),
             connected_clients: o.volume.connected_clients(),
+            bytes_read: o.volume.counters().bytes_read.load(Ordering::Relaxed),
+            bytes_written: o.volume.counters().bytes_written.load(Ordering::Relaxed),
         });
         VolumeView {
             record: entry.record.clone(),

@@ -48,6 +48,8 @@ impl AgentService {
             connected_clients: online.map_or(0, |o| o.connected_clients as u32),
             created_at: v.record.created_at,
             cache_mode: v.record.cache.to_string(),
+            bytes_read: online.map_or(0, |o| o.bytes_read),
+            bytes_written: online.map_or(0, |o| o.bytes_written),
         }
     }
 
