@@ -66,7 +66,7 @@ rm -f "$work/copy.img"
 
 step "dirty bytes tracked by the agent"
 blockrep status
-blockrep volume dirty demo | tail -n 4
+blockrep volume dirty demo
 
 step "restart the daemon (SIGTERM: drain, flush bitmap) and find the volume again"
 kill -TERM "$daemon_pid"; wait "$daemon_pid"

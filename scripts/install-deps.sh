@@ -30,8 +30,22 @@ if ((${#missing[@]})); then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
+    # Another apt (unattended upgrades, a parallel job) may hold the locks: wait for it
+    # rather than fail. DPkg::Lock::Timeout covers the dpkg lock; the package lists' lock
+    # is retried here.
+    apt_wait=(-o DPkg::Lock::Timeout=600)
+    for attempt in $(seq 60); do
+        if apt-get "${apt_wait[@]}" update -qq 2>"${TMPDIR:-/tmp}/install-deps.err"; then
+            break
+        fi
+        if ! grep -q "Could not get lock" "${TMPDIR:-/tmp}/install-deps.err" || ((attempt == 60)); then
+            cat "${TMPDIR:-/tmp}/install-deps.err" >&2
+            exit 1
+        fi
+        echo "install-deps: apt is busy; waiting for its lock" >&2
+        sleep 10
+    done
+    apt-get "${apt_wait[@]}" install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "install-deps: installing cargo-nextest" >&2

@@ -18,11 +18,41 @@ pub use model::ApiError;
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blockrep/control.sock";
 
+/// The control socket could not be reached: one line naming the socket, the cause once,
+/// and what to do about it.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach blockrepd at {path}: {source}")]
+#[error("cannot reach blockrepd at {}: {cause}; {hint}", path.display())]
 pub struct ConnectError {
     pub path: PathBuf,
-    pub source: tonic::transport::Error,
+    pub cause: String,
+    pub hint: &'static str,
+}
+
+impl ConnectError {
+    fn new(path: &Path, error: &tonic::transport::Error) -> Self {
+        // The transport error wraps the socket's error in layers that repeat it: report the
+        // innermost cause only.
+        let mut innermost: &(dyn std::error::Error + 'static) = error;
+        while let Some(source) = innermost.source() {
+            innermost = source;
+        }
+        let kind = innermost
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind);
+        let hint = match kind {
+            Some(std::io::ErrorKind::PermissionDenied) => {
+                "the socket is open to root and the blockrep group: run as root or join the group (usermod -aG blockrep USER)"
+            }
+            _ => {
+                "is blockrepd running? start it with `systemctl start blockrepd`, or give --socket (or BLOCKREP_SOCKET)"
+            }
+        };
+        Self {
+            path: path.to_owned(),
+            cause: innermost.to_string(),
+            hint,
+        }
+    }
 }
 
 /// Connects a client to the daemon's control socket.
@@ -41,9 +71,6 @@ pub async fn connect(
             }
         }))
         .await
-        .map_err(|source| ConnectError {
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(|e| ConnectError::new(path, &e))?;
     Ok(proto::agent_client::AgentClient::new(channel))
 }
