@@ -16,6 +16,9 @@ declare -A packages=(
     [mkfs.ext4]=e2fsprogs
     [losetup]=mount
     [sha256sum]=coreutils
+    [dpkg-deb]=dpkg
+    [groupadd]=passwd
+    [setpriv]=util-linux
 )
 
 missing=()
@@ -50,4 +53,9 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "install-deps: installing cargo-nextest" >&2
     cargo install --locked cargo-nextest
+fi
+# The Debian package (scripts/package.sh, and its test).
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "install-deps: installing cargo-deb" >&2
+    cargo install --locked cargo-deb --version 3.8.0
 fi

@@ -62,6 +62,12 @@ impl Daemon {
 
     /// Starts with an existing config and waits for systemd's `READY=1`.
     pub fn start_with_config(dir: &Path, config: &Path) -> anyhow::Result<Self> {
+        Self::start_program(&binary("blockrepd"), dir, config)
+    }
+
+    /// Starts `program` (a blockrepd, such as an installed one) with `config`, whose
+    /// runtime_dir is `dir/run`, and waits for `READY=1`.
+    pub fn start_program(program: &Path, dir: &Path, config: &Path) -> anyhow::Result<Self> {
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)?;
@@ -71,7 +77,7 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(binary("blockrepd"))
+        let child = Command::new(program)
             .arg("--config")
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)

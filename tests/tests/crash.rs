@@ -16,7 +16,7 @@ const BLOCK: u64 = 4096;
 /// all the time and recovery leans on the bitmap file. Odd rounds: a log that holds every
 /// region and a bitmap flushed only at shutdown, so recovery leans on the log alone.
 const CONFIGS: [&str; 2] = [
-    "[bitmap]\nregion_size = \"1MiB\"\nactive_regions = 40\nflush_interval_ms = 20\n",
+    "[bitmap]\nregion_size = \"1MiB\"\nactive_regions = 80\nflush_interval_ms = 20\n",
     "[bitmap]\nregion_size = \"1MiB\"\nactive_regions = 1024\nflush_interval_ms = 60000\n",
 ];
 

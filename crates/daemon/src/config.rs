@@ -38,6 +38,7 @@ struct RawConfig {
     #[serde(default = "default_runtime_dir")]
     runtime_dir: PathBuf,
     control_socket: Option<PathBuf>,
+    control_socket_group: Option<String>,
     #[serde(default = "default_shutdown_grace_ms")]
     shutdown_grace_ms: u64,
     #[serde(default)]
@@ -151,6 +152,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub runtime_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// The group that may use the control socket besides root (the package's `blockrep`).
+    pub control_socket_group: Option<String>,
     /// How long clients get, at shutdown, to take the replies to their requests in flight.
     pub shutdown_grace: Duration,
     /// `None` when dirty tracking is switched off (benchmarks only).
@@ -159,7 +162,7 @@ pub struct Config {
 }
 
 /// The largest single NBD write, which one admission must fit in the activity log.
-const MAX_WRITE: u64 = 32 << 20;
+const MAX_WRITE: u64 = 64 << 20;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -203,6 +206,9 @@ impl Config {
                 format!("{} is not an absolute path", control_socket.display()),
             ));
         }
+        if let Some(group) = &raw.control_socket_group {
+            check_label(group).map_err(|m| invalid("control_socket_group", m))?;
+        }
 
         if raw.shutdown_grace_ms > 600_000 {
             return Err(invalid(
@@ -238,7 +244,7 @@ impl Config {
             return Err(invalid(
                 "bitmap.active_regions",
                 format!(
-                    "{} must be from {min_regions} to 65536 (a 32 MiB write must fit)",
+                    "{} must be from {min_regions} to 65536 (a 64 MiB write must fit)",
                     b.active_regions
                 ),
             ));
@@ -271,6 +277,7 @@ impl Config {
             state_dir: raw.state_dir,
             runtime_dir: raw.runtime_dir,
             control_socket,
+            control_socket_group: raw.control_socket_group,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
             tracker,
             nbd_tcp_listen,

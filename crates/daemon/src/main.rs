@@ -92,6 +92,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _lock = lock_state_dir(&config.state_dir)?;
     let control_socket = config.control_socket.clone();
+    let control_group = config.control_socket_group.clone();
     let tcp = config.nbd_tcp_listen;
 
     let agent = Agent::start(config, tokio::runtime::Handle::current())
@@ -100,7 +101,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(addr) => Some(agent.listen_tcp(addr).await?),
         None => None,
     };
-    let incoming = bind_control_socket(&control_socket)?;
+    let incoming = bind_control_socket(&control_socket, control_group.as_deref())?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let service = AgentServer::new(service::AgentService {
@@ -151,7 +152,11 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Flock<File>> {
     })
 }
 
-fn bind_control_socket(path: &Path) -> anyhow::Result<tokio_stream::wrappers::UnixListenerStream> {
+/// The control socket: mode 0660, owned by root and, if configured, the operators' group.
+fn bind_control_socket(
+    path: &Path,
+    group: Option<&str>,
+) -> anyhow::Result<tokio_stream::wrappers::UnixListenerStream> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
@@ -159,6 +164,15 @@ fn bind_control_socket(path: &Path) -> anyhow::Result<tokio_stream::wrappers::Un
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("listen on {}", path.display()))?;
     set_mode(path, 0o660).with_context(|| format!("chmod {}", path.display()))?;
+    if let Some(name) = group {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("look up group {name}"))?
+            .with_context(|| {
+                format!("control_socket_group: there is no group named {name} (create it with groupadd --system {name})")
+            })?;
+        nix::unistd::chown(path, None, Some(group.gid))
+            .with_context(|| format!("give {} to group {name}", path.display()))?;
+    }
     Ok(tokio_stream::wrappers::UnixListenerStream::new(listener))
 }
 
