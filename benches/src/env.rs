@@ -57,7 +57,10 @@ pub struct Env {
 impl Env {
     pub fn temp_dir(&mut self) -> anyhow::Result<PathBuf> {
         // Kept past the TempDir: removal is this stack's job, in its order.
-        let dir = tempfile::Builder::new().prefix("blockrep-bench.").tempdir_in("/tmp")?.keep();
+        let dir = tempfile::Builder::new()
+            .prefix("blockrep-bench.")
+            .tempdir_in("/tmp")?
+            .keep();
         self.stack.push(Resource::Dir(dir.clone()));
         Ok(dir)
     }

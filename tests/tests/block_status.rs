@@ -88,12 +88,14 @@ fn nbdinfo_map_and_qemu_img_map_match_the_backing_file() {
         }
     }
     assert_eq!(covered, SIZE);
-    assert_eq!(data, expected, "nbdinfo --map agrees with SEEK_DATA on the file");
+    assert_eq!(
+        data, expected,
+        "nbdinfo --map agrees with SEEK_DATA on the file"
+    );
 
     // qemu-img map over NBD agrees with qemu-img map of the file itself.
     let map_of = |target: &str| -> Vec<(u64, u64, bool)> {
-        let out = run(Command::new("qemu-img")
-            .args(["map", "--output=json", "-f", "raw", target]));
+        let out = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", target]));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         for e in v.as_array().unwrap() {
@@ -108,7 +110,10 @@ fn nbdinfo_map_and_qemu_img_map_match_the_backing_file() {
     };
     let through_nbd = map_of(&daemon.nbd_uri("vol1"));
     let of_file = map_of(image.to_str().unwrap());
-    assert_eq!(through_nbd, of_file, "qemu-img map over NBD and of the file");
+    assert_eq!(
+        through_nbd, of_file,
+        "qemu-img map over NBD and of the file"
+    );
     daemon.stop().unwrap();
 }
 
@@ -128,7 +133,10 @@ fn sparse_copies_read_only_the_allocated_bytes() {
         .arg(&copy));
     let nbdcopy_read = bytes_read(&daemon) - before;
     eprintln!("nbdcopy read {nbdcopy_read} bytes of a volume with {allocated} allocated");
-    assert!(nbdcopy_read <= limit, "nbdcopy read {nbdcopy_read} bytes, allocated {allocated}");
+    assert!(
+        nbdcopy_read <= limit,
+        "nbdcopy read {nbdcopy_read} bytes, allocated {allocated}"
+    );
     same_content(&copy, &image);
     std::fs::remove_file(&copy).unwrap();
 
@@ -140,7 +148,10 @@ fn sparse_copies_read_only_the_allocated_bytes() {
         .arg(&converted));
     let convert_read = bytes_read(&daemon) - before;
     eprintln!("qemu-img convert read {convert_read} bytes of a volume with {allocated} allocated");
-    assert!(convert_read <= limit, "qemu-img convert read {convert_read} bytes, allocated {allocated}");
+    assert!(
+        convert_read <= limit,
+        "qemu-img convert read {convert_read} bytes, allocated {allocated}"
+    );
     same_content(&converted, &image);
     daemon.stop().unwrap();
 }

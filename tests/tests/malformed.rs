@@ -110,9 +110,8 @@ fn malformed_requests_get_errors_or_disconnects_and_change_nothing() {
     // Cases the server answers by closing the connection.
     let mut bad_magic = request(CMD_WRITE, 0, 1, 0, 4096);
     bad_magic[0] ^= 0xff;
-    let closing: Vec<(&str, Vec<u8>)> = vec![
-        ("bad request magic", [bad_magic, vec![0xee; 4096]].concat()),
-    ];
+    let closing: Vec<(&str, Vec<u8>)> =
+        vec![("bad request magic", [bad_magic, vec![0xee; 4096]].concat())];
     for (case, bytes) in closing {
         let mut c = connect();
         c.stream.write_all(&bytes).unwrap();
@@ -217,17 +216,46 @@ fn fua_on_any_command_and_64_mib_requests_are_served() {
     assert_ne!(c.transmission_flags & (1 << 3), 0, "SEND_FUA advertised");
     let big = 64u32 << 20;
     let data: Vec<u8> = (0..big).map(|i| (i % 251) as u8).collect();
-    c.send(CMD_WRITE, nbd::FLAG_FUA, 1, 4096, big, &data).unwrap();
-    assert_eq!(c.reply().unwrap(), nbd::Reply { error: 0, handle: 1 });
+    c.send(CMD_WRITE, nbd::FLAG_FUA, 1, 4096, big, &data)
+        .unwrap();
+    assert_eq!(
+        c.reply().unwrap(),
+        nbd::Reply {
+            error: 0,
+            handle: 1
+        }
+    );
     c.send(CMD_READ, nbd::FLAG_FUA, 2, 4096, big, &[]).unwrap();
-    assert_eq!(c.reply().unwrap(), nbd::Reply { error: 0, handle: 2 }, "FUA on read");
+    assert_eq!(
+        c.reply().unwrap(),
+        nbd::Reply {
+            error: 0,
+            handle: 2
+        },
+        "FUA on read"
+    );
     let mut back = vec![0u8; big as usize];
     c.stream.read_exact(&mut back).unwrap();
     assert!(back == data, "64 MiB read back");
     c.send(nbd::CMD_FLUSH, nbd::FLAG_FUA, 3, 0, 0, &[]).unwrap();
-    assert_eq!(c.reply().unwrap(), nbd::Reply { error: 0, handle: 3 }, "FUA on flush");
-    c.send(nbd::CMD_TRIM, nbd::FLAG_FUA, 4, 0, 4096, &[]).unwrap();
-    assert_eq!(c.reply().unwrap(), nbd::Reply { error: 0, handle: 4 }, "FUA on trim");
+    assert_eq!(
+        c.reply().unwrap(),
+        nbd::Reply {
+            error: 0,
+            handle: 3
+        },
+        "FUA on flush"
+    );
+    c.send(nbd::CMD_TRIM, nbd::FLAG_FUA, 4, 0, 4096, &[])
+        .unwrap();
+    assert_eq!(
+        c.reply().unwrap(),
+        nbd::Reply {
+            error: 0,
+            handle: 4
+        },
+        "FUA on trim"
+    );
     c.disconnect().unwrap();
     daemon.stop().unwrap();
 }

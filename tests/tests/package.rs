@@ -81,9 +81,15 @@ fn the_package_installs_serves_its_group_and_purges_cleanly() {
 
     run(Command::new("dpkg").arg("-i").arg(&deb));
     assert!(package_installed());
-    assert!(group_exists("blockrep"), "installing creates the blockrep group");
-    run(Command::new("/usr/bin/blockrepd")
-        .args(["--check-config", "--config", "/etc/blockrep/blockrepd.toml"]));
+    assert!(
+        group_exists("blockrep"),
+        "installing creates the blockrep group"
+    );
+    run(Command::new("/usr/bin/blockrepd").args([
+        "--check-config",
+        "--config",
+        "/etc/blockrep/blockrepd.toml",
+    ]));
 
     // The installed daemon with the installed configuration, its directories moved into a
     // scratch directory: the control socket belongs to the blockrep group, and a member of
@@ -92,13 +98,22 @@ fn the_package_installs_serves_its_group_and_purges_cleanly() {
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let config = std::fs::read_to_string("/etc/blockrep/blockrepd.toml").unwrap();
     let config = config
-        .replace("\"/var/lib/blockrep\"", &format!("{:?}", scratch.path().join("state")))
-        .replace("\"/run/blockrep\"", &format!("{:?}", scratch.path().join("run")));
+        .replace(
+            "\"/var/lib/blockrep\"",
+            &format!("{:?}", scratch.path().join("state")),
+        )
+        .replace(
+            "\"/run/blockrep\"",
+            &format!("{:?}", scratch.path().join("run")),
+        );
     let config_path = scratch.path().join("blockrepd.toml");
     std::fs::write(&config_path, config).unwrap();
-    let daemon =
-        Daemon::start_program(Path::new("/usr/bin/blockrepd"), scratch.path(), &config_path)
-            .unwrap();
+    let daemon = Daemon::start_program(
+        Path::new("/usr/bin/blockrepd"),
+        scratch.path(),
+        &config_path,
+    )
+    .unwrap();
     let gid = run(Command::new("getent").args(["group", "blockrep"]))
         .split(':')
         .nth(2)
@@ -106,10 +121,20 @@ fn the_package_installs_serves_its_group_and_purges_cleanly() {
         .parse::<u32>()
         .unwrap();
     let socket = &daemon.socket;
-    assert_eq!(std::fs::metadata(socket).unwrap().gid(), gid, "socket group");
+    assert_eq!(
+        std::fs::metadata(socket).unwrap().gid(),
+        gid,
+        "socket group"
+    );
     let cli_as = |groups: &str| {
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", groups, "/usr/bin/blockrep", "--socket"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                groups,
+                "/usr/bin/blockrep",
+                "--socket",
+            ])
             .arg(socket)
             .arg("status")
             .output()
@@ -136,6 +161,13 @@ fn the_package_installs_serves_its_group_and_purges_cleanly() {
         let path = Path::new(&file[1..]);
         assert!(!path.exists(), "{} left behind", path.display());
     }
-    assert!(!Path::new("/etc/blockrep").exists(), "/etc/blockrep left behind");
-    assert_eq!(group_exists("blockrep"), group_before, "the group is as before");
+    assert!(
+        !Path::new("/etc/blockrep").exists(),
+        "/etc/blockrep left behind"
+    );
+    assert_eq!(
+        group_exists("blockrep"),
+        group_before,
+        "the group is as before"
+    );
 }

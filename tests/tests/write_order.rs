@@ -67,7 +67,9 @@ fn race(cache: &str) -> u32 {
     }
     stop.store(true, Ordering::Relaxed);
     let a_writes = a.join().unwrap();
-    eprintln!("{cache}: {lost} lost updates in {ITERATIONS} iterations against {a_writes} unaligned writes");
+    eprintln!(
+        "{cache}: {lost} lost updates in {ITERATIONS} iterations against {a_writes} unaligned writes"
+    );
     assert!(a_writes > 100, "connection A must actually race B");
     b.disconnect().unwrap();
     daemon.stop().unwrap();

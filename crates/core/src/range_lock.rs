@@ -178,13 +178,16 @@ impl<W> RangeLocks<W> {
         let mut granted = Vec::new();
         for key in candidates {
             let range = ByteRange::new(key.0, self.entries[&key].end - key.0);
-            let blocked = self
-                .overlapping(range)
-                .any(|(other, e)| other != key && (matches!(e.state, State::Held) || other.1 < key.1));
+            let blocked = self.overlapping(range).any(|(other, e)| {
+                other != key && (matches!(e.state, State::Held) || other.1 < key.1)
+            });
             if blocked {
                 continue;
             }
-            let entry = self.entries.get_mut(&key).expect("candidate is in the table");
+            let entry = self
+                .entries
+                .get_mut(&key)
+                .expect("candidate is in the table");
             if let State::Queued(waiter) = std::mem::replace(&mut entry.state, State::Held) {
                 self.queued -= 1;
                 granted.push(waiter);
@@ -221,7 +224,11 @@ mod tests {
         assert!(matches!((a, b), (Acquired::Held(_), Acquired::Held(_))));
         let c = locks.acquire(r(0, 8192), 'c');
         assert!(matches!(c, Acquired::Queued(_)));
-        assert_eq!(locks.release(a.id()), Vec::<char>::new(), "b still overlaps c");
+        assert_eq!(
+            locks.release(a.id()),
+            Vec::<char>::new(),
+            "b still overlaps c"
+        );
         assert!(!locks.is_held(c.id()));
         assert_eq!(locks.release(b.id()), vec!['c']);
         assert!(locks.is_held(c.id()));

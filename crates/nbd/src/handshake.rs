@@ -93,12 +93,11 @@ pub fn negotiate<S: Read + Write>(
     let mut negotiated = Negotiated::default();
     let mut meta: Option<MetaSelection> = None;
     // Block status is served for the export the contexts were selected for.
-    let chosen = |volume: &Arc<Volume>, negotiated: Negotiated, meta: &Option<MetaSelection>| {
-        Negotiated {
+    let chosen =
+        |volume: &Arc<Volume>, negotiated: Negotiated, meta: &Option<MetaSelection>| Negotiated {
             base_allocation: meta.as_ref().is_some_and(|m| m.export == volume.name()),
             ..negotiated
-        }
-    };
+        };
 
     loop {
         let mut header = [0u8; 16];
@@ -206,7 +205,12 @@ pub fn negotiate<S: Read + Write>(
                     continue;
                 }
                 let Some((name, queries)) = parse_meta_request(&data) else {
-                    option_reply(stream, option, REP_ERR_INVALID, b"malformed meta context request")?;
+                    option_reply(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        b"malformed meta context request",
+                    )?;
                     continue;
                 };
                 let Some(volume) = exports.find(&name) else {

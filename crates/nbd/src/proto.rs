@@ -189,7 +189,13 @@ pub fn put_read_chunk(out: &mut Vec<u8>, handle: u64, offset: u64, len: u32) {
         put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
         return;
     }
-    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle, 8 + len);
+    put_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        8 + len,
+    );
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
@@ -284,7 +290,8 @@ mod tests {
         assert_eq!(
             out,
             [
-                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 10, // header
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0,
+                10, // header
                 0, 0, 0, 0, 0, 0, 0x10, 0, b'h', b'i'
             ]
         );
@@ -306,8 +313,17 @@ mod tests {
 
     #[test]
     fn fua_is_allowed_on_every_command() {
-        for command in [Command::Read, Command::Flush, Command::Trim, Command::BlockStatus] {
-            assert_ne!(command.allowed_flags(false) & CMD_FLAG_FUA, 0, "{command:?}");
+        for command in [
+            Command::Read,
+            Command::Flush,
+            Command::Trim,
+            Command::BlockStatus,
+        ] {
+            assert_ne!(
+                command.allowed_flags(false) & CMD_FLAG_FUA,
+                0,
+                "{command:?}"
+            );
         }
         assert_eq!(Command::Read.allowed_flags(false) & CMD_FLAG_DF, 0);
         assert_ne!(Command::Read.allowed_flags(true) & CMD_FLAG_DF, 0);

@@ -476,10 +476,7 @@ impl Connection {
 
     fn write_arrived(&mut self, p: Payload) {
         let Payload {
-            req,
-            buf,
-            reject,
-            ..
+            req, buf, reject, ..
         } = p;
         match (reject, buf) {
             (None, Some(mut buf)) => {
@@ -643,7 +640,13 @@ impl Connection {
             let backing = self.volume.backing();
             let written = backing
                 .write_all_at(buf, write.range.offset)
-                .and_then(|()| if write.fua { backing.sync_data() } else { Ok(()) })
+                .and_then(|()| {
+                    if write.fua {
+                        backing.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                })
                 .map_err(|e| log_io_error("write", &e));
             self.finish_write(write, written);
             return Ok(());

@@ -248,7 +248,10 @@ mod tests {
         assert_eq!(data.len(), 1, "{all:?}");
         // The file system may allocate more than the 4 KiB written, never less.
         let before: u64 = all.iter().take_while(|e| e.hole).map(|e| e.len).sum();
-        assert!(before <= 64 << 10 && before + data[0].len >= (64 << 10) + 4096, "{all:?}");
+        assert!(
+            before <= 64 << 10 && before + data[0].len >= (64 << 10) + 4096,
+            "{all:?}"
+        );
         let one = backing.allocation(ByteRange::new(0, 1 << 20), 1).unwrap();
         assert_eq!(one.len(), 1);
         assert!(one[0].hole);

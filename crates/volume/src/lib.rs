@@ -19,7 +19,7 @@ mod waker;
 pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, Extent, OpenError};
 pub use buf::{AlignedBuf, BufPool};
 pub use durable_file::write_file_durably;
-pub use tracker::{DirtyTracker, FlusherHandle, RecoveryReport, TrackerConfig, TrackerError};
 pub use gate::{ADMIT_CHUNK, Entered, WriteGate};
+pub use tracker::{DirtyTracker, FlusherHandle, RecoveryReport, TrackerConfig, TrackerError};
 pub use volume::{ClientGuard, IoCounters, Volume};
 pub use waker::Waker;
