@@ -10,6 +10,7 @@ pub mod dirty_map;
 pub mod extent;
 pub mod ids;
 pub mod range_lock;
+pub mod replication;
 
 pub use activity_log::{ActivityLog, Admission, AlVersion, FlushTicket, RegionIndex, RetirePolicy};
 pub use cache_mode::{CacheMode, UnknownCacheMode};

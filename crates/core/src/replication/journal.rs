@@ -1,0 +1,470 @@
+//! The production side of an async pair: epochs, the bounded in-memory journal of writes on
+//! their way to the DR side, and bitmap mode with its catch-up.
+//!
+//! ```text
+//!             overflow                     catch-up starts
+//!  Journal ────────────────► Bitmap ───────────────────────► CatchUp { live: false }
+//!     ▲                        ▲  overflow                          │ dirty set small
+//!     │                        ├──────────────────────────────────┐ ▼
+//!     └─── Seal(K) queued ──── FinalPass { live: true, seal at K } ◄┘
+//! ```
+//!
+//! - **Journal.** A write reads the current epoch when it is admitted and counts as
+//!   outstanding in it; when it completes locally its data is queued, tagged with the epoch.
+//!   [`Journal::advance_epoch`] moves new writes to the next epoch; an epoch is sealed (a
+//!   `Seal` queued after its writes) once nothing is outstanding in it or before it. The DR
+//!   side applies all staged writes of epochs ≤ E when `Seal(E)` arrives.
+//! - **Overflow.** A completion that would take the queue past its bound switches to bitmap
+//!   mode: the queue is dropped, the tickets of every unsent epoch are handed back to be
+//!   forgotten (their blocks stay dirty) and a `Discard` tells the DR side to drop what it
+//!   staged after the last seal it was sent. Writes go on, tracked by the bitmap only.
+//! - **Catch-up.** The resync reader queues dirty extents like writes (its own reads wait on
+//!   the bound instead of overflowing it), with no seals: the DR side stages them. Once the
+//!   dirty set is small, live writes are journaled again (final pass); when the reader has
+//!   sent the last extents, the epoch is advanced and its seal covers the whole catch-up:
+//!   the DR side moves from its old consistent image to the new one in one step.
+//!
+//! Data is dropped from the journal as soon as the sender takes it: the QUIC stream holds
+//! it from there, and after a broken link the pair catches up from the bitmap instead of
+//! resending from memory. Tickets stay until the DR side reports the epoch staged.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::extent::ByteRange;
+use crate::replication::ids::{Epoch, WriteSeq};
+use crate::replication::tickets::Ticket;
+
+/// What a queued frame carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload<P> {
+    Data(P),
+    /// The range reads as zeroes (WRITE_ZEROES, TRIM, or an all-zero resync extent).
+    Zeroes,
+}
+
+/// A frame for the DR side, in the order it must be sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outgoing<P> {
+    Write {
+        epoch: Epoch,
+        seq: WriteSeq,
+        range: ByteRange,
+        payload: Payload<P>,
+    },
+    /// Every write of epochs ≤ `epoch` has been queued before this.
+    Seal { epoch: Epoch },
+    /// Drop what was staged for epochs after `after`: it will not be sealed.
+    Discard { after: Epoch },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Writes are journaled and sealed per epoch.
+    Journal,
+    /// Overflowed: writes are tracked by the bitmap only; the DR side keeps its last epoch.
+    Bitmap,
+    /// The resync reader streams dirty extents; live writes are journaled only once `live`.
+    CatchUp { live: bool },
+}
+
+/// How an admitted write is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub epoch: Epoch,
+    /// Its data goes to the peer (and it should take a ticket); otherwise only the bitmap
+    /// tracks it.
+    pub journaled: bool,
+}
+
+/// What [`Journal::complete`] did with a write's data.
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Completed {
+    Queued,
+    /// Not journaled (bitmap mode): forget the write's ticket, if it took one.
+    NotJournaled,
+    /// The journal overflowed: forget these tickets (this write's among them); the pair is
+    /// now in bitmap mode.
+    Overflowed {
+        forget: Vec<Ticket>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Journal<P> {
+    limit: u64,
+    mode: Mode,
+    current: Epoch,
+    /// Admitted and not yet completed, by epoch.
+    outstanding: BTreeMap<Epoch, u64>,
+    /// Every epoch ≤ this has its seal queued.
+    sealed: Epoch,
+    /// Seals are held back during a catch-up until it ends.
+    sealing: bool,
+    /// The catch-up ends with the seal of this epoch.
+    catch_up_ends: Option<Epoch>,
+    queue: VecDeque<Outgoing<P>>,
+    queued_bytes: u64,
+    /// The last seal handed to the sender.
+    seal_sent: Epoch,
+    /// Tickets of queued or sent writes, by epoch, until the DR side stages the epoch.
+    tickets: BTreeMap<Epoch, Vec<Ticket>>,
+    /// The last epoch the DR side reported staged.
+    staged: Epoch,
+    next_seq: u64,
+}
+
+/// Bytes a payload counts against the bound (zero ranges cost their header only).
+pub trait PayloadLen {
+    fn payload_len(&self) -> u64;
+}
+
+impl PayloadLen for Vec<u8> {
+    fn payload_len(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl<P: PayloadLen> Journal<P> {
+    /// A journal whose DR side holds everything up to `staged` and whose queue holds at most
+    /// `limit` bytes of data.
+    pub fn new(limit: u64, staged: Epoch) -> Self {
+        Self {
+            limit,
+            mode: Mode::Journal,
+            current: staged.next(),
+            outstanding: BTreeMap::new(),
+            sealed: staged,
+            sealing: true,
+            catch_up_ends: None,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            seal_sent: staged,
+            tickets: BTreeMap::new(),
+            staged,
+            next_seq: 0,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn current_epoch(&self) -> Epoch {
+        self.current
+    }
+
+    /// The last epoch the DR side has staged whole.
+    pub fn staged_epoch(&self) -> Epoch {
+        self.staged
+    }
+
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Whether live writes' data goes to the peer now.
+    fn journaling(&self) -> bool {
+        matches!(self.mode, Mode::Journal | Mode::CatchUp { live: true })
+    }
+
+    /// A write (or a resync read) is admitted: its epoch.
+    pub fn admit(&mut self) -> Admitted {
+        *self.outstanding.entry(self.current).or_insert(0) += 1;
+        Admitted {
+            epoch: self.current,
+            journaled: self.journaling(),
+        }
+    }
+
+    /// A write admitted in `admitted.epoch` completed locally. `ticket` is the one it took if
+    /// it was journaled.
+    pub fn complete(
+        &mut self,
+        admitted: Admitted,
+        range: ByteRange,
+        payload: Payload<P>,
+        ticket: Option<Ticket>,
+    ) -> Completed {
+        self.finish_outstanding(admitted.epoch);
+        let result = if !admitted.journaled || !self.journaling() {
+            Completed::NotJournaled
+        } else {
+            let len = payload_bytes(&payload);
+            if self.queued_bytes + len > self.limit {
+                let mut forget = self.overflow();
+                forget.extend(ticket);
+                Completed::Overflowed { forget }
+            } else {
+                self.push_write(admitted.epoch, range, payload, ticket);
+                Completed::Queued
+            }
+        };
+        self.seal_closed_epochs();
+        result
+    }
+
+    /// A resync extent read with its blocks locked, admitted with [`Journal::admit`]: queued
+    /// like a write but never overflowing (the reader checks [`Journal::has_room`] first).
+    pub fn complete_resync(
+        &mut self,
+        admitted: Admitted,
+        range: ByteRange,
+        payload: Payload<P>,
+        ticket: Ticket,
+    ) {
+        self.finish_outstanding(admitted.epoch);
+        self.push_write(admitted.epoch, range, payload, Some(ticket));
+        self.seal_closed_epochs();
+    }
+
+    /// Whether `bytes` more fit under the bound.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.queued_bytes + bytes <= self.limit
+    }
+
+    /// Moves new writes to the next epoch (the periodic cut); the old one is sealed once its
+    /// writes have completed.
+    pub fn advance_epoch(&mut self) {
+        self.current = self.current.next();
+        self.seal_closed_epochs();
+    }
+
+    /// The next frame to send. Data leaves the journal here.
+    pub fn poll_send(&mut self) -> Option<Outgoing<P>> {
+        let frame = self.queue.pop_front()?;
+        match &frame {
+            Outgoing::Write { payload, .. } => self.queued_bytes -= payload_bytes(payload),
+            Outgoing::Seal { epoch } => self.seal_sent = *epoch,
+            Outgoing::Discard { .. } => {}
+        }
+        Some(frame)
+    }
+
+    /// The DR side has synced everything of epochs ≤ `epoch` into its stage log, with the
+    /// seal: the tickets of those writes may be redeemed.
+    pub fn handle_staged(&mut self, epoch: Epoch) -> Vec<Ticket> {
+        if epoch <= self.staged {
+            return Vec::new();
+        }
+        self.staged = epoch;
+        let later = self.tickets.split_off(&epoch.next());
+        let done = std::mem::replace(&mut self.tickets, later);
+        if self.catch_up_ends.is_some_and(|end| end <= epoch) {
+            self.catch_up_ends = None;
+        }
+        done.into_values().flatten().collect()
+    }
+
+    /// The resync reader starts a catch-up: its extents are queued without seals.
+    pub fn begin_catch_up(&mut self) {
+        self.mode = Mode::CatchUp { live: false };
+        self.sealing = false;
+    }
+
+    /// The dirty set is small: live writes are journaled again, as part of the catch-up.
+    pub fn begin_final_pass(&mut self) {
+        if let Mode::CatchUp { .. } = self.mode {
+            self.mode = Mode::CatchUp { live: true };
+        }
+    }
+
+    /// The reader queued the last extent: the current epoch ends the catch-up, and its
+    /// seal (once its writes complete) makes the DR side apply everything staged.
+    pub fn finish_catch_up(&mut self) -> Epoch {
+        let end = self.current;
+        self.mode = Mode::Journal;
+        self.sealing = true;
+        self.catch_up_ends = Some(end);
+        self.advance_epoch();
+        end
+    }
+
+    /// Whether a catch-up is running or its final seal is not yet staged on the DR side.
+    pub fn catching_up(&self) -> bool {
+        matches!(self.mode, Mode::CatchUp { .. } | Mode::Bitmap) || self.catch_up_ends.is_some()
+    }
+
+    fn finish_outstanding(&mut self, epoch: Epoch) {
+        if let Some(n) = self.outstanding.get_mut(&epoch) {
+            *n -= 1;
+            if *n == 0 {
+                self.outstanding.remove(&epoch);
+            }
+        }
+    }
+
+    fn push_write(
+        &mut self,
+        epoch: Epoch,
+        range: ByteRange,
+        payload: Payload<P>,
+        ticket: Option<Ticket>,
+    ) {
+        self.queued_bytes += payload_bytes(&payload);
+        let seq = WriteSeq(self.next_seq);
+        self.next_seq += 1;
+        self.queue.push_back(Outgoing::Write {
+            epoch,
+            seq,
+            range,
+            payload,
+        });
+        if let Some(ticket) = ticket {
+            self.tickets.entry(epoch).or_default().push(ticket);
+        }
+    }
+
+    /// Queues the seals of every epoch before the current one with nothing outstanding in
+    /// or before it.
+    fn seal_closed_epochs(&mut self) {
+        if !self.sealing {
+            return;
+        }
+        let oldest_open = self
+            .outstanding
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.current)
+            .min(self.current);
+        // Epochs < oldest_open are closed; one seal covers them all.
+        let last_closed = Epoch(oldest_open.0.saturating_sub(1));
+        if last_closed > self.sealed {
+            self.sealed = last_closed;
+            self.queue.push_back(Outgoing::Seal { epoch: last_closed });
+        }
+    }
+
+    /// Switches to bitmap mode; returns the tickets to forget.
+    fn overflow(&mut self) -> Vec<Ticket> {
+        self.mode = Mode::Bitmap;
+        self.sealing = false;
+        self.catch_up_ends = None;
+        self.queue.clear();
+        self.queued_bytes = 0;
+        // Epochs up to the last seal sent will be staged and acknowledged; the rest will not.
+        let unsent = self.tickets.split_off(&self.seal_sent.next());
+        self.sealed = self.seal_sent;
+        self.queue.push_back(Outgoing::Discard {
+            after: self.seal_sent,
+        });
+        unsent.into_values().flatten().collect()
+    }
+}
+
+fn payload_bytes<P: PayloadLen>(payload: &Payload<P>) -> u64 {
+    match payload {
+        Payload::Data(p) => p.payload_len(),
+        Payload::Zeroes => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::tickets::TicketRegistry;
+
+    fn write(j: &mut Journal<Vec<u8>>, reg: &mut TicketRegistry, offset: u64) -> Completed {
+        let a = j.admit();
+        let range = ByteRange::new(offset, 4);
+        let ticket = a.journaled.then(|| reg.issue(range));
+        j.complete(a, range, Payload::Data(vec![1; 4]), ticket)
+    }
+
+    fn drain(j: &mut Journal<Vec<u8>>) -> Vec<Outgoing<Vec<u8>>> {
+        std::iter::from_fn(|| j.poll_send()).collect()
+    }
+
+    #[test]
+    fn an_epoch_is_sealed_after_its_last_write_completes() {
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        let a = j.admit(); // epoch 1, still running
+        j.advance_epoch();
+        let b = j.admit(); // epoch 2
+        let _ = j.complete(b, ByteRange::new(0, 4), Payload::Data(vec![0; 4]), None);
+        assert!(
+            !drain(&mut j)
+                .iter()
+                .any(|f| matches!(f, Outgoing::Seal { .. })),
+            "epoch 1 has a write outstanding"
+        );
+        let _ = j.complete(a, ByteRange::new(8, 4), Payload::Data(vec![0; 4]), None);
+        let frames = drain(&mut j);
+        assert!(matches!(
+            frames[0],
+            Outgoing::Write {
+                epoch: Epoch(1),
+                ..
+            }
+        ));
+        assert_eq!(frames[1], Outgoing::Seal { epoch: Epoch(1) });
+        j.advance_epoch();
+        assert_eq!(drain(&mut j), vec![Outgoing::Seal { epoch: Epoch(2) }]);
+    }
+
+    #[test]
+    fn overflow_drops_the_unsent_and_keeps_what_was_sealed_and_sent() {
+        let mut reg = TicketRegistry::new();
+        let mut j = Journal::new(8, Epoch(0));
+        assert_eq!(write(&mut j, &mut reg, 0), Completed::Queued);
+        j.advance_epoch();
+        drain(&mut j); // write + Seal(1) sent
+        assert_eq!(write(&mut j, &mut reg, 4), Completed::Queued); // epoch 2
+        assert_eq!(write(&mut j, &mut reg, 8), Completed::Queued);
+        let Completed::Overflowed { forget } = write(&mut j, &mut reg, 12) else {
+            panic!("12 bytes over an 8-byte bound");
+        };
+        assert_eq!(forget.len(), 3, "epoch 2's three writes are forgotten");
+        assert_eq!(j.mode(), Mode::Bitmap);
+        assert_eq!(drain(&mut j), vec![Outgoing::Discard { after: Epoch(1) }]);
+        assert_eq!(write(&mut j, &mut reg, 16), Completed::NotJournaled);
+        assert_eq!(
+            j.handle_staged(Epoch(1)).len(),
+            1,
+            "epoch 1's ticket is redeemed"
+        );
+    }
+
+    #[test]
+    fn a_catch_up_is_sealed_once_at_its_end() {
+        let mut reg = TicketRegistry::new();
+        let mut j = Journal::new(8, Epoch(0));
+        j.advance_epoch();
+        drain(&mut j);
+        for o in [0, 4, 8] {
+            let _ = write(&mut j, &mut reg, o);
+        }
+        assert_eq!(j.mode(), Mode::Bitmap);
+        drain(&mut j);
+        j.begin_catch_up();
+        let a = j.admit();
+        assert!(!a.journaled, "live writes are not journaled yet");
+        let r = j.admit();
+        let t = reg.issue(ByteRange::new(0, 12));
+        j.complete_resync(r, ByteRange::new(0, 12), Payload::Zeroes, t);
+        j.advance_epoch(); // epochs go on, but are not sealed
+        let _ = j.complete(a, ByteRange::new(20, 4), Payload::Data(vec![0; 4]), None);
+        assert!(
+            !drain(&mut j)
+                .iter()
+                .any(|f| matches!(f, Outgoing::Seal { .. }))
+        );
+        j.begin_final_pass();
+        assert_eq!(write(&mut j, &mut reg, 24), Completed::Queued);
+        let end = j.finish_catch_up();
+        let frames = drain(&mut j);
+        assert_eq!(frames.last(), Some(&Outgoing::Seal { epoch: end }));
+        assert!(j.catching_up(), "until the DR side stages the final seal");
+        assert_eq!(
+            j.handle_staged(end).len(),
+            2,
+            "the extent's and the live write's tickets"
+        );
+        assert!(!j.catching_up());
+    }
+}

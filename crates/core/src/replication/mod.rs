@@ -1,0 +1,20 @@
+//! The logic of replication that does no I/O: ids and statuses, volume roles, clear
+//! tickets, the async journal with its epochs and bound, and resync plans. The agent's
+//! replication crate drives these with real disks and QUIC; tests drive them synchronously
+//! and in seeded simulations.
+
+pub mod ids;
+pub mod journal;
+pub mod resync;
+pub mod role;
+pub mod status;
+pub mod tickets;
+
+pub use ids::{Epoch, JobId, PairId, WriteSeq};
+pub use journal::{Admitted, Completed, Journal, Mode, Outgoing, Payload, PayloadLen};
+pub use resync::ResyncPlan;
+pub use role::{IllegalTransition, VolumeRole, WriteVerdict};
+pub use status::{
+    JobStatus, JobType, PairStatus, ReplicationModel, ReplicationStatus, UnknownValue,
+};
+pub use tickets::{Redeemed, Ticket, TicketRegistry};
