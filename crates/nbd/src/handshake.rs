@@ -3,6 +3,7 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
+use blockrep_core::replication::WriteVerdict;
 use blockrep_volume::Volume;
 
 use crate::proto::*;
@@ -58,12 +59,17 @@ pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
 /// 4 KiB is fast, 64 MiB is the most one read or write may carry.
 pub const BLOCK_SIZES: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD);
 
-fn transmission_flags(negotiated: &Negotiated) -> u16 {
+/// The flags for `volume`: [`TRANSMISSION_FLAGS`], plus `SEND_DF` with structured replies
+/// and `READ_ONLY` while the volume's role refuses writes (the DR side of a pair).
+fn transmission_flags(negotiated: &Negotiated, volume: &Volume) -> u16 {
+    let mut flags = TRANSMISSION_FLAGS;
     if negotiated.structured_replies {
-        TRANSMISSION_FLAGS | TFLAG_SEND_DF
-    } else {
-        TRANSMISSION_FLAGS
+        flags |= TFLAG_SEND_DF;
     }
+    if volume.gate().role().write_verdict() == WriteVerdict::Refuse {
+        flags |= TFLAG_READ_ONLY;
+    }
+    flags
 }
 
 /// Metadata contexts selected with `NBD_OPT_SET_META_CONTEXT`: for which export.
@@ -123,7 +129,7 @@ pub fn negotiate<S: Read + Write>(
                 };
                 let mut reply = Vec::with_capacity(10 + 124);
                 reply.extend_from_slice(&volume.size().to_be_bytes());
-                reply.extend_from_slice(&transmission_flags(&negotiated).to_be_bytes());
+                reply.extend_from_slice(&transmission_flags(&negotiated, &volume).to_be_bytes());
                 if !no_zeroes {
                     reply.resize(reply.len() + 124, 0);
                 }
@@ -168,7 +174,7 @@ pub fn negotiate<S: Read + Write>(
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&volume.size().to_be_bytes());
-                info.extend_from_slice(&transmission_flags(&negotiated).to_be_bytes());
+                info.extend_from_slice(&transmission_flags(&negotiated, &volume).to_be_bytes());
                 option_reply(stream, option, REP_INFO, &info)?;
                 let (min, preferred, max) = BLOCK_SIZES;
                 let mut sizes = Vec::with_capacity(14);

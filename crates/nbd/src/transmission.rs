@@ -22,14 +22,18 @@
 //! so they are done inline; unaligned writes, zeroing and discard take the volume's blocking
 //! slow paths.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use blockrep_core::{ByteRange, LockId, RangeError};
-use blockrep_volume::{ADMIT_CHUNK, AlignedBuf, BufPool, DIRECT_IO_ALIGN, Entered, Volume, Waker};
+use blockrep_volume::{
+    ADMIT_CHUNK, AfterLocal, AlignedBuf, BufPool, DIRECT_IO_ALIGN, Entered, Mailbox, ReplicaData,
+    ReplicaLink, Replicated, Volume, Waker,
+};
+use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
 
 use crate::handshake::Negotiated;
@@ -70,12 +74,51 @@ struct GatedWrite {
     fua: bool,
     kind: WriteKind,
     lock: LockId,
+    /// How it is replicated, when the volume has a link.
+    replica: Option<Replicated>,
 }
 
 enum WriteKind {
-    Data(AlignedBuf),
+    Data(WriteBuf),
     Zeroes { may_trim: bool },
     Trim,
+}
+
+/// A write's payload: the connection's own buffer, or shared with the replication link
+/// (which sends it to the peer while the local write runs).
+enum WriteBuf {
+    Owned(AlignedBuf),
+    Shared(Bytes),
+}
+
+impl WriteBuf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            WriteBuf::Owned(buf) => buf,
+            WriteBuf::Shared(bytes) => bytes,
+        }
+    }
+
+    /// Makes the payload shareable with the link, without copying it.
+    fn share(&mut self) -> Bytes {
+        if let WriteBuf::Owned(buf) = self {
+            let owned = std::mem::replace(buf, AlignedBuf::new(0));
+            *self = WriteBuf::Shared(Bytes::from_owner(owned));
+        }
+        match self {
+            WriteBuf::Shared(bytes) => bytes.clone(),
+            WriteBuf::Owned(_) => unreachable!("shared above"),
+        }
+    }
+}
+
+/// An answer that waits for the peer (hypermetro), with its local outcome.
+enum Held {
+    Write(GatedWrite, Result<(), i32>),
+    Flush {
+        handle: u64,
+        result: Result<(), i32>,
+    },
 }
 
 impl GatedWrite {
@@ -99,6 +142,8 @@ enum DiskOp {
     },
     Flush {
         handle: u64,
+        /// The peer flushes too; the answer waits for this token as well.
+        peer: Option<u64>,
     },
 }
 
@@ -150,6 +195,20 @@ pub struct Connection {
     queued: VecDeque<GatedWrite>,
     /// Writes holding their blocks, to be admitted together this turn.
     to_admit: Vec<GatedWrite>,
+    /// Where the replication link delivers the peer's answers.
+    mailbox: Arc<Mailbox>,
+    next_token: u64,
+    /// Tokens handed to the link and not yet delivered back.
+    tokens_out: usize,
+    /// Whether any write or flush went through a link: from then on the loop listens for
+    /// deliveries.
+    linked: bool,
+    /// Answers waiting for the peer, by token.
+    held: HashMap<u64, Held>,
+    /// Tokens delivered before their local part was done.
+    early: HashSet<u64>,
+    delivered: Vec<u64>,
+    replicas: Vec<Replicated>,
     ranges: Vec<ByteRange>,
     ready: Vec<bool>,
     later: Vec<GatedWrite>,
@@ -162,6 +221,7 @@ impl Connection {
     pub fn new(sock: RawFd, volume: Arc<Volume>, negotiated: Negotiated) -> io::Result<Self> {
         let disk = volume.backing().fd().as_raw_fd();
         let inline_writes = !volume.backing().is_direct();
+        let waker = Arc::new(Waker::new()?);
         Ok(Self {
             sock,
             disk,
@@ -185,7 +245,15 @@ impl Connection {
             free_slots: Vec::new(),
             inflight: 0,
             pool: BufPool::default(),
-            waker: Arc::new(Waker::new()?),
+            mailbox: Arc::new(Mailbox::new(Arc::clone(&waker))),
+            waker,
+            next_token: 0,
+            tokens_out: 0,
+            linked: false,
+            held: HashMap::new(),
+            early: HashSet::new(),
+            delivered: Vec::new(),
+            replicas: Vec::new(),
             wake_buf: Box::new([0; 8]),
             wake_inflight: false,
             queued: VecDeque::new(),
@@ -226,6 +294,7 @@ impl Connection {
                 }
             }
             self.parse_input()?;
+            self.take_delivered();
             self.take_granted();
             self.admit_and_start()?;
         }
@@ -238,6 +307,8 @@ impl Connection {
             && self.inflight == 0
             && self.queued.is_empty()
             && self.to_admit.is_empty()
+            && self.held.is_empty()
+            && self.tokens_out == 0
             && !self.send_inflight
             && (self.out.is_empty() || self.send_failed);
         if done && self.wake_inflight {
@@ -422,7 +493,20 @@ impl Connection {
                 self.pool.give(buf);
             }
             Command::Flush => {
-                let slot = self.insert(DiskOp::Flush { handle: req.handle });
+                let peer = self.volume.gate().link().and_then(|link| {
+                    let token = self.new_token();
+                    match link.flush(token, &self.mailbox) {
+                        AfterLocal::WaitForPeer => {
+                            self.tokens_out += 1;
+                            Some(token)
+                        }
+                        AfterLocal::Answer => None,
+                    }
+                });
+                let slot = self.insert(DiskOp::Flush {
+                    handle: req.handle,
+                    peer,
+                });
                 self.submit_disk(slot)?;
             }
             Command::Trim => self.enter_gate(req, range, WriteKind::Trim),
@@ -482,7 +566,7 @@ impl Connection {
             (None, Some(mut buf)) => {
                 buf.set_len(req.len as usize);
                 let range = ByteRange::new(req.offset, u64::from(req.len));
-                self.enter_gate(req, range, WriteKind::Data(buf));
+                self.enter_gate(req, range, WriteKind::Data(WriteBuf::Owned(buf)));
             }
             (reject, buf) => {
                 if let Some(buf) = buf {
@@ -524,17 +608,27 @@ impl Connection {
     /// goes on this turn if its blocks are free, or waits in `queued` until they are.
     fn enter_gate(&mut self, req: Request, range: ByteRange, kind: WriteKind) {
         let entered = self.volume.gate().enter(range, &self.waker);
-        let (Entered::Go(lock) | Entered::Queued(lock)) = entered;
+        let lock = match entered {
+            Entered::Go(lock) | Entered::Queued(lock) => lock,
+            Entered::Refused(errno) => {
+                if let WriteKind::Data(WriteBuf::Owned(buf)) = kind {
+                    self.pool.give(buf);
+                }
+                self.reply_error(req.handle, errno);
+                return;
+            }
+        };
         let write = GatedWrite {
             handle: req.handle,
             range,
             fua: req.fua(),
             kind,
             lock,
+            replica: None,
         };
         match entered {
-            Entered::Go(_) => self.to_admit.push(write),
             Entered::Queued(_) => self.queued.push_back(write),
+            _ => self.to_admit.push(write),
         }
     }
 
@@ -581,6 +675,11 @@ impl Connection {
         } else {
             gate.admit(&self.ranges, &mut ready)
         };
+        if admitted.is_ok()
+            && let Some(link) = gate.link()
+        {
+            self.attach_replicas(&mut batch, link.as_ref());
+        }
         let mut data_index = 0;
         for write in batch.drain(..) {
             if !matches!(write.kind, WriteKind::Data(_)) {
@@ -628,10 +727,18 @@ impl Connection {
 
     /// Starts an admitted write of data: io_uring, an inline page-cache copy, or a
     /// read-modify-write.
-    fn start_write(&mut self, write: GatedWrite) -> io::Result<()> {
+    fn start_write(&mut self, mut write: GatedWrite) -> io::Result<()> {
         if !write.is_aligned_data() {
             self.run_blocking(write);
             return Ok(());
+        }
+        if let Some(replica) = write.replica.as_mut()
+            && let Some(link) = self.volume.gate().link()
+        {
+            link.start(replica, &self.mailbox);
+            if replica.sent {
+                self.tokens_out += 1;
+            }
         }
         if self.inline_writes {
             let WriteKind::Data(buf) = &write.kind else {
@@ -639,7 +746,7 @@ impl Connection {
             };
             let backing = self.volume.backing();
             let written = backing
-                .write_all_at(buf, write.range.offset)
+                .write_all_at(buf.bytes(), write.range.offset)
                 .and_then(|()| {
                     if write.fua {
                         backing.sync_data()
@@ -658,21 +765,109 @@ impl Connection {
     /// Runs a write on the volume's blocking slow paths: unaligned data, zeroing, discard.
     fn run_blocking(&mut self, write: GatedWrite) {
         let volume = Arc::clone(&self.volume);
+        let mut write = write;
         let done = match &write.kind {
             // Admitted with its batch.
-            WriteKind::Data(buf) => volume.read_modify_write(write.range, Some(buf), write.fua),
+            WriteKind::Data(buf) => {
+                volume.read_modify_write(write.range, Some(buf.bytes()), write.fua)
+            }
             WriteKind::Zeroes { may_trim } => admit_in_pieces(&volume, write.range)
                 .and_then(|()| volume.write_zeroes(write.range, *may_trim, write.fua)),
             WriteKind::Trim => admit_in_pieces(&volume, Volume::trim_blocks(write.range))
-                .and_then(|()| volume.trim(write.range, write.fua)),
+                .and_then(|()| volume.trim(write.range, write.fua))
+                .map(|punched| {
+                    if let Some(replica) = write.replica.as_mut() {
+                        replica.data = if punched {
+                            ReplicaData::Zeroes
+                        } else {
+                            ReplicaData::Unchanged
+                        };
+                    }
+                }),
         };
         let done = done.map_err(|e| log_io_error("write", &e));
         self.finish_write(write, done);
     }
 
+    /// The local write is done: the link has its say (hypermetro holds the answer until the
+    /// peer has the data), then the write is answered.
+    fn finish_write(&mut self, mut write: GatedWrite, result: Result<(), i32>) {
+        let Some(replica) = write.replica.take() else {
+            return self.answer_write(write, result);
+        };
+        let Some(link) = self.volume.gate().link() else {
+            return self.answer_write(write, result);
+        };
+        let token = replica.token;
+        let sent = replica.sent;
+        let after = match result {
+            Ok(()) => link.local_done(replica, &self.mailbox),
+            Err(_) => link.local_failed(replica),
+        };
+        if after == AfterLocal::Answer {
+            return self.answer_write(write, result);
+        }
+        if !sent {
+            self.tokens_out += 1;
+        }
+        if self.early.remove(&token) {
+            self.answer_write(write, result);
+        } else {
+            self.held.insert(token, Held::Write(write, result));
+        }
+    }
+
+    /// Gives every write of the batch its replica (sharing its data with the link) and lets
+    /// the link admit them together.
+    fn attach_replicas(&mut self, batch: &mut [GatedWrite], link: &dyn ReplicaLink) {
+        self.linked = true;
+        self.replicas.clear();
+        for write in batch.iter_mut() {
+            let data = match &mut write.kind {
+                WriteKind::Data(buf) => ReplicaData::Data(buf.share()),
+                WriteKind::Zeroes { .. } | WriteKind::Trim => ReplicaData::Zeroes,
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            self.replicas
+                .push(Replicated::new(write.range, data, write.fua, token));
+        }
+        link.admit(&mut self.replicas);
+        for (write, replica) in batch.iter_mut().zip(self.replicas.drain(..)) {
+            write.replica = Some(replica);
+        }
+    }
+
+    fn new_token(&mut self) -> u64 {
+        self.linked = true;
+        let token = self.next_token;
+        self.next_token += 1;
+        token
+    }
+
+    /// Answers whose peer part the link delivered.
+    fn take_delivered(&mut self) {
+        if !self.linked {
+            return;
+        }
+        self.mailbox.take(&mut self.delivered);
+        let mut delivered = std::mem::take(&mut self.delivered);
+        for token in delivered.drain(..) {
+            self.tokens_out -= 1;
+            match self.held.remove(&token) {
+                Some(Held::Write(write, result)) => self.answer_write(write, result),
+                Some(Held::Flush { handle, result }) => self.reply_result(handle, result),
+                None => {
+                    self.early.insert(token);
+                }
+            }
+        }
+        self.delivered = delivered;
+    }
+
     /// The one answer point of a write: it leaves the gate, its blocks go to the next
     /// writer, and its answer is queued.
-    fn finish_write(&mut self, write: GatedWrite, result: Result<(), i32>) {
+    fn answer_write(&mut self, write: GatedWrite, result: Result<(), i32>) {
         self.volume.gate().leave(write.lock);
         if result.is_ok() {
             self.volume
@@ -680,20 +875,18 @@ impl Connection {
                 .bytes_written
                 .fetch_add(write.range.len, Ordering::Relaxed);
         }
-        if let WriteKind::Data(buf) = write.kind {
+        if let WriteKind::Data(WriteBuf::Owned(buf)) = write.kind {
             self.pool.give(buf);
         }
-        match result {
-            Ok(()) => self.reply_ok(write.handle),
-            Err(errno) => self.reply_error(write.handle, errno),
-        }
+        self.reply_result(write.handle, result);
     }
 
     // ---- wake-ups ----
 
-    /// Keeps a read posted on the eventfd while a write waits in the gate.
+    /// Keeps a read posted on the eventfd while a write waits in the gate or an answer
+    /// waits for the peer.
     fn queue_wake(&mut self) -> io::Result<()> {
-        if self.wake_inflight || self.queued.is_empty() {
+        if self.wake_inflight || (self.queued.is_empty() && self.tokens_out == 0) {
             return Ok(());
         }
         let sqe = opcode::Read::new(
@@ -710,7 +903,8 @@ impl Connection {
 
     fn on_wake(&mut self) {
         self.wake_inflight = false;
-        // What the wake-up was about is looked at after this, in `take_granted`.
+        // What the wake-up was about is looked at after this, in `take_delivered` and
+        // `take_granted`.
         self.waker.reset();
     }
 
@@ -754,9 +948,10 @@ impl Connection {
                 let WriteKind::Data(buf) = &write.kind else {
                     unreachable!("only data writes go to the ring")
                 };
-                let len = (buf.len() - *done) as u32;
-                // SAFETY: as above.
-                let ptr = unsafe { buf.as_ptr().add(*done) };
+                let bytes = buf.bytes();
+                let len = (bytes.len() - *done) as u32;
+                // SAFETY: as above; a shared buffer is kept alive by the write's own reference.
+                let ptr = unsafe { bytes.as_ptr().add(*done) };
                 let flags = if write.fua { libc::RWF_DSYNC } else { 0 };
                 opcode::Write::new(disk, ptr, len)
                     .offset(write.range.offset + *done as u64)
@@ -786,7 +981,7 @@ impl Connection {
                         self.reply_error(handle, errno);
                     }
                     DiskOp::Write { write, .. } => self.finish_write(write, Err(errno)),
-                    DiskOp::Flush { handle } => self.reply_error(handle, errno),
+                    DiskOp::Flush { handle, peer } => self.finish_flush(handle, peer, Err(errno)),
                 }
             }
             return Ok(());
@@ -823,9 +1018,19 @@ impl Connection {
                 self.pool.give(buf);
             }
             DiskOp::Write { write, .. } => self.finish_write(write, Ok(())),
-            DiskOp::Flush { handle } => self.reply_ok(handle),
+            DiskOp::Flush { handle, peer } => self.finish_flush(handle, peer, Ok(())),
         }
         Ok(())
+    }
+
+    /// The local fdatasync of a FLUSH is done; with a peer flush too, answer once both are.
+    fn finish_flush(&mut self, handle: u64, peer: Option<u64>, result: Result<(), i32>) {
+        match peer {
+            Some(token) if !self.early.remove(&token) => {
+                self.held.insert(token, Held::Flush { handle, result });
+            }
+            _ => self.reply_result(handle, result),
+        }
     }
 
     fn count_read(&mut self, bytes: usize) {
@@ -840,6 +1045,13 @@ impl Connection {
 
     fn reply_ok(&mut self, handle: u64) {
         put_simple_reply(&mut self.out, 0, handle);
+    }
+
+    fn reply_result(&mut self, handle: u64, result: Result<(), i32>) {
+        match result {
+            Ok(()) => self.reply_ok(handle),
+            Err(errno) => self.reply_error(handle, errno),
+        }
     }
 
     /// With structured replies, errors go as `ERROR` chunks (a read must never get a simple

@@ -12,10 +12,17 @@
 //!    answer is sent, and wakes the connections whose queued writes that lets go.
 //!
 //! A connection whose write is queued sleeps in its ring; the [`Waker`] it passed in wakes it.
+//!
+//! Before any of this the volume's role decides: a DR volume refuses the write with `EPERM`,
+//! and nothing is locked, written or marked dirty. A production volume also carries the
+//! [`ReplicaLink`] its writes are replicated through.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use blockrep_core::replication::{IllegalTransition, VolumeRole, WriteVerdict};
 use blockrep_core::{Acquired, AlVersion, ByteRange, LockId, RangeLocks};
+
+use crate::link::ReplicaLink;
 
 use crate::backing::DIRECT_IO_ALIGN;
 use crate::tracker::{DirtyTracker, TrackerError};
@@ -34,11 +41,15 @@ pub enum Entered {
     /// An overlapping write is ahead of it; the waker fires when it may go
     /// ([`WriteGate::is_held`] then says so).
     Queued(LockId),
+    /// The volume's role refuses writes: answer this errno; nothing was locked.
+    Refused(i32),
 }
 
 pub struct WriteGate {
     locks: Mutex<RangeLocks<Arc<Waker>>>,
     tracker: Option<Arc<DirtyTracker>>,
+    role: RwLock<VolumeRole>,
+    link: RwLock<Option<Arc<dyn ReplicaLink>>>,
 }
 
 impl WriteGate {
@@ -46,6 +57,8 @@ impl WriteGate {
         Self {
             locks: Mutex::new(RangeLocks::new()),
             tracker,
+            role: RwLock::new(VolumeRole::Standalone),
+            link: RwLock::new(None),
         }
     }
 
@@ -53,8 +66,45 @@ impl WriteGate {
         self.tracker.as_ref()
     }
 
-    /// Locks the blocks `range` touches, or queues for them.
+    pub fn role(&self) -> VolumeRole {
+        *self.role.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the volume to another role, if that move is allowed. Returns the old role.
+    pub fn set_role(&self, to: VolumeRole) -> Result<VolumeRole, IllegalTransition> {
+        let mut role = self.role.write().unwrap_or_else(|e| e.into_inner());
+        let old = *role;
+        *role = old.transition(to)?;
+        Ok(old)
+    }
+
+    /// Restores a role recorded before a restart (no transition check: it was checked when
+    /// it was taken).
+    pub fn restore_role(&self, role: VolumeRole) {
+        *self.role.write().unwrap_or_else(|e| e.into_inner()) = role;
+    }
+
+    /// The link this volume's writes are replicated through, if any.
+    pub fn link(&self) -> Option<Arc<dyn ReplicaLink>> {
+        self.link.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_link(&self, link: Option<Arc<dyn ReplicaLink>>) {
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = link;
+    }
+
+    /// Locks the blocks `range` touches, or queues for them; or refuses the write if the
+    /// volume's role does not take writes.
     pub fn enter(&self, range: ByteRange, waker: &Arc<Waker>) -> Entered {
+        if self.role().write_verdict() == WriteVerdict::Refuse {
+            return Entered::Refused(libc::EPERM);
+        }
+        self.lock(range, waker)
+    }
+
+    /// Locks the blocks `range` touches whatever the role: for writes that are not the
+    /// application's (a DR volume applying its peer's data, a resync reading).
+    pub fn lock(&self, range: ByteRange, waker: &Arc<Waker>) -> Entered {
         match self
             .lock_table()
             .acquire(range.align_out(DIRECT_IO_ALIGN), Arc::clone(waker))
@@ -69,12 +119,13 @@ impl WriteGate {
         self.lock_table().is_held(lock)
     }
 
-    /// Locks `range`, blocking the calling thread while overlapping writes finish (for
-    /// threads without a ring; `waker` must be the caller's own).
-    pub fn enter_blocking(&self, range: ByteRange, waker: &Arc<Waker>) -> std::io::Result<LockId> {
-        let lock = match self.enter(range, waker) {
+    /// Locks `range` whatever the role, blocking the calling thread while overlapping writes
+    /// finish (for threads without a ring; `waker` must be the caller's own).
+    pub fn lock_blocking(&self, range: ByteRange, waker: &Arc<Waker>) -> std::io::Result<LockId> {
+        let lock = match self.lock(range, waker) {
             Entered::Go(lock) => return Ok(lock),
             Entered::Queued(lock) => lock,
+            Entered::Refused(errno) => return Err(std::io::Error::from_raw_os_error(errno)),
         };
         while !self.is_held(lock) {
             waker.wait_blocking()?;
@@ -131,6 +182,29 @@ impl WriteGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dr_volume_refuses_writes_before_locking_anything() {
+        use blockrep_core::replication::PairId;
+        let gate = WriteGate::new(None);
+        let waker = Arc::new(Waker::new().unwrap());
+        let pair = PairId::random();
+        gate.set_role(VolumeRole::Secondary { pair }).unwrap();
+        assert_eq!(
+            gate.enter(ByteRange::new(0, 4096), &waker),
+            Entered::Refused(libc::EPERM)
+        );
+        assert!(gate.lock_table().is_empty());
+        assert!(
+            gate.set_role(VolumeRole::Secondary { pair }).is_err(),
+            "already DR"
+        );
+        gate.set_role(VolumeRole::Standalone).unwrap();
+        assert!(matches!(
+            gate.enter(ByteRange::new(0, 4096), &waker),
+            Entered::Go(_)
+        ));
+    }
 
     #[test]
     fn a_queued_writer_is_woken_when_the_blocks_are_free() {

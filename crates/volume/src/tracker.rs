@@ -22,6 +22,7 @@ use std::thread;
 use std::time::Duration;
 
 use blockrep_core::activity_log::RetirePolicy;
+use blockrep_core::replication::{Redeemed, Ticket, TicketRegistry};
 use blockrep_core::{
     ActivityLog, Admission, AlVersion, BITMAP_PAGE_BYTES, ByteRange, DirtyMap, Granularity,
     PageIndex, RegionIndex,
@@ -80,6 +81,8 @@ pub struct RecoveryReport {
 struct State {
     map: DirtyMap,
     log: ActivityLog,
+    /// Data on its way to the peer: cleared on acknowledgement unless written again since.
+    tickets: TicketRegistry,
 }
 
 struct AlFile {
@@ -198,6 +201,7 @@ impl DirtyTracker {
             state: Mutex::new(State {
                 map,
                 log: ActivityLog::new(config.region_size, config.active_regions),
+                tickets: TicketRegistry::new(),
             }),
             al_file: Mutex::new(al_file),
             bitmap_file: Mutex::new(bitmap_file),
@@ -248,11 +252,12 @@ impl DirtyTracker {
         let mut refused = Vec::new();
         {
             let mut state = self.lock_state();
-            let State { map, log } = &mut *state;
+            let State { map, log, tickets } = &mut *state;
             for (i, &range) in ranges.iter().enumerate() {
                 let admission = log.admit(range);
                 if admission != Admission::Full {
                     map.set_range(range);
+                    tickets.spoil(range);
                 }
                 match admission {
                     Admission::Ready => ready.push(true),
@@ -288,6 +293,7 @@ impl DirtyTracker {
                 let admission = state.log.admit(range);
                 if admission != Admission::Full {
                     state.map.set_range(range);
+                    state.tickets.spoil(range);
                 }
                 admission
             };
@@ -303,10 +309,57 @@ impl DirtyTracker {
         })
     }
 
-    /// The peer has these bytes: clear their blocks (written to disk lazily; a crash before
-    /// then leaves them dirty, which is safe).
+    /// Clears a range outright (no ticket): for a pair's first full sync, where nothing
+    /// else writes the volume. Cleared bits reach the disk lazily; a crash before then
+    /// leaves them dirty, which is safe.
     pub fn clear(&self, range: ByteRange) {
         self.lock_state().map.clear_range(range);
+    }
+
+    /// Tickets for ranges whose data goes to the peer; the caller holds their blocks through
+    /// the write gate (so no write can come between the data and the ticket).
+    pub fn issue_tickets(
+        &self,
+        ranges: impl IntoIterator<Item = ByteRange>,
+        out: &mut Vec<Ticket>,
+    ) {
+        let mut state = self.lock_state();
+        out.extend(ranges.into_iter().map(|r| state.tickets.issue(r)));
+    }
+
+    pub fn issue_ticket(&self, range: ByteRange) -> Ticket {
+        self.lock_state().tickets.issue(range)
+    }
+
+    /// The peer acknowledged these tickets' data: clear each range nothing wrote since.
+    /// Returns the bytes cleared.
+    pub fn redeem(&self, tickets: impl IntoIterator<Item = Ticket>) -> u64 {
+        let mut state = self.lock_state();
+        let State {
+            map,
+            tickets: registry,
+            ..
+        } = &mut *state;
+        let before = map.dirty_bytes();
+        for ticket in tickets {
+            if let Redeemed::Clear(range) = registry.redeem(ticket) {
+                map.clear_range(range);
+            }
+        }
+        before - map.dirty_bytes()
+    }
+
+    /// These tickets' data will not reach the peer: their ranges stay dirty.
+    pub fn forget(&self, tickets: impl IntoIterator<Item = Ticket>) {
+        let mut state = self.lock_state();
+        for ticket in tickets {
+            state.tickets.forget(ticket);
+        }
+    }
+
+    /// Tickets waiting for the peer.
+    pub fn live_tickets(&self) -> usize {
+        self.lock_state().tickets.len()
     }
 
     /// Writes the changed bitmap pages, then retires regions by `policy`.
@@ -673,6 +726,23 @@ mod tests {
                 .iter()
                 .any(|r| r.offset <= 5 << 20 && (5 << 20) + 4096 <= r.end())
         );
+    }
+
+    #[test]
+    fn an_acknowledgement_clears_only_blocks_not_written_since_the_data_was_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
+        let a = ByteRange::new(0, 8192);
+        tracker.admit(&[a]).unwrap();
+        let ticket = tracker.issue_ticket(a);
+        // Written again while the first data is on its way.
+        tracker.admit(&[ByteRange::new(4096, 4096)]).unwrap();
+        assert_eq!(tracker.redeem([ticket]), 0, "spoiled: nothing cleared");
+        assert_eq!(tracker.dirty_bytes(), 8192);
+        let again = tracker.issue_ticket(a);
+        assert_eq!(tracker.redeem([again]), 8192);
+        assert_eq!(tracker.dirty_bytes(), 0);
+        assert_eq!(tracker.live_tickets(), 0);
     }
 
     #[test]

@@ -175,12 +175,15 @@ impl Volume {
 
     /// Discards the whole blocks of a range. Discard is advisory, but the range still counts
     /// as written (the caller admits it), since the peer must see what the device now returns.
-    pub fn trim(&self, range: ByteRange, fua: bool) -> io::Result<()> {
+    /// Returns whether the blocks were punched (and now read as zeroes); a device that
+    /// cannot punch leaves them as they were.
+    pub fn trim(&self, range: ByteRange, fua: bool) -> io::Result<bool> {
         let inner = Self::trim_blocks(range);
+        let mut punched = false;
         if !inner.is_empty() {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             match self.fallocate(mode, inner) {
-                Ok(()) => {}
+                Ok(()) => punched = true,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {}
                 Err(e) => return Err(e),
             }
@@ -188,7 +191,7 @@ impl Volume {
         if fua {
             self.backing.sync_data()?;
         }
-        Ok(())
+        Ok(punched)
     }
 
     /// Which parts of `range` are allocated, for NBD block status; see

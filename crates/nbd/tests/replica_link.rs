@@ -1,0 +1,251 @@
+//! The write path's replication hooks, with a fake link standing in for the peer: a
+//! synchronous write is answered only once the peer's answer is delivered, a FLUSH waits
+//! for the peer's flush, and a DR volume refuses writes with EPERM and changes nothing.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockrep_core::ByteRange;
+use blockrep_core::replication::{PairId, VolumeRole};
+use blockrep_nbd::{ClientStream, ExportSet, serve};
+use blockrep_volume::{
+    AfterLocal, Backing, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
+    TrackerConfig, Volume,
+};
+
+/// Holds every write and flush until the test releases them, like a peer that answers
+/// when told to.
+#[derive(Default)]
+struct HoldingLink {
+    pending: Mutex<Vec<(u64, Arc<Mailbox>)>>,
+    sent: Mutex<Vec<(ByteRange, Vec<u8>)>>,
+    /// Local writes (and flushes) done, waiting for the peer.
+    local_done: Mutex<usize>,
+}
+
+impl HoldingLink {
+    fn release_all(&self) -> usize {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap());
+        let n = pending.len();
+        for (token, mailbox) in pending {
+            mailbox.deliver(token);
+        }
+        n
+    }
+
+    fn wait_local_done(&self, n: usize) {
+        while *self.local_done.lock().unwrap() < n {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl ReplicaLink for HoldingLink {
+    fn admit(&self, writes: &mut [Replicated]) {
+        for w in writes {
+            w.mode = ReplicaMode::Sync;
+        }
+    }
+
+    fn start(&self, write: &mut Replicated, mailbox: &Arc<Mailbox>) {
+        if let ReplicaData::Data(bytes) = &write.data {
+            self.sent
+                .lock()
+                .unwrap()
+                .push((write.range, bytes.to_vec()));
+        }
+        write.sent = true;
+        self.pending
+            .lock()
+            .unwrap()
+            .push((write.token, Arc::clone(mailbox)));
+    }
+
+    fn local_done(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
+        *self.local_done.lock().unwrap() += 1;
+        if !write.sent {
+            self.pending
+                .lock()
+                .unwrap()
+                .push((write.token, Arc::clone(mailbox)));
+        }
+        AfterLocal::WaitForPeer
+    }
+
+    fn local_failed(&self, write: Replicated) -> AfterLocal {
+        if write.sent {
+            AfterLocal::WaitForPeer
+        } else {
+            AfterLocal::Answer
+        }
+    }
+
+    fn flush(&self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
+        *self.local_done.lock().unwrap() += 1;
+        self.pending
+            .lock()
+            .unwrap()
+            .push((token, Arc::clone(mailbox)));
+        AfterLocal::WaitForPeer
+    }
+}
+
+struct One(Arc<Volume>);
+impl ExportSet for One {
+    fn find(&self, _: &str) -> Option<Arc<Volume>> {
+        Some(Arc::clone(&self.0))
+    }
+    fn names(&self) -> Vec<String> {
+        vec!["v".into()]
+    }
+}
+
+const SIZE: u64 = 4 << 20;
+
+fn volume(dir: &std::path::Path) -> Arc<Volume> {
+    let path = dir.join("v.img");
+    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    let backing = Backing::open(&path, blockrep_core::CacheMode::Direct).unwrap();
+    let config = TrackerConfig {
+        region_size: 1 << 20,
+        active_regions: 80,
+        ..TrackerConfig::default()
+    };
+    let (tracker, _) = DirtyTracker::open(&dir.join("state"), SIZE, config).unwrap();
+    Arc::new(Volume::new("v".into(), backing, Some(Arc::new(tracker))))
+}
+
+/// Connects a client over a socket pair, negotiating with NBD_OPT_EXPORT_NAME.
+fn client(volume: &Arc<Volume>) -> (UnixStream, std::thread::JoinHandle<()>) {
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let exports = One(Arc::clone(volume));
+    let server = std::thread::spawn(move || {
+        serve(ClientStream::Unix(theirs), &exports).unwrap();
+    });
+    let mut greeting = [0u8; 18];
+    ours.read_exact(&mut greeting).unwrap();
+    ours.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    ours.write_all(&opt).unwrap();
+    let mut info = [0u8; 10];
+    ours.read_exact(&mut info).unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    (ours, server)
+}
+
+fn request(command: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut out = 0x2560_9513u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&command.to_be_bytes());
+    out.extend_from_slice(&handle.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// (error, handle) of the next simple reply.
+fn reply(stream: &mut UnixStream) -> (u32, u64) {
+    let mut r = [0u8; 16];
+    stream.read_exact(&mut r).unwrap();
+    (
+        u32::from_be_bytes(r[4..8].try_into().unwrap()),
+        u64::from_be_bytes(r[8..16].try_into().unwrap()),
+    )
+}
+
+/// Sends a 4 KiB READ and checks its answer is the next thing on the stream: a held answer
+/// would otherwise have come first, since it was due before the read was sent.
+fn next_reply_is_a_read(stream: &mut UnixStream, handle: u64) {
+    stream.write_all(&request(0, handle, 0, 4096)).unwrap();
+    assert_eq!(reply(stream), (0, handle), "a held answer was sent early");
+    let mut data = vec![0u8; 4096];
+    stream.read_exact(&mut data).unwrap();
+}
+
+#[test]
+fn a_synchronous_write_and_a_flush_are_answered_once_the_peer_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume(dir.path());
+    let link = Arc::new(HoldingLink::default());
+    volume
+        .gate()
+        .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+    let (mut c, server) = client(&volume);
+
+    let mut frame = request(1, 7, 8192, 4096);
+    frame.extend_from_slice(&[0x5a; 4096]);
+    c.write_all(&frame).unwrap();
+    // The data reaches the peer (sent when the local write started); the local write
+    // completes, and still no answer comes until the peer answers.
+    link.wait_local_done(1);
+    next_reply_is_a_read(&mut c, 100);
+    assert_eq!(link.sent.lock().unwrap()[0].0, ByteRange::new(8192, 4096));
+    assert_eq!(link.release_all(), 1);
+    assert_eq!(reply(&mut c), (0, 7));
+
+    c.write_all(&request(3, 8, 0, 0)).unwrap(); // FLUSH
+    link.wait_local_done(2);
+    next_reply_is_a_read(&mut c, 101);
+    assert_eq!(link.release_all(), 1);
+    assert_eq!(reply(&mut c), (0, 8));
+
+    // WRITE_ZEROES takes the slow path: its data goes to the peer after the local write.
+    c.write_all(&request(6, 9, 0, 4096)).unwrap();
+    link.wait_local_done(3);
+    next_reply_is_a_read(&mut c, 102);
+    assert_eq!(link.release_all(), 1);
+    assert_eq!(reply(&mut c), (0, 9));
+
+    c.write_all(&request(2, 0, 0, 0)).unwrap(); // DISC
+    server.join().unwrap();
+    assert_eq!(
+        volume.tracker().unwrap().dirty_bytes(),
+        8192,
+        "tracked until cleared"
+    );
+}
+
+#[test]
+fn a_dr_volume_refuses_writes_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume(dir.path());
+    volume
+        .gate()
+        .set_role(VolumeRole::Secondary {
+            pair: PairId::random(),
+        })
+        .unwrap();
+    let (mut c, server) = client(&volume);
+    let mut frame = request(1, 1, 0, 4096);
+    frame.extend_from_slice(&[1; 4096]);
+    c.write_all(&frame).unwrap();
+    assert_eq!(reply(&mut c), (libc::EPERM as u32, 1));
+    for (command, handle) in [(6u16, 2u64), (4, 3)] {
+        c.write_all(&request(command, handle, 0, 4096)).unwrap();
+        assert_eq!(reply(&mut c), (libc::EPERM as u32, handle));
+    }
+    // Reads still work.
+    c.write_all(&request(0, 4, 0, 4096)).unwrap();
+    assert_eq!(reply(&mut c), (0, 4));
+    let mut data = vec![0u8; 4096];
+    c.read_exact(&mut data).unwrap();
+    c.write_all(&request(2, 0, 0, 0)).unwrap();
+    server.join().unwrap();
+    assert_eq!(
+        volume.tracker().unwrap().dirty_bytes(),
+        0,
+        "nothing marked dirty"
+    );
+    assert!(
+        std::fs::read(dir.path().join("v.img"))
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0),
+        "nothing written"
+    );
+}
