@@ -18,6 +18,14 @@ impl VolumeId {
     pub const fn from_uuid(id: uuid::Uuid) -> Self {
         Self(id)
     }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(uuid::Uuid::from_bytes(bytes))
+    }
 }
 
 impl fmt::Display for VolumeId {

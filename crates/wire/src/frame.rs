@@ -1,0 +1,624 @@
+//! Frames on a replication stream, and the control request/response envelope.
+//!
+//! Every frame is `u32 length | u8 type | body`, big-endian, where `length` counts the type
+//! byte and the body. A `Write` frame's body is a fixed header followed by its payload; the
+//! payload is never copied on the way in (it is split off the receive buffer) or out (it is
+//! sent as its own chunk after the header).
+//!
+//! ```text
+//! Hello     u16 version | 16 pair | 16 volume | u64 size | u8 model | str node
+//! Welcome   u64 applied epoch | u64 staged epoch
+//! Refuse    str reason
+//! Write     u8 flags | u64 epoch | u64 seq | u64 offset | u32 len | u32 crc32 | payload
+//! WriteAck  u64 seq                       Flush    u64 seq       FlushAck u64 seq
+//! Seal      u64 epoch | u64 cut time (ms) Staged   u64 epoch     Discard  u64 after
+//! Applied   u64 epoch | u64 cut time (ms) SyncDone u64 epoch     Reject   u64 seq | u8 why
+//! Request   JSON                          Response JSON
+//! ```
+
+use blockrep_core::VolumeId;
+use blockrep_core::replication::{Epoch, PairId, ReplicationModel};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::version::ProtocolVersion;
+
+/// The longest frame accepted: a 64 MiB write plus its header.
+pub const MAX_FRAME_LEN: usize = (64 << 20) + 64;
+/// Bytes of a frame before its body: length and type.
+pub const FRAME_HEADER_LEN: usize = 5;
+/// Bytes of a `Write` frame before its payload, counting the frame header.
+pub const WRITE_HEADER_LEN: usize = FRAME_HEADER_LEN + 1 + 8 + 8 + 8 + 4 + 4;
+
+/// Flags of a `Write` frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags(pub u8);
+
+impl WriteFlags {
+    /// Apply at once (hypermetro, initial sync) rather than stage until the epoch's seal.
+    pub const DIRECT: u8 = 1 << 0;
+    /// Answer with `WriteAck` once written (hypermetro).
+    pub const ACK: u8 = 1 << 1;
+    /// Write with FUA (durable before the acknowledgement).
+    pub const FUA: u8 = 1 << 2;
+    /// The range reads as zeroes; no payload.
+    pub const ZEROES: u8 = 1 << 3;
+    /// A resync extent (initial sync or catch-up), not an application write.
+    pub const RESYNC: u8 = 1 << 4;
+    const KNOWN: u8 = 0x1f;
+
+    pub fn has(self, flag: u8) -> bool {
+        self.0 & flag != 0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteHeader {
+    pub flags: WriteFlags,
+    pub epoch: Epoch,
+    /// The sender's key for the acknowledgement (and for a `Reject`).
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u32,
+    /// CRC32 of the payload (of nothing, for a zero range).
+    pub crc: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: ProtocolVersion,
+    pub pair: PairId,
+    /// The DR volume the stream writes.
+    pub volume: VolumeId,
+    /// Its size as the production side knows it; the DR side refuses a mismatch.
+    pub size: u64,
+    pub model: ReplicationModel,
+    /// The production agent's node name.
+    pub node: String,
+}
+
+/// Why the DR side rejected a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RejectReason {
+    /// The payload did not match its CRC: send it again.
+    Checksum = 1,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome { applied: Epoch, staged: Epoch },
+    Refuse { reason: String },
+    Write(WriteHeader, Bytes),
+    WriteAck { seq: u64 },
+    Flush { seq: u64 },
+    FlushAck { seq: u64 },
+    Seal { epoch: Epoch, cut_ms: u64 },
+    Staged { epoch: Epoch },
+    Applied { epoch: Epoch, cut_ms: u64 },
+    Discard { after: Epoch },
+    SyncDone { epoch: Epoch },
+    Reject { seq: u64, reason: RejectReason },
+    Request(Bytes),
+    Response(Bytes),
+}
+
+#[repr(u8)]
+enum Type {
+    Hello = 1,
+    Welcome = 2,
+    Refuse = 3,
+    Write = 4,
+    WriteAck = 5,
+    Flush = 6,
+    FlushAck = 7,
+    Seal = 8,
+    Staged = 9,
+    Applied = 10,
+    Discard = 11,
+    SyncDone = 12,
+    Reject = 13,
+    Request = 14,
+    Response = 15,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {len} bytes is longer than the {MAX_FRAME_LEN}-byte limit")]
+    TooLong { len: usize },
+    #[error("unknown frame type {0}")]
+    UnknownFrame(u8),
+    #[error("frame type {ty} is {len} bytes, not what its fields need")]
+    BadLength { ty: u8, len: usize },
+    #[error("protocol version {0} is not spoken here (this side speaks {current})", current = ProtocolVersion::CURRENT.number())]
+    UnknownVersion(u16),
+    #[error("unknown replication model {0}")]
+    UnknownModel(u8),
+    #[error("write flags {0:#x} include unknown bits")]
+    UnknownFlags(u8),
+    #[error("unknown reject reason {0}")]
+    UnknownReason(u8),
+    #[error("a string field is not UTF-8")]
+    NotUtf8,
+}
+
+impl Frame {
+    /// Appends the frame to `out`. A `Write`'s payload is appended too; use
+    /// [`Frame::encode_write_header`] to send the payload as its own chunk instead.
+    pub fn encode(&self, out: &mut BytesMut) {
+        if let Frame::Write(header, payload) = self {
+            encode_write_header(header, out);
+            out.extend_from_slice(payload);
+            return;
+        }
+        let start = out.len();
+        out.put_u32(0);
+        match self {
+            Frame::Hello(h) => {
+                out.put_u8(Type::Hello as u8);
+                out.put_u16(h.version.number());
+                out.put_slice(h.pair.as_bytes());
+                out.put_slice(h.volume.as_bytes());
+                out.put_u64(h.size);
+                out.put_u8(model_code(h.model));
+                put_str(out, &h.node);
+            }
+            Frame::Welcome { applied, staged } => {
+                out.put_u8(Type::Welcome as u8);
+                out.put_u64(applied.0);
+                out.put_u64(staged.0);
+            }
+            Frame::Refuse { reason } => {
+                out.put_u8(Type::Refuse as u8);
+                put_str(out, reason);
+            }
+            Frame::Write(..) => unreachable!("encoded above"),
+            Frame::WriteAck { seq } => put_u64_frame(out, Type::WriteAck, *seq),
+            Frame::Flush { seq } => put_u64_frame(out, Type::Flush, *seq),
+            Frame::FlushAck { seq } => put_u64_frame(out, Type::FlushAck, *seq),
+            Frame::Seal { epoch, cut_ms } => {
+                out.put_u8(Type::Seal as u8);
+                out.put_u64(epoch.0);
+                out.put_u64(*cut_ms);
+            }
+            Frame::Staged { epoch } => put_u64_frame(out, Type::Staged, epoch.0),
+            Frame::Applied { epoch, cut_ms } => {
+                out.put_u8(Type::Applied as u8);
+                out.put_u64(epoch.0);
+                out.put_u64(*cut_ms);
+            }
+            Frame::Discard { after } => put_u64_frame(out, Type::Discard, after.0),
+            Frame::SyncDone { epoch } => put_u64_frame(out, Type::SyncDone, epoch.0),
+            Frame::Reject { seq, reason } => {
+                out.put_u8(Type::Reject as u8);
+                out.put_u64(*seq);
+                out.put_u8(*reason as u8);
+            }
+            Frame::Request(body) => {
+                out.put_u8(Type::Request as u8);
+                out.put_slice(body);
+            }
+            Frame::Response(body) => {
+                out.put_u8(Type::Response as u8);
+                out.put_slice(body);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Takes one whole frame off the front of `buf`, or returns `None` if more bytes are
+    /// needed. A `Write`'s payload is split off `buf` without copying.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(WireError::TooLong { len });
+        }
+        if len == 0 {
+            return Err(WireError::BadLength { ty: 0, len });
+        }
+        if buf.len() < 4 + len {
+            buf.reserve(4 + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(4);
+        let mut body = buf.split_to(len);
+        let ty = body.get_u8();
+        let need = |n: usize| {
+            if body.len() == n {
+                Ok(())
+            } else {
+                Err(WireError::BadLength { ty, len })
+            }
+        };
+        let frame = match ty {
+            t if t == Type::Hello as u8 => {
+                if body.len() < 2 + 16 + 16 + 8 + 1 + 2 {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let version = ProtocolVersion::from_number(body.get_u16())?;
+                let pair = PairId::from_bytes(take_16(&mut body));
+                let volume = VolumeId::from_bytes(take_16(&mut body));
+                let size = body.get_u64();
+                let model = model_from(body.get_u8())?;
+                let node = get_str(&mut body, ty, len)?;
+                if !body.is_empty() {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                Frame::Hello(Hello {
+                    version,
+                    pair,
+                    volume,
+                    size,
+                    model,
+                    node,
+                })
+            }
+            t if t == Type::Welcome as u8 => {
+                need(16)?;
+                Frame::Welcome {
+                    applied: Epoch(body.get_u64()),
+                    staged: Epoch(body.get_u64()),
+                }
+            }
+            t if t == Type::Refuse as u8 => {
+                let reason = get_str(&mut body, ty, len)?;
+                if !body.is_empty() {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                Frame::Refuse { reason }
+            }
+            t if t == Type::Write as u8 => {
+                if body.len() < WRITE_HEADER_LEN - FRAME_HEADER_LEN {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let flags = body.get_u8();
+                if flags & !WriteFlags::KNOWN != 0 {
+                    return Err(WireError::UnknownFlags(flags));
+                }
+                let header = WriteHeader {
+                    flags: WriteFlags(flags),
+                    epoch: Epoch(body.get_u64()),
+                    seq: body.get_u64(),
+                    offset: body.get_u64(),
+                    len: body.get_u32(),
+                    crc: body.get_u32(),
+                };
+                let payload_len = if header.flags.has(WriteFlags::ZEROES) {
+                    0
+                } else {
+                    header.len as usize
+                };
+                if body.len() != payload_len {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                Frame::Write(header, body.freeze())
+            }
+            t if t == Type::WriteAck as u8 => {
+                need(8)?;
+                Frame::WriteAck {
+                    seq: body.get_u64(),
+                }
+            }
+            t if t == Type::Flush as u8 => {
+                need(8)?;
+                Frame::Flush {
+                    seq: body.get_u64(),
+                }
+            }
+            t if t == Type::FlushAck as u8 => {
+                need(8)?;
+                Frame::FlushAck {
+                    seq: body.get_u64(),
+                }
+            }
+            t if t == Type::Seal as u8 => {
+                need(16)?;
+                Frame::Seal {
+                    epoch: Epoch(body.get_u64()),
+                    cut_ms: body.get_u64(),
+                }
+            }
+            t if t == Type::Staged as u8 => {
+                need(8)?;
+                Frame::Staged {
+                    epoch: Epoch(body.get_u64()),
+                }
+            }
+            t if t == Type::Applied as u8 => {
+                need(16)?;
+                Frame::Applied {
+                    epoch: Epoch(body.get_u64()),
+                    cut_ms: body.get_u64(),
+                }
+            }
+            t if t == Type::Discard as u8 => {
+                need(8)?;
+                Frame::Discard {
+                    after: Epoch(body.get_u64()),
+                }
+            }
+            t if t == Type::SyncDone as u8 => {
+                need(8)?;
+                Frame::SyncDone {
+                    epoch: Epoch(body.get_u64()),
+                }
+            }
+            t if t == Type::Reject as u8 => {
+                need(9)?;
+                let seq = body.get_u64();
+                let reason = match body.get_u8() {
+                    1 => RejectReason::Checksum,
+                    other => return Err(WireError::UnknownReason(other)),
+                };
+                Frame::Reject { seq, reason }
+            }
+            t if t == Type::Request as u8 => Frame::Request(body.freeze()),
+            t if t == Type::Response as u8 => Frame::Response(body.freeze()),
+            other => return Err(WireError::UnknownFrame(other)),
+        };
+        Ok(Some(frame))
+    }
+}
+
+/// Appends a `Write` frame's header; its payload (`header.len` bytes, none for zeroes)
+/// must follow.
+pub fn encode_write_header(header: &WriteHeader, out: &mut BytesMut) {
+    let payload = if header.flags.has(WriteFlags::ZEROES) {
+        0
+    } else {
+        header.len
+    };
+    out.put_u32((WRITE_HEADER_LEN - 4) as u32 + payload);
+    out.put_u8(Type::Write as u8);
+    out.put_u8(header.flags.0);
+    out.put_u64(header.epoch.0);
+    out.put_u64(header.seq);
+    out.put_u64(header.offset);
+    out.put_u32(header.len);
+    out.put_u32(header.crc);
+}
+
+fn put_u64_frame(out: &mut BytesMut, ty: Type, value: u64) {
+    out.put_u8(ty as u8);
+    out.put_u64(value);
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.put_u16(bytes.len() as u16);
+    out.put_slice(bytes);
+}
+
+fn get_str(body: &mut BytesMut, ty: u8, len: usize) -> Result<String, WireError> {
+    if body.len() < 2 {
+        return Err(WireError::BadLength { ty, len });
+    }
+    let n = body.get_u16() as usize;
+    if body.len() < n {
+        return Err(WireError::BadLength { ty, len });
+    }
+    let bytes = body.split_to(n);
+    String::from_utf8(bytes.to_vec()).map_err(|_| WireError::NotUtf8)
+}
+
+fn take_16(body: &mut BytesMut) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    body.copy_to_slice(&mut out);
+    out
+}
+
+fn model_code(model: ReplicationModel) -> u8 {
+    match model {
+        ReplicationModel::Hypermetro => 1,
+        ReplicationModel::Async => 2,
+    }
+}
+
+fn model_from(code: u8) -> Result<ReplicationModel, WireError> {
+    match code {
+        1 => Ok(ReplicationModel::Hypermetro),
+        2 => Ok(ReplicationModel::Async),
+        other => Err(WireError::UnknownModel(other)),
+    }
+}
+
+/// The CRC a `Write` frame carries for its payload.
+pub fn payload_crc(payload: &[u8]) -> u32 {
+    crc32fast::hash(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn round_trip(frame: Frame) {
+        let mut out = BytesMut::new();
+        frame.encode(&mut out);
+        let mut input = out.clone();
+        assert_eq!(Frame::decode(&mut input).unwrap(), Some(frame));
+        assert!(input.is_empty());
+        // Any strict prefix asks for more bytes.
+        for cut in 0..out.len() {
+            let mut partial = BytesMut::from(&out[..cut]);
+            assert_eq!(
+                Frame::decode(&mut partial).unwrap(),
+                None,
+                "prefix of {cut}"
+            );
+        }
+    }
+
+    fn pair() -> PairId {
+        PairId::from_bytes([0x11; 16])
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let hello = Hello {
+            version: ProtocolVersion::V1,
+            pair: pair(),
+            volume: VolumeId::from_bytes([0x22; 16]),
+            size: 1 << 30,
+            model: ReplicationModel::Async,
+            node: "host-b".into(),
+        };
+        let payload = Bytes::from_static(b"abcd");
+        let frames = vec![
+            Frame::Hello(hello),
+            Frame::Welcome {
+                applied: Epoch(3),
+                staged: Epoch(4),
+            },
+            Frame::Refuse {
+                reason: "no such volume".into(),
+            },
+            Frame::Write(
+                WriteHeader {
+                    flags: WriteFlags(WriteFlags::DIRECT | WriteFlags::ACK),
+                    epoch: Epoch(9),
+                    seq: 77,
+                    offset: 4096,
+                    len: 4,
+                    crc: payload_crc(&payload),
+                },
+                payload,
+            ),
+            Frame::Write(
+                WriteHeader {
+                    flags: WriteFlags(WriteFlags::ZEROES),
+                    epoch: Epoch(9),
+                    seq: 78,
+                    offset: 0,
+                    len: 1 << 20,
+                    crc: payload_crc(&[]),
+                },
+                Bytes::new(),
+            ),
+            Frame::WriteAck { seq: 77 },
+            Frame::Flush { seq: 5 },
+            Frame::FlushAck { seq: 5 },
+            Frame::Seal {
+                epoch: Epoch(9),
+                cut_ms: 1_700_000_000_000,
+            },
+            Frame::Staged { epoch: Epoch(9) },
+            Frame::Applied {
+                epoch: Epoch(9),
+                cut_ms: 12,
+            },
+            Frame::Discard { after: Epoch(8) },
+            Frame::SyncDone { epoch: Epoch(2) },
+            Frame::Reject {
+                seq: 77,
+                reason: RejectReason::Checksum,
+            },
+            Frame::Request(Bytes::from_static(b"{}")),
+            Frame::Response(Bytes::from_static(b"{\"ok\":true}")),
+        ];
+        for frame in frames {
+            round_trip(frame);
+        }
+    }
+
+    /// Pins the bytes of the handshake and of a write header: changing them is a protocol
+    /// change, and needs a new version.
+    #[test]
+    fn golden_bytes() {
+        let mut out = BytesMut::new();
+        Frame::Hello(Hello {
+            version: ProtocolVersion::V1,
+            pair: pair(),
+            volume: VolumeId::from_bytes([0x22; 16]),
+            size: 0x4000_0000,
+            model: ReplicationModel::Hypermetro,
+            node: "a".into(),
+        })
+        .encode(&mut out);
+        let mut expected = vec![0, 0, 0, 47, 1, 0, 1];
+        expected.extend([0x11; 16]);
+        expected.extend([0x22; 16]);
+        expected.extend([0, 0, 0, 0, 0x40, 0, 0, 0, 1, 0, 1, b'a']);
+        assert_eq!(&out[..], &expected[..]);
+
+        let mut out = BytesMut::new();
+        encode_write_header(
+            &WriteHeader {
+                flags: WriteFlags(WriteFlags::FUA),
+                epoch: Epoch(2),
+                seq: 3,
+                offset: 4096,
+                len: 4096,
+                crc: 0xdead_beef,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            &out[..],
+            &[
+                0, 0, 0x10, 0x22, 4, 4, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0,
+                0, 0, 0x10, 0, 0, 0, 0x10, 0, 0xde, 0xad, 0xbe, 0xef
+            ][..]
+        );
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let mut too_long = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 4][..]);
+        assert!(matches!(
+            Frame::decode(&mut too_long),
+            Err(WireError::TooLong { .. })
+        ));
+        let mut unknown = BytesMut::from(&[0, 0, 0, 1, 200][..]);
+        assert_eq!(
+            Frame::decode(&mut unknown),
+            Err(WireError::UnknownFrame(200))
+        );
+        let mut short_ack = BytesMut::from(&[0, 0, 0, 3, 5, 0, 0][..]);
+        assert!(matches!(
+            Frame::decode(&mut short_ack),
+            Err(WireError::BadLength { ty: 5, .. })
+        ));
+        let mut old = BytesMut::new();
+        Frame::Hello(Hello {
+            version: ProtocolVersion::V1,
+            pair: pair(),
+            volume: VolumeId::from_bytes([0; 16]),
+            size: 1,
+            model: ReplicationModel::Async,
+            node: String::new(),
+        })
+        .encode(&mut old);
+        old[5..7].copy_from_slice(&99u16.to_be_bytes());
+        assert_eq!(Frame::decode(&mut old), Err(WireError::UnknownVersion(99)));
+    }
+
+    proptest! {
+        /// Arbitrary bytes, and valid frames with bytes flipped, decode to a frame, an
+        /// error or "need more", and never panic.
+        #[test]
+        fn arbitrary_input_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = Frame::decode(&mut buf) {}
+        }
+
+        #[test]
+        fn flipped_frames_never_panic(at in 0usize..64, value in any::<u8>()) {
+            let mut out = BytesMut::new();
+            Frame::Seal { epoch: Epoch(1), cut_ms: 2 }.encode(&mut out);
+            Frame::Refuse { reason: "x".repeat(20) }.encode(&mut out);
+            encode_write_header(&WriteHeader {
+                flags: WriteFlags(0), epoch: Epoch(1), seq: 1, offset: 0, len: 8, crc: 0,
+            }, &mut out);
+            out.extend_from_slice(&[7; 8]);
+            let at = at % out.len();
+            out[at] = value;
+            while let Ok(Some(_)) = Frame::decode(&mut out) {}
+        }
+    }
+}

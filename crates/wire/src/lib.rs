@@ -1,0 +1,15 @@
+//! What crosses between hosts: the frames of a replication stream (data and its
+//! acknowledgements), the envelope of control requests (protobuf messages of
+//! `proto/blockrep/v1/cluster.proto`), and the protocol version.
+//!
+//! No I/O: the agent's QUIC tasks read bytes into a buffer and ask [`Frame::decode`] for
+//! whole frames, and encode frames into buffers they write.
+
+pub mod frame;
+pub mod version;
+
+pub use frame::{
+    FRAME_HEADER_LEN, Frame, Hello, MAX_FRAME_LEN, RejectReason, WRITE_HEADER_LEN, WireError,
+    WriteFlags, WriteHeader, encode_write_header, payload_crc,
+};
+pub use version::{ALPN, ProtocolVersion};
