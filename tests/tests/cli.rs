@@ -85,7 +85,7 @@ fn bad_cli_input_is_refused_and_changes_nothing() {
     let image_arg = image.to_str().unwrap();
     refused(
         &["volume", "add", "--name", "vol1", "--path", image_arg],
-        "already exists: a volume named vol1",
+        "already exists (409): a volume named vol1",
     );
     refused(
         &["volume", "add", "--name", "vol2", "--path", image_arg],
@@ -93,7 +93,7 @@ fn bad_cli_input_is_refused_and_changes_nothing() {
     );
     refused(
         &["volume", "add", "--name", "bad name", "--path", image_arg],
-        "invalid argument: volume name",
+        "invalid argument (400): volume name",
     );
     refused(
         &[
@@ -127,7 +127,10 @@ fn bad_cli_input_is_refused_and_changes_nothing() {
         ],
         "cache mode \"none\" is not one of: direct, writeback",
     );
-    refused(&["volume", "show", "nope"], "not found: no volume \"nope\"");
+    refused(
+        &["volume", "show", "nope"],
+        "not found (404): no volume \"nope\"",
+    );
     refused(&["volume", "remove", "nope"], "not found");
     refused(&["volume", "frobnicate"], "unrecognized subcommand");
 
@@ -135,7 +138,7 @@ fn bad_cli_input_is_refused_and_changes_nothing() {
     let client = NbdClient::connect(&daemon.nbd_socket("vol1"), "vol1").unwrap();
     refused(
         &["volume", "remove", "vol1"],
-        "refused: volume vol1 has 1 connected NBD client(s)",
+        "refused (409): volume vol1 has 1 connected NBD client(s)",
     );
     client.disconnect().unwrap();
     let list = daemon.cli_json(&["volume", "list"]);
@@ -199,7 +202,7 @@ fn a_volume_whose_backing_vanished_stays_listed_in_error_and_can_be_removed() {
     );
     let dirty = daemon.cli(&["volume", "dirty", "vol1"]);
     assert!(
-        stderr_of(&dirty).contains("refused: volume vol1 is offline"),
+        stderr_of(&dirty).contains("refused (409): volume vol1 is offline"),
         "{}",
         stderr_of(&dirty)
     );

@@ -42,7 +42,8 @@ impl TryFrom<proto::AddVolumeRequest> for AddVolume {
     }
 }
 
-/// Every error the control API answers with. Messages name the rule that was broken.
+/// Every error the control API answers with. Messages name the rule that was broken; each
+/// kind carries the EVS API's status code ([`ApiError::code`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("volume name: {0}")]
@@ -52,25 +53,80 @@ pub enum ApiError {
     #[error("no volume {0:?} (give a volume id or name)")]
     VolumeNotFound(String),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
     Internal(String),
+}
+
+/// The gRPC metadata key that carries the EVS status code of a refusal.
+pub const CODE_METADATA: &str = "blockrep-code";
+
+impl ApiError {
+    /// The EVS API's status code: 400 bad request, 404 not found, 409 conflict,
+    /// 503 unavailable, 500 internal.
+    pub fn code(&self) -> u32 {
+        match self {
+            ApiError::BadName(_) | ApiError::InvalidArgument(_) => 400,
+            ApiError::VolumeNotFound(_) | ApiError::NotFound(_) => 404,
+            ApiError::AlreadyExists(_) | ApiError::FailedPrecondition(_) => 409,
+            ApiError::Unavailable(_) => 503,
+            ApiError::Internal(_) => 500,
+        }
+    }
+
+    /// The error a code and message from another daemon stand for.
+    pub fn from_code(code: u32, message: String) -> Self {
+        match code {
+            400 => ApiError::InvalidArgument(message),
+            404 => ApiError::NotFound(message),
+            409 => ApiError::FailedPrecondition(message),
+            503 => ApiError::Unavailable(message),
+            _ => ApiError::Internal(message),
+        }
+    }
 }
 
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let message = e.to_string();
-        match e {
+        let code = e.code();
+        let mut status = match e {
             ApiError::BadName(_) | ApiError::InvalidArgument(_) => {
                 tonic::Status::invalid_argument(message)
             }
-            ApiError::VolumeNotFound(_) => tonic::Status::not_found(message),
+            ApiError::VolumeNotFound(_) | ApiError::NotFound(_) => {
+                tonic::Status::not_found(message)
+            }
             ApiError::AlreadyExists(_) => tonic::Status::already_exists(message),
             ApiError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            ApiError::Unavailable(_) => tonic::Status::unavailable(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
+        };
+        if let Ok(value) = code.to_string().parse() {
+            status.metadata_mut().insert(CODE_METADATA, value);
         }
+        status
+    }
+}
+
+impl From<ApiError> for crate::proto::ClusterError {
+    fn from(e: ApiError) -> Self {
+        crate::proto::ClusterError {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::proto::ClusterError> for ApiError {
+    fn from(e: crate::proto::ClusterError) -> Self {
+        ApiError::from_code(e.code, e.message)
     }
 }
 

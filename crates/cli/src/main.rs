@@ -1,6 +1,8 @@
 //! `blockrep`: the operator's command line, talking to the local blockrepd over gRPC.
 
+mod ping;
 mod render;
+mod wait;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,8 +41,104 @@ enum Command {
     /// Volumes on this host.
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// One line per volume: state, size, dirty bytes, clients.
+    /// One line per volume (state, role, size, dirty bytes, clients), and its pair's state.
     Status,
+    /// Certificates for the cluster, and reaching its nodes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// The cluster's nodes, as the coordinator sees them.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Replication pairs.
+    #[command(subcommand)]
+    Pair(PairCommand),
+    /// Long operations.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create the cluster's CA in DIR (ca.pem, ca.key). Keep ca.key off the nodes.
+    InitCa {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node's certificate, signed by the CA in --ca-dir, into --out-dir
+    /// (node.pem, node.key, ca.pem).
+    IssueCert {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Check that a node's QUIC endpoint accepts this node's certificate and answers.
+    Ping {
+        /// The node's cluster address (host:port).
+        #[arg(long)]
+        address: std::net::SocketAddr,
+        /// Directory with node.pem, node.key and ca.pem (as issue-cert writes them).
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// Present no certificate (to check that the node refuses such a peer).
+        #[arg(long)]
+        danger_no_certificate: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List the nodes.
+    List,
+}
+
+#[derive(Subcommand)]
+enum PairCommand {
+    /// Create a replication pair; answers at once, with the job that follows it.
+    Create {
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// PRODUCTION,DR: volume ids, or names unique in the cluster.
+        #[arg(long, value_delimiter = ',')]
+        volumes: Vec<String>,
+        /// The production volume's availability zone.
+        #[arg(long)]
+        priority_station: String,
+        /// hypermetro (synchronous) or async.
+        #[arg(long)]
+        model: String,
+    },
+    /// List the pairs.
+    List,
+    /// Show one pair.
+    Show {
+        /// Pair id or name.
+        pair: String,
+    },
+    /// Delete a pair (available or error): both volumes stay, the DR volume becomes writable.
+    Delete {
+        /// Pair id or name.
+        pair: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Show one job.
+    Show { job: String },
+    /// List the jobs.
+    List,
+    /// Wait for a job to end, showing its progress; exits non-zero if it fails.
+    Wait {
+        job: String,
+        /// Give up after this many seconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,8 +202,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(VolumeCommand::Add { path, .. }) => Some(absolute(path)?),
         _ => None,
     };
+    let command = match cli.command {
+        Command::Cluster(command) => return cluster_command(command, &out).await,
+        other => other,
+    };
     let mut client: AgentClient<Channel> = blockrep_api::connect(&cli.socket).await?;
-    match cli.command {
+    match command {
+        Command::Cluster(_) => unreachable!("handled above"),
+        Command::Node(NodeCommand::List) => {
+            let nodes = call(client.list_nodes(proto::ListNodesRequest {})).await?;
+            out.print(&nodes);
+        }
+        Command::Pair(command) => match command {
+            PairCommand::Create {
+                name,
+                description,
+                volumes,
+                priority_station,
+                model,
+            } => {
+                let created = call(client.create_pair(proto::CreatePairRequest {
+                    name,
+                    description,
+                    volumes,
+                    priority_station,
+                    replication_model: model,
+                }))
+                .await?;
+                out.print(&created);
+            }
+            PairCommand::List => {
+                let pairs = call(client.list_pairs(proto::ListPairsRequest {})).await?;
+                out.print(&pairs);
+            }
+            PairCommand::Show { pair } => {
+                let pair = call(client.get_pair(proto::PairRef { pair })).await?;
+                out.print(&pair);
+            }
+            PairCommand::Delete { pair } => {
+                let deleted = call(client.delete_pair(proto::PairRef { pair })).await?;
+                out.print(&deleted);
+            }
+        },
+        Command::Job(command) => match command {
+            JobCommand::Show { job } => {
+                let job = call(client.get_job(proto::JobRef { job })).await?;
+                out.print(&job);
+            }
+            JobCommand::List => {
+                let jobs = call(client.list_jobs(proto::ListJobsRequest {})).await?;
+                out.print(&jobs);
+            }
+            JobCommand::Wait { job, timeout } => {
+                wait::wait_for_job(&mut client, &job, timeout, &out).await?;
+            }
+        },
         Command::Status => {
             let status = call(client.status(proto::StatusRequest {})).await?;
             out.print(&status);
@@ -147,16 +298,59 @@ fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).map_err(|e| anyhow::anyhow!("path {}: {e}", path.display()))
 }
 
+/// Runs the commands that need no daemon: certificates, and reaching a node.
+async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::InitCa { dir } => {
+            let cert = blockrep_tls::init_ca(&absolute(&dir)?)?;
+            if !out.json {
+                println!(
+                    "cluster CA written: {} (and ca.key beside it: keep it safe)",
+                    cert.display()
+                );
+            } else {
+                println!("{}", serde_json::json!({ "ca_cert": cert }));
+            }
+        }
+        ClusterCommand::IssueCert {
+            ca_dir,
+            node,
+            out_dir,
+        } => {
+            let cert = blockrep_tls::issue_cert(&absolute(&ca_dir)?, &node, &absolute(&out_dir)?)?;
+            if !out.json {
+                println!("certificate for node {node} written: {}", cert.display());
+            } else {
+                println!("{}", serde_json::json!({ "node": node, "cert": cert }));
+            }
+        }
+        ClusterCommand::Ping {
+            address,
+            tls_dir,
+            danger_no_certificate,
+        } => ping::ping(address, &absolute(&tls_dir)?, danger_no_certificate, out).await?,
+    }
+    Ok(())
+}
+
 async fn call<T>(
     request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> anyhow::Result<T> {
     match request.await {
         Ok(response) => Ok(response.into_inner()),
-        Err(status) => Err(anyhow::anyhow!(
-            "{}: {}",
-            code_name(status.code()),
-            status.message()
-        )),
+        Err(status) => {
+            let code = status
+                .metadata()
+                .get(blockrep_api::model::CODE_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default();
+            Err(anyhow::anyhow!(
+                "{}{code}: {}",
+                code_name(status.code()),
+                status.message()
+            ))
+        }
     }
 }
 

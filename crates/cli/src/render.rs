@@ -55,6 +55,8 @@ fn volume_json(v: &proto::Volume) -> Value {
         "connected_clients": v.connected_clients,
         "bytes_read": v.bytes_read,
         "bytes_written": v.bytes_written,
+        "role": empty_null(&v.role),
+        "pair_id": empty_null(&v.pair_id),
         "created_at": v.created_at,
     })
 }
@@ -218,7 +220,10 @@ impl Render for proto::StatusResponse {
             "node_name": self.node_name,
             "availability_zone": self.availability_zone,
             "version": self.version,
+            "clustered": self.clustered,
+            "coordinator": self.coordinator,
             "volumes": self.volumes.iter().map(volume_json).collect::<Vec<_>>(),
+            "pairs": self.pairs.iter().map(pair_state_json).collect::<Vec<_>>(),
         })
     }
 
@@ -228,13 +233,41 @@ impl Render for proto::StatusResponse {
             let state = state_name(v);
             if v.error.is_empty() {
                 out.push_str(&format!(
-                    "{} {state} size:{} dirty:{} clients:{} export:{}\n",
+                    "{} {state} role:{} size:{} dirty:{} clients:{} export:{}\n",
                     v.name,
+                    if v.role.is_empty() { "-" } else { &v.role },
                     human_bytes(v.size_bytes).replace(' ', ""),
                     dirty_text(v).replace(' ', ""),
                     v.connected_clients,
                     v.nbd_socket
                 ));
+                for p in self.pairs.iter().filter(|p| p.volume_id == v.id) {
+                    out.push_str(&format!(
+                        "  pair:{} {} {} peer:{} replication:{} out-of-sync:{}{}{}\n",
+                        short(&p.pair_id),
+                        p.replication_model,
+                        p.side,
+                        p.peer_node,
+                        p.replication_status,
+                        human_bytes(p.out_of_sync_bytes).replace(' ', ""),
+                        if p.replication_status == "copying" {
+                            format!(" progress:{:.0}%", p.progress * 100.0)
+                        } else {
+                            String::new()
+                        },
+                        if p.side == "production" && p.replication_model == "async" {
+                            format!(" lag:{:.1}s", p.lag_seconds)
+                        } else {
+                            String::new()
+                        },
+                    ));
+                    if p.replication_status != "active" && !p.status_detail.is_empty() {
+                        out.push_str(&format!(
+                            "    {} (since {})\n",
+                            p.status_detail, p.status_since
+                        ));
+                    }
+                }
             } else {
                 out.push_str(&format!("{} {state} error:{:?}\n", v.name, v.error));
             }
@@ -288,6 +321,364 @@ impl Render for proto::DirtyExtents {
             self.extents.len()
         ));
         out
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+fn empty_null(s: &str) -> Value {
+    if s.is_empty() { Value::Null } else { json!(s) }
+}
+
+fn counters_json(c: Option<&proto::PairCounters>) -> Value {
+    let c = c.copied().unwrap_or_default();
+    json!({
+        "bytes_sent": c.bytes_sent,
+        "extents_sent": c.extents_sent,
+        "extents_rejected": c.extents_rejected,
+        "resync_bytes_sent": c.resync_bytes_sent,
+        "resync_rate_bytes_per_second": c.resync_rate,
+        "journal_bytes": c.journal_bytes,
+        "journal_limit": c.journal_limit,
+        "bytes_received": c.bytes_received,
+    })
+}
+
+fn pair_state_json(p: &proto::PairState) -> Value {
+    json!({
+        "pair_id": p.pair_id,
+        "volume_id": p.volume_id,
+        "volume_name": p.volume_name,
+        "side": p.side,
+        "replication_model": p.replication_model,
+        "replication_status": p.replication_status,
+        "status_detail": p.status_detail,
+        "status_since": p.status_since,
+        "progress": p.progress,
+        "out_of_sync_bytes": p.out_of_sync_bytes,
+        "lag_seconds": p.lag_seconds,
+        "consistent_epoch": p.consistent_epoch,
+        "consistent_at": empty_null(&p.consistent_at),
+        "peer_node": p.peer_node,
+        "counters": counters_json(p.counters.as_ref()),
+    })
+}
+
+/// The seed API's fields first, then what blockrep adds.
+pub fn pair_json(p: &proto::Pair) -> Value {
+    json!({
+        "id": p.id,
+        "name": p.name,
+        "description": p.description,
+        "status": p.status,
+        "replication_status": p.replication_status,
+        "replication_consistency_group_id": empty_null(&p.replication_consistency_group_id),
+        "volume_ids": p.volume_ids,
+        "priority_station": p.priority_station,
+        "replication_model": p.replication_model,
+        "created_at": p.created_at,
+        "updated_at": empty_null(&p.updated_at),
+        "progress": p.progress,
+        "out_of_sync_bytes": p.out_of_sync_bytes,
+        "lag_seconds": p.lag_seconds,
+        "status_detail": p.status_detail,
+        "status_since": empty_null(&p.status_since),
+        "failure_detail": empty_null(&p.failure_detail),
+        "consistent_epoch": p.consistent_epoch,
+        "consistent_at": empty_null(&p.consistent_at),
+        "production_node": p.production_node,
+        "dr_node": p.dr_node,
+        "counters": counters_json(p.counters.as_ref()),
+    })
+}
+
+fn job_json(j: &proto::Job) -> Value {
+    json!({
+        "id": j.id,
+        "job_type": j.job_type,
+        "status": j.status,
+        "begin_time": j.begin_time,
+        "end_time": empty_null(&j.end_time),
+        "progress": j.progress,
+        "fail_reason": empty_null(&j.fail_reason),
+        "pair_id": empty_null(&j.pair_id),
+    })
+}
+
+fn node_json(n: &proto::Node) -> Value {
+    json!({
+        "name": n.name,
+        "availability_zone": n.availability_zone,
+        "address": n.address,
+        "alive": n.alive,
+        "last_seen": n.last_seen,
+        "volumes": n.volumes,
+        "coordinator": n.coordinator,
+        "peers_refused": n.peers_refused,
+    })
+}
+
+fn key_values(rows: &[(&str, String)]) -> String {
+    rows.iter()
+        .map(|(k, v)| format!("{:<19} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+impl Render for proto::Pair {
+    fn json(&self) -> Value {
+        pair_json(self)
+    }
+
+    fn table(&self) -> String {
+        let c = self.counters.unwrap_or_default();
+        let mut rows = vec![
+            ("id", self.id.clone()),
+            ("name", self.name.clone()),
+            ("status", self.status.clone()),
+            ("replication", self.replication_status.clone()),
+            (
+                "why",
+                format!("{} (since {})", self.status_detail, self.status_since),
+            ),
+            ("model", self.replication_model.clone()),
+            ("priority station", self.priority_station.clone()),
+            (
+                "production",
+                format!(
+                    "{} on {}",
+                    self.volume_ids.first().cloned().unwrap_or_default(),
+                    self.production_node
+                ),
+            ),
+            (
+                "dr",
+                format!(
+                    "{} on {}",
+                    self.volume_ids.get(1).cloned().unwrap_or_default(),
+                    self.dr_node
+                ),
+            ),
+            ("progress", format!("{:.1}%", self.progress * 100.0)),
+            ("out of sync", human_bytes(self.out_of_sync_bytes)),
+            ("lag", format!("{:.1} s", self.lag_seconds)),
+            (
+                "consistent point",
+                if self.consistent_at.is_empty() {
+                    if self.consistent_epoch > 0 {
+                        format!("epoch {}", self.consistent_epoch)
+                    } else {
+                        "none yet".into()
+                    }
+                } else {
+                    format!(
+                        "epoch {} cut at {}",
+                        self.consistent_epoch, self.consistent_at
+                    )
+                },
+            ),
+            (
+                "sent",
+                format!(
+                    "{} in {} extents ({} rejected), resync {} at {}/s",
+                    human_bytes(c.bytes_sent),
+                    c.extents_sent,
+                    c.extents_rejected,
+                    human_bytes(c.resync_bytes_sent),
+                    human_bytes(c.resync_rate as u64)
+                ),
+            ),
+            (
+                "journal",
+                format!(
+                    "{} of {}",
+                    human_bytes(c.journal_bytes),
+                    human_bytes(c.journal_limit)
+                ),
+            ),
+            ("created", self.created_at.clone()),
+        ];
+        if !self.description.is_empty() {
+            rows.insert(2, ("description", self.description.clone()));
+        }
+        if !self.failure_detail.is_empty() {
+            rows.insert(3, ("failure", self.failure_detail.clone()));
+        }
+        key_values(&rows)
+    }
+}
+
+impl Render for proto::ListPairsResponse {
+    fn json(&self) -> Value {
+        Value::Array(self.pairs.iter().map(pair_json).collect())
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .pairs
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.id.clone(),
+                    p.status.clone(),
+                    p.replication_status.clone(),
+                    p.replication_model.clone(),
+                    format!("{:.0}%", p.progress * 100.0),
+                    human_bytes(p.out_of_sync_bytes),
+                    format!("{}→{}", p.production_node, p.dr_node),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "NAME",
+                "ID",
+                "STATUS",
+                "REPLICATION",
+                "MODEL",
+                "PROGRESS",
+                "OUT OF SYNC",
+                "NODES",
+            ],
+            &rows,
+        )
+    }
+}
+
+impl Render for proto::CreatePairResponse {
+    fn json(&self) -> Value {
+        json!({
+            "replication": self.pair.as_ref().map(pair_json),
+            "job_id": self.job.as_ref().map(|j| j.id.clone()),
+        })
+    }
+
+    fn table(&self) -> String {
+        let pair = self.pair.clone().unwrap_or_default();
+        let job = self.job.clone().unwrap_or_default();
+        format!(
+            "pair {} ({}) is {}; job {} follows it (blockrep job wait {})\n",
+            pair.id, pair.name, pair.status, job.id, job.id
+        )
+    }
+}
+
+impl Render for proto::DeletePairResponse {
+    fn json(&self) -> Value {
+        json!({
+            "replication": self.pair.as_ref().map(pair_json),
+            "job_id": self.job.as_ref().map(|j| j.id.clone()),
+        })
+    }
+
+    fn table(&self) -> String {
+        let pair = self.pair.clone().unwrap_or_default();
+        let job = self.job.clone().unwrap_or_default();
+        format!("pair {} is {}; job {}\n", pair.id, pair.status, job.id)
+    }
+}
+
+impl Render for proto::Job {
+    fn json(&self) -> Value {
+        job_json(self)
+    }
+
+    fn table(&self) -> String {
+        let mut rows = vec![
+            ("id", self.id.clone()),
+            ("type", self.job_type.clone()),
+            ("status", self.status.clone()),
+            ("progress", format!("{:.1}%", self.progress * 100.0)),
+            ("pair", self.pair_id.clone()),
+            ("begin", self.begin_time.clone()),
+            (
+                "end",
+                if self.end_time.is_empty() {
+                    "-".into()
+                } else {
+                    self.end_time.clone()
+                },
+            ),
+        ];
+        if !self.fail_reason.is_empty() {
+            rows.push(("fail reason", self.fail_reason.clone()));
+        }
+        key_values(&rows)
+    }
+}
+
+impl Render for proto::ListJobsResponse {
+    fn json(&self) -> Value {
+        Value::Array(self.jobs.iter().map(job_json).collect())
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .jobs
+            .iter()
+            .map(|j| {
+                vec![
+                    j.id.clone(),
+                    j.job_type.clone(),
+                    j.status.clone(),
+                    format!("{:.0}%", j.progress * 100.0),
+                    j.begin_time.clone(),
+                    j.fail_reason.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &["ID", "TYPE", "STATUS", "PROGRESS", "BEGIN", "FAIL REASON"],
+            &rows,
+        )
+    }
+}
+
+impl Render for proto::ListNodesResponse {
+    fn json(&self) -> Value {
+        Value::Array(self.nodes.iter().map(node_json).collect())
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.availability_zone.clone(),
+                    n.address.clone(),
+                    if n.alive {
+                        "alive".into()
+                    } else {
+                        "down".into()
+                    },
+                    n.last_seen.clone(),
+                    n.volumes.to_string(),
+                    if n.coordinator {
+                        "coordinator".into()
+                    } else {
+                        String::new()
+                    },
+                    n.peers_refused.to_string(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "NAME",
+                "AZ",
+                "ADDRESS",
+                "STATE",
+                "LAST SEEN",
+                "VOLUMES",
+                "ROLE",
+                "PEERS REFUSED",
+            ],
+            &rows,
+        )
     }
 }
 

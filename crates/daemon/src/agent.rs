@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use blockrep_api::ApiError;
 use blockrep_api::model::AddVolume;
 use blockrep_core::VolumeId;
+use blockrep_core::replication::VolumeRole;
 use blockrep_nbd::{ClientStream, ExportSet};
+use blockrep_replication::membership::Membership;
+use blockrep_replication::pairs::{Pairs, VolumeHandle};
 use blockrep_volume::{Backing, DirtyTracker, Volume};
 use tokio::task::JoinHandle;
 
@@ -22,6 +25,8 @@ pub struct Agent {
     volumes: Mutex<BTreeMap<VolumeId, Entry>>,
     pub connections: Arc<Connections>,
     runtime: tokio::runtime::Handle,
+    /// The pairs this agent's volumes are in.
+    pairs: Arc<Pairs>,
 }
 
 struct Entry {
@@ -48,6 +53,7 @@ pub struct VolumeView {
 }
 
 pub struct OnlineView {
+    pub role: VolumeRole,
     pub kind: &'static str,
     pub direct_io: bool,
     pub dirty_bytes: Option<u64>,
@@ -62,11 +68,13 @@ impl Agent {
     /// registered, in error, so the operator sees it.
     pub fn start(config: Config, runtime: tokio::runtime::Handle) -> anyhow::Result<Arc<Self>> {
         let records = registry::load(&config.state_dir)?;
+        let pairs = Pairs::new(config.node_name.clone(), config.replication);
         let agent = Arc::new(Self {
             config,
             volumes: Mutex::new(BTreeMap::new()),
             connections: Arc::new(Connections::default()),
             runtime,
+            pairs,
         });
         for record in records {
             let state = agent.bring_online(&record).map_err(|e| {
@@ -117,6 +125,18 @@ impl Agent {
             .transpose()
             .map_err(|e| ApiError::Internal(format!("cannot start the bitmap flusher: {e}")))?;
         let volume = Arc::new(Volume::new(record.name.to_string(), backing, tracker));
+        // A volume in a pair keeps its role across restarts: a DR volume stays read-only
+        // even before (or without) the cluster endpoint.
+        match Membership::load(&self.tracker_dir(record.id)) {
+            Ok(Some(membership)) => volume.gate().restore_role(membership.role()),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(ApiError::Internal(format!(
+                    "pair record of volume {}: {e}",
+                    record.name
+                )));
+            }
+        }
         let socket = self.config.nbd_socket(record.name.as_str());
         let closing = Arc::new(AtomicBool::new(false));
         let listener = self.listen_unix(&socket, Arc::clone(&volume), Arc::clone(&closing))?;
@@ -227,6 +247,14 @@ impl Agent {
         let id = find(&volumes, reference)?;
         let entry = &volumes[&id];
         if let Ok(online) = &entry.state {
+            let role = online.volume.gate().role();
+            if let Some(pair) = role.pair() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {} is the {} side of pair {pair}; delete the pair first",
+                    entry.record.name,
+                    role.name()
+                )));
+            }
             online.closing.store(true, Ordering::SeqCst);
             let clients = online.volume.connected_clients();
             if clients > 0 {
@@ -311,6 +339,7 @@ impl Agent {
 
     fn view(&self, entry: &Entry) -> VolumeView {
         let online = entry.state.as_ref().ok().map(|o| OnlineView {
+            role: o.volume.gate().role(),
             kind: match o.volume.backing().kind() {
                 blockrep_volume::BackingKind::BlockDevice => "block-device",
                 blockrep_volume::BackingKind::File => "file",
@@ -330,6 +359,57 @@ impl Agent {
         }
     }
 
+    pub fn pairs(&self) -> &Arc<Pairs> {
+        &self.pairs
+    }
+
+    /// An online volume, by id or name, as replication needs it.
+    pub fn volume_handle(&self, reference: &str) -> Result<VolumeHandle, ApiError> {
+        let volumes = self.lock();
+        let id = find(&volumes, reference)?;
+        let entry = &volumes[&id];
+        let online = entry.state.as_ref().map_err(|e| {
+            ApiError::FailedPrecondition(format!("volume {} is offline: {e}", entry.record.name))
+        })?;
+        Ok(VolumeHandle {
+            volume: Arc::clone(&online.volume),
+            dir: self.tracker_dir(id),
+            name: entry.record.name.to_string(),
+        })
+    }
+
+    /// Starts replicating every pair the online volumes were in before a restart.
+    pub fn restore_pairs(&self) {
+        let handles: Vec<VolumeHandle> = {
+            let volumes = self.lock();
+            volumes
+                .iter()
+                .filter_map(|(id, e)| {
+                    let online = e.state.as_ref().ok()?;
+                    Some(VolumeHandle {
+                        volume: Arc::clone(&online.volume),
+                        dir: self.tracker_dir(*id),
+                        name: e.record.name.to_string(),
+                    })
+                })
+                .collect()
+        };
+        for handle in handles {
+            let name = handle.name.clone();
+            if let Err(e) = self.pairs.restore(handle) {
+                tracing::error!(volume = %name, error = %e, "cannot take up the volume's pair role");
+            }
+        }
+    }
+
+    /// Every volume, as the API shows it.
+    pub fn volume_protos(&self) -> Vec<blockrep_api::proto::Volume> {
+        self.list()
+            .into_iter()
+            .map(|v| crate::service::volume_proto(&self.config, v))
+            .collect()
+    }
+
     /// Stops accepting clients, lets the connected ones finish what is in flight, then
     /// writes every tracker's state out.
     pub fn shut_down(&self) {
@@ -341,6 +421,7 @@ impl Agent {
         // Not under the lock: a client in the middle of its handshake may still look its
         // export up, and the drain waits for that client.
         self.connections.drain(self.config.shutdown_grace);
+        self.pairs.stop_all();
         let volumes = std::mem::take(&mut *self.lock());
         for (_, entry) in volumes {
             if let Ok(online) = entry.state {

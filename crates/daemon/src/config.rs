@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blockrep_core::Granularity;
+use blockrep_replication::production::ReplicationConfig;
+use blockrep_tls::TlsFiles;
 use blockrep_volume::TrackerConfig;
 use serde::Deserialize;
 
@@ -45,6 +47,59 @@ struct RawConfig {
     bitmap: RawBitmap,
     #[serde(default)]
     nbd: RawNbd,
+    cluster: Option<RawCluster>,
+    #[serde(default)]
+    replication: RawReplication,
+    metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    listen: String,
+    coordinator: String,
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    coordinator_role: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    #[serde(default = "default_epoch_interval_ms")]
+    epoch_interval_ms: u64,
+    #[serde(default = "default_journal_bytes")]
+    journal_bytes: ByteSize,
+}
+
+impl Default for RawReplication {
+    fn default() -> Self {
+        Self {
+            epoch_interval_ms: default_epoch_interval_ms(),
+            journal_bytes: default_journal_bytes(),
+        }
+    }
+}
+
+fn default_epoch_interval_ms() -> u64 {
+    ReplicationConfig::default().epoch_interval.as_millis() as u64
+}
+
+fn default_journal_bytes() -> ByteSize {
+    ByteSize::Bytes(ReplicationConfig::default().journal_bytes)
+}
+
+/// The `[cluster]` section: this agent's QUIC endpoint, the coordinator's, and the
+/// certificates every connection between hosts is authenticated with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub listen: SocketAddr,
+    pub coordinator: SocketAddr,
+    pub tls: TlsFiles,
+    /// This daemon runs the coordinator (at `coordinator`).
+    pub coordinator_role: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +214,11 @@ pub struct Config {
     /// `None` when dirty tracking is switched off (benchmarks only).
     pub tracker: Option<TrackerConfig>,
     pub nbd_tcp_listen: Option<SocketAddr>,
+    /// `None`: the daemon works alone, as without replication.
+    pub cluster: Option<ClusterConfig>,
+    pub replication: ReplicationConfig,
+    /// Where Prometheus text metrics are served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The largest single NBD write, which one admission must fit in the activity log.
@@ -271,6 +331,77 @@ impl Config {
             })
             .transpose()?;
 
+        let cluster = raw
+            .cluster
+            .map(|c| -> Result<ClusterConfig, ConfigError> {
+                let addr = |key, value: &str| {
+                    value
+                        .parse::<SocketAddr>()
+                        .map_err(|e| invalid(key, format!("{value:?}: {e}")))
+                };
+                let listen = addr("cluster.listen", &c.listen)?;
+                let coordinator = addr("cluster.coordinator", &c.coordinator)?;
+                if coordinator.ip().is_unspecified() {
+                    return Err(invalid(
+                        "cluster.coordinator",
+                        format!("{coordinator} is not an address another host can reach"),
+                    ));
+                }
+                for (key, file) in [
+                    ("cluster.ca_cert", &c.ca_cert),
+                    ("cluster.cert", &c.cert),
+                    ("cluster.key", &c.key),
+                ] {
+                    if !file.is_absolute() {
+                        return Err(invalid(
+                            key,
+                            format!("{} is not an absolute path", file.display()),
+                        ));
+                    }
+                }
+                Ok(ClusterConfig {
+                    listen,
+                    coordinator,
+                    tls: TlsFiles {
+                        ca_cert: c.ca_cert,
+                        cert: c.cert,
+                        key: c.key,
+                    },
+                    coordinator_role: c.coordinator_role,
+                })
+            })
+            .transpose()?;
+        let r = &raw.replication;
+        if !(50..=60_000).contains(&r.epoch_interval_ms) {
+            return Err(invalid(
+                "replication.epoch_interval_ms",
+                format!("{} must be from 50 to 60000", r.epoch_interval_ms),
+            ));
+        }
+        let journal_bytes = r
+            .journal_bytes
+            .bytes()
+            .map_err(|m| invalid("replication.journal_bytes", m))?;
+        if !(1 << 20..=64 << 30).contains(&journal_bytes) {
+            return Err(invalid(
+                "replication.journal_bytes",
+                format!("{journal_bytes} must be from 1 MiB to 64 GiB"),
+            ));
+        }
+        let replication = ReplicationConfig {
+            epoch_interval: Duration::from_millis(r.epoch_interval_ms),
+            journal_bytes,
+            ..ReplicationConfig::default()
+        };
+        let metrics_listen = raw
+            .metrics_listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid("metrics_listen", format!("{a:?}: {e}")))
+            })
+            .transpose()?;
+
         Ok(Self {
             node_name: raw.node_name,
             availability_zone: raw.availability_zone,
@@ -281,6 +412,9 @@ impl Config {
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
             tracker,
             nbd_tcp_listen,
+            cluster,
+            replication,
+            metrics_listen,
         })
     }
 
@@ -367,6 +501,42 @@ mod tests {
         );
         assert!(error_of("availability_zone = \"az1\"\n").contains("missing field `node_name`"));
         assert!(error_of(&format!("{MINIMAL}colour = 1\n")).contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn the_cluster_section_is_checked() {
+        let cluster = "[cluster]\nlisten = \"0.0.0.0:7790\"\ncoordinator = \"10.0.0.1:7790\"\nca_cert = \"/etc/blockrep/tls/ca.pem\"\ncert = \"/etc/blockrep/tls/node.pem\"\nkey = \"/etc/blockrep/tls/node.key\"\n";
+        let c = parse(&format!("{MINIMAL}{cluster}")).unwrap();
+        let cluster_config = c.cluster.unwrap();
+        assert_eq!(cluster_config.listen.port(), 7790);
+        assert!(!cluster_config.coordinator_role);
+        assert!(
+            parse(MINIMAL).unwrap().cluster.is_none(),
+            "no section: alone"
+        );
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}{}",
+                cluster.replace("10.0.0.1", "0.0.0.0")
+            ))
+            .contains("cluster.coordinator")
+        );
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}{}",
+                cluster.replace("/etc/blockrep/tls/ca.pem", "ca.pem")
+            ))
+            .contains("cluster.ca_cert: ca.pem is not an absolute path")
+        );
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}[replication]\njournal_bytes = \"1KiB\"\n"
+            ))
+            .contains("replication.journal_bytes")
+        );
+        assert!(
+            error_of(&format!("{MINIMAL}{cluster}colour = 1\n")).contains("unknown field `colour`")
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `blockrepd`: the blockrep agent.
 
 mod agent;
+mod cluster;
 mod config;
 mod connections;
+mod metrics;
 mod registry;
 mod service;
 
@@ -101,11 +103,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(addr) => Some(agent.listen_tcp(addr).await?),
         None => None,
     };
+    let cluster = match agent.config.cluster.clone() {
+        Some(config) => {
+            Some(cluster::Cluster::start(Arc::clone(&agent), config).context("join the cluster")?)
+        }
+        None => None,
+    };
+    let metrics_server = match agent.config.metrics_listen {
+        Some(addr) => Some(metrics::serve(addr, Arc::clone(&agent), cluster.clone()).await?),
+        None => None,
+    };
     let incoming = bind_control_socket(&control_socket, control_group.as_deref())?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let service = AgentServer::new(service::AgentService {
         agent: Arc::clone(&agent),
+        cluster: cluster.clone(),
     });
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -125,7 +138,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(listener) = tcp_listener {
         listener.abort();
     }
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     let _ = stop_tx.send(());
+    if let Some(cluster) = &cluster {
+        cluster.endpoint.close();
+    }
     let drained = Arc::clone(&agent);
     tokio::task::spawn_blocking(move || drained.shut_down())
         .await

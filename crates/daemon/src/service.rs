@@ -4,53 +4,83 @@ use std::sync::Arc;
 
 use blockrep_api::ApiError;
 use blockrep_api::model::AddVolume;
-use blockrep_api::proto::{self, agent_server};
+use blockrep_api::proto::{self, agent_server, cluster_request, cluster_response};
 use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, VolumeView};
+use crate::cluster::Cluster;
+use crate::config::Config;
 
 pub struct AgentService {
     pub agent: Arc<Agent>,
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+/// A volume as the API shows it.
+pub fn volume_proto(config: &Config, v: VolumeView) -> proto::Volume {
+    let online = v.online.as_ref();
+    proto::Volume {
+        id: v.record.id.to_string(),
+        name: v.record.name.to_string(),
+        path: v.record.path.display().to_string(),
+        size_bytes: v.record.size,
+        availability_zone: config.availability_zone.clone(),
+        node_name: config.node_name.clone(),
+        backing_kind: online.map_or("", |o| o.kind).to_owned(),
+        direct_io: online.is_some_and(|o| o.direct_io),
+        state: if online.is_some() {
+            proto::VolumeState::Online
+        } else {
+            proto::VolumeState::Error
+        } as i32,
+        error: v.error.unwrap_or_default(),
+        nbd_socket: if online.is_some() {
+            v.nbd_socket.display().to_string()
+        } else {
+            String::new()
+        },
+        nbd_tcp: config
+            .nbd_tcp_listen
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        dirty_tracking: online.is_some_and(|o| o.dirty_bytes.is_some()),
+        dirty_bytes: online.and_then(|o| o.dirty_bytes).unwrap_or(0),
+        bitmap_granularity: config.tracker.map_or(0, |t| t.granularity.bytes() as u32),
+        active_regions: online.map_or(0, |o| o.active_regions as u32),
+        connected_clients: online.map_or(0, |o| o.connected_clients as u32),
+        created_at: v.record.created_at,
+        cache_mode: v.record.cache.to_string(),
+        bytes_read: online.map_or(0, |o| o.bytes_read),
+        bytes_written: online.map_or(0, |o| o.bytes_written),
+        role: online.map_or("", |o| o.role.name()).to_owned(),
+        pair_id: online
+            .and_then(|o| o.role.pair())
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+    }
 }
 
 impl AgentService {
     fn to_proto(&self, v: VolumeView) -> proto::Volume {
-        let config = &self.agent.config;
-        let online = v.online.as_ref();
-        proto::Volume {
-            id: v.record.id.to_string(),
-            name: v.record.name.to_string(),
-            path: v.record.path.display().to_string(),
-            size_bytes: v.record.size,
-            availability_zone: config.availability_zone.clone(),
-            node_name: config.node_name.clone(),
-            backing_kind: online.map_or("", |o| o.kind).to_owned(),
-            direct_io: online.is_some_and(|o| o.direct_io),
-            state: if online.is_some() {
-                proto::VolumeState::Online
-            } else {
-                proto::VolumeState::Error
-            } as i32,
-            error: v.error.unwrap_or_default(),
-            nbd_socket: if online.is_some() {
-                v.nbd_socket.display().to_string()
-            } else {
-                String::new()
-            },
-            nbd_tcp: config
-                .nbd_tcp_listen
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            dirty_tracking: online.is_some_and(|o| o.dirty_bytes.is_some()),
-            dirty_bytes: online.and_then(|o| o.dirty_bytes).unwrap_or(0),
-            bitmap_granularity: config.tracker.map_or(0, |t| t.granularity.bytes() as u32),
-            active_regions: online.map_or(0, |o| o.active_regions as u32),
-            connected_clients: online.map_or(0, |o| o.connected_clients as u32),
-            created_at: v.record.created_at,
-            cache_mode: v.record.cache.to_string(),
-            bytes_read: online.map_or(0, |o| o.bytes_read),
-            bytes_written: online.map_or(0, |o| o.bytes_written),
-        }
+        volume_proto(&self.agent.config, v)
+    }
+
+    /// A cluster call: answered by the coordinator, wherever it runs.
+    async fn cluster_call(
+        &self,
+        request: cluster_request::Request,
+    ) -> Result<cluster_response::Response, Status> {
+        let Some(cluster) = &self.cluster else {
+            return Err(ApiError::FailedPrecondition(
+                "this daemon is not in a cluster: add a [cluster] section to its configuration"
+                    .into(),
+            )
+            .into());
+        };
+        cluster
+            .coordinator_call(request)
+            .await
+            .map_err(Status::from)
     }
 
     /// Runs blocking agent work (file and device I/O) off the async threads.
@@ -142,6 +172,107 @@ impl agent_server::Agent for AgentService {
             availability_zone: config.availability_zone.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             volumes: views.into_iter().map(|v| self.to_proto(v)).collect(),
+            pairs: self.agent.pairs().states(),
+            clustered: self.cluster.is_some(),
+            coordinator: self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.coordinator.is_some()),
         }))
     }
+
+    async fn create_pair(
+        &self,
+        request: Request<proto::CreatePairRequest>,
+    ) -> Result<Response<proto::CreatePairResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::CreatePair(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Created(created) => Ok(Response::new(created)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn list_pairs(
+        &self,
+        request: Request<proto::ListPairsRequest>,
+    ) -> Result<Response<proto::ListPairsResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::ListPairs(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Pairs(pairs) => Ok(Response::new(pairs)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn get_pair(
+        &self,
+        request: Request<proto::PairRef>,
+    ) -> Result<Response<proto::Pair>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::GetPair(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Pair(pair) => Ok(Response::new(pair)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn delete_pair(
+        &self,
+        request: Request<proto::PairRef>,
+    ) -> Result<Response<proto::DeletePairResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::DeletePair(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Deleted(deleted) => Ok(Response::new(deleted)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<proto::JobRef>,
+    ) -> Result<Response<proto::Job>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::GetJob(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Job(job) => Ok(Response::new(job)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<proto::ListJobsRequest>,
+    ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::ListJobs(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Jobs(jobs) => Ok(Response::new(jobs)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<proto::ListNodesRequest>,
+    ) -> Result<Response<proto::ListNodesResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::ListNodes(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Nodes(nodes) => Ok(Response::new(nodes)),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+fn unexpected() -> Status {
+    Status::internal("the coordinator answered with something unexpected")
 }

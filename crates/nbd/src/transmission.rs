@@ -114,7 +114,7 @@ impl WriteBuf {
 
 /// An answer that waits for the peer (hypermetro), with its local outcome.
 enum Held {
-    Write(GatedWrite, Result<(), i32>),
+    Write(Box<GatedWrite>, Result<(), i32>),
     Flush {
         handle: u64,
         result: Result<(), i32>,
@@ -813,7 +813,8 @@ impl Connection {
         if self.early.remove(&token) {
             self.answer_write(write, result);
         } else {
-            self.held.insert(token, Held::Write(write, result));
+            self.held
+                .insert(token, Held::Write(Box::new(write), result));
         }
     }
 
@@ -855,7 +856,7 @@ impl Connection {
         for token in delivered.drain(..) {
             self.tokens_out -= 1;
             match self.held.remove(&token) {
-                Some(Held::Write(write, result)) => self.answer_write(write, result),
+                Some(Held::Write(write, result)) => self.answer_write(*write, result),
                 Some(Held::Flush { handle, result }) => self.reply_result(handle, result),
                 None => {
                     self.early.insert(token);

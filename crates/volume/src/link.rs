@@ -98,6 +98,8 @@ pub struct Replicated {
     pub ticket: Option<Ticket>,
     /// The data was sent when the local write started.
     pub sent: bool,
+    /// The link's key for the frame it sent, if any.
+    pub seq: Option<u64>,
 }
 
 impl Replicated {
@@ -110,6 +112,7 @@ impl Replicated {
             mode: ReplicaMode::Tracked,
             ticket: None,
             sent: false,
+            seq: None,
         }
     }
 }

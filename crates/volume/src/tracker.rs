@@ -357,6 +357,36 @@ impl DirtyTracker {
         }
     }
 
+    /// The dirty runs not covered by a live, unspoiled ticket: what a resync pass still has
+    /// to send (the rest is on its way and unchanged since it was read).
+    pub fn unsent_runs(&self) -> Vec<ByteRange> {
+        let state = self.lock_state();
+        let sent = state.tickets.unspoiled_ranges();
+        let mut out = Vec::new();
+        let mut sent = sent.into_iter().peekable();
+        for run in state.map.runs() {
+            let mut at = run.offset;
+            let end = run.end();
+            while at < end {
+                while sent.peek().is_some_and(|s| s.end() <= at) {
+                    sent.next();
+                }
+                match sent.peek() {
+                    Some(s) if s.offset <= at => at = s.end().min(end),
+                    Some(s) if s.offset < end => {
+                        out.push(ByteRange::new(at, s.offset - at));
+                        at = s.end().min(end);
+                    }
+                    _ => {
+                        out.push(ByteRange::new(at, end - at));
+                        at = end;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Tickets waiting for the peer.
     pub fn live_tickets(&self) -> usize {
         self.lock_state().tickets.len()
@@ -743,6 +773,24 @@ mod tests {
         assert_eq!(tracker.redeem([again]), 8192);
         assert_eq!(tracker.dirty_bytes(), 0);
         assert_eq!(tracker.live_tickets(), 0);
+    }
+
+    #[test]
+    fn unsent_runs_leave_out_what_is_on_its_way_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) = DirtyTracker::open(dir.path(), SIZE, config(64)).unwrap();
+        tracker.admit(&[ByteRange::new(0, 16 * BLOCK)]).unwrap();
+        let _sent = tracker.issue_ticket(ByteRange::new(4 * BLOCK, 8 * BLOCK));
+        assert_eq!(
+            tracker.unsent_runs(),
+            vec![
+                ByteRange::new(0, 4 * BLOCK),
+                ByteRange::new(12 * BLOCK, 4 * BLOCK)
+            ]
+        );
+        // Written again after it was read: to be sent again.
+        tracker.admit(&[ByteRange::new(6 * BLOCK, BLOCK)]).unwrap();
+        assert_eq!(tracker.unsent_runs(), vec![ByteRange::new(0, 16 * BLOCK)]);
     }
 
     #[test]

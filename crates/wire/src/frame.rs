@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! Hello     u16 version | 16 pair | 16 volume | u64 size | u8 model | str node
-//! Welcome   u64 applied epoch | u64 staged epoch
+//! Welcome   u64 applied epoch | u64 staged epoch | u8 consistent
 //! Refuse    str reason
 //! Write     u8 flags | u64 epoch | u64 seq | u64 offset | u32 len | u32 crc32 | payload
 //! WriteAck  u64 seq                       Flush    u64 seq       FlushAck u64 seq
@@ -87,18 +87,47 @@ pub enum RejectReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     Hello(Hello),
-    Welcome { applied: Epoch, staged: Epoch },
-    Refuse { reason: String },
+    /// The DR side accepts the stream: it has applied `applied`, staged `staged`, and holds
+    /// a consistent image (or not yet: a first sync is needed).
+    Welcome {
+        applied: Epoch,
+        staged: Epoch,
+        consistent: bool,
+    },
+    Refuse {
+        reason: String,
+    },
     Write(WriteHeader, Bytes),
-    WriteAck { seq: u64 },
-    Flush { seq: u64 },
-    FlushAck { seq: u64 },
-    Seal { epoch: Epoch, cut_ms: u64 },
-    Staged { epoch: Epoch },
-    Applied { epoch: Epoch, cut_ms: u64 },
-    Discard { after: Epoch },
-    SyncDone { epoch: Epoch },
-    Reject { seq: u64, reason: RejectReason },
+    WriteAck {
+        seq: u64,
+    },
+    Flush {
+        seq: u64,
+    },
+    FlushAck {
+        seq: u64,
+    },
+    Seal {
+        epoch: Epoch,
+        cut_ms: u64,
+    },
+    Staged {
+        epoch: Epoch,
+    },
+    Applied {
+        epoch: Epoch,
+        cut_ms: u64,
+    },
+    Discard {
+        after: Epoch,
+    },
+    SyncDone {
+        epoch: Epoch,
+    },
+    Reject {
+        seq: u64,
+        reason: RejectReason,
+    },
     Request(Bytes),
     Response(Bytes),
 }
@@ -163,10 +192,15 @@ impl Frame {
                 out.put_u8(model_code(h.model));
                 put_str(out, &h.node);
             }
-            Frame::Welcome { applied, staged } => {
+            Frame::Welcome {
+                applied,
+                staged,
+                consistent,
+            } => {
                 out.put_u8(Type::Welcome as u8);
                 out.put_u64(applied.0);
                 out.put_u64(staged.0);
+                out.put_u8(u8::from(*consistent));
             }
             Frame::Refuse { reason } => {
                 out.put_u8(Type::Refuse as u8);
@@ -258,10 +292,11 @@ impl Frame {
                 })
             }
             t if t == Type::Welcome as u8 => {
-                need(16)?;
+                need(17)?;
                 Frame::Welcome {
                     applied: Epoch(body.get_u64()),
                     staged: Epoch(body.get_u64()),
+                    consistent: body.get_u8() != 0,
                 }
             }
             t if t == Type::Refuse as u8 => {
@@ -474,6 +509,7 @@ mod tests {
             Frame::Welcome {
                 applied: Epoch(3),
                 staged: Epoch(4),
+                consistent: true,
             },
             Frame::Refuse {
                 reason: "no such volume".into(),

@@ -45,12 +45,21 @@ pub enum Payload<P> {
 /// A frame for the DR side, in the order it must be sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outgoing<P> {
+    /// Staged on the DR side until the seal of its epoch (`direct == false`), or written at
+    /// once and acknowledged by `seq` (`direct`: hypermetro writes, initial-sync extents).
     Write {
         epoch: Epoch,
         seq: WriteSeq,
         range: ByteRange,
         payload: Payload<P>,
+        direct: bool,
+        fua: bool,
     },
+    /// The DR side syncs its volume and acknowledges `seq`.
+    Flush { seq: WriteSeq },
+    /// The initial sync sent its last extent: the DR side is consistent once a seal at or
+    /// after `epoch` is applied (hypermetro: at once).
+    SyncDone { epoch: Epoch },
     /// Every write of epochs ≤ `epoch` has been queued before this.
     Seal { epoch: Epoch },
     /// Drop what was staged for epochs after `after`: it will not be sealed.
@@ -112,6 +121,10 @@ pub struct Journal<P> {
     /// The last epoch the DR side reported staged.
     staged: Epoch,
     next_seq: u64,
+    /// After a switch from epochs to direct writes: direct frames wait until this epoch is
+    /// sealed, so the DR side applies the journaled writes before any later direct one.
+    direct_after: Option<Epoch>,
+    held_direct: VecDeque<Outgoing<P>>,
 }
 
 /// Bytes a payload counts against the bound (zero ranges cost their header only).
@@ -143,6 +156,8 @@ impl<P: PayloadLen> Journal<P> {
             tickets: BTreeMap::new(),
             staged,
             next_seq: 0,
+            direct_after: None,
+            held_direct: VecDeque::new(),
         }
     }
 
@@ -240,7 +255,7 @@ impl<P: PayloadLen> Journal<P> {
         match &frame {
             Outgoing::Write { payload, .. } => self.queued_bytes -= payload_bytes(payload),
             Outgoing::Seal { epoch } => self.seal_sent = *epoch,
-            Outgoing::Discard { .. } => {}
+            Outgoing::Discard { .. } | Outgoing::Flush { .. } | Outgoing::SyncDone { .. } => {}
         }
         Some(frame)
     }
@@ -258,6 +273,38 @@ impl<P: PayloadLen> Journal<P> {
             self.catch_up_ends = None;
         }
         done.into_values().flatten().collect()
+    }
+
+    /// A write admitted but failed locally: it leaves its epoch without data.
+    pub fn abandon(&mut self, admitted: Admitted) {
+        self.finish_outstanding(admitted.epoch);
+        self.seal_closed_epochs();
+    }
+
+    /// Live writes are tracked by the bitmap only (hypermetro while the link is down,
+    /// or before a catch-up); seals wait for the catch-up.
+    pub fn stop_journaling(&mut self) {
+        self.mode = Mode::Bitmap;
+        self.sealing = false;
+    }
+
+    /// The DR side (re)connected holding everything up to `staged`: the journal starts
+    /// from there.
+    pub fn reconnected(&mut self, staged: Epoch) {
+        self.staged = staged.max(self.staged);
+        self.seal_sent = self.seal_sent.max(staged);
+        self.sealed = self.sealed.max(staged);
+        if self.current <= self.sealed {
+            self.current = self.sealed.next();
+        }
+    }
+
+    /// Live writes are journaled and sealed per epoch again (a pair starting with an
+    /// initial sync, whose extents are direct).
+    pub fn start_journaling(&mut self) {
+        self.mode = Mode::Journal;
+        self.sealing = true;
+        self.catch_up_ends = None;
     }
 
     /// The resync reader starts a catch-up: its extents are queued without seals.
@@ -298,6 +345,75 @@ impl<P: PayloadLen> Journal<P> {
         }
     }
 
+    /// Queues a write the DR side applies at once and acknowledges (hypermetro, initial
+    /// sync). Its ticket is the caller's to keep, by the returned sequence number. Never
+    /// overflows: hypermetro writers wait for their answers, and the resync reader checks
+    /// [`Journal::has_room`].
+    pub fn push_direct(&mut self, range: ByteRange, payload: Payload<P>, fua: bool) -> WriteSeq {
+        self.queued_bytes += payload_bytes(&payload);
+        let seq = self.take_seq();
+        self.push_ordered(Outgoing::Write {
+            epoch: self.current,
+            seq,
+            range,
+            payload,
+            direct: true,
+            fua,
+        });
+        seq
+    }
+
+    /// Queues a flush of the DR volume, after everything queued before it.
+    pub fn push_flush(&mut self) -> WriteSeq {
+        let seq = self.take_seq();
+        self.push_ordered(Outgoing::Flush { seq });
+        seq
+    }
+
+    /// Queues the end of the initial sync, after every extent queued before it.
+    pub fn push_sync_done(&mut self) -> Epoch {
+        let epoch = self.current;
+        self.push_ordered(Outgoing::SyncDone { epoch });
+        epoch
+    }
+
+    /// Live writes go direct from now on (hypermetro after a catch-up). Journaled writes
+    /// still outstanding are sealed first: until their seal is queued, direct frames wait,
+    /// so the DR side never applies a direct write before an earlier staged one.
+    pub fn switch_to_direct(&mut self) {
+        let last = self.current;
+        self.mode = Mode::Journal;
+        self.sealing = true;
+        self.advance_epoch();
+        if self.sealed < last {
+            self.direct_after = Some(last);
+        }
+    }
+
+    fn push_ordered(&mut self, frame: Outgoing<P>) {
+        if self.direct_after.is_some() {
+            self.held_direct.push_back(frame);
+        } else {
+            self.queue.push_back(frame);
+        }
+    }
+
+    /// Drops everything not yet sent (the link is down): returns the tickets of every
+    /// epoch not yet staged, to be forgotten. Live writes are tracked by the bitmap only
+    /// until a catch-up; the DR side starts afresh on the next connection.
+    pub fn disconnect(&mut self) -> Vec<Ticket> {
+        let mut forget = self.overflow();
+        forget.extend(std::mem::take(&mut self.tickets).into_values().flatten());
+        self.queue.clear();
+        forget
+    }
+
+    fn take_seq(&mut self) -> WriteSeq {
+        let seq = WriteSeq(self.next_seq);
+        self.next_seq += 1;
+        seq
+    }
+
     fn push_write(
         &mut self,
         epoch: Epoch,
@@ -306,13 +422,14 @@ impl<P: PayloadLen> Journal<P> {
         ticket: Option<Ticket>,
     ) {
         self.queued_bytes += payload_bytes(&payload);
-        let seq = WriteSeq(self.next_seq);
-        self.next_seq += 1;
+        let seq = self.take_seq();
         self.queue.push_back(Outgoing::Write {
             epoch,
             seq,
             range,
             payload,
+            direct: false,
+            fua: false,
         });
         if let Some(ticket) = ticket {
             self.tickets.entry(epoch).or_default().push(ticket);
@@ -338,6 +455,10 @@ impl<P: PayloadLen> Journal<P> {
             self.sealed = last_closed;
             self.queue.push_back(Outgoing::Seal { epoch: last_closed });
         }
+        if self.direct_after.is_some_and(|e| self.sealed >= e) {
+            self.direct_after = None;
+            self.queue.append(&mut self.held_direct);
+        }
     }
 
     /// Switches to bitmap mode; returns the tickets to forget.
@@ -346,6 +467,8 @@ impl<P: PayloadLen> Journal<P> {
         self.sealing = false;
         self.catch_up_ends = None;
         self.queue.clear();
+        self.held_direct.clear();
+        self.direct_after = None;
         self.queued_bytes = 0;
         // Epochs up to the last seal sent will be staged and acknowledged; the rest will not.
         let unsent = self.tickets.split_off(&self.seal_sent.next());
@@ -428,6 +551,23 @@ mod tests {
             1,
             "epoch 1's ticket is redeemed"
         );
+    }
+
+    #[test]
+    fn after_a_switch_to_direct_writes_wait_for_the_seal_of_the_journaled_ones() {
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        let a = j.admit(); // journaled, epoch 1, still running
+        j.switch_to_direct();
+        let seq = j.push_direct(ByteRange::new(0, 4), Payload::Data(vec![2; 4]), false);
+        assert!(
+            drain(&mut j).is_empty(),
+            "the direct write waits for epoch 1's seal"
+        );
+        let _ = j.complete(a, ByteRange::new(0, 4), Payload::Data(vec![1; 4]), None);
+        let frames = drain(&mut j);
+        assert!(matches!(frames[0], Outgoing::Write { direct: false, .. }));
+        assert_eq!(frames[1], Outgoing::Seal { epoch: Epoch(1) });
+        assert!(matches!(&frames[2], Outgoing::Write { direct: true, seq: s, .. } if *s == seq));
     }
 
     #[test]

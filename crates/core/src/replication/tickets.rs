@@ -111,6 +111,24 @@ impl TicketRegistry {
         self.remove(ticket);
     }
 
+    /// The ranges of live tickets nothing wrote since, merged and in order.
+    pub fn unspoiled_ranges(&self) -> Vec<ByteRange> {
+        let mut out: Vec<ByteRange> = Vec::new();
+        for (&(start, _), entry) in &self.entries {
+            if entry.spoiled || entry.end == start {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.end() >= start => {
+                    let end = last.end().max(entry.end);
+                    last.len = end - last.offset;
+                }
+                _ => out.push(ByteRange::new(start, entry.end - start)),
+            }
+        }
+        out
+    }
+
     /// Forgets every ticket.
     pub fn forget_all(&mut self) {
         self.entries.clear();

@@ -1,0 +1,61 @@
+//! `blockrep cluster ping`: dial a node's QUIC endpoint with this node's certificate and ask
+//! the coordinator behind it for the node list: checks the address, the certificates and
+//! the protocol in one go.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+use blockrep_api::proto::{self, ClusterRequest, cluster_request, cluster_response};
+use blockrep_replication::endpoint::ClusterEndpoint;
+use blockrep_tls::{CLUSTER_NAME, NodeTls, TlsFiles};
+
+use crate::render::Output;
+
+pub async fn ping(
+    address: SocketAddr,
+    tls_dir: &Path,
+    no_certificate: bool,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let files = TlsFiles::in_dir(tls_dir);
+    let tls = if no_certificate {
+        NodeTls::danger_without_certificate(&files.ca_cert)?
+    } else {
+        NodeTls::load(&files)?
+    };
+    let endpoint = ClusterEndpoint::client_only(&tls)?;
+    let request = ClusterRequest {
+        request: Some(cluster_request::Request::ListNodes(
+            proto::ListNodesRequest {},
+        )),
+    };
+    let started = std::time::Instant::now();
+    let response = endpoint
+        .call(address, CLUSTER_NAME, &request)
+        .await
+        .with_context(|| format!("ping {address}"))?;
+    let elapsed = started.elapsed();
+    let detail = match response.response {
+        Some(cluster_response::Response::Nodes(nodes)) => {
+            format!("{} node(s) known", nodes.nodes.len())
+        }
+        Some(cluster_response::Response::Error(e)) => {
+            format!("answered ({}): {}", e.code, e.message)
+        }
+        _ => "answered".into(),
+    };
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({ "address": address, "ok": true, "round_trip_ms": elapsed.as_secs_f64() * 1000.0, "detail": detail })
+        );
+    } else {
+        println!(
+            "{address}: TLS and protocol ok in {:.1} ms; {detail}",
+            elapsed.as_secs_f64() * 1000.0
+        );
+    }
+    endpoint.close();
+    Ok(())
+}

@@ -1,0 +1,848 @@
+//! The coordinator: the cluster's nodes (from their reports), its pairs and jobs (in the
+//! store), and the driver that moves pairs through their lifecycle.
+//!
+//! ```text
+//!  create ─► DR agent takes its role ─► stored: creating, job RUNNING
+//!        ─► production agent takes its role ─► available; initial sync (copying)
+//!        ─► production reports active ─► job SUCCESS
+//!  delete (available | error) ─► deleting ─► both agents leave ─► removed, job SUCCESS
+//! ```
+//!
+//! Every refusal carries the EVS code (400, 404, 409) and names the rule; nothing is stored
+//! or changed on any agent when a request is refused.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blockrep_api::ApiError;
+use blockrep_api::proto::{
+    self, ClusterRequest, ClusterResponse, cluster_request::Request, cluster_response::Response,
+};
+use blockrep_core::VolumeId;
+use blockrep_core::replication::{
+    JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel, ReplicationStatus,
+};
+
+use crate::records::{JobRecord, NodeRecord, PairRecord, now_text};
+use crate::store::{Change, Store};
+
+/// A node that has not reported for this long is down.
+pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the driver keeps trying an agent before a pair's operation fails.
+const AGENT_GIVE_UP: Duration = Duration::from_secs(60);
+const MAX_TEXT_BYTES: usize = 255;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How the coordinator reaches an agent (over QUIC in the daemon; directly for its own).
+pub trait Agents: Send + Sync {
+    fn call(
+        &self,
+        node: &str,
+        address: SocketAddr,
+        request: ClusterRequest,
+    ) -> BoxFuture<'_, Result<ClusterResponse, ApiError>>;
+}
+
+struct Node {
+    record: NodeRecord,
+    last_seen: Option<Instant>,
+    report: proto::NodeReport,
+}
+
+struct State {
+    nodes: BTreeMap<String, Node>,
+    pairs: BTreeMap<PairId, PairRecord>,
+    jobs: BTreeMap<JobId, JobRecord>,
+    /// When the driver first failed to reach an agent for a pair's pending step.
+    stuck_since: BTreeMap<PairId, Instant>,
+}
+
+pub struct Coordinator {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    agents: Arc<dyn Agents>,
+    /// This daemon's node name (it runs the coordinator).
+    node: String,
+}
+
+impl Coordinator {
+    pub fn open(
+        store: Arc<dyn Store>,
+        agents: Arc<dyn Agents>,
+        node: String,
+    ) -> Result<Arc<Self>, ApiError> {
+        let snapshot = store
+            .load()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let state = State {
+            nodes: snapshot
+                .nodes
+                .into_iter()
+                .map(|record| {
+                    (
+                        record.name.clone(),
+                        Node {
+                            record,
+                            last_seen: None,
+                            report: proto::NodeReport::default(),
+                        },
+                    )
+                })
+                .collect(),
+            pairs: snapshot.pairs.into_iter().map(|p| (p.id, p)).collect(),
+            jobs: snapshot.jobs.into_iter().map(|j| (j.id, j)).collect(),
+            stuck_since: BTreeMap::new(),
+        };
+        tracing::info!(
+            pairs = state.pairs.len(),
+            jobs = state.jobs.len(),
+            nodes = state.nodes.len(),
+            "coordinator state loaded"
+        );
+        Ok(Arc::new(Self {
+            state: Mutex::new(state),
+            store,
+            agents,
+            node,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), ApiError> {
+        self.store
+            .commit(changes)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Answers a cluster request addressed to the coordinator.
+    pub async fn handle(&self, request: ClusterRequest, peer: SocketAddr) -> ClusterResponse {
+        let response = match request.request {
+            Some(Request::Report(report)) => self.report(report, peer).map(Response::ReportAck),
+            Some(Request::CreatePair(req)) => self.create_pair(req).await.map(Response::Created),
+            Some(Request::ListPairs(_)) => Ok(Response::Pairs(proto::ListPairsResponse {
+                pairs: self.list_pairs(),
+            })),
+            Some(Request::GetPair(r)) => self.get_pair(&r.pair).map(Response::Pair),
+            Some(Request::DeletePair(r)) => self.delete_pair(&r.pair).map(Response::Deleted),
+            Some(Request::GetJob(r)) => self.get_job(&r.job).map(Response::Job),
+            Some(Request::ListJobs(_)) => Ok(Response::Jobs(proto::ListJobsResponse {
+                jobs: self.list_jobs(),
+            })),
+            Some(Request::ListNodes(_)) => Ok(Response::Nodes(proto::ListNodesResponse {
+                nodes: self.list_nodes(),
+            })),
+            Some(_) | None => Err(ApiError::InvalidArgument(
+                "not a request the coordinator serves".into(),
+            )),
+        };
+        ClusterResponse {
+            response: Some(response.unwrap_or_else(|e| Response::Error(e.into()))),
+        }
+    }
+
+    // ---- nodes ----
+
+    /// A node's heartbeat: registers it (first time, or moved) and records what it
+    /// reported. Answers with the pairs the coordinator knows the node is in.
+    pub fn report(
+        &self,
+        report: proto::NodeReport,
+        peer: SocketAddr,
+    ) -> Result<proto::ReportAck, ApiError> {
+        let mut state = self.lock();
+        let changed = match state.nodes.get(&report.node) {
+            Some(node) => {
+                node.record.address != peer
+                    || node.record.availability_zone != report.availability_zone
+            }
+            None => true,
+        };
+        if changed {
+            let record = NodeRecord {
+                name: report.node.clone(),
+                availability_zone: report.availability_zone.clone(),
+                address: peer,
+                registered_at: now_text(),
+            };
+            self.commit(&[Change::PutNode(record.clone())])?;
+            tracing::info!(node = %record.name, az = %record.availability_zone, address = %peer, "node registered");
+            state.nodes.insert(
+                record.name.clone(),
+                Node {
+                    record,
+                    last_seen: None,
+                    report: proto::NodeReport::default(),
+                },
+            );
+        }
+        let name = report.node.clone();
+        let node = state.nodes.get_mut(&name).expect("inserted above");
+        node.last_seen = Some(Instant::now());
+        node.report = report;
+        let pair_ids = state
+            .pairs
+            .values()
+            .filter(|p| p.production_node == name || p.dr_node == name)
+            .map(|p| p.id.to_string())
+            .collect();
+        Ok(proto::ReportAck { pair_ids })
+    }
+
+    fn alive(node: &Node) -> bool {
+        node.last_seen
+            .is_some_and(|seen| seen.elapsed() < NODE_TIMEOUT)
+    }
+
+    pub fn list_nodes(&self) -> Vec<proto::Node> {
+        let state = self.lock();
+        state
+            .nodes
+            .values()
+            .map(|n| proto::Node {
+                name: n.record.name.clone(),
+                availability_zone: n.record.availability_zone.clone(),
+                address: n.record.address.to_string(),
+                alive: Self::alive(n),
+                last_seen: n
+                    .last_seen
+                    .map(|seen| format!("{:.1} s ago", seen.elapsed().as_secs_f64()))
+                    .unwrap_or_else(|| "not since the coordinator started".into()),
+                volumes: n.report.volumes.len() as u32,
+                coordinator: n.record.name == self.node,
+                peers_refused: n.report.peers_refused,
+            })
+            .collect()
+    }
+
+    // ---- pairs ----
+
+    pub async fn create_pair(
+        &self,
+        req: proto::CreatePairRequest,
+    ) -> Result<proto::CreatePairResponse, ApiError> {
+        let plan = self.plan_pair(&req)?;
+        // The DR agent takes its role first: it refuses if the DR volume has clients, and
+        // then nothing is created.
+        let assignment = plan.assignment(Side::Dr);
+        self.call_agent(
+            &plan.record.dr_node,
+            plan.dr_address,
+            Request::BecomeDr(assignment),
+        )
+        .await?;
+        let job = JobRecord {
+            id: JobId::random(),
+            job_type: JobType::CreatePair,
+            status: JobStatus::Running,
+            begin_time: now_text(),
+            end_time: None,
+            progress: 0.0,
+            fail_reason: None,
+            pair: Some(plan.record.id),
+        };
+        let mut record = plan.record;
+        record.job = Some(job.id);
+        let stored = self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())]);
+        if let Err(e) = stored {
+            // Undo the DR agent's step so nothing is left behind.
+            let _ = self
+                .call_agent(
+                    &record.dr_node,
+                    plan.dr_address,
+                    Request::LeavePair(plan.leave_dr),
+                )
+                .await;
+            return Err(e);
+        }
+        tracing::info!(pair = %record.id, name = %record.name, model = %record.model, "pair created");
+        let mut state = self.lock();
+        state.pairs.insert(record.id, record.clone());
+        state.jobs.insert(job.id, job.clone());
+        Ok(proto::CreatePairResponse {
+            pair: Some(self.pair_view(&state, &record)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// Checks a create request against the seed's rules and the cluster's state.
+    fn plan_pair(&self, req: &proto::CreatePairRequest) -> Result<PairPlan, ApiError> {
+        if req.name.len() > MAX_TEXT_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "name is {} bytes; the limit is {MAX_TEXT_BYTES}",
+                req.name.len()
+            )));
+        }
+        if req.description.len() > MAX_TEXT_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "description is {} bytes; the limit is {MAX_TEXT_BYTES}",
+                req.description.len()
+            )));
+        }
+        let model: ReplicationModel = req.replication_model.parse().map_err(
+            |e: blockrep_core::replication::UnknownValue| {
+                ApiError::InvalidArgument(format!("replication_model: {e}"))
+            },
+        )?;
+        if req.volumes.len() != 2 {
+            return Err(ApiError::InvalidArgument(format!(
+                "a pair needs exactly two volumes (production, then DR); {} given",
+                req.volumes.len()
+            )));
+        }
+        let state = self.lock();
+        let production = self.find_volume(&state, &req.volumes[0])?;
+        let dr = self.find_volume(&state, &req.volumes[1])?;
+        if production.volume.id == dr.volume.id {
+            return Err(ApiError::InvalidArgument(
+                "the production and DR volumes are the same volume".into(),
+            ));
+        }
+        if production.az == dr.az {
+            return Err(ApiError::InvalidArgument(format!(
+                "both volumes are in availability zone {}; a pair needs two zones",
+                production.az
+            )));
+        }
+        if production.volume.size_bytes != dr.volume.size_bytes {
+            return Err(ApiError::InvalidArgument(format!(
+                "volume sizes differ: {} is {} bytes, {} is {} bytes",
+                production.volume.name,
+                production.volume.size_bytes,
+                dr.volume.name,
+                dr.volume.size_bytes
+            )));
+        }
+        if req.priority_station != production.az {
+            return Err(ApiError::InvalidArgument(format!(
+                "priority_station {:?} is not the production volume's availability zone {}",
+                req.priority_station, production.az
+            )));
+        }
+        for v in [&production, &dr] {
+            if let Some(p) = state.pairs.values().find(|p| {
+                p.production_volume.to_string() == v.volume.id
+                    || p.dr_volume.to_string() == v.volume.id
+            }) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {} is already in pair {} ({})",
+                    v.volume.name, p.id, p.name
+                )));
+            }
+            if !v.volume.pair_id.is_empty() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {} is already in pair {} (its agent says so)",
+                    v.volume.name, v.volume.pair_id
+                )));
+            }
+            if !v.alive {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "node {} of volume {} is not reachable",
+                    v.node, v.volume.name
+                )));
+            }
+        }
+        if dr.volume.connected_clients > 0 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "DR volume {} has {} connected NBD client(s); disconnect them first",
+                dr.volume.name, dr.volume.connected_clients
+            )));
+        }
+        let parse_id = |id: &str| {
+            id.parse::<VolumeId>()
+                .map_err(|e| ApiError::Internal(format!("volume id {id}: {e}")))
+        };
+        let record = PairRecord {
+            id: PairId::random(),
+            name: req.name.clone(),
+            description: req.description.clone(),
+            status: PairStatus::Creating,
+            model,
+            production_volume: parse_id(&production.volume.id)?,
+            dr_volume: parse_id(&dr.volume.id)?,
+            production_node: production.node.clone(),
+            dr_node: dr.node.clone(),
+            priority_station: req.priority_station.clone(),
+            size: production.volume.size_bytes,
+            created_at: now_text(),
+            updated_at: None,
+            production_started: false,
+            failure_detail: None,
+            job: None,
+        };
+        let plan = PairPlan {
+            production_address: production.address,
+            dr_address: dr.address,
+            leave_dr: PairPlan::assignment_of(&record, Side::Dr, production.address),
+            record,
+        };
+        Ok(plan)
+    }
+
+    /// A volume by id, or by a name unique in the cluster.
+    fn find_volume(&self, state: &State, reference: &str) -> Result<FoundVolume, ApiError> {
+        let mut found = Vec::new();
+        for node in state.nodes.values() {
+            for v in &node.report.volumes {
+                if v.id == reference || v.name == reference {
+                    found.push(FoundVolume {
+                        volume: v.clone(),
+                        node: node.record.name.clone(),
+                        az: node.record.availability_zone.clone(),
+                        address: node.record.address,
+                        alive: Self::alive(node),
+                    });
+                }
+            }
+        }
+        match found.len() {
+            0 => Err(ApiError::NotFound(format!(
+                "no volume {reference:?} on any node of the cluster (give a volume id, or a name unique in the cluster)"
+            ))),
+            1 => Ok(found.pop().expect("one")),
+            n => Err(ApiError::InvalidArgument(format!(
+                "{n} volumes are named {reference:?}; give the volume id"
+            ))),
+        }
+    }
+
+    fn find_pair(state: &State, reference: &str) -> Result<PairId, ApiError> {
+        if let Ok(id) = reference.parse::<PairId>()
+            && state.pairs.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        let named: Vec<_> = state
+            .pairs
+            .values()
+            .filter(|p| p.name == reference)
+            .collect();
+        match named.as_slice() {
+            [p] => Ok(p.id),
+            [] => Err(ApiError::NotFound(format!("no pair {reference:?}"))),
+            _ => Err(ApiError::InvalidArgument(format!(
+                "{} pairs are named {reference:?}; give the pair id",
+                named.len()
+            ))),
+        }
+    }
+
+    pub fn list_pairs(&self) -> Vec<proto::Pair> {
+        let state = self.lock();
+        state
+            .pairs
+            .values()
+            .map(|p| self.pair_view(&state, p))
+            .collect()
+    }
+
+    pub fn get_pair(&self, reference: &str) -> Result<proto::Pair, ApiError> {
+        let state = self.lock();
+        let id = Self::find_pair(&state, reference)?;
+        Ok(self.pair_view(&state, &state.pairs[&id]))
+    }
+
+    pub fn delete_pair(&self, reference: &str) -> Result<proto::DeletePairResponse, ApiError> {
+        let mut state = self.lock();
+        let id = Self::find_pair(&state, reference)?;
+        let pair = &state.pairs[&id];
+        if !matches!(
+            pair.status,
+            PairStatus::Available | PairStatus::Error | PairStatus::ErrorDeleting
+        ) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is {}; only an available pair, or one in error, can be deleted",
+                pair.name, pair.status
+            )));
+        }
+        let job = JobRecord {
+            id: JobId::random(),
+            job_type: JobType::DeletePair,
+            status: JobStatus::Running,
+            begin_time: now_text(),
+            end_time: None,
+            progress: 0.0,
+            fail_reason: None,
+            pair: Some(id),
+        };
+        let mut record = pair.clone();
+        record.status = PairStatus::Deleting;
+        record.updated_at = Some(now_text());
+        record.job = Some(job.id);
+        self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;
+        state.pairs.insert(id, record.clone());
+        state.jobs.insert(job.id, job.clone());
+        state.stuck_since.remove(&id);
+        Ok(proto::DeletePairResponse {
+            pair: Some(self.pair_view(&state, &record)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// A pair as the API shows it: the record, with what its agents last reported.
+    fn pair_view(&self, state: &State, p: &PairRecord) -> proto::Pair {
+        let report_of = |node: &str| {
+            state.nodes.get(node).and_then(|n| {
+                let alive = Self::alive(n);
+                n.report
+                    .pairs
+                    .iter()
+                    .find(|s| s.pair_id == p.id.to_string())
+                    .map(|s| (s.clone(), alive))
+            })
+        };
+        let production = report_of(&p.production_node);
+        let dr = report_of(&p.dr_node);
+        let mut view = proto::Pair {
+            id: p.id.to_string(),
+            name: p.name.clone(),
+            description: p.description.clone(),
+            status: p.status.to_string(),
+            replication_status: String::new(),
+            replication_consistency_group_id: String::new(),
+            volume_ids: vec![p.production_volume.to_string(), p.dr_volume.to_string()],
+            priority_station: p.priority_station.clone(),
+            replication_model: p.model.to_string(),
+            created_at: p.created_at.clone(),
+            updated_at: p.updated_at.clone().unwrap_or_default(),
+            production_node: p.production_node.clone(),
+            dr_node: p.dr_node.clone(),
+            failure_detail: p.failure_detail.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        match (&production, p.status) {
+            (_, PairStatus::Creating) if !p.production_started => {
+                view.replication_status = ReplicationStatus::Copying.to_string();
+                view.status_detail = "starting the production side".into();
+            }
+            (Some((s, true)), _) => {
+                view.replication_status = s.replication_status.clone();
+                view.status_detail = s.status_detail.clone();
+                view.status_since = s.status_since.clone();
+                view.progress = s.progress;
+                view.out_of_sync_bytes = s.out_of_sync_bytes;
+                view.lag_seconds = s.lag_seconds;
+                view.counters = s.counters;
+            }
+            (Some((s, false)), _) => {
+                view.replication_status = ReplicationStatus::Inactive.to_string();
+                view.status_detail = format!(
+                    "production node {} is not reporting (last: {})",
+                    p.production_node, s.replication_status
+                );
+                view.out_of_sync_bytes = s.out_of_sync_bytes;
+            }
+            (None, _) => {
+                view.replication_status = ReplicationStatus::Inactive.to_string();
+                view.status_detail =
+                    format!("no report from production node {}", p.production_node);
+            }
+        }
+        if let Some((s, _)) = &dr {
+            view.consistent_epoch = s.consistent_epoch;
+            view.consistent_at = s.consistent_at.clone();
+        }
+        if p.status == PairStatus::Error {
+            view.replication_status = ReplicationStatus::Error.to_string();
+        }
+        view
+    }
+
+    // ---- jobs ----
+
+    pub fn list_jobs(&self) -> Vec<proto::Job> {
+        self.lock().jobs.values().map(job_view).collect()
+    }
+
+    pub fn get_job(&self, reference: &str) -> Result<proto::Job, ApiError> {
+        let state = self.lock();
+        reference
+            .parse::<JobId>()
+            .ok()
+            .and_then(|id| state.jobs.get(&id))
+            .map(job_view)
+            .ok_or_else(|| ApiError::NotFound(format!("no job {reference:?}")))
+    }
+
+    // ---- the driver ----
+
+    /// Moves pairs through their lifecycle; runs until the daemon stops.
+    pub async fn drive(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let pending: Vec<PairRecord> = self
+                .lock()
+                .pairs
+                .values()
+                .filter(|p| {
+                    matches!(p.status, PairStatus::Creating | PairStatus::Deleting)
+                        || p.job.is_some()
+                })
+                .cloned()
+                .collect();
+            for pair in pending {
+                if let Err(e) = self.drive_pair(pair).await {
+                    tracing::error!(error = %e, "coordinator driver");
+                }
+            }
+        }
+    }
+
+    async fn drive_pair(&self, pair: PairRecord) -> Result<(), ApiError> {
+        match pair.status {
+            PairStatus::Creating if !pair.production_started => {
+                let (address, leave_address) = {
+                    let state = self.lock();
+                    (
+                        state
+                            .nodes
+                            .get(&pair.production_node)
+                            .map(|n| n.record.address),
+                        state.nodes.get(&pair.dr_node).map(|n| n.record.address),
+                    )
+                };
+                let (Some(address), Some(dr_address)) = (address, leave_address) else {
+                    return self.stuck(&pair, "a node of the pair is not registered");
+                };
+                let assignment = PairPlan::assignment_of(&pair, Side::Production, dr_address);
+                match self
+                    .call_agent(
+                        &pair.production_node,
+                        address,
+                        Request::BecomeProduction(assignment),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        let mut record = pair.clone();
+                        record.production_started = true;
+                        record.status = PairStatus::Available;
+                        record.updated_at = Some(now_text());
+                        self.commit(&[Change::PutPair(record.clone())])?;
+                        let mut state = self.lock();
+                        state.stuck_since.remove(&pair.id);
+                        state.pairs.insert(pair.id, record);
+                        Ok(())
+                    }
+                    Err(e) => self.stuck(&pair, &e.to_string()),
+                }
+            }
+            PairStatus::Deleting => self.drive_delete(pair).await,
+            _ => self.follow_job(&pair),
+        }
+    }
+
+    /// The create job follows the initial sync: done once the pair is active.
+    fn follow_job(&self, pair: &PairRecord) -> Result<(), ApiError> {
+        let Some(job_id) = pair.job else {
+            return Ok(());
+        };
+        let view = {
+            let state = self.lock();
+            self.pair_view(&state, pair)
+        };
+        let mut state = self.lock();
+        let Some(job) = state.jobs.get_mut(&job_id) else {
+            return Ok(());
+        };
+        if job.status.is_finished() {
+            return Ok(());
+        }
+        job.progress = view.progress.max(job.progress);
+        if view.replication_status == ReplicationStatus::Active.to_string() {
+            let mut job = job.clone();
+            job.status = JobStatus::Success;
+            job.progress = 1.0;
+            job.end_time = Some(now_text());
+            let mut record = pair.clone();
+            record.job = None;
+            self.commit(&[Change::PutJob(job.clone()), Change::PutPair(record.clone())])?;
+            tracing::info!(pair = %pair.id, job = %job.id, "pair is active; job done");
+            state.jobs.insert(job.id, job);
+            state.pairs.insert(record.id, record);
+        }
+        Ok(())
+    }
+
+    async fn drive_delete(&self, pair: PairRecord) -> Result<(), ApiError> {
+        let addresses = {
+            let state = self.lock();
+            (
+                state
+                    .nodes
+                    .get(&pair.production_node)
+                    .map(|n| n.record.address),
+                state.nodes.get(&pair.dr_node).map(|n| n.record.address),
+            )
+        };
+        let (Some(production), Some(dr)) = addresses else {
+            return self.stuck(&pair, "a node of the pair is not registered");
+        };
+        let leave_production = PairPlan::assignment_of(&pair, Side::Production, dr);
+        let leave_dr = PairPlan::assignment_of(&pair, Side::Dr, production);
+        let left = async {
+            self.call_agent(
+                &pair.production_node,
+                production,
+                Request::LeavePair(leave_production),
+            )
+            .await?;
+            self.call_agent(&pair.dr_node, dr, Request::LeavePair(leave_dr))
+                .await
+        }
+        .await;
+        if let Err(e) = left {
+            return self.stuck(&pair, &e.to_string());
+        }
+        let mut changes = vec![Change::DeletePair(pair.id.to_string())];
+        let mut state = self.lock();
+        if let Some(job) = pair.job.and_then(|j| state.jobs.get(&j)).cloned() {
+            let mut job = job;
+            job.status = JobStatus::Success;
+            job.progress = 1.0;
+            job.end_time = Some(now_text());
+            changes.push(Change::PutJob(job.clone()));
+            state.jobs.insert(job.id, job);
+        }
+        self.commit(&changes)?;
+        state.pairs.remove(&pair.id);
+        state.stuck_since.remove(&pair.id);
+        tracing::info!(pair = %pair.id, "pair deleted");
+        Ok(())
+    }
+
+    /// A pending step failed: keep trying, and after a while fail the operation.
+    fn stuck(&self, pair: &PairRecord, reason: &str) -> Result<(), ApiError> {
+        let mut state = self.lock();
+        let since = *state
+            .stuck_since
+            .entry(pair.id)
+            .or_insert_with(Instant::now);
+        if since.elapsed() < AGENT_GIVE_UP {
+            tracing::debug!(pair = %pair.id, %reason, "pair step pending; retrying");
+            return Ok(());
+        }
+        let mut record = pair.clone();
+        record.status = match pair.status {
+            PairStatus::Deleting => PairStatus::ErrorDeleting,
+            _ => PairStatus::Error,
+        };
+        record.failure_detail = Some(reason.to_owned());
+        record.updated_at = Some(now_text());
+        let mut changes = vec![];
+        if let Some(job) = pair.job.and_then(|j| state.jobs.get(&j)).cloned() {
+            let mut job = job;
+            job.status = JobStatus::Fail;
+            job.end_time = Some(now_text());
+            job.fail_reason = Some(reason.to_owned());
+            changes.push(Change::PutJob(job.clone()));
+            state.jobs.insert(job.id, job);
+        }
+        record.job = None;
+        changes.push(Change::PutPair(record.clone()));
+        self.commit(&changes)?;
+        tracing::error!(pair = %pair.id, %reason, status = %record.status, "pair operation failed");
+        state.pairs.insert(pair.id, record);
+        state.stuck_since.remove(&pair.id);
+        Ok(())
+    }
+
+    async fn call_agent(
+        &self,
+        node: &str,
+        address: SocketAddr,
+        request: Request,
+    ) -> Result<(), ApiError> {
+        let response = self
+            .agents
+            .call(
+                node,
+                address,
+                ClusterRequest {
+                    request: Some(request),
+                },
+            )
+            .await?;
+        match response.response {
+            Some(Response::Done(_)) => Ok(()),
+            Some(Response::Error(e)) => Err(e.into()),
+            _ => Err(ApiError::Internal(format!(
+                "node {node} answered with something unexpected"
+            ))),
+        }
+    }
+}
+
+fn job_view(j: &JobRecord) -> proto::Job {
+    proto::Job {
+        id: j.id.to_string(),
+        job_type: j.job_type.to_string(),
+        status: j.status.to_string(),
+        begin_time: j.begin_time.clone(),
+        end_time: j.end_time.clone().unwrap_or_default(),
+        progress: j.progress,
+        fail_reason: j.fail_reason.clone().unwrap_or_default(),
+        pair_id: j.pair.map(|p| p.to_string()).unwrap_or_default(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Production,
+    Dr,
+}
+
+struct FoundVolume {
+    volume: proto::Volume,
+    node: String,
+    az: String,
+    address: SocketAddr,
+    alive: bool,
+}
+
+struct PairPlan {
+    record: PairRecord,
+    production_address: SocketAddr,
+    dr_address: SocketAddr,
+    leave_dr: proto::PairAssignment,
+}
+
+impl PairPlan {
+    fn assignment(&self, side: Side) -> proto::PairAssignment {
+        let peer = match side {
+            Side::Production => self.dr_address,
+            Side::Dr => self.production_address,
+        };
+        Self::assignment_of(&self.record, side, peer)
+    }
+
+    /// What the agent on `side` needs; `peer_address` is the other side's endpoint.
+    fn assignment_of(
+        p: &PairRecord,
+        side: Side,
+        peer_address: SocketAddr,
+    ) -> proto::PairAssignment {
+        let (local, peer, peer_node) = match side {
+            Side::Production => (p.production_volume, p.dr_volume, &p.dr_node),
+            Side::Dr => (p.dr_volume, p.production_volume, &p.production_node),
+        };
+        proto::PairAssignment {
+            pair_id: p.id.to_string(),
+            replication_model: p.model.to_string(),
+            local_volume_id: local.to_string(),
+            peer_volume_id: peer.to_string(),
+            peer_node: peer_node.clone(),
+            peer_address: peer_address.to_string(),
+            size_bytes: p.size,
+        }
+    }
+}

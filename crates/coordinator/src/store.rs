@@ -1,0 +1,163 @@
+//! Where the coordinator keeps the cluster's metadata: a small interface ([`Store`]) that a
+//! transactional key-value store implements. The embedded default is redb, a file in the
+//! coordinator's state directory; etcd (transactions over keys) fits the same interface.
+//!
+//! Three tables of JSON records keyed by id: pairs, jobs, nodes. A change of several
+//! records commits in one transaction, or not at all.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::records::{JobRecord, NodeRecord, PairRecord};
+
+const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+
+/// One change in a transaction.
+#[derive(Clone, Debug)]
+pub enum Change {
+    PutPair(PairRecord),
+    DeletePair(String),
+    PutJob(JobRecord),
+    PutNode(NodeRecord),
+}
+
+/// Everything the store holds, as read at start-up.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub pairs: Vec<PairRecord>,
+    pub jobs: Vec<JobRecord>,
+    pub nodes: Vec<NodeRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("coordinator store: {0}")]
+    Backend(String),
+    #[error("coordinator store: record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+pub trait Store: Send + Sync {
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies every change, atomically and durably, or none.
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError>;
+}
+
+fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// The embedded store: a redb database file.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(backend)?;
+        // Create the tables so that reads find them.
+        let txn = db.begin_write().map_err(backend)?;
+        for table in [PAIRS, JOBS, NODES] {
+            txn.open_table(table).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        Ok(Self { db })
+    }
+}
+
+fn read_all<T: serde::de::DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let table = txn.open_table(table).map_err(backend)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(backend)? {
+        let (key, value) = entry.map_err(backend)?;
+        let record = serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt {
+            key: key.value().to_owned(),
+            reason: e.to_string(),
+        })?;
+        out.push(record);
+    }
+    Ok(out)
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        Ok(Snapshot {
+            pairs: read_all(&txn, PAIRS)?,
+            jobs: read_all(&txn, JOBS)?,
+            nodes: read_all(&txn, NODES)?,
+        })
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut pairs = txn.open_table(PAIRS).map_err(backend)?;
+            let mut jobs = txn.open_table(JOBS).map_err(backend)?;
+            let mut nodes = txn.open_table(NODES).map_err(backend)?;
+            for change in changes {
+                match change {
+                    Change::PutPair(p) => {
+                        let bytes = serde_json::to_vec(p).expect("serialisable");
+                        pairs
+                            .insert(p.id.to_string().as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
+                    Change::DeletePair(id) => {
+                        pairs.remove(id.as_str()).map_err(backend)?;
+                    }
+                    Change::PutJob(j) => {
+                        let bytes = serde_json::to_vec(j).expect("serialisable");
+                        jobs.insert(j.id.to_string().as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
+                    Change::PutNode(n) => {
+                        let bytes = serde_json::to_vec(n).expect("serialisable");
+                        nodes
+                            .insert(n.name.as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockrep_core::replication::{JobId, JobStatus, JobType, PairId};
+
+    use super::*;
+    use crate::records::JobRecord;
+
+    #[test]
+    fn changes_commit_together_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.redb");
+        let job = JobRecord {
+            id: JobId::random(),
+            job_type: JobType::CreatePair,
+            status: JobStatus::Running,
+            begin_time: "2026-11-25T00:00:00Z".into(),
+            end_time: None,
+            progress: 0.5,
+            fail_reason: None,
+            pair: Some(PairId::random()),
+        };
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store.commit(&[Change::PutJob(job.clone())]).unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.jobs, vec![job]);
+        assert!(snapshot.pairs.is_empty());
+    }
+}

@@ -1,0 +1,269 @@
+//! This daemon in its cluster: the QUIC endpoint, the coordinator if this daemon runs it,
+//! its pairs, and its heartbeat to the coordinator.
+//!
+//! Every daemon serves the whole API on its local socket. Calls about pairs, jobs and
+//! nodes go to the coordinator: handled here if this daemon runs it, forwarded over QUIC
+//! otherwise.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use blockrep_api::ApiError;
+use blockrep_api::proto::{
+    self, ClusterRequest, ClusterResponse, cluster_request::Request, cluster_response::Response,
+};
+use blockrep_coordinator::{Agents, Coordinator, RedbStore};
+use blockrep_replication::endpoint::{
+    BoxFuture, ClusterEndpoint, Inbound, ReplicationStream, error_response,
+};
+use blockrep_replication::membership::Side;
+use blockrep_tls::{CLUSTER_NAME, NodeTls};
+use blockrep_wire::Hello;
+
+use crate::agent::Agent;
+use crate::config::ClusterConfig;
+
+/// How often this node reports to the coordinator.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+pub struct Cluster {
+    pub config: ClusterConfig,
+    pub endpoint: Arc<ClusterEndpoint>,
+    pub coordinator: Option<Arc<Coordinator>>,
+    agent: Arc<Agent>,
+}
+
+/// What the endpoint's streams reach: set once everything is built.
+struct Handler {
+    cluster: OnceLock<Arc<Cluster>>,
+}
+
+/// The coordinator's way to an agent: its own in-process, others over QUIC.
+struct AgentsOverQuic {
+    cluster: OnceLock<Arc<Cluster>>,
+}
+
+impl Cluster {
+    /// Binds the endpoint, opens the coordinator's store if this daemon runs it, takes up
+    /// the volumes' pair roles, and starts the heartbeat.
+    pub fn start(agent: Arc<Agent>, config: ClusterConfig) -> anyhow::Result<Arc<Self>> {
+        let tls = NodeTls::load(&config.tls)?;
+        let handler = Arc::new(Handler {
+            cluster: OnceLock::new(),
+        });
+        let endpoint = ClusterEndpoint::bind(
+            config.listen,
+            &tls,
+            Arc::clone(&handler) as Arc<dyn Inbound>,
+        )?;
+        agent.pairs().set_endpoint(Arc::clone(&endpoint));
+        let agents = Arc::new(AgentsOverQuic {
+            cluster: OnceLock::new(),
+        });
+        let coordinator = if config.coordinator_role {
+            let path = agent.config.state_dir.join("coordinator.redb");
+            let store = RedbStore::open(&path).map_err(|e| {
+                anyhow::anyhow!("open the coordinator store {}: {e}", path.display())
+            })?;
+            let coordinator = Coordinator::open(
+                Arc::new(store),
+                Arc::clone(&agents) as Arc<dyn Agents>,
+                agent.config.node_name.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tokio::spawn(Arc::clone(&coordinator).drive());
+            Some(coordinator)
+        } else {
+            None
+        };
+        let cluster = Arc::new(Self {
+            config,
+            endpoint,
+            coordinator,
+            agent: Arc::clone(&agent),
+        });
+        let _ = handler.cluster.set(Arc::clone(&cluster));
+        let _ = agents.cluster.set(Arc::clone(&cluster));
+        agent.restore_pairs();
+        tokio::spawn(Arc::clone(&cluster).heartbeat());
+        tracing::info!(listen = %cluster.config.listen, coordinator = %cluster.config.coordinator,
+            coordinator_role = cluster.config.coordinator_role, "cluster endpoint up");
+        Ok(cluster)
+    }
+
+    /// A cluster call, answered by the coordinator wherever it runs.
+    pub async fn coordinator_call(&self, request: Request) -> Result<Response, ApiError> {
+        let request = ClusterRequest {
+            request: Some(request),
+        };
+        let response = match &self.coordinator {
+            Some(coordinator) => coordinator.handle(request, self.config.listen).await,
+            None => self
+                .endpoint
+                .call(self.config.coordinator, CLUSTER_NAME, &request)
+                .await
+                .map_err(|e| {
+                    ApiError::Unavailable(format!(
+                        "the coordinator at {} is unreachable: {e}",
+                        self.config.coordinator
+                    ))
+                })?,
+        };
+        match response.response {
+            Some(Response::Error(e)) => Err(e.into()),
+            Some(other) => Ok(other),
+            None => Err(ApiError::Internal(
+                "empty answer from the coordinator".into(),
+            )),
+        }
+    }
+
+    /// Reports this node to the coordinator every second: registration and liveness.
+    async fn heartbeat(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reachable = true;
+        loop {
+            tick.tick().await;
+            let report = self.report();
+            match self.coordinator_call(Request::Report(report)).await {
+                Ok(_) => {
+                    if !reachable {
+                        tracing::info!(coordinator = %self.config.coordinator, "coordinator reachable again");
+                    }
+                    reachable = true;
+                }
+                Err(e) => {
+                    if reachable {
+                        tracing::warn!(error = %e, "cannot report to the coordinator; replication goes on");
+                    }
+                    reachable = false;
+                }
+            }
+        }
+    }
+
+    fn report(&self) -> proto::NodeReport {
+        proto::NodeReport {
+            node: self.agent.config.node_name.clone(),
+            availability_zone: self.agent.config.availability_zone.clone(),
+            volumes: self.agent.volume_protos(),
+            pairs: self.agent.pairs().states(),
+            peers_refused: self
+                .endpoint
+                .counters
+                .peers_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// A call the coordinator makes to this agent.
+    fn agent_request(&self, request: Request) -> Result<Response, ApiError> {
+        let (assignment, side) = match request {
+            Request::BecomeDr(a) => (a, Some(Side::Dr)),
+            Request::BecomeProduction(a) => (a, Some(Side::Production)),
+            Request::LeavePair(a) => (a, None),
+            _ => unreachable!("only agent requests come here"),
+        };
+        let handle = self.agent.volume_handle(&assignment.local_volume_id)?;
+        match side {
+            Some(side) => self.agent.pairs().take_role(&assignment, side, handle)?,
+            None => {
+                let pair = assignment
+                    .pair_id
+                    .parse()
+                    .map_err(|e| ApiError::InvalidArgument(format!("pair id: {e}")))?;
+                self.agent.pairs().leave(pair, handle)?;
+            }
+        }
+        Ok(Response::Done(proto::Done {}))
+    }
+}
+
+impl Inbound for Handler {
+    fn request(&self, request: ClusterRequest, peer: SocketAddr) -> BoxFuture<'_, ClusterResponse> {
+        Box::pin(async move {
+            let Some(cluster) = self.cluster.get() else {
+                return error_response(503, "the node is starting".into());
+            };
+            match request.request {
+                Some(
+                    r @ (Request::BecomeDr(_)
+                    | Request::BecomeProduction(_)
+                    | Request::LeavePair(_)),
+                ) => {
+                    let cluster = Arc::clone(cluster);
+                    let answer = tokio::task::spawn_blocking(move || cluster.agent_request(r))
+                        .await
+                        .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())));
+                    ClusterResponse {
+                        response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
+                    }
+                }
+                Some(_) => match &cluster.coordinator {
+                    Some(coordinator) => coordinator.handle(request, peer).await,
+                    None => error_response(
+                        503,
+                        format!(
+                            "node {} does not run the coordinator (it is at {})",
+                            cluster.agent.config.node_name, cluster.config.coordinator
+                        ),
+                    ),
+                },
+                None => error_response(400, "empty request".into()),
+            }
+        })
+    }
+
+    fn replication(
+        &self,
+        hello: Hello,
+        peer: SocketAddr,
+        stream: ReplicationStream,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(cluster) = self.cluster.get() {
+                cluster
+                    .agent
+                    .pairs()
+                    .replication_stream(hello, peer, stream)
+                    .await;
+            }
+        })
+    }
+}
+
+impl Agents for AgentsOverQuic {
+    fn call(
+        &self,
+        node: &str,
+        address: SocketAddr,
+        request: ClusterRequest,
+    ) -> BoxFuture<'_, Result<ClusterResponse, ApiError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let cluster = self
+                .cluster
+                .get()
+                .ok_or_else(|| ApiError::Unavailable("the node is starting".into()))?;
+            if node == cluster.agent.config.node_name {
+                let Some(request) = request.request else {
+                    return Err(ApiError::InvalidArgument("empty request".into()));
+                };
+                let cluster = Arc::clone(cluster);
+                let answer = tokio::task::spawn_blocking(move || cluster.agent_request(request))
+                    .await
+                    .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())));
+                return Ok(ClusterResponse {
+                    response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
+                });
+            }
+            cluster
+                .endpoint
+                .call(address, &node, &request)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("node {node}: {e}")))
+        })
+    }
+}

@@ -1,0 +1,236 @@
+//! Prometheus text metrics on `metrics_listen`: per volume, per pair, per endpoint. Built
+//! at each scrape from the same counters `blockrep status` and `pair show` read.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::agent::Agent;
+use crate::cluster::Cluster;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    volume: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PairLabels {
+    pair: String,
+    volume: String,
+    side: String,
+    model: String,
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    pair: String,
+    side: String,
+    status: String,
+}
+
+type CounterFamily<L> = Family<L, Counter>;
+type GaugeFamily<L> = Family<L, Gauge<f64, std::sync::atomic::AtomicU64>>;
+
+/// The metrics text, as of now.
+pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
+    let mut registry = Registry::with_prefix("blockrep");
+
+    let read = CounterFamily::<VolumeLabels>::default();
+    let written = CounterFamily::<VolumeLabels>::default();
+    let dirty = GaugeFamily::<VolumeLabels>::default();
+    for v in agent.volume_protos() {
+        let labels = VolumeLabels { volume: v.name };
+        read.get_or_create(&labels).inc_by(v.bytes_read);
+        written.get_or_create(&labels).inc_by(v.bytes_written);
+        dirty.get_or_create(&labels).set(v.dirty_bytes as f64);
+    }
+    registry.register("volume_read_bytes", "Bytes NBD clients read", read);
+    registry.register("volume_written_bytes", "Bytes NBD clients wrote", written);
+    registry.register(
+        "volume_dirty_bytes",
+        "Bytes marked dirty in the bitmap",
+        dirty,
+    );
+
+    let sent = CounterFamily::<PairLabels>::default();
+    let extents = CounterFamily::<PairLabels>::default();
+    let rejected = CounterFamily::<PairLabels>::default();
+    let received = CounterFamily::<PairLabels>::default();
+    let resync_sent = CounterFamily::<PairLabels>::default();
+    let out_of_sync = GaugeFamily::<PairLabels>::default();
+    let lag = GaugeFamily::<PairLabels>::default();
+    let journal = GaugeFamily::<PairLabels>::default();
+    let journal_limit = GaugeFamily::<PairLabels>::default();
+    let resync_rate = GaugeFamily::<PairLabels>::default();
+    let progress = GaugeFamily::<PairLabels>::default();
+    let status = GaugeFamily::<StatusLabels>::default();
+    for p in agent.pairs().states() {
+        let labels = PairLabels {
+            pair: p.pair_id.clone(),
+            volume: p.volume_name.clone(),
+            side: p.side.clone(),
+            model: p.replication_model.clone(),
+            peer: p.peer_node.clone(),
+        };
+        let c = p.counters.unwrap_or_default();
+        sent.get_or_create(&labels).inc_by(c.bytes_sent);
+        extents.get_or_create(&labels).inc_by(c.extents_sent);
+        rejected.get_or_create(&labels).inc_by(c.extents_rejected);
+        received.get_or_create(&labels).inc_by(c.bytes_received);
+        resync_sent
+            .get_or_create(&labels)
+            .inc_by(c.resync_bytes_sent);
+        out_of_sync
+            .get_or_create(&labels)
+            .set(p.out_of_sync_bytes as f64);
+        lag.get_or_create(&labels).set(p.lag_seconds);
+        journal.get_or_create(&labels).set(c.journal_bytes as f64);
+        journal_limit
+            .get_or_create(&labels)
+            .set(c.journal_limit as f64);
+        resync_rate.get_or_create(&labels).set(c.resync_rate);
+        progress.get_or_create(&labels).set(p.progress);
+        status
+            .get_or_create(&StatusLabels {
+                pair: p.pair_id,
+                side: p.side,
+                status: p.replication_status,
+            })
+            .set(1.0);
+    }
+    registry.register("pair_sent_bytes", "Bytes sent to the DR side", sent);
+    registry.register("pair_extents_sent", "Extents sent to the DR side", extents);
+    registry.register(
+        "pair_extents_rejected",
+        "Extents the DR side rejected (CRC mismatch); each is sent again",
+        rejected,
+    );
+    registry.register(
+        "pair_received_bytes",
+        "Bytes received from the peer (DR side: bytes written)",
+        received,
+    );
+    registry.register(
+        "pair_resync_sent_bytes",
+        "Bytes of initial sync and catch-up extents sent",
+        resync_sent,
+    );
+    registry.register(
+        "pair_out_of_sync_bytes",
+        "Bytes that may differ from the DR side",
+        out_of_sync,
+    );
+    registry.register(
+        "pair_lag_seconds",
+        "How far the DR side's consistent image trails production",
+        lag,
+    );
+    registry.register(
+        "pair_journal_bytes",
+        "Bytes queued for the DR side",
+        journal,
+    );
+    registry.register(
+        "pair_journal_limit_bytes",
+        "Bytes the queue may hold before an async pair falls back to bitmap mode",
+        journal_limit,
+    );
+    registry.register(
+        "pair_resync_rate_bytes_per_second",
+        "Rate of the running or last resync",
+        resync_rate,
+    );
+    registry.register("pair_progress", "Resync progress, 0 to 1", progress);
+    registry.register(
+        "pair_replication_status",
+        "1 for the pair's current replication status",
+        status,
+    );
+
+    if let Some(cluster) = cluster {
+        let refused = Counter::<u64>::default();
+        refused.inc_by(
+            cluster
+                .endpoint
+                .counters
+                .peers_refused
+                .load(Ordering::Relaxed),
+        );
+        registry.register(
+            "peers_refused",
+            "QUIC peers refused (no certificate, or one another CA signed)",
+            refused,
+        );
+        let streams = Counter::<u64>::default();
+        streams.inc_by(
+            cluster
+                .endpoint
+                .counters
+                .streams_refused
+                .load(Ordering::Relaxed),
+        );
+        registry.register(
+            "streams_refused",
+            "Streams refused for a malformed or unexpected first frame",
+            streams,
+        );
+    }
+
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &registry) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
+/// Serves `GET /metrics` (any path) on `addr` until the daemon stops.
+pub async fn serve(
+    addr: SocketAddr,
+    agent: Arc<Agent>,
+    cluster: Option<Arc<Cluster>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let agent = Arc::clone(&agent);
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let body = render(&agent, cluster.as_deref());
+                        async move {
+                            Response::builder()
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(body)))
+                        }
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "metrics connection ended");
+                }
+            });
+        }
+    }))
+}

@@ -1,0 +1,625 @@
+//! The DR side's applier: one thread with its own io_uring that writes a pair's incoming
+//! frames to the DR volume, in stream order.
+//!
+//! - A direct write (hypermetro, initial sync) is written at once; its acknowledgement (if
+//!   asked for) is sent when the write completes. Overlapping writes are applied one after
+//!   the other, in arrival order; disjoint ones run in parallel.
+//! - A staged write (async epochs, catch-ups) is appended to the stage log.
+//! - `Flush`, `Seal` and `SyncDone` are barriers: they wait for every earlier write. A seal
+//!   syncs the stage log (the unit is now durable: `Staged`), applies the unit's writes,
+//!   syncs the volume and records the applied epoch (`Applied`).
+//!
+//! A payload whose CRC does not match is not written: the sender gets a `Reject`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use blockrep_core::replication::Epoch;
+use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
+use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
+use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, payload_crc};
+use bytes::Bytes;
+use io_uring::{IoUring, opcode, types};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::dr_state::DrState;
+use crate::stage_log::{StageLog, Staged};
+
+const RING_ENTRIES: u32 = 256;
+const MAX_INFLIGHT: usize = 128;
+const UD_WAKE: u64 = u64::MAX;
+/// The stage log is rewritten once it grows past this.
+const COMPACT_BYTES: u64 = 256 << 20;
+
+/// A frame for the applier, in stream order.
+#[derive(Debug)]
+pub enum ApplyCmd {
+    Write {
+        header: WriteHeader,
+        payload: Bytes,
+    },
+    Flush {
+        seq: u64,
+    },
+    Seal {
+        epoch: Epoch,
+        cut_ms: u64,
+    },
+    Discard {
+        after: Epoch,
+    },
+    SyncDone {
+        epoch: Epoch,
+    },
+    /// A unit found sealed in the stage log at start-up: apply it (it is already durable).
+    Replay {
+        epoch: Epoch,
+        cut_ms: u64,
+    },
+}
+
+/// What the applier reports back, to be sent to the production side.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ApplyEvent {
+    WriteAck(u64),
+    FlushAck(u64),
+    Staged(Epoch),
+    Applied {
+        epoch: Epoch,
+        cut_ms: u64,
+    },
+    Reject {
+        seq: u64,
+        reason: RejectReason,
+    },
+    /// The DR volume or its stage log failed: the stream must end.
+    Failed(String),
+}
+
+/// Counters the applier keeps.
+#[derive(Debug, Default)]
+pub struct ApplyCounters {
+    pub bytes_written: std::sync::atomic::AtomicU64,
+    pub extents_rejected: std::sync::atomic::AtomicU64,
+}
+
+struct Inbox {
+    cmds: Mutex<VecDeque<ApplyCmd>>,
+    waker: Arc<Waker>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// What an applier starts from.
+pub struct ApplierSetup {
+    /// For the thread's name.
+    pub label: String,
+    pub volume: Arc<Volume>,
+    pub log: StageLog,
+    /// Units the stage log holds sealed above the applied epoch: applied first.
+    pub replay: Vec<crate::stage_log::SealRecord>,
+    pub state: DrState,
+    pub state_path: PathBuf,
+}
+
+/// The handle the stream task feeds.
+pub struct Applier {
+    inbox: Arc<Inbox>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Applier {
+    /// Starts the applier thread for `setup.volume`.
+    pub fn start(
+        setup: ApplierSetup,
+        events: UnboundedSender<ApplyEvent>,
+        counters: Arc<ApplyCounters>,
+    ) -> io::Result<Self> {
+        let ApplierSetup {
+            label,
+            volume,
+            log,
+            replay,
+            state,
+            state_path,
+        } = setup;
+        let waker = Arc::new(Waker::new()?);
+        let inbox = Arc::new(Inbox {
+            cmds: Mutex::new(VecDeque::new()),
+            waker: Arc::clone(&waker),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mut worker = Worker {
+            ring: IoUring::new(RING_ENTRIES)?,
+            disk: volume.backing().fd().as_raw_fd(),
+            volume,
+            log,
+            state,
+            state_path,
+            events,
+            counters,
+            inbox: Arc::clone(&inbox),
+            waker,
+            wake_buf: Box::new([0; 8]),
+            wake_inflight: false,
+            queue: VecDeque::new(),
+            locks: RangeLocks::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            inflight: 0,
+            applying: None,
+            unit_queue: VecDeque::new(),
+        };
+        for seal in replay {
+            worker.queue.push_back(ApplyCmd::Replay {
+                epoch: seal.epoch,
+                cut_ms: seal.cut_ms,
+            });
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("apply-{label}"))
+            .spawn(move || {
+                if let Err(e) = worker.run() {
+                    tracing::error!(error = %e, "DR applier stopped");
+                    let _ = worker.events.send(ApplyEvent::Failed(e.to_string()));
+                }
+            })?;
+        Ok(Self {
+            inbox,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn submit(&self, cmd: ApplyCmd) {
+        self.inbox
+            .cmds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(cmd);
+        self.inbox.waker.wake();
+    }
+
+    /// Stops after what is in flight; the commands not yet started are dropped (the
+    /// production side resends or catches up).
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.inbox
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inbox.waker.signal();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// A write in flight on the ring.
+struct Slot {
+    lock: LockId,
+    buf: AlignedBuf,
+    offset: u64,
+    done: usize,
+    fua: bool,
+    /// Acknowledge to the sender when done.
+    ack: Option<u64>,
+    /// Part of the unit being applied.
+    unit: bool,
+}
+
+/// A unit being applied: writes left, and what to record when they are done.
+struct Applying {
+    epoch: Epoch,
+    cut_ms: u64,
+    left: usize,
+}
+
+struct Worker {
+    ring: IoUring,
+    disk: i32,
+    volume: Arc<Volume>,
+    log: StageLog,
+    state: DrState,
+    state_path: PathBuf,
+    events: UnboundedSender<ApplyEvent>,
+    counters: Arc<ApplyCounters>,
+    inbox: Arc<Inbox>,
+    waker: Arc<Waker>,
+    wake_buf: Box<[u8; 8]>,
+    wake_inflight: bool,
+    /// Commands taken from the inbox, not yet started.
+    queue: VecDeque<ApplyCmd>,
+    locks: RangeLocks<()>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    inflight: usize,
+    applying: Option<Applying>,
+    /// The unit's writes not yet submitted.
+    unit_queue: VecDeque<Staged>,
+}
+
+impl Worker {
+    fn run(&mut self) -> io::Result<()> {
+        loop {
+            {
+                let mut inbox = self.inbox.cmds.lock().unwrap_or_else(|e| e.into_inner());
+                self.queue.extend(inbox.drain(..));
+            }
+            self.waker.reset();
+            self.progress()?;
+            let stopping = self.inbox.stop.load(std::sync::atomic::Ordering::SeqCst);
+            if stopping && self.inflight == 0 {
+                if self.wake_inflight {
+                    self.waker.signal();
+                    self.reap(true)?;
+                }
+                return Ok(());
+            }
+            if !self.wake_inflight {
+                let sqe =
+                    opcode::Read::new(types::Fd(self.waker.fd()), self.wake_buf.as_mut_ptr(), 8)
+                        .build()
+                        .user_data(UD_WAKE);
+                self.push(sqe)?;
+                self.wake_inflight = true;
+            }
+            self.reap(false)?;
+        }
+    }
+
+    /// Waits for at least one completion and handles all there are.
+    fn reap(&mut self, only_wake: bool) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let done: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (user_data, result) in done {
+            if user_data == UD_WAKE {
+                self.wake_inflight = false;
+                continue;
+            }
+            if only_wake {
+                continue;
+            }
+            self.on_write_done(user_data as usize, result)?;
+        }
+        Ok(())
+    }
+
+    /// Starts whatever may start now, in order.
+    fn progress(&mut self) -> io::Result<()> {
+        loop {
+            if self.applying.is_some() {
+                self.submit_unit()?;
+                return Ok(());
+            }
+            let Some(cmd) = self.queue.front() else {
+                return Ok(());
+            };
+            let barrier = matches!(
+                cmd,
+                ApplyCmd::Flush { .. }
+                    | ApplyCmd::Seal { .. }
+                    | ApplyCmd::SyncDone { .. }
+                    | ApplyCmd::Replay { .. }
+            ) || matches!(cmd, ApplyCmd::Write { header, .. }
+                if header.flags.has(WriteFlags::DIRECT) && !is_fast(header));
+            if barrier && self.inflight > 0 {
+                return Ok(());
+            }
+            if self.inflight >= MAX_INFLIGHT {
+                return Ok(());
+            }
+            let cmd = self.queue.pop_front().expect("front checked");
+            match cmd {
+                ApplyCmd::Write { header, payload } => {
+                    if !self.write(header, payload)? {
+                        return Ok(());
+                    }
+                }
+                ApplyCmd::Flush { seq } => {
+                    self.volume.backing().sync_data()?;
+                    self.emit(ApplyEvent::FlushAck(seq));
+                }
+                ApplyCmd::Seal { epoch, cut_ms } => self.seal(epoch, cut_ms, true)?,
+                ApplyCmd::Replay { epoch, cut_ms } => self.seal(epoch, cut_ms, false)?,
+                ApplyCmd::Discard { after } => self.log.discard_after(after),
+                ApplyCmd::SyncDone { epoch } => {
+                    self.state.sync_done_at = Some(epoch);
+                    self.volume.backing().sync_data()?;
+                    if epoch <= self.state.applied {
+                        self.state.consistent = true;
+                    }
+                    self.state.save(&self.state_path)?;
+                    if self.state.consistent {
+                        self.emit(ApplyEvent::Applied {
+                            epoch: self.state.applied,
+                            cut_ms: self.state.applied_cut_ms,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one incoming write. Returns false if it had to wait (it is put back).
+    fn write(&mut self, header: WriteHeader, payload: Bytes) -> io::Result<bool> {
+        let range = ByteRange::new(header.offset, u64::from(header.len));
+        let zeroes = header.flags.has(WriteFlags::ZEROES);
+        let checksum_ok = zeroes || payload_crc(&payload) == header.crc;
+        if !checksum_ok || range.end() > self.volume.size() {
+            if checksum_ok {
+                self.emit(ApplyEvent::Failed(format!(
+                    "write {range} past the end of the {}-byte DR volume",
+                    self.volume.size()
+                )));
+                return Ok(true);
+            }
+            self.counters
+                .extents_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(seq = header.seq, %range, "extent failed its CRC; asking for it again");
+            self.emit(ApplyEvent::Reject {
+                seq: header.seq,
+                reason: RejectReason::Checksum,
+            });
+            return Ok(true);
+        }
+        if !header.flags.has(WriteFlags::DIRECT) {
+            self.log
+                .append_write(header.epoch, range, zeroes, &payload)?;
+            return Ok(true);
+        }
+        let ack = header.flags.has(WriteFlags::ACK).then_some(header.seq);
+        if is_fast(&header) {
+            let mut buf = AlignedBuf::new(payload.len());
+            buf.copy_from_slice(&payload);
+            let fua = header.flags.has(WriteFlags::FUA);
+            if !self.submit_write(range, buf, fua, ack, false)? {
+                self.queue.push_front(ApplyCmd::Write { header, payload });
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        // Zeroes or an unaligned write: done here, after every earlier write (a barrier).
+        if zeroes {
+            self.volume.write_zeroes(range, true, false)?;
+        } else {
+            self.volume
+                .read_modify_write(range, Some(&payload), false)?;
+        }
+        if header.flags.has(WriteFlags::FUA) {
+            self.volume.backing().sync_data()?;
+        }
+        self.counters
+            .bytes_written
+            .fetch_add(range.len, std::sync::atomic::Ordering::Relaxed);
+        if let Some(seq) = ack {
+            self.emit(ApplyEvent::WriteAck(seq));
+        }
+        Ok(true)
+    }
+
+    /// Puts an aligned write on the ring once its blocks are free. Returns false if an
+    /// overlapping write is in flight (the caller retries after it completes).
+    fn submit_write(
+        &mut self,
+        range: ByteRange,
+        buf: AlignedBuf,
+        fua: bool,
+        ack: Option<u64>,
+        unit: bool,
+    ) -> io::Result<bool> {
+        let lock = match self.locks.acquire(range, ()) {
+            Acquired::Held(lock) => lock,
+            Acquired::Queued(lock) => {
+                // Not taken: try again when the overlapping write is done.
+                self.locks.release(lock);
+                return Ok(false);
+            }
+        };
+        let slot = Slot {
+            lock,
+            buf,
+            offset: range.offset,
+            done: 0,
+            fua,
+            ack,
+            unit,
+        };
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.inflight += 1;
+        self.submit_slot(index)?;
+        Ok(true)
+    }
+
+    fn submit_slot(&mut self, index: usize) -> io::Result<()> {
+        let slot = self.slots[index].as_ref().expect("live slot");
+        let rest = &slot.buf[slot.done..];
+        let flags = if slot.fua { libc::RWF_DSYNC } else { 0 };
+        let sqe = opcode::Write::new(types::Fd(self.disk), rest.as_ptr(), rest.len() as u32)
+            .offset(slot.offset + slot.done as u64)
+            .rw_flags(flags)
+            .build()
+            .user_data(index as u64);
+        self.push(sqe)
+    }
+
+    fn on_write_done(&mut self, index: usize, result: i32) -> io::Result<()> {
+        if result < 0 {
+            return Err(io::Error::from_raw_os_error(-result));
+        }
+        let slot = self.slots[index].as_mut().expect("live slot");
+        slot.done += result as usize;
+        if result == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "DR volume ended early",
+            ));
+        }
+        if slot.done < slot.buf.len() {
+            return self.submit_slot(index);
+        }
+        let slot = self.slots[index].take().expect("live slot");
+        self.free.push(index);
+        self.inflight -= 1;
+        self.locks.release(slot.lock);
+        self.counters
+            .bytes_written
+            .fetch_add(slot.buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(seq) = slot.ack {
+            self.emit(ApplyEvent::WriteAck(seq));
+        }
+        if slot.unit {
+            let applying = self
+                .applying
+                .as_mut()
+                .expect("a unit write belongs to a unit");
+            applying.left -= 1;
+            if applying.left == 0 && self.unit_queue.is_empty() {
+                self.finish_unit()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A seal: the unit is made durable and acknowledged, then applied. A replayed seal is
+    /// durable already.
+    fn seal(&mut self, epoch: Epoch, cut_ms: u64, append: bool) -> io::Result<()> {
+        if epoch <= self.state.applied {
+            // Repeated: already applied.
+            self.emit(ApplyEvent::Staged(epoch));
+            return Ok(());
+        }
+        if append {
+            self.log.seal(epoch, cut_ms)?;
+            self.emit(ApplyEvent::Staged(epoch));
+        }
+        let unit = self.log.take_unit(epoch);
+        self.applying = Some(Applying {
+            epoch,
+            cut_ms,
+            left: unit.len(),
+        });
+        self.unit_queue = unit.into();
+        if self.unit_queue.is_empty() {
+            return self.finish_unit();
+        }
+        self.submit_unit()
+    }
+
+    /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
+    fn submit_unit(&mut self) -> io::Result<()> {
+        while let Some(staged) = self.unit_queue.front().copied() {
+            if self.inflight >= MAX_INFLIGHT {
+                return Ok(());
+            }
+            let fast = !staged.zeroes && staged.range.is_aligned(DIRECT_IO_ALIGN);
+            if !fast {
+                if self.inflight > 0 {
+                    return Ok(());
+                }
+                self.unit_queue.pop_front();
+                if staged.zeroes {
+                    self.volume.write_zeroes(staged.range, true, false)?;
+                } else {
+                    let mut data = vec![0u8; staged.range.len as usize];
+                    self.log.read(&staged, &mut data)?;
+                    self.volume
+                        .read_modify_write(staged.range, Some(&data), false)?;
+                }
+                let applying = self.applying.as_mut().expect("applying");
+                applying.left -= 1;
+                continue;
+            }
+            let mut buf = AlignedBuf::new(staged.range.len as usize);
+            self.log.read(&staged, &mut buf)?;
+            if !self.submit_write(staged.range, buf, false, None, true)? {
+                return Ok(());
+            }
+            self.unit_queue.pop_front();
+        }
+        if self
+            .applying
+            .as_ref()
+            .is_some_and(|a| a.left == 0 && self.inflight == 0)
+        {
+            self.finish_unit()?;
+        }
+        Ok(())
+    }
+
+    /// Every write of the unit is on the volume: sync it, record the epoch, report.
+    fn finish_unit(&mut self) -> io::Result<()> {
+        let Some(applying) = self.applying.take() else {
+            return Ok(());
+        };
+        self.volume.backing().sync_data()?;
+        self.state.applied = applying.epoch;
+        self.state.applied_cut_ms = applying.cut_ms;
+        if self
+            .state
+            .sync_done_at
+            .is_some_and(|at| at <= applying.epoch)
+        {
+            self.state.consistent = true;
+        }
+        self.state.save(&self.state_path)?;
+        if !self.log.truncate_if_empty()? {
+            self.log.compact(COMPACT_BYTES)?;
+        }
+        self.emit(ApplyEvent::Applied {
+            epoch: applying.epoch,
+            cut_ms: applying.cut_ms,
+        });
+        Ok(())
+    }
+
+    fn emit(&self, event: ApplyEvent) {
+        // The stream task may be gone (the link dropped); then nobody needs the event.
+        let _ = self.events.send(event);
+    }
+
+    fn push(&mut self, sqe: io_uring::squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every buffer an entry points at lives in a slot (or is the wake-up
+            // buffer) until its completion has been handled.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+}
+
+/// A write the ring takes: data, 4 KiB-aligned.
+fn is_fast(header: &WriteHeader) -> bool {
+    !header.flags.has(WriteFlags::ZEROES)
+        && ByteRange::new(header.offset, u64::from(header.len)).is_aligned(DIRECT_IO_ALIGN)
+}

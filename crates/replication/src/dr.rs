@@ -1,0 +1,311 @@
+//! The DR half of a pair: accepts the production agent's replication stream, hands its
+//! frames to the applier in order, and sends the applier's answers back.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use blockrep_core::replication::{Epoch, ReplicationStatus};
+use blockrep_volume::Volume;
+use blockrep_wire::{Frame, Hello, ProtocolVersion};
+
+use crate::applier::{Applier, ApplierSetup, ApplyCmd, ApplyCounters, ApplyEvent};
+use crate::dr_state::DrState;
+use crate::endpoint::ReplicationStream;
+use crate::membership::Membership;
+use crate::stage_log::StageLog;
+
+/// Where the DR side is, for `pair show`.
+#[derive(Clone, Debug)]
+pub struct DrStatus {
+    pub replication_status: ReplicationStatus,
+    pub detail: String,
+    pub since: SystemTime,
+    pub state: DrState,
+}
+
+pub struct DrPair {
+    membership: Membership,
+    volume: Arc<Volume>,
+    volume_dir: PathBuf,
+    status: Mutex<DrStatus>,
+    /// Streams accepted; a newer one replaces the older (which sees the new number and
+    /// stops).
+    session: AtomicU64,
+    newest: tokio::sync::watch::Sender<u64>,
+    /// Whether an applier runs (one at a time: they share the stage log).
+    running: Mutex<bool>,
+    applier_stopped: tokio::sync::Notify,
+    pub counters: Arc<ApplyCounters>,
+    pub streams_refused: AtomicU64,
+}
+
+impl DrPair {
+    pub fn new(membership: Membership, volume: Arc<Volume>, volume_dir: PathBuf) -> Arc<Self> {
+        let state = DrState::load(&volume_dir.join("dr.json")).unwrap_or_default();
+        Arc::new(Self {
+            membership,
+            volume,
+            volume_dir,
+            status: Mutex::new(DrStatus {
+                replication_status: ReplicationStatus::Inactive,
+                detail: "waiting for the production agent".into(),
+                since: SystemTime::now(),
+                state,
+            }),
+            session: AtomicU64::new(0),
+            newest: tokio::sync::watch::channel(0).0,
+            running: Mutex::new(false),
+            applier_stopped: tokio::sync::Notify::new(),
+            counters: Arc::new(ApplyCounters::default()),
+            streams_refused: AtomicU64::new(0),
+        })
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    pub fn status(&self) -> DrStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_status(&self, replication_status: ReplicationStatus, detail: impl Into<String>) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.replication_status = replication_status;
+        status.detail = detail.into();
+        status.since = SystemTime::now();
+    }
+
+    /// Why a stream's `Hello` does not fit this pair, if it does not.
+    fn check(&self, hello: &Hello) -> Option<String> {
+        let m = &self.membership;
+        if hello.version != ProtocolVersion::CURRENT {
+            return Some(format!(
+                "protocol version {} is not spoken here",
+                hello.version.number()
+            ));
+        }
+        if hello.volume != m.local_volume {
+            return Some(format!(
+                "pair {} has DR volume {} here, not {}",
+                m.pair, m.local_volume, hello.volume
+            ));
+        }
+        if hello.size != self.volume.size() {
+            return Some(format!(
+                "the DR volume is {} bytes, the production volume {}",
+                self.volume.size(),
+                hello.size
+            ));
+        }
+        if hello.model != m.model {
+            return Some(format!(
+                "pair {} is {}, not {}",
+                m.pair, m.model, hello.model
+            ));
+        }
+        None
+    }
+
+    /// Serves one replication stream until it ends.
+    pub async fn serve(self: Arc<Self>, hello: Hello, stream: ReplicationStream) {
+        let ReplicationStream {
+            mut reader,
+            mut writer,
+        } = stream;
+        if let Some(reason) = self.check(&hello) {
+            self.streams_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
+            let _ = writer.send(&Frame::Refuse { reason }).await;
+            writer.finish();
+            return;
+        }
+        let session = self.session.fetch_add(1, Ordering::SeqCst) + 1;
+        self.newest.send_replace(session);
+        // An older stream's applier must be gone before the stage log is opened again.
+        loop {
+            let stopped = self.applier_stopped.notified();
+            if !self.applier_running() {
+                break;
+            }
+            stopped.await;
+        }
+        if *self.newest.borrow() != session {
+            return;
+        }
+        let state_path = self.volume_dir.join("dr.json");
+        let opened = tokio::task::spawn_blocking({
+            let log_path = self.volume_dir.join("stage-log");
+            let state_path = state_path.clone();
+            move || -> std::io::Result<_> {
+                let state = DrState::load(&state_path)?;
+                let recovered = StageLog::open(&log_path, state.applied)?;
+                Ok((state, recovered))
+            }
+        })
+        .await;
+        let (state, recovered) = match opened {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                let reason = format!("cannot open the stage log: {e}");
+                tracing::error!(pair = %self.membership.pair, %reason);
+                let _ = writer.send(&Frame::Refuse { reason }).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "stage log task failed");
+                return;
+            }
+        };
+        let staged = recovered
+            .seals
+            .last()
+            .map_or(state.applied, |s| s.epoch)
+            .max(state.applied);
+        let welcome = Frame::Welcome {
+            applied: state.applied,
+            staged,
+            consistent: state.consistent,
+        };
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let setup = ApplierSetup {
+            label: self.membership.pair.to_string()[..8].to_owned(),
+            volume: Arc::clone(&self.volume),
+            log: recovered.log,
+            replay: recovered.seals,
+            state: state.clone(),
+            state_path: state_path.clone(),
+        };
+        let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the applier");
+                return;
+            }
+        };
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        if writer.send(&welcome).await.is_err() {
+            self.stop_applier(applier).await;
+            return;
+        }
+        tracing::info!(pair = %self.membership.pair, peer = %hello.node, applied = %state.applied, "replication stream accepted");
+        self.set_status(
+            if state.consistent {
+                ReplicationStatus::Active
+            } else {
+                ReplicationStatus::Copying
+            },
+            "receiving from the production agent",
+        );
+        {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.state = state;
+        }
+
+        let answers = async {
+            while let Some(event) = events.recv().await {
+                let frame = match event {
+                    ApplyEvent::WriteAck(seq) => Frame::WriteAck { seq },
+                    ApplyEvent::FlushAck(seq) => Frame::FlushAck { seq },
+                    ApplyEvent::Staged(epoch) => Frame::Staged { epoch },
+                    ApplyEvent::Applied { epoch, cut_ms } => {
+                        self.applied(epoch, cut_ms);
+                        Frame::Applied { epoch, cut_ms }
+                    }
+                    ApplyEvent::Reject { seq, reason } => Frame::Reject { seq, reason },
+                    ApplyEvent::Failed(reason) => {
+                        let _ = writer
+                            .send(&Frame::Refuse {
+                                reason: reason.clone(),
+                            })
+                            .await;
+                        return Err(reason);
+                    }
+                };
+                if let Err(e) = writer.send(&frame).await {
+                    return Err(e.to_string());
+                }
+            }
+            Ok(())
+        };
+        let frames = async {
+            loop {
+                match reader.next().await {
+                    Ok(Some(frame)) => {
+                        let cmd = match frame {
+                            Frame::Write(header, payload) => ApplyCmd::Write { header, payload },
+                            Frame::Flush { seq } => ApplyCmd::Flush { seq },
+                            Frame::Seal { epoch, cut_ms } => ApplyCmd::Seal { epoch, cut_ms },
+                            Frame::Discard { after } => ApplyCmd::Discard { after },
+                            Frame::SyncDone { epoch } => ApplyCmd::SyncDone { epoch },
+                            _ => return Err("unexpected frame on a replication stream".to_owned()),
+                        };
+                        applier.submit(cmd);
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        let mut newest = self.newest.subscribe();
+        let superseded = async {
+            while newest.changed().await.is_ok() {
+                if *newest.borrow() != session {
+                    break;
+                }
+            }
+        };
+        let ended = tokio::select! {
+            r = answers => r,
+            r = frames => r,
+            () = superseded => Err("a newer stream replaced it".to_owned()),
+        };
+        match &ended {
+            Ok(()) => tracing::info!(pair = %self.membership.pair, "replication stream closed"),
+            Err(e) => {
+                tracing::warn!(pair = %self.membership.pair, error = %e, "replication stream ended")
+            }
+        }
+        self.set_status(
+            ReplicationStatus::Inactive,
+            "the production agent disconnected",
+        );
+        self.stop_applier(applier).await;
+    }
+
+    fn applied(&self, epoch: Epoch, cut_ms: u64) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.state.applied = epoch;
+        status.state.applied_cut_ms = cut_ms;
+        if status.state.sync_done_at.is_none_or(|at| at <= epoch) {
+            status.state.consistent = true;
+        }
+        if status.state.consistent && status.replication_status == ReplicationStatus::Copying {
+            status.replication_status = ReplicationStatus::Active;
+            status.since = SystemTime::now();
+        }
+    }
+
+    async fn stop_applier(&self, applier: Applier) {
+        let _ = tokio::task::spawn_blocking(move || applier.stop()).await;
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.applier_stopped.notify_waiters();
+        // Pick up what the applier recorded.
+        if let Ok(state) = DrState::load(&self.volume_dir.join("dr.json")) {
+            self.status.lock().unwrap_or_else(|e| e.into_inner()).state = state;
+        }
+    }
+
+    fn applier_running(&self) -> bool {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

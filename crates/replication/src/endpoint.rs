@@ -1,0 +1,404 @@
+//! The agent's QUIC endpoint: one UDP socket for every connection to and from other hosts,
+//! mutual TLS under the cluster CA, ALPN `blockrep/1`.
+//!
+//! A peer opens a bidirectional stream per exchange. The first frame says what the stream
+//! is for: a `Request` (a control call, answered by one `Response`) or a `Hello` (a pair's
+//! replication stream, which stays open). The endpoint only moves frames; what they mean is
+//! the [`Inbound`] handler's business.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockrep_api::proto::{ClusterRequest, ClusterResponse};
+use blockrep_tls::NodeTls;
+use blockrep_wire::{ALPN, Frame, Hello};
+use bytes::BytesMut;
+use prost::Message;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, RecvStream, SendStream, TransportConfig, VarInt};
+
+use crate::framed::{FrameReader, FrameWriter, StreamError};
+
+/// How long a control call may take, connection included.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that sends nothing (not even keep-alives) for this long is gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEP_ALIVE: Duration = Duration::from_millis(1000);
+/// Largest control message accepted.
+const MAX_CONTROL_BYTES: usize = 16 << 20;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the endpoint hands the rest of the agent.
+pub trait Inbound: Send + Sync + 'static {
+    /// A control call from `peer`.
+    fn request(&self, request: ClusterRequest, peer: SocketAddr) -> BoxFuture<'_, ClusterResponse>;
+    /// A replication stream opened by `peer` with `hello`.
+    fn replication(
+        &self,
+        hello: Hello,
+        peer: SocketAddr,
+        stream: ReplicationStream,
+    ) -> BoxFuture<'_, ()>;
+}
+
+/// A replication stream: frames both ways.
+pub struct ReplicationStream {
+    pub reader: FrameReader,
+    pub writer: FrameWriter,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] blockrep_tls::TlsError),
+    #[error("QUIC configuration: {0}")]
+    Config(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("{addr} did not answer within {CALL_TIMEOUT:?}")]
+    Timeout { addr: SocketAddr },
+    #[error("talking to {addr}: {source}")]
+    Stream {
+        addr: SocketAddr,
+        source: StreamError,
+    },
+    #[error("{addr} answered with something that is not a response")]
+    BadResponse { addr: SocketAddr },
+}
+
+/// Counts what the endpoint refused.
+#[derive(Debug, Default)]
+pub struct EndpointCounters {
+    /// Incoming connections whose TLS handshake failed (no certificate, or one another CA
+    /// signed), and outgoing ones to peers whose certificate failed.
+    pub peers_refused: AtomicU64,
+    /// Streams whose first frame was malformed or unexpected.
+    pub streams_refused: AtomicU64,
+}
+
+pub struct ClusterEndpoint {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    connections: Mutex<HashMap<(SocketAddr, String), Connection>>,
+    pub counters: Arc<EndpointCounters>,
+}
+
+fn transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    // Windows large enough to fill a fast link with one stream (quinn's perf tool does
+    // the same).
+    t.stream_receive_window(VarInt::from_u32(64 << 20));
+    t.receive_window(VarInt::from_u32(128 << 20));
+    t.send_window(128 << 20);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("small timeout"),
+    ));
+    t
+}
+
+impl ClusterEndpoint {
+    /// Binds `listen` and starts accepting: every connection's streams go to `inbound`.
+    pub fn bind(
+        listen: SocketAddr,
+        tls: &NodeTls,
+        inbound: Arc<dyn Inbound>,
+    ) -> Result<Arc<Self>, EndpointError> {
+        let transport = Arc::new(transport());
+        let server_tls = QuicServerConfig::try_from(tls.server_config(ALPN)?)
+            .map_err(|e| EndpointError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+        server.transport_config(Arc::clone(&transport));
+        let client = Self::client_config(tls, transport)?;
+        let endpoint =
+            quinn::Endpoint::server(server, listen).map_err(|source| EndpointError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let this = Arc::new(Self {
+            endpoint,
+            client,
+            connections: Mutex::new(HashMap::new()),
+            counters: Arc::new(EndpointCounters::default()),
+        });
+        tokio::spawn(accept_loop(
+            this.endpoint.clone(),
+            Arc::clone(&this.counters),
+            inbound,
+        ));
+        Ok(this)
+    }
+
+    /// An endpoint that only dials out (no listening), for tools.
+    pub fn client_only(tls: &NodeTls) -> Result<Arc<Self>, EndpointError> {
+        let client = Self::client_config(tls, Arc::new(transport()))?;
+        let any: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
+        let endpoint = quinn::Endpoint::client(any)
+            .map_err(|source| EndpointError::Bind { addr: any, source })?;
+        Ok(Arc::new(Self {
+            endpoint,
+            client,
+            connections: Mutex::new(HashMap::new()),
+            counters: Arc::new(EndpointCounters::default()),
+        }))
+    }
+
+    fn client_config(
+        tls: &NodeTls,
+        transport: Arc<TransportConfig>,
+    ) -> Result<quinn::ClientConfig, EndpointError> {
+        let client_tls = QuicClientConfig::try_from(tls.client_config(ALPN)?)
+            .map_err(|e| EndpointError::Config(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+        client.transport_config(transport);
+        Ok(client)
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// A connection to `addr` whose certificate names `server_name`: the cached one while it
+    /// lives, else a new one.
+    pub async fn connection(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Connection, CallError> {
+        let key = (addr, server_name.to_owned());
+        if let Some(c) = self.lock().get(&key)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let connect_err = |reason: String| CallError::Connect { addr, reason };
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, server_name)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let connection = match tokio::time::timeout(CALL_TIMEOUT, connecting).await {
+            Err(_) => return Err(CallError::Timeout { addr }),
+            Ok(Err(e)) => {
+                if is_tls_refusal(&e) {
+                    self.counters.peers_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%addr, error = %e, "peer refused: TLS handshake failed");
+                }
+                return Err(connect_err(e.to_string()));
+            }
+            Ok(Ok(c)) => c,
+        };
+        self.lock().insert(key, connection.clone());
+        Ok(connection)
+    }
+
+    /// Sends one control request and waits for its response.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        request: &ClusterRequest,
+    ) -> Result<ClusterResponse, CallError> {
+        let exchange = async {
+            let connection = self.connection(addr, server_name).await?;
+            let stream_err = |source| CallError::Stream { addr, source };
+            let (send, recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| stream_err(StreamError::Connection(e.to_string())))?;
+            let mut writer = FrameWriter::new(send);
+            let mut reader = FrameReader::new(recv);
+            writer
+                .send(&Frame::Request(request.encode_to_vec().into()))
+                .await
+                .map_err(stream_err)?;
+            writer.finish();
+            match reader.next().await.map_err(stream_err)? {
+                Some(Frame::Response(body)) if body.len() <= MAX_CONTROL_BYTES => {
+                    ClusterResponse::decode(body).map_err(|_| CallError::BadResponse { addr })
+                }
+                _ => Err(CallError::BadResponse { addr }),
+            }
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+            Ok(result) => {
+                if result.is_err() {
+                    self.forget(addr);
+                }
+                result
+            }
+            Err(_) => {
+                self.forget(addr);
+                Err(CallError::Timeout { addr })
+            }
+        }
+    }
+
+    /// Opens a replication stream to `addr` and sends `hello` on it.
+    pub async fn open_replication(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        hello: Hello,
+    ) -> Result<ReplicationStream, CallError> {
+        let connection = self.connection(addr, server_name).await?;
+        let stream_err = |source| CallError::Stream { addr, source };
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| stream_err(StreamError::Connection(e.to_string())))?;
+        let mut writer = FrameWriter::new(send);
+        writer
+            .send(&Frame::Hello(hello))
+            .await
+            .map_err(stream_err)?;
+        Ok(ReplicationStream {
+            reader: FrameReader::new(recv),
+            writer,
+        })
+    }
+
+    /// Drops the cached connections to `addr` (after a failed call, the next makes a new one).
+    pub fn forget(&self, addr: SocketAddr) {
+        self.lock().retain(|(a, _), _| *a != addr);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, String), Connection>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn close(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"shutting down");
+    }
+}
+
+/// Whether a connection failed because TLS refused the peer (not because it was away).
+fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::TransportError(t) => t.code.to_string().contains("CRYPTO"),
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code.to_string().contains("CRYPTO"),
+        _ => false,
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    counters: Arc<EndpointCounters>,
+    inbound: Arc<dyn Inbound>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let counters = Arc::clone(&counters);
+        let inbound = Arc::clone(&inbound);
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    counters.peers_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, error = %e, "refused a peer: TLS handshake failed");
+                    return;
+                }
+            };
+            serve_connection(connection, peer, counters, inbound).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    connection: Connection,
+    peer: SocketAddr,
+    counters: Arc<EndpointCounters>,
+    inbound: Arc<dyn Inbound>,
+) {
+    loop {
+        let (send, recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended");
+                return;
+            }
+        };
+        let counters = Arc::clone(&counters);
+        let inbound = Arc::clone(&inbound);
+        tokio::spawn(async move {
+            serve_stream(send, recv, peer, counters, inbound).await;
+        });
+    }
+}
+
+async fn serve_stream(
+    send: SendStream,
+    recv: RecvStream,
+    peer: SocketAddr,
+    counters: Arc<EndpointCounters>,
+    inbound: Arc<dyn Inbound>,
+) {
+    let mut reader = FrameReader::new(recv);
+    let mut writer = FrameWriter::new(send);
+    match reader.next().await {
+        Ok(Some(Frame::Request(body))) => {
+            let response = match ClusterRequest::decode(body) {
+                Ok(request) => inbound.request(request, peer).await,
+                Err(e) => {
+                    counters.streams_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, error = %e, "malformed control request");
+                    error_response(400, format!("malformed request: {e}"))
+                }
+            };
+            let mut out = BytesMut::new();
+            Frame::Response(response.encode_to_vec().into()).encode(&mut out);
+            if let Err(e) = writer.send_bytes(out.freeze()).await {
+                tracing::debug!(%peer, error = %e, "could not send a response");
+            }
+            writer.finish();
+        }
+        Ok(Some(Frame::Hello(hello))) => {
+            inbound
+                .replication(hello, peer, ReplicationStream { reader, writer })
+                .await;
+        }
+        Ok(Some(other)) => {
+            counters.streams_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, frame = ?frame_name(&other), "stream opened with an unexpected frame");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            counters.streams_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %e, "refused a stream");
+        }
+    }
+}
+
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Write(..) => "Write",
+        Frame::Response(_) => "Response",
+        _ => "other",
+    }
+}
+
+/// A `ClusterResponse` carrying an error.
+pub fn error_response(code: u32, message: String) -> ClusterResponse {
+    ClusterResponse {
+        response: Some(blockrep_api::proto::cluster_response::Response::Error(
+            blockrep_api::proto::ClusterError { code, message },
+        )),
+    }
+}

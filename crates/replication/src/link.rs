@@ -1,0 +1,728 @@
+//! The production half of a pair, as the write path sees it: [`PairLink`] sits in the
+//! volume's write gate and queues what goes to the DR side, in the order it must arrive.
+//!
+//! How live writes are handled depends on the pair's model and on where it is:
+//!
+//! | live mode | write's data | answer |
+//! |---|---|---|
+//! | `Sync` (hypermetro, active) | direct frame, sent when the local write starts | after the DR side's acknowledgement |
+//! | `Journal` (async; hypermetro at the end of a catch-up) | journaled in its epoch | after the local write |
+//! | `Tracked` (link down, catch-up running) | not sent: the bitmap has it | after the local write |
+//!
+//! Every frame goes through one [`Journal`] queue, so the DR side sees them in the order
+//! the blocks were written here. The pair's tasks take frames with [`PairLink::take_frames`]
+//! and hand the DR side's answers back through the `handle_*` methods.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use blockrep_core::ByteRange;
+use blockrep_core::replication::{
+    Completed, Epoch, Journal, Outgoing, Payload, PayloadLen, ReplicationModel, Ticket, WriteSeq,
+};
+use blockrep_volume::{
+    AfterLocal, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
+};
+use bytes::Bytes;
+
+/// Journal payloads: shared, never copied.
+#[derive(Clone, Debug)]
+pub struct Data(pub Bytes);
+
+impl PayloadLen for Data {
+    fn payload_len(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+/// How live writes are handled now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Live {
+    Tracked,
+    Sync,
+    Journal,
+}
+
+/// A frame waiting for the DR side's acknowledgement.
+#[derive(Debug)]
+enum Pending {
+    /// A hypermetro write: redeem its ticket and deliver its token.
+    Write {
+        ticket: Option<Ticket>,
+        token: u64,
+        mailbox: Arc<Mailbox>,
+        local_failed: bool,
+        range: ByteRange,
+        payload: Payload<Data>,
+        fua: bool,
+    },
+    Flush {
+        token: u64,
+        mailbox: Arc<Mailbox>,
+    },
+    /// A resync extent written direct: redeem its ticket.
+    Extent {
+        ticket: Ticket,
+        range: ByteRange,
+        payload: Payload<Data>,
+    },
+}
+
+/// What the pair counts, for `pair show` and the metrics.
+#[derive(Debug, Default)]
+pub struct PairCounters {
+    pub bytes_sent: AtomicU64,
+    pub extents_sent: AtomicU64,
+    pub extents_rejected: AtomicU64,
+    pub resync_bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// Journal overflows into bitmap mode.
+    pub overflows: AtomicU64,
+}
+
+struct State {
+    live: Live,
+    journal: Journal<Data>,
+    pending: HashMap<u64, Pending>,
+    /// When each epoch was cut (ms since the Unix epoch).
+    cut_times: BTreeMap<Epoch, u64>,
+    /// The journal overflowed (or an async write was rejected): a catch-up is needed.
+    needs_catch_up: bool,
+    /// Resync extents acknowledged, in bytes.
+    resync_acked: u64,
+}
+
+pub struct PairLink {
+    model: ReplicationModel,
+    tracker: Arc<DirtyTracker>,
+    state: Mutex<State>,
+    /// Signalled when frames are taken (room for the resync reader) or acknowledged.
+    changed: Condvar,
+    /// Wakes the sender task.
+    pub wake_sender: tokio::sync::Notify,
+    pub counters: Arc<PairCounters>,
+}
+
+impl PairLink {
+    pub fn new(
+        model: ReplicationModel,
+        tracker: Arc<DirtyTracker>,
+        journal_bytes: u64,
+        staged: Epoch,
+    ) -> Self {
+        let mut journal = Journal::new(journal_bytes, staged);
+        journal.stop_journaling();
+        Self {
+            model,
+            tracker,
+            state: Mutex::new(State {
+                live: Live::Tracked,
+                journal,
+                pending: HashMap::new(),
+                cut_times: BTreeMap::new(),
+                needs_catch_up: false,
+                resync_acked: 0,
+            }),
+            changed: Condvar::new(),
+            wake_sender: tokio::sync::Notify::new(),
+            counters: Arc::new(PairCounters::default()),
+        }
+    }
+
+    pub fn model(&self) -> ReplicationModel {
+        self.model
+    }
+
+    pub fn tracker(&self) -> &Arc<DirtyTracker> {
+        &self.tracker
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn live(&self) -> Live {
+        self.lock().live
+    }
+
+    /// Bytes queued for the DR side and the bound they may reach.
+    pub fn journal_fill(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.journal.queued_bytes(), state.journal.limit())
+    }
+
+    pub fn current_epoch(&self) -> Epoch {
+        self.lock().journal.current_epoch()
+    }
+
+    pub fn staged_epoch(&self) -> Epoch {
+        self.lock().journal.staged_epoch()
+    }
+
+    /// Whether the journal overflowed since the last catch-up started.
+    pub fn needs_catch_up(&self) -> bool {
+        self.lock().needs_catch_up
+    }
+
+    // ---- the connection's life ----
+
+    /// The DR side accepted the stream, holding everything up to `staged`.
+    pub fn connected(&self, staged: Epoch) {
+        let mut state = self.lock();
+        state.journal.reconnected(staged);
+        state.needs_catch_up = false;
+    }
+
+    /// Live writes start flowing: direct in hypermetro, journaled in async. With
+    /// `after_catch_up`, journaled writes still outstanding are sealed before direct ones.
+    pub fn go_live(&self) {
+        let mut state = self.lock();
+        match self.model {
+            ReplicationModel::Hypermetro => {
+                state.journal.switch_to_direct();
+                state.live = Live::Sync;
+            }
+            ReplicationModel::Async => {
+                state.journal.start_journaling();
+                state.live = Live::Journal;
+            }
+        }
+        drop(state);
+        self.wake_sender.notify_one();
+    }
+
+    /// A catch-up starts: live writes are tracked only, extents are staged.
+    pub fn begin_catch_up(&self) {
+        let mut state = self.lock();
+        state.journal.begin_catch_up();
+        state.live = Live::Tracked;
+        state.needs_catch_up = false;
+    }
+
+    /// The catch-up's dirty set is small: live writes are journaled with it.
+    pub fn begin_final_pass(&self) {
+        let mut state = self.lock();
+        state.journal.begin_final_pass();
+        state.live = Live::Journal;
+    }
+
+    /// The last extent is queued: returns the epoch whose seal ends the catch-up.
+    pub fn finish_catch_up(&self, now_ms: u64) -> Epoch {
+        let mut state = self.lock();
+        let end = state.journal.current_epoch();
+        state.cut_times.insert(end, now_ms);
+        let end = state.journal.finish_catch_up();
+        drop(state);
+        self.wake_sender.notify_one();
+        end
+    }
+
+    /// The stream broke: nothing more reaches the DR side until a new one. Writes waiting
+    /// for the peer are answered (their blocks stay dirty: rule 1), tickets are forgotten,
+    /// and live writes are tracked by the bitmap.
+    pub fn disconnected(&self) {
+        let mut state = self.lock();
+        state.live = Live::Tracked;
+        let forget = state.journal.disconnect();
+        let pending = std::mem::take(&mut state.pending);
+        drop(state);
+        self.tracker.forget(forget);
+        for (_, p) in pending {
+            match p {
+                Pending::Write {
+                    ticket,
+                    token,
+                    mailbox,
+                    ..
+                } => {
+                    self.tracker.forget(ticket);
+                    mailbox.deliver(token);
+                }
+                Pending::Flush { token, mailbox } => mailbox.deliver(token),
+                Pending::Extent { ticket, .. } => self.tracker.forget([ticket]),
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// The periodic cut: new writes go to the next epoch.
+    pub fn advance_epoch(&self, now_ms: u64) {
+        let mut state = self.lock();
+        let cut = state.journal.current_epoch();
+        state.cut_times.insert(cut, now_ms);
+        state.journal.advance_epoch();
+        drop(state);
+        self.wake_sender.notify_one();
+    }
+
+    // ---- the sender ----
+
+    /// Takes up to `max_bytes` of frames to send, in order.
+    pub fn take_frames(&self, max_bytes: u64, out: &mut Vec<OutFrame>) {
+        let mut state = self.lock();
+        let mut bytes = 0;
+        while bytes < max_bytes {
+            let Some(frame) = state.journal.poll_send() else {
+                break;
+            };
+            let frame = match frame {
+                Outgoing::Seal { epoch } => {
+                    let cut_ms = state.cut_times.get(&epoch).copied().unwrap_or(0);
+                    // Older cut times are no longer needed.
+                    state.cut_times = state.cut_times.split_off(&epoch);
+                    OutFrame::Seal { epoch, cut_ms }
+                }
+                Outgoing::Write {
+                    epoch,
+                    seq,
+                    range,
+                    payload,
+                    direct,
+                    fua,
+                } => {
+                    bytes += payload_len(&payload) + 48;
+                    OutFrame::Write {
+                        epoch,
+                        seq,
+                        range,
+                        payload,
+                        direct,
+                        fua,
+                    }
+                }
+                Outgoing::Flush { seq } => OutFrame::Flush { seq },
+                Outgoing::Discard { after } => OutFrame::Discard { after },
+                Outgoing::SyncDone { epoch } => OutFrame::SyncDone { epoch },
+            };
+            out.push(frame);
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    // ---- the DR side's answers ----
+
+    /// A direct write or a flush was acknowledged.
+    pub fn handle_ack(&self, seq: u64) {
+        let pending = self.lock().pending.remove(&seq);
+        match pending {
+            Some(Pending::Write {
+                ticket,
+                token,
+                mailbox,
+                local_failed,
+                ..
+            }) => {
+                if local_failed {
+                    self.tracker.forget(ticket);
+                } else {
+                    self.tracker.redeem(ticket);
+                }
+                mailbox.deliver(token);
+            }
+            Some(Pending::Flush { token, mailbox }) => mailbox.deliver(token),
+            Some(Pending::Extent { ticket, range, .. }) => {
+                self.tracker.redeem([ticket]);
+                self.lock().resync_acked += range.len;
+                self.changed.notify_all();
+            }
+            None => tracing::debug!(seq, "acknowledgement of nothing pending"),
+        }
+    }
+
+    /// The DR side synced every epoch ≤ `epoch` into its stage log.
+    pub fn handle_staged(&self, epoch: Epoch) {
+        let tickets = self.lock().journal.handle_staged(epoch);
+        self.tracker.redeem(tickets);
+        self.changed.notify_all();
+    }
+
+    /// The DR side rejected a frame (its CRC failed on the way): a direct one is sent again;
+    /// a staged one spoils its unit, so the pair falls back to a catch-up.
+    pub fn handle_reject(&self, seq: u64) {
+        self.counters
+            .extents_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        let mut state = self.lock();
+        match state.pending.remove(&seq) {
+            Some(Pending::Write {
+                ticket,
+                token,
+                mailbox,
+                local_failed,
+                range,
+                payload,
+                fua,
+            }) => {
+                let again = state.journal.push_direct(range, payload.clone(), fua);
+                state.pending.insert(
+                    again.0,
+                    Pending::Write {
+                        ticket,
+                        token,
+                        mailbox,
+                        local_failed,
+                        range,
+                        payload,
+                        fua,
+                    },
+                );
+            }
+            Some(Pending::Extent {
+                ticket,
+                range,
+                payload,
+            }) => {
+                let again = state.journal.push_direct(range, payload.clone(), false);
+                state.pending.insert(
+                    again.0,
+                    Pending::Extent {
+                        ticket,
+                        range,
+                        payload,
+                    },
+                );
+            }
+            Some(flush @ Pending::Flush { .. }) => {
+                state.pending.insert(seq, flush);
+            }
+            None => {
+                // A staged write: its epoch cannot be applied whole. Start over from the
+                // bitmap.
+                let forget = state.journal.disconnect();
+                state.live = Live::Tracked;
+                state.needs_catch_up = true;
+                drop(state);
+                self.tracker.forget(forget);
+                self.wake_sender.notify_one();
+                return;
+            }
+        }
+        drop(state);
+        self.wake_sender.notify_one();
+    }
+
+    // ---- the resync reader ----
+
+    /// Waits until `bytes` more fit in the queue. Returns false if `stop` says to give up.
+    pub fn wait_for_room(&self, bytes: u64, stop: &dyn Fn() -> bool) -> bool {
+        let mut state = self.lock();
+        loop {
+            if stop() {
+                return false;
+            }
+            if state.journal.has_room(bytes) {
+                return true;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits until the DR side has staged `epoch`.
+    pub fn wait_for_staged(&self, epoch: Epoch, stop: &dyn Fn() -> bool) -> bool {
+        let mut state = self.lock();
+        loop {
+            if stop() {
+                return false;
+            }
+            if state.journal.staged_epoch() >= epoch {
+                return true;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits until every resync extent sent direct was acknowledged.
+    pub fn wait_for_extents(&self, stop: &dyn Fn() -> bool) -> bool {
+        let mut state = self.lock();
+        loop {
+            if stop() {
+                return false;
+            }
+            if !state
+                .pending
+                .values()
+                .any(|p| matches!(p, Pending::Extent { .. }))
+            {
+                return true;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Queues an extent read for an initial sync: written direct on the DR side.
+    pub fn push_sync_extent(&self, range: ByteRange, payload: Payload<Data>, ticket: Ticket) {
+        let mut state = self.lock();
+        let seq = state.journal.push_direct(range, payload.clone(), false);
+        state.pending.insert(
+            seq.0,
+            Pending::Extent {
+                ticket,
+                range,
+                payload,
+            },
+        );
+        drop(state);
+        self.wake_sender.notify_one();
+    }
+
+    /// Admits a catch-up extent about to be read (its epoch is taken now, with its blocks
+    /// locked).
+    pub fn admit_catch_up_extent(&self) -> blockrep_core::replication::Admitted {
+        self.lock().journal.admit()
+    }
+
+    /// Queues a catch-up extent: staged on the DR side until the catch-up's seal.
+    pub fn push_catch_up_extent(
+        &self,
+        admitted: blockrep_core::replication::Admitted,
+        range: ByteRange,
+        payload: Payload<Data>,
+        ticket: Ticket,
+    ) {
+        let mut state = self.lock();
+        state
+            .journal
+            .complete_resync(admitted, range, payload, ticket);
+        drop(state);
+        self.wake_sender.notify_one();
+    }
+
+    /// Queues the end of an initial sync.
+    pub fn push_sync_done(&self) -> Epoch {
+        let epoch = self.lock().journal.push_sync_done();
+        self.wake_sender.notify_one();
+        epoch
+    }
+
+    /// Resync bytes acknowledged so far.
+    pub fn resync_acked(&self) -> u64 {
+        self.lock().resync_acked
+    }
+
+    pub fn reset_resync_progress(&self) {
+        self.lock().resync_acked = 0;
+    }
+}
+
+/// A frame taken for the sender.
+#[derive(Debug)]
+pub enum OutFrame {
+    Write {
+        epoch: Epoch,
+        seq: WriteSeq,
+        range: ByteRange,
+        payload: Payload<Data>,
+        direct: bool,
+        fua: bool,
+    },
+    Flush {
+        seq: WriteSeq,
+    },
+    Seal {
+        epoch: Epoch,
+        cut_ms: u64,
+    },
+    Discard {
+        after: Epoch,
+    },
+    SyncDone {
+        epoch: Epoch,
+    },
+}
+
+fn payload_len(payload: &Payload<Data>) -> u64 {
+    match payload {
+        Payload::Data(d) => d.payload_len(),
+        Payload::Zeroes => 0,
+    }
+}
+
+fn to_payload(data: &ReplicaData) -> Option<Payload<Data>> {
+    match data {
+        ReplicaData::Data(bytes) => Some(Payload::Data(Data(bytes.clone()))),
+        ReplicaData::Zeroes => Some(Payload::Zeroes),
+        ReplicaData::Unchanged => None,
+    }
+}
+
+impl ReplicaLink for PairLink {
+    fn admit(&self, writes: &mut [Replicated]) {
+        let mut state = self.lock();
+        for write in writes.iter_mut() {
+            write.mode = match state.live {
+                Live::Tracked if matches!(self.model, ReplicationModel::Hypermetro) => {
+                    ReplicaMode::Tracked
+                }
+                Live::Sync => ReplicaMode::Sync,
+                // Async (and hypermetro's final pass): every write counts in its epoch, so
+                // the epoch is not sealed before it completes, journaled or not.
+                Live::Tracked | Live::Journal => ReplicaMode::Journal(state.journal.admit()),
+            };
+        }
+        drop(state);
+        let wants_ticket = |w: &Replicated| match w.mode {
+            ReplicaMode::Sync => true,
+            ReplicaMode::Journal(admitted) => admitted.journaled,
+            ReplicaMode::Tracked => false,
+        };
+        let ranges: Vec<ByteRange> = writes
+            .iter()
+            .filter(|w| wants_ticket(w))
+            .map(|w| w.range)
+            .collect();
+        if ranges.is_empty() {
+            return;
+        }
+        let mut tickets = Vec::with_capacity(ranges.len());
+        self.tracker.issue_tickets(ranges, &mut tickets);
+        let mut tickets = tickets.into_iter();
+        for write in writes.iter_mut().filter(|w| wants_ticket(w)) {
+            write.ticket = tickets.next();
+        }
+    }
+
+    fn start(&self, write: &mut Replicated, mailbox: &Arc<Mailbox>) {
+        if write.mode != ReplicaMode::Sync {
+            return;
+        }
+        self.send_sync(write, mailbox);
+    }
+
+    fn local_done(&self, mut write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
+        match write.mode {
+            ReplicaMode::Tracked => AfterLocal::Answer,
+            ReplicaMode::Sync if write.sent => AfterLocal::WaitForPeer,
+            ReplicaMode::Sync => {
+                if self.send_sync(&mut write, mailbox) {
+                    AfterLocal::WaitForPeer
+                } else {
+                    AfterLocal::Answer
+                }
+            }
+            ReplicaMode::Journal(admitted) => {
+                let mut state = self.lock();
+                let completed = match to_payload(&write.data) {
+                    Some(payload) => {
+                        state
+                            .journal
+                            .complete(admitted, write.range, payload, write.ticket)
+                    }
+                    None => {
+                        state.journal.abandon(admitted);
+                        Completed::NotJournaled
+                    }
+                };
+                let overflowed = matches!(completed, Completed::Overflowed { .. });
+                if overflowed {
+                    state.live = Live::Tracked;
+                    state.needs_catch_up = true;
+                }
+                drop(state);
+                match completed {
+                    Completed::Queued => {}
+                    Completed::NotJournaled => self.tracker.forget(write.ticket),
+                    Completed::Overflowed { forget } => {
+                        self.counters.overflows.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("journal full: the pair falls back to bitmap mode");
+                        self.tracker.forget(forget);
+                    }
+                }
+                self.wake_sender.notify_one();
+                AfterLocal::Answer
+            }
+        }
+    }
+
+    fn local_failed(&self, write: Replicated) -> AfterLocal {
+        match write.mode {
+            ReplicaMode::Sync if write.sent => {
+                if let Some(seq) = write.seq
+                    && let Some(Pending::Write { local_failed, .. }) =
+                        self.lock().pending.get_mut(&seq)
+                {
+                    *local_failed = true;
+                }
+                AfterLocal::WaitForPeer
+            }
+            ReplicaMode::Journal(admitted) => {
+                self.lock().journal.abandon(admitted);
+                self.tracker.forget(write.ticket);
+                AfterLocal::Answer
+            }
+            _ => {
+                self.tracker.forget(write.ticket);
+                AfterLocal::Answer
+            }
+        }
+    }
+
+    fn flush(&self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
+        let mut state = self.lock();
+        if state.live != Live::Sync {
+            return AfterLocal::Answer;
+        }
+        let seq = state.journal.push_flush();
+        state.pending.insert(
+            seq.0,
+            Pending::Flush {
+                token,
+                mailbox: Arc::clone(mailbox),
+            },
+        );
+        drop(state);
+        self.wake_sender.notify_one();
+        AfterLocal::WaitForPeer
+    }
+}
+
+impl PairLink {
+    /// Queues a hypermetro write's frame, unless the link went down since its admission.
+    /// Returns whether the peer will answer it.
+    fn send_sync(&self, write: &mut Replicated, mailbox: &Arc<Mailbox>) -> bool {
+        let mut state = self.lock();
+        let Some(payload) = to_payload(&write.data) else {
+            drop(state);
+            self.tracker.forget(write.ticket.take());
+            return false;
+        };
+        if state.live != Live::Sync {
+            drop(state);
+            self.tracker.forget(write.ticket.take());
+            return false;
+        }
+        let seq = state
+            .journal
+            .push_direct(write.range, payload.clone(), write.fua);
+        state.pending.insert(
+            seq.0,
+            Pending::Write {
+                ticket: write.ticket.take(),
+                token: write.token,
+                mailbox: Arc::clone(mailbox),
+                local_failed: false,
+                range: write.range,
+                payload,
+                fua: write.fua,
+            },
+        );
+        drop(state);
+        write.sent = true;
+        write.seq = Some(seq.0);
+        self.wake_sender.notify_one();
+        true
+    }
+}

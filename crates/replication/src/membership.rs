@@ -1,0 +1,81 @@
+//! A volume's part in a pair, recorded in its state directory (`pair.json`) so the agent
+//! takes it up again after a restart without asking anyone.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use blockrep_core::VolumeId;
+use blockrep_core::replication::{PairId, ReplicationModel, VolumeRole};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Production,
+    Dr,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Production => "production",
+            Side::Dr => "dr",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub pair: PairId,
+    pub side: Side,
+    pub model: ReplicationModel,
+    pub local_volume: VolumeId,
+    pub peer_volume: VolumeId,
+    pub peer_node: String,
+    pub peer_address: SocketAddr,
+    pub size: u64,
+    /// Production: the DR side received a whole copy once; later connections catch up
+    /// from the bitmap instead of copying everything again.
+    #[serde(default)]
+    pub full_sync_done: bool,
+}
+
+impl Membership {
+    pub fn role(&self) -> VolumeRole {
+        match self.side {
+            Side::Production => VolumeRole::Primary { pair: self.pair },
+            Side::Dr => VolumeRole::Secondary { pair: self.pair },
+        }
+    }
+
+    pub fn path(volume_dir: &Path) -> PathBuf {
+        volume_dir.join("pair.json")
+    }
+
+    pub fn load(volume_dir: &Path) -> std::io::Result<Option<Self>> {
+        let path = Self::path(volume_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, volume_dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(volume_dir)?;
+        let bytes = serde_json::to_vec_pretty(self).expect("serialisable");
+        blockrep_volume::write_file_durably(&Self::path(volume_dir), &bytes)
+    }
+
+    pub fn remove(volume_dir: &Path) -> std::io::Result<()> {
+        match std::fs::remove_file(Self::path(volume_dir)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The pairs this agent's volumes are in: taking and leaving roles, restoring them after a
+//! restart, routing incoming replication streams, and reporting their state.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use blockrep_api::ApiError;
+use blockrep_api::proto;
+use blockrep_core::VolumeId;
+use blockrep_core::replication::{PairId, ReplicationStatus, VolumeRole};
+use blockrep_volume::Volume;
+use blockrep_wire::{Frame, Hello};
+
+use crate::dr::DrPair;
+use crate::endpoint::{ClusterEndpoint, ReplicationStream};
+use crate::membership::{Membership, Side};
+use crate::production::{ProductionPair, ReplicationConfig};
+
+enum Runtime {
+    Production(Arc<ProductionPair>),
+    Dr(Arc<DrPair>),
+}
+
+pub struct Pairs {
+    node: String,
+    endpoint: OnceLock<Arc<ClusterEndpoint>>,
+    config: ReplicationConfig,
+    runtimes: Mutex<HashMap<PairId, Runtime>>,
+}
+
+/// A volume as replication needs it.
+pub struct VolumeHandle {
+    pub volume: Arc<Volume>,
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl Pairs {
+    pub fn new(node: String, config: ReplicationConfig) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            endpoint: OnceLock::new(),
+            config,
+            runtimes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The endpoint production sides dial their DR agents through (set once it is bound).
+    pub fn set_endpoint(&self, endpoint: Arc<ClusterEndpoint>) {
+        let _ = self.endpoint.set(endpoint);
+    }
+
+    fn endpoint(&self) -> Result<Arc<ClusterEndpoint>, ApiError> {
+        self.endpoint
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::Unavailable("the cluster endpoint is not up yet".into()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PairId, Runtime>> {
+        self.runtimes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes up the role a volume had before a restart, if any.
+    pub fn restore(&self, handle: VolumeHandle) -> Result<(), String> {
+        let Some(membership) = Membership::load(&handle.dir).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        handle.volume.gate().restore_role(membership.role());
+        tracing::info!(volume = %handle.name, pair = %membership.pair, side = membership.side.as_str(), "taking up pair role again");
+        self.start(membership, handle).map_err(|e| e.to_string())
+    }
+
+    fn start(&self, membership: Membership, handle: VolumeHandle) -> Result<(), ApiError> {
+        let runtime = match membership.side {
+            Side::Production => Runtime::Production(
+                ProductionPair::start(
+                    membership.clone(),
+                    handle.volume,
+                    handle.dir,
+                    self.endpoint()?,
+                    self.node.clone(),
+                    self.config,
+                )
+                .map_err(ApiError::FailedPrecondition)?,
+            ),
+            Side::Dr => Runtime::Dr(DrPair::new(membership.clone(), handle.volume, handle.dir)),
+        };
+        self.lock().insert(membership.pair, runtime);
+        Ok(())
+    }
+
+    /// The coordinator gives this volume a side in a pair.
+    pub fn take_role(
+        &self,
+        assignment: &proto::PairAssignment,
+        side: Side,
+        handle: VolumeHandle,
+    ) -> Result<(), ApiError> {
+        let membership = membership_of(assignment, side)?;
+        if let Some(existing) =
+            Membership::load(&handle.dir).map_err(|e| ApiError::Internal(e.to_string()))?
+        {
+            if existing.pair == membership.pair && existing.side == side {
+                return Ok(());
+            }
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is already the {} side of pair {}",
+                handle.name,
+                existing.side.as_str(),
+                existing.pair
+            )));
+        }
+        if handle.volume.tracker().is_none() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {}: replication needs dirty tracking (bitmap.dirty_tracking = true)",
+                handle.name
+            )));
+        }
+        if handle.volume.size() != membership.size {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is {} bytes, the pair {}",
+                handle.name,
+                handle.volume.size(),
+                membership.size
+            )));
+        }
+        if side == Side::Dr && handle.volume.connected_clients() > 0 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "DR volume {} has {} connected NBD client(s); disconnect them first",
+                handle.name,
+                handle.volume.connected_clients()
+            )));
+        }
+        let old = handle
+            .volume
+            .gate()
+            .set_role(membership.role())
+            .map_err(|e| ApiError::FailedPrecondition(format!("volume {}: {e}", handle.name)))?;
+        if let Err(e) = membership.save(&handle.dir) {
+            handle.volume.gate().restore_role(old);
+            return Err(ApiError::Internal(format!("record the pair: {e}")));
+        }
+        tracing::info!(volume = %handle.name, pair = %membership.pair, side = side.as_str(), "took a pair role");
+        let dir = handle.dir.clone();
+        let volume = Arc::clone(&handle.volume);
+        self.start(membership, handle).inspect_err(|_| {
+            let _ = Membership::remove(&dir);
+            volume.gate().restore_role(old);
+        })
+    }
+
+    /// The pair is deleted: this volume leaves it and is standalone (writable) again.
+    pub fn leave(&self, pair: PairId, handle: VolumeHandle) -> Result<(), ApiError> {
+        if let Some(runtime) = self.lock().remove(&pair)
+            && let Runtime::Production(p) = runtime
+        {
+            p.stop();
+        }
+        match Membership::load(&handle.dir).map_err(|e| ApiError::Internal(e.to_string()))? {
+            Some(m) if m.pair == pair => {}
+            _ => return Ok(()),
+        }
+        handle.volume.gate().set_link(None);
+        handle.volume.gate().restore_role(VolumeRole::Standalone);
+        for file in ["pair.json", "dr.json", "stage-log"] {
+            remove_if_there(&handle.dir.join(file))
+                .map_err(|e| ApiError::Internal(format!("remove {file}: {e}")))?;
+        }
+        tracing::info!(volume = %handle.name, %pair, "left the pair; the volume is standalone");
+        Ok(())
+    }
+
+    /// A replication stream from a production agent.
+    pub async fn replication_stream(
+        &self,
+        hello: Hello,
+        peer: SocketAddr,
+        mut stream: ReplicationStream,
+    ) {
+        let dr = match self.lock().get(&hello.pair) {
+            Some(Runtime::Dr(dr)) => Some(Arc::clone(dr)),
+            _ => None,
+        };
+        match dr {
+            Some(dr) => dr.serve(hello, stream).await,
+            None => {
+                tracing::warn!(%peer, pair = %hello.pair, "replication stream for a pair this node is not the DR side of");
+                let reason = format!(
+                    "node {} is not the DR side of pair {}",
+                    self.node, hello.pair
+                );
+                let _ = stream.writer.send(&Frame::Refuse { reason }).await;
+                stream.writer.finish();
+            }
+        }
+    }
+
+    /// The pair a volume is in, if any, and its side.
+    pub fn volume_pair(&self, volume: VolumeId) -> Option<(PairId, Side)> {
+        self.lock().iter().find_map(|(id, r)| match r {
+            Runtime::Production(p) if p.membership().local_volume == volume => {
+                Some((*id, Side::Production))
+            }
+            Runtime::Dr(d) if d.membership().local_volume == volume => Some((*id, Side::Dr)),
+            _ => None,
+        })
+    }
+
+    /// Every pair's state as this agent sees it.
+    pub fn states(&self) -> Vec<proto::PairState> {
+        self.lock()
+            .values()
+            .map(|runtime| match runtime {
+                Runtime::Production(p) => production_state(p),
+                Runtime::Dr(d) => dr_state(d),
+            })
+            .collect()
+    }
+
+    /// Stops every production side (the daemon is stopping).
+    pub fn stop_all(&self) {
+        for runtime in self.lock().values() {
+            if let Runtime::Production(p) = runtime {
+                p.stop();
+            }
+        }
+    }
+}
+
+fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership, ApiError> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        ApiError::InvalidArgument(format!("pair assignment: {what}: {e}"))
+    };
+    Ok(Membership {
+        pair: a.pair_id.parse().map_err(|e| bad("pair id", &e))?,
+        side,
+        model: a.replication_model.parse().map_err(|e| bad("model", &e))?,
+        local_volume: a
+            .local_volume_id
+            .parse()
+            .map_err(|e| bad("volume id", &e))?,
+        peer_volume: a
+            .peer_volume_id
+            .parse()
+            .map_err(|e| bad("peer volume id", &e))?,
+        peer_node: a.peer_node.clone(),
+        peer_address: a
+            .peer_address
+            .parse()
+            .map_err(|e| bad("peer address", &e))?,
+        size: a.size_bytes,
+        full_sync_done: false,
+    })
+}
+
+fn time_text(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn cut_text(cut_ms: u64) -> String {
+    if cut_ms == 0 {
+        return String::new();
+    }
+    time_text(std::time::UNIX_EPOCH + std::time::Duration::from_millis(cut_ms))
+}
+
+fn production_state(p: &ProductionPair) -> proto::PairState {
+    let m = p.membership();
+    let status = p.status();
+    let counters = &p.link.counters;
+    let (journal_bytes, journal_limit) = p.link.journal_fill();
+    let (consistent_epoch, consistent_at) = match status.consistent {
+        Some((epoch, cut_ms)) => (epoch.0, cut_text(cut_ms)),
+        None => (0, String::new()),
+    };
+    proto::PairState {
+        pair_id: m.pair.to_string(),
+        volume_id: m.local_volume.to_string(),
+        volume_name: p.volume().name().to_owned(),
+        side: Side::Production.as_str().into(),
+        replication_model: m.model.to_string(),
+        replication_status: status.replication_status.to_string(),
+        status_detail: status.detail,
+        status_since: time_text(status.since),
+        progress: status.progress,
+        out_of_sync_bytes: p.link.tracker().dirty_bytes(),
+        lag_seconds: p.lag_seconds(),
+        consistent_epoch,
+        consistent_at,
+        peer_node: m.peer_node,
+        counters: Some(proto::PairCounters {
+            bytes_sent: counters.bytes_sent.load(Ordering::Relaxed),
+            extents_sent: counters.extents_sent.load(Ordering::Relaxed),
+            extents_rejected: counters.extents_rejected.load(Ordering::Relaxed),
+            resync_bytes_sent: counters.resync_bytes_sent.load(Ordering::Relaxed),
+            resync_rate: status.resync_rate,
+            journal_bytes,
+            journal_limit,
+            bytes_received: counters.bytes_received.load(Ordering::Relaxed),
+        }),
+    }
+}
+
+fn dr_state(d: &DrPair) -> proto::PairState {
+    let m = d.membership();
+    let status = d.status();
+    let replication_status =
+        if status.state.consistent || status.replication_status != ReplicationStatus::Active {
+            status.replication_status
+        } else {
+            ReplicationStatus::Copying
+        };
+    proto::PairState {
+        pair_id: m.pair.to_string(),
+        volume_id: m.local_volume.to_string(),
+        volume_name: d.volume().name().to_owned(),
+        side: Side::Dr.as_str().into(),
+        replication_model: m.model.to_string(),
+        replication_status: replication_status.to_string(),
+        status_detail: status.detail,
+        status_since: time_text(status.since),
+        progress: 0.0,
+        out_of_sync_bytes: 0,
+        lag_seconds: 0.0,
+        consistent_epoch: if status.state.consistent {
+            status.state.applied.0
+        } else {
+            0
+        },
+        consistent_at: if status.state.consistent {
+            cut_text(status.state.applied_cut_ms)
+        } else {
+            String::new()
+        },
+        peer_node: m.peer_node.clone(),
+        counters: Some(proto::PairCounters {
+            bytes_received: d.counters.bytes_written.load(Ordering::Relaxed),
+            extents_rejected: d.counters.extents_rejected.load(Ordering::Relaxed),
+            ..Default::default()
+        }),
+    }
+}

@@ -1,0 +1,830 @@
+//! The production half of a pair: its connection to the DR agent, the tasks that send the
+//! link's frames and take the answers, the epoch ticker, and the resync reader.
+//!
+//! ```text
+//!  connect ─► Hello ─► Welcome { applied, consistent } ─► decide:
+//!     DR side never had a copy      ─► initial sync (every extent, direct) ─► SyncDone
+//!     DR side consistent, bits set  ─► catch-up (dirty extents, staged as one unit)
+//!     nothing to send               ─► live
+//!  stream breaks ─► writes tracked by the bitmap ─► reconnect with backoff and jitter
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use blockrep_core::ByteRange;
+use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
+use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, ReplicaLink, Volume, Waker};
+use blockrep_wire::{Frame, Hello, ProtocolVersion, WriteFlags, WriteHeader, payload_crc};
+use bytes::Bytes;
+
+use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
+use crate::framed::{FrameReader, FrameWriter, StreamError};
+use crate::link::{Data, Live, OutFrame, PairLink};
+use crate::membership::Membership;
+
+/// How a pair replicates; from the agent's `[replication]` configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// How often async writes are cut into a new epoch.
+    pub epoch_interval: Duration,
+    /// The most data queued for the DR side before an async pair falls back to bitmap mode.
+    pub journal_bytes: u64,
+    /// The largest extent a resync reads at once.
+    pub resync_extent: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            epoch_interval: Duration::from_secs(1),
+            journal_bytes: 256 << 20,
+            resync_extent: 1 << 20,
+        }
+    }
+}
+
+/// Where the pair is, for `pair show` and the coordinator.
+#[derive(Clone, Debug)]
+pub struct ProductionStatus {
+    pub replication_status: ReplicationStatus,
+    pub detail: String,
+    pub since: SystemTime,
+    /// Progress of the running resync, 0 to 1.
+    pub progress: f64,
+    /// The DR side's last consistent point: the epoch applied and when it was cut.
+    pub consistent: Option<(Epoch, u64)>,
+    /// The DR side holds a consistent image.
+    pub dr_consistent: bool,
+    pub resync_rate: f64,
+}
+
+struct Resync {
+    total: u64,
+    started: Instant,
+}
+
+pub struct ProductionPair {
+    membership: Mutex<Membership>,
+    volume_dir: PathBuf,
+    volume: Arc<Volume>,
+    pub link: Arc<PairLink>,
+    endpoint: Arc<ClusterEndpoint>,
+    node: String,
+    config: ReplicationConfig,
+    status: Mutex<ProductionStatus>,
+    resync: Mutex<Option<Resync>>,
+    /// What the resync thread reports when it ends.
+    resync_done: Arc<Mutex<Option<Result<ResyncOutcome, String>>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("peer unreachable: {0}")]
+    Unreachable(#[from] CallError),
+    #[error("link lost: {0}")]
+    Stream(#[from] StreamError),
+    #[error("peer refused: {0}")]
+    Refused(String),
+    #[error("peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("resync failed: {0}")]
+    Resync(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl ProductionPair {
+    /// Takes up the production side of a pair: installs the link in the volume's write gate
+    /// and starts connecting to the DR agent.
+    pub fn start(
+        membership: Membership,
+        volume: Arc<Volume>,
+        volume_dir: PathBuf,
+        endpoint: Arc<ClusterEndpoint>,
+        node: String,
+        config: ReplicationConfig,
+    ) -> Result<Arc<Self>, String> {
+        let tracker = volume.tracker().cloned().ok_or_else(|| {
+            "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
+        })?;
+        let link = Arc::new(PairLink::new(
+            membership.model,
+            tracker,
+            config.journal_bytes,
+            Epoch::ZERO,
+        ));
+        volume
+            .gate()
+            .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let pair = Arc::new(Self {
+            membership: Mutex::new(membership),
+            volume_dir,
+            volume,
+            link,
+            endpoint,
+            node,
+            config,
+            status: Mutex::new(ProductionStatus {
+                replication_status: ReplicationStatus::Copying,
+                detail: "connecting to the DR agent".into(),
+                since: SystemTime::now(),
+                progress: 0.0,
+                consistent: None,
+                dr_consistent: false,
+                resync_rate: 0.0,
+            }),
+            resync: Mutex::new(None),
+            resync_done: Arc::new(Mutex::new(None)),
+            stop,
+        });
+        tokio::spawn(Arc::clone(&pair).run());
+        Ok(pair)
+    }
+
+    pub fn membership(&self) -> Membership {
+        self.membership
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    /// Stops replicating: the link leaves the write gate (writes go on, tracked), the
+    /// connection ends.
+    pub fn stop(&self) {
+        self.volume.gate().set_link(None);
+        self.link.disconnected();
+        let _ = self.stop.send(true);
+    }
+
+    pub fn status(&self) -> ProductionStatus {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(resync) = self
+            .resync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let acked = self.link.resync_acked();
+            if resync.total > 0 {
+                status.progress = (acked as f64 / resync.total as f64).min(1.0);
+            }
+            let secs = resync.started.elapsed().as_secs_f64();
+            if secs > 0.0 {
+                status.resync_rate = acked as f64 / secs;
+                self.status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .resync_rate = status.resync_rate;
+            }
+        } else if status.replication_status == ReplicationStatus::Active {
+            status.progress = 1.0;
+        }
+        status
+    }
+
+    /// Seconds the DR side's consistent image trails production.
+    pub fn lag_seconds(&self) -> f64 {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match (status.replication_status, self.membership().model) {
+            (ReplicationStatus::Active, ReplicationModel::Hypermetro) => 0.0,
+            _ => match status.consistent {
+                Some((_, cut_ms)) if cut_ms > 0 => {
+                    (now_ms().saturating_sub(cut_ms)) as f64 / 1000.0
+                }
+                _ => 0.0,
+            },
+        }
+    }
+
+    fn set_status(&self, replication_status: ReplicationStatus, detail: impl Into<String>) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let detail = detail.into();
+        if status.replication_status != replication_status || status.detail != detail {
+            if status.replication_status != replication_status {
+                tracing::info!(pair = %self.membership().pair, status = %replication_status, %detail, "pair status");
+            }
+            status.replication_status = replication_status;
+            status.detail = detail;
+            status.since = SystemTime::now();
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut backoff = Backoff::new(self.membership().pair.as_bytes()[0] as u64);
+        let mut stop = self.stop.subscribe();
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let result = self.session().await;
+            self.link.disconnected();
+            *self.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            match result {
+                Err(SessionError::Stopped) | Ok(()) => return,
+                Err(e) => {
+                    let status = match e {
+                        SessionError::Refused(_) => ReplicationStatus::Error,
+                        _ => ReplicationStatus::Inactive,
+                    };
+                    tracing::warn!(pair = %self.membership().pair, error = %e, "replication stream ended");
+                    self.set_status(status, e.to_string());
+                }
+            }
+            let wait = backoff.next();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn session(&self) -> Result<(), SessionError> {
+        let membership = self.membership();
+        let hello = Hello {
+            version: ProtocolVersion::CURRENT,
+            pair: membership.pair,
+            volume: membership.peer_volume,
+            size: membership.size,
+            model: membership.model,
+            node: self.node.clone(),
+        };
+        let ReplicationStream {
+            mut reader,
+            mut writer,
+        } = self
+            .endpoint
+            .open_replication(membership.peer_address, &membership.peer_node, hello)
+            .await?;
+        let (applied, staged, consistent) = match reader.next().await? {
+            Some(Frame::Welcome {
+                applied,
+                staged,
+                consistent,
+            }) => (applied, staged, consistent),
+            Some(Frame::Refuse { reason }) => return Err(SessionError::Refused(reason)),
+            Some(_) => return Err(SessionError::Protocol("expected Welcome".into())),
+            None => return Err(SessionError::Protocol("stream closed during Hello".into())),
+        };
+        tracing::info!(pair = %membership.pair, peer = %membership.peer_address, %applied, consistent, "DR agent accepted the stream");
+        self.link.connected(staged);
+        {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.dr_consistent = consistent;
+            if consistent {
+                status.consistent = Some((applied, 0));
+            }
+        }
+
+        let plan = if !consistent && !membership.full_sync_done {
+            ResyncKind::Full
+        } else if !consistent {
+            ResyncKind::DirtyDirect
+        } else if self.link.tracker().dirty_bytes() > 0 {
+            ResyncKind::CatchUp
+        } else {
+            ResyncKind::None
+        };
+        let stop_resync = Arc::new(AtomicBool::new(false));
+        let resync_thread = self.start_resync(plan, Arc::clone(&stop_resync))?;
+
+        let mut stop = self.stop.subscribe();
+        let result = tokio::select! {
+            r = send_loop(&self.link, &mut writer) => r,
+            r = self.receive_loop(&mut reader) => r,
+            r = self.tick_loop(&stop_resync) => r,
+            _ = stop.changed() => Err(SessionError::Stopped),
+        };
+        stop_resync.store(true, Ordering::SeqCst);
+        writer.finish();
+        if let Some(thread) = resync_thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        result
+    }
+
+    /// Starts the resync reader for `plan`, if there is anything to resync.
+    fn start_resync(
+        &self,
+        plan: ResyncKind,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Option<std::thread::JoinHandle<()>>, SessionError> {
+        let status_detail = match plan {
+            ResyncKind::None => {
+                self.link.go_live();
+                self.set_status(ReplicationStatus::Active, "replicating");
+                return Ok(None);
+            }
+            ResyncKind::Full => "initial sync: copying the volume",
+            ResyncKind::DirtyDirect => "completing the first sync",
+            ResyncKind::CatchUp => "catching up from the bitmap",
+        };
+        match plan {
+            ResyncKind::CatchUp => self.link.begin_catch_up(),
+            _ => self.link.go_live(),
+        }
+        self.link.reset_resync_progress();
+        self.set_status(ReplicationStatus::Copying, status_detail);
+        let reader = ResyncReader {
+            volume: Arc::clone(&self.volume),
+            link: Arc::clone(&self.link),
+            extent: self.config.resync_extent,
+            stop,
+            final_pass_bytes: (self.config.journal_bytes / 2).min(64 << 20),
+        };
+        let total = match plan {
+            ResyncKind::Full => self.volume.size(),
+            _ => self.link.tracker().dirty_bytes(),
+        };
+        *self.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(Resync {
+            total,
+            started: Instant::now(),
+        });
+        let pair = self.membership().pair;
+        let report = ResyncReport {
+            volume_dir: self.volume_dir.clone(),
+            membership: self.membership(),
+            done: Arc::clone(&self.resync_done),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("resync-{}", &pair.to_string()[..8]))
+            .spawn(move || {
+                let outcome = match plan {
+                    ResyncKind::Full => reader.initial_sync(true),
+                    ResyncKind::DirtyDirect => reader.initial_sync(false),
+                    _ => reader.catch_up(),
+                };
+                report.finish(outcome);
+            })
+            .map_err(|e| SessionError::Resync(e.to_string()))?;
+        Ok(Some(thread))
+    }
+
+    async fn receive_loop(&self, reader: &mut FrameReader) -> Result<(), SessionError> {
+        loop {
+            let frame = reader.next().await?;
+            self.link
+                .counters
+                .bytes_received
+                .store(reader.bytes_received, Ordering::Relaxed);
+            match frame {
+                Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => {
+                    self.link.handle_ack(seq)
+                }
+                Some(Frame::Staged { epoch }) => self.link.handle_staged(epoch),
+                Some(Frame::Applied { epoch, cut_ms }) => {
+                    let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                    status.consistent = Some((epoch, cut_ms));
+                }
+                Some(Frame::Reject { seq, .. }) => self.link.handle_reject(seq),
+                Some(Frame::Refuse { reason }) => return Err(SessionError::Refused(reason)),
+                Some(_) => {
+                    return Err(SessionError::Protocol(
+                        "unexpected frame from the DR side".into(),
+                    ));
+                }
+                None => {
+                    return Err(SessionError::Protocol(
+                        "the DR side closed the stream".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Cuts epochs, notices the end of a resync, and starts a catch-up when the journal
+    /// overflowed.
+    async fn tick_loop(&self, stop_resync: &Arc<AtomicBool>) -> Result<(), SessionError> {
+        let mut interval =
+            tokio::time::interval(self.config.epoch_interval.min(Duration::from_millis(200)));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_cut = Instant::now();
+        let mut catch_up_thread: Option<std::thread::JoinHandle<()>> = None;
+        loop {
+            interval.tick().await;
+            if last_cut.elapsed() >= self.config.epoch_interval {
+                last_cut = Instant::now();
+                if self.link.live() != Live::Sync {
+                    self.link.advance_epoch(now_ms());
+                }
+            }
+            let outcome = self
+                .resync_done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(outcome) = outcome {
+                *self.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                match outcome {
+                    Ok(ResyncOutcome::Stopped) => {}
+                    Ok(_) => {
+                        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                        status.dr_consistent = true;
+                        status.progress = 1.0;
+                        drop(status);
+                        if let Ok(mut m) = self.membership.lock() {
+                            m.full_sync_done = true;
+                        }
+                        self.set_status(ReplicationStatus::Active, "replicating");
+                    }
+                    Err(e) => return Err(SessionError::Resync(e)),
+                }
+            }
+            let resync_running = self
+                .resync
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
+            if self.link.needs_catch_up() && !resync_running {
+                if let Some(thread) = catch_up_thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                }
+                tracing::info!(pair = %self.membership().pair, "falling back to bitmap mode; catching up");
+                catch_up_thread =
+                    self.start_resync(ResyncKind::CatchUp, Arc::clone(stop_resync))?;
+            }
+        }
+    }
+}
+
+/// How the resync thread reports its end.
+struct ResyncReport {
+    volume_dir: PathBuf,
+    membership: Membership,
+    done: Arc<Mutex<Option<Result<ResyncOutcome, String>>>>,
+}
+
+impl ResyncReport {
+    fn finish(self, outcome: Result<ResyncOutcome, String>) {
+        match &outcome {
+            Ok(ResyncOutcome::FullSyncDone) => {
+                let mut membership = self.membership;
+                membership.full_sync_done = true;
+                if let Err(e) = membership.save(&self.volume_dir) {
+                    tracing::error!(error = %e, "cannot record the end of the initial sync");
+                }
+            }
+            Ok(ResyncOutcome::CaughtUp | ResyncOutcome::Stopped) => {}
+            Err(e) => tracing::error!(error = %e, "resync failed"),
+        }
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResyncKind {
+    None,
+    /// Every extent of the volume, direct: the DR side never had a copy.
+    Full,
+    /// The dirty extents, direct: the first sync did not complete its last step.
+    DirtyDirect,
+    /// The dirty extents, staged as one unit: the DR side keeps its consistent image.
+    CatchUp,
+}
+
+#[derive(Debug)]
+enum ResyncOutcome {
+    FullSyncDone,
+    CaughtUp,
+    Stopped,
+}
+
+/// Reads extents with their blocks locked and queues them on the link.
+struct ResyncReader {
+    volume: Arc<Volume>,
+    link: Arc<PairLink>,
+    extent: u64,
+    stop: Arc<AtomicBool>,
+    final_pass_bytes: u64,
+}
+
+impl ResyncReader {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Copies every extent (`whole`) or the dirty ones, written direct on the DR side, then
+    /// marks the sync done.
+    fn initial_sync(&self, whole: bool) -> Result<ResyncOutcome, String> {
+        let waker = Arc::new(Waker::new().map_err(|e| e.to_string())?);
+        let runs = if whole {
+            vec![ByteRange::new(0, self.volume.size())]
+        } else {
+            self.link.tracker().dirty_runs()
+        };
+        for run in runs {
+            let mut at = run.offset;
+            while at < run.end() {
+                if self.stopped() {
+                    return Ok(ResyncOutcome::Stopped);
+                }
+                // Holes are cheap to send (no payload): take them in big pieces.
+                let piece = ByteRange::new(at, (run.end() - at).min(1 << 30));
+                let consumed = self.sync_piece(piece, &waker)?;
+                at += consumed;
+            }
+        }
+        if !self.link.wait_for_extents(&|| self.stopped()) {
+            return Ok(ResyncOutcome::Stopped);
+        }
+        self.link.push_sync_done();
+        Ok(ResyncOutcome::FullSyncDone)
+    }
+
+    /// Sends the start of `piece`: a hole whole, or one data extent. Returns the bytes it
+    /// covered.
+    fn sync_piece(&self, piece: ByteRange, waker: &Arc<Waker>) -> Result<u64, String> {
+        if !self.link.wait_for_room(self.extent, &|| self.stopped()) {
+            return Ok(piece.len);
+        }
+        let gate = self.volume.gate();
+        let lock = gate
+            .lock_blocking(piece, waker)
+            .map_err(|e| e.to_string())?;
+        // Allocation is read with the blocks locked: no write can fill a hole meanwhile.
+        let first = self
+            .volume
+            .allocation(piece, 1)
+            .map_err(|e| e.to_string())
+            .map(|extents| extents.first().copied());
+        let result = match first {
+            Ok(Some(e)) if e.hole => {
+                let range = ByteRange::new(piece.offset, e.len);
+                let ticket = self.link.tracker().issue_ticket(range);
+                self.link.push_sync_extent(range, Payload::Zeroes, ticket);
+                Ok(e.len)
+            }
+            Ok(Some(e)) => {
+                let range = ByteRange::new(piece.offset, e.len.min(self.extent));
+                self.read_extent(range).map(|payload| {
+                    let ticket = self.link.tracker().issue_ticket(range);
+                    self.count_sent(range, &payload);
+                    self.link.push_sync_extent(range, payload, ticket);
+                    range.len
+                })
+            }
+            Ok(None) => Ok(piece.len),
+            Err(e) => Err(e),
+        };
+        gate.leave(lock);
+        result
+    }
+
+    /// Sends the extents dirtied and not yet sent, pass after pass, staged as one unit;
+    /// once little is left, live writes join the unit and its seal ends the catch-up.
+    fn catch_up(&self) -> Result<ResyncOutcome, String> {
+        let waker = Arc::new(Waker::new().map_err(|e| e.to_string())?);
+        let mut final_pass = false;
+        loop {
+            let runs = self.link.tracker().unsent_runs();
+            let bytes: u64 = runs.iter().map(|r| r.len).sum();
+            if !final_pass && bytes <= self.final_pass_bytes {
+                self.link.begin_final_pass();
+                final_pass = true;
+                continue;
+            }
+            for run in runs {
+                let mut at = run.offset;
+                while at < run.end() {
+                    if self.stopped() {
+                        return Ok(ResyncOutcome::Stopped);
+                    }
+                    let range = ByteRange::new(at, (run.end() - at).min(self.extent));
+                    if !self.link.wait_for_room(range.len, &|| self.stopped()) {
+                        return Ok(ResyncOutcome::Stopped);
+                    }
+                    let lock = self
+                        .volume
+                        .gate()
+                        .lock_blocking(range, &waker)
+                        .map_err(|e| e.to_string())?;
+                    let admitted = self.link.admit_catch_up_extent();
+                    let read = self.read_extent(range);
+                    let ticket = self.link.tracker().issue_ticket(range);
+                    self.volume.gate().leave(lock);
+                    let payload = read?;
+                    self.count_sent(range, &payload);
+                    self.link
+                        .push_catch_up_extent(admitted, range, payload, ticket);
+                    at = range.end();
+                }
+            }
+            if final_pass {
+                let end = self.link.finish_catch_up(now_ms());
+                // The unit applies whole once its seal is staged; live writes then go on
+                // as the model says (direct again, for hypermetro).
+                if !self.link.wait_for_staged(end, &|| self.stopped()) {
+                    return Ok(ResyncOutcome::Stopped);
+                }
+                self.link.go_live();
+                return Ok(ResyncOutcome::CaughtUp);
+            }
+        }
+    }
+
+    fn count_sent(&self, range: ByteRange, payload: &Payload<Data>) {
+        let counters = &self.link.counters;
+        if let Payload::Data(data) = payload {
+            counters
+                .resync_bytes_sent
+                .fetch_add(data.0.len() as u64, Ordering::Relaxed);
+        }
+        let _ = range;
+    }
+
+    /// Reads an extent (its blocks locked by the caller): zeroes are sent as a zero range.
+    fn read_extent(&self, range: ByteRange) -> Result<Payload<Data>, String> {
+        let aligned = range.align_out(DIRECT_IO_ALIGN);
+        let mut buf = AlignedBuf::new(aligned.len as usize);
+        self.volume
+            .backing()
+            .read_exact_at(&mut buf, aligned.offset)
+            .map_err(|e| format!("read {range}: {e}"))?;
+        if is_zero(&buf) {
+            return Ok(Payload::Zeroes);
+        }
+        let bytes = Bytes::from_owner(buf);
+        let start = (range.offset - aligned.offset) as usize;
+        Ok(Payload::Data(Data(
+            bytes.slice(start..start + range.len as usize),
+        )))
+    }
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: any bytes are valid u128s; align_to splits off what is not aligned.
+    let (head, body, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Sends the link's frames, payloads as their own chunks.
+async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), SessionError> {
+    let mut frames = Vec::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let counters = Arc::clone(&link.counters);
+    let fault = fault::CorruptExtent::from_env();
+    loop {
+        let notified = link.wake_sender.notified();
+        link.take_frames(8 << 20, &mut frames);
+        if frames.is_empty() {
+            notified.await;
+            continue;
+        }
+        for frame in frames.drain(..) {
+            match frame {
+                OutFrame::Write {
+                    epoch,
+                    seq,
+                    range,
+                    payload,
+                    direct,
+                    fua,
+                } => {
+                    let mut flags = 0;
+                    if direct {
+                        flags |= WriteFlags::DIRECT | WriteFlags::ACK;
+                    }
+                    if fua {
+                        flags |= WriteFlags::FUA;
+                    }
+                    let bytes = match payload {
+                        Payload::Data(Data(bytes)) => bytes,
+                        Payload::Zeroes => {
+                            flags |= WriteFlags::ZEROES;
+                            Bytes::new()
+                        }
+                    };
+                    let header = WriteHeader {
+                        flags: WriteFlags(flags),
+                        epoch,
+                        seq: seq.0,
+                        offset: range.offset,
+                        len: range.len as u32,
+                        crc: payload_crc(&bytes),
+                    };
+                    let bytes = fault.apply(bytes);
+                    counters.extents_sent.fetch_add(1, Ordering::Relaxed);
+                    writer.push_write(&header, bytes, &mut chunks);
+                }
+                OutFrame::Flush { seq } => {
+                    writer.push_frame(&Frame::Flush { seq: seq.0 }, &mut chunks)
+                }
+                OutFrame::Seal { epoch, cut_ms } => {
+                    writer.push_frame(&Frame::Seal { epoch, cut_ms }, &mut chunks)
+                }
+                OutFrame::Discard { after } => {
+                    writer.push_frame(&Frame::Discard { after }, &mut chunks)
+                }
+                OutFrame::SyncDone { epoch } => {
+                    writer.push_frame(&Frame::SyncDone { epoch }, &mut chunks)
+                }
+            }
+        }
+        writer.send_chunks(&mut chunks).await?;
+        counters
+            .bytes_sent
+            .store(writer.bytes_sent, Ordering::Relaxed);
+    }
+}
+
+/// Reconnect delays: doubling from 200 ms to 10 s, with ±25% jitter from a seeded
+/// generator (the seed is the pair's, so two pairs do not retry in step).
+struct Backoff {
+    next: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    fn new(seed: u64) -> Self {
+        Self {
+            next: Duration::from_millis(200),
+            rng: seed | 1,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        // xorshift64
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let jitter = 0.75 + (self.rng % 1000) as f64 / 2000.0;
+        let wait = self.next.mul_f64(jitter);
+        self.next = (self.next * 2).min(Duration::from_secs(10));
+        wait
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Test-only faults, compiled in only with the `fault-injection` feature.
+mod fault {
+    use bytes::Bytes;
+
+    /// Corrupts the payload of the N-th data extent sent (N from
+    /// `BLOCKREP_FAULT_CORRUPT_EXTENT`), after its CRC was computed.
+    pub struct CorruptExtent {
+        /// Extents left before the one to corrupt; 0 when none is.
+        #[cfg(feature = "fault-injection")]
+        countdown: std::sync::atomic::AtomicU64,
+    }
+
+    impl CorruptExtent {
+        #[cfg(feature = "fault-injection")]
+        pub fn from_env() -> Self {
+            let n = std::env::var("BLOCKREP_FAULT_CORRUPT_EXTENT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Self {
+                countdown: std::sync::atomic::AtomicU64::new(n),
+            }
+        }
+
+        #[cfg(not(feature = "fault-injection"))]
+        pub fn from_env() -> Self {
+            Self {}
+        }
+
+        #[cfg(feature = "fault-injection")]
+        pub fn apply(&self, bytes: Bytes) -> Bytes {
+            use std::sync::atomic::Ordering;
+            let n = self.countdown.load(Ordering::Relaxed);
+            if n == 0 || bytes.is_empty() {
+                return bytes;
+            }
+            self.countdown.store(n - 1, Ordering::Relaxed);
+            if n > 1 {
+                return bytes;
+            }
+            let mut bad = bytes.to_vec();
+            bad[0] ^= 0xff;
+            tracing::warn!("fault injection: corrupting an extent in flight");
+            Bytes::from(bad)
+        }
+
+        #[cfg(not(feature = "fault-injection"))]
+        pub fn apply(&self, bytes: Bytes) -> Bytes {
+            bytes
+        }
+    }
+}

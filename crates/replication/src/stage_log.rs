@@ -1,0 +1,375 @@
+//! The DR side's stage log: writes of units not yet applied, durable before they are
+//! acknowledged, replayed after a crash.
+//!
+//! A unit's writes are appended as they arrive; its `Seal` record follows them, and the log
+//! is synced before the seal is acknowledged. Applying the unit writes its data to the
+//! volume; the volume is synced, then the applied epoch is recorded in the pair's DR state
+//! file. After a crash, a sealed unit above the recorded epoch is applied again (the same
+//! writes in the same order: idempotent) and unsealed writes are dropped.
+//!
+//! Records: `u32 length | u8 kind | body`, then a CRC32 of kind and body. A torn tail (short
+//! or failing its CRC) ends the log: it can only be a record whose sync never returned, so
+//! nothing acknowledged depends on it.
+//!
+//! ```text
+//! Write  u64 epoch | u64 offset | u32 len | u8 zeroes | data (len bytes unless zeroes)
+//! Seal   u64 epoch | u64 cut time (ms)
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use blockrep_core::ByteRange;
+use blockrep_core::replication::Epoch;
+
+const KIND_WRITE: u8 = 1;
+const KIND_SEAL: u8 = 2;
+/// Appends are gathered up to this size before they are written.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// A staged write: where its data is in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Staged {
+    pub epoch: Epoch,
+    pub range: ByteRange,
+    pub zeroes: bool,
+    /// Offset of the data in the log file.
+    pub data_at: u64,
+}
+
+/// A seal found in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealRecord {
+    pub epoch: Epoch,
+    pub cut_ms: u64,
+}
+
+pub struct StageLog {
+    path: PathBuf,
+    file: File,
+    /// The end of what is in the file.
+    end: u64,
+    /// Appended but not yet written.
+    pending: Vec<u8>,
+    /// Staged writes not yet applied, in log order.
+    staged: Vec<Staged>,
+}
+
+/// What [`StageLog::open`] found.
+pub struct Recovered {
+    pub log: StageLog,
+    /// Seals above the applied epoch, in order: their units must be applied again.
+    pub seals: Vec<SealRecord>,
+}
+
+impl StageLog {
+    /// Opens the log and reads what a crash left: writes and seals above `applied`.
+    pub fn open(path: &Path, applied: Epoch) -> io::Result<Recovered> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let mut staged = Vec::new();
+        let mut seals = Vec::new();
+        let mut at = 0u64;
+        let mut header = [0u8; 5];
+        while at + 5 <= len {
+            file.read_exact_at(&mut header, at)?;
+            let body_len = u32::from_le_bytes(header[..4].try_into().expect("4")) as u64;
+            let kind = header[4];
+            if at + 5 + body_len + 4 > len || body_len > (64 << 20) + 64 {
+                break;
+            }
+            let mut body = vec![0u8; body_len as usize];
+            file.read_exact_at(&mut body, at + 5)?;
+            let mut crc = [0u8; 4];
+            file.read_exact_at(&mut crc, at + 5 + body_len)?;
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&[kind]);
+            hasher.update(&body);
+            if hasher.finalize() != u32::from_le_bytes(crc) {
+                break;
+            }
+            let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8"));
+            match kind {
+                KIND_WRITE if body.len() >= 21 => {
+                    let epoch = Epoch(u64_at(0));
+                    let offset = u64_at(8);
+                    let len = u32::from_le_bytes(body[16..20].try_into().expect("4")) as u64;
+                    let zeroes = body[20] != 0;
+                    if epoch > applied {
+                        staged.push(Staged {
+                            epoch,
+                            range: ByteRange::new(offset, len),
+                            zeroes,
+                            data_at: at + 5 + 21,
+                        });
+                    }
+                }
+                KIND_SEAL if body.len() == 16 => {
+                    let seal = SealRecord {
+                        epoch: Epoch(u64_at(0)),
+                        cut_ms: u64_at(8),
+                    };
+                    if seal.epoch > applied {
+                        seals.push(seal);
+                    }
+                }
+                _ => break,
+            }
+            at += 5 + body_len + 4;
+        }
+        // Writes past the last seal belong to units that were never sealed.
+        let last_seal = seals.last().map_or(applied, |s| s.epoch);
+        staged.retain(|s| s.epoch <= last_seal);
+        let log = StageLog {
+            path: path.to_owned(),
+            file,
+            end: at,
+            pending: Vec::new(),
+            staged,
+        };
+        Ok(Recovered { log, seals })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a write (its data is `data`, empty for a zero range).
+    pub fn append_write(
+        &mut self,
+        epoch: Epoch,
+        range: ByteRange,
+        zeroes: bool,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let mut body = Vec::with_capacity(21);
+        body.extend_from_slice(&epoch.0.to_le_bytes());
+        body.extend_from_slice(&range.offset.to_le_bytes());
+        body.extend_from_slice(&(range.len as u32).to_le_bytes());
+        body.push(u8::from(zeroes));
+        let data_at = self.end + self.pending.len() as u64 + 5 + 21;
+        self.append(KIND_WRITE, &body, data)?;
+        self.staged.push(Staged {
+            epoch,
+            range,
+            zeroes,
+            data_at,
+        });
+        Ok(())
+    }
+
+    /// Appends the seal of `epoch` and makes the log durable up to it.
+    pub fn seal(&mut self, epoch: Epoch, cut_ms: u64) -> io::Result<()> {
+        let mut body = Vec::with_capacity(16);
+        body.extend_from_slice(&epoch.0.to_le_bytes());
+        body.extend_from_slice(&cut_ms.to_le_bytes());
+        self.append(KIND_SEAL, &body, &[])?;
+        self.flush()?;
+        self.file.sync_data()
+    }
+
+    /// The staged writes of epochs ≤ `epoch`, in log order, taken out of the log's index.
+    pub fn take_unit(&mut self, epoch: Epoch) -> Vec<Staged> {
+        let (unit, rest): (Vec<Staged>, Vec<Staged>) =
+            self.staged.drain(..).partition(|s| s.epoch <= epoch);
+        self.staged = rest;
+        unit
+    }
+
+    /// Drops staged writes of epochs after `after` (they will never be sealed).
+    pub fn discard_after(&mut self, after: Epoch) {
+        self.staged.retain(|s| s.epoch <= after);
+    }
+
+    /// Reads a staged write's data.
+    pub fn read(&mut self, staged: &Staged, out: &mut [u8]) -> io::Result<()> {
+        self.flush()?;
+        self.file.read_exact_at(out, staged.data_at)
+    }
+
+    /// Empties the log once nothing staged is left in it. Called after a unit was applied
+    /// and recorded.
+    pub fn truncate_if_empty(&mut self) -> io::Result<bool> {
+        if !self.staged.is_empty() || !self.pending.is_empty() {
+            return Ok(false);
+        }
+        self.file.set_len(0)?;
+        self.end = 0;
+        Ok(true)
+    }
+
+    /// Rewrites the log to hold only what is still staged, once it has grown past
+    /// `threshold` bytes: under steady load the next epoch's writes are always there, so
+    /// the log is never empty to truncate. The copy is synced and renamed over the log; a
+    /// crash before the rename leaves the old log, whose extra records are all applied.
+    pub fn compact(&mut self, threshold: u64) -> io::Result<bool> {
+        if self.bytes() < threshold || self.staged.is_empty() {
+            return Ok(false);
+        }
+        self.flush()?;
+        let tmp = self.path.with_extension("compact");
+        let staged = std::mem::take(&mut self.staged);
+        let mut fresh = StageLog {
+            path: tmp.clone(),
+            file: OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?,
+            end: 0,
+            pending: Vec::new(),
+            staged: Vec::new(),
+        };
+        let mut data = Vec::new();
+        for s in &staged {
+            data.resize(if s.zeroes { 0 } else { s.range.len as usize }, 0);
+            self.file.read_exact_at(&mut data, s.data_at)?;
+            fresh.append_write(s.epoch, s.range, s.zeroes, &data)?;
+        }
+        fresh.flush()?;
+        fresh.file.sync_data()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        fresh.path = self.path.clone();
+        *self = fresh;
+        Ok(true)
+    }
+
+    pub fn staged_len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Bytes the log holds on disk and in its append buffer.
+    pub fn bytes(&self) -> u64 {
+        self.end + self.pending.len() as u64
+    }
+
+    fn append(&mut self, kind: u8, body: &[u8], data: &[u8]) -> io::Result<()> {
+        let body_len = (body.len() + data.len()) as u32;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[kind]);
+        hasher.update(body);
+        hasher.update(data);
+        self.pending.extend_from_slice(&body_len.to_le_bytes());
+        self.pending.push(kind);
+        self.pending.extend_from_slice(body);
+        self.pending.extend_from_slice(data);
+        self.pending
+            .extend_from_slice(&hasher.finalize().to_le_bytes());
+        if self.pending.len() >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the append buffer to the file (not synced).
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all_at(&self.pending, self.end)?;
+        self.end += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_units_are_replayed_and_unsealed_writes_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        {
+            let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
+            assert!(seals.is_empty());
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, b"aaaa")
+                .unwrap();
+            log.append_write(Epoch(2), ByteRange::new(8, 4), false, b"bbbb")
+                .unwrap();
+            log.seal(Epoch(1), 111).unwrap();
+            log.append_write(Epoch(2), ByteRange::new(16, 4096), true, &[])
+                .unwrap();
+            log.flush().unwrap();
+            // Crash: epoch 2 was never sealed.
+        }
+        let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
+        assert_eq!(
+            seals,
+            vec![SealRecord {
+                epoch: Epoch(1),
+                cut_ms: 111
+            }]
+        );
+        let unit = log.take_unit(Epoch(1));
+        assert_eq!(unit.len(), 1);
+        let mut data = [0u8; 4];
+        log.read(&unit[0], &mut data).unwrap();
+        assert_eq!(&data, b"aaaa");
+        assert_eq!(log.staged_len(), 0, "epoch 2's writes were dropped");
+        assert!(log.truncate_if_empty().unwrap());
+
+        // Once epoch 1 is recorded as applied, nothing is replayed.
+        let Recovered { seals, .. } = StageLog::open(&path, Epoch(1)).unwrap();
+        assert!(seals.is_empty());
+    }
+
+    #[test]
+    fn compaction_keeps_only_what_is_still_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+        log.append_write(Epoch(1), ByteRange::new(0, 4), false, b"aaaa")
+            .unwrap();
+        log.append_write(Epoch(2), ByteRange::new(4, 4), false, b"bbbb")
+            .unwrap();
+        log.seal(Epoch(1), 1).unwrap();
+        assert_eq!(log.take_unit(Epoch(1)).len(), 1);
+        let before = log.bytes();
+        assert!(log.compact(0).unwrap());
+        assert!(log.bytes() < before);
+        log.seal(Epoch(2), 2).unwrap();
+        drop(log);
+        let Recovered { mut log, seals } = StageLog::open(&path, Epoch(1)).unwrap();
+        assert_eq!(seals.len(), 1);
+        let unit = log.take_unit(Epoch(2));
+        let mut data = [0u8; 4];
+        log.read(&unit[0], &mut data).unwrap();
+        assert_eq!(&data, b"bbbb");
+    }
+
+    #[test]
+    fn a_torn_tail_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, b"aaaa")
+                .unwrap();
+            log.seal(Epoch(1), 5).unwrap();
+            log.append_write(Epoch(2), ByteRange::new(0, 4), false, b"cccc")
+                .unwrap();
+            log.seal(Epoch(2), 6).unwrap();
+        }
+        // Tear the second seal.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.set_len(len - 3).unwrap();
+        let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
+        assert_eq!(seals.len(), 1);
+        assert_eq!(log.take_unit(Epoch(1)).len(), 1);
+        assert_eq!(log.staged_len(), 0);
+    }
+}
