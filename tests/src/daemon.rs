@@ -68,6 +68,16 @@ impl Daemon {
     /// Starts `program` (a blockrepd, such as an installed one) with `config`, whose
     /// runtime_dir is `dir/run`, and waits for `READY=1`.
     pub fn start_program(program: &Path, dir: &Path, config: &Path) -> anyhow::Result<Self> {
+        Self::start_program_with_env(program, dir, config, &[])
+    }
+
+    /// As [`Daemon::start_program`], with extra environment (test-only fault hooks).
+    pub fn start_program_with_env(
+        program: &Path,
+        dir: &Path,
+        config: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)?;
@@ -82,6 +92,7 @@ impl Daemon {
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("BLOCKREP_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

@@ -1,6 +1,7 @@
 //! Harness for process-level tests: real `blockrepd` daemons in temporary directories, the
 //! `blockrep` CLI, and a small raw NBD client.
 
+pub mod cluster;
 pub mod daemon;
 pub mod nbd;
 

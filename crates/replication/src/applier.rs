@@ -182,8 +182,7 @@ impl Applier {
         self.inbox.waker.wake();
     }
 
-    /// Stops after what is in flight; the commands not yet started are dropped (the
-    /// production side resends or catches up).
+    /// Stops once every command already submitted is done.
     pub fn stop(mut self) {
         self.stop_inner();
     }
@@ -259,7 +258,9 @@ impl Worker {
             self.waker.reset();
             self.progress()?;
             let stopping = self.inbox.stop.load(std::sync::atomic::Ordering::SeqCst);
-            if stopping && self.inflight == 0 {
+            // Stopping finishes what arrived: a sealed unit is applied before the thread ends
+            // (its data is staged either way; this saves a replay at the next start).
+            if stopping && self.inflight == 0 && self.queue.is_empty() && self.applying.is_none() {
                 if self.wake_inflight {
                     self.waker.signal();
                     self.reap(true)?;

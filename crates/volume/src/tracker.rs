@@ -342,8 +342,10 @@ impl DirtyTracker {
         } = &mut *state;
         let before = map.dirty_bytes();
         for ticket in tickets {
-            if let Redeemed::Clear(range) = registry.redeem(ticket) {
-                map.clear_range(range);
+            if let Redeemed::Clear(parts) = registry.redeem(ticket) {
+                for part in parts {
+                    map.clear_range(part);
+                }
             }
         }
         before - map.dirty_bytes()
@@ -767,10 +769,14 @@ mod tests {
         let ticket = tracker.issue_ticket(a);
         // Written again while the first data is on its way.
         tracker.admit(&[ByteRange::new(4096, 4096)]).unwrap();
-        assert_eq!(tracker.redeem([ticket]), 0, "spoiled: nothing cleared");
-        assert_eq!(tracker.dirty_bytes(), 8192);
+        assert_eq!(
+            tracker.redeem([ticket]),
+            4096,
+            "only the block not written again"
+        );
+        assert_eq!(tracker.dirty_runs(), vec![ByteRange::new(4096, 4096)]);
         let again = tracker.issue_ticket(a);
-        assert_eq!(tracker.redeem([again]), 8192);
+        assert_eq!(tracker.redeem([again]), 4096);
         assert_eq!(tracker.dirty_bytes(), 0);
         assert_eq!(tracker.live_tickets(), 0);
     }
@@ -788,9 +794,16 @@ mod tests {
                 ByteRange::new(12 * BLOCK, 4 * BLOCK)
             ]
         );
-        // Written again after it was read: to be sent again.
+        // Written again after it was read: that block is to be sent again.
         tracker.admit(&[ByteRange::new(6 * BLOCK, BLOCK)]).unwrap();
-        assert_eq!(tracker.unsent_runs(), vec![ByteRange::new(0, 16 * BLOCK)]);
+        assert_eq!(
+            tracker.unsent_runs(),
+            vec![
+                ByteRange::new(0, 4 * BLOCK),
+                ByteRange::new(6 * BLOCK, BLOCK),
+                ByteRange::new(12 * BLOCK, 4 * BLOCK)
+            ]
+        );
     }
 
     #[test]

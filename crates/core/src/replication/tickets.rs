@@ -2,16 +2,18 @@
 //! nothing wrote the block since that data was taken.
 //!
 //! Each write whose data goes to the peer, and each extent a resync reads, gets a ticket
-//! for its range. A later write (or read) overlapping a ticket *spoils* it. When the peer
-//! acknowledges a ticket, its range may be cleared only if it was not spoiled:
+//! for its range. A later write (or read) overlapping a ticket *spoils* the part it
+//! overlaps. When the peer acknowledges a ticket, the part of its range nothing wrote since
+//! may be cleared; the spoiled parts stay dirty:
 //!
 //! ```text
-//!   write A (ticket a) ─► sent ──────────────────────────► acked: a not spoiled ─► clear
-//!   write A (ticket a) ─► sent ─► write B overlaps (a spoiled) ─► acked: keep dirty
+//!   write A (ticket a) ─► sent ──────────────────────────► acked: clear all of a
+//!   extent E (ticket e) ─► sent ─► write B inside E ─► acked: clear E except B's blocks
 //! ```
 //!
 //! Spoiling is conservative: a block stays dirty (and is resent later) rather than being
-//! cleared while a newer write of it may not have reached the peer.
+//! cleared while a newer write of it may not have reached the peer. (The dirty map clears
+//! only blocks a range covers whole, so a spoiled part inside a block keeps the block.)
 
 use std::collections::BTreeMap;
 
@@ -28,15 +30,38 @@ pub struct Ticket {
 #[derive(Debug)]
 struct Entry {
     end: u64,
-    spoiled: bool,
+    /// Parts written since the data was taken, clipped to the ticket's range, in the order
+    /// they were spoiled.
+    spoiled: Vec<ByteRange>,
+}
+
+impl Entry {
+    /// The ticket's range minus its spoiled parts, in order.
+    fn clean_parts(&self, start: u64) -> Vec<ByteRange> {
+        let mut spoiled = self.spoiled.clone();
+        spoiled.sort_unstable();
+        let mut out = Vec::new();
+        let mut at = start;
+        for s in spoiled {
+            if s.offset > at {
+                out.push(ByteRange::new(at, s.offset - at));
+            }
+            at = at.max(s.end());
+        }
+        if at < self.end {
+            out.push(ByteRange::new(at, self.end - at));
+        }
+        out
+    }
 }
 
 /// What the peer's acknowledgement of a ticket allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Redeemed {
-    /// Nothing wrote the range since: clear it.
-    Clear(ByteRange),
-    /// Written again since: leave it dirty.
+    /// Clear these parts: nothing wrote them since (all of the ticket's range, unless some
+    /// of it was written again).
+    Clear(Vec<ByteRange>),
+    /// Written again since, all of it: leave it dirty.
     Spoiled,
     /// Not a live ticket (already redeemed or forgotten).
     Unknown,
@@ -70,7 +95,9 @@ impl TicketRegistry {
         let from = range.offset.saturating_sub(self.longest.saturating_sub(1));
         for (&(start, _), entry) in self.entries.range_mut((from, 0)..(range.end(), 0)) {
             if entry.end > range.offset && entry.end > start {
-                entry.spoiled = true;
+                let lo = start.max(range.offset);
+                let hi = entry.end.min(range.end());
+                entry.spoiled.push(ByteRange::new(lo, hi - lo));
             }
         }
     }
@@ -88,7 +115,7 @@ impl TicketRegistry {
             (ticket.start, ticket.id),
             Entry {
                 end: range.end(),
-                spoiled: false,
+                spoiled: Vec::new(),
             },
         );
         ticket
@@ -97,10 +124,14 @@ impl TicketRegistry {
     /// The peer acknowledged the ticket's data.
     pub fn redeem(&mut self, ticket: Ticket) -> Redeemed {
         match self.remove(ticket) {
-            Some(entry) if !entry.spoiled => {
-                Redeemed::Clear(ByteRange::new(ticket.start, entry.end - ticket.start))
+            Some(entry) => {
+                let clean = entry.clean_parts(ticket.start);
+                if clean.is_empty() {
+                    Redeemed::Spoiled
+                } else {
+                    Redeemed::Clear(clean)
+                }
             }
-            Some(_) => Redeemed::Spoiled,
             None => Redeemed::Unknown,
         }
     }
@@ -111,19 +142,22 @@ impl TicketRegistry {
         self.remove(ticket);
     }
 
-    /// The ranges of live tickets nothing wrote since, merged and in order.
+    /// The parts of live tickets nothing wrote since, merged and in order.
     pub fn unspoiled_ranges(&self) -> Vec<ByteRange> {
+        let mut parts: Vec<ByteRange> = self
+            .entries
+            .iter()
+            .flat_map(|(&(start, _), entry)| entry.clean_parts(start))
+            .collect();
+        parts.sort_unstable();
         let mut out: Vec<ByteRange> = Vec::new();
-        for (&(start, _), entry) in &self.entries {
-            if entry.spoiled || entry.end == start {
-                continue;
-            }
+        for part in parts {
             match out.last_mut() {
-                Some(last) if last.end() >= start => {
-                    let end = last.end().max(entry.end);
+                Some(last) if last.end() >= part.offset => {
+                    let end = last.end().max(part.end());
                     last.len = end - last.offset;
                 }
-                _ => out.push(ByteRange::new(start, entry.end - start)),
+                _ => out.push(part),
             }
         }
         out
@@ -151,47 +185,80 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_write_after_the_data_was_taken_keeps_the_block_dirty() {
+    fn a_write_after_the_data_was_taken_keeps_its_part_dirty() {
         let mut reg = TicketRegistry::new();
         let a = reg.issue(ByteRange::new(0, 8192));
         let b = reg.issue(ByteRange::new(4096, 4096)); // written again
-        assert_eq!(reg.redeem(a), Redeemed::Spoiled);
-        assert_eq!(reg.redeem(b), Redeemed::Clear(ByteRange::new(4096, 4096)));
+        assert_eq!(
+            reg.redeem(a),
+            Redeemed::Clear(vec![ByteRange::new(0, 4096)])
+        );
+        assert_eq!(
+            reg.redeem(b),
+            Redeemed::Clear(vec![ByteRange::new(4096, 4096)])
+        );
         assert_eq!(reg.redeem(b), Redeemed::Unknown);
         let c = reg.issue(ByteRange::new(0, 4096));
-        reg.spoil(ByteRange::new(100, 1));
+        reg.spoil(ByteRange::new(0, 4096));
         assert_eq!(reg.redeem(c), Redeemed::Spoiled);
         let d = reg.issue(ByteRange::new(0, 4096));
         reg.spoil(ByteRange::new(4096, 4096)); // adjacent, not overlapping
-        assert_eq!(reg.redeem(d), Redeemed::Clear(ByteRange::new(0, 4096)));
+        assert_eq!(
+            reg.redeem(d),
+            Redeemed::Clear(vec![ByteRange::new(0, 4096)])
+        );
+        let e = reg.issue(ByteRange::new(0, 1 << 20));
+        reg.spoil(ByteRange::new(100, 1));
+        reg.spoil(ByteRange::new(8192, 4096));
+        assert_eq!(
+            reg.redeem(e),
+            Redeemed::Clear(vec![
+                ByteRange::new(0, 100),
+                ByteRange::new(101, 8091),
+                ByteRange::new(12288, (1 << 20) - 12288)
+            ])
+        );
     }
 
     proptest! {
-        /// Against a model that remembers, per ticket, whether any later issue or spoil
-        /// overlapped it.
+        /// Against a model that remembers, per ticket, each unit of its range written later:
+        /// a redeemed ticket clears exactly the units nobody wrote since.
         #[test]
-        fn spoiled_exactly_when_overlapped_later(ops in proptest::collection::vec(
+        fn clears_exactly_what_was_not_written_later(ops in proptest::collection::vec(
             (0u64..40, 1u64..8, 0u8..3), 1..80)) {
+            use std::collections::BTreeSet;
             let mut reg = TicketRegistry::new();
-            let mut live: Vec<(Ticket, ByteRange, bool)> = Vec::new();
+            // (ticket, range, units written since it was issued)
+            let mut live: Vec<(Ticket, ByteRange, BTreeSet<u64>)> = Vec::new();
             for (offset, len, op) in ops {
                 let range = ByteRange::new(offset, len);
-                let overlaps = |r: ByteRange| r.offset < range.end() && range.offset < r.end();
+                let touch = |live: &mut Vec<(Ticket, ByteRange, BTreeSet<u64>)>| {
+                    for t in live.iter_mut() {
+                        for u in range.offset..range.end() {
+                            if u >= t.1.offset && u < t.1.end() { t.2.insert(u); }
+                        }
+                    }
+                };
                 match op {
                     0 => {
-                        for t in live.iter_mut() { if overlaps(t.1) { t.2 = true; } }
+                        touch(&mut live);
                         let ticket = reg.issue(range);
-                        live.push((ticket, range, false));
+                        live.push((ticket, range, BTreeSet::new()));
                     }
                     1 => {
                         reg.spoil(range);
-                        for t in live.iter_mut() { if overlaps(t.1) { t.2 = true; } }
+                        touch(&mut live);
                     }
                     _ => {
                         if live.is_empty() { continue; }
-                        let (ticket, r, spoiled) = live.remove((offset as usize) % live.len());
-                        let expected = if spoiled { Redeemed::Spoiled } else { Redeemed::Clear(r) };
-                        prop_assert_eq!(reg.redeem(ticket), expected);
+                        let (ticket, r, written) = live.remove((offset as usize) % live.len());
+                        let clean: BTreeSet<u64> = (r.offset..r.end()).filter(|u| !written.contains(u)).collect();
+                        let cleared: BTreeSet<u64> = match reg.redeem(ticket) {
+                            Redeemed::Clear(parts) => parts.iter().flat_map(|p| p.offset..p.end()).collect(),
+                            Redeemed::Spoiled => BTreeSet::new(),
+                            Redeemed::Unknown => panic!("a live ticket is known"),
+                        };
+                        prop_assert_eq!(cleared, clean);
                     }
                 }
                 prop_assert_eq!(reg.len(), live.len());

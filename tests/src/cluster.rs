@@ -1,0 +1,275 @@
+//! A cluster of real daemons on this machine: one CA, a certificate per node made with the
+//! CLI, each node in its own directory with its own QUIC port on loopback. The first node
+//! runs the coordinator.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::daemon::{Daemon, binary};
+use crate::run;
+
+pub struct Node {
+    pub name: String,
+    pub az: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub daemon: Option<Daemon>,
+    /// Extra environment for the daemon (test-only fault hooks).
+    pub env: Vec<(String, String)>,
+}
+
+impl Node {
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("node running")
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.daemon.is_none(), "node {} already running", self.name);
+        self.daemon = Some(
+            Daemon::start_program_with_env(
+                &binary("blockrepd"),
+                &self.dir,
+                &self.config,
+                &self.env,
+            )
+            .unwrap_or_else(|e| panic!("start node {}: {e:#}", self.name)),
+        );
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.daemon.take().expect("node running").stop().unwrap();
+    }
+
+    pub fn kill9(&mut self) {
+        self.daemon.take().expect("node running").kill9();
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        self.daemon().cli_json(args)
+    }
+}
+
+pub struct TestCluster {
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+}
+
+/// A free UDP port on loopback.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs the CLI without a daemon.
+pub fn cli(args: &[&str]) -> String {
+    run(Command::new(binary("blockrep")).args(args))
+}
+
+impl TestCluster {
+    /// Makes a CA and `(name, az)` nodes in `dir`, with `extra` TOML in every config, and
+    /// starts them; the first runs the coordinator.
+    pub fn start(dir: &Path, nodes: &[(&str, &str)], extra: &str) -> Self {
+        let ca = dir.join("ca");
+        cli(&["cluster", "init-ca", "--dir", ca.to_str().unwrap()]);
+        let ports: Vec<u16> = nodes.iter().map(|_| free_udp_port()).collect();
+        let coordinator = format!("127.0.0.1:{}", ports[0]);
+        let mut cluster = Self {
+            dir: dir.to_owned(),
+            nodes: Vec::new(),
+        };
+        for (i, (name, az)) in nodes.iter().enumerate() {
+            let node_dir = dir.join(name);
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let tls = node_dir.join("tls");
+            cli(&[
+                "cluster",
+                "issue-cert",
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                "--node",
+                name,
+                "--out-dir",
+                tls.to_str().unwrap(),
+            ]);
+            let config = node_dir.join("blockrepd.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n",
+                    node_dir.join("state").display(),
+                    node_dir.join("run").display(),
+                    ports[i],
+                    tls.join("ca.pem").display(),
+                    tls.join("node.pem").display(),
+                    tls.join("node.key").display(),
+                    i == 0
+                ),
+            )
+            .unwrap();
+            cluster.nodes.push(Node {
+                name: name.to_string(),
+                az: az.to_string(),
+                dir: node_dir,
+                config,
+                port: ports[i],
+                daemon: None,
+                env: Vec::new(),
+            });
+        }
+        for node in &mut cluster.nodes {
+            node.start();
+        }
+        cluster.wait_nodes_alive();
+        cluster
+    }
+
+    pub fn coordinator(&self) -> &Node {
+        &self.nodes[0]
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("a node of the cluster")
+    }
+
+    pub fn node_mut(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("a node of the cluster")
+    }
+
+    /// Waits until the coordinator sees every running node alive.
+    pub fn wait_nodes_alive(&self) {
+        let running: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.daemon.is_some())
+            .map(|n| n.name.as_str())
+            .collect();
+        wait_until(Duration::from_secs(30), "every node registered", || {
+            let nodes = self.coordinator().cli_json(&["node", "list"]);
+            running.iter().all(|name| {
+                nodes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n["name"] == *name && n["alive"] == true)
+            })
+        });
+    }
+
+    /// Adds a volume on `node` and waits until the coordinator knows it (the node's next
+    /// report carries it).
+    pub fn add_volume(&self, node: &str, name: &str, path: &Path) -> Value {
+        let v = self.node(node).daemon().add_volume(name, path);
+        let count = self
+            .node(node)
+            .cli_json(&["volume", "list"])
+            .as_array()
+            .unwrap()
+            .len() as u64;
+        wait_until(
+            Duration::from_secs(30),
+            "the coordinator sees the volume",
+            || {
+                let nodes = self.coordinator().cli_json(&["node", "list"]);
+                nodes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n["name"] == node && n["volumes"].as_u64().unwrap_or(0) >= count)
+            },
+        );
+        v
+    }
+
+    /// Creates a pair (production volume first) and returns (pair id, job id).
+    pub fn create_pair(
+        &self,
+        name: &str,
+        volumes: &str,
+        az: &str,
+        model: &str,
+    ) -> (String, String) {
+        let created = self.coordinator().cli_json(&[
+            "pair",
+            "create",
+            "--name",
+            name,
+            "--volumes",
+            volumes,
+            "--priority-station",
+            az,
+            "--model",
+            model,
+        ]);
+        let pair = created["replication"]["id"].as_str().unwrap().to_owned();
+        let job = created["job_id"].as_str().unwrap().to_owned();
+        (pair, job)
+    }
+
+    /// Waits for a job to succeed.
+    pub fn wait_job(&self, job: &str, timeout: Duration) {
+        let out = self.coordinator().daemon().cli(&[
+            "job",
+            "wait",
+            job,
+            "--timeout",
+            &timeout.as_secs().to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "job {job}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    pub fn pair(&self, pair: &str) -> Value {
+        self.coordinator().cli_json(&["pair", "show", pair])
+    }
+}
+
+/// The pair's state as a node sees it right now (from its local status).
+pub fn local_pair_state(node: &Node, pair: &str) -> Option<Value> {
+    let status = node.cli_json(&["status"]);
+    status["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pair_id"] == pair)
+        .cloned()
+}
+
+/// Waits on a condition that an event makes true (a daemon reaching a state), failing the
+/// test with `what` if it does not within `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SHA-256 of a file or device, with sha256sum.
+pub fn sha256(path: &Path) -> String {
+    run(Command::new("sha256sum").arg(path))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
