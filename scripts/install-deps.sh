@@ -19,6 +19,8 @@ declare -A packages=(
     [dpkg-deb]=dpkg
     [groupadd]=passwd
     [setpriv]=util-linux
+    [nft]=nftables
+    [ip]=iproute2
 )
 
 missing=()

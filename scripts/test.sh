@@ -14,8 +14,9 @@ checkout_state() {
 }
 before=$(checkout_state)
 
-# The process tests run the daemon and CLI binaries.
-cargo build --locked --workspace --bins
+# The process tests run the daemon and CLI binaries; this build carries the test-only
+# fault hooks (a corrupted extent in flight), which release builds never have.
+cargo build --locked --workspace --bins --features blockrepd/fault-injection
 cargo nextest run --locked --workspace --no-fail-fast "$@"
 
 after=$(checkout_state)

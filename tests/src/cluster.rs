@@ -20,6 +20,8 @@ pub struct Node {
     pub daemon: Option<Daemon>,
     /// Extra environment for the daemon (test-only fault hooks).
     pub env: Vec<(String, String)>,
+    /// The network namespace the daemon runs in, if not the test's.
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -77,6 +79,12 @@ impl TestCluster {
     /// Makes a CA and `(name, az)` nodes in `dir`, with `extra` TOML in every config, and
     /// starts them; the first runs the coordinator.
     pub fn start(dir: &Path, nodes: &[(&str, &str)], extra: &str) -> Self {
+        Self::start_in(dir, nodes, extra, None)
+    }
+
+    /// As [`TestCluster::start`], every daemon inside network namespace `netns` (on its
+    /// loopback), if given.
+    pub fn start_in(dir: &Path, nodes: &[(&str, &str)], extra: &str, netns: Option<&str>) -> Self {
         let ca = dir.join("ca");
         cli(&["cluster", "init-ca", "--dir", ca.to_str().unwrap()]);
         let ports: Vec<u16> = nodes.iter().map(|_| free_udp_port()).collect();
@@ -122,6 +130,7 @@ impl TestCluster {
                 port: ports[i],
                 daemon: None,
                 env: Vec::new(),
+                netns: netns.map(str::to_owned),
             });
         }
         for node in &mut cluster.nodes {
@@ -272,4 +281,34 @@ pub fn sha256(path: &Path) -> String {
         .next()
         .unwrap()
         .to_owned()
+}
+
+/// A network namespace of the test's, with its loopback up; deleted when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("brt-{tag}-{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace, failing the test if it fails.
+    pub fn exec(&self, args: &[&str]) -> String {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }

@@ -78,6 +78,18 @@ impl Daemon {
         config: &Path,
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
+        Self::start_wrapped(&[], program, dir, config, env)
+    }
+
+    /// As [`Daemon::start_program_with_env`], run through `wrapper` (such as
+    /// `ip netns exec NS`, which execs the daemon in place: the pid stays the daemon's).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        program: &Path,
+        dir: &Path,
+        config: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)?;
@@ -87,7 +99,15 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(program)
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let child = command
             .arg("--config")
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)

@@ -343,6 +343,7 @@ fn counters_json(c: Option<&proto::PairCounters>) -> Value {
         "journal_bytes": c.journal_bytes,
         "journal_limit": c.journal_limit,
         "bytes_received": c.bytes_received,
+        "journal_overflows": c.journal_overflows,
     })
 }
 

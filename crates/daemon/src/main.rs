@@ -93,6 +93,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     let _lock = lock_state_dir(&config.state_dir)?;
+    if cfg!(feature = "fault-injection") {
+        tracing::warn!("built with test-only fault injection: never run this build in production");
+    }
     let control_socket = config.control_socket.clone();
     let control_group = config.control_socket_group.clone();
     let tcp = config.nbd_tcp_listen;

@@ -308,6 +308,7 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
             journal_bytes,
             journal_limit,
             bytes_received: counters.bytes_received.load(Ordering::Relaxed),
+            journal_overflows: counters.overflows.load(Ordering::Relaxed),
         }),
     }
 }

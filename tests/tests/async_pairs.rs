@@ -1,0 +1,333 @@
+//! Async pairs: the DR volume is always a crash-consistent past image of production (a
+//! prefix of a sequence of dependent writes); a corrupted extent is rejected and sent
+//! again; a journal that overflows falls back to bitmap mode without slowing the
+//! application to the link, and the pair converges once the writer stops.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use blockrep_tests::cluster::{NetNs, TestCluster, local_pair_state, sha256, wait_until};
+use blockrep_tests::{NbdClient, require_tool, seed, sparse_file};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const MAGIC: u64 = 0x6272_6563_6f72_6421; // "brecord!"
+
+/// Record `n`: its number, a magic word, and bytes derived from `n`, with a CRC at the end.
+fn record(n: u64) -> Vec<u8> {
+    let mut r = vec![0u8; BLOCK as usize];
+    r[..8].copy_from_slice(&n.to_le_bytes());
+    r[8..16].copy_from_slice(&MAGIC.to_le_bytes());
+    for (i, b) in r[16..BLOCK as usize - 4].iter_mut().enumerate() {
+        *b = (n as u8).wrapping_mul(31).wrapping_add(i as u8) | 1;
+    }
+    let crc = crc32(&r[..BLOCK as usize - 4]);
+    r[BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+    r
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    // Bitwise CRC-32 (IEEE); the test needs no speed.
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// How many records the image holds, checking they are exactly a prefix: records 0..n
+/// whole and in place, nothing after.
+fn prefix_length(image: &Path, max: u64) -> Result<u64, String> {
+    let file = std::fs::File::open(image).unwrap();
+    let mut block = vec![0u8; BLOCK as usize];
+    let mut n = 0;
+    while n < max {
+        file.read_exact_at(&mut block, n * BLOCK).unwrap();
+        if block.iter().all(|&b| b == 0) {
+            break;
+        }
+        if block != record(n) {
+            return Err(format!("record {n} is torn or wrong"));
+        }
+        n += 1;
+    }
+    for later in n..max {
+        file.read_exact_at(&mut block, later * BLOCK).unwrap();
+        if block.iter().any(|&b| b != 0) {
+            return Err(format!(
+                "record {later} is present but record {n} is not: not a prefix"
+            ));
+        }
+    }
+    Ok(n)
+}
+
+#[test]
+fn the_dr_volume_always_holds_a_prefix_of_dependent_writes() {
+    let seed = seed(0x9e3779b9);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(
+        dir.path(),
+        &[("node-a", "az1"), ("node-b", "az2")],
+        "[replication]\nepoch_interval_ms = 200\n",
+    );
+    let records: u64 = 16 * 1024; // 64 MiB of records
+    let prod = dir.path().join("prod.img");
+    let dr = dir.path().join("dr.img");
+    sparse_file(&prod, records * BLOCK);
+    sparse_file(&dr, records * BLOCK);
+    cluster.add_volume("node-a", "prod", &prod);
+    cluster.add_volume("node-b", "dr", &dr);
+    let (pair, job) = cluster.create_pair("chain", "prod,dr", "az1", "async");
+    cluster.wait_job(&job, Duration::from_secs(120));
+    wait_until(
+        Duration::from_secs(30),
+        "the DR side to hold a consistent image",
+        || {
+            local_pair_state(cluster.node("node-b"), &pair)
+                .is_some_and(|s| s["consistent_epoch"].as_u64().unwrap_or(0) > 0)
+        },
+    );
+
+    // The writer: record n+1 is written only once record n was answered.
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let socket = cluster.node("node-a").daemon().nbd_socket("prod");
+    let writer = {
+        let written = Arc::clone(&written);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut c = NbdClient::connect(&socket, "prod").unwrap();
+            for n in 0..records {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                assert_eq!(c.write(n * BLOCK, &record(n)).unwrap(), 0);
+                written.store(n + 1, Ordering::Relaxed);
+            }
+            c.disconnect().unwrap();
+        })
+    };
+
+    let mut last = 0;
+    for round in 0..5 {
+        // Stop the DR agent at a seeded moment while the writer runs, and read its volume.
+        let at = written.load(Ordering::Relaxed) + rng.random_range(200..1500);
+        wait_until(Duration::from_secs(60), "the writer to go on", || {
+            written.load(Ordering::Relaxed) >= at.min(records)
+        });
+        cluster.node_mut("node-b").stop();
+        let answered = written.load(Ordering::Relaxed);
+        let held = prefix_length(&dr, records)
+            .unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
+        eprintln!("round {round}: the DR volume holds records 0..{held} of {answered} answered");
+        assert!(
+            held <= answered,
+            "round {round}: more on DR than production answered"
+        );
+        assert!(
+            held >= last,
+            "round {round}: the DR image went back in time"
+        );
+        last = held;
+        cluster.node_mut("node-b").start();
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let answered = written.load(Ordering::Relaxed);
+    wait_until(Duration::from_secs(120), "the pair to converge", || {
+        local_pair_state(cluster.node("node-a"), &pair)
+            .is_some_and(|s| s["out_of_sync_bytes"] == 0 && s["replication_status"] == "active")
+    });
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    assert_eq!(
+        prefix_length(&dr, records).unwrap(),
+        answered,
+        "every answered record arrived"
+    );
+    assert_eq!(sha256(&prod), sha256(&dr));
+}
+
+#[test]
+fn a_corrupted_extent_is_rejected_counted_and_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(dir.path(), &[("node-a", "az1"), ("node-b", "az2")], "");
+    // The production agent corrupts the 20th data extent it sends (test-only hook).
+    let a = cluster.node_mut("node-a");
+    a.stop();
+    a.env
+        .push(("BLOCKREP_FAULT_CORRUPT_EXTENT".into(), "20".into()));
+    a.start();
+    let mut log = String::new();
+    std::fs::File::open(&a.daemon().log)
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("built with test-only fault injection"),
+        "this test needs the daemon built with --features blockrepd/fault-injection (scripts/test.sh does it)"
+    );
+    cluster.wait_nodes_alive();
+    let prod = dir.path().join("prod.img");
+    let dr = dir.path().join("dr.img");
+    sparse_file(&prod, 128 * MIB);
+    sparse_file(&dr, 128 * MIB);
+    {
+        let file = std::fs::OpenOptions::new().write(true).open(&prod).unwrap();
+        for i in 0..48u64 {
+            file.write_all_at(&vec![(i as u8) | 1; MIB as usize], i * 2 * MIB)
+                .unwrap();
+        }
+    }
+    cluster.add_volume("node-a", "prod", &prod);
+    cluster.add_volume("node-b", "dr", &dr);
+    let (pair, job) = cluster.create_pair("crc", "prod,dr", "az1", "async");
+    cluster.wait_job(&job, Duration::from_secs(120));
+    wait_until(
+        Duration::from_secs(30),
+        "the rejection to be counted",
+        || {
+            local_pair_state(cluster.node("node-a"), &pair)
+                .is_some_and(|s| s["counters"]["extents_rejected"].as_u64().unwrap() >= 1)
+        },
+    );
+    let dr_state = local_pair_state(cluster.node("node-b"), &pair).unwrap();
+    assert_eq!(
+        dr_state["counters"]["extents_rejected"], 1,
+        "the DR side rejected one"
+    );
+    wait_until(Duration::from_secs(60), "the pair to converge", || {
+        local_pair_state(cluster.node("node-a"), &pair)
+            .is_some_and(|s| s["out_of_sync_bytes"] == 0 && s["replication_status"] == "active")
+    });
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    assert_eq!(sha256(&prod), sha256(&dr), "the extent was sent again");
+}
+
+/// fio's write IOPS from its JSON output.
+fn fio_write_iops(output: &[u8]) -> f64 {
+    let text = String::from_utf8_lossy(output);
+    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    json["jobs"][0]["write"]["iops"].as_f64().unwrap()
+}
+
+#[test]
+fn an_overflowing_journal_falls_back_to_bitmap_mode_and_converges() {
+    require_tool("fio");
+    require_tool("nft");
+    let ns = NetNs::new("ovf");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_in(
+        dir.path(),
+        &[("node-a", "az1"), ("node-b", "az2")],
+        "[replication]\njournal_bytes = \"1MiB\"\n",
+        Some(&ns.name),
+    );
+    let prod = dir.path().join("prod.img");
+    let dr = dir.path().join("dr.img");
+    sparse_file(&prod, 256 * MIB);
+    sparse_file(&dr, 256 * MIB);
+    cluster.add_volume("node-a", "prod", &prod);
+    cluster.add_volume("node-b", "dr", &dr);
+    let (pair, job) = cluster.create_pair("slow", "prod,dr", "az1", "async");
+    cluster.wait_job(&job, Duration::from_secs(120));
+
+    // The link to the DR agent now moves at most 2 MB/s: 500 4k writes a second.
+    let dr_port = cluster.node("node-b").port.to_string();
+    ns.exec(&["nft", "add", "table", "inet", "slow"]);
+    ns.exec(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "slow",
+        "out",
+        "{ type filter hook output priority 0 ; }",
+    ]);
+    ns.exec(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "slow",
+        "out",
+        "udp",
+        "dport",
+        &dr_port,
+        "limit",
+        "rate",
+        "over",
+        "2",
+        "mbytes/second",
+        "drop",
+    ]);
+    let uri = cluster.node("node-a").daemon().nbd_uri("prod");
+    let out = Command::new("fio")
+        .current_dir(dir.path())
+        .args([
+            "--name=fast",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=16M",
+            "--runtime=5",
+            "--time_based",
+            "--output-format=json",
+        ])
+        .arg(format!("--uri={uri}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let iops = fio_write_iops(&out.stdout);
+    let link_iops = 2e6 / 4096.0;
+    eprintln!("fio wrote {iops:.0} IOPS through a link of {link_iops:.0} 4k writes a second");
+    assert!(
+        iops > 5.0 * link_iops,
+        "the application was throttled to the link: {iops:.0} IOPS"
+    );
+    let state = local_pair_state(cluster.node("node-a"), &pair).unwrap();
+    assert!(
+        state["counters"]["journal_overflows"].as_u64().unwrap() >= 1,
+        "the journal overflowed into bitmap mode: {state}"
+    );
+    assert!(
+        state["counters"]["journal_bytes"].as_u64().unwrap() <= MIB,
+        "the journal stays within its bound: {state}"
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "the pair to converge through the slow link",
+        || {
+            local_pair_state(cluster.node("node-a"), &pair)
+                .is_some_and(|s| s["out_of_sync_bytes"] == 0 && s["replication_status"] == "active")
+        },
+    );
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    assert_eq!(sha256(&prod), sha256(&dr));
+}
