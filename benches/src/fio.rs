@@ -25,6 +25,16 @@ pub struct Timing {
 }
 
 pub fn run(target: &Target, workload: &Workload, timing: &Timing) -> anyhow::Result<Sample> {
+    run_with(target, workload, timing, &[])
+}
+
+/// As [`run`], with extra fio arguments (a rate limit).
+pub fn run_with(
+    target: &Target,
+    workload: &Workload,
+    timing: &Timing,
+    extra: &[String],
+) -> anyhow::Result<Sample> {
     let mut cmd = Command::new("fio");
     cmd.arg(format!("--name={}", workload.name))
         .args([
@@ -37,10 +47,18 @@ pub fn run(target: &Target, workload: &Workload, timing: &Timing) -> anyhow::Res
         .arg(format!("--runtime={}", timing.runtime_s))
         .arg(format!("--ramp_time={}", timing.ramp_s))
         .args(&target.fio_args)
-        .args(workload.fio_args);
-    let before = target.server_pid.and_then(crate::env::cpu_seconds);
+        .args(workload.fio_args)
+        .args(extra);
+    let cpu = || -> Option<f64> {
+        let mut total = crate::env::cpu_seconds(target.server_pid?)?;
+        for pid in &target.other_pids {
+            total += crate::env::cpu_seconds(*pid)?;
+        }
+        Some(total)
+    };
+    let before = cpu();
     let out = cmd.output().context("run fio")?;
-    let after = target.server_pid.and_then(crate::env::cpu_seconds);
+    let after = cpu();
     if !out.status.success() {
         // Ctrl-C reaches fio too; say what happened rather than blame fio.
         crate::env::check_interrupted()?;

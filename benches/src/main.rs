@@ -3,7 +3,9 @@
 
 mod env;
 mod fio;
+mod pairs;
 mod report;
+mod scenarios;
 mod targets;
 mod workloads;
 
@@ -44,6 +46,14 @@ struct Args {
     /// Where the JSON and Markdown results are written.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
+    /// Scenarios measured after the fio rows (comma-separated): `lag` (async lag at half
+    /// the async pair's 4k IOPS; needs the async-pair target), `initial-sync` (a 2 GiB
+    /// volume, 25% written).
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Seconds the lag scenario runs.
+    #[arg(long, default_value_t = 30)]
+    lag_seconds: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -98,12 +108,24 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     let work = env.temp_dir()?;
     eprintln!("bench: preparing a {} MiB device", size >> 20);
     let device = targets::prepare_device(&mut env, &work, size, root)?;
+    let pairs_selected = specs.iter().any(|s| {
+        matches!(
+            s.kind,
+            targets::Kind::AsyncPair | targets::Kind::HypermetroPair
+        )
+    });
+    let dr_device = if pairs_selected {
+        Some(targets::prepare_dr_device(&mut env, &work, size)?)
+    } else {
+        None
+    };
     let mut ready = Vec::new();
     for spec in &specs {
         check_interrupted()?;
         let mut setup = targets::Setup {
             env: &mut env,
             device: &device,
+            dr_device: dr_device.as_deref(),
             work: &work,
             bin: &bin,
         };
@@ -134,8 +156,26 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             for ti in (0..ready.len()).map(|i| (i + rep as usize) % ready.len()) {
                 let target = &ready[ti];
                 check_interrupted()?;
+                if target.kind == targets::Kind::QuicLink
+                    && workload.figure != workloads::Figure::MegabytesPerSecond
+                {
+                    continue;
+                }
+                if let Some(cluster) = &target.cluster
+                    && target.kind != targets::Kind::QuicLink
+                {
+                    cluster.wait_idle().context("wait for the pair to settle")?;
+                }
                 settle(root)?;
-                let sample = fio::run(target, workload, &timing)?;
+                let sample = match (&target.cluster, target.kind) {
+                    (Some(cluster), targets::Kind::QuicLink) => fio::Sample {
+                        value: cluster.link_test(timing.runtime_s)?,
+                        p50_us: f64::NAN,
+                        p99_us: f64::NAN,
+                        server_cpu_s: None,
+                    },
+                    _ => fio::run(target, workload, &timing)?,
+                };
                 eprintln!(
                     "bench: [{}/{repeats}] {:<22} {:<18} {:>10.0} {}",
                     rep + 1,
@@ -152,6 +192,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    rows.retain(|r| !r.samples.is_empty());
     for row in &mut rows {
         let pid = ready
             .iter()
@@ -159,12 +200,27 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             .and_then(|t| t.server_pid);
         row.peak_rss = pid.and_then(env::peak_rss);
     }
+    let mut report = Report {
+        rows,
+        scenarios: Vec::new(),
+    };
+    for scenario in &args.scenarios {
+        check_interrupted()?;
+        let result = match scenario.as_str() {
+            "lag" => scenarios::lag(&ready, &report, args.lag_seconds)?,
+            "initial-sync" => scenarios::initial_sync(&mut env, &work, &bin, &report)?,
+            other => bail!("unknown scenario {other:?} (lag, initial-sync)"),
+        };
+        eprintln!("bench: scenario {scenario}: {}", result.summary);
+        report.scenarios.push(result);
+    }
+    drop(ready);
     drop(env);
 
-    let report = Report { rows };
     let table = report.markdown();
     let goals = report.goals_markdown();
-    println!("{table}\n{goals}");
+    let scenario_text = report.scenarios_markdown();
+    println!("{table}\n{goals}{scenario_text}");
     std::fs::create_dir_all(&args.out)?;
     let stem = format!(
         "{}-{}",
@@ -176,7 +232,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         &json_path,
         serde_json::to_string_pretty(&report.json(machine.clone()))?,
     )?;
-    let md = format!("{}\n\n{table}\n{goals}", describe(&machine));
+    let md = format!("{}\n\n{table}\n{goals}{scenario_text}", describe(&machine));
     std::fs::write(args.out.join(format!("{stem}.md")), md)?;
     eprintln!("bench: results in {}", json_path.display());
     Ok(())

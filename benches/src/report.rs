@@ -52,26 +52,55 @@ impl Row {
     }
 }
 
+#[derive(Clone)]
 pub struct Goal {
     pub claim: String,
     pub measured: Option<f64>,
     pub met: Option<bool>,
-    percent: bool,
+    pub format: GoalFormat,
+}
+
+/// How a goal's figure is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum GoalFormat {
+    Ratio,
+    Percent,
+    Seconds,
 }
 
 impl Goal {
-    fn at_least(claim: String, measured: Option<f64>, bound: f64) -> Self {
+    pub fn at_least(claim: String, measured: Option<f64>, bound: f64) -> Self {
         Self {
             claim,
             measured,
             met: measured.map(|m| m >= bound),
-            percent: false,
+            format: GoalFormat::Ratio,
+        }
+    }
+
+    pub fn at_most(claim: String, measured: Option<f64>, bound: f64, format: GoalFormat) -> Self {
+        Self {
+            claim,
+            measured,
+            met: measured.map(|m| m <= bound),
+            format,
         }
     }
 }
 
 pub struct Report {
     pub rows: Vec<Row>,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+/// A measurement outside the fio matrix (lag, initial sync), with its goals.
+pub struct ScenarioResult {
+    pub name: &'static str,
+    /// One line for the progress output.
+    pub summary: String,
+    pub markdown: String,
+    pub json: Value,
+    pub goals: Vec<Goal>,
 }
 
 fn unit(figure: Figure) -> &'static str {
@@ -103,14 +132,14 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut out = String::from(
-            "| workload | target | median | spread (min–max) | p50 µs | p99 µs | × nbdkit | × raw | server CPU s | server peak RSS |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| workload | target | median | spread (min–max) | p50 µs | p99 µs | × nbdkit | × raw | × blockrepd | server CPU s | server peak RSS |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for row in &self.rows {
             let f = row.workload.figure;
             let ratio = |b| self.ratio(row, b).map_or("–".into(), |r| format!("{r:.2}"));
             out.push_str(&format!(
-                "| {} | {} | {} {} | {}–{} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} {} | {}–{} | {:.0} | {:.0} | {} | {} | {} | {} | {} |\n",
                 row.workload.title,
                 row.target,
                 fmt_value(row.median(), f),
@@ -121,6 +150,7 @@ impl Report {
                 row.p99(),
                 ratio("nbdkit"),
                 ratio("raw"),
+                ratio("blockrepd"),
                 row.cpu().map_or("–".into(), |c| format!("{c:.1}")),
                 row.peak_rss
                     .map_or("–".into(), |b| format!("{} MiB", b >> 20)),
@@ -166,19 +196,82 @@ impl Report {
                 claim: format!("{w}: dirty tracking costs ≤ 5%"),
                 measured: cost,
                 met: cost.map(|c| c <= 0.05),
-                percent: true,
+                format: GoalFormat::Percent,
             });
         }
+        for (workload, target, least) in [
+            ("randwrite-4k-qd32", "async-pair", 0.8),
+            ("seqwrite-1m-qd8", "async-pair", 0.8),
+            ("randwrite-4k-qd32", "hypermetro-pair", 0.5),
+        ] {
+            goals.push(Goal::at_least(
+                format!(
+                    "{}: {target} ≥ {least:.1} × blockrepd",
+                    self.title_of(workload)
+                ),
+                ratio(workload, target, "blockrepd"),
+                least,
+            ));
+        }
+        goals.push(Goal::at_least(
+            "1M seq write QD8: hypermetro-pair ≥ 0.8 × min(blockrepd, quic-link)".into(),
+            self.ratio_to_min(
+                "seqwrite-1m-qd8",
+                "hypermetro-pair",
+                "blockrepd",
+                "quic-link",
+            ),
+            0.8,
+        ));
+        for scenario in &self.scenarios {
+            goals.extend(scenario.goals.iter().cloned());
+        }
         goals
+    }
+
+    fn title_of(&self, workload: &str) -> String {
+        crate::workloads::all()
+            .into_iter()
+            .find(|w| w.name == workload)
+            .map_or(workload.to_owned(), |w| w.title.to_owned())
+    }
+
+    /// The median over repetitions of `target / min(a, b)`, each measured in the same
+    /// repetition.
+    fn ratio_to_min(&self, workload: &str, target: &str, a: &str, b: &str) -> Option<f64> {
+        let t = self.find(workload, target)?;
+        let a = self.find(workload, a)?;
+        let b = self.find(workload, b)?;
+        let ratios: Vec<f64> = t
+            .samples
+            .iter()
+            .zip(&a.samples)
+            .zip(&b.samples)
+            .map(|((t, a), b)| t.value / a.value.min(b.value))
+            .collect();
+        (!ratios.is_empty()).then(|| median(ratios))
+    }
+
+    /// The median of a row, for scenarios that scale from it.
+    pub fn median_of(&self, workload: &str, target: &str) -> Option<f64> {
+        self.find(workload, target).map(Row::median)
+    }
+
+    pub fn scenarios_markdown(&self) -> String {
+        self.scenarios
+            .iter()
+            .map(|s| format!("\n{}\n", s.markdown))
+            .collect()
     }
 
     pub fn goals_markdown(&self) -> String {
         let mut out = String::from("Goals (median of per-repetition paired ratios):\n\n");
         for goal in self.goals() {
-            let value = match goal.measured {
-                None => "not measured".to_owned(),
-                Some(v) if goal.percent => format!("{:.1}%", v * 100.0),
-                Some(v) => format!("{v:.2}×"),
+            let value = match (goal.measured, goal.format) {
+                (None, _) => "not measured".to_owned(),
+                (Some(v), GoalFormat::Percent) => format!("{:.1}%", v * 100.0),
+                (Some(v), GoalFormat::Seconds) => format!("{v:.2} s"),
+                (Some(v), GoalFormat::Ratio) => format!("{v:.2}×"),
             };
             let verdict = match goal.met {
                 None => "",
@@ -218,7 +311,12 @@ impl Report {
             .into_iter()
             .map(|g| json!({"claim": g.claim, "measured": g.measured, "met": g.met}))
             .collect();
-        json!({ "machine": machine, "rows": rows, "goals": goals })
+        let scenarios: Vec<Value> = self
+            .scenarios
+            .iter()
+            .map(|s| json!({"name": s.name, "figures": s.json}))
+            .collect();
+        json!({ "machine": machine, "rows": rows, "goals": goals, "scenarios": scenarios })
     }
 }
 

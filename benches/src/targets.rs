@@ -25,6 +25,13 @@ pub enum Kind {
     BlockrepdWriteback,
     /// blockrepd through the kernel: nbdfuse + a loop device, fio io_uring on that device.
     BlockrepdKernel,
+    /// An async pair: production on the shared device, DR on a second loop device, both
+    /// agents on this machine.
+    AsyncPair,
+    /// The same, hypermetro.
+    HypermetroPair,
+    /// Not fio: one replication stream between two agents (TLS, framing, CRC; no disks).
+    QuicLink,
 }
 
 pub struct Spec {
@@ -72,6 +79,24 @@ pub fn all() -> Vec<Spec> {
             title: "blockrepd via nbdfuse + loop (fio io_uring)",
             needs_root: true,
         },
+        Spec {
+            kind: Kind::AsyncPair,
+            name: "async-pair",
+            title: "async pair, DR agent on this machine (fio nbd)",
+            needs_root: true,
+        },
+        Spec {
+            kind: Kind::HypermetroPair,
+            name: "hypermetro-pair",
+            title: "hypermetro pair, DR agent on this machine (fio nbd)",
+            needs_root: true,
+        },
+        Spec {
+            kind: Kind::QuicLink,
+            name: "quic-link",
+            title: "one replication stream between two agents (blockrep cluster link-test)",
+            needs_root: false,
+        },
     ]
 }
 
@@ -79,20 +104,28 @@ pub fn all() -> Vec<Spec> {
 pub struct Target {
     pub name: &'static str,
     pub title: &'static str,
+    pub kind: Kind,
     pub fio_args: Vec<String>,
     /// The process whose CPU time and memory are reported.
     pub server_pid: Option<u32>,
+    /// Other processes whose CPU time counts too (a pair's DR agent).
+    pub other_pids: Vec<u32>,
+    /// For pair and link targets: the agents.
+    pub cluster: Option<crate::pairs::Cluster>,
 }
 
 pub struct Setup<'a> {
     pub env: &'a mut Env,
     pub device: &'a Path,
+    /// The DR device of the pair targets (a second loop device of the same size).
+    pub dr_device: Option<&'a Path>,
     pub work: &'a Path,
     pub bin: &'a Path,
 }
 
 impl Setup<'_> {
     pub fn target(&mut self, spec: &Spec) -> anyhow::Result<Target> {
+        let mut cluster = None;
         let (fio_args, server_pid) = match spec.kind {
             Kind::Raw => (io_uring_args(self.device), None),
             Kind::Nbdkit => {
@@ -122,28 +155,64 @@ impl Setup<'_> {
                 } else {
                     "direct"
                 };
-                let (pid, uri) = self.blockrepd(spec.name, tracking, cache)?;
+                let (pid, uri) = self.blockrepd_target(spec.name, tracking, cache)?;
                 (nbd_args(&uri), Some(pid))
             }
             Kind::BlockrepdKernel => {
-                let (pid, uri) = self.blockrepd(spec.name, true, "direct")?;
+                let (pid, uri) = self.blockrepd_target(spec.name, true, "direct")?;
                 let file = self
                     .env
                     .start_nbdfuse(&self.work.join(spec.name).join("fuse"), &uri)?;
                 let dev = self.env.attach_loop(&file)?;
                 (io_uring_args(Path::new(&dev)), Some(pid))
             }
+            Kind::AsyncPair | Kind::HypermetroPair => {
+                let model = if spec.kind == Kind::AsyncPair {
+                    "async"
+                } else {
+                    "hypermetro"
+                };
+                let dr = self.dr_device.context("pair targets need a DR device")?;
+                let c = crate::pairs::Cluster::start(
+                    self.env,
+                    self.work,
+                    self.bin,
+                    spec.name,
+                    Some((self.device, dr)),
+                    Some(model),
+                    "",
+                )?;
+                let args = nbd_args(&c.uri);
+                let pid = c.production_pid;
+                cluster = Some(c);
+                (args, Some(pid))
+            }
+            Kind::QuicLink => {
+                let c = crate::pairs::Cluster::start(
+                    self.env, self.work, self.bin, spec.name, None, None, "",
+                )?;
+                let pid = c.dr_pid;
+                cluster = Some(c);
+                (Vec::new(), Some(pid))
+            }
+        };
+        let other_pids = match (&cluster, spec.kind) {
+            (Some(c), Kind::AsyncPair | Kind::HypermetroPair) => vec![c.dr_pid],
+            _ => Vec::new(),
         };
         Ok(Target {
             name: spec.name,
             title: spec.title,
+            kind: spec.kind,
             fio_args,
             server_pid,
+            other_pids,
+            cluster,
         })
     }
 
     /// Starts a daemon of its own for this target and registers the device as volume `bench`.
-    fn blockrepd(
+    fn blockrepd_target(
         &mut self,
         name: &str,
         tracking: bool,
@@ -160,25 +229,7 @@ impl Setup<'_> {
                 dir.join("run").display()
             ),
         )?;
-        let notify_path = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path)?;
-        notify.set_nonblocking(true)?;
-        let log = std::fs::File::create(dir.join("blockrepd.log"))?;
-        let pid = self.env.start_server(
-            "blockrepd",
-            Command::new(self.bin.join("blockrepd"))
-                .arg("--config")
-                .arg(&config)
-                .env("NOTIFY_SOCKET", &notify_path)
-                .env("BLOCKREP_LOG", "warn")
-                .stderr(log),
-            || {
-                let mut buf = [0u8; 128];
-                notify
-                    .recv(&mut buf)
-                    .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"))
-            },
-        )?;
+        let pid = start_daemon(self.env, self.bin, &dir, &config)?;
         let socket = dir.join("run/control.sock");
         run(Command::new(self.bin.join("blockrep"))
             .arg("--socket")
@@ -196,6 +247,30 @@ impl Setup<'_> {
             ),
         ))
     }
+}
+
+/// Starts blockrepd with `config` (runtime and state under `dir`) as a server of the run,
+/// and waits for its `READY=1`.
+pub fn start_daemon(env: &mut Env, bin: &Path, dir: &Path, config: &Path) -> anyhow::Result<u32> {
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path)?;
+    notify.set_nonblocking(true)?;
+    let log = std::fs::File::create(dir.join("blockrepd.log"))?;
+    env.start_server(
+        "blockrepd",
+        Command::new(bin.join("blockrepd"))
+            .arg("--config")
+            .arg(config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("BLOCKREP_LOG", "warn")
+            .stderr(log),
+        || {
+            let mut buf = [0u8; 128];
+            notify
+                .recv(&mut buf)
+                .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"))
+        },
+    )
 }
 
 fn io_uring_args(device: &Path) -> Vec<String> {
@@ -230,4 +305,16 @@ pub fn prepare_device(
     } else {
         Ok(file)
     }
+}
+
+/// A second device of the same size for the pairs' DR volumes.
+pub fn prepare_dr_device(env: &mut Env, work: &Path, bytes: u64) -> anyhow::Result<PathBuf> {
+    let file = work.join("dr.img");
+    run(Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .arg("bs=1M")
+        .arg(format!("count={}", bytes >> 20))
+        .args(["oflag=direct", "conv=fsync", "status=none"]))?;
+    Ok(PathBuf::from(env.attach_loop(&file)?))
 }

@@ -86,6 +86,20 @@ enum ClusterCommand {
         #[arg(long)]
         danger_no_certificate: bool,
     },
+    /// Measure what one replication stream to a node moves (same TLS, framing and CRC as
+    /// a pair; no disks).
+    LinkTest {
+        #[arg(long)]
+        address: std::net::SocketAddr,
+        /// Directory with node.pem, node.key and ca.pem.
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// The node's name (its certificate's); `blockrep.cluster` accepts any node.
+        #[arg(long, default_value = blockrep_tls::CLUSTER_NAME)]
+        node: String,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -329,6 +343,12 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
             tls_dir,
             danger_no_certificate,
         } => ping::ping(address, &absolute(&tls_dir)?, danger_no_certificate, out).await?,
+        ClusterCommand::LinkTest {
+            address,
+            tls_dir,
+            node,
+            seconds,
+        } => ping::link_test(address, &absolute(&tls_dir)?, &node, seconds, out).await?,
     }
     Ok(())
 }

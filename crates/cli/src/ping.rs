@@ -59,3 +59,42 @@ pub async fn ping(
     endpoint.close();
     Ok(())
 }
+
+pub async fn link_test(
+    address: SocketAddr,
+    tls_dir: &Path,
+    node: &str,
+    seconds: u64,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let tls = NodeTls::load(&TlsFiles::in_dir(tls_dir))?;
+    let endpoint = ClusterEndpoint::client_only(&tls)?;
+    let result = blockrep_replication::link_test::run(
+        &endpoint,
+        address,
+        node,
+        std::time::Duration::from_secs(seconds),
+    )
+    .await
+    .with_context(|| format!("link test to {address}"))?;
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "address": address,
+                "bytes": result.bytes,
+                "seconds": result.elapsed.as_secs_f64(),
+                "megabytes_per_second": result.megabytes_per_second(),
+            })
+        );
+    } else {
+        println!(
+            "{address}: {:.0} MB/s ({} MB in {:.2} s)",
+            result.megabytes_per_second(),
+            result.bytes / 1_000_000,
+            result.elapsed.as_secs_f64()
+        );
+    }
+    endpoint.close();
+    Ok(())
+}

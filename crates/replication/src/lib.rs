@@ -14,6 +14,7 @@ pub mod dr_state;
 pub mod endpoint;
 pub mod framed;
 pub mod link;
+pub mod link_test;
 pub mod membership;
 pub mod pairs;
 pub mod production;

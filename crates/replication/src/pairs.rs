@@ -181,6 +181,10 @@ impl Pairs {
         peer: SocketAddr,
         mut stream: ReplicationStream,
     ) {
+        if hello.pair == crate::link_test::link_test_pair() {
+            tracing::info!(%peer, "link test");
+            return crate::link_test::sink(stream).await;
+        }
         let dr = match self.lock().get(&hello.pair) {
             Some(Runtime::Dr(dr)) => Some(Arc::clone(dr)),
             _ => None,

@@ -1,0 +1,237 @@
+//! Two agents on this machine as a small cluster: certificates made with the CLI, the
+//! first agent running the coordinator, and a pair between a volume on each.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::env::{Env, check_interrupted, run};
+
+/// A two-agent cluster, and its pair if one was created.
+pub struct Cluster {
+    pub production_pid: u32,
+    pub dr_pid: u32,
+    /// The production volume's NBD URI.
+    pub uri: String,
+    pub production_socket: PathBuf,
+    pub dr_socket: PathBuf,
+    /// The DR agent's QUIC address, and a client certificate for the link test.
+    pub dr_address: String,
+    pub client_tls: PathBuf,
+    pub pair: Option<String>,
+    bin: PathBuf,
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Cluster {
+    /// Starts two agents in `work/name`; with a model, registers `production` and `dr` as
+    /// volumes and creates a pair between them, waiting until its initial sync is done.
+    pub fn start(
+        env: &mut Env,
+        work: &Path,
+        bin: &Path,
+        name: &str,
+        devices: Option<(&Path, &Path)>,
+        model: Option<&str>,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let cli = |args: &[&str]| -> anyhow::Result<String> {
+            run(Command::new(bin.join("blockrep")).args(args))
+        };
+        let ca = dir.join("ca");
+        cli(&["cluster", "init-ca", "--dir", path(&ca)])?;
+        for node in ["node-a", "node-b", "client"] {
+            cli(&[
+                "cluster",
+                "issue-cert",
+                "--ca-dir",
+                path(&ca),
+                "--node",
+                node,
+                "--out-dir",
+                path(&dir.join(node).join("tls")),
+            ])?;
+        }
+        let ports = [free_udp_port()?, free_udp_port()?];
+        let mut pids = Vec::new();
+        for (i, (node, az)) in [("node-a", "az1"), ("node-b", "az2")].iter().enumerate() {
+            let node_dir = dir.join(node);
+            let tls = node_dir.join("tls");
+            let config = node_dir.join("blockrepd.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n",
+                    node_dir.join("state").display(),
+                    node_dir.join("run").display(),
+                    ports[i],
+                    ports[0],
+                    tls.join("ca.pem").display(),
+                    tls.join("node.pem").display(),
+                    tls.join("node.key").display(),
+                    i == 0
+                ),
+            )?;
+            pids.push(crate::targets::start_daemon(env, bin, &node_dir, &config)?);
+        }
+        let production_socket = dir.join("node-a/run/control.sock");
+        let dr_socket = dir.join("node-b/run/control.sock");
+        let mut cluster = Self {
+            production_pid: pids[0],
+            dr_pid: pids[1],
+            uri: format!(
+                "nbd+unix:///prod?socket={}",
+                dir.join("node-a/run/nbd/prod.sock").display()
+            ),
+            production_socket,
+            dr_socket,
+            dr_address: format!("127.0.0.1:{}", ports[1]),
+            client_tls: dir.join("client/tls"),
+            pair: None,
+            bin: bin.to_owned(),
+        };
+        cluster.wait_nodes(2)?;
+        let (Some((production, dr)), Some(model)) = (devices, model) else {
+            return Ok(cluster);
+        };
+        cluster.cli_a(&[
+            "volume",
+            "add",
+            "--name",
+            "prod",
+            "--path",
+            path(production),
+        ])?;
+        cluster.cli_b(&["volume", "add", "--name", "dr", "--path", path(dr)])?;
+        cluster.wait_volumes()?;
+        let created = cluster.json_a(&[
+            "pair",
+            "create",
+            "--name",
+            name,
+            "--volumes",
+            "prod,dr",
+            "--priority-station",
+            "az1",
+            "--model",
+            model,
+        ])?;
+        let job = created["job_id"].as_str().context("job id")?.to_owned();
+        cluster.pair = created["replication"]["id"].as_str().map(str::to_owned);
+        cluster.cli_a(&["job", "wait", &job, "--timeout", "1800"])?;
+        cluster.wait_idle()?;
+        Ok(cluster)
+    }
+
+    fn cli(&self, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new(self.bin.join("blockrep"))
+            .arg("--socket")
+            .arg(socket)
+            .args(args))
+    }
+
+    pub fn cli_a(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.cli(&self.production_socket, args)
+    }
+
+    fn cli_b(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.cli(&self.dr_socket, args)
+    }
+
+    pub fn json_a(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.cli_a(&all)?)?)
+    }
+
+    fn wait_nodes(&self, n: usize) -> anyhow::Result<()> {
+        self.wait("the agents to register", Duration::from_secs(60), || {
+            let nodes = self.json_a(&["node", "list"])?;
+            Ok(nodes
+                .as_array()
+                .is_some_and(|a| a.iter().filter(|n| n["alive"] == true).count() >= n))
+        })
+    }
+
+    fn wait_volumes(&self) -> anyhow::Result<()> {
+        self.wait(
+            "the coordinator to see the volumes",
+            Duration::from_secs(60),
+            || {
+                let nodes = self.json_a(&["node", "list"])?;
+                Ok(nodes
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|n| n["volumes"].as_u64().unwrap_or(0) >= 1)))
+            },
+        )
+    }
+
+    /// The production side's view of the pair, now.
+    pub fn pair_state(&self) -> anyhow::Result<Value> {
+        let status = self.json_a(&["status"])?;
+        Ok(status["pairs"][0].clone())
+    }
+
+    /// Waits until the pair has nothing left to send: a run starts from a quiet pair.
+    pub fn wait_idle(&self) -> anyhow::Result<()> {
+        self.wait("the pair to settle", Duration::from_secs(600), || {
+            let p = self.pair_state()?;
+            Ok(p["replication_status"] == "active"
+                && p["out_of_sync_bytes"] == 0
+                && p["counters"]["journal_bytes"] == 0)
+        })
+    }
+
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut() -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            if done().unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One link test from this machine to the DR agent: MB/s.
+    pub fn link_test(&self, seconds: u32) -> anyhow::Result<f64> {
+        let out = run(Command::new(self.bin.join("blockrep")).args([
+            "--output",
+            "json",
+            "cluster",
+            "link-test",
+            "--address",
+            &self.dr_address,
+            "--tls-dir",
+            path(&self.client_tls),
+            "--seconds",
+            &seconds.to_string(),
+        ]))?;
+        let v: Value = serde_json::from_str(&out)?;
+        v["megabytes_per_second"]
+            .as_f64()
+            .context("link test figure")
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}

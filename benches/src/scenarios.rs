@@ -1,0 +1,224 @@
+//! Measurements outside the fio matrix: how far an async pair's DR image trails under a
+//! steady load, and what an initial sync sends and how fast.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use crate::env::{Env, check_interrupted, run};
+use crate::fio::{self, Timing};
+use crate::pairs::Cluster;
+use crate::report::{Goal, GoalFormat, Report, ScenarioResult};
+use crate::targets::{Kind, Target};
+use crate::workloads;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// fio 4k randwrite QD32 at half the async pair's median IOPS for `seconds`, sampling the
+/// production side's lag every 100 ms.
+pub fn lag(ready: &[Target], report: &Report, seconds: u32) -> anyhow::Result<ScenarioResult> {
+    let target = ready
+        .iter()
+        .find(|t| t.kind == Kind::AsyncPair)
+        .context("the lag scenario needs the async-pair target")?;
+    let cluster = target
+        .cluster
+        .as_ref()
+        .context("async-pair has its agents")?;
+    let max_iops = report
+        .median_of("randwrite-4k-qd32", "async-pair")
+        .context("the lag scenario needs the randwrite-4k-qd32 row of async-pair")?;
+    let rate = (max_iops / 2.0).round() as u64;
+    let workload = workloads::all()
+        .into_iter()
+        .find(|w| w.name == "randwrite-4k-qd32")
+        .expect("a workload of the list");
+    cluster.wait_idle()?;
+    let timing = Timing {
+        runtime_s: seconds,
+        ramp_s: 1,
+    };
+    let extra = vec![format!("--rate_iops={rate}")];
+    let mut lags = Vec::new();
+    let sample = std::thread::scope(|scope| -> anyhow::Result<fio::Sample> {
+        let fio = scope.spawn(|| fio::run_with(target, &workload, &timing, &extra));
+        // Sample once fio is past its ramp.
+        std::thread::sleep(Duration::from_secs(2));
+        while !fio.is_finished() {
+            check_interrupted()?;
+            if let Ok(state) = cluster.pair_state()
+                && let Some(lag) = state["lag_seconds"].as_f64()
+            {
+                lags.push(lag);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        fio.join().expect("fio thread")
+    })?;
+    lags.sort_by(f64::total_cmp);
+    let (p50, p99, max) = (
+        percentile(&lags, 0.5),
+        percentile(&lags, 0.99),
+        lags.last().copied().unwrap_or(f64::NAN),
+    );
+    let markdown = format!(
+        "Async lag: 4k randwrite QD32 at {rate} IOPS (half the async pair's {max_iops:.0}), {seconds} s, epoch interval 1 s; fio reached {:.0} IOPS. Lag (how far the DR side's consistent image trails production), {} samples every 100 ms: p50 {p50:.2} s, p99 {p99:.2} s, max {max:.2} s.",
+        sample.value,
+        lags.len()
+    );
+    Ok(ScenarioResult {
+        name: "lag",
+        summary: format!("lag p50 {p50:.2} s, p99 {p99:.2} s at {rate} IOPS"),
+        markdown,
+        json: json!({
+            "rate_iops": rate,
+            "achieved_iops": sample.value,
+            "samples": lags.len(),
+            "lag_p50_s": p50,
+            "lag_p99_s": p99,
+            "lag_max_s": max,
+        }),
+        goals: vec![Goal::at_most(
+            "async lag p99 ≤ 1 s at half the async pair's maximum 4k IOPS".into(),
+            Some(p99).filter(|v| !v.is_nan()),
+            1.0,
+            GoalFormat::Seconds,
+        )],
+    })
+}
+
+const SYNC_VOLUME: u64 = 2 << 30;
+const CHUNK: u64 = 8 << 20;
+const STRIDE: u64 = 32 << 20;
+
+/// A 2 GiB volume with 25% of it written (8 MiB of data every 32 MiB), on a loop device,
+/// paired with an empty one: what the initial sync sends, and how fast.
+pub fn initial_sync(
+    env: &mut Env,
+    work: &Path,
+    bin: &Path,
+    report: &Report,
+) -> anyhow::Result<ScenarioResult> {
+    let prod_file = work.join("sync-prod.img");
+    let dr_file = work.join("sync-dr.img");
+    for file in [&prod_file, &dr_file] {
+        std::fs::File::create(file)?.set_len(SYNC_VOLUME)?;
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&prod_file)?;
+        let mut data = vec![0u8; CHUNK as usize];
+        let mut x: u64 = 0x243f_6a88_85a3_08d3;
+        for b in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+        }
+        let mut at = 0;
+        while at < SYNC_VOLUME {
+            file.write_all_at(&data, at)?;
+            at += STRIDE;
+        }
+        file.sync_all()?;
+    }
+    let allocated = SYNC_VOLUME / STRIDE * CHUNK;
+    let prod = env.attach_loop(&prod_file)?;
+    let dr = env.attach_loop(&dr_file)?;
+    let cluster = Cluster::start(env, work, bin, "initial-sync", None, None, "")?;
+    cluster.cli_a(&["volume", "add", "--name", "prod", "--path", &prod])?;
+    run(Command::new(bin.join("blockrep"))
+        .arg("--socket")
+        .arg(&cluster.dr_socket)
+        .args(["volume", "add", "--name", "dr", "--path", &dr]))?;
+    // The coordinator learns of the volumes with the agents' next reports.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let created = loop {
+        match cluster.json_a(&[
+            "pair",
+            "create",
+            "--volumes",
+            "prod,dr",
+            "--priority-station",
+            "az1",
+            "--model",
+            "async",
+        ]) {
+            Ok(created) => break created,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let started = Instant::now();
+    let job = created["job_id"].as_str().context("job id")?.to_owned();
+    loop {
+        check_interrupted()?;
+        let j = cluster.json_a(&["job", "show", &job])?;
+        match j["status"].as_str() {
+            Some("SUCCESS") => break,
+            Some("FAIL") => bail!("initial sync failed: {}", j["fail_reason"]),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let state = cluster.pair_state()?;
+    let sent = state["counters"]["bytes_sent"].as_u64().unwrap_or(0);
+    let payload = state["counters"]["resync_bytes_sent"].as_u64().unwrap_or(0);
+    let throughput = allocated as f64 / 1e6 / elapsed;
+    let link = report.median_of("seqwrite-1m-qd8", "quic-link");
+    let markdown = format!(
+        "Initial sync: a 2 GiB loop device with {} MiB written (8 MiB every 32 MiB), async pair. Sent {:.1} MB on the stream ({:.1} MB of extent payload) for {:.1} MB allocated: {:.3}× allocated. {:.2} s from create to active: {throughput:.0} MB/s of allocated data{}.",
+        allocated >> 20,
+        sent as f64 / 1e6,
+        payload as f64 / 1e6,
+        allocated as f64 / 1e6,
+        sent as f64 / allocated as f64,
+        elapsed,
+        link.map_or(String::new(), |l| format!(
+            " ({:.2}× the quic-link row's {l:.0} MB/s)",
+            throughput / l
+        )),
+    );
+    Ok(ScenarioResult {
+        name: "initial-sync",
+        summary: format!(
+            "{:.3}× allocated sent, {throughput:.0} MB/s",
+            sent as f64 / allocated as f64
+        ),
+        markdown,
+        json: json!({
+            "volume_bytes": SYNC_VOLUME,
+            "allocated_bytes": allocated,
+            "stream_bytes_sent": sent,
+            "payload_bytes_sent": payload,
+            "seconds": elapsed,
+            "megabytes_per_second": throughput,
+            "quic_link_megabytes_per_second": link,
+        }),
+        goals: vec![
+            Goal::at_most(
+                "initial sync: bytes sent ≤ 1.05 × allocated".into(),
+                Some(sent as f64 / allocated as f64),
+                1.05,
+                GoalFormat::Ratio,
+            ),
+            Goal::at_least(
+                "initial sync: throughput ≥ 0.8 × quic-link".into(),
+                link.map(|l| throughput / l),
+                0.8,
+            ),
+        ],
+    })
+}
