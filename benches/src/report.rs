@@ -342,6 +342,7 @@ mod tests {
         };
         // The machine slows down over the run; each pair is 10% apart all the same.
         let report = Report {
+            scenarios: Vec::new(),
             rows: vec![
                 row("a", &[110.0, 55.0, 220.0]),
                 row("b", &[100.0, 50.0, 200.0]),

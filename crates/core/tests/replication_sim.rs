@@ -335,11 +335,7 @@ impl Sim {
         match roll {
             0..=24 if writing => self.admit_write(),
             25..=44 => self.complete_write(),
-            45..=49 => {
-                if self.rng.random_bool(0.5) {
-                    self.journal.advance_epoch();
-                }
-            }
+            45..=49 if self.rng.random_bool(0.5) => self.journal.advance_epoch(),
             50..=64 => self.send(),
             65..=79 => self.deliver(),
             80..=87 => self.acknowledge(),
