@@ -64,6 +64,8 @@ struct State {
 
 pub struct Coordinator {
     state: Mutex<State>,
+    /// Wakes the driver at once when a request gives it work.
+    kick: tokio::sync::Notify,
     store: Arc<dyn Store>,
     agents: Arc<dyn Agents>,
     /// This daemon's node name (it runs the coordinator).
@@ -106,6 +108,7 @@ impl Coordinator {
         );
         Ok(Arc::new(Self {
             state: Mutex::new(state),
+            kick: tokio::sync::Notify::new(),
             store,
             agents,
             node,
@@ -266,6 +269,7 @@ impl Coordinator {
         let mut state = self.lock();
         state.pairs.insert(record.id, record.clone());
         state.jobs.insert(job.id, job.clone());
+        self.kick.notify_one();
         Ok(proto::CreatePairResponse {
             pair: Some(self.pair_view(&state, &record)),
             job: Some(job_view(&job)),
@@ -480,6 +484,7 @@ impl Coordinator {
         state.pairs.insert(id, record.clone());
         state.jobs.insert(job.id, job.clone());
         state.stuck_since.remove(&id);
+        self.kick.notify_one();
         Ok(proto::DeletePairResponse {
             pair: Some(self.pair_view(&state, &record)),
             job: Some(job_view(&job)),
@@ -578,7 +583,10 @@ impl Coordinator {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.kick.notified() => {}
+            }
             let pending: Vec<PairRecord> = self
                 .lock()
                 .pairs

@@ -537,7 +537,7 @@ impl Worker {
 
     /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
     fn submit_unit(&mut self) -> io::Result<()> {
-        while let Some(staged) = self.unit_queue.front().copied() {
+        while let Some(staged) = self.unit_queue.front().cloned() {
             if self.inflight >= MAX_INFLIGHT {
                 return Ok(());
             }

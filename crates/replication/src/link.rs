@@ -615,6 +615,7 @@ impl ReplicaLink for PairLink {
             }
             ReplicaMode::Journal(admitted) => {
                 let mut state = self.lock();
+                let was_idle = state.journal.nothing_to_send();
                 let completed = match to_payload(&write.data) {
                     Some(payload) => {
                         state
@@ -631,6 +632,9 @@ impl ReplicaLink for PairLink {
                     state.live = Live::Tracked;
                     state.needs_catch_up = true;
                 }
+                // The sender drains everything once woken: only the first frame after it
+                // went idle needs to wake it.
+                let wake = was_idle && !state.journal.nothing_to_send();
                 drop(state);
                 match completed {
                     Completed::Queued => {}
@@ -641,7 +645,9 @@ impl ReplicaLink for PairLink {
                         self.tracker.forget(forget);
                     }
                 }
-                self.wake_sender.notify_one();
+                if wake {
+                    self.wake_sender.notify_one();
+                }
                 AfterLocal::Answer
             }
         }
@@ -704,6 +710,7 @@ impl PairLink {
             self.tracker.forget(write.ticket.take());
             return false;
         }
+        let was_idle = state.journal.nothing_to_send();
         let seq = state
             .journal
             .push_direct(write.range, payload.clone(), write.fua);
@@ -719,10 +726,13 @@ impl PairLink {
                 fua: write.fua,
             },
         );
+        let wake = was_idle && !state.journal.nothing_to_send();
         drop(state);
         write.sent = true;
         write.seq = Some(seq.0);
-        self.wake_sender.notify_one();
+        if wake {
+            self.wake_sender.notify_one();
+        }
         true
     }
 }

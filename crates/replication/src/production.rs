@@ -25,6 +25,9 @@ use crate::framed::{FrameReader, FrameWriter, StreamError};
 use crate::link::{Data, Live, OutFrame, PairLink};
 use crate::membership::Membership;
 
+/// The smallest extent a resync reads (a journal bound too small for more still moves).
+pub const MIN_EXTENT: u64 = 64 << 10;
+
 /// How a pair replicates; from the agent's `[replication]` configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplicationConfig {
@@ -41,7 +44,7 @@ impl Default for ReplicationConfig {
         Self {
             epoch_interval: Duration::from_secs(1),
             journal_bytes: 256 << 20,
-            resync_extent: 1 << 20,
+            resync_extent: 4 << 20,
         }
     }
 }
@@ -344,7 +347,11 @@ impl ProductionPair {
         let reader = ResyncReader {
             volume: Arc::clone(&self.volume),
             link: Arc::clone(&self.link),
-            extent: self.config.resync_extent,
+            // An extent never takes more than half the journal's room.
+            extent: self
+                .config
+                .resync_extent
+                .min((self.config.journal_bytes / 2).max(MIN_EXTENT)),
             stop,
             final_pass_bytes: (self.config.journal_bytes / 2).min(64 << 20),
         };

@@ -7,9 +7,14 @@
 //! file. After a crash, a sealed unit above the recorded epoch is applied again (the same
 //! writes in the same order: idempotent) and unsealed writes are dropped.
 //!
-//! Records: `u32 length | u8 kind | body`, then a CRC32 of kind and body. A torn tail (short
-//! or failing its CRC) ends the log: it can only be a record whose sync never returned, so
-//! nothing acknowledged depends on it.
+//! Appends gather in an aligned buffer written to the file with `O_DIRECT` (whole 4 KiB
+//! blocks, so no page-cache copy and no write-back later); a unit's data also stays in
+//! memory until it is applied, so applying reads nothing back, unless the unit is too big
+//! to hold.
+//!
+//! Records: `u32 length | u8 kind | body`, then a CRC32 of kind and body. A length of zero
+//! is padding to the next 4 KiB block. A torn tail (short or failing its CRC) ends the log:
+//! it can only be a record whose sync never returned, so nothing acknowledged depends on it.
 //!
 //! ```text
 //! Write  u64 epoch | u64 offset | u32 len | u8 zeroes | data (len bytes unless zeroes)
@@ -18,25 +23,31 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::Epoch;
+use blockrep_volume::AlignedBuf;
+use bytes::Bytes;
 
 const KIND_WRITE: u8 = 1;
 const KIND_SEAL: u8 = 2;
+const BLOCK: u64 = 4096;
 /// Appends are gathered up to this size before they are written.
 const BATCH_BYTES: usize = 4 << 20;
+/// Staged data kept in memory for applying, at most; beyond it, data is read back.
+const MEMORY_BYTES: u64 = 512 << 20;
 
-/// A staged write: where its data is in the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A staged write: where its data is in the log, and the data itself while it is held.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Staged {
     pub epoch: Epoch,
     pub range: ByteRange,
     pub zeroes: bool,
     /// Offset of the data in the log file.
     pub data_at: u64,
+    pub data: Option<Bytes>,
 }
 
 /// A seal found in the log.
@@ -48,13 +59,17 @@ pub struct SealRecord {
 
 pub struct StageLog {
     path: PathBuf,
+    /// Appends, with `O_DIRECT` where the file system allows it.
+    direct: File,
+    /// Reads (recovery, data not held in memory).
     file: File,
-    /// The end of what is in the file.
+    /// The end of what is in the file (a multiple of 4 KiB).
     end: u64,
     /// Appended but not yet written.
-    pending: Vec<u8>,
+    batch: AlignedBuf,
     /// Staged writes not yet applied, in log order.
     staged: Vec<Staged>,
+    held_bytes: u64,
 }
 
 /// What [`StageLog::open`] found.
@@ -73,6 +88,17 @@ impl StageLog {
             .create(true)
             .truncate(false)
             .open(path)?;
+        let direct = match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                OpenOptions::new().write(true).open(path)?
+            }
+            Err(e) => return Err(e),
+        };
         let len = file.metadata()?.len();
         let mut staged = Vec::new();
         let mut seals = Vec::new();
@@ -81,6 +107,11 @@ impl StageLog {
         while at + 5 <= len {
             file.read_exact_at(&mut header, at)?;
             let body_len = u32::from_le_bytes(header[..4].try_into().expect("4")) as u64;
+            if body_len == 0 {
+                // Padding to the next block.
+                at = (at / BLOCK + 1) * BLOCK;
+                continue;
+            }
             let kind = header[4];
             if at + 5 + body_len + 4 > len || body_len > (64 << 20) + 64 {
                 break;
@@ -108,6 +139,7 @@ impl StageLog {
                             range: ByteRange::new(offset, len),
                             zeroes,
                             data_at: at + 5 + 21,
+                            data: None,
                         });
                     }
                 }
@@ -127,12 +159,19 @@ impl StageLog {
         // Writes past the last seal belong to units that were never sealed.
         let last_seal = seals.last().map_or(applied, |s| s.epoch);
         staged.retain(|s| s.epoch <= last_seal);
+        // New records start at the next block; what follows the last good record is dropped.
+        let end = at.div_ceil(BLOCK) * BLOCK;
+        file.set_len(end)?;
+        let mut batch = AlignedBuf::new(BATCH_BYTES);
+        batch.set_len(0);
         let log = StageLog {
             path: path.to_owned(),
+            direct,
             file,
-            end: at,
-            pending: Vec::new(),
+            end,
+            batch,
             staged,
+            held_bytes: 0,
         };
         Ok(Recovered { log, seals })
     }
@@ -141,38 +180,43 @@ impl StageLog {
         &self.path
     }
 
-    /// Appends a write (its data is `data`, empty for a zero range).
+    /// Appends a write (its data is `data`, empty for a zero range). The data is held in
+    /// memory until its unit is applied, within a bound.
     pub fn append_write(
         &mut self,
         epoch: Epoch,
         range: ByteRange,
         zeroes: bool,
-        data: &[u8],
+        data: &Bytes,
     ) -> io::Result<()> {
-        let mut body = Vec::with_capacity(21);
-        body.extend_from_slice(&epoch.0.to_le_bytes());
-        body.extend_from_slice(&range.offset.to_le_bytes());
-        body.extend_from_slice(&(range.len as u32).to_le_bytes());
-        body.push(u8::from(zeroes));
-        let data_at = self.end + self.pending.len() as u64 + 5 + 21;
-        self.append(KIND_WRITE, &body, data)?;
+        let mut body = [0u8; 21];
+        body[..8].copy_from_slice(&epoch.0.to_le_bytes());
+        body[8..16].copy_from_slice(&range.offset.to_le_bytes());
+        body[16..20].copy_from_slice(&(range.len as u32).to_le_bytes());
+        body[20] = u8::from(zeroes);
+        let data_at = self.append(KIND_WRITE, &body, data)? + 5 + 21;
+        let held = !data.is_empty() && self.held_bytes + data.len() as u64 <= MEMORY_BYTES;
+        if held {
+            self.held_bytes += data.len() as u64;
+        }
         self.staged.push(Staged {
             epoch,
             range,
             zeroes,
             data_at,
+            data: held.then(|| data.clone()),
         });
         Ok(())
     }
 
     /// Appends the seal of `epoch` and makes the log durable up to it.
     pub fn seal(&mut self, epoch: Epoch, cut_ms: u64) -> io::Result<()> {
-        let mut body = Vec::with_capacity(16);
-        body.extend_from_slice(&epoch.0.to_le_bytes());
-        body.extend_from_slice(&cut_ms.to_le_bytes());
+        let mut body = [0u8; 16];
+        body[..8].copy_from_slice(&epoch.0.to_le_bytes());
+        body[8..].copy_from_slice(&cut_ms.to_le_bytes());
         self.append(KIND_SEAL, &body, &[])?;
         self.flush()?;
-        self.file.sync_data()
+        self.direct.sync_data()
     }
 
     /// The staged writes of epochs ≤ `epoch`, in log order, taken out of the log's index.
@@ -180,16 +224,33 @@ impl StageLog {
         let (unit, rest): (Vec<Staged>, Vec<Staged>) =
             self.staged.drain(..).partition(|s| s.epoch <= epoch);
         self.staged = rest;
+        self.held_bytes -= unit
+            .iter()
+            .filter_map(|s| s.data.as_ref())
+            .map(|d| d.len() as u64)
+            .sum::<u64>();
         unit
     }
 
     /// Drops staged writes of epochs after `after` (they will never be sealed).
     pub fn discard_after(&mut self, after: Epoch) {
+        let dropped: u64 = self
+            .staged
+            .iter()
+            .filter(|s| s.epoch > after)
+            .filter_map(|s| s.data.as_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        self.held_bytes -= dropped;
         self.staged.retain(|s| s.epoch <= after);
     }
 
-    /// Reads a staged write's data.
+    /// A staged write's data: from memory, or read back from the log.
     pub fn read(&mut self, staged: &Staged, out: &mut [u8]) -> io::Result<()> {
+        if let Some(data) = &staged.data {
+            out.copy_from_slice(data);
+            return Ok(());
+        }
         self.flush()?;
         self.file.read_exact_at(out, staged.data_at)
     }
@@ -197,7 +258,7 @@ impl StageLog {
     /// Empties the log once nothing staged is left in it. Called after a unit was applied
     /// and recorded.
     pub fn truncate_if_empty(&mut self) -> io::Result<bool> {
-        if !self.staged.is_empty() || !self.pending.is_empty() {
+        if !self.staged.is_empty() || !self.batch.is_empty() {
             return Ok(false);
         }
         self.file.set_len(0)?;
@@ -215,27 +276,23 @@ impl StageLog {
         }
         self.flush()?;
         let tmp = self.path.with_extension("compact");
+        let _ = std::fs::remove_file(&tmp);
+        let Recovered { log: mut fresh, .. } = StageLog::open(&tmp, Epoch::ZERO)?;
         let staged = std::mem::take(&mut self.staged);
-        let mut fresh = StageLog {
-            path: tmp.clone(),
-            file: OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?,
-            end: 0,
-            pending: Vec::new(),
-            staged: Vec::new(),
-        };
-        let mut data = Vec::new();
         for s in &staged {
-            data.resize(if s.zeroes { 0 } else { s.range.len as usize }, 0);
-            self.file.read_exact_at(&mut data, s.data_at)?;
+            let data = match &s.data {
+                Some(d) => d.clone(),
+                None if s.zeroes => Bytes::new(),
+                None => {
+                    let mut buf = vec![0u8; s.range.len as usize];
+                    self.file.read_exact_at(&mut buf, s.data_at)?;
+                    Bytes::from(buf)
+                }
+            };
             fresh.append_write(s.epoch, s.range, s.zeroes, &data)?;
         }
         fresh.flush()?;
-        fresh.file.sync_data()?;
+        fresh.direct.sync_data()?;
         std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
@@ -251,35 +308,52 @@ impl StageLog {
 
     /// Bytes the log holds on disk and in its append buffer.
     pub fn bytes(&self) -> u64 {
-        self.end + self.pending.len() as u64
+        self.end + self.batch.len() as u64
     }
 
-    fn append(&mut self, kind: u8, body: &[u8], data: &[u8]) -> io::Result<()> {
-        let body_len = (body.len() + data.len()) as u32;
+    /// Appends a record to the batch; returns the record's offset in the log.
+    fn append(&mut self, kind: u8, body: &[u8], data: &[u8]) -> io::Result<u64> {
+        let record = 5 + body.len() + data.len() + 4;
+        if self.batch.len() + record > self.batch.capacity() {
+            self.flush()?;
+        }
+        if record > self.batch.capacity() {
+            // A record bigger than the batch gets a buffer of its own.
+            self.batch = AlignedBuf::new(record.next_multiple_of(BLOCK as usize));
+            self.batch.set_len(0);
+        }
+        let at = self.end + self.batch.len() as u64;
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&[kind]);
         hasher.update(body);
         hasher.update(data);
-        self.pending.extend_from_slice(&body_len.to_le_bytes());
-        self.pending.push(kind);
-        self.pending.extend_from_slice(body);
-        self.pending.extend_from_slice(data);
-        self.pending
-            .extend_from_slice(&hasher.finalize().to_le_bytes());
-        if self.pending.len() >= BATCH_BYTES {
-            self.flush()?;
-        }
-        Ok(())
+        let len = self.batch.len();
+        self.batch.set_len(len + record);
+        let out = &mut self.batch[len..];
+        out[..4].copy_from_slice(&((body.len() + data.len()) as u32).to_le_bytes());
+        out[4] = kind;
+        out[5..5 + body.len()].copy_from_slice(body);
+        out[5 + body.len()..5 + body.len() + data.len()].copy_from_slice(data);
+        out[record - 4..].copy_from_slice(&hasher.finalize().to_le_bytes());
+        Ok(at)
     }
 
-    /// Writes the append buffer to the file (not synced).
+    /// Writes the batch to the file, padded to whole blocks (not synced).
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
+        if self.batch.is_empty() {
             return Ok(());
         }
-        self.file.write_all_at(&self.pending, self.end)?;
-        self.end += self.pending.len() as u64;
-        self.pending.clear();
+        let used = self.batch.len();
+        let padded = used.next_multiple_of(BLOCK as usize);
+        self.batch.set_len(padded);
+        self.batch[used..].fill(0);
+        self.direct.write_all_at(&self.batch, self.end)?;
+        self.end += padded as u64;
+        self.batch.set_len(0);
+        if self.batch.capacity() > BATCH_BYTES {
+            self.batch = AlignedBuf::new(BATCH_BYTES);
+            self.batch.set_len(0);
+        }
         Ok(())
     }
 }
@@ -288,6 +362,10 @@ impl StageLog {
 mod tests {
     use super::*;
 
+    fn b(s: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(s)
+    }
+
     #[test]
     fn sealed_units_are_replayed_and_unsealed_writes_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -295,12 +373,12 @@ mod tests {
         {
             let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
             assert!(seals.is_empty());
-            log.append_write(Epoch(1), ByteRange::new(0, 4), false, b"aaaa")
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
                 .unwrap();
-            log.append_write(Epoch(2), ByteRange::new(8, 4), false, b"bbbb")
+            log.append_write(Epoch(2), ByteRange::new(8, 4), false, &b(b"bbbb"))
                 .unwrap();
             log.seal(Epoch(1), 111).unwrap();
-            log.append_write(Epoch(2), ByteRange::new(16, 4096), true, &[])
+            log.append_write(Epoch(2), ByteRange::new(16, 4096), true, &Bytes::new())
                 .unwrap();
             log.flush().unwrap();
             // Crash: epoch 2 was never sealed.
@@ -315,6 +393,7 @@ mod tests {
         );
         let unit = log.take_unit(Epoch(1));
         assert_eq!(unit.len(), 1);
+        assert!(unit[0].data.is_none(), "read back after a restart");
         let mut data = [0u8; 4];
         log.read(&unit[0], &mut data).unwrap();
         assert_eq!(&data, b"aaaa");
@@ -331,21 +410,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stage-log");
         let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
-        log.append_write(Epoch(1), ByteRange::new(0, 4), false, b"aaaa")
+        log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
             .unwrap();
-        log.append_write(Epoch(2), ByteRange::new(4, 4), false, b"bbbb")
+        log.append_write(Epoch(2), ByteRange::new(4, 4), false, &b(b"bbbb"))
             .unwrap();
         log.seal(Epoch(1), 1).unwrap();
-        assert_eq!(log.take_unit(Epoch(1)).len(), 1);
+        let unit = log.take_unit(Epoch(1));
+        let mut data = [0u8; 4];
+        log.read(&unit[0], &mut data).unwrap();
+        assert_eq!(&data, b"aaaa", "held in memory");
         let before = log.bytes();
         assert!(log.compact(0).unwrap());
-        assert!(log.bytes() < before);
+        assert!(log.bytes() <= before);
         log.seal(Epoch(2), 2).unwrap();
         drop(log);
         let Recovered { mut log, seals } = StageLog::open(&path, Epoch(1)).unwrap();
         assert_eq!(seals.len(), 1);
         let unit = log.take_unit(Epoch(2));
-        let mut data = [0u8; 4];
         log.read(&unit[0], &mut data).unwrap();
         assert_eq!(&data, b"bbbb");
     }
@@ -356,17 +437,20 @@ mod tests {
         let path = dir.path().join("stage-log");
         {
             let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
-            log.append_write(Epoch(1), ByteRange::new(0, 4), false, b"aaaa")
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
                 .unwrap();
             log.seal(Epoch(1), 5).unwrap();
-            log.append_write(Epoch(2), ByteRange::new(0, 4), false, b"cccc")
+            log.append_write(Epoch(2), ByteRange::new(0, 4), false, &b(b"cccc"))
                 .unwrap();
             log.seal(Epoch(2), 6).unwrap();
         }
-        // Tear the second seal.
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
-        let len = file.metadata().unwrap().len();
-        file.set_len(len - 3).unwrap();
+        // Tear the second batch: its seal record no longer checks.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(b"XX", BLOCK + 30).unwrap();
         let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
         assert_eq!(seals.len(), 1);
         assert_eq!(log.take_unit(Epoch(1)).len(), 1);

@@ -174,6 +174,11 @@ impl<P: PayloadLen> Journal<P> {
         self.staged
     }
 
+    /// Whether the sender has nothing to take.
+    pub fn nothing_to_send(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     pub fn queued_bytes(&self) -> u64 {
         self.queued_bytes
     }
@@ -237,9 +242,10 @@ impl<P: PayloadLen> Journal<P> {
         self.seal_closed_epochs();
     }
 
-    /// Whether `bytes` more fit under the bound.
+    /// Whether `bytes` more fit under the bound (anything fits an empty queue, so one
+    /// extent larger than the bound still goes, alone).
     pub fn has_room(&self, bytes: u64) -> bool {
-        self.queued_bytes + bytes <= self.limit
+        self.queued_bytes == 0 || self.queued_bytes + bytes <= self.limit
     }
 
     /// Moves new writes to the next epoch (the periodic cut); the old one is sealed once its
