@@ -22,6 +22,8 @@ pub struct Node {
     pub env: Vec<(String, String)>,
     /// The network namespace the daemon runs in, if not the test's.
     pub netns: Option<String>,
+    /// Where the daemon serves Prometheus metrics.
+    pub metrics_port: u16,
 }
 
 impl Node {
@@ -53,6 +55,19 @@ impl Node {
 
     pub fn cli_json(&self, args: &[&str]) -> Value {
         self.daemon().cli_json(args)
+    }
+
+    /// The daemon's Prometheus text metrics (an HTTP GET on its metrics address).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
     }
 }
 
@@ -88,6 +103,16 @@ impl TestCluster {
         let ca = dir.join("ca");
         cli(&["cluster", "init-ca", "--dir", ca.to_str().unwrap()]);
         let ports: Vec<u16> = nodes.iter().map(|_| free_udp_port()).collect();
+        let metrics_ports: Vec<u16> = nodes
+            .iter()
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
         let coordinator = format!("127.0.0.1:{}", ports[0]);
         let mut cluster = Self {
             dir: dir.to_owned(),
@@ -111,9 +136,10 @@ impl TestCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n",
+                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n",
                     node_dir.join("state").display(),
                     node_dir.join("run").display(),
+                    metrics_ports[i],
                     ports[i],
                     tls.join("ca.pem").display(),
                     tls.join("node.pem").display(),
@@ -131,6 +157,7 @@ impl TestCluster {
                 daemon: None,
                 env: Vec::new(),
                 netns: netns.map(str::to_owned),
+                metrics_port: metrics_ports[i],
             });
         }
         for node in &mut cluster.nodes {

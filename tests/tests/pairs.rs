@@ -106,6 +106,16 @@ fn pair_replicates_fio_during_the_initial_sync(model: &str) {
     let shown = cluster.pair(&pair);
     assert_eq!(shown["status"], "available");
     assert_eq!(shown["replication_status"], "active");
+    // Every daemon serves the whole API: node-b forwards to the coordinator on node-a.
+    let from_b = cluster.node("node-b").cli_json(&["pair", "show", &pair]);
+    assert_eq!(from_b["id"], pair.as_str());
+    assert_eq!(from_b["volume_ids"], shown["volume_ids"]);
+    let status_b = cluster.node("node-b").cli_json(&["status"]);
+    assert_eq!(status_b["pairs"][0]["side"], "dr");
+    // Metrics name the pair on both sides.
+    let metrics = cluster.node("node-a").metrics();
+    assert!(metrics.contains(&format!("blockrep_pair_sent_bytes_total{{pair=\"{pair}\"")), "{metrics}");
+    assert!(cluster.node("node-b").metrics().contains("blockrep_pair_received_bytes_total"));
     // The DR export is read-only while it is the DR side: it says so, and a write gets
     // EPERM and changes nothing.
     let socket = cluster.node("node-b").daemon().nbd_socket("dr");
