@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The demo: blockrepd serving a file-backed volume over NBD. It writes through fio and
-# qemu-io, reads everything back and compares checksums, shows the dirty bytes the agent
-# tracked, restarts the daemon and shows the volume and its dirty map survived.
+# The demo: two availability zones on this machine. A coordinator and an agent in az1, an
+# agent in az2, certificates made on the fly. A volume in az1 is written through NBD, then
+# paired with a volume in az2 (hypermetro, and an async pair beside it); the initial sync
+# is followed with `job wait`, writes go on while the pairs replicate, and the volumes'
+# checksums match at the end.
 # Needs no setup: it builds the binaries and works in a temporary directory it removes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,65 +12,112 @@ cargo build --locked --release --bins
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 work=$(mktemp -d /tmp/blockrep-demo.XXXXXX)
-daemon_pid=""
+pids=()
 cleanup() {
-    if [[ -n $daemon_pid ]] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill -TERM "$daemon_pid"; wait "$daemon_pid" || true
-    fi
+    for pid in "${pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" || true; fi
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
 
-cat >"$work/blockrepd.toml" <<TOML
-node_name = "demo-host"
-availability_zone = "az1"
-state_dir = "$work/state"
-runtime_dir = "$work/run"
-TOML
-blockrep() { "$bin/blockrep" --socket "$work/run/control.sock" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cli() { "$bin/blockrep" "$@"; }
+a() { cli --socket "$work/node-a/run/control.sock" "$@"; }
+b() { cli --socket "$work/node-b/run/control.sock" "$@"; }
 
-start_daemon() {
-    "$bin/blockrepd" --config "$work/blockrepd.toml" 2>>"$work/blockrepd.log" &
-    daemon_pid=$!
+step "a cluster CA and a certificate per node (blockrep cluster init-ca / issue-cert)"
+cli cluster init-ca --dir "$work/ca"
+for node in node-a node-b; do
+    cli cluster issue-cert --ca-dir "$work/ca" --node "$node" --out-dir "$work/$node/tls"
+done
+
+step "start node-a (az1, runs the coordinator) and node-b (az2)"
+port_a=$(free_port); port_b=$(free_port)
+for node in node-a node-b; do
+    if [[ $node == node-a ]]; then az=az1; port=$port_a; role=true; else az=az2; port=$port_b; role=false; fi
+    cat >"$work/$node.toml" <<TOML
+node_name = "$node"
+availability_zone = "$az"
+state_dir = "$work/$node/state"
+runtime_dir = "$work/$node/run"
+
+[cluster]
+listen = "127.0.0.1:$port"
+coordinator = "127.0.0.1:$port_a"
+ca_cert = "$work/$node/tls/ca.pem"
+cert = "$work/$node/tls/node.pem"
+key = "$work/$node/tls/node.key"
+coordinator_role = $role
+TOML
+    "$bin/blockrepd" --config "$work/$node.toml" 2>>"$work/$node.log" >/dev/null &
+    pids+=($!)
+done
+for node in node-a node-b; do
     for _ in $(seq 100); do
-        blockrep status >/dev/null 2>&1 && return 0
-        kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/blockrepd.log"; return 1; }
+        cli --socket "$work/$node/run/control.sock" status >/dev/null 2>&1 && break
         sleep 0.1
     done
-    echo "blockrepd did not come up; log:" >&2; cat "$work/blockrepd.log" >&2; return 1
-}
+done
+for _ in $(seq 50); do
+    [[ $(a --output json node list | grep -c '"alive": true') == 2 ]] && break
+    sleep 0.2
+done
+a node list
 
-step "start blockrepd (config: $work/blockrepd.toml)"
-start_daemon
-blockrep status
+step "volumes: db and logs on node-a, their DR twins on node-b (1 GiB files)"
+for name in db logs; do
+    fallocate -l 1G "$work/$name.img"
+    fallocate -l 1G "$work/$name-dr.img"
+    a volume add --name "$name" --path "$work/$name.img" >/dev/null
+    b volume add --name "$name-dr" --path "$work/$name-dr.img" >/dev/null
+done
+a volume list
+b volume list
+uri="nbd+unix:///db?socket=$work/node-a/run/nbd/db.sock"
+logs_uri="nbd+unix:///logs?socket=$work/node-a/run/nbd/logs.sock"
 
-step "register a 1 GiB file as volume 'demo'"
-fallocate -l 1G "$work/demo.img"
-blockrep volume add --name demo --path "$work/demo.img"
-uri="nbd+unix:///demo?socket=$work/run/nbd/demo.sock"
+step "write 64 MiB into db before it is paired (fio, nbd engine, crc32c verify)"
+(cd "$work" && fio --name=before --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
+    --size=64M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
+    | grep -E 'write:|err='
 
-step "write 64 MiB of random 4k blocks with fio (nbd engine), verified with crc32c"
-(cd "$work" && fio --name=demo --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
-    --offset=128M --size=64M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
-    | grep -E 'write:|read:|IOPS|err='
+step "pair db with db-dr, hypermetro (synchronous); logs with logs-dr, async"
+for _ in $(seq 50); do
+    [[ $(a --output json node list | grep -c '"volumes": 2') == 2 ]] && break
+    sleep 0.2
+done
+a pair create --name db-pair --volumes db,db-dr --priority-station az1 --model hypermetro
+job=$(a --output json job list | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+a pair create --name logs-pair --volumes logs,logs-dr --priority-station az1 --model async
+a job wait "$job"
 
-step "write and read back patterns with qemu-io (aligned, unaligned, zeroes)"
+step "blockrep status on each node: roles and replication"
+a status
+b status
+
+step "writes go on while the pairs replicate (fio on db, qemu-io patterns on logs)"
+(cd "$work" && fio --name=during --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
+    --offset=256M --size=64M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
+    | grep -E 'write:|err='
 qemu-io -f raw -c 'write -P 0xa5 0 1M' -c 'write -P 0x5a 300000001 4000' -c 'write -z 512M 1M' \
-    -c 'read -P 0xa5 0 1M' -c 'read -P 0x5a 300000001 4000' -c 'read -P 0 512M 1M' "$uri" \
-    | grep -E '^(wrote|read)'
+    "$logs_uri" | grep -E '^wrote'
 
-step "read the whole export back with nbdcopy and compare with the backing file"
-nbdcopy "$uri" "$work/copy.img"
-sha256sum "$work/demo.img" "$work/copy.img" | sed "s|$work/||"
-cmp "$work/demo.img" "$work/copy.img" && echo "checksums match"
-rm -f "$work/copy.img"
+step "the DR export is read-only while it is the DR side"
+qemu-io -f raw -c 'write -P 1 0 4k' "nbd+unix:///db-dr?socket=$work/node-b/run/nbd/db-dr.sock" 2>&1 | head -n 1 || true
 
-step "dirty bytes tracked by the agent"
-blockrep status
-blockrep volume dirty demo
+step "pair show (from node-b: every daemon forwards pair calls to the coordinator)"
+for _ in $(seq 100); do
+    [[ $(a --output json status | grep -c '"out_of_sync_bytes": 0') == 2 ]] && break
+    sleep 0.1
+done
+b pair show db-pair
+b pair list
 
-step "restart the daemon (SIGTERM: drain, flush bitmap) and find the volume again"
-kill -TERM "$daemon_pid"; wait "$daemon_pid"
-start_daemon
-blockrep volume show demo
+step "stop both agents (the DR side applies what it staged) and compare the volumes"
+for pid in "${pids[@]}"; do kill -TERM "$pid"; wait "$pid" || true; done
+pids=()
+(cd "$work" && sha256sum db.img db-dr.img logs.img logs-dr.img)
+cmp "$work/db.img" "$work/db-dr.img" && echo "db and db-dr are identical"
+cmp "$work/logs.img" "$work/logs-dr.img" && echo "logs and logs-dr are identical"

@@ -114,8 +114,16 @@ fn pair_replicates_fio_during_the_initial_sync(model: &str) {
     assert_eq!(status_b["pairs"][0]["side"], "dr");
     // Metrics name the pair on both sides.
     let metrics = cluster.node("node-a").metrics();
-    assert!(metrics.contains(&format!("blockrep_pair_sent_bytes_total{{pair=\"{pair}\"")), "{metrics}");
-    assert!(cluster.node("node-b").metrics().contains("blockrep_pair_received_bytes_total"));
+    assert!(
+        metrics.contains(&format!("blockrep_pair_sent_bytes_total{{pair=\"{pair}\"")),
+        "{metrics}"
+    );
+    assert!(
+        cluster
+            .node("node-b")
+            .metrics()
+            .contains("blockrep_pair_received_bytes_total")
+    );
     // The DR export is read-only while it is the DR side: it says so, and a write gets
     // EPERM and changes nothing.
     let socket = cluster.node("node-b").daemon().nbd_socket("dr");

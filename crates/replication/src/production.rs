@@ -437,7 +437,15 @@ impl ProductionPair {
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
             if let Some(outcome) = outcome {
-                *self.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if let Some(resync) = self.resync.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let secs = resync.started.elapsed().as_secs_f64();
+                    if secs > 0.0 {
+                        self.status
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .resync_rate = self.link.resync_acked() as f64 / secs;
+                    }
+                }
                 match outcome {
                     Ok(ResyncOutcome::Stopped) => {}
                     Ok(_) => {
