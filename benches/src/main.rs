@@ -66,6 +66,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The lag scenario's second reading: an async pair cutting epochs this often.
+const SHORT_EPOCH_MS: u64 = 500;
+
 fn run_bench(args: Args) -> anyhow::Result<()> {
     env::catch_interrupts()?;
     let repeats = args.repeats.unwrap_or(if args.full { 5 } else { 3 });
@@ -161,10 +164,14 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                 {
                     continue;
                 }
-                if let Some(cluster) = &target.cluster
-                    && target.kind != targets::Kind::QuicLink
+                // Every pair settles first, not just this target's: an async pair still
+                // catching up from its own run would take CPU from this one.
+                for cluster in ready
+                    .iter()
+                    .filter(|t| t.kind != targets::Kind::QuicLink)
+                    .filter_map(|t| t.cluster.as_ref())
                 {
-                    cluster.wait_idle().context("wait for the pair to settle")?;
+                    cluster.wait_idle().context("wait for the pairs to settle")?;
                 }
                 settle(root)?;
                 let sample = match (&target.cluster, target.kind) {
@@ -207,7 +214,26 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     for scenario in &args.scenarios {
         check_interrupted()?;
         let result = match scenario.as_str() {
-            "lag" => scenarios::lag(&ready, &report, args.lag_seconds)?,
+            "lag" => {
+                let shorter = if dr_device.is_some() {
+                    let mut setup = targets::Setup {
+                        env: &mut env,
+                        device: &device,
+                        dr_device: dr_device.as_deref(),
+                        work: &work,
+                        bin: &bin,
+                    };
+                    Some(setup.async_pair_with_epochs(SHORT_EPOCH_MS)?)
+                } else {
+                    None
+                };
+                scenarios::lag(
+                    &ready,
+                    &report,
+                    args.lag_seconds,
+                    shorter.as_ref().map(|t| (t, SHORT_EPOCH_MS)),
+                )?
+            }
             "initial-sync" => scenarios::initial_sync(&mut env, &work, &bin, &report)?,
             other => bail!("unknown scenario {other:?} (lag, initial-sync)"),
         };

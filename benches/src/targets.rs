@@ -172,16 +172,7 @@ impl Setup<'_> {
                 } else {
                     "hypermetro"
                 };
-                let dr = self.dr_device.context("pair targets need a DR device")?;
-                let c = crate::pairs::Cluster::start(
-                    self.env,
-                    self.work,
-                    self.bin,
-                    spec.name,
-                    Some((self.device, dr)),
-                    Some(model),
-                    "",
-                )?;
+                let c = self.pair_cluster(spec.name, model, "")?;
                 let args = nbd_args(&c.uri);
                 let pid = c.production_pid;
                 cluster = Some(c);
@@ -208,6 +199,45 @@ impl Setup<'_> {
             server_pid,
             other_pids,
             cluster,
+        })
+    }
+
+    /// Two agents of their own with a pair (of `model`) from the device to the DR device,
+    /// initial sync done; `extra` is added to both agents' configuration.
+    pub fn pair_cluster(
+        &mut self,
+        name: &str,
+        model: &str,
+        extra: &str,
+    ) -> anyhow::Result<crate::pairs::Cluster> {
+        let dr = self.dr_device.context("pair targets need a DR device")?;
+        crate::pairs::Cluster::start(
+            self.env,
+            self.work,
+            self.bin,
+            name,
+            Some((self.device, dr)),
+            Some(model),
+            extra,
+        )
+    }
+
+    /// An async pair target like `async-pair`, whose agents cut epochs every
+    /// `epoch_interval_ms`.
+    pub fn async_pair_with_epochs(&mut self, epoch_interval_ms: u64) -> anyhow::Result<Target> {
+        let c = self.pair_cluster(
+            &format!("async-pair-epoch-{epoch_interval_ms}ms"),
+            "async",
+            &format!("[replication]\nepoch_interval_ms = {epoch_interval_ms}\n"),
+        )?;
+        Ok(Target {
+            name: "async-pair",
+            title: "async pair, shorter epochs",
+            kind: Kind::AsyncPair,
+            fio_args: nbd_args(&c.uri),
+            server_pid: Some(c.production_pid),
+            other_pids: vec![c.dr_pid],
+            cluster: Some(c),
         })
     }
 

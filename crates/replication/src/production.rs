@@ -81,6 +81,8 @@ pub struct ProductionPair {
     resync: Mutex<Option<Resync>>,
     /// What the resync thread reports when it ends.
     resync_done: Arc<Mutex<Option<Result<ResyncOutcome, String>>>>,
+    /// Wakes the tick loop when a resync ends.
+    resync_ended: Arc<tokio::sync::Notify>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -143,6 +145,7 @@ impl ProductionPair {
             }),
             resync: Mutex::new(None),
             resync_done: Arc::new(Mutex::new(None)),
+            resync_ended: Arc::new(tokio::sync::Notify::new()),
             stop,
         });
         tokio::spawn(Arc::clone(&pair).run());
@@ -368,6 +371,7 @@ impl ProductionPair {
             volume_dir: self.volume_dir.clone(),
             membership: self.membership(),
             done: Arc::clone(&self.resync_done),
+            ended: Arc::clone(&self.resync_ended),
         };
         let thread = std::thread::Builder::new()
             .name(format!("resync-{}", &pair.to_string()[..8]))
@@ -424,7 +428,10 @@ impl ProductionPair {
         let mut last_cut = Instant::now();
         let mut catch_up_thread: Option<std::thread::JoinHandle<()>> = None;
         loop {
-            interval.tick().await;
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = self.resync_ended.notified() => {}
+            }
             if last_cut.elapsed() >= self.config.epoch_interval {
                 last_cut = Instant::now();
                 if self.link.live() != Live::Sync {
@@ -448,7 +455,13 @@ impl ProductionPair {
                 }
                 match outcome {
                     Ok(ResyncOutcome::Stopped) => {}
-                    Ok(_) => {
+                    Ok(outcome) => {
+                        // Cut at once after an initial sync: the DR side is consistent
+                        // when the unit after `SyncDone` is applied, not an interval later.
+                        if outcome != ResyncOutcome::CaughtUp && self.link.live() != Live::Sync {
+                            last_cut = Instant::now();
+                            self.link.advance_epoch(now_ms());
+                        }
                         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
                         status.dr_consistent = true;
                         status.progress = 1.0;
@@ -483,6 +496,7 @@ struct ResyncReport {
     volume_dir: PathBuf,
     membership: Membership,
     done: Arc<Mutex<Option<Result<ResyncOutcome, String>>>>,
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl ResyncReport {
@@ -499,6 +513,7 @@ impl ResyncReport {
             Err(e) => tracing::error!(error = %e, "resync failed"),
         }
         *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        self.ended.notify_one();
     }
 }
 
@@ -513,7 +528,7 @@ enum ResyncKind {
     CatchUp,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum ResyncOutcome {
     FullSyncDone,
     CaughtUp,
