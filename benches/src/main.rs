@@ -171,7 +171,9 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                     .filter(|t| t.kind != targets::Kind::QuicLink)
                     .filter_map(|t| t.cluster.as_ref())
                 {
-                    cluster.wait_idle().context("wait for the pairs to settle")?;
+                    cluster
+                        .wait_idle()
+                        .context("wait for the pairs to settle")?;
                 }
                 settle(root)?;
                 let sample = match (&target.cluster, target.kind) {

@@ -112,8 +112,10 @@ enum NodeCommand {
 enum PairCommand {
     /// Create a replication pair; answers at once, with the job that follows it.
     Create {
+        /// Up to 255 bytes.
         #[arg(long, default_value = "")]
         name: String,
+        /// Up to 255 bytes.
         #[arg(long, default_value = "")]
         description: String,
         /// PRODUCTION,DR: volume ids, or names unique in the cluster.
@@ -137,6 +139,25 @@ enum PairCommand {
     Delete {
         /// Pair id or name.
         pair: String,
+    },
+    /// Resolve a pair whose sides diverged (split brain, or a newer or unrelated DR volume):
+    /// keep one zone's data; the other side's own changes are discarded by a full copy
+    /// from the kept side, which is production afterwards.
+    Resolve {
+        /// Pair id or name.
+        pair: String,
+        /// The availability zone whose data is kept.
+        #[arg(long)]
+        keep: String,
+    },
+    /// Compare both sides' checksums while the pair replicates (a job); report the ranges
+    /// that differ.
+    Verify {
+        /// Pair id or name.
+        pair: String,
+        /// Copy the differing ranges again from production.
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -252,6 +273,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             PairCommand::Show { pair } => {
                 let pair = call(client.get_pair(proto::PairRef { pair })).await?;
                 out.print(&pair);
+            }
+            PairCommand::Resolve { pair, keep } => {
+                let started =
+                    call(client.resolve_pair(proto::ResolvePairRequest { pair, keep })).await?;
+                out.print(&started);
+            }
+            PairCommand::Verify { pair, repair } => {
+                let started =
+                    call(client.verify_pair(proto::VerifyPairRequest { pair, repair })).await?;
+                out.print(&started);
             }
             PairCommand::Delete { pair } => {
                 let deleted = call(client.delete_pair(proto::PairRef { pair })).await?;

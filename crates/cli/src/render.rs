@@ -392,6 +392,9 @@ pub fn pair_json(p: &proto::Pair) -> Value {
         "production_node": p.production_node,
         "dr_node": p.dr_node,
         "counters": counters_json(p.counters.as_ref()),
+        "needs_resolve": p.needs_resolve,
+        "production_generation": empty_null(&p.production_generation),
+        "dr_generation": empty_null(&p.dr_generation),
     })
 }
 
@@ -405,6 +408,7 @@ fn job_json(j: &proto::Job) -> Value {
         "progress": j.progress,
         "fail_reason": empty_null(&j.fail_reason),
         "pair_id": empty_null(&j.pair_id),
+        "result": empty_null(&j.result),
     })
 }
 
@@ -498,8 +502,28 @@ impl Render for proto::Pair {
                     human_bytes(c.journal_limit)
                 ),
             ),
+            (
+                "generations",
+                format!(
+                    "production {}, DR {}",
+                    or_dash(&self.production_generation),
+                    or_dash(&self.dr_generation)
+                ),
+            ),
             ("created", self.created_at.clone()),
         ];
+        if self.needs_resolve {
+            rows.insert(
+                4,
+                (
+                    "action",
+                    format!(
+                        "the sides diverged: nothing is copied until `blockrep pair resolve {} --keep AZ`",
+                        self.name
+                    ),
+                ),
+            );
+        }
         if !self.description.is_empty() {
             rows.insert(2, ("description", self.description.clone()));
         }
@@ -566,6 +590,28 @@ impl Render for proto::CreatePairResponse {
     }
 }
 
+impl Render for proto::PairJobResponse {
+    fn json(&self) -> Value {
+        json!({
+            "replication": self.pair.as_ref().map(pair_json),
+            "job_id": self.job.as_ref().map(|j| j.id.clone()),
+        })
+    }
+
+    fn table(&self) -> String {
+        let pair = self.pair.clone().unwrap_or_default();
+        let job = self.job.clone().unwrap_or_default();
+        format!(
+            "pair {}: {} started; job {}\n",
+            pair.name, job.job_type, job.id
+        )
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}
+
 impl Render for proto::DeletePairResponse {
     fn json(&self) -> Value {
         json!({
@@ -605,6 +651,9 @@ impl Render for proto::Job {
         ];
         if !self.fail_reason.is_empty() {
             rows.push(("fail reason", self.fail_reason.clone()));
+        }
+        if !self.result.is_empty() {
+            rows.push(("result", self.result.clone()));
         }
         key_values(&rows)
     }

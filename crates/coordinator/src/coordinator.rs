@@ -27,7 +27,7 @@ use blockrep_core::replication::{
     JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel, ReplicationStatus,
 };
 
-use crate::records::{JobRecord, NodeRecord, PairRecord, now_text};
+use crate::records::{JobRecord, NodeRecord, PairRecord, PendingStep, now_text};
 use crate::store::{Change, Store};
 
 /// A node that has not reported for this long is down.
@@ -135,6 +135,12 @@ impl Coordinator {
             })),
             Some(Request::GetPair(r)) => self.get_pair(&r.pair).map(Response::Pair),
             Some(Request::DeletePair(r)) => self.delete_pair(&r.pair).map(Response::Deleted),
+            Some(Request::ResolvePair(r)) => {
+                self.resolve_pair(&r.pair, &r.keep).map(Response::PairJob)
+            }
+            Some(Request::VerifyPair(r)) => {
+                self.verify_pair(&r.pair, r.repair).map(Response::PairJob)
+            }
             Some(Request::GetJob(r)) => self.get_job(&r.job).map(Response::Job),
             Some(Request::ListJobs(_)) => Ok(Response::Jobs(proto::ListJobsResponse {
                 jobs: self.list_jobs(),
@@ -250,6 +256,7 @@ impl Coordinator {
             progress: 0.0,
             fail_reason: None,
             pair: Some(plan.record.id),
+            result: None,
         };
         let mut record = plan.record;
         record.job = Some(job.id);
@@ -380,6 +387,7 @@ impl Coordinator {
             production_started: false,
             failure_detail: None,
             job: None,
+            pending: None,
         };
         let plan = PairPlan {
             production_address: production.address,
@@ -475,6 +483,7 @@ impl Coordinator {
             progress: 0.0,
             fail_reason: None,
             pair: Some(id),
+            result: None,
         };
         let mut record = pair.clone();
         record.status = PairStatus::Deleting;
@@ -489,6 +498,142 @@ impl Coordinator {
             pair: Some(self.pair_view(&state, &record)),
             job: Some(job_view(&job)),
         })
+    }
+
+    /// Resolves a diverged pair keeping the data of availability zone `keep`.
+    pub fn resolve_pair(
+        &self,
+        reference: &str,
+        keep: &str,
+    ) -> Result<proto::PairJobResponse, ApiError> {
+        let mut state = self.lock();
+        let id = Self::find_pair(&state, reference)?;
+        let pair = state.pairs[&id].clone();
+        let az_of = |node: &str| {
+            state
+                .nodes
+                .get(node)
+                .map(|n| n.record.availability_zone.clone())
+                .unwrap_or_default()
+        };
+        let (production_az, dr_az) = (az_of(&pair.production_node), az_of(&pair.dr_node));
+        if keep != production_az && keep != dr_az {
+            return Err(ApiError::InvalidArgument(format!(
+                "--keep {keep:?} is neither of pair {}'s availability zones ({production_az}, {dr_az})",
+                pair.name
+            )));
+        }
+        self.check_idle(&pair)?;
+        let view = self.pair_view(&state, &pair);
+        if !view.needs_resolve {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} has not diverged (replication {}); there is nothing to resolve",
+                pair.name, view.replication_status
+            )));
+        }
+        let mut record = pair.clone();
+        if keep == production_az {
+            record.pending = Some(PendingStep::KeepProduction);
+        } else {
+            // The side that will be overwritten must not be serving anyone.
+            let clients = state
+                .nodes
+                .get(&pair.production_node)
+                .and_then(|n| {
+                    n.report
+                        .volumes
+                        .iter()
+                        .find(|v| v.id == pair.production_volume.to_string())
+                })
+                .map_or(0, |v| v.connected_clients);
+            if clients > 0 {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "production volume of pair {} has {clients} connected NBD client(s) and would be overwritten; disconnect them first",
+                    pair.name
+                )));
+            }
+            std::mem::swap(&mut record.production_volume, &mut record.dr_volume);
+            std::mem::swap(&mut record.production_node, &mut record.dr_node);
+            record.priority_station = keep.to_owned();
+            record.pending = Some(PendingStep::SwitchSides);
+        }
+        let job = self.start_job(&mut state, &mut record, JobType::ResolvePair)?;
+        tracing::info!(pair = %id, keep, "resolving a diverged pair");
+        Ok(proto::PairJobResponse {
+            pair: Some(self.pair_view(&state, &record)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// Starts an online verify (and repair) of an active pair.
+    pub fn verify_pair(
+        &self,
+        reference: &str,
+        repair: bool,
+    ) -> Result<proto::PairJobResponse, ApiError> {
+        let mut state = self.lock();
+        let id = Self::find_pair(&state, reference)?;
+        let pair = state.pairs[&id].clone();
+        self.check_idle(&pair)?;
+        let view = self.pair_view(&state, &pair);
+        if view.replication_status != ReplicationStatus::Active.to_string() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is {}, not active; verify compares an active pair",
+                pair.name, view.replication_status
+            )));
+        }
+        let mut record = pair.clone();
+        record.pending = Some(PendingStep::Verify { repair });
+        let job = self.start_job(&mut state, &mut record, JobType::VerifyPair)?;
+        Ok(proto::PairJobResponse {
+            pair: Some(self.pair_view(&state, &record)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// A pair takes a new operation only when it is available and none is running.
+    fn check_idle(&self, pair: &PairRecord) -> Result<(), ApiError> {
+        if pair.status != PairStatus::Available {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is {}; it must be available",
+                pair.name, pair.status
+            )));
+        }
+        if let Some(job) = pair.job {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is busy with job {job}",
+                pair.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores `record` with a new running job of `job_type`, and wakes the driver.
+    fn start_job(
+        &self,
+        state: &mut State,
+        record: &mut PairRecord,
+        job_type: JobType,
+    ) -> Result<JobRecord, ApiError> {
+        let job = JobRecord {
+            id: JobId::random(),
+            job_type,
+            status: JobStatus::Running,
+            begin_time: now_text(),
+            end_time: None,
+            progress: 0.0,
+            fail_reason: None,
+            pair: Some(record.id),
+            result: None,
+        };
+        record.job = Some(job.id);
+        record.updated_at = Some(now_text());
+        self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;
+        state.pairs.insert(record.id, record.clone());
+        state.jobs.insert(job.id, job.clone());
+        state.stuck_since.remove(&record.id);
+        self.kick.notify_one();
+        Ok(job)
     }
 
     /// A pair as the API shows it: the record, with what its agents last reported.
@@ -553,6 +698,21 @@ impl Coordinator {
         if let Some((s, _)) = &dr {
             view.consistent_epoch = s.consistent_epoch;
             view.consistent_at = s.consistent_at.clone();
+            view.dr_generation = s.generation.clone();
+        }
+        if let Some((s, _)) = &production {
+            view.production_generation = s.generation.clone();
+        }
+        view.needs_resolve = [&production, &dr]
+            .iter()
+            .any(|r| r.as_ref().is_some_and(|(s, _)| s.needs_resolve));
+        if view.needs_resolve && view.replication_status != ReplicationStatus::Error.to_string() {
+            // The DR side refused; production may not have reported it yet.
+            if let Some((s, _)) = dr.as_ref().filter(|(s, _)| s.needs_resolve) {
+                view.replication_status = ReplicationStatus::Error.to_string();
+                view.status_detail = s.status_detail.clone();
+                view.status_since = s.status_since.clone();
+            }
         }
         if p.status == PairStatus::Error {
             view.replication_status = ReplicationStatus::Error.to_string();
@@ -594,6 +754,7 @@ impl Coordinator {
                 .filter(|p| {
                     matches!(p.status, PairStatus::Creating | PairStatus::Deleting)
                         || p.job.is_some()
+                        || p.pending.is_some()
                 })
                 .cloned()
                 .collect();
@@ -645,39 +806,152 @@ impl Coordinator {
                 }
             }
             PairStatus::Deleting => self.drive_delete(pair).await,
+            _ if pair.pending.is_some() => self.drive_pending(pair).await,
             _ => self.follow_job(&pair),
         }
     }
 
-    /// The create job follows the initial sync: done once the pair is active.
+    /// Tells the agents the step a resolve or a verify starts with.
+    async fn drive_pending(&self, pair: PairRecord) -> Result<(), ApiError> {
+        let (production, dr) = {
+            let state = self.lock();
+            (
+                state
+                    .nodes
+                    .get(&pair.production_node)
+                    .map(|n| n.record.address),
+                state.nodes.get(&pair.dr_node).map(|n| n.record.address),
+            )
+        };
+        let (Some(production), Some(dr)) = (production, dr) else {
+            return self.stuck(&pair, "a node of the pair is not registered");
+        };
+        let command = |repair| proto::PairCommand {
+            pair_id: pair.id.to_string(),
+            job_id: pair.job.map(|j| j.to_string()).unwrap_or_default(),
+            repair,
+        };
+        let done = match pair.pending.expect("filtered") {
+            PendingStep::KeepProduction => {
+                self.call_agent(
+                    &pair.production_node,
+                    production,
+                    Request::KeepProduction(command(false)),
+                )
+                .await
+            }
+            PendingStep::Verify { repair } => {
+                self.call_agent(
+                    &pair.production_node,
+                    production,
+                    Request::Verify(command(repair)),
+                )
+                .await
+            }
+            PendingStep::SwitchSides => {
+                // The record already names the kept side as production: the old
+                // production agent steps down first, then the kept side takes over.
+                let step_down = PairPlan::assignment_of(&pair, Side::Dr, production);
+                let take_over = proto::PairAssignment {
+                    discard_peer: true,
+                    ..PairPlan::assignment_of(&pair, Side::Production, dr)
+                };
+                async {
+                    self.call_agent(&pair.dr_node, dr, Request::SwitchSide(step_down))
+                        .await?;
+                    self.call_agent(
+                        &pair.production_node,
+                        production,
+                        Request::SwitchSide(take_over),
+                    )
+                    .await
+                }
+                .await
+            }
+        };
+        if let Err(e) = done {
+            return self.stuck(&pair, &e.to_string());
+        }
+        let mut record = pair.clone();
+        record.pending = None;
+        self.commit(&[Change::PutPair(record.clone())])?;
+        let mut state = self.lock();
+        state.stuck_since.remove(&pair.id);
+        state.pairs.insert(pair.id, record);
+        Ok(())
+    }
+
+    /// A pair's job follows what its agents report: a create or resolve is done once the
+    /// pair is active (and fails if its sides diverged); a verify once the production agent
+    /// says it ended.
     fn follow_job(&self, pair: &PairRecord) -> Result<(), ApiError> {
         let Some(job_id) = pair.job else {
             return Ok(());
         };
-        let view = {
+        let (view, verify) = {
             let state = self.lock();
-            self.pair_view(&state, pair)
+            let verify = state
+                .nodes
+                .get(&pair.production_node)
+                .and_then(|n| {
+                    n.report
+                        .pairs
+                        .iter()
+                        .find(|s| s.pair_id == pair.id.to_string())
+                })
+                .and_then(|s| s.verify.clone())
+                .filter(|v| v.job_id == job_id.to_string());
+            (self.pair_view(&state, pair), verify)
         };
         let mut state = self.lock();
-        let Some(job) = state.jobs.get_mut(&job_id) else {
+        let Some(job) = state.jobs.get(&job_id).cloned() else {
             return Ok(());
         };
         if job.status.is_finished() {
             return Ok(());
         }
-        job.progress = view.progress.max(job.progress);
-        if view.replication_status == ReplicationStatus::Active.to_string() {
-            let mut job = job.clone();
-            job.status = JobStatus::Success;
-            job.progress = 1.0;
-            job.end_time = Some(now_text());
-            let mut record = pair.clone();
-            record.job = None;
-            self.commit(&[Change::PutJob(job.clone()), Change::PutPair(record.clone())])?;
-            tracing::info!(pair = %pair.id, job = %job.id, "pair is active; job done");
+        let mut job = job;
+        let outcome = match job.job_type {
+            JobType::VerifyPair => match verify {
+                Some(v) if v.done && v.error.is_empty() => {
+                    job.result = Some(verify_result(&v));
+                    Some(Ok(()))
+                }
+                Some(v) if v.done => Some(Err(v.error)),
+                Some(v) => {
+                    job.progress = v.progress.max(job.progress);
+                    None
+                }
+                None => None,
+            },
+            _ if view.needs_resolve => Some(Err(view.status_detail.clone())),
+            _ if view.replication_status == ReplicationStatus::Active.to_string() => Some(Ok(())),
+            _ => {
+                job.progress = view.progress.max(job.progress);
+                None
+            }
+        };
+        let Some(outcome) = outcome else {
             state.jobs.insert(job.id, job);
-            state.pairs.insert(record.id, record);
+            return Ok(());
+        };
+        job.end_time = Some(now_text());
+        match outcome {
+            Ok(()) => {
+                job.status = JobStatus::Success;
+                job.progress = 1.0;
+            }
+            Err(reason) => {
+                job.status = JobStatus::Fail;
+                job.fail_reason = Some(reason);
+            }
         }
+        let mut record = pair.clone();
+        record.job = None;
+        self.commit(&[Change::PutJob(job.clone()), Change::PutPair(record.clone())])?;
+        tracing::info!(pair = %pair.id, job = %job.id, job_type = %job.job_type, status = %job.status, "job ended");
+        state.jobs.insert(job.id, job);
+        state.pairs.insert(record.id, record);
         Ok(())
     }
 
@@ -790,6 +1064,47 @@ impl Coordinator {
     }
 }
 
+/// A finished verify in words: what was compared, and the ranges that differ.
+fn verify_result(v: &proto::VerifyState) -> String {
+    let mut text = format!(
+        "{} compared, {} differing, {} not compared (dirty or written throughout)",
+        human(v.verified_bytes),
+        human(v.differing_bytes),
+        human(v.unverified_bytes)
+    );
+    if !v.differing.is_empty() {
+        let listed: Vec<String> = v
+            .differing
+            .iter()
+            .take(20)
+            .map(|e| format!("{}+{}", e.offset, e.length))
+            .collect();
+        text.push_str(&format!("; differing: {}", listed.join(", ")));
+        if v.differing.len() > 20 {
+            text.push_str(&format!(" and {} more", v.differing.len() - 20));
+        }
+        if v.repaired {
+            text.push_str("; copied again from production");
+        }
+    }
+    text
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 fn job_view(j: &JobRecord) -> proto::Job {
     proto::Job {
         id: j.id.to_string(),
@@ -800,6 +1115,7 @@ fn job_view(j: &JobRecord) -> proto::Job {
         progress: j.progress,
         fail_reason: j.fail_reason.clone().unwrap_or_default(),
         pair_id: j.pair.map(|p| p.to_string()).unwrap_or_default(),
+        result: j.result.clone().unwrap_or_default(),
     }
 }
 
@@ -851,6 +1167,11 @@ impl PairPlan {
             peer_node: peer_node.clone(),
             peer_address: peer_address.to_string(),
             size_bytes: p.size,
+            side: match side {
+                Side::Production => "production".into(),
+                Side::Dr => "dr".into(),
+            },
+            discard_peer: false,
         }
     }
 }

@@ -30,6 +30,22 @@ pub struct PairRecord {
     /// The job that follows the pair's current long operation.
     #[serde(default)]
     pub job: Option<JobId>,
+    /// A step the driver still has to take to an agent for that operation.
+    #[serde(default)]
+    pub pending: Option<PendingStep>,
+}
+
+/// What the driver still has to tell an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingStep {
+    /// Resolve keeping production: it copies the whole volume over the DR side.
+    KeepProduction,
+    /// Resolve keeping the DR side: the two agents switch sides (already swapped in the
+    /// record), and the new production side copies over the old one.
+    SwitchSides,
+    /// Start an online verify on the production agent.
+    Verify { repair: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,6 +58,9 @@ pub struct JobRecord {
     pub progress: f64,
     pub fail_reason: Option<String>,
     pub pair: Option<PairId>,
+    /// What the job found (a verify's differing ranges), in words.
+    #[serde(default)]
+    pub result: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

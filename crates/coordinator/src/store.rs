@@ -150,6 +150,7 @@ mod tests {
             progress: 0.5,
             fail_reason: None,
             pair: Some(PairId::random()),
+            result: None,
         };
         {
             let store = RedbStore::open(&path).unwrap();

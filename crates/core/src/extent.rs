@@ -41,6 +41,11 @@ impl ByteRange {
         self.len == 0
     }
 
+    /// Whether the two ranges share a byte.
+    pub const fn overlaps(&self, other: &ByteRange) -> bool {
+        self.offset < other.end() && other.offset < self.end()
+    }
+
     /// Whether offset and length are both multiples of `align` (a power of two).
     pub const fn is_aligned(&self, align: u64) -> bool {
         (self.offset | self.len) & (align - 1) == 0

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use blockrep_api::ApiError;
 use blockrep_api::model::AddVolume;
 use blockrep_core::VolumeId;
-use blockrep_core::replication::VolumeRole;
+use blockrep_core::replication::{GenerationId, VolumeRole};
 use blockrep_nbd::{ClientStream, ExportSet};
 use blockrep_replication::membership::Membership;
 use blockrep_replication::pairs::{Pairs, VolumeHandle};
-use blockrep_volume::{Backing, DirtyTracker, Volume};
+use blockrep_volume::{Backing, DirtyTracker, LineageFile, Volume};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -125,6 +125,12 @@ impl Agent {
             .transpose()
             .map_err(|e| ApiError::Internal(format!("cannot start the bitmap flusher: {e}")))?;
         let volume = Arc::new(Volume::new(record.name.to_string(), backing, tracker));
+        // The volume's data generations (rule 5): its first write in each is recorded.
+        let lineage = LineageFile::open(&self.tracker_dir(record.id), GenerationId::random())
+            .map_err(|e| {
+                ApiError::Internal(format!("generations of volume {}: {e}", record.name))
+            })?;
+        volume.gate().set_lineage(Arc::new(lineage));
         // A volume in a pair keeps its role across restarts: a DR volume stays read-only
         // even before (or without) the cluster endpoint.
         match Membership::load(&self.tracker_dir(record.id)) {

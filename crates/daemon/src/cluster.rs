@@ -56,6 +56,7 @@ impl Cluster {
             config.listen,
             &tls,
             Arc::clone(&handler) as Arc<dyn Inbound>,
+            config.peer_timeout,
         )?;
         agent.pairs().set_endpoint(Arc::clone(&endpoint));
         let agents = Arc::new(AgentsOverQuic {
@@ -160,10 +161,28 @@ impl Cluster {
 
     /// A call the coordinator makes to this agent.
     fn agent_request(&self, request: Request) -> Result<Response, ApiError> {
+        let pairs = self.agent.pairs();
+        let pair_id = |id: &str| {
+            id.parse()
+                .map_err(|e| ApiError::InvalidArgument(format!("pair id: {e}")))
+        };
         let (assignment, side) = match request {
             Request::BecomeDr(a) => (a, Some(Side::Dr)),
             Request::BecomeProduction(a) => (a, Some(Side::Production)),
             Request::LeavePair(a) => (a, None),
+            Request::SwitchSide(a) => {
+                let handle = self.agent.volume_handle(&a.local_volume_id)?;
+                pairs.switch_side(&a, handle)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::KeepProduction(c) => {
+                pairs.keep_production(pair_id(&c.pair_id)?)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::Verify(c) => {
+                pairs.start_verify(pair_id(&c.pair_id)?, c.job_id, c.repair)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
             _ => unreachable!("only agent requests come here"),
         };
         let handle = self.agent.volume_handle(&assignment.local_volume_id)?;
@@ -191,7 +210,10 @@ impl Inbound for Handler {
                 Some(
                     r @ (Request::BecomeDr(_)
                     | Request::BecomeProduction(_)
-                    | Request::LeavePair(_)),
+                    | Request::LeavePair(_)
+                    | Request::SwitchSide(_)
+                    | Request::KeepProduction(_)
+                    | Request::Verify(_)),
                 ) => {
                     let cluster = Arc::clone(cluster);
                     let answer = tokio::task::spawn_blocking(move || cluster.agent_request(r))

@@ -63,6 +63,12 @@ struct RawCluster {
     key: PathBuf,
     #[serde(default)]
     coordinator_role: bool,
+    #[serde(default = "default_peer_timeout_ms")]
+    peer_timeout_ms: u64,
+}
+
+fn default_peer_timeout_ms() -> u64 {
+    blockrep_replication::DEFAULT_PEER_TIMEOUT.as_millis() as u64
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +106,9 @@ pub struct ClusterConfig {
     pub tls: TlsFiles,
     /// This daemon runs the coordinator (at `coordinator`).
     pub coordinator_role: bool,
+    /// A peer silent this long is gone: its connection is dropped and its pairs leave
+    /// `active`.
+    pub peer_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,7 +368,14 @@ impl Config {
                         ));
                     }
                 }
+                if !(500..=600_000).contains(&c.peer_timeout_ms) {
+                    return Err(invalid(
+                        "cluster.peer_timeout_ms",
+                        format!("{} must be from 500 to 600000", c.peer_timeout_ms),
+                    ));
+                }
                 Ok(ClusterConfig {
+                    peer_timeout: Duration::from_millis(c.peer_timeout_ms),
                     listen,
                     coordinator,
                     tls: TlsFiles {
@@ -391,6 +407,11 @@ impl Config {
         let replication = ReplicationConfig {
             epoch_interval: Duration::from_millis(r.epoch_interval_ms),
             journal_bytes,
+            peer_timeout: cluster
+                .as_ref()
+                .map_or(ReplicationConfig::default().peer_timeout, |c| {
+                    c.peer_timeout
+                }),
             ..ReplicationConfig::default()
         };
         let metrics_listen = raw

@@ -233,6 +233,32 @@ impl agent_server::Agent for AgentService {
         }
     }
 
+    async fn resolve_pair(
+        &self,
+        request: Request<proto::ResolvePairRequest>,
+    ) -> Result<Response<proto::PairJobResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::ResolvePair(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::PairJob(answer) => Ok(Response::new(answer)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn verify_pair(
+        &self,
+        request: Request<proto::VerifyPairRequest>,
+    ) -> Result<Response<proto::PairJobResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::VerifyPair(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::PairJob(answer) => Ok(Response::new(answer)),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn get_job(
         &self,
         request: Request<proto::JobRef>,

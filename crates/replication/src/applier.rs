@@ -10,6 +10,10 @@
 //!   syncs the volume and records the applied epoch (`Applied`).
 //!
 //! A payload whose CRC does not match is not written: the sender gets a `Reject`.
+//!
+//! A `Verify` is a barrier too: the blocks it names are read back and their CRCs compared
+//! once every earlier frame is on the volume — at once for direct replication, or right
+//! after the unit of its epoch is applied (before the next unit) for epochs.
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,7 +25,7 @@ use std::thread::JoinHandle;
 use blockrep_core::replication::Epoch;
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
-use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, payload_crc};
+use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, types};
 use tokio::sync::mpsc::UnboundedSender;
@@ -60,6 +64,17 @@ pub enum ApplyCmd {
         epoch: Epoch,
         cut_ms: u64,
     },
+    Verify(VerifyCmd),
+}
+
+/// An online verify request: production's CRC of each `block`-byte block from `offset`.
+#[derive(Debug)]
+pub struct VerifyCmd {
+    pub id: u64,
+    pub offset: u64,
+    pub block: u32,
+    pub after: Option<Epoch>,
+    pub crcs: Vec<u32>,
 }
 
 /// What the applier reports back, to be sent to the production side.
@@ -75,6 +90,11 @@ pub enum ApplyEvent {
     Reject {
         seq: u64,
         reason: RejectReason,
+    },
+    /// The blocks of verify request `id` whose CRC differs here.
+    Verified {
+        id: u64,
+        differing: Vec<u16>,
     },
     /// The DR volume or its stage log failed: the stream must end.
     Failed(String),
@@ -152,6 +172,7 @@ impl Applier {
             inflight: 0,
             applying: None,
             unit_queue: VecDeque::new(),
+            held_verifies: Vec::new(),
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -246,6 +267,8 @@ struct Worker {
     applying: Option<Applying>,
     /// The unit's writes not yet submitted.
     unit_queue: VecDeque<Staged>,
+    /// Verify requests waiting for the unit of their epoch.
+    held_verifies: Vec<VerifyCmd>,
 }
 
 impl Worker {
@@ -320,6 +343,7 @@ impl Worker {
                     | ApplyCmd::Seal { .. }
                     | ApplyCmd::SyncDone { .. }
                     | ApplyCmd::Replay { .. }
+                    | ApplyCmd::Verify(_)
             ) || matches!(cmd, ApplyCmd::Write { header, .. }
                 if header.flags.has(WriteFlags::DIRECT) && !is_fast(header));
             if barrier && self.inflight > 0 {
@@ -342,6 +366,10 @@ impl Worker {
                 ApplyCmd::Seal { epoch, cut_ms } => self.seal(epoch, cut_ms, true)?,
                 ApplyCmd::Replay { epoch, cut_ms } => self.seal(epoch, cut_ms, false)?,
                 ApplyCmd::Discard { after } => self.log.discard_after(after),
+                ApplyCmd::Verify(v) => match v.after {
+                    Some(epoch) if epoch > self.state.applied => self.held_verifies.push(v),
+                    _ => self.verify(&v)?,
+                },
                 ApplyCmd::SyncDone { epoch } => {
                     self.state.sync_done_at = Some(epoch);
                     self.volume.backing().sync_data()?;
@@ -598,6 +626,40 @@ impl Worker {
         self.emit(ApplyEvent::Applied {
             epoch: applying.epoch,
             cut_ms: applying.cut_ms,
+        });
+        // The volume now holds every write of epochs ≤ this one and none later.
+        let (due, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_verifies)
+            .into_iter()
+            .partition(|v| v.after.is_none_or(|e| e <= applying.epoch));
+        self.held_verifies = held;
+        for v in &due {
+            self.verify(v)?;
+        }
+        Ok(())
+    }
+
+    /// Reads back the blocks a verify names and reports those whose CRC differs.
+    fn verify(&self, v: &VerifyCmd) -> io::Result<()> {
+        let len = (u64::from(v.block) * v.crcs.len() as u64)
+            .min(self.volume.size().saturating_sub(v.offset));
+        let range = ByteRange::new(v.offset, len);
+        let aligned = range.align_out(DIRECT_IO_ALIGN);
+        let mut buf = AlignedBuf::new(aligned.len as usize);
+        self.volume
+            .backing()
+            .read_exact_at(&mut buf, aligned.offset)?;
+        let start = (range.offset - aligned.offset) as usize;
+        let here = block_crcs(&buf[start..start + len as usize], v.block as usize);
+        let differing = v
+            .crcs
+            .iter()
+            .enumerate()
+            .filter(|&(i, crc)| here.get(i) != Some(crc))
+            .map(|(i, _)| i as u16)
+            .collect();
+        self.emit(ApplyEvent::Verified {
+            id: v.id,
+            differing,
         });
         Ok(())
     }

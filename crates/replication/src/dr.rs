@@ -2,15 +2,16 @@
 //! frames to the applier in order, and sends the applier's answers back.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, ReplicationStatus};
-use blockrep_volume::Volume;
-use blockrep_wire::{Frame, Hello, ProtocolVersion};
+use blockrep_volume::{LineageFile, Volume};
+use blockrep_wire::{Frame, Hello, ProtocolVersion, RefuseKind};
 
-use crate::applier::{Applier, ApplierSetup, ApplyCmd, ApplyCounters, ApplyEvent};
+use crate::applier::{Applier, ApplierSetup, ApplyCmd, ApplyCounters, ApplyEvent, VerifyCmd};
 use crate::dr_state::DrState;
 use crate::endpoint::ReplicationStream;
 use crate::membership::Membership;
@@ -39,6 +40,8 @@ pub struct DrPair {
     applier_stopped: tokio::sync::Notify,
     pub counters: Arc<ApplyCounters>,
     pub streams_refused: AtomicU64,
+    /// The last stream was refused as a divergence (split brain, newer or unrelated data).
+    diverged: AtomicBool,
 }
 
 impl DrPair {
@@ -60,6 +63,7 @@ impl DrPair {
             applier_stopped: tokio::sync::Notify::new(),
             counters: Arc::new(ApplyCounters::default()),
             streams_refused: AtomicU64::new(0),
+            diverged: AtomicBool::new(false),
         })
     }
 
@@ -125,7 +129,12 @@ impl DrPair {
         if let Some(reason) = self.check(&hello) {
             self.streams_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
-            let _ = writer.send(&Frame::Refuse { reason }).await;
+            let _ = writer
+                .send(&Frame::Refuse {
+                    kind: RefuseKind::Mismatch,
+                    reason,
+                })
+                .await;
             writer.finish();
             return;
         }
@@ -158,7 +167,12 @@ impl DrPair {
             Ok(Err(e)) => {
                 let reason = format!("cannot open the stage log: {e}");
                 tracing::error!(pair = %self.membership.pair, %reason);
-                let _ = writer.send(&Frame::Refuse { reason }).await;
+                let _ = writer
+                    .send(&Frame::Refuse {
+                        kind: RefuseKind::Failed,
+                        reason,
+                    })
+                    .await;
                 return;
             }
             Err(e) => {
@@ -171,11 +185,54 @@ impl DrPair {
             .last()
             .map_or(state.applied, |s| s.epoch)
             .max(state.applied);
+        // Generations first (rule 5): never take data that would overwrite newer data.
+        let Some(lineage_file) = self.volume.gate().lineage() else {
+            tracing::error!(pair = %self.membership.pair, "the DR volume has no lineage");
+            return;
+        };
+        let lineage = lineage_file.get();
+        let plan = lineage::plan(
+            ProductionView {
+                lineage: &hello.lineage,
+                dirty: hello.flags.dirty,
+                full_sync_done: hello.flags.full_sync_done,
+                discard_peer: hello.flags.discard_peer,
+            },
+            DrView {
+                lineage: &lineage,
+                consistent: state.consistent,
+            },
+        );
         let welcome = Frame::Welcome {
             applied: state.applied,
             staged,
             consistent: state.consistent,
+            lineage: lineage.clone(),
         };
+        let mut state = state;
+        let accepted = match plan {
+            Plan::Diverged(divergence) => Err((RefuseKind::Diverged, divergence.to_string())),
+            plan => self
+                .accept_generation(&lineage_file, &hello, plan, &mut state, &state_path)
+                .await
+                .map_err(|e| {
+                    (
+                        RefuseKind::Failed,
+                        format!("cannot record the DR volume's generation: {e}"),
+                    )
+                }),
+        };
+        if let Err((kind, reason)) = accepted {
+            self.streams_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(pair = %self.membership.pair, %reason, "refused a replication stream");
+            self.diverged
+                .store(kind == RefuseKind::Diverged, Ordering::SeqCst);
+            self.set_status(ReplicationStatus::Error, reason.clone());
+            let _ = writer.send(&Frame::Refuse { kind, reason }).await;
+            writer.finish();
+            return;
+        }
+        self.diverged.store(false, Ordering::SeqCst);
         let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let setup = ApplierSetup {
             label: self.membership.pair.to_string()[..8].to_owned(),
@@ -222,9 +279,11 @@ impl DrPair {
                         Frame::Applied { epoch, cut_ms }
                     }
                     ApplyEvent::Reject { seq, reason } => Frame::Reject { seq, reason },
+                    ApplyEvent::Verified { id, differing } => Frame::Verified { id, differing },
                     ApplyEvent::Failed(reason) => {
                         let _ = writer
                             .send(&Frame::Refuse {
+                                kind: RefuseKind::Failed,
                                 reason: reason.clone(),
                             })
                             .await;
@@ -247,6 +306,19 @@ impl DrPair {
                             Frame::Seal { epoch, cut_ms } => ApplyCmd::Seal { epoch, cut_ms },
                             Frame::Discard { after } => ApplyCmd::Discard { after },
                             Frame::SyncDone { epoch } => ApplyCmd::SyncDone { epoch },
+                            Frame::Verify {
+                                id,
+                                offset,
+                                block,
+                                after,
+                                crcs,
+                            } => ApplyCmd::Verify(VerifyCmd {
+                                id,
+                                offset,
+                                block,
+                                after,
+                                crcs,
+                            }),
                             _ => return Err("unexpected frame on a replication stream".to_owned()),
                         };
                         applier.submit(cmd);
@@ -280,6 +352,43 @@ impl DrPair {
             "the production agent disconnected",
         );
         self.stop_applier(applier).await;
+    }
+
+    /// Takes the production side's generation before any of its data is written; a full
+    /// copy also forgets that the volume held a consistent image.
+    async fn accept_generation(
+        &self,
+        lineage: &Arc<LineageFile>,
+        hello: &Hello,
+        plan: Plan,
+        state: &mut DrState,
+        state_path: &std::path::Path,
+    ) -> std::io::Result<()> {
+        if let Plan::FullSync(reason) = plan {
+            tracing::info!(pair = %self.membership.pair, %reason, "the production side copies the whole volume");
+            if state.consistent || state.sync_done_at.is_some() {
+                state.consistent = false;
+                state.sync_done_at = None;
+                let (to_save, path) = (state.clone(), state_path.to_owned());
+                tokio::task::spawn_blocking(move || to_save.save(&path))
+                    .await
+                    .map_err(std::io::Error::other)??;
+            }
+        }
+        let (lineage, id) = (Arc::clone(lineage), hello.lineage.current.id);
+        tokio::task::spawn_blocking(move || lineage.adopt(id))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Ends the stream being served, if any (the volume leaves this side).
+    pub fn close(&self) {
+        self.newest.send_replace(u64::MAX);
+    }
+
+    /// The last stream was refused because the two sides diverged.
+    pub fn needs_resolve(&self) -> bool {
+        self.diverged.load(Ordering::SeqCst)
     }
 
     fn applied(&self, epoch: Epoch, cut_ms: u64) {

@@ -26,9 +26,9 @@ use crate::framed::{FrameReader, FrameWriter, StreamError};
 
 /// How long a control call may take, connection included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// A peer that sends nothing (not even keep-alives) for this long is gone.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-const KEEP_ALIVE: Duration = Duration::from_millis(1000);
+/// A peer that sends nothing (not even keep-alives) for this long is gone, unless the
+/// endpoint is given another timeout (`cluster.peer_timeout_ms`).
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest control message accepted.
 const MAX_CONTROL_BYTES: usize = 16 << 20;
 
@@ -103,7 +103,7 @@ pub struct ClusterEndpoint {
 /// datagrams loopback allows, in this machine's measurements.)
 const SOCKET_BUFFER: usize = 8 << 20;
 
-fn transport() -> TransportConfig {
+fn transport(peer_timeout: Duration) -> TransportConfig {
     let mut t = TransportConfig::default();
     // Windows large enough to fill a fast link with one stream (quinn's perf tool does
     // the same).
@@ -112,9 +112,10 @@ fn transport() -> TransportConfig {
     t.send_window(128 << 20);
     t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Keep-alives often enough that a healthy but idle peer never looks gone.
+    t.keep_alive_interval(Some(peer_timeout / 5));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("small timeout"),
+        quinn::IdleTimeout::try_from(peer_timeout).expect("timeout checked by the config"),
     ));
     t
 }
@@ -125,8 +126,9 @@ impl ClusterEndpoint {
         listen: SocketAddr,
         tls: &NodeTls,
         inbound: Arc<dyn Inbound>,
+        peer_timeout: Duration,
     ) -> Result<Arc<Self>, EndpointError> {
-        let transport = Arc::new(transport());
+        let transport = Arc::new(transport(peer_timeout));
         let server_tls = QuicServerConfig::try_from(tls.server_config(ALPN)?)
             .map_err(|e| EndpointError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
@@ -149,7 +151,7 @@ impl ClusterEndpoint {
 
     /// An endpoint that only dials out (no listening), for tools.
     pub fn client_only(tls: &NodeTls) -> Result<Arc<Self>, EndpointError> {
-        let client = Self::client_config(tls, Arc::new(transport()))?;
+        let client = Self::client_config(tls, Arc::new(transport(DEFAULT_PEER_TIMEOUT)))?;
         let any: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let endpoint = new_endpoint(any, None)?;
         Ok(Arc::new(Self {

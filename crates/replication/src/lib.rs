@@ -7,6 +7,7 @@
 //!   tasks send what it queues and handle the DR side's answers.
 //! - The DR half: [`applier::Applier`] writes incoming frames to the DR volume, through the
 //!   [`stage_log`] for units that must apply whole.
+//! - [`verify`]: online verify, comparing both sides' CRCs while the pair replicates.
 
 pub mod applier;
 pub mod dr;
@@ -19,3 +20,6 @@ pub mod membership;
 pub mod pairs;
 pub mod production;
 pub mod stage_log;
+pub mod verify;
+
+pub use endpoint::DEFAULT_PEER_TIMEOUT;

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::{
@@ -25,6 +26,8 @@ use blockrep_volume::{
     AfterLocal, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
 };
 use bytes::Bytes;
+
+use crate::verify::{Probe, ProbeResult, Probes};
 
 /// Journal payloads: shared, never copied.
 #[derive(Clone, Debug)]
@@ -91,6 +94,20 @@ struct State {
     needs_catch_up: bool,
     /// Resync extents acknowledged, in bytes.
     resync_acked: u64,
+    /// When the DR side last answered, or when a frame began waiting with none waiting.
+    answered_at: Instant,
+    /// Online verify probes waiting for the DR side, and answered.
+    probes: Probes,
+}
+
+impl State {
+    /// `seq` waits for the DR side's acknowledgement.
+    fn await_ack(&mut self, seq: u64, pending: Pending) {
+        if self.pending.is_empty() {
+            self.answered_at = Instant::now();
+        }
+        self.pending.insert(seq, pending);
+    }
 }
 
 pub struct PairLink {
@@ -123,6 +140,8 @@ impl PairLink {
                 cut_times: BTreeMap::new(),
                 needs_catch_up: false,
                 resync_acked: 0,
+                answered_at: Instant::now(),
+                probes: Probes::default(),
             }),
             changed: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
@@ -224,6 +243,7 @@ impl PairLink {
     pub fn disconnected(&self) {
         let mut state = self.lock();
         state.live = Live::Tracked;
+        state.probes.lose_all();
         let forget = state.journal.disconnect();
         let pending = std::mem::take(&mut state.pending);
         drop(state);
@@ -294,6 +314,15 @@ impl PairLink {
                 Outgoing::Flush { seq } => OutFrame::Flush { seq },
                 Outgoing::Discard { after } => OutFrame::Discard { after },
                 Outgoing::SyncDone { epoch } => OutFrame::SyncDone { epoch },
+                Outgoing::Verify { id, after } => match state.probes.get(id) {
+                    Some(probe) => OutFrame::Verify {
+                        id,
+                        offset: probe.range.offset,
+                        after,
+                        crcs: probe.crcs.clone(),
+                    },
+                    None => continue,
+                },
             };
             out.push(frame);
         }
@@ -305,7 +334,11 @@ impl PairLink {
 
     /// A direct write or a flush was acknowledged.
     pub fn handle_ack(&self, seq: u64) {
-        let pending = self.lock().pending.remove(&seq);
+        let pending = {
+            let mut state = self.lock();
+            state.answered_at = Instant::now();
+            state.pending.remove(&seq)
+        };
         match pending {
             Some(Pending::Write {
                 ticket,
@@ -331,9 +364,68 @@ impl PairLink {
         }
     }
 
+    /// How long frames the DR side acknowledges one by one (hypermetro writes, flushes,
+    /// direct resync extents) have waited with no answer; `None` when none waits.
+    pub fn unanswered_for(&self) -> Option<Duration> {
+        let state = self.lock();
+        (!state.pending.is_empty()).then(|| state.answered_at.elapsed())
+    }
+
+    // ---- online verify ----
+
+    /// Queues verify probe `id` behind everything queued so far. Returns false if nothing
+    /// reaches the DR side now (no stream, or bitmap mode).
+    pub fn push_verify(&self, id: u64, probe: Probe) -> bool {
+        let mut state = self.lock();
+        let epochs = match state.live {
+            Live::Tracked => return false,
+            Live::Sync => false,
+            Live::Journal => true,
+        };
+        if !state.journal.push_verify(id, epochs) {
+            return false;
+        }
+        state.probes.insert(id, probe);
+        drop(state);
+        self.wake_sender.notify_one();
+        true
+    }
+
+    /// The DR side compared probe `id`: these blocks differ there.
+    pub fn handle_verified(&self, id: u64, differing: &[u16]) {
+        let mut state = self.lock();
+        state.answered_at = Instant::now();
+        state.probes.answer(id, differing);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// The probes answered (or lost) so far; waits up to `timeout` for one if none is.
+    pub fn wait_verify_results(&self, timeout: Duration) -> Vec<(u64, ProbeResult)> {
+        let mut state = self.lock();
+        let done = state.probes.take_done();
+        if !done.is_empty() {
+            return done;
+        }
+        let (mut state, _) = self
+            .changed
+            .wait_timeout(state, timeout)
+            .unwrap_or_else(|e| e.into_inner());
+        state.probes.take_done()
+    }
+
+    /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
+    pub fn request_catch_up(&self) {
+        self.lock().needs_catch_up = true;
+    }
+
     /// The DR side synced every epoch ≤ `epoch` into its stage log.
     pub fn handle_staged(&self, epoch: Epoch) {
-        let tickets = self.lock().journal.handle_staged(epoch);
+        let tickets = {
+            let mut state = self.lock();
+            state.answered_at = Instant::now();
+            state.journal.handle_staged(epoch)
+        };
         self.tracker.redeem(tickets);
         self.changed.notify_all();
     }
@@ -356,7 +448,7 @@ impl PairLink {
                 fua,
             }) => {
                 let again = state.journal.push_direct(range, payload.clone(), fua);
-                state.pending.insert(
+                state.await_ack(
                     again.0,
                     Pending::Write {
                         ticket,
@@ -375,7 +467,7 @@ impl PairLink {
                 payload,
             }) => {
                 let again = state.journal.push_direct(range, payload.clone(), false);
-                state.pending.insert(
+                state.await_ack(
                     again.0,
                     Pending::Extent {
                         ticket,
@@ -385,12 +477,13 @@ impl PairLink {
                 );
             }
             Some(flush @ Pending::Flush { .. }) => {
-                state.pending.insert(seq, flush);
+                state.await_ack(seq, flush);
             }
             None => {
                 // A staged write: its epoch cannot be applied whole. Start over from the
                 // bitmap.
                 let forget = state.journal.disconnect();
+                state.probes.lose_all();
                 state.live = Live::Tracked;
                 state.needs_catch_up = true;
                 drop(state);
@@ -467,7 +560,7 @@ impl PairLink {
     pub fn push_sync_extent(&self, range: ByteRange, payload: Payload<Data>, ticket: Ticket) {
         let mut state = self.lock();
         let seq = state.journal.push_direct(range, payload.clone(), false);
-        state.pending.insert(
+        state.await_ack(
             seq.0,
             Pending::Extent {
                 ticket,
@@ -542,6 +635,12 @@ pub enum OutFrame {
     SyncDone {
         epoch: Epoch,
     },
+    Verify {
+        id: u64,
+        offset: u64,
+        after: Option<Epoch>,
+        crcs: Vec<u32>,
+    },
 }
 
 fn payload_len(payload: &Payload<Data>) -> u64 {
@@ -562,6 +661,11 @@ fn to_payload(data: &ReplicaData) -> Option<Payload<Data>> {
 impl ReplicaLink for PairLink {
     fn admit(&self, writes: &mut [Replicated]) {
         let mut state = self.lock();
+        if !state.probes.is_empty() {
+            for write in writes.iter() {
+                state.probes.spoil(write.range);
+            }
+        }
         for write in writes.iter_mut() {
             write.mode = match state.live {
                 Live::Tracked if matches!(self.model, ReplicationModel::Hypermetro) => {
@@ -631,6 +735,7 @@ impl ReplicaLink for PairLink {
                 if overflowed {
                     state.live = Live::Tracked;
                     state.needs_catch_up = true;
+                    state.probes.lose_all();
                 }
                 // The sender drains everything once woken: only the first frame after it
                 // went idle needs to wake it.
@@ -682,7 +787,7 @@ impl ReplicaLink for PairLink {
             return AfterLocal::Answer;
         }
         let seq = state.journal.push_flush();
-        state.pending.insert(
+        state.await_ack(
             seq.0,
             Pending::Flush {
                 token,
@@ -714,7 +819,7 @@ impl PairLink {
         let seq = state
             .journal
             .push_direct(write.range, payload.clone(), write.fua);
-        state.pending.insert(
+        state.await_ack(
             seq.0,
             Pending::Write {
                 ticket: write.ticket.take(),

@@ -10,8 +10,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use blockrep_core::VolumeId;
-use blockrep_core::replication::{Epoch, PairId, ReplicationModel};
-use blockrep_wire::{Frame, Hello, ProtocolVersion, WriteFlags, WriteHeader, payload_crc};
+use blockrep_core::replication::{Epoch, GenerationId, Lineage, PairId, ReplicationModel};
+use blockrep_wire::{
+    Frame, Hello, HelloFlags, ProtocolVersion, WriteFlags, WriteHeader, payload_crc,
+};
 use bytes::Bytes;
 
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
@@ -61,6 +63,8 @@ pub async fn run(
         size: 0,
         model: ReplicationModel::Async,
         node: "link-test".into(),
+        lineage: Lineage::new(GenerationId(1)),
+        flags: HelloFlags::default(),
     };
     let ReplicationStream {
         mut reader,
@@ -70,7 +74,7 @@ pub async fn run(
         .await?;
     match reader.next().await? {
         Some(Frame::Welcome { .. }) => {}
-        Some(Frame::Refuse { reason }) => return Err(LinkTestError::Refused(reason)),
+        Some(Frame::Refuse { reason, .. }) => return Err(LinkTestError::Refused(reason)),
         _ => return Err(LinkTestError::Refused("no Welcome".into())),
     }
     let payload = Bytes::from(
@@ -121,6 +125,7 @@ pub async fn sink(mut stream: ReplicationStream) {
         applied: Epoch::ZERO,
         staged: Epoch::ZERO,
         consistent: false,
+        lineage: Lineage::new(GenerationId(1)),
     };
     if stream.writer.send(&welcome).await.is_err() {
         return;

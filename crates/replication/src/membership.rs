@@ -38,6 +38,10 @@ pub struct Membership {
     /// from the bitmap instead of copying everything again.
     #[serde(default)]
     pub full_sync_done: bool,
+    /// Production: the operator resolved a divergence keeping this side; the next
+    /// connection copies the whole volume over the DR side's changes.
+    #[serde(default)]
+    pub discard_peer: bool,
 }
 
 impl Membership {

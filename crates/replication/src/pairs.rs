@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use blockrep_api::ApiError;
 use blockrep_api::proto;
 use blockrep_core::VolumeId;
-use blockrep_core::replication::{PairId, ReplicationStatus, VolumeRole};
+use blockrep_core::replication::{GenerationId, PairId, ReplicationStatus, VolumeRole};
 use blockrep_volume::Volume;
-use blockrep_wire::{Frame, Hello};
+use blockrep_wire::{Frame, Hello, RefuseKind};
 
 use crate::dr::DrPair;
 use crate::endpoint::{ClusterEndpoint, ReplicationStream};
@@ -135,11 +135,22 @@ impl Pairs {
                 handle.volume.connected_clients()
             )));
         }
+        let lineage =
+            handle.volume.gate().lineage().ok_or_else(|| {
+                ApiError::Internal(format!("volume {} has no lineage", handle.name))
+            })?;
         let old = handle
             .volume
             .gate()
             .set_role(membership.role())
             .map_err(|e| ApiError::FailedPrecondition(format!("volume {}: {e}", handle.name)))?;
+        // A production volume's data begins a generation of its own with the role (rule 5).
+        if side == Side::Production
+            && let Err(e) = lineage.begin(GenerationId::random())
+        {
+            handle.volume.gate().restore_role(old);
+            return Err(ApiError::Internal(format!("record a new generation: {e}")));
+        }
         if let Err(e) = membership.save(&handle.dir) {
             handle.volume.gate().restore_role(old);
             return Err(ApiError::Internal(format!("record the pair: {e}")));
@@ -155,14 +166,21 @@ impl Pairs {
 
     /// The pair is deleted: this volume leaves it and is standalone (writable) again.
     pub fn leave(&self, pair: PairId, handle: VolumeHandle) -> Result<(), ApiError> {
-        if let Some(runtime) = self.lock().remove(&pair)
-            && let Runtime::Production(p) = runtime
-        {
-            p.stop();
+        match self.lock().remove(&pair) {
+            Some(Runtime::Production(p)) => p.stop(),
+            Some(Runtime::Dr(d)) => d.close(),
+            None => {}
         }
         match Membership::load(&handle.dir).map_err(|e| ApiError::Internal(e.to_string()))? {
             Some(m) if m.pair == pair => {}
             _ => return Ok(()),
+        }
+        // Writable on its own from now on: a new generation, so that writes to it are never
+        // mistaken for the pair's (rule 5).
+        if let Some(lineage) = handle.volume.gate().lineage() {
+            lineage
+                .begin(GenerationId::random())
+                .map_err(|e| ApiError::Internal(format!("record a new generation: {e}")))?;
         }
         handle.volume.gate().set_link(None);
         handle.volume.gate().restore_role(VolumeRole::Standalone);
@@ -197,7 +215,13 @@ impl Pairs {
                     "node {} is not the DR side of pair {}",
                     self.node, hello.pair
                 );
-                let _ = stream.writer.send(&Frame::Refuse { reason }).await;
+                let _ = stream
+                    .writer
+                    .send(&Frame::Refuse {
+                        kind: RefuseKind::Mismatch,
+                        reason,
+                    })
+                    .await;
                 stream.writer.finish();
             }
         }
@@ -223,6 +247,97 @@ impl Pairs {
                 Runtime::Dr(d) => dr_state(d),
             })
             .collect()
+    }
+
+    fn production(&self, pair: PairId) -> Result<Arc<ProductionPair>, ApiError> {
+        match self.lock().get(&pair) {
+            Some(Runtime::Production(p)) => Ok(Arc::clone(p)),
+            _ => Err(ApiError::FailedPrecondition(format!(
+                "node {} is not the production side of pair {pair}",
+                self.node
+            ))),
+        }
+    }
+
+    /// The operator keeps the production side of a diverged pair: its next connection
+    /// copies the whole volume over the DR side's changes.
+    pub fn keep_production(&self, pair: PairId) -> Result<(), ApiError> {
+        self.production(pair)?
+            .resolve_keeping_production()
+            .map_err(|e| ApiError::Internal(format!("record the resolution: {e}")))
+    }
+
+    /// Starts an online verify of `pair` (this node is its production side).
+    pub fn start_verify(&self, pair: PairId, job: String, repair: bool) -> Result<(), ApiError> {
+        self.production(pair)?
+            .start_verify(job, repair)
+            .map_err(ApiError::FailedPrecondition)
+    }
+
+    /// Moves this volume to the other side of its pair (a resolve that keeps the DR side's
+    /// data). Becoming production begins a new generation and, with `discard_peer`, copies
+    /// the whole volume over the old production side.
+    pub fn switch_side(
+        &self,
+        assignment: &proto::PairAssignment,
+        handle: VolumeHandle,
+    ) -> Result<(), ApiError> {
+        let side = match assignment.side.as_str() {
+            "production" => Side::Production,
+            "dr" => Side::Dr,
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "pair assignment: side {other:?} is not production or dr"
+                )));
+            }
+        };
+        let mut membership = membership_of(assignment, side)?;
+        membership.discard_peer = assignment.discard_peer;
+        let existing = Membership::load(&handle.dir)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .filter(|m| m.pair == membership.pair)
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "volume {} is not in pair {}",
+                    handle.name, membership.pair
+                ))
+            })?;
+        if existing.side == side {
+            return Ok(());
+        }
+        if side == Side::Dr && handle.volume.connected_clients() > 0 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} has {} connected NBD client(s) and would become the DR side; disconnect them first",
+                handle.name,
+                handle.volume.connected_clients()
+            )));
+        }
+        match self.lock().remove(&membership.pair) {
+            Some(Runtime::Production(p)) => p.stop(),
+            Some(Runtime::Dr(d)) => d.close(),
+            None => {}
+        }
+        let gate = handle.volume.gate();
+        gate.set_link(None);
+        gate.set_role(membership.role())
+            .map_err(|e| ApiError::FailedPrecondition(format!("volume {}: {e}", handle.name)))?;
+        if side == Side::Production {
+            // What it staged as the DR side is not its data any more.
+            for file in ["dr.json", "stage-log"] {
+                remove_if_there(&handle.dir.join(file))
+                    .map_err(|e| ApiError::Internal(format!("remove {file}: {e}")))?;
+            }
+            if let Some(lineage) = gate.lineage() {
+                lineage
+                    .begin(GenerationId::random())
+                    .map_err(|e| ApiError::Internal(format!("record a new generation: {e}")))?;
+            }
+        }
+        membership
+            .save(&handle.dir)
+            .map_err(|e| ApiError::Internal(format!("record the pair: {e}")))?;
+        tracing::info!(volume = %handle.name, pair = %membership.pair, side = side.as_str(), "switched sides");
+        self.start(membership, handle)
     }
 
     /// Stops every production side (the daemon is stopping).
@@ -265,6 +380,7 @@ fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership, Ap
             .map_err(|e| bad("peer address", &e))?,
         size: a.size_bytes,
         full_sync_done: false,
+        discard_peer: false,
     })
 }
 
@@ -314,7 +430,37 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
             bytes_received: counters.bytes_received.load(Ordering::Relaxed),
             journal_overflows: counters.overflows.load(Ordering::Relaxed),
         }),
+        needs_resolve: p.needs_resolve(),
+        generation: generation_text(p.volume()),
+        verify: p.verify_status().map(|v| proto::VerifyState {
+            job_id: v.job_id,
+            progress: v.progress,
+            done: v.done,
+            error: v.error,
+            differing: v
+                .differing
+                .iter()
+                .map(|r| proto::Extent {
+                    offset: r.offset,
+                    length: r.len,
+                })
+                .collect(),
+            differing_bytes: v.differing_bytes,
+            repairing: v.repairing,
+            verified_bytes: v.verified_bytes,
+            unverified_bytes: v.unverified_bytes,
+            repaired: v.repaired,
+        }),
+        staged_epoch: p.staged_epoch().0,
     }
+}
+
+fn generation_text(volume: &Volume) -> String {
+    volume
+        .gate()
+        .lineage()
+        .map(|l| l.get().current.id.to_string())
+        .unwrap_or_default()
 }
 
 fn dr_state(d: &DrPair) -> proto::PairState {
@@ -354,5 +500,9 @@ fn dr_state(d: &DrPair) -> proto::PairState {
             extents_rejected: d.counters.extents_rejected.load(Ordering::Relaxed),
             ..Default::default()
         }),
+        needs_resolve: d.needs_resolve(),
+        generation: generation_text(d.volume()),
+        verify: None,
+        staged_epoch: 0,
     }
 }

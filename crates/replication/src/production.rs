@@ -15,15 +15,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use blockrep_core::ByteRange;
+use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, ReplicaLink, Volume, Waker};
-use blockrep_wire::{Frame, Hello, ProtocolVersion, WriteFlags, WriteHeader, payload_crc};
+use blockrep_wire::{
+    Frame, Hello, HelloFlags, ProtocolVersion, RefuseKind, WriteFlags, WriteHeader, payload_crc,
+};
 use bytes::Bytes;
 
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
 use crate::link::{Data, Live, OutFrame, PairLink};
 use crate::membership::Membership;
+use crate::verify::{VERIFY_BLOCK, VerifyRunner, VerifyStatus};
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;
@@ -37,6 +41,9 @@ pub struct ReplicationConfig {
     pub journal_bytes: u64,
     /// The largest extent a resync reads at once.
     pub resync_extent: u64,
+    /// Frames the DR side acknowledges one by one may wait this long before the link is
+    /// dropped as dead (the cluster's `peer_timeout_ms`).
+    pub peer_timeout: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -45,6 +52,7 @@ impl Default for ReplicationConfig {
             epoch_interval: Duration::from_secs(1),
             journal_bytes: 256 << 20,
             resync_extent: 4 << 20,
+            peer_timeout: crate::endpoint::DEFAULT_PEER_TIMEOUT,
         }
     }
 }
@@ -83,6 +91,13 @@ pub struct ProductionPair {
     resync_done: Arc<Mutex<Option<Result<ResyncOutcome, String>>>>,
     /// Wakes the tick loop when a resync ends.
     resync_ended: Arc<tokio::sync::Notify>,
+    /// The sides diverged; the pair waits for `resolve`.
+    diverged: AtomicBool,
+    resolved: tokio::sync::Notify,
+    /// The last stream was accepted (its backoff starts over).
+    accepted: AtomicBool,
+    /// The current or last online verify.
+    verify: Mutex<Option<RunningVerify>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -94,6 +109,11 @@ enum SessionError {
     Stream(#[from] StreamError),
     #[error("peer refused: {0}")]
     Refused(String),
+    /// The two sides' data diverged: nothing moves until the operator resolves it.
+    #[error("{0}")]
+    Diverged(String),
+    #[error("peer silent: the DR agent answered nothing for {0:?}")]
+    Silent(Duration),
     #[error("peer broke the protocol: {0}")]
     Protocol(String),
     #[error("resync failed: {0}")]
@@ -146,6 +166,10 @@ impl ProductionPair {
             resync: Mutex::new(None),
             resync_done: Arc::new(Mutex::new(None)),
             resync_ended: Arc::new(tokio::sync::Notify::new()),
+            diverged: AtomicBool::new(false),
+            resolved: tokio::sync::Notify::new(),
+            accepted: AtomicBool::new(false),
+            verify: Mutex::new(None),
             stop,
         });
         tokio::spawn(Arc::clone(&pair).run());
@@ -169,6 +193,14 @@ impl ProductionPair {
         self.volume.gate().set_link(None);
         self.link.disconnected();
         let _ = self.stop.send(true);
+        if let Some(v) = self
+            .verify
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            v.stop.store(true, Ordering::SeqCst);
+        }
     }
 
     pub fn status(&self) -> ProductionStatus {
@@ -242,8 +274,21 @@ impl ProductionPair {
             let result = self.session().await;
             self.link.disconnected();
             *self.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if self.accepted.swap(false, Ordering::SeqCst) {
+                backoff = Backoff::new(self.membership().pair.as_bytes()[0] as u64);
+            }
             match result {
                 Err(SessionError::Stopped) | Ok(()) => return,
+                Err(SessionError::Diverged(reason)) => {
+                    tracing::error!(pair = %self.membership().pair, %reason, "the pair's sides diverged; waiting for `pair resolve`");
+                    self.diverged.store(true, Ordering::SeqCst);
+                    self.set_status(ReplicationStatus::Error, reason);
+                    tokio::select! {
+                        _ = self.resolved.notified() => {}
+                        _ = stop.changed() => return,
+                    }
+                    continue;
+                }
                 Err(e) => {
                     let status = match e {
                         SessionError::Refused(_) => ReplicationStatus::Error,
@@ -261,8 +306,92 @@ impl ProductionPair {
         }
     }
 
+    /// Starts an online verify (a job of the coordinator's): compares every block with the
+    /// DR side's while the pair replicates; with `repair`, copies the differing ones again.
+    pub fn start_verify(&self, job_id: String, repair: bool) -> Result<(), String> {
+        let mut running = self.verify.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = running.as_ref() {
+            let status = v.status.lock().unwrap_or_else(|e| e.into_inner());
+            if status.job_id == job_id {
+                return Ok(());
+            }
+            if !status.done {
+                return Err(format!("verify job {} is still running", status.job_id));
+            }
+        }
+        let status = Arc::new(Mutex::new(VerifyStatus {
+            job_id,
+            ..VerifyStatus::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let runner = VerifyRunner {
+            volume: Arc::clone(&self.volume),
+            link: Arc::clone(&self.link),
+            status: Arc::clone(&status),
+            repair,
+            stop: Arc::clone(&stop),
+        };
+        std::thread::Builder::new()
+            .name(format!(
+                "verify-{}",
+                &self.membership().pair.to_string()[..8]
+            ))
+            .spawn(move || runner.run())
+            .map_err(|e| format!("start the verify: {e}"))?;
+        *running = Some(RunningVerify { status, stop });
+        Ok(())
+    }
+
+    /// The current or last verify.
+    pub fn verify_status(&self) -> Option<VerifyStatus> {
+        self.verify
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|v| v.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// The last epoch the DR side reported staged (durable, maybe not yet applied).
+    pub fn staged_epoch(&self) -> Epoch {
+        self.link.staged_epoch()
+    }
+
+    /// The sides diverged and the pair waits for the operator.
+    pub fn needs_resolve(&self) -> bool {
+        self.diverged.load(Ordering::SeqCst)
+    }
+
+    /// The operator keeps this side: the next connection copies the whole volume over the
+    /// DR side's changes.
+    pub fn resolve_keeping_production(&self) -> std::io::Result<()> {
+        let membership = {
+            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+            m.discard_peer = true;
+            m.clone()
+        };
+        membership.save(&self.volume_dir)?;
+        self.diverged.store(false, Ordering::SeqCst);
+        self.set_status(
+            ReplicationStatus::Copying,
+            "resolved: copying production over the DR side's changes",
+        );
+        self.resolved.notify_one();
+        Ok(())
+    }
+
     async fn session(&self) -> Result<(), SessionError> {
         let membership = self.membership();
+        let lineage = self
+            .volume
+            .gate()
+            .lineage()
+            .ok_or_else(|| SessionError::Protocol("the volume has no lineage".into()))?
+            .get();
+        let flags = HelloFlags {
+            dirty: self.link.tracker().dirty_bytes() > 0,
+            full_sync_done: membership.full_sync_done,
+            discard_peer: membership.discard_peer,
+        };
         let hello = Hello {
             version: ProtocolVersion::CURRENT,
             pair: membership.pair,
@@ -270,6 +399,8 @@ impl ProductionPair {
             size: membership.size,
             model: membership.model,
             node: self.node.clone(),
+            lineage: lineage.clone(),
+            flags,
         };
         let ReplicationStream {
             mut reader,
@@ -278,17 +409,53 @@ impl ProductionPair {
             .endpoint
             .open_replication(membership.peer_address, &membership.peer_node, hello)
             .await?;
-        let (applied, staged, consistent) = match reader.next().await? {
+        let (applied, staged, consistent, dr_lineage) = match reader.next().await? {
             Some(Frame::Welcome {
                 applied,
                 staged,
                 consistent,
-            }) => (applied, staged, consistent),
-            Some(Frame::Refuse { reason }) => return Err(SessionError::Refused(reason)),
+                lineage,
+            }) => (applied, staged, consistent, lineage),
+            Some(Frame::Refuse {
+                kind: RefuseKind::Diverged,
+                reason,
+            }) => return Err(SessionError::Diverged(reason)),
+            Some(Frame::Refuse { reason, .. }) => return Err(SessionError::Refused(reason)),
             Some(_) => return Err(SessionError::Protocol("expected Welcome".into())),
             None => return Err(SessionError::Protocol("stream closed during Hello".into())),
         };
-        tracing::info!(pair = %membership.pair, peer = %membership.peer_address, %applied, consistent, "DR agent accepted the stream");
+        // The same decision the DR side made before it answered.
+        let plan = lineage::plan(
+            ProductionView {
+                lineage: &lineage,
+                dirty: flags.dirty,
+                full_sync_done: flags.full_sync_done,
+                discard_peer: flags.discard_peer,
+            },
+            DrView {
+                lineage: &dr_lineage,
+                consistent,
+            },
+        );
+        let plan = match plan {
+            Plan::Diverged(d) => return Err(SessionError::Diverged(d.to_string())),
+            Plan::FullSync(reason) => {
+                if membership.full_sync_done {
+                    // Until this copy ends, a reconnect must copy everything again.
+                    let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+                    m.full_sync_done = false;
+                    m.save(&self.volume_dir)
+                        .map_err(|e| SessionError::Resync(format!("record the pair: {e}")))?;
+                }
+                tracing::info!(pair = %membership.pair, %reason, "copying the whole volume");
+                ResyncKind::Full
+            }
+            Plan::FinishSync => ResyncKind::DirtyDirect,
+            Plan::CatchUp if self.link.tracker().dirty_bytes() > 0 => ResyncKind::CatchUp,
+            Plan::CatchUp => ResyncKind::None,
+        };
+        tracing::info!(pair = %membership.pair, peer = %membership.peer_address, %applied, consistent, ?plan, "DR agent accepted the stream");
+        self.accepted.store(true, Ordering::SeqCst);
         self.link.connected(staged);
         {
             let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -298,15 +465,6 @@ impl ProductionPair {
             }
         }
 
-        let plan = if !consistent && !membership.full_sync_done {
-            ResyncKind::Full
-        } else if !consistent {
-            ResyncKind::DirtyDirect
-        } else if self.link.tracker().dirty_bytes() > 0 {
-            ResyncKind::CatchUp
-        } else {
-            ResyncKind::None
-        };
         let stop_resync = Arc::new(AtomicBool::new(false));
         let resync_thread = self.start_resync(plan, Arc::clone(&stop_resync))?;
 
@@ -404,7 +562,10 @@ impl ProductionPair {
                     status.consistent = Some((epoch, cut_ms));
                 }
                 Some(Frame::Reject { seq, .. }) => self.link.handle_reject(seq),
-                Some(Frame::Refuse { reason }) => return Err(SessionError::Refused(reason)),
+                Some(Frame::Verified { id, differing }) => {
+                    self.link.handle_verified(id, &differing)
+                }
+                Some(Frame::Refuse { reason, .. }) => return Err(SessionError::Refused(reason)),
                 Some(_) => {
                     return Err(SessionError::Protocol(
                         "unexpected frame from the DR side".into(),
@@ -431,6 +592,11 @@ impl ProductionPair {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = self.resync_ended.notified() => {}
+            }
+            if let Some(waited) = self.link.unanswered_for()
+                && waited > self.config.peer_timeout
+            {
+                return Err(SessionError::Silent(waited));
             }
             if last_cut.elapsed() >= self.config.epoch_interval {
                 last_cut = Instant::now();
@@ -468,6 +634,7 @@ impl ProductionPair {
                         drop(status);
                         if let Ok(mut m) = self.membership.lock() {
                             m.full_sync_done = true;
+                            m.discard_peer = false;
                         }
                         self.set_status(ReplicationStatus::Active, "replicating");
                     }
@@ -491,6 +658,12 @@ impl ProductionPair {
     }
 }
 
+/// A verify thread and its handles.
+struct RunningVerify {
+    status: Arc<Mutex<VerifyStatus>>,
+    stop: Arc<AtomicBool>,
+}
+
 /// How the resync thread reports its end.
 struct ResyncReport {
     volume_dir: PathBuf,
@@ -505,6 +678,7 @@ impl ResyncReport {
             Ok(ResyncOutcome::FullSyncDone) => {
                 let mut membership = self.membership;
                 membership.full_sync_done = true;
+                membership.discard_peer = false;
                 if let Err(e) = membership.save(&self.volume_dir) {
                     tracing::error!(error = %e, "cannot record the end of the initial sync");
                 }
@@ -764,6 +938,21 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                 OutFrame::SyncDone { epoch } => {
                     writer.push_frame(&Frame::SyncDone { epoch }, &mut chunks)
                 }
+                OutFrame::Verify {
+                    id,
+                    offset,
+                    after,
+                    crcs,
+                } => writer.push_frame(
+                    &Frame::Verify {
+                        id,
+                        offset,
+                        block: VERIFY_BLOCK,
+                        after,
+                        crcs,
+                    },
+                    &mut chunks,
+                ),
             }
         }
         writer.send_chunks(&mut chunks).await?;
@@ -775,6 +964,11 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
 
 /// Reconnect delays: doubling from 200 ms to 10 s, with ±25% jitter from a seeded
 /// generator (the seed is the pair's, so two pairs do not retry in step).
+/// The longest wait between two connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Waits between connection attempts: doubling from 200 ms up to [`MAX_BACKOFF`], each
+/// with ±25% jitter so agents that lost a peer together do not call it in step.
 struct Backoff {
     next: Duration,
     rng: u64,
@@ -795,7 +989,7 @@ impl Backoff {
         self.rng ^= self.rng << 17;
         let jitter = 0.75 + (self.rng % 1000) as f64 / 2000.0;
         let wait = self.next.mul_f64(jitter);
-        self.next = (self.next * 2).min(Duration::from_secs(10));
+        self.next = (self.next * 2).min(MAX_BACKOFF);
         wait
     }
 }

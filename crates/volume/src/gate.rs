@@ -7,7 +7,8 @@
 //!    [`blockrep_core::range_lock`]): overlapping writes run one after the other, in the
 //!    order they entered, so a read-modify-write never writes stale bytes over a newer write.
 //! 2. [`WriteGate::admit`] records the batch's writes in the dirty tracker before any is
-//!    submitted (rule 2 of the design brief).
+//!    submitted (rule 2 of the design brief), and the first write of a data generation in
+//!    the volume's [`LineageFile`] (rule 5).
 //! 3. [`WriteGate::leave`] releases the blocks once the write is done, just before its
 //!    answer is sent, and wakes the connections whose queued writes that lets go.
 //!
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use blockrep_core::replication::{IllegalTransition, VolumeRole, WriteVerdict};
 use blockrep_core::{Acquired, AlVersion, ByteRange, LockId, RangeLocks};
 
+use crate::lineage_file::LineageFile;
 use crate::link::ReplicaLink;
 
 use crate::backing::DIRECT_IO_ALIGN;
@@ -50,6 +52,7 @@ pub struct WriteGate {
     tracker: Option<Arc<DirtyTracker>>,
     role: RwLock<VolumeRole>,
     link: RwLock<Option<Arc<dyn ReplicaLink>>>,
+    lineage: RwLock<Option<Arc<LineageFile>>>,
 }
 
 impl WriteGate {
@@ -58,6 +61,7 @@ impl WriteGate {
             locks: Mutex::new(RangeLocks::new()),
             tracker,
             role: RwLock::new(VolumeRole::Standalone),
+            lineage: RwLock::new(None),
             link: RwLock::new(None),
         }
     }
@@ -141,6 +145,7 @@ impl WriteGate {
         ranges: &[ByteRange],
         ready: &mut Vec<bool>,
     ) -> Result<Option<AlVersion>, TrackerError> {
+        self.note_written()?;
         match &self.tracker {
             Some(tracker) => tracker.admit_batch(ranges, ready),
             None => {
@@ -160,8 +165,33 @@ impl WriteGate {
 
     /// Admits one locked range and waits until it may be submitted.
     pub fn admit_blocking(&self, range: ByteRange) -> Result<(), TrackerError> {
+        self.note_written()?;
         match &self.tracker {
             Some(tracker) => tracker.admit(&[range]),
+            None => Ok(()),
+        }
+    }
+
+    /// The volume's data generations: the first application write of each is recorded
+    /// before it is submitted.
+    pub fn set_lineage(&self, lineage: Arc<LineageFile>) {
+        *self.lineage.write().unwrap_or_else(|e| e.into_inner()) = Some(lineage);
+    }
+
+    pub fn lineage(&self) -> Option<Arc<LineageFile>> {
+        self.lineage
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn note_written(&self) -> Result<(), TrackerError> {
+        match &*self.lineage.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(lineage) => lineage.note_written().map_err(|source| TrackerError::Io {
+                what: "record the generation's first write in",
+                path: LineageFile::NAME.into(),
+                source,
+            }),
             None => Ok(()),
         }
     }

@@ -5,6 +5,7 @@
 //! - [`DirtyTracker`]: the dirty map and activity log of `blockrep-core`, persisted so that
 //!   after `kill -9` or power loss every block written since the last clear is dirty again.
 //! - [`WriteGate`]: the one place every write passes: block-range locks, then the tracker.
+//! - [`LineageFile`]: the volume's data generations, and the mark of the first write in one.
 //! - [`Waker`]: wakes a connection's ring from another thread.
 //! - [`Volume`]: what the NBD server serves: a backing plus its gate and tracker.
 
@@ -12,6 +13,7 @@ mod backing;
 mod buf;
 mod durable_file;
 mod gate;
+mod lineage_file;
 mod link;
 mod tracker;
 mod volume;
@@ -21,6 +23,7 @@ pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, Extent, OpenError};
 pub use buf::{AlignedBuf, BufPool};
 pub use durable_file::write_file_durably;
 pub use gate::{ADMIT_CHUNK, Entered, WriteGate};
+pub use lineage_file::LineageFile;
 pub use link::{AfterLocal, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated};
 pub use tracker::{DirtyTracker, FlusherHandle, RecoveryReport, TrackerConfig, TrackerError};
 pub use volume::{ClientGuard, IoCounters, Volume};

@@ -224,6 +224,20 @@ impl DirtyTracker {
         self.lock_state().map.runs().collect()
     }
 
+    /// Whether any block `range` touches is dirty.
+    pub fn any_dirty(&self, range: ByteRange) -> bool {
+        let state = self.lock_state();
+        let granule = state.map.granularity().bytes();
+        let mut at = range.offset - range.offset % granule;
+        while at < range.end() {
+            if state.map.is_dirty(at) {
+                return true;
+            }
+            at += granule;
+        }
+        false
+    }
+
     pub fn active_regions(&self) -> usize {
         self.lock_state().log.len()
     }

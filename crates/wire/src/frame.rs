@@ -6,18 +6,24 @@
 //! sent as its own chunk after the header).
 //!
 //! ```text
-//! Hello     u16 version | 16 pair | 16 volume | u64 size | u8 model | str node
-//! Welcome   u64 applied epoch | u64 staged epoch | u8 consistent
-//! Refuse    str reason
+//! Hello     u16 version | 16 pair | 16 volume | u64 size | u8 model | u8 flags | lineage | str node
+//! Welcome   u64 applied epoch | u64 staged epoch | u8 consistent | lineage
+//! Refuse    u8 kind | str reason
 //! Write     u8 flags | u64 epoch | u64 seq | u64 offset | u32 len | u32 crc32 | payload
 //! WriteAck  u64 seq                       Flush    u64 seq       FlushAck u64 seq
 //! Seal      u64 epoch | u64 cut time (ms) Staged   u64 epoch     Discard  u64 after
 //! Applied   u64 epoch | u64 cut time (ms) SyncDone u64 epoch     Reject   u64 seq | u8 why
 //! Request   JSON                          Response JSON
+//! Verify    u64 id | u64 offset | u32 block | u8 after? | u64 epoch | u16 n | n × u32 crc32
+//! Verified  u64 id | u16 n | n × u16 index of a block that differs
+//!
+//! lineage   u64 current | u8 written | u8 n | n × (u64 generation | u8 written)
 //! ```
 
 use blockrep_core::VolumeId;
-use blockrep_core::replication::{Epoch, PairId, ReplicationModel};
+use blockrep_core::replication::{
+    Epoch, Generation, GenerationId, Lineage, PairId, ReplicationModel,
+};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::version::ProtocolVersion;
@@ -74,6 +80,50 @@ pub struct Hello {
     pub model: ReplicationModel,
     /// The production agent's node name.
     pub node: String,
+    /// The production volume's data generations.
+    pub lineage: Lineage,
+    pub flags: HelloFlags,
+}
+
+/// What the production side says about its bitmap and the operator's word.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HelloFlags {
+    /// Its bitmap has dirty blocks.
+    pub dirty: bool,
+    /// The pair's first full copy completed.
+    pub full_sync_done: bool,
+    /// The operator resolved a divergence keeping the production side.
+    pub discard_peer: bool,
+}
+
+impl HelloFlags {
+    fn to_byte(self) -> u8 {
+        u8::from(self.dirty) | u8::from(self.full_sync_done) << 1 | u8::from(self.discard_peer) << 2
+    }
+
+    fn from_byte(b: u8) -> Result<Self, WireError> {
+        if b & !0x7 != 0 {
+            return Err(WireError::UnknownFlags(b));
+        }
+        Ok(Self {
+            dirty: b & 1 != 0,
+            full_sync_done: b & 2 != 0,
+            discard_peer: b & 4 != 0,
+        })
+    }
+}
+
+/// Why the DR side refused a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RefuseKind {
+    /// The stream does not fit the pair here (pair, volume, size, model or version).
+    Mismatch = 1,
+    /// The two sides' data diverged (split brain, newer or unrelated DR data): nothing is
+    /// copied until the operator resolves it.
+    Diverged = 2,
+    /// The DR side cannot serve the pair (its stage log, its volume).
+    Failed = 3,
 }
 
 /// Why the DR side rejected a write.
@@ -93,8 +143,10 @@ pub enum Frame {
         applied: Epoch,
         staged: Epoch,
         consistent: bool,
+        lineage: Lineage,
     },
     Refuse {
+        kind: RefuseKind,
         reason: String,
     },
     Write(WriteHeader, Bytes),
@@ -130,7 +182,25 @@ pub enum Frame {
     },
     Request(Bytes),
     Response(Bytes),
+    /// Online verify: the CRC32 of each `block`-byte block from `offset` on production, to
+    /// compare once every earlier frame is applied: at once (`after: None`, direct
+    /// replication), or once the unit of epoch `after` is applied (epochs).
+    Verify {
+        id: u64,
+        offset: u64,
+        block: u32,
+        after: Option<Epoch>,
+        crcs: Vec<u32>,
+    },
+    /// The blocks of verify request `id` whose CRC differs on the DR side.
+    Verified {
+        id: u64,
+        differing: Vec<u16>,
+    },
 }
+
+/// The most blocks one `Verify` frame covers.
+pub const MAX_VERIFY_BLOCKS: usize = 1024;
 
 #[repr(u8)]
 enum Type {
@@ -149,6 +219,8 @@ enum Type {
     Reject = 13,
     Request = 14,
     Response = 15,
+    Verify = 16,
+    Verified = 17,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -167,6 +239,8 @@ pub enum WireError {
     UnknownFlags(u8),
     #[error("unknown reject reason {0}")]
     UnknownReason(u8),
+    #[error("unknown refusal kind {0}")]
+    UnknownRefusal(u8),
     #[error("a string field is not UTF-8")]
     NotUtf8,
 }
@@ -190,20 +264,25 @@ impl Frame {
                 out.put_slice(h.volume.as_bytes());
                 out.put_u64(h.size);
                 out.put_u8(model_code(h.model));
+                out.put_u8(h.flags.to_byte());
+                put_lineage(out, &h.lineage);
                 put_str(out, &h.node);
             }
             Frame::Welcome {
                 applied,
                 staged,
                 consistent,
+                lineage,
             } => {
                 out.put_u8(Type::Welcome as u8);
                 out.put_u64(applied.0);
                 out.put_u64(staged.0);
                 out.put_u8(u8::from(*consistent));
+                put_lineage(out, lineage);
             }
-            Frame::Refuse { reason } => {
+            Frame::Refuse { kind, reason } => {
                 out.put_u8(Type::Refuse as u8);
+                out.put_u8(*kind as u8);
                 put_str(out, reason);
             }
             Frame::Write(..) => unreachable!("encoded above"),
@@ -235,6 +314,34 @@ impl Frame {
             Frame::Response(body) => {
                 out.put_u8(Type::Response as u8);
                 out.put_slice(body);
+            }
+            Frame::Verify {
+                id,
+                offset,
+                block,
+                after,
+                crcs,
+            } => {
+                out.put_u8(Type::Verify as u8);
+                out.put_u64(*id);
+                out.put_u64(*offset);
+                out.put_u32(*block);
+                out.put_u8(u8::from(after.is_some()));
+                out.put_u64(after.map_or(0, |e| e.0));
+                let crcs = &crcs[..crcs.len().min(MAX_VERIFY_BLOCKS)];
+                out.put_u16(crcs.len() as u16);
+                for crc in crcs {
+                    out.put_u32(*crc);
+                }
+            }
+            Frame::Verified { id, differing } => {
+                out.put_u8(Type::Verified as u8);
+                out.put_u64(*id);
+                let differing = &differing[..differing.len().min(MAX_VERIFY_BLOCKS)];
+                out.put_u16(differing.len() as u16);
+                for index in differing {
+                    out.put_u16(*index);
+                }
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -270,7 +377,7 @@ impl Frame {
         };
         let frame = match ty {
             t if t == Type::Hello as u8 => {
-                if body.len() < 2 + 16 + 16 + 8 + 1 + 2 {
+                if body.len() < 2 + 16 + 16 + 8 + 1 + 1 + LINEAGE_MIN + 2 {
                     return Err(WireError::BadLength { ty, len });
                 }
                 let version = ProtocolVersion::from_number(body.get_u16())?;
@@ -278,6 +385,8 @@ impl Frame {
                 let volume = VolumeId::from_bytes(take_16(&mut body));
                 let size = body.get_u64();
                 let model = model_from(body.get_u8())?;
+                let flags = HelloFlags::from_byte(body.get_u8())?;
+                let lineage = get_lineage(&mut body, ty, len)?;
                 let node = get_str(&mut body, ty, len)?;
                 if !body.is_empty() {
                     return Err(WireError::BadLength { ty, len });
@@ -289,22 +398,43 @@ impl Frame {
                     size,
                     model,
                     node,
+                    lineage,
+                    flags,
                 })
             }
             t if t == Type::Welcome as u8 => {
-                need(17)?;
+                if body.len() < 17 + LINEAGE_MIN {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let applied = Epoch(body.get_u64());
+                let staged = Epoch(body.get_u64());
+                let consistent = body.get_u8() != 0;
+                let lineage = get_lineage(&mut body, ty, len)?;
+                if !body.is_empty() {
+                    return Err(WireError::BadLength { ty, len });
+                }
                 Frame::Welcome {
-                    applied: Epoch(body.get_u64()),
-                    staged: Epoch(body.get_u64()),
-                    consistent: body.get_u8() != 0,
+                    applied,
+                    staged,
+                    consistent,
+                    lineage,
                 }
             }
             t if t == Type::Refuse as u8 => {
+                if body.is_empty() {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let kind = match body.get_u8() {
+                    1 => RefuseKind::Mismatch,
+                    2 => RefuseKind::Diverged,
+                    3 => RefuseKind::Failed,
+                    other => return Err(WireError::UnknownRefusal(other)),
+                };
                 let reason = get_str(&mut body, ty, len)?;
                 if !body.is_empty() {
                     return Err(WireError::BadLength { ty, len });
                 }
-                Frame::Refuse { reason }
+                Frame::Refuse { kind, reason }
             }
             t if t == Type::Write as u8 => {
                 if body.len() < WRITE_HEADER_LEN - FRAME_HEADER_LEN {
@@ -393,6 +523,47 @@ impl Frame {
             }
             t if t == Type::Request as u8 => Frame::Request(body.freeze()),
             t if t == Type::Response as u8 => Frame::Response(body.freeze()),
+            t if t == Type::Verify as u8 => {
+                if body.len() < 8 + 8 + 4 + 1 + 8 + 2 {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let id = body.get_u64();
+                let offset = body.get_u64();
+                let block = body.get_u32();
+                let has_after = body.get_u8() != 0;
+                let after = Epoch(body.get_u64());
+                let after = has_after.then_some(after);
+                let n = body.get_u16() as usize;
+                if n > MAX_VERIFY_BLOCKS || block == 0 {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                if body.len() != 4 * n {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let crcs = (0..n).map(|_| body.get_u32()).collect();
+                Frame::Verify {
+                    id,
+                    offset,
+                    block,
+                    after,
+                    crcs,
+                }
+            }
+            t if t == Type::Verified as u8 => {
+                if body.len() < 8 + 2 {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let id = body.get_u64();
+                let n = body.get_u16() as usize;
+                if n > MAX_VERIFY_BLOCKS {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                if body.len() != 2 * n {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let differing = (0..n).map(|_| body.get_u16()).collect();
+                Frame::Verified { id, differing }
+            }
             other => return Err(WireError::UnknownFrame(other)),
         };
         Ok(Some(frame))
@@ -440,6 +611,41 @@ fn get_str(body: &mut BytesMut, ty: u8, len: usize) -> Result<String, WireError>
     String::from_utf8(bytes.to_vec()).map_err(|_| WireError::NotUtf8)
 }
 
+/// Bytes of the shortest lineage: a current generation and no history.
+const LINEAGE_MIN: usize = 8 + 1 + 1;
+
+fn put_lineage(out: &mut BytesMut, lineage: &Lineage) {
+    out.put_u64(lineage.current.id.0);
+    out.put_u8(u8::from(lineage.current.written));
+    let history = &lineage.history[lineage.history.len().saturating_sub(u8::MAX as usize)..];
+    out.put_u8(history.len() as u8);
+    for g in history {
+        out.put_u64(g.id.0);
+        out.put_u8(u8::from(g.written));
+    }
+}
+
+fn get_lineage(body: &mut BytesMut, ty: u8, len: usize) -> Result<Lineage, WireError> {
+    if body.len() < LINEAGE_MIN {
+        return Err(WireError::BadLength { ty, len });
+    }
+    let current = Generation {
+        id: GenerationId(body.get_u64()),
+        written: body.get_u8() != 0,
+    };
+    let n = body.get_u8() as usize;
+    if body.len() < 9 * n {
+        return Err(WireError::BadLength { ty, len });
+    }
+    let history = (0..n)
+        .map(|_| Generation {
+            id: GenerationId(body.get_u64()),
+            written: body.get_u8() != 0,
+        })
+        .collect();
+    Ok(Lineage { current, history })
+}
+
 fn take_16(body: &mut BytesMut) -> [u8; 16] {
     let mut out = [0u8; 16];
     body.copy_to_slice(&mut out);
@@ -464,6 +670,12 @@ fn model_from(code: u8) -> Result<ReplicationModel, WireError> {
 /// The CRC a `Write` frame carries for its payload.
 pub fn payload_crc(payload: &[u8]) -> u32 {
     crc32fast::hash(payload)
+}
+
+/// The CRC32 of each `block`-byte block of `data` (the last may be shorter), as a
+/// `Verify` frame carries them.
+pub fn block_crcs(data: &[u8], block: usize) -> Vec<u32> {
+    data.chunks(block).map(crc32fast::hash).collect()
 }
 
 #[cfg(test)]
@@ -495,13 +707,22 @@ mod tests {
 
     #[test]
     fn every_frame_round_trips() {
+        let mut lineage = Lineage::new(GenerationId(7));
+        lineage.mark_written();
+        lineage.begin(GenerationId(8));
         let hello = Hello {
-            version: ProtocolVersion::V1,
+            version: ProtocolVersion::V2,
             pair: pair(),
             volume: VolumeId::from_bytes([0x22; 16]),
             size: 1 << 30,
             model: ReplicationModel::Async,
             node: "host-b".into(),
+            lineage: lineage.clone(),
+            flags: HelloFlags {
+                dirty: true,
+                full_sync_done: false,
+                discard_peer: true,
+            },
         };
         let payload = Bytes::from_static(b"abcd");
         let frames = vec![
@@ -510,9 +731,29 @@ mod tests {
                 applied: Epoch(3),
                 staged: Epoch(4),
                 consistent: true,
+                lineage,
             },
             Frame::Refuse {
-                reason: "no such volume".into(),
+                kind: RefuseKind::Diverged,
+                reason: "split brain".into(),
+            },
+            Frame::Verify {
+                id: 4,
+                offset: 1 << 20,
+                block: 65536,
+                after: Some(Epoch(12)),
+                crcs: vec![1, 2, 0xffff_ffff],
+            },
+            Frame::Verify {
+                id: 5,
+                offset: 0,
+                block: 4096,
+                after: None,
+                crcs: vec![],
+            },
+            Frame::Verified {
+                id: 4,
+                differing: vec![0, 2],
             },
             Frame::Write(
                 WriteHeader {
@@ -567,19 +808,31 @@ mod tests {
     #[test]
     fn golden_bytes() {
         let mut out = BytesMut::new();
+        let mut lineage = Lineage::new(GenerationId(0x0102));
+        lineage.begin(GenerationId(0x0a0b));
+        lineage.mark_written();
         Frame::Hello(Hello {
-            version: ProtocolVersion::V1,
+            version: ProtocolVersion::V2,
             pair: pair(),
             volume: VolumeId::from_bytes([0x22; 16]),
             size: 0x4000_0000,
             model: ReplicationModel::Hypermetro,
             node: "a".into(),
+            lineage,
+            flags: HelloFlags {
+                dirty: true,
+                full_sync_done: true,
+                discard_peer: false,
+            },
         })
         .encode(&mut out);
-        let mut expected = vec![0, 0, 0, 47, 1, 0, 1];
+        let mut expected = vec![0, 0, 0, 67, 1, 0, 2];
         expected.extend([0x11; 16]);
         expected.extend([0x22; 16]);
-        expected.extend([0, 0, 0, 0, 0x40, 0, 0, 0, 1, 0, 1, b'a']);
+        expected.extend([0, 0, 0, 0, 0x40, 0, 0, 0, 1, 3]);
+        expected.extend([0, 0, 0, 0, 0, 0, 0x0a, 0x0b, 1, 1]);
+        expected.extend([0, 0, 0, 0, 0, 0, 0x01, 0x02, 0]);
+        expected.extend([0, 1, b'a']);
         assert_eq!(&out[..], &expected[..]);
 
         let mut out = BytesMut::new();
@@ -622,12 +875,14 @@ mod tests {
         ));
         let mut old = BytesMut::new();
         Frame::Hello(Hello {
-            version: ProtocolVersion::V1,
+            version: ProtocolVersion::V2,
             pair: pair(),
             volume: VolumeId::from_bytes([0; 16]),
             size: 1,
             model: ReplicationModel::Async,
             node: String::new(),
+            lineage: Lineage::new(GenerationId(1)),
+            flags: HelloFlags::default(),
         })
         .encode(&mut old);
         old[5..7].copy_from_slice(&99u16.to_be_bytes());
@@ -647,7 +902,7 @@ mod tests {
         fn flipped_frames_never_panic(at in 0usize..64, value in any::<u8>()) {
             let mut out = BytesMut::new();
             Frame::Seal { epoch: Epoch(1), cut_ms: 2 }.encode(&mut out);
-            Frame::Refuse { reason: "x".repeat(20) }.encode(&mut out);
+            Frame::Refuse { kind: RefuseKind::Mismatch, reason: "x".repeat(20) }.encode(&mut out);
             encode_write_header(&WriteHeader {
                 flags: WriteFlags(0), epoch: Epoch(1), seq: 1, offset: 0, len: 8, crc: 0,
             }, &mut out);

@@ -8,23 +8,24 @@ pub const ALPN: &[u8] = b"blockrep/1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ProtocolVersion {
-    /// The first: a replication stream opened with `Hello`, writes with a CRC per extent,
-    /// acknowledgements, epochs sealed and staged; control requests as JSON.
-    V1,
+    /// Version 2: the handshake carries both sides' data generations (the DR side refuses a
+    /// split brain, newer or unrelated data with a refusal kind), and online verify frames.
+    /// Version 1 (a stream without generations) is no longer spoken.
+    V2,
 }
 
 impl ProtocolVersion {
-    pub const CURRENT: ProtocolVersion = ProtocolVersion::V1;
+    pub const CURRENT: ProtocolVersion = ProtocolVersion::V2;
 
     pub fn number(self) -> u16 {
         match self {
-            ProtocolVersion::V1 => 1,
+            ProtocolVersion::V2 => 2,
         }
     }
 
     pub fn from_number(n: u16) -> Result<Self, WireError> {
         match n {
-            1 => Ok(ProtocolVersion::V1),
+            2 => Ok(ProtocolVersion::V2),
             other => Err(WireError::UnknownVersion(other)),
         }
     }

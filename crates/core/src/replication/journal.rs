@@ -64,6 +64,9 @@ pub enum Outgoing<P> {
     Seal { epoch: Epoch },
     /// Drop what was staged for epochs after `after`: it will not be sealed.
     Discard { after: Epoch },
+    /// Online verify request `id`, compared on the DR side after everything queued before
+    /// it (and, with `after`, once that epoch's unit is applied).
+    Verify { id: u64, after: Option<Epoch> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,7 +264,10 @@ impl<P: PayloadLen> Journal<P> {
         match &frame {
             Outgoing::Write { payload, .. } => self.queued_bytes -= payload_bytes(payload),
             Outgoing::Seal { epoch } => self.seal_sent = *epoch,
-            Outgoing::Discard { .. } | Outgoing::Flush { .. } | Outgoing::SyncDone { .. } => {}
+            Outgoing::Discard { .. }
+            | Outgoing::Flush { .. }
+            | Outgoing::SyncDone { .. }
+            | Outgoing::Verify { .. } => {}
         }
         Some(frame)
     }
@@ -374,6 +380,18 @@ impl<P: PayloadLen> Journal<P> {
         let seq = self.take_seq();
         self.push_ordered(Outgoing::Flush { seq });
         seq
+    }
+
+    /// Queues verify request `id` after everything queued before it. With `epochs`, the
+    /// DR side compares once the current epoch is applied; else in stream order. Returns
+    /// whether it was queued (not in bitmap mode, where nothing reaches the DR side).
+    pub fn push_verify(&mut self, id: u64, epochs: bool) -> bool {
+        if self.mode == Mode::Bitmap {
+            return false;
+        }
+        let after = epochs.then_some(self.current);
+        self.push_ordered(Outgoing::Verify { id, after });
+        true
     }
 
     /// Queues the end of the initial sync, after every extent queued before it.

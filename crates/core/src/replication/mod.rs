@@ -1,10 +1,12 @@
 //! The logic of replication that does no I/O: ids and statuses, volume roles, clear
-//! tickets, the async journal with its epochs and bound, and resync plans. The agent's
+//! tickets, the async journal with its epochs and bound, data generations and what a
+//! connection does about them, and resync plans. The agent's
 //! replication crate drives these with real disks and QUIC; tests drive them synchronously
 //! and in seeded simulations.
 
 pub mod ids;
 pub mod journal;
+pub mod lineage;
 pub mod resync;
 pub mod role;
 pub mod status;
@@ -12,6 +14,9 @@ pub mod tickets;
 
 pub use ids::{Epoch, JobId, PairId, WriteSeq};
 pub use journal::{Admitted, Completed, Journal, Mode, Outgoing, Payload, PayloadLen};
+pub use lineage::{
+    Divergence, DrView, FullSyncReason, Generation, GenerationId, Lineage, Plan, ProductionView,
+};
 pub use resync::ResyncPlan;
 pub use role::{IllegalTransition, VolumeRole, WriteVerdict};
 pub use status::{

@@ -101,6 +101,8 @@ wire_enum!(
     JobType {
         CreatePair => "createReplicationPair",
         DeletePair => "deleteReplicationPair",
+        ResolvePair => "resolveReplicationPair",
+        VerifyPair => "verifyReplicationPair",
     }
 );
 

@@ -1,0 +1,386 @@
+//! Online verify: the production side compares CRCs of its blocks with the DR side's while
+//! the pair replicates, and can have the blocks that differ copied again.
+//!
+//! The runner reads a chunk of the volume with its blocks locked through the write gate, so
+//! no write to them is in flight, and queues a *probe* (the blocks' CRCs) on the link, in
+//! stream order behind every write admitted before the read. The DR side compares once
+//! those writes are on its volume: at once for direct replication, or right after the unit
+//! of the probe's epoch is applied for epochs. A probe is only conclusive for:
+//!
+//! - blocks clean on production when read (a dirty block may legitimately differ: a resync
+//!   will copy it), and
+//! - a chunk nothing wrote since the read. A write admitted later spoils the probe (the DR
+//!   side may compare after applying it), which is then taken again, up to
+//!   [`MAX_ATTEMPTS`] times, and otherwise reported as not verified.
+//!
+//! With repair, the blocks found different are marked dirty (durably, like a write) and a
+//! catch-up copies them from production.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockrep_core::ByteRange;
+use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
+use blockrep_wire::block_crcs;
+
+use crate::link::PairLink;
+
+/// Bytes each CRC covers: the granularity differences are reported at.
+pub const VERIFY_BLOCK: u32 = 64 << 10;
+/// Blocks per probe.
+const BLOCKS_PER_PROBE: u64 = 64;
+/// Probes waiting for the DR side at once.
+const MAX_OUTSTANDING: usize = 8;
+/// Times a chunk is read again after a write spoiled its probe.
+pub const MAX_ATTEMPTS: u32 = 4;
+/// A probe with no answer after this long is taken again.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Differing ranges listed in the status (all are repaired).
+const MAX_LISTED: usize = 1000;
+
+/// A probe on its way: production's CRCs of `range`, in `VERIFY_BLOCK` blocks.
+#[derive(Debug)]
+pub struct Probe {
+    pub range: ByteRange,
+    pub crcs: Vec<u32>,
+    /// Blocks dirty on production when read: not compared.
+    pub skip: Vec<bool>,
+    /// A write was admitted into the range after the read.
+    pub spoiled: bool,
+}
+
+/// What the DR side's answer to a probe says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// The blocks compared, and the ranges among them that differ.
+    Compared { differing: Vec<ByteRange> },
+    /// Written since the read, or lost with the stream: take it again.
+    Inconclusive,
+}
+
+/// The probes of a link: waiting for answers, and answered.
+#[derive(Debug, Default)]
+pub struct Probes {
+    live: HashMap<u64, Probe>,
+    done: Vec<(u64, ProbeResult)>,
+}
+
+impl Probes {
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    pub fn insert(&mut self, id: u64, probe: Probe) {
+        self.live.insert(id, probe);
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Probe> {
+        self.live.get(&id)
+    }
+
+    /// A write was admitted into `range`.
+    pub fn spoil(&mut self, range: ByteRange) {
+        for probe in self.live.values_mut() {
+            if probe.range.overlaps(&range) {
+                probe.spoiled = true;
+            }
+        }
+    }
+
+    /// The stream dropped what was queued: no live probe will be answered.
+    pub fn lose_all(&mut self) {
+        for (id, _) in self.live.drain() {
+            self.done.push((id, ProbeResult::Inconclusive));
+        }
+    }
+
+    /// The DR side's answer: the indices of the blocks whose CRC differs there.
+    pub fn answer(&mut self, id: u64, differing: &[u16]) {
+        let Some(probe) = self.live.remove(&id) else {
+            return;
+        };
+        let result = if probe.spoiled {
+            ProbeResult::Inconclusive
+        } else {
+            let block = u64::from(VERIFY_BLOCK);
+            ProbeResult::Compared {
+                differing: differing
+                    .iter()
+                    .map(|&i| usize::from(i))
+                    .filter(|&i| i < probe.crcs.len() && !probe.skip[i])
+                    .map(|i| {
+                        let offset = probe.range.offset + i as u64 * block;
+                        ByteRange::new(offset, block.min(probe.range.end() - offset))
+                    })
+                    .collect(),
+            }
+        };
+        self.done.push((id, result));
+    }
+
+    pub fn take_done(&mut self) -> Vec<(u64, ProbeResult)> {
+        std::mem::take(&mut self.done)
+    }
+}
+
+/// A verify as `pair show` and the coordinator see it.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyStatus {
+    pub job_id: String,
+    pub progress: f64,
+    pub done: bool,
+    pub error: String,
+    pub differing: Vec<ByteRange>,
+    pub differing_bytes: u64,
+    pub repairing: bool,
+    pub verified_bytes: u64,
+    /// Bytes not compared: dirty on production, or written on every attempt.
+    pub unverified_bytes: u64,
+    /// The differing ranges were copied again.
+    pub repaired: bool,
+}
+
+/// Runs one verify of a pair's production volume.
+pub struct VerifyRunner {
+    pub volume: Arc<Volume>,
+    pub link: Arc<PairLink>,
+    pub status: Arc<Mutex<VerifyStatus>>,
+    pub repair: bool,
+    pub stop: Arc<AtomicBool>,
+}
+
+struct Outstanding {
+    range: ByteRange,
+    attempt: u32,
+    sent: Instant,
+}
+
+impl VerifyRunner {
+    /// Compares the whole volume, then repairs if asked; records the end in the status.
+    pub fn run(self) {
+        let outcome = self.compare_all().and_then(|differing| {
+            if self.repair && !differing.is_empty() {
+                self.repair(&differing)?;
+                self.lock_status().repaired = true;
+            }
+            Ok(())
+        });
+        let mut status = self.lock_status();
+        if let Err(e) = outcome {
+            status.error = e;
+        }
+        status.repairing = false;
+        status.done = true;
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, VerifyStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn compare_all(&self) -> Result<Vec<ByteRange>, String> {
+        let waker = Arc::new(Waker::new().map_err(|e| e.to_string())?);
+        let size = self.volume.size();
+        let chunk = u64::from(VERIFY_BLOCK) * BLOCKS_PER_PROBE;
+        let mut todo: Vec<(ByteRange, u32)> = (0..size.div_ceil(chunk))
+            .rev()
+            .map(|i| {
+                let offset = i * chunk;
+                (ByteRange::new(offset, chunk.min(size - offset)), 0)
+            })
+            .collect();
+        let mut outstanding: HashMap<u64, Outstanding> = HashMap::new();
+        let mut differing = Vec::new();
+        let mut next_id = 1u64;
+        while !todo.is_empty() || !outstanding.is_empty() {
+            if self.stopped() {
+                return Err("the pair stopped during the verify".into());
+            }
+            while outstanding.len() < MAX_OUTSTANDING
+                && let Some((range, attempt)) = todo.pop()
+            {
+                if attempt >= MAX_ATTEMPTS {
+                    self.lock_status().unverified_bytes += range.len;
+                    continue;
+                }
+                let id = next_id;
+                next_id += 1;
+                match self.probe(id, range, &waker)? {
+                    Some(skipped) => {
+                        self.lock_status().unverified_bytes += skipped;
+                        outstanding.insert(
+                            id,
+                            Outstanding {
+                                range,
+                                attempt: attempt + 1,
+                                sent: Instant::now(),
+                            },
+                        );
+                    }
+                    None => {
+                        // Nothing reaches the DR side now (link down, bitmap mode): later.
+                        todo.push((range, attempt));
+                        break;
+                    }
+                }
+            }
+            for (id, result) in self.link.wait_verify_results(Duration::from_millis(200)) {
+                let Some(o) = outstanding.remove(&id) else {
+                    continue;
+                };
+                match result {
+                    ProbeResult::Compared { differing: found } => {
+                        let mut status = self.lock_status();
+                        status.verified_bytes += o.range.len;
+                        status.progress = status.verified_bytes as f64 / size as f64;
+                        for r in found {
+                            status.differing_bytes += r.len;
+                            if status.differing.len() < MAX_LISTED {
+                                status.differing.push(r);
+                            }
+                            differing.push(r);
+                        }
+                    }
+                    ProbeResult::Inconclusive => todo.push((o.range, o.attempt)),
+                }
+            }
+            let expired: Vec<u64> = outstanding
+                .iter()
+                .filter(|(_, o)| o.sent.elapsed() > ANSWER_TIMEOUT)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in expired {
+                let o = outstanding.remove(&id).expect("listed");
+                todo.push((o.range, o.attempt));
+            }
+        }
+        let mut status = self.lock_status();
+        status.progress = 1.0;
+        Ok(differing)
+    }
+
+    /// Reads `range` with its blocks locked and queues its probe. Returns the bytes left
+    /// out for being dirty, or `None` if the link takes no probe now.
+    fn probe(&self, id: u64, range: ByteRange, waker: &Arc<Waker>) -> Result<Option<u64>, String> {
+        let gate = self.volume.gate();
+        let lock = gate
+            .lock_blocking(range, waker)
+            .map_err(|e| e.to_string())?;
+        let result = (|| {
+            let aligned = range.align_out(DIRECT_IO_ALIGN);
+            let mut buf = AlignedBuf::new(aligned.len as usize);
+            self.volume
+                .backing()
+                .read_exact_at(&mut buf, aligned.offset)
+                .map_err(|e| format!("read {range}: {e}"))?;
+            let start = (range.offset - aligned.offset) as usize;
+            let data = &buf[start..start + range.len as usize];
+            let crcs = block_crcs(data, VERIFY_BLOCK as usize);
+            let tracker = self.link.tracker();
+            let block = u64::from(VERIFY_BLOCK);
+            let skip: Vec<bool> = (0..crcs.len() as u64)
+                .map(|i| {
+                    let offset = range.offset + i * block;
+                    tracker.any_dirty(ByteRange::new(offset, block.min(range.end() - offset)))
+                })
+                .collect();
+            let skipped = skip
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s)
+                .map(|(i, _)| block.min(range.end() - (range.offset + i as u64 * block)))
+                .sum();
+            let probe = Probe {
+                range,
+                crcs,
+                skip,
+                spoiled: false,
+            };
+            Ok(self.link.push_verify(id, probe).then_some(skipped))
+        })();
+        gate.leave(lock);
+        result
+    }
+
+    /// Marks the differing ranges dirty and waits until a catch-up has copied them.
+    fn repair(&self, differing: &[ByteRange]) -> Result<(), String> {
+        self.lock_status().repairing = true;
+        let tracker = self.link.tracker();
+        tracker
+            .admit(differing)
+            .map_err(|e| format!("mark the differing ranges dirty: {e}"))?;
+        self.link.request_catch_up();
+        while differing.iter().any(|r| tracker.any_dirty(*r)) {
+            if self.stopped() {
+                return Err("the pair stopped during the repair".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(range: ByteRange, skip: Vec<bool>) -> Probe {
+        Probe {
+            range,
+            crcs: vec![0; skip.len()],
+            skip,
+            spoiled: false,
+        }
+    }
+
+    #[test]
+    fn answers_name_differing_clean_blocks_only() {
+        let mut probes = Probes::default();
+        let block = u64::from(VERIFY_BLOCK);
+        probes.insert(
+            1,
+            probe(ByteRange::new(0, 3 * block), vec![false, true, false]),
+        );
+        probes.answer(1, &[1, 2]);
+        assert_eq!(
+            probes.take_done(),
+            vec![(
+                1,
+                ProbeResult::Compared {
+                    differing: vec![ByteRange::new(2 * block, block)]
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn a_write_after_the_read_makes_the_probe_inconclusive() {
+        let mut probes = Probes::default();
+        probes.insert(1, probe(ByteRange::new(0, 1 << 20), vec![false; 16]));
+        probes.insert(2, probe(ByteRange::new(1 << 20, 1 << 20), vec![false; 16]));
+        probes.spoil(ByteRange::new(4096, 4096));
+        probes.answer(1, &[]);
+        probes.answer(2, &[]);
+        assert_eq!(
+            probes.take_done(),
+            vec![
+                (1, ProbeResult::Inconclusive),
+                (2, ProbeResult::Compared { differing: vec![] })
+            ]
+        );
+    }
+
+    #[test]
+    fn lost_probes_are_inconclusive() {
+        let mut probes = Probes::default();
+        probes.insert(7, probe(ByteRange::new(0, 4096), vec![false]));
+        probes.lose_all();
+        probes.answer(7, &[0]);
+        assert_eq!(probes.take_done(), vec![(7, ProbeResult::Inconclusive)]);
+    }
+}
