@@ -182,13 +182,18 @@ impl Cluster {
         Ok(status["pairs"][0].clone())
     }
 
-    /// Waits until the pair has nothing left to send: a run starts from a quiet pair.
+    /// Waits until the pair has nothing left to send and the DR side has applied all it
+    /// staged: a run starts from a quiet pair (a DR agent still applying a big unit would
+    /// take CPU and disk from the next run).
     pub fn wait_idle(&self) -> anyhow::Result<()> {
         self.wait("the pair to settle", Duration::from_secs(600), || {
             let p = self.pair_state()?;
+            let applied = p["consistent_epoch"].as_u64().unwrap_or(0);
+            let staged = p["staged_epoch"].as_u64().unwrap_or(0);
             Ok(p["replication_status"] == "active"
                 && p["out_of_sync_bytes"] == 0
-                && p["counters"]["journal_bytes"] == 0)
+                && p["counters"]["journal_bytes"] == 0
+                && applied >= staged)
         })
     }
 

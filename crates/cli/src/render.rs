@@ -364,6 +364,21 @@ fn pair_state_json(p: &proto::PairState) -> Value {
         "consistent_at": empty_null(&p.consistent_at),
         "peer_node": p.peer_node,
         "counters": counters_json(p.counters.as_ref()),
+        "staged_epoch": p.staged_epoch,
+        "needs_resolve": p.needs_resolve,
+        "generation": empty_null(&p.generation),
+        "verify": p.verify.as_ref().map(|v| json!({
+            "job_id": v.job_id,
+            "progress": v.progress,
+            "done": v.done,
+            "error": empty_null(&v.error),
+            "differing": v.differing.iter().map(|e| json!({"offset": e.offset, "length": e.length})).collect::<Vec<_>>(),
+            "differing_bytes": v.differing_bytes,
+            "verified_bytes": v.verified_bytes,
+            "unverified_bytes": v.unverified_bytes,
+            "repairing": v.repairing,
+            "repaired": v.repaired,
+        })),
     })
 }
 
