@@ -33,8 +33,13 @@ impl Node {
 
     pub fn start(&mut self) {
         assert!(self.daemon.is_none(), "node {} already running", self.name);
+        let wrapper: Vec<&str> = match &self.netns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => Vec::new(),
+        };
         self.daemon = Some(
-            Daemon::start_program_with_env(
+            Daemon::start_wrapped(
+                &wrapper,
                 &binary("blockrepd"),
                 &self.dir,
                 &self.config,
@@ -76,6 +81,41 @@ pub struct TestCluster {
     pub nodes: Vec<Node>,
 }
 
+/// A node to start: its name and zone, and where it runs (a network namespace and the
+/// address it listens on there; loopback of the test's namespace by default).
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: String,
+    pub az: String,
+    pub netns: Option<String>,
+    pub address: String,
+}
+
+impl NodeSpec {
+    pub fn new(name: &str, az: &str) -> Self {
+        Self {
+            name: name.into(),
+            az: az.into(),
+            netns: None,
+            address: "127.0.0.1".into(),
+        }
+    }
+
+    pub fn in_netns(mut self, netns: &str, address: &str) -> Self {
+        self.netns = Some(netns.into());
+        self.address = address.into();
+        self
+    }
+}
+
+/// What every node's configuration adds: top-level keys and sections (`extra`), and keys
+/// of the `[cluster]` section (`cluster_extra`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterConfig<'a> {
+    pub extra: &'a str,
+    pub cluster_extra: &'a str,
+}
+
 /// A free UDP port on loopback.
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -100,6 +140,37 @@ impl TestCluster {
     /// As [`TestCluster::start`], every daemon inside network namespace `netns` (on its
     /// loopback), if given.
     pub fn start_in(dir: &Path, nodes: &[(&str, &str)], extra: &str, netns: Option<&str>) -> Self {
+        let specs: Vec<NodeSpec> = nodes
+            .iter()
+            .map(|(name, az)| {
+                let spec = NodeSpec::new(name, az);
+                match netns {
+                    Some(ns) => spec.in_netns(ns, "127.0.0.1"),
+                    None => spec,
+                }
+            })
+            .collect();
+        Self::start_nodes(
+            dir,
+            &specs,
+            ClusterConfig {
+                extra,
+                cluster_extra: "",
+            },
+        )
+    }
+
+    /// Makes a CA and the nodes of `specs` in `dir` and starts them; the first runs the
+    /// coordinator.
+    pub fn start_nodes(dir: &Path, specs: &[NodeSpec], config: ClusterConfig<'_>) -> Self {
+        let ClusterConfig {
+            extra,
+            cluster_extra,
+        } = config;
+        let nodes: Vec<(&str, &str)> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.az.as_str()))
+            .collect();
         let ca = dir.join("ca");
         cli(&["cluster", "init-ca", "--dir", ca.to_str().unwrap()]);
         let ports: Vec<u16> = nodes.iter().map(|_| free_udp_port()).collect();
@@ -113,7 +184,7 @@ impl TestCluster {
                     .port()
             })
             .collect();
-        let coordinator = format!("127.0.0.1:{}", ports[0]);
+        let coordinator = format!("{}:{}", specs[0].address, ports[0]);
         let mut cluster = Self {
             dir: dir.to_owned(),
             nodes: Vec::new(),
@@ -136,10 +207,11 @@ impl TestCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n",
+                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{extra}\n[cluster]\nlisten = \"{}:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
                     node_dir.join("state").display(),
                     node_dir.join("run").display(),
                     metrics_ports[i],
+                    specs[i].address,
                     ports[i],
                     tls.join("ca.pem").display(),
                     tls.join("node.pem").display(),
@@ -156,7 +228,7 @@ impl TestCluster {
                 port: ports[i],
                 daemon: None,
                 env: Vec::new(),
-                netns: netns.map(str::to_owned),
+                netns: specs[i].netns.clone(),
                 metrics_port: metrics_ports[i],
             });
         }
@@ -329,6 +401,84 @@ impl NetNs {
         run(Command::new("ip")
             .args(["netns", "exec", &self.name])
             .args(args))
+    }
+}
+
+/// Two network namespaces joined by a veth pair, `10.<n>.0.1` in the first and `10.<n>.0.2`
+/// in the second; deleted (with the veth) when dropped.
+pub struct NetNsPair {
+    pub a: NetNs,
+    pub b: NetNs,
+    pub address_a: String,
+    pub address_b: String,
+}
+
+impl NetNsPair {
+    pub fn new(tag: &str) -> Self {
+        let a = NetNs::new(&format!("{tag}a"));
+        let b = NetNs::new(&format!("{tag}b"));
+        let subnet = 16 + std::process::id() % 200;
+        let (veth_a, veth_b) = (
+            format!("va{}", std::process::id()),
+            format!("vb{}", std::process::id()),
+        );
+        run(Command::new("ip").args([
+            "link", "add", &veth_a, "netns", &a.name, "type", "veth", "peer", "name", &veth_b,
+            "netns", &b.name,
+        ]));
+        let address_a = format!("10.{subnet}.0.1");
+        let address_b = format!("10.{subnet}.0.2");
+        for (ns, veth, address) in [(&a, &veth_a, &address_a), (&b, &veth_b, &address_b)] {
+            ns.exec(&["ip", "addr", "add", &format!("{address}/24"), "dev", veth]);
+            ns.exec(&["ip", "link", "set", veth, "up"]);
+        }
+        Self {
+            a,
+            b,
+            address_a,
+            address_b,
+        }
+    }
+
+    /// In both namespaces, drops `percent` % of the packets leaving (so of each direction).
+    pub fn drop_percent(&self, percent: u32) {
+        for ns in [&self.a, &self.b] {
+            ns.exec(&["nft", "add", "table", "inet", "lossy"]);
+            ns.exec(&[
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "lossy",
+                "out",
+                "{ type filter hook output priority 0 ; }",
+            ]);
+            ns.exec(&[
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "lossy",
+                "out",
+                "oifname",
+                "!=",
+                "lo",
+                "numgen",
+                "random",
+                "mod",
+                "100",
+                "<",
+                &percent.to_string(),
+                "drop",
+            ]);
+        }
+    }
+
+    /// Ends the loss.
+    pub fn heal(&self) {
+        for ns in [&self.a, &self.b] {
+            ns.exec(&["nft", "delete", "table", "inet", "lossy"]);
+        }
     }
 }
 

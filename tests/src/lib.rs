@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod daemon;
 pub mod nbd;
+pub mod records;
 
 pub use daemon::{Daemon, binary, require_tool};
 pub use nbd::NbdClient;

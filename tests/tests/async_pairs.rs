@@ -5,76 +5,19 @@
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockrep_tests::cluster::{NetNs, TestCluster, local_pair_state, sha256, wait_until};
+use blockrep_tests::records::{RECORD, prefix_length, record};
 use blockrep_tests::{NbdClient, require_tool, seed, sparse_file};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
-const BLOCK: u64 = 4096;
-const MAGIC: u64 = 0x6272_6563_6f72_6421; // "brecord!"
-
-/// Record `n`: its number, a magic word, and bytes derived from `n`, with a CRC at the end.
-fn record(n: u64) -> Vec<u8> {
-    let mut r = vec![0u8; BLOCK as usize];
-    r[..8].copy_from_slice(&n.to_le_bytes());
-    r[8..16].copy_from_slice(&MAGIC.to_le_bytes());
-    for (i, b) in r[16..BLOCK as usize - 4].iter_mut().enumerate() {
-        *b = (n as u8).wrapping_mul(31).wrapping_add(i as u8) | 1;
-    }
-    let crc = crc32(&r[..BLOCK as usize - 4]);
-    r[BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
-    r
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    // Bitwise CRC-32 (IEEE); the test needs no speed.
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// How many records the image holds, checking they are exactly a prefix: records 0..n
-/// whole and in place, nothing after.
-fn prefix_length(image: &Path, max: u64) -> Result<u64, String> {
-    let file = std::fs::File::open(image).unwrap();
-    let mut block = vec![0u8; BLOCK as usize];
-    let mut n = 0;
-    while n < max {
-        file.read_exact_at(&mut block, n * BLOCK).unwrap();
-        if block.iter().all(|&b| b == 0) {
-            break;
-        }
-        if block != record(n) {
-            return Err(format!("record {n} is torn or wrong"));
-        }
-        n += 1;
-    }
-    for later in n..max {
-        file.read_exact_at(&mut block, later * BLOCK).unwrap();
-        if block.iter().any(|&b| b != 0) {
-            return Err(format!(
-                "record {later} is present but record {n} is not: not a prefix"
-            ));
-        }
-    }
-    Ok(n)
-}
+const BLOCK: u64 = RECORD;
 
 #[test]
 fn the_dr_volume_always_holds_a_prefix_of_dependent_writes() {

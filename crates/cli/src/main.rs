@@ -99,6 +99,9 @@ enum ClusterCommand {
         node: String,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// cubic or bbr, as `cluster.congestion_control` on the agents.
+        #[arg(long, default_value = "cubic")]
+        congestion_control: blockrep_replication::CongestionControl,
     },
 }
 
@@ -379,7 +382,14 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
             tls_dir,
             node,
             seconds,
-        } => ping::link_test(address, &absolute(&tls_dir)?, &node, seconds, out).await?,
+            congestion_control,
+        } => {
+            let settings = blockrep_replication::TransportSettings {
+                congestion: congestion_control,
+                ..Default::default()
+            };
+            ping::link_test(address, &absolute(&tls_dir)?, &node, seconds, settings, out).await?
+        }
     }
     Ok(())
 }

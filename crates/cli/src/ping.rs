@@ -24,7 +24,7 @@ pub async fn ping(
     } else {
         NodeTls::load(&files)?
     };
-    let endpoint = ClusterEndpoint::client_only(&tls)?;
+    let endpoint = ClusterEndpoint::client_only(&tls, Default::default())?;
     let request = ClusterRequest {
         request: Some(cluster_request::Request::ListNodes(
             proto::ListNodesRequest {},
@@ -65,10 +65,11 @@ pub async fn link_test(
     tls_dir: &Path,
     node: &str,
     seconds: u64,
+    settings: blockrep_replication::TransportSettings,
     out: &Output,
 ) -> anyhow::Result<()> {
     let tls = NodeTls::load(&TlsFiles::in_dir(tls_dir))?;
-    let endpoint = ClusterEndpoint::client_only(&tls)?;
+    let endpoint = ClusterEndpoint::client_only(&tls, settings)?;
     let result = blockrep_replication::link_test::run(
         &endpoint,
         address,

@@ -32,6 +32,8 @@ use crate::store::{Change, Store};
 
 /// A node that has not reported for this long is down.
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A report received this soon after a step may have been written before it.
+const HEARTBEAT_SLACK: Duration = Duration::from_millis(300);
 /// How long the driver keeps trying an agent before a pair's operation fails.
 const AGENT_GIVE_UP: Duration = Duration::from_secs(60);
 const MAX_TEXT_BYTES: usize = 255;
@@ -60,6 +62,11 @@ struct State {
     jobs: BTreeMap<JobId, JobRecord>,
     /// When the driver first failed to reach an agent for a pair's pending step.
     stuck_since: BTreeMap<PairId, Instant>,
+    /// When a pair's last step was taken: its job follows only reports sent after it.
+    step_taken: BTreeMap<PairId, Instant>,
+    /// Pairs deleted lately: an agent's report written before the delete may still name
+    /// them for a heartbeat or two.
+    deleted: BTreeMap<PairId, Instant>,
 }
 
 pub struct Coordinator {
@@ -99,6 +106,8 @@ impl Coordinator {
             pairs: snapshot.pairs.into_iter().map(|p| (p.id, p)).collect(),
             jobs: snapshot.jobs.into_iter().map(|j| (j.id, j)).collect(),
             stuck_since: BTreeMap::new(),
+            step_taken: BTreeMap::new(),
+            deleted: BTreeMap::new(),
         };
         tracing::info!(
             pairs = state.pairs.len(),
@@ -347,7 +356,12 @@ impl Coordinator {
                     v.volume.name, p.id, p.name
                 )));
             }
-            if !v.volume.pair_id.is_empty() {
+            let deleted_lately = v
+                .volume
+                .pair_id
+                .parse::<PairId>()
+                .is_ok_and(|id| state.deleted.contains_key(&id));
+            if !v.volume.pair_id.is_empty() && !deleted_lately {
                 return Err(ApiError::FailedPrecondition(format!(
                     "volume {} is already in pair {} (its agent says so)",
                     v.volume.name, v.volume.pair_id
@@ -877,6 +891,7 @@ impl Coordinator {
         self.commit(&[Change::PutPair(record.clone())])?;
         let mut state = self.lock();
         state.stuck_since.remove(&pair.id);
+        state.step_taken.insert(pair.id, Instant::now());
         state.pairs.insert(pair.id, record);
         Ok(())
     }
@@ -888,8 +903,27 @@ impl Coordinator {
         let Some(job_id) = pair.job else {
             return Ok(());
         };
-        let (view, verify) = {
+        let (view, verify, fresh, production_diverged) = {
             let state = self.lock();
+            let production_diverged = state
+                .nodes
+                .get(&pair.production_node)
+                .and_then(|n| {
+                    n.report
+                        .pairs
+                        .iter()
+                        .find(|s| s.pair_id == pair.id.to_string())
+                })
+                .is_some_and(|s| s.needs_resolve);
+            // A report sent before the last step speaks of the pair as it was.
+            let fresh = match state.step_taken.get(&pair.id) {
+                Some(taken) => state
+                    .nodes
+                    .get(&pair.production_node)
+                    .and_then(|n| n.last_seen)
+                    .is_some_and(|seen| seen > *taken + HEARTBEAT_SLACK),
+                None => true,
+            };
             let verify = state
                 .nodes
                 .get(&pair.production_node)
@@ -901,8 +935,16 @@ impl Coordinator {
                 })
                 .and_then(|s| s.verify.clone())
                 .filter(|v| v.job_id == job_id.to_string());
-            (self.pair_view(&state, pair), verify)
+            (
+                self.pair_view(&state, pair),
+                verify,
+                fresh,
+                production_diverged,
+            )
         };
+        if !fresh {
+            return Ok(());
+        }
         let mut state = self.lock();
         let Some(job) = state.jobs.get(&job_id).cloned() else {
             return Ok(());
@@ -924,7 +966,7 @@ impl Coordinator {
                 }
                 None => None,
             },
-            _ if view.needs_resolve => Some(Err(view.status_detail.clone())),
+            _ if production_diverged => Some(Err(view.status_detail.clone())),
             _ if view.replication_status == ReplicationStatus::Active.to_string() => Some(Ok(())),
             _ => {
                 job.progress = view.progress.max(job.progress);
@@ -998,6 +1040,11 @@ impl Coordinator {
         self.commit(&changes)?;
         state.pairs.remove(&pair.id);
         state.stuck_since.remove(&pair.id);
+        state.step_taken.remove(&pair.id);
+        state
+            .deleted
+            .retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        state.deleted.insert(pair.id, Instant::now());
         tracing::info!(pair = %pair.id, "pair deleted");
         Ok(())
     }

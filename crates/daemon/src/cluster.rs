@@ -14,6 +14,7 @@ use blockrep_api::proto::{
     self, ClusterRequest, ClusterResponse, cluster_request::Request, cluster_response::Response,
 };
 use blockrep_coordinator::{Agents, Coordinator, RedbStore};
+use blockrep_replication::TransportSettings;
 use blockrep_replication::endpoint::{
     BoxFuture, ClusterEndpoint, Inbound, ReplicationStream, error_response,
 };
@@ -56,7 +57,10 @@ impl Cluster {
             config.listen,
             &tls,
             Arc::clone(&handler) as Arc<dyn Inbound>,
-            config.peer_timeout,
+            TransportSettings {
+                peer_timeout: config.peer_timeout,
+                congestion: config.congestion,
+            },
         )?;
         agent.pairs().set_endpoint(Arc::clone(&endpoint));
         let agents = Arc::new(AgentsOverQuic {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blockrep_core::Granularity;
+use blockrep_replication::CongestionControl;
 use blockrep_replication::production::ReplicationConfig;
 use blockrep_tls::TlsFiles;
 use blockrep_volume::TrackerConfig;
@@ -65,6 +66,12 @@ struct RawCluster {
     coordinator_role: bool,
     #[serde(default = "default_peer_timeout_ms")]
     peer_timeout_ms: u64,
+    #[serde(default = "default_congestion_control")]
+    congestion_control: String,
+}
+
+fn default_congestion_control() -> String {
+    "cubic".into()
 }
 
 fn default_peer_timeout_ms() -> u64 {
@@ -109,6 +116,7 @@ pub struct ClusterConfig {
     /// A peer silent this long is gone: its connection is dropped and its pairs leave
     /// `active`.
     pub peer_timeout: Duration,
+    pub congestion: CongestionControl,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,8 +382,13 @@ impl Config {
                         format!("{} must be from 500 to 600000", c.peer_timeout_ms),
                     ));
                 }
+                let congestion = c
+                    .congestion_control
+                    .parse()
+                    .map_err(|e| invalid("cluster.congestion_control", e))?;
                 Ok(ClusterConfig {
                     peer_timeout: Duration::from_millis(c.peer_timeout_ms),
+                    congestion,
                     listen,
                     coordinator,
                     tls: TlsFiles {

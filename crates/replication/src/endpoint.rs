@@ -103,13 +103,56 @@ pub struct ClusterEndpoint {
 /// datagrams loopback allows, in this machine's measurements.)
 const SOCKET_BUFFER: usize = 8 << 20;
 
-fn transport(peer_timeout: Duration) -> TransportConfig {
+/// How the endpoint's connections pace themselves (`cluster.congestion_control`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CongestionControl {
+    /// quinn's default, loss-based: the fastest on a clean link.
+    #[default]
+    Cubic,
+    /// Model-based (quinn's implementation is marked experimental): keeps its rate through
+    /// random loss that makes Cubic back off.
+    Bbr,
+}
+
+impl std::str::FromStr for CongestionControl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cubic" => Ok(Self::Cubic),
+            "bbr" => Ok(Self::Bbr),
+            other => Err(format!("{other:?} is not cubic or bbr")),
+        }
+    }
+}
+
+/// What an endpoint's connections are configured with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportSettings {
+    /// A peer that sends nothing for this long is gone.
+    pub peer_timeout: Duration,
+    pub congestion: CongestionControl,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            congestion: CongestionControl::default(),
+        }
+    }
+}
+
+fn transport(settings: TransportSettings) -> TransportConfig {
+    let peer_timeout = settings.peer_timeout;
     let mut t = TransportConfig::default();
     // Windows large enough to fill a fast link with one stream (quinn's perf tool does
     // the same).
     t.stream_receive_window(VarInt::from_u32(64 << 20));
     t.receive_window(VarInt::from_u32(128 << 20));
     t.send_window(128 << 20);
+    if settings.congestion == CongestionControl::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Keep-alives often enough that a healthy but idle peer never looks gone.
@@ -126,9 +169,9 @@ impl ClusterEndpoint {
         listen: SocketAddr,
         tls: &NodeTls,
         inbound: Arc<dyn Inbound>,
-        peer_timeout: Duration,
+        settings: TransportSettings,
     ) -> Result<Arc<Self>, EndpointError> {
-        let transport = Arc::new(transport(peer_timeout));
+        let transport = Arc::new(transport(settings));
         let server_tls = QuicServerConfig::try_from(tls.server_config(ALPN)?)
             .map_err(|e| EndpointError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
@@ -150,8 +193,11 @@ impl ClusterEndpoint {
     }
 
     /// An endpoint that only dials out (no listening), for tools.
-    pub fn client_only(tls: &NodeTls) -> Result<Arc<Self>, EndpointError> {
-        let client = Self::client_config(tls, Arc::new(transport(DEFAULT_PEER_TIMEOUT)))?;
+    pub fn client_only(
+        tls: &NodeTls,
+        settings: TransportSettings,
+    ) -> Result<Arc<Self>, EndpointError> {
+        let client = Self::client_config(tls, Arc::new(transport(settings)))?;
         let any: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let endpoint = new_endpoint(any, None)?;
         Ok(Arc::new(Self {

@@ -22,4 +22,4 @@ pub mod production;
 pub mod stage_log;
 pub mod verify;
 
-pub use endpoint::DEFAULT_PEER_TIMEOUT;
+pub use endpoint::{CongestionControl, DEFAULT_PEER_TIMEOUT, TransportSettings};

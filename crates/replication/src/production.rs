@@ -546,12 +546,15 @@ impl ProductionPair {
     }
 
     async fn receive_loop(&self, reader: &mut FrameReader) -> Result<(), SessionError> {
+        // The counters run across streams; each stream counts from zero.
+        let mut counted = reader.bytes_received;
         loop {
             let frame = reader.next().await?;
             self.link
                 .counters
                 .bytes_received
-                .store(reader.bytes_received, Ordering::Relaxed);
+                .fetch_add(reader.bytes_received - counted, Ordering::Relaxed);
+            counted = reader.bytes_received;
             match frame {
                 Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => {
                     self.link.handle_ack(seq)
@@ -883,6 +886,8 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
     let mut chunks: Vec<Bytes> = Vec::new();
     let counters = Arc::clone(&link.counters);
     let fault = fault::CorruptExtent::from_env();
+    // The counters run across streams; each stream counts from zero.
+    let mut counted = writer.bytes_sent;
     loop {
         let notified = link.wake_sender.notified();
         link.take_frames(8 << 20, &mut frames);
@@ -958,17 +963,16 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
         writer.send_chunks(&mut chunks).await?;
         counters
             .bytes_sent
-            .store(writer.bytes_sent, Ordering::Relaxed);
+            .fetch_add(writer.bytes_sent - counted, Ordering::Relaxed);
+        counted = writer.bytes_sent;
     }
 }
 
-/// Reconnect delays: doubling from 200 ms to 10 s, with ±25% jitter from a seeded
-/// generator (the seed is the pair's, so two pairs do not retry in step).
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Waits between connection attempts: doubling from 200 ms up to [`MAX_BACKOFF`], each
-/// with ±25% jitter so agents that lost a peer together do not call it in step.
+/// Reconnect delays: doubling from 200 ms up to [`MAX_BACKOFF`], with ±25% jitter from a
+/// seeded generator (the seed is the pair's, so two pairs do not retry in step).
 struct Backoff {
     next: Duration,
     rng: u64,

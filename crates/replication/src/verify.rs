@@ -142,6 +142,13 @@ pub struct VerifyStatus {
     pub repaired: bool,
 }
 
+impl VerifyStatus {
+    /// Bytes compared or given up on.
+    fn done_bytes(&self) -> u64 {
+        self.verified_bytes + self.unverified_bytes
+    }
+}
+
 /// Runs one verify of a pair's production volume.
 pub struct VerifyRunner {
     pub volume: Arc<Volume>,
@@ -155,6 +162,8 @@ struct Outstanding {
     range: ByteRange,
     attempt: u32,
     sent: Instant,
+    /// Bytes of the range left out for being dirty.
+    skipped: u64,
 }
 
 impl VerifyRunner {
@@ -205,20 +214,22 @@ impl VerifyRunner {
                 && let Some((range, attempt)) = todo.pop()
             {
                 if attempt >= MAX_ATTEMPTS {
-                    self.lock_status().unverified_bytes += range.len;
+                    let mut status = self.lock_status();
+                    status.unverified_bytes += range.len;
+                    status.progress = status.done_bytes() as f64 / size as f64;
                     continue;
                 }
                 let id = next_id;
                 next_id += 1;
                 match self.probe(id, range, &waker)? {
                     Some(skipped) => {
-                        self.lock_status().unverified_bytes += skipped;
                         outstanding.insert(
                             id,
                             Outstanding {
                                 range,
                                 attempt: attempt + 1,
                                 sent: Instant::now(),
+                                skipped,
                             },
                         );
                     }
@@ -236,8 +247,9 @@ impl VerifyRunner {
                 match result {
                     ProbeResult::Compared { differing: found } => {
                         let mut status = self.lock_status();
-                        status.verified_bytes += o.range.len;
-                        status.progress = status.verified_bytes as f64 / size as f64;
+                        status.verified_bytes += o.range.len - o.skipped;
+                        status.unverified_bytes += o.skipped;
+                        status.progress = status.done_bytes() as f64 / size as f64;
                         for r in found {
                             status.differing_bytes += r.len;
                             if status.differing.len() < MAX_LISTED {

@@ -17,7 +17,7 @@
 //! Verify    u64 id | u64 offset | u32 block | u8 after? | u64 epoch | u16 n | n × u32 crc32
 //! Verified  u64 id | u16 n | n × u16 index of a block that differs
 //!
-//! lineage   u64 current | u8 written | u8 n | n × (u64 generation | u8 written)
+//! lineage   u64 current | u8 written | u16 n | n × (u64 generation | u8 written)
 //! ```
 
 use blockrep_core::VolumeId;
@@ -612,13 +612,13 @@ fn get_str(body: &mut BytesMut, ty: u8, len: usize) -> Result<String, WireError>
 }
 
 /// Bytes of the shortest lineage: a current generation and no history.
-const LINEAGE_MIN: usize = 8 + 1 + 1;
+const LINEAGE_MIN: usize = 8 + 1 + 2;
 
 fn put_lineage(out: &mut BytesMut, lineage: &Lineage) {
     out.put_u64(lineage.current.id.0);
     out.put_u8(u8::from(lineage.current.written));
-    let history = &lineage.history[lineage.history.len().saturating_sub(u8::MAX as usize)..];
-    out.put_u8(history.len() as u8);
+    let history = &lineage.history[lineage.history.len().saturating_sub(u16::MAX as usize)..];
+    out.put_u16(history.len() as u16);
     for g in history {
         out.put_u64(g.id.0);
         out.put_u8(u8::from(g.written));
@@ -633,7 +633,7 @@ fn get_lineage(body: &mut BytesMut, ty: u8, len: usize) -> Result<Lineage, WireE
         id: GenerationId(body.get_u64()),
         written: body.get_u8() != 0,
     };
-    let n = body.get_u8() as usize;
+    let n = body.get_u16() as usize;
     if body.len() < 9 * n {
         return Err(WireError::BadLength { ty, len });
     }
@@ -826,11 +826,11 @@ mod tests {
             },
         })
         .encode(&mut out);
-        let mut expected = vec![0, 0, 0, 67, 1, 0, 2];
+        let mut expected = vec![0, 0, 0, 68, 1, 0, 2];
         expected.extend([0x11; 16]);
         expected.extend([0x22; 16]);
         expected.extend([0, 0, 0, 0, 0x40, 0, 0, 0, 1, 3]);
-        expected.extend([0, 0, 0, 0, 0, 0, 0x0a, 0x0b, 1, 1]);
+        expected.extend([0, 0, 0, 0, 0, 0, 0x0a, 0x0b, 1, 0, 1]);
         expected.extend([0, 0, 0, 0, 0, 0, 0x01, 0x02, 0]);
         expected.extend([0, 1, b'a']);
         assert_eq!(&out[..], &expected[..]);

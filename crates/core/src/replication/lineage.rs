@@ -50,8 +50,10 @@ pub struct Generation {
     pub written: bool,
 }
 
-/// How many earlier generations a volume remembers.
-pub const HISTORY_LEN: usize = 32;
+/// How many earlier generations a volume remembers: far more role changes than two sides
+/// of a pair go through apart (beyond it, a common generation may be forgotten, and two
+/// diverged sides would look unrelated).
+pub const HISTORY_LEN: usize = 1024;
 
 /// A volume's generations: the current one and its history (oldest first).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -456,7 +458,7 @@ mod tests {
     #[test]
     fn history_is_bounded_and_marks_are_news_once() {
         let mut l = Lineage::new(g(1));
-        for i in 2..100 {
+        for i in 2..2000 {
             l.begin(g(i));
         }
         assert_eq!(l.history.len(), HISTORY_LEN);
