@@ -346,7 +346,7 @@ fn a_link_cut_during_a_catch_up_leaves_the_dr_volume_a_consistent_image() {
         })
     };
     let mut last = 0;
-    for round in 0..3 {
+    for round in 0..4 {
         // The DR side follows the writer: a few epochs applied while it writes.
         let applied = |cluster: &TestCluster| {
             state(cluster, "node-b", &pair)["consistent_epoch"]
@@ -380,6 +380,12 @@ fn a_link_cut_during_a_catch_up_leaves_the_dr_volume_a_consistent_image() {
             &ns,
             &format!("insert rule inet link out udp dport {dr_port} drop"),
         );
+        if round % 2 == 1 {
+            // Killed mid-apply: the restarted agent completes the units it sealed before
+            // anything can read the volume (the link is still cut).
+            cluster.node_mut("node-b").kill9();
+            cluster.node_mut("node-b").start();
+        }
         cluster.node_mut("node-b").stop();
         let answered = written.load(Ordering::Relaxed);
         let held = prefix_length(&dr, records)

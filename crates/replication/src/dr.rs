@@ -67,6 +67,37 @@ impl DrPair {
         })
     }
 
+    /// Completes what a crash interrupted, before any stream: units sealed in the stage log
+    /// above the applied epoch are applied (rule 4: the DR volume is a consistent image
+    /// again before anyone reads or promotes it). Blocking.
+    pub fn recover(&self) -> std::io::Result<()> {
+        let log_path = self.volume_dir.join("stage-log");
+        if !log_path.exists() {
+            return Ok(());
+        }
+        let state_path = self.volume_dir.join("dr.json");
+        let state = DrState::load(&state_path)?;
+        let recovered = StageLog::open(&log_path, state.applied)?;
+        if recovered.seals.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(pair = %self.membership.pair, units = recovered.seals.len(), applied = %state.applied, "applying units a crash left sealed in the stage log");
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let setup = ApplierSetup {
+            label: self.membership.pair.to_string()[..8].to_owned(),
+            volume: Arc::clone(&self.volume),
+            log: recovered.log,
+            replay: recovered.seals,
+            state,
+            state_path: state_path.clone(),
+        };
+        // Stopping finishes the replay queued at start.
+        Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
+        let state = DrState::load(&state_path)?;
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).state = state;
+        Ok(())
+    }
+
     pub fn membership(&self) -> &Membership {
         &self.membership
     }

@@ -87,7 +87,16 @@ impl Pairs {
                 )
                 .map_err(ApiError::FailedPrecondition)?,
             ),
-            Side::Dr => Runtime::Dr(DrPair::new(membership.clone(), handle.volume, handle.dir)),
+            Side::Dr => {
+                let dr = DrPair::new(membership.clone(), handle.volume, handle.dir);
+                dr.recover().map_err(|e| {
+                    ApiError::Internal(format!(
+                        "volume {}: complete the units sealed in the stage log: {e}",
+                        handle.name
+                    ))
+                })?;
+                Runtime::Dr(dr)
+            }
         };
         self.lock().insert(membership.pair, runtime);
         Ok(())
