@@ -46,6 +46,8 @@ enum Resource {
     /// nbdfuse: unmount, then wait for it to exit.
     Fuse(PathBuf, Child),
     Dir(PathBuf),
+    /// A network namespace of the run: deleted after the servers in it stopped.
+    NetNs(String),
 }
 
 /// Everything set up so far, torn down last-in first-out when dropped.
@@ -72,6 +74,30 @@ impl Env {
         let dev = dev.trim().to_owned();
         self.stack.push(Resource::Loop(dev.clone()));
         Ok(dev)
+    }
+
+    /// A network namespace of this run with its loopback up, for scenarios that cut or
+    /// spoil the link between two agents (nft inside it touches nothing outside).
+    pub fn netns(&mut self, name: &str) -> anyhow::Result<String> {
+        let name = format!("brbench-{name}-{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        self.stack.push(Resource::NetNs(name.clone()));
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        Ok(name)
+    }
+
+    /// Stops a server started with [`Env::start_server`] before the run ends (SIGTERM, wait).
+    pub fn stop_server(&mut self, pid: u32) {
+        let Some(i) = self
+            .stack
+            .iter()
+            .position(|r| matches!(r, Resource::Process(_, c) if c.id() == pid))
+        else {
+            return;
+        };
+        if let Resource::Process(name, child) = self.stack.remove(i) {
+            terminate(&name, child);
+        }
     }
 
     /// Starts a server in its own process group (so Ctrl-C reaches it only through us) and
@@ -139,12 +165,7 @@ impl Drop for Env {
                 Resource::Loop(dev) => {
                     let _ = Command::new("losetup").arg("-d").arg(&dev).status();
                 }
-                Resource::Process(name, mut child) => {
-                    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-                    if let Err(e) = child.wait() {
-                        eprintln!("bench: waiting for {name}: {e}");
-                    }
-                }
+                Resource::Process(name, child) => terminate(&name, child),
                 Resource::Fuse(mountpoint, mut child) => {
                     let _ = Command::new("fusermount3")
                         .arg("-u")
@@ -155,8 +176,18 @@ impl Drop for Env {
                 Resource::Dir(dir) => {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
+                Resource::NetNs(name) => {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
             }
         }
+    }
+}
+
+fn terminate(name: &str, mut child: Child) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    if let Err(e) = child.wait() {
+        eprintln!("bench: waiting for {name}: {e}");
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod env;
 mod fio;
+mod outages;
 mod pairs;
 mod report;
 mod scenarios;
@@ -48,12 +49,17 @@ struct Args {
     out: PathBuf,
     /// Scenarios measured after the fio rows (comma-separated): `lag` (async lag at half
     /// the async pair's 4k IOPS; needs the async-pair target), `initial-sync` (a 2 GiB
-    /// volume, 25% written).
+    /// volume, 25% written), `catch-up` (a link outage under 4k randwrite, then the
+    /// catch-up), `backlog` (a 1 GiB backlog caught up), `lossy` (async replication over a
+    /// link losing 5% of packets). The last three need root (network namespaces, nft).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Seconds the lag scenario runs.
     #[arg(long, default_value_t = 30)]
     lag_seconds: u32,
+    /// Seconds the link is cut in the catch-up scenario.
+    #[arg(long, default_value_t = 60)]
+    outage_seconds: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -116,7 +122,10 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             s.kind,
             targets::Kind::AsyncPair | targets::Kind::HypermetroPair
         )
-    });
+    }) || args
+        .scenarios
+        .iter()
+        .any(|s| ["catch-up", "backlog", "lossy"].contains(&s.as_str()));
     let dr_device = if pairs_selected {
         Some(targets::prepare_dr_device(&mut env, &work, size)?)
     } else {
@@ -237,7 +246,23 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                 )?
             }
             "initial-sync" => scenarios::initial_sync(&mut env, &work, &bin, &report)?,
-            other => bail!("unknown scenario {other:?} (lag, initial-sync)"),
+            "catch-up" | "backlog" | "lossy" => {
+                let mut setup = targets::Setup {
+                    env: &mut env,
+                    device: &device,
+                    dr_device: dr_device.as_deref(),
+                    work: &work,
+                    bin: &bin,
+                };
+                match scenario.as_str() {
+                    "catch-up" => outages::catch_up(&mut setup, &report, args.outage_seconds)?,
+                    "backlog" => outages::backlog(&mut setup, &report)?,
+                    _ => outages::lossy(&mut setup, &report)?,
+                }
+            }
+            other => {
+                bail!("unknown scenario {other:?} (lag, initial-sync, catch-up, backlog, lossy)")
+            }
         };
         eprintln!("bench: scenario {scenario}: {}", result.summary);
         report.scenarios.push(result);

@@ -23,12 +23,26 @@ pub struct Cluster {
     pub client_tls: PathBuf,
     pub pair: Option<String>,
     bin: PathBuf,
+    pub netns: Option<String>,
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// How a bench cluster is laid out.
+#[derive(Clone, Copy, Default)]
+pub struct ClusterSpec<'a> {
+    /// Production and DR volumes; with a model, a pair between them.
+    pub devices: Option<(&'a Path, &'a Path)>,
+    pub model: Option<&'a str>,
+    /// Added to both agents' configuration: at the top, and inside `[cluster]`.
+    pub extra: &'a str,
+    pub cluster_extra: &'a str,
+    /// Both agents run in this network namespace (made with [`Env::netns`]).
+    pub netns: Option<&'a str>,
 }
 
 impl Cluster {
@@ -39,10 +53,15 @@ impl Cluster {
         work: &Path,
         bin: &Path,
         name: &str,
-        devices: Option<(&Path, &Path)>,
-        model: Option<&str>,
-        extra: &str,
+        spec: ClusterSpec<'_>,
     ) -> anyhow::Result<Self> {
+        let ClusterSpec {
+            devices,
+            model,
+            extra,
+            cluster_extra,
+            netns,
+        } = spec;
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
         let cli = |args: &[&str]| -> anyhow::Result<String> {
@@ -71,7 +90,7 @@ impl Cluster {
             std::fs::write(
                 &config,
                 format!(
-                    "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n",
+                    "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
                     node_dir.join("state").display(),
                     node_dir.join("run").display(),
                     ports[i],
@@ -82,7 +101,9 @@ impl Cluster {
                     i == 0
                 ),
             )?;
-            pids.push(crate::targets::start_daemon(env, bin, &node_dir, &config)?);
+            pids.push(crate::targets::start_daemon_in(
+                env, bin, &node_dir, &config, netns,
+            )?);
         }
         let production_socket = dir.join("node-a/run/control.sock");
         let dr_socket = dir.join("node-b/run/control.sock");
@@ -99,6 +120,7 @@ impl Cluster {
             client_tls: dir.join("client/tls"),
             pair: None,
             bin: bin.to_owned(),
+            netns: netns.map(str::to_owned),
         };
         cluster.wait_nodes(2)?;
         let (Some((production, dr)), Some(model)) = (devices, model) else {
@@ -216,9 +238,32 @@ impl Cluster {
         }
     }
 
+    /// `program`, run inside the agents' network namespace if they have one.
+    pub fn in_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Stops both agents (the coordinator's last).
+    pub fn stop(self, env: &mut Env) {
+        env.stop_server(self.dr_pid);
+        env.stop_server(self.production_pid);
+    }
+
     /// One link test from this machine to the DR agent: MB/s.
     pub fn link_test(&self, seconds: u32) -> anyhow::Result<f64> {
-        let out = run(Command::new(self.bin.join("blockrep")).args([
+        self.link_test_with(seconds, "cubic")
+    }
+
+    /// As [`Cluster::link_test`], with this congestion controller.
+    pub fn link_test_with(&self, seconds: u32, congestion_control: &str) -> anyhow::Result<f64> {
+        let out = run(self.in_netns(self.bin.join("blockrep")).args([
             "--output",
             "json",
             "cluster",
@@ -229,6 +274,8 @@ impl Cluster {
             path(&self.client_tls),
             "--seconds",
             &seconds.to_string(),
+            "--congestion-control",
+            congestion_control,
         ]))?;
         let v: Value = serde_json::from_str(&out)?;
         v["megabytes_per_second"]

@@ -289,9 +289,7 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
         work,
         bin,
         &format!("initial-sync-{tag}"),
-        None,
-        None,
-        "",
+        Default::default(),
     )?;
     cluster.cli_a(&["volume", "add", "--name", "prod", "--path", &prod])?;
     run(Command::new(bin.join("blockrep"))

@@ -180,7 +180,11 @@ impl Setup<'_> {
             }
             Kind::QuicLink => {
                 let c = crate::pairs::Cluster::start(
-                    self.env, self.work, self.bin, spec.name, None, None, "",
+                    self.env,
+                    self.work,
+                    self.bin,
+                    spec.name,
+                    Default::default(),
                 )?;
                 let pid = c.dr_pid;
                 cluster = Some(c);
@@ -210,15 +214,32 @@ impl Setup<'_> {
         model: &str,
         extra: &str,
     ) -> anyhow::Result<crate::pairs::Cluster> {
+        self.pair_cluster_spec(
+            name,
+            crate::pairs::ClusterSpec {
+                model: Some(model),
+                extra,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// As [`Setup::pair_cluster`], laid out by `spec` (its devices are the shared ones).
+    pub fn pair_cluster_spec(
+        &mut self,
+        name: &str,
+        spec: crate::pairs::ClusterSpec<'_>,
+    ) -> anyhow::Result<crate::pairs::Cluster> {
         let dr = self.dr_device.context("pair targets need a DR device")?;
         crate::pairs::Cluster::start(
             self.env,
             self.work,
             self.bin,
             name,
-            Some((self.device, dr)),
-            Some(model),
-            extra,
+            crate::pairs::ClusterSpec {
+                devices: Some((self.device, dr)),
+                ..spec
+            },
         )
     }
 
@@ -282,14 +303,33 @@ impl Setup<'_> {
 /// Starts blockrepd with `config` (runtime and state under `dir`) as a server of the run,
 /// and waits for its `READY=1`.
 pub fn start_daemon(env: &mut Env, bin: &Path, dir: &Path, config: &Path) -> anyhow::Result<u32> {
+    start_daemon_in(env, bin, dir, config, None)
+}
+
+/// As [`start_daemon`], inside network namespace `netns` if given (`ip netns exec` execs,
+/// so the pid is the daemon's; its unix sockets are on the shared file system).
+pub fn start_daemon_in(
+    env: &mut Env,
+    bin: &Path,
+    dir: &Path,
+    config: &Path,
+    netns: Option<&str>,
+) -> anyhow::Result<u32> {
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_nonblocking(true)?;
     let log = std::fs::File::create(dir.join("blockrepd.log"))?;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin.join("blockrepd"));
+            c
+        }
+        None => Command::new(bin.join("blockrepd")),
+    };
     env.start_server(
         "blockrepd",
-        Command::new(bin.join("blockrepd"))
-            .arg("--config")
+        cmd.arg("--config")
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("BLOCKREP_LOG", "warn")

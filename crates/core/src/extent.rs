@@ -62,6 +62,54 @@ impl ByteRange {
     }
 }
 
+/// Ranges read with one I/O: `range` covers every piece, and the gaps between them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadSpan {
+    pub range: ByteRange,
+    pub pieces: Vec<ByteRange>,
+}
+
+impl ReadSpan {
+    /// The bytes of the pieces (what is sent; the gaps are only read).
+    pub fn piece_bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len).sum()
+    }
+}
+
+/// Groups sorted, disjoint `runs` into spans of at most `max_span` bytes, each read with one
+/// I/O: a run joins the span before it when the gap between them is at most `max_gap`;
+/// a run longer than `max_span` is split. Scattered small runs (a catch-up after random
+/// writes) then cost one read per span instead of one per run.
+pub fn read_spans(runs: &[ByteRange], max_span: u64, max_gap: u64) -> Vec<ReadSpan> {
+    assert!(max_span > 0, "a span holds at least one byte");
+    let mut out = Vec::new();
+    let mut current: Option<ReadSpan> = None;
+    for run in runs {
+        let mut at = run.offset;
+        while at < run.end() {
+            if let Some(span) = current.as_mut() {
+                let span_end = span.range.offset + max_span;
+                if at >= span.range.end() && at - span.range.end() <= max_gap && at < span_end {
+                    let piece = ByteRange::new(at, (run.end() - at).min(span_end - at));
+                    span.pieces.push(piece);
+                    span.range.len = piece.end() - span.range.offset;
+                    at = piece.end();
+                    continue;
+                }
+                out.extend(current.take());
+            }
+            let piece = ByteRange::new(at, (run.end() - at).min(max_span));
+            current = Some(ReadSpan {
+                range: piece,
+                pieces: vec![piece],
+            });
+            at = piece.end();
+        }
+    }
+    out.extend(current);
+    out
+}
+
 impl fmt::Display for ByteRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "[{}, {})", self.offset, self.end())
@@ -71,6 +119,49 @@ impl fmt::Display for ByteRange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn r(offset: u64, len: u64) -> ByteRange {
+        ByteRange::new(offset, len)
+    }
+
+    #[test]
+    fn read_spans_join_close_runs_and_split_long_ones() {
+        let runs = [r(0, 4), r(6, 2), r(20, 4), r(24 + 2, 30)];
+        let spans = read_spans(&runs, 16, 2);
+        assert_eq!(
+            spans,
+            vec![
+                ReadSpan {
+                    range: r(0, 8),
+                    pieces: vec![r(0, 4), r(6, 2)]
+                },
+                ReadSpan {
+                    range: r(20, 16),
+                    pieces: vec![r(20, 4), r(26, 10)]
+                },
+                ReadSpan {
+                    range: r(36, 16),
+                    pieces: vec![r(36, 16)]
+                },
+                ReadSpan {
+                    range: r(52, 4),
+                    pieces: vec![r(52, 4)]
+                },
+            ]
+        );
+        // Every run's bytes are in exactly one piece, in order.
+        let pieces: Vec<_> = spans.iter().flat_map(|s| s.pieces.clone()).collect();
+        assert_eq!(pieces.iter().map(|p| p.len).sum::<u64>(), 4 + 2 + 4 + 30);
+        assert!(pieces.windows(2).all(|w| w[0].end() <= w[1].offset));
+        assert!(spans.iter().all(|s| s.range.len <= 16));
+    }
+
+    #[test]
+    fn read_spans_without_gaps_allowed_keep_runs_apart() {
+        assert_eq!(read_spans(&[r(0, 4), r(5, 4)], 64, 0).len(), 2);
+        assert_eq!(read_spans(&[r(0, 4), r(4, 4)], 64, 0).len(), 1);
+        assert!(read_spans(&[], 64, 8).is_empty());
+    }
 
     #[test]
     fn within_rejects_past_end_and_overflow() {

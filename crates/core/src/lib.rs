@@ -15,6 +15,6 @@ pub mod replication;
 pub use activity_log::{ActivityLog, Admission, AlVersion, FlushTicket, RegionIndex, RetirePolicy};
 pub use cache_mode::{CacheMode, UnknownCacheMode};
 pub use dirty_map::{BITMAP_PAGE_BYTES, DirtyMap, Granularity, GranularityError, PageIndex};
-pub use extent::{ByteRange, RangeError};
+pub use extent::{ByteRange, RangeError, ReadSpan, read_spans};
 pub use ids::{NameError, VolumeId, VolumeName};
 pub use range_lock::{Acquired, LockId, RangeLocks};

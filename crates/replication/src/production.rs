@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use blockrep_core::ByteRange;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
+use blockrep_core::{ByteRange, read_spans};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, ReplicaLink, Volume, Waker};
 use blockrep_wire::{
     Frame, Hello, HelloFlags, ProtocolVersion, RefuseKind, WriteFlags, WriteHeader, payload_crc,
@@ -31,6 +31,10 @@ use crate::verify::{VERIFY_BLOCK, VerifyRunner, VerifyStatus};
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;
+
+/// A catch-up reads clean blocks between dirty ones when the gap is at most this: one read
+/// of a span instead of one per dirty run (only the dirty runs are sent).
+const MAX_READ_GAP: u64 = 128 << 10;
 
 /// How a pair replicates; from the agent's `[replication]` configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -806,30 +810,39 @@ impl ResyncReader {
                 final_pass = true;
                 continue;
             }
-            for run in runs {
-                let mut at = run.offset;
-                while at < run.end() {
-                    if self.stopped() {
-                        return Ok(ResyncOutcome::Stopped);
-                    }
-                    let range = ByteRange::new(at, (run.end() - at).min(self.extent));
-                    if !self.link.wait_for_room(range.len, &|| self.stopped()) {
-                        return Ok(ResyncOutcome::Stopped);
-                    }
-                    let lock = self
-                        .volume
-                        .gate()
-                        .lock_blocking(range, &waker)
-                        .map_err(|e| e.to_string())?;
-                    let admitted = self.link.admit_catch_up_extent();
-                    let read = self.read_extent(range);
-                    let ticket = self.link.tracker().issue_ticket(range);
-                    self.volume.gate().leave(lock);
-                    let payload = read?;
-                    self.count_sent(range, &payload);
+            for span in read_spans(&runs, self.extent, MAX_READ_GAP) {
+                if self.stopped() {
+                    return Ok(ResyncOutcome::Stopped);
+                }
+                if !self
+                    .link
+                    .wait_for_room(span.piece_bytes(), &|| self.stopped())
+                {
+                    return Ok(ResyncOutcome::Stopped);
+                }
+                let lock = self
+                    .volume
+                    .gate()
+                    .lock_blocking(span.range, &waker)
+                    .map_err(|e| e.to_string())?;
+                let admitted: Vec<_> = span
+                    .pieces
+                    .iter()
+                    .map(|_| self.link.admit_catch_up_extent())
+                    .collect();
+                let read = self.read_range(span.range);
+                let mut tickets = Vec::with_capacity(span.pieces.len());
+                self.link
+                    .tracker()
+                    .issue_tickets(span.pieces.iter().copied(), &mut tickets);
+                self.volume.gate().leave(lock);
+                let data = read?;
+                for ((piece, admitted), ticket) in span.pieces.iter().zip(admitted).zip(tickets) {
+                    let start = (piece.offset - span.range.offset) as usize;
+                    let payload = payload_of(data.slice(start..start + piece.len as usize));
+                    self.count_sent(*piece, &payload);
                     self.link
-                        .push_catch_up_extent(admitted, range, payload, ticket);
-                    at = range.end();
+                        .push_catch_up_extent(admitted, *piece, payload, ticket);
                 }
             }
             if final_pass {
@@ -857,20 +870,28 @@ impl ResyncReader {
 
     /// Reads an extent (its blocks locked by the caller): zeroes are sent as a zero range.
     fn read_extent(&self, range: ByteRange) -> Result<Payload<Data>, String> {
+        self.read_range(range).map(payload_of)
+    }
+
+    /// Reads `range` (its blocks locked by the caller) with one I/O.
+    fn read_range(&self, range: ByteRange) -> Result<Bytes, String> {
         let aligned = range.align_out(DIRECT_IO_ALIGN);
         let mut buf = AlignedBuf::new(aligned.len as usize);
         self.volume
             .backing()
             .read_exact_at(&mut buf, aligned.offset)
             .map_err(|e| format!("read {range}: {e}"))?;
-        if is_zero(&buf) {
-            return Ok(Payload::Zeroes);
-        }
-        let bytes = Bytes::from_owner(buf);
         let start = (range.offset - aligned.offset) as usize;
-        Ok(Payload::Data(Data(
-            bytes.slice(start..start + range.len as usize),
-        )))
+        Ok(Bytes::from_owner(buf).slice(start..start + range.len as usize))
+    }
+}
+
+/// Data to send: all zeroes go as a zero range, without payload.
+fn payload_of(data: Bytes) -> Payload<Data> {
+    if is_zero(&data) {
+        Payload::Zeroes
+    } else {
+        Payload::Data(Data(data))
     }
 }
 
