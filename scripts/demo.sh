@@ -2,8 +2,9 @@
 # The demo: two availability zones on this machine. A coordinator and an agent in az1, an
 # agent in az2, certificates made on the fly. A volume in az1 is written through NBD, then
 # paired with a volume in az2 (hypermetro, and an async pair beside it); the initial sync
-# is followed with `job wait`, writes go on while the pairs replicate, and the volumes'
-# checksums match at the end.
+# is followed with `job wait`, writes go on while the pairs replicate, the DR agent is
+# killed with kill -9 and restarted while writes go on (the pairs catch up from their
+# bitmaps), and the volumes' checksums match at the end.
 # Needs no setup: it builds the binaries and works in a temporary directory it removes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +13,9 @@ cargo build --locked --release --bins
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 work=$(mktemp -d /tmp/blockrep-demo.XXXXXX)
-pids=()
+declare -A pid_of
 cleanup() {
-    for pid in "${pids[@]}"; do
+    for pid in "${pid_of[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" || true; fi
     done
     rm -rf "$work"
@@ -35,7 +36,8 @@ done
 
 step "start node-a (az1, runs the coordinator) and node-b (az2)"
 port_a=$(free_port); port_b=$(free_port)
-for node in node-a node-b; do
+start_node() {
+    local node=$1 az port role
     if [[ $node == node-a ]]; then az=az1; port=$port_a; role=true; else az=az2; port=$port_b; role=false; fi
     cat >"$work/$node.toml" <<TOML
 node_name = "$node"
@@ -52,14 +54,15 @@ key = "$work/$node/tls/node.key"
 coordinator_role = $role
 TOML
     "$bin/blockrepd" --config "$work/$node.toml" 2>>"$work/$node.log" >/dev/null &
-    pids+=($!)
-done
-for node in node-a node-b; do
+    pid_of[$node]=$!
     for _ in $(seq 100); do
-        cli --socket "$work/$node/run/control.sock" status >/dev/null 2>&1 && break
+        cli --socket "$work/$node/run/control.sock" status >/dev/null 2>&1 && return
         sleep 0.1
     done
-done
+    echo "$node did not start; its log:" >&2; tail "$work/$node.log" >&2; exit 1
+}
+start_node node-a
+start_node node-b
 for _ in $(seq 50); do
     [[ $(a --output json node list | grep -c '"alive": true') == 2 ]] && break
     sleep 0.2
@@ -115,9 +118,55 @@ done
 b pair show db-pair
 b pair list
 
+step "an outage: node-b (the DR agent) killed with kill -9 while writes go on"
+# A pair field from the coordinator's view (JSON of `pair show`).
+field() { a --output json pair show "$1" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(eval(sys.argv[1]))' "$2"; }
+kill -KILL "${pid_of[node-b]}"
+wait "${pid_of[node-b]}" 2>/dev/null || true
+# db is hypermetro: its writes wait for node-b until the peer timeout (5 s) trips the pair,
+# then go on locally, each block marked dirty durably before it is answered.
+(cd "$work" && fio --name=outage --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
+    --offset=512M --size=256M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
+    | grep -E 'write:|err='
+qemu-io -f raw -c 'write -P 0x77 64M 32M' "$logs_uri" | grep -E '^wrote'
+for _ in $(seq 100); do
+    [[ $(field logs-pair 'v["replication_status"]') != active ]] && break
+    sleep 0.1
+done
+a status
+for pair in db-pair logs-pair; do
+    echo "$pair: $(field $pair 'v["replication_status"]'), $(field $pair 'v["out_of_sync_bytes"]') bytes out of sync: $(field $pair 'v["status_detail"]')"
+done
+
+step "node-b restarts: each pair catches up from its bitmap, sending only what changed"
+declare -A dirty resync_before
+for pair in db-pair logs-pair; do
+    dirty[$pair]=$(field $pair 'v["out_of_sync_bytes"]')
+    resync_before[$pair]=$(field $pair 'v["counters"]["resync_bytes_sent"]')
+done
+start_node node-b
+# The production agent's own view, each time it changes.
+last=""
+for _ in $(seq 1200); do
+    now=$(a status | grep -E '^  pair:' | sed -E 's/ lag:[0-9.]+s//' | sort)
+    [[ $now != "$last" ]] && printf '%s\n' "$now"
+    last=$now
+    [[ $now != *copying* && $now != *inactive* && $now != *error* ]] && break
+    sleep 0.1
+done
+# The coordinator's view follows each agent's reports: wait for the last one.
+for _ in $(seq 100); do
+    [[ $(field db-pair 'v["out_of_sync_bytes"]') == 0 && $(field logs-pair 'v["out_of_sync_bytes"]') == 0 ]] && break
+    sleep 0.2
+done
+for pair in db-pair logs-pair; do
+    sent=$(( $(field $pair 'v["counters"]["resync_bytes_sent"]') - ${resync_before[$pair]} ))
+    echo "$pair: $(field $pair 'v["replication_status"]'); the catch-up sent $sent bytes for ${dirty[$pair]} dirty"
+done
+
 step "stop both agents (the DR side applies what it staged) and compare the volumes"
-for pid in "${pids[@]}"; do kill -TERM "$pid"; wait "$pid" || true; done
-pids=()
+for node in node-b node-a; do kill -TERM "${pid_of[$node]}"; wait "${pid_of[$node]}" || true; done
+pid_of=()
 (cd "$work" && sha256sum db.img db-dr.img logs.img logs-dr.img)
 cmp "$work/db.img" "$work/db-dr.img" && echo "db and db-dr are identical"
 cmp "$work/logs.img" "$work/logs-dr.img" && echo "logs and logs-dr are identical"
