@@ -131,16 +131,16 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let paths = targets::Paths {
+        device: &device,
+        dr_device: dr_device.as_deref(),
+        work: &work,
+        bin: &bin,
+    };
     let mut ready = Vec::new();
     for spec in &specs {
         check_interrupted()?;
-        let mut setup = targets::Setup {
-            env: &mut env,
-            device: &device,
-            dr_device: dr_device.as_deref(),
-            work: &work,
-            bin: &bin,
-        };
+        let mut setup = targets::Setup::new(&mut env, paths);
         ready.push(
             setup
                 .target(spec)
@@ -227,13 +227,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         let result = match scenario.as_str() {
             "lag" => {
                 let shorter = if dr_device.is_some() {
-                    let mut setup = targets::Setup {
-                        env: &mut env,
-                        device: &device,
-                        dr_device: dr_device.as_deref(),
-                        work: &work,
-                        bin: &bin,
-                    };
+                    let mut setup = targets::Setup::new(&mut env, paths);
                     Some(setup.async_pair_with_epochs(SHORT_EPOCH_MS)?)
                 } else {
                     None
@@ -247,13 +241,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             }
             "initial-sync" => scenarios::initial_sync(&mut env, &work, &bin, &report)?,
             "catch-up" | "backlog" | "lossy" => {
-                let mut setup = targets::Setup {
-                    env: &mut env,
-                    device: &device,
-                    dr_device: dr_device.as_deref(),
-                    work: &work,
-                    bin: &bin,
-                };
+                let mut setup = targets::Setup::new(&mut env, paths);
                 match scenario.as_str() {
                     "catch-up" => outages::catch_up(&mut setup, &report, args.outage_seconds)?,
                     "backlog" => outages::backlog(&mut setup, &report)?,

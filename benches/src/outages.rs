@@ -186,6 +186,10 @@ impl Recovery {
     fn after_heal(cluster: &Cluster, firewall: &Firewall<'_>) -> anyhow::Result<Self> {
         let restored = Reading::take(cluster)?;
         firewall.heal()?;
+        eprintln!(
+            "bench: link restored with {} MiB dirty",
+            restored.out_of_sync >> 20
+        );
         let copying = wait_for(
             cluster,
             "the catch-up to start",
@@ -281,6 +285,7 @@ pub fn catch_up(
     fio.check_running()?;
     let cut_at = Instant::now();
     firewall.cut()?;
+    eprintln!("bench: link cut for {outage_s} s");
     let tripped = wait_for(
         &cluster,
         "the pair to leave active",
@@ -288,8 +293,10 @@ pub fn catch_up(
         |r| !r.status_active,
     )?;
     let trip_seconds = (tripped.at - cut_at).as_secs_f64();
+    let rss_at_trip = crate::env::rss(cluster.production_pid).unwrap_or(0);
     sleep_checked(Duration::from_secs(outage_s).saturating_sub(cut_at.elapsed()))?;
     fio.check_running()?;
+    let rss_at_restore = crate::env::rss(cluster.production_pid).unwrap_or(0);
     let recovery = Recovery::after_heal(&cluster, &firewall)?;
     fio.check_running()?;
     drop(fio);
@@ -301,10 +308,12 @@ pub fn catch_up(
     let throughput = recovery.catch_up_throughput();
     let markdown = format!(
         "Catch-up after a {outage_s} s link outage (nft drops the DR agent's UDP both ways) under 4k randwrite QD32 at {rate} IOPS, async pair:\n\n\
-         - the pair left `active` {trip_seconds:.1} s after the cut (peer timeout 5 s);\n\
+         - the pair left `active` {trip_seconds:.1} s after the cut (peer timeout 5 s); the production agent's resident memory was {} MiB then and {} MiB at the restore;\n\
          - at the restore {:.1} MB were dirty; the workload wrote {:.1} MB more until the pair was `active`, {:.1} s after the restore ({:.1} s of it reconnecting);\n\
          - the stream carried {:.1} MB: {ratio:.3}× what was owed (dirty at the restore plus written since);\n\
          - the catch-up copied at {throughput:.0} MB/s{}.",
+        rss_at_trip >> 20,
+        rss_at_restore >> 20,
         recovery.restored.out_of_sync as f64 / 1e6,
         recovery.written_during() as f64 / 1e6,
         recovery.seconds_to_active(),
@@ -319,6 +328,8 @@ pub fn catch_up(
     json["outage_seconds"] = json!(outage_s);
     json["rate_iops"] = json!(rate);
     json["seconds_cut_to_inactive"] = json!(trip_seconds);
+    json["production_rss_bytes_at_trip"] = json!(rss_at_trip);
+    json["production_rss_bytes_at_restore"] = json!(rss_at_restore);
     json["quic_link_megabytes_per_second"] = json!(link);
     Ok(ScenarioResult {
         name: "catch-up",

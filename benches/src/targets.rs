@@ -123,6 +123,27 @@ pub struct Setup<'a> {
     pub bin: &'a Path,
 }
 
+/// Where the run's devices and binaries are.
+#[derive(Clone, Copy)]
+pub struct Paths<'a> {
+    pub device: &'a Path,
+    pub dr_device: Option<&'a Path>,
+    pub work: &'a Path,
+    pub bin: &'a Path,
+}
+
+impl<'a> Setup<'a> {
+    pub fn new(env: &'a mut Env, paths: Paths<'a>) -> Self {
+        Self {
+            env,
+            device: paths.device,
+            dr_device: paths.dr_device,
+            work: paths.work,
+            bin: paths.bin,
+        }
+    }
+}
+
 impl Setup<'_> {
     pub fn target(&mut self, spec: &Spec) -> anyhow::Result<Target> {
         let mut cluster = None;
