@@ -1,6 +1,6 @@
 //! Frames over a QUIC stream: a reader that decodes whole frames out of what arrives, and a
-//! writer that sends a write's header and payload as separate chunks, so the payload is
-//! never copied on its way out.
+//! writer that gathers headers and small payloads into large chunks and sends large payloads
+//! as chunks of their own, uncopied.
 
 use blockrep_wire::{Frame, WireError, WriteHeader, encode_write_header};
 use bytes::{Bytes, BytesMut};
@@ -57,9 +57,18 @@ impl FrameReader {
     }
 }
 
+/// Payloads smaller than this are copied in behind their header; larger ones go out as
+/// chunks of their own. quinn finds a retransmitted or sent range by walking the stream's
+/// unacknowledged chunks, so a window full of 40-byte headers and 4 KiB payloads costs far
+/// more than copying them.
+const COPY_BELOW: usize = 16 << 10;
+/// Gathered bytes become a chunk once they reach this.
+const GATHER_BYTES: usize = 256 << 10;
+
 pub struct FrameWriter {
     send: SendStream,
-    header: BytesMut,
+    /// Headers and small payloads of the pending batch, not yet a chunk.
+    gather: BytesMut,
     /// Bytes sent, for the pair's counters.
     pub bytes_sent: u64,
 }
@@ -68,7 +77,7 @@ impl FrameWriter {
     pub fn new(send: SendStream) -> Self {
         Self {
             send,
-            header: BytesMut::with_capacity(4096),
+            gather: BytesMut::with_capacity(GATHER_BYTES),
             bytes_sent: 0,
         }
     }
@@ -87,25 +96,41 @@ impl FrameWriter {
             .map_err(|e| StreamError::Connection(e.to_string()))
     }
 
-    /// Queues a write's header in the pending batch; its payload follows as its own chunk.
+    /// Queues a write in the pending batch: a small payload gathered behind its header, a
+    /// large one as its own chunk.
     pub fn push_write(&mut self, header: &WriteHeader, payload: Bytes, chunks: &mut Vec<Bytes>) {
-        self.header.clear();
-        encode_write_header(header, &mut self.header);
-        chunks.push(self.header.split().freeze());
-        if !payload.is_empty() {
+        self.make_room(64 + payload.len().min(COPY_BELOW));
+        encode_write_header(header, &mut self.gather);
+        if payload.len() < COPY_BELOW {
+            self.gather.extend_from_slice(&payload);
+            if self.gather.len() >= GATHER_BYTES {
+                chunks.push(self.gather.split().freeze());
+            }
+        } else {
+            chunks.push(self.gather.split().freeze());
             chunks.push(payload);
         }
     }
 
     /// Queues any other frame in the pending batch.
     pub fn push_frame(&mut self, frame: &Frame, chunks: &mut Vec<Bytes>) {
-        self.header.clear();
-        frame.encode(&mut self.header);
-        chunks.push(self.header.split().freeze());
+        frame.encode(&mut self.gather);
+        if self.gather.len() >= GATHER_BYTES {
+            chunks.push(self.gather.split().freeze());
+        }
+    }
+
+    fn make_room(&mut self, bytes: usize) {
+        if self.gather.capacity() - self.gather.len() < bytes {
+            self.gather.reserve(GATHER_BYTES.max(bytes));
+        }
     }
 
     /// Sends a batch of chunks with as few system calls as quinn manages.
     pub async fn send_chunks(&mut self, chunks: &mut Vec<Bytes>) -> Result<(), StreamError> {
+        if !self.gather.is_empty() {
+            chunks.push(self.gather.split().freeze());
+        }
         self.bytes_sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
         let result = self.send.write_all_chunks(chunks).await;
         chunks.clear();
