@@ -43,7 +43,8 @@ impl fmt::Display for GenerationId {
     }
 }
 
-/// A generation and whether the application wrote the volume in it.
+/// A generation and whether the volume received data in it: the application's writes, or,
+/// for a generation adopted from production, production's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Generation {
     pub id: GenerationId,
@@ -77,11 +78,14 @@ impl Lineage {
         self.current = Generation { id, written: false };
     }
 
-    /// Takes the production side's generation: the volume is about to receive its data.
+    /// Takes the production side's generation: the volume is about to receive its data,
+    /// so the generation counts as written here. A production side that later shows up at
+    /// an earlier generation of this history (a stale copy of it) lacks that data: [`plan`]
+    /// then finds this volume written since their common generation and refuses.
     pub fn adopt(&mut self, id: GenerationId) {
         if self.current.id != id {
             self.push_current();
-            self.current = Generation { id, written: false };
+            self.current = Generation { id, written: true };
         }
     }
 
@@ -428,6 +432,25 @@ mod tests {
             plan(prod(&p, true, false), dr(&d, true)),
             Plan::FullSync(FullSyncReason::OlderGeneration(g(2)))
         );
+    }
+
+    #[test]
+    fn a_production_side_older_than_the_dr_side_is_refused() {
+        let (mut p, mut d) = replicating();
+        let stale = p.clone();
+        p.begin(g(3));
+        p.mark_written();
+        d.adopt(g(3));
+        assert!(matches!(
+            plan(prod(&stale, false, true), dr(&d, true)),
+            Plan::Diverged(Divergence::DrNewer { common, .. }) if common == g(2)
+        ));
+        assert!(matches!(
+            plan(prod(&stale, true, true), dr(&d, true)),
+            Plan::Diverged(Divergence::SplitBrain { .. })
+        ));
+        // The production side it came from is welcome.
+        assert_eq!(plan(prod(&p, true, true), dr(&d, true)), Plan::CatchUp);
     }
 
     #[test]
