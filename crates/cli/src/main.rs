@@ -52,6 +52,9 @@ enum Command {
     /// Replication pairs.
     #[command(subcommand)]
     Pair(PairCommand),
+    /// Replication consistency groups: pairs that replicate and fail over together.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Long operations.
     #[command(subcommand)]
     Job(JobCommand),
@@ -161,6 +164,56 @@ enum PairCommand {
         /// Copy the differing ranges again from production.
         #[arg(long)]
         repair: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a consistency group of available pairs (none in another group), all with the
+    /// group's priority station and model.
+    Create {
+        /// Up to 255 bytes.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Up to 255 bytes.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Pair ids, or names unique in the cluster.
+        #[arg(long, value_delimiter = ',')]
+        pairs: Vec<String>,
+        /// The production volumes' availability zone.
+        #[arg(long)]
+        priority_station: String,
+        /// hypermetro (synchronous) or async.
+        #[arg(long)]
+        model: String,
+    },
+    /// List the groups.
+    List,
+    /// Show one group: status, replication, fault level, pairs, consistent point.
+    Show {
+        /// Group id or name.
+        group: String,
+    },
+    /// Rename, describe, add or remove pairs: only while the group is stopped (or empty).
+    Update {
+        /// Group id or name.
+        group: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Pairs to add (ids or names).
+        #[arg(long, value_delimiter = ',')]
+        add_pairs: Vec<String>,
+        /// Pairs to remove (ids or names).
+        #[arg(long, value_delimiter = ',')]
+        remove_pairs: Vec<String>,
+    },
+    /// Delete a group with no pairs left (available or error).
+    Delete {
+        /// Group id or name.
+        group: String,
     },
 }
 
@@ -289,6 +342,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             PairCommand::Delete { pair } => {
                 let deleted = call(client.delete_pair(proto::PairRef { pair })).await?;
+                out.print(&deleted);
+            }
+        },
+        Command::Group(command) => match command {
+            GroupCommand::Create {
+                name,
+                description,
+                pairs,
+                priority_station,
+                model,
+            } => {
+                let created = call(client.create_group(proto::CreateGroupRequest {
+                    name,
+                    description,
+                    pairs,
+                    priority_station,
+                    replication_model: model,
+                }))
+                .await?;
+                out.print(&created);
+            }
+            GroupCommand::List => {
+                let groups = call(client.list_groups(proto::ListGroupsRequest {})).await?;
+                out.print(&groups);
+            }
+            GroupCommand::Show { group } => {
+                let group = call(client.get_group(proto::GroupRef { group })).await?;
+                out.print(&group);
+            }
+            GroupCommand::Update {
+                group,
+                name,
+                description,
+                add_pairs,
+                remove_pairs,
+            } => {
+                let updated = call(client.update_group(proto::UpdateGroupRequest {
+                    group,
+                    name,
+                    description,
+                    add_pairs,
+                    remove_pairs,
+                }))
+                .await?;
+                out.print(&updated);
+            }
+            GroupCommand::Delete { group } => {
+                let deleted = call(client.delete_group(proto::GroupRef { group })).await?;
                 out.print(&deleted);
             }
         },

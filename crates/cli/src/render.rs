@@ -423,8 +423,129 @@ fn job_json(j: &proto::Job) -> Value {
         "progress": j.progress,
         "fail_reason": empty_null(&j.fail_reason),
         "pair_id": empty_null(&j.pair_id),
+        "replication_consistency_group_id": empty_null(&j.group_id),
         "result": empty_null(&j.result),
     })
+}
+
+pub fn group_json(g: &proto::Group) -> Value {
+    json!({
+        "id": g.id,
+        "name": g.name,
+        "description": g.description,
+        "status": g.status,
+        "replication_status": g.replication_status,
+        "fault_level": g.fault_level,
+        "failure_detail": empty_null(&g.failure_detail),
+        "replication_ids": g.replication_ids,
+        "priority_station": g.priority_station,
+        "replication_model": g.replication_model,
+        "created_at": g.created_at,
+        "updated_at": empty_null(&g.updated_at),
+        "consistent_epoch": g.consistent_epoch,
+        "consistent_at": empty_null(&g.consistent_at),
+    })
+}
+
+impl Render for proto::Group {
+    fn json(&self) -> Value {
+        group_json(self)
+    }
+
+    fn table(&self) -> String {
+        let mut rows = vec![
+            ("id", self.id.clone()),
+            ("name", self.name.clone()),
+            ("status", self.status.clone()),
+            ("replication", self.replication_status.clone()),
+            ("fault level", fault_text(self.fault_level)),
+            ("model", self.replication_model.clone()),
+            ("priority station", self.priority_station.clone()),
+            ("pairs", self.replication_ids.join(", ")),
+            (
+                "consistent point",
+                if self.consistent_at.is_empty() {
+                    format!("epoch {}", self.consistent_epoch)
+                } else {
+                    format!(
+                        "epoch {} cut at {}",
+                        self.consistent_epoch, self.consistent_at
+                    )
+                },
+            ),
+            ("created", self.created_at.clone()),
+        ];
+        if !self.description.is_empty() {
+            rows.insert(2, ("description", self.description.clone()));
+        }
+        if !self.failure_detail.is_empty() {
+            rows.push(("failure", self.failure_detail.clone()));
+        }
+        key_values(&rows)
+    }
+}
+
+fn fault_text(level: u32) -> String {
+    match level {
+        0 => "0 (no fault)".into(),
+        2 => "2 (production volume lost: failover advised)".into(),
+        5 => "5 (replication link down)".into(),
+        n => n.to_string(),
+    }
+}
+
+impl Render for proto::ListGroupsResponse {
+    fn json(&self) -> Value {
+        Value::Array(self.groups.iter().map(group_json).collect())
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                vec![
+                    g.name.clone(),
+                    g.id.clone(),
+                    g.status.clone(),
+                    g.replication_status.clone(),
+                    g.fault_level.to_string(),
+                    g.replication_model.clone(),
+                    g.replication_ids.len().to_string(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "NAME",
+                "ID",
+                "STATUS",
+                "REPLICATION",
+                "FAULT",
+                "MODEL",
+                "PAIRS",
+            ],
+            &rows,
+        )
+    }
+}
+
+impl Render for proto::GroupJobResponse {
+    fn json(&self) -> Value {
+        json!({
+            "replication_consistency_group": self.group.as_ref().map(group_json),
+            "job_id": self.job.as_ref().map(|j| j.id.clone()),
+        })
+    }
+
+    fn table(&self) -> String {
+        let group = self.group.clone().unwrap_or_default();
+        let job = self.job.clone().unwrap_or_default();
+        format!(
+            "group {} ({}) is {}; job {} {} ({})\n",
+            group.id, group.name, group.status, job.id, job.status, job.job_type
+        )
+    }
 }
 
 fn node_json(n: &proto::Node) -> Value {
@@ -542,6 +663,9 @@ impl Render for proto::Pair {
         if !self.description.is_empty() {
             rows.insert(2, ("description", self.description.clone()));
         }
+        if !self.replication_consistency_group_id.is_empty() {
+            rows.push(("group", self.replication_consistency_group_id.clone()));
+        }
         if !self.failure_detail.is_empty() {
             rows.insert(3, ("failure", self.failure_detail.clone()));
         }
@@ -653,7 +777,18 @@ impl Render for proto::Job {
             ("type", self.job_type.clone()),
             ("status", self.status.clone()),
             ("progress", format!("{:.1}%", self.progress * 100.0)),
-            ("pair", self.pair_id.clone()),
+            (
+                if self.group_id.is_empty() {
+                    "pair"
+                } else {
+                    "group"
+                },
+                if self.group_id.is_empty() {
+                    self.pair_id.clone()
+                } else {
+                    self.group_id.clone()
+                },
+            ),
             ("begin", self.begin_time.clone()),
             (
                 "end",

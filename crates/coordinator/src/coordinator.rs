@@ -27,7 +27,9 @@ use blockrep_core::replication::{
     JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel, ReplicationStatus,
 };
 
-use crate::records::{JobRecord, NodeRecord, PairRecord, PendingStep, now_text};
+use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, PendingStep, now_text};
+
+mod groups;
 use crate::store::{Change, Store};
 
 /// A node that has not reported for this long is down.
@@ -59,6 +61,7 @@ struct Node {
 struct State {
     nodes: BTreeMap<String, Node>,
     pairs: BTreeMap<PairId, PairRecord>,
+    groups: BTreeMap<blockrep_core::replication::GroupId, GroupRecord>,
     jobs: BTreeMap<JobId, JobRecord>,
     /// When the driver first failed to reach an agent for a pair's pending step.
     stuck_since: BTreeMap<PairId, Instant>,
@@ -104,6 +107,7 @@ impl Coordinator {
                 })
                 .collect(),
             pairs: snapshot.pairs.into_iter().map(|p| (p.id, p)).collect(),
+            groups: snapshot.groups.into_iter().map(|g| (g.id, g)).collect(),
             jobs: snapshot.jobs.into_iter().map(|j| (j.id, j)).collect(),
             stuck_since: BTreeMap::new(),
             step_taken: BTreeMap::new(),
@@ -111,6 +115,7 @@ impl Coordinator {
         };
         tracing::info!(
             pairs = state.pairs.len(),
+            groups = state.groups.len(),
             jobs = state.jobs.len(),
             nodes = state.nodes.len(),
             "coordinator state loaded"
@@ -150,6 +155,13 @@ impl Coordinator {
             Some(Request::VerifyPair(r)) => {
                 self.verify_pair(&r.pair, r.repair).map(Response::PairJob)
             }
+            Some(Request::CreateGroup(r)) => self.create_group(r).map(Response::GroupJob),
+            Some(Request::ListGroups(_)) => Ok(Response::Groups(proto::ListGroupsResponse {
+                groups: self.list_groups(),
+            })),
+            Some(Request::GetGroup(r)) => self.get_group(&r.group).map(Response::Group),
+            Some(Request::UpdateGroup(r)) => self.update_group(r).map(Response::GroupJob),
+            Some(Request::DeleteGroup(r)) => self.delete_group(&r.group).map(Response::GroupJob),
             Some(Request::GetJob(r)) => self.get_job(&r.job).map(Response::Job),
             Some(Request::ListJobs(_)) => Ok(Response::Jobs(proto::ListJobsResponse {
                 jobs: self.list_jobs(),
@@ -265,6 +277,7 @@ impl Coordinator {
             progress: 0.0,
             fail_reason: None,
             pair: Some(plan.record.id),
+            group: None,
             result: None,
         };
         let mut record = plan.record;
@@ -402,6 +415,7 @@ impl Coordinator {
             failure_detail: None,
             job: None,
             pending: None,
+            group: None,
         };
         let plan = PairPlan {
             production_address: production.address,
@@ -479,6 +493,16 @@ impl Coordinator {
         let mut state = self.lock();
         let id = Self::find_pair(&state, reference)?;
         let pair = &state.pairs[&id];
+        if let Some(group) = pair.group {
+            let name = state
+                .groups
+                .get(&group)
+                .map_or(group.to_string(), |g| g.name.clone());
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is in consistency group {name}; remove it from the group first (`group update --remove-pairs`)",
+                pair.name
+            )));
+        }
         if !matches!(
             pair.status,
             PairStatus::Available | PairStatus::Error | PairStatus::ErrorDeleting
@@ -497,6 +521,7 @@ impl Coordinator {
             progress: 0.0,
             fail_reason: None,
             pair: Some(id),
+            group: None,
             result: None,
         };
         let mut record = pair.clone();
@@ -638,6 +663,7 @@ impl Coordinator {
             progress: 0.0,
             fail_reason: None,
             pair: Some(record.id),
+            group: None,
             result: None,
         };
         record.job = Some(job.id);
@@ -670,7 +696,7 @@ impl Coordinator {
             description: p.description.clone(),
             status: p.status.to_string(),
             replication_status: String::new(),
-            replication_consistency_group_id: String::new(),
+            replication_consistency_group_id: p.group.map(|g| g.to_string()).unwrap_or_default(),
             volume_ids: vec![p.production_volume.to_string(), p.dr_volume.to_string()],
             priority_station: p.priority_station.clone(),
             replication_model: p.model.to_string(),
@@ -1163,6 +1189,7 @@ fn job_view(j: &JobRecord) -> proto::Job {
         fail_reason: j.fail_reason.clone().unwrap_or_default(),
         pair_id: j.pair.map(|p| p.to_string()).unwrap_or_default(),
         result: j.result.clone().unwrap_or_default(),
+        group_id: j.group.map(|g| g.to_string()).unwrap_or_default(),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The coordinator: a role of one blockrepd. It keeps the cluster's metadata (nodes, pairs,
+//! The coordinator: a role of one blockrepd. It keeps the cluster's metadata (nodes, pairs, groups,
 //! jobs) in a transactional store, answers the cluster calls every daemon forwards to it,
 //! and drives each pair through its lifecycle by calling the agents.
 //!

@@ -1,9 +1,11 @@
-//! What the coordinator stores: pairs, jobs and nodes.
+//! What the coordinator stores: pairs, groups, jobs and nodes.
 
 use std::net::SocketAddr;
 
 use blockrep_core::VolumeId;
-use blockrep_core::replication::{JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel};
+use blockrep_core::replication::{
+    GroupId, GroupStatus, JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,6 +35,30 @@ pub struct PairRecord {
     /// A step the driver still has to take to an agent for that operation.
     #[serde(default)]
     pub pending: Option<PendingStep>,
+    /// The consistency group the pair belongs to.
+    #[serde(default)]
+    pub group: Option<GroupId>,
+}
+
+/// A replication consistency group: pairs that replicate, fail over, reverse and reprotect
+/// together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub id: GroupId,
+    pub name: String,
+    pub description: String,
+    pub status: GroupStatus,
+    pub model: ReplicationModel,
+    pub priority_station: String,
+    /// In the order they were added.
+    pub pairs: Vec<PairId>,
+    /// Stopped by the operator: replication paused, writes tracked.
+    pub stopped: bool,
+    pub created_at: String,
+    pub updated_at: Option<String>,
+    pub failure_detail: Option<String>,
+    /// The job that follows the group's current long operation.
+    pub job: Option<JobId>,
 }
 
 /// What the driver still has to tell an agent.
@@ -58,6 +84,8 @@ pub struct JobRecord {
     pub progress: f64,
     pub fail_reason: Option<String>,
     pub pair: Option<PairId>,
+    #[serde(default)]
+    pub group: Option<GroupId>,
     /// What the job found (a verify's differing ranges), in words.
     #[serde(default)]
     pub result: Option<String>,

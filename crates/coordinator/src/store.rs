@@ -2,16 +2,17 @@
 //! transactional key-value store implements. The embedded default is redb, a file in the
 //! coordinator's state directory; etcd (transactions over keys) fits the same interface.
 //!
-//! Three tables of JSON records keyed by id: pairs, jobs, nodes. A change of several
+//! Four tables of JSON records keyed by id: pairs, groups, jobs, nodes. A change of several
 //! records commits in one transaction, or not at all.
 
 use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition};
 
-use crate::records::{JobRecord, NodeRecord, PairRecord};
+use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord};
 
 const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
@@ -20,6 +21,8 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 pub enum Change {
     PutPair(PairRecord),
     DeletePair(String),
+    PutGroup(GroupRecord),
+    DeleteGroup(String),
     PutJob(JobRecord),
     PutNode(NodeRecord),
 }
@@ -28,6 +31,7 @@ pub enum Change {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub pairs: Vec<PairRecord>,
+    pub groups: Vec<GroupRecord>,
     pub jobs: Vec<JobRecord>,
     pub nodes: Vec<NodeRecord>,
 }
@@ -60,7 +64,7 @@ impl RedbStore {
         let db = Database::create(path).map_err(backend)?;
         // Create the tables so that reads find them.
         let txn = db.begin_write().map_err(backend)?;
-        for table in [PAIRS, JOBS, NODES] {
+        for table in [PAIRS, GROUPS, JOBS, NODES] {
             txn.open_table(table).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
@@ -90,6 +94,7 @@ impl Store for RedbStore {
         let txn = self.db.begin_read().map_err(backend)?;
         Ok(Snapshot {
             pairs: read_all(&txn, PAIRS)?,
+            groups: read_all(&txn, GROUPS)?,
             jobs: read_all(&txn, JOBS)?,
             nodes: read_all(&txn, NODES)?,
         })
@@ -99,6 +104,7 @@ impl Store for RedbStore {
         let txn = self.db.begin_write().map_err(backend)?;
         {
             let mut pairs = txn.open_table(PAIRS).map_err(backend)?;
+            let mut groups = txn.open_table(GROUPS).map_err(backend)?;
             let mut jobs = txn.open_table(JOBS).map_err(backend)?;
             let mut nodes = txn.open_table(NODES).map_err(backend)?;
             for change in changes {
@@ -111,6 +117,15 @@ impl Store for RedbStore {
                     }
                     Change::DeletePair(id) => {
                         pairs.remove(id.as_str()).map_err(backend)?;
+                    }
+                    Change::PutGroup(g) => {
+                        let bytes = serde_json::to_vec(g).expect("serialisable");
+                        groups
+                            .insert(g.id.to_string().as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
+                    Change::DeleteGroup(id) => {
+                        groups.remove(id.as_str()).map_err(backend)?;
                     }
                     Change::PutJob(j) => {
                         let bytes = serde_json::to_vec(j).expect("serialisable");
@@ -150,6 +165,7 @@ mod tests {
             progress: 0.5,
             fail_reason: None,
             pair: Some(PairId::random()),
+            group: None,
             result: None,
         };
         {

@@ -83,6 +83,17 @@ impl AgentService {
             .map_err(Status::from)
     }
 
+    /// A cluster call answered with a group and its job.
+    async fn group_job(
+        &self,
+        request: cluster_request::Request,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        match self.cluster_call(request).await? {
+            cluster_response::Response::GroupJob(answer) => Ok(Response::new(answer)),
+            _ => Err(unexpected()),
+        }
+    }
+
     /// Runs blocking agent work (file and device I/O) off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -231,6 +242,56 @@ impl agent_server::Agent for AgentService {
             cluster_response::Response::Deleted(deleted) => Ok(Response::new(deleted)),
             _ => Err(unexpected()),
         }
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<proto::CreateGroupRequest>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::CreateGroup(request.into_inner()))
+            .await
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<proto::ListGroupsRequest>,
+    ) -> Result<Response<proto::ListGroupsResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::ListGroups(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Groups(groups) => Ok(Response::new(groups)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn get_group(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::Group>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::GetGroup(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Group(group) => Ok(Response::new(group)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn update_group(
+        &self,
+        request: Request<proto::UpdateGroupRequest>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::UpdateGroup(request.into_inner()))
+            .await
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::DeleteGroup(request.into_inner()))
+            .await
     }
 
     async fn resolve_pair(

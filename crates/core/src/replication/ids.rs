@@ -53,6 +53,11 @@ uuid_id!(
     "pair"
 );
 uuid_id!(
+    /// A replication consistency group.
+    GroupId,
+    "group"
+);
+uuid_id!(
     /// A long operation (create, sync, delete, ...) kept in the coordinator's store.
     JobId,
     "job"

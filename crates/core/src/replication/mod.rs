@@ -1,9 +1,10 @@
 //! The logic of replication that does no I/O: ids and statuses, volume roles, clear
-//! tickets, the async journal with its epochs and bound, data generations and what a
+//! tickets, consistency groups' statuses and actions, the async journal with its epochs and bound, data generations and what a
 //! connection does about them, and resync plans. The agent's
 //! replication crate drives these with real disks and QUIC; tests drive them synchronously
 //! and in seeded simulations.
 
+pub mod group;
 pub mod ids;
 pub mod journal;
 pub mod lineage;
@@ -12,7 +13,10 @@ pub mod role;
 pub mod status;
 pub mod tickets;
 
-pub use ids::{Epoch, JobId, PairId, WriteSeq};
+pub use group::{
+    FaultLevel, GroupAction, GroupStatus, GroupView, Refused, Transition, group_replication,
+};
+pub use ids::{Epoch, GroupId, JobId, PairId, WriteSeq};
 pub use journal::{Admitted, Completed, Journal, Mode, Outgoing, Payload, PayloadLen};
 pub use lineage::{
     Divergence, DrView, FullSyncReason, Generation, GenerationId, Lineage, Plan, ProductionView,

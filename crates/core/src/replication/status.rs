@@ -1,14 +1,9 @@
 //! The statuses of the EVS replication API, spelled exactly as the API spells them.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
 macro_rules! wire_enum {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
         pub enum $name {
             $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
         }
@@ -23,18 +18,18 @@ macro_rules! wire_enum {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
 
-        impl FromStr for $name {
-            type Err = UnknownValue;
-            fn from_str(s: &str) -> Result<Self, UnknownValue> {
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::replication::status::UnknownValue;
+            fn from_str(s: &str) -> Result<Self, $crate::replication::status::UnknownValue> {
                 match s {
                     $($text => Ok($name::$variant),)+
-                    other => Err(UnknownValue {
+                    other => Err($crate::replication::status::UnknownValue {
                         what: stringify!($name),
                         value: other.to_owned(),
                         allowed: &[$($text),+],
@@ -44,6 +39,7 @@ macro_rules! wire_enum {
         }
     };
 }
+pub(crate) use wire_enum;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{value:?} is not a {what}; use one of: {}", allowed.join(", "))]
@@ -103,6 +99,9 @@ wire_enum!(
         DeletePair => "deleteReplicationPair",
         ResolvePair => "resolveReplicationPair",
         VerifyPair => "verifyReplicationPair",
+        CreateGroup => "createReplicationConsistencyGroup",
+        UpdateGroup => "updateReplicationConsistencyGroup",
+        DeleteGroup => "deleteReplicationConsistencyGroup",
     }
 );
 

@@ -1,0 +1,377 @@
+//! Consistency groups in the coordinator: create, list, show, update and delete, each
+//! checked against the seed API's rules and the group state machine
+//! ([`GroupAction::begin`]) before anything is stored. A refusal carries the EVS code and
+//! names the rule; nothing changes.
+
+use blockrep_core::replication::{
+    FaultLevel, GroupAction, GroupId, GroupStatus, GroupView, Refused, group_replication,
+};
+
+use super::*;
+use crate::records::GroupRecord;
+
+fn check_text(what: &str, text: &str) -> Result<(), ApiError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(ApiError::InvalidArgument(format!(
+            "{what} is {} bytes; the limit is {MAX_TEXT_BYTES}",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+fn refused(e: Refused) -> ApiError {
+    ApiError::FailedPrecondition(e.to_string())
+}
+
+impl Coordinator {
+    pub fn create_group(
+        &self,
+        req: proto::CreateGroupRequest,
+    ) -> Result<proto::GroupJobResponse, ApiError> {
+        check_text("name", &req.name)?;
+        check_text("description", &req.description)?;
+        let model: ReplicationModel = req
+            .replication_model
+            .parse()
+            .map_err(|e| ApiError::InvalidArgument(format!("replication_model: {e}")))?;
+        if req.priority_station.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "priority_station (the production volumes' availability zone) is required".into(),
+            ));
+        }
+        if req.pairs.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "a consistency group needs at least one pair".into(),
+            ));
+        }
+        let mut state = self.lock();
+        let pairs = Self::find_pairs(&state, &req.pairs)?;
+        for id in &pairs {
+            self.check_joins(&state, &state.pairs[id], &req.priority_station, model)?;
+        }
+        let now = now_text();
+        let job = finished_job(JobType::CreateGroup);
+        let group = GroupRecord {
+            id: GroupId::random(),
+            name: req.name,
+            description: req.description,
+            status: GroupStatus::Available,
+            model,
+            priority_station: req.priority_station,
+            pairs: pairs.clone(),
+            stopped: false,
+            created_at: now,
+            updated_at: None,
+            failure_detail: None,
+            job: Some(job.id),
+        };
+        let mut job = job;
+        job.group = Some(group.id);
+        let mut changes = vec![Change::PutGroup(group.clone()), Change::PutJob(job.clone())];
+        let mut joined = Vec::new();
+        for id in &pairs {
+            let mut pair = state.pairs[id].clone();
+            pair.group = Some(group.id);
+            pair.updated_at = Some(now_text());
+            changes.push(Change::PutPair(pair.clone()));
+            joined.push(pair);
+        }
+        self.commit(&changes)?;
+        tracing::info!(group = %group.id, name = %group.name, pairs = pairs.len(), "group created");
+        for pair in joined {
+            state.pairs.insert(pair.id, pair);
+        }
+        state.groups.insert(group.id, group.clone());
+        state.jobs.insert(job.id, job.clone());
+        Ok(proto::GroupJobResponse {
+            group: Some(self.group_view(&state, &group)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    pub fn list_groups(&self) -> Vec<proto::Group> {
+        let state = self.lock();
+        state
+            .groups
+            .values()
+            .map(|g| self.group_view(&state, g))
+            .collect()
+    }
+
+    pub fn get_group(&self, reference: &str) -> Result<proto::Group, ApiError> {
+        let state = self.lock();
+        let id = Self::find_group(&state, reference)?;
+        Ok(self.group_view(&state, &state.groups[&id]))
+    }
+
+    /// Renames, describes, adds and removes pairs: only while the group is stopped (or
+    /// empty). The group is `updating` for the one transaction that makes the change.
+    pub fn update_group(
+        &self,
+        req: proto::UpdateGroupRequest,
+    ) -> Result<proto::GroupJobResponse, ApiError> {
+        if let Some(name) = &req.name {
+            check_text("name", name)?;
+        }
+        if let Some(description) = &req.description {
+            check_text("description", description)?;
+        }
+        let mut state = self.lock();
+        let id = Self::find_group(&state, &req.group)?;
+        let group = state.groups[&id].clone();
+        GroupAction::Update
+            .begin(self.group_state(&state, &group))
+            .map_err(refused)?;
+        let add = Self::find_pairs(&state, &req.add_pairs)?;
+        let remove = Self::find_pairs(&state, &req.remove_pairs)?;
+        if let Some(both) = add.iter().find(|p| remove.contains(p)) {
+            return Err(ApiError::InvalidArgument(format!(
+                "pair {} is both added and removed",
+                state.pairs[both].name
+            )));
+        }
+        for pid in &add {
+            self.check_joins(
+                &state,
+                &state.pairs[pid],
+                &group.priority_station,
+                group.model,
+            )?;
+        }
+        for pid in &remove {
+            if state.pairs[pid].group != Some(id) {
+                return Err(ApiError::InvalidArgument(format!(
+                    "pair {} is not in group {}",
+                    state.pairs[pid].name, group.name
+                )));
+            }
+        }
+        let mut updated = group.clone();
+        if let Some(name) = req.name {
+            updated.name = name;
+        }
+        if let Some(description) = req.description {
+            updated.description = description;
+        }
+        updated.pairs.retain(|p| !remove.contains(p));
+        updated.pairs.extend(add.iter().copied());
+        updated.updated_at = Some(now_text());
+        let mut job = finished_job(JobType::UpdateGroup);
+        job.group = Some(id);
+        updated.job = Some(job.id);
+        let mut changes = vec![
+            Change::PutGroup(updated.clone()),
+            Change::PutJob(job.clone()),
+        ];
+        let mut pairs = Vec::new();
+        for (pid, member) in add
+            .iter()
+            .map(|p| (p, true))
+            .chain(remove.iter().map(|p| (p, false)))
+        {
+            let mut pair = state.pairs[pid].clone();
+            pair.group = member.then_some(id);
+            pair.updated_at = Some(now_text());
+            changes.push(Change::PutPair(pair.clone()));
+            pairs.push(pair);
+        }
+        self.commit(&changes)?;
+        tracing::info!(group = %id, added = add.len(), removed = remove.len(), "group updated");
+        for pair in pairs {
+            state.pairs.insert(pair.id, pair);
+        }
+        state.groups.insert(id, updated.clone());
+        state.jobs.insert(job.id, job.clone());
+        Ok(proto::GroupJobResponse {
+            group: Some(self.group_view(&state, &updated)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// Deletes a group that has no pairs left.
+    pub fn delete_group(&self, reference: &str) -> Result<proto::GroupJobResponse, ApiError> {
+        let mut state = self.lock();
+        let id = Self::find_group(&state, reference)?;
+        let group = state.groups[&id].clone();
+        GroupAction::Delete
+            .begin(self.group_state(&state, &group))
+            .map_err(refused)?;
+        let mut job = finished_job(JobType::DeleteGroup);
+        job.group = Some(id);
+        self.commit(&[
+            Change::DeleteGroup(id.to_string()),
+            Change::PutJob(job.clone()),
+        ])?;
+        tracing::info!(group = %id, name = %group.name, "group deleted");
+        state.groups.remove(&id);
+        state.jobs.insert(job.id, job.clone());
+        let mut view = self.group_view(&state, &group);
+        view.status = GroupStatus::Deleting.to_string();
+        Ok(proto::GroupJobResponse {
+            group: Some(view),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// Pairs by id or unique name, each once.
+    fn find_pairs(state: &State, references: &[String]) -> Result<Vec<PairId>, ApiError> {
+        let mut ids: Vec<PairId> = Vec::new();
+        for reference in references {
+            let id = Self::find_pair(state, reference)?;
+            if ids.contains(&id) {
+                return Err(ApiError::InvalidArgument(format!(
+                    "pair {reference:?} is listed twice"
+                )));
+            }
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    fn find_group(state: &State, reference: &str) -> Result<GroupId, ApiError> {
+        if let Ok(id) = reference.parse::<GroupId>()
+            && state.groups.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        let named: Vec<_> = state
+            .groups
+            .values()
+            .filter(|g| g.name == reference)
+            .collect();
+        match named.as_slice() {
+            [g] => Ok(g.id),
+            [] => Err(ApiError::NotFound(format!(
+                "no consistency group {reference:?}"
+            ))),
+            _ => Err(ApiError::InvalidArgument(format!(
+                "{} groups are named {reference:?}; give the group id",
+                named.len()
+            ))),
+        }
+    }
+
+    /// Whether `pair` may join a group of `station` and `model`.
+    fn check_joins(
+        &self,
+        state: &State,
+        pair: &PairRecord,
+        station: &str,
+        model: ReplicationModel,
+    ) -> Result<(), ApiError> {
+        if let Some(g) = pair.group {
+            let name = state
+                .groups
+                .get(&g)
+                .map_or(g.to_string(), |g| g.name.clone());
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is already in consistency group {name}",
+                pair.name
+            )));
+        }
+        if pair.status != PairStatus::Available {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is {}; only available pairs join a consistency group",
+                pair.name, pair.status
+            )));
+        }
+        self.check_idle(pair)?;
+        if pair.priority_station != station {
+            return Err(ApiError::InvalidArgument(format!(
+                "pair {}'s priority station is {}, not {station}: a group's pairs share one",
+                pair.name, pair.priority_station
+            )));
+        }
+        if pair.model != model {
+            return Err(ApiError::InvalidArgument(format!(
+                "pair {} is {}, not {model}: a group's pairs share one model",
+                pair.name, pair.model
+            )));
+        }
+        Ok(())
+    }
+
+    /// What the group state machine looks at.
+    fn group_state(&self, state: &State, group: &GroupRecord) -> GroupView {
+        let replication = group_replication(
+            group.stopped,
+            self.member_views(state, group).iter().map(|p| {
+                p.replication_status
+                    .parse()
+                    .unwrap_or(ReplicationStatus::Inactive)
+            }),
+        );
+        GroupView {
+            status: group.status,
+            replication,
+            pairs: group.pairs.len(),
+        }
+    }
+
+    fn member_views(&self, state: &State, group: &GroupRecord) -> Vec<proto::Pair> {
+        group
+            .pairs
+            .iter()
+            .filter_map(|id| state.pairs.get(id))
+            .map(|p| self.pair_view(state, p))
+            .collect()
+    }
+
+    /// A group as the API shows it: its record, with its pairs' reported state.
+    fn group_view(&self, state: &State, g: &GroupRecord) -> proto::Group {
+        let members = self.member_views(state, g);
+        let view = self.group_state(state, g);
+        let production_lost = g
+            .pairs
+            .iter()
+            .filter_map(|id| state.pairs.get(id))
+            .any(|p| !state.nodes.get(&p.production_node).is_some_and(Self::alive));
+        let link_down = !g.stopped
+            && members.iter().any(|p| {
+                p.replication_status == ReplicationStatus::Inactive.as_str()
+                    || p.replication_status == ReplicationStatus::Error.as_str()
+            });
+        let fault = if production_lost {
+            FaultLevel::ProductionLost
+        } else if link_down {
+            FaultLevel::LinkDown
+        } else {
+            FaultLevel::None
+        };
+        let oldest = members.iter().min_by_key(|p| p.consistent_epoch);
+        proto::Group {
+            id: g.id.to_string(),
+            name: g.name.clone(),
+            description: g.description.clone(),
+            status: g.status.to_string(),
+            replication_status: view.replication.to_string(),
+            fault_level: fault.code(),
+            failure_detail: g.failure_detail.clone().unwrap_or_default(),
+            replication_ids: g.pairs.iter().map(PairId::to_string).collect(),
+            priority_station: g.priority_station.clone(),
+            replication_model: g.model.to_string(),
+            created_at: g.created_at.clone(),
+            updated_at: g.updated_at.clone().unwrap_or_default(),
+            consistent_epoch: oldest.map_or(0, |p| p.consistent_epoch),
+            consistent_at: oldest.map(|p| p.consistent_at.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// A job for an operation the one store transaction completes.
+fn finished_job(job_type: JobType) -> JobRecord {
+    let now = now_text();
+    JobRecord {
+        id: JobId::random(),
+        job_type,
+        status: JobStatus::Success,
+        begin_time: now.clone(),
+        end_time: Some(now),
+        progress: 1.0,
+        fail_reason: None,
+        pair: None,
+        group: None,
+        result: None,
+    }
+}
