@@ -454,24 +454,7 @@ impl Coordinator {
     }
 
     fn find_pair(state: &State, reference: &str) -> Result<PairId, ApiError> {
-        if let Ok(id) = reference.parse::<PairId>()
-            && state.pairs.contains_key(&id)
-        {
-            return Ok(id);
-        }
-        let named: Vec<_> = state
-            .pairs
-            .values()
-            .filter(|p| p.name == reference)
-            .collect();
-        match named.as_slice() {
-            [p] => Ok(p.id),
-            [] => Err(ApiError::NotFound(format!("no pair {reference:?}"))),
-            _ => Err(ApiError::InvalidArgument(format!(
-                "{} pairs are named {reference:?}; give the pair id",
-                named.len()
-            ))),
-        }
+        find_by_id_or_name(&state.pairs, reference, "pair", |p| &p.name)
     }
 
     pub fn list_pairs(&self) -> Vec<proto::Pair> {
@@ -1175,6 +1158,36 @@ fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A record by its id, or by a name no other record of its kind has.
+fn find_by_id_or_name<Id, R>(
+    records: &BTreeMap<Id, R>,
+    reference: &str,
+    kind: &str,
+    name_of: impl Fn(&R) -> &str,
+) -> Result<Id, ApiError>
+where
+    Id: Copy + Ord + std::str::FromStr,
+{
+    if let Ok(id) = reference.parse::<Id>()
+        && records.contains_key(&id)
+    {
+        return Ok(id);
+    }
+    let named: Vec<Id> = records
+        .iter()
+        .filter(|(_, r)| name_of(r) == reference)
+        .map(|(id, _)| *id)
+        .collect();
+    match named.as_slice() {
+        [id] => Ok(*id),
+        [] => Err(ApiError::NotFound(format!("no {kind} {reference:?}"))),
+        _ => Err(ApiError::InvalidArgument(format!(
+            "{} {kind}s are named {reference:?}; give the {kind} id",
+            named.len()
+        ))),
     }
 }
 

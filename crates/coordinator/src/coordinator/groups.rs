@@ -230,26 +230,7 @@ impl Coordinator {
     }
 
     fn find_group(state: &State, reference: &str) -> Result<GroupId, ApiError> {
-        if let Ok(id) = reference.parse::<GroupId>()
-            && state.groups.contains_key(&id)
-        {
-            return Ok(id);
-        }
-        let named: Vec<_> = state
-            .groups
-            .values()
-            .filter(|g| g.name == reference)
-            .collect();
-        match named.as_slice() {
-            [g] => Ok(g.id),
-            [] => Err(ApiError::NotFound(format!(
-                "no consistency group {reference:?}"
-            ))),
-            _ => Err(ApiError::InvalidArgument(format!(
-                "{} groups are named {reference:?}; give the group id",
-                named.len()
-            ))),
-        }
+        find_by_id_or_name(&state.groups, reference, "consistency group", |g| &g.name)
     }
 
     /// Whether `pair` may join a group of `station` and `model`.
