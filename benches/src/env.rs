@@ -1,6 +1,7 @@
 //! What the benchmark sets up, and its teardown: in reverse order, at the end, on error and
 //! on Ctrl-C.
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -236,4 +237,47 @@ fn status_bytes(pid: u32, key: &str) -> Option<u64> {
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Starts blockrepd with `config` (runtime and state under `dir`) as a server of the run,
+/// and waits for its `READY=1`.
+pub fn start_daemon(env: &mut Env, bin: &Path, dir: &Path, config: &Path) -> anyhow::Result<u32> {
+    start_daemon_in(env, bin, dir, config, None)
+}
+
+/// As [`start_daemon`], inside network namespace `netns` if given (`ip netns exec` execs,
+/// so the pid is the daemon's; its unix sockets are on the shared file system).
+pub fn start_daemon_in(
+    env: &mut Env,
+    bin: &Path,
+    dir: &Path,
+    config: &Path,
+    netns: Option<&str>,
+) -> anyhow::Result<u32> {
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path)?;
+    notify.set_nonblocking(true)?;
+    let log = std::fs::File::create(dir.join("blockrepd.log"))?;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin.join("blockrepd"));
+            c
+        }
+        None => Command::new(bin.join("blockrepd")),
+    };
+    env.start_server(
+        "blockrepd",
+        cmd.arg("--config")
+            .arg(config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("BLOCKREP_LOG", "warn")
+            .stderr(log),
+        || {
+            let mut buf = [0u8; 128];
+            notify
+                .recv(&mut buf)
+                .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"))
+        },
+    )
 }

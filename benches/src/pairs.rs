@@ -101,7 +101,7 @@ impl Cluster {
                     i == 0
                 ),
             )?;
-            pids.push(crate::targets::start_daemon_in(
+            pids.push(crate::env::start_daemon_in(
                 env, bin, &node_dir, &config, netns,
             )?);
         }

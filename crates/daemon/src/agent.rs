@@ -412,7 +412,7 @@ impl Agent {
     pub fn volume_protos(&self) -> Vec<blockrep_api::proto::Volume> {
         self.list()
             .into_iter()
-            .map(|v| crate::service::volume_proto(&self.config, v))
+            .map(|v| volume_proto(&self.config, v))
             .collect()
     }
 
@@ -514,4 +514,49 @@ pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
 pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// A volume as the API shows it.
+pub fn volume_proto(config: &Config, v: VolumeView) -> blockrep_api::proto::Volume {
+    use blockrep_api::proto;
+    let online = v.online.as_ref();
+    proto::Volume {
+        id: v.record.id.to_string(),
+        name: v.record.name.to_string(),
+        path: v.record.path.display().to_string(),
+        size_bytes: v.record.size,
+        availability_zone: config.availability_zone.clone(),
+        node_name: config.node_name.clone(),
+        backing_kind: online.map_or("", |o| o.kind).to_owned(),
+        direct_io: online.is_some_and(|o| o.direct_io),
+        state: if online.is_some() {
+            proto::VolumeState::Online
+        } else {
+            proto::VolumeState::Error
+        } as i32,
+        error: v.error.unwrap_or_default(),
+        nbd_socket: if online.is_some() {
+            v.nbd_socket.display().to_string()
+        } else {
+            String::new()
+        },
+        nbd_tcp: config
+            .nbd_tcp_listen
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        dirty_tracking: online.is_some_and(|o| o.dirty_bytes.is_some()),
+        dirty_bytes: online.and_then(|o| o.dirty_bytes).unwrap_or(0),
+        bitmap_granularity: config.tracker.map_or(0, |t| t.granularity.bytes() as u32),
+        active_regions: online.map_or(0, |o| o.active_regions as u32),
+        connected_clients: online.map_or(0, |o| o.connected_clients as u32),
+        created_at: v.record.created_at,
+        cache_mode: v.record.cache.to_string(),
+        bytes_read: online.map_or(0, |o| o.bytes_read),
+        bytes_written: online.map_or(0, |o| o.bytes_written),
+        role: online.map_or("", |o| o.role.name()).to_owned(),
+        pair_id: online
+            .and_then(|o| o.role.pair())
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+    }
 }

@@ -9,60 +9,16 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, VolumeView};
 use crate::cluster::Cluster;
-use crate::config::Config;
 
 pub struct AgentService {
     pub agent: Arc<Agent>,
     pub cluster: Option<Arc<Cluster>>,
 }
 
-/// A volume as the API shows it.
-pub fn volume_proto(config: &Config, v: VolumeView) -> proto::Volume {
-    let online = v.online.as_ref();
-    proto::Volume {
-        id: v.record.id.to_string(),
-        name: v.record.name.to_string(),
-        path: v.record.path.display().to_string(),
-        size_bytes: v.record.size,
-        availability_zone: config.availability_zone.clone(),
-        node_name: config.node_name.clone(),
-        backing_kind: online.map_or("", |o| o.kind).to_owned(),
-        direct_io: online.is_some_and(|o| o.direct_io),
-        state: if online.is_some() {
-            proto::VolumeState::Online
-        } else {
-            proto::VolumeState::Error
-        } as i32,
-        error: v.error.unwrap_or_default(),
-        nbd_socket: if online.is_some() {
-            v.nbd_socket.display().to_string()
-        } else {
-            String::new()
-        },
-        nbd_tcp: config
-            .nbd_tcp_listen
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        dirty_tracking: online.is_some_and(|o| o.dirty_bytes.is_some()),
-        dirty_bytes: online.and_then(|o| o.dirty_bytes).unwrap_or(0),
-        bitmap_granularity: config.tracker.map_or(0, |t| t.granularity.bytes() as u32),
-        active_regions: online.map_or(0, |o| o.active_regions as u32),
-        connected_clients: online.map_or(0, |o| o.connected_clients as u32),
-        created_at: v.record.created_at,
-        cache_mode: v.record.cache.to_string(),
-        bytes_read: online.map_or(0, |o| o.bytes_read),
-        bytes_written: online.map_or(0, |o| o.bytes_written),
-        role: online.map_or("", |o| o.role.name()).to_owned(),
-        pair_id: online
-            .and_then(|o| o.role.pair())
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
-    }
-}
 
 impl AgentService {
     fn to_proto(&self, v: VolumeView) -> proto::Volume {
-        volume_proto(&self.agent.config, v)
+        crate::agent::volume_proto(&self.agent.config, v)
     }
 
     /// A cluster call: answered by the coordinator, wherever it runs.
