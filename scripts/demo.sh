@@ -119,8 +119,8 @@ b pair show db-pair
 b pair list
 
 step "an outage: node-b (the DR agent) killed with kill -9 while writes go on"
-# A pair field from the coordinator's view (JSON of `pair show`).
-field() { a --output json pair show "$1" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(eval(sys.argv[1]))' "$2"; }
+# A field of a pair as its production agent (node-a) sees it now, by production volume.
+field() { a --output json status | python3 -c 'import json,sys; v=[p for p in json.load(sys.stdin)["pairs"] if p["volume_name"]==sys.argv[1]][0]; print(eval(sys.argv[2]))' "$1" "$2"; }
 kill -KILL "${pid_of[node-b]}"
 wait "${pid_of[node-b]}" 2>/dev/null || true
 # db is hypermetro: its writes wait for node-b until the peer timeout (5 s) trips the pair,
@@ -130,19 +130,19 @@ wait "${pid_of[node-b]}" 2>/dev/null || true
     | grep -E 'write:|err='
 qemu-io -f raw -c 'write -P 0x77 64M 32M' "$logs_uri" | grep -E '^wrote'
 for _ in $(seq 100); do
-    [[ $(field logs-pair 'v["replication_status"]') != active ]] && break
+    [[ $(field logs 'v["replication_status"]') != active ]] && break
     sleep 0.1
 done
 a status
-for pair in db-pair logs-pair; do
-    echo "$pair: $(field $pair 'v["replication_status"]'), $(field $pair 'v["out_of_sync_bytes"]') bytes out of sync: $(field $pair 'v["status_detail"]')"
+for vol in db logs; do
+    echo "$vol-pair: $(field $vol 'v["replication_status"]'), $(field $vol 'v["out_of_sync_bytes"]') bytes out of sync: $(field $vol 'v["status_detail"]')"
 done
 
 step "node-b restarts: each pair catches up from its bitmap, sending only what changed"
 declare -A dirty resync_before
-for pair in db-pair logs-pair; do
-    dirty[$pair]=$(field $pair 'v["out_of_sync_bytes"]')
-    resync_before[$pair]=$(field $pair 'v["counters"]["resync_bytes_sent"]')
+for vol in db logs; do
+    dirty[$vol]=$(field $vol 'v["out_of_sync_bytes"]')
+    resync_before[$vol]=$(field $vol 'v["counters"]["resync_bytes_sent"]')
 done
 start_node node-b
 # The production agent's own view, each time it changes.
@@ -154,14 +154,14 @@ for _ in $(seq 1200); do
     [[ $now != *copying* && $now != *inactive* && $now != *error* ]] && break
     sleep 0.1
 done
-# The coordinator's view follows each agent's reports: wait for the last one.
+# The async pair is clean once its last epoch is staged.
 for _ in $(seq 100); do
-    [[ $(field db-pair 'v["out_of_sync_bytes"]') == 0 && $(field logs-pair 'v["out_of_sync_bytes"]') == 0 ]] && break
+    [[ $(field db 'v["out_of_sync_bytes"]') == 0 && $(field logs 'v["out_of_sync_bytes"]') == 0 ]] && break
     sleep 0.2
 done
-for pair in db-pair logs-pair; do
-    sent=$(( $(field $pair 'v["counters"]["resync_bytes_sent"]') - ${resync_before[$pair]} ))
-    echo "$pair: $(field $pair 'v["replication_status"]'); the catch-up sent $sent bytes for ${dirty[$pair]} dirty"
+for vol in db logs; do
+    sent=$(( $(field $vol 'v["counters"]["resync_bytes_sent"]') - ${resync_before[$vol]} ))
+    echo "$vol-pair: $(field $vol 'v["replication_status"]'); the catch-up sent $sent bytes for ${dirty[$vol]} dirty"
 done
 
 step "stop both agents (the DR side applies what it staged) and compare the volumes"
