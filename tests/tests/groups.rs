@@ -1,11 +1,12 @@
 //! Consistency groups through the CLI on a real two-node cluster: create, show, list, and
 //! every refusal of create, update and delete with the seed's code and a message naming the
-//! rule, with nothing changed.
+//! rule, with nothing changed; stop (writes tracked, the DR side untouched), update, sync
+//! (the DR side catches up), delete.
 
 use std::time::Duration;
 
-use blockrep_tests::cluster::TestCluster;
-use blockrep_tests::sparse_file;
+use blockrep_tests::cluster::{TestCluster, wait_until};
+use blockrep_tests::{NbdClient, sparse_file};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -175,5 +176,96 @@ fn groups_are_created_shown_and_every_bad_request_is_refused_with_nothing_change
             .unwrap()
             .len(),
         4
+    );
+
+    // Stop: every pair pauses; writes go on, tracked, and do not reach the DR volume.
+    let stop = cluster.coordinator().cli_json(&["group", "stop", "app"]);
+    cluster.wait_job(stop["job_id"].as_str().unwrap(), Duration::from_secs(60));
+    let stopped = cluster.coordinator().cli_json(&["group", "show", "app"]);
+    assert_eq!(stopped["replication_status"], "active-stopped");
+    let mut c =
+        NbdClient::connect(&cluster.node("node-a").daemon().nbd_socket("db"), "db").unwrap();
+    assert_eq!(c.write(0, &[0x5a; 4096]).unwrap(), 0);
+    c.disconnect().unwrap();
+    let dr_first_block = || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 4096];
+        std::fs::File::open(dir.path().join("db-dr.img"))
+            .unwrap()
+            .read_exact_at(&mut buf, 0)
+            .unwrap();
+        buf
+    };
+    wait_until(Duration::from_secs(10), "the write to be tracked", || {
+        cluster.node("node-a").cli_json(&["volume", "show", "db"])["dirty_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 4096
+    });
+    assert_eq!(
+        cluster.coordinator().cli_json(&["pair", "show", "db"])["replication_status"],
+        "active-stopped"
+    );
+    assert_eq!(dr_first_block(), [0; 4096], "a stopped pair copies nothing");
+
+    // Update while stopped: rename, and take logs out (it replicates on its own again).
+    let updated = cluster.coordinator().cli_json(&[
+        "group",
+        "update",
+        "app",
+        "--name",
+        "app2",
+        "--remove-pairs",
+        "logs",
+    ]);
+    assert_eq!(updated["replication_consistency_group"]["name"], "app2");
+    assert_eq!(pair_group("logs"), Value::Null);
+    wait_until(Duration::from_secs(30), "logs to replicate again", || {
+        cluster.coordinator().cli_json(&["pair", "show", "logs"])["replication_status"] == "active"
+    });
+
+    // Sync: db catches up, and the group is active again.
+    let sync = cluster.coordinator().cli_json(&["group", "sync", "app2"]);
+    cluster.wait_job(sync["job_id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(
+        cluster.coordinator().cli_json(&["group", "show", "app2"])["replication_status"],
+        "active"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the DR side to apply the catch-up",
+        || dr_first_block() == [0x5a; 4096],
+    );
+    let err = refused(
+        &cluster,
+        &["group", "update", "app2", "--remove-pairs", "db"],
+    );
+    assert!(
+        err.contains("refused (409): update refused: the group must be stopped first"),
+        "{err}"
+    );
+
+    // Stop, empty and delete it.
+    let stop = cluster.coordinator().cli_json(&["group", "stop", "app2"]);
+    cluster.wait_job(stop["job_id"].as_str().unwrap(), Duration::from_secs(60));
+    cluster
+        .coordinator()
+        .cli_json(&["group", "update", "app2", "--remove-pairs", "db"]);
+    let deleted = cluster.coordinator().cli_json(&["group", "delete", "app2"]);
+    assert_eq!(
+        deleted["replication_consistency_group"]["status"],
+        "deleting"
+    );
+    assert_eq!(
+        cluster.coordinator().cli_json(&["group", "list"]),
+        serde_json::json!([])
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "db to replicate on its own again",
+        || {
+            cluster.coordinator().cli_json(&["pair", "show", "db"])["replication_status"]
+                == "active"
+        },
     );
 }

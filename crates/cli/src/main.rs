@@ -215,6 +215,17 @@ enum GroupCommand {
         /// Group id or name.
         group: String,
     },
+    /// Resume replication of every pair (a job: it ends when all are active).
+    Sync {
+        /// Group id or name.
+        group: String,
+    },
+    /// Pause replication of every pair: writes go on, tracked in the bitmaps (a job: it
+    /// ends when all are active-stopped). Needed before update.
+    Stop {
+        /// Group id or name.
+        group: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -391,6 +402,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             GroupCommand::Delete { group } => {
                 let deleted = call(client.delete_group(proto::GroupRef { group })).await?;
                 out.print(&deleted);
+            }
+            GroupCommand::Sync { group } => {
+                let started = call(client.sync_group(proto::GroupRef { group })).await?;
+                out.print(&started);
+            }
+            GroupCommand::Stop { group } => {
+                let started = call(client.stop_group(proto::GroupRef { group })).await?;
+                out.print(&started);
             }
         },
         Command::Job(command) => match command {

@@ -24,7 +24,7 @@ use blockrep_api::proto::{
 };
 use blockrep_core::VolumeId;
 use blockrep_core::replication::{
-    JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel, ReplicationStatus,
+    GroupAction, JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel, ReplicationStatus,
 };
 
 use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, PendingStep, now_text};
@@ -70,6 +70,8 @@ struct State {
     /// Pairs deleted lately: an agent's report written before the delete may still name
     /// them for a heartbeat or two.
     deleted: BTreeMap<PairId, Instant>,
+    /// When the driver last told a pair's production agent to pause or resume.
+    group_step_sent: BTreeMap<PairId, Instant>,
 }
 
 pub struct Coordinator {
@@ -112,6 +114,7 @@ impl Coordinator {
             stuck_since: BTreeMap::new(),
             step_taken: BTreeMap::new(),
             deleted: BTreeMap::new(),
+            group_step_sent: BTreeMap::new(),
         };
         tracing::info!(
             pairs = state.pairs.len(),
@@ -162,6 +165,12 @@ impl Coordinator {
             Some(Request::GetGroup(r)) => self.get_group(&r.group).map(Response::Group),
             Some(Request::UpdateGroup(r)) => self.update_group(r).map(Response::GroupJob),
             Some(Request::DeleteGroup(r)) => self.delete_group(&r.group).map(Response::GroupJob),
+            Some(Request::SyncGroup(r)) => self
+                .sync_or_stop_group(&r.group, GroupAction::Sync)
+                .map(Response::GroupJob),
+            Some(Request::StopGroup(r)) => self
+                .sync_or_stop_group(&r.group, GroupAction::Stop)
+                .map(Response::GroupJob),
             Some(Request::GetJob(r)) => self.get_job(&r.job).map(Response::Job),
             Some(Request::ListJobs(_)) => Ok(Response::Jobs(proto::ListJobsResponse {
                 jobs: self.list_jobs(),
@@ -786,6 +795,7 @@ impl Coordinator {
                     tracing::error!(error = %e, "coordinator driver");
                 }
             }
+            self.drive_groups().await;
         }
     }
 

@@ -187,6 +187,14 @@ impl Cluster {
                 pairs.start_verify(pair_id(&c.pair_id)?, c.job_id, c.repair)?;
                 return Ok(Response::Done(proto::Done {}));
             }
+            Request::PausePair(c) => {
+                pairs.set_paused(pair_id(&c.pair_id)?, true)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::ResumePair(c) => {
+                pairs.set_paused(pair_id(&c.pair_id)?, false)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
             _ => unreachable!("only agent requests come here"),
         };
         let handle = self.agent.volume_handle(&assignment.local_volume_id)?;
@@ -217,7 +225,9 @@ impl Inbound for Handler {
                     | Request::LeavePair(_)
                     | Request::SwitchSide(_)
                     | Request::KeepProduction(_)
-                    | Request::Verify(_)),
+                    | Request::Verify(_)
+                    | Request::PausePair(_)
+                    | Request::ResumePair(_)),
                 ) => {
                     let cluster = Arc::clone(cluster);
                     let answer = tokio::task::spawn_blocking(move || cluster.agent_request(r))

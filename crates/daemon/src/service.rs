@@ -15,7 +15,6 @@ pub struct AgentService {
     pub cluster: Option<Arc<Cluster>>,
 }
 
-
 impl AgentService {
     fn to_proto(&self, v: VolumeView) -> proto::Volume {
         crate::agent::volume_proto(&self.agent.config, v)
@@ -247,6 +246,22 @@ impl agent_server::Agent for AgentService {
         request: Request<proto::GroupRef>,
     ) -> Result<Response<proto::GroupJobResponse>, Status> {
         self.group_job(cluster_request::Request::DeleteGroup(request.into_inner()))
+            .await
+    }
+
+    async fn sync_group(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::SyncGroup(request.into_inner()))
+            .await
+    }
+
+    async fn stop_group(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::StopGroup(request.into_inner()))
             .await
     }
 

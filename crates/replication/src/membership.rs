@@ -42,6 +42,10 @@ pub struct Membership {
     /// connection copies the whole volume over the DR side's changes.
     #[serde(default)]
     pub discard_peer: bool,
+    /// Production: the operator stopped replication (`group stop`); writes are tracked in
+    /// the bitmap until it is resumed.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl Membership {

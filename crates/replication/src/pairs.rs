@@ -276,6 +276,13 @@ impl Pairs {
             .map_err(|e| ApiError::Internal(format!("record the resolution: {e}")))
     }
 
+    /// Pauses or resumes replication of `pair` (this node is its production side).
+    pub fn set_paused(&self, pair: PairId, paused: bool) -> Result<(), ApiError> {
+        self.production(pair)?
+            .set_paused(paused)
+            .map_err(|e| ApiError::Internal(format!("record the pause: {e}")))
+    }
+
     /// Starts an online verify of `pair` (this node is its production side).
     pub fn start_verify(&self, pair: PairId, job: String, repair: bool) -> Result<(), ApiError> {
         self.production(pair)?
@@ -390,6 +397,7 @@ fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership, Ap
         size: a.size_bytes,
         full_sync_done: false,
         discard_peer: false,
+        paused: false,
     })
 }
 

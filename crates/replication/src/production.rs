@@ -102,6 +102,8 @@ pub struct ProductionPair {
     accepted: AtomicBool,
     /// The current or last online verify.
     verify: Mutex<Option<RunningVerify>>,
+    /// Replication paused by the operator (recorded in the membership too).
+    paused: tokio::sync::watch::Sender<bool>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -122,6 +124,8 @@ enum SessionError {
     Protocol(String),
     #[error("resync failed: {0}")]
     Resync(String),
+    #[error("paused")]
+    Paused,
     #[error("stopped")]
     Stopped,
 }
@@ -150,6 +154,7 @@ impl ProductionPair {
             .gate()
             .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
         let (stop, _) = tokio::sync::watch::channel(false);
+        let (paused, _) = tokio::sync::watch::channel(membership.paused);
         let pair = Arc::new(Self {
             membership: Mutex::new(membership),
             volume_dir,
@@ -174,6 +179,7 @@ impl ProductionPair {
             resolved: tokio::sync::Notify::new(),
             accepted: AtomicBool::new(false),
             verify: Mutex::new(None),
+            paused,
             stop,
         });
         tokio::spawn(Arc::clone(&pair).run());
@@ -271,9 +277,22 @@ impl ProductionPair {
     async fn run(self: Arc<Self>) {
         let mut backoff = Backoff::new(self.membership().pair.as_bytes()[0] as u64);
         let mut stop = self.stop.subscribe();
+        let mut paused = self.paused.subscribe();
         loop {
             if self.stopped() {
                 return;
+            }
+            if *paused.borrow_and_update() {
+                self.set_status(
+                    ReplicationStatus::ActiveStopped,
+                    "stopped by the operator: writes are tracked in the bitmap until `group sync`",
+                );
+                tokio::select! {
+                    _ = paused.wait_for(|p| !*p) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = Backoff::new(self.membership().pair.as_bytes()[0] as u64);
+                continue;
             }
             let result = self.session().await;
             self.link.disconnected();
@@ -283,6 +302,7 @@ impl ProductionPair {
             }
             match result {
                 Err(SessionError::Stopped) | Ok(()) => return,
+                Err(SessionError::Paused) => continue,
                 Err(SessionError::Diverged(reason)) => {
                     tracing::error!(pair = %self.membership().pair, %reason, "the pair's sides diverged; waiting for `pair resolve`");
                     self.diverged.store(true, Ordering::SeqCst);
@@ -383,6 +403,30 @@ impl ProductionPair {
         Ok(())
     }
 
+    /// Pauses or resumes replication (the operator's `group stop` and `group sync`). Paused,
+    /// the stream ends and writes are tracked in the bitmap; resumed, the pair reconnects
+    /// and catches up. Recorded in the membership, so a restart keeps it.
+    pub fn set_paused(&self, paused: bool) -> std::io::Result<()> {
+        let membership = {
+            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+            if m.paused == paused {
+                return Ok(());
+            }
+            m.paused = paused;
+            m.clone()
+        };
+        membership.save(&self.volume_dir)?;
+        tracing::info!(pair = %membership.pair, paused, "replication paused or resumed by the operator");
+        if !paused {
+            self.set_status(
+                ReplicationStatus::Copying,
+                "resumed: connecting to the DR agent",
+            );
+        }
+        self.paused.send_replace(paused);
+        Ok(())
+    }
+
     async fn session(&self) -> Result<(), SessionError> {
         let membership = self.membership();
         let lineage = self
@@ -473,11 +517,13 @@ impl ProductionPair {
         let resync_thread = self.start_resync(plan, Arc::clone(&stop_resync))?;
 
         let mut stop = self.stop.subscribe();
+        let mut paused = self.paused.subscribe();
         let result = tokio::select! {
             r = send_loop(&self.link, &mut writer) => r,
             r = self.receive_loop(&mut reader) => r,
             r = self.tick_loop(&stop_resync) => r,
             _ = stop.changed() => Err(SessionError::Stopped),
+            _ = paused.wait_for(|p| *p) => Err(SessionError::Paused),
         };
         stop_resync.store(true, Ordering::SeqCst);
         writer.finish();

@@ -112,7 +112,10 @@ mod tests {
         let again = LineageFile::open(dir.path(), GenerationId(9)).unwrap();
         let l = again.get();
         assert_eq!(l.current.id, GenerationId(3));
-        assert!(l.current.written, "an adopted generation holds production's data");
+        assert!(
+            l.current.written,
+            "an adopted generation holds production's data"
+        );
         let history: Vec<_> = l.history.iter().map(|g| (g.id.0, g.written)).collect();
         assert_eq!(history, vec![(1, true), (2, true)]);
     }

@@ -4,11 +4,14 @@
 //! names the rule; nothing changes.
 
 use blockrep_core::replication::{
-    FaultLevel, GroupAction, GroupId, GroupStatus, GroupView, Refused, group_replication,
+    FaultLevel, GroupId, GroupStatus, GroupView, Refused, group_replication,
 };
 
 use super::*;
 use crate::records::GroupRecord;
+
+/// How long the driver waits for a report to agree before it tells an agent again.
+const GROUP_STEP_RESEND: Duration = Duration::from_secs(2);
 
 fn check_text(what: &str, text: &str) -> Result<(), ApiError> {
     if text.len() > MAX_TEXT_BYTES {
@@ -187,6 +190,201 @@ impl Coordinator {
             group: Some(self.group_view(&state, &updated)),
             job: Some(job_view(&job)),
         })
+    }
+
+    /// Starts `group sync` (resume every pair; the job ends when all are active) or `group
+    /// stop` (pause every pair; the job ends when all are active-stopped). The driver tells
+    /// the production agents, and keeps telling them until their reports agree.
+    pub fn sync_or_stop_group(
+        &self,
+        reference: &str,
+        action: GroupAction,
+    ) -> Result<proto::GroupJobResponse, ApiError> {
+        let mut state = self.lock();
+        let id = Self::find_group(&state, reference)?;
+        let group = state.groups[&id].clone();
+        if let Some(job) = group
+            .job
+            .and_then(|j| state.jobs.get(&j))
+            .filter(|j| !j.status.is_finished())
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} is busy with job {} ({})",
+                group.name, job.id, job.job_type
+            )));
+        }
+        action
+            .begin(self.group_state(&state, &group))
+            .map_err(refused)?;
+        let job_type = match action {
+            GroupAction::Stop => JobType::StopGroup,
+            _ => JobType::SyncGroup,
+        };
+        let mut job = finished_job(job_type);
+        job.status = JobStatus::Running;
+        job.end_time = None;
+        job.progress = 0.0;
+        job.group = Some(id);
+        let mut updated = group;
+        updated.stopped = action == GroupAction::Stop;
+        updated.job = Some(job.id);
+        updated.updated_at = Some(now_text());
+        self.commit(&[
+            Change::PutGroup(updated.clone()),
+            Change::PutJob(job.clone()),
+        ])?;
+        tracing::info!(group = %id, %action, job = %job.id, "group action started");
+        for pair in &updated.pairs {
+            state.group_step_sent.remove(pair);
+        }
+        state.groups.insert(id, updated.clone());
+        state.jobs.insert(job.id, job.clone());
+        self.kick.notify_one();
+        Ok(proto::GroupJobResponse {
+            group: Some(self.group_view(&state, &updated)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// Brings every production agent's pause in line with its pair's group (a pair outside
+    /// a group, or in a group not stopped, replicates), and ends the groups' sync and stop
+    /// jobs once the agents' reports agree.
+    pub(super) async fn drive_groups(&self) {
+        let steps: Vec<(PairRecord, SocketAddr, bool)> = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            let mut steps = Vec::new();
+            let pairs: Vec<PairRecord> = state
+                .pairs
+                .values()
+                .filter(|p| p.status == PairStatus::Available && p.production_started)
+                .cloned()
+                .collect();
+            for pair in pairs {
+                let want_paused = pair
+                    .group
+                    .and_then(|g| state.groups.get(&g))
+                    .is_some_and(|g| g.stopped);
+                let Some(node) = state.nodes.get(&pair.production_node) else {
+                    continue;
+                };
+                if !Self::alive(node) {
+                    continue;
+                }
+                let Some(report) = node
+                    .report
+                    .pairs
+                    .iter()
+                    .find(|s| s.pair_id == pair.id.to_string())
+                else {
+                    continue;
+                };
+                let paused = report.replication_status == ReplicationStatus::ActiveStopped.as_str();
+                if paused == want_paused {
+                    continue;
+                }
+                let address = node.record.address;
+                let recently = state
+                    .group_step_sent
+                    .get(&pair.id)
+                    .is_some_and(|sent| now.duration_since(*sent) < GROUP_STEP_RESEND);
+                if !recently {
+                    state.group_step_sent.insert(pair.id, now);
+                    steps.push((pair.clone(), address, want_paused));
+                }
+            }
+            steps
+        };
+        for (pair, address, pause) in steps {
+            let command = proto::PairCommand {
+                pair_id: pair.id.to_string(),
+                ..Default::default()
+            };
+            let request = if pause {
+                Request::PausePair(command)
+            } else {
+                Request::ResumePair(command)
+            };
+            if let Err(e) = self
+                .call_agent(&pair.production_node, address, request)
+                .await
+            {
+                tracing::warn!(pair = %pair.id, error = %e, pause, "cannot reach the production agent to pause or resume");
+            }
+        }
+        let running: Vec<GroupRecord> = {
+            let state = self.lock();
+            state
+                .groups
+                .values()
+                .filter(|g| {
+                    g.job
+                        .and_then(|j| state.jobs.get(&j))
+                        .is_some_and(|j| !j.status.is_finished())
+                })
+                .cloned()
+                .collect()
+        };
+        for group in running {
+            if let Err(e) = self.follow_group_job(&group) {
+                tracing::error!(group = %group.id, error = %e, "coordinator driver");
+            }
+        }
+    }
+
+    /// Ends a sync or stop job once every pair's production agent reports the state asked
+    /// for (a production agent that is down replicates nothing: it counts as stopped).
+    fn follow_group_job(&self, group: &GroupRecord) -> Result<(), ApiError> {
+        let mut state = self.lock();
+        let Some(mut job) = group.job.and_then(|j| state.jobs.get(&j)).cloned() else {
+            return Ok(());
+        };
+        let members = self.member_views(&state, group);
+        let production_down =
+            |p: &proto::Pair| !state.nodes.get(&p.production_node).is_some_and(Self::alive);
+        let outcome: Option<Result<(), String>> = match job.job_type {
+            JobType::StopGroup => members
+                .iter()
+                .all(|p| {
+                    production_down(p)
+                        || p.replication_status == ReplicationStatus::ActiveStopped.as_str()
+                })
+                .then_some(Ok(())),
+            _ => {
+                if let Some(p) = members.iter().find(|p| p.needs_resolve) {
+                    Some(Err(format!(
+                        "pair {} needs `pair resolve`: {}",
+                        p.name, p.status_detail
+                    )))
+                } else {
+                    let active = members
+                        .iter()
+                        .filter(|p| p.replication_status == ReplicationStatus::Active.as_str())
+                        .count();
+                    job.progress = active as f64 / members.len().max(1) as f64;
+                    (active == members.len()).then_some(Ok(()))
+                }
+            }
+        };
+        let Some(outcome) = outcome else {
+            state.jobs.insert(job.id, job);
+            return Ok(());
+        };
+        job.end_time = Some(now_text());
+        match outcome {
+            Ok(()) => {
+                job.status = JobStatus::Success;
+                job.progress = 1.0;
+            }
+            Err(reason) => {
+                job.status = JobStatus::Fail;
+                job.fail_reason = Some(reason);
+            }
+        }
+        self.commit(&[Change::PutJob(job.clone())])?;
+        tracing::info!(group = %group.id, job = %job.id, job_type = %job.job_type, status = %job.status, "group job ended");
+        state.jobs.insert(job.id, job);
+        Ok(())
     }
 
     /// Deletes a group that has no pairs left.

@@ -102,6 +102,8 @@ wire_enum!(
         CreateGroup => "createReplicationConsistencyGroup",
         UpdateGroup => "updateReplicationConsistencyGroup",
         DeleteGroup => "deleteReplicationConsistencyGroup",
+        SyncGroup => "syncReplicationConsistencyGroup",
+        StopGroup => "stopReplicationConsistencyGroup",
     }
 );
 
