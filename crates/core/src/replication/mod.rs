@@ -5,6 +5,7 @@
 //! and in seeded simulations.
 
 pub mod group;
+pub mod group_cut;
 pub mod ids;
 pub mod journal;
 pub mod lineage;

@@ -1,0 +1,360 @@
+//! A consistency group's epoch cuts across hosts (rule 3), as two small state machines
+//! that do no I/O: [`CutCoordinator`] on the coordinator, [`HostCut`] on each production
+//! agent of the group. docs/GROUPS.md argues why they keep write order; the seeded
+//! simulation in `tests/group_cut_sim.rs` checks it with hosts that crash and messages
+//! that are lost or late.
+//!
+//! ```text
+//!  coordinator                          each production host of the group
+//!   Cut(to) ───────────────────────────► hold answers, switch admissions to `to`
+//!          ◄─────────────────────────── CutAck(to, staged epochs of its pairs)
+//!   (every host acked)
+//!   Release(to) ───────────────────────► answer what was held
+//!   commit: the highest epoch E ≤ every pair's staged epoch whose end is a completed cut
+//! ```
+//!
+//! A round that does not complete in time is abandoned: its hosts are released, and its
+//! boundary is *broken* — a host released early may have answered a write of the new epoch
+//! on which a write admitted in the old one, on a host that never switched, depends. A
+//! broken boundary is never committed: the epochs on both sides of it apply together, up to
+//! the next completed cut.
+//!
+//! A host that holds longer than its timeout releases on its own (the application must not
+//! stall on a lost coordinator). Its hold timeout is longer than the coordinator's round
+//! timeout, and it starts holding only after the round started, so it can release on its
+//! own only after the round completed (every host switched: the boundary is good) or after
+//! the coordinator abandoned it (the boundary is broken). A coordinator that restarts in the
+//! middle of a round (it records the round before it sends a cut) abandons it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::Epoch;
+
+/// A production host of the group (its node name on the wire).
+pub type HostId = String;
+
+/// What the coordinator sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CutMessage {
+    /// Hold answers and switch admissions to epoch `to`.
+    Cut { host: HostId, to: Epoch },
+    /// Answer what was held for the cut to `to`.
+    Release { host: HostId, to: Epoch },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Round {
+    to: Epoch,
+    started_ms: u64,
+    acked: BTreeSet<HostId>,
+}
+
+/// The coordinator's side of a group's cuts.
+#[derive(Clone, Debug)]
+pub struct CutCoordinator {
+    hosts: BTreeSet<HostId>,
+    /// The epoch admissions take on every host once the last cut completed.
+    epoch: Epoch,
+    round: Option<Round>,
+    /// Epochs whose end is a cut that did not complete.
+    broken: BTreeSet<Epoch>,
+    /// The last epoch staged by each host (the lowest of its pairs').
+    staged: BTreeMap<HostId, Epoch>,
+    committed: Epoch,
+    round_timeout_ms: u64,
+}
+
+impl CutCoordinator {
+    /// A group whose hosts admit writes in `epoch` (and have staged `committed`).
+    pub fn new(
+        hosts: impl IntoIterator<Item = HostId>,
+        epoch: Epoch,
+        round_timeout_ms: u64,
+    ) -> Self {
+        let hosts: BTreeSet<HostId> = hosts.into_iter().collect();
+        let committed = Epoch(epoch.0.saturating_sub(1));
+        Self {
+            staged: hosts.iter().map(|h| (h.clone(), committed)).collect(),
+            hosts,
+            epoch,
+            round: None,
+            broken: BTreeSet::new(),
+            committed,
+            round_timeout_ms,
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The highest epoch the DR side may apply, group-wide.
+    pub fn committed(&self) -> Epoch {
+        self.committed
+    }
+
+    pub fn cutting(&self) -> bool {
+        self.round.is_some()
+    }
+
+    /// How many cuts were abandoned (their boundaries are never committed).
+    pub fn broken_boundaries(&self) -> usize {
+        self.broken.len()
+    }
+
+    /// Starts a cut to the next epoch (unless one is running): every host gets `Cut`.
+    pub fn start_cut(&mut self, now_ms: u64) -> Vec<CutMessage> {
+        if self.round.is_some() {
+            return Vec::new();
+        }
+        let to = self.epoch.next();
+        self.round = Some(Round {
+            to,
+            started_ms: now_ms,
+            acked: BTreeSet::new(),
+        });
+        self.hosts
+            .iter()
+            .map(|h| CutMessage::Cut {
+                host: h.clone(),
+                to,
+            })
+            .collect()
+    }
+
+    /// A host switched to `to` and holds its answers; `staged` is the last epoch its pairs
+    /// staged on the DR side. Once every host acked, all are released and the cut is done.
+    pub fn on_ack(&mut self, host: &str, to: Epoch, staged: Epoch) -> Vec<CutMessage> {
+        if let Some(s) = self.staged.get_mut(host) {
+            *s = (*s).max(staged);
+        }
+        let mut out = Vec::new();
+        if let Some(round) = self.round.as_mut()
+            && round.to == to
+            && self.hosts.contains(host)
+        {
+            round.acked.insert(host.to_owned());
+            if round.acked == self.hosts {
+                self.epoch = to;
+                self.round = None;
+                out = self.release_all(to);
+            }
+        }
+        self.advance_commit();
+        out
+    }
+
+    /// Abandons a round that has not completed in time: its boundary is broken, every host
+    /// is released (and switches to the new epoch if it had not).
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<CutMessage> {
+        match &self.round {
+            Some(round) if now_ms.saturating_sub(round.started_ms) >= self.round_timeout_ms => {
+                self.abandon()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// After a restart: a round that was in flight is abandoned.
+    pub fn restart(&mut self) -> Vec<CutMessage> {
+        self.abandon()
+    }
+
+    fn abandon(&mut self) -> Vec<CutMessage> {
+        let Some(round) = self.round.take() else {
+            return Vec::new();
+        };
+        let to = round.to;
+        self.broken.insert(Epoch(to.0 - 1));
+        self.epoch = to;
+        self.release_all(to)
+    }
+
+    fn release_all(&self, to: Epoch) -> Vec<CutMessage> {
+        self.hosts
+            .iter()
+            .map(|h| CutMessage::Release {
+                host: h.clone(),
+                to,
+            })
+            .collect()
+    }
+
+    /// Commits the highest epoch every host staged whose end is a completed cut.
+    fn advance_commit(&mut self) {
+        let staged = self.staged.values().copied().min().unwrap_or(Epoch::ZERO);
+        // An epoch's end is a completed cut once admissions moved past it without breaking.
+        let mut e = staged.min(Epoch(self.epoch.0.saturating_sub(1)));
+        while e > self.committed && self.broken.contains(&e) {
+            e = Epoch(e.0 - 1);
+        }
+        if e > self.committed {
+            self.committed = e;
+        }
+    }
+}
+
+/// One production host's side of its group's cuts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostCut {
+    epoch: Epoch,
+    /// Holding answers for the cut to this epoch, since then (ms).
+    holding: Option<(Epoch, u64)>,
+    hold_timeout_ms: u64,
+}
+
+/// What a host does with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostStep {
+    /// Answer the coordinator's cut with this ack.
+    Ack {
+        to: Epoch,
+    },
+    /// Answer every write held since the cut.
+    Release,
+    Nothing,
+}
+
+impl HostCut {
+    pub fn new(epoch: Epoch, hold_timeout_ms: u64) -> Self {
+        Self {
+            epoch,
+            holding: None,
+            hold_timeout_ms,
+        }
+    }
+
+    /// The epoch a write admitted now takes.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Whether writes completing now wait for a release before they are answered.
+    pub fn holding(&self) -> bool {
+        self.holding.is_some()
+    }
+
+    /// `Cut(to)`: hold and switch (once), and ack.
+    pub fn on_cut(&mut self, to: Epoch, now_ms: u64) -> HostStep {
+        if to > self.epoch {
+            self.epoch = to;
+            self.holding = Some((to, now_ms));
+        }
+        HostStep::Ack { to }
+    }
+
+    /// `Release(to)`: answer what is held; a host that never got the cut switches now.
+    pub fn on_release(&mut self, to: Epoch) -> HostStep {
+        if to > self.epoch {
+            self.epoch = to;
+        }
+        match self.holding {
+            Some((held, _)) if held <= to => {
+                self.holding = None;
+                HostStep::Release
+            }
+            _ => HostStep::Nothing,
+        }
+    }
+
+    /// Releases on its own after holding too long (the coordinator is away).
+    pub fn on_tick(&mut self, now_ms: u64) -> HostStep {
+        match self.holding {
+            Some((_, since)) if now_ms.saturating_sub(since) >= self.hold_timeout_ms => {
+                self.holding = None;
+                HostStep::Release
+            }
+            _ => HostStep::Nothing,
+        }
+    }
+
+    /// After a crash: the epoch survives (recorded at each switch), holds do not (the
+    /// writes held were never answered).
+    pub fn restart(&mut self) {
+        self.holding = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts() -> Vec<HostId> {
+        vec!["a".into(), "b".into()]
+    }
+
+    #[test]
+    fn a_cut_releases_only_after_every_host_switched() {
+        let mut c = CutCoordinator::new(hosts(), Epoch(1), 1000);
+        let mut a = HostCut::new(Epoch(1), 5000);
+        let mut b = HostCut::new(Epoch(1), 5000);
+        let cuts = c.start_cut(0);
+        assert_eq!(cuts.len(), 2);
+        assert_eq!(a.on_cut(Epoch(2), 0), HostStep::Ack { to: Epoch(2) });
+        assert!(a.holding());
+        assert!(
+            c.on_ack("a", Epoch(2), Epoch(1)).is_empty(),
+            "b has not switched"
+        );
+        assert_eq!(b.on_cut(Epoch(2), 1), HostStep::Ack { to: Epoch(2) });
+        let releases = c.on_ack("b", Epoch(2), Epoch(1));
+        assert_eq!(releases.len(), 2);
+        assert_eq!(a.on_release(Epoch(2)), HostStep::Release);
+        assert_eq!(b.on_release(Epoch(2)), HostStep::Release);
+        assert_eq!(
+            (a.epoch(), b.epoch(), c.epoch()),
+            (Epoch(2), Epoch(2), Epoch(2))
+        );
+        assert_eq!(c.committed(), Epoch(1));
+    }
+
+    #[test]
+    fn an_abandoned_cut_breaks_its_boundary_and_is_never_committed() {
+        // The cut 1 → 2 is abandoned (b never acked): the end of epoch 1 is broken.
+        let mut c = CutCoordinator::new(hosts(), Epoch(1), 1000);
+        c.start_cut(0);
+        c.on_ack("a", Epoch(2), Epoch(1));
+        assert_eq!(c.on_tick(999), Vec::new());
+        assert_eq!(c.on_tick(1000).len(), 2, "everyone is released");
+        assert_eq!(c.epoch(), Epoch(2));
+        // The cut 2 → 3 completes with epoch 1 staged everywhere: 1 is not committed.
+        c.start_cut(1000);
+        c.on_ack("a", Epoch(3), Epoch(1));
+        c.on_ack("b", Epoch(3), Epoch(1));
+        assert_eq!(c.committed(), Epoch(0));
+        // Once epoch 2 is staged everywhere, 1 and 2 commit together.
+        c.start_cut(2000);
+        c.on_ack("a", Epoch(4), Epoch(2));
+        c.on_ack("b", Epoch(4), Epoch(2));
+        assert_eq!(c.committed(), Epoch(2));
+        // A restart in the middle of a round abandons it.
+        c.start_cut(3000);
+        assert_eq!(c.restart().len(), 2);
+        c.start_cut(3000);
+        c.on_ack("a", Epoch(6), Epoch(5));
+        c.on_ack("b", Epoch(6), Epoch(4));
+        assert_eq!(c.committed(), Epoch(3), "the end of epoch 4 is broken");
+    }
+
+    #[test]
+    fn a_host_holding_too_long_releases_on_its_own() {
+        let mut a = HostCut::new(Epoch(1), 500);
+        a.on_cut(Epoch(2), 100);
+        assert_eq!(a.on_tick(599), HostStep::Nothing);
+        assert_eq!(a.on_tick(600), HostStep::Release);
+        assert!(!a.holding());
+        assert_eq!(a.epoch(), Epoch(2));
+    }
+
+    #[test]
+    fn late_and_repeated_messages_change_nothing() {
+        let mut a = HostCut::new(Epoch(3), 500);
+        assert_eq!(a.on_cut(Epoch(2), 0), HostStep::Ack { to: Epoch(2) });
+        assert!(!a.holding());
+        assert_eq!(a.epoch(), Epoch(3));
+        assert_eq!(a.on_release(Epoch(2)), HostStep::Nothing);
+        let mut c = CutCoordinator::new(hosts(), Epoch(3), 1000);
+        assert!(c.on_ack("a", Epoch(2), Epoch(2)).is_empty());
+        assert!(c.on_ack("nobody", Epoch(4), Epoch(9)).is_empty());
+    }
+}

@@ -1,0 +1,466 @@
+//! Seeded simulation of a consistency group's cuts across hosts (rule 3), driven by the
+//! core's [`CutCoordinator`] and [`HostCut`] on a virtual clock.
+//!
+//! Three production hosts and a coordinator. Application chains write record after record,
+//! each issued only after the previous one was answered, each on the next host (the
+//! write-order checker's pattern), with delays drawn at random. Messages between the
+//! coordinator and the hosts are late, lost, or cut off for a while; hosts and the
+//! coordinator crash and restart. A host's staged epoch (what its DR side holds) trails its
+//! completed writes. After every event:
+//!
+//! - the committed epoch never goes back;
+//! - the writes of epochs up to the committed one are closed under "answered before
+//!   issued": a record whose write is in them has its predecessor in them too;
+//!
+//! and once the faults stop, the committed epoch catches up with the writes answered.
+//! A failure prints its seed; `BLOCKREP_SEED=n` replays one.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use blockrep_core::replication::Epoch;
+use blockrep_core::replication::group_cut::{CutCoordinator, CutMessage, HostCut, HostStep};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const HOSTS: usize = 3;
+const CHAINS: usize = 3;
+const CUT_INTERVAL_MS: u64 = 100;
+const ROUND_TIMEOUT_MS: u64 = 50;
+const HOLD_TIMEOUT_MS: u64 = 80;
+const FAULTS_UNTIL_MS: u64 = 4_000;
+const END_MS: u64 = 6_000;
+
+#[derive(Clone, Debug)]
+enum Event {
+    CutTimer,
+    CoordinatorTick,
+    ToHost(usize, CutMessage),
+    /// A host's ack (to, staged) reaches the coordinator.
+    ToCoordinator {
+        host: usize,
+        to: Epoch,
+        staged: Epoch,
+    },
+    HostTick(usize),
+    /// Chain `c` issues its next record.
+    Issue(usize),
+    /// Write `w` completes on its host.
+    Complete(usize),
+    HostCrash(usize),
+    HostRestart(usize),
+    CoordinatorCrash,
+    CoordinatorRestart,
+    LinkCut(usize),
+    LinkHeal(usize),
+}
+
+#[derive(Clone, Debug)]
+struct Write {
+    host: usize,
+    /// The host's incarnation when admitted (a crash loses what is in flight).
+    life: u32,
+    epoch: Epoch,
+    chain: usize,
+    /// The record this write carries (the chain's sequence number).
+    record: u64,
+    completed: bool,
+    answered: bool,
+    lost: bool,
+}
+
+struct Host {
+    cut: HostCut,
+    up: bool,
+    life: u32,
+    link_up: bool,
+    /// Completed writes whose answers wait for a release.
+    held: Vec<usize>,
+}
+
+struct Sim {
+    rng: SmallRng,
+    now: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Event>,
+    seq: u64,
+    coordinator: CutCoordinator,
+    coordinator_up: bool,
+    hosts: Vec<Host>,
+    writes: Vec<Write>,
+    /// Per chain: the next record to write, and the host it goes to next.
+    chains: Vec<(u64, usize)>,
+    /// Per chain, per record: the write that was answered for it.
+    answered: Vec<BTreeMap<u64, usize>>,
+    committed: Epoch,
+    /// Hosts switch and release in one step: the broken protocol the checks must catch.
+    release_on_cut: bool,
+}
+
+impl Sim {
+    fn new(seed: u64, release_on_cut: bool) -> Self {
+        let names: Vec<String> = (0..HOSTS).map(|h| format!("host-{h}")).collect();
+        let mut sim = Sim {
+            rng: SmallRng::seed_from_u64(seed),
+            now: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            seq: 0,
+            coordinator: CutCoordinator::new(names, Epoch(1), ROUND_TIMEOUT_MS),
+            coordinator_up: true,
+            hosts: (0..HOSTS)
+                .map(|_| Host {
+                    cut: HostCut::new(Epoch(1), HOLD_TIMEOUT_MS),
+                    up: true,
+                    life: 0,
+                    link_up: true,
+                    held: Vec::new(),
+                })
+                .collect(),
+            writes: Vec::new(),
+            chains: (0..CHAINS).map(|c| (0, c % HOSTS)).collect(),
+            answered: vec![BTreeMap::new(); CHAINS],
+            committed: Epoch::ZERO,
+            release_on_cut,
+        };
+        sim.at(CUT_INTERVAL_MS, Event::CutTimer);
+        sim.at(10, Event::CoordinatorTick);
+        for h in 0..HOSTS {
+            sim.at(10, Event::HostTick(h));
+        }
+        for c in 0..CHAINS {
+            sim.at(1, Event::Issue(c));
+        }
+        let mut t = 200;
+        while t < FAULTS_UNTIL_MS {
+            let fault = match sim.rng.random_range(0..4) {
+                0 => Event::HostCrash(sim.rng.random_range(0..HOSTS)),
+                1 => Event::CoordinatorCrash,
+                _ => Event::LinkCut(sim.rng.random_range(0..HOSTS)),
+            };
+            sim.at(t, fault);
+            t += sim.rng.random_range(100..600);
+        }
+        sim
+    }
+
+    fn at(&mut self, when: u64, event: Event) {
+        self.seq += 1;
+        self.events.push(event);
+        self.queue
+            .push(Reverse((when, self.seq, self.events.len() - 1)));
+    }
+
+    fn after(&mut self, delay: u64, event: Event) {
+        self.at(self.now + delay, event);
+    }
+
+    fn faults(&self) -> bool {
+        self.now < FAULTS_UNTIL_MS
+    }
+
+    /// A coordinator message on its way to a host: late, or lost.
+    fn send_to_host(&mut self, message: CutMessage) {
+        let host = match &message {
+            CutMessage::Cut { host, .. } | CutMessage::Release { host, .. } => host
+                .strip_prefix("host-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .expect("a host name"),
+        };
+        if self.faults() && self.rng.random_bool(0.05) {
+            return;
+        }
+        let delay = self.rng.random_range(1..15);
+        self.after(delay, Event::ToHost(host, message));
+    }
+
+    fn send_all(&mut self, messages: Vec<CutMessage>) {
+        for m in messages {
+            self.send_to_host(m);
+        }
+    }
+
+    /// The last epoch whose writes on host `h` have all completed (or were lost), below
+    /// the one it admits now: what its DR side can have staged.
+    fn staged(&self, h: usize) -> Epoch {
+        let current = self.hosts[h].cut.epoch();
+        let pending = self
+            .writes
+            .iter()
+            .filter(|w| w.host == h && !w.completed && !w.lost)
+            .map(|w| w.epoch)
+            .min();
+        let below = Epoch(current.0 - 1);
+        match pending {
+            Some(e) if e <= below => Epoch(e.0 - 1),
+            _ => below,
+        }
+    }
+
+    fn answer(&mut self, w: usize) {
+        let write = &mut self.writes[w];
+        write.answered = true;
+        let (chain, record) = (write.chain, write.record);
+        self.answered[chain].insert(record, w);
+        // The chain's next record goes to the next host, once this one is answered.
+        let next_host = (self.writes[w].host + 1) % HOSTS;
+        self.chains[chain] = (record + 1, next_host);
+        let delay = self.rng.random_range(0..5);
+        self.after(delay, Event::Issue(chain));
+    }
+
+    fn release(&mut self, h: usize) {
+        let held = std::mem::take(&mut self.hosts[h].held);
+        for w in held {
+            self.answer(w);
+        }
+    }
+
+    fn step(&mut self) -> Result<bool, String> {
+        let Some(Reverse((when, _, index))) = self.queue.pop() else {
+            return Ok(false);
+        };
+        if when > END_MS {
+            return Ok(false);
+        }
+        self.now = when;
+        let event = self.events[index].clone();
+        match event {
+            Event::CutTimer => {
+                if self.coordinator_up {
+                    let cuts = self.coordinator.start_cut(self.now);
+                    self.send_all(cuts);
+                }
+                self.after(CUT_INTERVAL_MS, Event::CutTimer);
+            }
+            Event::CoordinatorTick => {
+                if self.coordinator_up {
+                    let releases = self.coordinator.on_tick(self.now);
+                    self.send_all(releases);
+                }
+                self.after(10, Event::CoordinatorTick);
+            }
+            Event::ToHost(h, message) => {
+                if !self.hosts[h].up || !self.hosts[h].link_up {
+                    return Ok(true);
+                }
+                match message {
+                    CutMessage::Cut { to, .. } => {
+                        let HostStep::Ack { to } = self.hosts[h].cut.on_cut(to, self.now) else {
+                            unreachable!("a cut is acked");
+                        };
+                        if self.release_on_cut {
+                            self.hosts[h].cut.on_release(to);
+                            self.release(h);
+                        }
+                        let staged = self.staged(h);
+                        if !self.faults() || !self.rng.random_bool(0.05) {
+                            let delay = self.rng.random_range(1..15);
+                            self.after(
+                                delay,
+                                Event::ToCoordinator {
+                                    host: h,
+                                    to,
+                                    staged,
+                                },
+                            );
+                        }
+                    }
+                    CutMessage::Release { to, .. } => {
+                        if self.hosts[h].cut.on_release(to) == HostStep::Release {
+                            self.release(h);
+                        }
+                    }
+                }
+            }
+            Event::ToCoordinator { host, to, staged } => {
+                if self.coordinator_up && self.hosts[host].link_up {
+                    let releases = self.coordinator.on_ack(&format!("host-{host}"), to, staged);
+                    self.send_all(releases);
+                    self.check_commit()?;
+                }
+            }
+            Event::HostTick(h) => {
+                if self.hosts[h].up && self.hosts[h].cut.on_tick(self.now) == HostStep::Release {
+                    self.release(h);
+                }
+                self.after(10, Event::HostTick(h));
+            }
+            Event::Issue(c) => {
+                let (record, h) = self.chains[c];
+                if !self.hosts[h].up {
+                    // The host is down: try the next one a little later.
+                    self.chains[c].1 = (h + 1) % HOSTS;
+                    self.after(5, Event::Issue(c));
+                    return Ok(true);
+                }
+                self.writes.push(Write {
+                    host: h,
+                    life: self.hosts[h].life,
+                    epoch: self.hosts[h].cut.epoch(),
+                    chain: c,
+                    record,
+                    completed: false,
+                    answered: false,
+                    lost: false,
+                });
+                let delay = self.rng.random_range(1..10);
+                self.after(delay, Event::Complete(self.writes.len() - 1));
+            }
+            Event::Complete(w) => {
+                let h = self.writes[w].host;
+                if self.writes[w].lost || self.writes[w].life != self.hosts[h].life {
+                    return Ok(true);
+                }
+                self.writes[w].completed = true;
+                if self.hosts[h].cut.holding() {
+                    self.hosts[h].held.push(w);
+                } else {
+                    self.answer(w);
+                }
+            }
+            Event::HostCrash(h) => {
+                if self.hosts[h].up {
+                    self.hosts[h].up = false;
+                    self.hosts[h].held.clear();
+                    let life = self.hosts[h].life;
+                    let mut stalled = Vec::new();
+                    for w in self.writes.iter_mut() {
+                        if w.host == h && w.life == life && !w.answered {
+                            w.lost = true;
+                            stalled.push(w.chain);
+                        }
+                    }
+                    // A chain whose write was lost without an answer writes the record again
+                    // elsewhere: the lost write is no dependency of anything.
+                    for c in stalled {
+                        self.chains[c].1 = (h + 1) % HOSTS;
+                        self.after(5, Event::Issue(c));
+                    }
+                    let down = self.rng.random_range(20..300);
+                    self.after(down, Event::HostRestart(h));
+                }
+            }
+            Event::HostRestart(h) => {
+                let host = &mut self.hosts[h];
+                host.up = true;
+                host.life += 1;
+                host.cut.restart();
+            }
+            Event::CoordinatorCrash => {
+                if self.coordinator_up {
+                    self.coordinator_up = false;
+                    let down = self.rng.random_range(20..400);
+                    self.after(down, Event::CoordinatorRestart);
+                }
+            }
+            Event::CoordinatorRestart => {
+                self.coordinator_up = true;
+                let releases = self.coordinator.restart();
+                self.send_all(releases);
+            }
+            Event::LinkCut(h) => {
+                self.hosts[h].link_up = false;
+                let down = self.rng.random_range(20..400);
+                self.after(down, Event::LinkHeal(h));
+            }
+            Event::LinkHeal(h) => self.hosts[h].link_up = true,
+        }
+        Ok(true)
+    }
+
+    /// The committed epoch never goes back, and what it covers is closed under "answered
+    /// before issued".
+    fn check_commit(&mut self) -> Result<(), String> {
+        let committed = self.coordinator.committed();
+        if committed < self.committed {
+            return Err(format!(
+                "the committed epoch went back from {} to {}",
+                self.committed.0, committed.0
+            ));
+        }
+        self.committed = committed;
+        for (chain, records) in self.answered.iter().enumerate() {
+            for (&record, &w) in records {
+                if record == 0 || self.writes[w].epoch > committed {
+                    continue;
+                }
+                let Some(&before) = records.get(&(record - 1)) else {
+                    continue;
+                };
+                if self.writes[before].epoch > committed {
+                    return Err(format!(
+                        "at {} ms, epoch {} is committed: chain {chain} record {record} (host {}, epoch {}) is in it, record {} (host {}, epoch {}), answered before it was issued, is not",
+                        self.now,
+                        committed.0,
+                        self.writes[w].host,
+                        self.writes[w].epoch.0,
+                        record - 1,
+                        self.writes[before].host,
+                        self.writes[before].epoch.0
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        while self.step()? {}
+        // Liveness: once the faults stopped, every record answered before them is committed.
+        let settled = self
+            .writes
+            .iter()
+            .filter(|w| w.answered)
+            .filter(|w| w.epoch.0 + 3 < self.coordinator.epoch().0)
+            .map(|w| w.epoch)
+            .max()
+            .unwrap_or(Epoch::ZERO);
+        if self.coordinator.committed() < settled {
+            return Err(format!(
+                "after the faults, epoch {} is committed but answered writes reach epoch {}",
+                self.coordinator.committed().0,
+                settled.0
+            ));
+        }
+        let answered: usize = self.answered.iter().map(BTreeMap::len).sum();
+        if answered < 100 {
+            return Err(format!("only {answered} records were answered"));
+        }
+        Ok(())
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    match std::env::var("BLOCKREP_SEED") {
+        Ok(s) => vec![s.parse().expect("BLOCKREP_SEED is a number")],
+        Err(_) => (0..300).collect(),
+    }
+}
+
+#[test]
+fn group_cuts_keep_write_order_through_crashes_and_lost_messages() {
+    let (mut records, mut broken, mut epochs) = (0, 0, 0);
+    for seed in seeds() {
+        let mut sim = Sim::new(seed, false);
+        if let Err(e) = sim.run() {
+            panic!("seed {seed} (replay with BLOCKREP_SEED={seed}): {e}");
+        }
+        records += sim.answered.iter().map(BTreeMap::len).sum::<usize>();
+        broken += sim.coordinator.broken_boundaries();
+        epochs += sim.coordinator.committed().0;
+    }
+    eprintln!("{records} records answered, {epochs} epochs committed, {broken} cuts abandoned");
+    // Over all seeds, the faults did their part: cuts were abandoned, epochs still committed.
+    if std::env::var("BLOCKREP_SEED").is_err() {
+        assert!(broken > 0 && epochs > 0);
+    }
+}
+
+/// Switching and releasing in one step lets a write answered on a switched host come
+/// before a dependent write admitted in the old epoch elsewhere: the checks must catch it.
+#[test]
+fn releasing_at_the_switch_is_caught() {
+    let caught = (0..200).any(|seed| Sim::new(seed, true).run().is_err());
+    assert!(caught, "no seed caught answers released at the switch");
+}
