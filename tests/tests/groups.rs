@@ -137,6 +137,18 @@ fn groups_are_created_shown_and_every_bad_request_is_refused_with_nothing_change
     };
     assert_eq!(pair_group("db"), id.as_str());
     assert_eq!(pair_group("meta"), Value::Null);
+    // Visible in `blockrep status` on the nodes of its pairs, and in the metrics.
+    let status = cluster.node("node-b").daemon().cli(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("group app available replication:active fault-level:0 pairs:2"),
+        "{status}"
+    );
+    let metrics = cluster.coordinator().metrics();
+    assert!(
+        metrics.contains("blockrep_group_fault_level{group=\"app\",model=\"async\"} 0"),
+        "{metrics}"
+    );
 
     // Refusals against the group's state, each changing nothing.
     let conflicts: Vec<(Vec<&str>, String)> = vec![

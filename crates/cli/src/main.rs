@@ -427,7 +427,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Status => {
             let status = call(client.status(proto::StatusRequest {})).await?;
-            out.print(&status);
+            // The groups this node's pairs are in, as the coordinator sees them, if it
+            // answers at once: the local status stands on its own.
+            let groups = if status.clustered && !status.pairs.is_empty() {
+                let asked = client.list_groups(proto::ListGroupsRequest {});
+                match tokio::time::timeout(std::time::Duration::from_secs(1), asked).await {
+                    Ok(Ok(groups)) => groups.into_inner().groups,
+                    _ => Vec::new(),
+                }
+            } else {
+                Vec::new()
+            };
+            out.print(&render::NodeStatus::new(status, groups));
         }
         Command::Volume(command) => match command {
             VolumeCommand::Add { name, cache, .. } => {

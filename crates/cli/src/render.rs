@@ -899,3 +899,47 @@ mod tests {
         assert_eq!(t, "A    BB\nxxx  y\n");
     }
 }
+
+/// `blockrep status`: this node's volumes and pairs, and the groups its pairs are in.
+pub struct NodeStatus {
+    status: proto::StatusResponse,
+    groups: Vec<proto::Group>,
+}
+
+impl NodeStatus {
+    pub fn new(status: proto::StatusResponse, groups: Vec<proto::Group>) -> Self {
+        let mine: Vec<&str> = status.pairs.iter().map(|p| p.pair_id.as_str()).collect();
+        let groups = groups
+            .into_iter()
+            .filter(|g| {
+                g.replication_ids
+                    .iter()
+                    .any(|id| mine.contains(&id.as_str()))
+            })
+            .collect();
+        Self { status, groups }
+    }
+}
+
+impl Render for NodeStatus {
+    fn json(&self) -> Value {
+        let mut v = self.status.json();
+        v["groups"] = Value::Array(self.groups.iter().map(group_json).collect());
+        v
+    }
+
+    fn table(&self) -> String {
+        let mut out = self.status.table();
+        for g in &self.groups {
+            out.push_str(&format!(
+                "group {} {} replication:{} fault-level:{} pairs:{}\n",
+                g.name,
+                g.status,
+                g.replication_status,
+                g.fault_level,
+                g.replication_ids.len()
+            ));
+        }
+        out
+    }
+}

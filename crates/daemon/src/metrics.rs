@@ -1,5 +1,6 @@
-//! Prometheus text metrics on `metrics_listen`: per volume, per pair, per endpoint. Built
-//! at each scrape from the same counters `blockrep status` and `pair show` read.
+//! Prometheus text metrics on `metrics_listen`: per volume, per pair, per endpoint, and (on
+//! the coordinator's daemon) per consistency group. Built at each scrape from the same
+//! figures `blockrep status`, `pair show` and `group show` read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +31,19 @@ struct PairLabels {
     side: String,
     model: String,
     peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupStatusLabels {
+    group: String,
+    status: String,
+    replication_status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,6 +199,9 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
             "Streams refused for a malformed or unexpected first frame",
             streams,
         );
+        if let Some(coordinator) = &cluster.coordinator {
+            register_groups(&mut registry, coordinator);
+        }
     }
 
     let mut out = String::new();
@@ -192,6 +209,51 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
         tracing::error!(error = %e, "cannot encode metrics");
     }
     out
+}
+
+/// The consistency groups, on the daemon that runs the coordinator: fault level, pairs and
+/// consistent epoch per group, and its status and replication status as a 1.
+fn register_groups(registry: &mut Registry, coordinator: &blockrep_coordinator::Coordinator) {
+    let fault = GaugeFamily::<GroupLabels>::default();
+    let pairs = GaugeFamily::<GroupLabels>::default();
+    let consistent = GaugeFamily::<GroupLabels>::default();
+    let status = GaugeFamily::<GroupStatusLabels>::default();
+    for g in coordinator.list_groups() {
+        let labels = GroupLabels {
+            group: g.name.clone(),
+            model: g.replication_model.clone(),
+        };
+        fault.get_or_create(&labels).set(f64::from(g.fault_level));
+        pairs
+            .get_or_create(&labels)
+            .set(g.replication_ids.len() as f64);
+        consistent
+            .get_or_create(&labels)
+            .set(g.consistent_epoch as f64);
+        status
+            .get_or_create(&GroupStatusLabels {
+                group: g.name,
+                status: g.status,
+                replication_status: g.replication_status,
+            })
+            .set(1.0);
+    }
+    registry.register(
+        "group_fault_level",
+        "0 no fault, 2 production volume lost (failover advised), 5 replication link down",
+        fault,
+    );
+    registry.register("group_pairs", "Pairs in the consistency group", pairs);
+    registry.register(
+        "group_consistent_epoch",
+        "The lowest epoch the group's DR volumes are consistent at",
+        consistent,
+    );
+    registry.register(
+        "group_status",
+        "1 for the group's current status and replication status",
+        status,
+    );
 }
 
 /// Serves `GET /metrics` (any path) on `addr` until the daemon stops.
