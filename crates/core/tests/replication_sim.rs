@@ -258,7 +258,7 @@ impl Sim {
         if runs.is_empty() {
             if *final_pass {
                 // The last pass is done: its seal ends the catch-up.
-                self.journal.finish_catch_up();
+                self.journal.finish_catch_up(true);
                 self.catch_up = None;
                 return;
             }

@@ -98,6 +98,18 @@ struct State {
     answered_at: Instant,
     /// Online verify probes waiting for the DR side, and answered.
     probes: Probes,
+    /// The pair's epochs are cut by its consistency group, not by its own ticker.
+    grouped: bool,
+    /// Answers held for a group cut.
+    hold: Option<Hold>,
+}
+
+/// Answers of writes that completed while a group cut was in progress: they are given only
+/// once every host of the group has switched to the new epoch (docs/GROUPS.md).
+struct Hold {
+    to: Epoch,
+    since: Instant,
+    answers: Vec<(u64, Arc<Mailbox>)>,
 }
 
 impl State {
@@ -142,6 +154,8 @@ impl PairLink {
                 resync_acked: 0,
                 answered_at: Instant::now(),
                 probes: Probes::default(),
+                grouped: false,
+                hold: None,
             }),
             changed: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
@@ -230,8 +244,11 @@ impl PairLink {
     pub fn finish_catch_up(&self, now_ms: u64) -> Epoch {
         let mut state = self.lock();
         let end = state.journal.current_epoch();
-        state.cut_times.insert(end, now_ms);
-        let end = state.journal.finish_catch_up();
+        let cut = !state.grouped;
+        if cut {
+            state.cut_times.insert(end, now_ms);
+        }
+        let end = state.journal.finish_catch_up(cut);
         drop(state);
         self.wake_sender.notify_one();
         end
@@ -274,6 +291,79 @@ impl PairLink {
         state.journal.advance_epoch();
         drop(state);
         self.wake_sender.notify_one();
+    }
+
+    // ---- consistency groups ----
+
+    /// Whether the pair's epochs are cut by its consistency group.
+    pub fn grouped(&self) -> bool {
+        self.lock().grouped
+    }
+
+    /// Puts the pair under its group's cuts, or back under its own ticker (answers still
+    /// held are given).
+    pub fn set_grouped(&self, grouped: bool) {
+        let mut state = self.lock();
+        state.grouped = grouped;
+        let hold = if grouped { None } else { state.hold.take() };
+        drop(state);
+        deliver_held(hold);
+    }
+
+    /// The group's cut to `to`: answers of writes that complete from now on are held until
+    /// the release, and admissions take epoch `to`. Returns the last epoch the DR side
+    /// staged, for the coordinator's commit.
+    pub fn group_cut(&self, to: Epoch, now_ms: u64) -> Epoch {
+        let mut state = self.lock();
+        state.grouped = true;
+        let current = state.journal.current_epoch();
+        if to > current {
+            state.cut_times.insert(current, now_ms);
+            state.journal.advance_epoch_to(to);
+            let answers = state.hold.take().map(|h| h.answers).unwrap_or_default();
+            state.hold = Some(Hold {
+                to,
+                since: Instant::now(),
+                answers,
+            });
+        }
+        let staged = state.journal.staged_epoch();
+        drop(state);
+        self.wake_sender.notify_one();
+        staged
+    }
+
+    /// The group's release of the cut to `to`: the held answers are given. A pair that
+    /// missed the cut switches now.
+    pub fn group_release(&self, to: Epoch, now_ms: u64) {
+        let mut state = self.lock();
+        let current = state.journal.current_epoch();
+        if to > current {
+            state.cut_times.insert(current, now_ms);
+            state.journal.advance_epoch_to(to);
+        }
+        let hold = state.hold.take_if(|h| h.to <= to);
+        drop(state);
+        self.wake_sender.notify_one();
+        deliver_held(hold);
+    }
+
+    /// Gives the answers held longer than `timeout` (the coordinator is away): the
+    /// coordinator never commits a cut it did not release itself.
+    pub fn release_held_longer_than(&self, timeout: Duration) {
+        let hold = self.lock().hold.take_if(|h| h.since.elapsed() >= timeout);
+        deliver_held(hold);
+    }
+
+    /// Holds `token`'s answer if a group cut is in progress; else it is answered now.
+    fn answer_or_hold(&self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
+        match self.lock().hold.as_mut() {
+            Some(hold) => {
+                hold.answers.push((token, Arc::clone(mailbox)));
+                AfterLocal::WaitForPeer
+            }
+            None => AfterLocal::Answer,
+        }
     }
 
     // ---- the sender ----
@@ -708,7 +798,7 @@ impl ReplicaLink for PairLink {
 
     fn local_done(&self, mut write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
         match write.mode {
-            ReplicaMode::Tracked => AfterLocal::Answer,
+            ReplicaMode::Tracked => self.answer_or_hold(write.token, mailbox),
             ReplicaMode::Sync if write.sent => AfterLocal::WaitForPeer,
             ReplicaMode::Sync => {
                 if self.send_sync(&mut write, mailbox) {
@@ -753,7 +843,7 @@ impl ReplicaLink for PairLink {
                 if wake {
                     self.wake_sender.notify_one();
                 }
-                AfterLocal::Answer
+                self.answer_or_hold(write.token, mailbox)
             }
         }
     }
@@ -839,5 +929,121 @@ impl PairLink {
             self.wake_sender.notify_one();
         }
         true
+    }
+}
+
+fn deliver_held(hold: Option<Hold>) {
+    for (token, mailbox) in hold.map(|h| h.answers).unwrap_or_default() {
+        mailbox.deliver(token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockrep_volume::{TrackerConfig, Waker};
+
+    use super::*;
+
+    fn async_link(dir: &std::path::Path) -> PairLink {
+        let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
+        let link = PairLink::new(
+            ReplicationModel::Async,
+            Arc::new(tracker),
+            64 << 20,
+            Epoch(1),
+        );
+        link.connected(Epoch(1));
+        link.go_live();
+        link
+    }
+
+    /// Admits and completes one 4 KiB write at `offset`; returns its answer and epoch.
+    fn write(
+        link: &PairLink,
+        mailbox: &Arc<Mailbox>,
+        offset: u64,
+        token: u64,
+    ) -> (AfterLocal, Epoch) {
+        let range = ByteRange::new(offset, 4096);
+        link.tracker.admit(&[range]).unwrap();
+        let mut w = [Replicated::new(
+            range,
+            ReplicaData::Data(Bytes::from(vec![token as u8; 4096])),
+            false,
+            token,
+        )];
+        link.admit(&mut w);
+        let [w] = w;
+        let ReplicaMode::Journal(admitted) = w.mode else {
+            panic!("an async write is journaled");
+        };
+        (link.local_done(w, mailbox), admitted.epoch)
+    }
+
+    fn delivered(mailbox: &Mailbox) -> Vec<u64> {
+        let mut out = Vec::new();
+        mailbox.take(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_group_cut_holds_answers_until_its_release_and_switches_the_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = async_link(dir.path());
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(2)));
+
+        assert_eq!(
+            link.group_cut(Epoch(7), 0),
+            Epoch(1),
+            "the DR side staged epoch 1"
+        );
+        assert!(link.grouped());
+        // Completing during the cut: admitted in the new epoch, answered at the release.
+        assert_eq!(
+            write(&link, &mailbox, 4096, 2),
+            (AfterLocal::WaitForPeer, Epoch(7))
+        );
+        assert_eq!(
+            write(&link, &mailbox, 8192, 3),
+            (AfterLocal::WaitForPeer, Epoch(7))
+        );
+        assert!(delivered(&mailbox).is_empty());
+        // A release of an older cut leaves it held; this cut's release gives the answers.
+        link.group_release(Epoch(6), 0);
+        assert!(delivered(&mailbox).is_empty());
+        link.group_release(Epoch(7), 0);
+        assert_eq!(delivered(&mailbox), vec![2, 3]);
+        assert_eq!(write(&link, &mailbox, 0, 4), (AfterLocal::Answer, Epoch(7)));
+        // The epoch before the cut is sealed, and the pair no longer cuts on its own.
+        let mut frames = Vec::new();
+        link.take_frames(u64::MAX, &mut frames);
+        assert!(
+            frames
+                .iter()
+                .any(|f| matches!(f, OutFrame::Seal { epoch, .. } if *epoch == Epoch(6))),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn a_pair_that_missed_the_cut_switches_at_the_release_and_holds_time_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = async_link(dir.path());
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        link.group_release(Epoch(3), 0);
+        assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(3)));
+        link.group_cut(Epoch(4), 0);
+        assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::WaitForPeer);
+        link.release_held_longer_than(Duration::from_secs(3600));
+        assert!(delivered(&mailbox).is_empty());
+        link.release_held_longer_than(Duration::ZERO);
+        assert_eq!(delivered(&mailbox), vec![2]);
+        // Leaving the group gives what is held and answers at once again.
+        link.group_cut(Epoch(5), 0);
+        assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
+        link.set_grouped(false);
+        assert_eq!(delivered(&mailbox), vec![3]);
+        assert_eq!(write(&link, &mailbox, 0, 4).0, AfterLocal::Answer);
     }
 }

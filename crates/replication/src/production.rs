@@ -651,9 +651,11 @@ impl ProductionPair {
             {
                 return Err(SessionError::Silent(waited));
             }
+            // A pair in a consistency group is cut by its group, never on its own.
+            let grouped = self.link.grouped();
             if last_cut.elapsed() >= self.config.epoch_interval {
                 last_cut = Instant::now();
-                if self.link.live() != Live::Sync {
+                if self.link.live() != Live::Sync && !grouped {
                     self.link.advance_epoch(now_ms());
                 }
             }
@@ -677,7 +679,10 @@ impl ProductionPair {
                     Ok(outcome) => {
                         // Cut at once after an initial sync: the DR side is consistent
                         // when the unit after `SyncDone` is applied, not an interval later.
-                        if outcome != ResyncOutcome::CaughtUp && self.link.live() != Live::Sync {
+                        if outcome != ResyncOutcome::CaughtUp
+                            && self.link.live() != Live::Sync
+                            && !grouped
+                        {
                             last_cut = Instant::now();
                             self.link.advance_epoch(now_ms());
                         }

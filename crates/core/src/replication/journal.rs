@@ -258,6 +258,15 @@ impl<P: PayloadLen> Journal<P> {
         self.seal_closed_epochs();
     }
 
+    /// A consistency group's cut: new writes go to epoch `to` (the group numbers its
+    /// epochs; the ones skipped are empty). Nothing happens if the journal is there already.
+    pub fn advance_epoch_to(&mut self, to: Epoch) {
+        if to > self.current {
+            self.current = to;
+            self.seal_closed_epochs();
+        }
+    }
+
     /// The next frame to send. Data leaves the journal here.
     pub fn poll_send(&mut self) -> Option<Outgoing<P>> {
         let frame = self.queue.pop_front()?;
@@ -333,13 +342,17 @@ impl<P: PayloadLen> Journal<P> {
     }
 
     /// The reader queued the last extent: the current epoch ends the catch-up, and its
-    /// seal (once its writes complete) makes the DR side apply everything staged.
-    pub fn finish_catch_up(&mut self) -> Epoch {
+    /// seal (once its writes complete) makes the DR side apply everything staged. With
+    /// `cut`, the epoch is cut now; without (a pair in a consistency group), the group's
+    /// next cut ends it.
+    pub fn finish_catch_up(&mut self, cut: bool) -> Epoch {
         let end = self.current;
         self.mode = Mode::Journal;
         self.sealing = true;
         self.catch_up_ends = Some(end);
-        self.advance_epoch();
+        if cut {
+            self.advance_epoch();
+        }
         end
     }
 
@@ -620,7 +633,7 @@ mod tests {
         );
         j.begin_final_pass();
         assert_eq!(write(&mut j, &mut reg, 24), Completed::Queued);
-        let end = j.finish_catch_up();
+        let end = j.finish_catch_up(true);
         let frames = drain(&mut j);
         assert_eq!(frames.last(), Some(&Outgoing::Seal { epoch: end }));
         assert!(j.catching_up(), "until the DR side stages the final seal");
