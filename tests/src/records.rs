@@ -63,3 +63,45 @@ pub fn prefix_length(image: &Path, max: u64) -> Result<u64, String> {
     }
     Ok(n)
 }
+
+/// Where record `n` lives when records go to `volumes` volumes in turn: the volume, and the
+/// block in it.
+pub fn place(n: u64, volumes: usize) -> (usize, u64) {
+    ((n % volumes as u64) as usize, n / volumes as u64 * RECORD)
+}
+
+/// How many records a group of images holds together, checking they are exactly a prefix
+/// of the sequence (records written to the images in turn, see [`place`]): records
+/// `0..n` whole and in place, nothing after, in any image.
+pub fn prefix_length_across(images: &[&Path], max: u64) -> Result<u64, String> {
+    let files: Vec<std::fs::File> = images
+        .iter()
+        .map(|p| std::fs::File::open(p).unwrap())
+        .collect();
+    let mut block = vec![0u8; RECORD as usize];
+    let read = |n: u64, block: &mut [u8]| {
+        let (volume, offset) = place(n, files.len());
+        files[volume].read_exact_at(block, offset).unwrap();
+    };
+    let mut n = 0;
+    while n < max {
+        read(n, &mut block);
+        if block.iter().all(|&b| b == 0) {
+            break;
+        }
+        if block != record(n) {
+            return Err(format!("record {n} is torn or wrong"));
+        }
+        n += 1;
+    }
+    for later in n..max {
+        read(later, &mut block);
+        if block.iter().any(|&b| b != 0) {
+            let (volume, _) = place(later, files.len());
+            return Err(format!(
+                "record {later} (volume {volume}) is present but record {n} is not: not a prefix"
+            ));
+        }
+    }
+    Ok(n)
+}

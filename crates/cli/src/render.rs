@@ -365,6 +365,8 @@ fn pair_state_json(p: &proto::PairState) -> Value {
         "peer_node": p.peer_node,
         "counters": counters_json(p.counters.as_ref()),
         "staged_epoch": p.staged_epoch,
+        "current_epoch": p.current_epoch,
+        "grouped": p.grouped,
         "needs_resolve": p.needs_resolve,
         "generation": empty_null(&p.generation),
         "verify": p.verify.as_ref().map(|v| json!({

@@ -29,6 +29,7 @@ use blockrep_core::replication::{
 
 use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, PendingStep, now_text};
 
+mod cuts;
 mod groups;
 use crate::store::{Change, Store};
 
@@ -72,6 +73,8 @@ struct State {
     deleted: BTreeMap<PairId, Instant>,
     /// When the driver last told a pair's production agent to pause or resume.
     group_step_sent: BTreeMap<PairId, Instant>,
+    /// The cuts of the async groups being cut.
+    cuts: BTreeMap<blockrep_core::replication::GroupId, cuts::GroupCuts>,
 }
 
 pub struct Coordinator {
@@ -115,6 +118,7 @@ impl Coordinator {
             step_taken: BTreeMap::new(),
             deleted: BTreeMap::new(),
             group_step_sent: BTreeMap::new(),
+            cuts: BTreeMap::new(),
         };
         tracing::info!(
             pairs = state.pairs.len(),

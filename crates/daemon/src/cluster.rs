@@ -14,6 +14,7 @@ use blockrep_api::proto::{
     self, ClusterRequest, ClusterResponse, cluster_request::Request, cluster_response::Response,
 };
 use blockrep_coordinator::{Agents, Coordinator, RedbStore};
+use blockrep_core::replication::{Epoch, PairId};
 use blockrep_replication::TransportSettings;
 use blockrep_replication::endpoint::{
     BoxFuture, ClusterEndpoint, Inbound, ReplicationStream, error_response,
@@ -27,6 +28,8 @@ use crate::config::ClusterConfig;
 
 /// How often this node reports to the coordinator.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+const GROUP_HOLD_TIMEOUT: Duration =
+    Duration::from_millis(blockrep_core::replication::group_cut::HOLD_TIMEOUT_MS);
 
 pub struct Cluster {
     pub config: ClusterConfig,
@@ -78,6 +81,10 @@ impl Cluster {
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             tokio::spawn(Arc::clone(&coordinator).drive());
+            // Async consistency groups are cut at the interval lone pairs cut at.
+            tokio::spawn(
+                Arc::clone(&coordinator).cut_groups(agent.config.replication.epoch_interval),
+            );
             Some(coordinator)
         } else {
             None
@@ -131,6 +138,8 @@ impl Cluster {
         let mut reachable = true;
         loop {
             tick.tick().await;
+            // A group cut whose release never came (the coordinator is away) ends here.
+            self.agent.pairs().release_stale_holds(GROUP_HOLD_TIMEOUT);
             let report = self.report();
             match self.coordinator_call(Request::Report(report)).await {
                 Ok(_) => {
@@ -165,6 +174,14 @@ impl Cluster {
 
     /// A call the coordinator makes to this agent.
     fn agent_request(&self, request: Request) -> Result<Response, ApiError> {
+        let pair_ids = |ids: &[String]| -> Result<Vec<PairId>, ApiError> {
+            ids.iter()
+                .map(|id| {
+                    id.parse()
+                        .map_err(|e| ApiError::InvalidArgument(format!("pair id: {e}")))
+                })
+                .collect()
+        };
         let pairs = self.agent.pairs();
         let pair_id = |id: &str| {
             id.parse()
@@ -185,6 +202,34 @@ impl Cluster {
             }
             Request::Verify(c) => {
                 pairs.start_verify(pair_id(&c.pair_id)?, c.job_id, c.repair)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::GroupCut(c) => {
+                let ids = pair_ids(&c.pair_ids)?;
+                let (staged, atomic) = pairs.group_cut(&ids, Epoch(c.epoch))?;
+                return Ok(Response::CutAck(proto::GroupCutAck {
+                    staged: staged.0,
+                    atomic: atomic
+                        .into_iter()
+                        .map(|s| proto::AtomicSpan {
+                            from: s.from.0,
+                            to: s.to.map_or(0, |t| t.0),
+                            open: s.to.is_none(),
+                        })
+                        .collect(),
+                }));
+            }
+            Request::GroupRelease(c) => {
+                pairs.group_release(&pair_ids(&c.pair_ids)?, Epoch(c.epoch));
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::GroupCommit(c) => {
+                let epoch = c.grouped.then_some(Epoch(c.epoch));
+                pairs.group_commit(&pair_ids(&c.pair_ids)?, epoch)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::UngroupProduction(c) => {
+                pairs.ungroup_production(&pair_ids(&c.pair_ids)?);
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::PausePair(c) => {
@@ -227,7 +272,11 @@ impl Inbound for Handler {
                     | Request::KeepProduction(_)
                     | Request::Verify(_)
                     | Request::PausePair(_)
-                    | Request::ResumePair(_)),
+                    | Request::ResumePair(_)
+                    | Request::GroupCut(_)
+                    | Request::GroupRelease(_)
+                    | Request::GroupCommit(_)
+                    | Request::UngroupProduction(_)),
                 ) => {
                     let cluster = Arc::clone(cluster);
                     let answer = tokio::task::spawn_blocking(move || cluster.agent_request(r))

@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -65,6 +66,8 @@ pub enum ApplyCmd {
         cut_ms: u64,
     },
     Verify(VerifyCmd),
+    /// The group committed further: units held for it may apply now.
+    Allowed,
 }
 
 /// An online verify request: production's CRC of each `block`-byte block from `offset`.
@@ -123,6 +126,9 @@ pub struct ApplierSetup {
     pub replay: Vec<crate::stage_log::SealRecord>,
     pub state: DrState,
     pub state_path: PathBuf,
+    /// The last epoch the pair's consistency group committed (`u64::MAX`: the pair is in
+    /// no group, every sealed unit applies at once). Units above it stay staged.
+    pub allowed: Arc<AtomicU64>,
 }
 
 /// The handle the stream task feeds.
@@ -145,6 +151,7 @@ impl Applier {
             replay,
             state,
             state_path,
+            allowed,
         } = setup;
         let waker = Arc::new(Waker::new()?);
         let inbox = Arc::new(Inbox {
@@ -173,6 +180,8 @@ impl Applier {
             applying: None,
             unit_queue: VecDeque::new(),
             held_verifies: Vec::new(),
+            allowed,
+            held_seals: Vec::new(),
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -192,6 +201,11 @@ impl Applier {
             inbox,
             thread: Some(thread),
         })
+    }
+
+    /// A handle that wakes the applier when its group committed further.
+    pub fn nudge(&self) -> Nudge {
+        Nudge(Arc::clone(&self.inbox))
     }
 
     pub fn submit(&self, cmd: ApplyCmd) {
@@ -222,6 +236,20 @@ impl Applier {
 impl Drop for Applier {
     fn drop(&mut self) {
         self.stop_inner();
+    }
+}
+
+/// Wakes an applier to apply the units its group committed since (it may be gone).
+pub struct Nudge(Arc<Inbox>);
+
+impl Nudge {
+    pub fn nudge(&self) {
+        self.0
+            .cmds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(ApplyCmd::Allowed);
+        self.0.waker.wake();
     }
 }
 
@@ -269,6 +297,9 @@ struct Worker {
     unit_queue: VecDeque<Staged>,
     /// Verify requests waiting for the unit of their epoch.
     held_verifies: Vec<VerifyCmd>,
+    allowed: Arc<AtomicU64>,
+    /// Units sealed (and staged durably) whose epoch the group has not committed yet.
+    held_seals: Vec<crate::stage_log::SealRecord>,
 }
 
 impl Worker {
@@ -334,6 +365,13 @@ impl Worker {
                 self.submit_unit()?;
                 return Ok(());
             }
+            // Held units the group has committed since apply first, as one unit.
+            if self.inflight == 0
+                && let Some(seal) = self.committed_held_seal()
+            {
+                self.seal(seal.epoch, seal.cut_ms, false)?;
+                continue;
+            }
             let Some(cmd) = self.queue.front() else {
                 return Ok(());
             };
@@ -366,6 +404,8 @@ impl Worker {
                 ApplyCmd::Seal { epoch, cut_ms } => self.seal(epoch, cut_ms, true)?,
                 ApplyCmd::Replay { epoch, cut_ms } => self.seal(epoch, cut_ms, false)?,
                 ApplyCmd::Discard { after } => self.log.discard_after(after),
+                // Picked up at the top of the loop.
+                ApplyCmd::Allowed => {}
                 ApplyCmd::Verify(v) => match v.after {
                     Some(epoch) if epoch > self.state.applied => self.held_verifies.push(v),
                     _ => self.verify(&v)?,
@@ -550,6 +590,12 @@ impl Worker {
             self.log.seal(epoch, cut_ms)?;
             self.emit(ApplyEvent::Staged(epoch));
         }
+        if epoch.0 > self.allowed.load(std::sync::atomic::Ordering::SeqCst) {
+            // Its group has not committed it: it waits, staged (rule 3).
+            self.held_seals
+                .push(crate::stage_log::SealRecord { epoch, cut_ms });
+            return Ok(());
+        }
         let unit = self.log.take_unit(epoch);
         self.applying = Some(Applying {
             epoch,
@@ -561,6 +607,34 @@ impl Worker {
             return self.finish_unit();
         }
         self.submit_unit()
+    }
+
+    /// What the group's commit lets apply now, as one unit: every staged write up to the
+    /// committed epoch, once a seal at or past it is staged (a seal covers every write of
+    /// its epoch and earlier). The pair's own seals need not fall on the group's commit: a
+    /// seal delayed past a cut by a write still in flight covers two of the group's epochs,
+    /// and applying only up to the seal before the commit would leave this volume an epoch
+    /// behind the group's others.
+    fn committed_held_seal(&mut self) -> Option<crate::stage_log::SealRecord> {
+        let allowed = self.allowed.load(std::sync::atomic::Ordering::SeqCst);
+        let newest = self.held_seals.iter().map(|s| s.epoch).max()?;
+        let target = Epoch(allowed.min(newest.0));
+        if target <= self.state.applied {
+            return None;
+        }
+        // The cut time of the target if a seal falls on it; else the last one known before
+        // it (the consistent point is then reported as of no later than it is).
+        let cut_ms = self
+            .held_seals
+            .iter()
+            .filter(|s| s.epoch <= target)
+            .max_by_key(|s| s.epoch)
+            .map_or(self.state.applied_cut_ms, |s| s.cut_ms);
+        self.held_seals.retain(|s| s.epoch > target);
+        Some(crate::stage_log::SealRecord {
+            epoch: target,
+            cut_ms,
+        })
     }
 
     /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
@@ -621,7 +695,7 @@ impl Worker {
         }
         self.state.save(&self.state_path)?;
         if !self.log.truncate_if_empty()? {
-            self.log.compact(COMPACT_BYTES)?;
+            self.log.compact(COMPACT_BYTES, &self.held_seals)?;
         }
         self.emit(ApplyEvent::Applied {
             epoch: applying.epoch,

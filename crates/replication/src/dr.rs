@@ -42,11 +42,30 @@ pub struct DrPair {
     pub streams_refused: AtomicU64,
     /// The last stream was refused as a divergence (split brain, newer or unrelated data).
     diverged: AtomicBool,
+    /// The last epoch the pair's consistency group committed (`u64::MAX`: no group); kept
+    /// in `group.json` so a restart applies no further.
+    allowed: Arc<AtomicU64>,
+    /// Wakes the running applier when `allowed` grows.
+    nudge: Mutex<Option<crate::applier::Nudge>>,
+}
+
+/// What `group.json` holds: the epoch the group committed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GroupCommit {
+    committed: Epoch,
+}
+
+fn load_allowed(volume_dir: &std::path::Path) -> u64 {
+    std::fs::read(volume_dir.join("group.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<GroupCommit>(&b).ok())
+        .map_or(u64::MAX, |g| g.committed.0)
 }
 
 impl DrPair {
     pub fn new(membership: Membership, volume: Arc<Volume>, volume_dir: PathBuf) -> Arc<Self> {
         let state = DrState::load(&volume_dir.join("dr.json")).unwrap_or_default();
+        let allowed = Arc::new(AtomicU64::new(load_allowed(&volume_dir)));
         Arc::new(Self {
             membership,
             volume,
@@ -64,6 +83,8 @@ impl DrPair {
             counters: Arc::new(ApplyCounters::default()),
             streams_refused: AtomicU64::new(0),
             diverged: AtomicBool::new(false),
+            allowed,
+            nudge: Mutex::new(None),
         })
     }
 
@@ -90,6 +111,7 @@ impl DrPair {
             replay: recovered.seals,
             state,
             state_path: state_path.clone(),
+            allowed: Arc::clone(&self.allowed),
         };
         // Stopping finishes the replay queued at start.
         Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
@@ -100,6 +122,50 @@ impl DrPair {
 
     pub fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    /// Whether the pair applies only what its consistency group committed.
+    pub fn grouped(&self) -> bool {
+        self.allowed.load(Ordering::SeqCst) != u64::MAX
+    }
+
+    /// The pair's group committed `committed` (its units up to it may apply), or, with
+    /// `None`, the pair left its group (every sealed unit applies). Recorded durably before
+    /// the applier may act on it; a commit never goes back.
+    pub fn set_group_commit(&self, committed: Option<Epoch>) -> std::io::Result<()> {
+        let path = self.volume_dir.join("group.json");
+        let now = self.allowed.load(Ordering::SeqCst);
+        let next = match committed {
+            None => u64::MAX,
+            Some(e) if now == u64::MAX => e.0,
+            Some(e) => now.max(e.0),
+        };
+        if next == now {
+            return Ok(());
+        }
+        match committed {
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            },
+            Some(_) => {
+                let bytes = serde_json::to_vec(&GroupCommit {
+                    committed: Epoch(next),
+                })
+                .expect("serialisable");
+                blockrep_volume::write_file_durably(&path, &bytes)?;
+            }
+        }
+        self.allowed.store(next, Ordering::SeqCst);
+        if let Some(nudge) = self
+            .nudge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            nudge.nudge();
+        }
+        Ok(())
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -272,6 +338,7 @@ impl DrPair {
             replay: recovered.seals,
             state: state.clone(),
             state_path: state_path.clone(),
+            allowed: Arc::clone(&self.allowed),
         };
         let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
             Ok(a) => a,
@@ -281,6 +348,7 @@ impl DrPair {
             }
         };
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *self.nudge.lock().unwrap_or_else(|e| e.into_inner()) = Some(applier.nudge());
         if writer.send(&welcome).await.is_err() {
             self.stop_applier(applier).await;
             return;
@@ -436,6 +504,7 @@ impl DrPair {
     }
 
     async fn stop_applier(&self, applier: Applier) {
+        *self.nudge.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let _ = tokio::task::spawn_blocking(move || applier.stop()).await;
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = false;
         self.applier_stopped.notify_waiters();

@@ -102,6 +102,37 @@ struct State {
     grouped: bool,
     /// Answers held for a group cut.
     hold: Option<Hold>,
+    /// Epoch spans the DR side can only take whole (a catch-up's unit), newest last: its
+    /// group must never commit an epoch strictly inside one.
+    atomic: Vec<AtomicSpan>,
+}
+
+/// Epochs strictly between `from` and `to` are inside a unit the DR side applies whole;
+/// `to` is `None` while the unit is still being made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtomicSpan {
+    pub from: Epoch,
+    pub to: Option<Epoch>,
+}
+
+/// How many spans a link remembers (reported with every cut until they age out).
+const ATOMIC_SPANS: usize = 8;
+
+impl State {
+    /// Live writes leave the journal (link down, overflow, a catch-up starts): what the DR
+    /// side gets next is a catch-up unit from the last epoch it staged.
+    fn open_atomic_span(&mut self) {
+        if self.atomic.last().is_some_and(|s| s.to.is_none()) {
+            return;
+        }
+        self.atomic.push(AtomicSpan {
+            from: self.journal.staged_epoch(),
+            to: None,
+        });
+        if self.atomic.len() > ATOMIC_SPANS {
+            self.atomic.remove(0);
+        }
+    }
 }
 
 /// Answers of writes that completed while a group cut was in progress: they are given only
@@ -156,6 +187,7 @@ impl PairLink {
                 probes: Probes::default(),
                 grouped: false,
                 hold: None,
+                atomic: Vec::new(),
             }),
             changed: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
@@ -211,6 +243,12 @@ impl PairLink {
     /// `after_catch_up`, journaled writes still outstanding are sealed before direct ones.
     pub fn go_live(&self) {
         let mut state = self.lock();
+        // Reconnected with nothing to catch up: what the DR side gets next is journaled,
+        // epoch by epoch, from the current one.
+        let current = state.journal.current_epoch();
+        if let Some(span) = state.atomic.last_mut().filter(|s| s.to.is_none()) {
+            span.to = Some(current);
+        }
         match self.model {
             ReplicationModel::Hypermetro => {
                 state.journal.switch_to_direct();
@@ -228,6 +266,7 @@ impl PairLink {
     /// A catch-up starts: live writes are tracked only, extents are staged.
     pub fn begin_catch_up(&self) {
         let mut state = self.lock();
+        state.open_atomic_span();
         state.journal.begin_catch_up();
         state.live = Live::Tracked;
         state.needs_catch_up = false;
@@ -249,6 +288,9 @@ impl PairLink {
             state.cut_times.insert(end, now_ms);
         }
         let end = state.journal.finish_catch_up(cut);
+        if let Some(span) = state.atomic.last_mut().filter(|s| s.to.is_none()) {
+            span.to = Some(end);
+        }
         drop(state);
         self.wake_sender.notify_one();
         end
@@ -259,6 +301,9 @@ impl PairLink {
     /// and live writes are tracked by the bitmap.
     pub fn disconnected(&self) {
         let mut state = self.lock();
+        if state.live != Live::Sync {
+            state.open_atomic_span();
+        }
         state.live = Live::Tracked;
         state.probes.lose_all();
         let forget = state.journal.disconnect();
@@ -294,6 +339,11 @@ impl PairLink {
     }
 
     // ---- consistency groups ----
+
+    /// The spans the DR side can only take whole, for the group's commit.
+    pub fn atomic_spans(&self) -> Vec<AtomicSpan> {
+        self.lock().atomic.clone()
+    }
 
     /// Whether the pair's epochs are cut by its consistency group.
     pub fn grouped(&self) -> bool {
@@ -506,7 +556,9 @@ impl PairLink {
 
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
     pub fn request_catch_up(&self) {
-        self.lock().needs_catch_up = true;
+        let mut state = self.lock();
+        state.open_atomic_span();
+        state.needs_catch_up = true;
     }
 
     /// The DR side synced every epoch ≤ `epoch` into its stage log.
@@ -574,6 +626,7 @@ impl PairLink {
                 // bitmap.
                 let forget = state.journal.disconnect();
                 state.probes.lose_all();
+                state.open_atomic_span();
                 state.live = Live::Tracked;
                 state.needs_catch_up = true;
                 drop(state);
@@ -823,6 +876,7 @@ impl ReplicaLink for PairLink {
                 };
                 let overflowed = matches!(completed, Completed::Overflowed { .. });
                 if overflowed {
+                    state.open_atomic_span();
                     state.live = Live::Tracked;
                     state.needs_catch_up = true;
                     state.probes.lose_all();

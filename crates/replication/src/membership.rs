@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use blockrep_core::VolumeId;
-use blockrep_core::replication::{PairId, ReplicationModel, VolumeRole};
+use blockrep_core::replication::{Epoch, PairId, ReplicationModel, VolumeRole};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +46,15 @@ pub struct Membership {
     /// the bitmap until it is resumed.
     #[serde(default)]
     pub paused: bool,
+    /// Production: the pair's epochs are cut by its consistency group; after a restart it
+    /// still never cuts on its own (a local cut would let the DR side apply writes the
+    /// group did not commit).
+    #[serde(default)]
+    pub grouped: bool,
+    /// Production: the last group epoch the pair switched to. A restarted agent admits
+    /// writes in it or later, never in an earlier one (its next cut may be far off).
+    #[serde(default)]
+    pub group_epoch: Epoch,
 }
 
 impl Membership {

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use blockrep_api::ApiError;
 use blockrep_api::proto;
 use blockrep_core::VolumeId;
-use blockrep_core::replication::{GenerationId, PairId, ReplicationStatus, VolumeRole};
+use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
+
+use crate::production::now_ms;
 use blockrep_volume::Volume;
 use blockrep_wire::{Frame, Hello, RefuseKind};
 
@@ -19,6 +21,7 @@ use crate::endpoint::{ClusterEndpoint, ReplicationStream};
 use crate::membership::{Membership, Side};
 use crate::production::{ProductionPair, ReplicationConfig};
 
+#[derive(Clone)]
 enum Runtime {
     Production(Arc<ProductionPair>),
     Dr(Arc<DrPair>),
@@ -283,6 +286,73 @@ impl Pairs {
             .map_err(|e| ApiError::Internal(format!("record the pause: {e}")))
     }
 
+    /// A consistency group's cut to `to` on this node's production pairs among `pairs`
+    /// (all of them must be here): each holds its answers and switches. Returns the lowest
+    /// epoch their DR sides staged, and the spans their DR sides can only apply whole.
+    pub fn group_cut(
+        &self,
+        pairs: &[PairId],
+        to: Epoch,
+    ) -> Result<(Epoch, Vec<crate::link::AtomicSpan>), ApiError> {
+        let runtimes = pairs
+            .iter()
+            .map(|p| self.production(*p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let now = now_ms();
+        let mut staged = Vec::with_capacity(runtimes.len());
+        let mut atomic = Vec::new();
+        for p in &runtimes {
+            p.record_group_cut(to)
+                .map_err(|e| ApiError::Internal(format!("record the group's cut: {e}")))?;
+            staged.push(p.link.group_cut(to, now));
+            atomic.extend(p.link.atomic_spans());
+        }
+        Ok((staged.into_iter().min().unwrap_or(Epoch::ZERO), atomic))
+    }
+
+    /// The group's release of the cut to `to`: the held answers are given.
+    pub fn group_release(&self, pairs: &[PairId], to: Epoch) {
+        let now = now_ms();
+        for pair in pairs {
+            if let Ok(p) = self.production(*pair) {
+                p.link.group_release(to, now);
+            }
+        }
+    }
+
+    /// Gives answers a group cut has held longer than `timeout` (the coordinator is away).
+    pub fn release_stale_holds(&self, timeout: std::time::Duration) {
+        for runtime in self.lock().values() {
+            if let Runtime::Production(p) = runtime {
+                p.link.release_held_longer_than(timeout);
+            }
+        }
+    }
+
+    /// The pairs left their group: production pairs cut on their own again.
+    pub fn ungroup_production(&self, pairs: &[PairId]) {
+        for pair in pairs {
+            if let Ok(p) = self.production(*pair)
+                && let Err(e) = p.record_grouped(false)
+            {
+                tracing::warn!(%pair, error = %e, "cannot record that the pair left its group");
+            }
+        }
+    }
+
+    /// The group committed `epoch` (DR pairs among `pairs` apply up to it), or, with
+    /// `None`, the pairs left it.
+    pub fn group_commit(&self, pairs: &[PairId], epoch: Option<Epoch>) -> Result<(), ApiError> {
+        for pair in pairs {
+            let runtime = self.lock().get(pair).cloned();
+            if let Some(Runtime::Dr(d)) = runtime {
+                d.set_group_commit(epoch)
+                    .map_err(|e| ApiError::Internal(format!("record the group's commit: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts an online verify of `pair` (this node is its production side).
     pub fn start_verify(&self, pair: PairId, job: String, repair: bool) -> Result<(), ApiError> {
         self.production(pair)?
@@ -398,6 +468,8 @@ fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership, Ap
         full_sync_done: false,
         discard_peer: false,
         paused: false,
+        grouped: false,
+        group_epoch: Epoch::ZERO,
     })
 }
 
@@ -469,6 +541,8 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
             repaired: v.repaired,
         }),
         staged_epoch: p.staged_epoch().0,
+        grouped: p.link.grouped(),
+        current_epoch: p.link.current_epoch().0,
     }
 }
 
@@ -521,5 +595,7 @@ fn dr_state(d: &DrPair) -> proto::PairState {
         generation: generation_text(d.volume()),
         verify: None,
         staged_epoch: 0,
+        grouped: d.grouped(),
+        current_epoch: 0,
     }
 }

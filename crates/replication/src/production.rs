@@ -150,6 +150,11 @@ impl ProductionPair {
             config.journal_bytes,
             Epoch::ZERO,
         ));
+        link.set_grouped(membership.grouped);
+        if membership.grouped {
+            // Never admit in an epoch the group has left (rule 3).
+            link.group_release(membership.group_epoch, now_ms());
+        }
         volume
             .gate()
             .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
@@ -400,6 +405,40 @@ impl ProductionPair {
             "resolved: copying production over the DR side's changes",
         );
         self.resolved.notify_one();
+        Ok(())
+    }
+
+    /// Records whether the pair's epochs are cut by its consistency group (durably first:
+    /// a restart must not cut on its own), and tells the link.
+    pub fn record_grouped(&self, grouped: bool) -> std::io::Result<()> {
+        let changed = {
+            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+            (m.grouped != grouped).then(|| {
+                m.grouped = grouped;
+                m.clone()
+            })
+        };
+        if let Some(membership) = changed {
+            membership.save(&self.volume_dir)?;
+        }
+        self.link.set_grouped(grouped);
+        Ok(())
+    }
+
+    /// Records, durably, that the pair switches to group epoch `to` (before the switch is
+    /// acknowledged: after a crash the agent admits writes in no earlier epoch).
+    pub fn record_group_cut(&self, to: Epoch) -> std::io::Result<()> {
+        let changed = {
+            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+            (!m.grouped || m.group_epoch < to).then(|| {
+                m.grouped = true;
+                m.group_epoch = m.group_epoch.max(to);
+                m.clone()
+            })
+        };
+        if let Some(membership) = changed {
+            membership.save(&self.volume_dir)?;
+        }
         Ok(())
     }
 

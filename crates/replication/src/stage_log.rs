@@ -39,6 +39,13 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Staged data kept in memory for applying, at most; beyond it, data is read back.
 const MEMORY_BYTES: u64 = 512 << 20;
 
+fn seal_body(epoch: Epoch, cut_ms: u64) -> [u8; 16] {
+    let mut body = [0u8; 16];
+    body[..8].copy_from_slice(&epoch.0.to_le_bytes());
+    body[8..].copy_from_slice(&cut_ms.to_le_bytes());
+    body
+}
+
 /// A staged write: where its data is in the log, and the data itself while it is held.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Staged {
@@ -211,10 +218,7 @@ impl StageLog {
 
     /// Appends the seal of `epoch` and makes the log durable up to it.
     pub fn seal(&mut self, epoch: Epoch, cut_ms: u64) -> io::Result<()> {
-        let mut body = [0u8; 16];
-        body[..8].copy_from_slice(&epoch.0.to_le_bytes());
-        body[8..].copy_from_slice(&cut_ms.to_le_bytes());
-        self.append(KIND_SEAL, &body, &[])?;
+        self.append(KIND_SEAL, &seal_body(epoch, cut_ms), &[])?;
         self.flush()?;
         self.direct.sync_data()
     }
@@ -270,7 +274,7 @@ impl StageLog {
     /// `threshold` bytes: under steady load the next epoch's writes are always there, so
     /// the log is never empty to truncate. The copy is synced and renamed over the log; a
     /// crash before the rename leaves the old log, whose extra records are all applied.
-    pub fn compact(&mut self, threshold: u64) -> io::Result<bool> {
+    pub fn compact(&mut self, threshold: u64, held: &[SealRecord]) -> io::Result<bool> {
         if self.bytes() < threshold || self.staged.is_empty() {
             return Ok(false);
         }
@@ -290,6 +294,11 @@ impl StageLog {
                 }
             };
             fresh.append_write(s.epoch, s.range, s.zeroes, &data)?;
+        }
+        // Units sealed but held for their group's commit keep their seals (after their
+        // writes: a seal covers the writes of its epoch and earlier before it).
+        for seal in held {
+            fresh.append(KIND_SEAL, &seal_body(seal.epoch, seal.cut_ms), &[])?;
         }
         fresh.flush()?;
         fresh.direct.sync_data()?;
@@ -420,7 +429,7 @@ mod tests {
         log.read(&unit[0], &mut data).unwrap();
         assert_eq!(&data, b"aaaa", "held in memory");
         let before = log.bytes();
-        assert!(log.compact(0).unwrap());
+        assert!(log.compact(0, &[]).unwrap());
         assert!(log.bytes() <= before);
         log.seal(Epoch(2), 2).unwrap();
         drop(log);
@@ -429,6 +438,39 @@ mod tests {
         let unit = log.take_unit(Epoch(2));
         log.read(&unit[0], &mut data).unwrap();
         assert_eq!(&data, b"bbbb");
+    }
+
+    #[test]
+    fn compaction_keeps_the_seals_of_units_held_for_their_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+        for (epoch, data) in [(1, b"aaaa"), (2, b"bbbb"), (3, b"cccc")] {
+            log.append_write(Epoch(epoch), ByteRange::new(0, 4), false, &b(data))
+                .unwrap();
+            log.seal(Epoch(epoch), epoch * 10).unwrap();
+        }
+        log.take_unit(Epoch(1));
+        let held = [
+            SealRecord {
+                epoch: Epoch(2),
+                cut_ms: 20,
+            },
+            SealRecord {
+                epoch: Epoch(3),
+                cut_ms: 30,
+            },
+        ];
+        assert!(log.compact(0, &held).unwrap());
+        drop(log);
+        // Applied up to 1: the two held units are still sealed after the rewrite.
+        let Recovered { mut log, seals } = StageLog::open(&path, Epoch(1)).unwrap();
+        assert_eq!(seals, held.to_vec());
+        let mut data = [0u8; 4];
+        let unit = log.take_unit(Epoch(3));
+        assert_eq!(unit.len(), 2);
+        log.read(&unit[1], &mut data).unwrap();
+        assert_eq!(&data, b"cccc");
     }
 
     #[test]

@@ -30,6 +30,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::Epoch;
 
+/// How long the coordinator waits for every host's ack before it abandons a cut.
+pub const ROUND_TIMEOUT_MS: u64 = 1_000;
+/// How long a host holds answers without a release: longer than a round may take.
+pub const HOLD_TIMEOUT_MS: u64 = 2 * ROUND_TIMEOUT_MS;
+
 /// A production host of the group (its node name on the wire).
 pub type HostId = String;
 
@@ -55,31 +60,40 @@ pub struct CutCoordinator {
     hosts: BTreeSet<HostId>,
     /// The epoch admissions take on every host once the last cut completed.
     epoch: Epoch,
+    /// The lowest epoch that may be committed (see [`CutCoordinator::new`]).
+    floor: Epoch,
     round: Option<Round>,
     /// Epochs whose end is a cut that did not complete.
     broken: BTreeSet<Epoch>,
     /// The last epoch staged by each host (the lowest of its pairs').
     staged: BTreeMap<HostId, Epoch>,
+    /// Spans a pair's DR side can only take whole (a catch-up's unit): epochs strictly
+    /// inside are never committed. `None`: the unit is still being made.
+    atomic: BTreeSet<(Epoch, Option<Epoch>)>,
     committed: Epoch,
     round_timeout_ms: u64,
 }
 
 impl CutCoordinator {
-    /// A group whose hosts admit writes in `epoch` (and have staged `committed`).
+    /// A group whose hosts admit writes in epochs below `epoch` (cut by anyone: the pairs on
+    /// their own before they joined, or a coordinator that restarted since). No boundary
+    /// below `epoch` is known to be a group cut, so nothing below it is ever committed: the
+    /// first commit is `epoch` or later, once the cut past it completes.
     pub fn new(
         hosts: impl IntoIterator<Item = HostId>,
         epoch: Epoch,
         round_timeout_ms: u64,
     ) -> Self {
         let hosts: BTreeSet<HostId> = hosts.into_iter().collect();
-        let committed = Epoch(epoch.0.saturating_sub(1));
         Self {
-            staged: hosts.iter().map(|h| (h.clone(), committed)).collect(),
+            staged: hosts.iter().map(|h| (h.clone(), Epoch::ZERO)).collect(),
             hosts,
             epoch,
+            floor: epoch,
+            atomic: BTreeSet::new(),
             round: None,
             broken: BTreeSet::new(),
-            committed,
+            committed: Epoch::ZERO,
             round_timeout_ms,
         }
     }
@@ -180,16 +194,35 @@ impl CutCoordinator {
             .collect()
     }
 
-    /// Commits the highest epoch every host staged whose end is a completed cut.
+    /// A pair's DR side gets epochs from `from` (exclusive) to `to` (exclusive; `None`: not
+    /// known yet) in one unit it can only apply whole: none of them is committed.
+    pub fn note_atomic(&mut self, from: Epoch, to: Option<Epoch>) {
+        if to.is_some() {
+            self.atomic.remove(&(from, None));
+        }
+        self.atomic.insert((from, to));
+    }
+
+    fn inside_atomic(&self, e: Epoch) -> bool {
+        self.atomic
+            .iter()
+            .any(|(from, to)| *from < e && to.is_none_or(|t| e < t))
+    }
+
+    /// Commits the highest epoch every host staged whose end is a completed cut, and that
+    /// no pair's DR side must skip.
     fn advance_commit(&mut self) {
         let staged = self.staged.values().copied().min().unwrap_or(Epoch::ZERO);
         // An epoch's end is a completed cut once admissions moved past it without breaking.
         let mut e = staged.min(Epoch(self.epoch.0.saturating_sub(1)));
-        while e > self.committed && self.broken.contains(&e) {
+        while e > self.committed && (self.broken.contains(&e) || self.inside_atomic(e)) {
             e = Epoch(e.0 - 1);
         }
-        if e > self.committed {
+        if e >= self.floor && e > self.committed {
             self.committed = e;
+            let committed = self.committed;
+            self.atomic
+                .retain(|(_, to)| to.is_none_or(|t| t > committed));
         }
     }
 }
@@ -334,6 +367,24 @@ mod tests {
         c.on_ack("a", Epoch(6), Epoch(5));
         c.on_ack("b", Epoch(6), Epoch(4));
         assert_eq!(c.committed(), Epoch(3), "the end of epoch 4 is broken");
+    }
+
+    #[test]
+    fn an_epoch_inside_a_catch_up_unit_is_never_committed() {
+        let mut c = CutCoordinator::new(hosts(), Epoch(1), 1000);
+        for to in 2..=6 {
+            c.start_cut(0);
+            // b's pair is catching up from epoch 2: its unit ends at epoch 5.
+            c.note_atomic(Epoch(2), if to >= 5 { Some(Epoch(5)) } else { None });
+            c.on_ack("a", Epoch(to), Epoch(to - 1));
+            c.on_ack("b", Epoch(to), Epoch(to - 1));
+            let committed = c.committed().0;
+            assert!(
+                committed <= 2 || committed >= 5,
+                "committed {committed} inside (2, 5)"
+            );
+        }
+        assert_eq!(c.committed(), Epoch(5));
     }
 
     #[test]
