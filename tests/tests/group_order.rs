@@ -155,15 +155,8 @@ fn an_async_group_keeps_write_order_across_two_agents_through_kill_9() {
         cluster.node_mut("node-b").kill9();
         cluster.node_mut("node-b").start();
         cluster.node_mut("node-b").stop();
-        let held =
-            prefix_length_across(&[&image("d1"), &image("d2")], RECORDS).unwrap_or_else(|e| {
-                if std::env::var("GROUP_ORDER_DEBUG").is_ok() {
-                    let _ = std::process::Command::new("cp")
-                        .args(["-a", dir.path().to_str().unwrap(), "/tmp/group-order-debug"])
-                        .status();
-                }
-                panic!("round {round} (seed {seed}): {e}")
-            });
+        let held = prefix_length_across(&[&image("d1"), &image("d2")], RECORDS)
+            .unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
         eprintln!(
             "round {round}: killed {victims:?}; the DR volumes hold records 0..{held} of {answered} answered"
         );
