@@ -40,28 +40,7 @@ pub fn crc32(bytes: &[u8]) -> u32 {
 /// How many records the image holds, checking they are exactly a prefix: records 0..n
 /// whole and in place, nothing after.
 pub fn prefix_length(image: &Path, max: u64) -> Result<u64, String> {
-    let file = std::fs::File::open(image).unwrap();
-    let mut block = vec![0u8; RECORD as usize];
-    let mut n = 0;
-    while n < max {
-        file.read_exact_at(&mut block, n * RECORD).unwrap();
-        if block.iter().all(|&b| b == 0) {
-            break;
-        }
-        if block != record(n) {
-            return Err(format!("record {n} is torn or wrong"));
-        }
-        n += 1;
-    }
-    for later in n..max {
-        file.read_exact_at(&mut block, later * RECORD).unwrap();
-        if block.iter().any(|&b| b != 0) {
-            return Err(format!(
-                "record {later} is present but record {n} is not: not a prefix"
-            ));
-        }
-    }
-    Ok(n)
+    prefix_length_across(&[image], max)
 }
 
 /// Where record `n` lives when records go to `volumes` volumes in turn: the volume, and the

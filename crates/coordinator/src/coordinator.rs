@@ -1000,17 +1000,7 @@ impl Coordinator {
             state.jobs.insert(job.id, job);
             return Ok(());
         };
-        job.end_time = Some(now_text());
-        match outcome {
-            Ok(()) => {
-                job.status = JobStatus::Success;
-                job.progress = 1.0;
-            }
-            Err(reason) => {
-                job.status = JobStatus::Fail;
-                job.fail_reason = Some(reason);
-            }
-        }
+        job.end(outcome);
         let mut record = pair.clone();
         record.job = None;
         self.commit(&[Change::PutJob(job.clone()), Change::PutPair(record.clone())])?;

@@ -91,6 +91,23 @@ pub struct JobRecord {
     pub result: Option<String>,
 }
 
+impl JobRecord {
+    /// Ends the job: SUCCESS, or FAIL with the reason.
+    pub fn end(&mut self, outcome: Result<(), String>) {
+        self.end_time = Some(now_text());
+        match outcome {
+            Ok(()) => {
+                self.status = JobStatus::Success;
+                self.progress = 1.0;
+            }
+            Err(reason) => {
+                self.status = JobStatus::Fail;
+                self.fail_reason = Some(reason);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub name: String,

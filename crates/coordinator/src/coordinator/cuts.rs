@@ -39,6 +39,9 @@ struct Member {
     dr_node: String,
 }
 
+/// A host's answer to a cut or a release.
+type HostAnswer = (String, Epoch, Result<ClusterResponse, ApiError>);
+
 /// A group's cuts.
 pub(super) struct GroupCuts {
     members: Vec<Member>,
@@ -205,31 +208,9 @@ impl Coordinator {
             cuts.cut.start_cut(now)
         };
         // Cut every host in parallel; the round must complete within its timeout.
-        let mut calls = JoinSet::new();
-        for message in messages {
-            let CutMessage::Cut { host, to } = message else {
-                continue;
-            };
-            let pairs: Vec<String> = members
-                .iter()
-                .filter(|m| m.production_node == host)
-                .map(|m| m.pair.to_string())
-                .collect();
-            let Some(address) = self.lock().nodes.get(&host).map(|n| n.record.address) else {
-                continue;
-            };
-            let agents = Arc::clone(&self.agents);
-            calls.spawn(async move {
-                let request = ClusterRequest {
-                    request: Some(Request::GroupCut(proto::GroupCut {
-                        pair_ids: pairs,
-                        epoch: to.0,
-                    })),
-                };
-                let answer = agents.call(&host, address, request).await;
-                (host, to, answer)
-            });
-        }
+        let mut calls = self.call_hosts(&members, messages, |pair_ids, epoch| {
+            Request::GroupCut(proto::GroupCut { pair_ids, epoch })
+        });
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
         let mut releases = Vec::new();
         loop {
@@ -295,11 +276,26 @@ impl Coordinator {
     }
 
     async fn send_releases(&self, members: &[Member], releases: Vec<CutMessage>) {
+        // A release that does not arrive ends with the host's hold timeout.
+        let mut calls = self.call_hosts(members, releases, |pair_ids, epoch| {
+            Request::GroupRelease(proto::GroupCut { pair_ids, epoch })
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, calls.join_next()).await {}
+        calls.abort_all();
+    }
+
+    /// Sends each host its message (a cut or a release, made by `request` from the host's
+    /// pairs and the epoch), all at once; the answers come back through the set.
+    fn call_hosts(
+        &self,
+        members: &[Member],
+        messages: Vec<CutMessage>,
+        request: fn(Vec<String>, u64) -> Request,
+    ) -> JoinSet<HostAnswer> {
         let mut calls = JoinSet::new();
-        for message in releases {
-            let CutMessage::Release { host, to } = message else {
-                continue;
-            };
+        for message in messages {
+            let (CutMessage::Cut { host, to } | CutMessage::Release { host, to }) = message;
             let pairs: Vec<String> = members
                 .iter()
                 .filter(|m| m.production_node == host)
@@ -309,20 +305,15 @@ impl Coordinator {
                 continue;
             };
             let agents = Arc::clone(&self.agents);
+            let request = ClusterRequest {
+                request: Some(request(pairs, to.0)),
+            };
             calls.spawn(async move {
-                let request = ClusterRequest {
-                    request: Some(Request::GroupRelease(proto::GroupCut {
-                        pair_ids: pairs,
-                        epoch: to.0,
-                    })),
-                };
-                // A release that does not arrive ends with the host's hold timeout.
-                let _ = agents.call(&host, address, request).await;
+                let answer = agents.call(&host, address, request).await;
+                (host, to, answer)
             });
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
-        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, calls.join_next()).await {}
-        calls.abort_all();
+        calls
     }
 
     async fn send_commit(&self, node: &str, pairs: &[PairId], epoch: Epoch) {

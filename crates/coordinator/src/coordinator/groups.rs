@@ -370,17 +370,7 @@ impl Coordinator {
             state.jobs.insert(job.id, job);
             return Ok(());
         };
-        job.end_time = Some(now_text());
-        match outcome {
-            Ok(()) => {
-                job.status = JobStatus::Success;
-                job.progress = 1.0;
-            }
-            Err(reason) => {
-                job.status = JobStatus::Fail;
-                job.fail_reason = Some(reason);
-            }
-        }
+        job.end(outcome);
         self.commit(&[Change::PutJob(job.clone())])?;
         tracing::info!(group = %group.id, job = %job.id, job_type = %job.job_type, status = %job.status, "group job ended");
         state.jobs.insert(job.id, job);
