@@ -1,5 +1,6 @@
 //! Human tables and JSON for the API's answers.
 
+use blockrep_api::human_bytes;
 use blockrep_api::proto;
 use serde_json::{Value, json};
 
@@ -59,22 +60,6 @@ fn volume_json(v: &proto::Volume) -> Value {
         "pair_id": empty_null(&v.pair_id),
         "created_at": v.created_at,
     })
-}
-
-/// `1.5 GiB`-style sizes.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 fn dirty_text(v: &proto::Volume) -> String {

@@ -1128,9 +1128,9 @@ impl Coordinator {
 fn verify_result(v: &proto::VerifyState) -> String {
     let mut text = format!(
         "{} compared, {} differing, {} not compared (dirty or written throughout)",
-        human(v.verified_bytes),
-        human(v.differing_bytes),
-        human(v.unverified_bytes)
+        blockrep_api::human_bytes(v.verified_bytes),
+        blockrep_api::human_bytes(v.differing_bytes),
+        blockrep_api::human_bytes(v.unverified_bytes)
     );
     if !v.differing.is_empty() {
         let listed: Vec<String> = v
@@ -1148,21 +1148,6 @@ fn verify_result(v: &proto::VerifyState) -> String {
         }
     }
     text
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// A record by its id, or by a name no other record of its kind has.
