@@ -5,7 +5,7 @@
 //! direction.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,17 @@ fn two_nodes() -> Vec<NodeSpec> {
         NodeSpec::new("node-a", "az1"),
         NodeSpec::new("node-b", "az2"),
     ]
+}
+
+/// Sparse files of `size` bytes registered as volume `prod` on node-a and `dr` on node-b.
+fn file_volumes(cluster: &TestCluster, dir: &Path, size: u64) -> (PathBuf, PathBuf) {
+    let prod = dir.join("prod.img");
+    let dr = dir.join("dr.img");
+    for (node, name, path) in [("node-a", "prod", &prod), ("node-b", "dr", &dr)] {
+        sparse_file(path, size);
+        cluster.add_volume(node, name, path);
+    }
+    (prod, dr)
 }
 
 fn state(cluster: &TestCluster, node: &str, pair: &str) -> Value {
@@ -98,12 +109,7 @@ fn a_dr_agent_killed_mid_stream_is_caught_up_with_only_what_changed() {
             cluster_extra: FAST_TIMEOUT.cluster_extra,
         },
     );
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, 1024 * MIB);
-    sparse_file(&dr, 1024 * MIB);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
+    let (prod, dr) = file_volumes(&cluster, dir.path(), 1024 * MIB);
     let (pair, job) = cluster.create_pair("kill-dr", "prod,dr", "az1", "async");
     cluster.wait_job(&job, Duration::from_secs(120));
     let uri = cluster.node("node-a").daemon().nbd_uri("prod");
@@ -199,12 +205,7 @@ fn hypermetro_answered_writes_survive_kill_9_of_the_production_agent() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_nodes(dir.path(), &two_nodes(), FAST_TIMEOUT);
     let blocks: u64 = 16 * 1024; // 64 MiB
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, blocks * BLOCK);
-    sparse_file(&dr, blocks * BLOCK);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
+    let (prod, dr) = file_volumes(&cluster, dir.path(), blocks * BLOCK);
     let (pair, job) = cluster.create_pair("sync", "prod,dr", "az1", "hypermetro");
     cluster.wait_job(&job, Duration::from_secs(120));
 
@@ -303,12 +304,7 @@ fn a_link_cut_during_a_catch_up_leaves_the_dr_volume_a_consistent_image() {
         },
     );
     let records: u64 = 32 * 1024; // 128 MiB of records
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, records * RECORD);
-    sparse_file(&dr, records * RECORD);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
+    let (prod, dr) = file_volumes(&cluster, dir.path(), records * RECORD);
     let (pair, job) = cluster.create_pair("cut", "prod,dr", "az1", "async");
     cluster.wait_job(&job, Duration::from_secs(120));
 
@@ -430,12 +426,7 @@ fn a_pair_over_a_lossy_link_converges() {
         NodeSpec::new("node-b", "az2").in_netns(&link.b.name, &link.address_b),
     ];
     let mut cluster = TestCluster::start_nodes(dir.path(), &specs, ClusterConfig::default());
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, 256 * MIB);
-    sparse_file(&dr, 256 * MIB);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
+    let (prod, dr) = file_volumes(&cluster, dir.path(), 256 * MIB);
     let uri = cluster.node("node-a").daemon().nbd_uri("prod");
     fio(
         dir.path(),
@@ -482,12 +473,7 @@ fn write_block(socket: &Path, export: &str, offset: u64, byte: u8) -> u32 {
 fn a_split_brain_copies_nothing_until_resolved_in_the_chosen_direction() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_nodes(dir.path(), &two_nodes(), FAST_TIMEOUT);
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, 64 * MIB);
-    sparse_file(&dr, 64 * MIB);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
+    let (prod, dr) = file_volumes(&cluster, dir.path(), 64 * MIB);
     let prod_socket = cluster.node("node-a").daemon().nbd_socket("prod");
     let dr_socket = cluster.node("node-b").daemon().nbd_socket("dr");
     let (_, job) = cluster.create_pair("sb", "prod,dr", "az1", "hypermetro");
@@ -586,12 +572,7 @@ fn verify_finds_a_block_changed_behind_the_dr_agent_and_repair_copies_it_again()
             cluster_extra: FAST_TIMEOUT.cluster_extra,
         },
     );
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, 64 * MIB);
-    sparse_file(&dr, 64 * MIB);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
+    let (prod, dr) = file_volumes(&cluster, dir.path(), 64 * MIB);
     let socket = cluster.node("node-a").daemon().nbd_socket("prod");
     for i in 0..64 {
         assert_eq!(write_block(&socket, "prod", i * MIB, i as u8 + 1), 0);
