@@ -119,6 +119,17 @@ pub struct AtomicSpan {
 const ATOMIC_SPANS: usize = 8;
 
 impl State {
+    /// Holds `token`'s answer if a group cut is in progress; else it is answered now.
+    fn answer_or_hold(&mut self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
+        match self.hold.as_mut() {
+            Some(hold) => {
+                hold.answers.push((token, Arc::clone(mailbox)));
+                AfterLocal::WaitForPeer
+            }
+            None => AfterLocal::Answer,
+        }
+    }
+
     /// Live writes leave the journal (link down, overflow, a catch-up starts): what the DR
     /// side gets next is a catch-up unit from the last epoch it staged.
     fn open_atomic_span(&mut self) {
@@ -403,17 +414,6 @@ impl PairLink {
     pub fn release_held_longer_than(&self, timeout: Duration) {
         let hold = self.lock().hold.take_if(|h| h.since.elapsed() >= timeout);
         deliver_held(hold);
-    }
-
-    /// Holds `token`'s answer if a group cut is in progress; else it is answered now.
-    fn answer_or_hold(&self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        match self.lock().hold.as_mut() {
-            Some(hold) => {
-                hold.answers.push((token, Arc::clone(mailbox)));
-                AfterLocal::WaitForPeer
-            }
-            None => AfterLocal::Answer,
-        }
     }
 
     // ---- the sender ----
@@ -851,7 +851,7 @@ impl ReplicaLink for PairLink {
 
     fn local_done(&self, mut write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
         match write.mode {
-            ReplicaMode::Tracked => self.answer_or_hold(write.token, mailbox),
+            ReplicaMode::Tracked => self.lock().answer_or_hold(write.token, mailbox),
             ReplicaMode::Sync if write.sent => AfterLocal::WaitForPeer,
             ReplicaMode::Sync => {
                 if self.send_sync(&mut write, mailbox) {
@@ -884,6 +884,8 @@ impl ReplicaLink for PairLink {
                 // The sender drains everything once woken: only the first frame after it
                 // went idle needs to wake it.
                 let wake = was_idle && !state.journal.nothing_to_send();
+                // Decided under the same lock: a cut either came before (held) or after.
+                let answer = state.answer_or_hold(write.token, mailbox);
                 drop(state);
                 match completed {
                     Completed::Queued => {}
@@ -897,7 +899,7 @@ impl ReplicaLink for PairLink {
                 if wake {
                     self.wake_sender.notify_one();
                 }
-                self.answer_or_hold(write.token, mailbox)
+                answer
             }
         }
     }
