@@ -225,10 +225,12 @@ impl Coordinator {
                     let mut state = self.lock();
                     if let Some(cuts) = state.cuts.get_mut(&group) {
                         // Catch-up units first: the ack may move the commit.
-                        for span in &ack.atomic {
-                            let end = (!span.open).then_some(Epoch(span.to));
-                            cuts.cut.note_atomic(Epoch(span.from), end);
-                        }
+                        cuts.cut.note_atomic(
+                            &host,
+                            ack.atomic
+                                .iter()
+                                .map(|s| (Epoch(s.from), (!s.open).then_some(Epoch(s.to)))),
+                        );
                         releases.extend(cuts.cut.on_ack(&host, to, Epoch(ack.staged)));
                     }
                 }

@@ -69,7 +69,7 @@ pub struct CutCoordinator {
     staged: BTreeMap<HostId, Epoch>,
     /// Spans a pair's DR side can only take whole (a catch-up's unit): epochs strictly
     /// inside are never committed. `None`: the unit is still being made.
-    atomic: BTreeSet<(Epoch, Option<Epoch>)>,
+    atomic: BTreeMap<HostId, BTreeSet<(Epoch, Option<Epoch>)>>,
     committed: Epoch,
     round_timeout_ms: u64,
 }
@@ -90,7 +90,7 @@ impl CutCoordinator {
             hosts,
             epoch,
             floor: epoch,
-            atomic: BTreeSet::new(),
+            atomic: BTreeMap::new(),
             round: None,
             broken: BTreeSet::new(),
             committed: Epoch::ZERO,
@@ -194,18 +194,31 @@ impl CutCoordinator {
             .collect()
     }
 
-    /// A pair's DR side gets epochs from `from` (exclusive) to `to` (exclusive; `None`: not
-    /// known yet) in one unit it can only apply whole: none of them is committed.
-    pub fn note_atomic(&mut self, from: Epoch, to: Option<Epoch>) {
-        if to.is_some() {
-            self.atomic.remove(&(from, None));
-        }
-        self.atomic.insert((from, to));
+    /// The spans `host` reports with its ack: for each of its pairs' DR sides, epochs from
+    /// `from` (exclusive) to `to` (exclusive; `None`: not known yet) come in one unit it can
+    /// only apply whole, and none of them is committed. Closed spans are kept (a restarted
+    /// host forgets them); an open span the host no longer reports was never sealed (its
+    /// agent restarted, and its catch-up starts over as a span it reports).
+    pub fn note_atomic(
+        &mut self,
+        host: &str,
+        spans: impl IntoIterator<Item = (Epoch, Option<Epoch>)>,
+    ) {
+        let known = self.atomic.entry(host.to_owned()).or_default();
+        known.retain(|(_, to)| to.is_some());
+        known.extend(spans);
+        let closed: Vec<Epoch> = known
+            .iter()
+            .filter(|(_, to)| to.is_some())
+            .map(|(from, _)| *from)
+            .collect();
+        known.retain(|(from, to)| to.is_some() || !closed.contains(from));
     }
 
     fn inside_atomic(&self, e: Epoch) -> bool {
         self.atomic
-            .iter()
+            .values()
+            .flatten()
             .any(|(from, to)| *from < e && to.is_none_or(|t| e < t))
     }
 
@@ -221,8 +234,9 @@ impl CutCoordinator {
         if e >= self.floor && e > self.committed {
             self.committed = e;
             let committed = self.committed;
-            self.atomic
-                .retain(|(_, to)| to.is_none_or(|t| t > committed));
+            for spans in self.atomic.values_mut() {
+                spans.retain(|(_, to)| to.is_none_or(|t| t > committed));
+            }
         }
     }
 }
@@ -375,7 +389,10 @@ mod tests {
         for to in 2..=6 {
             c.start_cut(0);
             // b's pair is catching up from epoch 2: its unit ends at epoch 5.
-            c.note_atomic(Epoch(2), if to >= 5 { Some(Epoch(5)) } else { None });
+            c.note_atomic(
+                "b",
+                [(Epoch(2), if to >= 5 { Some(Epoch(5)) } else { None })],
+            );
             c.on_ack("a", Epoch(to), Epoch(to - 1));
             c.on_ack("b", Epoch(to), Epoch(to - 1));
             let committed = c.committed().0;
@@ -385,6 +402,17 @@ mod tests {
             );
         }
         assert_eq!(c.committed(), Epoch(5));
+        // A host that restarted no longer reports its open span: it stops holding commits.
+        c.note_atomic("a", [(Epoch(5), None)]);
+        c.start_cut(0);
+        c.on_ack("a", Epoch(7), Epoch(6));
+        c.on_ack("b", Epoch(7), Epoch(6));
+        assert_eq!(c.committed(), Epoch(5));
+        c.note_atomic("a", []);
+        c.start_cut(0);
+        c.on_ack("a", Epoch(8), Epoch(7));
+        c.on_ack("b", Epoch(8), Epoch(7));
+        assert_eq!(c.committed(), Epoch(7));
     }
 
     #[test]
