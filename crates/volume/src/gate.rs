@@ -196,6 +196,11 @@ impl WriteGate {
         }
     }
 
+    /// No write holds or waits for blocks: every write that entered has been answered.
+    pub fn idle(&self) -> bool {
+        self.lock_table().is_empty()
+    }
+
     /// The write holding `lock` is done (or refused): its blocks are free for the next.
     pub fn leave(&self, lock: LockId) {
         let granted = self.lock_table().release(lock);

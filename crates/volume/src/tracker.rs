@@ -330,6 +330,32 @@ impl DirtyTracker {
         self.lock_state().map.clear_range(range);
     }
 
+    /// Marks `ranges` dirty and returns once the bitmap on disk shows them: for blocks that
+    /// may differ from the peer without a write of this volume's having said so (the units a
+    /// promotion drops, the other side's dirty blocks at reprotect).
+    pub fn mark_durably(&self, ranges: &[ByteRange]) -> Result<(), TrackerError> {
+        let pieces: Vec<ByteRange> = ranges
+            .iter()
+            .flat_map(|r| {
+                (0..r.len.div_ceil(crate::gate::ADMIT_CHUNK)).map(move |i| {
+                    let at = r.offset + i * crate::gate::ADMIT_CHUNK;
+                    ByteRange::new(at, (r.end() - at).min(crate::gate::ADMIT_CHUNK))
+                })
+            })
+            .collect();
+        for batch in pieces.chunks(256) {
+            self.admit(batch)?;
+        }
+        self.flush(RetirePolicy::All)
+    }
+
+    /// Clears every bit and writes the bitmap: the volume and its peer hold the same data
+    /// (a side that becomes DR once its dirty blocks were handed to the other side).
+    pub fn clear_durably(&self, size: u64) -> Result<(), TrackerError> {
+        self.clear(ByteRange::new(0, size));
+        self.flush(RetirePolicy::All)
+    }
+
     /// Tickets for ranges whose data goes to the peer; the caller holds their blocks through
     /// the write gate (so no write can come between the data and the ticket).
     pub fn issue_tickets(

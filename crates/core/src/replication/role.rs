@@ -2,16 +2,19 @@
 //!
 //! ```text
 //!                  pair created (this side is production)
-//!   Standalone ─────────────────────────────────────────► Primary
-//!      │  ▲  ◄──────────────── pair deleted ────────────────  │ ▲
-//!      │  │                                                   │ │ roles swap
-//!      │  └──────────────────── pair deleted ─────────────┐   ▼ │ (reverse, failover)
-//!      └────────────────────────────────────────────────► Secondary
-//!                  pair created (this side is DR)
+//!   Standalone ─────────────────────────────────────────► Primary ◄──── confirmed ───┐
+//!      │  ▲  ◄──────────────── pair deleted ────────────────  │ ▲                    │
+//!      │  │                                                   │ │ roles swap    Fenced
+//!      │  └──────────────────── pair deleted ─────────────┐   ▼ │ (failover)     ▲  │
+//!      └────────────────────────────────────────────────► Secondary ◄─ reprotect ─┘  │
+//!                  pair created (this side is DR)              reverse, failover ────┘
+//!                                                              (from Primary)
 //! ```
 //!
 //! A `Secondary` volume's export refuses writes: the peer's data is the only thing written
-//! to it.
+//! to it. A `Fenced` volume refuses them too: it was production, and the group moved (or is
+//! moving) production elsewhere, or it restarted and the coordinator has not yet confirmed
+//! that it still is production.
 
 use std::fmt;
 
@@ -28,6 +31,9 @@ pub enum VolumeRole {
     Primary { pair: PairId },
     /// The DR side of `pair`: the application's writes are refused.
     Secondary { pair: PairId },
+    /// The production side of `pair` that may not take writes (rule 5): demoted by a
+    /// failover, draining for a reverse, or not yet confirmed after a restart.
+    Fenced { pair: PairId },
 }
 
 /// What a volume's role says to an application's write.
@@ -51,33 +57,37 @@ impl VolumeRole {
             VolumeRole::Standalone => "standalone",
             VolumeRole::Primary { .. } => "production",
             VolumeRole::Secondary { .. } => "dr",
+            VolumeRole::Fenced { .. } => "fenced",
         }
     }
 
     pub fn pair(&self) -> Option<PairId> {
         match self {
             VolumeRole::Standalone => None,
-            VolumeRole::Primary { pair } | VolumeRole::Secondary { pair } => Some(*pair),
+            VolumeRole::Primary { pair }
+            | VolumeRole::Secondary { pair }
+            | VolumeRole::Fenced { pair } => Some(*pair),
         }
     }
 
     pub fn write_verdict(&self) -> WriteVerdict {
         match self {
             VolumeRole::Standalone | VolumeRole::Primary { .. } => WriteVerdict::Go,
-            VolumeRole::Secondary { .. } => WriteVerdict::Refuse,
+            VolumeRole::Secondary { .. } | VolumeRole::Fenced { .. } => WriteVerdict::Refuse,
         }
     }
 
     /// The role after moving to `to`, if that move is allowed: into a pair only from
-    /// standalone, out of a pair only to standalone, and between production and DR only
-    /// within the same pair.
+    /// standalone (never straight into `Fenced`), out of a pair only to standalone, and
+    /// between production, DR and fenced only within the same pair.
     pub fn transition(self, to: VolumeRole) -> Result<VolumeRole, IllegalTransition> {
         use VolumeRole::*;
         let allowed = match (self, to) {
             (Standalone, Primary { .. } | Secondary { .. }) => true,
-            (Primary { .. } | Secondary { .. }, Standalone) => true,
-            (Primary { pair: a }, Secondary { pair: b })
-            | (Secondary { pair: a }, Primary { pair: b }) => a == b,
+            (Primary { .. } | Secondary { .. } | Fenced { .. }, Standalone) => true,
+            (Primary { pair: a }, Secondary { pair: b } | Fenced { pair: b })
+            | (Secondary { pair: a }, Primary { pair: b })
+            | (Fenced { pair: a }, Primary { pair: b } | Secondary { pair: b }) => a == b,
             _ => false,
         };
         if allowed {
@@ -110,12 +120,16 @@ mod tests {
             Standalone,
             Primary { pair: p },
             Secondary { pair: p },
+            Fenced { pair: p },
             Primary { pair: q },
             Secondary { pair: q },
+            Fenced { pair: q },
         ];
         let allowed = |from: VolumeRole, to: VolumeRole| match (from, to) {
             (Standalone, Standalone) => false,
+            (Standalone, Fenced { .. }) => false,
             (Standalone, _) | (_, Standalone) => true,
+            (Secondary { .. }, Fenced { .. }) => false,
             (a, b) => a.pair() == b.pair() && a.name() != b.name(),
         };
         for from in roles {
@@ -133,6 +147,7 @@ mod tests {
     fn a_dr_volume_refuses_writes() {
         let p = PairId::random();
         assert_eq!(Secondary { pair: p }.write_verdict(), WriteVerdict::Refuse);
+        assert_eq!(Fenced { pair: p }.write_verdict(), WriteVerdict::Refuse);
         assert_eq!(Primary { pair: p }.write_verdict(), WriteVerdict::Go);
         assert_eq!(Standalone.write_verdict(), WriteVerdict::Go);
     }

@@ -104,6 +104,10 @@ wire_enum!(
         DeleteGroup => "deleteReplicationConsistencyGroup",
         SyncGroup => "syncReplicationConsistencyGroup",
         StopGroup => "stopReplicationConsistencyGroup",
+        FailoverGroup => "failoverReplicationConsistencyGroup",
+        ReverseGroup => "reverseReplicationConsistencyGroup",
+        ReprotectGroup => "reprotectReplicationConsistencyGroup",
+        ExtendGroup => "extendReplicationVolumes",
     }
 );
 
