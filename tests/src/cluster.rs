@@ -58,6 +58,20 @@ impl Node {
         self.daemon.take().expect("node running").kill9();
     }
 
+    /// Waits up to `timeout` for the daemon to die on its own (a test-only fault hook);
+    /// returns whether it did.
+    pub fn wait_crash(&mut self, timeout: std::time::Duration) -> bool {
+        let crashed = self
+            .daemon
+            .as_mut()
+            .expect("node running")
+            .wait_exit(timeout);
+        if crashed {
+            self.daemon = None;
+        }
+        crashed
+    }
+
     pub fn cli_json(&self, args: &[&str]) -> Value {
         self.daemon().cli_json(args)
     }
@@ -338,10 +352,26 @@ impl TestCluster {
         ]);
         assert!(
             out.status.success(),
-            "job {job}: {}\n{}",
+            "job {job}: {}\n{}\n{}",
             String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
+            String::from_utf8_lossy(&out.stdout),
+            self.log_tails(40)
         );
+    }
+
+    /// The last `lines` lines of every running node's log, for a failure's message.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for node in self.nodes.iter().filter(|n| n.daemon.is_some()) {
+            let log = node.daemon().log_text();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            out.push_str(&format!("--- {} ---\n", node.name));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     pub fn pair(&self, pair: &str) -> Value {

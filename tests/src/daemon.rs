@@ -248,6 +248,23 @@ impl Daemon {
         Ok(())
     }
 
+    /// Waits up to `timeout` for the daemon to exit on its own (a test-only fault hook that
+    /// aborts it); returns whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("daemon running");
+            if child.try_wait().expect("wait for blockrepd").is_some() {
+                self.child = None;
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill9(mut self) {
         let mut child = self.child.take().expect("daemon running");

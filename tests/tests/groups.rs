@@ -172,6 +172,10 @@ fn groups_are_created_shown_and_every_bad_request_is_refused_with_nothing_change
             vec!["group", "show", "nope"],
             "not found (404): no consistency group \"nope\"".into(),
         ),
+        (
+            vec!["group", "reprotect", "app"],
+            "refused (409): reprotect refused: reprotect only follows a failover (status failovered)".into(),
+        ),
     ];
     for (args, expected) in &conflicts {
         let err = refused(&cluster, args);
@@ -219,6 +223,13 @@ fn groups_are_created_shown_and_every_bad_request_is_refused_with_nothing_change
         "active-stopped"
     );
     assert_eq!(dr_first_block(), [0; 4096], "a stopped pair copies nothing");
+    let err = refused(&cluster, &["group", "reverse", "app"]);
+    assert!(
+        err.contains(
+            "refused (409): reverse refused: a planned reverse needs the group replicating (active)"
+        ),
+        "{err}"
+    );
 
     // Update while stopped: rename, and take logs out (it replicates on its own again).
     let updated = cluster.coordinator().cli_json(&[

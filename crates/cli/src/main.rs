@@ -226,6 +226,25 @@ enum GroupCommand {
         /// Group id or name.
         group: String,
     },
+    /// Unplanned failover: the DR volumes roll to the group's last consistent point and take
+    /// writes (works with the production zone down). The job reports the point reached and
+    /// the write window lost; a production agent that comes back is fenced.
+    Failover {
+        /// Group id or name.
+        group: String,
+    },
+    /// Planned switchover: production writes are refused and drained, the DR side catches
+    /// up, the roles swap, and replication runs the other way. No data is lost.
+    Reverse {
+        /// Group id or name.
+        group: String,
+    },
+    /// After a failover, with the old production zone back: its volumes become the DR side
+    /// and receive only the blocks that differ; then the group replicates again.
+    Reprotect {
+        /// Group id or name.
+        group: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -409,6 +428,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             GroupCommand::Stop { group } => {
                 let started = call(client.stop_group(proto::GroupRef { group })).await?;
+                out.print(&started);
+            }
+            GroupCommand::Failover { group } => {
+                let started = call(client.failover_group(proto::GroupRef { group })).await?;
+                out.print(&started);
+            }
+            GroupCommand::Reverse { group } => {
+                let started = call(client.reverse_group(proto::GroupRef { group })).await?;
+                out.print(&started);
+            }
+            GroupCommand::Reprotect { group } => {
+                let started = call(client.reprotect_group(proto::GroupRef { group })).await?;
                 out.print(&started);
             }
         },

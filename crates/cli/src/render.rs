@@ -228,10 +228,15 @@ impl Render for proto::StatusResponse {
                 ));
                 for p in self.pairs.iter().filter(|p| p.volume_id == v.id) {
                     out.push_str(&format!(
-                        "  pair:{} {} {} peer:{} replication:{} out-of-sync:{}{}{}\n",
+                        "  pair:{} {} {}{} peer:{} replication:{} out-of-sync:{}{}{}\n",
                         short(&p.pair_id),
                         p.replication_model,
                         p.side,
+                        if p.fence.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" fenced:{}", p.fence)
+                        },
                         p.peer_node,
                         p.replication_status,
                         human_bytes(p.out_of_sync_bytes).replace(' ', ""),
@@ -324,6 +329,7 @@ fn counters_json(c: Option<&proto::PairCounters>) -> Value {
         "extents_sent": c.extents_sent,
         "extents_rejected": c.extents_rejected,
         "resync_bytes_sent": c.resync_bytes_sent,
+        "resync_bytes_copied": c.resync_bytes_copied,
         "resync_rate_bytes_per_second": c.resync_rate,
         "journal_bytes": c.journal_bytes,
         "journal_limit": c.journal_limit,
@@ -352,6 +358,11 @@ fn pair_state_json(p: &proto::PairState) -> Value {
         "staged_epoch": p.staged_epoch,
         "current_epoch": p.current_epoch,
         "grouped": p.grouped,
+        "group_commit": p.group_commit,
+        "fence": empty_null(&p.fence),
+        "drained": p.drained,
+        "drained_epoch": p.drained_epoch,
+        "term": p.term,
         "needs_resolve": p.needs_resolve,
         "generation": empty_null(&p.generation),
         "verify": p.verify.as_ref().map(|v| json!({
@@ -431,6 +442,7 @@ pub fn group_json(g: &proto::Group) -> Value {
         "updated_at": empty_null(&g.updated_at),
         "consistent_epoch": g.consistent_epoch,
         "consistent_at": empty_null(&g.consistent_at),
+        "operation": empty_null(&g.operation),
     })
 }
 
@@ -464,6 +476,9 @@ impl Render for proto::Group {
         ];
         if !self.description.is_empty() {
             rows.insert(2, ("description", self.description.clone()));
+        }
+        if !self.operation.is_empty() {
+            rows.push(("operation", self.operation.clone()));
         }
         if !self.failure_detail.is_empty() {
             rows.push(("failure", self.failure_detail.clone()));

@@ -31,6 +31,7 @@ use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, PendingStep
 
 mod cuts;
 mod groups;
+mod operations;
 use crate::store::{Change, Store};
 
 /// A node that has not reported for this long is down.
@@ -75,6 +76,10 @@ struct State {
     group_step_sent: BTreeMap<PairId, Instant>,
     /// The cuts of the async groups being cut.
     cuts: BTreeMap<blockrep_core::replication::GroupId, cuts::GroupCuts>,
+    /// When a group operation's step first failed to reach an agent.
+    group_stuck_since: BTreeMap<blockrep_core::replication::GroupId, Instant>,
+    /// Failovers whose production sides were sent their fence.
+    fences_sent: std::collections::BTreeSet<blockrep_core::replication::GroupId>,
 }
 
 pub struct Coordinator {
@@ -119,6 +124,8 @@ impl Coordinator {
             deleted: BTreeMap::new(),
             group_step_sent: BTreeMap::new(),
             cuts: BTreeMap::new(),
+            group_stuck_since: BTreeMap::new(),
+            fences_sent: Default::default(),
         };
         tracing::info!(
             pairs = state.pairs.len(),
@@ -175,6 +182,13 @@ impl Coordinator {
             Some(Request::StopGroup(r)) => self
                 .sync_or_stop_group(&r.group, GroupAction::Stop)
                 .map(Response::GroupJob),
+            Some(Request::FailoverGroup(r)) => {
+                self.failover_group(&r.group).map(Response::GroupJob)
+            }
+            Some(Request::ReverseGroup(r)) => self.reverse_group(&r.group).map(Response::GroupJob),
+            Some(Request::ReprotectGroup(r)) => {
+                self.reprotect_group(&r.group).map(Response::GroupJob)
+            }
             Some(Request::GetJob(r)) => self.get_job(&r.job).map(Response::Job),
             Some(Request::ListJobs(_)) => Ok(Response::Jobs(proto::ListJobsResponse {
                 jobs: self.list_jobs(),
@@ -236,7 +250,10 @@ impl Coordinator {
             .filter(|p| p.production_node == name || p.dr_node == name)
             .map(|p| p.id.to_string())
             .collect();
-        Ok(proto::ReportAck { pair_ids })
+        Ok(proto::ReportAck {
+            pair_ids,
+            roles: Self::roles_of(&state, &name),
+        })
     }
 
     fn alive(node: &Node) -> bool {
@@ -429,6 +446,8 @@ impl Coordinator {
             job: None,
             pending: None,
             group: None,
+            term: 0,
+            generation: None,
         };
         let plan = PairPlan {
             production_address: production.address,
@@ -684,8 +703,9 @@ impl Coordinator {
                     .map(|s| (s.clone(), alive))
             })
         };
-        let production = report_of(&p.production_node);
-        let dr = report_of(&p.dr_node);
+        // A report from before the sides last changed speaks of the other side: not this one.
+        let production = report_of(&p.production_node).filter(|(s, _)| s.side == "production");
+        let dr = report_of(&p.dr_node).filter(|(s, _)| s.side == "dr");
         let mut view = proto::Pair {
             id: p.id.to_string(),
             name: p.name.clone(),
@@ -800,6 +820,7 @@ impl Coordinator {
                 }
             }
             self.drive_groups().await;
+            self.drive_operations().await;
         }
     }
 
@@ -1248,6 +1269,9 @@ impl PairPlan {
                 Side::Dr => "dr".into(),
             },
             discard_peer: false,
+            generation: 0,
+            term: p.term,
+            grouped: p.group.is_some(),
         }
     }
 }

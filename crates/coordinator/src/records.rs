@@ -2,9 +2,12 @@
 
 use std::net::SocketAddr;
 
+use std::collections::BTreeMap;
+
 use blockrep_core::VolumeId;
 use blockrep_core::replication::{
-    GroupId, GroupStatus, JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel,
+    Epoch, GenerationId, GroupId, GroupStatus, JobId, JobStatus, JobType, PairId, PairStatus,
+    ReplicationModel,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +41,14 @@ pub struct PairRecord {
     /// The consistency group the pair belongs to.
     #[serde(default)]
     pub group: Option<GroupId>,
+    /// The term of the pair's current roles: it grows at every failover, reverse and
+    /// reprotect, and agents refuse role commands of an older one.
+    #[serde(default)]
+    pub term: u64,
+    /// The generation the coordinator issued to the production side at its last role change
+    /// (failover, reverse): a reprotect's new DR side adopts it.
+    #[serde(default)]
+    pub generation: Option<GenerationId>,
 }
 
 /// A replication consistency group: pairs that replicate, fail over, reverse and reprotect
@@ -59,6 +70,135 @@ pub struct GroupRecord {
     pub failure_detail: Option<String>,
     /// The job that follows the group's current long operation.
     pub job: Option<JobId>,
+    /// The term of the group's roles (see [`PairRecord::term`]).
+    #[serde(default)]
+    pub term: u64,
+    /// A failover, reverse or reprotect under way: its plan and how far it got, so
+    /// a restarted coordinator carries on where it stopped.
+    #[serde(default)]
+    pub operation: Option<GroupOperation>,
+    /// The point the last failover rolled the DR volumes to (shown while failovered).
+    #[serde(default)]
+    pub failed_over_at: Option<PromotedAt>,
+}
+
+impl GroupOperation {
+    /// The operation and its step, in words.
+    pub fn describe(&self) -> String {
+        let of = |done: usize, all: usize| format!("{done} of {all} pairs");
+        match self {
+            GroupOperation::Failover(p) => format!(
+                "failover: promoting the DR sides ({} done)",
+                of(
+                    p.pairs.values().filter(|s| s.done.is_some()).count(),
+                    p.pairs.len()
+                )
+            ),
+            GroupOperation::Reverse(p) => match p.step {
+                ReverseStep::Draining => {
+                    "reverse: production refuses writes and drains to the DR side".to_owned()
+                }
+                ReverseStep::Swapping => format!(
+                    "reverse: swapping sides ({} done)",
+                    of(
+                        p.pairs
+                            .values()
+                            .filter(|s| s.old_production_switched && s.old_dr_switched)
+                            .count(),
+                        p.pairs.len()
+                    )
+                ),
+            },
+            GroupOperation::Reprotect(p) => format!(
+                "reprotect: the old production sides become DR ({} done)",
+                of(
+                    p.pairs.values().filter(|s| s.switched).count(),
+                    p.pairs.len()
+                )
+            ),
+        }
+    }
+}
+
+/// A group operation of several steps, recorded before each step is taken.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GroupOperation {
+    Failover(FailoverPlan),
+    Reverse(ReversePlan),
+    Reprotect(ReprotectPlan),
+}
+
+/// Failover: every DR side rolls to `commit` and becomes production.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailoverPlan {
+    /// The group's commit the DR sides roll to; `None`: each applies what it sealed
+    /// (hypermetro groups, whose DR volumes take writes as they come).
+    pub commit: Option<Epoch>,
+    pub term: u64,
+    /// When the failover was asked for (ms since the Unix epoch).
+    pub asked_ms: u64,
+    /// Per pair: the generation its DR volume begins, and where its promotion left it.
+    pub pairs: BTreeMap<PairId, PromoteStep>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromoteStep {
+    pub generation: GenerationId,
+    pub done: Option<PromotedAt>,
+}
+
+/// Where a promotion left a DR volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotedAt {
+    pub epoch: Epoch,
+    pub cut_ms: u64,
+    pub dropped_bytes: u64,
+}
+
+/// Reverse: fence and drain production, then swap every pair's sides under `term`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReversePlan {
+    pub term: u64,
+    pub step: ReverseStep,
+    /// When the drain began (ms since the Unix epoch): it gives up after a while.
+    pub draining_since_ms: u64,
+    /// Per pair: the generation both sides share after the swap, and whether it is done.
+    pub pairs: BTreeMap<PairId, SwapStep>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReverseStep {
+    /// Production sides refuse new writes and send what they have.
+    Draining,
+    /// Every DR side holds everything: the sides swap, pair by pair.
+    Swapping,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapStep {
+    pub generation: GenerationId,
+    /// The old production side is the DR side now.
+    pub old_production_switched: bool,
+    /// The old DR side is production now.
+    pub old_dr_switched: bool,
+}
+
+/// Reprotect: each old production side's dirty blocks go to the new production side's
+/// bitmap, then the old side becomes the DR side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReprotectPlan {
+    pub term: u64,
+    /// Per pair: the bytes handed over (once marked), and whether the old side switched.
+    pub pairs: BTreeMap<PairId, ReprotectStep>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReprotectStep {
+    /// The old production side's dirty bytes, marked on the new production side.
+    pub handed_over: Option<u64>,
+    pub switched: bool,
 }
 
 /// What the driver still has to tell an agent.

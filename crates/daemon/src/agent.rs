@@ -384,6 +384,20 @@ impl Agent {
         })
     }
 
+    /// This node's volume in `pair`.
+    pub fn pair_volume_handle(
+        &self,
+        pair: blockrep_core::replication::PairId,
+    ) -> Result<VolumeHandle, ApiError> {
+        let (volume, _) = self.pairs.volume_pair_by_id(pair).ok_or_else(|| {
+            ApiError::FailedPrecondition(format!(
+                "node {} has no volume in pair {pair}",
+                self.config.node_name
+            ))
+        })?;
+        self.volume_handle(&volume.to_string())
+    }
+
     /// Starts replicating every pair the online volumes were in before a restart.
     pub fn restore_pairs(&self) {
         let handles: Vec<VolumeHandle> = {

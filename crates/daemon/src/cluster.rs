@@ -14,12 +14,13 @@ use blockrep_api::proto::{
     self, ClusterRequest, ClusterResponse, cluster_request::Request, cluster_response::Response,
 };
 use blockrep_coordinator::{Agents, Coordinator, RedbStore};
-use blockrep_core::replication::{Epoch, PairId};
+use blockrep_core::ByteRange;
+use blockrep_core::replication::{Epoch, GenerationId, PairId};
 use blockrep_replication::TransportSettings;
 use blockrep_replication::endpoint::{
     BoxFuture, ClusterEndpoint, Inbound, ReplicationStream, error_response,
 };
-use blockrep_replication::membership::Side;
+use blockrep_replication::membership::{Fence, Side};
 use blockrep_tls::{CLUSTER_NAME, NodeTls};
 use blockrep_wire::Hello;
 
@@ -142,18 +143,45 @@ impl Cluster {
             self.agent.pairs().release_stale_holds(GROUP_HOLD_TIMEOUT);
             let report = self.report();
             match self.coordinator_call(Request::Report(report)).await {
-                Ok(_) => {
+                Ok(Response::ReportAck(ack)) => {
+                    self.take_up_roles(&ack.roles);
                     if !reachable {
                         tracing::info!(coordinator = %self.config.coordinator, "coordinator reachable again");
                     }
                     reachable = true;
                 }
+                Ok(_) => {}
                 Err(e) => {
                     if reachable {
                         tracing::warn!(error = %e, "cannot report to the coordinator; replication goes on");
                     }
                     reachable = false;
                 }
+            }
+        }
+    }
+
+    /// What the coordinator's records say of this node's sides: a production side waiting for
+    /// confirmation takes writes again, or, if its group failed over while it was away, is
+    /// demoted (it takes no writes until reprotect).
+    fn take_up_roles(&self, roles: &[proto::PairRole]) {
+        let pairs = self.agent.pairs();
+        for role in roles {
+            let Ok(pair) = role.pair_id.parse::<PairId>() else {
+                continue;
+            };
+            let Some((_, Side::Production)) = pairs.volume_pair_by_id(pair) else {
+                continue;
+            };
+            let outcome = match role.side.as_str() {
+                "production" => {
+                    pairs.confirm(pair);
+                    Ok(())
+                }
+                _ => pairs.set_fence(pair, Some(Fence::Demoted), role.term),
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(%pair, error = %e, "cannot take up the role the coordinator gives");
             }
         }
     }
@@ -240,6 +268,58 @@ impl Cluster {
                 pairs.set_paused(pair_id(&c.pair_id)?, false)?;
                 return Ok(Response::Done(proto::Done {}));
             }
+            Request::Promote(c) => {
+                let handle = self.agent.volume_handle(&c.volume_id)?;
+                let promotion = pairs.promote(
+                    pair_id(&c.pair_id)?,
+                    c.has_commit.then_some(Epoch(c.commit)),
+                    GenerationId(c.generation),
+                    c.term,
+                    handle,
+                )?;
+                return Ok(Response::Promoted(proto::Promoted {
+                    epoch: promotion.epoch.0,
+                    cut_ms: promotion.cut_ms,
+                    dropped_bytes: promotion.dropped_bytes,
+                }));
+            }
+            Request::Fence(c) => {
+                let fence = match c.fence.as_str() {
+                    "" => None,
+                    "draining" => Some(Fence::Draining),
+                    "demoted" => Some(Fence::Demoted),
+                    other => {
+                        return Err(ApiError::InvalidArgument(format!(
+                            "fence {other:?} is not draining, demoted or empty"
+                        )));
+                    }
+                };
+                pairs.set_fence(pair_id(&c.pair_id)?, fence, c.term)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::DirtyRuns(c) => {
+                let pair = pair_id(&c.pair_id)?;
+                let handle = self.agent.pair_volume_handle(pair)?;
+                let runs = pairs.dirty_runs(pair, &handle)?;
+                return Ok(Response::Dirty(proto::DirtyRuns {
+                    runs: runs
+                        .into_iter()
+                        .map(|r| proto::Extent {
+                            offset: r.offset,
+                            length: r.len,
+                        })
+                        .collect(),
+                }));
+            }
+            Request::MarkDirty(c) => {
+                let ranges: Vec<ByteRange> = c
+                    .runs
+                    .iter()
+                    .map(|e| ByteRange::new(e.offset, e.length))
+                    .collect();
+                pairs.mark_dirty(pair_id(&c.pair_id)?, &ranges)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
             _ => unreachable!("only agent requests come here"),
         };
         let handle = self.agent.volume_handle(&assignment.local_volume_id)?;
@@ -276,7 +356,11 @@ impl Inbound for Handler {
                     | Request::GroupCut(_)
                     | Request::GroupRelease(_)
                     | Request::GroupCommit(_)
-                    | Request::UngroupProduction(_)),
+                    | Request::UngroupProduction(_)
+                    | Request::Promote(_)
+                    | Request::Fence(_)
+                    | Request::DirtyRuns(_)
+                    | Request::MarkDirty(_)),
                 ) => {
                     let cluster = Arc::clone(cluster);
                     let answer = tokio::task::spawn_blocking(move || cluster.agent_request(r))

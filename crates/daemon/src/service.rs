@@ -265,6 +265,34 @@ impl agent_server::Agent for AgentService {
             .await
     }
 
+    async fn failover_group(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::FailoverGroup(
+            request.into_inner(),
+        ))
+        .await
+    }
+
+    async fn reverse_group(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::ReverseGroup(request.into_inner()))
+            .await
+    }
+
+    async fn reprotect_group(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::ReprotectGroup(
+            request.into_inner(),
+        ))
+        .await
+    }
+
     async fn resolve_pair(
         &self,
         request: Request<proto::ResolvePairRequest>,

@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use blockrep_core::replication::Epoch;
+use blockrep_core::replication::{Epoch, ReplicationModel};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
@@ -129,6 +129,9 @@ pub struct ApplierSetup {
     /// The last epoch the pair's consistency group committed (`u64::MAX`: the pair is in
     /// no group, every sealed unit applies at once). Units above it stay staged.
     pub allowed: Arc<AtomicU64>,
+    /// Hypermetro: the volume is consistent as soon as the initial sync ends (every write
+    /// came direct, in order); async: once a unit at or after its end is applied.
+    pub model: ReplicationModel,
 }
 
 /// The handle the stream task feeds.
@@ -152,6 +155,7 @@ impl Applier {
             state,
             state_path,
             allowed,
+            model,
         } = setup;
         let waker = Arc::new(Waker::new()?);
         let inbox = Arc::new(Inbox {
@@ -182,6 +186,7 @@ impl Applier {
             held_verifies: Vec::new(),
             allowed,
             held_seals: Vec::new(),
+            model,
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -300,6 +305,7 @@ struct Worker {
     allowed: Arc<AtomicU64>,
     /// Units sealed (and staged durably) whose epoch the group has not committed yet.
     held_seals: Vec<crate::stage_log::SealRecord>,
+    model: ReplicationModel,
 }
 
 impl Worker {
@@ -413,7 +419,7 @@ impl Worker {
                 ApplyCmd::SyncDone { epoch } => {
                     self.state.sync_done_at = Some(epoch);
                     self.volume.backing().sync_data()?;
-                    if epoch <= self.state.applied {
+                    if epoch <= self.state.applied || self.model == ReplicationModel::Hypermetro {
                         self.state.consistent = true;
                     }
                     self.state.save(&self.state_path)?;

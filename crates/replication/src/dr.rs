@@ -35,9 +35,12 @@ pub struct DrPair {
     /// stops).
     session: AtomicU64,
     newest: tokio::sync::watch::Sender<u64>,
-    /// Whether an applier runs (one at a time: they share the stage log).
-    running: Mutex<bool>,
+    /// Whether an applier runs (one at a time: they share the stage log), and whether the
+    /// pair was shut down for good (no applier starts again).
+    running: Mutex<Running>,
     applier_stopped: tokio::sync::Notify,
+    /// Signalled with `applier_stopped`, for threads that wait without a runtime.
+    stopped_cv: std::sync::Condvar,
     pub counters: Arc<ApplyCounters>,
     pub streams_refused: AtomicU64,
     /// The last stream was refused as a divergence (split brain, newer or unrelated data).
@@ -53,6 +56,13 @@ pub struct DrPair {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct GroupCommit {
     committed: Epoch,
+}
+
+/// Records, durably, that the pair's group committed `committed`: its DR side applies
+/// nothing beyond it.
+pub fn record_group_commit(volume_dir: &std::path::Path, committed: Epoch) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(&GroupCommit { committed }).expect("serialisable");
+    blockrep_volume::write_file_durably(&volume_dir.join("group.json"), &bytes)
 }
 
 fn load_allowed(volume_dir: &std::path::Path) -> u64 {
@@ -78,8 +88,9 @@ impl DrPair {
             }),
             session: AtomicU64::new(0),
             newest: tokio::sync::watch::channel(0).0,
-            running: Mutex::new(false),
+            running: Mutex::new(Running::default()),
             applier_stopped: tokio::sync::Notify::new(),
+            stopped_cv: std::sync::Condvar::new(),
             counters: Arc::new(ApplyCounters::default()),
             streams_refused: AtomicU64::new(0),
             diverged: AtomicBool::new(false),
@@ -112,6 +123,7 @@ impl DrPair {
             state,
             state_path: state_path.clone(),
             allowed: Arc::clone(&self.allowed),
+            model: self.membership.model,
         };
         // Stopping finishes the replay queued at start.
         Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
@@ -148,13 +160,7 @@ impl DrPair {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             },
-            Some(_) => {
-                let bytes = serde_json::to_vec(&GroupCommit {
-                    committed: Epoch(next),
-                })
-                .expect("serialisable");
-                blockrep_volume::write_file_durably(&path, &bytes)?;
-            }
+            Some(_) => record_group_commit(&self.volume_dir, Epoch(next))?,
         }
         self.allowed.store(next, Ordering::SeqCst);
         if let Some(nudge) = self
@@ -339,6 +345,7 @@ impl DrPair {
             state: state.clone(),
             state_path: state_path.clone(),
             allowed: Arc::clone(&self.allowed),
+            model: self.membership.model,
         };
         let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
             Ok(a) => a,
@@ -347,7 +354,15 @@ impl DrPair {
                 return;
             }
         };
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if running.shut_down {
+                drop(running);
+                tokio::task::spawn_blocking(move || applier.stop());
+                return;
+            }
+            running.applier = true;
+        }
         *self.nudge.lock().unwrap_or_else(|e| e.into_inner()) = Some(applier.nudge());
         if writer.send(&welcome).await.is_err() {
             self.stop_applier(applier).await;
@@ -428,10 +443,11 @@ impl DrPair {
             }
         };
         let mut newest = self.newest.subscribe();
+        // A newer stream (or a close) may have come before this subscription: look first.
         let superseded = async {
-            while newest.changed().await.is_ok() {
-                if *newest.borrow() != session {
-                    break;
+            while *newest.borrow_and_update() == session {
+                if newest.changed().await.is_err() {
+                    std::future::pending::<()>().await;
                 }
             }
         };
@@ -506,8 +522,12 @@ impl DrPair {
     async fn stop_applier(&self, applier: Applier) {
         *self.nudge.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let _ = tokio::task::spawn_blocking(move || applier.stop()).await;
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applier = false;
         self.applier_stopped.notify_waiters();
+        self.stopped_cv.notify_all();
         // Pick up what the applier recorded.
         if let Ok(state) = DrState::load(&self.volume_dir.join("dr.json")) {
             self.status.lock().unwrap_or_else(|e| e.into_inner()).state = state;
@@ -515,6 +535,50 @@ impl DrPair {
     }
 
     fn applier_running(&self) -> bool {
-        *self.running.lock().unwrap_or_else(|e| e.into_inner())
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applier
     }
+
+    /// Ends the stream being served and waits (blocking, up to `timeout`) until its
+    /// applier has stopped; no applier starts again. The stage log and the DR state are
+    /// then the caller's (a promotion).
+    pub fn shut_down(&self, timeout: std::time::Duration) -> std::io::Result<()> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.shut_down = true;
+        self.close();
+        let (running, waited) = self
+            .stopped_cv
+            .wait_timeout_while(running, timeout, |r| r.applier)
+            .unwrap_or_else(|e| e.into_inner());
+        drop(running);
+        if waited.timed_out() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the DR applier did not stop within {timeout:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The directory of the volume's state (`dr.json`, `stage-log`, `group.json`).
+    pub fn volume_dir(&self) -> &std::path::Path {
+        &self.volume_dir
+    }
+
+    /// The last commit its group sent (`None`: the pair applies every sealed unit).
+    pub fn group_commit(&self) -> Option<Epoch> {
+        match self.allowed.load(Ordering::SeqCst) {
+            u64::MAX => None,
+            e => Some(Epoch(e)),
+        }
+    }
+}
+
+/// Whether an applier runs, and whether one may start.
+#[derive(Debug, Default)]
+struct Running {
+    applier: bool,
+    shut_down: bool,
 }

@@ -79,6 +79,8 @@ pub struct PairCounters {
     pub extents_sent: AtomicU64,
     pub extents_rejected: AtomicU64,
     pub resync_bytes_sent: AtomicU64,
+    /// Bytes a resync brought up to date, data or zeroes (a zero range has no payload).
+    pub resync_bytes_copied: AtomicU64,
     pub bytes_received: AtomicU64,
     /// Journal overflows into bitmap mode.
     pub overflows: AtomicU64,
@@ -239,6 +241,12 @@ impl PairLink {
     /// Whether the journal overflowed since the last catch-up started.
     pub fn needs_catch_up(&self) -> bool {
         self.lock().needs_catch_up
+    }
+
+    /// Nothing waits for the DR side: no acknowledgement, nothing queued, no catch-up.
+    pub fn idle(&self) -> bool {
+        let state = self.lock();
+        state.pending.is_empty() && state.journal.nothing_to_send() && !state.journal.catching_up()
     }
 
     // ---- the connection's life ----

@@ -24,6 +24,38 @@ impl Side {
     }
 }
 
+/// Why a production volume refuses the application's writes (its role is `Fenced`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fence {
+    /// A planned reverse drains it: new writes are refused; what was admitted is still
+    /// replicated, until the sides swap.
+    Draining,
+    /// Its group failed over: production is on the other side now. It takes no writes
+    /// until reprotect makes it the DR side.
+    Demoted,
+}
+
+impl Fence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fence::Draining => "draining",
+            Fence::Demoted => "demoted",
+        }
+    }
+}
+
+/// Where a promotion left the volume: its consistent point, and what it dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The last unit applied (the group's commit, or earlier if nothing came after).
+    pub epoch: Epoch,
+    /// When production cut that unit (ms since the Unix epoch; 0 if unknown).
+    pub cut_ms: u64,
+    /// Bytes of staged writes beyond the commit, dropped and marked dirty.
+    pub dropped_bytes: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
     pub pair: PairId,
@@ -55,13 +87,34 @@ pub struct Membership {
     /// writes in it or later, never in an earlier one (its next cut may be far off).
     #[serde(default)]
     pub group_epoch: Epoch,
+    /// The coordinator's term when this side took its role: a role command from an older
+    /// term is refused (rule 5).
+    #[serde(default)]
+    pub term: u64,
+    /// Production: the volume refuses writes, and why.
+    #[serde(default)]
+    pub fence: Option<Fence>,
+    /// Production: this side became production by a failover, at this point.
+    #[serde(default)]
+    pub promotion: Option<Promotion>,
 }
 
 impl Membership {
     pub fn role(&self) -> VolumeRole {
         match self.side {
+            Side::Production if self.fence.is_some() => VolumeRole::Fenced { pair: self.pair },
             Side::Production => VolumeRole::Primary { pair: self.pair },
             Side::Dr => VolumeRole::Secondary { pair: self.pair },
+        }
+    }
+
+    /// The role to take up after a restart. A production side of a consistency group starts
+    /// fenced: its group may have failed over while it was down, so it takes writes only once
+    /// the coordinator confirms it is still production.
+    pub fn role_at_start(&self) -> VolumeRole {
+        match self.side {
+            Side::Production if self.grouped => VolumeRole::Fenced { pair: self.pair },
+            _ => self.role(),
         }
     }
 

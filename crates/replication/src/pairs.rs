@@ -21,6 +21,8 @@ use crate::endpoint::{ClusterEndpoint, ReplicationStream};
 use crate::membership::{Membership, Side};
 use crate::production::{ProductionPair, ReplicationConfig};
 
+mod roles;
+
 #[derive(Clone)]
 enum Runtime {
     Production(Arc<ProductionPair>),
@@ -72,7 +74,10 @@ impl Pairs {
         let Some(membership) = Membership::load(&handle.dir).map_err(|e| e.to_string())? else {
             return Ok(());
         };
-        handle.volume.gate().restore_role(membership.role());
+        handle
+            .volume
+            .gate()
+            .restore_role(membership.role_at_start());
         tracing::info!(volume = %handle.name, pair = %membership.pair, side = membership.side.as_str(), "taking up pair role again");
         self.start(membership, handle).map_err(|e| e.to_string())
     }
@@ -250,6 +255,14 @@ impl Pairs {
         })
     }
 
+    /// This node's volume in `pair`, and its side.
+    pub fn volume_pair_by_id(&self, pair: PairId) -> Option<(VolumeId, Side)> {
+        self.lock().get(&pair).map(|r| match r {
+            Runtime::Production(p) => (p.membership().local_volume, Side::Production),
+            Runtime::Dr(d) => (d.membership().local_volume, Side::Dr),
+        })
+    }
+
     /// Every pair's state as this agent sees it.
     pub fn states(&self) -> Vec<proto::PairState> {
         self.lock()
@@ -379,6 +392,13 @@ impl Pairs {
         };
         let mut membership = membership_of(assignment, side)?;
         membership.discard_peer = assignment.discard_peer;
+        // A switch the coordinator orders for a reverse or a reprotect names the generation
+        // the two sides share from now on: the new production side begins it, the new DR
+        // side adopts it as a consistent image (the sides hold the same data, or differ only
+        // where production's bitmap says).
+        let shared = (assignment.generation != 0).then_some(GenerationId(assignment.generation));
+        membership.grouped = assignment.grouped;
+        membership.full_sync_done = shared.is_some();
         let existing = Membership::load(&handle.dir)
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .filter(|m| m.pair == membership.pair)
@@ -388,8 +408,14 @@ impl Pairs {
                     handle.name, membership.pair
                 ))
             })?;
-        if existing.side == side {
+        if existing.side == side && existing.fence.is_none() {
             return Ok(());
+        }
+        if assignment.term < existing.term {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {}: a switch of term {} is older than this side's term {}",
+                membership.pair, assignment.term, existing.term
+            )));
         }
         if side == Side::Dr && handle.volume.connected_clients() > 0 {
             return Err(ApiError::FailedPrecondition(format!(
@@ -398,30 +424,62 @@ impl Pairs {
                 handle.volume.connected_clients()
             )));
         }
-        match self.lock().remove(&membership.pair) {
+        let runtime = self.lock().remove(&membership.pair);
+        match runtime {
             Some(Runtime::Production(p)) => p.stop(),
-            Some(Runtime::Dr(d)) => d.close(),
+            Some(Runtime::Dr(d)) => {
+                if let Err(e) = d.shut_down(std::time::Duration::from_secs(30)) {
+                    self.lock().insert(membership.pair, Runtime::Dr(d));
+                    return Err(ApiError::Internal(format!("stop the DR applier: {e}")));
+                }
+            }
             None => {}
         }
         let gate = handle.volume.gate();
         gate.set_link(None);
         gate.set_role(membership.role())
             .map_err(|e| ApiError::FailedPrecondition(format!("volume {}: {e}", handle.name)))?;
-        if side == Side::Production {
-            // What it staged as the DR side is not its data any more.
-            for file in ["dr.json", "stage-log"] {
-                remove_if_there(&handle.dir.join(file))
-                    .map_err(|e| ApiError::Internal(format!("remove {file}: {e}")))?;
+        let internal = |what: &str, e: &dyn std::fmt::Display| {
+            ApiError::Internal(format!("volume {}: {what}: {e}", handle.name))
+        };
+        // What it staged as the DR side, or what it recorded as one before, is not its data
+        // any more.
+        for file in ["dr.json", "stage-log", "group.json"] {
+            remove_if_there(&handle.dir.join(file)).map_err(|e| internal(file, &e))?;
+        }
+        if let Some(tracker) = handle.volume.tracker().filter(|_| shared.is_some()) {
+            tracker
+                .clear_durably(handle.volume.size())
+                .map_err(|e| internal("clear the bitmap", &e))?;
+        }
+        let lineage = gate.lineage();
+        match (side, shared, lineage) {
+            (Side::Production, generation, Some(lineage)) => {
+                let id = generation.unwrap_or_else(GenerationId::random);
+                if lineage.get().current.id != id {
+                    lineage
+                        .begin(id)
+                        .map_err(|e| internal("record a new generation", &e))?;
+                }
             }
-            if let Some(lineage) = gate.lineage() {
+            (Side::Dr, Some(generation), Some(lineage)) => {
                 lineage
-                    .begin(GenerationId::random())
-                    .map_err(|e| ApiError::Internal(format!("record a new generation: {e}")))?;
+                    .adopt(generation)
+                    .map_err(|e| internal("adopt the production side's generation", &e))?;
+                roles::adopted_dr_state()
+                    .save(&handle.dir.join("dr.json"))
+                    .map_err(|e| internal("record the DR state", &e))?;
             }
+            _ => {}
+        }
+        if side == Side::Dr && assignment.grouped {
+            // It applies only what its group commits, from the first unit on.
+            crate::dr::record_group_commit(&handle.dir, Epoch::ZERO)
+                .map_err(|e| internal("record the group's commit", &e))?;
         }
         membership
             .save(&handle.dir)
-            .map_err(|e| ApiError::Internal(format!("record the pair: {e}")))?;
+            .map_err(|e| internal("record the pair", &e))?;
         tracing::info!(volume = %handle.name, pair = %membership.pair, side = side.as_str(), "switched sides");
         self.start(membership, handle)
     }
@@ -470,6 +528,9 @@ fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership, Ap
         paused: false,
         grouped: false,
         group_epoch: Epoch::ZERO,
+        term: a.term,
+        fence: None,
+        promotion: None,
     })
 }
 
@@ -486,6 +547,7 @@ fn cut_text(cut_ms: u64) -> String {
 
 fn production_state(p: &ProductionPair) -> proto::PairState {
     let m = p.membership();
+    let drained = p.drained();
     let status = p.status();
     let counters = &p.link.counters;
     let (journal_bytes, journal_limit) = p.link.journal_fill();
@@ -513,6 +575,7 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
             extents_sent: counters.extents_sent.load(Ordering::Relaxed),
             extents_rejected: counters.extents_rejected.load(Ordering::Relaxed),
             resync_bytes_sent: counters.resync_bytes_sent.load(Ordering::Relaxed),
+            resync_bytes_copied: counters.resync_bytes_copied.load(Ordering::Relaxed),
             resync_rate: status.resync_rate,
             journal_bytes,
             journal_limit,
@@ -543,6 +606,15 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
         staged_epoch: p.staged_epoch().0,
         grouped: p.link.grouped(),
         current_epoch: p.link.current_epoch().0,
+        fence: match (m.fence, p.confirmed()) {
+            (Some(fence), _) => fence.as_str().into(),
+            (None, false) => "unconfirmed".into(),
+            (None, true) => String::new(),
+        },
+        drained: drained.is_some(),
+        drained_epoch: drained.map_or(0, |e| e.0),
+        group_commit: 0,
+        term: m.term,
     }
 }
 
@@ -597,5 +669,10 @@ fn dr_state(d: &DrPair) -> proto::PairState {
         staged_epoch: 0,
         grouped: d.grouped(),
         current_epoch: 0,
+        fence: String::new(),
+        drained: false,
+        drained_epoch: 0,
+        group_commit: d.group_commit().map_or(0, |e| e.0),
+        term: m.term,
     }
 }

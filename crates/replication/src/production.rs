@@ -26,7 +26,7 @@ use bytes::Bytes;
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
 use crate::link::{Data, Live, OutFrame, PairLink};
-use crate::membership::Membership;
+use crate::membership::{Fence, Membership};
 use crate::verify::{VERIFY_BLOCK, VerifyRunner, VerifyStatus};
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
@@ -104,6 +104,11 @@ pub struct ProductionPair {
     verify: Mutex<Option<RunningVerify>>,
     /// Replication paused by the operator (recorded in the membership too).
     paused: tokio::sync::watch::Sender<bool>,
+    /// The coordinator confirmed, since this agent started, that this side is still
+    /// production (a grouped pair waits for it: its group may have failed over meanwhile).
+    confirmed: tokio::sync::watch::Sender<bool>,
+    /// Fenced for a reverse: the epoch writes were admitted in when the fence went up.
+    drain_from: Mutex<Option<Epoch>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -160,6 +165,9 @@ impl ProductionPair {
             .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
         let (stop, _) = tokio::sync::watch::channel(false);
         let (paused, _) = tokio::sync::watch::channel(membership.paused);
+        let (confirmed, _) =
+            tokio::sync::watch::channel(membership.role_at_start() == membership.role());
+        let drain_from = (membership.fence == Some(Fence::Draining)).then(|| link.current_epoch());
         let pair = Arc::new(Self {
             membership: Mutex::new(membership),
             volume_dir,
@@ -185,6 +193,8 @@ impl ProductionPair {
             accepted: AtomicBool::new(false),
             verify: Mutex::new(None),
             paused,
+            confirmed,
+            drain_from: Mutex::new(drain_from),
             stop,
         });
         tokio::spawn(Arc::clone(&pair).run());
@@ -283,14 +293,34 @@ impl ProductionPair {
         let mut backoff = Backoff::new(self.membership().pair.as_bytes()[0] as u64);
         let mut stop = self.stop.subscribe();
         let mut paused = self.paused.subscribe();
+        let mut confirmed = self.confirmed.subscribe();
         loop {
             if self.stopped() {
+                return;
+            }
+            if !*confirmed.borrow_and_update() {
+                self.set_status(
+                    ReplicationStatus::Inactive,
+                    "restarted: waiting for the coordinator to confirm this side is still production (its group may have failed over)",
+                );
+                tokio::select! {
+                    _ = confirmed.wait_for(|c| *c) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            if self.membership().fence == Some(Fence::Demoted) {
+                self.set_status(
+                    ReplicationStatus::Inactive,
+                    "demoted: its group failed over; the volume takes no writes until `group reprotect`",
+                );
+                let _ = stop.changed().await;
                 return;
             }
             if *paused.borrow_and_update() {
                 self.set_status(
                     ReplicationStatus::ActiveStopped,
-                    "stopped by the operator: writes are tracked in the bitmap until `group sync`",
+                    "stopped (group stop, or a failover): writes are tracked in the bitmap until `group sync` or `group reprotect`",
                 );
                 tokio::select! {
                     _ = paused.wait_for(|p| !*p) => {}
@@ -464,6 +494,67 @@ impl ProductionPair {
         }
         self.paused.send_replace(paused);
         Ok(())
+    }
+
+    /// The coordinator confirmed that this side is still production: the volume takes
+    /// writes again (unless fenced) and the pair starts replicating.
+    pub fn confirm(&self) {
+        if *self.confirmed.borrow() {
+            return;
+        }
+        let role = self.membership().role();
+        self.volume.gate().restore_role(role);
+        tracing::info!(pair = %self.membership().pair, %role, "the coordinator confirmed this side's role");
+        self.confirmed.send_replace(true);
+    }
+
+    /// Whether the coordinator has confirmed this side since the agent started.
+    pub fn confirmed(&self) -> bool {
+        *self.confirmed.borrow()
+    }
+
+    /// Puts up or takes down a fence, recorded before the gate changes: `Draining` refuses new
+    /// writes while what was admitted still replicates; `Demoted` also stops replicating.
+    pub fn set_fence(&self, fence: Option<Fence>, term: u64) -> std::io::Result<()> {
+        let membership = {
+            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+            m.fence = fence;
+            m.term = m.term.max(term);
+            m.clone()
+        };
+        membership.save(&self.volume_dir)?;
+        *self.drain_from.lock().unwrap_or_else(|e| e.into_inner()) =
+            (fence == Some(Fence::Draining)).then(|| self.link.current_epoch());
+        // An unconfirmed side stays fenced whatever it is told; confirmation applies it.
+        if self.confirmed() || fence.is_some() {
+            self.volume.gate().restore_role(membership.role());
+        }
+        tracing::info!(pair = %membership.pair, fence = fence.map_or("none", Fence::as_str), "fence changed");
+        if fence == Some(Fence::Demoted) {
+            self.set_status(
+                ReplicationStatus::Inactive,
+                "demoted: its group failed over; the volume takes no writes until `group reprotect`",
+            );
+            self.confirmed.send_replace(true);
+            self.stop();
+        }
+        Ok(())
+    }
+
+    /// Fenced for a reverse, and everything admitted before is on the DR side: no write holds
+    /// its blocks in the gate (each is answered, so a hypermetro one was acknowledged), nothing
+    /// waits for an acknowledgement or to be sent, and the DR side staged every epoch up to
+    /// the one the fence went up in. Returns that epoch (the DR side applies up to it).
+    pub fn drained(&self) -> Option<Epoch> {
+        let from = (*self.drain_from.lock().unwrap_or_else(|e| e.into_inner()))?;
+        if !self.volume.gate().idle() || !self.link.idle() {
+            return None;
+        }
+        match self.link.live() {
+            Live::Sync => Some(from),
+            Live::Journal if self.link.staged_epoch() >= from => Some(from),
+            _ => None,
+        }
     }
 
     async fn session(&self) -> Result<(), SessionError> {
@@ -955,7 +1046,9 @@ impl ResyncReader {
                 .resync_bytes_sent
                 .fetch_add(data.0.len() as u64, Ordering::Relaxed);
         }
-        let _ = range;
+        counters
+            .resync_bytes_copied
+            .fetch_add(range.len, Ordering::Relaxed);
     }
 
     /// Reads an extent (its blocks locked by the caller): zeroes are sent as a zero range.

@@ -106,63 +106,11 @@ impl StageLog {
             }
             Err(e) => return Err(e),
         };
-        let len = file.metadata()?.len();
-        let mut staged = Vec::new();
-        let mut seals = Vec::new();
-        let mut at = 0u64;
-        let mut header = [0u8; 5];
-        while at + 5 <= len {
-            file.read_exact_at(&mut header, at)?;
-            let body_len = u32::from_le_bytes(header[..4].try_into().expect("4")) as u64;
-            if body_len == 0 {
-                // Padding to the next block.
-                at = (at / BLOCK + 1) * BLOCK;
-                continue;
-            }
-            let kind = header[4];
-            if at + 5 + body_len + 4 > len || body_len > (64 << 20) + 64 {
-                break;
-            }
-            let mut body = vec![0u8; body_len as usize];
-            file.read_exact_at(&mut body, at + 5)?;
-            let mut crc = [0u8; 4];
-            file.read_exact_at(&mut crc, at + 5 + body_len)?;
-            let mut hasher = crc32fast::Hasher::new();
-            hasher.update(&[kind]);
-            hasher.update(&body);
-            if hasher.finalize() != u32::from_le_bytes(crc) {
-                break;
-            }
-            let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8"));
-            match kind {
-                KIND_WRITE if body.len() >= 21 => {
-                    let epoch = Epoch(u64_at(0));
-                    let offset = u64_at(8);
-                    let len = u32::from_le_bytes(body[16..20].try_into().expect("4")) as u64;
-                    let zeroes = body[20] != 0;
-                    if epoch > applied {
-                        staged.push(Staged {
-                            epoch,
-                            range: ByteRange::new(offset, len),
-                            zeroes,
-                            data_at: at + 5 + 21,
-                            data: None,
-                        });
-                    }
-                }
-                KIND_SEAL if body.len() == 16 => {
-                    let seal = SealRecord {
-                        epoch: Epoch(u64_at(0)),
-                        cut_ms: u64_at(8),
-                    };
-                    if seal.epoch > applied {
-                        seals.push(seal);
-                    }
-                }
-                _ => break,
-            }
-            at += 5 + body_len + 4;
-        }
+        let Records {
+            mut staged,
+            seals,
+            end: at,
+        } = read_records(&file, applied)?;
         // Writes past the last seal belong to units that were never sealed.
         let last_seal = seals.last().map_or(applied, |s| s.epoch);
         staged.retain(|s| s.epoch <= last_seal);
@@ -365,6 +313,97 @@ impl StageLog {
         }
         Ok(())
     }
+}
+
+/// What the log holds above an applied epoch: every write record (sealed or not) and every
+/// seal, in log order, and where the last good record ends.
+struct Records {
+    staged: Vec<Staged>,
+    seals: Vec<SealRecord>,
+    end: u64,
+}
+
+fn read_records(file: &File, applied: Epoch) -> io::Result<Records> {
+    let len = file.metadata()?.len();
+    let mut staged = Vec::new();
+    let mut seals = Vec::new();
+    let mut at = 0u64;
+    let mut header = [0u8; 5];
+    while at + 5 <= len {
+        file.read_exact_at(&mut header, at)?;
+        let body_len = u32::from_le_bytes(header[..4].try_into().expect("4")) as u64;
+        if body_len == 0 {
+            // Padding to the next block.
+            at = (at / BLOCK + 1) * BLOCK;
+            continue;
+        }
+        let kind = header[4];
+        if at + 5 + body_len + 4 > len || body_len > (64 << 20) + 64 {
+            break;
+        }
+        let mut body = vec![0u8; body_len as usize];
+        file.read_exact_at(&mut body, at + 5)?;
+        let mut crc = [0u8; 4];
+        file.read_exact_at(&mut crc, at + 5 + body_len)?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[kind]);
+        hasher.update(&body);
+        if hasher.finalize() != u32::from_le_bytes(crc) {
+            break;
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8"));
+        match kind {
+            KIND_WRITE if body.len() >= 21 => {
+                let epoch = Epoch(u64_at(0));
+                let offset = u64_at(8);
+                let len = u32::from_le_bytes(body[16..20].try_into().expect("4")) as u64;
+                let zeroes = body[20] != 0;
+                if epoch > applied {
+                    staged.push(Staged {
+                        epoch,
+                        range: ByteRange::new(offset, len),
+                        zeroes,
+                        data_at: at + 5 + 21,
+                        data: None,
+                    });
+                }
+            }
+            KIND_SEAL if body.len() == 16 => {
+                let seal = SealRecord {
+                    epoch: Epoch(u64_at(0)),
+                    cut_ms: u64_at(8),
+                };
+                if seal.epoch > applied {
+                    seals.push(seal);
+                }
+            }
+            _ => break,
+        }
+        at += 5 + body_len + 4;
+    }
+    Ok(Records {
+        staged,
+        seals,
+        end: at,
+    })
+}
+
+/// The ranges of every write a stage log holds for epochs after `after`, sealed or not, and
+/// the newest seal in it: what a promotion drops, found before the log is opened (which
+/// forgets unsealed writes).
+pub fn writes_after(path: &Path, after: Epoch) -> io::Result<(Vec<ByteRange>, Option<SealRecord>)> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) => return Err(e),
+    };
+    let Records { staged, seals, .. } = read_records(&file, Epoch::ZERO)?;
+    let ranges = staged
+        .into_iter()
+        .filter(|s| s.epoch > after)
+        .map(|s| s.range)
+        .collect();
+    Ok((ranges, seals.last().copied()))
 }
 
 #[cfg(test)]

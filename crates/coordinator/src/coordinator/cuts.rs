@@ -50,6 +50,13 @@ pub(super) struct GroupCuts {
     rounds: u32,
 }
 
+impl GroupCuts {
+    /// The highest epoch the group committed since this state was made.
+    pub(super) fn committed(&self) -> Epoch {
+        self.cut.committed()
+    }
+}
+
 impl Coordinator {
     /// Cuts every async group's epochs every `interval`, until the daemon stops.
     pub async fn cut_groups(self: Arc<Self>, interval: Duration) {
@@ -90,7 +97,9 @@ impl Coordinator {
                 continue;
             }
             in_async_group.extend(g.pairs.iter().copied());
-            if g.status != blockrep_core::replication::GroupStatus::Available || g.stopped {
+            // A reverse drains through the cuts: its last epochs must commit.
+            use blockrep_core::replication::GroupStatus as S;
+            if !matches!(g.status, S::Available | S::Reversing) || g.stopped {
                 continue;
             }
             let members: Option<Vec<Member>> = g
@@ -352,7 +361,7 @@ impl Coordinator {
     }
 }
 
-fn now_millis() -> u64 {
+pub(super) fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -23,7 +23,7 @@ fn check_text(what: &str, text: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn refused(e: Refused) -> ApiError {
+pub(super) fn refused(e: Refused) -> ApiError {
     ApiError::FailedPrecondition(e.to_string())
 }
 
@@ -68,6 +68,9 @@ impl Coordinator {
             updated_at: None,
             failure_detail: None,
             job: Some(job.id),
+            term: 0,
+            operation: None,
+            failed_over_at: None,
         };
         let mut job = job;
         job.group = Some(group.id);
@@ -261,10 +264,12 @@ impl Coordinator {
                 .cloned()
                 .collect();
             for pair in pairs {
-                let want_paused = pair
-                    .group
-                    .and_then(|g| state.groups.get(&g))
-                    .is_some_and(|g| g.stopped);
+                let group = pair.group.and_then(|g| state.groups.get(&g));
+                if group.is_some_and(|g| g.operation.is_some()) {
+                    // The operation decides.
+                    continue;
+                }
+                let want_paused = group.is_some_and(|g| g.stopped);
                 let Some(node) = state.nodes.get(&pair.production_node) else {
                     continue;
                 };
@@ -318,9 +323,11 @@ impl Coordinator {
                 .groups
                 .values()
                 .filter(|g| {
-                    g.job
-                        .and_then(|j| state.jobs.get(&j))
-                        .is_some_and(|j| !j.status.is_finished())
+                    // An operation under way ends its job itself, or hands it back here.
+                    g.operation.is_none()
+                        && g.job
+                            .and_then(|j| state.jobs.get(&j))
+                            .is_some_and(|j| !j.status.is_finished())
                 })
                 .cloned()
                 .collect()
@@ -333,7 +340,9 @@ impl Coordinator {
     }
 
     /// Ends a sync or stop job once every pair's production agent reports the state asked
-    /// for (a production agent that is down replicates nothing: it counts as stopped).
+    /// for (a production agent that is down replicates nothing: it counts as stopped); a
+    /// reverse or reprotect once its roles changed and every pair is active in the new
+    /// direction.
     fn follow_group_job(&self, group: &GroupRecord) -> Result<(), ApiError> {
         let mut state = self.lock();
         let Some(mut job) = group.job.and_then(|j| state.jobs.get(&j)).cloned() else {
@@ -350,7 +359,7 @@ impl Coordinator {
                         || p.replication_status == ReplicationStatus::ActiveStopped.as_str()
                 })
                 .then_some(Ok(())),
-            _ => {
+            JobType::SyncGroup | JobType::ReverseGroup | JobType::ReprotectGroup => {
                 if let Some(p) = members.iter().find(|p| p.needs_resolve) {
                     Some(Err(format!(
                         "pair {} needs `pair resolve`: {}",
@@ -362,9 +371,13 @@ impl Coordinator {
                         .filter(|p| p.replication_status == ReplicationStatus::Active.as_str())
                         .count();
                     job.progress = active as f64 / members.len().max(1) as f64;
+                    if active == members.len() && job.job_type == JobType::ReprotectGroup {
+                        job.result = Some(reprotect_result(&members));
+                    }
                     (active == members.len()).then_some(Ok(()))
                 }
             }
+            _ => None,
         };
         let Some(outcome) = outcome else {
             state.jobs.insert(job.id, job);
@@ -417,7 +430,7 @@ impl Coordinator {
         Ok(ids)
     }
 
-    fn find_group(state: &State, reference: &str) -> Result<GroupId, ApiError> {
+    pub(super) fn find_group(state: &State, reference: &str) -> Result<GroupId, ApiError> {
         find_by_id_or_name(&state.groups, reference, "consistency group", |g| &g.name)
     }
 
@@ -462,7 +475,7 @@ impl Coordinator {
     }
 
     /// What the group state machine looks at.
-    fn group_state(&self, state: &State, group: &GroupRecord) -> GroupView {
+    pub(super) fn group_state(&self, state: &State, group: &GroupRecord) -> GroupView {
         let replication = group_replication(
             group.stopped,
             self.member_views(state, group).iter().map(|p| {
@@ -478,7 +491,7 @@ impl Coordinator {
         }
     }
 
-    fn member_views(&self, state: &State, group: &GroupRecord) -> Vec<proto::Pair> {
+    pub(super) fn member_views(&self, state: &State, group: &GroupRecord) -> Vec<proto::Pair> {
         group
             .pairs
             .iter()
@@ -488,7 +501,7 @@ impl Coordinator {
     }
 
     /// A group as the API shows it: its record, with its pairs' reported state.
-    fn group_view(&self, state: &State, g: &GroupRecord) -> proto::Group {
+    pub(super) fn group_view(&self, state: &State, g: &GroupRecord) -> proto::Group {
         let members = self.member_views(state, g);
         let view = self.group_state(state, g);
         let production_lost = g
@@ -509,6 +522,27 @@ impl Coordinator {
             FaultLevel::None
         };
         let oldest = members.iter().min_by_key(|p| p.consistent_epoch);
+        // An async group's consistent point is its commit: what a failover rolls every DR
+        // side to (none before the first; a lone pair's own epochs are not group-wide).
+        let mut consistent_epoch = match g.model {
+            ReplicationModel::Async => self.group_commit(state, g).map_or(0, |e| e.0),
+            ReplicationModel::Hypermetro => oldest.map_or(0, |p| p.consistent_epoch),
+        };
+        let mut consistent_at = oldest.map(|p| p.consistent_at.clone()).unwrap_or_default();
+        if let Some(point) = g
+            .failed_over_at
+            .filter(|_| g.status == GroupStatus::Failovered)
+        {
+            consistent_epoch = point.epoch.0;
+            consistent_at = if point.cut_ms == 0 {
+                String::new()
+            } else {
+                humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + Duration::from_millis(point.cut_ms),
+                )
+                .to_string()
+            };
+        }
         proto::Group {
             id: g.id.to_string(),
             name: g.name.clone(),
@@ -522,10 +556,27 @@ impl Coordinator {
             replication_model: g.model.to_string(),
             created_at: g.created_at.clone(),
             updated_at: g.updated_at.clone().unwrap_or_default(),
-            consistent_epoch: oldest.map_or(0, |p| p.consistent_epoch),
-            consistent_at: oldest.map(|p| p.consistent_at.clone()).unwrap_or_default(),
+            consistent_epoch,
+            consistent_at,
+            operation: g
+                .operation
+                .as_ref()
+                .map(|o| o.describe())
+                .unwrap_or_default(),
         }
     }
+}
+
+/// What a reprotect copied: the bytes each new production side sent in its catch-up.
+fn reprotect_result(members: &[proto::Pair]) -> String {
+    let counters: Vec<proto::PairCounters> = members.iter().filter_map(|p| p.counters).collect();
+    let copied: u64 = counters.iter().map(|c| c.resync_bytes_copied).sum();
+    let sent: u64 = counters.iter().map(|c| c.resync_bytes_sent).sum();
+    format!(
+        "copied {} to the old production side (the union of both sides' dirty blocks; {} of it data, the rest zeroes)",
+        blockrep_api::human_bytes(copied),
+        blockrep_api::human_bytes(sent)
+    )
 }
 
 /// A job for an operation the one store transaction completes.
