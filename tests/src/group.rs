@@ -54,13 +54,12 @@ pub fn group_action(cluster: &TestCluster, group: &str, action: &str, timeout: D
     cluster.coordinator().cli_json(&["job", "show", &job])
 }
 
-/// Waits until the group replicates and its DR side has a consistent point (an async
-/// group's first commit), so that a failover has somewhere to go.
-pub fn wait_consistent(cluster: &TestCluster, group: &str, model: &str, timeout: Duration) {
+/// Waits until the group replicates and its DR side has a consistent point (every pair
+/// joined it; an async group's first commit), so that a failover has somewhere to go.
+pub fn wait_consistent(cluster: &TestCluster, group: &str, timeout: Duration) {
     wait_until(timeout, "the group's consistent point", || {
         let g = cluster.coordinator().cli_json(&["group", "show", group]);
-        g["replication_status"] == "active"
-            && (model == "hypermetro" || number(&g, "consistent_epoch") > 0)
+        g["replication_status"] == "active" && number(&g, "consistent_epoch") > 0
     });
 }
 

@@ -97,7 +97,7 @@ fn failover_rounds(model: &str, default_seed: u64) {
     let mut dr = [Member::new("node-b", "d1"), Member::new("node-b", "d2")];
     let next = Arc::new(AtomicU64::new(0));
     for round in 0..rounds() {
-        wait_consistent(&setup.cluster, "app", model, Duration::from_secs(120));
+        wait_consistent(&setup.cluster, "app", Duration::from_secs(120));
         let writer = RecordWriter::start(
             sockets(&setup.cluster, &production),
             Arc::clone(&next),
@@ -162,7 +162,7 @@ fn failover_rounds(model: &str, default_seed: u64) {
         next.store(held, std::sync::atomic::Ordering::SeqCst);
     }
     // Both sides end identical.
-    wait_consistent(&setup.cluster, "app", model, Duration::from_secs(120));
+    wait_consistent(&setup.cluster, "app", Duration::from_secs(120));
     let current = production
         .iter()
         .map(|m| number(&pair_state(&setup.cluster, m), "current_epoch"))

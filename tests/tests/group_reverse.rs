@@ -194,7 +194,7 @@ impl Group {
 /// new production side holds every answered record and takes writes, and the old one
 /// refuses them.
 fn reverse_once(g: &mut Group, next: &Arc<AtomicU64>, crash_at: Option<&str>) {
-    wait_consistent(&g.cluster, "app", g.model, Duration::from_secs(120));
+    wait_consistent(&g.cluster, "app", Duration::from_secs(120));
     let writer = RecordWriter::start(
         sockets(&g.cluster, &g.production),
         Arc::clone(next),
@@ -274,7 +274,7 @@ fn a_coordinator_killed_mid_reverse_and_mid_reprotect_resumes_them() {
     }
 
     // An AZ failure, a failover, the zone back, and a reprotect the coordinator dies in.
-    wait_consistent(&g.cluster, "app", g.model, Duration::from_secs(120));
+    wait_consistent(&g.cluster, "app", Duration::from_secs(120));
     let writer = RecordWriter::start(
         sockets(&g.cluster, &g.production),
         Arc::clone(&next),

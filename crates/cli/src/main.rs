@@ -245,6 +245,18 @@ enum GroupCommand {
         /// Group id or name.
         group: String,
     },
+    /// Grow both volumes of a pair of the group, online (both backings need the room).
+    /// Clients see the new size when they connect again.
+    Extend {
+        /// Group id or name.
+        group: String,
+        /// Pair id or name.
+        #[arg(long)]
+        pair: String,
+        /// The new size: bytes, or with a unit (8GiB, 512MiB).
+        #[arg(long, value_parser = blockrep_api::parse_size)]
+        size: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -440,6 +452,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             GroupCommand::Reprotect { group } => {
                 let started = call(client.reprotect_group(proto::GroupRef { group })).await?;
+                out.print(&started);
+            }
+            GroupCommand::Extend { group, pair, size } => {
+                let started = call(client.extend_group(proto::ExtendGroupRequest {
+                    group,
+                    pair,
+                    size_bytes: size,
+                }))
+                .await?;
                 out.print(&started);
             }
         },

@@ -86,6 +86,8 @@ pub struct Coordinator {
     state: Mutex<State>,
     /// Wakes the driver at once when a request gives it work.
     kick: tokio::sync::Notify,
+    /// Wakes the cut loop at once (a pair tripped, or a group went synchronous).
+    cut_kick: tokio::sync::Notify,
     store: Arc<dyn Store>,
     agents: Arc<dyn Agents>,
     /// This daemon's node name (it runs the coordinator).
@@ -137,6 +139,7 @@ impl Coordinator {
         Ok(Arc::new(Self {
             state: Mutex::new(state),
             kick: tokio::sync::Notify::new(),
+            cut_kick: tokio::sync::Notify::new(),
             store,
             agents,
             node,
@@ -189,6 +192,7 @@ impl Coordinator {
             Some(Request::ReprotectGroup(r)) => {
                 self.reprotect_group(&r.group).map(Response::GroupJob)
             }
+            Some(Request::ExtendGroup(r)) => self.extend_group(r).map(Response::GroupJob),
             Some(Request::GetJob(r)) => self.get_job(&r.job).map(Response::Job),
             Some(Request::ListJobs(_)) => Ok(Response::Jobs(proto::ListJobsResponse {
                 jobs: self.list_jobs(),
@@ -241,6 +245,10 @@ impl Coordinator {
             );
         }
         let name = report.node.clone();
+        if report.pairs.iter().any(|p| p.trip_wanted) {
+            // Its writes wait for the trip cut.
+            self.cut_kick.notify_one();
+        }
         let node = state.nodes.get_mut(&name).expect("inserted above");
         node.last_seen = Some(Instant::now());
         node.report = report;

@@ -73,7 +73,7 @@ pub struct GroupRecord {
     /// The term of the group's roles (see [`PairRecord::term`]).
     #[serde(default)]
     pub term: u64,
-    /// A failover, reverse or reprotect under way: its plan and how far it got, so
+    /// A failover, reverse, reprotect or extend under way: its plan and how far it got, so
     /// a restarted coordinator carries on where it stopped.
     #[serde(default)]
     pub operation: Option<GroupOperation>,
@@ -116,6 +116,16 @@ impl GroupOperation {
                     p.pairs.len()
                 )
             ),
+            GroupOperation::Extend(p) => format!(
+                "extend: pair {} to {} bytes ({})",
+                p.pair,
+                p.size,
+                if p.dr_done {
+                    "DR volume grown, production next"
+                } else {
+                    "DR volume first"
+                }
+            ),
         }
     }
 }
@@ -127,6 +137,7 @@ pub enum GroupOperation {
     Failover(FailoverPlan),
     Reverse(ReversePlan),
     Reprotect(ReprotectPlan),
+    Extend(ExtendPlan),
 }
 
 /// Failover: every DR side rolls to `commit` and becomes production.
@@ -199,6 +210,15 @@ pub struct ReprotectStep {
     /// The old production side's dirty bytes, marked on the new production side.
     pub handed_over: Option<u64>,
     pub switched: bool,
+}
+
+/// Extend: both volumes of `pair` grow to `size`, the DR volume first (a production write
+/// past the DR volume's end would fail there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtendPlan {
+    pub pair: PairId,
+    pub size: u64,
+    pub dr_done: bool,
 }
 
 /// What the driver still has to tell an agent.

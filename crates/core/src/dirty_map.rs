@@ -81,6 +81,23 @@ impl DirtyMap {
         }
     }
 
+    /// Grows the map to cover a volume of `volume_size` bytes (a smaller size changes
+    /// nothing). The new blocks are clean; the pages that changed are marked so.
+    pub fn grow(&mut self, volume_size: u64) {
+        if volume_size <= self.volume_size {
+            return;
+        }
+        let old_pages = self.page_count();
+        self.volume_size = volume_size;
+        self.nbits = volume_size.div_ceil(self.granularity.bytes());
+        let pages = self.nbits.div_ceil(BITS_PER_PAGE).max(1);
+        self.words.resize(pages as usize * WORDS_PER_PAGE, 0);
+        self.changed_pages.resize((pages as usize).div_ceil(64), 0);
+        for page in old_pages.saturating_sub(1)..pages {
+            self.changed_pages[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
     pub fn granularity(&self) -> Granularity {
         self.granularity
     }
@@ -352,6 +369,29 @@ mod tests {
         );
         map.clear_range(ByteRange::new(10 * G, 512));
         assert!(map.is_clean());
+    }
+
+    #[test]
+    fn growing_keeps_the_bits_and_adds_clean_blocks() {
+        let mut map = DirtyMap::new(10 * G, Granularity::DEFAULT);
+        map.set_range(ByteRange::new(9 * G, G));
+        map.take_changed_pages();
+        map.grow(BITS_PER_PAGE * G * 3);
+        assert_eq!(map.volume_size(), BITS_PER_PAGE * G * 3);
+        assert_eq!(map.page_count(), 3);
+        assert_eq!(
+            map.runs().collect::<Vec<_>>(),
+            vec![ByteRange::new(9 * G, G)]
+        );
+        assert_eq!(
+            map.take_changed_pages().len(),
+            3,
+            "every page to be written"
+        );
+        map.set_range(ByteRange::new(BITS_PER_PAGE * G * 3 - G, G));
+        assert_eq!(map.dirty_bytes(), 2 * G);
+        map.grow(G);
+        assert_eq!(map.page_count(), 3, "growing smaller changes nothing");
     }
 
     #[test]

@@ -214,7 +214,10 @@ impl Sim {
                 self.acks.push_back(epoch);
             }
             Outgoing::Discard { after } => self.dr.staged.retain(|(e, _, _)| *e <= after),
-            Outgoing::Flush { .. } | Outgoing::SyncDone { .. } | Outgoing::Verify { .. } => {}
+            Outgoing::Flush { .. }
+            | Outgoing::SyncDone { .. }
+            | Outgoing::Verify { .. }
+            | Outgoing::Ungate { .. } => {}
         }
     }
 

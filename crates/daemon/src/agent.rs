@@ -97,14 +97,17 @@ impl Agent {
     fn bring_online(self: &Arc<Self>, record: &VolumeRecord) -> Result<Online, ApiError> {
         let backing = Backing::open(&record.path, record.cache)
             .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
-        if backing.size() != record.size {
+        if backing.size() < record.size {
             return Err(ApiError::FailedPrecondition(format!(
-                "{} is {} bytes but was registered with {}; resizing is not supported yet",
+                "{} is {} bytes but was registered with {}: it shrank",
                 record.path.display(),
                 backing.size(),
                 record.size
             )));
         }
+        // Bigger than registered: an extend that did not finish (or a device grown ahead of
+        // one); the volume keeps its registered size until an extend says otherwise.
+        backing.limit_to(record.size);
         let tracker = match self.config.tracker {
             Some(tracker_config) => {
                 let (tracker, report) = DirtyTracker::open(
@@ -132,9 +135,10 @@ impl Agent {
             })?;
         volume.gate().set_lineage(Arc::new(lineage));
         // A volume in a pair keeps its role across restarts: a DR volume stays read-only
-        // even before (or without) the cluster endpoint.
+        // even before (or without) the cluster endpoint, and a production volume of a group
+        // takes no writes until the coordinator confirms it.
         match Membership::load(&self.tracker_dir(record.id)) {
-            Ok(Some(membership)) => volume.gate().restore_role(membership.role()),
+            Ok(Some(membership)) => volume.gate().restore_role(membership.role_at_start()),
             Ok(None) => {}
             Err(e) => {
                 return Err(ApiError::Internal(format!(
@@ -396,6 +400,45 @@ impl Agent {
             ))
         })?;
         self.volume_handle(&volume.to_string())
+    }
+
+    /// Grows a volume to `size` bytes, online (an extend of its pair): its tracker and
+    /// backing first, then its registered size and its pair's. Growing to the size it has
+    /// changes nothing.
+    pub fn extend_volume(&self, reference: &str, size: u64) -> Result<(), ApiError> {
+        let mut volumes = self.lock();
+        let id = find(&volumes, reference)?;
+        let entry = &volumes[&id];
+        let online = entry.state.as_ref().map_err(|e| {
+            ApiError::FailedPrecondition(format!("volume {} is offline: {e}", entry.record.name))
+        })?;
+        let name = entry.record.name.to_string();
+        let volume = Arc::clone(&online.volume);
+        volume.grow(size).map_err(|e| match e {
+            blockrep_volume::GrowVolumeError::Backing(
+                e @ (blockrep_volume::GrowError::Unaligned { .. }
+                | blockrep_volume::GrowError::Shrink { .. }),
+            ) => ApiError::InvalidArgument(format!("volume {name}: {e}")),
+            e => ApiError::FailedPrecondition(format!("volume {name}: {e}")),
+        })?;
+        if entry.record.size != size {
+            let mut records: Vec<VolumeRecord> =
+                volumes.values().map(|e| e.record.clone()).collect();
+            if let Some(r) = records.iter_mut().find(|r| r.id == id) {
+                r.size = size;
+            }
+            registry::save(&self.config.state_dir, &records)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if let Some(e) = volumes.get_mut(&id) {
+                e.record.size = size;
+            }
+        }
+        drop(volumes);
+        self.pairs
+            .set_volume_size(id, &self.tracker_dir(id), size)
+            .map_err(|e| ApiError::Internal(format!("record the pair's size: {e}")))?;
+        tracing::info!(volume = %name, size, "volume extended");
+        Ok(())
     }
 
     /// Starts replicating every pair the online volumes were in before a restart.

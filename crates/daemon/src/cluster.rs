@@ -15,6 +15,7 @@ use blockrep_api::proto::{
 };
 use blockrep_coordinator::{Agents, Coordinator, RedbStore};
 use blockrep_core::ByteRange;
+use blockrep_core::replication::group_cut::CutMode;
 use blockrep_core::replication::{Epoch, GenerationId, PairId};
 use blockrep_replication::TransportSettings;
 use blockrep_replication::endpoint::{
@@ -138,7 +139,11 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reachable = true;
         loop {
-            tick.tick().await;
+            // A pair of a hypermetro group that trips is reported at once: its writes wait.
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.agent.pairs().trips().notified() => {}
+            }
             // A group cut whose release never came (the coordinator is away) ends here.
             self.agent.pairs().release_stale_holds(GROUP_HOLD_TIMEOUT);
             let report = self.report();
@@ -234,10 +239,15 @@ impl Cluster {
             }
             Request::GroupCut(c) => {
                 let ids = pair_ids(&c.pair_ids)?;
-                let (staged, atomic) = pairs.group_cut(&ids, Epoch(c.epoch))?;
+                let mode = CutMode::from_code(c.mode).ok_or_else(|| {
+                    ApiError::InvalidArgument(format!("cut mode {} is not known", c.mode))
+                })?;
+                let answer = pairs.group_cut(&ids, Epoch(c.epoch), mode)?;
                 return Ok(Response::CutAck(proto::GroupCutAck {
-                    staged: staged.0,
-                    atomic: atomic
+                    staged: answer.staged.0,
+                    synchronous: answer.synchronous,
+                    atomic: answer
+                        .atomic
                         .into_iter()
                         .map(|s| proto::AtomicSpan {
                             from: s.from.0,
@@ -248,7 +258,7 @@ impl Cluster {
                 }));
             }
             Request::GroupRelease(c) => {
-                pairs.group_release(&pair_ids(&c.pair_ids)?, Epoch(c.epoch));
+                pairs.group_release(&pair_ids(&c.pair_ids)?, Epoch(c.epoch), c.synchronous);
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::GroupCommit(c) => {
@@ -256,8 +266,8 @@ impl Cluster {
                 pairs.group_commit(&pair_ids(&c.pair_ids)?, epoch)?;
                 return Ok(Response::Done(proto::Done {}));
             }
-            Request::UngroupProduction(c) => {
-                pairs.ungroup_production(&pair_ids(&c.pair_ids)?);
+            Request::ProductionGrouping(c) => {
+                pairs.set_production_grouped(&pair_ids(&c.pair_ids)?, c.grouped);
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::PausePair(c) => {
@@ -311,6 +321,10 @@ impl Cluster {
                         .collect(),
                 }));
             }
+            Request::Extend(c) => {
+                self.agent.extend_volume(&c.volume_id, c.size_bytes)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
             Request::MarkDirty(c) => {
                 let ranges: Vec<ByteRange> = c
                     .runs
@@ -356,11 +370,12 @@ impl Inbound for Handler {
                     | Request::GroupCut(_)
                     | Request::GroupRelease(_)
                     | Request::GroupCommit(_)
-                    | Request::UngroupProduction(_)
+                    | Request::ProductionGrouping(_)
                     | Request::Promote(_)
                     | Request::Fence(_)
                     | Request::DirtyRuns(_)
-                    | Request::MarkDirty(_)),
+                    | Request::MarkDirty(_)
+                    | Request::Extend(_)),
                 ) => {
                     let cluster = Arc::clone(cluster);
                     let answer = tokio::task::spawn_blocking(move || cluster.agent_request(r))

@@ -293,6 +293,14 @@ impl agent_server::Agent for AgentService {
         .await
     }
 
+    async fn extend_group(
+        &self,
+        request: Request<proto::ExtendGroupRequest>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::ExtendGroup(request.into_inner()))
+            .await
+    }
+
     async fn resolve_pair(
         &self,
         request: Request<proto::ResolvePairRequest>,

@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use blockrep_core::replication::{Epoch, ReplicationModel};
+use blockrep_core::replication::Epoch;
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
@@ -68,6 +68,10 @@ pub enum ApplyCmd {
     Verify(VerifyCmd),
     /// The group committed further: units held for it may apply now.
     Allowed,
+    /// Gated direct writes apply once the unit of `epoch` is applied.
+    Ungate {
+        epoch: Epoch,
+    },
 }
 
 /// An online verify request: production's CRC of each `block`-byte block from `offset`.
@@ -129,9 +133,6 @@ pub struct ApplierSetup {
     /// The last epoch the pair's consistency group committed (`u64::MAX`: the pair is in
     /// no group, every sealed unit applies at once). Units above it stay staged.
     pub allowed: Arc<AtomicU64>,
-    /// Hypermetro: the volume is consistent as soon as the initial sync ends (every write
-    /// came direct, in order); async: once a unit at or after its end is applied.
-    pub model: ReplicationModel,
 }
 
 /// The handle the stream task feeds.
@@ -155,7 +156,6 @@ impl Applier {
             state,
             state_path,
             allowed,
-            model,
         } = setup;
         let waker = Arc::new(Waker::new()?);
         let inbox = Arc::new(Inbox {
@@ -186,7 +186,8 @@ impl Applier {
             held_verifies: Vec::new(),
             allowed,
             held_seals: Vec::new(),
-            model,
+            gated: VecDeque::new(),
+            ungate: None,
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -305,7 +306,10 @@ struct Worker {
     allowed: Arc<AtomicU64>,
     /// Units sealed (and staged durably) whose epoch the group has not committed yet.
     held_seals: Vec<crate::stage_log::SealRecord>,
-    model: ReplicationModel,
+    /// Gated direct writes (and what came after them, in order), held aside unwritten and
+    /// unanswered until the stream's `Ungate` and the unit it names are applied.
+    gated: VecDeque<ApplyCmd>,
+    ungate: Option<Epoch>,
 }
 
 impl Worker {
@@ -378,9 +382,21 @@ impl Worker {
                 self.seal(seal.epoch, seal.cut_ms, false)?;
                 continue;
             }
+            // Gated writes go, in order, once their group is synchronous and their past
+            // applied.
+            if !self.gated.is_empty() && self.ungated() {
+                while let Some(cmd) = self.gated.pop_back() {
+                    self.queue.push_front(cmd);
+                }
+            }
             let Some(cmd) = self.queue.front() else {
                 return Ok(());
             };
+            if self.holds_aside(cmd) {
+                let cmd = self.queue.pop_front().expect("front checked");
+                self.gated.push_back(cmd);
+                continue;
+            }
             let barrier = matches!(
                 cmd,
                 ApplyCmd::Flush { .. }
@@ -412,6 +428,9 @@ impl Worker {
                 ApplyCmd::Discard { after } => self.log.discard_after(after),
                 // Picked up at the top of the loop.
                 ApplyCmd::Allowed => {}
+                ApplyCmd::Ungate { epoch } => {
+                    self.ungate = Some(self.ungate.map_or(epoch, |e| e.max(epoch)));
+                }
                 ApplyCmd::Verify(v) => match v.after {
                     Some(epoch) if epoch > self.state.applied => self.held_verifies.push(v),
                     _ => self.verify(&v)?,
@@ -419,7 +438,7 @@ impl Worker {
                 ApplyCmd::SyncDone { epoch } => {
                     self.state.sync_done_at = Some(epoch);
                     self.volume.backing().sync_data()?;
-                    if epoch <= self.state.applied || self.model == ReplicationModel::Hypermetro {
+                    if epoch <= self.state.applied {
                         self.state.consistent = true;
                     }
                     self.state.save(&self.state_path)?;
@@ -432,6 +451,24 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Whether a command waits aside: a gated direct write before the group is synchronous,
+    /// and every write or flush that follows one (seals, commits and `Ungate` go on, so the
+    /// group's commit can reach what the gated writes wait for).
+    fn holds_aside(&self, cmd: &ApplyCmd) -> bool {
+        match cmd {
+            ApplyCmd::Write { header, .. } => {
+                !self.gated.is_empty() || (header.flags.has(WriteFlags::GATED) && !self.ungated())
+            }
+            ApplyCmd::Flush { .. } | ApplyCmd::Verify(_) => !self.gated.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// The stream ungated, and the unit it named is applied.
+    fn ungated(&self) -> bool {
+        self.applying.is_none() && self.ungate.is_some_and(|e| self.state.applied >= e)
     }
 
     /// Handles one incoming write. Returns false if it had to wait (it is put back).

@@ -123,7 +123,6 @@ impl DrPair {
             state,
             state_path: state_path.clone(),
             allowed: Arc::clone(&self.allowed),
-            model: self.membership.model,
         };
         // Stopping finishes the replay queued at start.
         Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
@@ -345,7 +344,6 @@ impl DrPair {
             state: state.clone(),
             state_path: state_path.clone(),
             allowed: Arc::clone(&self.allowed),
-            model: self.membership.model,
         };
         let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
             Ok(a) => a,
@@ -420,6 +418,7 @@ impl DrPair {
                             Frame::Seal { epoch, cut_ms } => ApplyCmd::Seal { epoch, cut_ms },
                             Frame::Discard { after } => ApplyCmd::Discard { after },
                             Frame::SyncDone { epoch } => ApplyCmd::SyncDone { epoch },
+                            Frame::Ungate { epoch } => ApplyCmd::Ungate { epoch },
                             Frame::Verify {
                                 id,
                                 offset,

@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blockrep_core::ByteRange;
+use blockrep_core::replication::group_cut::CutMode;
 use blockrep_core::replication::{
     Completed, Epoch, Journal, Outgoing, Payload, PayloadLen, ReplicationModel, Ticket, WriteSeq,
 };
@@ -107,6 +108,9 @@ struct State {
     /// Epoch spans the DR side can only take whole (a catch-up's unit), newest last: its
     /// group must never commit an epoch strictly inside one.
     atomic: Vec<AtomicSpan>,
+    /// A synchronous pair of a group lost its link: its answers are held until its group's
+    /// trip cut (docs/GROUPS.md).
+    trip_wanted: bool,
 }
 
 /// Epochs strictly between `from` and `to` are inside a unit the DR side applies whole;
@@ -149,10 +153,13 @@ impl State {
 }
 
 /// Answers of writes that completed while a group cut was in progress: they are given only
-/// once every host of the group has switched to the new epoch (docs/GROUPS.md).
+/// once every host of the group has switched to the new epoch (docs/GROUPS.md). A *trip*
+/// hold (a synchronous pair of a hypermetro group lost its link) is given only at the
+/// release of its group's trip cut, and never times out.
 struct Hold {
     to: Epoch,
     since: Instant,
+    trip: bool,
     answers: Vec<(u64, Arc<Mailbox>)>,
 }
 
@@ -201,6 +208,7 @@ impl PairLink {
                 grouped: false,
                 hold: None,
                 atomic: Vec::new(),
+                trip_wanted: false,
             }),
             changed: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
@@ -269,11 +277,13 @@ impl PairLink {
             span.to = Some(current);
         }
         match self.model {
-            ReplicationModel::Hypermetro => {
+            // A pair of a hypermetro group goes synchronous only with its whole group (a
+            // direct cut); until then it journals like an async pair.
+            ReplicationModel::Hypermetro if !state.grouped => {
                 state.journal.switch_to_direct();
                 state.live = Live::Sync;
             }
-            ReplicationModel::Async => {
+            _ => {
                 state.journal.start_journaling();
                 state.live = Live::Journal;
             }
@@ -318,17 +328,23 @@ impl PairLink {
     /// The stream broke: nothing more reaches the DR side until a new one. Writes waiting
     /// for the peer are answered (their blocks stay dirty: rule 1), tickets are forgotten,
     /// and live writes are tracked by the bitmap.
+    ///
+    /// A synchronous pair of a consistency group *trips* instead: the answers of the writes
+    /// that waited, and of every later one, are held until its group's trip cut, so no write
+    /// that depends on them is answered before every pair of the group stopped writing its
+    /// DR side directly.
     pub fn disconnected(&self) {
         let mut state = self.lock();
-        if state.live != Live::Sync {
+        let trip = state.live == Live::Sync && state.grouped;
+        if state.live != Live::Sync || trip {
             state.open_atomic_span();
         }
         state.live = Live::Tracked;
         state.probes.lose_all();
         let forget = state.journal.disconnect();
         let pending = std::mem::take(&mut state.pending);
-        drop(state);
-        self.tracker.forget(forget);
+        let mut answers = Vec::new();
+        let mut tickets = Vec::new();
         for (_, p) in pending {
             match p {
                 Pending::Write {
@@ -337,14 +353,46 @@ impl PairLink {
                     mailbox,
                     ..
                 } => {
-                    self.tracker.forget(ticket);
-                    mailbox.deliver(token);
+                    tickets.extend(ticket);
+                    answers.push((token, mailbox));
                 }
-                Pending::Flush { token, mailbox } => mailbox.deliver(token),
-                Pending::Extent { ticket, .. } => self.tracker.forget([ticket]),
+                Pending::Flush { token, mailbox } => answers.push((token, mailbox)),
+                Pending::Extent { ticket, .. } => tickets.push(ticket),
             }
         }
+        if trip {
+            let hold = state.hold.get_or_insert_with(|| Hold {
+                to: Epoch::ZERO,
+                since: Instant::now(),
+                trip: true,
+                answers: Vec::new(),
+            });
+            hold.trip = true;
+            hold.answers.append(&mut answers);
+            state.trip_wanted = true;
+        }
+        drop(state);
+        self.tracker.forget(forget);
+        self.tracker.forget(tickets);
+        for (token, mailbox) in answers {
+            mailbox.deliver(token);
+        }
         self.changed.notify_all();
+    }
+
+    /// The pair tripped and waits for its group's trip cut.
+    pub fn trip_wanted(&self) -> bool {
+        self.lock().trip_wanted
+    }
+
+    /// Its direct writes are gated: the DR side holds them until the group is synchronous.
+    pub fn gated(&self) -> bool {
+        self.lock().journal.gated()
+    }
+
+    /// Whether a catch-up runs, or its last unit is not yet staged on the DR side.
+    pub fn catching_up(&self) -> bool {
+        self.lock().journal.catching_up()
     }
 
     /// The periodic cut: new writes go to the next epoch.
@@ -380,38 +428,75 @@ impl PairLink {
     }
 
     /// The group's cut to `to`: answers of writes that complete from now on are held until
-    /// the release, and admissions take epoch `to`. Returns the last epoch the DR side
-    /// staged, for the coordinator's commit.
-    pub fn group_cut(&self, to: Epoch, now_ms: u64) -> Epoch {
+    /// the release, and admissions take epoch `to`; `mode` may also switch a hypermetro pair
+    /// between synchronous and journaled. Returns the last epoch the DR side staged, for the
+    /// coordinator's commit, and whether the pair is synchronous now.
+    pub fn group_cut(&self, to: Epoch, mode: CutMode, now_ms: u64) -> (Epoch, bool) {
         let mut state = self.lock();
         state.grouped = true;
         let current = state.journal.current_epoch();
-        if to > current {
+        let switched = to > current;
+        if switched {
             state.cut_times.insert(current, now_ms);
             state.journal.advance_epoch_to(to);
-            let answers = state.hold.take().map(|h| h.answers).unwrap_or_default();
+        }
+        match mode {
+            CutMode::Trip if state.live == Live::Sync => {
+                // Gated writes already sent stay held on the DR side: unanswered, they time
+                // out and the pair trips again.
+                state.journal.set_gated(false);
+                state.live = Live::Journal;
+            }
+            CutMode::Direct if state.live == Live::Journal && !state.journal.catching_up() => {
+                state.journal.switch_to_direct();
+                state.journal.set_gated(true);
+                state.live = Live::Sync;
+            }
+            _ => {}
+        }
+        // A trip hold becomes this cut's at a trip cut; otherwise it stays a trip hold.
+        let converting = mode == CutMode::Trip && state.hold.as_ref().is_some_and(|h| h.trip);
+        if switched || converting {
+            let (answers, trip, since) = match state.hold.take() {
+                Some(h) => {
+                    let trip = h.trip && mode != CutMode::Trip;
+                    (h.answers, trip, if trip { h.since } else { Instant::now() })
+                }
+                None => (Vec::new(), false, Instant::now()),
+            };
             state.hold = Some(Hold {
                 to,
-                since: Instant::now(),
+                since,
+                trip,
                 answers,
             });
         }
-        let staged = state.journal.staged_epoch();
+        if mode == CutMode::Trip {
+            state.trip_wanted = false;
+        }
+        let answer = (
+            state.journal.staged_epoch(),
+            state.live == Live::Sync && self.model == ReplicationModel::Hypermetro,
+        );
         drop(state);
         self.wake_sender.notify_one();
-        staged
+        answer
     }
 
     /// The group's release of the cut to `to`: the held answers are given. A pair that
-    /// missed the cut switches now.
-    pub fn group_release(&self, to: Epoch, now_ms: u64) {
+    /// missed the cut switches now. With `synchronous` (a direct cut every host switched
+    /// at), the DR side may write the gated writes once it applied epoch `to`.
+    pub fn group_release(&self, to: Epoch, synchronous: bool, now_ms: u64) {
         let mut state = self.lock();
         let current = state.journal.current_epoch();
         if to > current {
             state.cut_times.insert(current, now_ms);
             state.journal.advance_epoch_to(to);
         }
-        let hold = state.hold.take_if(|h| h.to <= to);
+        if synchronous && state.live == Live::Sync && state.journal.gated() {
+            state.journal.ungate(to);
+        }
+        let hold = state.hold.take_if(|h| !h.trip && h.to <= to);
         drop(state);
         self.wake_sender.notify_one();
         deliver_held(hold);
@@ -420,7 +505,10 @@ impl PairLink {
     /// Gives the answers held longer than `timeout` (the coordinator is away): the
     /// coordinator never commits a cut it did not release itself.
     pub fn release_held_longer_than(&self, timeout: Duration) {
-        let hold = self.lock().hold.take_if(|h| h.since.elapsed() >= timeout);
+        let hold = self
+            .lock()
+            .hold
+            .take_if(|h| !h.trip && h.since.elapsed() >= timeout);
         deliver_held(hold);
     }
 
@@ -448,6 +536,7 @@ impl PairLink {
                     payload,
                     direct,
                     fua,
+                    gated,
                 } => {
                     bytes += payload_len(&payload) + 48;
                     OutFrame::Write {
@@ -457,8 +546,10 @@ impl PairLink {
                         payload,
                         direct,
                         fua,
+                        gated,
                     }
                 }
+                Outgoing::Ungate { epoch } => OutFrame::Ungate { epoch },
                 Outgoing::Flush { seq } => OutFrame::Flush { seq },
                 Outgoing::Discard { after } => OutFrame::Discard { after },
                 Outgoing::SyncDone { epoch } => OutFrame::SyncDone { epoch },
@@ -747,7 +838,10 @@ impl PairLink {
 
     /// Queues the end of an initial sync.
     pub fn push_sync_done(&self) -> Epoch {
-        let epoch = self.lock().journal.push_sync_done();
+        let mut state = self.lock();
+        let direct = state.live == Live::Sync;
+        let epoch = state.journal.push_sync_done(direct);
+        drop(state);
         self.wake_sender.notify_one();
         epoch
     }
@@ -772,6 +866,10 @@ pub enum OutFrame {
         payload: Payload<Data>,
         direct: bool,
         fua: bool,
+        gated: bool,
+    },
+    Ungate {
+        epoch: Epoch,
     },
     Flush {
         seq: WriteSeq,
@@ -1058,8 +1156,8 @@ mod tests {
         assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(2)));
 
         assert_eq!(
-            link.group_cut(Epoch(7), 0),
-            Epoch(1),
+            link.group_cut(Epoch(7), CutMode::Keep, 0),
+            (Epoch(1), false),
             "the DR side staged epoch 1"
         );
         assert!(link.grouped());
@@ -1074,9 +1172,9 @@ mod tests {
         );
         assert!(delivered(&mailbox).is_empty());
         // A release of an older cut leaves it held; this cut's release gives the answers.
-        link.group_release(Epoch(6), 0);
+        link.group_release(Epoch(6), false, 0);
         assert!(delivered(&mailbox).is_empty());
-        link.group_release(Epoch(7), 0);
+        link.group_release(Epoch(7), false, 0);
         assert_eq!(delivered(&mailbox), vec![2, 3]);
         assert_eq!(write(&link, &mailbox, 0, 4), (AfterLocal::Answer, Epoch(7)));
         // The epoch before the cut is sealed, and the pair no longer cuts on its own.
@@ -1095,19 +1193,108 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let link = async_link(dir.path());
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
-        link.group_release(Epoch(3), 0);
+        link.group_release(Epoch(3), false, 0);
         assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(3)));
-        link.group_cut(Epoch(4), 0);
+        link.group_cut(Epoch(4), CutMode::Keep, 0);
         assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::WaitForPeer);
         link.release_held_longer_than(Duration::from_secs(3600));
         assert!(delivered(&mailbox).is_empty());
         link.release_held_longer_than(Duration::ZERO);
         assert_eq!(delivered(&mailbox), vec![2]);
         // Leaving the group gives what is held and answers at once again.
-        link.group_cut(Epoch(5), 0);
+        link.group_cut(Epoch(5), CutMode::Keep, 0);
         assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
         link.set_grouped(false);
         assert_eq!(delivered(&mailbox), vec![3]);
         assert_eq!(write(&link, &mailbox, 0, 4).0, AfterLocal::Answer);
+    }
+
+    fn hypermetro_link(dir: &std::path::Path) -> PairLink {
+        let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
+        let link = PairLink::new(
+            ReplicationModel::Hypermetro,
+            Arc::new(tracker),
+            64 << 20,
+            Epoch(1),
+        );
+        link.set_grouped(true);
+        link.connected(Epoch(1));
+        link
+    }
+
+    /// Admits and starts one 4 KiB write at `offset`; returns it, ready for `local_done`.
+    fn admit(link: &PairLink, mailbox: &Arc<Mailbox>, offset: u64, token: u64) -> Replicated {
+        let range = ByteRange::new(offset, 4096);
+        link.tracker.admit(&[range]).unwrap();
+        let mut w = [Replicated::new(
+            range,
+            ReplicaData::Data(Bytes::from(vec![token as u8; 4096])),
+            false,
+            token,
+        )];
+        link.admit(&mut w);
+        let [mut w] = w;
+        link.start(&mut w, mailbox);
+        w
+    }
+
+    #[test]
+    fn a_grouped_hypermetro_pair_journals_until_its_group_goes_synchronous() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = hypermetro_link(dir.path());
+        link.go_live();
+        assert_eq!(
+            link.live(),
+            Live::Journal,
+            "grouped: not synchronous on its own"
+        );
+        // The direct cut: synchronous, gated; the release of a cut every host switched at
+        // queues the Ungate behind the gated writes.
+        assert!(link.group_cut(Epoch(5), CutMode::Direct, 0).1);
+        assert!(link.gated());
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        let w = admit(&link, &mailbox, 0, 1);
+        assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
+        link.group_release(Epoch(5), true, 0);
+        assert!(!link.gated());
+        let mut frames = Vec::new();
+        link.take_frames(u64::MAX, &mut frames);
+        let gated = frames
+            .iter()
+            .position(|f| matches!(f, OutFrame::Write { gated: true, .. }));
+        let ungate = frames
+            .iter()
+            .position(|f| matches!(f, OutFrame::Ungate { epoch } if *epoch == Epoch(5)));
+        assert!(gated.is_some() && gated < ungate, "{frames:?}");
+    }
+
+    #[test]
+    fn a_synchronous_pair_of_a_group_holds_its_answers_until_the_trip_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = hypermetro_link(dir.path());
+        link.go_live();
+        link.group_cut(Epoch(5), CutMode::Direct, 0);
+        link.group_release(Epoch(5), true, 0);
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        let w = admit(&link, &mailbox, 0, 1);
+        assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
+        // The link breaks: the waiting write is not answered, nor a later one.
+        link.disconnected();
+        assert!(link.trip_wanted());
+        assert_eq!(link.live(), Live::Tracked);
+        let w = admit(&link, &mailbox, 8192, 2);
+        assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
+        assert!(delivered(&mailbox).is_empty());
+        // A hold timeout and an epoch cut's release do not give them.
+        link.release_held_longer_than(Duration::ZERO);
+        link.group_cut(Epoch(6), CutMode::Keep, 0);
+        link.group_release(Epoch(6), false, 0);
+        assert!(delivered(&mailbox).is_empty());
+        // The trip cut's release does.
+        link.group_cut(Epoch(7), CutMode::Trip, 0);
+        assert!(!link.trip_wanted());
+        assert!(delivered(&mailbox).is_empty());
+        link.group_release(Epoch(7), false, 0);
+        assert_eq!(delivered(&mailbox), vec![1, 2]);
     }
 }

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use blockrep_api::ApiError;
 use blockrep_api::proto;
 use blockrep_core::VolumeId;
+use blockrep_core::replication::group_cut::CutMode;
 use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
 
+use crate::link::Live;
 use crate::production::now_ms;
 use blockrep_volume::Volume;
 use blockrep_wire::{Frame, Hello, RefuseKind};
@@ -22,6 +24,17 @@ use crate::membership::{Membership, Side};
 use crate::production::{ProductionPair, ReplicationConfig};
 
 mod roles;
+
+/// A production host's answer to its group's cut.
+#[derive(Clone, Debug)]
+pub struct CutAnswer {
+    /// The lowest epoch the cut's pairs' DR sides staged.
+    pub staged: Epoch,
+    /// Spans their DR sides can only apply whole.
+    pub atomic: Vec<crate::link::AtomicSpan>,
+    /// Every one of them is synchronous after the cut.
+    pub synchronous: bool,
+}
 
 #[derive(Clone)]
 enum Runtime {
@@ -34,6 +47,8 @@ pub struct Pairs {
     endpoint: OnceLock<Arc<ClusterEndpoint>>,
     config: ReplicationConfig,
     runtimes: Mutex<HashMap<PairId, Runtime>>,
+    /// Told when a pair of a hypermetro group trips: the heartbeat reports at once.
+    trips: Arc<tokio::sync::Notify>,
 }
 
 /// A volume as replication needs it.
@@ -50,7 +65,13 @@ impl Pairs {
             endpoint: OnceLock::new(),
             config,
             runtimes: Mutex::new(HashMap::new()),
+            trips: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Wakes when a pair of a hypermetro group trips.
+    pub fn trips(&self) -> &tokio::sync::Notify {
+        &self.trips
     }
 
     /// The endpoint production sides dial their DR agents through (set once it is bound).
@@ -92,6 +113,7 @@ impl Pairs {
                     self.endpoint()?,
                     self.node.clone(),
                     self.config,
+                    Arc::clone(&self.trips),
                 )
                 .map_err(ApiError::FailedPrecondition)?,
             ),
@@ -263,6 +285,26 @@ impl Pairs {
         })
     }
 
+    /// A volume of a pair grew: its pair is that size now (a production side says so in its
+    /// next `Hello`).
+    pub fn set_volume_size(&self, volume: VolumeId, dir: &Path, size: u64) -> std::io::Result<()> {
+        let production = self.lock().values().find_map(|r| match r {
+            Runtime::Production(p) if p.membership().local_volume == volume => Some(Arc::clone(p)),
+            _ => None,
+        });
+        // The production side's record has one owner, its runtime.
+        if let Some(p) = production {
+            return p.set_size(size);
+        }
+        match Membership::load(dir)? {
+            Some(mut membership) if membership.size != size => {
+                membership.size = size;
+                membership.save(dir)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Every pair's state as this agent sees it.
     pub fn states(&self) -> Vec<proto::PairState> {
         self.lock()
@@ -300,35 +342,45 @@ impl Pairs {
     }
 
     /// A consistency group's cut to `to` on this node's production pairs among `pairs`
-    /// (all of them must be here): each holds its answers and switches. Returns the lowest
-    /// epoch their DR sides staged, and the spans their DR sides can only apply whole.
+    /// (all of them must be here): each holds its answers and switches (and, by `mode`, a
+    /// hypermetro pair trips or goes synchronous). Returns what the coordinator needs.
     pub fn group_cut(
         &self,
         pairs: &[PairId],
         to: Epoch,
-    ) -> Result<(Epoch, Vec<crate::link::AtomicSpan>), ApiError> {
+        mode: CutMode,
+    ) -> Result<CutAnswer, ApiError> {
         let runtimes = pairs
             .iter()
             .map(|p| self.production(*p))
             .collect::<Result<Vec<_>, _>>()?;
         let now = now_ms();
-        let mut staged = Vec::with_capacity(runtimes.len());
-        let mut atomic = Vec::new();
+        let mut answer = CutAnswer {
+            staged: Epoch(u64::MAX),
+            atomic: Vec::new(),
+            synchronous: true,
+        };
         for p in &runtimes {
             p.record_group_cut(to)
                 .map_err(|e| ApiError::Internal(format!("record the group's cut: {e}")))?;
-            staged.push(p.link.group_cut(to, now));
-            atomic.extend(p.link.atomic_spans());
+            let (staged, synchronous) = p.link.group_cut(to, mode, now);
+            answer.staged = answer.staged.min(staged);
+            answer.synchronous &= synchronous;
+            answer.atomic.extend(p.link.atomic_spans());
         }
-        Ok((staged.into_iter().min().unwrap_or(Epoch::ZERO), atomic))
+        if runtimes.is_empty() {
+            answer.staged = Epoch::ZERO;
+        }
+        Ok(answer)
     }
 
-    /// The group's release of the cut to `to`: the held answers are given.
-    pub fn group_release(&self, pairs: &[PairId], to: Epoch) {
+    /// The group's release of the cut to `to`: the held answers are given; with
+    /// `synchronous` (a direct cut every host switched at), gated writes are let go.
+    pub fn group_release(&self, pairs: &[PairId], to: Epoch, synchronous: bool) {
         let now = now_ms();
         for pair in pairs {
             if let Ok(p) = self.production(*pair) {
-                p.link.group_release(to, now);
+                p.link.group_release(to, synchronous, now);
             }
         }
     }
@@ -342,13 +394,14 @@ impl Pairs {
         }
     }
 
-    /// The pairs left their group: production pairs cut on their own again.
-    pub fn ungroup_production(&self, pairs: &[PairId]) {
+    /// The pairs joined a group (a hypermetro one, which is not cut while synchronous) or
+    /// left it (they cut on their own again).
+    pub fn set_production_grouped(&self, pairs: &[PairId], grouped: bool) {
         for pair in pairs {
             if let Ok(p) = self.production(*pair)
-                && let Err(e) = p.record_grouped(false)
+                && let Err(e) = p.record_grouped(grouped)
             {
-                tracing::warn!(%pair, error = %e, "cannot record that the pair left its group");
+                tracing::warn!(%pair, error = %e, grouped, "cannot record the pair's group");
             }
         }
     }
@@ -538,11 +591,15 @@ fn time_text(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// When an epoch was cut, to the millisecond (epochs are often shorter than a second).
 fn cut_text(cut_ms: u64) -> String {
     if cut_ms == 0 {
         return String::new();
     }
-    time_text(std::time::UNIX_EPOCH + std::time::Duration::from_millis(cut_ms))
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(cut_ms),
+    )
+    .to_string()
 }
 
 fn production_state(p: &ProductionPair) -> proto::PairState {
@@ -615,6 +672,15 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
         drained_epoch: drained.map_or(0, |e| e.0),
         group_commit: 0,
         term: m.term,
+        live: match p.link.live() {
+            Live::Sync => "sync",
+            Live::Journal => "journal",
+            Live::Tracked => "tracked",
+        }
+        .into(),
+        gated: p.link.gated(),
+        trip_wanted: p.link.trip_wanted(),
+        catching_up: p.link.catching_up(),
     }
 }
 
@@ -674,5 +740,9 @@ fn dr_state(d: &DrPair) -> proto::PairState {
         drained_epoch: 0,
         group_commit: d.group_commit().map_or(0, |e| e.0),
         term: m.term,
+        live: String::new(),
+        gated: false,
+        trip_wanted: false,
+        catching_up: false,
     }
 }

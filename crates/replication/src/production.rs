@@ -109,6 +109,8 @@ pub struct ProductionPair {
     confirmed: tokio::sync::watch::Sender<bool>,
     /// Fenced for a reverse: the epoch writes were admitted in when the fence went up.
     drain_from: Mutex<Option<Epoch>>,
+    /// Told when the pair trips (its agent reports at once, so the coordinator cuts).
+    trips: Arc<tokio::sync::Notify>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -145,6 +147,7 @@ impl ProductionPair {
         endpoint: Arc<ClusterEndpoint>,
         node: String,
         config: ReplicationConfig,
+        trips: Arc<tokio::sync::Notify>,
     ) -> Result<Arc<Self>, String> {
         let tracker = volume.tracker().cloned().ok_or_else(|| {
             "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
@@ -158,7 +161,7 @@ impl ProductionPair {
         link.set_grouped(membership.grouped);
         if membership.grouped {
             // Never admit in an epoch the group has left (rule 3).
-            link.group_release(membership.group_epoch, now_ms());
+            link.group_release(membership.group_epoch, false, now_ms());
         }
         volume
             .gate()
@@ -195,6 +198,7 @@ impl ProductionPair {
             paused,
             confirmed,
             drain_from: Mutex::new(drain_from),
+            trips,
             stop,
         });
         tokio::spawn(Arc::clone(&pair).run());
@@ -254,6 +258,19 @@ impl ProductionPair {
             }
         } else if status.replication_status == ReplicationStatus::Active {
             status.progress = 1.0;
+        }
+        // A pair of a hypermetro group that journals (after a trip, until its whole group goes
+        // synchronous again) is not at RPO 0.
+        if status.replication_status == ReplicationStatus::Active
+            && self.link.model() == ReplicationModel::Hypermetro
+            && (self.link.live() != Live::Sync || self.link.gated())
+        {
+            status.replication_status = ReplicationStatus::Copying;
+            status.detail = if self.link.live() == Live::Sync {
+                "going synchronous again with its group: writes wait until the group's DR sides hold everything before".into()
+            } else {
+                "journaled to the DR side until its whole group goes synchronous again (after a trip)".into()
+            };
         }
         status
     }
@@ -331,6 +348,10 @@ impl ProductionPair {
             }
             let result = self.session().await;
             self.link.disconnected();
+            if self.link.trip_wanted() && !self.stopped() {
+                tracing::warn!(pair = %self.membership().pair, "the link is down: its writes' answers are held until the group trips");
+                self.trips.notify_one();
+            }
             *self.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
             if self.accepted.swap(false, Ordering::SeqCst) {
                 backoff = Backoff::new(self.membership().pair.as_bytes()[0] as u64);
@@ -494,6 +515,16 @@ impl ProductionPair {
         }
         self.paused.send_replace(paused);
         Ok(())
+    }
+
+    /// The pair's volumes grew: recorded, and the next `Hello` says so.
+    pub fn set_size(&self, size: u64) -> std::io::Result<()> {
+        let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        if m.size == size {
+            return Ok(());
+        }
+        m.size = size;
+        m.save(&self.volume_dir)
     }
 
     /// The coordinator confirmed that this side is still production: the volume takes
@@ -1108,10 +1139,14 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                     payload,
                     direct,
                     fua,
+                    gated,
                 } => {
                     let mut flags = 0;
                     if direct {
                         flags |= WriteFlags::DIRECT | WriteFlags::ACK;
+                    }
+                    if gated {
+                        flags |= WriteFlags::GATED;
                     }
                     if fua {
                         flags |= WriteFlags::FUA;
@@ -1146,6 +1181,9 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                 }
                 OutFrame::SyncDone { epoch } => {
                     writer.push_frame(&Frame::SyncDone { epoch }, &mut chunks)
+                }
+                OutFrame::Ungate { epoch } => {
+                    writer.push_frame(&Frame::Ungate { epoch }, &mut chunks)
                 }
                 OutFrame::Verify {
                     id,

@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use blockrep_core::{ByteRange, CacheMode};
 
@@ -55,8 +56,32 @@ pub struct Backing {
     file: File,
     path: PathBuf,
     kind: BackingKind,
-    size: u64,
+    /// The volume's size: the file's or device's, or less (an extend that did not finish).
+    size: AtomicU64,
     direct: bool,
+}
+
+/// Why a volume cannot grow.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowError {
+    #[error("{size} bytes is not a multiple of {DIRECT_IO_ALIGN}")]
+    Unaligned { size: u64 },
+    #[error("the volume is {current} bytes; a volume grows, it never shrinks")]
+    Shrink { current: u64 },
+    #[error("the file system of {path} has no room for {size} bytes: {source}")]
+    NoRoom {
+        path: PathBuf,
+        size: u64,
+        source: io::Error,
+    },
+    #[error("the device {path} is {device} bytes: grow it to {size} first (lvextend, losetup -c)")]
+    DeviceTooSmall {
+        path: PathBuf,
+        device: u64,
+        size: u64,
+    },
+    #[error("cannot read the size of {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
 }
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
@@ -126,9 +151,80 @@ impl Backing {
             file,
             path: path.to_owned(),
             kind,
-            size,
+            size: AtomicU64::new(size),
             direct,
         })
+    }
+
+    /// Serves only the first `size` bytes (the volume's registered size, when the file or
+    /// device is bigger: an extend that did not finish, or a device grown ahead of it).
+    pub fn limit_to(&self, size: u64) {
+        self.size.fetch_min(size, Ordering::SeqCst);
+    }
+
+    /// Grows the volume to `size` bytes. A file is extended with its blocks allocated, so
+    /// it fails at once if the file system has no room; a block device must be that big
+    /// already. Growing to the size it has changes nothing.
+    pub fn grow(&self, size: u64) -> Result<(), GrowError> {
+        let current = self.size();
+        if !size.is_multiple_of(DIRECT_IO_ALIGN) {
+            return Err(GrowError::Unaligned { size });
+        }
+        if size < current {
+            return Err(GrowError::Shrink { current });
+        }
+        if size == current {
+            return Ok(());
+        }
+        match self.kind {
+            BackingKind::File => {
+                let have = self
+                    .file
+                    .metadata()
+                    .map_err(|source| GrowError::Size {
+                        path: self.path.clone(),
+                        source,
+                    })?
+                    .len();
+                if have < size {
+                    // SAFETY: plain syscall on an fd we own; no memory is passed.
+                    let rc = unsafe {
+                        libc::fallocate64(
+                            self.file.as_raw_fd(),
+                            0,
+                            have as i64,
+                            (size - have) as i64,
+                        )
+                    };
+                    if rc != 0 {
+                        return Err(GrowError::NoRoom {
+                            path: self.path.clone(),
+                            size,
+                            source: io::Error::last_os_error(),
+                        });
+                    }
+                }
+            }
+            BackingKind::BlockDevice => {
+                let mut device = 0u64;
+                // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+                unsafe { blk_get_size64(self.file.as_raw_fd(), &mut device) }.map_err(|e| {
+                    GrowError::Size {
+                        path: self.path.clone(),
+                        source: io::Error::from(e),
+                    }
+                })?;
+                if device < size {
+                    return Err(GrowError::DeviceTooSmall {
+                        path: self.path.clone(),
+                        device,
+                        size,
+                    });
+                }
+            }
+        }
+        self.size.store(size, Ordering::SeqCst);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -140,7 +236,7 @@ impl Backing {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
     }
 
     pub fn is_direct(&self) -> bool {

@@ -349,6 +349,34 @@ impl DirtyTracker {
         self.flush(RetirePolicy::All)
     }
 
+    /// Grows the tracker to a volume of `size` bytes (an extend; a smaller size changes
+    /// nothing). The new blocks are clean. Returns once the bitmap on disk covers them.
+    pub fn grow(&self, size: u64) -> Result<(), TrackerError> {
+        let path = self.dir.join("bitmap");
+        let file = self.bitmap_file.lock().unwrap_or_else(|e| e.into_inner());
+        let header = {
+            let mut state = self.lock_state();
+            if size <= state.map.volume_size() {
+                return Ok(());
+            }
+            state.map.grow(size);
+            (
+                bitmap_header(&state.map),
+                HEADER_BYTES + state.map.page_count() * BITMAP_PAGE_BYTES as u64,
+            )
+        };
+        // The file grows first: a header read after a crash never names pages it lacks.
+        file.set_len(header.1)
+            .and_then(|()| file.write_all_at(&header.0, 0))
+            .map_err(|source| TrackerError::Io {
+                what: "grow",
+                path,
+                source,
+            })?;
+        drop(file);
+        self.flush(RetirePolicy::Idle)
+    }
+
     /// Clears every bit and writes the bitmap: the volume and its peer hold the same data
     /// (a side that becomes DR once its dirty blocks were handed to the other side).
     pub fn clear_durably(&self, size: u64) -> Result<(), TrackerError> {
@@ -724,6 +752,27 @@ mod tests {
 
     const BLOCK: u64 = 4096;
     const SIZE: u64 = 64 << 20;
+
+    #[test]
+    fn a_grown_tracker_keeps_its_bits_and_reopens_with_the_new_blocks_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = DirtyTracker::open(dir.path(), SIZE, config(16)).unwrap();
+        t.admit(&[ByteRange::new(BLOCK, BLOCK)]).unwrap();
+        t.grow(4 * SIZE).unwrap();
+        t.admit(&[ByteRange::new(3 * SIZE, BLOCK)]).unwrap();
+        assert_eq!(t.dirty_bytes(), 2 * BLOCK);
+        t.close().unwrap();
+        drop(t);
+        let (t, report) = DirtyTracker::open(dir.path(), 4 * SIZE, config(16)).unwrap();
+        assert!(report.marked_all_dirty.is_none());
+        assert_eq!(
+            t.dirty_runs(),
+            vec![
+                ByteRange::new(BLOCK, BLOCK),
+                ByteRange::new(3 * SIZE, BLOCK)
+            ]
+        );
+    }
 
     fn config(active_regions: usize) -> TrackerConfig {
         TrackerConfig {

@@ -17,6 +17,15 @@ use crate::buf::AlignedBuf;
 use crate::gate::WriteGate;
 use crate::tracker::DirtyTracker;
 
+/// Why a volume could not grow.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowVolumeError {
+    #[error(transparent)]
+    Backing(#[from] crate::backing::GrowError),
+    #[error("grow the dirty tracker: {0}")]
+    Tracker(#[from] crate::tracker::TrackerError),
+}
+
 pub struct Volume {
     name: String,
     backing: Backing,
@@ -53,6 +62,18 @@ impl Volume {
 
     pub fn size(&self) -> u64 {
         self.backing.size()
+    }
+
+    /// Grows the volume to `size` bytes, online: the dirty tracker first (its new blocks
+    /// clean), then the backing; clients that connect from then on see the new size.
+    pub fn grow(&self, size: u64) -> Result<(), GrowVolumeError> {
+        if size > self.size()
+            && let Some(tracker) = self.tracker()
+        {
+            tracker.grow(size)?;
+        }
+        self.backing.grow(size)?;
+        Ok(())
     }
 
     /// Every write-like command passes here; see [`WriteGate`].

@@ -16,6 +16,7 @@
 //! Request   JSON                          Response JSON
 //! Verify    u64 id | u64 offset | u32 block | u8 after? | u64 epoch | u16 n | n × u32 crc32
 //! Verified  u64 id | u16 n | n × u16 index of a block that differs
+//! Ungate    u64 epoch
 //!
 //! lineage   u64 current | u8 written | u16 n | n × (u64 generation | u8 written)
 //! ```
@@ -50,7 +51,10 @@ impl WriteFlags {
     pub const ZEROES: u8 = 1 << 3;
     /// A resync extent (initial sync or catch-up), not an application write.
     pub const RESYNC: u8 = 1 << 4;
-    const KNOWN: u8 = 0x1f;
+    /// A direct write the DR side holds back, unwritten and unacknowledged, until an
+    /// `Ungate` (a hypermetro group going synchronous again).
+    pub const GATED: u8 = 1 << 5;
+    const KNOWN: u8 = 0x3f;
 
     pub fn has(self, flag: u8) -> bool {
         self.0 & flag != 0
@@ -192,6 +196,11 @@ pub enum Frame {
         after: Option<Epoch>,
         crcs: Vec<u32>,
     },
+    /// Gated direct writes before this are written (and acknowledged) once the DR side
+    /// applied the unit of `epoch`: every host of the group went synchronous at that cut.
+    Ungate {
+        epoch: Epoch,
+    },
     /// The blocks of verify request `id` whose CRC differs on the DR side.
     Verified {
         id: u64,
@@ -221,6 +230,7 @@ enum Type {
     Response = 15,
     Verify = 16,
     Verified = 17,
+    Ungate = 18,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -302,6 +312,7 @@ impl Frame {
             }
             Frame::Discard { after } => put_u64_frame(out, Type::Discard, after.0),
             Frame::SyncDone { epoch } => put_u64_frame(out, Type::SyncDone, epoch.0),
+            Frame::Ungate { epoch } => put_u64_frame(out, Type::Ungate, epoch.0),
             Frame::Reject { seq, reason } => {
                 out.put_u8(Type::Reject as u8);
                 out.put_u64(*seq);
@@ -509,6 +520,12 @@ impl Frame {
             t if t == Type::SyncDone as u8 => {
                 need(8)?;
                 Frame::SyncDone {
+                    epoch: Epoch(body.get_u64()),
+                }
+            }
+            t if t == Type::Ungate as u8 => {
+                need(8)?;
+                Frame::Ungate {
                     epoch: Epoch(body.get_u64()),
                 }
             }
@@ -791,6 +808,18 @@ mod tests {
             },
             Frame::Discard { after: Epoch(8) },
             Frame::SyncDone { epoch: Epoch(2) },
+            Frame::Ungate { epoch: Epoch(40) },
+            Frame::Write(
+                WriteHeader {
+                    flags: WriteFlags(WriteFlags::DIRECT | WriteFlags::ACK | WriteFlags::GATED),
+                    epoch: Epoch(41),
+                    seq: 79,
+                    offset: 8192,
+                    len: 0,
+                    crc: payload_crc(&[]),
+                },
+                Bytes::new(),
+            ),
             Frame::Reject {
                 seq: 77,
                 reason: RejectReason::Checksum,

@@ -12,20 +12,26 @@ pub enum ProtocolVersion {
     /// split brain, newer or unrelated data with a refusal kind), and online verify frames.
     /// Version 1 (a stream without generations) is no longer spoken.
     V2,
+    /// Version 3: gated direct writes and `Ungate`, for a hypermetro consistency group
+    /// going synchronous again after a trip; a version 2 DR side would write gated writes
+    /// at once.
+    V3,
 }
 
 impl ProtocolVersion {
-    pub const CURRENT: ProtocolVersion = ProtocolVersion::V2;
+    pub const CURRENT: ProtocolVersion = ProtocolVersion::V3;
 
     pub fn number(self) -> u16 {
         match self {
             ProtocolVersion::V2 => 2,
+            ProtocolVersion::V3 => 3,
         }
     }
 
     pub fn from_number(n: u16) -> Result<Self, WireError> {
         match n {
             2 => Ok(ProtocolVersion::V2),
+            3 => Ok(ProtocolVersion::V3),
             other => Err(WireError::UnknownVersion(other)),
         }
     }

@@ -1,7 +1,9 @@
 //! The cut loop: every interval, each async consistency group that replicates is cut across
 //! its production hosts, and its DR agents learn what the group committed (rule 3;
 //! the state machines are `blockrep_core::replication::group_cut`, the argument is in
-//! docs/GROUPS.md).
+//! docs/GROUPS.md). A hypermetro group is cut only while it is not synchronous: a trip
+//! cut when a pair lost its link, epoch cuts while its pairs journal, a direct cut once
+//! every pair caught up, and epoch cuts until the group committed the direct cut's epoch.
 //!
 //! ```text
 //!  every interval, per group:
@@ -18,7 +20,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use blockrep_core::replication::group_cut::{CutCoordinator, CutMessage, ROUND_TIMEOUT_MS};
+use blockrep_core::replication::group_cut::{
+    CutCoordinator, CutMessage, CutMode, ROUND_TIMEOUT_MS,
+};
 use blockrep_core::replication::{Epoch, GroupId};
 use tokio::task::JoinSet;
 
@@ -48,6 +52,16 @@ pub(super) struct GroupCuts {
     cut: CutCoordinator,
     committed_sent: Epoch,
     rounds: u32,
+    /// A hypermetro group went synchronous at this cut; it is cut until this commits.
+    direct_at: Option<Epoch>,
+}
+
+/// A group to cut this round.
+struct Eligible {
+    group: GroupId,
+    model: ReplicationModel,
+    stopped: bool,
+    members: Vec<Member>,
 }
 
 impl GroupCuts {
@@ -58,12 +72,16 @@ impl GroupCuts {
 }
 
 impl Coordinator {
-    /// Cuts every async group's epochs every `interval`, until the daemon stops.
+    /// Cuts the groups' epochs every `interval` (and at once when a pair trips), until the
+    /// daemon stops.
     pub async fn cut_groups(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.cut_kick.notified() => {}
+            }
             self.cut_round().await;
         }
     }
@@ -73,33 +91,29 @@ impl Coordinator {
         for (node, pairs, production) in ungroup {
             self.ungroup(&node, pairs, production).await;
         }
-        for (group, members) in eligible {
-            if let Err(e) = self.cut_group(group, members).await {
-                tracing::warn!(%group, error = %e, "group cut");
+        for group in eligible {
+            let id = group.group;
+            if let Err(e) = self.cut_group(group).await {
+                tracing::warn!(group = %id, error = %e, "group cut");
             }
         }
     }
 
-    /// The groups to cut now (async, available, not stopped, every pair available), and
-    /// the agents holding pairs under group cuts that belong to no such group any more.
+    /// The groups to cut now (available or reversing, every pair available; a stopped
+    /// hypermetro group only to trip), and the agents holding pairs under group cuts that
+    /// belong to no group any more.
     #[allow(clippy::type_complexity)]
-    fn cut_plan(
-        &self,
-    ) -> (
-        Vec<(GroupId, Vec<Member>)>,
-        Vec<(String, Vec<PairId>, bool)>,
-    ) {
+    fn cut_plan(&self) -> (Vec<Eligible>, Vec<(String, Vec<PairId>, bool)>) {
         let mut state = self.lock();
         let mut eligible = Vec::new();
-        let mut in_async_group = BTreeSet::new();
+        let mut in_group = BTreeSet::new();
         for g in state.groups.values() {
-            if g.model != ReplicationModel::Async {
-                continue;
-            }
-            in_async_group.extend(g.pairs.iter().copied());
+            in_group.extend(g.pairs.iter().copied());
             // A reverse drains through the cuts: its last epochs must commit.
             use blockrep_core::replication::GroupStatus as S;
-            if !matches!(g.status, S::Available | S::Reversing) || g.stopped {
+            if !matches!(g.status, S::Available | S::Reversing)
+                || (g.stopped && g.model == ReplicationModel::Async)
+            {
                 continue;
             }
             let members: Option<Vec<Member>> = g
@@ -117,10 +131,15 @@ impl Coordinator {
             if let Some(members) = members
                 && !members.is_empty()
             {
-                eligible.push((g.id, members));
+                eligible.push(Eligible {
+                    group: g.id,
+                    model: g.model,
+                    stopped: g.stopped,
+                    members,
+                });
             }
         }
-        let keep: BTreeSet<GroupId> = eligible.iter().map(|(g, _)| *g).collect();
+        let keep: BTreeSet<GroupId> = eligible.iter().map(|e| e.group).collect();
         state.cuts.retain(|g, _| keep.contains(g));
         // Pairs an agent still applies by group commits, or cuts by them, with no group.
         let mut ungroup: BTreeMap<(String, bool), Vec<PairId>> = BTreeMap::new();
@@ -129,7 +148,7 @@ impl Coordinator {
                 let Ok(pair) = s.pair_id.parse::<PairId>() else {
                     continue;
                 };
-                if state.pairs.contains_key(&pair) && !in_async_group.contains(&pair) {
+                if state.pairs.contains_key(&pair) && !in_group.contains(&pair) {
                     ungroup
                         .entry((node.record.name.clone(), s.side == "production"))
                         .or_default()
@@ -154,7 +173,7 @@ impl Coordinator {
             grouped: false,
         };
         let request = if production {
-            Request::UngroupProduction(message)
+            Request::ProductionGrouping(message)
         } else {
             Request::GroupCommit(message)
         };
@@ -163,7 +182,13 @@ impl Coordinator {
         }
     }
 
-    async fn cut_group(&self, group: GroupId, members: Vec<Member>) -> Result<(), ApiError> {
+    async fn cut_group(&self, eligible: Eligible) -> Result<(), ApiError> {
+        let Eligible {
+            group,
+            model,
+            stopped,
+            members,
+        } = eligible;
         // Every DR agent applies by the group's commits before the first cut.
         let reports = self.member_reports(&members);
         let loose: Vec<&Member> = members
@@ -181,6 +206,38 @@ impl Coordinator {
             }
             return Ok(());
         }
+        let mode = match model {
+            ReplicationModel::Async => CutMode::Keep,
+            ReplicationModel::Hypermetro => {
+                // A synchronous pair trips only as its group's: it must know it is grouped.
+                let loose: Vec<&Member> = members
+                    .iter()
+                    .filter(|m| reports.get(&(m.pair, true)).is_some_and(|s| !s.grouped))
+                    .collect();
+                for m in loose {
+                    self.group_production(&m.production_node, m.pair).await;
+                }
+                // The last direct cut of these members (after a reverse they are others).
+                let direct = {
+                    let state = self.lock();
+                    state
+                        .cuts
+                        .get(&group)
+                        .filter(|c| c.members == members)
+                        .and_then(|c| c.direct_at.map(|at| (at, c.cut.committed() >= at)))
+                };
+                let mode = hypermetro_mode(&members, &reports, direct);
+                if mode == Some(CutMode::Trip)
+                    && let Some(cuts) = self.lock().cuts.get_mut(&group)
+                {
+                    cuts.direct_at = None;
+                }
+                match mode {
+                    Some(mode) if !stopped || mode == CutMode::Trip => mode,
+                    _ => return Ok(()),
+                }
+            }
+        };
         let now = now_millis();
         let messages = {
             let mut state = self.lock();
@@ -209,6 +266,7 @@ impl Coordinator {
                         ),
                         committed_sent: Epoch::ZERO,
                         rounds: 0,
+                        direct_at: None,
                     },
                 );
             }
@@ -218,8 +276,14 @@ impl Coordinator {
         };
         // Cut every host in parallel; the round must complete within its timeout.
         let mut calls = self.call_hosts(&members, messages, |pair_ids, epoch| {
-            Request::GroupCut(proto::GroupCut { pair_ids, epoch })
+            Request::GroupCut(proto::GroupCut {
+                pair_ids,
+                epoch,
+                mode: mode.code(),
+                synchronous: false,
+            })
         });
+        let mut synchronous = true;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
         let mut releases = Vec::new();
         loop {
@@ -231,6 +295,7 @@ impl Coordinator {
                 Ok(ClusterResponse {
                     response: Some(Response::CutAck(ack)),
                 }) => {
+                    synchronous &= ack.synchronous;
                     let mut state = self.lock();
                     if let Some(cuts) = state.cuts.get_mut(&group) {
                         // Catch-up units first: the ack may move the commit.
@@ -250,6 +315,8 @@ impl Coordinator {
             }
         }
         calls.abort_all();
+        // A direct cut every host switched at: the gated writes may go once it commits.
+        let went_synchronous = mode == CutMode::Direct && !releases.is_empty() && synchronous;
         if releases.is_empty() {
             // Not every host switched in time: the round is abandoned (its boundary is
             // never committed) and everyone is released.
@@ -258,7 +325,17 @@ impl Coordinator {
                 releases = cuts.cut.on_tick(now + ROUND_TIMEOUT_MS);
             }
         }
-        self.send_releases(&members, releases).await;
+        if went_synchronous {
+            let mut state = self.lock();
+            if let Some(cuts) = state.cuts.get_mut(&group) {
+                cuts.direct_at = Some(cuts.cut.epoch());
+                tracing::info!(%group, at = %cuts.cut.epoch(), "the hypermetro group is synchronous again");
+            }
+            // Its commit is what the gated writes wait for: cut again at once.
+            self.cut_kick.notify_one();
+        }
+        self.send_releases(&members, releases, went_synchronous)
+            .await;
         // The DR agents apply what the group committed.
         let (committed, resend) = {
             let state = self.lock();
@@ -286,10 +363,20 @@ impl Coordinator {
         Ok(())
     }
 
-    async fn send_releases(&self, members: &[Member], releases: Vec<CutMessage>) {
+    async fn send_releases(
+        &self,
+        members: &[Member],
+        releases: Vec<CutMessage>,
+        synchronous: bool,
+    ) {
         // A release that does not arrive ends with the host's hold timeout.
         let mut calls = self.call_hosts(members, releases, |pair_ids, epoch| {
-            Request::GroupRelease(proto::GroupCut { pair_ids, epoch })
+            Request::GroupRelease(proto::GroupCut {
+                pair_ids,
+                epoch,
+                mode: 0,
+                synchronous,
+            })
         });
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
         while let Ok(Some(_)) = tokio::time::timeout_at(deadline, calls.join_next()).await {}
@@ -302,7 +389,7 @@ impl Coordinator {
         &self,
         members: &[Member],
         messages: Vec<CutMessage>,
-        request: fn(Vec<String>, u64) -> Request,
+        request: impl Fn(Vec<String>, u64) -> Request,
     ) -> JoinSet<HostAnswer> {
         let mut calls = JoinSet::new();
         for message in messages {
@@ -325,6 +412,21 @@ impl Coordinator {
             });
         }
         calls
+    }
+
+    /// Tells a production agent its pair is in a (hypermetro) group: it trips as the group's.
+    async fn group_production(&self, node: &str, pair: PairId) {
+        let Some(address) = self.lock().nodes.get(node).map(|n| n.record.address) else {
+            return;
+        };
+        let request = Request::ProductionGrouping(proto::GroupCommit {
+            pair_ids: vec![pair.to_string()],
+            epoch: 0,
+            grouped: true,
+        });
+        if let Err(e) = self.call_agent(node, address, request).await {
+            tracing::warn!(node, error = %e, "cannot tell a production agent its pair is grouped");
+        }
     }
 
     async fn send_commit(&self, node: &str, pairs: &[PairId], epoch: Epoch) {
@@ -359,6 +461,45 @@ impl Coordinator {
         }
         out
     }
+}
+
+/// What a hypermetro group's next cut is, from its production sides' reports: a trip if
+/// a pair lost its link, a direct cut once every pair journals caught up (or is synchronous
+/// already), epochs only while some pair is not ready or the last direct cut (`direct`: its
+/// epoch, and whether it is committed) is not committed yet; none while it is synchronous,
+/// or while the reports predate the last direct cut.
+fn hypermetro_mode(
+    members: &[Member],
+    reports: &BTreeMap<(PairId, bool), proto::PairState>,
+    direct: Option<(Epoch, bool)>,
+) -> Option<CutMode> {
+    let production: Vec<Option<&proto::PairState>> = members
+        .iter()
+        .map(|m| reports.get(&(m.pair, true)))
+        .collect();
+    if production.iter().flatten().any(|s| s.trip_wanted) {
+        return Some(CutMode::Trip);
+    }
+    match direct {
+        Some((_, false)) => return Some(CutMode::Keep),
+        Some((at, true))
+            if production
+                .iter()
+                .any(|s| s.is_none_or(|s| s.current_epoch <= at.0)) =>
+        {
+            return None;
+        }
+        _ => {}
+    }
+    let synchronous = |s: &proto::PairState| s.live == "sync" && !s.gated;
+    if production.iter().all(|s| s.is_some_and(synchronous)) {
+        return None;
+    }
+    let ready = |s: &proto::PairState| s.live == "sync" || (s.live == "journal" && !s.catching_up);
+    if production.iter().all(|s| s.is_some_and(ready)) {
+        return Some(CutMode::Direct);
+    }
+    Some(CutMode::Keep)
 }
 
 pub(super) fn now_millis() -> u64 {

@@ -24,7 +24,7 @@ use super::cuts::now_millis;
 use super::groups::refused;
 use super::*;
 use crate::records::{
-    FailoverPlan, GroupOperation, GroupRecord, PromoteStep, PromotedAt, ReprotectPlan,
+    ExtendPlan, FailoverPlan, GroupOperation, GroupRecord, PromoteStep, PromotedAt, ReprotectPlan,
     ReprotectStep, ReversePlan, ReverseStep, SwapStep,
 };
 
@@ -65,6 +65,12 @@ impl Coordinator {
                 if group.model == ReplicationModel::Async && commit.is_none() {
                     return Err(ApiError::FailedPrecondition(format!(
                         "failover refused: group {} has no consistent point yet (no epoch committed on every pair); wait until `group show` gives one",
+                        group.name
+                    )));
+                }
+                if !Self::joined(&state, &members) {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "failover refused: the pairs of group {} are still joining it (not every agent replicates them as the group's yet); wait until `group show` gives a consistent point",
                         group.name
                     )));
                 }
@@ -197,6 +203,62 @@ impl Coordinator {
         Ok(response)
     }
 
+    /// Grows both volumes of a pair of the group, online: the DR volume, then production.
+    pub fn extend_group(
+        &self,
+        req: proto::ExtendGroupRequest,
+    ) -> Result<proto::GroupJobResponse, ApiError> {
+        let mut state = self.lock();
+        let id = Self::find_group(&state, &req.group)?;
+        let group = state.groups[&id].clone();
+        let pair_id = Self::find_pair(&state, &req.pair)?;
+        let pair = state.pairs[&pair_id].clone();
+        if pair.group != Some(id) {
+            return Err(ApiError::InvalidArgument(format!(
+                "pair {} is not in group {}",
+                pair.name, group.name
+            )));
+        }
+        if req.size_bytes <= pair.size {
+            return Err(ApiError::InvalidArgument(format!(
+                "pair {} is {} bytes; extend takes a larger size (volumes never shrink)",
+                pair.name, pair.size
+            )));
+        }
+        if !req.size_bytes.is_multiple_of(4096) {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} bytes is not a multiple of 4096",
+                req.size_bytes
+            )));
+        }
+        Self::check_not_busy(&state, &group)?;
+        GroupAction::Extend
+            .begin(self.group_state(&state, &group))
+            .map_err(refused)?;
+        for node in [&pair.production_node, &pair.dr_node] {
+            if !state.nodes.get(node).is_some_and(Self::alive) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "extend refused: node {node} of pair {} is not reachable; both volumes grow together",
+                    pair.name
+                )));
+            }
+        }
+        let plan = ExtendPlan {
+            pair: pair_id,
+            size: req.size_bytes,
+            dr_done: false,
+        };
+        let response = self.start_operation(
+            &mut state,
+            group,
+            JobType::ExtendGroup,
+            GroupStatus::Available,
+            GroupOperation::Extend(plan),
+        )?;
+        tracing::info!(group = %id, pair = %pair_id, size = req.size_bytes, "extend started");
+        Ok(response)
+    }
+
     fn check_not_busy(state: &State, group: &GroupRecord) -> Result<(), ApiError> {
         match group
             .job
@@ -211,7 +273,22 @@ impl Coordinator {
         }
     }
 
-    fn members(state: &State, group: &GroupRecord) -> Vec<PairRecord> {
+    /// Every member's agents replicate it as the group's: its DR side applies by the group's
+    /// commits, and its production side (async: cut by the group; hypermetro: trips with
+    /// it) knows it is grouped, as far as the coordinator heard from it since it started (a
+    /// production agent that is down does nothing more). Until then the group has no
+    /// consistent point.
+    pub(super) fn joined(state: &State, members: &[PairRecord]) -> bool {
+        members.iter().all(|p| {
+            let dr = Self::report_on(state, &p.dr_node, p.id)
+                .is_some_and(|s| s.side == "dr" && s.grouped);
+            let production = Self::report_on(state, &p.production_node, p.id)
+                .is_none_or(|s| s.side != "production" || s.grouped);
+            dr && production
+        })
+    }
+
+    pub(super) fn members(state: &State, group: &GroupRecord) -> Vec<PairRecord> {
         group
             .pairs
             .iter()
@@ -313,6 +390,7 @@ impl Coordinator {
                 Some(GroupOperation::Failover(plan)) => self.drive_failover(group, plan).await,
                 Some(GroupOperation::Reverse(plan)) => self.drive_reverse(group, plan).await,
                 Some(GroupOperation::Reprotect(plan)) => self.drive_reprotect(group, plan).await,
+                Some(GroupOperation::Extend(plan)) => self.drive_extend(group, plan).await,
                 None => Ok(()),
             };
             if let Err(e) = outcome {
@@ -643,6 +721,50 @@ impl Coordinator {
         let handed: u64 = plan.pairs.values().filter_map(|s| s.handed_over).sum();
         tracing::info!(group = %group.id, handed_over = handed, "reprotect: every old production side is DR; catching up");
         self.finish_role_change(&group, plan.term, None, false)
+    }
+
+    /// Grows the DR volume, then the production volume; then the record. A refusal (no room)
+    /// fails the job at once and changes nothing more (a volume already grown keeps its
+    /// size: it never shrinks, and a retry grows the other).
+    async fn drive_extend(&self, group: GroupRecord, plan: ExtendPlan) -> Result<(), ApiError> {
+        let Some(pair) = self.lock().pairs.get(&plan.pair).cloned() else {
+            return self.end_operation(
+                &group,
+                GroupStatus::Available,
+                Err(format!("pair {} is gone", plan.pair)),
+            );
+        };
+        let extend = |volume: VolumeId| {
+            Request::Extend(proto::Extend {
+                pair_id: pair.id.to_string(),
+                volume_id: volume.to_string(),
+                size_bytes: plan.size,
+            })
+        };
+        let mut plan = plan;
+        if !plan.dr_done {
+            if let Err(e) = self
+                .call_agent_by_name(&pair.dr_node, extend(pair.dr_volume))
+                .await
+            {
+                return self.operation_failed(&group, vec![(pair.id, e)], GroupStatus::Available);
+            }
+            plan.dr_done = true;
+            self.save_plan(&group, GroupOperation::Extend(plan))?;
+        }
+        if let Err(e) = self
+            .call_agent_by_name(&pair.production_node, extend(pair.production_volume))
+            .await
+        {
+            return self.operation_failed(&group, vec![(pair.id, e)], GroupStatus::Available);
+        }
+        let mut record = pair.clone();
+        record.size = plan.size;
+        record.updated_at = Some(now_text());
+        self.commit(&[Change::PutPair(record.clone())])?;
+        self.lock().pairs.insert(record.id, record);
+        tracing::info!(group = %group.id, pair = %pair.id, size = plan.size, "extended");
+        self.end_operation(&group, GroupStatus::Available, Ok(()))
     }
 
     /// Reads the old production side's dirty blocks and marks them on the new production

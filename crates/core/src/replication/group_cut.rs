@@ -38,6 +38,39 @@ pub const HOLD_TIMEOUT_MS: u64 = 2 * ROUND_TIMEOUT_MS;
 /// A production host of the group (its node name on the wire).
 pub type HostId = String;
 
+/// What a cut does to a hypermetro group's pairs besides holding answers and switching
+/// epochs (docs/GROUPS.md, "Hypermetro: the group trip and the way back").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CutMode {
+    /// Epochs only (every async cut).
+    #[default]
+    Keep,
+    /// A trip: synchronous pairs journal from this cut on.
+    Trip,
+    /// Back to synchronous: journaled pairs that caught up go direct, their direct writes
+    /// gated until the release of a cut every host switched at.
+    Direct,
+}
+
+impl CutMode {
+    pub fn code(self) -> u32 {
+        match self {
+            CutMode::Keep => 0,
+            CutMode::Trip => 1,
+            CutMode::Direct => 2,
+        }
+    }
+
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            0 => Some(CutMode::Keep),
+            1 => Some(CutMode::Trip),
+            2 => Some(CutMode::Direct),
+            _ => None,
+        }
+    }
+}
+
 /// What the coordinator sends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CutMessage {

@@ -54,7 +54,12 @@ pub enum Outgoing<P> {
         payload: Payload<P>,
         direct: bool,
         fua: bool,
+        /// A direct write the DR side holds back, unwritten and unanswered, until an
+        /// `Ungate` (a hypermetro group going synchronous again, docs/GROUPS.md).
+        gated: bool,
     },
+    /// Direct writes gated before this apply once the DR side applied epoch `epoch`.
+    Ungate { epoch: Epoch },
     /// The DR side syncs its volume and acknowledges `seq`.
     Flush { seq: WriteSeq },
     /// The initial sync sent its last extent: the DR side is consistent once a seal at or
@@ -128,6 +133,8 @@ pub struct Journal<P> {
     /// sealed, so the DR side applies the journaled writes before any later direct one.
     direct_after: Option<Epoch>,
     held_direct: VecDeque<Outgoing<P>>,
+    /// Direct writes are queued gated.
+    gated: bool,
 }
 
 /// Bytes a payload counts against the bound (zero ranges cost their header only).
@@ -161,6 +168,7 @@ impl<P: PayloadLen> Journal<P> {
             next_seq: 0,
             direct_after: None,
             held_direct: VecDeque::new(),
+            gated: false,
         }
     }
 
@@ -276,7 +284,8 @@ impl<P: PayloadLen> Journal<P> {
             Outgoing::Discard { .. }
             | Outgoing::Flush { .. }
             | Outgoing::SyncDone { .. }
-            | Outgoing::Verify { .. } => {}
+            | Outgoing::Verify { .. }
+            | Outgoing::Ungate { .. } => {}
         }
         Some(frame)
     }
@@ -384,8 +393,27 @@ impl<P: PayloadLen> Journal<P> {
             payload,
             direct: true,
             fua,
+            gated: self.gated,
         });
         seq
+    }
+
+    /// Direct writes queued from now on are gated (`true`), or not.
+    pub fn set_gated(&mut self, gated: bool) {
+        self.gated = gated;
+    }
+
+    /// Ends a gate: queues `Ungate(epoch)` behind what is queued; later direct writes are not
+    /// gated.
+    pub fn ungate(&mut self, epoch: Epoch) {
+        if self.gated {
+            self.push_ordered(Outgoing::Ungate { epoch });
+            self.gated = false;
+        }
+    }
+
+    pub fn gated(&self) -> bool {
+        self.gated
     }
 
     /// Queues a flush of the DR volume, after everything queued before it.
@@ -407,9 +435,11 @@ impl<P: PayloadLen> Journal<P> {
         true
     }
 
-    /// Queues the end of the initial sync, after every extent queued before it.
-    pub fn push_sync_done(&mut self) -> Epoch {
-        let epoch = self.current;
+    /// Queues the end of the initial sync, after every extent queued before it. With
+    /// `direct` live writes (hypermetro), the DR side is consistent at once (it is told epoch
+    /// 0); otherwise once the unit of the current epoch is applied.
+    pub fn push_sync_done(&mut self, direct: bool) -> Epoch {
+        let epoch = if direct { Epoch::ZERO } else { self.current };
         self.push_ordered(Outgoing::SyncDone { epoch });
         epoch
     }
@@ -467,6 +497,7 @@ impl<P: PayloadLen> Journal<P> {
             payload,
             direct: false,
             fua: false,
+            gated: false,
         });
         if let Some(ticket) = ticket {
             self.tickets.entry(epoch).or_default().push(ticket);
@@ -506,6 +537,7 @@ impl<P: PayloadLen> Journal<P> {
         self.queue.clear();
         self.held_direct.clear();
         self.direct_after = None;
+        self.gated = false;
         self.queued_bytes = 0;
         // Epochs up to the last seal sent will be staged and acknowledged; the rest will not.
         let unsent = self.tickets.split_off(&self.seal_sent.next());
