@@ -101,6 +101,21 @@ impl Env {
         }
     }
 
+    /// Kills a server started with [`Env::start_server`] with SIGKILL (a crash) and reaps it.
+    pub fn kill_server(&mut self, pid: u32) {
+        let Some(i) = self
+            .stack
+            .iter()
+            .position(|r| matches!(r, Resource::Process(_, c) if c.id() == pid))
+        else {
+            return;
+        };
+        if let Resource::Process(_, mut child) = self.stack.remove(i) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Starts a server in its own process group (so Ctrl-C reaches it only through us) and
     /// waits until `ready()` says it serves.
     pub fn start_server(

@@ -99,16 +99,31 @@ impl<'a> Firewall<'a> {
     }
 }
 
-/// fio against the production volume in the background, stopped on drop.
-struct BackgroundFio(Child);
+/// fio in the background, its jobs threads of the one process, stopped on drop: SIGTERM,
+/// then SIGKILL if it is still there after a while (a job whose NBD server died can spin
+/// without ever seeing the signal; as a process of its own it would outlive a kill).
+pub struct BackgroundFio(Child);
 
 impl BackgroundFio {
     fn start(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Self> {
-        let child = Command::new("fio")
-            .arg("--name=background")
-            .args(["--ioengine=nbd", &format!("--uri={}", cluster.uri)])
-            .args(["--time_based", "--runtime=3600", "--numjobs=1"])
-            .args(args)
+        Self::start_on(std::slice::from_ref(&cluster.uri), args)
+    }
+
+    /// One job per URI, each with `args`.
+    pub fn start_on(uris: &[String], args: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new("fio");
+        cmd.args([
+            "--ioengine=nbd",
+            "--thread",
+            "--time_based",
+            "--runtime=3600",
+        ])
+        .args(args);
+        for (i, uri) in uris.iter().enumerate() {
+            cmd.arg(format!("--name=background{i}"))
+                .arg(format!("--uri={uri}"));
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -130,6 +145,14 @@ impl Drop for BackgroundFio {
             nix::unistd::Pid::from_raw(self.0.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }

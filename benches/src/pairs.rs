@@ -64,47 +64,20 @@ impl Cluster {
         } = spec;
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
-        let cli = |args: &[&str]| -> anyhow::Result<String> {
-            run(Command::new(bin.join("blockrep")).args(args))
-        };
-        let ca = dir.join("ca");
-        cli(&["cluster", "init-ca", "--dir", path(&ca)])?;
-        for node in ["node-a", "node-b", "client"] {
-            cli(&[
-                "cluster",
-                "issue-cert",
-                "--ca-dir",
-                path(&ca),
-                "--node",
-                node,
-                "--out-dir",
-                path(&dir.join(node).join("tls")),
-            ])?;
-        }
-        let ports = [free_udp_port()?, free_udp_port()?];
-        let mut pids = Vec::new();
-        for (i, (node, az)) in [("node-a", "az1"), ("node-b", "az2")].iter().enumerate() {
-            let node_dir = dir.join(node);
-            let tls = node_dir.join("tls");
-            let config = node_dir.join("blockrepd.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
-                    node_dir.join("state").display(),
-                    node_dir.join("run").display(),
-                    ports[i],
-                    ports[0],
-                    tls.join("ca.pem").display(),
-                    tls.join("node.pem").display(),
-                    tls.join("node.key").display(),
-                    i == 0
-                ),
-            )?;
-            pids.push(crate::env::start_daemon_in(
-                env, bin, &node_dir, &config, netns,
-            )?);
-        }
+        let nodes = start_nodes(
+            env,
+            &dir,
+            bin,
+            &[("node-a", "az1"), ("node-b", "az2")],
+            &["client"],
+            NodeConfig {
+                extra,
+                cluster_extra,
+                netns,
+            },
+        )?;
+        let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
         let production_socket = dir.join("node-a/run/control.sock");
         let dr_socket = dir.join("node-b/run/control.sock");
         let mut cluster = Self {
@@ -284,6 +257,104 @@ impl Cluster {
     }
 }
 
-fn path(p: &Path) -> &str {
+/// What every node's configuration adds: top-level keys and sections, keys of `[cluster]`,
+/// and the network namespace the daemons run in.
+#[derive(Clone, Copy, Default)]
+pub struct NodeConfig<'a> {
+    pub extra: &'a str,
+    pub cluster_extra: &'a str,
+    pub netns: Option<&'a str>,
+}
+
+/// A daemon of a bench cluster.
+pub struct NodeProc {
+    pub name: String,
+    pub pid: u32,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl NodeProc {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("run/control.sock")
+    }
+
+    pub fn nbd_uri(&self, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.dir.join(format!("run/nbd/{volume}.sock")).display()
+        )
+    }
+}
+
+/// Makes a cluster CA in `dir`, a certificate per node (and per name in `clients`), and
+/// starts a daemon per `(name, zone)` on loopback; the first runs the coordinator.
+pub fn start_nodes(
+    env: &mut Env,
+    dir: &Path,
+    bin: &Path,
+    nodes: &[(&str, &str)],
+    clients: &[&str],
+    config: NodeConfig<'_>,
+) -> anyhow::Result<Vec<NodeProc>> {
+    let NodeConfig {
+        extra,
+        cluster_extra,
+        netns,
+    } = config;
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        run(Command::new(bin.join("blockrep")).args(args))
+    };
+    let ca = dir.join("ca");
+    cli(&["cluster", "init-ca", "--dir", path(&ca)])?;
+    for name in nodes.iter().map(|(n, _)| *n).chain(clients.iter().copied()) {
+        cli(&[
+            "cluster",
+            "issue-cert",
+            "--ca-dir",
+            path(&ca),
+            "--node",
+            name,
+            "--out-dir",
+            path(&dir.join(name).join("tls")),
+        ])?;
+    }
+    let ports = nodes
+        .iter()
+        .map(|_| free_udp_port())
+        .collect::<anyhow::Result<Vec<u16>>>()?;
+    let mut started = Vec::new();
+    for (i, (node, az)) in nodes.iter().enumerate() {
+        let node_dir = dir.join(node);
+        let tls = node_dir.join("tls");
+        let config = node_dir.join("blockrepd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
+                node_dir.join("state").display(),
+                node_dir.join("run").display(),
+                ports[i],
+                ports[0],
+                tls.join("ca.pem").display(),
+                tls.join("node.pem").display(),
+                tls.join("node.key").display(),
+                i == 0
+            ),
+        )?;
+        let pid = crate::env::start_daemon_in(env, bin, &node_dir, &config, netns)?;
+        started.push(NodeProc {
+            name: (*node).to_owned(),
+            pid,
+            port: ports[i],
+            dir: node_dir,
+            config,
+        });
+    }
+    Ok(started)
+}
+
+pub fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }

@@ -111,6 +111,7 @@ struct State {
     /// A synchronous pair of a group lost its link: its answers are held until its group's
     /// trip cut (docs/GROUPS.md).
     trip_wanted: bool,
+    hold_times: HoldTimes,
 }
 
 /// Epochs strictly between `from` and `to` are inside a unit the DR side applies whole;
@@ -129,7 +130,8 @@ impl State {
     fn answer_or_hold(&mut self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
         match self.hold.as_mut() {
             Some(hold) => {
-                hold.answers.push((token, Arc::clone(mailbox)));
+                hold.answers
+                    .push((token, Arc::clone(mailbox), Instant::now()));
                 AfterLocal::WaitForPeer
             }
             None => AfterLocal::Answer,
@@ -160,7 +162,57 @@ struct Hold {
     to: Epoch,
     since: Instant,
     trip: bool,
-    answers: Vec<(u64, Arc<Mailbox>)>,
+    /// Each held answer, and when it was held.
+    answers: Vec<(u64, Arc<Mailbox>, Instant)>,
+}
+
+/// How long a group's cuts held answers: the last few thousand, in microseconds.
+#[derive(Debug, Default)]
+struct HoldTimes {
+    recent: std::collections::VecDeque<u32>,
+    count: u64,
+}
+
+impl HoldTimes {
+    const KEPT: usize = 8192;
+
+    fn record(&mut self, hold: &Hold) {
+        for (_, _, at) in &hold.answers {
+            if self.recent.len() == Self::KEPT {
+                self.recent.pop_front();
+            }
+            self.recent
+                .push_back(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            self.count += 1;
+        }
+    }
+
+    /// The median and 99th percentile of the recent holds (µs), and how many answers were
+    /// held in all.
+    fn summary(&self) -> HoldSummary {
+        let mut sorted: Vec<u32> = self.recent.iter().copied().collect();
+        sorted.sort_unstable();
+        let at = |q: f64| {
+            sorted
+                .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        HoldSummary {
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            held: self.count,
+        }
+    }
+}
+
+/// How long the group's cuts held this pair's answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldSummary {
+    pub p50_us: u32,
+    pub p99_us: u32,
+    /// Answers held since the pair started.
+    pub held: u64,
 }
 
 impl State {
@@ -209,6 +261,7 @@ impl PairLink {
                 hold: None,
                 atomic: Vec::new(),
                 trip_wanted: false,
+                hold_times: HoldTimes::default(),
             }),
             changed: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
@@ -354,9 +407,9 @@ impl PairLink {
                     ..
                 } => {
                     tickets.extend(ticket);
-                    answers.push((token, mailbox));
+                    answers.push((token, mailbox, Instant::now()));
                 }
-                Pending::Flush { token, mailbox } => answers.push((token, mailbox)),
+                Pending::Flush { token, mailbox } => answers.push((token, mailbox, Instant::now())),
                 Pending::Extent { ticket, .. } => tickets.push(ticket),
             }
         }
@@ -374,7 +427,7 @@ impl PairLink {
         drop(state);
         self.tracker.forget(forget);
         self.tracker.forget(tickets);
-        for (token, mailbox) in answers {
+        for (token, mailbox, _) in answers {
             mailbox.deliver(token);
         }
         self.changed.notify_all();
@@ -497,18 +550,30 @@ impl PairLink {
             state.journal.ungate(to);
         }
         let hold = state.hold.take_if(|h| !h.trip && h.to <= to);
+        if let Some(h) = &hold {
+            state.hold_times.record(h);
+        }
         drop(state);
         self.wake_sender.notify_one();
         deliver_held(hold);
     }
 
+    /// How long the group's cuts held this pair's answers.
+    pub fn hold_summary(&self) -> HoldSummary {
+        self.lock().hold_times.summary()
+    }
+
     /// Gives the answers held longer than `timeout` (the coordinator is away): the
     /// coordinator never commits a cut it did not release itself.
     pub fn release_held_longer_than(&self, timeout: Duration) {
-        let hold = self
-            .lock()
+        let mut state = self.lock();
+        let hold = state
             .hold
             .take_if(|h| !h.trip && h.since.elapsed() >= timeout);
+        if let Some(h) = &hold {
+            state.hold_times.record(h);
+        }
+        drop(state);
         deliver_held(hold);
     }
 
@@ -1095,7 +1160,7 @@ impl PairLink {
 }
 
 fn deliver_held(hold: Option<Hold>) {
-    for (token, mailbox) in hold.map(|h| h.answers).unwrap_or_default() {
+    for (token, mailbox, _) in hold.map(|h| h.answers).unwrap_or_default() {
         mailbox.deliver(token);
     }
 }

@@ -681,6 +681,14 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
         gated: p.link.gated(),
         trip_wanted: p.link.trip_wanted(),
         catching_up: p.link.catching_up(),
+        hold: Some({
+            let h = p.link.hold_summary();
+            proto::HoldTimes {
+                p50_us: h.p50_us,
+                p99_us: h.p99_us,
+                held: h.held,
+            }
+        }),
     }
 }
 
@@ -744,5 +752,6 @@ fn dr_state(d: &DrPair) -> proto::PairState {
         gated: false,
         trip_wanted: false,
         catching_up: false,
+        hold: None,
     }
 }

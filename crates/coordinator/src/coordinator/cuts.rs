@@ -507,3 +507,116 @@ pub(super) fn now_millis() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(n: u8) -> Member {
+        Member {
+            pair: PairId::from_bytes([n; 16]),
+            production_node: format!("node-{n}"),
+            dr_node: "dr".into(),
+        }
+    }
+
+    fn report(live: &str, epoch: u64) -> proto::PairState {
+        proto::PairState {
+            side: "production".into(),
+            live: live.into(),
+            current_epoch: epoch,
+            ..Default::default()
+        }
+    }
+
+    fn reports(states: &[proto::PairState]) -> BTreeMap<(PairId, bool), proto::PairState> {
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((member(i as u8 + 1).pair, true), s.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_hypermetro_group_is_cut_only_while_it_is_not_synchronous() {
+        let members = [member(1), member(2)];
+        let sync = report("sync", 10);
+        // Synchronous: no cut.
+        assert_eq!(
+            hypermetro_mode(&members, &reports(&[sync.clone(), sync.clone()]), None),
+            None
+        );
+        // A pair tripped: a trip cut, whatever else.
+        let tripped = proto::PairState {
+            trip_wanted: true,
+            live: "tracked".into(),
+            ..sync.clone()
+        };
+        assert_eq!(
+            hypermetro_mode(
+                &members,
+                &reports(&[sync.clone(), tripped]),
+                Some((Epoch(9), false))
+            ),
+            Some(CutMode::Trip)
+        );
+        // One pair still catching up: epochs only.
+        let journal = report("journal", 12);
+        let catching_up = proto::PairState {
+            catching_up: true,
+            ..journal.clone()
+        };
+        assert_eq!(
+            hypermetro_mode(&members, &reports(&[journal.clone(), catching_up]), None),
+            Some(CutMode::Keep)
+        );
+        let tracked = report("tracked", 12);
+        assert_eq!(
+            hypermetro_mode(&members, &reports(&[journal.clone(), tracked]), None),
+            Some(CutMode::Keep)
+        );
+        // Every pair journals, caught up (or went synchronous in a cut that did not
+        // complete, gated): a direct cut.
+        let gated = proto::PairState {
+            gated: true,
+            ..report("sync", 12)
+        };
+        assert_eq!(
+            hypermetro_mode(&members, &reports(&[journal.clone(), gated]), None),
+            Some(CutMode::Direct)
+        );
+        // After a direct cut at 12: epochs until it is committed, then nothing, but not on
+        // reports from before the cut.
+        assert_eq!(
+            hypermetro_mode(
+                &members,
+                &reports(&[journal.clone(), journal.clone()]),
+                Some((Epoch(12), false))
+            ),
+            Some(CutMode::Keep)
+        );
+        assert_eq!(
+            hypermetro_mode(
+                &members,
+                &reports(&[journal.clone(), journal.clone()]),
+                Some((Epoch(12), true))
+            ),
+            None,
+            "reports older than the direct cut"
+        );
+        let after = report("sync", 14);
+        assert_eq!(
+            hypermetro_mode(
+                &members,
+                &reports(&[after.clone(), after]),
+                Some((Epoch(12), true))
+            ),
+            None
+        );
+        // A member with no report: not ready.
+        assert_eq!(
+            hypermetro_mode(&members, &reports(&[journal]), None),
+            Some(CutMode::Keep)
+        );
+    }
+}

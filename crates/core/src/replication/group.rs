@@ -10,7 +10,7 @@
 //!                           │  │                               └─► error_reversing
 //!                           │  └ extend (available)
 //!                           └ failover ► failovering ──► failovered ── reprotect ──► available
-//!                                                    └─► error_failovering            (sides swapped)
+//!                                                    └─► error_failovering  (sides swapped at failover)
 //! ```
 //!
 //! Statuses, replication statuses and fault levels are spelled as the EVS API spells them.
