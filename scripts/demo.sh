@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The demo: two availability zones on this machine. A coordinator and an agent in az1, an
-# agent in az2, certificates made on the fly. A volume in az1 is written through NBD, then
-# paired with a volume in az2 (hypermetro, and an async pair beside it); the initial sync
-# is followed with `job wait`, writes go on while the pairs replicate, the DR agent is
-# killed with kill -9 and restarted while writes go on (the pairs catch up from their
-# bitmaps), and the volumes' checksums match at the end.
+# The demo: two availability zones on this machine, and a consistency group across them.
+# A coordinator on a witness node (az3), production agents node-a1 and node-a2 (az1, a
+# volume each: db and logs), the DR agent node-b (az2), certificates made on the fly. The two
+# pairs form an async group; the write-order checker writes numbered records across both
+# volumes while fio writes beside them. Then az1 fails (its agents killed with kill -9), the
+# group fails over, the DR volumes pass the write-order check and take writes; az1 comes
+# back fenced, reprotect copies back only what differs, a planned reverse moves production
+# home, and the volumes' checksums match at the end.
 # Needs no setup: it builds the binaries and works in a temporary directory it removes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +15,10 @@ cargo build --locked --release --bins
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 work=$(mktemp -d /tmp/blockrep-demo.XXXXXX)
-declare -A pid_of
+declare -A pid_of port_of
+writer_pid=""
 cleanup() {
+    [[ -n $writer_pid ]] && kill -TERM "$writer_pid" 2>/dev/null && wait "$writer_pid" 2>/dev/null
     for pid in "${pid_of[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" || true; fi
     done
@@ -25,148 +29,152 @@ trap cleanup EXIT INT TERM
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cli() { "$bin/blockrep" "$@"; }
-a() { cli --socket "$work/node-a/run/control.sock" "$@"; }
-b() { cli --socket "$work/node-b/run/control.sock" "$@"; }
+on() { local node=$1; shift; cli --socket "$work/$node/run/control.sock" "$@"; }
+co() { on node-w "$@"; }
+json() { on "$1" --output json "${@:2}"; }
+# A field of a JSON document on stdin, as a Python expression of `v`.
+get() { python3 -c 'import json,sys; v=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
+sock() { echo "$work/$1/run/nbd/$2.sock"; }
+wait_for() { # wait_for SECONDS WHAT COMMAND...: until COMMAND succeeds
+    local seconds=$1 what=$2; shift 2
+    for _ in $(seq $((seconds * 10))); do "$@" && return; sleep 0.1; done
+    echo "timed out after ${seconds}s waiting for $what" >&2; exit 1
+}
+group_field() { co --output json group show app | get "$1"; }
+job_of() { get 'v["job_id"]'; }
 
 step "a cluster CA and a certificate per node (blockrep cluster init-ca / issue-cert)"
 cli cluster init-ca --dir "$work/ca"
-for node in node-a node-b; do
-    cli cluster issue-cert --ca-dir "$work/ca" --node "$node" --out-dir "$work/$node/tls"
+nodes=(node-w node-a1 node-a2 node-b)
+declare -A zone_of=([node-w]=az3 [node-a1]=az1 [node-a2]=az1 [node-b]=az2)
+for node in "${nodes[@]}"; do
+    cli cluster issue-cert --ca-dir "$work/ca" --node "$node" --out-dir "$work/$node/tls" >/dev/null
+    port_of[$node]=$(free_port)
 done
+echo "certificates for ${nodes[*]}"
 
-step "start node-a (az1, runs the coordinator) and node-b (az2)"
-port_a=$(free_port); port_b=$(free_port)
 start_node() {
-    local node=$1 az port role
-    if [[ $node == node-a ]]; then az=az1; port=$port_a; role=true; else az=az2; port=$port_b; role=false; fi
+    local node=$1
     cat >"$work/$node.toml" <<TOML
 node_name = "$node"
-availability_zone = "$az"
+availability_zone = "${zone_of[$node]}"
 state_dir = "$work/$node/state"
 runtime_dir = "$work/$node/run"
 
+[replication]
+epoch_interval_ms = 500
+
 [cluster]
-listen = "127.0.0.1:$port"
-coordinator = "127.0.0.1:$port_a"
+listen = "127.0.0.1:${port_of[$node]}"
+coordinator = "127.0.0.1:${port_of[node-w]}"
 ca_cert = "$work/$node/tls/ca.pem"
 cert = "$work/$node/tls/node.pem"
 key = "$work/$node/tls/node.key"
-coordinator_role = $role
+coordinator_role = $([[ $node == node-w ]] && echo true || echo false)
 TOML
     "$bin/blockrepd" --config "$work/$node.toml" 2>>"$work/$node.log" >/dev/null &
     pid_of[$node]=$!
-    for _ in $(seq 100); do
-        cli --socket "$work/$node/run/control.sock" status >/dev/null 2>&1 && return
-        sleep 0.1
-    done
-    echo "$node did not start; its log:" >&2; tail "$work/$node.log" >&2; exit 1
+    wait_for 10 "$node to start" on "$node" status >/dev/null 2>&1
 }
-start_node node-a
-start_node node-b
-for _ in $(seq 50); do
-    [[ $(a --output json node list | grep -c '"alive": true') == 2 ]] && break
-    sleep 0.2
-done
-a node list
 
-step "volumes: db and logs on node-a, their DR twins on node-b (1 GiB files)"
-for name in db logs; do
-    fallocate -l 1G "$work/$name.img"
-    fallocate -l 1G "$work/$name-dr.img"
-    a volume add --name "$name" --path "$work/$name.img" >/dev/null
-    b volume add --name "$name-dr" --path "$work/$name-dr.img" >/dev/null
-done
-a volume list
-b volume list
-uri="nbd+unix:///db?socket=$work/node-a/run/nbd/db.sock"
-logs_uri="nbd+unix:///logs?socket=$work/node-a/run/nbd/logs.sock"
+step "start the witness node-w (az3, runs the coordinator), node-a1 and node-a2 (az1), node-b (az2)"
+for node in "${nodes[@]}"; do start_node "$node"; done
+wait_for 10 "every node to register" bash -c "[[ \$('$bin/blockrep' --socket '$work/node-w/run/control.sock' --output json node list | grep -c '\"alive\": true') == 4 ]]"
+co node list
 
-step "write 64 MiB into db before it is paired (fio, nbd engine, crc32c verify)"
-(cd "$work" && fio --name=before --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
-    --size=64M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
-    | grep -E 'write:|err='
+step "volumes: db on node-a1 and logs on node-a2, their DR twins on node-b (256 MiB files)"
+for v in db logs db-dr logs-dr; do fallocate -l 256M "$work/$v.img"; done
+on node-a1 volume add --name db --path "$work/db.img" >/dev/null
+on node-a2 volume add --name logs --path "$work/logs.img" >/dev/null
+on node-b volume add --name db-dr --path "$work/db-dr.img" >/dev/null
+on node-b volume add --name logs-dr --path "$work/logs-dr.img" >/dev/null
+wait_for 10 "the coordinator to see the volumes" bash -c "[[ \$('$bin/blockrep' --socket '$work/node-w/run/control.sock' --output json node list | grep -c '\"volumes\": [12]') == 3 ]]"
 
-step "pair db with db-dr, hypermetro (synchronous); logs with logs-dr, async"
-for _ in $(seq 50); do
-    [[ $(a --output json node list | grep -c '"volumes": 2') == 2 ]] && break
-    sleep 0.2
-done
-a pair create --name db-pair --volumes db,db-dr --priority-station az1 --model hypermetro
-job=$(a --output json job list | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
-a pair create --name logs-pair --volumes logs,logs-dr --priority-station az1 --model async
-a job wait "$job"
+# The records take the first 64 MiB of each volume; fio writes past them.
+records=32768
 
-step "blockrep status on each node: roles and replication"
-a status
-b status
+step "two async pairs, then a consistency group of both"
+job1=$(co --output json pair create --name db-pair --volumes db,db-dr --priority-station az1 --model async | job_of)
+job2=$(co --output json pair create --name logs-pair --volumes logs,logs-dr --priority-station az1 --model async | job_of)
+co job wait "$job1"
+co job wait "$job2"
+co group create --name app --pairs db-pair,logs-pair --priority-station az1 --model async
+wait_for 30 "the group's first consistent point" bash -c "[[ \$('$bin/blockrep' --socket '$work/node-w/run/control.sock' --output json group show app | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v[\"replication_status\"]==\"active\" and v[\"consistent_epoch\"]>0)') == True ]]"
 
-step "writes go on while the pairs replicate (fio on db, qemu-io patterns on logs)"
-(cd "$work" && fio --name=during --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
-    --offset=256M --size=64M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
-    | grep -E 'write:|err='
-qemu-io -f raw -c 'write -P 0xa5 0 1M' -c 'write -P 0x5a 300000001 4000' -c 'write -z 512M 1M' \
-    "$logs_uri" | grep -E '^wrote'
+step "writes: the write-order checker puts numbered records on db and logs in turn (each once the one before was answered), fio writes beside it"
+"$bin/write-order" write --max "$records" "$(sock node-a1 db):db" "$(sock node-a2 logs):logs" >"$work/answered" 2>"$work/writer.log" &
+writer_pid=$!
+(cd "$work" && fio --name=beside --ioengine=nbd --uri="nbd+unix:///db?socket=$(sock node-a1 db)" \
+    --rw=randwrite --bs=4k --iodepth=16 --offset=128M --size=64M --time_based --runtime=4 \
+    --rate_iops=2000 --group_reporting) | grep -E 'write:|err='
+co group show app
+on node-a1 status
 
-step "the DR export is read-only while it is the DR side"
-qemu-io -f raw -c 'write -P 1 0 4k' "nbd+unix:///db-dr?socket=$work/node-b/run/nbd/db-dr.sock" 2>&1 | head -n 1 || true
+step "az1 fails: node-a1 and node-a2 killed with kill -9 in the middle of the writes"
+kill -KILL "${pid_of[node-a1]}" "${pid_of[node-a2]}"
+wait "${pid_of[node-a1]}" "${pid_of[node-a2]}" 2>/dev/null || true
+unset 'pid_of[node-a1]' 'pid_of[node-a2]'
+wait "$writer_pid" || true
+writer_pid=""
+answered=$(cat "$work/answered")
+echo "the writer had $answered records answered when az1 went down"
+wait_for 10 "the coordinator to see az1 gone" bash -c "[[ \$('$bin/blockrep' --socket '$work/node-w/run/control.sock' --output json group show app | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"fault_level\"])') == 2 ]]"
+co group show app
 
-step "pair show (from node-b: every daemon forwards pair calls to the coordinator)"
-for _ in $(seq 100); do
-    [[ $(a --output json status | grep -c '"out_of_sync_bytes": 0') == 2 ]] && break
-    sleep 0.1
+step "group failover: the DR volumes roll to the group's consistent point and take writes"
+started=$(date +%s.%N)
+job=$(co --output json group failover app | job_of)
+until qemu-io -f raw -c 'write -P 9 255M 4k' "nbd+unix:///db-dr?socket=$(sock node-b db-dr)" 2>/dev/null | grep -q '^wrote' &&
+      qemu-io -f raw -c 'write -P 9 255M 4k' "nbd+unix:///logs-dr?socket=$(sock node-b logs-dr)" 2>/dev/null | grep -q '^wrote'; do
+    sleep 0.02
 done
-b pair show db-pair
-b pair list
+echo "both DR exports took a write $(python3 -c "import time; print(f'{time.time() - $started:.2f}')") s after the failover call"
+co job wait "$job"
+co job show "$job"
+co group show app
 
-step "an outage: node-b (the DR agent) killed with kill -9 while writes go on"
-# A field of a pair as its production agent (node-a) sees it now, by production volume.
-field() { a --output json status | python3 -c 'import json,sys; v=[p for p in json.load(sys.stdin)["pairs"] if p["volume_name"]==sys.argv[1]][0]; print(eval(sys.argv[2]))' "$1" "$2"; }
-kill -KILL "${pid_of[node-b]}"
-wait "${pid_of[node-b]}" 2>/dev/null || true
-# db is hypermetro: its writes wait for node-b until the peer timeout (5 s) trips the pair,
-# then go on locally, each block marked dirty durably before it is answered.
-(cd "$work" && fio --name=outage --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
-    --offset=512M --size=256M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting) \
-    | grep -E 'write:|err='
-qemu-io -f raw -c 'write -P 0x77 64M 32M' "$logs_uri" | grep -E '^wrote'
-for _ in $(seq 100); do
-    [[ $(field logs 'v["replication_status"]') != active ]] && break
-    sleep 0.1
-done
-a status
-for vol in db logs; do
-    echo "$vol-pair: $(field $vol 'v["replication_status"]'), $(field $vol 'v["out_of_sync_bytes"]') bytes out of sync: $(field $vol 'v["status_detail"]')"
-done
+step "the write-order check on the DR volumes: exactly a prefix of the records, across both"
+held=$("$bin/write-order" check --max "$records" "$work/db-dr.img" "$work/logs-dr.img")
+echo "db-dr and logs-dr hold records 0..$held of the $answered answered: a state the application had"
 
-step "node-b restarts: each pair catches up from its bitmap, sending only what changed"
-declare -A dirty resync_before
-for vol in db logs; do
-    dirty[$vol]=$(field $vol 'v["out_of_sync_bytes"]')
-    resync_before[$vol]=$(field $vol 'v["counters"]["resync_bytes_sent"]')
-done
-start_node node-b
-# The production agent's own view, each time it changes.
-last=""
-for _ in $(seq 1200); do
-    now=$(a status | grep -E '^  pair:' | sed -E 's/ lag:[0-9.]+s//' | sort)
-    [[ $now != "$last" ]] && printf '%s\n' "$now"
-    last=$now
-    [[ $now != *copying* && $now != *inactive* && $now != *error* ]] && break
-    sleep 0.1
-done
-# The async pair is clean once its last epoch is staged.
-for _ in $(seq 100); do
-    [[ $(field db 'v["out_of_sync_bytes"]') == 0 && $(field logs 'v["out_of_sync_bytes"]') == 0 ]] && break
-    sleep 0.2
-done
-for vol in db logs; do
-    sent=$(( $(field $vol 'v["counters"]["resync_bytes_sent"]') - ${resync_before[$vol]} ))
-    echo "$vol-pair: $(field $vol 'v["replication_status"]'); the catch-up sent $sent bytes for ${dirty[$vol]} dirty"
-done
+step "writes go on in az2 (the writer carries on from record $held)"
+timeout 3 "$bin/write-order" write --max "$records" --from "$held" "$(sock node-b db-dr):db-dr" "$(sock node-b logs-dr):logs-dr" >"$work/answered" || true
+answered=$(cat "$work/answered")
 
-step "stop both agents (the DR side applies what it staged) and compare the volumes"
-for node in node-b node-a; do kill -TERM "${pid_of[$node]}"; wait "${pid_of[$node]}" || true; done
+step "az1 comes back: its volumes are fenced (demoted) and refuse writes"
+start_node node-a1
+start_node node-a2
+wait_for 20 "node-a1's pair to be demoted" bash -c "'$bin/blockrep' --socket '$work/node-a1/run/control.sock' status | grep -q 'fenced:demoted'"
+on node-a1 status
+echo "a client opening db for writing: $(qemu-io -f raw -c 'write -P 1 0 4k' "nbd+unix:///db?socket=$(sock node-a1 db)" 2>&1 | head -n 1 | sed 's/.*: //')"
+echo "(the export says read-only; a write sent anyway is answered EPERM)"
+
+step "group reprotect: az1's volumes become the DR side and receive only the blocks that differ"
+job=$(co --output json group reprotect app | job_of)
+co job wait "$job"
+co job show "$job"
+
+step "group reverse: a planned move home to az1, with nothing lost (writes in az2 are refused while it drains)"
+"$bin/write-order" write --max "$records" --from "$answered" "$(sock node-b db-dr):db-dr" "$(sock node-b logs-dr):logs-dr" >"$work/answered" 2>/dev/null &
+writer_pid=$!
+sleep 1
+job=$(co --output json group reverse app | job_of)
+co job wait "$job"
+wait "$writer_pid" || true
+writer_pid=""
+answered=$(cat "$work/answered")
+co group show app
+held=$("$bin/write-order" check --max "$records" "$work/db.img" "$work/logs.img")
+echo "db and logs (production again) hold records 0..$held; $answered were answered in az2: none lost"
+[[ $held -ge $answered ]]
+
+step "writes go on at home, replicated to az2; then every agent stops and the volumes are compared"
+timeout 2 "$bin/write-order" write --max "$records" --from "$held" "$(sock node-a1 db):db" "$(sock node-a2 logs):logs" >"$work/answered" || true
+current=$(json node-a1 status | get 'v["pairs"][0]["current_epoch"]')
+wait_for 30 "the DR side to apply the last writes" bash -c "[[ \$('$bin/blockrep' --socket '$work/node-b/run/control.sock' --output json status | python3 -c 'import json,sys; print(min(p[\"consistent_epoch\"] for p in json.load(sys.stdin)[\"pairs\"]) > $current)') == True ]]"
+for node in node-b node-a1 node-a2 node-w; do kill -TERM "${pid_of[$node]}"; wait "${pid_of[$node]}" || true; done
 pid_of=()
 (cd "$work" && sha256sum db.img db-dr.img logs.img logs-dr.img)
 cmp "$work/db.img" "$work/db-dr.img" && echo "db and db-dr are identical"
 cmp "$work/logs.img" "$work/logs-dr.img" && echo "logs and logs-dr are identical"
+"$bin/write-order" check --max "$records" "$work/db-dr.img" "$work/logs-dr.img" >/dev/null
