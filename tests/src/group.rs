@@ -45,6 +45,27 @@ pub fn number(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or(0)
 }
 
+/// Pairs `g1` (volumes `p1`, `d1`) and `g2` (`p2`, `d2`), their initial copies done, in the
+/// group `app` of `model` with priority station `az1`.
+pub fn create_group_of_two(cluster: &TestCluster, model: &str) {
+    let (_, j1) = cluster.create_pair("g1", "p1,d1", "az1", model);
+    let (_, j2) = cluster.create_pair("g2", "p2,d2", "az1", model);
+    cluster.wait_job(&j1, Duration::from_secs(120));
+    cluster.wait_job(&j2, Duration::from_secs(120));
+    cluster.coordinator().cli_json(&[
+        "group",
+        "create",
+        "--name",
+        "app",
+        "--pairs",
+        "g1,g2",
+        "--priority-station",
+        "az1",
+        "--model",
+        model,
+    ]);
+}
+
 /// Runs a group action (`failover`, `reverse`, `reprotect`, `sync`, `stop`) and waits for
 /// its job to succeed; returns the job as the coordinator shows it at the end.
 pub fn group_action(cluster: &TestCluster, group: &str, action: &str, timeout: Duration) -> Value {

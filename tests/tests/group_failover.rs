@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use blockrep_tests::cluster::{TestCluster, sha256, wait_until};
 use blockrep_tests::group::{
-    Member, RecordWriter, group_action, number, pair_state, sockets, wait_consistent, write_error,
+    Member, RecordWriter, create_group_of_two, group_action, number, pair_state, sockets,
+    wait_consistent, write_error,
 };
 use blockrep_tests::records::{RECORD, prefix_length_across};
 use blockrep_tests::{seed, sparse_file};
@@ -64,22 +65,7 @@ fn group_of_two(model: &str) -> Setup {
         sparse_file(&setup.image(name), RECORDS / 2 * RECORD);
         setup.cluster.add_volume(node, name, &setup.image(name));
     }
-    let (_, j1) = setup.cluster.create_pair("g1", "p1,d1", "az1", model);
-    let (_, j2) = setup.cluster.create_pair("g2", "p2,d2", "az1", model);
-    setup.cluster.wait_job(&j1, Duration::from_secs(120));
-    setup.cluster.wait_job(&j2, Duration::from_secs(120));
-    setup.cluster.coordinator().cli_json(&[
-        "group",
-        "create",
-        "--name",
-        "app",
-        "--pairs",
-        "g1,g2",
-        "--priority-station",
-        "az1",
-        "--model",
-        model,
-    ]);
+    create_group_of_two(&setup.cluster, model);
     setup
 }
 

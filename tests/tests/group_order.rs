@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockrep_tests::cluster::{TestCluster, wait_until};
+use blockrep_tests::group::create_group_of_two;
 use blockrep_tests::records::{RECORD, place, prefix_length_across, record};
 use blockrep_tests::{NbdClient, seed, sparse_file};
 use rand::rngs::SmallRng;
@@ -84,22 +85,7 @@ fn an_async_group_keeps_write_order_across_two_agents_through_kill_9() {
         sparse_file(&image(name), size);
         cluster.add_volume(node, name, &image(name));
     }
-    let (_, j1) = cluster.create_pair("g1", "p1,d1", "az1", "async");
-    let (_, j2) = cluster.create_pair("g2", "p2,d2", "az1", "async");
-    cluster.wait_job(&j1, Duration::from_secs(120));
-    cluster.wait_job(&j2, Duration::from_secs(120));
-    cluster.coordinator().cli_json(&[
-        "group",
-        "create",
-        "--name",
-        "app",
-        "--pairs",
-        "g1,g2",
-        "--priority-station",
-        "az1",
-        "--model",
-        "async",
-    ]);
+    create_group_of_two(&cluster, "async");
     // The group's cuts run once both DR sides apply by its commits.
     let applied = |cluster: &TestCluster| {
         (

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use blockrep_tests::cluster::{TestCluster, sha256, wait_until};
 use blockrep_tests::group::{
-    Member, RecordWriter, number, pair_state, sockets, wait_consistent, write_error,
+    Member, RecordWriter, create_group_of_two, number, pair_state, sockets, wait_consistent,
+    write_error,
 };
 use blockrep_tests::records::{RECORD, prefix_length_across};
 use blockrep_tests::{seed, sparse_file};
@@ -54,22 +55,7 @@ impl Group {
                 .cluster
                 .add_volume(&m.node, &m.volume, &group.image(m));
         }
-        let (_, j1) = group.cluster.create_pair("g1", "p1,d1", "az1", model);
-        let (_, j2) = group.cluster.create_pair("g2", "p2,d2", "az1", model);
-        group.cluster.wait_job(&j1, Duration::from_secs(120));
-        group.cluster.wait_job(&j2, Duration::from_secs(120));
-        group.cluster.coordinator().cli_json(&[
-            "group",
-            "create",
-            "--name",
-            "app",
-            "--pairs",
-            "g1,g2",
-            "--priority-station",
-            "az1",
-            "--model",
-            model,
-        ]);
+        create_group_of_two(&group.cluster, model);
         group
     }
 

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use blockrep_tests::cluster::{ClusterConfig, NetNs, NodeSpec, TestCluster, wait_until};
 use blockrep_tests::group::{
-    Member, RecordWriter, group_action, number, pair_state, sockets, wait_consistent,
+    Member, RecordWriter, create_group_of_two, group_action, number, pair_state, sockets,
+    wait_consistent,
 };
 use blockrep_tests::records::{RECORD, prefix_length_across};
 use blockrep_tests::{require_tool, run, seed, sparse_file};
@@ -81,22 +82,7 @@ fn group_in_namespace(ns: &NetNs, dir: &std::path::Path, model: &str) -> (TestCl
         sparse_file(&image(&m.volume), RECORDS / 2 * RECORD + BULK);
         cluster.add_volume(&m.node, &m.volume, &image(&m.volume));
     }
-    let (_, j1) = cluster.create_pair("g1", "p1,d1", "az1", model);
-    let (_, j2) = cluster.create_pair("g2", "p2,d2", "az1", model);
-    cluster.wait_job(&j1, Duration::from_secs(120));
-    cluster.wait_job(&j2, Duration::from_secs(120));
-    cluster.coordinator().cli_json(&[
-        "group",
-        "create",
-        "--name",
-        "app",
-        "--pairs",
-        "g1,g2",
-        "--priority-station",
-        "az1",
-        "--model",
-        model,
-    ]);
+    create_group_of_two(&cluster, model);
     wait_consistent(&cluster, "app", Duration::from_secs(120));
     (cluster, Layout { production, dr })
 }

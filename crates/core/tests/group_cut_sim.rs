@@ -1,5 +1,5 @@
 //! Seeded simulation of a consistency group's cuts across hosts (rule 3), driven by the
-//! core's [`CutCoordinator`] and [`HostCut`] on a virtual clock.
+//! core's [`CutCoordinator`] and the agents' [`AnswerHold`] on a virtual clock.
 //!
 //! Three production hosts and a coordinator. Application chains write record after record,
 //! each issued only after the previous one was answered, each on the next host (the
@@ -15,13 +15,16 @@
 //! and once the faults stop, the committed epoch catches up with the writes answered.
 //! A failure prints its seed; `BLOCKREP_SEED=n` replays one.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 
 use blockrep_core::replication::Epoch;
-use blockrep_core::replication::group_cut::{CutCoordinator, CutMessage, HostCut, HostStep};
+use blockrep_core::replication::answer_hold::AnswerHold;
+use blockrep_core::replication::group_cut::{CutCoordinator, CutMessage, CutMode, RoundOutcome};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use sim::{Clock, host_name, host_of};
+
+mod sim;
 
 const HOSTS: usize = 3;
 const CHAINS: usize = 3;
@@ -70,20 +73,18 @@ struct Write {
 }
 
 struct Host {
-    cut: HostCut,
+    /// The epoch it admits writes in (recorded at each switch: it survives a crash).
+    epoch: Epoch,
+    /// Completed writes whose answers wait for a release (the agent's hold).
+    hold: AnswerHold<usize>,
     up: bool,
     life: u32,
     link_up: bool,
-    /// Completed writes whose answers wait for a release.
-    held: Vec<usize>,
 }
 
 struct Sim {
     rng: SmallRng,
-    now: u64,
-    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    events: Vec<Event>,
-    seq: u64,
+    clock: Clock<Event>,
     coordinator: CutCoordinator,
     coordinator_up: bool,
     hosts: Vec<Host>,
@@ -99,22 +100,19 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, release_on_cut: bool) -> Self {
-        let names: Vec<String> = (0..HOSTS).map(|h| format!("host-{h}")).collect();
+        let names: Vec<String> = (0..HOSTS).map(host_name).collect();
         let mut sim = Sim {
             rng: SmallRng::seed_from_u64(seed),
-            now: 0,
-            queue: BinaryHeap::new(),
-            events: Vec::new(),
-            seq: 0,
+            clock: Clock::new(),
             coordinator: CutCoordinator::new(names, Epoch(1), ROUND_TIMEOUT_MS),
             coordinator_up: true,
             hosts: (0..HOSTS)
                 .map(|_| Host {
-                    cut: HostCut::new(Epoch(1), HOLD_TIMEOUT_MS),
+                    epoch: Epoch(1),
+                    hold: AnswerHold::default(),
                     up: true,
                     life: 0,
                     link_up: true,
-                    held: Vec::new(),
                 })
                 .collect(),
             writes: Vec::new(),
@@ -145,28 +143,20 @@ impl Sim {
     }
 
     fn at(&mut self, when: u64, event: Event) {
-        self.seq += 1;
-        self.events.push(event);
-        self.queue
-            .push(Reverse((when, self.seq, self.events.len() - 1)));
+        self.clock.at(when, event);
     }
 
     fn after(&mut self, delay: u64, event: Event) {
-        self.at(self.now + delay, event);
+        self.clock.after(delay, event);
     }
 
     fn faults(&self) -> bool {
-        self.now < FAULTS_UNTIL_MS
+        self.clock.now() < FAULTS_UNTIL_MS
     }
 
     /// A coordinator message on its way to a host: late, or lost.
     fn send_to_host(&mut self, message: CutMessage) {
-        let host = match &message {
-            CutMessage::Cut { host, .. } | CutMessage::Release { host, .. } => host
-                .strip_prefix("host-")
-                .and_then(|n| n.parse::<usize>().ok())
-                .expect("a host name"),
-        };
+        let host = host_of(&message);
         if self.faults() && self.rng.random_bool(0.05) {
             return;
         }
@@ -183,7 +173,7 @@ impl Sim {
     /// The last epoch whose writes on host `h` have all completed (or were lost), below
     /// the one it admits now: what its DR side can have staged.
     fn staged(&self, h: usize) -> Epoch {
-        let current = self.hosts[h].cut.epoch();
+        let current = self.hosts[h].epoch;
         let pending = self
             .writes
             .iter()
@@ -209,33 +199,31 @@ impl Sim {
         self.after(delay, Event::Issue(chain));
     }
 
-    fn release(&mut self, h: usize) {
-        let held = std::mem::take(&mut self.hosts[h].held);
-        for w in held {
+    /// Host `h` takes the release of the cut to `to`: it switches (if it missed the cut)
+    /// and answers what the cut held.
+    fn release(&mut self, h: usize, to: Epoch) {
+        let host = &mut self.hosts[h];
+        host.epoch = host.epoch.max(to);
+        for w in host.hold.on_release(to, RoundOutcome::default()) {
             self.answer(w);
         }
     }
 
     fn step(&mut self) -> Result<bool, String> {
-        let Some(Reverse((when, _, index))) = self.queue.pop() else {
+        let Some(event) = self.clock.next(END_MS) else {
             return Ok(false);
         };
-        if when > END_MS {
-            return Ok(false);
-        }
-        self.now = when;
-        let event = self.events[index].clone();
         match event {
             Event::CutTimer => {
                 if self.coordinator_up {
-                    let cuts = self.coordinator.start_cut(self.now);
+                    let cuts = self.coordinator.start_cut(self.clock.now());
                     self.send_all(cuts);
                 }
                 self.after(CUT_INTERVAL_MS, Event::CutTimer);
             }
             Event::CoordinatorTick => {
                 if self.coordinator_up {
-                    let releases = self.coordinator.on_tick(self.now);
+                    let releases = self.coordinator.on_tick(self.clock.now());
                     self.send_all(releases);
                 }
                 self.after(10, Event::CoordinatorTick);
@@ -246,12 +234,14 @@ impl Sim {
                 }
                 match message {
                     CutMessage::Cut { to, .. } => {
-                        let HostStep::Ack { to } = self.hosts[h].cut.on_cut(to, self.now) else {
-                            unreachable!("a cut is acked");
-                        };
+                        // Hold and switch (once), and ack.
+                        let now = self.clock.now();
+                        let host = &mut self.hosts[h];
+                        let switched = to > host.epoch;
+                        host.epoch = host.epoch.max(to);
+                        host.hold.on_cut(to, CutMode::Keep, switched, now);
                         if self.release_on_cut {
-                            self.hosts[h].cut.on_release(to);
-                            self.release(h);
+                            self.release(h, to);
                         }
                         let staged = self.staged(h);
                         if !self.faults() || !self.rng.random_bool(0.05) {
@@ -266,23 +256,22 @@ impl Sim {
                             );
                         }
                     }
-                    CutMessage::Release { to, .. } => {
-                        if self.hosts[h].cut.on_release(to) == HostStep::Release {
-                            self.release(h);
-                        }
-                    }
+                    CutMessage::Release { to, .. } => self.release(h, to),
                 }
             }
             Event::ToCoordinator { host, to, staged } => {
                 if self.coordinator_up && self.hosts[host].link_up {
-                    let releases = self.coordinator.on_ack(&format!("host-{host}"), to, staged);
+                    let releases = self.coordinator.on_ack(&host_name(host), to, staged);
                     self.send_all(releases);
                     self.check_commit()?;
                 }
             }
             Event::HostTick(h) => {
-                if self.hosts[h].up && self.hosts[h].cut.on_tick(self.now) == HostStep::Release {
-                    self.release(h);
+                if self.hosts[h].up {
+                    let now = self.clock.now();
+                    for w in self.hosts[h].hold.expire(now, HOLD_TIMEOUT_MS) {
+                        self.answer(w);
+                    }
                 }
                 self.after(10, Event::HostTick(h));
             }
@@ -297,7 +286,7 @@ impl Sim {
                 self.writes.push(Write {
                     host: h,
                     life: self.hosts[h].life,
-                    epoch: self.hosts[h].cut.epoch(),
+                    epoch: self.hosts[h].epoch,
                     chain: c,
                     record,
                     completed: false,
@@ -313,16 +302,15 @@ impl Sim {
                     return Ok(true);
                 }
                 self.writes[w].completed = true;
-                if self.hosts[h].cut.holding() {
-                    self.hosts[h].held.push(w);
-                } else {
+                if let Some(w) = self.hosts[h].hold.hold_or_give(w) {
                     self.answer(w);
                 }
             }
             Event::HostCrash(h) => {
                 if self.hosts[h].up {
                     self.hosts[h].up = false;
-                    self.hosts[h].held.clear();
+                    // What it held was never answered.
+                    self.hosts[h].hold.give_all();
                     let life = self.hosts[h].life;
                     let mut stalled = Vec::new();
                     for w in self.writes.iter_mut() {
@@ -345,7 +333,6 @@ impl Sim {
                 let host = &mut self.hosts[h];
                 host.up = true;
                 host.life += 1;
-                host.cut.restart();
             }
             Event::CoordinatorCrash => {
                 if self.coordinator_up {
@@ -391,7 +378,7 @@ impl Sim {
                 if self.writes[before].epoch > committed {
                     return Err(format!(
                         "at {} ms, epoch {} is committed: chain {chain} record {record} (host {}, epoch {}) is in it, record {} (host {}, epoch {}), answered before it was issued, is not",
-                        self.now,
+                        self.clock.now(),
                         committed.0,
                         self.writes[w].host,
                         self.writes[w].epoch.0,

@@ -15,7 +15,7 @@ use blockrep_api::proto::{
 };
 use blockrep_coordinator::{Agents, Coordinator, RedbStore};
 use blockrep_core::ByteRange;
-use blockrep_core::replication::group_cut::CutMode;
+use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{Epoch, GenerationId, PairId};
 use blockrep_replication::TransportSettings;
 use blockrep_replication::endpoint::{
@@ -258,7 +258,11 @@ impl Cluster {
                 }));
             }
             Request::GroupRelease(c) => {
-                pairs.group_release(&pair_ids(&c.pair_ids)?, Epoch(c.epoch), c.synchronous);
+                let outcome = RoundOutcome {
+                    tripped: c.tripped,
+                    synchronous: c.synchronous,
+                };
+                pairs.group_release(&pair_ids(&c.pair_ids)?, Epoch(c.epoch), outcome);
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::GroupCommit(c) => {

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use blockrep_core::replication::Epoch;
+use blockrep_core::replication::direct_gate::{DirectGate, Gating};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
@@ -186,8 +187,7 @@ impl Applier {
             held_verifies: Vec::new(),
             allowed,
             held_seals: Vec::new(),
-            gated: VecDeque::new(),
-            ungate: None,
+            gate: DirectGate::default(),
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -308,8 +308,7 @@ struct Worker {
     held_seals: Vec<crate::stage_log::SealRecord>,
     /// Gated direct writes (and what came after them, in order), held aside unwritten and
     /// unanswered until the stream's `Ungate` and the unit it names are applied.
-    gated: VecDeque<ApplyCmd>,
-    ungate: Option<Epoch>,
+    gate: DirectGate<ApplyCmd>,
 }
 
 impl Worker {
@@ -383,18 +382,22 @@ impl Worker {
                 continue;
             }
             // Gated writes go, in order, once their group is synchronous and their past
-            // applied.
-            if !self.gated.is_empty() && self.ungated() {
-                while let Some(cmd) = self.gated.pop_back() {
-                    self.queue.push_front(cmd);
+            // applied; let go, they are gated no more.
+            let applied = self.applying.is_none().then_some(self.state.applied);
+            for mut cmd in self.gate.let_go(applied).into_iter().rev() {
+                if let ApplyCmd::Write { header, .. } = &mut cmd {
+                    header.flags.0 &= !WriteFlags::GATED;
                 }
+                self.queue.push_front(cmd);
             }
             let Some(cmd) = self.queue.front() else {
                 return Ok(());
             };
-            if self.holds_aside(cmd) {
+            if let Some(gating) = gating(cmd)
+                && self.gate.must_wait(gating, applied)
+            {
                 let cmd = self.queue.pop_front().expect("front checked");
-                self.gated.push_back(cmd);
+                self.gate.set_aside(gating, cmd);
                 continue;
             }
             let barrier = matches!(
@@ -428,9 +431,7 @@ impl Worker {
                 ApplyCmd::Discard { after } => self.log.discard_after(after),
                 // Picked up at the top of the loop.
                 ApplyCmd::Allowed => {}
-                ApplyCmd::Ungate { epoch } => {
-                    self.ungate = Some(self.ungate.map_or(epoch, |e| e.max(epoch)));
-                }
+                ApplyCmd::Ungate { epoch } => self.gate.ungate(epoch),
                 ApplyCmd::Verify(v) => match v.after {
                     Some(epoch) if epoch > self.state.applied => self.held_verifies.push(v),
                     _ => self.verify(&v)?,
@@ -451,24 +452,6 @@ impl Worker {
                 }
             }
         }
-    }
-
-    /// Whether a command waits aside: a gated direct write before the group is synchronous,
-    /// and every write or flush that follows one (seals, commits and `Ungate` go on, so the
-    /// group's commit can reach what the gated writes wait for).
-    fn holds_aside(&self, cmd: &ApplyCmd) -> bool {
-        match cmd {
-            ApplyCmd::Write { header, .. } => {
-                !self.gated.is_empty() || (header.flags.has(WriteFlags::GATED) && !self.ungated())
-            }
-            ApplyCmd::Flush { .. } | ApplyCmd::Verify(_) => !self.gated.is_empty(),
-            _ => false,
-        }
-    }
-
-    /// The stream ungated, and the unit it named is applied.
-    fn ungated(&self) -> bool {
-        self.applying.is_none() && self.ungate.is_some_and(|e| self.state.applied >= e)
     }
 
     /// Handles one incoming write. Returns false if it had to wait (it is put back).
@@ -799,6 +782,21 @@ impl Worker {
 }
 
 /// A write the ring takes: data, 4 KiB-aligned.
+/// What a command is to the gate of a hypermetro group's direct writes (`None`: it never
+/// waits there: journaled writes, seals, commits).
+fn gating(cmd: &ApplyCmd) -> Option<Gating> {
+    match cmd {
+        ApplyCmd::Write { header, .. } if header.flags.has(WriteFlags::GATED) => {
+            Some(Gating::Gated)
+        }
+        ApplyCmd::Write { header, .. } if header.flags.has(WriteFlags::DIRECT) => {
+            Some(Gating::Direct)
+        }
+        ApplyCmd::Flush { .. } | ApplyCmd::Verify(_) => Some(Gating::Ordered),
+        _ => None,
+    }
+}
+
 fn is_fast(header: &WriteHeader) -> bool {
     !header.flags.has(WriteFlags::ZEROES)
         && ByteRange::new(header.offset, u64::from(header.len)).is_aligned(DIRECT_IO_ALIGN)

@@ -19,7 +19,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blockrep_core::ByteRange;
-use blockrep_core::replication::group_cut::CutMode;
+use blockrep_core::replication::answer_hold::AnswerHold;
+use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{
     Completed, Epoch, Journal, Outgoing, Payload, PayloadLen, ReplicationModel, Ticket, WriteSeq,
 };
@@ -103,14 +104,11 @@ struct State {
     probes: Probes,
     /// The pair's epochs are cut by its consistency group, not by its own ticker.
     grouped: bool,
-    /// Answers held for a group cut.
-    hold: Option<Hold>,
+    /// Answers held for a group cut or trip.
+    hold: AnswerHold<HeldAnswer>,
     /// Epoch spans the DR side can only take whole (a catch-up's unit), newest last: its
     /// group must never commit an epoch strictly inside one.
     atomic: Vec<AtomicSpan>,
-    /// A synchronous pair of a group lost its link: its answers are held until its group's
-    /// trip cut (docs/GROUPS.md).
-    trip_wanted: bool,
     hold_times: HoldTimes,
 }
 
@@ -126,16 +124,16 @@ pub struct AtomicSpan {
 const ATOMIC_SPANS: usize = 8;
 
 impl State {
-    /// Holds `token`'s answer if a group cut is in progress; else it is answered now.
+    /// Holds `token`'s answer if a group cut or trip holds answers; else it is answered now.
     fn answer_or_hold(&mut self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        match self.hold.as_mut() {
-            Some(hold) => {
-                hold.answers
-                    .push((token, Arc::clone(mailbox), Instant::now()));
-                AfterLocal::WaitForPeer
-            }
-            None => AfterLocal::Answer,
+        if !self.hold.holding() {
+            return AfterLocal::Answer;
         }
+        let held = self
+            .hold
+            .hold_or_give((token, Arc::clone(mailbox), Instant::now()));
+        debug_assert!(held.is_none(), "checked that answers are held");
+        AfterLocal::WaitForPeer
     }
 
     /// Live writes leave the journal (link down, overflow, a catch-up starts): what the DR
@@ -154,16 +152,14 @@ impl State {
     }
 }
 
-/// Answers of writes that completed while a group cut was in progress: they are given only
-/// once every host of the group has switched to the new epoch (docs/GROUPS.md). A *trip*
-/// hold (a synchronous pair of a hypermetro group lost its link) is given only at the
-/// release of its group's trip cut, and never times out.
-struct Hold {
-    to: Epoch,
-    since: Instant,
-    trip: bool,
-    /// Each held answer, and when it was held.
-    answers: Vec<(u64, Arc<Mailbox>, Instant)>,
+/// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
+/// token, where to deliver it, and when it was held.
+type HeldAnswer = (u64, Arc<Mailbox>, Instant);
+
+/// A monotonic clock in milliseconds, for hold timeouts.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// How long a group's cuts held answers: the last few thousand, in microseconds.
@@ -176,8 +172,8 @@ struct HoldTimes {
 impl HoldTimes {
     const KEPT: usize = 8192;
 
-    fn record(&mut self, hold: &Hold) {
-        for (_, _, at) in &hold.answers {
+    fn record(&mut self, answers: &[HeldAnswer]) {
+        for (_, _, at) in answers {
             if self.recent.len() == Self::KEPT {
                 self.recent.pop_front();
             }
@@ -258,9 +254,8 @@ impl PairLink {
                 answered_at: Instant::now(),
                 probes: Probes::default(),
                 grouped: false,
-                hold: None,
+                hold: AnswerHold::default(),
                 atomic: Vec::new(),
-                trip_wanted: false,
                 hold_times: HoldTimes::default(),
             }),
             changed: Condvar::new(),
@@ -414,15 +409,7 @@ impl PairLink {
             }
         }
         if trip {
-            let hold = state.hold.get_or_insert_with(|| Hold {
-                to: Epoch::ZERO,
-                since: Instant::now(),
-                trip: true,
-                answers: Vec::new(),
-            });
-            hold.trip = true;
-            hold.answers.append(&mut answers);
-            state.trip_wanted = true;
+            state.hold.trip(monotonic_ms(), answers.drain(..));
         }
         drop(state);
         self.tracker.forget(forget);
@@ -433,9 +420,18 @@ impl PairLink {
         self.changed.notify_all();
     }
 
+    /// A production agent that starts with its pair in a hypermetro group starts tripped:
+    /// the others may still write their DR sides directly, and this pair's writes are only
+    /// tracked until it catches up.
+    pub fn start_tripped(&self) {
+        let mut state = self.lock();
+        state.grouped = true;
+        state.hold.trip(monotonic_ms(), []);
+    }
+
     /// The pair tripped and waits for its group's trip cut.
     pub fn trip_wanted(&self) -> bool {
-        self.lock().trip_wanted
+        self.lock().hold.trip_wanted()
     }
 
     /// Its direct writes are gated: the DR side holds them until the group is synchronous.
@@ -475,9 +471,13 @@ impl PairLink {
     pub fn set_grouped(&self, grouped: bool) {
         let mut state = self.lock();
         state.grouped = grouped;
-        let hold = if grouped { None } else { state.hold.take() };
+        let held = if grouped {
+            Vec::new()
+        } else {
+            state.hold.give_all()
+        };
         drop(state);
-        deliver_held(hold);
+        deliver_held(held);
     }
 
     /// The group's cut to `to`: answers of writes that complete from now on are held until
@@ -507,26 +507,7 @@ impl PairLink {
             }
             _ => {}
         }
-        // A trip hold becomes this cut's at a trip cut; otherwise it stays a trip hold.
-        let converting = mode == CutMode::Trip && state.hold.as_ref().is_some_and(|h| h.trip);
-        if switched || converting {
-            let (answers, trip, since) = match state.hold.take() {
-                Some(h) => {
-                    let trip = h.trip && mode != CutMode::Trip;
-                    (h.answers, trip, if trip { h.since } else { Instant::now() })
-                }
-                None => (Vec::new(), false, Instant::now()),
-            };
-            state.hold = Some(Hold {
-                to,
-                since,
-                trip,
-                answers,
-            });
-        }
-        if mode == CutMode::Trip {
-            state.trip_wanted = false;
-        }
+        state.hold.on_cut(to, mode, switched, monotonic_ms());
         let answer = (
             state.journal.staged_epoch(),
             state.live == Live::Sync && self.model == ReplicationModel::Hypermetro,
@@ -537,25 +518,24 @@ impl PairLink {
     }
 
     /// The group's release of the cut to `to`: the held answers are given. A pair that
-    /// missed the cut switches now. With `synchronous` (a direct cut every host switched
-    /// at), the DR side may write the gated writes once it applied epoch `to`.
-    pub fn group_release(&self, to: Epoch, synchronous: bool, now_ms: u64) {
+    /// missed the cut switches now. A trip hold is given only if the round `tripped` (and the
+    /// trip cut reached it). If it went `synchronous` (a direct cut every host switched at),
+    /// the DR side may write the gated writes once it applied epoch `to`.
+    pub fn group_release(&self, to: Epoch, outcome: RoundOutcome, now_ms: u64) {
         let mut state = self.lock();
         let current = state.journal.current_epoch();
         if to > current {
             state.cut_times.insert(current, now_ms);
             state.journal.advance_epoch_to(to);
         }
-        if synchronous && state.live == Live::Sync && state.journal.gated() {
+        if outcome.synchronous && state.live == Live::Sync && state.journal.gated() {
             state.journal.ungate(to);
         }
-        let hold = state.hold.take_if(|h| !h.trip && h.to <= to);
-        if let Some(h) = &hold {
-            state.hold_times.record(h);
-        }
+        let held = state.hold.on_release(to, outcome);
+        state.hold_times.record(&held);
         drop(state);
         self.wake_sender.notify_one();
-        deliver_held(hold);
+        deliver_held(held);
     }
 
     /// How long the group's cuts held this pair's answers.
@@ -567,14 +547,11 @@ impl PairLink {
     /// coordinator never commits a cut it did not release itself.
     pub fn release_held_longer_than(&self, timeout: Duration) {
         let mut state = self.lock();
-        let hold = state
-            .hold
-            .take_if(|h| !h.trip && h.since.elapsed() >= timeout);
-        if let Some(h) = &hold {
-            state.hold_times.record(h);
-        }
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let held = state.hold.expire(monotonic_ms(), timeout_ms);
+        state.hold_times.record(&held);
         drop(state);
-        deliver_held(hold);
+        deliver_held(held);
     }
 
     // ---- the sender ----
@@ -1159,8 +1136,8 @@ impl PairLink {
     }
 }
 
-fn deliver_held(hold: Option<Hold>) {
-    for (token, mailbox, _) in hold.map(|h| h.answers).unwrap_or_default() {
+fn deliver_held(held: Vec<HeldAnswer>) {
+    for (token, mailbox, _) in held {
         mailbox.deliver(token);
     }
 }
@@ -1170,6 +1147,15 @@ mod tests {
     use blockrep_volume::{TrackerConfig, Waker};
 
     use super::*;
+
+    const TRIPPED: RoundOutcome = RoundOutcome {
+        tripped: true,
+        synchronous: false,
+    };
+    const SYNCHRONOUS: RoundOutcome = RoundOutcome {
+        tripped: false,
+        synchronous: true,
+    };
 
     fn async_link(dir: &std::path::Path) -> PairLink {
         let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
@@ -1237,9 +1223,9 @@ mod tests {
         );
         assert!(delivered(&mailbox).is_empty());
         // A release of an older cut leaves it held; this cut's release gives the answers.
-        link.group_release(Epoch(6), false, 0);
+        link.group_release(Epoch(6), RoundOutcome::default(), 0);
         assert!(delivered(&mailbox).is_empty());
-        link.group_release(Epoch(7), false, 0);
+        link.group_release(Epoch(7), RoundOutcome::default(), 0);
         assert_eq!(delivered(&mailbox), vec![2, 3]);
         assert_eq!(write(&link, &mailbox, 0, 4), (AfterLocal::Answer, Epoch(7)));
         // The epoch before the cut is sealed, and the pair no longer cuts on its own.
@@ -1258,7 +1244,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let link = async_link(dir.path());
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
-        link.group_release(Epoch(3), false, 0);
+        link.group_release(Epoch(3), RoundOutcome::default(), 0);
         assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(3)));
         link.group_cut(Epoch(4), CutMode::Keep, 0);
         assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::WaitForPeer);
@@ -1320,7 +1306,7 @@ mod tests {
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
-        link.group_release(Epoch(5), true, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
         assert!(!link.gated());
         let mut frames = Vec::new();
         link.take_frames(u64::MAX, &mut frames);
@@ -1339,7 +1325,7 @@ mod tests {
         let link = hypermetro_link(dir.path());
         link.go_live();
         link.group_cut(Epoch(5), CutMode::Direct, 0);
-        link.group_release(Epoch(5), true, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
@@ -1353,13 +1339,38 @@ mod tests {
         // A hold timeout and an epoch cut's release do not give them.
         link.release_held_longer_than(Duration::ZERO);
         link.group_cut(Epoch(6), CutMode::Keep, 0);
-        link.group_release(Epoch(6), false, 0);
+        link.group_release(Epoch(6), RoundOutcome::default(), 0);
         assert!(delivered(&mailbox).is_empty());
-        // The trip cut's release does.
+        // Nor the release of a trip cut that was abandoned (a host may not have switched).
         link.group_cut(Epoch(7), CutMode::Trip, 0);
-        assert!(!link.trip_wanted());
         assert!(delivered(&mailbox).is_empty());
-        link.group_release(Epoch(7), false, 0);
+        link.group_release(Epoch(7), RoundOutcome::default(), 0);
+        link.release_held_longer_than(Duration::ZERO);
+        assert!(delivered(&mailbox).is_empty());
+        assert!(link.trip_wanted());
+        // The release of a trip cut every host switched at does.
+        link.group_cut(Epoch(8), CutMode::Trip, 0);
+        link.group_release(Epoch(8), TRIPPED, 0);
+        assert!(!link.trip_wanted());
         assert_eq!(delivered(&mailbox), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_trip_release_gives_only_a_hold_its_trip_cut_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = hypermetro_link(dir.path());
+        // An agent starting with its pair in a hypermetro group: writes are tracked, their
+        // answers held.
+        link.start_tripped();
+        assert!(link.trip_wanted());
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        let w = admit(&link, &mailbox, 0, 1);
+        assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
+        // A late release of an earlier trip does not give it.
+        link.group_release(Epoch(6), TRIPPED, 0);
+        assert!(delivered(&mailbox).is_empty());
+        link.group_cut(Epoch(7), CutMode::Trip, 0);
+        link.group_release(Epoch(7), TRIPPED, 0);
+        assert_eq!(delivered(&mailbox), vec![1]);
     }
 }

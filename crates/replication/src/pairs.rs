@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use blockrep_api::ApiError;
 use blockrep_api::proto;
 use blockrep_core::VolumeId;
-use blockrep_core::replication::group_cut::CutMode;
+use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
 
 use crate::link::Live;
@@ -374,13 +374,13 @@ impl Pairs {
         Ok(answer)
     }
 
-    /// The group's release of the cut to `to`: the held answers are given; with
-    /// `synchronous` (a direct cut every host switched at), gated writes are let go.
-    pub fn group_release(&self, pairs: &[PairId], to: Epoch, synchronous: bool) {
+    /// The group's release of the cut to `to`: the held answers are given (a trip's only if
+    /// the round tripped); if it went synchronous, gated writes are let go.
+    pub fn group_release(&self, pairs: &[PairId], to: Epoch, outcome: RoundOutcome) {
         let now = now_ms();
         for pair in pairs {
             if let Ok(p) = self.production(*pair) {
-                p.link.group_release(to, synchronous, now);
+                p.link.group_release(to, outcome, now);
             }
         }
     }

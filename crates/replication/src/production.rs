@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use blockrep_core::replication::group_cut::RoundOutcome;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
 use blockrep_core::{ByteRange, read_spans};
@@ -161,7 +162,13 @@ impl ProductionPair {
         link.set_grouped(membership.grouped);
         if membership.grouped {
             // Never admit in an epoch the group has left (rule 3).
-            link.group_release(membership.group_epoch, false, now_ms());
+            link.group_release(membership.group_epoch, RoundOutcome::default(), now_ms());
+            if membership.model == ReplicationModel::Hypermetro && !membership.paused {
+                // The group's other pairs may still write their DR sides directly: this
+                // one's answers wait for the group's trip (docs/GROUPS.md).
+                link.start_tripped();
+                trips.notify_one();
+            }
         }
         volume
             .gate()

@@ -3,7 +3,12 @@
 //! the state machines are `blockrep_core::replication::group_cut`, the argument is in
 //! docs/GROUPS.md). A hypermetro group is cut only while it is not synchronous: a trip
 //! cut when a pair lost its link, epoch cuts while its pairs journal, a direct cut once
-//! every pair caught up, and epoch cuts until the group committed the direct cut's epoch.
+//! every pair caught up, and epoch cuts until the group committed the direct cut's epoch (a
+//! fresh cut state, which cannot know whether the group just went synchronous, cuts until
+//! its first commit). A release says how its round ended: only a trip every host switched
+//! at gives a tripped pair's answers, only a direct cut every host switched at ungates.
+//! While a hypermetro group is not cut, a DR agent that reports an older commit gets the
+//! commit again.
 //!
 //! ```text
 //!  every interval, per group:
@@ -21,7 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use blockrep_core::replication::group_cut::{
-    CutCoordinator, CutMessage, CutMode, ROUND_TIMEOUT_MS,
+    CutCoordinator, CutMessage, CutMode, Live, PairMode, ROUND_TIMEOUT_MS, RoundOutcome,
+    hypermetro_cut,
 };
 use blockrep_core::replication::{Epoch, GroupId};
 use tokio::task::JoinSet;
@@ -52,7 +58,10 @@ pub(super) struct GroupCuts {
     cut: CutCoordinator,
     committed_sent: Epoch,
     rounds: u32,
-    /// A hypermetro group went synchronous at this cut; it is cut until this commits.
+    /// A hypermetro group went synchronous at this cut; it is cut until this commits. A fresh
+    /// state starts with its first epoch here: the group may have gone synchronous just
+    /// before (a restart forgot it), and its DR sides hold their direct writes until the
+    /// journaled epochs before are applied.
     direct_at: Option<Epoch>,
 }
 
@@ -217,14 +226,14 @@ impl Coordinator {
                 for m in loose {
                     self.group_production(&m.production_node, m.pair).await;
                 }
-                // The last direct cut of these members (after a reverse they are others).
+                // The last direct cut of these members (after a reverse they are others);
+                // with no cut state yet, one may be uncommitted.
                 let direct = {
                     let state = self.lock();
-                    state
-                        .cuts
-                        .get(&group)
-                        .filter(|c| c.members == members)
-                        .and_then(|c| c.direct_at.map(|at| (at, c.cut.committed() >= at)))
+                    match state.cuts.get(&group).filter(|c| c.members == members) {
+                        Some(c) => c.direct_at.map(|at| (at, c.cut.committed() >= at)),
+                        None => Some((Epoch::ZERO, false)),
+                    }
                 };
                 let mode = hypermetro_mode(&members, &reports, direct);
                 if mode == Some(CutMode::Trip)
@@ -234,7 +243,12 @@ impl Coordinator {
                 }
                 match mode {
                     Some(mode) if !stopped || mode == CutMode::Trip => mode,
-                    _ => return Ok(()),
+                    _ => {
+                        // No cut: a DR agent that missed the last commit gets it again (its
+                        // direct writes may wait for it).
+                        self.resend_missed_commit(group, &members, &reports).await;
+                        return Ok(());
+                    }
                 }
             }
         };
@@ -254,19 +268,16 @@ impl Coordinator {
                     .unwrap_or(0);
                 let hosts: BTreeSet<String> =
                     members.iter().map(|m| m.production_node.clone()).collect();
-                tracing::info!(%group, hosts = hosts.len(), from = reported + EPOCH_JUMP, "group cuts start");
+                let from = Epoch(reported + EPOCH_JUMP);
+                tracing::info!(%group, hosts = hosts.len(), %from, "group cuts start");
                 state.cuts.insert(
                     group,
                     GroupCuts {
                         members: members.clone(),
-                        cut: CutCoordinator::new(
-                            hosts,
-                            Epoch(reported + EPOCH_JUMP),
-                            ROUND_TIMEOUT_MS,
-                        ),
+                        cut: CutCoordinator::new(hosts, from, ROUND_TIMEOUT_MS),
                         committed_sent: Epoch::ZERO,
                         rounds: 0,
-                        direct_at: None,
+                        direct_at: (model == ReplicationModel::Hypermetro).then_some(from),
                     },
                 );
             }
@@ -281,6 +292,7 @@ impl Coordinator {
                 epoch,
                 mode: mode.code(),
                 synchronous: false,
+                tripped: false,
             })
         });
         let mut synchronous = true;
@@ -315,8 +327,9 @@ impl Coordinator {
             }
         }
         calls.abort_all();
-        // A direct cut every host switched at: the gated writes may go once it commits.
-        let went_synchronous = mode == CutMode::Direct && !releases.is_empty() && synchronous;
+        // A trip every host switched at: the tripped pairs' answers may go. A direct cut every
+        // host switched at: the gated writes may go once it commits.
+        let outcome = RoundOutcome::of(mode, !releases.is_empty(), synchronous);
         if releases.is_empty() {
             // Not every host switched in time: the round is abandoned (its boundary is
             // never committed) and everyone is released.
@@ -325,7 +338,7 @@ impl Coordinator {
                 releases = cuts.cut.on_tick(now + ROUND_TIMEOUT_MS);
             }
         }
-        if went_synchronous {
+        if outcome.synchronous {
             let mut state = self.lock();
             if let Some(cuts) = state.cuts.get_mut(&group) {
                 cuts.direct_at = Some(cuts.cut.epoch());
@@ -334,8 +347,7 @@ impl Coordinator {
             // Its commit is what the gated writes wait for: cut again at once.
             self.cut_kick.notify_one();
         }
-        self.send_releases(&members, releases, went_synchronous)
-            .await;
+        self.send_releases(&members, releases, outcome).await;
         // The DR agents apply what the group committed.
         let (committed, resend) = {
             let state = self.lock();
@@ -363,11 +375,38 @@ impl Coordinator {
         Ok(())
     }
 
+    async fn resend_missed_commit(
+        &self,
+        group: GroupId,
+        members: &[Member],
+        reports: &BTreeMap<(PairId, bool), proto::PairState>,
+    ) {
+        let committed = {
+            let state = self.lock();
+            match state.cuts.get(&group).filter(|c| c.members == members) {
+                Some(c) => c.cut.committed(),
+                None => return,
+            }
+        };
+        let mut by_node: BTreeMap<&str, Vec<PairId>> = BTreeMap::new();
+        for m in members {
+            let behind = reports
+                .get(&(m.pair, false))
+                .is_some_and(|s| s.group_commit < committed.0);
+            if behind {
+                by_node.entry(&m.dr_node).or_default().push(m.pair);
+            }
+        }
+        for (node, pairs) in by_node {
+            self.send_commit(node, &pairs, committed).await;
+        }
+    }
+
     async fn send_releases(
         &self,
         members: &[Member],
         releases: Vec<CutMessage>,
-        synchronous: bool,
+        outcome: RoundOutcome,
     ) {
         // A release that does not arrive ends with the host's hold timeout.
         let mut calls = self.call_hosts(members, releases, |pair_ids, epoch| {
@@ -375,7 +414,8 @@ impl Coordinator {
                 pair_ids,
                 epoch,
                 mode: 0,
-                synchronous,
+                synchronous: outcome.synchronous,
+                tripped: outcome.tripped,
             })
         });
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
@@ -463,160 +503,33 @@ impl Coordinator {
     }
 }
 
-/// What a hypermetro group's next cut is, from its production sides' reports: a trip if
-/// a pair lost its link, a direct cut once every pair journals caught up (or is synchronous
-/// already), epochs only while some pair is not ready or the last direct cut (`direct`: its
-/// epoch, and whether it is committed) is not committed yet; none while it is synchronous,
-/// or while the reports predate the last direct cut.
+/// A hypermetro group's next cut, from its production sides' reports.
 fn hypermetro_mode(
     members: &[Member],
     reports: &BTreeMap<(PairId, bool), proto::PairState>,
     direct: Option<(Epoch, bool)>,
 ) -> Option<CutMode> {
-    let production: Vec<Option<&proto::PairState>> = members
+    let modes: Vec<Option<PairMode>> = members
         .iter()
-        .map(|m| reports.get(&(m.pair, true)))
+        .map(|m| {
+            reports.get(&(m.pair, true)).map(|s| PairMode {
+                live: match s.live.as_str() {
+                    "sync" => Live::Sync,
+                    "journal" => Live::Journal,
+                    _ => Live::Tracked,
+                },
+                gated: s.gated,
+                trip_wanted: s.trip_wanted,
+                catching_up: s.catching_up,
+                epoch: Epoch(s.current_epoch),
+            })
+        })
         .collect();
-    if production.iter().flatten().any(|s| s.trip_wanted) {
-        return Some(CutMode::Trip);
-    }
-    match direct {
-        Some((_, false)) => return Some(CutMode::Keep),
-        Some((at, true))
-            if production
-                .iter()
-                .any(|s| s.is_none_or(|s| s.current_epoch <= at.0)) =>
-        {
-            return None;
-        }
-        _ => {}
-    }
-    let synchronous = |s: &proto::PairState| s.live == "sync" && !s.gated;
-    if production.iter().all(|s| s.is_some_and(synchronous)) {
-        return None;
-    }
-    let ready = |s: &proto::PairState| s.live == "sync" || (s.live == "journal" && !s.catching_up);
-    if production.iter().all(|s| s.is_some_and(ready)) {
-        return Some(CutMode::Direct);
-    }
-    Some(CutMode::Keep)
+    hypermetro_cut(&modes, direct)
 }
 
 pub(super) fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn member(n: u8) -> Member {
-        Member {
-            pair: PairId::from_bytes([n; 16]),
-            production_node: format!("node-{n}"),
-            dr_node: "dr".into(),
-        }
-    }
-
-    fn report(live: &str, epoch: u64) -> proto::PairState {
-        proto::PairState {
-            side: "production".into(),
-            live: live.into(),
-            current_epoch: epoch,
-            ..Default::default()
-        }
-    }
-
-    fn reports(states: &[proto::PairState]) -> BTreeMap<(PairId, bool), proto::PairState> {
-        states
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ((member(i as u8 + 1).pair, true), s.clone()))
-            .collect()
-    }
-
-    #[test]
-    fn a_hypermetro_group_is_cut_only_while_it_is_not_synchronous() {
-        let members = [member(1), member(2)];
-        let sync = report("sync", 10);
-        // Synchronous: no cut.
-        assert_eq!(
-            hypermetro_mode(&members, &reports(&[sync.clone(), sync.clone()]), None),
-            None
-        );
-        // A pair tripped: a trip cut, whatever else.
-        let tripped = proto::PairState {
-            trip_wanted: true,
-            live: "tracked".into(),
-            ..sync.clone()
-        };
-        assert_eq!(
-            hypermetro_mode(
-                &members,
-                &reports(&[sync.clone(), tripped]),
-                Some((Epoch(9), false))
-            ),
-            Some(CutMode::Trip)
-        );
-        // One pair still catching up: epochs only.
-        let journal = report("journal", 12);
-        let catching_up = proto::PairState {
-            catching_up: true,
-            ..journal.clone()
-        };
-        assert_eq!(
-            hypermetro_mode(&members, &reports(&[journal.clone(), catching_up]), None),
-            Some(CutMode::Keep)
-        );
-        let tracked = report("tracked", 12);
-        assert_eq!(
-            hypermetro_mode(&members, &reports(&[journal.clone(), tracked]), None),
-            Some(CutMode::Keep)
-        );
-        // Every pair journals, caught up (or went synchronous in a cut that did not
-        // complete, gated): a direct cut.
-        let gated = proto::PairState {
-            gated: true,
-            ..report("sync", 12)
-        };
-        assert_eq!(
-            hypermetro_mode(&members, &reports(&[journal.clone(), gated]), None),
-            Some(CutMode::Direct)
-        );
-        // After a direct cut at 12: epochs until it is committed, then nothing, but not on
-        // reports from before the cut.
-        assert_eq!(
-            hypermetro_mode(
-                &members,
-                &reports(&[journal.clone(), journal.clone()]),
-                Some((Epoch(12), false))
-            ),
-            Some(CutMode::Keep)
-        );
-        assert_eq!(
-            hypermetro_mode(
-                &members,
-                &reports(&[journal.clone(), journal.clone()]),
-                Some((Epoch(12), true))
-            ),
-            None,
-            "reports older than the direct cut"
-        );
-        let after = report("sync", 14);
-        assert_eq!(
-            hypermetro_mode(
-                &members,
-                &reports(&[after.clone(), after]),
-                Some((Epoch(12), true))
-            ),
-            None
-        );
-        // A member with no report: not ready.
-        assert_eq!(
-            hypermetro_mode(&members, &reports(&[journal]), None),
-            Some(CutMode::Keep)
-        );
-    }
 }

@@ -1,8 +1,9 @@
-//! A consistency group's epoch cuts across hosts (rule 3), as two small state machines
-//! that do no I/O: [`CutCoordinator`] on the coordinator, [`HostCut`] on each production
-//! agent of the group. docs/GROUPS.md argues why they keep write order; the seeded
-//! simulation in `tests/group_cut_sim.rs` checks it with hosts that crash and messages
-//! that are lost or late.
+//! A consistency group's epoch cuts across hosts (rule 3), as state machines that do no
+//! I/O: [`CutCoordinator`] on the coordinator; each production agent of the group holds its
+//! answers with [`super::answer_hold::AnswerHold`]. docs/GROUPS.md argues why they keep
+//! write order; the seeded simulations in `tests/group_cut_sim.rs` and
+//! `tests/hypermetro_group_sim.rs` check it with hosts that crash and messages that are lost
+//! or late.
 //!
 //! ```text
 //!  coordinator                          each production host of the group
@@ -71,6 +72,29 @@ impl CutMode {
     }
 }
 
+/// How a released round ended, as its release tells the hosts. An abandoned round (a host
+/// did not switch in time) is neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundOutcome {
+    /// A trip cut every host switched at: no pair of the group writes its DR side directly
+    /// any more, so a tripped pair's held answers may be given.
+    pub tripped: bool,
+    /// A direct cut every host switched at, each synchronous after it: the DR sides may
+    /// write the gated writes once they applied the cut's epoch.
+    pub synchronous: bool,
+}
+
+impl RoundOutcome {
+    /// The outcome of a round in `mode` that `completed` (every host acked in time), whose
+    /// hosts all said they were synchronous after it (`all_synchronous`).
+    pub fn of(mode: CutMode, completed: bool, all_synchronous: bool) -> Self {
+        Self {
+            tripped: completed && mode == CutMode::Trip,
+            synchronous: completed && mode == CutMode::Direct && all_synchronous,
+        }
+    }
+}
+
 /// What the coordinator sends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CutMessage {
@@ -78,6 +102,58 @@ pub enum CutMessage {
     Cut { host: HostId, to: Epoch },
     /// Answer what was held for the cut to `to`.
     Release { host: HostId, to: Epoch },
+}
+
+/// How a production host's pair sends its live writes, as it reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Live {
+    /// Direct, answered once the DR side wrote them (hypermetro).
+    Sync,
+    /// In epochs, staged on the DR side.
+    Journal,
+    /// Not sent: the bitmap has them (link down, catch-up running).
+    Tracked,
+}
+
+/// What a hypermetro group's cut decision needs of a pair, from its production host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairMode {
+    pub live: Live,
+    /// Its direct writes are gated (the group is going synchronous).
+    pub gated: bool,
+    /// It lost its link while synchronous; its answers wait for a trip cut.
+    pub trip_wanted: bool,
+    pub catching_up: bool,
+    /// The epoch it admits writes in.
+    pub epoch: Epoch,
+}
+
+/// The next cut of a hypermetro group, from its pairs' reports (`None`: no report yet): a
+/// trip if a pair lost its link, a direct cut once every pair journals caught up (or is
+/// synchronous already), epochs only while some pair is not ready or the last direct cut
+/// (`direct`: its epoch, and whether it is committed) is not committed yet; none while the
+/// group is synchronous, or while the reports predate the last direct cut.
+pub fn hypermetro_cut(
+    pairs: &[Option<PairMode>],
+    direct: Option<(Epoch, bool)>,
+) -> Option<CutMode> {
+    if pairs.iter().flatten().any(|p| p.trip_wanted) {
+        return Some(CutMode::Trip);
+    }
+    match direct {
+        Some((_, false)) => return Some(CutMode::Keep),
+        Some((at, true)) if pairs.iter().any(|p| p.is_none_or(|p| p.epoch <= at)) => return None,
+        _ => {}
+    }
+    let synchronous = |p: &PairMode| p.live == Live::Sync && !p.gated;
+    if pairs.iter().all(|p| p.as_ref().is_some_and(synchronous)) {
+        return None;
+    }
+    let ready = |p: &PairMode| p.live == Live::Sync || (p.live == Live::Journal && !p.catching_up);
+    if pairs.iter().all(|p| p.as_ref().is_some_and(ready)) {
+        return Some(CutMode::Direct);
+    }
+    Some(CutMode::Keep)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -274,90 +350,10 @@ impl CutCoordinator {
     }
 }
 
-/// One production host's side of its group's cuts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostCut {
-    epoch: Epoch,
-    /// Holding answers for the cut to this epoch, since then (ms).
-    holding: Option<(Epoch, u64)>,
-    hold_timeout_ms: u64,
-}
-
-/// What a host does with a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HostStep {
-    /// Answer the coordinator's cut with this ack.
-    Ack {
-        to: Epoch,
-    },
-    /// Answer every write held since the cut.
-    Release,
-    Nothing,
-}
-
-impl HostCut {
-    pub fn new(epoch: Epoch, hold_timeout_ms: u64) -> Self {
-        Self {
-            epoch,
-            holding: None,
-            hold_timeout_ms,
-        }
-    }
-
-    /// The epoch a write admitted now takes.
-    pub fn epoch(&self) -> Epoch {
-        self.epoch
-    }
-
-    /// Whether writes completing now wait for a release before they are answered.
-    pub fn holding(&self) -> bool {
-        self.holding.is_some()
-    }
-
-    /// `Cut(to)`: hold and switch (once), and ack.
-    pub fn on_cut(&mut self, to: Epoch, now_ms: u64) -> HostStep {
-        if to > self.epoch {
-            self.epoch = to;
-            self.holding = Some((to, now_ms));
-        }
-        HostStep::Ack { to }
-    }
-
-    /// `Release(to)`: answer what is held; a host that never got the cut switches now.
-    pub fn on_release(&mut self, to: Epoch) -> HostStep {
-        if to > self.epoch {
-            self.epoch = to;
-        }
-        match self.holding {
-            Some((held, _)) if held <= to => {
-                self.holding = None;
-                HostStep::Release
-            }
-            _ => HostStep::Nothing,
-        }
-    }
-
-    /// Releases on its own after holding too long (the coordinator is away).
-    pub fn on_tick(&mut self, now_ms: u64) -> HostStep {
-        match self.holding {
-            Some((_, since)) if now_ms.saturating_sub(since) >= self.hold_timeout_ms => {
-                self.holding = None;
-                HostStep::Release
-            }
-            _ => HostStep::Nothing,
-        }
-    }
-
-    /// After a crash: the epoch survives (recorded at each switch), holds do not (the
-    /// writes held were never answered).
-    pub fn restart(&mut self) {
-        self.holding = None;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::answer_hold::AnswerHold;
 
     fn hosts() -> Vec<HostId> {
         vec!["a".into(), "b".into()]
@@ -366,25 +362,22 @@ mod tests {
     #[test]
     fn a_cut_releases_only_after_every_host_switched() {
         let mut c = CutCoordinator::new(hosts(), Epoch(1), 1000);
-        let mut a = HostCut::new(Epoch(1), 5000);
-        let mut b = HostCut::new(Epoch(1), 5000);
+        let mut a = AnswerHold::default();
+        let mut b = AnswerHold::<u32>::default();
         let cuts = c.start_cut(0);
         assert_eq!(cuts.len(), 2);
-        assert_eq!(a.on_cut(Epoch(2), 0), HostStep::Ack { to: Epoch(2) });
-        assert!(a.holding());
+        a.on_cut(Epoch(2), CutMode::Keep, true, 0);
+        assert_eq!(a.hold_or_give(1), None);
         assert!(
             c.on_ack("a", Epoch(2), Epoch(1)).is_empty(),
             "b has not switched"
         );
-        assert_eq!(b.on_cut(Epoch(2), 1), HostStep::Ack { to: Epoch(2) });
+        b.on_cut(Epoch(2), CutMode::Keep, true, 1);
         let releases = c.on_ack("b", Epoch(2), Epoch(1));
         assert_eq!(releases.len(), 2);
-        assert_eq!(a.on_release(Epoch(2)), HostStep::Release);
-        assert_eq!(b.on_release(Epoch(2)), HostStep::Release);
-        assert_eq!(
-            (a.epoch(), b.epoch(), c.epoch()),
-            (Epoch(2), Epoch(2), Epoch(2))
-        );
+        assert_eq!(a.on_release(Epoch(2), RoundOutcome::default()), vec![1]);
+        assert!(b.on_release(Epoch(2), RoundOutcome::default()).is_empty());
+        assert_eq!(c.epoch(), Epoch(2));
         assert_eq!(c.committed(), Epoch(1));
     }
 
@@ -449,22 +442,67 @@ mod tests {
     }
 
     #[test]
-    fn a_host_holding_too_long_releases_on_its_own() {
-        let mut a = HostCut::new(Epoch(1), 500);
-        a.on_cut(Epoch(2), 100);
-        assert_eq!(a.on_tick(599), HostStep::Nothing);
-        assert_eq!(a.on_tick(600), HostStep::Release);
-        assert!(!a.holding());
-        assert_eq!(a.epoch(), Epoch(2));
+    fn a_hypermetro_group_is_cut_only_while_it_is_not_synchronous() {
+        let mode = |live, epoch| PairMode {
+            live,
+            gated: false,
+            trip_wanted: false,
+            catching_up: false,
+            epoch: Epoch(epoch),
+        };
+        let sync = mode(Live::Sync, 10);
+        let journal = mode(Live::Journal, 12);
+        assert_eq!(hypermetro_cut(&[Some(sync), Some(sync)], None), None);
+        let tripped = PairMode {
+            trip_wanted: true,
+            ..mode(Live::Tracked, 10)
+        };
+        assert_eq!(
+            hypermetro_cut(&[Some(sync), Some(tripped)], Some((Epoch(9), false))),
+            Some(CutMode::Trip)
+        );
+        let catching_up = PairMode {
+            catching_up: true,
+            ..journal
+        };
+        assert_eq!(
+            hypermetro_cut(&[Some(journal), Some(catching_up)], None),
+            Some(CutMode::Keep)
+        );
+        assert_eq!(
+            hypermetro_cut(&[Some(journal), Some(mode(Live::Tracked, 12))], None),
+            Some(CutMode::Keep)
+        );
+        let gated = PairMode {
+            gated: true,
+            ..mode(Live::Sync, 12)
+        };
+        assert_eq!(
+            hypermetro_cut(&[Some(journal), Some(gated)], None),
+            Some(CutMode::Direct)
+        );
+        assert_eq!(
+            hypermetro_cut(&[Some(journal), Some(journal)], Some((Epoch(12), false))),
+            Some(CutMode::Keep)
+        );
+        assert_eq!(
+            hypermetro_cut(&[Some(journal), Some(journal)], Some((Epoch(12), true))),
+            None,
+            "reports older than the direct cut"
+        );
+        let after = mode(Live::Sync, 14);
+        assert_eq!(
+            hypermetro_cut(&[Some(after), Some(after)], Some((Epoch(12), true))),
+            None
+        );
+        assert_eq!(
+            hypermetro_cut(&[Some(journal), None], None),
+            Some(CutMode::Keep)
+        );
     }
 
     #[test]
     fn late_and_repeated_messages_change_nothing() {
-        let mut a = HostCut::new(Epoch(3), 500);
-        assert_eq!(a.on_cut(Epoch(2), 0), HostStep::Ack { to: Epoch(2) });
-        assert!(!a.holding());
-        assert_eq!(a.epoch(), Epoch(3));
-        assert_eq!(a.on_release(Epoch(2)), HostStep::Nothing);
         let mut c = CutCoordinator::new(hosts(), Epoch(3), 1000);
         assert!(c.on_ack("a", Epoch(2), Epoch(2)).is_empty());
         assert!(c.on_ack("nobody", Epoch(4), Epoch(9)).is_empty());

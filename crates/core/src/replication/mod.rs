@@ -4,6 +4,8 @@
 //! replication crate drives these with real disks and QUIC; tests drive them synchronously
 //! and in seeded simulations.
 
+pub mod answer_hold;
+pub mod direct_gate;
 pub mod group;
 pub mod group_cut;
 pub mod ids;
