@@ -50,6 +50,9 @@ pub struct DrPair {
     allowed: Arc<AtomicU64>,
     /// Wakes the running applier when `allowed` grows.
     nudge: Mutex<Option<crate::applier::Nudge>>,
+    /// Held while a commit is recorded: one at a time, so `group.json` and `allowed` only
+    /// move forward.
+    recording_commit: Mutex<()>,
 }
 
 /// What `group.json` holds: the epoch the group committed.
@@ -96,6 +99,7 @@ impl DrPair {
             diverged: AtomicBool::new(false),
             allowed,
             nudge: Mutex::new(None),
+            recording_commit: Mutex::new(()),
         })
     }
 
@@ -144,6 +148,10 @@ impl DrPair {
     /// `None`, the pair left its group (every sealed unit applies). Recorded durably before
     /// the applier may act on it; a commit never goes back.
     pub fn set_group_commit(&self, committed: Option<Epoch>) -> std::io::Result<()> {
+        let _one_at_a_time = self
+            .recording_commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let path = self.volume_dir.join("group.json");
         let now = self.allowed.load(Ordering::SeqCst);
         let next = match committed {

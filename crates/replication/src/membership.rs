@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use blockrep_core::VolumeId;
 use blockrep_core::replication::{Epoch, PairId, ReplicationModel, VolumeRole};
@@ -147,5 +148,112 @@ impl Membership {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// A side's membership as its runtime holds it: every change is saved before anyone sees
+/// it, one change at a time, so the file always holds the latest record and a change that
+/// cannot be saved is not made.
+#[derive(Debug)]
+pub struct MembershipRecord {
+    volume_dir: PathBuf,
+    current: Mutex<Membership>,
+}
+
+impl MembershipRecord {
+    pub fn new(volume_dir: &Path, membership: Membership) -> Self {
+        Self {
+            volume_dir: volume_dir.to_owned(),
+            current: Mutex::new(membership),
+        }
+    }
+
+    pub fn get(&self) -> Membership {
+        self.lock().clone()
+    }
+
+    /// Applies `change` to the record and saves it, if it changed anything; on an error the
+    /// record stays as it was. Returns the record after the change.
+    pub fn update(&self, change: impl FnOnce(&mut Membership)) -> std::io::Result<Membership> {
+        let mut current = self.lock();
+        let mut changed = current.clone();
+        change(&mut changed);
+        if changed != *current {
+            changed.save(&self.volume_dir)?;
+            *current = changed;
+        }
+        Ok(current.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn membership() -> Membership {
+        Membership {
+            pair: "6a1c6f0e-52d4-4c55-9b55-1f0d9a1b2c3d".parse().unwrap(),
+            side: Side::Production,
+            model: ReplicationModel::Async,
+            local_volume: "0f3e4b6a-7d1c-4e2a-8b9c-0d1e2f3a4b5c".parse().unwrap(),
+            peer_volume: "1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d".parse().unwrap(),
+            peer_node: "node-b".into(),
+            peer_address: "127.0.0.1:7000".parse().unwrap(),
+            size: 1 << 20,
+            full_sync_done: false,
+            discard_peer: false,
+            paused: false,
+            grouped: true,
+            group_epoch: Epoch::ZERO,
+            term: 1,
+            fence: None,
+            promotion: None,
+        }
+    }
+
+    #[test]
+    fn changes_from_many_threads_all_reach_the_file_and_the_last_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = std::sync::Arc::new(MembershipRecord::new(dir.path(), membership()));
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let record = std::sync::Arc::clone(&record);
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        record
+                            .update(|m| m.group_epoch = m.group_epoch.max(Epoch(t * 100 + i)))
+                            .expect("every save succeeds");
+                        if t == 0 && i == 10 {
+                            record.update(|m| m.fence = Some(Fence::Draining)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let saved = Membership::load(dir.path()).unwrap().unwrap();
+        assert_eq!(saved, record.get());
+        assert_eq!(saved.group_epoch, Epoch(719));
+        assert_eq!(
+            saved.fence,
+            Some(Fence::Draining),
+            "no later save lost the fence"
+        );
+    }
+
+    #[test]
+    fn a_change_that_cannot_be_saved_is_not_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let record = MembershipRecord::new(&not_a_dir, membership());
+        assert!(record.update(|m| m.fence = Some(Fence::Draining)).is_err());
+        assert_eq!(record.get().fence, None);
     }
 }

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
 use crate::link::{Data, Live, OutFrame, PairLink};
-use crate::membership::{Fence, Membership};
+use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VERIFY_BLOCK, VerifyRunner, VerifyStatus};
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
@@ -83,8 +83,7 @@ struct Resync {
 }
 
 pub struct ProductionPair {
-    membership: Mutex<Membership>,
-    volume_dir: PathBuf,
+    membership: Arc<MembershipRecord>,
     volume: Arc<Volume>,
     pub link: Arc<PairLink>,
     endpoint: Arc<ClusterEndpoint>,
@@ -179,8 +178,7 @@ impl ProductionPair {
             tokio::sync::watch::channel(membership.role_at_start() == membership.role());
         let drain_from = (membership.fence == Some(Fence::Draining)).then(|| link.current_epoch());
         let pair = Arc::new(Self {
-            membership: Mutex::new(membership),
-            volume_dir,
+            membership: Arc::new(MembershipRecord::new(&volume_dir, membership)),
             volume,
             link,
             endpoint,
@@ -213,10 +211,7 @@ impl ProductionPair {
     }
 
     pub fn membership(&self) -> Membership {
-        self.membership
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.membership.get()
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -451,12 +446,7 @@ impl ProductionPair {
     /// The operator keeps this side: the next connection copies the whole volume over the
     /// DR side's changes.
     pub fn resolve_keeping_production(&self) -> std::io::Result<()> {
-        let membership = {
-            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
-            m.discard_peer = true;
-            m.clone()
-        };
-        membership.save(&self.volume_dir)?;
+        self.membership.update(|m| m.discard_peer = true)?;
         self.diverged.store(false, Ordering::SeqCst);
         self.set_status(
             ReplicationStatus::Copying,
@@ -469,16 +459,7 @@ impl ProductionPair {
     /// Records whether the pair's epochs are cut by its consistency group (durably first:
     /// a restart must not cut on its own), and tells the link.
     pub fn record_grouped(&self, grouped: bool) -> std::io::Result<()> {
-        let changed = {
-            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
-            (m.grouped != grouped).then(|| {
-                m.grouped = grouped;
-                m.clone()
-            })
-        };
-        if let Some(membership) = changed {
-            membership.save(&self.volume_dir)?;
-        }
+        self.membership.update(|m| m.grouped = grouped)?;
         self.link.set_grouped(grouped);
         Ok(())
     }
@@ -486,17 +467,10 @@ impl ProductionPair {
     /// Records, durably, that the pair switches to group epoch `to` (before the switch is
     /// acknowledged: after a crash the agent admits writes in no earlier epoch).
     pub fn record_group_cut(&self, to: Epoch) -> std::io::Result<()> {
-        let changed = {
-            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
-            (!m.grouped || m.group_epoch < to).then(|| {
-                m.grouped = true;
-                m.group_epoch = m.group_epoch.max(to);
-                m.clone()
-            })
-        };
-        if let Some(membership) = changed {
-            membership.save(&self.volume_dir)?;
-        }
+        self.membership.update(|m| {
+            m.grouped = true;
+            m.group_epoch = m.group_epoch.max(to);
+        })?;
         Ok(())
     }
 
@@ -504,15 +478,10 @@ impl ProductionPair {
     /// the stream ends and writes are tracked in the bitmap; resumed, the pair reconnects
     /// and catches up. Recorded in the membership, so a restart keeps it.
     pub fn set_paused(&self, paused: bool) -> std::io::Result<()> {
-        let membership = {
-            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
-            if m.paused == paused {
-                return Ok(());
-            }
-            m.paused = paused;
-            m.clone()
-        };
-        membership.save(&self.volume_dir)?;
+        if self.membership().paused == paused {
+            return Ok(());
+        }
+        let membership = self.membership.update(|m| m.paused = paused)?;
         tracing::info!(pair = %membership.pair, paused, "replication paused or resumed by the operator");
         if !paused {
             self.set_status(
@@ -526,12 +495,7 @@ impl ProductionPair {
 
     /// The pair's volumes grew: recorded, and the next `Hello` says so.
     pub fn set_size(&self, size: u64) -> std::io::Result<()> {
-        let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
-        if m.size == size {
-            return Ok(());
-        }
-        m.size = size;
-        m.save(&self.volume_dir)
+        self.membership.update(|m| m.size = size).map(drop)
     }
 
     /// The coordinator confirmed that this side is still production: the volume takes
@@ -554,19 +518,18 @@ impl ProductionPair {
     /// Puts up or takes down a fence, recorded before the gate changes: `Draining` refuses new
     /// writes while what was admitted still replicates; `Demoted` also stops replicating.
     pub fn set_fence(&self, fence: Option<Fence>, term: u64) -> std::io::Result<()> {
-        let membership = {
-            let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        let membership = self.membership.update(|m| {
             m.fence = fence;
             m.term = m.term.max(term);
-            m.clone()
-        };
-        membership.save(&self.volume_dir)?;
-        *self.drain_from.lock().unwrap_or_else(|e| e.into_inner()) =
-            (fence == Some(Fence::Draining)).then(|| self.link.current_epoch());
+        })?;
         // An unconfirmed side stays fenced whatever it is told; confirmation applies it.
         if self.confirmed() || fence.is_some() {
             self.volume.gate().restore_role(membership.role());
         }
+        // Read once the gate refuses writes: every write admitted is in this epoch or an
+        // earlier one.
+        *self.drain_from.lock().unwrap_or_else(|e| e.into_inner()) =
+            (fence == Some(Fence::Draining)).then(|| self.link.current_epoch());
         tracing::info!(pair = %membership.pair, fence = fence.map_or("none", Fence::as_str), "fence changed");
         if fence == Some(Fence::Demoted) {
             self.set_status(
@@ -656,13 +619,10 @@ impl ProductionPair {
         let plan = match plan {
             Plan::Diverged(d) => return Err(SessionError::Diverged(d.to_string())),
             Plan::FullSync(reason) => {
-                if membership.full_sync_done {
-                    // Until this copy ends, a reconnect must copy everything again.
-                    let mut m = self.membership.lock().unwrap_or_else(|e| e.into_inner());
-                    m.full_sync_done = false;
-                    m.save(&self.volume_dir)
-                        .map_err(|e| SessionError::Resync(format!("record the pair: {e}")))?;
-                }
+                // Until this copy ends, a reconnect must copy everything again.
+                self.membership
+                    .update(|m| m.full_sync_done = false)
+                    .map_err(|e| SessionError::Resync(format!("record the pair: {e}")))?;
                 tracing::info!(pair = %membership.pair, %reason, "copying the whole volume");
                 ResyncKind::Full
             }
@@ -744,8 +704,7 @@ impl ProductionPair {
         });
         let pair = self.membership().pair;
         let report = ResyncReport {
-            volume_dir: self.volume_dir.clone(),
-            membership: self.membership(),
+            membership: Arc::clone(&self.membership),
             done: Arc::clone(&self.resync_done),
             ended: Arc::clone(&self.resync_ended),
         };
@@ -858,10 +817,6 @@ impl ProductionPair {
                         status.dr_consistent = true;
                         status.progress = 1.0;
                         drop(status);
-                        if let Ok(mut m) = self.membership.lock() {
-                            m.full_sync_done = true;
-                            m.discard_peer = false;
-                        }
                         self.set_status(ReplicationStatus::Active, "replicating");
                     }
                     Err(e) => return Err(SessionError::Resync(e)),
@@ -892,8 +847,7 @@ struct RunningVerify {
 
 /// How the resync thread reports its end.
 struct ResyncReport {
-    volume_dir: PathBuf,
-    membership: Membership,
+    membership: Arc<MembershipRecord>,
     done: Arc<Mutex<Option<Result<ResyncOutcome, String>>>>,
     ended: Arc<tokio::sync::Notify>,
 }
@@ -902,10 +856,11 @@ impl ResyncReport {
     fn finish(self, outcome: Result<ResyncOutcome, String>) {
         match &outcome {
             Ok(ResyncOutcome::FullSyncDone) => {
-                let mut membership = self.membership;
-                membership.full_sync_done = true;
-                membership.discard_peer = false;
-                if let Err(e) = membership.save(&self.volume_dir) {
+                let recorded = self.membership.update(|m| {
+                    m.full_sync_done = true;
+                    m.discard_peer = false;
+                });
+                if let Err(e) = recorded {
                     tracing::error!(error = %e, "cannot record the end of the initial sync");
                 }
             }

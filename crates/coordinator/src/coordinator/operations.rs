@@ -530,28 +530,42 @@ impl Coordinator {
         plan: ReversePlan,
         members: Vec<PairRecord>,
     ) -> Result<(), ApiError> {
-        let (unfenced, drained) = {
+        let (unfenced, waiting) = {
             let state = self.lock();
             let mut unfenced = Vec::new();
-            let mut drained = true;
+            let mut waiting = Vec::new();
             for p in &members {
                 let production = Self::report_on(&state, &p.production_node, p.id);
                 let dr = Self::report_on(&state, &p.dr_node, p.id);
                 if production.is_none_or(|s| s.fence != "draining" || s.term < plan.term) {
                     unfenced.push(p.clone());
-                    drained = false;
+                    waiting.push(format!(
+                        "pair {}: the production side is not fenced",
+                        p.name
+                    ));
                     continue;
                 }
                 let production = production.expect("checked");
-                let dr_holds = match p.model {
-                    ReplicationModel::Hypermetro => true,
-                    ReplicationModel::Async => {
-                        dr.is_some_and(|d| d.consistent_epoch >= production.drained_epoch)
-                    }
-                };
-                drained &= production.drained && dr_holds;
+                if !production.drained {
+                    waiting.push(format!(
+                        "pair {}: the production side has not drained (live {:?}, catching up {}, epoch {}, staged {})",
+                        p.name,
+                        production.live,
+                        production.catching_up,
+                        production.current_epoch,
+                        production.staged_epoch
+                    ));
+                    continue;
+                }
+                let applied = dr.map_or(0, |d| d.consistent_epoch);
+                if p.model == ReplicationModel::Async && applied < production.drained_epoch {
+                    waiting.push(format!(
+                        "pair {}: the DR side applied epoch {applied} of {}",
+                        p.name, production.drained_epoch
+                    ));
+                }
             }
-            (unfenced, drained)
+            (unfenced, waiting)
         };
         let mut failed = Vec::new();
         for p in &unfenced {
@@ -564,7 +578,7 @@ impl Coordinator {
                 failed.push((p.id, e));
             }
         }
-        if drained && unfenced.is_empty() {
+        if waiting.is_empty() {
             // Reports sent before the fence went up cannot say drained: this one is after.
             let mut plan = plan;
             plan.step = ReverseStep::Swapping;
@@ -583,6 +597,8 @@ impl Coordinator {
         );
         if let Some((pair, e)) = failed.first() {
             reason.push_str(&format!(" (pair {pair}: {e})"));
+        } else if let Some(waiting) = waiting.first() {
+            reason.push_str(&format!(" ({waiting})"));
         }
         for p in &members {
             let unfence = Request::Fence(proto::FenceCommand {
