@@ -75,6 +75,36 @@ fn nodes_of(members: &[Member]) -> Vec<String> {
     nodes
 }
 
+/// How long each step of a round took, for the log.
+struct Phases {
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            took: Vec::new(),
+        }
+    }
+
+    fn end(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.took.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (phase, took) in &self.took {
+            write!(f, "{phase} {:.2} s ", took.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
 fn failover_rounds(model: &str, default_seed: u64) {
     let seed = seed(default_seed);
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -83,7 +113,9 @@ fn failover_rounds(model: &str, default_seed: u64) {
     let mut dr = [Member::new("node-b", "d1"), Member::new("node-b", "d2")];
     let next = Arc::new(AtomicU64::new(0));
     for round in 0..rounds() {
+        let mut phases = Phases::new();
         wait_consistent(&setup.cluster, "app", Duration::from_secs(120));
+        phases.end("consistent");
         let writer = RecordWriter::start(
             sockets(&setup.cluster, &production),
             Arc::clone(&next),
@@ -93,15 +125,18 @@ fn failover_rounds(model: &str, default_seed: u64) {
         writer.wait_for(from, 1, Duration::from_secs(60));
         // Writes go on for a seeded while: some epochs commit, the last do not.
         std::thread::sleep(Duration::from_millis(rng.random_range(200..2500)));
+        phases.end("writes");
         // The production zone fails while records are being written.
         for node in nodes_of(&production) {
             setup.cluster.node_mut(&node).kill9();
         }
         let answered = writer.stop();
+        phases.end("kill");
 
         let asked = Instant::now();
         let job = group_action(&setup.cluster, "app", "failover", Duration::from_secs(60));
         let took = asked.elapsed();
+        phases.end("failover");
         let images: Vec<_> = dr.iter().map(|m| setup.image(&m.volume)).collect();
         let held = prefix_length_across(&[&images[0], &images[1]], RECORDS)
             .unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
@@ -130,6 +165,7 @@ fn failover_rounds(model: &str, default_seed: u64) {
         for node in nodes_of(&production) {
             setup.cluster.node_mut(&node).start();
         }
+        phases.end("restart");
         for m in &production {
             wait_until(
                 Duration::from_secs(30),
@@ -142,8 +178,10 @@ fn failover_rounds(model: &str, default_seed: u64) {
                 "round {round}: a demoted production volume took a write"
             );
         }
+        phases.end("demoted");
         let job = group_action(&setup.cluster, "app", "reprotect", Duration::from_secs(180));
-        eprintln!("round {round}: reprotect: {}", job["result"]);
+        phases.end("reprotect");
+        eprintln!("round {round}: reprotect: {}; {phases}", job["result"]);
         std::mem::swap(&mut production, &mut dr);
         next.store(held, std::sync::atomic::Ordering::SeqCst);
     }

@@ -10,6 +10,8 @@ use tonic::transport::Channel;
 use crate::call;
 use crate::render::Output;
 
+/// Polls start this often and slow down to `POLL`: a short job is seen to end at once.
+const FIRST_POLL: Duration = Duration::from_millis(25);
 const POLL: Duration = Duration::from_millis(500);
 
 pub async fn wait_for_job(
@@ -21,6 +23,7 @@ pub async fn wait_for_job(
     let terminal = std::io::stdout().is_terminal() && !out.json;
     let started = Instant::now();
     let mut last_line = String::new();
+    let mut poll = FIRST_POLL;
     loop {
         let j = call(client.get_job(proto::JobRef {
             job: job.to_owned(),
@@ -64,7 +67,8 @@ pub async fn wait_for_job(
         if timeout_s > 0 && started.elapsed() > Duration::from_secs(timeout_s) {
             anyhow::bail!("job {} still {} after {timeout_s} s", j.id, j.status);
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(POLL);
     }
 }
 

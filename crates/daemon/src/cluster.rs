@@ -139,10 +139,11 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reachable = true;
         loop {
-            // A pair of a hypermetro group that trips is reported at once: its writes wait.
+            // A pair of a hypermetro group that trips is reported at once (its writes wait),
+            // and a production side whose status changed (jobs wait on it).
             tokio::select! {
                 _ = tick.tick() => {}
-                () = self.agent.pairs().trips().notified() => {}
+                () = self.agent.pairs().report_now().notified() => {}
             }
             // A group cut whose release never came (the coordinator is away) ends here.
             self.agent.pairs().release_stale_holds(GROUP_HOLD_TIMEOUT);

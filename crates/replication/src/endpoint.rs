@@ -177,7 +177,7 @@ impl ClusterEndpoint {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(Arc::clone(&transport));
         let client = Self::client_config(tls, transport)?;
-        let endpoint = new_endpoint(listen, Some(server))?;
+        let endpoint = new_endpoint(listen, Some(server), tls.stateless_reset_secret())?;
         let this = Arc::new(Self {
             endpoint,
             client,
@@ -199,7 +199,7 @@ impl ClusterEndpoint {
     ) -> Result<Arc<Self>, EndpointError> {
         let client = Self::client_config(tls, Arc::new(transport(settings)))?;
         let any: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
-        let endpoint = new_endpoint(any, None)?;
+        let endpoint = new_endpoint(any, None, None)?;
         Ok(Arc::new(Self {
             endpoint,
             client,
@@ -338,10 +338,12 @@ impl ClusterEndpoint {
 }
 
 /// A quinn endpoint on its own UDP socket, with big socket buffers (forced past the system
-/// limit where the process may).
+/// limit where the process may), and stateless resets keyed by `reset_secret` if given (the
+/// same after a restart: peers of the previous process are reset at once).
 fn new_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    reset_secret: Option<[u8; 32]>,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let bind_err = |source| EndpointError::Bind { addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
@@ -353,10 +355,33 @@ fn new_endpoint(
     if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
         let _ = setsockopt(&socket, sockopt::SndBuf, &SOCKET_BUFFER);
     }
-    let config = quinn::EndpointConfig::default();
+    let config = match reset_secret {
+        Some(secret) => restart_aware_config(&secret),
+        None => quinn::EndpointConfig::default(),
+    };
     let runtime =
         quinn::default_runtime().ok_or_else(|| EndpointError::Config("no async runtime".into()))?;
     quinn::Endpoint::new(config, server, socket, runtime).map_err(bind_err)
+}
+
+/// An endpoint whose connection ids and stateless-reset tokens are derived from `secret`, so
+/// a process restarted on the same address recognises its predecessor's connection ids and
+/// resets them: a peer's next packet on such a connection (a call, a keep-alive) ends it at
+/// once, instead of after the idle timeout.
+fn restart_aware_config(secret: &[u8; 32]) -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        secret,
+    )));
+    let cid_key = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+        b"connection ids",
+    );
+    let cid_key = u64::from_le_bytes(cid_key.as_ref()[..8].try_into().expect("8 bytes"));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 /// Whether a connection failed because TLS refused the peer (not because it was away).
@@ -470,5 +495,75 @@ pub fn error_response(code: u32, message: String) -> ClusterResponse {
         response: Some(blockrep_api::proto::cluster_response::Response::Error(
             blockrep_api::proto::ClusterError { code, message },
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockrep_tls::TlsFiles;
+
+    use super::*;
+
+    /// Answers every call with an empty response.
+    struct Quiet;
+
+    impl Inbound for Quiet {
+        fn request(&self, _: ClusterRequest, _: SocketAddr) -> BoxFuture<'_, ClusterResponse> {
+            Box::pin(async { ClusterResponse::default() })
+        }
+
+        fn replication(&self, _: Hello, _: SocketAddr, _: ReplicationStream) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_peer_restarted_on_its_address_resets_the_old_connection_at_the_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        blockrep_tls::init_ca(&ca).unwrap();
+        let identity = |node: &str| {
+            let out = dir.path().join(node);
+            blockrep_tls::issue_cert(&ca, node, &out).unwrap();
+            NodeTls::load(&TlsFiles::in_dir(&out)).unwrap()
+        };
+        let (peer_tls, caller_tls) = (identity("node-x"), identity("node-y"));
+        // A peer that stops answering is not given up on during the test: only a reset ends
+        // the old connection.
+        let settings = TransportSettings {
+            peer_timeout: Duration::from_secs(60),
+            ..TransportSettings::default()
+        };
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let bind = |rt: &tokio::runtime::Runtime, tls: &NodeTls, at: SocketAddr| {
+            rt.block_on(async { ClusterEndpoint::bind(at, tls, Arc::new(Quiet), settings) })
+                .unwrap()
+        };
+        let caller_rt = runtime();
+        let caller = bind(&caller_rt, &caller_tls, any);
+        let peer_rt = runtime();
+        let peer = bind(&peer_rt, &peer_tls, any);
+        let addr = peer.local_addr().unwrap();
+        let call = || caller_rt.block_on(caller.call(addr, "node-x", &ClusterRequest::default()));
+        call().expect("the peer answers");
+
+        // The peer's process dies (its tasks and socket are gone, no goodbye sent) and a new
+        // one starts on the same address with the same identity.
+        peer_rt.shutdown_timeout(Duration::from_secs(10));
+        drop(peer);
+        let restarted_rt = runtime();
+        let _restarted = bind(&restarted_rt, &peer_tls, addr);
+
+        let err = call().expect_err("the old connection is gone");
+        assert!(err.to_string().contains("reset"), "{err}");
+        call().expect("the next call connects to the new process");
     }
 }

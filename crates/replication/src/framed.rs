@@ -51,7 +51,7 @@ impl FrameReader {
                     };
                 }
                 Ok(n) => self.bytes_received += n as u64,
-                Err(e) => return Err(StreamError::Connection(e.to_string())),
+                Err(e) => return Err(StreamError::Connection(with_causes(&e))),
             }
         }
     }
@@ -93,7 +93,7 @@ impl FrameWriter {
         self.send
             .write_all_chunks(&mut [bytes])
             .await
-            .map_err(|e| StreamError::Connection(e.to_string()))
+            .map_err(|e| StreamError::Connection(with_causes(&e)))
     }
 
     /// Queues a write in the pending batch: a small payload gathered behind its header, a
@@ -134,7 +134,7 @@ impl FrameWriter {
         self.bytes_sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
         let result = self.send.write_all_chunks(chunks).await;
         chunks.clear();
-        result.map_err(|e| StreamError::Connection(e.to_string()))
+        result.map_err(|e| StreamError::Connection(with_causes(&e)))
     }
 
     /// Ends the stream from this side.
@@ -142,4 +142,19 @@ impl FrameWriter {
         // The peer may be gone already; nothing to do then.
         let _ = self.send.finish();
     }
+}
+
+/// An error with its causes ("connection lost: reset by peer").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }

@@ -47,8 +47,9 @@ pub struct Pairs {
     endpoint: OnceLock<Arc<ClusterEndpoint>>,
     config: ReplicationConfig,
     runtimes: Mutex<HashMap<PairId, Runtime>>,
-    /// Told when a pair of a hypermetro group trips: the heartbeat reports at once.
-    trips: Arc<tokio::sync::Notify>,
+    /// Told when a pair of a hypermetro group trips, or a production side's status changes:
+    /// the heartbeat reports at once.
+    report_now: Arc<tokio::sync::Notify>,
 }
 
 /// A volume as replication needs it.
@@ -65,13 +66,14 @@ impl Pairs {
             endpoint: OnceLock::new(),
             config,
             runtimes: Mutex::new(HashMap::new()),
-            trips: Arc::new(tokio::sync::Notify::new()),
+            report_now: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
-    /// Wakes when a pair of a hypermetro group trips.
-    pub fn trips(&self) -> &tokio::sync::Notify {
-        &self.trips
+    /// Wakes when the coordinator should hear of a pair at once (a hypermetro group's pair
+    /// tripped, a production side's status changed).
+    pub fn report_now(&self) -> &tokio::sync::Notify {
+        &self.report_now
     }
 
     /// The endpoint production sides dial their DR agents through (set once it is bound).
@@ -113,7 +115,7 @@ impl Pairs {
                     self.endpoint()?,
                     self.node.clone(),
                     self.config,
-                    Arc::clone(&self.trips),
+                    Arc::clone(&self.report_now),
                 )
                 .map_err(ApiError::FailedPrecondition)?,
             ),

@@ -109,8 +109,9 @@ pub struct ProductionPair {
     confirmed: tokio::sync::watch::Sender<bool>,
     /// Fenced for a reverse: the epoch writes were admitted in when the fence went up.
     drain_from: Mutex<Option<Epoch>>,
-    /// Told when the pair trips (its agent reports at once, so the coordinator cuts).
-    trips: Arc<tokio::sync::Notify>,
+    /// Told when the pair trips (so the coordinator cuts) or its status changes: its agent
+    /// reports at once.
+    report_now: Arc<tokio::sync::Notify>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -147,7 +148,7 @@ impl ProductionPair {
         endpoint: Arc<ClusterEndpoint>,
         node: String,
         config: ReplicationConfig,
-        trips: Arc<tokio::sync::Notify>,
+        report_now: Arc<tokio::sync::Notify>,
     ) -> Result<Arc<Self>, String> {
         let tracker = volume.tracker().cloned().ok_or_else(|| {
             "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
@@ -166,7 +167,7 @@ impl ProductionPair {
                 // The group's other pairs may still write their DR sides directly: this
                 // one's answers wait for the group's trip (docs/GROUPS.md).
                 link.start_tripped();
-                trips.notify_one();
+                report_now.notify_one();
             }
         }
         volume
@@ -203,7 +204,7 @@ impl ProductionPair {
             paused,
             confirmed,
             drain_from: Mutex::new(drain_from),
-            trips,
+            report_now,
             stop,
         });
         tokio::spawn(Arc::clone(&pair).run());
@@ -297,6 +298,8 @@ impl ProductionPair {
         if status.replication_status != replication_status || status.detail != detail {
             if status.replication_status != replication_status {
                 tracing::info!(pair = %self.membership().pair, status = %replication_status, %detail, "pair status");
+                // The coordinator's jobs wait on statuses: it hears of this one at once.
+                self.report_now.notify_one();
             }
             status.replication_status = replication_status;
             status.detail = detail;
@@ -352,7 +355,7 @@ impl ProductionPair {
             self.link.disconnected();
             if self.link.trip_wanted() && !self.stopped() {
                 tracing::warn!(pair = %self.membership().pair, "the link is down: its writes' answers are held until the group trips");
-                self.trips.notify_one();
+                self.report_now.notify_one();
             }
             *self.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
             if self.accepted.swap(false, Ordering::SeqCst) {

@@ -223,6 +223,18 @@ impl NodeTls {
         })
     }
 
+    /// A secret only this node's key holder has, the same after every restart: the key of
+    /// its QUIC endpoint's stateless resets, so that a peer still holding a connection to the
+    /// node's previous process learns at its next packet that the connection is gone, instead
+    /// of waiting out its idle timeout. `None` without a key.
+    pub fn stateless_reset_secret(&self) -> Option<[u8; 32]> {
+        let key = self.key.as_deref()?;
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(b"blockrep quic stateless reset v1\0");
+        context.update(key.secret_der());
+        context.finish().as_ref().try_into().ok()
+    }
+
     fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
         self.key
             .as_deref()

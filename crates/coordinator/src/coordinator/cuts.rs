@@ -74,9 +74,15 @@ struct Eligible {
 }
 
 impl GroupCuts {
-    /// The highest epoch the group committed since this state was made.
-    pub(super) fn committed(&self) -> Epoch {
-        self.cut.committed()
+    /// The highest epoch the group committed since this state was made, if it was made for
+    /// `pairs` as they are now (after a role change it is the other direction's, whose
+    /// epochs mean nothing to the new DR sides).
+    pub(super) fn committed_for(&self, pairs: &[PairRecord]) -> Option<Epoch> {
+        let same = self.members.len() == pairs.len()
+            && self.members.iter().zip(pairs).all(|(m, p)| {
+                m.pair == p.id && m.production_node == p.production_node && m.dr_node == p.dr_node
+            });
+        same.then(|| self.cut.committed())
     }
 }
 
@@ -489,11 +495,13 @@ impl Coordinator {
         let mut out = BTreeMap::new();
         for m in members {
             for (node, production) in [(&m.production_node, true), (&m.dr_node, false)] {
+                // A report from before a role change speaks of the other side: not this one.
+                let side = if production { "production" } else { "dr" };
                 if let Some(s) = state.nodes.get(node).and_then(|n| {
                     n.report
                         .pairs
                         .iter()
-                        .find(|s| s.pair_id == m.pair.to_string())
+                        .find(|s| s.pair_id == m.pair.to_string() && s.side == side)
                 }) {
                     out.insert((m.pair, production), s.clone());
                 }

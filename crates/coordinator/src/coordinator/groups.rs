@@ -523,12 +523,14 @@ impl Coordinator {
         };
         let oldest = members.iter().min_by_key(|p| p.consistent_epoch);
         // An async group's consistent point is its commit: what a failover rolls every DR
-        // side to (none before the first; a lone pair's own epochs are not group-wide).
-        // A hypermetro group has one once every pair joined it; its commit is the point
-        // after a trip (synchronous, it is every answered write).
+        // side to (none before the first, nor before every pair joined the group: a lone
+        // pair's own epochs are not group-wide). A hypermetro group has one once every pair
+        // joined it; its commit is the point after a trip (synchronous, it is every answered
+        // write).
         let joined = Self::joined(state, &Self::members(state, g));
         let mut consistent_epoch = match g.model {
-            ReplicationModel::Async => self.group_commit(state, g).map_or(0, |e| e.0),
+            ReplicationModel::Async if joined => self.group_commit(state, g).map_or(0, |e| e.0),
+            ReplicationModel::Async => 0,
             ReplicationModel::Hypermetro if joined => {
                 self.group_commit(state, g).map_or(1, |e| e.0.max(1))
             }

@@ -300,11 +300,13 @@ impl Coordinator {
     /// The group's last commit: the highest the cut loop made or any DR agent recorded
     /// (each was, when made, staged on every pair). `None` before the first.
     pub(super) fn group_commit(&self, state: &State, group: &GroupRecord) -> Option<Epoch> {
+        let members = Self::members(state, group);
         let cut = state
             .cuts
             .get(&group.id)
-            .map_or(Epoch::ZERO, |c| c.committed());
-        let reported = Self::members(state, group)
+            .and_then(|c| c.committed_for(&members))
+            .unwrap_or(Epoch::ZERO);
+        let reported = members
             .iter()
             .filter_map(|p| Self::report_on(state, &p.dr_node, p.id))
             .filter(|s| s.side == "dr" && s.grouped)
