@@ -286,7 +286,12 @@ pub fn start_daemon_in(
         cmd.arg("--config")
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
-            .env("BLOCKREP_LOG", "warn")
+            // Quiet by default (logging costs CPU the figures share); BLOCKREP_BENCH_LOG sets
+            // the agents' filter to look into a run.
+            .env(
+                "BLOCKREP_LOG",
+                std::env::var("BLOCKREP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stderr(log),
         || {
             let mut buf = [0u8; 128];

@@ -48,17 +48,27 @@ pub fn number(v: &Value, key: &str) -> u64 {
 /// Pairs `g1` (volumes `p1`, `d1`) and `g2` (`p2`, `d2`), their initial copies done, in the
 /// group `app` of `model` with priority station `az1`.
 pub fn create_group_of_two(cluster: &TestCluster, model: &str) {
-    let (_, j1) = cluster.create_pair("g1", "p1,d1", "az1", model);
-    let (_, j2) = cluster.create_pair("g2", "p2,d2", "az1", model);
-    cluster.wait_job(&j1, Duration::from_secs(120));
-    cluster.wait_job(&j2, Duration::from_secs(120));
+    create_group(cluster, "app", &[("g1", "p1,d1"), ("g2", "p2,d2")], model);
+}
+
+/// The pairs of `pairs` (name, "production,dr" volumes), their initial copies done, in the
+/// group `group` of `model` with priority station `az1`.
+pub fn create_group(cluster: &TestCluster, group: &str, pairs: &[(&str, &str)], model: &str) {
+    let jobs: Vec<String> = pairs
+        .iter()
+        .map(|(name, volumes)| cluster.create_pair(name, volumes, "az1", model).1)
+        .collect();
+    for job in &jobs {
+        cluster.wait_job(job, Duration::from_secs(120));
+    }
+    let names: Vec<&str> = pairs.iter().map(|(name, _)| *name).collect();
     cluster.coordinator().cli_json(&[
         "group",
         "create",
         "--name",
-        "app",
+        group,
         "--pairs",
-        "g1,g2",
+        &names.join(","),
         "--priority-station",
         "az1",
         "--model",

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use blockrep_tests::cluster::{TestCluster, wait_until};
-use blockrep_tests::group::{group_action, wait_consistent};
+use blockrep_tests::group::{create_group, group_action, wait_consistent};
 use blockrep_tests::{preallocated, require_tool, run, seed};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -144,22 +144,12 @@ fn ext4_on_two_grouped_volumes_is_clean_after_a_failover_and_holds_every_synced_
         preallocated(&image(v), 128 * MIB);
         cluster.add_volume(node, v, &image(v));
     }
-    let (_, j1) = cluster.create_pair("fs1", "p1,d1", "az1", "async");
-    let (_, j2) = cluster.create_pair("fs2", "p2,d2", "az1", "async");
-    cluster.wait_job(&j1, Duration::from_secs(120));
-    cluster.wait_job(&j2, Duration::from_secs(120));
-    cluster.coordinator().cli_json(&[
-        "group",
-        "create",
-        "--name",
+    create_group(
+        &cluster,
         "fs",
-        "--pairs",
-        "fs1,fs2",
-        "--priority-station",
-        "az1",
-        "--model",
+        &[("fs1", "p1,d1"), ("fs2", "p2,d2")],
         "async",
-    ]);
+    );
     wait_consistent(&cluster, "fs", Duration::from_secs(120));
 
     // Two file systems, made and mounted through the production exports.

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use blockrep_tests::cluster::{TestCluster, sha256, wait_until};
-use blockrep_tests::group::wait_consistent;
+use blockrep_tests::group::{create_group, wait_consistent};
 use blockrep_tests::{NbdClient, preallocated, require_tool, run};
 
 const MIB: u64 = 1 << 20;
@@ -51,20 +51,7 @@ fn a_pair_grows_online_and_a_volume_without_room_refuses_with_nothing_changed() 
         .arg(&dr_file)));
     cluster.add_volume("node-a", "p", &production);
     cluster.add_volume("node-b", "d", std::path::Path::new(&dr_dev.0));
-    let (_, job) = cluster.create_pair("grow", "p,d", "az1", "async");
-    cluster.wait_job(&job, Duration::from_secs(120));
-    cluster.coordinator().cli_json(&[
-        "group",
-        "create",
-        "--name",
-        "app",
-        "--pairs",
-        "grow",
-        "--priority-station",
-        "az1",
-        "--model",
-        "async",
-    ]);
+    create_group(&cluster, "app", &[("grow", "p,d")], "async");
     wait_consistent(&cluster, "app", Duration::from_secs(60));
 
     // Bad requests: refused before anything is done.

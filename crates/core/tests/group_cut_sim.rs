@@ -22,7 +22,7 @@ use blockrep_core::replication::answer_hold::AnswerHold;
 use blockrep_core::replication::group_cut::{CutCoordinator, CutMessage, CutMode, RoundOutcome};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sim::{Clock, host_name, host_of};
+use sim::{Clock, Fault, FaultPlan, host_name, host_of};
 
 mod sim;
 
@@ -56,6 +56,16 @@ enum Event {
     CoordinatorRestart,
     LinkCut(usize),
     LinkHeal(usize),
+}
+
+impl From<Fault> for Event {
+    fn from(fault: Fault) -> Self {
+        match fault {
+            Fault::HostCrash(h) => Event::HostCrash(h),
+            Fault::CoordinatorCrash => Event::CoordinatorCrash,
+            Fault::LinkCut(h) => Event::LinkCut(h),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -129,16 +139,14 @@ impl Sim {
         for c in 0..CHAINS {
             sim.at(1, Event::Issue(c));
         }
-        let mut t = 200;
-        while t < FAULTS_UNTIL_MS {
-            let fault = match sim.rng.random_range(0..4) {
-                0 => Event::HostCrash(sim.rng.random_range(0..HOSTS)),
-                1 => Event::CoordinatorCrash,
-                _ => Event::LinkCut(sim.rng.random_range(0..HOSTS)),
-            };
-            sim.at(t, fault);
-            t += sim.rng.random_range(100..600);
+        FaultPlan {
+            hosts: HOSTS,
+            first_ms: 200,
+            until_ms: FAULTS_UNTIL_MS,
+            gap_ms: 100..600,
+            kinds: 4,
         }
+        .schedule(&mut sim.rng, &mut sim.clock);
         sim
     }
 

@@ -34,7 +34,7 @@ use blockrep_core::replication::group_cut::{
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sim::{Clock, host_name, host_of};
+use sim::{Clock, Fault, FaultPlan, host_name, host_of};
 
 mod sim;
 
@@ -97,6 +97,16 @@ enum Event {
     HostRestart(usize),
     CoordinatorCrash,
     CoordinatorRestart,
+}
+
+impl From<Fault> for Event {
+    fn from(fault: Fault) -> Self {
+        match fault {
+            Fault::HostCrash(h) => Event::HostCrash(h),
+            Fault::CoordinatorCrash => Event::CoordinatorCrash,
+            Fault::LinkCut(h) => Event::LinkCut(h),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -232,16 +242,14 @@ impl Sim {
         for c in 0..CHAINS {
             sim.at(1, Event::Issue(c));
         }
-        let mut t = 300;
-        while t < FAULTS_UNTIL_MS {
-            let fault = match sim.rng.random_range(0..6) {
-                0 => Event::HostCrash(sim.rng.random_range(0..HOSTS)),
-                1 => Event::CoordinatorCrash,
-                _ => Event::LinkCut(sim.rng.random_range(0..HOSTS)),
-            };
-            sim.at(t, fault);
-            t += sim.rng.random_range(150..700);
+        FaultPlan {
+            hosts: HOSTS,
+            first_ms: 300,
+            until_ms: FAULTS_UNTIL_MS,
+            gap_ms: 150..700,
+            kinds: 6,
         }
+        .schedule(&mut sim.rng, &mut sim.clock);
         sim
     }
 

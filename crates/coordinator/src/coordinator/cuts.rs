@@ -304,11 +304,14 @@ impl Coordinator {
         let mut synchronous = true;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
         let mut releases = Vec::new();
+        let mut unanswered: BTreeSet<String> =
+            members.iter().map(|m| m.production_node.clone()).collect();
         loop {
             let joined = tokio::time::timeout_at(deadline, calls.join_next()).await;
             let Ok(Some(Ok((host, to, answer)))) = joined else {
                 break;
             };
+            unanswered.remove(&host);
             match answer {
                 Ok(ClusterResponse {
                     response: Some(Response::CutAck(ack)),
@@ -337,6 +340,10 @@ impl Coordinator {
         // host switched at: the gated writes may go once it commits.
         let outcome = RoundOutcome::of(mode, !releases.is_empty(), synchronous);
         if releases.is_empty() {
+            if !unanswered.is_empty() {
+                tracing::warn!(%group, ?unanswered, timeout_ms = ROUND_TIMEOUT_MS,
+                    "a cut round got no answer in time from every host: abandoned");
+            }
             // Not every host switched in time: the round is abandoned (its boundary is
             // never committed) and everyone is released.
             let mut state = self.lock();

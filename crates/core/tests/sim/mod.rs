@@ -1,9 +1,12 @@
-//! What the seeded simulations share: events on a virtual clock, and the hosts' names.
+//! What the seeded simulations share: events on a virtual clock, the faults they inject,
+//! and the hosts' names.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::ops::Range;
 
 use blockrep_core::replication::group_cut::CutMessage;
+use rand::Rng;
 
 /// Events due at virtual times (ms); events due at the same time come in the order they
 /// were scheduled.
@@ -58,4 +61,48 @@ pub fn host_of(message: &CutMessage) -> usize {
     host.strip_prefix("host-")
         .and_then(|n| n.parse().ok())
         .expect("a host name")
+}
+
+/// A fault a simulation injects.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    HostCrash(usize),
+    CoordinatorCrash,
+    LinkCut(usize),
+}
+
+/// When faults come and which: one every `gap_ms` from `first_ms` until `until_ms`, each of
+/// `kinds` equally likely draws: a host crash, a coordinator crash, or (the rest) a link
+/// cut; the host drawn among `hosts`.
+pub struct FaultPlan {
+    pub hosts: usize,
+    pub first_ms: u64,
+    pub until_ms: u64,
+    pub gap_ms: Range<u64>,
+    pub kinds: u32,
+}
+
+impl FaultPlan {
+    /// Schedules the faults on `clock`, as the simulation's events.
+    pub fn schedule<E: From<Fault>>(&self, rng: &mut impl Rng, clock: &mut Clock<E>) {
+        for (t, fault) in self.draw(rng) {
+            clock.at(t, fault.into());
+        }
+    }
+
+    /// The faults at their seeded moments.
+    pub fn draw(&self, rng: &mut impl Rng) -> Vec<(u64, Fault)> {
+        let mut faults = Vec::new();
+        let mut t = self.first_ms;
+        while t < self.until_ms {
+            let fault = match rng.random_range(0..self.kinds) {
+                0 => Fault::HostCrash(rng.random_range(0..self.hosts)),
+                1 => Fault::CoordinatorCrash,
+                _ => Fault::LinkCut(rng.random_range(0..self.hosts)),
+            };
+            faults.push((t, fault));
+            t += rng.random_range(self.gap_ms.clone());
+        }
+        faults
+    }
 }
