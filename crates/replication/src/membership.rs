@@ -153,11 +153,13 @@ impl Membership {
 
 /// A side's membership as its runtime holds it: every change is saved before anyone sees
 /// it, one change at a time, so the file always holds the latest record and a change that
-/// cannot be saved is not made.
+/// cannot be saved is not made. Readers never wait for a save.
 #[derive(Debug)]
 pub struct MembershipRecord {
     volume_dir: PathBuf,
     current: Mutex<Membership>,
+    /// Held through a change and its save: changes one at a time.
+    changing: Mutex<()>,
 }
 
 impl MembershipRecord {
@@ -165,6 +167,7 @@ impl MembershipRecord {
         Self {
             volume_dir: volume_dir.to_owned(),
             current: Mutex::new(membership),
+            changing: Mutex::new(()),
         }
     }
 
@@ -175,14 +178,14 @@ impl MembershipRecord {
     /// Applies `change` to the record and saves it, if it changed anything; on an error the
     /// record stays as it was. Returns the record after the change.
     pub fn update(&self, change: impl FnOnce(&mut Membership)) -> std::io::Result<Membership> {
-        let mut current = self.lock();
-        let mut changed = current.clone();
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = self.get();
         change(&mut changed);
-        if changed != *current {
+        if changed != self.get() {
             changed.save(&self.volume_dir)?;
-            *current = changed;
+            *self.lock() = changed.clone();
         }
-        Ok(current.clone())
+        Ok(changed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Membership> {
