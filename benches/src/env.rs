@@ -89,30 +89,28 @@ impl Env {
 
     /// Stops a server started with [`Env::start_server`] before the run ends (SIGTERM, wait).
     pub fn stop_server(&mut self, pid: u32) {
-        let Some(i) = self
-            .stack
-            .iter()
-            .position(|r| matches!(r, Resource::Process(_, c) if c.id() == pid))
-        else {
-            return;
-        };
-        if let Resource::Process(name, child) = self.stack.remove(i) {
+        if let Some((name, child)) = self.take_server(pid) {
             terminate(&name, child);
         }
     }
 
     /// Kills a server started with [`Env::start_server`] with SIGKILL (a crash) and reaps it.
     pub fn kill_server(&mut self, pid: u32) {
-        let Some(i) = self
-            .stack
-            .iter()
-            .position(|r| matches!(r, Resource::Process(_, c) if c.id() == pid))
-        else {
-            return;
-        };
-        if let Resource::Process(_, mut child) = self.stack.remove(i) {
+        if let Some((_, mut child)) = self.take_server(pid) {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// The server `pid` of the run, no longer the run's to clean up.
+    fn take_server(&mut self, pid: u32) -> Option<(String, std::process::Child)> {
+        let i = self
+            .stack
+            .iter()
+            .position(|r| matches!(r, Resource::Process(_, c) if c.id() == pid))?;
+        match self.stack.remove(i) {
+            Resource::Process(name, child) => Some((name, child)),
+            _ => unreachable!("found as a process"),
         }
     }
 

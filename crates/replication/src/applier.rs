@@ -781,7 +781,6 @@ impl Worker {
     }
 }
 
-/// A write the ring takes: data, 4 KiB-aligned.
 /// What a command is to the gate of a hypermetro group's direct writes (`None`: it never
 /// waits there: journaled writes, seals, commits).
 fn gating(cmd: &ApplyCmd) -> Option<Gating> {
@@ -797,6 +796,7 @@ fn gating(cmd: &ApplyCmd) -> Option<Gating> {
     }
 }
 
+/// A write the ring takes: data, 4 KiB-aligned.
 fn is_fast(header: &WriteHeader) -> bool {
     !header.flags.has(WriteFlags::ZEROES)
         && ByteRange::new(header.offset, u64::from(header.len)).is_aligned(DIRECT_IO_ALIGN)

@@ -183,10 +183,9 @@ impl HoldTimes {
         }
     }
 
-    /// The median and 99th percentile of the recent holds (µs), and how many answers were
-    /// held in all.
-    fn summary(&self) -> HoldSummary {
-        let mut sorted: Vec<u32> = self.recent.iter().copied().collect();
+    /// The median and 99th percentile of `recent` holds (µs), and `held`: how many answers
+    /// were held in all. Called outside the link's lock (it sorts).
+    fn summary(mut sorted: Vec<u32>, held: u64) -> HoldSummary {
         sorted.sort_unstable();
         let at = |q: f64| {
             sorted
@@ -197,7 +196,7 @@ impl HoldTimes {
         HoldSummary {
             p50_us: at(0.5),
             p99_us: at(0.99),
-            held: self.count,
+            held,
         }
     }
 }
@@ -540,7 +539,12 @@ impl PairLink {
 
     /// How long the group's cuts held this pair's answers.
     pub fn hold_summary(&self) -> HoldSummary {
-        self.lock().hold_times.summary()
+        let (recent, held) = {
+            let state = self.lock();
+            let times = &state.hold_times;
+            (times.recent.iter().copied().collect(), times.count)
+        };
+        HoldTimes::summary(recent, held)
     }
 
     /// Gives the answers held longer than `timeout` (the coordinator is away): the

@@ -49,6 +49,16 @@ struct Member {
     dr_node: String,
 }
 
+impl Member {
+    fn of(pair: &PairRecord) -> Self {
+        Self {
+            pair: pair.id,
+            production_node: pair.production_node.clone(),
+            dr_node: pair.dr_node.clone(),
+        }
+    }
+}
+
 /// A host's answer to a cut or a release.
 type HostAnswer = (String, Epoch, Result<ClusterResponse, ApiError>);
 
@@ -78,11 +88,8 @@ impl GroupCuts {
     /// `pairs` as they are now (after a role change it is the other direction's, whose
     /// epochs mean nothing to the new DR sides).
     pub(super) fn committed_for(&self, pairs: &[PairRecord]) -> Option<Epoch> {
-        let same = self.members.len() == pairs.len()
-            && self.members.iter().zip(pairs).all(|(m, p)| {
-                m.pair == p.id && m.production_node == p.production_node && m.dr_node == p.dr_node
-            });
-        same.then(|| self.cut.committed())
+        let now: Vec<Member> = pairs.iter().map(Member::of).collect();
+        (self.members == now).then(|| self.cut.committed())
     }
 }
 
@@ -136,11 +143,8 @@ impl Coordinator {
                 .iter()
                 .map(|id| {
                     let p = state.pairs.get(id)?;
-                    (p.status == PairStatus::Available && p.production_started).then(|| Member {
-                        pair: p.id,
-                        production_node: p.production_node.clone(),
-                        dr_node: p.dr_node.clone(),
-                    })
+                    (p.status == PairStatus::Available && p.production_started)
+                        .then(|| Member::of(p))
                 })
                 .collect();
             if let Some(members) = members
