@@ -298,6 +298,10 @@ impl Agent {
     fn take_offline(&self, online: Online) {
         online.listener.abort();
         let _ = std::fs::remove_file(&online.socket);
+        // What the volume holds survives a power cut after a clean stop.
+        if let Err(e) = online.volume.backing().sync_data() {
+            tracing::error!(volume = %online.volume.name(), error = %e, "syncing the volume failed");
+        }
         drop(online.flusher);
         if let Some(tracker) = online.volume.tracker()
             && let Err(e) = tracker.close()

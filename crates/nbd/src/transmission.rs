@@ -503,6 +503,16 @@ impl Connection {
                         AfterLocal::Answer => None,
                     }
                 });
+                if !self.volume.backing().ring_sync_is_durable() {
+                    // The test-only volatile backing: only its own sync makes writes durable.
+                    let synced = self
+                        .volume
+                        .backing()
+                        .sync_data()
+                        .map_err(|e| log_io_error("flush", &e));
+                    self.finish_flush(req.handle, peer, synced);
+                    return Ok(());
+                }
                 let slot = self.insert(DiskOp::Flush {
                     handle: req.handle,
                     peer,
@@ -1018,7 +1028,10 @@ impl Connection {
                 self.reply_read(handle, offset, &buf);
                 self.pool.give(buf);
             }
-            DiskOp::Write { write, .. } => self.finish_write(write, Ok(())),
+            DiskOp::Write { write, .. } => {
+                self.volume.backing().note_written(write.range);
+                self.finish_write(write, Ok(()))
+            }
             DiskOp::Flush { handle, peer } => self.finish_flush(handle, peer, Ok(())),
         }
         Ok(())

@@ -2,8 +2,12 @@
 //! frames to the DR volume, in stream order.
 //!
 //! - A direct write (hypermetro, initial sync) is written at once; its acknowledgement (if
-//!   asked for) is sent when the write completes. Overlapping writes are applied one after
-//!   the other, in arrival order; disjoint ones run in parallel.
+//!   asked for) is sent once the write is *durable*: a sync of the volume that began after
+//!   the write completed has returned (group-committed through
+//!   [`AckBarrier`](blockrep_core::replication::AckBarrier): one `fdatasync` in flight
+//!   covers every write completed before it; a FUA write is durable when it completes).
+//!   Overlapping writes are applied one after the other, in arrival order; disjoint ones
+//!   run in parallel.
 //! - A staged write (async epochs, catch-ups) is appended to the stage log.
 //! - `Flush`, `Seal` and `SyncDone` are barriers: they wait for every earlier write. A seal
 //!   syncs the stage log (the unit is now durable: `Staged`), applies the unit's writes,
@@ -23,8 +27,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use blockrep_core::replication::Epoch;
 use blockrep_core::replication::direct_gate::{DirectGate, Gating};
+use blockrep_core::replication::{AckBarrier, Epoch, SyncTicket};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
@@ -38,6 +42,8 @@ use crate::stage_log::{StageLog, Staged};
 const RING_ENTRIES: u32 = 256;
 const MAX_INFLIGHT: usize = 128;
 const UD_WAKE: u64 = u64::MAX;
+/// The group-committed sync of the volume (see [`AckBarrier`]).
+const UD_SYNC: u64 = u64::MAX - 1;
 /// The stage log is rewritten once it grows past this.
 const COMPACT_BYTES: u64 = 256 << 20;
 
@@ -88,8 +94,11 @@ pub struct VerifyCmd {
 /// What the applier reports back, to be sent to the production side.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ApplyEvent {
+    /// The write is durable on the DR volume.
     WriteAck(u64),
     FlushAck(u64),
+    /// The end of the initial sync is recorded durably (with every write before it).
+    SyncDoneAck(Epoch),
     Staged(Epoch),
     Applied {
         epoch: Epoch,
@@ -188,6 +197,8 @@ impl Applier {
             allowed,
             held_seals: Vec::new(),
             gate: DirectGate::default(),
+            barrier: AckBarrier::default(),
+            sync: None,
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -309,6 +320,11 @@ struct Worker {
     /// Gated direct writes (and what came after them, in order), held aside unwritten and
     /// unanswered until the stream's `Ungate` and the unit it names are applied.
     gate: DirectGate<ApplyCmd>,
+    /// Acknowledgements of direct writes that completed, waiting for a sync to make them
+    /// durable.
+    barrier: AckBarrier<u64>,
+    /// The sync in flight on the ring, if any.
+    sync: Option<SyncTicket>,
 }
 
 impl Worker {
@@ -320,10 +336,16 @@ impl Worker {
             }
             self.waker.reset();
             self.progress()?;
+            self.start_sync()?;
             let stopping = self.inbox.stop.load(std::sync::atomic::Ordering::SeqCst);
             // Stopping finishes what arrived: a sealed unit is applied before the thread ends
             // (its data is staged either way; this saves a replay at the next start).
-            if stopping && self.inflight == 0 && self.queue.is_empty() && self.applying.is_none() {
+            if stopping
+                && self.inflight == 0
+                && self.queue.is_empty()
+                && self.applying.is_none()
+                && self.sync.is_none()
+            {
                 if self.wake_inflight {
                     self.waker.signal();
                     self.reap(true)?;
@@ -362,9 +384,56 @@ impl Worker {
             if only_wake {
                 continue;
             }
+            if user_data == UD_SYNC {
+                self.on_sync_done(result)?;
+                continue;
+            }
             self.on_write_done(user_data as usize, result)?;
         }
         Ok(())
+    }
+
+    /// Starts a sync of the volume if acknowledgements wait for one and none is in flight:
+    /// on the ring, or (for a backing whose ring sync is not enough) here and now.
+    fn start_sync(&mut self) -> io::Result<()> {
+        if !self.barrier.wants_sync() {
+            return Ok(());
+        }
+        let ticket = self.barrier.start_sync();
+        if !self.volume.backing().ring_sync_is_durable() {
+            self.volume.backing().sync_data()?;
+            for seq in self.barrier.synced(ticket) {
+                self.emit(ApplyEvent::WriteAck(seq));
+            }
+            return Ok(());
+        }
+        let sqe = opcode::Fsync::new(types::Fd(self.disk))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(UD_SYNC);
+        self.push(sqe)?;
+        self.sync = Some(ticket);
+        Ok(())
+    }
+
+    /// The sync in flight returned: what it covers is durable.
+    fn on_sync_done(&mut self, result: i32) -> io::Result<()> {
+        let ticket = self.sync.take().expect("a sync was in flight");
+        if result < 0 {
+            return Err(io::Error::from_raw_os_error(-result));
+        }
+        for seq in self.barrier.synced(ticket) {
+            self.emit(ApplyEvent::WriteAck(seq));
+        }
+        Ok(())
+    }
+
+    /// The volume was synced outside the barrier: every write that completed before is
+    /// durable, and its acknowledgement goes now.
+    fn synced_outside(&mut self) {
+        for seq in self.barrier.synced_outside() {
+            self.emit(ApplyEvent::WriteAck(seq));
+        }
     }
 
     /// Starts whatever may start now, in order.
@@ -424,6 +493,7 @@ impl Worker {
                 }
                 ApplyCmd::Flush { seq } => {
                     self.volume.backing().sync_data()?;
+                    self.synced_outside();
                     self.emit(ApplyEvent::FlushAck(seq));
                 }
                 ApplyCmd::Seal { epoch, cut_ms } => self.seal(epoch, cut_ms, true)?,
@@ -439,10 +509,13 @@ impl Worker {
                 ApplyCmd::SyncDone { epoch } => {
                     self.state.sync_done_at = Some(epoch);
                     self.volume.backing().sync_data()?;
+                    self.synced_outside();
                     if epoch <= self.state.applied {
                         self.state.consistent = true;
                     }
                     self.state.save(&self.state_path)?;
+                    // Every extent of the sync is durable, and so is its end.
+                    self.emit(ApplyEvent::SyncDoneAck(epoch));
                     if self.state.consistent {
                         self.emit(ApplyEvent::Applied {
                             epoch: self.state.applied,
@@ -500,14 +573,15 @@ impl Worker {
             self.volume
                 .read_modify_write(range, Some(&payload), false)?;
         }
-        if header.flags.has(WriteFlags::FUA) {
-            self.volume.backing().sync_data()?;
-        }
         self.counters
             .bytes_written
             .fetch_add(range.len, std::sync::atomic::Ordering::Relaxed);
         if let Some(seq) = ack {
-            self.emit(ApplyEvent::WriteAck(seq));
+            self.barrier.completed(seq);
+        }
+        if header.flags.has(WriteFlags::FUA) {
+            self.volume.backing().sync_data()?;
+            self.synced_outside();
         }
         Ok(true)
     }
@@ -585,11 +659,18 @@ impl Worker {
         self.free.push(index);
         self.inflight -= 1;
         self.locks.release(slot.lock);
+        let written = ByteRange::new(slot.offset, slot.buf.len() as u64);
+        self.volume.backing().note_written(written);
         self.counters
             .bytes_written
-            .fetch_add(slot.buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if let Some(seq) = slot.ack {
-            self.emit(ApplyEvent::WriteAck(seq));
+            .fetch_add(written.len, std::sync::atomic::Ordering::Relaxed);
+        match slot.ack {
+            // Written with RWF_DSYNC: durable now.
+            Some(seq) if slot.fua && self.volume.backing().ring_sync_is_durable() => {
+                self.emit(ApplyEvent::WriteAck(seq))
+            }
+            Some(seq) => self.barrier.completed(seq),
+            None => {}
         }
         if slot.unit {
             let applying = self
@@ -710,6 +791,7 @@ impl Worker {
             return Ok(());
         };
         self.volume.backing().sync_data()?;
+        self.synced_outside();
         self.state.applied = applying.epoch;
         self.state.applied_cut_ms = applying.cut_ms;
         if self

@@ -393,6 +393,7 @@ impl DrPair {
                 let frame = match event {
                     ApplyEvent::WriteAck(seq) => Frame::WriteAck { seq },
                     ApplyEvent::FlushAck(seq) => Frame::FlushAck { seq },
+                    ApplyEvent::SyncDoneAck(epoch) => Frame::SyncDoneAck { epoch },
                     ApplyEvent::Staged(epoch) => Frame::Staged { epoch },
                     ApplyEvent::Applied { epoch, cut_ms } => {
                         self.applied(epoch, cut_ms);

@@ -98,6 +98,8 @@ struct State {
     needs_catch_up: bool,
     /// Resync extents acknowledged, in bytes.
     resync_acked: u64,
+    /// The last end of an initial sync the DR side recorded durably.
+    sync_done_acked: Option<Epoch>,
     /// When the DR side last answered, or when a frame began waiting with none waiting.
     answered_at: Instant,
     /// Online verify probes waiting for the DR side, and answered.
@@ -250,6 +252,7 @@ impl PairLink {
                 cut_times: BTreeMap::new(),
                 needs_catch_up: false,
                 resync_acked: 0,
+                sync_done_acked: None,
                 answered_at: Instant::now(),
                 probes: Probes::default(),
                 grouped: false,
@@ -880,6 +883,34 @@ impl PairLink {
             .complete_resync(admitted, range, payload, ticket);
         drop(state);
         self.wake_sender.notify_one();
+    }
+
+    /// The DR side recorded the end of the initial sync of `epoch` durably.
+    pub fn handle_sync_done_ack(&self, epoch: Epoch) {
+        let mut state = self.lock();
+        state.answered_at = Instant::now();
+        state.sync_done_acked = state.sync_done_acked.max(Some(epoch));
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Waits until the DR side recorded the end of the initial sync of `epoch` (or a later
+    /// one). Returns false if `stop` says to give up.
+    pub fn wait_for_sync_done(&self, epoch: Epoch, stop: &dyn Fn() -> bool) -> bool {
+        let mut state = self.lock();
+        loop {
+            if stop() {
+                return false;
+            }
+            if state.sync_done_acked >= Some(epoch) {
+                return true;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Queues the end of an initial sync.

@@ -740,6 +740,7 @@ impl ProductionPair {
                     self.link.handle_ack(seq)
                 }
                 Some(Frame::Staged { epoch }) => self.link.handle_staged(epoch),
+                Some(Frame::SyncDoneAck { epoch }) => self.link.handle_sync_done_ack(epoch),
                 Some(Frame::Applied { epoch, cut_ms }) => {
                     let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
                     status.consistent = Some((epoch, cut_ms));
@@ -931,7 +932,11 @@ impl ResyncReader {
         if !self.link.wait_for_extents(&|| self.stopped()) {
             return Ok(ResyncOutcome::Stopped);
         }
-        self.link.push_sync_done();
+        // The pair counts as synced only once the DR side recorded it durably.
+        let end = self.link.push_sync_done();
+        if !self.link.wait_for_sync_done(end, &|| self.stopped()) {
+            return Ok(ResyncOutcome::Stopped);
+        }
         Ok(ResyncOutcome::FullSyncDone)
     }
 

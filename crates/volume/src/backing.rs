@@ -59,6 +59,10 @@ pub struct Backing {
     /// The volume's size: the file's or device's, or less (an extend that did not finish).
     size: AtomicU64,
     direct: bool,
+    /// The test-only backing that loses unsynced writes at a power cut: `file` is then its
+    /// in-memory overlay (see [`crate::volatile`]).
+    #[cfg(any(test, feature = "fault-injection"))]
+    volatile: Option<crate::volatile::Volatile>,
 }
 
 /// Why a volume cannot grow.
@@ -89,7 +93,20 @@ nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 impl Backing {
     /// Opens `path` with `O_DIRECT` for [`CacheMode::Direct`] (falling back to buffered I/O,
     /// with a warning, where the file system refuses it), or buffered for `Writeback`.
+    ///
+    /// With the `fault-injection` feature and `BLOCKREP_FAULT_VOLATILE_WRITES` set in the
+    /// environment, the volume is opened as [`Backing::open_volatile`] instead (a test that
+    /// cuts the power of a DR host).
     pub fn open(path: &Path, cache: CacheMode) -> Result<Self, OpenError> {
+        #[cfg(feature = "fault-injection")]
+        if std::env::var_os("BLOCKREP_FAULT_VOLATILE_WRITES").is_some() {
+            tracing::warn!(path = %path.display(), "fault injection: writes are volatile until synced");
+            return Self::open_volatile(path);
+        }
+        Self::open_real(path, cache)
+    }
+
+    fn open_real(path: &Path, cache: CacheMode) -> Result<Self, OpenError> {
         let open_err = |source| OpenError::Open {
             path: path.to_owned(),
             source,
@@ -153,7 +170,62 @@ impl Backing {
             kind,
             size: AtomicU64::new(size),
             direct,
+            #[cfg(any(test, feature = "fault-injection"))]
+            volatile: None,
         })
+    }
+
+    /// Test only: opens `path` as a disk with a volatile write cache. Reads and writes go to
+    /// an in-memory copy; [`Backing::sync_data`] makes what was written durable in `path`,
+    /// and a power cut ([`Backing::power_cut`], or the process dying) loses the rest.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn open_volatile(path: &Path) -> Result<Self, OpenError> {
+        let real = Self::open_real(path, CacheMode::Writeback)?;
+        let size = real.size();
+        let (volatile, overlay) =
+            crate::volatile::Volatile::new(real.file, size).map_err(|source| OpenError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            file: overlay,
+            path: real.path,
+            kind: real.kind,
+            size: real.size,
+            direct: false,
+            volatile: Some(volatile),
+        })
+    }
+
+    /// Test only: the power goes; every write since the last sync is lost.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn power_cut(&self) -> io::Result<()> {
+        match &self.volatile {
+            Some(v) => v.power_cut(&self.file),
+            None => Ok(()),
+        }
+    }
+
+    /// A write of `range` through [`Backing::fd`] (a ring's) completed. Only the test-only
+    /// volatile backing needs to know; for a real device or file this does nothing.
+    #[inline]
+    pub fn note_written(&self, range: ByteRange) {
+        #[cfg(any(test, feature = "fault-injection"))]
+        if let Some(v) = &self.volatile {
+            v.note_written(range);
+        }
+        let _ = range;
+    }
+
+    /// Whether an `fsync` of [`Backing::fd`] (a ring's) makes completed writes durable. True
+    /// for every real device and file; false for the test-only volatile backing, whose
+    /// writes become durable only through [`Backing::sync_data`].
+    pub fn ring_sync_is_durable(&self) -> bool {
+        #[cfg(any(test, feature = "fault-injection"))]
+        if self.volatile.is_some() {
+            return false;
+        }
+        true
     }
 
     /// Serves only the first `size` bytes (the volume's registered size, when the file or
@@ -223,6 +295,15 @@ impl Backing {
                 }
             }
         }
+        #[cfg(any(test, feature = "fault-injection"))]
+        if let Some(v) = &self.volatile {
+            v.grow(&self.file, size)
+                .map_err(|source| GrowError::NoRoom {
+                    path: self.path.clone(),
+                    size,
+                    source,
+                })?;
+        }
         self.size.store(size, Ordering::SeqCst);
         Ok(())
     }
@@ -254,10 +335,17 @@ impl Backing {
 
     /// Blocking aligned write, for the slow paths.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)?;
+        self.note_written(ByteRange::new(offset, buf.len() as u64));
+        Ok(())
     }
 
+    /// Makes every completed write durable (`fdatasync`).
     pub fn sync_data(&self) -> io::Result<()> {
+        #[cfg(any(test, feature = "fault-injection"))]
+        if let Some(v) = &self.volatile {
+            return v.sync(&self.file);
+        }
         self.file.sync_data()
     }
 

@@ -15,7 +15,11 @@ mod durable_file;
 mod gate;
 mod lineage_file;
 mod link;
+#[cfg(test)]
+mod power_cut_sim;
 mod tracker;
+#[cfg(any(test, feature = "fault-injection"))]
+mod volatile;
 mod volume;
 mod waker;
 

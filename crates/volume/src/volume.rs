@@ -227,6 +227,7 @@ impl Volume {
         // SAFETY: plain syscall on an fd we own; no memory is passed.
         let rc = unsafe { libc::fallocate64(fd, mode, range.offset as i64, range.len as i64) };
         if rc == 0 {
+            self.backing.note_written(range);
             Ok(())
         } else {
             Err(io::Error::last_os_error())

@@ -16,7 +16,7 @@
 //! Request   JSON                          Response JSON
 //! Verify    u64 id | u64 offset | u32 block | u8 after? | u64 epoch | u16 n | n × u32 crc32
 //! Verified  u64 id | u16 n | n × u16 index of a block that differs
-//! Ungate    u64 epoch
+//! Ungate    u64 epoch                     SyncDoneAck u64 epoch
 //!
 //! lineage   u64 current | u8 written | u16 n | n × (u64 generation | u8 written)
 //! ```
@@ -180,6 +180,11 @@ pub enum Frame {
     SyncDone {
         epoch: Epoch,
     },
+    /// The DR side recorded the end of the initial sync of `epoch` durably, with every
+    /// extent before it: the production side may record the pair as synced.
+    SyncDoneAck {
+        epoch: Epoch,
+    },
     Reject {
         seq: u64,
         reason: RejectReason,
@@ -231,6 +236,7 @@ enum Type {
     Verify = 16,
     Verified = 17,
     Ungate = 18,
+    SyncDoneAck = 19,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -312,6 +318,7 @@ impl Frame {
             }
             Frame::Discard { after } => put_u64_frame(out, Type::Discard, after.0),
             Frame::SyncDone { epoch } => put_u64_frame(out, Type::SyncDone, epoch.0),
+            Frame::SyncDoneAck { epoch } => put_u64_frame(out, Type::SyncDoneAck, epoch.0),
             Frame::Ungate { epoch } => put_u64_frame(out, Type::Ungate, epoch.0),
             Frame::Reject { seq, reason } => {
                 out.put_u8(Type::Reject as u8);
@@ -520,6 +527,12 @@ impl Frame {
             t if t == Type::SyncDone as u8 => {
                 need(8)?;
                 Frame::SyncDone {
+                    epoch: Epoch(body.get_u64()),
+                }
+            }
+            t if t == Type::SyncDoneAck as u8 => {
+                need(8)?;
+                Frame::SyncDoneAck {
                     epoch: Epoch(body.get_u64()),
                 }
             }
@@ -808,6 +821,7 @@ mod tests {
             },
             Frame::Discard { after: Epoch(8) },
             Frame::SyncDone { epoch: Epoch(2) },
+            Frame::SyncDoneAck { epoch: Epoch(2) },
             Frame::Ungate { epoch: Epoch(40) },
             Frame::Write(
                 WriteHeader {

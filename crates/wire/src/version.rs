@@ -16,15 +16,21 @@ pub enum ProtocolVersion {
     /// going synchronous again after a trip; a version 2 DR side would write gated writes
     /// at once.
     V3,
+    /// Version 4: an acknowledgement from the DR side (`WriteAck`, `SyncDoneAck`) means the
+    /// data is durable there, not only written (a version 3 DR side acknowledged writes
+    /// before syncing them, and the production side cleared their dirty bits on it); the
+    /// end of the initial sync is acknowledged (`SyncDoneAck`).
+    V4,
 }
 
 impl ProtocolVersion {
-    pub const CURRENT: ProtocolVersion = ProtocolVersion::V3;
+    pub const CURRENT: ProtocolVersion = ProtocolVersion::V4;
 
     pub fn number(self) -> u16 {
         match self {
             ProtocolVersion::V2 => 2,
             ProtocolVersion::V3 => 3,
+            ProtocolVersion::V4 => 4,
         }
     }
 
@@ -32,6 +38,7 @@ impl ProtocolVersion {
         match n {
             2 => Ok(ProtocolVersion::V2),
             3 => Ok(ProtocolVersion::V3),
+            4 => Ok(ProtocolVersion::V4),
             other => Err(WireError::UnknownVersion(other)),
         }
     }

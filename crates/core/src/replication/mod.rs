@@ -6,6 +6,7 @@
 
 pub mod answer_hold;
 pub mod direct_gate;
+pub mod durability;
 pub mod group;
 pub mod group_cut;
 pub mod ids;
@@ -16,6 +17,7 @@ pub mod role;
 pub mod status;
 pub mod tickets;
 
+pub use durability::{AckBarrier, SyncTicket};
 pub use group::{
     FaultLevel, GroupAction, GroupStatus, GroupView, Refused, Transition, group_replication,
 };
