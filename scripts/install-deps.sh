@@ -10,6 +10,7 @@ declare -A packages=(
     [nbdinfo]=libnbd-bin
     [nbdcopy]=libnbd-bin
     [nbdfuse]=libnbd-bin
+    [nbdsh]=python3-libnbd
     [qemu-io]=qemu-utils
     [protoc]=protobuf-compiler
     [fusermount3]=fuse3

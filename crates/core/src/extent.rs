@@ -18,7 +18,14 @@ pub enum RangeError {
 }
 
 impl ByteRange {
+    /// A range the program made itself. Panics if it would end past `u64::MAX`: a range from
+    /// outside (the network, a client, a file) is built with [`ByteRange::within`], which
+    /// checks, so that no range's [`ByteRange::end`] can wrap past a bounds check.
     pub const fn new(offset: u64, len: u64) -> Self {
+        assert!(
+            offset.checked_add(len).is_some(),
+            "a byte range ends past u64::MAX"
+        );
         Self { offset, len }
     }
 
@@ -161,6 +168,12 @@ mod tests {
         assert_eq!(read_spans(&[r(0, 4), r(5, 4)], 64, 0).len(), 2);
         assert_eq!(read_spans(&[r(0, 4), r(4, 4)], 64, 0).len(), 1);
         assert!(read_spans(&[], 64, 8).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "ends past u64::MAX")]
+    fn an_unchecked_range_never_wraps() {
+        let _ = ByteRange::new(u64::MAX - 10, 4096);
     }
 
     #[test]

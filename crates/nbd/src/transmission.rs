@@ -50,6 +50,9 @@ const OUT_HIGH_WATER: usize = 64 << 20;
 const DIRECT_RECV_MIN: usize = 64 << 10;
 /// Most extents one BLOCK_STATUS answer carries.
 const MAX_EXTENTS: usize = 1024;
+/// An unaligned WRITE_ZEROES up to this long is replicated as the whole blocks it leaves
+/// (read back, as data); a longer one as its zero range.
+const MAX_PATCHED_ZEROES: u64 = 1 << 20;
 
 const UD_RECV: u64 = u64::MAX;
 const UD_SEND: u64 = u64::MAX - 1;
@@ -122,6 +125,30 @@ enum Held {
 }
 
 impl GatedWrite {
+    /// What it changes, and so what is marked dirty: a discard's whole blocks (the device
+    /// keeps the partial ones as they are); for the rest, its range.
+    fn admitted_range(&self) -> ByteRange {
+        match self.kind {
+            WriteKind::Trim => Volume::trim_blocks(self.range),
+            _ => self.range,
+        }
+    }
+
+    /// What is replicated (and cleared once the peer has it): whole blocks, as this volume
+    /// holds them after the write. An unaligned write sends the blocks it patched, so the
+    /// peer ends up with the same blocks whatever it held, and their bits clear (a partly
+    /// covered block never would). A large unaligned zeroing sends its zero range (its
+    /// partly covered edge blocks stay dirty until a catch-up); a discard, its whole blocks.
+    fn replicated_range(&self) -> ByteRange {
+        let whole = self.range.align_out(DIRECT_IO_ALIGN);
+        match self.kind {
+            WriteKind::Trim => Volume::trim_blocks(self.range),
+            WriteKind::Data(_) => whole,
+            WriteKind::Zeroes { .. } if whole.len <= MAX_PATCHED_ZEROES => whole,
+            WriteKind::Zeroes { .. } => self.range,
+        }
+    }
+
     /// Whether it goes to io_uring (or, in writeback mode, is copied inline) rather than a
     /// blocking slow path.
     fn is_aligned_data(&self) -> bool {
@@ -617,6 +644,18 @@ impl Connection {
     /// The one admission point: a write-like command enters the volume's write gate. It
     /// goes on this turn if its blocks are free, or waits in `queued` until they are.
     fn enter_gate(&mut self, req: Request, range: ByteRange, kind: WriteKind) {
+        if range.is_empty() {
+            // Nothing to write, lock, mark or replicate; a volume that refuses writes still
+            // refuses it.
+            if let WriteKind::Data(WriteBuf::Owned(buf)) = kind {
+                self.pool.give(buf);
+            }
+            match self.volume.gate().refusal() {
+                Some(errno) => self.reply_error(req.handle, errno),
+                None => self.reply_ok(req.handle),
+            }
+            return;
+        }
         let entered = self.volume.gate().enter(range, &self.waker);
         let lock = match entered {
             Entered::Go(lock) | Entered::Queued(lock) => lock,
@@ -685,15 +724,31 @@ impl Connection {
         } else {
             gate.admit(&self.ranges, &mut ready)
         };
+        // Zeroing and discard are admitted here too, before the link takes their tickets:
+        // an admission spoils every ticket it overlaps, its own write's included.
+        let mut slow_admitted: Vec<Result<(), i32>> = batch
+            .iter()
+            .filter(|w| !matches!(w.kind, WriteKind::Data(_)))
+            .map(|w| {
+                admit_in_pieces(&volume, w.admitted_range())
+                    .map_err(|e| log_io_error("dirty tracking", &e))
+            })
+            .collect();
         if admitted.is_ok()
+            && slow_admitted.iter().all(Result::is_ok)
             && let Some(link) = gate.link()
         {
             self.attach_replicas(&mut batch, link.as_ref());
         }
         let mut data_index = 0;
+        let mut slow_admitted = slow_admitted.drain(..);
         for write in batch.drain(..) {
             if !matches!(write.kind, WriteKind::Data(_)) {
-                self.run_blocking(write);
+                let admitted = slow_admitted.next().expect("one per slow write");
+                match admitted {
+                    Ok(()) => self.run_blocking(write),
+                    Err(errno) => self.finish_write(write, Err(errno)),
+                }
                 continue;
             }
             let is_ready = ready.get(data_index).copied().unwrap_or(false);
@@ -778,22 +833,37 @@ impl Connection {
         let mut write = write;
         let done = match &write.kind {
             // Admitted with its batch.
-            WriteKind::Data(buf) => {
-                volume.read_modify_write(write.range, Some(buf.bytes()), write.fua)
-            }
-            WriteKind::Zeroes { may_trim } => admit_in_pieces(&volume, write.range)
-                .and_then(|()| volume.write_zeroes(write.range, *may_trim, write.fua)),
-            WriteKind::Trim => admit_in_pieces(&volume, Volume::trim_blocks(write.range))
-                .and_then(|()| volume.trim(write.range, write.fua))
-                .map(|punched| {
+            WriteKind::Data(buf) => volume
+                .read_modify_write(write.range, Some(buf.bytes()), write.fua)
+                .map(|blocks| {
                     if let Some(replica) = write.replica.as_mut() {
-                        replica.data = if punched {
-                            ReplicaData::Zeroes
-                        } else {
-                            ReplicaData::Unchanged
-                        };
+                        replica.data = ReplicaData::Data(Bytes::from_owner(blocks));
                     }
                 }),
+            // Admitted with its batch, in pieces.
+            WriteKind::Zeroes { may_trim } => volume
+                .write_zeroes(write.range, *may_trim, write.fua)
+                .and_then(|()| match write.replica.as_mut() {
+                    // The blocks it patched, as they are now (still locked).
+                    Some(replica) if replica.range != write.range => {
+                        let mut blocks = AlignedBuf::new(replica.range.len as usize);
+                        volume
+                            .backing()
+                            .read_exact_at(&mut blocks, replica.range.offset)?;
+                        replica.data = ReplicaData::Data(Bytes::from_owner(blocks));
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }),
+            WriteKind::Trim => volume.trim(write.range, write.fua).map(|punched| {
+                if let Some(replica) = write.replica.as_mut() {
+                    replica.data = if punched {
+                        ReplicaData::Zeroes
+                    } else {
+                        ReplicaData::Unchanged
+                    };
+                }
+            }),
         };
         let done = done.map_err(|e| log_io_error("write", &e));
         self.finish_write(write, done);
@@ -840,8 +910,12 @@ impl Connection {
             };
             let token = self.next_token;
             self.next_token += 1;
-            self.replicas
-                .push(Replicated::new(write.range, data, write.fua, token));
+            self.replicas.push(Replicated::new(
+                write.replicated_range(),
+                data,
+                write.fua,
+                token,
+            ));
         }
         link.admit(&mut self.replicas);
         for (write, replica) in batch.iter_mut().zip(self.replicas.drain(..)) {

@@ -529,17 +529,26 @@ impl Worker {
 
     /// Handles one incoming write. Returns false if it had to wait (it is put back).
     fn write(&mut self, header: WriteHeader, payload: Bytes) -> io::Result<bool> {
-        let range = ByteRange::new(header.offset, u64::from(header.len));
         let zeroes = header.flags.has(WriteFlags::ZEROES);
+        let range =
+            match ByteRange::within(header.offset, u64::from(header.len), self.volume.size()) {
+                Ok(range) => range,
+                Err(e) => {
+                    self.emit(ApplyEvent::Failed(format!(
+                        "a write for the DR volume: {e}"
+                    )));
+                    return Ok(true);
+                }
+            };
+        if !zeroes && payload.len() as u64 != range.len {
+            self.emit(ApplyEvent::Failed(format!(
+                "write {range} carries {} bytes of payload",
+                payload.len()
+            )));
+            return Ok(true);
+        }
         let checksum_ok = zeroes || payload_crc(&payload) == header.crc;
-        if !checksum_ok || range.end() > self.volume.size() {
-            if checksum_ok {
-                self.emit(ApplyEvent::Failed(format!(
-                    "write {range} past the end of the {}-byte DR volume",
-                    self.volume.size()
-                )));
-                return Ok(true);
-            }
+        if !checksum_ok {
             self.counters
                 .extents_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -550,12 +559,19 @@ impl Worker {
             });
             return Ok(true);
         }
+        let ack = header.flags.has(WriteFlags::ACK).then_some(header.seq);
+        if range.is_empty() {
+            // Nothing to write (an application's zero-length write): durable as it is.
+            if let Some(seq) = ack {
+                self.emit(ApplyEvent::WriteAck(seq));
+            }
+            return Ok(true);
+        }
         if !header.flags.has(WriteFlags::DIRECT) {
             self.log
                 .append_write(header.epoch, range, zeroes, &payload)?;
             return Ok(true);
         }
-        let ack = header.flags.has(WriteFlags::ACK).then_some(header.seq);
         if is_fast(&header) {
             let mut buf = AlignedBuf::new(payload.len());
             buf.copy_from_slice(&payload);
@@ -747,6 +763,11 @@ impl Worker {
     /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
     fn submit_unit(&mut self) -> io::Result<()> {
         while let Some(staged) = self.unit_queue.front().cloned() {
+            if staged.range.is_empty() {
+                self.unit_queue.pop_front();
+                self.applying.as_mut().expect("applying").left -= 1;
+                continue;
+            }
             if self.inflight >= MAX_INFLIGHT {
                 return Ok(());
             }
@@ -822,9 +843,23 @@ impl Worker {
 
     /// Reads back the blocks a verify names and reports those whose CRC differs.
     fn verify(&self, v: &VerifyCmd) -> io::Result<()> {
+        if v.block == 0 || !u64::from(v.block).is_multiple_of(DIRECT_IO_ALIGN) {
+            self.emit(ApplyEvent::Failed(format!(
+                "a verify request with blocks of {} bytes (not a multiple of {DIRECT_IO_ALIGN})",
+                v.block
+            )));
+            return Ok(());
+        }
         let len = (u64::from(v.block) * v.crcs.len() as u64)
             .min(self.volume.size().saturating_sub(v.offset));
-        let range = ByteRange::new(v.offset, len);
+        let Ok(range) = ByteRange::within(v.offset, len, self.volume.size()) else {
+            self.emit(ApplyEvent::Failed(format!(
+                "a verify request at offset {} is past the end of the {}-byte DR volume",
+                v.offset,
+                self.volume.size()
+            )));
+            return Ok(());
+        };
         let aligned = range.align_out(DIRECT_IO_ALIGN);
         let mut buf = AlignedBuf::new(aligned.len as usize);
         self.volume

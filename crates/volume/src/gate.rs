@@ -100,10 +100,16 @@ impl WriteGate {
     /// Locks the blocks `range` touches, or queues for them; or refuses the write if the
     /// volume's role does not take writes.
     pub fn enter(&self, range: ByteRange, waker: &Arc<Waker>) -> Entered {
-        if self.role().write_verdict() == WriteVerdict::Refuse {
-            return Entered::Refused(libc::EPERM);
+        if let Some(errno) = self.refusal() {
+            return Entered::Refused(errno);
         }
         self.lock(range, waker)
+    }
+
+    /// The errno the volume's role answers the application's writes with, if it refuses
+    /// them.
+    pub fn refusal(&self) -> Option<i32> {
+        (self.role().write_verdict() == WriteVerdict::Refuse).then_some(libc::EPERM)
     }
 
     /// Locks the blocks `range` touches whatever the role: for writes that are not the

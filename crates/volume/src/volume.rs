@@ -113,13 +113,14 @@ impl Volume {
 
     /// Writes `data` at any offset: the edge blocks are read, patched and written whole.
     /// `data == None` writes zeroes. The caller holds the range's blocks through the gate
-    /// and has admitted the range.
+    /// and has admitted the range. Returns the whole blocks as written (the range aligned
+    /// out to [`DIRECT_IO_ALIGN`]): what a peer needs to hold the same blocks.
     pub fn read_modify_write(
         &self,
         range: ByteRange,
         data: Option<&[u8]>,
         fua: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<AlignedBuf> {
         let outer = range.align_out(DIRECT_IO_ALIGN);
         let mut buf = AlignedBuf::new(outer.len as usize);
         let block = DIRECT_IO_ALIGN as usize;
@@ -144,7 +145,7 @@ impl Volume {
         if fua {
             self.backing.sync_data()?;
         }
-        Ok(())
+        Ok(buf)
     }
 
     /// Zeroes a range; `may_trim` lets the blocks be deallocated (NBD without NO_HOLE).
@@ -153,7 +154,7 @@ impl Volume {
         let inner_start = range.offset.next_multiple_of(DIRECT_IO_ALIGN);
         let inner_end = range.end() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
         if inner_start >= inner_end {
-            return self.read_modify_write(range, None, fua);
+            return self.read_modify_write(range, None, fua).map(drop);
         }
         if range.offset < inner_start {
             self.read_modify_write(
