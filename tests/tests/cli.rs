@@ -1,6 +1,7 @@
-//! Bad configuration and bad CLI input get clear errors and change nothing.
+//! Bad configuration and bad CLI input get clear errors and change nothing; a CLI whose
+//! reader went away ends quietly.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use blockrep_tests::{Daemon, NbdClient, binary, sparse_file};
 
@@ -238,4 +239,27 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
         "the first daemon is unaffected"
     );
     first.stop().unwrap();
+}
+
+#[test]
+fn the_cli_ends_quietly_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "").unwrap();
+    // A reader that went away before the CLI printed (`| grep -q` that matched early).
+    let mut child = Command::new(binary("blockrep"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--output", "json", "status"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "the CLI complained: {stderr}"
+    );
+    assert_ne!(out.status.code(), Some(101), "the CLI panicked: {stderr}");
 }

@@ -2,6 +2,7 @@
 
 mod ping;
 mod render;
+mod stdout;
 mod wait;
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tonic::transport::Channel;
 
 use crate::render::Output;
+use crate::stdout::sayln;
 
 #[derive(Parser)]
 #[command(
@@ -535,12 +537,12 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
         ClusterCommand::InitCa { dir } => {
             let cert = blockrep_tls::init_ca(&absolute(&dir)?)?;
             if !out.json {
-                println!(
+                sayln!(
                     "cluster CA written: {} (and ca.key beside it: keep it safe)",
                     cert.display()
                 );
             } else {
-                println!("{}", serde_json::json!({ "ca_cert": cert }));
+                sayln!("{}", serde_json::json!({ "ca_cert": cert }));
             }
         }
         ClusterCommand::IssueCert {
@@ -550,9 +552,9 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
         } => {
             let cert = blockrep_tls::issue_cert(&absolute(&ca_dir)?, &node, &absolute(&out_dir)?)?;
             if !out.json {
-                println!("certificate for node {node} written: {}", cert.display());
+                sayln!("certificate for node {node} written: {}", cert.display());
             } else {
-                println!("{}", serde_json::json!({ "node": node, "cert": cert }));
+                sayln!("{}", serde_json::json!({ "node": node, "cert": cert }));
             }
         }
         ClusterCommand::Ping {

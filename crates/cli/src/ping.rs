@@ -11,6 +11,7 @@ use blockrep_replication::endpoint::ClusterEndpoint;
 use blockrep_tls::{CLUSTER_NAME, NodeTls, TlsFiles};
 
 use crate::render::Output;
+use crate::stdout::sayln;
 
 pub async fn ping(
     address: SocketAddr,
@@ -46,12 +47,12 @@ pub async fn ping(
         _ => "answered".into(),
     };
     if out.json {
-        println!(
+        sayln!(
             "{}",
             serde_json::json!({ "address": address, "ok": true, "round_trip_ms": elapsed.as_secs_f64() * 1000.0, "detail": detail })
         );
     } else {
-        println!(
+        sayln!(
             "{address}: TLS and protocol ok in {:.1} ms; {detail}",
             elapsed.as_secs_f64() * 1000.0
         );
@@ -79,7 +80,7 @@ pub async fn link_test(
     .await
     .with_context(|| format!("link test to {address}"))?;
     if out.json {
-        println!(
+        sayln!(
             "{}",
             serde_json::json!({
                 "address": address,
@@ -89,7 +90,7 @@ pub async fn link_test(
             })
         );
     } else {
-        println!(
+        sayln!(
             "{address}: {:.0} MB/s ({} MB in {:.2} s)",
             result.megabytes_per_second(),
             result.bytes / 1_000_000,

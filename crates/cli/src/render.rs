@@ -1,5 +1,6 @@
 //! Human tables and JSON for the API's answers.
 
+use crate::stdout::{say, sayln};
 use blockrep_api::human_bytes;
 use blockrep_api::proto;
 use serde_json::{Value, json};
@@ -16,12 +17,12 @@ pub trait Render {
 impl Output {
     pub fn print(&self, item: &impl Render) {
         if self.json {
-            println!(
+            sayln!(
                 "{}",
                 serde_json::to_string_pretty(&item.json()).expect("JSON values serialise")
             );
         } else {
-            print!("{}", item.table());
+            say!("{}", item.table());
         }
     }
 }

@@ -9,6 +9,7 @@ use tonic::transport::Channel;
 
 use crate::call;
 use crate::render::Output;
+use crate::stdout::{say, sayln};
 
 /// Polls start this often and slow down to `POLL`: a short job is seen to end at once.
 const FIRST_POLL: Duration = Duration::from_millis(25);
@@ -36,7 +37,7 @@ pub async fn wait_for_job(
             let eta = eta(started.elapsed(), j.progress)
                 .map(|d| format!(" ETA {}s", d.as_secs()))
                 .unwrap_or_default();
-            print!(
+            say!(
                 "\r{} [{}{}] {:5.1}% {}{eta}   ",
                 j.job_type,
                 "#".repeat(filled),
@@ -48,13 +49,13 @@ pub async fn wait_for_job(
         } else if !out.json {
             let line = format!("job {} {} {:.0}%", j.id, j.status, j.progress * 100.0);
             if line != last_line {
-                println!("{line}");
+                sayln!("{line}");
                 last_line = line;
             }
         }
         if finished {
             if terminal {
-                println!();
+                sayln!();
             }
             if out.json {
                 out.print(&j);
