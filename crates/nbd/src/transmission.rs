@@ -882,7 +882,7 @@ impl Connection {
         let sent = replica.sent;
         let after = match result {
             Ok(()) => link.local_done(replica, &self.mailbox),
-            Err(_) => link.local_failed(replica),
+            Err(_) => link.local_failed(replica, &self.mailbox),
         };
         if after == AfterLocal::Answer {
             return self.answer_write(write, result);

@@ -74,7 +74,7 @@ impl ReplicaLink for HoldingLink {
         AfterLocal::WaitForPeer
     }
 
-    fn local_failed(&self, write: Replicated) -> AfterLocal {
+    fn local_failed(&self, write: Replicated, _: &Arc<Mailbox>) -> AfterLocal {
         if write.sent {
             AfterLocal::WaitForPeer
         } else {

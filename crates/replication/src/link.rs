@@ -1040,7 +1040,9 @@ impl ReplicaLink for PairLink {
                 if self.send_sync(&mut write, mailbox) {
                     AfterLocal::WaitForPeer
                 } else {
-                    AfterLocal::Answer
+                    // The link went down since its admission (a slow-path write, or one
+                    // parked while the activity log synced): a trip holds it like any other.
+                    self.lock().answer_or_hold(write.token, mailbox)
                 }
             }
             ReplicaMode::Journal(admitted) => {
@@ -1087,7 +1089,7 @@ impl ReplicaLink for PairLink {
         }
     }
 
-    fn local_failed(&self, write: Replicated) -> AfterLocal {
+    fn local_failed(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
         match write.mode {
             ReplicaMode::Sync if write.sent => {
                 if let Some(seq) = write.seq
@@ -1099,13 +1101,16 @@ impl ReplicaLink for PairLink {
                 AfterLocal::WaitForPeer
             }
             ReplicaMode::Journal(admitted) => {
-                self.lock().journal.abandon(admitted);
+                let mut state = self.lock();
+                state.journal.abandon(admitted);
+                let answer = state.answer_or_hold(write.token, mailbox);
+                drop(state);
                 self.tracker.forget(write.ticket);
-                AfterLocal::Answer
+                answer
             }
             _ => {
                 self.tracker.forget(write.ticket);
-                AfterLocal::Answer
+                self.lock().answer_or_hold(write.token, mailbox)
             }
         }
     }
@@ -1388,6 +1393,51 @@ mod tests {
         link.group_release(Epoch(8), TRIPPED, 0);
         assert!(!link.trip_wanted());
         assert_eq!(delivered(&mailbox), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_trip_holds_writes_that_did_not_take_the_fast_path_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = hypermetro_link(dir.path());
+        link.go_live();
+        link.group_cut(Epoch(5), CutMode::Direct, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        // Admitted while synchronous, but not started (an unaligned write, a WRITE_ZEROES or
+        // a TRIM runs on the slow path; a write parked while the activity log synced): its
+        // data goes at completion, after the link broke.
+        let admitted = |offset: u64, token: u64| {
+            let range = ByteRange::new(offset, 4096);
+            link.tracker.admit(&[range]).unwrap();
+            let mut w = [Replicated::new(
+                range,
+                ReplicaData::Data(Bytes::from(vec![token as u8; 4096])),
+                false,
+                token,
+            )];
+            link.admit(&mut w);
+            let [w] = w;
+            assert_eq!(w.mode, ReplicaMode::Sync);
+            w
+        };
+        let (slow, failing, unchanged) = (admitted(0, 1), admitted(8192, 2), admitted(16384, 3));
+        link.disconnected();
+        assert!(link.trip_wanted());
+        assert_eq!(link.local_done(slow, &mailbox), AfterLocal::WaitForPeer);
+        assert_eq!(
+            link.local_failed(failing, &mailbox),
+            AfterLocal::WaitForPeer
+        );
+        let mut unchanged = unchanged;
+        unchanged.data = ReplicaData::Unchanged;
+        assert_eq!(
+            link.local_done(unchanged, &mailbox),
+            AfterLocal::WaitForPeer
+        );
+        assert!(delivered(&mailbox).is_empty());
+        link.group_cut(Epoch(6), CutMode::Trip, 0);
+        link.group_release(Epoch(6), TRIPPED, 0);
+        assert_eq!(delivered(&mailbox), vec![1, 2, 3]);
     }
 
     #[test]

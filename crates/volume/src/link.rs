@@ -140,8 +140,9 @@ pub trait ReplicaLink: Send + Sync {
     fn local_done(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal;
 
     /// The local write failed: nothing goes to the peer, the blocks stay dirty. If the
-    /// data was already sent, the link still delivers the token; the caller waits for it.
-    fn local_failed(&self, write: Replicated) -> AfterLocal;
+    /// data was already sent, or a consistency group holds answers, the link delivers the
+    /// token later; the caller waits for it.
+    fn local_failed(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal;
 
     /// A FLUSH: whether its answer must also wait for the peer's flush (the token is then
     /// delivered to the mailbox).
