@@ -294,8 +294,18 @@ impl Connection {
     }
 
     /// Serves requests until the client disconnects or breaks the protocol, then waits for
-    /// every operation in flight and sends their replies.
+    /// every operation in flight and sends their replies. On an error of its ring, it still
+    /// waits for every operation in flight before its buffers go, and gives back the blocks
+    /// its writes hold in the volume's write gate.
     pub fn run(mut self) -> io::Result<ConnectionStats> {
+        let served = self.serve();
+        if served.is_err() {
+            self.abandon();
+        }
+        served
+    }
+
+    fn serve(&mut self) -> io::Result<ConnectionStats> {
         loop {
             self.queue_recv()?;
             self.queue_wake()?;
@@ -324,6 +334,61 @@ impl Connection {
             self.take_delivered();
             self.take_granted();
             self.admit_and_start()?;
+        }
+    }
+
+    /// After an error: ends the socket's receive and send in flight, waits for every
+    /// operation on the ring, then releases the gate's blocks held by writes that will never
+    /// be answered. If the ring itself fails, its buffers are leaked rather than freed.
+    fn abandon(&mut self) {
+        // SAFETY: shutdown on a socket fd we were given for the life of `run`.
+        unsafe { libc::shutdown(self.sock, libc::SHUT_RDWR) };
+        if self.wake_inflight {
+            self.waker.signal();
+        }
+        let outstanding = self.inflight
+            + usize::from(self.recv_inflight)
+            + usize::from(self.send_inflight)
+            + usize::from(self.wake_inflight);
+        let ops = &mut self.ops;
+        let mut writes = Vec::new();
+        let drained = blockrep_volume::ring::drain(
+            &mut self.ring,
+            outstanding,
+            blockrep_volume::ring::DRAIN_PATIENCE,
+            |user_data| {
+                if let Some(DiskOp::Write { write, .. }) =
+                    ops.get_mut(user_data as usize).and_then(Option::take)
+                {
+                    writes.push(write);
+                }
+            },
+        );
+        if let Err(e) = drained {
+            tracing::error!(error = %e, "the connection's ring failed; leaking its buffers");
+            std::mem::forget(std::mem::take(&mut self.ops));
+            std::mem::forget(std::mem::take(&mut self.inbuf));
+            std::mem::forget(self.payload.take());
+            std::mem::forget(std::mem::take(&mut self.sending));
+            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
+        }
+        self.inflight = 0;
+        self.recv_inflight = false;
+        self.send_inflight = false;
+        self.wake_inflight = false;
+        let gate = self.volume.gate();
+        let held = self.held.drain().filter_map(|(_, h)| match h {
+            Held::Write(write, _) => Some(*write),
+            Held::Flush { .. } => None,
+        });
+        for write in writes
+            .into_iter()
+            .chain(self.queued.drain(..))
+            .chain(self.to_admit.drain(..))
+            .chain(self.later.drain(..))
+            .chain(held)
+        {
+            gate.leave(write.lock);
         }
     }
 

@@ -211,6 +211,8 @@ impl Applier {
             .spawn(move || {
                 if let Err(e) = worker.run() {
                     tracing::error!(error = %e, "DR applier stopped");
+                    // Nothing the ring still holds may be freed before it is done with it.
+                    worker.drain_ring();
                     let _ = worker.events.send(ApplyEvent::Failed(e.to_string()));
                 }
             })?;
@@ -436,6 +438,39 @@ impl Worker {
         }
     }
 
+    /// After an error: waits until the ring holds nothing of ours (every write in flight,
+    /// the sync and the wake-up read), so no buffer it points at is freed under it. If the
+    /// ring itself fails, the buffers are leaked instead.
+    fn drain_ring(&mut self) {
+        if self.wake_inflight {
+            self.waker.signal();
+        }
+        let outstanding =
+            self.inflight + usize::from(self.wake_inflight) + usize::from(self.sync.is_some());
+        let (slots, locks) = (&mut self.slots, &mut self.locks);
+        let drained = blockrep_volume::ring::drain(
+            &mut self.ring,
+            outstanding,
+            blockrep_volume::ring::DRAIN_PATIENCE,
+            |user_data| {
+                if let Some(slot) = slots.get_mut(user_data as usize).and_then(Option::take) {
+                    locks.release(slot.lock);
+                }
+            },
+        );
+        match drained {
+            Ok(n) => tracing::info!(operations = n, "the DR applier waited for its ring"),
+            Err(e) => {
+                tracing::error!(error = %e, "the DR applier's ring failed; leaking its buffers");
+                std::mem::forget(std::mem::take(&mut self.slots));
+                std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
+            }
+        }
+        self.inflight = 0;
+        self.wake_inflight = false;
+        self.sync = None;
+    }
+
     /// Starts whatever may start now, in order.
     fn progress(&mut self) -> io::Result<()> {
         loop {
@@ -657,17 +692,21 @@ impl Worker {
     }
 
     fn on_write_done(&mut self, index: usize, result: i32) -> io::Result<()> {
-        if result < 0 {
-            return Err(io::Error::from_raw_os_error(-result));
+        if result <= 0 {
+            // This write is no longer in flight; the others are waited for before the
+            // thread ends.
+            let slot = self.slots[index].take().expect("live slot");
+            self.free.push(index);
+            self.inflight -= 1;
+            self.locks.release(slot.lock);
+            return Err(if result < 0 {
+                io::Error::from_raw_os_error(-result)
+            } else {
+                io::Error::new(io::ErrorKind::WriteZero, "DR volume ended early")
+            });
         }
         let slot = self.slots[index].as_mut().expect("live slot");
         slot.done += result as usize;
-        if result == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "DR volume ended early",
-            ));
-        }
         if slot.done < slot.buf.len() {
             return self.submit_slot(index);
         }

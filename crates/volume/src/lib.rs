@@ -17,6 +17,7 @@ mod lineage_file;
 mod link;
 #[cfg(test)]
 mod power_cut_sim;
+pub mod ring;
 mod tracker;
 #[cfg(any(test, feature = "fault-injection"))]
 mod volatile;
