@@ -297,15 +297,6 @@ impl Coordinator {
         req: proto::CreatePairRequest,
     ) -> Result<proto::CreatePairResponse, ApiError> {
         let plan = self.plan_pair(&req)?;
-        // The DR agent takes its role first: it refuses if the DR volume has clients, and
-        // then nothing is created.
-        let assignment = plan.assignment(Side::Dr);
-        self.call_agent(
-            &plan.record.dr_node,
-            plan.dr_address,
-            Request::BecomeDr(assignment),
-        )
-        .await?;
         let job = JobRecord {
             id: JobId::random(),
             job_type: JobType::CreatePair,
@@ -318,19 +309,43 @@ impl Coordinator {
             group: None,
             result: None,
         };
+        let assignment = plan.assignment(Side::Dr);
         let mut record = plan.record;
         record.job = Some(job.id);
-        let stored = self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())]);
-        if let Err(e) = stored {
-            // Undo the DR agent's step so nothing is left behind.
-            let _ = self
-                .call_agent(
-                    &record.dr_node,
-                    plan.dr_address,
-                    Request::LeavePair(plan.leave_dr),
-                )
-                .await;
+        // Recorded before any agent acts: a crash after the DR agent took its role leaves a
+        // record the driver completes (it asks again; taking a role is idempotent), never a
+        // DR role nobody knows.
+        self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;
+        fault::crash_at("pair recorded");
+        // The DR agent takes its role first: it refuses if the DR volume has clients, and
+        // then nothing is created.
+        let taken = self
+            .call_agent(
+                &record.dr_node,
+                plan.dr_address,
+                Request::BecomeDr(assignment),
+            )
+            .await;
+        if let Err(e) = taken {
+            let forgotten = self.commit(&[
+                Change::DeletePair(record.id.to_string()),
+                Change::DeleteJob(job.id.to_string()),
+            ]);
+            if let Err(store) = forgotten {
+                // Left for the driver, which asks the DR agent again.
+                tracing::error!(pair = %record.id, error = %store, "cannot forget a pair its DR agent refused; the driver retries it");
+                let mut state = self.lock();
+                state.pairs.insert(record.id, record);
+                state.jobs.insert(job.id, job);
+            }
             return Err(e);
+        }
+        fault::crash_at("DR role taken");
+        record.dr_started = true;
+        if let Err(e) = self.commit(&[Change::PutPair(record.clone())]) {
+            // The record says the DR agent was not asked yet: the driver asks again.
+            tracing::warn!(pair = %record.id, error = %e, "cannot record the DR agent's step; the driver repeats it");
+            record.dr_started = false;
         }
         tracing::info!(pair = %record.id, name = %record.name, model = %record.model, "pair created");
         let mut state = self.lock();
@@ -449,6 +464,7 @@ impl Coordinator {
             size: production.volume.size_bytes,
             created_at: now_text(),
             updated_at: None,
+            dr_started: false,
             production_started: false,
             failure_detail: None,
             job: None,
@@ -460,7 +476,6 @@ impl Coordinator {
         let plan = PairPlan {
             production_address: production.address,
             dr_address: dr.address,
-            leave_dr: PairPlan::assignment_of(&record, Side::Dr, production.address),
             record,
         };
         Ok(plan)
@@ -834,6 +849,28 @@ impl Coordinator {
 
     async fn drive_pair(&self, pair: PairRecord) -> Result<(), ApiError> {
         match pair.status {
+            PairStatus::Creating if !pair.dr_started => {
+                let (production, dr) = self.addresses(&pair);
+                let (Some(production), Some(dr)) = (production, dr) else {
+                    return self.stuck(&pair, "a node of the pair is not registered");
+                };
+                let assignment = PairPlan::assignment_of(&pair, Side::Dr, production);
+                match self
+                    .call_agent(&pair.dr_node, dr, Request::BecomeDr(assignment))
+                    .await
+                {
+                    Ok(()) => {
+                        let mut record = pair.clone();
+                        record.dr_started = true;
+                        self.commit(&[Change::PutPair(record.clone())])?;
+                        let mut state = self.lock();
+                        state.stuck_since.remove(&pair.id);
+                        state.pairs.insert(pair.id, record);
+                        Ok(())
+                    }
+                    Err(e) => self.stuck(&pair, &e.to_string()),
+                }
+            }
             PairStatus::Creating if !pair.production_started => {
                 let (address, leave_address) = {
                     let state = self.lock();
@@ -877,18 +914,16 @@ impl Coordinator {
         }
     }
 
+    /// Where the pair's production and DR agents are, if they registered.
+    fn addresses(&self, pair: &PairRecord) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let state = self.lock();
+        let address = |node: &str| state.nodes.get(node).map(|n| n.record.address);
+        (address(&pair.production_node), address(&pair.dr_node))
+    }
+
     /// Tells the agents the step a resolve or a verify starts with.
     async fn drive_pending(&self, pair: PairRecord) -> Result<(), ApiError> {
-        let (production, dr) = {
-            let state = self.lock();
-            (
-                state
-                    .nodes
-                    .get(&pair.production_node)
-                    .map(|n| n.record.address),
-                state.nodes.get(&pair.dr_node).map(|n| n.record.address),
-            )
-        };
+        let (production, dr) = self.addresses(&pair);
         let (Some(production), Some(dr)) = (production, dr) else {
             return self.stuck(&pair, "a node of the pair is not registered");
         };
@@ -1242,7 +1277,6 @@ struct PairPlan {
     record: PairRecord,
     production_address: SocketAddr,
     dr_address: SocketAddr,
-    leave_dr: proto::PairAssignment,
 }
 
 impl PairPlan {
@@ -1282,4 +1316,23 @@ impl PairPlan {
             grouped: p.group.is_some(),
         }
     }
+}
+
+/// Test-only faults, compiled in only with the `fault-injection` feature.
+mod fault {
+    /// Aborts the process (as a `kill -9` would end it) once an operation has recorded a
+    /// step whose description contains `BLOCKREP_FAULT_COORDINATOR_CRASH_AT`.
+    #[cfg(feature = "fault-injection")]
+    pub fn crash_at(step: &str) {
+        if let Ok(at) = std::env::var("BLOCKREP_FAULT_COORDINATOR_CRASH_AT")
+            && !at.is_empty()
+            && step.contains(&at)
+        {
+            tracing::error!(step, "fault injection: the coordinator dies here");
+            std::process::abort();
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn crash_at(_step: &str) {}
 }

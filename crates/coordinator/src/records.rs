@@ -26,6 +26,11 @@ pub struct PairRecord {
     pub size: u64,
     pub created_at: String,
     pub updated_at: Option<String>,
+    /// The DR agent took its role. A pair is recorded before its DR agent is asked, so a
+    /// crash in between leaves a record the driver completes, never a DR role nobody knows.
+    /// (Records from before this field existed were written after the DR agent's step.)
+    #[serde(default = "taken")]
+    pub dr_started: bool,
     /// The production agent took its role (the initial sync runs from there).
     #[serde(default)]
     pub production_started: bool,
@@ -279,4 +284,8 @@ pub struct NodeRecord {
 
 pub fn now_text() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn taken() -> bool {
+    true
 }

@@ -24,6 +24,7 @@ pub enum Change {
     PutGroup(GroupRecord),
     DeleteGroup(String),
     PutJob(JobRecord),
+    DeleteJob(String),
     PutNode(NodeRecord),
 }
 
@@ -126,6 +127,9 @@ impl Store for RedbStore {
                     }
                     Change::DeleteGroup(id) => {
                         groups.remove(id.as_str()).map_err(backend)?;
+                    }
+                    Change::DeleteJob(id) => {
+                        jobs.remove(id.as_str()).map_err(backend)?;
                     }
                     Change::PutJob(j) => {
                         let bytes = serde_json::to_vec(j).expect("serialisable");

@@ -366,7 +366,7 @@ impl Coordinator {
         state.groups.insert(updated.id, updated.clone());
         state.jobs.insert(job.id, job.clone());
         if let Some(op) = &updated.operation {
-            fault::crash_at(&op.describe());
+            super::fault::crash_at(&op.describe());
         }
         self.kick.notify_one();
         Ok(proto::GroupJobResponse {
@@ -902,7 +902,7 @@ impl Coordinator {
         state.groups.insert(updated.id, updated);
         drop(state);
         if let Some(step) = step {
-            fault::crash_at(&step);
+            super::fault::crash_at(&step);
         }
         Ok(())
     }
@@ -1108,23 +1108,4 @@ fn failover_result(
             blockrep_api::human_bytes(dropped)
         ),
     }
-}
-
-/// Test-only faults, compiled in only with the `fault-injection` feature.
-mod fault {
-    /// Aborts the process (as a `kill -9` would end it) once a group operation has recorded
-    /// a step whose description contains `BLOCKREP_FAULT_COORDINATOR_CRASH_AT`.
-    #[cfg(feature = "fault-injection")]
-    pub fn crash_at(step: &str) {
-        if let Ok(at) = std::env::var("BLOCKREP_FAULT_COORDINATOR_CRASH_AT")
-            && !at.is_empty()
-            && step.contains(&at)
-        {
-            tracing::error!(step, "fault injection: the coordinator dies here");
-            std::process::abort();
-        }
-    }
-
-    #[cfg(not(feature = "fault-injection"))]
-    pub fn crash_at(_step: &str) {}
 }

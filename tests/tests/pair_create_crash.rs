@@ -1,0 +1,79 @@
+//! The coordinator dies (as by `kill -9`) in the middle of creating a pair: right after
+//! recording it, and right after the DR agent took its role. After its restart the pair is
+//! there and becomes active, and no volume is left holding a role the coordinator does not
+//! know.
+
+use std::time::Duration;
+
+use blockrep_tests::cluster::{TestCluster, wait_until};
+use blockrep_tests::sparse_file;
+
+const MIB: u64 = 1 << 20;
+
+fn create_with_the_coordinator_dying_at(step: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(
+        dir.path(),
+        &[("node-co", "az3"), ("node-a", "az1"), ("node-b", "az2")],
+        "",
+    );
+    for (node, volume) in [("node-a", "prod"), ("node-b", "dr")] {
+        let path = dir.path().join(format!("{volume}.img"));
+        sparse_file(&path, 64 * MIB);
+        cluster.add_volume(node, volume, &path);
+    }
+    let co = cluster.node_mut("node-co");
+    co.stop();
+    co.env = vec![("BLOCKREP_FAULT_COORDINATOR_CRASH_AT".into(), step.into())];
+    co.start();
+    cluster.wait_nodes_alive();
+    // The coordinator dies before it answers.
+    let out = cluster.coordinator().daemon().cli(&[
+        "pair",
+        "create",
+        "--name",
+        "p",
+        "--volumes",
+        "prod,dr",
+        "--priority-station",
+        "az1",
+        "--model",
+        "async",
+    ]);
+    assert!(!out.status.success(), "the coordinator answered");
+    assert!(
+        cluster
+            .node_mut("node-co")
+            .wait_crash(Duration::from_secs(30)),
+        "the coordinator never reached {step:?}"
+    );
+    let co = cluster.node_mut("node-co");
+    co.env.clear();
+    co.start();
+    cluster.wait_nodes_alive();
+
+    // The pair the coordinator recorded is completed.
+    let pairs = cluster.coordinator().cli_json(&["pair", "list"]);
+    let pairs = pairs.as_array().unwrap();
+    assert_eq!(pairs.len(), 1, "{step}: {pairs:?}");
+    let pair = pairs[0]["id"].as_str().unwrap().to_owned();
+    wait_until(Duration::from_secs(60), "the pair to become active", || {
+        let p = cluster.pair(&pair);
+        p["status"] == "available" && p["replication_status"] == "active"
+    });
+    // And the volumes' agents say they are in that pair, and no other.
+    for (node, volume) in [("node-a", "prod"), ("node-b", "dr")] {
+        let v = cluster.node(node).cli_json(&["volume", "show", volume]);
+        assert_eq!(v["pair_id"], pair.as_str(), "{step}: {node} {v}");
+    }
+}
+
+#[test]
+fn a_coordinator_dying_after_recording_a_pair_completes_it_after_its_restart() {
+    create_with_the_coordinator_dying_at("pair recorded");
+}
+
+#[test]
+fn a_coordinator_dying_after_the_dr_agent_took_its_role_completes_the_pair() {
+    create_with_the_coordinator_dying_at("DR role taken");
+}
