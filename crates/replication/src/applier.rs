@@ -802,6 +802,14 @@ impl Worker {
     /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
     fn submit_unit(&mut self) -> io::Result<()> {
         while let Some(staged) = self.unit_queue.front().cloned() {
+            // Read back from disk: checked like any input.
+            if staged.range.end() > self.volume.size() {
+                return Err(io::Error::other(format!(
+                    "staged write {} lies past the end of the {}-byte DR volume",
+                    staged.range,
+                    self.volume.size()
+                )));
+            }
             if staged.range.is_empty() {
                 self.unit_queue.pop_front();
                 self.applying.as_mut().expect("applying").left -= 1;

@@ -50,6 +50,10 @@ pub struct DrPair {
     allowed: Arc<AtomicU64>,
     /// Wakes the running applier when `allowed` grows.
     nudge: Mutex<Option<crate::applier::Nudge>>,
+    /// Why the pair cannot be served here (a state file that cannot be read, a unit that
+    /// could not be applied again): every stream is refused with it, and nothing is
+    /// applied, until the agent restarts with the cause fixed.
+    fault: Mutex<Option<String>>,
     /// Held while a commit is recorded: one at a time, so `group.json` and `allowed` only
     /// move forward.
     recording_commit: Mutex<()>,
@@ -68,24 +72,50 @@ pub fn record_group_commit(volume_dir: &std::path::Path, committed: Epoch) -> st
     blockrep_volume::write_file_durably(&volume_dir.join("group.json"), &bytes)
 }
 
-fn load_allowed(volume_dir: &std::path::Path) -> u64 {
-    std::fs::read(volume_dir.join("group.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<GroupCommit>(&b).ok())
-        .map_or(u64::MAX, |g| g.committed.0)
+/// The last epoch the pair's group committed (`u64::MAX`: the pair is in no group). A
+/// `group.json` that is there but cannot be read is an error: taking it for "no group"
+/// would apply units the group never committed (rule 3).
+fn load_allowed(volume_dir: &std::path::Path) -> Result<u64, String> {
+    let path = volume_dir.join("group.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice::<GroupCommit>(&bytes)
+            .map(|g| g.committed.0)
+            .map_err(|e| format!("{} is unreadable: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(u64::MAX),
+        Err(e) => Err(format!("{} is unreadable: {e}", path.display())),
+    }
 }
 
 impl DrPair {
     pub fn new(membership: Membership, volume: Arc<Volume>, volume_dir: PathBuf) -> Arc<Self> {
-        let state = DrState::load(&volume_dir.join("dr.json")).unwrap_or_default();
-        let allowed = Arc::new(AtomicU64::new(load_allowed(&volume_dir)));
+        let mut faults = Vec::new();
+        let state = DrState::load(&volume_dir.join("dr.json")).unwrap_or_else(|e| {
+            faults.push(format!("the DR state is unreadable: {e}"));
+            DrState::default()
+        });
+        // Nothing applies beyond what is applied while the group's commit is unknown.
+        let allowed = load_allowed(&volume_dir).unwrap_or_else(|e| {
+            faults.push(format!("the group's commit is unknown: {e}"));
+            0
+        });
+        let allowed = Arc::new(AtomicU64::new(allowed));
+        let fault = (!faults.is_empty()).then(|| faults.join("; "));
+        if let Some(fault) = &fault {
+            tracing::error!(pair = %membership.pair, %fault, "the DR side cannot serve its pair");
+        }
         Arc::new(Self {
             membership,
             volume,
             volume_dir,
             status: Mutex::new(DrStatus {
-                replication_status: ReplicationStatus::Inactive,
-                detail: "waiting for the production agent".into(),
+                replication_status: if fault.is_some() {
+                    ReplicationStatus::Error
+                } else {
+                    ReplicationStatus::Inactive
+                },
+                detail: fault
+                    .clone()
+                    .unwrap_or_else(|| "waiting for the production agent".into()),
                 since: SystemTime::now(),
                 state,
             }),
@@ -100,13 +130,29 @@ impl DrPair {
             allowed,
             nudge: Mutex::new(None),
             recording_commit: Mutex::new(()),
+            fault: Mutex::new(fault),
         })
+    }
+
+    /// Why the pair cannot be served here, if it cannot.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The pair cannot be served here, for `reason`: streams are refused with it.
+    pub fn set_fault(&self, reason: String) {
+        tracing::error!(pair = %self.membership.pair, %reason, "the DR side cannot serve its pair");
+        self.set_status(ReplicationStatus::Error, reason.clone());
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
     }
 
     /// Completes what a crash interrupted, before any stream: units sealed in the stage log
     /// above the applied epoch are applied (rule 4: the DR volume is a consistent image
     /// again before anyone reads or promotes it). Blocking.
     pub fn recover(&self) -> std::io::Result<()> {
+        if let Some(fault) = self.fault() {
+            return Err(std::io::Error::other(fault));
+        }
         let log_path = self.volume_dir.join("stage-log");
         if !log_path.exists() {
             return Ok(());
@@ -118,7 +164,7 @@ impl DrPair {
             return Ok(());
         }
         tracing::info!(pair = %self.membership.pair, units = recovered.seals.len(), applied = %state.applied, "applying units a crash left sealed in the stage log");
-        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let (events, mut answers) = tokio::sync::mpsc::unbounded_channel();
         let setup = ApplierSetup {
             label: self.membership.pair.to_string()[..8].to_owned(),
             volume: Arc::clone(&self.volume),
@@ -130,6 +176,14 @@ impl DrPair {
         };
         // Stopping finishes the replay queued at start.
         Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
+        while let Ok(event) = answers.try_recv() {
+            if let ApplyEvent::Failed(reason) = event {
+                // The stage log stays as it is: the units are still there to apply.
+                return Err(std::io::Error::other(format!(
+                    "applying the units sealed in the stage log failed: {reason}"
+                )));
+            }
+        }
         let state = DrState::load(&state_path)?;
         self.status.lock().unwrap_or_else(|e| e.into_inner()).state = state;
         Ok(())
@@ -236,6 +290,18 @@ impl DrPair {
             mut reader,
             mut writer,
         } = stream;
+        if let Some(reason) = self.fault() {
+            self.streams_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
+            let _ = writer
+                .send(&Frame::Refuse {
+                    kind: RefuseKind::Failed,
+                    reason,
+                })
+                .await;
+            writer.finish();
+            return;
+        }
         if let Some(reason) = self.check(&hello) {
             self.streams_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
@@ -589,4 +655,103 @@ impl DrPair {
 struct Running {
     applier: bool,
     shut_down: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use blockrep_core::ByteRange;
+    use blockrep_core::replication::{PairId, ReplicationModel};
+    use blockrep_volume::Backing;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::membership::Side;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn dr_pair(dir: &std::path::Path) -> Arc<DrPair> {
+        let path = dir.join("dr.img");
+        std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+        let backing = Backing::open(&path, blockrep_core::CacheMode::Writeback).unwrap();
+        let volume = Arc::new(Volume::new("dr".into(), backing, None));
+        let membership = Membership {
+            pair: PairId::random(),
+            side: Side::Dr,
+            model: ReplicationModel::Async,
+            local_volume: blockrep_core::VolumeId::random(),
+            peer_volume: blockrep_core::VolumeId::random(),
+            peer_node: "node-a".into(),
+            peer_address: "127.0.0.1:1".parse().unwrap(),
+            size: SIZE,
+            full_sync_done: false,
+            discard_peer: false,
+            paused: false,
+            grouped: false,
+            group_epoch: Epoch::ZERO,
+            term: 0,
+            fence: None,
+            promotion: None,
+        };
+        DrPair::new(membership, volume, dir.to_owned())
+    }
+
+    #[test]
+    fn a_unit_that_cannot_be_applied_again_fails_recovery_and_keeps_the_stage_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("stage-log");
+        {
+            let crate::stage_log::Recovered { mut log, .. } =
+                StageLog::open(&log_path, Epoch::ZERO).unwrap();
+            log.append_write(
+                Epoch(1),
+                ByteRange::new(0, 4096),
+                false,
+                &Bytes::from(vec![7; 4096]),
+            )
+            .unwrap();
+            // Past the end of the volume: applying it fails.
+            log.append_write(
+                Epoch(1),
+                ByteRange::new(SIZE, 4096),
+                false,
+                &Bytes::from(vec![8; 4096]),
+            )
+            .unwrap();
+            log.seal(Epoch(1), 10).unwrap();
+        }
+        let before = std::fs::read(&log_path).unwrap();
+        let dr = dr_pair(dir.path());
+        let err = dr.recover().unwrap_err();
+        assert!(err.to_string().contains("past the end"), "{err}");
+        assert_eq!(
+            std::fs::read(&log_path).unwrap(),
+            before,
+            "the stage log is kept"
+        );
+        assert_eq!(
+            DrState::load(&dir.path().join("dr.json")).unwrap().applied,
+            Epoch::ZERO
+        );
+    }
+
+    #[test]
+    fn an_unreadable_group_commit_applies_nothing_further_and_refuses_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("group.json"), b"{\"commit").unwrap();
+        let dr = dr_pair(dir.path());
+        let fault = dr.fault().expect("a fault");
+        assert!(fault.contains("group.json"), "{fault}");
+        assert_eq!(
+            dr.group_commit(),
+            Some(Epoch::ZERO),
+            "nothing beyond what is applied"
+        );
+        assert_eq!(dr.status().replication_status, ReplicationStatus::Error);
+        assert!(dr.recover().is_err());
+        // A missing one means the pair is in no group.
+        let dir = tempfile::tempdir().unwrap();
+        let dr = dr_pair(dir.path());
+        assert!(dr.fault().is_none());
+        assert_eq!(dr.group_commit(), None);
+    }
 }

@@ -121,12 +121,16 @@ impl Pairs {
             ),
             Side::Dr => {
                 let dr = DrPair::new(membership.clone(), handle.volume, handle.dir);
-                dr.recover().map_err(|e| {
-                    ApiError::Internal(format!(
-                        "volume {}: complete the units sealed in the stage log: {e}",
+                // A DR side that cannot recover stays, refusing streams with the reason
+                // (its status says it), its stage log kept as it is.
+                if let Err(e) = dr.recover()
+                    && dr.fault().is_none()
+                {
+                    dr.set_fault(format!(
+                        "volume {}: completing the units sealed in the stage log failed: {e}",
                         handle.name
-                    ))
-                })?;
+                    ));
+                }
                 Runtime::Dr(dr)
             }
         };
