@@ -22,7 +22,7 @@
 //! so they are done inline; unaligned writes, zeroing and discard take the volume's blocking
 //! slow paths.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -30,8 +30,8 @@ use std::sync::atomic::Ordering;
 
 use blockrep_core::{ByteRange, LockId, RangeError};
 use blockrep_volume::{
-    ADMIT_CHUNK, AfterLocal, AlignedBuf, BufPool, DIRECT_IO_ALIGN, Entered, Mailbox, ReplicaData,
-    ReplicaLink, Replicated, Volume, Waker,
+    ADMIT_CHUNK, AfterLocal, AlignedBuf, BufPool, DIRECT_IO_ALIGN, Delivery, Entered, Mailbox,
+    ReplicaData, ReplicaLink, Replicated, Volume, Waker,
 };
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -232,9 +232,10 @@ pub struct Connection {
     linked: bool,
     /// Answers waiting for the peer, by token.
     held: HashMap<u64, Held>,
-    /// Tokens delivered before their local part was done.
-    early: HashSet<u64>,
-    delivered: Vec<u64>,
+    /// Tokens delivered before their local part was done, with the error to answer with, if
+    /// the link said to fail them.
+    early: HashMap<u64, Option<i32>>,
+    delivered: Vec<Delivery>,
     replicas: Vec<Replicated>,
     ranges: Vec<ByteRange>,
     ready: Vec<bool>,
@@ -278,7 +279,7 @@ impl Connection {
             tokens_out: 0,
             linked: false,
             held: HashMap::new(),
-            early: HashSet::new(),
+            early: HashMap::new(),
             delivered: Vec::new(),
             replicas: Vec::new(),
             wake_buf: Box::new([0; 8]),
@@ -955,8 +956,8 @@ impl Connection {
         if !sent {
             self.tokens_out += 1;
         }
-        if self.early.remove(&token) {
-            self.answer_write(write, result);
+        if let Some(failed) = self.early.remove(&token) {
+            self.answer_write(write, failed.map_or(result, Err));
         } else {
             self.held
                 .insert(token, Held::Write(Box::new(write), result));
@@ -1002,13 +1003,17 @@ impl Connection {
         }
         self.mailbox.take(&mut self.delivered);
         let mut delivered = std::mem::take(&mut self.delivered);
-        for token in delivered.drain(..) {
+        for Delivery { token, failed } in delivered.drain(..) {
             self.tokens_out -= 1;
             match self.held.remove(&token) {
-                Some(Held::Write(write, result)) => self.answer_write(*write, result),
-                Some(Held::Flush { handle, result }) => self.reply_result(handle, result),
+                Some(Held::Write(write, result)) => {
+                    self.answer_write(*write, failed.map_or(result, Err))
+                }
+                Some(Held::Flush { handle, result }) => {
+                    self.reply_result(handle, failed.map_or(result, Err))
+                }
                 None => {
-                    self.early.insert(token);
+                    self.early.insert(token, failed);
                 }
             }
         }
@@ -1178,11 +1183,12 @@ impl Connection {
 
     /// The local fdatasync of a FLUSH is done; with a peer flush too, answer once both are.
     fn finish_flush(&mut self, handle: u64, peer: Option<u64>, result: Result<(), i32>) {
-        match peer {
-            Some(token) if !self.early.remove(&token) => {
+        match peer.map(|token| (token, self.early.remove(&token))) {
+            Some((token, None)) => {
                 self.held.insert(token, Held::Flush { handle, result });
             }
-            _ => self.reply_result(handle, result),
+            Some((_, Some(failed))) => self.reply_result(handle, failed.map_or(result, Err)),
+            None => self.reply_result(handle, result),
         }
     }
 

@@ -35,6 +35,16 @@ impl HoldingLink {
         n
     }
 
+    /// Gives every held answer back failed with `errno` (the volume left its role).
+    fn fail_all(&self, errno: i32) -> usize {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap());
+        let n = pending.len();
+        for (token, mailbox) in pending {
+            mailbox.deliver_failed(token, errno);
+        }
+        n
+    }
+
     fn wait_local_done(&self, n: usize) {
         while *self.local_done.lock().unwrap() < n {
             std::thread::yield_now();
@@ -208,6 +218,30 @@ fn a_synchronous_write_and_a_flush_are_answered_once_the_peer_answers() {
         8192,
         "tracked until cleared"
     );
+}
+
+#[test]
+fn held_answers_given_back_failed_are_answered_with_the_error_and_the_client_can_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume(dir.path());
+    let link = Arc::new(HoldingLink::default());
+    volume
+        .gate()
+        .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+    let (mut c, server) = client(&volume);
+    let mut frame = request(1, 7, 8192, 4096);
+    frame.extend_from_slice(&[0x5a; 4096]);
+    c.write_all(&frame).unwrap();
+    c.write_all(&request(3, 8, 0, 0)).unwrap(); // FLUSH
+    link.wait_local_done(2);
+    // A demoted side gives its held answers back failed.
+    assert_eq!(link.fail_all(libc::EIO), 2);
+    let mut replies = [reply(&mut c), reply(&mut c)];
+    replies.sort_unstable();
+    assert_eq!(replies, [(libc::EIO as u32, 7), (libc::EIO as u32, 8)]);
+    // Nothing is held any more: the connection ends when the client leaves.
+    c.write_all(&request(2, 0, 0, 0)).unwrap();
+    server.join().unwrap();
 }
 
 #[test]

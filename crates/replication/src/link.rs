@@ -540,6 +540,16 @@ impl PairLink {
         deliver_held(held);
     }
 
+    /// The pair's volume is no longer production (its group failed over): the answers a
+    /// trip held are given, failed with `errno`. Their writes are on this volume only, which
+    /// the group left: acknowledging them would be acknowledging writes the group lost.
+    pub fn fail_held(&self, errno: i32) {
+        let held = self.lock().hold.give_all();
+        for (token, mailbox, _) in held {
+            mailbox.deliver_failed(token, errno);
+        }
+    }
+
     /// How long the group's cuts held this pair's answers.
     pub fn hold_summary(&self) -> HoldSummary {
         let (recent, held) = {
@@ -1236,7 +1246,8 @@ mod tests {
     fn delivered(mailbox: &Mailbox) -> Vec<u64> {
         let mut out = Vec::new();
         mailbox.take(&mut out);
-        out
+        assert!(out.iter().all(|d| d.failed.is_none()), "{out:?}");
+        out.into_iter().map(|d| d.token).collect()
     }
 
     #[test]
@@ -1438,6 +1449,27 @@ mod tests {
         link.group_cut(Epoch(6), CutMode::Trip, 0);
         link.group_release(Epoch(6), TRIPPED, 0);
         assert_eq!(delivered(&mailbox), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_demoted_side_fails_the_answers_its_trip_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = hypermetro_link(dir.path());
+        link.start_tripped();
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        let w = admit(&link, &mailbox, 0, 1);
+        assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
+        link.disconnected();
+        link.fail_held(libc::EIO);
+        let mut out = Vec::new();
+        mailbox.take(&mut out);
+        assert_eq!(
+            out,
+            vec![blockrep_volume::Delivery {
+                token: 1,
+                failed: Some(libc::EIO)
+            }]
+        );
     }
 
     #[test]

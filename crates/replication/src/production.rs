@@ -541,6 +541,9 @@ impl ProductionPair {
             );
             self.confirmed.send_replace(true);
             self.stop();
+            // Writes a trip held were never acknowledged, and the group failed over without
+            // them: they fail, and their connections can finish.
+            self.link.fail_held(libc::EIO);
         }
         Ok(())
     }

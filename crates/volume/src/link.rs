@@ -25,8 +25,16 @@ use crate::waker::Waker;
 /// Where the peer's answers to a connection's held writes and flushes go.
 #[derive(Debug)]
 pub struct Mailbox {
-    tokens: Mutex<Vec<u64>>,
+    tokens: Mutex<Vec<Delivery>>,
     waker: Arc<Waker>,
+}
+
+/// A held answer given back: the token, and the error to answer with instead of the local
+/// result, if the write must fail after all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub token: u64,
+    pub failed: Option<i32>,
 }
 
 impl Mailbox {
@@ -39,15 +47,31 @@ impl Mailbox {
 
     /// The peer answered the write or flush sent under `token`.
     pub fn deliver(&self, token: u64) {
+        self.push(Delivery {
+            token,
+            failed: None,
+        });
+    }
+
+    /// The write or flush held under `token` is answered with `errno`, whatever its local
+    /// result (its volume left the role it was written in).
+    pub fn deliver_failed(&self, token: u64, errno: i32) {
+        self.push(Delivery {
+            token,
+            failed: Some(errno),
+        });
+    }
+
+    fn push(&self, delivery: Delivery) {
         self.tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(token);
+            .push(delivery);
         self.waker.wake();
     }
 
-    /// Moves the delivered tokens into `out`.
-    pub fn take(&self, out: &mut Vec<u64>) {
+    /// Moves the delivered answers into `out`.
+    pub fn take(&self, out: &mut Vec<Delivery>) {
         out.append(&mut self.tokens.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
