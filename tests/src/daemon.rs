@@ -43,6 +43,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     child: Option<Child>,
     pub log: PathBuf,
+    /// Where the daemon's service-manager notifications (`READY=1`, `WATCHDOG=1`) arrive.
+    notify: UnixDatagram,
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -123,11 +125,12 @@ impl Daemon {
             socket: dir.join("run/control.sock"),
             child: Some(child),
             log,
+            notify,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut buf = [0u8; 256];
         loop {
-            if let Ok(n) = notify.recv(&mut buf)
+            if let Ok(n) = daemon.notify.recv(&mut buf)
                 && String::from_utf8_lossy(&buf[..n])
                     .lines()
                     .any(|l| l == "READY=1")
@@ -148,6 +151,14 @@ impl Daemon {
                 );
             }
         }
+    }
+
+    /// The next service-manager notification, waiting up to `timeout` for it.
+    pub fn next_notification(&self, timeout: Duration) -> Option<String> {
+        self.notify.set_read_timeout(Some(timeout)).ok()?;
+        let mut buf = [0u8; 256];
+        let n = self.notify.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
     pub fn log_text(&self) -> String {

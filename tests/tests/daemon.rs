@@ -306,3 +306,85 @@ fn sigterm_disconnects_a_client_that_does_not_read_its_replies() {
         started.elapsed()
     );
 }
+
+/// A hung I/O loop stops the service manager's watchdog pings (so systemd restarts the
+/// agent); while every loop makes progress they come. The loop is hung by a test-only
+/// fault: a connection that stops for good with a write in flight.
+#[test]
+fn a_hung_io_loop_stops_the_watchdog_pings() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vol.img");
+    preallocated(&image, 16 * MIB);
+    let config = dir.path().join("blockrepd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_name = \"host-a\"\navailability_zone = \"az1\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("run").display()
+        ),
+    )
+    .unwrap();
+    // A 2 s watchdog: pings every 0.5 s, none once a loop is stuck for 1 s.
+    let env = [
+        ("WATCHDOG_USEC".to_owned(), "2000000".to_owned()),
+        ("BLOCKREP_FAULT_STALL_NBD_AFTER".to_owned(), "50".to_owned()),
+    ];
+    let daemon = Daemon::start_program_with_env(
+        &blockrep_tests::binary("blockrepd"),
+        dir.path(),
+        &config,
+        &env,
+    )
+    .unwrap();
+    assert!(
+        daemon
+            .log_text()
+            .contains("built with test-only fault injection"),
+        "this test needs the daemon built with --features blockrepd/fault-injection (scripts/test.sh does it)"
+    );
+    daemon.add_volume("vol1", &image);
+    let ping = |daemon: &Daemon| {
+        daemon
+            .next_notification(std::time::Duration::from_secs(2))
+            .is_some_and(|n| n.lines().any(|l| l == "WATCHDOG=1"))
+    };
+    assert!(ping(&daemon), "no watchdog ping from a healthy agent");
+
+    // 60 writes: the connection stops for good at its 50th request, a write in flight.
+    let socket = daemon.nbd_socket("vol1");
+    let writer = std::thread::spawn(move || {
+        let mut client = blockrep_tests::NbdClient::connect(&socket, "vol1").unwrap();
+        for i in 0..60u64 {
+            if client.write(i * 4096, &[1u8; 4096]).is_err() {
+                return;
+            }
+        }
+    });
+    let log = daemon.log.clone();
+    blockrep_tests::cluster::wait_until(
+        std::time::Duration::from_secs(20),
+        "the agent to see the stuck loop",
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("watchdog pings stop")
+        },
+    );
+    // Whatever was sent before is read; then nothing comes for a whole interval.
+    while daemon
+        .next_notification(std::time::Duration::from_millis(10))
+        .is_some()
+    {}
+    assert!(
+        daemon
+            .next_notification(std::time::Duration::from_secs(2))
+            .is_none(),
+        "the watchdog was pinged while a loop was stuck"
+    );
+    let text = daemon.log_text();
+    assert!(text.contains("NBD connection to vol1"), "{text}");
+    // What the service manager does next: kill and restart it (crash recovery).
+    daemon.kill9();
+    let _ = writer.join();
+}

@@ -7,6 +7,7 @@ mod connections;
 mod metrics;
 mod registry;
 mod service;
+mod watchdog;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -132,11 +133,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog =
+        sd_notify::watchdog_enabled().map(|interval| tokio::spawn(watchdog::ping(interval)));
     tracing::info!(node = %agent.config.node_name, az = %agent.config.availability_zone,
         control_socket = %control_socket.display(), "blockrepd ready");
 
     stop_signal.wait().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     tracing::info!("stopping: draining NBD clients and flushing bitmaps");
     if let Some(listener) = tcp_listener {
         listener.abort();

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use blockrep_core::{ByteRange, LockId, RangeError};
+use blockrep_volume::liveness::{Beat, Liveness};
 use blockrep_volume::{
     ADMIT_CHUNK, AfterLocal, AlignedBuf, BufPool, DIRECT_IO_ALIGN, Delivery, Entered, Mailbox,
     ReplicaData, ReplicaLink, Replicated, Volume, Waker,
@@ -242,6 +243,8 @@ pub struct Connection {
     later: Vec<GatedWrite>,
     completions: Vec<(u64, i32)>,
     stats: ConnectionStats,
+    /// For the watchdog: disk operations in flight must complete.
+    beat: Arc<Beat>,
 }
 
 impl Connection {
@@ -250,6 +253,7 @@ impl Connection {
         let disk = volume.backing().fd().as_raw_fd();
         let inline_writes = !volume.backing().is_direct();
         let waker = Arc::new(Waker::new()?);
+        let beat = Liveness::global().register(format!("NBD connection to {}", volume.name()));
         Ok(Self {
             sock,
             disk,
@@ -291,6 +295,7 @@ impl Connection {
             later: Vec::new(),
             completions: Vec::new(),
             stats: ConnectionStats::default(),
+            beat,
         })
     }
 
@@ -314,6 +319,8 @@ impl Connection {
             if self.finished() {
                 return Ok(self.stats);
             }
+            self.beat.expect(self.inflight > 0);
+            fault::maybe_stall(self.stats.requests, self.inflight);
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -1121,6 +1128,7 @@ impl Connection {
     }
 
     fn on_disk(&mut self, slot: usize, result: i32) -> io::Result<()> {
+        self.beat.progress();
         if result < 0 {
             let errno = -result;
             if let Some(op) = self.remove(slot) {
@@ -1329,4 +1337,29 @@ fn log_io_error(what: &str, e: &io::Error) -> i32 {
         Some(libc::ENOSPC) => libc::ENOSPC,
         _ => libc::EIO,
     }
+}
+
+/// Test-only faults, compiled in only with the `fault-injection` feature.
+mod fault {
+    /// With `BLOCKREP_FAULT_STALL_NBD_AFTER=N`, a connection that has taken N requests and
+    /// has disk operations in flight stops for good: a hung I/O loop, for the watchdog test.
+    #[cfg(feature = "fault-injection")]
+    pub fn maybe_stall(requests: u64, inflight: usize) {
+        static AFTER: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        let after = AFTER.get_or_init(|| {
+            std::env::var("BLOCKREP_FAULT_STALL_NBD_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if after.is_some_and(|n| requests >= n) && inflight > 0 {
+            tracing::warn!("fault injection: this connection's loop stops for good");
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline]
+    pub fn maybe_stall(_requests: u64, _inflight: usize) {}
 }

@@ -199,6 +199,8 @@ impl Applier {
             gate: DirectGate::default(),
             barrier: AckBarrier::default(),
             sync: None,
+            beat: blockrep_volume::liveness::Liveness::global()
+                .register(format!("DR applier of {label}")),
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -327,6 +329,8 @@ struct Worker {
     barrier: AckBarrier<u64>,
     /// The sync in flight on the ring, if any.
     sync: Option<SyncTicket>,
+    /// For the watchdog: writes and syncs in flight must complete.
+    beat: Arc<blockrep_volume::liveness::Beat>,
 }
 
 impl Worker {
@@ -368,6 +372,7 @@ impl Worker {
 
     /// Waits for at least one completion and handles all there are.
     fn reap(&mut self, only_wake: bool) -> io::Result<()> {
+        self.beat.expect(self.inflight > 0 || self.sync.is_some());
         match self.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => return Ok(()),
@@ -383,6 +388,7 @@ impl Worker {
                 self.wake_inflight = false;
                 continue;
             }
+            self.beat.progress();
             if only_wake {
                 continue;
             }

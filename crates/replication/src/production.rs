@@ -775,11 +775,16 @@ impl ProductionPair {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_cut = Instant::now();
         let mut catch_up_thread: Option<std::thread::JoinHandle<()>> = None;
+        // For the watchdog: a session ticks at least every 200 ms.
+        let beat = blockrep_volume::liveness::Liveness::global()
+            .register(format!("session of pair {}", self.membership().pair));
+        beat.expect(true);
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = self.resync_ended.notified() => {}
             }
+            beat.progress();
             if let Some(waited) = self.link.unanswered_for()
                 && waited > self.config.peer_timeout
             {

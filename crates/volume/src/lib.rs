@@ -15,6 +15,7 @@ mod durable_file;
 mod gate;
 mod lineage_file;
 mod link;
+pub mod liveness;
 #[cfg(test)]
 mod power_cut_sim;
 pub mod ring;
