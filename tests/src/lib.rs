@@ -47,3 +47,49 @@ pub fn seed(default: u64) -> u64 {
     eprintln!("seed: BLOCKREP_SEED={seed}");
     seed
 }
+
+/// A process's resident memory, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Samples the resident memory of `pids` every 50 ms until dropped; [`PeakRss::peaks`]
+/// gives each one's highest.
+pub struct PeakRss {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<Vec<u64>>>,
+}
+
+impl PeakRss {
+    pub fn start(pids: Vec<u32>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut peaks = vec![0u64; pids.len()];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (peak, pid) in peaks.iter_mut().zip(&pids) {
+                        *peak = (*peak).max(rss_bytes(*pid));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                peaks
+            })
+        };
+        Self {
+            stop,
+            sampler: Some(sampler),
+        }
+    }
+
+    pub fn peaks(mut self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.take().expect("sampling").join().unwrap()
+    }
+}

@@ -15,7 +15,7 @@ use blockrep_tests::cluster::{
     ClusterConfig, NetNs, NetNsPair, NodeSpec, TestCluster, local_pair_state, sha256, wait_until,
 };
 use blockrep_tests::records::{RECORD, prefix_length, record};
-use blockrep_tests::{NbdClient, require_tool, seed, sparse_file};
+use blockrep_tests::{NbdClient, require_tool, rss_bytes, seed, sparse_file};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -76,16 +76,6 @@ fn fio(dir: &Path, uri: &str, args: &[&str]) {
 
 fn counter(s: &Value, name: &str) -> u64 {
     s["counters"][name].as_u64().unwrap_or(0)
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
 }
 
 /// Waits for a job to end and returns it (success or not).

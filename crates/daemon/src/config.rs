@@ -85,6 +85,10 @@ struct RawReplication {
     epoch_interval_ms: u64,
     #[serde(default = "default_journal_bytes")]
     journal_bytes: ByteSize,
+    #[serde(default = "default_apply_queue_bytes")]
+    apply_queue_bytes: ByteSize,
+    #[serde(default)]
+    stage_log_max_bytes: Option<ByteSize>,
 }
 
 impl Default for RawReplication {
@@ -92,8 +96,14 @@ impl Default for RawReplication {
         Self {
             epoch_interval_ms: default_epoch_interval_ms(),
             journal_bytes: default_journal_bytes(),
+            apply_queue_bytes: default_apply_queue_bytes(),
+            stage_log_max_bytes: None,
         }
     }
+}
+
+fn default_apply_queue_bytes() -> ByteSize {
+    ByteSize::Bytes(ReplicationConfig::default().apply_queue_bytes)
 }
 
 fn default_epoch_interval_ms() -> u64 {
@@ -395,9 +405,35 @@ impl Config {
                 format!("{journal_bytes} must be from 1 MiB to 64 GiB"),
             ));
         }
+        let apply_queue_bytes = r
+            .apply_queue_bytes
+            .bytes()
+            .map_err(|m| invalid("replication.apply_queue_bytes", m))?;
+        if !(1 << 20..=4 << 30).contains(&apply_queue_bytes) {
+            return Err(invalid(
+                "replication.apply_queue_bytes",
+                format!("{apply_queue_bytes} must be from 1 MiB to 4 GiB"),
+            ));
+        }
+        let stage_log_max_bytes = r
+            .stage_log_max_bytes
+            .as_ref()
+            .map(|b| b.bytes())
+            .transpose()
+            .map_err(|m| invalid("replication.stage_log_max_bytes", m))?;
+        if let Some(cap) = stage_log_max_bytes
+            && cap < 1 << 20
+        {
+            return Err(invalid(
+                "replication.stage_log_max_bytes",
+                format!("{cap} must be at least 1 MiB"),
+            ));
+        }
         let replication = ReplicationConfig {
             epoch_interval: Duration::from_millis(r.epoch_interval_ms),
             journal_bytes,
+            apply_queue_bytes,
+            stage_log_max_bytes,
             peer_timeout: cluster
                 .as_ref()
                 .map_or(ReplicationConfig::default().peer_timeout, |c| {

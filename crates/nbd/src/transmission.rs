@@ -41,8 +41,8 @@ use crate::handshake::Negotiated;
 use crate::proto::*;
 
 const RING_ENTRIES: u32 = 256;
-/// Disk operations in flight (or writes queued in the gate) per connection before the loop
-/// stops reading requests.
+/// Disk operations in flight, writes queued in the gate and answers held for the peer, per
+/// connection, before the loop stops reading requests.
 const MAX_INFLIGHT: usize = 128;
 const INBUF_BYTES: usize = 256 << 10;
 /// Queued reply bytes before the loop stops reading requests.
@@ -437,7 +437,7 @@ impl Connection {
     fn queue_recv(&mut self) -> io::Result<()> {
         if self.recv_inflight
             || self.input == Input::Closing
-            || self.inflight + self.queued.len() >= MAX_INFLIGHT
+            || self.inflight + self.queued.len() + self.held.len() >= MAX_INFLIGHT
             || self.out.len() >= OUT_HIGH_WATER
         {
             return Ok(());

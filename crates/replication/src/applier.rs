@@ -53,6 +53,8 @@ pub enum ApplyCmd {
     Write {
         header: WriteHeader,
         payload: Bytes,
+        /// Bytes of the apply queue's budget it holds, given back once it is handled.
+        budget: u32,
     },
     Flush {
         seq: u64,
@@ -128,6 +130,11 @@ struct Inbox {
     cmds: Mutex<VecDeque<ApplyCmd>>,
     waker: Arc<Waker>,
     stop: std::sync::atomic::AtomicBool,
+    /// Payload bytes received and not yet handled may not pass this (rule 6): the stream is
+    /// read no further until the applier catches up, so the sender is pushed back by QUIC's
+    /// flow control.
+    budget: Arc<tokio::sync::Semaphore>,
+    budget_bytes: u32,
 }
 
 /// What an applier starts from.
@@ -143,6 +150,11 @@ pub struct ApplierSetup {
     /// The last epoch the pair's consistency group committed (`u64::MAX`: the pair is in
     /// no group, every sealed unit applies at once). Units above it stay staged.
     pub allowed: Arc<AtomicU64>,
+    /// The most payload bytes received and not yet handled.
+    pub queue_bytes: u64,
+    /// The most bytes the stage log may take on disk; a staged write past it is rejected
+    /// (`StageFull`) and the pair falls back to the bitmap.
+    pub stage_log_max_bytes: u64,
 }
 
 /// The handle the stream task feeds.
@@ -166,12 +178,17 @@ impl Applier {
             state,
             state_path,
             allowed,
+            queue_bytes,
+            stage_log_max_bytes,
         } = setup;
         let waker = Arc::new(Waker::new()?);
+        let budget_bytes = u32::try_from(queue_bytes).unwrap_or(u32::MAX);
         let inbox = Arc::new(Inbox {
             cmds: Mutex::new(VecDeque::new()),
             waker: Arc::clone(&waker),
             stop: std::sync::atomic::AtomicBool::new(false),
+            budget: Arc::new(tokio::sync::Semaphore::new(budget_bytes as usize)),
+            budget_bytes,
         });
         let mut worker = Worker {
             ring: IoUring::new(RING_ENTRIES)?,
@@ -199,6 +216,10 @@ impl Applier {
             gate: DirectGate::default(),
             barrier: AckBarrier::default(),
             sync: None,
+            stage_log_max_bytes,
+            stage_full: false,
+            inflight_bytes: 0,
+            inflight_limit: queue_bytes,
             beat: blockrep_volume::liveness::Liveness::global()
                 .register(format!("DR applier of {label}")),
         };
@@ -229,7 +250,24 @@ impl Applier {
         Nudge(Arc::clone(&self.inbox))
     }
 
-    pub fn submit(&self, cmd: ApplyCmd) {
+    /// Hands the applier the stream's next frame, once the apply queue has room for its
+    /// payload (a gated write takes none: it must never hold back the `Ungate` behind it).
+    pub async fn submit(&self, mut cmd: ApplyCmd) {
+        if let ApplyCmd::Write {
+            header,
+            payload,
+            budget,
+        } = &mut cmd
+            && !header.flags.has(WriteFlags::GATED)
+        {
+            let want = u32::try_from(payload.len() + 64)
+                .unwrap_or(u32::MAX)
+                .min(self.inbox.budget_bytes);
+            if let Ok(permit) = self.inbox.budget.acquire_many(want).await {
+                permit.forget();
+                *budget = want;
+            }
+        }
         self.inbox
             .cmds
             .lock()
@@ -329,6 +367,13 @@ struct Worker {
     barrier: AckBarrier<u64>,
     /// The sync in flight on the ring, if any.
     sync: Option<SyncTicket>,
+    stage_log_max_bytes: u64,
+    /// Staged writes are being rejected for want of room in the stage log (logged once).
+    stage_full: bool,
+    /// Bytes of the writes on the ring, and the most there may be (a write bigger than
+    /// that goes alone).
+    inflight_bytes: u64,
+    inflight_limit: u64,
     /// For the watchdog: writes and syncs in flight must complete.
     beat: Arc<blockrep_volume::liveness::Beat>,
 }
@@ -473,6 +518,7 @@ impl Worker {
             }
         }
         self.inflight = 0;
+        self.inflight_bytes = 0;
         self.wake_inflight = false;
         self.sync = None;
     }
@@ -522,15 +568,20 @@ impl Worker {
             if barrier && self.inflight > 0 {
                 return Ok(());
             }
-            if self.inflight >= MAX_INFLIGHT {
+            if self.inflight >= MAX_INFLIGHT || !self.room_in_flight(payload_bytes(cmd)) {
                 return Ok(());
             }
             let cmd = self.queue.pop_front().expect("front checked");
             match cmd {
-                ApplyCmd::Write { header, payload } => {
-                    if !self.write(header, payload)? {
+                ApplyCmd::Write {
+                    header,
+                    payload,
+                    budget,
+                } => {
+                    if !self.write(header, payload, budget)? {
                         return Ok(());
                     }
+                    self.inbox.budget.add_permits(budget as usize);
                 }
                 ApplyCmd::Flush { seq } => {
                     self.volume.backing().sync_data()?;
@@ -569,7 +620,7 @@ impl Worker {
     }
 
     /// Handles one incoming write. Returns false if it had to wait (it is put back).
-    fn write(&mut self, header: WriteHeader, payload: Bytes) -> io::Result<bool> {
+    fn write(&mut self, header: WriteHeader, payload: Bytes, budget: u32) -> io::Result<bool> {
         let zeroes = header.flags.has(WriteFlags::ZEROES);
         let range =
             match ByteRange::within(header.offset, u64::from(header.len), self.volume.size()) {
@@ -609,6 +660,13 @@ impl Worker {
             return Ok(true);
         }
         if !header.flags.has(WriteFlags::DIRECT) {
+            if !self.stage_room(range) {
+                self.emit(ApplyEvent::Reject {
+                    seq: header.seq,
+                    reason: RejectReason::StageFull,
+                });
+                return Ok(true);
+            }
             self.log
                 .append_write(header.epoch, range, zeroes, &payload)?;
             return Ok(true);
@@ -618,7 +676,11 @@ impl Worker {
             buf.copy_from_slice(&payload);
             let fua = header.flags.has(WriteFlags::FUA);
             if !self.submit_write(range, buf, fua, ack, false)? {
-                self.queue.push_front(ApplyCmd::Write { header, payload });
+                self.queue.push_front(ApplyCmd::Write {
+                    header,
+                    payload,
+                    budget,
+                });
                 return Ok(false);
             }
             return Ok(true);
@@ -643,6 +705,32 @@ impl Worker {
         Ok(true)
     }
 
+    /// Whether a write of `bytes` more may go on the ring now (memory, rule 6).
+    fn room_in_flight(&self, bytes: u64) -> bool {
+        self.inflight == 0 || self.inflight_bytes + bytes <= self.inflight_limit
+    }
+
+    /// Whether the stage log has room for a write of `range`: the writes staged and not yet
+    /// applied stay under the cap (the file, compacted past [`COMPACT_BYTES`], stays within
+    /// the cap plus that). A pair whose log is full falls back to the bitmap (the production
+    /// side is told with `StageFull`) and the DR volume stays at its last consistent point.
+    fn stage_room(&mut self, range: ByteRange) -> bool {
+        if self.log.staged_bytes() + range.len <= self.stage_log_max_bytes {
+            self.stage_full = false;
+            return true;
+        }
+        if !self.stage_full {
+            tracing::warn!(
+                %range,
+                staged_bytes = self.log.staged_bytes(),
+                cap = self.stage_log_max_bytes,
+                "the stage log is at its cap (replication.stage_log_max_bytes): staged writes are refused, the pair falls back to the bitmap"
+            );
+            self.stage_full = true;
+        }
+        false
+    }
+
     /// Puts an aligned write on the ring once its blocks are free. Returns false if an
     /// overlapping write is in flight (the caller retries after it completes).
     fn submit_write(
@@ -661,6 +749,7 @@ impl Worker {
                 return Ok(false);
             }
         };
+        self.inflight_bytes += buf.len() as u64;
         let slot = Slot {
             lock,
             buf,
@@ -704,6 +793,7 @@ impl Worker {
             let slot = self.slots[index].take().expect("live slot");
             self.free.push(index);
             self.inflight -= 1;
+            self.inflight_bytes -= slot.buf.len() as u64;
             self.locks.release(slot.lock);
             return Err(if result < 0 {
                 io::Error::from_raw_os_error(-result)
@@ -719,8 +809,10 @@ impl Worker {
         let slot = self.slots[index].take().expect("live slot");
         self.free.push(index);
         self.inflight -= 1;
+        self.inflight_bytes -= slot.buf.len() as u64;
         self.locks.release(slot.lock);
         let written = ByteRange::new(slot.offset, slot.buf.len() as u64);
+        fault::slow_disk(written.len);
         self.volume.backing().note_written(written);
         self.counters
             .bytes_written
@@ -808,6 +900,9 @@ impl Worker {
     /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
     fn submit_unit(&mut self) -> io::Result<()> {
         while let Some(staged) = self.unit_queue.front().cloned() {
+            if !self.room_in_flight(staged.range.len) {
+                return Ok(());
+            }
             // Read back from disk: checked like any input.
             if staged.range.end() > self.volume.size() {
                 return Err(io::Error::other(format!(
@@ -966,8 +1061,39 @@ fn gating(cmd: &ApplyCmd) -> Option<Gating> {
     }
 }
 
+/// The payload bytes a command puts on the ring (none but a write's).
+fn payload_bytes(cmd: &ApplyCmd) -> u64 {
+    match cmd {
+        ApplyCmd::Write { payload, .. } => payload.len() as u64,
+        _ => 0,
+    }
+}
+
 /// A write the ring takes: data, 4 KiB-aligned.
 fn is_fast(header: &WriteHeader) -> bool {
     !header.flags.has(WriteFlags::ZEROES)
         && ByteRange::new(header.offset, u64::from(header.len)).is_aligned(DIRECT_IO_ALIGN)
+}
+
+/// Test-only faults, compiled in only with the `fault-injection` feature.
+mod fault {
+    /// With `BLOCKREP_FAULT_DISK_MBPS=N`, the applier takes as long over each write as a
+    /// disk writing N MB/s would: a slow DR disk.
+    #[cfg(feature = "fault-injection")]
+    pub fn slow_disk(bytes: u64) {
+        static MBPS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        let mbps = MBPS.get_or_init(|| {
+            std::env::var("BLOCKREP_FAULT_DISK_MBPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+        });
+        if let Some(mbps) = mbps {
+            std::thread::sleep(std::time::Duration::from_micros(bytes / mbps));
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline]
+    pub fn slow_disk(_bytes: u64) {}
 }

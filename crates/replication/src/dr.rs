@@ -50,6 +50,8 @@ pub struct DrPair {
     allowed: Arc<AtomicU64>,
     /// Wakes the running applier when `allowed` grows.
     nudge: Mutex<Option<crate::applier::Nudge>>,
+    /// How much the applier may hold in memory and on disk.
+    limits: DrLimits,
     /// Why the pair cannot be served here (a state file that cannot be read, a unit that
     /// could not be applied again): every stream is refused with it, and nothing is
     /// applied, until the agent restarts with the cause fixed.
@@ -86,8 +88,29 @@ fn load_allowed(volume_dir: &std::path::Path) -> Result<u64, String> {
     }
 }
 
+/// The DR side's bounds (rule 6), from the agent's `[replication]` configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrLimits {
+    pub queue_bytes: u64,
+    pub stage_log_max_bytes: u64,
+}
+
+impl DrLimits {
+    pub fn of(config: &crate::production::ReplicationConfig, volume_size: u64) -> Self {
+        Self {
+            queue_bytes: config.apply_queue_bytes,
+            stage_log_max_bytes: config.stage_log_cap(volume_size),
+        }
+    }
+}
+
 impl DrPair {
-    pub fn new(membership: Membership, volume: Arc<Volume>, volume_dir: PathBuf) -> Arc<Self> {
+    pub fn new(
+        membership: Membership,
+        volume: Arc<Volume>,
+        volume_dir: PathBuf,
+        limits: DrLimits,
+    ) -> Arc<Self> {
         let mut faults = Vec::new();
         let state = DrState::load(&volume_dir.join("dr.json")).unwrap_or_else(|e| {
             faults.push(format!("the DR state is unreadable: {e}"));
@@ -131,6 +154,7 @@ impl DrPair {
             nudge: Mutex::new(None),
             recording_commit: Mutex::new(()),
             fault: Mutex::new(fault),
+            limits,
         })
     }
 
@@ -173,6 +197,8 @@ impl DrPair {
             state,
             state_path: state_path.clone(),
             allowed: Arc::clone(&self.allowed),
+            queue_bytes: self.limits.queue_bytes,
+            stage_log_max_bytes: self.limits.stage_log_max_bytes,
         };
         // Stopping finishes the replay queued at start.
         Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
@@ -418,6 +444,8 @@ impl DrPair {
             state: state.clone(),
             state_path: state_path.clone(),
             allowed: Arc::clone(&self.allowed),
+            queue_bytes: self.limits.queue_bytes,
+            stage_log_max_bytes: self.limits.stage_log_max_bytes,
         };
         let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
             Ok(a) => a,
@@ -488,7 +516,11 @@ impl DrPair {
                 match reader.next().await {
                     Ok(Some(frame)) => {
                         let cmd = match frame {
-                            Frame::Write(header, payload) => ApplyCmd::Write { header, payload },
+                            Frame::Write(header, payload) => ApplyCmd::Write {
+                                header,
+                                payload,
+                                budget: 0,
+                            },
                             Frame::Flush { seq } => ApplyCmd::Flush { seq },
                             Frame::Seal { epoch, cut_ms } => ApplyCmd::Seal { epoch, cut_ms },
                             Frame::Discard { after } => ApplyCmd::Discard { after },
@@ -509,7 +541,7 @@ impl DrPair {
                             }),
                             _ => return Err("unexpected frame on a replication stream".to_owned()),
                         };
-                        applier.submit(cmd);
+                        applier.submit(cmd).await;
                     }
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(e.to_string()),
@@ -692,7 +724,8 @@ mod tests {
             fence: None,
             promotion: None,
         };
-        DrPair::new(membership, volume, dir.to_owned())
+        let limits = DrLimits::of(&crate::production::ReplicationConfig::default(), SIZE);
+        DrPair::new(membership, volume, dir.to_owned(), limits)
     }
 
     #[test]

@@ -27,6 +27,7 @@ use blockrep_core::replication::{
 use blockrep_volume::{
     AfterLocal, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
 };
+use blockrep_wire::RejectReason;
 use bytes::Bytes;
 
 use crate::verify::{Probe, ProbeResult, Probes};
@@ -100,6 +101,11 @@ struct State {
     resync_acked: u64,
     /// The last end of an initial sync the DR side recorded durably.
     sync_done_acked: Option<Epoch>,
+    /// When the DR side last rejected a staged write for want of room in its stage log.
+    stage_full_at: Option<Instant>,
+    /// Payload bytes of resync extents sent direct and not yet acknowledged (kept to be sent
+    /// again if rejected): bounded with the journal (rule 6).
+    unacked_extent_bytes: u64,
     /// When the DR side last answered, or when a frame began waiting with none waiting.
     answered_at: Instant,
     /// Online verify probes waiting for the DR side, and answered.
@@ -253,6 +259,8 @@ impl PairLink {
                 needs_catch_up: false,
                 resync_acked: 0,
                 sync_done_acked: None,
+                stage_full_at: None,
+                unacked_extent_bytes: 0,
                 answered_at: Instant::now(),
                 probes: Probes::default(),
                 grouped: false,
@@ -320,6 +328,7 @@ impl PairLink {
     /// `after_catch_up`, journaled writes still outstanding are sealed before direct ones.
     pub fn go_live(&self) {
         let mut state = self.lock();
+        state.stage_full_at = None;
         // Reconnected with nothing to catch up: what the DR side gets next is journaled,
         // epoch by epoch, from the current one.
         let current = state.journal.current_epoch();
@@ -393,6 +402,7 @@ impl PairLink {
         state.probes.lose_all();
         let forget = state.journal.disconnect();
         let pending = std::mem::take(&mut state.pending);
+        state.unacked_extent_bytes = 0;
         let mut answers = Vec::new();
         let mut tickets = Vec::new();
         for (_, p) in pending {
@@ -653,9 +663,16 @@ impl PairLink {
                 mailbox.deliver(token);
             }
             Some(Pending::Flush { token, mailbox }) => mailbox.deliver(token),
-            Some(Pending::Extent { ticket, range, .. }) => {
+            Some(Pending::Extent {
+                ticket,
+                range,
+                payload,
+            }) => {
                 self.tracker.redeem([ticket]);
-                self.lock().resync_acked += range.len;
+                let mut state = self.lock();
+                state.resync_acked += range.len;
+                state.unacked_extent_bytes -= payload_len(&payload);
+                drop(state);
                 self.changed.notify_all();
             }
             None => tracing::debug!(seq, "acknowledgement of nothing pending"),
@@ -712,6 +729,12 @@ impl PairLink {
         state.probes.take_done()
     }
 
+    /// How long ago the DR side last refused a staged write for want of room in its stage
+    /// log, if it did since the pair last went live.
+    pub fn stage_full_for(&self) -> Option<Duration> {
+        self.lock().stage_full_at.map(|at| at.elapsed())
+    }
+
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
     pub fn request_catch_up(&self) {
         let mut state = self.lock();
@@ -730,13 +753,23 @@ impl PairLink {
         self.changed.notify_all();
     }
 
-    /// The DR side rejected a frame (its CRC failed on the way): a direct one is sent again;
-    /// a staged one spoils its unit, so the pair falls back to a catch-up.
-    pub fn handle_reject(&self, seq: u64) {
-        self.counters
-            .extents_rejected
-            .fetch_add(1, Ordering::Relaxed);
+    /// The DR side rejected a frame: its CRC failed on the way (a direct one is sent again;
+    /// a staged one spoils its unit, so the pair falls back to a catch-up), or its stage log
+    /// is at its cap (the pair falls back to the bitmap, and catches up once there is room).
+    pub fn handle_reject(&self, seq: u64, reason: RejectReason) {
         let mut state = self.lock();
+        if reason == RejectReason::StageFull {
+            if state.stage_full_at.is_none() {
+                tracing::warn!(
+                    "the DR side's stage log is full: the pair falls back to the bitmap"
+                );
+            }
+            state.stage_full_at = Some(Instant::now());
+        } else {
+            self.counters
+                .extents_rejected
+                .fetch_add(1, Ordering::Relaxed);
+        }
         match state.pending.remove(&seq) {
             Some(Pending::Write {
                 ticket,
@@ -799,14 +832,18 @@ impl PairLink {
 
     // ---- the resync reader ----
 
-    /// Waits until `bytes` more fit in the queue. Returns false if `stop` says to give up.
+    /// Waits until `bytes` more fit in the queue, and among the resync extents not yet
+    /// acknowledged. Returns false if `stop` says to give up.
     pub fn wait_for_room(&self, bytes: u64, stop: &dyn Fn() -> bool) -> bool {
         let mut state = self.lock();
         loop {
             if stop() {
                 return false;
             }
-            if state.journal.has_room(bytes) {
+            let unacked = state.unacked_extent_bytes;
+            if state.journal.has_room(bytes)
+                && (unacked == 0 || unacked + bytes <= state.journal.limit())
+            {
                 return true;
             }
             state = self
@@ -860,6 +897,7 @@ impl PairLink {
     /// Queues an extent read for an initial sync: written direct on the DR side.
     pub fn push_sync_extent(&self, range: ByteRange, payload: Payload<Data>, ticket: Ticket) {
         let mut state = self.lock();
+        state.unacked_extent_bytes += payload_len(&payload);
         let seq = state.journal.push_direct(range, payload.clone(), false);
         state.await_ack(
             seq.0,

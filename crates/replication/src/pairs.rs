@@ -120,7 +120,8 @@ impl Pairs {
                 .map_err(ApiError::FailedPrecondition)?,
             ),
             Side::Dr => {
-                let dr = DrPair::new(membership.clone(), handle.volume, handle.dir);
+                let limits = crate::dr::DrLimits::of(&self.config, handle.volume.size());
+                let dr = DrPair::new(membership.clone(), handle.volume, handle.dir, limits);
                 // A DR side that cannot recover stays, refusing streams with the reason
                 // (its status says it), its stage log kept as it is.
                 if let Err(e) = dr.recover()

@@ -49,6 +49,24 @@ pub struct ReplicationConfig {
     /// Frames the DR side acknowledges one by one may wait this long before the link is
     /// dropped as dead (the cluster's `peer_timeout_ms`).
     pub peer_timeout: Duration,
+    /// DR side: the most payload bytes received and not yet handled by the applier, per
+    /// pair; the stream is read no further until there is room.
+    pub apply_queue_bytes: u64,
+    /// DR side: the most bytes of writes a pair's stage log holds staged and not yet applied
+    /// (`None`: half the volume, at least [`MIN_STAGE_LOG_BYTES`]). Past it the pair falls
+    /// back to the bitmap; a catch-up bigger than the cap cannot apply until it is raised.
+    pub stage_log_max_bytes: Option<u64>,
+}
+
+/// The smallest default stage log cap.
+pub const MIN_STAGE_LOG_BYTES: u64 = 1 << 30;
+
+impl ReplicationConfig {
+    /// The stage log cap for a DR volume of `volume_size` bytes.
+    pub fn stage_log_cap(&self, volume_size: u64) -> u64 {
+        self.stage_log_max_bytes
+            .unwrap_or((volume_size / 2).max(MIN_STAGE_LOG_BYTES))
+    }
 }
 
 impl Default for ReplicationConfig {
@@ -58,6 +76,8 @@ impl Default for ReplicationConfig {
             journal_bytes: 256 << 20,
             resync_extent: 4 << 20,
             peer_timeout: crate::endpoint::DEFAULT_PEER_TIMEOUT,
+            apply_queue_bytes: 64 << 20,
+            stage_log_max_bytes: None,
         }
     }
 }
@@ -748,7 +768,7 @@ impl ProductionPair {
                     let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
                     status.consistent = Some((epoch, cut_ms));
                 }
-                Some(Frame::Reject { seq, .. }) => self.link.handle_reject(seq),
+                Some(Frame::Reject { seq, reason }) => self.link.handle_reject(seq, reason),
                 Some(Frame::Verified { id, differing }) => {
                     self.link.handle_verified(id, &differing)
                 }
@@ -840,6 +860,20 @@ impl ProductionPair {
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some();
             if self.link.needs_catch_up() && !resync_running {
+                if self
+                    .link
+                    .stage_full_for()
+                    .is_some_and(|since| since < STAGE_FULL_RETRY)
+                {
+                    self.set_status(
+                        ReplicationStatus::Copying,
+                        format!(
+                            "the DR side's stage log is full (replication.stage_log_max_bytes on the DR agent): writes are tracked in the bitmap, the DR volume stays at its last consistent point, and a catch-up is tried again every {} s",
+                            STAGE_FULL_RETRY.as_secs()
+                        ),
+                    );
+                    continue;
+                }
                 if let Some(thread) = catch_up_thread.take() {
                     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
                 }
@@ -1187,6 +1221,9 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
         counted = writer.bytes_sent;
     }
 }
+
+/// How long a pair whose DR stage log was full waits before it tries a catch-up again.
+const STAGE_FULL_RETRY: Duration = Duration::from_secs(5);
 
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);

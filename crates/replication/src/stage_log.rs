@@ -77,6 +77,13 @@ pub struct StageLog {
     /// Staged writes not yet applied, in log order.
     staged: Vec<Staged>,
     held_bytes: u64,
+    /// [`StageLog::staged_bytes`], kept as writes come and go.
+    staged_bytes: u64,
+}
+
+/// The bytes of the writes `staged` holds (data or zero ranges): what the cap counts.
+fn bytes_of(staged: &[Staged]) -> u64 {
+    staged.iter().map(|s| s.range.len).sum()
 }
 
 /// What [`StageLog::open`] found.
@@ -125,6 +132,7 @@ impl StageLog {
             file,
             end,
             batch,
+            staged_bytes: bytes_of(&staged),
             staged,
             held_bytes: 0,
         };
@@ -161,6 +169,7 @@ impl StageLog {
             data_at,
             data: held.then(|| data.clone()),
         });
+        self.staged_bytes += range.len;
         Ok(())
     }
 
@@ -176,6 +185,7 @@ impl StageLog {
         let (unit, rest): (Vec<Staged>, Vec<Staged>) =
             self.staged.drain(..).partition(|s| s.epoch <= epoch);
         self.staged = rest;
+        self.staged_bytes -= bytes_of(&unit);
         self.held_bytes -= unit
             .iter()
             .filter_map(|s| s.data.as_ref())
@@ -195,6 +205,7 @@ impl StageLog {
             .sum();
         self.held_bytes -= dropped;
         self.staged.retain(|s| s.epoch <= after);
+        self.staged_bytes = bytes_of(&self.staged);
     }
 
     /// A staged write's data: from memory, or read back from the log.
@@ -261,6 +272,13 @@ impl StageLog {
 
     pub fn staged_len(&self) -> usize {
         self.staged.len()
+    }
+
+    /// Bytes of the writes staged and not yet applied (sealed or not): what the stage log's
+    /// cap counts. The file is compacted once it grows past a threshold, so it stays within
+    /// this plus that threshold.
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged_bytes
     }
 
     /// Bytes the log holds on disk and in its append buffer.

@@ -136,6 +136,9 @@ pub enum RefuseKind {
 pub enum RejectReason {
     /// The payload did not match its CRC: send it again.
     Checksum = 1,
+    /// A staged write that does not fit under the DR side's stage log cap: the pair falls
+    /// back to the bitmap, and the DR volume stays at its last consistent point.
+    StageFull = 2,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -547,6 +550,7 @@ impl Frame {
                 let seq = body.get_u64();
                 let reason = match body.get_u8() {
                     1 => RejectReason::Checksum,
+                    2 => RejectReason::StageFull,
                     other => return Err(WireError::UnknownReason(other)),
                 };
                 Frame::Reject { seq, reason }

@@ -19,7 +19,8 @@ pub enum ProtocolVersion {
     /// Version 4: an acknowledgement from the DR side (`WriteAck`, `SyncDoneAck`) means the
     /// data is durable there, not only written (a version 3 DR side acknowledged writes
     /// before syncing them, and the production side cleared their dirty bits on it); the
-    /// end of the initial sync is acknowledged (`SyncDoneAck`).
+    /// end of the initial sync is acknowledged (`SyncDoneAck`); a DR side whose stage log is
+    /// at its cap rejects staged writes (`Reject` with `StageFull`).
     V4,
 }
 
