@@ -827,7 +827,7 @@ impl Connection {
             let is_ready = ready.get(data_index).copied().unwrap_or(false);
             data_index += 1;
             match &admitted {
-                Err(_) => self.finish_write(write, Err(libc::EIO)),
+                Err(e) => self.finish_write(write, Err(e.errno())),
                 Ok(_) if is_ready => self.start_write(write)?,
                 Ok(_) => later.push(write),
             }
@@ -850,9 +850,9 @@ impl Connection {
                     tracing::error!(volume = %volume.name(), error = %e, "dirty tracking failed; refusing writes");
                 }
                 for write in later.drain(..) {
-                    match durable {
+                    match &durable {
                         Ok(()) => self.start_write(write)?,
-                        Err(_) => self.finish_write(write, Err(libc::EIO)),
+                        Err(e) => self.finish_write(write, Err(e.errno())),
                     }
                 }
             }
@@ -1312,7 +1312,7 @@ fn admit_in_pieces(volume: &Volume, range: ByteRange) -> io::Result<()> {
         volume
             .gate()
             .admit_blocking(ByteRange::new(at, len))
-            .map_err(io::Error::other)?;
+            .map_err(|e| io::Error::new(io::Error::from_raw_os_error(e.errno()).kind(), e))?;
         at += len;
     }
     Ok(())
@@ -1333,8 +1333,8 @@ fn new_ring() -> io::Result<IoUring> {
 /// (the device is full), everything else as EIO.
 fn log_io_error(what: &str, e: &io::Error) -> i32 {
     tracing::error!(error = %e, "{what} failed");
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) => libc::ENOSPC,
+    match e.kind() {
+        io::ErrorKind::StorageFull => libc::ENOSPC,
         _ => libc::EIO,
     }
 }

@@ -68,6 +68,19 @@ pub enum TrackerError {
     ActivityLogTooSmall { len: u64, capacity: usize },
 }
 
+impl TrackerError {
+    /// The errno a write this error refused is answered with: `ENOSPC` when the state
+    /// directory's file system is full (the client learns what is wrong), else `EIO`.
+    pub fn errno(&self) -> i32 {
+        match self {
+            TrackerError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                libc::ENOSPC
+            }
+            _ => libc::EIO,
+        }
+    }
+}
+
 /// What opening the tracker found on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryReport {
