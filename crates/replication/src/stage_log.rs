@@ -96,6 +96,7 @@ pub struct Recovered {
 impl StageLog {
     /// Opens the log and reads what a crash left: writes and seals above `applied`.
     pub fn open(path: &Path, applied: Epoch) -> io::Result<Recovered> {
+        let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -124,6 +125,12 @@ impl StageLog {
         // New records start at the next block; what follows the last good record is dropped.
         let end = at.div_ceil(BLOCK) * BLOCK;
         file.set_len(end)?;
+        if created {
+            // The file itself survives a power cut before the first seal's sync.
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
         let mut batch = AlignedBuf::new(BATCH_BYTES);
         batch.set_len(0);
         let log = StageLog {
@@ -225,6 +232,9 @@ impl StageLog {
             return Ok(false);
         }
         self.file.set_len(0)?;
+        // Durable before anything is appended at the start again: old records must never
+        // reappear behind new ones after a power cut.
+        self.file.sync_all()?;
         self.end = 0;
         Ok(true)
     }
