@@ -48,7 +48,9 @@ cli cluster init-ca --dir "$work/ca"
 nodes=(node-w node-a1 node-a2 node-b)
 declare -A zone_of=([node-w]=az3 [node-a1]=az1 [node-a2]=az1 [node-b]=az2)
 for node in "${nodes[@]}"; do
-    cli cluster issue-cert --ca-dir "$work/ca" --node "$node" --out-dir "$work/$node/tls" >/dev/null
+    role=()
+    [[ $node == node-w ]] && role=(--coordinator)   # the witness runs the coordinator
+    cli cluster issue-cert --ca-dir "$work/ca" --node "$node" --out-dir "$work/$node/tls" "${role[@]}" >/dev/null
     port_of[$node]=$(free_port)
 done
 echo "certificates for ${nodes[*]}"

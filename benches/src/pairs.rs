@@ -243,6 +243,8 @@ impl Cluster {
             "link-test",
             "--address",
             &self.dr_address,
+            "--node",
+            "node-b",
             "--tls-dir",
             path(&self.client_tls),
             "--seconds",
@@ -308,8 +310,14 @@ pub fn start_nodes(
     };
     let ca = dir.join("ca");
     cli(&["cluster", "init-ca", "--dir", path(&ca)])?;
-    for name in nodes.iter().map(|(n, _)| *n).chain(clients.iter().copied()) {
-        cli(&[
+    for (i, name) in nodes
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(clients.iter().copied())
+        .enumerate()
+    {
+        let out = dir.join(name).join("tls");
+        let mut args = vec![
             "cluster",
             "issue-cert",
             "--ca-dir",
@@ -317,8 +325,13 @@ pub fn start_nodes(
             "--node",
             name,
             "--out-dir",
-            path(&dir.join(name).join("tls")),
-        ])?;
+            path(&out),
+        ];
+        // The first node runs the coordinator.
+        if i == 0 {
+            args.push("--coordinator");
+        }
+        cli(&args)?;
     }
     let ports = nodes
         .iter()

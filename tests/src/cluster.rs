@@ -207,7 +207,7 @@ impl TestCluster {
             let node_dir = dir.join(name);
             std::fs::create_dir_all(&node_dir).unwrap();
             let tls = node_dir.join("tls");
-            cli(&[
+            let mut issue = vec![
                 "cluster",
                 "issue-cert",
                 "--ca-dir",
@@ -216,7 +216,12 @@ impl TestCluster {
                 name,
                 "--out-dir",
                 tls.to_str().unwrap(),
-            ]);
+            ];
+            // The first node runs the coordinator.
+            if i == 0 {
+                issue.push("--coordinator");
+            }
+            cli(&issue);
             let config = node_dir.join("blockrepd.toml");
             std::fs::write(
                 &config,

@@ -78,6 +78,10 @@ enum ClusterCommand {
         node: String,
         #[arg(long)]
         out_dir: PathBuf,
+        /// A coordinator's certificate: agents obey role commands and terms only from it.
+        /// Only for the nodes that run the coordinator (`coordinator_role = true`).
+        #[arg(long)]
+        coordinator: bool,
     },
     /// Check that a node's QUIC endpoint accepts this node's certificate and answers.
     Ping {
@@ -90,6 +94,9 @@ enum ClusterCommand {
         /// Present no certificate (to check that the node refuses such a peer).
         #[arg(long)]
         danger_no_certificate: bool,
+        /// The node's name, as its certificate has it; by default the coordinator's.
+        #[arg(long, default_value = blockrep_tls::COORDINATOR_NAME)]
+        node: String,
     },
     /// Measure what one replication stream to a node moves (same TLS, framing and CRC as
     /// a pair; no disks).
@@ -99,8 +106,8 @@ enum ClusterCommand {
         /// Directory with node.pem, node.key and ca.pem.
         #[arg(long)]
         tls_dir: PathBuf,
-        /// The node's name (its certificate's); `blockrep.cluster` accepts any node.
-        #[arg(long, default_value = blockrep_tls::CLUSTER_NAME)]
+        /// The node's name, as its certificate has it; by default the coordinator's.
+        #[arg(long, default_value = blockrep_tls::COORDINATOR_NAME)]
         node: String,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
@@ -549,19 +556,44 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
             ca_dir,
             node,
             out_dir,
+            coordinator,
         } => {
-            let cert = blockrep_tls::issue_cert(&absolute(&ca_dir)?, &node, &absolute(&out_dir)?)?;
-            if !out.json {
-                sayln!("certificate for node {node} written: {}", cert.display());
+            let role = if coordinator {
+                blockrep_tls::CertRole::Coordinator
             } else {
-                sayln!("{}", serde_json::json!({ "node": node, "cert": cert }));
+                blockrep_tls::CertRole::Agent
+            };
+            let cert =
+                blockrep_tls::issue_cert(&absolute(&ca_dir)?, &node, role, &absolute(&out_dir)?)?;
+            let what = if coordinator {
+                "coordinator certificate"
+            } else {
+                "certificate"
+            };
+            if !out.json {
+                sayln!("{what} for node {node} written: {}", cert.display());
+            } else {
+                sayln!(
+                    "{}",
+                    serde_json::json!({ "node": node, "cert": cert, "coordinator": coordinator })
+                );
             }
         }
         ClusterCommand::Ping {
             address,
             tls_dir,
             danger_no_certificate,
-        } => ping::ping(address, &absolute(&tls_dir)?, danger_no_certificate, out).await?,
+            node,
+        } => {
+            ping::ping(
+                address,
+                &node,
+                &absolute(&tls_dir)?,
+                danger_no_certificate,
+                out,
+            )
+            .await?
+        }
         ClusterCommand::LinkTest {
             address,
             tls_dir,

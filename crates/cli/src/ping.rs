@@ -8,13 +8,14 @@ use std::path::Path;
 use anyhow::Context;
 use blockrep_api::proto::{self, ClusterRequest, cluster_request, cluster_response};
 use blockrep_replication::endpoint::ClusterEndpoint;
-use blockrep_tls::{CLUSTER_NAME, NodeTls, TlsFiles};
+use blockrep_tls::{NodeTls, TlsFiles};
 
 use crate::render::Output;
 use crate::stdout::sayln;
 
 pub async fn ping(
     address: SocketAddr,
+    node: &str,
     tls_dir: &Path,
     no_certificate: bool,
     out: &Output,
@@ -33,7 +34,7 @@ pub async fn ping(
     };
     let started = std::time::Instant::now();
     let response = endpoint
-        .call(address, CLUSTER_NAME, &request)
+        .call(address, node, &request)
         .await
         .with_context(|| format!("ping {address}"))?;
     let elapsed = started.elapsed();

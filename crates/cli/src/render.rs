@@ -578,6 +578,7 @@ fn node_json(n: &proto::Node) -> Value {
         "volumes": n.volumes,
         "coordinator": n.coordinator,
         "peers_refused": n.peers_refused,
+        "requests_refused": n.requests_refused,
     })
 }
 
@@ -883,6 +884,7 @@ impl Render for proto::ListNodesResponse {
                         String::new()
                     },
                     n.peers_refused.to_string(),
+                    n.requests_refused.to_string(),
                 ]
             })
             .collect();
@@ -896,6 +898,7 @@ impl Render for proto::ListNodesResponse {
                 "VOLUMES",
                 "ROLE",
                 "PEERS REFUSED",
+                "REQUESTS REFUSED",
             ],
             &rows,
         )

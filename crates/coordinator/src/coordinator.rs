@@ -286,6 +286,7 @@ impl Coordinator {
                 volumes: n.report.volumes.len() as u32,
                 coordinator: n.record.name == self.node,
                 peers_refused: n.report.peers_refused,
+                requests_refused: n.report.requests_refused,
             })
             .collect()
     }

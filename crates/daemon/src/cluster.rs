@@ -19,10 +19,10 @@ use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{Epoch, GenerationId, PairId};
 use blockrep_replication::TransportSettings;
 use blockrep_replication::endpoint::{
-    BoxFuture, ClusterEndpoint, Inbound, ReplicationStream, error_response,
+    BoxFuture, ClusterEndpoint, Inbound, Peer, Refusal, ReplicationStream, error_response,
 };
 use blockrep_replication::membership::{Fence, Side};
-use blockrep_tls::{CLUSTER_NAME, NodeTls};
+use blockrep_tls::{COORDINATOR_NAME, NodeTls};
 use blockrep_wire::Hello;
 
 use crate::agent::Agent;
@@ -55,6 +55,24 @@ impl Cluster {
     /// the volumes' pair roles, and starts the heartbeat.
     pub fn start(agent: Arc<Agent>, config: ClusterConfig) -> anyhow::Result<Arc<Self>> {
         let tls = NodeTls::load(&config.tls)?;
+        // Peers know this node by its certificate: its name and role must be the ones this
+        // daemon acts in.
+        let identity = tls.identity()?;
+        if identity.node != agent.config.node_name {
+            anyhow::bail!(
+                "node_name is {:?}, but the certificate {} is node {:?}: issue this node's certificate with --node {}",
+                agent.config.node_name,
+                config.tls.cert.display(),
+                identity.node,
+                agent.config.node_name
+            );
+        }
+        if config.coordinator_role && !identity.is_coordinator() {
+            anyhow::bail!(
+                "coordinator_role is on, but the certificate {} is not a coordinator's: issue it with `blockrep cluster issue-cert --coordinator`",
+                config.tls.cert.display()
+            );
+        }
         let handler = Arc::new(Handler {
             cluster: OnceLock::new(),
         });
@@ -115,7 +133,7 @@ impl Cluster {
             Some(coordinator) => coordinator.handle(request, self.config.listen).await,
             None => self
                 .endpoint
-                .call(self.config.coordinator, CLUSTER_NAME, &request)
+                .call(self.config.coordinator, COORDINATOR_NAME, &request)
                 .await
                 .map_err(|e| {
                     ApiError::Unavailable(format!(
@@ -203,6 +221,7 @@ impl Cluster {
                 .counters
                 .peers_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
+            requests_refused: self.endpoint.counters.refused_total(),
         }
     }
 
@@ -331,12 +350,16 @@ impl Cluster {
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::MarkDirty(c) => {
-                let ranges: Vec<ByteRange> = c
+                let pair = pair_id(&c.pair_id)?;
+                let size = self.agent.pair_volume_handle(pair)?.volume.size();
+                // Every range from the network is built checked against the volume.
+                let ranges = c
                     .runs
                     .iter()
-                    .map(|e| ByteRange::new(e.offset, e.length))
-                    .collect();
-                pairs.mark_dirty(pair_id(&c.pair_id)?, &ranges)?;
+                    .map(|e| ByteRange::within(e.offset, e.length, size))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ApiError::InvalidArgument(format!("mark dirty: {e}")))?;
+                pairs.mark_dirty(pair, &ranges)?;
                 return Ok(Response::Done(proto::Done {}));
             }
             _ => unreachable!("only agent requests come here"),
@@ -356,12 +379,52 @@ impl Cluster {
     }
 }
 
+/// The name of an agent command, for the log.
+fn command_name(request: &Request) -> &'static str {
+    match request {
+        Request::BecomeDr(_) => "BecomeDr",
+        Request::BecomeProduction(_) => "BecomeProduction",
+        Request::LeavePair(_) => "LeavePair",
+        Request::SwitchSide(_) => "SwitchSide",
+        Request::KeepProduction(_) => "KeepProduction",
+        Request::Verify(_) => "Verify",
+        Request::PausePair(_) => "PausePair",
+        Request::ResumePair(_) => "ResumePair",
+        Request::GroupCut(_) => "GroupCut",
+        Request::GroupRelease(_) => "GroupRelease",
+        Request::GroupCommit(_) => "GroupCommit",
+        Request::ProductionGrouping(_) => "ProductionGrouping",
+        Request::Promote(_) => "Promote",
+        Request::Fence(_) => "Fence",
+        Request::DirtyRuns(_) => "DirtyRuns",
+        Request::MarkDirty(_) => "MarkDirty",
+        Request::Extend(_) => "Extend",
+        _ => "a request",
+    }
+}
+
 impl Inbound for Handler {
-    fn request(&self, request: ClusterRequest, peer: SocketAddr) -> BoxFuture<'_, ClusterResponse> {
+    /// Agent commands (roles, terms, cuts, fences, dirty blocks) are obeyed only from the
+    /// coordinator's certificate; a report only for the node its sender's certificate
+    /// names. Everything else any node of the cluster may send: it forwards its operator's
+    /// calls to the coordinator.
+    fn request(&self, request: ClusterRequest, peer: Peer) -> BoxFuture<'_, ClusterResponse> {
         Box::pin(async move {
             let Some(cluster) = self.cluster.get() else {
                 return error_response(503, "the node is starting".into());
             };
+            let counters = &cluster.endpoint.counters;
+            match &request.request {
+                Some(Request::Report(report)) if report.node != peer.identity.node => {
+                    let what = format!(
+                        "a report for node {:?} from a peer whose certificate is node {}",
+                        report.node, peer.identity.node
+                    );
+                    counters.refuse(&peer, Refusal::WrongNode, &what);
+                    return error_response(403, format!("refused: {what}"));
+                }
+                _ => {}
+            }
             match request.request {
                 Some(
                     r @ (Request::BecomeDr(_)
@@ -382,16 +445,33 @@ impl Inbound for Handler {
                     | Request::MarkDirty(_)
                     | Request::Extend(_)),
                 ) => {
-                    let cluster = Arc::clone(cluster);
-                    let answer = tokio::task::spawn_blocking(move || cluster.agent_request(r))
+                    let command = command_name(&r);
+                    if !peer.identity.is_coordinator() {
+                        let what = format!(
+                            "{command} from node {}, whose certificate is not the coordinator's",
+                            peer.identity.node
+                        );
+                        counters.refuse(&peer, Refusal::NotCoordinator, &what);
+                        return error_response(
+                            403,
+                            format!("refused: only the coordinator sends {command}"),
+                        );
+                    }
+                    let owner = Arc::clone(cluster);
+                    let answer = tokio::task::spawn_blocking(move || owner.agent_request(r))
                         .await
                         .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())));
+                    if command == "MarkDirty"
+                        && let Err(ApiError::InvalidArgument(what)) = &answer
+                    {
+                        counters.refuse(&peer, Refusal::BadRange, what);
+                    }
                     ClusterResponse {
                         response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
                     }
                 }
                 Some(_) => match &cluster.coordinator {
-                    Some(coordinator) => coordinator.handle(request, peer).await,
+                    Some(coordinator) => coordinator.handle(request, peer.address).await,
                     None => error_response(
                         503,
                         format!(
@@ -408,7 +488,7 @@ impl Inbound for Handler {
     fn replication(
         &self,
         hello: Hello,
-        peer: SocketAddr,
+        peer: Peer,
         stream: ReplicationStream,
     ) -> BoxFuture<'_, ()> {
         Box::pin(async move {

@@ -34,6 +34,11 @@ struct PairLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GroupLabels {
     group: String,
     model: String,
@@ -198,6 +203,19 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
             "streams_refused",
             "Streams refused for a malformed or unexpected first frame",
             streams,
+        );
+        let requests = CounterFamily::<RefusalLabels>::default();
+        for reason in blockrep_replication::endpoint::Refusal::ALL {
+            requests
+                .get_or_create(&RefusalLabels {
+                    reason: reason.as_str().into(),
+                })
+                .inc_by(cluster.endpoint.counters.refused(reason));
+        }
+        registry.register(
+            "requests_refused",
+            "Requests and streams of authenticated peers refused for what they asked (a role command not from the coordinator, a report for another node, a stream from another node than the pair's peer, a range past the volume)",
+            requests,
         );
         if let Some(coordinator) = &cluster.coordinator {
             register_groups(&mut registry, coordinator);

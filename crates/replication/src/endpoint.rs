@@ -3,8 +3,9 @@
 //!
 //! A peer opens a bidirectional stream per exchange. The first frame says what the stream
 //! is for: a `Request` (a control call, answered by one `Response`) or a `Hello` (a pair's
-//! replication stream, which stays open). The endpoint only moves frames; what they mean is
-//! the [`Inbound`] handler's business.
+//! replication stream, which stays open). The endpoint only moves frames, each with the
+//! [`Peer`] that sent it as its certificate names it; what they mean, and whether that peer
+//! may send them, is the [`Inbound`] handler's business.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockrep_api::proto::{ClusterRequest, ClusterResponse};
-use blockrep_tls::NodeTls;
+use blockrep_tls::{NodeTls, PeerIdentity};
 use blockrep_wire::{ALPN, Frame, Hello};
 use bytes::BytesMut;
 use prost::Message;
@@ -34,17 +35,57 @@ const MAX_CONTROL_BYTES: usize = 16 << 20;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Who sent a stream: where from, and who its certificate says it is.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub identity: PeerIdentity,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}", self.identity, self.address)
+    }
+}
+
 /// What the endpoint hands the rest of the agent.
 pub trait Inbound: Send + Sync + 'static {
     /// A control call from `peer`.
-    fn request(&self, request: ClusterRequest, peer: SocketAddr) -> BoxFuture<'_, ClusterResponse>;
+    fn request(&self, request: ClusterRequest, peer: Peer) -> BoxFuture<'_, ClusterResponse>;
     /// A replication stream opened by `peer` with `hello`.
-    fn replication(
-        &self,
-        hello: Hello,
-        peer: SocketAddr,
-        stream: ReplicationStream,
-    ) -> BoxFuture<'_, ()>;
+    fn replication(&self, hello: Hello, peer: Peer, stream: ReplicationStream)
+    -> BoxFuture<'_, ()>;
+}
+
+/// Why a peer's request or stream was refused, for the log and `requests_refused{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A role command or a term from a peer whose certificate is not a coordinator's.
+    NotCoordinator,
+    /// A report naming another node than the sender's certificate.
+    WrongNode,
+    /// A replication stream from another node than the pair's recorded peer.
+    WrongPeer,
+    /// A range or size that does not fit the volume.
+    BadRange,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::NotCoordinator,
+        Refusal::WrongNode,
+        Refusal::WrongPeer,
+        Refusal::BadRange,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotCoordinator => "not_coordinator",
+            Refusal::WrongNode => "wrong_node",
+            Refusal::WrongPeer => "wrong_peer",
+            Refusal::BadRange => "bad_range",
+        }
+    }
 }
 
 /// A replication stream: frames both ways.
@@ -89,6 +130,26 @@ pub struct EndpointCounters {
     pub peers_refused: AtomicU64,
     /// Streams whose first frame was malformed or unexpected.
     pub streams_refused: AtomicU64,
+    /// Requests and streams of authenticated peers refused for what they asked, by reason.
+    requests_refused: [AtomicU64; Refusal::ALL.len()],
+}
+
+impl EndpointCounters {
+    /// Counts and logs a refusal of what `peer` asked.
+    pub fn refuse(&self, peer: &Peer, reason: Refusal, what: &str) {
+        self.requests_refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %peer, reason = reason.as_str(), "refused: {what}");
+    }
+
+    /// How many of `reason` were refused.
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.requests_refused[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every refusal, whatever the reason.
+    pub fn refused_total(&self) -> u64 {
+        Refusal::ALL.iter().map(|r| self.refused(*r)).sum()
+    }
 }
 
 pub struct ClusterEndpoint {
@@ -402,23 +463,44 @@ async fn accept_loop(
         let counters = Arc::clone(&counters);
         let inbound = Arc::clone(&inbound);
         tokio::spawn(async move {
-            let peer = incoming.remote_address();
+            let address = incoming.remote_address();
             let connection = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
                     counters.peers_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, error = %e, "refused a peer: TLS handshake failed");
+                    tracing::warn!(peer = %address, error = %e, "refused a peer: TLS handshake failed");
                     return;
                 }
             };
+            // Who the peer is comes from the certificate the handshake verified, once.
+            let identity = match identity_of(&connection) {
+                Ok(identity) => identity,
+                Err(e) => {
+                    counters.peers_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %address, error = %e, "refused a peer: its certificate names no node");
+                    connection.close(VarInt::from_u32(1), b"certificate names no node");
+                    return;
+                }
+            };
+            let peer = Peer { address, identity };
             serve_connection(connection, peer, counters, inbound).await;
         });
     }
 }
 
+/// The identity in the certificate chain the peer of `connection` presented.
+fn identity_of(connection: &Connection) -> Result<PeerIdentity, String> {
+    let chain = connection
+        .peer_identity()
+        .ok_or("no certificate")?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "not an X.509 certificate chain")?;
+    PeerIdentity::of(&chain).map_err(|e| e.to_string())
+}
+
 async fn serve_connection(
     connection: Connection,
-    peer: SocketAddr,
+    peer: Peer,
     counters: Arc<EndpointCounters>,
     inbound: Arc<dyn Inbound>,
 ) {
@@ -432,6 +514,7 @@ async fn serve_connection(
         };
         let counters = Arc::clone(&counters);
         let inbound = Arc::clone(&inbound);
+        let peer = peer.clone();
         tokio::spawn(async move {
             serve_stream(send, recv, peer, counters, inbound).await;
         });
@@ -441,7 +524,7 @@ async fn serve_connection(
 async fn serve_stream(
     send: SendStream,
     recv: RecvStream,
-    peer: SocketAddr,
+    peer: Peer,
     counters: Arc<EndpointCounters>,
     inbound: Arc<dyn Inbound>,
 ) {
@@ -450,7 +533,7 @@ async fn serve_stream(
     match reader.next().await {
         Ok(Some(Frame::Request(body))) => {
             let response = match ClusterRequest::decode(body) {
-                Ok(request) => inbound.request(request, peer).await,
+                Ok(request) => inbound.request(request, peer.clone()).await,
                 Err(e) => {
                     counters.streams_refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%peer, error = %e, "malformed control request");
@@ -508,11 +591,11 @@ mod tests {
     struct Quiet;
 
     impl Inbound for Quiet {
-        fn request(&self, _: ClusterRequest, _: SocketAddr) -> BoxFuture<'_, ClusterResponse> {
+        fn request(&self, _: ClusterRequest, _: Peer) -> BoxFuture<'_, ClusterResponse> {
             Box::pin(async { ClusterResponse::default() })
         }
 
-        fn replication(&self, _: Hello, _: SocketAddr, _: ReplicationStream) -> BoxFuture<'_, ()> {
+        fn replication(&self, _: Hello, _: Peer, _: ReplicationStream) -> BoxFuture<'_, ()> {
             Box::pin(async {})
         }
     }
@@ -532,7 +615,7 @@ mod tests {
         blockrep_tls::init_ca(&ca).unwrap();
         let identity = |node: &str| {
             let out = dir.path().join(node);
-            blockrep_tls::issue_cert(&ca, node, &out).unwrap();
+            blockrep_tls::issue_cert(&ca, node, blockrep_tls::CertRole::Agent, &out).unwrap();
             NodeTls::load(&TlsFiles::in_dir(&out)).unwrap()
         };
         let (peer_tls, caller_tls) = (identity("node-x"), identity("node-y"));

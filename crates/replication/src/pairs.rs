@@ -2,7 +2,6 @@
 //! restart, routing incoming replication streams, and reporting their state.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,7 +18,7 @@ use blockrep_volume::Volume;
 use blockrep_wire::{Frame, Hello, RefuseKind};
 
 use crate::dr::DrPair;
-use crate::endpoint::{ClusterEndpoint, ReplicationStream};
+use crate::endpoint::{ClusterEndpoint, Peer, Refusal, ReplicationStream};
 use crate::membership::{Membership, Side};
 use crate::production::{ProductionPair, ReplicationConfig};
 
@@ -238,14 +237,17 @@ impl Pairs {
         Ok(())
     }
 
-    /// A replication stream from a production agent.
+    /// A replication stream from a production agent. Only the pair's recorded peer may open
+    /// one: any other node, whatever its `Hello` says, is refused and counted, and nothing
+    /// changes (a `discard_peer` from it would overwrite the DR volume).
     pub async fn replication_stream(
         &self,
         hello: Hello,
-        peer: SocketAddr,
+        peer: Peer,
         mut stream: ReplicationStream,
     ) {
         if hello.pair == crate::link_test::link_test_pair() {
+            // A link test touches no disk: any node of the cluster may run one.
             tracing::info!(%peer, "link test");
             return crate::link_test::sink(stream).await;
         }
@@ -253,6 +255,29 @@ impl Pairs {
             Some(Runtime::Dr(dr)) => Some(Arc::clone(dr)),
             _ => None,
         };
+        if let Some(dr) = &dr
+            && dr.membership().peer_node != peer.identity.node
+        {
+            let reason = format!(
+                "pair {} replicates from node {}, not {}",
+                hello.pair,
+                dr.membership().peer_node,
+                peer.identity.node
+            );
+            if let Some(endpoint) = self.endpoint.get() {
+                endpoint.counters.refuse(&peer, Refusal::WrongPeer, &reason);
+            }
+            dr.streams_refused.fetch_add(1, Ordering::Relaxed);
+            let _ = stream
+                .writer
+                .send(&Frame::Refuse {
+                    kind: RefuseKind::Mismatch,
+                    reason,
+                })
+                .await;
+            stream.writer.finish();
+            return;
+        }
         match dr {
             Some(dr) => dr.serve(hello, stream).await,
             None => {

@@ -3,7 +3,12 @@
 //! One cluster CA signs a certificate per node. Every connection between hosts is mutual
 //! TLS 1.3 under that CA: a server accepts only clients presenting a certificate the CA
 //! signed, and a client accepts only servers presenting one for the name it dialled (the
-//! peer's node name, or [`CLUSTER_NAME`] when dialling the coordinator by address).
+//! peer's node name, or [`COORDINATOR_NAME`] when dialling the coordinator by address).
+//!
+//! A certificate says who its holder is, and whether it may act as the coordinator: its
+//! node name is its one DNS name other than [`COORDINATOR_NAME`]; a coordinator's
+//! certificate (`issue-cert --coordinator`) carries [`COORDINATOR_NAME`] too. A peer is
+//! known by its certificate ([`PeerIdentity::of`]), never by what its messages say.
 //!
 //! Files, as `blockrep cluster init-ca` and `issue-cert` write them:
 //!
@@ -25,9 +30,70 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-/// A name every node certificate carries besides the node's own: what a client dials when
-/// it knows only an address (the coordinator's).
-pub const CLUSTER_NAME: &str = "blockrep.cluster";
+/// The name only a coordinator's certificate carries besides its node's own: what a client
+/// dials when it knows only the coordinator's address, and the mark of the one peer whose
+/// role commands and terms agents obey.
+pub const COORDINATOR_NAME: &str = "blockrep.coordinator";
+
+/// What a certificate may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertRole {
+    /// A node of the cluster: it replicates, reports itself, and forwards its operator's
+    /// calls to the coordinator.
+    Agent,
+    /// A node that may also run the coordinator: agents obey its role commands and terms.
+    Coordinator,
+}
+
+/// Who a peer is, from its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub node: String,
+    pub role: CertRole,
+}
+
+impl PeerIdentity {
+    /// The identity a peer's certificate chain (as the TLS handshake verified it) shows.
+    pub fn of(chain: &[CertificateDer<'_>]) -> Result<Self, TlsError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| TlsError::Identity("the peer presented no certificate".into()))?;
+        let cert = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| TlsError::Identity(format!("the peer's certificate: {e}")))?;
+        let names: Vec<&str> = cert.valid_dns_names().collect();
+        let coordinator = names.contains(&COORDINATOR_NAME);
+        let mut nodes = names.iter().filter(|n| **n != COORDINATOR_NAME);
+        let node = match (nodes.next(), nodes.next()) {
+            (Some(node), None) => (*node).to_owned(),
+            _ => {
+                return Err(TlsError::Identity(format!(
+                    "the peer's certificate names {names:?}, not exactly one node"
+                )));
+            }
+        };
+        Ok(Self {
+            node,
+            role: if coordinator {
+                CertRole::Coordinator
+            } else {
+                CertRole::Agent
+            },
+        })
+    }
+
+    pub fn is_coordinator(&self) -> bool {
+        self.role == CertRole::Coordinator
+    }
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.role {
+            CertRole::Agent => write!(f, "{}", self.node),
+            CertRole::Coordinator => write!(f, "{} (coordinator)", self.node),
+        }
+    }
+}
 
 const CA_COMMON_NAME: &str = "blockrep cluster CA";
 const CA_VALID_DAYS: i64 = 3650;
@@ -54,6 +120,8 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("TLS configuration: {0}")]
     Config(String),
+    #[error("peer identity: {0}")]
+    Identity(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -80,9 +148,17 @@ pub fn init_ca(dir: &Path) -> Result<PathBuf, TlsError> {
     Ok(cert_path)
 }
 
-/// Issues a certificate for `node`, signed by the CA in `ca_dir`, into `out_dir`:
-/// `node.pem`, `node.key` and a copy of `ca.pem`.
-pub fn issue_cert(ca_dir: &Path, node: &str, out_dir: &Path) -> Result<PathBuf, TlsError> {
+/// Issues a certificate for `node` with `role`, signed by the CA in `ca_dir`, into
+/// `out_dir`: `node.pem`, `node.key` and a copy of `ca.pem`.
+pub fn issue_cert(
+    ca_dir: &Path,
+    node: &str,
+    role: CertRole,
+    out_dir: &Path,
+) -> Result<PathBuf, TlsError> {
+    if node == COORDINATOR_NAME {
+        return Err(TlsError::BadNodeName(node.to_owned()));
+    }
     if node.is_empty()
         || node.len() > 63
         || !node
@@ -103,7 +179,11 @@ pub fn issue_cert(ca_dir: &Path, node: &str, out_dir: &Path) -> Result<PathBuf, 
     // The issuer as rcgen needs it: the CA's subject and key (rebuilt; only those sign).
     let issuer = ca_params()?.self_signed(&ca_key)?;
 
-    let mut params = CertificateParams::new(vec![node.to_owned(), CLUSTER_NAME.to_owned()])?;
+    let mut names = vec![node.to_owned()];
+    if role == CertRole::Coordinator {
+        names.push(COORDINATOR_NAME.to_owned());
+    }
+    let mut params = CertificateParams::new(names)?;
     params.distinguished_name.push(DnType::CommonName, node);
     params
         .distinguished_name
@@ -223,6 +303,11 @@ impl NodeTls {
         })
     }
 
+    /// Who this node's certificate says it is.
+    pub fn identity(&self) -> Result<PeerIdentity, TlsError> {
+        PeerIdentity::of(&self.chain)
+    }
+
     /// A secret only this node's key holder has, the same after every restart: the key of
     /// its QUIC endpoint's stateless resets, so that a peer still holding a connection to the
     /// node's previous process learns at its next packet that the connection is gone, instead
@@ -319,7 +404,7 @@ mod tests {
             "no overwrite"
         );
         let node = dir.path().join("node-a");
-        issue_cert(&ca, "node-a", &node).unwrap();
+        issue_cert(&ca, "node-a", CertRole::Agent, &node).unwrap();
         let tls = NodeTls::load(&TlsFiles::in_dir(&node)).unwrap();
         tls.server_config(b"blockrep/1").unwrap();
         tls.client_config(b"blockrep/1").unwrap();
@@ -330,12 +415,45 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(
-            issue_cert(&ca, "bad name", &dir.path().join("x")),
+            issue_cert(&ca, "bad name", CertRole::Agent, &dir.path().join("x")),
+            Err(TlsError::BadNodeName(_))
+        ));
+        assert!(matches!(
+            issue_cert(
+                &ca,
+                COORDINATOR_NAME,
+                CertRole::Agent,
+                &dir.path().join("x")
+            ),
             Err(TlsError::BadNodeName(_))
         ));
         assert!(matches!(
             NodeTls::load(&TlsFiles::in_dir(&dir.path().join("missing"))),
             Err(TlsError::Pem { .. })
         ));
+    }
+
+    #[test]
+    fn a_certificate_names_its_node_and_only_a_coordinators_has_the_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        let identity = |node: &str, role| {
+            let out = dir.path().join(node);
+            issue_cert(&ca, node, role, &out).unwrap();
+            let chain = load_certs(&out.join("node.pem")).unwrap();
+            PeerIdentity::of(&chain).unwrap()
+        };
+        assert_eq!(
+            identity("node-a", CertRole::Agent),
+            PeerIdentity {
+                node: "node-a".into(),
+                role: CertRole::Agent
+            }
+        );
+        let co = identity("node-co", CertRole::Coordinator);
+        assert_eq!(co.node, "node-co");
+        assert!(co.is_coordinator());
+        assert!(matches!(PeerIdentity::of(&[]), Err(TlsError::Identity(_))));
     }
 }
