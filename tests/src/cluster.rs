@@ -37,16 +37,33 @@ impl Node {
             Some(ns) => vec!["ip", "netns", "exec", ns],
             None => Vec::new(),
         };
-        self.daemon = Some(
-            Daemon::start_wrapped(
+        // Another test may take the metrics port between choosing it and the daemon binding
+        // it: then the node gets another.
+        for _ in 0..5 {
+            match Daemon::start_wrapped(
                 &wrapper,
                 &binary("blockrepd"),
                 &self.dir,
                 &self.config,
                 &self.env,
-            )
-            .unwrap_or_else(|e| panic!("start node {}: {e:#}", self.name)),
-        );
+            ) {
+                Ok(daemon) => {
+                    self.daemon = Some(daemon);
+                    return;
+                }
+                Err(e) if format!("{e:#}").contains("cannot listen on metrics_listen") => {
+                    let port = free_tcp_port();
+                    let config = std::fs::read_to_string(&self.config).unwrap().replace(
+                        &format!("metrics_listen = \"127.0.0.1:{}\"", self.metrics_port),
+                        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+                    );
+                    std::fs::write(&self.config, config).unwrap();
+                    self.metrics_port = port;
+                }
+                Err(e) => panic!("start node {}: {e:#}", self.name),
+            }
+        }
+        panic!("start node {}: no free metrics port", self.name);
     }
 
     /// SIGTERM and wait for a clean exit.
@@ -139,6 +156,15 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
+/// A free TCP port on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs the CLI without a daemon.
 pub fn cli(args: &[&str]) -> String {
     run(Command::new(binary("blockrep")).args(args))
@@ -188,16 +214,7 @@ impl TestCluster {
         let ca = dir.join("ca");
         cli(&["cluster", "init-ca", "--dir", ca.to_str().unwrap()]);
         let ports: Vec<u16> = nodes.iter().map(|_| free_udp_port()).collect();
-        let metrics_ports: Vec<u16> = nodes
-            .iter()
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
-            .collect();
+        let metrics_ports: Vec<u16> = nodes.iter().map(|_| free_tcp_port()).collect();
         let coordinator = format!("{}:{}", specs[0].address, ports[0]);
         let mut cluster = Self {
             dir: dir.to_owned(),
