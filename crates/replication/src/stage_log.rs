@@ -13,8 +13,13 @@
 //! to hold.
 //!
 //! Records: `u32 length | u8 kind | body`, then a CRC32 of kind and body. A length of zero
-//! is padding to the next 4 KiB block. A torn tail (short or failing its CRC) ends the log:
-//! it can only be a record whose sync never returned, so nothing acknowledged depends on it.
+//! is padding to the next 4 KiB block. Appends go in whole blocks, and a sync follows every
+//! seal, so only the batch written after the last sync that returned can be torn: a record
+//! that is not whole (short, failing its CRC, of no known kind, or whose range does not fit
+//! its data) with nothing whole at any later block is that torn tail, and ends the log (it
+//! holds writes of a unit not yet sealed, or a seal whose sync never returned: nothing
+//! acknowledged). A bad record with a whole one after it is corruption of something that
+//! was durable: the log is refused, and the file kept as it is for the operator.
 //!
 //! ```text
 //! Write  u64 epoch | u64 offset | u32 len | u8 zeroes | data (len bytes unless zeroes)
@@ -118,7 +123,7 @@ impl StageLog {
             mut staged,
             seals,
             end: at,
-        } = read_records(&file, applied)?;
+        } = read_records(&file, file.metadata()?.len(), applied)?;
         // Writes past the last seal belong to units that were never sealed.
         let last_seal = seals.last().map_or(applied, |s| s.epoch);
         staged.retain(|s| s.epoch <= last_seal);
@@ -351,69 +356,183 @@ struct Records {
     end: u64,
 }
 
-fn read_records(file: &File, applied: Epoch) -> io::Result<Records> {
-    let len = file.metadata()?.len();
+/// One record as it lies in the log.
+#[derive(Debug, PartialEq, Eq)]
+enum Record {
+    Write {
+        epoch: Epoch,
+        range: ByteRange,
+        zeroes: bool,
+        /// Where its data starts in the log.
+        data_at: u64,
+    },
+    Seal(SealRecord),
+    /// Zeroes up to the next block.
+    Padding,
+}
+
+/// What is at an offset of the log.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// A record, and the offset after it.
+    Record(Record, u64),
+    /// Not a record: too short, a length past the file, a CRC that fails, an unknown kind
+    /// or a body that does not fit its kind.
+    Bad(&'static str),
+}
+
+/// The longest record body: a 64 MiB write and its fields.
+const MAX_BODY: u64 = (64 << 20) + 64;
+
+/// Reads the record at `at` of `log` (`len` bytes long).
+fn record_at(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Found> {
+    let mut header = [0u8; 5];
+    if at + 5 > len {
+        return Ok(Found::Bad("a record header cut short"));
+    }
+    log.read_at(&mut header, at)?;
+    let body_len = u64::from(u32::from_le_bytes(header[..4].try_into().expect("4")));
+    if body_len == 0 {
+        return Ok(Found::Record(Record::Padding, (at / BLOCK + 1) * BLOCK));
+    }
+    let kind = header[4];
+    if body_len > MAX_BODY || at + 5 + body_len + 4 > len {
+        return Ok(Found::Bad("a record longer than what follows it"));
+    }
+    let mut body = vec![0u8; body_len as usize];
+    log.read_at(&mut body, at + 5)?;
+    let mut crc = [0u8; 4];
+    log.read_at(&mut crc, at + 5 + body_len)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&[kind]);
+    hasher.update(&body);
+    if hasher.finalize() != u32::from_le_bytes(crc) {
+        return Ok(Found::Bad("a record that fails its CRC"));
+    }
+    let next = at + 5 + body_len + 4;
+    let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8"));
+    let record = match kind {
+        KIND_WRITE if body.len() >= 21 => {
+            let offset = u64_at(8);
+            let range_len = u64::from(u32::from_le_bytes(body[16..20].try_into().expect("4")));
+            let zeroes = body[20] != 0;
+            // A data write carries exactly its range's bytes; no range wraps.
+            if offset.checked_add(range_len).is_none()
+                || (!zeroes && body.len() as u64 != 21 + range_len)
+            {
+                return Ok(Found::Bad(
+                    "a write record whose range does not fit its data",
+                ));
+            }
+            Record::Write {
+                epoch: Epoch(u64_at(0)),
+                range: ByteRange::new(offset, range_len),
+                zeroes,
+                data_at: at + 5 + 21,
+            }
+        }
+        KIND_SEAL if body.len() == 16 => Record::Seal(SealRecord {
+            epoch: Epoch(u64_at(0)),
+            cut_ms: u64_at(8),
+        }),
+        _ => return Ok(Found::Bad("a record of an unknown kind")),
+    };
+    Ok(Found::Record(record, next))
+}
+
+/// Reads the log's records above `applied`. A record that is not whole ends the log if
+/// nothing whole follows it at any later block: that is a torn tail, the last batch written
+/// after the last sync that returned (records go in whole blocks, and a sync follows every
+/// seal), so it holds only writes of a unit not yet sealed, or a seal whose sync never
+/// returned: nothing acknowledged. A bad record with a whole one after it is corruption of
+/// something that was durable: an error, and the file is left as it is.
+fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::Result<Records> {
     let mut staged = Vec::new();
     let mut seals = Vec::new();
     let mut at = 0u64;
-    let mut header = [0u8; 5];
-    while at + 5 <= len {
-        file.read_exact_at(&mut header, at)?;
-        let body_len = u32::from_le_bytes(header[..4].try_into().expect("4")) as u64;
-        if body_len == 0 {
-            // Padding to the next block.
-            at = (at / BLOCK + 1) * BLOCK;
-            continue;
-        }
-        let kind = header[4];
-        if at + 5 + body_len + 4 > len || body_len > (64 << 20) + 64 {
-            break;
-        }
-        let mut body = vec![0u8; body_len as usize];
-        file.read_exact_at(&mut body, at + 5)?;
-        let mut crc = [0u8; 4];
-        file.read_exact_at(&mut crc, at + 5 + body_len)?;
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&[kind]);
-        hasher.update(&body);
-        if hasher.finalize() != u32::from_le_bytes(crc) {
-            break;
-        }
-        let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8"));
-        match kind {
-            KIND_WRITE if body.len() >= 21 => {
-                let epoch = Epoch(u64_at(0));
-                let offset = u64_at(8);
-                let len = u32::from_le_bytes(body[16..20].try_into().expect("4")) as u64;
-                let zeroes = body[20] != 0;
-                if epoch > applied {
-                    staged.push(Staged {
-                        epoch,
-                        range: ByteRange::new(offset, len),
-                        zeroes,
-                        data_at: at + 5 + 21,
-                        data: None,
-                    });
+    while at < len {
+        let (record, next) = match record_at(log, len, at)? {
+            Found::Record(record, next) => (record, next),
+            Found::Bad(what) => {
+                if let Some(whole) = whole_record_after(log, len, at)? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the stage log is corrupt: {what} at offset {at}, with a whole record \
+                             after it at offset {whole} (not a torn tail); it is kept as it is"
+                        ),
+                    ));
                 }
+                break;
             }
-            KIND_SEAL if body.len() == 16 => {
-                let seal = SealRecord {
-                    epoch: Epoch(u64_at(0)),
-                    cut_ms: u64_at(8),
-                };
-                if seal.epoch > applied {
-                    seals.push(seal);
-                }
-            }
-            _ => break,
+        };
+        match record {
+            Record::Write {
+                epoch,
+                range,
+                zeroes,
+                data_at,
+            } if epoch > applied => staged.push(Staged {
+                epoch,
+                range,
+                zeroes,
+                data_at,
+                data: None,
+            }),
+            Record::Seal(seal) if seal.epoch > applied => seals.push(seal),
+            _ => {}
         }
-        at += 5 + body_len + 4;
+        at = next;
     }
     Ok(Records {
         staged,
         seals,
-        end: at,
+        end: at.min(len),
     })
+}
+
+/// The first block boundary after `at` where a whole record (not padding) starts, if any.
+fn whole_record_after(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Option<u64>> {
+    let mut block = (at / BLOCK + 1) * BLOCK;
+    while block < len {
+        if let Found::Record(record, _) = record_at(log, len, block)?
+            && record != Record::Padding
+        {
+            return Ok(Some(block));
+        }
+        block += BLOCK;
+    }
+    Ok(None)
+}
+
+/// Positional reads: of the log file, or of its bytes in memory (the fuzzer's).
+pub trait ReadAt {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&s| s <= self.len() && self.len() - s >= buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(&self[start..start + buf.len()]);
+        Ok(())
+    }
+}
+
+/// What a stage log's bytes hold above `applied`: its staged writes' ranges and its seals,
+/// or why it is corrupt. The same reading the agent does at start-up, over bytes in memory
+/// (for the fuzzer).
+pub fn parse(bytes: &[u8], applied: Epoch) -> io::Result<(Vec<ByteRange>, Vec<SealRecord>)> {
+    let Records { staged, seals, .. } = read_records(bytes, bytes.len() as u64, applied)?;
+    Ok((staged.into_iter().map(|s| s.range).collect(), seals))
 }
 
 /// The ranges of every write a stage log holds for epochs after `after`, sealed or not, and
@@ -425,7 +544,8 @@ pub fn writes_after(path: &Path, after: Epoch) -> io::Result<(Vec<ByteRange>, Op
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
         Err(e) => return Err(e),
     };
-    let Records { staged, seals, .. } = read_records(&file, Epoch::ZERO)?;
+    let len = file.metadata()?.len();
+    let Records { staged, seals, .. } = read_records(&file, len, Epoch::ZERO)?;
     let ranges = staged
         .into_iter()
         .filter(|s| s.epoch > after)
@@ -538,6 +658,77 @@ mod tests {
         assert_eq!(unit.len(), 2);
         log.read(&unit[1], &mut data).unwrap();
         assert_eq!(&data, b"cccc");
+    }
+
+    #[test]
+    fn a_bad_record_with_whole_records_after_it_is_corruption_and_the_file_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
+                .unwrap();
+            log.seal(Epoch(1), 5).unwrap();
+            log.append_write(Epoch(2), ByteRange::new(0, 4), false, &b(b"cccc"))
+                .unwrap();
+            log.seal(Epoch(2), 6).unwrap();
+        }
+        // A bit flips in the first batch, which was synced and acknowledged long ago.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(b"X", 30).unwrap();
+        drop(file);
+        let before = std::fs::read(&path).unwrap();
+        let err = StageLog::open(&path, Epoch(0)).err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "the file is kept");
+        assert!(writes_after(&path, Epoch(0)).is_err());
+    }
+
+    /// A record as the log holds it: length, kind, body, CRC.
+    fn encoded(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.push(kind);
+        out.extend_from_slice(body);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[kind]);
+        hasher.update(body);
+        out.extend_from_slice(&hasher.finalize().to_le_bytes());
+        out
+    }
+
+    fn write_body(offset: u64, len: u32, zeroes: bool, data: &[u8]) -> Vec<u8> {
+        let mut body = 1u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&offset.to_le_bytes());
+        body.extend_from_slice(&len.to_le_bytes());
+        body.push(u8::from(zeroes));
+        body.extend_from_slice(data);
+        body
+    }
+
+    #[test]
+    fn records_whose_range_does_not_fit_their_data_are_not_records() {
+        let whole = encoded(KIND_WRITE, &write_body(4096, 4, false, b"abcd"));
+        assert_eq!(
+            parse(&whole, Epoch(0)).unwrap().0,
+            vec![ByteRange::new(4096, 4)]
+        );
+        // A range that wraps past u64::MAX; a write claiming more data than it carries.
+        for bad in [
+            write_body(u64::MAX, 4, true, b""),
+            write_body(0, 4096, false, b"abcd"),
+        ] {
+            let log = encoded(KIND_WRITE, &bad);
+            assert_eq!(
+                parse(&log, Epoch(0)).unwrap(),
+                (vec![], vec![]),
+                "a torn tail"
+            );
+        }
     }
 
     #[test]
