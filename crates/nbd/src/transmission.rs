@@ -561,11 +561,13 @@ impl Connection {
             });
             return Ok(());
         }
-        if let Err(errno) = self.check(&req) {
-            self.reply_error(req.handle, errno);
-            return Ok(());
-        }
-        let range = ByteRange::new(req.offset, u64::from(req.len));
+        let range = match self.check(&req) {
+            Ok(range) => range,
+            Err(errno) => {
+                self.reply_error(req.handle, errno);
+                return Ok(());
+            }
+        };
         match req.command {
             Command::Read if range.is_aligned(DIRECT_IO_ALIGN) && !range.is_empty() => {
                 let buf = self.pool.take(req.len as usize);
@@ -632,7 +634,8 @@ impl Connection {
     }
 
     /// The errno a request gets without touching the disk, if any.
-    fn check(&mut self, req: &Request) -> Result<(), i32> {
+    /// The range a request touches, checked; or the errno it gets without touching the disk.
+    fn check(&mut self, req: &Request) -> Result<ByteRange, i32> {
         let result = self.validate(req);
         if result.is_err() {
             self.stats.rejected += 1;
@@ -640,7 +643,7 @@ impl Connection {
         result
     }
 
-    fn validate(&self, req: &Request) -> Result<(), i32> {
+    fn validate(&self, req: &Request) -> Result<ByteRange, i32> {
         if let Command::Unsupported(_) = req.command {
             return Err(libc::EINVAL);
         }
@@ -649,7 +652,8 @@ impl Connection {
             return Err(libc::EINVAL);
         }
         match req.command {
-            Command::Flush | Command::Disconnect => return Ok(()),
+            // Their offset and length mean nothing (and may be anything a client sends).
+            Command::Flush | Command::Disconnect => return Ok(ByteRange::new(0, 0)),
             Command::Read | Command::Write if req.len > MAX_PAYLOAD => return Err(libc::EINVAL),
             Command::BlockStatus if !self.negotiated.base_allocation || req.len == 0 => {
                 return Err(libc::EINVAL);
@@ -657,7 +661,7 @@ impl Connection {
             _ => {}
         }
         match ByteRange::within(req.offset, u64::from(req.len), self.volume.size()) {
-            Ok(_) => Ok(()),
+            Ok(range) => Ok(range),
             // As nbdkit and qemu-nbd: writes past the end are out of space, the rest invalid.
             Err(RangeError::PastEnd { .. })
                 if matches!(req.command, Command::Write | Command::WriteZeroes) =>
