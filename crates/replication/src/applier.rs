@@ -215,7 +215,7 @@ impl Applier {
             held_seals: Vec::new(),
             gate: DirectGate::default(),
             barrier: AckBarrier::default(),
-            sync: None,
+            syncs: VecDeque::new(),
             stage_log_max_bytes,
             stage_full: false,
             inflight_bytes: 0,
@@ -365,8 +365,8 @@ struct Worker {
     /// Acknowledgements of direct writes that completed, waiting for a sync to make them
     /// durable.
     barrier: AckBarrier<u64>,
-    /// The sync in flight on the ring, if any.
-    sync: Option<SyncTicket>,
+    /// The syncs in flight on the ring, oldest first.
+    syncs: VecDeque<SyncTicket>,
     stage_log_max_bytes: u64,
     /// Staged writes are being rejected for want of room in the stage log (logged once).
     stage_full: bool,
@@ -395,7 +395,7 @@ impl Worker {
                 && self.inflight == 0
                 && self.queue.is_empty()
                 && self.applying.is_none()
-                && self.sync.is_none()
+                && self.syncs.is_empty()
             {
                 if self.wake_inflight {
                     self.waker.signal();
@@ -417,7 +417,8 @@ impl Worker {
 
     /// Waits for at least one completion and handles all there are.
     fn reap(&mut self, only_wake: bool) -> io::Result<()> {
-        self.beat.expect(self.inflight > 0 || self.sync.is_some());
+        self.beat
+            .expect(self.inflight > 0 || !self.syncs.is_empty());
         match self.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => return Ok(()),
@@ -465,13 +466,16 @@ impl Worker {
             .build()
             .user_data(UD_SYNC);
         self.push(sqe)?;
-        self.sync = Some(ticket);
+        self.syncs.push_back(ticket);
         Ok(())
     }
 
     /// The sync in flight returned: what it covers is durable.
     fn on_sync_done(&mut self, result: i32) -> io::Result<()> {
-        let ticket = self.sync.take().expect("a sync was in flight");
+        // Syncs may return in any order: the k-th to return releases the k oldest tickets'
+        // writes, all of which an earlier-begun or this sync covered, and one of the k that
+        // returned began at least as late as the k-th oldest.
+        let ticket = self.syncs.pop_front().expect("a sync was in flight");
         if result < 0 {
             return Err(io::Error::from_raw_os_error(-result));
         }
@@ -496,8 +500,7 @@ impl Worker {
         if self.wake_inflight {
             self.waker.signal();
         }
-        let outstanding =
-            self.inflight + usize::from(self.wake_inflight) + usize::from(self.sync.is_some());
+        let outstanding = self.inflight + usize::from(self.wake_inflight) + self.syncs.len();
         let (slots, locks) = (&mut self.slots, &mut self.locks);
         let drained = blockrep_volume::ring::drain(
             &mut self.ring,
@@ -520,7 +523,7 @@ impl Worker {
         self.inflight = 0;
         self.inflight_bytes = 0;
         self.wake_inflight = false;
-        self.sync = None;
+        self.syncs.clear();
     }
 
     /// Starts whatever may start now, in order.

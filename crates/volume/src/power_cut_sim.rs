@@ -46,7 +46,8 @@ struct Sim {
     production: Vec<u64>,
     dr: Backing,
     barrier: AckBarrier<Ticket>,
-    sync: Option<SyncTicket>,
+    /// Syncs in flight, in the order they began.
+    syncs: Vec<SyncTicket>,
     /// The stream, in order.
     link: VecDeque<InFlight>,
     /// Acknowledgements sent by the DR side, not yet read by production.
@@ -79,7 +80,7 @@ impl Sim {
             production: vec![0; BLOCKS as usize],
             dr,
             barrier: AckBarrier::default(),
-            sync: None,
+            syncs: Vec::new(),
             link: VecDeque::new(),
             acks: VecDeque::new(),
             next_id: 1,
@@ -122,15 +123,20 @@ impl Sim {
 
     fn dr_starts_sync(&mut self) {
         if self.barrier.wants_sync() {
-            self.sync = Some(self.barrier.start_sync());
+            self.syncs.push(self.barrier.start_sync());
         }
     }
 
+    /// One of the syncs in flight returns (any one: they may return out of order).
     fn dr_finishes_sync(&mut self) {
-        if let Some(ticket) = self.sync.take() {
-            self.dr.sync_data().unwrap();
-            self.acks.extend(self.barrier.synced(ticket));
+        if self.syncs.is_empty() {
+            return;
         }
+        let ticket = self
+            .syncs
+            .remove(self.rng.random_range(0..self.syncs.len()));
+        self.dr.sync_data().unwrap();
+        self.acks.extend(self.barrier.synced(ticket));
     }
 
     fn production_reads_an_ack(&mut self) {
@@ -144,7 +150,7 @@ impl Sim {
     fn dr_power_cut(&mut self) {
         self.dr.power_cut().unwrap();
         self.barrier = AckBarrier::default();
-        self.sync = None;
+        self.syncs.clear();
         let lost: Vec<Ticket> = self.link.drain(..).map(|w| w.ticket).collect();
         self.tracker.forget(lost);
     }

@@ -12,40 +12,49 @@
 //!  write b completes ─► waiting {a, b}
 //!  sync S1 starts    ─► S1 covers {a, b}; waiting {}
 //!  write c completes ─► waiting {c}                 (S1 began before c completed)
+//!  sync S2 starts    ─► S2 covers {c}               (while S1 is in flight)
 //!  S1 returns        ─► acknowledge a, b
-//!  sync S2 starts    ─► S2 covers {c} ...
+//!  S2 returns        ─► acknowledge c
 //! ```
 //!
-//! At most one sync is in flight; writes that complete meanwhile wait for the next, so the
-//! number of syncs is bounded by the device's sync rate, not by the write rate, and each
-//! write waits at most for the sync in flight plus one more.
+//! A sync covers every write that completed before it began, so when one returns,
+//! everything the syncs begun before it covered is durable too, whatever order they return
+//! in. Up to [`MAX_SYNCS`] are in flight: a write that completes while one is running does
+//! not wait for it to return before its own sync begins, so each write waits about one
+//! sync, and the number of syncs is bounded by the device's sync rate, not the write rate.
 //!
 //! The barrier does no I/O: the applier tells it what completed and when its syncs start
 //! and return, and sends the acknowledgements it gives.
 
-/// What a sync covers: the acknowledgements it releases when it returns.
+use std::collections::VecDeque;
+
+/// The most syncs in flight at once.
+pub const MAX_SYNCS: usize = 4;
+
+/// A sync begun: what it covers is given back when it returns.
 #[must_use = "the sync's acknowledgements are given back when it returns"]
 #[derive(Debug, PartialEq, Eq)]
 pub struct SyncTicket {
-    covers: usize,
+    id: u64,
 }
 
 /// Acknowledgements waiting for a sync of the DR volume.
 #[derive(Debug)]
 pub struct AckBarrier<A> {
-    /// Completed before the sync in flight began: released when it returns, in order.
-    covered: Vec<A>,
-    /// Completed since: waiting for the next sync.
+    /// Per sync in flight, oldest first: what completed before it began (and after the one
+    /// before it began).
+    covered: VecDeque<(u64, Vec<A>)>,
+    /// Completed since the last sync began: waiting for the next.
     waiting: Vec<A>,
-    syncing: bool,
+    next_id: u64,
 }
 
 impl<A> Default for AckBarrier<A> {
     fn default() -> Self {
         Self {
-            covered: Vec::new(),
+            covered: VecDeque::new(),
             waiting: Vec::new(),
-            syncing: false,
+            next_id: 0,
         }
     }
 }
@@ -56,45 +65,55 @@ impl<A> AckBarrier<A> {
         self.waiting.push(ack);
     }
 
-    /// Whether a sync should start now: something waits and no sync is in flight.
+    /// Whether a sync should start now: something waits, and fewer than [`MAX_SYNCS`] are
+    /// in flight.
     pub fn wants_sync(&self) -> bool {
-        !self.syncing && !self.waiting.is_empty()
+        !self.waiting.is_empty() && self.covered.len() < MAX_SYNCS
     }
 
     /// A sync of the volume is about to be issued: it covers everything completed so far.
-    /// Panics if one is in flight already (the caller asks [`AckBarrier::wants_sync`]).
     pub fn start_sync(&mut self) -> SyncTicket {
-        assert!(!self.syncing, "one sync at a time");
-        self.syncing = true;
-        self.covered = std::mem::take(&mut self.waiting);
-        SyncTicket {
-            covers: self.covered.len(),
-        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.covered
+            .push_back((id, std::mem::take(&mut self.waiting)));
+        SyncTicket { id }
     }
 
-    /// The sync returned successfully: the acknowledgements it covers, to send now.
+    /// The sync of `ticket` returned successfully: the acknowledgements it covers, and those
+    /// of every sync begun before it (still in flight or not), to send now.
     pub fn synced(&mut self, ticket: SyncTicket) -> Vec<A> {
-        assert!(self.syncing, "a sync was started");
-        debug_assert_eq!(ticket.covers, self.covered.len());
-        self.syncing = false;
-        std::mem::take(&mut self.covered)
+        let mut durable = Vec::new();
+        while let Some((id, _)) = self.covered.front() {
+            if *id > ticket.id {
+                break;
+            }
+            let (_, acks) = self.covered.pop_front().expect("looked at the front");
+            durable.extend(acks);
+        }
+        durable
     }
 
     /// A sync that covers everything completed so far was done outside the barrier (a
-    /// flush, a unit's apply, a blocking slow path followed by a sync): everything waiting
-    /// is durable. Returns it, to acknowledge; a sync still in flight keeps its own.
+    /// flush, a unit's apply, a blocking slow path followed by a sync): everything waiting,
+    /// and everything the syncs in flight cover, is durable. Returns it, to acknowledge.
     pub fn synced_outside(&mut self) -> Vec<A> {
-        std::mem::take(&mut self.waiting)
+        let mut durable: Vec<A> = Vec::new();
+        for (_, acks) in &mut self.covered {
+            durable.append(acks);
+        }
+        durable.append(&mut self.waiting);
+        durable
     }
 
-    /// Acknowledgements held, waiting or covered by the sync in flight.
+    /// Acknowledgements held, waiting or covered by a sync in flight.
     pub fn held(&self) -> usize {
-        self.covered.len() + self.waiting.len()
+        self.covered.iter().map(|(_, a)| a.len()).sum::<usize>() + self.waiting.len()
     }
 
-    /// Whether a sync is in flight.
-    pub fn syncing(&self) -> bool {
-        self.syncing
+    /// Syncs in flight.
+    pub fn syncing(&self) -> usize {
+        self.covered.len()
     }
 }
 
@@ -111,7 +130,6 @@ mod tests {
         assert!(barrier.wants_sync());
         let s1 = barrier.start_sync();
         barrier.completed(3);
-        assert!(!barrier.wants_sync(), "one sync at a time");
         assert_eq!(barrier.held(), 3);
         assert_eq!(barrier.synced(s1), vec![1, 2]);
         assert!(barrier.wants_sync());
@@ -121,12 +139,44 @@ mod tests {
     }
 
     #[test]
-    fn a_sync_outside_releases_what_waits_but_not_what_the_sync_in_flight_covers() {
+    fn a_later_sync_returning_first_makes_what_earlier_ones_cover_durable() {
+        let mut barrier = AckBarrier::default();
+        barrier.completed(1);
+        let s1 = barrier.start_sync();
+        barrier.completed(2);
+        let s2 = barrier.start_sync();
+        barrier.completed(3);
+        let s3 = barrier.start_sync();
+        assert_eq!(barrier.syncing(), 3);
+        assert_eq!(barrier.synced(s2), vec![1, 2]);
+        assert_eq!(barrier.synced(s1), Vec::<i32>::new(), "already given");
+        assert_eq!(barrier.synced(s3), vec![3]);
+        assert_eq!(barrier.syncing(), 0);
+    }
+
+    #[test]
+    fn no_more_than_max_syncs_are_in_flight() {
+        let mut barrier = AckBarrier::default();
+        let mut tickets = Vec::new();
+        for i in 0..MAX_SYNCS {
+            barrier.completed(i);
+            assert!(barrier.wants_sync());
+            tickets.push(barrier.start_sync());
+        }
+        barrier.completed(99);
+        assert!(!barrier.wants_sync());
+        let first = tickets.remove(0);
+        assert_eq!(barrier.synced(first), vec![0]);
+        assert!(barrier.wants_sync());
+    }
+
+    #[test]
+    fn a_sync_outside_releases_everything_completed_before_it() {
         let mut barrier = AckBarrier::default();
         barrier.completed(1);
         let s = barrier.start_sync();
         barrier.completed(2);
-        assert_eq!(barrier.synced_outside(), vec![2]);
-        assert_eq!(barrier.synced(s), vec![1]);
+        assert_eq!(barrier.synced_outside(), vec![1, 2]);
+        assert_eq!(barrier.synced(s), Vec::<i32>::new());
     }
 }
