@@ -245,6 +245,51 @@ fn held_answers_given_back_failed_are_answered_with_the_error_and_the_client_can
 }
 
 #[test]
+fn a_connection_reads_no_more_requests_while_128_answers_wait_for_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume(dir.path());
+    let link = Arc::new(HoldingLink::default());
+    volume
+        .gate()
+        .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+    let (c, server) = client(&volume);
+    // 200 writes, pipelined: the peer answers none of them for now.
+    let mut writer = c.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        for i in 0..200u64 {
+            let mut frame = request(1, i, i * 4096, 4096);
+            frame.extend_from_slice(&[0x5a; 4096]);
+            writer.write_all(&frame).unwrap();
+        }
+    });
+    link.wait_local_done(128);
+    // A held answer holds its write's memory: past 128 the connection takes no more
+    // requests (the client is pushed back by its socket) until the peer answers, but for
+    // those already in its 256 KiB input buffer (at most 63 writes of 4 KiB).
+    let bound = 128 + 63;
+    let observed = std::time::Instant::now() + Duration::from_millis(300);
+    while std::time::Instant::now() < observed {
+        let done = *link.local_done.lock().unwrap();
+        assert!(done <= bound, "{done} writes taken while 128 answers wait");
+        std::thread::yield_now();
+    }
+    let mut answered = 0;
+    let mut c = c;
+    while answered < 200 {
+        link.release_all();
+        c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut r = [0u8; 16];
+        while c.read_exact(&mut r).is_ok() {
+            answered += 1;
+        }
+    }
+    sending.join().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(&request(2, 0, 0, 0)).unwrap();
+    server.join().unwrap();
+}
+
+#[test]
 fn a_dr_volume_refuses_writes_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let volume = volume(dir.path());
