@@ -66,6 +66,20 @@ impl Node {
         panic!("start node {}: no free metrics port", self.name);
     }
 
+    /// Restarts the node with a test-only fault hook set in its environment, and checks
+    /// the daemon was built with the hooks (scripts/test.sh builds it so).
+    pub fn restart_with_fault(&mut self, variable: &str, value: &str) {
+        self.stop();
+        self.env.push((variable.into(), value.into()));
+        self.start();
+        assert!(
+            self.daemon()
+                .log_text()
+                .contains("built with test-only fault injection"),
+            "this test needs the daemon built with --features blockrepd/fault-injection (scripts/test.sh does it)"
+        );
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         self.daemon.take().expect("node running").stop().unwrap();

@@ -3,7 +3,6 @@
 //! again; a journal that overflows falls back to bitmap mode without slowing the
 //! application to the link, and the pair converges once the writer stops.
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::sync::Arc;
@@ -113,20 +112,9 @@ fn a_corrupted_extent_is_rejected_counted_and_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start(dir.path(), &[("node-a", "az1"), ("node-b", "az2")], "");
     // The production agent corrupts the 20th data extent it sends (test-only hook).
-    let a = cluster.node_mut("node-a");
-    a.stop();
-    a.env
-        .push(("BLOCKREP_FAULT_CORRUPT_EXTENT".into(), "20".into()));
-    a.start();
-    let mut log = String::new();
-    std::fs::File::open(&a.daemon().log)
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(
-        log.contains("built with test-only fault injection"),
-        "this test needs the daemon built with --features blockrepd/fault-injection (scripts/test.sh does it)"
-    );
+    cluster
+        .node_mut("node-a")
+        .restart_with_fault("BLOCKREP_FAULT_CORRUPT_EXTENT", "20");
     cluster.wait_nodes_alive();
     let prod = dir.path().join("prod.img");
     let dr = dir.path().join("dr.img");

@@ -37,16 +37,9 @@ fn bounded_cluster(dir: &Path) -> TestCluster {
             cluster_extra: "",
         },
     );
-    let b = cluster.node_mut("node-b");
-    b.stop();
-    b.env.push(("BLOCKREP_FAULT_DISK_MBPS".into(), "40".into()));
-    b.start();
-    assert!(
-        b.daemon()
-            .log_text()
-            .contains("built with test-only fault injection"),
-        "this test needs the daemon built with --features blockrepd/fault-injection (scripts/test.sh does it)"
-    );
+    cluster
+        .node_mut("node-b")
+        .restart_with_fault("BLOCKREP_FAULT_DISK_MBPS", "40");
     cluster.wait_nodes_alive();
     cluster
 }

@@ -41,17 +41,9 @@ fn cluster_with_volatile_dr(dir: &Path) -> TestCluster {
         ],
         FAST_TIMEOUT,
     );
-    let b = cluster.node_mut("node-b");
-    b.stop();
-    b.env
-        .push(("BLOCKREP_FAULT_VOLATILE_WRITES".into(), "1".into()));
-    b.start();
-    assert!(
-        b.daemon()
-            .log_text()
-            .contains("built with test-only fault injection"),
-        "this test needs the daemon built with --features blockrepd/fault-injection (scripts/test.sh does it)"
-    );
+    cluster
+        .node_mut("node-b")
+        .restart_with_fault("BLOCKREP_FAULT_VOLATILE_WRITES", "1");
     cluster.wait_nodes_alive();
     cluster
 }

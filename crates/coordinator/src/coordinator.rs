@@ -851,68 +851,57 @@ impl Coordinator {
     async fn drive_pair(&self, pair: PairRecord) -> Result<(), ApiError> {
         match pair.status {
             PairStatus::Creating if !pair.dr_started => {
-                let (production, dr) = self.addresses(&pair);
-                let (Some(production), Some(dr)) = (production, dr) else {
-                    return self.stuck(&pair, "a node of the pair is not registered");
-                };
-                let assignment = PairPlan::assignment_of(&pair, Side::Dr, production);
-                match self
-                    .call_agent(&pair.dr_node, dr, Request::BecomeDr(assignment))
+                self.creation_step(pair, Side::Dr, |record| record.dr_started = true)
                     .await
-                {
-                    Ok(()) => {
-                        let mut record = pair.clone();
-                        record.dr_started = true;
-                        self.commit(&[Change::PutPair(record.clone())])?;
-                        let mut state = self.lock();
-                        state.stuck_since.remove(&pair.id);
-                        state.pairs.insert(pair.id, record);
-                        Ok(())
-                    }
-                    Err(e) => self.stuck(&pair, &e.to_string()),
-                }
             }
             PairStatus::Creating if !pair.production_started => {
-                let (address, leave_address) = {
-                    let state = self.lock();
-                    (
-                        state
-                            .nodes
-                            .get(&pair.production_node)
-                            .map(|n| n.record.address),
-                        state.nodes.get(&pair.dr_node).map(|n| n.record.address),
-                    )
-                };
-                let (Some(address), Some(dr_address)) = (address, leave_address) else {
-                    return self.stuck(&pair, "a node of the pair is not registered");
-                };
-                let assignment = PairPlan::assignment_of(&pair, Side::Production, dr_address);
-                match self
-                    .call_agent(
-                        &pair.production_node,
-                        address,
-                        Request::BecomeProduction(assignment),
-                    )
-                    .await
-                {
-                    Ok(()) => {
-                        let mut record = pair.clone();
-                        record.production_started = true;
-                        record.status = PairStatus::Available;
-                        record.updated_at = Some(now_text());
-                        self.commit(&[Change::PutPair(record.clone())])?;
-                        let mut state = self.lock();
-                        state.stuck_since.remove(&pair.id);
-                        state.pairs.insert(pair.id, record);
-                        Ok(())
-                    }
-                    Err(e) => self.stuck(&pair, &e.to_string()),
-                }
+                self.creation_step(pair, Side::Production, |record| {
+                    record.production_started = true;
+                    record.status = PairStatus::Available;
+                    record.updated_at = Some(now_text());
+                })
+                .await
             }
             PairStatus::Deleting => self.drive_delete(pair).await,
             _ if pair.pending.is_some() => self.drive_pending(pair).await,
             _ => self.follow_job(&pair),
         }
+    }
+
+    /// A step of a pair's creation: the agent of `side` takes its role (again, if it did
+    /// before: that is idempotent); once it has, `taken` is recorded.
+    async fn creation_step(
+        &self,
+        pair: PairRecord,
+        side: Side,
+        taken: impl FnOnce(&mut PairRecord),
+    ) -> Result<(), ApiError> {
+        let (production, dr) = self.addresses(&pair);
+        let (Some(production), Some(dr)) = (production, dr) else {
+            return self.stuck(&pair, "a node of the pair is not registered");
+        };
+        let (node, address, request) = match side {
+            Side::Dr => (
+                &pair.dr_node,
+                dr,
+                Request::BecomeDr(PairPlan::assignment_of(&pair, Side::Dr, production)),
+            ),
+            Side::Production => (
+                &pair.production_node,
+                production,
+                Request::BecomeProduction(PairPlan::assignment_of(&pair, Side::Production, dr)),
+            ),
+        };
+        if let Err(e) = self.call_agent(node, address, request).await {
+            return self.stuck(&pair, &e.to_string());
+        }
+        let mut record = pair.clone();
+        taken(&mut record);
+        self.commit(&[Change::PutPair(record.clone())])?;
+        let mut state = self.lock();
+        state.stuck_since.remove(&pair.id);
+        state.pairs.insert(pair.id, record);
+        Ok(())
     }
 
     /// Where the pair's production and DR agents are, if they registered.

@@ -10,17 +10,10 @@ use std::sync::Arc;
 use blockrep_nbd::{Connection, Negotiated};
 use blockrep_volume::{Backing, Volume};
 
-const SIZE: u64 = 1 << 20;
+mod common;
+use common::request;
 
-fn request(command: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut out = 0x2560_9513u32.to_be_bytes().to_vec();
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&command.to_be_bytes());
-    out.extend_from_slice(&handle.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out
-}
+const SIZE: u64 = 1 << 20;
 
 /// Serves `input` to a fresh connection and returns every simple reply's (error, handle).
 fn serve(input: &[u8]) -> Vec<(u32, u64)> {

@@ -15,6 +15,9 @@ use blockrep_volume::{
     TrackerConfig, Volume,
 };
 
+mod common;
+use common::request;
+
 /// Holds every write and flush until the test releases them, like a peer that answers
 /// when told to.
 #[derive(Default)]
@@ -114,6 +117,16 @@ impl ExportSet for One {
 
 const SIZE: u64 = 4 << 20;
 
+/// A volume whose writes go through a [`HoldingLink`].
+fn linked_volume(dir: &std::path::Path) -> (Arc<Volume>, Arc<HoldingLink>) {
+    let volume = volume(dir);
+    let link = Arc::new(HoldingLink::default());
+    volume
+        .gate()
+        .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+    (volume, link)
+}
+
 fn volume(dir: &std::path::Path) -> Arc<Volume> {
     let path = dir.join("v.img");
     std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
@@ -148,16 +161,6 @@ fn client(volume: &Arc<Volume>) -> (UnixStream, std::thread::JoinHandle<()>) {
     (ours, server)
 }
 
-fn request(command: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut out = 0x2560_9513u32.to_be_bytes().to_vec();
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&command.to_be_bytes());
-    out.extend_from_slice(&handle.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out
-}
-
 /// (error, handle) of the next simple reply.
 fn reply(stream: &mut UnixStream) -> (u32, u64) {
     let mut r = [0u8; 16];
@@ -180,11 +183,7 @@ fn next_reply_is_a_read(stream: &mut UnixStream, handle: u64) {
 #[test]
 fn a_synchronous_write_and_a_flush_are_answered_once_the_peer_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let volume = volume(dir.path());
-    let link = Arc::new(HoldingLink::default());
-    volume
-        .gate()
-        .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+    let (volume, link) = linked_volume(dir.path());
     let (mut c, server) = client(&volume);
 
     let mut frame = request(1, 7, 8192, 4096);
@@ -223,11 +222,7 @@ fn a_synchronous_write_and_a_flush_are_answered_once_the_peer_answers() {
 #[test]
 fn held_answers_given_back_failed_are_answered_with_the_error_and_the_client_can_leave() {
     let dir = tempfile::tempdir().unwrap();
-    let volume = volume(dir.path());
-    let link = Arc::new(HoldingLink::default());
-    volume
-        .gate()
-        .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+    let (volume, link) = linked_volume(dir.path());
     let (mut c, server) = client(&volume);
     let mut frame = request(1, 7, 8192, 4096);
     frame.extend_from_slice(&[0x5a; 4096]);
@@ -247,11 +242,7 @@ fn held_answers_given_back_failed_are_answered_with_the_error_and_the_client_can
 #[test]
 fn a_connection_reads_no_more_requests_while_128_answers_wait_for_the_peer() {
     let dir = tempfile::tempdir().unwrap();
-    let volume = volume(dir.path());
-    let link = Arc::new(HoldingLink::default());
-    volume
-        .gate()
-        .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
+    let (volume, link) = linked_volume(dir.path());
     let (c, server) = client(&volume);
     // 200 writes, pipelined: the peer answers none of them for now.
     let mut writer = c.try_clone().unwrap();

@@ -319,25 +319,13 @@ impl DrPair {
         if let Some(reason) = self.fault() {
             self.streams_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
-            let _ = writer
-                .send(&Frame::Refuse {
-                    kind: RefuseKind::Failed,
-                    reason,
-                })
-                .await;
-            writer.finish();
+            writer.refuse(RefuseKind::Failed, reason).await;
             return;
         }
         if let Some(reason) = self.check(&hello) {
             self.streams_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
-            let _ = writer
-                .send(&Frame::Refuse {
-                    kind: RefuseKind::Mismatch,
-                    reason,
-                })
-                .await;
-            writer.finish();
+            writer.refuse(RefuseKind::Mismatch, reason).await;
             return;
         }
         let session = self.session.fetch_add(1, Ordering::SeqCst) + 1;
@@ -369,12 +357,7 @@ impl DrPair {
             Ok(Err(e)) => {
                 let reason = format!("cannot open the stage log: {e}");
                 tracing::error!(pair = %self.membership.pair, %reason);
-                let _ = writer
-                    .send(&Frame::Refuse {
-                        kind: RefuseKind::Failed,
-                        reason,
-                    })
-                    .await;
+                writer.refuse(RefuseKind::Failed, reason).await;
                 return;
             }
             Err(e) => {
@@ -430,8 +413,7 @@ impl DrPair {
             self.diverged
                 .store(kind == RefuseKind::Diverged, Ordering::SeqCst);
             self.set_status(ReplicationStatus::Error, reason.clone());
-            let _ = writer.send(&Frame::Refuse { kind, reason }).await;
-            writer.finish();
+            writer.refuse(kind, reason).await;
             return;
         }
         self.diverged.store(false, Ordering::SeqCst);
@@ -496,12 +478,7 @@ impl DrPair {
                     ApplyEvent::Reject { seq, reason } => Frame::Reject { seq, reason },
                     ApplyEvent::Verified { id, differing } => Frame::Verified { id, differing },
                     ApplyEvent::Failed(reason) => {
-                        let _ = writer
-                            .send(&Frame::Refuse {
-                                kind: RefuseKind::Failed,
-                                reason: reason.clone(),
-                            })
-                            .await;
+                        writer.refuse(RefuseKind::Failed, reason.clone()).await;
                         return Err(reason);
                     }
                 };

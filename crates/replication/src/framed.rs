@@ -2,7 +2,7 @@
 //! writer that gathers headers and small payloads into large chunks and sends large payloads
 //! as chunks of their own, uncopied.
 
-use blockrep_wire::{Frame, WireError, WriteHeader, encode_write_header};
+use blockrep_wire::{Frame, RefuseKind, WireError, WriteHeader, encode_write_header};
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 use tokio::io::AsyncReadExt;
@@ -135,6 +135,12 @@ impl FrameWriter {
         let result = self.send.write_all_chunks(chunks).await;
         chunks.clear();
         result.map_err(|e| StreamError::Connection(with_causes(&e)))
+    }
+
+    /// Refuses the stream: tells the peer why (if it still listens) and ends it.
+    pub async fn refuse(&mut self, kind: RefuseKind, reason: String) {
+        let _ = self.send(&Frame::Refuse { kind, reason }).await;
+        self.finish();
     }
 
     /// Ends the stream from this side.

@@ -835,15 +835,22 @@ impl PairLink {
     /// Waits until `bytes` more fit in the queue, and among the resync extents not yet
     /// acknowledged. Returns false if `stop` says to give up.
     pub fn wait_for_room(&self, bytes: u64, stop: &dyn Fn() -> bool) -> bool {
+        self.wait_until(stop, |state| {
+            let unacked = state.unacked_extent_bytes;
+            state.journal.has_room(bytes)
+                && (unacked == 0 || unacked + bytes <= state.journal.limit())
+        })
+    }
+
+    /// Waits (the resync thread, blocking) until `ready` holds of the link's state, waking
+    /// whenever frames are taken or answered. Returns false if `stop` says to give up.
+    fn wait_until(&self, stop: &dyn Fn() -> bool, ready: impl Fn(&State) -> bool) -> bool {
         let mut state = self.lock();
         loop {
             if stop() {
                 return false;
             }
-            let unacked = state.unacked_extent_bytes;
-            if state.journal.has_room(bytes)
-                && (unacked == 0 || unacked + bytes <= state.journal.limit())
-            {
+            if ready(&state) {
                 return true;
             }
             state = self
@@ -856,42 +863,17 @@ impl PairLink {
 
     /// Waits until the DR side has staged `epoch`.
     pub fn wait_for_staged(&self, epoch: Epoch, stop: &dyn Fn() -> bool) -> bool {
-        let mut state = self.lock();
-        loop {
-            if stop() {
-                return false;
-            }
-            if state.journal.staged_epoch() >= epoch {
-                return true;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, std::time::Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_until(stop, |state| state.journal.staged_epoch() >= epoch)
     }
 
     /// Waits until every resync extent sent direct was acknowledged.
     pub fn wait_for_extents(&self, stop: &dyn Fn() -> bool) -> bool {
-        let mut state = self.lock();
-        loop {
-            if stop() {
-                return false;
-            }
-            if !state
+        self.wait_until(stop, |state| {
+            !state
                 .pending
                 .values()
                 .any(|p| matches!(p, Pending::Extent { .. }))
-            {
-                return true;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, std::time::Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        })
     }
 
     /// Queues an extent read for an initial sync: written direct on the DR side.
@@ -945,20 +927,7 @@ impl PairLink {
     /// Waits until the DR side recorded the end of the initial sync of `epoch` (or a later
     /// one). Returns false if `stop` says to give up.
     pub fn wait_for_sync_done(&self, epoch: Epoch, stop: &dyn Fn() -> bool) -> bool {
-        let mut state = self.lock();
-        loop {
-            if stop() {
-                return false;
-            }
-            if state.sync_done_acked >= Some(epoch) {
-                return true;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, std::time::Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_until(stop, |state| state.sync_done_acked >= Some(epoch))
     }
 
     /// Queues the end of an initial sync.
@@ -1258,13 +1227,8 @@ mod tests {
         link
     }
 
-    /// Admits and completes one 4 KiB write at `offset`; returns its answer and epoch.
-    fn write(
-        link: &PairLink,
-        mailbox: &Arc<Mailbox>,
-        offset: u64,
-        token: u64,
-    ) -> (AfterLocal, Epoch) {
+    /// Admits one 4 KiB write at `offset` (its bits set, then the link's admission).
+    fn admitted(link: &PairLink, offset: u64, token: u64) -> Replicated {
         let range = ByteRange::new(offset, 4096);
         link.tracker.admit(&[range]).unwrap();
         let mut w = [Replicated::new(
@@ -1275,6 +1239,17 @@ mod tests {
         )];
         link.admit(&mut w);
         let [w] = w;
+        w
+    }
+
+    /// Admits and completes one 4 KiB write at `offset`; returns its answer and epoch.
+    fn write(
+        link: &PairLink,
+        mailbox: &Arc<Mailbox>,
+        offset: u64,
+        token: u64,
+    ) -> (AfterLocal, Epoch) {
+        let w = admitted(link, offset, token);
         let ReplicaMode::Journal(admitted) = w.mode else {
             panic!("an async write is journaled");
         };
@@ -1364,16 +1339,7 @@ mod tests {
 
     /// Admits and starts one 4 KiB write at `offset`; returns it, ready for `local_done`.
     fn admit(link: &PairLink, mailbox: &Arc<Mailbox>, offset: u64, token: u64) -> Replicated {
-        let range = ByteRange::new(offset, 4096);
-        link.tracker.admit(&[range]).unwrap();
-        let mut w = [Replicated::new(
-            range,
-            ReplicaData::Data(Bytes::from(vec![token as u8; 4096])),
-            false,
-            token,
-        )];
-        link.admit(&mut w);
-        let [mut w] = w;
+        let mut w = admitted(link, offset, token);
         link.start(&mut w, mailbox);
         w
     }
@@ -1455,21 +1421,16 @@ mod tests {
         // Admitted while synchronous, but not started (an unaligned write, a WRITE_ZEROES or
         // a TRIM runs on the slow path; a write parked while the activity log synced): its
         // data goes at completion, after the link broke.
-        let admitted = |offset: u64, token: u64| {
-            let range = ByteRange::new(offset, 4096);
-            link.tracker.admit(&[range]).unwrap();
-            let mut w = [Replicated::new(
-                range,
-                ReplicaData::Data(Bytes::from(vec![token as u8; 4096])),
-                false,
-                token,
-            )];
-            link.admit(&mut w);
-            let [w] = w;
+        let synchronous = |offset: u64, token: u64| {
+            let w = admitted(&link, offset, token);
             assert_eq!(w.mode, ReplicaMode::Sync);
             w
         };
-        let (slow, failing, unchanged) = (admitted(0, 1), admitted(8192, 2), admitted(16384, 3));
+        let (slow, failing, unchanged) = (
+            synchronous(0, 1),
+            synchronous(8192, 2),
+            synchronous(16384, 3),
+        );
         link.disconnected();
         assert!(link.trip_wanted());
         assert_eq!(link.local_done(slow, &mailbox), AfterLocal::WaitForPeer);

@@ -15,7 +15,7 @@ use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus,
 use crate::link::Live;
 use crate::production::now_ms;
 use blockrep_volume::Volume;
-use blockrep_wire::{Frame, Hello, RefuseKind};
+use blockrep_wire::{Hello, RefuseKind};
 
 use crate::dr::DrPair;
 use crate::endpoint::{ClusterEndpoint, Peer, Refusal, ReplicationStream};
@@ -268,14 +268,7 @@ impl Pairs {
                 endpoint.counters.refuse(&peer, Refusal::WrongPeer, &reason);
             }
             dr.streams_refused.fetch_add(1, Ordering::Relaxed);
-            let _ = stream
-                .writer
-                .send(&Frame::Refuse {
-                    kind: RefuseKind::Mismatch,
-                    reason,
-                })
-                .await;
-            stream.writer.finish();
+            stream.writer.refuse(RefuseKind::Mismatch, reason).await;
             return;
         }
         match dr {
@@ -286,14 +279,7 @@ impl Pairs {
                     "node {} is not the DR side of pair {}",
                     self.node, hello.pair
                 );
-                let _ = stream
-                    .writer
-                    .send(&Frame::Refuse {
-                        kind: RefuseKind::Mismatch,
-                        reason,
-                    })
-                    .await;
-                stream.writer.finish();
+                stream.writer.refuse(RefuseKind::Mismatch, reason).await;
             }
         }
     }

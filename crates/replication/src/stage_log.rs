@@ -660,27 +660,29 @@ mod tests {
         assert_eq!(&data, b"cccc");
     }
 
+    /// A log of two units, each a write and its seal, in two synced batches.
+    fn two_sealed_batches(dir: &Path) -> PathBuf {
+        let path = dir.join("stage-log");
+        let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+        for (epoch, data) in [(1, b"aaaa"), (2, b"cccc")] {
+            log.append_write(Epoch(epoch), ByteRange::new(0, 4), false, &b(data))
+                .unwrap();
+            log.seal(Epoch(epoch), epoch + 4).unwrap();
+        }
+        path
+    }
+
+    fn overwrite(path: &Path, at: u64, bytes: &[u8]) {
+        let file = OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(bytes, at).unwrap();
+    }
+
     #[test]
     fn a_bad_record_with_whole_records_after_it_is_corruption_and_the_file_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stage-log");
-        {
-            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
-            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
-                .unwrap();
-            log.seal(Epoch(1), 5).unwrap();
-            log.append_write(Epoch(2), ByteRange::new(0, 4), false, &b(b"cccc"))
-                .unwrap();
-            log.seal(Epoch(2), 6).unwrap();
-        }
+        let path = two_sealed_batches(dir.path());
         // A bit flips in the first batch, which was synced and acknowledged long ago.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        file.write_all_at(b"X", 30).unwrap();
-        drop(file);
+        overwrite(&path, 30, b"X");
         let before = std::fs::read(&path).unwrap();
         let err = StageLog::open(&path, Epoch(0)).err().expect("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
@@ -734,23 +736,9 @@ mod tests {
     #[test]
     fn a_torn_tail_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stage-log");
-        {
-            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
-            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
-                .unwrap();
-            log.seal(Epoch(1), 5).unwrap();
-            log.append_write(Epoch(2), ByteRange::new(0, 4), false, &b(b"cccc"))
-                .unwrap();
-            log.seal(Epoch(2), 6).unwrap();
-        }
+        let path = two_sealed_batches(dir.path());
         // Tear the second batch: its seal record no longer checks.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        file.write_all_at(b"XX", BLOCK + 30).unwrap();
+        overwrite(&path, BLOCK + 30, b"XX");
         let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
         assert_eq!(seals.len(), 1);
         assert_eq!(log.take_unit(Epoch(1)).len(), 1);
