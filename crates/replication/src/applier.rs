@@ -182,6 +182,7 @@ impl Applier {
             stage_log_max_bytes,
         } = setup;
         let waker = Arc::new(Waker::new()?);
+        let state_applied = state.applied;
         let budget_bytes = u32::try_from(queue_bytes).unwrap_or(u32::MAX);
         let inbox = Arc::new(Inbox {
             cmds: Mutex::new(VecDeque::new()),
@@ -218,6 +219,8 @@ impl Applier {
             syncs: VecDeque::new(),
             stage_log_max_bytes,
             stage_full: false,
+            spoiled_from: None,
+            last_sealed: replay.last().map_or(state_applied, |s| s.epoch),
             inflight_bytes: 0,
             inflight_limit: queue_bytes,
             beat: blockrep_volume::liveness::Liveness::global()
@@ -370,6 +373,14 @@ struct Worker {
     stage_log_max_bytes: u64,
     /// Staged writes are being rejected for want of room in the stage log (logged once).
     stage_full: bool,
+    /// A staged write of this epoch was refused (its CRC failed, or the stage log was
+    /// full): no unit covering it may apply. Staged writes and seals of it and later epochs
+    /// are dropped until the production side's `Discard`, which comes once it has fallen
+    /// back to its bitmap.
+    spoiled_from: Option<Epoch>,
+    /// The last seal appended to the stage log (its unit is durable and acknowledged): a
+    /// `Discard` never drops what it covers.
+    last_sealed: Epoch,
     /// Bytes of the writes on the ring, and the most there may be (a write bigger than
     /// that goes alone).
     inflight_bytes: u64,
@@ -555,7 +566,14 @@ impl Worker {
             if let Some(gating) = gating(cmd)
                 && self.gate.must_wait(gating, applied)
             {
-                let cmd = self.queue.pop_front().expect("front checked");
+                let mut cmd = self.queue.pop_front().expect("front checked");
+                // What waits behind a gated write gives its room in the apply queue back:
+                // the frames that let it go (`Ungate`, the seal of its unit) come after it.
+                if let ApplyCmd::Write { budget, .. } = &mut cmd {
+                    self.inbox
+                        .budget
+                        .add_permits(std::mem::take(budget) as usize);
+                }
                 self.gate.set_aside(gating, cmd);
                 continue;
             }
@@ -593,7 +611,11 @@ impl Worker {
                 }
                 ApplyCmd::Seal { epoch, cut_ms } => self.seal(epoch, cut_ms, true)?,
                 ApplyCmd::Replay { epoch, cut_ms } => self.seal(epoch, cut_ms, false)?,
-                ApplyCmd::Discard { after } => self.log.discard_after(after),
+                ApplyCmd::Discard { after } => {
+                    // What was sealed stays: it is durable, and acknowledged.
+                    self.log.discard_after(after.max(self.last_sealed));
+                    self.spoiled_from = None;
+                }
                 // Picked up at the top of the loop.
                 ApplyCmd::Allowed => {}
                 ApplyCmd::Ungate { epoch } => self.gate.ungate(epoch),
@@ -643,15 +665,17 @@ impl Worker {
             return Ok(true);
         }
         let checksum_ok = zeroes || payload_crc(&payload) == header.crc;
+        let staged = !header.flags.has(WriteFlags::DIRECT);
+        if staged && self.spoiled_from.is_some_and(|from| header.epoch >= from) {
+            // Its unit can no longer apply: the production side catches up instead.
+            return Ok(true);
+        }
         if !checksum_ok {
             self.counters
                 .extents_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(seq = header.seq, %range, "extent failed its CRC; asking for it again");
-            self.emit(ApplyEvent::Reject {
-                seq: header.seq,
-                reason: RejectReason::Checksum,
-            });
+            self.refuse(&header, RejectReason::Checksum);
             return Ok(true);
         }
         let ack = header.flags.has(WriteFlags::ACK).then_some(header.seq);
@@ -664,10 +688,7 @@ impl Worker {
         }
         if !header.flags.has(WriteFlags::DIRECT) {
             if !self.stage_room(range) {
-                self.emit(ApplyEvent::Reject {
-                    seq: header.seq,
-                    reason: RejectReason::StageFull,
-                });
+                self.refuse(&header, RejectReason::StageFull);
                 return Ok(true);
             }
             self.log
@@ -706,6 +727,21 @@ impl Worker {
             self.synced_outside();
         }
         Ok(true)
+    }
+
+    /// Refuses a write: a direct one is sent again; a staged one spoils the unit of its epoch
+    /// and every later one (none of them may apply without it).
+    fn refuse(&mut self, header: &WriteHeader, reason: RejectReason) {
+        if !header.flags.has(WriteFlags::DIRECT) {
+            self.spoiled_from = Some(
+                self.spoiled_from
+                    .map_or(header.epoch, |from| from.min(header.epoch)),
+            );
+        }
+        self.emit(ApplyEvent::Reject {
+            seq: header.seq,
+            reason,
+        });
     }
 
     /// Whether a write of `bytes` more may go on the ring now (memory, rule 6).
@@ -850,7 +886,12 @@ impl Worker {
             return Ok(());
         }
         if append {
+            if self.spoiled_from.is_some_and(|from| epoch >= from) {
+                // It would cover a refused write: never staged, never acknowledged.
+                return Ok(());
+            }
             self.log.seal(epoch, cut_ms)?;
+            self.last_sealed = self.last_sealed.max(epoch);
             self.emit(ApplyEvent::Staged(epoch));
         }
         if epoch.0 > self.allowed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1099,4 +1140,132 @@ mod fault {
     #[cfg(not(feature = "fault-injection"))]
     #[inline]
     pub fn slow_disk(_bytes: u64) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use blockrep_volume::Backing;
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn staged_write(epoch: u64, seq: u64, offset: u64, byte: u8, corrupt: bool) -> ApplyCmd {
+        let payload = Bytes::from(vec![byte; 4096]);
+        let crc = payload_crc(&payload) ^ u32::from(corrupt);
+        ApplyCmd::Write {
+            header: WriteHeader {
+                flags: WriteFlags(0),
+                epoch: Epoch(epoch),
+                seq,
+                offset,
+                len: 4096,
+                crc,
+            },
+            payload,
+            budget: 0,
+        }
+    }
+
+    /// Events until the flush of `seq` is answered (everything submitted before it is done).
+    fn events_until_flush(
+        events: &mut tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
+        seq: u64,
+    ) -> Vec<ApplyEvent> {
+        let mut seen = Vec::new();
+        loop {
+            let event = events.blocking_recv().expect("the applier runs");
+            if event == ApplyEvent::FlushAck(seq) {
+                return seen;
+            }
+            seen.push(event);
+        }
+    }
+
+    #[test]
+    fn a_refused_staged_write_spoils_its_unit_until_the_discard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+        let volume = Arc::new(Volume::new(
+            "dr".into(),
+            Backing::open(&path, blockrep_core::CacheMode::Writeback).unwrap(),
+            None,
+        ));
+        let log = StageLog::open(&dir.path().join("stage-log"), Epoch::ZERO)
+            .unwrap()
+            .log;
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let applier = Applier::start(
+            ApplierSetup {
+                label: "test".into(),
+                volume,
+                log,
+                replay: Vec::new(),
+                state: DrState::default(),
+                state_path: dir.path().join("dr.json"),
+                allowed: Arc::new(AtomicU64::new(u64::MAX)),
+                queue_bytes: 64 << 20,
+                stage_log_max_bytes: 64 << 20,
+            },
+            tx,
+            Arc::new(ApplyCounters::default()),
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+
+        // Epoch 2's first write fails its CRC; its second and its seal follow in the stream
+        // before the production side hears of it.
+        submit(staged_write(2, 1, 0, 0xaa, true));
+        submit(staged_write(2, 2, 8192, 0xbb, false));
+        submit(ApplyCmd::Seal {
+            epoch: Epoch(2),
+            cut_ms: 5,
+        });
+        submit(ApplyCmd::Flush { seq: 9 });
+        let seen = events_until_flush(&mut events, 9);
+        assert!(
+            seen.contains(&ApplyEvent::Reject {
+                seq: 1,
+                reason: RejectReason::Checksum
+            }),
+            "{seen:?}"
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|e| matches!(e, ApplyEvent::Staged(_) | ApplyEvent::Applied { .. })),
+            "a unit missing a write was staged or applied: {seen:?}"
+        );
+
+        // The production side fell back: its Discard, then its catch-up's unit.
+        submit(ApplyCmd::Discard { after: Epoch(1) });
+        submit(staged_write(3, 3, 0, 0xcc, false));
+        submit(ApplyCmd::Seal {
+            epoch: Epoch(3),
+            cut_ms: 6,
+        });
+        submit(ApplyCmd::Flush { seq: 10 });
+        let seen = events_until_flush(&mut events, 10);
+        assert!(seen.contains(&ApplyEvent::Staged(Epoch(3))), "{seen:?}");
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, ApplyEvent::Applied { epoch, .. } if *epoch == Epoch(3))),
+            "{seen:?}"
+        );
+        applier.stop();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut block = [0u8; 4096];
+        file.read_exact_at(&mut block, 0).unwrap();
+        assert_eq!(block, [0xcc; 4096]);
+        file.read_exact_at(&mut block, 8192).unwrap();
+        assert_eq!(
+            block, [0; 4096],
+            "the spoiled epoch's other write was dropped"
+        );
+    }
 }

@@ -813,9 +813,10 @@ impl PairLink {
                 state.await_ack(seq, flush);
             }
             None => {
-                // A staged write: its epoch cannot be applied whole. Start over from the
-                // bitmap.
-                let forget = state.journal.disconnect();
+                // A staged write: its epoch cannot be applied whole, nor any later one (the
+                // DR side drops their writes and seals until the Discard this queues). Start
+                // over from the bitmap.
+                let forget = state.journal.spoiled();
                 state.probes.lose_all();
                 state.open_atomic_span();
                 state.live = Live::Tracked;

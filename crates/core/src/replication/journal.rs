@@ -475,6 +475,19 @@ impl<P: PayloadLen> Journal<P> {
         forget
     }
 
+    /// The DR side refused a staged write (its CRC failed on the way, or its stage log is
+    /// full): no epoch it has not staged can apply whole now. Switches to bitmap mode like
+    /// [`Journal::disconnect`] (every ticket not yet staged is returned, to forget: its
+    /// blocks stay dirty, and a catch-up sends them), but the stream goes on: a `Discard`
+    /// tells the DR side to drop what it staged after its last acknowledged seal, and what
+    /// follows it is the catch-up's.
+    pub fn spoiled(&mut self) -> Vec<Ticket> {
+        let forget = self.disconnect();
+        self.queue
+            .push_back(Outgoing::Discard { after: self.staged });
+        forget
+    }
+
     fn take_seq(&mut self) -> WriteSeq {
         let seq = WriteSeq(self.next_seq);
         self.next_seq += 1;
