@@ -811,8 +811,10 @@ impl Connection {
                     .map_err(|e| log_io_error("dirty tracking", &e))
             })
             .collect();
+        // Every write of the batch goes through the link, even one whose admission failed:
+        // it then fails through the link too (its ticket forgotten, its answer held if a
+        // group's trip holds answers), like any write that fails.
         if admitted.is_ok()
-            && slow_admitted.iter().all(Result::is_ok)
             && let Some(link) = gate.link()
         {
             self.attach_replicas(&mut batch, link.as_ref());
