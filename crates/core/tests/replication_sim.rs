@@ -260,8 +260,9 @@ impl Sim {
         };
         if runs.is_empty() {
             if *final_pass {
-                // The last pass is done: its seal ends the catch-up.
-                self.journal.finish_catch_up(true);
+                // The last pass is done: its seal ends the catch-up (unless the catch-up was
+                // given up on the way; the ticker starts another).
+                let _ = self.journal.finish_catch_up(true);
                 self.catch_up = None;
                 return;
             }
@@ -269,7 +270,10 @@ impl Sim {
             let bytes: u64 = unsent.iter().map(|r| r.len).sum();
             let (runs, final_pass) = self.catch_up.as_mut().expect("checked above");
             if bytes <= 4 * BLOCK {
-                self.journal.begin_final_pass();
+                if !self.journal.begin_final_pass() {
+                    self.catch_up = None;
+                    return;
+                }
                 *final_pass = true;
                 *runs = unsent_runs(&self.dirty, &self.tickets).into();
             } else {
@@ -297,8 +301,14 @@ impl Sim {
         let admitted = self.journal.admit();
         let values: Vec<u64> = blocks(extent).map(|b| self.prod[b as usize]).collect();
         let ticket = self.tickets.issue(extent);
-        self.journal
-            .complete_resync(admitted, extent, Payload::Data(Value(values)), ticket);
+        if !self
+            .journal
+            .complete_resync(admitted, extent, Payload::Data(Value(values)), ticket)
+        {
+            // Given up (the journal overflowed): the reader stops.
+            self.tickets.forget(ticket);
+            self.catch_up = None;
+        }
     }
 
     /// The DR image after a unit ending at `epoch` must be production's image at the end of
@@ -434,7 +444,7 @@ fn seeds() -> Vec<u64> {
     let n = std::env::var("BLOCKREP_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(1000);
     (0..n).map(|i| 0xb10c_0000 + i).collect()
 }
 
@@ -460,7 +470,8 @@ fn async_pairs_stay_consistent_through_link_breaks() {
     run_seeds(64 * BLOCK, 3000);
 }
 
-/// A tiny journal: overflow into bitmap mode all the time.
+/// A tiny journal: overflow into bitmap mode all the time (also during a catch-up's final
+/// pass, which must then be given up, not sealed: seed 0xb10c_034b found that).
 #[test]
 fn async_pairs_stay_consistent_through_overflows() {
     run_seeds(6 * BLOCK, 3000);

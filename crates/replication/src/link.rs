@@ -22,7 +22,8 @@ use blockrep_core::ByteRange;
 use blockrep_core::replication::answer_hold::AnswerHold;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{
-    Completed, Epoch, Journal, Outgoing, Payload, PayloadLen, ReplicationModel, Ticket, WriteSeq,
+    Completed, Epoch, Journal, Mode, Outgoing, Payload, PayloadLen, ReplicationModel, Ticket,
+    WriteSeq,
 };
 use blockrep_volume::{
     AfterLocal, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
@@ -360,28 +361,35 @@ impl PairLink {
         state.needs_catch_up = false;
     }
 
-    /// The catch-up's dirty set is small: live writes are journaled with it.
-    pub fn begin_final_pass(&self) {
+    /// The catch-up's dirty set is small: live writes are journaled with it. Returns false
+    /// if the catch-up was given up (the journal overflowed or the DR side refused a staged
+    /// write): the reader stops, and a new catch-up starts from the bitmap.
+    #[must_use]
+    pub fn begin_final_pass(&self) -> bool {
         let mut state = self.lock();
-        state.journal.begin_final_pass();
-        state.live = Live::Journal;
+        let going_on = state.journal.begin_final_pass();
+        if going_on {
+            state.live = Live::Journal;
+        }
+        going_on
     }
 
-    /// The last extent is queued: returns the epoch whose seal ends the catch-up.
-    pub fn finish_catch_up(&self, now_ms: u64) -> Epoch {
+    /// The last extent is queued: returns the epoch whose seal ends the catch-up, or `None`
+    /// if the catch-up was given up (nothing is sealed).
+    #[must_use]
+    pub fn finish_catch_up(&self, now_ms: u64) -> Option<Epoch> {
         let mut state = self.lock();
-        let end = state.journal.current_epoch();
         let cut = !state.grouped;
+        let end = state.journal.finish_catch_up(cut)?;
         if cut {
             state.cut_times.insert(end, now_ms);
         }
-        let end = state.journal.finish_catch_up(cut);
         if let Some(span) = state.atomic.last_mut().filter(|s| s.to.is_none()) {
             span.to = Some(end);
         }
         drop(state);
         self.wake_sender.notify_one();
-        end
+        Some(end)
     }
 
     /// The stream broke: nothing more reaches the DR side until a new one. Writes waiting
@@ -862,9 +870,14 @@ impl PairLink {
         }
     }
 
-    /// Waits until the DR side has staged `epoch`.
-    pub fn wait_for_staged(&self, epoch: Epoch, stop: &dyn Fn() -> bool) -> bool {
-        self.wait_until(stop, |state| state.journal.staged_epoch() >= epoch)
+    /// Waits until the DR side has staged `end`, the catch-up's last epoch. Returns false
+    /// if `stop` says to give up, or if the catch-up was given up before its seal was sent
+    /// (that seal never will be).
+    pub fn wait_for_catch_up_end(&self, end: Epoch, stop: &dyn Fn() -> bool) -> bool {
+        let given_up = |state: &State| state.journal.mode() == Mode::Bitmap;
+        self.wait_until(stop, |state| {
+            state.journal.staged_epoch() >= end || given_up(state)
+        }) && self.lock().journal.staged_epoch() >= end
     }
 
     /// Waits until every resync extent sent direct was acknowledged.
@@ -900,20 +913,34 @@ impl PairLink {
         self.lock().journal.admit()
     }
 
-    /// Queues a catch-up extent: staged on the DR side until the catch-up's seal.
+    /// Queues a catch-up extent: staged on the DR side until the catch-up's seal. Returns
+    /// false if the catch-up was given up: the extent is dropped (its blocks stay dirty),
+    /// and the reader stops.
+    #[must_use]
     pub fn push_catch_up_extent(
         &self,
         admitted: blockrep_core::replication::Admitted,
         range: ByteRange,
         payload: Payload<Data>,
         ticket: Ticket,
-    ) {
+    ) -> bool {
         let mut state = self.lock();
-        state
+        let queued = state
             .journal
             .complete_resync(admitted, range, payload, ticket);
         drop(state);
-        self.wake_sender.notify_one();
+        if queued {
+            self.wake_sender.notify_one();
+        } else {
+            self.tracker.forget([ticket]);
+        }
+        queued
+    }
+
+    /// A catch-up extent admitted but not read (the read failed): it leaves its epoch
+    /// without data, and its blocks stay dirty.
+    pub fn abandon_catch_up_extent(&self, admitted: blockrep_core::replication::Admitted) {
+        self.lock().journal.abandon(admitted);
     }
 
     /// The DR side recorded the end of the initial sync of `epoch` durably.

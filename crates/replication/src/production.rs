@@ -1030,7 +1030,9 @@ impl ResyncReader {
             let runs = self.link.tracker().unsent_runs();
             let bytes: u64 = runs.iter().map(|r| r.len).sum();
             if !final_pass && bytes <= self.final_pass_bytes {
-                self.link.begin_final_pass();
+                if !self.link.begin_final_pass() {
+                    return Ok(ResyncOutcome::Stopped);
+                }
                 final_pass = true;
                 continue;
             }
@@ -1060,20 +1062,38 @@ impl ResyncReader {
                     .tracker()
                     .issue_tickets(span.pieces.iter().copied(), &mut tickets);
                 self.volume.gate().leave(lock);
-                let data = read?;
+                let data = match read {
+                    Ok(data) => data,
+                    Err(e) => {
+                        for admitted in admitted {
+                            self.link.abandon_catch_up_extent(admitted);
+                        }
+                        self.link.tracker().forget(tickets);
+                        return Err(e);
+                    }
+                };
+                // Every piece goes to the link, even once the catch-up is given up: each
+                // leaves its epoch there.
+                let mut given_up = false;
                 for ((piece, admitted), ticket) in span.pieces.iter().zip(admitted).zip(tickets) {
                     let start = (piece.offset - span.range.offset) as usize;
                     let payload = payload_of(data.slice(start..start + piece.len as usize));
                     self.count_sent(*piece, &payload);
-                    self.link
+                    given_up |= !self
+                        .link
                         .push_catch_up_extent(admitted, *piece, payload, ticket);
+                }
+                if given_up {
+                    return Ok(ResyncOutcome::Stopped);
                 }
             }
             if final_pass {
-                let end = self.link.finish_catch_up(now_ms());
+                let Some(end) = self.link.finish_catch_up(now_ms()) else {
+                    return Ok(ResyncOutcome::Stopped);
+                };
                 // The unit applies whole once its seal is staged; live writes then go on
                 // as the model says (direct again, for hypermetro).
-                if !self.link.wait_for_staged(end, &|| self.stopped()) {
+                if !self.link.wait_for_catch_up_end(end, &|| self.stopped()) {
                     return Ok(ResyncOutcome::Stopped);
                 }
                 self.link.go_live();

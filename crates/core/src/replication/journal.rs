@@ -239,18 +239,26 @@ impl<P: PayloadLen> Journal<P> {
         result
     }
 
-    /// A resync extent read with its blocks locked, admitted with [`Journal::admit`]: queued
+    /// A catch-up extent read with its blocks locked, admitted with [`Journal::admit`]: queued
     /// like a write but never overflowing (the reader checks [`Journal::has_room`] first).
+    /// Returns false if the catch-up was given up since (the journal overflowed, or the DR
+    /// side refused a staged write): the extent is not queued, its ticket is the caller's to
+    /// forget, and the reader stops (a new catch-up sends what is still dirty).
+    #[must_use]
     pub fn complete_resync(
         &mut self,
         admitted: Admitted,
         range: ByteRange,
         payload: Payload<P>,
         ticket: Ticket,
-    ) {
+    ) -> bool {
         self.finish_outstanding(admitted.epoch);
-        self.push_write(admitted.epoch, range, payload, Some(ticket));
+        let catching_up = matches!(self.mode, Mode::CatchUp { .. });
+        if catching_up {
+            self.push_write(admitted.epoch, range, payload, Some(ticket));
+        }
         self.seal_closed_epochs();
+        catching_up
     }
 
     /// Whether `bytes` more fit under the bound (anything fits an empty queue, so one
@@ -344,17 +352,28 @@ impl<P: PayloadLen> Journal<P> {
     }
 
     /// The dirty set is small: live writes are journaled again, as part of the catch-up.
-    pub fn begin_final_pass(&mut self) {
+    /// Returns false if the catch-up was given up (see [`Journal::complete_resync`]).
+    #[must_use]
+    pub fn begin_final_pass(&mut self) -> bool {
         if let Mode::CatchUp { .. } = self.mode {
             self.mode = Mode::CatchUp { live: true };
+            true
+        } else {
+            false
         }
     }
 
     /// The reader queued the last extent: the current epoch ends the catch-up, and its
     /// seal (once its writes complete) makes the DR side apply everything staged. With
     /// `cut`, the epoch is cut now; without (a pair in a consistency group), the group's
-    /// next cut ends it.
-    pub fn finish_catch_up(&mut self, cut: bool) -> Epoch {
+    /// next cut ends it. Returns the epoch whose seal ends the catch-up, or `None` if the
+    /// catch-up was given up: then nothing is sealed, for the DR side would apply a unit
+    /// missing the extents dropped with it.
+    #[must_use]
+    pub fn finish_catch_up(&mut self, cut: bool) -> Option<Epoch> {
+        if !matches!(self.mode, Mode::CatchUp { .. }) {
+            return None;
+        }
         let end = self.current;
         self.mode = Mode::Journal;
         self.sealing = true;
@@ -362,7 +381,7 @@ impl<P: PayloadLen> Journal<P> {
         if cut {
             self.advance_epoch();
         }
-        end
+        Some(end)
     }
 
     /// Whether a catch-up is running or its final seal is not yet staged on the DR side.
@@ -668,7 +687,7 @@ mod tests {
         assert!(!a.journaled, "live writes are not journaled yet");
         let r = j.admit();
         let t = reg.issue(ByteRange::new(0, 12));
-        j.complete_resync(r, ByteRange::new(0, 12), Payload::Zeroes, t);
+        assert!(j.complete_resync(r, ByteRange::new(0, 12), Payload::Zeroes, t));
         j.advance_epoch(); // epochs go on, but are not sealed
         let _ = j.complete(a, ByteRange::new(20, 4), Payload::Data(vec![0; 4]), None);
         assert!(
@@ -676,9 +695,9 @@ mod tests {
                 .iter()
                 .any(|f| matches!(f, Outgoing::Seal { .. }))
         );
-        j.begin_final_pass();
+        assert!(j.begin_final_pass());
         assert_eq!(write(&mut j, &mut reg, 24), Completed::Queued);
-        let end = j.finish_catch_up(true);
+        let end = j.finish_catch_up(true).expect("the catch-up ran whole");
         let frames = drain(&mut j);
         assert_eq!(frames.last(), Some(&Outgoing::Seal { epoch: end }));
         assert!(j.catching_up(), "until the DR side stages the final seal");
@@ -688,5 +707,43 @@ mod tests {
             "the extent's and the live write's tickets"
         );
         assert!(!j.catching_up());
+    }
+
+    /// A catch-up whose journal overflowed (or whose staged write the DR side refused) is
+    /// given up: no later extent is queued and no seal ends it, for the DR side, told to
+    /// discard what it staged, would apply a unit holding only the extents sent after.
+    #[test]
+    fn a_catch_up_spoiled_on_the_way_is_never_sealed() {
+        let mut reg = TicketRegistry::new();
+        let mut j = Journal::new(8, Epoch(0));
+        j.stop_journaling();
+        j.begin_catch_up();
+        let r = j.admit();
+        let t = reg.issue(ByteRange::new(0, 8));
+        assert!(j.complete_resync(r, ByteRange::new(0, 8), Payload::Zeroes, t));
+        assert!(j.begin_final_pass());
+        drain(&mut j); // the first extent is on the stream
+        let forget = j.spoiled();
+        assert_eq!(forget, vec![t], "the sent extent will not be staged");
+        let r = j.admit();
+        let t = reg.issue(ByteRange::new(8, 8));
+        assert!(
+            !j.complete_resync(r, ByteRange::new(8, 8), Payload::Zeroes, t),
+            "an extent read after the spoil is not queued"
+        );
+        assert_eq!(j.finish_catch_up(true), None, "no seal ends it");
+        assert!(!j.begin_final_pass());
+        let frames = drain(&mut j);
+        assert_eq!(frames, vec![Outgoing::Discard { after: Epoch(0) }]);
+        assert_eq!(
+            j.mode(),
+            Mode::Bitmap,
+            "a new catch-up starts from the bitmap"
+        );
+        j.advance_epoch();
+        assert!(
+            drain(&mut j).is_empty(),
+            "nor does a later cut seal anything"
+        );
     }
 }
