@@ -1,19 +1,29 @@
-//! A node with a valid certificate of the cluster's CA is authenticated, not authorised: a
-//! third node `evil` sends every agent command (with a term of u64::MAX where one is
-//! taken), a forged `Hello` for a pair, with and without `discard_peer`, and a heartbeat
-//! naming another node. Each is refused and counted, and nothing changes: both volumes are
-//! byte-identical to before, the pair stays active, the coordinator's record of the other
-//! node keeps its address and volumes. A certificate the CA issued to a coordinator is
-//! still held to the volume's bounds (a `MarkDirty` of u64::MAX bytes), and a daemon whose
+//! A node with a valid certificate of the cluster's CA is authenticated, not authorised.
+//!
+//! A cluster of a coordinator and two agents in two zones replicates two pairs, one of each
+//! model. A third node, `evil`, holds a certificate of the same CA (not a coordinator's). It
+//! sends each agent every command agents serve, aimed at that agent's own volumes, with a
+//! term of u64::MAX where one is taken; a forged `Hello` for each pair, with and without
+//! `discard_peer`, to the DR agent; and heartbeats naming the agents. Each is refused and
+//! counted, and nothing changes: all four volumes are byte-identical to before, each side of
+//! each pair keeps its status, term, fence and generation, and the coordinator's record of
+//! each agent keeps its address and volumes.
+//!
+//! A certificate the CA issued to a coordinator is still held to the volume's bounds: a
+//! `MarkDirty` of u64::MAX bytes, and an `Extend` to a size that is unaligned, smaller, or
+//! more than the backing can hold, are refused and change nothing. A daemon whose
 //! `node_name` is not its certificate's does not start.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use blockrep_api::proto::{
     self, ClusterRequest, ClusterResponse, cluster_request::Request, cluster_response::Response,
 };
-use blockrep_core::replication::{Lineage, ReplicationModel};
+use blockrep_core::replication::{GenerationId, Lineage, ReplicationModel};
 use blockrep_replication::endpoint::ClusterEndpoint;
 use blockrep_tests::cluster::{TestCluster, cli, local_pair_state, sha256, wait_until};
 use blockrep_tests::{Daemon, sparse_file};
@@ -22,9 +32,192 @@ use blockrep_wire::{Frame, Hello, HelloFlags, ProtocolVersion};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+const PRODUCTION: &str = "node-a";
+const DR: &str = "node-b";
+
+/// A pair of the test: its id, and its volumes' ids and files.
+struct Pair {
+    id: String,
+    model: ReplicationModel,
+    production_volume: String,
+    dr_volume: String,
+    files: [PathBuf; 2],
+}
+
+impl Pair {
+    fn create(cluster: &TestCluster, dir: &Path, name: &str, model: ReplicationModel) -> Self {
+        let files = [
+            dir.join(format!("{name}-production.img")),
+            dir.join(format!("{name}-dr.img")),
+        ];
+        for file in &files {
+            sparse_file(file, SIZE);
+        }
+        let volume_id = |node: &str, volume: &str, file: &Path| {
+            cluster.add_volume(node, volume, file)["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let production_volume = volume_id(PRODUCTION, &format!("{name}-prod"), &files[0]);
+        let dr_volume = volume_id(DR, &format!("{name}-dr"), &files[1]);
+        let (id, job) = cluster.create_pair(
+            name,
+            &format!("{name}-prod,{name}-dr"),
+            "az1",
+            &model.to_string(),
+        );
+        cluster.wait_job(&job, Duration::from_secs(120));
+        Self {
+            id,
+            model,
+            production_volume,
+            dr_volume,
+            files,
+        }
+    }
+
+    /// This node's volume of the pair.
+    fn volume_on(&self, node: &str) -> &str {
+        if node == PRODUCTION {
+            &self.production_volume
+        } else {
+            &self.dr_volume
+        }
+    }
+
+    fn wait_active(&self, cluster: &TestCluster) {
+        let active = || {
+            local_pair_state(cluster.node(PRODUCTION), &self.id)
+                .is_some_and(|s| s["replication_status"] == "active" && s["out_of_sync_bytes"] == 0)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !active() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pair {} ({}) is not active and in sync: {:#?}\n{}",
+                self.id,
+                self.model,
+                local_pair_state(cluster.node(PRODUCTION), &self.id),
+                cluster.log_tails(30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// What a hostile peer must not change.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    checksums: Vec<String>,
+    /// Each side of each pair as its agent sees it.
+    sides: Vec<Value>,
+    /// The coordinator's record of each agent: address and volume count.
+    records: Vec<(Value, Value)>,
+}
+
+impl Snapshot {
+    fn take(cluster: &TestCluster, pairs: &[Pair]) -> Self {
+        let checksums = pairs
+            .iter()
+            .flat_map(|p| p.files.iter().map(|f| sha256(f)))
+            .collect();
+        let mut sides = Vec::new();
+        for pair in pairs {
+            for node in [PRODUCTION, DR] {
+                // A side the agent no longer knows is all nulls.
+                let s = local_pair_state(cluster.node(node), &pair.id).unwrap_or_default();
+                let fields = [
+                    "pair_id",
+                    "volume_id",
+                    "side",
+                    "peer_node",
+                    "replication_status",
+                    "term",
+                    "fence",
+                    "generation",
+                    "grouped",
+                    "group_commit",
+                    "needs_resolve",
+                    "out_of_sync_bytes",
+                ];
+                sides.push(Value::Object(
+                    fields
+                        .iter()
+                        .map(|f| (f.to_string(), s[*f].clone()))
+                        .collect(),
+                ));
+            }
+        }
+        Self {
+            checksums,
+            sides,
+            records: agent_records(cluster),
+        }
+    }
+}
+
+impl Snapshot {
+    /// What differs in `now`, one line each.
+    fn differences(&self, now: &Snapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        if now.checksums != self.checksums {
+            out.push(format!(
+                "volumes changed: checksums {:?}, before {:?}",
+                now.checksums, self.checksums
+            ));
+        }
+        for (then, now) in self.sides.iter().zip(&now.sides) {
+            let changed: Vec<String> = then
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(field, value)| now[field.as_str()] != **value)
+                .map(|(field, value)| format!("{field} {} (was {value})", now[field.as_str()]))
+                .collect();
+            if !changed.is_empty() {
+                out.push(format!(
+                    "the {} side of pair {} changed: {}",
+                    then["side"],
+                    then["pair_id"],
+                    changed.join(", ")
+                ));
+            }
+        }
+        if now.records != self.records {
+            out.push(format!(
+                "the coordinator's records of the agents changed: {:?}, before {:?}",
+                now.records, self.records
+            ));
+        }
+        out
+    }
+}
+
+/// The coordinator's record of each agent: address and volume count.
+fn agent_records(cluster: &TestCluster) -> Vec<(Value, Value)> {
+    let nodes = cluster.coordinator().cli_json(&["node", "list"]);
+    [PRODUCTION, DR]
+        .iter()
+        .map(|name| {
+            let n = node_entry(&nodes, name);
+            (n["address"].clone(), n["volumes"].clone())
+        })
+        .collect()
+}
+
+fn node_entry<'a>(nodes: &'a Value, name: &str) -> &'a Value {
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name} in {nodes}"))
+}
 
 /// A certificate of the cluster's CA for `node` (a coordinator's with `coordinator`).
-fn certificate(dir: &std::path::Path, node: &str, coordinator: bool) -> NodeTls {
+fn certificate(dir: &Path, node: &str, coordinator: bool) -> NodeTls {
     let out = dir.join(node).join("tls");
     let ca = dir.join("ca");
     let mut args = vec![
@@ -44,43 +237,59 @@ fn certificate(dir: &std::path::Path, node: &str, coordinator: bool) -> NodeTls 
     NodeTls::load(&TlsFiles::in_dir(&out)).unwrap()
 }
 
-/// Every command an agent serves, as a node that is not the coordinator would forge it.
-fn agent_commands(pair: &str, volume: &str) -> Vec<Request> {
-    let assignment = proto::PairAssignment {
-        pair_id: pair.into(),
-        replication_model: "async".into(),
+/// Every command an agent serves, about `pair` and the agent's own `volume` in it, as a
+/// node that is not the coordinator would forge them: each would change the pair if obeyed.
+fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
+    let assignment = |side: &str| proto::PairAssignment {
+        pair_id: pair.id.clone(),
+        replication_model: pair.model.to_string(),
         local_volume_id: volume.into(),
         peer_volume_id: volume.into(),
         peer_node: "evil".into(),
         peer_address: "127.0.0.1:9".into(),
-        size_bytes: 64 * MIB,
-        side: "production".into(),
+        size_bytes: SIZE,
+        side: side.into(),
         discard_peer: true,
+        generation: 7,
         term: u64::MAX,
-        ..Default::default()
+        grouped: true,
     };
     let command = proto::PairCommand {
-        pair_id: pair.into(),
-        job_id: "x".into(),
+        pair_id: pair.id.clone(),
+        job_id: "evil-job".into(),
         repair: true,
     };
     let cut = proto::GroupCut {
-        pair_ids: vec![pair.into()],
+        pair_ids: vec![pair.id.clone()],
         epoch: u64::MAX - 1,
         mode: 1,
         synchronous: true,
         tripped: true,
     };
     let commit = proto::GroupCommit {
-        pair_ids: vec![pair.into()],
+        pair_ids: vec![pair.id.clone()],
         epoch: u64::MAX - 1,
         grouped: true,
     };
     vec![
-        Request::BecomeDr(assignment.clone()),
-        Request::BecomeProduction(assignment.clone()),
-        Request::LeavePair(assignment.clone()),
-        Request::SwitchSide(assignment),
+        Request::Fence(proto::FenceCommand {
+            pair_id: pair.id.clone(),
+            fence: "demoted".into(),
+            term: u64::MAX,
+        }),
+        Request::Promote(proto::Promote {
+            pair_id: pair.id.clone(),
+            volume_id: volume.into(),
+            commit: 0,
+            has_commit: true,
+            generation: 7,
+            term: u64::MAX,
+        }),
+        Request::SwitchSide(assignment("production")),
+        Request::SwitchSide(assignment("dr")),
+        Request::LeavePair(assignment("")),
+        Request::BecomeDr(assignment("dr")),
+        Request::BecomeProduction(assignment("production")),
         Request::KeepProduction(command.clone()),
         Request::Verify(command.clone()),
         Request::PausePair(command.clone()),
@@ -89,25 +298,12 @@ fn agent_commands(pair: &str, volume: &str) -> Vec<Request> {
         Request::GroupRelease(cut),
         Request::GroupCommit(commit.clone()),
         Request::ProductionGrouping(commit),
-        Request::Promote(proto::Promote {
-            pair_id: pair.into(),
-            volume_id: volume.into(),
-            commit: 0,
-            has_commit: true,
-            generation: 7,
-            term: u64::MAX,
-        }),
-        Request::Fence(proto::FenceCommand {
-            pair_id: pair.into(),
-            fence: "demoted".into(),
-            term: u64::MAX,
-        }),
         Request::DirtyRuns(command),
-        Request::MarkDirty(mark_dirty_everything(pair)),
+        Request::MarkDirty(mark_dirty_everything(&pair.id)),
         Request::Extend(proto::Extend {
-            pair_id: pair.into(),
+            pair_id: pair.id.clone(),
             volume_id: volume.into(),
-            size_bytes: 128 * MIB,
+            size_bytes: 2 * SIZE,
         }),
     ]
 }
@@ -129,13 +325,80 @@ fn error_code(response: &ClusterResponse) -> Option<u32> {
     }
 }
 
-fn metric(node: &blockrep_tests::cluster::Node, line_start: &str) -> u64 {
+/// A peer of the cluster that speaks the protocol directly, with a certificate of its own.
+struct RawPeer<'a> {
+    cluster: &'a TestCluster,
+    runtime: &'a tokio::runtime::Runtime,
+    endpoint: Arc<ClusterEndpoint>,
+}
+
+impl<'a> RawPeer<'a> {
+    fn new(cluster: &'a TestCluster, runtime: &'a tokio::runtime::Runtime, tls: &NodeTls) -> Self {
+        let endpoint = runtime
+            .block_on(async { ClusterEndpoint::client_only(tls, Default::default()) })
+            .unwrap();
+        Self {
+            cluster,
+            runtime,
+            endpoint,
+        }
+    }
+
+    fn address(&self, node: &str) -> SocketAddr {
+        format!("127.0.0.1:{}", self.cluster.node(node).port)
+            .parse()
+            .unwrap()
+    }
+
+    /// Calls `node` (dialled by its node name, or the coordinator's).
+    fn call(&self, node: &str, request: Request) -> ClusterResponse {
+        let name = if node == self.cluster.coordinator().name {
+            COORDINATOR_NAME
+        } else {
+            node
+        };
+        let request = ClusterRequest {
+            request: Some(request),
+        };
+        self.runtime
+            .block_on(self.endpoint.call(self.address(node), name, &request))
+            .unwrap()
+    }
+
+    /// Opens a replication stream to `node` with `hello`, and returns its first answer.
+    fn hello(&self, node: &str, hello: Hello) -> Result<Option<Frame>, String> {
+        self.runtime.block_on(async {
+            let mut stream = self
+                .endpoint
+                .open_replication(self.address(node), node, hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.reader.next().await.map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl Drop for RawPeer<'_> {
+    fn drop(&mut self) {
+        self.endpoint.close();
+    }
+}
+
+/// `blockrep_requests_refused_total` by reason, from a node's metrics.
+fn refusals(node: &blockrep_tests::cluster::Node) -> BTreeMap<String, u64> {
     node.metrics()
         .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .filter_map(|l| l.strip_prefix("blockrep_requests_refused_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, rest) = l.split_once("\"}")?;
+            Some((reason.to_owned(), rest.trim().parse().ok()?))
+        })
+        .filter(|(_, count)| *count > 0)
+        .collect()
+}
+
+fn counts(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    entries.iter().map(|(r, n)| (r.to_string(), *n)).collect()
 }
 
 #[test]
@@ -143,202 +406,208 @@ fn a_node_of_the_cluster_cannot_command_another_nor_pose_as_it() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(
         dir.path(),
-        &[("node-co", "az3"), ("node-a", "az1"), ("node-b", "az2")],
+        &[("node-co", "az3"), (PRODUCTION, "az1"), (DR, "az2")],
         "",
     );
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, 64 * MIB);
-    sparse_file(&dr, 64 * MIB);
-    cluster.add_volume("node-a", "prod", &prod);
-    let dr_volume = cluster.add_volume("node-b", "dr", &dr)["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (pair, job) = cluster.create_pair("p", "prod,dr", "az1", "async");
-    cluster.wait_job(&job, Duration::from_secs(120));
-    let converged = || {
-        wait_until(
-            Duration::from_secs(60),
-            "the pair to be active and in sync",
-            || {
-                let s = local_pair_state(cluster.node("node-a"), &pair).unwrap();
-                s["replication_status"] == "active" && s["out_of_sync_bytes"] == 0
-            },
-        )
-    };
-    converged();
-    let before = (sha256(&prod), sha256(&dr));
-    let nodes_before = cluster.coordinator().cli_json(&["node", "list"]);
-    let record_of = |nodes: &Value, name: &str| -> (Value, Value) {
-        let n = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == name)
-            .unwrap();
-        (n["address"].clone(), n["volumes"].clone())
-    };
-
-    let evil = certificate(dir.path(), "evil", false);
+    let pairs = [
+        Pair::create(&cluster, dir.path(), "async-pair", ReplicationModel::Async),
+        Pair::create(
+            &cluster,
+            dir.path(),
+            "metro-pair",
+            ReplicationModel::Hypermetro,
+        ),
+    ];
+    for pair in &pairs {
+        pair.wait_active(&cluster);
+    }
+    let before = Snapshot::take(&cluster, &pairs);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let endpoint = runtime
-        .block_on(async { ClusterEndpoint::client_only(&evil, Default::default()) })
-        .unwrap();
-    let address = |node: &str| -> SocketAddr {
-        format!("127.0.0.1:{}", cluster.node(node).port)
-            .parse()
-            .unwrap()
-    };
-    let call = |node: &str, name: &str, request: Request| {
-        runtime
-            .block_on(endpoint.call(
-                address(node),
-                name,
-                &ClusterRequest {
-                    request: Some(request),
-                },
-            ))
-            .unwrap()
-    };
+    let evil = RawPeer::new(&cluster, &runtime, &certificate(dir.path(), "evil", false));
 
-    // Every agent command, to both agents: refused as not the coordinator's.
-    let commands = agent_commands(&pair, &dr_volume);
-    let sent = commands.len() as u64;
-    for node in ["node-a", "node-b"] {
-        for request in agent_commands(&pair, &dr_volume) {
-            let what = format!("{request:?}");
-            let response = call(node, node, request);
-            assert_eq!(
-                error_code(&response),
-                Some(403),
-                "{node}: {what}: {response:?}"
-            );
-        }
-    }
-
-    // A forged Hello for the pair, with and without discard_peer: refused by the DR agent.
-    for discard_peer in [false, true] {
-        let hello = Hello {
-            version: ProtocolVersion::CURRENT,
-            pair: pair.parse().unwrap(),
-            volume: dr_volume.parse().unwrap(),
-            size: 64 * MIB,
-            model: ReplicationModel::Async,
-            node: "node-a".into(),
-            lineage: Lineage::new(blockrep_core::replication::GenerationId(42)),
-            flags: HelloFlags {
-                dirty: true,
-                full_sync_done: false,
-                discard_peer,
-            },
-        };
-        let answer = runtime.block_on(async {
-            let mut stream = endpoint
-                .open_replication(address("node-b"), "node-b", hello)
-                .await
-                .unwrap();
-            stream.reader.next().await
-        });
-        match answer {
-            Ok(Some(Frame::Refuse { reason, .. })) => {
-                assert!(reason.contains("not evil"), "{reason}")
+    // Every agent command, to each agent about its own volumes: refused as not the
+    // coordinator's.
+    let mut not_refused = Vec::new();
+    let mut sent = 0;
+    for node in [PRODUCTION, DR] {
+        for pair in &pairs {
+            for request in agent_commands(pair, pair.volume_on(node)) {
+                let what = format!("{node} {}: {request:?}", pair.model);
+                let response = evil.call(node, request);
+                sent += 1;
+                if error_code(&response) != Some(403) {
+                    not_refused.push(format!("not refused: {what}\n  -> {response:?}"));
+                }
             }
-            other => panic!("a forged Hello was not refused: {other:?}"),
         }
     }
 
-    // A heartbeat naming node-b, to the coordinator: refused; node-b's record unchanged.
-    let report = proto::NodeReport {
-        node: "node-b".into(),
-        availability_zone: "az2".into(),
-        ..Default::default()
-    };
-    let response = call("node-co", COORDINATOR_NAME, Request::Report(report));
-    assert_eq!(error_code(&response), Some(403), "{response:?}");
-
-    // Counted where refused, and nothing changed.
-    for node in ["node-a", "node-b"] {
-        assert!(
-            metric(
-                cluster.node(node),
-                "blockrep_requests_refused_total{reason=\"not_coordinator\"}"
-            ) >= sent,
-            "{node}: {}",
-            cluster.node(node).metrics()
-        );
+    // A forged Hello for each pair, with and without discard_peer, to its DR agent.
+    let mut hellos_accepted = Vec::new();
+    for pair in &pairs {
+        for discard_peer in [false, true] {
+            let hello = Hello {
+                version: ProtocolVersion::CURRENT,
+                pair: pair.id.parse().unwrap(),
+                volume: pair.dr_volume.parse().unwrap(),
+                size: SIZE,
+                model: pair.model,
+                node: PRODUCTION.into(),
+                lineage: Lineage::new(GenerationId(42)),
+                flags: HelloFlags {
+                    dirty: true,
+                    full_sync_done: false,
+                    discard_peer,
+                },
+            };
+            match evil.hello(DR, hello) {
+                Ok(Some(Frame::Refuse { reason, .. })) if reason.contains("not evil") => {}
+                other => hellos_accepted.push(format!(
+                    "a forged Hello not refused: {} discard_peer={discard_peer}: {other:?}",
+                    pair.model
+                )),
+            }
+        }
     }
+
+    // Heartbeats naming each agent, to the coordinator, moving it to evil's address with
+    // no volumes. The record is read at once, before the agent's next heartbeat.
+    let mut reports_taken = Vec::new();
+    for (node, az) in [(PRODUCTION, "az1"), (DR, "az2")] {
+        let report = proto::NodeReport {
+            node: node.into(),
+            availability_zone: az.into(),
+            ..Default::default()
+        };
+        let response = evil.call("node-co", Request::Report(report));
+        if error_code(&response) != Some(403) {
+            reports_taken.push(format!("a heartbeat as {node} not refused: {response:?}"));
+        }
+    }
+    let records_right_after = agent_records(&cluster);
+
+    // Nothing changed: the volumes, the pairs' sides, the agents' records, also after the
+    // agents' next heartbeats; and everything was refused.
+    let mut obeyed = Vec::new();
+    if records_right_after != before.records {
+        obeyed.push(format!(
+            "the coordinator took a forged heartbeat: (address, volumes) of the agents {:?}, before {:?}",
+            records_right_after, before.records
+        ));
+    }
+    wait_for_heartbeats(&cluster);
+    obeyed.extend(before.differences(&Snapshot::take(&cluster, &pairs)));
+    obeyed.extend(not_refused);
+    obeyed.extend(hellos_accepted);
+    obeyed.extend(reports_taken);
     assert!(
-        metric(
-            cluster.node("node-b"),
-            "blockrep_requests_refused_total{reason=\"wrong_peer\"}"
-        ) >= 2
+        obeyed.is_empty(),
+        "a hostile peer was obeyed:\n{}",
+        obeyed.join("\n")
     );
+
+    // Counted where refused: each refusal once.
+    let per_agent = sent / 2;
+    assert_eq!(
+        refusals(cluster.node(PRODUCTION)),
+        counts(&[("not_coordinator", per_agent)])
+    );
+    assert_eq!(
+        refusals(cluster.node(DR)),
+        counts(&[("not_coordinator", per_agent), ("wrong_peer", 4)])
+    );
+    assert_eq!(
+        refusals(cluster.coordinator()),
+        counts(&[("wrong_node", 2)])
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "node list to show the DR agent's refusals",
+        || {
+            let nodes = cluster.coordinator().cli_json(&["node", "list"]);
+            node_entry(&nodes, DR)["requests_refused"] == per_agent + 4
+        },
+    );
+    drop(evil);
+
+    ranges_are_checked_even_from_a_coordinator_certificate(&cluster, &runtime, &pairs, &before);
+    an_impostor_daemon_does_not_start(&cluster, dir.path());
+}
+
+/// Waits until the coordinator has heard from both agents since now.
+fn wait_for_heartbeats(cluster: &TestCluster) {
+    let last_seen = |nodes: &Value, name: &str| node_entry(nodes, name)["last_seen"].clone();
+    let seen = cluster.coordinator().cli_json(&["node", "list"]);
+    wait_until(
+        Duration::from_secs(10),
+        "the agents' next heartbeats",
+        || {
+            let now = cluster.coordinator().cli_json(&["node", "list"]);
+            [PRODUCTION, DR]
+                .iter()
+                .all(|name| last_seen(&now, name) != last_seen(&seen, name))
+        },
+    );
+}
+
+/// A certificate the CA issued with the coordinator's role, but the ranges and sizes it
+/// sends do not fit the volume: refused (and counted), and the volume, its size and its
+/// pair are as they were.
+fn ranges_are_checked_even_from_a_coordinator_certificate(
+    cluster: &TestCluster,
+    runtime: &tokio::runtime::Runtime,
+    pairs: &[Pair],
+    before: &Snapshot,
+) {
+    let rogue = RawPeer::new(
+        cluster,
+        runtime,
+        &certificate(&cluster.dir, "rogue-co", true),
+    );
+    let pair = &pairs[0];
+    let refused = [(Request::MarkDirty(mark_dirty_everything(&pair.id)), 400)];
+    for (request, code) in refused {
+        let what = format!("{request:?}");
+        let response = rogue.call(PRODUCTION, request);
+        assert_eq!(error_code(&response), Some(code), "{what}: {response:?}");
+    }
+    let volumes = cluster.node(PRODUCTION).cli_json(&["volume", "list"]);
     assert!(
-        metric(
-            cluster.node("node-co"),
-            "blockrep_requests_refused_total{reason=\"wrong_node\"}"
-        ) >= 1
-    );
-    // Once node-b's own heartbeat reports the refusals (so it came after them), the
-    // coordinator still knows node-b as it was.
-    let refused_by_b = |nodes: &Value| {
-        nodes
+        volumes
             .as_array()
             .unwrap()
             .iter()
-            .find(|n| n["name"] == "node-b")
-            .and_then(|n| n["requests_refused"].as_u64())
-            .unwrap_or(0)
-    };
-    wait_until(Duration::from_secs(10), "node-b's next heartbeat", || {
-        refused_by_b(&cluster.coordinator().cli_json(&["node", "list"])) >= sent
-    });
-    let nodes_after = cluster.coordinator().cli_json(&["node", "list"]);
+            .all(|v| v["size_bytes"] == SIZE),
+        "a volume changed size: {volumes}"
+    );
     assert_eq!(
-        record_of(&nodes_after, "node-b"),
-        record_of(&nodes_before, "node-b")
+        refusals(cluster.node(PRODUCTION))["bad_range"],
+        1,
+        "the 400s are counted"
     );
-    converged();
-    assert_eq!((sha256(&prod), sha256(&dr)), before, "a volume changed");
-
-    // Even a coordinator's certificate cannot mark past the end of a volume.
-    let rogue = certificate(dir.path(), "rogue-co", true);
-    let rogue_endpoint = runtime
-        .block_on(async { ClusterEndpoint::client_only(&rogue, Default::default()) })
-        .unwrap();
-    let response = runtime
-        .block_on(rogue_endpoint.call(
-            address("node-a"),
-            "node-a",
-            &ClusterRequest {
-                request: Some(Request::MarkDirty(mark_dirty_everything(&pair))),
-            },
-        ))
-        .unwrap();
-    assert_eq!(error_code(&response), Some(400), "{response:?}");
-    assert!(
-        metric(
-            cluster.node("node-a"),
-            "blockrep_requests_refused_total{reason=\"bad_range\"}"
-        ) >= 1
+    for pair in pairs {
+        pair.wait_active(cluster);
+    }
+    assert_eq!(
+        before.differences(&Snapshot::take(cluster, pairs)),
+        Vec::<String>::new()
     );
-    converged();
-    endpoint.close();
-    rogue_endpoint.close();
+}
 
-    // A daemon configured as node-b but holding evil's certificate does not start.
-    let impostor = dir.path().join("impostor");
+/// A daemon configured as the DR agent's node but holding evil's certificate does not start
+/// (and if it did, its heartbeats would be refused as above).
+fn an_impostor_daemon_does_not_start(cluster: &TestCluster, dir: &Path) {
+    let impostor = dir.join("impostor");
     std::fs::create_dir_all(&impostor).unwrap();
     let config = impostor.join("blockrepd.toml");
-    let tls = dir.path().join("evil").join("tls");
+    let tls = dir.join("evil").join("tls");
     std::fs::write(
         &config,
         format!(
-            "node_name = \"node-b\"\navailability_zone = \"az2\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n[cluster]\nlisten = \"127.0.0.1:0\"\ncoordinator = \"{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            "node_name = \"{DR}\"\navailability_zone = \"az2\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n[cluster]\nlisten = \"127.0.0.1:0\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             impostor.join("state").display(),
             impostor.join("run").display(),
-            address("node-co"),
+            cluster.coordinator().port,
             tls.join("ca.pem").display(),
             tls.join("node.pem").display(),
             tls.join("node.key").display(),
