@@ -23,6 +23,7 @@ use blockrep_replication::endpoint::{
 };
 use blockrep_replication::membership::{Fence, Side};
 use blockrep_tls::{COORDINATOR_NAME, NodeTls};
+use blockrep_volume::DIRECT_IO_ALIGN;
 use blockrep_wire::Hello;
 
 use crate::agent::Agent;
@@ -226,7 +227,7 @@ impl Cluster {
     }
 
     /// A call the coordinator makes to this agent.
-    fn agent_request(&self, request: Request) -> Result<Response, ApiError> {
+    fn agent_request(&self, request: Request) -> Result<Response, AgentRefusal> {
         let pair_ids = |ids: &[String]| -> Result<Vec<PairId>, ApiError> {
             ids.iter()
                 .map(|id| {
@@ -325,7 +326,8 @@ impl Cluster {
                     other => {
                         return Err(ApiError::InvalidArgument(format!(
                             "fence {other:?} is not draining, demoted or empty"
-                        )));
+                        ))
+                        .into());
                     }
                 };
                 pairs.set_fence(pair_id(&c.pair_id)?, fence, c.term)?;
@@ -346,19 +348,15 @@ impl Cluster {
                 }));
             }
             Request::Extend(c) => {
+                let current = self.agent.volume_handle(&c.volume_id)?.volume.size();
+                check_extend(c.size_bytes, current)?;
                 self.agent.extend_volume(&c.volume_id, c.size_bytes)?;
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::MarkDirty(c) => {
                 let pair = pair_id(&c.pair_id)?;
                 let size = self.agent.pair_volume_handle(pair)?.volume.size();
-                // Every range from the network is built checked against the volume.
-                let ranges = c
-                    .runs
-                    .iter()
-                    .map(|e| ByteRange::within(e.offset, e.length, size))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| ApiError::InvalidArgument(format!("mark dirty: {e}")))?;
+                let ranges = checked_runs(&c.runs, size)?;
                 pairs.mark_dirty(pair, &ranges)?;
                 return Ok(Response::Done(proto::Done {}));
             }
@@ -377,6 +375,56 @@ impl Cluster {
         }
         Ok(Response::Done(proto::Done {}))
     }
+}
+
+/// Why an agent command was not carried out.
+enum AgentRefusal {
+    /// A range or size in it does not fit the volume: refused (400) and counted as
+    /// `bad_range`, before anything is marked or grown.
+    OutOfBounds(String),
+    /// Anything else, as the API answers it.
+    Api(ApiError),
+}
+
+impl From<ApiError> for AgentRefusal {
+    fn from(e: ApiError) -> Self {
+        AgentRefusal::Api(e)
+    }
+}
+
+impl From<AgentRefusal> for ApiError {
+    fn from(refusal: AgentRefusal) -> Self {
+        match refusal {
+            AgentRefusal::OutOfBounds(what) => ApiError::InvalidArgument(what),
+            AgentRefusal::Api(e) => e,
+        }
+    }
+}
+
+/// A `MarkDirty`'s runs, each built checked against a volume of `size` bytes (no wrap past
+/// u64::MAX, nothing past the end).
+fn checked_runs(runs: &[proto::Extent], size: u64) -> Result<Vec<ByteRange>, AgentRefusal> {
+    runs.iter()
+        .map(|e| ByteRange::within(e.offset, e.length, size))
+        .collect::<Result<_, _>>()
+        .map_err(|e| AgentRefusal::OutOfBounds(format!("mark dirty: {e}")))
+}
+
+/// An `Extend` to `size` bytes of a volume of `current`: a multiple of the block size, and
+/// no smaller (the same size again is a retry, and changes nothing). Whether the backing
+/// can hold it, the volume says before anything grows.
+fn check_extend(size: u64, current: u64) -> Result<(), AgentRefusal> {
+    if !size.is_multiple_of(DIRECT_IO_ALIGN) {
+        return Err(AgentRefusal::OutOfBounds(format!(
+            "extend: {size} bytes is not a multiple of {DIRECT_IO_ALIGN}"
+        )));
+    }
+    if size < current {
+        return Err(AgentRefusal::OutOfBounds(format!(
+            "extend: the volume is {current} bytes; a volume grows, it never shrinks (asked for {size})"
+        )));
+    }
+    Ok(())
 }
 
 /// The name of an agent command, for the log.
@@ -460,12 +508,13 @@ impl Inbound for Handler {
                     let owner = Arc::clone(cluster);
                     let answer = tokio::task::spawn_blocking(move || owner.agent_request(r))
                         .await
-                        .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())));
-                    if command == "MarkDirty"
-                        && let Err(ApiError::InvalidArgument(what)) = &answer
-                    {
-                        counters.refuse(&peer, Refusal::BadRange, what);
-                    }
+                        .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
+                        .map_err(|refusal| {
+                            if let AgentRefusal::OutOfBounds(what) = &refusal {
+                                counters.refuse(&peer, Refusal::BadRange, what);
+                            }
+                            ApiError::from(refusal)
+                        });
                     ClusterResponse {
                         response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
                     }
@@ -523,7 +572,8 @@ impl Agents for AgentsOverQuic {
                 let cluster = Arc::clone(cluster);
                 let answer = tokio::task::spawn_blocking(move || cluster.agent_request(request))
                     .await
-                    .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string())));
+                    .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
+                    .map_err(ApiError::from);
                 return Ok(ClusterResponse {
                     response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
                 });
@@ -534,5 +584,45 @@ impl Agents for AgentsOverQuic {
                 .await
                 .map_err(|e| ApiError::Unavailable(format!("node {node}: {e}")))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out_of_bounds<T>(result: Result<T, AgentRefusal>) -> String {
+        match result {
+            Err(AgentRefusal::OutOfBounds(what)) => what,
+            Err(AgentRefusal::Api(e)) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("not refused"),
+        }
+    }
+
+    #[test]
+    fn mark_dirty_runs_must_fit_the_volume() {
+        let run = |offset, length| proto::Extent { offset, length };
+        let size = 1 << 20;
+        assert_eq!(
+            checked_runs(&[run(0, 4096), run(size - 4096, 4096)], size).ok(),
+            Some(vec![
+                ByteRange::new(0, 4096),
+                ByteRange::new(size - 4096, 4096)
+            ])
+        );
+        let past_end = out_of_bounds(checked_runs(&[run(0, 4096), run(0, u64::MAX)], size));
+        assert!(past_end.contains("past the end"), "{past_end}");
+        let wraps = out_of_bounds(checked_runs(&[run(u64::MAX - 1, 2)], size));
+        assert!(wraps.contains("overflows"), "{wraps}");
+    }
+
+    #[test]
+    fn an_extend_is_aligned_and_never_shrinks() {
+        let current = 64 << 20;
+        assert!(check_extend(current, current).is_ok(), "a retry");
+        assert!(check_extend(2 * current, current).is_ok());
+        assert!(out_of_bounds(check_extend(current + 512, current)).contains("multiple"));
+        assert!(out_of_bounds(check_extend(current / 2, current)).contains("never shrinks"));
+        assert!(out_of_bounds(check_extend(u64::MAX, current)).contains("multiple"));
     }
 }

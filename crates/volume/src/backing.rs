@@ -234,10 +234,19 @@ impl Backing {
         self.size.fetch_min(size, Ordering::SeqCst);
     }
 
-    /// Grows the volume to `size` bytes. A file is extended with its blocks allocated, so
-    /// it fails at once if the file system has no room; a block device must be that big
-    /// already. Growing to the size it has changes nothing.
+    /// Grows the volume to `size` bytes: [`Backing::allocate`], then the volume is that big.
     pub fn grow(&self, size: u64) -> Result<(), GrowError> {
+        self.allocate(size)?;
+        self.size.store(size, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes room for `size` bytes without growing the volume yet: a file is extended with
+    /// its blocks allocated, so it fails at once if the file system has no room; a block
+    /// device must be that big already. Refuses an unaligned or smaller size; the size it
+    /// has needs nothing. (A file left longer than the volume by a grow that went no
+    /// further is used up to the volume's recorded size only: [`Backing::limit_to`].)
+    pub fn allocate(&self, size: u64) -> Result<(), GrowError> {
         let current = self.size();
         if !size.is_multiple_of(DIRECT_IO_ALIGN) {
             return Err(GrowError::Unaligned { size });
@@ -304,7 +313,6 @@ impl Backing {
                     source,
                 })?;
         }
-        self.size.store(size, Ordering::SeqCst);
         Ok(())
     }
 

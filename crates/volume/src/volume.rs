@@ -65,8 +65,11 @@ impl Volume {
     }
 
     /// Grows the volume to `size` bytes, online: the dirty tracker first (its new blocks
-    /// clean), then the backing; clients that connect from then on see the new size.
+    /// clean), then the backing; clients that connect from then on see the new size. A size
+    /// the backing cannot hold is refused before the tracker grows for it (its map for an
+    /// absurd size would exhaust memory).
     pub fn grow(&self, size: u64) -> Result<(), GrowVolumeError> {
+        self.backing.allocate(size)?;
         if size > self.size()
             && let Some(tracker) = self.tracker()
         {
