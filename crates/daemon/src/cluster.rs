@@ -29,6 +29,9 @@ use blockrep_wire::Hello;
 use crate::agent::Agent;
 use crate::config::ClusterConfig;
 
+mod authority;
+use authority::Sender;
+
 /// How often this node reports to the coordinator.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 const GROUP_HOLD_TIMEOUT: Duration =
@@ -360,7 +363,13 @@ impl Cluster {
                 pairs.mark_dirty(pair, &ranges)?;
                 return Ok(Response::Done(proto::Done {}));
             }
-            _ => unreachable!("only agent requests come here"),
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "{} is not a command agents serve",
+                    authority::classify(&other).0
+                ))
+                .into());
+            }
         };
         let handle = self.agent.volume_handle(&assignment.local_volume_id)?;
         match side {
@@ -427,86 +436,27 @@ fn check_extend(size: u64, current: u64) -> Result<(), AgentRefusal> {
     Ok(())
 }
 
-/// The name of an agent command, for the log.
-fn command_name(request: &Request) -> &'static str {
-    match request {
-        Request::BecomeDr(_) => "BecomeDr",
-        Request::BecomeProduction(_) => "BecomeProduction",
-        Request::LeavePair(_) => "LeavePair",
-        Request::SwitchSide(_) => "SwitchSide",
-        Request::KeepProduction(_) => "KeepProduction",
-        Request::Verify(_) => "Verify",
-        Request::PausePair(_) => "PausePair",
-        Request::ResumePair(_) => "ResumePair",
-        Request::GroupCut(_) => "GroupCut",
-        Request::GroupRelease(_) => "GroupRelease",
-        Request::GroupCommit(_) => "GroupCommit",
-        Request::ProductionGrouping(_) => "ProductionGrouping",
-        Request::Promote(_) => "Promote",
-        Request::Fence(_) => "Fence",
-        Request::DirtyRuns(_) => "DirtyRuns",
-        Request::MarkDirty(_) => "MarkDirty",
-        Request::Extend(_) => "Extend",
-        _ => "a request",
-    }
-}
-
 impl Inbound for Handler {
-    /// Agent commands (roles, terms, cuts, fences, dirty blocks) are obeyed only from the
-    /// coordinator's certificate; a report only for the node its sender's certificate
-    /// names. Everything else any node of the cluster may send: it forwards its operator's
-    /// calls to the coordinator.
+    /// Each request is authorised by the sender's certificate first ([`authority`]): a
+    /// refusal is logged, counted and answered 403, and nothing else happens. Agent commands
+    /// go to this agent; everything else to the coordinator, if this daemon runs it.
     fn request(&self, request: ClusterRequest, peer: Peer) -> BoxFuture<'_, ClusterResponse> {
         Box::pin(async move {
             let Some(cluster) = self.cluster.get() else {
                 return error_response(503, "the node is starting".into());
             };
+            let Some(request) = request.request else {
+                return error_response(400, "empty request".into());
+            };
             let counters = &cluster.endpoint.counters;
-            match &request.request {
-                Some(Request::Report(report)) if report.node != peer.identity.node => {
-                    let what = format!(
-                        "a report for node {:?} from a peer whose certificate is node {}",
-                        report.node, peer.identity.node
-                    );
-                    counters.refuse(&peer, Refusal::WrongNode, &what);
-                    return error_response(403, format!("refused: {what}"));
-                }
-                _ => {}
+            if let Err(refused) = authority::authorise(&request, &peer.identity) {
+                counters.refuse(&peer, refused.reason, &refused.what);
+                return error_response(403, format!("refused: {}", refused.what));
             }
-            match request.request {
-                Some(
-                    r @ (Request::BecomeDr(_)
-                    | Request::BecomeProduction(_)
-                    | Request::LeavePair(_)
-                    | Request::SwitchSide(_)
-                    | Request::KeepProduction(_)
-                    | Request::Verify(_)
-                    | Request::PausePair(_)
-                    | Request::ResumePair(_)
-                    | Request::GroupCut(_)
-                    | Request::GroupRelease(_)
-                    | Request::GroupCommit(_)
-                    | Request::ProductionGrouping(_)
-                    | Request::Promote(_)
-                    | Request::Fence(_)
-                    | Request::DirtyRuns(_)
-                    | Request::MarkDirty(_)
-                    | Request::Extend(_)),
-                ) => {
-                    let command = command_name(&r);
-                    if !peer.identity.is_coordinator() {
-                        let what = format!(
-                            "{command} from node {}, whose certificate is not the coordinator's",
-                            peer.identity.node
-                        );
-                        counters.refuse(&peer, Refusal::NotCoordinator, &what);
-                        return error_response(
-                            403,
-                            format!("refused: only the coordinator sends {command}"),
-                        );
-                    }
+            match authority::classify(&request).1 {
+                Sender::Coordinator => {
                     let owner = Arc::clone(cluster);
-                    let answer = tokio::task::spawn_blocking(move || owner.agent_request(r))
+                    let answer = tokio::task::spawn_blocking(move || owner.agent_request(request))
                         .await
                         .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
                         .map_err(|refusal| {
@@ -519,8 +469,13 @@ impl Inbound for Handler {
                         response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
                     }
                 }
-                Some(_) => match &cluster.coordinator {
-                    Some(coordinator) => coordinator.handle(request, peer.address).await,
+                Sender::ItsOwnNode | Sender::AnyNode => match &cluster.coordinator {
+                    Some(coordinator) => {
+                        let request = ClusterRequest {
+                            request: Some(request),
+                        };
+                        coordinator.handle(request, peer.address).await
+                    }
                     None => error_response(
                         503,
                         format!(
@@ -529,7 +484,6 @@ impl Inbound for Handler {
                         ),
                     ),
                 },
-                None => error_response(400, "empty request".into()),
             }
         })
     }
