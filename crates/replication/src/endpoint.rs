@@ -445,11 +445,14 @@ fn restart_aware_config(secret: &[u8; 32]) -> quinn::EndpointConfig {
     config
 }
 
-/// Whether a connection failed because TLS refused the peer (not because it was away).
+/// Whether a connection failed because TLS refused the peer (not because it was away): its
+/// transport error is one of the crypto range (0x100-0x1ff, a TLS alert), whichever side
+/// raised it.
 fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
+    let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
     match e {
-        quinn::ConnectionError::TransportError(t) => t.code.to_string().contains("CRYPTO"),
-        quinn::ConnectionError::ConnectionClosed(c) => c.error_code.to_string().contains("CRYPTO"),
+        quinn::ConnectionError::TransportError(t) => crypto(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => crypto(c.error_code),
         _ => false,
     }
 }
@@ -600,6 +603,27 @@ mod tests {
         }
     }
 
+    /// Records who sent each call and stream, as the endpoint names them.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Mutex<Vec<(&'static str, PeerIdentity)>>,
+    }
+
+    impl Inbound for Recorder {
+        fn request(&self, _: ClusterRequest, peer: Peer) -> BoxFuture<'_, ClusterResponse> {
+            self.seen.lock().unwrap().push(("request", peer.identity));
+            Box::pin(async { ClusterResponse::default() })
+        }
+
+        fn replication(&self, _: Hello, peer: Peer, _: ReplicationStream) -> BoxFuture<'_, ()> {
+            self.seen
+                .lock()
+                .unwrap()
+                .push(("replication", peer.identity));
+            Box::pin(async {})
+        }
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -648,5 +672,99 @@ mod tests {
         let err = call().expect_err("the old connection is gone");
         assert!(err.to_string().contains("reset"), "{err}");
         call().expect("the next call connects to the new process");
+    }
+
+    #[test]
+    fn a_peer_is_known_by_its_certificate_and_only_a_coordinators_answers_to_the_coordinators_name()
+    {
+        use blockrep_core::VolumeId;
+        use blockrep_core::replication::{GenerationId, Lineage, ReplicationModel};
+        use blockrep_tls::{COORDINATOR_NAME, CertRole};
+        use blockrep_wire::{HelloFlags, ProtocolVersion};
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        blockrep_tls::init_ca(&ca).unwrap();
+        let identity = |node: &str, role| {
+            let out = dir.path().join(node);
+            blockrep_tls::issue_cert(&ca, node, role, &out).unwrap();
+            NodeTls::load(&TlsFiles::in_dir(&out)).unwrap()
+        };
+        let agent = identity("node-a", CertRole::Agent);
+        let coordinator = identity("node-co", CertRole::Coordinator);
+        let rt = runtime();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let bind = |tls: &NodeTls, inbound: Arc<dyn Inbound>| {
+            rt.block_on(async { ClusterEndpoint::bind(any, tls, inbound, Default::default()) })
+                .unwrap()
+        };
+        let server = bind(&identity("node-x", CertRole::Agent), recorder.clone());
+        let at = server.local_addr().unwrap();
+
+        // Calls and streams whose messages name another node are known by the certificate.
+        let lying_report = ClusterRequest {
+            request: Some(blockrep_api::proto::cluster_request::Request::Report(
+                blockrep_api::proto::NodeReport {
+                    node: "node-co".into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        let lying_hello = Hello {
+            version: ProtocolVersion::CURRENT,
+            pair: crate::link_test::link_test_pair(),
+            volume: VolumeId::from_bytes([0; 16]),
+            size: 0,
+            model: ReplicationModel::Async,
+            node: "node-co".into(),
+            lineage: Lineage::new(GenerationId(1)),
+            flags: HelloFlags::default(),
+        };
+        let caller = rt
+            .block_on(async { ClusterEndpoint::client_only(&agent, Default::default()) })
+            .unwrap();
+        rt.block_on(caller.call(at, "node-x", &lying_report))
+            .unwrap();
+        // The stream ends once the server has taken it (the recorder drops it at once).
+        let mut stream = rt
+            .block_on(caller.open_replication(at, "node-x", lying_hello))
+            .unwrap();
+        let _ = rt.block_on(stream.reader.next());
+        let coordinator_caller = rt
+            .block_on(async { ClusterEndpoint::client_only(&coordinator, Default::default()) })
+            .unwrap();
+        rt.block_on(coordinator_caller.call(at, "node-x", &lying_report))
+            .unwrap();
+        let node = |name: &str, role| PeerIdentity {
+            node: name.into(),
+            role,
+        };
+        assert_eq!(
+            *recorder.seen.lock().unwrap(),
+            vec![
+                ("request", node("node-a", CertRole::Agent)),
+                ("replication", node("node-a", CertRole::Agent)),
+                ("request", node("node-co", CertRole::Coordinator)),
+            ]
+        );
+
+        // Dialled by the coordinator's name, only a coordinator's certificate answers.
+        let err = rt
+            .block_on(caller.call(at, COORDINATOR_NAME, &ClusterRequest::default()))
+            .expect_err("an agent posing as the coordinator");
+        assert!(matches!(err, CallError::Connect { .. }), "{err}");
+        assert_eq!(
+            caller.counters.peers_refused.load(Ordering::Relaxed),
+            1,
+            "counted: {err}"
+        );
+        let real = bind(&coordinator, Arc::new(Quiet));
+        rt.block_on(caller.call(
+            real.local_addr().unwrap(),
+            COORDINATOR_NAME,
+            &ClusterRequest::default(),
+        ))
+        .expect("the coordinator answers to its name");
     }
 }
