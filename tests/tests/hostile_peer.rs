@@ -527,10 +527,11 @@ fn a_node_of_the_cluster_cannot_command_another_nor_pose_as_it() {
     );
     wait_until(
         Duration::from_secs(10),
-        "node list to show the DR agent's refusals",
+        "node list to show each agent's refusals",
         || {
             let nodes = cluster.coordinator().cli_json(&["node", "list"]);
-            node_entry(&nodes, DR)["requests_refused"] == per_agent + 4
+            node_entry(&nodes, PRODUCTION)["requests_refused"] == per_agent
+                && node_entry(&nodes, DR)["requests_refused"] == per_agent + 4
         },
     );
     drop(evil);
@@ -539,18 +540,27 @@ fn a_node_of_the_cluster_cannot_command_another_nor_pose_as_it() {
     an_impostor_daemon_does_not_start(&cluster, dir.path());
 }
 
-/// Waits until the coordinator has heard from both agents since now.
+/// Waits until the coordinator has heard from both agents since now. (`last_seen` reads
+/// "0.4 s ago", to a tenth: its text changes as time passes, so a heartbeat is one heard
+/// less long ago than the wait has lasted.)
 fn wait_for_heartbeats(cluster: &TestCluster) {
-    let last_seen = |nodes: &Value, name: &str| node_entry(nodes, name)["last_seen"].clone();
-    let seen = cluster.coordinator().cli_json(&["node", "list"]);
+    let since = std::time::Instant::now();
+    let seconds_ago = |nodes: &Value, name: &str| -> Option<f64> {
+        node_entry(nodes, name)["last_seen"]
+            .as_str()?
+            .strip_suffix(" s ago")?
+            .parse()
+            .ok()
+    };
     wait_until(
         Duration::from_secs(10),
         "the agents' next heartbeats",
         || {
-            let now = cluster.coordinator().cli_json(&["node", "list"]);
+            let waited = since.elapsed().as_secs_f64();
+            let nodes = cluster.coordinator().cli_json(&["node", "list"]);
             [PRODUCTION, DR]
                 .iter()
-                .all(|name| last_seen(&now, name) != last_seen(&seen, name))
+                .all(|name| seconds_ago(&nodes, name).is_some_and(|ago| ago + 0.05 < waited))
         },
     );
 }
