@@ -235,12 +235,18 @@ impl Applier {
         let thread = std::thread::Builder::new()
             .name(format!("apply-{label}"))
             .spawn(move || {
-                if let Err(e) = worker.run() {
-                    tracing::error!(error = %e, "DR applier stopped");
-                    // Nothing the ring still holds may be freed before it is done with it.
-                    worker.drain_ring();
-                    let _ = worker.events.send(ApplyEvent::Failed(e.to_string()));
-                }
+                // A bug must not free what the ring still points at, nor leave the stream
+                // waiting: a panic ends the applier like an error.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                let error = match run {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(panic) => format!("the DR applier panicked: {}", panic_message(&panic)),
+                };
+                tracing::error!(error = %error, "DR applier stopped");
+                // Nothing the ring still holds may be freed before it is done with it.
+                worker.drain_ring();
+                let _ = worker.events.send(ApplyEvent::Failed(error));
             })?;
         Ok(Self {
             inbox,
@@ -440,6 +446,9 @@ impl Worker {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
+        // After an error, the rest are only accounted for: each is off the ring, so
+        // [`Worker::drain_ring`] must not wait for it.
+        let mut first_error = None;
         for (user_data, result) in done {
             if user_data == UD_WAKE {
                 self.wake_inflight = false;
@@ -449,13 +458,38 @@ impl Worker {
             if only_wake {
                 continue;
             }
-            if user_data == UD_SYNC {
-                self.on_sync_done(result)?;
-                continue;
+            let handled = if first_error.is_some() {
+                self.account_for(user_data);
+                Ok(())
+            } else if user_data == UD_SYNC {
+                self.on_sync_done(result)
+            } else {
+                self.on_write_done(user_data as usize, result)
+            };
+            if let Err(e) = handled {
+                first_error = Some(e);
             }
-            self.on_write_done(user_data as usize, result)?;
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A completion after an error: its operation is no longer in flight, and nothing
+    /// else follows from it.
+    fn account_for(&mut self, user_data: u64) {
+        if user_data == UD_SYNC {
+            self.syncs.pop_front();
+            return;
+        }
+        if let Some(slot) = self
+            .slots
+            .get_mut(user_data as usize)
+            .and_then(Option::take)
+        {
+            self.free.push(user_data as usize);
+            self.inflight -= 1;
+            self.inflight_bytes -= slot.buf.len() as u64;
+            self.locks.release(slot.lock);
+        }
     }
 
     /// Starts a sync of the volume if acknowledgements wait for one and none is in flight:
@@ -647,22 +681,14 @@ impl Worker {
     /// Handles one incoming write. Returns false if it had to wait (it is put back).
     fn write(&mut self, header: WriteHeader, payload: Bytes, budget: u32) -> io::Result<bool> {
         let zeroes = header.flags.has(WriteFlags::ZEROES);
-        let range =
-            match ByteRange::within(header.offset, u64::from(header.len), self.volume.size()) {
-                Ok(range) => range,
-                Err(e) => {
-                    self.emit(ApplyEvent::Failed(format!(
-                        "a write for the DR volume: {e}"
-                    )));
-                    return Ok(true);
-                }
-            };
+        // A malformed write ends the applier: nothing after it in the stream applies.
+        let range = ByteRange::within(header.offset, u64::from(header.len), self.volume.size())
+            .map_err(|e| invalid(format!("a write for the DR volume: {e}")))?;
         if !zeroes && payload.len() as u64 != range.len {
-            self.emit(ApplyEvent::Failed(format!(
+            return Err(invalid(format!(
                 "write {range} carries {} bytes of payload",
                 payload.len()
             )));
-            return Ok(true);
         }
         let checksum_ok = zeroes || payload_crc(&payload) == header.crc;
         let staged = !header.flags.has(WriteFlags::DIRECT);
@@ -1036,21 +1062,19 @@ impl Worker {
     /// Reads back the blocks a verify names and reports those whose CRC differs.
     fn verify(&self, v: &VerifyCmd) -> io::Result<()> {
         if v.block == 0 || !u64::from(v.block).is_multiple_of(DIRECT_IO_ALIGN) {
-            self.emit(ApplyEvent::Failed(format!(
+            return Err(invalid(format!(
                 "a verify request with blocks of {} bytes (not a multiple of {DIRECT_IO_ALIGN})",
                 v.block
             )));
-            return Ok(());
         }
         let len = (u64::from(v.block) * v.crcs.len() as u64)
             .min(self.volume.size().saturating_sub(v.offset));
         let Ok(range) = ByteRange::within(v.offset, len, self.volume.size()) else {
-            self.emit(ApplyEvent::Failed(format!(
+            return Err(invalid(format!(
                 "a verify request at offset {} is past the end of the {}-byte DR volume",
                 v.offset,
                 self.volume.size()
             )));
-            return Ok(());
         };
         let aligned = range.align_out(DIRECT_IO_ALIGN);
         let mut buf = AlignedBuf::new(aligned.len as usize);
@@ -1113,10 +1137,24 @@ fn payload_bytes(cmd: &ApplyCmd) -> u64 {
     }
 }
 
+/// A frame the applier cannot act on.
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// A write the ring takes: data, 4 KiB-aligned.
 fn is_fast(header: &WriteHeader) -> bool {
     !header.flags.has(WriteFlags::ZEROES)
-        && ByteRange::new(header.offset, u64::from(header.len)).is_aligned(DIRECT_IO_ALIGN)
+        && header.offset.is_multiple_of(DIRECT_IO_ALIGN)
+        && u64::from(header.len).is_multiple_of(DIRECT_IO_ALIGN)
 }
 
 /// Test-only faults, compiled in only with the `fault-injection` feature.
@@ -1183,20 +1221,45 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_refused_staged_write_spoils_its_unit_until_the_discard() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dr.img");
-        std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    fn direct_write(seq: u64, offset: u64, len: u32, byte: u8) -> ApplyCmd {
+        let payload = Bytes::from(vec![byte; len as usize]);
+        ApplyCmd::Write {
+            header: WriteHeader {
+                flags: WriteFlags(WriteFlags::DIRECT | WriteFlags::ACK),
+                epoch: Epoch(1),
+                seq,
+                offset,
+                len,
+                crc: payload_crc(&payload),
+            },
+            payload,
+            budget: 0,
+        }
+    }
+
+    /// An applier on a `size`-byte volume at `path` (created sparse if missing), its stage
+    /// log in `dir`.
+    fn start_applier(
+        dir: &std::path::Path,
+        path: &std::path::Path,
+        size: u64,
+    ) -> (
+        Applier,
+        tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
+        tokio::runtime::Runtime,
+    ) {
+        if !path.exists() {
+            std::fs::File::create(path).unwrap().set_len(size).unwrap();
+        }
         let volume = Arc::new(Volume::new(
             "dr".into(),
-            Backing::open(&path, blockrep_core::CacheMode::Writeback).unwrap(),
+            Backing::open(path, blockrep_core::CacheMode::Writeback).unwrap(),
             None,
         ));
-        let log = StageLog::open(&dir.path().join("stage-log"), Epoch::ZERO)
+        let log = StageLog::open(&dir.join("stage-log"), Epoch::ZERO)
             .unwrap()
             .log;
-        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let applier = Applier::start(
             ApplierSetup {
                 label: "test".into(),
@@ -1204,7 +1267,7 @@ mod tests {
                 log,
                 replay: Vec::new(),
                 state: DrState::default(),
-                state_path: dir.path().join("dr.json"),
+                state_path: dir.join("dr.json"),
                 allowed: Arc::new(AtomicU64::new(u64::MAX)),
                 queue_bytes: 64 << 20,
                 stage_log_max_bytes: 64 << 20,
@@ -1216,6 +1279,102 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
+        (applier, events, runtime)
+    }
+
+    /// The events until the applier's thread ends (its channel closes).
+    fn events_until_the_end(
+        events: &mut tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
+    ) -> Vec<ApplyEvent> {
+        std::iter::from_fn(|| events.blocking_recv()).collect()
+    }
+
+    /// A write whose range wraps past u64::MAX (the wire refuses one, but the applier must
+    /// not trust that), or runs past the volume's end, ends the applier with an error, and
+    /// nothing behind it in the stream is applied.
+    #[test]
+    fn a_malformed_write_ends_the_applier_and_nothing_after_it_applies() {
+        for bad_offset in [u64::MAX - 4095, SIZE] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("dr.img");
+            let (applier, mut events, runtime) = start_applier(dir.path(), &path, SIZE);
+            runtime.block_on(applier.submit(direct_write(1, bad_offset, 8192, 0xee)));
+            runtime.block_on(applier.submit(direct_write(2, 0, 4096, 0xaa)));
+            runtime.block_on(applier.submit(ApplyCmd::Flush { seq: 3 }));
+            let seen = events_until_the_end(&mut events);
+            assert!(
+                matches!(seen.as_slice(), [ApplyEvent::Failed(reason)] if reason.contains("a write for the DR volume")),
+                "offset {bad_offset}: {seen:?}"
+            );
+            applier.stop();
+            let mut block = [1u8; 4096];
+            std::fs::File::open(&path)
+                .unwrap()
+                .read_exact_at(&mut block, 0)
+                .unwrap();
+            assert_eq!(
+                block, [0; 4096],
+                "offset {bad_offset}: a later write applied"
+            );
+        }
+    }
+
+    /// A tmpfs of `size` mounted at a new directory, unmounted when dropped (needs root).
+    struct SmallTmpfs(tempfile::TempDir);
+
+    impl SmallTmpfs {
+        fn mount(size: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount tmpfs (this test needs root)");
+            Self(dir)
+        }
+    }
+
+    impl Drop for SmallTmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// Writes on the ring that fail together (a full file system: each answers ENOSPC) end
+    /// the applier at once: every completion after the first error is accounted for, so the
+    /// ring's drain waits for none of them (it would wait its 30 s patience, then leak).
+    #[test]
+    fn writes_failing_together_end_the_applier_at_once() {
+        let fs = SmallTmpfs::mount("64k");
+        let dir = tempfile::tempdir().unwrap();
+        let path = fs.0.path().join("dr.img");
+        let (applier, mut events, runtime) = start_applier(dir.path(), &path, 4 * SIZE);
+        for i in 0..16u64 {
+            runtime.block_on(applier.submit(direct_write(i, i * (128 << 10), 128 << 10, 0x5a)));
+        }
+        let started = std::time::Instant::now();
+        let seen = events_until_the_end(&mut events);
+        let waited = started.elapsed();
+        assert!(
+            matches!(seen.last(), Some(ApplyEvent::Failed(reason)) if reason.contains("space")),
+            "{seen:?}"
+        );
+        assert!(
+            waited < std::time::Duration::from_secs(10),
+            "the applier took {waited:?} to end: it waited for completions it had taken"
+        );
+        applier.stop();
+    }
+
+    #[test]
+    fn a_refused_staged_write_spoils_its_unit_until_the_discard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let (applier, mut events, runtime) = start_applier(dir.path(), &path, SIZE);
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
 
         // Epoch 2's first write fails its CRC; its second and its seal follow in the stream

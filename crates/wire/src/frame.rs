@@ -262,6 +262,8 @@ pub enum WireError {
     UnknownRefusal(u8),
     #[error("a string field is not UTF-8")]
     NotUtf8,
+    #[error("a range of {len} bytes at {offset} runs past the end of any device")]
+    RangeWraps { offset: u64, len: u64 },
 }
 
 impl Frame {
@@ -473,6 +475,12 @@ impl Frame {
                     len: body.get_u32(),
                     crc: body.get_u32(),
                 };
+                if header.offset.checked_add(u64::from(header.len)).is_none() {
+                    return Err(WireError::RangeWraps {
+                        offset: header.offset,
+                        len: u64::from(header.len),
+                    });
+                }
                 let payload_len = if header.flags.has(WriteFlags::ZEROES) {
                     0
                 } else {
@@ -934,6 +942,32 @@ mod tests {
         .encode(&mut old);
         old[5..7].copy_from_slice(&99u16.to_be_bytes());
         assert_eq!(Frame::decode(&mut old), Err(WireError::UnknownVersion(99)));
+    }
+
+    /// A write whose range would wrap past `u64::MAX` is refused where it is read, before
+    /// anything builds a range of it.
+    #[test]
+    fn a_write_whose_range_wraps_is_an_error() {
+        let mut out = BytesMut::new();
+        encode_write_header(
+            &WriteHeader {
+                flags: WriteFlags(WriteFlags::DIRECT),
+                epoch: Epoch(1),
+                seq: 1,
+                offset: u64::MAX - 4095,
+                len: 8192,
+                crc: 0,
+            },
+            &mut out,
+        );
+        out.extend_from_slice(&[0; 8192]);
+        assert_eq!(
+            Frame::decode(&mut out),
+            Err(WireError::RangeWraps {
+                offset: u64::MAX - 4095,
+                len: 8192
+            })
+        );
     }
 
     proptest! {
