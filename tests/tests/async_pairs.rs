@@ -1,7 +1,8 @@
 //! Async pairs: the DR volume is always a crash-consistent past image of production (a
 //! prefix of a sequence of dependent writes); a corrupted extent is rejected and sent
 //! again; a journal that overflows falls back to bitmap mode without slowing the
-//! application to the link, and the pair converges once the writer stops.
+//! application to the link, and the pair converges once the writer stops; a client
+//! connection abandoned with writes in flight does not stop the pair.
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockrep_tests::cluster::{NetNs, TestCluster, local_pair_state, sha256, wait_until};
+use blockrep_tests::nbd::CMD_WRITE;
 use blockrep_tests::records::{RECORD, prefix_length, record};
 use blockrep_tests::{NbdClient, require_tool, seed, sparse_file};
 use rand::rngs::SmallRng;
@@ -261,4 +263,73 @@ fn an_overflowing_journal_falls_back_to_bitmap_mode_and_converges() {
         node.stop();
     }
     assert_eq!(sha256(&prod), sha256(&dr));
+}
+
+/// A connection whose ring fails (a test-only hook) is abandoned with writes on the ring:
+/// each of them still leaves its epoch through the link, failed (its blocks stay dirty), so
+/// the epoch is sealed and replication goes on. Were one left open, no later epoch would
+/// ever be sealed, and the DR side would stay where it was.
+#[test]
+fn a_connection_abandoned_with_writes_in_flight_does_not_stop_the_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(
+        dir.path(),
+        &[("node-a", "az1"), ("node-b", "az2")],
+        "[replication]\nepoch_interval_ms = 100\n",
+    );
+    cluster
+        .node_mut("node-a")
+        .restart_with_fault("BLOCKREP_FAULT_NBD_RING_ERROR_AFTER", "4");
+    cluster.wait_nodes_alive();
+    let prod = dir.path().join("prod.img");
+    let dr = dir.path().join("dr.img");
+    sparse_file(&prod, 64 * MIB);
+    sparse_file(&dr, 64 * MIB);
+    cluster.add_volume("node-a", "prod", &prod);
+    cluster.add_volume("node-b", "dr", &dr);
+    let (pair, job) = cluster.create_pair("abandoned", "prod,dr", "az1", "async");
+    cluster.wait_job(&job, Duration::from_secs(120));
+
+    let socket = cluster.node("node-a").daemon().nbd_socket("prod");
+    let mut c = NbdClient::connect(&socket, "prod").unwrap();
+    let chunk = vec![0x3cu8; 256 * 1024];
+    // Sending stops where the server hangs up.
+    for i in 0..16u64 {
+        if c.send(
+            CMD_WRITE,
+            0,
+            i,
+            i * chunk.len() as u64,
+            chunk.len() as u32,
+            &chunk,
+        )
+        .is_err()
+        {
+            break;
+        }
+    }
+    // The connection is cut once its ring failed: the answers not sent by then never come.
+    let answers = std::iter::from_fn(|| c.reply().ok()).count();
+    assert!(answers < 16, "the connection was cut: {answers} answers");
+    assert!(
+        cluster
+            .node("node-a")
+            .daemon()
+            .log_text()
+            .contains("this connection's ring fails"),
+        "the fault hook fired"
+    );
+    drop(c);
+
+    let mut c = NbdClient::connect(&socket, "prod").unwrap();
+    assert_eq!(c.write(32 * MIB, &vec![0x77u8; MIB as usize]).unwrap(), 0);
+    drop(c);
+    wait_until(Duration::from_secs(60), "the pair to converge", || {
+        local_pair_state(cluster.node("node-a"), &pair)
+            .is_some_and(|s| s["out_of_sync_bytes"] == 0 && s["replication_status"] == "active")
+    });
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    assert_eq!(sha256(&prod), sha256(&dr), "the DR volume caught up");
 }

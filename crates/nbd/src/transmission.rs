@@ -329,14 +329,24 @@ impl Connection {
             self.completions.clear();
             self.completions
                 .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            // Every completion is handled, even after an error: each is off the ring, and
+            // [`Connection::abandon`] waits only for what is still on it.
+            let mut first_error = None;
             for i in 0..self.completions.len() {
                 let (user_data, result) = self.completions[i];
                 match user_data {
                     UD_RECV => self.on_recv(result),
                     UD_SEND => self.on_send(result),
                     UD_WAKE => self.on_wake(),
-                    slot => self.on_disk(slot as usize, result)?,
+                    slot => {
+                        if let Err(e) = self.on_disk(slot as usize, result) {
+                            first_error.get_or_insert(e);
+                        }
+                    }
                 }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
             self.parse_input()?;
             self.take_delivered();
@@ -385,18 +395,24 @@ impl Connection {
         self.send_inflight = false;
         self.wake_inflight = false;
         let gate = self.volume.gate();
-        let held = self.held.drain().filter_map(|(_, h)| match h {
-            Held::Write(write, _) => Some(*write),
-            Held::Flush { .. } => None,
-        });
-        for write in writes
+        let link = gate.link();
+        // A write the link admitted and that never finished locally fails through the link
+        // (its epoch closes, its blocks stay dirty); a held one had its say already.
+        for mut write in writes
             .into_iter()
             .chain(self.queued.drain(..))
             .chain(self.to_admit.drain(..))
             .chain(self.later.drain(..))
-            .chain(held)
         {
+            if let (Some(replica), Some(link)) = (write.replica.take(), link.as_ref()) {
+                let _ = link.local_failed(replica, &self.mailbox);
+            }
             gate.leave(write.lock);
+        }
+        for (_, held) in self.held.drain() {
+            if let Held::Write(write, _) = held {
+                gate.leave(write.lock);
+            }
         }
     }
 
@@ -819,6 +835,8 @@ impl Connection {
         {
             self.attach_replicas(&mut batch, link.as_ref());
         }
+        // After a ring error, the batch's other writes fail (EIO): none is dropped.
+        let mut ring_error = None;
         let mut data_index = 0;
         let mut slow_admitted = slow_admitted.drain(..);
         for write in batch.drain(..) {
@@ -834,7 +852,7 @@ impl Connection {
             data_index += 1;
             match &admitted {
                 Err(e) => self.finish_write(write, Err(e.errno())),
-                Ok(_) if is_ready => self.start_write(write)?,
+                Ok(_) if is_ready => self.start_write_or_fail(write, &mut ring_error),
                 Ok(_) => later.push(write),
             }
         }
@@ -847,7 +865,9 @@ impl Connection {
                     Some(version) => {
                         // The writes into logged regions go to the device while the log is
                         // synced.
-                        self.ring.submit()?;
+                        if let Err(e) = self.ring.submit() {
+                            ring_error.get_or_insert(e);
+                        }
                         gate.make_durable(version)
                     }
                     None => Ok(()),
@@ -857,7 +877,7 @@ impl Connection {
                 }
                 for write in later.drain(..) {
                     match &durable {
-                        Ok(()) => self.start_write(write)?,
+                        Ok(()) => self.start_write_or_fail(write, &mut ring_error),
                         Err(e) => self.finish_write(write, Err(e.errno())),
                     }
                 }
@@ -866,7 +886,17 @@ impl Connection {
         self.to_admit = batch;
         self.later = later;
         self.ready = ready;
-        Ok(())
+        ring_error.map_or(Ok(()), Err)
+    }
+
+    /// Starts `write`, unless the ring failed already this turn: then it fails (EIO).
+    fn start_write_or_fail(&mut self, write: GatedWrite, ring_error: &mut Option<io::Error>) {
+        if ring_error.is_some() {
+            return self.finish_write(write, Err(libc::EIO));
+        }
+        if let Err(e) = self.start_write(write) {
+            *ring_error = Some(e);
+        }
     }
 
     /// Starts an admitted write of data: io_uring, an inline page-cache copy, or a
@@ -1099,6 +1129,30 @@ impl Connection {
         Some(op)
     }
 
+    /// A disk operation failed with `errno` (or never reached the ring): it is answered
+    /// with the error, and its slot freed.
+    fn fail_disk(&mut self, slot: usize, errno: i32) {
+        let Some(op) = self.remove(slot) else {
+            return;
+        };
+        let what = match &op {
+            DiskOp::Read { .. } => "read",
+            DiskOp::Write { .. } => "write",
+            DiskOp::Flush { .. } => "flush",
+        };
+        tracing::error!(error = %io::Error::from_raw_os_error(errno), "{what} failed");
+        match op {
+            DiskOp::Read { handle, buf, .. } => {
+                self.pool.give(buf);
+                self.reply_error(handle, errno);
+            }
+            DiskOp::Write { write, .. } => self.finish_write(write, Err(errno)),
+            DiskOp::Flush { handle, peer } => self.finish_flush(handle, peer, Err(errno)),
+        }
+    }
+
+    /// Puts the operation in `slot` on the ring. If the ring fails, the operation fails
+    /// (EIO) rather than stay counted as in flight.
     fn submit_disk(&mut self, slot: usize) -> io::Result<()> {
         let disk = types::Fd(self.disk);
         let sqe = match self.ops[slot].as_mut().expect("submitting a live slot") {
@@ -1130,29 +1184,18 @@ impl Connection {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
         };
-        self.push(sqe.user_data(slot as u64))
+        let pushed = fault::ring_error(self.stats.requests, self.inflight)
+            .and_then(|()| self.push(sqe.user_data(slot as u64)));
+        if pushed.is_err() {
+            self.fail_disk(slot, libc::EIO);
+        }
+        pushed
     }
 
     fn on_disk(&mut self, slot: usize, result: i32) -> io::Result<()> {
         self.beat.progress();
         if result < 0 {
-            let errno = -result;
-            if let Some(op) = self.remove(slot) {
-                let what = match &op {
-                    DiskOp::Read { .. } => "read",
-                    DiskOp::Write { .. } => "write",
-                    DiskOp::Flush { .. } => "flush",
-                };
-                tracing::error!(error = %io::Error::from_raw_os_error(errno), "{what} failed");
-                match op {
-                    DiskOp::Read { handle, buf, .. } => {
-                        self.pool.give(buf);
-                        self.reply_error(handle, errno);
-                    }
-                    DiskOp::Write { write, .. } => self.finish_write(write, Err(errno)),
-                    DiskOp::Flush { handle, peer } => self.finish_flush(handle, peer, Err(errno)),
-                }
-            }
+            self.fail_disk(slot, -result);
             return Ok(());
         }
         let n = result as usize;
@@ -1368,4 +1411,33 @@ mod fault {
     #[cfg(not(feature = "fault-injection"))]
     #[inline]
     pub fn maybe_stall(_requests: u64, _inflight: usize) {}
+
+    /// With `BLOCKREP_FAULT_NBD_RING_ERROR_AFTER=N`, the first disk operation a connection
+    /// puts on its ring after taking N requests, with another one in flight, fails as if the
+    /// ring had (once per process): the connection is abandoned with writes on the ring.
+    #[cfg(feature = "fault-injection")]
+    pub fn ring_error(requests: u64, inflight: usize) -> std::io::Result<()> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static AFTER: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        static FIRED: AtomicBool = AtomicBool::new(false);
+        let after = AFTER.get_or_init(|| {
+            std::env::var("BLOCKREP_FAULT_NBD_RING_ERROR_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if after.is_some_and(|n| requests >= n)
+            && inflight >= 2
+            && !FIRED.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!("fault injection: this connection's ring fails");
+            return Err(std::io::Error::other("fault injection: the ring failed"));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline]
+    pub fn ring_error(_requests: u64, _inflight: usize) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -159,6 +159,14 @@ impl State {
             self.atomic.remove(0);
         }
     }
+
+    /// A write failed locally: its blocks stay dirty, and nothing sends them but a
+    /// catch-up (what the device holds there now is what the DR side must get).
+    fn catch_up_failed_write(&mut self) {
+        if self.live != Live::Tracked {
+            self.needs_catch_up = true;
+        }
+    }
 }
 
 /// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
@@ -1148,6 +1156,7 @@ impl ReplicaLink for PairLink {
             ReplicaMode::Journal(admitted) => {
                 let mut state = self.lock();
                 state.journal.abandon(admitted);
+                state.catch_up_failed_write();
                 let answer = state.answer_or_hold(write.token, mailbox);
                 drop(state);
                 self.tracker.forget(write.ticket);
@@ -1155,7 +1164,9 @@ impl ReplicaLink for PairLink {
             }
             _ => {
                 self.tracker.forget(write.ticket);
-                self.lock().answer_or_hold(write.token, mailbox)
+                let mut state = self.lock();
+                state.catch_up_failed_write();
+                state.answer_or_hold(write.token, mailbox)
             }
         }
     }
