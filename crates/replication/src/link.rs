@@ -331,6 +331,8 @@ impl PairLink {
         let mut state = self.lock();
         state.journal.reconnected(staged);
         state.needs_catch_up = false;
+        // A sync's end is acknowledged on the stream that sent it; a new stream starts over.
+        state.sync_done_acked = None;
     }
 
     /// Live writes start flowing: direct in hypermetro, journaled in async. With
@@ -1527,5 +1529,42 @@ mod tests {
         link.group_cut(Epoch(7), CutMode::Trip, 0);
         link.group_release(Epoch(7), TRIPPED, 0);
         assert_eq!(delivered(&mailbox), vec![1]);
+    }
+
+    /// A stream's acknowledged `SyncDone` does not answer a later stream's: a hypermetro
+    /// pair's ends always carry epoch 0, so a second full sync would otherwise be recorded
+    /// done the moment it queued its `SyncDone`, before the DR side had it.
+    #[test]
+    fn a_sync_done_acknowledged_on_an_earlier_stream_does_not_end_a_later_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) =
+            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
+        let link = PairLink::new(
+            ReplicationModel::Hypermetro,
+            Arc::new(tracker),
+            64 << 20,
+            Epoch(1),
+        );
+        link.connected(Epoch(1));
+        link.go_live();
+        let first = link.push_sync_done();
+        link.handle_sync_done_ack(first);
+        assert!(link.wait_for_sync_done(first, &|| false));
+
+        link.disconnected();
+        link.connected(Epoch(1));
+        link.go_live();
+        let second = link.push_sync_done();
+        let checks = std::cell::Cell::new(0);
+        let give_up_after_one_look = || {
+            checks.set(checks.get() + 1);
+            checks.get() > 1
+        };
+        assert!(
+            !link.wait_for_sync_done(second, &give_up_after_one_look),
+            "the later sync is not done until its own SyncDone is acknowledged"
+        );
+        link.handle_sync_done_ack(second);
+        assert!(link.wait_for_sync_done(second, &|| false));
     }
 }
