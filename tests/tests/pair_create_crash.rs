@@ -1,7 +1,8 @@
 //! The coordinator dies (as by `kill -9`) in the middle of creating a pair: right after
 //! recording it, and right after the DR agent took its role. After its restart the pair is
 //! there and becomes active, and no volume is left holding a role the coordinator does not
-//! know.
+//! know. A DR agent that does not answer leaves the pair to the driver, which completes it
+//! once the agent is back.
 
 use std::time::Duration;
 
@@ -76,4 +77,36 @@ fn a_coordinator_dying_after_recording_a_pair_completes_it_after_its_restart() {
 #[test]
 fn a_coordinator_dying_after_the_dr_agent_took_its_role_completes_the_pair() {
     create_with_the_coordinator_dying_at("DR role taken");
+}
+
+/// The DR agent dies just before a pair is created, so the request for its role gets no
+/// answer. The pair is kept (creating, its job running) and completed once the agent is
+/// back: had the agent taken the role and only its answer been lost, forgetting the pair
+/// would leave a DR role nobody knows.
+#[test]
+fn a_pair_whose_dr_agent_does_not_answer_is_completed_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(
+        dir.path(),
+        &[("node-co", "az3"), ("node-a", "az1"), ("node-b", "az2")],
+        "",
+    );
+    for (node, volume) in [("node-a", "prod"), ("node-b", "dr")] {
+        let path = dir.path().join(format!("{volume}.img"));
+        sparse_file(&path, 64 * MIB);
+        cluster.add_volume(node, volume, &path);
+    }
+    cluster.wait_nodes_alive();
+    cluster.node_mut("node-b").kill9();
+    let (pair, job) = cluster.create_pair("p", "prod,dr", "az1", "async");
+    assert_eq!(cluster.pair(&pair)["status"], "creating");
+
+    cluster.node_mut("node-b").start();
+    cluster.wait_job(&job, Duration::from_secs(120));
+    wait_until(Duration::from_secs(60), "the pair to become active", || {
+        let p = cluster.pair(&pair);
+        p["status"] == "available" && p["replication_status"] == "active"
+    });
+    let v = cluster.node("node-b").cli_json(&["volume", "show", "dr"]);
+    assert_eq!(v["pair_id"], pair.as_str(), "{v}");
 }

@@ -320,33 +320,47 @@ impl Coordinator {
         fault::crash_at("pair recorded");
         // The DR agent takes its role first: it refuses if the DR volume has clients, and
         // then nothing is created.
-        let taken = self
-            .call_agent(
+        let asked = self
+            .agents
+            .call(
                 &record.dr_node,
                 plan.dr_address,
-                Request::BecomeDr(assignment),
+                ClusterRequest {
+                    request: Some(Request::BecomeDr(assignment)),
+                },
             )
             .await;
-        if let Err(e) = taken {
-            let forgotten = self.commit(&[
-                Change::DeletePair(record.id.to_string()),
-                Change::DeleteJob(job.id.to_string()),
-            ]);
-            if let Err(store) = forgotten {
-                // Left for the driver, which asks the DR agent again.
-                tracing::error!(pair = %record.id, error = %store, "cannot forget a pair its DR agent refused; the driver retries it");
-                let mut state = self.lock();
-                state.pairs.insert(record.id, record);
-                state.jobs.insert(job.id, job);
+        match asked.map(|answer| Self::answer_of(&record.dr_node, answer)) {
+            Ok(Ok(())) => {
+                fault::crash_at("DR role taken");
+                record.dr_started = true;
+                if let Err(e) = self.commit(&[Change::PutPair(record.clone())]) {
+                    // The record says the DR agent was not asked yet: the driver asks again.
+                    tracing::warn!(pair = %record.id, error = %e, "cannot record the DR agent's step; the driver repeats it");
+                    record.dr_started = false;
+                }
             }
-            return Err(e);
-        }
-        fault::crash_at("DR role taken");
-        record.dr_started = true;
-        if let Err(e) = self.commit(&[Change::PutPair(record.clone())]) {
-            // The record says the DR agent was not asked yet: the driver asks again.
-            tracing::warn!(pair = %record.id, error = %e, "cannot record the DR agent's step; the driver repeats it");
-            record.dr_started = false;
+            Ok(Err(refused)) => {
+                let forgotten = self.commit(&[
+                    Change::DeletePair(record.id.to_string()),
+                    Change::DeleteJob(job.id.to_string()),
+                ]);
+                if let Err(store) = forgotten {
+                    // Left for the driver, which asks the DR agent again.
+                    tracing::error!(pair = %record.id, error = %store, "cannot forget a pair its DR agent refused; the driver retries it");
+                    let mut state = self.lock();
+                    state.pairs.insert(record.id, record);
+                    state.jobs.insert(job.id, job);
+                }
+                return Err(refused);
+            }
+            // No answer: the DR agent may have taken its role all the same. The record stays
+            // (creating, its job running) and the driver asks again, as after a crash here,
+            // until the agent answers or the job fails after AGENT_GIVE_UP. Forgetting it
+            // could leave a DR role nobody knows.
+            Err(unanswered) => {
+                tracing::warn!(pair = %record.id, error = %unanswered, "the DR agent did not answer; the driver asks it again");
+            }
         }
         tracing::info!(pair = %record.id, name = %record.name, model = %record.model, "pair created");
         let mut state = self.lock();
@@ -1168,6 +1182,11 @@ impl Coordinator {
                 },
             )
             .await?;
+        Self::answer_of(node, response)
+    }
+
+    /// What an agent's answer says: done, or refused and why.
+    fn answer_of(node: &str, response: ClusterResponse) -> Result<(), ApiError> {
         match response.response {
             Some(Response::Done(_)) => Ok(()),
             Some(Response::Error(e)) => Err(e.into()),
