@@ -13,15 +13,19 @@
 //! to hold.
 //!
 //! Records: `u32 length | u8 kind | body`, then a CRC32 of kind and body. A length of zero
-//! is padding to the next 4 KiB block. Appends go in whole blocks, and a sync follows every
-//! seal, so only the batch written after the last sync that returned can be torn: a record
-//! that is not whole (short, failing its CRC, of no known kind, or whose range does not fit
-//! its data) with nothing whole at any later block is that torn tail, and ends the log (it
-//! holds writes of a unit not yet sealed, or a seal whose sync never returned: nothing
-//! acknowledged). A bad record with a whole one after it is corruption of something that
-//! was durable: the log is refused, and the file kept as it is for the operator.
+//! is padding to the next 4 KiB block. Appends go in batches of whole blocks, each opened by
+//! a `Batch` record; a sync follows every seal, and a batch is written only once the one
+//! before it is synced. So only the batch written after the last sync that returned can be
+//! torn, in any of its blocks: a record that is not whole (short, failing its CRC, of no
+//! known kind, or whose range does not fit its data) with no whole `Batch` record at any
+//! later block is in that torn batch, and ends the log (it holds writes of a unit not yet
+//! sealed, or a seal whose sync never returned: nothing acknowledged). A bad record with a
+//! later batch after it is corruption of something that was durable: the log is refused,
+//! and the file kept as it is for the operator. At open, everything after the last seal
+//! (unsealed writes, a torn batch) is cut from the file before anything is appended.
 //!
 //! ```text
+//! Batch  u64 offset of the batch in the file
 //! Write  u64 epoch | u64 offset | u32 len | u8 zeroes | data (len bytes unless zeroes)
 //! Seal   u64 epoch | u64 cut time (ms)
 //! ```
@@ -38,6 +42,9 @@ use bytes::Bytes;
 
 const KIND_WRITE: u8 = 1;
 const KIND_SEAL: u8 = 2;
+const KIND_BATCH: u8 = 3;
+/// Length, kind and CRC around a record's body.
+const RECORD_OVERHEAD: usize = 5 + 4;
 const BLOCK: u64 = 4096;
 /// Appends are gathered up to this size before they are written.
 const BATCH_BYTES: usize = 4 << 20;
@@ -84,6 +91,8 @@ pub struct StageLog {
     held_bytes: u64,
     /// [`StageLog::staged_bytes`], kept as writes come and go.
     staged_bytes: u64,
+    /// A batch was written since the last sync: the next is written only after a sync.
+    unsynced: bool,
 }
 
 /// The bytes of the writes `staged` holds (data or zero ranges): what the cap counts.
@@ -119,17 +128,26 @@ impl StageLog {
             }
             Err(e) => return Err(e),
         };
+        let len = file.metadata()?.len();
         let Records {
             mut staged,
             seals,
-            end: at,
-        } = read_records(&file, file.metadata()?.len(), applied)?;
-        // Writes past the last seal belong to units that were never sealed.
+            sealed_end,
+        } = read_records(&file, len, applied)?;
+        // What follows the last seal was never acknowledged: writes of units never sealed,
+        // and a torn tail. It is cut from the file, not only skipped: left there, a torn
+        // record would stand in front of the next records (corruption at the next restart),
+        // and unsealed writes behind a later seal of the same epoch number would join it.
         let last_seal = seals.last().map_or(applied, |s| s.epoch);
-        staged.retain(|s| s.epoch <= last_seal);
-        // New records start at the next block; what follows the last good record is dropped.
-        let end = at.div_ceil(BLOCK) * BLOCK;
-        file.set_len(end)?;
+        staged.retain(|s| s.epoch <= last_seal && s.data_at < sealed_end);
+        // New records start at the next block; the rest of the seal's block is zeroes
+        // (padding), and the cut is durable before anything is appended after it.
+        let end = sealed_end.div_ceil(BLOCK) * BLOCK;
+        if len > sealed_end {
+            file.set_len(sealed_end)?;
+            file.set_len(end)?;
+            file.sync_all()?;
+        }
         if created {
             // The file itself survives a power cut before the first seal's sync.
             if let Some(dir) = path.parent() {
@@ -147,6 +165,7 @@ impl StageLog {
             staged_bytes: bytes_of(&staged),
             staged,
             held_bytes: 0,
+            unsynced: false,
         };
         Ok(Recovered { log, seals })
     }
@@ -189,7 +208,13 @@ impl StageLog {
     pub fn seal(&mut self, epoch: Epoch, cut_ms: u64) -> io::Result<()> {
         self.append(KIND_SEAL, &seal_body(epoch, cut_ms), &[])?;
         self.flush()?;
-        self.direct.sync_data()
+        self.sync()
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.direct.sync_data()?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// The staged writes of epochs ≤ `epoch`, in log order, taken out of the log's index.
@@ -240,6 +265,7 @@ impl StageLog {
         // Durable before anything is appended at the start again: old records must never
         // reappear behind new ones after a power cut.
         self.file.sync_all()?;
+        self.unsynced = false;
         self.end = 0;
         Ok(true)
     }
@@ -275,7 +301,7 @@ impl StageLog {
             fresh.append(KIND_SEAL, &seal_body(seal.epoch, seal.cut_ms), &[])?;
         }
         fresh.flush()?;
-        fresh.direct.sync_data()?;
+        fresh.sync()?;
         std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
@@ -301,18 +327,30 @@ impl StageLog {
         self.end + self.batch.len() as u64
     }
 
-    /// Appends a record to the batch; returns the record's offset in the log.
+    /// Appends a record to the batch (opening a batch first if none is); returns the
+    /// record's offset in the log.
     fn append(&mut self, kind: u8, body: &[u8], data: &[u8]) -> io::Result<u64> {
-        let record = 5 + body.len() + data.len() + 4;
-        if self.batch.len() + record > self.batch.capacity() {
+        let record = RECORD_OVERHEAD + body.len() + data.len();
+        if !self.batch.is_empty() && self.batch.len() + record > self.batch.capacity() {
             self.flush()?;
         }
-        if record > self.batch.capacity() {
-            // A record bigger than the batch gets a buffer of its own.
-            self.batch = AlignedBuf::new(record.next_multiple_of(BLOCK as usize));
-            self.batch.set_len(0);
+        if self.batch.is_empty() {
+            let opened = RECORD_OVERHEAD + 8 + record;
+            if opened > self.batch.capacity() {
+                // A record bigger than the batch gets a buffer of its own.
+                self.batch = AlignedBuf::new(opened.next_multiple_of(BLOCK as usize));
+                self.batch.set_len(0);
+            }
+            self.put(KIND_BATCH, &self.end.to_le_bytes(), &[]);
         }
         let at = self.end + self.batch.len() as u64;
+        self.put(kind, body, data);
+        Ok(at)
+    }
+
+    /// Puts a record at the end of the batch, which has room for it.
+    fn put(&mut self, kind: u8, body: &[u8], data: &[u8]) {
+        let record = RECORD_OVERHEAD + body.len() + data.len();
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&[kind]);
         hasher.update(body);
@@ -325,19 +363,23 @@ impl StageLog {
         out[5..5 + body.len()].copy_from_slice(body);
         out[5 + body.len()..5 + body.len() + data.len()].copy_from_slice(data);
         out[record - 4..].copy_from_slice(&hasher.finalize().to_le_bytes());
-        Ok(at)
     }
 
-    /// Writes the batch to the file, padded to whole blocks (not synced).
+    /// Writes the batch to the file, padded to whole blocks (not synced). The batch before
+    /// it is synced first, so a power cut can tear only the last batch written.
     pub fn flush(&mut self) -> io::Result<()> {
         if self.batch.is_empty() {
             return Ok(());
+        }
+        if self.unsynced {
+            self.sync()?;
         }
         let used = self.batch.len();
         let padded = used.next_multiple_of(BLOCK as usize);
         self.batch.set_len(padded);
         self.batch[used..].fill(0);
         self.direct.write_all_at(&self.batch, self.end)?;
+        self.unsynced = true;
         self.end += padded as u64;
         self.batch.set_len(0);
         if self.batch.capacity() > BATCH_BYTES {
@@ -349,11 +391,11 @@ impl StageLog {
 }
 
 /// What the log holds above an applied epoch: every write record (sealed or not) and every
-/// seal, in log order, and where the last good record ends.
+/// seal, in log order, and where the last seal record (of any epoch) ends.
 struct Records {
     staged: Vec<Staged>,
     seals: Vec<SealRecord>,
-    end: u64,
+    sealed_end: u64,
 }
 
 /// One record as it lies in the log.
@@ -367,6 +409,8 @@ enum Record {
         data_at: u64,
     },
     Seal(SealRecord),
+    /// The start of a batch.
+    Batch,
     /// Zeroes up to the next block.
     Padding,
 }
@@ -396,6 +440,15 @@ fn record_at(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Foun
         return Ok(Found::Record(Record::Padding, (at / BLOCK + 1) * BLOCK));
     }
     let kind = header[4];
+    let fits_kind = match kind {
+        KIND_WRITE => body_len >= 21,
+        KIND_SEAL => body_len == 16,
+        KIND_BATCH => body_len == 8,
+        _ => return Ok(Found::Bad("a record of an unknown kind")),
+    };
+    if !fits_kind {
+        return Ok(Found::Bad("a record whose length does not fit its kind"));
+    }
     if body_len > MAX_BODY || at + 5 + body_len + 4 > len {
         return Ok(Found::Bad("a record longer than what follows it"));
     }
@@ -435,31 +488,35 @@ fn record_at(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Foun
             epoch: Epoch(u64_at(0)),
             cut_ms: u64_at(8),
         }),
+        // A batch names where it starts: one found elsewhere is not this file's.
+        KIND_BATCH if body.len() == 8 && u64_at(0) == at => Record::Batch,
+        KIND_BATCH => return Ok(Found::Bad("a batch record out of its place")),
         _ => return Ok(Found::Bad("a record of an unknown kind")),
     };
     Ok(Found::Record(record, next))
 }
 
-/// Reads the log's records above `applied`. A record that is not whole ends the log if
-/// nothing whole follows it at any later block: that is a torn tail, the last batch written
-/// after the last sync that returned (records go in whole blocks, and a sync follows every
-/// seal), so it holds only writes of a unit not yet sealed, or a seal whose sync never
-/// returned: nothing acknowledged. A bad record with a whole one after it is corruption of
-/// something that was durable: an error, and the file is left as it is.
+/// Reads the log's records above `applied`. A record that is not whole ends the log if no
+/// whole batch starts at any later block: it is in the last batch written, after the last
+/// sync that returned (a batch is written only once the one before it is synced, and a sync
+/// follows every seal), so that batch holds only writes of a unit not yet sealed, or a seal
+/// whose sync never returned: nothing acknowledged. A bad record with a later batch after it
+/// is corruption of something that was durable: an error, and the file is left as it is.
 fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::Result<Records> {
     let mut staged = Vec::new();
     let mut seals = Vec::new();
+    let mut sealed_end = 0u64;
     let mut at = 0u64;
     while at < len {
         let (record, next) = match record_at(log, len, at)? {
             Found::Record(record, next) => (record, next),
             Found::Bad(what) => {
-                if let Some(whole) = whole_record_after(log, len, at)? {
+                if let Some(later) = batch_after(log, len, at)? {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!(
-                            "the stage log is corrupt: {what} at offset {at}, with a whole record \
-                             after it at offset {whole} (not a torn tail); it is kept as it is"
+                            "the stage log is corrupt: {what} at offset {at}, with a later batch \
+                             at offset {later} (not a torn tail); it is kept as it is"
                         ),
                     ));
                 }
@@ -479,7 +536,12 @@ fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::R
                 data_at,
                 data: None,
             }),
-            Record::Seal(seal) if seal.epoch > applied => seals.push(seal),
+            Record::Seal(seal) => {
+                sealed_end = next;
+                if seal.epoch > applied {
+                    seals.push(seal);
+                }
+            }
             _ => {}
         }
         at = next;
@@ -487,17 +549,16 @@ fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::R
     Ok(Records {
         staged,
         seals,
-        end: at.min(len),
+        sealed_end,
     })
 }
 
-/// The first block boundary after `at` where a whole record (not padding) starts, if any.
-fn whole_record_after(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Option<u64>> {
+/// The first block boundary after `at` where a whole batch starts, if any: written only
+/// once everything before it was synced.
+fn batch_after(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Option<u64>> {
     let mut block = (at / BLOCK + 1) * BLOCK;
     while block < len {
-        if let Found::Record(record, _) = record_at(log, len, block)?
-            && record != Record::Padding
-        {
+        if let Found::Record(Record::Batch, _) = record_at(log, len, block)? {
             return Ok(Some(block));
         }
         block += BLOCK;
@@ -743,5 +804,108 @@ mod tests {
         assert_eq!(seals.len(), 1);
         assert_eq!(log.take_unit(Epoch(1)).len(), 1);
         assert_eq!(log.staged_len(), 0);
+    }
+
+    /// A power cut tears the last batch in the middle of a block. The agent restarts, stages
+    /// and seals a new unit, and the power fails again: the new unit is whole in the log and
+    /// replayed (the torn record's bytes were cut, not left in front of it), and the writes
+    /// of the unit that was never sealed are gone from the file too, so a later seal of the
+    /// same epoch number cannot take them in.
+    #[test]
+    fn a_torn_last_batch_is_dropped_and_what_follows_it_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
+                .unwrap();
+            log.seal(Epoch(1), 5).unwrap();
+            // The next batch: two writes of a unit not yet sealed, the second torn.
+            log.append_write(Epoch(2), ByteRange::new(4096, 4), false, &b(b"bbbb"))
+                .unwrap();
+            log.append_write(Epoch(2), ByteRange::new(8192, 4), false, &b(b"cccc"))
+                .unwrap();
+            log.flush().unwrap();
+        }
+        let batch_record = (RECORD_OVERHEAD + 8) as u64;
+        let second_write = BLOCK + batch_record + (RECORD_OVERHEAD + 21 + 4) as u64;
+        overwrite(&path, second_write + 30, b"XX");
+        {
+            let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
+            assert_eq!(seals.len(), 1);
+            log.append_write(Epoch(2), ByteRange::new(12288, 4), false, &b(b"dddd"))
+                .unwrap();
+            log.seal(Epoch(2), 6).unwrap();
+        }
+        let Recovered { mut log, seals } = StageLog::open(&path, Epoch(0))
+            .expect("a torn tail cut at the restart is not corruption after the next one");
+        assert_eq!(
+            seals.iter().map(|s| s.epoch).collect::<Vec<_>>(),
+            vec![Epoch(1), Epoch(2)]
+        );
+        let ranges: Vec<u64> = log
+            .take_unit(Epoch(2))
+            .iter()
+            .map(|s| s.range.offset)
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![0, 12288],
+            "the unsealed writes of the first epoch 2 are gone"
+        );
+    }
+
+    /// A unit of 6 MiB spans two batches; the first was synced before the second was
+    /// written. A power cut can tear the second anywhere, even before a record of it that
+    /// made it whole: that is the torn tail, not corruption. A bad record in the first batch,
+    /// which a later batch proves synced, is corruption.
+    #[test]
+    fn only_the_batch_after_the_last_sync_can_be_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        let mib = Bytes::from(vec![7u8; 1 << 20]);
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
+                .unwrap();
+            log.seal(Epoch(1), 5).unwrap();
+            for i in 0..6 {
+                log.append_write(Epoch(2), ByteRange::new(i << 20, 1 << 20), false, &mib)
+                    .unwrap();
+            }
+            log.flush().unwrap();
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        // The second batch of epoch 2 starts at the last batch record in the file.
+        let file = File::open(&path).unwrap();
+        let batches: Vec<u64> = (0..len / BLOCK)
+            .map(|b| b * BLOCK)
+            .filter(|&at| {
+                matches!(
+                    record_at(&file, len, at).unwrap(),
+                    Found::Record(Record::Batch, _)
+                )
+            })
+            .collect();
+        assert_eq!(
+            batches.len(),
+            3,
+            "the seal's batch and epoch 2's two: {batches:?}"
+        );
+        let last = batches[2];
+
+        let torn = dir.path().join("torn");
+        std::fs::copy(&path, &torn).unwrap();
+        // The first record of the last batch is torn; the records after it are whole.
+        overwrite(&torn, last + 100, b"XX");
+        let Recovered { log, seals } = StageLog::open(&torn, Epoch(0)).expect("a torn tail");
+        assert_eq!(seals.len(), 1);
+        assert_eq!(log.staged_len(), 1, "epoch 1's write only");
+
+        let corrupt = dir.path().join("corrupt");
+        std::fs::copy(&path, &corrupt).unwrap();
+        overwrite(&corrupt, batches[1] + 100, b"XX");
+        let err = StageLog::open(&corrupt, Epoch(0)).err().expect("refused");
+        assert!(err.to_string().contains("corrupt"), "{err}");
     }
 }
