@@ -46,6 +46,8 @@ const UD_WAKE: u64 = u64::MAX;
 const UD_SYNC: u64 = u64::MAX - 1;
 /// The stage log is rewritten once it grows past this.
 const COMPACT_BYTES: u64 = 256 << 20;
+/// Zero ranges are written in pieces this large, each one progress for the watchdog.
+const ZEROES_PIECE: u64 = 64 << 20;
 
 /// A frame for the applier, in stream order.
 #[derive(Debug)]
@@ -403,6 +405,11 @@ impl Worker {
                 self.queue.extend(inbox.drain(..));
             }
             self.waker.reset();
+            // What runs here may block (a seal's sync, a slow-path write, a unit's sync, a
+            // compaction): a call that never returns is a stall the watchdog must see. Each
+            // command and each staged write handled is progress; the reap below says again
+            // whether anything is awaited.
+            self.beat.expect(true);
             self.progress()?;
             self.start_sync()?;
             let stopping = self.inbox.stop.load(std::sync::atomic::Ordering::SeqCst);
@@ -627,6 +634,7 @@ impl Worker {
                 return Ok(());
             }
             let cmd = self.queue.pop_front().expect("front checked");
+            self.beat.progress();
             match cmd {
                 ApplyCmd::Write {
                     header,
@@ -737,7 +745,7 @@ impl Worker {
         }
         // Zeroes or an unaligned write: done here, after every earlier write (a barrier).
         if zeroes {
-            self.volume.write_zeroes(range, true, false)?;
+            self.write_zeroes(range)?;
         } else {
             self.volume
                 .read_modify_write(range, Some(&payload), false)?;
@@ -970,6 +978,7 @@ impl Worker {
     /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
     fn submit_unit(&mut self) -> io::Result<()> {
         while let Some(staged) = self.unit_queue.front().cloned() {
+            self.beat.progress();
             if !self.room_in_flight(staged.range.len) {
                 return Ok(());
             }
@@ -996,7 +1005,7 @@ impl Worker {
                 }
                 self.unit_queue.pop_front();
                 if staged.zeroes {
-                    self.volume.write_zeroes(staged.range, true, false)?;
+                    self.write_zeroes(staged.range)?;
                 } else {
                     let mut data = vec![0u8; staged.range.len as usize];
                     self.log.read(&staged, &mut data)?;
@@ -1024,6 +1033,18 @@ impl Worker {
         Ok(())
     }
 
+    /// Zeroes `range` in pieces, each one progress: zeroing gigabytes is one long call.
+    fn write_zeroes(&self, range: ByteRange) -> io::Result<()> {
+        let mut at = range.offset;
+        while at < range.end() {
+            let piece = ByteRange::new(at, ZEROES_PIECE.min(range.end() - at));
+            self.volume.write_zeroes(piece, true, false)?;
+            self.beat.progress();
+            at = piece.end();
+        }
+        Ok(())
+    }
+
     /// Every write of the unit is on the volume: sync it, record the epoch, report.
     fn finish_unit(&mut self) -> io::Result<()> {
         let Some(applying) = self.applying.take() else {
@@ -1042,7 +1063,9 @@ impl Worker {
         }
         self.state.save(&self.state_path)?;
         if !self.log.truncate_if_empty()? {
-            self.log.compact(COMPACT_BYTES, &self.held_seals)?;
+            let beat = &self.beat;
+            self.log
+                .compact(COMPACT_BYTES, &self.held_seals, &|| beat.progress())?;
         }
         self.emit(ApplyEvent::Applied {
             epoch: applying.epoch,

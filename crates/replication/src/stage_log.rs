@@ -274,7 +274,13 @@ impl StageLog {
     /// `threshold` bytes: under steady load the next epoch's writes are always there, so
     /// the log is never empty to truncate. The copy is synced and renamed over the log; a
     /// crash before the rename leaves the old log, whose extra records are all applied.
-    pub fn compact(&mut self, threshold: u64, held: &[SealRecord]) -> io::Result<bool> {
+    /// `progress` is called after each write copied (the copy may be long).
+    pub fn compact(
+        &mut self,
+        threshold: u64,
+        held: &[SealRecord],
+        progress: &dyn Fn(),
+    ) -> io::Result<bool> {
         if self.bytes() < threshold || self.staged.is_empty() {
             return Ok(false);
         }
@@ -294,6 +300,7 @@ impl StageLog {
                 }
             };
             fresh.append_write(s.epoch, s.range, s.zeroes, &data)?;
+            progress();
         }
         // Units sealed but held for their group's commit keep their seals (after their
         // writes: a seal covers the writes of its epoch and earlier before it).
@@ -677,7 +684,7 @@ mod tests {
         log.read(&unit[0], &mut data).unwrap();
         assert_eq!(&data, b"aaaa", "held in memory");
         let before = log.bytes();
-        assert!(log.compact(0, &[]).unwrap());
+        assert!(log.compact(0, &[], &|| {}).unwrap());
         assert!(log.bytes() <= before);
         log.seal(Epoch(2), 2).unwrap();
         drop(log);
@@ -709,7 +716,7 @@ mod tests {
                 cut_ms: 30,
             },
         ];
-        assert!(log.compact(0, &held).unwrap());
+        assert!(log.compact(0, &held, &|| {}).unwrap());
         drop(log);
         // Applied up to 1: the two held units are still sealed after the rewrite.
         let Recovered { mut log, seals } = StageLog::open(&path, Epoch(1)).unwrap();
