@@ -355,8 +355,12 @@ impl DrPair {
         let (state, recovered) = match opened {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
+                // Refused, counted and shown: a corrupt log keeps the DR volume where it is
+                // until the operator acts, and every stream says why.
                 let reason = format!("cannot open the stage log: {e}");
                 tracing::error!(pair = %self.membership.pair, %reason);
+                self.streams_refused.fetch_add(1, Ordering::Relaxed);
+                self.set_status(ReplicationStatus::Error, reason.clone());
                 writer.refuse(RefuseKind::Failed, reason).await;
                 return;
             }
