@@ -352,6 +352,27 @@ impl TestCluster {
         v
     }
 
+    /// Two sparse files of `size` bytes in `dir`, volume `prod` on node-a and `dr` on
+    /// node-b, paired as `model` (production in az1), the creation waited for. Returns the
+    /// two files and the pair's id.
+    pub fn pair_two_files(
+        &self,
+        dir: &Path,
+        name: &str,
+        model: &str,
+        size: u64,
+    ) -> (PathBuf, PathBuf, String) {
+        let prod = dir.join("prod.img");
+        let dr = dir.join("dr.img");
+        crate::sparse_file(&prod, size);
+        crate::sparse_file(&dr, size);
+        self.add_volume("node-a", "prod", &prod);
+        self.add_volume("node-b", "dr", &dr);
+        let (pair, job) = self.create_pair(name, "prod,dr", "az1", model);
+        self.wait_job(&job, Duration::from_secs(120));
+        (prod, dr, pair)
+    }
+
     /// Creates a pair (production volume first) and returns (pair id, job id).
     pub fn create_pair(
         &self,

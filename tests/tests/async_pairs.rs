@@ -281,14 +281,7 @@ fn a_connection_abandoned_with_writes_in_flight_does_not_stop_the_pair() {
         .node_mut("node-a")
         .restart_with_fault("BLOCKREP_FAULT_NBD_RING_ERROR_AFTER", "4");
     cluster.wait_nodes_alive();
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, 64 * MIB);
-    sparse_file(&dr, 64 * MIB);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
-    let (pair, job) = cluster.create_pair("abandoned", "prod,dr", "az1", "async");
-    cluster.wait_job(&job, Duration::from_secs(120));
+    let (prod, dr, pair) = cluster.pair_two_files(dir.path(), "abandoned", "async", 64 * MIB);
 
     let socket = cluster.node("node-a").daemon().nbd_socket("prod");
     let mut c = NbdClient::connect(&socket, "prod").unwrap();

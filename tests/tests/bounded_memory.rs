@@ -151,14 +151,7 @@ fn a_stage_log_at_its_cap_falls_back_to_the_bitmap_and_keeps_a_consistent_image(
             cluster_extra: "",
         },
     );
-    let prod = dir.path().join("prod.img");
-    let dr = dir.path().join("dr.img");
-    sparse_file(&prod, 64 * MIB);
-    sparse_file(&dr, 64 * MIB);
-    cluster.add_volume("node-a", "prod", &prod);
-    cluster.add_volume("node-b", "dr", &dr);
-    let (pair, job) = cluster.create_pair("async", "prod,dr", "az1", "async");
-    cluster.wait_job(&job, Duration::from_secs(120));
+    let (_, dr, pair) = cluster.pair_two_files(dir.path(), "async", "async", 64 * MIB);
 
     // Dependent records, 4 KiB each, in one burst: more than the DR's stage log may hold.
     let socket = cluster.node("node-a").daemon().nbd_socket("prod");

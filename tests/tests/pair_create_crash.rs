@@ -11,18 +11,24 @@ use blockrep_tests::sparse_file;
 
 const MIB: u64 = 1 << 20;
 
-fn create_with_the_coordinator_dying_at(step: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = TestCluster::start(
-        dir.path(),
+/// A coordinator of its own (node-co), volume `prod` on node-a and `dr` on node-b.
+fn cluster_with_two_volumes(dir: &std::path::Path) -> TestCluster {
+    let cluster = TestCluster::start(
+        dir,
         &[("node-co", "az3"), ("node-a", "az1"), ("node-b", "az2")],
         "",
     );
     for (node, volume) in [("node-a", "prod"), ("node-b", "dr")] {
-        let path = dir.path().join(format!("{volume}.img"));
+        let path = dir.join(format!("{volume}.img"));
         sparse_file(&path, 64 * MIB);
         cluster.add_volume(node, volume, &path);
     }
+    cluster
+}
+
+fn create_with_the_coordinator_dying_at(step: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = cluster_with_two_volumes(dir.path());
     let co = cluster.node_mut("node-co");
     co.stop();
     co.env = vec![("BLOCKREP_FAULT_COORDINATOR_CRASH_AT".into(), step.into())];
@@ -86,16 +92,7 @@ fn a_coordinator_dying_after_the_dr_agent_took_its_role_completes_the_pair() {
 #[test]
 fn a_pair_whose_dr_agent_does_not_answer_is_completed_once_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = TestCluster::start(
-        dir.path(),
-        &[("node-co", "az3"), ("node-a", "az1"), ("node-b", "az2")],
-        "",
-    );
-    for (node, volume) in [("node-a", "prod"), ("node-b", "dr")] {
-        let path = dir.path().join(format!("{volume}.img"));
-        sparse_file(&path, 64 * MIB);
-        cluster.add_volume(node, volume, &path);
-    }
+    let mut cluster = cluster_with_two_volumes(dir.path());
     cluster.wait_nodes_alive();
     cluster.node_mut("node-b").kill9();
     let (pair, job) = cluster.create_pair("p", "prod,dr", "az1", "async");
