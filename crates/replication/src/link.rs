@@ -1256,13 +1256,13 @@ mod tests {
     };
 
     fn async_link(dir: &std::path::Path) -> PairLink {
+        live_link(dir, ReplicationModel::Async)
+    }
+
+    /// A link of `model` over a 16 MiB volume, its stream accepted and live.
+    fn live_link(dir: &std::path::Path, model: ReplicationModel) -> PairLink {
         let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(
-            ReplicationModel::Async,
-            Arc::new(tracker),
-            64 << 20,
-            Epoch(1),
-        );
+        let link = PairLink::new(model, Arc::new(tracker), 64 << 20, Epoch(1));
         link.connected(Epoch(1));
         link.go_live();
         link
@@ -1537,16 +1537,7 @@ mod tests {
     #[test]
     fn a_sync_done_acknowledged_on_an_earlier_stream_does_not_end_a_later_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let (tracker, _) =
-            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(
-            ReplicationModel::Hypermetro,
-            Arc::new(tracker),
-            64 << 20,
-            Epoch(1),
-        );
-        link.connected(Epoch(1));
-        link.go_live();
+        let link = live_link(dir.path(), ReplicationModel::Hypermetro);
         let first = link.push_sync_done();
         link.handle_sync_done_ack(first);
         assert!(link.wait_for_sync_done(first, &|| false));
