@@ -44,8 +44,8 @@ const MAX_INFLIGHT: usize = 128;
 const UD_WAKE: u64 = u64::MAX;
 /// The group-committed sync of the volume (see [`AckBarrier`]).
 const UD_SYNC: u64 = u64::MAX - 1;
-/// The stage log is rewritten once it grows past this.
-const COMPACT_BYTES: u64 = 256 << 20;
+/// The stage log is rewritten once it grows past this (see [`ApplierSetup::compact_after_bytes`]).
+pub const COMPACT_BYTES: u64 = 256 << 20;
 /// Zero ranges are written in pieces this large, each one progress for the watchdog.
 const ZEROES_PIECE: u64 = 64 << 20;
 
@@ -157,6 +157,9 @@ pub struct ApplierSetup {
     /// The most bytes the stage log may take on disk; a staged write past it is rejected
     /// (`StageFull`) and the pair falls back to the bitmap.
     pub stage_log_max_bytes: u64,
+    /// The stage log is rewritten to hold only what is still staged once it grows past
+    /// this ([`COMPACT_BYTES`]).
+    pub compact_after_bytes: u64,
 }
 
 /// The handle the stream task feeds.
@@ -182,6 +185,7 @@ impl Applier {
             allowed,
             queue_bytes,
             stage_log_max_bytes,
+            compact_after_bytes,
         } = setup;
         let waker = Arc::new(Waker::new()?);
         let state_applied = state.applied;
@@ -220,6 +224,7 @@ impl Applier {
             barrier: AckBarrier::default(),
             syncs: VecDeque::new(),
             stage_log_max_bytes,
+            compact_after_bytes,
             stage_full: false,
             spoiled_from: None,
             last_sealed: replay.last().map_or(state_applied, |s| s.epoch),
@@ -379,6 +384,7 @@ struct Worker {
     /// The syncs in flight on the ring, oldest first.
     syncs: VecDeque<SyncTicket>,
     stage_log_max_bytes: u64,
+    compact_after_bytes: u64,
     /// Staged writes are being rejected for want of room in the stage log (logged once).
     stage_full: bool,
     /// A staged write of this epoch was refused (its CRC failed, or the stage log was
@@ -1062,10 +1068,13 @@ impl Worker {
             self.state.consistent = true;
         }
         self.state.save(&self.state_path)?;
-        if !self.log.truncate_if_empty()? {
+        // Seals of units not yet applied are durable and acknowledged: a rewritten log
+        // keeps them, and a log holding one is never emptied (its unit may have no writes).
+        let unapplied = self.seals_not_applied();
+        if !(unapplied.is_empty() && self.log.truncate_if_empty()?) {
             let beat = &self.beat;
             self.log
-                .compact(COMPACT_BYTES, &self.held_seals, &|| beat.progress())?;
+                .compact(self.compact_after_bytes, &unapplied, &|| beat.progress())?;
         }
         self.emit(ApplyEvent::Applied {
             epoch: applying.epoch,
@@ -1080,6 +1089,20 @@ impl Worker {
             self.verify(v)?;
         }
         Ok(())
+    }
+
+    /// The seals in the stage log whose units are not applied: held for their group's
+    /// commit, or queued for replay at start. In epoch order.
+    fn seals_not_applied(&self) -> Vec<crate::stage_log::SealRecord> {
+        let replays = self.queue.iter().filter_map(|cmd| match *cmd {
+            ApplyCmd::Replay { epoch, cut_ms } => {
+                Some(crate::stage_log::SealRecord { epoch, cut_ms })
+            }
+            _ => None,
+        });
+        let mut seals: Vec<_> = self.held_seals.iter().copied().chain(replays).collect();
+        seals.sort_by_key(|s| s.epoch);
+        seals
     }
 
     /// Reads back the blocks a verify names and reports those whose CRC differs.
@@ -1271,6 +1294,25 @@ mod tests {
         tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
         tokio::runtime::Runtime,
     ) {
+        let recovered = StageLog::open(&dir.join("stage-log"), Epoch::ZERO).unwrap();
+        let allowed = Arc::new(AtomicU64::new(u64::MAX));
+        start_applier_on(dir, path, size, recovered, COMPACT_BYTES, allowed)
+    }
+
+    /// An applier that starts from the stage log `recovered` (replaying its seals),
+    /// compacts it past `compact_after_bytes`, and applies units up to `allowed`.
+    fn start_applier_on(
+        dir: &std::path::Path,
+        path: &std::path::Path,
+        size: u64,
+        recovered: crate::stage_log::Recovered,
+        compact_after_bytes: u64,
+        allowed: Arc<AtomicU64>,
+    ) -> (
+        Applier,
+        tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
+        tokio::runtime::Runtime,
+    ) {
         if !path.exists() {
             std::fs::File::create(path).unwrap().set_len(size).unwrap();
         }
@@ -1279,21 +1321,19 @@ mod tests {
             Backing::open(path, blockrep_core::CacheMode::Writeback).unwrap(),
             None,
         ));
-        let log = StageLog::open(&dir.join("stage-log"), Epoch::ZERO)
-            .unwrap()
-            .log;
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let applier = Applier::start(
             ApplierSetup {
                 label: "test".into(),
                 volume,
-                log,
-                replay: Vec::new(),
+                log: recovered.log,
+                replay: recovered.seals,
                 state: DrState::default(),
                 state_path: dir.join("dr.json"),
-                allowed: Arc::new(AtomicU64::new(u64::MAX)),
+                allowed,
                 queue_bytes: 64 << 20,
                 stage_log_max_bytes: 64 << 20,
+                compact_after_bytes,
             },
             tx,
             Arc::new(ApplyCounters::default()),
@@ -1448,6 +1488,119 @@ mod tests {
         assert_eq!(
             block, [0; 4096],
             "the spoiled epoch's other write was dropped"
+        );
+    }
+
+    /// Units replayed at start are applied one by one, and the stage log may be compacted
+    /// after each: the seals of the units still to replay are durable and acknowledged, so
+    /// the compacted log keeps them. Here the second unit's apply fails (its volume's file
+    /// system is full): its seal must still be in the log for the next start.
+    #[test]
+    fn compaction_during_replay_keeps_the_seals_still_to_replay() {
+        let fs = SmallTmpfs::mount("64k");
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("stage-log");
+        let mut log = StageLog::open(&log_path, Epoch::ZERO).unwrap().log;
+        let first = ByteRange::new(0, 4096);
+        let second = ByteRange::new(1 << 20, 256 << 10);
+        log.append_write(Epoch(1), first, false, &Bytes::from(vec![0x11; 4096]))
+            .unwrap();
+        log.seal(Epoch(1), 10).unwrap();
+        log.append_write(Epoch(2), second, false, &Bytes::from(vec![0x22; 256 << 10]))
+            .unwrap();
+        log.seal(Epoch(2), 20).unwrap();
+        drop(log);
+
+        let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
+        assert_eq!(recovered.seals.len(), 2);
+        let path = fs.0.path().join("dr.img");
+        let (applier, mut events, _runtime) = start_applier_on(
+            dir.path(),
+            &path,
+            4 * SIZE,
+            recovered,
+            0,
+            Arc::new(AtomicU64::new(u64::MAX)),
+        );
+        let seen = events_until_the_end(&mut events);
+        applier.stop();
+        assert!(
+            matches!(seen.as_slice(), [ApplyEvent::Applied { epoch: Epoch(1), .. }, ApplyEvent::Failed(reason)] if reason.contains("space")),
+            "{seen:?}"
+        );
+
+        let again = StageLog::open(&log_path, Epoch(1)).unwrap();
+        assert_eq!(
+            again.seals,
+            [crate::stage_log::SealRecord {
+                epoch: Epoch(2),
+                cut_ms: 20
+            }],
+            "the second unit's seal was dropped from the stage log"
+        );
+        assert_eq!(again.log.staged_bytes(), second.len);
+    }
+
+    /// A unit with no writes, sealed and held for its group's commit while an earlier unit
+    /// applies, leaves nothing staged: the log must keep its seal all the same (it was
+    /// acknowledged), not be emptied.
+    #[test]
+    fn an_empty_unit_held_for_its_group_keeps_its_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let log_path = dir.path().join("stage-log");
+        let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
+        let allowed = Arc::new(AtomicU64::new(0));
+        let (applier, mut events, runtime) = start_applier_on(
+            dir.path(),
+            &path,
+            SIZE,
+            recovered,
+            COMPACT_BYTES,
+            Arc::clone(&allowed),
+        );
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        submit(staged_write(1, 1, 0, 0xaa, false));
+        submit(ApplyCmd::Seal {
+            epoch: Epoch(1),
+            cut_ms: 10,
+        });
+        submit(ApplyCmd::Seal {
+            epoch: Epoch(2),
+            cut_ms: 20,
+        });
+        submit(ApplyCmd::Flush { seq: 9 });
+        let seen = events_until_flush(&mut events, 9);
+        assert_eq!(
+            seen,
+            [ApplyEvent::Staged(Epoch(1)), ApplyEvent::Staged(Epoch(2))]
+        );
+
+        // The group commits the first unit only.
+        allowed.store(1, std::sync::atomic::Ordering::SeqCst);
+        submit(ApplyCmd::Allowed);
+        submit(ApplyCmd::Flush { seq: 10 });
+        let seen = events_until_flush(&mut events, 10);
+        assert!(
+            matches!(
+                seen.as_slice(),
+                [ApplyEvent::Applied {
+                    epoch: Epoch(1),
+                    ..
+                }]
+            ),
+            "{seen:?}"
+        );
+        applier.stop();
+
+        let again = StageLog::open(&log_path, Epoch(1)).unwrap();
+        assert_eq!(
+            again.seals,
+            [crate::stage_log::SealRecord {
+                epoch: Epoch(2),
+                cut_ms: 20
+            }],
+            "the empty unit's acknowledged seal was dropped from the stage log"
         );
     }
 }

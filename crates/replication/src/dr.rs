@@ -199,6 +199,7 @@ impl DrPair {
             allowed: Arc::clone(&self.allowed),
             queue_bytes: self.limits.queue_bytes,
             stage_log_max_bytes: self.limits.stage_log_max_bytes,
+            compact_after_bytes: crate::applier::COMPACT_BYTES,
         };
         // Stopping finishes the replay queued at start.
         Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
@@ -432,6 +433,7 @@ impl DrPair {
             allowed: Arc::clone(&self.allowed),
             queue_bytes: self.limits.queue_bytes,
             stage_log_max_bytes: self.limits.stage_log_max_bytes,
+            compact_after_bytes: crate::applier::COMPACT_BYTES,
         };
         let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
             Ok(a) => a,

@@ -281,7 +281,7 @@ impl StageLog {
         held: &[SealRecord],
         progress: &dyn Fn(),
     ) -> io::Result<bool> {
-        if self.bytes() < threshold || self.staged.is_empty() {
+        if self.bytes() < threshold || (self.staged.is_empty() && held.is_empty()) {
             return Ok(false);
         }
         self.flush()?;
@@ -302,8 +302,9 @@ impl StageLog {
             fresh.append_write(s.epoch, s.range, s.zeroes, &data)?;
             progress();
         }
-        // Units sealed but held for their group's commit keep their seals (after their
-        // writes: a seal covers the writes of its epoch and earlier before it).
+        // Units sealed but not applied (held for their group's commit, or still to replay)
+        // keep their seals, in order, after their writes: a seal covers the writes of its
+        // epoch and earlier before it.
         for seal in held {
             fresh.append(KIND_SEAL, &seal_body(seal.epoch, seal.cut_ms), &[])?;
         }
