@@ -271,15 +271,30 @@ fn an_overflowing_journal_falls_back_to_bitmap_mode_and_converges() {
 /// ever be sealed, and the DR side would stay where it was.
 #[test]
 fn a_connection_abandoned_with_writes_in_flight_does_not_stop_the_pair() {
+    abandon_a_connection_with_writes_in_flight(false);
+}
+
+/// The same when the abandoned connection's ring cannot be drained (its operations never
+/// complete within the drain's patience): what the ring may still touch is leaked, but
+/// every write on it still leaves its epoch, failed.
+#[test]
+fn a_connection_abandoned_with_a_ring_that_does_not_drain_does_not_stop_the_pair() {
+    abandon_a_connection_with_writes_in_flight(true);
+}
+
+fn abandon_a_connection_with_writes_in_flight(drain_gives_up: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start(
         dir.path(),
         &[("node-a", "az1"), ("node-b", "az2")],
         "[replication]\nepoch_interval_ms = 100\n",
     );
-    cluster
-        .node_mut("node-a")
-        .restart_with_fault("BLOCKREP_FAULT_NBD_RING_ERROR_AFTER", "4");
+    let node = cluster.node_mut("node-a");
+    if drain_gives_up {
+        node.env
+            .push(("BLOCKREP_FAULT_NBD_DRAIN_GIVES_UP".into(), "1".into()));
+    }
+    node.restart_with_fault("BLOCKREP_FAULT_NBD_RING_ERROR_AFTER", "4");
     cluster.wait_nodes_alive();
     let (prod, dr, pair) = cluster.pair_two_files(dir.path(), "abandoned", "async", 64 * MIB);
 
@@ -312,6 +327,16 @@ fn a_connection_abandoned_with_writes_in_flight_does_not_stop_the_pair() {
             .contains("this connection's ring fails"),
         "the fault hook fired"
     );
+    if drain_gives_up {
+        // Logged once the connection, cut first, is abandoned.
+        wait_until(Duration::from_secs(10), "the drain to give up", || {
+            cluster
+                .node("node-a")
+                .daemon()
+                .log_text()
+                .contains("leaking its buffers")
+        });
+    }
     drop(c);
 
     let mut c = NbdClient::connect(&socket, "prod").unwrap();

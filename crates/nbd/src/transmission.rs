@@ -370,21 +370,32 @@ impl Connection {
             + usize::from(self.wake_inflight);
         let ops = &mut self.ops;
         let mut writes = Vec::new();
-        let drained = blockrep_volume::ring::drain(
-            &mut self.ring,
-            outstanding,
-            blockrep_volume::ring::DRAIN_PATIENCE,
-            |user_data| {
-                if let Some(DiskOp::Write { write, .. }) =
-                    ops.get_mut(user_data as usize).and_then(Option::take)
-                {
-                    writes.push(write);
-                }
-            },
-        );
+        let drained = fault::drain_gives_up().and_then(|()| {
+            blockrep_volume::ring::drain(
+                &mut self.ring,
+                outstanding,
+                blockrep_volume::ring::DRAIN_PATIENCE,
+                |user_data| {
+                    if let Some(DiskOp::Write { write, .. }) =
+                        ops.get_mut(user_data as usize).and_then(Option::take)
+                    {
+                        writes.push(write);
+                    }
+                },
+            )
+        });
         if let Err(e) = drained {
             tracing::error!(error = %e, "the connection's ring failed; leaking its buffers");
-            std::mem::forget(std::mem::take(&mut self.ops));
+            // The ring may still touch what its operations point at: that is leaked. What a
+            // write owes the link and the gate is not: it fails below like the others.
+            for op in std::mem::take(&mut self.ops).into_iter().flatten() {
+                if let DiskOp::Write { mut write, .. } = op {
+                    std::mem::forget(std::mem::replace(&mut write.kind, WriteKind::Trim));
+                    writes.push(write);
+                } else {
+                    std::mem::forget(op);
+                }
+            }
             std::mem::forget(std::mem::take(&mut self.inbuf));
             std::mem::forget(self.payload.take());
             std::mem::forget(std::mem::take(&mut self.sending));
@@ -1438,6 +1449,24 @@ mod fault {
     #[cfg(not(feature = "fault-injection"))]
     #[inline]
     pub fn ring_error(_requests: u64, _inflight: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// With `BLOCKREP_FAULT_NBD_DRAIN_GIVES_UP` set, a connection being abandoned does not
+    /// wait for its ring: it gives up at once, as a drain past its patience does, with its
+    /// operations still on the ring.
+    #[cfg(feature = "fault-injection")]
+    pub fn drain_gives_up() -> std::io::Result<()> {
+        if std::env::var_os("BLOCKREP_FAULT_NBD_DRAIN_GIVES_UP").is_some() {
+            tracing::warn!("fault injection: the connection's ring is not drained");
+            return Err(std::io::Error::other("fault injection: the drain gave up"));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline]
+    pub fn drain_gives_up() -> std::io::Result<()> {
         Ok(())
     }
 }
