@@ -515,8 +515,27 @@ fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::R
     let mut seals = Vec::new();
     let mut sealed_end = 0u64;
     let mut at = 0u64;
+    // Logs written with batches start with one; in them, padding ends a batch and only a
+    // batch follows it. Zeroes elsewhere are a block of the torn batch that never reached
+    // the disk, and what follows them is the middle of that batch, not records.
+    let mut batched = false;
+    let mut after_padding = false;
     while at < len {
-        let (record, next) = match record_at(log, len, at)? {
+        let found = match record_at(log, len, at)? {
+            Found::Record(Record::Batch, next) if at == 0 => {
+                batched = true;
+                Found::Record(Record::Batch, next)
+            }
+            Found::Record(record, _)
+                if batched
+                    && after_padding
+                    && !matches!(record, Record::Batch | Record::Padding) =>
+            {
+                Found::Bad("a record after padding, where a batch should start")
+            }
+            found => found,
+        };
+        let (record, next) = match found {
             Found::Record(record, next) => (record, next),
             Found::Bad(what) => {
                 if let Some(later) = batch_after(log, len, at)? {
@@ -552,6 +571,7 @@ fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::R
             }
             _ => {}
         }
+        after_padding = record == Record::Padding;
         at = next;
     }
     Ok(Records {
@@ -566,12 +586,28 @@ fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::R
 fn batch_after(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Option<u64>> {
     let mut block = (at / BLOCK + 1) * BLOCK;
     while block < len {
-        if let Found::Record(Record::Batch, _) = record_at(log, len, block)? {
+        // Only a batch record's header is read whole: a block may start inside a write's
+        // data with what reads as a header of a long record.
+        let mut header = [0u8; 5];
+        if block + 5 <= len {
+            log.read_at(&mut header, block)?;
+        }
+        if header == batch_header()
+            && let Found::Record(Record::Batch, _) = record_at(log, len, block)?
+        {
             return Ok(Some(block));
         }
         block += BLOCK;
     }
     Ok(None)
+}
+
+/// The five bytes a batch record starts with.
+fn batch_header() -> [u8; 5] {
+    let mut header = [0u8; 5];
+    header[..4].copy_from_slice(&8u32.to_le_bytes());
+    header[4] = KIND_BATCH;
+    header
 }
 
 /// Positional reads: of the log file, or of its bytes in memory (the fuzzer's).
@@ -861,6 +897,40 @@ mod tests {
             vec![0, 12288],
             "the unsealed writes of the first epoch 2 are gone"
         );
+    }
+
+    /// A block of the last batch that never reached the disk reads as zeroes, like the
+    /// padding at a batch's end. What follows it is the middle of the batch, not the start
+    /// of another: a write's data that holds the bytes of a seal record there must not be
+    /// taken for a seal (only a batch can follow padding).
+    #[test]
+    fn a_lost_block_of_the_torn_batch_is_not_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        let data_at = BLOCK + (RECORD_OVERHEAD + 8 + 5 + 21) as u64;
+        let mut data = vec![0x5a_u8; 8192];
+        let forged = encoded(KIND_SEAL, &seal_body(Epoch(2), 99));
+        let inside = (2 * BLOCK - data_at) as usize;
+        data[inside..inside + forged.len()].copy_from_slice(&forged);
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
+                .unwrap();
+            log.seal(Epoch(1), 5).unwrap();
+            // The next batch, never synced: one write of a unit not sealed.
+            log.append_write(Epoch(2), ByteRange::new(1 << 20, 8192), false, &b(&data))
+                .unwrap();
+            log.flush().unwrap();
+        }
+        // The batch's first block was lost at the power cut.
+        overwrite(&path, BLOCK, &[0; BLOCK as usize]);
+        let Recovered { log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
+        assert_eq!(
+            seals.iter().map(|s| s.epoch).collect::<Vec<_>>(),
+            vec![Epoch(1)],
+            "a seal was read out of a write's data"
+        );
+        assert_eq!(log.staged_len(), 1);
     }
 
     /// A unit of 6 MiB spans two batches; the first was synced before the second was
