@@ -493,16 +493,24 @@ impl Worker {
             self.syncs.pop_front();
             return;
         }
-        if let Some(slot) = self
+        if self
             .slots
-            .get_mut(user_data as usize)
-            .and_then(Option::take)
+            .get(user_data as usize)
+            .is_some_and(Option::is_some)
         {
-            self.free.push(user_data as usize);
-            self.inflight -= 1;
-            self.inflight_bytes -= slot.buf.len() as u64;
-            self.locks.release(slot.lock);
+            self.retire(user_data as usize);
         }
+    }
+
+    /// The write of slot `index` is no longer on the ring: its slot, its room in flight and
+    /// its blocks are free.
+    fn retire(&mut self, index: usize) -> Slot {
+        let slot = self.slots[index].take().expect("live slot");
+        self.free.push(index);
+        self.inflight -= 1;
+        self.inflight_bytes -= slot.buf.len() as u64;
+        self.locks.release(slot.lock);
+        slot
     }
 
     /// Starts a sync of the volume if acknowledgements wait for one and none is in flight:
@@ -862,18 +870,19 @@ impl Worker {
             .rw_flags(flags)
             .build()
             .user_data(index as u64);
-        self.push(sqe)
+        let pushed = fault::refuse_write().and_then(|()| self.push(sqe));
+        if pushed.is_err() {
+            // Never on the ring: nothing will complete it.
+            self.retire(index);
+        }
+        pushed
     }
 
     fn on_write_done(&mut self, index: usize, result: i32) -> io::Result<()> {
         if result <= 0 {
             // This write is no longer in flight; the others are waited for before the
             // thread ends.
-            let slot = self.slots[index].take().expect("live slot");
-            self.free.push(index);
-            self.inflight -= 1;
-            self.inflight_bytes -= slot.buf.len() as u64;
-            self.locks.release(slot.lock);
+            self.retire(index);
             return Err(if result < 0 {
                 io::Error::from_raw_os_error(-result)
             } else {
@@ -885,11 +894,7 @@ impl Worker {
         if slot.done < slot.buf.len() {
             return self.submit_slot(index);
         }
-        let slot = self.slots[index].take().expect("live slot");
-        self.free.push(index);
-        self.inflight -= 1;
-        self.inflight_bytes -= slot.buf.len() as u64;
-        self.locks.release(slot.lock);
+        let slot = self.retire(index);
         let written = ByteRange::new(slot.offset, slot.buf.len() as u64);
         fault::slow_disk(written.len);
         self.volume.backing().note_written(written);
@@ -1224,6 +1229,29 @@ mod fault {
     #[cfg(not(feature = "fault-injection"))]
     #[inline]
     pub fn slow_disk(_bytes: u64) {}
+
+    /// In unit tests, the applier labelled this has the ring refuse its writes from the
+    /// fourth on, as a submission that fails does.
+    #[cfg(test)]
+    pub const PUSH_FAILS: &str = "push-fails";
+
+    #[cfg(test)]
+    pub fn refuse_write() -> std::io::Result<()> {
+        thread_local!(static PUSHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+        let named = std::thread::current().name() == Some(&format!("apply-{PUSH_FAILS}"));
+        if named && PUSHED.replace(PUSHED.get() + 1) >= 3 {
+            return Err(std::io::Error::other(
+                "fault injection: the ring refuses the write",
+            ));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    #[inline]
+    pub fn refuse_write() -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -1296,12 +1324,13 @@ mod tests {
     ) {
         let recovered = StageLog::open(&dir.join("stage-log"), Epoch::ZERO).unwrap();
         let allowed = Arc::new(AtomicU64::new(u64::MAX));
-        start_applier_on(dir, path, size, recovered, COMPACT_BYTES, allowed)
+        start_applier_on("test", dir, path, size, recovered, COMPACT_BYTES, allowed)
     }
 
     /// An applier that starts from the stage log `recovered` (replaying its seals),
     /// compacts it past `compact_after_bytes`, and applies units up to `allowed`.
     fn start_applier_on(
+        label: &str,
         dir: &std::path::Path,
         path: &std::path::Path,
         size: u64,
@@ -1324,7 +1353,7 @@ mod tests {
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let applier = Applier::start(
             ApplierSetup {
-                label: "test".into(),
+                label: label.into(),
                 volume,
                 log: recovered.log,
                 replay: recovered.seals,
@@ -1515,6 +1544,7 @@ mod tests {
         assert_eq!(recovered.seals.len(), 2);
         let path = fs.0.path().join("dr.img");
         let (applier, mut events, _runtime) = start_applier_on(
+            "test",
             dir.path(),
             &path,
             4 * SIZE,
@@ -1552,6 +1582,7 @@ mod tests {
         let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
         let allowed = Arc::new(AtomicU64::new(0));
         let (applier, mut events, runtime) = start_applier_on(
+            "test",
             dir.path(),
             &path,
             SIZE,
@@ -1601,6 +1632,40 @@ mod tests {
                 cut_ms: 20
             }],
             "the empty unit's acknowledged seal was dropped from the stage log"
+        );
+    }
+
+    /// A write the ring refuses (its submission fails) is not in flight: the applier ends
+    /// at once, not after waiting out its drain's patience for a completion that cannot
+    /// come (and leaking every buffer).
+    #[test]
+    fn a_write_the_ring_refuses_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let recovered = StageLog::open(&dir.path().join("stage-log"), Epoch::ZERO).unwrap();
+        let (applier, mut events, runtime) = start_applier_on(
+            fault::PUSH_FAILS,
+            dir.path(),
+            &path,
+            4 * SIZE,
+            recovered,
+            COMPACT_BYTES,
+            Arc::new(AtomicU64::new(u64::MAX)),
+        );
+        for i in 0..8u64 {
+            runtime.block_on(applier.submit(direct_write(i, i * (128 << 10), 128 << 10, 0x5a)));
+        }
+        let started = std::time::Instant::now();
+        let seen = events_until_the_end(&mut events);
+        let waited = started.elapsed();
+        applier.stop();
+        assert!(
+            matches!(seen.last(), Some(ApplyEvent::Failed(reason)) if reason.contains("refuses")),
+            "{seen:?}"
+        );
+        assert!(
+            waited < std::time::Duration::from_secs(10),
+            "the applier took {waited:?} to end: it waited for a write never on the ring"
         );
     }
 }
