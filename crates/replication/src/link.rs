@@ -1147,11 +1147,26 @@ impl ReplicaLink for PairLink {
     fn local_failed(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
         match write.mode {
             ReplicaMode::Sync if write.sent => {
-                if let Some(seq) = write.seq
-                    && let Some(Pending::Write { local_failed, .. }) =
-                        self.lock().pending.get_mut(&seq)
-                {
-                    *local_failed = true;
+                // The DR side has the data; this side's blocks hold whatever the failed
+                // write left. They stay dirty (the peer's answer forgets the ticket), and a
+                // catch-up makes the two the same again.
+                let mut state = self.lock();
+                let answered = match write.seq.and_then(|seq| state.pending.get_mut(&seq)) {
+                    Some(Pending::Write { local_failed, .. }) => {
+                        *local_failed = true;
+                        false
+                    }
+                    _ => true,
+                };
+                state.catch_up_failed_write();
+                drop(state);
+                if answered && let Err(e) = self.tracker.mark_durably(&[write.range]) {
+                    // The peer's answer came first and cleared them.
+                    tracing::error!(
+                        range = %write.range,
+                        error = %e,
+                        "cannot mark a write that failed here dirty again"
+                    );
                 }
                 AfterLocal::WaitForPeer
             }
@@ -1557,5 +1572,37 @@ mod tests {
         );
         link.handle_sync_done_ack(second);
         assert!(link.wait_for_sync_done(second, &|| false));
+    }
+
+    /// A hypermetro write whose peer answered before its local write failed: the peer's
+    /// answer cleared its blocks, but production's blocks are not what the DR side has.
+    /// They are dirty again, and a catch-up is due. (The same with the local failure first:
+    /// the peer's answer then leaves them dirty.)
+    #[test]
+    fn a_hypermetro_write_failing_locally_leaves_its_blocks_dirty_whichever_answer_comes_first() {
+        for peer_first in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let link = live_link(dir.path(), ReplicationModel::Hypermetro);
+            assert_eq!(link.live(), Live::Sync);
+            let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+            let w = admit(&link, &mailbox, 8192, 1);
+            let (range, seq) = (w.range, w.seq.expect("sent"));
+            if peer_first {
+                link.handle_ack(seq);
+                assert!(!link.tracker.any_dirty(range), "the answer cleared it");
+            }
+            assert_eq!(link.local_failed(w, &mailbox), AfterLocal::WaitForPeer);
+            if !peer_first {
+                link.handle_ack(seq);
+            }
+            assert!(
+                link.tracker.any_dirty(range),
+                "peer first: {peer_first}: the failed write's blocks are clean"
+            );
+            assert!(
+                link.needs_catch_up(),
+                "peer first: {peer_first}: no catch-up is due"
+            );
+        }
     }
 }
