@@ -1160,8 +1160,8 @@ impl ReplicaLink for PairLink {
                 };
                 state.catch_up_failed_write();
                 drop(state);
+                // If the peer's answer came first, it cleared them.
                 if answered && let Err(e) = self.tracker.mark_durably(&[write.range]) {
-                    // The peer's answer came first and cleared them.
                     tracing::error!(
                         range = %write.range,
                         error = %e,
