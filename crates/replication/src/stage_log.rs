@@ -383,7 +383,17 @@ impl StageLog {
             self.sync()?;
         }
         let used = self.batch.len();
-        let padded = used.next_multiple_of(BLOCK as usize);
+        let mut padded = used.next_multiple_of(BLOCK as usize);
+        if (1..4).contains(&(padded - used)) {
+            // Padding must hold a zero length field (four bytes) to read as padding.
+            padded += BLOCK as usize;
+            if padded > self.batch.capacity() {
+                let mut bigger = AlignedBuf::new(padded);
+                bigger.set_len(used);
+                bigger[..used].copy_from_slice(&self.batch[..used]);
+                self.batch = bigger;
+            }
+        }
         self.batch.set_len(padded);
         self.batch[used..].fill(0);
         self.direct.write_all_at(&self.batch, self.end)?;
@@ -438,6 +448,19 @@ const MAX_BODY: u64 = (64 << 20) + 64;
 
 /// Reads the record at `at` of `log` (`len` bytes long).
 fn record_at(log: &(impl ReadAt + ?Sized), len: u64, at: u64) -> io::Result<Found> {
+    let to_boundary = BLOCK - at % BLOCK;
+    if to_boundary < 4 && at + to_boundary < len {
+        // Zeroes too short for a header up to a block boundary where a batch starts: the
+        // padding of a batch that ended just short of it.
+        let mut rest = [0u8; 3];
+        let rest = &mut rest[..to_boundary as usize];
+        log.read_at(rest, at)?;
+        if rest.iter().all(|&b| b == 0)
+            && let Found::Record(Record::Batch, _) = record_at(log, len, at + to_boundary)?
+        {
+            return Ok(Found::Record(Record::Padding, at + to_boundary));
+        }
+    }
     let mut header = [0u8; 5];
     if at + 5 > len {
         return Ok(Found::Bad("a record header cut short"));
@@ -931,6 +954,45 @@ mod tests {
             "a seal was read out of a write's data"
         );
         assert_eq!(log.staged_len(), 1);
+    }
+
+    /// A batch whose records end 1 to 3 bytes before a block boundary is padded by fewer
+    /// bytes than a record header: the log reads on as the next batch, not as a record that
+    /// straddles the boundary. The same for such a log written before padding was at least
+    /// a header long.
+    #[test]
+    fn a_batch_ending_just_short_of_a_block_is_followed_by_the_next() {
+        for short in 1..=4usize {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("stage-log");
+            // The batch record, a write and a seal: 17 + (30 + n) + 25 bytes.
+            let n = BLOCK as usize - short - (RECORD_OVERHEAD + 8) - (RECORD_OVERHEAD + 21) - 25;
+            {
+                let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+                let range = ByteRange::new(0, n as u64);
+                log.append_write(Epoch(1), range, false, &b(&vec![1; n]))
+                    .unwrap();
+                log.seal(Epoch(1), 5).unwrap();
+                log.append_write(Epoch(2), ByteRange::new(8192, 4), false, &b(b"bbbb"))
+                    .unwrap();
+                log.seal(Epoch(2), 6).unwrap();
+            }
+            let Recovered { log, seals } = StageLog::open(&path, Epoch(0))
+                .unwrap_or_else(|e| panic!("{short} bytes short of a block: {e}"));
+            assert_eq!(seals.len(), 2, "{short} bytes short of a block");
+            assert_eq!(log.staged_len(), 2);
+
+            // Written the old way: the second batch right at the next boundary.
+            let bytes = std::fs::read(&path).unwrap();
+            let mut old = bytes[..BLOCK as usize - short].to_vec();
+            old.resize(BLOCK as usize, 0);
+            old.extend(encoded(KIND_BATCH, &BLOCK.to_le_bytes()));
+            let second = bytes.len() - BLOCK as usize;
+            old.extend(&bytes[second + RECORD_OVERHEAD + 8..]);
+            let Records { seals, .. } = read_records(old.as_slice(), old.len() as u64, Epoch(0))
+                .unwrap_or_else(|e| panic!("{short} bytes short, the old way: {e}"));
+            assert_eq!(seals.len(), 2, "{short} bytes short, the old way");
+        }
     }
 
     /// A unit of 6 MiB spans two batches; the first was synced before the second was
