@@ -161,9 +161,14 @@ impl State {
     }
 
     /// A write failed locally: its blocks stay dirty, and nothing sends them but a
-    /// catch-up (what the device holds there now is what the DR side must get).
+    /// catch-up (what the device holds there now is what the DR side must get). A
+    /// synchronous pair of a group does not start one: it would leave synchronous
+    /// replication alone, answering tracked writes while the group's other pairs still
+    /// write their DR sides directly (only a trip of the whole group may). Its failed
+    /// blocks wait, dirty, for the group's next catch-up.
     fn catch_up_failed_write(&mut self) {
-        if self.live != Live::Tracked {
+        let grouped_sync = self.live == Live::Sync && self.grouped;
+        if self.live != Live::Tracked && !grouped_sync {
             self.needs_catch_up = true;
         }
     }
@@ -1603,6 +1608,34 @@ mod tests {
                 link.needs_catch_up(),
                 "peer first: {peer_first}: no catch-up is due"
             );
+        }
+    }
+
+    /// A synchronous pair of a consistency group never leaves synchronous replication on
+    /// its own for a write that failed here (a catch-up would track later writes and answer
+    /// them before their data is on the DR side, while the group's other pairs still write
+    /// theirs directly: a write depending on one of them could reach its DR side first).
+    /// The failed write's blocks stay dirty; the group's next catch-up sends them.
+    #[test]
+    fn a_write_failing_here_does_not_take_a_grouped_synchronous_pair_out_of_sync() {
+        for sent in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let link = hypermetro_link(dir.path());
+            link.go_live();
+            link.group_cut(Epoch(5), CutMode::Direct, 0);
+            link.group_release(Epoch(5), SYNCHRONOUS, 0);
+            assert_eq!(link.live(), Live::Sync);
+            let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+            let w = if sent {
+                admit(&link, &mailbox, 8192, 1)
+            } else {
+                admitted(&link, 8192, 1)
+            };
+            let range = w.range;
+            let _ = link.local_failed(w, &mailbox);
+            assert!(!link.needs_catch_up(), "sent: {sent}: a catch-up is due");
+            assert_eq!(link.live(), Live::Sync, "sent: {sent}");
+            assert!(link.tracker.any_dirty(range), "sent: {sent}");
         }
     }
 }
