@@ -274,9 +274,9 @@ fn a_connection_abandoned_with_writes_in_flight_does_not_stop_the_pair() {
     abandon_a_connection_with_writes_in_flight(false);
 }
 
-/// The same when the abandoned connection's ring cannot be drained (its operations never
-/// complete within the drain's patience): what the ring may still touch is leaked, but
-/// every write on it still leaves its epoch, failed.
+/// The same when the abandoned connection's ring cannot be drained (its operations do not
+/// complete within the drain's patience): every write on it still leaves its epoch at
+/// once, failed, and its blocks are given back once the ring gave the write back.
 #[test]
 fn a_connection_abandoned_with_a_ring_that_does_not_drain_does_not_stop_the_pair() {
     abandon_a_connection_with_writes_in_flight(true);
@@ -328,14 +328,26 @@ fn abandon_a_connection_with_writes_in_flight(drain_gives_up: bool) {
         "the fault hook fired"
     );
     if drain_gives_up {
-        // Logged once the connection, cut first, is abandoned.
+        // Logged once the connection, cut first, is abandoned; then its thread waits for
+        // the ring's operations and gives their writes' blocks back.
         wait_until(Duration::from_secs(10), "the drain to give up", || {
             cluster
                 .node("node-a")
                 .daemon()
                 .log_text()
-                .contains("leaking its buffers")
+                .contains("its thread waits for them")
         });
+        wait_until(
+            Duration::from_secs(10),
+            "the ring's operations back",
+            || {
+                cluster
+                    .node("node-a")
+                    .daemon()
+                    .log_text()
+                    .contains("gave back its last operations")
+            },
+        );
     }
     drop(c);
 

@@ -357,8 +357,10 @@ impl Connection {
 
     /// After an error: ends the socket's receive and send in flight, waits for every
     /// operation on the ring, then releases the gate's blocks held by writes that will never
-    /// be answered. If the ring itself fails, its buffers are leaked rather than freed.
-    fn abandon(&mut self) {
+    /// be answered. If the ring does not give its operations back within the drain's
+    /// patience, the writes on it fail at once and the wait goes on (see
+    /// [`RingLeftovers`]).
+    fn abandon(mut self) {
         // SAFETY: shutdown on a socket fd we were given for the life of `run`.
         unsafe { libc::shutdown(self.sock, libc::SHUT_RDWR) };
         if self.wake_inflight {
@@ -370,12 +372,14 @@ impl Connection {
             + usize::from(self.wake_inflight);
         let ops = &mut self.ops;
         let mut writes = Vec::new();
+        let mut reaped = 0;
         let drained = fault::drain_gives_up().and_then(|()| {
             blockrep_volume::ring::drain(
                 &mut self.ring,
                 outstanding,
                 blockrep_volume::ring::DRAIN_PATIENCE,
                 |user_data| {
+                    reaped += 1;
                     if let Some(DiskOp::Write { write, .. }) =
                         ops.get_mut(user_data as usize).and_then(Option::take)
                     {
@@ -384,46 +388,54 @@ impl Connection {
                 },
             )
         });
-        if let Err(e) = drained {
-            tracing::error!(error = %e, "the connection's ring failed; leaking its buffers");
-            // The ring may still touch what its operations point at: that is leaked. What a
-            // write owes the link and the gate is not: it fails below like the others.
-            for op in std::mem::take(&mut self.ops).into_iter().flatten() {
-                if let DiskOp::Write { mut write, .. } = op {
-                    std::mem::forget(std::mem::replace(&mut write.kind, WriteKind::Trim));
-                    writes.push(write);
-                } else {
-                    std::mem::forget(op);
-                }
-            }
-            std::mem::forget(std::mem::take(&mut self.inbuf));
-            std::mem::forget(self.payload.take());
-            std::mem::forget(std::mem::take(&mut self.sending));
-            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
-        }
-        self.inflight = 0;
-        self.recv_inflight = false;
-        self.send_inflight = false;
-        self.wake_inflight = false;
         let gate = self.volume.gate();
         let link = gate.link();
         // A write the link admitted and that never finished locally fails through the link
         // (its epoch closes, its blocks stay dirty); a held one had its say already.
+        let fail = |write: &mut GatedWrite| {
+            if let (Some(replica), Some(link)) = (write.replica.take(), link.as_ref()) {
+                let _ = link.local_failed(replica, &self.mailbox);
+            }
+        };
         for mut write in writes
             .into_iter()
             .chain(self.queued.drain(..))
             .chain(self.to_admit.drain(..))
             .chain(self.later.drain(..))
         {
-            if let (Some(replica), Some(link)) = (write.replica.take(), link.as_ref()) {
-                let _ = link.local_failed(replica, &self.mailbox);
-            }
+            fail(&mut write);
             gate.leave(write.lock);
         }
         for (_, held) in self.held.drain() {
             if let Held::Write(write, _) = held {
                 gate.leave(write.lock);
             }
+        }
+        if let Err(e) = drained {
+            tracing::error!(
+                error = %e,
+                operations = outstanding - reaped,
+                "the connection's ring did not give back its operations: its thread waits for \
+                 them, and the blocks its writes hold stay locked until they are back"
+            );
+            // A write still on the ring fails now (its epoch must not wait for it); its
+            // blocks are left only once the ring gave it back, or a later write of them
+            // could be overtaken by it.
+            for op in self.ops.iter_mut().flatten() {
+                if let DiskOp::Write { write, .. } = op {
+                    fail(write);
+                }
+            }
+            // The connection is over: the watchdog need not see this wait move.
+            self.beat.expect(false);
+            RingLeftovers {
+                ring: self.ring,
+                ops: self.ops,
+                buffers: (self.inbuf, self.payload, self.sending, self.wake_buf),
+                volume: Arc::clone(&self.volume),
+                remaining: outstanding - reaped,
+            }
+            .wait_then_free();
         }
     }
 
@@ -1396,6 +1408,54 @@ fn log_io_error(what: &str, e: &io::Error) -> i32 {
     match e.kind() {
         io::ErrorKind::StorageFull => libc::ENOSPC,
         _ => libc::EIO,
+    }
+}
+
+/// What the ring of an abandoned connection did not give back within the drain's
+/// patience (a device that stopped answering): the ring, the operations on it, and every
+/// buffer they may still read or write. The connection's thread waits for their
+/// completions however long it takes, giving each write's blocks back to the volume's write
+/// gate as its operation comes back, and frees everything once nothing is left on the ring.
+struct RingLeftovers {
+    ring: IoUring,
+    ops: Vec<Option<DiskOp>>,
+    /// The receive buffer, a payload being received, the send buffer, the wake-up buffer.
+    #[allow(dead_code)]
+    buffers: (Box<[u8]>, Option<Payload>, Vec<u8>, Box<[u8; 8]>),
+    volume: Arc<Volume>,
+    remaining: usize,
+}
+
+impl RingLeftovers {
+    /// Waits on this thread (the ring takes completions only on the thread that submits to
+    /// it). If the ring fails, everything is leaked and the blocks stay locked.
+    fn wait_then_free(mut self) {
+        if let Err(e) = self.wait() {
+            tracing::error!(error = %e, "an abandoned connection's ring failed: its buffers are leaked and its writes' blocks stay locked");
+            std::mem::forget(self);
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        while self.remaining > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+            for completion in self.ring.completion() {
+                self.remaining = self.remaining.saturating_sub(1);
+                if let Some(DiskOp::Write { write, .. }) = self
+                    .ops
+                    .get_mut(completion.user_data() as usize)
+                    .and_then(Option::take)
+                {
+                    self.volume.gate().leave(write.lock);
+                }
+            }
+        }
+        tracing::info!("an abandoned connection's ring gave back its last operations");
+        Ok(())
     }
 }
 
