@@ -431,7 +431,10 @@ impl Connection {
             RingLeftovers {
                 ring: self.ring,
                 ops: self.ops,
-                buffers: (self.inbuf, self.payload, self.sending, self.wake_buf),
+                _inbuf: self.inbuf,
+                _payload: self.payload,
+                _sending: self.sending,
+                _wake_buf: self.wake_buf,
                 volume: Arc::clone(&self.volume),
                 remaining: outstanding - reaped,
             }
@@ -1419,9 +1422,12 @@ fn log_io_error(what: &str, e: &io::Error) -> i32 {
 struct RingLeftovers {
     ring: IoUring,
     ops: Vec<Option<DiskOp>>,
-    /// The receive buffer, a payload being received, the send buffer, the wake-up buffer.
-    #[allow(dead_code)]
-    buffers: (Box<[u8]>, Option<Payload>, Vec<u8>, Box<[u8; 8]>),
+    // Kept only until the ring gave back the operations that point at them: the receive
+    // buffer, a payload being received, the send buffer and the wake-up buffer.
+    _inbuf: Box<[u8]>,
+    _payload: Option<Payload>,
+    _sending: Vec<u8>,
+    _wake_buf: Box<[u8; 8]>,
     volume: Arc<Volume>,
     remaining: usize,
 }
