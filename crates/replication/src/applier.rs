@@ -935,6 +935,12 @@ impl Worker {
                 // It would cover a refused write: never staged, never acknowledged.
                 return Ok(());
             }
+            if epoch <= self.last_sealed {
+                // A later seal covers it already: its writes are staged. Appended again, it
+                // would stand after that seal in the log, out of epoch order.
+                self.emit(ApplyEvent::Staged(epoch));
+                return Ok(());
+            }
             self.log.seal(epoch, cut_ms)?;
             self.last_sealed = self.last_sealed.max(epoch);
             self.emit(ApplyEvent::Staged(epoch));
@@ -1666,6 +1672,48 @@ mod tests {
         assert!(
             waited < std::time::Duration::from_secs(10),
             "the applier took {waited:?} to end: it waited for a write never on the ring"
+        );
+    }
+
+    /// A seal of an epoch already covered by a later seal is answered (its writes are
+    /// staged) but not appended: the log's seals stay in epoch order.
+    #[test]
+    fn a_seal_of_an_epoch_already_sealed_is_not_appended_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let log_path = dir.path().join("stage-log");
+        let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
+        let (applier, mut events, runtime) = start_applier_on(
+            "test",
+            dir.path(),
+            &path,
+            SIZE,
+            recovered,
+            COMPACT_BYTES,
+            Arc::new(AtomicU64::new(0)),
+        );
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        submit(staged_write(4, 1, 0, 0xaa, false));
+        submit(staged_write(5, 2, 8192, 0xbb, false));
+        submit(ApplyCmd::Seal {
+            epoch: Epoch(5),
+            cut_ms: 5,
+        });
+        submit(ApplyCmd::Seal {
+            epoch: Epoch(4),
+            cut_ms: 4,
+        });
+        submit(ApplyCmd::Flush { seq: 9 });
+        let seen = events_until_flush(&mut events, 9);
+        assert_eq!(
+            seen,
+            [ApplyEvent::Staged(Epoch(5)), ApplyEvent::Staged(Epoch(4))]
+        );
+        applier.stop();
+        let again = StageLog::open(&log_path, Epoch::ZERO).unwrap();
+        assert_eq!(
+            again.seals.iter().map(|s| s.epoch).collect::<Vec<_>>(),
+            [Epoch(5)]
         );
     }
 }

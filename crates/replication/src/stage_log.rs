@@ -138,7 +138,7 @@ impl StageLog {
         // and a torn tail. It is cut from the file, not only skipped: left there, a torn
         // record would stand in front of the next records (corruption at the next restart),
         // and unsealed writes behind a later seal of the same epoch number would join it.
-        let last_seal = seals.last().map_or(applied, |s| s.epoch);
+        let last_seal = seals.iter().map(|s| s.epoch).max().unwrap_or(applied);
         staged.retain(|s| s.epoch <= last_seal && s.data_at < sealed_end);
         // New records start at the next block; the rest of the seal's block is zeroes
         // (padding), and the cut is durable before anything is appended after it.
@@ -993,6 +993,26 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{short} bytes short, the old way: {e}"));
             assert_eq!(seals.len(), 2, "{short} bytes short, the old way");
         }
+    }
+
+    /// A seal of an earlier epoch after a later one (a production side that should never
+    /// send it) does not hide the later unit's writes: what the log holds sealed is
+    /// everything up to its highest seal.
+    #[test]
+    fn a_seal_of_an_earlier_epoch_after_a_later_one_keeps_the_later_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(3)).unwrap();
+            log.append_write(Epoch(4), ByteRange::new(0, 4), false, &b(b"aaaa"))
+                .unwrap();
+            log.append_write(Epoch(5), ByteRange::new(4096, 4), false, &b(b"bbbb"))
+                .unwrap();
+            log.seal(Epoch(5), 5).unwrap();
+            log.seal(Epoch(4), 4).unwrap();
+        }
+        let Recovered { log, .. } = StageLog::open(&path, Epoch(3)).unwrap();
+        assert_eq!(log.staged_len(), 2, "the unit of epoch 5 lost a write");
     }
 
     /// A unit of 6 MiB spans two batches; the first was synced before the second was
