@@ -538,23 +538,20 @@ fn read_records(log: &(impl ReadAt + ?Sized), len: u64, applied: Epoch) -> io::R
     let mut seals = Vec::new();
     let mut sealed_end = 0u64;
     let mut at = 0u64;
-    // Logs written with batches start with one; in them, padding ends a batch and only a
-    // batch follows it. Zeroes elsewhere are a block of the torn batch that never reached
-    // the disk, and what follows them is the middle of that batch, not records.
-    let mut batched = false;
+    // Padding ends a batch, and only a batch follows it. Zeroes elsewhere are a block of
+    // the torn batch that never reached the disk, and what follows them is the middle of
+    // that batch, not records.
     let mut after_padding = false;
     while at < len {
         let found = match record_at(log, len, at)? {
-            Found::Record(Record::Batch, next) if at == 0 => {
-                batched = true;
-                Found::Record(Record::Batch, next)
-            }
             Found::Record(record, _)
-                if batched
-                    && after_padding
-                    && !matches!(record, Record::Batch | Record::Padding) =>
+                if after_padding && !matches!(record, Record::Batch | Record::Padding) =>
             {
                 Found::Bad("a record after padding, where a batch should start")
+            }
+            // The log starts with a batch; zeroes there are its lost first block.
+            Found::Record(Record::Padding, _) if at == 0 => {
+                Found::Bad("zeroes where the log's first batch should start")
             }
             found => found,
         };
@@ -1013,6 +1010,27 @@ mod tests {
         }
         let Recovered { log, .. } = StageLog::open(&path, Epoch(3)).unwrap();
         assert_eq!(log.staged_len(), 2, "the unit of epoch 5 lost a write");
+    }
+
+    /// The same when the lost block is the log's first.
+    #[test]
+    fn a_lost_first_block_is_not_padding_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        let data_at = (RECORD_OVERHEAD + 8 + 5 + 21) as u64;
+        let mut data = vec![0x5a_u8; 8192];
+        let forged = encoded(KIND_SEAL, &seal_body(Epoch(1), 99));
+        let inside = (BLOCK - data_at) as usize;
+        data[inside..inside + forged.len()].copy_from_slice(&forged);
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+            log.append_write(Epoch(1), ByteRange::new(1 << 20, 8192), false, &b(&data))
+                .unwrap();
+            log.flush().unwrap();
+        }
+        overwrite(&path, 0, &[0; BLOCK as usize]);
+        let Recovered { seals, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+        assert!(seals.is_empty(), "a seal was read out of a write's data");
     }
 
     /// A unit of 6 MiB spans two batches; the first was synced before the second was
