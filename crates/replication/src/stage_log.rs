@@ -103,7 +103,7 @@ fn bytes_of(staged: &[Staged]) -> u64 {
 /// What [`StageLog::open`] found.
 pub struct Recovered {
     pub log: StageLog,
-    /// Seals above the applied epoch, in order: their units must be applied again.
+    /// Seals above the applied epoch, in epoch order: their units must be applied again.
     pub seals: Vec<SealRecord>,
 }
 
@@ -131,14 +131,18 @@ impl StageLog {
         let len = file.metadata()?.len();
         let Records {
             mut staged,
-            seals,
+            mut seals,
             sealed_end,
         } = read_records(&file, len, applied)?;
+        // In epoch order, whatever their order in the file (an earlier build could append a
+        // seal of an epoch a later seal covered): the last is the newest for every reader.
+        seals.sort_by_key(|s| s.epoch);
+        seals.dedup_by_key(|s| s.epoch);
         // What follows the last seal was never acknowledged: writes of units never sealed,
         // and a torn tail. It is cut from the file, not only skipped: left there, a torn
         // record would stand in front of the next records (corruption at the next restart),
         // and unsealed writes behind a later seal of the same epoch number would join it.
-        let last_seal = seals.iter().map(|s| s.epoch).max().unwrap_or(applied);
+        let last_seal = seals.last().map_or(applied, |s| s.epoch);
         staged.retain(|s| s.epoch <= last_seal && s.data_at < sealed_end);
         // New records start at the next block; the rest of the seal's block is zeroes
         // (padding), and the cut is durable before anything is appended after it.
@@ -676,7 +680,7 @@ pub fn writes_after(path: &Path, after: Epoch) -> io::Result<(Vec<ByteRange>, Op
         .filter(|s| s.epoch > after)
         .map(|s| s.range)
         .collect();
-    Ok((ranges, seals.last().copied()))
+    Ok((ranges, seals.iter().max_by_key(|s| s.epoch).copied()))
 }
 
 #[cfg(test)]
@@ -1008,8 +1012,17 @@ mod tests {
             log.seal(Epoch(5), 5).unwrap();
             log.seal(Epoch(4), 4).unwrap();
         }
-        let Recovered { log, .. } = StageLog::open(&path, Epoch(3)).unwrap();
+        // Every reader takes the highest seal as the newest: the replay, the staged epoch
+        // the DR side reports, a promotion.
+        let (_, newest) = writes_after(&path, Epoch(3)).unwrap();
+        assert_eq!(newest.map(|s| s.epoch), Some(Epoch(5)));
+        let Recovered { log, seals } = StageLog::open(&path, Epoch(3)).unwrap();
         assert_eq!(log.staged_len(), 2, "the unit of epoch 5 lost a write");
+        assert_eq!(
+            seals.iter().map(|s| s.epoch).collect::<Vec<_>>(),
+            [Epoch(4), Epoch(5)],
+            "the seals to replay, in epoch order"
+        );
     }
 
     /// The same when the lost block is the log's first.
