@@ -161,16 +161,29 @@ impl State {
     }
 
     /// A write failed locally: its blocks stay dirty, and nothing sends them but a
-    /// catch-up (what the device holds there now is what the DR side must get). A
-    /// synchronous pair of a group does not start one: it would leave synchronous
-    /// replication alone, answering tracked writes while the group's other pairs still
-    /// write their DR sides directly (only a trip of the whole group may). Its failed
-    /// blocks wait, dirty, for the group's next catch-up.
+    /// catch-up (what the device holds there now is what the DR side must get).
     fn catch_up_failed_write(&mut self) {
-        let grouped_sync = self.live == Live::Sync && self.grouped;
-        if self.live != Live::Tracked && !grouped_sync {
-            self.needs_catch_up = true;
+        match self.live {
+            Live::Tracked => {}
+            Live::Sync if self.grouped => self.fall_back_to_the_bitmap(),
+            _ => self.needs_catch_up = true,
         }
+    }
+
+    /// Live writes stop reaching the DR side (its stage log refused one, the journal
+    /// overflowed, a write failed here after its data went there): they are tracked in the
+    /// bitmap until a catch-up, which this asks for. A synchronous pair of a group trips on
+    /// the way, as when its link breaks: answers are held until its group's trip cut, so no
+    /// write answered while tracked here has a dependant that reached another pair's DR
+    /// side before it.
+    fn fall_back_to_the_bitmap(&mut self) {
+        if self.live == Live::Sync && self.grouped {
+            self.hold.trip(monotonic_ms(), std::iter::empty());
+        }
+        self.open_atomic_span();
+        self.live = Live::Tracked;
+        self.needs_catch_up = true;
+        self.probes.lose_all();
     }
 }
 
@@ -840,10 +853,7 @@ impl PairLink {
                 // DR side drops their writes and seals until the Discard this queues). Start
                 // over from the bitmap.
                 let forget = state.journal.spoiled();
-                state.probes.lose_all();
-                state.open_atomic_span();
-                state.live = Live::Tracked;
-                state.needs_catch_up = true;
+                state.fall_back_to_the_bitmap();
                 drop(state);
                 self.tracker.forget(forget);
                 self.wake_sender.notify_one();
@@ -1121,10 +1131,7 @@ impl ReplicaLink for PairLink {
                 };
                 let overflowed = matches!(completed, Completed::Overflowed { .. });
                 if overflowed {
-                    state.open_atomic_span();
-                    state.live = Live::Tracked;
-                    state.needs_catch_up = true;
-                    state.probes.lose_all();
+                    state.fall_back_to_the_bitmap();
                 }
                 // The sender drains everything once woken: only the first frame after it
                 // went idle needs to wake it.
@@ -1611,14 +1618,18 @@ mod tests {
         }
     }
 
-    /// A synchronous pair of a consistency group never leaves synchronous replication on
-    /// its own for a write that failed here (a catch-up would track later writes and answer
-    /// them before their data is on the DR side, while the group's other pairs still write
-    /// theirs directly: a write depending on one of them could reach its DR side first).
-    /// The failed write's blocks stay dirty; the group's next catch-up sends them.
+    /// A synchronous pair of a consistency group that must fall back to the bitmap (a
+    /// write failed here, sent or not; the DR side refused a staged write) trips, as when its
+    /// link breaks: a catch-up is due, and the answers of later writes (tracked, not on the
+    /// DR side) are held until the group's trip cut, so none can have a dependant reach
+    /// another pair's DR side first.
     #[test]
-    fn a_write_failing_here_does_not_take_a_grouped_synchronous_pair_out_of_sync() {
-        for sent in [true, false] {
+    fn a_grouped_synchronous_pair_falling_back_to_the_bitmap_trips() {
+        for case in [
+            "failed after it was sent",
+            "failed before",
+            "a staged write refused",
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let link = hypermetro_link(dir.path());
             link.go_live();
@@ -1626,16 +1637,32 @@ mod tests {
             link.group_release(Epoch(5), SYNCHRONOUS, 0);
             assert_eq!(link.live(), Live::Sync);
             let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
-            let w = if sent {
-                admit(&link, &mailbox, 8192, 1)
-            } else {
-                admitted(&link, 8192, 1)
+            let failed = match case {
+                "failed after it was sent" => Some(admit(&link, &mailbox, 8192, 1)),
+                "failed before" => Some(admitted(&link, 8192, 1)),
+                _ => None,
             };
-            let range = w.range;
-            let _ = link.local_failed(w, &mailbox);
-            assert!(!link.needs_catch_up(), "sent: {sent}: a catch-up is due");
-            assert_eq!(link.live(), Live::Sync, "sent: {sent}");
-            assert!(link.tracker.any_dirty(range), "sent: {sent}");
+            if let Some(w) = failed {
+                let range = w.range;
+                let _ = link.local_failed(w, &mailbox);
+                assert!(link.tracker.any_dirty(range), "{case}");
+            } else {
+                link.handle_reject(999, RejectReason::StageFull);
+            }
+            assert!(link.trip_wanted(), "{case}: no trip");
+            assert!(link.needs_catch_up(), "{case}: no catch-up due");
+            let mut out = Vec::new();
+            mailbox.take(&mut out);
+            let later = admit(&link, &mailbox, 65536, 2);
+            assert_eq!(later.mode, ReplicaMode::Tracked, "{case}");
+            assert_eq!(link.local_done(later, &mailbox), AfterLocal::WaitForPeer);
+            assert!(
+                delivered(&mailbox).is_empty(),
+                "{case}: answered before the trip cut"
+            );
+            link.group_cut(Epoch(6), CutMode::Trip, 0);
+            link.group_release(Epoch(6), TRIPPED, 0);
+            assert!(delivered(&mailbox).contains(&2), "{case}");
         }
     }
 }
