@@ -426,8 +426,9 @@ impl Connection {
                     fail(write);
                 }
             }
-            // The connection is over: the watchdog need not see this wait move.
-            self.beat.expect(false);
+            // The watchdog sees this wait: an operation that never comes back is a device
+            // that stopped answering, which a restart of the agent recovers from.
+            self.beat.expect(true);
             RingLeftovers {
                 ring: self.ring,
                 ops: self.ops,
@@ -436,6 +437,7 @@ impl Connection {
                 _sending: self.sending,
                 _wake_buf: self.wake_buf,
                 volume: Arc::clone(&self.volume),
+                beat: Arc::clone(&self.beat),
                 remaining: outstanding - reaped,
             }
             .wait_then_free();
@@ -1334,8 +1336,11 @@ impl Connection {
         .flags(libc::MSG_NOSIGNAL)
         .build()
         .user_data(UD_SEND);
+        // Counted on the ring only once it is there: an abandoned connection waits for
+        // every operation counted.
+        self.push(sqe)?;
         self.send_inflight = true;
-        self.push(sqe)
+        Ok(())
     }
 
     fn on_send(&mut self, result: i32) {
@@ -1417,8 +1422,10 @@ fn log_io_error(what: &str, e: &io::Error) -> i32 {
 /// What the ring of an abandoned connection did not give back within the drain's
 /// patience (a device that stopped answering): the ring, the operations on it, and every
 /// buffer they may still read or write. The connection's thread waits for their
-/// completions however long it takes, giving each write's blocks back to the volume's write
-/// gate as its operation comes back, and frees everything once nothing is left on the ring.
+/// completions, giving each write's blocks back to the volume's write gate as its operation
+/// comes back, and frees everything once nothing is left on the ring. The watchdog watches
+/// the wait: if the device never gives an operation back, the agent stops pinging systemd
+/// and is restarted.
 struct RingLeftovers {
     ring: IoUring,
     ops: Vec<Option<DiskOp>>,
@@ -1429,6 +1436,7 @@ struct RingLeftovers {
     _sending: Vec<u8>,
     _wake_buf: Box<[u8; 8]>,
     volume: Arc<Volume>,
+    beat: Arc<Beat>,
     remaining: usize,
 }
 
@@ -1450,6 +1458,7 @@ impl RingLeftovers {
                 Err(e) => return Err(e),
             }
             for completion in self.ring.completion() {
+                self.beat.progress();
                 self.remaining = self.remaining.saturating_sub(1);
                 if let Some(DiskOp::Write { write, .. }) = self
                     .ops
