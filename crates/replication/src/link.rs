@@ -98,6 +98,10 @@ struct State {
     cut_times: BTreeMap<Epoch, u64>,
     /// The journal overflowed (or an async write was rejected): a catch-up is needed.
     needs_catch_up: bool,
+    /// A synchronous pair of a group must leave synchronous replication, and does it as
+    /// when its link breaks: the stream ends (why, for the log), so that every write still
+    /// waiting for the DR side is held by the group's trip.
+    end_stream: Option<&'static str>,
     /// Resync extents acknowledged, in bytes.
     resync_acked: u64,
     /// The last end of an initial sync the DR side recorded durably.
@@ -165,25 +169,33 @@ impl State {
     fn catch_up_failed_write(&mut self) {
         match self.live {
             Live::Tracked => {}
-            Live::Sync if self.grouped => self.fall_back_to_the_bitmap(),
+            Live::Sync if self.grouped => self.end_stream_to_trip("a write failed here"),
             _ => self.needs_catch_up = true,
         }
     }
 
     /// Live writes stop reaching the DR side (its stage log refused one, the journal
-    /// overflowed, a write failed here after its data went there): they are tracked in the
-    /// bitmap until a catch-up, which this asks for. A synchronous pair of a group trips on
-    /// the way, as when its link breaks: answers are held until its group's trip cut, so no
-    /// write answered while tracked here has a dependant that reached another pair's DR
-    /// side before it.
+    /// overflowed): they are tracked in the bitmap until a catch-up, which this asks for.
     fn fall_back_to_the_bitmap(&mut self) {
-        if self.live == Live::Sync && self.grouped {
-            self.hold.trip(monotonic_ms(), std::iter::empty());
-        }
         self.open_atomic_span();
         self.live = Live::Tracked;
         self.needs_catch_up = true;
         self.probes.lose_all();
+    }
+
+    /// Writes of this pair go to its DR side directly, as the group's other pairs' do.
+    fn synchronous_in_a_group(&self) -> bool {
+        self.live == Live::Sync && self.grouped
+    }
+
+    /// A synchronous pair of a group cannot fall back to the bitmap on its own: writes
+    /// answered while tracked here could have dependants that reach another pair's DR side
+    /// directly first. It leaves as when its link breaks: the stream ends, the pair trips
+    /// (every write still waiting for the DR side, and every later one, is held until the
+    /// group's trip cut), and the next stream catches up. Until the stream has ended, writes
+    /// go on synchronously.
+    fn end_stream_to_trip(&mut self, why: &'static str) {
+        self.end_stream.get_or_insert(why);
     }
 }
 
@@ -284,6 +296,7 @@ impl PairLink {
                 pending: HashMap::new(),
                 cut_times: BTreeMap::new(),
                 needs_catch_up: false,
+                end_stream: None,
                 resync_acked: 0,
                 sync_done_acked: None,
                 stage_full_at: None,
@@ -334,6 +347,11 @@ impl PairLink {
     /// Whether the journal overflowed since the last catch-up started.
     pub fn needs_catch_up(&self) -> bool {
         self.lock().needs_catch_up
+    }
+
+    /// Why the stream must end so that the pair trips with its group, if it must.
+    pub fn stream_must_end(&self) -> Option<&'static str> {
+        self.lock().end_stream
     }
 
     /// Nothing waits for the DR side: no acknowledgement, nothing queued, no catch-up.
@@ -430,7 +448,9 @@ impl PairLink {
     /// DR side directly.
     pub fn disconnected(&self) {
         let mut state = self.lock();
-        let trip = state.live == Live::Sync && state.grouped;
+        state.end_stream = None;
+        // A trip not yet released holds what waited for the DR side too.
+        let trip = (state.live == Live::Sync && state.grouped) || state.hold.trip_wanted();
         if state.live != Live::Sync || trip {
             state.open_atomic_span();
         }
@@ -852,6 +872,10 @@ impl PairLink {
                 // A staged write: its epoch cannot be applied whole, nor any later one (the
                 // DR side drops their writes and seals until the Discard this queues). Start
                 // over from the bitmap.
+                if state.synchronous_in_a_group() {
+                    state.end_stream_to_trip("the DR side refused a staged write");
+                    return;
+                }
                 let forget = state.journal.spoiled();
                 state.fall_back_to_the_bitmap();
                 drop(state);
@@ -1131,7 +1155,11 @@ impl ReplicaLink for PairLink {
                 };
                 let overflowed = matches!(completed, Completed::Overflowed { .. });
                 if overflowed {
-                    state.fall_back_to_the_bitmap();
+                    if state.synchronous_in_a_group() {
+                        state.end_stream_to_trip("the journal overflowed");
+                    } else {
+                        state.fall_back_to_the_bitmap();
+                    }
                 }
                 // The sender drains everything once woken: only the first frame after it
                 // went idle needs to wake it.
@@ -1619,12 +1647,13 @@ mod tests {
     }
 
     /// A synchronous pair of a consistency group that must fall back to the bitmap (a
-    /// write failed here, sent or not; the DR side refused a staged write) trips, as when its
-    /// link breaks: a catch-up is due, and the answers of later writes (tracked, not on the
-    /// DR side) are held until the group's trip cut, so none can have a dependant reach
+    /// write failed here, sent or not; the DR side refused a staged write) leaves as when
+    /// its link breaks: its stream must end, then it trips. Until then its writes are
+    /// synchronous; after, a write that was still waiting for the DR side, and every later
+    /// one, is answered only at the group's trip cut, so none can have a dependant reach
     /// another pair's DR side first.
     #[test]
-    fn a_grouped_synchronous_pair_falling_back_to_the_bitmap_trips() {
+    fn a_grouped_synchronous_pair_falling_back_to_the_bitmap_ends_its_stream_and_trips() {
         for case in [
             "failed after it was sent",
             "failed before",
@@ -1637,6 +1666,9 @@ mod tests {
             link.group_release(Epoch(5), SYNCHRONOUS, 0);
             assert_eq!(link.live(), Live::Sync);
             let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+            // A write sent, done here, waiting for the DR side.
+            let waiting = admit(&link, &mailbox, 0, 10);
+            assert_eq!(link.local_done(waiting, &mailbox), AfterLocal::WaitForPeer);
             let failed = match case {
                 "failed after it was sent" => Some(admit(&link, &mailbox, 8192, 1)),
                 "failed before" => Some(admitted(&link, 8192, 1)),
@@ -1649,20 +1681,35 @@ mod tests {
             } else {
                 link.handle_reject(999, RejectReason::StageFull);
             }
-            assert!(link.trip_wanted(), "{case}: no trip");
-            assert!(link.needs_catch_up(), "{case}: no catch-up due");
+            assert!(
+                link.stream_must_end().is_some(),
+                "{case}: the stream goes on"
+            );
+            assert_eq!(link.live(), Live::Sync, "{case}: left synchronous alone");
             let mut out = Vec::new();
             mailbox.take(&mut out);
+            assert!(out.iter().all(|d| d.token != 10), "{case}: {out:?}");
+
+            // The session ends the stream.
+            link.disconnected();
+            assert!(link.stream_must_end().is_none());
+            assert!(link.trip_wanted(), "{case}: no trip");
             let later = admit(&link, &mailbox, 65536, 2);
             assert_eq!(later.mode, ReplicaMode::Tracked, "{case}");
             assert_eq!(link.local_done(later, &mailbox), AfterLocal::WaitForPeer);
+            mailbox.take(&mut out);
             assert!(
-                delivered(&mailbox).is_empty(),
-                "{case}: answered before the trip cut"
+                out.iter().all(|d| d.token != 10 && d.token != 2),
+                "{case}: answered before the trip cut: {out:?}"
             );
             link.group_cut(Epoch(6), CutMode::Trip, 0);
             link.group_release(Epoch(6), TRIPPED, 0);
-            assert!(delivered(&mailbox).contains(&2), "{case}");
+            mailbox.take(&mut out);
+            let tokens: Vec<u64> = out.iter().map(|d| d.token).collect();
+            assert!(
+                tokens.contains(&10) && tokens.contains(&2),
+                "{case}: {out:?}"
+            );
         }
     }
 }

@@ -148,6 +148,10 @@ enum SessionError {
     Diverged(String),
     #[error("peer silent: the DR agent answered nothing for {0:?}")]
     Silent(Duration),
+    /// A synchronous pair of a group leaves synchronous replication as when its link
+    /// breaks, so that its group trips.
+    #[error("{0}: the stream ends so that the group trips, then catches up")]
+    Trip(&'static str),
     #[error("peer broke the protocol: {0}")]
     Protocol(String),
     #[error("resync failed: {0}")]
@@ -809,6 +813,9 @@ impl ProductionPair {
                 && waited > self.config.peer_timeout
             {
                 return Err(SessionError::Silent(waited));
+            }
+            if let Some(why) = self.link.stream_must_end() {
+                return Err(SessionError::Trip(why));
             }
             // A pair in a consistency group is cut by its group, never on its own.
             let grouped = self.link.grouped();
