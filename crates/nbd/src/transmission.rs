@@ -371,6 +371,7 @@ impl Connection {
             + usize::from(self.send_inflight)
             + usize::from(self.wake_inflight);
         let ops = &mut self.ops;
+        let beat = &self.beat;
         let mut writes = Vec::new();
         let mut reaped = 0;
         let drained = fault::drain_gives_up().and_then(|()| {
@@ -379,6 +380,7 @@ impl Connection {
                 outstanding,
                 blockrep_volume::ring::DRAIN_PATIENCE,
                 |user_data| {
+                    beat.progress();
                     reaped += 1;
                     if let Some(DiskOp::Write { write, .. }) =
                         ops.get_mut(user_data as usize).and_then(Option::take)
@@ -429,6 +431,7 @@ impl Connection {
             // The watchdog sees this wait: an operation that never comes back is a device
             // that stopped answering, which a restart of the agent recovers from.
             self.beat.expect(true);
+            self.beat.progress();
             RingLeftovers {
                 ring: self.ring,
                 ops: self.ops,
