@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod group;
 pub mod nbd;
 pub mod records;
+pub mod small_fs;
 
 pub use daemon::{Daemon, binary, require_tool};
 pub use nbd::NbdClient;

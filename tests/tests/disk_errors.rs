@@ -1,22 +1,12 @@
 //! The backing device fails: clients get the NBD error, the daemon stays up.
 
-use std::process::Command;
-
 use blockrep_tests::nbd::{CMD_READ, CMD_WRITE};
-use blockrep_tests::{Daemon, NbdClient, run, sparse_file};
+use blockrep_tests::small_fs::SmallFs;
+use blockrep_tests::{Daemon, NbdClient, sparse_file};
 
 const MIB: u64 = 1 << 20;
 const EIO: u32 = 5;
 const ENOSPC: u32 = 28;
-
-/// Unmounts the tmpfs when the test ends, however it ends.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 #[test]
 fn a_full_device_answers_enospc_and_a_shrunken_file_answers_eio() {
@@ -25,12 +15,8 @@ fn a_full_device_answers_enospc_and_a_shrunken_file_answers_eio() {
         "this test needs root (mount)"
     );
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt));
-    let _mount = Mount(mnt.clone());
+    let small = SmallFs::mount(&dir.path().join("small"), "1m");
+    let mnt = small.at.clone();
 
     // 8 MiB sparse on a 1 MiB file system: writes past the first MiB cannot be stored.
     let full = mnt.join("full.img");

@@ -5,17 +5,19 @@
 //! follows the production agents are killed with `kill -9` and the group fails over: the DR
 //! volumes must hold, together, exactly a prefix of the records.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use blockrep_tests::cluster::{ClusterConfig, NetNs, NodeSpec, TestCluster, wait_until};
+use blockrep_tests::cluster::{ClusterConfig, NetNs, NodeSpec, TestCluster, sha256, wait_until};
 use blockrep_tests::group::{
     Member, RecordWriter, create_group_of_two, group_action, number, pair_state, sockets,
     wait_consistent,
 };
 use blockrep_tests::records::{RECORD, prefix_length_across};
+use blockrep_tests::small_fs::SmallFs;
 use blockrep_tests::{require_tool, run, seed, sparse_file};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -23,6 +25,8 @@ use rand::{Rng, SeedableRng};
 const RECORDS: u64 = 16 * 1024;
 /// Bytes written beside the records while the links are down, so the catch-up takes time.
 const BULK: u64 = 48 << 20;
+/// Each volume's size: the records' blocks, then the bulk.
+const IMAGE_BYTES: u64 = RECORDS / 2 * RECORD + BULK;
 
 fn nft(ns: &NetNs, rule: &str) {
     run(Command::new("ip")
@@ -58,6 +62,16 @@ struct Layout {
 /// A witness coordinator (az3), node-a and node-c (az1) with p1 and p2, node-b (az2) with
 /// d1 and d2, all inside `ns`; group "app" of p1→d1 and p2→d2, consistent.
 fn group_in_namespace(ns: &NetNs, dir: &std::path::Path, model: &str) -> (TestCluster, Layout) {
+    group_in_namespace_at(ns, dir, model, &|v| dir.join(format!("{v}.img")))
+}
+
+/// The same, with each volume's image where `image` says.
+fn group_in_namespace_at(
+    ns: &NetNs,
+    dir: &std::path::Path,
+    model: &str,
+    image: &dyn Fn(&str) -> PathBuf,
+) -> (TestCluster, Layout) {
     let specs: Vec<NodeSpec> = [
         ("node-co", "az3"),
         ("node-a", "az1"),
@@ -75,11 +89,10 @@ fn group_in_namespace(ns: &NetNs, dir: &std::path::Path, model: &str) -> (TestCl
             cluster_extra: "peer_timeout_ms = 1000",
         },
     );
-    let image = |v: &str| dir.join(format!("{v}.img"));
     let production = [Member::new("node-a", "p1"), Member::new("node-c", "p2")];
     let dr = [Member::new("node-b", "d1"), Member::new("node-b", "d2")];
     for m in production.iter().chain(&dr) {
-        sparse_file(&image(&m.volume), RECORDS / 2 * RECORD + BULK);
+        sparse_file(&image(&m.volume), IMAGE_BYTES);
         cluster.add_volume(&m.node, &m.volume, &image(&m.volume));
     }
     create_group_of_two(&cluster, model);
@@ -105,6 +118,33 @@ fn cut_links(cluster: &TestCluster, ns: &NetNs) {
         ns,
         &format!("add rule inet link out udp sport {pb} udp dport {{ {pa}, {pc} }} drop"),
     );
+}
+
+/// Waits (90 s at most) for group "app" to be active with every production pair
+/// synchronous and ungated.
+fn wait_synchronous_again(cluster: &TestCluster, production: &[Member]) {
+    let synchronous = || {
+        let g = cluster.coordinator().cli_json(&["group", "show", "app"]);
+        g["replication_status"] == "active"
+            && production.iter().all(|m| {
+                let s = pair_state(cluster, m);
+                s["live"] == "sync" && s["gated"] == false
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !synchronous() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group did not go synchronous again: {}\n{:#?}\n{}",
+            cluster.coordinator().cli_json(&["group", "show", "app"]),
+            production
+                .iter()
+                .map(|m| pair_state(cluster, m))
+                .collect::<Vec<_>>(),
+            cluster.log_tails(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn trip_then_failover_mid_catch_up(model: &str, default_seed: u64) {
@@ -218,28 +258,7 @@ fn a_tripped_hypermetro_group_goes_synchronous_again() {
         "netns", "exec", &ns.name, "nft", "delete", "table", "inet", "link",
     ]));
     // The pairs catch up, then the group goes synchronous, while the writer goes on.
-    let synchronous = |cluster: &TestCluster| {
-        let g = cluster.coordinator().cli_json(&["group", "show", "app"]);
-        g["replication_status"] == "active"
-            && production.iter().all(|m| {
-                let s = pair_state(cluster, m);
-                s["live"] == "sync" && s["gated"] == false
-            })
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while !synchronous(&cluster) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the group did not go synchronous again: {}\n{:#?}\n{}",
-            cluster.coordinator().cli_json(&["group", "show", "app"]),
-            production
-                .iter()
-                .map(|m| pair_state(&cluster, m))
-                .collect::<Vec<_>>(),
-            cluster.log_tails(40)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_synchronous_again(&cluster, &production);
     let from = next.load(Ordering::SeqCst);
     writer.wait_for(from, 300, Duration::from_secs(60));
     for node in ["node-a", "node-c"] {
@@ -266,4 +285,61 @@ fn a_hypermetro_group_trips_as_a_whole_and_fails_over_mid_catch_up_to_a_prefix()
 #[test]
 fn an_async_group_fails_over_mid_catch_up_after_a_link_cut_to_a_prefix() {
     trip_then_failover_mid_catch_up("async", 0x9_3002);
+}
+
+/// A write that fails on a production volume of a synchronous hypermetro group (its file
+/// system is full) after its data went to the DR side: the pair cannot fall back to the
+/// bitmap alone, so it ends its stream and the group trips as on a link loss; the pair
+/// catches up, the group goes synchronous again, and the DR volume ends holding what the
+/// production volume holds where the write failed.
+#[test]
+fn a_write_failing_in_a_synchronous_group_trips_it_and_the_copies_converge() {
+    let ns = NetNs::new("gwf");
+    let dir = tempfile::tempdir().unwrap();
+    let small = SmallFs::mount(
+        &dir.path().join("p1fs"),
+        &format!("{}", IMAGE_BYTES + (4 << 20)),
+    );
+    let image = |v: &str| {
+        if v == "p1" {
+            small.at.join("p1.img")
+        } else {
+            dir.path().join(format!("{v}.img"))
+        }
+    };
+    let (mut cluster, Layout { production, dr }) =
+        group_in_namespace_at(&ns, dir.path(), "hypermetro", &image);
+    wait_synchronous_again(&cluster, &production);
+
+    // The last MiB of p1 was never written: writing it needs space its file system no
+    // longer has.
+    let filler = small.fill();
+    let socket = cluster.node("node-a").daemon().nbd_socket("p1");
+    let mut c = blockrep_tests::NbdClient::connect(&socket, "p1").unwrap();
+    let failed = c
+        .write(IMAGE_BYTES - (1 << 20), &vec![0x5a; 1 << 20])
+        .unwrap();
+    assert_eq!(failed, 28, "the write fails with ENOSPC");
+    c.disconnect().unwrap();
+    std::fs::remove_file(filler).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "p1's stream to end for the trip",
+        || {
+            cluster
+                .node("node-a")
+                .daemon()
+                .log_text()
+                .contains("the stream ends so that the group trips")
+        },
+    );
+    wait_synchronous_again(&cluster, &production);
+    for node in ["node-a", "node-c", "node-b", "node-co"] {
+        cluster.node_mut(node).stop();
+    }
+    assert_eq!(
+        sha256(&image("p1")),
+        sha256(&image(&dr[0].volume)),
+        "the DR volume does not hold what production holds"
+    );
 }

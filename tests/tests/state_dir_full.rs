@@ -4,47 +4,12 @@
 //! operation that needs space fails naming what is full; a restart with the file system
 //! still full loses none of the recorded dirty blocks; freeing space is enough to go on.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use blockrep_tests::{Daemon, NbdClient, preallocated, run};
+use blockrep_tests::small_fs::SmallFs;
+use blockrep_tests::{Daemon, NbdClient, preallocated};
 
 const MIB: u64 = 1 << 20;
 /// NBD's error number for a full device.
 const NBD_ENOSPC: u32 = 28;
-
-/// A small tmpfs mounted at a directory, unmounted when dropped.
-struct SmallFs {
-    at: PathBuf,
-}
-
-impl SmallFs {
-    fn mount(at: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at));
-        Self { at: at.to_owned() }
-    }
-
-    /// Fills the file system: a file grows until no byte more fits.
-    fn fill(&self) -> PathBuf {
-        use std::io::Write;
-        let path = self.at.join("filler");
-        let mut file = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0xffu8; 64 << 10];
-        while file.write_all(&chunk).is_ok() {}
-        let small = [0xffu8; 512];
-        while file.write_all(&small).is_ok() {}
-        path
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-    }
-}
 
 fn is_dirty(dirty: &[(u64, u64)], offset: u64) -> bool {
     dirty.iter().any(|&(o, l)| o <= offset && offset < o + l)
