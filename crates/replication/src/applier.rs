@@ -1286,6 +1286,13 @@ mod tests {
         }
     }
 
+    fn seal(epoch: u64, cut_ms: u64) -> ApplyCmd {
+        ApplyCmd::Seal {
+            epoch: Epoch(epoch),
+            cut_ms,
+        }
+    }
+
     /// Events until the flush of `seq` is answered (everything submitted before it is done).
     fn events_until_flush(
         events: &mut tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
@@ -1479,10 +1486,7 @@ mod tests {
         // before the production side hears of it.
         submit(staged_write(2, 1, 0, 0xaa, true));
         submit(staged_write(2, 2, 8192, 0xbb, false));
-        submit(ApplyCmd::Seal {
-            epoch: Epoch(2),
-            cut_ms: 5,
-        });
+        submit(seal(2, 5));
         submit(ApplyCmd::Flush { seq: 9 });
         let seen = events_until_flush(&mut events, 9);
         assert!(
@@ -1502,10 +1506,7 @@ mod tests {
         // The production side fell back: its Discard, then its catch-up's unit.
         submit(ApplyCmd::Discard { after: Epoch(1) });
         submit(staged_write(3, 3, 0, 0xcc, false));
-        submit(ApplyCmd::Seal {
-            epoch: Epoch(3),
-            cut_ms: 6,
-        });
+        submit(seal(3, 6));
         submit(ApplyCmd::Flush { seq: 10 });
         let seen = events_until_flush(&mut events, 10);
         assert!(seen.contains(&ApplyEvent::Staged(Epoch(3))), "{seen:?}");
@@ -1598,14 +1599,8 @@ mod tests {
         );
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
         submit(staged_write(1, 1, 0, 0xaa, false));
-        submit(ApplyCmd::Seal {
-            epoch: Epoch(1),
-            cut_ms: 10,
-        });
-        submit(ApplyCmd::Seal {
-            epoch: Epoch(2),
-            cut_ms: 20,
-        });
+        submit(seal(1, 10));
+        submit(seal(2, 20));
         submit(ApplyCmd::Flush { seq: 9 });
         let seen = events_until_flush(&mut events, 9);
         assert_eq!(
@@ -1695,14 +1690,8 @@ mod tests {
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
         submit(staged_write(4, 1, 0, 0xaa, false));
         submit(staged_write(5, 2, 8192, 0xbb, false));
-        submit(ApplyCmd::Seal {
-            epoch: Epoch(5),
-            cut_ms: 5,
-        });
-        submit(ApplyCmd::Seal {
-            epoch: Epoch(4),
-            cut_ms: 4,
-        });
+        submit(seal(5, 5));
+        submit(seal(4, 4));
         submit(ApplyCmd::Flush { seq: 9 });
         let seen = events_until_flush(&mut events, 9);
         assert_eq!(
