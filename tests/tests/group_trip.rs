@@ -334,6 +334,11 @@ fn a_write_failing_in_a_synchronous_group_trips_it_and_the_copies_converge() {
         },
     );
     wait_synchronous_again(&cluster, &production);
+    // A direct write is answered only once the DR side applied every unit before it, the
+    // catch-up's too.
+    let mut c = blockrep_tests::NbdClient::connect(&socket, "p1").unwrap();
+    assert_eq!(c.write(0, &vec![0x11; 4096]).unwrap(), 0);
+    c.disconnect().unwrap();
     for node in ["node-a", "node-c", "node-b", "node-co"] {
         cluster.node_mut(node).stop();
     }

@@ -166,11 +166,14 @@ impl State {
 
     /// A write failed locally: its blocks stay dirty, and nothing sends them but a
     /// catch-up (what the device holds there now is what the DR side must get).
-    fn catch_up_failed_write(&mut self) {
+    fn catch_up_failed_write(&mut self) -> CutOff {
         match self.live {
-            Live::Tracked => {}
+            Live::Tracked => CutOff::default(),
             Live::Sync if self.grouped => self.end_stream_to_trip("a write failed here"),
-            _ => self.needs_catch_up = true,
+            _ => {
+                self.needs_catch_up = true;
+                CutOff::default()
+            }
         }
     }
 
@@ -190,13 +193,56 @@ impl State {
 
     /// A synchronous pair of a group cannot fall back to the bitmap on its own: writes
     /// answered while tracked here could have dependants that reach another pair's DR side
-    /// directly first. It leaves as when its link breaks: the stream ends, the pair trips
-    /// (every write still waiting for the DR side, and every later one, is held until the
-    /// group's trip cut), and the next stream catches up. Until the stream has ended, writes
-    /// go on synchronously.
-    fn end_stream_to_trip(&mut self, why: &'static str) {
+    /// directly first. It leaves as when its link breaks, at once: it trips (every write
+    /// still waiting for the DR side, and every later one, is answered at the group's trip
+    /// cut), and its stream ends (`why`, for the log) so that the next one catches up.
+    fn end_stream_to_trip(&mut self, why: &'static str) -> CutOff {
         self.end_stream.get_or_insert(why);
+        self.cut_off()
     }
+
+    /// Nothing more reaches the DR side on this stream (see [`PairLink::disconnected`]).
+    fn cut_off(&mut self) -> CutOff {
+        // A trip not yet released holds what waited for the DR side too.
+        let trip = (self.live == Live::Sync && self.grouped) || self.hold.trip_wanted();
+        if self.live != Live::Sync || trip {
+            self.open_atomic_span();
+        }
+        self.live = Live::Tracked;
+        self.probes.lose_all();
+        let mut forget = self.journal.disconnect();
+        self.unacked_extent_bytes = 0;
+        let mut answers = Vec::new();
+        for (_, p) in std::mem::take(&mut self.pending) {
+            match p {
+                Pending::Write {
+                    ticket,
+                    token,
+                    mailbox,
+                    ..
+                } => {
+                    forget.extend(ticket);
+                    answers.push((token, mailbox, Instant::now()));
+                }
+                Pending::Flush { token, mailbox } => answers.push((token, mailbox, Instant::now())),
+                Pending::Extent { ticket, .. } => forget.push(ticket),
+            }
+        }
+        // Tripping again with nothing new to hold would forget a trip cut that reached it.
+        if trip && (!self.hold.trip_wanted() || !answers.is_empty()) {
+            self.hold.trip(monotonic_ms(), answers.drain(..));
+        }
+        CutOff { forget, answers }
+    }
+}
+
+/// What a cut-off leaves to do once the state's lock is released: tickets to forget (their
+/// blocks stay dirty), and answers to give now (those a trip does not hold).
+#[must_use]
+#[derive(Default)]
+struct CutOff {
+    forget: Vec<Ticket>,
+    answers: Vec<HeldAnswer>,
 }
 
 /// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
@@ -449,40 +495,15 @@ impl PairLink {
     pub fn disconnected(&self) {
         let mut state = self.lock();
         state.end_stream = None;
-        // A trip not yet released holds what waited for the DR side too.
-        let trip = (state.live == Live::Sync && state.grouped) || state.hold.trip_wanted();
-        if state.live != Live::Sync || trip {
-            state.open_atomic_span();
-        }
-        state.live = Live::Tracked;
-        state.probes.lose_all();
-        let forget = state.journal.disconnect();
-        let pending = std::mem::take(&mut state.pending);
-        state.unacked_extent_bytes = 0;
-        let mut answers = Vec::new();
-        let mut tickets = Vec::new();
-        for (_, p) in pending {
-            match p {
-                Pending::Write {
-                    ticket,
-                    token,
-                    mailbox,
-                    ..
-                } => {
-                    tickets.extend(ticket);
-                    answers.push((token, mailbox, Instant::now()));
-                }
-                Pending::Flush { token, mailbox } => answers.push((token, mailbox, Instant::now())),
-                Pending::Extent { ticket, .. } => tickets.push(ticket),
-            }
-        }
-        if trip {
-            state.hold.trip(monotonic_ms(), answers.drain(..));
-        }
+        let cut = state.cut_off();
         drop(state);
-        self.tracker.forget(forget);
-        self.tracker.forget(tickets);
-        for (token, mailbox, _) in answers {
+        self.finish_cut_off(cut);
+    }
+
+    /// Does what a cut-off leaves to do once the state's lock is released.
+    fn finish_cut_off(&self, cut: CutOff) {
+        self.tracker.forget(cut.forget);
+        for (token, mailbox, _) in cut.answers {
             mailbox.deliver(token);
         }
         self.changed.notify_all();
@@ -873,7 +894,9 @@ impl PairLink {
                 // DR side drops their writes and seals until the Discard this queues). Start
                 // over from the bitmap.
                 if state.synchronous_in_a_group() {
-                    state.end_stream_to_trip("the DR side refused a staged write");
+                    let cut = state.end_stream_to_trip("the DR side refused a staged write");
+                    drop(state);
+                    self.finish_cut_off(cut);
                     return;
                 }
                 let forget = state.journal.spoiled();
@@ -1154,9 +1177,10 @@ impl ReplicaLink for PairLink {
                     }
                 };
                 let overflowed = matches!(completed, Completed::Overflowed { .. });
+                let mut cut = CutOff::default();
                 if overflowed {
                     if state.synchronous_in_a_group() {
-                        state.end_stream_to_trip("the journal overflowed");
+                        cut = state.end_stream_to_trip("the journal overflowed");
                     } else {
                         state.fall_back_to_the_bitmap();
                     }
@@ -1167,6 +1191,7 @@ impl ReplicaLink for PairLink {
                 // Decided under the same lock: a cut either came before (held) or after.
                 let answer = state.answer_or_hold(write.token, mailbox);
                 drop(state);
+                self.finish_cut_off(cut);
                 match completed {
                     Completed::Queued => {}
                     Completed::NotJournaled => self.tracker.forget(write.ticket),
@@ -1198,8 +1223,9 @@ impl ReplicaLink for PairLink {
                     }
                     _ => true,
                 };
-                state.catch_up_failed_write();
+                let cut = state.catch_up_failed_write();
                 drop(state);
+                self.finish_cut_off(cut);
                 // If the peer's answer came first, it cleared them.
                 if answered && let Err(e) = self.tracker.mark_durably(&[write.range]) {
                     tracing::error!(
@@ -1213,17 +1239,21 @@ impl ReplicaLink for PairLink {
             ReplicaMode::Journal(admitted) => {
                 let mut state = self.lock();
                 state.journal.abandon(admitted);
-                state.catch_up_failed_write();
+                let cut = state.catch_up_failed_write();
                 let answer = state.answer_or_hold(write.token, mailbox);
                 drop(state);
+                self.finish_cut_off(cut);
                 self.tracker.forget(write.ticket);
                 answer
             }
             _ => {
                 self.tracker.forget(write.ticket);
                 let mut state = self.lock();
-                state.catch_up_failed_write();
-                state.answer_or_hold(write.token, mailbox)
+                let cut = state.catch_up_failed_write();
+                let answer = state.answer_or_hold(write.token, mailbox);
+                drop(state);
+                self.finish_cut_off(cut);
+                answer
             }
         }
     }
@@ -1648,12 +1678,12 @@ mod tests {
 
     /// A synchronous pair of a consistency group that must fall back to the bitmap (a
     /// write failed here, sent or not; the DR side refused a staged write) leaves as when
-    /// its link breaks: its stream must end, then it trips. Until then its writes are
-    /// synchronous; after, a write that was still waiting for the DR side, and every later
-    /// one, is answered only at the group's trip cut, so none can have a dependant reach
-    /// another pair's DR side first.
+    /// its link breaks, at once: it trips, and its stream must end. A write that was still
+    /// waiting for the DR side, and every later one (tracked), is answered only at the
+    /// group's trip cut, so none can have a dependant reach another pair's DR side first;
+    /// a trip cut that comes before the session has ended the stream still counts.
     #[test]
-    fn a_grouped_synchronous_pair_falling_back_to_the_bitmap_ends_its_stream_and_trips() {
+    fn a_grouped_synchronous_pair_falling_back_to_the_bitmap_trips_and_ends_its_stream() {
         for case in [
             "failed after it was sent",
             "failed before",
@@ -1685,30 +1715,28 @@ mod tests {
                 link.stream_must_end().is_some(),
                 "{case}: the stream goes on"
             );
-            assert_eq!(link.live(), Live::Sync, "{case}: left synchronous alone");
-            let mut out = Vec::new();
-            mailbox.take(&mut out);
-            assert!(out.iter().all(|d| d.token != 10), "{case}: {out:?}");
-
-            // The session ends the stream.
-            link.disconnected();
-            assert!(link.stream_must_end().is_none());
             assert!(link.trip_wanted(), "{case}: no trip");
+            assert_eq!(link.live(), Live::Tracked, "{case}: still synchronous");
             let later = admit(&link, &mailbox, 65536, 2);
             assert_eq!(later.mode, ReplicaMode::Tracked, "{case}");
             assert_eq!(link.local_done(later, &mailbox), AfterLocal::WaitForPeer);
+
+            // The group's trip cut reaches the host before the session ended the stream.
+            link.group_cut(Epoch(6), CutMode::Trip, 0);
+            link.disconnected();
+            assert!(link.stream_must_end().is_none());
+            let mut out = Vec::new();
             mailbox.take(&mut out);
             assert!(
                 out.iter().all(|d| d.token != 10 && d.token != 2),
-                "{case}: answered before the trip cut: {out:?}"
+                "{case}: answered before the trip cut's release: {out:?}"
             );
-            link.group_cut(Epoch(6), CutMode::Trip, 0);
             link.group_release(Epoch(6), TRIPPED, 0);
             mailbox.take(&mut out);
             let tokens: Vec<u64> = out.iter().map(|d| d.token).collect();
             assert!(
                 tokens.contains(&10) && tokens.contains(&2),
-                "{case}: {out:?}"
+                "{case}: the trip's release did not give them: {out:?}"
             );
         }
     }
