@@ -502,6 +502,9 @@ impl PairLink {
 
     /// Does what a cut-off leaves to do once the state's lock is released.
     fn finish_cut_off(&self, cut: CutOff) {
+        if cut.forget.is_empty() && cut.answers.is_empty() {
+            return;
+        }
         self.tracker.forget(cut.forget);
         for (token, mailbox, _) in cut.answers {
             mailbox.deliver(token);
@@ -815,6 +818,12 @@ impl PairLink {
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
     pub fn request_catch_up(&self) {
         let mut state = self.lock();
+        if state.synchronous_in_a_group() {
+            let cut = state.end_stream_to_trip("blocks must be copied again");
+            drop(state);
+            self.finish_cut_off(cut);
+            return;
+        }
         state.open_atomic_span();
         state.needs_catch_up = true;
     }
@@ -954,11 +963,14 @@ impl PairLink {
 
     /// Waits until every resync extent sent direct was acknowledged.
     pub fn wait_for_extents(&self, stop: &dyn Fn() -> bool) -> bool {
+        // Once the stream must end, extents it dropped are neither pending nor on the DR
+        // side: the wait lasts until the session stops the sync.
         self.wait_until(stop, |state| {
-            !state
-                .pending
-                .values()
-                .any(|p| matches!(p, Pending::Extent { .. }))
+            state.end_stream.is_none()
+                && !state
+                    .pending
+                    .values()
+                    .any(|p| matches!(p, Pending::Extent { .. }))
         })
     }
 
@@ -1739,5 +1751,36 @@ mod tests {
                 "{case}: the trip's release did not give them: {out:?}"
             );
         }
+    }
+
+    /// A verify that finds blocks to copy again asks for a catch-up; a synchronous pair of
+    /// a group trips for it instead of leaving synchronous replication alone. And once the
+    /// stream must end, an initial sync is never taken for done: the extents the cut-off
+    /// dropped were not acknowledged.
+    #[test]
+    fn a_grouped_synchronous_pair_asked_to_catch_up_trips_and_its_sync_is_not_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = hypermetro_link(dir.path());
+        link.go_live();
+        link.group_cut(Epoch(5), CutMode::Direct, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        assert_eq!(link.live(), Live::Sync);
+        link.request_catch_up();
+        assert!(link.trip_wanted(), "no trip");
+        assert_eq!(link.live(), Live::Tracked);
+        assert!(
+            !link.needs_catch_up(),
+            "a catch-up on the stream that must end"
+        );
+        assert!(link.stream_must_end().is_some());
+        let checks = std::cell::Cell::new(0);
+        let give_up_after_two_looks = || {
+            checks.set(checks.get() + 1);
+            checks.get() > 2
+        };
+        assert!(
+            !link.wait_for_extents(&give_up_after_two_looks),
+            "the sync's extents were taken for acknowledged"
+        );
     }
 }
