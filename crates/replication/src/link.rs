@@ -1475,6 +1475,15 @@ mod tests {
         link
     }
 
+    /// A hypermetro link of a group that went synchronous at the direct cut to epoch 5.
+    fn synchronous_group_link(dir: &std::path::Path) -> PairLink {
+        let link = hypermetro_link(dir);
+        link.go_live();
+        link.group_cut(Epoch(5), CutMode::Direct, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        link
+    }
+
     /// Admits and starts one 4 KiB write at `offset`; returns it, ready for `local_done`.
     fn admit(link: &PairLink, mailbox: &Arc<Mailbox>, offset: u64, token: u64) -> Replicated {
         let mut w = admitted(link, offset, token);
@@ -1515,10 +1524,7 @@ mod tests {
     #[test]
     fn a_synchronous_pair_of_a_group_holds_its_answers_until_the_trip_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let link = hypermetro_link(dir.path());
-        link.go_live();
-        link.group_cut(Epoch(5), CutMode::Direct, 0);
-        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        let link = synchronous_group_link(dir.path());
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
@@ -1551,10 +1557,7 @@ mod tests {
     #[test]
     fn a_trip_holds_writes_that_did_not_take_the_fast_path_too() {
         let dir = tempfile::tempdir().unwrap();
-        let link = hypermetro_link(dir.path());
-        link.go_live();
-        link.group_cut(Epoch(5), CutMode::Direct, 0);
-        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        let link = synchronous_group_link(dir.path());
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         // Admitted while synchronous, but not started (an unaligned write, a WRITE_ZEROES or
         // a TRIM runs on the slow path; a write parked while the activity log synced): its
@@ -1702,10 +1705,7 @@ mod tests {
             "a staged write refused",
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let link = hypermetro_link(dir.path());
-            link.go_live();
-            link.group_cut(Epoch(5), CutMode::Direct, 0);
-            link.group_release(Epoch(5), SYNCHRONOUS, 0);
+            let link = synchronous_group_link(dir.path());
             assert_eq!(link.live(), Live::Sync);
             let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
             // A write sent, done here, waiting for the DR side.
@@ -1760,10 +1760,7 @@ mod tests {
     #[test]
     fn a_grouped_synchronous_pair_asked_to_catch_up_trips_and_its_sync_is_not_done() {
         let dir = tempfile::tempdir().unwrap();
-        let link = hypermetro_link(dir.path());
-        link.go_live();
-        link.group_cut(Epoch(5), CutMode::Direct, 0);
-        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        let link = synchronous_group_link(dir.path());
         assert_eq!(link.live(), Live::Sync);
         link.request_catch_up();
         assert!(link.trip_wanted(), "no trip");
