@@ -166,13 +166,13 @@ impl State {
 
     /// A write failed locally: its blocks stay dirty, and nothing sends them but a
     /// catch-up (what the device holds there now is what the DR side must get).
-    fn catch_up_failed_write(&mut self) -> CutOff {
+    fn catch_up_failed_write(&mut self) -> Option<CutOff> {
         match self.live {
-            Live::Tracked => CutOff::default(),
-            Live::Sync if self.grouped => self.end_stream_to_trip("a write failed here"),
+            Live::Tracked => None,
+            Live::Sync if self.grouped => Some(self.end_stream_to_trip("a write failed here")),
             _ => {
                 self.needs_catch_up = true;
-                CutOff::default()
+                None
             }
         }
     }
@@ -239,7 +239,6 @@ impl State {
 /// What a cut-off leaves to do once the state's lock is released: tickets to forget (their
 /// blocks stay dirty), and answers to give now (those a trip does not hold).
 #[must_use]
-#[derive(Default)]
 struct CutOff {
     forget: Vec<Ticket>,
     answers: Vec<HeldAnswer>,
@@ -502,9 +501,6 @@ impl PairLink {
 
     /// Does what a cut-off leaves to do once the state's lock is released.
     fn finish_cut_off(&self, cut: CutOff) {
-        if cut.forget.is_empty() && cut.answers.is_empty() {
-            return;
-        }
         self.tracker.forget(cut.forget);
         for (token, mailbox, _) in cut.answers {
             mailbox.deliver(token);
@@ -1189,10 +1185,10 @@ impl ReplicaLink for PairLink {
                     }
                 };
                 let overflowed = matches!(completed, Completed::Overflowed { .. });
-                let mut cut = CutOff::default();
+                let mut cut = None;
                 if overflowed {
                     if state.synchronous_in_a_group() {
-                        cut = state.end_stream_to_trip("the journal overflowed");
+                        cut = Some(state.end_stream_to_trip("the journal overflowed"));
                     } else {
                         state.fall_back_to_the_bitmap();
                     }
@@ -1203,7 +1199,9 @@ impl ReplicaLink for PairLink {
                 // Decided under the same lock: a cut either came before (held) or after.
                 let answer = state.answer_or_hold(write.token, mailbox);
                 drop(state);
-                self.finish_cut_off(cut);
+                if let Some(cut) = cut {
+                    self.finish_cut_off(cut);
+                }
                 match completed {
                     Completed::Queued => {}
                     Completed::NotJournaled => self.tracker.forget(write.ticket),
@@ -1237,7 +1235,9 @@ impl ReplicaLink for PairLink {
                 };
                 let cut = state.catch_up_failed_write();
                 drop(state);
-                self.finish_cut_off(cut);
+                if let Some(cut) = cut {
+                    self.finish_cut_off(cut);
+                }
                 // If the peer's answer came first, it cleared them.
                 if answered && let Err(e) = self.tracker.mark_durably(&[write.range]) {
                     tracing::error!(
@@ -1254,7 +1254,9 @@ impl ReplicaLink for PairLink {
                 let cut = state.catch_up_failed_write();
                 let answer = state.answer_or_hold(write.token, mailbox);
                 drop(state);
-                self.finish_cut_off(cut);
+                if let Some(cut) = cut {
+                    self.finish_cut_off(cut);
+                }
                 self.tracker.forget(write.ticket);
                 answer
             }
@@ -1264,7 +1266,9 @@ impl ReplicaLink for PairLink {
                 let cut = state.catch_up_failed_write();
                 let answer = state.answer_or_hold(write.token, mailbox);
                 drop(state);
-                self.finish_cut_off(cut);
+                if let Some(cut) = cut {
+                    self.finish_cut_off(cut);
+                }
                 answer
             }
         }
