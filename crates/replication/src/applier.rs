@@ -1336,25 +1336,55 @@ mod tests {
         tokio::runtime::Runtime,
     ) {
         let recovered = StageLog::open(&dir.join("stage-log"), Epoch::ZERO).unwrap();
-        let allowed = Arc::new(AtomicU64::new(u64::MAX));
-        start_applier_on("test", dir, path, size, recovered, COMPACT_BYTES, allowed)
+        start_applier_on(
+            dir,
+            path,
+            recovered,
+            Setup {
+                size,
+                ..Setup::default()
+            },
+        )
     }
 
-    /// An applier that starts from the stage log `recovered` (replaying its seals),
-    /// compacts it past `compact_after_bytes`, and applies units up to `allowed`.
+    /// How a test's applier differs from the usual one.
+    struct Setup {
+        label: &'static str,
+        /// The volume's size, if it is created.
+        size: u64,
+        compact_after_bytes: u64,
+        /// The group's committed epoch: units above it stay staged.
+        allowed: Arc<AtomicU64>,
+    }
+
+    impl Default for Setup {
+        fn default() -> Self {
+            Self {
+                label: "test",
+                size: SIZE,
+                compact_after_bytes: COMPACT_BYTES,
+                allowed: Arc::new(AtomicU64::new(u64::MAX)),
+            }
+        }
+    }
+
+    /// An applier that starts from the stage log `recovered` (replaying its seals).
     fn start_applier_on(
-        label: &str,
         dir: &std::path::Path,
         path: &std::path::Path,
-        size: u64,
         recovered: crate::stage_log::Recovered,
-        compact_after_bytes: u64,
-        allowed: Arc<AtomicU64>,
+        setup: Setup,
     ) -> (
         Applier,
         tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
         tokio::runtime::Runtime,
     ) {
+        let Setup {
+            label,
+            size,
+            compact_after_bytes,
+            allowed,
+        } = setup;
         if !path.exists() {
             std::fs::File::create(path).unwrap().set_len(size).unwrap();
         }
@@ -1550,15 +1580,12 @@ mod tests {
         let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
         assert_eq!(recovered.seals.len(), 2);
         let path = fs.0.path().join("dr.img");
-        let (applier, mut events, _runtime) = start_applier_on(
-            "test",
-            dir.path(),
-            &path,
-            4 * SIZE,
-            recovered,
-            0,
-            Arc::new(AtomicU64::new(u64::MAX)),
-        );
+        let setup = Setup {
+            size: 4 * SIZE,
+            compact_after_bytes: 0,
+            ..Setup::default()
+        };
+        let (applier, mut events, _runtime) = start_applier_on(dir.path(), &path, recovered, setup);
         let seen = events_until_the_end(&mut events);
         applier.stop();
         assert!(
@@ -1588,15 +1615,11 @@ mod tests {
         let log_path = dir.path().join("stage-log");
         let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
         let allowed = Arc::new(AtomicU64::new(0));
-        let (applier, mut events, runtime) = start_applier_on(
-            "test",
-            dir.path(),
-            &path,
-            SIZE,
-            recovered,
-            COMPACT_BYTES,
-            Arc::clone(&allowed),
-        );
+        let setup = Setup {
+            allowed: Arc::clone(&allowed),
+            ..Setup::default()
+        };
+        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
         submit(staged_write(1, 1, 0, 0xaa, false));
         submit(seal(1, 10));
@@ -1644,15 +1667,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dr.img");
         let recovered = StageLog::open(&dir.path().join("stage-log"), Epoch::ZERO).unwrap();
-        let (applier, mut events, runtime) = start_applier_on(
-            fault::PUSH_FAILS,
-            dir.path(),
-            &path,
-            4 * SIZE,
-            recovered,
-            COMPACT_BYTES,
-            Arc::new(AtomicU64::new(u64::MAX)),
-        );
+        let setup = Setup {
+            label: fault::PUSH_FAILS,
+            size: 4 * SIZE,
+            ..Setup::default()
+        };
+        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
         for i in 0..8u64 {
             runtime.block_on(applier.submit(direct_write(i, i * (128 << 10), 128 << 10, 0x5a)));
         }
@@ -1678,15 +1698,11 @@ mod tests {
         let path = dir.path().join("dr.img");
         let log_path = dir.path().join("stage-log");
         let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
-        let (applier, mut events, runtime) = start_applier_on(
-            "test",
-            dir.path(),
-            &path,
-            SIZE,
-            recovered,
-            COMPACT_BYTES,
-            Arc::new(AtomicU64::new(0)),
-        );
+        let setup = Setup {
+            allowed: Arc::new(AtomicU64::new(0)),
+            ..Setup::default()
+        };
+        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
         submit(staged_write(4, 1, 0, 0xaa, false));
         submit(staged_write(5, 2, 8192, 0xbb, false));
