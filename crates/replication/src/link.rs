@@ -499,6 +499,14 @@ impl PairLink {
         self.finish_cut_off(cut);
     }
 
+    /// A synchronous pair of a group trips, and its stream must end (see
+    /// `State::end_stream_to_trip`).
+    fn trip_and_end_stream(&self, mut state: MutexGuard<'_, State>, why: &'static str) {
+        let cut = state.end_stream_to_trip(why);
+        drop(state);
+        self.finish_cut_off(cut);
+    }
+
     /// Does what a cut-off leaves to do once the state's lock is released.
     fn finish_cut_off(&self, cut: CutOff) {
         self.tracker.forget(cut.forget);
@@ -815,10 +823,7 @@ impl PairLink {
     pub fn request_catch_up(&self) {
         let mut state = self.lock();
         if state.synchronous_in_a_group() {
-            let cut = state.end_stream_to_trip("blocks must be copied again");
-            drop(state);
-            self.finish_cut_off(cut);
-            return;
+            return self.trip_and_end_stream(state, "blocks must be copied again");
         }
         state.open_atomic_span();
         state.needs_catch_up = true;
@@ -899,10 +904,7 @@ impl PairLink {
                 // DR side drops their writes and seals until the Discard this queues). Start
                 // over from the bitmap.
                 if state.synchronous_in_a_group() {
-                    let cut = state.end_stream_to_trip("the DR side refused a staged write");
-                    drop(state);
-                    self.finish_cut_off(cut);
-                    return;
+                    return self.trip_and_end_stream(state, "the DR side refused a staged write");
                 }
                 let forget = state.journal.spoiled();
                 state.fall_back_to_the_bitmap();
