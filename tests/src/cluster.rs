@@ -161,22 +161,37 @@ pub struct ClusterConfig<'a> {
     pub cluster_extra: &'a str,
 }
 
+/// Ports a test chooses for its daemons to listen on come from below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by default): an outgoing
+/// socket of another test (a QUIC client endpoint binds port 0) can then never take one
+/// between choosing and binding it; only another test choosing the same random port in
+/// that moment can.
+const LISTEN_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A random port of [`LISTEN_PORTS`] that `bind` accepts now.
+fn free_port(bind: impl Fn(u16) -> bool) -> u16 {
+    use rand::{Rng, SeedableRng};
+    // Not a test's random choice (no run depends on which port it gets): seeded so that
+    // tests starting at once choose apart.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(nanos ^ u64::from(std::process::id()) << 32);
+    (0..1000)
+        .map(|_| rng.random_range(LISTEN_PORTS))
+        .find(|&port| bind(port))
+        .expect("a free port below the ephemeral range")
+}
+
 /// A free UDP port on loopback.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port(|port| std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok())
 }
 
 /// A free TCP port on loopback.
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
 
 /// Runs the CLI without a daemon.

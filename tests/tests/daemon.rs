@@ -104,11 +104,7 @@ fn nbdinfo_lists_the_export_with_its_block_sizes_and_tcp_serves_it() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vol.img");
     preallocated(&image, 16 * MIB);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = blockrep_tests::cluster::free_tcp_port();
     let daemon = Daemon::start(
         dir.path(),
         &format!("[nbd]\ntcp_listen = \"127.0.0.1:{port}\"\n"),
