@@ -377,6 +377,11 @@ impl<P: PayloadLen> Journal<P> {
         let end = self.current;
         self.mode = Mode::Journal;
         self.sealing = true;
+        // The epochs the catch-up passed through are not sealed apart: their writes the DR
+        // side lacks are in the unit's extents, which `end`'s seal applies. A seal of one
+        // of them would have the DR side stage it without them (and, after a restart, say
+        // it holds that epoch whole).
+        self.sealed = self.sealed.max(Epoch(end.0.saturating_sub(1)));
         self.catch_up_ends = Some(end);
         if cut {
             self.advance_epoch();
@@ -707,6 +712,44 @@ mod tests {
             "the extent's and the live write's tickets"
         );
         assert!(!j.catching_up());
+    }
+
+    /// A unit's writes are all in its last epoch: the epochs it passed through are never
+    /// sealed apart. A seal of one of them would make the DR side stage it (and report it
+    /// staged after a restart) without the writes the link lost there, which come in the
+    /// unit's extents: a consistency group could then commit that epoch while one of its
+    /// pairs' DR sides lacks writes another's holds the dependants of.
+    #[test]
+    fn a_catch_up_ended_by_a_group_cut_seals_none_of_the_epochs_it_covers() {
+        let mut reg = TicketRegistry::new();
+        let mut j = Journal::new(1 << 20, Epoch(86));
+        j.advance_epoch();
+        assert_eq!(write(&mut j, &mut reg, 0), Completed::Queued); // epoch 88
+        j.advance_epoch_to(Epoch(89));
+        assert_eq!(write(&mut j, &mut reg, 4), Completed::Queued); // epoch 89
+        let sent = drain(&mut j);
+        assert!(sent.contains(&Outgoing::Seal { epoch: Epoch(88) }));
+        // The link broke with the seal of 88 sent but never staged; the DR side holds 87.
+        let _ = j.disconnect();
+        j.reconnected(Epoch(87));
+        j.begin_catch_up();
+        j.advance_epoch_to(Epoch(90)); // the group's cuts go on during the catch-up
+        let r = j.admit();
+        let t = reg.issue(ByteRange::new(0, 8));
+        assert!(j.complete_resync(r, ByteRange::new(0, 8), Payload::Zeroes, t));
+        assert!(j.begin_final_pass());
+        let end = j.finish_catch_up(false).expect("the catch-up ran whole");
+        assert_eq!(end, Epoch(90));
+        assert_eq!(write(&mut j, &mut reg, 12), Completed::Queued); // a live write, in 90
+        j.advance_epoch_to(Epoch(91)); // the group's next cut ends the unit
+        let seals: Vec<Epoch> = drain(&mut j)
+            .into_iter()
+            .filter_map(|f| match f {
+                Outgoing::Seal { epoch } => Some(epoch),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seals, vec![end], "only the unit's end is sealed");
     }
 
     /// A catch-up whose journal overflowed (or whose staged write the DR side refused) is
