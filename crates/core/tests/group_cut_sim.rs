@@ -168,7 +168,12 @@ impl Sim {
         if self.faults() && self.rng.random_bool(0.05) {
             return;
         }
-        let delay = self.rng.random_range(1..15);
+        // Now and then a message is slow, though within the round's timeout.
+        let delay = if self.rng.random_bool(0.1) {
+            self.rng.random_range(15..ROUND_TIMEOUT_MS)
+        } else {
+            self.rng.random_range(1..15)
+        };
         self.after(delay, Event::ToHost(host, message));
     }
 
@@ -252,6 +257,11 @@ impl Sim {
                             self.release(h, to);
                         }
                         let staged = self.staged(h);
+                        // Now and then the host dies just after it switched, and its agent
+                        // is restarted at once (as systemd would).
+                        if self.faults() && self.rng.random_bool(0.03) {
+                            self.after(2, Event::HostCrash(h));
+                        }
                         if !self.faults() || !self.rng.random_bool(0.05) {
                             let delay = self.rng.random_range(1..15);
                             self.after(
@@ -333,14 +343,16 @@ impl Sim {
                         self.chains[c].1 = (h + 1) % HOSTS;
                         self.after(5, Event::Issue(c));
                     }
-                    let down = self.rng.random_range(20..300);
+                    let down = self.rng.random_range(1..300);
                     self.after(down, Event::HostRestart(h));
                 }
             }
             Event::HostRestart(h) => {
+                let now = self.clock.now();
                 let host = &mut self.hosts[h];
                 host.up = true;
                 host.life += 1;
+                host.hold = AnswerHold::restarted(host.epoch, now);
             }
             Event::CoordinatorCrash => {
                 if self.coordinator_up {

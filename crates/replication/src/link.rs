@@ -516,6 +516,17 @@ impl PairLink {
         self.changed.notify_all();
     }
 
+    /// A production agent starts with its pair in a consistency group, whose last cut it
+    /// recorded switching to is `to`: it admits in `to` (never in an epoch the group left),
+    /// and holds its answers as for that cut, whose round may still be running while
+    /// another host admits in the epoch before (`AnswerHold::restarted`).
+    pub fn start_in_group(&self, to: Epoch) {
+        let mut state = self.lock();
+        state.grouped = true;
+        state.journal.advance_epoch_to(to);
+        state.hold = AnswerHold::restarted(to, monotonic_ms());
+    }
+
     /// A production agent that starts with its pair in a hypermetro group starts tripped:
     /// the others may still write their DR sides directly, and this pair's writes are only
     /// tracked until it catches up.
@@ -1466,6 +1477,42 @@ mod tests {
         link.set_grouped(false);
         assert_eq!(delivered(&mailbox), vec![3]);
         assert_eq!(write(&link, &mailbox, 0, 4).0, AfterLocal::Answer);
+    }
+
+    /// An agent restarted just after it switched at a cut, and the round may still be
+    /// running: another host may admit in the epoch before, so what it answers now could be
+    /// a write another host's write in that epoch depends on, committed without it.
+    #[test]
+    fn an_agent_starting_in_a_group_holds_answers_until_the_release_of_its_last_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) =
+            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
+        let link = PairLink::new(
+            ReplicationModel::Async,
+            Arc::new(tracker),
+            64 << 20,
+            Epoch::ZERO,
+        );
+        link.start_in_group(Epoch(91));
+        assert_eq!(link.current_epoch(), Epoch(91));
+        link.connected(Epoch(89));
+        link.go_live();
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        assert_eq!(
+            write(&link, &mailbox, 0, 1),
+            (AfterLocal::WaitForPeer, Epoch(91))
+        );
+        link.group_release(Epoch(90), RoundOutcome::default(), 0);
+        assert!(delivered(&mailbox).is_empty(), "an older release");
+        link.group_release(Epoch(91), RoundOutcome::default(), 0);
+        assert_eq!(delivered(&mailbox), vec![1]);
+        assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::Answer);
+        // With no release (the coordinator is away), the hold times out like a cut's.
+        let link = async_link(dir.path());
+        link.start_in_group(Epoch(5));
+        assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
+        link.release_held_longer_than(Duration::ZERO);
+        assert_eq!(delivered(&mailbox), vec![3]);
     }
 
     fn hypermetro_link(dir: &std::path::Path) -> PairLink {

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use blockrep_core::replication::group_cut::RoundOutcome;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
 use blockrep_core::{ByteRange, read_spans};
@@ -185,8 +184,9 @@ impl ProductionPair {
         ));
         link.set_grouped(membership.grouped);
         if membership.grouped {
-            // Never admit in an epoch the group has left (rule 3).
-            link.group_release(membership.group_epoch, RoundOutcome::default(), now_ms());
+            // Never admit in an epoch the group has left, nor answer before the last cut's
+            // round is over (rule 3).
+            link.start_in_group(membership.group_epoch);
             if membership.model == ReplicationModel::Hypermetro && !membership.paused {
                 // The group's other pairs may still write their DR sides directly: this
                 // one's answers wait for the group's trip (docs/GROUPS.md).

@@ -6,10 +6,13 @@
 //! giving them late is safe. A *trip* hold (a synchronous pair of a hypermetro group lost its
 //! link, or its agent started) holds every answer until the release of a trip cut that
 //! reached it after it tripped and that every host switched at; it never times out, since
-//! until then another pair of the group may still be writing its DR side directly.
+//! until then another pair of the group may still be writing its DR side directly. An agent
+//! that starts with its pair in a group starts with a cut hold for the last cut it recorded
+//! (the round may still be running).
 //!
 //! ```text
 //!  none ──cut (switched)──► cut hold ──release ≥ to, or timeout──► none (answers given)
+//!   │    agent start ──────────►│
 //!   │                          │
 //!   └──────trip────────────────┴──► trip hold ──trip cut reaches it──► trip hold, cut seen
 //!                                                   └──release of a completed trip ≥ it──► none
@@ -46,6 +49,24 @@ impl<T> Default for AnswerHold<T> {
 }
 
 impl<T> AnswerHold<T> {
+    /// The hold of a pair whose agent (re)started in its group, admitting in `to`, the last
+    /// cut it recorded: it may have switched at that cut just before it died, in a round
+    /// still running, while another host admits in the epoch before. Its answers are held
+    /// as for that cut, until a release at or past it or the timeout (counted from the
+    /// start, after the round began).
+    pub fn restarted(to: Epoch, now_ms: u64) -> Self {
+        Self {
+            held: Some(Held {
+                to,
+                since_ms: now_ms,
+                trip: false,
+                trip_cut: None,
+                answers: Vec::new(),
+            }),
+            trip_wanted: false,
+        }
+    }
+
     /// The pair tripped and waits for its group's trip.
     pub fn trip_wanted(&self) -> bool {
         self.trip_wanted
