@@ -306,22 +306,29 @@ impl CutCoordinator {
     /// The spans `host` reports with its ack: for each of its pairs' DR sides, epochs from
     /// `from` (exclusive) to `to` (exclusive; `None`: not known yet) come in one unit it can
     /// only apply whole, and none of them is committed. Closed spans are kept (a restarted
-    /// host forgets them); an open span the host no longer reports was never sealed (its
-    /// agent restarted, and its catch-up starts over as a span it reports).
+    /// host forgets them). An open span the host no longer reports belongs to an agent that
+    /// restarted: its unit may have ended, its end seal staged, before any ack said where.
+    /// It is closed at the highest epoch the host can have reached, the last one it was cut
+    /// or released to, which no unit of it can end past.
     pub fn note_atomic(
         &mut self,
         host: &str,
         spans: impl IntoIterator<Item = (Epoch, Option<Epoch>)>,
     ) {
+        let reached = self
+            .round
+            .as_ref()
+            .map_or(self.epoch, |round| round.to.max(self.epoch));
+        let reported: BTreeSet<(Epoch, Option<Epoch>)> = spans.into_iter().collect();
         let known = self.atomic.entry(host.to_owned()).or_default();
-        known.retain(|(_, to)| to.is_some());
-        known.extend(spans);
-        let closed: Vec<Epoch> = known
+        let forgotten: Vec<(Epoch, Option<Epoch>)> = known
             .iter()
-            .filter(|(_, to)| to.is_some())
-            .map(|(from, _)| *from)
+            .filter(|(from, to)| to.is_none() && !reported.iter().any(|(f, _)| f == from))
+            .map(|(from, _)| (*from, Some(reached)))
             .collect();
-        known.retain(|(from, to)| to.is_some() || !closed.contains(from));
+        known.retain(|(_, to)| to.is_some());
+        known.extend(reported);
+        known.extend(forgotten);
     }
 
     fn inside_atomic(&self, e: Epoch) -> bool {
@@ -428,7 +435,8 @@ mod tests {
             );
         }
         assert_eq!(c.committed(), Epoch(5));
-        // A host that restarted no longer reports its open span: it stops holding commits.
+        // A host that restarted no longer reports its open span: it holds commits only up
+        // to the last epoch the host was cut to (7 here), past which its unit cannot end.
         c.note_atomic("a", [(Epoch(5), None)]);
         c.start_cut(0);
         c.on_ack("a", Epoch(7), Epoch(6));
@@ -439,6 +447,77 @@ mod tests {
         c.on_ack("a", Epoch(8), Epoch(7));
         c.on_ack("b", Epoch(8), Epoch(7));
         assert_eq!(c.committed(), Epoch(7));
+    }
+
+    /// A unit closed at 90 whose end was never staged (the link broke again), and a new
+    /// unit from the same staged epoch: the new one, still open, holds commits past 90.
+    #[test]
+    fn a_new_unit_from_the_same_staged_epoch_as_a_closed_one_holds_commits() {
+        let mut c = CutCoordinator::new(hosts(), Epoch(87), 1000);
+        for to in 88..=94 {
+            c.start_cut(0);
+            c.note_atomic("b", [(Epoch(87), Some(Epoch(90))), (Epoch(87), None)]);
+            c.on_ack("a", Epoch(to), Epoch(to - 1));
+            c.on_ack("b", Epoch(to), Epoch(87));
+        }
+        // b's new unit ends at 93 and is staged.
+        c.start_cut(0);
+        c.note_atomic(
+            "b",
+            [(Epoch(87), Some(Epoch(90))), (Epoch(87), Some(Epoch(93)))],
+        );
+        c.on_ack("a", Epoch(95), Epoch(94));
+        c.on_ack("b", Epoch(95), Epoch(93));
+        assert_eq!(c.committed(), Epoch(93));
+        let mut c = CutCoordinator::new(hosts(), Epoch(87), 1000);
+        for to in 88..=94 {
+            c.start_cut(0);
+            c.note_atomic("b", [(Epoch(87), Some(Epoch(90))), (Epoch(87), None)]);
+            // a's DR side trails one epoch.
+            c.on_ack("a", Epoch(to), Epoch(to - 2));
+            // The end of the new unit (93) is staged before an ack says it closed.
+            c.on_ack("b", Epoch(to), if to == 94 { Epoch(93) } else { Epoch(87) });
+            let committed = c.committed().0;
+            assert!(
+                !(88..=92).contains(&committed),
+                "committed {committed} inside b's open unit from 87"
+            );
+        }
+    }
+
+    /// A host's catch-up ended (its unit's end seal staged on the DR side) and its agent
+    /// was killed before an ack told the coordinator the span closed: restarted, it reports
+    /// no span, and staged the unit's end. An epoch inside the unit must still not be
+    /// committed (the DR side would apply part of the unit).
+    #[test]
+    fn an_open_span_a_restarted_host_no_longer_reports_still_holds_what_it_could_cover() {
+        let mut c = CutCoordinator::new(hosts(), Epoch(87), 1000);
+        c.start_cut(0);
+        c.note_atomic("b", [(Epoch(87), None)]);
+        c.on_ack("a", Epoch(88), Epoch(87));
+        c.on_ack("b", Epoch(88), Epoch(87));
+        for to in 89..=90 {
+            c.start_cut(0);
+            c.note_atomic("b", [(Epoch(87), None)]);
+            c.on_ack("a", Epoch(to), Epoch(to - 1));
+            c.on_ack("b", Epoch(to), Epoch(87));
+        }
+        assert_eq!(c.committed(), Epoch(87));
+        // The cut to 91 is abandoned (b missed it; its release switched b, which sealed its
+        // unit's end, 90); b is killed before its next ack.
+        c.start_cut(0);
+        c.on_ack("a", Epoch(91), Epoch(90));
+        c.on_tick(1000);
+        // Restarted, b reports no span and the staged end of its unit.
+        c.start_cut(1000);
+        c.note_atomic("b", []);
+        c.on_ack("a", Epoch(92), Epoch(91));
+        c.on_ack("b", Epoch(92), Epoch(90));
+        let committed = c.committed().0;
+        assert!(
+            !(88..=89).contains(&committed),
+            "committed {committed}, inside b's unit (87, 90)"
+        );
     }
 
     #[test]
