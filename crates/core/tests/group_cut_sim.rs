@@ -83,8 +83,11 @@ struct Write {
 }
 
 struct Host {
-    /// The epoch it admits writes in (recorded at each switch: it survives a crash).
+    /// The epoch it admits writes in.
     epoch: Epoch,
+    /// The last epoch it switched to at a cut, recorded before its ack: a restart admits in
+    /// it (one switched to at a release, after a missed cut, is not recorded).
+    recorded: Epoch,
     /// Completed writes whose answers wait for a release (the agent's hold).
     hold: AnswerHold<usize>,
     up: bool,
@@ -119,6 +122,7 @@ impl Sim {
             hosts: (0..HOSTS)
                 .map(|_| Host {
                     epoch: Epoch(1),
+                    recorded: Epoch(1),
                     hold: AnswerHold::default(),
                     up: true,
                     life: 0,
@@ -252,6 +256,7 @@ impl Sim {
                         let host = &mut self.hosts[h];
                         let switched = to > host.epoch;
                         host.epoch = host.epoch.max(to);
+                        host.recorded = host.recorded.max(to);
                         host.hold.on_cut(to, CutMode::Keep, switched, now);
                         if self.release_on_cut {
                             self.release(h, to);
@@ -352,6 +357,7 @@ impl Sim {
                 let host = &mut self.hosts[h];
                 host.up = true;
                 host.life += 1;
+                host.epoch = host.recorded;
                 host.hold = AnswerHold::restarted(host.epoch, now);
             }
             Event::CoordinatorCrash => {
