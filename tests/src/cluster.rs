@@ -161,14 +161,26 @@ pub struct ClusterConfig<'a> {
     pub cluster_extra: &'a str,
 }
 
-/// Ports a test chooses for its daemons to listen on come from below the kernel's
-/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by default): an outgoing
-/// socket of another test (a QUIC client endpoint binds port 0) can then never take one
-/// between choosing and binding it; only another test choosing the same random port in
-/// that moment can.
-const LISTEN_PORTS: std::ops::Range<u16> = 20_000..32_768;
+/// Ports a test chooses for its daemons to listen on come from outside the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`): an outgoing socket of another test (a
+/// QUIC client endpoint binds port 0) can then never take one between choosing and binding
+/// it; only another test choosing the same random port in that moment can.
+fn listen_ports() -> std::ops::Range<u16> {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut ends = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((ends.next()??, ends.next()??))
+        });
+    match ephemeral {
+        Some((low, _)) if low >= 4096 => low.saturating_sub(12_000).max(1024)..low,
+        Some((_, high)) if high <= 61_000 => high + 1..65_535,
+        // No room outside it: any port, and the small chance of a clash.
+        _ => 20_000..32_768,
+    }
+}
 
-/// A random port of [`LISTEN_PORTS`] that `bind` accepts now.
+/// A random port of [`listen_ports`] that `bind` accepts now.
 fn free_port(bind: impl Fn(u16) -> bool) -> u16 {
     use rand::{Rng, SeedableRng};
     // Not a test's random choice (no run depends on which port it gets): seeded so that
@@ -178,10 +190,11 @@ fn free_port(bind: impl Fn(u16) -> bool) -> u16 {
         .unwrap()
         .as_nanos() as u64;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(nanos ^ u64::from(std::process::id()) << 32);
+    let ports = listen_ports();
     (0..1000)
-        .map(|_| rng.random_range(LISTEN_PORTS))
+        .map(|_| rng.random_range(ports.clone()))
         .find(|&port| bind(port))
-        .expect("a free port below the ephemeral range")
+        .expect("a free port outside the ephemeral range")
 }
 
 /// A free UDP port on loopback.
