@@ -703,6 +703,7 @@ mod tests {
             paused: false,
             grouped: false,
             group_epoch: Epoch::ZERO,
+            catch_up_from: None,
             term: 0,
             fence: None,
             promotion: None,

@@ -568,6 +568,27 @@ impl PairLink {
         self.lock().atomic.clone()
     }
 
+    /// Where the catch-up unit being made began (the DR side had staged that epoch), if
+    /// one is: its span is open.
+    pub fn unit_in_progress(&self) -> Option<Epoch> {
+        let state = self.lock();
+        state
+            .atomic
+            .last()
+            .filter(|s| s.to.is_none())
+            .map(|s| s.from)
+    }
+
+    /// A restarted agent whose pair was making a catch-up unit after `from` (as its record
+    /// says): the unit's span is reported open again, until a catch-up ends it or the pair
+    /// goes live; its end may be staged already, before any cut ack said where it ended.
+    pub fn resume_unit(&self, from: Epoch) {
+        let mut state = self.lock();
+        if state.atomic.last().is_none_or(|s| s.to.is_some()) {
+            state.atomic.push(AtomicSpan { from, to: None });
+        }
+    }
+
     /// Whether the pair's epochs are cut by its consistency group.
     pub fn grouped(&self) -> bool {
         self.lock().grouped
@@ -1513,6 +1534,56 @@ mod tests {
         assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
         link.release_held_longer_than(Duration::ZERO);
         assert_eq!(delivered(&mailbox), vec![3]);
+    }
+
+    /// An agent killed after its catch-up's end was staged but before a cut ack said the
+    /// unit closed: restarted, it must report the unit's span again, or its group could
+    /// commit an epoch inside it (the DR side applies staged writes up to the commit).
+    #[test]
+    fn a_restarted_agent_reports_the_unit_it_was_making_until_it_goes_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) =
+            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
+        let link = PairLink::new(
+            ReplicationModel::Async,
+            Arc::new(tracker),
+            64 << 20,
+            Epoch::ZERO,
+        );
+        link.start_in_group(Epoch(91));
+        link.resume_unit(Epoch(87));
+        assert_eq!(link.unit_in_progress(), Some(Epoch(87)));
+        link.connected(Epoch(90));
+        // A catch-up goes on with the same unit, from the older start.
+        link.begin_catch_up();
+        assert_eq!(
+            link.atomic_spans(),
+            vec![AtomicSpan {
+                from: Epoch(87),
+                to: None
+            }]
+        );
+        assert!(link.begin_final_pass());
+        let end = link.finish_catch_up(0).expect("the catch-up ran whole");
+        assert_eq!(
+            link.atomic_spans(),
+            vec![AtomicSpan {
+                from: Epoch(87),
+                to: Some(end)
+            }]
+        );
+        assert_eq!(link.unit_in_progress(), None);
+        // With nothing to catch up, going live closes it at the current epoch.
+        let link = async_link(dir.path());
+        link.resume_unit(Epoch(0));
+        link.go_live();
+        assert_eq!(
+            link.atomic_spans(),
+            vec![AtomicSpan {
+                from: Epoch(0),
+                to: Some(link.current_epoch())
+            }]
+        );
     }
 
     fn hypermetro_link(dir: &std::path::Path) -> PairLink {

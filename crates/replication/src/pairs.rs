@@ -599,6 +599,7 @@ fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership, Ap
         paused: false,
         grouped: false,
         group_epoch: Epoch::ZERO,
+        catch_up_from: None,
         term: a.term,
         fence: None,
         promotion: None,

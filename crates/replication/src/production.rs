@@ -194,6 +194,9 @@ impl ProductionPair {
                 report_now.notify_one();
             }
         }
+        if let Some(from) = membership.catch_up_from {
+            link.resume_unit(from);
+        }
         volume
             .gate()
             .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
@@ -708,7 +711,19 @@ impl ProductionPair {
             ResyncKind::CatchUp => "catching up from the bitmap",
         };
         match plan {
-            ResyncKind::CatchUp => self.link.begin_catch_up(),
+            ResyncKind::CatchUp => {
+                self.link.begin_catch_up();
+                // Recorded before the unit's end can be sealed: a restarted agent reports
+                // its span again (docs/GROUPS.md, "Catch-up units are atomic").
+                let from = self.link.unit_in_progress();
+                if self.membership().catch_up_from != from {
+                    self.membership
+                        .update(|m| m.catch_up_from = from)
+                        .map_err(|e| {
+                            SessionError::Resync(format!("record the catch-up's start: {e}"))
+                        })?;
+                }
+            }
             _ => self.link.go_live(),
         }
         self.link.reset_resync_progress();

@@ -436,17 +436,23 @@ mod tests {
         }
         assert_eq!(c.committed(), Epoch(5));
         // A host that restarted no longer reports its open span: it holds commits only up
-        // to the last epoch the host was cut to (7 here), past which its unit cannot end.
-        c.note_atomic("a", [(Epoch(5), None)]);
+        // to the last epoch the host was cut to (8, in the round of the ack), past which its
+        // unit cannot end.
         c.start_cut(0);
+        c.note_atomic("a", [(Epoch(5), None)]);
         c.on_ack("a", Epoch(7), Epoch(6));
         c.on_ack("b", Epoch(7), Epoch(6));
         assert_eq!(c.committed(), Epoch(5));
-        c.note_atomic("a", []);
         c.start_cut(0);
+        c.note_atomic("a", []);
         c.on_ack("a", Epoch(8), Epoch(7));
         c.on_ack("b", Epoch(8), Epoch(7));
-        assert_eq!(c.committed(), Epoch(7));
+        assert_eq!(c.committed(), Epoch(5), "7 is inside (5, 8)");
+        c.start_cut(0);
+        c.note_atomic("a", []);
+        c.on_ack("a", Epoch(9), Epoch(8));
+        c.on_ack("b", Epoch(9), Epoch(8));
+        assert_eq!(c.committed(), Epoch(8));
     }
 
     /// A unit closed at 90 whose end was never staged (the link broke again), and a new
