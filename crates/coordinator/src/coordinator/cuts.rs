@@ -270,10 +270,13 @@ impl Coordinator {
                 None => true,
             };
             if fresh {
+                // Above every epoch a host reported, and every one the group's last cut
+                // state (of other members) reached: reports are up to a heartbeat old.
                 let reported = members
                     .iter()
                     .filter_map(|m| reports.get(&(m.pair, true)))
                     .map(|s| s.current_epoch)
+                    .chain(state.cuts.get(&group).map(|c| c.cut.epoch().0))
                     .max()
                     .unwrap_or(0);
                 let hosts: BTreeSet<String> =
