@@ -274,6 +274,17 @@ fn nft(ns: &NetNs, rule: &str) {
     ns.exec(&all);
 }
 
+/// The pair record (`pair.json`) of the node's only production volume.
+fn production_record(node_dir: &std::path::Path) -> Value {
+    let volumes = node_dir.join("state/volumes");
+    std::fs::read_dir(&volumes)
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.unwrap().path().join("pair.json")).ok())
+        .map(|text| serde_json::from_slice::<Value>(&text).unwrap())
+        .find(|record| record["side"] == "production")
+        .expect("a production volume")
+}
+
 #[test]
 fn a_link_cut_during_a_catch_up_leaves_the_dr_volume_a_consistent_image() {
     require_tool("nft");
@@ -361,6 +372,13 @@ fn a_link_cut_during_a_catch_up_leaves_the_dr_volume_a_consistent_image() {
             let s = state(&cluster, "node-a", &pair);
             s["replication_status"] == "copying" && counter(&s, "resync_bytes_sent") > resync_before
         });
+        // The production agent recorded where the unit began before sending any of it: a
+        // restarted agent reports its span again (docs/GROUPS.md).
+        let recorded = production_record(&cluster.node("node-a").dir)["catch_up_from"].clone();
+        assert!(
+            recorded.is_u64(),
+            "round {round}: no catch-up start recorded ({recorded})"
+        );
         std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
         nft(
             &ns,

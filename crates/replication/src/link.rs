@@ -136,6 +136,17 @@ pub struct AtomicSpan {
 /// How many spans a link remembers (reported with every cut until they age out).
 const ATOMIC_SPANS: usize = 8;
 
+/// Where the catch-up unit a production agent records begins (see
+/// `Membership::catch_up_from`), for a new unit starting after `new_from`: no later than the
+/// unit recorded before, whose span the coordinator may never have heard of (an ack can
+/// come too late and be dropped), and no earlier than what the DR side `applied` (no commit
+/// goes back there, and a unit it applied is whole).
+pub fn unit_to_record(recorded: Option<Epoch>, new_from: Epoch, applied: Epoch) -> Epoch {
+    recorded
+        .map_or(new_from, |old| old.min(new_from))
+        .max(applied)
+}
+
 impl State {
     /// Holds `token`'s answer if a group cut or trip holds answers; else it is answered now.
     fn answer_or_hold(&mut self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
@@ -1534,6 +1545,27 @@ mod tests {
         assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
         link.release_held_longer_than(Duration::ZERO);
         assert_eq!(delivered(&mailbox), vec![3]);
+    }
+
+    /// A unit whose span no ack reported (the one ack came late) and whose end is staged,
+    /// then a second unit, then a restart: the record must still cover the first.
+    #[test]
+    fn the_recorded_unit_start_covers_every_unit_the_dr_side_has_not_applied() {
+        assert_eq!(unit_to_record(None, Epoch(90), Epoch(85)), Epoch(90));
+        assert_eq!(
+            unit_to_record(Some(Epoch(87)), Epoch(90), Epoch(85)),
+            Epoch(87),
+            "the unit after 87 is not applied"
+        );
+        assert_eq!(
+            unit_to_record(Some(Epoch(87)), Epoch(95), Epoch(90)),
+            Epoch(90),
+            "the DR side applied the unit after 87"
+        );
+        assert_eq!(
+            unit_to_record(Some(Epoch(95)), Epoch(90), Epoch(85)),
+            Epoch(90)
+        );
     }
 
     /// An agent killed after its catch-up's end was staged but before a cut ack said the

@@ -88,12 +88,12 @@ pub struct Membership {
     /// writes in it or later, never in an earlier one (its next cut may be far off).
     #[serde(default)]
     pub group_epoch: Epoch,
-    /// Production: the last catch-up unit began after the DR side staged this epoch
-    /// (recorded before the unit's end can be sealed). A restarted agent reports the unit's
-    /// span open again, until it next goes live or ends a catch-up: the end may have been
-    /// staged before any cut ack told the group where the unit ended, and the group must
-    /// not commit inside it. Never cleared: a unit long staged only makes the group's next
-    /// commit after a restart wait for one more cut.
+    /// Production: the catch-up units the DR side may not have applied began after this
+    /// epoch (recorded before a unit's end can be sealed; see `link::unit_to_record`). A
+    /// restarted agent reports a span from it, open, until it next goes live or ends a
+    /// catch-up: a unit's end may have been staged before any cut ack told the group where
+    /// the unit ended, and the group must not commit inside it. Never cleared: after a
+    /// restart the group's commit waits for this pair to go live.
     #[serde(default)]
     pub catch_up_from: Option<Epoch>,
     /// The coordinator's term when this side took its role: a role command from an older

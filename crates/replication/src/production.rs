@@ -25,7 +25,7 @@ use bytes::Bytes;
 
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
-use crate::link::{Data, Live, OutFrame, PairLink};
+use crate::link::{Data, Live, OutFrame, PairLink, unit_to_record};
 use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VERIFY_BLOCK, VerifyRunner, VerifyStatus};
 
@@ -317,6 +317,12 @@ impl ProductionPair {
                 _ => 0.0,
             },
         }
+    }
+
+    /// The last epoch the DR side said it applied (its `Welcome`, then `Applied` frames).
+    fn dr_applied(&self) -> Epoch {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.consistent.map_or(Epoch::ZERO, |(epoch, _)| epoch)
     }
 
     fn set_status(&self, replication_status: ReplicationStatus, detail: impl Into<String>) {
@@ -715,8 +721,12 @@ impl ProductionPair {
                 self.link.begin_catch_up();
                 // Recorded before the unit's end can be sealed: a restarted agent reports
                 // its span again (docs/GROUPS.md, "Catch-up units are atomic").
-                let from = self.link.unit_in_progress();
-                if self.membership().catch_up_from != from {
+                let recorded = self.membership().catch_up_from;
+                let from = self
+                    .link
+                    .unit_in_progress()
+                    .map(|new| unit_to_record(recorded, new, self.dr_applied()));
+                if from.is_some() && recorded != from {
                     self.membership
                         .update(|m| m.catch_up_from = from)
                         .map_err(|e| {
