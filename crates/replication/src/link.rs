@@ -1511,21 +1511,27 @@ mod tests {
         assert_eq!(write(&link, &mailbox, 0, 4).0, AfterLocal::Answer);
     }
 
-    /// An agent restarted just after it switched at a cut, and the round may still be
-    /// running: another host may admit in the epoch before, so what it answers now could be
-    /// a write another host's write in that epoch depends on, committed without it.
-    #[test]
-    fn an_agent_starting_in_a_group_holds_answers_until_the_release_of_its_last_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tracker, _) =
-            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
+    /// The link of an async pair whose agent starts in its group, which it last switched to
+    /// epoch `to` of.
+    fn async_link_starting_in_group(dir: &std::path::Path, to: Epoch) -> PairLink {
+        let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
         let link = PairLink::new(
             ReplicationModel::Async,
             Arc::new(tracker),
             64 << 20,
             Epoch::ZERO,
         );
-        link.start_in_group(Epoch(91));
+        link.start_in_group(to);
+        link
+    }
+
+    /// An agent restarted just after it switched at a cut, and the round may still be
+    /// running: another host may admit in the epoch before, so what it answers now could be
+    /// a write another host's write in that epoch depends on, committed without it.
+    #[test]
+    fn an_agent_starting_in_a_group_holds_answers_until_the_release_of_its_last_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = async_link_starting_in_group(dir.path(), Epoch(91));
         assert_eq!(link.current_epoch(), Epoch(91));
         link.connected(Epoch(89));
         link.go_live();
@@ -1574,15 +1580,7 @@ mod tests {
     #[test]
     fn a_restarted_agent_reports_the_unit_it_was_making_until_it_goes_live() {
         let dir = tempfile::tempdir().unwrap();
-        let (tracker, _) =
-            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(
-            ReplicationModel::Async,
-            Arc::new(tracker),
-            64 << 20,
-            Epoch::ZERO,
-        );
-        link.start_in_group(Epoch(91));
+        let link = async_link_starting_in_group(dir.path(), Epoch(91));
         link.resume_unit(Epoch(87));
         assert_eq!(link.unit_in_progress(), Some(Epoch(87)));
         link.connected(Epoch(90));
