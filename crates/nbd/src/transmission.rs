@@ -31,8 +31,8 @@ use std::sync::atomic::Ordering;
 use blockrep_core::{ByteRange, LockId, RangeError};
 use blockrep_volume::liveness::{Beat, Liveness};
 use blockrep_volume::{
-    ADMIT_CHUNK, AfterLocal, AlignedBuf, BufPool, DIRECT_IO_ALIGN, Delivery, Entered, Mailbox,
-    ReplicaData, ReplicaLink, Replicated, Volume, Waker,
+    ADMIT_CHUNK, AfterLocal, AlignedBuf, AnswerToken, BufPool, DIRECT_IO_ALIGN, Delivery, Entered,
+    Mailbox, ReplicaData, ReplicaLink, Replicated, Volume, Waker,
 };
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -171,7 +171,7 @@ enum DiskOp {
     Flush {
         handle: u64,
         /// The peer flushes too; the answer waits for this token as well.
-        peer: Option<u64>,
+        peer: Option<AnswerToken>,
     },
 }
 
@@ -225,17 +225,17 @@ pub struct Connection {
     to_admit: Vec<GatedWrite>,
     /// Where the replication link delivers the peer's answers.
     mailbox: Arc<Mailbox>,
-    next_token: u64,
+    next_token: AnswerToken,
     /// Tokens handed to the link and not yet delivered back.
     tokens_out: usize,
     /// Whether any write or flush went through a link: from then on the loop listens for
     /// deliveries.
     linked: bool,
     /// Answers waiting for the peer, by token.
-    held: HashMap<u64, Held>,
+    held: HashMap<AnswerToken, Held>,
     /// Tokens delivered before their local part was done, with the error to answer with, if
     /// the link said to fail them.
-    early: HashMap<u64, Option<i32>>,
+    early: HashMap<AnswerToken, Option<i32>>,
     delivered: Vec<Delivery>,
     replicas: Vec<Replicated>,
     ranges: Vec<ByteRange>,
@@ -279,7 +279,7 @@ impl Connection {
             pool: BufPool::default(),
             mailbox: Arc::new(Mailbox::new(Arc::clone(&waker))),
             waker,
-            next_token: 0,
+            next_token: AnswerToken(0),
             tokens_out: 0,
             linked: false,
             held: HashMap::new(),
@@ -1048,8 +1048,7 @@ impl Connection {
                 WriteKind::Data(buf) => ReplicaData::Data(buf.share()),
                 WriteKind::Zeroes { .. } | WriteKind::Trim => ReplicaData::Zeroes,
             };
-            let token = self.next_token;
-            self.next_token += 1;
+            let token = self.new_token();
             self.replicas.push(Replicated::new(
                 write.replicated_range(),
                 data,
@@ -1063,10 +1062,10 @@ impl Connection {
         }
     }
 
-    fn new_token(&mut self) -> u64 {
+    fn new_token(&mut self) -> AnswerToken {
         self.linked = true;
         let token = self.next_token;
-        self.next_token += 1;
+        self.next_token = AnswerToken(token.0 + 1);
         token
     }
 
@@ -1270,7 +1269,7 @@ impl Connection {
     }
 
     /// The local fdatasync of a FLUSH is done; with a peer flush too, answer once both are.
-    fn finish_flush(&mut self, handle: u64, peer: Option<u64>, result: Result<(), i32>) {
+    fn finish_flush(&mut self, handle: u64, peer: Option<AnswerToken>, result: Result<(), i32>) {
         match peer.map(|token| (token, self.early.remove(&token))) {
             Some((token, None)) => {
                 self.held.insert(token, Held::Flush { handle, result });

@@ -11,8 +11,8 @@ use blockrep_core::ByteRange;
 use blockrep_core::replication::{PairId, VolumeRole};
 use blockrep_nbd::{ClientStream, ExportSet, serve};
 use blockrep_volume::{
-    AfterLocal, Backing, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
-    TrackerConfig, Volume,
+    AfterLocal, AnswerToken, Backing, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode,
+    Replicated, TrackerConfig, Volume,
 };
 
 mod common;
@@ -22,7 +22,7 @@ use common::request;
 /// when told to.
 #[derive(Default)]
 struct HoldingLink {
-    pending: Mutex<Vec<(u64, Arc<Mailbox>)>>,
+    pending: Mutex<Vec<(AnswerToken, Arc<Mailbox>)>>,
     sent: Mutex<Vec<(ByteRange, Vec<u8>)>>,
     /// Local writes (and flushes) done, waiting for the peer.
     local_done: Mutex<usize>,
@@ -95,7 +95,7 @@ impl ReplicaLink for HoldingLink {
         }
     }
 
-    fn flush(&self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
+    fn flush(&self, token: AnswerToken, mailbox: &Arc<Mailbox>) -> AfterLocal {
         *self.local_done.lock().unwrap() += 1;
         self.pending
             .lock()

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use blockrep_core::replication::direct_gate::{DirectGate, Gating};
-use blockrep_core::replication::{AckBarrier, Epoch, SyncTicket};
+use blockrep_core::replication::{AckBarrier, Epoch, ProbeId, SyncTicket, WriteSeq};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
@@ -59,7 +59,7 @@ pub enum ApplyCmd {
         budget: u32,
     },
     Flush {
-        seq: u64,
+        seq: WriteSeq,
     },
     Seal {
         epoch: Epoch,
@@ -88,7 +88,7 @@ pub enum ApplyCmd {
 /// An online verify request: production's CRC of each `block`-byte block from `offset`.
 #[derive(Debug)]
 pub struct VerifyCmd {
-    pub id: u64,
+    pub id: ProbeId,
     pub offset: u64,
     pub block: u32,
     pub after: Option<Epoch>,
@@ -99,8 +99,8 @@ pub struct VerifyCmd {
 #[derive(Debug, PartialEq, Eq)]
 pub enum ApplyEvent {
     /// The write is durable on the DR volume.
-    WriteAck(u64),
-    FlushAck(u64),
+    WriteAck(WriteSeq),
+    FlushAck(WriteSeq),
     /// The end of the initial sync is recorded durably (with every write before it).
     SyncDoneAck(Epoch),
     Staged(Epoch),
@@ -109,12 +109,12 @@ pub enum ApplyEvent {
         cut_ms: u64,
     },
     Reject {
-        seq: u64,
+        seq: WriteSeq,
         reason: RejectReason,
     },
     /// The blocks of verify request `id` whose CRC differs here.
     Verified {
-        id: u64,
+        id: ProbeId,
         differing: Vec<u16>,
     },
     /// The DR volume or its stage log failed: the stream must end.
@@ -336,7 +336,7 @@ struct Slot {
     done: usize,
     fua: bool,
     /// Acknowledge to the sender when done.
-    ack: Option<u64>,
+    ack: Option<WriteSeq>,
     /// Part of the unit being applied.
     unit: bool,
 }
@@ -380,7 +380,7 @@ struct Worker {
     gate: DirectGate<ApplyCmd>,
     /// Acknowledgements of direct writes that completed, waiting for a sync to make them
     /// durable.
-    barrier: AckBarrier<u64>,
+    barrier: AckBarrier<WriteSeq>,
     /// The syncs in flight on the ring, oldest first.
     syncs: VecDeque<SyncTicket>,
     stage_log_max_bytes: u64,
@@ -722,7 +722,7 @@ impl Worker {
             self.counters
                 .extents_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(seq = header.seq, %range, "extent failed its CRC; asking for it again");
+            tracing::warn!(seq = %header.seq, %range, "extent failed its CRC; asking for it again");
             self.refuse(&header, RejectReason::Checksum);
             return Ok(true);
         }
@@ -825,7 +825,7 @@ impl Worker {
         range: ByteRange,
         buf: AlignedBuf,
         fua: bool,
-        ack: Option<u64>,
+        ack: Option<WriteSeq>,
         unit: bool,
     ) -> io::Result<bool> {
         let lock = match self.locks.acquire(range, ()) {
@@ -1276,7 +1276,7 @@ mod tests {
             header: WriteHeader {
                 flags: WriteFlags(0),
                 epoch: Epoch(epoch),
-                seq,
+                seq: WriteSeq(seq),
                 offset,
                 len: 4096,
                 crc,
@@ -1296,7 +1296,7 @@ mod tests {
     /// Events until the flush of `seq` is answered (everything submitted before it is done).
     fn events_until_flush(
         events: &mut tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
-        seq: u64,
+        seq: WriteSeq,
     ) -> Vec<ApplyEvent> {
         let mut seen = Vec::new();
         loop {
@@ -1314,7 +1314,7 @@ mod tests {
             header: WriteHeader {
                 flags: WriteFlags(WriteFlags::DIRECT | WriteFlags::ACK),
                 epoch: Epoch(1),
-                seq,
+                seq: WriteSeq(seq),
                 offset,
                 len,
                 crc: payload_crc(&payload),
@@ -1435,7 +1435,7 @@ mod tests {
             let (applier, mut events, runtime) = start_applier(dir.path(), &path, SIZE);
             runtime.block_on(applier.submit(direct_write(1, bad_offset, 8192, 0xee)));
             runtime.block_on(applier.submit(direct_write(2, 0, 4096, 0xaa)));
-            runtime.block_on(applier.submit(ApplyCmd::Flush { seq: 3 }));
+            runtime.block_on(applier.submit(ApplyCmd::Flush { seq: WriteSeq(3) }));
             let seen = events_until_the_end(&mut events);
             assert!(
                 matches!(seen.as_slice(), [ApplyEvent::Failed(reason)] if reason.contains("a write for the DR volume")),
@@ -1517,11 +1517,11 @@ mod tests {
         submit(staged_write(2, 1, 0, 0xaa, true));
         submit(staged_write(2, 2, 8192, 0xbb, false));
         submit(seal(2, 5));
-        submit(ApplyCmd::Flush { seq: 9 });
-        let seen = events_until_flush(&mut events, 9);
+        submit(ApplyCmd::Flush { seq: WriteSeq(9) });
+        let seen = events_until_flush(&mut events, WriteSeq(9));
         assert!(
             seen.contains(&ApplyEvent::Reject {
-                seq: 1,
+                seq: WriteSeq(1),
                 reason: RejectReason::Checksum
             }),
             "{seen:?}"
@@ -1537,8 +1537,8 @@ mod tests {
         submit(ApplyCmd::Discard { after: Epoch(1) });
         submit(staged_write(3, 3, 0, 0xcc, false));
         submit(seal(3, 6));
-        submit(ApplyCmd::Flush { seq: 10 });
-        let seen = events_until_flush(&mut events, 10);
+        submit(ApplyCmd::Flush { seq: WriteSeq(10) });
+        let seen = events_until_flush(&mut events, WriteSeq(10));
         assert!(seen.contains(&ApplyEvent::Staged(Epoch(3))), "{seen:?}");
         assert!(
             seen.iter()
@@ -1624,8 +1624,8 @@ mod tests {
         submit(staged_write(1, 1, 0, 0xaa, false));
         submit(seal(1, 10));
         submit(seal(2, 20));
-        submit(ApplyCmd::Flush { seq: 9 });
-        let seen = events_until_flush(&mut events, 9);
+        submit(ApplyCmd::Flush { seq: WriteSeq(9) });
+        let seen = events_until_flush(&mut events, WriteSeq(9));
         assert_eq!(
             seen,
             [ApplyEvent::Staged(Epoch(1)), ApplyEvent::Staged(Epoch(2))]
@@ -1634,8 +1634,8 @@ mod tests {
         // The group commits the first unit only.
         allowed.store(1, std::sync::atomic::Ordering::SeqCst);
         submit(ApplyCmd::Allowed);
-        submit(ApplyCmd::Flush { seq: 10 });
-        let seen = events_until_flush(&mut events, 10);
+        submit(ApplyCmd::Flush { seq: WriteSeq(10) });
+        let seen = events_until_flush(&mut events, WriteSeq(10));
         assert!(
             matches!(
                 seen.as_slice(),
@@ -1708,8 +1708,8 @@ mod tests {
         submit(staged_write(5, 2, 8192, 0xbb, false));
         submit(seal(5, 5));
         submit(seal(4, 4));
-        submit(ApplyCmd::Flush { seq: 9 });
-        let seen = events_until_flush(&mut events, 9);
+        submit(ApplyCmd::Flush { seq: WriteSeq(9) });
+        let seen = events_until_flush(&mut events, WriteSeq(9));
         assert_eq!(
             seen,
             [ApplyEvent::Staged(Epoch(5)), ApplyEvent::Staged(Epoch(4))]

@@ -22,11 +22,12 @@ use blockrep_core::ByteRange;
 use blockrep_core::replication::answer_hold::AnswerHold;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{
-    Completed, Epoch, Journal, Mode, Outgoing, Payload, PayloadLen, ReplicationModel, Ticket,
-    WriteSeq,
+    Completed, Epoch, Journal, Mode, Outgoing, Payload, PayloadLen, ProbeId, ReplicationModel,
+    Ticket, WriteSeq,
 };
 use blockrep_volume::{
-    AfterLocal, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
+    AfterLocal, AnswerToken, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode,
+    Replicated,
 };
 use blockrep_wire::RejectReason;
 use bytes::Bytes;
@@ -57,7 +58,7 @@ enum Pending {
     /// A hypermetro write: redeem its ticket and deliver its token.
     Write {
         ticket: Option<Ticket>,
-        token: u64,
+        token: AnswerToken,
         mailbox: Arc<Mailbox>,
         local_failed: bool,
         range: ByteRange,
@@ -65,7 +66,7 @@ enum Pending {
         fua: bool,
     },
     Flush {
-        token: u64,
+        token: AnswerToken,
         mailbox: Arc<Mailbox>,
     },
     /// A resync extent written direct: redeem its ticket.
@@ -93,7 +94,7 @@ pub struct PairCounters {
 struct State {
     live: Live,
     journal: Journal<Data>,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<WriteSeq, Pending>,
     /// When each epoch was cut (ms since the Unix epoch).
     cut_times: BTreeMap<Epoch, u64>,
     /// The journal overflowed (or an async write was rejected): a catch-up is needed.
@@ -149,7 +150,7 @@ pub fn unit_to_record(recorded: Option<Epoch>, new_from: Epoch, applied: Epoch) 
 
 impl State {
     /// Holds `token`'s answer if a group cut or trip holds answers; else it is answered now.
-    fn answer_or_hold(&mut self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
+    fn answer_or_hold(&mut self, token: AnswerToken, mailbox: &Arc<Mailbox>) -> AfterLocal {
         if !self.hold.holding() {
             return AfterLocal::Answer;
         }
@@ -257,7 +258,7 @@ struct CutOff {
 
 /// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
 /// token, where to deliver it, and when it was held.
-type HeldAnswer = (u64, Arc<Mailbox>, Instant);
+type HeldAnswer = (AnswerToken, Arc<Mailbox>, Instant);
 
 /// A monotonic clock in milliseconds, for hold timeouts.
 fn monotonic_ms() -> u64 {
@@ -315,7 +316,7 @@ pub struct HoldSummary {
 
 impl State {
     /// `seq` waits for the DR side's acknowledgement.
-    fn await_ack(&mut self, seq: u64, pending: Pending) {
+    fn await_ack(&mut self, seq: WriteSeq, pending: Pending) {
         if self.pending.is_empty() {
             self.answered_at = Instant::now();
         }
@@ -768,7 +769,7 @@ impl PairLink {
     // ---- the DR side's answers ----
 
     /// A direct write or a flush was acknowledged.
-    pub fn handle_ack(&self, seq: u64) {
+    pub fn handle_ack(&self, seq: WriteSeq) {
         let pending = {
             let mut state = self.lock();
             state.answered_at = Instant::now();
@@ -802,7 +803,7 @@ impl PairLink {
                 drop(state);
                 self.changed.notify_all();
             }
-            None => tracing::debug!(seq, "acknowledgement of nothing pending"),
+            None => tracing::debug!(%seq, "acknowledgement of nothing pending"),
         }
     }
 
@@ -817,7 +818,7 @@ impl PairLink {
 
     /// Queues verify probe `id` behind everything queued so far. Returns false if nothing
     /// reaches the DR side now (no stream, or bitmap mode).
-    pub fn push_verify(&self, id: u64, probe: Probe) -> bool {
+    pub fn push_verify(&self, id: ProbeId, probe: Probe) -> bool {
         let mut state = self.lock();
         let epochs = match state.live {
             Live::Tracked => return false,
@@ -834,7 +835,7 @@ impl PairLink {
     }
 
     /// The DR side compared probe `id`: these blocks differ there.
-    pub fn handle_verified(&self, id: u64, differing: &[u16]) {
+    pub fn handle_verified(&self, id: ProbeId, differing: &[u16]) {
         let mut state = self.lock();
         state.answered_at = Instant::now();
         state.probes.answer(id, differing);
@@ -843,7 +844,7 @@ impl PairLink {
     }
 
     /// The probes answered (or lost) so far; waits up to `timeout` for one if none is.
-    pub fn wait_verify_results(&self, timeout: Duration) -> Vec<(u64, ProbeResult)> {
+    pub fn wait_verify_results(&self, timeout: Duration) -> Vec<(ProbeId, ProbeResult)> {
         let mut state = self.lock();
         let done = state.probes.take_done();
         if !done.is_empty() {
@@ -886,7 +887,7 @@ impl PairLink {
     /// The DR side rejected a frame: its CRC failed on the way (a direct one is sent again;
     /// a staged one spoils its unit, so the pair falls back to a catch-up), or its stage log
     /// is at its cap (the pair falls back to the bitmap, and catches up once there is room).
-    pub fn handle_reject(&self, seq: u64, reason: RejectReason) {
+    pub fn handle_reject(&self, seq: WriteSeq, reason: RejectReason) {
         let mut state = self.lock();
         if reason == RejectReason::StageFull {
             if state.stage_full_at.is_none() {
@@ -912,7 +913,7 @@ impl PairLink {
             }) => {
                 let again = state.journal.push_direct(range, payload.clone(), fua);
                 state.await_ack(
-                    again.0,
+                    again,
                     Pending::Write {
                         ticket,
                         token,
@@ -931,7 +932,7 @@ impl PairLink {
             }) => {
                 let again = state.journal.push_direct(range, payload.clone(), false);
                 state.await_ack(
-                    again.0,
+                    again,
                     Pending::Extent {
                         ticket,
                         range,
@@ -1021,7 +1022,7 @@ impl PairLink {
         state.unacked_extent_bytes += payload_len(&payload);
         let seq = state.journal.push_direct(range, payload.clone(), false);
         state.await_ack(
-            seq.0,
+            seq,
             Pending::Extent {
                 ticket,
                 range,
@@ -1132,7 +1133,7 @@ pub enum OutFrame {
         epoch: Epoch,
     },
     Verify {
-        id: u64,
+        id: ProbeId,
         offset: u64,
         after: Option<Epoch>,
         crcs: Vec<u32>,
@@ -1319,14 +1320,14 @@ impl ReplicaLink for PairLink {
         }
     }
 
-    fn flush(&self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal {
+    fn flush(&self, token: AnswerToken, mailbox: &Arc<Mailbox>) -> AfterLocal {
         let mut state = self.lock();
         if state.live != Live::Sync {
             return AfterLocal::Answer;
         }
         let seq = state.journal.push_flush();
         state.await_ack(
-            seq.0,
+            seq,
             Pending::Flush {
                 token,
                 mailbox: Arc::clone(mailbox),
@@ -1358,7 +1359,7 @@ impl PairLink {
             .journal
             .push_direct(write.range, payload.clone(), write.fua);
         state.await_ack(
-            seq.0,
+            seq,
             Pending::Write {
                 ticket: write.ticket.take(),
                 token: write.token,
@@ -1372,7 +1373,7 @@ impl PairLink {
         let wake = was_idle && !state.journal.nothing_to_send();
         drop(state);
         write.sent = true;
-        write.seq = Some(seq.0);
+        write.seq = Some(seq);
         if wake {
             self.wake_sender.notify_one();
         }
@@ -1422,7 +1423,7 @@ mod tests {
             range,
             ReplicaData::Data(Bytes::from(vec![token as u8; 4096])),
             false,
-            token,
+            AnswerToken(token),
         )];
         link.admit(&mut w);
         let [w] = w;
@@ -1447,7 +1448,7 @@ mod tests {
         let mut out = Vec::new();
         mailbox.take(&mut out);
         assert!(out.iter().all(|d| d.failed.is_none()), "{out:?}");
-        out.into_iter().map(|d| d.token).collect()
+        out.into_iter().map(|d| d.token.0).collect()
     }
 
     #[test]
@@ -1760,7 +1761,7 @@ mod tests {
         assert_eq!(
             out,
             vec![blockrep_volume::Delivery {
-                token: 1,
+                token: AnswerToken(1),
                 failed: Some(libc::EIO)
             }]
         );
@@ -1875,7 +1876,7 @@ mod tests {
                 let _ = link.local_failed(w, &mailbox);
                 assert!(link.tracker.any_dirty(range), "{case}");
             } else {
-                link.handle_reject(999, RejectReason::StageFull);
+                link.handle_reject(WriteSeq(999), RejectReason::StageFull);
             }
             assert!(
                 link.stream_must_end().is_some(),
@@ -1894,12 +1895,13 @@ mod tests {
             let mut out = Vec::new();
             mailbox.take(&mut out);
             assert!(
-                out.iter().all(|d| d.token != 10 && d.token != 2),
+                out.iter()
+                    .all(|d| d.token != AnswerToken(10) && d.token != AnswerToken(2)),
                 "{case}: answered before the trip cut's release: {out:?}"
             );
             link.group_release(Epoch(6), TRIPPED, 0);
             mailbox.take(&mut out);
-            let tokens: Vec<u64> = out.iter().map(|d| d.token).collect();
+            let tokens: Vec<u64> = out.iter().map(|d| d.token.0).collect();
             assert!(
                 tokens.contains(&10) && tokens.contains(&2),
                 "{case}: the trip's release did not give them: {out:?}"

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use blockrep_core::VolumeId;
-use blockrep_core::replication::{Epoch, GenerationId, Lineage, PairId, ReplicationModel};
+use blockrep_core::replication::{
+    Epoch, GenerationId, Lineage, PairId, ReplicationModel, WriteSeq,
+};
 use blockrep_wire::{
     Frame, Hello, HelloFlags, ProtocolVersion, WriteFlags, WriteHeader, payload_crc,
 };
@@ -91,7 +93,7 @@ pub async fn run(
             let header = WriteHeader {
                 flags: WriteFlags(0),
                 epoch: Epoch(1),
-                seq,
+                seq: WriteSeq(seq),
                 offset: seq << 20,
                 len: payload.len() as u32,
                 crc,
@@ -102,7 +104,7 @@ pub async fn run(
         writer.send_chunks(&mut chunks).await?;
     }
     let sent = writer.bytes_sent;
-    writer.send(&Frame::Flush { seq }).await?;
+    writer.send(&Frame::Flush { seq: WriteSeq(seq) }).await?;
     loop {
         match reader.next().await? {
             Some(Frame::FlushAck { .. }) => break,

@@ -1225,7 +1225,7 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                     let header = WriteHeader {
                         flags: WriteFlags(flags),
                         epoch,
-                        seq: seq.0,
+                        seq,
                         offset: range.offset,
                         len: range.len as u32,
                         crc: payload_crc(&bytes),
@@ -1234,9 +1234,7 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                     counters.extents_sent.fetch_add(1, Ordering::Relaxed);
                     writer.push_write(&header, bytes, &mut chunks);
                 }
-                OutFrame::Flush { seq } => {
-                    writer.push_frame(&Frame::Flush { seq: seq.0 }, &mut chunks)
-                }
+                OutFrame::Flush { seq } => writer.push_frame(&Frame::Flush { seq }, &mut chunks),
                 OutFrame::Seal { epoch, cut_ms } => {
                     writer.push_frame(&Frame::Seal { epoch, cut_ms }, &mut chunks)
                 }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockrep_core::ByteRange;
+use blockrep_core::replication::ProbeId;
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
 use blockrep_wire::block_crcs;
 
@@ -63,8 +64,8 @@ pub enum ProbeResult {
 /// The probes of a link: waiting for answers, and answered.
 #[derive(Debug, Default)]
 pub struct Probes {
-    live: HashMap<u64, Probe>,
-    done: Vec<(u64, ProbeResult)>,
+    live: HashMap<ProbeId, Probe>,
+    done: Vec<(ProbeId, ProbeResult)>,
 }
 
 impl Probes {
@@ -72,11 +73,11 @@ impl Probes {
         self.live.is_empty()
     }
 
-    pub fn insert(&mut self, id: u64, probe: Probe) {
+    pub fn insert(&mut self, id: ProbeId, probe: Probe) {
         self.live.insert(id, probe);
     }
 
-    pub fn get(&self, id: u64) -> Option<&Probe> {
+    pub fn get(&self, id: ProbeId) -> Option<&Probe> {
         self.live.get(&id)
     }
 
@@ -97,7 +98,7 @@ impl Probes {
     }
 
     /// The DR side's answer: the indices of the blocks whose CRC differs there.
-    pub fn answer(&mut self, id: u64, differing: &[u16]) {
+    pub fn answer(&mut self, id: ProbeId, differing: &[u16]) {
         let Some(probe) = self.live.remove(&id) else {
             return;
         };
@@ -120,7 +121,7 @@ impl Probes {
         self.done.push((id, result));
     }
 
-    pub fn take_done(&mut self) -> Vec<(u64, ProbeResult)> {
+    pub fn take_done(&mut self) -> Vec<(ProbeId, ProbeResult)> {
         std::mem::take(&mut self.done)
     }
 }
@@ -203,9 +204,9 @@ impl VerifyRunner {
                 (ByteRange::new(offset, chunk.min(size - offset)), 0)
             })
             .collect();
-        let mut outstanding: HashMap<u64, Outstanding> = HashMap::new();
+        let mut outstanding: HashMap<ProbeId, Outstanding> = HashMap::new();
         let mut differing = Vec::new();
-        let mut next_id = 1u64;
+        let mut next_id = ProbeId(1);
         while !todo.is_empty() || !outstanding.is_empty() {
             if self.stopped() {
                 return Err("the pair stopped during the verify".into());
@@ -220,7 +221,7 @@ impl VerifyRunner {
                     continue;
                 }
                 let id = next_id;
-                next_id += 1;
+                next_id = ProbeId(next_id.0 + 1);
                 match self.probe(id, range, &waker)? {
                     Some(skipped) => {
                         outstanding.insert(
@@ -261,7 +262,7 @@ impl VerifyRunner {
                     ProbeResult::Inconclusive => todo.push((o.range, o.attempt)),
                 }
             }
-            let expired: Vec<u64> = outstanding
+            let expired: Vec<ProbeId> = outstanding
                 .iter()
                 .filter(|(_, o)| o.sent.elapsed() > ANSWER_TIMEOUT)
                 .map(|(&id, _)| id)
@@ -278,7 +279,12 @@ impl VerifyRunner {
 
     /// Reads `range` with its blocks locked and queues its probe. Returns the bytes left
     /// out for being dirty, or `None` if the link takes no probe now.
-    fn probe(&self, id: u64, range: ByteRange, waker: &Arc<Waker>) -> Result<Option<u64>, String> {
+    fn probe(
+        &self,
+        id: ProbeId,
+        range: ByteRange,
+        waker: &Arc<Waker>,
+    ) -> Result<Option<u64>, String> {
         let gate = self.volume.gate();
         let lock = gate
             .lock_blocking(range, waker)
@@ -355,14 +361,14 @@ mod tests {
         let mut probes = Probes::default();
         let block = u64::from(VERIFY_BLOCK);
         probes.insert(
-            1,
+            ProbeId(1),
             probe(ByteRange::new(0, 3 * block), vec![false, true, false]),
         );
-        probes.answer(1, &[1, 2]);
+        probes.answer(ProbeId(1), &[1, 2]);
         assert_eq!(
             probes.take_done(),
             vec![(
-                1,
+                ProbeId(1),
                 ProbeResult::Compared {
                     differing: vec![ByteRange::new(2 * block, block)]
                 }
@@ -373,16 +379,22 @@ mod tests {
     #[test]
     fn a_write_after_the_read_makes_the_probe_inconclusive() {
         let mut probes = Probes::default();
-        probes.insert(1, probe(ByteRange::new(0, 1 << 20), vec![false; 16]));
-        probes.insert(2, probe(ByteRange::new(1 << 20, 1 << 20), vec![false; 16]));
+        probes.insert(
+            ProbeId(1),
+            probe(ByteRange::new(0, 1 << 20), vec![false; 16]),
+        );
+        probes.insert(
+            ProbeId(2),
+            probe(ByteRange::new(1 << 20, 1 << 20), vec![false; 16]),
+        );
         probes.spoil(ByteRange::new(4096, 4096));
-        probes.answer(1, &[]);
-        probes.answer(2, &[]);
+        probes.answer(ProbeId(1), &[]);
+        probes.answer(ProbeId(2), &[]);
         assert_eq!(
             probes.take_done(),
             vec![
-                (1, ProbeResult::Inconclusive),
-                (2, ProbeResult::Compared { differing: vec![] })
+                (ProbeId(1), ProbeResult::Inconclusive),
+                (ProbeId(2), ProbeResult::Compared { differing: vec![] })
             ]
         );
     }
@@ -390,9 +402,12 @@ mod tests {
     #[test]
     fn lost_probes_are_inconclusive() {
         let mut probes = Probes::default();
-        probes.insert(7, probe(ByteRange::new(0, 4096), vec![false]));
+        probes.insert(ProbeId(7), probe(ByteRange::new(0, 4096), vec![false]));
         probes.lose_all();
-        probes.answer(7, &[0]);
-        assert_eq!(probes.take_done(), vec![(7, ProbeResult::Inconclusive)]);
+        probes.answer(ProbeId(7), &[0]);
+        assert_eq!(
+            probes.take_done(),
+            vec![(ProbeId(7), ProbeResult::Inconclusive)]
+        );
     }
 }

@@ -17,10 +17,21 @@
 use std::sync::{Arc, Mutex};
 
 use blockrep_core::ByteRange;
-use blockrep_core::replication::{Admitted, Ticket};
+use blockrep_core::replication::{Admitted, Ticket, WriteSeq};
 use bytes::Bytes;
 
 use crate::waker::Waker;
+
+/// A connection's key for a write or flush whose answer may wait for the peer: the link
+/// gives it back through the connection's [`Mailbox`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AnswerToken(pub u64);
+
+impl std::fmt::Display for AnswerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "answer {}", self.0)
+    }
+}
 
 /// Where the peer's answers to a connection's held writes and flushes go.
 #[derive(Debug)]
@@ -33,7 +44,7 @@ pub struct Mailbox {
 /// result, if the write must fail after all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Delivery {
-    pub token: u64,
+    pub token: AnswerToken,
     pub failed: Option<i32>,
 }
 
@@ -46,7 +57,7 @@ impl Mailbox {
     }
 
     /// The peer answered the write or flush sent under `token`.
-    pub fn deliver(&self, token: u64) {
+    pub fn deliver(&self, token: AnswerToken) {
         self.push(Delivery {
             token,
             failed: None,
@@ -55,7 +66,7 @@ impl Mailbox {
 
     /// The write or flush held under `token` is answered with `errno`, whatever its local
     /// result (its volume left the role it was written in).
-    pub fn deliver_failed(&self, token: u64, errno: i32) {
+    pub fn deliver_failed(&self, token: AnswerToken, errno: i32) {
         self.push(Delivery {
             token,
             failed: Some(errno),
@@ -117,17 +128,17 @@ pub struct Replicated {
     pub data: ReplicaData,
     pub fua: bool,
     /// The connection's key for the peer's answer.
-    pub token: u64,
+    pub token: AnswerToken,
     pub mode: ReplicaMode,
     pub ticket: Option<Ticket>,
     /// The data was sent when the local write started.
     pub sent: bool,
     /// The link's key for the frame it sent, if any.
-    pub seq: Option<u64>,
+    pub seq: Option<WriteSeq>,
 }
 
 impl Replicated {
-    pub fn new(range: ByteRange, data: ReplicaData, fua: bool, token: u64) -> Self {
+    pub fn new(range: ByteRange, data: ReplicaData, fua: bool, token: AnswerToken) -> Self {
         Self {
             range,
             data,
@@ -170,5 +181,5 @@ pub trait ReplicaLink: Send + Sync {
 
     /// A FLUSH: whether its answer must also wait for the peer's flush (the token is then
     /// delivered to the mailbox).
-    fn flush(&self, token: u64, mailbox: &Arc<Mailbox>) -> AfterLocal;
+    fn flush(&self, token: AnswerToken, mailbox: &Arc<Mailbox>) -> AfterLocal;
 }

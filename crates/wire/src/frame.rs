@@ -23,7 +23,7 @@
 
 use blockrep_core::VolumeId;
 use blockrep_core::replication::{
-    Epoch, Generation, GenerationId, Lineage, PairId, ReplicationModel,
+    Epoch, Generation, GenerationId, Lineage, PairId, ProbeId, ReplicationModel, WriteSeq,
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -66,7 +66,7 @@ pub struct WriteHeader {
     pub flags: WriteFlags,
     pub epoch: Epoch,
     /// The sender's key for the acknowledgement (and for a `Reject`).
-    pub seq: u64,
+    pub seq: WriteSeq,
     pub offset: u64,
     pub len: u32,
     /// CRC32 of the payload (of nothing, for a zero range).
@@ -158,13 +158,13 @@ pub enum Frame {
     },
     Write(WriteHeader, Bytes),
     WriteAck {
-        seq: u64,
+        seq: WriteSeq,
     },
     Flush {
-        seq: u64,
+        seq: WriteSeq,
     },
     FlushAck {
-        seq: u64,
+        seq: WriteSeq,
     },
     Seal {
         epoch: Epoch,
@@ -189,7 +189,7 @@ pub enum Frame {
         epoch: Epoch,
     },
     Reject {
-        seq: u64,
+        seq: WriteSeq,
         reason: RejectReason,
     },
     Request(Bytes),
@@ -198,7 +198,7 @@ pub enum Frame {
     /// compare once every earlier frame is applied: at once (`after: None`, direct
     /// replication), or once the unit of epoch `after` is applied (epochs).
     Verify {
-        id: u64,
+        id: ProbeId,
         offset: u64,
         block: u32,
         after: Option<Epoch>,
@@ -211,7 +211,7 @@ pub enum Frame {
     },
     /// The blocks of verify request `id` whose CRC differs on the DR side.
     Verified {
-        id: u64,
+        id: ProbeId,
         differing: Vec<u16>,
     },
 }
@@ -307,9 +307,9 @@ impl Frame {
                 put_str(out, reason);
             }
             Frame::Write(..) => unreachable!("encoded above"),
-            Frame::WriteAck { seq } => put_u64_frame(out, Type::WriteAck, *seq),
-            Frame::Flush { seq } => put_u64_frame(out, Type::Flush, *seq),
-            Frame::FlushAck { seq } => put_u64_frame(out, Type::FlushAck, *seq),
+            Frame::WriteAck { seq } => put_u64_frame(out, Type::WriteAck, seq.0),
+            Frame::Flush { seq } => put_u64_frame(out, Type::Flush, seq.0),
+            Frame::FlushAck { seq } => put_u64_frame(out, Type::FlushAck, seq.0),
             Frame::Seal { epoch, cut_ms } => {
                 out.put_u8(Type::Seal as u8);
                 out.put_u64(epoch.0);
@@ -327,7 +327,7 @@ impl Frame {
             Frame::Ungate { epoch } => put_u64_frame(out, Type::Ungate, epoch.0),
             Frame::Reject { seq, reason } => {
                 out.put_u8(Type::Reject as u8);
-                out.put_u64(*seq);
+                out.put_u64(seq.0);
                 out.put_u8(*reason as u8);
             }
             Frame::Request(body) => {
@@ -346,7 +346,7 @@ impl Frame {
                 crcs,
             } => {
                 out.put_u8(Type::Verify as u8);
-                out.put_u64(*id);
+                out.put_u64(id.0);
                 out.put_u64(*offset);
                 out.put_u32(*block);
                 out.put_u8(u8::from(after.is_some()));
@@ -359,7 +359,7 @@ impl Frame {
             }
             Frame::Verified { id, differing } => {
                 out.put_u8(Type::Verified as u8);
-                out.put_u64(*id);
+                out.put_u64(id.0);
                 let differing = &differing[..differing.len().min(MAX_VERIFY_BLOCKS)];
                 out.put_u16(differing.len() as u16);
                 for index in differing {
@@ -470,7 +470,7 @@ impl Frame {
                 let header = WriteHeader {
                     flags: WriteFlags(flags),
                     epoch: Epoch(body.get_u64()),
-                    seq: body.get_u64(),
+                    seq: WriteSeq(body.get_u64()),
                     offset: body.get_u64(),
                     len: body.get_u32(),
                     crc: body.get_u32(),
@@ -494,19 +494,19 @@ impl Frame {
             t if t == Type::WriteAck as u8 => {
                 need(8)?;
                 Frame::WriteAck {
-                    seq: body.get_u64(),
+                    seq: WriteSeq(body.get_u64()),
                 }
             }
             t if t == Type::Flush as u8 => {
                 need(8)?;
                 Frame::Flush {
-                    seq: body.get_u64(),
+                    seq: WriteSeq(body.get_u64()),
                 }
             }
             t if t == Type::FlushAck as u8 => {
                 need(8)?;
                 Frame::FlushAck {
-                    seq: body.get_u64(),
+                    seq: WriteSeq(body.get_u64()),
                 }
             }
             t if t == Type::Seal as u8 => {
@@ -555,7 +555,7 @@ impl Frame {
             }
             t if t == Type::Reject as u8 => {
                 need(9)?;
-                let seq = body.get_u64();
+                let seq = WriteSeq(body.get_u64());
                 let reason = match body.get_u8() {
                     1 => RejectReason::Checksum,
                     2 => RejectReason::StageFull,
@@ -569,7 +569,7 @@ impl Frame {
                 if body.len() < 8 + 8 + 4 + 1 + 8 + 2 {
                     return Err(WireError::BadLength { ty, len });
                 }
-                let id = body.get_u64();
+                let id = ProbeId(body.get_u64());
                 let offset = body.get_u64();
                 let block = body.get_u32();
                 let has_after = body.get_u8() != 0;
@@ -595,7 +595,7 @@ impl Frame {
                 if body.len() < 8 + 2 {
                     return Err(WireError::BadLength { ty, len });
                 }
-                let id = body.get_u64();
+                let id = ProbeId(body.get_u64());
                 let n = body.get_u16() as usize;
                 if n > MAX_VERIFY_BLOCKS {
                     return Err(WireError::BadLength { ty, len });
@@ -624,7 +624,7 @@ pub fn encode_write_header(header: &WriteHeader, out: &mut BytesMut) {
     out.put_u8(Type::Write as u8);
     out.put_u8(header.flags.0);
     out.put_u64(header.epoch.0);
-    out.put_u64(header.seq);
+    out.put_u64(header.seq.0);
     out.put_u64(header.offset);
     out.put_u32(header.len);
     out.put_u32(header.crc);
@@ -780,28 +780,28 @@ mod tests {
                 reason: "split brain".into(),
             },
             Frame::Verify {
-                id: 4,
+                id: ProbeId(4),
                 offset: 1 << 20,
                 block: 65536,
                 after: Some(Epoch(12)),
                 crcs: vec![1, 2, 0xffff_ffff],
             },
             Frame::Verify {
-                id: 5,
+                id: ProbeId(5),
                 offset: 0,
                 block: 4096,
                 after: None,
                 crcs: vec![],
             },
             Frame::Verified {
-                id: 4,
+                id: ProbeId(4),
                 differing: vec![0, 2],
             },
             Frame::Write(
                 WriteHeader {
                     flags: WriteFlags(WriteFlags::DIRECT | WriteFlags::ACK),
                     epoch: Epoch(9),
-                    seq: 77,
+                    seq: WriteSeq(77),
                     offset: 4096,
                     len: 4,
                     crc: payload_crc(&payload),
@@ -812,16 +812,16 @@ mod tests {
                 WriteHeader {
                     flags: WriteFlags(WriteFlags::ZEROES),
                     epoch: Epoch(9),
-                    seq: 78,
+                    seq: WriteSeq(78),
                     offset: 0,
                     len: 1 << 20,
                     crc: payload_crc(&[]),
                 },
                 Bytes::new(),
             ),
-            Frame::WriteAck { seq: 77 },
-            Frame::Flush { seq: 5 },
-            Frame::FlushAck { seq: 5 },
+            Frame::WriteAck { seq: WriteSeq(77) },
+            Frame::Flush { seq: WriteSeq(5) },
+            Frame::FlushAck { seq: WriteSeq(5) },
             Frame::Seal {
                 epoch: Epoch(9),
                 cut_ms: 1_700_000_000_000,
@@ -839,7 +839,7 @@ mod tests {
                 WriteHeader {
                     flags: WriteFlags(WriteFlags::DIRECT | WriteFlags::ACK | WriteFlags::GATED),
                     epoch: Epoch(41),
-                    seq: 79,
+                    seq: WriteSeq(79),
                     offset: 8192,
                     len: 0,
                     crc: payload_crc(&[]),
@@ -847,7 +847,7 @@ mod tests {
                 Bytes::new(),
             ),
             Frame::Reject {
-                seq: 77,
+                seq: WriteSeq(77),
                 reason: RejectReason::Checksum,
             },
             Frame::Request(Bytes::from_static(b"{}")),
@@ -895,7 +895,7 @@ mod tests {
             &WriteHeader {
                 flags: WriteFlags(WriteFlags::FUA),
                 epoch: Epoch(2),
-                seq: 3,
+                seq: WriteSeq(3),
                 offset: 4096,
                 len: 4096,
                 crc: 0xdead_beef,
@@ -953,7 +953,7 @@ mod tests {
             &WriteHeader {
                 flags: WriteFlags(WriteFlags::DIRECT),
                 epoch: Epoch(1),
-                seq: 1,
+                seq: WriteSeq(1),
                 offset: u64::MAX - 4095,
                 len: 8192,
                 crc: 0,
@@ -985,7 +985,7 @@ mod tests {
             Frame::Seal { epoch: Epoch(1), cut_ms: 2 }.encode(&mut out);
             Frame::Refuse { kind: RefuseKind::Mismatch, reason: "x".repeat(20) }.encode(&mut out);
             encode_write_header(&WriteHeader {
-                flags: WriteFlags(0), epoch: Epoch(1), seq: 1, offset: 0, len: 8, crc: 0,
+                flags: WriteFlags(0), epoch: Epoch(1), seq: WriteSeq(1), offset: 0, len: 8, crc: 0,
             }, &mut out);
             out.extend_from_slice(&[7; 8]);
             let at = at % out.len();

@@ -95,6 +95,17 @@ impl fmt::Display for WriteSeq {
     }
 }
 
+/// An online verify probe, from its production side's point of view: the key of its
+/// `Verified` answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeId(pub u64);
+
+impl fmt::Display for ProbeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "probe {}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

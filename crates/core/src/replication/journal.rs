@@ -31,7 +31,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::extent::ByteRange;
-use crate::replication::ids::{Epoch, WriteSeq};
+use crate::replication::ids::{Epoch, ProbeId, WriteSeq};
 use crate::replication::tickets::Ticket;
 
 /// What a queued frame carries.
@@ -71,7 +71,7 @@ pub enum Outgoing<P> {
     Discard { after: Epoch },
     /// Online verify request `id`, compared on the DR side after everything queued before
     /// it (and, with `after`, once that epoch's unit is applied).
-    Verify { id: u64, after: Option<Epoch> },
+    Verify { id: ProbeId, after: Option<Epoch> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -450,7 +450,7 @@ impl<P: PayloadLen> Journal<P> {
     /// Queues verify request `id` after everything queued before it. With `epochs`, the
     /// DR side compares once the current epoch is applied; else in stream order. Returns
     /// whether it was queued (not in bitmap mode, where nothing reaches the DR side).
-    pub fn push_verify(&mut self, id: u64, epochs: bool) -> bool {
+    pub fn push_verify(&mut self, id: ProbeId, epochs: bool) -> bool {
         if self.mode == Mode::Bitmap {
             return false;
         }
