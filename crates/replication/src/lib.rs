@@ -10,6 +10,7 @@
 //! - [`verify`]: online verify, comparing both sides' CRCs while the pair replicates.
 
 pub mod applier;
+pub mod clock;
 pub mod dr;
 pub mod dr_state;
 pub mod endpoint;

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::answer_hold::AnswerHold;
@@ -32,6 +32,7 @@ use blockrep_volume::{
 use blockrep_wire::RejectReason;
 use bytes::Bytes;
 
+use crate::clock::Clock;
 use crate::verify::{Probe, ProbeResult, Probes};
 
 /// Journal payloads: shared, never copied.
@@ -108,12 +109,12 @@ struct State {
     /// The last end of an initial sync the DR side recorded durably.
     sync_done_acked: Option<Epoch>,
     /// When the DR side last rejected a staged write for want of room in its stage log.
-    stage_full_at: Option<Instant>,
+    stage_full_at: Option<u64>,
     /// Payload bytes of resync extents sent direct and not yet acknowledged (kept to be sent
     /// again if rejected): bounded with the journal (rule 6).
     unacked_extent_bytes: u64,
     /// When the DR side last answered, or when a frame began waiting with none waiting.
-    answered_at: Instant,
+    answered_at: u64,
     /// Online verify probes waiting for the DR side, and answered.
     probes: Probes,
     /// The pair's epochs are cut by its consistency group, not by its own ticker.
@@ -124,6 +125,9 @@ struct State {
     /// group must never commit an epoch strictly inside one.
     atomic: Vec<AtomicSpan>,
     hold_times: HoldTimes,
+    /// When the event being handled happens (µs on the link's monotonic clock): the shell
+    /// sets it from its one clock each time it takes the lock.
+    now_us: u64,
 }
 
 /// Epochs strictly between `from` and `to` are inside a unit the DR side applies whole;
@@ -156,7 +160,7 @@ impl State {
         }
         let held = self
             .hold
-            .hold_or_give((token, Arc::clone(mailbox), Instant::now()));
+            .hold_or_give((token, Arc::clone(mailbox), self.now_us));
         debug_assert!(held.is_none(), "checked that answers are held");
         AfterLocal::WaitForPeer
     }
@@ -234,15 +238,15 @@ impl State {
                     ..
                 } => {
                     forget.extend(ticket);
-                    answers.push((token, mailbox, Instant::now()));
+                    answers.push((token, mailbox, self.now_us));
                 }
-                Pending::Flush { token, mailbox } => answers.push((token, mailbox, Instant::now())),
+                Pending::Flush { token, mailbox } => answers.push((token, mailbox, self.now_us)),
                 Pending::Extent { ticket, .. } => forget.push(ticket),
             }
         }
         // Tripping again with nothing new to hold would forget a trip cut that reached it.
         if trip && (!self.hold.trip_wanted() || !answers.is_empty()) {
-            self.hold.trip(monotonic_ms(), answers.drain(..));
+            self.hold.trip(self.now_us / 1000, answers.drain(..));
         }
         CutOff { forget, answers }
     }
@@ -258,13 +262,7 @@ struct CutOff {
 
 /// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
 /// token, where to deliver it, and when it was held.
-type HeldAnswer = (AnswerToken, Arc<Mailbox>, Instant);
-
-/// A monotonic clock in milliseconds, for hold timeouts.
-fn monotonic_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+type HeldAnswer = (AnswerToken, Arc<Mailbox>, u64);
 
 /// How long a group's cuts held answers: the last few thousand, in microseconds.
 #[derive(Debug, Default)]
@@ -276,13 +274,13 @@ struct HoldTimes {
 impl HoldTimes {
     const KEPT: usize = 8192;
 
-    fn record(&mut self, answers: &[HeldAnswer]) {
+    fn record(&mut self, answers: &[HeldAnswer], now_us: u64) {
         for (_, _, at) in answers {
             if self.recent.len() == Self::KEPT {
                 self.recent.pop_front();
             }
             self.recent
-                .push_back(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                .push_back(now_us.saturating_sub(*at).min(u64::from(u32::MAX)) as u32);
             self.count += 1;
         }
     }
@@ -318,7 +316,7 @@ impl State {
     /// `seq` waits for the DR side's acknowledgement.
     fn await_ack(&mut self, seq: WriteSeq, pending: Pending) {
         if self.pending.is_empty() {
-            self.answered_at = Instant::now();
+            self.answered_at = self.now_us;
         }
         self.pending.insert(seq, pending);
     }
@@ -326,6 +324,7 @@ impl State {
 
 pub struct PairLink {
     model: ReplicationModel,
+    clock: Arc<dyn Clock>,
     tracker: Arc<DirtyTracker>,
     state: Mutex<State>,
     /// Signalled when frames are taken (room for the resync reader) or acknowledged.
@@ -341,11 +340,13 @@ impl PairLink {
         tracker: Arc<DirtyTracker>,
         journal_bytes: u64,
         staged: Epoch,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         let mut journal = Journal::new(journal_bytes, staged);
         journal.stop_journaling();
         Self {
             model,
+            clock,
             tracker,
             state: Mutex::new(State {
                 live: Live::Tracked,
@@ -358,7 +359,8 @@ impl PairLink {
                 sync_done_acked: None,
                 stage_full_at: None,
                 unacked_extent_bytes: 0,
-                answered_at: Instant::now(),
+                answered_at: 0,
+                now_us: 0,
                 probes: Probes::default(),
                 grouped: false,
                 hold: AnswerHold::default(),
@@ -379,8 +381,11 @@ impl PairLink {
         &self.tracker
     }
 
+    /// The link's state, its time set to now.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.now_us = self.clock.monotonic_us();
+        state
     }
 
     pub fn live(&self) -> Live {
@@ -480,7 +485,8 @@ impl PairLink {
     /// The last extent is queued: returns the epoch whose seal ends the catch-up, or `None`
     /// if the catch-up was given up (nothing is sealed).
     #[must_use]
-    pub fn finish_catch_up(&self, now_ms: u64) -> Option<Epoch> {
+    pub fn finish_catch_up(&self) -> Option<Epoch> {
+        let now_ms = self.clock.wall_ms();
         let mut state = self.lock();
         let cut = !state.grouped;
         let end = state.journal.finish_catch_up(cut)?;
@@ -536,7 +542,7 @@ impl PairLink {
         let mut state = self.lock();
         state.grouped = true;
         state.journal.advance_epoch_to(to);
-        state.hold = AnswerHold::restarted(to, monotonic_ms());
+        state.hold = AnswerHold::restarted(to, state.now_us / 1000);
     }
 
     /// A production agent that starts with its pair in a hypermetro group starts tripped:
@@ -545,7 +551,8 @@ impl PairLink {
     pub fn start_tripped(&self) {
         let mut state = self.lock();
         state.grouped = true;
-        state.hold.trip(monotonic_ms(), []);
+        let now_ms = state.now_us / 1000;
+        state.hold.trip(now_ms, []);
     }
 
     /// The pair tripped and waits for its group's trip cut.
@@ -564,7 +571,8 @@ impl PairLink {
     }
 
     /// The periodic cut: new writes go to the next epoch.
-    pub fn advance_epoch(&self, now_ms: u64) {
+    pub fn advance_epoch(&self) {
+        let now_ms = self.clock.wall_ms();
         let mut state = self.lock();
         let cut = state.journal.current_epoch();
         state.cut_times.insert(cut, now_ms);
@@ -624,7 +632,8 @@ impl PairLink {
     /// the release, and admissions take epoch `to`; `mode` may also switch a hypermetro pair
     /// between synchronous and journaled. Returns the last epoch the DR side staged, for the
     /// coordinator's commit, and whether the pair is synchronous now.
-    pub fn group_cut(&self, to: Epoch, mode: CutMode, now_ms: u64) -> (Epoch, bool) {
+    pub fn group_cut(&self, to: Epoch, mode: CutMode) -> (Epoch, bool) {
+        let now_ms = self.clock.wall_ms();
         let mut state = self.lock();
         state.grouped = true;
         let current = state.journal.current_epoch();
@@ -647,7 +656,8 @@ impl PairLink {
             }
             _ => {}
         }
-        state.hold.on_cut(to, mode, switched, monotonic_ms());
+        let monotonic_ms = state.now_us / 1000;
+        state.hold.on_cut(to, mode, switched, monotonic_ms);
         let answer = (
             state.journal.staged_epoch(),
             state.live == Live::Sync && self.model == ReplicationModel::Hypermetro,
@@ -661,7 +671,8 @@ impl PairLink {
     /// missed the cut switches now. A trip hold is given only if the round `tripped` (and the
     /// trip cut reached it). If it went `synchronous` (a direct cut every host switched at),
     /// the DR side may write the gated writes once it applied epoch `to`.
-    pub fn group_release(&self, to: Epoch, outcome: RoundOutcome, now_ms: u64) {
+    pub fn group_release(&self, to: Epoch, outcome: RoundOutcome) {
+        let now_ms = self.clock.wall_ms();
         let mut state = self.lock();
         let current = state.journal.current_epoch();
         if to > current {
@@ -672,7 +683,8 @@ impl PairLink {
             state.journal.ungate(to);
         }
         let held = state.hold.on_release(to, outcome);
-        state.hold_times.record(&held);
+        let now_us = state.now_us;
+        state.hold_times.record(&held, now_us);
         drop(state);
         self.wake_sender.notify_one();
         deliver_held(held);
@@ -703,8 +715,10 @@ impl PairLink {
     pub fn release_held_longer_than(&self, timeout: Duration) {
         let mut state = self.lock();
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let held = state.hold.expire(monotonic_ms(), timeout_ms);
-        state.hold_times.record(&held);
+        let now_ms = state.now_us / 1000;
+        let held = state.hold.expire(now_ms, timeout_ms);
+        let now_us = state.now_us;
+        state.hold_times.record(&held, now_us);
         drop(state);
         deliver_held(held);
     }
@@ -772,7 +786,7 @@ impl PairLink {
     pub fn handle_ack(&self, seq: WriteSeq) {
         let pending = {
             let mut state = self.lock();
-            state.answered_at = Instant::now();
+            state.answered_at = state.now_us;
             state.pending.remove(&seq)
         };
         match pending {
@@ -811,7 +825,8 @@ impl PairLink {
     /// direct resync extents) have waited with no answer; `None` when none waits.
     pub fn unanswered_for(&self) -> Option<Duration> {
         let state = self.lock();
-        (!state.pending.is_empty()).then(|| state.answered_at.elapsed())
+        (!state.pending.is_empty())
+            .then(|| Duration::from_micros(state.now_us.saturating_sub(state.answered_at)))
     }
 
     // ---- online verify ----
@@ -837,7 +852,7 @@ impl PairLink {
     /// The DR side compared probe `id`: these blocks differ there.
     pub fn handle_verified(&self, id: ProbeId, differing: &[u16]) {
         let mut state = self.lock();
-        state.answered_at = Instant::now();
+        state.answered_at = state.now_us;
         state.probes.answer(id, differing);
         drop(state);
         self.changed.notify_all();
@@ -860,7 +875,10 @@ impl PairLink {
     /// How long ago the DR side last refused a staged write for want of room in its stage
     /// log, if it did since the pair last went live.
     pub fn stage_full_for(&self) -> Option<Duration> {
-        self.lock().stage_full_at.map(|at| at.elapsed())
+        let state = self.lock();
+        state
+            .stage_full_at
+            .map(|at| Duration::from_micros(state.now_us.saturating_sub(at)))
     }
 
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
@@ -877,7 +895,7 @@ impl PairLink {
     pub fn handle_staged(&self, epoch: Epoch) {
         let tickets = {
             let mut state = self.lock();
-            state.answered_at = Instant::now();
+            state.answered_at = state.now_us;
             state.journal.handle_staged(epoch)
         };
         self.tracker.redeem(tickets);
@@ -895,7 +913,7 @@ impl PairLink {
                     "the DR side's stage log is full: the pair falls back to the bitmap"
                 );
             }
-            state.stage_full_at = Some(Instant::now());
+            state.stage_full_at = Some(state.now_us);
         } else {
             self.counters
                 .extents_rejected
@@ -1072,7 +1090,7 @@ impl PairLink {
     /// The DR side recorded the end of the initial sync of `epoch` durably.
     pub fn handle_sync_done_ack(&self, epoch: Epoch) {
         let mut state = self.lock();
-        state.answered_at = Instant::now();
+        state.answered_at = state.now_us;
         state.sync_done_acked = state.sync_done_acked.max(Some(epoch));
         drop(state);
         self.changed.notify_all();
@@ -1392,6 +1410,7 @@ mod tests {
     use blockrep_volume::{TrackerConfig, Waker};
 
     use super::*;
+    use crate::clock::ManualClock;
 
     const TRIPPED: RoundOutcome = RoundOutcome {
         tripped: true,
@@ -1408,8 +1427,17 @@ mod tests {
 
     /// A link of `model` over a 16 MiB volume, its stream accepted and live.
     fn live_link(dir: &std::path::Path, model: ReplicationModel) -> PairLink {
+        live_link_on(dir, model, Arc::new(ManualClock::default()))
+    }
+
+    /// As [`live_link`], its time read from `clock`.
+    fn live_link_on(
+        dir: &std::path::Path,
+        model: ReplicationModel,
+        clock: Arc<ManualClock>,
+    ) -> PairLink {
         let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(model, Arc::new(tracker), 64 << 20, Epoch(1));
+        let link = PairLink::new(model, Arc::new(tracker), 64 << 20, Epoch(1), clock);
         link.connected(Epoch(1));
         link.go_live();
         link
@@ -1459,7 +1487,7 @@ mod tests {
         assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(2)));
 
         assert_eq!(
-            link.group_cut(Epoch(7), CutMode::Keep, 0),
+            link.group_cut(Epoch(7), CutMode::Keep),
             (Epoch(1), false),
             "the DR side staged epoch 1"
         );
@@ -1475,9 +1503,9 @@ mod tests {
         );
         assert!(delivered(&mailbox).is_empty());
         // A release of an older cut leaves it held; this cut's release gives the answers.
-        link.group_release(Epoch(6), RoundOutcome::default(), 0);
+        link.group_release(Epoch(6), RoundOutcome::default());
         assert!(delivered(&mailbox).is_empty());
-        link.group_release(Epoch(7), RoundOutcome::default(), 0);
+        link.group_release(Epoch(7), RoundOutcome::default());
         assert_eq!(delivered(&mailbox), vec![2, 3]);
         assert_eq!(write(&link, &mailbox, 0, 4), (AfterLocal::Answer, Epoch(7)));
         // The epoch before the cut is sealed, and the pair no longer cuts on its own.
@@ -1494,18 +1522,22 @@ mod tests {
     #[test]
     fn a_pair_that_missed_the_cut_switches_at_the_release_and_holds_time_out() {
         let dir = tempfile::tempdir().unwrap();
-        let link = async_link(dir.path());
+        let clock = Arc::new(ManualClock::default());
+        let link = live_link_on(dir.path(), ReplicationModel::Async, Arc::clone(&clock));
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
-        link.group_release(Epoch(3), RoundOutcome::default(), 0);
+        link.group_release(Epoch(3), RoundOutcome::default());
         assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(3)));
-        link.group_cut(Epoch(4), CutMode::Keep, 0);
+        link.group_cut(Epoch(4), CutMode::Keep);
         assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::WaitForPeer);
-        link.release_held_longer_than(Duration::from_secs(3600));
-        assert!(delivered(&mailbox).is_empty());
-        link.release_held_longer_than(Duration::ZERO);
+        let timeout = Duration::from_secs(2);
+        clock.advance(Duration::from_millis(1999));
+        link.release_held_longer_than(timeout);
+        assert!(delivered(&mailbox).is_empty(), "held 1.999 s of 2");
+        clock.advance(Duration::from_millis(1));
+        link.release_held_longer_than(timeout);
         assert_eq!(delivered(&mailbox), vec![2]);
         // Leaving the group gives what is held and answers at once again.
-        link.group_cut(Epoch(5), CutMode::Keep, 0);
+        link.group_cut(Epoch(5), CutMode::Keep);
         assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
         link.set_grouped(false);
         assert_eq!(delivered(&mailbox), vec![3]);
@@ -1521,6 +1553,7 @@ mod tests {
             Arc::new(tracker),
             64 << 20,
             Epoch::ZERO,
+            Arc::new(ManualClock::default()),
         );
         link.start_in_group(to);
         link
@@ -1541,9 +1574,9 @@ mod tests {
             write(&link, &mailbox, 0, 1),
             (AfterLocal::WaitForPeer, Epoch(91))
         );
-        link.group_release(Epoch(90), RoundOutcome::default(), 0);
+        link.group_release(Epoch(90), RoundOutcome::default());
         assert!(delivered(&mailbox).is_empty(), "an older release");
-        link.group_release(Epoch(91), RoundOutcome::default(), 0);
+        link.group_release(Epoch(91), RoundOutcome::default());
         assert_eq!(delivered(&mailbox), vec![1]);
         assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::Answer);
         // With no release (the coordinator is away), the hold times out like a cut's.
@@ -1595,7 +1628,7 @@ mod tests {
             }]
         );
         assert!(link.begin_final_pass());
-        let end = link.finish_catch_up(0).expect("the catch-up ran whole");
+        let end = link.finish_catch_up().expect("the catch-up ran whole");
         assert_eq!(
             link.atomic_spans(),
             vec![AtomicSpan {
@@ -1624,6 +1657,7 @@ mod tests {
             Arc::new(tracker),
             64 << 20,
             Epoch(1),
+            Arc::new(ManualClock::default()),
         );
         link.set_grouped(true);
         link.connected(Epoch(1));
@@ -1634,8 +1668,8 @@ mod tests {
     fn synchronous_group_link(dir: &std::path::Path) -> PairLink {
         let link = hypermetro_link(dir);
         link.go_live();
-        link.group_cut(Epoch(5), CutMode::Direct, 0);
-        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        link.group_cut(Epoch(5), CutMode::Direct);
+        link.group_release(Epoch(5), SYNCHRONOUS);
         link
     }
 
@@ -1658,12 +1692,12 @@ mod tests {
         );
         // The direct cut: synchronous, gated; the release of a cut every host switched at
         // queues the Ungate behind the gated writes.
-        assert!(link.group_cut(Epoch(5), CutMode::Direct, 0).1);
+        assert!(link.group_cut(Epoch(5), CutMode::Direct).1);
         assert!(link.gated());
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
-        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS);
         assert!(!link.gated());
         let mut frames = Vec::new();
         link.take_frames(u64::MAX, &mut frames);
@@ -1692,19 +1726,19 @@ mod tests {
         assert!(delivered(&mailbox).is_empty());
         // A hold timeout and an epoch cut's release do not give them.
         link.release_held_longer_than(Duration::ZERO);
-        link.group_cut(Epoch(6), CutMode::Keep, 0);
-        link.group_release(Epoch(6), RoundOutcome::default(), 0);
+        link.group_cut(Epoch(6), CutMode::Keep);
+        link.group_release(Epoch(6), RoundOutcome::default());
         assert!(delivered(&mailbox).is_empty());
         // Nor the release of a trip cut that was abandoned (a host may not have switched).
-        link.group_cut(Epoch(7), CutMode::Trip, 0);
+        link.group_cut(Epoch(7), CutMode::Trip);
         assert!(delivered(&mailbox).is_empty());
-        link.group_release(Epoch(7), RoundOutcome::default(), 0);
+        link.group_release(Epoch(7), RoundOutcome::default());
         link.release_held_longer_than(Duration::ZERO);
         assert!(delivered(&mailbox).is_empty());
         assert!(link.trip_wanted());
         // The release of a trip cut every host switched at does.
-        link.group_cut(Epoch(8), CutMode::Trip, 0);
-        link.group_release(Epoch(8), TRIPPED, 0);
+        link.group_cut(Epoch(8), CutMode::Trip);
+        link.group_release(Epoch(8), TRIPPED);
         assert!(!link.trip_wanted());
         assert_eq!(delivered(&mailbox), vec![1, 2]);
     }
@@ -1741,8 +1775,8 @@ mod tests {
             AfterLocal::WaitForPeer
         );
         assert!(delivered(&mailbox).is_empty());
-        link.group_cut(Epoch(6), CutMode::Trip, 0);
-        link.group_release(Epoch(6), TRIPPED, 0);
+        link.group_cut(Epoch(6), CutMode::Trip);
+        link.group_release(Epoch(6), TRIPPED);
         assert_eq!(delivered(&mailbox), vec![1, 2, 3]);
     }
 
@@ -1779,10 +1813,10 @@ mod tests {
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
         // A late release of an earlier trip does not give it.
-        link.group_release(Epoch(6), TRIPPED, 0);
+        link.group_release(Epoch(6), TRIPPED);
         assert!(delivered(&mailbox).is_empty());
-        link.group_cut(Epoch(7), CutMode::Trip, 0);
-        link.group_release(Epoch(7), TRIPPED, 0);
+        link.group_cut(Epoch(7), CutMode::Trip);
+        link.group_release(Epoch(7), TRIPPED);
         assert_eq!(delivered(&mailbox), vec![1]);
     }
 
@@ -1889,7 +1923,7 @@ mod tests {
             assert_eq!(link.local_done(later, &mailbox), AfterLocal::WaitForPeer);
 
             // The group's trip cut reaches the host before the session ended the stream.
-            link.group_cut(Epoch(6), CutMode::Trip, 0);
+            link.group_cut(Epoch(6), CutMode::Trip);
             link.disconnected();
             assert!(link.stream_must_end().is_none());
             let mut out = Vec::new();
@@ -1899,7 +1933,7 @@ mod tests {
                     .all(|d| d.token != AnswerToken(10) && d.token != AnswerToken(2)),
                 "{case}: answered before the trip cut's release: {out:?}"
             );
-            link.group_release(Epoch(6), TRIPPED, 0);
+            link.group_release(Epoch(6), TRIPPED);
             mailbox.take(&mut out);
             let tokens: Vec<u64> = out.iter().map(|d| d.token.0).collect();
             assert!(

@@ -12,8 +12,8 @@ use blockrep_core::VolumeId;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
 
+use crate::clock::{Clock, SystemClock};
 use crate::link::Live;
-use crate::production::now_ms;
 use blockrep_volume::Volume;
 use blockrep_wire::{Hello, RefuseKind};
 
@@ -49,6 +49,8 @@ pub struct Pairs {
     /// Told when a pair of a hypermetro group trips, or a production side's status changes:
     /// the heartbeat reports at once.
     report_now: Arc<tokio::sync::Notify>,
+    /// The one clock every pair's link reads.
+    clock: Arc<dyn Clock>,
 }
 
 /// A volume as replication needs it.
@@ -66,6 +68,7 @@ impl Pairs {
             config,
             runtimes: Mutex::new(HashMap::new()),
             report_now: Arc::new(tokio::sync::Notify::new()),
+            clock: Arc::new(SystemClock::new()),
         })
     }
 
@@ -115,6 +118,7 @@ impl Pairs {
                     self.node.clone(),
                     self.config,
                     Arc::clone(&self.report_now),
+                    Arc::clone(&self.clock),
                 )
                 .map_err(ApiError::FailedPrecondition)?,
             ),
@@ -372,7 +376,6 @@ impl Pairs {
             .iter()
             .map(|p| self.production(*p))
             .collect::<Result<Vec<_>, _>>()?;
-        let now = now_ms();
         let mut answer = CutAnswer {
             staged: Epoch(u64::MAX),
             atomic: Vec::new(),
@@ -381,7 +384,7 @@ impl Pairs {
         for p in &runtimes {
             p.record_group_cut(to)
                 .map_err(|e| ApiError::Internal(format!("record the group's cut: {e}")))?;
-            let (staged, synchronous) = p.link.group_cut(to, mode, now);
+            let (staged, synchronous) = p.link.group_cut(to, mode);
             answer.staged = answer.staged.min(staged);
             answer.synchronous &= synchronous;
             answer.atomic.extend(p.link.atomic_spans());
@@ -395,10 +398,9 @@ impl Pairs {
     /// The group's release of the cut to `to`: the held answers are given (a trip's only if
     /// the round tripped); if it went synchronous, gated writes are let go.
     pub fn group_release(&self, pairs: &[PairId], to: Epoch, outcome: RoundOutcome) {
-        let now = now_ms();
         for pair in pairs {
             if let Ok(p) = self.production(*pair) {
-                p.link.group_release(to, outcome, now);
+                p.link.group_release(to, outcome);
             }
         }
     }

@@ -23,6 +23,7 @@ use blockrep_wire::{
 };
 use bytes::Bytes;
 
+use crate::clock::Clock;
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
 use crate::link::{Data, Live, OutFrame, PairLink, unit_to_record};
@@ -172,6 +173,7 @@ impl ProductionPair {
         node: String,
         config: ReplicationConfig,
         report_now: Arc<tokio::sync::Notify>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, String> {
         let tracker = volume.tracker().cloned().ok_or_else(|| {
             "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
@@ -181,6 +183,7 @@ impl ProductionPair {
             tracker,
             config.journal_bytes,
             Epoch::ZERO,
+            clock,
         ));
         link.set_grouped(membership.grouped);
         if membership.grouped {
@@ -847,7 +850,7 @@ impl ProductionPair {
             if last_cut.elapsed() >= self.config.epoch_interval {
                 last_cut = Instant::now();
                 if self.link.live() != Live::Sync && !grouped {
-                    self.link.advance_epoch(now_ms());
+                    self.link.advance_epoch();
                 }
             }
             let outcome = self
@@ -875,7 +878,7 @@ impl ProductionPair {
                             && !grouped
                         {
                             last_cut = Instant::now();
-                            self.link.advance_epoch(now_ms());
+                            self.link.advance_epoch();
                         }
                         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
                         status.dr_consistent = true;
@@ -1120,7 +1123,7 @@ impl ResyncReader {
                 }
             }
             if final_pass {
-                let Some(end) = self.link.finish_catch_up(now_ms()) else {
+                let Some(end) = self.link.finish_catch_up() else {
                     return Ok(ResyncOutcome::Stopped);
                 };
                 // The unit applies whole once its seal is staged; live writes then go on
