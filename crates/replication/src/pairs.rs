@@ -20,7 +20,7 @@ use blockrep_wire::{Hello, RefuseKind};
 use crate::dr::DrPair;
 use crate::endpoint::{ClusterEndpoint, Peer, Refusal, ReplicationStream};
 use crate::membership::{Membership, Side};
-use crate::production::{ProductionPair, ReplicationConfig};
+use crate::production::{AgentContext, ProductionPair, ReplicationConfig};
 
 mod roles;
 
@@ -114,11 +114,13 @@ impl Pairs {
                     membership.clone(),
                     handle.volume,
                     handle.dir,
-                    self.endpoint()?,
-                    self.node.clone(),
-                    self.config,
-                    Arc::clone(&self.report_now),
-                    Arc::clone(&self.clock),
+                    AgentContext {
+                        endpoint: self.endpoint()?,
+                        node: self.node.clone(),
+                        config: self.config,
+                        report_now: Arc::clone(&self.report_now),
+                        clock: Arc::clone(&self.clock),
+                    },
                 )
                 .map_err(ApiError::FailedPrecondition)?,
             ),

@@ -162,6 +162,18 @@ enum SessionError {
     Stopped,
 }
 
+/// What the production pairs of an agent share.
+pub struct AgentContext {
+    pub endpoint: Arc<ClusterEndpoint>,
+    /// This node's name, told to the DR side.
+    pub node: String,
+    pub config: ReplicationConfig,
+    /// Wakes the heartbeat to report at once.
+    pub report_now: Arc<tokio::sync::Notify>,
+    /// The one clock the pairs' links read.
+    pub clock: Arc<dyn Clock>,
+}
+
 impl ProductionPair {
     /// Takes up the production side of a pair: installs the link in the volume's write gate
     /// and starts connecting to the DR agent.
@@ -169,12 +181,15 @@ impl ProductionPair {
         membership: Membership,
         volume: Arc<Volume>,
         volume_dir: PathBuf,
-        endpoint: Arc<ClusterEndpoint>,
-        node: String,
-        config: ReplicationConfig,
-        report_now: Arc<tokio::sync::Notify>,
-        clock: Arc<dyn Clock>,
+        agent: AgentContext,
     ) -> Result<Arc<Self>, String> {
+        let AgentContext {
+            endpoint,
+            node,
+            config,
+            report_now,
+            clock,
+        } = agent;
         let tracker = volume.tracker().cloned().ok_or_else(|| {
             "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
         })?;
