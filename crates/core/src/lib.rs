@@ -9,6 +9,7 @@ pub mod cache_mode;
 pub mod dirty_map;
 pub mod extent;
 pub mod ids;
+pub mod pair;
 pub mod range_lock;
 pub mod replication;
 

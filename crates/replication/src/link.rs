@@ -33,7 +33,8 @@ use blockrep_wire::RejectReason;
 use bytes::Bytes;
 
 use crate::clock::Clock;
-use crate::verify::{Probe, ProbeResult, Probes};
+use blockrep_core::pair::atomic_spans::{AtomicSpan, AtomicSpans};
+use blockrep_core::pair::probes::{Probe, ProbeResult, Probes};
 
 /// Journal payloads: shared, never copied.
 #[derive(Clone, Debug)]
@@ -121,35 +122,13 @@ struct State {
     grouped: bool,
     /// Answers held for a group cut or trip.
     hold: AnswerHold<HeldAnswer>,
-    /// Epoch spans the DR side can only take whole (a catch-up's unit), newest last: its
-    /// group must never commit an epoch strictly inside one.
-    atomic: Vec<AtomicSpan>,
+    /// Epoch spans the DR side can only take whole (a catch-up's unit): its group must
+    /// never commit an epoch strictly inside one.
+    atomic: AtomicSpans,
     hold_times: HoldTimes,
     /// When the event being handled happens (µs on the link's monotonic clock): the shell
     /// sets it from its one clock each time it takes the lock.
     now_us: u64,
-}
-
-/// Epochs strictly between `from` and `to` are inside a unit the DR side applies whole;
-/// `to` is `None` while the unit is still being made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AtomicSpan {
-    pub from: Epoch,
-    pub to: Option<Epoch>,
-}
-
-/// How many spans a link remembers (reported with every cut until they age out).
-const ATOMIC_SPANS: usize = 8;
-
-/// Where the catch-up unit a production agent records begins (see
-/// `Membership::catch_up_from`), for a new unit starting after `new_from`: no later than the
-/// unit recorded before, whose span the coordinator may never have heard of (an ack can
-/// come too late and be dropped), and no earlier than what the DR side `applied` (no commit
-/// goes back there, and a unit it applied is whole).
-pub fn unit_to_record(recorded: Option<Epoch>, new_from: Epoch, applied: Epoch) -> Epoch {
-    recorded
-        .map_or(new_from, |old| old.min(new_from))
-        .max(applied)
 }
 
 impl State {
@@ -168,16 +147,8 @@ impl State {
     /// Live writes leave the journal (link down, overflow, a catch-up starts): what the DR
     /// side gets next is a catch-up unit from the last epoch it staged.
     fn open_atomic_span(&mut self) {
-        if self.atomic.last().is_some_and(|s| s.to.is_none()) {
-            return;
-        }
-        self.atomic.push(AtomicSpan {
-            from: self.journal.staged_epoch(),
-            to: None,
-        });
-        if self.atomic.len() > ATOMIC_SPANS {
-            self.atomic.remove(0);
-        }
+        let staged = self.journal.staged_epoch();
+        self.atomic.open(staged);
     }
 
     /// A write failed locally: its blocks stay dirty, and nothing sends them but a
@@ -364,7 +335,7 @@ impl PairLink {
                 probes: Probes::default(),
                 grouped: false,
                 hold: AnswerHold::default(),
-                atomic: Vec::new(),
+                atomic: AtomicSpans::default(),
                 hold_times: HoldTimes::default(),
             }),
             changed: Condvar::new(),
@@ -441,9 +412,7 @@ impl PairLink {
         // Reconnected with nothing to catch up: what the DR side gets next is journaled,
         // epoch by epoch, from the current one.
         let current = state.journal.current_epoch();
-        if let Some(span) = state.atomic.last_mut().filter(|s| s.to.is_none()) {
-            span.to = Some(current);
-        }
+        state.atomic.close(current);
         match self.model {
             // A pair of a hypermetro group goes synchronous only with its whole group (a
             // direct cut); until then it journals like an async pair.
@@ -493,9 +462,7 @@ impl PairLink {
         if cut {
             state.cut_times.insert(end, now_ms);
         }
-        if let Some(span) = state.atomic.last_mut().filter(|s| s.to.is_none()) {
-            span.to = Some(end);
-        }
+        state.atomic.close(end);
         drop(state);
         self.wake_sender.notify_one();
         Some(end)
@@ -585,28 +552,20 @@ impl PairLink {
 
     /// The spans the DR side can only take whole, for the group's commit.
     pub fn atomic_spans(&self) -> Vec<AtomicSpan> {
-        self.lock().atomic.clone()
+        self.lock().atomic.list()
     }
 
     /// Where the catch-up unit being made began (the DR side had staged that epoch), if
     /// one is: its span is open.
     pub fn unit_in_progress(&self) -> Option<Epoch> {
-        let state = self.lock();
-        state
-            .atomic
-            .last()
-            .filter(|s| s.to.is_none())
-            .map(|s| s.from)
+        self.lock().atomic.in_progress()
     }
 
     /// A restarted agent whose pair was making a catch-up unit after `from` (as its record
     /// says): the unit's span is reported open again, until a catch-up ends it or the pair
     /// goes live; its end may be staged already, before any cut ack said where it ended.
     pub fn resume_unit(&self, from: Epoch) {
-        let mut state = self.lock();
-        if state.atomic.last().is_none_or(|s| s.to.is_some()) {
-            state.atomic.push(AtomicSpan { from, to: None });
-        }
+        self.lock().atomic.open(from);
     }
 
     /// Whether the pair's epochs are cut by its consistency group.
@@ -1585,27 +1544,6 @@ mod tests {
         assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
         link.release_held_longer_than(Duration::ZERO);
         assert_eq!(delivered(&mailbox), vec![3]);
-    }
-
-    /// A unit whose span no ack reported (the one ack came late) and whose end is staged,
-    /// then a second unit, then a restart: the record must still cover the first.
-    #[test]
-    fn the_recorded_unit_start_covers_every_unit_the_dr_side_has_not_applied() {
-        assert_eq!(unit_to_record(None, Epoch(90), Epoch(85)), Epoch(90));
-        assert_eq!(
-            unit_to_record(Some(Epoch(87)), Epoch(90), Epoch(85)),
-            Epoch(87),
-            "the unit after 87 is not applied"
-        );
-        assert_eq!(
-            unit_to_record(Some(Epoch(87)), Epoch(95), Epoch(90)),
-            Epoch(90),
-            "the DR side applied the unit after 87"
-        );
-        assert_eq!(
-            unit_to_record(Some(Epoch(95)), Epoch(90), Epoch(85)),
-            Epoch(90)
-        );
     }
 
     /// An agent killed after its catch-up's end was staged but before a cut ack said the

@@ -89,11 +89,12 @@ pub struct Membership {
     #[serde(default)]
     pub group_epoch: Epoch,
     /// Production: the catch-up units the DR side may not have applied began after this
-    /// epoch (recorded before a unit's end can be sealed; see `link::unit_to_record`). A
-    /// restarted agent reports a span from it, open, until it next goes live or ends a
-    /// catch-up: a unit's end may have been staged before any cut ack told the group where
-    /// the unit ended, and the group must not commit inside it. Never cleared: after a
-    /// restart the group's commit waits for this pair to go live.
+    /// epoch (recorded before a unit's end can be sealed; see
+    /// `blockrep_core::pair::atomic_spans::unit_to_record`). A restarted agent reports a span
+    /// from it, open, until it next goes live or ends a catch-up: a unit's end may have been
+    /// staged before any cut ack told the group where the unit ended, and the group must not
+    /// commit inside it. Never cleared: after a restart the group's commit waits for this
+    /// pair to go live.
     #[serde(default)]
     pub catch_up_from: Option<Epoch>,
     /// The coordinator's term when this side took its role: a role command from an older

@@ -30,7 +30,7 @@ pub struct CutAnswer {
     /// The lowest epoch the cut's pairs' DR sides staged.
     pub staged: Epoch,
     /// Spans their DR sides can only apply whole.
-    pub atomic: Vec<crate::link::AtomicSpan>,
+    pub atomic: Vec<blockrep_core::pair::atomic_spans::AtomicSpan>,
     /// Every one of them is synchronous after the cut.
     pub synchronous: bool,
 }

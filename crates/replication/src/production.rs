@@ -26,9 +26,11 @@ use bytes::Bytes;
 use crate::clock::Clock;
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
-use crate::link::{Data, Live, OutFrame, PairLink, unit_to_record};
+use crate::link::{Data, Live, OutFrame, PairLink};
 use crate::membership::{Fence, Membership, MembershipRecord};
-use crate::verify::{VERIFY_BLOCK, VerifyRunner, VerifyStatus};
+use crate::verify::{VerifyRunner, VerifyStatus};
+use blockrep_core::pair::atomic_spans::unit_to_record;
+use blockrep_core::pair::probes::VERIFY_BLOCK;
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;

@@ -1,0 +1,5 @@
+//! The pair as one machine per side, built piece by piece (docs/PAIR-MACHINE.md): the parts
+//! of a production link's state that do no I/O.
+
+pub mod atomic_spans;
+pub mod probes;
