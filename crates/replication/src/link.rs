@@ -34,6 +34,7 @@ use bytes::Bytes;
 
 use crate::clock::Clock;
 use blockrep_core::pair::atomic_spans::{AtomicSpan, AtomicSpans};
+use blockrep_core::pair::hold_times::{HoldSummary, HoldTimes};
 use blockrep_core::pair::probes::{Probe, ProbeResult, Probes};
 
 /// Journal payloads: shared, never copied.
@@ -234,54 +235,6 @@ struct CutOff {
 /// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
 /// token, where to deliver it, and when it was held.
 type HeldAnswer = (AnswerToken, Arc<Mailbox>, u64);
-
-/// How long a group's cuts held answers: the last few thousand, in microseconds.
-#[derive(Debug, Default)]
-struct HoldTimes {
-    recent: std::collections::VecDeque<u32>,
-    count: u64,
-}
-
-impl HoldTimes {
-    const KEPT: usize = 8192;
-
-    fn record(&mut self, answers: &[HeldAnswer], now_us: u64) {
-        for (_, _, at) in answers {
-            if self.recent.len() == Self::KEPT {
-                self.recent.pop_front();
-            }
-            self.recent
-                .push_back(now_us.saturating_sub(*at).min(u64::from(u32::MAX)) as u32);
-            self.count += 1;
-        }
-    }
-
-    /// The median and 99th percentile of `recent` holds (µs), and `held`: how many answers
-    /// were held in all. Called outside the link's lock (it sorts).
-    fn summary(mut sorted: Vec<u32>, held: u64) -> HoldSummary {
-        sorted.sort_unstable();
-        let at = |q: f64| {
-            sorted
-                .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
-                .copied()
-                .unwrap_or(0)
-        };
-        HoldSummary {
-            p50_us: at(0.5),
-            p99_us: at(0.99),
-            held,
-        }
-    }
-}
-
-/// How long the group's cuts held this pair's answers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HoldSummary {
-    pub p50_us: u32,
-    pub p99_us: u32,
-    /// Answers held since the pair started.
-    pub held: u64,
-}
 
 impl State {
     /// `seq` waits for the DR side's acknowledgement.
@@ -643,7 +596,9 @@ impl PairLink {
         }
         let held = state.hold.on_release(to, outcome);
         let now_us = state.now_us;
-        state.hold_times.record(&held, now_us);
+        state
+            .hold_times
+            .record(held.iter().map(|(_, _, at)| *at), now_us);
         drop(state);
         self.wake_sender.notify_one();
         deliver_held(held);
@@ -661,11 +616,7 @@ impl PairLink {
 
     /// How long the group's cuts held this pair's answers.
     pub fn hold_summary(&self) -> HoldSummary {
-        let (recent, held) = {
-            let state = self.lock();
-            let times = &state.hold_times;
-            (times.recent.iter().copied().collect(), times.count)
-        };
+        let (recent, held) = self.lock().hold_times.snapshot();
         HoldTimes::summary(recent, held)
     }
 
@@ -677,7 +628,9 @@ impl PairLink {
         let now_ms = state.now_us / 1000;
         let held = state.hold.expire(now_ms, timeout_ms);
         let now_us = state.now_us;
-        state.hold_times.record(&held, now_us);
+        state
+            .hold_times
+            .record(held.iter().map(|(_, _, at)| *at), now_us);
         drop(state);
         deliver_held(held);
     }

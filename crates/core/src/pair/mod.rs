@@ -2,4 +2,5 @@
 //! of a production link's state that do no I/O.
 
 pub mod atomic_spans;
+pub mod hold_times;
 pub mod probes;
