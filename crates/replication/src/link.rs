@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::answer_hold::AnswerHold;
-use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
+use blockrep_core::replication::group_cut::{CutMode, Live, RoundOutcome};
 use blockrep_core::replication::{
     Completed, Epoch, Journal, Mode, Outgoing, Payload, PayloadLen, ProbeId, ReplicationModel,
     Ticket, WriteSeq,
@@ -45,14 +45,6 @@ impl PayloadLen for Data {
     fn payload_len(&self) -> u64 {
         self.0.len() as u64
     }
-}
-
-/// How live writes are handled now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Live {
-    Tracked,
-    Sync,
-    Journal,
 }
 
 /// A frame waiting for the DR side's acknowledgement.

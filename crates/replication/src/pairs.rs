@@ -13,7 +13,6 @@ use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
 
 use crate::clock::{Clock, SystemClock};
-use crate::link::Live;
 use blockrep_volume::Volume;
 use blockrep_wire::{Hello, RefuseKind};
 
@@ -695,12 +694,7 @@ fn production_state(p: &ProductionPair) -> proto::PairState {
         drained_epoch: drained.map_or(0, |e| e.0),
         group_commit: 0,
         term: m.term,
-        live: match p.link.live() {
-            Live::Sync => "sync",
-            Live::Journal => "journal",
-            Live::Tracked => "tracked",
-        }
-        .into(),
+        live: p.link.live().as_str().into(),
         gated: p.link.gated(),
         trip_wanted: p.link.trip_wanted(),
         catching_up: p.link.catching_up(),

@@ -26,11 +26,12 @@ use bytes::Bytes;
 use crate::clock::Clock;
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
-use crate::link::{Data, Live, OutFrame, PairLink};
+use crate::link::{Data, OutFrame, PairLink};
 use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VerifyRunner, VerifyStatus};
 use blockrep_core::pair::atomic_spans::unit_to_record;
 use blockrep_core::pair::probes::VERIFY_BLOCK;
+use blockrep_core::replication::group_cut::Live;
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;

@@ -535,11 +535,7 @@ fn hypermetro_mode(
         .iter()
         .map(|m| {
             reports.get(&(m.pair, true)).map(|s| PairMode {
-                live: match s.live.as_str() {
-                    "sync" => Live::Sync,
-                    "journal" => Live::Journal,
-                    _ => Live::Tracked,
-                },
+                live: Live::from_report(&s.live),
                 gated: s.gated,
                 trip_wanted: s.trip_wanted,
                 catching_up: s.catching_up,

@@ -104,7 +104,8 @@ pub enum CutMessage {
     Release { host: HostId, to: Epoch },
 }
 
-/// How a production host's pair sends its live writes, as it reports it.
+/// How a production host's pair sends its live writes (its link's mode, and what it
+/// reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Live {
     /// Direct, answered once the DR side wrote them (hypermetro).
@@ -113,6 +114,26 @@ pub enum Live {
     Journal,
     /// Not sent: the bitmap has them (link down, catch-up running).
     Tracked,
+}
+
+impl Live {
+    /// Its name in a report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Live::Sync => "sync",
+            Live::Journal => "journal",
+            Live::Tracked => "tracked",
+        }
+    }
+
+    /// The mode a report names; anything else is taken as tracked (nothing sent).
+    pub fn from_report(name: &str) -> Self {
+        match name {
+            "sync" => Live::Sync,
+            "journal" => Live::Journal,
+            _ => Live::Tracked,
+        }
+    }
 }
 
 /// What a hypermetro group's cut decision needs of a pair, from its production host.
@@ -584,6 +605,14 @@ mod tests {
             hypermetro_cut(&[Some(journal), None], None),
             Some(CutMode::Keep)
         );
+    }
+
+    #[test]
+    fn a_live_mode_reads_back_from_its_name_in_a_report() {
+        for live in [Live::Sync, Live::Journal, Live::Tracked] {
+            assert_eq!(Live::from_report(live.as_str()), live);
+        }
+        assert_eq!(Live::from_report("something else"), Live::Tracked);
     }
 
     #[test]
