@@ -26,13 +26,12 @@ mod volume;
 mod waker;
 
 pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, Extent, GrowError, OpenError};
+pub use blockrep_core::replication::AnswerToken;
 pub use buf::{AlignedBuf, BufPool};
 pub use durable_file::write_file_durably;
 pub use gate::{ADMIT_CHUNK, Entered, WriteGate};
 pub use lineage_file::LineageFile;
-pub use link::{
-    AfterLocal, AnswerToken, Delivery, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated,
-};
+pub use link::{AfterLocal, Delivery, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated};
 pub use tracker::{DirtyTracker, FlusherHandle, RecoveryReport, TrackerConfig, TrackerError};
 pub use volume::{ClientGuard, GrowVolumeError, IoCounters, Volume};
 pub use waker::Waker;

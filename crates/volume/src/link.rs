@@ -17,21 +17,10 @@
 use std::sync::{Arc, Mutex};
 
 use blockrep_core::ByteRange;
-use blockrep_core::replication::{Admitted, Ticket, WriteSeq};
+use blockrep_core::replication::{Admitted, AnswerToken, Ticket, WriteSeq};
 use bytes::Bytes;
 
 use crate::waker::Waker;
-
-/// A connection's key for a write or flush whose answer may wait for the peer: the link
-/// gives it back through the connection's [`Mailbox`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AnswerToken(pub u64);
-
-impl std::fmt::Display for AnswerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "answer {}", self.0)
-    }
-}
 
 /// Where the peer's answers to a connection's held writes and flushes go.
 #[derive(Debug)]

@@ -95,6 +95,17 @@ impl fmt::Display for WriteSeq {
     }
 }
 
+/// A connection's key for a write or flush whose answer may wait for the DR side: the
+/// link gives it back to the connection when the answer may go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AnswerToken(pub u64);
+
+impl fmt::Display for AnswerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "answer {}", self.0)
+    }
+}
+
 /// An online verify probe, from its production side's point of view: the key of its
 /// `Verified` answer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
