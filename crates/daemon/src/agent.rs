@@ -68,7 +68,11 @@ impl Agent {
     /// registered, in error, so the operator sees it.
     pub fn start(config: Config, runtime: tokio::runtime::Handle) -> anyhow::Result<Arc<Self>> {
         let records = registry::load(&config.state_dir)?;
-        let pairs = Pairs::new(config.node_name.clone(), config.replication);
+        let pairs = Pairs::new(
+            config.node_name.clone(),
+            config.replication,
+            Arc::new(blockrep_replication::clock::SystemClock::new()),
+        );
         let agent = Arc::new(Self {
             config,
             volumes: Mutex::new(BTreeMap::new()),

@@ -44,28 +44,30 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told: for tests.
+/// A clock that moves only when told: for tests. Its wall time starts at a plausible
+/// date (0 means "no cut time" elsewhere) and moves with its monotonic time.
 #[derive(Debug, Default)]
 pub struct ManualClock {
-    monotonic_us: AtomicU64,
-    wall_ms: AtomicU64,
+    elapsed_us: AtomicU64,
 }
 
 impl ManualClock {
-    /// Moves both clocks on by `by`.
+    /// Its wall time when it starts: 2027-01-15, in ms since the Unix epoch.
+    pub const START_WALL_MS: u64 = 1_800_000_000_000;
+
+    /// Moves the clock on by `by`.
     pub fn advance(&self, by: Duration) {
         let us = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
-        self.monotonic_us.fetch_add(us, Ordering::SeqCst);
-        self.wall_ms.fetch_add(us / 1000, Ordering::SeqCst);
+        self.elapsed_us.fetch_add(us, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn monotonic_us(&self) -> u64 {
-        self.monotonic_us.load(Ordering::SeqCst)
+        self.elapsed_us.load(Ordering::SeqCst)
     }
 
     fn wall_ms(&self) -> u64 {
-        self.wall_ms.load(Ordering::SeqCst)
+        Self::START_WALL_MS + self.elapsed_us.load(Ordering::SeqCst) / 1000
     }
 }

@@ -103,12 +103,12 @@ struct State {
     /// The last end of an initial sync the DR side recorded durably.
     sync_done_acked: Option<Epoch>,
     /// When the DR side last rejected a staged write for want of room in its stage log.
-    stage_full_at: Option<u64>,
+    stage_full_at_us: Option<u64>,
     /// Payload bytes of resync extents sent direct and not yet acknowledged (kept to be sent
     /// again if rejected): bounded with the journal (rule 6).
     unacked_extent_bytes: u64,
     /// When the DR side last answered, or when a frame began waiting with none waiting.
-    answered_at: u64,
+    answered_at_us: u64,
     /// Online verify probes waiting for the DR side, and answered.
     probes: Probes,
     /// The pair's epochs are cut by its consistency group, not by its own ticker.
@@ -225,14 +225,14 @@ struct CutOff {
 }
 
 /// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
-/// token, where to deliver it, and when it was held.
+/// token, where to deliver it, and when it was held (µs on the link's clock).
 type HeldAnswer = (AnswerToken, Arc<Mailbox>, u64);
 
 impl State {
     /// `seq` waits for the DR side's acknowledgement.
     fn await_ack(&mut self, seq: WriteSeq, pending: Pending) {
         if self.pending.is_empty() {
-            self.answered_at = self.now_us;
+            self.answered_at_us = self.now_us;
         }
         self.pending.insert(seq, pending);
     }
@@ -273,9 +273,9 @@ impl PairLink {
                 end_stream: None,
                 resync_acked: 0,
                 sync_done_acked: None,
-                stage_full_at: None,
+                stage_full_at_us: None,
                 unacked_extent_bytes: 0,
-                answered_at: 0,
+                answered_at_us: 0,
                 now_us: 0,
                 probes: Probes::default(),
                 grouped: false,
@@ -287,6 +287,11 @@ impl PairLink {
             wake_sender: tokio::sync::Notify::new(),
             counters: Arc::new(PairCounters::default()),
         }
+    }
+
+    /// The wall time on the link's clock (ms since the Unix epoch).
+    pub fn wall_ms(&self) -> u64 {
+        self.clock.wall_ms()
     }
 
     pub fn model(&self) -> ReplicationModel {
@@ -353,7 +358,7 @@ impl PairLink {
     /// `after_catch_up`, journaled writes still outstanding are sealed before direct ones.
     pub fn go_live(&self) {
         let mut state = self.lock();
-        state.stage_full_at = None;
+        state.stage_full_at_us = None;
         // Reconnected with nothing to catch up: what the DR side gets next is journaled,
         // epoch by epoch, from the current one.
         let current = state.journal.current_epoch();
@@ -535,9 +540,9 @@ impl PairLink {
     /// The group's cut to `to`: answers of writes that complete from now on are held until
     /// the release, and admissions take epoch `to`; `mode` may also switch a hypermetro pair
     /// between synchronous and journaled. Returns the last epoch the DR side staged, for the
-    /// coordinator's commit, and whether the pair is synchronous now.
-    pub fn group_cut(&self, to: Epoch, mode: CutMode) -> (Epoch, bool) {
-        let now_ms = self.clock.wall_ms();
+    /// coordinator's commit, and whether the pair is synchronous now. `now_ms`: when the
+    /// cut happened (wall time, read once per cut from the agent's clock).
+    pub fn group_cut(&self, to: Epoch, mode: CutMode, now_ms: u64) -> (Epoch, bool) {
         let mut state = self.lock();
         state.grouped = true;
         let current = state.journal.current_epoch();
@@ -574,9 +579,9 @@ impl PairLink {
     /// The group's release of the cut to `to`: the held answers are given. A pair that
     /// missed the cut switches now. A trip hold is given only if the round `tripped` (and the
     /// trip cut reached it). If it went `synchronous` (a direct cut every host switched at),
-    /// the DR side may write the gated writes once it applied epoch `to`.
-    pub fn group_release(&self, to: Epoch, outcome: RoundOutcome) {
-        let now_ms = self.clock.wall_ms();
+    /// the DR side may write the gated writes once it applied epoch `to`. `now_ms`: as for
+    /// [`PairLink::group_cut`].
+    pub fn group_release(&self, to: Epoch, outcome: RoundOutcome, now_ms: u64) {
         let mut state = self.lock();
         let current = state.journal.current_epoch();
         if to > current {
@@ -690,7 +695,7 @@ impl PairLink {
     pub fn handle_ack(&self, seq: WriteSeq) {
         let pending = {
             let mut state = self.lock();
-            state.answered_at = state.now_us;
+            state.answered_at_us = state.now_us;
             state.pending.remove(&seq)
         };
         match pending {
@@ -730,7 +735,7 @@ impl PairLink {
     pub fn unanswered_for(&self) -> Option<Duration> {
         let state = self.lock();
         (!state.pending.is_empty())
-            .then(|| Duration::from_micros(state.now_us.saturating_sub(state.answered_at)))
+            .then(|| Duration::from_micros(state.now_us.saturating_sub(state.answered_at_us)))
     }
 
     // ---- online verify ----
@@ -756,7 +761,7 @@ impl PairLink {
     /// The DR side compared probe `id`: these blocks differ there.
     pub fn handle_verified(&self, id: ProbeId, differing: &[u16]) {
         let mut state = self.lock();
-        state.answered_at = state.now_us;
+        state.answered_at_us = state.now_us;
         state.probes.answer(id, differing);
         drop(state);
         self.changed.notify_all();
@@ -773,6 +778,7 @@ impl PairLink {
             .changed
             .wait_timeout(state, timeout)
             .unwrap_or_else(|e| e.into_inner());
+        state.now_us = self.clock.monotonic_us();
         state.probes.take_done()
     }
 
@@ -781,7 +787,7 @@ impl PairLink {
     pub fn stage_full_for(&self) -> Option<Duration> {
         let state = self.lock();
         state
-            .stage_full_at
+            .stage_full_at_us
             .map(|at| Duration::from_micros(state.now_us.saturating_sub(at)))
     }
 
@@ -799,7 +805,7 @@ impl PairLink {
     pub fn handle_staged(&self, epoch: Epoch) {
         let tickets = {
             let mut state = self.lock();
-            state.answered_at = state.now_us;
+            state.answered_at_us = state.now_us;
             state.journal.handle_staged(epoch)
         };
         self.tracker.redeem(tickets);
@@ -812,12 +818,12 @@ impl PairLink {
     pub fn handle_reject(&self, seq: WriteSeq, reason: RejectReason) {
         let mut state = self.lock();
         if reason == RejectReason::StageFull {
-            if state.stage_full_at.is_none() {
+            if state.stage_full_at_us.is_none() {
                 tracing::warn!(
                     "the DR side's stage log is full: the pair falls back to the bitmap"
                 );
             }
-            state.stage_full_at = Some(state.now_us);
+            state.stage_full_at_us = Some(state.now_us);
         } else {
             self.counters
                 .extents_rejected
@@ -912,6 +918,7 @@ impl PairLink {
                 .wait_timeout(state, std::time::Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            state.now_us = self.clock.monotonic_us();
         }
     }
 
@@ -994,7 +1001,7 @@ impl PairLink {
     /// The DR side recorded the end of the initial sync of `epoch` durably.
     pub fn handle_sync_done_ack(&self, epoch: Epoch) {
         let mut state = self.lock();
-        state.answered_at = state.now_us;
+        state.answered_at_us = state.now_us;
         state.sync_done_acked = state.sync_done_acked.max(Some(epoch));
         drop(state);
         self.changed.notify_all();
@@ -1391,7 +1398,7 @@ mod tests {
         assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(2)));
 
         assert_eq!(
-            link.group_cut(Epoch(7), CutMode::Keep),
+            link.group_cut(Epoch(7), CutMode::Keep, 0),
             (Epoch(1), false),
             "the DR side staged epoch 1"
         );
@@ -1407,9 +1414,9 @@ mod tests {
         );
         assert!(delivered(&mailbox).is_empty());
         // A release of an older cut leaves it held; this cut's release gives the answers.
-        link.group_release(Epoch(6), RoundOutcome::default());
+        link.group_release(Epoch(6), RoundOutcome::default(), 0);
         assert!(delivered(&mailbox).is_empty());
-        link.group_release(Epoch(7), RoundOutcome::default());
+        link.group_release(Epoch(7), RoundOutcome::default(), 0);
         assert_eq!(delivered(&mailbox), vec![2, 3]);
         assert_eq!(write(&link, &mailbox, 0, 4), (AfterLocal::Answer, Epoch(7)));
         // The epoch before the cut is sealed, and the pair no longer cuts on its own.
@@ -1429,9 +1436,11 @@ mod tests {
         let clock = Arc::new(ManualClock::default());
         let link = live_link_on(dir.path(), ReplicationModel::Async, Arc::clone(&clock));
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
-        link.group_release(Epoch(3), RoundOutcome::default());
+        link.group_release(Epoch(3), RoundOutcome::default(), 0);
         assert_eq!(write(&link, &mailbox, 0, 1), (AfterLocal::Answer, Epoch(3)));
-        link.group_cut(Epoch(4), CutMode::Keep);
+        // The hold counts from the cut, not from the clock's start.
+        clock.advance(Duration::from_secs(10));
+        link.group_cut(Epoch(4), CutMode::Keep, 0);
         assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::WaitForPeer);
         let timeout = Duration::from_secs(2);
         clock.advance(Duration::from_millis(1999));
@@ -1441,7 +1450,7 @@ mod tests {
         link.release_held_longer_than(timeout);
         assert_eq!(delivered(&mailbox), vec![2]);
         // Leaving the group gives what is held and answers at once again.
-        link.group_cut(Epoch(5), CutMode::Keep);
+        link.group_cut(Epoch(5), CutMode::Keep, 0);
         assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
         link.set_grouped(false);
         assert_eq!(delivered(&mailbox), vec![3]);
@@ -1478,16 +1487,23 @@ mod tests {
             write(&link, &mailbox, 0, 1),
             (AfterLocal::WaitForPeer, Epoch(91))
         );
-        link.group_release(Epoch(90), RoundOutcome::default());
+        link.group_release(Epoch(90), RoundOutcome::default(), 0);
         assert!(delivered(&mailbox).is_empty(), "an older release");
-        link.group_release(Epoch(91), RoundOutcome::default());
+        link.group_release(Epoch(91), RoundOutcome::default(), 0);
         assert_eq!(delivered(&mailbox), vec![1]);
         assert_eq!(write(&link, &mailbox, 0, 2).0, AfterLocal::Answer);
-        // With no release (the coordinator is away), the hold times out like a cut's.
-        let link = async_link(dir.path());
+        // With no release (the coordinator is away), the hold times out like a cut's,
+        // counted from the start.
+        let clock = Arc::new(ManualClock::default());
+        clock.advance(Duration::from_secs(60));
+        let link = live_link_on(dir.path(), ReplicationModel::Async, Arc::clone(&clock));
         link.start_in_group(Epoch(5));
         assert_eq!(write(&link, &mailbox, 0, 3).0, AfterLocal::WaitForPeer);
-        link.release_held_longer_than(Duration::ZERO);
+        clock.advance(Duration::from_millis(1999));
+        link.release_held_longer_than(Duration::from_secs(2));
+        assert!(delivered(&mailbox).is_empty());
+        clock.advance(Duration::from_millis(1));
+        link.release_held_longer_than(Duration::from_secs(2));
         assert_eq!(delivered(&mailbox), vec![3]);
     }
 
@@ -1551,8 +1567,8 @@ mod tests {
     fn synchronous_group_link(dir: &std::path::Path) -> PairLink {
         let link = hypermetro_link(dir);
         link.go_live();
-        link.group_cut(Epoch(5), CutMode::Direct);
-        link.group_release(Epoch(5), SYNCHRONOUS);
+        link.group_cut(Epoch(5), CutMode::Direct, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
         link
     }
 
@@ -1561,6 +1577,30 @@ mod tests {
         let mut w = admitted(link, offset, token);
         link.start(&mut w, mailbox);
         w
+    }
+
+    /// The peer timeout and the stage-full retry read how long ago something happened from
+    /// the link's clock.
+    #[test]
+    fn how_long_the_peer_has_not_answered_and_its_stage_log_was_full_follow_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::default());
+        let link = live_link_on(dir.path(), ReplicationModel::Hypermetro, Arc::clone(&clock));
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        clock.advance(Duration::from_secs(7));
+        assert_eq!(link.unanswered_for(), None, "nothing waits");
+        let w = admit(&link, &mailbox, 0, 1);
+        clock.advance(Duration::from_millis(2500));
+        assert_eq!(link.unanswered_for(), Some(Duration::from_millis(2500)));
+        link.handle_ack(w.seq.expect("sent direct"));
+        assert_eq!(link.unanswered_for(), None);
+
+        assert_eq!(link.stage_full_for(), None);
+        link.handle_reject(WriteSeq(999), RejectReason::StageFull);
+        clock.advance(Duration::from_secs(3));
+        assert_eq!(link.stage_full_for(), Some(Duration::from_secs(3)));
+        link.go_live();
+        assert_eq!(link.stage_full_for(), None, "going live forgets it");
     }
 
     #[test]
@@ -1575,12 +1615,12 @@ mod tests {
         );
         // The direct cut: synchronous, gated; the release of a cut every host switched at
         // queues the Ungate behind the gated writes.
-        assert!(link.group_cut(Epoch(5), CutMode::Direct).1);
+        assert!(link.group_cut(Epoch(5), CutMode::Direct, 0).1);
         assert!(link.gated());
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
-        link.group_release(Epoch(5), SYNCHRONOUS);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
         assert!(!link.gated());
         let mut frames = Vec::new();
         link.take_frames(u64::MAX, &mut frames);
@@ -1609,19 +1649,19 @@ mod tests {
         assert!(delivered(&mailbox).is_empty());
         // A hold timeout and an epoch cut's release do not give them.
         link.release_held_longer_than(Duration::ZERO);
-        link.group_cut(Epoch(6), CutMode::Keep);
-        link.group_release(Epoch(6), RoundOutcome::default());
+        link.group_cut(Epoch(6), CutMode::Keep, 0);
+        link.group_release(Epoch(6), RoundOutcome::default(), 0);
         assert!(delivered(&mailbox).is_empty());
         // Nor the release of a trip cut that was abandoned (a host may not have switched).
-        link.group_cut(Epoch(7), CutMode::Trip);
+        link.group_cut(Epoch(7), CutMode::Trip, 0);
         assert!(delivered(&mailbox).is_empty());
-        link.group_release(Epoch(7), RoundOutcome::default());
+        link.group_release(Epoch(7), RoundOutcome::default(), 0);
         link.release_held_longer_than(Duration::ZERO);
         assert!(delivered(&mailbox).is_empty());
         assert!(link.trip_wanted());
         // The release of a trip cut every host switched at does.
-        link.group_cut(Epoch(8), CutMode::Trip);
-        link.group_release(Epoch(8), TRIPPED);
+        link.group_cut(Epoch(8), CutMode::Trip, 0);
+        link.group_release(Epoch(8), TRIPPED, 0);
         assert!(!link.trip_wanted());
         assert_eq!(delivered(&mailbox), vec![1, 2]);
     }
@@ -1658,8 +1698,8 @@ mod tests {
             AfterLocal::WaitForPeer
         );
         assert!(delivered(&mailbox).is_empty());
-        link.group_cut(Epoch(6), CutMode::Trip);
-        link.group_release(Epoch(6), TRIPPED);
+        link.group_cut(Epoch(6), CutMode::Trip, 0);
+        link.group_release(Epoch(6), TRIPPED, 0);
         assert_eq!(delivered(&mailbox), vec![1, 2, 3]);
     }
 
@@ -1696,10 +1736,10 @@ mod tests {
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
         // A late release of an earlier trip does not give it.
-        link.group_release(Epoch(6), TRIPPED);
+        link.group_release(Epoch(6), TRIPPED, 0);
         assert!(delivered(&mailbox).is_empty());
-        link.group_cut(Epoch(7), CutMode::Trip);
-        link.group_release(Epoch(7), TRIPPED);
+        link.group_cut(Epoch(7), CutMode::Trip, 0);
+        link.group_release(Epoch(7), TRIPPED, 0);
         assert_eq!(delivered(&mailbox), vec![1]);
     }
 
@@ -1806,7 +1846,7 @@ mod tests {
             assert_eq!(link.local_done(later, &mailbox), AfterLocal::WaitForPeer);
 
             // The group's trip cut reaches the host before the session ended the stream.
-            link.group_cut(Epoch(6), CutMode::Trip);
+            link.group_cut(Epoch(6), CutMode::Trip, 0);
             link.disconnected();
             assert!(link.stream_must_end().is_none());
             let mut out = Vec::new();
@@ -1816,7 +1856,7 @@ mod tests {
                     .all(|d| d.token != AnswerToken(10) && d.token != AnswerToken(2)),
                 "{case}: answered before the trip cut's release: {out:?}"
             );
-            link.group_release(Epoch(6), TRIPPED);
+            link.group_release(Epoch(6), TRIPPED, 0);
             mailbox.take(&mut out);
             let tokens: Vec<u64> = out.iter().map(|d| d.token.0).collect();
             assert!(

@@ -12,7 +12,7 @@ use blockrep_core::VolumeId;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use blockrep_volume::Volume;
 use blockrep_wire::{Hello, RefuseKind};
 
@@ -60,14 +60,15 @@ pub struct VolumeHandle {
 }
 
 impl Pairs {
-    pub fn new(node: String, config: ReplicationConfig) -> Arc<Self> {
+    /// The pairs of agent `node`; their links read `clock`.
+    pub fn new(node: String, config: ReplicationConfig, clock: Arc<dyn Clock>) -> Arc<Self> {
         Arc::new(Self {
             node,
             endpoint: OnceLock::new(),
             config,
             runtimes: Mutex::new(HashMap::new()),
             report_now: Arc::new(tokio::sync::Notify::new()),
-            clock: Arc::new(SystemClock::new()),
+            clock,
         })
     }
 
@@ -377,6 +378,7 @@ impl Pairs {
             .iter()
             .map(|p| self.production(*p))
             .collect::<Result<Vec<_>, _>>()?;
+        let now = self.clock.wall_ms();
         let mut answer = CutAnswer {
             staged: Epoch(u64::MAX),
             atomic: Vec::new(),
@@ -385,7 +387,7 @@ impl Pairs {
         for p in &runtimes {
             p.record_group_cut(to)
                 .map_err(|e| ApiError::Internal(format!("record the group's cut: {e}")))?;
-            let (staged, synchronous) = p.link.group_cut(to, mode);
+            let (staged, synchronous) = p.link.group_cut(to, mode, now);
             answer.staged = answer.staged.min(staged);
             answer.synchronous &= synchronous;
             answer.atomic.extend(p.link.atomic_spans());
@@ -399,9 +401,10 @@ impl Pairs {
     /// The group's release of the cut to `to`: the held answers are given (a trip's only if
     /// the round tripped); if it went synchronous, gated writes are let go.
     pub fn group_release(&self, pairs: &[PairId], to: Epoch, outcome: RoundOutcome) {
+        let now = self.clock.wall_ms();
         for pair in pairs {
             if let Ok(p) = self.production(*pair) {
-                p.link.group_release(to, outcome);
+                p.link.group_release(to, outcome, now);
             }
         }
     }

@@ -333,7 +333,7 @@ impl ProductionPair {
             (ReplicationStatus::Active, ReplicationModel::Hypermetro) => 0.0,
             _ => match status.consistent {
                 Some((_, cut_ms)) if cut_ms > 0 => {
-                    (now_ms().saturating_sub(cut_ms)) as f64 / 1000.0
+                    (self.link.wall_ms().saturating_sub(cut_ms)) as f64 / 1000.0
                 }
                 _ => 0.0,
             },
@@ -1324,12 +1324,6 @@ impl Backoff {
         self.next = (self.next * 2).min(MAX_BACKOFF);
         wait
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Test-only faults, compiled in only with the `fault-injection` feature.
