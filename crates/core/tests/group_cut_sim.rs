@@ -13,10 +13,18 @@
 //!   issued": a record whose write is in them has its predecessor in them too;
 //!
 //! and once the faults stop, the committed epoch catches up with the writes answered.
+//!
+//! Each host's pair also loses its replication link now and then: its DR side then gets a
+//! catch-up *unit* from the last epoch it staged to the epoch the catch-up ends at, which it
+//! can only apply whole. The hosts keep and report their units' spans as the agent does
+//! (`AtomicSpans`, lost in a crash; the unit start recorded with `unit_to_record`, restored at
+//! a restart), and the coordinator notes them with every ack. After every commit the sim
+//! checks that no commit falls strictly inside a unit whose end the DR side staged.
 //! A failure prints its seed; `BLOCKREP_SEED=n` replays one.
 
 use std::collections::BTreeMap;
 
+use blockrep_core::pair::atomic_spans::{AtomicSpan, AtomicSpans, unit_to_record};
 use blockrep_core::replication::Epoch;
 use blockrep_core::replication::answer_hold::AnswerHold;
 use blockrep_core::replication::group_cut::{CutCoordinator, CutMessage, CutMode, RoundOutcome};
@@ -39,18 +47,25 @@ enum Event {
     CutTimer,
     CoordinatorTick,
     ToHost(usize, CutMessage),
-    /// A host's ack (to, staged) reaches the coordinator.
+    /// A host's ack (to, staged, its units' spans) reaches the coordinator.
     ToCoordinator {
         host: usize,
         to: Epoch,
         staged: Epoch,
+        spans: Vec<AtomicSpan>,
     },
+    /// Host `h`'s replication link breaks: a catch-up unit begins.
+    LinkBreak(usize),
+    /// Host `h`'s catch-up ends (in the host's life given).
+    CatchUpEnd(usize, u32),
     HostTick(usize),
     /// Chain `c` issues its next record.
     Issue(usize),
     /// Write `w` completes on its host.
     Complete(usize),
     HostCrash(usize),
+    /// A crash whose agent systemd restarts at once (within a few ms).
+    HostBounce(usize),
     HostRestart(usize),
     CoordinatorCrash,
     CoordinatorRestart,
@@ -93,6 +108,21 @@ struct Host {
     up: bool,
     life: u32,
     link_up: bool,
+    /// The spans of its units, as its link keeps them (lost in a crash).
+    spans: AtomicSpans,
+    /// The unit start its pair record keeps (survives a crash).
+    recorded_unit: Option<Epoch>,
+    /// Its units as they really are, for the check.
+    units: Vec<Unit>,
+}
+
+/// A catch-up unit its DR side can only apply whole: from the epoch it had staged to the
+/// epoch the catch-up ended at (`None` while it runs), and whether that end is staged.
+#[derive(Clone, Copy, Debug)]
+struct Unit {
+    from: Epoch,
+    end: Option<Epoch>,
+    end_staged: bool,
 }
 
 struct Sim {
@@ -107,12 +137,23 @@ struct Sim {
     /// Per chain, per record: the write that was answered for it.
     answered: Vec<BTreeMap<u64, usize>>,
     committed: Epoch,
-    /// Hosts switch and release in one step: the broken protocol the checks must catch.
-    release_on_cut: bool,
+    /// A deliberate bug the checks must catch, if any.
+    mutation: Option<Mutation>,
+}
+
+/// Deliberate bugs, each of which a test checks the simulation catches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mutation {
+    /// Hosts switch and release in one step.
+    ReleaseOnCut,
+    /// A restarted host answers at once, without holding as for its last cut.
+    RestartWithoutHold,
+    /// A restarted host forgets the unit its record names.
+    ForgetRecordedUnit,
 }
 
 impl Sim {
-    fn new(seed: u64, release_on_cut: bool) -> Self {
+    fn new(seed: u64, mutation: Option<Mutation>) -> Self {
         let names: Vec<String> = (0..HOSTS).map(host_name).collect();
         let mut sim = Sim {
             rng: SmallRng::seed_from_u64(seed),
@@ -127,18 +168,29 @@ impl Sim {
                     up: true,
                     life: 0,
                     link_up: true,
+                    spans: AtomicSpans::default(),
+                    recorded_unit: None,
+                    units: Vec::new(),
                 })
                 .collect(),
             writes: Vec::new(),
             chains: (0..CHAINS).map(|c| (0, c % HOSTS)).collect(),
             answered: vec![BTreeMap::new(); CHAINS],
             committed: Epoch::ZERO,
-            release_on_cut,
+            mutation,
         };
         sim.at(CUT_INTERVAL_MS, Event::CutTimer);
         sim.at(10, Event::CoordinatorTick);
         for h in 0..HOSTS {
             sim.at(10, Event::HostTick(h));
+        }
+        // Half the runs break replication links too (the other half keep the cuts' commits
+        // frequent, so that every boundary is tried).
+        if seed.is_multiple_of(2) {
+            for h in 0..HOSTS {
+                let first = sim.rng.random_range(100..800);
+                sim.at(first, Event::LinkBreak(h));
+            }
         }
         for c in 0..CHAINS {
             sim.at(1, Event::Issue(c));
@@ -198,9 +250,25 @@ impl Sim {
             .map(|w| w.epoch)
             .min();
         let below = Epoch(current.0 - 1);
-        match pending {
+        let journaled = match pending {
             Some(e) if e <= below => Epoch(e.0 - 1),
             _ => below,
+        };
+        // A unit whose end is not staged yet holds the DR side at its start.
+        match self.hosts[h].units.iter().find(|u| !u.end_staged) {
+            Some(unit) => journaled.min(unit.from),
+            None => journaled,
+        }
+    }
+
+    /// Host `h` switched to a later epoch: a unit that ended before it is sealed, and its
+    /// DR side stages it.
+    fn switched(&mut self, h: usize) {
+        let epoch = self.hosts[h].epoch;
+        for unit in self.hosts[h].units.iter_mut() {
+            if unit.end.is_some_and(|end| end < epoch) {
+                unit.end_staged = true;
+            }
         }
     }
 
@@ -224,6 +292,7 @@ impl Sim {
         for w in host.hold.on_release(to, RoundOutcome::default()) {
             self.answer(w);
         }
+        self.switched(h);
     }
 
     fn step(&mut self) -> Result<bool, String> {
@@ -258,14 +327,16 @@ impl Sim {
                         host.epoch = host.epoch.max(to);
                         host.recorded = host.recorded.max(to);
                         host.hold.on_cut(to, CutMode::Keep, switched, now);
-                        if self.release_on_cut {
+                        self.switched(h);
+                        if self.mutation == Some(Mutation::ReleaseOnCut) {
                             self.release(h, to);
                         }
                         let staged = self.staged(h);
+                        let spans = self.hosts[h].spans.list();
                         // Now and then the host dies just after it switched, and its agent
                         // is restarted at once (as systemd would).
                         if self.faults() && self.rng.random_bool(0.03) {
-                            self.after(2, Event::HostCrash(h));
+                            self.after(2, Event::HostBounce(h));
                         }
                         if !self.faults() || !self.rng.random_bool(0.05) {
                             let delay = self.rng.random_range(1..15);
@@ -275,6 +346,7 @@ impl Sim {
                                     host: h,
                                     to,
                                     staged,
+                                    spans,
                                 },
                             );
                         }
@@ -282,8 +354,15 @@ impl Sim {
                     CutMessage::Release { to, .. } => self.release(h, to),
                 }
             }
-            Event::ToCoordinator { host, to, staged } => {
+            Event::ToCoordinator {
+                host,
+                to,
+                staged,
+                spans,
+            } => {
                 if self.coordinator_up && self.hosts[host].link_up {
+                    self.coordinator
+                        .note_atomic(&host_name(host), spans.iter().map(|s| (s.from, s.to)));
                     let releases = self.coordinator.on_ack(&host_name(host), to, staged);
                     self.send_all(releases);
                     self.check_commit()?;
@@ -329,7 +408,7 @@ impl Sim {
                     self.answer(w);
                 }
             }
-            Event::HostCrash(h) => {
+            Event::HostCrash(h) | Event::HostBounce(h) => {
                 if self.hosts[h].up {
                     self.hosts[h].up = false;
                     // What it held was never answered.
@@ -348,7 +427,10 @@ impl Sim {
                         self.chains[c].1 = (h + 1) % HOSTS;
                         self.after(5, Event::Issue(c));
                     }
-                    let down = self.rng.random_range(1..300);
+                    let down = match event {
+                        Event::HostBounce(_) => self.rng.random_range(1..5),
+                        _ => self.rng.random_range(20..300),
+                    };
                     self.after(down, Event::HostRestart(h));
                 }
             }
@@ -358,7 +440,59 @@ impl Sim {
                 host.up = true;
                 host.life += 1;
                 host.epoch = host.recorded;
-                host.hold = AnswerHold::restarted(host.epoch, now);
+                host.hold = match self.mutation {
+                    Some(Mutation::RestartWithoutHold) => AnswerHold::default(),
+                    _ => AnswerHold::restarted(host.epoch, now),
+                };
+                // The link's spans were lost; the pair record's unit start comes back, open
+                // until the catch-up (still running, or already over: going live) ends it.
+                host.spans = AtomicSpans::default();
+                let forget = self.mutation == Some(Mutation::ForgetRecordedUnit);
+                if let Some(from) = host.recorded_unit.filter(|_| !forget) {
+                    host.spans.open(from);
+                }
+                if host.units.iter().all(|u| u.end.is_some()) {
+                    let current = host.epoch;
+                    host.spans.close(current);
+                } else {
+                    let life = host.life;
+                    let catch_up = self.rng.random_range(5..300);
+                    self.after(catch_up, Event::CatchUpEnd(h, life));
+                }
+            }
+            Event::LinkBreak(h) => {
+                let making = self.hosts[h].units.iter().any(|u| u.end.is_none());
+                if self.faults() && self.hosts[h].up && !making {
+                    let staged = self.staged(h);
+                    let applied = self.committed;
+                    let host = &mut self.hosts[h];
+                    host.units.push(Unit {
+                        from: staged,
+                        end: None,
+                        end_staged: false,
+                    });
+                    host.spans.open(staged);
+                    host.recorded_unit = Some(unit_to_record(host.recorded_unit, staged, applied));
+                    let life = host.life;
+                    let catch_up = self.rng.random_range(5..300);
+                    self.after(catch_up, Event::CatchUpEnd(h, life));
+                }
+                let next = self.rng.random_range(100..800);
+                self.after(next, Event::LinkBreak(h));
+            }
+            Event::CatchUpEnd(h, life) => {
+                let host = &mut self.hosts[h];
+                if host.up && host.life == life {
+                    let end = host.epoch;
+                    if let Some(unit) = host.units.iter_mut().find(|u| u.end.is_none()) {
+                        unit.end = Some(end);
+                    }
+                    host.spans.close(end);
+                } else if host.up {
+                    // A restarted agent's catch-up takes the unit on.
+                    let life = host.life;
+                    self.after(5, Event::CatchUpEnd(h, life));
+                }
             }
             Event::CoordinatorCrash => {
                 if self.coordinator_up {
@@ -393,6 +527,22 @@ impl Sim {
             ));
         }
         self.committed = committed;
+        for (h, host) in self.hosts.iter().enumerate() {
+            for unit in &host.units {
+                if let Some(end) = unit.end.filter(|_| unit.end_staged)
+                    && unit.from < committed
+                    && committed < end
+                {
+                    return Err(format!(
+                        "at {} ms, epoch {} is committed, inside host {h}'s catch-up unit ({}, {}) whose end its DR side staged",
+                        self.clock.now(),
+                        committed.0,
+                        unit.from.0,
+                        end.0
+                    ));
+                }
+            }
+        }
         for (chain, records) in self.answered.iter().enumerate() {
             for (&record, &w) in records {
                 if record == 0 || self.writes[w].epoch > committed {
@@ -455,7 +605,7 @@ fn seeds() -> Vec<u64> {
 fn group_cuts_keep_write_order_through_crashes_and_lost_messages() {
     let (mut records, mut broken, mut epochs) = (0, 0, 0);
     for seed in seeds() {
-        let mut sim = Sim::new(seed, false);
+        let mut sim = Sim::new(seed, None);
         if let Err(e) = sim.run() {
             panic!("seed {seed} (replay with BLOCKREP_SEED={seed}): {e}");
         }
@@ -470,10 +620,36 @@ fn group_cuts_keep_write_order_through_crashes_and_lost_messages() {
     }
 }
 
+/// A restarted host that answers at once may answer a write of the epoch it switched to
+/// just before it died, while another host still admits in the one before and the round
+/// completes: the checks must catch it (seed 16).
+#[test]
+fn restarting_without_the_hold_is_caught() {
+    let caught = (0..300).any(|seed| {
+        Sim::new(seed, Some(Mutation::RestartWithoutHold))
+            .run()
+            .is_err()
+    });
+    assert!(caught, "no seed caught a restart that answered at once");
+}
+
+/// A restarted host that forgets the unit its record names lets the coordinator commit
+/// inside a unit whose span no ack ever reported: the checks must catch it (seed 0: "epoch
+/// 38 is committed, inside host 0's catch-up unit (32, 39) whose end its DR side staged").
+#[test]
+fn forgetting_the_recorded_unit_at_a_restart_is_caught() {
+    let caught = (0..300).any(|seed| {
+        Sim::new(seed, Some(Mutation::ForgetRecordedUnit))
+            .run()
+            .is_err()
+    });
+    assert!(caught, "no seed caught a restart that forgot its unit");
+}
+
 /// Switching and releasing in one step lets a write answered on a switched host come
 /// before a dependent write admitted in the old epoch elsewhere: the checks must catch it.
 #[test]
 fn releasing_at_the_switch_is_caught() {
-    let caught = (0..200).any(|seed| Sim::new(seed, true).run().is_err());
+    let caught = (0..200).any(|seed| Sim::new(seed, Some(Mutation::ReleaseOnCut)).run().is_err());
     assert!(caught, "no seed caught answers released at the switch");
 }
