@@ -1866,6 +1866,47 @@ mod tests {
         }
     }
 
+    /// A journaled write admitted before the group's direct cut and completing after it
+    /// overflows the journal: the pair is synchronous by then, so it trips with its group
+    /// and ends its stream, as when a write fails here, instead of falling back alone.
+    #[test]
+    fn a_journal_overflow_right_after_a_direct_cut_trips_the_group_and_ends_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) =
+            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
+        let link = PairLink::new(
+            ReplicationModel::Hypermetro,
+            Arc::new(tracker),
+            8192,
+            Epoch(1),
+            Arc::new(ManualClock::default()),
+        );
+        link.set_grouped(true);
+        link.connected(Epoch(1));
+        link.go_live();
+        assert_eq!(
+            link.live(),
+            Live::Journal,
+            "a grouped pair journals until a direct cut"
+        );
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        // The journal full to its bound, and one more write admitted, not yet done.
+        for (offset, token) in [(0, 1), (4096, 2)] {
+            assert_eq!(write(&link, &mailbox, offset, token).0, AfterLocal::Answer);
+        }
+        let late = admitted(&link, 8192, 3);
+        link.group_cut(Epoch(5), CutMode::Direct, 0);
+        link.group_release(Epoch(5), SYNCHRONOUS, 0);
+        assert_eq!(link.live(), Live::Sync);
+        assert!(link.stream_must_end().is_none());
+        let range = late.range;
+        assert_eq!(link.local_done(late, &mailbox), AfterLocal::WaitForPeer);
+        assert_eq!(link.stream_must_end(), Some("the journal overflowed"));
+        assert!(link.trip_wanted(), "no trip");
+        assert_eq!(link.live(), Live::Tracked);
+        assert!(link.tracker.any_dirty(range), "its blocks stay dirty");
+    }
+
     /// A verify that finds blocks to copy again asks for a catch-up; a synchronous pair of
     /// a group trips for it instead of leaving synchronous replication alone. And once the
     /// stream must end, an initial sync is never taken for done: the extents the cut-off
