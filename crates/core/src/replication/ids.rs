@@ -84,38 +84,39 @@ impl fmt::Display for Epoch {
     }
 }
 
-/// The order in which a volume admitted its writes (overlapping writes are admitted one
-/// after the other, so for every block this orders its writes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WriteSeq(pub u64);
+/// A number that keys one thing, shown with `$noun` before it.
+macro_rules! number_id {
+    ($(#[$doc:meta])* $name:ident, $noun:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub u64);
 
-impl fmt::Display for WriteSeq {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "write {}", self.0)
-    }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($noun, " {}"), self.0)
+            }
+        }
+    };
 }
 
-/// A connection's key for a write or flush whose answer may wait for the DR side: the
-/// link gives it back to the connection when the answer may go.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AnswerToken(pub u64);
-
-impl fmt::Display for AnswerToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "answer {}", self.0)
-    }
-}
-
-/// An online verify probe, from its production side's point of view: the key of its
-/// `Verified` answer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProbeId(pub u64);
-
-impl fmt::Display for ProbeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "probe {}", self.0)
-    }
-}
+number_id!(
+    /// The order in which a volume admitted its writes (overlapping writes are admitted one
+    /// after the other, so for every block this orders its writes).
+    WriteSeq,
+    "write"
+);
+number_id!(
+    /// A connection's key for a write or flush whose answer may wait for the DR side: the
+    /// link gives it back to the connection when the answer may go.
+    AnswerToken,
+    "answer"
+);
+number_id!(
+    /// An online verify probe, from its production side's point of view: the key of its
+    /// `Verified` answer.
+    ProbeId,
+    "probe"
+);
 
 #[cfg(test)]
 mod tests {
@@ -128,5 +129,8 @@ mod tests {
         assert_eq!(PairId::from_bytes(*id.as_bytes()), id);
         assert_eq!(Epoch(3).next(), Epoch(4));
         assert_eq!(Epoch(7).to_string(), "epoch 7");
+        assert_eq!(WriteSeq(3).to_string(), "write 3");
+        assert_eq!(ProbeId(4).to_string(), "probe 4");
+        assert_eq!(AnswerToken(5).to_string(), "answer 5");
     }
 }
