@@ -620,17 +620,20 @@ fn group_cuts_keep_write_order_through_crashes_and_lost_messages() {
     }
 }
 
+/// Whether some seed of the first `seeds` catches `mutation`.
+fn caught(mutation: Mutation, seeds: u64) -> bool {
+    (0..seeds).any(|seed| Sim::new(seed, Some(mutation)).run().is_err())
+}
+
 /// A restarted host that answers at once may answer a write of the epoch it switched to
 /// just before it died, while another host still admits in the one before and the round
 /// completes: the checks must catch it (seed 16).
 #[test]
 fn restarting_without_the_hold_is_caught() {
-    let caught = (0..300).any(|seed| {
-        Sim::new(seed, Some(Mutation::RestartWithoutHold))
-            .run()
-            .is_err()
-    });
-    assert!(caught, "no seed caught a restart that answered at once");
+    assert!(
+        caught(Mutation::RestartWithoutHold, 300),
+        "no seed caught a restart that answered at once"
+    );
 }
 
 /// A restarted host that forgets the unit its record names lets the coordinator commit
@@ -638,18 +641,18 @@ fn restarting_without_the_hold_is_caught() {
 /// 38 is committed, inside host 0's catch-up unit (32, 39) whose end its DR side staged").
 #[test]
 fn forgetting_the_recorded_unit_at_a_restart_is_caught() {
-    let caught = (0..300).any(|seed| {
-        Sim::new(seed, Some(Mutation::ForgetRecordedUnit))
-            .run()
-            .is_err()
-    });
-    assert!(caught, "no seed caught a restart that forgot its unit");
+    assert!(
+        caught(Mutation::ForgetRecordedUnit, 300),
+        "no seed caught a restart that forgot its unit"
+    );
 }
 
 /// Switching and releasing in one step lets a write answered on a switched host come
 /// before a dependent write admitted in the old epoch elsewhere: the checks must catch it.
 #[test]
 fn releasing_at_the_switch_is_caught() {
-    let caught = (0..200).any(|seed| Sim::new(seed, Some(Mutation::ReleaseOnCut)).run().is_err());
-    assert!(caught, "no seed caught answers released at the switch");
+    assert!(
+        caught(Mutation::ReleaseOnCut, 200),
+        "no seed caught answers released at the switch"
+    );
 }
