@@ -19,6 +19,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use blockrep_core::ByteRange;
+use blockrep_core::pair::atomic_spans::{AtomicSpan, AtomicSpans};
+use blockrep_core::pair::hold_times::{HoldSummary, HoldTimes};
+use blockrep_core::pair::probes::{Probe, ProbeResult, Probes};
 use blockrep_core::replication::answer_hold::AnswerHold;
 use blockrep_core::replication::group_cut::{CutMode, Live, RoundOutcome};
 use blockrep_core::replication::{
@@ -33,9 +36,6 @@ use blockrep_wire::RejectReason;
 use bytes::Bytes;
 
 use crate::clock::Clock;
-use blockrep_core::pair::atomic_spans::{AtomicSpan, AtomicSpans};
-use blockrep_core::pair::hold_times::{HoldSummary, HoldTimes};
-use blockrep_core::pair::probes::{Probe, ProbeResult, Probes};
 
 /// Journal payloads: shared, never copied.
 #[derive(Clone, Debug)]

@@ -11,11 +11,10 @@ use blockrep_api::proto;
 use blockrep_core::VolumeId;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
-
-use crate::clock::Clock;
 use blockrep_volume::Volume;
 use blockrep_wire::{Hello, RefuseKind};
 
+use crate::clock::Clock;
 use crate::dr::DrPair;
 use crate::endpoint::{ClusterEndpoint, Peer, Refusal, ReplicationStream};
 use crate::membership::{Membership, Side};

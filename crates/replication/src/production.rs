@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use blockrep_core::pair::atomic_spans::unit_to_record;
+use blockrep_core::pair::probes::VERIFY_BLOCK;
+use blockrep_core::replication::group_cut::Live;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
 use blockrep_core::{ByteRange, read_spans};
@@ -29,9 +32,6 @@ use crate::framed::{FrameReader, FrameWriter, StreamError};
 use crate::link::{Data, OutFrame, PairLink};
 use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VerifyRunner, VerifyStatus};
-use blockrep_core::pair::atomic_spans::unit_to_record;
-use blockrep_core::pair::probes::VERIFY_BLOCK;
-use blockrep_core::replication::group_cut::Live;
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;
