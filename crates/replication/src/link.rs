@@ -119,12 +119,16 @@ struct State {
     /// never commit an epoch strictly inside one.
     atomic: AtomicSpans,
     hold_times: HoldTimes,
-    /// When the event being handled happens (µs on the link's monotonic clock): the shell
-    /// sets it from its one clock each time it takes the lock.
-    now_us: u64,
+    /// The link's one clock, read only where an event needs the time (not on every write).
+    clock: Arc<dyn Clock>,
 }
 
 impl State {
+    /// Now, in µs on the link's monotonic clock.
+    fn now_us(&self) -> u64 {
+        self.clock.monotonic_us()
+    }
+
     /// Holds `token`'s answer if a group cut or trip holds answers; else it is answered now.
     fn answer_or_hold(&mut self, token: AnswerToken, mailbox: &Arc<Mailbox>) -> AfterLocal {
         if !self.hold.holding() {
@@ -132,7 +136,7 @@ impl State {
         }
         let held = self
             .hold
-            .hold_or_give((token, Arc::clone(mailbox), self.now_us));
+            .hold_or_give((token, Arc::clone(mailbox), self.now_us()));
         debug_assert!(held.is_none(), "checked that answers are held");
         AfterLocal::WaitForPeer
     }
@@ -202,15 +206,15 @@ impl State {
                     ..
                 } => {
                     forget.extend(ticket);
-                    answers.push((token, mailbox, self.now_us));
+                    answers.push((token, mailbox, self.now_us()));
                 }
-                Pending::Flush { token, mailbox } => answers.push((token, mailbox, self.now_us)),
+                Pending::Flush { token, mailbox } => answers.push((token, mailbox, self.now_us())),
                 Pending::Extent { ticket, .. } => forget.push(ticket),
             }
         }
         // Tripping again with nothing new to hold would forget a trip cut that reached it.
         if trip && (!self.hold.trip_wanted() || !answers.is_empty()) {
-            self.hold.trip(self.now_us / 1000, answers.drain(..));
+            self.hold.trip(self.now_us() / 1000, answers.drain(..));
         }
         CutOff { forget, answers }
     }
@@ -232,7 +236,7 @@ impl State {
     /// `seq` waits for the DR side's acknowledgement.
     fn await_ack(&mut self, seq: WriteSeq, pending: Pending) {
         if self.pending.is_empty() {
-            self.answered_at_us = self.now_us;
+            self.answered_at_us = self.now_us();
         }
         self.pending.insert(seq, pending);
     }
@@ -262,7 +266,7 @@ impl PairLink {
         journal.stop_journaling();
         Self {
             model,
-            clock,
+            clock: Arc::clone(&clock),
             tracker,
             state: Mutex::new(State {
                 live: Live::Tracked,
@@ -276,7 +280,7 @@ impl PairLink {
                 stage_full_at_us: None,
                 unacked_extent_bytes: 0,
                 answered_at_us: 0,
-                now_us: 0,
+                clock,
                 probes: Probes::default(),
                 grouped: false,
                 hold: AnswerHold::default(),
@@ -302,11 +306,8 @@ impl PairLink {
         &self.tracker
     }
 
-    /// The link's state, its time set to now.
     fn lock(&self) -> MutexGuard<'_, State> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.now_us = self.clock.monotonic_us();
-        state
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn live(&self) -> Live {
@@ -459,7 +460,7 @@ impl PairLink {
         let mut state = self.lock();
         state.grouped = true;
         state.journal.advance_epoch_to(to);
-        state.hold = AnswerHold::restarted(to, state.now_us / 1000);
+        state.hold = AnswerHold::restarted(to, state.now_us() / 1000);
     }
 
     /// A production agent that starts with its pair in a hypermetro group starts tripped:
@@ -468,7 +469,7 @@ impl PairLink {
     pub fn start_tripped(&self) {
         let mut state = self.lock();
         state.grouped = true;
-        let now_ms = state.now_us / 1000;
+        let now_ms = state.now_us() / 1000;
         state.hold.trip(now_ms, []);
     }
 
@@ -565,7 +566,7 @@ impl PairLink {
             }
             _ => {}
         }
-        let monotonic_ms = state.now_us / 1000;
+        let monotonic_ms = state.now_us() / 1000;
         state.hold.on_cut(to, mode, switched, monotonic_ms);
         let answer = (
             state.journal.staged_epoch(),
@@ -592,7 +593,7 @@ impl PairLink {
             state.journal.ungate(to);
         }
         let held = state.hold.on_release(to, outcome);
-        let now_us = state.now_us;
+        let now_us = state.now_us();
         state
             .hold_times
             .record(held.iter().map(|(_, _, at)| *at), now_us);
@@ -622,9 +623,8 @@ impl PairLink {
     pub fn release_held_longer_than(&self, timeout: Duration) {
         let mut state = self.lock();
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let now_ms = state.now_us / 1000;
-        let held = state.hold.expire(now_ms, timeout_ms);
-        let now_us = state.now_us;
+        let now_us = state.now_us();
+        let held = state.hold.expire(now_us / 1000, timeout_ms);
         state
             .hold_times
             .record(held.iter().map(|(_, _, at)| *at), now_us);
@@ -695,7 +695,7 @@ impl PairLink {
     pub fn handle_ack(&self, seq: WriteSeq) {
         let pending = {
             let mut state = self.lock();
-            state.answered_at_us = state.now_us;
+            state.answered_at_us = state.now_us();
             state.pending.remove(&seq)
         };
         match pending {
@@ -735,7 +735,7 @@ impl PairLink {
     pub fn unanswered_for(&self) -> Option<Duration> {
         let state = self.lock();
         (!state.pending.is_empty())
-            .then(|| Duration::from_micros(state.now_us.saturating_sub(state.answered_at_us)))
+            .then(|| Duration::from_micros(state.now_us().saturating_sub(state.answered_at_us)))
     }
 
     // ---- online verify ----
@@ -761,7 +761,7 @@ impl PairLink {
     /// The DR side compared probe `id`: these blocks differ there.
     pub fn handle_verified(&self, id: ProbeId, differing: &[u16]) {
         let mut state = self.lock();
-        state.answered_at_us = state.now_us;
+        state.answered_at_us = state.now_us();
         state.probes.answer(id, differing);
         drop(state);
         self.changed.notify_all();
@@ -778,7 +778,6 @@ impl PairLink {
             .changed
             .wait_timeout(state, timeout)
             .unwrap_or_else(|e| e.into_inner());
-        state.now_us = self.clock.monotonic_us();
         state.probes.take_done()
     }
 
@@ -788,7 +787,7 @@ impl PairLink {
         let state = self.lock();
         state
             .stage_full_at_us
-            .map(|at| Duration::from_micros(state.now_us.saturating_sub(at)))
+            .map(|at| Duration::from_micros(state.now_us().saturating_sub(at)))
     }
 
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
@@ -805,7 +804,7 @@ impl PairLink {
     pub fn handle_staged(&self, epoch: Epoch) {
         let tickets = {
             let mut state = self.lock();
-            state.answered_at_us = state.now_us;
+            state.answered_at_us = state.now_us();
             state.journal.handle_staged(epoch)
         };
         self.tracker.redeem(tickets);
@@ -823,7 +822,7 @@ impl PairLink {
                     "the DR side's stage log is full: the pair falls back to the bitmap"
                 );
             }
-            state.stage_full_at_us = Some(state.now_us);
+            state.stage_full_at_us = Some(state.now_us());
         } else {
             self.counters
                 .extents_rejected
@@ -918,7 +917,6 @@ impl PairLink {
                 .wait_timeout(state, std::time::Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-            state.now_us = self.clock.monotonic_us();
         }
     }
 
@@ -1001,7 +999,7 @@ impl PairLink {
     /// The DR side recorded the end of the initial sync of `epoch` durably.
     pub fn handle_sync_done_ack(&self, epoch: Epoch) {
         let mut state = self.lock();
-        state.answered_at_us = state.now_us;
+        state.answered_at_us = state.now_us();
         state.sync_done_acked = state.sync_done_acked.max(Some(epoch));
         drop(state);
         self.changed.notify_all();
