@@ -1339,14 +1339,26 @@ mod tests {
         live_link_on(dir, model, Arc::new(ManualClock::default()))
     }
 
+    /// A link of `model` over a 16 MiB volume whose DR side staged `staged`, with a journal
+    /// of `journal_bytes`, its time read from `clock`; not connected.
+    fn new_link(
+        dir: &std::path::Path,
+        model: ReplicationModel,
+        journal_bytes: u64,
+        staged: Epoch,
+        clock: Arc<ManualClock>,
+    ) -> PairLink {
+        let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
+        PairLink::new(model, Arc::new(tracker), journal_bytes, staged, clock)
+    }
+
     /// As [`live_link`], its time read from `clock`.
     fn live_link_on(
         dir: &std::path::Path,
         model: ReplicationModel,
         clock: Arc<ManualClock>,
     ) -> PairLink {
-        let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(model, Arc::new(tracker), 64 << 20, Epoch(1), clock);
+        let link = new_link(dir, model, 64 << 20, Epoch(1), clock);
         link.connected(Epoch(1));
         link.go_live();
         link
@@ -1458,14 +1470,8 @@ mod tests {
     /// The link of an async pair whose agent starts in its group, which it last switched to
     /// epoch `to` of.
     fn async_link_starting_in_group(dir: &std::path::Path, to: Epoch) -> PairLink {
-        let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(
-            ReplicationModel::Async,
-            Arc::new(tracker),
-            64 << 20,
-            Epoch::ZERO,
-            Arc::new(ManualClock::default()),
-        );
+        let clock = Arc::new(ManualClock::default());
+        let link = new_link(dir, ReplicationModel::Async, 64 << 20, Epoch::ZERO, clock);
         link.start_in_group(to);
         link
     }
@@ -1547,18 +1553,23 @@ mod tests {
         );
     }
 
-    fn hypermetro_link(dir: &std::path::Path) -> PairLink {
-        let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(
+    /// A hypermetro link of a group, connected, with a journal of `journal_bytes`.
+    fn hypermetro_link_with(dir: &std::path::Path, journal_bytes: u64) -> PairLink {
+        let clock = Arc::new(ManualClock::default());
+        let link = new_link(
+            dir,
             ReplicationModel::Hypermetro,
-            Arc::new(tracker),
-            64 << 20,
+            journal_bytes,
             Epoch(1),
-            Arc::new(ManualClock::default()),
+            clock,
         );
         link.set_grouped(true);
         link.connected(Epoch(1));
         link
+    }
+
+    fn hypermetro_link(dir: &std::path::Path) -> PairLink {
+        hypermetro_link_with(dir, 64 << 20)
     }
 
     /// A hypermetro link of a group that went synchronous at the direct cut to epoch 5.
@@ -1870,17 +1881,7 @@ mod tests {
     #[test]
     fn a_journal_overflow_right_after_a_direct_cut_trips_the_group_and_ends_the_stream() {
         let dir = tempfile::tempdir().unwrap();
-        let (tracker, _) =
-            DirtyTracker::open(dir.path(), 16 << 20, TrackerConfig::default()).unwrap();
-        let link = PairLink::new(
-            ReplicationModel::Hypermetro,
-            Arc::new(tracker),
-            8192,
-            Epoch(1),
-            Arc::new(ManualClock::default()),
-        );
-        link.set_grouped(true);
-        link.connected(Epoch(1));
+        let link = hypermetro_link_with(dir.path(), 8192);
         link.go_live();
         assert_eq!(
             link.live(),
