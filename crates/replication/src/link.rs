@@ -1,38 +1,32 @@
 //! The production half of a pair, as the write path sees it: [`PairLink`] sits in the
-//! volume's write gate and queues what goes to the DR side, in the order it must arrive.
+//! volume's write gate and is the shell of the pair's machine
+//! ([`blockrep_core::pair::production::Production`], which makes every decision and says
+//! how live writes are handled in each mode).
 //!
-//! How live writes are handled depends on the pair's model and on where it is:
-//!
-//! | live mode | write's data | answer |
-//! |---|---|---|
-//! | `Sync` (hypermetro, active) | direct frame, sent when the local write starts | after the DR side's acknowledgement |
-//! | `Journal` (async; hypermetro at the end of a catch-up) | journaled in its epoch | after the local write |
-//! | `Tracked` (link down, catch-up running) | not sent: the bitmap has it | after the local write |
-//!
-//! Every frame goes through one [`Journal`] queue, so the DR side sees them in the order
-//! the blocks were written here. The pair's tasks take frames with [`PairLink::take_frames`]
-//! and hand the DR side's answers back through the `handle_*` methods.
+//! The shell holds the machine under one lock, hands each event the time from the agent's
+//! one [`Clock`], and once the lock is released does what the event's [`Effects`] ask:
+//! redeems or forgets tickets in the dirty tracker, gives answers to the connections'
+//! mailboxes, wakes the sender and the resync reader, counts and logs. The pair's tasks
+//! take frames with [`PairLink::take_frames`] and hand the DR side's answers back through
+//! the `handle_*` methods.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use blockrep_core::ByteRange;
-use blockrep_core::pair::atomic_spans::{AtomicSpan, AtomicSpans};
-use blockrep_core::pair::hold_times::{HoldSummary, HoldTimes};
-use blockrep_core::pair::probes::{Probe, ProbeResult, Probes};
-use blockrep_core::replication::answer_hold::AnswerHold;
+use blockrep_core::pair::atomic_spans::AtomicSpan;
+use blockrep_core::pair::hold_times::HoldSummary;
+use blockrep_core::pair::probes::{Probe, ProbeResult};
+use blockrep_core::pair::production::{Effects, LocalWrite, Production, Transmit};
 use blockrep_core::replication::group_cut::{CutMode, Live, RoundOutcome};
 use blockrep_core::replication::{
-    Completed, Epoch, Journal, Mode, Outgoing, Payload, PayloadLen, ProbeId, ReplicationModel,
-    Ticket, WriteSeq,
+    Admitted, Epoch, Payload, PayloadLen, ProbeId, RejectReason, ReplicationModel, Ticket, WriteSeq,
 };
 use blockrep_volume::{
     AfterLocal, AnswerToken, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode,
     Replicated,
 };
-use blockrep_wire::RejectReason;
 use bytes::Bytes;
 
 use crate::clock::Clock;
@@ -47,30 +41,9 @@ impl PayloadLen for Data {
     }
 }
 
-/// A frame waiting for the DR side's acknowledgement.
-#[derive(Debug)]
-enum Pending {
-    /// A hypermetro write: redeem its ticket and deliver its token.
-    Write {
-        ticket: Option<Ticket>,
-        token: AnswerToken,
-        mailbox: Arc<Mailbox>,
-        local_failed: bool,
-        range: ByteRange,
-        payload: Payload<Data>,
-        fua: bool,
-    },
-    Flush {
-        token: AnswerToken,
-        mailbox: Arc<Mailbox>,
-    },
-    /// A resync extent written direct: redeem its ticket.
-    Extent {
-        ticket: Ticket,
-        range: ByteRange,
-        payload: Payload<Data>,
-    },
-}
+/// The production machine as the agent runs it: payloads are shared buffers, answers go to
+/// a connection's mailbox.
+type Machine = Production<Data, Arc<Mailbox>>;
 
 /// What the pair counts, for `pair show` and the metrics.
 #[derive(Debug, Default)]
@@ -86,168 +59,12 @@ pub struct PairCounters {
     pub overflows: AtomicU64,
 }
 
-struct State {
-    live: Live,
-    journal: Journal<Data>,
-    pending: HashMap<WriteSeq, Pending>,
-    /// When each epoch was cut (ms since the Unix epoch).
-    cut_times: BTreeMap<Epoch, u64>,
-    /// The journal overflowed (or an async write was rejected): a catch-up is needed.
-    needs_catch_up: bool,
-    /// A synchronous pair of a group must leave synchronous replication, and does it as
-    /// when its link breaks: the stream ends (why, for the log), so that every write still
-    /// waiting for the DR side is held by the group's trip.
-    end_stream: Option<&'static str>,
-    /// Resync extents acknowledged, in bytes.
-    resync_acked: u64,
-    /// The last end of an initial sync the DR side recorded durably.
-    sync_done_acked: Option<Epoch>,
-    /// When the DR side last rejected a staged write for want of room in its stage log.
-    stage_full_at_us: Option<u64>,
-    /// Payload bytes of resync extents sent direct and not yet acknowledged (kept to be sent
-    /// again if rejected): bounded with the journal (rule 6).
-    unacked_extent_bytes: u64,
-    /// When the DR side last answered, or when a frame began waiting with none waiting.
-    answered_at_us: u64,
-    /// Online verify probes waiting for the DR side, and answered.
-    probes: Probes,
-    /// The pair's epochs are cut by its consistency group, not by its own ticker.
-    grouped: bool,
-    /// Answers held for a group cut or trip.
-    hold: AnswerHold<HeldAnswer>,
-    /// Epoch spans the DR side can only take whole (a catch-up's unit): its group must
-    /// never commit an epoch strictly inside one.
-    atomic: AtomicSpans,
-    hold_times: HoldTimes,
-    /// The link's one clock, read only where an event needs the time (not on every write).
-    clock: Arc<dyn Clock>,
-}
-
-impl State {
-    /// Now, in µs on the link's monotonic clock.
-    fn now_us(&self) -> u64 {
-        self.clock.monotonic_us()
-    }
-
-    /// Holds `token`'s answer if a group cut or trip holds answers; else it is answered now.
-    fn answer_or_hold(&mut self, token: AnswerToken, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        if !self.hold.holding() {
-            return AfterLocal::Answer;
-        }
-        let held = self
-            .hold
-            .hold_or_give((token, Arc::clone(mailbox), self.now_us()));
-        debug_assert!(held.is_none(), "checked that answers are held");
-        AfterLocal::WaitForPeer
-    }
-
-    /// Live writes leave the journal (link down, overflow, a catch-up starts): what the DR
-    /// side gets next is a catch-up unit from the last epoch it staged.
-    fn open_atomic_span(&mut self) {
-        let staged = self.journal.staged_epoch();
-        self.atomic.open(staged);
-    }
-
-    /// A write failed locally: its blocks stay dirty, and nothing sends them but a
-    /// catch-up (what the device holds there now is what the DR side must get).
-    fn catch_up_failed_write(&mut self) -> Option<CutOff> {
-        match self.live {
-            Live::Tracked => None,
-            Live::Sync if self.grouped => Some(self.end_stream_to_trip("a write failed here")),
-            _ => {
-                self.needs_catch_up = true;
-                None
-            }
-        }
-    }
-
-    /// Live writes stop reaching the DR side (its stage log refused one, the journal
-    /// overflowed): they are tracked in the bitmap until a catch-up, which this asks for.
-    fn fall_back_to_the_bitmap(&mut self) {
-        self.open_atomic_span();
-        self.live = Live::Tracked;
-        self.needs_catch_up = true;
-        self.probes.lose_all();
-    }
-
-    /// Writes of this pair go to its DR side directly, as the group's other pairs' do.
-    fn synchronous_in_a_group(&self) -> bool {
-        self.live == Live::Sync && self.grouped
-    }
-
-    /// A synchronous pair of a group cannot fall back to the bitmap on its own: writes
-    /// answered while tracked here could have dependants that reach another pair's DR side
-    /// directly first. It leaves as when its link breaks, at once: it trips (every write
-    /// still waiting for the DR side, and every later one, is answered at the group's trip
-    /// cut), and its stream ends (`why`, for the log) so that the next one catches up.
-    fn end_stream_to_trip(&mut self, why: &'static str) -> CutOff {
-        self.end_stream.get_or_insert(why);
-        self.cut_off()
-    }
-
-    /// Nothing more reaches the DR side on this stream (see [`PairLink::disconnected`]).
-    fn cut_off(&mut self) -> CutOff {
-        // A trip not yet released holds what waited for the DR side too.
-        let trip = (self.live == Live::Sync && self.grouped) || self.hold.trip_wanted();
-        if self.live != Live::Sync || trip {
-            self.open_atomic_span();
-        }
-        self.live = Live::Tracked;
-        self.probes.lose_all();
-        let mut forget = self.journal.disconnect();
-        self.unacked_extent_bytes = 0;
-        let mut answers = Vec::new();
-        for (_, p) in std::mem::take(&mut self.pending) {
-            match p {
-                Pending::Write {
-                    ticket,
-                    token,
-                    mailbox,
-                    ..
-                } => {
-                    forget.extend(ticket);
-                    answers.push((token, mailbox, self.now_us()));
-                }
-                Pending::Flush { token, mailbox } => answers.push((token, mailbox, self.now_us())),
-                Pending::Extent { ticket, .. } => forget.push(ticket),
-            }
-        }
-        // Tripping again with nothing new to hold would forget a trip cut that reached it.
-        if trip && (!self.hold.trip_wanted() || !answers.is_empty()) {
-            self.hold.trip(self.now_us() / 1000, answers.drain(..));
-        }
-        CutOff { forget, answers }
-    }
-}
-
-/// What a cut-off leaves to do once the state's lock is released: tickets to forget (their
-/// blocks stay dirty), and answers to give now (those a trip does not hold).
-#[must_use]
-struct CutOff {
-    forget: Vec<Ticket>,
-    answers: Vec<HeldAnswer>,
-}
-
-/// An answer held for the group (`blockrep_core::replication::answer_hold`): the write's
-/// token, where to deliver it, and when it was held (µs on the link's clock).
-type HeldAnswer = (AnswerToken, Arc<Mailbox>, u64);
-
-impl State {
-    /// `seq` waits for the DR side's acknowledgement.
-    fn await_ack(&mut self, seq: WriteSeq, pending: Pending) {
-        if self.pending.is_empty() {
-            self.answered_at_us = self.now_us();
-        }
-        self.pending.insert(seq, pending);
-    }
-}
-
 pub struct PairLink {
     model: ReplicationModel,
     clock: Arc<dyn Clock>,
     tracker: Arc<DirtyTracker>,
-    state: Mutex<State>,
-    /// Signalled when frames are taken (room for the resync reader) or acknowledged.
+    machine: Mutex<Machine>,
+    /// Signalled when frames are taken (room for the resync reader) or answered.
     changed: Condvar,
     /// Wakes the sender task.
     pub wake_sender: tokio::sync::Notify,
@@ -262,31 +79,11 @@ impl PairLink {
         staged: Epoch,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let mut journal = Journal::new(journal_bytes, staged);
-        journal.stop_journaling();
         Self {
             model,
-            clock: Arc::clone(&clock),
+            clock,
             tracker,
-            state: Mutex::new(State {
-                live: Live::Tracked,
-                journal,
-                pending: HashMap::new(),
-                cut_times: BTreeMap::new(),
-                needs_catch_up: false,
-                end_stream: None,
-                resync_acked: 0,
-                sync_done_acked: None,
-                stage_full_at_us: None,
-                unacked_extent_bytes: 0,
-                answered_at_us: 0,
-                clock,
-                probes: Probes::default(),
-                grouped: false,
-                hold: AnswerHold::default(),
-                atomic: AtomicSpans::default(),
-                hold_times: HoldTimes::default(),
-            }),
+            machine: Mutex::new(Production::new(model, journal_bytes, staged)),
             changed: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
             counters: Arc::new(PairCounters::default()),
@@ -298,6 +95,10 @@ impl PairLink {
         self.clock.wall_ms()
     }
 
+    fn now_us(&self) -> u64 {
+        self.clock.monotonic_us()
+    }
+
     pub fn model(&self) -> ReplicationModel {
         self.model
     }
@@ -306,436 +107,295 @@ impl PairLink {
         &self.tracker
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Applies one event to the machine under the lock, then does what it asks.
+    fn step<T>(&self, event: impl FnOnce(&mut Machine) -> (T, Effects<Arc<Mailbox>>)) -> T {
+        let (out, effects) = event(&mut self.lock());
+        self.carry_out(effects);
+        out
+    }
+
+    /// As [`PairLink::step`], for an event that returns only effects.
+    fn apply(&self, event: impl FnOnce(&mut Machine) -> Effects<Arc<Mailbox>>) {
+        self.step(|m| ((), event(m)));
+    }
+
+    /// Does what an event's effects ask, the machine's lock released: the tracker first (a
+    /// write's blocks are clean or dirty before its answer is given), then the answers,
+    /// then the wake-ups.
+    fn carry_out(&self, fx: Effects<Arc<Mailbox>>) {
+        if fx.is_empty() {
+            return;
+        }
+        if fx.overflowed {
+            self.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("journal full: the pair falls back to bitmap mode");
+        }
+        if fx.corrupted_in_transit {
+            self.counters
+                .extents_rejected
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if fx.stage_full_began {
+            tracing::warn!("the DR side's stage log is full: the pair falls back to the bitmap");
+        }
+        if !fx.forget.is_empty() {
+            self.tracker.forget(fx.forget);
+        }
+        if !fx.redeem.is_empty() {
+            self.tracker.redeem(fx.redeem);
+        }
+        if let Some(range) = fx.mark_dirty
+            && let Err(e) = self.tracker.mark_durably(&[range])
+        {
+            tracing::error!(
+                %range,
+                error = %e,
+                "cannot mark a write that failed here dirty again"
+            );
+        }
+        for (token, mailbox) in fx.answers {
+            mailbox.deliver(token);
+        }
+        if fx.wake_sender {
+            self.wake_sender.notify_one();
+        }
+        if fx.notify {
+            self.changed.notify_all();
+        }
+    }
+
+    // ---- what the pair is ----
+
     pub fn live(&self) -> Live {
-        self.lock().live
+        self.lock().live()
     }
 
     /// Bytes queued for the DR side and the bound they may reach.
     pub fn journal_fill(&self) -> (u64, u64) {
-        let state = self.lock();
-        (state.journal.queued_bytes(), state.journal.limit())
+        self.lock().journal_fill()
     }
 
     pub fn current_epoch(&self) -> Epoch {
-        self.lock().journal.current_epoch()
+        self.lock().current_epoch()
     }
 
     pub fn staged_epoch(&self) -> Epoch {
-        self.lock().journal.staged_epoch()
+        self.lock().staged_epoch()
     }
 
     /// Whether the journal overflowed since the last catch-up started.
     pub fn needs_catch_up(&self) -> bool {
-        self.lock().needs_catch_up
+        self.lock().needs_catch_up()
     }
 
     /// Why the stream must end so that the pair trips with its group, if it must.
     pub fn stream_must_end(&self) -> Option<&'static str> {
-        self.lock().end_stream
+        self.lock().stream_must_end()
     }
 
     /// Nothing waits for the DR side: no acknowledgement, nothing queued, no catch-up.
     pub fn idle(&self) -> bool {
-        let state = self.lock();
-        state.pending.is_empty() && state.journal.nothing_to_send() && !state.journal.catching_up()
+        self.lock().idle()
+    }
+
+    /// The pair tripped and waits for its group's trip cut.
+    pub fn trip_wanted(&self) -> bool {
+        self.lock().trip_wanted()
+    }
+
+    /// Its direct writes are gated: the DR side holds them until the group is synchronous.
+    pub fn gated(&self) -> bool {
+        self.lock().gated()
+    }
+
+    /// Whether a catch-up runs, or its last unit is not yet staged on the DR side.
+    pub fn catching_up(&self) -> bool {
+        self.lock().catching_up()
+    }
+
+    /// Whether the pair's epochs are cut by its consistency group.
+    pub fn grouped(&self) -> bool {
+        self.lock().grouped()
+    }
+
+    /// The spans the DR side can only take whole, for the group's commit.
+    pub fn atomic_spans(&self) -> Vec<AtomicSpan> {
+        self.lock().atomic_spans()
+    }
+
+    /// Where the catch-up unit being made began, if one is.
+    pub fn unit_in_progress(&self) -> Option<Epoch> {
+        self.lock().unit_in_progress()
+    }
+
+    /// How long the group's cuts held this pair's answers.
+    pub fn hold_summary(&self) -> HoldSummary {
+        self.lock().hold_summary()
+    }
+
+    /// How long frames the DR side acknowledges one by one have waited with no answer;
+    /// `None` when none waits.
+    pub fn unanswered_for(&self) -> Option<Duration> {
+        let now_us = self.now_us();
+        self.lock()
+            .unanswered_for_us(now_us)
+            .map(Duration::from_micros)
+    }
+
+    /// How long ago the DR side last refused a staged write for want of room in its stage
+    /// log, if it did since the pair last went live.
+    pub fn stage_full_for(&self) -> Option<Duration> {
+        let now_us = self.now_us();
+        self.lock()
+            .stage_full_for_us(now_us)
+            .map(Duration::from_micros)
+    }
+
+    /// Resync bytes acknowledged so far.
+    pub fn resync_acked(&self) -> u64 {
+        self.lock().resync_acked()
     }
 
     // ---- the connection's life ----
 
     /// The DR side accepted the stream, holding everything up to `staged`.
     pub fn connected(&self, staged: Epoch) {
-        let mut state = self.lock();
-        state.journal.reconnected(staged);
-        state.needs_catch_up = false;
-        // A sync's end is acknowledged on the stream that sent it; a new stream starts over.
-        state.sync_done_acked = None;
+        self.lock().connected(staged);
     }
 
-    /// Live writes start flowing: direct in hypermetro, journaled in async. With
-    /// `after_catch_up`, journaled writes still outstanding are sealed before direct ones.
+    /// Live writes start flowing: direct in hypermetro, journaled in async.
     pub fn go_live(&self) {
-        let mut state = self.lock();
-        state.stage_full_at_us = None;
-        // Reconnected with nothing to catch up: what the DR side gets next is journaled,
-        // epoch by epoch, from the current one.
-        let current = state.journal.current_epoch();
-        state.atomic.close(current);
-        match self.model {
-            // A pair of a hypermetro group goes synchronous only with its whole group (a
-            // direct cut); until then it journals like an async pair.
-            ReplicationModel::Hypermetro if !state.grouped => {
-                state.journal.switch_to_direct();
-                state.live = Live::Sync;
-            }
-            _ => {
-                state.journal.start_journaling();
-                state.live = Live::Journal;
-            }
-        }
-        drop(state);
-        self.wake_sender.notify_one();
+        self.apply(Machine::go_live);
     }
 
     /// A catch-up starts: live writes are tracked only, extents are staged.
     pub fn begin_catch_up(&self) {
-        let mut state = self.lock();
-        state.open_atomic_span();
-        state.journal.begin_catch_up();
-        state.live = Live::Tracked;
-        state.needs_catch_up = false;
+        self.lock().begin_catch_up();
     }
 
     /// The catch-up's dirty set is small: live writes are journaled with it. Returns false
-    /// if the catch-up was given up (the journal overflowed or the DR side refused a staged
-    /// write): the reader stops, and a new catch-up starts from the bitmap.
+    /// if the catch-up was given up: the reader stops, and a new catch-up starts from the
+    /// bitmap.
     #[must_use]
     pub fn begin_final_pass(&self) -> bool {
-        let mut state = self.lock();
-        let going_on = state.journal.begin_final_pass();
-        if going_on {
-            state.live = Live::Journal;
-        }
-        going_on
+        self.lock().begin_final_pass()
     }
 
     /// The last extent is queued: returns the epoch whose seal ends the catch-up, or `None`
     /// if the catch-up was given up (nothing is sealed).
     #[must_use]
     pub fn finish_catch_up(&self) -> Option<Epoch> {
-        let now_ms = self.clock.wall_ms();
-        let mut state = self.lock();
-        let cut = !state.grouped;
-        let end = state.journal.finish_catch_up(cut)?;
-        if cut {
-            state.cut_times.insert(end, now_ms);
-        }
-        state.atomic.close(end);
-        drop(state);
-        self.wake_sender.notify_one();
-        Some(end)
+        let wall_ms = self.clock.wall_ms();
+        self.step(|m| m.finish_catch_up(wall_ms))
     }
 
-    /// The stream broke: nothing more reaches the DR side until a new one. Writes waiting
-    /// for the peer are answered (their blocks stay dirty: rule 1), tickets are forgotten,
-    /// and live writes are tracked by the bitmap.
-    ///
-    /// A synchronous pair of a consistency group *trips* instead: the answers of the writes
-    /// that waited, and of every later one, are held until its group's trip cut, so no write
-    /// that depends on them is answered before every pair of the group stopped writing its
-    /// DR side directly.
+    /// The stream broke (see [`Production::disconnected`]).
     pub fn disconnected(&self) {
-        let mut state = self.lock();
-        state.end_stream = None;
-        let cut = state.cut_off();
-        drop(state);
-        self.finish_cut_off(cut);
+        let now_us = self.now_us();
+        self.apply(|m| m.disconnected(now_us));
     }
 
-    /// A synchronous pair of a group trips, and its stream must end (see
-    /// `State::end_stream_to_trip`).
-    fn trip_and_end_stream(&self, mut state: MutexGuard<'_, State>, why: &'static str) {
-        let cut = state.end_stream_to_trip(why);
-        drop(state);
-        self.finish_cut_off(cut);
-    }
-
-    /// Does what a cut-off leaves to do once the state's lock is released.
-    fn finish_cut_off(&self, cut: CutOff) {
-        self.tracker.forget(cut.forget);
-        for (token, mailbox, _) in cut.answers {
-            mailbox.deliver(token);
-        }
-        self.changed.notify_all();
-    }
-
-    /// A production agent starts with its pair in a consistency group, whose last cut it
-    /// recorded switching to is `to`: it admits in `to` (never in an epoch the group left),
-    /// and holds its answers as for that cut, whose round may still be running while
-    /// another host admits in the epoch before (`AnswerHold::restarted`).
-    pub fn start_in_group(&self, to: Epoch) {
-        let mut state = self.lock();
-        state.grouped = true;
-        state.journal.advance_epoch_to(to);
-        state.hold = AnswerHold::restarted(to, state.now_us() / 1000);
-    }
-
-    /// A production agent that starts with its pair in a hypermetro group starts tripped:
-    /// the others may still write their DR sides directly, and this pair's writes are only
-    /// tracked until it catches up.
-    pub fn start_tripped(&self) {
-        let mut state = self.lock();
-        state.grouped = true;
-        let now_ms = state.now_us() / 1000;
-        state.hold.trip(now_ms, []);
-    }
-
-    /// The pair tripped and waits for its group's trip cut.
-    pub fn trip_wanted(&self) -> bool {
-        self.lock().hold.trip_wanted()
-    }
-
-    /// Its direct writes are gated: the DR side holds them until the group is synchronous.
-    pub fn gated(&self) -> bool {
-        self.lock().journal.gated()
-    }
-
-    /// Whether a catch-up runs, or its last unit is not yet staged on the DR side.
-    pub fn catching_up(&self) -> bool {
-        self.lock().journal.catching_up()
-    }
-
-    /// The periodic cut: new writes go to the next epoch.
-    pub fn advance_epoch(&self) {
-        let now_ms = self.clock.wall_ms();
-        let mut state = self.lock();
-        let cut = state.journal.current_epoch();
-        state.cut_times.insert(cut, now_ms);
-        state.journal.advance_epoch();
-        drop(state);
-        self.wake_sender.notify_one();
+    /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
+    pub fn request_catch_up(&self) {
+        let now_us = self.now_us();
+        self.apply(|m| m.request_catch_up(now_us));
     }
 
     // ---- consistency groups ----
 
-    /// The spans the DR side can only take whole, for the group's commit.
-    pub fn atomic_spans(&self) -> Vec<AtomicSpan> {
-        self.lock().atomic.list()
+    /// A production agent starts with its pair in a consistency group whose last cut it
+    /// recorded switching to is `to` (see [`Production::start_in_group`]).
+    pub fn start_in_group(&self, to: Epoch) {
+        let now_us = self.now_us();
+        self.lock().start_in_group(to, now_us);
     }
 
-    /// Where the catch-up unit being made began (the DR side had staged that epoch), if
-    /// one is: its span is open.
-    pub fn unit_in_progress(&self) -> Option<Epoch> {
-        self.lock().atomic.in_progress()
+    /// A production agent that starts with its pair in a hypermetro group starts tripped.
+    pub fn start_tripped(&self) {
+        let now_us = self.now_us();
+        self.lock().start_tripped(now_us);
     }
 
-    /// A restarted agent whose pair was making a catch-up unit after `from` (as its record
-    /// says): the unit's span is reported open again, until a catch-up ends it or the pair
-    /// goes live; its end may be staged already, before any cut ack said where it ended.
+    /// The periodic cut: new writes go to the next epoch.
+    pub fn advance_epoch(&self) {
+        let wall_ms = self.clock.wall_ms();
+        self.apply(|m| m.advance_epoch(wall_ms));
+    }
+
+    /// A restarted agent whose pair was making a catch-up unit after `from`: its span is
+    /// reported open again (see [`Production::resume_unit`]).
     pub fn resume_unit(&self, from: Epoch) {
-        self.lock().atomic.open(from);
-    }
-
-    /// Whether the pair's epochs are cut by its consistency group.
-    pub fn grouped(&self) -> bool {
-        self.lock().grouped
+        self.lock().resume_unit(from);
     }
 
     /// Puts the pair under its group's cuts, or back under its own ticker (answers still
     /// held are given).
     pub fn set_grouped(&self, grouped: bool) {
-        let mut state = self.lock();
-        state.grouped = grouped;
-        let held = if grouped {
-            Vec::new()
-        } else {
-            state.hold.give_all()
-        };
-        drop(state);
-        deliver_held(held);
+        self.apply(|m| m.set_grouped(grouped));
     }
 
-    /// The group's cut to `to`: answers of writes that complete from now on are held until
-    /// the release, and admissions take epoch `to`; `mode` may also switch a hypermetro pair
-    /// between synchronous and journaled. Returns the last epoch the DR side staged, for the
-    /// coordinator's commit, and whether the pair is synchronous now. `now_ms`: when the
-    /// cut happened (wall time, read once per cut from the agent's clock).
+    /// The group's cut to `to` (see [`Production::group_cut`]). `now_ms`: when the cut
+    /// happened (wall time, read once per cut from the agent's clock).
     pub fn group_cut(&self, to: Epoch, mode: CutMode, now_ms: u64) -> (Epoch, bool) {
-        let mut state = self.lock();
-        state.grouped = true;
-        let current = state.journal.current_epoch();
-        let switched = to > current;
-        if switched {
-            state.cut_times.insert(current, now_ms);
-            state.journal.advance_epoch_to(to);
-        }
-        match mode {
-            CutMode::Trip if state.live == Live::Sync => {
-                // Gated writes already sent stay held on the DR side: unanswered, they time
-                // out and the pair trips again.
-                state.journal.set_gated(false);
-                state.live = Live::Journal;
-            }
-            CutMode::Direct if state.live == Live::Journal && !state.journal.catching_up() => {
-                state.journal.switch_to_direct();
-                state.journal.set_gated(true);
-                state.live = Live::Sync;
-            }
-            _ => {}
-        }
-        let monotonic_ms = state.now_us() / 1000;
-        state.hold.on_cut(to, mode, switched, monotonic_ms);
-        let answer = (
-            state.journal.staged_epoch(),
-            state.live == Live::Sync && self.model == ReplicationModel::Hypermetro,
-        );
-        drop(state);
-        self.wake_sender.notify_one();
-        answer
+        let now_us = self.now_us();
+        self.step(|m| m.group_cut(to, mode, now_ms, now_us))
     }
 
-    /// The group's release of the cut to `to`: the held answers are given. A pair that
-    /// missed the cut switches now. A trip hold is given only if the round `tripped` (and the
-    /// trip cut reached it). If it went `synchronous` (a direct cut every host switched at),
-    /// the DR side may write the gated writes once it applied epoch `to`. `now_ms`: as for
-    /// [`PairLink::group_cut`].
+    /// The group's release of the cut to `to` (see [`Production::group_release`]).
     pub fn group_release(&self, to: Epoch, outcome: RoundOutcome, now_ms: u64) {
-        let mut state = self.lock();
-        let current = state.journal.current_epoch();
-        if to > current {
-            state.cut_times.insert(current, now_ms);
-            state.journal.advance_epoch_to(to);
-        }
-        if outcome.synchronous && state.live == Live::Sync && state.journal.gated() {
-            state.journal.ungate(to);
-        }
-        let held = state.hold.on_release(to, outcome);
-        let now_us = state.now_us();
-        state
-            .hold_times
-            .record(held.iter().map(|(_, _, at)| *at), now_us);
-        drop(state);
-        self.wake_sender.notify_one();
-        deliver_held(held);
+        let now_us = self.now_us();
+        self.apply(|m| m.group_release(to, outcome, now_ms, now_us));
     }
 
     /// The pair's volume is no longer production (its group failed over): the answers a
-    /// trip held are given, failed with `errno`. Their writes are on this volume only, which
-    /// the group left: acknowledging them would be acknowledging writes the group lost.
+    /// trip held are given, failed with `errno`.
     pub fn fail_held(&self, errno: i32) {
-        let held = self.lock().hold.give_all();
-        for (token, mailbox, _) in held {
+        let held = self.lock().fail_held();
+        for (token, mailbox) in held {
             mailbox.deliver_failed(token, errno);
         }
     }
 
-    /// How long the group's cuts held this pair's answers.
-    pub fn hold_summary(&self) -> HoldSummary {
-        let (recent, held) = self.lock().hold_times.snapshot();
-        HoldTimes::summary(recent, held)
-    }
-
-    /// Gives the answers held longer than `timeout` (the coordinator is away): the
-    /// coordinator never commits a cut it did not release itself.
+    /// Gives the answers held longer than `timeout` (the coordinator is away).
     pub fn release_held_longer_than(&self, timeout: Duration) {
-        let mut state = self.lock();
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let now_us = state.now_us();
-        let held = state.hold.expire(now_us / 1000, timeout_ms);
-        state
-            .hold_times
-            .record(held.iter().map(|(_, _, at)| *at), now_us);
-        drop(state);
-        deliver_held(held);
+        let now_us = self.now_us();
+        self.apply(|m| m.release_held_longer_than(timeout_ms, now_us));
     }
 
-    // ---- the sender ----
+    // ---- the sender and the DR side's answers ----
 
     /// Takes up to `max_bytes` of frames to send, in order.
-    pub fn take_frames(&self, max_bytes: u64, out: &mut Vec<OutFrame>) {
-        let mut state = self.lock();
-        let mut bytes = 0;
-        while bytes < max_bytes {
-            let Some(frame) = state.journal.poll_send() else {
-                break;
-            };
-            let frame = match frame {
-                Outgoing::Seal { epoch } => {
-                    let cut_ms = state.cut_times.get(&epoch).copied().unwrap_or(0);
-                    // Older cut times are no longer needed.
-                    state.cut_times = state.cut_times.split_off(&epoch);
-                    OutFrame::Seal { epoch, cut_ms }
-                }
-                Outgoing::Write {
-                    epoch,
-                    seq,
-                    range,
-                    payload,
-                    direct,
-                    fua,
-                    gated,
-                } => {
-                    bytes += payload_len(&payload) + 48;
-                    OutFrame::Write {
-                        epoch,
-                        seq,
-                        range,
-                        payload,
-                        direct,
-                        fua,
-                        gated,
-                    }
-                }
-                Outgoing::Ungate { epoch } => OutFrame::Ungate { epoch },
-                Outgoing::Flush { seq } => OutFrame::Flush { seq },
-                Outgoing::Discard { after } => OutFrame::Discard { after },
-                Outgoing::SyncDone { epoch } => OutFrame::SyncDone { epoch },
-                Outgoing::Verify { id, after } => match state.probes.get(id) {
-                    Some(probe) => OutFrame::Verify {
-                        id,
-                        offset: probe.range.offset,
-                        after,
-                        crcs: probe.crcs.clone(),
-                    },
-                    None => continue,
-                },
-            };
-            out.push(frame);
-        }
-        drop(state);
-        self.changed.notify_all();
+    pub fn take_frames(&self, max_bytes: u64, out: &mut Vec<Transmit<Data>>) {
+        self.apply(|m| m.take_frames(max_bytes, out));
     }
-
-    // ---- the DR side's answers ----
 
     /// A direct write or a flush was acknowledged.
     pub fn handle_ack(&self, seq: WriteSeq) {
-        let pending = {
-            let mut state = self.lock();
-            state.answered_at_us = state.now_us();
-            state.pending.remove(&seq)
-        };
-        match pending {
-            Some(Pending::Write {
-                ticket,
-                token,
-                mailbox,
-                local_failed,
-                ..
-            }) => {
-                if local_failed {
-                    self.tracker.forget(ticket);
-                } else {
-                    self.tracker.redeem(ticket);
-                }
-                mailbox.deliver(token);
-            }
-            Some(Pending::Flush { token, mailbox }) => mailbox.deliver(token),
-            Some(Pending::Extent {
-                ticket,
-                range,
-                payload,
-            }) => {
-                self.tracker.redeem([ticket]);
-                let mut state = self.lock();
-                state.resync_acked += range.len;
-                state.unacked_extent_bytes -= payload_len(&payload);
-                drop(state);
-                self.changed.notify_all();
-            }
-            None => tracing::debug!(%seq, "acknowledgement of nothing pending"),
-        }
+        let now_us = self.now_us();
+        self.apply(|m| m.handle_ack(seq, now_us));
     }
 
-    /// How long frames the DR side acknowledges one by one (hypermetro writes, flushes,
-    /// direct resync extents) have waited with no answer; `None` when none waits.
-    pub fn unanswered_for(&self) -> Option<Duration> {
-        let state = self.lock();
-        (!state.pending.is_empty())
-            .then(|| Duration::from_micros(state.now_us().saturating_sub(state.answered_at_us)))
+    /// The DR side synced every epoch ≤ `epoch` into its stage log.
+    pub fn handle_staged(&self, epoch: Epoch) {
+        let now_us = self.now_us();
+        self.apply(|m| m.handle_staged(epoch, now_us));
+    }
+
+    /// The DR side rejected a frame (see [`Production::handle_reject`]).
+    pub fn handle_reject(&self, seq: WriteSeq, reason: RejectReason) {
+        let now_us = self.now_us();
+        self.apply(|m| m.handle_reject(seq, reason, now_us));
+    }
+
+    /// The DR side recorded the end of the initial sync of `epoch` durably.
+    pub fn handle_sync_done_ack(&self, epoch: Epoch) {
+        let now_us = self.now_us();
+        self.apply(|m| m.handle_sync_done_ack(epoch, now_us));
     }
 
     // ---- online verify ----
@@ -743,150 +403,27 @@ impl PairLink {
     /// Queues verify probe `id` behind everything queued so far. Returns false if nothing
     /// reaches the DR side now (no stream, or bitmap mode).
     pub fn push_verify(&self, id: ProbeId, probe: Probe) -> bool {
-        let mut state = self.lock();
-        let epochs = match state.live {
-            Live::Tracked => return false,
-            Live::Sync => false,
-            Live::Journal => true,
-        };
-        if !state.journal.push_verify(id, epochs) {
-            return false;
-        }
-        state.probes.insert(id, probe);
-        drop(state);
-        self.wake_sender.notify_one();
-        true
+        self.step(|m| m.push_verify(id, probe))
     }
 
     /// The DR side compared probe `id`: these blocks differ there.
     pub fn handle_verified(&self, id: ProbeId, differing: &[u16]) {
-        let mut state = self.lock();
-        state.answered_at_us = state.now_us();
-        state.probes.answer(id, differing);
-        drop(state);
-        self.changed.notify_all();
+        let now_us = self.now_us();
+        self.apply(|m| m.handle_verified(id, differing, now_us));
     }
 
     /// The probes answered (or lost) so far; waits up to `timeout` for one if none is.
     pub fn wait_verify_results(&self, timeout: Duration) -> Vec<(ProbeId, ProbeResult)> {
-        let mut state = self.lock();
-        let done = state.probes.take_done();
+        let mut machine = self.lock();
+        let done = machine.take_verify_results();
         if !done.is_empty() {
             return done;
         }
-        let (mut state, _) = self
+        let (mut machine, _) = self
             .changed
-            .wait_timeout(state, timeout)
+            .wait_timeout(machine, timeout)
             .unwrap_or_else(|e| e.into_inner());
-        state.probes.take_done()
-    }
-
-    /// How long ago the DR side last refused a staged write for want of room in its stage
-    /// log, if it did since the pair last went live.
-    pub fn stage_full_for(&self) -> Option<Duration> {
-        let state = self.lock();
-        state
-            .stage_full_at_us
-            .map(|at| Duration::from_micros(state.now_us().saturating_sub(at)))
-    }
-
-    /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
-    pub fn request_catch_up(&self) {
-        let mut state = self.lock();
-        if state.synchronous_in_a_group() {
-            return self.trip_and_end_stream(state, "blocks must be copied again");
-        }
-        state.open_atomic_span();
-        state.needs_catch_up = true;
-    }
-
-    /// The DR side synced every epoch ≤ `epoch` into its stage log.
-    pub fn handle_staged(&self, epoch: Epoch) {
-        let tickets = {
-            let mut state = self.lock();
-            state.answered_at_us = state.now_us();
-            state.journal.handle_staged(epoch)
-        };
-        self.tracker.redeem(tickets);
-        self.changed.notify_all();
-    }
-
-    /// The DR side rejected a frame: its CRC failed on the way (a direct one is sent again;
-    /// a staged one spoils its unit, so the pair falls back to a catch-up), or its stage log
-    /// is at its cap (the pair falls back to the bitmap, and catches up once there is room).
-    pub fn handle_reject(&self, seq: WriteSeq, reason: RejectReason) {
-        let mut state = self.lock();
-        if reason == RejectReason::StageFull {
-            if state.stage_full_at_us.is_none() {
-                tracing::warn!(
-                    "the DR side's stage log is full: the pair falls back to the bitmap"
-                );
-            }
-            state.stage_full_at_us = Some(state.now_us());
-        } else {
-            self.counters
-                .extents_rejected
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        match state.pending.remove(&seq) {
-            Some(Pending::Write {
-                ticket,
-                token,
-                mailbox,
-                local_failed,
-                range,
-                payload,
-                fua,
-            }) => {
-                let again = state.journal.push_direct(range, payload.clone(), fua);
-                state.await_ack(
-                    again,
-                    Pending::Write {
-                        ticket,
-                        token,
-                        mailbox,
-                        local_failed,
-                        range,
-                        payload,
-                        fua,
-                    },
-                );
-            }
-            Some(Pending::Extent {
-                ticket,
-                range,
-                payload,
-            }) => {
-                let again = state.journal.push_direct(range, payload.clone(), false);
-                state.await_ack(
-                    again,
-                    Pending::Extent {
-                        ticket,
-                        range,
-                        payload,
-                    },
-                );
-            }
-            Some(flush @ Pending::Flush { .. }) => {
-                state.await_ack(seq, flush);
-            }
-            None => {
-                // A staged write: its epoch cannot be applied whole, nor any later one (the
-                // DR side drops their writes and seals until the Discard this queues). Start
-                // over from the bitmap.
-                if state.synchronous_in_a_group() {
-                    return self.trip_and_end_stream(state, "the DR side refused a staged write");
-                }
-                let forget = state.journal.spoiled();
-                state.fall_back_to_the_bitmap();
-                drop(state);
-                self.tracker.forget(forget);
-                self.wake_sender.notify_one();
-                return;
-            }
-        }
-        drop(state);
-        self.wake_sender.notify_one();
+        machine.take_verify_results()
     }
 
     // ---- the resync reader ----
@@ -894,27 +431,23 @@ impl PairLink {
     /// Waits until `bytes` more fit in the queue, and among the resync extents not yet
     /// acknowledged. Returns false if `stop` says to give up.
     pub fn wait_for_room(&self, bytes: u64, stop: &dyn Fn() -> bool) -> bool {
-        self.wait_until(stop, |state| {
-            let unacked = state.unacked_extent_bytes;
-            state.journal.has_room(bytes)
-                && (unacked == 0 || unacked + bytes <= state.journal.limit())
-        })
+        self.wait_until(stop, |m| m.has_room_for(bytes))
     }
 
-    /// Waits (the resync thread, blocking) until `ready` holds of the link's state, waking
+    /// Waits (the resync thread, blocking) until `ready` holds of the machine, waking
     /// whenever frames are taken or answered. Returns false if `stop` says to give up.
-    fn wait_until(&self, stop: &dyn Fn() -> bool, ready: impl Fn(&State) -> bool) -> bool {
-        let mut state = self.lock();
+    fn wait_until(&self, stop: &dyn Fn() -> bool, ready: impl Fn(&Machine) -> bool) -> bool {
+        let mut machine = self.lock();
         loop {
             if stop() {
                 return false;
             }
-            if ready(&state) {
+            if ready(&machine) {
                 return true;
             }
-            state = self
+            machine = self
                 .changed
-                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .wait_timeout(machine, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -924,46 +457,30 @@ impl PairLink {
     /// if `stop` says to give up, or if the catch-up was given up before its seal was sent
     /// (that seal never will be).
     pub fn wait_for_catch_up_end(&self, end: Epoch, stop: &dyn Fn() -> bool) -> bool {
-        let given_up = |state: &State| state.journal.mode() == Mode::Bitmap;
-        self.wait_until(stop, |state| {
-            state.journal.staged_epoch() >= end || given_up(state)
-        }) && self.lock().journal.staged_epoch() >= end
+        self.wait_until(stop, |m| m.catch_up_settled(end)) && self.lock().staged_epoch() >= end
     }
 
     /// Waits until every resync extent sent direct was acknowledged.
     pub fn wait_for_extents(&self, stop: &dyn Fn() -> bool) -> bool {
-        // Once the stream must end, extents it dropped are neither pending nor on the DR
-        // side: the wait lasts until the session stops the sync.
-        self.wait_until(stop, |state| {
-            state.end_stream.is_none()
-                && !state
-                    .pending
-                    .values()
-                    .any(|p| matches!(p, Pending::Extent { .. }))
-        })
+        self.wait_until(stop, Machine::extents_acknowledged)
+    }
+
+    /// Waits until the DR side recorded the end of the initial sync of `epoch` (or a later
+    /// one). Returns false if `stop` says to give up.
+    pub fn wait_for_sync_done(&self, epoch: Epoch, stop: &dyn Fn() -> bool) -> bool {
+        self.wait_until(stop, |m| m.sync_done_acknowledged(epoch))
     }
 
     /// Queues an extent read for an initial sync: written direct on the DR side.
     pub fn push_sync_extent(&self, range: ByteRange, payload: Payload<Data>, ticket: Ticket) {
-        let mut state = self.lock();
-        state.unacked_extent_bytes += payload_len(&payload);
-        let seq = state.journal.push_direct(range, payload.clone(), false);
-        state.await_ack(
-            seq,
-            Pending::Extent {
-                ticket,
-                range,
-                payload,
-            },
-        );
-        drop(state);
-        self.wake_sender.notify_one();
+        let now_us = self.now_us();
+        self.apply(|m| m.push_sync_extent(range, payload, ticket, now_us));
     }
 
     /// Admits a catch-up extent about to be read (its epoch is taken now, with its blocks
     /// locked).
-    pub fn admit_catch_up_extent(&self) -> blockrep_core::replication::Admitted {
-        self.lock().journal.admit()
+    pub fn admit_catch_up_extent(&self) -> Admitted {
+        self.lock().admit_catch_up_extent()
     }
 
     /// Queues a catch-up extent: staged on the DR side until the catch-up's seal. Returns
@@ -972,141 +489,55 @@ impl PairLink {
     #[must_use]
     pub fn push_catch_up_extent(
         &self,
-        admitted: blockrep_core::replication::Admitted,
+        admitted: Admitted,
         range: ByteRange,
         payload: Payload<Data>,
         ticket: Ticket,
     ) -> bool {
-        let mut state = self.lock();
-        let queued = state
-            .journal
-            .complete_resync(admitted, range, payload, ticket);
-        drop(state);
-        if queued {
-            self.wake_sender.notify_one();
-        } else {
-            self.tracker.forget([ticket]);
-        }
-        queued
+        self.step(|m| m.push_catch_up_extent(admitted, range, payload, ticket))
     }
 
     /// A catch-up extent admitted but not read (the read failed): it leaves its epoch
     /// without data, and its blocks stay dirty.
-    pub fn abandon_catch_up_extent(&self, admitted: blockrep_core::replication::Admitted) {
-        self.lock().journal.abandon(admitted);
-    }
-
-    /// The DR side recorded the end of the initial sync of `epoch` durably.
-    pub fn handle_sync_done_ack(&self, epoch: Epoch) {
-        let mut state = self.lock();
-        state.answered_at_us = state.now_us();
-        state.sync_done_acked = state.sync_done_acked.max(Some(epoch));
-        drop(state);
-        self.changed.notify_all();
-    }
-
-    /// Waits until the DR side recorded the end of the initial sync of `epoch` (or a later
-    /// one). Returns false if `stop` says to give up.
-    pub fn wait_for_sync_done(&self, epoch: Epoch, stop: &dyn Fn() -> bool) -> bool {
-        self.wait_until(stop, |state| state.sync_done_acked >= Some(epoch))
+    pub fn abandon_catch_up_extent(&self, admitted: Admitted) {
+        self.lock().abandon_catch_up_extent(admitted);
     }
 
     /// Queues the end of an initial sync.
     pub fn push_sync_done(&self) -> Epoch {
-        let mut state = self.lock();
-        let direct = state.live == Live::Sync;
-        let epoch = state.journal.push_sync_done(direct);
-        drop(state);
-        self.wake_sender.notify_one();
-        epoch
-    }
-
-    /// Resync bytes acknowledged so far.
-    pub fn resync_acked(&self) -> u64 {
-        self.lock().resync_acked
+        self.step(Machine::push_sync_done)
     }
 
     pub fn reset_resync_progress(&self) {
-        self.lock().resync_acked = 0;
+        self.lock().reset_resync_progress();
     }
 }
 
-/// A frame taken for the sender.
-#[derive(Debug)]
-pub enum OutFrame {
-    Write {
-        epoch: Epoch,
-        seq: WriteSeq,
-        range: ByteRange,
-        payload: Payload<Data>,
-        direct: bool,
-        fua: bool,
-        gated: bool,
-    },
-    Ungate {
-        epoch: Epoch,
-    },
-    Flush {
-        seq: WriteSeq,
-    },
-    Seal {
-        epoch: Epoch,
-        cut_ms: u64,
-    },
-    Discard {
-        after: Epoch,
-    },
-    SyncDone {
-        epoch: Epoch,
-    },
-    Verify {
-        id: ProbeId,
-        offset: u64,
-        after: Option<Epoch>,
-        crcs: Vec<u32>,
-    },
-}
-
-fn payload_len(payload: &Payload<Data>) -> u64 {
-    match payload {
-        Payload::Data(d) => d.payload_len(),
-        Payload::Zeroes => 0,
-    }
-}
-
-fn to_payload(data: &ReplicaData) -> Option<Payload<Data>> {
-    match data {
-        ReplicaData::Data(bytes) => Some(Payload::Data(Data(bytes.clone()))),
-        ReplicaData::Zeroes => Some(Payload::Zeroes),
-        ReplicaData::Unchanged => None,
+/// The machine's view of a write on its way through the gate.
+fn local_write(write: &Replicated) -> LocalWrite<Data> {
+    LocalWrite {
+        range: write.range,
+        payload: match &write.data {
+            ReplicaData::Data(bytes) => Some(Payload::Data(Data(bytes.clone()))),
+            ReplicaData::Zeroes => Some(Payload::Zeroes),
+            ReplicaData::Unchanged => None,
+        },
+        fua: write.fua,
+        token: write.token,
+        mode: write.mode,
+        ticket: write.ticket,
+        sent: write.seq.filter(|_| write.sent),
     }
 }
 
 impl ReplicaLink for PairLink {
     fn admit(&self, writes: &mut [Replicated]) {
-        let mut state = self.lock();
-        if !state.probes.is_empty() {
-            for write in writes.iter() {
-                state.probes.spoil(write.range);
-            }
-        }
+        let mut machine = self.lock();
         for write in writes.iter_mut() {
-            write.mode = match state.live {
-                Live::Tracked if matches!(self.model, ReplicationModel::Hypermetro) => {
-                    ReplicaMode::Tracked
-                }
-                Live::Sync => ReplicaMode::Sync,
-                // Async (and hypermetro's final pass): every write counts in its epoch, so
-                // the epoch is not sealed before it completes, journaled or not.
-                Live::Tracked | Live::Journal => ReplicaMode::Journal(state.journal.admit()),
-            };
+            write.mode = machine.admit(write.range);
         }
-        drop(state);
-        let wants_ticket = |w: &Replicated| match w.mode {
-            ReplicaMode::Sync => true,
-            ReplicaMode::Journal(admitted) => admitted.journaled,
-            ReplicaMode::Tracked => false,
-        };
+        drop(machine);
+        let wants_ticket = |w: &Replicated| w.mode.wants_ticket();
         let ranges: Vec<ByteRange> = writes
             .iter()
             .filter(|w| wants_ticket(w))
@@ -1127,190 +558,29 @@ impl ReplicaLink for PairLink {
         if write.mode != ReplicaMode::Sync {
             return;
         }
-        self.send_sync(write, mailbox);
+        let mut local = local_write(write);
+        let now_us = self.now_us();
+        let sent = self.step(|m| m.send_direct(&mut local, mailbox, now_us));
+        write.ticket = local.ticket;
+        write.sent = sent.is_some();
+        write.seq = sent;
     }
 
-    fn local_done(&self, mut write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        match write.mode {
-            ReplicaMode::Tracked => self.lock().answer_or_hold(write.token, mailbox),
-            ReplicaMode::Sync if write.sent => AfterLocal::WaitForPeer,
-            ReplicaMode::Sync => {
-                if self.send_sync(&mut write, mailbox) {
-                    AfterLocal::WaitForPeer
-                } else {
-                    // The link went down since its admission (a slow-path write, or one
-                    // parked while the activity log synced): a trip holds it like any other.
-                    self.lock().answer_or_hold(write.token, mailbox)
-                }
-            }
-            ReplicaMode::Journal(admitted) => {
-                let mut state = self.lock();
-                let was_idle = state.journal.nothing_to_send();
-                let completed = match to_payload(&write.data) {
-                    Some(payload) => {
-                        state
-                            .journal
-                            .complete(admitted, write.range, payload, write.ticket)
-                    }
-                    None => {
-                        state.journal.abandon(admitted);
-                        Completed::NotJournaled
-                    }
-                };
-                let overflowed = matches!(completed, Completed::Overflowed { .. });
-                let mut cut = None;
-                if overflowed {
-                    if state.synchronous_in_a_group() {
-                        cut = Some(state.end_stream_to_trip("the journal overflowed"));
-                    } else {
-                        state.fall_back_to_the_bitmap();
-                    }
-                }
-                // The sender drains everything once woken: only the first frame after it
-                // went idle needs to wake it.
-                let wake = was_idle && !state.journal.nothing_to_send();
-                // Decided under the same lock: a cut either came before (held) or after.
-                let answer = state.answer_or_hold(write.token, mailbox);
-                drop(state);
-                if let Some(cut) = cut {
-                    self.finish_cut_off(cut);
-                }
-                match completed {
-                    Completed::Queued => {}
-                    Completed::NotJournaled => self.tracker.forget(write.ticket),
-                    Completed::Overflowed { forget } => {
-                        self.counters.overflows.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("journal full: the pair falls back to bitmap mode");
-                        self.tracker.forget(forget);
-                    }
-                }
-                if wake {
-                    self.wake_sender.notify_one();
-                }
-                answer
-            }
-        }
+    fn local_done(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
+        let local = local_write(&write);
+        let now_us = self.now_us();
+        self.step(|m| m.local_done(local, mailbox, now_us))
     }
 
     fn local_failed(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        match write.mode {
-            ReplicaMode::Sync if write.sent => {
-                // The DR side has the data; this side's blocks hold whatever the failed
-                // write left. They stay dirty (the peer's answer forgets the ticket), and a
-                // catch-up makes the two the same again.
-                let mut state = self.lock();
-                let answered = match write.seq.and_then(|seq| state.pending.get_mut(&seq)) {
-                    Some(Pending::Write { local_failed, .. }) => {
-                        *local_failed = true;
-                        false
-                    }
-                    _ => true,
-                };
-                let cut = state.catch_up_failed_write();
-                drop(state);
-                if let Some(cut) = cut {
-                    self.finish_cut_off(cut);
-                }
-                // If the peer's answer came first, it cleared them.
-                if answered && let Err(e) = self.tracker.mark_durably(&[write.range]) {
-                    tracing::error!(
-                        range = %write.range,
-                        error = %e,
-                        "cannot mark a write that failed here dirty again"
-                    );
-                }
-                AfterLocal::WaitForPeer
-            }
-            ReplicaMode::Journal(admitted) => {
-                let mut state = self.lock();
-                state.journal.abandon(admitted);
-                let cut = state.catch_up_failed_write();
-                let answer = state.answer_or_hold(write.token, mailbox);
-                drop(state);
-                if let Some(cut) = cut {
-                    self.finish_cut_off(cut);
-                }
-                self.tracker.forget(write.ticket);
-                answer
-            }
-            _ => {
-                self.tracker.forget(write.ticket);
-                let mut state = self.lock();
-                let cut = state.catch_up_failed_write();
-                let answer = state.answer_or_hold(write.token, mailbox);
-                drop(state);
-                if let Some(cut) = cut {
-                    self.finish_cut_off(cut);
-                }
-                answer
-            }
-        }
+        let local = local_write(&write);
+        let now_us = self.now_us();
+        self.step(|m| m.local_failed(local, mailbox, now_us))
     }
 
     fn flush(&self, token: AnswerToken, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        let mut state = self.lock();
-        if state.live != Live::Sync {
-            return AfterLocal::Answer;
-        }
-        let seq = state.journal.push_flush();
-        state.await_ack(
-            seq,
-            Pending::Flush {
-                token,
-                mailbox: Arc::clone(mailbox),
-            },
-        );
-        drop(state);
-        self.wake_sender.notify_one();
-        AfterLocal::WaitForPeer
-    }
-}
-
-impl PairLink {
-    /// Queues a hypermetro write's frame, unless the link went down since its admission.
-    /// Returns whether the peer will answer it.
-    fn send_sync(&self, write: &mut Replicated, mailbox: &Arc<Mailbox>) -> bool {
-        let mut state = self.lock();
-        let Some(payload) = to_payload(&write.data) else {
-            drop(state);
-            self.tracker.forget(write.ticket.take());
-            return false;
-        };
-        if state.live != Live::Sync {
-            drop(state);
-            self.tracker.forget(write.ticket.take());
-            return false;
-        }
-        let was_idle = state.journal.nothing_to_send();
-        let seq = state
-            .journal
-            .push_direct(write.range, payload.clone(), write.fua);
-        state.await_ack(
-            seq,
-            Pending::Write {
-                ticket: write.ticket.take(),
-                token: write.token,
-                mailbox: Arc::clone(mailbox),
-                local_failed: false,
-                range: write.range,
-                payload,
-                fua: write.fua,
-            },
-        );
-        let wake = was_idle && !state.journal.nothing_to_send();
-        drop(state);
-        write.sent = true;
-        write.seq = Some(seq);
-        if wake {
-            self.wake_sender.notify_one();
-        }
-        true
-    }
-}
-
-fn deliver_held(held: Vec<HeldAnswer>) {
-    for (token, mailbox, _) in held {
-        mailbox.deliver(token);
+        let now_us = self.now_us();
+        self.step(|m| m.flush(token, mailbox, now_us))
     }
 }
 
@@ -1435,7 +705,7 @@ mod tests {
         assert!(
             frames
                 .iter()
-                .any(|f| matches!(f, OutFrame::Seal { epoch, .. } if *epoch == Epoch(6))),
+                .any(|f| matches!(f, Transmit::Seal { epoch, .. } if *epoch == Epoch(6))),
             "{frames:?}"
         );
     }
@@ -1635,10 +905,10 @@ mod tests {
         link.take_frames(u64::MAX, &mut frames);
         let gated = frames
             .iter()
-            .position(|f| matches!(f, OutFrame::Write { gated: true, .. }));
+            .position(|f| matches!(f, Transmit::Write { gated: true, .. }));
         let ungate = frames
             .iter()
-            .position(|f| matches!(f, OutFrame::Ungate { epoch } if *epoch == Epoch(5)));
+            .position(|f| matches!(f, Transmit::Ungate { epoch } if *epoch == Epoch(5)));
         assert!(gated.is_some() && gated < ungate, "{frames:?}");
     }
 

@@ -29,9 +29,10 @@ use bytes::Bytes;
 use crate::clock::Clock;
 use crate::endpoint::{CallError, ClusterEndpoint, ReplicationStream};
 use crate::framed::{FrameReader, FrameWriter, StreamError};
-use crate::link::{Data, OutFrame, PairLink};
+use crate::link::{Data, PairLink};
 use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VerifyRunner, VerifyStatus};
+use blockrep_core::pair::production::Transmit;
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;
@@ -1217,7 +1218,7 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
         }
         for frame in frames.drain(..) {
             match frame {
-                OutFrame::Write {
+                Transmit::Write {
                     epoch,
                     seq,
                     range,
@@ -1255,20 +1256,20 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                     counters.extents_sent.fetch_add(1, Ordering::Relaxed);
                     writer.push_write(&header, bytes, &mut chunks);
                 }
-                OutFrame::Flush { seq } => writer.push_frame(&Frame::Flush { seq }, &mut chunks),
-                OutFrame::Seal { epoch, cut_ms } => {
+                Transmit::Flush { seq } => writer.push_frame(&Frame::Flush { seq }, &mut chunks),
+                Transmit::Seal { epoch, cut_ms } => {
                     writer.push_frame(&Frame::Seal { epoch, cut_ms }, &mut chunks)
                 }
-                OutFrame::Discard { after } => {
+                Transmit::Discard { after } => {
                     writer.push_frame(&Frame::Discard { after }, &mut chunks)
                 }
-                OutFrame::SyncDone { epoch } => {
+                Transmit::SyncDone { epoch } => {
                     writer.push_frame(&Frame::SyncDone { epoch }, &mut chunks)
                 }
-                OutFrame::Ungate { epoch } => {
+                Transmit::Ungate { epoch } => {
                     writer.push_frame(&Frame::Ungate { epoch }, &mut chunks)
                 }
-                OutFrame::Verify {
+                Transmit::Verify {
                     id,
                     offset,
                     after,

@@ -17,10 +17,14 @@
 use std::sync::{Arc, Mutex};
 
 use blockrep_core::ByteRange;
-use blockrep_core::replication::{Admitted, AnswerToken, Ticket, WriteSeq};
+use blockrep_core::replication::{AnswerToken, Ticket, WriteSeq};
 use bytes::Bytes;
 
 use crate::waker::Waker;
+
+/// How the link replicates a write, and what happens to its answer after the local write:
+/// the pair machine's.
+pub use blockrep_core::pair::production::{AfterLocal, ReplicaMode};
 
 /// Where the peer's answers to a connection's held writes and flushes go.
 #[derive(Debug)]
@@ -99,17 +103,6 @@ impl ReplicaData {
     }
 }
 
-/// How the link replicates one write; set by [`ReplicaLink::admit`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReplicaMode {
-    /// Only the bitmap tracks it (the pair is not replicating live writes now).
-    Tracked,
-    /// Async: its data joins the journal when the local write is done.
-    Journal(Admitted),
-    /// Hypermetro: its answer waits for the peer.
-    Sync,
-}
-
 /// A write on its way through the link.
 #[derive(Debug)]
 pub struct Replicated {
@@ -139,15 +132,6 @@ impl Replicated {
             seq: None,
         }
     }
-}
-
-/// What happens to a write's answer once its local write is done.
-#[must_use]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AfterLocal {
-    Answer,
-    /// The link will deliver the write's token to the mailbox.
-    WaitForPeer,
 }
 
 pub trait ReplicaLink: Send + Sync {

@@ -1,6 +1,7 @@
-//! The pair as one machine per side, built piece by piece (docs/PAIR-MACHINE.md): the parts
-//! of a production link's state that do no I/O.
+//! The pair as one machine per side (docs/PAIR-MACHINE.md): [`production::Production`]
+//! makes every decision of a pair's production side, and the pieces it is made of.
 
 pub mod atomic_spans;
 pub mod hold_times;
 pub mod probes;
+pub mod production;

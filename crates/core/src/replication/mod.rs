@@ -12,6 +12,7 @@ pub mod group_cut;
 pub mod ids;
 pub mod journal;
 pub mod lineage;
+pub mod reject;
 pub mod resync;
 pub mod role;
 pub mod status;
@@ -26,6 +27,7 @@ pub use journal::{Admitted, Completed, Journal, Mode, Outgoing, Payload, Payload
 pub use lineage::{
     Divergence, DrView, FullSyncReason, Generation, GenerationId, Lineage, Plan, ProductionView,
 };
+pub use reject::RejectReason;
 pub use resync::ResyncPlan;
 pub use role::{IllegalTransition, VolumeRole, WriteVerdict};
 pub use status::{
