@@ -22,7 +22,17 @@ use crate::registry::{self, VolumeRecord};
 
 pub struct Agent {
     pub config: Config,
+    /// The volumes, held only to look one up or to change the map: every NBD handshake
+    /// takes it to find its export.
     volumes: Mutex<BTreeMap<VolumeId, Entry>>,
+    /// Serialises the changes of the agent's volumes (add, remove, extend). Their slow
+    /// parts (opening a backing, replaying its tracker, saving the registry) run under this,
+    /// not under `volumes`; only these changes write the registry, so the records they read
+    /// under it stay the registry's.
+    changes: Mutex<()>,
+    /// Runs when a volume add is about to open its backing (a test holds an add there).
+    #[cfg(test)]
+    before_open: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     pub connections: Arc<Connections>,
     runtime: tokio::runtime::Handle,
     /// The pairs this agent's volumes are in.
@@ -76,6 +86,9 @@ impl Agent {
         let agent = Arc::new(Self {
             config,
             volumes: Mutex::new(BTreeMap::new()),
+            changes: Mutex::new(()),
+            #[cfg(test)]
+            before_open: Mutex::new(None),
             connections: Arc::new(Connections::default()),
             runtime,
             pairs,
@@ -92,6 +105,16 @@ impl Agent {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<VolumeId, Entry>> {
         self.volumes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Taken by a change of the agent's volumes, for all of it.
+    fn lock_changes(&self) -> MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The registry's records, as the volumes hold them.
+    fn records(&self) -> Vec<VolumeRecord> {
+        self.lock().values().map(|e| e.record.clone()).collect()
     }
 
     fn tracker_dir(&self, id: VolumeId) -> PathBuf {
@@ -214,8 +237,8 @@ impl Agent {
     }
 
     pub fn add_volume(self: &Arc<Self>, req: AddVolume) -> Result<VolumeView, ApiError> {
-        let mut volumes = self.lock();
-        if let Some(e) = volumes.values().find(|e| e.record.name == req.name) {
+        let _changing = self.lock_changes();
+        if let Some(e) = self.lock().values().find(|e| e.record.name == req.name) {
             return Err(ApiError::AlreadyExists(format!(
                 "a volume named {} already exists (id {})",
                 req.name, e.record.id
@@ -224,13 +247,22 @@ impl Agent {
         let path = std::fs::canonicalize(&req.path).map_err(|e| {
             ApiError::InvalidArgument(format!("cannot open {}: {e}", req.path.display()))
         })?;
-        if let Some(e) = volumes.values().find(|e| e.record.path == path) {
+        if let Some(e) = self.lock().values().find(|e| e.record.path == path) {
             return Err(ApiError::AlreadyExists(format!(
                 "{} is already volume {} (id {})",
                 path.display(),
                 e.record.name,
                 e.record.id
             )));
+        }
+        #[cfg(test)]
+        if let Some(hook) = self
+            .before_open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            hook();
         }
         let size = Backing::open(&path, req.cache)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?
@@ -239,7 +271,7 @@ impl Agent {
         let online = self
             .bring_online(&record)
             .inspect_err(|_| self.remove_tracker_dir(record.id))?;
-        let mut records: Vec<VolumeRecord> = volumes.values().map(|e| e.record.clone()).collect();
+        let mut records = self.records();
         records.push(record.clone());
         if let Err(e) = registry::save(&self.config.state_dir, &records) {
             self.take_offline(online);
@@ -252,12 +284,13 @@ impl Agent {
             state: Ok(online),
         };
         let view = self.view(&entry);
-        volumes.insert(entry.record.id, entry);
+        self.lock().insert(entry.record.id, entry);
         Ok(view)
     }
 
     pub fn remove_volume(&self, reference: &str) -> Result<VolumeId, ApiError> {
-        let mut volumes = self.lock();
+        let _changing = self.lock_changes();
+        let volumes = self.lock();
         let id = find(&volumes, reference)?;
         let entry = &volumes[&id];
         if let Ok(online) = &entry.state {
@@ -284,13 +317,18 @@ impl Agent {
             .filter(|e| e.record.id != id)
             .map(|e| e.record.clone())
             .collect();
+        // Closing: new clients are turned away while the registry is saved.
+        drop(volumes);
         if let Err(e) = registry::save(&self.config.state_dir, &records) {
-            if let Ok(online) = &volumes[&id].state {
+            if let Some(Ok(online)) = self.lock().get(&id).map(|e| &e.state) {
                 online.closing.store(false, Ordering::SeqCst);
             }
             return Err(ApiError::Internal(e.to_string()));
         }
-        let entry = volumes.remove(&id).expect("found above");
+        let entry = self
+            .lock()
+            .remove(&id)
+            .expect("only a change removes a volume");
         if let Ok(online) = entry.state {
             self.take_offline(online);
         }
@@ -389,6 +427,12 @@ impl Agent {
         let online = entry.state.as_ref().map_err(|e| {
             ApiError::FailedPrecondition(format!("volume {} is offline: {e}", entry.record.name))
         })?;
+        if online.closing.load(Ordering::SeqCst) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is being removed",
+                entry.record.name
+            )));
+        }
         Ok(VolumeHandle {
             volume: Arc::clone(&online.volume),
             dir: self.tracker_dir(id),
@@ -414,7 +458,8 @@ impl Agent {
     /// backing first, then its registered size and its pair's. Growing to the size it has
     /// changes nothing.
     pub fn extend_volume(&self, reference: &str, size: u64) -> Result<(), ApiError> {
-        let mut volumes = self.lock();
+        let _changing = self.lock_changes();
+        let volumes = self.lock();
         let id = find(&volumes, reference)?;
         let entry = &volumes[&id];
         let online = entry.state.as_ref().map_err(|e| {
@@ -422,6 +467,8 @@ impl Agent {
         })?;
         let name = entry.record.name.to_string();
         let volume = Arc::clone(&online.volume);
+        let registered = entry.record.size;
+        drop(volumes);
         volume.grow(size).map_err(|e| match e {
             blockrep_volume::GrowVolumeError::Backing(
                 e @ (blockrep_volume::GrowError::Unaligned { .. }
@@ -429,19 +476,17 @@ impl Agent {
             ) => ApiError::InvalidArgument(format!("volume {name}: {e}")),
             e => ApiError::FailedPrecondition(format!("volume {name}: {e}")),
         })?;
-        if entry.record.size != size {
-            let mut records: Vec<VolumeRecord> =
-                volumes.values().map(|e| e.record.clone()).collect();
+        if registered != size {
+            let mut records = self.records();
             if let Some(r) = records.iter_mut().find(|r| r.id == id) {
                 r.size = size;
             }
             registry::save(&self.config.state_dir, &records)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            if let Some(e) = volumes.get_mut(&id) {
+            if let Some(e) = self.lock().get_mut(&id) {
                 e.record.size = size;
             }
         }
-        drop(volumes);
         self.pairs
             .set_volume_size(id, &self.tracker_dir(id), size)
             .map_err(|e| ApiError::Internal(format!("record the pair's size: {e}")))?;
@@ -623,5 +668,86 @@ pub fn volume_proto(config: &Config, v: VolumeView) -> blockrep_api::proto::Volu
             .and_then(|o| o.role.pair())
             .map(|p| p.to_string())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use blockrep_core::{CacheMode, VolumeName};
+
+    use super::*;
+
+    /// An agent whose state and runtime directories are in `dir`.
+    fn agent(dir: &Path, runtime: &tokio::runtime::Runtime) -> Arc<Agent> {
+        let text = format!(
+            "node_name = \"host-a\"\navailability_zone = \"az1\"\nstate_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\n",
+            dir.display()
+        );
+        let config = Config::parse(&text, Path::new("test.toml")).unwrap();
+        for d in [&config.state_dir, &config.runtime_dir.join("nbd")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        Agent::start(config, runtime.handle().clone()).unwrap()
+    }
+
+    fn add(agent: &Arc<Agent>, dir: &Path, name: &str) -> Result<VolumeView, ApiError> {
+        let path = dir.join(format!("{name}.img"));
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        agent.add_volume(AddVolume {
+            name: VolumeName::try_from(name.to_owned()).unwrap(),
+            path,
+            cache: CacheMode::Writeback,
+        })
+    }
+
+    #[test]
+    fn a_volume_add_in_progress_does_not_hold_up_finding_an_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let agent = agent(dir.path(), &runtime);
+        add(&agent, dir.path(), "first").unwrap();
+
+        // The next add stops just before it opens its backing, until told to go on.
+        let (reached_tx, reached) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        *agent.before_open.lock().unwrap() = Some(Box::new(move || {
+            reached_tx.send(()).unwrap();
+            let _ = go_rx.recv();
+        }));
+        let adding = std::thread::spawn({
+            let agent = Arc::clone(&agent);
+            let dir = dir.path().to_owned();
+            move || add(&agent, &dir, "second").map(|_| ())
+        });
+        reached.recv().unwrap();
+
+        // What an NBD handshake does meanwhile, from another thread: it must not wait for
+        // the add (a hold-up shows as no answer within the bound).
+        let (found_tx, found) = mpsc::channel();
+        std::thread::spawn({
+            let agent = Arc::clone(&agent);
+            move || {
+                let names = ExportSet::names(&*agent);
+                let first = ExportSet::find(&*agent, "first").is_some();
+                let _ = found_tx.send((names, first));
+            }
+        });
+        let answer = found.recv_timeout(Duration::from_secs(10));
+        go.send(()).unwrap();
+        adding.join().unwrap().unwrap();
+        let (names, first) = answer.expect("finding an export waited for a volume add");
+        assert_eq!(names, ["first"]);
+        assert!(first);
+        assert_eq!(agent.list().len(), 2);
+        agent.shut_down();
     }
 }
