@@ -227,10 +227,11 @@ impl Sim {
         });
     }
 
-    /// One write in flight completes locally (any of them: completions come in any order).
-    fn complete_write(&mut self) {
+    /// One write in flight completes locally (any of them: completions come in any order):
+    /// whether it was answered at once.
+    fn complete_write(&mut self) -> Option<AfterLocal> {
         if self.inflight.is_empty() {
-            return;
+            return None;
         }
         let i = self.rng.random_range(0..self.inflight.len());
         let w = self.inflight.swap_remove(i);
@@ -256,6 +257,7 @@ impl Sim {
         if after == AfterLocal::Answer {
             self.answer(w.value);
         }
+        Some(after)
     }
 
     /// The epoch ends: the pair's ticker cuts it, or its group cuts and later releases.
@@ -272,7 +274,12 @@ impl Sim {
         self.carry_out(fx);
         // Writes complete between the cut and its release (their answers are held), or not.
         for _ in 0..self.rng.random_range(0..3) {
-            self.complete_write();
+            assert_ne!(
+                self.complete_write(),
+                Some(AfterLocal::Answer),
+                "step {}: a write completing between a cut and its release was answered",
+                self.steps
+            );
         }
         let outcome = RoundOutcome::of(CutMode::Keep, true, false);
         let fx = self
@@ -513,7 +520,9 @@ impl Sim {
         let roll = self.rng.random_range(0..100);
         match roll {
             0..=24 if writing => self.admit_write(),
-            25..=44 => self.complete_write(),
+            25..=44 => {
+                self.complete_write();
+            }
             45..=49 if self.rng.random_bool(0.5) => self.cut(),
             50..=64 => self.send(),
             65..=79 => self.deliver(),

@@ -325,10 +325,11 @@ impl Agent {
             }
             return Err(ApiError::Internal(e.to_string()));
         }
-        let entry = self
-            .lock()
-            .remove(&id)
-            .expect("only a change removes a volume");
+        let Some(entry) = self.lock().remove(&id) else {
+            return Err(ApiError::Internal(format!(
+                "volume {id} left while it was removed"
+            )));
+        };
         if let Ok(online) = entry.state {
             self.take_offline(online);
         }
@@ -529,6 +530,9 @@ impl Agent {
     /// Stops accepting clients, lets the connected ones finish what is in flight, then
     /// writes every tracker's state out.
     pub fn shut_down(&self) {
+        // A change of the volumes in progress ends first (it saves the registry from the
+        // volumes it sees), and none starts after.
+        let _changing = self.lock_changes();
         for entry in self.lock().values() {
             if let Ok(online) = &entry.state {
                 online.listener.abort();
@@ -590,7 +594,11 @@ impl ExportSet for Agent {
     fn names(&self) -> Vec<String> {
         self.lock()
             .values()
-            .filter(|e| e.state.is_ok())
+            .filter(|e| {
+                e.state
+                    .as_ref()
+                    .is_ok_and(|online| !online.closing.load(Ordering::SeqCst))
+            })
             .map(|e| e.record.name.to_string())
             .collect()
     }
@@ -749,5 +757,56 @@ mod tests {
         assert!(first);
         assert_eq!(agent.list().len(), 2);
         agent.shut_down();
+    }
+
+    #[test]
+    fn a_shutdown_waits_for_a_volume_add_and_the_registry_keeps_every_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let agent = agent(dir.path(), &runtime);
+        add(&agent, dir.path(), "first").unwrap();
+        let (reached_tx, reached) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        *agent.before_open.lock().unwrap() = Some(Box::new(move || {
+            reached_tx.send(()).unwrap();
+            let _ = go_rx.recv();
+        }));
+        let adding = std::thread::spawn({
+            let agent = Arc::clone(&agent);
+            let dir = dir.path().to_owned();
+            move || add(&agent, &dir, "second").map(|_| ())
+        });
+        reached.recv().unwrap();
+
+        // The daemon is stopped while the add replays its tracker: the shutdown must not
+        // empty the volumes under it (the add would then save a registry without "first").
+        let (stopped_tx, stopped) = mpsc::channel();
+        let stopping = std::thread::spawn({
+            let agent = Arc::clone(&agent);
+            move || {
+                agent.shut_down();
+                let _ = stopped_tx.send(());
+            }
+        });
+        // A shutdown that does not wait for the add ends meanwhile; one that waits, not.
+        let ended_first = stopped.recv_timeout(Duration::from_secs(1)).is_ok();
+        go.send(()).unwrap();
+        let added = adding.join().unwrap();
+        stopping.join().unwrap();
+        let mut names: Vec<String> = registry::load(&agent.config.state_dir)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["first", "second"],
+            "registry after a shutdown during an add (shutdown ended first: {ended_first}, add: {added:?})"
+        );
+        assert!(!ended_first, "the shutdown did not wait for the add");
     }
 }
