@@ -714,17 +714,17 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_volume_add_in_progress_does_not_hold_up_finding_an_export() {
-        let dir = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let agent = agent(dir.path(), &runtime);
-        add(&agent, dir.path(), "first").unwrap();
+    /// An agent holding volume "first", and an add of volume "second" (on another thread)
+    /// stopped just before it opens its backing, until `go` says to go on.
+    struct HeldAdd {
+        agent: Arc<Agent>,
+        go: mpsc::Sender<()>,
+        adding: std::thread::JoinHandle<Result<(), ApiError>>,
+    }
 
-        // The next add stops just before it opens its backing, until told to go on.
+    fn hold_an_add(dir: &Path, runtime: &tokio::runtime::Runtime) -> HeldAdd {
+        let agent = agent(dir, runtime);
+        add(&agent, dir, "first").unwrap();
         let (reached_tx, reached) = mpsc::channel();
         let (go, go_rx) = mpsc::channel::<()>();
         *agent.before_open.lock().unwrap() = Some(Box::new(move || {
@@ -733,10 +733,25 @@ mod tests {
         }));
         let adding = std::thread::spawn({
             let agent = Arc::clone(&agent);
-            let dir = dir.path().to_owned();
+            let dir = dir.to_owned();
             move || add(&agent, &dir, "second").map(|_| ())
         });
         reached.recv().unwrap();
+        HeldAdd { agent, go, adding }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_volume_add_in_progress_does_not_hold_up_finding_an_export() {
+        let runtime = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let HeldAdd { agent, go, adding } = hold_an_add(dir.path(), &runtime);
 
         // What an NBD handshake does meanwhile, from another thread: it must not wait for
         // the add (a hold-up shows as no answer within the bound).
@@ -761,25 +776,9 @@ mod tests {
 
     #[test]
     fn a_shutdown_waits_for_a_volume_add_and_the_registry_keeps_every_volume() {
+        let runtime = runtime();
         let dir = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let agent = agent(dir.path(), &runtime);
-        add(&agent, dir.path(), "first").unwrap();
-        let (reached_tx, reached) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel::<()>();
-        *agent.before_open.lock().unwrap() = Some(Box::new(move || {
-            reached_tx.send(()).unwrap();
-            let _ = go_rx.recv();
-        }));
-        let adding = std::thread::spawn({
-            let agent = Arc::clone(&agent);
-            let dir = dir.path().to_owned();
-            move || add(&agent, &dir, "second").map(|_| ())
-        });
-        reached.recv().unwrap();
+        let HeldAdd { agent, go, adding } = hold_an_add(dir.path(), &runtime);
 
         // The daemon is stopped while the add replays its tracker: the shutdown must not
         // empty the volumes under it (the add would then save a registry without "first").
