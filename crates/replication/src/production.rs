@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use blockrep_core::pair::atomic_spans::unit_to_record;
 use blockrep_core::pair::probes::VERIFY_BLOCK;
+use blockrep_core::pair::production::Transmit;
 use blockrep_core::replication::group_cut::Live;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
@@ -32,7 +33,6 @@ use crate::framed::{FrameReader, FrameWriter, StreamError};
 use crate::link::{Data, PairLink};
 use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VerifyRunner, VerifyStatus};
-use blockrep_core::pair::production::Transmit;
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;

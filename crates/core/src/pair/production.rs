@@ -214,6 +214,22 @@ enum Pending<P, A> {
     },
 }
 
+impl<P, A> Pending<P, A> {
+    /// What a direct frame carries, to send it again: its range, data and FUA flag.
+    fn data(&self) -> Option<(ByteRange, &Payload<P>, bool)> {
+        match self {
+            Pending::Write {
+                range,
+                payload,
+                fua,
+                ..
+            } => Some((*range, payload, *fua)),
+            Pending::Extent { range, payload, .. } => Some((*range, payload, false)),
+            Pending::Flush { .. } => None,
+        }
+    }
+}
+
 /// An answer held for the group (`crate::replication::answer_hold`): the write's token,
 /// where it goes, and when it was held (µs on the monotonic clock).
 type HeldAnswer<A> = (AnswerToken, A, u64);
@@ -925,47 +941,17 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
             fx.corrupted_in_transit = true;
         }
         match self.pending.remove(&seq) {
-            Some(Pending::Write {
-                ticket,
-                token,
-                to,
-                local_failed,
-                range,
-                payload,
-                fua,
-            }) => {
-                let again = self.journal.push_direct(range, payload.clone(), fua);
-                self.await_ack(
-                    again,
-                    Pending::Write {
-                        ticket,
-                        token,
-                        to,
-                        local_failed,
-                        range,
-                        payload,
-                        fua,
-                    },
-                    now_us,
-                );
+            // A direct frame: sent again, under a new sequence number (a flush carries no
+            // data and waits on).
+            Some(pending) => {
+                let again = match pending.data() {
+                    Some((range, payload, fua)) => {
+                        self.journal.push_direct(range, payload.clone(), fua)
+                    }
+                    None => seq,
+                };
+                self.await_ack(again, pending, now_us);
             }
-            Some(Pending::Extent {
-                ticket,
-                range,
-                payload,
-            }) => {
-                let again = self.journal.push_direct(range, payload.clone(), false);
-                self.await_ack(
-                    again,
-                    Pending::Extent {
-                        ticket,
-                        range,
-                        payload,
-                    },
-                    now_us,
-                );
-            }
-            Some(flush @ Pending::Flush { .. }) => self.await_ack(seq, flush, now_us),
             None => {
                 // A staged write: its epoch cannot be applied whole, nor any later one (the
                 // DR side drops their writes and seals until the Discard this queues). Start
