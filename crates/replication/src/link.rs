@@ -905,7 +905,7 @@ mod tests {
         link.take_frames(u64::MAX, &mut frames);
         let gated = frames
             .iter()
-            .position(|f| matches!(f, Transmit::Write { gated: true, .. }));
+            .position(|f| matches!(f, Transmit::Write(w) if w.gated));
         let ungate = frames
             .iter()
             .position(|f| matches!(f, Transmit::Ungate { epoch } if *epoch == Epoch(5)));

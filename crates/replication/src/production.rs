@@ -19,7 +19,7 @@ use blockrep_core::pair::probes::VERIFY_BLOCK;
 use blockrep_core::pair::production::Transmit;
 use blockrep_core::replication::group_cut::Live;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
-use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus};
+use blockrep_core::replication::{Epoch, Payload, ReplicationModel, ReplicationStatus, WriteFrame};
 use blockrep_core::{ByteRange, read_spans};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, ReplicaLink, Volume, Waker};
 use blockrep_wire::{
@@ -1218,7 +1218,7 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
         }
         for frame in frames.drain(..) {
             match frame {
-                Transmit::Write {
+                Transmit::Write(WriteFrame {
                     epoch,
                     seq,
                     range,
@@ -1226,7 +1226,7 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                     direct,
                     fua,
                     gated,
-                } => {
+                }) => {
                     let mut flags = 0;
                     if direct {
                         flags |= WriteFlags::DIRECT | WriteFlags::ACK;

@@ -28,7 +28,7 @@ use crate::replication::answer_hold::AnswerHold;
 use crate::replication::group_cut::{CutMode, Live, RoundOutcome};
 use crate::replication::{
     Admitted, AnswerToken, Completed, Epoch, Journal, Mode, Outgoing, Payload, PayloadLen, ProbeId,
-    RejectReason, ReplicationModel, Ticket, WriteSeq,
+    RejectReason, ReplicationModel, Ticket, WriteFrame, WriteSeq,
 };
 
 /// How the link replicates one write; set at its admission.
@@ -152,15 +152,7 @@ impl<A> Effects<A> {
 /// wire's frame (which computes the CRCs outside the machine's lock).
 #[derive(Debug)]
 pub enum Transmit<P> {
-    Write {
-        epoch: Epoch,
-        seq: WriteSeq,
-        range: ByteRange,
-        payload: Payload<P>,
-        direct: bool,
-        fua: bool,
-        gated: bool,
-    },
+    Write(WriteFrame<P>),
     Ungate {
         epoch: Epoch,
     },
@@ -839,25 +831,9 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
                     self.cut_times = self.cut_times.split_off(&epoch);
                     Transmit::Seal { epoch, cut_ms }
                 }
-                Outgoing::Write {
-                    epoch,
-                    seq,
-                    range,
-                    payload,
-                    direct,
-                    fua,
-                    gated,
-                } => {
-                    bytes += payload_len(&payload) + FRAME_HEADER_BYTES;
-                    Transmit::Write {
-                        epoch,
-                        seq,
-                        range,
-                        payload,
-                        direct,
-                        fua,
-                        gated,
-                    }
+                Outgoing::Write(write) => {
+                    bytes += payload_len(&write.payload) + FRAME_HEADER_BYTES;
+                    Transmit::Write(write)
                 }
                 Outgoing::Ungate { epoch } => Transmit::Ungate { epoch },
                 Outgoing::Flush { seq } => Transmit::Flush { seq },
@@ -1358,7 +1334,7 @@ mod tests {
             matches!(
                 out.as_slice(),
                 [
-                    Transmit::Write { epoch: e, direct: false, .. },
+                    Transmit::Write(WriteFrame { epoch: e, direct: false, .. }),
                     Transmit::Seal { epoch: sealed, cut_ms: 1_234 },
                 ] if *e == epoch && *sealed == epoch
             ),
@@ -1403,7 +1379,7 @@ mod tests {
         assert!(fx.corrupted_in_transit && fx.wake_sender);
         out.clear();
         let _ = m.take_frames(u64::MAX, &mut out);
-        let [Transmit::Write { seq: again, .. }] = out.as_slice() else {
+        let [Transmit::Write(WriteFrame { seq: again, .. })] = out.as_slice() else {
             panic!("sent again: {out:?}");
         };
         assert_ne!(Some(*again), seq);

@@ -42,36 +42,53 @@ pub enum Payload<P> {
     Zeroes,
 }
 
+/// A write for the DR side: staged there until the seal of its epoch (`direct == false`),
+/// or written at once and acknowledged by `seq` (`direct`: hypermetro writes, initial-sync
+/// extents).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFrame<P> {
+    pub epoch: Epoch,
+    pub seq: WriteSeq,
+    pub range: ByteRange,
+    pub payload: Payload<P>,
+    pub direct: bool,
+    pub fua: bool,
+    /// A direct write the DR side holds back, unwritten and unanswered, until an `Ungate`
+    /// (a hypermetro group going synchronous again, docs/GROUPS.md).
+    pub gated: bool,
+}
+
 /// A frame for the DR side, in the order it must be sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outgoing<P> {
-    /// Staged on the DR side until the seal of its epoch (`direct == false`), or written at
-    /// once and acknowledged by `seq` (`direct`: hypermetro writes, initial-sync extents).
-    Write {
-        epoch: Epoch,
-        seq: WriteSeq,
-        range: ByteRange,
-        payload: Payload<P>,
-        direct: bool,
-        fua: bool,
-        /// A direct write the DR side holds back, unwritten and unanswered, until an
-        /// `Ungate` (a hypermetro group going synchronous again, docs/GROUPS.md).
-        gated: bool,
-    },
+    Write(WriteFrame<P>),
     /// Direct writes gated before this apply once the DR side applied epoch `epoch`.
-    Ungate { epoch: Epoch },
+    Ungate {
+        epoch: Epoch,
+    },
     /// The DR side syncs its volume and acknowledges `seq`.
-    Flush { seq: WriteSeq },
+    Flush {
+        seq: WriteSeq,
+    },
     /// The initial sync sent its last extent: the DR side is consistent once a seal at or
     /// after `epoch` is applied (hypermetro: at once).
-    SyncDone { epoch: Epoch },
+    SyncDone {
+        epoch: Epoch,
+    },
     /// Every write of epochs ≤ `epoch` has been queued before this.
-    Seal { epoch: Epoch },
+    Seal {
+        epoch: Epoch,
+    },
     /// Drop what was staged for epochs after `after`: it will not be sealed.
-    Discard { after: Epoch },
+    Discard {
+        after: Epoch,
+    },
     /// Online verify request `id`, compared on the DR side after everything queued before
     /// it (and, with `after`, once that epoch's unit is applied).
-    Verify { id: ProbeId, after: Option<Epoch> },
+    Verify {
+        id: ProbeId,
+        after: Option<Epoch>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,7 +304,7 @@ impl<P: PayloadLen> Journal<P> {
     pub fn poll_send(&mut self) -> Option<Outgoing<P>> {
         let frame = self.queue.pop_front()?;
         match &frame {
-            Outgoing::Write { payload, .. } => self.queued_bytes -= payload_bytes(payload),
+            Outgoing::Write(w) => self.queued_bytes -= payload_bytes(&w.payload),
             Outgoing::Seal { epoch } => self.seal_sent = *epoch,
             Outgoing::Discard { .. }
             | Outgoing::Flush { .. }
@@ -410,7 +427,7 @@ impl<P: PayloadLen> Journal<P> {
     pub fn push_direct(&mut self, range: ByteRange, payload: Payload<P>, fua: bool) -> WriteSeq {
         self.queued_bytes += payload_bytes(&payload);
         let seq = self.take_seq();
-        self.push_ordered(Outgoing::Write {
+        self.push_ordered(Outgoing::Write(WriteFrame {
             epoch: self.current,
             seq,
             range,
@@ -418,7 +435,7 @@ impl<P: PayloadLen> Journal<P> {
             direct: true,
             fua,
             gated: self.gated,
-        });
+        }));
         seq
     }
 
@@ -527,7 +544,7 @@ impl<P: PayloadLen> Journal<P> {
     ) {
         self.queued_bytes += payload_bytes(&payload);
         let seq = self.take_seq();
-        self.queue.push_back(Outgoing::Write {
+        self.queue.push_back(Outgoing::Write(WriteFrame {
             epoch,
             seq,
             range,
@@ -535,7 +552,7 @@ impl<P: PayloadLen> Journal<P> {
             direct: false,
             fua: false,
             gated: false,
-        });
+        }));
         if let Some(ticket) = ticket {
             self.tickets.entry(epoch).or_default().push(ticket);
         }
@@ -626,10 +643,10 @@ mod tests {
         let frames = drain(&mut j);
         assert!(matches!(
             frames[0],
-            Outgoing::Write {
+            Outgoing::Write(WriteFrame {
                 epoch: Epoch(1),
                 ..
-            }
+            })
         ));
         assert_eq!(frames[1], Outgoing::Seal { epoch: Epoch(1) });
         j.advance_epoch();
@@ -671,9 +688,9 @@ mod tests {
         );
         let _ = j.complete(a, ByteRange::new(0, 4), Payload::Data(vec![1; 4]), None);
         let frames = drain(&mut j);
-        assert!(matches!(frames[0], Outgoing::Write { direct: false, .. }));
+        assert!(matches!(&frames[0], Outgoing::Write(w) if !w.direct));
         assert_eq!(frames[1], Outgoing::Seal { epoch: Epoch(1) });
-        assert!(matches!(&frames[2], Outgoing::Write { direct: true, seq: s, .. } if *s == seq));
+        assert!(matches!(&frames[2], Outgoing::Write(w) if w.direct && w.seq == seq));
     }
 
     #[test]

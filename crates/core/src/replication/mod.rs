@@ -23,7 +23,7 @@ pub use group::{
     FaultLevel, GroupAction, GroupStatus, GroupView, Refused, Transition, group_replication,
 };
 pub use ids::{AnswerToken, Epoch, GroupId, JobId, PairId, ProbeId, WriteSeq};
-pub use journal::{Admitted, Completed, Journal, Mode, Outgoing, Payload, PayloadLen};
+pub use journal::{Admitted, Completed, Journal, Mode, Outgoing, Payload, PayloadLen, WriteFrame};
 pub use lineage::{
     Divergence, DrView, FullSyncReason, Generation, GenerationId, Lineage, Plan, ProductionView,
 };
