@@ -513,12 +513,12 @@ impl PairLink {
     }
 }
 
-/// The machine's view of a write on its way through the gate.
-fn local_write(write: &Replicated) -> LocalWrite<Data> {
+/// The machine's view of a write on its way through the gate; its data moves, not copied.
+fn local_write(write: Replicated) -> LocalWrite<Data> {
     LocalWrite {
         range: write.range,
-        payload: match &write.data {
-            ReplicaData::Data(bytes) => Some(Payload::Data(Data(bytes.clone()))),
+        payload: match write.data {
+            ReplicaData::Data(bytes) => Some(Payload::Data(Data(bytes))),
             ReplicaData::Zeroes => Some(Payload::Zeroes),
             ReplicaData::Unchanged => None,
         },
@@ -558,7 +558,11 @@ impl ReplicaLink for PairLink {
         if write.mode != ReplicaMode::Sync {
             return;
         }
-        let mut local = local_write(write);
+        // The connection keeps the write (its local write runs now): its data is shared.
+        let mut local = local_write(Replicated {
+            data: write.data.clone(),
+            ..*write
+        });
         let now_us = self.now_us();
         let sent = self.step(|m| m.send_direct(&mut local, mailbox, now_us));
         write.ticket = local.ticket;
@@ -567,13 +571,13 @@ impl ReplicaLink for PairLink {
     }
 
     fn local_done(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        let local = local_write(&write);
+        let local = local_write(write);
         let now_us = self.now_us();
         self.step(|m| m.local_done(local, mailbox, now_us))
     }
 
     fn local_failed(&self, write: Replicated, mailbox: &Arc<Mailbox>) -> AfterLocal {
-        let local = local_write(&write);
+        let local = local_write(write);
         let now_us = self.now_us();
         self.step(|m| m.local_failed(local, mailbox, now_us))
     }
