@@ -60,7 +60,6 @@ pub struct PairCounters {
 }
 
 pub struct PairLink {
-    model: ReplicationModel,
     clock: Arc<dyn Clock>,
     tracker: Arc<DirtyTracker>,
     machine: Mutex<Machine>,
@@ -80,7 +79,6 @@ impl PairLink {
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
-            model,
             clock,
             tracker,
             machine: Mutex::new(Production::new(model, journal_bytes, staged)),
@@ -100,7 +98,7 @@ impl PairLink {
     }
 
     pub fn model(&self) -> ReplicationModel {
-        self.model
+        self.lock().model()
     }
 
     pub fn tracker(&self) -> &Arc<DirtyTracker> {
