@@ -4,7 +4,8 @@
 //! tickets it redeems or forgets in the dirty map, with writes that overlap and complete
 //! out of order, epochs cut at random (by the pair's ticker, or by its consistency group's
 //! cuts and releases), an ordered stream whose frames and acknowledgements arrive late, a
-//! DR side whose stage log refuses a unit now and then, and a link that breaks and heals.
+//! DR side whose stage log refuses a unit now and then, a link that breaks and heals, and
+//! an operator who pauses and resumes replication.
 //! The harness is the shell and the session: it carries out each event's effects as
 //! `PairLink` does, and starts catch-ups and goes live as the production session does.
 //!
@@ -14,7 +15,9 @@
 //! - a block clean in production's bitmap holds the same data on the DR side (no
 //!   acknowledged write is lost track of: rules 1 and 2);
 //! - the journal never holds more than its bound (rule 6);
-//! - every write is answered exactly once (held answers are given).
+//! - every write is answered exactly once (held answers are given);
+//! - the machine's own invariants (`Production::check_invariants`), and that its state
+//!   has a stream exactly when the link is up; a paused pair refuses a stream.
 //!
 //! Writes pause a quarter of the time, so catch-ups end under load too. And at the end,
 //! once writes stop and the link is up, the pair converges: nothing dirty, identical
@@ -30,6 +33,7 @@ use blockrep_core::ByteRange;
 use blockrep_core::dirty_map::{DirtyMap, Granularity};
 use blockrep_core::pair::production::ReplicaMode;
 use blockrep_core::pair::production::{AfterLocal, Effects, LocalWrite, Production, Transmit};
+use blockrep_core::pair::state::PairState;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{
     AnswerToken, Epoch, Payload, PayloadLen, Redeemed, RejectReason, ReplicationModel, Ticket,
@@ -116,6 +120,8 @@ struct Sim {
     /// Answers on their way back.
     acks: VecDeque<Answer>,
     link_up: bool,
+    /// The operator paused replication (`group stop`): no session runs.
+    paused: bool,
     dr: Dr,
     catch_up: Option<CatchUp>,
     steps: u64,
@@ -135,8 +141,9 @@ impl Sim {
         if grouped {
             let _ = machine.set_grouped(true);
         }
-        machine.connected(Epoch(0));
-        let _ = machine.go_live();
+        let _ = machine
+            .connected(Epoch(0), false)
+            .expect("a new pair connects");
         Self {
             rng,
             mutation,
@@ -154,6 +161,7 @@ impl Sim {
             wire: VecDeque::new(),
             acks: VecDeque::new(),
             link_up: true,
+            paused: false,
             dr: Dr {
                 image: vec![0; BLOCKS as usize],
                 staged: Vec::new(),
@@ -384,18 +392,49 @@ impl Sim {
 
     /// The stream is accepted again: live at once if nothing is dirty, else a catch-up.
     fn heal_link(&mut self) {
+        if self.paused {
+            return;
+        }
         self.link_up = true;
-        self.machine.connected(self.dr.applied);
-        if self.dirty.is_clean() {
-            let fx = self.machine.go_live();
-            self.carry_out(fx);
-        } else {
+        let fx = self
+            .machine
+            .connected(self.dr.applied, !self.dirty.is_clean())
+            .expect("a pair with no stream connects");
+        self.carry_out(fx);
+        if !self.dirty.is_clean() {
             self.begin_catch_up();
         }
     }
 
+    /// The operator pauses replication, as a broken link but with no session until the
+    /// operator resumes; or resumes it.
+    fn pause_or_resume(&mut self) {
+        if self.paused {
+            self.paused = false;
+            let fx = self.machine.pause(false, self.now_us);
+            self.carry_out(fx);
+            assert_eq!(self.machine.state(), PairState::Connecting);
+            return;
+        }
+        if self.link_up {
+            self.break_link();
+        }
+        self.paused = true;
+        let fx = self.machine.pause(true, self.now_us);
+        self.carry_out(fx);
+        assert_eq!(self.machine.state(), PairState::Paused);
+        assert!(
+            self.machine
+                .connected(self.dr.applied, !self.dirty.is_clean())
+                .is_err(),
+            "a paused pair took a stream"
+        );
+    }
+
     fn begin_catch_up(&mut self) {
-        self.machine.begin_catch_up();
+        self.machine
+            .begin_catch_up()
+            .expect("a catch-up starts on a stream");
         self.catch_up = Some(CatchUp {
             runs: VecDeque::new(),
             final_pass: false,
@@ -416,6 +455,9 @@ impl Sim {
                 if self.machine.staged_epoch() >= end {
                     let fx = self.machine.go_live();
                     self.carry_out(fx);
+                    self.machine
+                        .resync_done()
+                        .expect("a catch-up ends on its stream");
                 }
             }
             return;
@@ -530,12 +572,24 @@ impl Sim {
             88..=96 => self.catch_up_step(),
             97 if self.link_up && writing && self.rng.random_bool(0.2) => self.break_link(),
             98 if !self.link_up => self.heal_link(),
+            99 if self.rng.random_bool(0.1) => self.pause_or_resume(),
             _ => {}
         }
         // The session's ticker starts a catch-up when the machine asks for one.
         if self.link_up && self.catch_up.is_none() && self.machine.needs_catch_up() {
             self.begin_catch_up();
         }
+        if let Err(broken) = self.machine.check_invariants() {
+            panic!("step {}: {broken}", self.steps);
+        }
+        assert_eq!(
+            self.machine.state().streaming(),
+            self.link_up,
+            "step {}: the machine is {} with the link {}",
+            self.steps,
+            self.machine.state(),
+            if self.link_up { "up" } else { "down" }
+        );
         let (queued, limit) = self.machine.journal_fill();
         assert!(
             queued <= limit,
@@ -548,6 +602,9 @@ impl Sim {
     /// Writes stop, the link heals, and everything settles: nothing dirty, same images,
     /// every write answered.
     fn settle(&mut self) {
+        if self.paused {
+            self.pause_or_resume();
+        }
         if !self.link_up {
             self.heal_link();
         }

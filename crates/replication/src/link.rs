@@ -6,11 +6,14 @@
 //! The shell holds the machine under one lock, hands each event the time from the agent's
 //! one [`Clock`], and once the lock is released does what the event's [`Effects`] ask:
 //! redeems or forgets tickets in the dirty tracker, gives answers to the connections'
-//! mailboxes, wakes the sender and the resync reader, counts and logs. The pair's tasks
+//! mailboxes, wakes the sender and the resync reader, counts and logs. After each event it
+//! checks the machine's invariants and publishes its [`PairState`] to whoever watches it
+//! (the pair's session task). The pair's tasks
 //! take frames with [`PairLink::take_frames`] and hand the DR side's answers back through
 //! the `handle_*` methods.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,6 +22,7 @@ use blockrep_core::pair::atomic_spans::AtomicSpan;
 use blockrep_core::pair::hold_times::HoldSummary;
 use blockrep_core::pair::probes::{Probe, ProbeResult};
 use blockrep_core::pair::production::{Effects, LocalWrite, Production, Transmit};
+use blockrep_core::pair::state::{IllegalTransition, PairState};
 use blockrep_core::replication::group_cut::{CutMode, Live, RoundOutcome};
 use blockrep_core::replication::{
     Admitted, Epoch, Payload, PayloadLen, ProbeId, RejectReason, ReplicationModel, Ticket, WriteSeq,
@@ -63,6 +67,10 @@ pub struct PairLink {
     clock: Arc<dyn Clock>,
     tracker: Arc<DirtyTracker>,
     machine: Mutex<Machine>,
+    /// The machine's state, published after each event that changes it.
+    state: tokio::sync::watch::Sender<PairState>,
+    /// An invariant broke (logged once, in a release build).
+    broken: AtomicBool,
     /// Signalled when frames are taken (room for the resync reader) or answered.
     changed: Condvar,
     /// Wakes the sender task.
@@ -71,17 +79,22 @@ pub struct PairLink {
 }
 
 impl PairLink {
+    /// The link of a pair that starts in `state` (connecting, unless its agent restarted
+    /// it unconfirmed, paused or demoted).
     pub fn new(
         model: ReplicationModel,
         tracker: Arc<DirtyTracker>,
         journal_bytes: u64,
         staged: Epoch,
+        state: PairState,
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             clock,
             tracker,
-            machine: Mutex::new(Production::new(model, journal_bytes, staged)),
+            machine: Mutex::new(Production::new(model, journal_bytes, staged).starting_in(state)),
+            state: tokio::sync::watch::Sender::new(state),
+            broken: AtomicBool::new(false),
             changed: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
             counters: Arc::new(PairCounters::default()),
@@ -105,15 +118,42 @@ impl PairLink {
         &self.tracker
     }
 
+    /// The machine, to read it.
     fn lock(&self) -> MutexGuard<'_, Machine> {
         self.machine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The machine, to apply an event to it: when the guard goes, the invariants are
+    /// checked and a new state is published.
+    fn stepping(&self) -> Stepping<'_> {
+        let machine = self.lock();
+        let before = machine.state();
+        Stepping {
+            link: self,
+            machine,
+            before,
+        }
+    }
+
     /// Applies one event to the machine under the lock, then does what it asks.
     fn step<T>(&self, event: impl FnOnce(&mut Machine) -> (T, Effects<Arc<Mailbox>>)) -> T {
-        let (out, effects) = event(&mut self.lock());
+        let (out, effects) = event(&mut self.stepping());
         self.carry_out(effects);
         out
+    }
+
+    /// After an event: a broken invariant is a bug that may lose track of a write. A debug
+    /// build (every test) stops at once; a release build says so, once, and goes on.
+    fn check(&self, machine: &Machine) {
+        let Err(broken) = machine.check_invariants() else {
+            return;
+        };
+        if cfg!(debug_assertions) {
+            panic!("the pair's machine broke an invariant: {broken}");
+        }
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            tracing::error!(%broken, "the pair's machine broke an invariant");
+        }
     }
 
     /// As [`PairLink::step`], for an event that returns only effects.
@@ -167,6 +207,15 @@ impl PairLink {
     }
 
     // ---- what the pair is ----
+
+    pub fn state(&self) -> PairState {
+        *self.state.borrow()
+    }
+
+    /// Watches the pair's state (the session task waits on it).
+    pub fn states(&self) -> tokio::sync::watch::Receiver<PairState> {
+        self.state.subscribe()
+    }
 
     pub fn live(&self) -> Live {
         self.lock().live()
@@ -260,9 +309,17 @@ impl PairLink {
 
     // ---- the connection's life ----
 
-    /// The DR side accepted the stream, holding everything up to `staged`.
-    pub fn connected(&self, staged: Epoch) {
-        self.lock().connected(staged);
+    /// The DR side accepted the stream, holding everything up to `staged`; a resync
+    /// follows if `copying` (see [`Production::connected`]).
+    pub fn connected(&self, staged: Epoch, copying: bool) -> Result<(), IllegalTransition> {
+        let fx = self.stepping().connected(staged, copying)?;
+        self.carry_out(fx);
+        Ok(())
+    }
+
+    /// The initial sync or the catch-up ended: the pair is live.
+    pub fn resync_done(&self) -> Result<(), IllegalTransition> {
+        self.stepping().resync_done()
     }
 
     /// Live writes start flowing: direct in hypermetro, journaled in async.
@@ -271,8 +328,8 @@ impl PairLink {
     }
 
     /// A catch-up starts: live writes are tracked only, extents are staged.
-    pub fn begin_catch_up(&self) {
-        self.lock().begin_catch_up();
+    pub fn begin_catch_up(&self) -> Result<(), IllegalTransition> {
+        self.stepping().begin_catch_up()
     }
 
     /// The catch-up's dirty set is small: live writes are journaled with it. Returns false
@@ -280,7 +337,7 @@ impl PairLink {
     /// bitmap.
     #[must_use]
     pub fn begin_final_pass(&self) -> bool {
-        self.lock().begin_final_pass()
+        self.stepping().begin_final_pass()
     }
 
     /// The last extent is queued: returns the epoch whose seal ends the catch-up, or `None`
@@ -297,6 +354,45 @@ impl PairLink {
         self.apply(|m| m.disconnected(now_us));
     }
 
+    // ---- the pair's life (see `PairState`) ----
+
+    /// The coordinator confirmed this side is still production.
+    pub fn confirm(&self, paused: bool) -> Result<(), IllegalTransition> {
+        self.stepping().confirm(paused)
+    }
+
+    /// The operator paused or resumed replication; pausing ends the stream.
+    pub fn pause(&self, paused: bool) {
+        let now_us = self.now_us();
+        self.apply(|m| m.pause(paused, now_us));
+    }
+
+    /// The DR side refused the stream: the sides diverged.
+    pub fn diverged(&self) -> Result<(), IllegalTransition> {
+        self.stepping().diverged()
+    }
+
+    /// The operator resolved the divergence.
+    pub fn resolved(&self, paused: bool) -> Result<(), IllegalTransition> {
+        self.stepping().resolved(paused)
+    }
+
+    /// The pair's group failed over: the stream ends, and the answers a trip held fail with
+    /// `errno` (see [`Production::demote`]).
+    pub fn demote(&self, errno: i32) {
+        let now_us = self.now_us();
+        let failed = self.step(|m| m.demote(now_us));
+        for (token, mailbox) in failed {
+            mailbox.deliver_failed(token, errno);
+        }
+    }
+
+    /// The pair is removed or its agent stops.
+    pub fn stop(&self) {
+        let now_us = self.now_us();
+        self.apply(|m| m.stop(now_us));
+    }
+
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
     pub fn request_catch_up(&self) {
         let now_us = self.now_us();
@@ -309,13 +405,13 @@ impl PairLink {
     /// recorded switching to is `to` (see [`Production::start_in_group`]).
     pub fn start_in_group(&self, to: Epoch) {
         let now_us = self.now_us();
-        self.lock().start_in_group(to, now_us);
+        self.stepping().start_in_group(to, now_us);
     }
 
     /// A production agent that starts with its pair in a hypermetro group starts tripped.
     pub fn start_tripped(&self) {
         let now_us = self.now_us();
-        self.lock().start_tripped(now_us);
+        self.stepping().start_tripped(now_us);
     }
 
     /// The periodic cut: new writes go to the next epoch.
@@ -327,7 +423,7 @@ impl PairLink {
     /// A restarted agent whose pair was making a catch-up unit after `from`: its span is
     /// reported open again (see [`Production::resume_unit`]).
     pub fn resume_unit(&self, from: Epoch) {
-        self.lock().resume_unit(from);
+        self.stepping().resume_unit(from);
     }
 
     /// Puts the pair under its group's cuts, or back under its own ticker (answers still
@@ -347,15 +443,6 @@ impl PairLink {
     pub fn group_release(&self, to: Epoch, outcome: RoundOutcome, now_ms: u64) {
         let now_us = self.now_us();
         self.apply(|m| m.group_release(to, outcome, now_ms, now_us));
-    }
-
-    /// The pair's volume is no longer production (its group failed over): the answers a
-    /// trip held are given, failed with `errno`.
-    pub fn fail_held(&self, errno: i32) {
-        let held = self.lock().fail_held();
-        for (token, mailbox) in held {
-            mailbox.deliver_failed(token, errno);
-        }
     }
 
     /// Gives the answers held longer than `timeout` (the coordinator is away).
@@ -478,7 +565,7 @@ impl PairLink {
     /// Admits a catch-up extent about to be read (its epoch is taken now, with its blocks
     /// locked).
     pub fn admit_catch_up_extent(&self) -> Admitted {
-        self.lock().admit_catch_up_extent()
+        self.stepping().admit_catch_up_extent()
     }
 
     /// Queues a catch-up extent: staged on the DR side until the catch-up's seal. Returns
@@ -498,7 +585,7 @@ impl PairLink {
     /// A catch-up extent admitted but not read (the read failed): it leaves its epoch
     /// without data, and its blocks stay dirty.
     pub fn abandon_catch_up_extent(&self, admitted: Admitted) {
-        self.lock().abandon_catch_up_extent(admitted);
+        self.stepping().abandon_catch_up_extent(admitted);
     }
 
     /// Queues the end of an initial sync.
@@ -507,7 +594,42 @@ impl PairLink {
     }
 
     pub fn reset_resync_progress(&self) {
-        self.lock().reset_resync_progress();
+        self.stepping().reset_resync_progress();
+    }
+}
+
+/// The machine under its lock while an event is applied to it (see
+/// [`PairLink::stepping`]).
+struct Stepping<'a> {
+    link: &'a PairLink,
+    machine: MutexGuard<'a, Machine>,
+    before: PairState,
+}
+
+impl Deref for Stepping<'_> {
+    type Target = Machine;
+
+    fn deref(&self) -> &Machine {
+        &self.machine
+    }
+}
+
+impl DerefMut for Stepping<'_> {
+    fn deref_mut(&mut self) -> &mut Machine {
+        &mut self.machine
+    }
+}
+
+impl Drop for Stepping<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.link.check(&self.machine);
+        }
+        let after = self.machine.state();
+        if after != self.before {
+            tracing::debug!(from = %self.before, to = %after, "pair state");
+            self.link.state.send_replace(after);
+        }
     }
 }
 
@@ -530,7 +652,7 @@ fn local_write(write: Replicated) -> LocalWrite<Data> {
 
 impl ReplicaLink for PairLink {
     fn admit(&self, writes: &mut [Replicated]) {
-        let mut machine = self.lock();
+        let mut machine = self.stepping();
         for write in writes.iter_mut() {
             write.mode = machine.admit(write.range);
         }
@@ -621,7 +743,14 @@ mod tests {
         clock: Arc<ManualClock>,
     ) -> PairLink {
         let (tracker, _) = DirtyTracker::open(dir, 16 << 20, TrackerConfig::default()).unwrap();
-        PairLink::new(model, Arc::new(tracker), journal_bytes, staged, clock)
+        PairLink::new(
+            model,
+            Arc::new(tracker),
+            journal_bytes,
+            staged,
+            PairState::Connecting,
+            clock,
+        )
     }
 
     /// As [`live_link`], its time read from `clock`.
@@ -631,7 +760,7 @@ mod tests {
         clock: Arc<ManualClock>,
     ) -> PairLink {
         let link = new_link(dir, model, 64 << 20, Epoch(1), clock);
-        link.connected(Epoch(1));
+        link.connected(Epoch(1), false).unwrap();
         link.go_live();
         link
     }
@@ -756,7 +885,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let link = async_link_starting_in_group(dir.path(), Epoch(91));
         assert_eq!(link.current_epoch(), Epoch(91));
-        link.connected(Epoch(89));
+        link.connected(Epoch(89), false).unwrap();
         link.go_live();
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         assert_eq!(
@@ -792,9 +921,9 @@ mod tests {
         let link = async_link_starting_in_group(dir.path(), Epoch(91));
         link.resume_unit(Epoch(87));
         assert_eq!(link.unit_in_progress(), Some(Epoch(87)));
-        link.connected(Epoch(90));
+        link.connected(Epoch(90), true).unwrap();
         // A catch-up goes on with the same unit, from the older start.
-        link.begin_catch_up();
+        link.begin_catch_up().unwrap();
         assert_eq!(
             link.atomic_spans(),
             vec![AtomicSpan {
@@ -836,7 +965,7 @@ mod tests {
             clock,
         );
         link.set_grouped(true);
-        link.connected(Epoch(1));
+        link.connected(Epoch(1), false).unwrap();
         link
     }
 
@@ -993,7 +1122,8 @@ mod tests {
         let w = admit(&link, &mailbox, 0, 1);
         assert_eq!(link.local_done(w, &mailbox), AfterLocal::WaitForPeer);
         link.disconnected();
-        link.fail_held(libc::EIO);
+        link.demote(libc::EIO);
+        assert_eq!(link.state(), PairState::Demoted);
         let mut out = Vec::new();
         mailbox.take(&mut out);
         assert_eq!(
@@ -1036,7 +1166,7 @@ mod tests {
         assert!(link.wait_for_sync_done(first, &|| false));
 
         link.disconnected();
-        link.connected(Epoch(1));
+        link.connected(Epoch(1), false).unwrap();
         link.go_live();
         let second = link.push_sync_done();
         let checks = std::cell::Cell::new(0);

@@ -5,3 +5,4 @@ pub mod atomic_spans;
 pub mod hold_times;
 pub mod probes;
 pub mod production;
+pub mod state;

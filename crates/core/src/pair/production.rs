@@ -24,6 +24,7 @@ use crate::ByteRange;
 use crate::pair::atomic_spans::{AtomicSpan, AtomicSpans};
 use crate::pair::hold_times::{HoldSummary, HoldTimes};
 use crate::pair::probes::{Probe, ProbeResult, Probes};
+use crate::pair::state::{IllegalTransition, PairState};
 use crate::replication::answer_hold::AnswerHold;
 use crate::replication::group_cut::{CutMode, Live, RoundOutcome};
 use crate::replication::{
@@ -230,6 +231,9 @@ type HeldAnswer<A> = (AnswerToken, A, u64);
 #[derive(Debug)]
 pub struct Production<P, A> {
     model: ReplicationModel,
+    /// Where the pair is in its life; changed only through checked transitions.
+    state: PairState,
+    /// How live writes reach the DR side while a stream is up (`Tracked` when none is).
     live: Live,
     journal: Journal<P>,
     pending: HashMap<WriteSeq, Pending<P, A>>,
@@ -272,6 +276,7 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         journal.stop_journaling();
         Self {
             model,
+            state: PairState::Connecting,
             live: Live::Tracked,
             journal,
             pending: HashMap::new(),
@@ -291,10 +296,58 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         }
     }
 
+    /// The machine of a pair that starts in `state` rather than connecting: a restarted
+    /// agent's (unconfirmed, paused or demoted, as its membership recorded).
+    pub fn starting_in(mut self, state: PairState) -> Self {
+        self.state = state;
+        self
+    }
+
     // ---- what the machine is ----
 
     pub fn model(&self) -> ReplicationModel {
         self.model
+    }
+
+    pub fn state(&self) -> PairState {
+        self.state
+    }
+
+    /// What must hold after every event; the shell checks it after each step, and the
+    /// simulations after each event. Cheap: no walk over the journal or the pending map.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let state = self.state;
+        if !state.streaming() {
+            if self.live != Live::Tracked {
+                return Err(format!(
+                    "{state}: live writes go {} with no stream",
+                    self.live.as_str()
+                ));
+            }
+            if !self.pending.is_empty() {
+                return Err(format!(
+                    "{state}: {} frames wait for an answer from a DR side with no stream",
+                    self.pending.len()
+                ));
+            }
+        }
+        if state == PairState::Live
+            && self.live == Live::Tracked
+            && !self.needs_catch_up
+            && self.end_stream.is_none()
+        {
+            return Err(
+                "live, but its writes are tracked only and neither a catch-up nor the stream's end is asked for"
+                    .into(),
+            );
+        }
+        if state == PairState::Demoted && self.hold.holding() {
+            return Err("demoted, but answers are still held for the group".into());
+        }
+        if self.hold.trip_wanted() && !self.grouped {
+            return Err("tripped, but not in a group".into());
+        }
+        Ok(())
     }
 
     pub fn live(&self) -> Live {
@@ -414,12 +467,42 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     // ---- the connection's life ----
 
-    /// The DR side accepted the stream, holding everything up to `staged`.
-    pub fn connected(&mut self, staged: Epoch) {
+    /// The DR side accepted the stream, holding everything up to `staged`; the pair
+    /// resyncs if `copying` (an initial sync or a catch-up comes next), else it goes live
+    /// at once. Refused unless the pair is connecting (it was paused, demoted or stopped
+    /// meanwhile).
+    pub fn connected(
+        &mut self,
+        staged: Epoch,
+        copying: bool,
+    ) -> Result<Effects<A>, IllegalTransition> {
+        if self.state != PairState::Connecting {
+            let to = if copying { PairState::Resyncing } else { PairState::Live };
+            return Err(IllegalTransition {
+                from: self.state,
+                to,
+                event: "stream accepted",
+            });
+        }
+        self.state = if copying {
+            PairState::Resyncing
+        } else {
+            PairState::Live
+        };
         self.journal.reconnected(staged);
         self.needs_catch_up = false;
         // A sync's end is acknowledged on the stream that sent it; a new stream starts over.
         self.sync_done_acked = None;
+        Ok(match copying {
+            true => Effects::default(),
+            false => self.go_live(),
+        })
+    }
+
+    /// The initial sync or the catch-up ended: the DR side holds everything but what live
+    /// writes are bringing it.
+    pub fn resync_done(&mut self) -> Result<(), IllegalTransition> {
+        self.state.become_(PairState::Live, "resync done")
     }
 
     /// Live writes start flowing: direct in hypermetro, journaled in async.
@@ -444,12 +527,22 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         Effects::woke_sender()
     }
 
-    /// A catch-up starts: live writes are tracked only, extents are staged.
-    pub fn begin_catch_up(&mut self) {
+    /// A catch-up starts: live writes are tracked only, extents are staged. Refused
+    /// unless a stream is up.
+    pub fn begin_catch_up(&mut self) -> Result<(), IllegalTransition> {
+        if !self.state.streaming() {
+            return Err(IllegalTransition {
+                from: self.state,
+                to: PairState::Resyncing,
+                event: "catch-up",
+            });
+        }
+        self.state = PairState::Resyncing;
         self.open_atomic_span();
         self.journal.begin_catch_up();
         self.live = Live::Tracked;
         self.needs_catch_up = false;
+        Ok(())
     }
 
     /// The catch-up's dirty set is small: live writes are journaled with it. Returns false
@@ -487,10 +580,96 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
     /// that depends on them is answered before every pair of the group stopped writing its
     /// DR side directly.
     pub fn disconnected(&mut self, now_us: u64) -> Effects<A> {
+        let to = if self.state.in_session() {
+            PairState::Connecting
+        } else {
+            self.state
+        };
+        self.leave_stream(to, "disconnected", now_us)
+            .expect("a pair in session can always connect again")
+    }
+
+    // ---- the pair's life ----
+
+    /// The coordinator confirmed this side is still production: it connects, or stays
+    /// paused if the operator `paused` it. Confirming a confirmed side changes nothing.
+    pub fn confirm(&mut self, paused: bool) -> Result<(), IllegalTransition> {
+        if self.state != PairState::Unconfirmed {
+            return Ok(());
+        }
+        let to = if paused {
+            PairState::Paused
+        } else {
+            PairState::Connecting
+        };
+        self.state.become_(to, "confirm")
+    }
+
+    /// The operator paused (`group stop`) or resumed (`group sync`) replication. Pausing
+    /// ends the stream as a broken link does. An unconfirmed or diverged side learns it
+    /// when it is confirmed or resolved; a demoted or stopped one never replicates again.
+    pub fn pause(&mut self, paused: bool, now_us: u64) -> Effects<A> {
+        match (paused, self.state) {
+            (true, PairState::Connecting | PairState::Resyncing | PairState::Live) => self
+                .leave_stream(PairState::Paused, "pause", now_us)
+                .expect("a pair in session can pause"),
+            (false, PairState::Paused) => {
+                self.state = PairState::Connecting;
+                Effects::default()
+            }
+            _ => Effects::default(),
+        }
+    }
+
+    /// The DR side refused the stream: the sides hold different data.
+    pub fn diverged(&mut self) -> Result<(), IllegalTransition> {
+        self.state.become_(PairState::Diverged, "diverged")
+    }
+
+    /// The operator resolved a divergence: the pair connects again, or stays paused.
+    pub fn resolved(&mut self, paused: bool) -> Result<(), IllegalTransition> {
+        if self.state != PairState::Diverged {
+            return Ok(());
+        }
+        let to = if paused {
+            PairState::Paused
+        } else {
+            PairState::Connecting
+        };
+        self.state.become_(to, "resolved")
+    }
+
+    /// The pair's group failed over: this side is production no more. The stream ends, and
+    /// the answers a trip held are returned to be failed: their writes are on this volume
+    /// only, which the group left; acknowledging them would be acknowledging writes the
+    /// group lost.
+    pub fn demote(&mut self, now_us: u64) -> (Vec<(AnswerToken, A)>, Effects<A>) {
+        match self.leave_stream(PairState::Demoted, "demote", now_us) {
+            Ok(fx) => (self.fail_held(), fx),
+            Err(_) => (Vec::new(), Effects::default()),
+        }
+    }
+
+    /// The pair is removed or its agent stops: nothing more is sent.
+    pub fn stop(&mut self, now_us: u64) -> Effects<A> {
+        self.leave_stream(PairState::Stopped, "stop", now_us)
+            .expect("anything may stop")
+    }
+
+    /// Moves to `to`, a state with no stream, as when the link breaks (see
+    /// [`Production::disconnected`]).
+    fn leave_stream(
+        &mut self,
+        to: PairState,
+        event: &'static str,
+        now_us: u64,
+    ) -> Result<Effects<A>, IllegalTransition> {
+        debug_assert!(!to.streaming());
+        self.state.become_(to, event)?;
         self.end_stream = None;
         let mut fx = Effects::default();
         self.cut_off(now_us, &mut fx);
-        fx
+        Ok(fx)
     }
 
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.
@@ -622,7 +801,7 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
     /// The pair's volume is no longer production (its group failed over): the answers a
     /// trip held, to be failed. Their writes are on this volume only, which the group left:
     /// acknowledging them would be acknowledging writes the group lost.
-    pub fn fail_held(&mut self) -> Vec<(AnswerToken, A)> {
+    fn fail_held(&mut self) -> Vec<(AnswerToken, A)> {
         self.hold
             .give_all()
             .into_iter()
@@ -1171,8 +1350,7 @@ mod tests {
 
     fn live(model: ReplicationModel) -> Machine {
         let mut m = Machine::new(model, 1 << 20, Epoch(1));
-        m.connected(Epoch(1));
-        assert!(m.go_live().wake_sender);
+        assert!(m.connected(Epoch(1), false).unwrap().wake_sender);
         m
     }
 
@@ -1348,8 +1526,7 @@ mod tests {
     fn a_journal_overflow_falls_back_to_the_bitmap_and_asks_for_a_catch_up() {
         let mut tickets = TicketRegistry::new();
         let mut m = Machine::new(ReplicationModel::Async, 4096, Epoch(1));
-        m.connected(Epoch(1));
-        let _ = m.go_live();
+        let _ = m.connected(Epoch(1), false).unwrap();
         let first = admit(&mut m, &mut tickets, 0, 1);
         let second = admit(&mut m, &mut tickets, 4096, 2);
         let (_, fx) = m.local_done(first, &CONNECTION, 0);
@@ -1395,5 +1572,91 @@ mod tests {
         assert_eq!(m.stage_full_for_us(15), Some(10));
         let fx = m.handle_reject(WriteSeq(1000), RejectReason::StageFull, 20);
         assert!(!fx.stage_full_began, "said once");
+    }
+
+    #[test]
+    fn a_pause_ends_the_stream_answers_what_waited_and_a_late_acceptance_is_refused() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = live(ReplicationModel::Hypermetro);
+        let mut w = admit(&mut m, &mut tickets, 0, 1);
+        let _ = m.send_direct(&mut w, &CONNECTION, 0);
+        let _ = m.local_done(w, &CONNECTION, 0);
+        let fx = m.pause(true, 10);
+        assert_eq!(m.state(), PairState::Paused);
+        assert_eq!(answered(&fx), [1], "answered: its blocks stay dirty (rule 1)");
+        assert_eq!(fx.forget.len(), 1);
+        assert_eq!(m.live(), Live::Tracked);
+        m.check_invariants().unwrap();
+
+        // A stream accepted after the pause cannot make the pair live.
+        let err = m.connected(Epoch(1), false).unwrap_err();
+        assert_eq!((err.from, err.to), (PairState::Paused, PairState::Live));
+        assert_eq!(m.state(), PairState::Paused);
+        let _ = m.pause(false, 20);
+        assert_eq!(m.state(), PairState::Connecting);
+        let _ = m.connected(Epoch(1), true).unwrap();
+        assert_eq!(m.state(), PairState::Resyncing);
+        m.resync_done().unwrap();
+        assert_eq!(m.state(), PairState::Live);
+    }
+
+    #[test]
+    fn an_unconfirmed_side_connects_only_once_confirmed_and_a_demoted_one_never() {
+        let mut m = Machine::new(ReplicationModel::Async, 1 << 20, Epoch(1))
+            .starting_in(PairState::Unconfirmed);
+        assert!(m.connected(Epoch(1), false).is_err());
+        assert!(m.begin_catch_up().is_err(), "no stream");
+        m.confirm(true).unwrap();
+        assert_eq!(m.state(), PairState::Paused, "the operator's pause is kept");
+        let _ = m.pause(false, 0);
+        m.confirm(false).unwrap();
+        assert_eq!(m.state(), PairState::Connecting, "confirming twice changes nothing");
+
+        let (failed, _) = m.demote(0);
+        assert!(failed.is_empty());
+        assert_eq!(m.state(), PairState::Demoted);
+        let _ = m.pause(false, 0);
+        let _ = m.disconnected(0);
+        assert_eq!(m.state(), PairState::Demoted);
+        assert!(m.connected(Epoch(1), false).is_err());
+        let _ = m.stop(0);
+        assert_eq!(m.state(), PairState::Stopped);
+    }
+
+    #[test]
+    fn a_demoted_grouped_pair_fails_the_answers_its_trip_held() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = live(ReplicationModel::Hypermetro);
+        let _ = m.set_grouped(true);
+        let _ = m.group_cut(Epoch(5), CutMode::Direct, 0, 0);
+        let _ = m.group_release(
+            Epoch(5),
+            RoundOutcome {
+                tripped: false,
+                synchronous: true,
+            },
+            0,
+            0,
+        );
+        assert_eq!(m.live(), Live::Sync);
+        let mut w = admit(&mut m, &mut tickets, 0, 1);
+        let _ = m.send_direct(&mut w, &CONNECTION, 0);
+        let _ = m.local_done(w, &CONNECTION, 0);
+        let fx = m.disconnected(10);
+        assert!(fx.answers.is_empty(), "the trip holds it");
+        assert!(m.trip_wanted());
+        let (failed, fx) = m.demote(20);
+        assert_eq!(failed.iter().map(|(t, _)| t.0).collect::<Vec<_>>(), [1]);
+        assert!(fx.answers.is_empty());
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn the_invariants_catch_a_machine_that_sends_with_no_stream() {
+        let mut m = live(ReplicationModel::Async);
+        m.check_invariants().unwrap();
+        m.state = PairState::Connecting;
+        let err = m.check_invariants().unwrap_err();
+        assert!(err.contains("with no stream"), "{err}");
     }
 }

@@ -1,0 +1,477 @@
+//! One session of a production pair: the handshake and the plan it leads to, then the
+//! stream's loops (sender, receiver, ticker) until one of them ends, and the backoff
+//! between sessions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use blockrep_core::pair::probes::VERIFY_BLOCK;
+use blockrep_core::pair::production::Transmit;
+use blockrep_core::pair::state::{IllegalTransition, PairState};
+use blockrep_core::replication::group_cut::Live;
+use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
+use blockrep_core::replication::{Payload, ReplicationStatus, WriteFrame};
+use blockrep_wire::{
+    Frame, Hello, HelloFlags, ProtocolVersion, RefuseKind, WriteFlags, WriteHeader, payload_crc,
+};
+use bytes::Bytes;
+
+use crate::endpoint::{CallError, ReplicationStream};
+use crate::framed::{FrameReader, FrameWriter, StreamError};
+use crate::link::{Data, PairLink};
+
+use super::ProductionPair;
+use super::resync::{ResyncKind, ResyncOutcome};
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SessionError {
+    #[error("peer unreachable: {0}")]
+    Unreachable(#[from] CallError),
+    #[error("link lost: {0}")]
+    Stream(#[from] StreamError),
+    #[error("peer refused: {0}")]
+    Refused(String),
+    /// The two sides' data diverged: nothing moves until the operator resolves it.
+    #[error("{0}")]
+    Diverged(String),
+    #[error("peer silent: the DR agent answered nothing for {0:?}")]
+    Silent(Duration),
+    /// A synchronous pair of a group leaves synchronous replication as when its link
+    /// breaks, so that its group trips.
+    #[error("{0}: the stream ends so that the group trips, then catches up")]
+    Trip(&'static str),
+    #[error("peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("resync failed: {0}")]
+    Resync(String),
+    /// The pair left the session's states (paused, demoted, stopped) while it ran.
+    #[error("{0}")]
+    Left(#[from] IllegalTransition),
+    #[error("the pair is {0}")]
+    Ended(PairState),
+}
+
+impl ProductionPair {
+    /// One session: the handshake, the plan, then the stream's loops until one ends.
+    /// `accepted` says whether the DR side took the stream (the backoff starts over).
+    pub(super) async fn session(&self, accepted: &mut bool) -> Result<(), SessionError> {
+        let membership = self.membership();
+        let lineage = self
+            .volume
+            .gate()
+            .lineage()
+            .ok_or_else(|| SessionError::Protocol("the volume has no lineage".into()))?
+            .get();
+        let flags = HelloFlags {
+            dirty: self.link.tracker().dirty_bytes() > 0,
+            full_sync_done: membership.full_sync_done,
+            discard_peer: membership.discard_peer,
+        };
+        let hello = Hello {
+            version: ProtocolVersion::CURRENT,
+            pair: membership.pair,
+            volume: membership.peer_volume,
+            size: membership.size,
+            model: membership.model,
+            node: self.node.clone(),
+            lineage: lineage.clone(),
+            flags,
+        };
+        let ReplicationStream {
+            mut reader,
+            mut writer,
+        } = self
+            .endpoint
+            .open_replication(membership.peer_address, &membership.peer_node, hello)
+            .await?;
+        let (applied, staged, consistent, dr_lineage) = match reader.next().await? {
+            Some(Frame::Welcome {
+                applied,
+                staged,
+                consistent,
+                lineage,
+            }) => (applied, staged, consistent, lineage),
+            Some(Frame::Refuse {
+                kind: RefuseKind::Diverged,
+                reason,
+            }) => return Err(SessionError::Diverged(reason)),
+            Some(Frame::Refuse { reason, .. }) => return Err(SessionError::Refused(reason)),
+            Some(_) => return Err(SessionError::Protocol("expected Welcome".into())),
+            None => return Err(SessionError::Protocol("stream closed during Hello".into())),
+        };
+        // The same decision the DR side made before it answered.
+        let plan = lineage::plan(
+            ProductionView {
+                lineage: &lineage,
+                dirty: flags.dirty,
+                full_sync_done: flags.full_sync_done,
+                discard_peer: flags.discard_peer,
+            },
+            DrView {
+                lineage: &dr_lineage,
+                consistent,
+            },
+        );
+        let plan = match plan {
+            Plan::Diverged(d) => return Err(SessionError::Diverged(d.to_string())),
+            Plan::FullSync(reason) => {
+                // Until this copy ends, a reconnect must copy everything again.
+                self.membership
+                    .update(|m| m.full_sync_done = false)
+                    .map_err(|e| SessionError::Resync(format!("record the pair: {e}")))?;
+                tracing::info!(pair = %membership.pair, %reason, "copying the whole volume");
+                ResyncKind::Full
+            }
+            Plan::FinishSync => ResyncKind::DirtyDirect,
+            Plan::CatchUp if self.link.tracker().dirty_bytes() > 0 => ResyncKind::CatchUp,
+            Plan::CatchUp => ResyncKind::None,
+        };
+        tracing::info!(pair = %membership.pair, peer = %membership.peer_address, %applied, consistent, ?plan, "DR agent accepted the stream");
+        *accepted = true;
+        self.link.connected(staged, plan != ResyncKind::None)?;
+        {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.dr_consistent = consistent;
+            if consistent {
+                status.consistent = Some((applied, 0));
+            }
+        }
+
+        let stop_resync = Arc::new(AtomicBool::new(false));
+        let resync_thread = self.start_resync(plan, Arc::clone(&stop_resync))?;
+
+        let mut states = self.link.states();
+        let result = tokio::select! {
+            r = send_loop(&self.link, &mut writer) => r,
+            r = self.receive_loop(&mut reader) => r,
+            r = self.tick_loop(&stop_resync) => r,
+            s = states.wait_for(|s| !s.streaming()) => Err(SessionError::Ended(s.map_or(PairState::Stopped, |s| *s))),
+        };
+        stop_resync.store(true, Ordering::SeqCst);
+        writer.finish();
+        if let Some(thread) = resync_thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        result
+    }
+
+    async fn receive_loop(&self, reader: &mut FrameReader) -> Result<(), SessionError> {
+        // The counters run across streams; each stream counts from zero.
+        let mut counted = reader.bytes_received;
+        loop {
+            let frame = reader.next().await?;
+            self.link
+                .counters
+                .bytes_received
+                .fetch_add(reader.bytes_received - counted, Ordering::Relaxed);
+            counted = reader.bytes_received;
+            match frame {
+                Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => {
+                    self.link.handle_ack(seq)
+                }
+                Some(Frame::Staged { epoch }) => self.link.handle_staged(epoch),
+                Some(Frame::SyncDoneAck { epoch }) => self.link.handle_sync_done_ack(epoch),
+                Some(Frame::Applied { epoch, cut_ms }) => {
+                    let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                    status.consistent = Some((epoch, cut_ms));
+                }
+                Some(Frame::Reject { seq, reason }) => self.link.handle_reject(seq, reason),
+                Some(Frame::Verified { id, differing }) => {
+                    self.link.handle_verified(id, &differing)
+                }
+                Some(Frame::Refuse { reason, .. }) => return Err(SessionError::Refused(reason)),
+                Some(_) => {
+                    return Err(SessionError::Protocol(
+                        "unexpected frame from the DR side".into(),
+                    ));
+                }
+                None => {
+                    return Err(SessionError::Protocol(
+                        "the DR side closed the stream".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Cuts epochs, notices the end of a resync, and starts a catch-up when the journal
+    /// overflowed.
+    async fn tick_loop(&self, stop_resync: &Arc<AtomicBool>) -> Result<(), SessionError> {
+        let mut interval =
+            tokio::time::interval(self.config.epoch_interval.min(Duration::from_millis(200)));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_cut = Instant::now();
+        let mut catch_up_thread: Option<std::thread::JoinHandle<()>> = None;
+        // For the watchdog: a session ticks at least every 200 ms.
+        let beat = blockrep_volume::liveness::Liveness::global()
+            .register(format!("session of pair {}", self.membership().pair));
+        beat.expect(true);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = self.resync_ended.notified() => {}
+            }
+            beat.progress();
+            if let Some(waited) = self.link.unanswered_for()
+                && waited > self.config.peer_timeout
+            {
+                return Err(SessionError::Silent(waited));
+            }
+            if let Some(why) = self.link.stream_must_end() {
+                return Err(SessionError::Trip(why));
+            }
+            // A pair in a consistency group is cut by its group, never on its own.
+            let grouped = self.link.grouped();
+            if last_cut.elapsed() >= self.config.epoch_interval {
+                last_cut = Instant::now();
+                if self.link.live() != Live::Sync && !grouped {
+                    self.link.advance_epoch();
+                }
+            }
+            let outcome = self
+                .resync_done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(outcome) = outcome {
+                if let Some(resync) = self.resync.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let secs = resync.started.elapsed().as_secs_f64();
+                    if secs > 0.0 {
+                        self.status
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .resync_rate = self.link.resync_acked() as f64 / secs;
+                    }
+                }
+                match outcome {
+                    Ok(ResyncOutcome::Stopped) => {}
+                    Ok(outcome) => {
+                        // Cut at once after an initial sync: the DR side is consistent
+                        // when the unit after `SyncDone` is applied, not an interval later.
+                        if outcome != ResyncOutcome::CaughtUp
+                            && self.link.live() != Live::Sync
+                            && !grouped
+                        {
+                            last_cut = Instant::now();
+                            self.link.advance_epoch();
+                        }
+                        self.link.resync_done()?;
+                        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                        status.dr_consistent = true;
+                        status.progress = 1.0;
+                        drop(status);
+                        self.set_status(ReplicationStatus::Active, "replicating");
+                    }
+                    Err(e) => return Err(SessionError::Resync(e)),
+                }
+            }
+            let resync_running = self
+                .resync
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
+            if self.link.needs_catch_up() && !resync_running {
+                if self
+                    .link
+                    .stage_full_for()
+                    .is_some_and(|since| since < STAGE_FULL_RETRY)
+                {
+                    self.set_status(
+                        ReplicationStatus::Copying,
+                        format!(
+                            "the DR side's stage log is full (replication.stage_log_max_bytes on the DR agent): writes are tracked in the bitmap, the DR volume stays at its last consistent point, and a catch-up is tried again every {} s",
+                            STAGE_FULL_RETRY.as_secs()
+                        ),
+                    );
+                    continue;
+                }
+                if let Some(thread) = catch_up_thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                }
+                tracing::info!(pair = %self.membership().pair, "falling back to bitmap mode; catching up");
+                catch_up_thread =
+                    self.start_resync(ResyncKind::CatchUp, Arc::clone(stop_resync))?;
+            }
+        }
+    }
+}
+
+/// Sends the link's frames, payloads as their own chunks.
+async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), SessionError> {
+    let mut frames = Vec::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let counters = Arc::clone(&link.counters);
+    let fault = fault::CorruptExtent::from_env();
+    // The counters run across streams; each stream counts from zero.
+    let mut counted = writer.bytes_sent;
+    loop {
+        let notified = link.wake_sender.notified();
+        link.take_frames(8 << 20, &mut frames);
+        if frames.is_empty() {
+            notified.await;
+            continue;
+        }
+        for frame in frames.drain(..) {
+            match frame {
+                Transmit::Write(WriteFrame {
+                    epoch,
+                    seq,
+                    range,
+                    payload,
+                    direct,
+                    fua,
+                    gated,
+                }) => {
+                    let mut flags = 0;
+                    if direct {
+                        flags |= WriteFlags::DIRECT | WriteFlags::ACK;
+                    }
+                    if gated {
+                        flags |= WriteFlags::GATED;
+                    }
+                    if fua {
+                        flags |= WriteFlags::FUA;
+                    }
+                    let bytes = match payload {
+                        Payload::Data(Data(bytes)) => bytes,
+                        Payload::Zeroes => {
+                            flags |= WriteFlags::ZEROES;
+                            Bytes::new()
+                        }
+                    };
+                    let header = WriteHeader {
+                        flags: WriteFlags(flags),
+                        epoch,
+                        seq,
+                        offset: range.offset,
+                        len: range.len as u32,
+                        crc: payload_crc(&bytes),
+                    };
+                    let bytes = fault.apply(bytes);
+                    counters.extents_sent.fetch_add(1, Ordering::Relaxed);
+                    writer.push_write(&header, bytes, &mut chunks);
+                }
+                Transmit::Flush { seq } => writer.push_frame(&Frame::Flush { seq }, &mut chunks),
+                Transmit::Seal { epoch, cut_ms } => {
+                    writer.push_frame(&Frame::Seal { epoch, cut_ms }, &mut chunks)
+                }
+                Transmit::Discard { after } => {
+                    writer.push_frame(&Frame::Discard { after }, &mut chunks)
+                }
+                Transmit::SyncDone { epoch } => {
+                    writer.push_frame(&Frame::SyncDone { epoch }, &mut chunks)
+                }
+                Transmit::Ungate { epoch } => {
+                    writer.push_frame(&Frame::Ungate { epoch }, &mut chunks)
+                }
+                Transmit::Verify {
+                    id,
+                    offset,
+                    after,
+                    crcs,
+                } => writer.push_frame(
+                    &Frame::Verify {
+                        id,
+                        offset,
+                        block: VERIFY_BLOCK,
+                        after,
+                        crcs,
+                    },
+                    &mut chunks,
+                ),
+            }
+        }
+        writer.send_chunks(&mut chunks).await?;
+        counters
+            .bytes_sent
+            .fetch_add(writer.bytes_sent - counted, Ordering::Relaxed);
+        counted = writer.bytes_sent;
+    }
+}
+
+/// How long a pair whose DR stage log was full waits before it tries a catch-up again.
+const STAGE_FULL_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest wait between two connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Reconnect delays: doubling from 200 ms up to [`MAX_BACKOFF`], with ±25% jitter from a
+/// seeded generator (the seed is the pair's, so two pairs do not retry in step).
+pub(super) struct Backoff {
+    next: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    pub(super) fn new(seed: u64) -> Self {
+        Self {
+            next: Duration::from_millis(200),
+            rng: seed | 1,
+        }
+    }
+
+    pub(super) fn next(&mut self) -> Duration {
+        // xorshift64
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let jitter = 0.75 + (self.rng % 1000) as f64 / 2000.0;
+        let wait = self.next.mul_f64(jitter);
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        wait
+    }
+}
+
+/// Test-only faults, compiled in only with the `fault-injection` feature.
+mod fault {
+    use bytes::Bytes;
+
+    /// Corrupts the payload of the N-th data extent sent (N from
+    /// `BLOCKREP_FAULT_CORRUPT_EXTENT`), after its CRC was computed.
+    pub struct CorruptExtent {
+        /// Extents left before the one to corrupt; 0 when none is.
+        #[cfg(feature = "fault-injection")]
+        countdown: std::sync::atomic::AtomicU64,
+    }
+
+    impl CorruptExtent {
+        #[cfg(feature = "fault-injection")]
+        pub fn from_env() -> Self {
+            let n = std::env::var("BLOCKREP_FAULT_CORRUPT_EXTENT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Self {
+                countdown: std::sync::atomic::AtomicU64::new(n),
+            }
+        }
+
+        #[cfg(not(feature = "fault-injection"))]
+        pub fn from_env() -> Self {
+            Self {}
+        }
+
+        #[cfg(feature = "fault-injection")]
+        pub fn apply(&self, bytes: Bytes) -> Bytes {
+            use std::sync::atomic::Ordering;
+            let n = self.countdown.load(Ordering::Relaxed);
+            if n == 0 || bytes.is_empty() {
+                return bytes;
+            }
+            self.countdown.store(n - 1, Ordering::Relaxed);
+            if n > 1 {
+                return bytes;
+            }
+            let mut bad = bytes.to_vec();
+            bad[0] ^= 0xff;
+            tracing::warn!("fault injection: corrupting an extent in flight");
+            Bytes::from(bad)
+        }
+
+        #[cfg(not(feature = "fault-injection"))]
+        pub fn apply(&self, bytes: Bytes) -> Bytes {
+            bytes
+        }
+    }
+}
