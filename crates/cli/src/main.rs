@@ -113,7 +113,7 @@ enum ClusterCommand {
         seconds: u64,
         /// cubic or bbr, as `cluster.congestion_control` on the agents.
         #[arg(long, default_value = "cubic")]
-        congestion_control: blockrep_replication::CongestionControl,
+        congestion_control: blockrep_transport::CongestionControl,
     },
 }
 
@@ -601,7 +601,7 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
             seconds,
             congestion_control,
         } => {
-            let settings = blockrep_replication::TransportSettings {
+            let settings = blockrep_transport::TransportSettings {
                 congestion: congestion_control,
                 ..Default::default()
             };

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use blockrep_api::proto::{self, ClusterRequest, cluster_request, cluster_response};
-use blockrep_replication::endpoint::ClusterEndpoint;
+use blockrep_transport::endpoint::ClusterEndpoint;
 use blockrep_tls::{NodeTls, TlsFiles};
 
 use crate::render::Output;
@@ -67,12 +67,12 @@ pub async fn link_test(
     tls_dir: &Path,
     node: &str,
     seconds: u64,
-    settings: blockrep_replication::TransportSettings,
+    settings: blockrep_transport::TransportSettings,
     out: &Output,
 ) -> anyhow::Result<()> {
     let tls = NodeTls::load(&TlsFiles::in_dir(tls_dir))?;
     let endpoint = ClusterEndpoint::client_only(&tls, settings)?;
-    let result = blockrep_replication::link_test::run(
+    let result = blockrep_transport::link_test::run(
         &endpoint,
         address,
         node,

@@ -1,8 +1,6 @@
-//! Replication between hosts: the QUIC endpoint, and each pair's two halves.
+//! Replication between hosts: each pair's two halves, over the transport of
+//! `blockrep-transport` (its `endpoint` and `framed` are re-exported here).
 //!
-//! - [`endpoint`]: one QUIC endpoint per agent (quinn, mutual TLS); control calls and
-//!   replication streams.
-//! - [`framed`]: frames over QUIC streams, payloads not copied on the way out.
 //! - The production half: [`link::PairLink`] sits in the volume's write gate; the pair's
 //!   tasks send what it queues and handle the DR side's answers.
 //! - The DR half: [`applier::Applier`] writes incoming frames to the DR volume, through the
@@ -13,14 +11,13 @@ pub mod applier;
 pub mod clock;
 pub mod dr;
 pub mod dr_state;
-pub mod endpoint;
-pub mod framed;
 pub mod link;
-pub mod link_test;
 pub mod membership;
 pub mod pairs;
 pub mod production;
 pub mod stage_log;
 pub mod verify;
 
-pub use endpoint::{CongestionControl, DEFAULT_PEER_TIMEOUT, TransportSettings};
+pub use blockrep_transport::{
+    CongestionControl, DEFAULT_PEER_TIMEOUT, TransportSettings, endpoint, framed, link_test,
+};
