@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use blockrep_api::proto::{self, ClusterRequest, cluster_request, cluster_response};
-use blockrep_transport::endpoint::ClusterEndpoint;
 use blockrep_tls::{NodeTls, TlsFiles};
+use blockrep_transport::endpoint::ClusterEndpoint;
 
 use crate::render::Output;
 use crate::stdout::sayln;

@@ -1,11 +1,15 @@
-//! A seeded, deterministic simulation of an async pair that drives the production machine
-//! the agent runs (`blockrep_core::pair::production::Production`, which `PairLink` wraps):
+//! A seeded, deterministic simulation of an async pair that drives the machines the agents
+//! run: on the production side `blockrep_core::pair::production::Production` (which
+//! `PairLink` wraps), on the DR side `blockrep_core::pair::dr::DrUnits` (which the applier
+//! wraps: which staged writes and seals it takes, which units apply). The production side:
 //! its journal (epochs, bound, bitmap mode, catch-up), its answers and holds, and the clear
 //! tickets it redeems or forgets in the dirty map, with writes that overlap and complete
 //! out of order, epochs cut at random (by the pair's ticker, or by its consistency group's
 //! cuts and releases), an ordered stream whose frames and acknowledgements arrive late, a
-//! DR side whose stage log refuses a unit now and then, a link that breaks and heals, and
-//! an operator who pauses and resumes replication.
+//! DR side whose stage log is full now and then and whose frames are corrupted on the way
+//! now and then (a refused staged write spoils its unit until the production side's
+//! `Discard`), a link that breaks and heals (a new stream, a new applier), and an operator
+//! who pauses and resumes replication.
 //! The harness is the shell and the session: it carries out each event's effects as
 //! `PairLink` does, and starts catch-ups and goes live as the production session does.
 //!
@@ -16,7 +20,8 @@
 //!   acknowledged write is lost track of: rules 1 and 2);
 //! - the journal never holds more than its bound (rule 6);
 //! - every write is answered exactly once (held answers are given);
-//! - the machine's own invariants (`Production::check_invariants`), and that its state
+//! - both machines' own invariants (`Production::check_invariants`,
+//!   `DrUnits::check_invariants`), and that the production state
 //!   has a stream exactly when the link is up; a paused pair refuses a stream.
 //!
 //! Writes pause a quarter of the time, so catch-ups end under load too. And at the end,
@@ -24,13 +29,15 @@
 //! images, every answer given. `BLOCKREP_SEED=n` replays one seed; `BLOCKREP_SIM_SEEDS`
 //! sets how many.
 //!
-//! Mutation check: a shell that redeems the tickets the machine tells it to forget (a
-//! cut-off's, an overflow's) must be caught.
+//! Mutation checks: a production shell that redeems the tickets the machine tells it to
+//! forget (a cut-off's, an overflow's) must be caught; so must a DR shell that applies a
+//! unit its machine dropped (spoiled by a refused write).
 
 use std::collections::{BTreeSet, VecDeque};
 
 use blockrep_core::ByteRange;
 use blockrep_core::dirty_map::{DirtyMap, Granularity};
+use blockrep_core::pair::dr::{DrState, DrUnits, SealArrival, SealRecord, StagedWrite};
 use blockrep_core::pair::production::ReplicaMode;
 use blockrep_core::pair::production::{AfterLocal, Effects, LocalWrite, Production, Transmit};
 use blockrep_core::pair::state::PairState;
@@ -69,6 +76,9 @@ fn blocks(range: ByteRange) -> std::ops::Range<u64> {
 enum Mutation {
     /// The shell redeems the tickets the machine says to forget.
     RedeemWhatIsForgotten,
+    /// The DR side's shell stages and applies a seal its machine dropped (the seal of a
+    /// unit a refused write spoiled).
+    ApplyWhatIsDropped,
 }
 
 #[derive(Debug)]
@@ -80,14 +90,13 @@ struct InFlight {
     ticket: Option<Ticket>,
 }
 
-/// What the DR side holds.
+/// The DR side: the machine the applier runs (`DrUnits`), over a volume and a stage log
+/// in memory.
 struct Dr {
+    units: DrUnits,
     image: Vec<u64>,
     /// Staged writes: (epoch, range, value per block), in stream order.
     staged: Vec<(Epoch, ByteRange, Vec<u64>)>,
-    applied: Epoch,
-    /// Its stage log refused a write: it drops staged writes and seals until the Discard.
-    refusing: bool,
 }
 
 /// The production session's resync reader, as far as a catch-up goes.
@@ -130,7 +139,7 @@ struct Sim {
 #[derive(Debug)]
 enum Answer {
     Staged(Epoch),
-    Refused(WriteSeq),
+    Refused(WriteSeq, RejectReason),
 }
 
 impl Sim {
@@ -163,10 +172,9 @@ impl Sim {
             link_up: true,
             paused: false,
             dr: Dr {
+                units: DrUnits::new(DrState::default(), None),
                 image: vec![0; BLOCKS as usize],
                 staged: Vec::new(),
-                applied: Epoch(0),
-                refusing: false,
             },
             catch_up: None,
             steps: 0,
@@ -322,39 +330,44 @@ impl Sim {
                 ..
             }) => {
                 assert!(!direct, "the async simulation sends no direct writes");
-                if self.dr.refusing {
-                    return;
-                }
-                if self.rng.random_range(0..200) == 0 {
-                    // Its stage log is full: the unit is spoiled until the Discard.
-                    self.dr.refusing = true;
-                    self.acks.push_back(Answer::Refused(seq));
-                    return;
-                }
-                let values = match payload {
-                    Payload::Data(v) => v.0,
-                    Payload::Zeroes => vec![0; blocks(range).count()],
-                };
-                self.dr.staged.push((epoch, range, values));
-            }
-            Transmit::Seal { epoch, .. } => {
-                if self.dr.refusing {
-                    return;
-                }
-                let (unit, rest): (Vec<_>, Vec<_>) =
-                    self.dr.staged.drain(..).partition(|(e, _, _)| *e <= epoch);
-                self.dr.staged = rest;
-                for (_, range, values) in unit {
-                    for (b, v) in blocks(range).zip(values) {
-                        self.dr.image[b as usize] = v;
+                // Now and then its stage log is full, or the frame was corrupted on the way.
+                let room = self.rng.random_range(0..200) != 0;
+                let crc_ok = self.rng.random_range(0..400) != 0;
+                match self.dr.units.staged_write(epoch, crc_ok, room) {
+                    StagedWrite::Drop => {}
+                    StagedWrite::Refuse(reason) => {
+                        self.acks.push_back(Answer::Refused(seq, reason))
+                    }
+                    StagedWrite::Stage => {
+                        let values = match payload {
+                            Payload::Data(v) => v.0,
+                            Payload::Zeroes => vec![0; blocks(range).count()],
+                        };
+                        self.dr.staged.push((epoch, range, values));
                     }
                 }
-                self.dr.applied = epoch;
-                self.check_consistent(epoch);
+            }
+            Transmit::Seal { epoch, cut_ms } => {
+                match self.dr.units.seal_arrived(epoch, true) {
+                    SealArrival::Dropped if self.mutation == Some(Mutation::ApplyWhatIsDropped) => {
+                        self.dr.units.appended(epoch);
+                    }
+                    SealArrival::Dropped => return,
+                    SealArrival::Staged => {
+                        self.acks.push_back(Answer::Staged(epoch));
+                        return;
+                    }
+                    SealArrival::Append => self.dr.units.appended(epoch),
+                    SealArrival::Replay => unreachable!("only a restarted applier replays"),
+                }
                 self.acks.push_back(Answer::Staged(epoch));
+                let seal = SealRecord { epoch, cut_ms };
+                if let Some(seal) = self.dr.units.unit_ready(seal, u64::MAX) {
+                    self.apply_unit(seal);
+                }
             }
             Transmit::Discard { after } => {
-                self.dr.refusing = false;
+                let after = self.dr.units.discard(after);
                 self.dr.staged.retain(|(e, _, _)| *e <= after);
             }
             Transmit::Flush { .. }
@@ -364,13 +377,30 @@ impl Sim {
         }
     }
 
+    /// The DR side applies the unit `seal` ends: every staged write of its epoch and
+    /// earlier ones, in stream order.
+    fn apply_unit(&mut self, seal: SealRecord) {
+        let (unit, rest): (Vec<_>, Vec<_>) = self
+            .dr
+            .staged
+            .drain(..)
+            .partition(|(e, _, _)| *e <= seal.epoch);
+        self.dr.staged = rest;
+        for (_, range, values) in unit {
+            for (b, v) in blocks(range).zip(values) {
+                self.dr.image[b as usize] = v;
+            }
+        }
+        self.dr.units.unit_applied(seal);
+        self.check_consistent(seal.epoch);
+    }
+
     /// An answer of the DR side arrives at the production side.
     fn acknowledge(&mut self) {
         let fx = match self.acks.pop_front() {
             Some(Answer::Staged(epoch)) => self.machine.handle_staged(epoch, self.now_us),
-            Some(Answer::Refused(seq)) => {
-                self.machine
-                    .handle_reject(seq, RejectReason::StageFull, self.now_us)
+            Some(Answer::Refused(seq, reason)) => {
+                self.machine.handle_reject(seq, reason, self.now_us)
             }
             None => return,
         };
@@ -382,9 +412,11 @@ impl Sim {
         self.wire.clear();
         self.acks.clear();
         // The DR side drops what it staged without a seal.
-        let applied = self.dr.applied;
+        // Each stream has an applier of its own: the next one starts from what is recorded.
+        let state = self.dr.units.state().clone();
+        let applied = state.applied;
         self.dr.staged.retain(|(e, _, _)| *e <= applied);
-        self.dr.refusing = false;
+        self.dr.units = DrUnits::new(state, None);
         let fx = self.machine.disconnected(self.now_us);
         self.carry_out(fx);
         self.catch_up = None;
@@ -398,7 +430,7 @@ impl Sim {
         self.link_up = true;
         let fx = self
             .machine
-            .connected(self.dr.applied, !self.dirty.is_clean())
+            .connected(self.dr.units.applied(), !self.dirty.is_clean())
             .expect("a pair with no stream connects");
         self.carry_out(fx);
         if !self.dirty.is_clean() {
@@ -425,7 +457,7 @@ impl Sim {
         assert_eq!(self.machine.state(), PairState::Paused);
         assert!(
             self.machine
-                .connected(self.dr.applied, !self.dirty.is_clean())
+                .connected(self.dr.units.applied(), !self.dirty.is_clean())
                 .is_err(),
             "a paused pair took a stream"
         );
@@ -581,6 +613,9 @@ impl Sim {
         }
         if let Err(broken) = self.machine.check_invariants() {
             panic!("step {}: {broken}", self.steps);
+        }
+        if let Err(broken) = self.dr.units.check_invariants() {
+            panic!("step {}: the DR side: {broken}", self.steps);
         }
         assert_eq!(
             self.machine.state().streaming(),
@@ -744,4 +779,22 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
         .unwrap_or_default()
+}
+
+/// The DR side's mutation check: a shell that applies a unit its machine dropped (spoiled
+/// by a refused write) puts a DR image that production never had, and the check after each
+/// unit sees it.
+#[test]
+fn a_dr_shell_that_applies_a_spoiled_unit_is_caught() {
+    let caught = (0..100u64).map(|i| 0xb10c_0000 + i).find_map(|seed| {
+        let panic = run(seed, 64 * BLOCK, 3000, Some(Mutation::ApplyWhatIsDropped)).err()?;
+        Some((seed, panic_message(&*panic)))
+    });
+    let (seed, message) =
+        caught.expect("100 seeds did not catch a DR side that applies a spoiled unit");
+    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    assert!(
+        message.contains("is not production's image at its end"),
+        "{message}"
+    );
 }

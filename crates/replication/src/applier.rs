@@ -36,7 +36,9 @@ use bytes::Bytes;
 use io_uring::{IoUring, opcode, types};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::dr_state::DrState;
+use blockrep_core::pair::dr::{DrUnits, SealArrival, SealRecord, StagedWrite};
+
+use crate::dr_state::{self, DrState};
 use crate::stage_log::{StageLog, Staged};
 
 const RING_ENTRIES: u32 = 256;
@@ -188,7 +190,6 @@ impl Applier {
             compact_after_bytes,
         } = setup;
         let waker = Arc::new(Waker::new()?);
-        let state_applied = state.applied;
         let budget_bytes = u32::try_from(queue_bytes).unwrap_or(u32::MAX);
         let inbox = Arc::new(Inbox {
             cmds: Mutex::new(VecDeque::new()),
@@ -202,7 +203,7 @@ impl Applier {
             disk: volume.backing().fd().as_raw_fd(),
             volume,
             log,
-            state,
+            units: DrUnits::new(state, replay.last().map(|s| s.epoch)),
             state_path,
             events,
             counters,
@@ -219,15 +220,12 @@ impl Applier {
             unit_queue: VecDeque::new(),
             held_verifies: Vec::new(),
             allowed,
-            held_seals: Vec::new(),
             gate: DirectGate::default(),
             barrier: AckBarrier::default(),
             syncs: VecDeque::new(),
             stage_log_max_bytes,
             compact_after_bytes,
             stage_full: false,
-            spoiled_from: None,
-            last_sealed: replay.last().map_or(state_applied, |s| s.epoch),
             inflight_bytes: 0,
             inflight_limit: queue_bytes,
             beat: blockrep_volume::liveness::Liveness::global()
@@ -353,7 +351,8 @@ struct Worker {
     disk: i32,
     volume: Arc<Volume>,
     log: StageLog,
-    state: DrState,
+    /// What the DR side decides about its units (the machine this thread is the shell of).
+    units: DrUnits,
     state_path: PathBuf,
     events: UnboundedSender<ApplyEvent>,
     counters: Arc<ApplyCounters>,
@@ -373,8 +372,6 @@ struct Worker {
     /// Verify requests waiting for the unit of their epoch.
     held_verifies: Vec<VerifyCmd>,
     allowed: Arc<AtomicU64>,
-    /// Units sealed (and staged durably) whose epoch the group has not committed yet.
-    held_seals: Vec<crate::stage_log::SealRecord>,
     /// Gated direct writes (and what came after them, in order), held aside unwritten and
     /// unanswered until the stream's `Ungate` and the unit it names are applied.
     gate: DirectGate<ApplyCmd>,
@@ -387,14 +384,6 @@ struct Worker {
     compact_after_bytes: u64,
     /// Staged writes are being rejected for want of room in the stage log (logged once).
     stage_full: bool,
-    /// A staged write of this epoch was refused (its CRC failed, or the stage log was
-    /// full): no unit covering it may apply. Staged writes and seals of it and later epochs
-    /// are dropped until the production side's `Discard`, which comes once it has fallen
-    /// back to its bitmap.
-    spoiled_from: Option<Epoch>,
-    /// The last seal appended to the stage log (its unit is durable and acknowledged): a
-    /// `Discard` never drops what it covers.
-    last_sealed: Epoch,
     /// Bytes of the writes on the ring, and the most there may be (a write bigger than
     /// that goes alone).
     inflight_bytes: u64,
@@ -601,14 +590,16 @@ impl Worker {
             }
             // Held units the group has committed since apply first, as one unit.
             if self.inflight == 0
-                && let Some(seal) = self.committed_held_seal()
+                && let Some(seal) = self
+                    .units
+                    .committed_held_seal(self.allowed.load(std::sync::atomic::Ordering::SeqCst))
             {
-                self.seal(seal.epoch, seal.cut_ms, false)?;
+                self.apply_unit(seal)?;
                 continue;
             }
             // Gated writes go, in order, once their group is synchronous and their past
             // applied; let go, they are gated no more.
-            let applied = self.applying.is_none().then_some(self.state.applied);
+            let applied = self.applying.is_none().then_some(self.units.applied());
             for mut cmd in self.gate.let_go(applied).into_iter().rev() {
                 if let ApplyCmd::Write { header, .. } = &mut cmd {
                     header.flags.0 &= !WriteFlags::GATED;
@@ -668,31 +659,28 @@ impl Worker {
                 ApplyCmd::Seal { epoch, cut_ms } => self.seal(epoch, cut_ms, true)?,
                 ApplyCmd::Replay { epoch, cut_ms } => self.seal(epoch, cut_ms, false)?,
                 ApplyCmd::Discard { after } => {
-                    // What was sealed stays: it is durable, and acknowledged.
-                    self.log.discard_after(after.max(self.last_sealed));
-                    self.spoiled_from = None;
+                    let after = self.units.discard(after);
+                    self.log.discard_after(after);
                 }
                 // Picked up at the top of the loop.
                 ApplyCmd::Allowed => {}
                 ApplyCmd::Ungate { epoch } => self.gate.ungate(epoch),
                 ApplyCmd::Verify(v) => match v.after {
-                    Some(epoch) if epoch > self.state.applied => self.held_verifies.push(v),
+                    Some(epoch) if epoch > self.units.applied() => self.held_verifies.push(v),
                     _ => self.verify(&v)?,
                 },
                 ApplyCmd::SyncDone { epoch } => {
-                    self.state.sync_done_at = Some(epoch);
                     self.volume.backing().sync_data()?;
                     self.synced_outside();
-                    if epoch <= self.state.applied {
-                        self.state.consistent = true;
-                    }
-                    self.state.save(&self.state_path)?;
+                    self.units.sync_done(epoch);
+                    self.save_state()?;
                     // Every extent of the sync is durable, and so is its end.
                     self.emit(ApplyEvent::SyncDoneAck(epoch));
-                    if self.state.consistent {
+                    let state = self.units.state();
+                    if state.consistent {
                         self.emit(ApplyEvent::Applied {
-                            epoch: self.state.applied,
-                            cut_ms: self.state.applied_cut_ms,
+                            epoch: state.applied,
+                            cut_ms: state.applied_cut_ms,
                         });
                     }
                 }
@@ -713,17 +701,22 @@ impl Worker {
             )));
         }
         let checksum_ok = zeroes || payload_crc(&payload) == header.crc;
-        let staged = !header.flags.has(WriteFlags::DIRECT);
-        if staged && self.spoiled_from.is_some_and(|from| header.epoch >= from) {
-            // Its unit can no longer apply: the production side catches up instead.
+        if !header.flags.has(WriteFlags::DIRECT) {
+            let room = checksum_ok && (range.is_empty() || self.stage_room(range));
+            match self.units.staged_write(header.epoch, checksum_ok, room) {
+                // Its unit can no longer apply: the production side catches up instead.
+                StagedWrite::Drop => {}
+                StagedWrite::Refuse(reason) => self.refuse(&header, range, reason),
+                StagedWrite::Stage if range.is_empty() => {}
+                StagedWrite::Stage => {
+                    self.log
+                        .append_write(header.epoch, range, zeroes, &payload)?;
+                }
+            }
             return Ok(true);
         }
         if !checksum_ok {
-            self.counters
-                .extents_rejected
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(seq = %header.seq, %range, "extent failed its CRC; asking for it again");
-            self.refuse(&header, RejectReason::Checksum);
+            self.refuse(&header, range, RejectReason::Checksum);
             return Ok(true);
         }
         let ack = header.flags.has(WriteFlags::ACK).then_some(header.seq);
@@ -732,15 +725,6 @@ impl Worker {
             if let Some(seq) = ack {
                 self.emit(ApplyEvent::WriteAck(seq));
             }
-            return Ok(true);
-        }
-        if !header.flags.has(WriteFlags::DIRECT) {
-            if !self.stage_room(range) {
-                self.refuse(&header, RejectReason::StageFull);
-                return Ok(true);
-            }
-            self.log
-                .append_write(header.epoch, range, zeroes, &payload)?;
             return Ok(true);
         }
         if is_fast(&header) {
@@ -777,14 +761,14 @@ impl Worker {
         Ok(true)
     }
 
-    /// Refuses a write: a direct one is sent again; a staged one spoils the unit of its epoch
-    /// and every later one (none of them may apply without it).
-    fn refuse(&mut self, header: &WriteHeader, reason: RejectReason) {
-        if !header.flags.has(WriteFlags::DIRECT) {
-            self.spoiled_from = Some(
-                self.spoiled_from
-                    .map_or(header.epoch, |from| from.min(header.epoch)),
-            );
+    /// Refuses a write: a direct one is sent again; a staged one spoiled the unit of its
+    /// epoch and every later one (none of them may apply without it).
+    fn refuse(&mut self, header: &WriteHeader, range: ByteRange, reason: RejectReason) {
+        if reason == RejectReason::Checksum {
+            self.counters
+                .extents_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(seq = %header.seq, %range, "extent failed its CRC; asking for it again");
         }
         self.emit(ApplyEvent::Reject {
             seq: header.seq,
@@ -925,32 +909,30 @@ impl Worker {
     /// A seal: the unit is made durable and acknowledged, then applied. A replayed seal is
     /// durable already.
     fn seal(&mut self, epoch: Epoch, cut_ms: u64, append: bool) -> io::Result<()> {
-        if epoch <= self.state.applied {
-            // Repeated: already applied.
-            self.emit(ApplyEvent::Staged(epoch));
-            return Ok(());
-        }
-        if append {
-            if self.spoiled_from.is_some_and(|from| epoch >= from) {
-                // It would cover a refused write: never staged, never acknowledged.
-                return Ok(());
-            }
-            if epoch <= self.last_sealed {
-                // A later seal covers it already: its writes are staged. Appended again, it
-                // would stand after that seal in the log, out of epoch order.
+        match self.units.seal_arrived(epoch, append) {
+            SealArrival::Staged => {
                 self.emit(ApplyEvent::Staged(epoch));
                 return Ok(());
             }
-            self.log.seal(epoch, cut_ms)?;
-            self.last_sealed = self.last_sealed.max(epoch);
-            self.emit(ApplyEvent::Staged(epoch));
+            SealArrival::Dropped => return Ok(()),
+            SealArrival::Append => {
+                self.log.seal(epoch, cut_ms)?;
+                self.units.appended(epoch);
+                self.emit(ApplyEvent::Staged(epoch));
+            }
+            SealArrival::Replay => {}
         }
-        if epoch.0 > self.allowed.load(std::sync::atomic::Ordering::SeqCst) {
-            // Its group has not committed it: it waits, staged (rule 3).
-            self.held_seals
-                .push(crate::stage_log::SealRecord { epoch, cut_ms });
-            return Ok(());
+        let allowed = self.allowed.load(std::sync::atomic::Ordering::SeqCst);
+        // Held, staged, if its group has not committed it (rule 3).
+        match self.units.unit_ready(SealRecord { epoch, cut_ms }, allowed) {
+            Some(seal) => self.apply_unit(seal),
+            None => Ok(()),
         }
+    }
+
+    /// Applies the unit that `seal` ends: every staged write up to its epoch.
+    fn apply_unit(&mut self, seal: SealRecord) -> io::Result<()> {
+        let SealRecord { epoch, cut_ms } = seal;
         let unit = self.log.take_unit(epoch);
         self.applying = Some(Applying {
             epoch,
@@ -962,34 +944,6 @@ impl Worker {
             return self.finish_unit();
         }
         self.submit_unit()
-    }
-
-    /// What the group's commit lets apply now, as one unit: every staged write up to the
-    /// committed epoch, once a seal at or past it is staged (a seal covers every write of
-    /// its epoch and earlier). The pair's own seals need not fall on the group's commit: a
-    /// seal delayed past a cut by a write still in flight covers two of the group's epochs,
-    /// and applying only up to the seal before the commit would leave this volume an epoch
-    /// behind the group's others.
-    fn committed_held_seal(&mut self) -> Option<crate::stage_log::SealRecord> {
-        let allowed = self.allowed.load(std::sync::atomic::Ordering::SeqCst);
-        let newest = self.held_seals.iter().map(|s| s.epoch).max()?;
-        let target = Epoch(allowed.min(newest.0));
-        if target <= self.state.applied {
-            return None;
-        }
-        // The cut time of the target if a seal falls on it; else the last one known before
-        // it (the consistent point is then reported as of no later than it is).
-        let cut_ms = self
-            .held_seals
-            .iter()
-            .filter(|s| s.epoch <= target)
-            .max_by_key(|s| s.epoch)
-            .map_or(self.state.applied_cut_ms, |s| s.cut_ms);
-        self.held_seals.retain(|s| s.epoch > target);
-        Some(crate::stage_log::SealRecord {
-            epoch: target,
-            cut_ms,
-        })
     }
 
     /// Submits the unit's writes, in log order, as far as the ring and the locks allow.
@@ -1069,16 +1023,11 @@ impl Worker {
         };
         self.volume.backing().sync_data()?;
         self.synced_outside();
-        self.state.applied = applying.epoch;
-        self.state.applied_cut_ms = applying.cut_ms;
-        if self
-            .state
-            .sync_done_at
-            .is_some_and(|at| at <= applying.epoch)
-        {
-            self.state.consistent = true;
-        }
-        self.state.save(&self.state_path)?;
+        self.units.unit_applied(SealRecord {
+            epoch: applying.epoch,
+            cut_ms: applying.cut_ms,
+        });
+        self.save_state()?;
         // Seals of units not yet applied are durable and acknowledged: a rewritten log
         // keeps them, and a log holding one is never emptied (its unit may have no writes).
         let unapplied = self.seals_not_applied();
@@ -1104,16 +1053,22 @@ impl Worker {
 
     /// The seals in the stage log whose units are not applied: held for their group's
     /// commit, or queued for replay at start. In epoch order.
-    fn seals_not_applied(&self) -> Vec<crate::stage_log::SealRecord> {
+    fn seals_not_applied(&self) -> Vec<SealRecord> {
         let replays = self.queue.iter().filter_map(|cmd| match *cmd {
-            ApplyCmd::Replay { epoch, cut_ms } => {
-                Some(crate::stage_log::SealRecord { epoch, cut_ms })
-            }
+            ApplyCmd::Replay { epoch, cut_ms } => Some(SealRecord { epoch, cut_ms }),
             _ => None,
         });
-        let mut seals: Vec<_> = self.held_seals.iter().copied().chain(replays).collect();
-        seals.sort_by_key(|s| s.epoch);
-        seals
+        self.units.seals_not_applied(replays)
+    }
+
+    /// Records the state durably, after checking the machine's invariants.
+    fn save_state(&self) -> io::Result<()> {
+        if let Err(broken) = self.units.check_invariants() {
+            return Err(io::Error::other(format!(
+                "the DR side's units broke an invariant: {broken}"
+            )));
+        }
+        dr_state::save(self.units.state(), &self.state_path)
     }
 
     /// Reads back the blocks a verify names and reports those whose CRC differs.

@@ -12,7 +12,7 @@ use blockrep_volume::{LineageFile, Volume};
 use blockrep_wire::{Frame, Hello, ProtocolVersion, RefuseKind};
 
 use crate::applier::{Applier, ApplierSetup, ApplyCmd, ApplyCounters, ApplyEvent, VerifyCmd};
-use crate::dr_state::DrState;
+use crate::dr_state::{self, DrState};
 use crate::endpoint::ReplicationStream;
 use crate::membership::Membership;
 use crate::stage_log::StageLog;
@@ -112,7 +112,7 @@ impl DrPair {
         limits: DrLimits,
     ) -> Arc<Self> {
         let mut faults = Vec::new();
-        let state = DrState::load(&volume_dir.join("dr.json")).unwrap_or_else(|e| {
+        let state = dr_state::load(&volume_dir.join("dr.json")).unwrap_or_else(|e| {
             faults.push(format!("the DR state is unreadable: {e}"));
             DrState::default()
         });
@@ -182,7 +182,7 @@ impl DrPair {
             return Ok(());
         }
         let state_path = self.volume_dir.join("dr.json");
-        let state = DrState::load(&state_path)?;
+        let state = dr_state::load(&state_path)?;
         let recovered = StageLog::open(&log_path, state.applied)?;
         if recovered.seals.is_empty() {
             return Ok(());
@@ -211,7 +211,7 @@ impl DrPair {
                 )));
             }
         }
-        let state = DrState::load(&state_path)?;
+        let state = dr_state::load(&state_path)?;
         self.status.lock().unwrap_or_else(|e| e.into_inner()).state = state;
         Ok(())
     }
@@ -347,7 +347,7 @@ impl DrPair {
             let log_path = self.volume_dir.join("stage-log");
             let state_path = state_path.clone();
             move || -> std::io::Result<_> {
-                let state = DrState::load(&state_path)?;
+                let state = dr_state::load(&state_path)?;
                 let recovered = StageLog::open(&log_path, state.applied)?;
                 Ok((state, recovered))
             }
@@ -574,7 +574,7 @@ impl DrPair {
                 state.consistent = false;
                 state.sync_done_at = None;
                 let (to_save, path) = (state.clone(), state_path.to_owned());
-                tokio::task::spawn_blocking(move || to_save.save(&path))
+                tokio::task::spawn_blocking(move || dr_state::save(&to_save, &path))
                     .await
                     .map_err(std::io::Error::other)??;
             }
@@ -618,7 +618,7 @@ impl DrPair {
         self.applier_stopped.notify_waiters();
         self.stopped_cv.notify_all();
         // Pick up what the applier recorded.
-        if let Ok(state) = DrState::load(&self.volume_dir.join("dr.json")) {
+        if let Ok(state) = dr_state::load(&self.volume_dir.join("dr.json")) {
             self.status.lock().unwrap_or_else(|e| e.into_inner()).state = state;
         }
     }
@@ -746,7 +746,7 @@ mod tests {
             "the stage log is kept"
         );
         assert_eq!(
-            DrState::load(&dir.path().join("dr.json")).unwrap().applied,
+            dr_state::load(&dir.path().join("dr.json")).unwrap().applied,
             Epoch::ZERO
         );
     }

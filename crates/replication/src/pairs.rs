@@ -542,8 +542,7 @@ impl Pairs {
                 lineage
                     .adopt(generation)
                     .map_err(|e| internal("adopt the production side's generation", &e))?;
-                roles::adopted_dr_state()
-                    .save(&handle.dir.join("dr.json"))
+                crate::dr_state::save(&roles::adopted_dr_state(), &handle.dir.join("dr.json"))
                     .map_err(|e| internal("record the DR state", &e))?;
             }
             _ => {}

@@ -69,12 +69,8 @@ pub struct Staged {
     pub data: Option<Bytes>,
 }
 
-/// A seal found in the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SealRecord {
-    pub epoch: Epoch,
-    pub cut_ms: u64,
-}
+/// A seal found in the log (the DR machine's).
+pub use blockrep_core::pair::dr::SealRecord;
 
 pub struct StageLog {
     path: PathBuf,

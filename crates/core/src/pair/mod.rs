@@ -2,6 +2,7 @@
 //! makes every decision of a pair's production side, and the pieces it is made of.
 
 pub mod atomic_spans;
+pub mod dr;
 pub mod hold_times;
 pub mod probes;
 pub mod production;

@@ -477,7 +477,11 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         copying: bool,
     ) -> Result<Effects<A>, IllegalTransition> {
         if self.state != PairState::Connecting {
-            let to = if copying { PairState::Resyncing } else { PairState::Live };
+            let to = if copying {
+                PairState::Resyncing
+            } else {
+                PairState::Live
+            };
             return Err(IllegalTransition {
                 from: self.state,
                 to,
@@ -1583,7 +1587,11 @@ mod tests {
         let _ = m.local_done(w, &CONNECTION, 0);
         let fx = m.pause(true, 10);
         assert_eq!(m.state(), PairState::Paused);
-        assert_eq!(answered(&fx), [1], "answered: its blocks stay dirty (rule 1)");
+        assert_eq!(
+            answered(&fx),
+            [1],
+            "answered: its blocks stay dirty (rule 1)"
+        );
         assert_eq!(fx.forget.len(), 1);
         assert_eq!(m.live(), Live::Tracked);
         m.check_invariants().unwrap();
@@ -1610,7 +1618,11 @@ mod tests {
         assert_eq!(m.state(), PairState::Paused, "the operator's pause is kept");
         let _ = m.pause(false, 0);
         m.confirm(false).unwrap();
-        assert_eq!(m.state(), PairState::Connecting, "confirming twice changes nothing");
+        assert_eq!(
+            m.state(),
+            PairState::Connecting,
+            "confirming twice changes nothing"
+        );
 
         let (failed, _) = m.demote(0);
         assert!(failed.is_empty());

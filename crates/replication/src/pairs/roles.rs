@@ -15,7 +15,7 @@ use std::time::Duration;
 use blockrep_core::ByteRange;
 
 use super::*;
-use crate::dr_state::DrState;
+use crate::dr_state::{self, DrState};
 use crate::membership::{Fence, Promotion};
 
 /// How long a promotion waits for the DR applier to finish what it was given.
@@ -75,7 +75,7 @@ impl Pairs {
                 )));
             }
         };
-        let state = DrState::load(&handle.dir.join("dr.json"))
+        let state = dr_state::load(&handle.dir.join("dr.json"))
             .map_err(|e| ApiError::Internal(format!("read dr.json: {e}")))?;
         if !state.consistent {
             return Err(ApiError::FailedPrecondition(format!(
@@ -138,8 +138,8 @@ impl Pairs {
             dr.set_group_commit(Some(commit))
                 .map_err(|e| internal("record the group's commit", &e))?;
         }
-        let state =
-            DrState::load(&handle.dir.join("dr.json")).map_err(|e| internal("read dr.json", &e))?;
+        let state = dr_state::load(&handle.dir.join("dr.json"))
+            .map_err(|e| internal("read dr.json", &e))?;
         let log = handle.dir.join("stage-log");
         let (_, newest_seal) = crate::stage_log::writes_after(&log, state.applied)
             .map_err(|e| internal("read the stage log", &e))?;
@@ -160,8 +160,8 @@ impl Pairs {
             .map_err(|e| internal("mark the dropped writes dirty", &e))?;
         dr.recover()
             .map_err(|e| internal("apply the committed units", &e))?;
-        let state =
-            DrState::load(&handle.dir.join("dr.json")).map_err(|e| internal("read dr.json", &e))?;
+        let state = dr_state::load(&handle.dir.join("dr.json"))
+            .map_err(|e| internal("read dr.json", &e))?;
         Ok(Promotion {
             epoch: state.applied,
             cut_ms: state.applied_cut_ms,
