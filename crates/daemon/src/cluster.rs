@@ -28,6 +28,7 @@ use blockrep_wire::Hello;
 
 use crate::agent::Agent;
 use crate::config::ClusterConfig;
+use crate::pair_proto::{self, pair_states};
 
 mod authority;
 use authority::Sender;
@@ -219,7 +220,7 @@ impl Cluster {
             node: self.agent.config.node_name.clone(),
             availability_zone: self.agent.config.availability_zone.clone(),
             volumes: self.agent.volume_protos(),
-            pairs: self.agent.pairs().states(),
+            pairs: pair_states(self.agent.pairs()),
             peers_refused: self
                 .endpoint
                 .counters
@@ -250,7 +251,8 @@ impl Cluster {
             Request::LeavePair(a) => (a, None),
             Request::SwitchSide(a) => {
                 let handle = self.agent.volume_handle(&a.local_volume_id)?;
-                pairs.switch_side(&a, handle)?;
+                let (membership, shared) = pair_proto::switch_of(&a)?;
+                pairs.switch_side(membership, shared, handle)?;
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::KeepProduction(c) => {
@@ -373,7 +375,10 @@ impl Cluster {
         };
         let handle = self.agent.volume_handle(&assignment.local_volume_id)?;
         match side {
-            Some(side) => self.agent.pairs().take_role(&assignment, side, handle)?,
+            Some(side) => self
+                .agent
+                .pairs()
+                .take_role(pair_proto::membership_of(&assignment, side)?, handle)?,
             None => {
                 let pair = assignment
                     .pair_id

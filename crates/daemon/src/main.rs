@@ -5,6 +5,7 @@ mod cluster;
 mod config;
 mod connections;
 mod metrics;
+mod pair_proto;
 mod registry;
 mod service;
 mod watchdog;

@@ -94,7 +94,7 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
     let resync_rate = GaugeFamily::<PairLabels>::default();
     let progress = GaugeFamily::<PairLabels>::default();
     let status = GaugeFamily::<StatusLabels>::default();
-    for p in agent.pairs().states() {
+    for p in crate::pair_proto::pair_states(agent.pairs()) {
         let labels = PairLabels {
             pair: p.pair_id.clone(),
             volume: p.volume_name.clone(),

@@ -138,7 +138,7 @@ impl agent_server::Agent for AgentService {
             availability_zone: config.availability_zone.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             volumes: views.into_iter().map(|v| self.to_proto(v)).collect(),
-            pairs: self.agent.pairs().states(),
+            pairs: crate::pair_proto::pair_states(self.agent.pairs()),
             clustered: self.cluster.is_some(),
             coordinator: self
                 .cluster

@@ -7,10 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use blockrep_api::ApiError;
-use blockrep_api::proto;
 use blockrep_core::VolumeId;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
-use blockrep_core::replication::{Epoch, GenerationId, PairId, ReplicationStatus, VolumeRole};
+use blockrep_core::replication::{Epoch, GenerationId, PairId, VolumeRole};
 use blockrep_volume::Volume;
 use blockrep_wire::{Hello, RefuseKind};
 
@@ -20,7 +19,10 @@ use crate::endpoint::{ClusterEndpoint, Peer, Refusal, ReplicationStream};
 use crate::membership::{Membership, Side};
 use crate::production::{AgentContext, ProductionPair, ReplicationConfig};
 
+mod report;
 mod roles;
+
+pub use report::{FenceReport, PairReport, ReportCounters};
 
 /// A production host's answer to its group's cut.
 #[derive(Clone, Debug)]
@@ -143,14 +145,10 @@ impl Pairs {
         Ok(())
     }
 
-    /// The coordinator gives this volume a side in a pair.
-    pub fn take_role(
-        &self,
-        assignment: &proto::PairAssignment,
-        side: Side,
-        handle: VolumeHandle,
-    ) -> Result<(), ApiError> {
-        let membership = membership_of(assignment, side)?;
+    /// The coordinator gives this volume a side in a pair (`membership.side`): a new
+    /// membership, nothing replicated yet.
+    pub fn take_role(&self, membership: Membership, handle: VolumeHandle) -> Result<(), ApiError> {
+        let side = membership.side;
         if let Some(existing) =
             Membership::load(&handle.dir).map_err(|e| ApiError::Internal(e.to_string()))?
         {
@@ -329,12 +327,12 @@ impl Pairs {
     }
 
     /// Every pair's state as this agent sees it.
-    pub fn states(&self) -> Vec<proto::PairState> {
+    pub fn reports(&self) -> Vec<PairReport> {
         self.lock()
             .values()
             .map(|runtime| match runtime {
-                Runtime::Production(p) => production_state(p),
-                Runtime::Dr(d) => dr_state(d),
+                Runtime::Production(p) => report::production_report(p),
+                Runtime::Dr(d) => report::dr_report(d),
             })
             .collect()
     }
@@ -452,28 +450,19 @@ impl Pairs {
     /// Moves this volume to the other side of its pair (a resolve that keeps the DR side's
     /// data). Becoming production begins a new generation and, with `discard_peer`, copies
     /// the whole volume over the old production side.
+    ///
+    /// `membership` is the side to take (its `discard_peer`, `grouped` and `term` as the
+    /// coordinator gives them); `shared` names the generation the two sides share from now
+    /// on, for a switch the coordinator orders for a reverse or a reprotect: the new
+    /// production side begins it, the new DR side adopts it as a consistent image (the sides
+    /// hold the same data, or differ only where production's bitmap says).
     pub fn switch_side(
         &self,
-        assignment: &proto::PairAssignment,
+        mut membership: Membership,
+        shared: Option<GenerationId>,
         handle: VolumeHandle,
     ) -> Result<(), ApiError> {
-        let side = match assignment.side.as_str() {
-            "production" => Side::Production,
-            "dr" => Side::Dr,
-            other => {
-                return Err(ApiError::InvalidArgument(format!(
-                    "pair assignment: side {other:?} is not production or dr"
-                )));
-            }
-        };
-        let mut membership = membership_of(assignment, side)?;
-        membership.discard_peer = assignment.discard_peer;
-        // A switch the coordinator orders for a reverse or a reprotect names the generation
-        // the two sides share from now on: the new production side begins it, the new DR
-        // side adopts it as a consistent image (the sides hold the same data, or differ only
-        // where production's bitmap says).
-        let shared = (assignment.generation != 0).then_some(GenerationId(assignment.generation));
-        membership.grouped = assignment.grouped;
+        let side = membership.side;
         membership.full_sync_done = shared.is_some();
         let existing = Membership::load(&handle.dir)
             .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -487,10 +476,10 @@ impl Pairs {
         if existing.side == side && existing.fence.is_none() {
             return Ok(());
         }
-        if assignment.term < existing.term {
+        if membership.term < existing.term {
             return Err(ApiError::FailedPrecondition(format!(
                 "pair {}: a switch of term {} is older than this side's term {}",
-                membership.pair, assignment.term, existing.term
+                membership.pair, membership.term, existing.term
             )));
         }
         if side == Side::Dr && handle.volume.connected_clients() > 0 {
@@ -547,7 +536,7 @@ impl Pairs {
             }
             _ => {}
         }
-        if side == Side::Dr && assignment.grouped {
+        if side == Side::Dr && membership.grouped {
             // It applies only what its group commits, from the first unit on.
             crate::dr::record_group_commit(&handle.dir, Epoch::ZERO)
                 .map_err(|e| internal("record the group's commit", &e))?;
@@ -573,203 +562,5 @@ fn remove_if_there(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
-    }
-}
-
-fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership, ApiError> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| {
-        ApiError::InvalidArgument(format!("pair assignment: {what}: {e}"))
-    };
-    Ok(Membership {
-        pair: a.pair_id.parse().map_err(|e| bad("pair id", &e))?,
-        side,
-        model: a.replication_model.parse().map_err(|e| bad("model", &e))?,
-        local_volume: a
-            .local_volume_id
-            .parse()
-            .map_err(|e| bad("volume id", &e))?,
-        peer_volume: a
-            .peer_volume_id
-            .parse()
-            .map_err(|e| bad("peer volume id", &e))?,
-        peer_node: a.peer_node.clone(),
-        peer_address: a
-            .peer_address
-            .parse()
-            .map_err(|e| bad("peer address", &e))?,
-        size: a.size_bytes,
-        full_sync_done: false,
-        discard_peer: false,
-        paused: false,
-        grouped: false,
-        group_epoch: Epoch::ZERO,
-        catch_up_from: None,
-        term: a.term,
-        fence: None,
-        promotion: None,
-    })
-}
-
-fn time_text(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// When an epoch was cut, to the millisecond (epochs are often shorter than a second).
-fn cut_text(cut_ms: u64) -> String {
-    if cut_ms == 0 {
-        return String::new();
-    }
-    humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(cut_ms),
-    )
-    .to_string()
-}
-
-fn production_state(p: &ProductionPair) -> proto::PairState {
-    let m = p.membership();
-    let drained = p.drained();
-    let status = p.status();
-    let counters = &p.link.counters;
-    let (journal_bytes, journal_limit) = p.link.journal_fill();
-    let (consistent_epoch, consistent_at) = match status.consistent {
-        Some((epoch, cut_ms)) => (epoch.0, cut_text(cut_ms)),
-        None => (0, String::new()),
-    };
-    proto::PairState {
-        pair_id: m.pair.to_string(),
-        volume_id: m.local_volume.to_string(),
-        volume_name: p.volume().name().to_owned(),
-        side: Side::Production.as_str().into(),
-        replication_model: m.model.to_string(),
-        replication_status: status.replication_status.to_string(),
-        status_detail: status.detail,
-        status_since: time_text(status.since),
-        progress: status.progress,
-        out_of_sync_bytes: p.link.tracker().dirty_bytes(),
-        lag_seconds: p.lag_seconds(),
-        consistent_epoch,
-        consistent_at,
-        peer_node: m.peer_node,
-        counters: Some(proto::PairCounters {
-            bytes_sent: counters.bytes_sent.load(Ordering::Relaxed),
-            extents_sent: counters.extents_sent.load(Ordering::Relaxed),
-            extents_rejected: counters.extents_rejected.load(Ordering::Relaxed),
-            resync_bytes_sent: counters.resync_bytes_sent.load(Ordering::Relaxed),
-            resync_bytes_copied: counters.resync_bytes_copied.load(Ordering::Relaxed),
-            resync_rate: status.resync_rate,
-            journal_bytes,
-            journal_limit,
-            bytes_received: counters.bytes_received.load(Ordering::Relaxed),
-            journal_overflows: counters.overflows.load(Ordering::Relaxed),
-        }),
-        needs_resolve: p.needs_resolve(),
-        generation: generation_text(p.volume()),
-        verify: p.verify_status().map(|v| proto::VerifyState {
-            job_id: v.job_id,
-            progress: v.progress,
-            done: v.done,
-            error: v.error,
-            differing: v
-                .differing
-                .iter()
-                .map(|r| proto::Extent {
-                    offset: r.offset,
-                    length: r.len,
-                })
-                .collect(),
-            differing_bytes: v.differing_bytes,
-            repairing: v.repairing,
-            verified_bytes: v.verified_bytes,
-            unverified_bytes: v.unverified_bytes,
-            repaired: v.repaired,
-        }),
-        staged_epoch: p.staged_epoch().0,
-        grouped: p.link.grouped(),
-        current_epoch: p.link.current_epoch().0,
-        fence: match (m.fence, p.confirmed()) {
-            (Some(fence), _) => fence.as_str().into(),
-            (None, false) => "unconfirmed".into(),
-            (None, true) => String::new(),
-        },
-        drained: drained.is_some(),
-        drained_epoch: drained.map_or(0, |e| e.0),
-        group_commit: 0,
-        term: m.term,
-        live: p.link.live().as_str().into(),
-        gated: p.link.gated(),
-        trip_wanted: p.link.trip_wanted(),
-        catching_up: p.link.catching_up(),
-        hold: Some({
-            let h = p.link.hold_summary();
-            proto::HoldTimes {
-                p50_us: h.p50_us,
-                p99_us: h.p99_us,
-                held: h.held,
-            }
-        }),
-    }
-}
-
-fn generation_text(volume: &Volume) -> String {
-    volume
-        .gate()
-        .lineage()
-        .map(|l| l.get().current.id.to_string())
-        .unwrap_or_default()
-}
-
-fn dr_state(d: &DrPair) -> proto::PairState {
-    let m = d.membership();
-    let status = d.status();
-    let replication_status =
-        if status.state.consistent || status.replication_status != ReplicationStatus::Active {
-            status.replication_status
-        } else {
-            ReplicationStatus::Copying
-        };
-    proto::PairState {
-        pair_id: m.pair.to_string(),
-        volume_id: m.local_volume.to_string(),
-        volume_name: d.volume().name().to_owned(),
-        side: Side::Dr.as_str().into(),
-        replication_model: m.model.to_string(),
-        replication_status: replication_status.to_string(),
-        status_detail: status.detail,
-        status_since: time_text(status.since),
-        progress: 0.0,
-        out_of_sync_bytes: 0,
-        lag_seconds: 0.0,
-        consistent_epoch: if status.state.consistent {
-            status.state.applied.0
-        } else {
-            0
-        },
-        consistent_at: if status.state.consistent {
-            cut_text(status.state.applied_cut_ms)
-        } else {
-            String::new()
-        },
-        peer_node: m.peer_node.clone(),
-        counters: Some(proto::PairCounters {
-            bytes_received: d.counters.bytes_written.load(Ordering::Relaxed),
-            extents_rejected: d.counters.extents_rejected.load(Ordering::Relaxed),
-            ..Default::default()
-        }),
-        needs_resolve: d.needs_resolve(),
-        generation: generation_text(d.volume()),
-        verify: None,
-        staged_epoch: 0,
-        grouped: d.grouped(),
-        current_epoch: 0,
-        fence: String::new(),
-        drained: false,
-        drained_epoch: 0,
-        group_commit: d.group_commit().map_or(0, |e| e.0),
-        term: m.term,
-        live: String::new(),
-        gated: false,
-        trip_wanted: false,
-        catching_up: false,
-        hold: None,
     }
 }
