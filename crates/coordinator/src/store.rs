@@ -3,9 +3,13 @@
 //! coordinator's state directory; etcd (transactions over keys) fits the same interface.
 //!
 //! Four tables of JSON records keyed by id: pairs, groups, jobs, nodes. A change of several
-//! records commits in one transaction, or not at all.
+//! records commits in one transaction, or not at all. [`MemoryStore`] keeps the same tables
+//! in memory (tests, and anything that need not outlive its process).
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use redb::{Database, ReadableTable, TableDefinition};
 
@@ -149,6 +153,114 @@ impl Store for RedbStore {
     }
 }
 
+/// A store in memory: the four tables of JSON records, as [`RedbStore`] keeps them (every
+/// record goes through its JSON form, so a reopened coordinator reads what a restarted one
+/// would). A commit applies every change or none. For tests, it counts its commits and can
+/// be told to refuse them.
+#[derive(Default)]
+pub struct MemoryStore {
+    tables: Mutex<Tables>,
+    commits: AtomicUsize,
+    refuse: AtomicBool,
+}
+
+#[derive(Clone, Default)]
+struct Tables {
+    pairs: BTreeMap<String, Vec<u8>>,
+    groups: BTreeMap<String, Vec<u8>>,
+    jobs: BTreeMap<String, Vec<u8>>,
+    nodes: BTreeMap<String, Vec<u8>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many commits succeeded.
+    pub fn commits(&self) -> usize {
+        self.commits.load(Ordering::SeqCst)
+    }
+
+    /// From now on, every commit fails (`true`) or succeeds again (`false`).
+    pub fn refuse_commits(&self, refuse: bool) {
+        self.refuse.store(refuse, Ordering::SeqCst);
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("serialisable")
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(
+    table: &BTreeMap<String, Vec<u8>>,
+) -> Result<Vec<T>, StoreError> {
+    table
+        .iter()
+        .map(|(key, value)| {
+            serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl Store for MemoryStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let tables = self.tables();
+        Ok(Snapshot {
+            pairs: decode_all(&tables.pairs)?,
+            groups: decode_all(&tables.groups)?,
+            jobs: decode_all(&tables.jobs)?,
+            nodes: decode_all(&tables.nodes)?,
+        })
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend(
+                "the memory store refuses commits".into(),
+            ));
+        }
+        let mut tables = self.tables();
+        // Applied to a copy, which replaces the tables only once every change is in.
+        let mut next = tables.clone();
+        for change in changes {
+            match change {
+                Change::PutPair(p) => {
+                    next.pairs.insert(p.id.to_string(), encode(p));
+                }
+                Change::DeletePair(id) => {
+                    next.pairs.remove(id);
+                }
+                Change::PutGroup(g) => {
+                    next.groups.insert(g.id.to_string(), encode(g));
+                }
+                Change::DeleteGroup(id) => {
+                    next.groups.remove(id);
+                }
+                Change::PutJob(j) => {
+                    next.jobs.insert(j.id.to_string(), encode(j));
+                }
+                Change::DeleteJob(id) => {
+                    next.jobs.remove(id);
+                }
+                Change::PutNode(n) => {
+                    next.nodes.insert(n.name.clone(), encode(n));
+                }
+            }
+        }
+        *tables = next;
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use blockrep_core::replication::{JobId, JobStatus, JobType, PairId};
@@ -180,5 +292,53 @@ mod tests {
         let snapshot = store.load().unwrap();
         assert_eq!(snapshot.jobs, vec![job]);
         assert!(snapshot.pairs.is_empty());
+    }
+
+    fn job(progress: f64) -> JobRecord {
+        JobRecord {
+            id: JobId::random(),
+            job_type: JobType::CreatePair,
+            status: JobStatus::Running,
+            begin_time: "2026-11-25T00:00:00Z".into(),
+            end_time: None,
+            progress,
+            fail_reason: None,
+            pair: None,
+            group: None,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn memory_store_commits_every_change_or_none() {
+        let store = MemoryStore::new();
+        let (a, b) = (job(0.1), job(0.2));
+        store
+            .commit(&[Change::PutJob(a.clone()), Change::PutJob(b.clone())])
+            .unwrap();
+        assert_eq!(store.commits(), 1);
+        let mut jobs = store.load().unwrap().jobs;
+        jobs.sort_by(|x, y| x.progress.total_cmp(&y.progress));
+        assert_eq!(jobs, vec![a.clone(), b.clone()]);
+
+        // A refused commit changes nothing, not even its first change.
+        store.refuse_commits(true);
+        let refused = store.commit(&[
+            Change::DeleteJob(a.id.to_string()),
+            Change::PutJob(job(0.3)),
+        ]);
+        assert!(
+            matches!(refused, Err(StoreError::Backend(_))),
+            "{refused:?}"
+        );
+        assert_eq!(store.commits(), 1);
+        assert_eq!(store.load().unwrap().jobs.len(), 2);
+
+        store.refuse_commits(false);
+        store
+            .commit(&[Change::DeleteJob(a.id.to_string())])
+            .unwrap();
+        assert_eq!(store.load().unwrap().jobs, vec![b]);
+        assert_eq!(store.commits(), 2);
     }
 }

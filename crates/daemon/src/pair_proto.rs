@@ -180,7 +180,6 @@ mod tests {
             discard_peer: true,
             grouped: true,
             generation: 0x2a,
-            ..Default::default()
         }
     }
 

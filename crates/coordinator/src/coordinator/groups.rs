@@ -7,6 +7,7 @@ use blockrep_core::replication::{
     FaultLevel, GroupId, GroupStatus, GroupView, Refused, group_replication,
 };
 
+use super::jobs::job_view;
 use super::*;
 use crate::records::GroupRecord;
 

@@ -14,6 +14,10 @@
 //!             ─► old production becomes DR (adopting production's generation)
 //!             ─► available; the catch-ups copy the union of both bitmaps
 //! ```
+//!
+//! This file holds the requests, the plan's bookkeeping (started, saved, failed, ended) and
+//! the driver's round over the operations under way; each operation's steps are in its own
+//! module: [`failover`], [`reverse`], [`reprotect`], [`extend`].
 
 use std::collections::BTreeMap;
 
@@ -22,18 +26,17 @@ use tokio::task::JoinSet;
 
 use super::cuts::now_millis;
 use super::groups::refused;
+use super::jobs::job_view;
 use super::*;
 use crate::records::{
     ExtendPlan, FailoverPlan, GroupOperation, GroupRecord, PromoteStep, PromotedAt, ReprotectPlan,
     ReprotectStep, ReversePlan, ReverseStep, SwapStep,
 };
 
-/// How long a reverse waits for the DR side to hold every write before it gives up (and
-/// production takes writes again).
-const DRAIN_GIVE_UP_MS: u64 = 60_000;
-/// How long the coordinator waits for a production agent to take a failover's fence; one
-/// that is down is fenced when it comes back.
-const FENCE_WAIT: Duration = Duration::from_secs(1);
+mod extend;
+mod failover;
+mod reprotect;
+mod reverse;
 
 impl Coordinator {
     // ---- the API ----
@@ -401,493 +404,6 @@ impl Coordinator {
         }
     }
 
-    async fn drive_failover(&self, group: GroupRecord, plan: FailoverPlan) -> Result<(), ApiError> {
-        let members = {
-            let state = self.lock();
-            Self::members(&state, &group)
-        };
-        // Production sides still reachable refuse writes from now on; one that is down is
-        // demoted when it comes back (its report is answered with its new side). Not
-        // waited for: the DR side does not need it.
-        if self.lock().fences_sent.insert(group.id) {
-            for p in &members {
-                let fence = Request::Fence(proto::FenceCommand {
-                    pair_id: p.id.to_string(),
-                    fence: "demoted".into(),
-                    term: plan.term,
-                });
-                self.fire_and_forget(&p.production_node, fence, FENCE_WAIT);
-            }
-        }
-        let mut calls = JoinSet::new();
-        for p in &members {
-            let Some(step) = plan.pairs.get(&p.id).filter(|s| s.done.is_none()) else {
-                continue;
-            };
-            let request = Request::Promote(proto::Promote {
-                pair_id: p.id.to_string(),
-                volume_id: p.dr_volume.to_string(),
-                commit: plan.commit.map_or(0, |e| e.0),
-                has_commit: plan.commit.is_some(),
-                generation: step.generation.0,
-                term: plan.term,
-            });
-            let call = self.ask_agent(&p.dr_node, request);
-            let pair = p.id;
-            calls.spawn(async move { (pair, call.await) });
-        }
-        let mut plan = plan;
-        let mut failed = Vec::new();
-        while let Some(joined) = calls.join_next().await {
-            let Ok((pair, answer)) = joined else { continue };
-            match answer {
-                Ok(Response::Promoted(p)) => {
-                    if let Some(step) = plan.pairs.get_mut(&pair) {
-                        step.done = Some(PromotedAt {
-                            epoch: Epoch(p.epoch),
-                            cut_ms: p.cut_ms,
-                            dropped_bytes: p.dropped_bytes,
-                        });
-                    }
-                }
-                Ok(_) => failed.push((pair, ApiError::Internal("unexpected answer".into()))),
-                Err(e) => failed.push((pair, e)),
-            }
-        }
-        let done = plan.pairs.values().all(|s| s.done.is_some());
-        if done {
-            return self.finish_failover(group, plan);
-        }
-        self.save_plan(&group, GroupOperation::Failover(plan))?;
-        self.operation_failed(&group, failed, GroupStatus::ErrorFailovering)
-    }
-
-    /// Every DR side is production: the records follow, and the job says what was reached.
-    fn finish_failover(&self, group: GroupRecord, plan: FailoverPlan) -> Result<(), ApiError> {
-        let mut state = self.lock();
-        let mut changes = Vec::new();
-        let mut new_station = group.priority_station.clone();
-        for (id, step) in &plan.pairs {
-            let Some(mut pair) = state.pairs.get(id).cloned() else {
-                continue;
-            };
-            swap_sides(&mut pair);
-            if let Some(node) = state.nodes.get(&pair.production_node) {
-                new_station = node.record.availability_zone.clone();
-            }
-            pair.priority_station = new_station.clone();
-            pair.term = plan.term;
-            pair.generation = Some(step.generation);
-            pair.updated_at = Some(now_text());
-            changes.push(Change::PutPair(pair));
-        }
-        let mut updated = group.clone();
-        updated.status = GroupStatus::Failovered;
-        updated.priority_station = new_station;
-        updated.stopped = true;
-        updated.term = plan.term;
-        updated.operation = None;
-        updated.updated_at = Some(now_text());
-        let reached: Vec<PromotedAt> = plan.pairs.values().filter_map(|s| s.done).collect();
-        // The point reached, group-wide: the oldest of the pairs'.
-        updated.failed_over_at = reached.iter().copied().min_by_key(|r| (r.epoch, r.cut_ms));
-        let result = failover_result(&plan, &reached, group.model, now_millis());
-        let job = updated.job.and_then(|j| state.jobs.get(&j)).cloned();
-        changes.push(Change::PutGroup(updated.clone()));
-        if let Some(mut job) = job.clone() {
-            job.result = Some(result.clone());
-            job.end(Ok(()));
-            changes.push(Change::PutJob(job.clone()));
-            state.jobs.insert(job.id, job);
-        }
-        self.commit(&changes)?;
-        for change in changes {
-            if let Change::PutPair(p) = change {
-                state.pairs.insert(p.id, p);
-            }
-        }
-        state.groups.insert(updated.id, updated);
-        state.group_stuck_since.remove(&group.id);
-        state.fences_sent.remove(&group.id);
-        tracing::info!(group = %group.id, %result, "failover done");
-        Ok(())
-    }
-
-    async fn drive_reverse(&self, group: GroupRecord, plan: ReversePlan) -> Result<(), ApiError> {
-        let members = {
-            let state = self.lock();
-            Self::members(&state, &group)
-        };
-        match plan.step {
-            ReverseStep::Draining => self.drive_drain(group, plan, members).await,
-            ReverseStep::Swapping => self.drive_swap(group, plan, members).await,
-        }
-    }
-
-    /// Fences every production side (draining) until each says so, then waits until every
-    /// DR side holds every write admitted before its fence.
-    async fn drive_drain(
-        &self,
-        group: GroupRecord,
-        plan: ReversePlan,
-        members: Vec<PairRecord>,
-    ) -> Result<(), ApiError> {
-        let (unfenced, waiting) = {
-            let state = self.lock();
-            let mut unfenced = Vec::new();
-            let mut waiting = Vec::new();
-            for p in &members {
-                let production = Self::report_on(&state, &p.production_node, p.id);
-                let dr = Self::report_on(&state, &p.dr_node, p.id);
-                if production.is_none_or(|s| s.fence != "draining" || s.term < plan.term) {
-                    unfenced.push(p.clone());
-                    waiting.push(format!(
-                        "pair {}: the production side is not fenced",
-                        p.name
-                    ));
-                    continue;
-                }
-                let production = production.expect("checked");
-                if !production.drained {
-                    waiting.push(format!(
-                        "pair {}: the production side has not drained (live {:?}, catching up {}, epoch {}, staged {})",
-                        p.name,
-                        production.live,
-                        production.catching_up,
-                        production.current_epoch,
-                        production.staged_epoch
-                    ));
-                    continue;
-                }
-                let applied = dr.map_or(0, |d| d.consistent_epoch);
-                if p.model == ReplicationModel::Async && applied < production.drained_epoch {
-                    waiting.push(format!(
-                        "pair {}: the DR side applied epoch {applied} of {}",
-                        p.name, production.drained_epoch
-                    ));
-                }
-            }
-            (unfenced, waiting)
-        };
-        let mut failed = Vec::new();
-        for p in &unfenced {
-            let fence = Request::Fence(proto::FenceCommand {
-                pair_id: p.id.to_string(),
-                fence: "draining".into(),
-                term: plan.term,
-            });
-            if let Err(e) = self.ask_agent(&p.production_node, fence).await {
-                failed.push((p.id, e));
-            }
-        }
-        if waiting.is_empty() {
-            // Reports sent before the fence went up cannot say drained: this one is after.
-            let mut plan = plan;
-            plan.step = ReverseStep::Swapping;
-            tracing::info!(group = %group.id, "reverse: drained; swapping sides");
-            self.save_plan(&group, GroupOperation::Reverse(plan))?;
-            self.kick.notify_one();
-            return Ok(());
-        }
-        if now_millis().saturating_sub(plan.draining_since_ms) < DRAIN_GIVE_UP_MS {
-            return Ok(());
-        }
-        // The DR side did not catch up: production takes writes again, nothing swapped.
-        let mut reason = format!(
-            "the DR side did not catch up within {} s of the fence; production takes writes again",
-            DRAIN_GIVE_UP_MS / 1000
-        );
-        if let Some((pair, e)) = failed.first() {
-            reason.push_str(&format!(" (pair {pair}: {e})"));
-        } else if let Some(waiting) = waiting.first() {
-            reason.push_str(&format!(" ({waiting})"));
-        }
-        for p in &members {
-            let unfence = Request::Fence(proto::FenceCommand {
-                pair_id: p.id.to_string(),
-                fence: String::new(),
-                term: plan.term,
-            });
-            if let Err(e) = self.ask_agent(&p.production_node, unfence).await {
-                tracing::warn!(pair = %p.id, error = %e, "cannot take the reverse's fence down");
-            }
-        }
-        self.end_operation(&group, GroupStatus::ErrorReversing, Err(reason))
-    }
-
-    /// Swaps each pair's sides: the old production side becomes DR first (adopting the
-    /// shared generation as a consistent image), then the old DR side production.
-    async fn drive_swap(
-        &self,
-        group: GroupRecord,
-        plan: ReversePlan,
-        members: Vec<PairRecord>,
-    ) -> Result<(), ApiError> {
-        let mut plan = plan;
-        let mut failed = Vec::new();
-        for p in &members {
-            let Some(step) = plan.pairs.get(&p.id).copied() else {
-                continue;
-            };
-            let mut flipped = p.clone();
-            swap_sides(&mut flipped);
-            if !step.old_production_switched {
-                let to_dr = self.switch_assignment(&flipped, Side::Dr, step.generation, plan.term);
-                match self
-                    .call_agent_by_name(&p.production_node, Request::SwitchSide(to_dr))
-                    .await
-                {
-                    Ok(()) => {
-                        plan.pairs
-                            .get_mut(&p.id)
-                            .expect("present")
-                            .old_production_switched = true;
-                        self.save_plan(&group, GroupOperation::Reverse(plan.clone()))?;
-                    }
-                    Err(e) => {
-                        failed.push((p.id, e));
-                        continue;
-                    }
-                }
-            }
-            if !step.old_dr_switched {
-                let to_production =
-                    self.switch_assignment(&flipped, Side::Production, step.generation, plan.term);
-                match self
-                    .call_agent_by_name(&p.dr_node, Request::SwitchSide(to_production))
-                    .await
-                {
-                    Ok(()) => {
-                        plan.pairs.get_mut(&p.id).expect("present").old_dr_switched = true;
-                        self.save_plan(&group, GroupOperation::Reverse(plan.clone()))?;
-                    }
-                    Err(e) => failed.push((p.id, e)),
-                }
-            }
-        }
-        let done = plan
-            .pairs
-            .values()
-            .all(|s| s.old_production_switched && s.old_dr_switched);
-        if !done {
-            return self.operation_failed(&group, failed, GroupStatus::ErrorReversing);
-        }
-        let generations = plan
-            .pairs
-            .iter()
-            .map(|(id, s)| (*id, s.generation))
-            .collect();
-        self.finish_role_change(&group, plan.term, Some(generations), true)
-    }
-
-    async fn drive_reprotect(
-        &self,
-        group: GroupRecord,
-        plan: ReprotectPlan,
-    ) -> Result<(), ApiError> {
-        let members = {
-            let state = self.lock();
-            Self::members(&state, &group)
-        };
-        let mut plan = plan;
-        let mut failed = Vec::new();
-        for p in &members {
-            let Some(step) = plan.pairs.get(&p.id).copied() else {
-                continue;
-            };
-            if step.switched {
-                continue;
-            }
-            // The record's DR side is the old production side since the failover.
-            if step.handed_over.is_none() {
-                match self.hand_over_dirty(p).await {
-                    Ok(bytes) => {
-                        plan.pairs.get_mut(&p.id).expect("present").handed_over = Some(bytes);
-                        self.save_plan(&group, GroupOperation::Reprotect(plan.clone()))?;
-                    }
-                    Err(e) => {
-                        failed.push((p.id, e));
-                        continue;
-                    }
-                }
-            }
-            let Some(generation) = p.generation else {
-                failed.push((
-                    p.id,
-                    ApiError::Internal(format!(
-                        "pair {} has no generation recorded from its failover",
-                        p.name
-                    )),
-                ));
-                continue;
-            };
-            let to_dr = self.switch_assignment(p, Side::Dr, generation, plan.term);
-            match self
-                .call_agent_by_name(&p.dr_node, Request::SwitchSide(to_dr))
-                .await
-            {
-                Ok(()) => {
-                    plan.pairs.get_mut(&p.id).expect("present").switched = true;
-                    self.save_plan(&group, GroupOperation::Reprotect(plan.clone()))?;
-                }
-                Err(e) => failed.push((p.id, e)),
-            }
-        }
-        if !plan.pairs.values().all(|s| s.switched) {
-            return self.operation_failed(&group, failed, GroupStatus::Failovered);
-        }
-        let handed: u64 = plan.pairs.values().filter_map(|s| s.handed_over).sum();
-        tracing::info!(group = %group.id, handed_over = handed, "reprotect: every old production side is DR; catching up");
-        self.finish_role_change(&group, plan.term, None, false)
-    }
-
-    /// Grows the DR volume, then the production volume; then the record. A refusal (no room)
-    /// fails the job at once and changes nothing more (a volume already grown keeps its
-    /// size: it never shrinks, and a retry grows the other).
-    async fn drive_extend(&self, group: GroupRecord, plan: ExtendPlan) -> Result<(), ApiError> {
-        let Some(pair) = self.lock().pairs.get(&plan.pair).cloned() else {
-            return self.end_operation(
-                &group,
-                GroupStatus::Available,
-                Err(format!("pair {} is gone", plan.pair)),
-            );
-        };
-        let extend = |volume: VolumeId| {
-            Request::Extend(proto::Extend {
-                pair_id: pair.id.to_string(),
-                volume_id: volume.to_string(),
-                size_bytes: plan.size,
-            })
-        };
-        let mut plan = plan;
-        if !plan.dr_done {
-            if let Err(e) = self
-                .call_agent_by_name(&pair.dr_node, extend(pair.dr_volume))
-                .await
-            {
-                return self.operation_failed(&group, vec![(pair.id, e)], GroupStatus::Available);
-            }
-            plan.dr_done = true;
-            self.save_plan(&group, GroupOperation::Extend(plan))?;
-        }
-        if let Err(e) = self
-            .call_agent_by_name(&pair.production_node, extend(pair.production_volume))
-            .await
-        {
-            return self.operation_failed(&group, vec![(pair.id, e)], GroupStatus::Available);
-        }
-        let mut record = pair.clone();
-        record.size = plan.size;
-        record.updated_at = Some(now_text());
-        self.commit(&[Change::PutPair(record.clone())])?;
-        self.lock().pairs.insert(record.id, record);
-        tracing::info!(group = %group.id, pair = %pair.id, size = plan.size, "extended");
-        self.end_operation(&group, GroupStatus::Available, Ok(()))
-    }
-
-    /// Reads the old production side's dirty blocks and marks them on the new production
-    /// side, durably. Returns their bytes.
-    async fn hand_over_dirty(&self, p: &PairRecord) -> Result<u64, ApiError> {
-        let command = proto::PairCommand {
-            pair_id: p.id.to_string(),
-            ..Default::default()
-        };
-        let runs = match self
-            .ask_agent(&p.dr_node, Request::DirtyRuns(command))
-            .await?
-        {
-            Response::Dirty(d) => d.runs,
-            _ => return Err(ApiError::Internal("unexpected answer to dirty_runs".into())),
-        };
-        let bytes = runs.iter().map(|r| r.length).sum();
-        self.call_agent_by_name(
-            &p.production_node,
-            Request::MarkDirty(proto::MarkDirty {
-                pair_id: p.id.to_string(),
-                runs,
-            }),
-        )
-        .await?;
-        Ok(bytes)
-    }
-
-    /// The roles changed on every agent: the records follow (swapped for a reverse), the
-    /// group is available and replicates; its job ends once every pair is active.
-    fn finish_role_change(
-        &self,
-        group: &GroupRecord,
-        term: u64,
-        generations: Option<BTreeMap<PairId, GenerationId>>,
-        swap: bool,
-    ) -> Result<(), ApiError> {
-        let mut state = self.lock();
-        let mut changes = Vec::new();
-        let mut station = group.priority_station.clone();
-        for id in &group.pairs {
-            let Some(mut pair) = state.pairs.get(id).cloned() else {
-                continue;
-            };
-            if swap {
-                swap_sides(&mut pair);
-            }
-            if let Some(node) = state.nodes.get(&pair.production_node) {
-                station = node.record.availability_zone.clone();
-            }
-            pair.priority_station = station.clone();
-            pair.term = term;
-            if let Some(g) = generations.as_ref().and_then(|g| g.get(id)) {
-                pair.generation = Some(*g);
-            }
-            pair.updated_at = Some(now_text());
-            changes.push(Change::PutPair(pair));
-        }
-        let mut updated = group.clone();
-        updated.status = GroupStatus::Available;
-        updated.priority_station = station;
-        updated.stopped = false;
-        updated.term = term;
-        updated.operation = None;
-        updated.updated_at = Some(now_text());
-        changes.push(Change::PutGroup(updated.clone()));
-        self.commit(&changes)?;
-        for change in changes {
-            if let Change::PutPair(p) = change {
-                state.group_step_sent.remove(&p.id);
-                state.pairs.insert(p.id, p);
-            }
-        }
-        state.groups.insert(updated.id, updated);
-        state.group_stuck_since.remove(&group.id);
-        self.kick.notify_one();
-        Ok(())
-    }
-
-    /// What a switch of sides tells the agent of `side` in `pair` (as the record will be
-    /// once the switch is done).
-    fn switch_assignment(
-        &self,
-        pair: &PairRecord,
-        side: Side,
-        generation: GenerationId,
-        term: u64,
-    ) -> proto::PairAssignment {
-        let state = self.lock();
-        let peer = match side {
-            Side::Production => &pair.dr_node,
-            Side::Dr => &pair.production_node,
-        };
-        let peer_address = state.nodes.get(peer).map_or_else(
-            || "0.0.0.0:0".parse().expect("address"),
-            |n| n.record.address,
-        );
-        proto::PairAssignment {
-            generation: generation.0,
-            term,
-            grouped: pair.group.is_some(),
-            ..PairPlan::assignment_of(pair, side, peer_address)
-        }
-    }
-
     fn save_plan(&self, group: &GroupRecord, operation: GroupOperation) -> Result<(), ApiError> {
         let mut state = self.lock();
         let Some(mut updated) = state.groups.get(&group.id).cloned() else {
@@ -981,89 +497,6 @@ impl Coordinator {
         state.fences_sent.remove(&group.id);
         Ok(())
     }
-
-    // ---- calling agents ----
-
-    /// Calls `node` (by its registered address) and returns its answer.
-    fn ask_agent(
-        &self,
-        node: &str,
-        request: Request,
-    ) -> BoxFuture<'static, Result<Response, ApiError>> {
-        let address = self.lock().nodes.get(node).map(|n| n.record.address);
-        let agents = Arc::clone(&self.agents);
-        let node = node.to_owned();
-        Box::pin(async move {
-            let address = address
-                .ok_or_else(|| ApiError::Unavailable(format!("node {node} is not registered")))?;
-            let answer = agents
-                .call(
-                    &node,
-                    address,
-                    ClusterRequest {
-                        request: Some(request),
-                    },
-                )
-                .await?;
-            match answer.response {
-                Some(Response::Error(e)) => Err(e.into()),
-                Some(response) => Ok(response),
-                None => Err(ApiError::Internal(format!("node {node} answered nothing"))),
-            }
-        })
-    }
-
-    async fn call_agent_by_name(&self, node: &str, request: Request) -> Result<(), ApiError> {
-        match self.ask_agent(node, request).await? {
-            Response::Done(_) => Ok(()),
-            _ => Err(ApiError::Internal(format!(
-                "node {node} answered with something unexpected"
-            ))),
-        }
-    }
-
-    /// Sends `request` to `node` without waiting for more than `wait` (or at all).
-    fn fire_and_forget(&self, node: &str, request: Request, wait: Duration) {
-        let call = self.ask_agent(node, request);
-        let node = node.to_owned();
-        tokio::spawn(async move {
-            match tokio::time::timeout(wait, call).await {
-                Ok(Ok(_)) => tracing::info!(node, "fenced"),
-                Ok(Err(e)) => {
-                    tracing::info!(node, error = %e, "not fenced now (it is fenced when it comes back)")
-                }
-                Err(_) => tracing::info!(
-                    node,
-                    "no answer to the fence (it is fenced when it comes back)"
-                ),
-            }
-        });
-    }
-
-    /// The sides the records give `node` in its pairs, for its report's answer: a
-    /// production side that restarted takes writes once confirmed, and one whose group
-    /// failed over is demoted. Pairs of a group whose roles are changing are left out.
-    pub(super) fn roles_of(state: &State, node: &str) -> Vec<proto::PairRole> {
-        state
-            .pairs
-            .values()
-            .filter(|p| p.production_node == node || p.dr_node == node)
-            .filter(|p| {
-                p.group
-                    .and_then(|g| state.groups.get(&g))
-                    .is_none_or(|g| g.operation.is_none())
-            })
-            .map(|p| proto::PairRole {
-                pair_id: p.id.to_string(),
-                side: if p.production_node == node {
-                    "production".into()
-                } else {
-                    "dr".into()
-                },
-                term: p.term,
-            })
-            .collect()
-    }
 }
 
 /// The pair after its sides swap (a failover or a reverse).
@@ -1072,40 +505,172 @@ fn swap_sides(pair: &mut PairRecord) {
     std::mem::swap(&mut pair.production_node, &mut pair.dr_node);
 }
 
-/// What a failover reached, in words: the consistent point and the writes it could not
-/// keep.
-fn failover_result(
-    plan: &FailoverPlan,
-    reached: &[PromotedAt],
-    model: ReplicationModel,
-    now_ms: u64,
-) -> String {
-    let dropped: u64 = reached.iter().map(|r| r.dropped_bytes).sum();
-    let took_ms = now_ms.saturating_sub(plan.asked_ms);
-    match (model, plan.commit) {
-        (ReplicationModel::Async, Some(commit)) => {
-            let cut_ms = reached.iter().map(|r| r.cut_ms).filter(|c| *c > 0).min();
-            let window = cut_ms.map_or_else(
-                || "unknown".to_owned(),
-                |c| format!("{:.1} s", plan.asked_ms.saturating_sub(c) as f64 / 1000.0),
-            );
-            let at = cut_ms.map_or_else(String::new, |c| {
-                format!(
-                    " (cut at {})",
-                    humantime::format_rfc3339_millis(
-                        std::time::UNIX_EPOCH + Duration::from_millis(c)
-                    )
-                )
-            });
-            format!(
-                "consistent point: epoch {}{at} on every pair; write window lost: {window} before the failover call; {} staged beyond it dropped (marked dirty for reprotect); took {took_ms} ms",
-                commit.0,
-                blockrep_api::human_bytes(dropped)
-            )
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::testing::*;
+
+    fn extend(size: u64) -> proto::ExtendGroupRequest {
+        proto::ExtendGroupRequest {
+            group: "g".into(),
+            pair: "a".into(),
+            size_bytes: size,
         }
-        _ => format!(
-            "consistent point: every write answered while the group replicated synchronously (hypermetro; if it tripped, up to the trip); {} staged beyond it dropped (marked dirty for reprotect); took {took_ms} ms",
-            blockrep_api::human_bytes(dropped)
-        ),
+    }
+
+    #[test]
+    fn an_operation_on_a_busy_group_is_refused_and_nothing_is_stored() {
+        let (mut group, a, b) = group_of_two();
+        let job = running_job(JobType::SyncGroup, None, Some(group.id));
+        group.job = Some(job.id);
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+            Change::PutJob(job.clone()),
+        ]);
+        h.production_reports(&[&a, &b]);
+        h.dr_reports(&[&a, &b], true, 7);
+        let commits = h.store.commits();
+        let busy = format!("group g is busy with job {}", job.id);
+        h.assert_refused(h.coordinator.failover_group("g"), 409, &busy, commits);
+        h.assert_refused(h.coordinator.reverse_group("g"), 409, &busy, commits);
+        h.assert_refused(h.coordinator.reprotect_group("g"), 409, &busy, commits);
+        h.assert_refused(
+            h.coordinator.extend_group(extend(2 * SIZE)),
+            409,
+            &busy,
+            commits,
+        );
+        assert_eq!(h.stored_group(group.id), Some(group));
+        assert_eq!(h.stored_pair(a.id), Some(a));
+        assert_eq!(h.stored().jobs, vec![job]);
+    }
+
+    #[test]
+    fn group_operations_are_refused_in_the_wrong_status() {
+        let (mut group, a, b) = group_of_two();
+        group.status = GroupStatus::Failovered;
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+        ]);
+        h.dr_reports(&[&a, &b], true, 7);
+        let commits = h.store.commits();
+        for (result, words) in [
+            (
+                h.coordinator.failover_group("g"),
+                "failover refused: the group must be available (or a failover failed)",
+            ),
+            (
+                h.coordinator.reverse_group("g"),
+                "reverse refused: the group must be available (or a reverse failed)",
+            ),
+            (
+                h.coordinator.extend_group(extend(2 * SIZE)),
+                "extend refused: the group must be available",
+            ),
+        ] {
+            h.assert_refused(result, 409, words, commits);
+        }
+
+        // Available: no reprotect without a failover; no reverse unless it replicates.
+        let mut available = group.clone();
+        available.status = GroupStatus::Available;
+        h.coordinator.lock().groups.insert(group.id, available);
+        h.assert_refused(
+            h.coordinator.reprotect_group("g"),
+            409,
+            "reprotect only follows a failover",
+            commits,
+        );
+        h.assert_refused(
+            h.coordinator.reverse_group("g"),
+            409,
+            "a planned reverse needs the group replicating (active)",
+            commits,
+        );
+        // Extend's own rules come first.
+        h.assert_refused(
+            h.coordinator.extend_group(extend(SIZE)),
+            400,
+            "never shrink",
+            commits,
+        );
+        h.assert_refused(
+            h.coordinator.extend_group(extend(SIZE + 512)),
+            400,
+            "multiple of 4096",
+            commits,
+        );
+        assert_eq!(h.stored_group(group.id), Some(group));
+    }
+
+    #[test]
+    fn failover_needs_every_dr_agent_and_a_consistent_point() {
+        let (group, a, b) = group_of_two();
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+        ]);
+        let commits = 1;
+        h.assert_refused(
+            h.coordinator.failover_group("g"),
+            409,
+            "DR node n2 of pair a is not reachable",
+            commits,
+        );
+        h.dr_reports(&[&a, &b], true, 0);
+        let commits = commits + 2;
+        h.assert_refused(
+            h.coordinator.failover_group("g"),
+            409,
+            "has no consistent point yet",
+            commits,
+        );
+        // One DR agent applies by the group's commits, the other does not yet.
+        h.dr_reports(&[&a], true, 7);
+        h.dr_reports(&[&b], false, 0);
+        h.assert_refused(
+            h.coordinator.failover_group("g"),
+            409,
+            "are still joining it",
+            commits,
+        );
+        // A DR agent down is not waited for.
+        h.dr_reports(&[&b], true, 7);
+        h.heard_from("n4", NODE_TIMEOUT);
+        h.assert_refused(
+            h.coordinator.failover_group("g"),
+            409,
+            "DR node n4 of pair b is not reachable",
+            commits,
+        );
+        assert_eq!(h.stored_group(group.id), Some(group.clone()));
+
+        h.dr_reports(&[&b], true, 7);
+        let started = h.coordinator.failover_group("g").unwrap();
+        assert_eq!(started.group.unwrap().status, "failovering");
+        let stored = h.stored_group(group.id).unwrap();
+        assert_eq!(stored.status, GroupStatus::Failovering);
+        let Some(GroupOperation::Failover(plan)) = &stored.operation else {
+            panic!("{:?}", stored.operation);
+        };
+        assert_eq!(plan.commit, Some(Epoch(7)));
+        assert_eq!(plan.term, 1);
+        assert_eq!(plan.pairs.keys().copied().collect::<Vec<_>>(), {
+            let mut ids = vec![a.id, b.id];
+            ids.sort();
+            ids
+        });
+        assert!(plan.pairs.values().all(|s| s.done.is_none()));
+        let job = h.stored_job(stored.job.unwrap()).unwrap();
+        assert_eq!(
+            (job.job_type, job.status),
+            (JobType::FailoverGroup, JobStatus::Running)
+        );
+        assert!(h.agents.calls().is_empty(), "the driver takes the steps");
     }
 }

@@ -1,0 +1,540 @@
+//! The driver: a loop that moves pairs through their lifecycle (creation, the pending step of
+//! a resolve or a verify, deletion), follows their jobs, and runs the groups' work (sync and
+//! stop, operations); a step an agent does not take is retried until [`AGENT_GIVE_UP`], then
+//! the operation fails. Also how the coordinator calls an agent.
+
+use super::pairs::{PairPlan, Side};
+use super::*;
+
+impl Coordinator {
+    /// Moves pairs through their lifecycle; runs until the daemon stops.
+    pub async fn drive(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.kick.notified() => {}
+            }
+            let pending: Vec<PairRecord> = self
+                .lock()
+                .pairs
+                .values()
+                .filter(|p| {
+                    matches!(p.status, PairStatus::Creating | PairStatus::Deleting)
+                        || p.job.is_some()
+                        || p.pending.is_some()
+                })
+                .cloned()
+                .collect();
+            for pair in pending {
+                if let Err(e) = self.drive_pair(pair).await {
+                    tracing::error!(error = %e, "coordinator driver");
+                }
+            }
+            self.drive_groups().await;
+            self.drive_operations().await;
+        }
+    }
+
+    async fn drive_pair(&self, pair: PairRecord) -> Result<(), ApiError> {
+        match pair.status {
+            PairStatus::Creating if !pair.dr_started => {
+                self.creation_step(pair, Side::Dr, |record| record.dr_started = true)
+                    .await
+            }
+            PairStatus::Creating if !pair.production_started => {
+                self.creation_step(pair, Side::Production, |record| {
+                    record.production_started = true;
+                    record.status = PairStatus::Available;
+                    record.updated_at = Some(now_text());
+                })
+                .await
+            }
+            PairStatus::Deleting => self.drive_delete(pair).await,
+            _ if pair.pending.is_some() => self.drive_pending(pair).await,
+            _ => self.follow_job(&pair),
+        }
+    }
+
+    /// A step of a pair's creation: the agent of `side` takes its role (again, if it did
+    /// before: that is idempotent); once it has, `taken` is recorded.
+    async fn creation_step(
+        &self,
+        pair: PairRecord,
+        side: Side,
+        taken: impl FnOnce(&mut PairRecord),
+    ) -> Result<(), ApiError> {
+        let (production, dr) = self.addresses(&pair);
+        let (Some(production), Some(dr)) = (production, dr) else {
+            return self.stuck(&pair, "a node of the pair is not registered");
+        };
+        let (node, address, request) = match side {
+            Side::Dr => (
+                &pair.dr_node,
+                dr,
+                Request::BecomeDr(PairPlan::assignment_of(&pair, Side::Dr, production)),
+            ),
+            Side::Production => (
+                &pair.production_node,
+                production,
+                Request::BecomeProduction(PairPlan::assignment_of(&pair, Side::Production, dr)),
+            ),
+        };
+        if let Err(e) = self.call_agent(node, address, request).await {
+            return self.stuck(&pair, &e.to_string());
+        }
+        let mut record = pair.clone();
+        taken(&mut record);
+        self.commit(&[Change::PutPair(record.clone())])?;
+        let mut state = self.lock();
+        state.stuck_since.remove(&pair.id);
+        state.pairs.insert(pair.id, record);
+        Ok(())
+    }
+
+    /// Where the pair's production and DR agents are, if they registered.
+    fn addresses(&self, pair: &PairRecord) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let state = self.lock();
+        let address = |node: &str| state.nodes.get(node).map(|n| n.record.address);
+        (address(&pair.production_node), address(&pair.dr_node))
+    }
+
+    /// Tells the agents the step a resolve or a verify starts with.
+    async fn drive_pending(&self, pair: PairRecord) -> Result<(), ApiError> {
+        let (production, dr) = self.addresses(&pair);
+        let (Some(production), Some(dr)) = (production, dr) else {
+            return self.stuck(&pair, "a node of the pair is not registered");
+        };
+        let command = |repair| proto::PairCommand {
+            pair_id: pair.id.to_string(),
+            job_id: pair.job.map(|j| j.to_string()).unwrap_or_default(),
+            repair,
+        };
+        let done = match pair.pending.expect("filtered") {
+            PendingStep::KeepProduction => {
+                self.call_agent(
+                    &pair.production_node,
+                    production,
+                    Request::KeepProduction(command(false)),
+                )
+                .await
+            }
+            PendingStep::Verify { repair } => {
+                self.call_agent(
+                    &pair.production_node,
+                    production,
+                    Request::Verify(command(repair)),
+                )
+                .await
+            }
+            PendingStep::SwitchSides => {
+                // The record already names the kept side as production: the old
+                // production agent steps down first, then the kept side takes over.
+                let step_down = PairPlan::assignment_of(&pair, Side::Dr, production);
+                let take_over = proto::PairAssignment {
+                    discard_peer: true,
+                    ..PairPlan::assignment_of(&pair, Side::Production, dr)
+                };
+                async {
+                    self.call_agent(&pair.dr_node, dr, Request::SwitchSide(step_down))
+                        .await?;
+                    self.call_agent(
+                        &pair.production_node,
+                        production,
+                        Request::SwitchSide(take_over),
+                    )
+                    .await
+                }
+                .await
+            }
+        };
+        if let Err(e) = done {
+            return self.stuck(&pair, &e.to_string());
+        }
+        let mut record = pair.clone();
+        record.pending = None;
+        self.commit(&[Change::PutPair(record.clone())])?;
+        let mut state = self.lock();
+        state.stuck_since.remove(&pair.id);
+        state.step_taken.insert(pair.id, Instant::now());
+        state.pairs.insert(pair.id, record);
+        Ok(())
+    }
+
+    async fn drive_delete(&self, pair: PairRecord) -> Result<(), ApiError> {
+        let addresses = {
+            let state = self.lock();
+            (
+                state
+                    .nodes
+                    .get(&pair.production_node)
+                    .map(|n| n.record.address),
+                state.nodes.get(&pair.dr_node).map(|n| n.record.address),
+            )
+        };
+        let (Some(production), Some(dr)) = addresses else {
+            return self.stuck(&pair, "a node of the pair is not registered");
+        };
+        let leave_production = PairPlan::assignment_of(&pair, Side::Production, dr);
+        let leave_dr = PairPlan::assignment_of(&pair, Side::Dr, production);
+        let left = async {
+            self.call_agent(
+                &pair.production_node,
+                production,
+                Request::LeavePair(leave_production),
+            )
+            .await?;
+            self.call_agent(&pair.dr_node, dr, Request::LeavePair(leave_dr))
+                .await
+        }
+        .await;
+        if let Err(e) = left {
+            return self.stuck(&pair, &e.to_string());
+        }
+        let mut changes = vec![Change::DeletePair(pair.id.to_string())];
+        let mut state = self.lock();
+        if let Some(job) = pair.job.and_then(|j| state.jobs.get(&j)).cloned() {
+            let mut job = job;
+            job.status = JobStatus::Success;
+            job.progress = 1.0;
+            job.end_time = Some(now_text());
+            changes.push(Change::PutJob(job.clone()));
+            state.jobs.insert(job.id, job);
+        }
+        self.commit(&changes)?;
+        state.pairs.remove(&pair.id);
+        state.stuck_since.remove(&pair.id);
+        state.step_taken.remove(&pair.id);
+        state
+            .deleted
+            .retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        state.deleted.insert(pair.id, Instant::now());
+        tracing::info!(pair = %pair.id, "pair deleted");
+        Ok(())
+    }
+
+    /// A pending step failed: keep trying, and after a while fail the operation.
+    fn stuck(&self, pair: &PairRecord, reason: &str) -> Result<(), ApiError> {
+        let mut state = self.lock();
+        let since = *state
+            .stuck_since
+            .entry(pair.id)
+            .or_insert_with(Instant::now);
+        if since.elapsed() < AGENT_GIVE_UP {
+            tracing::debug!(pair = %pair.id, %reason, "pair step pending; retrying");
+            return Ok(());
+        }
+        let mut record = pair.clone();
+        record.status = match pair.status {
+            PairStatus::Deleting => PairStatus::ErrorDeleting,
+            _ => PairStatus::Error,
+        };
+        record.failure_detail = Some(reason.to_owned());
+        record.updated_at = Some(now_text());
+        let mut changes = vec![];
+        if let Some(job) = pair.job.and_then(|j| state.jobs.get(&j)).cloned() {
+            let mut job = job;
+            job.status = JobStatus::Fail;
+            job.end_time = Some(now_text());
+            job.fail_reason = Some(reason.to_owned());
+            changes.push(Change::PutJob(job.clone()));
+            state.jobs.insert(job.id, job);
+        }
+        record.job = None;
+        changes.push(Change::PutPair(record.clone()));
+        self.commit(&changes)?;
+        tracing::error!(pair = %pair.id, %reason, status = %record.status, "pair operation failed");
+        state.pairs.insert(pair.id, record);
+        state.stuck_since.remove(&pair.id);
+        Ok(())
+    }
+
+    // ---- calling agents ----
+
+    pub(super) async fn call_agent(
+        &self,
+        node: &str,
+        address: SocketAddr,
+        request: Request,
+    ) -> Result<(), ApiError> {
+        let response = self
+            .agents
+            .call(
+                node,
+                address,
+                ClusterRequest {
+                    request: Some(request),
+                },
+            )
+            .await?;
+        Self::answer_of(node, response)
+    }
+
+    /// What an agent's answer says: done, or refused and why.
+    pub(super) fn answer_of(node: &str, response: ClusterResponse) -> Result<(), ApiError> {
+        match response.response {
+            Some(Response::Done(_)) => Ok(()),
+            Some(Response::Error(e)) => Err(e.into()),
+            _ => Err(ApiError::Internal(format!(
+                "node {node} answered with something unexpected"
+            ))),
+        }
+    }
+
+    /// Calls `node` (by its registered address) and returns its answer.
+    pub(super) fn ask_agent(
+        &self,
+        node: &str,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Response, ApiError>> {
+        let address = self.lock().nodes.get(node).map(|n| n.record.address);
+        let agents = Arc::clone(&self.agents);
+        let node = node.to_owned();
+        Box::pin(async move {
+            let address = address
+                .ok_or_else(|| ApiError::Unavailable(format!("node {node} is not registered")))?;
+            let answer = agents
+                .call(
+                    &node,
+                    address,
+                    ClusterRequest {
+                        request: Some(request),
+                    },
+                )
+                .await?;
+            match answer.response {
+                Some(Response::Error(e)) => Err(e.into()),
+                Some(response) => Ok(response),
+                None => Err(ApiError::Internal(format!("node {node} answered nothing"))),
+            }
+        })
+    }
+
+    pub(super) async fn call_agent_by_name(
+        &self,
+        node: &str,
+        request: Request,
+    ) -> Result<(), ApiError> {
+        match self.ask_agent(node, request).await? {
+            Response::Done(_) => Ok(()),
+            _ => Err(ApiError::Internal(format!(
+                "node {node} answered with something unexpected"
+            ))),
+        }
+    }
+
+    /// Sends `request` to `node` without waiting for more than `wait` (or at all).
+    pub(super) fn fire_and_forget(&self, node: &str, request: Request, wait: Duration) {
+        let call = self.ask_agent(node, request);
+        let node = node.to_owned();
+        tokio::spawn(async move {
+            match tokio::time::timeout(wait, call).await {
+                Ok(Ok(_)) => tracing::info!(node, "fenced"),
+                Ok(Err(e)) => {
+                    tracing::info!(node, error = %e, "not fenced now (it is fenced when it comes back)")
+                }
+                Err(_) => tracing::info!(
+                    node,
+                    "no answer to the fence (it is fenced when it comes back)"
+                ),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::testing::*;
+
+    /// One driver step for the pair, as a round of [`Coordinator::drive`] takes it.
+    async fn drive(h: &Harness, pair: PairId) {
+        h.coordinator.drive_pair(h.pair(pair)).await.unwrap();
+    }
+
+    fn two_nodes(h: &Harness) {
+        h.report("n1", "az1", vec![volume(1, "p1", SIZE)], vec![]);
+        h.report("n2", "az2", vec![volume(2, "d1", SIZE)], vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_creation_its_dr_agent_did_not_answer_is_finished_by_the_driver() {
+        let h = Harness::new();
+        two_nodes(&h);
+        h.agents.once("BecomeDr", Answer::Unreachable);
+        let created = h
+            .coordinator
+            .create_pair(proto::CreatePairRequest {
+                name: "web".into(),
+                volumes: vec!["p1".into(), "d1".into()],
+                priority_station: "az1".into(),
+                replication_model: "async".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("no answer is not a refusal");
+        let id: PairId = created.pair.unwrap().id.parse().unwrap();
+        let job: JobId = created.job.unwrap().id.parse().unwrap();
+        let stored = h.stored_pair(id).unwrap();
+        assert!(!stored.dr_started, "the DR agent's step is not recorded");
+        assert_eq!(stored.status, PairStatus::Creating);
+
+        drive(&h, id).await;
+        assert!(h.stored_pair(id).unwrap().dr_started);
+        drive(&h, id).await;
+        let stored = h.stored_pair(id).unwrap();
+        assert!(stored.production_started);
+        assert_eq!(stored.status, PairStatus::Available);
+        assert_eq!(
+            h.agents.log(),
+            ["n2:BecomeDr", "n2:BecomeDr", "n1:BecomeProduction"]
+        );
+        let Request::BecomeProduction(assignment) = &h.agents.calls()[2].request else {
+            panic!("{:?}", h.agents.log());
+        };
+        assert_eq!(assignment.side, "production");
+        assert_eq!(assignment.local_volume_id, volume_id(1).to_string());
+        assert_eq!(assignment.peer_address, address("n2").to_string());
+
+        // The job runs until production reports the pair active.
+        drive(&h, id).await;
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
+        h.report(
+            "n1",
+            "az1",
+            vec![],
+            vec![pair_state(&stored, "production", ReplicationStatus::Active)],
+        );
+        drive(&h, id).await;
+        let ended = h.stored_job(job).unwrap();
+        assert_eq!(ended.status, JobStatus::Success);
+        assert_eq!(ended.progress, 1.0);
+        assert_eq!(h.stored_pair(id).unwrap().job, None);
+        assert_eq!(h.agents.calls().len(), 3, "following a job calls no agent");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_pair_leaves_both_agents_then_the_store() {
+        let pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        two_nodes(&h);
+        let job: JobId = h
+            .coordinator
+            .delete_pair("web")
+            .unwrap()
+            .job
+            .unwrap()
+            .id
+            .parse()
+            .unwrap();
+        drive(&h, pair.id).await;
+        assert_eq!(h.agents.log(), ["n1:LeavePair", "n2:LeavePair"]);
+        let Request::LeavePair(leave) = &h.agents.calls()[1].request else {
+            unreachable!()
+        };
+        assert_eq!(
+            (leave.side.as_str(), leave.local_volume_id.clone()),
+            ("dr", volume_id(2).to_string())
+        );
+        assert_eq!(h.stored_pair(pair.id), None);
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Success);
+        assert!(h.coordinator.list_pairs().is_empty());
+        // Its volumes may be paired again though their agents still name it for a while.
+        assert!(h.coordinator.lock().deleted.contains_key(&pair.id));
+    }
+
+    #[tokio::test]
+    async fn a_step_no_agent_takes_fails_the_operation_after_agent_give_up() {
+        let pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        two_nodes(&h);
+        h.agents
+            .script("LeavePair", Some("n2"), Answer::Unreachable, None);
+        let job: JobId = h
+            .coordinator
+            .delete_pair("web")
+            .unwrap()
+            .job
+            .unwrap()
+            .id
+            .parse()
+            .unwrap();
+        let commits = h.store.commits();
+        drive(&h, pair.id).await;
+        drive(&h, pair.id).await;
+        assert_eq!(h.store.commits(), commits, "retried, nothing recorded");
+        assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
+
+        // The clock is not waited for: the first failure is made older.
+        let long_ago = Instant::now()
+            .checked_sub(AGENT_GIVE_UP + Duration::from_secs(1))
+            .expect("the clock goes back that far");
+        h.coordinator.lock().stuck_since.insert(pair.id, long_ago);
+        drive(&h, pair.id).await;
+        let stored = h.stored_pair(pair.id).unwrap();
+        assert_eq!(stored.status, PairStatus::ErrorDeleting);
+        assert_eq!(stored.job, None);
+        let detail = stored.failure_detail.unwrap();
+        assert!(detail.contains("node n2 does not answer"), "{detail}");
+        let failed = h.stored_job(job).unwrap();
+        assert_eq!(failed.status, JobStatus::Fail);
+        assert_eq!(failed.fail_reason.as_deref(), Some(detail.as_str()));
+        assert_eq!(
+            h.agents.log(),
+            [
+                "n1:LeavePair",
+                "n2:LeavePair",
+                "n1:LeavePair",
+                "n2:LeavePair",
+                "n1:LeavePair",
+                "n2:LeavePair"
+            ]
+        );
+        // A pair whose delete failed may be deleted again.
+        assert!(h.coordinator.delete_pair("web").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_resolve_keeping_the_dr_side_switches_the_old_production_side_first() {
+        let pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        let mut diverged = pair_state(&pair, "dr", ReplicationStatus::Error);
+        diverged.needs_resolve = true;
+        h.report(
+            "n1",
+            "az1",
+            vec![],
+            vec![pair_state(&pair, "production", ReplicationStatus::Error)],
+        );
+        h.report("n2", "az2", vec![], vec![diverged]);
+        let answer = h.coordinator.resolve_pair("web", "az2").unwrap();
+        let view = answer.pair.unwrap();
+        assert_eq!(
+            (view.production_node.as_str(), view.dr_node.as_str()),
+            ("n2", "n1")
+        );
+        assert_eq!(
+            h.stored_pair(pair.id).unwrap().pending,
+            Some(PendingStep::SwitchSides)
+        );
+
+        drive(&h, pair.id).await;
+        assert_eq!(h.agents.log(), ["n1:SwitchSide", "n2:SwitchSide"]);
+        let calls = h.agents.calls();
+        let (Request::SwitchSide(down), Request::SwitchSide(up)) =
+            (&calls[0].request, &calls[1].request)
+        else {
+            unreachable!()
+        };
+        assert_eq!((down.side.as_str(), down.discard_peer), ("dr", false));
+        assert_eq!(down.local_volume_id, volume_id(1).to_string());
+        assert_eq!((up.side.as_str(), up.discard_peer), ("production", true));
+        assert_eq!(up.local_volume_id, volume_id(2).to_string());
+        let stored = h.stored_pair(pair.id).unwrap();
+        assert_eq!(stored.pending, None);
+        assert_eq!(stored.priority_station, "az2");
+        assert!(stored.job.is_some(), "the job follows the copy");
+    }
+}

@@ -1,0 +1,238 @@
+//! Nodes in the coordinator: each agent's report registers it (the first time, or when it
+//! moved) and says it is alive; a node not heard from for [`NODE_TIMEOUT`] is down. A
+//! report is answered with the pairs the records give the node, and its side in each.
+
+use super::*;
+
+impl Coordinator {
+    /// A node's heartbeat: registers it (first time, or moved) and records what it
+    /// reported. Answers with the pairs the coordinator knows the node is in.
+    pub fn report(
+        &self,
+        report: proto::NodeReport,
+        peer: SocketAddr,
+    ) -> Result<proto::ReportAck, ApiError> {
+        let mut state = self.lock();
+        let changed = match state.nodes.get(&report.node) {
+            Some(node) => {
+                node.record.address != peer
+                    || node.record.availability_zone != report.availability_zone
+            }
+            None => true,
+        };
+        if changed {
+            let record = NodeRecord {
+                name: report.node.clone(),
+                availability_zone: report.availability_zone.clone(),
+                address: peer,
+                registered_at: now_text(),
+            };
+            self.commit(&[Change::PutNode(record.clone())])?;
+            tracing::info!(node = %record.name, az = %record.availability_zone, address = %peer, "node registered");
+            state.nodes.insert(
+                record.name.clone(),
+                Node {
+                    record,
+                    last_seen: None,
+                    report: proto::NodeReport::default(),
+                },
+            );
+        }
+        let name = report.node.clone();
+        if report.pairs.iter().any(|p| p.trip_wanted) {
+            // Its writes wait for the trip cut.
+            self.cut_kick.notify_one();
+        }
+        let node = state.nodes.get_mut(&name).expect("inserted above");
+        node.last_seen = Some(Instant::now());
+        node.report = report;
+        let pair_ids = state
+            .pairs
+            .values()
+            .filter(|p| p.production_node == name || p.dr_node == name)
+            .map(|p| p.id.to_string())
+            .collect();
+        Ok(proto::ReportAck {
+            pair_ids,
+            roles: Self::roles_of(&state, &name),
+        })
+    }
+
+    pub(super) fn alive(node: &Node) -> bool {
+        node.last_seen
+            .is_some_and(|seen| seen.elapsed() < NODE_TIMEOUT)
+    }
+
+    pub fn list_nodes(&self) -> Vec<proto::Node> {
+        let state = self.lock();
+        state
+            .nodes
+            .values()
+            .map(|n| proto::Node {
+                name: n.record.name.clone(),
+                availability_zone: n.record.availability_zone.clone(),
+                address: n.record.address.to_string(),
+                alive: Self::alive(n),
+                last_seen: n
+                    .last_seen
+                    .map(|seen| format!("{:.1} s ago", seen.elapsed().as_secs_f64()))
+                    .unwrap_or_else(|| "not since the coordinator started".into()),
+                volumes: n.report.volumes.len() as u32,
+                coordinator: n.record.name == self.node,
+                peers_refused: n.report.peers_refused,
+                requests_refused: n.report.requests_refused,
+            })
+            .collect()
+    }
+
+    /// The sides the records give `node` in its pairs, for its report's answer: a
+    /// production side that restarted takes writes once confirmed, and one whose group
+    /// failed over is demoted. Pairs of a group whose roles are changing are left out.
+    pub(super) fn roles_of(state: &State, node: &str) -> Vec<proto::PairRole> {
+        state
+            .pairs
+            .values()
+            .filter(|p| p.production_node == node || p.dr_node == node)
+            .filter(|p| {
+                p.group
+                    .and_then(|g| state.groups.get(&g))
+                    .is_none_or(|g| g.operation.is_none())
+            })
+            .map(|p| proto::PairRole {
+                pair_id: p.id.to_string(),
+                side: if p.production_node == node {
+                    "production".into()
+                } else {
+                    "dr".into()
+                },
+                term: p.term,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockrep_core::replication::GroupId;
+
+    use super::*;
+    use crate::coordinator::testing::*;
+    use crate::records::{ExtendPlan, GroupOperation};
+
+    #[test]
+    fn a_reporting_node_is_alive_until_it_is_silent_for_node_timeout() {
+        let h = Harness::new();
+        h.report("n2", "az2", vec![volume(1, "v1", SIZE)], vec![]);
+        let nodes = h.coordinator.list_nodes();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].name, "n2");
+        assert_eq!(nodes[0].availability_zone, "az2");
+        assert_eq!(nodes[0].address, address("n2").to_string());
+        assert_eq!(nodes[0].volumes, 1);
+        assert!(nodes[0].alive);
+        assert!(!nodes[0].coordinator, "n1 runs the coordinator, not n2");
+
+        // The clock is not waited for: the last report is made older.
+        h.heard_from("n2", NODE_TIMEOUT - Duration::from_secs(1));
+        assert!(h.coordinator.list_nodes()[0].alive);
+        h.heard_from("n2", NODE_TIMEOUT);
+        assert!(!h.coordinator.list_nodes()[0].alive);
+
+        h.report("n2", "az2", vec![], vec![]);
+        assert!(h.coordinator.list_nodes()[0].alive);
+    }
+
+    #[test]
+    fn a_node_is_stored_when_it_registers_or_moves_and_only_then() {
+        let h = Harness::new();
+        h.report("n2", "az2", vec![], vec![]);
+        assert_eq!(h.store.commits(), 1);
+        h.report("n2", "az2", vec![], vec![]);
+        assert_eq!(
+            h.store.commits(),
+            1,
+            "a heartbeat from where it was is not stored"
+        );
+
+        let moved: SocketAddr = "10.9.9.9:7001".parse().unwrap();
+        h.coordinator
+            .report(
+                proto::NodeReport {
+                    node: "n2".into(),
+                    availability_zone: "az2".into(),
+                    ..Default::default()
+                },
+                moved,
+            )
+            .unwrap();
+        assert_eq!(h.store.commits(), 2);
+        assert_eq!(h.stored().nodes.len(), 1);
+
+        // A restarted coordinator knows the node where it moved, and has not heard from it.
+        let reopened = h.reopen();
+        let nodes = reopened.coordinator.list_nodes();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].address, moved.to_string());
+        assert!(!nodes[0].alive);
+        assert_eq!(nodes[0].last_seen, "not since the coordinator started");
+    }
+
+    #[test]
+    fn a_report_that_cannot_be_stored_registers_nothing() {
+        let h = Harness::new();
+        h.store.refuse_commits(true);
+        let refused = h.coordinator.report(
+            proto::NodeReport {
+                node: "n2".into(),
+                availability_zone: "az2".into(),
+                ..Default::default()
+            },
+            address("n2"),
+        );
+        assert_eq!(refused.unwrap_err().code(), 500);
+        assert!(h.coordinator.list_nodes().is_empty());
+    }
+
+    #[test]
+    fn a_report_is_answered_with_the_nodes_pairs_and_sides() {
+        let lone = pair_record("lone", ("n1", 1), ("n2", 2));
+        let mut grouped = pair_record("grouped", ("n2", 3), ("n3", 4));
+        let mut group = group_record("g", &[&grouped]);
+        grouped.group = Some(group.id);
+        let other = pair_record("other", ("n1", 5), ("n3", 6));
+        let h = Harness::seeded(&[
+            Change::PutPair(lone.clone()),
+            Change::PutPair(grouped.clone()),
+            Change::PutPair(other.clone()),
+            Change::PutGroup(group.clone()),
+        ]);
+        let ack = h.report("n2", "az2", vec![], vec![]);
+        let mut pair_ids = ack.pair_ids.clone();
+        pair_ids.sort();
+        let mut expected = vec![lone.id.to_string(), grouped.id.to_string()];
+        expected.sort();
+        assert_eq!(pair_ids, expected, "not the pair n2 is not in");
+        let side_of = |ack: &proto::ReportAck, pair: &PairRecord| {
+            ack.roles
+                .iter()
+                .find(|r| r.pair_id == pair.id.to_string())
+                .map(|r| r.side.clone())
+        };
+        assert_eq!(side_of(&ack, &lone).as_deref(), Some("dr"));
+        assert_eq!(side_of(&ack, &grouped).as_deref(), Some("production"));
+        assert_eq!(ack.roles.len(), 2);
+
+        // While the group's roles may change, its pairs' sides are not confirmed.
+        group.operation = Some(GroupOperation::Extend(ExtendPlan {
+            pair: grouped.id,
+            size: 2 * SIZE,
+            dr_done: false,
+        }));
+        let g: GroupId = group.id;
+        h.coordinator.lock().groups.insert(g, group);
+        let ack = h.report("n2", "az2", vec![], vec![]);
+        assert_eq!(ack.pair_ids.len(), 2);
+        assert_eq!(side_of(&ack, &lone).as_deref(), Some("dr"));
+        assert_eq!(side_of(&ack, &grouped), None);
+    }
+}

@@ -1,0 +1,54 @@
+//! A group extend's steps: the pair's DR volume grows, then its production volume, then the
+//! record.
+
+use super::*;
+
+impl Coordinator {
+    /// Grows the DR volume, then the production volume; then the record. A refusal (no room)
+    /// fails the job at once and changes nothing more (a volume already grown keeps its
+    /// size: it never shrinks, and a retry grows the other).
+    pub(super) async fn drive_extend(
+        &self,
+        group: GroupRecord,
+        plan: ExtendPlan,
+    ) -> Result<(), ApiError> {
+        let Some(pair) = self.lock().pairs.get(&plan.pair).cloned() else {
+            return self.end_operation(
+                &group,
+                GroupStatus::Available,
+                Err(format!("pair {} is gone", plan.pair)),
+            );
+        };
+        let extend = |volume: VolumeId| {
+            Request::Extend(proto::Extend {
+                pair_id: pair.id.to_string(),
+                volume_id: volume.to_string(),
+                size_bytes: plan.size,
+            })
+        };
+        let mut plan = plan;
+        if !plan.dr_done {
+            if let Err(e) = self
+                .call_agent_by_name(&pair.dr_node, extend(pair.dr_volume))
+                .await
+            {
+                return self.operation_failed(&group, vec![(pair.id, e)], GroupStatus::Available);
+            }
+            plan.dr_done = true;
+            self.save_plan(&group, GroupOperation::Extend(plan))?;
+        }
+        if let Err(e) = self
+            .call_agent_by_name(&pair.production_node, extend(pair.production_volume))
+            .await
+        {
+            return self.operation_failed(&group, vec![(pair.id, e)], GroupStatus::Available);
+        }
+        let mut record = pair.clone();
+        record.size = plan.size;
+        record.updated_at = Some(now_text());
+        self.commit(&[Change::PutPair(record.clone())])?;
+        self.lock().pairs.insert(record.id, record);
+        tracing::info!(group = %group.id, pair = %pair.id, size = plan.size, "extended");
+        self.end_operation(&group, GroupStatus::Available, Ok(()))
+    }
+}
