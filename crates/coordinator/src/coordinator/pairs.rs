@@ -51,6 +51,18 @@ impl Coordinator {
                 pair.name, pair.status
             )));
         }
+        // A verify or resolve under way keeps its job on the pair until it ends.
+        if let Some(job) = pair.job
+            && state
+                .jobs
+                .get(&job)
+                .is_some_and(|j| j.status == JobStatus::Running)
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is busy with job {job}; delete it once the job ends",
+                pair.name
+            )));
+        }
         let job = JobRecord {
             id: JobId::random(),
             job_type: JobType::DeletePair,
@@ -375,6 +387,27 @@ mod tests {
             assert_eq!(stored.job.map(|j| j.to_string()), Some(job.id));
         }
         assert!(h.agents.calls().is_empty(), "the driver calls the agents");
+    }
+
+    /// A delete while a verify or resolve job runs would leave that job running for good
+    /// (the delete job takes its place on the pair): refused until it ends.
+    #[test]
+    fn delete_is_refused_while_a_job_of_the_pair_runs() {
+        let mut verifying = pair_record("verifying", ("n1", 1), ("n2", 2));
+        let job = running_job(JobType::VerifyPair, Some(verifying.id), None);
+        verifying.job = Some(job.id);
+        let h = Harness::seeded(&[
+            Change::PutPair(verifying.clone()),
+            Change::PutJob(job.clone()),
+        ]);
+        h.assert_refused(
+            h.coordinator.delete_pair("verifying"),
+            409,
+            "is busy with job",
+            1,
+        );
+        assert_eq!(h.stored_job(job.id).unwrap().status, JobStatus::Running);
+        assert_eq!(h.stored_pair(verifying.id).unwrap().job, Some(job.id));
     }
 
     #[test]
