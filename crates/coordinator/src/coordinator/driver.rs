@@ -152,10 +152,14 @@ impl Coordinator {
         if let Err(e) = done {
             return self.stuck(&pair, &e.to_string());
         }
-        let mut record = pair.clone();
+        let mut state = self.lock();
+        // The record may have changed while the agent answered: the step is done only on
+        // the record it was taken for.
+        let Some(mut record) = still_current(&state, &pair) else {
+            return Ok(());
+        };
         record.pending = None;
         self.commit(&[Change::PutPair(record.clone())])?;
-        let mut state = self.lock();
         state.stuck_since.remove(&pair.id);
         state.step_taken.insert(pair.id, Instant::now());
         state.pairs.insert(pair.id, record);
@@ -217,6 +221,11 @@ impl Coordinator {
     /// A pending step failed: keep trying, and after a while fail the operation.
     fn stuck(&self, pair: &PairRecord, reason: &str) -> Result<(), ApiError> {
         let mut state = self.lock();
+        // Changed meanwhile: the driver's next round looks at it again.
+        let Some(current) = still_current(&state, pair) else {
+            return Ok(());
+        };
+        let pair = &current;
         let since = *state
             .stuck_since
             .entry(pair.id)
@@ -343,6 +352,19 @@ impl Coordinator {
     }
 }
 
+/// The record of `seen`'s pair as it is now, if it is still the one the driver took its
+/// step from (same status, job and pending step): a request or another step may have
+/// changed it while the driver waited for an agent.
+fn still_current(state: &State, seen: &PairRecord) -> Option<PairRecord> {
+    state
+        .pairs
+        .get(&seen.id)
+        .filter(|now| {
+            now.status == seen.status && now.job == seen.job && now.pending == seen.pending
+        })
+        .cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +378,32 @@ mod tests {
     fn two_nodes(h: &Harness) {
         h.report("n1", "az1", vec![volume(1, "p1", SIZE)], vec![]);
         h.report("n2", "az2", vec![volume(2, "d1", SIZE)], vec![]);
+    }
+
+    /// The driver takes a step from its copy of the record, and the record may change while
+    /// it waits for the agent: what it writes back must not undo that change.
+    #[tokio::test]
+    async fn a_step_taken_while_the_record_changed_does_not_write_the_old_record_back() {
+        let mut pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let job = running_job(JobType::VerifyPair, Some(pair.id), None);
+        pair.job = Some(job.id);
+        pair.pending = Some(PendingStep::Verify { repair: false });
+        let h = Harness::seeded(&[Change::PutPair(pair.clone()), Change::PutJob(job)]);
+        two_nodes(&h);
+        let seen = h.pair(pair.id);
+        // Meanwhile the pair went to error, its job ended.
+        let mut changed = seen.clone();
+        changed.status = PairStatus::Error;
+        changed.job = None;
+        changed.pending = None;
+        h.store.commit(&[Change::PutPair(changed.clone())]).unwrap();
+        h.coordinator.lock().pairs.insert(pair.id, changed);
+
+        h.coordinator.drive_pending(seen).await.unwrap();
+        assert_eq!(h.agents.log(), ["n1:Verify"]);
+        let stored = h.stored_pair(pair.id).unwrap();
+        assert_eq!((stored.status, stored.job), (PairStatus::Error, None));
+        assert_eq!(h.pair(pair.id).status, PairStatus::Error);
     }
 
     #[tokio::test]
