@@ -40,7 +40,7 @@ use crate::stage_log::StageLog;
 
 mod worker;
 
-use worker::{Worker, WorkerSetup};
+use worker::Worker;
 
 const RING_ENTRIES: u32 = 256;
 const MAX_INFLIGHT: usize = 128;
@@ -178,18 +178,8 @@ impl Applier {
         events: UnboundedSender<ApplyEvent>,
         counters: Arc<ApplyCounters>,
     ) -> io::Result<Self> {
-        let ApplierSetup {
-            label,
-            volume,
-            log,
-            replay,
-            state,
-            state_path,
-            allowed,
-            queue_bytes,
-            stage_log_max_bytes,
-            compact_after_bytes,
-        } = setup;
+        let label = setup.label.clone();
+        let queue_bytes = setup.queue_bytes;
         let waker = Arc::new(Waker::new()?);
         let budget_bytes = u32::try_from(queue_bytes).unwrap_or(u32::MAX);
         let inbox = Arc::new(Inbox {
@@ -199,24 +189,7 @@ impl Applier {
             budget: Arc::new(tokio::sync::Semaphore::new(budget_bytes as usize)),
             budget_bytes,
         });
-        let worker = Worker::new(
-            WorkerSetup {
-                label: label.clone(),
-                volume,
-                log,
-                replay,
-                state,
-                state_path,
-                allowed,
-                queue_bytes,
-                stage_log_max_bytes,
-                compact_after_bytes,
-            },
-            events,
-            counters,
-            Arc::clone(&inbox),
-            waker,
-        )?;
+        let worker = Worker::new(setup, events, counters, Arc::clone(&inbox), waker)?;
         let thread = std::thread::Builder::new()
             .name(format!("apply-{label}"))
             .spawn(move || {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use blockrep_core::pair::dr::{DrUnits, SealRecord};
+use blockrep_core::pair::dr::DrUnits;
 use blockrep_core::replication::direct_gate::DirectGate;
 use blockrep_core::replication::{AckBarrier, Epoch, SyncTicket, WriteSeq};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
@@ -18,28 +18,14 @@ use blockrep_volume::{AlignedBuf, Volume, Waker};
 use io_uring::{IoUring, opcode, types};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::dr_state::DrState;
 use crate::stage_log::{StageLog, Staged};
 
 use super::{
-    ApplyCmd, ApplyCounters, ApplyEvent, Inbox, RING_ENTRIES, UD_SYNC, UD_WAKE, VerifyCmd, fault,
+    ApplierSetup, ApplyCmd, ApplyCounters, ApplyEvent, Inbox, RING_ENTRIES, UD_SYNC, UD_WAKE,
+    VerifyCmd, fault,
 };
 
 mod commands;
-
-/// What the worker is made of (the applier's setup, less what the applier keeps).
-pub(super) struct WorkerSetup {
-    pub label: String,
-    pub volume: Arc<Volume>,
-    pub log: StageLog,
-    pub replay: Vec<SealRecord>,
-    pub state: DrState,
-    pub state_path: PathBuf,
-    pub allowed: Arc<AtomicU64>,
-    pub queue_bytes: u64,
-    pub stage_log_max_bytes: u64,
-    pub compact_after_bytes: u64,
-}
 
 /// A write in flight on the ring.
 struct Slot {
@@ -109,13 +95,13 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn new(
-        setup: WorkerSetup,
+        setup: ApplierSetup,
         events: UnboundedSender<ApplyEvent>,
         counters: Arc<ApplyCounters>,
         inbox: Arc<Inbox>,
         waker: Arc<Waker>,
     ) -> io::Result<Self> {
-        let WorkerSetup {
+        let ApplierSetup {
             label,
             volume,
             log,
