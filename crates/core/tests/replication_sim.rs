@@ -448,12 +448,15 @@ impl Sim {
             assert_eq!(self.machine.state(), PairState::Connecting);
             return;
         }
-        if self.link_up {
-            self.break_link();
-        }
+        // The pause cuts the stream off at once; the session's resync reader may still take
+        // a step before it sees that and stops.
         self.paused = true;
         let fx = self.machine.pause(true, self.now_us);
         self.carry_out(fx);
+        self.catch_up_step();
+        if self.link_up {
+            self.break_link();
+        }
         assert_eq!(self.machine.state(), PairState::Paused);
         assert!(
             self.machine
@@ -487,9 +490,12 @@ impl Sim {
                 if self.machine.staged_epoch() >= end {
                     let fx = self.machine.go_live();
                     self.carry_out(fx);
-                    self.machine
-                        .resync_done()
-                        .expect("a catch-up ends on its stream");
+                    let done = self.machine.resync_done();
+                    if self.machine.state().streaming() {
+                        done.expect("a catch-up ends on its stream");
+                    } else {
+                        assert!(done.is_err(), "a resync ended with no stream");
+                    }
                 }
             }
             return;

@@ -51,12 +51,12 @@ impl Coordinator {
                 pair.name, pair.status
             )));
         }
-        // A verify or resolve under way keeps its job on the pair until it ends.
+        // A verify or resolve under way keeps its job on the pair until it ends (a create
+        // job waits for the initial sync; the delete takes its place, as before).
         if let Some(job) = pair.job
-            && state
-                .jobs
-                .get(&job)
-                .is_some_and(|j| j.status == JobStatus::Running)
+            && state.jobs.get(&job).is_some_and(|j| {
+                j.status == JobStatus::Running && j.job_type != JobType::CreatePair
+            })
         {
             return Err(ApiError::FailedPrecondition(format!(
                 "pair {} is busy with job {job}; delete it once the job ends",
@@ -408,6 +408,14 @@ mod tests {
         );
         assert_eq!(h.stored_job(job.id).unwrap().status, JobStatus::Running);
         assert_eq!(h.stored_pair(verifying.id).unwrap().job, Some(job.id));
+
+        // An available pair whose initial sync still runs (its create job too) can go.
+        let mut syncing = pair_record("syncing", ("n3", 3), ("n4", 4));
+        let create = running_job(JobType::CreatePair, Some(syncing.id), None);
+        syncing.job = Some(create.id);
+        let h = Harness::seeded(&[Change::PutPair(syncing.clone()), Change::PutJob(create)]);
+        let answer = h.coordinator.delete_pair("syncing").unwrap();
+        assert_eq!(answer.pair.unwrap().status, "deleting");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The DR side of a pair as a machine, as far as its units go: which staged writes and
 //! seals it takes, which units wait for the group's commit, which apply, and what the
 //! volume is a consistent image of (docs/PAIR-MACHINE.md, "The DR machine"). No I/O: the
-//! applier (`crates/replication/src/applier.rs`) is its shell, with the ring, the stage log's
+//! applier (`crates/replication/src/applier/`) is its shell, with the ring, the stage log's
 //! file and the volume; the simulations drive it with a stage log and a volume in memory.
 //!
 //! ```text

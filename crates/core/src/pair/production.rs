@@ -505,12 +505,28 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     /// The initial sync or the catch-up ended: the DR side holds everything but what live
     /// writes are bringing it.
+    /// Refused unless the pair is resyncing (a pause, or the end of the session, came
+    /// first: this end belongs to a stream that is gone).
     pub fn resync_done(&mut self) -> Result<(), IllegalTransition> {
-        self.state.become_(PairState::Live, "resync done")
+        match self.state {
+            PairState::Resyncing | PairState::Live => {
+                self.state.become_(PairState::Live, "resync done")
+            }
+            from => Err(IllegalTransition {
+                from,
+                to: PairState::Live,
+                event: "resync done",
+            }),
+        }
     }
 
     /// Live writes start flowing: direct in hypermetro, journaled in async.
+    /// With no stream (the pair was paused, demoted or stopped while its resync reader
+    /// ran), nothing: live writes stay tracked.
     pub fn go_live(&mut self) -> Effects<A> {
+        if !self.state.streaming() {
+            return Effects::default();
+        }
         self.stage_full_at_us = None;
         // Reconnected with nothing to catch up: what the DR side gets next is journaled,
         // epoch by epoch, from the current one.
@@ -554,6 +570,9 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
     /// write): the reader stops, and a new catch-up starts from the bitmap.
     #[must_use]
     pub fn begin_final_pass(&mut self) -> bool {
+        if !self.state.streaming() {
+            return false;
+        }
         let going_on = self.journal.begin_final_pass();
         if going_on {
             self.live = Live::Journal;
@@ -564,6 +583,9 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
     /// The last extent is queued: returns the epoch whose seal ends the catch-up, or `None`
     /// if the catch-up was given up (nothing is sealed).
     pub fn finish_catch_up(&mut self, wall_ms: u64) -> (Option<Epoch>, Effects<A>) {
+        if !self.state.streaming() {
+            return (None, Effects::default());
+        }
         let cut = !self.grouped;
         let Some(end) = self.journal.finish_catch_up(cut) else {
             return (None, Effects::default());
@@ -694,8 +716,12 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
     /// recorded switching to is `to`: it admits in `to` (never in an epoch the group left),
     /// and holds its answers as for that cut, whose round may still be running while
     /// another host admits in the epoch before (`AnswerHold::restarted`).
+    /// A demoted side holds nothing: its group failed over without it.
     pub fn start_in_group(&mut self, to: Epoch, now_us: u64) {
         self.grouped = true;
+        if self.state == PairState::Demoted {
+            return;
+        }
         self.journal.advance_epoch_to(to);
         self.hold = AnswerHold::restarted(to, now_us / 1000);
     }
@@ -705,6 +731,9 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
     /// tracked until it catches up.
     pub fn start_tripped(&mut self, now_us: u64) {
         self.grouped = true;
+        if self.state == PairState::Demoted {
+            return;
+        }
         self.hold.trip(now_us / 1000, []);
     }
 
@@ -1165,7 +1194,8 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     // ---- the resync reader ----
 
-    /// Queues an extent read for an initial sync: written direct on the DR side.
+    /// Queues an extent read for an initial sync: written direct on the DR side. With no
+    /// stream (the reader has not stopped yet), dropped: its blocks stay dirty.
     pub fn push_sync_extent(
         &mut self,
         range: ByteRange,
@@ -1173,6 +1203,11 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         ticket: Ticket,
         now_us: u64,
     ) -> Effects<A> {
+        if !self.state.streaming() {
+            let mut fx = Effects::default();
+            fx.forget.push(ticket);
+            return fx;
+        }
         self.unacked_extent_bytes += payload_len(&payload);
         let seq = self.journal.push_direct(range, payload.clone(), false);
         self.await_ack(
@@ -1203,10 +1238,15 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         payload: Payload<P>,
         ticket: Ticket,
     ) -> (bool, Effects<A>) {
+        let mut fx = Effects::default();
+        if !self.state.streaming() {
+            self.journal.abandon(admitted);
+            fx.forget.push(ticket);
+            return (false, fx);
+        }
         let queued = self
             .journal
             .complete_resync(admitted, range, payload, ticket);
-        let mut fx = Effects::default();
         if queued {
             fx.wake_sender = true;
         } else {
@@ -1223,6 +1263,10 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     /// Queues the end of an initial sync.
     pub fn push_sync_done(&mut self) -> (Epoch, Effects<A>) {
+        if !self.state.streaming() {
+            // Never acknowledged: the reader stops with its session.
+            return (self.journal.current_epoch(), Effects::default());
+        }
         let direct = self.live == Live::Sync;
         (self.journal.push_sync_done(direct), Effects::woke_sender())
     }
@@ -1670,5 +1714,61 @@ mod tests {
         m.state = PairState::Connecting;
         let err = m.check_invariants().unwrap_err();
         assert!(err.contains("with no stream"), "{err}");
+    }
+
+    /// A pause (or demote, or stop) cuts the stream off while the session's resync reader
+    /// still runs: what it does next reaches no DR side, and the invariants hold.
+    #[test]
+    fn the_resync_reader_after_a_pause_queues_nothing_and_goes_live_nowhere() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = Machine::new(ReplicationModel::Async, 1 << 20, Epoch(1));
+        let _ = m.connected(Epoch(1), true).unwrap();
+        m.begin_catch_up().unwrap();
+        let _ = m.pause(true, 0);
+        let range = ByteRange::new(0, 4096);
+        let ticket = tickets.issue(range);
+        let fx = m.push_sync_extent(range, Payload::Data(vec![1; 4096]), ticket, 0);
+        assert_eq!(fx.forget.as_slice(), [ticket], "its blocks stay dirty");
+        m.check_invariants().unwrap();
+        let admitted = m.admit_catch_up_extent();
+        let ticket = tickets.issue(range);
+        let (queued, fx) =
+            m.push_catch_up_extent(admitted, range, Payload::Data(vec![2; 4096]), ticket);
+        assert!(!queued);
+        assert_eq!(fx.forget.as_slice(), [ticket]);
+        assert!(!m.begin_final_pass());
+        assert_eq!(m.finish_catch_up(0).0, None);
+        let _ = m.go_live();
+        assert_eq!(m.live(), Live::Tracked);
+        m.check_invariants().unwrap();
+        let mut out = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut out);
+        assert!(out.is_empty(), "nothing is sent with no stream: {out:?}");
+    }
+
+    /// A resync's end reported after the pair was paused and resumed (or by a session that
+    /// ended) does not make a pair with no stream live.
+    #[test]
+    fn a_resync_end_counts_only_while_resyncing() {
+        let mut m = Machine::new(ReplicationModel::Async, 1 << 20, Epoch(1));
+        let _ = m.connected(Epoch(1), true).unwrap();
+        let _ = m.pause(true, 0);
+        let _ = m.pause(false, 0);
+        assert_eq!(m.state(), PairState::Connecting);
+        assert!(m.resync_done().is_err());
+        assert_eq!(m.state(), PairState::Connecting);
+    }
+
+    /// A demoted side that restarts in its group holds no answer and is not tripped: its
+    /// group failed over, nothing of it is ever released.
+    #[test]
+    fn a_demoted_side_restarting_in_its_group_holds_nothing() {
+        let mut m = Machine::new(ReplicationModel::Hypermetro, 1 << 20, Epoch(1))
+            .starting_in(PairState::Demoted);
+        let _ = m.set_grouped(true);
+        m.start_in_group(Epoch(9), 0);
+        m.start_tripped(0);
+        m.check_invariants().unwrap();
+        assert!(!m.trip_wanted());
     }
 }
