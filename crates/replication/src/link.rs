@@ -622,13 +622,13 @@ impl DerefMut for Stepping<'_> {
 
 impl Drop for Stepping<'_> {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            self.link.check(&self.machine);
-        }
         let after = self.machine.state();
         if after != self.before {
             tracing::debug!(from = %self.before, to = %after, "pair state");
             self.link.state.send_replace(after);
+        }
+        if !std::thread::panicking() {
+            self.link.check(&self.machine);
         }
     }
 }

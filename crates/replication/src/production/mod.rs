@@ -370,6 +370,8 @@ impl ProductionPair {
                 }
                 PairState::Connecting => {}
             }
+            // An outcome left by a resync of an earlier session is not this one's.
+            *self.resync_done.lock().unwrap_or_else(|e| e.into_inner()) = None;
             let mut accepted = false;
             let result = self.session(&mut accepted).await;
             self.link.disconnected();
@@ -386,6 +388,11 @@ impl ProductionPair {
                 continue;
             }
             match result {
+                // Resolved while this handshake ran: the next Hello asks the DR side to take
+                // production's copy.
+                Err(SessionError::Diverged(reason)) if self.membership().discard_peer => {
+                    tracing::info!(pair = %self.membership().pair, %reason, "diverged, but resolved meanwhile: connecting again");
+                }
                 Err(SessionError::Diverged(reason)) => {
                     tracing::error!(pair = %self.membership().pair, %reason, "the pair's sides diverged; waiting for `pair resolve`");
                     if let Err(e) = self.link.diverged() {
@@ -477,7 +484,9 @@ impl ProductionPair {
         );
         self.link
             .resolved(membership.paused)
-            .map_err(std::io::Error::other)
+            .map_err(std::io::Error::other)?;
+        self.keep_recorded_pause();
+        Ok(())
     }
 
     /// Records whether the pair's epochs are cut by its consistency group (durably first:
@@ -534,6 +543,15 @@ impl ProductionPair {
         tracing::info!(pair = %membership.pair, %role, "the coordinator confirmed this side's role");
         if let Err(e) = self.link.confirm(membership.paused) {
             tracing::error!(pair = %membership.pair, error = %e, "the pair's state refused the confirmation");
+        }
+        self.keep_recorded_pause();
+    }
+
+    /// A pause recorded while the machine could not take it (unconfirmed, diverged) and
+    /// read before it was: the machine takes it now.
+    fn keep_recorded_pause(&self) {
+        if self.membership().paused {
+            self.link.pause(true);
         }
     }
 
