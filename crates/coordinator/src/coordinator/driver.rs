@@ -84,10 +84,12 @@ impl Coordinator {
         if let Err(e) = self.call_agent(node, address, request).await {
             return self.stuck(&pair, &e.to_string());
         }
-        let mut record = pair.clone();
+        let mut state = self.lock();
+        let Some(mut record) = still_current(&state, &pair) else {
+            return Ok(());
+        };
         taken(&mut record);
         self.commit(&[Change::PutPair(record.clone())])?;
-        let mut state = self.lock();
         state.stuck_since.remove(&pair.id);
         state.pairs.insert(pair.id, record);
         Ok(())
@@ -404,6 +406,34 @@ mod tests {
         let stored = h.stored_pair(pair.id).unwrap();
         assert_eq!((stored.status, stored.job), (PairStatus::Error, None));
         assert_eq!(h.pair(pair.id).status, PairStatus::Error);
+    }
+
+    /// The same for a creation's step: a pair put in error while its DR agent answered
+    /// stays in error.
+    #[tokio::test]
+    async fn a_creation_step_taken_while_the_record_changed_does_not_write_it_back() {
+        let mut pair = pair_record("web", ("n1", 1), ("n2", 2));
+        pair.status = PairStatus::Creating;
+        pair.dr_started = false;
+        pair.production_started = false;
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        two_nodes(&h);
+        let seen = h.pair(pair.id);
+        let mut changed = seen.clone();
+        changed.status = PairStatus::Error;
+        h.store.commit(&[Change::PutPair(changed.clone())]).unwrap();
+        h.coordinator.lock().pairs.insert(pair.id, changed);
+
+        h.coordinator
+            .creation_step(seen, Side::Dr, |record| record.dr_started = true)
+            .await
+            .unwrap();
+        assert_eq!(h.agents.log(), ["n2:BecomeDr"]);
+        let stored = h.stored_pair(pair.id).unwrap();
+        assert_eq!(
+            (stored.status, stored.dr_started),
+            (PairStatus::Error, false)
+        );
     }
 
     #[tokio::test]
