@@ -357,7 +357,7 @@ impl Coordinator {
 /// The record of `seen`'s pair as it is now, if it is still the one the driver took its
 /// step from (same status, job and pending step): a request or another step may have
 /// changed it while the driver waited for an agent.
-fn still_current(state: &State, seen: &PairRecord) -> Option<PairRecord> {
+pub(super) fn still_current(state: &State, seen: &PairRecord) -> Option<PairRecord> {
     state
         .pairs
         .get(&seen.id)

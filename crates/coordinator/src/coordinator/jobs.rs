@@ -128,8 +128,11 @@ impl Coordinator {
             state.jobs.insert(job.id, job);
             return Ok(());
         };
+        // Onto the pair as it is now, if it is still the one the driver saw.
+        let Some(mut record) = super::driver::still_current(&state, pair) else {
+            return Ok(());
+        };
         job.end(outcome);
-        let mut record = pair.clone();
         record.job = None;
         self.commit(&[Change::PutJob(job.clone()), Change::PutPair(record.clone())])?;
         tracing::info!(pair = %pair.id, job = %job.id, job_type = %job.job_type, status = %job.status, "job ended");
@@ -197,6 +200,35 @@ mod tests {
             let error = h.coordinator.get_job(reference).unwrap_err();
             assert_eq!(error.code(), 404, "{reference:?}: {error}");
         }
+    }
+
+    /// The job's end is recorded on the pair as it is now: a change made after the driver
+    /// took its copy stays.
+    #[tokio::test]
+    async fn a_job_ending_does_not_write_an_older_record_of_its_pair_back() {
+        let mut pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let job = running_job(JobType::VerifyPair, Some(pair.id), None);
+        pair.job = Some(job.id);
+        let h = Harness::seeded(&[Change::PutPair(pair.clone()), Change::PutJob(job.clone())]);
+        let mut state = pair_state(&pair, "production", ReplicationStatus::Active);
+        state.verify = Some(proto::VerifyState {
+            job_id: job.id.to_string(),
+            progress: 1.0,
+            done: true,
+            ..Default::default()
+        });
+        h.report("n1", "az1", vec![], vec![state]);
+        let seen = h.pair(pair.id);
+        let mut changed = seen.clone();
+        changed.description = "changed meanwhile".into();
+        h.store.commit(&[Change::PutPair(changed.clone())]).unwrap();
+        h.coordinator.lock().pairs.insert(pair.id, changed);
+
+        h.coordinator.follow_job(&seen).unwrap();
+        assert_eq!(h.stored_job(job.id).unwrap().status, JobStatus::Success);
+        let stored = h.stored_pair(pair.id).unwrap();
+        assert_eq!(stored.job, None);
+        assert_eq!(stored.description, "changed meanwhile");
     }
 
     #[tokio::test]
