@@ -257,6 +257,22 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// A new job of `job_type`, running from now, about `pair` or `group`.
+    pub fn running(job_type: JobType, pair: Option<PairId>, group: Option<GroupId>) -> Self {
+        Self {
+            id: JobId::random(),
+            job_type,
+            status: JobStatus::Running,
+            begin_time: now_text(),
+            end_time: None,
+            progress: 0.0,
+            fail_reason: None,
+            pair,
+            group,
+            result: None,
+        }
+    }
+
     /// Ends the job: SUCCESS, or FAIL with the reason.
     pub fn end(&mut self, outcome: Result<(), String>) {
         self.end_time = Some(now_text());

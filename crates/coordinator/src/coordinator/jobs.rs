@@ -25,18 +25,7 @@ impl Coordinator {
         record: &mut PairRecord,
         job_type: JobType,
     ) -> Result<JobRecord, ApiError> {
-        let job = JobRecord {
-            id: JobId::random(),
-            job_type,
-            status: JobStatus::Running,
-            begin_time: now_text(),
-            end_time: None,
-            progress: 0.0,
-            fail_reason: None,
-            pair: Some(record.id),
-            group: None,
-            result: None,
-        };
+        let job = JobRecord::running(job_type, Some(record.id), None);
         record.job = Some(job.id);
         record.updated_at = Some(now_text());
         self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;

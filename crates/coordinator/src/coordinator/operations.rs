@@ -343,18 +343,7 @@ impl Coordinator {
         running: GroupStatus,
         operation: GroupOperation,
     ) -> Result<proto::GroupJobResponse, ApiError> {
-        let job = JobRecord {
-            id: JobId::random(),
-            job_type,
-            status: JobStatus::Running,
-            begin_time: now_text(),
-            end_time: None,
-            progress: 0.0,
-            fail_reason: None,
-            pair: None,
-            group: Some(group.id),
-            result: None,
-        };
+        let job = JobRecord::running(job_type, None, Some(group.id));
         let mut updated = group;
         updated.status = running;
         updated.failure_detail = None;

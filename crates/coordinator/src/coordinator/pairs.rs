@@ -63,18 +63,7 @@ impl Coordinator {
                 pair.name
             )));
         }
-        let job = JobRecord {
-            id: JobId::random(),
-            job_type: JobType::DeletePair,
-            status: JobStatus::Running,
-            begin_time: now_text(),
-            end_time: None,
-            progress: 0.0,
-            fail_reason: None,
-            pair: Some(id),
-            group: None,
-            result: None,
-        };
+        let job = JobRecord::running(JobType::DeletePair, Some(id), None);
         let mut record = pair.clone();
         record.status = PairStatus::Deleting;
         record.updated_at = Some(now_text());

@@ -10,18 +10,7 @@ impl Coordinator {
         req: proto::CreatePairRequest,
     ) -> Result<proto::CreatePairResponse, ApiError> {
         let plan = self.plan_pair(&req)?;
-        let job = JobRecord {
-            id: JobId::random(),
-            job_type: JobType::CreatePair,
-            status: JobStatus::Running,
-            begin_time: now_text(),
-            end_time: None,
-            progress: 0.0,
-            fail_reason: None,
-            pair: Some(plan.record.id),
-            group: None,
-            result: None,
-        };
+        let job = JobRecord::running(JobType::CreatePair, Some(plan.record.id), None);
         let assignment = plan.assignment(Side::Dr);
         let mut record = plan.record;
         record.job = Some(job.id);
