@@ -45,16 +45,8 @@ impl Coordinator {
         };
         let (view, verify, fresh, production_diverged) = {
             let state = self.lock();
-            let production_diverged = state
-                .nodes
-                .get(&pair.production_node)
-                .and_then(|n| {
-                    n.report
-                        .pairs
-                        .iter()
-                        .find(|s| s.pair_id == pair.id.to_string())
-                })
-                .is_some_and(|s| s.needs_resolve);
+            let reported = Self::report_on(&state, &pair.production_node, pair.id);
+            let production_diverged = reported.is_some_and(|s| s.needs_resolve);
             // A report sent before the last step speaks of the pair as it was.
             let fresh = match state.step_taken.get(&pair.id) {
                 Some(taken) => state
@@ -64,15 +56,7 @@ impl Coordinator {
                     .is_some_and(|seen| seen > *taken + HEARTBEAT_SLACK),
                 None => true,
             };
-            let verify = state
-                .nodes
-                .get(&pair.production_node)
-                .and_then(|n| {
-                    n.report
-                        .pairs
-                        .iter()
-                        .find(|s| s.pair_id == pair.id.to_string())
-                })
+            let verify = reported
                 .and_then(|s| s.verify.clone())
                 .filter(|v| v.job_id == job_id.to_string());
             (
