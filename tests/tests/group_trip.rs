@@ -121,14 +121,14 @@ fn cut_links(cluster: &TestCluster, ns: &NetNs) {
 }
 
 /// Waits (90 s at most) for group "app" to be active with every production pair
-/// synchronous and ungated.
+/// synchronous, ungated and live.
 fn wait_synchronous_again(cluster: &TestCluster, production: &[Member]) {
     let synchronous = || {
         let g = cluster.coordinator().cli_json(&["group", "show", "app"]);
         g["replication_status"] == "active"
             && production.iter().all(|m| {
                 let s = pair_state(cluster, m);
-                s["live"] == "sync" && s["gated"] == false
+                s["live"] == "sync" && s["gated"] == false && s["state"] == "live"
             })
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(90);

@@ -376,6 +376,7 @@ fn pair_state_json(p: &proto::PairState) -> Value {
     });
     // The consistency group's side of the pair (kept apart: one macro call has a depth limit).
     for (key, value) in [
+        ("state", empty_null(&p.state)),
         ("live", empty_null(&p.live)),
         ("gated", json!(p.gated)),
         ("trip_wanted", json!(p.trip_wanted)),

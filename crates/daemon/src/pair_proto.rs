@@ -143,6 +143,7 @@ pub fn pair_state(r: PairReport) -> proto::PairState {
         gated: r.gated,
         trip_wanted: r.trip_wanted,
         catching_up: r.catching_up,
+        state: r.state.map(|s| s.as_str().into()).unwrap_or_default(),
         hold: r.hold.map(|h| proto::HoldTimes {
             p50_us: h.p50_us,
             p99_us: h.p99_us,
