@@ -761,7 +761,6 @@ mod tests {
     ) -> PairLink {
         let link = new_link(dir, model, 64 << 20, Epoch(1), clock);
         link.connected(Epoch(1), false).unwrap();
-        link.go_live();
         link
     }
 
@@ -886,7 +885,6 @@ mod tests {
         let link = async_link_starting_in_group(dir.path(), Epoch(91));
         assert_eq!(link.current_epoch(), Epoch(91));
         link.connected(Epoch(89), false).unwrap();
-        link.go_live();
         let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
         assert_eq!(
             write(&link, &mailbox, 0, 1),
@@ -1167,7 +1165,6 @@ mod tests {
 
         link.disconnected();
         link.connected(Epoch(1), false).unwrap();
-        link.go_live();
         let second = link.push_sync_done();
         let checks = std::cell::Cell::new(0);
         let give_up_after_one_look = || {

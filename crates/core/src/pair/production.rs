@@ -476,23 +476,20 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         staged: Epoch,
         copying: bool,
     ) -> Result<Effects<A>, IllegalTransition> {
+        let to = if copying {
+            PairState::Resyncing
+        } else {
+            PairState::Live
+        };
+        // Only from Connecting: a stream accepted while resyncing or live is not this one.
         if self.state != PairState::Connecting {
-            let to = if copying {
-                PairState::Resyncing
-            } else {
-                PairState::Live
-            };
             return Err(IllegalTransition {
                 from: self.state,
                 to,
                 event: "stream accepted",
             });
         }
-        self.state = if copying {
-            PairState::Resyncing
-        } else {
-            PairState::Live
-        };
+        self.state.become_(to, "stream accepted")?;
         self.journal.reconnected(staged);
         self.needs_catch_up = false;
         // A sync's end is acknowledged on the stream that sent it; a new stream starts over.
@@ -640,7 +637,9 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
                 .leave_stream(PairState::Paused, "pause", now_us)
                 .expect("a pair in session can pause"),
             (false, PairState::Paused) => {
-                self.state = PairState::Connecting;
+                self.state
+                    .become_(PairState::Connecting, "resume")
+                    .expect("a paused pair can resume");
                 Effects::default()
             }
             _ => Effects::default(),
