@@ -103,11 +103,6 @@ impl DrUnits {
         self.state.applied
     }
 
-    /// Whether staged writes are being dropped for a refused one.
-    pub fn spoiled(&self) -> bool {
-        self.spoiled_from.is_some()
-    }
-
     /// A staged write of `epoch` arrived: its CRC held (`crc_ok`), and the stage log has
     /// `room` for it.
     pub fn staged_write(&mut self, epoch: Epoch, crc_ok: bool, room: bool) -> StagedWrite {
