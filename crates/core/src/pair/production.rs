@@ -924,6 +924,15 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
             ReplicaMode::Sync if write.sent.is_some() => {
                 (AfterLocal::WaitForPeer, Effects::default())
             }
+            ReplicaMode::Sync if self.live == Live::Journal => {
+                // The pair journals since the write's admission (its group's trip cut, or a
+                // catch-up's final pass, came while a slow-path write waited to start): it
+                // is journaled in the epoch it ends in, as if admitted now. Only tracked, it
+                // would be answered with its data on no stream while the writes that depend
+                // on it are journaled and committed.
+                write.mode = ReplicaMode::Journal(self.journal.admit());
+                self.local_done(write, to, now_us)
+            }
             ReplicaMode::Sync => {
                 let (sent, fx) = self.send_direct(&mut write, to, now_us);
                 if sent.is_some() {
@@ -1339,8 +1348,17 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     /// Nothing more reaches the DR side on this stream (see [`Production::disconnected`]).
     fn cut_off(&mut self, now_us: u64, fx: &mut Effects<A>) {
-        // A trip not yet released holds what waited for the DR side too.
-        let trip = self.synchronous_in_a_group() || self.hold.trip_wanted();
+        // A trip not yet released holds what waited for the DR side too. So does a grouped
+        // pair's direct write still waiting (a trip cut made the pair journal while its
+        // gated writes waited on the DR side for an Ungate that will not come): answered
+        // now, with its data on no DR volume, its dependants could be journaled and
+        // committed before it.
+        let direct_waiting = self.grouped
+            && self
+                .pending
+                .values()
+                .any(|p| matches!(p, Pending::Write { .. } | Pending::Flush { .. }));
+        let trip = self.synchronous_in_a_group() || self.hold.trip_wanted() || direct_waiting;
         if self.live != Live::Sync || trip {
             self.open_atomic_span();
         }
@@ -1535,6 +1553,87 @@ mod tests {
         given.sort_unstable();
         assert_eq!(given, [1, 2]);
         assert!(!m.trip_wanted());
+    }
+
+    /// A slow-path write (unaligned, WRITE_ZEROES) admitted while its group was synchronous
+    /// whose local write ends after the group's trip cut made the pair journal: it is
+    /// journaled in the epoch it ends in, like a write admitted then. (It was answered at
+    /// the trip's release with its data on neither stream, only dirty in the bitmap, while
+    /// its dependants were journaled and committed: `hypermetro_group_sim` seed 173.)
+    #[test]
+    fn a_synchronous_write_that_ends_after_a_trip_cut_is_journaled() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = live(ReplicationModel::Hypermetro);
+        let _ = m.set_grouped(true);
+        let _ = m.group_cut(Epoch(2), CutMode::Direct, 1, 0);
+        let _ = m.group_release(
+            Epoch(2),
+            RoundOutcome::of(CutMode::Direct, true, true),
+            1,
+            0,
+        );
+        let mut out = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut out);
+        let w = admit(&mut m, &mut tickets, 0, 1);
+        assert_eq!(w.mode, ReplicaMode::Sync);
+
+        let trip = m.current_epoch().next();
+        let ((_, synchronous), _) = m.group_cut(trip, CutMode::Trip, 2, 1_000);
+        assert!(!synchronous);
+        let (after, fx) = m.local_done(w, &CONNECTION, 2_000);
+        assert_eq!(
+            after,
+            AfterLocal::WaitForPeer,
+            "held for the trip's release"
+        );
+        assert!(fx.forget.is_empty(), "its ticket is kept: it is journaled");
+        out.clear();
+        let _ = m.take_frames(u64::MAX, &mut out);
+        assert!(
+            out.iter().any(|f| matches!(f, Transmit::Write(w)
+                if !w.direct && w.epoch == trip && w.range.offset == 0)),
+            "the write goes to the DR side in the trip's epoch: {out:?}"
+        );
+        let fx = m.group_release(trip, RoundOutcome::of(CutMode::Trip, true, false), 2, 3_000);
+        assert_eq!(answered(&fx), [1]);
+    }
+
+    /// Direct writes still waiting for the DR side when a trip cut made the pair journal (its
+    /// gated writes, held there for an Ungate that will not come) are held by a trip when
+    /// the stream then ends: answered at once, with their data on no DR volume, their
+    /// dependants could be journaled and committed before them (`hypermetro_group_sim`
+    /// seed 1426).
+    #[test]
+    fn direct_writes_pending_after_a_trip_cut_are_held_when_the_stream_ends() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = live(ReplicationModel::Hypermetro);
+        let _ = m.set_grouped(true);
+        // Journaled (as a grouped pair goes live), then a direct cut: synchronous, gated.
+        let _ = m.group_cut(m.current_epoch().next(), CutMode::Trip, 1, 0);
+        let _ = m.group_cut(m.current_epoch().next(), CutMode::Direct, 1, 0);
+        assert!(m.gated());
+        let mut w = admit(&mut m, &mut tickets, 0, 1);
+        let (seq, _) = m.send_direct(&mut w, &CONNECTION, 0);
+        assert!(seq.is_some());
+        let (after, _) = m.local_done(w, &CONNECTION, 0);
+        assert_eq!(after, AfterLocal::WaitForPeer);
+
+        // The direct round did not complete; the group trips instead.
+        let trip = m.current_epoch().next();
+        let _ = m.group_cut(trip, CutMode::Trip, 2, 1_000);
+        assert_eq!(m.live(), Live::Journal);
+        let fx = m.disconnected(2_000);
+        assert!(
+            fx.answers.is_empty(),
+            "a direct write the DR side never answered is held for a trip"
+        );
+        assert!(m.trip_wanted());
+        let fx = m.group_release(trip, RoundOutcome::of(CutMode::Trip, true, false), 2, 3_000);
+        assert!(fx.answers.is_empty(), "the trip cut came before the trip");
+        let next = m.current_epoch().next();
+        let _ = m.group_cut(next, CutMode::Trip, 3, 4_000);
+        let fx = m.group_release(next, RoundOutcome::of(CutMode::Trip, true, false), 3, 5_000);
+        assert_eq!(answered(&fx), [1]);
     }
 
     #[test]
