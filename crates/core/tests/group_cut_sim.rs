@@ -20,7 +20,8 @@
 //! (`AtomicSpans`, lost in a crash; the unit start recorded with `unit_to_record`, restored at
 //! a restart), and the coordinator notes them with every ack. After every commit the sim
 //! checks that no commit falls strictly inside a unit whose end the DR side staged.
-//! A failure prints its seed; `BLOCKREP_SEED=n` replays one.
+//! A failure prints its seed; `BLOCKREP_SEED=n` replays one, `BLOCKREP_SIM_SEEDS` sets how
+//! many run.
 
 use std::collections::BTreeMap;
 
@@ -594,17 +595,10 @@ impl Sim {
     }
 }
 
-fn seeds() -> Vec<u64> {
-    match std::env::var("BLOCKREP_SEED") {
-        Ok(s) => vec![s.parse().expect("BLOCKREP_SEED is a number")],
-        Err(_) => (0..300).collect(),
-    }
-}
-
 #[test]
 fn group_cuts_keep_write_order_through_crashes_and_lost_messages() {
     let (mut records, mut broken, mut epochs) = (0, 0, 0);
-    for seed in seeds() {
+    for seed in sim::seeds(300) {
         let mut sim = Sim::new(seed, None);
         if let Err(e) = sim.run() {
             panic!("seed {seed} (replay with BLOCKREP_SEED={seed}): {e}");

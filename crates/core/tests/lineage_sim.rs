@@ -15,7 +15,8 @@
 //! - a divergence is reported only when the DR side holds a write production lacks;
 //! - after the network heals and divergences are resolved, the copies converge.
 //!
-//! A failure prints its seed; `BLOCKREP_SEED=n` replays one.
+//! A failure prints its seed; `BLOCKREP_SEED=n` replays one, `BLOCKREP_SIM_SEEDS` sets how
+//! many run.
 
 use std::collections::BTreeSet;
 
@@ -413,7 +414,10 @@ fn run(seed: u64) -> Result<Decisions, (String, Vec<String>)> {
 fn connections_never_resync_in_the_wrong_direction() {
     let seeds: Vec<u64> = match std::env::var("BLOCKREP_SEED") {
         Ok(s) => vec![s.parse().expect("BLOCKREP_SEED is a number")],
-        Err(_) => (0..500).collect(),
+        Err(_) => (0..std::env::var("BLOCKREP_SIM_SEEDS")
+            .map(|n| n.parse().expect("BLOCKREP_SIM_SEEDS is a number"))
+            .unwrap_or(500))
+            .collect(),
     };
     let mut total = Decisions::new();
     for seed in seeds {

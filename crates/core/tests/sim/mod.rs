@@ -50,6 +50,18 @@ impl<E> Clock<E> {
     }
 }
 
+/// The seeds to run: `BLOCKREP_SEED` replays one; else `BLOCKREP_SIM_SEEDS` of them (by
+/// default `default`), from 0.
+pub fn seeds(default: u64) -> Vec<u64> {
+    if let Ok(seed) = std::env::var("BLOCKREP_SEED") {
+        return vec![seed.parse().expect("BLOCKREP_SEED is a number")];
+    }
+    let n = std::env::var("BLOCKREP_SIM_SEEDS")
+        .map(|n| n.parse().expect("BLOCKREP_SIM_SEEDS is a number"))
+        .unwrap_or(default);
+    (0..n).collect()
+}
+
 /// The simulated hosts are named `host-<index>`.
 pub fn host_name(index: usize) -> String {
     format!("host-{index}")
