@@ -341,8 +341,8 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
                     .into(),
             );
         }
-        if state == PairState::Demoted && self.hold.holding() {
-            return Err("demoted, but answers are still held for the group".into());
+        if matches!(state, PairState::Demoted | PairState::Stopped) && self.hold.holding() {
+            return Err(format!("{state}, but answers are still held for the group"));
         }
         if self.hold.trip_wanted() && !self.grouped {
             return Err("tripped, but not in a group".into());
@@ -675,10 +675,15 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         }
     }
 
-    /// The pair is removed or its agent stops: nothing more is sent.
+    /// The pair is removed or its agent stops: nothing more is sent, and the answers its
+    /// group held are given (nothing depends on its DR side any more; nothing else would
+    /// release them).
     pub fn stop(&mut self, now_us: u64) -> Effects<A> {
-        self.leave_stream(PairState::Stopped, "stop", now_us)
-            .expect("anything may stop")
+        let mut fx = self
+            .leave_stream(PairState::Stopped, "stop", now_us)
+            .expect("anything may stop");
+        give(&mut fx, self.hold.give_all());
+        fx
     }
 
     /// Moves to `to`, a state with no stream, as when the link breaks (see
@@ -788,14 +793,22 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
                 self.journal.set_gated(false);
                 self.live = Live::Journal;
             }
-            CutMode::Direct if self.live == Live::Journal && !self.journal.catching_up() => {
+            // Only at a cut it switched at: a cut to an epoch it passed already (a late
+            // message, a coordinator that lost track of the epochs) does not start the
+            // group's way back, whose `Ungate` would name an epoch already applied.
+            CutMode::Direct
+                if switched && self.live == Live::Journal && !self.journal.catching_up() =>
+            {
                 self.journal.switch_to_direct();
                 self.journal.set_gated(true);
                 self.live = Live::Sync;
             }
             _ => {}
         }
-        self.hold.on_cut(to, mode, switched, now_us / 1000);
+        // A side the group left, or a stopped pair, holds nothing for it.
+        if !matches!(self.state, PairState::Demoted | PairState::Stopped) {
+            self.hold.on_cut(to, mode, switched, now_us / 1000);
+        }
         let answer = (
             self.journal.staged_epoch(),
             self.live == Live::Sync && self.model == ReplicationModel::Hypermetro,
@@ -881,6 +894,10 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         let mut fx = Effects::default();
         let payload = match &write.payload {
             Some(payload) if self.live == Live::Sync => payload.clone(),
+            // Journaling since its admission: `local_done` journals it, with its ticket.
+            Some(_) if self.live == Live::Journal && write.mode == ReplicaMode::Sync => {
+                return (None, fx);
+            }
             _ => {
                 fx.forget.extend(write.ticket.take());
                 return (None, fx);
@@ -1563,15 +1580,9 @@ mod tests {
     #[test]
     fn a_synchronous_write_that_ends_after_a_trip_cut_is_journaled() {
         let mut tickets = TicketRegistry::new();
+        // Live before it was grouped, the pair is synchronous already.
         let mut m = live(ReplicationModel::Hypermetro);
         let _ = m.set_grouped(true);
-        let _ = m.group_cut(Epoch(2), CutMode::Direct, 1, 0);
-        let _ = m.group_release(
-            Epoch(2),
-            RoundOutcome::of(CutMode::Direct, true, true),
-            1,
-            0,
-        );
         let mut out = Vec::new();
         let _ = m.take_frames(u64::MAX, &mut out);
         let w = admit(&mut m, &mut tickets, 0, 1);
@@ -1608,7 +1619,8 @@ mod tests {
         let mut tickets = TicketRegistry::new();
         let mut m = live(ReplicationModel::Hypermetro);
         let _ = m.set_grouped(true);
-        // Journaled (as a grouped pair goes live), then a direct cut: synchronous, gated.
+        // Live before it was grouped, it is synchronous: a trip cut makes it journal, and a
+        // direct cut synchronous again, gated.
         let _ = m.group_cut(m.current_epoch().next(), CutMode::Trip, 1, 0);
         let _ = m.group_cut(m.current_epoch().next(), CutMode::Direct, 1, 0);
         assert!(m.gated());
@@ -1634,6 +1646,66 @@ mod tests {
         let _ = m.group_cut(next, CutMode::Trip, 3, 4_000);
         let fx = m.group_release(next, RoundOutcome::of(CutMode::Trip, true, false), 3, 5_000);
         assert_eq!(answered(&fx), [1]);
+    }
+
+    /// A direct cut to an epoch the pair passed already does not make it synchronous.
+    #[test]
+    fn a_direct_cut_it_did_not_switch_at_leaves_the_pair_journaling() {
+        let mut m = Machine::new(ReplicationModel::Hypermetro, 1 << 20, Epoch(1));
+        let _ = m.set_grouped(true);
+        let _ = m.connected(Epoch(1), false).unwrap();
+        assert_eq!(m.live(), Live::Journal);
+        let ahead = Epoch(900);
+        let _ = m.group_cut(ahead, CutMode::Keep, 1, 0);
+        let ((_, synchronous), _) = m.group_cut(Epoch(66), CutMode::Direct, 2, 1_000);
+        assert!(!synchronous);
+        assert_eq!(m.live(), Live::Journal);
+        assert!(!m.gated());
+        let ((_, synchronous), _) = m.group_cut(ahead.next(), CutMode::Direct, 3, 2_000);
+        assert!(synchronous, "a direct cut it switched at");
+        assert!(m.gated());
+    }
+
+    /// A pair that stops (deleted, or its agent stopping) gives the answers a trip held:
+    /// nothing depends on its DR side any more, and nothing would ever release them (the
+    /// connection waiting for them would hang).
+    #[test]
+    fn a_stopped_pair_gives_what_its_trip_held() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = live(ReplicationModel::Hypermetro);
+        let _ = m.set_grouped(true);
+        let mut w = admit(&mut m, &mut tickets, 0, 1);
+        let _ = m.send_direct(&mut w, &CONNECTION, 0);
+        let _ = m.local_done(w, &CONNECTION, 0);
+        let fx = m.disconnected(1_000);
+        assert!(fx.answers.is_empty() && m.trip_wanted());
+        let fx = m.stop(2_000);
+        assert_eq!(answered(&fx), [1]);
+        assert!(!m.trip_wanted());
+        m.check_invariants().unwrap();
+    }
+
+    /// A synchronous write whose local write starts after a trip cut made the pair journal
+    /// (parked while the activity log synced) keeps its ticket for its journaling: once its
+    /// epoch is staged, its blocks are clean.
+    #[test]
+    fn a_synchronous_write_started_after_a_trip_cut_keeps_its_ticket() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = live(ReplicationModel::Hypermetro);
+        let _ = m.set_grouped(true);
+        let mut w = admit(&mut m, &mut tickets, 0, 1);
+        let ticket = w.ticket.expect("a synchronous write takes a ticket");
+        let trip = m.current_epoch().next();
+        let _ = m.group_cut(trip, CutMode::Trip, 2, 1_000);
+        let (seq, fx) = m.send_direct(&mut w, &CONNECTION, 1_500);
+        assert!(seq.is_none(), "no direct frame once journaling");
+        assert!(fx.forget.is_empty(), "its ticket is kept");
+        let _ = m.local_done(w, &CONNECTION, 2_000);
+        let _ = m.group_cut(trip.next(), CutMode::Keep, 3, 2_500);
+        let mut out = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut out);
+        let fx = m.handle_staged(trip, 3_000);
+        assert_eq!(fx.redeem.as_slice(), [ticket]);
     }
 
     #[test]
