@@ -270,6 +270,17 @@ impl Coordinator {
                 None => true,
             };
             if fresh {
+                // Where the hosts admit is known only from their reports: a coordinator that
+                // just started (its cut state is in memory only) waits for every production
+                // agent's (a heartbeat), or it could cut to epochs the hosts passed long ago
+                // and commit boundaries no cut made.
+                if members
+                    .iter()
+                    .any(|m| !reports.contains_key(&(m.pair, true)))
+                {
+                    tracing::debug!(%group, "group cuts wait for every production agent's report");
+                    return Ok(());
+                }
                 // Above every epoch a host reported, and every one the group's last cut
                 // state (of other members) reached: reports are up to a heartbeat old.
                 let reported = members
@@ -550,4 +561,56 @@ pub(super) fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::testing::*;
+    use crate::store::Change;
+
+    /// A coordinator that starts (or restarts: its cut state is in memory only) starts its
+    /// group's epochs above every epoch the production agents admit in. Until each of them
+    /// has reported, it does not know where that is: cutting from 64 while the hosts admit
+    /// in epoch 900 would "complete" cuts to epochs the hosts passed long ago (none switches,
+    /// none holds), and commit boundaries no cut ever made.
+    #[tokio::test]
+    async fn no_group_cut_before_every_production_agent_has_reported() {
+        let (group, a, b) = group_of_two();
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+        ]);
+        h.dr_reports(&[&a, &b], true, 0);
+        let mut report = pair_state(&a, "production", ReplicationStatus::Active);
+        report.grouped = true;
+        report.current_epoch = 900;
+        h.report(&a.production_node, "az1", vec![], vec![report]);
+
+        h.coordinator.cut_round().await;
+        assert!(
+            h.agents.calls_of("GroupCut").is_empty(),
+            "cut before b's production agent reported: {:?}",
+            h.agents.log()
+        );
+
+        let mut report = pair_state(&b, "production", ReplicationStatus::Active);
+        report.grouped = true;
+        report.current_epoch = 7;
+        h.report(&b.production_node, "az1", vec![], vec![report]);
+        h.coordinator.cut_round().await;
+        let cuts = h.agents.calls_of("GroupCut");
+        assert_eq!(cuts.len(), 2, "{:?}", h.agents.log());
+        for call in cuts {
+            let Request::GroupCut(cut) = call.request else {
+                unreachable!("a group cut");
+            };
+            assert!(
+                cut.epoch > 900,
+                "a cut to {} is below where a host admits",
+                cut.epoch
+            );
+        }
+    }
 }
