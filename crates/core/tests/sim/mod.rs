@@ -8,6 +8,8 @@ use std::ops::Range;
 use blockrep_core::replication::group_cut::CutMessage;
 use rand::Rng;
 
+pub mod group;
+
 /// Events due at virtual times (ms); events due at the same time come in the order they
 /// were scheduled.
 pub struct Clock<E> {

@@ -1,0 +1,276 @@
+//! The DR side: what the applier does, over a volume and a stage log in memory.
+
+use super::*;
+
+impl Dr {
+    pub(super) fn new() -> Self {
+        Dr {
+            up: true,
+            applier: 0,
+            session: None,
+            units: DrUnits::new(DrState::default(), None),
+            gate: DirectGate::default(),
+            barrier: AckBarrier::default(),
+            syncs: VecDeque::new(),
+            image: vec![UNWRITTEN; BLOCKS as usize],
+            volatile: VecDeque::new(),
+            volatile_base: 0,
+            staged: Vec::new(),
+            seals: Vec::new(),
+            last_seal: Epoch::ZERO,
+            allowed: Epoch::ZERO,
+            answer_clock: 0,
+        }
+    }
+
+    /// A new applier, from what the DR side recorded: the units, the stage log's sealed
+    /// units (replayed), no gate, no barrier. Returns the seals to replay.
+    pub(super) fn new_applier(&mut self) -> Vec<SealRecord> {
+        self.applier += 1;
+        let state = self.units.state().clone();
+        self.units = DrUnits::new(state, Some(self.last_seal));
+        self.gate = DirectGate::default();
+        self.barrier = AckBarrier::default();
+        self.syncs.clear();
+        // The log's tail after its last seal belongs to a stream that is gone.
+        let last = self.last_seal;
+        self.staged.retain(|(e, ..)| *e <= last);
+        self.seals.clone()
+    }
+
+    /// The volume is synced: every direct write on it is durable.
+    pub(super) fn synced_all(&mut self) {
+        self.volatile_base += self.volatile.len();
+        self.volatile.clear();
+    }
+}
+
+impl Sim {
+    /// What a direct write is to the DR side's gate (the applier's rule, with the rules
+    /// broken on purpose).
+    pub(super) fn gating(&self, frame: &WriteFrame<Value>) -> Gating {
+        match self.broken {
+            Broken::IgnoreGate if frame.gated => Gating::Direct,
+            _ if frame.gated => Gating::Gated,
+            // Broken: it waits only behind writes aside, not for the Ungate's epoch.
+            Broken::WriteAfterUngateAtOnce => Gating::Ordered,
+            _ => Gating::Direct,
+        }
+    }
+
+    pub(super) fn dr_frame(&mut self, h: usize, frame: Transmit<Value>, corrupted: bool) {
+        match frame {
+            Transmit::Write(write) if write.direct => {
+                let gating = self.gating(&write);
+                let dr = &mut self.drs[h];
+                if dr.gate.must_wait(gating, Some(dr.units.applied())) {
+                    dr.gate.set_aside(gating, (write, corrupted));
+                } else {
+                    self.dr_direct(h, write, corrupted);
+                }
+            }
+            Transmit::Write(write) => {
+                let room = !(self.faults() && self.rng.random_bool(0.003));
+                let dr = &mut self.drs[h];
+                match dr.units.staged_write(write.epoch, !corrupted, room) {
+                    StagedWrite::Drop => {}
+                    StagedWrite::Refuse(reason) => {
+                        self.answer_production(h, Answer::Refused(write.seq, reason))
+                    }
+                    StagedWrite::Stage => {
+                        for (b, v) in blocks(write.range).zip(values(&write.payload, write.range)) {
+                            dr.staged.push((write.epoch, b, v, false));
+                        }
+                    }
+                }
+            }
+            Transmit::Seal { epoch, cut_ms } => self.dr_seal(h, epoch, cut_ms, true),
+            Transmit::Discard { after } => {
+                let dr = &mut self.drs[h];
+                let after = dr.units.discard(after);
+                dr.staged.retain(|(e, ..)| *e <= after);
+            }
+            Transmit::Ungate { epoch } => self.drs[h].gate.ungate(epoch),
+            Transmit::Flush { .. } | Transmit::SyncDone { .. } | Transmit::Verify { .. } => {
+                panic!("the simulation sends no flush, sync end or verify")
+            }
+        }
+        self.dr_progress(h);
+    }
+
+    /// A direct write: written, and answered once a sync covers it (its CRC failed on the
+    /// way: refused, to be sent again).
+    pub(super) fn dr_direct(&mut self, h: usize, write: WriteFrame<Value>, corrupted: bool) {
+        if corrupted {
+            return self.answer_production(h, Answer::Refused(write.seq, RejectReason::Checksum));
+        }
+        for (b, v) in blocks(write.range).zip(values(&write.payload, write.range)) {
+            let before = self.drs[h].image[b as usize];
+            self.drs[h].volatile.push_back((b, before));
+            self.set_dr_block(h, b, v);
+        }
+        if self.broken == Broken::AckBeforeSync {
+            return self.answer_production(h, Answer::Written(write.seq));
+        }
+        self.drs[h].barrier.completed(write.seq);
+        self.start_sync(h);
+    }
+
+    pub(super) fn start_sync(&mut self, h: usize) {
+        let dr = &mut self.drs[h];
+        if !dr.barrier.wants_sync() {
+            return;
+        }
+        let ticket = dr.barrier.start_sync();
+        let reaches = dr.volatile_base + dr.volatile.len();
+        dr.syncs.push_back((ticket, reaches));
+        let applier = dr.applier;
+        let delay = self.rng.random_range(1..6);
+        self.after(delay, Event::DrSynced(h, applier));
+    }
+
+    /// A sync returned (syncs return in order here): what it covers is durable, and the
+    /// writes the barrier held for it are answered.
+    pub(super) fn dr_synced(&mut self, h: usize) {
+        let dr = &mut self.drs[h];
+        let Some((ticket, reaches)) = dr.syncs.pop_front() else {
+            return;
+        };
+        while dr.volatile_base < reaches && !dr.volatile.is_empty() {
+            dr.volatile.pop_front();
+            dr.volatile_base += 1;
+        }
+        for seq in dr.barrier.synced(ticket) {
+            self.answer_production(h, Answer::Written(seq));
+        }
+        self.start_sync(h);
+    }
+
+    /// A seal arrived (`append`) or was found in the stage log: as the applier's `seal`.
+    pub(super) fn dr_seal(&mut self, h: usize, epoch: Epoch, cut_ms: u64, append: bool) {
+        let dr = &mut self.drs[h];
+        match dr.units.seal_arrived(epoch, append) {
+            SealArrival::Staged => return self.answer_production(h, Answer::Staged(epoch)),
+            SealArrival::Dropped => return,
+            SealArrival::Append => {
+                // The log is synced with its seal: everything staged before it is durable.
+                for s in &mut dr.staged {
+                    s.3 = true;
+                }
+                dr.seals.push(SealRecord { epoch, cut_ms });
+                dr.last_seal = dr.last_seal.max(epoch);
+                dr.units.appended(epoch);
+                self.answer_production(h, Answer::Staged(epoch));
+            }
+            SealArrival::Replay => {}
+        }
+        let dr = &mut self.drs[h];
+        if let Some(seal) = dr
+            .units
+            .unit_ready(SealRecord { epoch, cut_ms }, dr.allowed.0)
+        {
+            self.apply_unit(h, seal);
+        }
+    }
+
+    /// Applies the unit `seal` ends: every staged write up to its epoch, in log order; the
+    /// volume is synced after it.
+    pub(super) fn apply_unit(&mut self, h: usize, seal: SealRecord) {
+        let (unit, rest): (Vec<_>, Vec<_>) = self.drs[h]
+            .staged
+            .drain(..)
+            .partition(|(e, ..)| *e <= seal.epoch);
+        self.drs[h].staged = rest;
+        for (_, b, v, _) in unit {
+            self.set_dr_block(h, b, v);
+        }
+        let dr = &mut self.drs[h];
+        dr.seals.retain(|s| s.epoch > seal.epoch);
+        dr.synced_all();
+        let acks = dr.barrier.synced_outside();
+        dr.units.unit_applied(seal);
+        for seq in acks {
+            self.answer_production(h, Answer::Written(seq));
+        }
+    }
+
+    /// Starts what may start now: units the group committed, gated writes let go.
+    pub(super) fn dr_progress(&mut self, h: usize) {
+        loop {
+            let dr = &mut self.drs[h];
+            if let Some(seal) = dr.units.committed_held_seal(dr.allowed.0) {
+                self.apply_unit(h, seal);
+                continue;
+            }
+            let applied = Some(dr.units.applied());
+            let let_go = dr.gate.let_go(applied);
+            if let_go.is_empty() {
+                return;
+            }
+            for (mut write, corrupted) in let_go {
+                write.gated = false;
+                self.dr_direct(h, write, corrupted);
+            }
+        }
+    }
+
+    pub(super) fn answer_production(&mut self, h: usize, answer: Answer) {
+        let Some(session) = self.drs[h].session else {
+            return;
+        };
+        let at = (self.clock.now() + self.rng.random_range(1..8)).max(self.drs[h].answer_clock);
+        self.drs[h].answer_clock = at;
+        self.at(at, Event::ToProduction(h, session, answer));
+    }
+
+    /// The DR host loses power: direct writes no sync covered and the stage log's unsynced
+    /// tail are gone; what it recorded (its applied state, its sealed units, the group's
+    /// commit) stays.
+    pub(super) fn dr_power_cut(&mut self, h: usize) -> Result<(), String> {
+        let dr = &mut self.drs[h];
+        dr.up = false;
+        dr.applier += 1;
+        dr.session = None;
+        dr.syncs.clear();
+        dr.barrier = AckBarrier::default();
+        dr.gate = DirectGate::default();
+        // What the stage log holds after its last seal is dropped when it is opened again.
+        let last = dr.last_seal;
+        dr.staged.retain(|s| s.3 && s.0 <= last);
+        let lost: Vec<(u64, u64)> = dr.volatile.drain(..).rev().collect();
+        dr.volatile_base += lost.len();
+        for (b, before) in lost {
+            self.set_dr_block(h, b, before);
+        }
+        self.check_clean_blocks(h)
+    }
+
+    /// Rules 1 and 2: a block clean at production holds production's data on the DR side,
+    /// on its volume or, newer, in its stage log.
+    pub(super) fn check_clean_blocks(&self, h: usize) -> Result<(), String> {
+        let (host, dr) = (&self.hosts[h], &self.drs[h]);
+        let mut dr_image = dr.image.clone();
+        for (_, b, v, _) in &dr.staged {
+            dr_image[*b as usize] = *v;
+        }
+        for b in 0..host.next_block {
+            if !host.dirty.is_dirty(b * BLOCK) && dr_image[b as usize] != host.image[b as usize] {
+                return Err(format!(
+                    "at {} ms, after host {h}'s DR side lost power, block {b} is clean at production but its DR side holds {} instead of {}",
+                    self.clock.now(),
+                    dr_image[b as usize],
+                    host.image[b as usize]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The value each block of a write's `range` takes.
+fn values(payload: &Payload<Value>, range: ByteRange) -> Vec<u64> {
+    match payload {
+        Payload::Data(v) => v.0.clone(),
+        Payload::Zeroes => vec![0; blocks(range).count()],
+    }
+}
