@@ -10,4 +10,4 @@ pub mod records;
 pub mod store;
 
 pub use coordinator::{Agents, BoxFuture, Coordinator, NODE_TIMEOUT};
-pub use store::{Change, MemoryStore, RedbStore, Snapshot, Store, StoreError};
+pub use store::{Change, RedbStore, Snapshot, Store, StoreError};
