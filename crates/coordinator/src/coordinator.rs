@@ -99,6 +99,8 @@ struct State {
     group_stuck_since: BTreeMap<blockrep_core::replication::GroupId, Instant>,
     /// Failovers whose production sides were sent their fence.
     fences_sent: std::collections::BTreeSet<blockrep_core::replication::GroupId>,
+    /// Volumes (by id) a pair creation has claimed and not yet recorded in `pairs`.
+    claimed: std::collections::BTreeSet<String>,
 }
 
 pub struct Coordinator {
@@ -143,6 +145,7 @@ impl Coordinator {
             stuck_since: BTreeMap::new(),
             step_taken: BTreeMap::new(),
             deleted: BTreeMap::new(),
+            claimed: Default::default(),
             group_step_sent: BTreeMap::new(),
             cuts: BTreeMap::new(),
             group_stuck_since: BTreeMap::new(),

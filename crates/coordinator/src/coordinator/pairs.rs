@@ -283,6 +283,8 @@ pub(super) struct PairPlan {
     record: PairRecord,
     production_address: SocketAddr,
     dr_address: SocketAddr,
+    /// The volume ids claimed for it, as the agents report them.
+    claimed: [String; 2],
 }
 
 impl PairPlan {

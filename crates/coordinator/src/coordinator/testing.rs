@@ -33,6 +33,9 @@ pub(super) enum Answer {
     Refuse(u32, &'static str),
     /// No answer: the call fails as an unreachable node's does.
     Unreachable,
+    /// `Done`, once the test lets the call go (`notify_waiters`): the caller waits
+    /// meanwhile, as on a slow agent.
+    Wait(Arc<tokio::sync::Notify>),
 }
 
 struct Rule {
@@ -133,6 +136,10 @@ impl Agents for FakeAgents {
         let node = node.to_owned();
         Box::pin(async move {
             let response = match answer {
+                Answer::Wait(until) => {
+                    until.notified().await;
+                    Response::Done(proto::Done {})
+                }
                 Answer::Done => Response::Done(proto::Done {}),
                 Answer::Respond(response) => *response,
                 Answer::Refuse(code, message) => Response::Error(proto::ClusterError {

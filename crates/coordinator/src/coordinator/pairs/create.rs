@@ -10,6 +10,12 @@ impl Coordinator {
         req: proto::CreatePairRequest,
     ) -> Result<proto::CreatePairResponse, ApiError> {
         let plan = self.plan_pair(&req)?;
+        // Its volumes are claimed from the check until the pair is in the records (or the
+        // creation gave up): a second create of one of them is refused meanwhile.
+        let _claim = Claim {
+            coordinator: self,
+            volumes: plan.claimed.clone(),
+        };
         let job = JobRecord::running(JobType::CreatePair, Some(plan.record.id), None);
         let assignment = plan.assignment(Side::Dr);
         let mut record = plan.record;
@@ -99,7 +105,7 @@ impl Coordinator {
                 req.volumes.len()
             )));
         }
-        let state = self.lock();
+        let mut state = self.lock();
         let production = self.find_volume(&state, &req.volumes[0])?;
         let dr = self.find_volume(&state, &req.volumes[1])?;
         if production.volume.id == dr.volume.id {
@@ -129,6 +135,12 @@ impl Coordinator {
             )));
         }
         for v in [&production, &dr] {
+            if state.claimed.contains(&v.volume.id) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {} is already in a pair being created",
+                    v.volume.name
+                )));
+            }
             if let Some(p) = state.pairs.values().find(|p| {
                 p.production_volume.to_string() == v.volume.id
                     || p.dr_volume.to_string() == v.volume.id
@@ -189,10 +201,13 @@ impl Coordinator {
             term: 0,
             generation: None,
         };
+        let claimed = [production.volume.id.clone(), dr.volume.id.clone()];
+        state.claimed.extend(claimed.iter().cloned());
         let plan = PairPlan {
             production_address: production.address,
             dr_address: dr.address,
             record,
+            claimed,
         };
         Ok(plan)
     }
@@ -231,6 +246,22 @@ struct FoundVolume {
     az: String,
     address: SocketAddr,
     alive: bool,
+}
+
+/// Volumes a creation claimed (`plan_pair`), given back when the creation ends: by then
+/// the pair is in the records, or it was not created.
+struct Claim<'a> {
+    coordinator: &'a Coordinator,
+    volumes: [String; 2],
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut state = self.coordinator.lock();
+        for v in &self.volumes {
+            state.claimed.remove(v);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -374,6 +405,39 @@ mod tests {
         assert!(h.coordinator.list_pairs().is_empty());
         assert!(h.coordinator.list_jobs().is_empty());
         assert!(h.stored().pairs.is_empty() && h.stored().jobs.is_empty());
+    }
+
+    /// Two creates naming the same volume at once: the second is refused while the first
+    /// waits for its DR agent (each used to check the pairs before either was recorded).
+    #[tokio::test]
+    async fn two_creates_of_one_volume_at_once_make_one_pair() {
+        let h = cluster();
+        let agent = Arc::new(tokio::sync::Notify::new());
+        h.agents
+            .always("BecomeDr", Answer::Wait(Arc::clone(&agent)));
+        let first = h.coordinator.create_pair(request("one", &["p1", "d1"]));
+        let second = async {
+            tokio::task::yield_now().await;
+            let second = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                h.coordinator.create_pair(request("two", &["p1", "d1"])),
+            )
+            .await;
+            agent.notify_waiters();
+            second
+        };
+        let (first, second) = tokio::join!(first, second);
+        first.expect("the first create goes through");
+        let refused = second
+            .expect("the second create was answered at once")
+            .expect_err("the second create is refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("is already in a pair being created"),
+            "{refused}"
+        );
+        assert_eq!(h.stored().pairs.len(), 1);
     }
 
     #[tokio::test]
