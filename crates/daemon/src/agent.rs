@@ -538,10 +538,12 @@ impl Agent {
                 online.listener.abort();
             }
         }
+        // Replication stops first: answers a group's trip held fail, so the drain does not
+        // wait for them (nothing else would release them). Writes go on, tracked.
+        self.pairs.stop_all();
         // Not under the lock: a client in the middle of its handshake may still look its
         // export up, and the drain waits for that client.
         self.connections.drain(self.config.shutdown_grace);
-        self.pairs.stop_all();
         let volumes = std::mem::take(&mut *self.lock());
         for (_, entry) in volumes {
             if let Ok(online) = entry.state {

@@ -387,10 +387,17 @@ impl PairLink {
         }
     }
 
-    /// The pair is removed or its agent stops.
-    pub fn stop(&self) {
+    /// The pair is removed, switches sides, or its agent stops. The answers its group held
+    /// are given if `fail` is `None` (the pair is deleted), else failed with that errno.
+    pub fn stop(&self, fail: Option<i32>) {
         let now_us = self.now_us();
-        self.apply(|m| m.stop(now_us));
+        let held = self.step(|m| m.stop(now_us));
+        for (token, mailbox) in held {
+            match fail {
+                None => mailbox.deliver(token),
+                Some(errno) => mailbox.deliver_failed(token, errno),
+            }
+        }
     }
 
     /// Copy the dirty blocks again (a verify's repair marked them): starts a catch-up.

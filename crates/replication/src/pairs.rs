@@ -215,7 +215,8 @@ impl Pairs {
     /// The pair is deleted: this volume leaves it and is standalone (writable) again.
     pub fn leave(&self, pair: PairId, handle: VolumeHandle) -> Result<(), ApiError> {
         match self.lock().remove(&pair) {
-            Some(Runtime::Production(p)) => p.stop(),
+            // Deleted: nothing depends on its DR side any more.
+            Some(Runtime::Production(p)) => p.stop(None),
             Some(Runtime::Dr(d)) => d.close(),
             None => {}
         }
@@ -491,7 +492,7 @@ impl Pairs {
         }
         let runtime = self.lock().remove(&membership.pair);
         match runtime {
-            Some(Runtime::Production(p)) => p.stop(),
+            Some(Runtime::Production(p)) => p.stop(Some(libc::EIO)),
             Some(Runtime::Dr(d)) => {
                 if let Err(e) = d.shut_down(std::time::Duration::from_secs(30)) {
                     self.lock().insert(membership.pair, Runtime::Dr(d));
@@ -548,11 +549,12 @@ impl Pairs {
         self.start(membership, handle)
     }
 
-    /// Stops every production side (the daemon is stopping).
+    /// Stops every production side (the daemon is stopping): answers their groups held
+    /// fail, so that the connections waiting for them end.
     pub fn stop_all(&self) {
         for runtime in self.lock().values() {
             if let Runtime::Production(p) = runtime {
-                p.stop();
+                p.stop(Some(libc::EIO));
             }
         }
     }

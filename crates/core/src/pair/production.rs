@@ -266,6 +266,9 @@ pub struct Production<P, A> {
     /// never commit an epoch strictly inside one.
     atomic: AtomicSpans,
     hold_times: HoldTimes,
+    /// The last cut whose release reached the pair: a cut message for it that comes later
+    /// (control calls may overtake each other) holds nothing.
+    released: Epoch,
 }
 
 impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
@@ -293,6 +296,7 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
             hold: AnswerHold::default(),
             atomic: AtomicSpans::default(),
             hold_times: HoldTimes::default(),
+            released: Epoch::ZERO,
         }
     }
 
@@ -675,15 +679,16 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         }
     }
 
-    /// The pair is removed or its agent stops: nothing more is sent, and the answers its
-    /// group held are given (nothing depends on its DR side any more; nothing else would
-    /// release them).
-    pub fn stop(&mut self, now_us: u64) -> Effects<A> {
-        let mut fx = self
+    /// The pair is removed, switches to the DR side, or its agent stops: nothing more is
+    /// sent. The answers its group held are returned, since nothing would release them now:
+    /// the shell gives them if the pair is deleted (nothing depends on its DR side any
+    /// more) and fails them otherwise (the DR side is still the group's image, as for a
+    /// demote).
+    pub fn stop(&mut self, now_us: u64) -> (Vec<(AnswerToken, A)>, Effects<A>) {
+        let fx = self
             .leave_stream(PairState::Stopped, "stop", now_us)
             .expect("anything may stop");
-        give(&mut fx, self.hold.give_all());
-        fx
+        (self.fail_held(), fx)
     }
 
     /// Moves to `to`, a state with no stream, as when the link breaks (see
@@ -810,8 +815,8 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         // last direct cut, which left it one epoch past that cut; a write it journals in `to`
         // must not be answered while another host still admits in the epoch before.
         if !matches!(self.state, PairState::Demoted | PairState::Stopped) {
-            self.hold
-                .on_cut(to, mode, switched || to == current, now_us / 1000);
+            let at_it = to == current && to > self.released;
+            self.hold.on_cut(to, mode, switched || at_it, now_us / 1000);
         }
         let answer = (
             self.journal.staged_epoch(),
@@ -836,6 +841,7 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
             self.cut_times.insert(current, cut_ms);
             self.journal.advance_epoch_to(to);
         }
+        self.released = self.released.max(to);
         if outcome.synchronous && self.live == Live::Sync && self.journal.gated() {
             self.journal.ungate(to);
         }
@@ -1670,11 +1676,11 @@ mod tests {
         assert!(m.gated());
     }
 
-    /// A pair that stops (deleted, or its agent stopping) gives the answers a trip held:
-    /// nothing depends on its DR side any more, and nothing would ever release them (the
-    /// connection waiting for them would hang).
+    /// A pair that stops (deleted, switched to the DR side, its agent stopping) returns the
+    /// answers a trip held, for the shell to give or fail: nothing would ever release them
+    /// (the connection waiting for them would hang).
     #[test]
-    fn a_stopped_pair_gives_what_its_trip_held() {
+    fn a_stopped_pair_returns_what_its_trip_held() {
         let mut tickets = TicketRegistry::new();
         let mut m = live(ReplicationModel::Hypermetro);
         let _ = m.set_grouped(true);
@@ -1683,8 +1689,9 @@ mod tests {
         let _ = m.local_done(w, &CONNECTION, 0);
         let fx = m.disconnected(1_000);
         assert!(fx.answers.is_empty() && m.trip_wanted());
-        let fx = m.stop(2_000);
-        assert_eq!(answered(&fx), [1]);
+        let (held, fx) = m.stop(2_000);
+        assert!(fx.answers.is_empty());
+        assert_eq!(held.iter().map(|(t, _)| t.0).collect::<Vec<_>>(), [1]);
         assert!(!m.trip_wanted());
         m.check_invariants().unwrap();
     }
@@ -1744,6 +1751,32 @@ mod tests {
         );
         let fx = m.group_release(trip, RoundOutcome::of(CutMode::Trip, true, false), 2, 3_000);
         assert_eq!(answered(&fx), [1]);
+    }
+
+    /// A cut message that comes after its own release (control calls may overtake each
+    /// other) holds nothing: no release would come for it, and its answers would wait for
+    /// the hold timeout. A stopped or demoted side holds nothing for a cut either.
+    #[test]
+    fn a_cut_after_its_release_or_on_a_stopped_side_holds_nothing() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = live(ReplicationModel::Async);
+        let _ = m.set_grouped(true);
+        let to = m.current_epoch().next();
+        let _ = m.group_release(to, RoundOutcome::of(CutMode::Keep, true, false), 1, 0);
+        let _ = m.group_cut(to, CutMode::Keep, 1, 1_000);
+        let w = admit(&mut m, &mut tickets, 0, 1);
+        let (after, _) = m.local_done(w, &CONNECTION, 2_000);
+        assert_eq!(after, AfterLocal::Answer);
+
+        let leaves: [fn(&mut Machine, u64); 2] =
+            [|m, now| drop(m.stop(now)), |m, now| drop(m.demote(now))];
+        for leave in leaves {
+            let mut m = live(ReplicationModel::Async);
+            let _ = m.set_grouped(true);
+            leave(&mut m, 0);
+            let _ = m.group_cut(m.current_epoch().next(), CutMode::Keep, 1, 1_000);
+            m.check_invariants().expect("it holds nothing");
+        }
     }
 
     #[test]

@@ -107,8 +107,10 @@ impl<T> AnswerHold<T> {
         held.answers.extend(answers);
     }
 
-    /// The group's cut to `to` in `mode` reached the host; it `switched` epochs at it. A trip
-    /// hold stays one (noting a trip cut); otherwise answers are held for this cut.
+    /// The group's cut to `to` in `mode` reached the host; it `switched` epochs at it (or was
+    /// at `to` already, and the cut's release has not come: the production machine counts
+    /// that as switching). A trip hold stays one (noting a trip cut); otherwise answers are
+    /// held for this cut.
     pub fn on_cut(&mut self, to: Epoch, mode: CutMode, switched: bool, now_ms: u64) {
         if let Some(held) = self.held.as_mut().filter(|h| h.trip) {
             held.to = held.to.max(to);

@@ -228,10 +228,12 @@ impl ProductionPair {
     }
 
     /// Stops replicating: the link leaves the write gate (writes go on, tracked), the
-    /// connection ends.
-    pub fn stop(&self) {
+    /// connection ends. Answers its group held are given if the pair is deleted
+    /// (`fail: None`), else failed with that errno (it switches sides, or the agent stops:
+    /// its DR side is still the group's image).
+    pub fn stop(&self, fail: Option<i32>) {
         self.volume.gate().set_link(None);
-        self.link.stop();
+        self.link.stop(fail);
         self.stop_verify();
     }
 
