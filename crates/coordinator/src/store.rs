@@ -3,8 +3,8 @@
 //! coordinator's state directory; etcd (transactions over keys) fits the same interface.
 //!
 //! Four tables of JSON records keyed by id: pairs, groups, jobs, nodes. A change of several
-//! records commits in one transaction, or not at all. [`MemoryStore`] keeps the same tables
-//! in memory (tests, and anything that need not outlive its process).
+//! records commits in one transaction, or not at all. The tests keep the same tables in
+//! memory (`MemoryStore`).
 
 use std::path::Path;
 

@@ -585,7 +585,7 @@ mod tests {
         h.dr_reports(&[&a, &b], true, 0);
         let mut report = pair_state(&a, "production", ReplicationStatus::Active);
         report.grouped = true;
-        report.current_epoch = 900;
+        report.current_epoch = 7;
         h.report(&a.production_node, "az1", vec![], vec![report]);
 
         h.coordinator.cut_round().await;
@@ -597,7 +597,7 @@ mod tests {
 
         let mut report = pair_state(&b, "production", ReplicationStatus::Active);
         report.grouped = true;
-        report.current_epoch = 7;
+        report.current_epoch = 900;
         h.report(&b.production_node, "az1", vec![], vec![report]);
         h.coordinator.cut_round().await;
         let cuts = h.agents.calls_of("GroupCut");

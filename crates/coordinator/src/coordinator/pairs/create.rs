@@ -12,9 +12,10 @@ impl Coordinator {
         let plan = self.plan_pair(&req)?;
         // Its volumes are claimed from the check until the pair is in the records (or the
         // creation gave up): a second create of one of them is refused meanwhile.
-        let _claim = Claim {
+        let mut claim = Claim {
             coordinator: self,
             volumes: plan.claimed.clone(),
+            recorded: None,
         };
         let job = JobRecord::running(JobType::CreatePair, Some(plan.record.id), None);
         let assignment = plan.assignment(Side::Dr);
@@ -24,6 +25,7 @@ impl Coordinator {
         // record the driver completes (it asks again; taking a role is idempotent), never a
         // DR role nobody knows.
         self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;
+        claim.recorded = Some((record.clone(), job.clone()));
         fault::crash_at("pair recorded");
         // The DR agent takes its role first: it refuses if the DR volume has clients, and
         // then nothing is created.
@@ -48,6 +50,7 @@ impl Coordinator {
                 }
             }
             Ok(Err(refused)) => {
+                claim.recorded = None;
                 let forgotten = self.commit(&[
                     Change::DeletePair(record.id.to_string()),
                     Change::DeleteJob(job.id.to_string()),
@@ -70,6 +73,7 @@ impl Coordinator {
             }
         }
         tracing::info!(pair = %record.id, name = %record.name, model = %record.model, "pair created");
+        claim.recorded = None;
         let mut state = self.lock();
         state.pairs.insert(record.id, record.clone());
         state.jobs.insert(job.id, job.clone());
@@ -250,14 +254,23 @@ struct FoundVolume {
 
 /// Volumes a creation claimed (`plan_pair`), given back when the creation ends: by then
 /// the pair is in the records, or it was not created.
+/// A creation that stopped half way (its caller went away while the DR agent was asked)
+/// leaves its pair `recorded`: it joins the records as after a coordinator restart, and the
+/// driver completes it.
 struct Claim<'a> {
     coordinator: &'a Coordinator,
     volumes: [String; 2],
+    recorded: Option<(PairRecord, JobRecord)>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut state = self.coordinator.lock();
+        if let Some((pair, job)) = self.recorded.take() {
+            state.pairs.insert(pair.id, pair);
+            state.jobs.insert(job.id, job);
+            self.coordinator.kick.notify_one();
+        }
         for v in &self.volumes {
             state.claimed.remove(v);
         }
@@ -438,6 +451,31 @@ mod tests {
             "{refused}"
         );
         assert_eq!(h.stored().pairs.len(), 1);
+    }
+
+    /// A create whose caller goes away while the DR agent is asked leaves its pair in the
+    /// records (the driver completes it): its volumes stay taken.
+    #[tokio::test]
+    async fn a_create_abandoned_while_its_agent_is_asked_keeps_its_volumes() {
+        let h = cluster();
+        let agent = Arc::new(tokio::sync::Notify::new());
+        h.agents.once("BecomeDr", Answer::Wait(Arc::clone(&agent)));
+        let abandoned = tokio::time::timeout(
+            std::time::Duration::from_millis(10),
+            h.coordinator.create_pair(request("one", &["p1", "d1"])),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the create waited for its agent");
+        let refused = h
+            .coordinator
+            .create_pair(request("two", &["p1", "d1"]))
+            .await
+            .expect_err("the volumes are taken");
+        assert!(
+            refused.to_string().contains("is already in pair"),
+            "{refused}"
+        );
+        assert_eq!(h.coordinator.list_pairs().len(), 1);
     }
 
     #[tokio::test]
