@@ -486,7 +486,8 @@ impl Sim {
                 self.after(CUT_INTERVAL_MS, Event::CutTimer);
             }
             Event::CoordinatorTick => {
-                if self.coordinator_up {
+                // A coordinator starting again knows no round of its predecessor's.
+                if self.coordinator_up && !self.starting {
                     let releases = self.cut.on_tick(self.clock.now());
                     if !releases.is_empty() {
                         self.round = None;
