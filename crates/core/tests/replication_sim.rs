@@ -43,33 +43,21 @@ use blockrep_core::pair::production::{AfterLocal, Effects, LocalWrite, Productio
 use blockrep_core::pair::state::PairState;
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{
-    AnswerToken, Epoch, Payload, PayloadLen, Redeemed, RejectReason, ReplicationModel, Ticket,
-    TicketRegistry, WriteFrame, WriteSeq,
+    AnswerToken, Epoch, Payload, Redeemed, RejectReason, ReplicationModel, Ticket, TicketRegistry,
+    WriteFrame, WriteSeq,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use sim::shell::{BLOCK, Value, blocks, unsent_runs};
 
-const BLOCK: u64 = 4096;
+mod sim;
+
 const BLOCKS: u64 = 48;
 /// The catch-up's final pass starts once this little is left.
 const FINAL_PASS_BYTES: u64 = 4 * BLOCK;
 
-/// A write's data: the value every block it covers takes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Value(Vec<u64>);
-
-impl PayloadLen for Value {
-    fn payload_len(&self) -> u64 {
-        self.0.len() as u64 * BLOCK
-    }
-}
-
 /// Answers go back to the one simulated connection.
 type Machine = Production<Value, ()>;
-
-fn blocks(range: ByteRange) -> std::ops::Range<u64> {
-    range.offset / BLOCK..range.end() / BLOCK
-}
 
 /// A deliberate bug the simulation must catch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -687,29 +675,6 @@ impl Sim {
             self.machine.live()
         );
     }
-}
-
-/// Dirty runs minus the unspoiled parts of live tickets (what the tracker's `unsent_runs`
-/// computes).
-fn unsent_runs(dirty: &DirtyMap, tickets: &TicketRegistry) -> Vec<ByteRange> {
-    let sent = tickets.unspoiled_ranges();
-    let mut out = Vec::new();
-    for run in dirty.runs() {
-        let mut at = run.offset;
-        for s in sent
-            .iter()
-            .filter(|s| s.end() > run.offset && s.offset < run.end())
-        {
-            if s.offset > at {
-                out.push(ByteRange::new(at, s.offset - at));
-            }
-            at = at.max(s.end());
-        }
-        if at < run.end() {
-            out.push(ByteRange::new(at, run.end() - at));
-        }
-    }
-    out
 }
 
 fn seeds() -> Vec<u64> {

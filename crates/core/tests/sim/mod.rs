@@ -1,5 +1,8 @@
 //! What the seeded simulations share: events on a virtual clock, the faults they inject,
-//! and the hosts' names.
+//! the hosts' names, the production machine's shell, and the group harness.
+
+// Several test binaries share this module, each using part of it.
+#![allow(dead_code)]
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -9,6 +12,7 @@ use blockrep_core::replication::group_cut::CutMessage;
 use rand::Rng;
 
 pub mod group;
+pub mod shell;
 
 /// Events due at virtual times (ms); events due at the same time come in the order they
 /// were scheduled.

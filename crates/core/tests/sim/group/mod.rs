@@ -41,6 +41,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use super::shell::{BLOCK, Value, blocks, unsent_runs};
 use super::{Clock, Fault, FaultPlan, host_name, host_of};
 use blockrep_core::ByteRange;
 use blockrep_core::dirty_map::{DirtyMap, Granularity};
@@ -56,8 +57,8 @@ use blockrep_core::replication::group_cut::{
     CutCoordinator, CutMessage, CutMode, Live, PairMode, RoundOutcome, hypermetro_cut,
 };
 use blockrep_core::replication::{
-    AnswerToken, Epoch, Payload, PayloadLen, Redeemed, RejectReason, ReplicationModel,
-    TicketRegistry, WriteFrame, WriteSeq,
+    AnswerToken, Epoch, Payload, Redeemed, RejectReason, ReplicationModel, TicketRegistry,
+    WriteFrame, WriteSeq,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -68,7 +69,6 @@ mod production;
 
 use production::new_host;
 
-const BLOCK: u64 = 4096;
 /// Blocks of each host's volume: every write takes one of its own.
 const BLOCKS: u64 = 8192;
 /// What a block holds before any write.
@@ -100,16 +100,6 @@ const SETTLED_MS: u64 = FAULTS_UNTIL_MS + 3_000;
 const COMMIT_WITHIN_MS: u64 = 300;
 const END_MS: u64 = 12_000;
 
-/// A write's data: the value each block it covers takes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Value(Vec<u64>);
-
-impl PayloadLen for Value {
-    fn payload_len(&self) -> u64 {
-        self.0.len() as u64 * BLOCK
-    }
-}
-
 /// Answers go back to one simulated connection per host.
 type Machine = Production<Value, ()>;
 
@@ -138,6 +128,8 @@ enum Event {
     HostTick(usize),
     /// Write `w`'s local write on host `h` (in its life `life`) is done.
     LocalDone(usize, u32, usize),
+    /// Write `w`'s local write on host `h` starts (a parked one: its frame goes now).
+    Start(usize, u32, usize),
     /// Host `h`'s catch-up reader takes a step, in stream session `session`.
     CatchUpStep(usize, u32),
     /// A frame reaches host `h`'s DR side, in stream session `session`; `corrupted`: its
@@ -209,6 +201,8 @@ enum Kind {
     Unaligned,
     /// A WRITE_ZEROES: later, and its payload is zeroes.
     Zeroes,
+    /// The fast path, parked while the activity log syncs: its frame goes when it starts.
+    Parked,
 }
 
 #[derive(Debug)]
@@ -530,6 +524,13 @@ impl Sim {
                     self.local_done(h, w);
                 }
             }
+            Event::Start(h, life, w) => {
+                if self.hosts[h].up && self.hosts[h].life == life {
+                    self.start(h, w);
+                    let delay = self.rng.random_range(0..3);
+                    self.after(delay, Event::LocalDone(h, life, w));
+                }
+            }
             Event::CatchUpStep(h, session) => {
                 let host = &self.hosts[h];
                 if host.up && host.session == session && host.reader.is_some() {
@@ -833,8 +834,4 @@ impl Sim {
     pub fn abandoned_cuts(&self) -> usize {
         self.cut.broken_boundaries()
     }
-}
-
-fn blocks(range: ByteRange) -> std::ops::Range<u64> {
-    range.offset / BLOCK..range.end() / BLOCK
 }

@@ -108,6 +108,7 @@ impl Sim {
         let kind = match self.rng.random_range(0..10) {
             0 => Kind::Unaligned,
             1 => Kind::Zeroes,
+            2 => Kind::Parked,
             _ => Kind::Aligned,
         };
         let value = if kind == Kind::Zeroes {
@@ -118,7 +119,7 @@ impl Sim {
         // The fast path's local write is done soon; the slow path's starts later.
         let delay = match kind {
             Kind::Aligned => self.rng.random_range(0..3),
-            Kind::Unaligned | Kind::Zeroes => self.rng.random_range(3..25),
+            Kind::Unaligned | Kind::Zeroes | Kind::Parked => self.rng.random_range(3..25),
         };
         let now_us = self.now_us();
         let host = &mut self.hosts[h];
@@ -169,7 +170,25 @@ impl Sim {
         host.inflight.insert(w, write);
         self.carry_out(h, fx);
         let life = self.hosts[h].life;
-        self.after(delay, Event::LocalDone(h, life, w));
+        match kind {
+            Kind::Parked => self.after(delay, Event::Start(h, life, w)),
+            _ => self.after(delay, Event::LocalDone(h, life, w)),
+        }
+    }
+
+    /// A parked write starts: its frame goes now, if the pair still writes its DR side
+    /// directly (else `local_done` journals or tracks it).
+    pub(super) fn start(&mut self, h: usize, w: usize) {
+        let now_us = self.now_us();
+        let host = &mut self.hosts[h];
+        let Some(write) = host.inflight.get_mut(&w) else {
+            return;
+        };
+        if write.mode != ReplicaMode::Sync {
+            return;
+        }
+        let (_, fx) = host.machine.send_direct(write, &(), now_us);
+        self.carry_out(h, fx);
     }
 
     pub(super) fn local_done(&mut self, h: usize, w: usize) {
@@ -576,27 +595,4 @@ pub(super) fn new_host(model: ReplicationModel) -> Host {
         units: Vec::new(),
         locked: BTreeSet::new(),
     }
-}
-
-/// Dirty runs minus the unspoiled parts of live tickets (what the tracker's `unsent_runs`
-/// computes).
-fn unsent_runs(dirty: &DirtyMap, tickets: &TicketRegistry) -> Vec<ByteRange> {
-    let sent = tickets.unspoiled_ranges();
-    let mut out = Vec::new();
-    for run in dirty.runs() {
-        let mut at = run.offset;
-        for s in sent
-            .iter()
-            .filter(|s| s.end() > run.offset && s.offset < run.end())
-        {
-            if s.offset > at {
-                out.push(ByteRange::new(at, s.offset - at));
-            }
-            at = at.max(s.end());
-        }
-        if at < run.end() {
-            out.push(ByteRange::new(at, run.end() - at));
-        }
-    }
-    out
 }
