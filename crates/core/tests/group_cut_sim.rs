@@ -6,7 +6,7 @@
 //! `sim::group`, shared with `hypermetro_group_sim`: what it drives, the faults (links cut
 //! and healed, agents crashing, some of them just after they switched and restarted at
 //! once by systemd, DR hosts losing power, the coordinator crashing, its messages lost or
-//! late, answers late, out of order or twice, frames failing their CRC, a full stage log)
+//! late or twice, answers late (in stream order), frames failing their CRC, a full stage log)
 //! and the checks: after every event, what a failover would give (each DR volume, and its
 //! sealed staged writes up to the group's commit) holds, for each chain of dependent
 //! records, a prefix; after a DR power cut, a block clean at production holds its data on

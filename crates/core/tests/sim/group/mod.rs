@@ -22,7 +22,7 @@
 //! write, or a WRITE_ZEROES), whose local write starts later, often after a trip began.
 //! Faults, until they stop: replication links cut and healed (what was on the way is lost),
 //! production hosts crashing, DR hosts losing power, the coordinator crashing, its messages
-//! lost or late, the DR side's answers late, out of order and now and then twice, frames
+//! lost, late or twice, the DR side's answers late (in stream order), frames
 //! corrupted on the way (their CRC fails), the stage log full now and then.
 //!
 //! After every event: what a failover would give (each DR volume, and its sealed staged
