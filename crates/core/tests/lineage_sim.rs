@@ -74,6 +74,10 @@ struct Sim {
     diverged: bool,
     /// Writes on their way to the DR side: (block, write id).
     in_flight: Vec<(usize, u64)>,
+    /// Writes the operator discarded by resolving a divergence towards the other side: a
+    /// later copy over them is the operator's choice, whatever the pair went through since
+    /// (a delete and re-create forgets `discard_peer`, not the choice).
+    discarded: BTreeSet<u64>,
     log: Vec<String>,
     /// How often each kind of decision came up.
     decisions: std::collections::BTreeMap<&'static str, u64>,
@@ -110,6 +114,7 @@ impl Sim {
             discard_peer: false,
             diverged: false,
             in_flight: Vec::new(),
+            discarded: BTreeSet::new(),
             log: Vec::new(),
             decisions: Default::default(),
         };
@@ -203,6 +208,16 @@ impl Sim {
             .collect()
     }
 
+    /// Of those, the ones no resolve discarded: a copy must not overwrite these. (A
+    /// divergence over discarded writes only is still allowed: a re-created pair asks the
+    /// operator again.)
+    fn dr_only_writes_kept(&self) -> Vec<usize> {
+        self.dr_only_writes()
+            .into_iter()
+            .filter(|&b| !self.discarded.contains(&self.d.data[b]))
+            .collect()
+    }
+
     fn connect(&mut self) -> Result<(), String> {
         let decision = plan(
             ProductionView {
@@ -229,6 +244,7 @@ impl Sim {
         };
         *self.decisions.entry(kind).or_insert(0) += 1;
         let dr_only = self.dr_only_writes();
+        let dr_kept = self.dr_only_writes_kept();
         let copies = !matches!(decision, Plan::Diverged(_));
         // Creating a pair replaces the DR volume's data when it never shared a generation
         // with production (unrelated data); the operator chose it as the DR volume.
@@ -245,9 +261,9 @@ impl Sim {
             Plan::FullSync(FullSyncReason::Initial) => unrelated,
             _ => false,
         };
-        if copies && !dr_only.is_empty() && !allowed {
+        if copies && !dr_kept.is_empty() && !allowed {
             return Err(format!(
-                "{decision:?} would overwrite DR-only writes in blocks {dr_only:?} (production {} {:?} {:?}, DR {} {:?} {:?})",
+                "{decision:?} would overwrite DR-only writes in blocks {dr_kept:?} (production {} {:?} {:?}, DR {} {:?} {:?})",
                 self.p.name, self.p.data, self.p.lineage, self.d.name, self.d.data, self.d.lineage
             ));
         }
@@ -302,6 +318,18 @@ impl Sim {
             "resolve keeping {}",
             if keep_dr { "DR" } else { "production" }
         ));
+        let (kept, dropped) = if keep_dr {
+            (&self.d, &self.p)
+        } else {
+            (&self.p, &self.d)
+        };
+        let lost: Vec<u64> = dropped
+            .data
+            .iter()
+            .copied()
+            .filter(|id| *id != 0 && !kept.seen.contains(id))
+            .collect();
+        self.discarded.extend(lost);
         if keep_dr {
             std::mem::swap(&mut self.p, &mut self.d);
             self.d.dirty.clear();
@@ -419,6 +447,8 @@ fn connections_never_resync_in_the_wrong_direction() {
             .unwrap_or(500))
             .collect(),
     };
+    // A replay or a short run need not reach every kind of decision.
+    let check_coverage = seeds.len() >= 100;
     let mut total = Decisions::new();
     for seed in seeds {
         match run(seed) {
@@ -434,6 +464,9 @@ fn connections_never_resync_in_the_wrong_direction() {
         }
     }
     eprintln!("decisions checked: {total:?}");
+    if !check_coverage {
+        return;
+    }
     // Every kind of decision the simulation can reach came up.
     for kind in [
         "catch-up",
