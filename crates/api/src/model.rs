@@ -64,6 +64,13 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// A pair status change the table refuses is the coordinator's bug, not the caller's.
+impl From<blockrep_core::replication::IllegalPairStatus> for ApiError {
+    fn from(e: blockrep_core::replication::IllegalPairStatus) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
 /// The gRPC metadata key that carries the EVS status code of a refusal.
 pub const CODE_METADATA: &str = "blockrep-code";
 

@@ -5,6 +5,7 @@
 
 use super::pairs::{PairPlan, Side};
 use super::*;
+use blockrep_core::replication::IllegalPairStatus;
 
 impl Coordinator {
     /// Moves pairs through their lifecycle; runs until the daemon stops.
@@ -40,14 +41,20 @@ impl Coordinator {
     async fn drive_pair(&self, pair: PairRecord) -> Result<(), ApiError> {
         match pair.status {
             PairStatus::Creating if !pair.dr_started => {
-                self.creation_step(pair, Side::Dr, |record| record.dr_started = true)
-                    .await
+                self.creation_step(pair, Side::Dr, |record| {
+                    record.dr_started = true;
+                    Ok(())
+                })
+                .await
             }
             PairStatus::Creating if !pair.production_started => {
                 self.creation_step(pair, Side::Production, |record| {
                     record.production_started = true;
-                    record.status = PairStatus::Available;
+                    record
+                        .status
+                        .become_(PairStatus::Available, "both sides took their roles")?;
                     record.updated_at = Some(now_text());
+                    Ok(())
                 })
                 .await
             }
@@ -63,7 +70,7 @@ impl Coordinator {
         &self,
         pair: PairRecord,
         side: Side,
-        taken: impl FnOnce(&mut PairRecord),
+        taken: impl FnOnce(&mut PairRecord) -> Result<(), IllegalPairStatus>,
     ) -> Result<(), ApiError> {
         let (production, dr) = self.addresses(&pair);
         let (Some(production), Some(dr)) = (production, dr) else {
@@ -88,7 +95,7 @@ impl Coordinator {
         let Some(mut record) = still_current(&state, &pair) else {
             return Ok(());
         };
-        taken(&mut record);
+        taken(&mut record)?;
         self.commit(&[Change::PutPair(record.clone())])?;
         state.stuck_since.remove(&pair.id);
         state.pairs.insert(pair.id, record);
@@ -237,10 +244,11 @@ impl Coordinator {
             return Ok(());
         }
         let mut record = pair.clone();
-        record.status = match pair.status {
+        let failed = match pair.status {
             PairStatus::Deleting => PairStatus::ErrorDeleting,
             _ => PairStatus::Error,
         };
+        record.status.become_(failed, "a step that got no answer")?;
         record.failure_detail = Some(reason.to_owned());
         record.updated_at = Some(now_text());
         let mut changes = vec![];
@@ -425,7 +433,10 @@ mod tests {
         h.coordinator.lock().pairs.insert(pair.id, changed);
 
         h.coordinator
-            .creation_step(seen, Side::Dr, |record| record.dr_started = true)
+            .creation_step(seen, Side::Dr, |record| {
+                record.dr_started = true;
+                Ok(())
+            })
             .await
             .unwrap();
         assert_eq!(h.agents.log(), ["n2:BecomeDr"]);

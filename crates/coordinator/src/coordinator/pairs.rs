@@ -42,10 +42,7 @@ impl Coordinator {
                 pair.name
             )));
         }
-        if !matches!(
-            pair.status,
-            PairStatus::Available | PairStatus::Error | PairStatus::ErrorDeleting
-        ) {
+        if !pair.status.can_become(PairStatus::Deleting) {
             return Err(ApiError::FailedPrecondition(format!(
                 "pair {} is {}; only an available pair, or one in error, can be deleted",
                 pair.name, pair.status
@@ -65,7 +62,7 @@ impl Coordinator {
         }
         let job = JobRecord::running(JobType::DeletePair, Some(id), None);
         let mut record = pair.clone();
-        record.status = PairStatus::Deleting;
+        record.status.become_(PairStatus::Deleting, "delete")?;
         record.updated_at = Some(now_text());
         record.job = Some(job.id);
         self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;

@@ -31,6 +31,7 @@ pub use reject::RejectReason;
 pub use resync::ResyncPlan;
 pub use role::{IllegalTransition, VolumeRole, WriteVerdict};
 pub use status::{
-    JobStatus, JobType, PairStatus, ReplicationModel, ReplicationStatus, UnknownValue,
+    IllegalPairStatus, JobStatus, JobType, PairStatus, ReplicationModel, ReplicationStatus,
+    UnknownValue,
 };
 pub use tickets::{Redeemed, Ticket, TicketRegistry};

@@ -60,6 +60,58 @@ wire_enum!(
     }
 );
 
+/// A pair's status changes only along these edges (every other change is a bug, refused):
+///
+/// ```text
+///   creating ──► available ──► deleting ──► (gone)
+///      │            │            │  ▲
+///      ▼            ▼            ▼  │ delete again
+///    error ◄────────┘      error_deleting
+///      └──────── delete ──► deleting
+/// ```
+///
+/// `creating → available` once both agents took their roles; a step that gets no answer
+/// for good puts a pair in `error` (`error_deleting` while deleting, which a delete may
+/// retry); `error → error` records a newer failure.
+impl PairStatus {
+    pub fn can_become(self, to: PairStatus) -> bool {
+        use PairStatus as S;
+        matches!(
+            (self, to),
+            (S::Creating, S::Available | S::Error)
+                | (S::Available | S::Error, S::Error)
+                | (S::Available | S::Error | S::ErrorDeleting, S::Deleting)
+                | (S::Deleting, S::ErrorDeleting)
+        )
+    }
+
+    /// Moves to `to` if the table allows it; `event` names what asked, for the error.
+    pub fn become_(
+        &mut self,
+        to: PairStatus,
+        event: &'static str,
+    ) -> Result<(), IllegalPairStatus> {
+        if !self.can_become(to) {
+            return Err(IllegalPairStatus {
+                from: *self,
+                to,
+                event,
+            });
+        }
+        *self = to;
+        Ok(())
+    }
+}
+
+/// A pair status change the table does not allow.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a pair's status may not go from {from} to {to} ({event})")]
+pub struct IllegalPairStatus {
+    pub from: PairStatus,
+    pub to: PairStatus,
+    pub event: &'static str,
+}
+
 wire_enum!(
     /// Whether and how a pair (or group) replicates.
     ReplicationStatus {
@@ -120,6 +172,41 @@ impl JobStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pair_status_changes_only_along_the_table() {
+        use PairStatus as S;
+        let allowed: Vec<(S, S)> = S::ALL
+            .iter()
+            .flat_map(|&from| S::ALL.iter().map(move |&to| (from, to)))
+            .filter(|(from, to)| from.can_become(*to))
+            .collect();
+        assert_eq!(
+            allowed,
+            [
+                (S::Creating, S::Available),
+                (S::Creating, S::Error),
+                (S::Available, S::Error),
+                (S::Available, S::Deleting),
+                (S::Error, S::Error),
+                (S::Error, S::Deleting),
+                (S::Deleting, S::ErrorDeleting),
+                (S::ErrorDeleting, S::Deleting),
+            ]
+        );
+        let mut deleting = S::Deleting;
+        assert_eq!(
+            deleting.become_(S::Available, "a creation step"),
+            Err(IllegalPairStatus {
+                from: S::Deleting,
+                to: S::Available,
+                event: "a creation step"
+            })
+        );
+        assert_eq!(deleting, S::Deleting);
+        assert!(deleting.become_(S::ErrorDeleting, "stuck").is_ok());
+        assert_eq!(deleting, S::ErrorDeleting);
+    }
 
     #[test]
     fn statuses_are_spelled_as_the_api_spells_them() {
