@@ -12,7 +12,7 @@
 //! or changed on any agent when a request is refused.
 //!
 //! This file holds the [`Coordinator`] and its in-memory `State`, how it opens on a
-//! [`Store`], and the dispatch of the cluster requests it serves ([`Coordinator::handle`]).
+//! [`Store`] with a [`Clock`] (every timer reads it: liveness, give-ups, retries), and the dispatch of the cluster requests it serves ([`Coordinator::handle`]).
 //! The rest is one module per aggregate, each an `impl Coordinator` block:
 //!
 //! | module | what it holds |
@@ -43,6 +43,7 @@ use blockrep_core::replication::{
 
 use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, PendingStep, now_text};
 
+use crate::clock::Clock;
 use crate::store::{Change, Store};
 
 mod cuts;
@@ -113,6 +114,8 @@ pub struct Coordinator {
     agents: Arc<dyn Agents>,
     /// This daemon's node name (it runs the coordinator).
     node: String,
+    /// What every timer reads.
+    clock: Arc<dyn Clock>,
 }
 
 impl Coordinator {
@@ -120,6 +123,7 @@ impl Coordinator {
         store: Arc<dyn Store>,
         agents: Arc<dyn Agents>,
         node: String,
+        clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, ApiError> {
         let snapshot = store
             .load()
@@ -165,7 +169,17 @@ impl Coordinator {
             store,
             agents,
             node,
+            clock,
         }))
+    }
+
+    fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    /// How long ago `then` was, by the coordinator's clock.
+    fn since(&self, then: Instant) -> Duration {
+        self.now().saturating_duration_since(then)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -5,9 +5,11 @@
 //! It is not in the data path: replication flows agent to agent, and goes on while the
 //! coordinator is down.
 
+pub mod clock;
 pub mod coordinator;
 pub mod records;
 pub mod store;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use coordinator::{Agents, BoxFuture, Coordinator, NODE_TIMEOUT};
 pub use store::{Change, RedbStore, Snapshot, Store, StoreError};

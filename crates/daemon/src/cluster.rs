@@ -103,6 +103,7 @@ impl Cluster {
                 Arc::new(store),
                 Arc::clone(&agents) as Arc<dyn Agents>,
                 agent.config.node_name.clone(),
+                Arc::new(blockrep_coordinator::SystemClock),
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             tokio::spawn(Arc::clone(&coordinator).drive());

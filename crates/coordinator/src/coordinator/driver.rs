@@ -170,7 +170,7 @@ impl Coordinator {
         record.pending = None;
         self.commit(&[Change::PutPair(record.clone())])?;
         state.stuck_since.remove(&pair.id);
-        state.step_taken.insert(pair.id, Instant::now());
+        state.step_taken.insert(pair.id, self.now());
         state.pairs.insert(pair.id, record);
         Ok(())
     }
@@ -221,8 +221,8 @@ impl Coordinator {
         state.step_taken.remove(&pair.id);
         state
             .deleted
-            .retain(|_, at| at.elapsed() < Duration::from_secs(60));
-        state.deleted.insert(pair.id, Instant::now());
+            .retain(|_, at| self.since(*at) < Duration::from_secs(60));
+        state.deleted.insert(pair.id, self.now());
         tracing::info!(pair = %pair.id, "pair deleted");
         Ok(())
     }
@@ -238,8 +238,8 @@ impl Coordinator {
         let since = *state
             .stuck_since
             .entry(pair.id)
-            .or_insert_with(Instant::now);
-        if since.elapsed() < AGENT_GIVE_UP {
+            .or_insert_with(|| self.now());
+        if self.since(since) < AGENT_GIVE_UP {
             tracing::debug!(pair = %pair.id, %reason, "pair step pending; retrying");
             return Ok(());
         }
@@ -556,11 +556,11 @@ mod tests {
         assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
         assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
 
-        // The clock is not waited for: the first failure is made older.
-        let long_ago = Instant::now()
-            .checked_sub(AGENT_GIVE_UP + Duration::from_secs(1))
-            .expect("the clock goes back that far");
-        h.coordinator.lock().stuck_since.insert(pair.id, long_ago);
+        // Just before the give-up, the driver still retries; at it, the delete fails.
+        h.clock.advance(AGENT_GIVE_UP - Duration::from_secs(1));
+        drive(&h, pair.id).await;
+        assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
+        h.clock.advance(Duration::from_secs(1));
         drive(&h, pair.id).await;
         let stored = h.stored_pair(pair.id).unwrap();
         assert_eq!(stored.status, PairStatus::ErrorDeleting);
@@ -573,6 +573,8 @@ mod tests {
         assert_eq!(
             h.agents.log(),
             [
+                "n1:LeavePair",
+                "n2:LeavePair",
                 "n1:LeavePair",
                 "n2:LeavePair",
                 "n1:LeavePair",

@@ -256,7 +256,7 @@ impl Coordinator {
     pub(super) async fn drive_groups(&self) {
         let steps: Vec<(PairRecord, SocketAddr, bool)> = {
             let mut state = self.lock();
-            let now = Instant::now();
+            let now = self.now();
             let mut steps = Vec::new();
             let pairs: Vec<PairRecord> = state
                 .pairs
@@ -274,7 +274,7 @@ impl Coordinator {
                 let Some(node) = state.nodes.get(&pair.production_node) else {
                     continue;
                 };
-                if !Self::alive(node) {
+                if !self.alive(node) {
                     continue;
                 }
                 let Some(report) = node
@@ -350,8 +350,12 @@ impl Coordinator {
             return Ok(());
         };
         let members = self.member_views(&state, group);
-        let production_down =
-            |p: &proto::Pair| !state.nodes.get(&p.production_node).is_some_and(Self::alive);
+        let production_down = |p: &proto::Pair| {
+            !state
+                .nodes
+                .get(&p.production_node)
+                .is_some_and(|n| self.alive(n))
+        };
         let outcome: Option<Result<(), String>> = match job.job_type {
             JobType::StopGroup => members
                 .iter()
@@ -509,7 +513,12 @@ impl Coordinator {
             .pairs
             .iter()
             .filter_map(|id| state.pairs.get(id))
-            .any(|p| !state.nodes.get(&p.production_node).is_some_and(Self::alive));
+            .any(|p| {
+                !state
+                    .nodes
+                    .get(&p.production_node)
+                    .is_some_and(|n| self.alive(n))
+            });
         let link_down = !g.stopped
             && members.iter().any(|p| {
                 p.replication_status == ReplicationStatus::Inactive.as_str()

@@ -44,7 +44,7 @@ impl Coordinator {
             self.cut_kick.notify_one();
         }
         let node = state.nodes.get_mut(&name).expect("inserted above");
-        node.last_seen = Some(Instant::now());
+        node.last_seen = Some(self.now());
         node.report = report;
         let pair_ids = state
             .pairs
@@ -58,9 +58,9 @@ impl Coordinator {
         })
     }
 
-    pub(super) fn alive(node: &Node) -> bool {
+    pub(super) fn alive(&self, node: &Node) -> bool {
         node.last_seen
-            .is_some_and(|seen| seen.elapsed() < NODE_TIMEOUT)
+            .is_some_and(|seen| self.since(seen) < NODE_TIMEOUT)
     }
 
     pub fn list_nodes(&self) -> Vec<proto::Node> {
@@ -72,10 +72,10 @@ impl Coordinator {
                 name: n.record.name.clone(),
                 availability_zone: n.record.availability_zone.clone(),
                 address: n.record.address.to_string(),
-                alive: Self::alive(n),
+                alive: self.alive(n),
                 last_seen: n
                     .last_seen
-                    .map(|seen| format!("{:.1} s ago", seen.elapsed().as_secs_f64()))
+                    .map(|seen| format!("{:.1} s ago", self.since(seen).as_secs_f64()))
                     .unwrap_or_else(|| "not since the coordinator started".into()),
                 volumes: n.report.volumes.len() as u32,
                 coordinator: n.record.name == self.node,

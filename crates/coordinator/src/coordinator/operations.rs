@@ -53,7 +53,7 @@ impl Coordinator {
             .map_err(refused)?;
         let members = Self::members(&state, &group);
         for p in &members {
-            if !state.nodes.get(&p.dr_node).is_some_and(Self::alive) {
+            if !state.nodes.get(&p.dr_node).is_some_and(|n| self.alive(n)) {
                 return Err(ApiError::FailedPrecondition(format!(
                     "failover refused: DR node {} of pair {} is not reachable; failover needs every DR agent",
                     p.dr_node, p.name
@@ -121,7 +121,7 @@ impl Coordinator {
         let members = Self::members(&state, &group);
         for p in &members {
             for node in [&p.production_node, &p.dr_node] {
-                if !state.nodes.get(node).is_some_and(Self::alive) {
+                if !state.nodes.get(node).is_some_and(|n| self.alive(n)) {
                     return Err(ApiError::FailedPrecondition(format!(
                         "reverse refused: node {node} of pair {} is not reachable; a planned reverse needs both sides (use failover if a side is lost)",
                         p.name
@@ -176,7 +176,7 @@ impl Coordinator {
             // The old production side (the record's DR side since the failover) must be
             // back, and know the pair.
             let back = state.nodes.get(&p.dr_node).is_some_and(|n| {
-                Self::alive(n) && n.report.pairs.iter().any(|s| s.pair_id == p.id.to_string())
+                self.alive(n) && n.report.pairs.iter().any(|s| s.pair_id == p.id.to_string())
             });
             if !back {
                 return Err(ApiError::FailedPrecondition(format!(
@@ -239,7 +239,7 @@ impl Coordinator {
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;
         for node in [&pair.production_node, &pair.dr_node] {
-            if !state.nodes.get(node).is_some_and(Self::alive) {
+            if !state.nodes.get(node).is_some_and(|n| self.alive(n)) {
                 return Err(ApiError::FailedPrecondition(format!(
                     "extend refused: node {node} of pair {} is not reachable; both volumes grow together",
                     pair.name
@@ -432,8 +432,8 @@ impl Coordinator {
             .lock()
             .group_stuck_since
             .entry(group.id)
-            .or_insert_with(Instant::now);
-        if !final_refusal && since.elapsed() < AGENT_GIVE_UP {
+            .or_insert_with(|| self.now());
+        if !final_refusal && self.since(since) < AGENT_GIVE_UP {
             tracing::debug!(group = %group.id, %pair, %error, "group step pending; retrying");
             return Ok(());
         }

@@ -188,7 +188,7 @@ impl Coordinator {
     pub(super) fn pair_view(&self, state: &State, p: &PairRecord) -> proto::Pair {
         let report_of = |node: &str| {
             state.nodes.get(node).and_then(|n| {
-                let alive = Self::alive(n);
+                let alive = self.alive(n);
                 n.report
                     .pairs
                     .iter()

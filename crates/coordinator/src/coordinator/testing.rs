@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use blockrep_core::replication::{GroupId, GroupStatus};
 
 use super::*;
+use crate::clock::ManualClock;
 use crate::store::MemoryStore;
 
 /// A volume's size in the tests' clusters.
@@ -164,6 +165,8 @@ pub(super) struct Harness {
     pub store: Arc<MemoryStore>,
     pub agents: Arc<FakeAgents>,
     pub coordinator: Arc<Coordinator>,
+    /// The coordinator's clock: it moves only when a test moves it.
+    pub clock: Arc<ManualClock>,
 }
 
 impl Harness {
@@ -174,16 +177,19 @@ impl Harness {
     /// A coordinator opened on `store` (as a restarted one would be), with fresh agents.
     pub fn on(store: Arc<MemoryStore>) -> Self {
         let agents = Arc::new(FakeAgents::default());
+        let clock = Arc::new(ManualClock::new());
         let coordinator = Coordinator::open(
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::clone(&agents) as Arc<dyn Agents>,
             "n1".into(),
+            Arc::clone(&clock) as Arc<dyn Clock>,
         )
         .expect("the coordinator opens");
         Self {
             store,
             agents,
             coordinator,
+            clock,
         }
     }
 
@@ -225,7 +231,9 @@ impl Harness {
 
     /// Makes the coordinator's last word from `node` as old as `ago`.
     pub fn heard_from(&self, node: &str, ago: Duration) {
-        let at = Instant::now()
+        let at = self
+            .clock
+            .now()
             .checked_sub(ago)
             .expect("the clock goes back that far");
         self.coordinator

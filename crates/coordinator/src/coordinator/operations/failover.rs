@@ -323,4 +323,46 @@ mod tests {
         assert_eq!(h.stored_job(second).unwrap().status, JobStatus::Success);
         assert_eq!(h.stored_pair(b.id).unwrap().production_node, "n4");
     }
+
+    /// An agent that does not answer is retried until [`AGENT_GIVE_UP`] has passed on the
+    /// coordinator's clock, not before; then the failover fails, its plan kept.
+    #[tokio::test]
+    async fn an_unreachable_dr_agent_fails_the_failover_only_after_the_give_up() {
+        let (group, a, b) = group_of_two();
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+        ]);
+        h.dr_reports(&[&a, &b], true, 7);
+        h.agents
+            .script("Promote", Some("n4"), Answer::Unreachable, None);
+        h.agents.always("Promote", promoted(7));
+        h.coordinator.failover_group("g").unwrap();
+
+        h.coordinator.drive_operations().await;
+        h.clock.advance(AGENT_GIVE_UP - Duration::from_secs(1));
+        h.dr_reports(&[&a, &b], true, 7);
+        h.coordinator.drive_operations().await;
+        assert_eq!(
+            h.stored_group(group.id).unwrap().status,
+            GroupStatus::Failovering,
+            "still retried"
+        );
+        h.clock.advance(Duration::from_secs(1));
+        h.dr_reports(&[&a, &b], true, 7);
+        h.coordinator.drive_operations().await;
+        let stored = h.stored_group(group.id).unwrap();
+        assert_eq!(stored.status, GroupStatus::ErrorFailovering);
+        let detail = stored.failure_detail.unwrap();
+        assert!(detail.contains("pair b"), "{detail}");
+        assert!(plan_of(&h, &group).pairs[&a.id].done.is_some());
+        let to_b = h
+            .agents
+            .calls_of("Promote")
+            .iter()
+            .filter(|c| c.node == "n4")
+            .count();
+        assert_eq!(to_b, 3, "one call per round: {:?}", h.agents.log());
+    }
 }

@@ -227,7 +227,7 @@ impl Coordinator {
                         node: node.record.name.clone(),
                         az: node.record.availability_zone.clone(),
                         address: node.record.address,
-                        alive: Self::alive(node),
+                        alive: self.alive(node),
                     });
                 }
             }

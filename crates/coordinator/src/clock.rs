@@ -1,0 +1,50 @@
+//! The one clock the coordinator's timers read: when a node was last heard from, how long
+//! an agent has not taken a step, when a pause was last sent. Passed in, so a test moves
+//! time on instead of waiting for it. (The records' timestamps are wall-clock text for the
+//! operator; nothing is decided on them.)
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The machine's monotonic clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that moves only when told to.
+pub struct ManualClock {
+    now: Mutex<Instant>,
+}
+
+impl ManualClock {
+    /// Starts an hour after the machine's clock, so a test may look back that far.
+    pub fn new() -> Self {
+        Self {
+            now: Mutex::new(Instant::now() + Duration::from_secs(3600)),
+        }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.now.lock().unwrap_or_else(|e| e.into_inner()) += by;
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
