@@ -3,8 +3,11 @@
 //! time on instead of waiting for it. (The records' timestamps are wall-clock text for the
 //! operator; nothing is decided on them.)
 
+#[cfg(test)]
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+#[cfg(test)]
+use std::time::Duration;
 
 pub trait Clock: Send + Sync {
     fn now(&self) -> Instant;
@@ -19,11 +22,13 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to.
+/// A clock that moves only when told to (the coordinator's tests).
+#[cfg(test)]
 pub struct ManualClock {
     now: Mutex<Instant>,
 }
 
+#[cfg(test)]
 impl ManualClock {
     /// Starts an hour after the machine's clock, so a test may look back that far.
     pub fn new() -> Self {
@@ -37,12 +42,14 @@ impl ManualClock {
     }
 }
 
+#[cfg(test)]
 impl Default for ManualClock {
     fn default() -> Self {
         Self::new()
     }
 }
 
+#[cfg(test)]
 impl Clock for ManualClock {
     fn now(&self) -> Instant {
         *self.now.lock().unwrap_or_else(|e| e.into_inner())

@@ -10,6 +10,6 @@ pub mod coordinator;
 pub mod records;
 pub mod store;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, SystemClock};
 pub use coordinator::{Agents, BoxFuture, Coordinator, NODE_TIMEOUT};
 pub use store::{Change, RedbStore, Snapshot, Store, StoreError};
