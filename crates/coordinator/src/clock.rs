@@ -5,9 +5,9 @@
 
 #[cfg(test)]
 use std::sync::Mutex;
-use std::time::Instant;
 #[cfg(test)]
 use std::time::Duration;
+use std::time::Instant;
 
 pub trait Clock: Send + Sync {
     fn now(&self) -> Instant;

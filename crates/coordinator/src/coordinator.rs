@@ -96,6 +96,8 @@ struct State {
     group_step_sent: BTreeMap<PairId, Instant>,
     /// The cuts of the async groups being cut.
     cuts: BTreeMap<blockrep_core::replication::GroupId, cuts::GroupCuts>,
+    /// Groups whose first cut waits for reports, since when (or since the last warning).
+    cuts_waiting: BTreeMap<blockrep_core::replication::GroupId, Instant>,
     /// When a group operation's step first failed to reach an agent.
     group_stuck_since: BTreeMap<blockrep_core::replication::GroupId, Instant>,
     /// Failovers whose production sides were sent their fence.
@@ -152,6 +154,7 @@ impl Coordinator {
             claimed: Default::default(),
             group_step_sent: BTreeMap::new(),
             cuts: BTreeMap::new(),
+            cuts_waiting: BTreeMap::new(),
             group_stuck_since: BTreeMap::new(),
             fences_sent: Default::default(),
         };

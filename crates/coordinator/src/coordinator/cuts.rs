@@ -40,6 +40,9 @@ const EPOCH_JUMP: u64 = 64;
 /// The commit is sent again this often even if it did not move (a DR agent may have missed
 /// it, or restarted).
 const RESEND_COMMIT_EVERY: u32 = 5;
+/// How long a group's first cut may wait for its production agents' reports before the
+/// coordinator warns (and warns again).
+const CUT_WAIT_WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// A pair of a group, as the cut loop needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +163,7 @@ impl Coordinator {
         }
         let keep: BTreeSet<GroupId> = eligible.iter().map(|e| e.group).collect();
         state.cuts.retain(|g, _| keep.contains(g));
+        state.cuts_waiting.retain(|g, _| keep.contains(g));
         // Pairs an agent still applies by group commits, or cuts by them, with no group.
         let mut ungroup: BTreeMap<(String, bool), Vec<PairId>> = BTreeMap::new();
         for node in state.nodes.values() {
@@ -274,13 +278,25 @@ impl Coordinator {
                 // just started (its cut state is in memory only) waits for every production
                 // agent's (a heartbeat), or it could cut to epochs the hosts passed long ago
                 // and commit boundaries no cut made.
-                if members
+                let silent: BTreeSet<&str> = members
                     .iter()
-                    .any(|m| !reports.contains_key(&(m.pair, true)))
-                {
-                    tracing::debug!(%group, "group cuts wait for every production agent's report");
+                    .filter(|m| !reports.contains_key(&(m.pair, true)))
+                    .map(|m| m.production_node.as_str())
+                    .collect();
+                if !silent.is_empty() {
+                    // The group's consistent point stands still meanwhile: say so, once a
+                    // wait has lasted, and again every so often while it lasts.
+                    let now = self.now();
+                    let since = *state.cuts_waiting.entry(group).or_insert(now);
+                    if now.saturating_duration_since(since) >= CUT_WAIT_WARN_EVERY {
+                        tracing::warn!(%group, waiting_for = ?silent, waited = ?CUT_WAIT_WARN_EVERY, "group cuts wait for every production agent's report; the group's consistent point does not move meanwhile");
+                        state.cuts_waiting.insert(group, now);
+                    } else {
+                        tracing::debug!(%group, waiting_for = ?silent, "group cuts wait for every production agent's report");
+                    }
                     return Ok(());
                 }
+                state.cuts_waiting.remove(&group);
                 // Above every epoch a host reported, and every one the group's last cut
                 // state (of other members) reached: reports are up to a heartbeat old.
                 let reported = members
