@@ -1,7 +1,7 @@
 //! Seeded simulation of an async consistency group's cuts across three hosts (rule 3),
 //! driving the machines the agents and the coordinator run: each production host is the
 //! core's `Production` (its epochs, its answer holds, its catch-up units and their spans),
-//! each DR side the applier's `DrUnits` (units held until the group commits them), the
+//! each DR side the applier's `DrSide` (units held until the group commits them), the
 //! coordinator the core's `CutCoordinator`, cutting at every interval. The harness is
 //! `sim::group`, shared with `hypermetro_group_sim`: what it drives, the faults (links cut
 //! and healed, agents crashing, some of them just after they switched and restarted at

@@ -1,6 +1,6 @@
 //! A seeded, deterministic simulation of an async pair that drives the machines the agents
 //! run: on the production side `blockrep_core::pair::production::Production` (which
-//! `PairLink` wraps), on the DR side `blockrep_core::pair::dr::DrUnits` (which the applier
+//! `PairLink` wraps), on the DR side `blockrep_core::pair::dr_side::DrSide` (which the applier
 //! wraps: which staged writes and seals it takes, which units apply). The production side:
 //! its journal (epochs, bound, bitmap mode, catch-up), its answers and holds, and the clear
 //! tickets it redeems or forgets in the dirty map, with writes that overlap and complete
@@ -21,7 +21,7 @@
 //! - the journal never holds more than its bound (rule 6);
 //! - every write is answered exactly once (held answers are given);
 //! - both machines' own invariants (`Production::check_invariants`,
-//!   `DrUnits::check_invariants`), and that the production state
+//!   `DrSide::check_invariants`), and that the production state
 //!   has a stream exactly when the link is up; a paused pair refuses a stream.
 //!
 //! Writes pause a quarter of the time, so catch-ups end under load too. And at the end,
@@ -37,7 +37,8 @@ use std::collections::{BTreeSet, VecDeque};
 
 use blockrep_core::ByteRange;
 use blockrep_core::dirty_map::{DirtyMap, Granularity};
-use blockrep_core::pair::dr::{DrState, DrUnits, SealArrival, SealRecord, StagedWrite};
+use blockrep_core::pair::dr::{DrState, SealArrival, SealRecord, StagedWrite};
+use blockrep_core::pair::dr_side::DrSide;
 use blockrep_core::pair::production::ReplicaMode;
 use blockrep_core::pair::production::{AfterLocal, Effects, LocalWrite, Production, Transmit};
 use blockrep_core::pair::state::PairState;
@@ -78,10 +79,10 @@ struct InFlight {
     ticket: Option<Ticket>,
 }
 
-/// The DR side: the machine the applier runs (`DrUnits`), over a volume and a stage log
-/// in memory.
+/// The DR side: the machine the applier runs (`DrSide`), over a volume and a stage log
+/// in memory (its direct writes and verifies are not simulated here).
 struct Dr {
-    units: DrUnits,
+    side: DrSide<(), ()>,
     image: Vec<u64>,
     /// Staged writes: (epoch, range, value per block), in stream order.
     staged: Vec<(Epoch, ByteRange, Vec<u64>)>,
@@ -160,7 +161,7 @@ impl Sim {
             link_up: true,
             paused: false,
             dr: Dr {
-                units: DrUnits::new(DrState::default(), None),
+                side: DrSide::new(DrState::default(), None),
                 image: vec![0; BLOCKS as usize],
                 staged: Vec::new(),
             },
@@ -321,7 +322,7 @@ impl Sim {
                 // Now and then its stage log is full, or the frame was corrupted on the way.
                 let room = self.rng.random_range(0..200) != 0;
                 let crc_ok = self.rng.random_range(0..400) != 0;
-                match self.dr.units.staged_write(epoch, crc_ok, room) {
+                match self.dr.side.staged_write(epoch, crc_ok, room) {
                     StagedWrite::Drop => {}
                     StagedWrite::Refuse(reason) => {
                         self.acks.push_back(Answer::Refused(seq, reason))
@@ -336,26 +337,26 @@ impl Sim {
                 }
             }
             Transmit::Seal { epoch, cut_ms } => {
-                match self.dr.units.seal_arrived(epoch, true) {
+                match self.dr.side.seal_arrived(epoch, true) {
                     SealArrival::Dropped if self.mutation == Some(Mutation::ApplyWhatIsDropped) => {
-                        self.dr.units.appended(epoch);
+                        self.dr.side.appended(epoch);
                     }
                     SealArrival::Dropped => return,
                     SealArrival::Staged => {
                         self.acks.push_back(Answer::Staged(epoch));
                         return;
                     }
-                    SealArrival::Append => self.dr.units.appended(epoch),
+                    SealArrival::Append => self.dr.side.appended(epoch),
                     SealArrival::Replay => unreachable!("only a restarted applier replays"),
                 }
                 self.acks.push_back(Answer::Staged(epoch));
                 let seal = SealRecord { epoch, cut_ms };
-                if let Some(seal) = self.dr.units.unit_ready(seal, u64::MAX) {
+                if let Some(seal) = self.dr.side.unit_ready(seal, u64::MAX) {
                     self.apply_unit(seal);
                 }
             }
             Transmit::Discard { after } => {
-                let after = self.dr.units.discard(after);
+                let after = self.dr.side.discard(after);
                 self.dr.staged.retain(|(e, _, _)| *e <= after);
             }
             Transmit::Flush { .. }
@@ -374,12 +375,15 @@ impl Sim {
             .drain(..)
             .partition(|(e, _, _)| *e <= seal.epoch);
         self.dr.staged = rest;
+        self.dr.side.begin_unit(seal, unit.len());
         for (_, range, values) in unit {
             for (b, v) in blocks(range).zip(values) {
                 self.dr.image[b as usize] = v;
             }
+            let _ = self.dr.side.unit_write_done();
         }
-        self.dr.units.unit_applied(seal);
+        let done = self.dr.side.finish_unit().expect("the unit was begun");
+        assert!(done.answers.is_empty(), "no direct writes here");
         self.check_consistent(seal.epoch);
     }
 
@@ -401,10 +405,10 @@ impl Sim {
         self.acks.clear();
         // The DR side drops what it staged without a seal.
         // Each stream has an applier of its own: the next one starts from what is recorded.
-        let state = self.dr.units.state().clone();
+        let state = self.dr.side.state().clone();
         let applied = state.applied;
         self.dr.staged.retain(|(e, _, _)| *e <= applied);
-        self.dr.units = DrUnits::new(state, None);
+        self.dr.side = DrSide::new(state, None);
         let fx = self.machine.disconnected(self.now_us);
         self.carry_out(fx);
         self.catch_up = None;
@@ -418,7 +422,7 @@ impl Sim {
         self.link_up = true;
         let fx = self
             .machine
-            .connected(self.dr.units.applied(), !self.dirty.is_clean())
+            .connected(self.dr.side.applied(), !self.dirty.is_clean())
             .expect("a pair with no stream connects");
         self.carry_out(fx);
         if !self.dirty.is_clean() {
@@ -448,7 +452,7 @@ impl Sim {
         assert_eq!(self.machine.state(), PairState::Paused);
         assert!(
             self.machine
-                .connected(self.dr.units.applied(), !self.dirty.is_clean())
+                .connected(self.dr.side.applied(), !self.dirty.is_clean())
                 .is_err(),
             "a paused pair took a stream"
         );
@@ -608,7 +612,7 @@ impl Sim {
         if let Err(broken) = self.machine.check_invariants() {
             panic!("step {}: {broken}", self.steps);
         }
-        if let Err(broken) = self.dr.units.check_invariants() {
+        if let Err(broken) = self.dr.side.check_invariants() {
             panic!("step {}: the DR side: {broken}", self.steps);
         }
         assert_eq!(

@@ -3,6 +3,7 @@
 
 pub mod atomic_spans;
 pub mod dr;
+pub mod dr_side;
 pub mod hold_times;
 pub mod probes;
 pub mod production;

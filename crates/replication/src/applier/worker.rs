@@ -10,9 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use blockrep_core::pair::dr::DrUnits;
-use blockrep_core::replication::direct_gate::DirectGate;
-use blockrep_core::replication::{AckBarrier, Epoch, SyncTicket, WriteSeq};
+use blockrep_core::pair::dr_side::DrSide;
+use blockrep_core::replication::{SyncTicket, WriteSeq};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, Volume, Waker};
 use io_uring::{IoUring, opcode, types};
@@ -40,20 +39,14 @@ struct Slot {
     unit: bool,
 }
 
-/// A unit being applied: writes left, and what to record when they are done.
-struct Applying {
-    epoch: Epoch,
-    cut_ms: u64,
-    left: usize,
-}
-
 pub(super) struct Worker {
     ring: IoUring,
     disk: i32,
     volume: Arc<Volume>,
     log: StageLog,
-    /// What the DR side decides about its units (the machine this thread is the shell of).
-    units: DrUnits,
+    /// What the DR side decides: units, the gate, the barrier, the unit being applied,
+    /// the verifies held (the machine this thread is the shell of).
+    side: DrSide<ApplyCmd, VerifyCmd>,
     state_path: PathBuf,
     events: UnboundedSender<ApplyEvent>,
     counters: Arc<ApplyCounters>,
@@ -67,18 +60,9 @@ pub(super) struct Worker {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     inflight: usize,
-    applying: Option<Applying>,
     /// The unit's writes not yet submitted.
     unit_queue: VecDeque<Staged>,
-    /// Verify requests waiting for the unit of their epoch.
-    held_verifies: Vec<VerifyCmd>,
     allowed: Arc<AtomicU64>,
-    /// Gated direct writes (and what came after them, in order), held aside unwritten and
-    /// unanswered until the stream's `Ungate` and the unit it names are applied.
-    gate: DirectGate<ApplyCmd>,
-    /// Acknowledgements of direct writes that completed, waiting for a sync to make them
-    /// durable.
-    barrier: AckBarrier<WriteSeq>,
     /// The syncs in flight on the ring, oldest first.
     syncs: VecDeque<SyncTicket>,
     stage_log_max_bytes: u64,
@@ -118,7 +102,7 @@ impl Worker {
             disk: volume.backing().fd().as_raw_fd(),
             volume,
             log,
-            units: DrUnits::new(state, replay.last().map(|s| s.epoch)),
+            side: DrSide::new(state, replay.last().map(|s| s.epoch)),
             state_path,
             events,
             counters,
@@ -131,12 +115,8 @@ impl Worker {
             slots: Vec::new(),
             free: Vec::new(),
             inflight: 0,
-            applying: None,
             unit_queue: VecDeque::new(),
-            held_verifies: Vec::new(),
             allowed,
-            gate: DirectGate::default(),
-            barrier: AckBarrier::default(),
             syncs: VecDeque::new(),
             stage_log_max_bytes,
             compact_after_bytes,
@@ -175,7 +155,7 @@ impl Worker {
             if stopping
                 && self.inflight == 0
                 && self.queue.is_empty()
-                && self.applying.is_none()
+                && !self.side.is_applying()
                 && self.syncs.is_empty()
             {
                 if self.wake_inflight {
@@ -267,13 +247,12 @@ impl Worker {
     /// Starts a sync of the volume if acknowledgements wait for one and none is in flight:
     /// on the ring, or (for a backing whose ring sync is not enough) here and now.
     fn start_sync(&mut self) -> io::Result<()> {
-        if !self.barrier.wants_sync() {
+        let Some(ticket) = self.side.start_sync() else {
             return Ok(());
-        }
-        let ticket = self.barrier.start_sync();
+        };
         if !self.volume.backing().ring_sync_is_durable() {
             self.volume.backing().sync_data()?;
-            for seq in self.barrier.synced(ticket) {
+            for seq in self.side.synced(ticket) {
                 self.emit(ApplyEvent::WriteAck(seq));
             }
             return Ok(());
@@ -296,7 +275,7 @@ impl Worker {
         if result < 0 {
             return Err(io::Error::from_raw_os_error(-result));
         }
-        for seq in self.barrier.synced(ticket) {
+        for seq in self.side.synced(ticket) {
             self.emit(ApplyEvent::WriteAck(seq));
         }
         Ok(())
@@ -305,7 +284,7 @@ impl Worker {
     /// The volume was synced outside the barrier: every write that completed before is
     /// durable, and its acknowledgement goes now.
     fn synced_outside(&mut self) {
-        for seq in self.barrier.synced_outside() {
+        for seq in self.side.synced_outside() {
             self.emit(ApplyEvent::WriteAck(seq));
         }
     }
@@ -431,18 +410,11 @@ impl Worker {
             Some(seq) if slot.fua && self.volume.backing().ring_sync_is_durable() => {
                 self.emit(ApplyEvent::WriteAck(seq))
             }
-            Some(seq) => self.barrier.completed(seq),
+            Some(seq) => self.side.direct_written(seq),
             None => {}
         }
-        if slot.unit {
-            let applying = self
-                .applying
-                .as_mut()
-                .expect("a unit write belongs to a unit");
-            applying.left -= 1;
-            if applying.left == 0 && self.unit_queue.is_empty() {
-                self.finish_unit()?;
-            }
+        if slot.unit && self.side.unit_write_done() {
+            self.finish_unit()?;
         }
         Ok(())
     }

@@ -66,7 +66,7 @@ impl Sim {
             }
         }
         for (h, dr) in self.drs.iter().enumerate() {
-            if let Err(broken) = dr.units.check_invariants() {
+            if let Err(broken) = dr.side.check_invariants() {
                 return Err(format!(
                     "at {} ms host {h}'s DR side: {broken}",
                     self.clock.now()
@@ -128,7 +128,7 @@ impl Sim {
                 write.answered,
                 dr.image[write.block as usize] == write.value,
                 dr.last_seal.0,
-                dr.units.applied().0,
+                dr.side.applied().0,
                 dr.allowed.0
             ));
         }

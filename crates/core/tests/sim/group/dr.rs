@@ -8,9 +8,7 @@ impl Dr {
             up: true,
             applier: 0,
             session: None,
-            units: DrUnits::new(DrState::default(), None),
-            gate: DirectGate::default(),
-            barrier: AckBarrier::default(),
+            side: DrSide::new(DrState::default(), None),
             syncs: VecDeque::new(),
             image: vec![UNWRITTEN; BLOCKS as usize],
             volatile: VecDeque::new(),
@@ -23,14 +21,13 @@ impl Dr {
         }
     }
 
-    /// A new applier, from what the DR side recorded: the units, the stage log's sealed
-    /// units (replayed), no gate, no barrier. Returns the seals to replay.
+    /// A new applier, from what the DR side recorded: its applied state and the stage
+    /// log's sealed units (replayed); nothing aside, nothing waiting for a sync. Returns the
+    /// seals to replay.
     pub(super) fn new_applier(&mut self) -> Vec<SealRecord> {
         self.applier += 1;
-        let state = self.units.state().clone();
-        self.units = DrUnits::new(state, Some(self.last_seal));
-        self.gate = DirectGate::default();
-        self.barrier = AckBarrier::default();
+        let state = self.side.state().clone();
+        self.side = DrSide::new(state, Some(self.last_seal));
         self.syncs.clear();
         // The log's tail after its last seal belongs to a stream that is gone.
         let last = self.last_seal;
@@ -63,8 +60,8 @@ impl Sim {
             Transmit::Write(write) if write.direct => {
                 let gating = self.gating(&write);
                 let dr = &mut self.drs[h];
-                if dr.gate.must_wait(gating, Some(dr.units.applied())) {
-                    dr.gate.set_aside(gating, (write, corrupted));
+                if dr.side.must_set_aside(gating) {
+                    dr.side.set_aside(gating, (write, corrupted));
                 } else {
                     self.dr_direct(h, write, corrupted);
                 }
@@ -72,7 +69,7 @@ impl Sim {
             Transmit::Write(write) => {
                 let room = !(self.faults() && self.rng.random_bool(0.003));
                 let dr = &mut self.drs[h];
-                match dr.units.staged_write(write.epoch, !corrupted, room) {
+                match dr.side.staged_write(write.epoch, !corrupted, room) {
                     StagedWrite::Drop => {}
                     StagedWrite::Refuse(reason) => {
                         self.answer_production(h, Answer::Refused(write.seq, reason))
@@ -87,10 +84,10 @@ impl Sim {
             Transmit::Seal { epoch, cut_ms } => self.dr_seal(h, epoch, cut_ms, true),
             Transmit::Discard { after } => {
                 let dr = &mut self.drs[h];
-                let after = dr.units.discard(after);
+                let after = dr.side.discard(after);
                 dr.staged.retain(|(e, ..)| *e <= after);
             }
-            Transmit::Ungate { epoch } => self.drs[h].gate.ungate(epoch),
+            Transmit::Ungate { epoch } => self.drs[h].side.ungate(epoch),
             Transmit::Flush { .. } | Transmit::SyncDone { .. } | Transmit::Verify { .. } => {
                 panic!("the simulation sends no flush, sync end or verify")
             }
@@ -112,16 +109,15 @@ impl Sim {
         if self.broken == Broken::AckBeforeSync {
             return self.answer_production(h, Answer::Written(write.seq));
         }
-        self.drs[h].barrier.completed(write.seq);
+        self.drs[h].side.direct_written(write.seq);
         self.start_sync(h);
     }
 
     pub(super) fn start_sync(&mut self, h: usize) {
         let dr = &mut self.drs[h];
-        if !dr.barrier.wants_sync() {
+        let Some(ticket) = dr.side.start_sync() else {
             return;
-        }
-        let ticket = dr.barrier.start_sync();
+        };
         let reaches = dr.volatile_base + dr.volatile.len();
         dr.syncs.push_back((ticket, reaches));
         let applier = dr.applier;
@@ -140,7 +136,7 @@ impl Sim {
             dr.volatile.pop_front();
             dr.volatile_base += 1;
         }
-        for seq in dr.barrier.synced(ticket) {
+        for seq in dr.side.synced(ticket) {
             self.answer_production(h, Answer::Written(seq));
         }
         self.start_sync(h);
@@ -149,7 +145,7 @@ impl Sim {
     /// A seal arrived (`append`) or was found in the stage log: as the applier's `seal`.
     pub(super) fn dr_seal(&mut self, h: usize, epoch: Epoch, cut_ms: u64, append: bool) {
         let dr = &mut self.drs[h];
-        match dr.units.seal_arrived(epoch, append) {
+        match dr.side.seal_arrived(epoch, append) {
             SealArrival::Staged => return self.answer_production(h, Answer::Staged(epoch)),
             SealArrival::Dropped => return,
             SealArrival::Append => {
@@ -159,14 +155,14 @@ impl Sim {
                 }
                 dr.seals.push(SealRecord { epoch, cut_ms });
                 dr.last_seal = dr.last_seal.max(epoch);
-                dr.units.appended(epoch);
+                dr.side.appended(epoch);
                 self.answer_production(h, Answer::Staged(epoch));
             }
             SealArrival::Replay => {}
         }
         let dr = &mut self.drs[h];
         if let Some(seal) = dr
-            .units
+            .side
             .unit_ready(SealRecord { epoch, cut_ms }, dr.allowed.0)
         {
             self.apply_unit(h, seal);
@@ -181,15 +177,16 @@ impl Sim {
             .drain(..)
             .partition(|(e, ..)| *e <= seal.epoch);
         self.drs[h].staged = rest;
+        self.drs[h].side.begin_unit(seal, unit.len());
         for (_, b, v, _) in unit {
             self.set_dr_block(h, b, v);
+            let _ = self.drs[h].side.unit_write_done();
         }
         let dr = &mut self.drs[h];
         dr.seals.retain(|s| s.epoch > seal.epoch);
         dr.synced_all();
-        let acks = dr.barrier.synced_outside();
-        dr.units.unit_applied(seal);
-        for seq in acks {
+        let done = dr.side.finish_unit().expect("the unit was begun");
+        for seq in done.answers {
             self.answer_production(h, Answer::Written(seq));
         }
     }
@@ -198,12 +195,11 @@ impl Sim {
     pub(super) fn dr_progress(&mut self, h: usize) {
         loop {
             let dr = &mut self.drs[h];
-            if let Some(seal) = dr.units.committed_held_seal(dr.allowed.0) {
+            if let Some(seal) = dr.side.committed_unit(dr.allowed.0) {
                 self.apply_unit(h, seal);
                 continue;
             }
-            let applied = Some(dr.units.applied());
-            let let_go = dr.gate.let_go(applied);
+            let let_go = dr.side.let_go();
             if let_go.is_empty() {
                 return;
             }
@@ -232,8 +228,8 @@ impl Sim {
         dr.applier += 1;
         dr.session = None;
         dr.syncs.clear();
-        dr.barrier = AckBarrier::default();
-        dr.gate = DirectGate::default();
+        let state = dr.side.state().clone();
+        dr.side = DrSide::new(state, Some(dr.last_seal));
         // What the stage log holds after its last seal is dropped when it is opened again.
         let last = dr.last_seal;
         dr.staged.retain(|s| s.3 && s.0 <= last);

@@ -8,11 +8,11 @@
 //!   session's tick (the peer timeout, a stream the machine wants ended, a catch-up it asks
 //!   for), and the membership record a restart reads (the group's last cut, a catch-up
 //!   unit's start);
-//! - each DR side is `blockrep_core::pair::dr::DrUnits` (the applier's machine: which staged
-//!   writes and seals it takes, which units the group's commit lets apply), the applier's
-//!   `DirectGate` for gated direct writes and its `AckBarrier` (a direct write is answered
-//!   once a sync that began after it returned), over a volume that loses unsynced writes at
-//!   a power cut and a stage log whose unsealed tail is lost with it;
+//! - each DR side is `blockrep_core::pair::dr_side::DrSide` (the applier's machine: which
+//!   staged writes and seals it takes, which units the group's commit lets apply, the gate
+//!   of gated direct writes, the barrier that answers a direct write once a sync that began
+//!   after it returned), over a volume that loses unsynced writes at a power cut and a
+//!   stage log whose unsealed tail is lost with it;
 //! - the coordinator is the core's `CutCoordinator` with the coordinator's choice of cut,
 //!   `hypermetro_cut`.
 //!
@@ -46,13 +46,14 @@ use super::{Clock, Fault, FaultPlan, host_name, host_of};
 use blockrep_core::ByteRange;
 use blockrep_core::dirty_map::{DirtyMap, Granularity};
 use blockrep_core::pair::atomic_spans::unit_to_record;
-use blockrep_core::pair::dr::{DrState, DrUnits, SealArrival, SealRecord, StagedWrite};
+use blockrep_core::pair::dr::{DrState, SealArrival, SealRecord, StagedWrite};
+use blockrep_core::pair::dr_side::DrSide;
 use blockrep_core::pair::production::{
     AfterLocal, Effects, LocalWrite, Production, ReplicaMode, Transmit,
 };
 use blockrep_core::pair::state::PairState;
-use blockrep_core::replication::direct_gate::{DirectGate, Gating};
-use blockrep_core::replication::durability::{AckBarrier, SyncTicket};
+use blockrep_core::replication::direct_gate::Gating;
+use blockrep_core::replication::durability::SyncTicket;
 use blockrep_core::replication::group_cut::{
     CutCoordinator, CutMessage, CutMode, Live, PairMode, RoundOutcome, hypermetro_cut,
 };
@@ -271,9 +272,9 @@ struct Dr {
     applier: u32,
     /// The stream it takes frames of.
     session: Option<u32>,
-    units: DrUnits,
-    gate: DirectGate<(WriteFrame<Value>, bool)>,
-    barrier: AckBarrier<WriteSeq>,
+    /// The applier's machine; what it holds aside is a direct write and whether its CRC
+    /// failed on the way (it verifies no probes).
+    side: DrSide<(WriteFrame<Value>, bool), ()>,
     /// Syncs in flight, each with how far into `volatile` it reaches.
     syncs: VecDeque<(SyncTicket, usize)>,
     image: Vec<u64>,

@@ -231,8 +231,8 @@ impl Sim {
             self.dr_seal(h, seal.epoch, seal.cut_ms, false);
         }
         let dr = &self.drs[h];
-        let staged = dr.last_seal.max(dr.units.applied());
-        let applied = dr.units.applied();
+        let staged = dr.last_seal.max(dr.side.applied());
+        let applied = dr.side.applied();
         let now_ms = self.clock.now();
         let host = &mut self.hosts[h];
         host.stream_clock = now_ms;
@@ -493,7 +493,7 @@ impl Sim {
         // What the journal held is gone: what the DR side lacks comes as a unit.
         if host.unit_from.is_none() {
             let dr = &self.drs[h];
-            host.unit_from = Some(dr.last_seal.max(dr.units.applied()));
+            host.unit_from = Some(dr.last_seal.max(dr.side.applied()));
         }
         // Writes never answered never will be; their chains write the record again
         // elsewhere.
@@ -547,7 +547,7 @@ impl Sim {
             let m = &host.machine;
             if host.unit_from.is_none() {
                 if m.unit_in_progress().is_some() {
-                    host.unit_from = Some(dr.last_seal.max(dr.units.applied()));
+                    host.unit_from = Some(dr.last_seal.max(dr.side.applied()));
                 }
             } else if m.live() != Live::Tracked
                 && host.reader.is_none()

@@ -12,7 +12,7 @@ use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
 use bytes::Bytes;
 
-use super::{Applying, Worker};
+use super::Worker;
 use crate::applier::{ApplyCmd, ApplyEvent, MAX_INFLIGHT, VerifyCmd, ZEROES_PIECE};
 use crate::dr_state;
 
@@ -20,23 +20,22 @@ impl Worker {
     /// Starts whatever may start now, in order.
     pub(super) fn progress(&mut self) -> io::Result<()> {
         loop {
-            if self.applying.is_some() {
+            if self.side.is_applying() {
                 self.submit_unit()?;
                 return Ok(());
             }
             // Held units the group has committed since apply first, as one unit.
             if self.inflight == 0
                 && let Some(seal) = self
-                    .units
-                    .committed_held_seal(self.allowed.load(std::sync::atomic::Ordering::SeqCst))
+                    .side
+                    .committed_unit(self.allowed.load(std::sync::atomic::Ordering::SeqCst))
             {
                 self.apply_unit(seal)?;
                 continue;
             }
             // Gated writes go, in order, once their group is synchronous and their past
             // applied; let go, they are gated no more.
-            let applied = self.applying.is_none().then_some(self.units.applied());
-            for mut cmd in self.gate.let_go(applied).into_iter().rev() {
+            for mut cmd in self.side.let_go().into_iter().rev() {
                 if let ApplyCmd::Write { header, .. } = &mut cmd {
                     header.flags.0 &= !WriteFlags::GATED;
                 }
@@ -46,7 +45,7 @@ impl Worker {
                 return Ok(());
             };
             if let Some(gating) = gating(cmd)
-                && self.gate.must_wait(gating, applied)
+                && self.side.must_set_aside(gating)
             {
                 let mut cmd = self.queue.pop_front().expect("front checked");
                 // What waits behind a gated write gives its room in the apply queue back:
@@ -56,7 +55,7 @@ impl Worker {
                         .budget
                         .add_permits(std::mem::take(budget) as usize);
                 }
-                self.gate.set_aside(gating, cmd);
+                self.side.set_aside(gating, cmd);
                 continue;
             }
             let barrier = matches!(
@@ -95,24 +94,25 @@ impl Worker {
                 ApplyCmd::Seal { epoch, cut_ms } => self.seal(epoch, cut_ms, true)?,
                 ApplyCmd::Replay { epoch, cut_ms } => self.seal(epoch, cut_ms, false)?,
                 ApplyCmd::Discard { after } => {
-                    let after = self.units.discard(after);
+                    let after = self.side.discard(after);
                     self.log.discard_after(after);
                 }
                 // Picked up at the top of the loop.
                 ApplyCmd::Allowed => {}
-                ApplyCmd::Ungate { epoch } => self.gate.ungate(epoch),
-                ApplyCmd::Verify(v) => match v.after {
-                    Some(epoch) if epoch > self.units.applied() => self.held_verifies.push(v),
-                    _ => self.verify(&v)?,
-                },
+                ApplyCmd::Ungate { epoch } => self.side.ungate(epoch),
+                ApplyCmd::Verify(v) => {
+                    if let Some(v) = self.side.verify_arrived(v.after, v) {
+                        self.verify(&v)?;
+                    }
+                }
                 ApplyCmd::SyncDone { epoch } => {
                     self.volume.backing().sync_data()?;
                     self.synced_outside();
-                    self.units.sync_done(epoch);
+                    self.side.sync_done(epoch);
                     self.save_state()?;
                     // Every extent of the sync is durable, and so is its end.
                     self.emit(ApplyEvent::SyncDoneAck(epoch));
-                    let state = self.units.state();
+                    let state = self.side.state();
                     if state.consistent {
                         self.emit(ApplyEvent::Applied {
                             epoch: state.applied,
@@ -139,7 +139,7 @@ impl Worker {
         let checksum_ok = zeroes || payload_crc(&payload) == header.crc;
         if !header.flags.has(WriteFlags::DIRECT) {
             let room = checksum_ok && (range.is_empty() || self.stage_room(range));
-            match self.units.staged_write(header.epoch, checksum_ok, room) {
+            match self.side.staged_write(header.epoch, checksum_ok, room) {
                 // Its unit can no longer apply: the production side catches up instead.
                 StagedWrite::Drop => {}
                 StagedWrite::Refuse(reason) => self.refuse(&header, range, reason),
@@ -188,7 +188,7 @@ impl Worker {
             .bytes_written
             .fetch_add(range.len, std::sync::atomic::Ordering::Relaxed);
         if let Some(seq) = ack {
-            self.barrier.completed(seq);
+            self.side.direct_written(seq);
         }
         if header.flags.has(WriteFlags::FUA) {
             self.volume.backing().sync_data()?;
@@ -241,7 +241,7 @@ impl Worker {
     /// A seal: the unit is made durable and acknowledged, then applied. A replayed seal is
     /// durable already.
     fn seal(&mut self, epoch: Epoch, cut_ms: u64, append: bool) -> io::Result<()> {
-        match self.units.seal_arrived(epoch, append) {
+        match self.side.seal_arrived(epoch, append) {
             SealArrival::Staged => {
                 self.emit(ApplyEvent::Staged(epoch));
                 return Ok(());
@@ -249,14 +249,14 @@ impl Worker {
             SealArrival::Dropped => return Ok(()),
             SealArrival::Append => {
                 self.log.seal(epoch, cut_ms)?;
-                self.units.appended(epoch);
+                self.side.appended(epoch);
                 self.emit(ApplyEvent::Staged(epoch));
             }
             SealArrival::Replay => {}
         }
         let allowed = self.allowed.load(std::sync::atomic::Ordering::SeqCst);
         // Held, staged, if its group has not committed it (rule 3).
-        match self.units.unit_ready(SealRecord { epoch, cut_ms }, allowed) {
+        match self.side.unit_ready(SealRecord { epoch, cut_ms }, allowed) {
             Some(seal) => self.apply_unit(seal),
             None => Ok(()),
         }
@@ -264,13 +264,8 @@ impl Worker {
 
     /// Applies the unit that `seal` ends: every staged write up to its epoch.
     fn apply_unit(&mut self, seal: SealRecord) -> io::Result<()> {
-        let SealRecord { epoch, cut_ms } = seal;
-        let unit = self.log.take_unit(epoch);
-        self.applying = Some(Applying {
-            epoch,
-            cut_ms,
-            left: unit.len(),
-        });
+        let unit = self.log.take_unit(seal.epoch);
+        self.side.begin_unit(seal, unit.len());
         self.unit_queue = unit.into();
         if self.unit_queue.is_empty() {
             return self.finish_unit();
@@ -295,7 +290,7 @@ impl Worker {
             }
             if staged.range.is_empty() {
                 self.unit_queue.pop_front();
-                self.applying.as_mut().expect("applying").left -= 1;
+                let _ = self.side.unit_write_done();
                 continue;
             }
             if self.inflight >= MAX_INFLIGHT {
@@ -315,8 +310,7 @@ impl Worker {
                     self.volume
                         .read_modify_write(staged.range, Some(&data), false)?;
                 }
-                let applying = self.applying.as_mut().expect("applying");
-                applying.left -= 1;
+                let _ = self.side.unit_write_done();
                 continue;
             }
             let mut buf = AlignedBuf::new(staged.range.len as usize);
@@ -326,11 +320,7 @@ impl Worker {
             }
             self.unit_queue.pop_front();
         }
-        if self
-            .applying
-            .as_ref()
-            .is_some_and(|a| a.left == 0 && self.inflight == 0)
-        {
+        if self.side.unit_written() && self.inflight == 0 {
             self.finish_unit()?;
         }
         Ok(())
@@ -350,15 +340,14 @@ impl Worker {
 
     /// Every write of the unit is on the volume: sync it, record the epoch, report.
     pub(super) fn finish_unit(&mut self) -> io::Result<()> {
-        let Some(applying) = self.applying.take() else {
+        if !self.side.is_applying() {
             return Ok(());
-        };
+        }
         self.volume.backing().sync_data()?;
-        self.synced_outside();
-        self.units.unit_applied(SealRecord {
-            epoch: applying.epoch,
-            cut_ms: applying.cut_ms,
-        });
+        let done = self.side.finish_unit().expect("a unit was being applied");
+        for seq in done.answers {
+            self.emit(ApplyEvent::WriteAck(seq));
+        }
         self.save_state()?;
         // Seals of units not yet applied are durable and acknowledged: a rewritten log
         // keeps them, and a log holding one is never emptied (its unit may have no writes).
@@ -369,15 +358,11 @@ impl Worker {
                 .compact(self.compact_after_bytes, &unapplied, &|| beat.progress())?;
         }
         self.emit(ApplyEvent::Applied {
-            epoch: applying.epoch,
-            cut_ms: applying.cut_ms,
+            epoch: done.seal.epoch,
+            cut_ms: done.seal.cut_ms,
         });
         // The volume now holds every write of epochs ≤ this one and none later.
-        let (due, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_verifies)
-            .into_iter()
-            .partition(|v| v.after.is_none_or(|e| e <= applying.epoch));
-        self.held_verifies = held;
-        for v in &due {
+        for v in &done.verifies {
             self.verify(v)?;
         }
         Ok(())
@@ -390,17 +375,17 @@ impl Worker {
             ApplyCmd::Replay { epoch, cut_ms } => Some(SealRecord { epoch, cut_ms }),
             _ => None,
         });
-        self.units.seals_not_applied(replays)
+        self.side.seals_not_applied(replays)
     }
 
     /// Records the state durably, after checking the machine's invariants.
     fn save_state(&self) -> io::Result<()> {
-        if let Err(broken) = self.units.check_invariants() {
+        if let Err(broken) = self.side.check_invariants() {
             return Err(io::Error::other(format!(
                 "the DR side's units broke an invariant: {broken}"
             )));
         }
-        dr_state::save(self.units.state(), &self.state_path)
+        dr_state::save(self.side.state(), &self.state_path)
     }
 
     /// Reads back the blocks a verify names and reports those whose CRC differs.
