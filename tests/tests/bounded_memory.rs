@@ -147,17 +147,31 @@ fn a_stage_log_at_its_cap_falls_back_to_the_bitmap_and_keeps_a_consistent_image(
             NodeSpec::new("node-b", "az2"),
         ],
         ClusterConfig {
-            extra: "[replication]\nepoch_interval_ms = 200\nstage_log_max_bytes = \"4MiB\"\n",
+            // Epochs far longer than the burst takes: its writes go to one or two units,
+            // each over the cap, however slowly the machine runs them (with short epochs,
+            // a DR side that keeps up never holds 4 MiB staged, and the cap is never met).
+            extra: "[replication]\nepoch_interval_ms = 10000\nstage_log_max_bytes = \"4MiB\"\n",
             cluster_extra: "",
         },
     );
     let (_, dr, pair) = cluster.pair_two_files(dir.path(), "async", "async", 64 * MIB);
 
-    // Dependent records, 4 KiB each, in one burst: more than the DR's stage log may hold.
+    // A first batch the DR side applies: the image kept later holds at least it.
     let socket = cluster.node("node-a").daemon().nbd_socket("prod");
     let mut client = NbdClient::connect(&socket, "prod").unwrap();
+    let first = 256; // 1 MiB
+    for n in 0..first {
+        assert_eq!(client.write(n * RECORD, &record(n)).unwrap(), 0);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the DR volume to hold the first batch",
+        || prefix_length(&dr, first) == Ok(first),
+    );
+    // Then dependent records, 4 KiB each, in one burst: more than the DR's stage log may
+    // hold.
     let records = 8 * 1024; // 32 MiB
-    for n in 0..records {
+    for n in first..records {
         assert_eq!(client.write(n * RECORD, &record(n)).unwrap(), 0);
     }
     client.disconnect().unwrap();
@@ -175,6 +189,10 @@ fn a_stage_log_at_its_cap_falls_back_to_the_bitmap_and_keeps_a_consistent_image(
     cluster.node_mut("node-b").stop();
     let held = prefix_length(&dr, records).unwrap();
     eprintln!("with its stage log full, the DR volume holds the first {held} of {records} records");
+    assert!(
+        held >= first,
+        "the DR volume lost the batch it had applied: {held}"
+    );
 
     // A bigger cap: the catch-up fits, and the pair converges.
     let b = cluster.node_mut("node-b");
