@@ -1,5 +1,6 @@
 //! One session of a production pair: the handshake and the plan it leads to, then the
-//! stream's loops (sender, receiver, ticker) until one of them ends, and the backoff
+//! stream's loop (the DR side's frames, the ticker and the resync reader's end, applied
+//! to the machine one at a time, with the sender beside it) until it ends, and the backoff
 //! between sessions.
 
 use std::sync::Arc;
@@ -140,14 +141,7 @@ impl ProductionPair {
 
         let stop_resync = Arc::new(AtomicBool::new(false));
         let resync_thread = self.start_resync(plan, Arc::clone(&stop_resync))?;
-
-        let mut states = self.link.states();
-        let result = tokio::select! {
-            r = send_loop(&self.link, &mut writer) => r,
-            r = self.receive_loop(&mut reader) => r,
-            r = self.tick_loop(&stop_resync) => r,
-            s = states.wait_for(|s| !s.streaming()) => Err(SessionError::Ended(s.map_or(PairState::Stopped, |s| *s))),
-        };
+        let result = self.stream(&mut reader, &mut writer, &stop_resync).await;
         stop_resync.store(true, Ordering::SeqCst);
         writer.finish();
         if let Some(thread) = resync_thread {
@@ -156,143 +150,199 @@ impl ProductionPair {
         result
     }
 
-    async fn receive_loop(&self, reader: &mut FrameReader) -> Result<(), SessionError> {
+    /// The stream's loop, the session's one owner of its inputs: it takes them one at a
+    /// time (a frame of the DR side, the ticker, the resync reader's end, the pair leaving
+    /// the streaming states) and applies each to the machine, whose invariants the link
+    /// checks after every step. The sender drains the machine's frames beside it, in the
+    /// same task; the loop ends with the first error of either.
+    async fn stream(
+        &self,
+        reader: &mut FrameReader,
+        writer: &mut FrameWriter,
+        stop_resync: &Arc<AtomicBool>,
+    ) -> Result<(), SessionError> {
+        let mut sender = std::pin::pin!(send_loop(&self.link, writer));
+        let mut states = self.link.states();
+        let mut ticker = Ticker::new(self);
         // The counters run across streams; each stream counts from zero.
         let mut counted = reader.bytes_received;
         loop {
-            let frame = reader.next().await?;
-            self.link
-                .counters
-                .bytes_received
-                .fetch_add(reader.bytes_received - counted, Ordering::Relaxed);
-            counted = reader.bytes_received;
-            match frame {
-                Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => {
-                    self.link.handle_ack(seq)
+            // Each of these futures is cancel-safe: the reader keeps a partial frame in its
+            // buffer, the ticker and the notification lose nothing a later tick misses.
+            let input = tokio::select! {
+                r = &mut sender => return r,
+                s = states.wait_for(|s| !s.streaming()) => {
+                    return Err(SessionError::Ended(s.map_or(PairState::Stopped, |s| *s)));
                 }
-                Some(Frame::Staged { epoch }) => self.link.handle_staged(epoch),
-                Some(Frame::SyncDoneAck { epoch }) => self.link.handle_sync_done_ack(epoch),
-                Some(Frame::Applied { epoch, cut_ms }) => {
-                    let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-                    status.consistent = Some((epoch, cut_ms));
+                frame = reader.next() => Input::Frame(frame?),
+                _ = ticker.interval.tick() => Input::Tick,
+                _ = self.resync_ended.notified() => Input::Tick,
+            };
+            match input {
+                Input::Frame(frame) => {
+                    self.link
+                        .counters
+                        .bytes_received
+                        .fetch_add(reader.bytes_received - counted, Ordering::Relaxed);
+                    counted = reader.bytes_received;
+                    self.on_frame(frame)?;
                 }
-                Some(Frame::Reject { seq, reason }) => self.link.handle_reject(seq, reason),
-                Some(Frame::Verified { id, differing }) => {
-                    self.link.handle_verified(id, &differing)
-                }
-                Some(Frame::Refuse { reason, .. }) => return Err(SessionError::Refused(reason)),
-                Some(_) => {
-                    return Err(SessionError::Protocol(
-                        "unexpected frame from the DR side".into(),
-                    ));
-                }
-                None => {
-                    return Err(SessionError::Protocol(
-                        "the DR side closed the stream".into(),
-                    ));
-                }
+                Input::Tick => self.on_tick(&mut ticker, stop_resync).await?,
             }
         }
     }
 
-    /// Cuts epochs, notices the end of a resync, and starts a catch-up when the journal
-    /// overflowed.
-    async fn tick_loop(&self, stop_resync: &Arc<AtomicBool>) -> Result<(), SessionError> {
+    /// A frame of the DR side (`None`: it closed the stream).
+    fn on_frame(&self, frame: Option<Frame>) -> Result<(), SessionError> {
+        match frame {
+            Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => self.link.handle_ack(seq),
+            Some(Frame::Staged { epoch }) => self.link.handle_staged(epoch),
+            Some(Frame::SyncDoneAck { epoch }) => self.link.handle_sync_done_ack(epoch),
+            Some(Frame::Applied { epoch, cut_ms }) => {
+                let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                status.consistent = Some((epoch, cut_ms));
+            }
+            Some(Frame::Reject { seq, reason }) => self.link.handle_reject(seq, reason),
+            Some(Frame::Verified { id, differing }) => self.link.handle_verified(id, &differing),
+            Some(Frame::Refuse { reason, .. }) => return Err(SessionError::Refused(reason)),
+            Some(_) => {
+                return Err(SessionError::Protocol(
+                    "unexpected frame from the DR side".into(),
+                ));
+            }
+            None => {
+                return Err(SessionError::Protocol(
+                    "the DR side closed the stream".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ticker fired or the resync reader ended: checks the peer's silence and whether
+    /// the stream must end, cuts an epoch when one is due, takes the resync's outcome, and
+    /// starts a catch-up when the journal overflowed.
+    async fn on_tick(
+        &self,
+        ticker: &mut Ticker,
+        stop_resync: &Arc<AtomicBool>,
+    ) -> Result<(), SessionError> {
+        ticker.beat.progress();
+        if let Some(waited) = self.link.unanswered_for()
+            && waited > self.config.peer_timeout
+        {
+            return Err(SessionError::Silent(waited));
+        }
+        if let Some(why) = self.link.stream_must_end() {
+            return Err(SessionError::Trip(why));
+        }
+        // A pair in a consistency group is cut by its group, never on its own.
+        let grouped = self.link.grouped();
+        if ticker.last_cut.elapsed() >= self.config.epoch_interval {
+            ticker.last_cut = Instant::now();
+            if self.link.live() != Live::Sync && !grouped {
+                self.link.advance_epoch();
+            }
+        }
+        let outcome = self
+            .resync_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(outcome) = outcome {
+            if let Some(resync) = self.resync.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let secs = resync.started.elapsed().as_secs_f64();
+                if secs > 0.0 {
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .resync_rate = self.link.resync_acked() as f64 / secs;
+                }
+            }
+            match outcome {
+                Ok(ResyncOutcome::Stopped) => {}
+                Ok(outcome) => {
+                    // Cut at once after an initial sync: the DR side is consistent when the
+                    // unit after `SyncDone` is applied, not an interval later.
+                    if outcome != ResyncOutcome::CaughtUp
+                        && self.link.live() != Live::Sync
+                        && !grouped
+                    {
+                        ticker.last_cut = Instant::now();
+                        self.link.advance_epoch();
+                    }
+                    self.link.resync_done()?;
+                    let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                    status.dr_consistent = true;
+                    status.progress = 1.0;
+                    drop(status);
+                    self.set_status(ReplicationStatus::Active, "replicating");
+                }
+                Err(e) => return Err(SessionError::Resync(e)),
+            }
+        }
+        let resync_running = self
+            .resync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !self.link.needs_catch_up() || resync_running {
+            return Ok(());
+        }
+        if self
+            .link
+            .stage_full_for()
+            .is_some_and(|since| since < STAGE_FULL_RETRY)
+        {
+            self.set_status(
+                ReplicationStatus::Copying,
+                format!(
+                    "the DR side's stage log is full (replication.stage_log_max_bytes on the DR agent): writes are tracked in the bitmap, the DR volume stays at its last consistent point, and a catch-up is tried again every {} s",
+                    STAGE_FULL_RETRY.as_secs()
+                ),
+            );
+            return Ok(());
+        }
+        if let Some(thread) = ticker.catch_up_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        tracing::info!(pair = %self.membership().pair, "falling back to bitmap mode; catching up");
+        ticker.catch_up_thread = self.start_resync(ResyncKind::CatchUp, Arc::clone(stop_resync))?;
+        Ok(())
+    }
+}
+
+/// What the session's loop takes in, one at a time.
+enum Input {
+    /// A frame of the DR side (`None`: it closed the stream).
+    Frame(Option<Frame>),
+    /// The ticker fired, or the resync reader ended.
+    Tick,
+}
+
+/// The session's clock work: when it ticks, when it last cut an epoch, the catch-up reader
+/// it started, and its beat for the watchdog.
+struct Ticker {
+    interval: tokio::time::Interval,
+    last_cut: Instant,
+    catch_up_thread: Option<std::thread::JoinHandle<()>>,
+    beat: Arc<blockrep_volume::liveness::Beat>,
+}
+
+impl Ticker {
+    fn new(pair: &ProductionPair) -> Self {
         let mut interval =
-            tokio::time::interval(self.config.epoch_interval.min(Duration::from_millis(200)));
+            tokio::time::interval(pair.config.epoch_interval.min(Duration::from_millis(200)));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_cut = Instant::now();
-        let mut catch_up_thread: Option<std::thread::JoinHandle<()>> = None;
         // For the watchdog: a session ticks at least every 200 ms.
         let beat = blockrep_volume::liveness::Liveness::global()
-            .register(format!("session of pair {}", self.membership().pair));
+            .register(format!("session of pair {}", pair.membership().pair));
         beat.expect(true);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                _ = self.resync_ended.notified() => {}
-            }
-            beat.progress();
-            if let Some(waited) = self.link.unanswered_for()
-                && waited > self.config.peer_timeout
-            {
-                return Err(SessionError::Silent(waited));
-            }
-            if let Some(why) = self.link.stream_must_end() {
-                return Err(SessionError::Trip(why));
-            }
-            // A pair in a consistency group is cut by its group, never on its own.
-            let grouped = self.link.grouped();
-            if last_cut.elapsed() >= self.config.epoch_interval {
-                last_cut = Instant::now();
-                if self.link.live() != Live::Sync && !grouped {
-                    self.link.advance_epoch();
-                }
-            }
-            let outcome = self
-                .resync_done
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(outcome) = outcome {
-                if let Some(resync) = self.resync.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    let secs = resync.started.elapsed().as_secs_f64();
-                    if secs > 0.0 {
-                        self.status
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .resync_rate = self.link.resync_acked() as f64 / secs;
-                    }
-                }
-                match outcome {
-                    Ok(ResyncOutcome::Stopped) => {}
-                    Ok(outcome) => {
-                        // Cut at once after an initial sync: the DR side is consistent
-                        // when the unit after `SyncDone` is applied, not an interval later.
-                        if outcome != ResyncOutcome::CaughtUp
-                            && self.link.live() != Live::Sync
-                            && !grouped
-                        {
-                            last_cut = Instant::now();
-                            self.link.advance_epoch();
-                        }
-                        self.link.resync_done()?;
-                        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-                        status.dr_consistent = true;
-                        status.progress = 1.0;
-                        drop(status);
-                        self.set_status(ReplicationStatus::Active, "replicating");
-                    }
-                    Err(e) => return Err(SessionError::Resync(e)),
-                }
-            }
-            let resync_running = self
-                .resync
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some();
-            if self.link.needs_catch_up() && !resync_running {
-                if self
-                    .link
-                    .stage_full_for()
-                    .is_some_and(|since| since < STAGE_FULL_RETRY)
-                {
-                    self.set_status(
-                        ReplicationStatus::Copying,
-                        format!(
-                            "the DR side's stage log is full (replication.stage_log_max_bytes on the DR agent): writes are tracked in the bitmap, the DR volume stays at its last consistent point, and a catch-up is tried again every {} s",
-                            STAGE_FULL_RETRY.as_secs()
-                        ),
-                    );
-                    continue;
-                }
-                if let Some(thread) = catch_up_thread.take() {
-                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-                }
-                tracing::info!(pair = %self.membership().pair, "falling back to bitmap mode; catching up");
-                catch_up_thread =
-                    self.start_resync(ResyncKind::CatchUp, Arc::clone(stop_resync))?;
-            }
+        Self {
+            interval,
+            last_cut: Instant::now(),
+            catch_up_thread: None,
+            beat,
         }
     }
 }
