@@ -1,21 +1,25 @@
-//! The DR half of a pair: accepts the production agent's replication stream, hands its
-//! frames to the applier in order, and sends the applier's answers back.
+//! The DR half of a pair: accepts the production agent's replication stream
+//! (`handshake`), hands its frames to the applier in order and sends the applier's answers
+//! back (`stream`); here, the pair itself: its status, its group's commit, recovery and
+//! shut-down.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Epoch, ReplicationStatus};
-use blockrep_volume::{LineageFile, Volume};
-use blockrep_wire::{Frame, Hello, ProtocolVersion, RefuseKind};
+use blockrep_volume::Volume;
+use blockrep_wire::Hello;
 
-use crate::applier::{Applier, ApplierSetup, ApplyCmd, ApplyCounters, ApplyEvent, VerifyCmd};
+use crate::applier::{Applier, ApplierSetup, ApplyCounters, ApplyEvent};
 use crate::dr_state::{self, DrState};
 use crate::endpoint::ReplicationStream;
 use crate::membership::Membership;
 use crate::stage_log::StageLog;
+
+mod handshake;
+mod stream;
 
 /// Where the DR side is, for `pair show`.
 #[derive(Clone, Debug)]
@@ -280,309 +284,16 @@ impl DrPair {
         status.since = SystemTime::now();
     }
 
-    /// Why a stream's `Hello` does not fit this pair, if it does not.
-    fn check(&self, hello: &Hello) -> Option<String> {
-        let m = &self.membership;
-        if hello.version != ProtocolVersion::CURRENT {
-            return Some(format!(
-                "protocol version {} is not spoken here",
-                hello.version.number()
-            ));
-        }
-        if hello.volume != m.local_volume {
-            return Some(format!(
-                "pair {} has DR volume {} here, not {}",
-                m.pair, m.local_volume, hello.volume
-            ));
-        }
-        if hello.size != self.volume.size() {
-            return Some(format!(
-                "the DR volume is {} bytes, the production volume {}",
-                self.volume.size(),
-                hello.size
-            ));
-        }
-        if hello.model != m.model {
-            return Some(format!(
-                "pair {} is {}, not {}",
-                m.pair, m.model, hello.model
-            ));
-        }
-        None
-    }
-
-    /// Serves one replication stream until it ends.
+    /// Serves one replication stream until it ends: the handshake (is it this pair's,
+    /// may its data be taken, the applier started), then the stream.
     pub async fn serve(self: Arc<Self>, hello: Hello, stream: ReplicationStream) {
         let ReplicationStream {
             mut reader,
             mut writer,
         } = stream;
-        if let Some(reason) = self.fault() {
-            self.streams_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
-            writer.refuse(RefuseKind::Failed, reason).await;
-            return;
+        if let Some(accepted) = self.handshake(&hello, &mut writer).await {
+            self.stream(accepted, &mut reader, &mut writer).await;
         }
-        if let Some(reason) = self.check(&hello) {
-            self.streams_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pair = %self.membership.pair, %reason, "refused a replication stream");
-            writer.refuse(RefuseKind::Mismatch, reason).await;
-            return;
-        }
-        let session = self.session.fetch_add(1, Ordering::SeqCst) + 1;
-        self.newest.send_replace(session);
-        // An older stream's applier must be gone before the stage log is opened again.
-        loop {
-            let stopped = self.applier_stopped.notified();
-            if !self.applier_running() {
-                break;
-            }
-            stopped.await;
-        }
-        if *self.newest.borrow() != session {
-            return;
-        }
-        let state_path = self.volume_dir.join("dr.json");
-        let opened = tokio::task::spawn_blocking({
-            let log_path = self.volume_dir.join("stage-log");
-            let state_path = state_path.clone();
-            move || -> std::io::Result<_> {
-                let state = dr_state::load(&state_path)?;
-                let recovered = StageLog::open(&log_path, state.applied)?;
-                Ok((state, recovered))
-            }
-        })
-        .await;
-        let (state, recovered) = match opened {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                // Refused, counted and shown: a corrupt log keeps the DR volume where it is
-                // until the operator acts, and every stream says why.
-                let reason = format!("cannot open the stage log: {e}");
-                tracing::error!(pair = %self.membership.pair, %reason);
-                self.streams_refused.fetch_add(1, Ordering::Relaxed);
-                self.set_status(ReplicationStatus::Error, reason.clone());
-                writer.refuse(RefuseKind::Failed, reason).await;
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "stage log task failed");
-                return;
-            }
-        };
-        let staged = recovered
-            .seals
-            .last()
-            .map_or(state.applied, |s| s.epoch)
-            .max(state.applied);
-        // Generations first (rule 5): never take data that would overwrite newer data.
-        let Some(lineage_file) = self.volume.gate().lineage() else {
-            tracing::error!(pair = %self.membership.pair, "the DR volume has no lineage");
-            return;
-        };
-        let lineage = lineage_file.get();
-        let plan = lineage::plan(
-            ProductionView {
-                lineage: &hello.lineage,
-                dirty: hello.flags.dirty,
-                full_sync_done: hello.flags.full_sync_done,
-                discard_peer: hello.flags.discard_peer,
-            },
-            DrView {
-                lineage: &lineage,
-                consistent: state.consistent,
-            },
-        );
-        let welcome = Frame::Welcome {
-            applied: state.applied,
-            staged,
-            consistent: state.consistent,
-            lineage: lineage.clone(),
-        };
-        let mut state = state;
-        let accepted = match plan {
-            Plan::Diverged(divergence) => Err((RefuseKind::Diverged, divergence.to_string())),
-            plan => self
-                .accept_generation(&lineage_file, &hello, plan, &mut state, &state_path)
-                .await
-                .map_err(|e| {
-                    (
-                        RefuseKind::Failed,
-                        format!("cannot record the DR volume's generation: {e}"),
-                    )
-                }),
-        };
-        if let Err((kind, reason)) = accepted {
-            self.streams_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(pair = %self.membership.pair, %reason, "refused a replication stream");
-            self.diverged
-                .store(kind == RefuseKind::Diverged, Ordering::SeqCst);
-            self.set_status(ReplicationStatus::Error, reason.clone());
-            writer.refuse(kind, reason).await;
-            return;
-        }
-        self.diverged.store(false, Ordering::SeqCst);
-        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-        let setup = ApplierSetup {
-            label: self.membership.pair.to_string()[..8].to_owned(),
-            volume: Arc::clone(&self.volume),
-            log: recovered.log,
-            replay: recovered.seals,
-            state: state.clone(),
-            state_path: state_path.clone(),
-            allowed: Arc::clone(&self.allowed),
-            queue_bytes: self.limits.queue_bytes,
-            stage_log_max_bytes: self.limits.stage_log_max_bytes,
-            compact_after_bytes: crate::applier::COMPACT_BYTES,
-        };
-        let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the applier");
-                return;
-            }
-        };
-        {
-            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            if running.shut_down {
-                drop(running);
-                tokio::task::spawn_blocking(move || applier.stop());
-                return;
-            }
-            running.applier = true;
-        }
-        *self.nudge.lock().unwrap_or_else(|e| e.into_inner()) = Some(applier.nudge());
-        if writer.send(&welcome).await.is_err() {
-            self.stop_applier(applier).await;
-            return;
-        }
-        tracing::info!(pair = %self.membership.pair, peer = %hello.node, applied = %state.applied, "replication stream accepted");
-        self.set_status(
-            if state.consistent {
-                ReplicationStatus::Active
-            } else {
-                ReplicationStatus::Copying
-            },
-            "receiving from the production agent",
-        );
-        {
-            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-            status.state = state;
-        }
-
-        let answers = async {
-            while let Some(event) = events.recv().await {
-                let frame = match event {
-                    ApplyEvent::WriteAck(seq) => Frame::WriteAck { seq },
-                    ApplyEvent::FlushAck(seq) => Frame::FlushAck { seq },
-                    ApplyEvent::SyncDoneAck(epoch) => Frame::SyncDoneAck { epoch },
-                    ApplyEvent::Staged(epoch) => Frame::Staged { epoch },
-                    ApplyEvent::Applied { epoch, cut_ms } => {
-                        self.applied(epoch, cut_ms);
-                        Frame::Applied { epoch, cut_ms }
-                    }
-                    ApplyEvent::Reject { seq, reason } => Frame::Reject { seq, reason },
-                    ApplyEvent::Verified { id, differing } => Frame::Verified { id, differing },
-                    ApplyEvent::Failed(reason) => {
-                        writer.refuse(RefuseKind::Failed, reason.clone()).await;
-                        return Err(reason);
-                    }
-                };
-                if let Err(e) = writer.send(&frame).await {
-                    return Err(e.to_string());
-                }
-            }
-            Ok(())
-        };
-        let frames = async {
-            loop {
-                match reader.next().await {
-                    Ok(Some(frame)) => {
-                        let cmd = match frame {
-                            Frame::Write(header, payload) => ApplyCmd::Write {
-                                header,
-                                payload,
-                                budget: 0,
-                            },
-                            Frame::Flush { seq } => ApplyCmd::Flush { seq },
-                            Frame::Seal { epoch, cut_ms } => ApplyCmd::Seal { epoch, cut_ms },
-                            Frame::Discard { after } => ApplyCmd::Discard { after },
-                            Frame::SyncDone { epoch } => ApplyCmd::SyncDone { epoch },
-                            Frame::Ungate { epoch } => ApplyCmd::Ungate { epoch },
-                            Frame::Verify {
-                                id,
-                                offset,
-                                block,
-                                after,
-                                crcs,
-                            } => ApplyCmd::Verify(VerifyCmd {
-                                id,
-                                offset,
-                                block,
-                                after,
-                                crcs,
-                            }),
-                            _ => return Err("unexpected frame on a replication stream".to_owned()),
-                        };
-                        applier.submit(cmd).await;
-                    }
-                    Ok(None) => return Ok(()),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        };
-        let mut newest = self.newest.subscribe();
-        // A newer stream (or a close) may have come before this subscription: look first.
-        let superseded = async {
-            while *newest.borrow_and_update() == session {
-                if newest.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        let ended = tokio::select! {
-            r = answers => r,
-            r = frames => r,
-            () = superseded => Err("a newer stream replaced it".to_owned()),
-        };
-        match &ended {
-            Ok(()) => tracing::info!(pair = %self.membership.pair, "replication stream closed"),
-            Err(e) => {
-                tracing::warn!(pair = %self.membership.pair, error = %e, "replication stream ended")
-            }
-        }
-        self.set_status(
-            ReplicationStatus::Inactive,
-            "the production agent disconnected",
-        );
-        self.stop_applier(applier).await;
-    }
-
-    /// Takes the production side's generation before any of its data is written; a full
-    /// copy also forgets that the volume held a consistent image.
-    async fn accept_generation(
-        &self,
-        lineage: &Arc<LineageFile>,
-        hello: &Hello,
-        plan: Plan,
-        state: &mut DrState,
-        state_path: &std::path::Path,
-    ) -> std::io::Result<()> {
-        if let Plan::FullSync(reason) = plan {
-            tracing::info!(pair = %self.membership.pair, %reason, "the production side copies the whole volume");
-            if state.consistent || state.sync_done_at.is_some() {
-                state.consistent = false;
-                state.sync_done_at = None;
-                let (to_save, path) = (state.clone(), state_path.to_owned());
-                tokio::task::spawn_blocking(move || dr_state::save(&to_save, &path))
-                    .await
-                    .map_err(std::io::Error::other)??;
-            }
-        }
-        let (lineage, id) = (Arc::clone(lineage), hello.lineage.current.id);
-        tokio::task::spawn_blocking(move || lineage.adopt(id))
-            .await
-            .map_err(std::io::Error::other)?
     }
 
     /// Ends the stream being served, if any (the volume leaves this side).
