@@ -106,6 +106,48 @@ struct State {
     claimed: std::collections::BTreeSet<String>,
 }
 
+impl State {
+    /// Mirrors changes the store took: the records in memory are the store's, never ahead
+    /// of it.
+    fn apply(&mut self, changes: &[Change]) {
+        for change in changes {
+            match change {
+                Change::PutPair(p) => {
+                    self.pairs.insert(p.id, p.clone());
+                }
+                Change::DeletePair(id) => {
+                    self.pairs.retain(|p, _| p.to_string() != *id);
+                }
+                Change::PutGroup(g) => {
+                    self.groups.insert(g.id, g.clone());
+                }
+                Change::DeleteGroup(id) => {
+                    self.groups.retain(|g, _| g.to_string() != *id);
+                }
+                Change::PutJob(j) => {
+                    self.jobs.insert(j.id, j.clone());
+                }
+                Change::DeleteJob(id) => {
+                    self.jobs.retain(|j, _| j.to_string() != *id);
+                }
+                Change::PutNode(n) => match self.nodes.get_mut(&n.name) {
+                    Some(node) => node.record = n.clone(),
+                    None => {
+                        self.nodes.insert(
+                            n.name.clone(),
+                            Node {
+                                record: n.clone(),
+                                last_seen: None,
+                                report: proto::NodeReport::default(),
+                            },
+                        );
+                    }
+                },
+            }
+        }
+    }
+}
+
 pub struct Coordinator {
     state: Mutex<State>,
     /// Wakes the driver at once when a request gives it work.
@@ -187,6 +229,14 @@ impl Coordinator {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores `changes` (all or none), then mirrors them in `state`: a change the store
+    /// refuses is in neither.
+    fn commit_into(&self, state: &mut State, changes: &[Change]) -> Result<(), ApiError> {
+        self.commit(changes)?;
+        state.apply(changes);
+        Ok(())
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), ApiError> {

@@ -212,11 +212,9 @@ impl Coordinator {
             job.status = JobStatus::Success;
             job.progress = 1.0;
             job.end_time = Some(now_text());
-            changes.push(Change::PutJob(job.clone()));
-            state.jobs.insert(job.id, job);
+            changes.push(Change::PutJob(job));
         }
-        self.commit(&changes)?;
-        state.pairs.remove(&pair.id);
+        self.commit_into(&mut state, &changes)?;
         state.stuck_since.remove(&pair.id);
         state.step_taken.remove(&pair.id);
         state
@@ -257,14 +255,12 @@ impl Coordinator {
             job.status = JobStatus::Fail;
             job.end_time = Some(now_text());
             job.fail_reason = Some(reason.to_owned());
-            changes.push(Change::PutJob(job.clone()));
-            state.jobs.insert(job.id, job);
+            changes.push(Change::PutJob(job));
         }
         record.job = None;
         changes.push(Change::PutPair(record.clone()));
-        self.commit(&changes)?;
+        self.commit_into(&mut state, &changes)?;
         tracing::error!(pair = %pair.id, %reason, status = %record.status, "pair operation failed");
-        state.pairs.insert(pair.id, record);
         state.stuck_since.remove(&pair.id);
         Ok(())
     }
@@ -531,6 +527,69 @@ mod tests {
         assert!(h.coordinator.list_pairs().is_empty());
         // Its volumes may be paired again though their agents still name it for a while.
         assert!(h.coordinator.lock().deleted.contains_key(&pair.id));
+    }
+
+    /// A step whose record the store does not take changes nothing in memory either: the
+    /// coordinator never shows what a restart would not find.
+    #[tokio::test]
+    async fn a_delete_whose_end_is_not_stored_leaves_its_job_running_in_memory_too() {
+        let pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        two_nodes(&h);
+        let job: JobId = h
+            .coordinator
+            .delete_pair("web")
+            .unwrap()
+            .job
+            .unwrap()
+            .id
+            .parse()
+            .unwrap();
+        h.store.refuse_commits(true);
+        let refused = h.coordinator.drive_pair(h.pair(pair.id)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
+        assert_eq!(
+            h.coordinator.lock().jobs[&job].status,
+            JobStatus::Running,
+            "in memory as in the store"
+        );
+        assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
+        // Once the store takes it, the next round ends the delete.
+        h.store.refuse_commits(false);
+        drive(&h, pair.id).await;
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Success);
+        assert_eq!(h.stored_pair(pair.id), None);
+    }
+
+    #[tokio::test]
+    async fn a_give_up_that_is_not_stored_leaves_its_job_running_in_memory_too() {
+        let pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        two_nodes(&h);
+        h.agents
+            .script("LeavePair", Some("n2"), Answer::Unreachable, None);
+        let job: JobId = h
+            .coordinator
+            .delete_pair("web")
+            .unwrap()
+            .job
+            .unwrap()
+            .id
+            .parse()
+            .unwrap();
+        drive(&h, pair.id).await;
+        h.clock.advance(AGENT_GIVE_UP);
+        h.store.refuse_commits(true);
+        let refused = h.coordinator.drive_pair(h.pair(pair.id)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
+        assert_eq!(
+            h.coordinator.lock().jobs[&job].status,
+            JobStatus::Running,
+            "in memory as in the store"
+        );
+        assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
     }
 
     #[tokio::test]

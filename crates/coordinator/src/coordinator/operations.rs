@@ -475,13 +475,11 @@ impl Coordinator {
         let mut changes = vec![];
         if let Some(mut job) = updated.job.and_then(|j| state.jobs.get(&j)).cloned() {
             job.end(outcome.clone());
-            changes.push(Change::PutJob(job.clone()));
-            state.jobs.insert(job.id, job);
+            changes.push(Change::PutJob(job));
         }
-        changes.push(Change::PutGroup(updated.clone()));
-        self.commit(&changes)?;
+        changes.push(Change::PutGroup(updated));
+        self.commit_into(&mut state, &changes)?;
         tracing::warn!(group = %group.id, %status, outcome = ?outcome, "group operation ended");
-        state.groups.insert(updated.id, updated);
         state.group_stuck_since.remove(&group.id);
         state.fences_sent.remove(&group.id);
         Ok(())

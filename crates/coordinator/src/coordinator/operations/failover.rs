@@ -108,16 +108,9 @@ impl Coordinator {
         if let Some(mut job) = job.clone() {
             job.result = Some(result.clone());
             job.end(Ok(()));
-            changes.push(Change::PutJob(job.clone()));
-            state.jobs.insert(job.id, job);
+            changes.push(Change::PutJob(job));
         }
-        self.commit(&changes)?;
-        for change in changes {
-            if let Change::PutPair(p) = change {
-                state.pairs.insert(p.id, p);
-            }
-        }
-        state.groups.insert(updated.id, updated);
+        self.commit_into(&mut state, &changes)?;
         state.group_stuck_since.remove(&group.id);
         state.fences_sent.remove(&group.id);
         tracing::info!(group = %group.id, %result, "failover done");
@@ -364,5 +357,49 @@ mod tests {
             .filter(|c| c.node == "n4")
             .count();
         assert_eq!(to_b, 3, "one call per round: {:?}", h.agents.log());
+    }
+
+    /// An operation's end the store does not take is not in memory either: the group stays
+    /// failovering with its job running, and the next round ends it.
+    #[tokio::test]
+    async fn a_failover_end_that_is_not_stored_changes_nothing_in_memory() {
+        let (group, a, b) = group_of_two();
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+        ]);
+        h.dr_reports(&[&a, &b], true, 7);
+        h.agents.always("Promote", promoted(7));
+        let job: JobId = h
+            .coordinator
+            .failover_group("g")
+            .unwrap()
+            .job
+            .unwrap()
+            .id
+            .parse()
+            .unwrap();
+        h.store.refuse_commits(true);
+        h.coordinator.drive_operations().await;
+        let in_memory = |h: &Harness| {
+            let state = h.coordinator.lock();
+            (
+                state.groups[&group.id].status,
+                state.jobs[&job].status,
+                state.pairs[&a.id].production_node.clone(),
+            )
+        };
+        assert_eq!(
+            in_memory(&h),
+            (GroupStatus::Failovering, JobStatus::Running, "n1".to_owned())
+        );
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
+        h.store.refuse_commits(false);
+        h.coordinator.drive_operations().await;
+        assert_eq!(
+            in_memory(&h),
+            (GroupStatus::Failovered, JobStatus::Success, "n2".to_owned())
+        );
     }
 }
