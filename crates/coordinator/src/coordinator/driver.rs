@@ -96,9 +96,8 @@ impl Coordinator {
             return Ok(());
         };
         taken(&mut record)?;
-        self.commit(&[Change::PutPair(record.clone())])?;
+        self.commit_into(&mut state, &[Change::PutPair(record)])?;
         state.stuck_since.remove(&pair.id);
-        state.pairs.insert(pair.id, record);
         Ok(())
     }
 
@@ -168,10 +167,9 @@ impl Coordinator {
             return Ok(());
         };
         record.pending = None;
-        self.commit(&[Change::PutPair(record.clone())])?;
+        self.commit_into(&mut state, &[Change::PutPair(record)])?;
         state.stuck_since.remove(&pair.id);
         state.step_taken.insert(pair.id, self.now());
-        state.pairs.insert(pair.id, record);
         Ok(())
     }
 

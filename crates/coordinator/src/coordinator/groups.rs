@@ -76,21 +76,14 @@ impl Coordinator {
         let mut job = job;
         job.group = Some(group.id);
         let mut changes = vec![Change::PutGroup(group.clone()), Change::PutJob(job.clone())];
-        let mut joined = Vec::new();
         for id in &pairs {
             let mut pair = state.pairs[id].clone();
             pair.group = Some(group.id);
             pair.updated_at = Some(now_text());
-            changes.push(Change::PutPair(pair.clone()));
-            joined.push(pair);
+            changes.push(Change::PutPair(pair));
         }
-        self.commit(&changes)?;
+        self.commit_into(&mut state, &changes)?;
         tracing::info!(group = %group.id, name = %group.name, pairs = pairs.len(), "group created");
-        for pair in joined {
-            state.pairs.insert(pair.id, pair);
-        }
-        state.groups.insert(group.id, group.clone());
-        state.jobs.insert(job.id, job.clone());
         Ok(proto::GroupJobResponse {
             group: Some(self.group_view(&state, &group)),
             job: Some(job_view(&job)),
@@ -171,7 +164,6 @@ impl Coordinator {
             Change::PutGroup(updated.clone()),
             Change::PutJob(job.clone()),
         ];
-        let mut pairs = Vec::new();
         for (pid, member) in add
             .iter()
             .map(|p| (p, true))
@@ -180,16 +172,10 @@ impl Coordinator {
             let mut pair = state.pairs[pid].clone();
             pair.group = member.then_some(id);
             pair.updated_at = Some(now_text());
-            changes.push(Change::PutPair(pair.clone()));
-            pairs.push(pair);
+            changes.push(Change::PutPair(pair));
         }
-        self.commit(&changes)?;
+        self.commit_into(&mut state, &changes)?;
         tracing::info!(group = %id, added = add.len(), removed = remove.len(), "group updated");
-        for pair in pairs {
-            state.pairs.insert(pair.id, pair);
-        }
-        state.groups.insert(id, updated.clone());
-        state.jobs.insert(job.id, job.clone());
         Ok(proto::GroupJobResponse {
             group: Some(self.group_view(&state, &updated)),
             job: Some(job_view(&job)),
@@ -233,16 +219,17 @@ impl Coordinator {
         updated.stopped = action == GroupAction::Stop;
         updated.job = Some(job.id);
         updated.updated_at = Some(now_text());
-        self.commit(&[
-            Change::PutGroup(updated.clone()),
-            Change::PutJob(job.clone()),
-        ])?;
+        self.commit_into(
+            &mut state,
+            &[
+                Change::PutGroup(updated.clone()),
+                Change::PutJob(job.clone()),
+            ],
+        )?;
         tracing::info!(group = %id, %action, job = %job.id, "group action started");
         for pair in &updated.pairs {
             state.group_step_sent.remove(pair);
         }
-        state.groups.insert(id, updated.clone());
-        state.jobs.insert(job.id, job.clone());
         self.kick.notify_one();
         Ok(proto::GroupJobResponse {
             group: Some(self.group_view(&state, &updated)),
@@ -389,9 +376,9 @@ impl Coordinator {
             return Ok(());
         };
         job.end(outcome);
-        self.commit(&[Change::PutJob(job.clone())])?;
-        tracing::info!(group = %group.id, job = %job.id, job_type = %job.job_type, status = %job.status, "group job ended");
-        state.jobs.insert(job.id, job);
+        let (id, job_type, status) = (job.id, job.job_type, job.status);
+        self.commit_into(&mut state, &[Change::PutJob(job)])?;
+        tracing::info!(group = %group.id, job = %id, %job_type, %status, "group job ended");
         Ok(())
     }
 
@@ -405,13 +392,14 @@ impl Coordinator {
             .map_err(refused)?;
         let mut job = finished_job(JobType::DeleteGroup);
         job.group = Some(id);
-        self.commit(&[
-            Change::DeleteGroup(id.to_string()),
-            Change::PutJob(job.clone()),
-        ])?;
+        self.commit_into(
+            &mut state,
+            &[
+                Change::DeleteGroup(id.to_string()),
+                Change::PutJob(job.clone()),
+            ],
+        )?;
         tracing::info!(group = %id, name = %group.name, "group deleted");
-        state.groups.remove(&id);
-        state.jobs.insert(job.id, job.clone());
         let mut view = self.group_view(&state, &group);
         view.status = GroupStatus::Deleting.to_string();
         Ok(proto::GroupJobResponse {

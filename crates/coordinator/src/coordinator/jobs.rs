@@ -28,9 +28,10 @@ impl Coordinator {
         let job = JobRecord::running(job_type, Some(record.id), None);
         record.job = Some(job.id);
         record.updated_at = Some(now_text());
-        self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;
-        state.pairs.insert(record.id, record.clone());
-        state.jobs.insert(job.id, job.clone());
+        self.commit_into(
+            state,
+            &[Change::PutPair(record.clone()), Change::PutJob(job.clone())],
+        )?;
         state.stuck_since.remove(&record.id);
         self.kick.notify_one();
         Ok(job)
@@ -107,10 +108,9 @@ impl Coordinator {
         };
         job.end(outcome);
         record.job = None;
-        self.commit(&[Change::PutJob(job.clone()), Change::PutPair(record.clone())])?;
-        tracing::info!(pair = %pair.id, job = %job.id, job_type = %job.job_type, status = %job.status, "job ended");
-        state.jobs.insert(job.id, job);
-        state.pairs.insert(record.id, record);
+        let (id, job_type, status) = (job.id, job.job_type, job.status);
+        self.commit_into(&mut state, &[Change::PutJob(job), Change::PutPair(record)])?;
+        tracing::info!(pair = %pair.id, job = %id, %job_type, %status, "job ended");
         Ok(())
     }
 }

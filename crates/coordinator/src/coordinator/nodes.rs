@@ -27,16 +27,8 @@ impl Coordinator {
                 address: peer,
                 registered_at: now_text(),
             };
-            self.commit(&[Change::PutNode(record.clone())])?;
             tracing::info!(node = %record.name, az = %record.availability_zone, address = %peer, "node registered");
-            state.nodes.insert(
-                record.name.clone(),
-                Node {
-                    record,
-                    last_seen: None,
-                    report: proto::NodeReport::default(),
-                },
-            );
+            self.commit_into(&mut state, &[Change::PutNode(record)])?;
         }
         let name = report.node.clone();
         if report.pairs.iter().any(|p| p.trip_wanted) {

@@ -350,13 +350,14 @@ impl Coordinator {
         updated.job = Some(job.id);
         updated.operation = Some(operation);
         updated.updated_at = Some(now_text());
-        self.commit(&[
-            Change::PutGroup(updated.clone()),
-            Change::PutJob(job.clone()),
-        ])?;
+        self.commit_into(
+            state,
+            &[
+                Change::PutGroup(updated.clone()),
+                Change::PutJob(job.clone()),
+            ],
+        )?;
         state.group_stuck_since.remove(&updated.id);
-        state.groups.insert(updated.id, updated.clone());
-        state.jobs.insert(job.id, job.clone());
         if let Some(op) = &updated.operation {
             super::fault::crash_at(&op.describe());
         }
@@ -402,9 +403,8 @@ impl Coordinator {
             return Ok(());
         }
         updated.operation = Some(operation);
-        self.commit(&[Change::PutGroup(updated.clone())])?;
         let step = updated.operation.as_ref().map(|o| o.describe());
-        state.groups.insert(updated.id, updated);
+        self.commit_into(&mut state, &[Change::PutGroup(updated)])?;
         drop(state);
         if let Some(step) = step {
             super::fault::crash_at(&step);

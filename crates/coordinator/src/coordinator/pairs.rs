@@ -65,9 +65,10 @@ impl Coordinator {
         record.status.become_(PairStatus::Deleting, "delete")?;
         record.updated_at = Some(now_text());
         record.job = Some(job.id);
-        self.commit(&[Change::PutPair(record.clone()), Change::PutJob(job.clone())])?;
-        state.pairs.insert(id, record.clone());
-        state.jobs.insert(job.id, job.clone());
+        self.commit_into(
+            &mut state,
+            &[Change::PutPair(record.clone()), Change::PutJob(job.clone())],
+        )?;
         state.stuck_since.remove(&id);
         self.kick.notify_one();
         Ok(proto::DeletePairResponse {

@@ -392,7 +392,11 @@ mod tests {
         };
         assert_eq!(
             in_memory(&h),
-            (GroupStatus::Failovering, JobStatus::Running, "n1".to_owned())
+            (
+                GroupStatus::Failovering,
+                JobStatus::Running,
+                "n1".to_owned()
+            )
         );
         assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
         h.store.refuse_commits(false);

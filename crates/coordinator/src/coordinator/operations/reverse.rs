@@ -218,15 +218,13 @@ impl Coordinator {
         updated.term = term;
         updated.operation = None;
         updated.updated_at = Some(now_text());
-        changes.push(Change::PutGroup(updated.clone()));
-        self.commit(&changes)?;
-        for change in changes {
+        changes.push(Change::PutGroup(updated));
+        self.commit_into(&mut state, &changes)?;
+        for change in &changes {
             if let Change::PutPair(p) = change {
                 state.group_step_sent.remove(&p.id);
-                state.pairs.insert(p.id, p);
             }
         }
-        state.groups.insert(updated.id, updated);
         state.group_stuck_since.remove(&group.id);
         self.kick.notify_one();
         Ok(())
