@@ -505,6 +505,50 @@ mod tests {
         }
     }
 
+    /// The pair's record changes while its volumes grow (a verify begins): the extend
+    /// records the new size onto the record as it is then, not over it.
+    #[tokio::test]
+    async fn an_extend_keeps_what_changed_on_the_pair_while_its_volumes_grew() {
+        let (group, a, b) = group_of_two();
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+        ]);
+        h.production_reports(&[&a, &b]);
+        h.dr_reports(&[&a, &b], true, 7);
+        let release = Arc::new(tokio::sync::Notify::new());
+        h.agents.script(
+            "Extend",
+            Some("n1"),
+            Answer::Wait(Arc::clone(&release)),
+            Some(1),
+        );
+        h.coordinator.extend_group(extend(2 * SIZE)).unwrap();
+        let coordinator = Arc::clone(&h.coordinator);
+        let driving = tokio::spawn(async move { coordinator.drive_operations().await });
+        // The production agent is asked (the DR volume grew first); it answers once let go.
+        for _ in 0..10_000 {
+            if h.agents.calls_of("Extend").len() == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(h.agents.calls_of("Extend").len(), 2, "{:?}", h.agents.log());
+        let verify = h.coordinator.verify_pair("a", false).unwrap();
+        let job: JobId = verify.job.unwrap().id.parse().unwrap();
+        release.notify_one();
+        driving.await.unwrap();
+        let stored = h.stored_pair(a.id).unwrap();
+        assert_eq!(stored.size, 2 * SIZE);
+        assert_eq!(
+            (stored.job, stored.pending),
+            (Some(job), Some(PendingStep::Verify { repair: false })),
+            "the verify begun meanwhile is kept"
+        );
+        assert_eq!(h.pair(a.id), stored, "in memory as in the store");
+    }
+
     #[test]
     fn an_operation_on_a_busy_group_is_refused_and_nothing_is_stored() {
         let (mut group, a, b) = group_of_two();

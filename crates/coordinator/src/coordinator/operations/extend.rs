@@ -43,11 +43,15 @@ impl Coordinator {
         {
             return self.operation_failed(&group, vec![(pair.id, e)], GroupStatus::Available);
         }
-        let mut record = pair.clone();
-        record.size = plan.size;
-        record.updated_at = Some(now_text());
-        self.commit(&[Change::PutPair(record.clone())])?;
-        self.lock().pairs.insert(record.id, record);
+        {
+            // Onto the record as it is now: a job may have begun on the pair meanwhile.
+            let mut state = self.lock();
+            if let Some(mut record) = state.pairs.get(&pair.id).cloned() {
+                record.size = plan.size;
+                record.updated_at = Some(now_text());
+                self.commit_into(&mut state, &[Change::PutPair(record)])?;
+            }
+        }
         tracing::info!(group = %group.id, pair = %pair.id, size = plan.size, "extended");
         self.end_operation(&group, GroupStatus::Available, Ok(()))
     }
