@@ -100,6 +100,8 @@ struct State {
     cuts_waiting: BTreeMap<blockrep_core::replication::GroupId, Instant>,
     /// When a group operation's step first failed to reach an agent.
     group_stuck_since: BTreeMap<blockrep_core::replication::GroupId, Instant>,
+    /// When each reverse (group, term) began draining, by the coordinator's clock.
+    draining_since: BTreeMap<blockrep_core::replication::GroupId, (u64, Instant)>,
     /// Failovers whose production sides were sent their fence.
     fences_sent: std::collections::BTreeSet<blockrep_core::replication::GroupId>,
     /// Volumes (by id) a pair creation has claimed and not yet recorded in `pairs`.
@@ -199,6 +201,7 @@ impl Coordinator {
             cuts_waiting: BTreeMap::new(),
             group_stuck_since: BTreeMap::new(),
             fences_sent: Default::default(),
+            draining_since: BTreeMap::new(),
         };
         tracing::info!(
             pairs = state.pairs.len(),

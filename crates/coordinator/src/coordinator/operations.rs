@@ -480,6 +480,7 @@ impl Coordinator {
         changes.push(Change::PutGroup(updated));
         self.commit_into(&mut state, &changes)?;
         tracing::warn!(group = %group.id, %status, outcome = ?outcome, "group operation ended");
+        state.draining_since.remove(&group.id);
         state.group_stuck_since.remove(&group.id);
         state.fences_sent.remove(&group.id);
         Ok(())

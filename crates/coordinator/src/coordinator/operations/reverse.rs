@@ -90,7 +90,7 @@ impl Coordinator {
             self.kick.notify_one();
             return Ok(());
         }
-        if now_millis().saturating_sub(plan.draining_since_ms) < DRAIN_GIVE_UP_MS {
+        if self.drained_for(&group, &plan) < Duration::from_millis(DRAIN_GIVE_UP_MS) {
             return Ok(());
         }
         // The DR side did not catch up: production takes writes again, nothing swapped.
@@ -114,6 +114,28 @@ impl Coordinator {
             }
         }
         self.end_operation(&group, GroupStatus::ErrorReversing, Err(reason))
+    }
+
+    /// How long the reverse has been draining, by the coordinator's clock. A coordinator
+    /// that restarted mid-drain starts from the recorded wall-clock start (as far back as
+    /// the clock reaches), then counts on its own clock.
+    fn drained_for(&self, group: &GroupRecord, plan: &ReversePlan) -> Duration {
+        let now = self.now();
+        let mut state = self.lock();
+        let since = match state.draining_since.get(&group.id) {
+            Some(&(term, since)) if term == plan.term => since,
+            _ => {
+                let recorded = Duration::from_millis(
+                    now_millis()
+                        .saturating_sub(plan.draining_since_ms)
+                        .min(DRAIN_GIVE_UP_MS),
+                );
+                let since = now.checked_sub(recorded).unwrap_or(now);
+                state.draining_since.insert(group.id, (plan.term, since));
+                since
+            }
+        };
+        now.saturating_duration_since(since)
     }
 
     /// Swaps each pair's sides: the old production side becomes DR first (adopting the
@@ -226,6 +248,7 @@ impl Coordinator {
             }
         }
         state.group_stuck_since.remove(&group.id);
+        state.draining_since.remove(&group.id);
         self.kick.notify_one();
         Ok(())
     }
@@ -254,5 +277,48 @@ impl Coordinator {
             grouped: pair.group.is_some(),
             ..PairPlan::assignment_of(pair, side, peer_address)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::testing::*;
+
+    /// A reverse whose DR side does not catch up gives up after `DRAIN_GIVE_UP_MS` on the
+    /// coordinator's clock, not before, and takes the fence down.
+    #[tokio::test]
+    async fn a_reverse_that_does_not_drain_gives_up_on_the_coordinators_clock() {
+        let (group, a, b) = group_of_two();
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+        ]);
+        h.production_reports(&[&a, &b]);
+        h.dr_reports(&[&a, &b], true, 7);
+        h.coordinator.reverse_group("g").unwrap();
+        h.coordinator.drive_operations().await;
+        h.clock
+            .advance(Duration::from_millis(DRAIN_GIVE_UP_MS) - Duration::from_secs(1));
+        h.coordinator.drive_operations().await;
+        assert_eq!(
+            h.stored_group(group.id).unwrap().status,
+            GroupStatus::Reversing,
+            "still draining"
+        );
+        h.clock.advance(Duration::from_secs(1));
+        h.coordinator.drive_operations().await;
+        let stored = h.stored_group(group.id).unwrap();
+        assert_eq!(stored.status, GroupStatus::ErrorReversing);
+        let detail = stored.failure_detail.unwrap();
+        assert!(detail.contains("did not catch up"), "{detail}");
+        let unfenced = h
+            .agents
+            .calls_of("Fence")
+            .into_iter()
+            .filter(|c| matches!(&c.request, Request::Fence(f) if f.fence.is_empty()))
+            .count();
+        assert_eq!(unfenced, 2, "{:?}", h.agents.log());
     }
 }
