@@ -147,8 +147,8 @@ fn a_stage_log_at_its_cap_falls_back_to_the_bitmap_and_keeps_a_consistent_image(
             NodeSpec::new("node-b", "az2"),
         ],
         ClusterConfig {
-            // Epochs far longer than the burst takes: its writes go to one or two units,
-            // each over the cap, however slowly the machine runs them (with short epochs,
+            // Epochs far longer than the burst takes: its writes go to one or two units, at
+            // least one of them over the cap, however slowly the machine runs them (with short epochs,
             // a DR side that keeps up never holds 4 MiB staged, and the cap is never met).
             extra: "[replication]\nepoch_interval_ms = 10000\nstage_log_max_bytes = \"4MiB\"\n",
             cluster_extra: "",

@@ -96,8 +96,8 @@ struct State {
     group_step_sent: BTreeMap<PairId, Instant>,
     /// The cuts of the async groups being cut.
     cuts: BTreeMap<blockrep_core::replication::GroupId, cuts::GroupCuts>,
-    /// Groups whose first cut waits for reports, since when (or since the last warning).
-    cuts_waiting: BTreeMap<blockrep_core::replication::GroupId, Instant>,
+    /// Groups whose first cut waits for reports: since when, and when it last warned.
+    cuts_waiting: BTreeMap<blockrep_core::replication::GroupId, (Instant, Instant)>,
     /// When a group operation's step first failed to reach an agent.
     group_stuck_since: BTreeMap<blockrep_core::replication::GroupId, Instant>,
     /// When each reverse (group, term) began draining, by the coordinator's clock.
@@ -110,7 +110,7 @@ struct State {
 
 impl State {
     /// Mirrors changes the store took: the records in memory are the store's, never ahead
-    /// of it.
+    /// of it (a running job's progress alone is kept in memory between its stored steps).
     fn apply(&mut self, changes: &[Change]) {
         for change in changes {
             match change {

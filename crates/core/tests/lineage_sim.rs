@@ -329,7 +329,12 @@ impl Sim {
             .copied()
             .filter(|id| *id != 0 && !kept.seen.contains(id))
             .collect();
+        // What the kept side holds is kept, whatever an earlier resolve said of it.
+        let kept_ids: Vec<u64> = kept.data.to_vec();
         self.discarded.extend(lost);
+        for id in kept_ids {
+            self.discarded.remove(&id);
+        }
         if keep_dr {
             std::mem::swap(&mut self.p, &mut self.d);
             self.d.dirty.clear();

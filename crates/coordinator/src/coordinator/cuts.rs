@@ -287,10 +287,11 @@ impl Coordinator {
                     // The group's consistent point stands still meanwhile: say so, once a
                     // wait has lasted, and again every so often while it lasts.
                     let now = self.now();
-                    let since = *state.cuts_waiting.entry(group).or_insert(now);
-                    if now.saturating_duration_since(since) >= CUT_WAIT_WARN_EVERY {
-                        tracing::warn!(%group, waiting_for = ?silent, waited = ?CUT_WAIT_WARN_EVERY, "group cuts wait for every production agent's report; the group's consistent point does not move meanwhile");
-                        state.cuts_waiting.insert(group, now);
+                    let (began, warned) = *state.cuts_waiting.entry(group).or_insert((now, now));
+                    if now.saturating_duration_since(warned) >= CUT_WAIT_WARN_EVERY {
+                        let waited = now.saturating_duration_since(began);
+                        tracing::warn!(%group, waiting_for = ?silent, ?waited, "group cuts wait for every production agent's report; the group's consistent point does not move meanwhile");
+                        state.cuts_waiting.insert(group, (began, now));
                     } else {
                         tracing::debug!(%group, waiting_for = ?silent, "group cuts wait for every production agent's report");
                     }

@@ -27,8 +27,9 @@ impl Coordinator {
                 address: peer,
                 registered_at: now_text(),
             };
-            tracing::info!(node = %record.name, az = %record.availability_zone, address = %peer, "node registered");
+            let (name, az) = (record.name.clone(), record.availability_zone.clone());
             self.commit_into(&mut state, &[Change::PutNode(record)])?;
+            tracing::info!(node = %name, %az, address = %peer, "node registered");
         }
         let name = report.node.clone();
         if report.pairs.iter().any(|p| p.trip_wanted) {

@@ -20,7 +20,7 @@
 //! after the unit of its epoch is applied (before the next unit) for epochs.
 //!
 //! The thread is `worker` (its ring and its loop) and `worker::commands` (what each
-//! command does); what it decides about units is the core's `DrUnits`.
+//! command does); what it decides is the core's `DrSide`, whose shell it is.
 
 use std::collections::VecDeque;
 use std::io;

@@ -1,7 +1,8 @@
 //! The applier's worker thread: its ring (writes of the stream and of units, the
 //! group-committed sync, the wake-up read), the slots and range locks of the writes in
 //! flight, and the loop that takes commands from the inbox. What each command does is in
-//! `commands`; what the DR side decides about units is the core's `DrUnits`.
+//! `commands`; what the DR side decides (units, the gate, the barrier, the unit being
+//! applied, held verifies) is the core's `DrSide`.
 
 use std::collections::VecDeque;
 use std::io;

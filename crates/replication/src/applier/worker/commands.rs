@@ -1,6 +1,6 @@
 //! What the applier's worker does with each command of the stream, in order: writes
-//! direct or staged, seals and the units they end (asking the core's `DrUnits` at each
-//! step), flushes, discards, the sync's end and verifies.
+//! direct or staged, seals and the units they end, flushes, discards, the sync's end and
+//! verifies, asking the DR side's machine (the core's `DrSide`) at each step.
 
 use std::io;
 
