@@ -20,7 +20,8 @@
 //! | `nodes` | reports (registration, liveness), the node list, the roles a report is answered with |
 //! | `pairs` | a pair's requests (list, show, delete, resolve, verify) and its view; `pairs::create` its creation |
 //! | `jobs` | the job list, a pair's job started and followed to its end |
-//! | `driver` | the loop that moves pairs through their lifecycle, and the calls to agents |
+//! | `pair_steps` | a pair's lifecycle as a planner: from its record, the agent calls of its next step and the changes once they were taken (or given up) |
+//! | `driver` | the loop that moves pairs through their lifecycle (making `pair_steps`' calls, storing its changes), and the calls to agents |
 //! | `groups` | consistency groups: create, list, show, update, delete, sync and stop |
 //! | `operations` | a group's failover, reverse, reprotect and extend: the requests and their plans; one child module per operation drives its steps |
 //! | `cuts` | the cut loop of the groups' epochs |
@@ -52,6 +53,7 @@ mod groups;
 mod jobs;
 mod nodes;
 mod operations;
+mod pair_steps;
 mod pairs;
 
 /// A node that has not reported for this long is down.

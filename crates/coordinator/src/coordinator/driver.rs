@@ -3,9 +3,8 @@
 //! stop, operations); a step an agent does not take is retried until [`AGENT_GIVE_UP`], then
 //! the operation fails. Also how the coordinator calls an agent.
 
-use super::pairs::{PairPlan, Side};
+use super::pair_steps::{self, Done};
 use super::*;
-use blockrep_core::replication::IllegalPairStatus;
 
 impl Coordinator {
     /// Moves pairs through their lifecycle; runs until the daemon stops.
@@ -38,66 +37,49 @@ impl Coordinator {
         }
     }
 
+    /// One round of a pair's lifecycle: its next step (`pair_steps`), whose calls are made
+    /// in order, and what the step records, onto the record as it is then; or, with no
+    /// step, its job followed.
     async fn drive_pair(&self, pair: PairRecord) -> Result<(), ApiError> {
-        match pair.status {
-            PairStatus::Creating if !pair.dr_started => {
-                self.creation_step(pair, Side::Dr, |record| {
-                    record.dr_started = true;
-                    Ok(())
-                })
-                .await
-            }
-            PairStatus::Creating if !pair.production_started => {
-                self.creation_step(pair, Side::Production, |record| {
-                    record.production_started = true;
-                    record
-                        .status
-                        .become_(PairStatus::Available, "both sides took their roles")?;
-                    record.updated_at = Some(now_text());
-                    Ok(())
-                })
-                .await
-            }
-            PairStatus::Deleting => self.drive_delete(pair).await,
-            _ if pair.pending.is_some() => self.drive_pending(pair).await,
-            _ => self.follow_job(&pair),
-        }
-    }
-
-    /// A step of a pair's creation: the agent of `side` takes its role (again, if it did
-    /// before: that is idempotent); once it has, `taken` is recorded.
-    async fn creation_step(
-        &self,
-        pair: PairRecord,
-        side: Side,
-        taken: impl FnOnce(&mut PairRecord) -> Result<(), IllegalPairStatus>,
-    ) -> Result<(), ApiError> {
         let (production, dr) = self.addresses(&pair);
-        let (Some(production), Some(dr)) = (production, dr) else {
-            return self.stuck(&pair, "a node of the pair is not registered");
+        let step = match pair_steps::next_step(&pair, production, dr) {
+            None => return self.follow_job(&pair),
+            Some(Err(reason)) => return self.stuck(&pair, reason),
+            Some(Ok(step)) => step,
         };
-        let (node, address, request) = match side {
-            Side::Dr => (
-                &pair.dr_node,
-                dr,
-                Request::BecomeDr(PairPlan::assignment_of(&pair, Side::Dr, production)),
-            ),
-            Side::Production => (
-                &pair.production_node,
-                production,
-                Request::BecomeProduction(PairPlan::assignment_of(&pair, Side::Production, dr)),
-            ),
-        };
-        if let Err(e) = self.call_agent(node, address, request).await {
-            return self.stuck(&pair, &e.to_string());
+        for call in step.calls {
+            if let Err(e) = self
+                .call_agent(&call.node, call.address, call.request)
+                .await
+            {
+                return self.stuck(&pair, &e.to_string());
+            }
         }
         let mut state = self.lock();
-        let Some(mut record) = still_current(&state, &pair) else {
+        // The record may have changed while the agents answered: the step is done only on
+        // the record it was taken for.
+        let Some(record) = still_current(&state, &pair) else {
             return Ok(());
         };
-        taken(&mut record)?;
-        self.commit_into(&mut state, &[Change::PutPair(record)])?;
+        let job = record.job.and_then(|j| state.jobs.get(&j)).cloned();
+        let changes = pair_steps::step_taken(record, job, step.done, &now_text())?;
+        self.commit_into(&mut state, &changes)?;
         state.stuck_since.remove(&pair.id);
+        let now = self.now();
+        match step.done {
+            Done::PendingTold => {
+                state.step_taken.insert(pair.id, now);
+            }
+            Done::Deleted => {
+                state.step_taken.remove(&pair.id);
+                state
+                    .deleted
+                    .retain(|_, at| now.saturating_duration_since(*at) < Duration::from_secs(60));
+                state.deleted.insert(pair.id, now);
+                tracing::info!(pair = %pair.id, "pair deleted");
+            }
+            Done::DrStarted | Done::ProductionStarted => {}
+        }
         Ok(())
     }
 
@@ -108,157 +90,24 @@ impl Coordinator {
         (address(&pair.production_node), address(&pair.dr_node))
     }
 
-    /// Tells the agents the step a resolve or a verify starts with.
-    async fn drive_pending(&self, pair: PairRecord) -> Result<(), ApiError> {
-        let (production, dr) = self.addresses(&pair);
-        let (Some(production), Some(dr)) = (production, dr) else {
-            return self.stuck(&pair, "a node of the pair is not registered");
-        };
-        let command = |repair| proto::PairCommand {
-            pair_id: pair.id.to_string(),
-            job_id: pair.job.map(|j| j.to_string()).unwrap_or_default(),
-            repair,
-        };
-        let done = match pair.pending.expect("filtered") {
-            PendingStep::KeepProduction => {
-                self.call_agent(
-                    &pair.production_node,
-                    production,
-                    Request::KeepProduction(command(false)),
-                )
-                .await
-            }
-            PendingStep::Verify { repair } => {
-                self.call_agent(
-                    &pair.production_node,
-                    production,
-                    Request::Verify(command(repair)),
-                )
-                .await
-            }
-            PendingStep::SwitchSides => {
-                // The record already names the kept side as production: the old
-                // production agent steps down first, then the kept side takes over.
-                let step_down = PairPlan::assignment_of(&pair, Side::Dr, production);
-                let take_over = proto::PairAssignment {
-                    discard_peer: true,
-                    ..PairPlan::assignment_of(&pair, Side::Production, dr)
-                };
-                async {
-                    self.call_agent(&pair.dr_node, dr, Request::SwitchSide(step_down))
-                        .await?;
-                    self.call_agent(
-                        &pair.production_node,
-                        production,
-                        Request::SwitchSide(take_over),
-                    )
-                    .await
-                }
-                .await
-            }
-        };
-        if let Err(e) = done {
-            return self.stuck(&pair, &e.to_string());
-        }
-        let mut state = self.lock();
-        // The record may have changed while the agent answered: the step is done only on
-        // the record it was taken for.
-        let Some(mut record) = still_current(&state, &pair) else {
-            return Ok(());
-        };
-        record.pending = None;
-        self.commit_into(&mut state, &[Change::PutPair(record)])?;
-        state.stuck_since.remove(&pair.id);
-        state.step_taken.insert(pair.id, self.now());
-        Ok(())
-    }
-
-    async fn drive_delete(&self, pair: PairRecord) -> Result<(), ApiError> {
-        let addresses = {
-            let state = self.lock();
-            (
-                state
-                    .nodes
-                    .get(&pair.production_node)
-                    .map(|n| n.record.address),
-                state.nodes.get(&pair.dr_node).map(|n| n.record.address),
-            )
-        };
-        let (Some(production), Some(dr)) = addresses else {
-            return self.stuck(&pair, "a node of the pair is not registered");
-        };
-        let leave_production = PairPlan::assignment_of(&pair, Side::Production, dr);
-        let leave_dr = PairPlan::assignment_of(&pair, Side::Dr, production);
-        let left = async {
-            self.call_agent(
-                &pair.production_node,
-                production,
-                Request::LeavePair(leave_production),
-            )
-            .await?;
-            self.call_agent(&pair.dr_node, dr, Request::LeavePair(leave_dr))
-                .await
-        }
-        .await;
-        if let Err(e) = left {
-            return self.stuck(&pair, &e.to_string());
-        }
-        let mut changes = vec![Change::DeletePair(pair.id.to_string())];
-        let mut state = self.lock();
-        if let Some(job) = pair.job.and_then(|j| state.jobs.get(&j)).cloned() {
-            let mut job = job;
-            job.status = JobStatus::Success;
-            job.progress = 1.0;
-            job.end_time = Some(now_text());
-            changes.push(Change::PutJob(job));
-        }
-        self.commit_into(&mut state, &changes)?;
-        state.stuck_since.remove(&pair.id);
-        state.step_taken.remove(&pair.id);
-        state
-            .deleted
-            .retain(|_, at| self.since(*at) < Duration::from_secs(60));
-        state.deleted.insert(pair.id, self.now());
-        tracing::info!(pair = %pair.id, "pair deleted");
-        Ok(())
-    }
-
-    /// A pending step failed: keep trying, and after a while fail the operation.
+    /// A step was not taken: try again next round, and after [`AGENT_GIVE_UP`] fail the
+    /// operation (`pair_steps::give_up`).
     fn stuck(&self, pair: &PairRecord, reason: &str) -> Result<(), ApiError> {
         let mut state = self.lock();
         // Changed meanwhile: the driver's next round looks at it again.
         let Some(current) = still_current(&state, pair) else {
             return Ok(());
         };
-        let pair = &current;
-        let since = *state
-            .stuck_since
-            .entry(pair.id)
-            .or_insert_with(|| self.now());
-        if self.since(since) < AGENT_GIVE_UP {
+        let now = self.now();
+        let since = *state.stuck_since.entry(pair.id).or_insert(now);
+        if now.saturating_duration_since(since) < AGENT_GIVE_UP {
             tracing::debug!(pair = %pair.id, %reason, "pair step pending; retrying");
             return Ok(());
         }
-        let mut record = pair.clone();
-        let failed = match pair.status {
-            PairStatus::Deleting => PairStatus::ErrorDeleting,
-            _ => PairStatus::Error,
-        };
-        record.status.become_(failed, "a step that got no answer")?;
-        record.failure_detail = Some(reason.to_owned());
-        record.updated_at = Some(now_text());
-        let mut changes = vec![];
-        if let Some(job) = pair.job.and_then(|j| state.jobs.get(&j)).cloned() {
-            let mut job = job;
-            job.status = JobStatus::Fail;
-            job.end_time = Some(now_text());
-            job.fail_reason = Some(reason.to_owned());
-            changes.push(Change::PutJob(job));
-        }
-        record.job = None;
-        changes.push(Change::PutPair(record.clone()));
+        let job = current.job.and_then(|j| state.jobs.get(&j)).cloned();
+        let changes = pair_steps::give_up(current, job, reason, &now_text())?;
         self.commit_into(&mut state, &changes)?;
-        tracing::error!(pair = %pair.id, %reason, status = %record.status, "pair operation failed");
+        tracing::error!(pair = %pair.id, %reason, "pair operation failed");
         state.stuck_since.remove(&pair.id);
         Ok(())
     }
@@ -403,7 +252,7 @@ mod tests {
         h.store.commit(&[Change::PutPair(changed.clone())]).unwrap();
         h.coordinator.lock().pairs.insert(pair.id, changed);
 
-        h.coordinator.drive_pending(seen).await.unwrap();
+        h.coordinator.drive_pair(seen).await.unwrap();
         assert_eq!(h.agents.log(), ["n1:Verify"]);
         let stored = h.stored_pair(pair.id).unwrap();
         assert_eq!((stored.status, stored.job), (PairStatus::Error, None));
@@ -426,13 +275,7 @@ mod tests {
         h.store.commit(&[Change::PutPair(changed.clone())]).unwrap();
         h.coordinator.lock().pairs.insert(pair.id, changed);
 
-        h.coordinator
-            .creation_step(seen, Side::Dr, |record| {
-                record.dr_started = true;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        h.coordinator.drive_pair(seen).await.unwrap();
         assert_eq!(h.agents.log(), ["n2:BecomeDr"]);
         let stored = h.stored_pair(pair.id).unwrap();
         assert_eq!(

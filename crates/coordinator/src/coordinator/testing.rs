@@ -113,7 +113,7 @@ impl FakeAgents {
 }
 
 /// A request's variant name, as its `Debug` form begins.
-fn kind_of(request: &Request) -> String {
+pub(super) fn kind_of(request: &Request) -> String {
     let text = format!("{request:?}");
     text.split('(').next().unwrap_or_default().to_owned()
 }
