@@ -12,7 +12,7 @@ mod sim;
 
 #[test]
 fn a_hypermetro_group_stays_a_crash_image_through_trips_and_goes_synchronous_again() {
-    let (mut answered, mut abandoned) = (0, 0);
+    let (mut answered, mut abandoned, mut mid_unit) = (0, 0, 0);
     for seed in sim::seeds(300) {
         let mut sim = Sim::new(seed, ReplicationModel::Hypermetro, Broken::Nothing);
         if let Err(e) = sim.run() {
@@ -20,8 +20,11 @@ fn a_hypermetro_group_stays_a_crash_image_through_trips_and_goes_synchronous_aga
         }
         answered += sim.answered();
         abandoned += sim.abandoned_cuts();
+        mid_unit += sim.cuts_mid_unit();
     }
-    eprintln!("{answered} records answered; {abandoned} cuts abandoned");
+    eprintln!(
+        "{answered} records answered; {abandoned} cuts abandoned; {mid_unit} DR power cuts mid-unit"
+    );
 }
 
 /// Runs seeds with `broken` until one fails: the seed and what caught it.

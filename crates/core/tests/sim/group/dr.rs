@@ -18,6 +18,9 @@ impl Dr {
             last_seal: Epoch::ZERO,
             allowed: Epoch::ZERO,
             answer_clock: 0,
+            inbox: VecDeque::new(),
+            applying: None,
+            draining: false,
         }
     }
 
@@ -29,9 +32,11 @@ impl Dr {
         let state = self.side.state().clone();
         self.side = DrSide::new(state, Some(self.last_seal));
         self.syncs.clear();
-        // The log's tail after its last seal belongs to a stream that is gone.
-        let last = self.last_seal;
-        self.staged.retain(|(e, ..)| *e <= last);
+        // The log's tail after its last seal belongs to a stream that is gone; what it holds
+        // at or before the recorded applied epoch is skipped when it is opened.
+        let (last, applied) = (self.last_seal, self.side.applied());
+        self.staged.retain(|(e, ..)| *e <= last && *e > applied);
+        self.seals.retain(|s| s.epoch > applied);
         self.seals.clone()
     }
 
@@ -55,7 +60,48 @@ impl Sim {
         }
     }
 
+    /// A frame arrives: taken now, or after the unit being applied.
     pub(super) fn dr_frame(&mut self, h: usize, frame: Transmit<Value>, corrupted: bool) {
+        self.drs[h]
+            .inbox
+            .push_back(DrInput::Frame(frame, corrupted));
+        self.dr_pump(h);
+    }
+
+    /// A new applier starts: the old one finished what arrived (its unit and its inbox,
+    /// at once), and the new one replays the sealed units of the stage log, in order.
+    pub(super) fn dr_new_applier(&mut self, h: usize) {
+        self.drs[h].draining = true;
+        self.dr_pump(h);
+        self.drs[h].draining = false;
+        let replays = self.drs[h].new_applier();
+        self.drs[h]
+            .inbox
+            .extend(replays.into_iter().map(DrInput::Replay));
+        self.dr_pump(h);
+    }
+
+    /// Takes what waits in the inbox, in order, until a unit is being applied.
+    fn dr_pump(&mut self, h: usize) {
+        loop {
+            if self.drs[h].applying.is_some() {
+                if !self.drs[h].draining {
+                    return;
+                }
+                while self.drs[h].applying.is_some() {
+                    self.unit_write(h);
+                }
+            }
+            match self.drs[h].inbox.pop_front() {
+                None => return,
+                Some(DrInput::Frame(frame, corrupted)) => self.dr_take(h, frame, corrupted),
+                Some(DrInput::Replay(seal)) => self.dr_seal(h, seal.epoch, seal.cut_ms, false),
+            }
+        }
+    }
+
+    /// One frame, as the applier's worker takes it.
+    fn dr_take(&mut self, h: usize, frame: Transmit<Value>, corrupted: bool) {
         match frame {
             Transmit::Write(write) if write.direct => {
                 let gating = self.gating(&write);
@@ -169,32 +215,74 @@ impl Sim {
         }
     }
 
-    /// Applies the unit `seal` ends: every staged write up to its epoch, in log order; the
-    /// volume is synced after it.
+    /// Begins applying the unit `seal` ends: every staged write up to its epoch, in log
+    /// order, one event each (the stage log keeps them until the unit is applied whole).
     pub(super) fn apply_unit(&mut self, h: usize, seal: SealRecord) {
-        let (unit, rest): (Vec<_>, Vec<_>) = self.drs[h]
-            .staged
-            .drain(..)
-            .partition(|(e, ..)| *e <= seal.epoch);
-        self.drs[h].staged = rest;
-        self.drs[h].side.begin_unit(seal, unit.len());
-        for (_, b, v, _) in unit {
-            self.set_dr_block(h, b, v);
-            let _ = self.drs[h].side.unit_write_done();
-        }
         let dr = &mut self.drs[h];
+        let unit: Vec<(u64, u64)> = dr
+            .staged
+            .iter()
+            .filter(|(e, ..)| *e <= seal.epoch)
+            .map(|&(_, b, v, _)| (b, v))
+            .collect();
+        dr.side.begin_unit(seal, unit.len());
+        let empty = unit.is_empty();
+        dr.applying = Some((seal, unit, 0));
+        if empty {
+            self.finish_unit(h);
+        } else if !self.drs[h].draining {
+            let (applier, delay) = (self.drs[h].applier, self.rng.random_range(0..3));
+            self.after(delay, Event::UnitWrite(h, applier));
+        }
+    }
+
+    /// The unit's next write is on the volume (not durable until the sync at its end).
+    pub(super) fn unit_write(&mut self, h: usize) {
+        let Some((_, unit, done)) = self.drs[h].applying.as_mut() else {
+            return;
+        };
+        let (b, v) = unit[*done];
+        *done += 1;
+        let all = *done == unit.len();
+        let before = self.drs[h].image[b as usize];
+        self.drs[h].volatile.push_back((b, before));
+        self.set_dr_block(h, b, v);
+        let written = self.drs[h].side.unit_write_done();
+        assert_eq!(
+            written, all,
+            "the machine counts the unit's writes as the shell does"
+        );
+        if all {
+            self.finish_unit(h);
+        } else if !self.drs[h].draining {
+            let (applier, delay) = (self.drs[h].applier, self.rng.random_range(0..3));
+            self.after(delay, Event::UnitWrite(h, applier));
+        }
+    }
+
+    /// Every write of the unit is on the volume: it is synced, the unit recorded applied,
+    /// its writes leave the stage log; then what waited goes on.
+    fn finish_unit(&mut self, h: usize) {
+        let dr = &mut self.drs[h];
+        let (seal, ..) = dr.applying.take().expect("a unit was being applied");
+        dr.staged.retain(|(e, ..)| *e > seal.epoch);
         dr.seals.retain(|s| s.epoch > seal.epoch);
         dr.synced_all();
         let done = dr.side.finish_unit().expect("the unit was begun");
         for seq in done.answers {
             self.answer_production(h, Answer::Written(seq));
         }
+        self.dr_progress(h);
+        self.dr_pump(h);
     }
 
     /// Starts what may start now: units the group committed, gated writes let go.
     pub(super) fn dr_progress(&mut self, h: usize) {
         loop {
             let dr = &mut self.drs[h];
+            if dr.applying.is_some() {
+                return;
+            }
             if let Some(seal) = dr.side.committed_unit(dr.allowed.0) {
                 self.apply_unit(h, seal);
                 continue;
@@ -228,7 +316,19 @@ impl Sim {
         dr.applier += 1;
         dr.session = None;
         dr.syncs.clear();
-        let state = dr.side.state().clone();
+        // The unit half applied is in the stage log still (sealed, synced): replayed later.
+        let half_applied = dr.applying.take();
+        if half_applied.as_ref().is_some_and(|(_, _, done)| *done > 0) {
+            self.cuts_mid_unit += 1;
+        }
+        let dr = &mut self.drs[h];
+        dr.inbox.clear();
+        let mut state = dr.side.state().clone();
+        if let (Broken::RecordUnitAtItsStart, Some((seal, ..))) = (self.broken, half_applied) {
+            // Broken: the state was recorded with the unit applied when it began.
+            state.applied = seal.epoch;
+            state.applied_cut_ms = seal.cut_ms;
+        }
         dr.side = DrSide::new(state, Some(dr.last_seal));
         // What the stage log holds after its last seal is dropped when it is opened again.
         let last = dr.last_seal;

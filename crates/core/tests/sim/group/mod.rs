@@ -139,6 +139,9 @@ enum Event {
     ToProduction(usize, u32, Answer),
     /// A sync of host `h`'s DR volume returns (for its applier `applier`).
     DrSynced(usize, u32),
+    /// The next write of the unit host `h`'s DR applier `applier` is applying reaches the
+    /// volume.
+    UnitWrite(usize, u32),
     Issue(usize),
     LinkCut(usize),
     LinkHeal(usize),
@@ -291,6 +294,23 @@ struct Dr {
     allowed: Epoch,
     /// When the last answer sent arrives (the stream keeps them in order).
     answer_clock: u64,
+    /// What arrived and waits, in order, while a unit is being applied (the applier takes
+    /// no command meanwhile): the stream's frames, and a new applier's replayed seals.
+    inbox: VecDeque<DrInput>,
+    /// The unit being applied: its seal, its writes (block, value) and how many are on
+    /// the volume.
+    applying: Option<(SealRecord, Vec<(u64, u64)>, usize)>,
+    /// Units apply at once (an applier that stops finishes what arrived before the next
+    /// one starts).
+    draining: bool,
+}
+
+/// What the DR applier takes, in order.
+enum DrInput {
+    /// A frame of the stream, and whether its CRC fails here.
+    Frame(Transmit<Value>, bool),
+    /// A seal found in the stage log at the applier's start.
+    Replay(SealRecord),
 }
 
 /// A rule of the protocol broken on purpose, for the checks to catch.
@@ -316,6 +336,9 @@ pub enum Broken {
     ReleaseOnCut,
     /// A restarted agent forgets the catch-up unit its pair record names.
     ForgetRecordedUnit,
+    /// The DR side records a unit applied when it begins applying it, before its writes
+    /// are on the volume and synced.
+    RecordUnitAtItsStart,
 }
 
 pub struct Sim {
@@ -352,6 +375,8 @@ pub struct Sim {
     starting: bool,
     /// The coordinator crashed after a direct cut once the faults had stopped.
     crashed_after_faults: bool,
+    /// DR power cuts that fell while a unit was half applied.
+    cuts_mid_unit: usize,
 }
 
 impl Sim {
@@ -386,6 +411,7 @@ impl Sim {
             coordinator_up_since: 0,
             starting: false,
             crashed_after_faults: false,
+            cuts_mid_unit: 0,
         };
         for h in 0..n {
             sim.connect(h);
@@ -554,6 +580,11 @@ impl Sim {
             Event::DrSynced(h, applier) => {
                 if self.drs[h].up && self.drs[h].applier == applier {
                     self.dr_synced(h);
+                }
+            }
+            Event::UnitWrite(h, applier) => {
+                if self.drs[h].up && self.drs[h].applier == applier {
+                    self.unit_write(h);
                 }
             }
             Event::Issue(c) => self.issue(c),
@@ -834,5 +865,10 @@ impl Sim {
     /// How many of the coordinator's cuts were abandoned (its last life's).
     pub fn abandoned_cuts(&self) -> usize {
         self.cut.broken_boundaries()
+    }
+
+    /// How many DR power cuts fell while a unit was half applied.
+    pub fn cuts_mid_unit(&self) -> usize {
+        self.cuts_mid_unit
     }
 }

@@ -225,11 +225,8 @@ impl Sim {
         }
         self.hosts[h].session += 1;
         let session = self.hosts[h].session;
-        let replays = self.drs[h].new_applier();
+        self.dr_new_applier(h);
         self.drs[h].session = Some(session);
-        for seal in replays {
-            self.dr_seal(h, seal.epoch, seal.cut_ms, false);
-        }
         let dr = &self.drs[h];
         let staged = dr.last_seal.max(dr.side.applied());
         let applied = dr.side.applied();
