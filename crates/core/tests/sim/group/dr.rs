@@ -227,7 +227,11 @@ impl Sim {
             .collect();
         dr.side.begin_unit(seal, unit.len());
         let empty = unit.is_empty();
-        dr.applying = Some((seal, unit, 0));
+        dr.applying = Some(UnitApply {
+            seal,
+            writes: unit,
+            done: 0,
+        });
         if empty {
             self.finish_unit(h);
         } else if !self.drs[h].draining {
@@ -238,12 +242,12 @@ impl Sim {
 
     /// The unit's next write is on the volume (not durable until the sync at its end).
     pub(super) fn unit_write(&mut self, h: usize) {
-        let Some((_, unit, done)) = self.drs[h].applying.as_mut() else {
+        let Some(unit) = self.drs[h].applying.as_mut() else {
             return;
         };
-        let (b, v) = unit[*done];
-        *done += 1;
-        let all = *done == unit.len();
+        let (b, v) = unit.writes[unit.done];
+        unit.done += 1;
+        let all = unit.done == unit.writes.len();
         let before = self.drs[h].image[b as usize];
         self.drs[h].volatile.push_back((b, before));
         self.set_dr_block(h, b, v);
@@ -264,7 +268,7 @@ impl Sim {
     /// its writes leave the stage log; then what waited goes on.
     fn finish_unit(&mut self, h: usize) {
         let dr = &mut self.drs[h];
-        let (seal, ..) = dr.applying.take().expect("a unit was being applied");
+        let seal = dr.applying.take().expect("a unit was being applied").seal;
         dr.staged.retain(|(e, ..)| *e > seal.epoch);
         dr.seals.retain(|s| s.epoch > seal.epoch);
         dr.synced_all();
@@ -318,13 +322,15 @@ impl Sim {
         dr.syncs.clear();
         // The unit half applied is in the stage log still (sealed, synced): replayed later.
         let half_applied = dr.applying.take();
-        if half_applied.as_ref().is_some_and(|(_, _, done)| *done > 0) {
+        if half_applied.as_ref().is_some_and(|unit| unit.done > 0) {
             self.cuts_mid_unit += 1;
         }
         let dr = &mut self.drs[h];
         dr.inbox.clear();
         let mut state = dr.side.state().clone();
-        if let (Broken::RecordUnitAtItsStart, Some((seal, ..))) = (self.broken, half_applied) {
+        if let (Broken::RecordUnitAtItsStart, Some(UnitApply { seal, .. })) =
+            (self.broken, half_applied)
+        {
             // Broken: the state was recorded with the unit applied when it began.
             state.applied = seal.epoch;
             state.applied_cut_ms = seal.cut_ms;

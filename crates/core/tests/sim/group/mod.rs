@@ -297,12 +297,19 @@ struct Dr {
     /// What arrived and waits, in order, while a unit is being applied (the applier takes
     /// no command meanwhile): the stream's frames, and a new applier's replayed seals.
     inbox: VecDeque<DrInput>,
-    /// The unit being applied: its seal, its writes (block, value) and how many are on
-    /// the volume.
-    applying: Option<(SealRecord, Vec<(u64, u64)>, usize)>,
+    /// The unit being applied.
+    applying: Option<UnitApply>,
     /// Units apply at once (an applier that stops finishes what arrived before the next
     /// one starts).
     draining: bool,
+}
+
+/// A unit being applied: its seal, its writes (block, value) and how many are on the
+/// volume.
+struct UnitApply {
+    seal: SealRecord,
+    writes: Vec<(u64, u64)>,
+    done: usize,
 }
 
 /// What the DR applier takes, in order.
