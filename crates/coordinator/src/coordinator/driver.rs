@@ -3,7 +3,7 @@
 //! stop, operations); a step an agent does not take is retried until [`AGENT_GIVE_UP`], then
 //! the operation fails. Also how the coordinator calls an agent.
 
-use super::pair_steps::{self, Done};
+use super::pair_steps::{self, Done, still_current};
 use super::*;
 
 impl Coordinator {
@@ -203,19 +203,6 @@ impl Coordinator {
             }
         });
     }
-}
-
-/// The record of `seen`'s pair as it is now, if it is still the one the driver took its
-/// step from (same status, job and pending step): a request or another step may have
-/// changed it while the driver waited for an agent.
-pub(super) fn still_current(state: &State, seen: &PairRecord) -> Option<PairRecord> {
-    state
-        .pairs
-        .get(&seen.id)
-        .filter(|now| {
-            now.status == seen.status && now.job == seen.job && now.pending == seen.pending
-        })
-        .cloned()
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ impl Coordinator {
             return Ok(());
         };
         // Onto the pair as it is now, if it is still the one the driver saw.
-        let Some(mut record) = super::driver::still_current(&state, pair) else {
+        let Some(mut record) = super::pair_steps::still_current(&state, pair) else {
             return Ok(());
         };
         job.end(outcome);

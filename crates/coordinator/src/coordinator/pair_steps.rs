@@ -17,9 +17,58 @@ use std::net::SocketAddr;
 use blockrep_api::proto::{self, cluster_request::Request};
 use blockrep_core::replication::{IllegalPairStatus, JobStatus, PairStatus};
 
-use super::pairs::{PairPlan, Side};
+use super::State;
 use crate::records::{JobRecord, PairRecord, PendingStep};
 use crate::store::Change;
+
+/// A side of a pair.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    Production,
+    Dr,
+}
+
+/// What the agent on `side` of `p` is told; `peer_address` is the other side's endpoint.
+pub(super) fn assignment(
+    p: &PairRecord,
+    side: Side,
+    peer_address: SocketAddr,
+) -> proto::PairAssignment {
+    let (local, peer, peer_node) = match side {
+        Side::Production => (p.production_volume, p.dr_volume, &p.dr_node),
+        Side::Dr => (p.dr_volume, p.production_volume, &p.production_node),
+    };
+    proto::PairAssignment {
+        pair_id: p.id.to_string(),
+        replication_model: p.model.to_string(),
+        local_volume_id: local.to_string(),
+        peer_volume_id: peer.to_string(),
+        peer_node: peer_node.clone(),
+        peer_address: peer_address.to_string(),
+        size_bytes: p.size,
+        side: match side {
+            Side::Production => "production".into(),
+            Side::Dr => "dr".into(),
+        },
+        discard_peer: false,
+        generation: 0,
+        term: p.term,
+        grouped: p.group.is_some(),
+    }
+}
+
+/// The record of `seen`'s pair as it is now, if it is still the one the driver took its
+/// step from (same status, job and pending step): a request or another step may have
+/// changed it while the driver waited for an agent.
+pub(super) fn still_current(state: &State, seen: &PairRecord) -> Option<PairRecord> {
+    state
+        .pairs
+        .get(&seen.id)
+        .filter(|now| {
+            now.status == seen.status && now.job == seen.job && now.pending == seen.pending
+        })
+        .cloned()
+}
 
 /// One agent call of a step.
 #[derive(Debug)]
@@ -82,19 +131,19 @@ pub(super) fn next_step(
     };
     let step = |calls, done| Some(Ok(Step { calls, done }));
     if creating && !pair.dr_started {
-        let assignment = PairPlan::assignment_of(pair, Side::Dr, production);
+        let assignment = assignment(pair, Side::Dr, production);
         return step(vec![to_dr(Request::BecomeDr(assignment))], Done::DrStarted);
     }
     if creating {
-        let assignment = PairPlan::assignment_of(pair, Side::Production, dr);
+        let assignment = assignment(pair, Side::Production, dr);
         return step(
             vec![to_production(Request::BecomeProduction(assignment))],
             Done::ProductionStarted,
         );
     }
     if pair.status == PairStatus::Deleting {
-        let leave_production = PairPlan::assignment_of(pair, Side::Production, dr);
-        let leave_dr = PairPlan::assignment_of(pair, Side::Dr, production);
+        let leave_production = assignment(pair, Side::Production, dr);
+        let leave_dr = assignment(pair, Side::Dr, production);
         return step(
             vec![
                 to_production(Request::LeavePair(leave_production)),
@@ -116,10 +165,10 @@ pub(super) fn next_step(
         PendingStep::SwitchSides => {
             // The record already names the kept side as production: the old production
             // agent steps down first, then the kept side takes over.
-            let step_down = PairPlan::assignment_of(pair, Side::Dr, production);
+            let step_down = assignment(pair, Side::Dr, production);
             let take_over = proto::PairAssignment {
                 discard_peer: true,
-                ..PairPlan::assignment_of(pair, Side::Production, dr)
+                ..assignment(pair, Side::Production, dr)
             };
             vec![
                 to_dr(Request::SwitchSide(step_down)),

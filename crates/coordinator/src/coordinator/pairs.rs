@@ -1,9 +1,10 @@
 //! Pairs in the coordinator: list, show, delete, resolve and verify, each checked against
 //! the pair's status before anything is stored; a pair as the API shows it (its record with
-//! what its agents last reported); and what an agent is told of its side of a pair
-//! ([`PairPlan::assignment_of`]). A pair's creation is in [`create`].
+//! what its agents last reported). What an agent is told of its side of a pair is
+//! `pair_steps::assignment`. A pair's creation is in [`create`].
 
 use super::jobs::job_view;
+use super::pair_steps::{self, Side};
 use super::*;
 
 mod create;
@@ -271,12 +272,6 @@ impl Coordinator {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Side {
-    Production,
-    Dr,
-}
-
 pub(super) struct PairPlan {
     record: PairRecord,
     production_address: SocketAddr,
@@ -291,36 +286,7 @@ impl PairPlan {
             Side::Production => self.dr_address,
             Side::Dr => self.production_address,
         };
-        Self::assignment_of(&self.record, side, peer)
-    }
-
-    /// What the agent on `side` needs; `peer_address` is the other side's endpoint.
-    pub(super) fn assignment_of(
-        p: &PairRecord,
-        side: Side,
-        peer_address: SocketAddr,
-    ) -> proto::PairAssignment {
-        let (local, peer, peer_node) = match side {
-            Side::Production => (p.production_volume, p.dr_volume, &p.dr_node),
-            Side::Dr => (p.dr_volume, p.production_volume, &p.production_node),
-        };
-        proto::PairAssignment {
-            pair_id: p.id.to_string(),
-            replication_model: p.model.to_string(),
-            local_volume_id: local.to_string(),
-            peer_volume_id: peer.to_string(),
-            peer_node: peer_node.clone(),
-            peer_address: peer_address.to_string(),
-            size_bytes: p.size,
-            side: match side {
-                Side::Production => "production".into(),
-                Side::Dr => "dr".into(),
-            },
-            discard_peer: false,
-            generation: 0,
-            term: p.term,
-            grouped: p.group.is_some(),
-        }
+        pair_steps::assignment(&self.record, side, peer)
     }
 }
 

@@ -30,12 +30,14 @@ use crate::link::PairLink;
 use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VerifyRunner, VerifyStatus};
 
+mod error;
 mod resync;
 mod session;
 
+use error::SessionError;
 pub use resync::MIN_EXTENT;
 use resync::{Resync, ResyncOutcome};
-use session::{Backoff, SessionError};
+use session::Backoff;
 
 /// What a demoted pair's status says.
 const DEMOTED: &str =

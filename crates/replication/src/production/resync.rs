@@ -16,7 +16,7 @@ use crate::link::{Data, PairLink};
 use crate::membership::MembershipRecord;
 
 use super::ProductionPair;
-use super::session::SessionError;
+use super::error::SessionError;
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use blockrep_core::pair::probes::VERIFY_BLOCK;
 use blockrep_core::pair::production::Transmit;
-use blockrep_core::pair::state::{IllegalTransition, PairState};
+use blockrep_core::pair::state::PairState;
 use blockrep_core::replication::group_cut::Live;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
 use blockrep_core::replication::{Payload, ReplicationStatus, WriteFrame};
@@ -18,40 +18,13 @@ use blockrep_wire::{
 };
 use bytes::Bytes;
 
-use crate::endpoint::{CallError, ReplicationStream};
-use crate::framed::{FrameReader, FrameWriter, StreamError};
+use crate::endpoint::ReplicationStream;
+use crate::framed::{FrameReader, FrameWriter};
 use crate::link::{Data, PairLink};
 
 use super::ProductionPair;
+use super::error::SessionError;
 use super::resync::{ResyncKind, ResyncOutcome};
-
-#[derive(Debug, thiserror::Error)]
-pub(super) enum SessionError {
-    #[error("peer unreachable: {0}")]
-    Unreachable(#[from] CallError),
-    #[error("link lost: {0}")]
-    Stream(#[from] StreamError),
-    #[error("peer refused: {0}")]
-    Refused(String),
-    /// The two sides' data diverged: nothing moves until the operator resolves it.
-    #[error("{0}")]
-    Diverged(String),
-    #[error("peer silent: the DR agent answered nothing for {0:?}")]
-    Silent(Duration),
-    /// A synchronous pair of a group leaves synchronous replication as when its link
-    /// breaks, so that its group trips.
-    #[error("{0}: the stream ends so that the group trips, then catches up")]
-    Trip(&'static str),
-    #[error("peer broke the protocol: {0}")]
-    Protocol(String),
-    #[error("resync failed: {0}")]
-    Resync(String),
-    /// The pair left the session's states (paused, demoted, stopped) while it ran.
-    #[error("{0}")]
-    Left(#[from] IllegalTransition),
-    #[error("the pair is {0}")]
-    Ended(PairState),
-}
 
 impl ProductionPair {
     /// One session: the handshake, the plan, then the stream's loops until one ends.

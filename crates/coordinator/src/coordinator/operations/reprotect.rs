@@ -2,7 +2,7 @@
 //! the new production side, then the old production side becomes DR.
 
 use super::*;
-use crate::coordinator::pairs::Side;
+use crate::coordinator::pair_steps::Side;
 
 impl Coordinator {
     pub(super) async fn drive_reprotect(

@@ -3,7 +3,7 @@
 //! reprotect end with.
 
 use super::*;
-use crate::coordinator::pairs::{PairPlan, Side};
+use crate::coordinator::pair_steps::{self, Side};
 
 /// How long a reverse waits for the DR side to hold every write before it gives up (and
 /// production takes writes again).
@@ -275,7 +275,7 @@ impl Coordinator {
             generation: generation.0,
             term,
             grouped: pair.group.is_some(),
-            ..PairPlan::assignment_of(pair, side, peer_address)
+            ..pair_steps::assignment(pair, side, peer_address)
         }
     }
 }
