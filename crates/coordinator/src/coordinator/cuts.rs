@@ -584,7 +584,6 @@ pub(super) fn now_millis() -> u64 {
 mod tests {
     use super::*;
     use crate::coordinator::testing::*;
-    use crate::store::Change;
 
     /// A coordinator that starts (or restarts: its cut state is in memory only) starts its
     /// group's epochs above every epoch the production agents admit in. Until each of them
@@ -593,12 +592,7 @@ mod tests {
     /// none holds), and commit boundaries no cut ever made.
     #[tokio::test]
     async fn no_group_cut_before_every_production_agent_has_reported() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, _, a, b) = seeded_group_of_two();
         h.dr_reports(&[&a, &b], true, 0);
         let mut report = pair_state(&a, "production", ReplicationStatus::Active);
         report.grouped = true;

@@ -332,15 +332,7 @@ mod tests {
         let pair = pair_record("web", ("n1", 1), ("n2", 2));
         let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
         two_nodes(&h);
-        let job: JobId = h
-            .coordinator
-            .delete_pair("web")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
         drive(&h, pair.id).await;
         assert_eq!(h.agents.log(), ["n1:LeavePair", "n2:LeavePair"]);
         let Request::LeavePair(leave) = &h.agents.calls()[1].request else {
@@ -364,15 +356,7 @@ mod tests {
         let pair = pair_record("web", ("n1", 1), ("n2", 2));
         let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
         two_nodes(&h);
-        let job: JobId = h
-            .coordinator
-            .delete_pair("web")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
         h.store.refuse_commits(true);
         let refused = h.coordinator.drive_pair(h.pair(pair.id)).await;
         assert!(refused.is_err(), "{refused:?}");
@@ -397,15 +381,7 @@ mod tests {
         two_nodes(&h);
         h.agents
             .script("LeavePair", Some("n2"), Answer::Unreachable, None);
-        let job: JobId = h
-            .coordinator
-            .delete_pair("web")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
         drive(&h, pair.id).await;
         h.clock.advance(AGENT_GIVE_UP);
         h.store.refuse_commits(true);
@@ -427,15 +403,7 @@ mod tests {
         two_nodes(&h);
         h.agents
             .script("LeavePair", Some("n2"), Answer::Unreachable, None);
-        let job: JobId = h
-            .coordinator
-            .delete_pair("web")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
         let commits = h.store.commits();
         drive(&h, pair.id).await;
         drive(&h, pair.id).await;

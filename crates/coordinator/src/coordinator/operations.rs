@@ -510,12 +510,7 @@ mod tests {
     /// records the new size onto the record as it is then, not over it.
     #[tokio::test]
     async fn an_extend_keeps_what_changed_on_the_pair_while_its_volumes_grew() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, _, a, b) = seeded_group_of_two();
         h.production_reports(&[&a, &b]);
         h.dr_reports(&[&a, &b], true, 7);
         let release = Arc::new(tokio::sync::Notify::new());
@@ -641,12 +636,7 @@ mod tests {
 
     #[test]
     fn failover_needs_every_dr_agent_and_a_consistent_point() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, group, a, b) = seeded_group_of_two();
         let commits = 1;
         h.assert_refused(
             h.coordinator.failover_group("g"),

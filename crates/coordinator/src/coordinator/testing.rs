@@ -160,6 +160,14 @@ impl Agents for FakeAgents {
     }
 }
 
+/// The id of the job a request answered with.
+pub(super) fn job_of(job: Option<proto::Job>) -> JobId {
+    job.expect("the request started a job")
+        .id
+        .parse()
+        .expect("a job id")
+}
+
 /// A coordinator on a memory store, with fake agents.
 pub(super) struct Harness {
     pub store: Arc<MemoryStore>,
@@ -441,6 +449,17 @@ pub(super) fn group_of_two() -> (GroupRecord, PairRecord, PairRecord) {
     a.group = Some(group.id);
     b.group = Some(group.id);
     (group, a, b)
+}
+
+/// A coordinator whose store holds [`group_of_two`].
+pub(super) fn seeded_group_of_two() -> (Harness, GroupRecord, PairRecord, PairRecord) {
+    let (group, a, b) = group_of_two();
+    let h = Harness::seeded(&[
+        Change::PutGroup(group.clone()),
+        Change::PutPair(a.clone()),
+        Change::PutPair(b.clone()),
+    ]);
+    (h, group, a, b)
 }
 
 impl Harness {

@@ -178,23 +178,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_failover_promotes_every_dr_side_and_swaps_the_records() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, group, a, b) = seeded_group_of_two();
         h.dr_reports(&[&a, &b], true, 7);
         h.agents.always("Promote", promoted(7));
-        let job: JobId = h
-            .coordinator
-            .failover_group("g")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let job = job_of(h.coordinator.failover_group("g").unwrap().job);
         let plan = plan_of(&h, &group);
 
         h.coordinator.drive_operations().await;
@@ -249,12 +236,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_promotion_fails_the_failover_and_a_retry_carries_on_from_its_plan() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, group, a, b) = seeded_group_of_two();
         h.dr_reports(&[&a, &b], true, 7);
         h.agents.script(
             "Promote",
@@ -263,15 +245,7 @@ mod tests {
             Some(1),
         );
         h.agents.always("Promote", promoted(7));
-        let first: JobId = h
-            .coordinator
-            .failover_group("g")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let first = job_of(h.coordinator.failover_group("g").unwrap().job);
         h.coordinator.drive_operations().await;
 
         let stored = h.stored_group(group.id).unwrap();
@@ -289,15 +263,7 @@ mod tests {
         // Nothing swapped yet.
         assert_eq!(h.stored_pair(a.id).unwrap().production_node, "n1");
 
-        let second: JobId = h
-            .coordinator
-            .failover_group("g")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let second = job_of(h.coordinator.failover_group("g").unwrap().job);
         assert_ne!(first, second);
         assert_eq!(plan_of(&h, &group), plan, "the retry keeps the plan");
         h.coordinator.drive_operations().await;
@@ -321,12 +287,7 @@ mod tests {
     /// coordinator's clock, not before; then the failover fails, its plan kept.
     #[tokio::test]
     async fn an_unreachable_dr_agent_fails_the_failover_only_after_the_give_up() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, group, a, b) = seeded_group_of_two();
         h.dr_reports(&[&a, &b], true, 7);
         h.agents
             .script("Promote", Some("n4"), Answer::Unreachable, None);
@@ -363,23 +324,10 @@ mod tests {
     /// failovering with its job running, and the next round ends it.
     #[tokio::test]
     async fn a_failover_end_that_is_not_stored_changes_nothing_in_memory() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, group, a, b) = seeded_group_of_two();
         h.dr_reports(&[&a, &b], true, 7);
         h.agents.always("Promote", promoted(7));
-        let job: JobId = h
-            .coordinator
-            .failover_group("g")
-            .unwrap()
-            .job
-            .unwrap()
-            .id
-            .parse()
-            .unwrap();
+        let job = job_of(h.coordinator.failover_group("g").unwrap().job);
         h.store.refuse_commits(true);
         h.coordinator.drive_operations().await;
         let in_memory = |h: &Harness| {

@@ -289,12 +289,7 @@ mod tests {
     /// coordinator's clock, not before, and takes the fence down.
     #[tokio::test]
     async fn a_reverse_that_does_not_drain_gives_up_on_the_coordinators_clock() {
-        let (group, a, b) = group_of_two();
-        let h = Harness::seeded(&[
-            Change::PutGroup(group.clone()),
-            Change::PutPair(a.clone()),
-            Change::PutPair(b.clone()),
-        ]);
+        let (h, group, a, b) = seeded_group_of_two();
         h.production_reports(&[&a, &b]);
         h.dr_reports(&[&a, &b], true, 7);
         h.coordinator.reverse_group("g").unwrap();
