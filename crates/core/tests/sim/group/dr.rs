@@ -47,6 +47,10 @@ impl Dr {
     }
 }
 
+/// The most of a unit's writes that reach the volume in one event (the ring has many in
+/// flight).
+const UNIT_WRITES_AT_ONCE: usize = 16;
+
 impl Sim {
     /// What a direct write is to the DR side's gate (the applier's rule, with the rules
     /// broken on purpose).
@@ -202,6 +206,12 @@ impl Sim {
                 dr.seals.push(SealRecord { epoch, cut_ms });
                 dr.last_seal = dr.last_seal.max(epoch);
                 dr.side.appended(epoch);
+                // A seal of a stream that is gone, taken from the inbox after a unit: the
+                // epochs it ends are a unit of their own, and a catch-up begins after them.
+                let gone = dr.session != Some(self.hosts[h].session);
+                if gone && let Some(from) = self.hosts[h].unit_from.as_mut() {
+                    *from = (*from).max(epoch);
+                }
                 self.answer_production(h, Answer::Staged(epoch));
             }
             SealArrival::Replay => {}
@@ -245,13 +255,19 @@ impl Sim {
         let Some(unit) = self.drs[h].applying.as_mut() else {
             return;
         };
-        let (b, v) = unit.writes[unit.done];
-        unit.done += 1;
+        // The ring takes many of the unit's writes at once: a batch reaches the volume.
+        let batch = self.rng.random_range(1..=UNIT_WRITES_AT_ONCE);
+        let from = unit.done;
+        unit.done = (unit.done + batch).min(unit.writes.len());
         let all = unit.done == unit.writes.len();
-        let before = self.drs[h].image[b as usize];
-        self.drs[h].volatile.push_back((b, before));
-        self.set_dr_block(h, b, v);
-        let written = self.drs[h].side.unit_write_done();
+        let writes = unit.writes[from..unit.done].to_vec();
+        let mut written = false;
+        for (b, v) in writes {
+            let before = self.drs[h].image[b as usize];
+            self.drs[h].volatile.push_back((b, before));
+            self.set_dr_block(h, b, v);
+            written = self.drs[h].side.unit_write_done();
+        }
         assert_eq!(
             written, all,
             "the machine counts the unit's writes as the shell does"
