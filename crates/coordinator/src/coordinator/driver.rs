@@ -396,6 +396,30 @@ mod tests {
         assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
     }
 
+    /// A verify whose agent stays away fails after the give-up, and then it is over: the
+    /// agent that comes back is not told to start a verify whose job already failed.
+    #[tokio::test]
+    async fn a_pending_step_given_up_is_not_sent_later() {
+        let mut pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let job = running_job(JobType::VerifyPair, Some(pair.id), None);
+        pair.job = Some(job.id);
+        pair.pending = Some(PendingStep::Verify { repair: false });
+        let h = Harness::seeded(&[Change::PutPair(pair.clone()), Change::PutJob(job.clone())]);
+        two_nodes(&h);
+        h.agents
+            .script("Verify", Some("n1"), Answer::Unreachable, Some(2));
+        drive(&h, pair.id).await;
+        h.clock.advance(AGENT_GIVE_UP);
+        drive(&h, pair.id).await;
+        let stored = h.stored_pair(pair.id).unwrap();
+        assert_eq!((stored.status, stored.job), (PairStatus::Error, None));
+        assert_eq!(h.stored_job(job.id).unwrap().status, JobStatus::Fail);
+        // The agent answers again: nothing is sent for the failed job.
+        drive(&h, pair.id).await;
+        assert_eq!(h.agents.calls_of("Verify").len(), 2, "{:?}", h.agents.log());
+        assert_eq!(h.stored_pair(pair.id).unwrap().pending, None);
+    }
+
     #[tokio::test]
     async fn a_step_no_agent_takes_fails_the_operation_after_agent_give_up() {
         let pair = pair_record("web", ("n1", 1), ("n2", 2));

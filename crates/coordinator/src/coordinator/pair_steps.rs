@@ -134,7 +134,7 @@ pub(super) fn next_step(
         let assignment = assignment(pair, Side::Dr, production);
         return step(vec![to_dr(Request::BecomeDr(assignment))], Done::DrStarted);
     }
-    if creating {
+    if creating && !pair.production_started {
         let assignment = assignment(pair, Side::Production, dr);
         return step(
             vec![to_production(Request::BecomeProduction(assignment))],
@@ -212,7 +212,8 @@ pub(super) fn step_taken(
 }
 
 /// The changes when the driver gives up on `record`'s step: the pair is in error
-/// (`error_deleting` while deleting) with `reason`, its job failed.
+/// (`error_deleting` while deleting) with `reason`, its job failed, its pending step
+/// dropped.
 pub(super) fn give_up(
     mut record: PairRecord,
     job: Option<JobRecord>,
@@ -226,7 +227,9 @@ pub(super) fn give_up(
     record.status.become_(failed, "a step that got no answer")?;
     record.failure_detail = Some(reason.to_owned());
     record.updated_at = Some(now.to_owned());
+    // The step is over with its job: an agent that comes back is not told it later.
     record.job = None;
+    record.pending = None;
     let mut changes = vec![];
     if let Some(mut job) = job {
         job.status = JobStatus::Fail;
@@ -280,8 +283,12 @@ mod tests {
             )
         );
 
-        pair.status = PairStatus::Available;
+        // Both sides started (the record says available with it): a pending step goes.
         pair.production_started = true;
+        pair.pending = Some(PendingStep::Verify { repair: true });
+        assert_eq!(kinds(&planned(&pair)), ["n1:Verify"]);
+
+        pair.status = PairStatus::Available;
         pair.pending = Some(PendingStep::SwitchSides);
         let step = planned(&pair);
         assert_eq!(kinds(&step), ["n2:SwitchSide", "n1:SwitchSide"]);
