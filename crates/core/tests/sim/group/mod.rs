@@ -377,7 +377,9 @@ pub struct Sim {
     touched: BTreeSet<(usize, u64)>,
     /// The write issued once the faults had settled that waited longest for its answer.
     slowest: Option<(usize, u64)>,
-    coordinator_up_since: u64,
+    /// When the coordinator last started its cuts (at the start, or after a restart once
+    /// every host had reported).
+    cutting_since: u64,
     /// The coordinator restarted and has not started its cuts again yet.
     starting: bool,
     /// The coordinator crashed after a direct cut once the faults had stopped.
@@ -415,7 +417,7 @@ impl Sim {
             in_logs: BTreeSet::new(),
             touched: BTreeSet::new(),
             slowest: None,
-            coordinator_up_since: 0,
+            cutting_since: 0,
             starting: false,
             crashed_after_faults: false,
             cuts_mid_unit: 0,
@@ -763,7 +765,6 @@ impl Sim {
     /// reported (the coordinator's `cut_group`).
     fn coordinator_restart(&mut self) {
         self.coordinator_up = true;
-        self.coordinator_up_since = self.clock.now();
         self.round = None;
         self.reports = vec![None; self.hosts_n];
         self.starting = true;
@@ -790,6 +791,7 @@ impl Sim {
             && self.broken != Broken::RestartForgetsDirect)
             .then_some(from);
         self.starting = false;
+        self.cutting_since = self.clock.now();
         true
     }
 

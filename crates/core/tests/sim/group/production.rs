@@ -389,9 +389,12 @@ impl Sim {
                 .unanswered_for_us(now_us)
                 .is_some_and(|us| us > PEER_TIMEOUT_MS * 1000);
             let m = &host.machine;
+            // The coordinator cuts (a restarted one waits for every host's report: with a
+            // host down, no commit can come), and has had time to commit.
             let coordinator_settled = self.coordinator_up
+                && !self.starting
                 && self.clock.now() >= FAULTS_UNTIL_MS
-                && self.clock.now() - self.coordinator_up_since >= COMMIT_WITHIN_MS;
+                && self.clock.now() - self.cutting_since >= COMMIT_WITHIN_MS;
             if silent
                 && coordinator_settled
                 && m.live() == Live::Sync
