@@ -215,6 +215,21 @@ mod tests {
         h.coordinator.drive_pair(h.pair(pair)).await.unwrap();
     }
 
+    /// With the store refusing commits, a driver step fails and leaves the pair deleting
+    /// and its job running, in memory as in the store.
+    async fn a_refused_commit_changes_nothing(h: &Harness, pair: PairId, job: JobId) {
+        h.store.refuse_commits(true);
+        let refused = h.coordinator.drive_pair(h.pair(pair)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
+        assert_eq!(
+            h.coordinator.lock().jobs[&job].status,
+            JobStatus::Running,
+            "in memory as in the store"
+        );
+        assert_eq!(h.pair(pair).status, PairStatus::Deleting);
+    }
+
     fn two_nodes(h: &Harness) {
         h.report("n1", "az1", vec![volume(1, "p1", SIZE)], vec![]);
         h.report("n2", "az2", vec![volume(2, "d1", SIZE)], vec![]);
@@ -357,16 +372,7 @@ mod tests {
         let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
         two_nodes(&h);
         let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
-        h.store.refuse_commits(true);
-        let refused = h.coordinator.drive_pair(h.pair(pair.id)).await;
-        assert!(refused.is_err(), "{refused:?}");
-        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
-        assert_eq!(
-            h.coordinator.lock().jobs[&job].status,
-            JobStatus::Running,
-            "in memory as in the store"
-        );
-        assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
+        a_refused_commit_changes_nothing(&h, pair.id, job).await;
         // Once the store takes it, the next round ends the delete.
         h.store.refuse_commits(false);
         drive(&h, pair.id).await;
@@ -384,16 +390,7 @@ mod tests {
         let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
         drive(&h, pair.id).await;
         h.clock.advance(AGENT_GIVE_UP);
-        h.store.refuse_commits(true);
-        let refused = h.coordinator.drive_pair(h.pair(pair.id)).await;
-        assert!(refused.is_err(), "{refused:?}");
-        assert_eq!(h.stored_job(job).unwrap().status, JobStatus::Running);
-        assert_eq!(
-            h.coordinator.lock().jobs[&job].status,
-            JobStatus::Running,
-            "in memory as in the store"
-        );
-        assert_eq!(h.pair(pair.id).status, PairStatus::Deleting);
+        a_refused_commit_changes_nothing(&h, pair.id, job).await;
     }
 
     /// A verify whose agent stays away fails after the give-up, and then it is over: the
