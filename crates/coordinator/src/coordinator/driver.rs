@@ -230,6 +230,17 @@ mod tests {
         assert_eq!(h.pair(pair).status, PairStatus::Deleting);
     }
 
+    /// A pair being deleted whose DR agent does not answer, and the delete's job.
+    fn deleting_with_its_dr_agent_away() -> (Harness, PairRecord, JobId) {
+        let pair = pair_record("web", ("n1", 1), ("n2", 2));
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        two_nodes(&h);
+        h.agents
+            .script("LeavePair", Some("n2"), Answer::Unreachable, None);
+        let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
+        (h, pair, job)
+    }
+
     fn two_nodes(h: &Harness) {
         h.report("n1", "az1", vec![volume(1, "p1", SIZE)], vec![]);
         h.report("n2", "az2", vec![volume(2, "d1", SIZE)], vec![]);
@@ -382,12 +393,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_give_up_that_is_not_stored_leaves_its_job_running_in_memory_too() {
-        let pair = pair_record("web", ("n1", 1), ("n2", 2));
-        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
-        two_nodes(&h);
-        h.agents
-            .script("LeavePair", Some("n2"), Answer::Unreachable, None);
-        let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
+        let (h, pair, job) = deleting_with_its_dr_agent_away();
         drive(&h, pair.id).await;
         h.clock.advance(AGENT_GIVE_UP);
         a_refused_commit_changes_nothing(&h, pair.id, job).await;
@@ -419,12 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_step_no_agent_takes_fails_the_operation_after_agent_give_up() {
-        let pair = pair_record("web", ("n1", 1), ("n2", 2));
-        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
-        two_nodes(&h);
-        h.agents
-            .script("LeavePair", Some("n2"), Answer::Unreachable, None);
-        let job = job_of(h.coordinator.delete_pair("web").unwrap().job);
+        let (h, pair, job) = deleting_with_its_dr_agent_away();
         let commits = h.store.commits();
         drive(&h, pair.id).await;
         drive(&h, pair.id).await;
