@@ -23,7 +23,8 @@
 //! | `pair_steps` | a pair's lifecycle as a planner: from its record, the agent calls of its next step and the changes once they were taken (or given up) |
 //! | `driver` | the loop that moves pairs through their lifecycle (making `pair_steps`' calls, storing its changes), and the calls to agents |
 //! | `groups` | consistency groups: create, list, show, update, delete, sync and stop |
-//! | `operations` | a group's failover, reverse, reprotect and extend: the requests and their plans; one child module per operation drives its steps |
+//! | `group_steps` | a group operation as a planner: from its plan, each pair's next agent call, what an answer marks in the plan, the changes that end it |
+//! | `operations` | a group's failover, reverse, reprotect and extend: the requests, their plans, and the driver's round that makes `group_steps`' calls and stores what they return |
 //! | `cuts` | the cut loop of the groups' epochs |
 
 use std::collections::BTreeMap;
@@ -49,6 +50,7 @@ use crate::store::{Change, Store};
 
 mod cuts;
 mod driver;
+mod group_steps;
 mod groups;
 mod jobs;
 mod nodes;

@@ -224,6 +224,9 @@ pub struct ExtendPlan {
     pub pair: PairId,
     pub size: u64,
     pub dr_done: bool,
+    /// The production volume grew too (absent in plans recorded before it was kept).
+    #[serde(default)]
+    pub production_done: bool,
 }
 
 /// What the driver still has to tell an agent.
@@ -273,9 +276,14 @@ impl JobRecord {
         }
     }
 
-    /// Ends the job: SUCCESS, or FAIL with the reason.
+    /// Ends the job now: SUCCESS, or FAIL with the reason.
     pub fn end(&mut self, outcome: Result<(), String>) {
-        self.end_time = Some(now_text());
+        self.end_at(outcome, &now_text());
+    }
+
+    /// Ends the job at `now` (a record's timestamp): SUCCESS, or FAIL with the reason.
+    pub fn end_at(&mut self, outcome: Result<(), String>, now: &str) {
+        self.end_time = Some(now.to_owned());
         match outcome {
             Ok(()) => {
                 self.status = JobStatus::Success;

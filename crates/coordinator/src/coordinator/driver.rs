@@ -173,19 +173,6 @@ impl Coordinator {
         })
     }
 
-    pub(super) async fn call_agent_by_name(
-        &self,
-        node: &str,
-        request: Request,
-    ) -> Result<(), ApiError> {
-        match self.ask_agent(node, request).await? {
-            Response::Done(_) => Ok(()),
-            _ => Err(ApiError::Internal(format!(
-                "node {node} answered with something unexpected"
-            ))),
-        }
-    }
-
     /// Sends `request` to `node` without waiting for more than `wait` (or at all).
     pub(super) fn fire_and_forget(&self, node: &str, request: Request, wait: Duration) {
         let call = self.ask_agent(node, request);

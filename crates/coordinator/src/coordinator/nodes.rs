@@ -220,6 +220,7 @@ mod tests {
             pair: grouped.id,
             size: 2 * SIZE,
             dr_done: false,
+            production_done: false,
         }));
         let g: GroupId = group.id;
         h.coordinator.lock().groups.insert(g, group);

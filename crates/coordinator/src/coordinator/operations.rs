@@ -15,27 +15,27 @@
 //!             ─► available; the catch-ups copy the union of both bitmaps
 //! ```
 //!
-//! This file holds the requests, the plan's bookkeeping (started, saved, failed, ended) and
-//! the driver's round over the operations under way; each operation's steps are in its own
-//! module: [`failover`], [`reverse`], [`reprotect`], [`extend`].
-
-use std::collections::BTreeMap;
+//! What each step is — the calls, what their answers mark in the plan, the changes that
+//! end the operation — is decided by the planner, `group_steps`, which does no I/O. This
+//! file holds the requests, the driver's round over the operations under way (making the
+//! planner's calls pair by pair, storing the plan after each answer that moved it, ending
+//! the operation) and the plan's bookkeeping (started, saved, failed, ended); two steps are
+//! driven their own way: a failover's promotions, in parallel ([`failover`]), and a
+//! reverse's drain, which waits on the agents' reports ([`reverse`]).
 
 use blockrep_core::replication::{Epoch, GenerationId, GroupStatus};
-use tokio::task::JoinSet;
 
 use super::cuts::now_millis;
+use super::group_steps::{self, GroupCall};
 use super::groups::refused;
 use super::jobs::job_view;
 use super::*;
 use crate::records::{
-    ExtendPlan, FailoverPlan, GroupOperation, GroupRecord, PromoteStep, PromotedAt, ReprotectPlan,
+    ExtendPlan, FailoverPlan, GroupOperation, GroupRecord, PromoteStep, ReprotectPlan,
     ReprotectStep, ReversePlan, ReverseStep, SwapStep,
 };
 
-mod extend;
 mod failover;
-mod reprotect;
 mod reverse;
 
 impl Coordinator {
@@ -250,6 +250,7 @@ impl Coordinator {
             pair: pair_id,
             size: req.size_bytes,
             dr_done: false,
+            production_done: false,
         };
         let response = self.start_operation(
             &mut state,
@@ -325,12 +326,7 @@ impl Coordinator {
         node: &str,
         pair: PairId,
     ) -> Option<&'a proto::PairState> {
-        state.nodes.get(node).and_then(|n| {
-            n.report
-                .pairs
-                .iter()
-                .find(|s| s.pair_id == pair.to_string())
-        })
+        group_steps::report_on(state, node, pair)
     }
 
     /// Records the operation with the group's running status and its job, and wakes the
@@ -383,15 +379,99 @@ impl Coordinator {
             let id = group.id;
             let outcome = match group.operation.clone() {
                 Some(GroupOperation::Failover(plan)) => self.drive_failover(group, plan).await,
-                Some(GroupOperation::Reverse(plan)) => self.drive_reverse(group, plan).await,
-                Some(GroupOperation::Reprotect(plan)) => self.drive_reprotect(group, plan).await,
-                Some(GroupOperation::Extend(plan)) => self.drive_extend(group, plan).await,
+                Some(GroupOperation::Reverse(plan)) if plan.step == ReverseStep::Draining => {
+                    self.drive_drain(group, plan).await
+                }
+                Some(operation) => self.take_steps(group, operation).await,
                 None => Ok(()),
             };
             if let Err(e) = outcome {
                 tracing::error!(group = %id, error = %e, "group operation");
             }
         }
+    }
+
+    /// Takes each pair's calls of `operation` (`group_steps::next_call`), pair by pair and
+    /// in order, storing the plan after every answer that moved it; ends the operation once
+    /// every pair's part is done. A pair whose call failed waits for the next round (or
+    /// fails the operation, see [`Self::operation_failed`]); the other pairs go on.
+    async fn take_steps(
+        &self,
+        group: GroupRecord,
+        mut operation: GroupOperation,
+    ) -> Result<(), ApiError> {
+        let members = {
+            let state = self.lock();
+            if let GroupOperation::Extend(plan) = &operation
+                && !state.pairs.contains_key(&plan.pair)
+            {
+                drop(state);
+                let gone = format!("pair {} is gone", plan.pair);
+                return self.end_operation(&group, GroupStatus::Available, Err(gone));
+            }
+            Self::members(&state, &group)
+        };
+        let mut failed = Vec::new();
+        for pair in &members {
+            if let Err(e) = self.take_pair_steps(&group, &mut operation, pair).await? {
+                failed.push((pair.id, e));
+            }
+        }
+        if group_steps::all_done(&operation) {
+            return self.finish_operation(&group, &operation);
+        }
+        let failed_status = match operation {
+            GroupOperation::Failover(_) => GroupStatus::ErrorFailovering,
+            GroupOperation::Reverse(_) => GroupStatus::ErrorReversing,
+            GroupOperation::Reprotect(_) => GroupStatus::Failovered,
+            GroupOperation::Extend(_) => GroupStatus::Available,
+        };
+        self.operation_failed(&group, failed, failed_status)
+    }
+
+    /// Takes `pair`'s calls of `operation` until its part is done or an agent did not take
+    /// one (the inner result); the outer one is the store's.
+    async fn take_pair_steps(
+        &self,
+        group: &GroupRecord,
+        operation: &mut GroupOperation,
+        pair: &PairRecord,
+    ) -> Result<Result<(), ApiError>, ApiError> {
+        loop {
+            let next = {
+                let state = self.lock();
+                group_steps::next_call(operation, pair, &|node| Self::address_of(&state, node))
+            };
+            let mut call = match next {
+                None => return Ok(Ok(())),
+                Some(Err(e)) => return Ok(Err(e)),
+                Some(Ok(call)) => call,
+            };
+            loop {
+                let GroupCall {
+                    pair,
+                    node,
+                    request,
+                    expects,
+                } = call;
+                let answer = self.ask_agent(&node, request).await;
+                match answer.and_then(|a| group_steps::answered(operation, pair, expects, a)) {
+                    Ok(Some(then)) => call = then,
+                    Ok(None) => break,
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            self.save_plan(group, operation.clone())?;
+        }
+    }
+
+    /// Where `node` is reached (an unspecified address if it is not registered: its agent
+    /// is not called then, and learns its peer's address from its next report's answer).
+    fn address_of(state: &State, node: &str) -> SocketAddr {
+        state
+            .nodes
+            .get(node)
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |n| n.record.address)
     }
 
     fn save_plan(&self, group: &GroupRecord, operation: GroupOperation) -> Result<(), ApiError> {
@@ -412,6 +492,29 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Every pair's part of `operation` is done: stores what ends it
+    /// (`group_steps::finished`).
+    fn finish_operation(
+        &self,
+        group: &GroupRecord,
+        operation: &GroupOperation,
+    ) -> Result<(), ApiError> {
+        let mut state = self.lock();
+        let changes = group_steps::finished(operation, group, &state, now_millis(), &now_text());
+        self.commit_into(&mut state, &changes)?;
+        for change in &changes {
+            if let Change::PutPair(p) = change {
+                state.group_step_sent.remove(&p.id);
+            }
+        }
+        state.group_stuck_since.remove(&group.id);
+        state.draining_since.remove(&group.id);
+        state.fences_sent.remove(&group.id);
+        tracing::info!(group = %group.id, done = %operation.describe(), "group operation done");
+        self.kick.notify_one();
+        Ok(())
+    }
+
     /// Some agents did not take their step: try again on the next round, unless the refusal
     /// is final or the agents stayed away too long; then the operation fails, its plan kept
     /// (a retry carries on from it).
@@ -424,16 +527,12 @@ impl Coordinator {
         let Some((pair, error)) = failed.into_iter().next() else {
             return Ok(());
         };
-        let final_refusal = matches!(
-            error,
-            ApiError::FailedPrecondition(_) | ApiError::InvalidArgument(_) | ApiError::NotFound(_)
-        );
         let since = *self
             .lock()
             .group_stuck_since
             .entry(group.id)
             .or_insert_with(|| self.now());
-        if !final_refusal && self.since(since) < AGENT_GIVE_UP {
+        if !group_steps::is_final(&error) && self.since(since) < AGENT_GIVE_UP {
             tracing::debug!(group = %group.id, %pair, %error, "group step pending; retrying");
             return Ok(());
         }
@@ -445,8 +544,8 @@ impl Coordinator {
         self.end_operation(group, failed_status, Err(format!("pair {name}: {error}")))
     }
 
-    /// Ends the group's job with `outcome` and leaves the group in `status`; a failed
-    /// operation keeps its plan for a retry.
+    /// Ends the group's job with `outcome` and leaves the group in `status`
+    /// (`group_steps::ended`).
     fn end_operation(
         &self,
         group: &GroupRecord,
@@ -454,30 +553,10 @@ impl Coordinator {
         outcome: Result<(), String>,
     ) -> Result<(), ApiError> {
         let mut state = self.lock();
-        let Some(mut updated) = state.groups.get(&group.id).cloned() else {
+        let Some(current) = state.groups.get(&group.id).cloned() else {
             return Ok(());
         };
-        updated.status = status;
-        updated.failure_detail = outcome.as_ref().err().cloned();
-        if outcome.is_ok()
-            || matches!(
-                updated.operation,
-                Some(GroupOperation::Reverse(ReversePlan {
-                    step: ReverseStep::Draining,
-                    ..
-                }))
-            )
-        {
-            // A reverse that gave up before swapping anything starts afresh next time.
-            updated.operation = None;
-        }
-        updated.updated_at = Some(now_text());
-        let mut changes = vec![];
-        if let Some(mut job) = updated.job.and_then(|j| state.jobs.get(&j)).cloned() {
-            job.end(outcome.clone());
-            changes.push(Change::PutJob(job));
-        }
-        changes.push(Change::PutGroup(updated));
+        let changes = group_steps::ended(&current, &state, status, outcome.clone(), &now_text());
         self.commit_into(&mut state, &changes)?;
         tracing::warn!(group = %group.id, %status, outcome = ?outcome, "group operation ended");
         state.draining_since.remove(&group.id);
@@ -485,12 +564,6 @@ impl Coordinator {
         state.fences_sent.remove(&group.id);
         Ok(())
     }
-}
-
-/// The pair after its sides swap (a failover or a reverse).
-fn swap_sides(pair: &mut PairRecord) {
-    std::mem::swap(&mut pair.production_volume, &mut pair.dr_volume);
-    std::mem::swap(&mut pair.production_node, &mut pair.dr_node);
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
-//! A group failover's steps: fence the production sides that answer, promote every DR side
-//! (in parallel) to the plan's commit, then swap the records' sides.
+//! A group failover's promotions: the production sides that answer are fenced, every DR
+//! side is promoted to the plan's commit, in parallel; the planner (`group_steps`) makes
+//! the calls and reads the answers.
+
+use tokio::task::JoinSet;
 
 use super::*;
 
@@ -17,142 +20,47 @@ impl Coordinator {
             let state = self.lock();
             Self::members(&state, &group)
         };
-        // Production sides still reachable refuse writes from now on; one that is down is
-        // demoted when it comes back (its report is answered with its new side). Not
-        // waited for: the DR side does not need it.
         if self.lock().fences_sent.insert(group.id) {
-            for p in &members {
-                let fence = Request::Fence(proto::FenceCommand {
-                    pair_id: p.id.to_string(),
-                    fence: "demoted".into(),
-                    term: plan.term,
-                });
-                self.fire_and_forget(&p.production_node, fence, FENCE_WAIT);
+            for fence in group_steps::failover_fences(&plan, &members) {
+                self.fire_and_forget(&fence.node, fence.request, FENCE_WAIT);
             }
         }
+        let mut operation = GroupOperation::Failover(plan);
+        let mut failed = Vec::new();
         let mut calls = JoinSet::new();
         for p in &members {
-            let Some(step) = plan.pairs.get(&p.id).filter(|s| s.done.is_none()) else {
+            let next = {
+                let state = self.lock();
+                group_steps::next_call(&operation, p, &|node| Self::address_of(&state, node))
+            };
+            match next {
+                None => {}
+                Some(Err(e)) => failed.push((p.id, e)),
+                Some(Ok(call)) => {
+                    let answer = self.ask_agent(&call.node, call.request);
+                    let (pair, expects) = (call.pair, call.expects);
+                    calls.spawn(async move { (pair, expects, answer.await) });
+                }
+            }
+        }
+        while let Some(joined) = calls.join_next().await {
+            let Ok((pair, expects, answer)) = joined else {
                 continue;
             };
-            let request = Request::Promote(proto::Promote {
-                pair_id: p.id.to_string(),
-                volume_id: p.dr_volume.to_string(),
-                commit: plan.commit.map_or(0, |e| e.0),
-                has_commit: plan.commit.is_some(),
-                generation: step.generation.0,
-                term: plan.term,
-            });
-            let call = self.ask_agent(&p.dr_node, request);
-            let pair = p.id;
-            calls.spawn(async move { (pair, call.await) });
-        }
-        let mut plan = plan;
-        let mut failed = Vec::new();
-        while let Some(joined) = calls.join_next().await {
-            let Ok((pair, answer)) = joined else { continue };
-            match answer {
-                Ok(Response::Promoted(p)) => {
-                    if let Some(step) = plan.pairs.get_mut(&pair) {
-                        step.done = Some(PromotedAt {
-                            epoch: Epoch(p.epoch),
-                            cut_ms: p.cut_ms,
-                            dropped_bytes: p.dropped_bytes,
-                        });
-                    }
-                }
-                Ok(_) => failed.push((pair, ApiError::Internal("unexpected answer".into()))),
+            match answer.and_then(|a| group_steps::answered(&mut operation, pair, expects, a)) {
+                Ok(None) => {}
+                Ok(Some(then)) => failed.push((
+                    pair,
+                    ApiError::Internal(format!("a promotion asks for more: {then:?}")),
+                )),
                 Err(e) => failed.push((pair, e)),
             }
         }
-        let done = plan.pairs.values().all(|s| s.done.is_some());
-        if done {
-            return self.finish_failover(group, plan);
+        if group_steps::all_done(&operation) {
+            return self.finish_operation(&group, &operation);
         }
-        self.save_plan(&group, GroupOperation::Failover(plan))?;
+        self.save_plan(&group, operation)?;
         self.operation_failed(&group, failed, GroupStatus::ErrorFailovering)
-    }
-
-    /// Every DR side is production: the records follow, and the job says what was reached.
-    fn finish_failover(&self, group: GroupRecord, plan: FailoverPlan) -> Result<(), ApiError> {
-        let mut state = self.lock();
-        let mut changes = Vec::new();
-        let mut new_station = group.priority_station.clone();
-        for (id, step) in &plan.pairs {
-            let Some(mut pair) = state.pairs.get(id).cloned() else {
-                continue;
-            };
-            swap_sides(&mut pair);
-            if let Some(node) = state.nodes.get(&pair.production_node) {
-                new_station = node.record.availability_zone.clone();
-            }
-            pair.priority_station = new_station.clone();
-            pair.term = plan.term;
-            pair.generation = Some(step.generation);
-            pair.updated_at = Some(now_text());
-            changes.push(Change::PutPair(pair));
-        }
-        let mut updated = group.clone();
-        updated.status = GroupStatus::Failovered;
-        updated.priority_station = new_station;
-        updated.stopped = true;
-        updated.term = plan.term;
-        updated.operation = None;
-        updated.updated_at = Some(now_text());
-        let reached: Vec<PromotedAt> = plan.pairs.values().filter_map(|s| s.done).collect();
-        // The point reached, group-wide: the oldest of the pairs'.
-        updated.failed_over_at = reached.iter().copied().min_by_key(|r| (r.epoch, r.cut_ms));
-        let result = failover_result(&plan, &reached, group.model, now_millis());
-        let job = updated.job.and_then(|j| state.jobs.get(&j)).cloned();
-        changes.push(Change::PutGroup(updated.clone()));
-        if let Some(mut job) = job.clone() {
-            job.result = Some(result.clone());
-            job.end(Ok(()));
-            changes.push(Change::PutJob(job));
-        }
-        self.commit_into(&mut state, &changes)?;
-        state.group_stuck_since.remove(&group.id);
-        state.fences_sent.remove(&group.id);
-        tracing::info!(group = %group.id, %result, "failover done");
-        Ok(())
-    }
-}
-
-/// What a failover reached, in words: the consistent point and the writes it could not
-/// keep.
-fn failover_result(
-    plan: &FailoverPlan,
-    reached: &[PromotedAt],
-    model: ReplicationModel,
-    now_ms: u64,
-) -> String {
-    let dropped: u64 = reached.iter().map(|r| r.dropped_bytes).sum();
-    let took_ms = now_ms.saturating_sub(plan.asked_ms);
-    match (model, plan.commit) {
-        (ReplicationModel::Async, Some(commit)) => {
-            let cut_ms = reached.iter().map(|r| r.cut_ms).filter(|c| *c > 0).min();
-            let window = cut_ms.map_or_else(
-                || "unknown".to_owned(),
-                |c| format!("{:.1} s", plan.asked_ms.saturating_sub(c) as f64 / 1000.0),
-            );
-            let at = cut_ms.map_or_else(String::new, |c| {
-                format!(
-                    " (cut at {})",
-                    humantime::format_rfc3339_millis(
-                        std::time::UNIX_EPOCH + Duration::from_millis(c)
-                    )
-                )
-            });
-            format!(
-                "consistent point: epoch {}{at} on every pair; write window lost: {window} before the failover call; {} staged beyond it dropped (marked dirty for reprotect); took {took_ms} ms",
-                commit.0,
-                blockrep_api::human_bytes(dropped)
-            )
-        }
-        _ => format!(
-            "consistent point: every write answered while the group replicated synchronously (hypermetro; if it tripped, up to the trip); {} staged beyond it dropped (marked dirty for reprotect); took {took_ms} ms",
-            blockrep_api::human_bytes(dropped)
-        ),
     }
 }
 
