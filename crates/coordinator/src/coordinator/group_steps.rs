@@ -15,16 +15,22 @@
 //!             production → DR)                   per pair               ─► available
 //!  extend     Extend (DR volume) ─► Extend (production volume)         ─► the pair's size
 //! ```
+//!
+//! Also the groups' sync and stop: which production agents to tell to pause or resume
+//! a pair ([`pauses_due`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use blockrep_api::ApiError;
 use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Response};
-use blockrep_core::replication::{Epoch, GenerationId, GroupStatus, PairId, ReplicationModel};
+use blockrep_core::replication::{
+    Epoch, GenerationId, GroupStatus, PairId, PairStatus, ReplicationModel, ReplicationStatus,
+};
 
-use super::State;
 use super::pair_steps::{Side, assignment};
+use super::{NODE_TIMEOUT, State};
 use crate::records::{
     FailoverPlan, GroupOperation, GroupRecord, PairRecord, PromotedAt, ReversePlan, ReverseStep,
 };
@@ -416,6 +422,57 @@ fn fence(pair: &PairRecord, fence: &str, term: u64) -> GroupCall {
     }
 }
 
+/// A production agent told to stop (`pause`) or sync a pair of a group.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Pause {
+    pub pair: PairId,
+    pub node: String,
+    pub address: SocketAddr,
+    pub pause: bool,
+}
+
+/// The pairs of groups with no operation under way whose production agent (alive at `now`)
+/// reports them replicating while their group is stopped, or stopped while it syncs, and
+/// that were not told for `resend` (`State::group_step_sent`).
+pub(super) fn pauses_due(state: &State, now: Instant, resend: Duration) -> Vec<Pause> {
+    let mut due = Vec::new();
+    let started = state
+        .pairs
+        .values()
+        .filter(|p| p.status == PairStatus::Available && p.production_started);
+    for pair in started {
+        let group = pair.group.and_then(|g| state.groups.get(&g));
+        if group.is_some_and(|g| g.operation.is_some()) {
+            // The operation decides.
+            continue;
+        }
+        let want_paused = group.is_some_and(|g| g.stopped);
+        let Some(node) = state.nodes.get(&pair.production_node) else {
+            continue;
+        };
+        let alive = node
+            .last_seen
+            .is_some_and(|seen| now.saturating_duration_since(seen) < NODE_TIMEOUT);
+        let Some(report) = report_on(state, &pair.production_node, pair.id) else {
+            continue;
+        };
+        let paused = report.replication_status == ReplicationStatus::ActiveStopped.as_str();
+        let told_lately = state
+            .group_step_sent
+            .get(&pair.id)
+            .is_some_and(|sent| now.saturating_duration_since(*sent) < resend);
+        if alive && paused != want_paused && !told_lately {
+            due.push(Pause {
+                pair: pair.id,
+                node: pair.production_node.clone(),
+                address: node.record.address,
+                pause: want_paused,
+            });
+        }
+    }
+    due
+}
+
 /// What `node` last reported of `pair`.
 pub(super) fn report_on<'a>(
     state: &'a State,
@@ -805,5 +862,46 @@ mod tests {
         }
         let seen = drain(&plan, &members, &h.coordinator.lock());
         assert!(seen.waiting.is_empty(), "{:?}", seen.waiting);
+    }
+
+    #[test]
+    fn a_stopped_groups_replicating_pair_is_paused_once_per_resend_and_only_if_its_agent_is_up() {
+        let (h, mut group, a, b) = seeded_group_of_two();
+        h.production_reports(&[&a, &b]);
+        let resend = Duration::from_secs(2);
+        let now = crate::clock::Clock::now(&*h.clock);
+        assert!(
+            pauses_due(&h.coordinator.lock(), now, resend).is_empty(),
+            "replicating as asked"
+        );
+
+        group.stopped = true;
+        h.coordinator.lock().groups.insert(group.id, group.clone());
+        let due = pauses_due(&h.coordinator.lock(), now, resend);
+        let paused: Vec<_> = due.iter().map(|p| (p.node.as_str(), p.pause)).collect();
+        assert_eq!(paused, [("n1", true), ("n3", true)]);
+
+        h.coordinator.lock().group_step_sent.insert(a.id, now);
+        let due = pauses_due(&h.coordinator.lock(), now, resend);
+        assert_eq!(due.len(), 1, "a was told lately: {due:?}");
+        let due = pauses_due(&h.coordinator.lock(), now + resend, resend);
+        assert_eq!(due.len(), 2, "and is told again after the resend");
+
+        let silent = now + NODE_TIMEOUT;
+        let due = pauses_due(&h.coordinator.lock(), silent, resend);
+        assert!(
+            due.is_empty(),
+            "no agent heard from for NODE_TIMEOUT: {due:?}"
+        );
+
+        group.operation = Some(GroupOperation::Reprotect(crate::records::ReprotectPlan {
+            term: 1,
+            pairs: BTreeMap::new(),
+        }));
+        h.coordinator.lock().groups.insert(group.id, group);
+        assert!(
+            pauses_due(&h.coordinator.lock(), now, resend).is_empty(),
+            "the operation decides"
+        );
     }
 }

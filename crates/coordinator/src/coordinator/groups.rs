@@ -7,6 +7,7 @@ use blockrep_core::replication::{
     FaultLevel, GroupId, GroupStatus, GroupView, Refused, group_replication,
 };
 
+use super::group_steps;
 use super::jobs::job_view;
 use super::*;
 use crate::records::GroupRecord;
@@ -241,68 +242,27 @@ impl Coordinator {
     /// a group, or in a group not stopped, replicates), and ends the groups' sync and stop
     /// jobs once the agents' reports agree.
     pub(super) async fn drive_groups(&self) {
-        let steps: Vec<(PairRecord, SocketAddr, bool)> = {
+        let due = {
             let mut state = self.lock();
             let now = self.now();
-            let mut steps = Vec::new();
-            let pairs: Vec<PairRecord> = state
-                .pairs
-                .values()
-                .filter(|p| p.status == PairStatus::Available && p.production_started)
-                .cloned()
-                .collect();
-            for pair in pairs {
-                let group = pair.group.and_then(|g| state.groups.get(&g));
-                if group.is_some_and(|g| g.operation.is_some()) {
-                    // The operation decides.
-                    continue;
-                }
-                let want_paused = group.is_some_and(|g| g.stopped);
-                let Some(node) = state.nodes.get(&pair.production_node) else {
-                    continue;
-                };
-                if !self.alive(node) {
-                    continue;
-                }
-                let Some(report) = node
-                    .report
-                    .pairs
-                    .iter()
-                    .find(|s| s.pair_id == pair.id.to_string())
-                else {
-                    continue;
-                };
-                let paused = report.replication_status == ReplicationStatus::ActiveStopped.as_str();
-                if paused == want_paused {
-                    continue;
-                }
-                let address = node.record.address;
-                let recently = state
-                    .group_step_sent
-                    .get(&pair.id)
-                    .is_some_and(|sent| now.duration_since(*sent) < GROUP_STEP_RESEND);
-                if !recently {
-                    state.group_step_sent.insert(pair.id, now);
-                    steps.push((pair.clone(), address, want_paused));
-                }
+            let due = group_steps::pauses_due(&state, now, GROUP_STEP_RESEND);
+            for pause in &due {
+                state.group_step_sent.insert(pause.pair, now);
             }
-            steps
+            due
         };
-        for (pair, address, pause) in steps {
+        for pause in due {
             let command = proto::PairCommand {
-                pair_id: pair.id.to_string(),
+                pair_id: pause.pair.to_string(),
                 ..Default::default()
             };
-            let request = if pause {
+            let request = if pause.pause {
                 Request::PausePair(command)
             } else {
                 Request::ResumePair(command)
             };
-            if let Err(e) = self
-                .call_agent(&pair.production_node, address, request)
-                .await
-            {
-                tracing::warn!(pair = %pair.id, error = %e, pause, "cannot reach the production agent to pause or resume");
+            if let Err(e) = self.call_agent(&pause.node, pause.address, request).await {
+                tracing::warn!(pair = %pause.pair, error = %e, pause = pause.pause, "cannot reach the production agent to pause or resume");
             }
         }
         let running: Vec<GroupRecord> = {
