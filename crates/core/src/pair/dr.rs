@@ -145,12 +145,14 @@ impl DrUnits {
 
     /// The unit of `seal` is staged: returns it if it applies now, or holds it if the
     /// group has not committed its epoch (`allowed`: the group's commit, `u64::MAX` for a
-    /// pair of no group; rule 3).
+    /// pair of no group; rule 3). A unit that applies takes every staged write up to its
+    /// seal: the seals held before it (the commit moved meanwhile) go with it.
     pub fn unit_ready(&mut self, seal: SealRecord, allowed: u64) -> Option<SealRecord> {
         if seal.epoch.0 > allowed {
             self.held.push(seal);
             return None;
         }
+        self.held.retain(|s| s.epoch > seal.epoch);
         Some(seal)
     }
 
@@ -321,5 +323,18 @@ mod tests {
         let ready = arrive(&mut units, 3, u64::MAX).unwrap();
         units.unit_applied(ready);
         assert!(units.state().consistent);
+    }
+
+    /// The group's commit moved between the applier's look at its held seals and a later
+    /// seal's arrival (it is read from another thread): the later unit, applied up to its
+    /// seal, covers the held ones, which are not left held behind it.
+    #[test]
+    fn a_unit_ready_at_once_takes_the_held_seals_it_covers_with_it() {
+        let mut units = DrUnits::new(DrState::default(), None);
+        assert_eq!(arrive(&mut units, 4, 3), None, "held: the group committed 3");
+        assert_eq!(arrive(&mut units, 6, 6), Some(seal(6)));
+        units.unit_applied(seal(6));
+        units.check_invariants().unwrap();
+        assert_eq!(units.seals_not_applied([]), vec![]);
     }
 }
