@@ -121,6 +121,7 @@ impl Coordinator {
         let mut state = self.lock();
         let id = Self::find_group(&state, &req.group)?;
         let group = state.groups[&id].clone();
+        Self::check_not_busy(&state, &group)?;
         GroupAction::Update
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;
@@ -347,6 +348,7 @@ impl Coordinator {
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
         let group = state.groups[&id].clone();
+        Self::check_not_busy(&state, &group)?;
         GroupAction::Delete
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;

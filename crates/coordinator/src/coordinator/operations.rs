@@ -263,7 +263,8 @@ impl Coordinator {
         Ok(response)
     }
 
-    fn check_not_busy(state: &State, group: &GroupRecord) -> Result<(), ApiError> {
+    /// Refuses a request on a group while a job of the group runs.
+    pub(super) fn check_not_busy(state: &State, group: &GroupRecord) -> Result<(), ApiError> {
         match group
             .job
             .and_then(|j| state.jobs.get(&j))
@@ -402,14 +403,18 @@ impl Coordinator {
     ) -> Result<(), ApiError> {
         let members = {
             let state = self.lock();
-            if let GroupOperation::Extend(plan) = &operation
-                && !state.pairs.contains_key(&plan.pair)
-            {
-                drop(state);
-                let gone = format!("pair {} is gone", plan.pair);
-                return self.end_operation(&group, GroupStatus::Available, Err(gone));
+            match &operation {
+                // The pair being grown, whether or not it is still a member.
+                GroupOperation::Extend(plan) => match state.pairs.get(&plan.pair) {
+                    Some(pair) => vec![pair.clone()],
+                    None => {
+                        drop(state);
+                        let gone = format!("pair {} is gone", plan.pair);
+                        return self.end_operation(&group, GroupStatus::Available, Err(gone));
+                    }
+                },
+                _ => Self::members(&state, &group),
             }
-            Self::members(&state, &group)
         };
         let mut failed = Vec::new();
         for pair in &members {
@@ -767,5 +772,39 @@ mod tests {
             (JobType::FailoverGroup, JobStatus::Running)
         );
         assert!(h.agents.calls().is_empty(), "the driver takes the steps");
+    }
+
+    /// An update while an extend runs would take the job's place in the group's record (the
+    /// extend's job left running for good) or remove the pair being grown.
+    #[test]
+    fn an_update_of_a_group_busy_with_an_extend_is_refused_and_nothing_is_stored() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.production_reports(&[&a, &b]);
+        h.dr_reports(&[&a, &b], true, 7);
+        let mut stopped = group.clone();
+        stopped.stopped = true;
+        h.coordinator.commit(&[Change::PutGroup(stopped)]).unwrap();
+        h.coordinator
+            .lock()
+            .groups
+            .get_mut(&group.id)
+            .unwrap()
+            .stopped = true;
+        let job = job_of(h.coordinator.extend_group(extend(2 * SIZE)).unwrap().job);
+        let before = h.stored_group(group.id).unwrap();
+        let commits = h.store.commits();
+        let update = proto::UpdateGroupRequest {
+            group: "g".into(),
+            remove_pairs: vec!["a".into()],
+            ..Default::default()
+        };
+        h.assert_refused(
+            h.coordinator.update_group(update),
+            409,
+            &format!("group g is busy with job {job}"),
+            commits,
+        );
+        assert_eq!(h.stored_group(group.id), Some(before));
+        assert_eq!(h.stored_pair(a.id).unwrap().group, Some(group.id));
     }
 }
