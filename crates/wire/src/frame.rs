@@ -211,6 +211,9 @@ pub enum Frame {
 
 /// The most blocks one `Verify` frame covers.
 pub const MAX_VERIFY_BLOCKS: usize = 1024;
+/// The most bytes one `Verify` frame covers (its block size times its blocks): the DR side
+/// reads them at once. Production's probes cover 4 MiB.
+pub const MAX_VERIFY_BYTES: u64 = 64 << 20;
 
 #[repr(u8)]
 enum Type {
@@ -569,7 +572,10 @@ impl Frame {
                 let after = Epoch(body.get_u64());
                 let after = has_after.then_some(after);
                 let n = body.get_u16() as usize;
-                if n > MAX_VERIFY_BLOCKS || block == 0 {
+                if n > MAX_VERIFY_BLOCKS
+                    || block == 0
+                    || u64::from(block) * n as u64 > MAX_VERIFY_BYTES
+                {
                     return Err(WireError::BadLength { ty, len });
                 }
                 if body.len() != 4 * n {
@@ -738,6 +744,33 @@ mod tests {
 
     fn pair() -> PairId {
         PairId::from_bytes([0x11; 16])
+    }
+
+    /// A `Verify` frame makes the DR side read what it covers into memory at once: its
+    /// blocks, times their number, are bounded (a block of 0xFFFF_F000 bytes would have the
+    /// DR side allocate and read its whole volume).
+    #[test]
+    fn a_verify_covering_more_than_max_verify_bytes_is_refused() {
+        let verify = |block: u32, n: usize| Frame::Verify {
+            id: ProbeId(1),
+            offset: 0,
+            block,
+            after: None,
+            crcs: vec![0; n],
+        };
+        let decode = |frame: Frame| {
+            let mut out = BytesMut::new();
+            frame.encode(&mut out);
+            Frame::decode(&mut out)
+        };
+        round_trip(verify(64 << 10, 64));
+        round_trip(verify((MAX_VERIFY_BYTES / 16) as u32, 16));
+        for (block, n) in [(0xFFFF_F000, 1), ((MAX_VERIFY_BYTES / 16) as u32, 17)] {
+            assert!(
+                matches!(decode(verify(block, n)), Err(WireError::BadLength { .. })),
+                "{block} × {n}"
+            );
+        }
     }
 
     #[test]

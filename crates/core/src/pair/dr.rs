@@ -331,7 +331,11 @@ mod tests {
     #[test]
     fn a_unit_ready_at_once_takes_the_held_seals_it_covers_with_it() {
         let mut units = DrUnits::new(DrState::default(), None);
-        assert_eq!(arrive(&mut units, 4, 3), None, "held: the group committed 3");
+        assert_eq!(
+            arrive(&mut units, 4, 3),
+            None,
+            "held: the group committed 3"
+        );
         assert_eq!(arrive(&mut units, 6, 6), Some(seal(6)));
         units.unit_applied(seal(6));
         units.check_invariants().unwrap();

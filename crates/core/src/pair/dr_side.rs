@@ -24,6 +24,9 @@ use crate::replication::direct_gate::{DirectGate, Gating};
 use crate::replication::durability::{AckBarrier, SyncTicket};
 use crate::replication::{Epoch, WriteSeq};
 
+/// The most verify requests held for later epochs at once (production keeps 8 probes out).
+pub const MAX_HELD_VERIFIES: usize = 64;
+
 /// A unit being applied: its seal and how many of its writes are not yet on the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Applying {
@@ -224,13 +227,20 @@ impl<C, V> DrSide<C, V> {
 
     /// A verify to compare once epoch `after` is applied: returns it if it may be compared
     /// now, else holds it for [`DrSide::finish_unit`].
-    pub fn verify_arrived(&mut self, after: Option<Epoch>, verify: V) -> Option<V> {
+    /// A peer holding more than [`MAX_HELD_VERIFIES`] is refused: production keeps a few
+    /// probes out at once.
+    pub fn verify_arrived(&mut self, after: Option<Epoch>, verify: V) -> Result<Option<V>, String> {
         match after {
             Some(epoch) if epoch > self.units.applied() => {
+                if self.held_verifies.len() >= MAX_HELD_VERIFIES {
+                    return Err(format!(
+                        "more than {MAX_HELD_VERIFIES} verify requests held for later epochs"
+                    ));
+                }
                 self.held_verifies.push((epoch, verify));
-                None
+                Ok(None)
             }
-            _ => Some(verify),
+            _ => Ok(Some(verify)),
         }
     }
 
@@ -284,8 +294,12 @@ mod tests {
     fn a_unit_applied_answers_the_direct_writes_before_it_and_its_verifies() {
         let mut side = Side::new(DrState::default(), None);
         side.direct_written(WriteSeq(1));
-        assert_eq!(side.verify_arrived(Some(Epoch(2)), "probe"), None, "held");
-        assert_eq!(side.verify_arrived(None, "now"), Some("now"));
+        assert_eq!(
+            side.verify_arrived(Some(Epoch(2)), "probe"),
+            Ok(None),
+            "held"
+        );
+        assert_eq!(side.verify_arrived(None, "now"), Ok(Some("now")));
         let ready = stage_and_seal(&mut side, 2, u64::MAX).unwrap();
         side.begin_unit(ready, 2);
         assert!(!side.unit_write_done());
@@ -343,5 +357,22 @@ mod tests {
         side.direct_written(WriteSeq(2));
         assert_eq!(side.synced(first), [WriteSeq(1)]);
         assert_eq!(side.synced_outside(), [WriteSeq(2)]);
+    }
+
+    /// Verifies held for a later epoch are bounded: a peer that sends them without end is
+    /// refused, not kept in memory (production keeps a few probes out at once).
+    #[test]
+    fn verifies_held_past_max_held_verifies_are_refused() {
+        let mut side = Side::new(DrState::default(), None);
+        for _ in 0..MAX_HELD_VERIFIES {
+            assert_eq!(side.verify_arrived(Some(Epoch(9)), "held"), Ok(None));
+        }
+        assert!(side.verify_arrived(Some(Epoch(9)), "one more").is_err());
+        assert_eq!(
+            side.verify_arrived(None, "now"),
+            Ok(Some("now")),
+            "not held"
+        );
+        side.check_invariants().unwrap();
     }
 }
