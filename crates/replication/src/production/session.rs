@@ -114,10 +114,18 @@ impl ProductionPair {
 
         let stop_resync = Arc::new(AtomicBool::new(false));
         let resync_thread = self.start_resync(plan, Arc::clone(&stop_resync))?;
-        let result = self.stream(&mut reader, &mut writer, &stop_resync).await;
+        let mut ticker = Ticker::new(self);
+        let result = self
+            .stream(&mut reader, &mut writer, &mut ticker, &stop_resync)
+            .await;
         stop_resync.store(true, Ordering::SeqCst);
         writer.finish();
-        if let Some(thread) = resync_thread {
+        let catch_up_thread = ticker.catch_up_thread.take();
+        // The session's beat ends with its loop, as before the readers are joined.
+        drop(ticker);
+        // Every resync reader this session started ends with it: an outcome reported
+        // later would be taken by the next session as its own.
+        for thread in [resync_thread, catch_up_thread].into_iter().flatten() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         result
@@ -132,11 +140,11 @@ impl ProductionPair {
         &self,
         reader: &mut FrameReader,
         writer: &mut FrameWriter,
+        ticker: &mut Ticker,
         stop_resync: &Arc<AtomicBool>,
     ) -> Result<(), SessionError> {
         let mut sender = std::pin::pin!(send_loop(&self.link, writer));
         let mut states = self.link.states();
-        let mut ticker = Ticker::new(self);
         // The counters run across streams; each stream counts from zero.
         let mut counted = reader.bytes_received;
         loop {
@@ -160,7 +168,7 @@ impl ProductionPair {
                     counted = reader.bytes_received;
                     self.on_frame(frame)?;
                 }
-                Input::Tick => self.on_tick(&mut ticker, stop_resync).await?,
+                Input::Tick => self.on_tick(ticker, stop_resync).await?,
             }
         }
     }
