@@ -416,6 +416,7 @@ impl Coordinator {
                 _ => Self::members(&state, &group),
             }
         };
+        let before = operation.clone();
         let mut failed = Vec::new();
         for pair in &members {
             if let Err(e) = self.take_pair_steps(&group, &mut operation, pair).await? {
@@ -424,6 +425,9 @@ impl Coordinator {
         }
         if group_steps::all_done(&operation) {
             return self.finish_operation(&group, &operation);
+        }
+        if operation != before {
+            self.moved_on(&group);
         }
         let failed_status = match operation {
             GroupOperation::Failover(_) => GroupStatus::ErrorFailovering,
@@ -520,9 +524,14 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The operation's plan moved this round: its give-up counts from now.
+    fn moved_on(&self, group: &GroupRecord) {
+        self.lock().group_stuck_since.remove(&group.id);
+    }
+
     /// Some agents did not take their step: try again on the next round, unless the refusal
-    /// is final or the agents stayed away too long; then the operation fails, its plan kept
-    /// (a retry carries on from it).
+    /// is final or the operation made no progress for [`AGENT_GIVE_UP`]; then the operation
+    /// fails, its plan kept (a retry carries on from it).
     fn operation_failed(
         &self,
         group: &GroupRecord,

@@ -25,7 +25,8 @@ impl Coordinator {
                 self.fire_and_forget(&fence.node, fence.request, FENCE_WAIT);
             }
         }
-        let mut operation = GroupOperation::Failover(plan);
+        let before = GroupOperation::Failover(plan.clone());
+        let mut operation = before.clone();
         let mut failed = Vec::new();
         let mut calls = JoinSet::new();
         for p in &members {
@@ -58,6 +59,9 @@ impl Coordinator {
         }
         if group_steps::all_done(&operation) {
             return self.finish_operation(&group, &operation);
+        }
+        if operation != before {
+            self.moved_on(&group);
         }
         self.save_plan(&group, operation)?;
         self.operation_failed(&group, failed, GroupStatus::ErrorFailovering)
@@ -260,6 +264,46 @@ mod tests {
         assert_eq!(
             in_memory(&h),
             (GroupStatus::Failovered, JobStatus::Success, "n2".to_owned())
+        );
+    }
+
+    /// The give-up counts from the operation's last progress, not from its first failed
+    /// call: a failover whose promotions go on answering is not failed for a silence that
+    /// ended long ago.
+    #[tokio::test]
+    async fn a_failover_that_moves_on_is_given_up_only_after_agent_give_up_without_progress() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 7);
+        h.agents
+            .script("Promote", Some("n2"), Answer::Unreachable, Some(1));
+        h.agents
+            .script("Promote", Some("n4"), Answer::Unreachable, None);
+        h.agents.always("Promote", promoted(7));
+        h.coordinator.failover_group("g").unwrap();
+
+        h.coordinator.drive_operations().await;
+        h.clock.advance(AGENT_GIVE_UP - Duration::from_secs(1));
+        h.dr_reports(&[&a, &b], true, 7);
+        h.coordinator.drive_operations().await;
+        assert!(
+            plan_of(&h, &group).pairs[&a.id].done.is_some(),
+            "a moved on"
+        );
+        h.clock.advance(Duration::from_secs(2));
+        h.dr_reports(&[&a, &b], true, 7);
+        h.coordinator.drive_operations().await;
+        assert_eq!(
+            h.stored_group(group.id).unwrap().status,
+            GroupStatus::Failovering,
+            "{} s since the last progress",
+            2
+        );
+        h.clock.advance(AGENT_GIVE_UP);
+        h.dr_reports(&[&a, &b], true, 7);
+        h.coordinator.drive_operations().await;
+        assert_eq!(
+            h.stored_group(group.id).unwrap().status,
+            GroupStatus::ErrorFailovering
         );
     }
 }
