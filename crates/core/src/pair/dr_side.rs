@@ -24,7 +24,8 @@ use crate::replication::direct_gate::{DirectGate, Gating};
 use crate::replication::durability::{AckBarrier, SyncTicket};
 use crate::replication::{Epoch, WriteSeq};
 
-/// The most verify requests held for later epochs at once (production keeps 8 probes out).
+/// The most verify requests held for later epochs at once (production keeps 8 probes out,
+/// and retakes one unanswered for a minute).
 pub const MAX_HELD_VERIFIES: usize = 64;
 
 /// A unit being applied: its seal and how many of its writes are not yet on the volume.
@@ -227,20 +228,18 @@ impl<C, V> DrSide<C, V> {
 
     /// A verify to compare once epoch `after` is applied: returns it if it may be compared
     /// now, else holds it for [`DrSide::finish_unit`].
-    /// A peer holding more than [`MAX_HELD_VERIFIES`] is refused: production keeps a few
-    /// probes out at once.
-    pub fn verify_arrived(&mut self, after: Option<Epoch>, verify: V) -> Result<Option<V>, String> {
+    /// Past [`MAX_HELD_VERIFIES`] held, the oldest is dropped: production retakes a probe
+    /// unanswered for a minute, so the oldest is one it gave up on.
+    pub fn verify_arrived(&mut self, after: Option<Epoch>, verify: V) -> Option<V> {
         match after {
             Some(epoch) if epoch > self.units.applied() => {
                 if self.held_verifies.len() >= MAX_HELD_VERIFIES {
-                    return Err(format!(
-                        "more than {MAX_HELD_VERIFIES} verify requests held for later epochs"
-                    ));
+                    self.held_verifies.remove(0);
                 }
                 self.held_verifies.push((epoch, verify));
-                Ok(None)
+                None
             }
-            _ => Ok(Some(verify)),
+            _ => Some(verify),
         }
     }
 
@@ -294,12 +293,8 @@ mod tests {
     fn a_unit_applied_answers_the_direct_writes_before_it_and_its_verifies() {
         let mut side = Side::new(DrState::default(), None);
         side.direct_written(WriteSeq(1));
-        assert_eq!(
-            side.verify_arrived(Some(Epoch(2)), "probe"),
-            Ok(None),
-            "held"
-        );
-        assert_eq!(side.verify_arrived(None, "now"), Ok(Some("now")));
+        assert_eq!(side.verify_arrived(Some(Epoch(2)), "probe"), None, "held");
+        assert_eq!(side.verify_arrived(None, "now"), Some("now"));
         let ready = stage_and_seal(&mut side, 2, u64::MAX).unwrap();
         side.begin_unit(ready, 2);
         assert!(!side.unit_write_done());
@@ -359,20 +354,27 @@ mod tests {
         assert_eq!(side.synced_outside(), [WriteSeq(2)]);
     }
 
-    /// Verifies held for a later epoch are bounded: a peer that sends them without end is
-    /// refused, not kept in memory (production keeps a few probes out at once).
+    /// Verifies held for a later epoch are bounded: past [`MAX_HELD_VERIFIES`] the oldest is
+    /// dropped, not the stream (production retakes a probe unanswered for a minute, so a
+    /// group commit that stalls while a verify runs holds its retakes here).
     #[test]
-    fn verifies_held_past_max_held_verifies_are_refused() {
+    fn past_max_held_verifies_the_oldest_held_is_dropped() {
         let mut side = Side::new(DrState::default(), None);
-        for _ in 0..MAX_HELD_VERIFIES {
-            assert_eq!(side.verify_arrived(Some(Epoch(9)), "held"), Ok(None));
+        let names: Vec<&'static str> = (0..=MAX_HELD_VERIFIES)
+            .map(|i| &*Box::leak(format!("v{i}").into_boxed_str()))
+            .collect();
+        for name in &names {
+            let _ = side.verify_arrived(Some(Epoch(2)), name);
         }
-        assert!(side.verify_arrived(Some(Epoch(9)), "one more").is_err());
-        assert_eq!(
-            side.verify_arrived(None, "now"),
-            Ok(Some("now")),
-            "not held"
-        );
         side.check_invariants().unwrap();
+        let ready = stage_and_seal(&mut side, 2, u64::MAX).unwrap();
+        side.begin_unit(ready, 1);
+        assert!(side.unit_write_done());
+        let done = side.finish_unit().unwrap();
+        assert_eq!(
+            done.verifies,
+            names[1..],
+            "the oldest dropped, the rest compared"
+        );
     }
 }
