@@ -530,30 +530,14 @@ fn failover_finished(
     now_ms: u64,
     now: &str,
 ) -> Vec<Change> {
-    let mut changes = Vec::new();
-    let mut station = group.priority_station.clone();
-    for (id, step) in &plan.pairs {
-        let Some(mut pair) = state.pairs.get(id).cloned() else {
-            continue;
-        };
-        swap_sides(&mut pair);
-        if let Some(zone) = zone_of(state, &pair.production_node) {
-            station = zone;
-        }
-        pair.priority_station = station.clone();
-        pair.term = plan.term;
-        pair.generation = Some(step.generation);
-        pair.updated_at = Some(now.to_owned());
-        changes.push(Change::PutPair(pair));
-    }
-    let mut updated = state.groups.get(&group.id).unwrap_or(group).clone();
-    updated.status = GroupStatus::Failovered;
-    updated.failure_detail = None;
-    updated.priority_station = station;
-    updated.stopped = true;
-    updated.term = plan.term;
-    updated.operation = None;
-    updated.updated_at = Some(now.to_owned());
+    let pairs = plan.pairs.iter().map(|(id, s)| (*id, Some(s.generation)));
+    let ended = Sides {
+        swap: true,
+        term: plan.term,
+        status: GroupStatus::Failovered,
+        stopped: true,
+    };
+    let (mut changes, mut updated) = sides_changed(group, state, pairs.collect(), ended, now);
     let reached: Vec<PromotedAt> = plan.pairs.values().filter_map(|s| s.done).collect();
     // The point reached, group-wide: the oldest of the pairs'.
     updated.failed_over_at = reached.iter().copied().min_by_key(|r| (r.epoch, r.cut_ms));
@@ -578,36 +562,69 @@ fn role_changed(
     swap: bool,
     now: &str,
 ) -> Vec<Change> {
+    let pairs = group
+        .pairs
+        .iter()
+        .map(|id| (*id, generations.get(id).copied()));
+    let ended = Sides {
+        swap,
+        term,
+        status: GroupStatus::Available,
+        stopped: false,
+    };
+    let (mut changes, updated) = sides_changed(group, state, pairs.collect(), ended, now);
+    changes.push(Change::PutGroup(updated));
+    changes
+}
+
+/// How an operation that changed the pairs' roles leaves the records.
+struct Sides {
+    /// Production and DR swap in the records (a failover, a reverse).
+    swap: bool,
+    term: u64,
+    status: GroupStatus,
+    stopped: bool,
+}
+
+/// Each of `pairs` as `ended` leaves it (with its new generation, if any), the priority
+/// station where production now is, onto the records as `state` holds them; and the group
+/// record to store, its operation over.
+fn sides_changed(
+    group: &GroupRecord,
+    state: &State,
+    pairs: Vec<(PairId, Option<GenerationId>)>,
+    ended: Sides,
+    now: &str,
+) -> (Vec<Change>, GroupRecord) {
     let mut changes = Vec::new();
     let mut station = group.priority_station.clone();
-    for id in &group.pairs {
-        let Some(mut pair) = state.pairs.get(id).cloned() else {
+    for (id, generation) in pairs {
+        let Some(mut pair) = state.pairs.get(&id).cloned() else {
             continue;
         };
-        if swap {
+        if ended.swap {
             swap_sides(&mut pair);
         }
         if let Some(zone) = zone_of(state, &pair.production_node) {
             station = zone;
         }
         pair.priority_station = station.clone();
-        pair.term = term;
-        if let Some(g) = generations.get(id) {
-            pair.generation = Some(*g);
+        pair.term = ended.term;
+        if let Some(g) = generation {
+            pair.generation = Some(g);
         }
         pair.updated_at = Some(now.to_owned());
         changes.push(Change::PutPair(pair));
     }
     let mut updated = state.groups.get(&group.id).unwrap_or(group).clone();
-    updated.status = GroupStatus::Available;
+    updated.status = ended.status;
     updated.failure_detail = None;
     updated.priority_station = station;
-    updated.stopped = false;
-    updated.term = term;
+    updated.stopped = ended.stopped;
+    updated.term = ended.term;
     updated.operation = None;
     updated.updated_at = Some(now.to_owned());
-    changes.push(Change::PutGroup(updated));
-    changes
+    (changes, updated)
 }
 
 /// What a failover reached, in words: the consistent point and the writes it could not

@@ -81,6 +81,33 @@ mod tests {
         })))
     }
 
+    /// A failover of [`seeded_group_of_two`] whose DR agent of b (n4) never answers and
+    /// whose DR agent of a (n2) misses its first `a_misses` calls; its first round taken.
+    async fn failover_with_b_away(
+        a_misses: usize,
+    ) -> (Harness, GroupRecord, PairRecord, PairRecord) {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 7);
+        if a_misses > 0 {
+            h.agents
+                .script("Promote", Some("n2"), Answer::Unreachable, Some(a_misses));
+        }
+        h.agents
+            .script("Promote", Some("n4"), Answer::Unreachable, None);
+        h.agents.always("Promote", promoted(7));
+        h.coordinator.failover_group("g").unwrap();
+        h.coordinator.drive_operations().await;
+        (h, group, a, b)
+    }
+
+    /// The coordinator's clock moves on by `by`, both DR agents report again, and the
+    /// driver takes a round.
+    async fn round_after(h: &Harness, pairs: [&PairRecord; 2], by: Duration) {
+        h.clock.advance(by);
+        h.dr_reports(&pairs, true, 7);
+        h.coordinator.drive_operations().await;
+    }
+
     fn plan_of(h: &Harness, group: &GroupRecord) -> FailoverPlan {
         match h.stored_group(group.id).unwrap().operation {
             Some(GroupOperation::Failover(plan)) => plan,
@@ -199,25 +226,14 @@ mod tests {
     /// coordinator's clock, not before; then the failover fails, its plan kept.
     #[tokio::test]
     async fn an_unreachable_dr_agent_fails_the_failover_only_after_the_give_up() {
-        let (h, group, a, b) = seeded_group_of_two();
-        h.dr_reports(&[&a, &b], true, 7);
-        h.agents
-            .script("Promote", Some("n4"), Answer::Unreachable, None);
-        h.agents.always("Promote", promoted(7));
-        h.coordinator.failover_group("g").unwrap();
-
-        h.coordinator.drive_operations().await;
-        h.clock.advance(AGENT_GIVE_UP - Duration::from_secs(1));
-        h.dr_reports(&[&a, &b], true, 7);
-        h.coordinator.drive_operations().await;
+        let (h, group, a, b) = failover_with_b_away(0).await;
+        round_after(&h, [&a, &b], AGENT_GIVE_UP - Duration::from_secs(1)).await;
         assert_eq!(
             h.stored_group(group.id).unwrap().status,
             GroupStatus::Failovering,
             "still retried"
         );
-        h.clock.advance(Duration::from_secs(1));
-        h.dr_reports(&[&a, &b], true, 7);
-        h.coordinator.drive_operations().await;
+        round_after(&h, [&a, &b], Duration::from_secs(1)).await;
         let stored = h.stored_group(group.id).unwrap();
         assert_eq!(stored.status, GroupStatus::ErrorFailovering);
         let detail = stored.failure_detail.unwrap();
@@ -272,35 +288,20 @@ mod tests {
     /// ended long ago.
     #[tokio::test]
     async fn a_failover_that_moves_on_is_given_up_only_after_agent_give_up_without_progress() {
-        let (h, group, a, b) = seeded_group_of_two();
-        h.dr_reports(&[&a, &b], true, 7);
-        h.agents
-            .script("Promote", Some("n2"), Answer::Unreachable, Some(1));
-        h.agents
-            .script("Promote", Some("n4"), Answer::Unreachable, None);
-        h.agents.always("Promote", promoted(7));
-        h.coordinator.failover_group("g").unwrap();
-
-        h.coordinator.drive_operations().await;
-        h.clock.advance(AGENT_GIVE_UP - Duration::from_secs(1));
-        h.dr_reports(&[&a, &b], true, 7);
-        h.coordinator.drive_operations().await;
+        let (h, group, a, b) = failover_with_b_away(1).await;
+        round_after(&h, [&a, &b], AGENT_GIVE_UP - Duration::from_secs(1)).await;
         assert!(
             plan_of(&h, &group).pairs[&a.id].done.is_some(),
             "a moved on"
         );
-        h.clock.advance(Duration::from_secs(2));
-        h.dr_reports(&[&a, &b], true, 7);
-        h.coordinator.drive_operations().await;
+        round_after(&h, [&a, &b], Duration::from_secs(2)).await;
         assert_eq!(
             h.stored_group(group.id).unwrap().status,
             GroupStatus::Failovering,
             "{} s since the last progress",
             2
         );
-        h.clock.advance(AGENT_GIVE_UP);
-        h.dr_reports(&[&a, &b], true, 7);
-        h.coordinator.drive_operations().await;
+        round_after(&h, [&a, &b], AGENT_GIVE_UP).await;
         assert_eq!(
             h.stored_group(group.id).unwrap().status,
             GroupStatus::ErrorFailovering
