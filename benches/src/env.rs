@@ -4,6 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,73 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sig
 use nix::unistd::Pid;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Where the processes of a run are placed on the machine's CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// Every process shares every CPU.
+    #[default]
+    Shared,
+    /// Each simulated host on a CPU of its own, as each AZ is its own host: the production
+    /// host (its agent, fio, the link test's sender) on CPU 0, the DR host (its agent) on
+    /// CPU 1.
+    Pinned,
+}
+
+/// The simulated host a process of the run belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    Production,
+    Dr,
+}
+
+impl Host {
+    fn cpu(self) -> &'static str {
+        match self {
+            Host::Production => "0",
+            Host::Dr => "1",
+        }
+    }
+}
+
+static LAYOUT: OnceLock<Layout> = OnceLock::new();
+
+/// Sets the run's layout (once, before anything starts).
+pub fn set_layout(layout: Layout) {
+    let _ = LAYOUT.set(layout);
+}
+
+pub fn layout() -> Layout {
+    LAYOUT.get().copied().unwrap_or_default()
+}
+
+/// `program`, started on `host`'s CPU in the pinned layout.
+pub fn on_host(host: Host, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match layout() {
+        Layout::Shared => Command::new(program),
+        Layout::Pinned => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["--cpu-list", host.cpu()]).arg(program);
+            cmd
+        }
+    }
+}
+
+/// Pins every thread of the running process `pid` to `host`'s CPU in the pinned layout;
+/// the threads it starts later inherit the pinning.
+pub fn pin(pid: u32, host: Host) -> anyhow::Result<()> {
+    if layout() == Layout::Pinned {
+        run(Command::new("taskset").args([
+            "--all-tasks",
+            "--pid",
+            "--cpu-list",
+            host.cpu(),
+            &pid.to_string(),
+        ]))
+        .with_context(|| format!("pin process {pid} to CPU {}", host.cpu()))?;
+    }
+    Ok(())
+}
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);

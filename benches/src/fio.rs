@@ -35,7 +35,7 @@ pub fn run_with(
     timing: &Timing,
     extra: &[String],
 ) -> anyhow::Result<Sample> {
-    let mut cmd = Command::new("fio");
+    let mut cmd = crate::env::on_host(crate::env::Host::Production, "fio");
     cmd.arg(format!("--name={}", workload.name))
         .args([
             "--output-format=json",

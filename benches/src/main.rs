@@ -68,6 +68,12 @@ struct Args {
     /// Seconds the link is cut in the catch-up scenario.
     #[arg(long, default_value_t = 60)]
     outage_seconds: u64,
+    /// Where the run's processes go: `shared` (every CPU for every process) or `pinned`
+    /// (the production host's agent, fio, nbdkit and the link test's sender on CPU 0, the
+    /// DR agent on CPU 1; the pairs' coordinator runs inside the production agent). The
+    /// group scenarios' agents are not pinned.
+    #[arg(long, value_enum, default_value_t = env::Layout::Shared)]
+    layout: env::Layout,
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +91,7 @@ const SHORT_EPOCH_MS: u64 = 500;
 
 fn run_bench(args: Args) -> anyhow::Result<()> {
     env::catch_interrupts()?;
+    env::set_layout(args.layout);
     let repeats = args.repeats.unwrap_or(if args.full { 5 } else { 3 });
     let timing = fio::Timing {
         runtime_s: args.runtime.unwrap_or(if args.full { 15 } else { 4 }),
@@ -343,12 +350,16 @@ fn machine_info(
         "repeats": repeats,
         "device_bytes": size,
         "device": if root { "loop device (direct-io=on) over a preallocated file" } else { "preallocated file (not root)" },
+        "layout": match env::layout() {
+            env::Layout::Shared => "shared: every process on every CPU",
+            env::Layout::Pinned => "pinned: production host (agent, fio, nbdkit, link-test sender) on CPU 0, DR agent on CPU 1",
+        },
     })
 }
 
 fn describe(m: &serde_json::Value) -> String {
     format!(
-        "{} · commit {} · {} CPUs ({}) · kernel {} · {} · {} mode: {} × {} s per row, {} MiB {}",
+        "{} · commit {} · {} CPUs ({}) · kernel {} · {} · {} mode: {} × {} s per row, {} MiB {} · layout {}",
         m["date"].as_str().unwrap_or(""),
         m["commit"].as_str().unwrap_or(""),
         m["cpus"],
@@ -360,5 +371,6 @@ fn describe(m: &serde_json::Value) -> String {
         m["runtime_s"],
         m["device_bytes"].as_u64().unwrap_or(0) >> 20,
         m["device"].as_str().unwrap_or(""),
+        m["layout"].as_str().unwrap_or(""),
     )
 }

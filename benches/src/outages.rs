@@ -3,7 +3,7 @@
 //! rules touch nothing outside it; each scenario has an async pair of its own on the
 //! shared devices (initial sync done over a clean link before the fault).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -111,7 +111,7 @@ impl BackgroundFio {
 
     /// One job per URI, each with `args`.
     pub fn start_on(uris: &[String], args: &[&str]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new("fio");
+        let mut cmd = crate::env::on_host(crate::env::Host::Production, "fio");
         cmd.args([
             "--ioengine=nbd",
             "--thread",
@@ -159,7 +159,7 @@ impl Drop for BackgroundFio {
 
 /// fio writing `bytes` once, sequentially in 1 MiB requests at QD8, to completion.
 fn write_once(cluster: &Cluster, bytes: u64) -> anyhow::Result<()> {
-    run(Command::new("fio")
+    run(crate::env::on_host(crate::env::Host::Production, "fio")
         .arg("--name=backlog")
         .args(["--ioengine=nbd", &format!("--uri={}", cluster.uri)])
         .args(["--rw=write", "--bs=1M", "--iodepth=8", "--numjobs=1"])

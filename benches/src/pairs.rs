@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::env::{Env, check_interrupted, run};
+use crate::env::{Env, Host, check_interrupted, run};
 
 /// A two-agent cluster, and its pair if one was created.
 pub struct Cluster {
@@ -77,6 +77,8 @@ impl Cluster {
             },
         )?;
         let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
+        crate::env::pin(pids[0], Host::Production)?;
+        crate::env::pin(pids[1], Host::Dr)?;
         let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
         let production_socket = dir.join("node-a/run/control.sock");
         let dr_socket = dir.join("node-b/run/control.sock");
@@ -223,6 +225,18 @@ impl Cluster {
         }
     }
 
+    /// As [`Cluster::in_netns`], on the production host's CPU in the pinned layout.
+    pub fn on_production(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = crate::env::on_host(Host::Production, "ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => crate::env::on_host(Host::Production, program),
+        }
+    }
+
     /// Stops both agents (the coordinator's last).
     pub fn stop(self, env: &mut Env) {
         env.stop_server(self.dr_pid);
@@ -236,7 +250,7 @@ impl Cluster {
 
     /// As [`Cluster::link_test`], with this congestion controller.
     pub fn link_test_with(&self, seconds: u32, congestion_control: &str) -> anyhow::Result<f64> {
-        let out = run(self.in_netns(self.bin.join("blockrep")).args([
+        let out = run(self.on_production(self.bin.join("blockrep")).args([
             "--output",
             "json",
             "cluster",

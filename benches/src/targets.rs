@@ -153,7 +153,7 @@ impl Setup<'_> {
                 let pidfile = self.work.join("nbdkit.pid");
                 let pid = self.env.start_server(
                     "nbdkit",
-                    Command::new("nbdkit")
+                    crate::env::on_host(crate::env::Host::Production, "nbdkit")
                         .arg("--foreground")
                         .arg("--unix")
                         .arg(&socket)
@@ -301,6 +301,7 @@ impl Setup<'_> {
             ),
         )?;
         let pid = crate::env::start_daemon(self.env, self.bin, &dir, &config)?;
+        crate::env::pin(pid, crate::env::Host::Production)?;
         let socket = dir.join("run/control.sock");
         run(Command::new(self.bin.join("blockrep"))
             .arg("--socket")
