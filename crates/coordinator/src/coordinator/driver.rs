@@ -233,16 +233,23 @@ mod tests {
         h.report("n2", "az2", vec![volume(2, "d1", SIZE)], vec![]);
     }
 
-    /// The driver takes a step from its copy of the record, and the record may change while
-    /// it waits for the agent: what it writes back must not undo that change.
-    #[tokio::test]
-    async fn a_step_taken_while_the_record_changed_does_not_write_the_old_record_back() {
+    /// A pair "web" (n1 → n2, both registered) whose verify job runs and whose agents are
+    /// still to be told of it.
+    fn a_verify_to_tell() -> (Harness, PairRecord, JobRecord) {
         let mut pair = pair_record("web", ("n1", 1), ("n2", 2));
         let job = running_job(JobType::VerifyPair, Some(pair.id), None);
         pair.job = Some(job.id);
         pair.pending = Some(PendingStep::Verify { repair: false });
-        let h = Harness::seeded(&[Change::PutPair(pair.clone()), Change::PutJob(job)]);
+        let h = Harness::seeded(&[Change::PutPair(pair.clone()), Change::PutJob(job.clone())]);
         two_nodes(&h);
+        (h, pair, job)
+    }
+
+    /// The driver takes a step from its copy of the record, and the record may change while
+    /// it waits for the agent: what it writes back must not undo that change.
+    #[tokio::test]
+    async fn a_step_taken_while_the_record_changed_does_not_write_the_old_record_back() {
+        let (h, pair, _) = a_verify_to_tell();
         let seen = h.pair(pair.id);
         // Meanwhile the pair went to error, its job ended.
         let mut changed = seen.clone();
@@ -390,12 +397,7 @@ mod tests {
     /// agent that comes back is not told to start a verify whose job already failed.
     #[tokio::test]
     async fn a_pending_step_given_up_is_not_sent_later() {
-        let mut pair = pair_record("web", ("n1", 1), ("n2", 2));
-        let job = running_job(JobType::VerifyPair, Some(pair.id), None);
-        pair.job = Some(job.id);
-        pair.pending = Some(PendingStep::Verify { repair: false });
-        let h = Harness::seeded(&[Change::PutPair(pair.clone()), Change::PutJob(job.clone())]);
-        two_nodes(&h);
+        let (h, pair, job) = a_verify_to_tell();
         h.agents
             .script("Verify", Some("n1"), Answer::Unreachable, Some(2));
         drive(&h, pair.id).await;
