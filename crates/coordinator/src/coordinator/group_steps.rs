@@ -48,7 +48,7 @@ pub(super) struct GroupCall {
 /// What an answer to a call is, and what it marks done in the plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Expect {
-    /// A fence (a failover's or a reverse's): nothing is marked.
+    /// A fence (a failover's or a reverse's): its answer is not read, and nothing is marked.
     Fenced,
     /// A failover's promotion: where the DR volume was left.
     Promoted,
@@ -219,7 +219,6 @@ pub(super) fn answered(
             }));
         }
         (_, Response::Done(_), operation) => match (expects, operation) {
-            (Expect::Fenced, _) => {}
             (Expect::OldProductionSwitched, GroupOperation::Reverse(plan)) => {
                 if let Some(step) = plan.pairs.get_mut(&pair) {
                     step.old_production_switched = true;

@@ -46,7 +46,7 @@ impl Coordinator {
         };
         let (view, verify, fresh, production_diverged) = {
             let state = self.lock();
-            let reported = Self::report_on(&state, &pair.production_node, pair.id);
+            let reported = super::group_steps::report_on(&state, &pair.production_node, pair.id);
             let production_diverged = reported.is_some_and(|s| s.needs_resolve);
             // A report sent before the last step speaks of the pair as it was.
             let fresh = match state.step_taken.get(&pair.id) {

@@ -285,9 +285,9 @@ impl Coordinator {
     /// consistent point.
     pub(super) fn joined(state: &State, members: &[PairRecord]) -> bool {
         members.iter().all(|p| {
-            let dr = Self::report_on(state, &p.dr_node, p.id)
+            let dr = group_steps::report_on(state, &p.dr_node, p.id)
                 .is_some_and(|s| s.side == "dr" && s.grouped);
-            let production = Self::report_on(state, &p.production_node, p.id)
+            let production = group_steps::report_on(state, &p.production_node, p.id)
                 .is_none_or(|s| s.side != "production" || s.grouped);
             dr && production
         })
@@ -313,21 +313,12 @@ impl Coordinator {
             .unwrap_or(Epoch::ZERO);
         let reported = members
             .iter()
-            .filter_map(|p| Self::report_on(state, &p.dr_node, p.id))
+            .filter_map(|p| group_steps::report_on(state, &p.dr_node, p.id))
             .filter(|s| s.side == "dr" && s.grouped)
             .map(|s| Epoch(s.group_commit))
             .max()
             .unwrap_or(Epoch::ZERO);
         Some(cut.max(reported)).filter(|e| *e > Epoch::ZERO)
-    }
-
-    /// What `node` last reported of `pair`.
-    pub(super) fn report_on<'a>(
-        state: &'a State,
-        node: &str,
-        pair: PairId,
-    ) -> Option<&'a proto::PairState> {
-        group_steps::report_on(state, node, pair)
     }
 
     /// Records the operation with the group's running status and its job, and wakes the
