@@ -21,8 +21,8 @@ pub enum Layout {
     #[default]
     Shared,
     /// Each simulated host on a CPU of its own, as each AZ is its own host: the production
-    /// host (its agent, fio, the link test's sender) on CPU 0, the DR host (its agent) on
-    /// CPU 1.
+    /// host (its agent, fio, the link test's sender) on CPU 0, the DR host (its agent, and
+    /// the coordinator's witness node beside it) on CPU 1.
     Pinned,
 }
 
@@ -302,6 +302,24 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 /// Peak resident set size of a process, in bytes.
 pub fn peak_rss(pid: u32) -> Option<u64> {
     status_bytes(pid, "VmHWM:")
+}
+
+/// Resets `pid`'s peak resident set size to its current one (`clear_refs` 5), so the next
+/// [`peak_rss`] covers only what follows; best effort.
+pub fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// CPU seconds (user + system) of this process's children that have been waited for.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes only into the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Resident memory of `pid` now.

@@ -5,6 +5,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+use crate::meter::Cost;
 use crate::targets::Target;
 use crate::workloads::{Figure, Workload};
 
@@ -15,8 +16,8 @@ pub struct Sample {
     pub value: f64,
     pub p50_us: f64,
     pub p99_us: f64,
-    /// CPU seconds the target's server used during the run.
-    pub server_cpu_s: Option<f64>,
+    /// What the run cost the hosts' processes (filled in by the caller's meter).
+    pub cost: Cost,
 }
 
 pub struct Timing {
@@ -49,16 +50,7 @@ pub fn run_with(
         .args(&target.fio_args)
         .args(workload.fio_args)
         .args(extra);
-    let cpu = || -> Option<f64> {
-        let mut total = crate::env::cpu_seconds(target.server_pid?)?;
-        for pid in &target.other_pids {
-            total += crate::env::cpu_seconds(*pid)?;
-        }
-        Some(total)
-    };
-    let before = cpu();
     let out = cmd.output().context("run fio")?;
-    let after = cpu();
     if !out.status.success() {
         // Ctrl-C reaches fio too; say what happened rather than blame fio.
         crate::env::check_interrupted()?;
@@ -73,9 +65,7 @@ pub fn run_with(
     // fio may print notices before its JSON.
     let text = String::from_utf8_lossy(&out.stdout);
     let json = &text[text.find('{').context("no JSON in fio output")?..];
-    let mut sample = parse(json, workload.figure)?;
-    sample.server_cpu_s = before.zip(after).map(|(b, a)| a - b);
-    Ok(sample)
+    parse(json, workload.figure)
 }
 
 fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
@@ -105,7 +95,7 @@ fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
         value,
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
-        server_cpu_s: None,
+        cost: Cost::default(),
     })
 }
 

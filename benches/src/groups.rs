@@ -4,7 +4,8 @@
 //!
 //! Each scenario runs its own small cluster: a coordinator on a witness node (zone az3,
 //! no volumes), the production agent in az1 and the DR agent in az2, all on this machine,
-//! volumes on files of the run.
+//! volumes on files of the run. In the pinned layout node-a (az1) and fio are on CPU 0,
+//! node-b (az2) and the witness on CPU 1, whichever side is production at the time.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::env::{Env, check_interrupted, run};
+use crate::env::{Env, Host, check_interrupted, run};
 use crate::outages::BackgroundFio;
 use crate::pairs::{NodeConfig, NodeProc, path, start_nodes};
 use crate::report::{Goal, GoalFormat, ScenarioResult};
@@ -40,6 +41,9 @@ impl GroupCluster {
             &[],
             NodeConfig::default(),
         )?;
+        for n in &nodes {
+            crate::env::pin(n.pid, host_of(&n.name))?;
+        }
         let cluster = Self {
             bin: bin.to_owned(),
             dir,
@@ -197,6 +201,7 @@ impl GroupCluster {
         };
         let _ = std::fs::remove_file(dir.join("notify.sock"));
         let pid = crate::env::start_daemon_in(env, &self.bin, &dir, &config, None)?;
+        crate::env::pin(pid, host_of(node))?;
         self.nodes
             .iter_mut()
             .find(|n| n.name == node)
@@ -209,6 +214,15 @@ impl GroupCluster {
         for n in self.nodes.iter().rev() {
             env.stop_server(n.pid);
         }
+    }
+}
+
+/// The simulated host a node of the group cluster runs on.
+fn host_of(node: &str) -> Host {
+    if node == "node-a" {
+        Host::Production
+    } else {
+        Host::Dr
     }
 }
 
@@ -462,7 +476,7 @@ pub fn reprotect(env: &mut Env, work: &Path, bin: &Path) -> anyhow::Result<Scena
 
 /// fio 4k randwrite QD32 on both production volumes at once: total IOPS.
 fn iops_run(uris: &[String], runtime_s: u32) -> anyhow::Result<f64> {
-    let mut cmd = Command::new("fio");
+    let mut cmd = crate::env::on_host(Host::Production, "fio");
     cmd.args([
         "--ioengine=nbd",
         "--rw=randwrite",

@@ -4,6 +4,7 @@
 mod env;
 mod fio;
 mod groups;
+mod meter;
 mod outages;
 mod pairs;
 mod report;
@@ -19,6 +20,7 @@ use clap::Parser;
 use serde_json::json;
 
 use crate::env::{Env, check_interrupted, is_root, run};
+use crate::meter::Meter;
 use crate::report::{Report, Row};
 
 #[derive(Parser)]
@@ -70,8 +72,9 @@ struct Args {
     outage_seconds: u64,
     /// Where the run's processes go: `shared` (every CPU for every process) or `pinned`
     /// (the production host's agent, fio, nbdkit and the link test's sender on CPU 0, the
-    /// DR agent on CPU 1; the pairs' coordinator runs inside the production agent). The
-    /// group scenarios' agents are not pinned.
+    /// DR agent and the coordinator's witness node on CPU 1; pinned with `taskset` on every
+    /// thread, and the threads started later inherit it). The group scenarios' node-a is on
+    /// CPU 0, node-b and the witness on CPU 1.
     #[arg(long, value_enum, default_value_t = env::Layout::Shared)]
     layout: env::Layout,
 }
@@ -173,7 +176,11 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                 target: t.name,
                 target_title: t.title,
                 samples: Vec::new(),
-                peak_rss: None,
+                journal_limit: t
+                    .cluster
+                    .as_ref()
+                    .filter(|_| t.kind != targets::Kind::QuicLink)
+                    .and_then(|c| c.journal_limit()),
             })
         })
         .collect();
@@ -202,15 +209,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                         .context("wait for the pairs to settle")?;
                 }
                 settle(root)?;
-                let sample = match (&target.cluster, target.kind) {
-                    (Some(cluster), targets::Kind::QuicLink) => fio::Sample {
-                        value: cluster.link_test(timing.runtime_s)?,
-                        p50_us: f64::NAN,
-                        p99_us: f64::NAN,
-                        server_cpu_s: None,
-                    },
-                    _ => fio::run(target, workload, &timing)?,
-                };
+                let sample = run_once(target, workload, &timing)?;
                 eprintln!(
                     "bench: [{}/{repeats}] {:<22} {:<18} {:>10.0} {}",
                     rep + 1,
@@ -228,13 +227,6 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         }
     }
     rows.retain(|r| !r.samples.is_empty());
-    for row in &mut rows {
-        let pid = ready
-            .iter()
-            .find(|t| t.name == row.target)
-            .and_then(|t| t.server_pid);
-        row.peak_rss = pid.and_then(env::peak_rss);
-    }
     let mut report = Report {
         rows,
         scenarios: Vec::new(),
@@ -299,6 +291,43 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One run of `workload` on `target` (a link test for the link target), with what it cost
+/// each host until a pair had sent and applied everything the run wrote.
+fn run_once(
+    target: &targets::Target,
+    workload: &workloads::Workload,
+    timing: &fio::Timing,
+) -> anyhow::Result<fio::Sample> {
+    let pair = target
+        .cluster
+        .as_ref()
+        .filter(|_| target.kind != targets::Kind::QuicLink);
+    let sent = || pair.map(|c| c.bytes_sent()).transpose();
+    let meter = Meter::start(target.production_pid, target.dr_pid, sent()?);
+    match (&target.cluster, target.kind) {
+        (Some(cluster), targets::Kind::QuicLink) => {
+            let link = cluster.link_test(timing.runtime_s)?;
+            let mut cost = meter.finish(None);
+            cost.production.cpu_s = Some(link.sender_cpu_s);
+            cost.replicated_bytes = Some(link.bytes);
+            Ok(fio::Sample {
+                value: link.megabytes_per_second,
+                p50_us: f64::NAN,
+                p99_us: f64::NAN,
+                cost,
+            })
+        }
+        _ => {
+            let mut sample = fio::run(target, workload, timing)?;
+            if let Some(cluster) = pair {
+                cluster.wait_idle().context("wait for the pair to settle")?;
+            }
+            sample.cost = meter.finish(sent()?);
+            Ok(sample)
+        }
+    }
+}
+
 /// Same starting point for every run: dirty pages written back and caches dropped.
 fn settle(root: bool) -> anyhow::Result<()> {
     run(&mut Command::new("sync"))?;
@@ -352,7 +381,7 @@ fn machine_info(
         "device": if root { "loop device (direct-io=on) over a preallocated file" } else { "preallocated file (not root)" },
         "layout": match env::layout() {
             env::Layout::Shared => "shared: every process on every CPU",
-            env::Layout::Pinned => "pinned: production host (agent, fio, nbdkit, link-test sender) on CPU 0, DR agent on CPU 1",
+            env::Layout::Pinned => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender) on CPU 0, DR agent and the coordinator's witness node on CPU 1",
         },
     })
 }

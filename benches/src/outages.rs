@@ -443,7 +443,9 @@ fn loss_run(
     if percent > 0 {
         firewall.lose_percent(percent)?;
     }
-    let link_test = cluster.link_test_with(5, congestion_control)?;
+    let link_test = cluster
+        .link_test_with(5, congestion_control)?
+        .megabytes_per_second;
     let started = Instant::now();
     write_once(&cluster, GIB)?;
     cluster.wait_idle()?;

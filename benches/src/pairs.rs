@@ -1,5 +1,6 @@
-//! Two agents on this machine as a small cluster: certificates made with the CLI, the
-//! first agent running the coordinator, and a pair between a volume on each.
+//! Two agents on this machine as a small cluster: certificates made with the CLI, a
+//! coordinator on a witness node of its own (zone az3, no volumes, on the DR host's CPU in
+//! the pinned layout), and a pair between a volume on each agent.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +15,7 @@ use crate::env::{Env, Host, check_interrupted, run};
 pub struct Cluster {
     pub production_pid: u32,
     pub dr_pid: u32,
+    pub coordinator_pid: u32,
     /// The production volume's NBD URI.
     pub uri: String,
     pub production_socket: PathBuf,
@@ -68,7 +70,7 @@ impl Cluster {
             env,
             &dir,
             bin,
-            &[("node-a", "az1"), ("node-b", "az2")],
+            &[("node-w", "az3"), ("node-a", "az1"), ("node-b", "az2")],
             &["client"],
             NodeConfig {
                 extra,
@@ -77,27 +79,29 @@ impl Cluster {
             },
         )?;
         let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
-        crate::env::pin(pids[0], Host::Production)?;
-        crate::env::pin(pids[1], Host::Dr)?;
+        crate::env::pin(pids[0], Host::Dr)?;
+        crate::env::pin(pids[1], Host::Production)?;
+        crate::env::pin(pids[2], Host::Dr)?;
         let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
         let production_socket = dir.join("node-a/run/control.sock");
         let dr_socket = dir.join("node-b/run/control.sock");
         let mut cluster = Self {
-            production_pid: pids[0],
-            dr_pid: pids[1],
+            coordinator_pid: pids[0],
+            production_pid: pids[1],
+            dr_pid: pids[2],
             uri: format!(
                 "nbd+unix:///prod?socket={}",
                 dir.join("node-a/run/nbd/prod.sock").display()
             ),
             production_socket,
             dr_socket,
-            dr_address: format!("127.0.0.1:{}", ports[1]),
+            dr_address: format!("127.0.0.1:{}", ports[2]),
             client_tls: dir.join("client/tls"),
             pair: None,
             bin: bin.to_owned(),
             netns: netns.map(str::to_owned),
         };
-        cluster.wait_nodes(2)?;
+        cluster.wait_nodes(3)?;
         let (Some((production, dr)), Some(model)) = (devices, model) else {
             return Ok(cluster);
         };
@@ -166,9 +170,11 @@ impl Cluster {
             Duration::from_secs(60),
             || {
                 let nodes = self.json_a(&["node", "list"])?;
-                Ok(nodes
-                    .as_array()
-                    .is_some_and(|a| a.iter().all(|n| n["volumes"].as_u64().unwrap_or(0) >= 1)))
+                Ok(nodes.as_array().is_some_and(|a| {
+                    a.iter()
+                        .filter(|n| n["name"] != "node-w")
+                        .all(|n| n["volumes"].as_u64().unwrap_or(0) >= 1)
+                }))
             },
         )
     }
@@ -237,19 +243,38 @@ impl Cluster {
         }
     }
 
-    /// Stops both agents (the coordinator's last).
+    /// Stops both agents, then the coordinator.
     pub fn stop(self, env: &mut Env) {
         env.stop_server(self.dr_pid);
         env.stop_server(self.production_pid);
+        env.stop_server(self.coordinator_pid);
     }
 
-    /// One link test from this machine to the DR agent: MB/s.
-    pub fn link_test(&self, seconds: u32) -> anyhow::Result<f64> {
+    /// The bytes the production agent has sent to the DR side so far: the stream's and
+    /// the resyncs'.
+    pub fn bytes_sent(&self) -> anyhow::Result<u64> {
+        let counters = &self.pair_state()?["counters"];
+        let count = |key: &str| counters[key].as_u64().with_context(|| format!("counter {key}"));
+        Ok(count("bytes_sent")? + count("resync_bytes_sent")?)
+    }
+
+    /// The pair's journal bound, as the production agent reports it.
+    pub fn journal_limit(&self) -> Option<u64> {
+        self.pair_state().ok()?["counters"]["journal_limit"].as_u64()
+    }
+
+    /// One link test from the production host to the DR agent.
+    pub fn link_test(&self, seconds: u32) -> anyhow::Result<LinkTest> {
         self.link_test_with(seconds, "cubic")
     }
 
     /// As [`Cluster::link_test`], with this congestion controller.
-    pub fn link_test_with(&self, seconds: u32, congestion_control: &str) -> anyhow::Result<f64> {
+    pub fn link_test_with(
+        &self,
+        seconds: u32,
+        congestion_control: &str,
+    ) -> anyhow::Result<LinkTest> {
+        let cpu_before = crate::env::children_cpu_seconds();
         let out = run(self.on_production(self.bin.join("blockrep")).args([
             "--output",
             "json",
@@ -266,11 +291,25 @@ impl Cluster {
             "--congestion-control",
             congestion_control,
         ]))?;
+        // The sender was the only child waited for since.
+        let sender_cpu_s = crate::env::children_cpu_seconds() - cpu_before;
         let v: Value = serde_json::from_str(&out)?;
-        v["megabytes_per_second"]
-            .as_f64()
-            .context("link test figure")
+        Ok(LinkTest {
+            megabytes_per_second: v["megabytes_per_second"]
+                .as_f64()
+                .context("link test figure")?,
+            bytes: v["bytes"].as_u64().context("link test bytes")?,
+            sender_cpu_s,
+        })
     }
+}
+
+/// What one link test measured.
+pub struct LinkTest {
+    pub megabytes_per_second: f64,
+    pub bytes: u64,
+    /// CPU seconds of the sending process (the CLI), start to exit.
+    pub sender_cpu_s: f64,
 }
 
 /// What every node's configuration adds: top-level keys and sections, keys of `[cluster]`,

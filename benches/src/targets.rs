@@ -105,10 +105,11 @@ pub struct Target {
     pub title: &'static str,
     pub kind: Kind,
     pub fio_args: Vec<String>,
-    /// The process whose CPU time and memory are reported.
-    pub server_pid: Option<u32>,
-    /// Other processes whose CPU time counts too (a pair's DR agent).
-    pub other_pids: Vec<u32>,
+    /// The production host's process whose CPU time and memory are reported: the server
+    /// fio talks to, or a pair's production agent.
+    pub production_pid: Option<u32>,
+    /// A pair's DR agent (or the link test's receiver).
+    pub dr_pid: Option<u32>,
     /// For pair and link targets: the agents.
     pub cluster: Option<crate::pairs::Cluster>,
 }
@@ -146,7 +147,7 @@ impl<'a> Setup<'a> {
 impl Setup<'_> {
     pub fn target(&mut self, spec: &Spec) -> anyhow::Result<Target> {
         let mut cluster = None;
-        let (fio_args, server_pid) = match spec.kind {
+        let (fio_args, production_pid) = match spec.kind {
             Kind::Raw => (io_uring_args(self.device), None),
             Kind::Nbdkit => {
                 let socket = self.work.join("nbdkit.sock");
@@ -206,22 +207,19 @@ impl Setup<'_> {
                     spec.name,
                     Default::default(),
                 )?;
-                let pid = c.dr_pid;
                 cluster = Some(c);
-                (Vec::new(), Some(pid))
+                // The sender is the link test's own process, measured apart.
+                (Vec::new(), None)
             }
         };
-        let other_pids = match (&cluster, spec.kind) {
-            (Some(c), Kind::AsyncPair | Kind::HypermetroPair) => vec![c.dr_pid],
-            _ => Vec::new(),
-        };
+        let dr_pid = cluster.as_ref().map(|c| c.dr_pid);
         Ok(Target {
             name: spec.name,
             title: spec.title,
             kind: spec.kind,
             fio_args,
-            server_pid,
-            other_pids,
+            production_pid,
+            dr_pid,
             cluster,
         })
     }
@@ -276,8 +274,8 @@ impl Setup<'_> {
             title: "async pair, shorter epochs",
             kind: Kind::AsyncPair,
             fio_args: nbd_args(&c.uri),
-            server_pid: Some(c.production_pid),
-            other_pids: vec![c.dr_pid],
+            production_pid: Some(c.production_pid),
+            dr_pid: Some(c.dr_pid),
             cluster: Some(c),
         })
     }
