@@ -250,12 +250,12 @@ impl Cluster {
         env.stop_server(self.coordinator_pid);
     }
 
-    /// The bytes the production agent has sent to the DR side so far: the stream's and
-    /// the resyncs'.
+    /// The bytes the production agent has sent to the DR side so far: every frame of its
+    /// streams, catch-ups and syncs included.
     pub fn bytes_sent(&self) -> anyhow::Result<u64> {
-        let counters = &self.pair_state()?["counters"];
-        let count = |key: &str| counters[key].as_u64().with_context(|| format!("counter {key}"));
-        Ok(count("bytes_sent")? + count("resync_bytes_sent")?)
+        self.pair_state()?["counters"]["bytes_sent"]
+            .as_u64()
+            .context("counter bytes_sent")
     }
 
     /// The pair's journal bound, as the production agent reports it.

@@ -23,6 +23,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::agent::{Agent, remove_stale_socket, set_mode};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
+/// Replication moves many short-lived buffers of up to a few MiB between threads (NBD
+/// readers, the sender, the applier); glibc's malloc kept the freed ones in per-thread
+/// arenas, and a replicating agent's resident memory grew well past what it held.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "blockrepd",

@@ -49,7 +49,7 @@ const BLOCK: u64 = 4096;
 /// Appends are gathered up to this size before they are written.
 const BATCH_BYTES: usize = 4 << 20;
 /// Staged data kept in memory for applying, at most; beyond it, data is read back.
-const MEMORY_BYTES: u64 = 512 << 20;
+const MEMORY_BYTES: u64 = 32 << 20;
 
 fn seal_body(epoch: Epoch, cut_ms: u64) -> [u8; 16] {
     let mut body = [0u8; 16];

@@ -82,7 +82,7 @@ impl Default for ReplicationConfig {
             journal_bytes: 256 << 20,
             resync_extent: 4 << 20,
             peer_timeout: crate::endpoint::DEFAULT_PEER_TIMEOUT,
-            apply_queue_bytes: 64 << 20,
+            apply_queue_bytes: 32 << 20,
             stage_log_max_bytes: None,
         }
     }
