@@ -42,7 +42,28 @@ impl Host {
     }
 }
 
+/// Where the DR host's data lives: its volume and its agent's state (the stage log).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DrDisk {
+    /// On the disk the production volume is on: the DR side's writes take from the
+    /// production host's device.
+    #[default]
+    Shared,
+    /// In memory (`/dev/shm`): a DR host with a disk of its own, faster than any real one.
+    Memory,
+}
+
 static LAYOUT: OnceLock<Layout> = OnceLock::new();
+static DR_DISK: OnceLock<DrDisk> = OnceLock::new();
+
+/// Sets where the DR host's data lives (once, before anything starts).
+pub fn set_dr_disk(disk: DrDisk) {
+    let _ = DR_DISK.set(disk);
+}
+
+pub fn dr_disk() -> DrDisk {
+    DR_DISK.get().copied().unwrap_or_default()
+}
 
 /// Sets the run's layout (once, before anything starts).
 pub fn set_layout(layout: Layout) {
@@ -127,10 +148,15 @@ pub struct Env {
 
 impl Env {
     pub fn temp_dir(&mut self) -> anyhow::Result<PathBuf> {
+        self.temp_dir_in(Path::new("/tmp"))
+    }
+
+    /// A directory of the run under `parent`, removed at the end.
+    pub fn temp_dir_in(&mut self, parent: &Path) -> anyhow::Result<PathBuf> {
         // Kept past the TempDir: removal is this stack's job, in its order.
         let dir = tempfile::Builder::new()
             .prefix("blockrep-bench.")
-            .tempdir_in("/tmp")?
+            .tempdir_in(parent)?
             .keep();
         self.stack.push(Resource::Dir(dir.clone()));
         Ok(dir)

@@ -77,6 +77,11 @@ struct Args {
     /// CPU 0, node-b and the witness on CPU 1.
     #[arg(long, value_enum, default_value_t = env::Layout::Shared)]
     layout: env::Layout,
+    /// Where the DR host's volume and its agent's state live: `shared` (on the production
+    /// volume's disk, so the DR side's writes take from the production host's device) or
+    /// `memory` (on `/dev/shm`: a DR host with a disk of its own, faster than a real one).
+    #[arg(long, value_enum, default_value_t = env::DrDisk::Shared)]
+    dr_disk: env::DrDisk,
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +100,7 @@ const SHORT_EPOCH_MS: u64 = 500;
 fn run_bench(args: Args) -> anyhow::Result<()> {
     env::catch_interrupts()?;
     env::set_layout(args.layout);
+    env::set_dr_disk(args.dr_disk);
     let repeats = args.repeats.unwrap_or(if args.full { 5 } else { 3 });
     let timing = fio::Timing {
         runtime_s: args.runtime.unwrap_or(if args.full { 15 } else { 4 }),
@@ -146,8 +152,16 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         .scenarios
         .iter()
         .any(|s| ["catch-up", "backlog", "lossy"].contains(&s.as_str()));
+    let dr_work = match env::dr_disk() {
+        env::DrDisk::Shared => None,
+        env::DrDisk::Memory => Some(env.temp_dir_in(std::path::Path::new("/dev/shm"))?),
+    };
     let dr_device = if pairs_selected {
-        Some(targets::prepare_dr_device(&mut env, &work, size)?)
+        Some(targets::prepare_dr_device(
+            &mut env,
+            dr_work.as_deref().unwrap_or(&work),
+            size,
+        )?)
     } else {
         None
     };
@@ -155,6 +169,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
         device: &device,
         dr_device: dr_device.as_deref(),
         work: &work,
+        dr_work: dr_work.as_deref(),
         bin: &bin,
     };
     let mut ready = Vec::new();
@@ -379,6 +394,10 @@ fn machine_info(
         "repeats": repeats,
         "device_bytes": size,
         "device": if root { "loop device (direct-io=on) over a preallocated file" } else { "preallocated file (not root)" },
+        "dr_disk": match env::dr_disk() {
+            env::DrDisk::Shared => "shared with the production volume",
+            env::DrDisk::Memory => "memory (/dev/shm): the DR volume and the DR agent's state",
+        },
         "layout": match env::layout() {
             env::Layout::Shared => "shared: every process on every CPU",
             env::Layout::Pinned => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender) on CPU 0, DR agent and the coordinator's witness node on CPU 1",
@@ -388,7 +407,7 @@ fn machine_info(
 
 fn describe(m: &serde_json::Value) -> String {
     format!(
-        "{} · commit {} · {} CPUs ({}) · kernel {} · {} · {} mode: {} × {} s per row, {} MiB {} · layout {}",
+        "{} · commit {} · {} CPUs ({}) · kernel {} · {} · {} mode: {} × {} s per row, {} MiB {} · layout {} · DR disk {}",
         m["date"].as_str().unwrap_or(""),
         m["commit"].as_str().unwrap_or(""),
         m["cpus"],
@@ -401,5 +420,6 @@ fn describe(m: &serde_json::Value) -> String {
         m["device_bytes"].as_u64().unwrap_or(0) >> 20,
         m["device"].as_str().unwrap_or(""),
         m["layout"].as_str().unwrap_or(""),
+        m["dr_disk"].as_str().unwrap_or(""),
     )
 }

@@ -45,6 +45,9 @@ pub struct ClusterSpec<'a> {
     pub cluster_extra: &'a str,
     /// Both agents run in this network namespace (made with [`Env::netns`]).
     pub netns: Option<&'a str>,
+    /// The DR agent's directory (its state, the stage log) goes here instead of beside the
+    /// others: the DR host's own disk.
+    pub dr_home: Option<&'a Path>,
 }
 
 impl Cluster {
@@ -63,9 +66,16 @@ impl Cluster {
             extra,
             cluster_extra,
             netns,
+            dr_home,
         } = spec;
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
+        if let Some(home) = dr_home {
+            let dr_dir = home.join(name).join("node-b");
+            std::fs::create_dir_all(&dr_dir)?;
+            std::os::unix::fs::symlink(&dr_dir, dir.join("node-b"))
+                .context("link the DR agent's directory")?;
+        }
         let nodes = start_nodes(
             env,
             &dir,

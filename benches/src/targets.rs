@@ -120,6 +120,8 @@ pub struct Setup<'a> {
     /// The DR device of the pair targets (a second loop device of the same size).
     pub dr_device: Option<&'a Path>,
     pub work: &'a Path,
+    /// Where the DR agents keep their state, when not under `work` (`--dr-disk memory`).
+    pub dr_work: Option<&'a Path>,
     pub bin: &'a Path,
 }
 
@@ -129,6 +131,7 @@ pub struct Paths<'a> {
     pub device: &'a Path,
     pub dr_device: Option<&'a Path>,
     pub work: &'a Path,
+    pub dr_work: Option<&'a Path>,
     pub bin: &'a Path,
 }
 
@@ -139,6 +142,7 @@ impl<'a> Setup<'a> {
             device: paths.device,
             dr_device: paths.dr_device,
             work: paths.work,
+            dr_work: paths.dr_work,
             bin: paths.bin,
         }
     }
@@ -205,7 +209,10 @@ impl Setup<'_> {
                     self.work,
                     self.bin,
                     spec.name,
-                    Default::default(),
+                    crate::pairs::ClusterSpec {
+                        dr_home: self.dr_work,
+                        ..Default::default()
+                    },
                 )?;
                 cluster = Some(c);
                 // The sender is the link test's own process, measured apart.
@@ -256,6 +263,7 @@ impl Setup<'_> {
             name,
             crate::pairs::ClusterSpec {
                 devices: Some((self.device, dr)),
+                dr_home: self.dr_work,
                 ..spec
             },
         )
@@ -353,7 +361,7 @@ pub fn prepare_device(
     }
 }
 
-/// A second device of the same size for the pairs' DR volumes.
+/// A second device of the same size for the pairs' DR volumes, on a file in `work`.
 pub fn prepare_dr_device(env: &mut Env, work: &Path, bytes: u64) -> anyhow::Result<PathBuf> {
     let file = work.join("dr.img");
     run(Command::new("dd")
