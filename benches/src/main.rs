@@ -317,7 +317,7 @@ fn run_once(
         .cluster
         .as_ref()
         .filter(|_| target.kind != targets::Kind::QuicLink);
-    let sent = || pair.map(|c| c.bytes_sent()).transpose();
+    let sent = || pair.map(|c| c.counts()).transpose();
     let meter = Meter::start(target.production_pid, target.dr_pid, sent()?);
     match (&target.cluster, target.kind) {
         (Some(cluster), targets::Kind::QuicLink) => {

@@ -20,6 +20,9 @@ pub struct Cost {
     pub production: Usage,
     pub dr: Usage,
     pub replicated_bytes: Option<u64>,
+    /// Times a pair's journal overflowed (the pair fell back to its bitmap and caught up
+    /// later): such a run measured the local volume, not replication.
+    pub journal_overflows: Option<u64>,
 }
 
 impl Cost {
@@ -34,13 +37,20 @@ impl Cost {
 pub struct Meter {
     production: Option<(u32, Option<f64>)>,
     dr: Option<(u32, Option<f64>)>,
-    sent_before: Option<u64>,
+    before: Option<PairCounts>,
+}
+
+/// A pair's counters a run is measured by.
+#[derive(Clone, Copy, Debug)]
+pub struct PairCounts {
+    pub bytes_sent: u64,
+    pub journal_overflows: u64,
 }
 
 impl Meter {
-    /// Starts measuring `production` and `dr` (their peak RSS is reset here); `sent` is the
-    /// pair's count of bytes sent so far, when the target is a pair.
-    pub fn start(production: Option<u32>, dr: Option<u32>, sent: Option<u64>) -> Self {
+    /// Starts measuring `production` and `dr` (their peak RSS is reset here); `pair` is the
+    /// pair's counters so far, when the target is a pair.
+    pub fn start(production: Option<u32>, dr: Option<u32>, pair: Option<PairCounts>) -> Self {
         let begin = |pid: u32| {
             env::reset_peak_rss(pid);
             (pid, env::cpu_seconds(pid))
@@ -48,12 +58,12 @@ impl Meter {
         Self {
             production: production.map(begin),
             dr: dr.map(begin),
-            sent_before: sent,
+            before: pair,
         }
     }
 
-    /// The cost from the start until now; `sent` is the pair's count of bytes sent now.
-    pub fn finish(&self, sent: Option<u64>) -> Cost {
+    /// The cost from the start until now; `pair` is the pair's counters now.
+    pub fn finish(&self, pair: Option<PairCounts>) -> Cost {
         let usage = |p: Option<(u32, Option<f64>)>| {
             p.map_or_else(Usage::default, |(pid, before)| Usage {
                 cpu_s: before
@@ -66,9 +76,13 @@ impl Meter {
             production: usage(self.production),
             dr: usage(self.dr),
             replicated_bytes: self
-                .sent_before
-                .zip(sent)
-                .map(|(before, after)| after.saturating_sub(before)),
+                .before
+                .zip(pair)
+                .map(|(b, a)| a.bytes_sent.saturating_sub(b.bytes_sent)),
+            journal_overflows: self
+                .before
+                .zip(pair)
+                .map(|(b, a)| a.journal_overflows.saturating_sub(b.journal_overflows)),
         }
     }
 }

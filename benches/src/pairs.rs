@@ -260,12 +260,16 @@ impl Cluster {
         env.stop_server(self.coordinator_pid);
     }
 
-    /// The bytes the production agent has sent to the DR side so far: every frame of its
-    /// streams, catch-ups and syncs included.
-    pub fn bytes_sent(&self) -> anyhow::Result<u64> {
-        self.pair_state()?["counters"]["bytes_sent"]
-            .as_u64()
-            .context("counter bytes_sent")
+    /// The production agent's counters a run is measured by: the bytes it has sent to the
+    /// DR side so far (every frame of its streams, catch-ups and syncs included), and its
+    /// journal's overflows.
+    pub fn counts(&self) -> anyhow::Result<crate::meter::PairCounts> {
+        let counters = &self.pair_state()?["counters"];
+        let count = |key: &str| counters[key].as_u64().with_context(|| format!("counter {key}"));
+        Ok(crate::meter::PairCounts {
+            bytes_sent: count("bytes_sent")?,
+            journal_overflows: count("journal_overflows")?,
+        })
     }
 
     /// The pair's journal bound, as the production agent reports it.

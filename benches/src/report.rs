@@ -61,6 +61,12 @@ impl Row {
     fn cpu_per_gb(&self, side: Side) -> Option<f64> {
         self.median_of(|s| Cost::per_gb(side.of(&s.cost).cpu_s, s.cost.replicated_bytes))
     }
+    /// Whether the pair's journal overflowed in any run.
+    fn overflowed(&self) -> bool {
+        self.samples
+            .iter()
+            .any(|s| s.cost.journal_overflows.unwrap_or(0) > 0)
+    }
     /// The highest resident set size of any run.
     fn peak_rss(&self, side: Side) -> Option<u64> {
         self.samples
@@ -263,9 +269,19 @@ impl Report {
             ));
         }
         for target in ["async-pair", "hypermetro-pair"] {
+            // A run whose journal overflowed went at local speed and caught up afterwards.
+            let overflowed = self.find(ONE_M, target).is_some_and(Row::overflowed);
             goals.push(Goal::at_least(
-                format!("1M seq write QD8: {target} ≥ 0.8 × min(blockrepd, quic-link)"),
-                self.ratio_to_min(ONE_M, target, "blockrepd", "quic-link"),
+                format!(
+                    "1M seq write QD8: {target} ≥ 0.8 × min(blockrepd, quic-link){}",
+                    if overflowed {
+                        " (the journal overflowed: the runs measured the local volume, not replication)"
+                    } else {
+                        ""
+                    }
+                ),
+                self.ratio_to_min(ONE_M, target, "blockrepd", "quic-link")
+                    .filter(|_| !overflowed),
                 0.8,
             ));
         }
@@ -419,6 +435,7 @@ impl Report {
                     "production_peak_rss_bytes": r.peak_rss(Side::Production),
                     "dr_peak_rss_bytes": r.peak_rss(Side::Dr),
                     "replicated_bytes": r.samples.iter().map(|s| s.cost.replicated_bytes).collect::<Vec<_>>(),
+                    "journal_overflows": r.samples.iter().map(|s| s.cost.journal_overflows).collect::<Vec<_>>(),
                 })
             })
             .collect();
