@@ -117,6 +117,7 @@ pub enum GoalFormat {
 
 impl Goal {
     pub fn at_least(claim: String, measured: Option<f64>, bound: f64) -> Self {
+        let measured = known(measured, bound);
         Self {
             claim,
             measured,
@@ -126,6 +127,7 @@ impl Goal {
     }
 
     pub fn at_most(claim: String, measured: Option<f64>, bound: f64, format: GoalFormat) -> Self {
+        let measured = known(measured, bound);
         Self {
             claim,
             measured,
@@ -133,6 +135,12 @@ impl Goal {
             format,
         }
     }
+}
+
+/// A figure is measured only if it and its bound are numbers (a missing row's p50, or a
+/// journal bound not reported, is NaN).
+fn known(measured: Option<f64>, bound: f64) -> Option<f64> {
+    measured.filter(|m| !m.is_nan() && !bound.is_nan())
 }
 
 pub struct Report {
@@ -483,6 +491,15 @@ mod tests {
         };
         let r = report.paired_ratio(w.name, "a", "b").unwrap();
         assert!((r - 1.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_goal_with_an_unknown_figure_or_bound_is_unmeasured() {
+        let unknown_bound = Goal::at_most("x".into(), Some(1.0), f64::NAN, GoalFormat::Ratio);
+        assert_eq!((unknown_bound.measured, unknown_bound.met), (None, None));
+        let unknown_figure = Goal::at_least("x".into(), Some(f64::NAN), 1.0);
+        assert_eq!((unknown_figure.measured, unknown_figure.met), (None, None));
+        assert_eq!(Goal::at_least("x".into(), Some(2.0), 1.0).met, Some(true));
     }
 
     #[test]
