@@ -31,6 +31,16 @@ struct GroupCluster {
 
 impl GroupCluster {
     fn start(env: &mut Env, work: &Path, bin: &Path, name: &str) -> anyhow::Result<Self> {
+        Self::start_with(env, work, bin, name, NodeConfig::default())
+    }
+
+    fn start_with(
+        env: &mut Env,
+        work: &Path,
+        bin: &Path,
+        name: &str,
+        config: NodeConfig<'_>,
+    ) -> anyhow::Result<Self> {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
         let nodes = start_nodes(
@@ -39,7 +49,7 @@ impl GroupCluster {
             bin,
             &[("node-w", "az3"), ("node-a", "az1"), ("node-b", "az2")],
             &[],
-            NodeConfig::default(),
+            config,
         )?;
         for n in &nodes {
             crate::env::pin(n.pid, host_of(&n.name))?;
@@ -627,5 +637,209 @@ pub fn iops(
             Some(r),
             0.9,
         )],
+    })
+}
+
+/// A free TCP port on loopback, for a daemon to listen on.
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The Prometheus text a daemon serves on `port`.
+fn scrape(port: u16) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// What the coordinator's metrics say of group `app`'s cuts: rounds completed and
+/// abandoned, and when the cut behind its consistent point was made (Unix seconds; 0: none).
+#[derive(Clone, Copy, Debug, Default)]
+struct CutFigures {
+    completed: f64,
+    abandoned: f64,
+    committed_cut_s: f64,
+}
+
+impl CutFigures {
+    fn read(port: u16) -> anyhow::Result<Self> {
+        let text = scrape(port)?;
+        let value = |prefix: &str, with: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix) && l.contains(with))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        const ROUNDS: &str = "blockrep_group_cut_rounds_total{group=\"app\"";
+        Ok(Self {
+            completed: value(ROUNDS, "outcome=\"completed\""),
+            abandoned: value(ROUNDS, "outcome=\"abandoned\""),
+            committed_cut_s: value(
+                "blockrep_group_consistent_cut_time_seconds{group=\"app\"",
+                "",
+            ),
+        })
+    }
+}
+
+/// One RPO reading: writes at `rate` IOPS on each production volume for `seconds`, the
+/// group's consistent point age sampled every 100 ms from the coordinator's metrics.
+struct RpoRun {
+    label: String,
+    rate: u32,
+    ages: Vec<f64>,
+    completed: f64,
+    abandoned: f64,
+}
+
+impl RpoRun {
+    fn p(&self, q: f64) -> f64 {
+        let mut ages = self.ages.clone();
+        ages.sort_by(f64::total_cmp);
+        percentile(&ages, q)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "label": self.label,
+            "rate_iops_per_volume": self.rate,
+            "age_p50_s": self.p(0.5),
+            "age_p99_s": self.p(0.99),
+            "age_max_s": self.p(1.0),
+            "samples": self.ages.len(),
+            "rounds_completed": self.completed,
+            "rounds_abandoned": self.abandoned,
+        })
+    }
+}
+
+fn rpo_run(
+    uris: &[String],
+    port: u16,
+    label: String,
+    rate: u32,
+    seconds: u32,
+) -> anyhow::Result<RpoRun> {
+    let before = CutFigures::read(port)?;
+    let mut fio = background_writes(uris, rate)?;
+    let started = Instant::now();
+    let mut ages = Vec::new();
+    while started.elapsed() < Duration::from_secs(u64::from(seconds)) {
+        check_interrupted()?;
+        fio.check_running()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        let figures = CutFigures::read(port)?;
+        if figures.committed_cut_s > 0.0 {
+            ages.push(now - figures.committed_cut_s);
+        }
+    }
+    drop(fio);
+    let after = CutFigures::read(port)?;
+    Ok(RpoRun {
+        label,
+        rate,
+        ages,
+        completed: after.completed - before.completed,
+        abandoned: after.abandoned - before.abandoned,
+    })
+}
+
+/// How far an async group's consistent point trails under writes: a 2-pair group with 1 s
+/// epochs, under the failover scenario's load (2 × 2000 IOPS of 4k writes, QD8) and at half
+/// the group's maximum (measured first, 4k randwrite QD32 on both volumes), `seconds` each.
+pub fn rpo(env: &mut Env, work: &Path, bin: &Path, seconds: u32) -> anyhow::Result<ScenarioResult> {
+    const EPOCH_S: f64 = 1.0;
+    let port = free_tcp_port()?;
+    let metrics = format!("metrics_listen = \"127.0.0.1:{port}\"");
+    let cluster = GroupCluster::start_with(
+        env,
+        work,
+        bin,
+        "group-rpo",
+        NodeConfig {
+            coordinator_extra: &metrics,
+            extra: "[replication]\nepoch_interval_ms = 1000\n",
+            ..Default::default()
+        },
+    )?;
+    cluster.group(2, 256 * MIB, "async")?;
+    let uris: Vec<String> = ["p1", "p2"]
+        .iter()
+        .map(|v| cluster.node("node-a").nbd_uri(v))
+        .collect();
+    let mut runs = vec![rpo_run(
+        &uris,
+        port,
+        "2 × 2000 IOPS (the failover scenario's load)".into(),
+        2000,
+        seconds,
+    )?];
+    let max = iops_run(&uris, 5)?;
+    let half = (max / 2.0 / uris.len() as f64).round() as u32;
+    runs.push(rpo_run(
+        &uris,
+        port,
+        format!("half the group's maximum ({max:.0} IOPS): 2 × {half} IOPS"),
+        half,
+        seconds,
+    )?);
+    cluster.stop(env);
+    let mut markdown = format!(
+        "- **Async group consistent point age** (2 pairs, 1 s epochs, 4k random writes at QD8 on both production volumes for {seconds} s; the age of the cut behind the group's commit, sampled every 100 ms from the coordinator's metrics):\n"
+    );
+    let mut goals = Vec::new();
+    for r in &runs {
+        markdown.push_str(&format!(
+            "  - {}: age p50 {:.2} s, p99 {:.2} s, max {:.2} s over {} samples; cut rounds {} completed, {} abandoned\n",
+            r.label,
+            r.p(0.5),
+            r.p(0.99),
+            r.p(1.0),
+            r.ages.len(),
+            r.completed,
+            r.abandoned
+        ));
+        goals.push(Goal::at_most(
+            format!(
+                "async group, {}: consistent point age p99 ≤ 2 × the epoch interval",
+                r.label
+            ),
+            (!r.ages.is_empty()).then(|| r.p(0.99)),
+            2.0 * EPOCH_S,
+            GoalFormat::Seconds,
+        ));
+        goals.push(Goal::at_most(
+            format!("async group, {}: cut rounds abandoned = 0", r.label),
+            Some(r.abandoned),
+            0.0,
+            GoalFormat::Count,
+        ));
+    }
+    let summary = runs
+        .iter()
+        .map(|r| {
+            format!(
+                "{}: age p99 {:.2} s, {} abandoned",
+                r.label,
+                r.p(0.99),
+                r.abandoned
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(ScenarioResult {
+        name: "group-rpo",
+        summary,
+        markdown,
+        json: json!({"epoch_interval_s": EPOCH_S, "runs": runs.iter().map(RpoRun::json).collect::<Vec<_>>()}),
+        goals,
     })
 }

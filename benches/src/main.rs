@@ -58,7 +58,9 @@ struct Args {
     /// Consistency groups: `group-failover` (call to writable DR exports, production agent
     /// killed), `group-reprotect` (a 4 GiB pair, 1% written on each side: bytes copied
     /// against the union of both bitmaps), `group-iops` (4k randwrite QD32 on two async
-    /// pairs in a group against the same pairs alone, and the cuts' answer holds).
+    /// pairs in a group against the same pairs alone, and the cuts' answer holds),
+    /// `group-rpo` (an async group's consistent point age and abandoned cut rounds under
+    /// 2 × 2000 IOPS and at half the group's maximum, `--lag-seconds` each).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Failover rounds of the group-failover scenario (each fails over, then reprotects).
@@ -275,8 +277,9 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             "group-failover" => groups::failover(&mut env, &work, &bin, args.failover_rounds)?,
             "group-reprotect" => groups::reprotect(&mut env, &work, &bin)?,
             "group-iops" => groups::iops(&mut env, &work, &bin, repeats, timing.runtime_s)?,
+            "group-rpo" => groups::rpo(&mut env, &work, &bin, args.lag_seconds)?,
             other => bail!(
-                "unknown scenario {other:?} (lag, initial-sync, catch-up, backlog, lossy, group-failover, group-reprotect, group-iops)"
+                "unknown scenario {other:?} (lag, initial-sync, catch-up, backlog, lossy, group-failover, group-reprotect, group-iops, group-rpo)"
             ),
         };
         eprintln!("bench: scenario {scenario}: {}", result.summary);

@@ -131,7 +131,7 @@ impl BackgroundFio {
         Ok(Self(child))
     }
 
-    fn check_running(&mut self) -> anyhow::Result<()> {
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.0.try_wait()? {
             bail!("the background fio exited ({status})");
         }

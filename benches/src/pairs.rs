@@ -86,6 +86,7 @@ impl Cluster {
                 extra,
                 cluster_extra,
                 netns,
+                ..Default::default()
             },
         )?;
         let pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
@@ -265,7 +266,11 @@ impl Cluster {
     /// journal's overflows.
     pub fn counts(&self) -> anyhow::Result<crate::meter::PairCounts> {
         let counters = &self.pair_state()?["counters"];
-        let count = |key: &str| counters[key].as_u64().with_context(|| format!("counter {key}"));
+        let count = |key: &str| {
+            counters[key]
+                .as_u64()
+                .with_context(|| format!("counter {key}"))
+        };
         Ok(crate::meter::PairCounts {
             bytes_sent: count("bytes_sent")?,
             journal_overflows: count("journal_overflows")?,
@@ -331,6 +336,8 @@ pub struct LinkTest {
 #[derive(Clone, Copy, Default)]
 pub struct NodeConfig<'a> {
     pub extra: &'a str,
+    /// Added at the top of the coordinator's (the first node's) configuration only.
+    pub coordinator_extra: &'a str,
     pub cluster_extra: &'a str,
     pub netns: Option<&'a str>,
 }
@@ -369,6 +376,7 @@ pub fn start_nodes(
 ) -> anyhow::Result<Vec<NodeProc>> {
     let NodeConfig {
         extra,
+        coordinator_extra,
         cluster_extra,
         netns,
     } = config;
@@ -409,10 +417,11 @@ pub fn start_nodes(
         let node_dir = dir.join(node);
         let tls = node_dir.join("tls");
         let config = node_dir.join("blockrepd.toml");
+        let own = if i == 0 { coordinator_extra } else { "" };
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
+                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{own}\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
                 node_dir.join("state").display(),
                 node_dir.join("run").display(),
                 ports[i],

@@ -113,6 +113,7 @@ pub enum GoalFormat {
     Percent,
     Seconds,
     Mebibytes,
+    Count,
 }
 
 impl Goal {
@@ -271,7 +272,10 @@ impl Report {
         const ONE_M: &str = "seqwrite-1m-qd8";
         for (target, least) in [("async-pair", 0.9), ("hypermetro-pair", 0.6)] {
             goals.push(Goal::at_least(
-                format!("{}: {target} ≥ {least:.1} × blockrepd", self.title_of(FOUR_K)),
+                format!(
+                    "{}: {target} ≥ {least:.1} × blockrepd",
+                    self.title_of(FOUR_K)
+                ),
                 self.paired_ratio(FOUR_K, target, "blockrepd"),
                 least,
             ));
@@ -295,7 +299,9 @@ impl Report {
         }
         // The link's round trip (tens of µs on loopback) is left out of the bound, which
         // makes it stricter; the DR write's p50 is the raw device's at the same workload.
-        let extra = self.find(FOUR_K, "hypermetro-pair").zip(self.find(FOUR_K, "blockrepd"));
+        let extra = self
+            .find(FOUR_K, "hypermetro-pair")
+            .zip(self.find(FOUR_K, "blockrepd"));
         let dr_write = self.find(FOUR_K, "raw").map(Row::p50);
         goals.push(Goal::at_most(
             "4k randwrite QD32: hypermetro-pair p50 − blockrepd p50 ≤ raw device p50 (in units of it)".into(),
@@ -407,6 +413,7 @@ impl Report {
                 (Some(v), GoalFormat::Seconds) => format!("{v:.2} s"),
                 (Some(v), GoalFormat::Ratio) => format!("{v:.2}×"),
                 (Some(v), GoalFormat::Mebibytes) => format!("{v:.0} MiB"),
+                (Some(v), GoalFormat::Count) => format!("{v:.0}"),
             };
             let verdict = match goal.met {
                 None => "",

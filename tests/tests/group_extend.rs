@@ -136,6 +136,30 @@ fn a_pair_grows_online_and_a_volume_without_room_refuses_with_nothing_changed() 
                 > current
         },
     );
+    // The coordinator's metrics count the group's cut rounds and say when the cut behind
+    // its consistent point was made.
+    let metrics = cluster.coordinator().metrics();
+    let value = |prefix: &str, with: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix) && l.contains(with))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let completed = value(
+        "blockrep_group_cut_rounds_total{group=\"app\"",
+        "outcome=\"completed\"",
+    );
+    assert!(completed.is_some_and(|n| n > 0.0), "{metrics}");
+    let cut_at = value(
+        "blockrep_group_consistent_cut_time_seconds{group=\"app\"",
+        "",
+    )
+    .unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(cut_at > now - 600.0 && cut_at <= now + 1.0, "{metrics}");
     // The sizes survive a restart of both agents.
     for node in ["node-a", "node-b"] {
         cluster.node_mut(node).stop();

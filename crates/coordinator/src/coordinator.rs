@@ -49,6 +49,7 @@ use crate::clock::Clock;
 use crate::store::{Change, Store};
 
 mod cuts;
+pub use cuts::CutStats;
 mod driver;
 mod group_steps;
 mod groups;
@@ -100,6 +101,8 @@ struct State {
     group_step_sent: BTreeMap<PairId, Instant>,
     /// The cuts of the async groups being cut.
     cuts: BTreeMap<blockrep_core::replication::GroupId, cuts::GroupCuts>,
+    /// What each group's cut rounds did since the coordinator started (for its metrics).
+    cut_stats: BTreeMap<blockrep_core::replication::GroupId, cuts::CutStats>,
     /// Groups whose first cut waits for reports: since when, and when it last warned.
     cuts_waiting: BTreeMap<blockrep_core::replication::GroupId, (Instant, Instant)>,
     /// When a group operation's step first failed to reach an agent.
@@ -202,6 +205,7 @@ impl Coordinator {
             claimed: Default::default(),
             group_step_sent: BTreeMap::new(),
             cuts: BTreeMap::new(),
+            cut_stats: BTreeMap::new(),
             cuts_waiting: BTreeMap::new(),
             group_stuck_since: BTreeMap::new(),
             fences_sent: Default::default(),

@@ -45,6 +45,13 @@ struct GroupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CutRoundLabels {
+    group: String,
+    model: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GroupStatusLabels {
     group: String,
     status: String,
@@ -230,17 +237,39 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
 }
 
 /// The consistency groups, on the daemon that runs the coordinator: fault level, pairs and
-/// consistent epoch per group, and its status and replication status as a 1.
+/// consistent epoch per group, its status and replication status as a 1, and its cut
+/// rounds (completed, abandoned) and when the cut behind its consistent point was made.
 fn register_groups(registry: &mut Registry, coordinator: &blockrep_coordinator::Coordinator) {
     let fault = GaugeFamily::<GroupLabels>::default();
     let pairs = GaugeFamily::<GroupLabels>::default();
     let consistent = GaugeFamily::<GroupLabels>::default();
+    let cut_time = GaugeFamily::<GroupLabels>::default();
+    let rounds = CounterFamily::<CutRoundLabels>::default();
     let status = GaugeFamily::<GroupStatusLabels>::default();
     for g in coordinator.list_groups() {
         let labels = GroupLabels {
             group: g.name.clone(),
             model: g.replication_model.clone(),
         };
+        if let Ok(stats) = coordinator.group_cut_stats(&g.id) {
+            for (outcome, count) in [
+                ("completed", stats.completed),
+                ("abandoned", stats.abandoned),
+            ] {
+                rounds
+                    .get_or_create(&CutRoundLabels {
+                        group: g.name.clone(),
+                        model: g.replication_model.clone(),
+                        outcome: outcome.into(),
+                    })
+                    .inc_by(count);
+            }
+            if stats.committed_cut_ms > 0 {
+                cut_time
+                    .get_or_create(&labels)
+                    .set(stats.committed_cut_ms as f64 / 1000.0);
+            }
+        }
         fault.get_or_create(&labels).set(f64::from(g.fault_level));
         pairs
             .get_or_create(&labels)
@@ -271,6 +300,16 @@ fn register_groups(registry: &mut Registry, coordinator: &blockrep_coordinator::
         "group_status",
         "1 for the group's current status and replication status",
         status,
+    );
+    registry.register(
+        "group_cut_rounds",
+        "Cut rounds since the coordinator started: completed (every production host switched in time) or abandoned (the boundary is never committed)",
+        rounds,
+    );
+    registry.register(
+        "group_consistent_cut_time_seconds",
+        "When the cut that ends the group's committed epoch was made (Unix time, the coordinator's clock; since it started)",
+        cut_time,
     );
 }
 

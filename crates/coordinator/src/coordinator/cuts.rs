@@ -65,12 +65,27 @@ impl Member {
 /// A host's answer to a cut or a release.
 type HostAnswer = (String, Epoch, Result<ClusterResponse, ApiError>);
 
+/// What a group's cut rounds did since the coordinator started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CutStats {
+    /// Rounds every production host answered in time.
+    pub completed: u64,
+    /// Rounds abandoned: a host did not switch in time, the boundary is never committed.
+    pub abandoned: u64,
+    /// When the cut that ends the group's committed epoch was made (milliseconds since the
+    /// Unix epoch, by the coordinator's wall clock; 0: none since the coordinator started).
+    pub committed_cut_ms: u64,
+}
+
 /// A group's cuts.
 pub(super) struct GroupCuts {
     members: Vec<Member>,
     cut: CutCoordinator,
     committed_sent: Epoch,
     rounds: u32,
+    /// When the cuts that completed made each boundary: the epoch that ended there, and
+    /// the time (ms since the Unix epoch). Kept down to the committed epoch.
+    cut_times: BTreeMap<Epoch, u64>,
     /// A hypermetro group went synchronous at this cut; it is cut until this commits. A fresh
     /// state starts with its first epoch here: the group may have gone synchronous just
     /// before (a restart forgot it), and its DR sides hold their direct writes until the
@@ -318,6 +333,7 @@ impl Coordinator {
                         cut: CutCoordinator::new(hosts, from, ROUND_TIMEOUT_MS),
                         committed_sent: Epoch::ZERO,
                         rounds: 0,
+                        cut_times: BTreeMap::new(),
                         direct_at: (model == ReplicationModel::Hypermetro).then_some(from),
                     },
                 );
@@ -374,6 +390,7 @@ impl Coordinator {
         // A trip every host switched at: the tripped pairs' answers may go. A direct cut every
         // host switched at: the gated writes may go once it commits.
         let outcome = RoundOutcome::of(mode, !releases.is_empty(), synchronous);
+        self.count_round(group, !releases.is_empty(), now);
         if releases.is_empty() {
             if !unanswered.is_empty() {
                 tracing::warn!(%group, ?unanswered, timeout_ms = ROUND_TIMEOUT_MS,
@@ -421,6 +438,38 @@ impl Coordinator {
             }
         }
         Ok(())
+    }
+
+    /// Counts a round that completed (its boundary, made at `now_ms`, may commit) or was
+    /// abandoned, and notes when the cut that ends the committed epoch was made.
+    fn count_round(&self, group: GroupId, completed: bool, now_ms: u64) {
+        let mut state = self.lock();
+        let State {
+            cuts, cut_stats, ..
+        } = &mut *state;
+        let stats = cut_stats.entry(group).or_default();
+        let Some(cuts) = cuts.get_mut(&group) else {
+            return;
+        };
+        if completed {
+            stats.completed += 1;
+            cuts.cut_times.insert(Epoch(cuts.cut.epoch().0 - 1), now_ms);
+        } else {
+            stats.abandoned += 1;
+        }
+        let committed = cuts.cut.committed();
+        if let Some(&at) = cuts.cut_times.get(&committed) {
+            stats.committed_cut_ms = at;
+        }
+        cuts.cut_times = cuts.cut_times.split_off(&committed);
+    }
+
+    /// What the cut rounds of the group `reference` (its id or name) did since the
+    /// coordinator started.
+    pub fn group_cut_stats(&self, reference: &str) -> Result<CutStats, ApiError> {
+        let state = self.lock();
+        let group = Self::find_group(&state, reference)?;
+        Ok(state.cut_stats.get(&group).copied().unwrap_or_default())
     }
 
     async fn resend_missed_commit(
@@ -623,5 +672,45 @@ mod tests {
                 cut.epoch
             );
         }
+    }
+
+    /// Operators see how a group's cuts go: rounds completed and abandoned, and when the cut
+    /// behind the group's consistent point was made.
+    #[tokio::test]
+    async fn cut_rounds_are_counted_and_the_commits_cut_time_is_kept() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 0);
+        h.production_reports(&[&a, &b]);
+        // Every host has staged far ahead: each completed cut's boundary may commit. The
+        // third round, b's production host does not answer.
+        let ack = Answer::Respond(Box::new(Response::CutAck(proto::GroupCutAck {
+            staged: 1 << 20,
+            ..Default::default()
+        })));
+        h.agents
+            .script("GroupCut", Some(&a.production_node), ack.clone(), None);
+        h.agents
+            .script("GroupCut", Some(&b.production_node), ack, Some(2));
+        h.agents.script(
+            "GroupCut",
+            Some(&b.production_node),
+            Answer::Unreachable,
+            Some(1),
+        );
+        let before = now_millis();
+        h.coordinator.cut_round().await;
+        h.coordinator.cut_round().await;
+        let stats = h.coordinator.group_cut_stats(&group.name).unwrap();
+        assert_eq!((stats.completed, stats.abandoned), (2, 0), "{stats:?}");
+        assert!(
+            stats.committed_cut_ms >= before && stats.committed_cut_ms <= now_millis(),
+            "the committed epoch's cut time: {stats:?}"
+        );
+
+        // One host does not answer: the round is abandoned, the commit stays.
+        h.coordinator.cut_round().await;
+        let after = h.coordinator.group_cut_stats(&group.name).unwrap();
+        assert_eq!((after.completed, after.abandoned), (2, 1), "{after:?}");
+        assert_eq!(after.committed_cut_ms, stats.committed_cut_ms);
     }
 }
