@@ -154,6 +154,10 @@ pub struct FailoverPlan {
     pub term: u64,
     /// When the failover was asked for (ms since the Unix epoch).
     pub asked_ms: u64,
+    /// When the coordinator last heard from the group's production hosts then (the latest
+    /// of them, ms since the Unix epoch); `None`: not since it started.
+    #[serde(default)]
+    pub production_heard_ms: Option<u64>,
     /// Per pair: the generation its DR volume begins, and where its promotion left it.
     pub pairs: BTreeMap<PairId, PromoteStep>,
 }

@@ -639,9 +639,24 @@ fn failover_result(
     match (model, plan.commit) {
         (ReplicationModel::Async, Some(commit)) => {
             let cut_ms = reached.iter().map(|r| r.cut_ms).filter(|c| *c > 0).min();
+            let seconds = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
             let window = cut_ms.map_or_else(
-                || "unknown".to_owned(),
-                |c| format!("{:.1} s", plan.asked_ms.saturating_sub(c) as f64 / 1000.0),
+                || "unknown before the failover call".to_owned(),
+                |c| {
+                    let heard = plan
+                        .production_heard_ms
+                        .filter(|&h| h >= c && h <= plan.asked_ms)
+                        .map_or_else(String::new, |h| {
+                            format!(
+                                "; the production hosts were last heard from {} after the cut",
+                                seconds(h - c)
+                            )
+                        });
+                    format!(
+                        "{} before the failover call{heard}",
+                        seconds(plan.asked_ms.saturating_sub(c))
+                    )
+                },
             );
             let at = cut_ms.map_or_else(String::new, |c| {
                 format!(
@@ -652,7 +667,7 @@ fn failover_result(
                 )
             });
             format!(
-                "consistent point: epoch {}{at} on every pair; write window lost: {window} before the failover call; {} staged beyond it dropped (marked dirty for reprotect); took {took_ms} ms",
+                "consistent point: epoch {}{at} on every pair; write window lost: {window}; {} staged beyond it dropped (marked dirty for reprotect); took {took_ms} ms",
                 commit.0,
                 blockrep_api::human_bytes(dropped)
             )
@@ -808,6 +823,32 @@ mod tests {
         assert!(all_done(&operation));
     }
 
+    /// The window a failover lost is told against the failover call and against when the
+    /// production hosts were last heard from: the call comes after their loss was noticed
+    /// (seconds later), so the first alone overstates what the group trailed by.
+    #[test]
+    fn a_failovers_result_says_when_the_production_hosts_were_last_heard_from() {
+        let plan = FailoverPlan {
+            commit: Some(Epoch(4)),
+            term: 1,
+            asked_ms: 20_000,
+            production_heard_ms: Some(15_700),
+            pairs: BTreeMap::new(),
+        };
+        let reached = [PromotedAt {
+            epoch: Epoch(4),
+            cut_ms: 14_500,
+            dropped_bytes: 0,
+        }];
+        let result = failover_result(&plan, &reached, ReplicationModel::Async, 20_400);
+        assert!(
+            result.contains(
+                "write window lost: 5.5 s before the failover call; the production hosts were last heard from 1.2 s after the cut"
+            ),
+            "{result}"
+        );
+    }
+
     #[test]
     fn an_answer_of_another_kind_marks_nothing() {
         let pair = pair_record("a", ("n1", 1), ("n2", 2));
@@ -815,6 +856,7 @@ mod tests {
             commit: Some(Epoch(4)),
             term: 1,
             asked_ms: 0,
+            production_heard_ms: None,
             pairs: [(
                 pair.id,
                 crate::records::PromoteStep {

@@ -81,6 +81,7 @@ impl Coordinator {
                     commit,
                     term: group.term + 1,
                     asked_ms: now_millis(),
+                    production_heard_ms: self.last_heard_ms(&state, &members),
                     pairs: members
                         .iter()
                         .map(|p| {
@@ -304,6 +305,16 @@ impl Coordinator {
 
     /// The group's last commit: the highest the cut loop made or any DR agent recorded
     /// (each was, when made, staged on every pair). `None` before the first.
+    /// When the coordinator last heard from any production host of `members` (ms since
+    /// the Unix epoch, by its wall clock); `None`: from none since it started.
+    fn last_heard_ms(&self, state: &State, members: &[PairRecord]) -> Option<u64> {
+        members
+            .iter()
+            .filter_map(|p| state.nodes.get(&p.production_node)?.last_seen)
+            .map(|seen| now_millis().saturating_sub(self.since(seen).as_millis() as u64))
+            .max()
+    }
+
     pub(super) fn group_commit(&self, state: &State, group: &GroupRecord) -> Option<Epoch> {
         let members = Self::members(state, group);
         let cut = state
