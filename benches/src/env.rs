@@ -56,18 +56,6 @@ pub enum DrDisk {
 static LAYOUT: OnceLock<Layout> = OnceLock::new();
 static DR_DISK: OnceLock<DrDisk> = OnceLock::new();
 
-static MAX_UDP_PAYLOAD: OnceLock<u16> = OnceLock::new();
-
-/// Sets every agent's (and the link test's) largest UDP payload, once, before anything
-/// starts; unset, they keep their default.
-pub fn set_max_udp_payload(bytes: u16) {
-    let _ = MAX_UDP_PAYLOAD.set(bytes);
-}
-
-pub fn max_udp_payload() -> Option<u16> {
-    MAX_UDP_PAYLOAD.get().copied()
-}
-
 /// Sets where the DR host's data lives (once, before anything starts).
 pub fn set_dr_disk(disk: DrDisk) {
     let _ = DR_DISK.set(disk);

@@ -84,10 +84,6 @@ struct Args {
     /// `memory` (on `/dev/shm`: a DR host with a disk of its own, faster than a real one).
     #[arg(long, value_enum, default_value_t = env::DrDisk::Shared)]
     dr_disk: env::DrDisk,
-    /// Every agent's `cluster.max_udp_payload_bytes` and the link test's
-    /// `--max-udp-payload-bytes` (8952 for jumbo frames); the agents' default if not given.
-    #[arg(long)]
-    max_udp_payload_bytes: Option<u16>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,9 +103,6 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     env::catch_interrupts()?;
     env::set_layout(args.layout);
     env::set_dr_disk(args.dr_disk);
-    if let Some(bytes) = args.max_udp_payload_bytes {
-        env::set_max_udp_payload(bytes);
-    }
     let repeats = args.repeats.unwrap_or(if args.full { 5 } else { 3 });
     let timing = fio::Timing {
         runtime_s: args.runtime.unwrap_or(if args.full { 15 } else { 4 }),
@@ -404,7 +397,6 @@ fn machine_info(
         "repeats": repeats,
         "device_bytes": size,
         "device": if root { "loop device (direct-io=on) over a preallocated file" } else { "preallocated file (not root)" },
-        "max_udp_payload_bytes": env::max_udp_payload(),
         "dr_disk": match env::dr_disk() {
             env::DrDisk::Shared => "shared with the production volume",
             env::DrDisk::Memory => "memory (/dev/shm): the DR volume and the DR agent's state",

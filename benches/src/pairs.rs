@@ -309,10 +309,6 @@ impl Cluster {
             &seconds.to_string(),
             "--congestion-control",
             congestion_control,
-            "--max-udp-payload-bytes",
-            &crate::env::max_udp_payload()
-                .unwrap_or(1452)
-                .to_string(),
         ]))?;
         // The sender was the only child waited for since.
         let sender_cpu_s = crate::env::children_cpu_seconds() - cpu_before;
@@ -422,12 +418,10 @@ pub fn start_nodes(
         let tls = node_dir.join("tls");
         let config = node_dir.join("blockrepd.toml");
         let own = if i == 0 { coordinator_extra } else { "" };
-        let datagrams = crate::env::max_udp_payload()
-            .map_or_else(String::new, |b| format!("max_udp_payload_bytes = {b}\n"));
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{own}\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{datagrams}{cluster_extra}\n",
+                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{own}\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
                 node_dir.join("state").display(),
                 node_dir.join("run").display(),
                 ports[i],

@@ -114,11 +114,6 @@ enum ClusterCommand {
         /// cubic or bbr, as `cluster.congestion_control` on the agents.
         #[arg(long, default_value = "cubic")]
         congestion_control: blockrep_transport::CongestionControl,
-        /// The largest UDP payload MTU discovery tries, as `cluster.max_udp_payload_bytes`
-        /// on the agents.
-        #[arg(long, default_value_t = blockrep_transport::DEFAULT_MAX_UDP_PAYLOAD,
-              value_parser = clap::value_parser!(u16).range(1200..=65527))]
-        max_udp_payload_bytes: u16,
     },
 }
 
@@ -605,11 +600,9 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
             node,
             seconds,
             congestion_control,
-            max_udp_payload_bytes,
         } => {
             let settings = blockrep_transport::TransportSettings {
                 congestion: congestion_control,
-                max_udp_payload: max_udp_payload_bytes,
                 ..Default::default()
             };
             ping::link_test(address, &absolute(&tls_dir)?, &node, seconds, settings, out).await?

@@ -68,12 +68,6 @@ struct RawCluster {
     peer_timeout_ms: u64,
     #[serde(default = "default_congestion_control")]
     congestion_control: String,
-    #[serde(default = "default_max_udp_payload_bytes")]
-    max_udp_payload_bytes: u16,
-}
-
-fn default_max_udp_payload_bytes() -> u16 {
-    blockrep_replication::DEFAULT_MAX_UDP_PAYLOAD
 }
 
 fn default_congestion_control() -> String {
@@ -133,8 +127,6 @@ pub struct ClusterConfig {
     /// `active`.
     pub peer_timeout: Duration,
     pub congestion: CongestionControl,
-    /// The largest UDP payload MTU discovery tries.
-    pub max_udp_payload: u16,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,8 +228,6 @@ pub struct Config {
 
 /// The largest single NBD write, which one admission must fit in the activity log.
 const MAX_WRITE: u64 = 64 << 20;
-/// The largest UDP payload there is (a 65535-byte IPv4 datagram less its headers).
-const MAX_UDP_PAYLOAD: u16 = 65527;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -384,20 +374,7 @@ impl Config {
                     .congestion_control
                     .parse()
                     .map_err(|e| invalid("cluster.congestion_control", e))?;
-                if !(blockrep_replication::MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD)
-                    .contains(&c.max_udp_payload_bytes)
-                {
-                    return Err(invalid(
-                        "cluster.max_udp_payload_bytes",
-                        format!(
-                            "{} must be from {} to {MAX_UDP_PAYLOAD}",
-                            c.max_udp_payload_bytes,
-                            blockrep_replication::MIN_UDP_PAYLOAD
-                        ),
-                    ));
-                }
                 Ok(ClusterConfig {
-                    max_udp_payload: c.max_udp_payload_bytes,
                     peer_timeout: Duration::from_millis(c.peer_timeout_ms),
                     congestion,
                     listen,
@@ -607,13 +584,6 @@ mod tests {
         );
         assert!(
             error_of(&format!("{MINIMAL}{cluster}colour = 1\n")).contains("unknown field `colour`")
-        );
-        assert_eq!(cluster_config.max_udp_payload, 1452);
-        let jumbo = parse(&format!("{MINIMAL}{cluster}max_udp_payload_bytes = 8952\n")).unwrap();
-        assert_eq!(jumbo.cluster.unwrap().max_udp_payload, 8952);
-        assert!(
-            error_of(&format!("{MINIMAL}{cluster}max_udp_payload_bytes = 1000\n"))
-                .contains("cluster.max_udp_payload_bytes: 1000 must be from 1200 to 65527")
         );
     }
 

@@ -19,6 +19,5 @@ pub mod stage_log;
 pub mod verify;
 
 pub use blockrep_transport::{
-    CongestionControl, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_PEER_TIMEOUT, MIN_UDP_PAYLOAD,
-    TransportSettings, endpoint, framed, link_test,
+    CongestionControl, DEFAULT_PEER_TIMEOUT, TransportSettings, endpoint, framed, link_test,
 };

@@ -186,23 +186,12 @@ impl std::str::FromStr for CongestionControl {
     }
 }
 
-/// The largest UDP payload MTU discovery tries by default: an Ethernet frame's, quinn's
-/// own default.
-pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
-/// The smallest a QUIC path must carry.
-pub const MIN_UDP_PAYLOAD: u16 = 1200;
-
 /// What an endpoint's connections are configured with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransportSettings {
     /// A peer that sends nothing for this long is gone.
     pub peer_timeout: Duration,
     pub congestion: CongestionControl,
-    /// The largest UDP payload MTU discovery tries (and this endpoint takes): 8952 on a
-    /// jumbo-frame network (9000-byte MTU less the IPv6 and UDP headers). Packets start at
-    /// 1200 bytes and grow as probes of larger sizes get through; on a path that cannot
-    /// carry them the probes are lost and the size stays where it was.
-    pub max_udp_payload: u16,
 }
 
 impl Default for TransportSettings {
@@ -210,7 +199,6 @@ impl Default for TransportSettings {
         Self {
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             congestion: CongestionControl::default(),
-            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -235,9 +223,6 @@ fn transport(settings: TransportSettings) -> TransportConfig {
     if settings.congestion == CongestionControl::Bbr {
         t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(settings.max_udp_payload);
-    t.mtu_discovery_config(Some(mtu));
     t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Keep-alives often enough that a healthy but idle peer never looks gone.
@@ -262,12 +247,7 @@ impl ClusterEndpoint {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(Arc::clone(&transport));
         let client = Self::client_config(tls, transport)?;
-        let endpoint = new_endpoint(
-            listen,
-            Some(server),
-            tls.stateless_reset_secret(),
-            settings.max_udp_payload,
-        )?;
+        let endpoint = new_endpoint(listen, Some(server), tls.stateless_reset_secret())?;
         let this = Arc::new(Self {
             endpoint,
             client,
@@ -289,7 +269,7 @@ impl ClusterEndpoint {
     ) -> Result<Arc<Self>, EndpointError> {
         let client = Self::client_config(tls, Arc::new(transport(settings)))?;
         let any: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
-        let endpoint = new_endpoint(any, None, None, settings.max_udp_payload)?;
+        let endpoint = new_endpoint(any, None, None)?;
         Ok(Arc::new(Self {
             endpoint,
             client,
@@ -428,14 +408,12 @@ impl ClusterEndpoint {
 }
 
 /// A quinn endpoint on its own UDP socket, with big socket buffers (forced past the system
-/// limit where the process may), stateless resets keyed by `reset_secret` if given (the
-/// same after a restart: peers of the previous process are reset at once), taking UDP
-/// payloads up to `max_udp_payload` (never less than quinn's 1472).
+/// limit where the process may), and stateless resets keyed by `reset_secret` if given (the
+/// same after a restart: peers of the previous process are reset at once).
 fn new_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
     reset_secret: Option<[u8; 32]>,
-    max_udp_payload: u16,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let bind_err = |source| EndpointError::Bind { addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
@@ -447,13 +425,10 @@ fn new_endpoint(
     if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
         let _ = setsockopt(&socket, sockopt::SndBuf, &SOCKET_BUFFER);
     }
-    let mut config = match reset_secret {
+    let config = match reset_secret {
         Some(secret) => restart_aware_config(&secret),
         None => quinn::EndpointConfig::default(),
     };
-    config
-        .max_udp_payload_size(max_udp_payload.max(1472))
-        .map_err(|e| EndpointError::Config(format!("max UDP payload: {e}")))?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| EndpointError::Config("no async runtime".into()))?;
     quinn::Endpoint::new(config, server, socket, runtime).map_err(bind_err)

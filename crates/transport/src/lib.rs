@@ -11,7 +11,4 @@ pub mod endpoint;
 pub mod framed;
 pub mod link_test;
 
-pub use endpoint::{
-    CongestionControl, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_PEER_TIMEOUT, MIN_UDP_PAYLOAD,
-    TransportSettings,
-};
+pub use endpoint::{CongestionControl, DEFAULT_PEER_TIMEOUT, TransportSettings};
