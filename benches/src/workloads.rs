@@ -42,6 +42,14 @@ pub fn all() -> Vec<Workload> {
             fio_args: &["--rw=write", "--bs=1M", "--iodepth=8"],
         },
         Workload {
+            // Less than a block per request, as the reference NBD project's tester writes:
+            // each request a read-modify-write of its block, unless merged.
+            name: "seqwrite-1k-qd16",
+            title: "1k seq write QD16",
+            figure: Figure::MegabytesPerSecond,
+            fio_args: &["--rw=write", "--bs=1k", "--iodepth=16"],
+        },
+        Workload {
             name: "randrw-70-30-4k-qd16",
             title: "4k 70/30 randrw QD16",
             figure: Figure::Iops,

@@ -3,6 +3,7 @@
 //! [`serve`] runs one client connection to completion on the calling thread.
 
 mod handshake;
+mod merge;
 pub mod proto;
 mod transmission;
 

@@ -38,6 +38,7 @@ use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
 
 use crate::handshake::Negotiated;
+use crate::merge::Merged;
 use crate::proto::*;
 
 const RING_ENTRIES: u32 = 256;
@@ -74,6 +75,8 @@ pub struct ConnectionStats {
 /// A write-like command that has entered the volume's write gate, until it is answered.
 struct GatedWrite {
     handle: u64,
+    /// The other requests it answers: sub-block writes merged into it (see `merge`).
+    merged: Vec<u64>,
     range: ByteRange,
     fua: bool,
     kind: WriteKind,
@@ -206,6 +209,8 @@ pub struct Connection {
     recv_inflight: bool,
     recv_into_payload: bool,
     payload: Option<Payload>,
+    /// Data writes of this turn being merged (they touch one another), not yet in the gate.
+    merging: Option<Merged>,
     out: Vec<u8>,
     sending: Vec<u8>,
     sent: usize,
@@ -277,6 +282,7 @@ impl Connection {
             free_slots: Vec::new(),
             inflight: 0,
             pool: BufPool::default(),
+            merging: None,
             mailbox: Arc::new(Mailbox::new(Arc::clone(&waker))),
             waker,
             next_token: AnswerToken(0),
@@ -589,6 +595,8 @@ impl Connection {
             let p = self.payload.take().expect("checked above");
             self.write_arrived(p);
         }
+        // The turn's merged writes go to the gate with the rest.
+        self.end_merge();
         Ok(())
     }
 
@@ -596,6 +604,10 @@ impl Connection {
 
     fn dispatch(&mut self, req: Request) -> io::Result<()> {
         self.stats.requests += 1;
+        if req.command != Command::Write {
+            // A write merging now enters the gate before any other command does.
+            self.end_merge();
+        }
         if req.command == Command::Write {
             let reject = self.check(&req).err();
             // A payload over the limit is read and dropped; the rest is held for the disk.
@@ -727,6 +739,19 @@ impl Connection {
             (None, Some(mut buf)) => {
                 buf.set_len(req.len as usize);
                 let range = ByteRange::new(req.offset, u64::from(req.len));
+                if let Some(run) = self.merging.as_mut()
+                    && run.takes(range)
+                {
+                    run.absorb(req.handle, range, &buf, req.fua(), &mut self.pool);
+                    self.pool.give(buf);
+                    return;
+                }
+                self.end_merge();
+                if !range.is_empty() && !range.is_aligned(DIRECT_IO_ALIGN) {
+                    // A sub-block write: the next ones may touch it.
+                    self.merging = Some(Merged::new(req.handle, range, buf, req.fua()));
+                    return;
+                }
                 self.enter_gate(req, range, WriteKind::Data(WriteBuf::Owned(buf)));
             }
             (reject, buf) => {
@@ -768,16 +793,37 @@ impl Connection {
     /// The one admission point: a write-like command enters the volume's write gate. It
     /// goes on this turn if its blocks are free, or waits in `queued` until they are.
     fn enter_gate(&mut self, req: Request, range: ByteRange, kind: WriteKind) {
+        self.enter_gate_for(req.handle, Vec::new(), req.fua(), range, kind);
+    }
+
+    /// The run of merged writes, if any, enters the gate as one write.
+    fn end_merge(&mut self) {
+        if let Some(run) = self.merging.take() {
+            let mut handles = run.handles.into_iter();
+            let first = handles.next().expect("a run has a first write");
+            let kind = WriteKind::Data(WriteBuf::Owned(run.data));
+            self.enter_gate_for(first, handles.collect(), run.fua, run.range, kind);
+        }
+    }
+
+    /// As [`Connection::enter_gate`], for a write that answers `handle` and the `merged`
+    /// requests.
+    fn enter_gate_for(
+        &mut self,
+        handle: u64,
+        merged: Vec<u64>,
+        fua: bool,
+        range: ByteRange,
+        kind: WriteKind,
+    ) {
         if range.is_empty() {
             // Nothing to write, lock, mark or replicate; a volume that refuses writes still
             // refuses it.
             if let WriteKind::Data(WriteBuf::Owned(buf)) = kind {
                 self.pool.give(buf);
             }
-            match self.volume.gate().refusal() {
-                Some(errno) => self.reply_error(req.handle, errno),
-                None => self.reply_ok(req.handle),
-            }
+            let result = self.volume.gate().refusal().map_or(Ok(()), Err);
+            self.reply_all(handle, &merged, result);
             return;
         }
         let entered = self.volume.gate().enter(range, &self.waker);
@@ -787,14 +833,15 @@ impl Connection {
                 if let WriteKind::Data(WriteBuf::Owned(buf)) = kind {
                     self.pool.give(buf);
                 }
-                self.reply_error(req.handle, errno);
+                self.reply_all(handle, &merged, Err(errno));
                 return;
             }
         };
         let write = GatedWrite {
-            handle: req.handle,
+            handle,
+            merged,
             range,
-            fua: req.fua(),
+            fua,
             kind,
             lock,
             replica: None,
@@ -1106,7 +1153,15 @@ impl Connection {
         if let WriteKind::Data(WriteBuf::Owned(buf)) = write.kind {
             self.pool.give(buf);
         }
-        self.reply_result(write.handle, result);
+        self.reply_all(write.handle, &write.merged, result);
+    }
+
+    /// Answers a write and the requests merged into it.
+    fn reply_all(&mut self, handle: u64, merged: &[u64], result: Result<(), i32>) {
+        self.reply_result(handle, result);
+        for &other in merged {
+            self.reply_result(other, result);
+        }
     }
 
     // ---- wake-ups ----

@@ -9,14 +9,12 @@ use std::time::Duration;
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::{PairId, VolumeRole};
-use blockrep_nbd::{ClientStream, ExportSet, serve};
 use blockrep_volume::{
-    AfterLocal, AnswerToken, Backing, DirtyTracker, Mailbox, ReplicaData, ReplicaLink, ReplicaMode,
-    Replicated, TrackerConfig, Volume,
+    AfterLocal, AnswerToken, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated, Volume,
 };
 
 mod common;
-use common::request;
+use common::{client, reply, request, volume};
 
 /// Holds every write and flush until the test releases them, like a peer that answers
 /// when told to.
@@ -105,18 +103,6 @@ impl ReplicaLink for HoldingLink {
     }
 }
 
-struct One(Arc<Volume>);
-impl ExportSet for One {
-    fn find(&self, _: &str) -> Option<Arc<Volume>> {
-        Some(Arc::clone(&self.0))
-    }
-    fn names(&self) -> Vec<String> {
-        vec!["v".into()]
-    }
-}
-
-const SIZE: u64 = 4 << 20;
-
 /// A volume whose writes go through a [`HoldingLink`].
 fn linked_volume(dir: &std::path::Path) -> (Arc<Volume>, Arc<HoldingLink>) {
     let volume = volume(dir);
@@ -125,50 +111,6 @@ fn linked_volume(dir: &std::path::Path) -> (Arc<Volume>, Arc<HoldingLink>) {
         .gate()
         .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
     (volume, link)
-}
-
-fn volume(dir: &std::path::Path) -> Arc<Volume> {
-    let path = dir.join("v.img");
-    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
-    let backing = Backing::open(&path, blockrep_core::CacheMode::Direct).unwrap();
-    let config = TrackerConfig {
-        region_size: 1 << 20,
-        active_regions: 80,
-        ..TrackerConfig::default()
-    };
-    let (tracker, _) = DirtyTracker::open(&dir.join("state"), SIZE, config).unwrap();
-    Arc::new(Volume::new("v".into(), backing, Some(Arc::new(tracker))))
-}
-
-/// Connects a client over a socket pair, negotiating with NBD_OPT_EXPORT_NAME.
-fn client(volume: &Arc<Volume>) -> (UnixStream, std::thread::JoinHandle<()>) {
-    let (mut ours, theirs) = UnixStream::pair().unwrap();
-    let exports = One(Arc::clone(volume));
-    let server = std::thread::spawn(move || {
-        serve(ClientStream::Unix(theirs), &exports).unwrap();
-    });
-    let mut greeting = [0u8; 18];
-    ours.read_exact(&mut greeting).unwrap();
-    ours.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
-    opt.extend_from_slice(&0u32.to_be_bytes());
-    ours.write_all(&opt).unwrap();
-    let mut info = [0u8; 10];
-    ours.read_exact(&mut info).unwrap();
-    ours.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    (ours, server)
-}
-
-/// (error, handle) of the next simple reply.
-fn reply(stream: &mut UnixStream) -> (u32, u64) {
-    let mut r = [0u8; 16];
-    stream.read_exact(&mut r).unwrap();
-    (
-        u32::from_be_bytes(r[4..8].try_into().unwrap()),
-        u64::from_be_bytes(r[8..16].try_into().unwrap()),
-    )
 }
 
 /// Sends a 4 KiB READ and checks its answer is the next thing on the stream: a held answer
