@@ -422,6 +422,59 @@ pub fn backlog(setup: &mut Setup<'_>, report: &Report) -> anyhow::Result<Scenari
     })
 }
 
+/// A 1 GiB backlog caught up under the agent's send limit (`replication.max_bytes_per_sec`
+/// = `limit_mib` MiB/s): how close the catch-up's rate stays to the limit.
+pub fn limited(setup: &mut Setup<'_>, limit_mib: u64) -> anyhow::Result<ScenarioResult> {
+    let ns = setup.env.netns("limited")?;
+    let extra = format!("[replication]\nmax_bytes_per_sec = \"{limit_mib}MiB\"\n");
+    let cluster = setup.pair_cluster_spec(
+        "limited",
+        ClusterSpec {
+            model: Some("async"),
+            extra: &extra,
+            netns: Some(&ns),
+            ..Default::default()
+        },
+    )?;
+    let firewall = Firewall::new(&cluster)?;
+    firewall.cut()?;
+    wait_for(
+        &cluster,
+        "the pair to leave active",
+        Duration::from_secs(60),
+        |r| !r.status_active,
+    )?;
+    write_once(&cluster, GIB)?;
+    wait_for(&cluster, "a 1 GiB backlog", Duration::from_secs(60), |r| {
+        r.out_of_sync >= GIB
+    })?;
+    let recovery = Recovery::after_heal(&cluster, &firewall)?;
+    drop(firewall);
+    cluster.stop(setup.env);
+    let limit = (limit_mib << 20) as f64 / 1e6;
+    let rate = recovery.catch_up_throughput();
+    let off = (rate / limit - 1.0).abs();
+    Ok(ScenarioResult {
+        name: "limited",
+        summary: format!(
+            "1 GiB catch-up under a {limit_mib} MiB/s send limit: {rate:.1} MB/s, {:.1}% off the limit",
+            off * 100.0
+        ),
+        markdown: format!(
+            "A 1 GiB backlog caught up under `replication.max_bytes_per_sec = \"{limit_mib}MiB\"` ({limit:.1} MB/s): {rate:.1} MB/s while copying ({:.1}% off the limit), `active` {:.2} s after the restore.",
+            off * 100.0,
+            recovery.seconds_to_active()
+        ),
+        json: json!({"limit_megabytes_per_second": limit, "catch_up": recovery.json(), "off_the_limit": off}),
+        goals: vec![Goal::at_most(
+            format!("a catch-up under a {limit_mib} MiB/s send limit stays within 5% of it"),
+            Some(off),
+            0.05,
+            GoalFormat::Percent,
+        )],
+    })
+}
+
 /// One lossy-link reading: what `blockrep cluster link-test` moves, and how long 1 GiB of
 /// writes takes to reach the DR volume (fio start to the DR side applied all).
 struct LossRun {

@@ -60,6 +60,28 @@ enum Command {
     /// Long operations.
     #[command(subcommand)]
     Job(JobCommand),
+    /// The most this agent's pairs send to their peers per second, together (streams,
+    /// catch-ups and initial syncs): shown, or changed at once with LIMIT (a size per
+    /// second such as 100MiB, at least 1MiB; or `off`). A restart goes back to
+    /// `replication.max_bytes_per_sec`.
+    SendLimit {
+        #[arg(value_parser = parse_send_limit)]
+        limit: Option<SendLimitArg>,
+    },
+}
+
+/// A send limit as given on the command line.
+#[derive(Clone, Copy)]
+enum SendLimitArg {
+    Off,
+    BytesPerSec(u64),
+}
+
+fn parse_send_limit(text: &str) -> Result<SendLimitArg, String> {
+    if text == "off" {
+        return Ok(SendLimitArg::Off);
+    }
+    blockrep_api::parse_size(text).map(SendLimitArg::BytesPerSec)
 }
 
 #[derive(Subcommand)]
@@ -500,6 +522,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Vec::new()
             };
             out.print(&render::NodeStatus::new(status, groups));
+        }
+        Command::SendLimit { limit } => {
+            let shown = match limit {
+                None => call(client.get_send_limit(proto::GetSendLimitRequest {})).await?,
+                Some(limit) => {
+                    let max_bytes_per_sec = match limit {
+                        SendLimitArg::Off => 0,
+                        // 0 would mean none: refused by the agent as below the least.
+                        SendLimitArg::BytesPerSec(rate) => rate.max(1),
+                    };
+                    call(client.set_send_limit(proto::SendLimit { max_bytes_per_sec })).await?
+                }
+            };
+            out.print(&shown);
         }
         Command::Volume(command) => match command {
             VolumeCommand::Add { name, cache, .. } => {

@@ -283,6 +283,22 @@ impl Render for proto::RemoveVolumeResponse {
     }
 }
 
+impl Render for proto::SendLimit {
+    fn json(&self) -> Value {
+        json!({ "max_bytes_per_sec": (self.max_bytes_per_sec > 0).then_some(self.max_bytes_per_sec) })
+    }
+
+    fn table(&self) -> String {
+        match self.max_bytes_per_sec {
+            0 => "send limit: none\n".into(),
+            rate => format!(
+                "send limit: {}/s ({rate} bytes per second)\n",
+                human_bytes(rate)
+            ),
+        }
+    }
+}
+
 impl Render for proto::DirtyExtents {
     fn json(&self) -> Value {
         json!({

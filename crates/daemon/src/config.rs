@@ -89,6 +89,8 @@ struct RawReplication {
     apply_queue_bytes: ByteSize,
     #[serde(default)]
     stage_log_max_bytes: Option<ByteSize>,
+    #[serde(default)]
+    max_bytes_per_sec: Option<ByteSize>,
 }
 
 impl Default for RawReplication {
@@ -98,6 +100,7 @@ impl Default for RawReplication {
             journal_bytes: default_journal_bytes(),
             apply_queue_bytes: default_apply_queue_bytes(),
             stage_log_max_bytes: None,
+            max_bytes_per_sec: None,
         }
     }
 }
@@ -429,11 +432,22 @@ impl Config {
                 format!("{cap} must be at least 1 MiB"),
             ));
         }
+        let max_bytes_per_sec = r
+            .max_bytes_per_sec
+            .as_ref()
+            .map(|b| b.bytes())
+            .transpose()
+            .map_err(|m| invalid("replication.max_bytes_per_sec", m))?;
+        if let Some(rate) = max_bytes_per_sec {
+            blockrep_replication::send_limit::SendLimit::new(Some(rate))
+                .map_err(|m| invalid("replication.max_bytes_per_sec", m))?;
+        }
         let replication = ReplicationConfig {
             epoch_interval: Duration::from_millis(r.epoch_interval_ms),
             journal_bytes,
             apply_queue_bytes,
             stage_log_max_bytes,
+            max_bytes_per_sec,
             peer_timeout: cluster
                 .as_ref()
                 .map_or(ReplicationConfig::default().peer_timeout, |c| {
@@ -584,6 +598,22 @@ mod tests {
         );
         assert!(
             error_of(&format!("{MINIMAL}{cluster}colour = 1\n")).contains("unknown field `colour`")
+        );
+    }
+
+    #[test]
+    fn a_send_limit_is_a_size_per_second_of_at_least_1_mib() {
+        let limited = parse(&format!(
+            "{MINIMAL}[replication]\nmax_bytes_per_sec = \"100MiB\"\n"
+        ))
+        .unwrap();
+        assert_eq!(limited.replication.max_bytes_per_sec, Some(100 << 20));
+        assert_eq!(parse(MINIMAL).unwrap().replication.max_bytes_per_sec, None);
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}[replication]\nmax_bytes_per_sec = \"100KiB\"\n"
+            ))
+            .contains("replication.max_bytes_per_sec: a send limit of 102400 bytes per second is below the least")
         );
     }
 

@@ -62,6 +62,14 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    fn send_limit(&self) -> proto::SendLimit {
+        proto::SendLimit {
+            max_bytes_per_sec: self.agent.pairs().send_limit().bytes_per_sec().unwrap_or(0),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl agent_server::Agent for AgentService {
     async fn add_volume(
@@ -145,6 +153,27 @@ impl agent_server::Agent for AgentService {
                 .as_ref()
                 .is_some_and(|c| c.coordinator.is_some()),
         }))
+    }
+
+    async fn get_send_limit(
+        &self,
+        _: Request<proto::GetSendLimitRequest>,
+    ) -> Result<Response<proto::SendLimit>, Status> {
+        Ok(Response::new(self.send_limit()))
+    }
+
+    async fn set_send_limit(
+        &self,
+        request: Request<proto::SendLimit>,
+    ) -> Result<Response<proto::SendLimit>, Status> {
+        let rate = request.into_inner().max_bytes_per_sec;
+        self.agent
+            .pairs()
+            .send_limit()
+            .set((rate > 0).then_some(rate))
+            .map_err(Status::invalid_argument)?;
+        tracing::info!(max_bytes_per_sec = rate, "send limit changed (0: none)");
+        Ok(Response::new(self.send_limit()))
     }
 
     async fn create_pair(

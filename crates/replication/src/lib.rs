@@ -15,6 +15,7 @@ pub mod link;
 pub mod membership;
 pub mod pairs;
 pub mod production;
+pub mod send_limit;
 pub mod stage_log;
 pub mod verify;
 

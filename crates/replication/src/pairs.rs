@@ -1,6 +1,7 @@
 //! The pairs this agent's volumes are in: taking and leaving roles, restoring them after a
 //! restart, routing incoming replication streams, and reporting their state.
 
+use crate::send_limit::SendLimit;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -51,6 +52,8 @@ pub struct Pairs {
     report_now: Arc<tokio::sync::Notify>,
     /// The one clock every pair's link reads.
     clock: Arc<dyn Clock>,
+    /// What the production pairs may send, together.
+    send_limit: Arc<SendLimit>,
 }
 
 /// A volume as replication needs it.
@@ -70,7 +73,19 @@ impl Pairs {
             runtimes: Mutex::new(HashMap::new()),
             report_now: Arc::new(tokio::sync::Notify::new()),
             clock,
+            send_limit: Arc::new(
+                SendLimit::new(config.max_bytes_per_sec).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "no send limit");
+                    SendLimit::default()
+                }),
+            ),
         })
+    }
+
+    /// What the agent's production pairs may send, together: the limit set at start
+    /// (`replication.max_bytes_per_sec`), changed while it runs with `blockrep send-limit`.
+    pub fn send_limit(&self) -> &SendLimit {
+        &self.send_limit
     }
 
     /// Wakes when the coordinator should hear of a pair at once (a hypermetro group's pair
@@ -121,6 +136,7 @@ impl Pairs {
                         config: self.config,
                         report_now: Arc::clone(&self.report_now),
                         clock: Arc::clone(&self.clock),
+                        send_limit: Arc::clone(&self.send_limit),
                     },
                 )
                 .map_err(ApiError::FailedPrecondition)?,

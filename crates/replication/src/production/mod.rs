@@ -14,6 +14,7 @@
 //!  stream breaks ─► writes tracked by the bitmap ─► reconnect with backoff and jitter
 //! ```
 
+use crate::send_limit::SendLimit;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,6 +63,9 @@ pub struct ReplicationConfig {
     /// (`None`: half the volume, at least [`MIN_STAGE_LOG_BYTES`]). Past it the pair falls
     /// back to the bitmap; a catch-up bigger than the cap cannot apply until it is raised.
     pub stage_log_max_bytes: Option<u64>,
+    /// Production side: the most bytes per second the agent sends to its peers, every pair
+    /// together (`None`: no limit); changed while it runs through [`crate::pairs::Pairs`].
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 /// The smallest default stage log cap.
@@ -84,6 +88,7 @@ impl Default for ReplicationConfig {
             peer_timeout: crate::endpoint::DEFAULT_PEER_TIMEOUT,
             apply_queue_bytes: 32 << 20,
             stage_log_max_bytes: None,
+            max_bytes_per_sec: None,
         }
     }
 }
@@ -123,6 +128,8 @@ pub struct ProductionPair {
     /// Told when the pair trips (so the coordinator cuts) or its status changes: its agent
     /// reports at once.
     report_now: Arc<tokio::sync::Notify>,
+    /// What the agent's pairs may send, together.
+    send_limit: Arc<SendLimit>,
 }
 
 /// What the production pairs of an agent share.
@@ -135,6 +142,8 @@ pub struct AgentContext {
     pub report_now: Arc<tokio::sync::Notify>,
     /// The one clock the pairs' links read.
     pub clock: Arc<dyn Clock>,
+    /// What the agent's pairs may send, together.
+    pub send_limit: Arc<SendLimit>,
 }
 
 impl ProductionPair {
@@ -152,6 +161,7 @@ impl ProductionPair {
             config,
             report_now,
             clock,
+            send_limit,
         } = agent;
         let tracker = volume.tracker().cloned().ok_or_else(|| {
             "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
@@ -216,6 +226,7 @@ impl ProductionPair {
             verify: Mutex::new(None),
             drain_from: Mutex::new(drain_from),
             report_now,
+            send_limit,
         });
         tokio::spawn(Arc::clone(&pair).run());
         Ok(pair)

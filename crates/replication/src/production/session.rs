@@ -3,6 +3,7 @@
 //! to the machine one at a time, with the sender beside it) until it ends, and the backoff
 //! between sessions.
 
+use crate::send_limit::SendLimit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -143,7 +144,7 @@ impl ProductionPair {
         ticker: &mut Ticker,
         stop_resync: &Arc<AtomicBool>,
     ) -> Result<(), SessionError> {
-        let mut sender = std::pin::pin!(send_loop(&self.link, writer));
+        let mut sender = std::pin::pin!(send_loop(&self.link, writer, &self.send_limit));
         let mut states = self.link.states();
         // The counters run across streams; each stream counts from zero.
         let mut counted = reader.bytes_received;
@@ -328,8 +329,13 @@ impl Ticker {
     }
 }
 
-/// Sends the link's frames, payloads as their own chunks.
-async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), SessionError> {
+/// Sends the link's frames, payloads as their own chunks, no faster than the agent's send
+/// limit lets them go.
+async fn send_loop(
+    link: &PairLink,
+    writer: &mut FrameWriter,
+    send_limit: &SendLimit,
+) -> Result<(), SessionError> {
     let mut frames = Vec::new();
     let mut chunks: Vec<Bytes> = Vec::new();
     let counters = Arc::clone(&link.counters);
@@ -413,6 +419,9 @@ async fn send_loop(link: &PairLink, writer: &mut FrameWriter) -> Result<(), Sess
                 ),
             }
         }
+        send_limit
+            .take(chunks.iter().map(|c| c.len() as u64).sum())
+            .await;
         writer.send_chunks(&mut chunks).await?;
         counters
             .bytes_sent

@@ -1,0 +1,83 @@
+//! The agent's send limit (`replication.max_bytes_per_sec`, `blockrep send-limit`): what
+//! its pairs send goes no faster than the limit, the limit changes while the agent runs,
+//! and a limit out of range is refused with nothing changed.
+
+use std::time::{Duration, Instant};
+
+use blockrep_tests::cluster::{TestCluster, local_pair_state, wait_until};
+use blockrep_tests::{NbdClient, sparse_file};
+
+const MIB: u64 = 1 << 20;
+
+fn bytes_sent(cluster: &TestCluster, pair: &str) -> u64 {
+    local_pair_state(cluster.node("node-a"), pair)
+        .and_then(|s| s["counters"]["bytes_sent"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_send_limit_holds_what_a_pair_sends_and_changes_while_the_agent_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(
+        dir.path(),
+        &[("node-a", "az1"), ("node-b", "az2")],
+        "[replication]\nmax_bytes_per_sec = \"4MiB\"\n",
+    );
+    let prod = dir.path().join("prod.img");
+    let dr = dir.path().join("dr.img");
+    sparse_file(&prod, 64 * MIB);
+    sparse_file(&dr, 64 * MIB);
+    cluster.add_volume("node-a", "prod", &prod);
+    cluster.add_volume("node-b", "dr", &dr);
+    let (pair, job) = cluster.create_pair("limited", "prod,dr", "az1", "async");
+    cluster.wait_job(&job, Duration::from_secs(120));
+    let node = cluster.node("node-a");
+    assert_eq!(node.cli_json(&["send-limit"])["max_bytes_per_sec"], 4 * MIB);
+
+    // 12 MiB written: at 4 MiB/s they take at least 2.5 s to go (less the first burst).
+    let before = bytes_sent(&cluster, &pair);
+    let socket = node.daemon().nbd_socket("prod");
+    let mut c = NbdClient::connect(&socket, "prod").unwrap();
+    let started = Instant::now();
+    for i in 0..12 {
+        assert_eq!(c.write(i * MIB, &vec![0x5a; MIB as usize]).unwrap(), 0);
+    }
+    wait_until(Duration::from_secs(60), "12 MiB to be sent", || {
+        bytes_sent(&cluster, &pair) >= before + 12 * MIB
+    });
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "12 MiB went in {took:?} under a 4 MiB/s limit"
+    );
+
+    // Out of range: refused, the limit as it was.
+    let out = node.daemon().cli(&["send-limit", "100KiB"]);
+    assert!(!out.status.success());
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("below the least"), "{error}");
+    assert_eq!(node.cli_json(&["send-limit"])["max_bytes_per_sec"], 4 * MIB);
+
+    // Lifted while the agent runs: the next 24 MiB go at once.
+    assert!(node.cli_json(&["send-limit", "off"])["max_bytes_per_sec"].is_null());
+    let before = bytes_sent(&cluster, &pair);
+    let started = Instant::now();
+    for i in 0..24 {
+        assert_eq!(
+            c.write((16 + i) * MIB, &vec![0xa5; MIB as usize]).unwrap(),
+            0
+        );
+    }
+    wait_until(Duration::from_secs(60), "24 MiB to be sent", || {
+        bytes_sent(&cluster, &pair) >= before + 24 * MIB
+    });
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "24 MiB took {took:?} with no limit (the old limit would hold them 6 s)"
+    );
+    c.disconnect().unwrap();
+    for n in ["node-a", "node-b"] {
+        cluster.node_mut(n).stop();
+    }
+}
