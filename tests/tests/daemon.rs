@@ -203,6 +203,40 @@ fn qemu_img_converts_into_and_out_of_a_volume() {
     daemon.stop().unwrap();
 }
 
+/// An agent's threads do not grow with its volumes: one thread flushes every bitmap.
+#[test]
+fn forty_more_volumes_take_no_more_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "").unwrap();
+    let threads = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let add = |i: u32| {
+        let file = dir.path().join(format!("v{i}.img"));
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(16 * MIB)
+            .unwrap();
+        daemon.add_volume(&format!("v{i}"), &file);
+    };
+    add(0);
+    let with_one = threads();
+    for i in 1..=40 {
+        add(i);
+    }
+    let with_many = threads();
+    assert!(
+        with_many <= with_one + 2,
+        "{with_one} threads with one volume, {with_many} with 41"
+    );
+    daemon.stop().unwrap();
+}
+
 /// SIGTERM with writes in flight: every request the daemon read is answered, the daemon
 /// exits cleanly, and after restart every answered write is on disk and dirty.
 #[test]

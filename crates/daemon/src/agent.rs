@@ -37,6 +37,8 @@ pub struct Agent {
     runtime: tokio::runtime::Handle,
     /// The pairs this agent's volumes are in.
     pairs: Arc<Pairs>,
+    /// The one thread that writes every volume's dirty bitmap back (with tracking on).
+    flusher: Option<blockrep_volume::Flusher>,
 }
 
 struct Entry {
@@ -47,7 +49,7 @@ struct Entry {
 /// A volume that is open and exported.
 struct Online {
     volume: Arc<Volume>,
-    flusher: Option<blockrep_volume::FlusherHandle>,
+    flusher: Option<blockrep_volume::Flushing>,
     listener: JoinHandle<()>,
     socket: PathBuf,
     /// Set while the volume is being removed: new clients are turned away.
@@ -83,7 +85,13 @@ impl Agent {
             config.replication,
             Arc::new(blockrep_replication::clock::SystemClock::new()),
         );
+        let flusher = config
+            .tracker
+            .map(|t| blockrep_volume::Flusher::start(t.flush_interval))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("cannot start the bitmap flusher: {e}"))?;
         let agent = Arc::new(Self {
+            flusher,
             config,
             volumes: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(()),
@@ -151,9 +159,8 @@ impl Agent {
         };
         let flusher = tracker
             .as_ref()
-            .map(|t| t.spawn_flusher(record.name.to_string()))
-            .transpose()
-            .map_err(|e| ApiError::Internal(format!("cannot start the bitmap flusher: {e}")))?;
+            .zip(self.flusher.as_ref())
+            .map(|(t, f)| f.add(record.name.to_string(), Arc::clone(t)));
         let volume = Arc::new(Volume::new(record.name.to_string(), backing, tracker));
         // The volume's data generations (rule 5): its first write in each is recorded.
         let lineage = LineageFile::open(&self.tracker_dir(record.id), GenerationId::random())

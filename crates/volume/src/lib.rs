@@ -12,6 +12,7 @@
 mod backing;
 mod buf;
 mod durable_file;
+mod flusher;
 mod gate;
 mod lineage_file;
 mod link;
@@ -29,9 +30,10 @@ pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, Extent, GrowError, Open
 pub use blockrep_core::replication::AnswerToken;
 pub use buf::{AlignedBuf, BufPool};
 pub use durable_file::write_file_durably;
+pub use flusher::{Flusher, Flushing};
 pub use gate::{ADMIT_CHUNK, Entered, WriteGate};
 pub use lineage_file::LineageFile;
 pub use link::{AfterLocal, Delivery, Mailbox, ReplicaData, ReplicaLink, ReplicaMode, Replicated};
-pub use tracker::{DirtyTracker, FlusherHandle, RecoveryReport, TrackerConfig, TrackerError};
+pub use tracker::{DirtyTracker, RecoveryReport, TrackerConfig, TrackerError};
 pub use volume::{ClientGuard, GrowVolumeError, IoCounters, Volume};
 pub use waker::Waker;

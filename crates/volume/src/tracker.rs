@@ -16,9 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use blockrep_core::activity_log::RetirePolicy;
@@ -529,41 +527,6 @@ impl DirtyTracker {
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs `flush(Idle)` every `flush_interval` on a thread of its own until the handle drops.
-    pub fn spawn_flusher(self: &Arc<Self>, label: String) -> io::Result<FlusherHandle> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let tracker = Arc::clone(self);
-        let interval = self.config.flush_interval;
-        let thread = thread::Builder::new()
-            .name(format!("flush-{label}"))
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    if let Err(e) = tracker.flush(RetirePolicy::Idle) {
-                        tracing::error!(volume = %label, error = %e, "bitmap flush failed; will retry");
-                    }
-                }
-            })?;
-        Ok(FlusherHandle {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-/// Stops the flusher thread when dropped.
-pub struct FlusherHandle {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Drop for FlusherHandle {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
