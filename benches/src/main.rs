@@ -10,6 +10,7 @@ mod pairs;
 mod report;
 mod scenarios;
 mod targets;
+mod volumes;
 mod workloads;
 
 use std::path::PathBuf;
@@ -62,8 +63,13 @@ struct Args {
     /// pairs in a group against the same pairs alone, and the cuts' answer holds),
     /// `group-rpo` (an async group's consistent point age and abandoned cut rounds under
     /// 2 × 2000 IOPS and at half the group's maximum, `--lag-seconds` each).
+    /// `many-volumes`: `--volumes` sparse volumes on one agent (threads, open files,
+    /// memory, restart to serving).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Volumes of the many-volumes scenario.
+    #[arg(long, default_value_t = 10_000)]
+    volumes: u32,
     /// Failover rounds of the group-failover scenario (each fails over, then reprotects).
     #[arg(long, default_value_t = 5)]
     failover_rounds: u32,
@@ -280,8 +286,9 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             "group-reprotect" => groups::reprotect(&mut env, &work, &bin)?,
             "group-iops" => groups::iops(&mut env, &work, &bin, repeats, timing.runtime_s)?,
             "group-rpo" => groups::rpo(&mut env, &work, &bin, args.lag_seconds)?,
+            "many-volumes" => volumes::many(&mut env, &work, &bin, args.volumes)?,
             other => bail!(
-                "unknown scenario {other:?} (lag, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo)"
+                "unknown scenario {other:?} (lag, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo, many-volumes)"
             ),
         };
         eprintln!("bench: scenario {scenario}: {}", result.summary);

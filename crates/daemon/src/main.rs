@@ -58,6 +58,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     init_logging();
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -88,6 +89,31 @@ fn init_logging() {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Each volume holds a few files open (its backing, bitmap, activity log, NBD socket): the
+/// soft limit on open files goes up to the hard one, as far as the system lets it (the
+/// unit sets `LimitNOFILE=65536`).
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            tracing::warn!(
+                soft = limit.rlim_cur,
+                hard = limit.rlim_max,
+                "cannot raise the open files limit"
+            );
+        }
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
