@@ -82,12 +82,7 @@ fn raise_open_files(volumes: u32) -> anyhow::Result<u32> {
     Ok(fit.min(volumes))
 }
 
-pub fn many(
-    env: &mut Env,
-    work: &Path,
-    bin: &Path,
-    asked: u32,
-) -> anyhow::Result<ScenarioResult> {
+pub fn many(env: &mut Env, work: &Path, bin: &Path, asked: u32) -> anyhow::Result<ScenarioResult> {
     let volumes = raise_open_files(asked)?;
     let limited = if volumes < asked {
         format!(" ({asked} asked for: the open files limit here holds {volumes})")

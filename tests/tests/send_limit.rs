@@ -2,9 +2,10 @@
 //! its pairs send goes no faster than the limit, the limit changes while the agent runs,
 //! and a limit out of range is refused with nothing changed.
 
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use blockrep_tests::cluster::{TestCluster, local_pair_state, wait_until};
+use blockrep_tests::cluster::{ClusterConfig, NodeSpec, TestCluster, local_pair_state, wait_until};
 use blockrep_tests::{NbdClient, sparse_file};
 
 const MIB: u64 = 1 << 20;
@@ -77,6 +78,46 @@ fn a_send_limit_holds_what_a_pair_sends_and_changes_while_the_agent_runs() {
         "24 MiB took {took:?} with no limit (the old limit would hold them 6 s)"
     );
     c.disconnect().unwrap();
+    for n in ["node-a", "node-b"] {
+        cluster.node_mut(n).stop();
+    }
+}
+
+/// A limit far below what a pair has to send (1 MiB/s, 4 MiB resync extents) with a short
+/// peer timeout: the sender waits on the limit, not on the peer, so the pair is not taken
+/// for silent, and its initial sync completes.
+#[test]
+fn a_pair_held_back_by_the_send_limit_is_not_taken_for_a_silent_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_nodes(
+        dir.path(),
+        &[
+            NodeSpec::new("node-a", "az1"),
+            NodeSpec::new("node-b", "az2"),
+        ],
+        ClusterConfig {
+            extra: "[replication]\nmax_bytes_per_sec = \"1MiB\"\n",
+            cluster_extra: "peer_timeout_ms = 1000\n",
+        },
+    );
+    cluster.wait_nodes_alive();
+    let prod = dir.path().join("prod.img");
+    let dr = dir.path().join("dr.img");
+    sparse_file(&prod, 16 * MIB);
+    sparse_file(&dr, 16 * MIB);
+    // 6 MiB of data for the initial sync to send.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&prod)
+        .unwrap()
+        .write_all_at(&vec![0x3c; 6 * MIB as usize], 0)
+        .unwrap();
+    cluster.add_volume("node-a", "prod", &prod);
+    cluster.add_volume("node-b", "dr", &dr);
+    let (pair, job) = cluster.create_pair("slow", "prod,dr", "az1", "hypermetro");
+    cluster.wait_job(&job, Duration::from_secs(60));
+    let state = local_pair_state(cluster.node("node-a"), &pair).unwrap();
+    assert_eq!(state["replication_status"], "active", "{state}");
     for n in ["node-a", "node-b"] {
         cluster.node_mut(n).stop();
     }

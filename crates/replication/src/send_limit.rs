@@ -102,18 +102,27 @@ impl SendLimit {
             .clone()
     }
 
-    /// Waits until `bytes` more may be sent (at once, without a limit).
-    pub async fn take(&self, bytes: u64) {
+    /// Whether a limit is set.
+    pub fn is_set(&self) -> bool {
+        self.limit().is_some()
+    }
+
+    /// Waits until `bytes` more may be sent (at once, without a limit); `waiting` is called
+    /// each time it starts to wait (at least every tenth of a second while it waits).
+    pub async fn take(&self, bytes: u64, mut waiting: impl FnMut()) {
         let mut cells = bytes.div_ceil(CELL);
         while cells > 0 {
             // Read each time: a limit changed meanwhile holds from here.
             let Some(limit) = self.limit() else {
-                return;
+                break;
             };
             let piece = cells.min(u64::from(limit.burst)) as u32;
             match limit.wait(piece) {
                 None => cells -= u64::from(piece),
-                Some(wait) => tokio::time::sleep(wait).await,
+                Some(wait) => {
+                    waiting();
+                    tokio::time::sleep(wait.min(Duration::from_millis(100))).await;
+                }
             }
         }
     }
@@ -142,7 +151,7 @@ mod tests {
         // 30 MiB at 10 MiB/s: about three seconds (less the first burst).
         let started = tokio::time::Instant::now();
         for _ in 0..30 {
-            limit.take(1 << 20).await;
+            limit.take(1 << 20, || {}).await;
         }
         let took = started.elapsed().as_secs_f64();
         assert!(

@@ -127,6 +127,14 @@ impl FrameWriter {
     }
 
     /// Sends a batch of chunks with as few system calls as quinn manages.
+    /// Ends the pending batch: the gathered headers and small payloads become a chunk of
+    /// `chunks`, so `chunks` holds every byte [`FrameWriter::send_chunks`] would send.
+    pub fn close_batch(&mut self, chunks: &mut Vec<Bytes>) {
+        if !self.gather.is_empty() {
+            chunks.push(self.gather.split().freeze());
+        }
+    }
+
     pub async fn send_chunks(&mut self, chunks: &mut Vec<Bytes>) -> Result<(), StreamError> {
         if !self.gather.is_empty() {
             chunks.push(self.gather.split().freeze());

@@ -130,6 +130,8 @@ pub struct ProductionPair {
     report_now: Arc<tokio::sync::Notify>,
     /// What the agent's pairs may send, together.
     send_limit: Arc<SendLimit>,
+    /// When the sender last waited on the send limit.
+    throttled_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// What the production pairs of an agent share.
@@ -147,6 +149,14 @@ pub struct AgentContext {
 }
 
 impl ProductionPair {
+    /// Whether the sender waited on the agent's send limit in the last `span`.
+    fn throttled_within(&self, span: Duration) -> bool {
+        self.throttled_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < span)
+    }
+
     /// Takes up the production side of a pair: installs the link in the volume's write gate
     /// and starts connecting to the DR agent.
     pub fn start(
@@ -227,6 +237,7 @@ impl ProductionPair {
             drain_from: Mutex::new(drain_from),
             report_now,
             send_limit,
+            throttled_at: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&pair).run());
         Ok(pair)

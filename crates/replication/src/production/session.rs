@@ -4,7 +4,7 @@
 //! between sessions.
 
 use crate::send_limit::SendLimit;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -144,7 +144,12 @@ impl ProductionPair {
         ticker: &mut Ticker,
         stop_resync: &Arc<AtomicBool>,
     ) -> Result<(), SessionError> {
-        let mut sender = std::pin::pin!(send_loop(&self.link, writer, &self.send_limit));
+        let mut sender = std::pin::pin!(send_loop(
+            &self.link,
+            writer,
+            &self.send_limit,
+            &self.throttled_at,
+        ));
         let mut states = self.link.states();
         // The counters run across streams; each stream counts from zero.
         let mut counted = reader.bytes_received;
@@ -210,8 +215,12 @@ impl ProductionPair {
         stop_resync: &Arc<AtomicBool>,
     ) -> Result<(), SessionError> {
         ticker.beat.progress();
+        // A sender held back by the agent's send limit meanwhile has not sent what would
+        // have been answered: that silence is not the peer's (a peer that is gone is still
+        // found by QUIC's idle timeout, which keep-alives hold off only while it answers).
         if let Some(waited) = self.link.unanswered_for()
             && waited > self.config.peer_timeout
+            && !self.throttled_within(waited)
         {
             return Err(SessionError::Silent(waited));
         }
@@ -330,11 +339,13 @@ impl Ticker {
 }
 
 /// Sends the link's frames, payloads as their own chunks, no faster than the agent's send
-/// limit lets them go.
+/// limit lets them go: under a limit, chunk by chunk as the limit allows (the DR side
+/// answers what reached it meanwhile), noting in `throttled_at` when it last had to wait.
 async fn send_loop(
     link: &PairLink,
     writer: &mut FrameWriter,
     send_limit: &SendLimit,
+    throttled_at: &Mutex<Option<Instant>>,
 ) -> Result<(), SessionError> {
     let mut frames = Vec::new();
     let mut chunks: Vec<Bytes> = Vec::new();
@@ -419,10 +430,20 @@ async fn send_loop(
                 ),
             }
         }
-        send_limit
-            .take(chunks.iter().map(|c| c.len() as u64).sum())
-            .await;
-        writer.send_chunks(&mut chunks).await?;
+        if send_limit.is_set() {
+            writer.close_batch(&mut chunks);
+            for chunk in std::mem::take(&mut chunks) {
+                send_limit
+                    .take(chunk.len() as u64, || {
+                        *throttled_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Instant::now());
+                    })
+                    .await;
+                writer.send_chunks(&mut vec![chunk]).await?;
+            }
+        } else {
+            writer.send_chunks(&mut chunks).await?;
+        }
         counters
             .bytes_sent
             .fetch_add(writer.bytes_sent - counted, Ordering::Relaxed);
