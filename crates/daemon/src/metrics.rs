@@ -264,7 +264,12 @@ fn register_groups(registry: &mut Registry, coordinator: &blockrep_coordinator::
                     })
                     .inc_by(count);
             }
-            if stats.committed_cut_ms > 0 {
+            // Only while an async group replicates is its commit's age its recovery point
+            // (a synchronous hypermetro group's is zero; a failed-over group is not cut).
+            if stats.committed_cut_ms > 0
+                && g.replication_model == "async"
+                && g.status == "available"
+            {
                 cut_time
                     .get_or_create(&labels)
                     .set(stats.committed_cut_ms as f64 / 1000.0);

@@ -326,6 +326,8 @@ impl Coordinator {
                     members.iter().map(|m| m.production_node.clone()).collect();
                 let from = Epoch(reported + EPOCH_JUMP);
                 tracing::info!(%group, hosts = hosts.len(), %from, "group cuts start");
+                // Nothing of these members is committed yet.
+                state.cut_stats.entry(group).or_default().committed_cut_ms = 0;
                 state.cuts.insert(
                     group,
                     GroupCuts {
@@ -712,5 +714,19 @@ mod tests {
         let after = h.coordinator.group_cut_stats(&group.name).unwrap();
         assert_eq!((after.completed, after.abandoned), (2, 1), "{after:?}");
         assert_eq!(after.committed_cut_ms, stats.committed_cut_ms);
+
+        // A fresh cut state (its pairs changed, or they were reversed) has committed
+        // nothing yet: the old cut time is not the new direction's.
+        h.coordinator.lock().cuts.remove(&group.id);
+        h.production_reports(&[&a, &b]);
+        h.agents.script(
+            "GroupCut",
+            Some(&b.production_node),
+            Answer::Unreachable,
+            Some(1),
+        );
+        h.coordinator.cut_round().await;
+        let fresh = h.coordinator.group_cut_stats(&group.name).unwrap();
+        assert_eq!(fresh.committed_cut_ms, 0, "{fresh:?}");
     }
 }

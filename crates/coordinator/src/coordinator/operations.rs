@@ -303,8 +303,6 @@ impl Coordinator {
             .collect()
     }
 
-    /// The group's last commit: the highest the cut loop made or any DR agent recorded
-    /// (each was, when made, staged on every pair). `None` before the first.
     /// When the coordinator last heard from any production host of `members` (ms since
     /// the Unix epoch, by its wall clock); `None`: from none since it started.
     fn last_heard_ms(&self, state: &State, members: &[PairRecord]) -> Option<u64> {
@@ -315,6 +313,8 @@ impl Coordinator {
             .max()
     }
 
+    /// The group's last commit: the highest the cut loop made or any DR agent recorded
+    /// (each was, when made, staged on every pair). `None` before the first.
     pub(super) fn group_commit(&self, state: &State, group: &GroupRecord) -> Option<Epoch> {
         let members = Self::members(state, group);
         let cut = state

@@ -4,8 +4,8 @@
 //! between sessions.
 
 use crate::send_limit::SendLimit;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockrep_core::pair::probes::VERIFY_BLOCK;
