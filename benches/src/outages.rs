@@ -232,6 +232,24 @@ impl Recovery {
         })
     }
 
+    /// A 1 GiB backlog made with the link cut (1 MiB sequential writes), then the link
+    /// restored: the catch-up.
+    fn of_a_backlog(cluster: &Cluster) -> anyhow::Result<Self> {
+        let firewall = Firewall::new(cluster)?;
+        firewall.cut()?;
+        wait_for(
+            cluster,
+            "the pair to leave active",
+            Duration::from_secs(60),
+            |r| !r.status_active,
+        )?;
+        write_once(cluster, GIB)?;
+        wait_for(cluster, "a 1 GiB backlog", Duration::from_secs(60), |r| {
+            r.out_of_sync >= GIB
+        })?;
+        Self::after_heal(cluster, &firewall)
+    }
+
     fn seconds_to_active(&self) -> f64 {
         (self.active.at - self.restored.at).as_secs_f64()
     }
@@ -383,20 +401,7 @@ pub fn catch_up(
 pub fn backlog(setup: &mut Setup<'_>, report: &Report) -> anyhow::Result<ScenarioResult> {
     let link = report.median_of("seqwrite-1m-qd8", "quic-link");
     let cluster = pair_in_netns(setup, "backlog", "")?;
-    let firewall = Firewall::new(&cluster)?;
-    firewall.cut()?;
-    wait_for(
-        &cluster,
-        "the pair to leave active",
-        Duration::from_secs(60),
-        |r| !r.status_active,
-    )?;
-    write_once(&cluster, GIB)?;
-    wait_for(&cluster, "a 1 GiB backlog", Duration::from_secs(60), |r| {
-        r.out_of_sync >= GIB
-    })?;
-    let recovery = Recovery::after_heal(&cluster, &firewall)?;
-    drop(firewall);
+    let recovery = Recovery::of_a_backlog(&cluster)?;
     cluster.stop(setup.env);
     let throughput = recovery.catch_up_throughput();
     let markdown = format!(
@@ -436,20 +441,7 @@ pub fn limited(setup: &mut Setup<'_>, limit_mib: u64) -> anyhow::Result<Scenario
             ..Default::default()
         },
     )?;
-    let firewall = Firewall::new(&cluster)?;
-    firewall.cut()?;
-    wait_for(
-        &cluster,
-        "the pair to leave active",
-        Duration::from_secs(60),
-        |r| !r.status_active,
-    )?;
-    write_once(&cluster, GIB)?;
-    wait_for(&cluster, "a 1 GiB backlog", Duration::from_secs(60), |r| {
-        r.out_of_sync >= GIB
-    })?;
-    let recovery = Recovery::after_heal(&cluster, &firewall)?;
-    drop(firewall);
+    let recovery = Recovery::of_a_backlog(&cluster)?;
     cluster.stop(setup.env);
     let limit = (limit_mib << 20) as f64 / 1e6;
     let rate = recovery.catch_up_throughput();
