@@ -22,6 +22,9 @@ declare -A packages=(
     [setpriv]=util-linux
     [nft]=nftables
     [ip]=iproute2
+    # The daemon's allocator (jemalloc) is built from C with make.
+    [make]=make
+    [cc]=gcc
 )
 
 missing=()
