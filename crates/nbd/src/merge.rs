@@ -18,8 +18,10 @@ pub(crate) struct Merged {
     pub range: ByteRange,
     /// The union's bytes.
     pub data: AlignedBuf,
-    /// The requests it answers, in arrival order.
-    pub handles: Vec<u64>,
+    /// The first request it answers, and the others, in arrival order (a lone sub-block
+    /// write allocates nothing more).
+    pub first: u64,
+    pub more: Vec<u64>,
     /// Any of them asked for FUA.
     pub fua: bool,
 }
@@ -30,7 +32,8 @@ impl Merged {
         Self {
             range,
             data,
-            handles: vec![handle],
+            first: handle,
+            more: Vec::new(),
             fua,
         }
     }
@@ -63,7 +66,7 @@ impl Merged {
         }
         let at = (range.offset - self.range.offset) as usize;
         self.data[at..at + data.len()].copy_from_slice(data);
-        self.handles.push(handle);
+        self.more.push(handle);
         self.fua |= fua;
     }
 }
@@ -139,7 +142,8 @@ mod tests {
                 &model[run.range.offset as usize..run.range.end() as usize],
                 "seed {seed}"
             );
-            assert!(run.handles.windows(2).all(|w| w[0] < w[1]));
+            assert!(run.more.iter().all(|&h| h > run.first));
+            assert!(run.more.windows(2).all(|w| w[0] < w[1]));
         }
     }
 }

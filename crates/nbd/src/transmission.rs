@@ -799,10 +799,8 @@ impl Connection {
     /// The run of merged writes, if any, enters the gate as one write.
     fn end_merge(&mut self) {
         if let Some(run) = self.merging.take() {
-            let mut handles = run.handles.into_iter();
-            let first = handles.next().expect("a run has a first write");
             let kind = WriteKind::Data(WriteBuf::Owned(run.data));
-            self.enter_gate_for(first, handles.collect(), run.fua, run.range, kind);
+            self.enter_gate_for(run.first, run.more, run.fua, run.range, kind);
         }
     }
 
