@@ -439,7 +439,7 @@ async fn send_loop(
                             Some(Instant::now());
                     })
                     .await;
-                writer.send_chunks(&mut vec![chunk]).await?;
+                writer.send_bytes(chunk).await?;
             }
         } else {
             writer.send_chunks(&mut chunks).await?;
