@@ -20,6 +20,9 @@ pub struct Cost {
     pub production: Usage,
     pub dr: Usage,
     pub replicated_bytes: Option<u64>,
+    /// Bytes clients wrote to the production volume: with `replicated_bytes`, what the
+    /// journal's coalescing of overwrites saved.
+    pub written_bytes: Option<u64>,
     /// Times a pair's journal overflowed (the pair fell back to its bitmap and caught up
     /// later): such a run measured the local volume, not replication.
     pub journal_overflows: Option<u64>,
@@ -44,6 +47,7 @@ pub struct Meter {
 #[derive(Clone, Copy, Debug)]
 pub struct PairCounts {
     pub bytes_sent: u64,
+    pub bytes_written: u64,
     pub journal_overflows: u64,
 }
 
@@ -79,6 +83,10 @@ impl Meter {
                 .before
                 .zip(pair)
                 .map(|(b, a)| a.bytes_sent.saturating_sub(b.bytes_sent)),
+            written_bytes: self
+                .before
+                .zip(pair)
+                .map(|(b, a)| a.bytes_written.saturating_sub(b.bytes_written)),
             journal_overflows: self
                 .before
                 .zip(pair)

@@ -262,17 +262,26 @@ impl Cluster {
     }
 
     /// The production agent's counters a run is measured by: the bytes it has sent to the
-    /// DR side so far (every frame of its streams, catch-ups and syncs included), and its
-    /// journal's overflows.
+    /// DR side so far (every frame of its streams, catch-ups and syncs included), the bytes
+    /// clients wrote to the production volume, and its journal's overflows.
     pub fn counts(&self) -> anyhow::Result<crate::meter::PairCounts> {
-        let counters = &self.pair_state()?["counters"];
+        let status = self.json_a(&["status"])?;
+        let pair = &status["pairs"][0];
+        let counters = &pair["counters"];
         let count = |key: &str| {
             counters[key]
                 .as_u64()
                 .with_context(|| format!("counter {key}"))
         };
+        let volume = status["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["name"] == pair["volume_name"]))
+            .context("the pair's volume in the production agent's status")?;
         Ok(crate::meter::PairCounts {
             bytes_sent: count("bytes_sent")?,
+            bytes_written: volume["bytes_written"]
+                .as_u64()
+                .context("the volume's bytes_written")?,
             journal_overflows: count("journal_overflows")?,
         })
     }

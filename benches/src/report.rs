@@ -61,6 +61,13 @@ impl Row {
     fn cpu_per_gb(&self, side: Side) -> Option<f64> {
         self.median_of(|s| Cost::per_gb(side.of(&s.cost).cpu_s, s.cost.replicated_bytes))
     }
+    /// Bytes sent to the DR side per byte written: the median over the runs.
+    fn sent_per_written(&self) -> Option<f64> {
+        self.median_of(|s| {
+            let written = s.cost.written_bytes.filter(|&w| w > 0)?;
+            Some(s.cost.replicated_bytes? as f64 / written as f64)
+        })
+    }
     /// Whether the pair's journal overflowed in any run.
     fn overflowed(&self) -> bool {
         self.samples
@@ -320,6 +327,17 @@ impl Report {
             1.0,
             GoalFormat::Ratio,
         ));
+        const ZIPF: &str = "randwrite-4k-zipf-qd32";
+        goals.push(Goal::at_most(
+            format!(
+                "{}: async-pair bytes sent (frames) ≤ 0.5 × bytes written",
+                self.title_of(ZIPF)
+            ),
+            self.find(ZIPF, "async-pair")
+                .and_then(Row::sent_per_written),
+            0.5,
+            GoalFormat::Ratio,
+        ));
         let link = self.find(ONE_M, "quic-link");
         for target in ["async-pair", "hypermetro-pair"] {
             for workload in [FOUR_K, ONE_M] {
@@ -460,6 +478,7 @@ impl Report {
                     "dr_peak_rss_bytes": r.peak_rss(Side::Dr),
                     "replicated_bytes": r.samples.iter().map(|s| s.cost.replicated_bytes).collect::<Vec<_>>(),
                     "journal_overflows": r.samples.iter().map(|s| s.cost.journal_overflows).collect::<Vec<_>>(),
+                    "written_bytes": r.samples.iter().map(|s| s.cost.written_bytes).collect::<Vec<_>>(),
                 })
             })
             .collect();

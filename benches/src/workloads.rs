@@ -24,6 +24,19 @@ pub fn all() -> Vec<Workload> {
             fio_args: &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
         },
         Workload {
+            // A hot spot: the same few blocks written over and over, which an async pair's
+            // journal coalesces within an epoch.
+            name: "randwrite-4k-zipf-qd32",
+            title: "4k randwrite zipf:1.2 QD32",
+            figure: Figure::Iops,
+            fio_args: &[
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                "--random_distribution=zipf:1.2",
+            ],
+        },
+        Workload {
             name: "randread-4k-qd32",
             title: "4k randread QD32",
             figure: Figure::Iops,

@@ -352,6 +352,7 @@ fn counters_json(c: Option<&proto::PairCounters>) -> Value {
         "journal_limit": c.journal_limit,
         "bytes_received": c.bytes_received,
         "journal_overflows": c.journal_overflows,
+        "coalesced_bytes": c.coalesced_bytes,
     })
 }
 

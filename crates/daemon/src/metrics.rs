@@ -94,6 +94,7 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
     let rejected = CounterFamily::<PairLabels>::default();
     let received = CounterFamily::<PairLabels>::default();
     let resync_sent = CounterFamily::<PairLabels>::default();
+    let coalesced = CounterFamily::<PairLabels>::default();
     let out_of_sync = GaugeFamily::<PairLabels>::default();
     let lag = GaugeFamily::<PairLabels>::default();
     let journal = GaugeFamily::<PairLabels>::default();
@@ -117,6 +118,7 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
         resync_sent
             .get_or_create(&labels)
             .inc_by(c.resync_bytes_sent);
+        coalesced.get_or_create(&labels).inc_by(c.coalesced_bytes);
         out_of_sync
             .get_or_create(&labels)
             .set(p.out_of_sync_bytes as f64);
@@ -151,6 +153,11 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
         "pair_resync_sent_bytes",
         "Bytes of initial sync and catch-up extents sent",
         resync_sent,
+    );
+    registry.register(
+        "pair_coalesced_bytes",
+        "Bytes of async writes not sent: a later write of the same epoch to the same range replaced them",
+        coalesced,
     );
     registry.register(
         "pair_out_of_sync_bytes",

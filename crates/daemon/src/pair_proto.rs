@@ -105,6 +105,7 @@ pub fn pair_state(r: PairReport) -> proto::PairState {
             journal_limit: c.journal_limit,
             bytes_received: c.bytes_received,
             journal_overflows: c.journal_overflows,
+            coalesced_bytes: c.coalesced_bytes,
         }),
         needs_resolve: r.needs_resolve,
         generation: r.generation.map(|g| g.to_string()).unwrap_or_default(),

@@ -222,6 +222,11 @@ impl PairLink {
     }
 
     /// Bytes queued for the DR side and the bound they may reach.
+    /// Bytes of async writes a later write of the same epoch replaced before they were sent.
+    pub fn coalesced_bytes(&self) -> u64 {
+        self.lock().coalesced_bytes()
+    }
+
     pub fn journal_fill(&self) -> (u64, u64) {
         self.lock().journal_fill()
     }

@@ -381,9 +381,21 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         self.end_stream
     }
 
+    /// Sets how many bytes of the open epoch's staged writes wait in the journal for a later
+    /// write to the same range to replace them (zero: none wait; the default is a
+    /// sixteenth of the journal's bound).
+    pub fn set_coalesce_window(&mut self, bytes: u64) {
+        self.journal.set_coalesce_window(bytes);
+    }
+
+    /// Payload bytes not sent because a later write of the same epoch replaced them.
+    pub fn coalesced_bytes(&self) -> u64 {
+        self.journal.coalesced_bytes()
+    }
+
     /// Nothing waits for the DR side: no acknowledgement, nothing queued, no catch-up.
     pub fn idle(&self) -> bool {
-        self.pending.is_empty() && self.journal.nothing_to_send() && !self.journal.catching_up()
+        self.pending.is_empty() && self.journal.is_empty() && !self.journal.catching_up()
     }
 
     /// The pair tripped and waits for its group's trip cut.
@@ -1593,6 +1605,8 @@ mod tests {
         // Live before it was grouped, the pair is synchronous already.
         let mut m = live(ReplicationModel::Hypermetro);
         let _ = m.set_grouped(true);
+        // Its staged writes go at once, not coalesced.
+        m.set_coalesce_window(0);
         let mut out = Vec::new();
         let _ = m.take_frames(u64::MAX, &mut out);
         let w = admit(&mut m, &mut tickets, 0, 1);
@@ -1791,7 +1805,10 @@ mod tests {
         assert_eq!(admitted.epoch, epoch);
         let (after, fx) = m.local_done(w, &CONNECTION, 0);
         assert_eq!(after, AfterLocal::Answer, "answered after its local write");
-        assert!(fx.wake_sender);
+        assert!(
+            !fx.wake_sender,
+            "a write of the open epoch waits to be coalesced with later ones"
+        );
         assert!(m.advance_epoch(1_234).wake_sender);
 
         let mut out = Vec::new();

@@ -32,6 +32,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::extent::ByteRange;
 use crate::replication::ids::{Epoch, ProbeId, WriteSeq};
+use crate::replication::send_queue::{SendQueue, payload_bytes};
 use crate::replication::tickets::Ticket;
 
 /// What a queued frame carries.
@@ -124,6 +125,10 @@ pub enum Completed {
     },
 }
 
+/// The open epoch's staged writes wait to be coalesced until this part of the bound is
+/// queued.
+const COALESCE_WINDOW_PART: u64 = 16;
+
 #[derive(Debug)]
 pub struct Journal<P> {
     limit: u64,
@@ -137,8 +142,14 @@ pub struct Journal<P> {
     sealing: bool,
     /// The catch-up ends with the seal of this epoch.
     catch_up_ends: Option<Epoch>,
-    queue: VecDeque<Outgoing<P>>,
+    queue: SendQueue<P>,
     queued_bytes: u64,
+    /// Staged writes of the open epoch wait in the queue until this many bytes are queued
+    /// (or the epoch is cut, or a frame that must not wait is queued behind them), so that a
+    /// later write to the same range replaces one not yet sent.
+    coalesce_window: u64,
+    /// Payload bytes dropped that way.
+    coalesced_bytes: u64,
     /// The last seal handed to the sender.
     seal_sent: Epoch,
     /// Tickets of queued or sent writes, by epoch, until the DR side stages the epoch.
@@ -177,8 +188,10 @@ impl<P: PayloadLen> Journal<P> {
             sealed: staged,
             sealing: true,
             catch_up_ends: None,
-            queue: VecDeque::new(),
+            queue: SendQueue::new(),
             queued_bytes: 0,
+            coalesce_window: limit / COALESCE_WINDOW_PART,
+            coalesced_bytes: 0,
             seal_sent: staged,
             tickets: BTreeMap::new(),
             staged,
@@ -202,9 +215,37 @@ impl<P: PayloadLen> Journal<P> {
         self.staged
     }
 
-    /// Whether the sender has nothing to take.
-    pub fn nothing_to_send(&self) -> bool {
+    /// Whether nothing is queued for the DR side.
+    pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Whether the sender has nothing to take now: the queue is empty, or it starts with
+    /// staged writes of the open epoch that wait for later ones to coalesce with.
+    pub fn nothing_to_send(&self) -> bool {
+        match self.queue.front() {
+            None => true,
+            Some(Outgoing::Write(w)) => {
+                !w.direct
+                    && w.epoch >= self.current
+                    && self.mode == Mode::Journal
+                    && !self.queue.has_fence()
+                    && self.queued_bytes < self.coalesce_window
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Payload bytes of staged writes dropped because a later write of the same epoch
+    /// replaced them before they were sent.
+    pub fn coalesced_bytes(&self) -> u64 {
+        self.coalesced_bytes
+    }
+
+    /// Sets how many bytes of the open epoch's staged writes wait to be coalesced (zero:
+    /// none wait).
+    pub fn set_coalesce_window(&mut self, bytes: u64) {
+        self.coalesce_window = bytes;
     }
 
     pub fn queued_bytes(&self) -> u64 {
@@ -300,9 +341,13 @@ impl<P: PayloadLen> Journal<P> {
         }
     }
 
-    /// The next frame to send. Data leaves the journal here.
+    /// The next frame to send, unless what is queued waits (see
+    /// [`Journal::nothing_to_send`]). Data leaves the journal here.
     pub fn poll_send(&mut self) -> Option<Outgoing<P>> {
-        let frame = self.queue.pop_front()?;
+        if self.nothing_to_send() {
+            return None;
+        }
+        let frame = self.queue.pop()?;
         match &frame {
             Outgoing::Write(w) => self.queued_bytes -= payload_bytes(&w.payload),
             Outgoing::Seal { epoch } => self.seal_sent = *epoch,
@@ -502,7 +547,7 @@ impl<P: PayloadLen> Journal<P> {
         if self.direct_after.is_some() {
             self.held_direct.push_back(frame);
         } else {
-            self.queue.push_back(frame);
+            self.queue.push(frame);
         }
     }
 
@@ -524,8 +569,7 @@ impl<P: PayloadLen> Journal<P> {
     /// follows it is the catch-up's.
     pub fn spoiled(&mut self) -> Vec<Ticket> {
         let forget = self.disconnect();
-        self.queue
-            .push_back(Outgoing::Discard { after: self.staged });
+        self.queue.push(Outgoing::Discard { after: self.staged });
         forget
     }
 
@@ -544,7 +588,7 @@ impl<P: PayloadLen> Journal<P> {
     ) {
         self.queued_bytes += payload_bytes(&payload);
         let seq = self.take_seq();
-        self.queue.push_back(Outgoing::Write(WriteFrame {
+        let frame = Outgoing::Write(WriteFrame {
             epoch,
             seq,
             range,
@@ -552,7 +596,15 @@ impl<P: PayloadLen> Journal<P> {
             direct: false,
             fua: false,
             gated: false,
-        }));
+        });
+        // Catch-up extents and the final pass's writes are not coalesced: they are few.
+        if self.mode == Mode::Journal {
+            let dropped = self.queue.push_coalescing(frame);
+            self.queued_bytes -= dropped;
+            self.coalesced_bytes += dropped;
+        } else {
+            self.queue.push(frame);
+        }
         if let Some(ticket) = ticket {
             self.tickets.entry(epoch).or_default().push(ticket);
         }
@@ -575,11 +627,13 @@ impl<P: PayloadLen> Journal<P> {
         let last_closed = Epoch(oldest_open.0.saturating_sub(1));
         if last_closed > self.sealed {
             self.sealed = last_closed;
-            self.queue.push_back(Outgoing::Seal { epoch: last_closed });
+            self.queue.push(Outgoing::Seal { epoch: last_closed });
         }
         if self.direct_after.is_some_and(|e| self.sealed >= e) {
             self.direct_after = None;
-            self.queue.append(&mut self.held_direct);
+            for frame in self.held_direct.drain(..) {
+                self.queue.push(frame);
+            }
         }
     }
 
@@ -596,17 +650,10 @@ impl<P: PayloadLen> Journal<P> {
         // Epochs up to the last seal sent will be staged and acknowledged; the rest will not.
         let unsent = self.tickets.split_off(&self.seal_sent.next());
         self.sealed = self.seal_sent;
-        self.queue.push_back(Outgoing::Discard {
+        self.queue.push(Outgoing::Discard {
             after: self.seal_sent,
         });
         unsent.into_values().flatten().collect()
-    }
-}
-
-fn payload_bytes<P: PayloadLen>(payload: &Payload<P>) -> u64 {
-    match payload {
-        Payload::Data(p) => p.payload_len(),
-        Payload::Zeroes => 0,
     }
 }
 
@@ -629,6 +676,7 @@ mod tests {
     #[test]
     fn an_epoch_is_sealed_after_its_last_write_completes() {
         let mut j = Journal::new(1 << 20, Epoch(0));
+        j.set_coalesce_window(0);
         let a = j.admit(); // epoch 1, still running
         j.advance_epoch();
         let b = j.admit(); // epoch 2
@@ -651,6 +699,102 @@ mod tests {
         assert_eq!(frames[1], Outgoing::Seal { epoch: Epoch(1) });
         j.advance_epoch();
         assert_eq!(drain(&mut j), vec![Outgoing::Seal { epoch: Epoch(2) }]);
+    }
+
+    fn write_data(j: &mut Journal<Vec<u8>>, offset: u64, value: u8) {
+        let a = j.admit();
+        let done = j.complete(
+            a,
+            ByteRange::new(offset, 4),
+            Payload::Data(vec![value; 4]),
+            None,
+        );
+        assert_eq!(done, Completed::Queued);
+    }
+
+    fn written(frames: &[Outgoing<Vec<u8>>]) -> Vec<(u64, u8)> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Outgoing::Write(WriteFrame {
+                    range,
+                    payload: Payload::Data(d),
+                    ..
+                }) => Some((range.offset, d[0])),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_write_of_the_open_epoch_waits_and_a_later_one_to_its_range_replaces_it() {
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        write_data(&mut j, 0, 1);
+        write_data(&mut j, 8, 2);
+        assert!(
+            j.nothing_to_send(),
+            "the open epoch's writes wait to be coalesced"
+        );
+        assert!(drain(&mut j).is_empty());
+        write_data(&mut j, 0, 3);
+        assert_eq!(j.queued_bytes(), 8, "the first write to 0 was dropped");
+        assert_eq!(j.coalesced_bytes(), 4);
+        assert!(!j.is_empty());
+
+        j.advance_epoch();
+        assert!(!j.nothing_to_send(), "a cut epoch goes");
+        let frames = drain(&mut j);
+        assert_eq!(
+            written(&frames),
+            [(8, 2), (0, 3)],
+            "the later write, in its place"
+        );
+        assert_eq!(frames.last(), Some(&Outgoing::Seal { epoch: Epoch(1) }));
+    }
+
+    #[test]
+    fn writes_are_not_coalesced_across_epochs_or_a_fence() {
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        write_data(&mut j, 0, 1);
+        let a = j.admit(); // keeps epoch 1 open past the cut
+        j.advance_epoch();
+        write_data(&mut j, 0, 2); // epoch 2: the same range, another epoch
+        assert!(j.push_verify(ProbeId(7), false), "a fence");
+        write_data(&mut j, 0, 3); // behind the fence
+        write_data(&mut j, 0, 4); // replaces 3 only
+        j.abandon(a);
+        j.advance_epoch();
+        let frames = drain(&mut j);
+        assert_eq!(written(&frames), [(0, 1), (0, 2), (0, 4)]);
+        assert_eq!(j.coalesced_bytes(), 4);
+    }
+
+    #[test]
+    fn the_open_epoch_goes_once_its_writes_fill_the_window() {
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        j.set_coalesce_window(12);
+        write_data(&mut j, 0, 1);
+        write_data(&mut j, 8, 1);
+        assert!(j.nothing_to_send());
+        write_data(&mut j, 16, 1);
+        assert!(!j.nothing_to_send(), "12 bytes wait: the window is full");
+        assert_eq!(
+            written(&drain(&mut j)),
+            [(0, 1)],
+            "the oldest go until it is not"
+        );
+        assert_eq!(j.queued_bytes(), 8);
+    }
+
+    #[test]
+    fn a_direct_write_behind_waiting_writes_takes_them_along() {
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        write_data(&mut j, 0, 1);
+        let _ = j.push_flush();
+        assert!(!j.nothing_to_send(), "a flush must not wait for the cut");
+        let frames = drain(&mut j);
+        assert_eq!(written(&frames), [(0, 1)]);
+        assert!(matches!(frames[1], Outgoing::Flush { .. }));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod lineage;
 pub mod reject;
 pub mod resync;
 pub mod role;
+mod send_queue;
 pub mod status;
 pub mod tickets;
 

@@ -75,6 +75,8 @@ pub struct ReportCounters {
     pub journal_limit: u64,
     pub bytes_received: u64,
     pub journal_overflows: u64,
+    /// Bytes of async writes a later write of the same epoch replaced before they were sent.
+    pub coalesced_bytes: u64,
 }
 
 /// Whether the production side takes writes.
@@ -116,6 +118,7 @@ pub(super) fn production_report(p: &ProductionPair) -> PairReport {
             journal_limit,
             bytes_received: counters.bytes_received.load(Ordering::Relaxed),
             journal_overflows: counters.overflows.load(Ordering::Relaxed),
+            coalesced_bytes: p.link.coalesced_bytes(),
         },
         needs_resolve: p.needs_resolve(),
         generation: generation(p.volume()),
