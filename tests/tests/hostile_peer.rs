@@ -253,6 +253,7 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
         generation: 7,
         term: u64::MAX,
         grouped: true,
+        max_bytes_per_sec: 1,
     };
     let command = proto::PairCommand {
         pair_id: pair.id.clone(),

@@ -77,6 +77,17 @@ enum SendLimitArg {
     BytesPerSec(u64),
 }
 
+impl SendLimitArg {
+    /// As the API takes it: 0 for none.
+    fn bytes_per_sec(self) -> u64 {
+        match self {
+            SendLimitArg::Off => 0,
+            // 0 would mean none: refused as below the least.
+            SendLimitArg::BytesPerSec(rate) => rate.max(1),
+        }
+    }
+}
+
 fn parse_send_limit(text: &str) -> Result<SendLimitArg, String> {
     if text == "off" {
         return Ok(SendLimitArg::Off);
@@ -186,6 +197,17 @@ enum PairCommand {
         /// The availability zone whose data is kept.
         #[arg(long)]
         keep: String,
+    },
+    /// Change a pair's settings while it replicates.
+    Update {
+        /// Pair id or name.
+        pair: String,
+        /// The most the pair sends to its DR side per second (stream, catch-ups and initial
+        /// sync), beside the agent's own limit: a size per second such as 100MiB, at least
+        /// 1MiB; or `off`. Its production agent takes it up within a second, and keeps it
+        /// across restarts and a reverse.
+        #[arg(long, value_parser = parse_send_limit)]
+        max_rate: Option<SendLimitArg>,
     },
     /// Compare both sides' checksums while the pair replicates (a job); report the ranges
     /// that differ.
@@ -408,6 +430,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     call(client.resolve_pair(proto::ResolvePairRequest { pair, keep })).await?;
                 out.print(&started);
             }
+            PairCommand::Update { pair, max_rate } => {
+                let updated = call(client.update_pair(proto::UpdatePairRequest {
+                    pair,
+                    max_bytes_per_sec: max_rate.map(SendLimitArg::bytes_per_sec),
+                }))
+                .await?;
+                out.print(&updated);
+            }
             PairCommand::Verify { pair, repair } => {
                 let started =
                     call(client.verify_pair(proto::VerifyPairRequest { pair, repair })).await?;
@@ -527,11 +557,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let shown = match limit {
                 None => call(client.get_send_limit(proto::GetSendLimitRequest {})).await?,
                 Some(limit) => {
-                    let max_bytes_per_sec = match limit {
-                        SendLimitArg::Off => 0,
-                        // 0 would mean none: refused by the agent as below the least.
-                        SendLimitArg::BytesPerSec(rate) => rate.max(1),
-                    };
+                    let max_bytes_per_sec = limit.bytes_per_sec();
                     call(client.set_send_limit(proto::SendLimit { max_bytes_per_sec })).await?
                 }
             };

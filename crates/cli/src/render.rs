@@ -377,6 +377,7 @@ fn pair_state_json(p: &proto::PairState) -> Value {
         "current_epoch": p.current_epoch,
         "grouped": p.grouped,
         "needs_resolve": p.needs_resolve,
+        "max_bytes_per_sec": (p.max_bytes_per_sec > 0).then_some(p.max_bytes_per_sec),
         "generation": empty_null(&p.generation),
         "verify": p.verify.as_ref().map(|v| json!({
             "job_id": v.job_id,
@@ -442,6 +443,7 @@ pub fn pair_json(p: &proto::Pair) -> Value {
         "dr_node": p.dr_node,
         "counters": counters_json(p.counters.as_ref()),
         "needs_resolve": p.needs_resolve,
+        "max_bytes_per_sec": (p.max_bytes_per_sec > 0).then_some(p.max_bytes_per_sec),
         "production_generation": empty_null(&p.production_generation),
         "dr_generation": empty_null(&p.dr_generation),
     })
@@ -672,10 +674,19 @@ impl Render for proto::Pair {
             (
                 "journal",
                 format!(
-                    "{} of {}",
+                    "{} of {}, {} not sent (overwritten in their epoch)",
                     human_bytes(c.journal_bytes),
-                    human_bytes(c.journal_limit)
+                    human_bytes(c.journal_limit),
+                    human_bytes(c.coalesced_bytes)
                 ),
+            ),
+            (
+                "max rate",
+                if self.max_bytes_per_sec == 0 {
+                    "none of its own (the agent's send limit holds)".into()
+                } else {
+                    format!("{}/s", human_bytes(self.max_bytes_per_sec))
+                },
             ),
             (
                 "generations",

@@ -269,6 +269,7 @@ impl Coordinator {
             Some(Request::ResolvePair(r)) => {
                 self.resolve_pair(&r.pair, &r.keep).map(Response::PairJob)
             }
+            Some(Request::UpdatePair(r)) => self.update_pair(r).map(Response::Pair),
             Some(Request::VerifyPair(r)) => {
                 self.verify_pair(&r.pair, r.repair).map(Response::PairJob)
             }

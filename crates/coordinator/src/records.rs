@@ -34,6 +34,10 @@ pub struct PairRecord {
     /// The production agent took its role (the initial sync runs from there).
     #[serde(default)]
     pub production_started: bool,
+    /// The pair's own send limit in bytes per second (`pair update --max-rate`), which its
+    /// production agent applies beside its own.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
     /// Why the pair is in `error` or `error_deleting`.
     #[serde(default)]
     pub failure_detail: Option<String>,

@@ -203,6 +203,10 @@ impl Cluster {
             let Some((_, Side::Production)) = pairs.volume_pair_by_id(pair) else {
                 continue;
             };
+            let limit = (role.max_bytes_per_sec > 0).then_some(role.max_bytes_per_sec);
+            if let Err(e) = pairs.set_max_bytes_per_sec(pair, limit) {
+                tracing::warn!(%pair, error = %e, "cannot take up the pair's send limit");
+            }
             let outcome = match role.side.as_str() {
                 "production" => {
                     pairs.confirm(pair);

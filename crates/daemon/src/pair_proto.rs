@@ -53,6 +53,7 @@ pub fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership
         term: a.term,
         fence: None,
         promotion: None,
+        max_bytes_per_sec: (a.max_bytes_per_sec > 0).then_some(a.max_bytes_per_sec),
     })
 }
 
@@ -108,6 +109,7 @@ pub fn pair_state(r: PairReport) -> proto::PairState {
             coalesced_bytes: c.coalesced_bytes,
         }),
         needs_resolve: r.needs_resolve,
+        max_bytes_per_sec: r.max_bytes_per_sec.unwrap_or(0),
         generation: r.generation.map(|g| g.to_string()).unwrap_or_default(),
         verify: r.verify.map(|v| proto::VerifyState {
             job_id: v.job_id,
@@ -182,6 +184,7 @@ mod tests {
             discard_peer: true,
             grouped: true,
             generation: 0x2a,
+            max_bytes_per_sec: 8 << 20,
         }
     }
 
@@ -192,6 +195,11 @@ mod tests {
         assert_eq!((m.term, m.discard_peer, m.grouped), (7, true, true));
         assert_eq!(m.peer_address.to_string(), "127.0.0.1:7001");
         assert_eq!(shared, Some(GenerationId(0x2a)));
+        assert_eq!(
+            m.max_bytes_per_sec,
+            Some(8 << 20),
+            "the pair's send limit goes along"
+        );
 
         let mut own = assignment();
         own.generation = 0;

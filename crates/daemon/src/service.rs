@@ -343,6 +343,19 @@ impl agent_server::Agent for AgentService {
         }
     }
 
+    async fn update_pair(
+        &self,
+        request: Request<proto::UpdatePairRequest>,
+    ) -> Result<Response<proto::Pair>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::UpdatePair(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Pair(pair) => Ok(Response::new(pair)),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn verify_pair(
         &self,
         request: Request<proto::VerifyPairRequest>,

@@ -107,6 +107,10 @@ pub struct Membership {
     /// Production: this side became production by a failover, at this point.
     #[serde(default)]
     pub promotion: Option<Promotion>,
+    /// The pair's own send limit (`pair update --max-rate`), beside the agent's; the
+    /// coordinator's record is the source, this the copy a restarted agent starts with.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 impl Membership {
@@ -225,6 +229,7 @@ mod tests {
             term: 1,
             fence: None,
             promotion: None,
+            max_bytes_per_sec: None,
         }
     }
 

@@ -316,6 +316,16 @@ impl Pairs {
     }
 
     /// This node's volume in `pair`, and its side.
+    /// Sets the send limit of the production side of `pair` (`None`: none), if this agent
+    /// holds it.
+    pub fn set_max_bytes_per_sec(&self, pair: PairId, limit: Option<u64>) -> Result<(), String> {
+        let production = match self.lock().get(&pair) {
+            Some(Runtime::Production(p)) => Arc::clone(p),
+            _ => return Ok(()),
+        };
+        production.set_max_bytes_per_sec(limit)
+    }
+
     pub fn volume_pair_by_id(&self, pair: PairId) -> Option<(VolumeId, Side)> {
         self.lock().get(&pair).map(|r| match r {
             Runtime::Production(p) => (p.membership().local_volume, Side::Production),

@@ -16,7 +16,7 @@ use governor::{Quota, RateLimiter};
 /// Bytes per cell of the limiter.
 const CELL: u64 = 1024;
 /// The least limit there is: 1 MiB/s.
-pub const MIN_BYTES_PER_SEC: u64 = 1 << 20;
+pub const MIN_BYTES_PER_SEC: u64 = blockrep_core::replication::MIN_SEND_LIMIT;
 
 /// The limiter's clock: tokio's, so the waits it asks for are the ones tokio sleeps (and
 /// a test's paused clock moves both).

@@ -99,6 +99,7 @@ impl Coordinator {
                     "dr".into()
                 },
                 term: p.term,
+                max_bytes_per_sec: p.max_bytes_per_sec.unwrap_or(0),
             })
             .collect()
     }

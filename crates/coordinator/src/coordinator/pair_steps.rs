@@ -54,6 +54,7 @@ pub(super) fn assignment(
         generation: 0,
         term: p.term,
         grouped: p.group.is_some(),
+        max_bytes_per_sec: p.max_bytes_per_sec.unwrap_or(0),
     }
 }
 

@@ -6,6 +6,7 @@
 use super::jobs::job_view;
 use super::pair_steps::{self, Side};
 use super::*;
+use blockrep_core::replication::MIN_SEND_LIMIT;
 
 mod create;
 
@@ -26,6 +27,42 @@ impl Coordinator {
     pub fn get_pair(&self, reference: &str) -> Result<proto::Pair, ApiError> {
         let state = self.lock();
         let id = Self::find_pair(&state, reference)?;
+        Ok(self.pair_view(&state, &state.pairs[&id]))
+    }
+
+    /// Changes a pair's settings: its own send limit, which its production agent takes up
+    /// with its next heartbeat (within a second).
+    pub fn update_pair(&self, req: proto::UpdatePairRequest) -> Result<proto::Pair, ApiError> {
+        let limit = match req.max_bytes_per_sec {
+            Some(0) => Some(None),
+            Some(rate) if rate < MIN_SEND_LIMIT => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "a send limit of {rate} bytes per second is below the least, {MIN_SEND_LIMIT} (1 MiB/s)"
+                )));
+            }
+            Some(rate) => Some(Some(rate)),
+            None => None,
+        };
+        let mut state = self.lock();
+        let id = Self::find_pair(&state, &req.pair)?;
+        let mut updated = state.pairs[&id].clone();
+        if matches!(
+            updated.status,
+            PairStatus::Deleting | PairStatus::ErrorDeleting
+        ) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "pair {} is {}; it cannot be changed",
+                updated.name, updated.status
+            )));
+        }
+        if let Some(limit) = limit {
+            updated.max_bytes_per_sec = limit;
+        }
+        if updated != state.pairs[&id] {
+            updated.updated_at = Some(now_text());
+            self.commit_into(&mut state, &[Change::PutPair(updated)])?;
+            tracing::info!(pair = %id, max_bytes_per_sec = ?limit.flatten(), "pair updated");
+        }
         Ok(self.pair_view(&state, &state.pairs[&id]))
     }
 
@@ -216,6 +253,7 @@ impl Coordinator {
             production_node: p.production_node.clone(),
             dr_node: p.dr_node.clone(),
             failure_detail: p.failure_detail.clone().unwrap_or_default(),
+            max_bytes_per_sec: p.max_bytes_per_sec.unwrap_or(0),
             ..Default::default()
         };
         match (&production, p.status) {
@@ -371,6 +409,35 @@ mod tests {
         let h = Harness::seeded(&[Change::PutPair(syncing.clone()), Change::PutJob(create)]);
         let answer = h.coordinator.delete_pair("syncing").unwrap();
         assert_eq!(answer.pair.unwrap().status, "deleting");
+    }
+
+    #[test]
+    fn a_pairs_send_limit_is_checked_stored_and_given_to_its_nodes() {
+        let pair = pair_record("limited", ("n1", 1), ("n2", 2));
+        let h = Harness::seeded(&[Change::PutPair(pair.clone())]);
+        let update = |rate| proto::UpdatePairRequest {
+            pair: "limited".into(),
+            max_bytes_per_sec: rate,
+        };
+        h.assert_refused(
+            h.coordinator.update_pair(update(Some(100 << 10))),
+            400,
+            "below the least",
+            1,
+        );
+        let shown = h.coordinator.update_pair(update(Some(100 << 20))).unwrap();
+        assert_eq!(shown.max_bytes_per_sec, 100 << 20);
+        assert_eq!(h.pair(pair.id).max_bytes_per_sec, Some(100 << 20));
+        let roles = Coordinator::roles_of(&h.coordinator.lock(), "n1");
+        assert_eq!(
+            roles[0].max_bytes_per_sec,
+            100 << 20,
+            "told with the heartbeat"
+        );
+        let unchanged = h.coordinator.update_pair(update(None)).unwrap();
+        assert_eq!(unchanged.max_bytes_per_sec, 100 << 20);
+        h.coordinator.update_pair(update(Some(0))).unwrap();
+        assert_eq!(h.pair(pair.id).max_bytes_per_sec, None, "0: none");
     }
 
     #[test]

@@ -359,6 +359,7 @@ pub(super) fn pair_record(name: &str, production: (&str, u8), dr: (&str, u8)) ->
         dr_started: true,
         production_started: true,
         failure_detail: None,
+        max_bytes_per_sec: None,
         job: None,
         pending: None,
         group: None,

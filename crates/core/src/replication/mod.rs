@@ -29,6 +29,9 @@ pub use lineage::{
     Divergence, DrView, FullSyncReason, Generation, GenerationId, Lineage, Plan, ProductionView,
 };
 pub use reject::RejectReason;
+
+/// The least send limit an agent or a pair takes: 1 MiB/s.
+pub const MIN_SEND_LIMIT: u64 = 1 << 20;
 pub use resync::ResyncPlan;
 pub use role::{IllegalTransition, VolumeRole, WriteVerdict};
 pub use status::{

@@ -418,6 +418,7 @@ mod tests {
             term: 0,
             fence: None,
             promotion: None,
+            max_bytes_per_sec: None,
         };
         let limits = DrLimits::of(&crate::production::ReplicationConfig::default(), SIZE);
         DrPair::new(membership, volume, dir.to_owned(), limits)

@@ -40,6 +40,8 @@ pub struct PairReport {
     pub peer_node: String,
     pub counters: ReportCounters,
     pub needs_resolve: bool,
+    /// Production: the pair's own send limit.
+    pub max_bytes_per_sec: Option<u64>,
     /// The generation the volume's data belongs to (rule 5).
     pub generation: Option<GenerationId>,
     pub verify: Option<VerifyStatus>,
@@ -121,6 +123,7 @@ pub(super) fn production_report(p: &ProductionPair) -> PairReport {
             coalesced_bytes: p.link.coalesced_bytes(),
         },
         needs_resolve: p.needs_resolve(),
+        max_bytes_per_sec: p.max_bytes_per_sec(),
         generation: generation(p.volume()),
         verify: p.verify_status(),
         state: Some(p.link.state()),
@@ -174,6 +177,7 @@ pub(super) fn dr_report(d: &DrPair) -> PairReport {
             ..ReportCounters::default()
         },
         needs_resolve: d.needs_resolve(),
+        max_bytes_per_sec: None,
         generation: generation(d.volume()),
         verify: None,
         state: None,

@@ -128,9 +128,9 @@ pub struct ProductionPair {
     /// Told when the pair trips (so the coordinator cuts) or its status changes: its agent
     /// reports at once.
     report_now: Arc<tokio::sync::Notify>,
-    /// What the agent's pairs may send, together.
-    send_limit: Arc<SendLimit>,
-    /// When the sender last waited on the send limit.
+    /// What the agent's pairs may send, together, and what this pair may.
+    send_limits: SendLimits,
+    /// When the sender last waited on a send limit.
     throttled_at: Mutex<Option<std::time::Instant>>,
 }
 
@@ -148,8 +148,47 @@ pub struct AgentContext {
     pub send_limit: Arc<SendLimit>,
 }
 
+/// The limits a pair's sender goes by: the agent's, shared by all its pairs, and the pair's
+/// own.
+#[derive(Clone)]
+pub(crate) struct SendLimits {
+    pub agent: Arc<SendLimit>,
+    pub pair: Arc<SendLimit>,
+}
+
+impl SendLimits {
+    pub fn is_set(&self) -> bool {
+        self.agent.is_set() || self.pair.is_set()
+    }
+
+    /// Waits until `bytes` more may be sent under both; `waiting` as in [`SendLimit::take`].
+    pub async fn take(&self, bytes: u64, mut waiting: impl FnMut()) {
+        self.pair.take(bytes, &mut waiting).await;
+        self.agent.take(bytes, &mut waiting).await;
+    }
+}
+
 impl ProductionPair {
-    /// Whether the sender waited on the agent's send limit in the last `span`.
+    /// The pair's own send limit in bytes per second, if it has one.
+    pub fn max_bytes_per_sec(&self) -> Option<u64> {
+        self.send_limits.pair.bytes_per_sec()
+    }
+
+    /// Sets the pair's own send limit (`None`: none), recorded so a restarted agent starts
+    /// with it; it holds from the next bytes sent. Nothing changes if it is out of range or
+    /// cannot be recorded.
+    pub fn set_max_bytes_per_sec(&self, limit: Option<u64>) -> Result<(), String> {
+        if self.membership().max_bytes_per_sec == limit {
+            return Ok(());
+        }
+        SendLimit::new(limit)?;
+        self.membership
+            .update(|m| m.max_bytes_per_sec = limit)
+            .map_err(|e| format!("cannot record the pair's send limit: {e}"))?;
+        self.send_limits.pair.set(limit)
+    }
+
+    /// Whether the sender waited on a send limit in the last `span`.
     fn throttled_within(&self, span: Duration) -> bool {
         self.throttled_at
             .lock()
@@ -214,6 +253,10 @@ impl ProductionPair {
             .gate()
             .set_link(Some(Arc::clone(&link) as Arc<dyn ReplicaLink>));
         let drain_from = (membership.fence == Some(Fence::Draining)).then(|| link.current_epoch());
+        let send_limits = SendLimits {
+            agent: send_limit,
+            pair: Arc::new(SendLimit::new(membership.max_bytes_per_sec)?),
+        };
         let pair = Arc::new(Self {
             membership: Arc::new(MembershipRecord::new(&volume_dir, membership)),
             volume,
@@ -236,7 +279,7 @@ impl ProductionPair {
             verify: Mutex::new(None),
             drain_from: Mutex::new(drain_from),
             report_now,
-            send_limit,
+            send_limits,
             throttled_at: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&pair).run());

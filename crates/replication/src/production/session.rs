@@ -3,7 +3,6 @@
 //! to the machine one at a time, with the sender beside it) until it ends, and the backoff
 //! between sessions.
 
-use crate::send_limit::SendLimit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,9 +22,9 @@ use crate::endpoint::ReplicationStream;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::link::{Data, PairLink};
 
-use super::ProductionPair;
 use super::error::SessionError;
 use super::resync::{ResyncKind, ResyncOutcome};
+use super::{ProductionPair, SendLimits};
 
 impl ProductionPair {
     /// One session: the handshake, the plan, then the stream's loops until one ends.
@@ -147,7 +146,7 @@ impl ProductionPair {
         let mut sender = std::pin::pin!(send_loop(
             &self.link,
             writer,
-            &self.send_limit,
+            &self.send_limits,
             &self.throttled_at,
         ));
         let mut states = self.link.states();
@@ -338,13 +337,13 @@ impl Ticker {
     }
 }
 
-/// Sends the link's frames, payloads as their own chunks, no faster than the agent's send
-/// limit lets them go: under a limit, chunk by chunk as the limit allows (the DR side
+/// Sends the link's frames, payloads as their own chunks, no faster than the agent's and
+/// the pair's send limits let them go: under a limit, chunk by chunk as the limit allows (the DR side
 /// answers what reached it meanwhile), noting in `throttled_at` when it last had to wait.
 async fn send_loop(
     link: &PairLink,
     writer: &mut FrameWriter,
-    send_limit: &SendLimit,
+    send_limit: &SendLimits,
     throttled_at: &Mutex<Option<Instant>>,
 ) -> Result<(), SessionError> {
     let mut frames = Vec::new();

@@ -199,6 +199,7 @@ impl Coordinator {
             dr_started: false,
             production_started: false,
             failure_detail: None,
+            max_bytes_per_sec: None,
             job: None,
             pending: None,
             group: None,
