@@ -91,6 +91,8 @@ struct RawReplication {
     stage_log_max_bytes: Option<ByteSize>,
     #[serde(default)]
     max_bytes_per_sec: Option<ByteSize>,
+    #[serde(default)]
+    compression: Option<String>,
 }
 
 impl Default for RawReplication {
@@ -101,6 +103,7 @@ impl Default for RawReplication {
             apply_queue_bytes: default_apply_queue_bytes(),
             stage_log_max_bytes: None,
             max_bytes_per_sec: None,
+            compression: None,
         }
     }
 }
@@ -442,7 +445,15 @@ impl Config {
             blockrep_replication::send_limit::SendLimit::new(Some(rate))
                 .map_err(|m| invalid("replication.max_bytes_per_sec", m))?;
         }
+        let compression = r
+            .compression
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|m| invalid("replication.compression", m))?
+            .unwrap_or_default();
         let replication = ReplicationConfig {
+            compression,
             epoch_interval: Duration::from_millis(r.epoch_interval_ms),
             journal_bytes,
             apply_queue_bytes,
@@ -614,6 +625,22 @@ mod tests {
                 "{MINIMAL}[replication]\nmax_bytes_per_sec = \"100KiB\"\n"
             ))
             .contains("replication.max_bytes_per_sec: a send limit of 102400 bytes per second is below the least")
+        );
+    }
+
+    #[test]
+    fn compression_is_zstd_or_off_and_off_by_default() {
+        use blockrep_replication::compression::Compression;
+        let zstd = parse(&format!("{MINIMAL}[replication]\ncompression = \"zstd\"\n")).unwrap();
+        assert_eq!(zstd.replication.compression, Compression::Zstd);
+        assert_eq!(
+            parse(MINIMAL).unwrap().replication.compression,
+            Compression::Off
+        );
+        let error = error_of(&format!("{MINIMAL}[replication]\ncompression = \"lz4\"\n"));
+        assert!(
+            error.contains("replication.compression: \"lz4\" is not a compression"),
+            "{error}"
         );
     }
 

@@ -9,6 +9,7 @@
 
 pub mod applier;
 pub mod clock;
+pub mod compression;
 pub mod dr;
 pub mod dr_state;
 pub mod link;

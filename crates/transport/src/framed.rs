@@ -100,7 +100,7 @@ impl FrameWriter {
     /// large one as its own chunk.
     pub fn push_write(&mut self, header: &WriteHeader, payload: Bytes, chunks: &mut Vec<Bytes>) {
         self.make_room(64 + payload.len().min(COPY_BELOW));
-        encode_write_header(header, &mut self.gather);
+        encode_write_header(header, payload.len() as u32, &mut self.gather);
         if payload.len() < COPY_BELOW {
             self.gather.extend_from_slice(&payload);
             if self.gather.len() >= GATHER_BYTES {

@@ -29,8 +29,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::version::ProtocolVersion;
 
+/// The most data one write carries: 64 MiB (compressed or not).
+pub const MAX_PAYLOAD_LEN: usize = 64 << 20;
 /// The longest frame accepted: a 64 MiB write plus its header.
-pub const MAX_FRAME_LEN: usize = (64 << 20) + 64;
+pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD_LEN + 64;
 /// Bytes of a frame before its body: length and type.
 pub const FRAME_HEADER_LEN: usize = 5;
 /// Bytes of a `Write` frame before its payload, counting the frame header.
@@ -54,7 +56,10 @@ impl WriteFlags {
     /// A direct write the DR side holds back, unwritten and unacknowledged, until an
     /// `Ungate` (a hypermetro group going synchronous again).
     pub const GATED: u8 = 1 << 5;
-    const KNOWN: u8 = 0x3f;
+    /// The payload is one zstd frame of the write's `len` bytes (fewer bytes than that on
+    /// the wire); the CRC is of the bytes it decompresses to.
+    pub const ZSTD: u8 = 1 << 6;
+    const KNOWN: u8 = 0x7f;
 
     pub fn has(self, flag: u8) -> bool {
         self.0 & flag != 0
@@ -267,7 +272,7 @@ impl Frame {
     /// [`Frame::encode_write_header`] to send the payload as its own chunk instead.
     pub fn encode(&self, out: &mut BytesMut) {
         if let Frame::Write(header, payload) = self {
-            encode_write_header(header, out);
+            encode_write_header(header, payload.len() as u32, out);
             out.extend_from_slice(payload);
             return;
         }
@@ -477,13 +482,25 @@ impl Frame {
                         len: u64::from(header.len),
                     });
                 }
-                let payload_len = if header.flags.has(WriteFlags::ZEROES) {
-                    0
+                if header.flags.has(WriteFlags::ZSTD) {
+                    // Compressed: something, and less than it decompresses to, which is at
+                    // most what a frame may carry (the DR side decompresses into no more).
+                    if header.flags.has(WriteFlags::ZEROES)
+                        || body.is_empty()
+                        || body.len() >= header.len as usize
+                        || header.len as usize > MAX_PAYLOAD_LEN
+                    {
+                        return Err(WireError::BadLength { ty, len });
+                    }
                 } else {
-                    header.len as usize
-                };
-                if body.len() != payload_len {
-                    return Err(WireError::BadLength { ty, len });
+                    let payload_len = if header.flags.has(WriteFlags::ZEROES) {
+                        0
+                    } else {
+                        header.len as usize
+                    };
+                    if body.len() != payload_len {
+                        return Err(WireError::BadLength { ty, len });
+                    }
                 }
                 Frame::Write(header, body.freeze())
             }
@@ -611,15 +628,10 @@ impl Frame {
     }
 }
 
-/// Appends a `Write` frame's header; its payload (`header.len` bytes, none for zeroes)
-/// must follow.
-pub fn encode_write_header(header: &WriteHeader, out: &mut BytesMut) {
-    let payload = if header.flags.has(WriteFlags::ZEROES) {
-        0
-    } else {
-        header.len
-    };
-    out.put_u32((WRITE_HEADER_LEN - 4) as u32 + payload);
+/// Appends a `Write` frame's header; its payload of `payload_len` bytes must follow
+/// (`header.len`, none for zeroes, or the compressed length with [`WriteFlags::ZSTD`]).
+pub fn encode_write_header(header: &WriteHeader, payload_len: u32, out: &mut BytesMut) {
+    out.put_u32((WRITE_HEADER_LEN - 4) as u32 + payload_len);
     out.put_u8(Type::Write as u8);
     out.put_u8(header.flags.0);
     out.put_u64(header.epoch.0);
@@ -926,6 +938,7 @@ mod tests {
                 len: 4096,
                 crc: 0xdead_beef,
             },
+            4096,
             &mut out,
         );
         assert_eq!(
@@ -984,6 +997,7 @@ mod tests {
                 len: 8192,
                 crc: 0,
             },
+            8192,
             &mut out,
         );
         out.extend_from_slice(&[0; 8192]);
@@ -994,6 +1008,39 @@ mod tests {
                 len: 8192
             })
         );
+    }
+
+    /// A compressed write carries something, less than it decompresses to, which is at
+    /// most what an uncompressed write may carry; and never with the zeroes flag.
+    #[test]
+    fn a_compressed_write_is_shorter_than_its_length_and_no_longer_than_a_frame() {
+        let decode = |flags: u8, len: u32, body: usize| {
+            let mut out = BytesMut::new();
+            let header = WriteHeader {
+                flags: WriteFlags(flags | WriteFlags::ZSTD),
+                epoch: Epoch(1),
+                seq: WriteSeq(1),
+                offset: 0,
+                len,
+                crc: 0,
+            };
+            encode_write_header(&header, body as u32, &mut out);
+            out.extend_from_slice(&vec![1; body]);
+            Frame::decode(&mut out).map(|f| f.is_some())
+        };
+        assert_eq!(decode(0, 4096, 100), Ok(true));
+        for (flags, len, body) in [
+            (0, 4096, 0),
+            (0, 4096, 4096),
+            (0, 4096, 5000),
+            (WriteFlags::ZEROES, 4096, 100),
+            (0, MAX_PAYLOAD_LEN as u32 + 1, 100),
+        ] {
+            assert!(
+                matches!(decode(flags, len, body), Err(WireError::BadLength { .. })),
+                "flags {flags:#x}, len {len}, body {body}"
+            );
+        }
     }
 
     proptest! {
@@ -1012,7 +1059,7 @@ mod tests {
             Frame::Refuse { kind: RefuseKind::Mismatch, reason: "x".repeat(20) }.encode(&mut out);
             encode_write_header(&WriteHeader {
                 flags: WriteFlags(0), epoch: Epoch(1), seq: WriteSeq(1), offset: 0, len: 8, crc: 0,
-            }, &mut out);
+            }, 8, &mut out);
             out.extend_from_slice(&[7; 8]);
             let at = at % out.len();
             out[at] = value;

@@ -22,16 +22,20 @@ pub enum ProtocolVersion {
     /// end of the initial sync is acknowledged (`SyncDoneAck`); a DR side whose stage log is
     /// at its cap rejects staged writes (`Reject` with `StageFull`).
     V4,
+    /// Version 5: a write's payload may be zstd-compressed (`WriteFlags::ZSTD`); a version 4
+    /// DR side would refuse the flag.
+    V5,
 }
 
 impl ProtocolVersion {
-    pub const CURRENT: ProtocolVersion = ProtocolVersion::V4;
+    pub const CURRENT: ProtocolVersion = ProtocolVersion::V5;
 
     pub fn number(self) -> u16 {
         match self {
             ProtocolVersion::V2 => 2,
             ProtocolVersion::V3 => 3,
             ProtocolVersion::V4 => 4,
+            ProtocolVersion::V5 => 5,
         }
     }
 
@@ -40,6 +44,7 @@ impl ProtocolVersion {
             2 => Ok(ProtocolVersion::V2),
             3 => Ok(ProtocolVersion::V3),
             4 => Ok(ProtocolVersion::V4),
+            5 => Ok(ProtocolVersion::V5),
             other => Err(WireError::UnknownVersion(other)),
         }
     }

@@ -633,6 +633,88 @@ mod tests {
         );
     }
 
+    /// A compressed write, staged or direct, lands as the data it decompresses to; one that
+    /// decompresses to another length, or to data whose CRC differs, is refused as a bad
+    /// checksum (the production side sends it again) and nothing of it is written.
+    #[test]
+    fn compressed_writes_apply_decompressed_and_a_bad_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let (applier, mut events, runtime) = start_applier(dir.path(), &path, SIZE);
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        let data: Vec<u8> = (0..8192u32).map(|i| (i / 700) as u8 + 1).collect();
+        let packed = crate::compression::Compressor::new()
+            .unwrap()
+            .compress(&data)
+            .unwrap();
+        let compressed = |flags, seq, offset, len: u32, crc| ApplyCmd::Write {
+            header: WriteHeader {
+                flags: WriteFlags(flags | WriteFlags::ZSTD),
+                epoch: Epoch(1),
+                seq: WriteSeq(seq),
+                offset,
+                len,
+                crc,
+            },
+            payload: packed.clone(),
+            budget: 0,
+        };
+        let crc = payload_crc(&data);
+        submit(compressed(0, 1, 0, 8192, crc));
+        submit(seal(1, 5));
+        submit(compressed(
+            WriteFlags::DIRECT | WriteFlags::ACK,
+            2,
+            16384,
+            8192,
+            crc,
+        ));
+        submit(compressed(
+            WriteFlags::DIRECT | WriteFlags::ACK,
+            3,
+            32768,
+            4096,
+            crc,
+        ));
+        submit(compressed(
+            WriteFlags::DIRECT | WriteFlags::ACK,
+            4,
+            49152,
+            8192,
+            !crc,
+        ));
+        submit(ApplyCmd::Flush { seq: WriteSeq(9) });
+        let seen = events_until_flush(&mut events, WriteSeq(9));
+        assert!(
+            seen.contains(&ApplyEvent::WriteAck(WriteSeq(2))),
+            "{seen:?}"
+        );
+        for seq in [3, 4] {
+            assert!(
+                seen.contains(&ApplyEvent::Reject {
+                    seq: WriteSeq(seq),
+                    reason: RejectReason::Checksum
+                }),
+                "write {seq}: {seen:?}"
+            );
+        }
+        applier.stop();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut block = vec![0u8; 8192];
+        for offset in [0, 16384] {
+            file.read_exact_at(&mut block, offset).unwrap();
+            assert_eq!(block, data, "at {offset}");
+        }
+        for offset in [32768, 49152] {
+            file.read_exact_at(&mut block, offset).unwrap();
+            assert_eq!(
+                block,
+                vec![0; 8192],
+                "nothing of a refused write at {offset}"
+            );
+        }
+    }
+
     /// Units replayed at start are applied one by one, and the stage log may be compacted
     /// after each: the seals of the units still to replay are durable and acknowledged, so
     /// the compacted log keeps them. Here the second unit's apply fails (its volume's file

@@ -26,6 +26,9 @@ pub(super) enum SessionError {
     Protocol(String),
     #[error("resync failed: {0}")]
     Resync(String),
+    /// Something on this host failed (not the peer, not the link).
+    #[error("{0}")]
+    Local(String),
     /// The pair left the session's states (paused, demoted, stopped) while it ran.
     #[error("{0}")]
     Left(#[from] IllegalTransition),

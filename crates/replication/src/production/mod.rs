@@ -66,6 +66,8 @@ pub struct ReplicationConfig {
     /// Production side: the most bytes per second the agent sends to its peers, every pair
     /// together (`None`: no limit); changed while it runs through [`crate::pairs::Pairs`].
     pub max_bytes_per_sec: Option<u64>,
+    /// Production side: how write payloads go on the wire.
+    pub compression: crate::compression::Compression,
 }
 
 /// The smallest default stage log cap.
@@ -89,6 +91,7 @@ impl Default for ReplicationConfig {
             apply_queue_bytes: 32 << 20,
             stage_log_max_bytes: None,
             max_bytes_per_sec: None,
+            compression: crate::compression::Compression::Off,
         }
     }
 }

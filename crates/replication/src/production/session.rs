@@ -25,6 +25,7 @@ use crate::link::{Data, PairLink};
 use super::error::SessionError;
 use super::resync::{ResyncKind, ResyncOutcome};
 use super::{ProductionPair, SendLimits};
+use crate::compression::{Compression, Compressor};
 
 impl ProductionPair {
     /// One session: the handshake, the plan, then the stream's loops until one ends.
@@ -148,6 +149,7 @@ impl ProductionPair {
             writer,
             &self.send_limits,
             &self.throttled_at,
+            self.config.compression,
         ));
         let mut states = self.link.states();
         // The counters run across streams; each stream counts from zero.
@@ -345,7 +347,15 @@ async fn send_loop(
     writer: &mut FrameWriter,
     send_limit: &SendLimits,
     throttled_at: &Mutex<Option<Instant>>,
+    compression: Compression,
 ) -> Result<(), SessionError> {
+    let mut compressor = match compression {
+        Compression::Off => None,
+        Compression::Zstd => Some(
+            Compressor::new()
+                .map_err(|e| SessionError::Local(format!("cannot start zstd: {e}")))?,
+        ),
+    };
     let mut frames = Vec::new();
     let mut chunks: Vec<Bytes> = Vec::new();
     let counters = Arc::clone(&link.counters);
@@ -387,15 +397,21 @@ async fn send_loop(
                             Bytes::new()
                         }
                     };
+                    // The CRC is of the data, whatever happens to it on the way.
+                    let crc = payload_crc(&bytes);
+                    let mut bytes = fault.apply(bytes);
+                    if let Some(packed) = compressor.as_mut().and_then(|c| c.compress(&bytes)) {
+                        flags |= WriteFlags::ZSTD;
+                        bytes = packed;
+                    }
                     let header = WriteHeader {
                         flags: WriteFlags(flags),
                         epoch,
                         seq,
                         offset: range.offset,
                         len: range.len as u32,
-                        crc: payload_crc(&bytes),
+                        crc,
                     };
-                    let bytes = fault.apply(bytes);
                     counters.extents_sent.fetch_add(1, Ordering::Relaxed);
                     writer.push_write(&header, bytes, &mut chunks);
                 }

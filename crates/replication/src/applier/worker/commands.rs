@@ -10,6 +10,8 @@ use blockrep_core::replication::Epoch;
 use blockrep_core::replication::direct_gate::Gating;
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
+
+use crate::compression;
 use bytes::Bytes;
 
 use super::Worker;
@@ -125,18 +127,30 @@ impl Worker {
     }
 
     /// Handles one incoming write. Returns false if it had to wait (it is put back).
-    fn write(&mut self, header: WriteHeader, payload: Bytes, budget: u32) -> io::Result<bool> {
+    fn write(&mut self, mut header: WriteHeader, payload: Bytes, budget: u32) -> io::Result<bool> {
         let zeroes = header.flags.has(WriteFlags::ZEROES);
         // A malformed write ends the applier: nothing after it in the stream applies.
         let range = ByteRange::within(header.offset, u64::from(header.len), self.volume.size())
             .map_err(|e| invalid(format!("a write for the DR volume: {e}")))?;
-        if !zeroes && payload.len() as u64 != range.len {
+        let (payload, whole) = if header.flags.has(WriteFlags::ZSTD) {
+            // Into exactly the write's length; a payload that comes to anything else is
+            // refused as a bad checksum (sent again), like one corrupted on the way. (Put
+            // back for want of room, the write waits decompressed.)
+            header.flags = WriteFlags(header.flags.0 & !WriteFlags::ZSTD);
+            match compression::decompress(&payload, range.len as usize) {
+                Some(data) => (Bytes::from(data), true),
+                None => (Bytes::new(), false),
+            }
+        } else {
+            (payload, true)
+        };
+        if whole && !zeroes && payload.len() as u64 != range.len {
             return Err(invalid(format!(
                 "write {range} carries {} bytes of payload",
                 payload.len()
             )));
         }
-        let checksum_ok = zeroes || payload_crc(&payload) == header.crc;
+        let checksum_ok = zeroes || (whole && payload_crc(&payload) == header.crc);
         if !header.flags.has(WriteFlags::DIRECT) {
             let room = checksum_ok && (range.is_empty() || self.stage_room(range));
             match self.side.staged_write(header.epoch, checksum_ok, room) {
