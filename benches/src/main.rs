@@ -56,7 +56,9 @@ struct Args {
     /// volume, 25% written), `catch-up` (a link outage under 4k randwrite, then the
     /// catch-up), `backlog` (a 1 GiB backlog caught up), `lossy` (async replication over a
     /// link losing 5% of packets), `limited` (a 1 GiB backlog caught up under a 100 MiB/s
-    /// send limit). The last four need root (network namespaces, nft).
+    /// send limit), `compressed` (a 1 GiB half-compressible backlog caught up under a 100
+    /// MiB/s limit, compression off and then zstd). The last five need root (network
+    /// namespaces, nft).
     /// Consistency groups: `group-failover` (call to writable DR exports, production agent
     /// killed), `group-reprotect` (a 4 GiB pair, 1% written on each side: bytes copied
     /// against the union of both bitmaps), `group-iops` (4k randwrite QD32 on two async
@@ -160,7 +162,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     }) || args
         .scenarios
         .iter()
-        .any(|s| ["catch-up", "backlog", "lossy", "limited"].contains(&s.as_str()));
+        .any(|s| ["catch-up", "backlog", "lossy", "limited", "compressed"].contains(&s.as_str()));
     let dr_work = match env::dr_disk() {
         env::DrDisk::Shared => None,
         env::DrDisk::Memory => Some(env.temp_dir_in(std::path::Path::new("/dev/shm"))?),
@@ -273,12 +275,13 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                 )?
             }
             "initial-sync" => scenarios::initial_sync(&mut env, &work, &bin, &report)?,
-            "catch-up" | "backlog" | "lossy" | "limited" => {
+            "catch-up" | "backlog" | "lossy" | "limited" | "compressed" => {
                 let mut setup = targets::Setup::new(&mut env, paths);
                 match scenario.as_str() {
                     "catch-up" => outages::catch_up(&mut setup, &report, args.outage_seconds)?,
                     "backlog" => outages::backlog(&mut setup, &report)?,
                     "limited" => outages::limited(&mut setup, 100)?,
+                    "compressed" => outages::compressed(&mut setup, 100)?,
                     _ => outages::lossy(&mut setup, &report)?,
                 }
             }
