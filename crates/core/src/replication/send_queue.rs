@@ -19,7 +19,8 @@ pub(crate) struct SendQueue<P> {
     frames: VecDeque<Option<Outgoing<P>>>,
     /// The position of `frames[0]` since the queue began.
     head: u64,
-    /// Staged writes queued since the last fence, by range: their position.
+    /// Staged writes queued since the last fence, by range: their position (those sent
+    /// since stay until the next fence, which clears them all).
     staged_since_fence: HashMap<ByteRange, u64>,
     /// Frames queued that are not staged writes.
     fences: usize,
@@ -69,6 +70,7 @@ impl<P: PayloadLen> SendQueue<P> {
         if let Outgoing::Write(new) = &frame
             && !new.direct
             && let Some(&at) = self.staged_since_fence.get(&new.range)
+            && at >= self.head
         {
             let slot = &mut self.frames[(at - self.head) as usize];
             if let Some(Outgoing::Write(old)) = slot
@@ -88,15 +90,9 @@ impl<P: PayloadLen> SendQueue<P> {
             .frames
             .pop_front()?
             .expect("the front is never a dropped write");
-        let at = self.head;
         self.head += 1;
-        match &frame {
-            Outgoing::Write(w) if !w.direct => {
-                if self.staged_since_fence.get(&w.range) == Some(&at) {
-                    self.staged_since_fence.remove(&w.range);
-                }
-            }
-            _ => self.fences -= 1,
+        if !matches!(&frame, Outgoing::Write(w) if !w.direct) {
+            self.fences -= 1;
         }
         self.skip_dropped();
         Some(frame)

@@ -70,7 +70,10 @@ pub enum Redeemed {
 #[derive(Debug, Default)]
 pub struct TicketRegistry {
     entries: BTreeMap<(u64, u64), Entry>,
-    longest: u64,
+    /// How many live tickets have each length: a spoil looks back as far as the longest
+    /// live one reaches, so one long resync extent, once redeemed, no longer makes every
+    /// later 4 KiB write scan a megabyte's worth of tickets.
+    lengths: BTreeMap<u64, u32>,
     next_id: u64,
 }
 
@@ -92,7 +95,8 @@ impl TicketRegistry {
         if self.entries.is_empty() || range.is_empty() {
             return;
         }
-        let from = range.offset.saturating_sub(self.longest.saturating_sub(1));
+        let longest = self.lengths.last_key_value().map_or(0, |(&len, _)| len);
+        let from = range.offset.saturating_sub(longest.saturating_sub(1));
         for (&(start, _), entry) in self.entries.range_mut((from, 0)..(range.end(), 0)) {
             if entry.end > range.offset && entry.end > start {
                 let lo = start.max(range.offset);
@@ -110,7 +114,7 @@ impl TicketRegistry {
             id: self.next_id,
         };
         self.next_id += 1;
-        self.longest = self.longest.max(range.len);
+        *self.lengths.entry(range.len).or_insert(0) += 1;
         self.entries.insert(
             (ticket.start, ticket.id),
             Entry {
@@ -166,15 +170,25 @@ impl TicketRegistry {
     /// Forgets every ticket.
     pub fn forget_all(&mut self) {
         self.entries.clear();
-        self.longest = 0;
+        self.lengths.clear();
     }
 
     fn remove(&mut self, ticket: Ticket) -> Option<Entry> {
-        let entry = self.entries.remove(&(ticket.start, ticket.id));
-        if self.entries.is_empty() {
-            self.longest = 0;
+        let entry = self.entries.remove(&(ticket.start, ticket.id))?;
+        let len = entry.end - ticket.start;
+        if let Some(n) = self.lengths.get_mut(&len) {
+            *n -= 1;
+            if *n == 0 {
+                self.lengths.remove(&len);
+            }
         }
-        entry
+        Some(entry)
+    }
+
+    /// How far back from a range's start a live ticket may begin and still overlap it.
+    #[cfg(test)]
+    fn reach(&self) -> u64 {
+        self.lengths.last_key_value().map_or(0, |(&len, _)| len)
     }
 }
 
@@ -183,6 +197,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_long_ticket_gone_no_longer_widens_the_search() {
+        let mut reg = TicketRegistry::new();
+        let extent = reg.issue(ByteRange::new(0, 4 << 20));
+        let writes: Vec<Ticket> = (0..4)
+            .map(|i| reg.issue(ByteRange::new((64 << 20) + i * 8192, 4096)))
+            .collect();
+        assert_eq!(reg.reach(), 4 << 20);
+        let _ = reg.redeem(extent);
+        assert_eq!(reg.reach(), 4096, "only 4 KiB tickets are left");
+        for w in writes {
+            reg.forget(w);
+        }
+        assert_eq!(reg.reach(), 0);
+    }
 
     #[test]
     fn a_write_after_the_data_was_taken_keeps_its_part_dirty() {
