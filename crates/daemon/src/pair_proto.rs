@@ -53,7 +53,14 @@ pub fn membership_of(a: &proto::PairAssignment, side: Side) -> Result<Membership
         term: a.term,
         fence: None,
         promotion: None,
-        max_bytes_per_sec: (a.max_bytes_per_sec > 0).then_some(a.max_bytes_per_sec),
+        max_bytes_per_sec: match a.max_bytes_per_sec {
+            0 => None,
+            rate => Some(
+                blockrep_core::replication::check_send_limit(rate)
+                    .map(|()| rate)
+                    .map_err(|e| bad("the pair's send limit", &e))?,
+            ),
+        },
     })
 }
 
@@ -200,6 +207,12 @@ mod tests {
             Some(8 << 20),
             "the pair's send limit goes along"
         );
+        for rate in [1, 5 << 40] {
+            let mut hostile = assignment();
+            hostile.max_bytes_per_sec = rate;
+            let error = switch_of(&hostile).unwrap_err().to_string();
+            assert!(error.contains("send limit"), "{rate}: {error}");
+        }
 
         let mut own = assignment();
         own.generation = 0;

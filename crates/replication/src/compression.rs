@@ -49,6 +49,8 @@ impl fmt::Display for Compression {
 const LEVEL: i32 = 1;
 /// Payloads shorter than this go as they are: a frame's overhead eats what they would save.
 const MIN_BYTES: usize = 512;
+/// The most output buffer a compressor keeps between payloads.
+const KEEP_BYTES: usize = 4 << 20;
 
 /// The production side's compressor, kept for the stream (its context is reused).
 pub struct Compressor {
@@ -76,8 +78,13 @@ impl Compressor {
             .zstd
             .compress_to_buffer(data, &mut self.out)
             .ok()
-            .filter(|&n| n < data.len())?;
-        Some(Bytes::copy_from_slice(&self.out[..written]))
+            .filter(|&n| n < data.len());
+        let packed = written.map(|n| Bytes::copy_from_slice(&self.out[..n]));
+        // One large extent does not keep its buffer for the stream's life.
+        if self.out.capacity() > KEEP_BYTES {
+            self.out = Vec::new();
+        }
+        packed
     }
 }
 

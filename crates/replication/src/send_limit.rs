@@ -61,15 +61,9 @@ impl SendLimit {
     pub fn set(&self, bytes_per_sec: Option<u64>) -> Result<(), String> {
         let limit = match bytes_per_sec {
             None => None,
-            Some(rate) if rate < MIN_BYTES_PER_SEC => {
-                return Err(format!(
-                    "a send limit of {rate} bytes per second is below the least, {MIN_BYTES_PER_SEC} (1 MiB/s)"
-                ));
-            }
             Some(rate) => {
-                let cells = u32::try_from(rate / CELL).map_err(|_| {
-                    format!("a send limit of {rate} bytes per second is past the most, 4 TiB/s")
-                })?;
+                blockrep_core::replication::check_send_limit(rate)?;
+                let cells = u32::try_from(rate / CELL).expect("checked: at most u32::MAX cells");
                 let per_second = NonZeroU32::new(cells).expect("at least 1 MiB/s");
                 let burst = NonZeroU32::new((cells / 10).max(1)).expect("at least one cell");
                 let clock = TokioClock {

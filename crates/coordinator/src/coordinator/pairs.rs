@@ -6,7 +6,7 @@
 use super::jobs::job_view;
 use super::pair_steps::{self, Side};
 use super::*;
-use blockrep_core::replication::MIN_SEND_LIMIT;
+use blockrep_core::replication::check_send_limit;
 
 mod create;
 
@@ -35,12 +35,10 @@ impl Coordinator {
     pub fn update_pair(&self, req: proto::UpdatePairRequest) -> Result<proto::Pair, ApiError> {
         let limit = match req.max_bytes_per_sec {
             Some(0) => Some(None),
-            Some(rate) if rate < MIN_SEND_LIMIT => {
-                return Err(ApiError::InvalidArgument(format!(
-                    "a send limit of {rate} bytes per second is below the least, {MIN_SEND_LIMIT} (1 MiB/s)"
-                )));
+            Some(rate) => {
+                check_send_limit(rate).map_err(ApiError::InvalidArgument)?;
+                Some(Some(rate))
             }
-            Some(rate) => Some(Some(rate)),
             None => None,
         };
         let mut state = self.lock();
@@ -423,6 +421,12 @@ mod tests {
             h.coordinator.update_pair(update(Some(100 << 10))),
             400,
             "below the least",
+            1,
+        );
+        h.assert_refused(
+            h.coordinator.update_pair(update(Some(5 << 40))),
+            400,
+            "past the most",
             1,
         );
         let shown = h.coordinator.update_pair(update(Some(100 << 20))).unwrap();

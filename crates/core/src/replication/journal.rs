@@ -24,6 +24,11 @@
 //!   sent the last extents, the epoch is advanced and its seal covers the whole catch-up:
 //!   the DR side moves from its old consistent image to the new one in one step.
 //!
+//! - **Coalescing.** A staged write replaced by a later one of the same epoch and range
+//!   before it was sent is dropped (`send_queue`); so that there is something to replace,
+//!   the open epoch's staged writes wait until a sixteenth of the bound is queued, the
+//!   epoch is cut, or a frame that must not wait is queued behind them.
+//!
 //! Data is dropped from the journal as soon as the sender takes it: the QUIC stream holds
 //! it from there, and after a broken link the pair catches up from the bitmap instead of
 //! resending from memory. Tickets stay until the DR side reports the epoch staged.

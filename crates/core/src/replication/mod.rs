@@ -32,6 +32,23 @@ pub use reject::RejectReason;
 
 /// The least send limit an agent or a pair takes: 1 MiB/s.
 pub const MIN_SEND_LIMIT: u64 = 1 << 20;
+/// The most: the limiter counts 1 KiB cells in a `u32` per second (just under 4 TiB/s).
+pub const MAX_SEND_LIMIT: u64 = (u32::MAX as u64) * 1024;
+
+/// Whether `rate` (bytes per second) is a send limit an agent takes; why not if it is not.
+pub fn check_send_limit(rate: u64) -> Result<(), String> {
+    if rate < MIN_SEND_LIMIT {
+        Err(format!(
+            "a send limit of {rate} bytes per second is below the least, {MIN_SEND_LIMIT} (1 MiB/s)"
+        ))
+    } else if rate > MAX_SEND_LIMIT {
+        Err(format!(
+            "a send limit of {rate} bytes per second is past the most, {MAX_SEND_LIMIT} (4 TiB/s)"
+        ))
+    } else {
+        Ok(())
+    }
+}
 pub use resync::ResyncPlan;
 pub use role::{IllegalTransition, VolumeRole, WriteVerdict};
 pub use status::{

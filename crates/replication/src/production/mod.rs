@@ -215,6 +215,8 @@ impl ProductionPair {
             clock,
             send_limit,
         } = agent;
+        // Checked before anything is installed: a limit out of range leaves the volume as it was.
+        let pair_limit = Arc::new(SendLimit::new(membership.max_bytes_per_sec)?);
         let tracker = volume.tracker().cloned().ok_or_else(|| {
             "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
         })?;
@@ -258,7 +260,7 @@ impl ProductionPair {
         let drain_from = (membership.fence == Some(Fence::Draining)).then(|| link.current_epoch());
         let send_limits = SendLimits {
             agent: send_limit,
-            pair: Arc::new(SendLimit::new(membership.max_bytes_per_sec)?),
+            pair: pair_limit,
         };
         let pair = Arc::new(Self {
             membership: Arc::new(MembershipRecord::new(&volume_dir, membership)),

@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use crate::endpoint::ReplicationStream;
 use crate::framed::{FrameReader, FrameWriter};
-use crate::link::{Data, PairLink};
+use crate::link::{Data, PairCounters, PairLink};
 
 use super::error::SessionError;
 use super::resync::{ResyncKind, ResyncOutcome};
@@ -369,81 +369,26 @@ async fn send_loop(
             notified.await;
             continue;
         }
-        for frame in frames.drain(..) {
-            match frame {
-                Transmit::Write(WriteFrame {
-                    epoch,
-                    seq,
-                    range,
-                    payload,
-                    direct,
-                    fua,
-                    gated,
-                }) => {
-                    let mut flags = 0;
-                    if direct {
-                        flags |= WriteFlags::DIRECT | WriteFlags::ACK;
-                    }
-                    if gated {
-                        flags |= WriteFlags::GATED;
-                    }
-                    if fua {
-                        flags |= WriteFlags::FUA;
-                    }
-                    let bytes = match payload {
-                        Payload::Data(Data(bytes)) => bytes,
-                        Payload::Zeroes => {
-                            flags |= WriteFlags::ZEROES;
-                            Bytes::new()
-                        }
-                    };
-                    // The CRC is of the data, whatever happens to it on the way.
-                    let crc = payload_crc(&bytes);
-                    let mut bytes = fault.apply(bytes);
-                    if let Some(packed) = compressor.as_mut().and_then(|c| c.compress(&bytes)) {
-                        flags |= WriteFlags::ZSTD;
-                        bytes = packed;
-                    }
-                    let header = WriteHeader {
-                        flags: WriteFlags(flags),
-                        epoch,
-                        seq,
-                        offset: range.offset,
-                        len: range.len as u32,
-                        crc,
-                    };
-                    counters.extents_sent.fetch_add(1, Ordering::Relaxed);
-                    writer.push_write(&header, bytes, &mut chunks);
-                }
-                Transmit::Flush { seq } => writer.push_frame(&Frame::Flush { seq }, &mut chunks),
-                Transmit::Seal { epoch, cut_ms } => {
-                    writer.push_frame(&Frame::Seal { epoch, cut_ms }, &mut chunks)
-                }
-                Transmit::Discard { after } => {
-                    writer.push_frame(&Frame::Discard { after }, &mut chunks)
-                }
-                Transmit::SyncDone { epoch } => {
-                    writer.push_frame(&Frame::SyncDone { epoch }, &mut chunks)
-                }
-                Transmit::Ungate { epoch } => {
-                    writer.push_frame(&Frame::Ungate { epoch }, &mut chunks)
-                }
-                Transmit::Verify {
-                    id,
-                    offset,
-                    after,
-                    crcs,
-                } => writer.push_frame(
-                    &Frame::Verify {
-                        id,
-                        offset,
-                        block: VERIFY_BLOCK,
-                        after,
-                        crcs,
-                    },
-                    &mut chunks,
-                ),
-            }
+        let compressing = compressor.is_some();
+        let mut encode = || {
+            encode_frames(
+                &mut frames,
+                writer,
+                &mut chunks,
+                compressor.as_mut(),
+                &fault,
+                &counters,
+            )
+        };
+        if compressing
+            && tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            // Compression is CPU work of milliseconds a batch: off the runtime's workers'
+            // other tasks (NBD answers, the QUIC driver, heartbeats).
+            tokio::task::block_in_place(encode);
+        } else {
+            encode();
         }
         if send_limit.is_set() {
             writer.close_batch(&mut chunks);
@@ -463,6 +408,88 @@ async fn send_loop(
             .bytes_sent
             .fetch_add(writer.bytes_sent - counted, Ordering::Relaxed);
         counted = writer.bytes_sent;
+    }
+}
+
+/// Encodes a batch of the link's frames into `chunks` (payloads as their own chunks),
+/// compressing payloads with `compressor` when it has one.
+fn encode_frames(
+    frames: &mut Vec<Transmit<Data>>,
+    writer: &mut FrameWriter,
+    chunks: &mut Vec<Bytes>,
+    mut compressor: Option<&mut Compressor>,
+    fault: &fault::CorruptExtent,
+    counters: &PairCounters,
+) {
+    for frame in frames.drain(..) {
+        match frame {
+            Transmit::Write(WriteFrame {
+                epoch,
+                seq,
+                range,
+                payload,
+                direct,
+                fua,
+                gated,
+            }) => {
+                let mut flags = 0;
+                if direct {
+                    flags |= WriteFlags::DIRECT | WriteFlags::ACK;
+                }
+                if gated {
+                    flags |= WriteFlags::GATED;
+                }
+                if fua {
+                    flags |= WriteFlags::FUA;
+                }
+                let bytes = match payload {
+                    Payload::Data(Data(bytes)) => bytes,
+                    Payload::Zeroes => {
+                        flags |= WriteFlags::ZEROES;
+                        Bytes::new()
+                    }
+                };
+                // The CRC is of the data, whatever happens to it on the way.
+                let crc = payload_crc(&bytes);
+                let mut bytes = fault.apply(bytes);
+                if let Some(packed) = compressor.as_mut().and_then(|c| c.compress(&bytes)) {
+                    flags |= WriteFlags::ZSTD;
+                    bytes = packed;
+                }
+                let header = WriteHeader {
+                    flags: WriteFlags(flags),
+                    epoch,
+                    seq,
+                    offset: range.offset,
+                    len: range.len as u32,
+                    crc,
+                };
+                counters.extents_sent.fetch_add(1, Ordering::Relaxed);
+                writer.push_write(&header, bytes, chunks);
+            }
+            Transmit::Flush { seq } => writer.push_frame(&Frame::Flush { seq }, chunks),
+            Transmit::Seal { epoch, cut_ms } => {
+                writer.push_frame(&Frame::Seal { epoch, cut_ms }, chunks)
+            }
+            Transmit::Discard { after } => writer.push_frame(&Frame::Discard { after }, chunks),
+            Transmit::SyncDone { epoch } => writer.push_frame(&Frame::SyncDone { epoch }, chunks),
+            Transmit::Ungate { epoch } => writer.push_frame(&Frame::Ungate { epoch }, chunks),
+            Transmit::Verify {
+                id,
+                offset,
+                after,
+                crcs,
+            } => writer.push_frame(
+                &Frame::Verify {
+                    id,
+                    offset,
+                    block: VERIFY_BLOCK,
+                    after,
+                    crcs,
+                },
+                chunks,
+            ),
+        }
     }
 }
 
