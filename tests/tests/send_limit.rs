@@ -17,6 +17,33 @@ fn bytes_sent(cluster: &TestCluster, pair: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes `mib` MiB of `byte` from MiB `first` on, and waits until the pair has sent as
+/// much: how long that took from the first write.
+fn write_until_sent(
+    cluster: &TestCluster,
+    pair: &str,
+    c: &mut NbdClient,
+    first: u64,
+    mib: u64,
+    byte: u8,
+) -> Duration {
+    let before = bytes_sent(cluster, pair);
+    let started = Instant::now();
+    for i in 0..mib {
+        assert_eq!(
+            c.write((first + i) * MIB, &vec![byte; MIB as usize])
+                .unwrap(),
+            0
+        );
+    }
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{mib} MiB to be sent"),
+        || bytes_sent(cluster, pair) >= before + mib * MIB,
+    );
+    started.elapsed()
+}
+
 #[test]
 fn a_send_limit_holds_what_a_pair_sends_and_changes_while_the_agent_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,17 +64,9 @@ fn a_send_limit_holds_what_a_pair_sends_and_changes_while_the_agent_runs() {
     assert_eq!(node.cli_json(&["send-limit"])["max_bytes_per_sec"], 4 * MIB);
 
     // 12 MiB written: at 4 MiB/s they take at least 2.5 s to go (less the first burst).
-    let before = bytes_sent(&cluster, &pair);
     let socket = node.daemon().nbd_socket("prod");
     let mut c = NbdClient::connect(&socket, "prod").unwrap();
-    let started = Instant::now();
-    for i in 0..12 {
-        assert_eq!(c.write(i * MIB, &vec![0x5a; MIB as usize]).unwrap(), 0);
-    }
-    wait_until(Duration::from_secs(60), "12 MiB to be sent", || {
-        bytes_sent(&cluster, &pair) >= before + 12 * MIB
-    });
-    let took = started.elapsed();
+    let took = write_until_sent(&cluster, &pair, &mut c, 0, 12, 0x5a);
     assert!(
         took >= Duration::from_millis(2500),
         "12 MiB went in {took:?} under a 4 MiB/s limit"
@@ -62,18 +81,7 @@ fn a_send_limit_holds_what_a_pair_sends_and_changes_while_the_agent_runs() {
 
     // Lifted while the agent runs: the next 24 MiB go at once.
     assert!(node.cli_json(&["send-limit", "off"])["max_bytes_per_sec"].is_null());
-    let before = bytes_sent(&cluster, &pair);
-    let started = Instant::now();
-    for i in 0..24 {
-        assert_eq!(
-            c.write((16 + i) * MIB, &vec![0xa5; MIB as usize]).unwrap(),
-            0
-        );
-    }
-    wait_until(Duration::from_secs(60), "24 MiB to be sent", || {
-        bytes_sent(&cluster, &pair) >= before + 24 * MIB
-    });
-    let took = started.elapsed();
+    let took = write_until_sent(&cluster, &pair, &mut c, 16, 24, 0xa5);
     assert!(
         took < Duration::from_secs(5),
         "24 MiB took {took:?} with no limit (the old limit would hold them 6 s)"
@@ -154,17 +162,9 @@ fn a_pairs_own_limit_holds_what_it_sends_and_changes_while_it_runs() {
     );
 
     // 12 MiB written: at 4 MiB/s they take at least 2.5 s to go (less the first burst).
-    let before = bytes_sent(&cluster, &pair);
     let socket = node.daemon().nbd_socket("prod");
     let mut c = NbdClient::connect(&socket, "prod").unwrap();
-    let started = Instant::now();
-    for i in 0..12 {
-        assert_eq!(c.write(i * MIB, &vec![0x5a; MIB as usize]).unwrap(), 0);
-    }
-    wait_until(Duration::from_secs(60), "12 MiB to be sent", || {
-        bytes_sent(&cluster, &pair) >= before + 12 * MIB
-    });
-    let took = started.elapsed();
+    let took = write_until_sent(&cluster, &pair, &mut c, 0, 12, 0x5a);
     assert!(
         took >= Duration::from_millis(2500),
         "12 MiB went in {took:?} under the pair's 4 MiB/s limit"
@@ -193,18 +193,7 @@ fn a_pairs_own_limit_holds_what_it_sends_and_changes_while_it_runs() {
                 .is_some_and(|s| s["max_bytes_per_sec"].is_null())
         },
     );
-    let before = bytes_sent(&cluster, &pair);
-    let started = Instant::now();
-    for i in 0..24 {
-        assert_eq!(
-            c.write((16 + i) * MIB, &vec![0xa5; MIB as usize]).unwrap(),
-            0
-        );
-    }
-    wait_until(Duration::from_secs(60), "24 MiB to be sent", || {
-        bytes_sent(&cluster, &pair) >= before + 24 * MIB
-    });
-    let took = started.elapsed();
+    let took = write_until_sent(&cluster, &pair, &mut c, 16, 24, 0xa5);
     assert!(
         took < Duration::from_secs(5),
         "24 MiB took {took:?} with no limit (the old limit would hold them 6 s)"
