@@ -9,6 +9,7 @@
 //! bad checksum, so a hostile peer cannot make it allocate more than an uncompressed write
 //! would.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -91,11 +92,18 @@ impl Compressor {
 /// Decompresses a payload that must come to exactly `len` bytes; `None` if it does not (a
 /// corrupt or hostile payload), which the DR side treats as a failed checksum.
 pub fn decompress(payload: &[u8], len: usize) -> Option<Vec<u8>> {
+    thread_local! {
+        // One context per applier thread, not one per write.
+        static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { RefCell::new(None) };
+    }
     let mut out = Vec::with_capacity(len);
-    let n = zstd::bulk::Decompressor::new()
-        .ok()?
-        .decompress_to_buffer(payload, &mut out)
-        .ok()?;
+    let n = DECOMPRESSOR.with_borrow_mut(|d| {
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().ok()?);
+        }
+        d.as_mut()?.decompress_to_buffer(payload, &mut out).ok()
+    })?;
     (n == len).then_some(out)
 }
 
