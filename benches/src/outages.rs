@@ -304,9 +304,12 @@ impl Recovery {
     }
 }
 
+/// An async pair whose agents run in a network namespace of their own, with `extra` in
+/// their configuration and `cluster_extra` in its `[cluster]` section.
 fn pair_in_netns(
     setup: &mut Setup<'_>,
     name: &str,
+    extra: &str,
     cluster_extra: &str,
 ) -> anyhow::Result<Cluster> {
     let ns = setup.env.netns(name)?;
@@ -314,6 +317,7 @@ fn pair_in_netns(
         name,
         ClusterSpec {
             model: Some("async"),
+            extra,
             cluster_extra,
             netns: Some(&ns),
             ..Default::default()
@@ -334,7 +338,7 @@ pub fn catch_up(
     let rate = report
         .median_of("randwrite-4k-qd32", "async-pair")
         .map_or(10_000, |iops| (iops / 2.0).round() as u64);
-    let cluster = pair_in_netns(setup, "catch-up", "")?;
+    let cluster = pair_in_netns(setup, "catch-up", "", "")?;
     let firewall = Firewall::new(&cluster)?;
     let rate_arg = format!("--rate_iops={rate}");
     let mut fio = BackgroundFio::start(
@@ -419,7 +423,7 @@ pub fn catch_up(
 /// pair `active`, and the catch-up's throughput.
 pub fn backlog(setup: &mut Setup<'_>, report: &Report) -> anyhow::Result<ScenarioResult> {
     let link = report.median_of("seqwrite-1m-qd8", "quic-link");
-    let cluster = pair_in_netns(setup, "backlog", "")?;
+    let cluster = pair_in_netns(setup, "backlog", "", "")?;
     let recovery = Recovery::of_a_backlog(&cluster)?;
     cluster.stop(setup.env);
     let throughput = recovery.catch_up_throughput();
@@ -449,17 +453,8 @@ pub fn backlog(setup: &mut Setup<'_>, report: &Report) -> anyhow::Result<Scenari
 /// A 1 GiB backlog caught up under the agent's send limit (`replication.max_bytes_per_sec`
 /// = `limit_mib` MiB/s): how close the catch-up's rate stays to the limit.
 pub fn limited(setup: &mut Setup<'_>, limit_mib: u64) -> anyhow::Result<ScenarioResult> {
-    let ns = setup.env.netns("limited")?;
     let extra = format!("[replication]\nmax_bytes_per_sec = \"{limit_mib}MiB\"\n");
-    let cluster = setup.pair_cluster_spec(
-        "limited",
-        ClusterSpec {
-            model: Some("async"),
-            extra: &extra,
-            netns: Some(&ns),
-            ..Default::default()
-        },
-    )?;
+    let cluster = pair_in_netns(setup, "limited", &extra, "")?;
     let recovery = Recovery::of_a_backlog(&cluster)?;
     cluster.stop(setup.env);
     let limit = (limit_mib << 20) as f64 / 1e6;
@@ -493,19 +488,11 @@ pub fn compressed(setup: &mut Setup<'_>, limit_mib: u64) -> anyhow::Result<Scena
     const DATA: &[&str] = &["--buffer_compress_percentage=50", "--refill_buffers"];
     let mut runs = Vec::new();
     for compression in ["off", "zstd"] {
-        let ns = setup.env.netns(&format!("compressed-{compression}"))?;
         let extra = format!(
             "[replication]\nmax_bytes_per_sec = \"{limit_mib}MiB\"\ncompression = \"{compression}\"\n"
         );
-        let cluster = setup.pair_cluster_spec(
-            &format!("compressed-{compression}"),
-            ClusterSpec {
-                model: Some("async"),
-                extra: &extra,
-                netns: Some(&ns),
-                ..Default::default()
-            },
-        )?;
+        let name = format!("compressed-{compression}");
+        let cluster = pair_in_netns(setup, &name, &extra, "")?;
         let recovery = Recovery::of_a_backlog_of(&cluster, DATA)?;
         cluster.stop(setup.env);
         eprintln!(
@@ -568,7 +555,7 @@ fn loss_run(
 ) -> anyhow::Result<LossRun> {
     let name = format!("loss-{percent}-{congestion_control}");
     let extra = format!("congestion_control = \"{congestion_control}\"");
-    let cluster = pair_in_netns(setup, &name, &extra)?;
+    let cluster = pair_in_netns(setup, &name, "", &extra)?;
     let firewall = Firewall::new(&cluster)?;
     if percent > 0 {
         firewall.lose_percent(percent)?;
