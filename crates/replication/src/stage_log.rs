@@ -40,6 +40,10 @@ use blockrep_core::replication::Epoch;
 use blockrep_volume::AlignedBuf;
 use bytes::Bytes;
 
+mod distinct;
+
+use distinct::Distinct;
+
 const KIND_WRITE: u8 = 1;
 const KIND_SEAL: u8 = 2;
 const KIND_BATCH: u8 = 3;
@@ -85,13 +89,15 @@ pub struct StageLog {
     /// Staged writes not yet applied, in log order.
     staged: Vec<Staged>,
     held_bytes: u64,
-    /// [`StageLog::staged_bytes`], kept as writes come and go.
+    /// [`StageLog::records_bytes`], kept as writes come and go.
     staged_bytes: u64,
+    /// [`StageLog::distinct_bytes`].
+    distinct: Distinct,
     /// A batch was written since the last sync: the next is written only after a sync.
     unsynced: bool,
 }
 
-/// The bytes of the writes `staged` holds (data or zero ranges): what the cap counts.
+/// The bytes of the writes `staged` holds (data or zero ranges), every copy counted.
 fn bytes_of(staged: &[Staged]) -> u64 {
     staged.iter().map(|s| s.range.len).sum()
 }
@@ -156,6 +162,7 @@ impl StageLog {
         }
         let mut batch = AlignedBuf::new(BATCH_BYTES);
         batch.set_len(0);
+        let sealed: Vec<Epoch> = seals.iter().map(|s| s.epoch).collect();
         let log = StageLog {
             path: path.to_owned(),
             direct,
@@ -163,6 +170,7 @@ impl StageLog {
             end,
             batch,
             staged_bytes: bytes_of(&staged),
+            distinct: Distinct::of(&staged, &sealed),
             staged,
             held_bytes: 0,
             unsynced: false,
@@ -201,6 +209,7 @@ impl StageLog {
             data: held.then(|| data.clone()),
         });
         self.staged_bytes += range.len;
+        self.distinct.add(epoch, range);
         Ok(())
     }
 
@@ -208,7 +217,9 @@ impl StageLog {
     pub fn seal(&mut self, epoch: Epoch, cut_ms: u64) -> io::Result<()> {
         self.append(KIND_SEAL, &seal_body(epoch, cut_ms), &[])?;
         self.flush()?;
-        self.sync()
+        self.sync()?;
+        self.distinct.seal(epoch, &self.staged);
+        Ok(())
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -223,6 +234,7 @@ impl StageLog {
             self.staged.drain(..).partition(|s| s.epoch <= epoch);
         self.staged = rest;
         self.staged_bytes -= bytes_of(&unit);
+        self.distinct.take(epoch);
         self.held_bytes -= unit
             .iter()
             .filter_map(|s| s.data.as_ref())
@@ -243,6 +255,7 @@ impl StageLog {
         self.held_bytes -= dropped;
         self.staged.retain(|s| s.epoch <= after);
         self.staged_bytes = bytes_of(&self.staged);
+        self.distinct.discarded(&self.staged);
     }
 
     /// A staged write's data: from memory, or read back from the log.
@@ -315,6 +328,8 @@ impl StageLog {
             File::open(dir)?.sync_all()?;
         }
         fresh.path = self.path.clone();
+        // The same records: what they count is unchanged (the copy counted them all as open).
+        fresh.distinct = std::mem::take(&mut self.distinct);
         *self = fresh;
         Ok(true)
     }
@@ -323,11 +338,22 @@ impl StageLog {
         self.staged.len()
     }
 
-    /// Bytes of the writes staged and not yet applied (sealed or not): what the stage log's
-    /// cap counts. The file is compacted once it grows past a threshold, so it stays within
-    /// this plus that threshold.
-    pub fn staged_bytes(&self) -> u64 {
+    /// Bytes of the writes staged and not yet applied (sealed or not), every copy of a block
+    /// counted: what their records hold. The file is compacted once it grows past a
+    /// threshold, so it stays within this plus that threshold.
+    pub fn records_bytes(&self) -> u64 {
         self.staged_bytes
+    }
+
+    /// Bytes of the volume the units staged and not yet applied change, each block once per
+    /// unit: what the stage log's cap counts.
+    pub fn distinct_bytes(&self) -> u64 {
+        self.distinct.bytes()
+    }
+
+    /// [`StageLog::distinct_bytes`] once a write of `range` is staged too.
+    pub fn distinct_bytes_with(&self, range: ByteRange) -> u64 {
+        self.distinct.bytes_with(range)
     }
 
     /// Bytes the log holds on disk and in its append buffer.

@@ -49,6 +49,9 @@ const UD_WAKE: u64 = u64::MAX;
 const UD_SYNC: u64 = u64::MAX - 1;
 /// The stage log is rewritten once it grows past this (see [`ApplierSetup::compact_after_bytes`]).
 pub const COMPACT_BYTES: u64 = 256 << 20;
+/// The stage log's records (every copy of a block a catch-up sent again) are refused past
+/// this many times `replication.stage_log_max_bytes`, which counts each block once per unit.
+pub const RECORDS_PER_CAP: u64 = 2;
 /// Zero ranges are written in pieces this large, each one progress for the watchdog.
 const ZEROES_PIECE: u64 = 64 << 20;
 
@@ -429,6 +432,8 @@ mod tests {
         /// The volume's size, if it is created.
         size: u64,
         compact_after_bytes: u64,
+        /// `replication.stage_log_max_bytes`.
+        stage_cap: u64,
         /// The group's committed epoch: units above it stay staged.
         allowed: Arc<AtomicU64>,
     }
@@ -439,6 +444,7 @@ mod tests {
                 label: "test",
                 size: SIZE,
                 compact_after_bytes: COMPACT_BYTES,
+                stage_cap: 64 << 20,
                 allowed: Arc::new(AtomicU64::new(u64::MAX)),
             }
         }
@@ -459,6 +465,7 @@ mod tests {
             label,
             size,
             compact_after_bytes,
+            stage_cap,
             allowed,
         } = setup;
         if !path.exists() {
@@ -480,7 +487,7 @@ mod tests {
                 state_path: dir.join("dr.json"),
                 allowed,
                 queue_bytes: 64 << 20,
-                stage_log_max_bytes: 64 << 20,
+                stage_log_max_bytes: stage_cap,
                 compact_after_bytes,
             },
             tx,
@@ -633,6 +640,91 @@ mod tests {
         );
     }
 
+    /// A catch-up sends a block again when it was written after the pass that read it. The
+    /// cap counts each block of a unit once, so a catch-up whose blocks fit it completes
+    /// however many passes it takes, and the last copy of each block is what applies; a
+    /// block more than the cap holds is refused, and so are records past twice the cap.
+    #[test]
+    fn a_catch_ups_blocks_sent_again_count_once_against_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let recovered = StageLog::open(&dir.path().join("stage-log"), Epoch::ZERO).unwrap();
+        let (applier, mut events, runtime) = start_applier_on(
+            dir.path(),
+            &path,
+            recovered,
+            Setup {
+                stage_cap: 16 * 4096,
+                ..Setup::default()
+            },
+        );
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        let mut seq = 0;
+        let mut next = || {
+            seq += 1;
+            seq
+        };
+        // Two passes over the same 16 blocks: 32 blocks of records, 16 of the volume.
+        for pass in 0..2u8 {
+            for block in 0..16u64 {
+                submit(staged_write(2, next(), block * 4096, 0x10 + pass, false));
+            }
+        }
+        submit(seal(2, 7));
+        let flush = WriteSeq(next());
+        submit(ApplyCmd::Flush { seq: flush });
+        let seen = events_until_flush(&mut events, flush);
+        assert!(
+            !seen.iter().any(|e| matches!(e, ApplyEvent::Reject { .. })),
+            "a block sent again was counted again: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, ApplyEvent::Applied { epoch, .. } if *epoch == Epoch(2))),
+            "{seen:?}"
+        );
+
+        // The next unit: one block past the cap is refused.
+        for block in 0..17u64 {
+            submit(staged_write(3, next(), block * 4096, 0x20, false));
+        }
+        let flush = WriteSeq(next());
+        submit(ApplyCmd::Flush { seq: flush });
+        let seen = events_until_flush(&mut events, flush);
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                ApplyEvent::Reject { reason: RejectReason::StageFull, .. }
+            )),
+            "{seen:?}"
+        );
+
+        // After the discard, a unit whose records pass twice the cap is refused too.
+        submit(ApplyCmd::Discard { after: Epoch(2) });
+        for _pass in 0..3 {
+            for block in 0..16u64 {
+                submit(staged_write(4, next(), block * 4096, 0x30, false));
+            }
+        }
+        let flush = WriteSeq(next());
+        submit(ApplyCmd::Flush { seq: flush });
+        let seen = events_until_flush(&mut events, flush);
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                ApplyEvent::Reject { reason: RejectReason::StageFull, .. }
+            )),
+            "{seen:?}"
+        );
+        applier.stop();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut block = [0u8; 4096];
+        for b in 0..16u64 {
+            file.read_exact_at(&mut block, b * 4096).unwrap();
+            assert_eq!(block, [0x11; 4096], "block {b}: the last pass's copy applies");
+        }
+    }
+
     /// A compressed write, staged or direct, lands as the data it decompresses to; one that
     /// decompresses to another length, or to data whose CRC differs, is refused as a bad
     /// checksum (the production side sends it again) and nothing of it is written.
@@ -760,7 +852,8 @@ mod tests {
             }],
             "the second unit's seal was dropped from the stage log"
         );
-        assert_eq!(again.log.staged_bytes(), second.len);
+        assert_eq!(again.log.records_bytes(), second.len);
+        assert_eq!(again.log.distinct_bytes(), second.len);
     }
 
     /// A unit with no writes, sealed and held for its group's commit while an earlier unit

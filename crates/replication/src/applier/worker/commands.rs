@@ -11,6 +11,7 @@ use blockrep_core::replication::direct_gate::Gating;
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader, block_crcs, payload_crc};
 
+use crate::applier::RECORDS_PER_CAP;
 use crate::compression;
 use bytes::Bytes;
 
@@ -231,21 +232,27 @@ impl Worker {
         self.inflight == 0 || self.inflight_bytes + bytes <= self.inflight_limit
     }
 
-    /// Whether the stage log has room for a write of `range`: the writes staged and not yet
-    /// applied stay under the cap (the file, compacted past [`COMPACT_BYTES`], stays within
-    /// the cap plus that). A pair whose log is full falls back to the bitmap (the production
-    /// side is told with `StageFull`) and the DR volume stays at its last consistent point.
+    /// Whether the stage log has room for a write of `range`: the bytes of the volume the
+    /// unapplied units change (each block once per unit) stay under the cap, and their
+    /// records (every copy a catch-up sent) under twice the cap; the file, compacted past
+    /// [`COMPACT_BYTES`], stays within that plus [`COMPACT_BYTES`]. A pair whose log is full
+    /// falls back to the bitmap (the production side is told with `StageFull`) and the DR
+    /// volume stays at its last consistent point.
     fn stage_room(&mut self, range: ByteRange) -> bool {
-        if self.log.staged_bytes() + range.len <= self.stage_log_max_bytes {
+        let distinct = self.log.distinct_bytes_with(range);
+        let records = self.log.records_bytes() + range.len;
+        let cap = self.stage_log_max_bytes;
+        if distinct <= cap && records <= cap.saturating_mul(RECORDS_PER_CAP) {
             self.stage_full = false;
             return true;
         }
         if !self.stage_full {
             tracing::warn!(
                 %range,
-                staged_bytes = self.log.staged_bytes(),
-                cap = self.stage_log_max_bytes,
-                "the stage log is at its cap (replication.stage_log_max_bytes): staged writes are refused, the pair falls back to the bitmap"
+                distinct_bytes = self.log.distinct_bytes(),
+                records_bytes = self.log.records_bytes(),
+                cap,
+                "the stage log is at its cap (replication.stage_log_max_bytes; its records at twice that): staged writes are refused, the pair falls back to the bitmap"
             );
             self.stage_full = true;
         }
