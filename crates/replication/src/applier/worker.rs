@@ -63,6 +63,8 @@ pub(super) struct Worker {
     inflight: usize,
     /// The unit's writes not yet submitted.
     unit_queue: VecDeque<Staged>,
+    /// When the unit being applied was taken from the log, and how many writes it has.
+    unit_started: Option<(std::time::Instant, usize)>,
     allowed: Arc<AtomicU64>,
     /// The syncs in flight on the ring, oldest first.
     syncs: VecDeque<SyncTicket>,
@@ -117,6 +119,7 @@ impl Worker {
             free: Vec::new(),
             inflight: 0,
             unit_queue: VecDeque::new(),
+            unit_started: None,
             allowed,
             syncs: VecDeque::new(),
             stage_log_max_bytes,

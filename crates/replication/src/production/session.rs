@@ -164,6 +164,7 @@ impl ProductionPair {
                 }
                 frame = reader.next() => Input::Frame(frame?),
                 _ = ticker.interval.tick() => Input::Tick,
+                _ = ticker.cut.tick() => Input::Cut,
                 _ = self.resync_ended.notified() => Input::Tick,
             };
             match input {
@@ -176,6 +177,7 @@ impl ProductionPair {
                     self.on_frame(frame)?;
                 }
                 Input::Tick => self.on_tick(ticker, stop_resync).await?,
+                Input::Cut => self.on_cut(),
             }
         }
     }
@@ -207,6 +209,14 @@ impl ProductionPair {
         Ok(())
     }
 
+    /// An epoch interval passed: the epoch is cut, unless the pair replicates synchronously
+    /// or a consistency group cuts it (never on its own).
+    fn on_cut(&self) {
+        if self.link.live() != Live::Sync && !self.link.grouped() {
+            self.link.advance_epoch();
+        }
+    }
+
     /// The ticker fired or the resync reader ended: checks the peer's silence and whether
     /// the stream must end, cuts an epoch when one is due, takes the resync's outcome, and
     /// starts a catch-up when the journal overflowed.
@@ -228,14 +238,7 @@ impl ProductionPair {
         if let Some(why) = self.link.stream_must_end() {
             return Err(SessionError::Trip(why));
         }
-        // A pair in a consistency group is cut by its group, never on its own.
         let grouped = self.link.grouped();
-        if ticker.last_cut.elapsed() >= self.config.epoch_interval {
-            ticker.last_cut = Instant::now();
-            if self.link.live() != Live::Sync && !grouped {
-                self.link.advance_epoch();
-            }
-        }
         let outcome = self
             .resync_done
             .lock()
@@ -260,7 +263,7 @@ impl ProductionPair {
                         && self.link.live() != Live::Sync
                         && !grouped
                     {
-                        ticker.last_cut = Instant::now();
+                        ticker.cut.reset();
                         self.link.advance_epoch();
                     }
                     self.link.resync_done()?;
@@ -310,13 +313,17 @@ enum Input {
     Frame(Option<Frame>),
     /// The ticker fired, or the resync reader ended.
     Tick,
+    /// An epoch interval passed.
+    Cut,
 }
 
 /// The session's clock work: when it ticks, when it last cut an epoch, the catch-up reader
 /// it started, and its beat for the watchdog.
 struct Ticker {
     interval: tokio::time::Interval,
-    last_cut: Instant,
+    /// Every epoch interval, on its own timer: a cut on the housekeeping tick would wait
+    /// for the first tick after the interval, stretching epochs by up to a tick.
+    cut: tokio::time::Interval,
     catch_up_thread: Option<std::thread::JoinHandle<()>>,
     beat: Arc<blockrep_volume::liveness::Beat>,
 }
@@ -326,13 +333,16 @@ impl Ticker {
         let mut interval =
             tokio::time::interval(pair.config.epoch_interval.min(Duration::from_millis(200)));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = pair.config.epoch_interval;
+        let mut cut = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        cut.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // For the watchdog: a session ticks at least every 200 ms.
         let beat = blockrep_volume::liveness::Liveness::global()
             .register(format!("session of pair {}", pair.membership().pair));
         beat.expect(true);
         Self {
             interval,
-            last_cut: Instant::now(),
+            cut,
             catch_up_thread: None,
             beat,
         }

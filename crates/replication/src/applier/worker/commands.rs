@@ -286,6 +286,7 @@ impl Worker {
     /// Applies the unit that `seal` ends: every staged write up to its epoch.
     fn apply_unit(&mut self, seal: SealRecord) -> io::Result<()> {
         let unit = self.log.take_unit(seal.epoch);
+        self.unit_started = Some((std::time::Instant::now(), unit.len()));
         self.side.begin_unit(seal, unit.len());
         self.unit_queue = unit.into();
         if self.unit_queue.is_empty() {
@@ -370,18 +371,36 @@ impl Worker {
             self.emit(ApplyEvent::WriteAck(seq));
         }
         self.save_state()?;
-        // Seals of units not yet applied are durable and acknowledged: a rewritten log
-        // keeps them, and a log holding one is never emptied (its unit may have no writes).
-        let unapplied = self.seals_not_applied();
-        if !(unapplied.is_empty() && self.log.truncate_if_empty()?) {
-            let beat = &self.beat;
-            self.log
-                .compact(self.compact_after_bytes, &unapplied, &|| beat.progress())?;
-        }
+        // Reported before the log is compacted: the unit is applied and recorded, and the
+        // copy (a whole unit's writes, at worst) must not hold the answer back.
         self.emit(ApplyEvent::Applied {
             epoch: done.seal.epoch,
             cut_ms: done.seal.cut_ms,
         });
+        let applied_at = std::time::Instant::now();
+        // Seals of units not yet applied are durable and acknowledged: a rewritten log
+        // keeps them, and a log holding one is never emptied (its unit may have no writes).
+        let unapplied = self.seals_not_applied();
+        let mut compacted = false;
+        if !(unapplied.is_empty() && self.log.truncate_if_empty()?) {
+            let beat = &self.beat;
+            compacted = self
+                .log
+                .compact(self.compact_after_bytes, &unapplied, &|| beat.progress())?;
+        }
+        if let Some((started, writes)) = self.unit_started.take() {
+            let wall_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            tracing::debug!(
+                epoch = done.seal.epoch.0,
+                writes,
+                since_cut_ms = wall_ms.saturating_sub(done.seal.cut_ms),
+                apply_ms = (applied_at - started).as_secs_f64() * 1e3,
+                compact_ms = ?compacted.then(|| applied_at.elapsed().as_secs_f64() * 1e3),
+                "unit applied"
+            );
+        }
         // The volume now holds every write of epochs ≤ this one and none later.
         for v in &done.verifies {
             self.verify(v)?;
