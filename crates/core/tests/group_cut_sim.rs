@@ -2,7 +2,8 @@
 //! driving the machines the agents and the coordinator run: each production host is the
 //! core's `Production` (its epochs, its answer holds, its catch-up units and their spans),
 //! each DR side the applier's `DrSide` (units held until the group commits them), the
-//! coordinator the core's `CutCoordinator`, cutting at every interval. The harness is
+//! coordinator the core's `CutCoordinator`, cutting at every interval and asking the hosts
+//! what they staged between cuts while the last cut is not committed. The harness is
 //! `sim::group`, shared with `hypermetro_group_sim`: what it drives, the faults (links cut
 //! and healed, agents crashing, some of them just after they switched and restarted at
 //! once by systemd, DR hosts losing power, the coordinator crashing, its messages lost or
@@ -63,6 +64,14 @@ fn releasing_on_the_cut_is_caught() {
 #[test]
 fn forgetting_the_recorded_unit_at_a_restart_is_caught() {
     let (_, e) = caught(Broken::ForgetRecordedUnit);
+    assert!(e.contains("inside host"), "{e}");
+}
+
+/// A coordinator that takes a staged epoch asked between rounds without the catch-up units
+/// that came with it commits inside a unit whose end a DR side staged.
+#[test]
+fn a_staged_epoch_taken_without_its_units_is_caught() {
+    let (_, e) = caught(Broken::StagedWithoutUnits);
     assert!(e.contains("inside host"), "{e}");
 }
 

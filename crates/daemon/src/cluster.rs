@@ -274,19 +274,11 @@ impl Cluster {
                     ApiError::InvalidArgument(format!("cut mode {} is not known", c.mode))
                 })?;
                 let answer = pairs.group_cut(&ids, Epoch(c.epoch), mode)?;
-                return Ok(Response::CutAck(proto::GroupCutAck {
-                    staged: answer.staged.0,
-                    synchronous: answer.synchronous,
-                    atomic: answer
-                        .atomic
-                        .into_iter()
-                        .map(|s| proto::AtomicSpan {
-                            from: s.from.0,
-                            to: s.to.map_or(0, |t| t.0),
-                            open: s.to.is_none(),
-                        })
-                        .collect(),
-                }));
+                return Ok(Response::CutAck(cut_ack(answer)));
+            }
+            Request::GroupStaged(c) => {
+                let answer = pairs.group_staged(&pair_ids(&c.pair_ids)?)?;
+                return Ok(Response::CutAck(cut_ack(answer)));
             }
             Request::GroupRelease(c) => {
                 let outcome = RoundOutcome {
@@ -422,6 +414,23 @@ impl From<AgentRefusal> for ApiError {
 
 /// A `MarkDirty`'s runs, each built checked against a volume of `size` bytes (no wrap past
 /// u64::MAX, nothing past the end).
+/// A production host's answer to a cut, or to the question what it staged, on the wire.
+fn cut_ack(answer: blockrep_replication::pairs::CutAnswer) -> proto::GroupCutAck {
+    proto::GroupCutAck {
+        staged: answer.staged.0,
+        synchronous: answer.synchronous,
+        atomic: answer
+            .atomic
+            .into_iter()
+            .map(|s| proto::AtomicSpan {
+                from: s.from.0,
+                to: s.to.map_or(0, |t| t.0),
+                open: s.to.is_none(),
+            })
+            .collect(),
+    }
+}
+
 fn checked_runs(runs: &[proto::Extent], size: u64) -> Result<Vec<ByteRange>, AgentRefusal> {
     runs.iter()
         .map(|e| ByteRange::within(e.offset, e.length, size))

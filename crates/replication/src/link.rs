@@ -279,6 +279,12 @@ impl PairLink {
         self.lock().atomic_spans()
     }
 
+    /// The epoch the DR side staged and the catch-up units, read together.
+    pub fn staged_and_spans(&self) -> (Epoch, Vec<AtomicSpan>) {
+        let machine = self.lock();
+        (machine.staged_epoch(), machine.atomic_spans())
+    }
+
     /// Where the catch-up unit being made began, if one is.
     pub fn unit_in_progress(&self) -> Option<Epoch> {
         self.lock().unit_in_progress()

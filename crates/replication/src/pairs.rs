@@ -422,6 +422,30 @@ impl Pairs {
         Ok(answer)
     }
 
+    /// What the DR sides of `pairs` staged, asked between the group's cuts: the answer to a
+    /// cut, with nothing switched or held (`synchronous` is false: it is a cut's to give).
+    pub fn group_staged(&self, pairs: &[PairId]) -> Result<CutAnswer, ApiError> {
+        let runtimes = pairs
+            .iter()
+            .map(|p| self.production(*p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut answer = CutAnswer {
+            staged: if runtimes.is_empty() {
+                Epoch::ZERO
+            } else {
+                Epoch(u64::MAX)
+            },
+            atomic: Vec::new(),
+            synchronous: false,
+        };
+        for p in &runtimes {
+            let (staged, spans) = p.link.staged_and_spans();
+            answer.staged = answer.staged.min(staged);
+            answer.atomic.extend(spans);
+        }
+        Ok(answer)
+    }
+
     /// The group's release of the cut to `to`: the held answers are given (a trip's only if
     /// the round tripped); if it went synchronous, gated writes are let go.
     pub fn group_release(&self, pairs: &[PairId], to: Epoch, outcome: RoundOutcome) {

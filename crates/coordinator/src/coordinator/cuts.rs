@@ -40,6 +40,11 @@ const EPOCH_JUMP: u64 = 64;
 /// The commit is sent again this often even if it did not move (a DR agent may have missed
 /// it, or restarted).
 const RESEND_COMMIT_EVERY: u32 = 5;
+/// How often, between rounds, a group whose last completed cut is not committed asks what
+/// its DR sides staged: this many times an interval, and no more often than
+/// [`MIN_STAGED_ASK`].
+const STAGED_ASKS_PER_INTERVAL: u32 = 8;
+const MIN_STAGED_ASK: Duration = Duration::from_millis(20);
 /// How long a group's first cut may wait for its production agents' reports before the
 /// coordinator warns (and warns again).
 const CUT_WAIT_WARN_EVERY: Duration = Duration::from_secs(30);
@@ -102,6 +107,16 @@ struct Eligible {
 }
 
 impl GroupCuts {
+    /// Notes in `stats` when the cut that ends the committed epoch was made, and forgets
+    /// the cut times below it.
+    fn note_commit(&mut self, stats: &mut CutStats) {
+        let committed = self.cut.committed();
+        if let Some(&at) = self.cut_times.get(&committed) {
+            stats.committed_cut_ms = at;
+        }
+        self.cut_times = self.cut_times.split_off(&committed);
+    }
+
     /// The highest epoch the group committed since this state was made, if it was made for
     /// `pairs` as they are now (after a role change it is the other direction's, whose
     /// epochs mean nothing to the new DR sides).
@@ -117,12 +132,73 @@ impl Coordinator {
     pub async fn cut_groups(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ask = tokio::time::interval((interval / STAGED_ASKS_PER_INTERVAL).max(MIN_STAGED_ASK));
+        ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
-                () = self.cut_kick.notified() => {}
+                _ = tick.tick() => self.cut_round().await,
+                () = self.cut_kick.notified() => self.cut_round().await,
+                _ = ask.tick() => self.ask_staged().await,
             }
-            self.cut_round().await;
+        }
+    }
+
+    /// Between rounds: asks the production agents of each group whose last completed cut is
+    /// not committed what their DR sides staged, so the commit follows the staging within a
+    /// fraction of an interval instead of waiting for the next round's acks. The answers are
+    /// taken as acks are (catch-up units first), one group at a time in this same task, so
+    /// they never cross a round; one not back within a round's timeout is dropped.
+    async fn ask_staged(&self) {
+        let trailing: Vec<(GroupId, Vec<Member>, Epoch)> = self
+            .lock()
+            .cuts
+            .iter()
+            .filter(|(_, c)| c.cut.commit_trails())
+            .map(|(g, c)| (*g, c.members.clone(), c.cut.epoch()))
+            .collect();
+        for (group, members, epoch) in trailing {
+            let hosts: BTreeSet<String> =
+                members.iter().map(|m| m.production_node.clone()).collect();
+            let asks = hosts
+                .into_iter()
+                .map(|host| CutMessage::Cut { host, to: epoch })
+                .collect();
+            let mut calls = self.call_hosts(&members, asks, |pair_ids, _| {
+                Request::GroupStaged(proto::GroupCut {
+                    pair_ids,
+                    ..Default::default()
+                })
+            });
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
+            while let Ok(Some(Ok((host, _, answer)))) =
+                tokio::time::timeout_at(deadline, calls.join_next()).await
+            {
+                let Ok(ClusterResponse {
+                    response: Some(Response::CutAck(ack)),
+                }) = answer
+                else {
+                    // An agent of an older version does not know the question: its staged
+                    // epochs come with the next round's acks, as before.
+                    tracing::debug!(%group, host, "no staged epochs between cuts");
+                    continue;
+                };
+                let mut state = self.lock();
+                let State {
+                    cuts, cut_stats, ..
+                } = &mut *state;
+                if let Some(cuts) = cuts.get_mut(&group).filter(|c| c.members == members) {
+                    cuts.cut.note_atomic(
+                        &host,
+                        ack.atomic
+                            .iter()
+                            .map(|s| (Epoch(s.from), (!s.open).then_some(Epoch(s.to)))),
+                    );
+                    cuts.cut.on_staged(&host, Epoch(ack.staged));
+                    cuts.note_commit(cut_stats.entry(group).or_default());
+                }
+            }
+            calls.abort_all();
+            self.send_group_commit(group, &members, false).await;
         }
     }
 
@@ -415,21 +491,33 @@ impl Coordinator {
             self.cut_kick.notify_one();
         }
         self.send_releases(&members, releases, outcome).await;
-        // The DR agents apply what the group committed.
-        let (committed, resend) = {
+        // The DR agents apply what the group committed; now and then again, for an agent
+        // that missed it.
+        let again = self
+            .lock()
+            .cuts
+            .get(&group)
+            .is_some_and(|c| c.rounds % RESEND_COMMIT_EVERY == 0);
+        self.send_group_commit(group, &members, again).await;
+        Ok(())
+    }
+
+    /// Sends the group's commit to its DR agents if it moved since it was last sent (or
+    /// `again`).
+    async fn send_group_commit(&self, group: GroupId, members: &[Member], again: bool) {
+        let (committed, send) = {
             let state = self.lock();
             let Some(cuts) = state.cuts.get(&group) else {
-                return Ok(());
+                return;
             };
             (
                 cuts.cut.committed(),
-                cuts.committed_sent < cuts.cut.committed()
-                    || cuts.rounds % RESEND_COMMIT_EVERY == 0,
+                cuts.committed_sent < cuts.cut.committed() || again,
             )
         };
-        if resend && committed > Epoch::ZERO {
+        if send && committed > Epoch::ZERO {
             let mut by_node: BTreeMap<&str, Vec<PairId>> = BTreeMap::new();
-            for m in &members {
+            for m in members {
                 by_node.entry(&m.dr_node).or_default().push(m.pair);
             }
             for (node, pairs) in by_node {
@@ -439,7 +527,6 @@ impl Coordinator {
                 cuts.committed_sent = committed;
             }
         }
-        Ok(())
     }
 
     /// Counts a round that completed (its boundary, made at `now_ms`, may commit) or was
@@ -459,11 +546,7 @@ impl Coordinator {
         } else {
             stats.abandoned += 1;
         }
-        let committed = cuts.cut.committed();
-        if let Some(&at) = cuts.cut_times.get(&committed) {
-            stats.committed_cut_ms = at;
-        }
-        cuts.cut_times = cuts.cut_times.split_off(&committed);
+        cuts.note_commit(stats);
     }
 
     /// What the cut rounds of the group `reference` (its id or name) did since the
@@ -728,5 +811,52 @@ mod tests {
         h.coordinator.cut_round().await;
         let fresh = h.coordinator.group_cut_stats(&group.name).unwrap();
         assert_eq!(fresh.committed_cut_ms, 0, "{fresh:?}");
+    }
+
+    /// Between rounds, a group whose last completed cut is not committed asks its production
+    /// agents what their DR sides staged: the commit moves and reaches the DR agents without
+    /// waiting for the next round. Once it is committed, nothing is asked.
+    #[tokio::test]
+    async fn staged_epochs_asked_between_rounds_commit_the_last_cut() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 0);
+        h.production_reports(&[&a, &b]);
+        let ack = |staged| {
+            Answer::Respond(Box::new(Response::CutAck(proto::GroupCutAck {
+                staged,
+                ..Default::default()
+            })))
+        };
+        // The round completes before the DR sides staged its epoch.
+        for node in [&a.production_node, &b.production_node] {
+            h.agents.script("GroupCut", Some(node), ack(0), None);
+            h.agents.script("GroupStaged", Some(node), ack(1 << 20), None);
+        }
+        h.coordinator.cut_round().await;
+        let stats = h.coordinator.group_cut_stats(&group.name).unwrap();
+        assert_eq!((stats.completed, stats.committed_cut_ms), (1, 0), "{stats:?}");
+        let commits_before = h.agents.calls_of("GroupCommit").len();
+
+        h.coordinator.ask_staged().await;
+        assert_eq!(
+            h.agents.calls_of("GroupStaged").len(),
+            2,
+            "{:?}",
+            h.agents.log()
+        );
+        let stats = h.coordinator.group_cut_stats(&group.name).unwrap();
+        assert!(stats.committed_cut_ms > 0, "not committed: {stats:?}");
+        assert!(
+            h.agents.calls_of("GroupCommit").len() > commits_before,
+            "the DR agents did not hear of the commit: {:?}",
+            h.agents.log()
+        );
+
+        h.coordinator.ask_staged().await;
+        assert_eq!(
+            h.agents.calls_of("GroupStaged").len(),
+            2,
+            "asked again with nothing to commit"
+        );
     }
 }

@@ -288,6 +288,24 @@ impl CutCoordinator {
         out
     }
 
+    /// A host's staged epoch, asked for between cuts: taken as an ack's is, without a round.
+    /// The commit then follows what the DR sides staged within a fraction of an interval,
+    /// instead of waiting for the next round's acks. The host's catch-up units come first
+    /// ([`CutCoordinator::note_atomic`]), as with an ack.
+    pub fn on_staged(&mut self, host: &str, staged: Epoch) {
+        if let Some(s) = self.staged.get_mut(host) {
+            *s = (*s).max(staged);
+        }
+        self.advance_commit();
+    }
+
+    /// The last completed cut's epoch is not committed yet: asking the hosts what they
+    /// staged may commit it.
+    pub fn commit_trails(&self) -> bool {
+        let last = Epoch(self.epoch.0.saturating_sub(1));
+        self.round.is_none() && last >= self.floor && self.committed < last
+    }
+
     /// Abandons a round that has not completed in time: its boundary is broken, every host
     /// is released (and switches to the new epoch if it had not).
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<CutMessage> {
@@ -385,6 +403,37 @@ mod tests {
 
     fn hosts() -> Vec<HostId> {
         vec!["a".into(), "b".into()]
+    }
+
+    /// What the hosts staged, asked for between rounds, commits the last completed cut's
+    /// epoch without waiting for the next round; never past it, nor inside a catch-up unit.
+    #[test]
+    fn staged_epochs_asked_between_rounds_move_the_commit() {
+        let mut c = CutCoordinator::new(hosts(), Epoch(1), 1000);
+        c.start_cut(0);
+        c.on_ack("a", Epoch(2), Epoch(0));
+        c.on_ack("b", Epoch(2), Epoch(0));
+        assert_eq!(c.committed(), Epoch(0));
+        assert!(c.commit_trails());
+        c.on_staged("a", Epoch(1));
+        assert_eq!(c.committed(), Epoch(0), "b has not staged epoch 1");
+        c.on_staged("b", Epoch(5));
+        assert_eq!(c.committed(), Epoch(1), "never past the last completed cut");
+        assert!(!c.commit_trails());
+
+        // Host a's catch-up unit spans epochs 1 to 3: nothing strictly inside commits.
+        c.start_cut(10);
+        c.on_ack("a", Epoch(3), Epoch(1));
+        c.on_ack("b", Epoch(3), Epoch(5));
+        c.start_cut(20);
+        c.on_ack("a", Epoch(4), Epoch(1));
+        c.on_ack("b", Epoch(4), Epoch(5));
+        c.note_atomic("a", [(Epoch(1), Some(Epoch(3)))]);
+        c.on_staged("a", Epoch(2));
+        assert_eq!(c.committed(), Epoch(1), "epoch 2 lies inside a's unit");
+        c.on_staged("a", Epoch(3));
+        assert_eq!(c.committed(), Epoch(3));
+        assert!(!c.commit_trails());
     }
 
     #[test]

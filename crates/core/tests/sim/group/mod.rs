@@ -79,6 +79,8 @@ const JOURNAL_BYTES: u64 = 24 * BLOCK;
 /// A catch-up's final pass starts once this little is left.
 const FINAL_PASS_BYTES: u64 = 4 * BLOCK;
 const CUT_INTERVAL_MS: u64 = 100;
+/// How often, between rounds, the coordinator asks what the hosts staged.
+const STAGED_ASK_MS: u64 = 25;
 const ROUND_TIMEOUT_MS: u64 = 50;
 const HOLD_TIMEOUT_MS: u64 = 80;
 const REPORT_MS: u64 = 50;
@@ -115,6 +117,15 @@ enum Answer {
 #[derive(Debug)]
 enum Event {
     CutTimer,
+    /// Between rounds, the coordinator asks the hosts what they staged while the last
+    /// completed cut's epoch is not committed.
+    StagedTimer,
+    AskStaged(usize),
+    Staged {
+        host: usize,
+        staged: Epoch,
+        spans: Vec<(Epoch, Option<Epoch>)>,
+    },
     CoordinatorTick,
     ToHost(usize, CutMessage, CutMode, RoundOutcome),
     Ack {
@@ -180,6 +191,16 @@ impl Event {
                 spans: spans.clone(),
             },
             Event::Report(h, mode) => Event::Report(*h, *mode),
+            Event::AskStaged(h) => Event::AskStaged(*h),
+            Event::Staged {
+                host,
+                staged,
+                spans,
+            } => Event::Staged {
+                host: *host,
+                staged: *staged,
+                spans: spans.clone(),
+            },
             Event::Commit(h, epoch) => Event::Commit(*h, *epoch),
             _ => return None,
         })
@@ -341,6 +362,9 @@ pub enum Broken {
     AckBeforeSync,
     /// A host switches epochs and gives the held answers in one step, at the cut.
     ReleaseOnCut,
+    /// The coordinator takes a host's staged epoch asked between rounds without the
+    /// catch-up units that came with it.
+    StagedWithoutUnits,
     /// A restarted agent forgets the catch-up unit its pair record names.
     ForgetRecordedUnit,
     /// The DR side records a unit applied when it begins applying it, before its writes
@@ -427,6 +451,7 @@ impl Sim {
             sim.at(5, Event::HostTick(h));
         }
         sim.at(CUT_INTERVAL_MS, Event::CutTimer);
+        sim.at(CUT_INTERVAL_MS + STAGED_ASK_MS, Event::StagedTimer);
         sim.at(10, Event::CoordinatorTick);
         for c in 0..n {
             sim.at(1, Event::Issue(c));
@@ -515,6 +540,24 @@ impl Sim {
                 self.cut_timer();
                 self.after(CUT_INTERVAL_MS, Event::CutTimer);
             }
+            Event::StagedTimer => {
+                if self.coordinator_up && !self.starting && self.cut.commit_trails() {
+                    for h in 0..self.hosts_n {
+                        self.control(Event::AskStaged(h));
+                    }
+                }
+                self.after(STAGED_ASK_MS, Event::StagedTimer);
+            }
+            Event::AskStaged(h) => {
+                if self.hosts[h].up {
+                    self.host_staged(h);
+                }
+            }
+            Event::Staged {
+                host,
+                staged,
+                spans,
+            } => self.coordinator_staged(host, staged, spans)?,
             Event::CoordinatorTick => {
                 // A coordinator starting again knows no round of its predecessor's.
                 if self.coordinator_up && !self.starting {
@@ -735,6 +778,29 @@ impl Sim {
             self.round = None;
             self.send_cuts(releases, CutMode::Keep, outcome);
         }
+        self.commit_moved()
+    }
+
+    /// A host's answer to the question what it staged, asked between rounds.
+    fn coordinator_staged(
+        &mut self,
+        host: usize,
+        staged: Epoch,
+        spans: Vec<(Epoch, Option<Epoch>)>,
+    ) -> Result<(), String> {
+        if !self.coordinator_up || self.starting {
+            return Ok(());
+        }
+        let name = host_name(host);
+        if self.broken != Broken::StagedWithoutUnits {
+            self.cut.note_atomic(&name, spans);
+        }
+        self.cut.on_staged(&name, staged);
+        self.commit_moved()
+    }
+
+    /// Checks the commit against the hosts' catch-up units and sends it if it moved.
+    fn commit_moved(&mut self) -> Result<(), String> {
         let committed = self.cut.committed();
         for (h, host) in self.hosts.iter().enumerate() {
             if let Some((from, end)) = host

@@ -462,6 +462,23 @@ impl Sim {
         });
     }
 
+    /// The coordinator asked what host `h` staged: its staged epoch and its catch-up units,
+    /// read together (the agent's `group_staged`), nothing switched or held.
+    pub(super) fn host_staged(&mut self, h: usize) {
+        let machine = &self.hosts[h].machine;
+        let staged = machine.staged_epoch();
+        let spans = machine
+            .atomic_spans()
+            .into_iter()
+            .map(|s| (s.from, s.to))
+            .collect();
+        self.control(Event::Staged {
+            host: h,
+            staged,
+            spans,
+        });
+    }
+
     pub(super) fn host_release(&mut self, h: usize, to: Epoch, outcome: RoundOutcome) {
         let outcome = match self.broken {
             // Broken: every release counts as a completed trip.
