@@ -29,6 +29,18 @@ use crate::config::{Config, DEFAULT_CONFIG_PATH};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's settings, read at its start (`_RJEM_MALLOC_CONF` in the environment overrides
+/// them). Buffers are allocated on one thread and freed on another (an NBD reader's write
+/// leaves the journal on the sender's; a catch-up's extent is read on its own thread): with
+/// an arena per thread, the pages one thread freed sat in its arena while another took
+/// fresh ones, and a pair falling back to its bitmap held its old journal and the catch-up's
+/// new one at once. One arena, whose freed pages a background thread gives back to the
+/// kernel within a second (not the default ten), keeps an agent near what it holds.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 70] =
+    b"narenas:1,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[derive(Parser)]
 #[command(
     name = "blockrepd",

@@ -209,8 +209,9 @@ impl Default for TransportSettings {
 const STREAM_RECEIVE_WINDOW: u32 = 32 << 20;
 /// Data sent and not yet acknowledged, for the whole connection: memory the production
 /// agent holds beside the journal (large payloads are shared with the journal, small ones
-/// are copied into batches).
-const SEND_WINDOW: u64 = 64 << 20;
+/// are copied into batches). 16 MiB keeps a 10 Gbit/s link full up to 13 ms of round trip,
+/// and the agent within its journal bound plus 64 MiB.
+const SEND_WINDOW: u64 = 16 << 20;
 
 fn transport(settings: TransportSettings) -> TransportConfig {
     let peer_timeout = settings.peer_timeout;
