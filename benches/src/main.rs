@@ -275,6 +275,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                 )?
             }
             "initial-sync" => scenarios::initial_sync(&mut env, &work, &bin, &report)?,
+            "sustained" => scenarios::sustained(&ready, &report, args.lag_seconds)?,
             "catch-up" | "backlog" | "lossy" | "limited" | "compressed" => {
                 let mut setup = targets::Setup::new(&mut env, paths);
                 match scenario.as_str() {
@@ -291,7 +292,7 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             "group-rpo" => groups::rpo(&mut env, &work, &bin, args.lag_seconds)?,
             "many-volumes" => volumes::many(&mut env, &work, &bin, args.volumes)?,
             other => bail!(
-                "unknown scenario {other:?} (lag, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo, many-volumes)"
+                "unknown scenario {other:?} (lag, sustained, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo, many-volumes)"
             ),
         };
         eprintln!("bench: scenario {scenario}: {}", result.summary);

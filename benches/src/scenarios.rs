@@ -346,3 +346,81 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
         seconds: elapsed,
     })
 }
+
+/// An async pair under 1 MiB sequential writes at QD8, fio held to 0.85 × what the link
+/// carries (the quic-link row) or the unpaired agent writes, whichever is less, for
+/// `seconds`: whether the pair keeps that rate while it replicates (its journal never
+/// overflows), and what the production side sent meanwhile. Unthrottled, fio writes at
+/// local speed, faster than any link carries, and the journal overflows by design (the pair
+/// falls back to its bitmap and catches up), so the matrix row measures the local volume.
+pub fn sustained(ready: &[Target], report: &Report, seconds: u32) -> anyhow::Result<ScenarioResult> {
+    const ONE_M: &str = "seqwrite-1m-qd8";
+    let target = ready
+        .iter()
+        .find(|t| t.kind == Kind::AsyncPair)
+        .context("the sustained scenario needs the async-pair target")?;
+    let cluster = target.cluster.as_ref().context("async-pair has its agents")?;
+    let link = report
+        .median_of(ONE_M, "quic-link")
+        .context("the sustained scenario needs the quic-link row")?;
+    let local = report.median_of(ONE_M, "blockrepd").unwrap_or(f64::INFINITY);
+    let ceiling = link.min(local);
+    let rate_mb = 0.85 * ceiling;
+    let workload = workloads::all()
+        .into_iter()
+        .find(|w| w.name == ONE_M)
+        .expect("a workload of the list");
+    cluster.wait_idle()?;
+    let before = cluster.counts()?;
+    let timing = Timing {
+        runtime_s: seconds,
+        ramp_s: 1,
+    };
+    let extra = vec![format!("--rate={}", (rate_mb * 1e6) as u64)];
+    let sample = fio::run_with(target, &workload, &timing, &extra)?;
+    let after = cluster.counts()?;
+    let overflows = after.journal_overflows - before.journal_overflows;
+    let written = after.bytes_written - before.bytes_written;
+    let sent = after.bytes_sent - before.bytes_sent;
+    let ratio = sample.value / ceiling;
+    let markdown = format!(
+        "Sustained async replication: 1M sequential writes at QD8 on the async pair for {seconds} s (and 1 s of ramp), fio held to {rate_mb:.0} MB/s (0.85 × min(blockrepd {local:.0}, quic-link {link:.0} MB/s)):\n\n\
+         - fio reached {:.0} MB/s, {ratio:.2}× the ceiling;\n\
+         - the journal overflowed {overflows} times;\n\
+         - the production side wrote {:.0} MB and sent {:.0} MB ({:.3}× written; the stream lags by what its journal holds when fio stops).",
+        sample.value,
+        written as f64 / 1e6,
+        sent as f64 / 1e6,
+        sent as f64 / written.max(1) as f64,
+    );
+    Ok(ScenarioResult {
+        name: "sustained",
+        summary: format!(
+            "{:.0} MB/s ({ratio:.2}× min(blockrepd, quic-link)), {overflows} journal overflows",
+            sample.value
+        ),
+        markdown,
+        json: json!({
+            "rate_limit_mb_s": rate_mb,
+            "achieved_mb_s": sample.value,
+            "ceiling_mb_s": ceiling,
+            "quic_link_mb_s": link,
+            "journal_overflows": overflows,
+            "bytes_written": written,
+            "bytes_sent": sent,
+        }),
+        goals: vec![
+            Goal::at_least(
+                "async pair 1M sequential QD8, fio held to 0.85 × min(blockrepd, quic-link): ≥ 0.8 × that minimum".into(),
+                Some(ratio),
+                0.8,
+            ),
+            Goal::at_most(
+                "async pair 1M sequential QD8 at that rate: journal overflows".into(),
+                Some(overflows as f64),
+                0.0,
+                GoalFormat::Count,
+            ),
+        ],
+    })
+}
