@@ -379,9 +379,9 @@ pub fn sustained(ready: &[Target], report: &Report, seconds: u32) -> anyhow::Res
     let extra = vec![format!("--rate={}", (rate_mb * 1e6) as u64)];
     let sample = fio::run_with(target, &workload, &timing, &extra)?;
     let after = cluster.counts()?;
-    let overflows = after.journal_overflows - before.journal_overflows;
-    let written = after.bytes_written - before.bytes_written;
-    let sent = after.bytes_sent - before.bytes_sent;
+    let overflows = after.journal_overflows.saturating_sub(before.journal_overflows);
+    let written = after.bytes_written.saturating_sub(before.bytes_written);
+    let sent = after.bytes_sent.saturating_sub(before.bytes_sent);
     let ratio = sample.value / ceiling;
     let markdown = format!(
         "Sustained async replication: 1M sequential writes at QD8 on the async pair for {seconds} s (and 1 s of ramp), fio held to {rate_mb:.0} MB/s (0.85 × min(blockrepd {local:.0}, quic-link {link:.0} MB/s)):\n\n\

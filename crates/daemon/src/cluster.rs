@@ -412,8 +412,6 @@ impl From<AgentRefusal> for ApiError {
     }
 }
 
-/// A `MarkDirty`'s runs, each built checked against a volume of `size` bytes (no wrap past
-/// u64::MAX, nothing past the end).
 /// A production host's answer to a cut, or to the question what it staged, on the wire.
 fn cut_ack(answer: blockrep_replication::pairs::CutAnswer) -> proto::GroupCutAck {
     proto::GroupCutAck {
@@ -431,6 +429,8 @@ fn cut_ack(answer: blockrep_replication::pairs::CutAnswer) -> proto::GroupCutAck
     }
 }
 
+/// A `MarkDirty`'s runs, each built checked against a volume of `size` bytes (no wrap past
+/// u64::MAX, nothing past the end).
 fn checked_runs(runs: &[proto::Extent], size: u64) -> Result<Vec<ByteRange>, AgentRefusal> {
     runs.iter()
         .map(|e| ByteRange::within(e.offset, e.length, size))

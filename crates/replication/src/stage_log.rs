@@ -713,6 +713,25 @@ mod tests {
         Bytes::copy_from_slice(s)
     }
 
+    /// A sealed unit holding an empty write (the log takes one) opens again, and counts
+    /// nothing for it.
+    #[test]
+    fn a_sealed_empty_write_opens_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage-log");
+        {
+            let Recovered { mut log, .. } = StageLog::open(&path, Epoch(0)).unwrap();
+            log.append_write(Epoch(1), ByteRange::new(0, 0), false, &Bytes::new())
+                .unwrap();
+            log.append_write(Epoch(1), ByteRange::new(0, 4), false, &b(b"aaaa"))
+                .unwrap();
+            log.seal(Epoch(1), 1).unwrap();
+        }
+        let Recovered { log, seals } = StageLog::open(&path, Epoch(0)).unwrap();
+        assert_eq!(seals.len(), 1);
+        assert_eq!(log.distinct_bytes(), 4);
+    }
+
     #[test]
     fn sealed_units_are_replayed_and_unsealed_writes_dropped() {
         let dir = tempfile::tempdir().unwrap();

@@ -126,19 +126,40 @@ impl GroupCuts {
     }
 }
 
+/// Whether the cut loop cuts `group` and moves its commit: available, or reversing (a reverse
+/// drains through the cuts: its last epochs must commit); an async group not stopped.
+/// Checked again, under the state's lock, wherever an answer moves the commit: a failover
+/// fixes its plan's commit and sets the group's status under that lock, and no answer taken
+/// after it may move the commit (a DR agent told of a later one before its promotion would
+/// stop at a later epoch than the others).
+fn is_cut(g: &GroupRecord) -> bool {
+    use blockrep_core::replication::GroupStatus as S;
+    matches!(g.status, S::Available | S::Reversing)
+        && !(g.stopped && g.model == ReplicationModel::Async)
+}
+
+/// [`is_cut`] of the group `id` in `state`.
+fn still_cut(state: &State, id: GroupId) -> bool {
+    state.groups.get(&id).is_some_and(is_cut)
+}
+
 impl Coordinator {
     /// Cuts the groups' epochs every `interval` (and at once when a pair trips), until the
     /// daemon stops.
     pub async fn cut_groups(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ask = tokio::time::interval((interval / STAGED_ASKS_PER_INTERVAL).max(MIN_STAGED_ASK));
+        let ask_every = (interval / STAGED_ASKS_PER_INTERVAL).max(MIN_STAGED_ASK);
+        let mut ask = tokio::time::interval(ask_every);
         ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A kick (a trip: writes wait for its cut) first, then the interval's round; the
+            // asks only when neither is due, each waiting no longer than until the next.
             tokio::select! {
-                _ = tick.tick() => self.cut_round().await,
+                biased;
                 () = self.cut_kick.notified() => self.cut_round().await,
-                _ = ask.tick() => self.ask_staged().await,
+                _ = tick.tick() => self.cut_round().await,
+                _ = ask.tick() => self.ask_staged(ask_every).await,
             }
         }
     }
@@ -147,8 +168,9 @@ impl Coordinator {
     /// not committed what their DR sides staged, so the commit follows the staging within a
     /// fraction of an interval instead of waiting for the next round's acks. The answers are
     /// taken as acks are (catch-up units first), one group at a time in this same task, so
-    /// they never cross a round; one not back within a round's timeout is dropped.
-    async fn ask_staged(&self) {
+    /// they never cross a round; one not back within `patience` is dropped (a host that does
+    /// not answer holds up the other groups' rounds no longer than that).
+    async fn ask_staged(&self, patience: Duration) {
         let trailing: Vec<(GroupId, Vec<Member>, Epoch)> = self
             .lock()
             .cuts
@@ -169,7 +191,7 @@ impl Coordinator {
                     ..Default::default()
                 })
             });
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
+            let deadline = tokio::time::Instant::now() + patience;
             while let Ok(Some(Ok((host, _, answer)))) =
                 tokio::time::timeout_at(deadline, calls.join_next()).await
             {
@@ -183,6 +205,9 @@ impl Coordinator {
                     continue;
                 };
                 let mut state = self.lock();
+                if !still_cut(&state, group) {
+                    break;
+                }
                 let State {
                     cuts, cut_stats, ..
                 } = &mut *state;
@@ -225,11 +250,7 @@ impl Coordinator {
         let mut in_group = BTreeSet::new();
         for g in state.groups.values() {
             in_group.extend(g.pairs.iter().copied());
-            // A reverse drains through the cuts: its last epochs must commit.
-            use blockrep_core::replication::GroupStatus as S;
-            if !matches!(g.status, S::Available | S::Reversing)
-                || (g.stopped && g.model == ReplicationModel::Async)
-            {
+            if !is_cut(g) {
                 continue;
             }
             let members: Option<Vec<Member>> = g
@@ -447,6 +468,9 @@ impl Coordinator {
                 }) => {
                     synchronous &= ack.synchronous;
                     let mut state = self.lock();
+                    if !still_cut(&state, group) {
+                        break;
+                    }
                     if let Some(cuts) = state.cuts.get_mut(&group) {
                         // Catch-up units first: the ack may move the commit.
                         cuts.cut.note_atomic(
@@ -837,7 +861,7 @@ mod tests {
         assert_eq!((stats.completed, stats.committed_cut_ms), (1, 0), "{stats:?}");
         let commits_before = h.agents.calls_of("GroupCommit").len();
 
-        h.coordinator.ask_staged().await;
+        h.coordinator.ask_staged(Duration::from_secs(1)).await;
         assert_eq!(
             h.agents.calls_of("GroupStaged").len(),
             2,
@@ -852,11 +876,100 @@ mod tests {
             h.agents.log()
         );
 
-        h.coordinator.ask_staged().await;
+        h.coordinator.ask_staged(Duration::from_secs(1)).await;
         assert_eq!(
             h.agents.calls_of("GroupStaged").len(),
             2,
             "asked again with nothing to commit"
         );
+    }
+
+    /// A failover fixes the group's commit in its plan; no answer taken after that may move
+    /// the commit a DR agent is told: one that heard of a later commit before its promotion
+    /// would stop at a later epoch than the others. Neither a staged epoch asked between
+    /// rounds nor the ack of a round that was in flight when the failover began.
+    #[tokio::test]
+    async fn no_answer_moves_the_commit_once_a_failover_fixed_it() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 7);
+        h.production_reports(&[&a, &b]);
+        let ack = |staged| {
+            Box::new(Response::CutAck(proto::GroupCutAck {
+                staged,
+                ..Default::default()
+            }))
+        };
+        for node in [&a.production_node, &b.production_node] {
+            h.agents
+                .script("GroupCut", Some(node), Answer::Respond(ack(0)), Some(1));
+            h.agents.script(
+                "GroupStaged",
+                Some(node),
+                Answer::Respond(ack(1 << 20)),
+                None,
+            );
+        }
+        h.coordinator.cut_round().await;
+        let committed = |h: &Harness| h.coordinator.lock().cuts[&group.id].cut.committed();
+        let before = committed(&h);
+        h.coordinator.failover_group(&group.name).unwrap();
+        h.coordinator.ask_staged(Duration::from_secs(1)).await;
+        assert_eq!(committed(&h), before, "a staged epoch asked after the failover moved the commit");
+
+        // A round in flight when the failover begins: its acks come after.
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 7);
+        h.production_reports(&[&a, &b]);
+        for node in [&a.production_node, &b.production_node] {
+            h.agents
+                .script("GroupCut", Some(node), Answer::Respond(ack(0)), Some(1));
+        }
+        h.coordinator.cut_round().await;
+        let before = committed(&h);
+        let go = Arc::new(tokio::sync::Notify::new());
+        for node in [&a.production_node, &b.production_node] {
+            h.agents.script(
+                "GroupCut",
+                Some(node),
+                Answer::WaitThen(Arc::clone(&go), ack(1 << 20)),
+                None,
+            );
+        }
+        let round = h.coordinator.cut_round();
+        let failover = async {
+            while h.agents.calls_of("GroupCut").len() < 4 {
+                tokio::task::yield_now().await;
+            }
+            h.coordinator.failover_group(&group.name).unwrap();
+            go.notify_waiters();
+        };
+        tokio::join!(round, failover);
+        assert_eq!(committed(&h), before, "a round's ack after the failover moved the commit");
+    }
+
+    /// A production host that does not answer the question what it staged holds the cut loop
+    /// up no longer than the asks' patience (the other groups' rounds and trips wait behind).
+    #[tokio::test(start_paused = true)]
+    async fn a_host_that_does_not_answer_holds_the_asks_up_only_their_patience() {
+        let (h, _group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 0);
+        h.production_reports(&[&a, &b]);
+        let ack = Answer::Respond(Box::new(Response::CutAck(proto::GroupCutAck::default())));
+        let never = Arc::new(tokio::sync::Notify::new());
+        for node in [&a.production_node, &b.production_node] {
+            h.agents.script("GroupCut", Some(node), ack.clone(), None);
+            h.agents
+                .script("GroupStaged", Some(node), Answer::Wait(Arc::clone(&never)), None);
+        }
+        h.coordinator.cut_round().await;
+        let patience = Duration::from_millis(125);
+        let started = tokio::time::Instant::now();
+        h.coordinator.ask_staged(patience).await;
+        let waited = started.elapsed();
+        assert!(
+            waited < patience + Duration::from_millis(10),
+            "the asks waited {waited:?}"
+        );
+        assert_eq!(h.agents.calls_of("GroupStaged").len(), 2);
     }
 }

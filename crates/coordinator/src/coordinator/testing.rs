@@ -37,6 +37,8 @@ pub(super) enum Answer {
     /// `Done`, once the test lets the call go (`notify_waiters`): the caller waits
     /// meanwhile, as on a slow agent.
     Wait(Arc<tokio::sync::Notify>),
+    /// This answer, once the test lets the call go.
+    WaitThen(Arc<tokio::sync::Notify>, Box<Response>),
 }
 
 struct Rule {
@@ -140,6 +142,10 @@ impl Agents for FakeAgents {
                 Answer::Wait(until) => {
                     until.notified().await;
                     Response::Done(proto::Done {})
+                }
+                Answer::WaitThen(until, response) => {
+                    until.notified().await;
+                    *response
                 }
                 Answer::Done => Response::Done(proto::Done {}),
                 Answer::Respond(response) => *response,

@@ -4,7 +4,7 @@
 //!
 //! | request | who may send it |
 //! |---|---|
-//! | an agent command: take, leave or switch a pair's side, promote, fence, pause, resume, verify, a group's cut, release or commit, dirty blocks, extend | a coordinator's certificate |
+//! | an agent command: take, leave or switch a pair's side, promote, fence, pause, resume, verify, a group's cut, release or commit, what a group's pairs staged, dirty blocks, extend | a coordinator's certificate |
 //! | a heartbeat (`Report`) | any node, for the node its certificate names |
 //! | an operator's call forwarded to the coordinator (pairs, groups, jobs, nodes) | any node |
 //!

@@ -34,14 +34,15 @@ fn span(range: ByteRange) -> Range<u64> {
 
 impl Distinct {
     /// The accounting of `staged` (in log order) whose units are sealed at `seals` (epochs,
-    /// oldest first); writes above the last seal are the open unit.
+    /// in increasing order); writes above the last seal are the open unit.
     pub(super) fn of(staged: &[Staged], seals: &[Epoch]) -> Self {
         let mut units: Vec<RangeSet<u64>> = vec![RangeSet::new(); seals.len()];
         let mut this = Self::default();
-        for s in staged {
-            match seals.iter().position(|&e| s.epoch <= e) {
-                Some(unit) => units[unit].insert(span(s.range)),
-                None => this.add(s.epoch, s.range),
+        for s in staged.iter().filter(|s| s.range.len > 0) {
+            // The unit of the first seal at or past the write's epoch (seals are in order).
+            match seals.partition_point(|&e| e < s.epoch) {
+                unit if unit < seals.len() => units[unit].insert(span(s.range)),
+                _ => this.add(s.epoch, s.range),
             }
         }
         for (epoch, unit) in seals.iter().zip(&units) {
@@ -86,6 +87,7 @@ impl Distinct {
         if self.open_newest > epoch {
             let mut seals: Vec<Epoch> = self.sealed.iter().map(|(e, _)| *e).collect();
             seals.push(epoch);
+            seals.sort_unstable();
             *self = Self::of(staged, &seals);
             return;
         }
@@ -111,7 +113,8 @@ impl Distinct {
 
     /// Writes after `after` were dropped from `staged`, which is what the log still holds.
     pub(super) fn discarded(&mut self, staged: &[Staged]) {
-        let seals: Vec<Epoch> = self.sealed.iter().map(|(e, _)| *e).collect();
+        let mut seals: Vec<Epoch> = self.sealed.iter().map(|(e, _)| *e).collect();
+        seals.sort_unstable();
         *self = Self::of(staged, &seals);
     }
 }
