@@ -218,8 +218,9 @@ impl ProductionPair {
     }
 
     /// The ticker fired or the resync reader ended: checks the peer's silence and whether
-    /// the stream must end, cuts an epoch when one is due, takes the resync's outcome, and
-    /// starts a catch-up when the journal overflowed.
+    /// the stream must end, takes the resync's outcome (cutting at once after an initial
+    /// sync), and starts a catch-up when the journal overflowed. Epochs are cut by
+    /// [`ProductionPair::on_cut`], on their own timer.
     async fn on_tick(
         &self,
         ticker: &mut Ticker,
@@ -317,8 +318,8 @@ enum Input {
     Cut,
 }
 
-/// The session's clock work: when it ticks, when it last cut an epoch, the catch-up reader
-/// it started, and its beat for the watchdog.
+/// The session's clock work: when it ticks, when it cuts an epoch, the catch-up reader it
+/// started, and its beat for the watchdog.
 struct Ticker {
     interval: tokio::time::Interval,
     /// Every epoch interval, on its own timer: a cut on the housekeeping tick would wait

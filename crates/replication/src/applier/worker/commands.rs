@@ -239,10 +239,13 @@ impl Worker {
     /// falls back to the bitmap (the production side is told with `StageFull`) and the DR
     /// volume stays at its last consistent point.
     fn stage_room(&mut self, range: ByteRange) -> bool {
-        let distinct = self.log.distinct_bytes_with(range);
-        let records = self.log.records_bytes() + range.len;
         let cap = self.stage_log_max_bytes;
-        if distinct <= cap && records <= cap.saturating_mul(RECORDS_PER_CAP) {
+        let records = self.log.records_bytes() + range.len;
+        // The write's overlap with the open unit is looked up only near the cap: far from
+        // it, counting the whole range again cannot pass it.
+        let distinct_fits = self.log.distinct_bytes() + range.len <= cap
+            || self.log.distinct_bytes_with(range) <= cap;
+        if distinct_fits && records <= cap.saturating_mul(RECORDS_PER_CAP) {
             self.stage_full = false;
             return true;
         }
