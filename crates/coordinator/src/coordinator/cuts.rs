@@ -854,11 +854,16 @@ mod tests {
         // The round completes before the DR sides staged its epoch.
         for node in [&a.production_node, &b.production_node] {
             h.agents.script("GroupCut", Some(node), ack(0), None);
-            h.agents.script("GroupStaged", Some(node), ack(1 << 20), None);
+            h.agents
+                .script("GroupStaged", Some(node), ack(1 << 20), None);
         }
         h.coordinator.cut_round().await;
         let stats = h.coordinator.group_cut_stats(&group.name).unwrap();
-        assert_eq!((stats.completed, stats.committed_cut_ms), (1, 0), "{stats:?}");
+        assert_eq!(
+            (stats.completed, stats.committed_cut_ms),
+            (1, 0),
+            "{stats:?}"
+        );
         let commits_before = h.agents.calls_of("GroupCommit").len();
 
         h.coordinator.ask_staged(Duration::from_secs(1)).await;
@@ -914,7 +919,11 @@ mod tests {
         let before = committed(&h);
         h.coordinator.failover_group(&group.name).unwrap();
         h.coordinator.ask_staged(Duration::from_secs(1)).await;
-        assert_eq!(committed(&h), before, "a staged epoch asked after the failover moved the commit");
+        assert_eq!(
+            committed(&h),
+            before,
+            "a staged epoch asked after the failover moved the commit"
+        );
 
         // A round in flight when the failover begins: its acks come after.
         let (h, group, a, b) = seeded_group_of_two();
@@ -944,7 +953,11 @@ mod tests {
             go.notify_waiters();
         };
         tokio::join!(round, failover);
-        assert_eq!(committed(&h), before, "a round's ack after the failover moved the commit");
+        assert_eq!(
+            committed(&h),
+            before,
+            "a round's ack after the failover moved the commit"
+        );
     }
 
     /// A production host that does not answer the question what it staged holds the cut loop
@@ -958,8 +971,12 @@ mod tests {
         let never = Arc::new(tokio::sync::Notify::new());
         for node in [&a.production_node, &b.production_node] {
             h.agents.script("GroupCut", Some(node), ack.clone(), None);
-            h.agents
-                .script("GroupStaged", Some(node), Answer::Wait(Arc::clone(&never)), None);
+            h.agents.script(
+                "GroupStaged",
+                Some(node),
+                Answer::Wait(Arc::clone(&never)),
+                None,
+            );
         }
         h.coordinator.cut_round().await;
         let patience = Duration::from_millis(125);

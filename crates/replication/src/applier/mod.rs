@@ -691,7 +691,10 @@ mod tests {
             seen.iter().any(|e| {
                 matches!(
                     e,
-                    ApplyEvent::Reject { reason: RejectReason::StageFull, .. }
+                    ApplyEvent::Reject {
+                        reason: RejectReason::StageFull,
+                        ..
+                    }
                 )
             })
         };
@@ -709,13 +712,19 @@ mod tests {
                 submit(staged_write(4, next(), block * 4096, 0x30, false));
             }
         }
-        assert!(refused_since(next()), "records past twice the cap were taken");
+        assert!(
+            refused_since(next()),
+            "records past twice the cap were taken"
+        );
         applier.stop();
         let file = std::fs::File::open(&path).unwrap();
         let mut block = [0u8; 4096];
         for b in 0..16u64 {
             file.read_exact_at(&mut block, b * 4096).unwrap();
-            assert_eq!(block, [0x11; 4096], "block {b}: the last pass's copy applies");
+            assert_eq!(
+                block, [0x11; 4096],
+                "block {b}: the last pass's copy applies"
+            );
         }
     }
 

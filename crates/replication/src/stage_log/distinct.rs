@@ -136,14 +136,44 @@ mod tests {
     #[test]
     fn a_block_counts_once_per_unit() {
         let mut d = Distinct::default();
-        d.add(Epoch(2), ByteRange { offset: 0, len: 1 << 20 });
-        d.add(Epoch(2), ByteRange { offset: 4096, len: 4096 });
-        d.add(Epoch(3), ByteRange { offset: (1 << 20) - 4096, len: 8192 });
+        d.add(
+            Epoch(2),
+            ByteRange {
+                offset: 0,
+                len: 1 << 20,
+            },
+        );
+        d.add(
+            Epoch(2),
+            ByteRange {
+                offset: 4096,
+                len: 4096,
+            },
+        );
+        d.add(
+            Epoch(3),
+            ByteRange {
+                offset: (1 << 20) - 4096,
+                len: 8192,
+            },
+        );
         assert_eq!(d.bytes(), (1 << 20) + 4096);
-        assert_eq!(d.bytes_with(ByteRange { offset: 0, len: 8192 }), d.bytes());
+        assert_eq!(
+            d.bytes_with(ByteRange {
+                offset: 0,
+                len: 8192
+            }),
+            d.bytes()
+        );
         d.seal(Epoch(3), &[]);
         // The next unit's copy of a block counts again: both units apply, one after the other.
-        d.add(Epoch(4), ByteRange { offset: 0, len: 4096 });
+        d.add(
+            Epoch(4),
+            ByteRange {
+                offset: 0,
+                len: 4096,
+            },
+        );
         assert_eq!(d.bytes(), (1 << 20) + 8192);
         d.take(Epoch(3));
         assert_eq!(d.bytes(), 4096);
