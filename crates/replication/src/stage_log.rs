@@ -52,6 +52,8 @@ const RECORD_OVERHEAD: usize = 5 + 4;
 const BLOCK: u64 = 4096;
 /// Appends are gathered up to this size before they are written.
 const BATCH_BYTES: usize = 4 << 20;
+/// The CRC32 of no bytes.
+const EMPTY_CRC: u32 = 0;
 /// Staged data kept in memory for applying, at most; beyond it, data is read back.
 const MEMORY_BYTES: u64 = 32 << 20;
 
@@ -191,12 +193,27 @@ impl StageLog {
         zeroes: bool,
         data: &Bytes,
     ) -> io::Result<()> {
+        self.append_write_with_crc(epoch, range, zeroes, data, crc32fast::hash(data))
+    }
+
+    /// [`StageLog::append_write`] for data whose CRC32 the caller has just checked (a
+    /// write's CRC from the wire): the record's CRC is combined from it, not computed over
+    /// the data again.
+    pub fn append_write_with_crc(
+        &mut self,
+        epoch: Epoch,
+        range: ByteRange,
+        zeroes: bool,
+        data: &Bytes,
+        data_crc: u32,
+    ) -> io::Result<()> {
+        debug_assert_eq!(crc32fast::hash(data), data_crc, "the data's CRC");
         let mut body = [0u8; 21];
         body[..8].copy_from_slice(&epoch.0.to_le_bytes());
         body[8..16].copy_from_slice(&range.offset.to_le_bytes());
         body[16..20].copy_from_slice(&(range.len as u32).to_le_bytes());
         body[20] = u8::from(zeroes);
-        let data_at = self.append(KIND_WRITE, &body, data)? + 5 + 21;
+        let data_at = self.append(KIND_WRITE, &body, data, data_crc)? + 5 + 21;
         let held = !data.is_empty() && self.held_bytes + data.len() as u64 <= MEMORY_BYTES;
         if held {
             self.held_bytes += data.len() as u64;
@@ -215,7 +232,7 @@ impl StageLog {
 
     /// Appends the seal of `epoch` and makes the log durable up to it.
     pub fn seal(&mut self, epoch: Epoch, cut_ms: u64) -> io::Result<()> {
-        self.append(KIND_SEAL, &seal_body(epoch, cut_ms), &[])?;
+        self.append(KIND_SEAL, &seal_body(epoch, cut_ms), &[], EMPTY_CRC)?;
         self.flush()?;
         self.sync()?;
         self.distinct.seal(epoch, &self.staged);
@@ -319,7 +336,12 @@ impl StageLog {
         // keep their seals, in order, after their writes: a seal covers the writes of its
         // epoch and earlier before it.
         for seal in held {
-            fresh.append(KIND_SEAL, &seal_body(seal.epoch, seal.cut_ms), &[])?;
+            fresh.append(
+                KIND_SEAL,
+                &seal_body(seal.epoch, seal.cut_ms),
+                &[],
+                EMPTY_CRC,
+            )?;
         }
         fresh.flush()?;
         fresh.sync()?;
@@ -362,8 +384,8 @@ impl StageLog {
     }
 
     /// Appends a record to the batch (opening a batch first if none is); returns the
-    /// record's offset in the log.
-    fn append(&mut self, kind: u8, body: &[u8], data: &[u8]) -> io::Result<u64> {
+    /// record's offset in the log. `data_crc` is the CRC32 of `data`.
+    fn append(&mut self, kind: u8, body: &[u8], data: &[u8], data_crc: u32) -> io::Result<u64> {
         let record = RECORD_OVERHEAD + body.len() + data.len();
         if !self.batch.is_empty() && self.batch.len() + record > self.batch.capacity() {
             self.flush()?;
@@ -371,24 +393,28 @@ impl StageLog {
         if self.batch.is_empty() {
             let opened = RECORD_OVERHEAD + 8 + record;
             if opened > self.batch.capacity() {
-                // A record bigger than the batch gets a buffer of its own.
+                // A record bigger than the batch gets a bigger buffer, kept for the next
+                // ones up to twice the batch's size (a catch-up's extents are all alike).
                 self.batch = AlignedBuf::new(opened.next_multiple_of(BLOCK as usize));
                 self.batch.set_len(0);
             }
-            self.put(KIND_BATCH, &self.end.to_le_bytes(), &[]);
+            self.put(KIND_BATCH, &self.end.to_le_bytes(), &[], EMPTY_CRC);
         }
         let at = self.end + self.batch.len() as u64;
-        self.put(kind, body, data);
+        self.put(kind, body, data, data_crc);
         Ok(at)
     }
 
     /// Puts a record at the end of the batch, which has room for it.
-    fn put(&mut self, kind: u8, body: &[u8], data: &[u8]) {
+    fn put(&mut self, kind: u8, body: &[u8], data: &[u8], data_crc: u32) {
         let record = RECORD_OVERHEAD + body.len() + data.len();
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&[kind]);
         hasher.update(body);
-        hasher.update(data);
+        hasher.combine(&crc32fast::Hasher::new_with_initial_len(
+            data_crc,
+            data.len() as u64,
+        ));
         let len = self.batch.len();
         self.batch.set_len(len + record);
         let out = &mut self.batch[len..];
@@ -426,7 +452,7 @@ impl StageLog {
         self.unsynced = true;
         self.end += padded as u64;
         self.batch.set_len(0);
-        if self.batch.capacity() > BATCH_BYTES {
+        if self.batch.capacity() > 2 * BATCH_BYTES {
             self.batch = AlignedBuf::new(BATCH_BYTES);
             self.batch.set_len(0);
         }

@@ -101,17 +101,33 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// Free lists of buffers by power-of-two capacity, so the I/O path does not allocate per
 /// request once warm. Not shared between threads.
-#[derive(Default)]
 pub struct BufPool {
     classes: Vec<Vec<AlignedBuf>>,
     /// Bytes held idle in the pool, and the most it keeps.
     idle_bytes: usize,
+    max_idle_bytes: usize,
 }
 
 /// Enough for a connection's in-flight limit at 1 MiB requests with room to spare.
 const MAX_IDLE_BYTES: usize = 64 << 20;
 
+impl Default for BufPool {
+    fn default() -> Self {
+        Self::with_idle_limit(MAX_IDLE_BYTES)
+    }
+}
+
 impl BufPool {
+    /// A pool that keeps at most `max_idle_bytes` of buffers idle (a user's in-flight
+    /// bound: the pool then never holds more than the user did at its peak).
+    pub fn with_idle_limit(max_idle_bytes: usize) -> Self {
+        Self {
+            classes: Vec::new(),
+            idle_bytes: 0,
+            max_idle_bytes,
+        }
+    }
+
     /// A buffer of at least `len` bytes, with its length set to `len`.
     pub fn take(&mut self, len: usize) -> AlignedBuf {
         let class = Self::class_of(len);
@@ -129,7 +145,7 @@ impl BufPool {
     pub fn give(&mut self, buf: AlignedBuf) {
         let class = Self::class_of(buf.capacity());
         if Self::class_capacity(class) != buf.capacity()
-            || self.idle_bytes + buf.capacity() > MAX_IDLE_BYTES
+            || self.idle_bytes + buf.capacity() > self.max_idle_bytes
         {
             return;
         }
@@ -174,5 +190,21 @@ mod tests {
         assert_eq!(b.len(), 100);
         let c = pool.take(3 * 4096);
         assert_eq!(c.capacity(), 4 * 4096);
+    }
+
+    #[test]
+    fn pool_keeps_no_more_than_its_idle_limit() {
+        let mut pool = BufPool::with_idle_limit(8192);
+        let (a, b, c) = (pool.take(4096), pool.take(4096), pool.take(4096));
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        pool.give(a);
+        pool.give(b);
+        pool.give(c);
+        let kept = [pool.take(4096).as_ptr(), pool.take(4096).as_ptr()];
+        assert!(
+            kept.contains(&pa) && kept.contains(&pb),
+            "the first two were kept"
+        );
+        assert_eq!(pool.idle_bytes, 0, "the third was freed, not kept");
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use blockrep_core::pair::dr_side::DrSide;
 use blockrep_core::replication::{SyncTicket, WriteSeq};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
-use blockrep_volume::{AlignedBuf, Volume, Waker};
+use blockrep_volume::{AlignedBuf, BufPool, Volume, Waker};
 use io_uring::{IoUring, opcode, types};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -26,6 +26,10 @@ use super::{
 };
 
 mod commands;
+
+/// Buffers of completed writes kept for the next ones: a steady stream of writes takes
+/// them back as fast as they come; more would only hold memory after a burst.
+const POOL_BYTES: usize = 8 << 20;
 
 /// A write in flight on the ring.
 struct Slot {
@@ -76,6 +80,9 @@ pub(super) struct Worker {
     /// that goes alone).
     inflight_bytes: u64,
     inflight_limit: u64,
+    /// The buffers of writes that completed, for the next ones (no allocation and zeroing
+    /// per write), at most [`POOL_BYTES`] of them.
+    bufs: BufPool,
     /// For the watchdog: writes and syncs in flight must complete.
     beat: Arc<blockrep_volume::liveness::Beat>,
 }
@@ -127,6 +134,7 @@ impl Worker {
             stage_full: false,
             inflight_bytes: 0,
             inflight_limit: queue_bytes,
+            bufs: BufPool::with_idle_limit(POOL_BYTES),
             beat: blockrep_volume::liveness::Liveness::global()
                 .register(format!("DR applier of {label}")),
         };
@@ -404,6 +412,7 @@ impl Worker {
         }
         let slot = self.retire(index);
         let written = ByteRange::new(slot.offset, slot.buf.len() as u64);
+        self.bufs.give(slot.buf);
         fault::slow_disk(written.len);
         self.volume.backing().note_written(written);
         self.counters

@@ -160,8 +160,19 @@ impl Worker {
                 StagedWrite::Refuse(reason) => self.refuse(&header, range, reason),
                 StagedWrite::Stage if range.is_empty() => {}
                 StagedWrite::Stage => {
-                    self.log
-                        .append_write(header.epoch, range, zeroes, &payload)?;
+                    // A zero range has no payload; a write's CRC was checked just above.
+                    let data_crc = if zeroes {
+                        payload_crc(&payload)
+                    } else {
+                        header.crc
+                    };
+                    self.log.append_write_with_crc(
+                        header.epoch,
+                        range,
+                        zeroes,
+                        &payload,
+                        data_crc,
+                    )?;
                 }
             }
             return Ok(true);
@@ -179,7 +190,7 @@ impl Worker {
             return Ok(true);
         }
         if is_fast(&header) {
-            let mut buf = AlignedBuf::new(payload.len());
+            let mut buf = self.bufs.take(payload.len());
             buf.copy_from_slice(&payload);
             let fua = header.flags.has(WriteFlags::FUA);
             if !self.submit_write(range, buf, fua, ack, false)? {
@@ -338,7 +349,7 @@ impl Worker {
                 let _ = self.side.unit_write_done();
                 continue;
             }
-            let mut buf = AlignedBuf::new(staged.range.len as usize);
+            let mut buf = self.bufs.take(staged.range.len as usize);
             self.log.read(&staged, &mut buf)?;
             if !self.submit_write(staged.range, buf, false, None, true)? {
                 return Ok(());
