@@ -165,7 +165,7 @@ pub fn initial_sync(
     let link = report.median_of("seqwrite-1m-qd8", "quic-link");
     let line = |what: &str, r: &SyncRun| {
         format!(
-            "- {what}: sent {:.1} MB on the stream ({:.1} MB of extent payload) for {:.1} MB allocated: {:.3}× allocated; {:.2} s: {:.0} MB/s of allocated data{}.",
+            "- {what}: sent {:.1} MB on the stream ({:.1} MB of extent payload) for {:.1} MB allocated: {:.3}× allocated; {:.2} s: {:.0} MB/s of allocated data{}; of which copying (status `copying` to `active`) {}.",
             r.sent as f64 / 1e6,
             r.payload as f64 / 1e6,
             r.allocated as f64 / 1e6,
@@ -176,6 +176,13 @@ pub fn initial_sync(
                 " ({:.2}× the quic-link row's {l:.0} MB/s)",
                 r.throughput() / l
             )),
+            match (r.copying_seconds, r.copy_throughput()) {
+                (Some(s), Some(rate)) => format!(
+                    "{s:.2} s, {rate:.0} MB/s{}",
+                    link.map_or(String::new(), |l| format!(", {:.2}×", rate / l))
+                ),
+                _ => "not seen (the copy ended between two polls)".to_owned(),
+            },
         )
     };
     let markdown = format!(
@@ -234,11 +241,19 @@ struct SyncRun {
     sent: u64,
     payload: u64,
     seconds: f64,
+    /// From the first status poll (every 50 ms) that saw the pair `copying` to `active`:
+    /// the copy without the pair's setup (roles assigned, the agents connected).
+    copying_seconds: Option<f64>,
 }
 
 impl SyncRun {
     fn throughput(&self) -> f64 {
         self.allocated as f64 / 1e6 / self.seconds
+    }
+
+    fn copy_throughput(&self) -> Option<f64> {
+        self.copying_seconds
+            .map(|s| self.allocated as f64 / 1e6 / s)
     }
 
     fn json(&self) -> serde_json::Value {
@@ -249,6 +264,8 @@ impl SyncRun {
             "payload_bytes_sent": self.payload,
             "seconds": self.seconds,
             "megabytes_per_second": self.throughput(),
+            "copying_seconds": self.copying_seconds,
+            "copying_megabytes_per_second": self.copy_throughput(),
         })
     }
 }
@@ -324,11 +341,15 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
     // agent's next report, up to a second later).
     let started = Instant::now();
     let job = created["job_id"].as_str().context("job id")?.to_owned();
+    let mut copying_since = None;
     loop {
         check_interrupted()?;
-        if let Ok(state) = cluster.pair_state()
-            && state["replication_status"] == "active"
-        {
+        let state = cluster.pair_state().ok();
+        let status = state.as_ref().map(|s| s["replication_status"].clone());
+        if status.as_ref().is_some_and(|s| s == "copying") && copying_since.is_none() {
+            copying_since = Some(Instant::now());
+        }
+        if status.is_some_and(|s| s == "active") {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
@@ -337,6 +358,7 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
         std::thread::sleep(Duration::from_millis(50));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let copying = copying_since.map(|at| at.elapsed().as_secs_f64());
     cluster.cli_a(&["job", "wait", &job, "--timeout", "60"])?;
     let state = cluster.pair_state()?;
     Ok(SyncRun {
@@ -344,6 +366,7 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
         sent: state["counters"]["bytes_sent"].as_u64().unwrap_or(0),
         payload: state["counters"]["resync_bytes_sent"].as_u64().unwrap_or(0),
         seconds: elapsed,
+        copying_seconds: copying,
     })
 }
 
@@ -353,17 +376,26 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
 /// overflows), and what the production side sent meanwhile. Unthrottled, fio writes at
 /// local speed, faster than any link carries, and the journal overflows by design (the pair
 /// falls back to its bitmap and catches up), so the matrix row measures the local volume.
-pub fn sustained(ready: &[Target], report: &Report, seconds: u32) -> anyhow::Result<ScenarioResult> {
+pub fn sustained(
+    ready: &[Target],
+    report: &Report,
+    seconds: u32,
+) -> anyhow::Result<ScenarioResult> {
     const ONE_M: &str = "seqwrite-1m-qd8";
     let target = ready
         .iter()
         .find(|t| t.kind == Kind::AsyncPair)
         .context("the sustained scenario needs the async-pair target")?;
-    let cluster = target.cluster.as_ref().context("async-pair has its agents")?;
+    let cluster = target
+        .cluster
+        .as_ref()
+        .context("async-pair has its agents")?;
     let link = report
         .median_of(ONE_M, "quic-link")
         .context("the sustained scenario needs the quic-link row")?;
-    let local = report.median_of(ONE_M, "blockrepd").unwrap_or(f64::INFINITY);
+    let local = report
+        .median_of(ONE_M, "blockrepd")
+        .unwrap_or(f64::INFINITY);
     let ceiling = link.min(local);
     let rate_mb = 0.85 * ceiling;
     let workload = workloads::all()
@@ -379,7 +411,9 @@ pub fn sustained(ready: &[Target], report: &Report, seconds: u32) -> anyhow::Res
     let extra = vec![format!("--rate={}", (rate_mb * 1e6) as u64)];
     let sample = fio::run_with(target, &workload, &timing, &extra)?;
     let after = cluster.counts()?;
-    let overflows = after.journal_overflows.saturating_sub(before.journal_overflows);
+    let overflows = after
+        .journal_overflows
+        .saturating_sub(before.journal_overflows);
     let written = after.bytes_written.saturating_sub(before.bytes_written);
     let sent = after.bytes_sent.saturating_sub(before.bytes_sent);
     let ratio = sample.value / ceiling;
