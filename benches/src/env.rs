@@ -365,19 +365,32 @@ pub fn is_root() -> bool {
 }
 
 /// Starts blockrepd with `config` (runtime and state under `dir`) as a server of the run,
-/// and waits for its `READY=1`.
+/// on the production host, and waits for its `READY=1`.
 pub fn start_daemon(env: &mut Env, bin: &Path, dir: &Path, config: &Path) -> anyhow::Result<u32> {
-    start_daemon_in(env, bin, dir, config, None)
+    start_daemon_in(env, bin, dir, config, None, Host::Production)
 }
 
-/// As [`start_daemon`], inside network namespace `netns` if given (`ip netns exec` execs,
-/// so the pid is the daemon's; its unix sockets are on the shared file system).
+/// The host a cluster's node runs on: `node-a` is the production host, the others (the DR
+/// agent, the coordinator's witness) are on the DR host.
+pub fn host_of(node: &str) -> Host {
+    if node == "node-a" {
+        Host::Production
+    } else {
+        Host::Dr
+    }
+}
+
+/// As [`start_daemon`], on `host` and inside network namespace `netns` if given (`ip netns
+/// exec` execs, so the pid is the daemon's; its unix sockets are on the shared file system).
+/// In the pinned layout the daemon starts on its host's CPU, so it sizes its runtime for the
+/// one CPU it has.
 pub fn start_daemon_in(
     env: &mut Env,
     bin: &Path,
     dir: &Path,
     config: &Path,
     netns: Option<&str>,
+    host: Host,
 ) -> anyhow::Result<u32> {
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
@@ -385,11 +398,11 @@ pub fn start_daemon_in(
     let log = std::fs::File::create(dir.join("blockrepd.log"))?;
     let mut cmd = match netns {
         Some(ns) => {
-            let mut c = Command::new("ip");
+            let mut c = on_host(host, "ip");
             c.args(["netns", "exec", ns]).arg(bin.join("blockrepd"));
             c
         }
-        None => Command::new(bin.join("blockrepd")),
+        None => on_host(host, bin.join("blockrepd")),
     };
     env.start_server(
         "blockrepd",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::env::{Env, Host, check_interrupted, run};
+use crate::env::{Env, Host, check_interrupted, host_of, run};
 use crate::outages::BackgroundFio;
 use crate::pairs::{NodeConfig, NodeProc, path, start_nodes};
 use crate::report::{Goal, GoalFormat, ScenarioResult};
@@ -210,7 +210,7 @@ impl GroupCluster {
             (n.dir.clone(), n.config.clone())
         };
         let _ = std::fs::remove_file(dir.join("notify.sock"));
-        let pid = crate::env::start_daemon_in(env, &self.bin, &dir, &config, None)?;
+        let pid = crate::env::start_daemon_in(env, &self.bin, &dir, &config, None, host_of(node))?;
         crate::env::pin(pid, host_of(node))?;
         self.nodes
             .iter_mut()
@@ -228,14 +228,6 @@ impl GroupCluster {
 }
 
 /// The simulated host a node of the group cluster runs on.
-fn host_of(node: &str) -> Host {
-    if node == "node-a" {
-        Host::Production
-    } else {
-        Host::Dr
-    }
-}
-
 /// Whether a write through `uri` is taken (qemu-io exits non-zero on an error answer).
 fn writable(uri: &str) -> bool {
     Command::new("qemu-io")

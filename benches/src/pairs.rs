@@ -441,7 +441,14 @@ pub fn start_nodes(
                 i == 0
             ),
         )?;
-        let pid = crate::env::start_daemon_in(env, bin, &node_dir, &config, netns)?;
+        let pid = crate::env::start_daemon_in(
+            env,
+            bin,
+            &node_dir,
+            &config,
+            netns,
+            crate::env::host_of(node),
+        )?;
         started.push(NodeProc {
             name: (*node).to_owned(),
             pid,
