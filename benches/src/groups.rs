@@ -227,7 +227,6 @@ impl GroupCluster {
     }
 }
 
-/// The simulated host a node of the group cluster runs on.
 /// Whether a write through `uri` is taken (qemu-io exits non-zero on an error answer).
 fn writable(uri: &str) -> bool {
     Command::new("qemu-io")

@@ -92,8 +92,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Two workers, or one when the agent may run on one CPU only (its cpuset or affinity): two
-/// workers on one CPU only hand tasks to each other, a wake-up and a switch each time.
+/// Two workers, or one when the agent may run on one CPU only (its affinity, cpuset or
+/// cgroup CPU quota): two workers on one CPU only hand tasks to each other, a wake-up and a
+/// switch each time.
 fn runtime_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().min(2))
 }

@@ -76,8 +76,9 @@ pub(super) struct Worker {
     compact_after_bytes: u64,
     /// Staged writes are being rejected for want of room in the stage log (logged once).
     stage_full: bool,
-    /// Bytes of the writes on the ring, and the most there may be (a write bigger than
-    /// that goes alone).
+    /// Bytes of the writes on the ring (their buffers' capacity: a pooled buffer is rounded
+    /// up to a power of two), and the most there may be (a write bigger than that goes
+    /// alone).
     inflight_bytes: u64,
     inflight_limit: u64,
     /// The buffers of writes that completed, for the next ones (no allocation and zeroing
@@ -251,7 +252,7 @@ impl Worker {
         let slot = self.slots[index].take().expect("live slot");
         self.free.push(index);
         self.inflight -= 1;
-        self.inflight_bytes -= slot.buf.len() as u64;
+        self.inflight_bytes -= slot.buf.capacity() as u64;
         self.locks.release(slot.lock);
         slot
     }
@@ -352,7 +353,7 @@ impl Worker {
                 return Ok(false);
             }
         };
-        self.inflight_bytes += buf.len() as u64;
+        self.inflight_bytes += buf.capacity() as u64;
         let slot = Slot {
             lock,
             buf,
