@@ -72,7 +72,7 @@ fn main() -> std::process::ExitCode {
     init_logging();
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(runtime_workers())
+        .worker_threads(2)
         .enable_all()
         .build()
     {
@@ -90,13 +90,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Two workers, or one when the agent may run on one CPU only (its affinity, cpuset or
-/// cgroup CPU quota): two workers on one CPU only hand tasks to each other, a wake-up and a
-/// switch each time.
-fn runtime_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().min(2))
 }
 
 fn init_logging() {
