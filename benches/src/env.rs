@@ -382,8 +382,8 @@ pub fn host_of(node: &str) -> Host {
 
 /// As [`start_daemon`], on `host` and inside network namespace `netns` if given (`ip netns
 /// exec` execs, so the pid is the daemon's; its unix sockets are on the shared file system).
-/// In the pinned layout the daemon starts on its host's CPU, so it sizes its runtime for the
-/// one CPU it has.
+/// In the pinned layout the daemon starts on its host's CPU: from its first instruction it
+/// sees only the CPU its host has.
 pub fn start_daemon_in(
     env: &mut Env,
     bin: &Path,
