@@ -743,6 +743,15 @@ mod tests {
     use super::*;
     use crate::coordinator::testing::*;
 
+    /// A production agent's answer to a cut round or a staged ask: its DR side staged up to
+    /// `staged`.
+    fn cut_ack(staged: u64) -> Box<Response> {
+        Box::new(Response::CutAck(proto::GroupCutAck {
+            staged,
+            ..Default::default()
+        }))
+    }
+
     /// A coordinator that starts (or restarts: its cut state is in memory only) starts its
     /// group's epochs above every epoch the production agents admit in. Until each of them
     /// has reported, it does not know where that is: cutting from 64 while the hosts admit
@@ -792,10 +801,7 @@ mod tests {
         h.production_reports(&[&a, &b]);
         // Every host has staged far ahead: each completed cut's boundary may commit. The
         // third round, b's production host does not answer.
-        let ack = Answer::Respond(Box::new(Response::CutAck(proto::GroupCutAck {
-            staged: 1 << 20,
-            ..Default::default()
-        })));
+        let ack = Answer::Respond(cut_ack(1 << 20));
         h.agents
             .script("GroupCut", Some(&a.production_node), ack.clone(), None);
         h.agents
@@ -845,12 +851,7 @@ mod tests {
         let (h, group, a, b) = seeded_group_of_two();
         h.dr_reports(&[&a, &b], true, 0);
         h.production_reports(&[&a, &b]);
-        let ack = |staged| {
-            Answer::Respond(Box::new(Response::CutAck(proto::GroupCutAck {
-                staged,
-                ..Default::default()
-            })))
-        };
+        let ack = |staged| Answer::Respond(cut_ack(staged));
         // The round completes before the DR sides staged its epoch.
         for node in [&a.production_node, &b.production_node] {
             h.agents.script("GroupCut", Some(node), ack(0), None);
@@ -898,19 +899,13 @@ mod tests {
         let (h, group, a, b) = seeded_group_of_two();
         h.dr_reports(&[&a, &b], true, 7);
         h.production_reports(&[&a, &b]);
-        let ack = |staged| {
-            Box::new(Response::CutAck(proto::GroupCutAck {
-                staged,
-                ..Default::default()
-            }))
-        };
         for node in [&a.production_node, &b.production_node] {
             h.agents
-                .script("GroupCut", Some(node), Answer::Respond(ack(0)), Some(1));
+                .script("GroupCut", Some(node), Answer::Respond(cut_ack(0)), Some(1));
             h.agents.script(
                 "GroupStaged",
                 Some(node),
-                Answer::Respond(ack(1 << 20)),
+                Answer::Respond(cut_ack(1 << 20)),
                 None,
             );
         }
@@ -931,7 +926,7 @@ mod tests {
         h.production_reports(&[&a, &b]);
         for node in [&a.production_node, &b.production_node] {
             h.agents
-                .script("GroupCut", Some(node), Answer::Respond(ack(0)), Some(1));
+                .script("GroupCut", Some(node), Answer::Respond(cut_ack(0)), Some(1));
         }
         h.coordinator.cut_round().await;
         let before = committed(&h);
@@ -940,7 +935,7 @@ mod tests {
             h.agents.script(
                 "GroupCut",
                 Some(node),
-                Answer::WaitThen(Arc::clone(&go), ack(1 << 20)),
+                Answer::WaitThen(Arc::clone(&go), cut_ack(1 << 20)),
                 None,
             );
         }
