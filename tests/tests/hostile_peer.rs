@@ -360,6 +360,7 @@ impl<'a> RawPeer<'a> {
         };
         let request = ClusterRequest {
             request: Some(request),
+            scope: None,
         };
         self.runtime
             .block_on(self.endpoint.call(self.address(node), name, &request))

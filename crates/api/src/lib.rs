@@ -113,3 +113,48 @@ pub fn human_bytes(bytes: u64) -> String {
         format!("{value:.1} {}", UNITS[unit])
     }
 }
+
+/// REST API tokens: made by the coordinator, kept only as their SHA-256.
+pub mod token {
+    use ring::rand::SecureRandom;
+
+    /// What every secret starts with, so a leaked one is recognisable in a scan.
+    pub const PREFIX: &str = "brt_";
+
+    /// A new secret: the prefix and 32 random bytes, hex.
+    pub fn new_secret() -> Result<String, String> {
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| "the system's random source failed".to_owned())?;
+        Ok(format!("{PREFIX}{}", hex(&bytes)))
+    }
+
+    /// The SHA-256 of a secret as the coordinator keeps it, hex.
+    pub fn sha256(secret: &str) -> String {
+        hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        use std::fmt::Write;
+        bytes.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn secrets_are_new_each_time_and_hash_as_sha256() {
+            let (a, b) = (super::new_secret().unwrap(), super::new_secret().unwrap());
+            assert_ne!(a, b);
+            assert!(a.starts_with(super::PREFIX) && a.len() == 4 + 64, "{a}");
+            // SHA-256 of "abc" (FIPS 180-2, appendix B.1).
+            assert_eq!(
+                super::sha256("abc"),
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            );
+        }
+    }
+}

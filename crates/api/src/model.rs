@@ -13,6 +13,7 @@ pub struct AddVolume {
     pub name: VolumeName,
     pub path: PathBuf,
     pub cache: CacheMode,
+    pub project: ProjectId,
 }
 
 impl TryFrom<proto::AddVolumeRequest> for AddVolume {
@@ -38,7 +39,67 @@ impl TryFrom<proto::AddVolumeRequest> for AddVolume {
                     ApiError::InvalidArgument(e.to_string())
                 })?
         };
-        Ok(Self { name, path, cache })
+        let project = if req.project_id.is_empty() {
+            ProjectId::default()
+        } else {
+            ProjectId::try_from(req.project_id).map_err(ApiError::InvalidArgument)?
+        };
+        Ok(Self {
+            name,
+            path,
+            cache,
+            project,
+        })
+    }
+}
+
+/// A project (the REST API's tenant): what volumes, pairs, groups, jobs and API tokens
+/// belong to. 1 to 64 bytes of letters, digits, `-` and `_`; `default` unless given.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProjectId(String);
+
+impl ProjectId {
+    pub const DEFAULT: &str = "default";
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for ProjectId {
+    fn default() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+}
+
+impl std::fmt::Display for ProjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for ProjectId {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let valid = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if valid {
+            Ok(Self(text))
+        } else {
+            Err(format!(
+                "project id {text:?}: 1 to 64 letters, digits, '-' or '_'"
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for ProjectId {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::try_from(text.to_owned())
     }
 }
 
@@ -62,6 +123,15 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The REST API's request carried no token, or one that is unknown or revoked.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The token is valid, but not for what the request names (another project).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A call of the seed API that blockrep does not serve.
+    #[error("{0}")]
+    NotImplemented(String),
 }
 
 /// A pair status change the table refuses is the coordinator's bug, not the caller's.
@@ -75,11 +145,14 @@ impl From<blockrep_core::replication::IllegalPairStatus> for ApiError {
 pub const CODE_METADATA: &str = "blockrep-code";
 
 impl ApiError {
-    /// The EVS API's status code: 400 bad request, 404 not found, 409 conflict,
-    /// 503 unavailable, 500 internal.
+    /// The EVS API's status code: 400 bad request, 401 unauthorized, 403 forbidden,
+    /// 404 not found, 409 conflict, 501 not implemented, 503 unavailable, 500 internal.
     pub fn code(&self) -> u32 {
         match self {
             ApiError::BadName(_) | ApiError::InvalidArgument(_) => 400,
+            ApiError::Unauthenticated(_) => 401,
+            ApiError::Forbidden(_) => 403,
+            ApiError::NotImplemented(_) => 501,
             ApiError::VolumeNotFound(_) | ApiError::NotFound(_) => 404,
             ApiError::AlreadyExists(_) | ApiError::FailedPrecondition(_) => 409,
             ApiError::Unavailable(_) => 503,
@@ -92,7 +165,10 @@ impl ApiError {
         match code {
             400 => ApiError::InvalidArgument(message),
             404 => ApiError::NotFound(message),
+            401 => ApiError::Unauthenticated(message),
+            403 => ApiError::Forbidden(message),
             409 => ApiError::FailedPrecondition(message),
+            501 => ApiError::NotImplemented(message),
             503 => ApiError::Unavailable(message),
             _ => ApiError::Internal(message),
         }
@@ -114,6 +190,9 @@ impl From<ApiError> for tonic::Status {
             ApiError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
+            ApiError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            ApiError::Forbidden(_) => tonic::Status::permission_denied(message),
+            ApiError::NotImplemented(_) => tonic::Status::unimplemented(message),
         };
         if let Ok(value) = code.to_string().parse() {
             status.metadata_mut().insert(CODE_METADATA, value);
@@ -147,6 +226,7 @@ mod tests {
             name: name.into(),
             path: path.into(),
             cache_mode: cache.into(),
+            project_id: String::new(),
         };
         let ok = AddVolume::try_from(req("v1", "/dev/loop0", ""));
         assert_eq!(
@@ -154,7 +234,8 @@ mod tests {
             AddVolume {
                 name: "v1".parse().unwrap(),
                 path: "/dev/loop0".into(),
-                cache: CacheMode::Direct
+                cache: CacheMode::Direct,
+                project: ProjectId::default(),
             }
         );
         let wb = AddVolume::try_from(req("v1", "/dev/loop0", "writeback")).unwrap();

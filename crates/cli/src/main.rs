@@ -60,6 +60,9 @@ enum Command {
     /// Long operations.
     #[command(subcommand)]
     Job(JobCommand),
+    /// The REST API (EVS v2, SDRS v1): its tokens.
+    #[command(subcommand)]
+    Api(ApiCommand),
     /// The most this agent's pairs send to their peers per second, together (streams,
     /// catch-ups and initial syncs): shown, or changed at once with LIMIT (a size per
     /// second such as 100MiB, at least 1MiB; or `off`). A restart goes back to
@@ -313,6 +316,31 @@ enum GroupCommand {
 }
 
 #[derive(Subcommand)]
+enum ApiCommand {
+    /// The tokens the REST API accepts in X-Auth-Token, one project each.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for a project; it is printed once and only its hash is kept.
+    Create {
+        #[arg(long)]
+        project: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List the tokens (never their secrets).
+    List,
+    /// Revoke a token at once.
+    Revoke {
+        /// Token id or name.
+        token: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum JobCommand {
     /// Show one job.
     Show { job: String },
@@ -339,6 +367,9 @@ enum VolumeCommand {
         /// `direct` (O_DIRECT) or `writeback` (host page cache; durable on FLUSH/FUA).
         #[arg(long, default_value = "direct")]
         cache: String,
+        /// The project the volume belongs to (what the REST API's tokens see).
+        #[arg(long, default_value = "default")]
+        project: String,
     },
     /// List the volumes.
     List,
@@ -525,6 +556,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.print(&started);
             }
         },
+        Command::Api(ApiCommand::Token(command)) => match command {
+            TokenCommand::Create { project, name } => {
+                let created = call(client.create_api_token(proto::CreateApiTokenRequest {
+                    project_id: project,
+                    name,
+                }))
+                .await?;
+                out.print(&created);
+            }
+            TokenCommand::List => {
+                let list = call(client.list_api_tokens(proto::ListApiTokensRequest {})).await?;
+                out.print(&list);
+            }
+            TokenCommand::Revoke { token } => {
+                let revoked = call(client.revoke_api_token(proto::ApiTokenRef { token })).await?;
+                out.print(&revoked);
+            }
+        },
         Command::Job(command) => match command {
             JobCommand::Show { job } => {
                 let job = call(client.get_job(proto::JobRef { job })).await?;
@@ -564,12 +613,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.print(&shown);
         }
         Command::Volume(command) => match command {
-            VolumeCommand::Add { name, cache, .. } => {
+            VolumeCommand::Add {
+                name,
+                cache,
+                project,
+                ..
+            } => {
                 let path = path.expect("set above").display().to_string();
                 let request = proto::AddVolumeRequest {
                     name,
                     path,
                     cache_mode: cache,
+                    project_id: project,
                 };
                 let volume = call(client.add_volume(request)).await?;
                 out.print(&volume);

@@ -31,6 +31,7 @@ pub async fn ping(
         request: Some(cluster_request::Request::ListNodes(
             proto::ListNodesRequest {},
         )),
+        scope: None,
     };
     let started = std::time::Instant::now();
     let response = endpoint

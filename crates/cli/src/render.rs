@@ -59,6 +59,7 @@ fn volume_json(v: &proto::Volume) -> Value {
         "bytes_written": v.bytes_written,
         "role": empty_null(&v.role),
         "pair_id": empty_null(&v.pair_id),
+        "project_id": v.project_id,
         "created_at": v.created_at,
     })
 }
@@ -993,5 +994,85 @@ mod tests {
     fn tables_align_columns() {
         let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}
+
+fn token_json(t: &proto::ApiToken) -> Value {
+    json!({
+        "id": t.id,
+        "name": empty_null(&t.name),
+        "project_id": t.project_id,
+        "created_at": t.created_at,
+        "revoked_at": empty_null(&t.revoked_at),
+    })
+}
+
+impl Render for proto::ApiToken {
+    fn json(&self) -> Value {
+        token_json(self)
+    }
+
+    fn table(&self) -> String {
+        let rows = vec![
+            ("id", self.id.clone()),
+            ("name", self.name.clone()),
+            ("project", self.project_id.clone()),
+            ("created", self.created_at.clone()),
+            (
+                "revoked",
+                if self.revoked_at.is_empty() {
+                    "-".into()
+                } else {
+                    self.revoked_at.clone()
+                },
+            ),
+        ];
+        rows.into_iter()
+            .map(|(k, v)| format!("{k:<9} {v}\n"))
+            .collect()
+    }
+}
+
+impl Render for proto::CreatedApiToken {
+    fn json(&self) -> Value {
+        let mut value = self.token.as_ref().map(token_json).unwrap_or(Value::Null);
+        value["token"] = json!(self.secret);
+        value
+    }
+
+    fn table(&self) -> String {
+        let token = self.token.clone().unwrap_or_default();
+        format!(
+            "{}token     {}\n\nSend it as the X-Auth-Token header. It is shown only now: keep it.\n",
+            token.table(),
+            self.secret
+        )
+    }
+}
+
+impl Render for proto::ListApiTokensResponse {
+    fn json(&self) -> Value {
+        Value::Array(self.tokens.iter().map(token_json).collect())
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .tokens
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    t.name.clone(),
+                    t.project_id.clone(),
+                    t.created_at.clone(),
+                    if t.revoked_at.is_empty() {
+                        "-".into()
+                    } else {
+                        t.revoked_at.clone()
+                    },
+                ]
+            })
+            .collect();
+        table(&["ID", "NAME", "PROJECT", "CREATED", "REVOKED"], &rows)
     }
 }

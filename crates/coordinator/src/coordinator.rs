@@ -43,7 +43,9 @@ use blockrep_core::replication::{
     GroupAction, JobId, JobStatus, JobType, PairId, PairStatus, ReplicationModel, ReplicationStatus,
 };
 
-use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, PendingStep, now_text};
+use crate::records::{
+    GroupRecord, JobAbout, JobRecord, NodeRecord, PairRecord, PendingStep, TokenRecord, now_text,
+};
 
 use crate::clock::Clock;
 use crate::store::{Change, Store};
@@ -58,6 +60,9 @@ mod nodes;
 mod operations;
 mod pair_steps;
 mod pairs;
+mod projects;
+pub use projects::Caller;
+mod tokens;
 
 /// A node that has not reported for this long is down.
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,6 +118,8 @@ struct State {
     fences_sent: std::collections::BTreeSet<blockrep_core::replication::GroupId>,
     /// Volumes (by id) a pair creation has claimed and not yet recorded in `pairs`.
     claimed: std::collections::BTreeSet<String>,
+    /// The REST API's tokens, by id.
+    tokens: BTreeMap<String, TokenRecord>,
 }
 
 impl State {
@@ -138,6 +145,9 @@ impl State {
                 }
                 Change::DeleteJob(id) => {
                     self.jobs.retain(|j, _| j.to_string() != *id);
+                }
+                Change::PutToken(t) => {
+                    self.tokens.insert(t.id.clone(), t.clone());
                 }
                 Change::PutNode(n) => match self.nodes.get_mut(&n.name) {
                     Some(node) => node.record = n.clone(),
@@ -203,6 +213,11 @@ impl Coordinator {
             step_taken: BTreeMap::new(),
             deleted: BTreeMap::new(),
             claimed: Default::default(),
+            tokens: snapshot
+                .tokens
+                .into_iter()
+                .map(|t| (t.id.clone(), t))
+                .collect(),
             group_step_sent: BTreeMap::new(),
             cuts: BTreeMap::new(),
             cut_stats: BTreeMap::new(),
@@ -256,9 +271,34 @@ impl Coordinator {
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
-    /// Answers a cluster request addressed to the coordinator.
+    /// Answers a cluster request addressed to the coordinator: for the operator (the local
+    /// API, an agent), or for the project of a REST request's token.
     pub async fn handle(&self, request: ClusterRequest, peer: SocketAddr) -> ClusterResponse {
-        let response = match request.request {
+        let response = match self.caller(request.scope.as_ref()) {
+            Ok(caller) => match request.request {
+                Some(request) => match self.scope_request(&caller, request) {
+                    Ok(request) => self
+                        .dispatch(request, &caller, peer)
+                        .await
+                        .map(|r| caller.filter(r)),
+                    Err(e) => Err(e),
+                },
+                None => Err(ApiError::InvalidArgument("an empty request".into())),
+            },
+            Err(e) => Err(e),
+        };
+        ClusterResponse {
+            response: Some(response.unwrap_or_else(|e| Response::Error(e.into()))),
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        request: Request,
+        caller: &Caller,
+        peer: SocketAddr,
+    ) -> Result<Response, ApiError> {
+        match Some(request) {
             Some(Request::Report(report)) => self.report(report, peer).map(Response::ReportAck),
             Some(Request::CreatePair(req)) => self.create_pair(req).await.map(Response::Created),
             Some(Request::ListPairs(_)) => Ok(Response::Pairs(proto::ListPairsResponse {
@@ -273,7 +313,9 @@ impl Coordinator {
             Some(Request::VerifyPair(r)) => {
                 self.verify_pair(&r.pair, r.repair).map(Response::PairJob)
             }
-            Some(Request::CreateGroup(r)) => self.create_group(r).map(Response::GroupJob),
+            Some(Request::CreateGroup(r)) => self
+                .create_group(r, caller.project())
+                .map(Response::GroupJob),
             Some(Request::ListGroups(_)) => Ok(Response::Groups(proto::ListGroupsResponse {
                 groups: self.list_groups(),
             })),
@@ -301,12 +343,16 @@ impl Coordinator {
             Some(Request::ListNodes(_)) => Ok(Response::Nodes(proto::ListNodesResponse {
                 nodes: self.list_nodes(),
             })),
+            Some(Request::CreateApiToken(r)) => {
+                self.create_api_token(r).map(Response::CreatedApiToken)
+            }
+            Some(Request::ListApiTokens(_)) => Ok(Response::ApiTokens(self.list_api_tokens())),
+            Some(Request::RevokeApiToken(r)) => {
+                self.revoke_api_token(&r.token).map(Response::ApiToken)
+            }
             Some(_) | None => Err(ApiError::InvalidArgument(
                 "not a request the coordinator serves".into(),
             )),
-        };
-        ClusterResponse {
-            response: Some(response.unwrap_or_else(|e| Response::Error(e.into()))),
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct PairRecord {
     /// (failover, reverse): a reprotect's new DR side adopts it.
     #[serde(default)]
     pub generation: Option<GenerationId>,
+    /// The project the pair belongs to: its volumes'.
+    #[serde(default = "default_project")]
+    pub project: String,
 }
 
 /// A replication consistency group: pairs that replicate, fail over, reverse and reprotect
@@ -89,6 +92,9 @@ pub struct GroupRecord {
     /// The point the last failover rolled the DR volumes to (shown while failovered).
     #[serde(default)]
     pub failed_over_at: Option<PromotedAt>,
+    /// The project the group belongs to: its pairs'.
+    #[serde(default = "default_project")]
+    pub project: String,
 }
 
 impl GroupOperation {
@@ -265,11 +271,19 @@ pub struct JobRecord {
     /// What the job found (a verify's differing ranges), in words.
     #[serde(default)]
     pub result: Option<String>,
+    /// The project of the pair or group the job is about.
+    #[serde(default = "default_project")]
+    pub project: String,
 }
 
 impl JobRecord {
-    /// A new job of `job_type`, running from now, about `pair` or `group`.
-    pub fn running(job_type: JobType, pair: Option<PairId>, group: Option<GroupId>) -> Self {
+    /// A new job of `job_type`, running from now, about a pair or a group (`about`: its id
+    /// and its project).
+    pub fn running(job_type: JobType, about: JobAbout<'_>) -> Self {
+        let (pair, group, project) = match about {
+            JobAbout::Pair(p) => (Some(p.id), None, p.project.clone()),
+            JobAbout::Group(g) => (None, Some(g.id), g.project.clone()),
+        };
         Self {
             id: JobId::random(),
             job_type,
@@ -281,6 +295,7 @@ impl JobRecord {
             pair,
             group,
             result: None,
+            project,
         }
     }
 
@@ -305,6 +320,25 @@ impl JobRecord {
     }
 }
 
+/// What a job is about.
+#[derive(Clone, Copy, Debug)]
+pub enum JobAbout<'a> {
+    Pair(&'a PairRecord),
+    Group(&'a GroupRecord),
+}
+
+/// A token of the REST API: only its SHA-256 is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    /// SHA-256 of the secret, hex.
+    pub sha256: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub name: String,
@@ -320,4 +354,9 @@ pub fn now_text() -> String {
 
 fn taken() -> bool {
     true
+}
+
+/// The project of records written before projects existed.
+pub fn default_project() -> String {
+    blockrep_api::model::ProjectId::DEFAULT.to_owned()
 }

@@ -2,7 +2,8 @@
 //! transactional key-value store implements. The embedded default is redb, a file in the
 //! coordinator's state directory; etcd (transactions over keys) fits the same interface.
 //!
-//! Four tables of JSON records keyed by id: pairs, groups, jobs, nodes. A change of several
+//! Five tables of JSON records keyed by id: pairs, groups, jobs, nodes, and the REST API's
+//! tokens. A change of several
 //! records commits in one transaction, or not at all. The tests keep the same tables in
 //! memory (`MemoryStore`).
 
@@ -10,7 +11,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition};
 
-use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord};
+use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, TokenRecord};
 
 #[cfg(test)]
 mod memory;
@@ -21,6 +22,7 @@ const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
 
 /// One change in a transaction.
 #[derive(Clone, Debug)]
@@ -32,6 +34,7 @@ pub enum Change {
     PutJob(JobRecord),
     DeleteJob(String),
     PutNode(NodeRecord),
+    PutToken(TokenRecord),
 }
 
 /// Everything the store holds, as read at start-up.
@@ -41,6 +44,7 @@ pub struct Snapshot {
     pub groups: Vec<GroupRecord>,
     pub jobs: Vec<JobRecord>,
     pub nodes: Vec<NodeRecord>,
+    pub tokens: Vec<TokenRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +75,7 @@ impl RedbStore {
         let db = Database::create(path).map_err(backend)?;
         // Create the tables so that reads find them.
         let txn = db.begin_write().map_err(backend)?;
-        for table in [PAIRS, GROUPS, JOBS, NODES] {
+        for table in [PAIRS, GROUPS, JOBS, NODES, TOKENS] {
             txn.open_table(table).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
@@ -104,6 +108,7 @@ impl Store for RedbStore {
             groups: read_all(&txn, GROUPS)?,
             jobs: read_all(&txn, JOBS)?,
             nodes: read_all(&txn, NODES)?,
+            tokens: read_all(&txn, TOKENS)?,
         })
     }
 
@@ -114,6 +119,7 @@ impl Store for RedbStore {
             let mut groups = txn.open_table(GROUPS).map_err(backend)?;
             let mut jobs = txn.open_table(JOBS).map_err(backend)?;
             let mut nodes = txn.open_table(NODES).map_err(backend)?;
+            let mut tokens = txn.open_table(TOKENS).map_err(backend)?;
             for change in changes {
                 match change {
                     Change::PutPair(p) => {
@@ -148,6 +154,12 @@ impl Store for RedbStore {
                             .insert(n.name.as_str(), bytes.as_slice())
                             .map_err(backend)?;
                     }
+                    Change::PutToken(t) => {
+                        let bytes = serde_json::to_vec(t).expect("serialisable");
+                        tokens
+                            .insert(t.id.as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
                 }
             }
         }
@@ -177,6 +189,7 @@ mod tests {
             pair: Some(PairId::random()),
             group: None,
             result: None,
+            project: "default".into(),
         };
         {
             let store = RedbStore::open(&path).unwrap();
@@ -200,6 +213,7 @@ mod tests {
             pair: None,
             group: None,
             result: None,
+            project: "default".into(),
         }
     }
 

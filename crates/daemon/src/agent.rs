@@ -274,7 +274,7 @@ impl Agent {
         let size = Backing::open(&path, req.cache)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?
             .size();
-        let record = VolumeRecord::new(req.name, path, size, req.cache);
+        let record = VolumeRecord::new(req.name, path, size, req.cache, &req.project);
         let online = self
             .bring_online(&record)
             .inspect_err(|_| self.remove_tracker_dir(record.id))?;
@@ -685,6 +685,7 @@ pub fn volume_proto(config: &Config, v: VolumeView) -> blockrep_api::proto::Volu
             .and_then(|o| o.role.pair())
             .map(|p| p.to_string())
             .unwrap_or_default(),
+        project_id: v.record.project,
     }
 }
 
@@ -720,6 +721,7 @@ mod tests {
             name: VolumeName::try_from(name.to_owned()).unwrap(),
             path,
             cache: CacheMode::Writeback,
+            project: Default::default(),
         })
     }
 

@@ -132,8 +132,19 @@ impl Cluster {
 
     /// A cluster call, answered by the coordinator wherever it runs.
     pub async fn coordinator_call(&self, request: Request) -> Result<Response, ApiError> {
+        self.coordinator_call_as(None, request).await
+    }
+
+    /// A cluster call on behalf of the REST API's caller (`scope`: its token and the
+    /// project it names), or of the operator (`None`: the local API).
+    pub async fn coordinator_call_as(
+        &self,
+        scope: Option<blockrep_api::proto::ApiScope>,
+        request: Request,
+    ) -> Result<Response, ApiError> {
         let request = ClusterRequest {
             request: Some(request),
+            scope,
         };
         let response = match &self.coordinator {
             Some(coordinator) => coordinator.handle(request, self.config.listen).await,
@@ -492,6 +503,7 @@ impl Inbound for Handler {
                     Some(coordinator) => {
                         let request = ClusterRequest {
                             request: Some(request),
+                            scope: None,
                         };
                         coordinator.handle(request, peer.address).await
                     }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use blockrep_api::model::ProjectId;
 use blockrep_core::{CacheMode, VolumeId, VolumeName};
 use blockrep_volume::write_file_durably;
 use serde::{Deserialize, Serialize};
@@ -18,10 +19,23 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub cache: CacheMode,
     pub created_at: String,
+    /// The project the volume belongs to (the REST API's tenant).
+    #[serde(default = "default_project")]
+    pub project: String,
+}
+
+fn default_project() -> String {
+    blockrep_api::model::ProjectId::DEFAULT.to_owned()
 }
 
 impl VolumeRecord {
-    pub fn new(name: VolumeName, path: PathBuf, size: u64, cache: CacheMode) -> Self {
+    pub fn new(
+        name: VolumeName,
+        path: PathBuf,
+        size: u64,
+        cache: CacheMode,
+        project: &ProjectId,
+    ) -> Self {
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         Self {
             id: VolumeId::random(),
@@ -30,6 +44,7 @@ impl VolumeRecord {
             size,
             cache,
             created_at,
+            project: project.to_string(),
         }
     }
 }
@@ -109,6 +124,7 @@ mod tests {
             "/dev/loop0".into(),
             1 << 30,
             CacheMode::Writeback,
+            &"tenant-1".parse().unwrap(),
         );
         save(dir.path(), std::slice::from_ref(&rec)).unwrap();
         assert_eq!(load(dir.path()).unwrap(), vec![rec]);

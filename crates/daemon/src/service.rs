@@ -407,6 +407,51 @@ impl agent_server::Agent for AgentService {
             _ => Err(unexpected()),
         }
     }
+
+    async fn create_api_token(
+        &self,
+        request: Request<proto::CreateApiTokenRequest>,
+    ) -> Result<Response<proto::CreatedApiToken>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::CreateApiToken(
+                request.into_inner(),
+            ))
+            .await?
+        {
+            cluster_response::Response::CreatedApiToken(created) => Ok(Response::new(created)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn list_api_tokens(
+        &self,
+        request: Request<proto::ListApiTokensRequest>,
+    ) -> Result<Response<proto::ListApiTokensResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::ListApiTokens(
+                request.into_inner(),
+            ))
+            .await?
+        {
+            cluster_response::Response::ApiTokens(tokens) => Ok(Response::new(tokens)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn revoke_api_token(
+        &self,
+        request: Request<proto::ApiTokenRef>,
+    ) -> Result<Response<proto::ApiToken>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::RevokeApiToken(
+                request.into_inner(),
+            ))
+            .await?
+        {
+            cluster_response::Response::ApiToken(token) => Ok(Response::new(token)),
+            _ => Err(unexpected()),
+        }
+    }
 }
 
 fn unexpected() -> Status {

@@ -720,6 +720,7 @@ mod tests {
                     ..Default::default()
                 },
             )),
+            scope: None,
         };
         let lying_hello = Hello {
             version: ProtocolVersion::CURRENT,

@@ -651,6 +651,7 @@ impl Coordinator {
             let agents = Arc::clone(&self.agents);
             let request = ClusterRequest {
                 request: Some(request(pairs, to.0)),
+                scope: None,
             };
             calls.spawn(async move {
                 let answer = agents.call(&host, address, request).await;

@@ -127,6 +127,7 @@ impl Coordinator {
                 address,
                 ClusterRequest {
                     request: Some(request),
+                    scope: None,
                 },
             )
             .await?;
@@ -162,6 +163,7 @@ impl Coordinator {
                     address,
                     ClusterRequest {
                         request: Some(request),
+                        scope: None,
                     },
                 )
                 .await?;

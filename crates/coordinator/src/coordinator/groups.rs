@@ -30,9 +30,12 @@ pub(super) fn refused(e: Refused) -> ApiError {
 }
 
 impl Coordinator {
+    /// Creates a group of the pairs named. Its project is theirs (they must share one);
+    /// `project` is the caller's (the operator's: `None`), which they must belong to.
     pub fn create_group(
         &self,
         req: proto::CreateGroupRequest,
+        project: Option<&str>,
     ) -> Result<proto::GroupJobResponse, ApiError> {
         check_text("name", &req.name)?;
         check_text("description", &req.description)?;
@@ -55,9 +58,9 @@ impl Coordinator {
         for id in &pairs {
             self.check_joins(&state, &state.pairs[id], &req.priority_station, model)?;
         }
+        let project = Self::project_of_pairs(&state, &pairs, project)?;
         let now = now_text();
-        let job = finished_job(JobType::CreateGroup);
-        let group = GroupRecord {
+        let mut group = GroupRecord {
             id: GroupId::random(),
             name: req.name,
             description: req.description,
@@ -69,13 +72,14 @@ impl Coordinator {
             created_at: now,
             updated_at: None,
             failure_detail: None,
-            job: Some(job.id),
+            job: None,
             term: 0,
             operation: None,
             failed_over_at: None,
+            project,
         };
-        let mut job = job;
-        job.group = Some(group.id);
+        let job = finished_job(JobType::CreateGroup, &group);
+        group.job = Some(job.id);
         let mut changes = vec![Change::PutGroup(group.clone()), Change::PutJob(job.clone())];
         for id in &pairs {
             let mut pair = state.pairs[id].clone();
@@ -141,6 +145,7 @@ impl Coordinator {
                 group.model,
             )?;
         }
+        Self::project_of_pairs(&state, &add, Some(&group.project))?;
         for pid in &remove {
             if state.pairs[pid].group != Some(id) {
                 return Err(ApiError::InvalidArgument(format!(
@@ -159,8 +164,7 @@ impl Coordinator {
         updated.pairs.retain(|p| !remove.contains(p));
         updated.pairs.extend(add.iter().copied());
         updated.updated_at = Some(now_text());
-        let mut job = finished_job(JobType::UpdateGroup);
-        job.group = Some(id);
+        let job = finished_job(JobType::UpdateGroup, &updated);
         updated.job = Some(job.id);
         let mut changes = vec![
             Change::PutGroup(updated.clone()),
@@ -212,11 +216,10 @@ impl Coordinator {
             GroupAction::Stop => JobType::StopGroup,
             _ => JobType::SyncGroup,
         };
-        let mut job = finished_job(job_type);
+        let mut job = finished_job(job_type, &group);
         job.status = JobStatus::Running;
         job.end_time = None;
         job.progress = 0.0;
-        job.group = Some(id);
         let mut updated = group;
         updated.stopped = action == GroupAction::Stop;
         updated.job = Some(job.id);
@@ -352,8 +355,7 @@ impl Coordinator {
         GroupAction::Delete
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;
-        let mut job = finished_job(JobType::DeleteGroup);
-        job.group = Some(id);
+        let job = finished_job(JobType::DeleteGroup, &group);
         self.commit_into(
             &mut state,
             &[
@@ -368,6 +370,31 @@ impl Coordinator {
             group: Some(view),
             job: Some(job_view(&job)),
         })
+    }
+
+    /// The one project `pairs` belong to, which must be `project` when one is given (an
+    /// empty list belongs to `project`, or to the default one).
+    fn project_of_pairs(
+        state: &State,
+        pairs: &[PairId],
+        project: Option<&str>,
+    ) -> Result<String, ApiError> {
+        let mut found: Option<&str> = project;
+        for id in pairs {
+            let pair = &state.pairs[id];
+            match found {
+                Some(p) if p != pair.project => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "pair {} belongs to project {}, not {p}; a group's pairs share one project",
+                        pair.name, pair.project
+                    )));
+                }
+                _ => found = Some(&pair.project),
+            }
+        }
+        Ok(found
+            .map(str::to_owned)
+            .unwrap_or_else(crate::records::default_project))
     }
 
     /// Pairs by id or unique name, each once.
@@ -531,6 +558,7 @@ impl Coordinator {
                 .as_ref()
                 .map(|o| o.describe())
                 .unwrap_or_default(),
+            project_id: g.project.clone(),
         }
     }
 }
@@ -547,8 +575,8 @@ fn reprotect_result(members: &[proto::Pair]) -> String {
     )
 }
 
-/// A job for an operation the one store transaction completes.
-fn finished_job(job_type: JobType) -> JobRecord {
+/// A job for an operation the one store transaction completes, about `group`.
+fn finished_job(job_type: JobType, group: &GroupRecord) -> JobRecord {
     let now = now_text();
     JobRecord {
         id: JobId::random(),
@@ -559,7 +587,8 @@ fn finished_job(job_type: JobType) -> JobRecord {
         progress: 1.0,
         fail_reason: None,
         pair: None,
-        group: None,
+        group: Some(group.id),
         result: None,
+        project: group.project.clone(),
     }
 }

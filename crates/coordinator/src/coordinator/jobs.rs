@@ -25,7 +25,7 @@ impl Coordinator {
         record: &mut PairRecord,
         job_type: JobType,
     ) -> Result<JobRecord, ApiError> {
-        let job = JobRecord::running(job_type, Some(record.id), None);
+        let job = JobRecord::running(job_type, JobAbout::Pair(record));
         record.job = Some(job.id);
         record.updated_at = Some(now_text());
         self.commit_into(
@@ -127,6 +127,7 @@ pub(super) fn job_view(j: &JobRecord) -> proto::Job {
         pair_id: j.pair.map(|p| p.to_string()).unwrap_or_default(),
         result: j.result.clone().unwrap_or_default(),
         group_id: j.group.map(|g| g.to_string()).unwrap_or_default(),
+        project_id: j.project.clone(),
     }
 }
 

@@ -342,7 +342,7 @@ impl Coordinator {
         running: GroupStatus,
         operation: GroupOperation,
     ) -> Result<proto::GroupJobResponse, ApiError> {
-        let job = JobRecord::running(job_type, None, Some(group.id));
+        let job = JobRecord::running(job_type, JobAbout::Group(&group));
         let mut updated = group;
         updated.status = running;
         updated.failure_detail = None;

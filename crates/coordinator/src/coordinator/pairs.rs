@@ -9,6 +9,7 @@ use super::*;
 use blockrep_core::replication::check_send_limit;
 
 mod create;
+pub(super) use create::volume_project;
 
 impl Coordinator {
     pub(super) fn find_pair(state: &State, reference: &str) -> Result<PairId, ApiError> {
@@ -96,7 +97,7 @@ impl Coordinator {
                 pair.name
             )));
         }
-        let job = JobRecord::running(JobType::DeletePair, Some(id), None);
+        let job = JobRecord::running(JobType::DeletePair, JobAbout::Pair(pair));
         let mut record = pair.clone();
         record.status.become_(PairStatus::Deleting, "delete")?;
         record.updated_at = Some(now_text());
@@ -252,6 +253,7 @@ impl Coordinator {
             dr_node: p.dr_node.clone(),
             failure_detail: p.failure_detail.clone().unwrap_or_default(),
             max_bytes_per_sec: p.max_bytes_per_sec.unwrap_or(0),
+            project_id: p.project.clone(),
             ..Default::default()
         };
         match (&production, p.status) {

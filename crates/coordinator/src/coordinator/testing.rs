@@ -371,6 +371,7 @@ pub(super) fn pair_record(name: &str, production: (&str, u8), dr: (&str, u8)) ->
         group: None,
         term: 0,
         generation: None,
+        project: "default".into(),
     }
 }
 
@@ -409,6 +410,7 @@ pub(super) fn group_record(name: &str, pairs: &[&PairRecord]) -> GroupRecord {
         term: 0,
         operation: None,
         failed_over_at: None,
+        project: "default".into(),
     }
 }
 
@@ -431,6 +433,7 @@ pub(super) fn running_job(
         pair,
         group,
         result: None,
+        project: "default".into(),
     }
 }
 

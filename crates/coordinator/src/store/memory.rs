@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::*;
 
-/// A store in memory: the four tables of JSON records, as [`RedbStore`] keeps them (every
+/// A store in memory: the five tables of JSON records, as [`RedbStore`] keeps them (every
 /// record goes through its JSON form, so a reopened coordinator reads what a restarted one
 /// would). A commit applies every change or none. For tests, it counts its commits and can
 /// be told to refuse them.
@@ -23,6 +23,7 @@ struct Tables {
     groups: BTreeMap<String, Vec<u8>>,
     jobs: BTreeMap<String, Vec<u8>>,
     nodes: BTreeMap<String, Vec<u8>>,
+    tokens: BTreeMap<String, Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -53,6 +54,7 @@ impl Store for MemoryStore {
             groups: decode_all(&tables.groups)?,
             jobs: decode_all(&tables.jobs)?,
             nodes: decode_all(&tables.nodes)?,
+            tokens: decode_all(&tables.tokens)?,
         })
     }
 
@@ -87,6 +89,9 @@ impl Store for MemoryStore {
                 }
                 Change::PutNode(n) => {
                     next.nodes.insert(n.name.clone(), encode(n));
+                }
+                Change::PutToken(t) => {
+                    next.tokens.insert(t.id.clone(), encode(t));
                 }
             }
         }

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | an agent command: take, leave or switch a pair's side, promote, fence, pause, resume, verify, a group's cut, release or commit, what a group's pairs staged, dirty blocks, extend | a coordinator's certificate |
 //! | a heartbeat (`Report`) | any node, for the node its certificate names |
-//! | an operator's call forwarded to the coordinator (pairs, groups, jobs, nodes) | any node |
+//! | an operator's call forwarded to the coordinator (pairs, groups, jobs, nodes, API tokens), or a REST API call (which also carries its token, checked by the coordinator) | any node |
 //!
 //! Each request is classified by an exhaustive match: a new request cannot be added without
 //! saying who may send it.
@@ -71,6 +71,9 @@ pub fn classify(request: &Request) -> (&'static str, Sender) {
         Request::ReverseGroup(_) => ("ReverseGroup", AnyNode),
         Request::ReprotectGroup(_) => ("ReprotectGroup", AnyNode),
         Request::ExtendGroup(_) => ("ExtendGroup", AnyNode),
+        Request::CreateApiToken(_) => ("CreateApiToken", AnyNode),
+        Request::ListApiTokens(_) => ("ListApiTokens", AnyNode),
+        Request::RevokeApiToken(_) => ("RevokeApiToken", AnyNode),
     }
 }
 

@@ -17,7 +17,7 @@ impl Coordinator {
             volumes: plan.claimed.clone(),
             recorded: None,
         };
-        let job = JobRecord::running(JobType::CreatePair, Some(plan.record.id), None);
+        let job = JobRecord::running(JobType::CreatePair, JobAbout::Pair(&plan.record));
         let assignment = plan.assignment(Side::Dr);
         let mut record = plan.record;
         record.job = Some(job.id);
@@ -36,6 +36,7 @@ impl Coordinator {
                 plan.dr_address,
                 ClusterRequest {
                     request: Some(Request::BecomeDr(assignment)),
+                    scope: None,
                 },
             )
             .await;
@@ -116,6 +117,15 @@ impl Coordinator {
             return Err(ApiError::InvalidArgument(
                 "the production and DR volumes are the same volume".into(),
             ));
+        }
+        let project = volume_project(&production.volume);
+        if project != volume_project(&dr.volume) {
+            return Err(ApiError::InvalidArgument(format!(
+                "volume {} belongs to project {project} and volume {} to project {}; a pair's volumes share one project",
+                production.volume.name,
+                dr.volume.name,
+                volume_project(&dr.volume)
+            )));
         }
         if production.az == dr.az {
             return Err(ApiError::InvalidArgument(format!(
@@ -205,6 +215,7 @@ impl Coordinator {
             group: None,
             term: 0,
             generation: None,
+            project: project.to_owned(),
         };
         let claimed = [production.volume.id.clone(), dr.volume.id.clone()];
         state.claimed.extend(claimed.iter().cloned());
@@ -242,6 +253,16 @@ impl Coordinator {
                 "{n} volumes are named {reference:?}; give the volume id"
             ))),
         }
+    }
+}
+
+/// The project a volume belongs to, as its agent reports it (agents from before projects
+/// report none: the default one).
+pub(in crate::coordinator) fn volume_project(v: &proto::Volume) -> &str {
+    if v.project_id.is_empty() {
+        blockrep_api::model::ProjectId::DEFAULT
+    } else {
+        &v.project_id
     }
 }
 
