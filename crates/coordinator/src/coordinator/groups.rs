@@ -122,6 +122,7 @@ impl Coordinator {
         if let Some(description) = &req.description {
             check_text("description", description)?;
         }
+        self.settle_group_job(&req.group);
         let mut state = self.lock();
         let id = Self::find_group(&state, &req.group)?;
         let group = state.groups[&id].clone();
@@ -196,6 +197,7 @@ impl Coordinator {
         reference: &str,
         action: GroupAction,
     ) -> Result<proto::GroupJobResponse, ApiError> {
+        self.settle_group_job(reference);
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
         let group = state.groups[&id].clone();
@@ -291,6 +293,23 @@ impl Coordinator {
         }
     }
 
+    /// Ends a group's sync or stop job now if the reports already show its outcome: a
+    /// request that follows what the group shows (an update once it shows stopped) is not
+    /// refused as busy until the driver's next round notices.
+    pub(super) fn settle_group_job(&self, reference: &str) {
+        let group = {
+            let state = self.lock();
+            Self::find_group(&state, reference)
+                .ok()
+                .map(|id| state.groups[&id].clone())
+        };
+        if let Some(group) = group.filter(|g| g.operation.is_none())
+            && let Err(e) = self.follow_group_job(&group)
+        {
+            tracing::warn!(group = %group.id, error = %e, "cannot end the group's job");
+        }
+    }
+
     /// Ends a sync or stop job once every pair's production agent reports the state asked
     /// for (a production agent that is down replicates nothing: it counts as stopped); a
     /// reverse or reprotect once its roles changed and every pair is active in the new
@@ -348,6 +367,7 @@ impl Coordinator {
 
     /// Deletes a group that has no pairs left.
     pub fn delete_group(&self, reference: &str) -> Result<proto::GroupJobResponse, ApiError> {
+        self.settle_group_job(reference);
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
         let group = state.groups[&id].clone();
@@ -590,5 +610,39 @@ fn finished_job(job_type: JobType, group: &GroupRecord) -> JobRecord {
         group: Some(group.id),
         result: None,
         project: group.project.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::testing::*;
+
+    /// A group that shows stopped takes an update at once: its stop job ends as the request
+    /// comes, not at the driver's next round (a REST client has no job to wait for).
+    #[tokio::test]
+    async fn a_group_whose_reports_show_it_stopped_takes_an_update_at_once() {
+        let (h, group, a, b) = seeded_group_of_two();
+        let stopping = h
+            .coordinator
+            .sync_or_stop_group(&group.id.to_string(), GroupAction::Stop)
+            .unwrap();
+        assert_eq!(stopping.job.unwrap().status, "RUNNING");
+        for (node, pair) in [("n1", &a), ("n3", &b)] {
+            let mut state = pair_state(pair, "production", ReplicationStatus::ActiveStopped);
+            state.grouped = true;
+            h.report(node, "az1", vec![], vec![state]);
+        }
+        let shown = h.coordinator.get_group(&group.id.to_string()).unwrap();
+        assert_eq!(shown.replication_status, "active-stopped");
+        let updated = h
+            .coordinator
+            .update_group(proto::UpdateGroupRequest {
+                group: group.id.to_string(),
+                name: Some("renamed".into()),
+                ..Default::default()
+            })
+            .expect("the stopped group takes the update");
+        assert_eq!(updated.group.unwrap().name, "renamed");
     }
 }

@@ -44,6 +44,7 @@ impl Coordinator {
     /// Unplanned failover: every DR side rolls to the group's last consistent point and
     /// takes writes. Works with the production agents down; every DR agent must answer.
     pub fn failover_group(&self, reference: &str) -> Result<proto::GroupJobResponse, ApiError> {
+        self.settle_group_job(reference);
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
         let group = state.groups[&id].clone();
@@ -112,6 +113,7 @@ impl Coordinator {
     /// Planned switchover: production refuses new writes and drains, the DR side catches
     /// up, the sides swap and replication runs the other way. No data is lost.
     pub fn reverse_group(&self, reference: &str) -> Result<proto::GroupJobResponse, ApiError> {
+        self.settle_group_job(reference);
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
         let group = state.groups[&id].clone();
@@ -165,6 +167,7 @@ impl Coordinator {
     /// After a failover, with the old production zone back: the old production volumes
     /// become the DR side and receive only the blocks that may differ.
     pub fn reprotect_group(&self, reference: &str) -> Result<proto::GroupJobResponse, ApiError> {
+        self.settle_group_job(reference);
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
         let group = state.groups[&id].clone();
@@ -212,6 +215,7 @@ impl Coordinator {
         &self,
         req: proto::ExtendGroupRequest,
     ) -> Result<proto::GroupJobResponse, ApiError> {
+        self.settle_group_job(&req.group);
         let mut state = self.lock();
         let id = Self::find_group(&state, &req.group)?;
         let group = state.groups[&id].clone();
@@ -637,7 +641,8 @@ mod tests {
     #[test]
     fn an_operation_on_a_busy_group_is_refused_and_nothing_is_stored() {
         let (mut group, a, b) = group_of_two();
-        let job = running_job(JobType::SyncGroup, None, Some(group.id));
+        // A stop under way: the production sides still report the pairs active.
+        let job = running_job(JobType::StopGroup, None, Some(group.id));
         group.job = Some(job.id);
         let h = Harness::seeded(&[
             Change::PutGroup(group.clone()),
