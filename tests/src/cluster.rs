@@ -24,6 +24,8 @@ pub struct Node {
     pub netns: Option<String>,
     /// Where the daemon serves Prometheus metrics.
     pub metrics_port: u16,
+    /// Where the daemon serves the REST API (plain HTTP on loopback).
+    pub api_port: u16,
 }
 
 impl Node {
@@ -60,10 +62,19 @@ impl Node {
                     std::fs::write(&self.config, config).unwrap();
                     self.metrics_port = port;
                 }
+                Err(e) if format!("{e:#}").contains("cannot listen on api.listen") => {
+                    let port = free_tcp_port();
+                    let config = std::fs::read_to_string(&self.config).unwrap().replace(
+                        &format!("[api]\nlisten = \"127.0.0.1:{}\"", self.api_port),
+                        &format!("[api]\nlisten = \"127.0.0.1:{port}\""),
+                    );
+                    std::fs::write(&self.config, config).unwrap();
+                    self.api_port = port;
+                }
                 Err(e) => panic!("start node {}: {e:#}", self.name),
             }
         }
-        panic!("start node {}: no free metrics port", self.name);
+        panic!("start node {}: no free metrics or API port", self.name);
     }
 
     /// Restarts the node with a test-only fault hook set in its environment, and checks
@@ -257,6 +268,7 @@ impl TestCluster {
         cli(&["cluster", "init-ca", "--dir", ca.to_str().unwrap()]);
         let ports: Vec<u16> = nodes.iter().map(|_| free_udp_port()).collect();
         let metrics_ports: Vec<u16> = nodes.iter().map(|_| free_tcp_port()).collect();
+        let api_ports: Vec<u16> = nodes.iter().map(|_| free_tcp_port()).collect();
         let coordinator = format!("{}:{}", specs[0].address, ports[0]);
         let mut cluster = Self {
             dir: dir.to_owned(),
@@ -285,10 +297,11 @@ impl TestCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{extra}\n[cluster]\nlisten = \"{}:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
+                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{extra}\n[api]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"{}:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
                     node_dir.join("state").display(),
                     node_dir.join("run").display(),
                     metrics_ports[i],
+                    api_ports[i],
                     specs[i].address,
                     ports[i],
                     tls.join("ca.pem").display(),
@@ -308,6 +321,7 @@ impl TestCluster {
                 env: Vec::new(),
                 netns: specs[i].netns.clone(),
                 metrics_port: metrics_ports[i],
+                api_port: api_ports[i],
             });
         }
         for node in &mut cluster.nodes {

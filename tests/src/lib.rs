@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod group;
 pub mod nbd;
 pub mod records;
+pub mod rest;
 pub mod small_fs;
 
 pub use daemon::{Daemon, binary, require_tool};

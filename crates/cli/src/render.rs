@@ -979,24 +979,6 @@ impl Render for NodeStatus {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_are_human() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(4096), "4.0 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
-    }
-
-    #[test]
-    fn tables_align_columns() {
-        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
-        assert_eq!(t, "A    BB\nxxx  y\n");
-    }
-}
-
 fn token_json(t: &proto::ApiToken) -> Value {
     json!({
         "id": t.id,
@@ -1074,5 +1056,23 @@ impl Render for proto::ListApiTokensResponse {
             })
             .collect();
         table(&["ID", "NAME", "PROJECT", "CREATED", "REVOKED"], &rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(4096), "4.0 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
     }
 }

@@ -475,6 +475,7 @@ impl Inbound for Handler {
             let Some(cluster) = self.cluster.get() else {
                 return error_response(503, "the node is starting".into());
             };
+            let scope = request.scope;
             let Some(request) = request.request else {
                 return error_response(400, "empty request".into());
             };
@@ -501,9 +502,11 @@ impl Inbound for Handler {
                 }
                 Sender::ItsOwnNode | Sender::AnyNode => match &cluster.coordinator {
                     Some(coordinator) => {
+                        // A REST call keeps its caller's token: the coordinator answers for
+                        // that project only.
                         let request = ClusterRequest {
                             request: Some(request),
-                            scope: None,
+                            scope,
                         };
                         coordinator.handle(request, peer.address).await
                     }

@@ -52,6 +52,23 @@ struct RawConfig {
     #[serde(default)]
     replication: RawReplication,
     metrics_listen: Option<String>,
+    api: Option<RawApi>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: String,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+}
+
+/// The `[api]` section: where the seed REST API (EVS v2, SDRS v1) is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// HTTPS with this PEM certificate chain and key; plain HTTP when `None`.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +247,8 @@ pub struct Config {
     pub replication: ReplicationConfig,
     /// Where Prometheus text metrics are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The REST API, if served here.
+    pub api: Option<ApiConfig>,
 }
 
 /// The largest single NBD write, which one admission must fit in the activity log.
@@ -474,6 +493,42 @@ impl Config {
                     .map_err(|e| invalid("metrics_listen", format!("{a:?}: {e}")))
             })
             .transpose()?;
+        let api = raw
+            .api
+            .map(|a| -> Result<ApiConfig, ConfigError> {
+                let listen = a
+                    .listen
+                    .parse::<SocketAddr>()
+                    .map_err(|e| invalid("api.listen", format!("{:?}: {e}", a.listen)))?;
+                let tls = match (a.tls_cert, a.tls_key) {
+                    (None, None) => None,
+                    (Some(cert), Some(key)) => {
+                        for (k, file) in [("api.tls_cert", &cert), ("api.tls_key", &key)] {
+                            if !file.is_absolute() {
+                                return Err(invalid(
+                                    k,
+                                    format!("{} is not an absolute path", file.display()),
+                                ));
+                            }
+                        }
+                        Some((cert, key))
+                    }
+                    (Some(_), None) => {
+                        return Err(invalid(
+                            "api.tls_key",
+                            "is required with api.tls_cert".into(),
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            "api.tls_cert",
+                            "is required with api.tls_key".into(),
+                        ));
+                    }
+                };
+                Ok(ApiConfig { listen, tls })
+            })
+            .transpose()?;
 
         Ok(Self {
             node_name: raw.node_name,
@@ -488,6 +543,7 @@ impl Config {
             cluster,
             replication,
             metrics_listen,
+            api,
         })
     }
 

@@ -7,6 +7,7 @@ mod connections;
 mod metrics;
 mod pair_proto;
 mod registry;
+mod rest_api;
 mod service;
 mod watchdog;
 
@@ -162,6 +163,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(addr) => Some(metrics::serve(addr, Arc::clone(&agent), cluster.clone()).await?),
         None => None,
     };
+    let rest_server = match &agent.config.api {
+        Some(api) => Some(rest_api::serve(api, cluster.clone()).await?),
+        None => None,
+    };
     let incoming = bind_control_socket(&control_socket, control_group.as_deref())?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -193,6 +198,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         listener.abort();
     }
     if let Some(server) = metrics_server {
+        server.abort();
+    }
+    if let Some(server) = rest_server {
         server.abort();
     }
     let _ = stop_tx.send(());

@@ -306,6 +306,28 @@ impl Coordinator {
         if p.status == PairStatus::Error {
             view.replication_status = ReplicationStatus::Error.to_string();
         }
+        view.size_bytes = p.size;
+        // As a group's: its production host is lost (failover advised), or its link is
+        // down while it should replicate (failover not possible).
+        let production_lost = !state
+            .nodes
+            .get(&p.production_node)
+            .is_some_and(|n| self.alive(n));
+        let stopped = p
+            .group
+            .and_then(|g| state.groups.get(&g))
+            .is_some_and(|g| g.stopped);
+        let link_down = !stopped
+            && (view.replication_status == ReplicationStatus::Inactive.as_str()
+                || view.replication_status == ReplicationStatus::Error.as_str());
+        view.fault_level = if production_lost {
+            blockrep_core::replication::FaultLevel::ProductionLost
+        } else if link_down {
+            blockrep_core::replication::FaultLevel::LinkDown
+        } else {
+            blockrep_core::replication::FaultLevel::None
+        }
+        .code();
         view
     }
 }

@@ -1,0 +1,107 @@
+//! The seed REST APIs, served as their documents give them: EVS v2 replication pairs and
+//! consistency groups ([`evs`]) and SDRS v1 protection groups ([`sdrs`]), over the same
+//! coordinator calls as the local gRPC API.
+//!
+//! Every request carries an `X-Auth-Token`; the [`Backend`] forwards each call to the
+//! coordinator with the token's SHA-256 and the `{project_id}` of its path
+//! ([`proto::ApiScope`]), and the coordinator answers for that project only (401, 403, 404
+//! otherwise). Nothing here keeps state: a request is parsed, turned into coordinator calls,
+//! and their answers into the seed's JSON.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`error`] | a refusal as the seeds' `{"error": {"message", "code"}}` with its status |
+//! | [`list`] | the lists' filters, sorting and paging (`limit`, `offset`, `marker`) |
+//! | [`evs`] | EVS v2: `/v2/{project_id}/os-vendor-replications[...]` and `...-consistency-groups` |
+//! | [`sdrs`] | SDRS v1: `/v1/{project_id}/...` |
+//! | [`server`] | the HTTP(S) listener |
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use blockrep_api::ApiError;
+use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Response};
+
+pub mod error;
+pub mod evs;
+pub mod list;
+pub mod sdrs;
+pub mod server;
+mod time;
+
+pub use error::{Fail, Family};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where the REST API's calls go: the coordinator (through the daemon's cluster link).
+pub trait Backend: Send + Sync + 'static {
+    fn call(
+        &self,
+        scope: proto::ApiScope,
+        request: Request,
+    ) -> BoxFuture<'_, Result<Response, ApiError>>;
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct Api {
+    backend: Arc<dyn Backend>,
+}
+
+/// The header that carries the token.
+pub const TOKEN_HEADER: &str = "x-auth-token";
+
+impl Api {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    /// A coordinator call for the caller of `headers` (its token) in `project`.
+    async fn call(
+        &self,
+        headers: &HeaderMap,
+        project: &str,
+        request: Request,
+    ) -> Result<Response, ApiError> {
+        let token = headers
+            .get(TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::Unauthenticated("no X-Auth-Token header: every request needs one".into())
+            })?;
+        let scope = proto::ApiScope {
+            token_sha256: blockrep_api::token::sha256(token),
+            project_id: project.to_owned(),
+        };
+        self.backend.call(scope, request).await
+    }
+}
+
+/// The whole API: both families, and JSON answers for unknown paths and methods.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .merge(evs::routes())
+        .merge(sdrs::routes())
+        .fallback(|| async {
+            Fail::new(
+                Family::Api,
+                ApiError::NotFound("no such resource in the EVS v2 or SDRS v1 API".into()),
+            )
+        })
+        .method_not_allowed_fallback(|| async { error::method_not_allowed() })
+        .with_state(api)
+}
+
+/// The answer of an unexpected kind: the coordinator and this API disagree.
+fn unexpected(what: &str) -> ApiError {
+    ApiError::Internal(format!(
+        "the coordinator answered {what} with something unexpected"
+    ))
+}
+
+#[cfg(test)]
+mod testing;
