@@ -496,3 +496,68 @@ fn every_evs_call_answers_as_the_seed_documents_say_for_its_project_only() {
         a.ok("GET", PAIRS, None, 200) == json!({"replications": []})
     });
 }
+
+/// With `api.tls_cert` and `api.tls_key` the API is served over HTTPS only: a client that
+/// trusts the certificate's CA gets the same answers, and plain HTTP gets none.
+#[test]
+fn the_api_is_served_over_tls_when_a_certificate_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(dir.path(), &[("node-a", "az1"), ("node-b", "az2")], "");
+    let secret = token(&cluster, "tenant-a", "a");
+    let node = cluster.node_mut("node-b");
+    node.stop();
+    let tls = node.dir.join("tls");
+    let config = std::fs::read_to_string(&node.config).unwrap().replace(
+        "[api]\n",
+        &format!(
+            "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            tls.join("node.pem").display(),
+            tls.join("node.key").display()
+        ),
+    );
+    std::fs::write(&node.config, config).unwrap();
+    node.start();
+    cluster.wait_nodes_alive();
+    let node = cluster.node("node-b");
+    let https = |token: Option<&str>| -> (u16, Value) {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args([
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            node.dir.join("tls/ca.pem").to_str().unwrap(),
+            "--resolve",
+            &format!("node-b:{}:127.0.0.1", node.api_port),
+            &format!("https://node-b:{}{PAIRS}", node.api_port),
+        ]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("X-Auth-Token: {token}")]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        (status.parse().unwrap(), serde_json::from_str(body).unwrap())
+    };
+    assert_eq!(https(Some(&secret)), (200, json!({"replications": []})));
+    let (status, answer) = https(None);
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (401, json!("EVS.401"))
+    );
+    // Plain HTTP to the same port is not answered.
+    let plain = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{}{PAIRS}", node.api_port),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success() || plain.stdout.is_empty(),
+        "{plain:?}"
+    );
+}
