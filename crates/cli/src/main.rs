@@ -371,6 +371,21 @@ enum VolumeCommand {
         #[arg(long, default_value = "default")]
         project: String,
     },
+    /// Make a volume in this agent's storage pool ([pool]): a new file of SIZE, preallocated.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Bytes, or with a unit: 1GiB, 512MiB.
+        #[arg(long, value_parser = blockrep_api::parse_size)]
+        size: u64,
+        #[arg(long, default_value = "default")]
+        project: String,
+    },
+    /// Remove a volume the pool made, and its file (any other volume: `volume remove`).
+    Delete {
+        /// Volume id or name.
+        volume: String,
+    },
     /// List the volumes.
     List,
     /// Show one volume.
@@ -628,6 +643,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let volume = call(client.add_volume(request)).await?;
                 out.print(&volume);
+            }
+            VolumeCommand::Create {
+                name,
+                size,
+                project,
+            } => {
+                let volume = call(client.create_volume(proto::CreateVolumeRequest {
+                    name,
+                    size_bytes: size,
+                    project_id: project,
+                }))
+                .await?;
+                out.print(&volume);
+            }
+            VolumeCommand::Delete { volume } => {
+                let removed = call(client.delete_volume(proto::VolumeRef { volume })).await?;
+                out.print(&removed);
             }
             VolumeCommand::List => {
                 let list = call(client.list_volumes(proto::ListVolumesRequest {})).await?;

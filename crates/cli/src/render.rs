@@ -60,6 +60,7 @@ fn volume_json(v: &proto::Volume) -> Value {
         "role": empty_null(&v.role),
         "pair_id": empty_null(&v.pair_id),
         "project_id": v.project_id,
+        "pool": v.pool,
         "created_at": v.created_at,
     })
 }
@@ -209,6 +210,7 @@ impl Render for proto::StatusResponse {
             "version": self.version,
             "clustered": self.clustered,
             "coordinator": self.coordinator,
+            "pool": self.pool.map(|p| pool_json(&p)),
             "volumes": self.volumes.iter().map(volume_json).collect::<Vec<_>>(),
             "pairs": self.pairs.iter().map(pair_state_json).collect::<Vec<_>>(),
         })
@@ -600,7 +602,28 @@ fn node_json(n: &proto::Node) -> Value {
         "coordinator": n.coordinator,
         "peers_refused": n.peers_refused,
         "requests_refused": n.requests_refused,
+        "pool": n.pool.map(|p| pool_json(&p)),
     })
+}
+
+fn pool_json(p: &proto::Pool) -> Value {
+    json!({
+        "capacity_bytes": p.capacity_bytes,
+        "used_bytes": p.used_bytes,
+        "free_bytes": p.capacity_bytes.saturating_sub(p.used_bytes),
+    })
+}
+
+/// `used/capacity` of a pool, `-` without one.
+fn pool_text(p: Option<&proto::Pool>) -> String {
+    match p {
+        Some(p) => format!(
+            "{}/{}",
+            human_bytes(p.used_bytes).replace(' ', ""),
+            human_bytes(p.capacity_bytes).replace(' ', "")
+        ),
+        None => "-".into(),
+    }
 }
 
 fn key_values(rows: &[(&str, String)]) -> String {
@@ -915,6 +938,7 @@ impl Render for proto::ListNodesResponse {
                     },
                     n.peers_refused.to_string(),
                     n.requests_refused.to_string(),
+                    pool_text(n.pool.as_ref()),
                 ]
             })
             .collect();
@@ -929,6 +953,7 @@ impl Render for proto::ListNodesResponse {
                 "ROLE",
                 "PEERS REFUSED",
                 "REQUESTS REFUSED",
+                "POOL USED",
             ],
             &rows,
         )

@@ -20,6 +20,8 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::registry::{self, VolumeRecord};
 
+mod pool;
+
 pub struct Agent {
     pub config: Config,
     /// The volumes, held only to look one up or to change the map: every NBD handshake
@@ -245,6 +247,15 @@ impl Agent {
 
     pub fn add_volume(self: &Arc<Self>, req: AddVolume) -> Result<VolumeView, ApiError> {
         let _changing = self.lock_changes();
+        self.add_volume_locked(req, false)
+    }
+
+    /// Adds a volume, under [`Agent::lock_changes`]; `pool`: the pool made its file.
+    fn add_volume_locked(
+        self: &Arc<Self>,
+        req: AddVolume,
+        pool: bool,
+    ) -> Result<VolumeView, ApiError> {
         if let Some(e) = self.lock().values().find(|e| e.record.name == req.name) {
             return Err(ApiError::AlreadyExists(format!(
                 "a volume named {} already exists (id {})",
@@ -274,7 +285,8 @@ impl Agent {
         let size = Backing::open(&path, req.cache)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?
             .size();
-        let record = VolumeRecord::new(req.name, path, size, req.cache, &req.project);
+        let mut record = VolumeRecord::new(req.name, path, size, req.cache, &req.project);
+        record.pool = pool;
         let online = self
             .bring_online(&record)
             .inspect_err(|_| self.remove_tracker_dir(record.id))?;
@@ -297,9 +309,26 @@ impl Agent {
 
     pub fn remove_volume(&self, reference: &str) -> Result<VolumeId, ApiError> {
         let _changing = self.lock_changes();
+        self.remove_volume_locked(reference, false).map(|r| r.id)
+    }
+
+    /// Unregisters a volume, under [`Agent::lock_changes`]; its record. `pool_only`: only a
+    /// volume the pool made (anything else is refused first).
+    fn remove_volume_locked(
+        &self,
+        reference: &str,
+        pool_only: bool,
+    ) -> Result<VolumeRecord, ApiError> {
         let volumes = self.lock();
         let id = find(&volumes, reference)?;
         let entry = &volumes[&id];
+        if pool_only && !entry.record.pool {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} was added from {}, not made by the pool: only pool volumes are deleted (`volume remove` unregisters it and leaves its data)",
+                entry.record.name,
+                entry.record.path.display()
+            )));
+        }
         if let Ok(online) = &entry.state {
             let role = online.volume.gate().role();
             if let Some(pair) = role.pair() {
@@ -342,7 +371,7 @@ impl Agent {
         }
         self.remove_tracker_dir(id);
         tracing::info!(volume = %entry.record.name, %id, "volume removed");
-        Ok(id)
+        Ok(entry.record)
     }
 
     fn take_offline(&self, online: Online) {
@@ -477,6 +506,7 @@ impl Agent {
         let volume = Arc::clone(&online.volume);
         let registered = entry.record.size;
         drop(volumes);
+        self.check_pool_room(id, size)?;
         volume.grow(size).map_err(|e| match e {
             blockrep_volume::GrowVolumeError::Backing(
                 e @ (blockrep_volume::GrowError::Unaligned { .. }
@@ -643,6 +673,14 @@ pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+/// The agent's pool as the API shows it; `None` without one.
+pub fn pool_proto(agent: &Agent) -> Option<blockrep_api::proto::Pool> {
+    agent.pool_usage().map(|p| blockrep_api::proto::Pool {
+        capacity_bytes: p.capacity_bytes,
+        used_bytes: p.used_bytes,
+    })
+}
+
 /// A volume as the API shows it.
 pub fn volume_proto(config: &Config, v: VolumeView) -> blockrep_api::proto::Volume {
     use blockrep_api::proto;
@@ -686,6 +724,7 @@ pub fn volume_proto(config: &Config, v: VolumeView) -> blockrep_api::proto::Volu
             .map(|p| p.to_string())
             .unwrap_or_default(),
         project_id: v.record.project,
+        pool: v.record.pool,
     }
 }
 

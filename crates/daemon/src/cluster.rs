@@ -243,7 +243,42 @@ impl Cluster {
                 .peers_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
             requests_refused: self.endpoint.counters.refused_total(),
+            pool: crate::agent::pool_proto(&self.agent),
         }
+    }
+
+    /// Makes a pool volume for the coordinator. Asking again for a volume the pool made
+    /// already (same name, size and project) answers it: the coordinator repeats a step it
+    /// has no answer for.
+    fn create_pool_volume(&self, c: proto::CreateVolumeRequest) -> Result<Response, ApiError> {
+        let name = blockrep_core::VolumeName::try_from(c.name).map_err(ApiError::BadName)?;
+        let project = blockrep_api::model::ProjectId::try_from(c.project_id)
+            .map_err(ApiError::InvalidArgument)?;
+        if let Some(existing) = self
+            .agent
+            .list()
+            .into_iter()
+            .find(|v| v.record.name == name)
+        {
+            let same = existing.record.pool
+                && existing.record.size == c.size_bytes
+                && existing.record.project == project.as_str();
+            if !same {
+                return Err(ApiError::AlreadyExists(format!(
+                    "a volume named {name} already exists (id {})",
+                    existing.record.id
+                )));
+            }
+            return Ok(Response::Volume(crate::agent::volume_proto(
+                &self.agent.config,
+                existing,
+            )));
+        }
+        let view = self.agent.create_volume(name, c.size_bytes, project)?;
+        Ok(Response::Volume(crate::agent::volume_proto(
+            &self.agent.config,
+            view,
+        )))
     }
 
     /// A call the coordinator makes to this agent.
@@ -364,6 +399,17 @@ impl Cluster {
                 let current = self.agent.volume_handle(&c.volume_id)?.volume.size();
                 check_extend(c.size_bytes, current)?;
                 self.agent.extend_volume(&c.volume_id, c.size_bytes)?;
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::CreatePoolVolume(c) => return self.create_pool_volume(c).map_err(Into::into),
+            Request::DeletePoolVolume(v) => {
+                // Deleting what is gone already is done (the coordinator may ask again).
+                match self.agent.get(&v.volume) {
+                    Err(ApiError::VolumeNotFound(_)) => {}
+                    _ => {
+                        self.agent.delete_volume(&v.volume)?;
+                    }
+                }
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::MarkDirty(c) => {

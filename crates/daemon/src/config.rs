@@ -53,6 +53,23 @@ struct RawConfig {
     replication: RawReplication,
     metrics_listen: Option<String>,
     api: Option<RawApi>,
+    pool: Option<RawPool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    path: PathBuf,
+    capacity_bytes: ByteSize,
+}
+
+/// The `[pool]` section: a directory where the agent makes volumes on demand (`volume
+/// create`, the DR volumes of SDRS replication pairs), as files preallocated with
+/// `fallocate`, within a capacity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +266,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The REST API, if served here.
     pub api: Option<ApiConfig>,
+    /// Where volumes are made on demand, if anywhere.
+    pub pool: Option<PoolConfig>,
 }
 
 /// The largest single NBD write, which one admission must fit in the activity log.
@@ -529,6 +548,31 @@ impl Config {
                 Ok(ApiConfig { listen, tls })
             })
             .transpose()?;
+        let pool = raw
+            .pool
+            .map(|p| -> Result<PoolConfig, ConfigError> {
+                if !p.path.is_absolute() {
+                    return Err(invalid(
+                        "pool.path",
+                        format!("{} is not an absolute path", p.path.display()),
+                    ));
+                }
+                let capacity_bytes = p
+                    .capacity_bytes
+                    .bytes()
+                    .map_err(|m| invalid("pool.capacity_bytes", m))?;
+                if capacity_bytes < 1 << 20 {
+                    return Err(invalid(
+                        "pool.capacity_bytes",
+                        format!("{capacity_bytes} must be at least 1 MiB"),
+                    ));
+                }
+                Ok(PoolConfig {
+                    path: p.path,
+                    capacity_bytes,
+                })
+            })
+            .transpose()?;
 
         Ok(Self {
             node_name: raw.node_name,
@@ -544,6 +588,7 @@ impl Config {
             replication,
             metrics_listen,
             api,
+            pool,
         })
     }
 

@@ -88,6 +88,22 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
         "Bytes marked dirty in the bitmap",
         dirty,
     );
+    if let Some(pool) = agent.pool_usage() {
+        let capacity = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        capacity.set(pool.capacity_bytes as f64);
+        let used = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        used.set(pool.used_bytes as f64);
+        registry.register(
+            "pool_capacity_bytes",
+            "What the storage pool may hold",
+            capacity,
+        );
+        registry.register(
+            "pool_used_bytes",
+            "What the storage pool's volumes take",
+            used,
+        );
+    }
 
     let sent = CounterFamily::<PairLabels>::default();
     let extents = CounterFamily::<PairLabels>::default();

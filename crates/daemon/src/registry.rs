@@ -22,6 +22,10 @@ pub struct VolumeRecord {
     /// The project the volume belongs to (the REST API's tenant).
     #[serde(default = "default_project")]
     pub project: String,
+    /// The agent's pool made the volume's file (`volume create`): deleting the volume
+    /// deletes it.
+    #[serde(default)]
+    pub pool: bool,
 }
 
 fn default_project() -> String {
@@ -45,6 +49,7 @@ impl VolumeRecord {
             cache,
             created_at,
             project: project.to_string(),
+            pool: false,
         }
     }
 }

@@ -113,6 +113,38 @@ impl agent_server::Agent for AgentService {
         }))
     }
 
+    async fn create_volume(
+        &self,
+        request: Request<proto::CreateVolumeRequest>,
+    ) -> Result<Response<proto::Volume>, Status> {
+        let req = request.into_inner();
+        let name = blockrep_core::VolumeName::try_from(req.name).map_err(ApiError::BadName)?;
+        let project = if req.project_id.is_empty() {
+            blockrep_api::model::ProjectId::default()
+        } else {
+            blockrep_api::model::ProjectId::try_from(req.project_id)
+                .map_err(ApiError::InvalidArgument)?
+        };
+        let size = req.size_bytes;
+        let view = self
+            .blocking(move |agent| agent.create_volume(name, size, project))
+            .await?;
+        Ok(Response::new(self.to_proto(view)))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<proto::VolumeRef>,
+    ) -> Result<Response<proto::RemoveVolumeResponse>, Status> {
+        let reference = request.into_inner().volume;
+        let id = self
+            .blocking(move |agent| agent.delete_volume(&reference))
+            .await?;
+        Ok(Response::new(proto::RemoveVolumeResponse {
+            id: id.to_string(),
+        }))
+    }
+
     async fn get_dirty_extents(
         &self,
         request: Request<proto::VolumeRef>,
@@ -152,6 +184,7 @@ impl agent_server::Agent for AgentService {
                 .cluster
                 .as_ref()
                 .is_some_and(|c| c.coordinator.is_some()),
+            pool: crate::agent::pool_proto(&self.agent),
         }))
     }
 

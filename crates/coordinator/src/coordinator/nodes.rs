@@ -74,6 +74,7 @@ impl Coordinator {
                 coordinator: n.record.name == self.node,
                 peers_refused: n.report.peers_refused,
                 requests_refused: n.report.requests_refused,
+                pool: n.report.pool,
             })
             .collect()
     }

@@ -4,7 +4,7 @@
 //!
 //! | request | who may send it |
 //! |---|---|
-//! | an agent command: take, leave or switch a pair's side, promote, fence, pause, resume, verify, a group's cut, release or commit, what a group's pairs staged, dirty blocks, extend | a coordinator's certificate |
+//! | an agent command: take, leave or switch a pair's side, promote, fence, pause, resume, verify, a group's cut, release or commit, what a group's pairs staged, dirty blocks, extend, make or delete a pool volume | a coordinator's certificate |
 //! | a heartbeat (`Report`) | any node, for the node its certificate names |
 //! | an operator's call forwarded to the coordinator (pairs, groups, jobs, nodes, API tokens), or a REST API call (which also carries its token, checked by the coordinator) | any node |
 //!
@@ -49,6 +49,8 @@ pub fn classify(request: &Request) -> (&'static str, Sender) {
         Request::DirtyRuns(_) => ("DirtyRuns", Coordinator),
         Request::MarkDirty(_) => ("MarkDirty", Coordinator),
         Request::Extend(_) => ("Extend", Coordinator),
+        Request::CreatePoolVolume(_) => ("CreatePoolVolume", Coordinator),
+        Request::DeletePoolVolume(_) => ("DeletePoolVolume", Coordinator),
         Request::Report(_) => ("Report", ItsOwnNode),
         Request::CreatePair(_) => ("CreatePair", AnyNode),
         Request::ListPairs(_) => ("ListPairs", AnyNode),
