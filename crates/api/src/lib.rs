@@ -158,3 +158,38 @@ pub mod token {
         }
     }
 }
+
+/// The active-active domain of two availability zones (SDRS): the same id whichever order
+/// the zones are named in, and on every coordinator.
+pub fn domain_id(zone_a: &str, zone_b: &str) -> String {
+    let (a, b) = if zone_a <= zone_b {
+        (zone_a, zone_b)
+    } else {
+        (zone_b, zone_a)
+    };
+    let digest = token::sha256(&format!("blockrep-domain\0{a}\0{b}"));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &digest[0..8],
+        &digest[8..12],
+        &digest[12..16],
+        &digest[16..20],
+        &digest[20..32]
+    )
+}
+
+#[cfg(test)]
+mod domain_tests {
+    #[test]
+    fn a_domain_is_the_same_in_either_order_and_differs_between_zones() {
+        assert_eq!(
+            super::domain_id("az1", "az2"),
+            super::domain_id("az2", "az1")
+        );
+        assert_ne!(
+            super::domain_id("az1", "az2"),
+            super::domain_id("az1", "az3")
+        );
+        assert_eq!(super::domain_id("az1", "az2").len(), 36);
+    }
+}

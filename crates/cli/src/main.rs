@@ -301,6 +301,45 @@ enum GroupCommand {
         /// Group id or name.
         group: String,
     },
+    /// Create an SDRS protection group: empty and unprotected (start it with `group sync`),
+    /// its pairs made with `group add-pair`.
+    CreateProtection {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// The production zone.
+        #[arg(long)]
+        source_az: String,
+        /// The DR zone.
+        #[arg(long)]
+        target_az: String,
+        /// The production site's VPC (kept for the SDRS API).
+        #[arg(long, default_value = "default")]
+        source_vpc: String,
+        /// hypermetro (synchronous) or async.
+        #[arg(long, default_value = "hypermetro")]
+        model: String,
+    },
+    /// Make a pair for a protection group: its DR volume in a pool of the other zone, the
+    /// pair, then the pair joins the group (a job; the group must be stopped or empty).
+    AddPair {
+        /// Group id or name.
+        group: String,
+        /// The production volume (id or name).
+        #[arg(long)]
+        volume: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Take a pair out of its group and delete it (a job; the group must be stopped).
+    RemovePair {
+        /// Pair id or name.
+        pair: String,
+        /// Delete its DR volume too (only a volume a pool made).
+        #[arg(long)]
+        delete_dr_volume: bool,
+    },
     /// Grow both volumes of a pair of the group, online (both backings need the room).
     /// Clients see the new size when they connect again.
     Extend {
@@ -508,6 +547,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     pairs,
                     priority_station,
                     replication_model: model,
+                    protection: None,
                 }))
                 .await?;
                 out.print(&created);
@@ -559,6 +599,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             GroupCommand::Reprotect { group } => {
                 let started = call(client.reprotect_group(proto::GroupRef { group })).await?;
+                out.print(&started);
+            }
+            GroupCommand::CreateProtection {
+                name,
+                description,
+                source_az,
+                target_az,
+                source_vpc,
+                model,
+            } => {
+                let created = call(client.create_group(proto::CreateGroupRequest {
+                    name,
+                    description,
+                    pairs: Vec::new(),
+                    priority_station: String::new(),
+                    replication_model: model,
+                    protection: Some(proto::ProtectionGroupSpec {
+                        domain_id: blockrep_api::domain_id(&source_az, &target_az),
+                        source_availability_zone: source_az,
+                        target_availability_zone: target_az,
+                        source_vpc_id: source_vpc,
+                        dr_type: String::new(),
+                    }),
+                }))
+                .await?;
+                out.print(&created);
+            }
+            GroupCommand::AddPair {
+                group,
+                volume,
+                name,
+            } => {
+                let started = call(client.add_group_pair(proto::AddGroupPairRequest {
+                    group,
+                    volume,
+                    name,
+                    description: String::new(),
+                }))
+                .await?;
+                out.print(&started);
+            }
+            GroupCommand::RemovePair {
+                pair,
+                delete_dr_volume,
+            } => {
+                let started = call(client.remove_group_pair(proto::RemoveGroupPairRequest {
+                    pair,
+                    delete_dr_volume,
+                }))
+                .await?;
                 out.print(&started);
             }
             GroupCommand::Extend { group, pair, size } => {

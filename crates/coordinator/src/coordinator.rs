@@ -62,6 +62,7 @@ mod pair_steps;
 mod pairs;
 mod projects;
 pub use projects::Caller;
+mod protection;
 mod tokens;
 
 /// A node that has not reported for this long is down.
@@ -343,6 +344,8 @@ impl Coordinator {
             Some(Request::ListNodes(_)) => Ok(Response::Nodes(proto::ListNodesResponse {
                 nodes: self.list_nodes(),
             })),
+            Some(Request::AddGroupPair(r)) => self.add_group_pair(r).map(Response::GroupJob),
+            Some(Request::RemoveGroupPair(r)) => self.remove_group_pair(r).map(Response::GroupJob),
             Some(Request::CreateApiToken(r)) => {
                 self.create_api_token(r).map(Response::CreatedApiToken)
             }

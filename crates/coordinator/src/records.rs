@@ -95,6 +95,61 @@ pub struct GroupRecord {
     /// The project the group belongs to: its pairs'.
     #[serde(default = "default_project")]
     pub project: String,
+    /// An SDRS protection group: its zones and domain.
+    #[serde(default)]
+    pub protection: Option<ProtectionSpec>,
+    /// A pair being made for the group or taken out of it (SDRS replication pairs): its
+    /// plan and how far it got.
+    #[serde(default)]
+    pub membership: Option<MembershipChange>,
+}
+
+/// What makes a group an SDRS protection group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectionSpec {
+    pub source_az: String,
+    pub target_az: String,
+    pub domain_id: String,
+    pub source_vpc_id: String,
+    pub dr_type: String,
+}
+
+/// A pair made for a group, or taken out of it, step by step (recorded before each step,
+/// so a restarted coordinator carries on).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MembershipChange {
+    Add(AddPairPlan),
+    Remove(RemovePairPlan),
+}
+
+/// A new pair of the group: a DR volume made in a pool of the other zone, the pair, then
+/// its joining the group. A failure undoes what was made, in reverse.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AddPairPlan {
+    pub name: String,
+    pub description: String,
+    pub production_volume: VolumeId,
+    pub size: u64,
+    pub dr_node: String,
+    pub dr_volume_name: String,
+    /// The DR volume, once its agent made it.
+    pub dr_volume: Option<VolumeId>,
+    /// The pair, once created.
+    pub pair: Option<PairId>,
+    /// Why the change failed: what was made is being undone.
+    pub undoing: Option<String>,
+}
+
+/// A pair taken out of the group and deleted, and its DR volume with it if asked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemovePairPlan {
+    pub pair: PairId,
+    pub delete_dr_volume: bool,
+    pub dr_node: String,
+    pub dr_volume: VolumeId,
+    /// The pair's delete was started.
+    pub deleting: bool,
 }
 
 impl GroupOperation {

@@ -25,6 +25,8 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
 
 /// One change in a transaction.
+// A transaction holds a few changes for a moment: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Change {
     PutPair(PairRecord),

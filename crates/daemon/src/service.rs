@@ -363,6 +363,24 @@ impl agent_server::Agent for AgentService {
             .await
     }
 
+    async fn add_group_pair(
+        &self,
+        request: Request<proto::AddGroupPairRequest>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::AddGroupPair(request.into_inner()))
+            .await
+    }
+
+    async fn remove_group_pair(
+        &self,
+        request: Request<proto::RemoveGroupPairRequest>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::RemoveGroupPair(
+            request.into_inner(),
+        ))
+        .await
+    }
+
     async fn resolve_pair(
         &self,
         request: Request<proto::ResolvePairRequest>,

@@ -304,6 +304,7 @@ async fn create_group(
             "replication_consistency_group.replication_model",
         )
         .map_err(fail)?,
+        protection: None,
     };
     let group = group_job(&api, &headers, &project, Request::CreateGroup(request)).await?;
     Ok(answer(

@@ -34,6 +34,7 @@ impl Coordinator {
             }
             self.drive_groups().await;
             self.drive_operations().await;
+            self.drive_membership_changes().await;
         }
     }
 

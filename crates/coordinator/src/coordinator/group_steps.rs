@@ -486,6 +486,18 @@ pub(super) fn report_on<'a>(
     })
 }
 
+/// What `node` last reported of one of its volumes.
+pub(super) fn volume_on<'a>(
+    state: &'a State,
+    node: &str,
+    volume: &blockrep_core::VolumeId,
+) -> Option<&'a proto::Volume> {
+    state
+        .nodes
+        .get(node)
+        .and_then(|n| n.report.volumes.iter().find(|v| v.id == volume.to_string()))
+}
+
 /// The pair after its sides swap (a failover or a reverse).
 pub(super) fn swap_sides(pair: &mut PairRecord) {
     std::mem::swap(&mut pair.production_volume, &mut pair.dr_volume);

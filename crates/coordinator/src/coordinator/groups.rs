@@ -37,6 +37,14 @@ impl Coordinator {
         req: proto::CreateGroupRequest,
         project: Option<&str>,
     ) -> Result<proto::GroupJobResponse, ApiError> {
+        let mut req = req;
+        let protection = match req.protection.take() {
+            Some(spec) => {
+                let spec = self.check_protection(&mut req, spec)?;
+                Some(spec)
+            }
+            None => None,
+        };
         check_text("name", &req.name)?;
         check_text("description", &req.description)?;
         let model: ReplicationModel = req
@@ -48,7 +56,7 @@ impl Coordinator {
                 "priority_station (the production volumes' availability zone) is required".into(),
             ));
         }
-        if req.pairs.is_empty() {
+        if req.pairs.is_empty() && protection.is_none() {
             return Err(ApiError::InvalidArgument(
                 "a consistency group needs at least one pair".into(),
             ));
@@ -68,7 +76,6 @@ impl Coordinator {
             model,
             priority_station: req.priority_station,
             pairs: pairs.clone(),
-            stopped: false,
             created_at: now,
             updated_at: None,
             failure_detail: None,
@@ -77,6 +84,10 @@ impl Coordinator {
             operation: None,
             failed_over_at: None,
             project,
+            // A protection group starts unprotected: its pairs replicate once it starts.
+            stopped: protection.is_some(),
+            protection,
+            membership: None,
         };
         let job = finished_job(JobType::CreateGroup, &group);
         group.job = Some(job.id);
@@ -127,9 +138,14 @@ impl Coordinator {
         let id = Self::find_group(&state, &req.group)?;
         let group = state.groups[&id].clone();
         Self::check_not_busy(&state, &group)?;
-        GroupAction::Update
-            .begin(self.group_state(&state, &group))
-            .map_err(refused)?;
+        // A protection group's name and description change at any time (SDRS); its pairs,
+        // as any group's, only while it is stopped.
+        let renaming_only = req.add_pairs.is_empty() && req.remove_pairs.is_empty();
+        if !(renaming_only && group.protection.is_some()) {
+            GroupAction::Update
+                .begin(self.group_state(&state, &group))
+                .map_err(refused)?;
+        }
         let add = Self::find_pairs(&state, &req.add_pairs)?;
         let remove = Self::find_pairs(&state, &req.remove_pairs)?;
         if let Some(both) = add.iter().find(|p| remove.contains(p)) {
@@ -437,7 +453,7 @@ impl Coordinator {
     }
 
     /// Whether `pair` may join a group of `station` and `model`.
-    fn check_joins(
+    pub(super) fn check_joins(
         &self,
         state: &State,
         pair: &PairRecord,
@@ -579,6 +595,15 @@ impl Coordinator {
                 .map(|o| o.describe())
                 .unwrap_or_default(),
             project_id: g.project.clone(),
+            protection: g.protection.as_ref().map(|p| proto::ProtectionGroupSpec {
+                source_availability_zone: p.source_az.clone(),
+                target_availability_zone: p.target_az.clone(),
+                domain_id: p.domain_id.clone(),
+                source_vpc_id: p.source_vpc_id.clone(),
+                dr_type: p.dr_type.clone(),
+            }),
+            job: g.job.and_then(|j| state.jobs.get(&j)).map(job_view),
+            stopped: g.stopped,
         }
     }
 }

@@ -9,7 +9,7 @@ use super::*;
 use blockrep_core::replication::check_send_limit;
 
 mod create;
-pub(super) use create::volume_project;
+pub(super) use create::{FoundVolume, volume_project};
 
 impl Coordinator {
     pub(super) fn find_pair(state: &State, reference: &str) -> Result<PairId, ApiError> {

@@ -134,6 +134,11 @@ impl Coordinator {
                 group(&mut r.group)?;
                 pair(&mut r.pair)?;
             }
+            Request::AddGroupPair(r) => {
+                group(&mut r.group)?;
+                r.volume = self.visible_volume(&state, project, &r.volume)?;
+            }
+            Request::RemoveGroupPair(r) => pair(&mut r.pair)?,
             Request::GetJob(r) => {
                 let id = r.job.parse::<JobId>().ok();
                 match id.and_then(|id| state.jobs.get(&id)) {

@@ -411,6 +411,8 @@ pub(super) fn group_record(name: &str, pairs: &[&PairRecord]) -> GroupRecord {
         operation: None,
         failed_over_at: None,
         project: "default".into(),
+        protection: None,
+        membership: None,
     }
 }
 

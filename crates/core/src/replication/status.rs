@@ -160,6 +160,8 @@ wire_enum!(
         ReverseGroup => "reverseReplicationConsistencyGroup",
         ReprotectGroup => "reprotectReplicationConsistencyGroup",
         ExtendGroup => "extendReplicationVolumes",
+        AddGroupPair => "createGroupReplicationPair",
+        RemoveGroupPair => "deleteGroupReplicationPair",
     }
 );
 

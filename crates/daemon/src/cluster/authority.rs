@@ -73,6 +73,8 @@ pub fn classify(request: &Request) -> (&'static str, Sender) {
         Request::ReverseGroup(_) => ("ReverseGroup", AnyNode),
         Request::ReprotectGroup(_) => ("ReprotectGroup", AnyNode),
         Request::ExtendGroup(_) => ("ExtendGroup", AnyNode),
+        Request::AddGroupPair(_) => ("AddGroupPair", AnyNode),
+        Request::RemoveGroupPair(_) => ("RemoveGroupPair", AnyNode),
         Request::CreateApiToken(_) => ("CreateApiToken", AnyNode),
         Request::ListApiTokens(_) => ("ListApiTokens", AnyNode),
         Request::RevokeApiToken(_) => ("RevokeApiToken", AnyNode),

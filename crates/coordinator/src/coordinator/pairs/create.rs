@@ -229,7 +229,11 @@ impl Coordinator {
     }
 
     /// A volume by id, or by a name unique in the cluster.
-    fn find_volume(&self, state: &State, reference: &str) -> Result<FoundVolume, ApiError> {
+    pub(in crate::coordinator) fn find_volume(
+        &self,
+        state: &State,
+        reference: &str,
+    ) -> Result<FoundVolume, ApiError> {
         let mut found = Vec::new();
         for node in state.nodes.values() {
             for v in &node.report.volumes {
@@ -266,12 +270,12 @@ pub(in crate::coordinator) fn volume_project(v: &proto::Volume) -> &str {
     }
 }
 
-struct FoundVolume {
-    volume: proto::Volume,
-    node: String,
-    az: String,
-    address: SocketAddr,
-    alive: bool,
+pub(in crate::coordinator) struct FoundVolume {
+    pub volume: proto::Volume,
+    pub node: String,
+    pub az: String,
+    pub address: SocketAddr,
+    pub alive: bool,
 }
 
 /// Volumes a creation claimed (`plan_pair`), given back when the creation ends: by then
