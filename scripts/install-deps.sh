@@ -22,6 +22,8 @@ declare -A packages=(
     [setpriv]=util-linux
     [nft]=nftables
     [ip]=iproute2
+    # The REST API's tests: curl, and a venv for the OTC SDK (scripts/sdk-venv.sh).
+    [curl]=curl
     # The daemon's allocator (jemalloc) is built from C with make.
     [make]=make
     [cc]=gcc
@@ -31,6 +33,7 @@ missing=()
 for tool in "${!packages[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${packages[$tool]}")
 done
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     mapfile -t wanted < <(printf '%s\n' "${missing[@]}" | sort -u)
     echo "install-deps: installing ${wanted[*]}" >&2

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+scripts/sdk-venv.sh
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 checkout_state() {

@@ -164,8 +164,9 @@ impl NodeSpec {
     }
 }
 
-/// What every node's configuration adds: top-level keys and sections (`extra`), and keys
-/// of the `[cluster]` section (`cluster_extra`).
+/// What every node's configuration adds: top-level keys and sections (`extra`, where
+/// `{node_dir}` stands for the node's own directory), and keys of the `[cluster]` section
+/// (`cluster_extra`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClusterConfig<'a> {
     pub extra: &'a str,
@@ -294,6 +295,8 @@ impl TestCluster {
             }
             cli(&issue);
             let config = node_dir.join("blockrepd.toml");
+            // `{node_dir}` in the shared text is each node's own directory.
+            let extra = extra.replace("{node_dir}", &node_dir.display().to_string());
             std::fs::write(
                 &config,
                 format!(

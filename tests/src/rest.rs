@@ -67,3 +67,39 @@ pub fn keys(value: &Value) -> Vec<String> {
     keys.sort();
     keys
 }
+
+/// The Python of the venv that holds the OTC SDK (`otcextensions`): `BLOCKREP_SDK_PYTHON`,
+/// or the one `scripts/sdk-venv.sh` makes (the test command runs it first).
+pub fn sdk_python() -> std::path::PathBuf {
+    let python = std::env::var_os("BLOCKREP_SDK_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sdk-venv/bin/python")
+        });
+    assert!(
+        python.exists(),
+        "no Python with the OTC SDK at {}: run scripts/sdk-venv.sh (scripts/test.sh does)",
+        python.display()
+    );
+    python
+}
+
+/// One step of `tests/sdk/sdrs.py` against `node`'s API: the JSON object it printed last.
+pub fn sdk_step(node: &Node, project: &str, token: &str, step: &str, args: &[&str]) -> Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/sdrs.py");
+    let out = Command::new(sdk_python())
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}", node.api_port))
+        .args([project, token, step])
+        .args(args)
+        .output()
+        .expect("run the SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK step {step} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("step {step} printed {last:?}: {e}"))
+}

@@ -211,6 +211,10 @@ enum PairCommand {
         /// across restarts and a reverse.
         #[arg(long, value_parser = parse_send_limit)]
         max_rate: Option<SendLimitArg>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
     },
     /// Compare both sides' checksums while the pair replicates (a job); report the ranges
     /// that differ.
@@ -515,10 +519,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     call(client.resolve_pair(proto::ResolvePairRequest { pair, keep })).await?;
                 out.print(&started);
             }
-            PairCommand::Update { pair, max_rate } => {
+            PairCommand::Update {
+                pair,
+                max_rate,
+                name,
+                description,
+            } => {
                 let updated = call(client.update_pair(proto::UpdatePairRequest {
                     pair,
                     max_bytes_per_sec: max_rate.map(SendLimitArg::bytes_per_sec),
+                    name,
+                    description,
                 }))
                 .await?;
                 out.print(&updated);

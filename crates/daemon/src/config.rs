@@ -78,6 +78,18 @@ struct RawApi {
     listen: String,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    #[serde(default = "default_quota_server_groups")]
+    quota_server_groups: u64,
+    #[serde(default = "default_quota_replications")]
+    quota_replications: u64,
+}
+
+fn default_quota_server_groups() -> u64 {
+    blockrep_rest::Quotas::default().server_groups
+}
+
+fn default_quota_replications() -> u64 {
+    blockrep_rest::Quotas::default().replications
 }
 
 /// The `[api]` section: where the seed REST API (EVS v2, SDRS v1) is served.
@@ -86,6 +98,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// HTTPS with this PEM certificate chain and key; plain HTTP when `None`.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// What each project may have (SDRS quotas).
+    pub quotas: blockrep_rest::Quotas,
 }
 
 #[derive(Debug, Deserialize)]
@@ -545,7 +559,14 @@ impl Config {
                         ));
                     }
                 };
-                Ok(ApiConfig { listen, tls })
+                Ok(ApiConfig {
+                    listen,
+                    tls,
+                    quotas: blockrep_rest::Quotas {
+                        server_groups: a.quota_server_groups,
+                        replications: a.quota_replications,
+                    },
+                })
             })
             .transpose()?;
         let pool = raw

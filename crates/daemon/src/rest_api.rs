@@ -42,7 +42,7 @@ pub async fn serve(
         .map(|(cert, key)| blockrep_rest::server::tls_acceptor(cert, key))
         .transpose()?;
     let listener = blockrep_rest::server::bind(config.listen).await?;
-    let router = blockrep_rest::router(Api::new(Arc::new(ThroughCluster(cluster))));
+    let router = blockrep_rest::router(Api::new(Arc::new(ThroughCluster(cluster)), config.quotas));
     tracing::info!(listen = %config.listen, tls = tls.is_some(), "REST API served");
     Ok(tokio::spawn(blockrep_rest::server::serve(
         listener, tls, router,

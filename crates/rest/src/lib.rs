@@ -49,14 +49,31 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Api {
     backend: Arc<dyn Backend>,
+    quotas: Quotas,
+}
+
+/// The most SDRS protection groups and replication pairs a project may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quotas {
+    pub server_groups: u64,
+    pub replications: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            server_groups: 100,
+            replications: 1000,
+        }
+    }
 }
 
 /// The header that carries the token.
 pub const TOKEN_HEADER: &str = "x-auth-token";
 
 impl Api {
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
+    pub fn new(backend: Arc<dyn Backend>, quotas: Quotas) -> Self {
+        Self { backend, quotas }
     }
 
     /// A coordinator call for the caller of `headers` (its token) in `project`.

@@ -1,10 +1,887 @@
-//! SDRS v1: protection groups, replication pairs, jobs, active-active domains and quotas
-//! under `/v1/{project_id}`.
+//! SDRS v1 under `/v1/{project_id}`, as the public OTC SDK (`otcextensions`,
+//! `sdk/sdrs/v1`) drives it:
+//!
+//! | resource | calls | underneath |
+//! |---|---|---|
+//! | `active-domains` | `GET` | one domain per pair of the cluster's zones |
+//! | `server-groups` | create, list, show, update (name), delete, `action` (start, stop, failover, reverse) | a consistency group with a protection spec |
+//! | `replications` | create, list, show, update (name), delete (`delete_target_volume`), `action` (`extend-replication`) | a pair made for the group, its DR volume from a pool |
+//! | `jobs/{job_id}` | `GET` | the coordinator's job |
+//! | `sdrs/quotas` | `GET` | `[api]` quotas |
+//! | `protected-instances`, `disaster-recovery-drills`, `task-center` | anything | 501 |
+//!
+//! Creates, deletes and actions answer `{"job_id": ...}` (200, as the seed gives it); a
+//! client follows the job. A protection group's status is its group's, spelled as SDRS
+//! does, with the job under way ("starting", "stopping", "reprotecting") or the last one
+//! failed ("error-starting", ...).
+
+use std::collections::HashMap;
 
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{any, get, post};
+use blockrep_api::ApiError;
+use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
-use crate::Api;
+use crate::error::{body, required};
+use crate::list::{Filter, page};
+use crate::time::seed_time;
+use crate::{Api, Fail, Family, unexpected};
+
+const V1: &str = "/v1/{project_id}";
 
 pub fn routes() -> Router<Api> {
     Router::new()
+        .route(&format!("{V1}/active-domains"), get(active_domains))
+        .route(
+            &format!("{V1}/server-groups"),
+            post(create_group).get(list_groups),
+        )
+        .route(
+            &format!("{V1}/server-groups/{{id}}"),
+            get(show_group).put(update_group).delete(delete_group),
+        )
+        .route(
+            &format!("{V1}/server-groups/{{id}}/action"),
+            post(group_action),
+        )
+        .route(
+            &format!("{V1}/replications"),
+            post(create_pair).get(list_pairs),
+        )
+        .route(
+            &format!("{V1}/replications/{{id}}"),
+            get(show_pair).put(update_pair).delete(delete_pair),
+        )
+        .route(
+            &format!("{V1}/replications/{{id}}/action"),
+            post(pair_action),
+        )
+        .route(&format!("{V1}/jobs/{{id}}"), get(show_job))
+        .route(&format!("{V1}/sdrs/quotas"), get(quotas))
+        .route(&format!("{V1}/protected-instances"), any(servers))
+        .route(&format!("{V1}/protected-instances/{{*rest}}"), any(servers))
+        .route(&format!("{V1}/disaster-recovery-drills"), any(drills))
+        .route(
+            &format!("{V1}/disaster-recovery-drills/{{*rest}}"),
+            any(drills),
+        )
+        .route(&format!("{V1}/task-center/{{*rest}}"), any(task_center))
+}
+
+type Answer = Result<HttpResponse, Fail>;
+
+fn fail(e: ApiError) -> Fail {
+    Fail::new(Family::Sdrs, e)
+}
+
+fn ok(value: Value) -> HttpResponse {
+    (StatusCode::OK, axum::Json(value)).into_response()
+}
+
+fn job_answer(job: Option<proto::Job>) -> Answer {
+    let job = job.ok_or_else(|| fail(unexpected("a call without its job")))?;
+    Ok(ok(json!({ "job_id": job.id })))
+}
+
+// ---- what blockrep does not serve ----
+
+async fn servers() -> Fail {
+    fail(ApiError::NotImplemented(
+        "protected instances and their NICs are servers, which blockrep does not manage: it replicates volumes (use /v1/{project_id}/replications)".into(),
+    ))
+}
+
+async fn drills() -> Fail {
+    fail(ApiError::NotImplemented(
+        "disaster-recovery drills are not served yet".into(),
+    ))
+}
+
+async fn task_center() -> Fail {
+    fail(ApiError::NotImplemented(
+        "the task center is not served: a failed job keeps its reason (GET /v1/{project_id}/jobs/{job_id})".into(),
+    ))
+}
+
+// ---- active-active domains ----
+
+/// The zones of the cluster, two by two.
+async fn zones(api: &Api, headers: &HeaderMap, project: &str) -> Result<Vec<String>, Fail> {
+    match api
+        .call(
+            headers,
+            project,
+            Request::ListNodes(proto::ListNodesRequest {}),
+        )
+        .await
+        .map_err(fail)?
+    {
+        Response::Nodes(list) => {
+            let mut zones: Vec<String> = list
+                .nodes
+                .into_iter()
+                .map(|n| n.availability_zone)
+                .collect();
+            zones.sort();
+            zones.dedup();
+            Ok(zones)
+        }
+        _ => Err(fail(unexpected("the node list"))),
+    }
+}
+
+fn domain_name(a: &str, b: &str) -> String {
+    format!("{a}-{b}")
+}
+
+/// The name of the domain of two zones, in either order.
+fn domain_of(a: &str, b: &str) -> String {
+    if a <= b {
+        domain_name(a, b)
+    } else {
+        domain_name(b, a)
+    }
+}
+
+async fn active_domains(
+    State(api): State<Api>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+) -> Answer {
+    let zones = zones(&api, &headers, &project).await?;
+    let mut domains = Vec::new();
+    for (i, a) in zones.iter().enumerate() {
+        for b in &zones[i + 1..] {
+            domains.push(json!({
+                "id": blockrep_api::domain_id(a, b),
+                "name": domain_name(a, b),
+                "description": format!("volumes replicated between {a} and {b}"),
+                "sold_out": false,
+                "local_replication_cluster": {"availability_zone": a},
+                "remote_replication_cluster": {"availability_zone": b},
+            }));
+        }
+    }
+    Ok(ok(json!({ "domains": domains })))
+}
+
+// ---- protection groups ----
+
+#[derive(Deserialize)]
+struct CreateGroupBody {
+    server_group: Option<CreateGroup>,
+}
+
+#[derive(Deserialize)]
+struct CreateGroup {
+    name: Option<String>,
+    #[serde(default)]
+    description: String,
+    source_availability_zone: Option<String>,
+    target_availability_zone: Option<String>,
+    domain_id: Option<String>,
+    source_vpc_id: Option<String>,
+    #[serde(default)]
+    dr_type: String,
+    /// blockrep's own: "hypermetro" (the default) or "async".
+    #[serde(default)]
+    replication_model: String,
+}
+
+async fn create_group(
+    State(api): State<Api>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Answer {
+    let request: CreateGroupBody = body(&bytes).map_err(fail)?;
+    let g = required(request.server_group, "server_group").map_err(fail)?;
+    let spec = proto::ProtectionGroupSpec {
+        source_availability_zone: required(
+            g.source_availability_zone,
+            "server_group.source_availability_zone",
+        )
+        .map_err(fail)?,
+        target_availability_zone: required(
+            g.target_availability_zone,
+            "server_group.target_availability_zone",
+        )
+        .map_err(fail)?,
+        domain_id: required(g.domain_id, "server_group.domain_id").map_err(fail)?,
+        source_vpc_id: required(g.source_vpc_id, "server_group.source_vpc_id").map_err(fail)?,
+        dr_type: g.dr_type,
+    };
+    let name = required(g.name, "server_group.name").map_err(fail)?;
+    let groups = protection_groups(&api, &headers, &project).await?;
+    check_quota(api.quotas.server_groups, groups.len(), "protection groups")?;
+    let request = proto::CreateGroupRequest {
+        name,
+        description: g.description,
+        pairs: Vec::new(),
+        priority_station: String::new(),
+        replication_model: g.replication_model,
+        protection: Some(spec),
+    };
+    let (_, job) = group_job(&api, &headers, &project, Request::CreateGroup(request)).await?;
+    job_answer(job)
+}
+
+fn check_quota(quota: u64, used: usize, what: &str) -> Result<(), Fail> {
+    if used as u64 >= quota {
+        return Err(fail(ApiError::FailedPrecondition(format!(
+            "the project has {used} {what}; its quota is {quota}"
+        ))));
+    }
+    Ok(())
+}
+
+/// The project's protection groups (its other groups are EVS consistency groups).
+async fn protection_groups(
+    api: &Api,
+    headers: &HeaderMap,
+    project: &str,
+) -> Result<Vec<proto::Group>, Fail> {
+    match api
+        .call(
+            headers,
+            project,
+            Request::ListGroups(proto::ListGroupsRequest {}),
+        )
+        .await
+        .map_err(fail)?
+    {
+        Response::Groups(list) => Ok(list
+            .groups
+            .into_iter()
+            .filter(|g| g.protection.is_some())
+            .collect()),
+        _ => Err(fail(unexpected("the group list"))),
+    }
+}
+
+async fn list_groups(
+    State(api): State<Api>,
+    Path(project): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Answer {
+    let groups = protection_groups(&api, &headers, &project).await?;
+    let items = groups.iter().map(group_view).collect();
+    let filters = [
+        ("name", Filter::Equals("name")),
+        ("status", Filter::Equals("status")),
+        (
+            "availability_zone",
+            Filter::Equals("source_availability_zone"),
+        ),
+    ];
+    let items = page(items, &without_sort(query), &filters).map_err(fail)?;
+    Ok(ok(json!({ "server_groups": items })))
+}
+
+/// SDRS lists take no sort parameters: newest first.
+fn without_sort(mut query: HashMap<String, String>) -> HashMap<String, String> {
+    query.remove("sort_key");
+    query.remove("sort_dir");
+    query
+}
+
+/// A protection group by id or name, or 404 (another group is not one).
+async fn protection_group(
+    api: &Api,
+    headers: &HeaderMap,
+    project: &str,
+    id: &str,
+) -> Result<proto::Group, Fail> {
+    let request = Request::GetGroup(proto::GroupRef {
+        group: id.to_owned(),
+    });
+    match api.call(headers, project, request).await {
+        Ok(Response::Group(g)) if g.protection.is_some() => Ok(g),
+        Ok(Response::Group(_)) | Err(ApiError::NotFound(_)) => Err(fail(ApiError::NotFound(
+            format!("no protection group {id:?}"),
+        ))),
+        Ok(_) => Err(fail(unexpected("a group"))),
+        Err(e) => Err(fail(e)),
+    }
+}
+
+async fn show_group(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Answer {
+    let group = protection_group(&api, &headers, &project, &id).await?;
+    Ok(ok(json!({ "server_group": group_view(&group) })))
+}
+
+#[derive(Deserialize)]
+struct UpdateGroupBody {
+    server_group: Option<UpdateGroup>,
+}
+
+#[derive(Deserialize)]
+struct UpdateGroup {
+    name: Option<String>,
+}
+
+async fn update_group(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Answer {
+    let request: UpdateGroupBody = body(&bytes).map_err(fail)?;
+    let g = required(request.server_group, "server_group").map_err(fail)?;
+    let name = required(g.name, "server_group.name").map_err(fail)?;
+    let group = protection_group(&api, &headers, &project, &id).await?;
+    let request = proto::UpdateGroupRequest {
+        group: group.id,
+        name: Some(name),
+        ..Default::default()
+    };
+    let (group, _) = group_job(&api, &headers, &project, Request::UpdateGroup(request)).await?;
+    Ok(ok(json!({ "server_group": group_view(&group) })))
+}
+
+async fn delete_group(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Answer {
+    let group = protection_group(&api, &headers, &project, &id).await?;
+    let request = Request::DeleteGroup(proto::GroupRef { group: group.id });
+    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    job_answer(job)
+}
+
+#[derive(Deserialize)]
+struct Reverse {
+    priority_station: Option<String>,
+}
+
+async fn group_action(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Answer {
+    let (action, argument) = one_action(&bytes)?;
+    let group = protection_group(&api, &headers, &project, &id).await?;
+    let reference = proto::GroupRef {
+        group: group.id.clone(),
+    };
+    let request = match action.as_str() {
+        // Protection starts; after a failover, starting it again is the reprotect.
+        "start-server-group" if group.status == "failovered" => Request::ReprotectGroup(reference),
+        "start-server-group" => Request::SyncGroup(reference),
+        "stop-server-group" => Request::StopGroup(reference),
+        "failover-server-group" => Request::FailoverGroup(reference),
+        "reverse-server-group" => {
+            let reverse: Reverse = serde_json::from_value(argument).map_err(|e| {
+                fail(ApiError::InvalidArgument(format!(
+                    "reverse-server-group: {e}"
+                )))
+            })?;
+            let wanted = required(
+                reverse.priority_station,
+                "reverse-server-group.priority_station",
+            )
+            .map_err(fail)?;
+            if wanted != "source" && wanted != "target" {
+                return Err(fail(ApiError::InvalidArgument(format!(
+                    "priority_station {wanted:?} is not source or target"
+                ))));
+            }
+            if wanted == priority_station(&group) {
+                return Err(fail(ApiError::FailedPrecondition(format!(
+                    "the protection group's production site is the {wanted} already"
+                ))));
+            }
+            Request::ReverseGroup(reference)
+        }
+        other => {
+            return Err(fail(ApiError::InvalidArgument(format!(
+                "unknown action {other:?}: start-server-group, stop-server-group, failover-server-group or reverse-server-group"
+            ))));
+        }
+    };
+    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    job_answer(job)
+}
+
+/// The one action a body names, and its argument.
+fn one_action(bytes: &[u8]) -> Result<(String, Value), Fail> {
+    let request: serde_json::Map<String, Value> = body(bytes).map_err(fail)?;
+    let mut actions = request.into_iter();
+    match (actions.next(), actions.next()) {
+        (Some(action), None) => Ok(action),
+        _ => Err(fail(ApiError::InvalidArgument(
+            "the body names exactly one action, such as {\"start-server-group\": {}}".into(),
+        ))),
+    }
+}
+
+async fn group_job(
+    api: &Api,
+    headers: &HeaderMap,
+    project: &str,
+    request: Request,
+) -> Result<(proto::Group, Option<proto::Job>), Fail> {
+    match api.call(headers, project, request).await.map_err(fail)? {
+        Response::GroupJob(answer) => Ok((answer.group.unwrap_or_default(), answer.job)),
+        _ => Err(fail(unexpected("a group's call"))),
+    }
+}
+
+/// "source" while production is in the group's source zone, else "target".
+fn priority_station(g: &proto::Group) -> &'static str {
+    match &g.protection {
+        Some(p) if g.priority_station != p.source_availability_zone => "target",
+        _ => "source",
+    }
+}
+
+/// A protection group's status as SDRS spells it.
+pub fn sdrs_status(g: &proto::Group) -> String {
+    let job = g.job.as_ref();
+    let running = |t: &str| job.is_some_and(|j| j.job_type == t && j.status == "RUNNING");
+    let failed = |t: &str| job.is_some_and(|j| j.job_type == t && j.status == "FAIL");
+    let status = match g.status.as_str() {
+        "creating" => "creating",
+        "deleting" => "deleting",
+        "error_deleting" => "error-deleting",
+        "failovering" => "failing-over",
+        "error_failovering" => "error-failing-over",
+        "failovered" if failed("reprotectReplicationConsistencyGroup") => "error-reprotecting",
+        "failovered" => "failed-over",
+        "reversing" => "reversing",
+        "error_reversing" => "error-reversing",
+        "error" => "error",
+        _ if running("reprotectReplicationConsistencyGroup") => "reprotecting",
+        _ if running("syncReplicationConsistencyGroup") => "starting",
+        _ if running("stopReplicationConsistencyGroup") => "stopping",
+        _ if failed("syncReplicationConsistencyGroup") => "error-starting",
+        _ if failed("stopReplicationConsistencyGroup") => "error-stopping",
+        _ if g.stopped => "available",
+        // Protected once failover-able: every pair replicates as the group's, which has a
+        // consistent point; until then protection is still starting.
+        _ if !g.replication_ids.is_empty()
+            && (g.replication_status != "active" || g.consistent_epoch == 0) =>
+        {
+            "starting"
+        }
+        _ => "protected",
+    };
+    status.to_owned()
+}
+
+fn group_view(g: &proto::Group) -> Value {
+    let spec = g.protection.clone().unwrap_or_default();
+    let progress = match g.replication_status.as_str() {
+        "active" => 100,
+        "copying" => g
+            .job
+            .as_ref()
+            .map_or(0, |j| (j.progress * 100.0).floor() as u32),
+        _ => 0,
+    };
+    json!({
+        "id": g.id,
+        "name": g.name,
+        "description": g.description,
+        "status": sdrs_status(g),
+        "source_availability_zone": spec.source_availability_zone,
+        "target_availability_zone": spec.target_availability_zone,
+        "domain_id": spec.domain_id,
+        "domain_name": domain_of(&spec.source_availability_zone, &spec.target_availability_zone),
+        "priority_station": priority_station(g),
+        "protected_status": if g.stopped { "stopped" } else { "started" },
+        "replication_status": g.replication_status,
+        "health_status": if g.fault_level == 0 { "normal" } else { "abnormal" },
+        "progress": progress,
+        "replication_num": g.replication_ids.len(),
+        "protected_instance_num": 0,
+        "disaster_recovery_drill_num": 0,
+        "source_vpc_id": spec.source_vpc_id,
+        "target_vpc_id": spec.source_vpc_id,
+        "test_vpc_id": null,
+        "dr_type": spec.dr_type,
+        "protection_type": "replication-pair",
+        "replication_model": g.replication_model,
+        "created_at": sdrs_time(&g.created_at),
+        "updated_at": sdrs_time(&g.updated_at),
+    })
+}
+
+/// SDRS's time: `2022-02-26 20:39:30.718`.
+fn sdrs_time(rfc3339: &str) -> Value {
+    match seed_time(rfc3339) {
+        Value::String(t) => Value::String(t.replacen('T', " ", 1)[..23.min(t.len())].to_owned()),
+        other => other,
+    }
+}
+
+// ---- replication pairs ----
+
+#[derive(Deserialize)]
+struct CreatePairBody {
+    replication: Option<CreatePair>,
+}
+
+#[derive(Deserialize)]
+struct CreatePair {
+    server_group_id: Option<String>,
+    volume_id: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_pair(
+    State(api): State<Api>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Answer {
+    let request: CreatePairBody = body(&bytes).map_err(fail)?;
+    let r = required(request.replication, "replication").map_err(fail)?;
+    let group_id = required(r.server_group_id, "replication.server_group_id").map_err(fail)?;
+    let volume = required(r.volume_id, "replication.volume_id").map_err(fail)?;
+    let group = protection_group(&api, &headers, &project, &group_id).await?;
+    let used = protected_pairs(&api, &headers, &project).await?.0.len();
+    check_quota(api.quotas.replications, used, "replication pairs")?;
+    let request = Request::AddGroupPair(proto::AddGroupPairRequest {
+        group: group.id,
+        volume,
+        name: r.name,
+        description: r.description,
+    });
+    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    job_answer(job)
+}
+
+/// The project's pairs that are in a protection group, and those groups.
+async fn protected_pairs(
+    api: &Api,
+    headers: &HeaderMap,
+    project: &str,
+) -> Result<(Vec<proto::Pair>, Vec<proto::Group>), Fail> {
+    let groups = protection_groups(api, headers, project).await?;
+    let pairs = match api
+        .call(
+            headers,
+            project,
+            Request::ListPairs(proto::ListPairsRequest {}),
+        )
+        .await
+        .map_err(fail)?
+    {
+        Response::Pairs(list) => list.pairs,
+        _ => return Err(fail(unexpected("the pair list"))),
+    };
+    let pairs = pairs
+        .into_iter()
+        .filter(|p| {
+            groups
+                .iter()
+                .any(|g| g.id == p.replication_consistency_group_id)
+        })
+        .collect();
+    Ok((pairs, groups))
+}
+
+async fn list_pairs(
+    State(api): State<Api>,
+    Path(project): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Answer {
+    // Pairs attach to no protected instance: asking by instance finds none.
+    if query.contains_key("protected_instance_id") || query.contains_key("protected_instance_ids") {
+        return Ok(ok(json!({ "replications": [] })));
+    }
+    let (pairs, groups) = protected_pairs(&api, &headers, &project).await?;
+    let items = pairs
+        .iter()
+        .filter_map(|p| {
+            let g = groups
+                .iter()
+                .find(|g| g.id == p.replication_consistency_group_id)?;
+            Some(pair_view(p, g))
+        })
+        .collect();
+    let filters = [
+        ("server_group_id", Filter::Equals("server_group_id")),
+        ("name", Filter::Equals("name")),
+        ("status", Filter::Equals("status")),
+    ];
+    let items = page(items, &without_sort(query), &filters).map_err(fail)?;
+    Ok(ok(json!({ "replications": items })))
+}
+
+/// A pair of a protection group by id or name, and its group; or 404.
+async fn protected_pair(
+    api: &Api,
+    headers: &HeaderMap,
+    project: &str,
+    id: &str,
+) -> Result<(proto::Pair, proto::Group), Fail> {
+    let not_found = || fail(ApiError::NotFound(format!("no replication pair {id:?}")));
+    let request = Request::GetPair(proto::PairRef {
+        pair: id.to_owned(),
+    });
+    let pair = match api.call(headers, project, request).await {
+        Ok(Response::Pair(p)) => p,
+        Err(ApiError::NotFound(_)) => return Err(not_found()),
+        Ok(_) => return Err(fail(unexpected("a pair"))),
+        Err(e) => return Err(fail(e)),
+    };
+    if pair.replication_consistency_group_id.is_empty() {
+        return Err(not_found());
+    }
+    match protection_group(
+        api,
+        headers,
+        project,
+        &pair.replication_consistency_group_id,
+    )
+    .await
+    {
+        Ok(group) => Ok((pair, group)),
+        Err(_) => Err(not_found()),
+    }
+}
+
+async fn show_pair(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Answer {
+    let (pair, group) = protected_pair(&api, &headers, &project, &id).await?;
+    Ok(ok(json!({ "replication": pair_view(&pair, &group) })))
+}
+
+#[derive(Deserialize)]
+struct UpdatePairBody {
+    replication: Option<UpdatePair>,
+}
+
+#[derive(Deserialize)]
+struct UpdatePair {
+    name: Option<String>,
+}
+
+async fn update_pair(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Answer {
+    let request: UpdatePairBody = body(&bytes).map_err(fail)?;
+    let r = required(request.replication, "replication").map_err(fail)?;
+    let name = required(r.name, "replication.name").map_err(fail)?;
+    let (pair, group) = protected_pair(&api, &headers, &project, &id).await?;
+    let request = Request::UpdatePair(proto::UpdatePairRequest {
+        pair: pair.id,
+        name: Some(name),
+        ..Default::default()
+    });
+    match api.call(&headers, &project, request).await.map_err(fail)? {
+        Response::Pair(p) => Ok(ok(json!({ "replication": pair_view(&p, &group) }))),
+        _ => Err(fail(unexpected("a pair's update"))),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct DeletePairBody {
+    replication: Option<DeletePair>,
+}
+
+#[derive(Deserialize, Default)]
+struct DeletePair {
+    #[serde(default)]
+    delete_target_volume: bool,
+}
+
+async fn delete_pair(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Answer {
+    // The SDK sends a body; a client may send none (the DR volume is kept then).
+    let request: DeletePairBody = if bytes.is_empty() {
+        DeletePairBody::default()
+    } else {
+        body(&bytes).map_err(fail)?
+    };
+    let delete_dr_volume = request.replication.unwrap_or_default().delete_target_volume;
+    let (pair, _) = protected_pair(&api, &headers, &project, &id).await?;
+    let request = Request::RemoveGroupPair(proto::RemoveGroupPairRequest {
+        pair: pair.id,
+        delete_dr_volume,
+    });
+    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    job_answer(job)
+}
+
+#[derive(Deserialize)]
+struct Extend {
+    new_size: Option<u64>,
+}
+
+async fn pair_action(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Answer {
+    let (action, argument) = one_action(&bytes)?;
+    if action != "extend-replication" {
+        return Err(fail(ApiError::InvalidArgument(format!(
+            "unknown action {action:?}: extend-replication"
+        ))));
+    }
+    let extend: Extend = serde_json::from_value(argument).map_err(|e| {
+        fail(ApiError::InvalidArgument(format!(
+            "extend-replication: {e}"
+        )))
+    })?;
+    let gib = required(extend.new_size, "extend-replication.new_size").map_err(fail)?;
+    let size_bytes = gib.checked_mul(1 << 30).ok_or_else(|| {
+        fail(ApiError::InvalidArgument(format!(
+            "new_size {gib} is too large"
+        )))
+    })?;
+    let (pair, group) = protected_pair(&api, &headers, &project, &id).await?;
+    let request = Request::ExtendGroup(proto::ExtendGroupRequest {
+        group: group.id,
+        pair: pair.id,
+        size_bytes,
+    });
+    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    job_answer(job)
+}
+
+fn pair_view(p: &proto::Pair, g: &proto::Group) -> Value {
+    let status = match p.status.as_str() {
+        "available" => sdrs_status(g),
+        "error_deleting" => "error-deleting".to_owned(),
+        other => other.to_owned(),
+    };
+    let progress = match p.replication_status.as_str() {
+        "active" | "active-stopped" => 100,
+        "copying" => (p.progress * 100.0).floor() as u32,
+        _ => 0,
+    };
+    json!({
+        "id": p.id,
+        "name": p.name,
+        "description": p.description,
+        "replication_model": p.replication_model,
+        "status": status,
+        "volume_ids": p.volume_ids.join(","),
+        "server_group_id": g.id,
+        "priority_station": priority_station(g),
+        "progress": progress,
+        "replication_status": p.replication_status,
+        "fault_level": p.fault_level.to_string(),
+        "failure_detail": if p.failure_detail.is_empty() { Value::Null } else { json!(p.failure_detail) },
+        "record_metadata": {
+            "volume_size": p.size_bytes.div_ceil(1 << 30),
+            "volume_type": "blockrep",
+            "multiattach": false,
+            "bootable": false,
+        },
+        "attachment": [],
+        "created_at": sdrs_time(&p.created_at),
+        "updated_at": sdrs_time(&p.updated_at),
+    })
+}
+
+// ---- jobs and quotas ----
+
+/// SDRS's name of a job's type.
+fn job_type(t: &str) -> &str {
+    match t {
+        "createReplicationConsistencyGroup" => "createServerGroup",
+        "updateReplicationConsistencyGroup" => "updateServerGroup",
+        "deleteReplicationConsistencyGroup" => "deleteServerGroup",
+        "syncReplicationConsistencyGroup" => "startServerGroup",
+        "stopReplicationConsistencyGroup" => "stopServerGroup",
+        "failoverReplicationConsistencyGroup" => "failoverServerGroup",
+        "reverseReplicationConsistencyGroup" => "reverseServerGroup",
+        "reprotectReplicationConsistencyGroup" => "reprotectServerGroup",
+        "createGroupReplicationPair" => "createReplicationPair",
+        "deleteGroupReplicationPair" => "deleteReplicationPair",
+        "extendReplicationVolumes" => "expandReplicationPair",
+        other => other,
+    }
+}
+
+async fn show_job(
+    State(api): State<Api>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Answer {
+    let request = Request::GetJob(proto::JobRef { job: id });
+    let job = match api.call(&headers, &project, request).await.map_err(fail)? {
+        Response::Job(j) => j,
+        _ => return Err(fail(unexpected("a job"))),
+    };
+    // A failed job's reason in the service's form: words, then "error : " and the error.
+    let (error_code, fail_reason) = if job.status == "FAIL" {
+        let error = json!({"error": {"message": job.fail_reason, "code": "SDRS.500"}});
+        (
+            json!("SDRS.500"),
+            json!(format!("{} error : {error}", job_type(&job.job_type))),
+        )
+    } else {
+        (Value::Null, Value::Null)
+    };
+    let mut entities = serde_json::Map::new();
+    if !job.group_id.is_empty() {
+        entities.insert("server_group_id".into(), json!(job.group_id));
+    }
+    if !job.pair_id.is_empty() {
+        entities.insert("replication_id".into(), json!(job.pair_id));
+    }
+    let status = match job.status.as_str() {
+        "SUCCESS" | "FAIL" | "INIT" | "RUNNING" => job.status.clone(),
+        _ => "RUNNING".into(),
+    };
+    Ok(ok(json!({
+        "job_id": job.id,
+        "job_type": job_type(&job.job_type),
+        "status": status,
+        "begin_time": job_time(&job.begin_time),
+        "end_time": job_time(&job.end_time),
+        "error_code": error_code,
+        "fail_reason": fail_reason,
+        "entities": entities,
+    })))
+}
+
+/// A job's time as SDRS gives it: `2022-03-18T13:55:33.570Z`.
+fn job_time(rfc3339: &str) -> Value {
+    match seed_time(rfc3339) {
+        Value::String(t) => Value::String(format!("{}Z", &t[..23.min(t.len())])),
+        other => other,
+    }
+}
+
+async fn quotas(State(api): State<Api>, Path(project): Path<String>, headers: HeaderMap) -> Answer {
+    let (pairs, groups) = protected_pairs(&api, &headers, &project).await?;
+    Ok(ok(json!({"quotas": {"resources": [
+        {"type": "server_groups", "used": groups.len(), "quota": api.quotas.server_groups, "min": 0, "max": -1},
+        {"type": "replications", "used": pairs.len(), "quota": api.quotas.replications, "min": 0, "max": -1},
+    ]}})))
 }

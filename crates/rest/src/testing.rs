@@ -62,7 +62,10 @@ pub async fn send(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
-    let router = router(Api::new(Arc::clone(backend) as Arc<dyn Backend>));
+    let router = router(Api::new(
+        Arc::clone(backend) as Arc<dyn Backend>,
+        Quotas::default(),
+    ));
     let mut request = HttpRequest::builder().method(method).uri(path);
     if let Some(token) = token {
         request = request.header("X-Auth-Token", token);

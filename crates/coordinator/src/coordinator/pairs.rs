@@ -34,6 +34,14 @@ impl Coordinator {
     /// Changes a pair's settings: its own send limit, which its production agent takes up
     /// with its next heartbeat (within a second).
     pub fn update_pair(&self, req: proto::UpdatePairRequest) -> Result<proto::Pair, ApiError> {
+        for text in [&req.name, &req.description].into_iter().flatten() {
+            if text.len() > MAX_TEXT_BYTES {
+                return Err(ApiError::InvalidArgument(format!(
+                    "{} bytes; names and descriptions are at most {MAX_TEXT_BYTES}",
+                    text.len()
+                )));
+            }
+        }
         let limit = match req.max_bytes_per_sec {
             Some(0) => Some(None),
             Some(rate) => {
@@ -56,6 +64,12 @@ impl Coordinator {
         }
         if let Some(limit) = limit {
             updated.max_bytes_per_sec = limit;
+        }
+        if let Some(name) = req.name {
+            updated.name = name;
+        }
+        if let Some(description) = req.description {
+            updated.description = description;
         }
         if updated != state.pairs[&id] {
             updated.updated_at = Some(now_text());
@@ -440,6 +454,7 @@ mod tests {
         let update = |rate| proto::UpdatePairRequest {
             pair: "limited".into(),
             max_bytes_per_sec: rate,
+            ..Default::default()
         };
         h.assert_refused(
             h.coordinator.update_pair(update(Some(100 << 10))),

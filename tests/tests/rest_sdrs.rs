@@ -1,0 +1,202 @@
+//! The SDRS v1 REST API driven by the public OTC SDK (`otcextensions`, in a venv the test
+//! command makes), on a real two-zone cluster whose DR zone has a storage pool: protection
+//! groups (paged, found by name, renamed), replication pairs whose DR volumes the pool
+//! makes, protection started; data written over NBD; a failover, a reprotect and a reverse
+//! through the API, the DR volumes holding the data each time; an extend; the refusals
+//! (400, 404 for another project, 409, 501); and the teardown deleting the DR volumes.
+
+use std::time::Duration;
+
+use blockrep_tests::NbdClient;
+use blockrep_tests::cluster::{TestCluster, sha256, wait_until};
+use blockrep_tests::rest::{sdk_step, token};
+use blockrep_tests::{seed, sparse_file};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 256 * MIB;
+
+/// Writes `count` seeded 64 KiB blocks to a volume over NBD.
+fn write_blocks(
+    socket: &std::path::Path,
+    export: &str,
+    rng: &mut rand::rngs::SmallRng,
+    count: usize,
+) {
+    let mut client = NbdClient::connect(socket, export).unwrap();
+    for _ in 0..count {
+        let offset = rng.random_range(0..SIZE / (64 << 10)) * (64 << 10);
+        let data: Vec<u8> = (0..64 << 10).map(|_| rng.random()).collect();
+        assert_eq!(client.write(offset, &data).unwrap(), 0, "write at {offset}");
+    }
+    client.disconnect().unwrap();
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_otc_sdk_drives_protection_groups_whose_dr_volumes_a_pool_makes() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed(17));
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        dir.path(),
+        &[("node-a", "az1"), ("node-b", "az2")],
+        "[pool]\npath = \"{node_dir}/pool\"\ncapacity_bytes = \"2GiB\"\n",
+    );
+    let mut production = Vec::new();
+    for name in ["db", "logs"] {
+        let path = dir.path().join(format!("{name}.img"));
+        sparse_file(&path, SIZE);
+        let v = cluster.node("node-a").cli_json(&[
+            "volume",
+            "add",
+            "--name",
+            name,
+            "--path",
+            path.to_str().unwrap(),
+            "--cache",
+            "writeback",
+            "--project",
+            "tenant-a",
+        ]);
+        production.push((name, path, v["id"].as_str().unwrap().to_owned()));
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the coordinator sees the volumes and the pool",
+        || {
+            let nodes = cluster.coordinator().cli_json(&["node", "list"]);
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["pool"]["capacity_bytes"] == 2u64 << 30)
+                && nodes.as_array().unwrap().iter().any(|n| n["volumes"] == 2)
+        },
+    );
+    let api = cluster.node("node-b");
+    let a = token(&cluster, "tenant-a", "a");
+    let b = token(&cluster, "tenant-b", "b");
+    let step = |step: &str, args: &[&str]| sdk_step(api, "tenant-a", &a, step, args);
+
+    // Protection groups and pairs through the SDK; the pool made a DR volume per pair.
+    let ids: Vec<&str> = production.iter().map(|(_, _, id)| id.as_str()).collect();
+    let mut args = vec!["az1", "az2"];
+    args.extend(&ids);
+    let setup = step("setup", &args);
+    let group = setup["group"].as_str().unwrap().to_owned();
+    let pairs = strings(&setup["pairs"]);
+    let dr_ids = strings(&setup["dr_volumes"]);
+    let dr: Vec<(String, std::path::PathBuf)> = dr_ids
+        .iter()
+        .map(|id| {
+            let v = cluster.node("node-b").cli_json(&["volume", "show", id]);
+            assert_eq!(v["pool"], true, "{v}");
+            assert_eq!(v["project_id"], "tenant-a");
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["path"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let pool = cluster.coordinator().cli_json(&["node", "list"]);
+    let used: u64 = pool
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["pool"]["used_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(used, 2 * SIZE);
+
+    // Data written to production over NBD is on the DR volumes after a failover.
+    for (name, _, _) in &production {
+        write_blocks(
+            &cluster.node("node-a").daemon().nbd_socket(name),
+            name,
+            &mut rng,
+            64,
+        );
+    }
+    assert_eq!(step("act", &[&group, "failover"])["status"], "failed-over");
+    for ((_, prod, _), (_, dr)) in production.iter().zip(&dr) {
+        assert_eq!(
+            sha256(prod),
+            sha256(dr),
+            "the DR volume holds what production had"
+        );
+    }
+    // Reprotect: the old production volumes become the DR side; writes on the new
+    // production (the pool's volumes) reach them; a reverse brings production home.
+    assert_eq!(
+        step("act", &[&group, "reprotect"])["priority_station"],
+        "target"
+    );
+    for (name, _) in &dr {
+        write_blocks(
+            &cluster.node("node-b").daemon().nbd_socket(name),
+            name,
+            &mut rng,
+            32,
+        );
+    }
+    assert_eq!(
+        step("act", &[&group, "reverse-to-source"])["priority_station"],
+        "source"
+    );
+    for ((_, prod, _), (_, dr)) in production.iter().zip(&dr) {
+        assert_eq!(
+            sha256(prod),
+            sha256(dr),
+            "both sides match after the reverse"
+        );
+    }
+
+    // An extend through the SDK grows both volumes of the pair.
+    assert_eq!(step("extend", &[&pairs[0], "1"])["volume_size"], 1);
+    assert_eq!(std::fs::metadata(&dr[0].1).unwrap().len(), 1 << 30);
+
+    // The refusals, and another project's view.
+    let messages = step("refusals", &["tenant-b", &b, &group, &pairs[0]]);
+    for key in [
+        "bad_domain",
+        "reverse_to_itself",
+        "delete_busy_group",
+        "other_project",
+        "instances",
+        "drills",
+    ] {
+        assert!(messages[key].is_string(), "{key}: {messages}");
+    }
+    assert!(
+        messages["instances"].as_str().unwrap().contains("servers"),
+        "{messages}"
+    );
+
+    // Teardown: protection stopped, pairs deleted with their DR volumes, the group deleted.
+    assert_eq!(step("act", &[&group, "stop"])["status"], "available");
+    let mut args = vec![group.as_str()];
+    args.extend(pairs.iter().map(String::as_str));
+    step("teardown", &args);
+    for (_, path) in &dr {
+        assert!(!path.exists(), "{} was deleted", path.display());
+    }
+    let nodes = cluster.coordinator().cli_json(&["node", "list"]);
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["pool"]["used_bytes"] == 0),
+        "{nodes}"
+    );
+    for (_, prod, _) in &production {
+        assert!(prod.exists(), "production volumes stay");
+    }
+}
