@@ -885,3 +885,179 @@ async fn quotas(State(api): State<Api>, Path(project): Path<String>, headers: He
         {"type": "replications", "used": pairs.len(), "quota": api.quotas.replications, "min": 0, "max": -1},
     ]}})))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Method;
+
+    use super::*;
+    use crate::testing::*;
+
+    fn group(status: &str, stopped: bool, job: Option<(&str, &str)>) -> proto::Group {
+        proto::Group {
+            id: "pg-1".into(),
+            name: "pg".into(),
+            status: status.into(),
+            replication_status: if stopped { "active-stopped" } else { "active" }.into(),
+            replication_ids: vec!["pair-1".into()],
+            priority_station: "az1".into(),
+            consistent_epoch: 3,
+            stopped,
+            created_at: "2026-12-06T20:00:00Z".into(),
+            protection: Some(proto::ProtectionGroupSpec {
+                source_availability_zone: "az1".into(),
+                target_availability_zone: "az2".into(),
+                domain_id: blockrep_api::domain_id("az1", "az2"),
+                source_vpc_id: "vpc".into(),
+                dr_type: "migration".into(),
+            }),
+            job: job.map(|(t, s)| proto::Job {
+                job_type: t.into(),
+                status: s.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_protection_groups_status_is_spelled_as_sdrs_does() {
+        let sync = "syncReplicationConsistencyGroup";
+        let stop = "stopReplicationConsistencyGroup";
+        let reprotect = "reprotectReplicationConsistencyGroup";
+        let cases = [
+            (group("available", true, None), "available"),
+            (group("available", false, None), "protected"),
+            (
+                group("available", false, Some((sync, "RUNNING"))),
+                "starting",
+            ),
+            (
+                group("available", false, Some((sync, "FAIL"))),
+                "error-starting",
+            ),
+            (
+                group("available", true, Some((stop, "RUNNING"))),
+                "stopping",
+            ),
+            (
+                group("available", false, Some((reprotect, "RUNNING"))),
+                "reprotecting",
+            ),
+            (
+                group("failovered", true, Some((reprotect, "FAIL"))),
+                "error-reprotecting",
+            ),
+            (group("failovered", true, None), "failed-over"),
+            (group("failovering", false, None), "failing-over"),
+            (
+                group("error_failovering", false, None),
+                "error-failing-over",
+            ),
+            (group("reversing", false, None), "reversing"),
+            (group("error_reversing", false, None), "error-reversing"),
+            (group("deleting", true, None), "deleting"),
+            (group("creating", true, None), "creating"),
+        ];
+        for (g, want) in cases {
+            assert_eq!(sdrs_status(&g), want, "{} {:?}", g.status, g.job);
+        }
+        // Replicating, but not yet failover-able: still starting.
+        let mut joining = group("available", false, None);
+        joining.consistent_epoch = 0;
+        assert_eq!(sdrs_status(&joining), "starting");
+    }
+
+    #[tokio::test]
+    async fn start_after_a_failover_is_the_reprotect_and_reverse_checks_its_station() {
+        let backend = FakeBackend::new(|_, r| match r {
+            Request::GetGroup(_) => Ok(Response::Group(group("failovered", true, None))),
+            Request::ReprotectGroup(_) => Ok(Response::GroupJob(proto::GroupJobResponse {
+                group: None,
+                job: Some(proto::Job {
+                    id: "job-9".into(),
+                    ..Default::default()
+                }),
+            })),
+            other => panic!("{other:?}"),
+        });
+        let path = "/v1/p/server-groups/pg-1/action";
+        let (status, answer) = send(
+            &backend,
+            Method::POST,
+            path,
+            Some("t"),
+            Some(json!({"start-server-group": {}})),
+        )
+        .await;
+        assert_eq!(
+            (status, answer),
+            (StatusCode::OK, json!({"job_id": "job-9"}))
+        );
+        let (status, answer) = send(
+            &backend,
+            Method::POST,
+            path,
+            Some("t"),
+            Some(json!({"reverse-server-group": {"priority_station": "source"}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        let (status, _) = send(
+            &backend,
+            Method::POST,
+            path,
+            Some("t"),
+            Some(json!({"reverse-server-group": {"priority_station": "elsewhere"}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn servers_drills_and_the_task_center_are_not_served() {
+        let backend = FakeBackend::new(|_, r| panic!("no call expected: {r:?}"));
+        for (method, path) in [
+            (Method::GET, "/v1/p/protected-instances"),
+            (Method::POST, "/v1/p/protected-instances/x/nic"),
+            (Method::GET, "/v1/p/disaster-recovery-drills"),
+            (Method::DELETE, "/v1/p/task-center/failure-jobs/batch"),
+        ] {
+            let (status, answer) = send(&backend, method, path, Some("t"), None).await;
+            assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{path}");
+            assert_eq!(answer["error"]["code"], "SDRS.501");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_carries_its_reason_in_the_services_form() {
+        let backend = FakeBackend::new(|_, r| match r {
+            Request::GetJob(j) => Ok(Response::Job(proto::Job {
+                id: j.job.clone(),
+                job_type: "createGroupReplicationPair".into(),
+                status: "FAIL".into(),
+                begin_time: "2026-12-06T20:00:00Z".into(),
+                end_time: "2026-12-06T20:00:01Z".into(),
+                fail_reason: "no live node of zone az2 has a storage pool".into(),
+                group_id: "pg-1".into(),
+                ..Default::default()
+            })),
+            other => panic!("{other:?}"),
+        });
+        let (status, job) = send(&backend, Method::GET, "/v1/p/jobs/j1", Some("t"), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(job["job_type"], "createReplicationPair");
+        assert_eq!(job["begin_time"], "2026-12-06T20:00:00.000Z");
+        assert_eq!(job["entities"]["server_group_id"], "pg-1");
+        // The OTC CLI splits the reason at "error : " and reads the JSON after it.
+        let reason = job["fail_reason"].as_str().unwrap();
+        let (_, error) = reason.split_once("error : ").unwrap();
+        let error: Value = serde_json::from_str(error).unwrap();
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("storage pool")
+        );
+    }
+}
