@@ -335,6 +335,10 @@ impl Coordinator {
         let Some(mut job) = group.job.and_then(|j| state.jobs.get(&j)).cloned() else {
             return Ok(());
         };
+        // A job that ended stays as it ended.
+        if job.status.is_finished() {
+            return Ok(());
+        }
         let members = self.member_views(&state, group);
         let production_down = |p: &proto::Pair| {
             !state
@@ -669,5 +673,39 @@ mod tests {
             })
             .expect("the stopped group takes the update");
         assert_eq!(updated.group.unwrap().name, "renamed");
+    }
+
+    /// A finished job stays as it ended: a later request (here one refused) neither ends it
+    /// again nor stores anything.
+    #[tokio::test]
+    async fn a_request_leaves_a_finished_job_as_it_ended() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.production_reports(&[&a, &b]);
+        let synced = h
+            .coordinator
+            .sync_or_stop_group(&group.id.to_string(), GroupAction::Sync)
+            .unwrap();
+        let job: JobId = synced.job.unwrap().id.parse().unwrap();
+        h.coordinator.settle_group_job(&group.id.to_string());
+        let ended = h.stored_job(job).unwrap();
+        assert_eq!(ended.status, JobStatus::Success);
+        // Later a pair needs resolving; a refused delete (the group has pairs) follows.
+        let mut diverged = pair_state(&a, "production", ReplicationStatus::Error);
+        diverged.grouped = true;
+        diverged.needs_resolve = true;
+        h.report("n1", "az1", vec![], vec![diverged]);
+        let commits = h.store.commits();
+        let refused = h.coordinator.delete_group(&group.id.to_string());
+        assert!(refused.is_err());
+        assert_eq!(
+            h.store.commits(),
+            commits,
+            "a refused request stores nothing"
+        );
+        assert_eq!(
+            h.stored_job(job).unwrap(),
+            ended,
+            "the sync job stays as it ended"
+        );
     }
 }
