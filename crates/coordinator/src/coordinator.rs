@@ -275,7 +275,14 @@ impl Coordinator {
     /// Answers a cluster request addressed to the coordinator: for the operator (the local
     /// API, an agent), or for the project of a REST request's token.
     pub async fn handle(&self, request: ClusterRequest, peer: SocketAddr) -> ClusterResponse {
-        let response = match self.caller(request.scope.as_ref()) {
+        let caller = self.caller(request.scope.as_ref());
+        let answered_for_project = caller
+            .as_ref()
+            .ok()
+            .and_then(Caller::project)
+            .unwrap_or_default()
+            .to_owned();
+        let response = match caller {
             Ok(caller) => match request.request {
                 Some(request) => match self.scope_request(&caller, request) {
                     Ok(request) => self
@@ -290,6 +297,7 @@ impl Coordinator {
         };
         ClusterResponse {
             response: Some(response.unwrap_or_else(|e| Response::Error(e.into()))),
+            answered_for_project,
         }
     }
 

@@ -142,6 +142,7 @@ impl Cluster {
         scope: Option<blockrep_api::proto::ApiScope>,
         request: Request,
     ) -> Result<Response, ApiError> {
+        let project = scope.as_ref().map(|s| s.project_id.clone());
         let request = ClusterRequest {
             request: Some(request),
             scope,
@@ -159,13 +160,7 @@ impl Cluster {
                     ))
                 })?,
         };
-        match response.response {
-            Some(Response::Error(e)) => Err(e.into()),
-            Some(other) => Ok(other),
-            None => Err(ApiError::Internal(
-                "empty answer from the coordinator".into(),
-            )),
-        }
+        answer_for(project.as_deref(), response)
     }
 
     /// Reports this node to the coordinator every second: registration and liveness.
@@ -544,6 +539,7 @@ impl Inbound for Handler {
                         });
                     ClusterResponse {
                         response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
+                        answered_for_project: String::new(),
                     }
                 }
                 Sender::ItsOwnNode | Sender::AnyNode => match &cluster.coordinator {
@@ -610,6 +606,7 @@ impl Agents for AgentsOverQuic {
                     .map_err(ApiError::from);
                 return Ok(ClusterResponse {
                     response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
+                    answered_for_project: String::new(),
                 });
             }
             cluster
@@ -618,6 +615,25 @@ impl Agents for AgentsOverQuic {
                 .await
                 .map_err(|e| ApiError::Unavailable(format!("node {node}: {e}")))
         })
+    }
+}
+
+/// What a coordinator's answer says. A REST call's (`project`: the project it named) is
+/// taken only if the coordinator says it answered for that project: one that does not check
+/// tokens (an older version drops the scope it does not know) would have answered as for
+/// the operator, so its answer is refused.
+fn answer_for(project: Option<&str>, response: ClusterResponse) -> Result<Response, ApiError> {
+    match response.response {
+        Some(Response::Error(e)) => Err(e.into()),
+        Some(_) if project.is_some_and(|p| p != response.answered_for_project) => {
+            Err(ApiError::Internal(
+                "the coordinator answered without checking the REST API's token (is it an older blockrepd?): the call is refused".into(),
+            ))
+        }
+        Some(other) => Ok(other),
+        None => Err(ApiError::Internal(
+            "empty answer from the coordinator".into(),
+        )),
     }
 }
 
@@ -631,6 +647,36 @@ mod tests {
             Err(AgentRefusal::Api(e)) => panic!("refused for another reason: {e}"),
             Ok(_) => panic!("not refused"),
         }
+    }
+
+    /// A REST call's answer from a coordinator that did not say it answered for the call's
+    /// project (one that does not know tokens) is refused; the operator's calls, and
+    /// refusals, are taken as they come.
+    #[test]
+    fn a_rest_answer_not_given_for_its_project_is_refused() {
+        let listed = |answered_for: &str| ClusterResponse {
+            response: Some(Response::Pairs(proto::ListPairsResponse::default())),
+            answered_for_project: answered_for.into(),
+        };
+        assert!(answer_for(Some("tenant-a"), listed("tenant-a")).is_ok());
+        let old_coordinator = answer_for(Some("tenant-a"), listed("")).unwrap_err();
+        assert!(
+            old_coordinator.to_string().contains("without checking"),
+            "{old_coordinator}"
+        );
+        assert!(answer_for(Some("tenant-a"), listed("tenant-b")).is_err());
+        assert!(answer_for(None, listed("")).is_ok());
+        let refused = ClusterResponse {
+            response: Some(Response::Error(proto::ClusterError {
+                code: 401,
+                message: "unknown token".into(),
+            })),
+            answered_for_project: String::new(),
+        };
+        assert_eq!(
+            answer_for(Some("tenant-a"), refused).unwrap_err().code(),
+            401
+        );
     }
 
     #[test]

@@ -591,6 +591,7 @@ pub fn error_response(code: u32, message: String) -> ClusterResponse {
         response: Some(blockrep_api::proto::cluster_response::Response::Error(
             blockrep_api::proto::ClusterError { code, message },
         )),
+        answered_for_project: String::new(),
     }
 }
 

@@ -197,6 +197,7 @@ impl Coordinator {
             {
                 let Ok(ClusterResponse {
                     response: Some(Response::CutAck(ack)),
+                    ..
                 }) = answer
                 else {
                     // An agent of an older version does not know the question: its staged
@@ -465,6 +466,7 @@ impl Coordinator {
             match answer {
                 Ok(ClusterResponse {
                     response: Some(Response::CutAck(ack)),
+                    ..
                 }) => {
                     synchronous &= ack.synchronous;
                     let mut state = self.lock();

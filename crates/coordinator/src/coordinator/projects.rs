@@ -274,7 +274,13 @@ mod tests {
             .await;
         match answer.response {
             Some(Response::Error(e)) => Err(e.into()),
-            Some(other) => Ok(other),
+            Some(other) => {
+                assert_eq!(
+                    answer.answered_for_project, project,
+                    "answered for its project"
+                );
+                Ok(other)
+            }
             None => panic!("no answer"),
         }
     }

@@ -161,6 +161,7 @@ impl Agents for FakeAgents {
             };
             Ok(ClusterResponse {
                 response: Some(response),
+                answered_for_project: String::new(),
             })
         })
     }
