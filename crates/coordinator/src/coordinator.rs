@@ -121,6 +121,10 @@ struct State {
     claimed: std::collections::BTreeSet<String>,
     /// The REST API's tokens, by id.
     tokens: BTreeMap<String, TokenRecord>,
+    /// Where each new pair of a group's membership change last stood (status, replication
+    /// status and progress): waiting goes on while it moves.
+    add_progress:
+        BTreeMap<blockrep_core::replication::GroupId, (PairStatus, Option<(String, u64)>)>,
 }
 
 impl State {
@@ -214,6 +218,7 @@ impl Coordinator {
             step_taken: BTreeMap::new(),
             deleted: BTreeMap::new(),
             claimed: Default::default(),
+            add_progress: BTreeMap::new(),
             tokens: snapshot
                 .tokens
                 .into_iter()

@@ -148,8 +148,6 @@ pub struct RemovePairPlan {
     pub delete_dr_volume: bool,
     pub dr_node: String,
     pub dr_volume: VolumeId,
-    /// The pair's delete was started.
-    pub deleting: bool,
 }
 
 impl GroupOperation {

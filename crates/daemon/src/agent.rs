@@ -110,6 +110,7 @@ impl Agent {
             });
             agent.lock().insert(record.id, Entry { record, state });
         }
+        agent.tidy_pool();
         Ok(agent)
     }
 
@@ -328,6 +329,15 @@ impl Agent {
                 entry.record.name,
                 entry.record.path.display()
             )));
+        }
+        if entry.state.is_err() {
+            // Offline: its pair record says whether it is in a pair.
+            if let Ok(Some(membership)) = Membership::load(&self.tracker_dir(id)) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {} is offline and in pair {} (its record says so); delete the pair first",
+                    entry.record.name, membership.pair
+                )));
+            }
         }
         if let Ok(online) = &entry.state {
             let role = online.volume.gate().role();

@@ -249,27 +249,9 @@ impl Cluster {
         let name = blockrep_core::VolumeName::try_from(c.name).map_err(ApiError::BadName)?;
         let project = blockrep_api::model::ProjectId::try_from(c.project_id)
             .map_err(ApiError::InvalidArgument)?;
-        if let Some(existing) = self
+        let view = self
             .agent
-            .list()
-            .into_iter()
-            .find(|v| v.record.name == name)
-        {
-            let same = existing.record.pool
-                && existing.record.size == c.size_bytes
-                && existing.record.project == project.as_str();
-            if !same {
-                return Err(ApiError::AlreadyExists(format!(
-                    "a volume named {name} already exists (id {})",
-                    existing.record.id
-                )));
-            }
-            return Ok(Response::Volume(crate::agent::volume_proto(
-                &self.agent.config,
-                existing,
-            )));
-        }
-        let view = self.agent.create_volume(name, c.size_bytes, project)?;
+            .create_volume(name, c.size_bytes, project, true)?;
         Ok(Response::Volume(crate::agent::volume_proto(
             &self.agent.config,
             view,

@@ -127,7 +127,7 @@ impl agent_server::Agent for AgentService {
         };
         let size = req.size_bytes;
         let view = self
-            .blocking(move |agent| agent.create_volume(name, size, project))
+            .blocking(move |agent| agent.create_volume(name, size, project, false))
             .await?;
         Ok(Response::new(self.to_proto(view)))
     }

@@ -10,7 +10,7 @@ use blockrep_core::replication::{
 use super::group_steps;
 use super::jobs::job_view;
 use super::*;
-use crate::records::GroupRecord;
+use crate::records::{GroupRecord, MembershipChange};
 
 /// How long the driver waits for a report to agree before it tells an agent again.
 const GROUP_STEP_RESEND: Duration = Duration::from_secs(2);
@@ -65,6 +65,7 @@ impl Coordinator {
         let pairs = Self::find_pairs(&state, &req.pairs)?;
         for id in &pairs {
             self.check_joins(&state, &state.pairs[id], &req.priority_station, model)?;
+            Self::check_not_being_made(&state, &state.pairs[id])?;
         }
         let project = Self::project_of_pairs(&state, &pairs, project)?;
         let now = now_text();
@@ -161,6 +162,7 @@ impl Coordinator {
                 &group.priority_station,
                 group.model,
             )?;
+            Self::check_not_being_made(&state, &state.pairs[pid])?;
         }
         Self::project_of_pairs(&state, &add, Some(&group.project))?;
         for pid in &remove {
@@ -494,6 +496,20 @@ impl Coordinator {
             )));
         }
         Ok(())
+    }
+
+    /// A pair a protection group's membership change is making joins that group only.
+    fn check_not_being_made(state: &State, pair: &PairRecord) -> Result<(), ApiError> {
+        let making = state.groups.values().find(|g| {
+            matches!(&g.membership, Some(MembershipChange::Add(plan)) if plan.pair == Some(pair.id))
+        });
+        match making {
+            Some(g) => Err(ApiError::FailedPrecondition(format!(
+                "pair {} is being made for protection group {}: it joins that group",
+                pair.name, g.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// What the group state machine looks at.

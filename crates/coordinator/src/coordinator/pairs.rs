@@ -93,6 +93,24 @@ impl Coordinator {
                 pair.name
             )));
         }
+        let (record, job) = Self::deletion(&state, id)?;
+        self.commit_into(
+            &mut state,
+            &[Change::PutPair(record.clone()), Change::PutJob(job.clone())],
+        )?;
+        state.stuck_since.remove(&id);
+        self.kick.notify_one();
+        Ok(proto::DeletePairResponse {
+            pair: Some(self.pair_view(&state, &record)),
+            job: Some(job_view(&job)),
+        })
+    }
+
+    /// A pair's delete, checked (only an available pair, or one in error, not busy with a
+    /// verify or resolve): its record `deleting` with the delete's job, and that job. The
+    /// caller stores both (with whatever else changes in the same transaction).
+    pub(super) fn deletion(state: &State, id: PairId) -> Result<(PairRecord, JobRecord), ApiError> {
+        let pair = &state.pairs[&id];
         if !pair.status.can_become(PairStatus::Deleting) {
             return Err(ApiError::FailedPrecondition(format!(
                 "pair {} is {}; only an available pair, or one in error, can be deleted",
@@ -116,16 +134,7 @@ impl Coordinator {
         record.status.become_(PairStatus::Deleting, "delete")?;
         record.updated_at = Some(now_text());
         record.job = Some(job.id);
-        self.commit_into(
-            &mut state,
-            &[Change::PutPair(record.clone()), Change::PutJob(job.clone())],
-        )?;
-        state.stuck_since.remove(&id);
-        self.kick.notify_one();
-        Ok(proto::DeletePairResponse {
-            pair: Some(self.pair_view(&state, &record)),
-            job: Some(job_view(&job)),
-        })
+        Ok((record, job))
     }
 
     /// Resolves a diverged pair keeping the data of availability zone `keep`.

@@ -192,6 +192,7 @@ impl Coordinator {
             group,
             JobType::AddGroupPair,
             MembershipChange::Add(plan),
+            Vec::new(),
         )
     }
 
@@ -222,12 +223,6 @@ impl Coordinator {
         GroupAction::Update
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;
-        if !pair.status.can_become(PairStatus::Deleting) {
-            return Err(ApiError::FailedPrecondition(format!(
-                "pair {} is {}; only an available pair, or one in error, can be deleted",
-                pair.name, pair.status
-            )));
-        }
         if req.delete_dr_volume {
             let made_by_pool = group_steps::volume_on(&state, &pair.dr_node, &pair.dr_volume)
                 .is_some_and(|v| v.pool);
@@ -238,27 +233,38 @@ impl Coordinator {
                 )));
             }
         }
+        // Out of the group and deleting, in one transaction with the plan: a crash after
+        // it finds all of it done, a refusal none of it.
+        let (mut deleting, delete_job) = Self::deletion(&state, pair.id)?;
+        deleting.group = None;
         let plan = RemovePairPlan {
             pair: pair.id,
             delete_dr_volume: req.delete_dr_volume,
             dr_node: pair.dr_node.clone(),
             dr_volume: pair.dr_volume,
-            deleting: false,
         };
-        self.start_membership_change(
+        let mut left = group;
+        left.pairs.retain(|p| *p != pair.id);
+        let answer = self.start_membership_change(
             &mut state,
-            group,
+            left,
             JobType::RemoveGroupPair,
             MembershipChange::Remove(plan),
-        )
+            vec![Change::PutPair(deleting), Change::PutJob(delete_job)],
+        )?;
+        state.stuck_since.remove(&pair.id);
+        Ok(answer)
     }
 
+    /// Records a membership change on `group` with its job (and `also`, in the same
+    /// transaction), and wakes the driver.
     fn start_membership_change(
         &self,
         state: &mut State,
         group: GroupRecord,
         job_type: JobType,
         change: MembershipChange,
+        also: Vec<Change>,
     ) -> Result<proto::GroupJobResponse, ApiError> {
         let mut job = JobRecord::running(job_type, JobAbout::Group(&group));
         if let MembershipChange::Remove(plan) = &change {
@@ -268,13 +274,12 @@ impl Coordinator {
         updated.job = Some(job.id);
         updated.membership = Some(change);
         updated.updated_at = Some(now_text());
-        self.commit_into(
-            state,
-            &[
-                Change::PutGroup(updated.clone()),
-                Change::PutJob(job.clone()),
-            ],
-        )?;
+        let mut changes = vec![
+            Change::PutGroup(updated.clone()),
+            Change::PutJob(job.clone()),
+        ];
+        changes.extend(also);
+        self.commit_into(state, &changes)?;
         self.kick.notify_one();
         Ok(proto::GroupJobResponse {
             group: Some(self.group_view(state, &updated)),
@@ -356,12 +361,13 @@ impl Coordinator {
                 size_bytes: plan.size,
                 project_id: self.group_project(group),
             });
-            match self.ask_agent(&plan.dr_node, request).await {
+            match self.ask_live_agent(&plan.dr_node, request).await {
                 Ok(Response::Volume(v)) => {
                     plan.dr_volume = Some(v.id.parse().map_err(|e| {
                         ApiError::Internal(format!("the agent's volume id {}: {e}", v.id))
                     })?);
                     self.save_membership(group, MembershipChange::Add(plan.clone()))?;
+                    self.change_moved_on(group);
                 }
                 Ok(other) => {
                     return self.add_failed(group, plan, format!("unexpected answer {other:?}"));
@@ -385,7 +391,12 @@ impl Coordinator {
                         group_steps::volume_on(&self.lock(), &plan.dr_node, &dr_volume).is_some();
                     if !seen {
                         // Its node's next report carries it.
-                        return self.add_waiting(group, plan, "the DR volume's node reports it");
+                        return self.add_waiting(
+                            group,
+                            plan,
+                            "the DR volume's node to report it",
+                            AGENT_GIVE_UP,
+                        );
                     }
                     let (station, model) = {
                         let state = self.lock();
@@ -414,6 +425,7 @@ impl Coordinator {
             };
             plan.pair = Some(pair);
             self.save_membership(group, MembershipChange::Add(plan.clone()))?;
+            self.change_moved_on(group);
             let mut state = self.lock();
             if let Some(mut job) = state.groups[&group]
                 .job
@@ -431,14 +443,23 @@ impl Coordinator {
             drop(state);
             return self.add_failed(group, plan, "the new pair is gone".into());
         };
+        // What the pair's initial sync reached: waiting goes on while it moves.
+        let progress = group_steps::report_on(&state, &pair.production_node, pair_id)
+            .map(|s| (s.replication_status.clone(), (s.progress * 1000.0) as u64));
         match pair.status {
-            PairStatus::Creating => {
+            status
+                if status == PairStatus::Creating
+                    || (status == PairStatus::Available && pair.job.is_some()) =>
+            {
+                let moved = state
+                    .add_progress
+                    .insert(group, (pair.status, progress.clone()))
+                    != Some((pair.status, progress));
                 drop(state);
-                return self.add_waiting(group, plan, "the pair is created");
-            }
-            PairStatus::Available if pair.job.is_some() => {
-                drop(state);
-                return self.add_waiting(group, plan, "the pair's initial sync");
+                if moved {
+                    self.change_moved_on(group);
+                }
+                return self.add_waiting(group, plan, "the pair's initial sync", ADD_PAIR_GIVE_UP);
             }
             PairStatus::Available => {}
             other => {
@@ -466,57 +487,109 @@ impl Coordinator {
         }
         self.commit_into(&mut state, &changes)?;
         state.group_stuck_since.remove(&group);
+        state.add_progress.remove(&group);
         tracing::info!(%group, pair = %pair_id, "the new pair joined the group");
         Ok(())
     }
 
-    /// Undoes an add that failed: the pair is deleted (its driver takes both agents out),
-    /// then the DR volume; then the job fails with the reason.
+    /// Undoes an add that failed, in reverse: the pair is deleted (its driver takes both
+    /// agents out), then the DR volume (by name if its id never came back); then the job
+    /// fails with the reason. What cannot be undone within [`AGENT_GIVE_UP`] of the last
+    /// step is left, and the job's reason says what and where.
     async fn undo_add(&self, group: GroupId, plan: AddPairPlan) -> Result<(), ApiError> {
         let reason = plan.undoing.clone().unwrap_or_default();
+        let dr = plan
+            .dr_volume
+            .map_or_else(|| plan.dr_volume_name.clone(), |v| v.to_string());
+        let left = |what: &str| {
+            format!(
+                "{reason}; {what} could not be undone: DR volume {dr} on node {} (`blockrep volume delete {dr}` there){}",
+                plan.dr_node,
+                plan.pair
+                    .map(|p| format!(", pair {p} (`blockrep pair delete {p}`)"))
+                    .unwrap_or_default()
+            )
+        };
         if let Some(pair) = plan.pair {
-            let status = self.lock().pairs.get(&pair).map(|p| (p.status, p.group));
-            match status {
-                Some((_, Some(_))) => {
-                    // Joined after all (a restart between joining and this): keep it.
-                    return self.end_membership(group, Ok(()));
+            let record = self.lock().pairs.get(&pair).cloned();
+            match record {
+                Some(p) if p.group.is_some() => {
+                    // Taken into a group meanwhile (not this one: joining it ends the change).
+                    return self.end_membership(
+                        group,
+                        Err(format!("{reason}; the new pair {pair} joined another group meanwhile and is left there")),
+                    );
                 }
-                Some((PairStatus::Deleting, _)) => return Ok(()),
-                Some((s, _)) if s.can_become(PairStatus::Deleting) => {
-                    self.delete_pair(&pair.to_string())?;
+                Some(p) if p.status == PairStatus::ErrorDeleting => {
+                    return self.end_membership(group, Err(left("the pair's delete")));
+                }
+                Some(p) if p.status.can_become(PairStatus::Deleting) => {
+                    let started = {
+                        let mut state = self.lock();
+                        Self::deletion(&state, pair).and_then(|(record, job)| {
+                            self.commit_into(
+                                &mut state,
+                                &[Change::PutPair(record), Change::PutJob(job)],
+                            )
+                        })
+                    };
+                    match started {
+                        Ok(()) => {
+                            self.change_moved_on(group);
+                            self.kick.notify_one();
+                        }
+                        Err(e) if self.waited_too_long(group, AGENT_GIVE_UP) => {
+                            return self.end_membership(
+                                group,
+                                Err(left(&format!("the pair's delete ({e})"))),
+                            );
+                        }
+                        Err(_) => {}
+                    }
                     return Ok(());
                 }
-                // Still being created: it can be deleted once that ends.
-                Some(_) => return Ok(()),
+                // Deleting, or still being created: wait for it.
+                Some(_) => {
+                    if self.waited_too_long(group, ADD_PAIR_GIVE_UP) {
+                        return self.end_membership(group, Err(left("the pair's delete")));
+                    }
+                    return Ok(());
+                }
                 None => {}
             }
         }
-        if let Some(volume) = plan.dr_volume {
-            let request = Request::DeletePoolVolume(proto::VolumeRef {
-                volume: volume.to_string(),
-            });
-            if let Err(e) = self.ask_agent(&plan.dr_node, request).await {
-                tracing::warn!(%group, %volume, error = %e, "cannot delete the DR volume yet; retrying");
-                return Ok(());
+        let request = Request::DeletePoolVolume(proto::VolumeRef { volume: dr.clone() });
+        if let Err(e) = self.ask_live_agent(&plan.dr_node, request).await {
+            if group_steps::is_final(&e) || self.waited_too_long(group, AGENT_GIVE_UP) {
+                return self
+                    .end_membership(group, Err(left(&format!("the DR volume's delete ({e})"))));
             }
+            tracing::warn!(%group, volume = %dr, error = %e, "cannot delete the DR volume yet; retrying");
+            return Ok(());
         }
         self.end_membership(group, Err(reason))
     }
 
-    fn add_waiting(&self, group: GroupId, plan: AddPairPlan, what: &str) -> Result<(), ApiError> {
-        let since = *self
-            .lock()
-            .group_stuck_since
-            .entry(group)
-            .or_insert_with(|| self.now());
-        if self.since(since) < ADD_PAIR_GIVE_UP {
-            return Ok(());
+    /// A step that waits: given up once nothing moved for `limit`.
+    fn add_waiting(
+        &self,
+        group: GroupId,
+        plan: AddPairPlan,
+        what: &str,
+        limit: Duration,
+    ) -> Result<(), ApiError> {
+        if self.waited_too_long(group, limit) {
+            return self.add_failed(
+                group,
+                plan,
+                format!("nothing moved for {} s waiting for {what}", limit.as_secs()),
+            );
         }
-        self.add_failed(group, plan, format!("gave up waiting for {what}"))
+        Ok(())
     }
 
     /// A step refused or unanswered: a final refusal undoes at once, anything else is
-    /// tried again until the give-up.
+    /// tried again until [`AGENT_GIVE_UP`] has passed without progress.
     fn add_step_failed(
         &self,
         group: GroupId,
@@ -527,7 +600,7 @@ impl Coordinator {
             return self.add_failed(group, plan, error.to_string());
         }
         tracing::warn!(%group, %error, "a step of a new pair failed; retrying");
-        self.add_waiting(group, plan, &format!("an answer ({error})"))
+        self.add_waiting(group, plan, &format!("an answer ({error})"), AGENT_GIVE_UP)
     }
 
     fn add_failed(
@@ -537,40 +610,21 @@ impl Coordinator {
         reason: String,
     ) -> Result<(), ApiError> {
         tracing::warn!(%group, %reason, "a new pair failed: undoing what was made");
-        self.lock().group_stuck_since.remove(&group);
+        self.change_moved_on(group);
         plan.undoing = Some(reason);
         self.save_membership(group, MembershipChange::Add(plan))?;
         self.kick.notify_one();
         Ok(())
     }
 
-    async fn drive_remove(&self, group: GroupId, mut plan: RemovePairPlan) -> Result<(), ApiError> {
-        if !plan.deleting {
-            // Out of the group and its delete started, in two transactions of its own.
-            {
-                let mut state = self.lock();
-                if let Some(current) = state.groups.get(&group).cloned()
-                    && current.pairs.contains(&plan.pair)
-                {
-                    let mut left = current;
-                    left.pairs.retain(|p| *p != plan.pair);
-                    left.updated_at = Some(now_text());
-                    let mut changes = vec![Change::PutGroup(left)];
-                    if let Some(mut pair) = state.pairs.get(&plan.pair).cloned() {
-                        pair.group = None;
-                        pair.updated_at = Some(now_text());
-                        changes.push(Change::PutPair(pair));
-                    }
-                    self.commit_into(&mut state, &changes)?;
-                }
-            }
-            let exists = self.lock().pairs.contains_key(&plan.pair);
-            if exists && let Err(e) = self.delete_pair(&plan.pair.to_string()) {
-                return self.end_membership(group, Err(e.to_string()));
-            }
-            plan.deleting = true;
-            self.save_membership(group, MembershipChange::Remove(plan.clone()))?;
-        }
+    /// The change moved on: its give-up counts from now.
+    fn change_moved_on(&self, group: GroupId) {
+        self.lock().group_stuck_since.remove(&group);
+    }
+
+    /// A removal: the pair left the group and is being deleted (both recorded with the
+    /// plan); once it is gone, its DR volume is deleted if asked.
+    async fn drive_remove(&self, group: GroupId, plan: RemovePairPlan) -> Result<(), ApiError> {
         let status = self.lock().pairs.get(&plan.pair).map(|p| p.status);
         match status {
             Some(PairStatus::ErrorDeleting) => {
@@ -584,18 +638,44 @@ impl Coordinator {
             None => {}
         }
         if plan.delete_dr_volume {
+            let left = format!(
+                "DR volume {} is left on node {}: delete it with `blockrep volume delete {}` there",
+                plan.dr_volume, plan.dr_node, plan.dr_volume
+            );
             let request = Request::DeletePoolVolume(proto::VolumeRef {
                 volume: plan.dr_volume.to_string(),
             });
-            if let Err(e) = self.ask_agent(&plan.dr_node, request).await {
-                if group_steps::is_final(&e) {
-                    return self.end_membership(group, Err(format!("the DR volume: {e}")));
+            if let Err(e) = self.ask_live_agent(&plan.dr_node, request).await {
+                if group_steps::is_final(&e) || self.waited_too_long(group, AGENT_GIVE_UP) {
+                    return self.end_membership(group, Err(format!("{e}; {left}")));
                 }
                 tracing::warn!(%group, error = %e, "cannot delete the DR volume yet; retrying");
                 return Ok(());
             }
         }
         self.end_membership(group, Ok(()))
+    }
+
+    /// A call to `node`'s agent, not made while the node is not reporting (it would only
+    /// hold the driver up until its timeout).
+    async fn ask_live_agent(&self, node: &str, request: Request) -> Result<Response, ApiError> {
+        let alive = self.lock().nodes.get(node).is_some_and(|n| self.alive(n));
+        if !alive {
+            return Err(ApiError::Unavailable(format!(
+                "node {node} is not reporting"
+            )));
+        }
+        self.ask_agent(node, request).await
+    }
+
+    /// Whether a membership change of `group` has waited `limit` since it last moved on.
+    fn waited_too_long(&self, group: GroupId, limit: Duration) -> bool {
+        let since = *self
+            .lock()
+            .group_stuck_since
+            .entry(group)
+            .or_insert_with(|| self.now());
+        self.since(since) >= limit
     }
 
     fn save_membership(&self, group: GroupId, change: MembershipChange) -> Result<(), ApiError> {
@@ -622,6 +702,7 @@ impl Coordinator {
         }
         self.commit_into(&mut state, &changes)?;
         state.group_stuck_since.remove(&group);
+        state.add_progress.remove(&group);
         tracing::info!(%group, ?outcome, "group membership change ended");
         Ok(())
     }
@@ -634,9 +715,9 @@ impl Coordinator {
     }
 }
 
-/// How long a new pair's step may wait (its DR volume reported, its initial sync) before
-/// the change fails and is undone.
-const ADD_PAIR_GIVE_UP: Duration = Duration::from_secs(3600);
+/// How long a new pair's creation and initial sync may go without progress before the
+/// change fails and is undone.
+const ADD_PAIR_GIVE_UP: Duration = Duration::from_secs(600);
 
 /// The zone a group's DR volumes are in now: the other one of its two.
 fn other_zone(group: &GroupRecord) -> String {
@@ -924,7 +1005,13 @@ mod tests {
         let job = job_of(&h, &group);
         assert_eq!(job.status, "FAIL");
         assert!(job.fail_reason.contains("0 B free"), "{}", job.fail_reason);
-        assert!(h.agents.calls_of("DeletePoolVolume").is_empty());
+        // Its delete by name finds nothing to delete (a create whose answer was lost would
+        // have left one).
+        let Request::DeletePoolVolume(deleted) = &h.agents.calls_of("DeletePoolVolume")[0].request
+        else {
+            panic!()
+        };
+        assert!(deleted.volume.starts_with("web-dr-"), "{}", deleted.volume);
 
         // The DR agent refuses the pair: the DR volume made for it is deleted again.
         let (h, group) = protection_group();
@@ -957,5 +1044,90 @@ mod tests {
                 .membership
                 .is_none()
         );
+    }
+
+    /// A create whose answer never comes is given up after a while without progress, and
+    /// its volume deleted by name; an undo whose node is gone ends too, saying what is
+    /// left where. Either way the group is free again.
+    #[tokio::test]
+    async fn a_change_that_cannot_go_on_gives_up_and_says_what_it_left() {
+        let (h, group) = protection_group();
+        h.agents.always("CreatePoolVolume", Answer::Unreachable);
+        h.agents.always("DeletePoolVolume", Answer::Unreachable);
+        add(&h, &group).unwrap();
+        h.coordinator.drive_membership_changes().await;
+        assert_eq!(job_of(&h, &group).status, "RUNNING");
+        h.clock.advance(AGENT_GIVE_UP);
+        pool_report(&h, vec![]);
+        h.coordinator.drive_membership_changes().await;
+        // Undoing: the delete by name is not answered either.
+        h.coordinator.drive_membership_changes().await;
+        assert_eq!(job_of(&h, &group).status, "RUNNING");
+        h.clock.advance(AGENT_GIVE_UP);
+        pool_report(&h, vec![]);
+        h.coordinator.drive_membership_changes().await;
+        let job = job_of(&h, &group);
+        assert_eq!(job.status, "FAIL");
+        assert!(
+            job.fail_reason.contains("could not be undone"),
+            "{}",
+            job.fail_reason
+        );
+        assert!(
+            job.fail_reason.contains("on node n2"),
+            "{}",
+            job.fail_reason
+        );
+        let group_id: GroupId = group.parse().unwrap();
+        assert!(h.stored_group(group_id).unwrap().membership.is_none());
+        // The group takes requests again.
+        h.report("n1", "az1", vec![volume(1, "p1", SIZE)], vec![]);
+        add(&h, &group).expect("a new add");
+    }
+
+    /// A removal takes the pair out of the group and starts its delete in one transaction;
+    /// the DR volume is deleted once the pair is gone.
+    #[tokio::test]
+    async fn a_pair_leaves_its_protection_group_and_is_deleted_in_one_step() {
+        let (h, group) = protection_group();
+        let group_id: GroupId = group.parse().unwrap();
+        let mut pair = pair_record("web", ("n1", 1), ("n2", 7));
+        pair.model = ReplicationModel::Hypermetro;
+        pair.group = Some(group_id);
+        let mut g = h.stored_group(group_id).unwrap();
+        g.pairs = vec![pair.id];
+        {
+            let mut state = h.coordinator.lock();
+            h.coordinator
+                .commit_into(
+                    &mut state,
+                    &[Change::PutGroup(g), Change::PutPair(pair.clone())],
+                )
+                .unwrap();
+        }
+        pool_report(&h, vec![dr_volume()]);
+        let commits = h.store.commits();
+        h.coordinator
+            .remove_group_pair(proto::RemoveGroupPairRequest {
+                pair: "web".into(),
+                delete_dr_volume: true,
+            })
+            .unwrap();
+        assert_eq!(h.store.commits(), commits + 1, "one transaction");
+        let stored = h.stored_pair(pair.id).unwrap();
+        assert_eq!((stored.status, stored.group), (PairStatus::Deleting, None));
+        assert!(h.stored_group(group_id).unwrap().pairs.is_empty());
+        // Nothing is deleted while the pair is.
+        h.coordinator.drive_membership_changes().await;
+        assert!(h.agents.calls_of("DeletePoolVolume").is_empty());
+        {
+            let mut state = h.coordinator.lock();
+            h.coordinator
+                .commit_into(&mut state, &[Change::DeletePair(pair.id.to_string())])
+                .unwrap();
+        }
+        h.coordinator.drive_membership_changes().await;
+        assert_eq!(h.agents.log(), ["n2:DeletePoolVolume"]);
+        assert_eq!(job_of(&h, &group).status, "SUCCESS");
     }
 }

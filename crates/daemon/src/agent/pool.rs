@@ -61,7 +61,8 @@ impl Agent {
             return Ok(());
         }
         let used = self.pool_used();
-        if used - record.size + size > pool.capacity_bytes {
+        let after = (used - record.size).checked_add(size);
+        if after.is_none_or(|after| after > pool.capacity_bytes) {
             return Err(ApiError::FailedPrecondition(format!(
                 "the pool of node {} has {} free of {}; volume {} cannot grow by {}",
                 self.config.node_name,
@@ -74,12 +75,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Makes a volume of `size` bytes in the pool, named `name`, of `project`.
+    /// Makes a volume of `size` bytes in the pool, named `name`, of `project`. `again`:
+    /// the caller may be asking again (the coordinator, which had no answer): a pool volume
+    /// of that name, size and project is the answer then, not a refusal.
     pub fn create_volume(
         self: &Arc<Self>,
         name: VolumeName,
         size: u64,
         project: ProjectId,
+        again: bool,
     ) -> Result<VolumeView, ApiError> {
         let pool = self.pool_config()?.clone();
         if size == 0 || !size.is_multiple_of(4096) {
@@ -88,11 +92,24 @@ impl Agent {
             )));
         }
         let _changing = self.lock_changes();
-        if let Some(e) = self.lock().values().find(|e| e.record.name == name) {
-            return Err(ApiError::AlreadyExists(format!(
-                "a volume named {name} already exists (id {})",
-                e.record.id
-            )));
+        let existing = self
+            .lock()
+            .values()
+            .find(|e| e.record.name == name)
+            .map(|e| {
+                (
+                    e.record.id,
+                    e.record.pool && e.record.size == size && e.record.project == project.as_str(),
+                )
+            });
+        match existing {
+            Some((id, true)) if again => return self.get(&id.to_string()),
+            Some((id, _)) => {
+                return Err(ApiError::AlreadyExists(format!(
+                    "a volume named {name} already exists (id {id})"
+                )));
+            }
+            None => {}
         }
         let used = self.pool_used();
         let free = pool.capacity_bytes.saturating_sub(used);
@@ -125,6 +142,39 @@ impl Agent {
         let view = added?;
         tracing::info!(volume = %view.record.name, size, pool = %pool.path.display(), "pool volume created");
         Ok(view)
+    }
+
+    /// Removes the files in the pool's directory that no registered pool volume has: a
+    /// create that stopped before its volume was registered, or a delete that stopped after
+    /// it was unregistered (both at a crash). Run at start, before the agent takes calls;
+    /// the pool counts only registered volumes, so these would take room unseen.
+    pub(super) fn tidy_pool(&self) {
+        let Some(pool) = self.config.pool.as_ref() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(&pool.path) else {
+            return;
+        };
+        let registered: Vec<PathBuf> = self
+            .lock()
+            .values()
+            .filter(|e| e.record.pool)
+            .map(|e| e.record.path.clone())
+            .collect();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let made_here = path.extension().is_some_and(|x| x == "img");
+            if made_here && !registered.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::warn!(path = %path.display(), "removed a pool file no volume has (a create or delete a crash stopped)")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a pool file no volume has")
+                    }
+                }
+            }
+        }
     }
 
     /// Unregisters a volume the pool made and removes its file (refused for any other
@@ -212,7 +262,7 @@ mod tests {
         let agent = agent_with_pool(dir.path(), 3 * MIB, &runtime);
         let project: ProjectId = "tenant-a".parse().unwrap();
         let a = agent
-            .create_volume(name("a"), 2 * MIB, project.clone())
+            .create_volume(name("a"), 2 * MIB, project.clone(), false)
             .unwrap();
         assert!(a.record.pool);
         assert_eq!(a.record.project, "tenant-a");
@@ -230,18 +280,18 @@ mod tests {
 
         // No room, a name taken, a bad size: refused, and nothing is left behind.
         let refused = agent
-            .create_volume(name("b"), 2 * MIB, project.clone())
+            .create_volume(name("b"), 2 * MIB, project.clone(), false)
             .err()
             .expect("refused");
         assert_eq!(refused.code(), 409, "{refused}");
         assert!(refused.to_string().contains("does not fit"), "{refused}");
         let taken = agent
-            .create_volume(name("a"), MIB, project.clone())
+            .create_volume(name("a"), MIB, project.clone(), false)
             .err()
             .expect("refused");
         assert_eq!(taken.code(), 409, "{taken}");
         let odd = agent
-            .create_volume(name("c"), 1000, project.clone())
+            .create_volume(name("c"), 1000, project.clone(), false)
             .err()
             .expect("refused");
         assert_eq!(odd.code(), 400, "{odd}");
@@ -291,11 +341,47 @@ mod tests {
         }
         let agent = Agent::start(config, runtime.handle().clone()).unwrap();
         let refused = agent
-            .create_volume(name("a"), MIB, Default::default())
+            .create_volume(name("a"), MIB, Default::default(), false)
             .err()
             .expect("refused");
         assert!(refused.to_string().contains("no storage pool"), "{refused}");
         assert_eq!(agent.pool_usage(), None);
+        agent.shut_down();
+    }
+
+    /// The coordinator asking again gets the volume made the first time; a file no volume
+    /// has (a create or delete a crash stopped) is removed at the next start.
+    #[test]
+    fn a_create_asked_again_answers_the_first_and_stray_files_go_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = runtime();
+        let agent = agent_with_pool(dir.path(), 8 * MIB, &runtime);
+        let project: ProjectId = "tenant-a".parse().unwrap();
+        let first = agent
+            .create_volume(name("dr-1"), MIB, project.clone(), true)
+            .unwrap();
+        let again = agent
+            .create_volume(name("dr-1"), MIB, project.clone(), true)
+            .unwrap();
+        assert_eq!(first.record.id, again.record.id);
+        assert_eq!(agent.pool_usage().unwrap().used_bytes, MIB);
+        let other = agent
+            .create_volume(name("dr-1"), 2 * MIB, project, true)
+            .err()
+            .expect("another size is another volume");
+        assert_eq!(other.code(), 409, "{other}");
+        agent.shut_down();
+        drop(agent);
+
+        let stray = dir.path().join("pool/half-made.img");
+        std::fs::write(&stray, b"x").unwrap();
+        let kept = dir.path().join("pool/notes.txt");
+        std::fs::write(&kept, b"not the pool's").unwrap();
+        let agent = agent_with_pool(dir.path(), 8 * MIB, &runtime);
+        assert!(!stray.exists(), "a file no volume has is removed");
+        assert!(kept.exists(), "only the pool's own files");
+        assert!(dir.path().join("pool/dr-1.img").exists());
+        assert_eq!(agent.pool_usage().unwrap().used_bytes, MIB);
         agent.shut_down();
     }
 }
