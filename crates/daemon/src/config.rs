@@ -526,6 +526,12 @@ impl Config {
                     .map_err(|e| invalid("metrics_listen", format!("{a:?}: {e}")))
             })
             .transpose()?;
+        if raw.api.is_some() && cluster.is_none() {
+            return Err(invalid(
+                "api",
+                "the REST API's calls go to the coordinator: it needs a [cluster] section".into(),
+            ));
+        }
         let api = raw
             .api
             .map(|a| -> Result<ApiConfig, ConfigError> {
@@ -667,6 +673,33 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_api_and_the_pool_are_checked() {
+        let cluster = "[cluster]\nlisten = \"127.0.0.1:7790\"\ncoordinator = \"127.0.0.1:7790\"\nca_cert = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\nkey = \"/c/n.key\"\n";
+        let api = "[api]\nlisten = \"127.0.0.1:8776\"\n";
+        let c = parse(&format!("{MINIMAL}{api}{cluster}")).unwrap();
+        assert_eq!(c.api.unwrap().quotas, blockrep_rest::Quotas::default());
+        assert!(error_of(&format!("{MINIMAL}{api}")).contains("needs a [cluster] section"));
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}[api]\nlisten = \"127.0.0.1:8776\"\ntls_cert = \"/a.pem\"\n{cluster}"
+            ))
+            .contains("api.tls_key: is required with api.tls_cert")
+        );
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}[pool]\npath = \"pool\"\ncapacity_bytes = \"1GiB\"\n"
+            ))
+            .contains("pool.path: pool is not an absolute path")
+        );
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}[pool]\npath = \"/p\"\ncapacity_bytes = 100\n"
+            ))
+            .contains("pool.capacity_bytes")
+        );
     }
 
     #[test]

@@ -37,6 +37,9 @@ use crate::{Api, Fail, Family, unexpected};
 const PAIRS: &str = "/v2/{project_id}/os-vendor-replications";
 const GROUPS: &str = "/v2/{project_id}/os-vendor-replication-consistency-groups";
 
+/// The largest volume an extend asks for (1 PiB).
+pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+
 /// How long `os-extend-replication-volumes` waits for one pair's volumes to grow.
 const EXTEND_WAIT: Duration = Duration::from_secs(300);
 
@@ -209,7 +212,7 @@ fn pair_short(p: &proto::Pair) -> Value {
     })
 }
 
-/// A pair as the lists and `GET` show it: sixteen fields.
+/// A pair as the lists and `GET` show it: fifteen fields.
 pub fn pair_full(p: &proto::Pair) -> Value {
     let volume_size_gb = p.size_bytes.div_ceil(1 << 30);
     let record_metadata = json!({
@@ -534,20 +537,44 @@ async fn extend(
             "os-extend-replication-volumes.replications lists no pair".into(),
         )));
     }
-    let mut checked = Vec::new();
+    // Every pair is checked before any grows: a refusal changes nothing.
+    let group = group_of(api, headers, project, group).await?;
+    let mut checked: Vec<(String, u64)> = Vec::new();
     for p in pairs {
         let id = required(p.id, "replications[].id").map_err(fail)?;
         let gb = required(p.new_size, "replications[].new_size").map_err(fail)?;
-        let size_bytes = gb.checked_mul(1 << 30).ok_or_else(|| {
-            fail(ApiError::InvalidArgument(format!(
-                "new_size {gb} GB is too large"
-            )))
-        })?;
-        checked.push((id, size_bytes));
+        let size_bytes = gb
+            .checked_mul(1 << 30)
+            .filter(|s| *s <= MAX_VOLUME_BYTES)
+            .ok_or_else(|| {
+                fail(ApiError::InvalidArgument(format!(
+                    "new_size {gb} GB is more than a volume can be"
+                )))
+            })?;
+        let pair = pair_of(api, headers, project, &id).await?;
+        if checked.iter().any(|(p, _)| *p == pair.id) {
+            return Err(fail(ApiError::InvalidArgument(format!(
+                "pair {id} is listed twice"
+            ))));
+        }
+        if pair.replication_consistency_group_id != group.id {
+            return Err(fail(ApiError::InvalidArgument(format!(
+                "pair {id} is not in group {}",
+                group.name
+            ))));
+        }
+        if size_bytes < pair.size_bytes {
+            return Err(fail(ApiError::InvalidArgument(format!(
+                "new_size {gb} GB is smaller than pair {id}'s volumes ({} bytes): a volume grows, it never shrinks",
+                pair.size_bytes
+            ))));
+        }
+        checked.push((pair.id, size_bytes));
     }
+    let group = group.id;
     for (pair, size_bytes) in checked {
         let request = Request::ExtendGroup(proto::ExtendGroupRequest {
-            group: group.to_owned(),
+            group: group.clone(),
             pair: pair.clone(),
             size_bytes,
         });
@@ -603,6 +630,21 @@ async fn group_job(
     match api.call(headers, project, request).await.map_err(fail)? {
         Response::GroupJob(answer) => Ok(answer.group.unwrap_or_default()),
         _ => Err(fail(unexpected("a group's call"))),
+    }
+}
+
+async fn pair_of(
+    api: &Api,
+    headers: &HeaderMap,
+    project: &str,
+    id: &str,
+) -> Result<proto::Pair, Fail> {
+    let request = Request::GetPair(proto::PairRef {
+        pair: id.to_owned(),
+    });
+    match api.call(headers, project, request).await.map_err(fail)? {
+        Response::Pair(pair) => Ok(pair),
+        _ => Err(fail(unexpected("a pair"))),
     }
 }
 
@@ -904,6 +946,16 @@ mod tests {
                     }),
                 }))
             }
+            Request::GetGroup(_) => Ok(Response::Group(proto::Group {
+                id: "g1".into(),
+                ..Default::default()
+            })),
+            Request::GetPair(p) => Ok(Response::Pair(proto::Pair {
+                id: p.pair.clone(),
+                replication_consistency_group_id: "g1".into(),
+                size_bytes: 10 << 30,
+                ..Default::default()
+            })),
             Request::GetJob(j) => {
                 let n = polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let status = if n.is_multiple_of(2) {
@@ -935,6 +987,10 @@ mod tests {
             .iter()
             .map(|r| format!("{r:?}").split('(').next().unwrap().to_owned())
             .collect();
+        let log: Vec<String> = log
+            .into_iter()
+            .filter(|k| !k.starts_with("Get") || k == "GetJob")
+            .collect();
         assert_eq!(
             log,
             [
@@ -957,5 +1013,54 @@ mod tests {
         let (status, answer) = send(&backend, Method::PATCH, P, Some("t"), None).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(answer["error"]["code"], "API.405");
+    }
+
+    /// Every listed pair is checked before any grows: one that would shrink, is listed
+    /// twice or is not the group's refuses the whole request, with nothing extended.
+    #[tokio::test]
+    async fn extend_checks_every_pair_before_growing_any() {
+        let backend = FakeBackend::new(|_, r| match r {
+            Request::GetGroup(_) => Ok(Response::Group(proto::Group {
+                id: "g1".into(),
+                status: "available".into(),
+                replication_ids: vec!["a".into(), "b".into()],
+                ..Default::default()
+            })),
+            Request::GetPair(p) => Ok(Response::Pair(proto::Pair {
+                id: p.pair.clone(),
+                replication_consistency_group_id: if p.pair == "c" { "other" } else { "g1" }.into(),
+                size_bytes: if p.pair == "b" { 40 << 30 } else { 10 << 30 },
+                ..Default::default()
+            })),
+            Request::ExtendGroup(_) => panic!("nothing may grow"),
+            other => panic!("{other:?}"),
+        });
+        for (pairs, words) in [
+            (
+                json!([{"id": "a", "new_size": 20}, {"id": "b", "new_size": 20}]),
+                "smaller",
+            ),
+            (
+                json!([{"id": "a", "new_size": 20}, {"id": "a", "new_size": 30}]),
+                "twice",
+            ),
+            (
+                json!([{"id": "a", "new_size": 20}, {"id": "c", "new_size": 20}]),
+                "not in",
+            ),
+        ] {
+            let body = json!({"os-extend-replication-volumes": {"replications": pairs}});
+            let (status, answer) = send(
+                &backend,
+                Method::POST,
+                &format!("{G}/g1/action"),
+                Some("t"),
+                Some(body),
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(message.contains(words), "{message} names {words}");
+        }
     }
 }

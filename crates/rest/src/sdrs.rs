@@ -71,6 +71,7 @@ pub fn routes() -> Router<Api> {
             &format!("{V1}/disaster-recovery-drills/{{*rest}}"),
             any(drills),
         )
+        .route(&format!("{V1}/task-center"), any(task_center))
         .route(&format!("{V1}/task-center/{{*rest}}"), any(task_center))
 }
 
@@ -510,7 +511,7 @@ fn group_view(g: &proto::Group) -> Value {
         "protected_instance_num": 0,
         "disaster_recovery_drill_num": 0,
         "source_vpc_id": spec.source_vpc_id,
-        "target_vpc_id": spec.source_vpc_id,
+        "target_vpc_id": null,
         "test_vpc_id": null,
         "dr_type": spec.dr_type,
         "protection_type": "replication-pair",
@@ -756,11 +757,14 @@ async fn pair_action(
         )))
     })?;
     let gib = required(extend.new_size, "extend-replication.new_size").map_err(fail)?;
-    let size_bytes = gib.checked_mul(1 << 30).ok_or_else(|| {
-        fail(ApiError::InvalidArgument(format!(
-            "new_size {gib} is too large"
-        )))
-    })?;
+    let size_bytes = gib
+        .checked_mul(1 << 30)
+        .filter(|s| *s <= crate::evs::MAX_VOLUME_BYTES)
+        .ok_or_else(|| {
+            fail(ApiError::InvalidArgument(format!(
+                "new_size {gib} GiB is more than a volume can be"
+            )))
+        })?;
     let (pair, group) = protected_pair(&api, &headers, &project, &id).await?;
     let request = Request::ExtendGroup(proto::ExtendGroupRequest {
         group: group.id,
@@ -1022,6 +1026,7 @@ mod tests {
             (Method::POST, "/v1/p/protected-instances/x/nic"),
             (Method::GET, "/v1/p/disaster-recovery-drills"),
             (Method::DELETE, "/v1/p/task-center/failure-jobs/batch"),
+            (Method::GET, "/v1/p/task-center"),
         ] {
             let (status, answer) = send(&backend, method, path, Some("t"), None).await;
             assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{path}");

@@ -142,10 +142,19 @@ impl Coordinator {
         // A protection group's name and description change at any time (SDRS); its pairs,
         // as any group's, only while it is stopped.
         let renaming_only = req.add_pairs.is_empty() && req.remove_pairs.is_empty();
-        if !(renaming_only && group.protection.is_some()) {
+        let protection = group.protection.is_some();
+        if !(renaming_only && protection) {
             GroupAction::Update
                 .begin(self.group_state(&state, &group))
                 .map_err(refused)?;
+        }
+        if protection {
+            if let Some(name) = &req.name {
+                super::protection::check_sdrs_name(name)?;
+            }
+            if let Some(description) = &req.description {
+                super::protection::check_sdrs_description(description)?;
+            }
         }
         let add = Self::find_pairs(&state, &req.add_pairs)?;
         let remove = Self::find_pairs(&state, &req.remove_pairs)?;
@@ -184,7 +193,10 @@ impl Coordinator {
         updated.pairs.extend(add.iter().copied());
         updated.updated_at = Some(now_text());
         let job = finished_job(JobType::UpdateGroup, &updated);
-        updated.job = Some(job.id);
+        // A protection group's status follows its last operation's job: a rename keeps it.
+        if !(renaming_only && protection) {
+            updated.job = Some(job.id);
+        }
         let mut changes = vec![
             Change::PutGroup(updated.clone()),
             Change::PutJob(job.clone()),

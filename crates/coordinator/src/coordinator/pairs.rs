@@ -65,6 +65,18 @@ impl Coordinator {
         if let Some(limit) = limit {
             updated.max_bytes_per_sec = limit;
         }
+        let in_protection_group = updated
+            .group
+            .and_then(|g| state.groups.get(&g))
+            .is_some_and(|g| g.protection.is_some());
+        if in_protection_group {
+            if let Some(name) = &req.name {
+                super::protection::check_sdrs_name(name)?;
+            }
+            if let Some(description) = &req.description {
+                super::protection::check_sdrs_description(description)?;
+            }
+        }
         if let Some(name) = req.name {
             updated.name = name;
         }

@@ -9,13 +9,18 @@
 //! Scoping happens before a request reaches its handler: every reference it carries is
 //! resolved among the caller's records and replaced by the record's id
 //! ([`Coordinator::scope_request`]), and lists are filtered after
-//! ([`Caller::filter`]). The handlers themselves know nothing of projects, except that a
-//! new group takes its caller's project.
+//! ([`Caller::filter`]). A request kind not named there is refused, so a new one cannot
+//! reach its handler unscoped. The handlers check, besides, that what they tie together
+//! shares a project (a pair's volumes, a group's pairs), for the operator's calls too.
 
 use std::collections::BTreeMap;
 
 use super::pairs::volume_project;
 use super::*;
+
+/// The most records one REST request may name (it is resolved under the coordinator's
+/// lock).
+const MAX_REFERENCES: usize = 1000;
 
 /// Whom a cluster request acts for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,11 +58,10 @@ impl Caller {
                 list.jobs.retain(|j| mine(&j.project_id));
                 Response::Jobs(list)
             }
-            // The zones and whether they are up, not the hosts' addresses or counters.
+            // The zones and whether they are up: not the hosts' names, addresses or counters.
             Response::Nodes(mut list) => {
                 for node in &mut list.nodes {
                     *node = proto::Node {
-                        name: std::mem::take(&mut node.name),
                         availability_zone: std::mem::take(&mut node.availability_zone),
                         alive: node.alive,
                         ..Default::default()
@@ -90,6 +94,17 @@ impl Coordinator {
         let Caller::Project(project) = caller else {
             return Ok(request);
         };
+        let references = match &request {
+            Request::CreatePair(r) => r.volumes.len(),
+            Request::CreateGroup(r) => r.pairs.len(),
+            Request::UpdateGroup(r) => r.add_pairs.len() + r.remove_pairs.len(),
+            _ => 0,
+        };
+        if references > MAX_REFERENCES {
+            return Err(ApiError::InvalidArgument(format!(
+                "{references} references in one request; at most {MAX_REFERENCES}"
+            )));
+        }
         let state = self.lock();
         let pair = |r: &mut String| -> Result<(), ApiError> {
             *r = visible(&state.pairs, project, r, "pair", |p| (&p.name, &p.project))?;
@@ -109,9 +124,8 @@ impl Coordinator {
                 }
             }
             Request::GetPair(r) | Request::DeletePair(r) => pair(&mut r.pair)?,
-            Request::ResolvePair(r) => pair(&mut r.pair)?,
-            Request::UpdatePair(r) => pair(&mut r.pair)?,
-            Request::VerifyPair(r) => pair(&mut r.pair)?,
+            // A name and a description; the send limit is the operator's.
+            Request::UpdatePair(r) if r.max_bytes_per_sec.is_none() => pair(&mut r.pair)?,
             Request::CreateGroup(r) => {
                 for p in &mut r.pairs {
                     pair(p)?;
@@ -459,5 +473,67 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(bad.code(), 400);
+    }
+
+    /// A token makes only the calls the REST API needs: no resolve or verify, no send
+    /// limit; a list of too many references is refused before anything is resolved; the
+    /// node list shows zones, not hosts.
+    #[tokio::test]
+    async fn a_token_is_held_to_what_the_rest_api_needs() {
+        let (h, a, _, _) = two_projects();
+        call(&h, &a, "tenant-a", create(["a-prod", "a-dr"]))
+            .await
+            .unwrap();
+        let commits = h.store.commits();
+        for request in [
+            Request::ResolvePair(proto::ResolvePairRequest {
+                pair: "web".into(),
+                keep: "az1".into(),
+            }),
+            Request::VerifyPair(proto::VerifyPairRequest {
+                pair: "web".into(),
+                repair: true,
+            }),
+            Request::UpdatePair(proto::UpdatePairRequest {
+                pair: "web".into(),
+                max_bytes_per_sec: Some(1 << 20),
+                ..Default::default()
+            }),
+        ] {
+            let refused = call(&h, &a, "tenant-a", request).await.unwrap_err();
+            assert_eq!(refused.code(), 403, "{refused}");
+        }
+        let many = Request::CreateGroup(proto::CreateGroupRequest {
+            pairs: vec!["web".into(); MAX_REFERENCES + 1],
+            ..Default::default()
+        });
+        assert_eq!(
+            call(&h, &a, "tenant-a", many).await.unwrap_err().code(),
+            400
+        );
+        assert_eq!(h.store.commits(), commits);
+        let Response::Nodes(nodes) = call(
+            &h,
+            &a,
+            "tenant-a",
+            Request::ListNodes(proto::ListNodesRequest {}),
+        )
+        .await
+        .unwrap() else {
+            panic!()
+        };
+        assert!(
+            nodes
+                .nodes
+                .iter()
+                .all(|n| n.name.is_empty() && n.address.is_empty())
+        );
+        let mut zones: Vec<&str> = nodes
+            .nodes
+            .iter()
+            .map(|n| n.availability_zone.as_str())
+            .collect();
+        zones.sort();
+        assert_eq!(zones, ["az1", "az2"]);
     }
 }

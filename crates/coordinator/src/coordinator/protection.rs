@@ -34,27 +34,8 @@ impl Coordinator {
         req: &mut proto::CreateGroupRequest,
         spec: proto::ProtectionGroupSpec,
     ) -> Result<ProtectionSpec, ApiError> {
-        if req.name.is_empty() || req.name.len() > MAX_PROTECTION_TEXT_BYTES {
-            return Err(ApiError::InvalidArgument(format!(
-                "name must be 1 to {MAX_PROTECTION_TEXT_BYTES} bytes"
-            )));
-        }
-        if let Some(bad) = req
-            .name
-            .chars()
-            .find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return Err(ApiError::InvalidArgument(format!(
-                "name {:?} has {bad:?}; use letters, digits, '.', '_' and '-' only",
-                req.name
-            )));
-        }
-        if req.description.len() > MAX_PROTECTION_TEXT_BYTES || req.description.contains(['<', '>'])
-        {
-            return Err(ApiError::InvalidArgument(format!(
-                "description must be at most {MAX_PROTECTION_TEXT_BYTES} bytes, without '<' or '>'"
-            )));
-        }
+        check_sdrs_name(&req.name)?;
+        check_sdrs_description(&req.description)?;
         let (source, target) = (spec.source_availability_zone, spec.target_availability_zone);
         for (field, zone) in [
             ("source_availability_zone", &source),
@@ -120,11 +101,10 @@ impl Coordinator {
         &self,
         req: proto::AddGroupPairRequest,
     ) -> Result<proto::GroupJobResponse, ApiError> {
-        if req.name.len() > MAX_TEXT_BYTES || req.description.len() > MAX_TEXT_BYTES {
-            return Err(ApiError::InvalidArgument(format!(
-                "name and description are at most {MAX_TEXT_BYTES} bytes"
-            )));
+        if !req.name.is_empty() {
+            check_sdrs_name(&req.name)?;
         }
+        check_sdrs_description(&req.description)?;
         self.settle_group_job(&req.group);
         let mut state = self.lock();
         let id = Self::find_group(&state, &req.group)?;
@@ -168,6 +148,12 @@ impl Coordinator {
             )));
         }
         let size = volume.volume.size_bytes;
+        if size == 0 || !size.is_multiple_of(4096) {
+            return Err(ApiError::InvalidArgument(format!(
+                "volume {} is {size} bytes: a pool makes volumes of whole 4 KiB blocks",
+                volume.volume.name
+            )));
+        }
         let dr_zone = other_zone(&group);
         let dr_node = self.node_with_room(&state, &dr_zone, size)?;
         let production_volume = volume
@@ -715,6 +701,35 @@ impl Coordinator {
     }
 }
 
+/// An SDRS name (a protection group's, or its pairs'): 1 to 64 bytes of letters, digits,
+/// '.', '_' and '-'.
+pub(super) fn check_sdrs_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > MAX_PROTECTION_TEXT_BYTES {
+        return Err(ApiError::InvalidArgument(format!(
+            "name must be 1 to {MAX_PROTECTION_TEXT_BYTES} bytes"
+        )));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(ApiError::InvalidArgument(format!(
+            "name {name:?} has {bad:?}; use letters, digits, '.', '_' and '-' only"
+        )));
+    }
+    Ok(())
+}
+
+/// An SDRS description: at most 64 bytes, without '<' or '>'.
+pub(super) fn check_sdrs_description(description: &str) -> Result<(), ApiError> {
+    if description.len() > MAX_PROTECTION_TEXT_BYTES || description.contains(['<', '>']) {
+        return Err(ApiError::InvalidArgument(format!(
+            "description must be at most {MAX_PROTECTION_TEXT_BYTES} bytes, without '<' or '>'"
+        )));
+    }
+    Ok(())
+}
+
 /// How long a new pair's creation and initial sync may go without progress before the
 /// change fails and is undone.
 const ADD_PAIR_GIVE_UP: Duration = Duration::from_secs(600);
@@ -1129,5 +1144,35 @@ mod tests {
         h.coordinator.drive_membership_changes().await;
         assert_eq!(h.agents.log(), ["n2:DeletePoolVolume"]);
         assert_eq!(job_of(&h, &group).status, "SUCCESS");
+    }
+
+    /// A protection group's rename keeps SDRS's name rules, and its last operation's job
+    /// (its SDRS status follows that job).
+    #[test]
+    fn a_protection_group_is_renamed_by_its_rules_and_keeps_its_job() {
+        let (h, group) = protection_group();
+        let job = h.coordinator.get_group(&group).unwrap().job.unwrap().id;
+        let rename = |name: &str| proto::UpdateGroupRequest {
+            group: group.clone(),
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let commits = h.store.commits();
+        for bad in ["", "<b>x", &"x".repeat(65)] {
+            h.assert_refused(
+                h.coordinator.update_group(rename(bad)),
+                400,
+                "name",
+                commits,
+            );
+        }
+        let renamed = h.coordinator.update_group(rename("pg-main")).unwrap();
+        let shown = renamed.group.unwrap();
+        assert_eq!(shown.name, "pg-main");
+        assert_eq!(
+            shown.job.unwrap().id,
+            job,
+            "the group's job stays its last operation's"
+        );
     }
 }

@@ -33,7 +33,7 @@ impl Coordinator {
             )));
         }
         let record = TokenRecord {
-            id: format!("tok-{}", &token::sha256(&secret)[..16]),
+            id: format!("tok-{}", JobId::random()),
             name: req.name,
             project: project.to_string(),
             sha256: token::sha256(&secret),
