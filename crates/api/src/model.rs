@@ -39,11 +39,7 @@ impl TryFrom<proto::AddVolumeRequest> for AddVolume {
                     ApiError::InvalidArgument(e.to_string())
                 })?
         };
-        let project = if req.project_id.is_empty() {
-            ProjectId::default()
-        } else {
-            ProjectId::try_from(req.project_id).map_err(ApiError::InvalidArgument)?
-        };
+        let project = ProjectId::or_default(req.project_id)?;
         Ok(Self {
             name,
             path,
@@ -53,6 +49,12 @@ impl TryFrom<proto::AddVolumeRequest> for AddVolume {
     }
 }
 
+/// The default project's id, as records of it keep it (and as records from before projects
+/// existed read).
+pub fn default_project() -> String {
+    ProjectId::DEFAULT.to_owned()
+}
+
 /// A project (the REST API's tenant): what volumes, pairs, groups, jobs and API tokens
 /// belong to. 1 to 64 bytes of letters, digits, `-` and `_`; `default` unless given.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -60,6 +62,15 @@ pub struct ProjectId(String);
 
 impl ProjectId {
     pub const DEFAULT: &str = "default";
+
+    /// A project as a request names it: the default one when it names none.
+    pub fn or_default(text: String) -> Result<Self, ApiError> {
+        if text.is_empty() {
+            Ok(Self::default())
+        } else {
+            Self::try_from(text).map_err(ApiError::InvalidArgument)
+        }
+    }
 
     pub fn as_str(&self) -> &str {
         &self.0

@@ -409,7 +409,4 @@ fn taken() -> bool {
     true
 }
 
-/// The project of records written before projects existed.
-pub fn default_project() -> String {
-    blockrep_api::model::ProjectId::DEFAULT.to_owned()
-}
+pub use blockrep_api::model::default_project;

@@ -247,8 +247,7 @@ impl Cluster {
     /// has no answer for.
     fn create_pool_volume(&self, c: proto::CreateVolumeRequest) -> Result<Response, ApiError> {
         let name = blockrep_core::VolumeName::try_from(c.name).map_err(ApiError::BadName)?;
-        let project = blockrep_api::model::ProjectId::try_from(c.project_id)
-            .map_err(ApiError::InvalidArgument)?;
+        let project = blockrep_api::model::ProjectId::or_default(c.project_id)?;
         let view = self
             .agent
             .create_volume(name, c.size_bytes, project, true)?;

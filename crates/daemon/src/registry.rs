@@ -20,16 +20,12 @@ pub struct VolumeRecord {
     pub cache: CacheMode,
     pub created_at: String,
     /// The project the volume belongs to (the REST API's tenant).
-    #[serde(default = "default_project")]
+    #[serde(default = "blockrep_api::model::default_project")]
     pub project: String,
     /// The agent's pool made the volume's file (`volume create`): deleting the volume
     /// deletes it.
     #[serde(default)]
     pub pool: bool,
-}
-
-fn default_project() -> String {
-    blockrep_api::model::ProjectId::DEFAULT.to_owned()
 }
 
 impl VolumeRecord {

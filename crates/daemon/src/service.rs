@@ -119,12 +119,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<proto::Volume>, Status> {
         let req = request.into_inner();
         let name = blockrep_core::VolumeName::try_from(req.name).map_err(ApiError::BadName)?;
-        let project = if req.project_id.is_empty() {
-            blockrep_api::model::ProjectId::default()
-        } else {
-            blockrep_api::model::ProjectId::try_from(req.project_id)
-                .map_err(ApiError::InvalidArgument)?
-        };
+        let project = blockrep_api::model::ProjectId::or_default(req.project_id)?;
         let size = req.size_bytes;
         let view = self
             .blocking(move |agent| agent.create_volume(name, size, project, false))

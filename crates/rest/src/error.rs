@@ -81,3 +81,16 @@ pub fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError>
 pub fn required<T>(value: Option<T>, field: &str) -> Result<T, ApiError> {
     value.ok_or_else(|| ApiError::InvalidArgument(format!("{field} is required")))
 }
+
+/// The one action a body names (`{"<action>": <argument>}`) and its argument; `example`
+/// shows the caller's form in the refusal.
+pub fn one_action(bytes: &[u8], example: &str) -> Result<(String, serde_json::Value), ApiError> {
+    let request: serde_json::Map<String, serde_json::Value> = body(bytes)?;
+    let mut actions = request.into_iter();
+    match (actions.next(), actions.next()) {
+        (Some(action), None) => Ok(action),
+        _ => Err(ApiError::InvalidArgument(format!(
+            "the body names exactly one action, such as {example}"
+        ))),
+    }
+}

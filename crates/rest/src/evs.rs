@@ -29,7 +29,7 @@ use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Resp
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::error::{body, required};
+use crate::error::{body, one_action, required};
 use crate::list::{Filter, page};
 use crate::time::seed_time;
 use crate::{Api, Fail, Family, unexpected};
@@ -309,7 +309,10 @@ async fn create_group(
         .map_err(fail)?,
         protection: None,
     };
-    let group = group_job(&api, &headers, &project, Request::CreateGroup(request)).await?;
+    let (group, _) = api
+        .group_job(&headers, &project, Request::CreateGroup(request))
+        .await
+        .map_err(fail)?;
     Ok(answer(
         StatusCode::ACCEPTED,
         json!({ "replication_consistency_group": group_short(&group) }),
@@ -444,7 +447,10 @@ async fn update_group(
         add_pairs: g.add_replication_ids,
         remove_pairs: g.remove_replication_ids,
     };
-    let group = group_job(&api, &headers, &project, Request::UpdateGroup(request)).await?;
+    let (group, _) = api
+        .group_job(&headers, &project, Request::UpdateGroup(request))
+        .await
+        .map_err(fail)?;
     Ok(answer(
         StatusCode::ACCEPTED,
         json!({ "replication_consistency_group": group_short(&group) }),
@@ -456,13 +462,10 @@ async fn delete_group(
     Path((project, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Answer {
-    group_job(
-        &api,
-        &headers,
-        &project,
-        Request::DeleteGroup(proto::GroupRef { group: id }),
-    )
-    .await?;
+    let request = Request::DeleteGroup(proto::GroupRef { group: id });
+    api.group_job(&headers, &project, request)
+        .await
+        .map_err(fail)?;
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
@@ -485,13 +488,8 @@ async fn group_action(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Answer {
-    let request: serde_json::Map<String, Value> = body(&bytes).map_err(fail)?;
-    let mut actions = request.into_iter();
-    let (Some((action, argument)), None) = (actions.next(), actions.next()) else {
-        return Err(fail(ApiError::InvalidArgument(
-            "the body names exactly one action, such as {\"os-sync-replication-consistency-group\": null}".into(),
-        )));
-    };
+    let (action, argument) =
+        one_action(&bytes, "{\"os-sync-replication-consistency-group\": null}").map_err(fail)?;
     let group = proto::GroupRef { group: id };
     let request = match action.as_str() {
         "os-sync-replication-consistency-group" => Request::SyncGroup(group),
@@ -509,7 +507,9 @@ async fn group_action(
             ))));
         }
     };
-    group_job(&api, &headers, &project, request).await?;
+    api.group_job(&headers, &project, request)
+        .await
+        .map_err(fail)?;
     Ok(StatusCode::OK.into_response())
 }
 
@@ -618,18 +618,6 @@ pub(crate) async fn wait_for_job(
             ))));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn group_job(
-    api: &Api,
-    headers: &HeaderMap,
-    project: &str,
-    request: Request,
-) -> Result<proto::Group, Fail> {
-    match api.call(headers, project, request).await.map_err(fail)? {
-        Response::GroupJob(answer) => Ok(answer.group.unwrap_or_default()),
-        _ => Err(fail(unexpected("a group's call"))),
     }
 }
 

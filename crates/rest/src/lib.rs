@@ -76,6 +76,20 @@ impl Api {
         Self { backend, quotas }
     }
 
+    /// A group's call (create, update, delete, an action), answered with the group and
+    /// the job that follows it.
+    async fn group_job(
+        &self,
+        headers: &HeaderMap,
+        project: &str,
+        request: Request,
+    ) -> Result<(proto::Group, Option<proto::Job>), ApiError> {
+        match self.call(headers, project, request).await? {
+            Response::GroupJob(answer) => Ok((answer.group.unwrap_or_default(), answer.job)),
+            _ => Err(unexpected("a group's call")),
+        }
+    }
+
     /// A coordinator call for the caller of `headers` (its token) in `project`.
     async fn call(
         &self,

@@ -28,7 +28,7 @@ use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Resp
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::error::{body, required};
+use crate::error::{body, one_action, required};
 use crate::list::{Filter, page};
 use crate::time::seed_time;
 use crate::{Api, Fail, Family, unexpected};
@@ -229,7 +229,10 @@ async fn create_group(
         replication_model: g.replication_model,
         protection: Some(spec),
     };
-    let (_, job) = group_job(&api, &headers, &project, Request::CreateGroup(request)).await?;
+    let (_, job) = api
+        .group_job(&headers, &project, Request::CreateGroup(request))
+        .await
+        .map_err(fail)?;
     job_answer(job)
 }
 
@@ -347,7 +350,10 @@ async fn update_group(
         name: Some(name),
         ..Default::default()
     };
-    let (group, _) = group_job(&api, &headers, &project, Request::UpdateGroup(request)).await?;
+    let (group, _) = api
+        .group_job(&headers, &project, Request::UpdateGroup(request))
+        .await
+        .map_err(fail)?;
     Ok(ok(json!({ "server_group": group_view(&group) })))
 }
 
@@ -358,7 +364,10 @@ async fn delete_group(
 ) -> Answer {
     let group = protection_group(&api, &headers, &project, &id).await?;
     let request = Request::DeleteGroup(proto::GroupRef { group: group.id });
-    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    let (_, job) = api
+        .group_job(&headers, &project, request)
+        .await
+        .map_err(fail)?;
     job_answer(job)
 }
 
@@ -373,7 +382,7 @@ async fn group_action(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Answer {
-    let (action, argument) = one_action(&bytes)?;
+    let (action, argument) = one_action(&bytes, "{\"start-server-group\": {}}").map_err(fail)?;
     let group = protection_group(&api, &headers, &project, &id).await?;
     let reference = proto::GroupRef {
         group: group.id.clone(),
@@ -413,32 +422,11 @@ async fn group_action(
             ))));
         }
     };
-    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    let (_, job) = api
+        .group_job(&headers, &project, request)
+        .await
+        .map_err(fail)?;
     job_answer(job)
-}
-
-/// The one action a body names, and its argument.
-fn one_action(bytes: &[u8]) -> Result<(String, Value), Fail> {
-    let request: serde_json::Map<String, Value> = body(bytes).map_err(fail)?;
-    let mut actions = request.into_iter();
-    match (actions.next(), actions.next()) {
-        (Some(action), None) => Ok(action),
-        _ => Err(fail(ApiError::InvalidArgument(
-            "the body names exactly one action, such as {\"start-server-group\": {}}".into(),
-        ))),
-    }
-}
-
-async fn group_job(
-    api: &Api,
-    headers: &HeaderMap,
-    project: &str,
-    request: Request,
-) -> Result<(proto::Group, Option<proto::Job>), Fail> {
-    match api.call(headers, project, request).await.map_err(fail)? {
-        Response::GroupJob(answer) => Ok((answer.group.unwrap_or_default(), answer.job)),
-        _ => Err(fail(unexpected("a group's call"))),
-    }
 }
 
 /// "source" while production is in the group's source zone, else "target".
@@ -565,7 +553,10 @@ async fn create_pair(
         name: r.name,
         description: r.description,
     });
-    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    let (_, job) = api
+        .group_job(&headers, &project, request)
+        .await
+        .map_err(fail)?;
     job_answer(job)
 }
 
@@ -730,7 +721,10 @@ async fn delete_pair(
         pair: pair.id,
         delete_dr_volume,
     });
-    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    let (_, job) = api
+        .group_job(&headers, &project, request)
+        .await
+        .map_err(fail)?;
     job_answer(job)
 }
 
@@ -745,7 +739,7 @@ async fn pair_action(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Answer {
-    let (action, argument) = one_action(&bytes)?;
+    let (action, argument) = one_action(&bytes, "{\"start-server-group\": {}}").map_err(fail)?;
     if action != "extend-replication" {
         return Err(fail(ApiError::InvalidArgument(format!(
             "unknown action {action:?}: extend-replication"
@@ -771,7 +765,10 @@ async fn pair_action(
         pair: pair.id,
         size_bytes,
     });
-    let (_, job) = group_job(&api, &headers, &project, request).await?;
+    let (_, job) = api
+        .group_job(&headers, &project, request)
+        .await
+        .map_err(fail)?;
     job_answer(job)
 }
 
