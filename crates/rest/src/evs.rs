@@ -127,18 +127,7 @@ async fn list_pairs(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Answer {
-    let pairs = match api
-        .call(
-            &headers,
-            &project,
-            Request::ListPairs(proto::ListPairsRequest {}),
-        )
-        .await
-        .map_err(fail)?
-    {
-        Response::Pairs(list) => list.pairs,
-        _ => return Err(fail(unexpected("the pair list"))),
-    };
+    let pairs = api.pairs(&headers, &project).await.map_err(fail)?;
     let items = pairs.iter().map(pair_full).collect();
     let filters = [
         ("name", Filter::Equals("name")),
@@ -161,21 +150,11 @@ async fn show_pair(
     Path((project, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Answer {
-    match api
-        .call(
-            &headers,
-            &project,
-            Request::GetPair(proto::PairRef { pair: id }),
-        )
-        .await
-        .map_err(fail)?
-    {
-        Response::Pair(pair) => Ok(answer(
-            StatusCode::OK,
-            json!({ "replication": pair_full(&pair) }),
-        )),
-        _ => Err(fail(unexpected("a pair"))),
-    }
+    let pair = api.pair(&headers, &project, &id).await.map_err(fail)?;
+    Ok(answer(
+        StatusCode::OK,
+        json!({ "replication": pair_full(&pair) }),
+    ))
 }
 
 async fn delete_pair(
@@ -325,33 +304,11 @@ async fn list_groups(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Answer {
-    let groups = match api
-        .call(
-            &headers,
-            &project,
-            Request::ListGroups(proto::ListGroupsRequest {}),
-        )
-        .await
-        .map_err(fail)?
-    {
-        Response::Groups(list) => list.groups,
-        _ => return Err(fail(unexpected("the group list"))),
-    };
+    let groups = api.groups(&headers, &project).await.map_err(fail)?;
     // `volume_id` selects the groups holding a pair of that volume.
     let volume_groups: Option<Vec<String>> = match query.get("volume_id") {
         Some(volume) => {
-            let pairs = match api
-                .call(
-                    &headers,
-                    &project,
-                    Request::ListPairs(proto::ListPairsRequest {}),
-                )
-                .await
-                .map_err(fail)?
-            {
-                Response::Pairs(list) => list.pairs,
-                _ => return Err(fail(unexpected("the pair list"))),
-            };
+            let pairs = api.pairs(&headers, &project).await.map_err(fail)?;
             Some(
                 pairs
                     .into_iter()
@@ -385,21 +342,11 @@ async fn show_group(
     Path((project, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Answer {
-    match api
-        .call(
-            &headers,
-            &project,
-            Request::GetGroup(proto::GroupRef { group: id }),
-        )
-        .await
-        .map_err(fail)?
-    {
-        Response::Group(group) => Ok(answer(
-            StatusCode::OK,
-            json!({ "replication_consistency_group": group_full(&group) }),
-        )),
-        _ => Err(fail(unexpected("a group"))),
-    }
+    let group = api.group(&headers, &project, &id).await.map_err(fail)?;
+    Ok(answer(
+        StatusCode::OK,
+        json!({ "replication_consistency_group": group_full(&group) }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -432,7 +379,7 @@ async fn update_group(
     .map_err(fail)?;
     if let Some(model) = &g.replication_model {
         // The model is the group's; it is named only to confirm it.
-        let current = group_of(&api, &headers, &project, &id).await?;
+        let current = api.group(&headers, &project, &id).await.map_err(fail)?;
         if *model != current.replication_model {
             return Err(fail(ApiError::InvalidArgument(format!(
                 "replication_model {model:?}: group {} is {} and its model cannot change",
@@ -538,7 +485,7 @@ async fn extend(
         )));
     }
     // Every pair is checked before any grows: a refusal changes nothing.
-    let group = group_of(api, headers, project, group).await?;
+    let group = api.group(headers, project, group).await.map_err(fail)?;
     let mut checked: Vec<(String, u64)> = Vec::new();
     for p in pairs {
         let id = required(p.id, "replications[].id").map_err(fail)?;
@@ -551,7 +498,7 @@ async fn extend(
                     "new_size {gb} GB is more than a volume can be"
                 )))
             })?;
-        let pair = pair_of(api, headers, project, &id).await?;
+        let pair = api.pair(headers, project, &id).await.map_err(fail)?;
         if checked.iter().any(|(p, _)| *p == pair.id) {
             return Err(fail(ApiError::InvalidArgument(format!(
                 "pair {id} is listed twice"
@@ -618,36 +565,6 @@ pub(crate) async fn wait_for_job(
             ))));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn pair_of(
-    api: &Api,
-    headers: &HeaderMap,
-    project: &str,
-    id: &str,
-) -> Result<proto::Pair, Fail> {
-    let request = Request::GetPair(proto::PairRef {
-        pair: id.to_owned(),
-    });
-    match api.call(headers, project, request).await.map_err(fail)? {
-        Response::Pair(pair) => Ok(pair),
-        _ => Err(fail(unexpected("a pair"))),
-    }
-}
-
-async fn group_of(
-    api: &Api,
-    headers: &HeaderMap,
-    project: &str,
-    id: &str,
-) -> Result<proto::Group, Fail> {
-    let request = Request::GetGroup(proto::GroupRef {
-        group: id.to_owned(),
-    });
-    match api.call(headers, project, request).await.map_err(fail)? {
-        Response::Group(group) => Ok(group),
-        _ => Err(fail(unexpected("a group"))),
     }
 }
 

@@ -90,6 +90,64 @@ impl Api {
         }
     }
 
+    /// The project's pairs.
+    async fn pairs(
+        &self,
+        headers: &HeaderMap,
+        project: &str,
+    ) -> Result<Vec<proto::Pair>, ApiError> {
+        let request = Request::ListPairs(proto::ListPairsRequest {});
+        match self.call(headers, project, request).await? {
+            Response::Pairs(list) => Ok(list.pairs),
+            _ => Err(unexpected("the pair list")),
+        }
+    }
+
+    /// The project's groups.
+    async fn groups(
+        &self,
+        headers: &HeaderMap,
+        project: &str,
+    ) -> Result<Vec<proto::Group>, ApiError> {
+        let request = Request::ListGroups(proto::ListGroupsRequest {});
+        match self.call(headers, project, request).await? {
+            Response::Groups(list) => Ok(list.groups),
+            _ => Err(unexpected("the group list")),
+        }
+    }
+
+    /// One of the project's pairs, by id or name.
+    async fn pair(
+        &self,
+        headers: &HeaderMap,
+        project: &str,
+        id: &str,
+    ) -> Result<proto::Pair, ApiError> {
+        let request = Request::GetPair(proto::PairRef {
+            pair: id.to_owned(),
+        });
+        match self.call(headers, project, request).await? {
+            Response::Pair(pair) => Ok(pair),
+            _ => Err(unexpected("a pair")),
+        }
+    }
+
+    /// One of the project's groups, by id or name.
+    async fn group(
+        &self,
+        headers: &HeaderMap,
+        project: &str,
+        id: &str,
+    ) -> Result<proto::Group, ApiError> {
+        let request = Request::GetGroup(proto::GroupRef {
+            group: id.to_owned(),
+        });
+        match self.call(headers, project, request).await? {
+            Response::Group(group) => Ok(group),
+            _ => Err(unexpected("a group")),
+        }
+    }
+
     /// A coordinator call for the caller of `headers` (its token) in `project`.
     async fn call(
         &self,

@@ -85,7 +85,12 @@ fn ok(value: Value) -> HttpResponse {
     (StatusCode::OK, axum::Json(value)).into_response()
 }
 
-fn job_answer(job: Option<proto::Job>) -> Answer {
+/// A group's call that starts a job, answered as SDRS answers: `{"job_id": ...}`.
+async fn started(api: &Api, headers: &HeaderMap, project: &str, request: Request) -> Answer {
+    let (_, job) = api
+        .group_job(headers, project, request)
+        .await
+        .map_err(fail)?;
     let job = job.ok_or_else(|| fail(unexpected("a call without its job")))?;
     Ok(ok(json!({ "job_id": job.id })))
 }
@@ -229,11 +234,7 @@ async fn create_group(
         replication_model: g.replication_model,
         protection: Some(spec),
     };
-    let (_, job) = api
-        .group_job(&headers, &project, Request::CreateGroup(request))
-        .await
-        .map_err(fail)?;
-    job_answer(job)
+    started(&api, &headers, &project, Request::CreateGroup(request)).await
 }
 
 fn check_quota(quota: u64, used: usize, what: &str) -> Result<(), Fail> {
@@ -251,22 +252,11 @@ async fn protection_groups(
     headers: &HeaderMap,
     project: &str,
 ) -> Result<Vec<proto::Group>, Fail> {
-    match api
-        .call(
-            headers,
-            project,
-            Request::ListGroups(proto::ListGroupsRequest {}),
-        )
-        .await
-        .map_err(fail)?
-    {
-        Response::Groups(list) => Ok(list
-            .groups
-            .into_iter()
-            .filter(|g| g.protection.is_some())
-            .collect()),
-        _ => Err(fail(unexpected("the group list"))),
-    }
+    let groups = api.groups(headers, project).await.map_err(fail)?;
+    Ok(groups
+        .into_iter()
+        .filter(|g| g.protection.is_some())
+        .collect())
 }
 
 async fn list_groups(
@@ -303,15 +293,11 @@ async fn protection_group(
     project: &str,
     id: &str,
 ) -> Result<proto::Group, Fail> {
-    let request = Request::GetGroup(proto::GroupRef {
-        group: id.to_owned(),
-    });
-    match api.call(headers, project, request).await {
-        Ok(Response::Group(g)) if g.protection.is_some() => Ok(g),
-        Ok(Response::Group(_)) | Err(ApiError::NotFound(_)) => Err(fail(ApiError::NotFound(
-            format!("no protection group {id:?}"),
-        ))),
-        Ok(_) => Err(fail(unexpected("a group"))),
+    match api.group(headers, project, id).await {
+        Ok(g) if g.protection.is_some() => Ok(g),
+        Ok(_) | Err(ApiError::NotFound(_)) => Err(fail(ApiError::NotFound(format!(
+            "no protection group {id:?}"
+        )))),
         Err(e) => Err(fail(e)),
     }
 }
@@ -364,11 +350,7 @@ async fn delete_group(
 ) -> Answer {
     let group = protection_group(&api, &headers, &project, &id).await?;
     let request = Request::DeleteGroup(proto::GroupRef { group: group.id });
-    let (_, job) = api
-        .group_job(&headers, &project, request)
-        .await
-        .map_err(fail)?;
-    job_answer(job)
+    started(&api, &headers, &project, request).await
 }
 
 #[derive(Deserialize)]
@@ -422,11 +404,7 @@ async fn group_action(
             ))));
         }
     };
-    let (_, job) = api
-        .group_job(&headers, &project, request)
-        .await
-        .map_err(fail)?;
-    job_answer(job)
+    started(&api, &headers, &project, request).await
 }
 
 /// "source" while production is in the group's source zone, else "target".
@@ -553,11 +531,7 @@ async fn create_pair(
         name: r.name,
         description: r.description,
     });
-    let (_, job) = api
-        .group_job(&headers, &project, request)
-        .await
-        .map_err(fail)?;
-    job_answer(job)
+    started(&api, &headers, &project, request).await
 }
 
 /// The project's pairs that are in a protection group, and those groups.
@@ -567,18 +541,7 @@ async fn protected_pairs(
     project: &str,
 ) -> Result<(Vec<proto::Pair>, Vec<proto::Group>), Fail> {
     let groups = protection_groups(api, headers, project).await?;
-    let pairs = match api
-        .call(
-            headers,
-            project,
-            Request::ListPairs(proto::ListPairsRequest {}),
-        )
-        .await
-        .map_err(fail)?
-    {
-        Response::Pairs(list) => list.pairs,
-        _ => return Err(fail(unexpected("the pair list"))),
-    };
+    let pairs = api.pairs(headers, project).await.map_err(fail)?;
     let pairs = pairs
         .into_iter()
         .filter(|p| {
@@ -627,13 +590,9 @@ async fn protected_pair(
     id: &str,
 ) -> Result<(proto::Pair, proto::Group), Fail> {
     let not_found = || fail(ApiError::NotFound(format!("no replication pair {id:?}")));
-    let request = Request::GetPair(proto::PairRef {
-        pair: id.to_owned(),
-    });
-    let pair = match api.call(headers, project, request).await {
-        Ok(Response::Pair(p)) => p,
+    let pair = match api.pair(headers, project, id).await {
+        Ok(p) => p,
         Err(ApiError::NotFound(_)) => return Err(not_found()),
-        Ok(_) => return Err(fail(unexpected("a pair"))),
         Err(e) => return Err(fail(e)),
     };
     if pair.replication_consistency_group_id.is_empty() {
@@ -721,11 +680,7 @@ async fn delete_pair(
         pair: pair.id,
         delete_dr_volume,
     });
-    let (_, job) = api
-        .group_job(&headers, &project, request)
-        .await
-        .map_err(fail)?;
-    job_answer(job)
+    started(&api, &headers, &project, request).await
 }
 
 #[derive(Deserialize)]
@@ -739,7 +694,8 @@ async fn pair_action(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Answer {
-    let (action, argument) = one_action(&bytes, "{\"start-server-group\": {}}").map_err(fail)?;
+    let (action, argument) =
+        one_action(&bytes, "{\"extend-replication\": {\"new_size\": 10}}").map_err(fail)?;
     if action != "extend-replication" {
         return Err(fail(ApiError::InvalidArgument(format!(
             "unknown action {action:?}: extend-replication"
@@ -765,11 +721,7 @@ async fn pair_action(
         pair: pair.id,
         size_bytes,
     });
-    let (_, job) = api
-        .group_job(&headers, &project, request)
-        .await
-        .map_err(fail)?;
-    job_answer(job)
+    started(&api, &headers, &project, request).await
 }
 
 fn pair_view(p: &proto::Pair, g: &proto::Group) -> Value {
