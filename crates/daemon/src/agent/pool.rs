@@ -155,16 +155,22 @@ impl Agent {
         let Ok(entries) = std::fs::read_dir(&pool.path) else {
             return;
         };
+        // Every volume's real path (a volume added by hand may live here too).
         let registered: Vec<PathBuf> = self
             .lock()
             .values()
-            .filter(|e| e.record.pool)
-            .map(|e| e.record.path.clone())
+            .filter_map(|e| std::fs::canonicalize(&e.record.path).ok())
             .collect();
         for entry in entries.flatten() {
             let path = entry.path();
-            let made_here = path.extension().is_some_and(|x| x == "img");
-            if made_here && !registered.contains(&path) {
+            let made_here = path.extension().is_some_and(|x| x == "img")
+                && entry.file_type().is_ok_and(|t| t.is_file());
+            // Compared by its real path: the pool's directory may be named through a
+            // symlink; a file whose real path cannot be read is left alone.
+            let Ok(real) = std::fs::canonicalize(&path) else {
+                continue;
+            };
+            if made_here && !registered.contains(&real) {
                 match std::fs::remove_file(&path) {
                     Ok(()) => {
                         tracing::warn!(path = %path.display(), "removed a pool file no volume has (a create or delete a crash stopped)")
@@ -382,6 +388,30 @@ mod tests {
         assert!(kept.exists(), "only the pool's own files");
         assert!(dir.path().join("pool/dr-1.img").exists());
         assert_eq!(agent.pool_usage().unwrap().used_bytes, MIB);
+        agent.shut_down();
+    }
+
+    /// A pool directory named through a symlink (or any other non-canonical path) keeps
+    /// its volumes' files at start: a file is stray only if no volume has it, by its real
+    /// path.
+    #[test]
+    fn a_pool_named_through_a_symlink_keeps_its_volumes_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = runtime();
+        std::fs::create_dir(dir.path().join("real-pool")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real-pool"), dir.path().join("pool")).unwrap();
+        let agent = agent_with_pool(dir.path(), 8 * MIB, &runtime);
+        agent
+            .create_volume(name("kept"), MIB, Default::default(), false)
+            .unwrap();
+        agent.shut_down();
+        drop(agent);
+        let agent = agent_with_pool(dir.path(), 8 * MIB, &runtime);
+        assert!(
+            dir.path().join("real-pool/kept.img").exists(),
+            "the volume's file stays"
+        );
+        assert!(agent.get("kept").unwrap().online.is_some());
         agent.shut_down();
     }
 }
