@@ -114,6 +114,22 @@ pub struct ProtectionSpec {
     pub dr_type: String,
 }
 
+impl MembershipChange {
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            MembershipChange::Add(p) => p.job,
+            MembershipChange::Remove(p) => p.job,
+        }
+    }
+
+    pub fn set_job(&mut self, job: JobId) {
+        match self {
+            MembershipChange::Add(p) => p.job = Some(job),
+            MembershipChange::Remove(p) => p.job = Some(job),
+        }
+    }
+}
+
 /// A pair made for a group, or taken out of it, step by step (recorded before each step,
 /// so a restarted coordinator carries on).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +155,9 @@ pub struct AddPairPlan {
     pub pair: Option<PairId>,
     /// Why the change failed: what was made is being undone.
     pub undoing: Option<String>,
+    /// The change's job (the group's own job may be a later failover's).
+    #[serde(default)]
+    pub job: Option<JobId>,
 }
 
 /// A pair taken out of the group and deleted, and its DR volume with it if asked.
@@ -148,6 +167,9 @@ pub struct RemovePairPlan {
     pub delete_dr_volume: bool,
     pub dr_node: String,
     pub dr_volume: VolumeId,
+    /// The change's job (the group's own job may be a later failover's).
+    #[serde(default)]
+    pub job: Option<JobId>,
 }
 
 impl GroupOperation {

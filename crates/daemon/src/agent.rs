@@ -41,6 +41,9 @@ pub struct Agent {
     pairs: Arc<Pairs>,
     /// The one thread that writes every volume's dirty bitmap back (with tracking on).
     flusher: Option<blockrep_volume::Flusher>,
+    /// Bytes of files in the pool's directory that no volume has (found at start): the
+    /// pool counts them as used, and leaves them to the operator.
+    pool_stray_bytes: std::sync::atomic::AtomicU64,
 }
 
 struct Entry {
@@ -102,6 +105,7 @@ impl Agent {
             connections: Arc::new(Connections::default()),
             runtime,
             pairs,
+            pool_stray_bytes: Default::default(),
         });
         for record in records {
             let state = agent.bring_online(&record).map_err(|e| {
@@ -331,12 +335,22 @@ impl Agent {
             )));
         }
         if entry.state.is_err() {
-            // Offline: its pair record says whether it is in a pair.
-            if let Ok(Some(membership)) = Membership::load(&self.tracker_dir(id)) {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "volume {} is offline and in pair {} (its record says so); delete the pair first",
-                    entry.record.name, membership.pair
-                )));
+            // Offline: its pair record says whether it is in a pair; one that cannot be read
+            // may say so too.
+            match Membership::load(&self.tracker_dir(id)) {
+                Ok(None) => {}
+                Ok(Some(membership)) => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "volume {} is offline and in pair {} (its record says so); delete the pair first",
+                        entry.record.name, membership.pair
+                    )));
+                }
+                Err(e) => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "volume {} is offline and its pair record cannot be read ({e}): it may be in a pair; repair the record first",
+                        entry.record.name
+                    )));
+                }
             }
         }
         if let Ok(online) = &entry.state {

@@ -606,7 +606,9 @@ impl Agents for AgentsOverQuic {
 fn answer_for(project: Option<&str>, response: ClusterResponse) -> Result<Response, ApiError> {
     match response.response {
         Some(Response::Error(e)) => Err(e.into()),
-        Some(_) if project.is_some_and(|p| p != response.answered_for_project) => {
+        Some(_)
+            if project.is_some_and(|p| p.is_empty() || p != response.answered_for_project) =>
+        {
             Err(ApiError::Internal(
                 "the coordinator answered without checking the REST API's token (is it an older blockrepd?): the call is refused".into(),
             ))
@@ -647,6 +649,8 @@ mod tests {
         );
         assert!(answer_for(Some("tenant-a"), listed("tenant-b")).is_err());
         assert!(answer_for(None, listed("")).is_ok());
+        // A call that named no project is answered for none, as an old coordinator's is.
+        assert!(answer_for(Some(""), listed("")).is_err());
         let refused = ClusterResponse {
             response: Some(Response::Error(proto::ClusterError {
                 code: 401,

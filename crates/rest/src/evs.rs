@@ -510,9 +510,9 @@ async fn extend(
                 group.name
             ))));
         }
-        if size_bytes < pair.size_bytes {
+        if size_bytes <= pair.size_bytes {
             return Err(fail(ApiError::InvalidArgument(format!(
-                "new_size {gb} GB is smaller than pair {id}'s volumes ({} bytes): a volume grows, it never shrinks",
+                "new_size {gb} GB is not larger than pair {id}'s volumes ({} bytes): an extend grows them",
                 pair.size_bytes
             ))));
         }
@@ -943,7 +943,11 @@ mod tests {
         for (pairs, words) in [
             (
                 json!([{"id": "a", "new_size": 20}, {"id": "b", "new_size": 20}]),
-                "smaller",
+                "not larger",
+            ),
+            (
+                json!([{"id": "a", "new_size": 20}, {"id": "b", "new_size": 40}]),
+                "not larger",
             ),
             (
                 json!([{"id": "a", "new_size": 20}, {"id": "a", "new_size": 30}]),
@@ -966,6 +970,32 @@ mod tests {
             assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
             let message = answer["error"]["message"].as_str().unwrap();
             assert!(message.contains(words), "{message} names {words}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_too_large_is_refused_before_any_call() {
+        let backend = FakeBackend::new(|_, r| panic!("no call expected: {r:?}"));
+        let big = json!({"replication": {"name": "x".repeat(crate::MAX_BODY_BYTES)}});
+        let (status, answer) = send(&backend, Method::POST, P, Some("t"), Some(big)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at most")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_path_naming_no_project_is_not_found_before_any_call() {
+        let backend = FakeBackend::new(|_, r| panic!("no call expected: {r:?}"));
+        for path in [
+            "/v2/%20/os-vendor-replications",
+            "/v2/a%2Fb/os-vendor-replications",
+        ] {
+            let (status, _) = send(&backend, Method::GET, path, Some("t"), None).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
         }
     }
 }

@@ -162,9 +162,12 @@ impl Api {
             .ok_or_else(|| {
                 ApiError::Unauthenticated("no X-Auth-Token header: every request needs one".into())
             })?;
+        // A path's project is a project id; an empty or malformed one names none.
+        let project = blockrep_api::model::ProjectId::try_from(project.to_owned())
+            .map_err(|e| ApiError::NotFound(format!("no such project: {e}")))?;
         let scope = proto::ApiScope {
             token_sha256: blockrep_api::token::sha256(token),
-            project_id: project.to_owned(),
+            project_id: project.to_string(),
         };
         self.backend.call(scope, request).await
     }
@@ -182,7 +185,42 @@ pub fn router(api: Api) -> Router {
             )
         })
         .method_not_allowed_fallback(|| async { error::method_not_allowed() })
+        .layer(axum::middleware::from_fn(body_within))
         .with_state(api)
+}
+
+/// The most a request body may hold, and how long a client has to send it.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a request's body before its handler runs, within [`MAX_BODY_BYTES`] and
+/// [`BODY_TIMEOUT`]: a client that sends too much, or too slowly, is answered 400 and
+/// holds no connection past it.
+async fn body_within(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use http_body_util::BodyExt;
+    let (parts, body) = request.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    let refused = |message: String| {
+        Fail::new(Family::Api, ApiError::InvalidArgument(message)).into_response()
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => {
+            let body = axum::body::Body::from(collected.to_bytes());
+            next.run(axum::extract::Request::from_parts(parts, body))
+                .await
+        }
+        Ok(Err(e)) => refused(format!(
+            "the request body could not be read (at most {MAX_BODY_BYTES} bytes): {e}"
+        )),
+        Err(_) => refused(format!(
+            "the request body did not come within {} s",
+            BODY_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 /// The answer of an unexpected kind: the coordinator and this API disagree.

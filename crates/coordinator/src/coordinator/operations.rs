@@ -47,11 +47,17 @@ impl Coordinator {
         self.settle_group_job(reference);
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
-        let group = state.groups[&id].clone();
-        Self::check_not_busy(&state, &group)?;
+        let mut group = state.groups[&id].clone();
+        // A pair's creation or removal does not hold a failover up (see
+        // `protection::yield_to_failover`); any other job does.
+        let membership_job = group.membership.as_ref().and_then(|m| m.job());
+        if membership_job.is_none() || group.job != membership_job {
+            Self::check_not_busy(&state, &group)?;
+        }
         GroupAction::Failover
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;
+        Self::yield_to_failover(&mut group);
         let members = Self::members(&state, &group);
         for p in &members {
             if !state.nodes.get(&p.dr_node).is_some_and(|n| self.alive(n)) {

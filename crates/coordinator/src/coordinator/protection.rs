@@ -116,6 +116,7 @@ impl Coordinator {
             )));
         }
         Self::check_not_busy(&state, &group)?;
+        Self::check_no_membership_change(&group)?;
         GroupAction::Update
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;
@@ -171,6 +172,7 @@ impl Coordinator {
             dr_volume: None,
             pair: None,
             undoing: None,
+            job: None,
         };
         tracing::info!(group = %group.id, volume = %volume.volume.name, dr_node = %plan.dr_node, "making a pair for the group");
         self.start_membership_change(
@@ -206,6 +208,7 @@ impl Coordinator {
             )));
         };
         Self::check_not_busy(&state, &group)?;
+        Self::check_no_membership_change(&group)?;
         GroupAction::Update
             .begin(self.group_state(&state, &group))
             .map_err(refused)?;
@@ -228,6 +231,7 @@ impl Coordinator {
             delete_dr_volume: req.delete_dr_volume,
             dr_node: pair.dr_node.clone(),
             dr_volume: pair.dr_volume,
+            job: None,
         };
         let mut left = group;
         left.pairs.retain(|p| *p != pair.id);
@@ -256,6 +260,8 @@ impl Coordinator {
         if let MembershipChange::Remove(plan) = &change {
             job.pair = Some(plan.pair);
         }
+        let mut change = change;
+        change.set_job(job.id);
         let mut updated = group;
         updated.job = Some(job.id);
         updated.membership = Some(change);
@@ -271,6 +277,35 @@ impl Coordinator {
             group: Some(self.group_view(state, &updated)),
             job: Some(job_view(&job)),
         })
+    }
+
+    /// One membership change at a time (one may outlive the group's job: a failover goes
+    /// ahead of it).
+    fn check_no_membership_change(group: &GroupRecord) -> Result<(), ApiError> {
+        match &group.membership {
+            Some(change) => Err(ApiError::FailedPrecondition(format!(
+                "group {} is busy with a pair's {} (job {})",
+                group.name,
+                match change {
+                    MembershipChange::Add(_) => "creation",
+                    MembershipChange::Remove(_) => "removal",
+                },
+                change
+                    .job()
+                    .map_or_else(|| "-".to_owned(), |j| j.to_string())
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A failover goes ahead of a membership change: a pair being made is not a member
+    /// yet, and is undone ("the group failed over first"); a pair being removed left the
+    /// group already. Both go on beside the failover, each with its own job.
+    pub(super) fn yield_to_failover(group: &mut GroupRecord) {
+        if let Some(MembershipChange::Add(plan)) = &mut group.membership {
+            plan.undoing
+                .get_or_insert_with(|| "the group failed over before the pair joined it".into());
+        }
     }
 
     /// A volume of `project` by id or unique name, wherever it is.
@@ -413,11 +448,7 @@ impl Coordinator {
             self.save_membership(group, MembershipChange::Add(plan.clone()))?;
             self.change_moved_on(group);
             let mut state = self.lock();
-            if let Some(mut job) = state.groups[&group]
-                .job
-                .and_then(|j| state.jobs.get(&j))
-                .cloned()
-            {
+            if let Some(mut job) = plan.job.and_then(|j| state.jobs.get(&j)).cloned() {
                 job.pair = Some(pair);
                 self.commit_into(&mut state, &[Change::PutJob(job)])?;
             }
@@ -467,7 +498,7 @@ impl Coordinator {
         member.group = Some(group);
         member.updated_at = Some(now_text());
         let mut changes = vec![Change::PutGroup(joined.clone()), Change::PutPair(member)];
-        if let Some(mut job) = joined.job.and_then(|j| state.jobs.get(&j)).cloned() {
+        if let Some(mut job) = plan.job.and_then(|j| state.jobs.get(&j)).cloned() {
             job.end(Ok(()));
             changes.push(Change::PutJob(job));
         }
@@ -482,16 +513,16 @@ impl Coordinator {
     /// agents out), then the DR volume (by name if its id never came back); then the job
     /// fails with the reason. What cannot be undone within [`AGENT_GIVE_UP`] of the last
     /// step is left, and the job's reason says what and where.
-    async fn undo_add(&self, group: GroupId, plan: AddPairPlan) -> Result<(), ApiError> {
+    async fn undo_add(&self, group: GroupId, mut plan: AddPairPlan) -> Result<(), ApiError> {
         let reason = plan.undoing.clone().unwrap_or_default();
         let dr = plan
             .dr_volume
             .map_or_else(|| plan.dr_volume_name.clone(), |v| v.to_string());
+        let (dr_node, made_pair) = (plan.dr_node.clone(), plan.pair);
         let left = |what: &str| {
             format!(
-                "{reason}; {what} could not be undone: DR volume {dr} on node {} (`blockrep volume delete {dr}` there){}",
-                plan.dr_node,
-                plan.pair
+                "{reason}; {what} could not be undone: DR volume {dr} on node {dr_node} (`blockrep volume delete {dr}` there){}",
+                made_pair
                     .map(|p| format!(", pair {p} (`blockrep pair delete {p}`)"))
                     .unwrap_or_default()
             )
@@ -541,7 +572,12 @@ impl Coordinator {
                     }
                     return Ok(());
                 }
-                None => {}
+                // Gone: the DR volume is next, with its own give-up.
+                None => {
+                    plan.pair = None;
+                    self.save_membership(group, MembershipChange::Add(plan.clone()))?;
+                    self.change_moved_on(group);
+                }
             }
         }
         let request = Request::DeletePoolVolume(proto::VolumeRef { volume: dr.clone() });
@@ -679,10 +715,14 @@ impl Coordinator {
         let Some(mut updated) = state.groups.get(&group).cloned() else {
             return Ok(());
         };
-        updated.membership = None;
+        let job = updated
+            .membership
+            .take()
+            .and_then(|m| m.job())
+            .or(updated.job);
         updated.updated_at = Some(now_text());
         let mut changes = vec![Change::PutGroup(updated.clone())];
-        if let Some(mut job) = updated.job.and_then(|j| state.jobs.get(&j)).cloned() {
+        if let Some(mut job) = job.and_then(|j| state.jobs.get(&j)).cloned() {
             job.end(outcome.clone());
             changes.push(Change::PutJob(job));
         }
@@ -1174,5 +1214,57 @@ mod tests {
             job,
             "the group's job stays its last operation's"
         );
+    }
+
+    /// A failover is not held up by a pair being made: the new pair is not a member yet,
+    /// and its making is undone beside the failover, with its own job.
+    #[tokio::test]
+    async fn a_failover_goes_ahead_of_a_pair_being_made() {
+        let (mut group, a, b) = group_of_two();
+        let mut made = pair_record("new", ("n1", 5), ("n2", 6));
+        made.status = PairStatus::Creating;
+        let add_job = running_job(JobType::AddGroupPair, Some(made.id), Some(group.id));
+        group.membership = Some(MembershipChange::Add(AddPairPlan {
+            name: "new".into(),
+            description: String::new(),
+            production_volume: made.production_volume,
+            size: SIZE,
+            dr_node: "n2".into(),
+            dr_volume_name: "new-dr".into(),
+            dr_volume: Some(made.dr_volume),
+            pair: Some(made.id),
+            undoing: None,
+            job: Some(add_job.id),
+        }));
+        group.job = Some(add_job.id);
+        let h = Harness::seeded(&[
+            Change::PutGroup(group.clone()),
+            Change::PutPair(a.clone()),
+            Change::PutPair(b.clone()),
+            Change::PutPair(made.clone()),
+            Change::PutJob(add_job.clone()),
+        ]);
+        h.dr_reports(&[&a, &b], true, 7);
+        let started = h
+            .coordinator
+            .failover_group("g")
+            .expect("the failover goes ahead");
+        let failover_job = started.job.unwrap().id;
+        assert_ne!(failover_job, add_job.id.to_string());
+        let stored = h.stored_group(group.id).unwrap();
+        let Some(MembershipChange::Add(plan)) = &stored.membership else {
+            panic!("{:?}", stored.membership)
+        };
+        assert!(plan.undoing.as_deref().unwrap().contains("failed over"));
+        // The making is undone on its own: the new pair's delete waits for its creation.
+        h.coordinator.drive_membership_changes().await;
+        assert_eq!(h.stored_job(add_job.id).unwrap().status, JobStatus::Running);
+        // A second change is refused meanwhile.
+        let refused = h.coordinator.add_group_pair(proto::AddGroupPairRequest {
+            group: "g".into(),
+            volume: "p1".into(),
+            ..Default::default()
+        });
+        assert!(refused.is_err());
     }
 }

@@ -2,11 +2,16 @@
 //! preallocated with `fallocate`, the sum of their sizes within the pool's capacity.
 //!
 //! A volume is made under the agent's change lock, so two creates cannot both take the last
-//! room; its file is created exclusively (an existing file is never reused) and removed
-//! again if anything after fails. Deleting a pool volume unregisters it, then removes its
-//! file.
+//! room. Its file is made as `NAME.img.partial` and renamed to `NAME.img` once allocated
+//! (an existing file is never reused), then registered; it is removed again if anything
+//! after fails. Deleting a pool volume unregisters it, then removes its file. At start a
+//! `.partial` file (a create a crash stopped) is removed; an `.img` file no volume has (a
+//! crash between a rename and the registry, or between the registry and a removal) is
+//! counted as used and left to the operator, never deleted: a lost registry must not
+//! cost the volumes' data.
 
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::Ordering;
 
 use blockrep_api::model::ProjectId;
 use blockrep_core::{CacheMode, VolumeName};
@@ -41,11 +46,13 @@ impl Agent {
     }
 
     fn pool_used(&self) -> u64 {
-        self.lock()
+        let registered: u64 = self
+            .lock()
             .values()
             .filter(|e| e.record.pool)
             .map(|e| e.record.size)
-            .sum()
+            .sum();
+        registered + self.pool_stray_bytes.load(Ordering::Relaxed)
     }
 
     /// Whether growing pool volume `id` to `size` bytes fits in the pool (other volumes
@@ -144,10 +151,10 @@ impl Agent {
         Ok(view)
     }
 
-    /// Removes the files in the pool's directory that no registered pool volume has: a
-    /// create that stopped before its volume was registered, or a delete that stopped after
-    /// it was unregistered (both at a crash). Run at start, before the agent takes calls;
-    /// the pool counts only registered volumes, so these would take room unseen.
+    /// Looks through the pool's directory at start, before the agent takes calls: removes
+    /// the `.partial` files of creates a crash stopped, and counts the `.img` files no
+    /// volume has (by real path: the directory may be named through a symlink) as used,
+    /// with a warning naming each, for the operator to add or remove.
     pub(super) fn tidy_pool(&self) {
         let Some(pool) = self.config.pool.as_ref() else {
             return;
@@ -155,32 +162,39 @@ impl Agent {
         let Ok(entries) = std::fs::read_dir(&pool.path) else {
             return;
         };
-        // Every volume's real path (a volume added by hand may live here too).
         let registered: Vec<PathBuf> = self
             .lock()
             .values()
             .filter_map(|e| std::fs::canonicalize(&e.record.path).ok())
             .collect();
+        let mut stray = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            let made_here = path.extension().is_some_and(|x| x == "img")
-                && entry.file_type().is_ok_and(|t| t.is_file());
-            // Compared by its real path: the pool's directory may be named through a
-            // symlink; a file whose real path cannot be read is left alone.
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let extension = path.extension().and_then(|x| x.to_str());
+            if extension == Some("partial") {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::warn!(path = %path.display(), "removed the file of a pool create a crash stopped")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove the file of a pool create a crash stopped")
+                    }
+                }
+                continue;
+            }
             let Ok(real) = std::fs::canonicalize(&path) else {
                 continue;
             };
-            if made_here && !registered.contains(&real) {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {
-                        tracing::warn!(path = %path.display(), "removed a pool file no volume has (a create or delete a crash stopped)")
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a pool file no volume has")
-                    }
-                }
+            if extension == Some("img") && !registered.contains(&real) {
+                let size = entry.metadata().map_or(0, |m| m.len());
+                stray += size;
+                tracing::warn!(path = %path.display(), size, "a file in the pool that no volume has: counted as used; add it as a volume or remove it");
             }
         }
+        self.pool_stray_bytes.store(stray, Ordering::Relaxed);
     }
 
     /// Unregisters a volume the pool made and removes its file (refused for any other
@@ -197,36 +211,52 @@ impl Agent {
     }
 }
 
-/// A new file of `size` bytes with its blocks allocated; nothing is left if that fails.
+/// A new file of `size` bytes with its blocks allocated, made as `path.partial` and renamed
+/// to `path` once allocated; nothing is left if that fails.
 fn make_file(path: &Path, size: u64) -> Result<(), ApiError> {
+    let exists = |path: &Path| {
+        ApiError::AlreadyExists(format!(
+            "{} exists already: the pool never reuses a file",
+            path.display()
+        ))
+    };
+    if path.exists() {
+        return Err(exists(path));
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
+        .open(&partial)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => ApiError::AlreadyExists(format!(
-                "{} exists already: the pool never reuses a file",
-                path.display()
-            )),
-            _ => ApiError::Internal(format!("cannot create {}: {e}", path.display())),
+            std::io::ErrorKind::AlreadyExists => exists(&partial),
+            _ => ApiError::Internal(format!("cannot create {}: {e}", partial.display())),
         })?;
     let allocated = nix::fcntl::fallocate(
         &file,
         nix::fcntl::FallocateFlags::empty(),
         0,
         size as libc::off_t,
-    );
-    if let Err(e) = allocated {
-        drop(file);
-        let _ = std::fs::remove_file(path);
-        return Err(ApiError::FailedPrecondition(format!(
+    )
+    .map_err(|e| {
+        ApiError::FailedPrecondition(format!(
             "cannot allocate {} for {}: {e}",
             blockrep_api::human_bytes(size),
             path.display()
-        )));
+        ))
+    })
+    .and_then(|()| {
+        std::fs::rename(&partial, path)
+            .map_err(|e| ApiError::Internal(format!("cannot name {}: {e}", path.display())))
+    });
+    if allocated.is_err() {
+        drop(file);
+        let _ = std::fs::remove_file(&partial);
     }
-    Ok(())
+    allocated
 }
 
 #[cfg(test)]
@@ -355,8 +385,9 @@ mod tests {
         agent.shut_down();
     }
 
-    /// The coordinator asking again gets the volume made the first time; a file no volume
-    /// has (a create or delete a crash stopped) is removed at the next start.
+    /// The coordinator asking again gets the volume made the first time; at the next start
+    /// a create a crash stopped leaves nothing, and a file no volume has is counted, not
+    /// deleted.
     #[test]
     fn a_create_asked_again_answers_the_first_and_stray_files_go_at_start() {
         let dir = tempfile::tempdir().unwrap();
@@ -379,15 +410,25 @@ mod tests {
         agent.shut_down();
         drop(agent);
 
-        let stray = dir.path().join("pool/half-made.img");
-        std::fs::write(&stray, b"x").unwrap();
+        let partial = dir.path().join("pool/half-made.img.partial");
+        std::fs::write(&partial, b"x").unwrap();
+        let stray = dir.path().join("pool/unregistered.img");
+        std::fs::File::create(&stray)
+            .unwrap()
+            .set_len(2 * MIB)
+            .unwrap();
         let kept = dir.path().join("pool/notes.txt");
         std::fs::write(&kept, b"not the pool's").unwrap();
         let agent = agent_with_pool(dir.path(), 8 * MIB, &runtime);
-        assert!(!stray.exists(), "a file no volume has is removed");
-        assert!(kept.exists(), "only the pool's own files");
+        assert!(!partial.exists(), "a create a crash stopped leaves nothing");
+        assert!(stray.exists(), "a file no volume has is never deleted");
+        assert!(kept.exists());
         assert!(dir.path().join("pool/dr-1.img").exists());
-        assert_eq!(agent.pool_usage().unwrap().used_bytes, MIB);
+        assert_eq!(
+            agent.pool_usage().unwrap().used_bytes,
+            3 * MIB,
+            "the stray file counts as used"
+        );
         agent.shut_down();
     }
 
