@@ -106,14 +106,20 @@ fn the_otc_sdk_drives_protection_groups_whose_dr_volumes_a_pool_makes() {
             )
         })
         .collect();
-    let pool = cluster.coordinator().cli_json(&["node", "list"]);
-    let used: u64 = pool
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["pool"]["used_bytes"].as_u64().unwrap())
-        .sum();
-    assert_eq!(used, 2 * SIZE);
+    wait_until(
+        Duration::from_secs(10),
+        "the pool holds the two DR volumes",
+        || {
+            let nodes = cluster.coordinator().cli_json(&["node", "list"]);
+            let used: u64 = nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["pool"]["used_bytes"].as_u64().unwrap())
+                .sum();
+            used == 2 * SIZE
+        },
+    );
 
     // Data written to production over NBD is on the DR volumes after a failover.
     for (name, _, _) in &production {
@@ -187,15 +193,15 @@ fn the_otc_sdk_drives_protection_groups_whose_dr_volumes_a_pool_makes() {
     for (_, path) in &dr {
         assert!(!path.exists(), "{} was deleted", path.display());
     }
-    let nodes = cluster.coordinator().cli_json(&["node", "list"]);
-    assert!(
+    // The coordinator sees the pool empty with the DR node's next report.
+    wait_until(Duration::from_secs(10), "the pools are empty", || {
+        let nodes = cluster.coordinator().cli_json(&["node", "list"]);
         nodes
             .as_array()
             .unwrap()
             .iter()
-            .all(|n| n["pool"]["used_bytes"] == 0),
-        "{nodes}"
-    );
+            .all(|n| n["pool"]["used_bytes"] == 0)
+    });
     for (_, prod, _) in &production {
         assert!(prod.exists(), "production volumes stay");
     }
