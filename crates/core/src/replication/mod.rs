@@ -18,6 +18,7 @@ pub mod role;
 mod send_queue;
 pub mod status;
 pub mod tickets;
+pub mod undo;
 
 pub use durability::{AckBarrier, SyncTicket};
 pub use group::{
