@@ -397,6 +397,23 @@ impl TestCluster {
         v
     }
 
+    /// Adds a volume of `project` on `node` (writeback), without waiting: its id.
+    pub fn add_volume_of(&self, node: &str, name: &str, path: &Path, project: &str) -> String {
+        let v = self.node(node).cli_json(&[
+            "volume",
+            "add",
+            "--name",
+            name,
+            "--path",
+            path.to_str().unwrap(),
+            "--cache",
+            "writeback",
+            "--project",
+            project,
+        ]);
+        v["id"].as_str().expect("a volume id").to_owned()
+    }
+
     /// Two sparse files of `size` bytes in `dir`, volume `prod` on node-a and `dr` on
     /// node-b, paired as `model` (production in az1), the creation waited for. Returns the
     /// two files and the pair's id.

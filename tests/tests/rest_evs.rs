@@ -149,18 +149,7 @@ fn every_evs_call_answers_as_the_seed_documents_say_for_its_project_only() {
     ] {
         let path = dir.path().join(format!("{name}.img"));
         sparse_file(&path, GIB);
-        cluster.node(node).cli_json(&[
-            "volume",
-            "add",
-            "--name",
-            name,
-            "--path",
-            path.to_str().unwrap(),
-            "--cache",
-            "writeback",
-            "--project",
-            project,
-        ]);
+        cluster.add_volume_of(node, name, &path, project);
     }
     let volume_id = |node: &str, name: &str| -> String {
         let v = cluster.node(node).cli_json(&["volume", "show", name]);

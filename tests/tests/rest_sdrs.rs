@@ -54,19 +54,8 @@ fn the_otc_sdk_drives_protection_groups_whose_dr_volumes_a_pool_makes() {
     for name in ["db", "logs"] {
         let path = dir.path().join(format!("{name}.img"));
         sparse_file(&path, SIZE);
-        let v = cluster.node("node-a").cli_json(&[
-            "volume",
-            "add",
-            "--name",
-            name,
-            "--path",
-            path.to_str().unwrap(),
-            "--cache",
-            "writeback",
-            "--project",
-            "tenant-a",
-        ]);
-        production.push((name, path, v["id"].as_str().unwrap().to_owned()));
+        let id = cluster.add_volume_of("node-a", name, &path, "tenant-a");
+        production.push((name, path, id));
     }
     wait_until(
         Duration::from_secs(30),

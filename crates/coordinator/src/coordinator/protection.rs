@@ -115,11 +115,7 @@ impl Coordinator {
                 group.name
             )));
         }
-        Self::check_not_busy(&state, &group)?;
-        Self::check_no_membership_change(&group)?;
-        GroupAction::Update
-            .begin(self.group_state(&state, &group))
-            .map_err(refused)?;
+        self.check_members_may_change(&state, &group)?;
         let volume = self.find_volume_in(&state, &req.volume, &group.project)?;
         if volume.az != group.priority_station {
             return Err(ApiError::InvalidArgument(format!(
@@ -207,11 +203,7 @@ impl Coordinator {
                 pair.name
             )));
         };
-        Self::check_not_busy(&state, &group)?;
-        Self::check_no_membership_change(&group)?;
-        GroupAction::Update
-            .begin(self.group_state(&state, &group))
-            .map_err(refused)?;
+        self.check_members_may_change(&state, &group)?;
         if req.delete_dr_volume {
             let made_by_pool = group_steps::volume_on(&state, &pair.dr_node, &pair.dr_volume)
                 .is_some_and(|v| v.pool);
@@ -277,6 +269,17 @@ impl Coordinator {
             group: Some(self.group_view(state, &updated)),
             job: Some(job_view(&job)),
         })
+    }
+
+    /// Whether a pair may be made for `group` or taken out of it now: no job and no other
+    /// membership change under way, and the group stopped or empty.
+    fn check_members_may_change(&self, state: &State, group: &GroupRecord) -> Result<(), ApiError> {
+        Self::check_not_busy(state, group)?;
+        Self::check_no_membership_change(group)?;
+        GroupAction::Update
+            .begin(self.group_state(state, group))
+            .map_err(refused)?;
+        Ok(())
     }
 
     /// One membership change at a time (one may outlive the group's job: a failover goes
