@@ -24,6 +24,7 @@ declare -A packages=(
     [ip]=iproute2
     # The REST API's tests: curl, and a venv for the OTC SDK (scripts/sdk-venv.sh).
     [curl]=curl
+    [python3]=python3
     # The daemon's allocator (jemalloc) is built from C with make.
     [make]=make
     [cc]=gcc
