@@ -18,6 +18,7 @@ pub mod pairs;
 pub mod production;
 pub mod send_limit;
 pub mod stage_log;
+pub mod undo_journal;
 pub mod verify;
 
 pub use blockrep_transport::{

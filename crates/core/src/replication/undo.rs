@@ -28,7 +28,20 @@ pub struct RecordAt {
 }
 
 impl RecordAt {
+    /// Where a record of zeroes is: it has no bytes in the journal (its range is all zero).
+    pub const ZEROES: Self = Self {
+        segment: u64::MAX,
+        offset: 0,
+    };
+
+    pub fn is_zeroes(self) -> bool {
+        self.segment == u64::MAX
+    }
+
     fn plus(self, by: u64) -> Self {
+        if self.is_zeroes() {
+            return self;
+        }
         Self {
             segment: self.segment,
             offset: self.offset + by,
@@ -277,6 +290,104 @@ impl UndoIndex {
     }
 }
 
+/// How long a group's DR volumes keep their points: every point younger than `max_age_secs`
+/// (0: no bound by age), within `max_bytes` of undo per volume (0: no bound by size). Both
+/// 0: no points are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Retention {
+    pub max_age_secs: u64,
+    pub max_bytes: u64,
+}
+
+impl Retention {
+    pub fn is_on(&self) -> bool {
+        self.max_age_secs > 0 || self.max_bytes > 0
+    }
+
+    /// Whether the oldest segment of a journal may go: the point it leaves oldest was cut
+    /// at `next_oldest_cut_ms` (every older point is older still), the journal holds
+    /// `bytes`, of which the segment `segment_bytes`.
+    pub fn drops(
+        &self,
+        now_ms: u64,
+        next_oldest_cut_ms: u64,
+        bytes: u64,
+        segment_bytes: u64,
+    ) -> bool {
+        let too_old = self.max_age_secs > 0
+            && next_oldest_cut_ms.saturating_add(self.max_age_secs.saturating_mul(1000)) <= now_ms;
+        let too_big = self.max_bytes > 0 && bytes > self.max_bytes && segment_bytes > 0;
+        too_old || too_big
+    }
+}
+
+/// What the DR side does about undo before it applies unit `epoch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnitUndo {
+    /// Keep the old contents of the unit's ranges, durably, then apply.
+    Keep,
+    /// The unit's undo is durable already (a crash came during its apply): apply only. The
+    /// volume is no longer the image before the unit, so its undo must not be taken again.
+    Kept,
+    /// No points are kept before this unit: apply it. A journal that is on starts at the
+    /// unit's end, if the volume is a consistent image then.
+    NotKept,
+    /// The journal does not end where the volume is (it missed a change): it is emptied,
+    /// durably, before the unit applies; the unit is then [`UnitUndo::NotKept`].
+    Restart,
+}
+
+/// Decides [`UnitUndo`] for unit `epoch`: `journal` is the newest point the journal holds
+/// (`None`: it holds none, or points are off), `applied` the volume's last unit and
+/// `consistent` whether the volume is the image at it.
+pub fn unit_undo(
+    journal: Option<Epoch>,
+    applied: Epoch,
+    consistent: bool,
+    epoch: Epoch,
+) -> UnitUndo {
+    match journal {
+        None => UnitUndo::NotKept,
+        Some(newest) if newest >= epoch && newest > applied => UnitUndo::Kept,
+        Some(newest) if newest == applied && consistent && epoch > applied => UnitUndo::Keep,
+        Some(_) => UnitUndo::Restart,
+    }
+}
+
+/// The ranges a unit's undo keeps: every byte its writes touch, widened to whole `block`s
+/// (the volume is read in blocks), merged, in offset order, each at most `max_piece` long.
+pub fn undo_ranges(
+    writes: impl IntoIterator<Item = ByteRange>,
+    block: u64,
+    max_piece: u64,
+) -> Vec<ByteRange> {
+    let mut spans: Vec<(u64, u64)> = writes
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            let start = r.offset / block * block;
+            (start, r.end().div_ceil(block).saturating_mul(block))
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (s, e) in spans {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut out = Vec::with_capacity(merged.len());
+    for (mut s, e) in merged {
+        while s < e {
+            let len = (e - s).min(max_piece);
+            out.push(ByteRange::new(s, len));
+            s += len;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::SmallRng;
@@ -442,6 +553,48 @@ mod tests {
                 assert_eq!(read, image, "seed {seed}: the drill at {point} after {e}");
             }
         }
+    }
+
+    /// The decision before each unit: keep its undo only when the journal ends exactly at
+    /// a consistent volume; never keep it twice (a replayed unit whose undo is durable); a
+    /// journal that missed a change starts again.
+    #[test]
+    fn a_units_undo_is_kept_once_and_only_from_the_image_the_journal_ends_at() {
+        use UnitUndo::*;
+        let e = Epoch;
+        assert_eq!(unit_undo(None, e(4), true, e(5)), NotKept);
+        assert_eq!(unit_undo(Some(e(4)), e(4), true, e(5)), Keep);
+        // A crash after unit 5's undo was durable, during its apply.
+        assert_eq!(unit_undo(Some(e(5)), e(4), true, e(5)), Kept);
+        // The volume is not the image at 4 (an initial sync is under way).
+        assert_eq!(unit_undo(Some(e(4)), e(4), false, e(5)), Restart);
+        // The journal missed unit 5 (or ends past the volume for another unit).
+        assert_eq!(unit_undo(Some(e(4)), e(5), true, e(6)), Restart);
+        // Units 5 to 7 applied as one (held for their group's commit) and their undo kept
+        // as 7's: the replay applies 5, then 6 and 7, from the same undo.
+        assert_eq!(unit_undo(Some(e(7)), e(4), true, e(5)), Kept);
+        assert_eq!(unit_undo(Some(e(7)), e(5), true, e(7)), Kept);
+    }
+
+    #[test]
+    fn a_units_undo_ranges_are_whole_blocks_merged_and_cut_in_pieces() {
+        let r = ByteRange::new;
+        let ranges = undo_ranges(
+            [
+                r(9000, 10),
+                r(0, 100),
+                r(4096, 1),
+                r(20480, 3 * 4096),
+                r(5, 0),
+            ],
+            4096,
+            8192,
+        );
+        assert_eq!(
+            ranges,
+            [r(0, 8192), r(8192, 4096), r(20480, 8192), r(28672, 4096)]
+        );
+        assert!(undo_ranges([r(5, 0)], 4096, 8192).is_empty());
     }
 
     #[test]

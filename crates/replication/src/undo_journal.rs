@@ -1,0 +1,458 @@
+//! The DR side's undo journal: before a unit applies, the old contents of every block it
+//! changes, durably, so the DR volume as of any retained point can be read back (drills)
+//! or restored (failover to a point). The design and its argument are in
+//! docs/POINT-IN-TIME.md; which bytes of a point come from where is the core's
+//! [`UndoIndex`].
+//!
+//! The journal is a directory, `undo/` beside the stage log:
+//! - `base.json`: the oldest point (epoch and cut time). No base: the journal holds no
+//!   points, and any segment there is a leftover, removed at open.
+//! - `SEQ.undo` segments: each in the stage log's framing (batches written with `O_DIRECT`,
+//!   a CRC per record, the torn-tail rule), holding whole units only. A unit is its undo
+//!   records (a `Write` record of the unit's epoch per range: the old contents, or a zero
+//!   range) and its seal; the seal's sync makes the unit's undo durable, and only then does
+//!   the unit touch the volume. A new segment starts once the current one passes
+//!   [`SEGMENT_BYTES`].
+//!
+//! Retention drops whole segments, oldest first: the index forgets them, `base.json` names
+//! the new oldest point durably, then the file is unlinked. A crash in between leaves a
+//! segment whose units are all at or before the base: skipped and removed at the next open.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use blockrep_core::ByteRange;
+use blockrep_core::replication::Epoch;
+use blockrep_core::replication::undo::{
+    Coverage, Piece, RecordAt, Retention, UndoIndex, UndoRange,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::stage_log::{Recovered, StageLog};
+
+/// A segment is closed at the first unit boundary past this size.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// The longest undo record: a unit's ranges are read and kept in pieces this long.
+pub const PIECE_BYTES: u64 = 1 << 20;
+/// The block the volume is read in (the unit's ranges are widened to it).
+pub const BLOCK: u64 = 4096;
+
+/// A retained point: the image of the volume right after unit `epoch` applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    pub epoch: Epoch,
+    /// When production cut that epoch (ms since the Unix epoch).
+    pub cut_ms: u64,
+}
+
+/// A point as `group points` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointInfo {
+    pub point: Point,
+    /// Bytes of undo the image at the point reads beside the volume.
+    pub bytes_behind: u64,
+}
+
+/// A closed or open segment.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    /// Its newest unit.
+    last: Epoch,
+    /// Bytes of undo it holds (its records' ranges).
+    bytes: u64,
+}
+
+pub struct UndoJournal {
+    dir: PathBuf,
+    /// The oldest point; `None`: no points are held.
+    base: Option<Point>,
+    index: UndoIndex,
+    /// Cut times of the points after the base.
+    cuts: BTreeMap<Epoch, u64>,
+    segments: BTreeMap<u64, Segment>,
+    /// The segment units are appended to, while it is under [`SEGMENT_BYTES`].
+    open: Option<(u64, StageLog)>,
+    /// Segments read from, opened once.
+    readers: BTreeMap<u64, File>,
+    /// [`SEGMENT_BYTES`], but in tests.
+    segment_bytes: u64,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016}.undo"))
+}
+
+fn base_path(dir: &Path) -> PathBuf {
+    dir.join("base.json")
+}
+
+/// The segments in `dir`, by sequence number.
+fn segment_files(dir: &Path) -> io::Result<BTreeMap<u64, PathBuf>> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "undo")
+            && let Some(seq) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok())
+        {
+            found.insert(seq, path);
+        }
+    }
+    Ok(found)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn corrupt(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+impl UndoJournal {
+    /// Opens the journal in `dir` (created if missing). A segment that does not read (not
+    /// a torn tail: corruption) refuses the journal, and its files are left for the
+    /// operator; the caller starts an empty one with [`UndoJournal::set_aside`].
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let base: Option<Point> = match std::fs::read(base_path(dir)) {
+            Ok(bytes) => Some(
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| corrupt(format!("{}: {e}", base_path(dir).display())))?,
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut journal = Self {
+            dir: dir.to_owned(),
+            base,
+            index: UndoIndex::new(base.map_or(Epoch::ZERO, |b| b.epoch)),
+            cuts: BTreeMap::new(),
+            segments: BTreeMap::new(),
+            open: None,
+            readers: BTreeMap::new(),
+            segment_bytes: SEGMENT_BYTES,
+        };
+        let files = segment_files(dir)?;
+        let Some(base) = base else {
+            // No points: whatever is here was being emptied.
+            for path in files.values() {
+                std::fs::remove_file(path)?;
+            }
+            sync_dir(dir)?;
+            return Ok(journal);
+        };
+        for (seq, path) in files {
+            let Recovered { mut log, seals } = StageLog::open(&path, Epoch::ZERO)
+                .map_err(|e| corrupt(format!("undo segment {}: {e}", path.display())))?;
+            let mut bytes = 0;
+            let mut last = None;
+            for seal in seals {
+                let unit = log.take_unit(seal.epoch);
+                if seal.epoch <= base.epoch {
+                    continue;
+                }
+                let ranges: Vec<UndoRange> = unit
+                    .iter()
+                    .map(|s| UndoRange {
+                        range: s.range,
+                        at: if s.zeroes {
+                            RecordAt::ZEROES
+                        } else {
+                            RecordAt {
+                                segment: seq,
+                                offset: s.data_at,
+                            }
+                        },
+                    })
+                    .collect();
+                journal
+                    .index
+                    .push_unit(seal.epoch, &ranges)
+                    .map_err(|e| corrupt(format!("undo segment {}: {e}", path.display())))?;
+                journal.cuts.insert(seal.epoch, seal.cut_ms);
+                bytes += ranges.iter().map(|r| r.range.len).sum::<u64>();
+                last = Some(seal.epoch);
+            }
+            match last {
+                // Every unit of it is at or before the base (a trim a crash interrupted),
+                // or it has none (a crash before its first seal).
+                None => {
+                    drop(log);
+                    std::fs::remove_file(&path)?;
+                    sync_dir(dir)?;
+                }
+                Some(last) => {
+                    journal.segments.insert(seq, Segment { last, bytes });
+                    if log.bytes() < SEGMENT_BYTES {
+                        journal.open = Some((seq, log));
+                    }
+                }
+            }
+        }
+        Ok(journal)
+    }
+
+    /// Moves a journal that cannot be read aside (kept for the operator, under
+    /// `undo.corrupt-N`) and opens an empty one in its place. Returns where it went.
+    pub fn set_aside(dir: &Path) -> io::Result<(Self, PathBuf)> {
+        let mut n = 0;
+        let aside = loop {
+            let candidate = dir.with_file_name(format!(
+                "{}.corrupt-{n}",
+                dir.file_name().and_then(|s| s.to_str()).unwrap_or("undo")
+            ));
+            if !candidate.exists() {
+                break candidate;
+            }
+            n += 1;
+        };
+        std::fs::rename(dir, &aside)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok((Self::open(dir)?, aside))
+    }
+
+    /// The newest point held, if any: the image the volume is at (or is being rolled
+    /// forward from, while its newest unit applies).
+    pub fn newest(&self) -> Option<Epoch> {
+        self.base.map(|_| self.index.newest())
+    }
+
+    /// The points held, oldest first.
+    pub fn points(&self) -> Vec<PointInfo> {
+        let Some(base) = self.base else {
+            return Vec::new();
+        };
+        self.index
+            .points()
+            .into_iter()
+            .map(|epoch| PointInfo {
+                point: Point {
+                    epoch,
+                    cut_ms: if epoch == base.epoch {
+                        base.cut_ms
+                    } else {
+                        self.cuts.get(&epoch).copied().unwrap_or(0)
+                    },
+                },
+                bytes_behind: self.index.bytes_behind(epoch),
+            })
+            .collect()
+    }
+
+    /// Bytes of undo held.
+    pub fn bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.bytes).sum()
+    }
+
+    /// Starts holding points from `point` (the volume is that image now), durably.
+    pub fn start(&mut self, point: Point) -> io::Result<()> {
+        debug_assert!(self.base.is_none(), "the journal holds points already");
+        self.clear_segments()?;
+        blockrep_volume::write_file_durably(
+            &base_path(&self.dir),
+            &serde_json::to_vec(&point).expect("serialisable"),
+        )?;
+        self.base = Some(point);
+        self.index = UndoIndex::new(point.epoch);
+        Ok(())
+    }
+
+    /// Holds no points any more, durably: the base goes first, so a crash leaves a journal
+    /// with no points whose segments the next open removes.
+    pub fn clear(&mut self) -> io::Result<()> {
+        if self.base.is_none() && self.segments.is_empty() {
+            return Ok(());
+        }
+        match std::fs::remove_file(base_path(&self.dir)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        sync_dir(&self.dir)?;
+        self.base = None;
+        self.index = UndoIndex::new(Epoch::ZERO);
+        self.cuts.clear();
+        self.clear_segments()
+    }
+
+    fn clear_segments(&mut self) -> io::Result<()> {
+        self.open = None;
+        self.readers.clear();
+        self.segments.clear();
+        for path in segment_files(&self.dir)?.values() {
+            std::fs::remove_file(path)?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Keeps the undo of unit `epoch` (cut at `cut_ms`), whose writes change `ranges`
+    /// (whole blocks, not overlapping: the core's `undo_ranges`): each range's current
+    /// contents, read by `read_old`, are appended, then the unit's seal, and the segment is
+    /// synced. When this returns the undo is durable and the unit may apply.
+    pub fn keep_unit(
+        &mut self,
+        epoch: Epoch,
+        cut_ms: u64,
+        ranges: &[ByteRange],
+        mut read_old: impl FnMut(ByteRange, &mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if self.base.is_none() {
+            return Err(io::Error::other(
+                "the undo journal holds no points to add to",
+            ));
+        }
+        let (seq, log) = match &mut self.open {
+            Some((seq, log)) => (*seq, log),
+            None => {
+                let seq = self.segments.keys().next_back().map_or(0, |s| s + 1);
+                let Recovered { log, .. } =
+                    StageLog::open(&segment_path(&self.dir, seq), Epoch::ZERO)?;
+                let (seq, log) = self.open.insert((seq, log));
+                (*seq, log)
+            }
+        };
+        let mut buf = Vec::new();
+        for &range in ranges {
+            buf.resize(range.len as usize, 0);
+            read_old(range, &mut buf)?;
+            if buf.iter().all(|&b| b == 0) {
+                log.append_write(epoch, range, true, &Bytes::new())?;
+            } else {
+                log.append_write(epoch, range, false, &Bytes::copy_from_slice(&buf))?;
+            }
+        }
+        log.seal(epoch, cut_ms)?;
+        let unit = log.take_unit(epoch);
+        let undo: Vec<UndoRange> = unit
+            .iter()
+            .map(|s| UndoRange {
+                range: s.range,
+                at: if s.zeroes {
+                    RecordAt::ZEROES
+                } else {
+                    RecordAt {
+                        segment: seq,
+                        offset: s.data_at,
+                    }
+                },
+            })
+            .collect();
+        let full = log.bytes() >= self.segment_bytes;
+        self.index
+            .push_unit(epoch, &undo)
+            .map_err(|e| io::Error::other(format!("the undo of unit {epoch}: {e}")))?;
+        self.cuts.insert(epoch, cut_ms);
+        let segment = self.segments.entry(seq).or_insert(Segment {
+            last: epoch,
+            bytes: 0,
+        });
+        segment.last = epoch;
+        segment.bytes += ranges.iter().map(|r| r.len).sum::<u64>();
+        if full {
+            self.open = None;
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest segments `retention` lets go, as of `now_ms`; never the one units
+    /// are appended to, nor one holding a point at or after `pinned` (a drill's or a
+    /// failover's). Returns the points dropped.
+    pub fn trim(
+        &mut self,
+        retention: Retention,
+        now_ms: u64,
+        pinned: Option<Epoch>,
+    ) -> io::Result<usize> {
+        let mut dropped = 0;
+        while let Some((&seq, &segment)) = self.segments.iter().next() {
+            let open = self.open.as_ref().is_some_and(|(s, _)| *s == seq);
+            if open || pinned.is_some_and(|p| p <= segment.last) {
+                break;
+            }
+            let cut = self.cuts.get(&segment.last).copied().unwrap_or(0);
+            if !retention.drops(now_ms, cut, self.bytes(), segment.bytes) {
+                break;
+            }
+            let before = self.index.points().len();
+            self.index
+                .trim_through(segment.last)
+                .map_err(|e| io::Error::other(format!("trimming the undo journal: {e}")))?;
+            dropped += before - self.index.points().len();
+            let point = Point {
+                epoch: segment.last,
+                cut_ms: cut,
+            };
+            blockrep_volume::write_file_durably(
+                &base_path(&self.dir),
+                &serde_json::to_vec(&point).expect("serialisable"),
+            )?;
+            self.base = Some(point);
+            self.cuts = self.cuts.split_off(&segment.last.next());
+            self.segments.remove(&seq);
+            self.readers.remove(&seq);
+            std::fs::remove_file(segment_path(&self.dir, seq))?;
+            sync_dir(&self.dir)?;
+        }
+        Ok(dropped)
+    }
+
+    /// The image at `point`: which bytes come from undo records and which from the volume.
+    pub fn view(&self, point: Epoch) -> io::Result<Coverage> {
+        if self.base.is_none() {
+            return Err(io::Error::other("no points are held"));
+        }
+        self.index
+            .view(point)
+            .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))
+    }
+
+    /// Reads the bytes of an undo piece into `out`.
+    pub fn read_piece(&mut self, piece: Piece, out: &mut [u8]) -> io::Result<()> {
+        let Piece::Undo { range, at } = piece else {
+            return Err(io::Error::other("not an undo piece"));
+        };
+        debug_assert_eq!(out.len() as u64, range.len);
+        if at.is_zeroes() {
+            out.fill(0);
+            return Ok(());
+        }
+        if let Some((seq, log)) = &mut self.open
+            && *seq == at.segment
+        {
+            // What is still in its append buffer is written out first.
+            log.flush()?;
+        }
+        let file = match self.readers.entry(at.segment) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(File::open(segment_path(&self.dir, at.segment))?)
+            }
+        };
+        file.read_exact_at(out, at.offset)
+    }
+
+    /// The newest point held, with its cut time.
+    pub fn newest_point(&self) -> Option<Point> {
+        let base = self.base?;
+        let epoch = self.index.newest();
+        Some(Point {
+            epoch,
+            cut_ms: if epoch == base.epoch {
+                base.cut_ms
+            } else {
+                self.cuts.get(&epoch).copied().unwrap_or(0)
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
