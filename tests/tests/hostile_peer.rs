@@ -271,6 +271,10 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
         pair_ids: vec![pair.id.clone()],
         epoch: u64::MAX - 1,
         grouped: true,
+        retention: Some(proto::Retention {
+            max_age_secs: u64::MAX,
+            max_bytes: u64::MAX,
+        }),
     };
     vec![
         Request::Fence(proto::FenceCommand {

@@ -227,6 +227,27 @@ enum PairCommand {
     },
 }
 
+/// How long an async group's DR volumes keep points in time (docs/POINT-IN-TIME.md).
+#[derive(clap::Args)]
+struct RetentionArgs {
+    /// Keep every point this young (`24h`, `7d`, `30m`; 0: no bound by age).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<std::time::Duration>,
+    /// Keep at most this much undo per DR volume (`10GiB`; 0: no bound by size).
+    #[arg(long, value_parser = blockrep_api::parse_size)]
+    retention_bytes: Option<u64>,
+}
+
+impl RetentionArgs {
+    /// The retention asked for, if any was.
+    fn asked(&self) -> Option<proto::Retention> {
+        (self.retention.is_some() || self.retention_bytes.is_some()).then(|| proto::Retention {
+            max_age_secs: self.retention.map_or(0, |d| d.as_secs()),
+            max_bytes: self.retention_bytes.unwrap_or(0),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum GroupCommand {
     /// Create a consistency group of available pairs (none in another group), all with the
@@ -247,6 +268,8 @@ enum GroupCommand {
         /// hypermetro (synchronous) or async.
         #[arg(long)]
         model: String,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// List the groups.
     List,
@@ -269,6 +292,16 @@ enum GroupCommand {
         /// Pairs to remove (ids or names).
         #[arg(long, value_delimiter = ',')]
         remove_pairs: Vec<String>,
+        /// Replaces the retention of points (at any time; `--retention 0` with no
+        /// `--retention-bytes` turns points off).
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
+    /// The group's points in time: every consistent point all its DR volumes still hold
+    /// (epoch, cut time, bytes of undo behind it), oldest first.
+    Points {
+        /// Group id or name.
+        group: String,
     },
     /// Delete a group with no pairs left (available or error).
     Delete {
@@ -551,6 +584,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pairs,
                 priority_station,
                 model,
+                retention,
             } => {
                 let created = call(client.create_group(proto::CreateGroupRequest {
                     name,
@@ -559,6 +593,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     priority_station,
                     replication_model: model,
                     protection: None,
+                    retention: retention.asked(),
                 }))
                 .await?;
                 out.print(&created);
@@ -577,6 +612,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 description,
                 add_pairs,
                 remove_pairs,
+                retention,
             } => {
                 let updated = call(client.update_group(proto::UpdateGroupRequest {
                     group,
@@ -584,9 +620,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     description,
                     add_pairs,
                     remove_pairs,
+                    retention: retention.asked(),
                 }))
                 .await?;
                 out.print(&updated);
+            }
+            GroupCommand::Points { group } => {
+                let points = call(client.group_points(proto::GroupRef { group })).await?;
+                out.print(&points);
             }
             GroupCommand::Delete { group } => {
                 let deleted = call(client.delete_group(proto::GroupRef { group })).await?;
@@ -633,6 +674,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         source_vpc_id: source_vpc,
                         dr_type: String::new(),
                     }),
+                    retention: None,
                 }))
                 .await?;
                 out.print(&created);

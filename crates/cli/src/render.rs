@@ -484,7 +484,60 @@ pub fn group_json(g: &proto::Group) -> Value {
         "consistent_epoch": g.consistent_epoch,
         "consistent_at": empty_null(&g.consistent_at),
         "operation": empty_null(&g.operation),
+        "retention": g.retention.map(|r| json!({
+            "max_age_secs": r.max_age_secs,
+            "max_bytes": r.max_bytes,
+        })),
     })
+}
+
+/// A group's retention of points in words.
+fn retention_text(r: Option<proto::Retention>) -> String {
+    let r = r.unwrap_or_default();
+    let age = (r.max_age_secs > 0).then(|| {
+        humantime::format_duration(std::time::Duration::from_secs(r.max_age_secs)).to_string()
+    });
+    let size = (r.max_bytes > 0)
+        .then(|| format!("at most {} of undo per volume", human_bytes(r.max_bytes)));
+    match (age, size) {
+        (None, None) => "none kept".into(),
+        (Some(a), None) => a,
+        (None, Some(s)) => s,
+        (Some(a), Some(s)) => format!("{a}, {s}"),
+    }
+}
+
+impl Render for proto::GroupPointsResponse {
+    fn json(&self) -> Value {
+        json!({
+            "group_id": self.group_id,
+            "points": self.points.iter().map(|p| json!({
+                "epoch": p.epoch,
+                "cut_at": p.cut_at,
+                "bytes_behind": p.bytes_behind,
+            })).collect::<Vec<_>>(),
+            "detail": empty_null(&self.detail),
+        })
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .points
+            .iter()
+            .map(|p| {
+                vec![
+                    p.epoch.to_string(),
+                    p.cut_at.clone(),
+                    human_bytes(p.bytes_behind),
+                ]
+            })
+            .collect();
+        let mut out = table(&["EPOCH", "CUT AT", "UNDO BEHIND"], &rows);
+        if !self.detail.is_empty() {
+            out.push_str(&format!("{}\n", self.detail));
+        }
+        out
+    }
 }
 
 impl Render for proto::Group {
@@ -513,6 +566,7 @@ impl Render for proto::Group {
                     )
                 },
             ),
+            ("points kept", retention_text(self.retention)),
             ("created", self.created_at.clone()),
         ];
         if !self.description.is_empty() {

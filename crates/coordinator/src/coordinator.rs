@@ -60,6 +60,7 @@ mod nodes;
 mod operations;
 mod pair_steps;
 mod pairs;
+mod points;
 mod projects;
 pub use projects::Caller;
 mod protection;
@@ -359,6 +360,9 @@ impl Coordinator {
             })),
             Some(Request::AddGroupPair(r)) => self.add_group_pair(r).map(Response::GroupJob),
             Some(Request::RemoveGroupPair(r)) => self.remove_group_pair(r).map(Response::GroupJob),
+            Some(Request::GroupPoints(r)) => {
+                self.group_points(&r.group).await.map(Response::GroupPoints)
+            }
             Some(Request::CreateApiToken(r)) => {
                 self.create_api_token(r).map(Response::CreatedApiToken)
             }

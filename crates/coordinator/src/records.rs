@@ -102,6 +102,9 @@ pub struct GroupRecord {
     /// plan and how far it got.
     #[serde(default)]
     pub membership: Option<MembershipChange>,
+    /// How long the DR volumes keep points in time (async groups).
+    #[serde(default)]
+    pub retention: blockrep_core::replication::undo::Retention,
 }
 
 /// What makes a group an SDRS protection group.

@@ -5,6 +5,7 @@
 //! nodes go to the coordinator: handled here if this daemon runs it, forwarded over QUIC
 //! otherwise.
 
+use blockrep_core::replication::undo::Retention;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -312,8 +313,35 @@ impl Cluster {
             }
             Request::GroupCommit(c) => {
                 let epoch = c.grouped.then_some(Epoch(c.epoch));
-                pairs.group_commit(&pair_ids(&c.pair_ids)?, epoch)?;
+                let retention = c.retention.map_or_else(Retention::default, |r| Retention {
+                    max_age_secs: r.max_age_secs,
+                    max_bytes: r.max_bytes,
+                });
+                pairs.group_commit(&pair_ids(&c.pair_ids)?, epoch, retention)?;
                 return Ok(Response::Done(proto::Done {}));
+            }
+            Request::ListPoints(c) => {
+                let mut answer = proto::VolumePoints::default();
+                for pair in pair_ids(&c.pair_ids)? {
+                    let (points, detail) = match pairs.points(pair) {
+                        Ok(points) => (points, String::new()),
+                        Err(e) => (Vec::new(), e.to_string()),
+                    };
+                    answer.pairs.push(proto::PairPoints {
+                        pair_id: pair.to_string(),
+                        points: points
+                            .iter()
+                            .map(|p| proto::GroupPoint {
+                                epoch: p.point.epoch.0,
+                                cut_at: String::new(),
+                                cut_ms: p.point.cut_ms,
+                                bytes_behind: p.bytes_behind,
+                            })
+                            .collect(),
+                        detail,
+                    });
+                }
+                return Ok(Response::VolumePoints(answer));
             }
             Request::ProductionGrouping(c) => {
                 pairs.set_production_grouped(&pair_ids(&c.pair_ids)?, c.grouped);

@@ -290,6 +290,19 @@ impl agent_server::Agent for AgentService {
         }
     }
 
+    async fn group_points(
+        &self,
+        request: Request<proto::GroupRef>,
+    ) -> Result<Response<proto::GroupPointsResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::GroupPoints(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::GroupPoints(points) => Ok(Response::new(points)),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn update_group(
         &self,
         request: Request<proto::UpdateGroupRequest>,

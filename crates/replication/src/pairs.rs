@@ -2,6 +2,8 @@
 //! restart, routing incoming replication streams, and reporting their state.
 
 use crate::send_limit::SendLimit;
+use crate::undo_journal::PointInfo;
+use blockrep_core::replication::undo::Retention;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -249,7 +251,7 @@ impl Pairs {
         }
         handle.volume.gate().set_link(None);
         handle.volume.gate().restore_role(VolumeRole::Standalone);
-        for file in ["pair.json", "dr.json", "stage-log"] {
+        for file in ["pair.json", "dr.json", "stage-log", "points.json", "undo"] {
             remove_if_there(&handle.dir.join(file))
                 .map_err(|e| ApiError::Internal(format!("remove {file}: {e}")))?;
         }
@@ -479,16 +481,44 @@ impl Pairs {
     }
 
     /// The group committed `epoch` (DR pairs among `pairs` apply up to it), or, with
-    /// `None`, the pairs left it.
-    pub fn group_commit(&self, pairs: &[PairId], epoch: Option<Epoch>) -> Result<(), ApiError> {
+    /// `None`, the pairs left it; its DR volumes keep points for `retention` (none once
+    /// they left it).
+    pub fn group_commit(
+        &self,
+        pairs: &[PairId],
+        epoch: Option<Epoch>,
+        retention: Retention,
+    ) -> Result<(), ApiError> {
         for pair in pairs {
             let runtime = self.lock().get(pair).cloned();
             if let Some(Runtime::Dr(d)) = runtime {
                 d.set_group_commit(epoch)
                     .map_err(|e| ApiError::Internal(format!("record the group's commit: {e}")))?;
+                let retention = if epoch.is_some() {
+                    retention
+                } else {
+                    Retention::default()
+                };
+                d.points().set_retention(retention).map_err(|e| {
+                    ApiError::Internal(format!("record the group's retention of points: {e}"))
+                })?;
             }
         }
         Ok(())
+    }
+
+    /// The points the DR volume of `pair` holds (this node is its DR side). Blocking: the
+    /// undo journal is read if no applier opened it yet.
+    pub fn points(&self, pair: PairId) -> Result<Vec<PointInfo>, ApiError> {
+        let runtime = self.lock().get(&pair).cloned();
+        match runtime {
+            Some(Runtime::Dr(d)) => d.points().list().map_err(|e| {
+                ApiError::Internal(format!("read the undo journal of pair {pair}: {e}"))
+            }),
+            _ => Err(ApiError::FailedPrecondition(format!(
+                "this node is not the DR side of pair {pair}"
+            ))),
+        }
     }
 
     /// Starts an online verify of `pair` (this node is its production side).
@@ -560,7 +590,7 @@ impl Pairs {
         };
         // What it staged as the DR side, or what it recorded as one before, is not its data
         // any more.
-        for file in ["dr.json", "stage-log", "group.json"] {
+        for file in DR_FILES {
             remove_if_there(&handle.dir.join(file)).map_err(|e| internal(file, &e))?;
         }
         if let Some(tracker) = handle.volume.tracker().filter(|_| shared.is_some()) {
@@ -610,7 +640,14 @@ impl Pairs {
     }
 }
 
+/// What a volume keeps as a pair's DR side: gone once it is not (promoted, switched).
+const DR_FILES: [&str; 5] = ["dr.json", "stage-log", "group.json", "points.json", "undo"];
+
+/// Removes a file, or a directory and what it holds, if it is there.
 fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return std::fs::remove_dir_all(path);
+    }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

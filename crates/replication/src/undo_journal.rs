@@ -23,6 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::Epoch;
@@ -80,6 +81,100 @@ pub struct UndoJournal {
     readers: BTreeMap<u64, File>,
     /// [`SEGMENT_BYTES`], but in tests.
     segment_bytes: u64,
+}
+
+/// A DR volume's points, shared by its applier (which keeps and trims them) and those who
+/// read them (`group points`, drills, failover to a point). The journal is opened by the
+/// first applier (opening reads every segment); the retention is the group's, recorded in
+/// the volume's `points.json` as the coordinator sends it.
+pub struct Points {
+    dir: PathBuf,
+    journal: Mutex<Option<UndoJournal>>,
+    retention: Mutex<Retention>,
+    /// Points in use (a drill's, a failover's): retention keeps them and what is newer.
+    pins: Mutex<Vec<Epoch>>,
+}
+
+impl Points {
+    /// The points of the DR volume whose directory is `volume_dir`.
+    pub fn load(volume_dir: &Path) -> io::Result<Self> {
+        let retention = match std::fs::read(volume_dir.join("points.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                corrupt(format!("{}: {e}", volume_dir.join("points.json").display()))
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Retention::default(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self::new(volume_dir, retention))
+    }
+
+    /// The points of the DR volume in `volume_dir`, kept for `retention`.
+    pub fn new(volume_dir: &Path, retention: Retention) -> Self {
+        Self {
+            dir: volume_dir.join("undo"),
+            journal: Mutex::new(None),
+            retention: Mutex::new(retention),
+            pins: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The oldest point in use, which retention keeps.
+    pub fn pinned(&self) -> Option<Epoch> {
+        self.pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .min()
+            .copied()
+    }
+
+    pub fn retention(&self) -> Retention {
+        *self.retention.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the group's retention durably; the applier acts on it at its next unit.
+    pub fn set_retention(&self, retention: Retention) -> io::Result<()> {
+        let mut held = self.retention.lock().unwrap_or_else(|e| e.into_inner());
+        if *held == retention {
+            return Ok(());
+        }
+        let path = self.dir.with_file_name("points.json");
+        blockrep_volume::write_file_durably(
+            &path,
+            &serde_json::to_vec(&retention).expect("serialisable"),
+        )?;
+        *held = retention;
+        Ok(())
+    }
+
+    /// The journal, opened if it is not yet (blocking: it reads every segment). One that
+    /// does not read is set aside for the operator, with an error logged, and an empty one
+    /// takes its place: replication goes on, and the volume's points start again.
+    pub fn journal(&self) -> io::Result<MutexGuard<'_, Option<UndoJournal>>> {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if journal.is_none() {
+            let opened = match UndoJournal::open(&self.dir) {
+                Ok(j) => j,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    let (j, aside) = UndoJournal::set_aside(&self.dir)?;
+                    tracing::error!(error = %e, kept = %aside.display(), "the undo journal is corrupt: its points are lost, and it starts again");
+                    j
+                }
+                Err(e) => return Err(e),
+            };
+            *journal = Some(opened);
+        }
+        Ok(journal)
+    }
+
+    /// The points held (blocking: the journal is opened if it is not yet).
+    pub fn list(&self) -> io::Result<Vec<PointInfo>> {
+        Ok(self
+            .journal()?
+            .as_ref()
+            .map(UndoJournal::points)
+            .unwrap_or_default())
+    }
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {

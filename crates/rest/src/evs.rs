@@ -287,6 +287,7 @@ async fn create_group(
         )
         .map_err(fail)?,
         protection: None,
+        retention: None,
     };
     let (group, _) = api
         .group_job(&headers, &project, Request::CreateGroup(request))
@@ -393,6 +394,7 @@ async fn update_group(
         description: g.description,
         add_pairs: g.add_replication_ids,
         remove_pairs: g.remove_replication_ids,
+        retention: None,
     };
     let (group, _) = api
         .group_job(&headers, &project, Request::UpdateGroup(request))

@@ -233,6 +233,7 @@ async fn create_group(
         priority_station: String::new(),
         replication_model: g.replication_model,
         protection: Some(spec),
+        retention: None,
     };
     started(&api, &headers, &project, Request::CreateGroup(request)).await
 }

@@ -83,6 +83,13 @@ pub struct CutStats {
 }
 
 /// A group's cuts.
+impl GroupCuts {
+    /// The next round sends the commit again (with the group's settings), moved or not.
+    pub(super) fn send_commit_again(&mut self) {
+        self.committed_sent = Epoch::ZERO;
+    }
+}
+
 pub(super) struct GroupCuts {
     members: Vec<Member>,
     cut: CutCoordinator,
@@ -307,6 +314,7 @@ impl Coordinator {
             pair_ids: pairs.iter().map(PairId::to_string).collect(),
             epoch: 0,
             grouped: false,
+            retention: None,
         };
         let request = if production {
             Request::ProductionGrouping(message)
@@ -338,7 +346,8 @@ impl Coordinator {
                 .get(&group)
                 .map_or(Epoch::ZERO, |c| c.cut.committed());
             for m in loose {
-                self.send_commit(&m.dr_node, &[m.pair], committed).await;
+                self.send_commit(group, &m.dr_node, &[m.pair], committed)
+                    .await;
             }
             return Ok(());
         }
@@ -547,7 +556,7 @@ impl Coordinator {
                 by_node.entry(&m.dr_node).or_default().push(m.pair);
             }
             for (node, pairs) in by_node {
-                self.send_commit(node, &pairs, committed).await;
+                self.send_commit(group, node, &pairs, committed).await;
             }
             if let Some(cuts) = self.lock().cuts.get_mut(&group) {
                 cuts.committed_sent = committed;
@@ -606,7 +615,7 @@ impl Coordinator {
             }
         }
         for (node, pairs) in by_node {
-            self.send_commit(node, &pairs, committed).await;
+            self.send_commit(group, node, &pairs, committed).await;
         }
     }
 
@@ -672,20 +681,28 @@ impl Coordinator {
             pair_ids: vec![pair.to_string()],
             epoch: 0,
             grouped: true,
+            retention: None,
         });
         if let Err(e) = self.call_agent(node, address, request).await {
             tracing::warn!(node, error = %e, "cannot tell a production agent its pair is grouped");
         }
     }
 
-    async fn send_commit(&self, node: &str, pairs: &[PairId], epoch: Epoch) {
-        let Some(address) = self.lock().nodes.get(node).map(|n| n.record.address) else {
-            return;
+    /// Sends group `group`'s commit, and its retention of points, to a DR agent.
+    async fn send_commit(&self, group: GroupId, node: &str, pairs: &[PairId], epoch: Epoch) {
+        let (address, retention) = {
+            let state = self.lock();
+            let Some(address) = state.nodes.get(node).map(|n| n.record.address) else {
+                return;
+            };
+            let retention = state.groups.get(&group).map(|g| g.retention);
+            (address, retention.unwrap_or_default())
         };
         let request = Request::GroupCommit(proto::GroupCommit {
             pair_ids: pairs.iter().map(PairId::to_string).collect(),
             epoch: epoch.0,
             grouped: true,
+            retention: Some(super::groups::retention_to_proto(retention)),
         });
         if let Err(e) = self.call_agent(node, address, request).await {
             tracing::warn!(node, error = %e, "cannot send the group's commit");

@@ -3,6 +3,7 @@
 //! ([`GroupAction::begin`]) before anything is stored. A refusal carries the EVS code and
 //! names the rule; nothing changes.
 
+use blockrep_core::replication::undo::Retention;
 use blockrep_core::replication::{
     FaultLevel, GroupId, GroupStatus, GroupView, Refused, group_replication,
 };
@@ -61,6 +62,7 @@ impl Coordinator {
                 "a consistency group needs at least one pair".into(),
             ));
         }
+        let retention = check_retention(req.retention, model)?;
         let mut state = self.lock();
         let pairs = Self::find_pairs(&state, &req.pairs)?;
         for id in &pairs {
@@ -89,6 +91,7 @@ impl Coordinator {
             stopped: protection.is_some(),
             protection,
             membership: None,
+            retention,
         };
         let job = finished_job(JobType::CreateGroup, &group);
         group.job = Some(job.id);
@@ -143,7 +146,19 @@ impl Coordinator {
         // as any group's, only while it is stopped.
         let renaming_only = req.add_pairs.is_empty() && req.remove_pairs.is_empty();
         let protection = group.protection.is_some();
-        if !(renaming_only && protection) {
+        // The retention of points changes at any time too, and a protection group's name.
+        let any_time = |renaming_only: bool, protection: bool, retention_only: bool| {
+            retention_only || (renaming_only && protection)
+        };
+        let retention_only = renaming_only
+            && req.retention.is_some()
+            && req.name.is_none()
+            && req.description.is_none();
+        let retention = match req.retention {
+            Some(r) => Some(check_retention(Some(r), group.model)?),
+            None => None,
+        };
+        if !any_time(renaming_only, protection, retention_only) {
             GroupAction::Update
                 .begin(self.group_state(&state, &group))
                 .map_err(refused)?;
@@ -189,12 +204,16 @@ impl Coordinator {
         if let Some(description) = req.description {
             updated.description = description;
         }
+        if let Some(retention) = retention {
+            updated.retention = retention;
+        }
         updated.pairs.retain(|p| !remove.contains(p));
         updated.pairs.extend(add.iter().copied());
         updated.updated_at = Some(now_text());
         let job = finished_job(JobType::UpdateGroup, &updated);
-        // A protection group's status follows its last operation's job: a rename keeps it.
-        if !(renaming_only && protection) {
+        // A protection group's status follows its last operation's job: a rename keeps it,
+        // and so does a change of any group's retention.
+        if !any_time(renaming_only, protection, retention_only) {
             updated.job = Some(job.id);
         }
         let mut changes = vec![
@@ -212,6 +231,12 @@ impl Coordinator {
             changes.push(Change::PutPair(pair));
         }
         self.commit_into(&mut state, &changes)?;
+        if updated.retention != group.retention
+            && let Some(cuts) = state.cuts.get_mut(&id)
+        {
+            // The next round sends the commit again, and the retention with it.
+            cuts.send_commit_again();
+        }
         tracing::info!(group = %id, added = add.len(), removed = remove.len(), "group updated");
         Ok(proto::GroupJobResponse {
             group: Some(self.group_view(&state, &updated)),
@@ -636,7 +661,44 @@ impl Coordinator {
             }),
             job: g.job.and_then(|j| state.jobs.get(&j)).map(job_view),
             stopped: g.stopped,
+            retention: Some(retention_to_proto(g.retention)),
         }
+    }
+}
+
+/// The longest retention of points in time: a year.
+const MAX_RETENTION_SECS: u64 = 366 * 24 * 3600;
+
+/// A group's retention of points as asked (unset: none), refused for a hypermetro group:
+/// its DR volumes are written directly, outside units, so they have no points to keep
+/// (docs/POINT-IN-TIME.md).
+fn check_retention(
+    asked: Option<proto::Retention>,
+    model: ReplicationModel,
+) -> Result<Retention, ApiError> {
+    let asked = asked.unwrap_or_default();
+    let retention = Retention {
+        max_age_secs: asked.max_age_secs,
+        max_bytes: asked.max_bytes,
+    };
+    if retention.max_age_secs > MAX_RETENTION_SECS {
+        return Err(ApiError::InvalidArgument(format!(
+            "a retention of {} s is longer than a year",
+            retention.max_age_secs
+        )));
+    }
+    if retention.is_on() && model == ReplicationModel::Hypermetro {
+        return Err(ApiError::InvalidArgument(
+            "points in time are kept for async groups only: a hypermetro group's DR volumes are written directly, outside the units whose undo makes a point".into(),
+        ));
+    }
+    Ok(retention)
+}
+
+pub(super) fn retention_to_proto(r: Retention) -> proto::Retention {
+    proto::Retention {
+        max_age_secs: r.max_age_secs,
+        max_bytes: r.max_bytes,
     }
 }
 

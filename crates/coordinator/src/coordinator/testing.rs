@@ -414,6 +414,7 @@ pub(super) fn group_record(name: &str, pairs: &[&PairRecord]) -> GroupRecord {
         project: "default".into(),
         protection: None,
         membership: None,
+        retention: Default::default(),
     }
 }
 

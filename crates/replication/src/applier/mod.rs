@@ -166,6 +166,9 @@ pub struct ApplierSetup {
     /// The stage log is rewritten to hold only what is still staged once it grows past
     /// this ([`COMPACT_BYTES`]).
     pub compact_after_bytes: u64,
+    /// The volume's points: the undo of each unit is kept before it applies while the
+    /// group's retention is on.
+    pub points: Arc<crate::undo_journal::Points>,
 }
 
 /// The handle the stream task feeds.
@@ -436,6 +439,8 @@ mod tests {
         stage_cap: u64,
         /// The group's committed epoch: units above it stay staged.
         allowed: Arc<AtomicU64>,
+        /// The group's retention of points.
+        retention: blockrep_core::replication::undo::Retention,
     }
 
     impl Default for Setup {
@@ -446,6 +451,7 @@ mod tests {
                 compact_after_bytes: COMPACT_BYTES,
                 stage_cap: 64 << 20,
                 allowed: Arc::new(AtomicU64::new(u64::MAX)),
+                retention: Default::default(),
             }
         }
     }
@@ -467,6 +473,7 @@ mod tests {
             compact_after_bytes,
             stage_cap,
             allowed,
+            retention,
         } = setup;
         if !path.exists() {
             std::fs::File::create(path).unwrap().set_len(size).unwrap();
@@ -489,6 +496,7 @@ mod tests {
                 queue_bytes: 64 << 20,
                 stage_log_max_bytes: stage_cap,
                 compact_after_bytes,
+                points: Arc::new(crate::undo_journal::Points::new(dir, retention)),
             },
             tx,
             Arc::new(ApplyCounters::default()),
@@ -941,6 +949,198 @@ mod tests {
         assert!(
             waited < std::time::Duration::from_secs(10),
             "the applier took {waited:?} to end: it waited for a write never on the ring"
+        );
+    }
+
+    /// The image at `point` of the volume at `path`, read through the undo journal in `dir`.
+    fn image_at(dir: &std::path::Path, path: &std::path::Path, point: Epoch) -> Vec<u8> {
+        let points = crate::undo_journal::Points::new(dir, Default::default());
+        let mut guard = points.journal().unwrap();
+        let journal = guard.as_mut().unwrap();
+        let volume = std::fs::read(path).unwrap();
+        let mut out = Vec::new();
+        for piece in journal.view(point).unwrap().pieces(ByteRange::new(0, SIZE)) {
+            match piece {
+                blockrep_core::replication::undo::Piece::Undo { range, .. } => {
+                    let mut buf = vec![0; range.len as usize];
+                    journal.read_piece(piece, &mut buf).unwrap();
+                    out.extend_from_slice(&buf);
+                }
+                blockrep_core::replication::undo::Piece::Volume { range } => {
+                    out.extend_from_slice(&volume[range.offset as usize..range.end() as usize])
+                }
+            }
+        }
+        out
+    }
+
+    const KEEP_A_DAY: blockrep_core::replication::undo::Retention =
+        blockrep_core::replication::undo::Retention {
+            max_age_secs: 86_400,
+            max_bytes: 0,
+        };
+
+    /// With the group's retention on, each unit's undo is kept before it applies: every
+    /// unit applied is a point, and the image at each reads back as the volume was then.
+    /// A crash after a unit's undo was durable, in the middle of its apply, replays the
+    /// unit as an apply only: its undo is not taken again from the half-written volume.
+    #[test]
+    fn each_unit_is_a_point_and_a_replay_after_its_undo_applies_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let log_path = dir.path().join("stage-log");
+        let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
+        let setup = Setup {
+            retention: KEEP_A_DAY,
+            ..Setup::default()
+        };
+        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        // The initial sync is done: the volume is a consistent image from here.
+        submit(ApplyCmd::SyncDone { epoch: Epoch(0) });
+        let mut images = Vec::new();
+        for e in 1..=4u64 {
+            submit(staged_write(e, e, 0, e as u8, false));
+            submit(staged_write(e, 10 + e, e * 4096, 0x10 + e as u8, false));
+            submit(seal(e, e * 1000));
+            submit(ApplyCmd::Flush {
+                seq: WriteSeq(20 + e),
+            });
+            events_until_flush(&mut events, WriteSeq(20 + e));
+            images.push(std::fs::read(&path).unwrap());
+        }
+        applier.stop();
+        let points = crate::undo_journal::Points::new(dir.path(), KEEP_A_DAY);
+        let listed: Vec<u64> = points
+            .list()
+            .unwrap()
+            .iter()
+            .map(|p| p.point.epoch.0)
+            .collect();
+        assert_eq!(listed, [1, 2, 3, 4]);
+        drop(points);
+        for e in 1..=4u64 {
+            assert!(
+                image_at(dir.path(), &path, Epoch(e)) == images[e as usize - 1],
+                "the image at {e}"
+            );
+        }
+
+        // Unit 5: staged and sealed, its undo kept, then half of it applied when the power
+        // went (block 0 written, block 5 not).
+        let mut log = StageLog::open(&log_path, Epoch(4)).unwrap().log;
+        log.append_write(
+            Epoch(5),
+            ByteRange::new(0, 4096),
+            false,
+            &Bytes::from(vec![0x55; 4096]),
+        )
+        .unwrap();
+        log.append_write(
+            Epoch(5),
+            ByteRange::new(5 * 4096, 4096),
+            false,
+            &Bytes::from(vec![0x56; 4096]),
+        )
+        .unwrap();
+        log.seal(Epoch(5), 5000).unwrap();
+        drop(log);
+        {
+            let points = crate::undo_journal::Points::new(dir.path(), KEEP_A_DAY);
+            let mut guard = points.journal().unwrap();
+            let volume = std::fs::read(&path).unwrap();
+            guard
+                .as_mut()
+                .unwrap()
+                .keep_unit(
+                    Epoch(5),
+                    5000,
+                    &[ByteRange::new(0, 4096), ByteRange::new(5 * 4096, 4096)],
+                    |r, out| {
+                        out.copy_from_slice(&volume[r.offset as usize..r.end() as usize]);
+                        Ok(())
+                    },
+                )
+                .unwrap();
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&[0x55; 4096], 0)
+            .unwrap();
+
+        let recovered = StageLog::open(&log_path, Epoch(4)).unwrap();
+        let state = crate::dr_state::load(&dir.path().join("dr.json")).unwrap();
+        assert_eq!(state.applied, Epoch(4));
+        let setup = Setup {
+            retention: KEEP_A_DAY,
+            ..Setup::default()
+        };
+        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
+        runtime.block_on(applier.submit(ApplyCmd::Flush { seq: WriteSeq(99) }));
+        let seen = events_until_flush(&mut events, WriteSeq(99));
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, ApplyEvent::Applied { epoch, .. } if *epoch == Epoch(5))),
+            "{seen:?}"
+        );
+        applier.stop();
+        let points = crate::undo_journal::Points::new(dir.path(), KEEP_A_DAY);
+        let listed: Vec<u64> = points
+            .list()
+            .unwrap()
+            .iter()
+            .map(|p| p.point.epoch.0)
+            .collect();
+        assert_eq!(listed, [1, 2, 3, 4, 5]);
+        drop(points);
+        assert!(
+            image_at(dir.path(), &path, Epoch(4)) == images[3],
+            "the image at 4 after the replay of 5"
+        );
+    }
+
+    /// A direct write changes the volume outside any unit: the points held are dropped
+    /// before it lands, and the journal starts again after the next unit.
+    #[test]
+    fn a_direct_write_drops_the_points_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let recovered = StageLog::open(&dir.path().join("stage-log"), Epoch::ZERO).unwrap();
+        let setup = Setup {
+            retention: KEEP_A_DAY,
+            ..Setup::default()
+        };
+        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        submit(ApplyCmd::SyncDone { epoch: Epoch(0) });
+        for e in 1..=2u64 {
+            submit(staged_write(e, e, 0, e as u8, false));
+            submit(seal(e, e * 1000));
+        }
+        submit(direct_write(5, 8192, 4096, 0x77));
+        submit(ApplyCmd::Flush { seq: WriteSeq(9) });
+        events_until_flush(&mut events, WriteSeq(9));
+        let list = |dir: &std::path::Path| -> Vec<u64> {
+            crate::undo_journal::Points::new(dir, KEEP_A_DAY)
+                .list()
+                .unwrap()
+                .iter()
+                .map(|p| p.point.epoch.0)
+                .collect()
+        };
+        submit(staged_write(3, 6, 0, 3, false));
+        submit(seal(3, 3000));
+        submit(staged_write(4, 7, 0, 4, false));
+        submit(seal(4, 4000));
+        submit(ApplyCmd::Flush { seq: WriteSeq(10) });
+        events_until_flush(&mut events, WriteSeq(10));
+        applier.stop();
+        assert_eq!(
+            list(dir.path()),
+            [3, 4],
+            "points from before the direct write"
         );
     }
 

@@ -26,6 +26,7 @@ use super::{
 };
 
 mod commands;
+mod points;
 
 /// Buffers of completed writes kept for the next ones: a steady stream of writes takes
 /// them back as fast as they come; more would only hold memory after a burst.
@@ -86,6 +87,10 @@ pub(super) struct Worker {
     bufs: BufPool,
     /// For the watchdog: writes and syncs in flight must complete.
     beat: Arc<blockrep_volume::liveness::Beat>,
+    /// The volume's points: its undo journal and the group's retention.
+    points: Arc<crate::undo_journal::Points>,
+    /// The journal holds points (a direct write must empty it first).
+    points_held: bool,
 }
 
 impl Worker {
@@ -107,6 +112,7 @@ impl Worker {
             queue_bytes,
             stage_log_max_bytes,
             compact_after_bytes,
+            points,
         } = setup;
         let mut worker = Worker {
             ring: IoUring::new(RING_ENTRIES)?,
@@ -138,6 +144,8 @@ impl Worker {
             bufs: BufPool::with_idle_limit(POOL_BYTES),
             beat: blockrep_volume::liveness::Liveness::global()
                 .register(format!("DR applier of {label}")),
+            points,
+            points_held: false,
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {
@@ -149,6 +157,7 @@ impl Worker {
     }
 
     pub(super) fn run(&mut self) -> io::Result<()> {
+        self.open_points()?;
         loop {
             {
                 let mut inbox = self.inbox.cmds.lock().unwrap_or_else(|e| e.into_inner());

@@ -181,6 +181,7 @@ impl DrPair {
             queue_bytes: self.limits.queue_bytes,
             stage_log_max_bytes: self.limits.stage_log_max_bytes,
             compact_after_bytes: crate::applier::COMPACT_BYTES,
+            points: Arc::clone(&self.points),
         };
         let applier = match Applier::start(setup, events_tx, Arc::clone(&self.counters)) {
             Ok(a) => a,

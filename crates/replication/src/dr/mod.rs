@@ -17,6 +17,8 @@ use crate::dr_state::{self, DrState};
 use crate::endpoint::ReplicationStream;
 use crate::membership::Membership;
 use crate::stage_log::StageLog;
+use crate::undo_journal::Points;
+use blockrep_core::replication::undo::Retention;
 
 mod handshake;
 mod stream;
@@ -56,6 +58,8 @@ pub struct DrPair {
     nudge: Mutex<Option<crate::applier::Nudge>>,
     /// How much the applier may hold in memory and on disk.
     limits: DrLimits,
+    /// The volume's points in time (its undo journal) and the group's retention.
+    points: Arc<Points>,
     /// Why the pair cannot be served here (a state file that cannot be read, a unit that
     /// could not be applied again): every stream is refused with it, and nothing is
     /// applied, until the agent restarts with the cause fixed.
@@ -126,6 +130,12 @@ impl DrPair {
             0
         });
         let allowed = Arc::new(AtomicU64::new(allowed));
+        let points = Points::load(&volume_dir).unwrap_or_else(|e| {
+            faults.push(format!(
+                "the group's retention of points is unreadable: {e}"
+            ));
+            Points::new(&volume_dir, Retention::default())
+        });
         let fault = (!faults.is_empty()).then(|| faults.join("; "));
         if let Some(fault) = &fault {
             tracing::error!(pair = %membership.pair, %fault, "the DR side cannot serve its pair");
@@ -159,6 +169,7 @@ impl DrPair {
             recording_commit: Mutex::new(()),
             fault: Mutex::new(fault),
             limits,
+            points: Arc::new(points),
         })
     }
 
@@ -204,6 +215,7 @@ impl DrPair {
             queue_bytes: self.limits.queue_bytes,
             stage_log_max_bytes: self.limits.stage_log_max_bytes,
             compact_after_bytes: crate::applier::COMPACT_BYTES,
+            points: Arc::clone(&self.points),
         };
         // Stopping finishes the replay queued at start.
         Applier::start(setup, events, Arc::clone(&self.counters))?.stop();
@@ -268,6 +280,11 @@ impl DrPair {
 
     pub fn volume(&self) -> &Arc<Volume> {
         &self.volume
+    }
+
+    /// The volume's points in time and the group's retention.
+    pub fn points(&self) -> &Arc<Points> {
+        &self.points
     }
 
     pub fn status(&self) -> DrStatus {

@@ -112,7 +112,7 @@ impl Pairs {
         promoted
             .save(&handle.dir)
             .map_err(|e| ApiError::Internal(format!("record the pair: {e}")))?;
-        for file in ["dr.json", "stage-log", "group.json"] {
+        for file in super::DR_FILES {
             remove_if_there(&handle.dir.join(file))
                 .map_err(|e| ApiError::Internal(format!("remove {file}: {e}")))?;
         }

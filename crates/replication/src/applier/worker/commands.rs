@@ -182,6 +182,9 @@ impl Worker {
             return Ok(true);
         }
         let ack = header.flags.has(WriteFlags::ACK).then_some(header.seq);
+        if !range.is_empty() {
+            self.before_direct_write()?;
+        }
         if range.is_empty() {
             // Nothing to write (an application's zero-length write): durable as it is.
             if let Some(seq) = ack {
@@ -300,6 +303,7 @@ impl Worker {
     /// Applies the unit that `seal` ends: every staged write up to its epoch.
     fn apply_unit(&mut self, seal: SealRecord) -> io::Result<()> {
         let unit = self.log.take_unit(seal.epoch);
+        self.keep_undo(seal, &unit)?;
         self.unit_started = Some((std::time::Instant::now(), unit.len()));
         self.side.begin_unit(seal, unit.len());
         self.unit_queue = unit.into();
@@ -385,6 +389,7 @@ impl Worker {
             self.emit(ApplyEvent::WriteAck(seq));
         }
         self.save_state()?;
+        self.unit_kept()?;
         // Reported before the log is compacted: the unit is applied and recorded, and the
         // copy (a whole unit's writes, at worst) must not hold the answer back.
         self.emit(ApplyEvent::Applied {

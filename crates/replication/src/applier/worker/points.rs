@@ -1,0 +1,129 @@
+//! The applier's part in the DR volume's points (docs/POINT-IN-TIME.md): before a unit
+//! applies, its undo is kept durably (or found kept already, on a replay); after it, the
+//! journal starts if it holds no points and is trimmed to the group's retention; before a
+//! direct write, which changes the volume outside any unit, the journal is emptied.
+
+use std::io;
+
+use blockrep_core::ByteRange;
+use blockrep_core::pair::dr::SealRecord;
+use blockrep_core::replication::undo::{UnitUndo, undo_ranges, unit_undo};
+use blockrep_volume::AlignedBuf;
+
+use super::Worker;
+use crate::stage_log::Staged;
+use crate::undo_journal::{BLOCK, PIECE_BYTES, Point};
+
+impl Worker {
+    /// Opens the volume's undo journal (in the applier's thread: it reads every segment).
+    pub(super) fn open_points(&mut self) -> io::Result<()> {
+        let journal = self.points.journal()?;
+        self.points_held = journal.as_ref().is_some_and(|j| j.newest().is_some());
+        Ok(())
+    }
+
+    /// Keeps the undo of the unit `seal` ends, whose writes are `unit`, before any of them
+    /// reaches the volume: durable when this returns.
+    pub(super) fn keep_undo(&mut self, seal: SealRecord, unit: &[Staged]) -> io::Result<()> {
+        let retention = self.points.retention();
+        let mut guard = self.points.journal()?;
+        let journal = guard.as_mut().expect("opened");
+        if !retention.is_on() {
+            journal.clear()?;
+            self.points_held = false;
+            return Ok(());
+        }
+        let state = self.side.state();
+        match unit_undo(
+            journal.newest(),
+            state.applied,
+            state.consistent,
+            seal.epoch,
+        ) {
+            UnitUndo::Keep => {
+                let size = self.volume.size();
+                let ranges: Vec<ByteRange> =
+                    undo_ranges(unit.iter().map(|s| s.range), BLOCK, PIECE_BYTES)
+                        .into_iter()
+                        .filter_map(|r| {
+                            let end = r.end().min(size);
+                            (end > r.offset).then(|| ByteRange::new(r.offset, end - r.offset))
+                        })
+                        .collect();
+                let backing = self.volume.backing();
+                let mut aligned = AlignedBuf::new(PIECE_BYTES as usize);
+                let beat = &self.beat;
+                journal.keep_unit(seal.epoch, seal.cut_ms, &ranges, |range, out| {
+                    let whole = range.len.next_multiple_of(BLOCK) as usize;
+                    aligned.set_len(whole);
+                    if range.len as usize == whole {
+                        backing.read_exact_at(&mut aligned[..whole], range.offset)?;
+                    } else {
+                        // The volume's last, partial block.
+                        aligned[..whole].fill(0);
+                        let file_read = &mut aligned[..range.len as usize];
+                        backing.read_exact_at(file_read, range.offset)?;
+                    }
+                    out.copy_from_slice(&aligned[..range.len as usize]);
+                    beat.progress();
+                    Ok(())
+                })?;
+            }
+            UnitUndo::Kept | UnitUndo::NotKept => {}
+            UnitUndo::Restart => {
+                tracing::warn!(
+                    unit = %seal.epoch,
+                    journal = ?journal.newest(),
+                    applied = %state.applied,
+                    consistent = state.consistent,
+                    "the undo journal does not end where the DR volume is: its points are dropped, and it starts again after this unit"
+                );
+                journal.clear()?;
+                self.points_held = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a unit is applied and recorded: a journal with no points starts at it (the
+    /// volume is a consistent image now), and the retention is applied.
+    pub(super) fn unit_kept(&mut self) -> io::Result<()> {
+        let retention = self.points.retention();
+        if !retention.is_on() {
+            return Ok(());
+        }
+        let state = self.side.state().clone();
+        let mut guard = self.points.journal()?;
+        let journal = guard.as_mut().expect("opened");
+        if journal.newest().is_none() {
+            if !state.consistent {
+                return Ok(());
+            }
+            journal.start(Point {
+                epoch: state.applied,
+                cut_ms: state.applied_cut_ms,
+            })?;
+            self.points_held = true;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        journal.trim(retention, now_ms, self.points.pinned())?;
+        Ok(())
+    }
+
+    /// A direct write is about to change the volume outside any unit: no point held
+    /// survives it, so the journal is emptied first, durably.
+    pub(super) fn before_direct_write(&mut self) -> io::Result<()> {
+        if !self.points_held {
+            return Ok(());
+        }
+        let mut guard = self.points.journal()?;
+        if let Some(journal) = guard.as_mut() {
+            tracing::info!("a direct write reaches the DR volume: its points are dropped");
+            journal.clear()?;
+        }
+        self.points_held = false;
+        Ok(())
+    }
+}
