@@ -289,6 +289,15 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
             has_commit: true,
             generation: 7,
             term: u64::MAX,
+            point: 1,
+            has_point: true,
+        }),
+        Request::HoldPoint(proto::HoldPoint {
+            pair_ids: vec![pair.id.clone()],
+            epoch: 0,
+        }),
+        Request::ListPoints(proto::PairIds {
+            pair_ids: vec![pair.id.clone()],
         }),
         Request::SwitchSide(assignment("production")),
         Request::SwitchSide(assignment("dr")),

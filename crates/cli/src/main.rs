@@ -325,6 +325,11 @@ enum GroupCommand {
     Failover {
         /// Group id or name.
         group: String,
+        /// Roll back to an earlier retained point instead (async groups with a retention):
+        /// an epoch of `group points`, or a time (RFC 3339) for the newest point cut at or
+        /// before it. The blocks rolled back are marked dirty for reprotect.
+        #[arg(long)]
+        point: Option<String>,
     },
     /// Planned switchover: production writes are refused and drained, the DR side catches
     /// up, the roles swap, and replication runs the other way. No data is lost.
@@ -641,8 +646,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let started = call(client.stop_group(proto::GroupRef { group })).await?;
                 out.print(&started);
             }
-            GroupCommand::Failover { group } => {
+            GroupCommand::Failover { group, point: None } => {
                 let started = call(client.failover_group(proto::GroupRef { group })).await?;
+                out.print(&started);
+            }
+            GroupCommand::Failover {
+                group,
+                point: Some(point),
+            } => {
+                let started = call(
+                    client.failover_group_to_point(proto::FailoverGroupRequest { group, point }),
+                )
+                .await?;
                 out.print(&started);
             }
             GroupCommand::Reverse { group } => {

@@ -360,6 +360,10 @@ impl Coordinator {
             })),
             Some(Request::AddGroupPair(r)) => self.add_group_pair(r).map(Response::GroupJob),
             Some(Request::RemoveGroupPair(r)) => self.remove_group_pair(r).map(Response::GroupJob),
+            Some(Request::FailoverGroupToPoint(r)) => self
+                .failover_group_to_point(r)
+                .await
+                .map(Response::GroupJob),
             Some(Request::GroupPoints(r)) => {
                 self.group_points(&r.group).await.map(Response::GroupPoints)
             }

@@ -248,6 +248,9 @@ pub struct FailoverPlan {
     pub production_heard_ms: Option<u64>,
     /// Per pair: the generation its DR volume begins, and where its promotion left it.
     pub pairs: BTreeMap<PairId, PromoteStep>,
+    /// A retained point every DR volume rolls back to, after applying up to the commit.
+    #[serde(default)]
+    pub point: Option<Epoch>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -262,6 +265,9 @@ pub struct PromotedAt {
     pub epoch: Epoch,
     pub cut_ms: u64,
     pub dropped_bytes: u64,
+    /// Bytes written back from the undo to reach a point.
+    #[serde(default)]
+    pub rolled_back_bytes: u64,
 }
 
 /// Reverse: fence and drain production, then swap every pair's sides under `term`.

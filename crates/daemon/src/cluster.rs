@@ -360,6 +360,7 @@ impl Cluster {
                 let promotion = pairs.promote(
                     pair_id(&c.pair_id)?,
                     c.has_commit.then_some(Epoch(c.commit)),
+                    c.has_point.then_some(Epoch(c.point)),
                     GenerationId(c.generation),
                     c.term,
                     handle,
@@ -368,7 +369,12 @@ impl Cluster {
                     epoch: promotion.epoch.0,
                     cut_ms: promotion.cut_ms,
                     dropped_bytes: promotion.dropped_bytes,
+                    rolled_back_bytes: promotion.rolled_back_bytes,
                 }));
+            }
+            Request::HoldPoint(c) => {
+                pairs.hold_point(&pair_ids(&c.pair_ids)?, Epoch(c.epoch))?;
+                return Ok(Response::Done(proto::Done {}));
             }
             Request::Fence(c) => {
                 let fence = match c.fence.as_str() {

@@ -345,6 +345,16 @@ impl agent_server::Agent for AgentService {
         .await
     }
 
+    async fn failover_group_to_point(
+        &self,
+        request: Request<proto::FailoverGroupRequest>,
+    ) -> Result<Response<proto::GroupJobResponse>, Status> {
+        self.group_job(cluster_request::Request::FailoverGroupToPoint(
+            request.into_inner(),
+        ))
+        .await
+    }
+
     async fn reverse_group(
         &self,
         request: Request<proto::GroupRef>,

@@ -55,6 +55,9 @@ pub struct Promotion {
     pub cut_ms: u64,
     /// Bytes of staged writes beyond the commit, dropped and marked dirty.
     pub dropped_bytes: u64,
+    /// Bytes written back from the undo journal to reach a retained point (marked dirty).
+    #[serde(default)]
+    pub rolled_back_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

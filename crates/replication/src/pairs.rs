@@ -24,6 +24,9 @@ use crate::production::{AgentContext, ProductionPair, ReplicationConfig};
 
 mod report;
 mod roles;
+mod rollback;
+
+pub use rollback::ROLLBACK_FILE;
 
 pub use report::{FenceReport, PairReport, ReportCounters};
 
@@ -507,6 +510,28 @@ impl Pairs {
         Ok(())
     }
 
+    /// Keeps point `epoch` on the DR volumes of `pairs` for a while (a failover to it is
+    /// about to start): refused, with nothing held, if one of them does not hold it.
+    pub fn hold_point(&self, pairs: &[PairId], epoch: Epoch) -> Result<(), ApiError> {
+        let mut held = Vec::new();
+        for pair in pairs {
+            let points = self.points(*pair)?;
+            if !points.iter().any(|p| p.point.epoch == epoch) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "the DR volume of pair {pair} does not hold point {epoch}"
+                )));
+            }
+            let runtime = self.lock().get(pair).cloned();
+            if let Some(Runtime::Dr(d)) = runtime {
+                held.push(d);
+            }
+        }
+        for d in held {
+            d.points().pin(epoch, HOLD_POINT_FOR);
+        }
+        Ok(())
+    }
+
     /// The points the DR volume of `pair` holds (this node is its DR side). Blocking: the
     /// undo journal is read if no applier opened it yet.
     pub fn points(&self, pair: PairId) -> Result<Vec<PointInfo>, ApiError> {
@@ -640,8 +665,18 @@ impl Pairs {
     }
 }
 
+/// How long a point held for a failover is kept from retention.
+const HOLD_POINT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// What a volume keeps as a pair's DR side: gone once it is not (promoted, switched).
-const DR_FILES: [&str; 5] = ["dr.json", "stage-log", "group.json", "points.json", "undo"];
+const DR_FILES: [&str; 6] = [
+    "dr.json",
+    "stage-log",
+    "group.json",
+    "points.json",
+    "undo",
+    rollback::ROLLBACK_FILE,
+];
 
 /// Removes a file, or a directory and what it holds, if it is there.
 fn remove_if_there(path: &Path) -> std::io::Result<()> {

@@ -91,8 +91,9 @@ pub struct Points {
     dir: PathBuf,
     journal: Mutex<Option<UndoJournal>>,
     retention: Mutex<Retention>,
-    /// Points in use (a drill's, a failover's): retention keeps them and what is newer.
-    pins: Mutex<Vec<Epoch>>,
+    /// Points in use (a drill's, a failover's) and until when: retention keeps them and
+    /// what is newer.
+    pins: Mutex<Vec<(Epoch, std::time::Instant)>>,
 }
 
 impl Points {
@@ -120,12 +121,18 @@ impl Points {
 
     /// The oldest point in use, which retention keeps.
     pub fn pinned(&self) -> Option<Epoch> {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        pins.retain(|(_, until)| *until > now);
+        pins.iter().map(|(e, _)| *e).min()
+    }
+
+    /// Keeps `point` from retention for `how_long`.
+    pub fn pin(&self, point: Epoch, how_long: std::time::Duration) {
         self.pins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .min()
-            .copied()
+            .push((point, std::time::Instant::now() + how_long));
     }
 
     pub fn retention(&self) -> Retention {

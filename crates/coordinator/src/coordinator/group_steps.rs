@@ -94,6 +94,8 @@ pub(super) fn next_call(
                 has_commit: plan.commit.is_some(),
                 generation: step.generation.0,
                 term: plan.term,
+                point: plan.point.map_or(0, |e| e.0),
+                has_point: plan.point.is_some(),
             });
             call(&pair.dr_node, promote, Expect::Promoted)
         }
@@ -203,6 +205,7 @@ pub(super) fn answered(
                     epoch: Epoch(p.epoch),
                     cut_ms: p.cut_ms,
                     dropped_bytes: p.dropped_bytes,
+                    rolled_back_bytes: p.rolled_back_bytes,
                 });
             }
         }
@@ -648,6 +651,27 @@ fn failover_result(
 ) -> String {
     let dropped: u64 = reached.iter().map(|r| r.dropped_bytes).sum();
     let took_ms = now_ms.saturating_sub(plan.asked_ms);
+    if let Some(point) = plan.point {
+        let rolled: u64 = reached.iter().map(|r| r.rolled_back_bytes).sum();
+        let at = reached
+            .iter()
+            .map(|r| r.cut_ms)
+            .find(|c| *c > 0)
+            .map_or_else(String::new, |c| {
+                format!(
+                    " (cut at {})",
+                    humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(c)
+                    )
+                )
+            });
+        return format!(
+            "rolled back to point: epoch {}{at} on every pair; {} written back from the undo and {} staged beyond the commit dropped (all marked dirty for reprotect); took {took_ms} ms",
+            point.0,
+            blockrep_api::human_bytes(rolled),
+            blockrep_api::human_bytes(dropped)
+        );
+    }
     match (model, plan.commit) {
         (ReplicationModel::Async, Some(commit)) => {
             let cut_ms = reached.iter().map(|r| r.cut_ms).filter(|c| *c > 0).min();
@@ -841,6 +865,7 @@ mod tests {
     #[test]
     fn a_failovers_result_says_when_the_production_hosts_were_last_heard_from() {
         let plan = FailoverPlan {
+            point: None,
             commit: Some(Epoch(4)),
             term: 1,
             asked_ms: 20_000,
@@ -851,6 +876,7 @@ mod tests {
             epoch: Epoch(4),
             cut_ms: 14_500,
             dropped_bytes: 0,
+            rolled_back_bytes: 0,
         }];
         let result = failover_result(&plan, &reached, ReplicationModel::Async, 20_400);
         assert!(
@@ -865,6 +891,7 @@ mod tests {
     fn an_answer_of_another_kind_marks_nothing() {
         let pair = pair_record("a", ("n1", 1), ("n2", 2));
         let mut operation = GroupOperation::Failover(FailoverPlan {
+            point: None,
             commit: Some(Epoch(4)),
             term: 1,
             asked_ms: 0,

@@ -44,6 +44,63 @@ impl Coordinator {
     /// Unplanned failover: every DR side rolls to the group's last consistent point and
     /// takes writes. Works with the production agents down; every DR agent must answer.
     pub fn failover_group(&self, reference: &str) -> Result<proto::GroupJobResponse, ApiError> {
+        self.start_failover(reference, None)
+    }
+
+    /// Failover to a retained point (an epoch of `group points`, or a time: the newest
+    /// point cut at or before it): the point is held on every DR volume first (retention
+    /// keeps it), then every DR side rolls to the commit and back to the point.
+    pub async fn failover_group_to_point(
+        &self,
+        req: proto::FailoverGroupRequest,
+    ) -> Result<proto::GroupJobResponse, ApiError> {
+        if req.point.is_empty() {
+            return self.failover_group(&req.group);
+        }
+        let refused =
+            |why: String| ApiError::FailedPrecondition(format!("failover refused: {why}"));
+        let listed = self.group_points(&req.group).await?;
+        if listed.points.is_empty() {
+            return Err(refused(format!(
+                "group {} holds no points in time{}",
+                req.group,
+                if listed.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", listed.detail)
+                }
+            )));
+        }
+        let point = super::points::choose_point(&listed.points, &req.point)?;
+        let by_node = {
+            let state = self.lock();
+            let id = Self::find_group(&state, &req.group)?;
+            let mut by_node: BTreeMap<String, Vec<PairId>> = BTreeMap::new();
+            for pid in &state.groups[&id].pairs {
+                if let Some(pair) = state.pairs.get(pid) {
+                    by_node.entry(pair.dr_node.clone()).or_default().push(*pid);
+                }
+            }
+            by_node
+        };
+        for (node, pairs) in by_node {
+            let hold = Request::HoldPoint(proto::HoldPoint {
+                pair_ids: pairs.iter().map(PairId::to_string).collect(),
+                epoch: point.0,
+            });
+            self.ask_agent(&node, hold)
+                .await
+                .map_err(|e| refused(format!("node {node} cannot hold point {point}: {e}")))?;
+        }
+        self.start_failover(&req.group, Some(point))
+    }
+
+    /// Starts a failover (to the newest point, or to `point`), or carries one on.
+    fn start_failover(
+        &self,
+        reference: &str,
+        point: Option<Epoch>,
+    ) -> Result<proto::GroupJobResponse, ApiError> {
         self.settle_group_job(reference);
         let mut state = self.lock();
         let id = Self::find_group(&state, reference)?;
@@ -69,6 +126,14 @@ impl Coordinator {
         }
         // A failover retried after it failed keeps its plan: pairs promoted stay so.
         let plan = match &group.operation {
+            Some(GroupOperation::Failover(plan)) if point.is_some() && plan.point != point => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "failover refused: group {} is failing over to {}; retry that failover (no other point)",
+                    group.name,
+                    plan.point
+                        .map_or_else(|| "its newest point".to_owned(), |p| format!("point {p}"))
+                )));
+            }
             Some(GroupOperation::Failover(plan)) => plan.clone(),
             _ => {
                 let commit = self.group_commit(&state, &group);
@@ -84,7 +149,15 @@ impl Coordinator {
                         group.name
                     )));
                 }
+                if let (Some(p), Some(c)) = (point, commit)
+                    && p > c
+                {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "failover refused: point {p} is after the group's commit {c}"
+                    )));
+                }
                 FailoverPlan {
+                    point,
                     commit,
                     term: group.term + 1,
                     asked_ms: now_millis(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use blockrep_api::ApiError;
 use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Response};
-use blockrep_core::replication::{PairId, ReplicationModel};
+use blockrep_core::replication::{Epoch, PairId, ReplicationModel};
 
 use super::Coordinator;
 
@@ -84,6 +84,52 @@ impl Coordinator {
     }
 }
 
+/// The point `asked` names among the group's `points`: an epoch of them, or a time (RFC
+/// 3339), for the newest point cut at or before it.
+pub(super) fn choose_point(points: &[proto::GroupPoint], asked: &str) -> Result<Epoch, ApiError> {
+    let asked = asked.trim();
+    let range = || {
+        format!(
+            "the group holds epochs {} to {} (cut {} to {})",
+            points[0].epoch,
+            points[points.len() - 1].epoch,
+            points[0].cut_at,
+            points[points.len() - 1].cut_at
+        )
+    };
+    if let Ok(epoch) = asked.parse::<u64>() {
+        return points
+            .iter()
+            .find(|p| p.epoch == epoch)
+            .map(|p| Epoch(p.epoch))
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "failover refused: epoch {epoch} is not a point of the group; {}",
+                    range()
+                ))
+            });
+    }
+    let time = humantime::parse_rfc3339_weak(asked).map_err(|e| {
+        ApiError::InvalidArgument(format!(
+            "point {asked:?} is neither an epoch nor a time (RFC 3339, such as 2026-12-06T10:00:00Z): {e}"
+        ))
+    })?;
+    let ms = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    points
+        .iter()
+        .rev()
+        .find(|p| p.cut_ms <= ms)
+        .map(|p| Epoch(p.epoch))
+        .ok_or_else(|| {
+            ApiError::FailedPrecondition(format!(
+                "failover refused: no point of the group was cut at or before {asked}; {}",
+                range()
+            ))
+        })
+}
+
 /// The points every volume holds (by epoch), oldest first, each with the undo behind it
 /// summed over the volumes and its cut time in words.
 fn common_points(volumes: &[Vec<proto::GroupPoint>]) -> Vec<proto::GroupPoint> {
@@ -139,5 +185,23 @@ mod tests {
         assert_eq!(epochs, [(3, 110), (5, 0)]);
         assert_eq!(common[0].cut_at, "1970-01-01T00:00:03.000Z");
         assert!(common_points(&[]).is_empty());
+    }
+
+    /// A point is named by its epoch, or by a time: the newest point cut at or before it.
+    #[test]
+    fn a_point_is_chosen_by_epoch_or_by_time() {
+        let points = common_points(&[vec![point(3, 0), point(5, 0), point(9, 0)]]);
+        assert_eq!(choose_point(&points, "5").unwrap(), Epoch(5));
+        assert!(choose_point(&points, "4").is_err());
+        assert_eq!(
+            choose_point(&points, "1970-01-01T00:00:08Z").unwrap(),
+            Epoch(5)
+        );
+        assert_eq!(
+            choose_point(&points, "1970-01-01T00:00:09Z").unwrap(),
+            Epoch(9)
+        );
+        assert!(choose_point(&points, "1970-01-01T00:00:02Z").is_err());
+        assert!(choose_point(&points, "yesterday").is_err());
     }
 }

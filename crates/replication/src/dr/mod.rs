@@ -130,6 +130,12 @@ impl DrPair {
             0
         });
         let allowed = Arc::new(AtomicU64::new(allowed));
+        if let Ok(bytes) = std::fs::read(volume_dir.join(crate::pairs::ROLLBACK_FILE)) {
+            faults.push(format!(
+                "a rollback to a point ({}) is under way for a failover: the volume takes no replication until the failover completes it",
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
         let points = Points::load(&volume_dir).unwrap_or_else(|e| {
             faults.push(format!(
                 "the group's retention of points is unreadable: {e}"

@@ -39,6 +39,7 @@ impl Pairs {
         &self,
         pair: PairId,
         commit: Option<Epoch>,
+        point: Option<Epoch>,
         generation: GenerationId,
         term: u64,
         handle: VolumeHandle,
@@ -85,7 +86,32 @@ impl Pairs {
         }
         dr.shut_down(APPLIER_STOP_TIMEOUT)
             .map_err(|e| ApiError::Internal(format!("stop the DR applier: {e}")))?;
-        let rolled = self.roll_to_commit(&dr, commit, &handle);
+        // A rollback a crash cut short is taken up where it was: the units up to the
+        // commit were applied before it began.
+        let resuming = handle.dir.join(super::ROLLBACK_FILE).exists();
+        let rolled = match (resuming, point) {
+            (true, None) => Err(ApiError::FailedPrecondition(format!(
+                "volume {}: a rollback to a point is under way; only the failover to that point completes it",
+                handle.name
+            ))),
+            (true, Some(point)) => {
+                let state = dr_state::load(&handle.dir.join("dr.json"))
+                    .map_err(|e| ApiError::Internal(format!("read dr.json: {e}")))?;
+                let before = Promotion {
+                    epoch: state.applied,
+                    cut_ms: state.applied_cut_ms,
+                    dropped_bytes: 0,
+                    rolled_back_bytes: 0,
+                };
+                self.roll_back(&dr, before, point, &handle)
+            }
+            (false, _) => self
+                .roll_to_commit(&dr, commit, &handle)
+                .and_then(|p| match point {
+                    Some(point) => self.roll_back(&dr, p, point, &handle),
+                    None => Ok(p),
+                }),
+        };
         let promotion = match rolled {
             Ok(p) => p,
             Err(e) => {
@@ -121,6 +147,35 @@ impl Pairs {
             "promoted: the volume is production and takes writes");
         self.start(promoted, handle)?;
         Ok(promotion)
+    }
+
+    /// After the roll to the commit: back to the retained point `point`, from the undo
+    /// journal (see `rollback`).
+    fn roll_back(
+        &self,
+        dr: &DrPair,
+        rolled: Promotion,
+        point: Epoch,
+        handle: &VolumeHandle,
+    ) -> Result<Promotion, ApiError> {
+        match super::rollback::roll_back(&handle.volume, &handle.dir, dr.points(), point) {
+            Ok((reached, bytes)) => {
+                tracing::info!(volume = %handle.name, %point, bytes, "rolled back to a retained point");
+                Ok(Promotion {
+                    epoch: reached.epoch,
+                    cut_ms: reached.cut_ms,
+                    dropped_bytes: rolled.dropped_bytes,
+                    rolled_back_bytes: bytes,
+                })
+            }
+            Err(super::rollback::RollbackError::NotHeld(why)) => Err(ApiError::FailedPrecondition(
+                format!("volume {}: {why}", handle.name),
+            )),
+            Err(super::rollback::RollbackError::Io(why)) => Err(ApiError::Internal(format!(
+                "volume {}: rolling back to point {point}: {why}",
+                handle.name
+            ))),
+        }
     }
 
     /// Applies the staged units up to `commit`, drops the rest and marks their blocks dirty
@@ -166,6 +221,7 @@ impl Pairs {
             epoch: state.applied,
             cut_ms: state.applied_cut_ms,
             dropped_bytes: dropped.iter().map(|r| r.len).sum(),
+            rolled_back_bytes: 0,
         })
     }
 

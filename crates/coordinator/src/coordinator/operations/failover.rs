@@ -78,6 +78,7 @@ mod tests {
             epoch,
             cut_ms: 1_767_225_600_000,
             dropped_bytes: 4096,
+            rolled_back_bytes: 0,
         })))
     }
 
@@ -170,6 +171,97 @@ mod tests {
         assert_eq!(
             reopened.coordinator.get_group("g").unwrap().status,
             "failovered"
+        );
+    }
+
+    /// Each DR agent holds points 3, 5 and 7.
+    fn points_held(h: &Harness) {
+        let point = |epoch| proto::GroupPoint {
+            epoch,
+            cut_ms: epoch * 1000,
+            ..Default::default()
+        };
+        h.agents.always(
+            "ListPoints",
+            Answer::Respond(Box::new(Response::VolumePoints(proto::VolumePoints {
+                pairs: vec![proto::PairPoints {
+                    pair_id: String::new(),
+                    points: vec![point(3), point(5), point(7)],
+                    detail: String::new(),
+                }],
+            }))),
+        );
+    }
+
+    fn to_point(point: &str) -> proto::FailoverGroupRequest {
+        proto::FailoverGroupRequest {
+            group: "g".into(),
+            point: point.into(),
+        }
+    }
+
+    /// A failover to a point is refused, with nothing started, unless every DR agent holds
+    /// the point (asked, then held); once they do, each promotion rolls back to it.
+    #[tokio::test]
+    async fn a_failover_to_a_point_starts_only_once_every_dr_agent_holds_it() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 7);
+        let refused = h
+            .coordinator
+            .failover_group_to_point(to_point("5"))
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("holds no points"), "{refused}");
+        points_held(&h);
+        let refused = h
+            .coordinator
+            .failover_group_to_point(to_point("4"))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("epoch 4 is not a point"),
+            "{refused}"
+        );
+        h.agents.script(
+            "HoldPoint",
+            Some("n4"),
+            Answer::Refuse(409, "the DR volume of pair b does not hold point 5"),
+            Some(1),
+        );
+        let refused = h
+            .coordinator
+            .failover_group_to_point(to_point("5"))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("does not hold point 5"),
+            "{refused}"
+        );
+        assert_eq!(h.stored_group(group.id).unwrap().operation, None);
+        assert!(h.agents.calls_of("Promote").is_empty());
+
+        h.agents.always("Promote", promoted(5));
+        let job = job_of(
+            h.coordinator
+                .failover_group_to_point(to_point("1970-01-01T00:00:06Z"))
+                .await
+                .unwrap()
+                .job,
+        );
+        assert_eq!(plan_of(&h, &group).point, Some(Epoch(5)));
+        h.coordinator.drive_operations().await;
+        let promotes = h.agents.calls_of("Promote");
+        assert_eq!(promotes.len(), 2);
+        for call in promotes {
+            let Request::Promote(promote) = &call.request else {
+                unreachable!()
+            };
+            assert_eq!((promote.point, promote.has_point), (5, true));
+        }
+        let result = h.stored_job(job).unwrap().result.unwrap();
+        assert!(
+            result.starts_with("rolled back to point: epoch 5"),
+            "{result}"
         );
     }
 
