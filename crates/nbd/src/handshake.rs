@@ -6,12 +6,25 @@ use std::sync::Arc;
 use blockrep_core::replication::WriteVerdict;
 use blockrep_volume::Volume;
 
+use crate::device::{BlockDevice, Export};
 use crate::proto::*;
 
 /// The exports a server offers, looked up by name.
 pub trait ExportSet: Send + Sync {
     fn find(&self, name: &str) -> Option<Arc<Volume>>;
     fn names(&self) -> Vec<String>;
+    /// An export that is not a volume (a drill's), if `name` is one.
+    fn find_device(&self, _name: &str) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
+}
+
+/// The export `name` names: a volume, or else a device.
+fn find(exports: &dyn ExportSet, name: &str) -> Option<Export> {
+    exports
+        .find(name)
+        .map(Export::Volume)
+        .or_else(|| exports.find_device(name).map(Export::Device))
 }
 
 /// What the client and server agreed on for the transmission phase.
@@ -26,7 +39,7 @@ pub struct Negotiated {
 /// How the handshake ended.
 pub enum Outcome {
     /// The client chose this export; transmission starts.
-    Transmit(Arc<Volume>, Negotiated),
+    Transmit(Export, Negotiated),
     /// The client sent OPT_ABORT or asked for an export that does not exist (OPT_EXPORT_NAME
     /// cannot be refused gracefully).
     Closed,
@@ -61,12 +74,14 @@ pub const BLOCK_SIZES: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD);
 
 /// The flags for `volume`: [`TRANSMISSION_FLAGS`], plus `SEND_DF` with structured replies
 /// and `READ_ONLY` while the volume's role refuses writes (the DR side of a pair).
-fn transmission_flags(negotiated: &Negotiated, volume: &Volume) -> u16 {
+fn transmission_flags(negotiated: &Negotiated, export: &Export) -> u16 {
     let mut flags = TRANSMISSION_FLAGS;
     if negotiated.structured_replies {
         flags |= TFLAG_SEND_DF;
     }
-    if volume.gate().role().write_verdict() == WriteVerdict::Refuse {
+    if let Export::Volume(volume) = export
+        && volume.gate().role().write_verdict() == WriteVerdict::Refuse
+    {
         flags |= TFLAG_READ_ONLY;
     }
     flags
@@ -100,8 +115,9 @@ pub fn negotiate<S: Read + Write>(
     let mut meta: Option<MetaSelection> = None;
     // Block status is served for the export the contexts were selected for.
     let chosen =
-        |volume: &Arc<Volume>, negotiated: Negotiated, meta: &Option<MetaSelection>| Negotiated {
-            base_allocation: meta.as_ref().is_some_and(|m| m.export == volume.name()),
+        |export: &Export, negotiated: Negotiated, meta: &Option<MetaSelection>| Negotiated {
+            base_allocation: matches!(export, Export::Volume(_))
+                && meta.as_ref().is_some_and(|m| m.export == export.name()),
             ..negotiated
         };
 
@@ -123,7 +139,7 @@ pub fn negotiate<S: Read + Write>(
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
-                let Some(volume) = exports.find(&name) else {
+                let Some(volume) = find(exports, &name) else {
                     tracing::info!(export = %name, "client asked for an unknown export; closing");
                     return Ok(Outcome::Closed);
                 };
@@ -166,7 +182,7 @@ pub fn negotiate<S: Read + Write>(
                     )?;
                     continue;
                 };
-                let Some(volume) = exports.find(&name) else {
+                let Some(volume) = find(exports, &name) else {
                     let msg = format!("no export named {name:?}");
                     option_reply(stream, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
                     continue;

@@ -2,6 +2,7 @@
 //!
 //! [`serve`] runs one client connection to completion on the calling thread.
 
+mod device;
 mod handshake;
 mod merge;
 pub mod proto;
@@ -16,6 +17,7 @@ use std::time::Duration;
 pub use handshake::{
     BLOCK_SIZES, ExportSet, HandshakeError, Negotiated, Outcome, TRANSMISSION_FLAGS, negotiate,
 };
+pub use device::{BlockDevice, Export, serve_device};
 pub use transmission::{Connection, ConnectionStats};
 
 /// How long a client may take over each step of the handshake.
@@ -56,7 +58,7 @@ pub fn serve(stream: ClientStream, exports: &dyn ExportSet) -> Result<Served, Se
             negotiate(&mut &*s, exports)?
         }
     };
-    let Outcome::Transmit(volume, negotiated) = outcome else {
+    let Outcome::Transmit(export, negotiated) = outcome else {
         return Ok(Served {
             export: None,
             stats: ConnectionStats::default(),
@@ -76,6 +78,22 @@ pub fn serve(stream: ClientStream, exports: &dyn ExportSet) -> Result<Served, Se
             s.set_write_timeout(None)?;
         }
     }
+    let volume = match export {
+        Export::Volume(volume) => volume,
+        Export::Device(device) => {
+            let served = match &stream {
+                ClientStream::Unix(s) => serve_device(&mut &*s, &*device, negotiated)?,
+                ClientStream::Tcp(s) => serve_device(&mut &*s, &*device, negotiated)?,
+            };
+            return Ok(Served {
+                export: Some(device.name().to_owned()),
+                stats: ConnectionStats {
+                    requests: served,
+                    ..ConnectionStats::default()
+                },
+            });
+        }
+    };
     let client = volume.connect_client();
     let export = Some(volume.name().to_owned());
     let stats = Connection::new(fd, volume, negotiated)?.run()?;
