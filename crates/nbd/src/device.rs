@@ -134,9 +134,7 @@ fn handle<'a>(
             Ok(None)
         }
         Command::Trim | Command::WriteZeroes => {
-            device
-                .write_zeroes(request.offset, len)
-                .map_err(errno)?;
+            device.write_zeroes(request.offset, len).map_err(errno)?;
             if request.fua() {
                 device.flush().map_err(errno)?;
             }

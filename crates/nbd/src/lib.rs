@@ -14,10 +14,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+pub use device::{BlockDevice, Export, serve_device};
 pub use handshake::{
     BLOCK_SIZES, ExportSet, HandshakeError, Negotiated, Outcome, TRANSMISSION_FLAGS, negotiate,
 };
-pub use device::{BlockDevice, Export, serve_device};
 pub use transmission::{Connection, ConnectionStats};
 
 /// How long a client may take over each step of the handshake.

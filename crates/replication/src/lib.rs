@@ -12,6 +12,7 @@ pub mod clock;
 pub mod compression;
 pub mod dr;
 pub mod dr_state;
+pub mod drill;
 pub mod link;
 pub mod membership;
 pub mod pairs;

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::Epoch;
@@ -91,9 +91,38 @@ pub struct Points {
     dir: PathBuf,
     journal: Mutex<Option<UndoJournal>>,
     retention: Mutex<Retention>,
-    /// Points in use (a drill's, a failover's) and until when: retention keeps them and
-    /// what is newer.
+    /// Points in use (a failover's) and until when: retention keeps them and what is
+    /// newer.
     pins: Mutex<Vec<(Epoch, std::time::Instant)>>,
+    /// The live views of the drills on this volume: each unit's undo is added to them
+    /// before the unit applies.
+    views: Mutex<Vec<Arc<LiveView>>>,
+}
+
+/// A drill's image of the volume at its point, kept current while units apply: where each
+/// byte is read from (an undo record, or the volume). Reads hold it shared for as long as
+/// they read the volume; a unit's ranges are added under it exclusively before the unit
+/// applies, so no read sees the volume change under it.
+pub struct LiveView {
+    pub point: Epoch,
+    /// `None` until the first read builds it from the journal.
+    pub coverage: RwLock<Option<Coverage>>,
+    /// Why the view cannot be read any more (the journal was emptied under it).
+    pub lost: Mutex<Option<String>>,
+}
+
+impl LiveView {
+    pub fn new(point: Epoch) -> Self {
+        Self {
+            point,
+            coverage: RwLock::new(None),
+            lost: Mutex::new(None),
+        }
+    }
+
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Points {
@@ -116,15 +145,90 @@ impl Points {
             journal: Mutex::new(None),
             retention: Mutex::new(retention),
             pins: Mutex::new(Vec::new()),
+            views: Mutex::new(Vec::new()),
         }
     }
 
-    /// The oldest point in use, which retention keeps.
+    /// Adds a drill's view: its point is kept from retention while it is there.
+    pub fn add_view(&self, view: Arc<LiveView>) {
+        self.views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(view);
+    }
+
+    pub fn remove_view(&self, view: &Arc<LiveView>) {
+        self.views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|v| !Arc::ptr_eq(v, view));
+    }
+
+    /// Builds `view` from the journal if it is not built yet: under the journal's lock,
+    /// so no unit's undo is kept between the view's building and its being current.
+    pub fn build_view(&self, view: &LiveView) -> io::Result<()> {
+        if view
+            .coverage
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let guard = self.journal()?;
+        let journal = guard
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the undo journal is not open"))?;
+        let mut coverage = view.coverage.write().unwrap_or_else(|e| e.into_inner());
+        if coverage.is_none() {
+            *coverage = Some(journal.view(view.point)?);
+        }
+        Ok(())
+    }
+
+    /// A unit's undo is durable and the unit is about to apply: every built view takes the
+    /// unit's ranges it does not cover yet (those bytes were the point's image until now).
+    pub fn extend_views(&self, undo: &[UndoRange]) {
+        let views = self.views.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for view in views {
+            let mut coverage = view.coverage.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(coverage) = coverage.as_mut() {
+                for r in undo {
+                    coverage.add_gaps(*r);
+                }
+            }
+        }
+    }
+
+    /// The journal is emptied (the volume changes outside units): every drill's view is
+    /// lost, for `why`.
+    pub fn lose_views(&self, why: &str) {
+        for view in self.views.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            *view.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        }
+    }
+
+    /// Whether drills read through the journal (it must not be emptied without losing
+    /// them).
+    pub fn has_views(&self) -> bool {
+        !self
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// The oldest point in use (by a drill, or held for a failover), which retention
+    /// keeps.
     pub fn pinned(&self) -> Option<Epoch> {
         let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         pins.retain(|(_, until)| *until > now);
-        pins.iter().map(|(e, _)| *e).min()
+        let drills = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        pins.iter()
+            .map(|(e, _)| *e)
+            .chain(drills.iter().map(|v| v.point))
+            .min()
     }
 
     /// Keeps `point` from retention for `how_long`.
@@ -405,7 +509,7 @@ impl UndoJournal {
         cut_ms: u64,
         ranges: &[ByteRange],
         mut read_old: impl FnMut(ByteRange, &mut [u8]) -> io::Result<()>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Vec<UndoRange>> {
         if self.base.is_none() {
             return Err(io::Error::other(
                 "the undo journal holds no points to add to",
@@ -461,7 +565,7 @@ impl UndoJournal {
         if full {
             self.open = None;
         }
-        Ok(())
+        Ok(undo)
     }
 
     /// Drops the oldest segments `retention` lets go, as of `now_ms`; never the one units

@@ -29,6 +29,10 @@ impl Worker {
         let mut guard = self.points.journal()?;
         let journal = guard.as_mut().expect("opened");
         if !retention.is_on() {
+            if journal.newest().is_some() {
+                self.points
+                    .lose_views("the group's retention of points was turned off");
+            }
             journal.clear()?;
             self.points_held = false;
             return Ok(());
@@ -53,7 +57,7 @@ impl Worker {
                 let backing = self.volume.backing();
                 let mut aligned = AlignedBuf::new(PIECE_BYTES as usize);
                 let beat = &self.beat;
-                journal.keep_unit(seal.epoch, seal.cut_ms, &ranges, |range, out| {
+                let undo = journal.keep_unit(seal.epoch, seal.cut_ms, &ranges, |range, out| {
                     let whole = range.len.next_multiple_of(BLOCK) as usize;
                     aligned.set_len(whole);
                     if range.len as usize == whole {
@@ -68,6 +72,9 @@ impl Worker {
                     beat.progress();
                     Ok(())
                 })?;
+                // Released first: a drill's read holds its view, then takes the journal.
+                drop(guard);
+                self.points.extend_views(&undo);
             }
             UnitUndo::Kept | UnitUndo::NotKept => {}
             UnitUndo::Restart => {
@@ -78,6 +85,8 @@ impl Worker {
                     consistent = state.consistent,
                     "the undo journal does not end where the DR volume is: its points are dropped, and it starts again after this unit"
                 );
+                self.points
+                    .lose_views("the undo journal did not end where the DR volume was");
                 journal.clear()?;
                 self.points_held = false;
             }
@@ -121,6 +130,8 @@ impl Worker {
         let mut guard = self.points.journal()?;
         if let Some(journal) = guard.as_mut() {
             tracing::info!("a direct write reaches the DR volume: its points are dropped");
+            self.points
+                .lose_views("a direct write (a full copy) rewrote the DR volume outside units");
             journal.clear()?;
         }
         self.points_held = false;
