@@ -7,9 +7,10 @@
 //! records answered by that point, nothing after. Reprotect then copies only what differs,
 //! and both sides end identical.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blockrep_tests::cluster::{TestCluster, sha256, wait_until};
 use blockrep_tests::group::{
@@ -37,6 +38,83 @@ fn points(cluster: &TestCluster) -> Vec<(u64, u64)> {
 
 fn newest_point(cluster: &TestCluster) -> u64 {
     points(cluster).last().map_or(0, |p| p.0)
+}
+
+/// The drill volume `export` on node-b, read whole over NBD into a file of `dir`.
+fn read_drill_volume(cluster: &TestCluster, dir: &Path, export: &str) -> PathBuf {
+    let socket = cluster.node("node-b").daemon().nbd_socket(export);
+    let mut client = NbdClient::connect(&socket, export).unwrap();
+    let size = RECORDS / 2 * RECORD;
+    let mut image = Vec::with_capacity(size as usize);
+    for offset in (0..size).step_by(1 << 20) {
+        image.extend(
+            client
+                .read(offset, (1u64 << 20).min(size - offset) as u32)
+                .unwrap(),
+        );
+    }
+    client.disconnect().unwrap();
+    let path = dir.join(format!("{export}.read"));
+    std::fs::write(&path, image).unwrap();
+    path
+}
+
+fn drill_each_point(cluster: &TestCluster, dir: &Path, noted: &[(u64, u64)], seed: u64) {
+    let dr_before = [sha256(&dir.join("d1.img")), sha256(&dir.join("d2.img"))];
+    for (k, (point, answered)) in noted.iter().enumerate() {
+        let name = format!("drill{k}");
+        let started = Instant::now();
+        let drill = cluster.coordinator().cli_json(&[
+            "group",
+            "drill",
+            "create",
+            "app",
+            "--name",
+            &name,
+            "--point",
+            &point.to_string(),
+        ]);
+        eprintln!(
+            "drill {name} at point {point} made in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(drill["point_epoch"], *point, "{drill}");
+        let exports: Vec<String> = ["g1", "g2"].iter().map(|p| format!("{name}-{p}")).collect();
+        let images: Vec<PathBuf> = exports
+            .iter()
+            .map(|e| read_drill_volume(cluster, dir, e))
+            .collect();
+        let held = prefix_length_across(&[&images[0], &images[1]], RECORDS)
+            .unwrap_or_else(|e| panic!("seed {seed}: drill at {point}: {e}"));
+        assert_eq!(
+            held, *answered,
+            "seed {seed}: the drill at point {point} holds records 0..{held}, not 0..{answered}"
+        );
+        // The drill takes writes; they stay in it.
+        let socket = cluster.node("node-b").daemon().nbd_socket(&exports[0]);
+        let mut client = NbdClient::connect(&socket, &exports[0]).unwrap();
+        assert_eq!(client.write(0, &[0x5a; RECORD as usize]).unwrap(), 0);
+        assert_eq!(client.read(0, 16).unwrap(), vec![0x5a; 16]);
+        client.disconnect().unwrap();
+    }
+    let listed = cluster
+        .coordinator()
+        .cli_json(&["group", "drill", "list", "app"]);
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(noted.len()),
+        "{listed}"
+    );
+    for k in 0..noted.len() {
+        cluster
+            .coordinator()
+            .cli_json(&["group", "drill", "delete", &format!("drill{k}")]);
+    }
+    assert_eq!(
+        [sha256(&dir.join("d1.img")), sha256(&dir.join("d2.img"))],
+        dr_before,
+        "seed {seed}: a drill changed a DR volume"
+    );
 }
 
 /// Waits until the group holds a point after every epoch the production volumes have
@@ -151,7 +229,13 @@ fn fail_over_to_a_point(default_seed: u64, dies_mid_rollback: bool) {
         "the damage did not reach the DR volumes"
     );
 
-    // Failover to the point after the second burst, before the damage.
+    // A drill at each noted point, made while the group replicates: each drill holds
+    // exactly the records answered by its point, and its writes stay in it.
+    if !dies_mid_rollback {
+        drill_each_point(&cluster, dir.path(), &noted, seed);
+    }
+
+    // Failover to a noted point, before the damage.
     let (target, held_then) = noted[rng.random_range(0..noted.len())];
     let started = cluster.coordinator().cli_json(&[
         "group",

@@ -299,6 +299,18 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
         Request::ListPoints(proto::PairIds {
             pair_ids: vec![pair.id.clone()],
         }),
+        Request::CreateDrill(proto::DrillCommand {
+            drill_id: "evil".into(),
+            pair_id: pair.id.clone(),
+            export: "../../etc/evil".into(),
+            point: 0,
+        }),
+        Request::DeleteDrill(proto::DrillCommand {
+            drill_id: "evil".into(),
+            pair_id: pair.id.clone(),
+            export: volume.into(),
+            point: 0,
+        }),
         Request::SwitchSide(assignment("production")),
         Request::SwitchSide(assignment("dr")),
         Request::LeavePair(assignment("")),

@@ -227,6 +227,38 @@ enum PairCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum DrillCommand {
+    /// Make a drill: for every DR volume of the group, a drill volume at the point (the
+    /// newest if none is given), exported over NBD as NAME-PAIR by the DR agent.
+    Create {
+        /// Group id or name.
+        group: String,
+        /// Letters, digits, '-', '_' and '.'; unique in the cluster.
+        #[arg(long)]
+        name: String,
+        /// An epoch of `group points`, or a time (RFC 3339): the newest point cut at or
+        /// before it.
+        #[arg(long, default_value = "")]
+        point: String,
+    },
+    /// List the drills (of one group, if given).
+    List {
+        /// Group id or name.
+        group: Option<String>,
+    },
+    /// Show one drill: its point and its drill volumes (node, export).
+    Show {
+        /// Drill id or name.
+        drill: String,
+    },
+    /// Delete a drill: its drill volumes and what was written to them.
+    Delete {
+        /// Drill id or name.
+        drill: String,
+    },
+}
+
 /// How long an async group's DR volumes keep points in time (docs/POINT-IN-TIME.md).
 #[derive(clap::Args)]
 struct RetentionArgs {
@@ -302,6 +334,12 @@ enum GroupCommand {
     Points {
         /// Group id or name.
         group: String,
+    },
+    /// DR drills: writable images of the group's DR volumes at a point, served over NBD
+    /// by the DR agents, while replication goes on.
+    Drill {
+        #[command(subcommand)]
+        command: DrillCommand,
     },
     /// Delete a group with no pairs left (available or error).
     Delete {
@@ -630,6 +668,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
                 out.print(&updated);
             }
+            GroupCommand::Drill { command } => match command {
+                DrillCommand::Create { group, name, point } => {
+                    let drill =
+                        call(client.create_drill(proto::CreateDrillRequest { group, name, point }))
+                            .await?;
+                    out.print(&drill);
+                }
+                DrillCommand::List { group } => {
+                    let drills = call(client.list_drills(proto::ListDrillsRequest {
+                        group: group.unwrap_or_default(),
+                    }))
+                    .await?;
+                    out.print(&drills);
+                }
+                DrillCommand::Show { drill } => {
+                    let drill = call(client.get_drill(proto::DrillRef { drill })).await?;
+                    out.print(&drill);
+                }
+                DrillCommand::Delete { drill } => {
+                    let drill = call(client.delete_drill(proto::DrillRef { drill })).await?;
+                    out.print(&drill);
+                }
+            },
             GroupCommand::Points { group } => {
                 let points = call(client.group_points(proto::GroupRef { group })).await?;
                 out.print(&points);

@@ -507,6 +507,82 @@ fn retention_text(r: Option<proto::Retention>) -> String {
     }
 }
 
+fn drill_json(d: &proto::Drill) -> Value {
+    json!({
+        "id": d.id,
+        "name": d.name,
+        "group_id": d.group_id,
+        "point_epoch": d.point_epoch,
+        "point_cut_at": d.point_cut_at,
+        "status": d.status,
+        "created_at": d.created_at,
+        "volumes": d.volumes.iter().map(|v| json!({
+            "pair_id": v.pair_id,
+            "node": v.node,
+            "export": v.export,
+            "dr_volume_id": v.dr_volume_id,
+            "role": "drill",
+        })).collect::<Vec<_>>(),
+    })
+}
+
+impl Render for proto::Drill {
+    fn json(&self) -> Value {
+        drill_json(self)
+    }
+
+    fn table(&self) -> String {
+        let mut out = key_values(&[
+            ("id", self.id.clone()),
+            ("name", self.name.clone()),
+            ("group", self.group_id.clone()),
+            (
+                "point",
+                format!("epoch {} cut at {}", self.point_epoch, self.point_cut_at),
+            ),
+            ("status", self.status.clone()),
+            ("created", self.created_at.clone()),
+        ]);
+        let rows: Vec<Vec<String>> = self
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.export.clone(),
+                    v.node.clone(),
+                    v.pair_id.clone(),
+                    "drill".into(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["EXPORT", "NODE", "PAIR", "ROLE"], &rows));
+        out
+    }
+}
+
+impl Render for proto::ListDrillsResponse {
+    fn json(&self) -> Value {
+        Value::Array(self.drills.iter().map(drill_json).collect())
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .drills
+            .iter()
+            .map(|d| {
+                vec![
+                    d.name.clone(),
+                    d.id.clone(),
+                    d.point_epoch.to_string(),
+                    d.point_cut_at.clone(),
+                    d.volumes.len().to_string(),
+                ]
+            })
+            .collect();
+        table(&["NAME", "ID", "POINT", "CUT AT", "VOLUMES"], &rows)
+    }
+}
+
 impl Render for proto::GroupPointsResponse {
     fn json(&self) -> Value {
         json!({

@@ -52,6 +52,7 @@ use crate::store::{Change, Store};
 
 mod cuts;
 pub use cuts::CutStats;
+mod drills;
 mod driver;
 mod group_steps;
 mod groups;
@@ -360,6 +361,12 @@ impl Coordinator {
             })),
             Some(Request::AddGroupPair(r)) => self.add_group_pair(r).map(Response::GroupJob),
             Some(Request::RemoveGroupPair(r)) => self.remove_group_pair(r).map(Response::GroupJob),
+            Some(Request::CreateGroupDrill(r)) => self.create_drill(r).await.map(Response::Drill),
+            Some(Request::ListDrills(r)) => self.list_drills(&r.group).map(Response::Drills),
+            Some(Request::GetDrill(r)) => self.get_drill(&r.drill).map(Response::Drill),
+            Some(Request::DeleteGroupDrill(r)) => {
+                self.delete_drill(&r.drill).await.map(Response::Drill)
+            }
             Some(Request::FailoverGroupToPoint(r)) => self
                 .failover_group_to_point(r)
                 .await

@@ -105,6 +105,28 @@ pub struct GroupRecord {
     /// How long the DR volumes keep points in time (async groups).
     #[serde(default)]
     pub retention: blockrep_core::replication::undo::Retention,
+    /// The group's drills: writable images of its DR volumes at a point.
+    #[serde(default)]
+    pub drills: Vec<DrillRecord>,
+}
+
+/// A drill of a group: on each DR volume's agent, a drill volume at `point`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    pub id: String,
+    pub name: String,
+    pub point: Epoch,
+    pub cut_ms: u64,
+    pub created_at: String,
+    pub volumes: Vec<DrillVolumeRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillVolumeRecord {
+    pub pair: PairId,
+    pub node: String,
+    pub export: String,
+    pub dr_volume: VolumeId,
 }
 
 /// What makes a group an SDRS protection group.

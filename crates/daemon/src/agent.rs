@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::registry::{self, VolumeRecord};
 
+mod drills;
 mod pool;
 
 pub struct Agent {
@@ -39,6 +40,8 @@ pub struct Agent {
     runtime: tokio::runtime::Handle,
     /// The pairs this agent's volumes are in.
     pairs: Arc<Pairs>,
+    /// The sockets drill volumes are served on, by export name.
+    drill_sockets: Mutex<std::collections::HashMap<String, JoinHandle<()>>>,
     /// The one thread that writes every volume's dirty bitmap back (with tracking on).
     flusher: Option<blockrep_volume::Flusher>,
     /// Bytes of files in the pool's directory that no volume has (found at start): the
@@ -105,6 +108,7 @@ impl Agent {
             connections: Arc::new(Connections::default()),
             runtime,
             pairs,
+            drill_sockets: Mutex::new(Default::default()),
             pool_stray_bytes: Default::default(),
         });
         for record in records {
@@ -652,6 +656,12 @@ impl ExportSet for Agent {
             (e.record.name.as_str() == name && !online.closing.load(Ordering::SeqCst))
                 .then(|| Arc::clone(&online.volume))
         })
+    }
+
+    fn find_device(&self, name: &str) -> Option<Arc<dyn blockrep_nbd::BlockDevice>> {
+        self.pairs
+            .find_drill(name)
+            .map(|d| Arc::new(drills::DrillDevice(d)) as Arc<dyn blockrep_nbd::BlockDevice>)
     }
 
     fn names(&self) -> Vec<String> {

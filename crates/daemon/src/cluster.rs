@@ -125,6 +125,7 @@ impl Cluster {
         let _ = handler.cluster.set(Arc::clone(&cluster));
         let _ = agents.cluster.set(Arc::clone(&cluster));
         agent.restore_pairs();
+        agent.serve_drills();
         tokio::spawn(Arc::clone(&cluster).heartbeat());
         tracing::info!(listen = %cluster.config.listen, coordinator = %cluster.config.coordinator,
             coordinator_role = cluster.config.coordinator_role, "cluster endpoint up");
@@ -371,6 +372,26 @@ impl Cluster {
                     dropped_bytes: promotion.dropped_bytes,
                     rolled_back_bytes: promotion.rolled_back_bytes,
                 }));
+            }
+            Request::CreateDrill(c) => {
+                let record = blockrep_replication::drill::DrillRecord {
+                    drill: c.drill_id,
+                    export: c.export,
+                    point: Epoch(c.point),
+                };
+                check_export_name(&record.export)?;
+                let drill = pairs.create_drill(pair_id(&c.pair_id)?, record)?;
+                if let Err(e) = self.agent.serve_drill(drill.export()) {
+                    let _ = pairs.delete_drill(pair_id(&c.pair_id)?, &drill.record().drill);
+                    return Err(e.into());
+                }
+                return Ok(Response::Done(proto::Done {}));
+            }
+            Request::DeleteDrill(c) => {
+                check_export_name(&c.export)?;
+                pairs.delete_drill(pair_id(&c.pair_id)?, &c.drill_id)?;
+                self.agent.stop_serving_drill(&c.export);
+                return Ok(Response::Done(proto::Done {}));
             }
             Request::HoldPoint(c) => {
                 pairs.hold_point(&pair_ids(&c.pair_ids)?, Epoch(c.epoch))?;
@@ -651,6 +672,24 @@ fn answer_for(project: Option<&str>, response: ClusterResponse) -> Result<Respon
         None => Err(ApiError::Internal(
             "empty answer from the coordinator".into(),
         )),
+    }
+}
+
+/// An export name a socket file can take (the coordinator makes them so; checked all the
+/// same, since it names a file).
+fn check_export_name(export: &str) -> Result<(), ApiError> {
+    let fine = !export.is_empty()
+        && export.len() <= 200
+        && !export.starts_with('.')
+        && export
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if fine {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "export name {export:?} is not a file name"
+        )))
     }
 }
 

@@ -49,6 +49,16 @@ impl AgentService {
         }
     }
 
+    async fn drill_call(
+        &self,
+        request: cluster_request::Request,
+    ) -> Result<Response<proto::Drill>, Status> {
+        match self.cluster_call(request).await? {
+            cluster_response::Response::Drill(drill) => Ok(Response::new(drill)),
+            _ => Err(unexpected()),
+        }
+    }
+
     /// Runs blocking agent work (file and device I/O) off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -340,6 +350,47 @@ impl agent_server::Agent for AgentService {
         request: Request<proto::GroupRef>,
     ) -> Result<Response<proto::GroupJobResponse>, Status> {
         self.group_job(cluster_request::Request::FailoverGroup(
+            request.into_inner(),
+        ))
+        .await
+    }
+
+    async fn create_drill(
+        &self,
+        request: Request<proto::CreateDrillRequest>,
+    ) -> Result<Response<proto::Drill>, Status> {
+        self.drill_call(cluster_request::Request::CreateGroupDrill(
+            request.into_inner(),
+        ))
+        .await
+    }
+
+    async fn list_drills(
+        &self,
+        request: Request<proto::ListDrillsRequest>,
+    ) -> Result<Response<proto::ListDrillsResponse>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::ListDrills(request.into_inner()))
+            .await?
+        {
+            cluster_response::Response::Drills(drills) => Ok(Response::new(drills)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn get_drill(
+        &self,
+        request: Request<proto::DrillRef>,
+    ) -> Result<Response<proto::Drill>, Status> {
+        self.drill_call(cluster_request::Request::GetDrill(request.into_inner()))
+            .await
+    }
+
+    async fn delete_drill(
+        &self,
+        request: Request<proto::DrillRef>,
+    ) -> Result<Response<proto::Drill>, Status> {
+        self.drill_call(cluster_request::Request::DeleteGroupDrill(
             request.into_inner(),
         ))
         .await

@@ -1,6 +1,7 @@
 //! The pairs this agent's volumes are in: taking and leaving roles, restoring them after a
 //! restart, routing incoming replication streams, and reporting their state.
 
+use crate::drill::{DrillRecord, DrillVolume};
 use crate::send_limit::SendLimit;
 use crate::undo_journal::PointInfo;
 use blockrep_core::replication::undo::Retention;
@@ -254,7 +255,14 @@ impl Pairs {
         }
         handle.volume.gate().set_link(None);
         handle.volume.gate().restore_role(VolumeRole::Standalone);
-        for file in ["pair.json", "dr.json", "stage-log", "points.json", "undo"] {
+        for file in [
+            "pair.json",
+            "dr.json",
+            "stage-log",
+            "points.json",
+            "undo",
+            "drills",
+        ] {
             remove_if_there(&handle.dir.join(file))
                 .map_err(|e| ApiError::Internal(format!("remove {file}: {e}")))?;
         }
@@ -510,6 +518,68 @@ impl Pairs {
         Ok(())
     }
 
+    /// Makes a drill of the DR volume of `pair` (this node is its DR side) at `record.point`.
+    pub fn create_drill(
+        &self,
+        pair: PairId,
+        record: DrillRecord,
+    ) -> Result<Arc<DrillVolume>, ApiError> {
+        let dr = self.dr_of(pair)?;
+        if self
+            .find_drill(&record.export)
+            .is_some_and(|d| d.record().drill != record.drill)
+        {
+            return Err(ApiError::AlreadyExists(format!(
+                "an export named {} is served already",
+                record.export
+            )));
+        }
+        dr.create_drill(record).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                ApiError::FailedPrecondition(format!("pair {pair}: {e}"))
+            }
+            std::io::ErrorKind::AlreadyExists => ApiError::AlreadyExists(e.to_string()),
+            _ => ApiError::Internal(format!("make the drill of pair {pair}: {e}")),
+        })
+    }
+
+    /// Deletes drill `drill` of the DR volume of `pair` (done if either is gone).
+    pub fn delete_drill(&self, pair: PairId, drill: &str) -> Result<(), ApiError> {
+        match self.dr_of(pair) {
+            Ok(dr) => dr
+                .delete_drill(drill)
+                .map_err(|e| ApiError::Internal(format!("delete drill {drill}: {e}"))),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The drill served as `export`, if any.
+    pub fn find_drill(&self, export: &str) -> Option<Arc<DrillVolume>> {
+        self.drills().into_iter().find(|d| d.export() == export)
+    }
+
+    /// Every drill of this agent's DR volumes.
+    pub fn drills(&self) -> Vec<Arc<DrillVolume>> {
+        let runtimes: Vec<Runtime> = self.lock().values().cloned().collect();
+        runtimes
+            .iter()
+            .filter_map(|r| match r {
+                Runtime::Dr(d) => Some(d.drills()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn dr_of(&self, pair: PairId) -> Result<Arc<DrPair>, ApiError> {
+        match self.lock().get(&pair).cloned() {
+            Some(Runtime::Dr(d)) => Ok(d),
+            _ => Err(ApiError::FailedPrecondition(format!(
+                "this node is not the DR side of pair {pair}"
+            ))),
+        }
+    }
+
     /// Keeps point `epoch` on the DR volumes of `pairs` for a while (a failover to it is
     /// about to start): refused, with nothing held, if one of them does not hold it.
     pub fn hold_point(&self, pairs: &[PairId], epoch: Epoch) -> Result<(), ApiError> {
@@ -669,12 +739,13 @@ impl Pairs {
 const HOLD_POINT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a volume keeps as a pair's DR side: gone once it is not (promoted, switched).
-const DR_FILES: [&str; 6] = [
+const DR_FILES: [&str; 7] = [
     "dr.json",
     "stage-log",
     "group.json",
     "points.json",
     "undo",
+    "drills",
     rollback::ROLLBACK_FILE,
 ];
 

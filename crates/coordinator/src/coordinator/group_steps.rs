@@ -638,6 +638,10 @@ fn sides_changed(
     updated.term = ended.term;
     updated.operation = None;
     updated.updated_at = Some(now.to_owned());
+    if ended.swap {
+        // The DR volumes the drills read are production now: their agents ended them.
+        updated.drills.clear();
+    }
     (changes, updated)
 }
 

@@ -92,6 +92,7 @@ impl Coordinator {
             protection,
             membership: None,
             retention,
+            drills: Vec::new(),
         };
         let job = finished_job(JobType::CreateGroup, &group);
         group.job = Some(job.id);

@@ -415,6 +415,7 @@ pub(super) fn group_record(name: &str, pairs: &[&PairRecord]) -> GroupRecord {
         protection: None,
         membership: None,
         retention: Default::default(),
+        drills: Vec::new(),
     }
 }
 

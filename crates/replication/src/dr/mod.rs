@@ -14,6 +14,7 @@ use blockrep_wire::Hello;
 
 use crate::applier::{Applier, ApplierSetup, ApplyCounters, ApplyEvent};
 use crate::dr_state::{self, DrState};
+use crate::drill::{DrillRecord, DrillVolume};
 use crate::endpoint::ReplicationStream;
 use crate::membership::Membership;
 use crate::stage_log::StageLog;
@@ -60,6 +61,8 @@ pub struct DrPair {
     limits: DrLimits,
     /// The volume's points in time (its undo journal) and the group's retention.
     points: Arc<Points>,
+    /// The drills of the volume, by drill id.
+    drills: Mutex<std::collections::BTreeMap<String, Arc<DrillVolume>>>,
     /// Why the pair cannot be served here (a state file that cannot be read, a unit that
     /// could not be applied again): every stream is refused with it, and nothing is
     /// applied, until the agent restarts with the cause fixed.
@@ -142,6 +145,16 @@ impl DrPair {
             ));
             Points::new(&volume_dir, Retention::default())
         });
+        let points = Arc::new(points);
+        // A drill that cannot be opened again is left out (its files kept), not the pair.
+        let drills = DrillVolume::open_all(&volume, &volume_dir, &points)
+            .unwrap_or_else(|e| {
+                tracing::error!(pair = %membership.pair, error = %e, "the volume's drills cannot be opened again; they are left out");
+                Vec::new()
+            })
+            .into_iter()
+            .map(|d| (d.record().drill.clone(), d))
+            .collect();
         let fault = (!faults.is_empty()).then(|| faults.join("; "));
         if let Some(fault) = &fault {
             tracing::error!(pair = %membership.pair, %fault, "the DR side cannot serve its pair");
@@ -175,7 +188,8 @@ impl DrPair {
             recording_commit: Mutex::new(()),
             fault: Mutex::new(fault),
             limits,
-            points: Arc::new(points),
+            points,
+            drills: Mutex::new(drills),
         })
     }
 
@@ -291,6 +305,50 @@ impl DrPair {
     /// The volume's points in time and the group's retention.
     pub fn points(&self) -> &Arc<Points> {
         &self.points
+    }
+
+    /// Makes a drill of the volume at `record.point` (the same again if it exists).
+    pub fn create_drill(&self, record: DrillRecord) -> std::io::Result<Arc<DrillVolume>> {
+        let mut drills = self.drills.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = drills.get(&record.drill) {
+            if *d.record() == record {
+                return Ok(Arc::clone(d));
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("drill {} exists with another point or name", record.drill),
+            ));
+        }
+        let drill = DrillVolume::create(
+            record,
+            Arc::clone(&self.volume),
+            &self.volume_dir,
+            Arc::clone(&self.points),
+        )?;
+        drills.insert(drill.record().drill.clone(), Arc::clone(&drill));
+        Ok(drill)
+    }
+
+    /// Deletes drill `id` of the volume (done if it is gone).
+    pub fn delete_drill(&self, id: &str) -> std::io::Result<()> {
+        let drill = self
+            .drills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        match drill {
+            Some(d) => d.delete(&self.volume_dir),
+            None => Ok(()),
+        }
+    }
+
+    pub fn drills(&self) -> Vec<Arc<DrillVolume>> {
+        self.drills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn status(&self) -> DrStatus {

@@ -1,0 +1,285 @@
+//! A group's drills (docs/POINT-IN-TIME.md, "Drills"): for every DR volume of the group, a
+//! writable drill volume at one retained point, made by the DR volume's agent and served
+//! there over NBD; replication and the DR volumes go on untouched. A drill is made on every
+//! DR volume or on none (what was made is deleted again), then recorded with the group.
+//! A failover or a reverse ends a group's drills (their DR volumes become production).
+
+use std::time::Duration;
+
+use blockrep_api::ApiError;
+use blockrep_api::proto::{self, cluster_request::Request};
+use blockrep_core::replication::{Epoch, ReplicationModel};
+
+use super::Coordinator;
+use crate::records::{DrillRecord, DrillVolumeRecord, GroupRecord, now_text};
+use crate::store::Change;
+
+/// The longest drill name.
+const MAX_DRILL_NAME: usize = 64;
+
+fn check_drill_name(name: &str) -> Result<(), ApiError> {
+    let fine = !name.is_empty()
+        && name.len() <= MAX_DRILL_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if fine {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "drill name {name:?}: 1 to {MAX_DRILL_NAME} letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+/// The export a drill volume is served under: the drill's name and the pair's, in the
+/// characters a socket file name takes.
+fn export_name(drill: &str, pair: &str) -> String {
+    let pair: String = pair
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{drill}-{pair}")
+}
+
+impl Coordinator {
+    /// Makes a drill of group `req.group` at a retained point (the newest, if none is
+    /// named), on every DR volume or on none.
+    pub async fn create_drill(
+        &self,
+        req: proto::CreateDrillRequest,
+    ) -> Result<proto::Drill, ApiError> {
+        check_drill_name(&req.name)?;
+        let listed = self.group_points(&req.group).await?;
+        if listed.points.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} holds no points in time to drill{}",
+                req.group,
+                if listed.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", listed.detail)
+                }
+            )));
+        }
+        let point = if req.point.is_empty() {
+            Epoch(listed.points[listed.points.len() - 1].epoch)
+        } else {
+            super::points::choose_point(&listed.points, &req.point)?
+        };
+        let cut_ms = listed
+            .points
+            .iter()
+            .find(|p| p.epoch == point.0)
+            .map_or(0, |p| p.cut_ms);
+        let drill = {
+            let state = self.lock();
+            let id = Self::find_group(&state, &req.group)?;
+            let group = &state.groups[&id];
+            if group.model != ReplicationModel::Async {
+                return Err(ApiError::FailedPrecondition(
+                    "drills need points in time: an async group with a retention".into(),
+                ));
+            }
+            if state
+                .groups
+                .values()
+                .flat_map(|g| &g.drills)
+                .any(|d| d.name == req.name)
+            {
+                return Err(ApiError::AlreadyExists(format!(
+                    "a drill named {} exists",
+                    req.name
+                )));
+            }
+            DrillRecord {
+                id: uuid_text(),
+                name: req.name.clone(),
+                point,
+                cut_ms,
+                created_at: now_text(),
+                volumes: group
+                    .pairs
+                    .iter()
+                    .filter_map(|p| state.pairs.get(p))
+                    .map(|p| DrillVolumeRecord {
+                        pair: p.id,
+                        node: p.dr_node.clone(),
+                        export: export_name(&req.name, &p.name),
+                        dr_volume: p.dr_volume,
+                    })
+                    .collect(),
+            }
+        };
+        let mut made = Vec::new();
+        for volume in &drill.volumes {
+            let command = Request::CreateDrill(drill_command(&drill, volume));
+            match self.ask_agent(&volume.node, command).await {
+                Ok(_) => made.push(volume.clone()),
+                Err(e) => {
+                    self.undo_drill(&drill, &made).await;
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "drill refused: node {} cannot make the drill of pair {}: {e}",
+                        volume.node, volume.pair
+                    )));
+                }
+            }
+        }
+        let recorded = {
+            let mut state = self.lock();
+            Self::find_group(&state, &req.group).and_then(|id| {
+                let mut group = state.groups[&id].clone();
+                group.drills.push(drill.clone());
+                self.commit_into(&mut state, &[Change::PutGroup(group.clone())])?;
+                Ok(group)
+            })
+        };
+        match recorded {
+            Ok(group) => {
+                tracing::info!(group = %group.id, drill = %drill.name, point = %point, "drill created");
+                Ok(drill_view(&group, &drill))
+            }
+            Err(e) => {
+                self.undo_drill(&drill, &made).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn undo_drill(&self, drill: &DrillRecord, made: &[DrillVolumeRecord]) {
+        for volume in made {
+            let command = Request::DeleteDrill(drill_command(drill, volume));
+            if let Err(e) = self.ask_agent(&volume.node, command).await {
+                tracing::warn!(drill = %drill.name, node = %volume.node, error = %e, "cannot delete a drill volume made for a drill that failed");
+            }
+        }
+    }
+
+    pub fn list_drills(&self, group: &str) -> Result<proto::ListDrillsResponse, ApiError> {
+        let state = self.lock();
+        let groups: Vec<&GroupRecord> = if group.is_empty() {
+            state.groups.values().collect()
+        } else {
+            vec![&state.groups[&Self::find_group(&state, group)?]]
+        };
+        Ok(proto::ListDrillsResponse {
+            drills: groups
+                .iter()
+                .flat_map(|g| g.drills.iter().map(|d| drill_view(g, d)))
+                .collect(),
+        })
+    }
+
+    pub fn get_drill(&self, reference: &str) -> Result<proto::Drill, ApiError> {
+        let state = self.lock();
+        let (group, drill) = find_drill(state.groups.values(), reference)?;
+        Ok(drill_view(group, drill))
+    }
+
+    /// Deletes a drill: every drill volume, then the record. A DR agent that cannot be
+    /// reached keeps the drill (delete it again).
+    pub async fn delete_drill(&self, reference: &str) -> Result<proto::Drill, ApiError> {
+        let (group_id, drill) = {
+            let state = self.lock();
+            let (group, drill) = find_drill(state.groups.values(), reference)?;
+            (group.id, drill.clone())
+        };
+        for volume in &drill.volumes {
+            let command = Request::DeleteDrill(drill_command(&drill, volume));
+            self.ask_agent(&volume.node, command).await.map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "node {} did not delete its drill volume {} ({e}); the drill stays: delete it again",
+                    volume.node, volume.export
+                ))
+            })?;
+        }
+        let mut state = self.lock();
+        let Some(mut group) = state.groups.get(&group_id).cloned() else {
+            return Err(ApiError::NotFound(format!("no drill {reference}")));
+        };
+        group.drills.retain(|d| d.id != drill.id);
+        self.commit_into(&mut state, &[Change::PutGroup(group.clone())])?;
+        tracing::info!(group = %group_id, drill = %drill.name, "drill deleted");
+        let mut view = drill_view(&group, &drill);
+        view.status = "deleted".into();
+        Ok(view)
+    }
+}
+
+fn find_drill<'a>(
+    groups: impl Iterator<Item = &'a GroupRecord>,
+    reference: &str,
+) -> Result<(&'a GroupRecord, &'a DrillRecord), ApiError> {
+    let found: Vec<(&GroupRecord, &DrillRecord)> = groups
+        .flat_map(|g| g.drills.iter().map(move |d| (g, d)))
+        .filter(|(_, d)| d.id == reference || d.name == reference)
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ApiError::NotFound(format!("no drill {reference:?}"))),
+        _ => Err(ApiError::InvalidArgument(format!(
+            "{} drills match {reference:?}; give the drill id",
+            found.len()
+        ))),
+    }
+}
+
+fn drill_command(drill: &DrillRecord, volume: &DrillVolumeRecord) -> proto::DrillCommand {
+    proto::DrillCommand {
+        drill_id: drill.id.clone(),
+        pair_id: volume.pair.to_string(),
+        export: volume.export.clone(),
+        point: drill.point.0,
+    }
+}
+
+fn drill_view(group: &GroupRecord, d: &DrillRecord) -> proto::Drill {
+    proto::Drill {
+        id: d.id.clone(),
+        name: d.name.clone(),
+        group_id: group.id.to_string(),
+        point_epoch: d.point.0,
+        point_cut_at: humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(d.cut_ms),
+        )
+        .to_string(),
+        status: "available".into(),
+        created_at: d.created_at.clone(),
+        volumes: d
+            .volumes
+            .iter()
+            .map(|v| proto::DrillVolume {
+                pair_id: v.pair.to_string(),
+                node: v.node.clone(),
+                export: v.export.clone(),
+                dr_volume_id: v.dr_volume.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// A new random id, in the form the other records' ids take.
+fn uuid_text() -> String {
+    blockrep_core::replication::JobId::random().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drill_names_and_exports_are_file_names() {
+        assert!(check_drill_name("monday-drill_1.a").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_drill_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(export_name("d", "db/data 1"), "d-db_data_1");
+    }
+}

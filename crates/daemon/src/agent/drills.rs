@@ -1,0 +1,128 @@
+//! The agent's drill volumes on the NBD side: each is served on a socket of its own under
+//! its export name (and on the TCP listener, if there is one), as a block device that reads
+//! through the drill's layers and writes to its overlay (`blockrep_replication::drill`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blockrep_api::ApiError;
+use blockrep_nbd::{BlockDevice, ClientStream, ExportSet};
+use blockrep_replication::drill::DrillVolume;
+use blockrep_replication::pairs::Pairs;
+use blockrep_volume::Volume;
+
+use super::{Agent, accept_loop, remove_stale_socket, set_mode};
+
+/// A drill volume as NBD serves it.
+pub struct DrillDevice(pub Arc<DrillVolume>);
+
+impl BlockDevice for DrillDevice {
+    fn name(&self) -> &str {
+        self.0.export()
+    }
+
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A drill's own socket: it serves that drill under its export name or the empty name,
+/// for as long as the drill is there.
+struct DrillExport {
+    pairs: Arc<Pairs>,
+    export: String,
+}
+
+impl ExportSet for DrillExport {
+    fn find(&self, _name: &str) -> Option<Arc<Volume>> {
+        None
+    }
+
+    fn names(&self) -> Vec<String> {
+        vec![self.export.clone()]
+    }
+
+    fn find_device(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
+        if !(name.is_empty() || name == self.export) {
+            return None;
+        }
+        self.pairs
+            .find_drill(&self.export)
+            .map(|d| Arc::new(DrillDevice(d)) as Arc<dyn BlockDevice>)
+    }
+}
+
+impl Agent {
+    /// Serves drill `export` on its socket (again, if it was).
+    pub fn serve_drill(self: &Arc<Self>, export: &str) -> Result<PathBuf, ApiError> {
+        let socket = self.config.nbd_socket(export);
+        let bind_err = |e: std::io::Error| {
+            ApiError::Internal(format!("cannot listen on {}: {e}", socket.display()))
+        };
+        if let Some(old) = self.drill_sockets().remove(export) {
+            old.abort();
+        }
+        remove_stale_socket(&socket).map_err(bind_err)?;
+        let _guard = self.runtime.enter();
+        let listener = tokio::net::UnixListener::bind(&socket).map_err(bind_err)?;
+        set_mode(&socket, 0o660).map_err(bind_err)?;
+        let exports: Arc<dyn ExportSet> = Arc::new(DrillExport {
+            pairs: Arc::clone(&self.pairs),
+            export: export.to_owned(),
+        });
+        let label = socket.display().to_string();
+        let task = self.runtime.spawn(accept_loop(
+            Arc::clone(&self.connections),
+            exports,
+            label.clone(),
+            async move || {
+                let (stream, _) = listener.accept().await?;
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                Ok((ClientStream::Unix(stream), label.clone()))
+            },
+        ));
+        self.drill_sockets().insert(export.to_owned(), task);
+        Ok(socket)
+    }
+
+    /// Stops serving drill `export` and removes its socket.
+    pub fn stop_serving_drill(&self, export: &str) {
+        if let Some(task) = self.drill_sockets().remove(export) {
+            task.abort();
+        }
+        let _ = remove_stale_socket(&self.config.nbd_socket(export));
+    }
+
+    /// Serves every drill this agent's DR volumes have (at start).
+    pub fn serve_drills(self: &Arc<Self>) {
+        for drill in self.pairs.drills() {
+            if let Err(e) = self.serve_drill(drill.export()) {
+                tracing::error!(export = drill.export(), error = %e, "cannot serve a drill volume");
+            }
+        }
+    }
+
+    fn drill_sockets(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, tokio::task::JoinHandle<()>>>
+    {
+        self.drill_sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
