@@ -454,6 +454,7 @@ mod tests {
                     .write_all_at(&vec![v; (n * BLOCK) as usize], b * BLOCK)
                     .unwrap();
             }
+            self.points.set_applied(Epoch(epoch));
             self.images.push(std::fs::read(&self.path).unwrap());
         }
 

@@ -97,6 +97,8 @@ pub struct Points {
     /// The live views of the drills on this volume: each unit's undo is added to them
     /// before the unit applies.
     views: Mutex<Vec<Arc<LiveView>>>,
+    /// The volume's last unit applied whole: a point after it is the unit being applied.
+    applied: std::sync::atomic::AtomicU64,
 }
 
 /// A drill's image of the volume at its point, kept current while units apply: where each
@@ -146,7 +148,14 @@ impl Points {
             retention: Mutex::new(retention),
             pins: Mutex::new(Vec::new()),
             views: Mutex::new(Vec::new()),
+            applied: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The volume's last unit applied whole is `epoch`.
+    pub fn set_applied(&self, epoch: Epoch) {
+        self.applied
+            .store(epoch.0, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Adds a drill's view: its point is kept from retention while it is there.
@@ -278,13 +287,19 @@ impl Points {
         Ok(journal)
     }
 
-    /// The points held (blocking: the journal is opened if it is not yet).
+    /// The points held whose units are applied (blocking: the journal is opened if it is
+    /// not yet). The unit being applied has its undo kept already, but the volume is
+    /// between two images until it is applied whole: its point is not one yet.
     pub fn list(&self) -> io::Result<Vec<PointInfo>> {
+        let applied = Epoch(self.applied.load(std::sync::atomic::Ordering::SeqCst));
         Ok(self
             .journal()?
             .as_ref()
             .map(UndoJournal::points)
-            .unwrap_or_default())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.point.epoch <= applied)
+            .collect())
     }
 }
 

@@ -974,6 +974,13 @@ mod tests {
         out
     }
 
+    /// The points of the DR volume in `dir`, as an agent that starts finds them.
+    fn listed_points(dir: &std::path::Path) -> crate::undo_journal::Points {
+        let points = crate::undo_journal::Points::new(dir, KEEP_A_DAY);
+        points.set_applied(crate::dr_state::load(&dir.join("dr.json")).unwrap().applied);
+        points
+    }
+
     const KEEP_A_DAY: blockrep_core::replication::undo::Retention =
         blockrep_core::replication::undo::Retention {
             max_age_secs: 86_400,
@@ -1010,7 +1017,7 @@ mod tests {
             images.push(std::fs::read(&path).unwrap());
         }
         applier.stop();
-        let points = crate::undo_journal::Points::new(dir.path(), KEEP_A_DAY);
+        let points = listed_points(dir.path());
         let listed: Vec<u64> = points
             .list()
             .unwrap()
@@ -1086,7 +1093,7 @@ mod tests {
             "{seen:?}"
         );
         applier.stop();
-        let points = crate::undo_journal::Points::new(dir.path(), KEEP_A_DAY);
+        let points = listed_points(dir.path());
         let listed: Vec<u64> = points
             .list()
             .unwrap()
@@ -1123,7 +1130,7 @@ mod tests {
         submit(ApplyCmd::Flush { seq: WriteSeq(9) });
         events_until_flush(&mut events, WriteSeq(9));
         let list = |dir: &std::path::Path| -> Vec<u64> {
-            crate::undo_journal::Points::new(dir, KEEP_A_DAY)
+            listed_points(dir)
                 .list()
                 .unwrap()
                 .iter()

@@ -146,6 +146,7 @@ impl DrPair {
             Points::new(&volume_dir, Retention::default())
         });
         let points = Arc::new(points);
+        points.set_applied(state.applied);
         // A drill that cannot be opened again is left out (its files kept), not the pair.
         let drills = DrillVolume::open_all(&volume, &volume_dir, &points)
             .unwrap_or_else(|e| {

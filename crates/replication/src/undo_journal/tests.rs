@@ -298,3 +298,48 @@ fn a_corrupt_segment_refuses_the_journal_and_is_set_aside() {
     assert!(journal.points().is_empty());
     assert!(aside.exists() && segment_files(&aside).unwrap().len() == 1);
 }
+
+/// A unit's point is not listed (so neither drilled nor held for a failover) until the unit
+/// is applied: between its undo and the end of its apply the volume is between two images,
+/// and a drill at that point would read the unit half applied.
+#[test]
+fn a_point_is_listed_only_once_its_unit_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let points = Points::new(
+        dir.path(),
+        Retention {
+            max_age_secs: 3600,
+            max_bytes: 0,
+        },
+    );
+    points
+        .journal()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .start(Point {
+            epoch: Epoch(1),
+            cut_ms: 1000,
+        })
+        .unwrap();
+    points.set_applied(Epoch(1));
+    points
+        .journal()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .keep_unit(Epoch(2), 2000, &[ByteRange::new(0, BLOCK)], |_, out| {
+            out.fill(7);
+            Ok(())
+        })
+        .unwrap();
+    let listed =
+        |p: &Points| -> Vec<u64> { p.list().unwrap().iter().map(|i| i.point.epoch.0).collect() };
+    assert_eq!(
+        listed(&points),
+        [1],
+        "a point listed while its unit applies"
+    );
+    points.set_applied(Epoch(2));
+    assert_eq!(listed(&points), [1, 2]);
+}

@@ -19,6 +19,7 @@ impl Worker {
     pub(super) fn open_points(&mut self) -> io::Result<()> {
         let journal = self.points.journal()?;
         self.points_held = journal.as_ref().is_some_and(|j| j.newest().is_some());
+        self.points.set_applied(self.side.applied());
         Ok(())
     }
 
@@ -97,6 +98,7 @@ impl Worker {
     /// After a unit is applied and recorded: a journal with no points starts at it (the
     /// volume is a consistent image now), and the retention is applied.
     pub(super) fn unit_kept(&mut self) -> io::Result<()> {
+        self.points.set_applied(self.side.applied());
         let retention = self.points.retention();
         if !retention.is_on() {
             return Ok(());
