@@ -23,14 +23,19 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// A witness coordinator, node-a (az1) and node-b (az2), with volumes and a group.
-struct GroupCluster {
+pub(crate) struct GroupCluster {
     bin: PathBuf,
     dir: PathBuf,
     nodes: Vec<NodeProc>,
 }
 
 impl GroupCluster {
-    fn start(env: &mut Env, work: &Path, bin: &Path, name: &str) -> anyhow::Result<Self> {
+    pub(crate) fn start(
+        env: &mut Env,
+        work: &Path,
+        bin: &Path,
+        name: &str,
+    ) -> anyhow::Result<Self> {
         Self::start_with(env, work, bin, name, NodeConfig::default())
     }
 
@@ -68,24 +73,24 @@ impl GroupCluster {
         Ok(cluster)
     }
 
-    fn node(&self, name: &str) -> &NodeProc {
+    pub(crate) fn node(&self, name: &str) -> &NodeProc {
         self.nodes.iter().find(|n| n.name == name).expect("a node")
     }
 
-    fn cli(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
+    pub(crate) fn cli(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
         run(Command::new(self.bin.join("blockrep"))
             .arg("--socket")
             .arg(self.node(node).socket())
             .args(args))
     }
 
-    fn json(&self, node: &str, args: &[&str]) -> anyhow::Result<Value> {
+    pub(crate) fn json(&self, node: &str, args: &[&str]) -> anyhow::Result<Value> {
         let mut all = vec!["--output", "json"];
         all.extend_from_slice(args);
         Ok(serde_json::from_str(&self.cli(node, &all)?)?)
     }
 
-    fn wait(
+    pub(crate) fn wait(
         &self,
         what: &str,
         seconds: u64,
@@ -116,7 +121,7 @@ impl GroupCluster {
     }
 
     /// Pairs `p<i>` → `d<i>` of `size` bytes, synced, in group `app` of `model`.
-    fn group(&self, pairs: usize, size: u64, model: &str) -> anyhow::Result<()> {
+    pub(crate) fn group(&self, pairs: usize, size: u64, model: &str) -> anyhow::Result<()> {
         for i in 1..=pairs {
             self.add_volume("node-a", &format!("p{i}"), size)?;
             self.add_volume("node-b", &format!("d{i}"), size)?;
@@ -190,7 +195,7 @@ impl GroupCluster {
     }
 
     /// The pair states `node` reports, by volume name.
-    fn pair_state(&self, node: &str, volume: &str) -> anyhow::Result<Value> {
+    pub(crate) fn pair_state(&self, node: &str, volume: &str) -> anyhow::Result<Value> {
         let status = self.json(node, &["status"])?;
         status["pairs"]
             .as_array()
@@ -220,7 +225,7 @@ impl GroupCluster {
         Ok(())
     }
 
-    fn stop(self, env: &mut Env) {
+    pub(crate) fn stop(self, env: &mut Env) {
         for n in self.nodes.iter().rev() {
             env.stop_server(n.pid);
         }
@@ -250,7 +255,7 @@ fn background_writes(uris: &[String], rate: u32) -> anyhow::Result<BackgroundFio
     )
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -7,6 +7,7 @@ mod groups;
 mod meter;
 mod outages;
 mod pairs;
+mod points;
 mod report;
 mod scenarios;
 mod targets;
@@ -67,6 +68,9 @@ struct Args {
     /// 2 × 2000 IOPS and at half the group's maximum, `--lag-seconds` each).
     /// `many-volumes`: `--volumes` sparse volumes on one agent (threads, open files,
     /// memory, restart to serving).
+    /// `points`: an async group with points in time (4k randwrite with a retention against
+    /// without, undo per GB and per epoch, drill creation on 1 GiB and 8 GiB volumes, drill
+    /// reads against DR volume reads).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Volumes of the many-volumes scenario.
@@ -291,8 +295,9 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             "group-iops" => groups::iops(&mut env, &work, &bin, repeats, timing.runtime_s)?,
             "group-rpo" => groups::rpo(&mut env, &work, &bin, args.lag_seconds)?,
             "many-volumes" => volumes::many(&mut env, &work, &bin, args.volumes)?,
+            "points" => points::points(&mut env, &work, &bin, repeats, timing.runtime_s)?,
             other => bail!(
-                "unknown scenario {other:?} (lag, sustained, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo, many-volumes)"
+                "unknown scenario {other:?} (lag, sustained, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo, many-volumes, points)"
             ),
         };
         eprintln!("bench: scenario {scenario}: {}", result.summary);

@@ -258,3 +258,218 @@ fn ext4_on_two_grouped_volumes_is_clean_after_a_failover_and_holds_every_synced_
         cluster.node_mut(node).stop();
     }
 }
+
+/// The newest point of group `group` cut after `after_ms`, once there is one.
+fn point_cut_after(cluster: &TestCluster, group: &str, after_ms: u64) -> u64 {
+    let mut found = 0;
+    wait_until(
+        Duration::from_secs(60),
+        "a point cut after the writes",
+        || {
+            let listed = cluster.coordinator().cli_json(&["group", "points", group]);
+            let newest = listed["points"].as_array().and_then(|p| p.last()).cloned();
+            newest.is_some_and(|p| {
+                let cut_ms = humantime::parse_rfc3339(p["cut_at"].as_str().unwrap_or(""))
+                    .map(|t| {
+                        t.duration_since(SystemTime::UNIX_EPOCH)
+                            .unwrap()
+                            .as_millis() as u64
+                    })
+                    .unwrap_or(0);
+                found = p["epoch"].as_u64().unwrap_or(0);
+                cut_ms > after_ms
+            })
+        },
+    );
+    found
+}
+
+/// Checks the ext4 file system on `dev`: every file of `files` (file, volume) on `volume`
+/// holds its content, and `fsck -n` finds nothing to fix.
+fn check_files(
+    cleanup: &mut Cleanup,
+    dev: &str,
+    at: &Path,
+    files: &[(u64, usize)],
+    volume: usize,
+    seed: u64,
+    what: &str,
+) {
+    mount(cleanup, dev, at);
+    for (file, _) in files.iter().filter(|(_, vol)| *vol == volume) {
+        let got = std::fs::read(at.join(format!("file-{file:05}")))
+            .unwrap_or_else(|e| panic!("seed {seed}: {what}: file-{file:05}: {e}"));
+        assert!(
+            got == content(seed, *file),
+            "seed {seed}: {what}: file-{file:05} is not its original content"
+        );
+    }
+    run(Command::new("umount").arg(at));
+    cleanup.mounts.pop();
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(dev)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "seed {seed}: {what}: fsck -n: {}\n{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
+
+/// Points in time against "ransomware" (docs/POINT-IN-TIME.md): files are written on ext4
+/// on the group's two volumes, then a pass overwrites every one of them and replicates. A
+/// drill at the point before the pass mounts clean with the original files; the group then
+/// fails over to that point, and the DR file systems are clean with the original files.
+#[test]
+fn ext4_overwritten_by_ransomware_comes_back_from_the_point_before_it() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (loop devices, mounts)"
+    );
+    for tool in [
+        "losetup",
+        "nbdfuse",
+        "fusermount3",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+    ] {
+        require_tool(tool);
+    }
+    let seed = seed(0x9_4002);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(
+        dir.path(),
+        &[
+            ("node-co", "az3"),
+            ("node-a", "az1"),
+            ("node-c", "az1"),
+            ("node-b", "az2"),
+        ],
+        "[replication]\nepoch_interval_ms = 200\n",
+    );
+    let image = |v: &str| dir.path().join(format!("{v}.img"));
+    for (node, v) in [
+        ("node-a", "p1"),
+        ("node-c", "p2"),
+        ("node-b", "d1"),
+        ("node-b", "d2"),
+    ] {
+        preallocated(&image(v), 64 * MIB);
+        cluster.add_volume(node, v, &image(v));
+    }
+    create_group(
+        &cluster,
+        "fs",
+        &[("fs1", "p1,d1"), ("fs2", "p2,d2")],
+        "async",
+    );
+    cluster
+        .coordinator()
+        .cli_json(&["group", "update", "fs", "--retention", "1h"]);
+    wait_consistent(&cluster, "fs", Duration::from_secs(120));
+
+    let mut cleanup = Cleanup::default();
+    let devices: Vec<String> = [("node-a", "p1"), ("node-c", "p2")]
+        .iter()
+        .map(|(node, v)| {
+            let dev = block_device(
+                &mut cleanup,
+                &dir.path().join(format!("fuse-{v}")),
+                &cluster.node(node).daemon().nbd_uri(v),
+            );
+            run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
+            dev
+        })
+        .collect();
+    let mounts: Vec<PathBuf> = ["p1", "p2"]
+        .iter()
+        .zip(&devices)
+        .map(|(v, dev)| {
+            let at = dir.path().join(format!("mnt-{v}"));
+            mount(&mut cleanup, dev, &at);
+            at
+        })
+        .collect();
+    let files: Vec<(u64, usize)> = (0..40).map(|n| (n, (n % 2) as usize)).collect();
+    for &(n, volume) in &files {
+        let mut f = std::fs::File::create(mounts[volume].join(format!("file-{n:05}"))).unwrap();
+        f.write_all(&content(seed, n)).unwrap();
+        f.sync_all().unwrap();
+    }
+    run(&mut Command::new("sync"));
+    let clean = point_cut_after(&cluster, "fs", now_ms());
+
+    // The "ransomware" pass: every file overwritten in place, and synced.
+    for &(n, volume) in &files {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mounts[volume].join(format!("file-{n:05}")))
+            .unwrap();
+        f.write_all(&vec![0xe5; FILE_BYTES]).unwrap();
+        f.sync_all().unwrap();
+    }
+    run(&mut Command::new("sync"));
+    let damaged = point_cut_after(&cluster, "fs", now_ms());
+    eprintln!("seed {seed}: files clean at point {clean}, overwritten by point {damaged}");
+
+    // A drill at the clean point, while the group replicates.
+    let drill = cluster.coordinator().cli_json(&[
+        "group",
+        "drill",
+        "create",
+        "fs",
+        "--name",
+        "before",
+        "--point",
+        &clean.to_string(),
+    ]);
+    assert_eq!(drill["point_epoch"], clean, "{drill}");
+    for (volume, pair) in ["fs1", "fs2"].iter().enumerate() {
+        let export = format!("before-{pair}");
+        let socket = cluster.node("node-b").daemon().nbd_socket(&export);
+        let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
+        let dev = block_device(
+            &mut cleanup,
+            &dir.path().join(format!("fuse-drill-{pair}")),
+            &uri,
+        );
+        let at = dir.path().join(format!("mnt-drill-{pair}"));
+        check_files(
+            &mut cleanup,
+            &dev,
+            &at,
+            &files,
+            volume,
+            seed,
+            &format!("drill {export}"),
+        );
+    }
+
+    // The application stops; the group fails over to the clean point.
+    for m in &mounts {
+        run(Command::new("umount").arg(m));
+    }
+    cleanup.unmount_all();
+    let started =
+        cluster
+            .coordinator()
+            .cli_json(&["group", "failover", "fs", "--point", &clean.to_string()]);
+    let job = started["job_id"].as_str().expect("a job").to_owned();
+    cluster.wait_job(&job, Duration::from_secs(60));
+    let job = cluster.coordinator().cli_json(&["job", "show", &job]);
+    eprintln!("seed {seed}: {}", job["result"]);
+    for (volume, v) in ["d1", "d2"].iter().enumerate() {
+        let dev = block_device(
+            &mut cleanup,
+            &dir.path().join(format!("fuse-{v}")),
+            &cluster.node("node-b").daemon().nbd_uri(v),
+        );
+        let at = dir.path().join(format!("mnt-{v}"));
+        check_files(&mut cleanup, &dev, &at, &files, volume, seed, v);
+    }
+    cleanup.unmount_all();
+}

@@ -235,9 +235,17 @@ pub fn negotiate<S: Read + Write>(
                     )?;
                     continue;
                 };
-                let Some(volume) = exports.find(&name) else {
+                let Some(export) = find(exports, &name) else {
                     let msg = format!("no export named {name:?}");
                     option_reply(stream, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                };
+                let Export::Volume(volume) = export else {
+                    // A device has no block status: no context is selected.
+                    if option == OPT_SET_META_CONTEXT {
+                        meta = None;
+                    }
+                    option_reply(stream, option, REP_ACK, &[])?;
                     continue;
                 };
                 let listing = option == OPT_LIST_META_CONTEXT;

@@ -1,0 +1,329 @@
+//! Points in time, measured (docs/POINT-IN-TIME.md): what keeping undo costs an async
+//! group's 4k writes, how much undo a GB overwritten leaves, how long a drill takes to make
+//! (1 GiB and 8 GiB volumes), and how fast a drill volume reads against its DR volume.
+//!
+//! Each cluster is the groups' layout: a witness coordinator, node-a (az1, production, with
+//! the writing fio) and node-b (az2, the DR side, with the reading fio).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::env::{Env, Host, check_interrupted, run};
+use crate::groups::{GroupCluster, percentile};
+use crate::report::{Goal, GoalFormat, ScenarioResult};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// fio on `uris` at once (one job each), `rw` 4k QD32 for `runtime_s`, on `host`: total
+/// IOPS and bytes moved.
+fn fio_4k(host: Host, uris: &[String], rw: &str, runtime_s: u32) -> anyhow::Result<(f64, u64)> {
+    let mut cmd = crate::env::on_host(host, "fio");
+    cmd.args(["--ioengine=nbd", "--bs=4k", "--iodepth=32"])
+        .arg(format!("--rw={rw}"))
+        .args([
+            "--time_based",
+            "--ramp_time=1",
+            "--group_reporting",
+            "--output-format=json",
+        ])
+        .arg(format!("--runtime={runtime_s}"));
+    for (i, uri) in uris.iter().enumerate() {
+        cmd.arg(format!("--name=j{i}")).arg(format!("--uri={uri}"));
+    }
+    let out = run(&mut cmd)?;
+    let json = out.find('{').map_or(out.as_str(), |i| &out[i..]);
+    let v: Value = serde_json::from_str(json).context("fio's JSON")?;
+    let dir = if rw.contains("read") { "read" } else { "write" };
+    let iops = v["jobs"][0][dir]["iops"].as_f64().context("fio IOPS")?;
+    let bytes = v["jobs"][0][dir]["io_bytes"].as_u64().unwrap_or(0);
+    Ok((iops, bytes))
+}
+
+fn fill(uri: &str) -> anyhow::Result<()> {
+    run(Command::new("fio")
+        .args([
+            "--name=fill",
+            "--ioengine=nbd",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+        ])
+        .arg(format!("--uri={uri}")))?;
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+impl GroupCluster {
+    fn retention(&self, on: bool) -> anyhow::Result<()> {
+        self.cli(
+            "node-w",
+            &[
+                "group",
+                "update",
+                "app",
+                "--retention",
+                if on { "1h" } else { "0" },
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The group's points: (epoch, bytes of undo behind it).
+    fn points(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        let listed = self.json("node-w", &["group", "points", "app"])?;
+        Ok(listed["points"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        (
+                            p["epoch"].as_u64().unwrap_or(0),
+                            p["bytes_behind"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Until both pairs sent and applied everything.
+    fn settle(&self) -> anyhow::Result<()> {
+        self.wait("the pairs to settle", 300, |c| {
+            Ok(["p1", "p2"].iter().all(|v| {
+                c.pair_state("node-a", v).is_ok_and(|s| {
+                    s["replication_status"] == "active"
+                        && s["out_of_sync_bytes"] == 0
+                        && s["counters"]["journal_bytes"] == 0
+                })
+            }))
+        })
+    }
+
+    /// Makes drill `name` at the newest point; returns the seconds until the call returned
+    /// and until a 4 KiB read of each drill volume came back (its view built).
+    fn drill(&self, name: &str) -> anyhow::Result<(f64, f64)> {
+        let started = Instant::now();
+        self.cli(
+            "node-w",
+            &["group", "drill", "create", "app", "--name", name],
+        )?;
+        let made = started.elapsed().as_secs_f64();
+        for pair in ["g1", "g2"] {
+            let uri = self.node("node-b").nbd_uri(&format!("{name}-{pair}"));
+            run(Command::new("fio")
+                .args([
+                    "--name=first",
+                    "--ioengine=nbd",
+                    "--rw=read",
+                    "--bs=4k",
+                    "--size=4k",
+                ])
+                .arg(format!("--uri={uri}")))?;
+        }
+        Ok((made, started.elapsed().as_secs_f64()))
+    }
+}
+
+/// The whole scenario: retention's cost and undo per GB on 1 GiB volumes, drill creation on
+/// 1 GiB and 8 GiB volumes, drill reads against DR volume reads.
+pub fn points(
+    env: &mut Env,
+    work: &Path,
+    bin: &Path,
+    repeats: u32,
+    runtime_s: u32,
+) -> anyhow::Result<ScenarioResult> {
+    let cluster = GroupCluster::start(env, work, bin, "points")?;
+    cluster.group(2, GIB, "async")?;
+    let uris: Vec<String> = ["p1", "p2"]
+        .iter()
+        .map(|v| cluster.node("node-a").nbd_uri(v))
+        .collect();
+    for uri in &uris {
+        fill(uri)?;
+    }
+    // Retention off and on, paired, the order alternating.
+    let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut undo_per_gb = Vec::new();
+    let mut undo_per_epoch = Vec::new();
+    for rep in 0..repeats {
+        check_interrupted()?;
+        let mut this = [0.0f64; 2];
+        for k in 0..2 {
+            let keeping = (k + rep as usize).is_multiple_of(2);
+            cluster.retention(keeping)?;
+            cluster.settle()?;
+            if keeping {
+                // The journal starts at the first unit applied with the retention on.
+                cluster.wait("the first point", 60, |c| Ok(!c.points()?.is_empty()))?;
+            }
+            run(&mut Command::new("sync"))?;
+            let before = cluster.points()?;
+            let (iops, bytes) = fio_4k(Host::Production, &uris, "randwrite", runtime_s)?;
+            eprintln!(
+                "bench: [{}/{repeats}] 4k randwrite QD32 on an async group, retention {}: {iops:.0} IOPS",
+                rep + 1,
+                if keeping { "on" } else { "off" }
+            );
+            this[usize::from(keeping)] = iops;
+            if keeping {
+                cluster.settle()?;
+                let after = cluster.points()?;
+                let newest_before = before.last().map_or(0, |p| p.0);
+                // The undo kept for the run: behind the newest point before it.
+                let kept = after
+                    .iter()
+                    .find(|p| p.0 == newest_before)
+                    .map_or(0, |p| p.1);
+                let epochs = after.iter().filter(|p| p.0 > newest_before).count();
+                if bytes > 0 && kept > 0 {
+                    undo_per_gb.push(kept as f64 / (bytes as f64 / 1e9));
+                }
+                if epochs > 0 {
+                    undo_per_epoch.push(kept as f64 / epochs as f64);
+                }
+            }
+        }
+        off.push(this[0]);
+        on.push(this[1]);
+        ratios.push(this[1] / this[0]);
+    }
+    cluster.retention(true)?;
+    cluster.settle()?;
+    cluster.wait("a point", 60, |c| Ok(!c.points()?.is_empty()))?;
+
+    // Drills on the 1 GiB volumes, and reads of a drill volume against its DR volume.
+    let mut made_1g = Vec::new();
+    let mut usable_1g = Vec::new();
+    for i in 0..repeats {
+        let (made, usable) = cluster.drill(&format!("b{i}"))?;
+        made_1g.push(made);
+        usable_1g.push(usable);
+    }
+    let drill_uri = cluster.node("node-b").nbd_uri("b0-g1");
+    let dr_uri = cluster.node("node-b").nbd_uri("d1");
+    let (mut drill_reads, mut dr_reads, mut read_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..repeats {
+        check_interrupted()?;
+        let mut this = [0.0f64; 2];
+        for k in 0..2 {
+            let drill = (k + rep as usize).is_multiple_of(2);
+            let uri = if drill { &drill_uri } else { &dr_uri };
+            run(&mut Command::new("sync"))?;
+            let (iops, _) = fio_4k(Host::Dr, std::slice::from_ref(uri), "randread", runtime_s)?;
+            eprintln!(
+                "bench: [{}/{repeats}] 4k randread QD32 of the {}: {iops:.0} IOPS",
+                rep + 1,
+                if drill { "drill volume" } else { "DR volume" }
+            );
+            this[usize::from(drill)] = iops;
+        }
+        dr_reads.push(this[0]);
+        drill_reads.push(this[1]);
+        read_ratios.push(this[1] / this[0]);
+    }
+    cluster.stop(env);
+
+    // Drills on 8 GiB volumes.
+    let big = GroupCluster::start(env, work, bin, "points-8g")?;
+    big.group(2, 8 * GIB, "async")?;
+    big.retention(true)?;
+    for v in ["p1", "p2"] {
+        run(Command::new("fio")
+            .args([
+                "--name=some",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=64k",
+                "--iodepth=8",
+            ])
+            .arg(format!("--size={}", 256 * MIB))
+            .arg(format!("--uri={}", big.node("node-a").nbd_uri(v))))?;
+    }
+    big.settle()?;
+    big.wait("a point", 60, |c| Ok(c.points()?.len() > 1))?;
+    let mut made_8g = Vec::new();
+    let mut usable_8g = Vec::new();
+    for i in 0..repeats {
+        let (made, usable) = big.drill(&format!("c{i}"))?;
+        made_8g.push(made);
+        usable_8g.push(usable);
+    }
+    big.stop(env);
+
+    let (r, read_r) = (median(&ratios), median(&read_ratios));
+    let (m1, u1, m8, u8) = (
+        median(&made_1g),
+        median(&usable_1g),
+        median(&made_8g),
+        median(&usable_8g),
+    );
+    let per_gb = (!undo_per_gb.is_empty()).then(|| median(&undo_per_gb));
+    let per_epoch = (!undo_per_epoch.is_empty()).then(|| median(&undo_per_epoch));
+    let mib = |b: Option<f64>| {
+        b.map_or_else(
+            || "n/a".to_owned(),
+            |b| format!("{:.1} MiB", b / MIB as f64),
+        )
+    };
+    Ok(ScenarioResult {
+        name: "points",
+        summary: format!(
+            "retention on {:.0} vs off {:.0} IOPS: {r:.2}×; undo {} per GB written, {} per epoch; drill made in {m1:.2} s (1 GiB), {m8:.2} s (8 GiB); drill reads {read_r:.2}× the DR volume's",
+            median(&on),
+            median(&off),
+            mib(per_gb),
+            mib(per_epoch)
+        ),
+        markdown: format!(
+            "- **Points in time** (async group of two pairs, 1 s cuts): 4k randwrite QD32 on both production volumes (1 GiB, written once beforehand) with a retention of 1 h: {:.0} IOPS, against {:.0} without points: {r:.2}× (median of {repeats} paired runs, order alternating). Undo kept: {} per GB written (4k random, so nearly every write overwrites a distinct block), {} per epoch (both volumes).\n- **Drills**: `group drill create` returned in {m1:.2} s on 1 GiB volumes and {m8:.2} s on 8 GiB volumes; the first 4 KiB read of each drill volume (its view built) came back {u1:.2} s and {u8:.2} s after the call (medians of {repeats}). 4k randread QD32 of a drill volume: {:.0} IOPS, of its DR volume: {:.0} IOPS, {read_r:.2}× (fio on the DR host; the drill is served by a one-request-at-a-time loop, the volume by the io_uring path).\n",
+            median(&on),
+            median(&off),
+            mib(per_gb),
+            mib(per_epoch),
+            median(&drill_reads),
+            median(&dr_reads),
+        ),
+        json: json!({
+            "retention_on_iops": on, "retention_off_iops": off, "ratios": ratios,
+            "undo_bytes_per_gb_written": undo_per_gb, "undo_bytes_per_epoch": undo_per_epoch,
+            "drill_made_s_1g": made_1g, "drill_usable_s_1g": usable_1g,
+            "drill_made_s_8g": made_8g, "drill_usable_s_8g": usable_8g,
+            "drill_read_iops": drill_reads, "dr_read_iops": dr_reads, "read_ratios": read_ratios,
+        }),
+        goals: vec![
+            Goal::at_least(
+                "async group 4k randwrite with retention on ≥ 0.8 × retention off".into(),
+                Some(r),
+                0.8,
+            ),
+            Goal::at_most(
+                "drill creation, 2 pairs of 1 GiB (until readable) ≤ 2 s".into(),
+                Some(u1),
+                2.0,
+                GoalFormat::Seconds,
+            ),
+            Goal::at_most(
+                "drill creation, 2 pairs of 8 GiB (until readable) ≤ 2 s".into(),
+                Some(u8),
+                2.0,
+                GoalFormat::Seconds,
+            ),
+            Goal::at_least(
+                "drill volume 4k random read ≥ 0.5 × its DR volume's".into(),
+                Some(read_r),
+                0.5,
+            ),
+        ],
+    })
+}
