@@ -11,7 +11,9 @@
 //! and the checks: after every event, what a failover would give (each DR volume, and its
 //! sealed staged writes up to the group's commit) holds, for each chain of dependent
 //! records, a prefix; after a DR power cut, a block clean at production holds its data on
-//! the DR side; at the end, every record answered a second before is on its DR side.
+//! the DR side, and every point in time the DR side's undo journal holds reads back as the
+//! image it was (also after every unit applied); at the end, every record answered a second
+//! before is on its DR side.
 //!
 //! Each mutation check switches on one deliberate bug (`Broken`) and must be caught.
 //! A failure prints its seed; `BLOCKREP_SEED=n` replays one, `BLOCKREP_SIM_SEEDS` sets how
@@ -25,6 +27,7 @@ mod sim;
 #[test]
 fn async_groups_stay_a_crash_image_through_crashes_link_cuts_and_lost_messages() {
     let (mut answered, mut abandoned, mut mid_unit) = (0, 0, 0);
+    let (mut kept, mut replayed, mut points) = (0, 0, 0);
     for seed in sim::seeds(300) {
         let mut sim = Sim::new(seed, ReplicationModel::Async, Broken::Nothing);
         if let Err(e) = sim.run() {
@@ -33,9 +36,15 @@ fn async_groups_stay_a_crash_image_through_crashes_link_cuts_and_lost_messages()
         answered += sim.answered();
         abandoned += sim.abandoned_cuts();
         mid_unit += sim.cuts_mid_unit();
+        let (k, r, p) = sim.undo_counts();
+        (kept, replayed, points) = (kept + k, replayed + r, points + p);
     }
     eprintln!(
-        "{answered} records answered; {abandoned} cuts abandoned; {mid_unit} DR power cuts mid-unit"
+        "{answered} records answered; {abandoned} cuts abandoned; {mid_unit} DR power cuts mid-unit; undo kept for {kept} units, found kept by {replayed} replays, {points} points held at the ends"
+    );
+    assert!(
+        kept > 0 && replayed > 0,
+        "the undo journal was not exercised"
     );
 }
 
@@ -73,6 +82,15 @@ fn forgetting_the_recorded_unit_at_a_restart_is_caught() {
 fn a_staged_epoch_taken_without_its_units_is_caught() {
     let (_, e) = caught(Broken::StagedWithoutUnits);
     assert!(e.contains("inside host"), "{e}");
+}
+
+/// A DR side that takes a replayed unit's undo again reads it from the volume the unit
+/// half changed before the power cut: the point before the unit reads the unit's data
+/// where the disk had written it.
+#[test]
+fn taking_a_replayed_units_undo_again_is_caught() {
+    let (_, e) = caught(Broken::UndoTakenAgainOnReplay);
+    assert!(e.contains("the image at point"), "{e}");
 }
 
 /// A DR side that records a unit applied when it begins applying it loses the rest of the

@@ -31,6 +31,9 @@ impl Sim {
     /// What a failover would give (each DR volume, and the sealed units of its stage log up
     /// to the group's commit) holds, for each chain, a prefix of its records.
     pub(super) fn check(&mut self) -> Result<(), String> {
+        if let Some(failure) = self.undo_failure.take() {
+            return Err(failure);
+        }
         let commit = self.commit_known();
         let mut in_logs = BTreeSet::new();
         for (h, dr) in self.drs.iter().enumerate() {

@@ -8,7 +8,16 @@ impl Dr {
             up: true,
             applier: 0,
             session: None,
-            side: DrSide::new(DrState::default(), None),
+            // The volumes start alike (nothing written): the DR side is a consistent
+            // image from the start, as after an initial sync.
+            side: DrSide::new(
+                DrState {
+                    consistent: true,
+                    sync_done_at: Some(Epoch::ZERO),
+                    ..DrState::default()
+                },
+                None,
+            ),
             syncs: VecDeque::new(),
             image: vec![UNWRITTEN; BLOCKS as usize],
             volatile: VecDeque::new(),
@@ -21,6 +30,7 @@ impl Dr {
             inbox: VecDeque::new(),
             applying: None,
             draining: false,
+            undo: undo::Undo::default(),
         }
     }
 
@@ -151,6 +161,7 @@ impl Sim {
         if corrupted {
             return self.answer_production(h, Answer::Refused(write.seq, RejectReason::Checksum));
         }
+        self.drs[h].undo.direct_write();
         for (b, v) in blocks(write.range).zip(values(&write.payload, write.range)) {
             let before = self.drs[h].image[b as usize];
             self.drs[h].volatile.push_back((b, before));
@@ -235,6 +246,11 @@ impl Sim {
             .filter(|(e, ..)| *e <= seal.epoch)
             .map(|&(_, b, v, _)| (b, v))
             .collect();
+        let blocks: Vec<u64> = unit.iter().map(|(b, _)| *b).collect();
+        let state = dr.side.state().clone();
+        let again = self.broken == Broken::UndoTakenAgainOnReplay;
+        dr.undo
+            .before_unit(seal.epoch, &state, &blocks, &dr.image, again);
         dr.side.begin_unit(seal, unit.len());
         let empty = unit.is_empty();
         dr.applying = Some(UnitApply {
@@ -289,6 +305,15 @@ impl Sim {
         dr.seals.retain(|s| s.epoch > seal.epoch);
         dr.synced_all();
         let done = dr.side.finish_unit().expect("the unit was begun");
+        let replayed = dr.undo.after_unit(dr.side.state(), &dr.image);
+        if self.rng.random_bool(0.05) {
+            let nth = self.rng.random_range(0..4);
+            self.drs[h].undo.trim(nth);
+        }
+        if replayed && let Err(e) = self.drs[h].undo.check(&self.drs[h].image) {
+            self.undo_failure
+                .get_or_insert(format!("after DR side {h} replayed a unit: {e}"));
+        }
         for seq in done.answers {
             self.answer_production(h, Answer::Written(seq));
         }
@@ -338,6 +363,7 @@ impl Sim {
         dr.syncs.clear();
         // The unit half applied is in the stage log still (sealed, synced): replayed later.
         let half_applied = dr.applying.take();
+        let unit_done = half_applied.as_ref().map_or(0, |u| u.done);
         if half_applied.as_ref().is_some_and(|unit| unit.done > 0) {
             self.cuts_mid_unit += 1;
         }
@@ -355,10 +381,26 @@ impl Sim {
         // What the stage log holds after its last seal is dropped when it is opened again.
         let last = dr.last_seal;
         dr.staged.retain(|s| s.3 && s.0 <= last);
-        let lost: Vec<(u64, u64)> = dr.volatile.drain(..).rev().collect();
-        dr.volatile_base += lost.len();
-        for (b, before) in lost {
+        // Of the unit's writes on the volume (the last in `volatile`), the disk may have
+        // written some before the power went: a prefix of them survives.
+        let survive = self.rng.random_range(0..=unit_done);
+        let dr = &mut self.drs[h];
+        let n = dr.volatile.len();
+        let first_unit = n.saturating_sub(unit_done);
+        let lost: Vec<(usize, u64, u64)> = dr
+            .volatile
+            .drain(..)
+            .enumerate()
+            .filter(|(i, _)| !(first_unit..first_unit + survive).contains(i))
+            .map(|(i, (b, before))| (i, b, before))
+            .rev()
+            .collect();
+        dr.volatile_base += n;
+        for (_, b, before) in lost {
             self.set_dr_block(h, b, before);
+        }
+        if let Err(e) = self.drs[h].undo.check(&self.drs[h].image) {
+            return Err(format!("after DR side {h} lost power: {e}"));
         }
         self.check_clean_blocks(h)
     }

@@ -67,6 +67,7 @@ use rand::{Rng, SeedableRng};
 mod check;
 mod dr;
 mod production;
+mod undo;
 
 use production::new_host;
 
@@ -323,6 +324,8 @@ struct Dr {
     /// Units apply at once (an applier that stops finishes what arrived before the next
     /// one starts).
     draining: bool,
+    /// The undo journal: points in time, kept before each unit applies.
+    undo: undo::Undo,
 }
 
 /// A unit being applied: its seal, its writes (block, value) and how many are on the
@@ -370,6 +373,9 @@ pub enum Broken {
     /// The DR side records a unit applied when it begins applying it, before its writes
     /// are on the volume and synced.
     RecordUnitAtItsStart,
+    /// The DR side takes a replayed unit's undo again, from the volume the unit half
+    /// changed before a power cut.
+    UndoTakenAgainOnReplay,
 }
 
 pub struct Sim {
@@ -410,6 +416,8 @@ pub struct Sim {
     crashed_after_faults: bool,
     /// DR power cuts that fell while a unit was half applied.
     cuts_mid_unit: usize,
+    /// What the undo journal's check found (it runs where units end and power is cut).
+    undo_failure: Option<String>,
 }
 
 impl Sim {
@@ -445,6 +453,7 @@ impl Sim {
             starting: false,
             crashed_after_faults: false,
             cuts_mid_unit: 0,
+            undo_failure: None,
         };
         for h in 0..n {
             sim.connect(h);
@@ -945,5 +954,13 @@ impl Sim {
     /// How many DR power cuts fell while a unit was half applied.
     pub fn cuts_mid_unit(&self) -> usize {
         self.cuts_mid_unit
+    }
+
+    /// Units whose undo was kept, replays that found it kept, and points held at the end,
+    /// over the DR sides.
+    pub fn undo_counts(&self) -> (u64, u64, usize) {
+        self.drs.iter().fold((0, 0, 0), |(k, r, p), d| {
+            (k + d.undo.kept, r + d.undo.replayed, p + d.undo.points())
+        })
     }
 }

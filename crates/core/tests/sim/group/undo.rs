@@ -1,0 +1,194 @@
+//! The DR side's undo journal in the simulation (docs/POINT-IN-TIME.md), as the applier
+//! keeps it: before a unit applies, the core decides (`unit_undo`) whether its old contents
+//! are kept, already kept (a replay after a power cut in the middle of the unit) or the
+//! journal starts again; kept undo is durable at once (the applier syncs it before the
+//! unit's first write). The core's `UndoIndex` says, for every point held, which blocks come
+//! from which undo record and which from the volume.
+//!
+//! The check: after every DR power cut and every unit applied, every point held (whose
+//! unit is applied) reads back, through the index, as the image the volume had right after
+//! that unit applied. Retention trims the oldest points now and then.
+
+use std::collections::BTreeMap;
+
+use blockrep_core::ByteRange;
+use blockrep_core::pair::dr::DrState;
+use blockrep_core::replication::Epoch;
+use blockrep_core::replication::undo::{
+    Piece, RecordAt, UndoIndex, UndoRange, UnitUndo, unit_undo,
+};
+
+use super::super::shell::BLOCK;
+
+/// One unit's undo: its epoch and the old value of each block it changed.
+struct Step {
+    epoch: Epoch,
+    old: Vec<(u64, u64)>,
+}
+
+#[derive(Default)]
+pub(super) struct Undo {
+    /// The oldest point, and the steps after it; `None`: no points held.
+    base: Option<Epoch>,
+    steps: Vec<Step>,
+    /// The image the volume had right after each point's unit applied (the checker's).
+    images: BTreeMap<Epoch, Vec<u64>>,
+    /// How many units had their undo kept, and how many replays found it kept already.
+    pub(super) kept: u64,
+    pub(super) replayed: u64,
+    /// The unit being applied is a replay whose undo was kept before the power cut: its
+    /// end is checked.
+    replaying: bool,
+}
+
+/// Retention in the simulation: at most this many points are held (the oldest go).
+const MAX_POINTS: usize = 12;
+
+impl Undo {
+    /// The core's index over the steps: each record at (step, block's place in it).
+    fn index(&self) -> Option<UndoIndex> {
+        let mut index = UndoIndex::new(self.base?);
+        for (s, step) in self.steps.iter().enumerate() {
+            let ranges: Vec<UndoRange> = step
+                .old
+                .iter()
+                .enumerate()
+                .map(|(i, (b, _))| UndoRange {
+                    range: ByteRange::new(b * BLOCK, BLOCK),
+                    at: RecordAt {
+                        segment: s as u64,
+                        offset: i as u64 * BLOCK,
+                    },
+                })
+                .collect();
+            index
+                .push_unit(step.epoch, &ranges)
+                .expect("the steps are in epoch order and a unit's blocks distinct");
+        }
+        Some(index)
+    }
+
+    fn newest(&self) -> Option<Epoch> {
+        self.base.map(|b| self.steps.last().map_or(b, |s| s.epoch))
+    }
+
+    fn clear(&mut self) {
+        self.base = None;
+        self.steps.clear();
+        self.images.clear();
+    }
+
+    /// Before unit `epoch` (of `blocks`) applies on a volume at `state` holding `image`.
+    /// `again`: the broken applier that takes a replayed unit's undo again.
+    pub(super) fn before_unit(
+        &mut self,
+        epoch: Epoch,
+        state: &DrState,
+        blocks: &[u64],
+        image: &[u64],
+        again: bool,
+    ) {
+        match unit_undo(self.newest(), state.applied, state.consistent, epoch) {
+            UnitUndo::Keep => {
+                self.kept += 1;
+                let mut blocks = blocks.to_vec();
+                blocks.sort_unstable();
+                blocks.dedup();
+                self.steps.push(Step {
+                    epoch,
+                    old: blocks.iter().map(|&b| (b, image[b as usize])).collect(),
+                });
+            }
+            UnitUndo::Kept => {
+                self.replayed += 1;
+                self.replaying = true;
+                if again && let Some(step) = self.steps.iter_mut().find(|s| s.epoch >= epoch) {
+                    // Broken: the undo is read again from the half-applied volume.
+                    for (b, old) in &mut step.old {
+                        *old = image[*b as usize];
+                    }
+                }
+            }
+            UnitUndo::NotKept => {}
+            UnitUndo::Restart => self.clear(),
+        }
+    }
+
+    /// A unit applied and synced: the volume at `state` is `image`. Retention keeps the
+    /// newest [`MAX_POINTS`]. Returns whether the unit was a replay whose undo was kept
+    /// before a power cut (its end is worth a check).
+    pub(super) fn after_unit(&mut self, state: &DrState, image: &[u64]) -> bool {
+        if self.base.is_none() && state.consistent {
+            self.base = Some(state.applied);
+            self.steps.clear();
+        }
+        if self.newest() == Some(state.applied) {
+            self.images.insert(state.applied, image.to_vec());
+        }
+        if self.images.len() > MAX_POINTS {
+            self.trim(self.images.len() - MAX_POINTS);
+        }
+        std::mem::take(&mut self.replaying)
+    }
+
+    /// A direct write lands: the journal is emptied first.
+    pub(super) fn direct_write(&mut self) {
+        self.clear();
+    }
+
+    /// Retention: drops every step up to `nth` point held (whose image is known).
+    pub(super) fn trim(&mut self, nth: usize) {
+        let Some(&point) = self.images.keys().nth(nth) else {
+            return;
+        };
+        self.steps.retain(|s| s.epoch > point);
+        self.base = Some(point);
+        self.images.retain(|e, _| *e >= point);
+    }
+
+    pub(super) fn points(&self) -> usize {
+        self.images.len()
+    }
+
+    /// Every point held whose image is known reads back as that image, through the index
+    /// (undo records, else the volume `image` as it is now).
+    pub(super) fn check(&self, image: &[u64]) -> Result<(), String> {
+        let Some(index) = self.index() else {
+            return Ok(());
+        };
+        let size = image.len() as u64 * BLOCK;
+        for (point, expected) in &self.images {
+            let view = index
+                .view(*point)
+                .map_err(|e| format!("point {point} is not in the index: {e}"))?;
+            for piece in view.pieces(ByteRange::new(0, size)) {
+                let (range, from) = match piece {
+                    Piece::Undo { range, at } => (range, Some(at)),
+                    Piece::Volume { range } => (range, None),
+                };
+                for i in 0..range.len / BLOCK {
+                    let b = range.offset / BLOCK + i;
+                    let got = match from {
+                        Some(at) => {
+                            let step = &self.steps[at.segment as usize];
+                            step.old[(at.offset / BLOCK + i) as usize].1
+                        }
+                        None => image[b as usize],
+                    };
+                    if got != expected[b as usize] {
+                        return Err(format!(
+                            "the image at point {point} reads {got} at block {b}, not {} (from {})",
+                            expected[b as usize],
+                            if from.is_some() {
+                                "an undo record"
+                            } else {
+                                "the volume"
+                            }
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
