@@ -1,10 +1,12 @@
 //! Exports that are not volumes: a [`BlockDevice`] (a drill volume: reads through layers,
-//! writes to a private overlay) served by a simple blocking loop, one request at a time,
-//! answered in order. Such an export is writable, has no block status, and takes FLUSH,
-//! FUA, TRIM and WRITE_ZEROES.
+//! writes to a private overlay) served with blocking I/O: one thread reads the requests,
+//! a few handle them at once and answer as each completes. Such an export is writable, has
+//! no block status, and takes FLUSH (it covers every write answered before it), FUA, TRIM
+//! and WRITE_ZEROES.
 
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use crate::handshake::Negotiated;
 use crate::proto::*;
@@ -46,24 +48,50 @@ impl Export {
     }
 }
 
-/// Serves `device` on `stream` until the client disconnects.
-pub fn serve_device<S: Read + Write>(
-    stream: &mut S,
+/// Requests of one connection handled at once: a client's queue depth is served by this
+/// many threads (replies go out as each completes, in any order, as NBD allows).
+const WORKERS: usize = 8;
+
+/// A request read off the socket, with its payload.
+struct Job {
+    request: Request,
+    data: Vec<u8>,
+}
+
+/// Serves `device` until the client disconnects: requests are read from `reader` here and
+/// handled by [`WORKERS`] threads, each answering on `writer` as it completes. Returns the
+/// requests served.
+pub fn serve_device<R: Read, W: Write + Send>(
+    reader: &mut R,
+    writer: W,
     device: &dyn BlockDevice,
     negotiated: Negotiated,
 ) -> io::Result<u64> {
+    let writer = Mutex::new(writer);
+    let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(WORKERS * 4);
+    let queue = Mutex::new(queue);
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            scope.spawn(|| answer_jobs(&queue, &writer, device, negotiated));
+        }
+        // Closing the queue (dropping `jobs`) lets the workers finish what is queued.
+        read_requests(reader, jobs)
+    })
+}
+
+/// Reads requests until the client disconnects, queueing each for the workers.
+fn read_requests<R: Read>(reader: &mut R, jobs: SyncSender<Job>) -> io::Result<u64> {
     let mut served = 0u64;
     let mut header = [0u8; REQUEST_HEADER_LEN];
-    let mut data = Vec::new();
-    let mut out = Vec::new();
     loop {
-        match stream.read_exact(&mut header) {
+        match reader.read_exact(&mut header) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(served),
             Err(e) => return Err(e),
         }
         let request = Request::parse(&header)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let mut data = Vec::new();
         if request.has_payload() {
             if request.len > MAX_PAYLOAD {
                 return Err(io::Error::new(
@@ -72,15 +100,34 @@ pub fn serve_device<S: Read + Write>(
                 ));
             }
             data.resize(request.len as usize, 0);
-            stream.read_exact(&mut data)?;
+            reader.read_exact(&mut data)?;
         }
         if request.command == Command::Disconnect {
             return Ok(served);
         }
         served += 1;
+        if jobs.send(Job { request, data }).is_err() {
+            // Every worker stopped: the client can no longer be answered.
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+    }
+}
+
+/// A worker: takes queued requests, does each, and writes its reply.
+fn answer_jobs<W: Write>(
+    queue: &Mutex<Receiver<Job>>,
+    writer: &Mutex<W>,
+    device: &dyn BlockDevice,
+    negotiated: Negotiated,
+) {
+    let mut out = Vec::new();
+    loop {
+        let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(Job { request, mut data }) = job else {
+            return;
+        };
         out.clear();
-        let answer = handle(device, &request, &mut data, negotiated);
-        match answer {
+        match handle(device, &request, &mut data, negotiated) {
             Ok(Some(read)) => {
                 if negotiated.structured_replies {
                     put_read_chunk(&mut out, request.handle, request.offset, read.len() as u32);
@@ -95,8 +142,15 @@ pub fn serve_device<S: Read + Write>(
             }
             Err(errno) => put_simple_reply(&mut out, nbd_error(errno), request.handle),
         }
-        stream.write_all(&out)?;
-        stream.flush()?;
+        let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+        if writer
+            .write_all(&out)
+            .and_then(|()| writer.flush())
+            .is_err()
+        {
+            // The client is gone; the reader sees it too.
+            return;
+        }
     }
 }
 

@@ -82,8 +82,12 @@ pub fn serve(stream: ClientStream, exports: &dyn ExportSet) -> Result<Served, Se
         Export::Volume(volume) => volume,
         Export::Device(device) => {
             let served = match &stream {
-                ClientStream::Unix(s) => serve_device(&mut &*s, &*device, negotiated)?,
-                ClientStream::Tcp(s) => serve_device(&mut &*s, &*device, negotiated)?,
+                ClientStream::Unix(s) => {
+                    serve_device(&mut &*s, s.try_clone()?, &*device, negotiated)?
+                }
+                ClientStream::Tcp(s) => {
+                    serve_device(&mut &*s, s.try_clone()?, &*device, negotiated)?
+                }
             };
             return Ok(Served {
                 export: Some(device.name().to_owned()),
