@@ -146,10 +146,61 @@ def refusals(conn, other, group, pair):
     assert list(other.sdrs.protection_groups()) == []
     assert list(other.sdrs.replication_pairs()) == []
     refused(404, other.sdrs.get_replication_pair, pair)
-    # Servers, NICs and drills are not blockrep's.
+    # Servers and NICs are not blockrep's; a hypermetro group keeps no points to drill.
     messages["instances"] = refused(501, lambda: list(conn.sdrs.protected_instances()))
-    messages["drills"] = refused(501, lambda: list(conn.sdrs.dr_drills()))
+    messages["drills"] = refused(
+        409, conn.sdrs.create_dr_drill, name="drill-x", server_group_id=group,
+        drill_vpc_id="vpc-drill")
+    assert list(conn.sdrs.dr_drills()) == []
     return messages
+
+
+def async_setup(conn, source, target, volume):
+    """An async protection group protecting `volume` (its DR volume from a pool),
+    protection started."""
+    domain = list(conn.sdrs.get_domains())[0].domains[0]
+    created = conn.sdrs.create_protection_group(
+        name="pg-async", source_availability_zone=source, target_availability_zone=target,
+        domain_id=domain.id, source_vpc_id="vpc-1", replication_model="async",
+    )
+    group = wait_job(conn, created.job_id).entities.server_group_id
+    created = conn.sdrs.create_replication_pair(
+        server_group_id=group, volume_id=volume, name="rep-app")
+    wait_job(conn, created.job_id)
+    pair = conn.sdrs.find_replication_pair("rep-app").id
+    wait_job(conn, raw_job(conn.sdrs.enable_protection(group)))
+    wait_group(conn, group, "protected")
+    return {"group": group, "pair": pair}
+
+
+def drills(conn, other, group):
+    """A drill of the group through the SDK: made (its job done), found, listed, shown,
+    renamed; another project sees none of it."""
+    created = conn.sdrs.create_dr_drill(
+        name="drill-a", server_group_id=group, drill_vpc_id="vpc-drill")
+    job = wait_job(conn, created.job_id)
+    assert job.job_type == "createDrDrill", job.job_type
+    drill = conn.sdrs.find_dr_drill("drill-a")
+    assert drill.server_group_id == group and drill.status == "available", drill
+    assert drill.drill_vpc_id == "vpc-drill" and drill.drill_servers == [], drill
+    listed = list(conn.sdrs.dr_drills(server_group_id=group, limit=1))
+    assert [d.id for d in listed] == [drill.id], listed
+    assert conn.sdrs.get_dr_drill(drill.id).name == "drill-a"
+    assert conn.sdrs.get_protection_group(group).disaster_recovery_drill_num == 1
+    refused(404, other.sdrs.get_dr_drill, drill.id)
+    assert list(other.sdrs.dr_drills()) == []
+    refused(409, conn.sdrs.create_dr_drill, name="drill-a", server_group_id=group)
+    return {"drill": drill.id}
+
+
+def drill_done(conn, drill):
+    """The drill renamed, then deleted (its job done)."""
+    renamed = conn.sdrs.update_dr_drill(drill, name="drill-b")
+    assert renamed.name == "drill-b", renamed
+    # The SDK drops the delete's answer (its job is done by the time it answers).
+    conn.sdrs.delete_dr_drill(drill)
+    assert list(conn.sdrs.dr_drills()) == []
+    return {"deleted": True}
 
 
 def _checked_raw(response):
@@ -209,6 +260,15 @@ def main():
     elif step == "refusals":
         other_project, other_token, group, pair = args
         out = refusals(conn, connect(endpoint, other_project, other_token), group, pair)
+    elif step == "async_setup":
+        source, target, volume = args
+        out = async_setup(conn, source, target, volume)
+    elif step == "drills":
+        other_project, other_token, group = args
+        out = drills(conn, connect(endpoint, other_project, other_token), group)
+    elif step == "drill_done":
+        (drill,) = args
+        out = drill_done(conn, drill)
     elif step == "act":
         group, action = args
         out = act(conn, group, action)

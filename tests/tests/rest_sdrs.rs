@@ -174,6 +174,73 @@ fn the_otc_sdk_drives_protection_groups_whose_dr_volumes_a_pool_makes() {
         "{messages}"
     );
 
+    // Drills of an async protection group that keeps points (the operator's retention):
+    // made, shown and renamed through the SDK, its drill volume served by the DR agent and
+    // holding what production had at the point, then deleted.
+    let app = dir.path().join("app.img");
+    sparse_file(&app, SIZE);
+    let app_id = cluster.add_volume_of("node-a", "app", &app, "tenant-a");
+    wait_until(
+        Duration::from_secs(30),
+        "the coordinator sees volume app",
+        || {
+            cluster
+                .coordinator()
+                .cli_json(&["node", "list"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["volumes"] == 3)
+        },
+    );
+    let made = step("async_setup", &["az1", "az2", &app_id]);
+    let async_group = made["group"].as_str().unwrap().to_owned();
+    let async_pair = made["pair"].as_str().unwrap().to_owned();
+    cluster
+        .coordinator()
+        .cli_json(&["group", "update", &async_group, "--retention", "1h"]);
+    write_blocks(
+        &cluster.node("node-a").daemon().nbd_socket("app"),
+        "app",
+        &mut rng,
+        64,
+    );
+    let open_epoch = cluster.node("node-a").cli_json(&["status"])["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["volume_name"] == "app")
+        .map(|p| p["current_epoch"].as_u64().unwrap())
+        .unwrap();
+    wait_until(Duration::from_secs(60), "a point after the writes", || {
+        let points = cluster
+            .coordinator()
+            .cli_json(&["group", "points", &async_group]);
+        points["points"]
+            .as_array()
+            .and_then(|p| p.last())
+            .is_some_and(|p| p["epoch"].as_u64().unwrap() > open_epoch)
+    });
+    let drill = step("drills", &["tenant-b", &b, &async_group]);
+    let drill_id = drill["drill"].as_str().unwrap().to_owned();
+    let socket = cluster
+        .node("node-b")
+        .daemon()
+        .nbd_socket("drill-a-rep-app");
+    let mut client = NbdClient::connect(&socket, "drill-a-rep-app").unwrap();
+    let mut image = Vec::with_capacity(SIZE as usize);
+    for offset in (0..SIZE).step_by(1 << 20) {
+        image.extend(client.read(offset, 1 << 20).unwrap());
+    }
+    client.disconnect().unwrap();
+    assert!(
+        image == std::fs::read(&app).unwrap(),
+        "the drill volume does not hold what production had"
+    );
+    step("drill_done", &[&drill_id]);
+    assert_eq!(step("act", &[&async_group, "stop"])["status"], "available");
+    step("teardown", &[&async_group, &async_pair]);
+
     // Teardown: protection stopped, pairs deleted with their DR volumes, the group deleted.
     assert_eq!(step("act", &[&group, "stop"])["status"], "available");
     let mut args = vec![group.as_str()];

@@ -670,9 +670,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             GroupCommand::Drill { command } => match command {
                 DrillCommand::Create { group, name, point } => {
-                    let drill =
-                        call(client.create_drill(proto::CreateDrillRequest { group, name, point }))
-                            .await?;
+                    let drill = call(client.create_drill(proto::CreateDrillRequest {
+                        group,
+                        name,
+                        point,
+                        drill_vpc_id: String::new(),
+                    }))
+                    .await?;
                     out.print(&drill);
                 }
                 DrillCommand::List { group } => {

@@ -364,6 +364,7 @@ impl Coordinator {
             Some(Request::CreateGroupDrill(r)) => self.create_drill(r).await.map(Response::Drill),
             Some(Request::ListDrills(r)) => self.list_drills(&r.group).map(Response::Drills),
             Some(Request::GetDrill(r)) => self.get_drill(&r.drill).map(Response::Drill),
+            Some(Request::UpdateDrill(r)) => self.update_drill(r).map(Response::Drill),
             Some(Request::DeleteGroupDrill(r)) => {
                 self.delete_drill(&r.drill).await.map(Response::Drill)
             }

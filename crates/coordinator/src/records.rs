@@ -119,6 +119,14 @@ pub struct DrillRecord {
     pub cut_ms: u64,
     pub created_at: String,
     pub volumes: Vec<DrillVolumeRecord>,
+    /// Kept for the SDRS API.
+    #[serde(default)]
+    pub vpc: String,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+    /// The job that recorded its creation.
+    #[serde(default)]
+    pub job: Option<JobId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ use axum::http::HeaderMap;
 use blockrep_api::ApiError;
 use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Response};
 
+mod drills;
 pub mod error;
 pub mod evs;
 pub mod list;

@@ -8,7 +8,8 @@
 //! | `replications` | create, list, show, update (name), delete (`delete_target_volume`), `action` (`extend-replication`) | a pair made for the group, its DR volume from a pool |
 //! | `jobs/{job_id}` | `GET` | the coordinator's job |
 //! | `sdrs/quotas` | `GET` | `[api]` quotas |
-//! | `protected-instances`, `disaster-recovery-drills`, `task-center` | anything | 501 |
+//! | `disaster-recovery-drills` | create, list, show, update (name), delete | a group drill at the newest point (module `drills`) |
+//! | `protected-instances`, `task-center` | anything | 501 |
 //!
 //! Creates, deletes and actions answer `{"job_id": ...}` (200, as the seed gives it); a
 //! client follows the job. A protection group's status is its group's, spelled as SDRS
@@ -66,11 +67,7 @@ pub fn routes() -> Router<Api> {
         .route(&format!("{V1}/sdrs/quotas"), get(quotas))
         .route(&format!("{V1}/protected-instances"), any(servers))
         .route(&format!("{V1}/protected-instances/{{*rest}}"), any(servers))
-        .route(&format!("{V1}/disaster-recovery-drills"), any(drills))
-        .route(
-            &format!("{V1}/disaster-recovery-drills/{{*rest}}"),
-            any(drills),
-        )
+        .merge(crate::drills::routes())
         .route(&format!("{V1}/task-center"), any(task_center))
         .route(&format!("{V1}/task-center/{{*rest}}"), any(task_center))
 }
@@ -100,12 +97,6 @@ async fn started(api: &Api, headers: &HeaderMap, project: &str, request: Request
 async fn servers() -> Fail {
     fail(ApiError::NotImplemented(
         "protected instances and their NICs are servers, which blockrep does not manage: it replicates volumes (use /v1/{project_id}/replications)".into(),
-    ))
-}
-
-async fn drills() -> Fail {
-    fail(ApiError::NotImplemented(
-        "disaster-recovery drills are not served yet".into(),
     ))
 }
 
@@ -476,7 +467,7 @@ fn group_view(g: &proto::Group) -> Value {
         "progress": progress,
         "replication_num": g.replication_ids.len(),
         "protected_instance_num": 0,
-        "disaster_recovery_drill_num": 0,
+        "disaster_recovery_drill_num": g.drills,
         "source_vpc_id": spec.source_vpc_id,
         "target_vpc_id": null,
         "test_vpc_id": null,
@@ -489,7 +480,7 @@ fn group_view(g: &proto::Group) -> Value {
 }
 
 /// SDRS's time: `2022-02-26 20:39:30.718`.
-fn sdrs_time(rfc3339: &str) -> Value {
+pub(crate) fn sdrs_time(rfc3339: &str) -> Value {
     match seed_time(rfc3339) {
         Value::String(t) => Value::String(t.replacen('T', " ", 1)[..23.min(t.len())].to_owned()),
         other => other,
@@ -777,6 +768,8 @@ fn job_type(t: &str) -> &str {
         "createGroupReplicationPair" => "createReplicationPair",
         "deleteGroupReplicationPair" => "deleteReplicationPair",
         "extendReplicationVolumes" => "expandReplicationPair",
+        "createDisasterRecoveryDrill" => "createDrDrill",
+        "deleteDisasterRecoveryDrill" => "deleteDrDrill",
         other => other,
     }
 }
@@ -969,12 +962,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn servers_drills_and_the_task_center_are_not_served() {
+    async fn servers_and_the_task_center_are_not_served() {
         let backend = FakeBackend::new(|_, r| panic!("no call expected: {r:?}"));
         for (method, path) in [
             (Method::GET, "/v1/p/protected-instances"),
             (Method::POST, "/v1/p/protected-instances/x/nic"),
-            (Method::GET, "/v1/p/disaster-recovery-drills"),
             (Method::DELETE, "/v1/p/task-center/failure-jobs/batch"),
             (Method::GET, "/v1/p/task-center"),
         ] {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use blockrep_api::ApiError;
 use blockrep_api::proto::{self, cluster_request::Request};
-use blockrep_core::replication::{Epoch, ReplicationModel};
+use blockrep_core::replication::{Epoch, JobType, ReplicationModel};
 
 use super::Coordinator;
 use crate::records::{DrillRecord, DrillVolumeRecord, GroupRecord, now_text};
@@ -105,6 +105,9 @@ impl Coordinator {
                 point,
                 cut_ms,
                 created_at: now_text(),
+                vpc: req.drill_vpc_id.clone(),
+                updated_at: None,
+                job: None,
                 volumes: group
                     .pairs
                     .iter()
@@ -136,13 +139,19 @@ impl Coordinator {
             let mut state = self.lock();
             Self::find_group(&state, &req.group).and_then(|id| {
                 let mut group = state.groups[&id].clone();
+                let job = super::groups::finished_job(JobType::CreateDrill, &group);
+                let mut drill = drill.clone();
+                drill.job = Some(job.id);
                 group.drills.push(drill.clone());
-                self.commit_into(&mut state, &[Change::PutGroup(group.clone())])?;
-                Ok(group)
+                self.commit_into(
+                    &mut state,
+                    &[Change::PutGroup(group.clone()), Change::PutJob(job)],
+                )?;
+                Ok((group, drill))
             })
         };
         match recorded {
-            Ok(group) => {
+            Ok((group, drill)) => {
                 tracing::info!(group = %group.id, drill = %drill.name, point = %point, "drill created");
                 Ok(drill_view(&group, &drill))
             }
@@ -205,11 +214,49 @@ impl Coordinator {
             return Err(ApiError::NotFound(format!("no drill {reference}")));
         };
         group.drills.retain(|d| d.id != drill.id);
-        self.commit_into(&mut state, &[Change::PutGroup(group.clone())])?;
+        let job = super::groups::finished_job(JobType::DeleteDrill, &group);
+        let mut drill = drill;
+        drill.job = Some(job.id);
+        self.commit_into(
+            &mut state,
+            &[Change::PutGroup(group.clone()), Change::PutJob(job)],
+        )?;
         tracing::info!(group = %group_id, drill = %drill.name, "drill deleted");
         let mut view = drill_view(&group, &drill);
         view.status = "deleted".into();
         Ok(view)
+    }
+
+    /// Renames a drill (its drill volumes keep their export names).
+    pub fn update_drill(&self, req: proto::UpdateDrillRequest) -> Result<proto::Drill, ApiError> {
+        check_drill_name(&req.name)?;
+        let mut state = self.lock();
+        let (group_id, drill_id) = {
+            let (group, drill) = find_drill(state.groups.values(), &req.drill)?;
+            (group.id, drill.id.clone())
+        };
+        if state
+            .groups
+            .values()
+            .flat_map(|g| &g.drills)
+            .any(|d| d.name == req.name && d.id != drill_id)
+        {
+            return Err(ApiError::AlreadyExists(format!(
+                "a drill named {} exists",
+                req.name
+            )));
+        }
+        let mut group = state.groups[&group_id].clone();
+        let drill = group
+            .drills
+            .iter_mut()
+            .find(|d| d.id == drill_id)
+            .expect("found above");
+        drill.name = req.name;
+        drill.updated_at = Some(now_text());
+        let drill = drill.clone();
+        self.commit_into(&mut state, &[Change::PutGroup(group.clone())])?;
+        Ok(drill_view(&group, &drill))
     }
 }
 
@@ -252,6 +299,10 @@ fn drill_view(group: &GroupRecord, d: &DrillRecord) -> proto::Drill {
         .to_string(),
         status: "available".into(),
         created_at: d.created_at.clone(),
+        drill_vpc_id: d.vpc.clone(),
+        job_id: d.job.map(|j| j.to_string()).unwrap_or_default(),
+        updated_at: d.updated_at.clone().unwrap_or_default(),
+        project_id: group.project.clone(),
         volumes: d
             .volumes
             .iter()

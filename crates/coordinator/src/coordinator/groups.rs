@@ -663,6 +663,7 @@ impl Coordinator {
             job: g.job.and_then(|j| state.jobs.get(&j)).map(job_view),
             stopped: g.stopped,
             retention: Some(retention_to_proto(g.retention)),
+            drills: g.drills.len() as u32,
         }
     }
 }
@@ -716,7 +717,7 @@ fn reprotect_result(members: &[proto::Pair]) -> String {
 }
 
 /// A job for an operation the one store transaction completes, about `group`.
-fn finished_job(job_type: JobType, group: &GroupRecord) -> JobRecord {
+pub(super) fn finished_job(job_type: JobType, group: &GroupRecord) -> JobRecord {
     let now = now_text();
     JobRecord {
         id: JobId::random(),

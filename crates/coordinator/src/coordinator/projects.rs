@@ -58,6 +58,10 @@ impl Caller {
                 list.jobs.retain(|j| mine(&j.project_id));
                 Response::Jobs(list)
             }
+            Response::Drills(mut list) => {
+                list.drills.retain(|d| mine(&d.project_id));
+                Response::Drills(list)
+            }
             // The zones and whether they are up: not the hosts' names, addresses or counters.
             Response::Nodes(mut list) => {
                 for node in &mut list.nodes {
@@ -116,8 +120,35 @@ impl Coordinator {
             })?;
             Ok(())
         };
+        // A drill of one of the project's groups, by id or by a name unique among them.
+        let drill = |r: &mut String| -> Result<(), ApiError> {
+            let found: Vec<&str> = state
+                .groups
+                .values()
+                .filter(|g| g.project == *project)
+                .flat_map(|g| &g.drills)
+                .filter(|d| d.id == *r || d.name == *r)
+                .map(|d| d.id.as_str())
+                .collect();
+            match found.as_slice() {
+                [id] => {
+                    *r = (*id).to_owned();
+                    Ok(())
+                }
+                [] => Err(ApiError::NotFound(format!("no drill {r:?}"))),
+                _ => Err(ApiError::InvalidArgument(format!(
+                    "{} drills are named {r:?}; give the drill id",
+                    found.len()
+                ))),
+            }
+        };
         let mut request = request;
         match &mut request {
+            Request::CreateGroupDrill(r) => group(&mut r.group)?,
+            Request::ListDrills(r) if !r.group.is_empty() => group(&mut r.group)?,
+            Request::ListDrills(_) => {}
+            Request::GetDrill(r) | Request::DeleteGroupDrill(r) => drill(&mut r.drill)?,
+            Request::UpdateDrill(r) => drill(&mut r.drill)?,
             Request::CreatePair(r) => {
                 for v in &mut r.volumes {
                     *v = self.visible_volume(&state, project, v)?;

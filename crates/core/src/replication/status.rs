@@ -162,6 +162,8 @@ wire_enum!(
         ExtendGroup => "extendReplicationVolumes",
         AddGroupPair => "createGroupReplicationPair",
         RemoveGroupPair => "deleteGroupReplicationPair",
+        CreateDrill => "createDisasterRecoveryDrill",
+        DeleteDrill => "deleteDisasterRecoveryDrill",
     }
 );
 

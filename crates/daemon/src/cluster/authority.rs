@@ -85,6 +85,7 @@ pub fn classify(request: &Request) -> (&'static str, Sender) {
         Request::ListDrills(_) => ("ListDrills", AnyNode),
         Request::GetDrill(_) => ("GetDrill", AnyNode),
         Request::DeleteGroupDrill(_) => ("DeleteGroupDrill", AnyNode),
+        Request::UpdateDrill(_) => ("UpdateDrill", AnyNode),
         Request::CreateApiToken(_) => ("CreateApiToken", AnyNode),
         Request::ListApiTokens(_) => ("ListApiTokens", AnyNode),
         Request::RevokeApiToken(_) => ("RevokeApiToken", AnyNode),
