@@ -612,6 +612,68 @@ mod tests {
         }
     }
 
+    /// Many first reads of a drill at once (an NBD client's queue), whose view reads undo
+    /// records, while units go on applying: no reader waits forever on another (building a
+    /// view and reading through one take the view and the journal in the same order).
+    #[test]
+    fn first_reads_at_once_while_units_apply_never_deadlock() {
+        let mut dr = Dr::new();
+        for e in 1..=4 {
+            dr.apply(e, &[(0, 64, e as u8)]);
+        }
+        let (done, finished) = std::sync::mpsc::channel();
+        let dr = Arc::new(Mutex::new(dr));
+        let worker = {
+            let dr = Arc::clone(&dr);
+            std::thread::spawn(move || {
+                for round in 0..200u64 {
+                    let (volume, dir, points) = {
+                        let dr = dr.lock().unwrap();
+                        (
+                            Arc::clone(&dr.volume),
+                            dr.dir.path().to_owned(),
+                            Arc::clone(&dr.points),
+                        )
+                    };
+                    let drill = DrillVolume::create(
+                        DrillRecord {
+                            drill: format!("d{round}"),
+                            export: format!("d{round}-dr"),
+                            point: Epoch(1),
+                        },
+                        volume,
+                        &dir,
+                        points,
+                    )
+                    .unwrap();
+                    std::thread::scope(|scope| {
+                        for _ in 0..8 {
+                            scope.spawn(|| {
+                                let mut buf = vec![0u8; 64 * 1024];
+                                drill.read(0, &mut buf).unwrap();
+                                assert!(buf.iter().all(|&b| b == 1));
+                            });
+                        }
+                        scope.spawn(|| {
+                            let mut dr = dr.lock().unwrap();
+                            let epoch = dr.images.len() as u64;
+                            dr.apply(epoch, &[(0, 1, epoch as u8)]);
+                        });
+                    });
+                    drill.delete(&dir).unwrap();
+                }
+                done.send(()).unwrap();
+            })
+        };
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .is_ok(),
+            "readers of a drill deadlocked"
+        );
+        worker.join().unwrap();
+    }
+
     /// While a drill exists its point is kept: retention trims nothing at or after it.
     #[test]
     fn a_drills_point_is_kept_from_retention() {

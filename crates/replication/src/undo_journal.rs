@@ -173,8 +173,12 @@ impl Points {
             .retain(|v| !Arc::ptr_eq(v, view));
     }
 
-    /// Builds `view` from the journal if it is not built yet: under the journal's lock,
-    /// so no unit's undo is kept between the view's building and its being current.
+    /// Builds `view` from the journal if it is not built yet.
+    ///
+    /// Locks are taken in one order everywhere: a view, then the journal (a read holds its
+    /// view while it reads undo records); the applier releases the journal before it
+    /// extends the views. A unit whose undo is kept while the view is being built is in
+    /// the journal's index then, or is added by `extend_views` after: either way once.
     pub fn build_view(&self, view: &LiveView) -> io::Result<()> {
         if view
             .coverage
@@ -184,14 +188,15 @@ impl Points {
         {
             return Ok(());
         }
+        let mut coverage = view.coverage.write().unwrap_or_else(|e| e.into_inner());
+        if coverage.is_some() {
+            return Ok(());
+        }
         let guard = self.journal()?;
         let journal = guard
             .as_ref()
             .ok_or_else(|| io::Error::other("the undo journal is not open"))?;
-        let mut coverage = view.coverage.write().unwrap_or_else(|e| e.into_inner());
-        if coverage.is_none() {
-            *coverage = Some(journal.view(view.point)?);
-        }
+        *coverage = Some(journal.view(view.point)?);
         Ok(())
     }
 
