@@ -241,7 +241,12 @@ impl Points {
         let drills = self.views.lock().unwrap_or_else(|e| e.into_inner());
         pins.iter()
             .map(|(e, _)| *e)
-            .chain(drills.iter().map(|v| v.point))
+            .chain(
+                drills
+                    .iter()
+                    .filter(|v| v.lost().is_none())
+                    .map(|v| v.point),
+            )
             .min()
     }
 
@@ -597,6 +602,9 @@ impl UndoJournal {
         now_ms: u64,
         pinned: Option<Epoch>,
     ) -> io::Result<usize> {
+        // A pin keeps only points still held: one below the oldest keeps nothing.
+        let oldest = self.index.points()[0];
+        let pinned = pinned.filter(|p| *p >= oldest);
         let mut dropped = 0;
         while let Some((&seq, &segment)) = self.segments.iter().next() {
             let open = self.open.as_ref().is_some_and(|(s, _)| *s == seq);

@@ -343,3 +343,36 @@ fn a_point_is_listed_only_once_its_unit_is_applied() {
     points.set_applied(Epoch(2));
     assert_eq!(listed(&points), [1, 2]);
 }
+
+/// A pin can only keep points the journal still holds: one below its oldest point (a lost
+/// drill's, after the journal started again) does not stop retention, and neither does a
+/// drill whose view is lost.
+#[test]
+fn pins_of_points_gone_and_lost_drills_do_not_stop_retention() {
+    let mut h = Harness::new();
+    h.journal.segment_bytes = 8 << 10;
+    let mut rng = SmallRng::seed_from_u64(3);
+    for e in 2..40u64 {
+        let writes = random_writes(&mut rng);
+        h.apply(Epoch(e), &writes);
+    }
+    let segments = segment_files(&h.undo_dir()).unwrap().len();
+    assert!(segments > 3, "{segments} segments");
+    let keep_little = Retention {
+        max_age_secs: 0,
+        max_bytes: 1,
+    };
+    // Point 0 is not held (the oldest is 1): it keeps nothing.
+    h.journal.trim(keep_little, 0, Some(Epoch(0))).unwrap();
+    assert!(
+        segment_files(&h.undo_dir()).unwrap().len() < segments,
+        "a pin below the oldest point stopped retention"
+    );
+
+    let points = Points::new(h.dir.path(), keep_little);
+    let view = std::sync::Arc::new(LiveView::new(Epoch(5)));
+    points.add_view(std::sync::Arc::clone(&view));
+    assert_eq!(points.pinned(), Some(Epoch(5)));
+    points.lose_views("the journal was emptied");
+    assert_eq!(points.pinned(), None, "a lost drill still pins its point");
+}
