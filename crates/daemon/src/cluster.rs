@@ -282,6 +282,7 @@ impl Cluster {
                 let handle = self.agent.volume_handle(&a.local_volume_id)?;
                 let (membership, shared) = pair_proto::switch_of(&a)?;
                 pairs.switch_side(membership, shared, handle)?;
+                self.agent.stop_serving_ended_drills();
                 return Ok(Response::Done(proto::Done {}));
             }
             Request::KeepProduction(c) => {
@@ -366,6 +367,7 @@ impl Cluster {
                     c.term,
                     handle,
                 )?;
+                self.agent.stop_serving_ended_drills();
                 return Ok(Response::Promoted(proto::Promoted {
                     epoch: promotion.epoch.0,
                     cut_ms: promotion.cut_ms,
@@ -380,6 +382,15 @@ impl Cluster {
                     point: Epoch(c.point),
                 };
                 check_export_name(&record.export)?;
+                check_export_name(&record.drill)?;
+                // Drills and volumes share the socket directory.
+                if self.agent.get(&record.export).is_ok() {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "export {} is a volume's name",
+                        record.export
+                    ))
+                    .into());
+                }
                 let drill = pairs.create_drill(pair_id(&c.pair_id)?, record)?;
                 if let Err(e) = self.agent.serve_drill(drill.export()) {
                     let _ = pairs.delete_drill(pair_id(&c.pair_id)?, &drill.record().drill);
@@ -389,6 +400,7 @@ impl Cluster {
             }
             Request::DeleteDrill(c) => {
                 check_export_name(&c.export)?;
+                check_export_name(&c.drill_id)?;
                 pairs.delete_drill(pair_id(&c.pair_id)?, &c.drill_id)?;
                 self.agent.stop_serving_drill(&c.export);
                 return Ok(Response::Done(proto::Done {}));
@@ -470,6 +482,7 @@ impl Cluster {
                     .parse()
                     .map_err(|e| ApiError::InvalidArgument(format!("pair id: {e}")))?;
                 self.agent.pairs().leave(pair, handle)?;
+                self.agent.stop_serving_ended_drills();
             }
         }
         Ok(Response::Done(proto::Done {}))

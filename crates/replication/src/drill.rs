@@ -69,6 +69,33 @@ impl DrillVolume {
         volume_dir: &Path,
         points: Arc<Points>,
     ) -> io::Result<Arc<Self>> {
+        // The point is kept from retention first, then checked: no trim can drop it in
+        // between.
+        let view = Arc::new(LiveView::new(record.point));
+        points.add_view(Arc::clone(&view));
+        let made = Self::make(&record, &volume, volume_dir, &points);
+        let drill = made.map(|(overlay, overlay_path)| {
+            Self::with(
+                record,
+                volume,
+                Arc::clone(&points),
+                overlay,
+                overlay_path,
+                RangeSet::new(),
+            )
+        });
+        // The drill's own view keeps the point from here.
+        points.remove_view(&view);
+        drill
+    }
+
+    /// The drill's record and its empty overlay, durably, once its point is known held.
+    fn make(
+        record: &DrillRecord,
+        volume: &Volume,
+        volume_dir: &Path,
+        points: &Points,
+    ) -> io::Result<(File, PathBuf)> {
         if !points.list()?.iter().any(|p| p.point.epoch == record.point) {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -88,16 +115,9 @@ impl DrillVolume {
         overlay.sync_all()?;
         blockrep_volume::write_file_durably(
             &dir.join(format!("{}.json", record.drill)),
-            &serde_json::to_vec(&record).expect("serialisable"),
+            &serde_json::to_vec(record).expect("serialisable"),
         )?;
-        Ok(Self::with(
-            record,
-            volume,
-            points,
-            overlay,
-            overlay_path,
-            RangeSet::new(),
-        ))
+        Ok((overlay, overlay_path))
     }
 
     /// The drills recorded on the DR volume in `volume_dir`, opened again.
@@ -195,7 +215,7 @@ impl DrillVolume {
 
     /// Removes the drill: its view (retention may drop its point) and its files.
     pub fn delete(&self, volume_dir: &Path) -> io::Result<()> {
-        self.points.remove_view(&self.view);
+        self.end(&format!("drill {} was deleted", self.record.drill));
         let dir = drills_dir(volume_dir);
         for path in [
             dir.join(format!("{}.json", self.record.drill)),
@@ -218,6 +238,14 @@ impl DrillVolume {
         }
         ByteRange::within(offset, len, self.size)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+    }
+
+    /// Ends the drill, for `why`: its reads and writes fail from now on (a client still
+    /// connected gets errors, not an image nobody keeps current), and its point is no
+    /// longer kept.
+    pub fn end(&self, why: &str) {
+        *self.view.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        self.points.remove_view(&self.view);
     }
 
     /// Reads `buf.len()` bytes of the drill volume at `offset`.
@@ -672,6 +700,32 @@ mod tests {
             "readers of a drill deadlocked"
         );
         worker.join().unwrap();
+    }
+
+    /// A client still connected to a drill that was deleted (or ended by a failover) gets
+    /// errors, not an image nobody keeps current any more.
+    #[test]
+    fn a_deleted_drill_answers_errors() {
+        let mut dr = Dr::new();
+        dr.apply(1, &[(0, 1, 1)]);
+        dr.apply(2, &[(0, 1, 2)]);
+        let drill = DrillVolume::create(
+            DrillRecord {
+                drill: "d".into(),
+                export: "d-dr".into(),
+                point: Epoch(1),
+            },
+            Arc::clone(&dr.volume),
+            dr.dir.path(),
+            Arc::clone(&dr.points),
+        )
+        .unwrap();
+        let mut block = vec![0u8; 4096];
+        drill.read(0, &mut block).unwrap();
+        drill.delete(dr.dir.path()).unwrap();
+        let err = drill.read(0, &mut block).unwrap_err();
+        assert!(err.to_string().contains("deleted"), "{err}");
+        assert!(drill.write(0, &block).is_err());
     }
 
     /// While a drill exists its point is kept: retention trims nothing at or after it.

@@ -239,7 +239,10 @@ impl Pairs {
         match self.lock().remove(&pair) {
             // Deleted: nothing depends on its DR side any more.
             Some(Runtime::Production(p)) => p.stop(None),
-            Some(Runtime::Dr(d)) => d.close(),
+            Some(Runtime::Dr(d)) => {
+                d.end_drills("the volume left its pair");
+                d.close();
+            }
             None => {}
         }
         match Membership::load(&handle.dir).map_err(|e| ApiError::Internal(e.to_string()))? {
@@ -262,6 +265,7 @@ impl Pairs {
             "points.json",
             "undo",
             "drills",
+            crate::undo_journal::HOLD_FILE,
         ] {
             remove_if_there(&handle.dir.join(file))
                 .map_err(|e| ApiError::Internal(format!("remove {file}: {e}")))?;
@@ -597,7 +601,9 @@ impl Pairs {
             }
         }
         for d in held {
-            d.points().pin(epoch, HOLD_POINT_FOR);
+            d.points().hold(epoch, HOLD_POINT_FOR).map_err(|e| {
+                ApiError::Internal(format!("record the hold of point {epoch}: {e}"))
+            })?;
         }
         Ok(())
     }
@@ -673,6 +679,7 @@ impl Pairs {
                     self.lock().insert(membership.pair, Runtime::Dr(d));
                     return Err(ApiError::Internal(format!("stop the DR applier: {e}")));
                 }
+                d.end_drills("the volume became its pair's production side");
             }
             None => {}
         }
@@ -735,17 +742,18 @@ impl Pairs {
     }
 }
 
-/// How long a point held for a failover is kept from retention.
-const HOLD_POINT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long a point held for a failover is kept from retention (across restarts).
+const HOLD_POINT_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What a volume keeps as a pair's DR side: gone once it is not (promoted, switched).
-const DR_FILES: [&str; 7] = [
+const DR_FILES: [&str; 8] = [
     "dr.json",
     "stage-log",
     "group.json",
     "points.json",
     "undo",
     "drills",
+    crate::undo_journal::HOLD_FILE,
     rollback::ROLLBACK_FILE,
 ];
 

@@ -129,7 +129,27 @@ impl LiveView {
 
 impl Points {
     /// The points of the DR volume whose directory is `volume_dir`.
+    /// The points of the DR volume whose directory is `volume_dir`, with the group's
+    /// retention and a failover's hold (`hold.json`, if it has not run out) as recorded.
     pub fn load(volume_dir: &Path) -> io::Result<Self> {
+        let points = Self::load_retention(volume_dir)?;
+        match std::fs::read(volume_dir.join(HOLD_FILE)) {
+            Ok(bytes) => {
+                let hold: Hold = serde_json::from_slice(&bytes).map_err(|e| {
+                    corrupt(format!("{}: {e}", volume_dir.join(HOLD_FILE).display()))
+                })?;
+                let left = hold.until_ms.saturating_sub(now_ms());
+                if left > 0 {
+                    points.pin(hold.epoch, std::time::Duration::from_millis(left));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(points)
+    }
+
+    fn load_retention(volume_dir: &Path) -> io::Result<Self> {
         let retention = match std::fs::read(volume_dir.join("points.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 corrupt(format!("{}: {e}", volume_dir.join("points.json").display()))
@@ -250,7 +270,22 @@ impl Points {
             .min()
     }
 
-    /// Keeps `point` from retention for `how_long`.
+    /// Keeps `point` from retention for `how_long`, across restarts too (a failover to
+    /// it is about to start: `hold.json` in the volume's directory).
+    pub fn hold(&self, point: Epoch, how_long: std::time::Duration) -> io::Result<()> {
+        let hold = Hold {
+            epoch: point,
+            until_ms: now_ms().saturating_add(how_long.as_millis() as u64),
+        };
+        blockrep_volume::write_file_durably(
+            &self.dir.with_file_name(HOLD_FILE),
+            &serde_json::to_vec(&hold).expect("serialisable"),
+        )?;
+        self.pin(point, how_long);
+        Ok(())
+    }
+
+    /// Keeps `point` from retention for `how_long` (in memory).
     pub fn pin(&self, point: Epoch, how_long: std::time::Duration) {
         self.pins
             .lock()
@@ -311,6 +346,22 @@ impl Points {
             .filter(|p| p.point.epoch <= applied)
             .collect())
     }
+}
+
+/// Where a failover's hold of a point is recorded, in the volume's directory.
+pub const HOLD_FILE: &str = "hold.json";
+
+/// A point held for a failover, until a wall-clock time.
+#[derive(Serialize, Deserialize)]
+struct Hold {
+    epoch: Epoch,
+    until_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {

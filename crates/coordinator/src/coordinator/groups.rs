@@ -11,7 +11,7 @@ use blockrep_core::replication::{
 use super::group_steps;
 use super::jobs::job_view;
 use super::*;
-use crate::records::{GroupRecord, MembershipChange};
+use crate::records::{GroupOperation, GroupRecord, MembershipChange};
 
 /// How long the driver waits for a report to agree before it tells an agent again.
 const GROUP_STEP_RESEND: Duration = Duration::from_secs(2);
@@ -159,6 +159,14 @@ impl Coordinator {
             Some(r) => Some(check_retention(Some(r), group.model)?),
             None => None,
         };
+        if retention.is_some_and(|r| r != group.retention)
+            && matches!(group.operation, Some(GroupOperation::Failover(_)))
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} is failing over: its retention of points changes once the failover is done",
+                group.name
+            )));
+        }
         if !any_time(renaming_only, protection, retention_only) {
             GroupAction::Update
                 .begin(self.group_state(&state, &group))

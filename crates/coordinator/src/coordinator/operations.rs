@@ -72,6 +72,17 @@ impl Coordinator {
             )));
         }
         let point = super::points::choose_point(&listed.points, &req.point)?;
+        // A failover to this point under way (a retry after a part of it failed) carries
+        // on from its plan: its pairs promoted already are DR sides no more.
+        let under_way = {
+            let state = self.lock();
+            let id = Self::find_group(&state, &req.group)?;
+            matches!(&state.groups[&id].operation,
+                Some(GroupOperation::Failover(plan)) if plan.point == Some(point))
+        };
+        if under_way {
+            return self.start_failover(&req.group, Some(point));
+        }
         let by_node = {
             let state = self.lock();
             let id = Self::find_group(&state, &req.group)?;

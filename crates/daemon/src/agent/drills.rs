@@ -102,12 +102,23 @@ impl Agent {
         Ok(socket)
     }
 
-    /// Stops serving drill `export` and removes its socket.
+    /// Stops serving drill `export` and removes its socket (only a drill's: a volume's
+    /// socket of the same name is not touched).
     pub fn stop_serving_drill(&self, export: &str) {
         if let Some(task) = self.drill_sockets().remove(export) {
             task.abort();
+            let _ = remove_stale_socket(&self.config.nbd_socket(export));
         }
-        let _ = remove_stale_socket(&self.config.nbd_socket(export));
+    }
+
+    /// Stops serving the drills that ended (their volume left the DR side).
+    pub fn stop_serving_ended_drills(&self) {
+        let served: Vec<String> = self.drill_sockets().keys().cloned().collect();
+        for export in served {
+            if self.pairs.find_drill(&export).is_none() {
+                self.stop_serving_drill(&export);
+            }
+        }
     }
 
     /// Serves every drill this agent's DR volumes have (at start).

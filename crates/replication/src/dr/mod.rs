@@ -343,6 +343,14 @@ impl DrPair {
         }
     }
 
+    /// Ends every drill of the volume (it leaves the DR side), for `why`.
+    pub fn end_drills(&self, why: &str) {
+        let drills = std::mem::take(&mut *self.drills.lock().unwrap_or_else(|e| e.into_inner()));
+        for drill in drills.values() {
+            drill.end(why);
+        }
+    }
+
     pub fn drills(&self) -> Vec<Arc<DrillVolume>> {
         self.drills
             .lock()

@@ -18,6 +18,32 @@ use super::*;
 use crate::dr_state::{self, DrState};
 use crate::membership::{Fence, Promotion};
 
+/// Before anything changes: the point a failover rolls back to is kept from retention
+/// (the units the roll to the commit applies trim it otherwise), and it is held.
+fn check_point_held(
+    dr: &DrPair,
+    point: Option<Epoch>,
+    handle: &VolumeHandle,
+) -> Result<(), ApiError> {
+    let Some(point) = point else {
+        return Ok(());
+    };
+    dr.points().pin(point, Duration::from_secs(3600));
+    let held = dr.points().list().map_err(|e| {
+        ApiError::Internal(format!(
+            "volume {}: read the undo journal: {e}",
+            handle.name
+        ))
+    })?;
+    if held.iter().any(|p| p.point.epoch == point) {
+        return Ok(());
+    }
+    Err(ApiError::FailedPrecondition(format!(
+        "volume {} does not hold point {point}: nothing was changed",
+        handle.name
+    )))
+}
+
 /// How long a promotion waits for the DR applier to finish what it was given.
 const APPLIER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -105,8 +131,8 @@ impl Pairs {
                 };
                 self.roll_back(&dr, before, point, &handle)
             }
-            (false, _) => self
-                .roll_to_commit(&dr, commit, &handle)
+            (false, _) => check_point_held(&dr, point, &handle)
+                .and_then(|()| self.roll_to_commit(&dr, commit, &handle))
                 .and_then(|p| match point {
                     Some(point) => self.roll_back(&dr, p, point, &handle),
                     None => Ok(p),
@@ -122,6 +148,7 @@ impl Pairs {
             }
         };
         self.lock().remove(&pair);
+        dr.end_drills("the group failed over: the DR volume is production now");
         lineage
             .begin(generation)
             .map_err(|e| ApiError::Internal(format!("record the new generation: {e}")))?;

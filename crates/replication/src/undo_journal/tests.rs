@@ -376,3 +376,23 @@ fn pins_of_points_gone_and_lost_drills_do_not_stop_retention() {
     points.lose_views("the journal was emptied");
     assert_eq!(points.pinned(), None, "a lost drill still pins its point");
 }
+
+/// A point held for a failover stays held across a restart of the agent, until the hold
+/// runs out.
+#[test]
+fn a_failovers_hold_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let points = Points::load(dir.path()).unwrap();
+    points
+        .hold(Epoch(7), std::time::Duration::from_secs(3600))
+        .unwrap();
+    drop(points);
+    assert_eq!(Points::load(dir.path()).unwrap().pinned(), Some(Epoch(7)));
+    let points = Points::load(dir.path()).unwrap();
+    points.hold(Epoch(8), std::time::Duration::ZERO).unwrap();
+    assert_eq!(
+        Points::load(dir.path()).unwrap().pinned(),
+        None,
+        "a hold ran out"
+    );
+}

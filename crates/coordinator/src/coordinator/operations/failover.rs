@@ -265,6 +265,60 @@ mod tests {
         );
     }
 
+    /// A failover to a point that failed part way is carried on by asking for the same
+    /// point again: its promoted pairs are not asked to hold the point (they are DR sides
+    /// no more), and the retention cannot change meanwhile.
+    #[tokio::test]
+    async fn a_failover_to_a_point_retried_carries_on_from_its_plan() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 7);
+        points_held(&h);
+        h.agents.script(
+            "Promote",
+            Some("n4"),
+            Answer::Refuse(409, "volume d is not a DR volume"),
+            Some(1),
+        );
+        h.agents.always("Promote", promoted(5));
+        h.coordinator
+            .failover_group_to_point(to_point("5"))
+            .await
+            .unwrap();
+        h.coordinator.drive_operations().await;
+        assert_eq!(
+            h.stored_group(group.id).unwrap().status,
+            GroupStatus::ErrorFailovering
+        );
+        let retention = h.coordinator.update_group(proto::UpdateGroupRequest {
+            group: "g".into(),
+            retention: Some(proto::Retention {
+                max_age_secs: 60,
+                max_bytes: 0,
+            }),
+            ..Default::default()
+        });
+        assert!(
+            retention.is_err_and(|e| e.to_string().contains("failing over")),
+            "the retention changed mid-failover"
+        );
+        // The promoted pair's agent would refuse to hold the point.
+        h.agents.always(
+            "HoldPoint",
+            Answer::Refuse(409, "this node is not the DR side of pair a"),
+        );
+        let holds_before = h.agents.calls_of("HoldPoint").len();
+        h.coordinator
+            .failover_group_to_point(to_point("5"))
+            .await
+            .unwrap();
+        assert_eq!(h.agents.calls_of("HoldPoint").len(), holds_before);
+        h.coordinator.drive_operations().await;
+        assert_eq!(
+            h.stored_group(group.id).unwrap().status,
+            GroupStatus::Failovered
+        );
+    }
+
     #[tokio::test]
     async fn a_refused_promotion_fails_the_failover_and_a_retry_carries_on_from_its_plan() {
         let (h, group, a, b) = seeded_group_of_two();
