@@ -96,6 +96,27 @@ fn drill_each_point(cluster: &TestCluster, dir: &Path, noted: &[(u64, u64)], see
         assert_eq!(client.write(0, &[0x5a; RECORD as usize]).unwrap(), 0);
         assert_eq!(client.read(0, 16).unwrap(), vec![0x5a; 16]);
         client.disconnect().unwrap();
+        // Marked as a drill in the DR agent's status and metrics.
+        let status = cluster.node("node-b").cli_json(&["status"]);
+        let shown = status["drills"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["export"] == exports[0].as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("drill {} not in status: {status}", exports[0]));
+        assert_eq!(shown["role"], "drill");
+        assert_eq!(shown["point_epoch"], *point);
+        assert!(
+            shown["written_bytes"].as_u64().unwrap() >= RECORD,
+            "{shown}"
+        );
+        let metrics = cluster.node("node-b").metrics();
+        assert!(
+            metrics.contains(&format!("drill_written_bytes{{export=\"{}\"", exports[0])),
+            "no drill metric for {}",
+            exports[0]
+        );
     }
     let listed = cluster
         .coordinator()

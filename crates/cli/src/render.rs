@@ -213,11 +213,38 @@ impl Render for proto::StatusResponse {
             "pool": self.pool.map(|p| pool_json(&p)),
             "volumes": self.volumes.iter().map(volume_json).collect::<Vec<_>>(),
             "pairs": self.pairs.iter().map(pair_state_json).collect::<Vec<_>>(),
+            "drills": self.drills.iter().map(|d| json!({
+                "export": d.export,
+                "drill_id": d.drill_id,
+                "pair_id": d.pair_id,
+                "point_epoch": d.point_epoch,
+                "size_bytes": d.size_bytes,
+                "written_bytes": d.written_bytes,
+                "lost": empty_null(&d.lost),
+                "nbd_socket": d.nbd_socket,
+                "role": "drill",
+            })).collect::<Vec<_>>(),
         })
     }
 
     fn table(&self) -> String {
         let mut out = String::new();
+        for d in &self.drills {
+            out.push_str(&format!(
+                "{} role:drill point:{} pair:{} size:{} written:{} export:{}{}\n",
+                d.export,
+                d.point_epoch,
+                short(&d.pair_id),
+                human_bytes(d.size_bytes).replace(' ', ""),
+                human_bytes(d.written_bytes).replace(' ', ""),
+                d.nbd_socket,
+                if d.lost.is_empty() {
+                    String::new()
+                } else {
+                    format!(" lost:{:?}", d.lost)
+                }
+            ));
+        }
         for v in &self.volumes {
             let state = state_name(v);
             if v.error.is_empty() {

@@ -23,6 +23,8 @@ use crate::registry::{self, VolumeRecord};
 mod drills;
 mod pool;
 
+pub use drills::drill_protos;
+
 pub struct Agent {
     pub config: Config,
     /// The volumes, held only to look one up or to change the map: every NBD handshake

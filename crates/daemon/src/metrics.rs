@@ -25,6 +25,13 @@ struct VolumeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DrillLabels {
+    export: String,
+    drill: String,
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PairLabels {
     pair: String,
     volume: String,
@@ -104,6 +111,23 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
             used,
         );
     }
+
+    // Drill volumes: role drill, never a pair's.
+    let drill_written = GaugeFamily::<DrillLabels>::default();
+    for d in crate::agent::drill_protos(agent) {
+        drill_written
+            .get_or_create(&DrillLabels {
+                export: d.export,
+                drill: d.drill_id,
+                role: "drill".into(),
+            })
+            .set(d.written_bytes as f64);
+    }
+    registry.register(
+        "drill_written_bytes",
+        "Bytes a drill volume's clients wrote (to its overlay)",
+        drill_written,
+    );
 
     let sent = CounterFamily::<PairLabels>::default();
     let extents = CounterFamily::<PairLabels>::default();

@@ -562,6 +562,20 @@ impl Pairs {
         self.drills().into_iter().find(|d| d.export() == export)
     }
 
+    /// Every drill of this agent's DR volumes, with its pair.
+    pub fn drills_by_pair(&self) -> Vec<(PairId, Arc<DrillVolume>)> {
+        let runtimes: Vec<(PairId, Runtime)> =
+            self.lock().iter().map(|(id, r)| (*id, r.clone())).collect();
+        runtimes
+            .iter()
+            .filter_map(|(id, r)| match r {
+                Runtime::Dr(d) => Some(d.drills().into_iter().map(|d| (*id, d))),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Every drill of this agent's DR volumes.
     pub fn drills(&self) -> Vec<Arc<DrillVolume>> {
         let runtimes: Vec<Runtime> = self.lock().values().cloned().collect();

@@ -137,3 +137,22 @@ impl Agent {
         self.drill_sockets.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// The drill volumes the agent serves, as `status` shows them.
+pub fn drill_protos(agent: &Agent) -> Vec<blockrep_api::proto::DrillVolumeStatus> {
+    agent
+        .pairs
+        .drills_by_pair()
+        .into_iter()
+        .map(|(pair, d)| blockrep_api::proto::DrillVolumeStatus {
+            export: d.export().to_owned(),
+            drill_id: d.record().drill.clone(),
+            pair_id: pair.to_string(),
+            point_epoch: d.record().point.0,
+            size_bytes: d.size(),
+            written_bytes: d.written_bytes(),
+            lost: d.lost().unwrap_or_default(),
+            nbd_socket: agent.config.nbd_socket(d.export()).display().to_string(),
+        })
+        .collect()
+}
