@@ -99,6 +99,36 @@ fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
     })
 }
 
+/// fio on `uris` at once (one job each), `rw` 4k QD32 for `runtime_s`, on `host`: total
+/// IOPS and bytes moved.
+pub fn nbd_4k(
+    host: crate::env::Host,
+    uris: &[String],
+    rw: &str,
+    runtime_s: u32,
+) -> anyhow::Result<(f64, u64)> {
+    let mut cmd = crate::env::on_host(host, "fio");
+    cmd.args(["--ioengine=nbd", "--bs=4k", "--iodepth=32"])
+        .arg(format!("--rw={rw}"))
+        .args([
+            "--time_based",
+            "--ramp_time=1",
+            "--group_reporting",
+            "--output-format=json",
+        ])
+        .arg(format!("--runtime={runtime_s}"));
+    for (i, uri) in uris.iter().enumerate() {
+        cmd.arg(format!("--name=j{i}")).arg(format!("--uri={uri}"));
+    }
+    let out = crate::env::run(&mut cmd)?;
+    let json = out.find('{').map_or(out.as_str(), |i| &out[i..]);
+    let v: Value = serde_json::from_str(json).context("fio's JSON")?;
+    let dir = if rw.contains("read") { "read" } else { "write" };
+    let iops = v["jobs"][0][dir]["iops"].as_f64().context("fio IOPS")?;
+    let bytes = v["jobs"][0][dir]["io_bytes"].as_u64().unwrap_or(0);
+    Ok((iops, bytes))
+}
+
 pub fn version() -> String {
     crate::env::run(Command::new("fio").arg("--version"))
         .map(|v| v.trim().to_owned())

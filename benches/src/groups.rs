@@ -482,28 +482,7 @@ pub fn reprotect(env: &mut Env, work: &Path, bin: &Path) -> anyhow::Result<Scena
 
 /// fio 4k randwrite QD32 on both production volumes at once: total IOPS.
 fn iops_run(uris: &[String], runtime_s: u32) -> anyhow::Result<f64> {
-    let mut cmd = crate::env::on_host(Host::Production, "fio");
-    cmd.args([
-        "--ioengine=nbd",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=32",
-    ])
-    .args([
-        "--time_based",
-        "--ramp_time=1",
-        "--group_reporting",
-        "--output-format=json",
-    ])
-    .arg(format!("--runtime={runtime_s}"));
-    for (i, uri) in uris.iter().enumerate() {
-        cmd.arg(format!("--name=j{i}")).arg(format!("--uri={uri}"));
-    }
-    let out = run(&mut cmd)?;
-    // fio may print notes before its JSON.
-    let json = out.find('{').map_or(out.as_str(), |i| &out[i..]);
-    let v: Value = serde_json::from_str(json).context("fio's JSON")?;
-    v["jobs"][0]["write"]["iops"].as_f64().context("fio IOPS")
+    Ok(crate::fio::nbd_4k(Host::Production, uris, "randwrite", runtime_s)?.0)
 }
 
 /// Two async pairs, 4k randwrite QD32 on both production volumes: in a group (cut every

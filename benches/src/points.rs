@@ -9,8 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::Context;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::env::{Env, Host, check_interrupted, run};
 use crate::groups::{GroupCluster, percentile};
@@ -18,31 +17,6 @@ use crate::report::{Goal, GoalFormat, ScenarioResult};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-/// fio on `uris` at once (one job each), `rw` 4k QD32 for `runtime_s`, on `host`: total
-/// IOPS and bytes moved.
-fn fio_4k(host: Host, uris: &[String], rw: &str, runtime_s: u32) -> anyhow::Result<(f64, u64)> {
-    let mut cmd = crate::env::on_host(host, "fio");
-    cmd.args(["--ioengine=nbd", "--bs=4k", "--iodepth=32"])
-        .arg(format!("--rw={rw}"))
-        .args([
-            "--time_based",
-            "--ramp_time=1",
-            "--group_reporting",
-            "--output-format=json",
-        ])
-        .arg(format!("--runtime={runtime_s}"));
-    for (i, uri) in uris.iter().enumerate() {
-        cmd.arg(format!("--name=j{i}")).arg(format!("--uri={uri}"));
-    }
-    let out = run(&mut cmd)?;
-    let json = out.find('{').map_or(out.as_str(), |i| &out[i..]);
-    let v: Value = serde_json::from_str(json).context("fio's JSON")?;
-    let dir = if rw.contains("read") { "read" } else { "write" };
-    let iops = v["jobs"][0][dir]["iops"].as_f64().context("fio IOPS")?;
-    let bytes = v["jobs"][0][dir]["io_bytes"].as_u64().unwrap_or(0);
-    Ok((iops, bytes))
-}
 
 fn fill(uri: &str) -> anyhow::Result<()> {
     run(Command::new("fio")
@@ -169,7 +143,8 @@ pub fn points(
             }
             run(&mut Command::new("sync"))?;
             let before = cluster.points()?;
-            let (iops, bytes) = fio_4k(Host::Production, &uris, "randwrite", runtime_s)?;
+            let (iops, bytes) =
+                crate::fio::nbd_4k(Host::Production, &uris, "randwrite", runtime_s)?;
             eprintln!(
                 "bench: [{}/{repeats}] 4k randwrite QD32 on an async group, retention {}: {iops:.0} IOPS",
                 rep + 1,
@@ -220,7 +195,8 @@ pub fn points(
             let drill = (k + rep as usize).is_multiple_of(2);
             let uri = if drill { &drill_uri } else { &dr_uri };
             run(&mut Command::new("sync"))?;
-            let (iops, _) = fio_4k(Host::Dr, std::slice::from_ref(uri), "randread", runtime_s)?;
+            let (iops, _) =
+                crate::fio::nbd_4k(Host::Dr, std::slice::from_ref(uri), "randread", runtime_s)?;
             eprintln!(
                 "bench: [{}/{repeats}] 4k randread QD32 of the {}: {iops:.0} IOPS",
                 rep + 1,

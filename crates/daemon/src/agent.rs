@@ -196,7 +196,11 @@ impl Agent {
         }
         let socket = self.config.nbd_socket(record.name.as_str());
         let closing = Arc::new(AtomicBool::new(false));
-        let listener = self.listen_unix(&socket, Arc::clone(&volume), Arc::clone(&closing))?;
+        let exports: Arc<dyn ExportSet> = Arc::new(SingleExport {
+            volume: Arc::clone(&volume),
+            closing: Arc::clone(&closing),
+        });
+        let listener = self.listen_unix(&socket, exports)?;
         Ok(Online {
             volume,
             flusher,
@@ -206,11 +210,11 @@ impl Agent {
         })
     }
 
+    /// Serves `exports` on a Unix socket at `socket` (a volume's, or a drill's).
     fn listen_unix(
         self: &Arc<Self>,
         socket: &Path,
-        volume: Arc<Volume>,
-        closing: Arc<AtomicBool>,
+        exports: Arc<dyn ExportSet>,
     ) -> Result<JoinHandle<()>, ApiError> {
         let bind_err = |e: std::io::Error| {
             ApiError::Internal(format!("cannot listen on {}: {e}", socket.display()))
@@ -219,7 +223,6 @@ impl Agent {
         let _guard = self.runtime.enter();
         let listener = tokio::net::UnixListener::bind(socket).map_err(bind_err)?;
         set_mode(socket, 0o660).map_err(bind_err)?;
-        let exports: Arc<dyn ExportSet> = Arc::new(SingleExport { volume, closing });
         let label = socket.display().to_string();
         Ok(self.runtime.spawn(accept_loop(
             Arc::clone(&self.connections),

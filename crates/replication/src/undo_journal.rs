@@ -33,7 +33,7 @@ use blockrep_core::replication::undo::{
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::stage_log::{Recovered, StageLog};
+use crate::stage_log::{Recovered, StageLog, Staged};
 
 /// A segment is closed at the first unit boundary past this size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -364,6 +364,24 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A unit's undo records as the index holds them: where each range's old contents are in
+/// segment `seq` (a zero range has none).
+fn undo_of(unit: &[Staged], seq: u64) -> Vec<UndoRange> {
+    unit.iter()
+        .map(|s| UndoRange {
+            range: s.range,
+            at: if s.zeroes {
+                RecordAt::ZEROES
+            } else {
+                RecordAt {
+                    segment: seq,
+                    offset: s.data_at,
+                }
+            },
+        })
+        .collect()
+}
+
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016}.undo"))
 }
@@ -440,20 +458,7 @@ impl UndoJournal {
                 if seal.epoch <= base.epoch {
                     continue;
                 }
-                let ranges: Vec<UndoRange> = unit
-                    .iter()
-                    .map(|s| UndoRange {
-                        range: s.range,
-                        at: if s.zeroes {
-                            RecordAt::ZEROES
-                        } else {
-                            RecordAt {
-                                segment: seq,
-                                offset: s.data_at,
-                            }
-                        },
-                    })
-                    .collect();
+                let ranges = undo_of(&unit, seq);
                 journal
                     .index
                     .push_unit(seal.epoch, &ranges)
@@ -613,20 +618,7 @@ impl UndoJournal {
         }
         log.seal(epoch, cut_ms)?;
         let unit = log.take_unit(epoch);
-        let undo: Vec<UndoRange> = unit
-            .iter()
-            .map(|s| UndoRange {
-                range: s.range,
-                at: if s.zeroes {
-                    RecordAt::ZEROES
-                } else {
-                    RecordAt {
-                        segment: seq,
-                        offset: s.data_at,
-                    }
-                },
-            })
-            .collect();
+        let undo = undo_of(&unit, seq);
         let full = log.bytes() >= self.segment_bytes;
         self.index
             .push_unit(epoch, &undo)

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use blockrep_api::ApiError;
-use blockrep_nbd::{BlockDevice, ClientStream, ExportSet};
+use blockrep_nbd::{BlockDevice, ExportSet};
 use blockrep_replication::drill::DrillVolume;
 use blockrep_replication::pairs::Pairs;
 use blockrep_volume::Volume;
 
-use super::{Agent, accept_loop, remove_stale_socket, set_mode};
+use super::{Agent, remove_stale_socket};
 
 /// A drill volume as NBD serves it.
 pub struct DrillDevice(pub Arc<DrillVolume>);
@@ -72,32 +72,14 @@ impl Agent {
     /// Serves drill `export` on its socket (again, if it was).
     pub fn serve_drill(self: &Arc<Self>, export: &str) -> Result<PathBuf, ApiError> {
         let socket = self.config.nbd_socket(export);
-        let bind_err = |e: std::io::Error| {
-            ApiError::Internal(format!("cannot listen on {}: {e}", socket.display()))
-        };
         if let Some(old) = self.drill_sockets().remove(export) {
             old.abort();
         }
-        remove_stale_socket(&socket).map_err(bind_err)?;
-        let _guard = self.runtime.enter();
-        let listener = tokio::net::UnixListener::bind(&socket).map_err(bind_err)?;
-        set_mode(&socket, 0o660).map_err(bind_err)?;
         let exports: Arc<dyn ExportSet> = Arc::new(DrillExport {
             pairs: Arc::clone(&self.pairs),
             export: export.to_owned(),
         });
-        let label = socket.display().to_string();
-        let task = self.runtime.spawn(accept_loop(
-            Arc::clone(&self.connections),
-            exports,
-            label.clone(),
-            async move || {
-                let (stream, _) = listener.accept().await?;
-                let stream = stream.into_std()?;
-                stream.set_nonblocking(false)?;
-                Ok((ClientStream::Unix(stream), label.clone()))
-            },
-        ));
+        let task = self.listen_unix(&socket, exports)?;
         self.drill_sockets().insert(export.to_owned(), task);
         Ok(socket)
     }
