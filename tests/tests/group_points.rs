@@ -198,9 +198,27 @@ fn fail_over_to_a_point(default_seed: u64, dies_mid_rollback: bool) {
             .node_mut("node-b")
             .restart_with_fault("BLOCKREP_FAULT_ROLLBACK_DIES", "1");
     }
-    let shown = cluster
-        .coordinator()
-        .cli_json(&["group", "update", "app", "--retention", "1h"]);
+    let refused =
+        cluster
+            .coordinator()
+            .daemon()
+            .cli(&["group", "update", "app", "--keep-hourly", "24"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("--retention"), "{why}");
+    let shown = cluster.coordinator().cli_json(&[
+        "group",
+        "update",
+        "app",
+        "--retention",
+        "1h",
+        "--keep-hourly",
+        "24",
+    ]);
+    assert_eq!(
+        shown["replication_consistency_group"]["retention"]["keep_hourly"], 24,
+        "{shown}"
+    );
     assert_eq!(
         shown["replication_consistency_group"]["retention"]["max_age_secs"], 3600,
         "{shown}"

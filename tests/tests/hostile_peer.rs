@@ -274,6 +274,7 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
         retention: Some(proto::Retention {
             max_age_secs: u64::MAX,
             max_bytes: u64::MAX,
+            keep_hourly: u32::MAX,
         }),
     };
     vec![

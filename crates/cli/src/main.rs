@@ -268,15 +268,20 @@ struct RetentionArgs {
     /// Keep at most this much undo per DR volume (`10GiB`; 0: no bound by size).
     #[arg(long, value_parser = blockrep_api::parse_size)]
     retention_bytes: Option<u64>,
+    /// Beyond `--retention`, keep one point per clock hour for this many hours more.
+    #[arg(long)]
+    keep_hourly: Option<u32>,
 }
 
 impl RetentionArgs {
     /// The retention asked for, if any was.
     fn asked(&self) -> Option<proto::Retention> {
-        (self.retention.is_some() || self.retention_bytes.is_some()).then(|| proto::Retention {
-            max_age_secs: self.retention.map_or(0, |d| d.as_secs()),
-            max_bytes: self.retention_bytes.unwrap_or(0),
-        })
+        (self.retention.is_some() || self.retention_bytes.is_some() || self.keep_hourly.is_some())
+            .then(|| proto::Retention {
+                max_age_secs: self.retention.map_or(0, |d| d.as_secs()),
+                max_bytes: self.retention_bytes.unwrap_or(0),
+                keep_hourly: self.keep_hourly.unwrap_or(0),
+            })
     }
 }
 

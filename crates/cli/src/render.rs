@@ -514,6 +514,7 @@ pub fn group_json(g: &proto::Group) -> Value {
         "retention": g.retention.map(|r| json!({
             "max_age_secs": r.max_age_secs,
             "max_bytes": r.max_bytes,
+            "keep_hourly": r.keep_hourly,
         })),
     })
 }
@@ -526,11 +527,16 @@ fn retention_text(r: Option<proto::Retention>) -> String {
     });
     let size = (r.max_bytes > 0)
         .then(|| format!("at most {} of undo per volume", human_bytes(r.max_bytes)));
-    match (age, size) {
-        (None, None) => "none kept".into(),
+    let text = match (age, size) {
+        (None, None) => return "none kept".into(),
         (Some(a), None) => a,
         (None, Some(s)) => s,
         (Some(a), Some(s)) => format!("{a}, {s}"),
+    };
+    if r.keep_hourly > 0 {
+        format!("{text}, then one an hour for {} hours", r.keep_hourly)
+    } else {
+        text
     }
 }
 

@@ -318,6 +318,7 @@ impl Cluster {
                 let retention = c.retention.map_or_else(Retention::default, |r| Retention {
                     max_age_secs: r.max_age_secs,
                     max_bytes: r.max_bytes,
+                    keep_hourly: r.keep_hourly,
                 });
                 pairs.group_commit(&pair_ids(&c.pair_ids)?, epoch, retention)?;
                 return Ok(Response::Done(proto::Done {}));

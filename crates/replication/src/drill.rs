@@ -440,6 +440,7 @@ mod tests {
             let retention = Retention {
                 max_age_secs: 3600,
                 max_bytes: 0,
+                keep_hourly: 0,
             };
             let points = Arc::new(Points::new(dir.path(), retention));
             points

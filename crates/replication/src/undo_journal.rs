@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use blockrep_core::ByteRange;
 use blockrep_core::replication::Epoch;
 use blockrep_core::replication::undo::{
-    Coverage, Piece, RecordAt, Retention, UndoIndex, UndoRange,
+    Coverage, Piece, RecordAt, Retention, UndoIndex, UndoRange, hour_of,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,9 @@ struct Segment {
     last: Epoch,
     /// Bytes of undo it holds (its records' ranges).
     bytes: u64,
+    /// Its units, and the clock hour they were cut in (a segment holds one hour's units).
+    units: usize,
+    hour: u64,
 }
 
 pub struct UndoJournal {
@@ -439,6 +442,13 @@ impl UndoJournal {
             readers: BTreeMap::new(),
             segment_bytes: SEGMENT_BYTES,
         };
+        // A merge a crash cut short before its rename: the segments it merged are there.
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "merge") {
+                std::fs::remove_file(&path)?;
+            }
+        }
         let files = segment_files(dir)?;
         let Some(base) = base else {
             // No points: whatever is here was being emptied.
@@ -453,11 +463,17 @@ impl UndoJournal {
                 .map_err(|e| corrupt(format!("undo segment {}: {e}", path.display())))?;
             let mut bytes = 0;
             let mut last = None;
+            let mut units = 0;
+            let mut hour = 0;
             for seal in seals {
                 let unit = log.take_unit(seal.epoch);
-                if seal.epoch <= base.epoch {
+                // At or before the base: a trim a crash interrupted. At or before the newest
+                // unit: a merged hour's old segment a crash left.
+                if seal.epoch <= base.epoch || seal.epoch <= journal.index.newest() {
                     continue;
                 }
+                units += 1;
+                hour = hour_of(seal.cut_ms);
                 let ranges = undo_of(&unit, seq);
                 journal
                     .index
@@ -476,7 +492,15 @@ impl UndoJournal {
                     sync_dir(dir)?;
                 }
                 Some(last) => {
-                    journal.segments.insert(seq, Segment { last, bytes });
+                    journal.segments.insert(
+                        seq,
+                        Segment {
+                            last,
+                            bytes,
+                            units,
+                            hour,
+                        },
+                    );
                     if log.bytes() < SEGMENT_BYTES {
                         journal.open = Some((seq, log));
                     }
@@ -596,6 +620,13 @@ impl UndoJournal {
                 "the undo journal holds no points to add to",
             ));
         }
+        // A segment holds one clock hour's units: hourly points are segment boundaries.
+        let hour = hour_of(cut_ms);
+        if let Some((seq, _)) = &self.open
+            && self.segments.get(seq).is_some_and(|s| s.hour != hour)
+        {
+            self.open = None;
+        }
         let (seq, log) = match &mut self.open {
             Some((seq, log)) => (*seq, log),
             None => {
@@ -627,8 +658,11 @@ impl UndoJournal {
         let segment = self.segments.entry(seq).or_insert(Segment {
             last: epoch,
             bytes: 0,
+            units: 0,
+            hour,
         });
         segment.last = epoch;
+        segment.units += 1;
         segment.bytes += ranges.iter().map(|r| r.len).sum::<u64>();
         if full {
             self.open = None;
@@ -649,36 +683,163 @@ impl UndoJournal {
         let oldest = self.index.points()[0];
         let pinned = pinned.filter(|p| *p >= oldest);
         let mut dropped = 0;
-        while let Some((&seq, &segment)) = self.segments.iter().next() {
-            let open = self.open.as_ref().is_some_and(|(s, _)| *s == seq);
-            if open || pinned.is_some_and(|p| p <= segment.last) {
-                break;
-            }
-            let cut = self.cuts.get(&segment.last).copied().unwrap_or(0);
-            if !retention.drops(now_ms, cut, self.bytes(), segment.bytes) {
-                break;
-            }
-            let before = self.index.points().len();
-            self.index
-                .trim_through(segment.last)
-                .map_err(|e| io::Error::other(format!("trimming the undo journal: {e}")))?;
-            dropped += before - self.index.points().len();
-            let point = Point {
-                epoch: segment.last,
-                cut_ms: cut,
+        'pass: loop {
+            let stuck = |journal: &Self, seq: &u64| {
+                journal.open.as_ref().is_some_and(|(s, _)| s == seq)
+                    || pinned.is_some_and(|p| p <= journal.segments[seq].last)
             };
-            blockrep_volume::write_file_durably(
-                &base_path(&self.dir),
-                &serde_json::to_vec(&point).expect("serialisable"),
-            )?;
-            self.base = Some(point);
-            self.cuts = self.cuts.split_off(&segment.last.next());
-            self.segments.remove(&seq);
-            self.readers.remove(&seq);
-            std::fs::remove_file(segment_path(&self.dir, seq))?;
-            sync_dir(&self.dir)?;
+            for hour in self.hours() {
+                // The hour's oldest segment decides: dropped, or kept as the hour's point.
+                let seq = hour[0];
+                if stuck(self, &seq) {
+                    break 'pass;
+                }
+                let segment = self.segments[&seq];
+                let cut = self.cuts.get(&segment.last).copied().unwrap_or(0);
+                let oldest_bytes = self.segments.values().next().map_or(0, |s| s.bytes);
+                if !retention.drops(now_ms, cut, self.bytes(), oldest_bytes) {
+                    break 'pass;
+                }
+                let too_big = retention.max_bytes > 0 && self.bytes() > retention.max_bytes;
+                if too_big || !retention.keeps_hourly(cut, now_ms) {
+                    // Older than every hour kept (or over the size): the oldest segment.
+                    dropped += self.drop_oldest()?;
+                    continue 'pass;
+                }
+                // Kept an hour: once the whole hour is past the bound and free, its points
+                // become one, the hour's last.
+                let last = self.segments[hour.last().expect("an hour has a segment")].last;
+                let last_cut = self.cuts.get(&last).copied().unwrap_or(0);
+                if hour.iter().any(|s| stuck(self, s))
+                    || !retention.drops(now_ms, last_cut, self.bytes(), oldest_bytes)
+                {
+                    break 'pass;
+                }
+                if hour.len() > 1 || segment.units > 1 {
+                    dropped += self.merge_hour(&hour)?;
+                    continue 'pass;
+                }
+            }
+            break;
         }
         Ok(dropped)
+    }
+
+    /// The segments by clock hour, oldest first.
+    fn hours(&self) -> Vec<Vec<u64>> {
+        let mut hours: Vec<Vec<u64>> = Vec::new();
+        let mut at = None;
+        for (seq, segment) in &self.segments {
+            if at == Some(segment.hour)
+                && let Some(h) = hours.last_mut()
+            {
+                h.push(*seq);
+            } else {
+                hours.push(vec![*seq]);
+            }
+            at = Some(segment.hour);
+        }
+        hours
+    }
+
+    /// Drops the oldest segment: its points are gone, the point it ends is the oldest.
+    fn drop_oldest(&mut self) -> io::Result<usize> {
+        let Some((&seq, &segment)) = self.segments.iter().next() else {
+            return Ok(0);
+        };
+        let cut = self.cuts.get(&segment.last).copied().unwrap_or(0);
+        let before = self.index.points().len();
+        self.index
+            .trim_through(segment.last)
+            .map_err(|e| io::Error::other(format!("trimming the undo journal: {e}")))?;
+        let dropped = before - self.index.points().len();
+        let point = Point {
+            epoch: segment.last,
+            cut_ms: cut,
+        };
+        blockrep_volume::write_file_durably(
+            &base_path(&self.dir),
+            &serde_json::to_vec(&point).expect("serialisable"),
+        )?;
+        self.base = Some(point);
+        self.cuts = self.cuts.split_off(&segment.last.next());
+        self.segments.remove(&seq);
+        self.readers.remove(&seq);
+        std::fs::remove_file(segment_path(&self.dir, seq))?;
+        sync_dir(&self.dir)?;
+        Ok(dropped)
+    }
+
+    /// Merges one hour's segments (`seqs`, consecutive) into one step, the hour's last
+    /// point: each byte keeps its first record after the point before the hour. The merged
+    /// records are written to a new file, synced and renamed over the hour's first
+    /// segment, then the others are unlinked. A crash before the rename leaves a `.merge`
+    /// file (removed at open); after it, segments whose units are all at or before the
+    /// merged one (skipped and removed at open).
+    fn merge_hour(&mut self, seqs: &[u64]) -> io::Result<usize> {
+        let first_seq = seqs[0];
+        let last = self.segments[seqs.last().expect("an hour")].last;
+        let from = self
+            .segments
+            .range(..first_seq)
+            .next_back()
+            .map(|(_, s)| s.last)
+            .or(self.base.map(|b| b.epoch))
+            .ok_or_else(|| io::Error::other("merging with no points"))?;
+        let cut_ms = self.cuts.get(&last).copied().unwrap_or(0);
+        let merged = self
+            .index
+            .merged(from, last)
+            .map_err(|e| io::Error::other(format!("merging the undo journal: {e}")))?;
+        let tmp = segment_path(&self.dir, first_seq).with_extension("merge");
+        let _ = std::fs::remove_file(&tmp);
+        let Recovered { mut log, .. } = StageLog::open(&tmp, Epoch::ZERO)?;
+        let mut buf = Vec::new();
+        for r in merged.ranges() {
+            if r.at.is_zeroes() {
+                log.append_write(last, r.range, true, &Bytes::new())?;
+                continue;
+            }
+            buf.resize(r.range.len as usize, 0);
+            self.read_piece(
+                Piece::Undo {
+                    range: r.range,
+                    at: r.at,
+                },
+                &mut buf,
+            )?;
+            log.append_write(last, r.range, false, &Bytes::copy_from_slice(&buf))?;
+        }
+        log.seal(last, cut_ms)?;
+        let unit = log.take_unit(last);
+        drop(log);
+        std::fs::rename(&tmp, segment_path(&self.dir, first_seq))?;
+        sync_dir(&self.dir)?;
+        let undo = undo_of(&unit, first_seq);
+        let before = self.index.points().len();
+        self.index
+            .merge_into(from, last, &undo)
+            .map_err(|e| io::Error::other(format!("merging the undo journal: {e}")))?;
+        let hour = self.segments[&first_seq].hour;
+        for seq in seqs {
+            self.segments.remove(seq);
+            self.readers.remove(seq);
+        }
+        self.segments.insert(
+            first_seq,
+            Segment {
+                last,
+                bytes: undo.iter().map(|r| r.range.len).sum(),
+                units: 1,
+                hour,
+            },
+        );
+        for seq in &seqs[1..] {
+            std::fs::remove_file(segment_path(&self.dir, *seq))?;
+        }
+        sync_dir(&self.dir)?;
+        self.cuts.retain(|e, _| *e <= from || *e >= last);
+        Ok(before - self.index.points().len())
     }
 
     /// The image at `point`: which bytes come from undo records and which from the volume.

@@ -676,6 +676,9 @@ impl Coordinator {
     }
 }
 
+/// The most hourly points: a year's.
+const MAX_KEEP_HOURLY: u32 = 366 * 24;
+
 /// The longest retention of points in time: a year.
 const MAX_RETENTION_SECS: u64 = 366 * 24 * 3600;
 
@@ -690,7 +693,19 @@ fn check_retention(
     let retention = Retention {
         max_age_secs: asked.max_age_secs,
         max_bytes: asked.max_bytes,
+        keep_hourly: asked.keep_hourly,
     };
+    if retention.keep_hourly > 0 && retention.max_age_secs == 0 {
+        return Err(ApiError::InvalidArgument(
+            "hourly points are kept beyond a retention by age: give --retention too".into(),
+        ));
+    }
+    if retention.keep_hourly > MAX_KEEP_HOURLY {
+        return Err(ApiError::InvalidArgument(format!(
+            "{} hourly points is more than a year's",
+            retention.keep_hourly
+        )));
+    }
     if retention.max_age_secs > MAX_RETENTION_SECS {
         return Err(ApiError::InvalidArgument(format!(
             "a retention of {} s is longer than a year",
@@ -709,6 +724,7 @@ pub(super) fn retention_to_proto(r: Retention) -> proto::Retention {
     proto::Retention {
         max_age_secs: r.max_age_secs,
         max_bytes: r.max_bytes,
+        keep_hourly: r.keep_hourly,
     }
 }
 

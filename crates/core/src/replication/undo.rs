@@ -261,32 +261,64 @@ impl UndoIndex {
     /// Merges the steps between points `from` and `to` into one: the points between them
     /// are gone, and each byte keeps its first record after `from` (the image at `from`).
     pub fn merge(&mut self, from: Epoch, to: Epoch) -> Result<(), UndoError> {
+        let undo = self.merged(from, to)?;
+        self.replace_between(from, to, undo);
+        Ok(())
+    }
+
+    /// What a merge of the steps between points `from` and `to` keeps: for each byte, its
+    /// first record after `from`.
+    pub fn merged(&self, from: Epoch, to: Epoch) -> Result<Coverage, UndoError> {
         for p in [from, to] {
             if !self.holds(p) {
                 return Err(UndoError::NotAPoint(p));
             }
         }
-        if to <= from {
-            return Ok(());
-        }
-        let (inside, rest): (Vec<Step>, Vec<Step>) = std::mem::take(&mut self.steps)
-            .into_iter()
-            .partition(|s| s.first > from && s.last <= to);
         let mut undo = Coverage::default();
-        for step in &inside {
+        for step in self.steps.iter().filter(|s| s.first > from && s.last <= to) {
             for r in step.undo.ranges() {
                 undo.add_gaps(r);
             }
         }
-        let mut steps = rest;
-        steps.push(Step {
+        Ok(undo)
+    }
+
+    /// Merges the steps between points `from` and `to` into one whose records are `undo`
+    /// (what [`UndoIndex::merged`] gave, written out again elsewhere).
+    pub fn merge_into(
+        &mut self,
+        from: Epoch,
+        to: Epoch,
+        undo: &[UndoRange],
+    ) -> Result<(), UndoError> {
+        for p in [from, to] {
+            if !self.holds(p) {
+                return Err(UndoError::NotAPoint(p));
+            }
+        }
+        let mut coverage = Coverage::default();
+        for r in undo {
+            let before = coverage.bytes();
+            coverage.add_gaps(*r);
+            if coverage.bytes() - before != r.range.len {
+                return Err(UndoError::Overlap { range: r.range });
+            }
+        }
+        self.replace_between(from, to, coverage);
+        Ok(())
+    }
+
+    fn replace_between(&mut self, from: Epoch, to: Epoch, undo: Coverage) {
+        if to <= from {
+            return;
+        }
+        self.steps.retain(|s| !(s.first > from && s.last <= to));
+        self.steps.push(Step {
             first: from.next(),
             last: to,
             undo,
         });
-        steps.sort_by_key(|s| s.first);
-        self.steps = steps;
-        Ok(())
+        self.steps.sort_by_key(|s| s.first);
     }
 }
 
@@ -297,11 +329,28 @@ impl UndoIndex {
 pub struct Retention {
     pub max_age_secs: u64,
     pub max_bytes: u64,
+    /// Beyond `max_age_secs`, one point per clock hour is kept for this many hours more.
+    #[serde(default)]
+    pub keep_hourly: u32,
+}
+
+/// A clock hour, of a time in ms since the Unix epoch.
+pub fn hour_of(ms: u64) -> u64 {
+    ms / 3_600_000
 }
 
 impl Retention {
     pub fn is_on(&self) -> bool {
         self.max_age_secs > 0 || self.max_bytes > 0
+    }
+
+    /// Whether a point cut at `cut_ms`, older than `max_age_secs`, is one of those kept an
+    /// hour each: its hour is within `keep_hourly` hours of the age bound.
+    pub fn keeps_hourly(&self, cut_ms: u64, now_ms: u64) -> bool {
+        let bound = now_ms.saturating_sub(self.max_age_secs.saturating_mul(1000));
+        self.keep_hourly > 0
+            && self.max_age_secs > 0
+            && hour_of(cut_ms) + u64::from(self.keep_hourly) >= hour_of(bound)
     }
 
     /// Whether the oldest segment of a journal may go: the point it leaves oldest was cut
@@ -595,6 +644,32 @@ mod tests {
             [r(0, 8192), r(8192, 4096), r(20480, 8192), r(28672, 4096)]
         );
         assert!(undo_ranges([r(5, 0)], 4096, 8192).is_empty());
+    }
+
+    /// Hourly points are kept for the hours just beyond the age bound, and only with one.
+    #[test]
+    fn hourly_points_are_those_of_the_hours_just_beyond_the_age_bound() {
+        const HOUR: u64 = 3_600_000;
+        let r = Retention {
+            max_age_secs: 7200,
+            max_bytes: 0,
+            keep_hourly: 3,
+        };
+        let now = 20 * HOUR + 5;
+        // The bound is in hour 18: hours 15, 16 and 17 are kept an hour each, and 18.
+        assert!(r.keeps_hourly(15 * HOUR, now));
+        assert!(r.keeps_hourly(17 * HOUR + HOUR - 1, now));
+        assert!(!r.keeps_hourly(15 * HOUR - 1, now));
+        let no_age = Retention {
+            max_age_secs: 0,
+            ..r
+        };
+        assert!(!no_age.keeps_hourly(19 * HOUR, now));
+        let none = Retention {
+            keep_hourly: 0,
+            ..r
+        };
+        assert!(!none.keeps_hourly(19 * HOUR, now));
     }
 
     #[test]

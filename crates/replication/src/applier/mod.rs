@@ -985,6 +985,7 @@ mod tests {
         blockrep_core::replication::undo::Retention {
             max_age_secs: 86_400,
             max_bytes: 0,
+            keep_hourly: 0,
         };
 
     /// With the group's retention on, each unit's undo is kept before it applies: every

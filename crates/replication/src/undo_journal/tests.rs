@@ -7,6 +7,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use blockrep_core::replication::undo::hour_of;
 
 const SIZE: u64 = 64 * BLOCK;
 
@@ -43,6 +44,11 @@ impl Harness {
 
     /// Applies unit `epoch` of `writes` (block, blocks, byte), keeping its undo first.
     fn apply(&mut self, epoch: Epoch, writes: &[(u64, u64, u8)]) {
+        self.apply_at(epoch, epoch.0 * 1000, writes);
+    }
+
+    /// [`Harness::apply`], the unit cut at `cut_ms`.
+    fn apply_at(&mut self, epoch: Epoch, cut_ms: u64, writes: &[(u64, u64, u8)]) {
         let ranges = blockrep_core::replication::undo::undo_ranges(
             writes
                 .iter()
@@ -52,7 +58,7 @@ impl Harness {
         );
         let volume = &self.volume;
         self.journal
-            .keep_unit(epoch, epoch.0 * 1000, &ranges, |r, out| {
+            .keep_unit(epoch, cut_ms, &ranges, |r, out| {
                 out.copy_from_slice(&volume[r.offset as usize..r.end() as usize]);
                 Ok(())
             })
@@ -153,6 +159,7 @@ fn every_point_held_reads_back_after_reopening_and_trimming() {
                         Retention {
                             max_age_secs: 0,
                             max_bytes: keep,
+                            keep_hourly: 0,
                         },
                         0,
                         None,
@@ -182,6 +189,7 @@ fn trimming_by_age_drops_whole_old_segments_but_not_pinned_points() {
     let age = Retention {
         max_age_secs: 50,
         max_bytes: 0,
+        keep_hourly: 0,
     };
     // Points are cut at epoch × 1 s: at 200 s, those before 150 s are out of the bound.
     assert!(segment_files(&h.undo_dir()).unwrap().len() > 5);
@@ -310,6 +318,7 @@ fn a_point_is_listed_only_once_its_unit_is_applied() {
         Retention {
             max_age_secs: 3600,
             max_bytes: 0,
+            keep_hourly: 0,
         },
     );
     points
@@ -361,6 +370,7 @@ fn pins_of_points_gone_and_lost_drills_do_not_stop_retention() {
     let keep_little = Retention {
         max_age_secs: 0,
         max_bytes: 1,
+        keep_hourly: 0,
     };
     // Point 0 is not held (the oldest is 1): it keeps nothing.
     h.journal.trim(keep_little, 0, Some(Epoch(0))).unwrap();
@@ -395,4 +405,65 @@ fn a_failovers_hold_survives_a_restart() {
         None,
         "a hold ran out"
     );
+}
+
+/// Beyond the retention, one point per clock hour is kept for `keep_hourly` hours: each
+/// hour's units are merged into one step (its last point), whose image reads back as it
+/// was, after reopening too, and after a crash that left the merged hour's old segments.
+#[test]
+fn hourly_points_beyond_the_retention_read_back_as_they_were() {
+    const MINUTE: u64 = 60_000;
+    let mut h = Harness::new();
+    let mut rng = SmallRng::seed_from_u64(11);
+    // A unit every 10 minutes for 12 hours.
+    let cut = |e: u64| e * 10 * MINUTE;
+    for e in 2..=72u64 {
+        let writes = random_writes(&mut rng);
+        h.apply_at(Epoch(e), cut(e), &writes);
+    }
+    let now = cut(72);
+    let retention = Retention {
+        max_age_secs: 2 * 3600,
+        max_bytes: 0,
+        keep_hourly: 4,
+    };
+    // The segments of the first hour merged, kept aside: a crash after the rename leaves them.
+    let before: BTreeMap<u64, Vec<u8>> = segment_files(&h.undo_dir())
+        .unwrap()
+        .into_iter()
+        .map(|(seq, path)| (seq, std::fs::read(path).unwrap()))
+        .collect();
+    h.journal.trim(retention, now, None).unwrap();
+    let points: Vec<Epoch> = h.journal.points().iter().map(|p| p.point.epoch).collect();
+    // The hour of the age bound and later: every point (the bound's hour is not over yet).
+    // The 4 hours before it: each hour's last point. The hour before those: its last, the
+    // oldest point now. Older: none.
+    let bound_hour = hour_of(now - 2 * 3600 * 1000);
+    let last_of_hour = |e: u64| e == 72 || hour_of(cut(e + 1)) != hour_of(cut(e));
+    for e in h.images.keys().copied().collect::<Vec<_>>() {
+        let hour = hour_of(cut(e.0));
+        let kept = hour >= bound_hour || (hour + 5 >= bound_hour && last_of_hour(e.0));
+        assert_eq!(
+            points.contains(&e),
+            kept,
+            "point {e} (cut at {} min)",
+            cut(e.0) / MINUTE
+        );
+        if !kept {
+            h.images.remove(&e);
+        }
+    }
+    assert!(points.len() < 30, "{points:?}");
+    h.check(0);
+    h.reopen();
+    h.check(0);
+    // The merged hours' old segments come back (their unlink never reached the disk).
+    let now_files = segment_files(&h.undo_dir()).unwrap();
+    for (seq, bytes) in &before {
+        if !now_files.contains_key(seq) {
+            std::fs::write(segment_path(&h.undo_dir(), *seq), bytes).unwrap();
+        }
+    }
+    h.reopen();
+    h.check(0);
 }

@@ -294,6 +294,7 @@ mod tests {
             retention: Some(proto::Retention {
                 max_age_secs: 60,
                 max_bytes: 0,
+                keep_hourly: 0,
             }),
             ..Default::default()
         });
