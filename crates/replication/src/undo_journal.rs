@@ -423,6 +423,11 @@ impl UndoJournal {
     /// a torn tail: corruption) refuses the journal, and its files are left for the
     /// operator; the caller starts an empty one with [`UndoJournal::set_aside`].
     pub fn open(dir: &Path) -> io::Result<Self> {
+        Self::open_sized(dir, SEGMENT_BYTES)
+    }
+
+    /// [`UndoJournal::open`], its segments closed past `segment_bytes` (tests make it small).
+    fn open_sized(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let base: Option<Point> = match std::fs::read(base_path(dir)) {
             Ok(bytes) => Some(
@@ -440,7 +445,7 @@ impl UndoJournal {
             segments: BTreeMap::new(),
             open: None,
             readers: BTreeMap::new(),
-            segment_bytes: SEGMENT_BYTES,
+            segment_bytes,
         };
         // A merge a crash cut short before its rename: the segments it merged are there.
         for entry in std::fs::read_dir(dir)? {
@@ -458,6 +463,7 @@ impl UndoJournal {
             sync_dir(dir)?;
             return Ok(journal);
         };
+        let last_seq = files.keys().next_back().copied();
         for (seq, path) in files {
             let Recovered { mut log, seals } = StageLog::open(&path, Epoch::ZERO)
                 .map_err(|e| corrupt(format!("undo segment {}: {e}", path.display())))?;
@@ -465,10 +471,20 @@ impl UndoJournal {
             let mut last = None;
             let mut units = 0;
             let mut hour = 0;
+            // A segment is kept whole or, every unit at or before the base or the newest
+            // unit, left whole: what a trim (at or before the base) or a merge (at or
+            // before the merged hour's unit) a crash interrupted leaves. Anything else is
+            // not what this journal writes.
+            let newest = journal.index.newest();
+            let behind = seals.iter().filter(|s| s.epoch <= newest).count();
+            if behind > 0 && behind < seals.len() {
+                return Err(corrupt(format!(
+                    "undo segment {} holds units both before and after the journal's newest",
+                    path.display()
+                )));
+            }
             for seal in seals {
                 let unit = log.take_unit(seal.epoch);
-                // At or before the base: a trim a crash interrupted. At or before the newest
-                // unit: a merged hour's old segment a crash left.
                 if seal.epoch <= base.epoch || seal.epoch <= journal.index.newest() {
                     continue;
                 }
@@ -501,7 +517,8 @@ impl UndoJournal {
                             hour,
                         },
                     );
-                    if log.bytes() < SEGMENT_BYTES {
+                    // Units are appended to the newest segment only.
+                    if Some(seq) == last_seq && log.bytes() < segment_bytes {
                         journal.open = Some((seq, log));
                     }
                 }
@@ -688,6 +705,9 @@ impl UndoJournal {
                 journal.open.as_ref().is_some_and(|(s, _)| s == seq)
                     || pinned.is_some_and(|p| p <= journal.segments[seq].last)
             };
+            // Once per pass: a pass walks every hour kept.
+            let total = self.bytes();
+            let oldest_bytes = self.segments.values().next().map_or(0, |s| s.bytes);
             for hour in self.hours() {
                 // The hour's oldest segment decides: dropped, or kept as the hour's point.
                 let seq = hour[0];
@@ -696,11 +716,10 @@ impl UndoJournal {
                 }
                 let segment = self.segments[&seq];
                 let cut = self.cuts.get(&segment.last).copied().unwrap_or(0);
-                let oldest_bytes = self.segments.values().next().map_or(0, |s| s.bytes);
-                if !retention.drops(now_ms, cut, self.bytes(), oldest_bytes) {
+                if !retention.drops(now_ms, cut, total, oldest_bytes) {
                     break 'pass;
                 }
-                let too_big = retention.max_bytes > 0 && self.bytes() > retention.max_bytes;
+                let too_big = retention.max_bytes > 0 && total > retention.max_bytes;
                 if too_big || !retention.keeps_hourly(cut, now_ms) {
                     // Older than every hour kept (or over the size): the oldest segment.
                     dropped += self.drop_oldest()?;
@@ -711,7 +730,7 @@ impl UndoJournal {
                 let last = self.segments[hour.last().expect("an hour has a segment")].last;
                 let last_cut = self.cuts.get(&last).copied().unwrap_or(0);
                 if hour.iter().any(|s| stuck(self, s))
-                    || !retention.drops(now_ms, last_cut, self.bytes(), oldest_bytes)
+                    || !retention.drops(now_ms, last_cut, total, oldest_bytes)
                 {
                     break 'pass;
                 }
@@ -814,8 +833,30 @@ impl UndoJournal {
         let unit = log.take_unit(last);
         drop(log);
         std::fs::rename(&tmp, segment_path(&self.dir, first_seq))?;
+        // From here the hour's first segment is the merged one: a failure must not leave
+        // the index pointing into the file it replaced. The journal is read again from
+        // disk, where the merge is whole or its leftovers are skipped.
+        match self.after_rename(seqs, from, last, &unit) {
+            Ok(dropped) => Ok(dropped),
+            Err(e) => {
+                let dir = self.dir.clone();
+                *self = UndoJournal::open_sized(&dir, self.segment_bytes)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The rest of [`UndoJournal::merge_hour`], once the merged file is in place.
+    fn after_rename(
+        &mut self,
+        seqs: &[u64],
+        from: Epoch,
+        last: Epoch,
+        unit: &[Staged],
+    ) -> io::Result<usize> {
+        let first_seq = seqs[0];
         sync_dir(&self.dir)?;
-        let undo = undo_of(&unit, first_seq);
+        let undo = undo_of(unit, first_seq);
         let before = self.index.points().len();
         self.index
             .merge_into(from, last, &undo)

@@ -105,9 +105,8 @@ impl Harness {
     }
 
     fn reopen(&mut self) {
-        let segment_bytes = self.journal.segment_bytes;
-        self.journal = UndoJournal::open(&self.undo_dir()).unwrap();
-        self.journal.segment_bytes = segment_bytes;
+        self.journal =
+            UndoJournal::open_sized(&self.undo_dir(), self.journal.segment_bytes).unwrap();
     }
 }
 
@@ -464,6 +463,27 @@ fn hourly_points_beyond_the_retention_read_back_as_they_were() {
             std::fs::write(segment_path(&h.undo_dir(), *seq), bytes).unwrap();
         }
     }
+    h.reopen();
+    h.check(0);
+}
+
+/// Units go to the newest segment only, even when an older one has room and the clock
+/// went back into its hour: otherwise an older segment would hold the newest unit, and the
+/// next open would take the units after it for a merge's leftovers.
+#[test]
+fn units_go_to_the_newest_segment_even_when_the_clock_went_back() {
+    const HOUR: u64 = 3_600_000;
+    let mut h = Harness::new();
+    h.journal.segment_bytes = 8192;
+    // Hour 10's segment: a zero range, one block of file. Hour 11's: 4 KiB of old data
+    // each, closed past 8 KiB.
+    h.apply_at(Epoch(2), 10 * HOUR, &[(0, 1, 2)]);
+    h.apply_at(Epoch(3), 11 * HOUR, &[(0, 1, 3)]);
+    h.apply_at(Epoch(4), 11 * HOUR + 1, &[(0, 1, 4)]);
+    // Opened again, the segment of hour 10 has room; the newest (hour 11) has none.
+    h.reopen();
+    // The clock went back into hour 10.
+    h.apply_at(Epoch(5), 10 * HOUR + 5, &[(3, 1, 5)]);
     h.reopen();
     h.check(0);
 }
