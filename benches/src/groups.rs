@@ -195,6 +195,19 @@ impl GroupCluster {
     }
 
     /// The pair states `node` reports, by volume name.
+    /// Until both pairs sent and applied everything.
+    pub(crate) fn settle(&self) -> anyhow::Result<()> {
+        self.wait("the pairs to settle", 300, |c| {
+            Ok(["p1", "p2"].iter().all(|v| {
+                c.pair_state("node-a", v).is_ok_and(|s| {
+                    s["replication_status"] == "active"
+                        && s["out_of_sync_bytes"] == 0
+                        && s["counters"]["journal_bytes"] == 0
+                })
+            }))
+        })
+    }
+
     pub(crate) fn pair_state(&self, node: &str, volume: &str) -> anyhow::Result<Value> {
         let status = self.json(node, &["status"])?;
         status["pairs"]
@@ -524,17 +537,6 @@ pub fn iops(
                 .is_ok_and(|s| s["grouped"] == grouped)
         }))
     };
-    let settle = |c: &GroupCluster| -> anyhow::Result<()> {
-        c.wait("the pairs to settle", 300, |c| {
-            Ok(["p1", "p2"].iter().all(|v| {
-                c.pair_state("node-a", v).is_ok_and(|s| {
-                    s["replication_status"] == "active"
-                        && s["out_of_sync_bytes"] == 0
-                        && s["counters"]["journal_bytes"] == 0
-                })
-            }))
-        })
-    };
     let (mut grouped, mut alone, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..repeats {
         check_interrupted()?;
@@ -558,7 +560,7 @@ pub fn iops(
                     grouped_state(c, in_group)
                 })?;
             }
-            settle(&cluster)?;
+            cluster.settle()?;
             run(&mut Command::new("sync"))?;
             let value = iops_run(&uris, runtime_s)?;
             eprintln!(

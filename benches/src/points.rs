@@ -70,19 +70,6 @@ impl GroupCluster {
             .unwrap_or_default())
     }
 
-    /// Until both pairs sent and applied everything.
-    fn settle(&self) -> anyhow::Result<()> {
-        self.wait("the pairs to settle", 300, |c| {
-            Ok(["p1", "p2"].iter().all(|v| {
-                c.pair_state("node-a", v).is_ok_and(|s| {
-                    s["replication_status"] == "active"
-                        && s["out_of_sync_bytes"] == 0
-                        && s["counters"]["journal_bytes"] == 0
-                })
-            }))
-        })
-    }
-
     /// Makes drill `name` at the newest point; returns the seconds until the call returned
     /// and until a 4 KiB read of each drill volume came back (its view built).
     fn drill(&self, name: &str) -> anyhow::Result<(f64, f64)> {

@@ -495,6 +495,21 @@ mod tests {
             self.images.push(std::fs::read(&self.path).unwrap());
         }
 
+        /// A drill `id` of the volume at `point`.
+        fn drill(&self, id: &str, point: u64) -> Arc<DrillVolume> {
+            DrillVolume::create(
+                DrillRecord {
+                    drill: id.into(),
+                    export: format!("{id}-dr"),
+                    point: Epoch(point),
+                },
+                Arc::clone(&self.volume),
+                self.dir.path(),
+                Arc::clone(&self.points),
+            )
+            .unwrap()
+        }
+
         fn read_all(drill: &DrillVolume) -> Vec<u8> {
             let mut out = vec![0u8; SIZE as usize];
             drill.read(0, &mut out).unwrap();
@@ -606,17 +621,7 @@ mod tests {
     fn concurrent_writes_to_parts_of_one_block_all_land() {
         let mut dr = Dr::new();
         dr.apply(1, &[(0, 1, 9)]);
-        let drill = DrillVolume::create(
-            DrillRecord {
-                drill: "d".into(),
-                export: "d-dr".into(),
-                point: Epoch(1),
-            },
-            Arc::clone(&dr.volume),
-            dr.dir.path(),
-            Arc::clone(&dr.points),
-        )
-        .unwrap();
+        let drill = dr.drill("d", 1);
         for round in 0..50u8 {
             std::thread::scope(|scope| {
                 for part in 0..8u64 {
@@ -710,17 +715,7 @@ mod tests {
         let mut dr = Dr::new();
         dr.apply(1, &[(0, 1, 1)]);
         dr.apply(2, &[(0, 1, 2)]);
-        let drill = DrillVolume::create(
-            DrillRecord {
-                drill: "d".into(),
-                export: "d-dr".into(),
-                point: Epoch(1),
-            },
-            Arc::clone(&dr.volume),
-            dr.dir.path(),
-            Arc::clone(&dr.points),
-        )
-        .unwrap();
+        let drill = dr.drill("d", 1);
         let mut block = vec![0u8; 4096];
         drill.read(0, &mut block).unwrap();
         drill.delete(dr.dir.path()).unwrap();
@@ -736,17 +731,7 @@ mod tests {
         for e in 1..=3 {
             dr.apply(e, &[(e, 1, e as u8)]);
         }
-        let drill = DrillVolume::create(
-            DrillRecord {
-                drill: "d".into(),
-                export: "d-dr".into(),
-                point: Epoch(1),
-            },
-            Arc::clone(&dr.volume),
-            dr.dir.path(),
-            Arc::clone(&dr.points),
-        )
-        .unwrap();
+        let drill = dr.drill("d", 1);
         assert_eq!(dr.points.pinned(), Some(Epoch(1)));
         drill.delete(dr.dir.path()).unwrap();
         drop(drill);

@@ -654,14 +654,14 @@ impl UndoJournal {
                 (*seq, log)
             }
         };
-        let mut buf = Vec::new();
         for &range in ranges {
-            buf.resize(range.len as usize, 0);
+            let mut buf = vec![0u8; range.len as usize];
             read_old(range, &mut buf)?;
             if buf.iter().all(|&b| b == 0) {
                 log.append_write(epoch, range, true, &Bytes::new())?;
             } else {
-                log.append_write(epoch, range, false, &Bytes::copy_from_slice(&buf))?;
+                // The buffer read into is the record's data: no copy of it.
+                log.append_write(epoch, range, false, &Bytes::from(buf))?;
             }
         }
         log.seal(epoch, cut_ms)?;

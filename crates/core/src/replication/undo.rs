@@ -269,11 +269,7 @@ impl UndoIndex {
     /// What a merge of the steps between points `from` and `to` keeps: for each byte, its
     /// first record after `from`.
     pub fn merged(&self, from: Epoch, to: Epoch) -> Result<Coverage, UndoError> {
-        for p in [from, to] {
-            if !self.holds(p) {
-                return Err(UndoError::NotAPoint(p));
-            }
-        }
+        self.check_points(from, to)?;
         let mut undo = Coverage::default();
         for step in self.steps.iter().filter(|s| s.first > from && s.last <= to) {
             for r in step.undo.ranges() {
@@ -291,11 +287,7 @@ impl UndoIndex {
         to: Epoch,
         undo: &[UndoRange],
     ) -> Result<(), UndoError> {
-        for p in [from, to] {
-            if !self.holds(p) {
-                return Err(UndoError::NotAPoint(p));
-            }
-        }
+        self.check_points(from, to)?;
         let mut coverage = Coverage::default();
         for r in undo {
             let before = coverage.bytes();
@@ -306,6 +298,14 @@ impl UndoIndex {
         }
         self.replace_between(from, to, coverage);
         Ok(())
+    }
+
+    /// Both `from` and `to` are retained points.
+    fn check_points(&self, from: Epoch, to: Epoch) -> Result<(), UndoError> {
+        match [from, to].into_iter().find(|p| !self.holds(*p)) {
+            Some(p) => Err(UndoError::NotAPoint(p)),
+            None => Ok(()),
+        }
     }
 
     fn replace_between(&mut self, from: Epoch, to: Epoch, undo: Coverage) {
