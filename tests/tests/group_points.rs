@@ -7,6 +7,7 @@
 //! records answered by that point, nothing after. Reprotect then copies only what differs,
 //! and both sides end identical.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,7 +118,66 @@ fn drill_each_point(cluster: &TestCluster, dir: &Path, noted: &[(u64, u64)], see
             "no drill metric for {}",
             exports[0]
         );
+        // Its image at the point matches production's digests of that point (the drill's
+        // own write above is not part of the point).
+        let verified = verify_drill(cluster, &name, seed);
+        let written = answered / 2 * RECORD;
+        for v in verified["volumes"].as_array().unwrap() {
+            assert_eq!(v["state"], "done", "seed {seed}: {verified}");
+            assert_eq!(v["differing_bytes"], 0, "seed {seed}: {verified}");
+            assert!(
+                number(v, "compared_bytes") >= written / 2,
+                "seed {seed}: the drill at {point} compared less than half of the {written} bytes written to each volume by then: {verified}"
+            );
+        }
     }
+    // A block of the DR volume changed behind the agent is found by a drill at a point it
+    // has not changed since, and only that block; put back, the drill is clean again.
+    let (last, _) = *noted.last().unwrap();
+    let name = format!("drill{}", noted.len() - 1);
+    let of_d1 = |v: &serde_json::Value| -> (serde_json::Value, serde_json::Value) {
+        let volumes = v["volumes"].as_array().unwrap();
+        let (d1, d2): (Vec<_>, Vec<_>) = volumes
+            .iter()
+            .cloned()
+            .partition(|v| v["export"] == format!("{name}-g1").as_str());
+        (d1[0].clone(), d2[0].clone())
+    };
+    let verified = verify_drill(cluster, &name, seed);
+    let block = compared_block(&of_d1(&verified).0, seed);
+    let d1 = dir.join("d1.img");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&d1)
+        .unwrap();
+    let mut kept = vec![0u8; 4096];
+    file.read_exact_at(&mut kept, block).unwrap();
+    let mut changed = kept.clone();
+    changed[100] ^= 0xff;
+    file.write_all_at(&changed, block).unwrap();
+    file.sync_all().unwrap();
+    let out = cluster
+        .coordinator()
+        .daemon()
+        .cli(&["--output", "json", "group", "drill", "verify", &name]);
+    assert!(
+        !out.status.success(),
+        "seed {seed}: a drill verify that found a difference succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (d1_found, d2_found) = of_d1(&found);
+    assert_eq!(
+        d1_found["differing"],
+        serde_json::json!([{ "offset": block, "length": 64 << 10 }]),
+        "seed {seed}: the drill at {last} after block {block} of d1 changed: {found}"
+    );
+    assert_eq!(d2_found["differing_bytes"], 0, "{found}");
+    file.write_all_at(&kept, block).unwrap();
+    file.sync_all().unwrap();
+    let again = verify_drill(cluster, &name, seed);
+    assert_eq!(of_d1(&again).0["differing_bytes"], 0, "{again}");
     let listed = cluster
         .coordinator()
         .cli_json(&["group", "drill", "list", "app"]);
@@ -136,6 +196,43 @@ fn drill_each_point(cluster: &TestCluster, dir: &Path, noted: &[(u64, u64)], see
         dr_before,
         "seed {seed}: a drill changed a DR volume"
     );
+}
+
+/// Verifies drill `name` and waits for the end, requiring success (nothing differs).
+fn verify_drill(cluster: &TestCluster, name: &str, seed: u64) -> serde_json::Value {
+    let started = Instant::now();
+    let verified = cluster
+        .coordinator()
+        .cli_json(&["group", "drill", "verify", name]);
+    eprintln!(
+        "seed {seed}: drill {name} verified in {:?}: {verified}",
+        started.elapsed()
+    );
+    assert_eq!(verified["done"], true, "{verified}");
+    verified
+}
+
+/// The offset of a 64 KiB block of a verified drill volume that was compared: the last
+/// one not listed as not comparable (the first ones were overwritten since, by the
+/// "ransomware": the drill reads them from undo records).
+fn compared_block(volume: &serde_json::Value, seed: u64) -> u64 {
+    let block = 64 << 10;
+    let gaps: Vec<(u64, u64)> = volume["not_comparable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                number(r, "offset"),
+                number(r, "offset") + number(r, "length"),
+            )
+        })
+        .collect();
+    (0..RECORDS / 2 * RECORD / block)
+        .rev()
+        .map(|i| i * block)
+        .find(|b| !gaps.iter().any(|(s, e)| s <= b && b < e))
+        .unwrap_or_else(|| panic!("seed {seed}: no block was compared: {volume}"))
 }
 
 /// Waits until the group holds a point after every epoch the production volumes have

@@ -266,6 +266,7 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
         mode: 1,
         synchronous: true,
         tripped: true,
+        digests: true,
     };
     let commit = proto::GroupCommit {
         pair_ids: vec![pair.id.clone()],
@@ -311,6 +312,15 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
             pair_id: pair.id.clone(),
             export: volume.into(),
             point: 0,
+        }),
+        Request::CheckDrill(proto::DrillCheckCommand {
+            drill: Some(proto::DrillCommand {
+                drill_id: "evil".into(),
+                pair_id: pair.id.clone(),
+                export: volume.into(),
+                point: 0,
+            }),
+            start: true,
         }),
         Request::SwitchSide(assignment("production")),
         Request::SwitchSide(assignment("dr")),

@@ -257,6 +257,19 @@ enum DrillCommand {
         /// Drill id or name.
         drill: String,
     },
+    /// Verify a drill: each drill volume's image at the point (without the drill's own
+    /// writes), 64 KiB block by block, against the CRCs production recorded for it. Waits
+    /// for the end and fails if a block differs or a volume could not be verified.
+    Verify {
+        /// Drill id or name.
+        drill: String,
+        /// Start the verification and return; `drill verify --status` reports it.
+        #[arg(long, conflicts_with = "status")]
+        no_wait: bool,
+        /// Report the last verification without starting one.
+        #[arg(long)]
+        status: bool,
+    },
 }
 
 /// How long an async group's DR volumes keep points in time (docs/POINT-IN-TIME.md).
@@ -698,6 +711,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DrillCommand::Delete { drill } => {
                     let drill = call(client.delete_drill(proto::DrillRef { drill })).await?;
                     out.print(&drill);
+                }
+                DrillCommand::Verify {
+                    drill,
+                    no_wait,
+                    status,
+                } => {
+                    let ask = |start| proto::VerifyDrillRequest {
+                        drill: drill.clone(),
+                        start,
+                    };
+                    let mut verification = call(client.verify_drill(ask(!status))).await?;
+                    while !verification.done && !no_wait && !status {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        verification = call(client.verify_drill(ask(false))).await?;
+                    }
+                    out.print(&verification);
+                    if verification.done && !no_wait {
+                        render::check_drill_verification(&verification)?;
+                    }
                 }
             },
             GroupCommand::Points { group } => {

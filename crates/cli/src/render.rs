@@ -593,6 +593,112 @@ impl Render for proto::Drill {
     }
 }
 
+impl Render for proto::DrillVerification {
+    fn json(&self) -> Value {
+        json!({
+            "drill_id": self.drill_id,
+            "name": self.name,
+            "point_epoch": self.point_epoch,
+            "done": self.done,
+            "volumes": self.volumes.iter().map(|v| json!({
+                "pair_id": v.pair_id,
+                "node": v.node,
+                "export": v.export,
+                "state": v.state,
+                "progress": v.progress,
+                "compared_bytes": v.compared_bytes,
+                "differing_bytes": v.differing_bytes,
+                "not_comparable_bytes": v.not_comparable_bytes,
+                "differing": v.differing.iter().map(|e| json!({
+                    "offset": e.offset,
+                    "length": e.length,
+                })).collect::<Vec<_>>(),
+                "not_comparable": v.not_comparable.iter().map(|e| json!({
+                    "offset": e.offset,
+                    "length": e.length,
+                })).collect::<Vec<_>>(),
+                "error": empty_null(&v.error),
+                "finished_at": empty_null(&v.finished_at),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    fn table(&self) -> String {
+        let mut out = key_values(&[
+            ("drill", format!("{} ({})", self.name, self.drill_id)),
+            ("point", format!("epoch {}", self.point_epoch)),
+            ("done", self.done.to_string()),
+        ]);
+        let rows: Vec<Vec<String>> = self
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.export.clone(),
+                    v.node.clone(),
+                    if v.state == "running" {
+                        format!("running {:.0}%", v.progress * 100.0)
+                    } else {
+                        v.state.clone()
+                    },
+                    v.compared_bytes.to_string(),
+                    v.differing_bytes.to_string(),
+                    v.not_comparable_bytes.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "EXPORT",
+                "NODE",
+                "STATE",
+                "COMPARED",
+                "DIFFERING",
+                "NOT COMPARABLE",
+            ],
+            &rows,
+        ));
+        for v in &self.volumes {
+            if !v.error.is_empty() {
+                out.push_str(&format!("{}: {}\n", v.export, v.error));
+            }
+            for e in &v.differing {
+                out.push_str(&format!(
+                    "{}: differs at {}+{}\n",
+                    v.export, e.offset, e.length
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// A finished verification that found a difference, or could not verify a volume, is an
+/// error (the command's status says so).
+pub fn check_drill_verification(v: &proto::DrillVerification) -> anyhow::Result<()> {
+    let differing: u64 = v.volumes.iter().map(|v| v.differing_bytes).sum();
+    let failed: Vec<&str> = v
+        .volumes
+        .iter()
+        .filter(|v| v.state != "done")
+        .map(|v| v.export.as_str())
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "drill {} could not be verified on {}",
+            v.name,
+            failed.join(", ")
+        );
+    }
+    if differing > 0 {
+        anyhow::bail!(
+            "drill {} differs from production's content at its point in {differing} bytes",
+            v.name
+        );
+    }
+    Ok(())
+}
+
 impl Render for proto::ListDrillsResponse {
     fn json(&self) -> Value {
         Value::Array(self.drills.iter().map(drill_json).collect())

@@ -365,6 +365,9 @@ impl Coordinator {
             Some(Request::ListDrills(r)) => self.list_drills(&r.group).map(Response::Drills),
             Some(Request::GetDrill(r)) => self.get_drill(&r.drill).map(Response::Drill),
             Some(Request::UpdateDrill(r)) => self.update_drill(r).map(Response::Drill),
+            Some(Request::VerifyGroupDrill(r)) => {
+                self.verify_drill(r).await.map(Response::DrillVerification)
+            }
             Some(Request::DeleteGroupDrill(r)) => {
                 self.delete_drill(&r.drill).await.map(Response::Drill)
             }

@@ -13,9 +13,16 @@
 //! The harness is the shell and the session: it carries out each event's effects as
 //! `PairLink` does, and starts catch-ups and goes live as the production session does.
 //!
+//! Production digests each sealed epoch's 64 KiB blocks (docs/POINT-IN-TIME.md, "Verifying
+//! a drill's content"): the harness reads them as the digest thread does, once no write to
+//! them is in flight, and the digests go on the stream; now and then digests are turned
+//! off and on again.
+//!
 //! Checked at every step:
 //! - the DR image, after every unit it applies, is exactly production's image at the end of
 //!   that unit's epoch (rule 3: a crash-consistent past image);
+//! - every digest the DR side records at a unit, the blocks no later staged write spoiled,
+//!   is the DR image's content there (a drill verified against it would be right);
 //! - a block clean in production's bitmap holds the same data on the DR side (no
 //!   acknowledged write is lost track of: rules 1 and 2);
 //! - the journal never holds more than its bound (rule 6);
@@ -31,7 +38,8 @@
 //!
 //! Mutation checks: a production shell that redeems the tickets the machine tells it to
 //! forget (a cut-off's, an overflow's) must be caught; so must a DR shell that applies a
-//! unit its machine dropped (spoiled by a refused write).
+//! unit its machine dropped (spoiled by a refused write); so must a DR side that records a
+//! digest without spoiling the blocks later staged writes overlap.
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -42,6 +50,7 @@ use blockrep_core::pair::dr_side::DrSide;
 use blockrep_core::pair::production::ReplicaMode;
 use blockrep_core::pair::production::{AfterLocal, Effects, LocalWrite, Production, Transmit};
 use blockrep_core::pair::state::PairState;
+use blockrep_core::replication::digests::{DIGEST_BLOCK, HeldDigest};
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
 use blockrep_core::replication::{
     AnswerToken, Epoch, Payload, Redeemed, RejectReason, ReplicationModel, Ticket, TicketRegistry,
@@ -70,6 +79,8 @@ enum Mutation {
     /// The DR side's shell stages and applies a seal its machine dropped (the seal of a
     /// unit a refused write spoiled).
     ApplyWhatIsDropped,
+    /// The DR side's shell does not spoil held digests with the staged writes after them.
+    DigestsNotSpoiled,
 }
 
 #[derive(Debug)]
@@ -88,6 +99,10 @@ struct Dr {
     image: Vec<u64>,
     /// Staged writes: (epoch, range, value per block), in stream order.
     staged: Vec<(Epoch, ByteRange, Vec<u64>)>,
+    /// Production's digests held for the unit covering their epoch.
+    held: Vec<HeldDigest>,
+    /// Digest blocks recorded (and checked) at applied units.
+    recorded: u64,
 }
 
 /// The production session's resync reader, as far as a catch-up goes.
@@ -124,6 +139,9 @@ struct Sim {
     paused: bool,
     dr: Dr,
     catch_up: Option<CatchUp>,
+    /// Production's digests due to be read, and their round.
+    digests_due: Option<(u64, Vec<ByteRange>)>,
+    digests_on: bool,
     steps: u64,
 }
 
@@ -141,6 +159,7 @@ impl Sim {
         if grouped {
             let _ = machine.set_grouped(true);
         }
+        machine.set_digests(true);
         let _ = machine
             .connected(Epoch(0), false)
             .expect("a new pair connects");
@@ -166,8 +185,12 @@ impl Sim {
                 side: DrSide::new(DrState::default(), None),
                 image: vec![0; BLOCKS as usize],
                 staged: Vec::new(),
+                held: Vec::new(),
+                recorded: 0,
             },
             catch_up: None,
+            digests_due: None,
+            digests_on: true,
             steps: 0,
         }
     }
@@ -327,6 +350,11 @@ impl Sim {
                 ..
             }) => {
                 assert!(!direct, "the async simulation sends no direct writes");
+                if self.mutation != Some(Mutation::DigestsNotSpoiled) {
+                    for held in &mut self.dr.held {
+                        held.spoil(range);
+                    }
+                }
                 // Now and then its stage log is full, or the frame was corrupted on the way.
                 let room = self.rng.random_range(0..200) != 0;
                 let crc_ok = self.rng.random_range(0..400) != 0;
@@ -366,7 +394,13 @@ impl Sim {
             Transmit::Discard { after } => {
                 let after = self.dr.side.discard(after);
                 self.dr.staged.retain(|(e, _, _)| *e <= after);
+                self.dr.held.clear();
             }
+            Transmit::Digest {
+                offset,
+                after,
+                crcs,
+            } => self.dr.held.push(HeldDigest::new(after, offset, crcs)),
             Transmit::Flush { .. }
             | Transmit::SyncDone { .. }
             | Transmit::Verify { .. }
@@ -393,6 +427,51 @@ impl Sim {
         let done = self.dr.side.finish_unit().expect("the unit was begun");
         assert!(done.answers.is_empty(), "no direct writes here");
         self.check_consistent(seal.epoch);
+        // The digests this unit covers: production's content at its end.
+        let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dr.held)
+            .into_iter()
+            .partition(|d| d.after <= seal.epoch);
+        self.dr.held = held;
+        for digest in ready {
+            for (block, crc) in digest.clean() {
+                assert_eq!(
+                    digest_of(&self.dr.image, block),
+                    crc,
+                    "step {}: a digest recorded at unit {} for block {block} is not the DR side's content there",
+                    self.steps,
+                    seal.epoch
+                );
+                self.dr.recorded += 1;
+            }
+        }
+    }
+
+    /// The digest thread: reads the next range due once no write to it is in flight (the
+    /// write gate's lock waits for those), and queues its digest. Now and then digests are
+    /// turned off, or on again.
+    fn digest(&mut self) {
+        if self.rng.random_range(0..40) == 0 {
+            self.digests_on = !self.digests_on;
+            self.machine.set_digests(self.digests_on);
+        }
+        let (round, mut due) = match self.digests_due.take() {
+            Some(due) => due,
+            None => self.machine.take_digests_due(BLOCKS * BLOCK),
+        };
+        let free = due
+            .iter()
+            .position(|r| !self.inflight.iter().any(|w| w.range.overlaps(r)));
+        if let Some(i) = free {
+            let range = due.remove(i);
+            let crcs = (range.offset / DIGEST_BLOCK..range.end().div_ceil(DIGEST_BLOCK))
+                .map(|b| digest_of(&self.prod, b))
+                .collect();
+            let fx = self.machine.push_digest(round, range.offset, crcs);
+            self.carry_out(fx);
+        }
+        if !due.is_empty() {
+            self.digests_due = Some((round, due));
+        }
     }
 
     /// An answer of the DR side arrives at the production side.
@@ -417,6 +496,7 @@ impl Sim {
         let applied = state.applied;
         self.dr.staged.retain(|(e, _, _)| *e <= applied);
         self.dr.side = DrSide::new(state, None);
+        self.dr.held.clear();
         let fx = self.machine.disconnected(self.now_us);
         self.carry_out(fx);
         self.catch_up = None;
@@ -606,7 +686,8 @@ impl Sim {
             45..=49 if self.rng.random_bool(0.5) => self.cut(),
             50..=64 => self.send(),
             65..=79 => self.deliver(),
-            80..=87 => self.acknowledge(),
+            80..=85 => self.acknowledge(),
+            86..=87 => self.digest(),
             88..=96 => self.catch_up_step(),
             97 if self.link_up && writing && self.rng.random_bool(0.2) => self.break_link(),
             98 if !self.link_up => self.heal_link(),
@@ -689,6 +770,15 @@ impl Sim {
     }
 }
 
+/// The CRC of digest block `block` of an image: of its blocks' values.
+fn digest_of(image: &[u64], block: u64) -> u32 {
+    let per = (DIGEST_BLOCK / BLOCK) as usize;
+    let start = block as usize * per;
+    let values = &image[start.min(image.len())..(start + per).min(image.len())];
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    crc32fast::hash(&bytes)
+}
+
 fn seeds() -> Vec<u64> {
     if let Some(seed) = std::env::var("BLOCKREP_SEED")
         .ok()
@@ -703,8 +793,15 @@ fn seeds() -> Vec<u64> {
     (0..n).map(|i| 0xb10c_0000 + i).collect()
 }
 
-/// Runs one seed; `Err` holds its panic, `Ok` the bytes the journal coalesced away.
-fn run(seed: u64, limit: u64, steps: u64, mutation: Option<Mutation>) -> std::thread::Result<u64> {
+/// What a seed's run saw: bytes the journal coalesced away, digest blocks recorded.
+#[derive(Default)]
+struct Seen {
+    coalesced: u64,
+    digests: u64,
+}
+
+/// Runs one seed; `Err` holds its panic.
+fn run(seed: u64, limit: u64, steps: u64, mutation: Option<Mutation>) -> std::thread::Result<Seen> {
     std::panic::catch_unwind(|| {
         let mut sim = Sim::new(seed, limit, mutation);
         // Writes pause now and then, so that catch-ups end while epochs go on and writes
@@ -713,39 +810,67 @@ fn run(seed: u64, limit: u64, steps: u64, mutation: Option<Mutation>) -> std::th
             sim.step(i % 600 < 450);
         }
         sim.settle();
-        sim.machine.coalesced_bytes()
+        Seen {
+            coalesced: sim.machine.coalesced_bytes(),
+            digests: sim.dr.recorded,
+        }
     })
 }
 
-/// Runs every seed; returns the bytes coalesced away in all.
-fn run_seeds(limit: u64, steps: u64) -> u64 {
-    let mut coalesced = 0;
+/// Runs every seed; returns what they saw in all.
+fn run_seeds(limit: u64, steps: u64) -> Seen {
+    let mut seen = Seen::default();
     for seed in seeds() {
         match run(seed, limit, steps, None) {
-            Ok(bytes) => coalesced += bytes,
+            Ok(s) => {
+                seen.coalesced += s.coalesced;
+                seen.digests += s.digests;
+            }
             Err(panic) => {
                 eprintln!("failing seed: BLOCKREP_SEED={seed}");
                 std::panic::resume_unwind(panic);
             }
         }
     }
-    coalesced
+    seen
 }
 
 /// A roomy journal: epochs flow, the link breaks and heals, catch-ups run, and overwrites
 /// within an epoch are coalesced.
 #[test]
 fn async_pairs_stay_consistent_through_link_breaks() {
-    let coalesced = run_seeds(64 * BLOCK, 3000);
-    eprintln!("coalesced {coalesced} bytes");
-    assert!(coalesced > 0, "the simulation never coalesced a write");
+    let seen = run_seeds(64 * BLOCK, 3000);
+    eprintln!(
+        "coalesced {} bytes, recorded {} digest blocks",
+        seen.coalesced, seen.digests
+    );
+    assert!(seen.coalesced > 0, "the simulation never coalesced a write");
+    assert!(seen.digests > 0, "the simulation never recorded a digest");
 }
 
 /// A tiny journal: overflow into bitmap mode all the time (also during a catch-up's final
 /// pass, which must then be given up, not sealed: seed 0xb10c_034b found that).
 #[test]
 fn async_pairs_stay_consistent_through_overflows() {
-    let _ = run_seeds(6 * BLOCK, 3000);
+    let seen = run_seeds(6 * BLOCK, 3000);
+    eprintln!("recorded {} digest blocks", seen.digests);
+}
+
+/// The digests' mutation check: a DR side that records a digest whose blocks a later
+/// staged write overlapped records content the unit's end does not have.
+#[test]
+fn a_dr_side_that_does_not_spoil_digests_is_caught() {
+    let caught = (0..100u64).map(|i| 0xb10c_0000 + i).find_map(|seed| {
+        let panic = run(seed, 64 * BLOCK, 3000, Some(Mutation::DigestsNotSpoiled)).err()?;
+        Some((seed, panic_message(&*panic)))
+    });
+    let (seed, message) =
+        caught.expect("100 seeds did not catch a DR side that does not spoil digests");
+    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    assert!(
+        message.contains("is not the DR side's content there"),
+        "{message}"
+    );
 }
 
 /// The mutation check: a shell that redeems what the machine says to forget leaves blocks

@@ -298,7 +298,7 @@ impl Cluster {
                 let mode = CutMode::from_code(c.mode).ok_or_else(|| {
                     ApiError::InvalidArgument(format!("cut mode {} is not known", c.mode))
                 })?;
-                let answer = pairs.group_cut(&ids, Epoch(c.epoch), mode)?;
+                let answer = pairs.group_cut(&ids, Epoch(c.epoch), mode, c.digests)?;
                 return Ok(Response::CutAck(cut_ack(answer)));
             }
             Request::GroupStaged(c) => {
@@ -405,6 +405,12 @@ impl Cluster {
                 pairs.delete_drill(pair_id(&c.pair_id)?, &c.drill_id)?;
                 self.agent.stop_serving_drill(&c.export);
                 return Ok(Response::Done(proto::Done {}));
+            }
+            Request::CheckDrill(c) => {
+                let drill = c.drill.unwrap_or_default();
+                let check =
+                    pairs.check_drill(pair_id(&drill.pair_id)?, &drill.drill_id, c.start)?;
+                return Ok(Response::DrillCheck(drill_check_proto(&check)));
             }
             Request::HoldPoint(c) => {
                 pairs.hold_point(&pair_ids(&c.pair_ids)?, Epoch(c.epoch))?;
@@ -705,6 +711,41 @@ fn check_export_name(export: &str) -> Result<(), ApiError> {
             "export name {export:?} is not a file name"
         )))
     }
+}
+
+/// A drill volume's verification, as the coordinator gathers it.
+fn drill_check_proto(
+    check: &blockrep_replication::drill::check::DrillCheck,
+) -> proto::DrillVolumeCheck {
+    proto::DrillVolumeCheck {
+        state: check.state.name().into(),
+        progress: check.progress,
+        compared_bytes: check.compared_bytes,
+        differing_bytes: check.differing.bytes,
+        not_comparable_bytes: check.not_comparable.bytes,
+        differing: extents(&check.differing.ranges),
+        not_comparable: extents(&check.not_comparable.ranges),
+        error: check.error.clone(),
+        finished_at: if check.finished_ms == 0 {
+            String::new()
+        } else {
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(check.finished_ms),
+            )
+            .to_string()
+        },
+        ..Default::default()
+    }
+}
+
+fn extents(ranges: &[blockrep_core::ByteRange]) -> Vec<proto::Extent> {
+    ranges
+        .iter()
+        .map(|r| proto::Extent {
+            offset: r.offset,
+            length: r.len,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -397,6 +397,21 @@ impl agent_server::Agent for AgentService {
         .await
     }
 
+    async fn verify_drill(
+        &self,
+        request: Request<proto::VerifyDrillRequest>,
+    ) -> Result<Response<proto::DrillVerification>, Status> {
+        match self
+            .cluster_call(cluster_request::Request::VerifyGroupDrill(
+                request.into_inner(),
+            ))
+            .await?
+        {
+            cluster_response::Response::DrillVerification(v) => Ok(Response::new(v)),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn failover_group_to_point(
         &self,
         request: Request<proto::FailoverGroupRequest>,

@@ -13,6 +13,9 @@
 //! allocated blocks, so they are found again after a restart.
 //!
 //! A drill is recorded in the DR volume's directory, `drills/ID.json` and `drills/ID.overlay`.
+//! Its image at the point can be verified against production's digests ([`check`]).
+
+pub mod check;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -54,6 +57,8 @@ pub struct DrillVolume {
     written: Mutex<RangeSet<u64>>,
     /// Taken by each write for all of it.
     writing: Mutex<()>,
+    /// The last verification against production's digests.
+    check: Mutex<check::DrillCheck>,
 }
 
 fn drills_dir(volume_dir: &Path) -> PathBuf {
@@ -183,7 +188,27 @@ impl DrillVolume {
             overlay_path,
             written: Mutex::new(written),
             writing: Mutex::new(()),
+            check: Mutex::new(check::DrillCheck::default()),
         })
+    }
+
+    /// How the last verification goes.
+    pub fn last_check(&self) -> check::DrillCheck {
+        self.check.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads `range` of the image at the point, without the drill's own writes.
+    pub(crate) fn read_point(&self, range: ByteRange, out: &mut [u8]) -> io::Result<()> {
+        let range = self.check(range.offset, range.len)?;
+        self.read_below(range, out)
+    }
+
+    /// Production's CRC of 64 KiB block `block` at the drill's point, if a record tells it.
+    pub(crate) fn expected_digest(&self, block: u64) -> io::Result<Option<u32>> {
+        let journal = self.points.journal()?;
+        Ok(journal
+            .as_ref()
+            .and_then(|j| j.expected_digest(self.record.point, block)))
     }
 
     pub fn record(&self) -> &DrillRecord {

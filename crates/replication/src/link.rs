@@ -501,6 +501,30 @@ impl PairLink {
         self.apply(|m| m.handle_sync_done_ack(epoch, now_us));
     }
 
+    // ---- digests for points in time ----
+
+    /// Production digests each sealed epoch's blocks (the group keeps points), or not.
+    pub fn set_digests(&self, on: bool) {
+        self.lock().set_digests(on);
+    }
+
+    /// Waits (the digest thread, blocking) until blocks are due to be digested. Returns
+    /// false if `stop` says to give up.
+    pub fn wait_digests_due(&self, stop: &dyn Fn() -> bool) -> bool {
+        self.wait_until(stop, |m| m.digests_due())
+    }
+
+    /// The ranges due to be digested, clipped to a volume of `size` bytes, and their round.
+    pub fn take_digests_due(&self, size: u64) -> (u64, Vec<ByteRange>) {
+        self.lock().take_digests_due(size)
+    }
+
+    /// Queues production's CRCs of the blocks from `offset`, read in `round` with the blocks
+    /// locked (dropped if the journal left journal mode since).
+    pub fn push_digest(&self, round: u64, offset: u64, crcs: Vec<u32>) {
+        self.apply(|m| m.push_digest(round, offset, crcs));
+    }
+
     // ---- online verify ----
 
     /// Queues verify probe `id` behind everything queued so far. Returns false if nothing

@@ -414,6 +414,7 @@ impl Pairs {
         pairs: &[PairId],
         to: Epoch,
         mode: CutMode,
+        digests: bool,
     ) -> Result<CutAnswer, ApiError> {
         let runtimes = pairs
             .iter()
@@ -428,6 +429,7 @@ impl Pairs {
         for p in &runtimes {
             p.record_group_cut(to)
                 .map_err(|e| ApiError::Internal(format!("record the group's cut: {e}")))?;
+            p.link.set_digests(digests);
             let (staged, synchronous) = p.link.group_cut(to, mode, now);
             answer.staged = answer.staged.min(staged);
             answer.synchronous &= synchronous;
@@ -555,6 +557,30 @@ impl Pairs {
                 .map_err(|e| ApiError::Internal(format!("delete drill {drill}: {e}"))),
             Err(_) => Ok(()),
         }
+    }
+
+    /// Starts verifying drill `drill` of the DR volume of `pair` (`start`; one running goes
+    /// on), and says how its verification goes.
+    pub fn check_drill(
+        &self,
+        pair: PairId,
+        drill: &str,
+        start: bool,
+    ) -> Result<crate::drill::check::DrillCheck, ApiError> {
+        let volume = self
+            .dr_of(pair)?
+            .drills()
+            .into_iter()
+            .find(|d| d.record().drill == drill)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("pair {pair} has no drill volume of drill {drill}"))
+            })?;
+        if start {
+            crate::drill::check::start(&volume).map_err(|e| {
+                ApiError::Internal(format!("verify drill {drill} of pair {pair}: {e}"))
+            })?;
+        }
+        Ok(volume.last_check())
     }
 
     /// The drill served as `export`, if any.

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use blockrep_core::ByteRange;
 use blockrep_core::replication::Epoch;
+use blockrep_core::replication::digests::DigestRecords;
 use blockrep_core::replication::undo::{
     Coverage, Piece, RecordAt, Retention, UndoIndex, UndoRange, hour_of,
 };
@@ -84,6 +85,9 @@ pub struct UndoJournal {
     readers: BTreeMap<u64, File>,
     /// [`SEGMENT_BYTES`], but in tests.
     segment_bytes: u64,
+    /// Production's CRCs of blocks at points, for drill verification (in memory only: a
+    /// restart starts with none).
+    digests: DigestRecords,
 }
 
 /// A DR volume's points, shared by its applier (which keeps and trims them) and those who
@@ -446,6 +450,7 @@ impl UndoJournal {
             open: None,
             readers: BTreeMap::new(),
             segment_bytes,
+            digests: DigestRecords::default(),
         };
         // A merge a crash cut short before its rename: the segments it merged are there.
         for entry in std::fs::read_dir(dir)? {
@@ -591,6 +596,7 @@ impl UndoJournal {
         )?;
         self.base = Some(point);
         self.index = UndoIndex::new(point.epoch);
+        self.digests.clear();
         Ok(())
     }
 
@@ -608,6 +614,7 @@ impl UndoJournal {
         self.base = None;
         self.index = UndoIndex::new(Epoch::ZERO);
         self.cuts.clear();
+        self.digests.clear();
         self.clear_segments()
     }
 
@@ -768,6 +775,7 @@ impl UndoJournal {
         };
         let cut = self.cuts.get(&segment.last).copied().unwrap_or(0);
         let before = self.index.points().len();
+        self.digests.trim(&self.index, segment.last);
         self.index
             .trim_through(segment.last)
             .map_err(|e| io::Error::other(format!("trimming the undo journal: {e}")))?;
@@ -840,7 +848,10 @@ impl UndoJournal {
             Ok(dropped) => Ok(dropped),
             Err(e) => {
                 let dir = self.dir.clone();
+                let digests = std::mem::take(&mut self.digests);
                 *self = UndoJournal::open_sized(&dir, self.segment_bytes)?;
+                // Records are checked against whatever steps the journal holds.
+                self.digests = digests;
                 Err(e)
             }
         }
@@ -881,6 +892,27 @@ impl UndoJournal {
         sync_dir(&self.dir)?;
         self.cuts.retain(|e, _| *e <= from || *e >= last);
         Ok(before - self.index.points().len())
+    }
+
+    /// Production's CRCs of blocks (by 64 KiB index) at the newest point, `point`: kept
+    /// only if it is the newest point held.
+    pub fn record_digests(&mut self, point: Epoch, blocks: impl Iterator<Item = (u64, u32)>) {
+        if self.base.is_none() || self.index.newest() != point {
+            return;
+        }
+        for (block, crc) in blocks {
+            self.digests.record(point, block, crc);
+        }
+    }
+
+    /// Production's CRC of the 64 KiB block `block` at `point`, if a record tells it.
+    pub fn expected_digest(&self, point: Epoch, block: u64) -> Option<u32> {
+        self.digests.expected(&self.index, point, block)
+    }
+
+    /// Digest records held.
+    pub fn digest_records(&self) -> usize {
+        self.digests.len()
     }
 
     /// The image at `point`: which bytes come from undo records and which from the volume.

@@ -17,11 +17,13 @@
 //! Verify    u64 id | u64 offset | u32 block | u8 after? | u64 epoch | u16 n | n × u32 crc32
 //! Verified  u64 id | u16 n | n × u16 index of a block that differs
 //! Ungate    u64 epoch                     SyncDoneAck u64 epoch
+//! Digest    u64 offset | u64 after epoch | u16 n | n × u32 crc32 of a 64 KiB block
 //!
 //! lineage   u64 current | u8 written | u16 n | n × (u64 generation | u8 written)
 //! ```
 
 use blockrep_core::VolumeId;
+use blockrep_core::replication::digests;
 use blockrep_core::replication::{
     Epoch, Generation, GenerationId, Lineage, PairId, ProbeId, ReplicationModel, WriteSeq,
 };
@@ -212,7 +214,19 @@ pub enum Frame {
         id: ProbeId,
         differing: Vec<u16>,
     },
+    /// Production's CRC of each 64 KiB block from `offset` (a multiple of 64 KiB), read
+    /// after every frame before this: the DR side records them, for drill verification,
+    /// once the unit covering `after` is applied.
+    Digest {
+        offset: u64,
+        after: Epoch,
+        crcs: Vec<u32>,
+    },
 }
+
+/// The most blocks one `Digest` frame covers.
+pub const MAX_DIGEST_BLOCKS: usize = digests::MAX_BLOCKS_PER_DIGEST as usize;
+pub use digests::DIGEST_BLOCK;
 
 /// The most blocks one `Verify` frame covers.
 pub const MAX_VERIFY_BLOCKS: usize = 1024;
@@ -241,6 +255,7 @@ enum Type {
     Verified = 17,
     Ungate = 18,
     SyncDoneAck = 19,
+    Digest = 20,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -353,6 +368,20 @@ impl Frame {
                 out.put_u8(u8::from(after.is_some()));
                 out.put_u64(after.map_or(0, |e| e.0));
                 let crcs = &crcs[..crcs.len().min(MAX_VERIFY_BLOCKS)];
+                out.put_u16(crcs.len() as u16);
+                for crc in crcs {
+                    out.put_u32(*crc);
+                }
+            }
+            Frame::Digest {
+                offset,
+                after,
+                crcs,
+            } => {
+                out.put_u8(Type::Digest as u8);
+                out.put_u64(*offset);
+                out.put_u64(after.0);
+                let crcs = &crcs[..crcs.len().min(MAX_DIGEST_BLOCKS)];
                 out.put_u16(crcs.len() as u16);
                 for crc in crcs {
                     out.put_u32(*crc);
@@ -607,6 +636,26 @@ impl Frame {
                     crcs,
                 }
             }
+            t if t == Type::Digest as u8 => {
+                if body.len() < 8 + 8 + 2 {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let offset = body.get_u64();
+                let after = Epoch(body.get_u64());
+                let n = body.get_u16() as usize;
+                if n > MAX_DIGEST_BLOCKS
+                    || !offset.is_multiple_of(DIGEST_BLOCK)
+                    || body.len() != 4 * n
+                {
+                    return Err(WireError::BadLength { ty, len });
+                }
+                let crcs = (0..n).map(|_| body.get_u32()).collect();
+                Frame::Digest {
+                    offset,
+                    after,
+                    crcs,
+                }
+            }
             t if t == Type::Verified as u8 => {
                 if body.len() < 8 + 2 {
                     return Err(WireError::BadLength { ty, len });
@@ -786,6 +835,36 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_past_its_blocks_or_off_a_block_is_refused() {
+        let decode = |frame: Frame| {
+            let mut out = BytesMut::new();
+            frame.encode(&mut out);
+            Frame::decode(&mut out)
+        };
+        let digest = |offset: u64| Frame::Digest {
+            offset,
+            after: Epoch(1),
+            crcs: vec![1],
+        };
+        assert!(matches!(
+            decode(digest(4096)),
+            Err(WireError::BadLength { .. })
+        ));
+        // More blocks than a frame carries: encoding stops at the bound, so write it by hand.
+        let mut out = BytesMut::new();
+        out.put_u32((1 + 8 + 8 + 2 + 4 * 65) as u32);
+        out.put_u8(Type::Digest as u8);
+        out.put_u64(0);
+        out.put_u64(1);
+        out.put_u16(65);
+        out.put_bytes(0, 4 * 65);
+        assert!(matches!(
+            Frame::decode(&mut out),
+            Err(WireError::BadLength { .. })
+        ));
+    }
+
+    #[test]
     fn every_frame_round_trips() {
         let mut lineage = Lineage::new(GenerationId(7));
         lineage.mark_written();
@@ -834,6 +913,11 @@ mod tests {
             Frame::Verified {
                 id: ProbeId(4),
                 differing: vec![0, 2],
+            },
+            Frame::Digest {
+                offset: 3 * DIGEST_BLOCK,
+                after: Epoch(9),
+                crcs: vec![5, 0xffff_ffff],
             },
             Frame::Write(
                 WriteHeader {

@@ -9,8 +9,8 @@ pub mod frame;
 pub mod version;
 
 pub use frame::{
-    FRAME_HEADER_LEN, Frame, Hello, HelloFlags, MAX_FRAME_LEN, MAX_PAYLOAD_LEN, MAX_VERIFY_BLOCKS,
-    RefuseKind, RejectReason, WRITE_HEADER_LEN, WireError, WriteFlags, WriteHeader, block_crcs,
-    encode_write_header, payload_crc,
+    DIGEST_BLOCK, FRAME_HEADER_LEN, Frame, Hello, HelloFlags, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
+    MAX_VERIFY_BLOCKS, RefuseKind, RejectReason, WRITE_HEADER_LEN, WireError, WriteFlags,
+    WriteHeader, block_crcs, encode_write_header, payload_crc,
 };
 pub use version::{ALPN, ProtocolVersion};

@@ -25,10 +25,14 @@ pub enum ProtocolVersion {
     /// Version 5: a write's payload may be zstd-compressed (`WriteFlags::ZSTD`); a version 4
     /// DR side would refuse the flag.
     V5,
+    /// Version 6: `Digest` frames, production's CRCs of each sealed epoch's blocks, which a
+    /// DR side keeping points records for drill verification; a version 5 DR side would
+    /// refuse the frame type.
+    V6,
 }
 
 impl ProtocolVersion {
-    pub const CURRENT: ProtocolVersion = ProtocolVersion::V5;
+    pub const CURRENT: ProtocolVersion = ProtocolVersion::V6;
 
     pub fn number(self) -> u16 {
         match self {
@@ -36,6 +40,7 @@ impl ProtocolVersion {
             ProtocolVersion::V3 => 3,
             ProtocolVersion::V4 => 4,
             ProtocolVersion::V5 => 5,
+            ProtocolVersion::V6 => 6,
         }
     }
 
@@ -45,6 +50,7 @@ impl ProtocolVersion {
             3 => Ok(ProtocolVersion::V3),
             4 => Ok(ProtocolVersion::V4),
             5 => Ok(ProtocolVersion::V5),
+            6 => Ok(ProtocolVersion::V6),
             other => Err(WireError::UnknownVersion(other)),
         }
     }

@@ -389,8 +389,12 @@ impl Coordinator {
             }
         };
         let now = now_millis();
-        let messages = {
+        let (messages, digests) = {
             let mut state = self.lock();
+            let digests = state
+                .groups
+                .get(&group)
+                .is_some_and(|g| g.retention.is_on());
             let fresh = match state.cuts.get(&group) {
                 Some(c) => c.members != members,
                 None => true,
@@ -449,7 +453,7 @@ impl Coordinator {
             }
             let cuts = state.cuts.get_mut(&group).expect("inserted");
             cuts.rounds += 1;
-            cuts.cut.start_cut(now)
+            (cuts.cut.start_cut(now), digests)
         };
         // Cut every host in parallel; the round must complete within its timeout.
         let mut calls = self.call_hosts(&members, messages, |pair_ids, epoch| {
@@ -459,6 +463,7 @@ impl Coordinator {
                 mode: mode.code(),
                 synchronous: false,
                 tripped: false,
+                digests,
             })
         });
         let mut synchronous = true;
@@ -633,6 +638,7 @@ impl Coordinator {
                 mode: 0,
                 synchronous: outcome.synchronous,
                 tripped: outcome.tripped,
+                digests: false,
             })
         });
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);

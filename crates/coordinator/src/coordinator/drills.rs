@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use blockrep_api::ApiError;
-use blockrep_api::proto::{self, cluster_request::Request};
+use blockrep_api::proto::{self, cluster_request::Request, cluster_response::Response};
 use blockrep_core::replication::{Epoch, JobType, ReplicationModel};
 
 use super::Coordinator;
@@ -225,6 +225,55 @@ impl Coordinator {
         let mut view = drill_view(&group, &drill);
         view.status = "deleted".into();
         Ok(view)
+    }
+
+    /// Starts verifying every drill volume of a drill against production's digests
+    /// (`req.start`; one running goes on), and says how each verification goes. A DR agent
+    /// that does not answer shows as failed, with why.
+    pub async fn verify_drill(
+        &self,
+        req: proto::VerifyDrillRequest,
+    ) -> Result<proto::DrillVerification, ApiError> {
+        let drill = {
+            let state = self.lock();
+            find_drill(state.groups.values(), &req.drill)?.1.clone()
+        };
+        let mut volumes = Vec::new();
+        for volume in &drill.volumes {
+            let command = Request::CheckDrill(proto::DrillCheckCommand {
+                drill: Some(drill_command(&drill, volume)),
+                start: req.start,
+            });
+            let mut check = match self.ask_agent(&volume.node, command).await {
+                Ok(Response::DrillCheck(check)) => check,
+                Ok(_) => proto::DrillVolumeCheck {
+                    state: "failed".into(),
+                    error: format!("node {} answered with something unexpected", volume.node),
+                    ..Default::default()
+                },
+                Err(e) => proto::DrillVolumeCheck {
+                    state: "failed".into(),
+                    error: format!("node {}: {e}", volume.node),
+                    ..Default::default()
+                },
+            };
+            check.pair_id = volume.pair.to_string();
+            check.node = volume.node.clone();
+            check.export = volume.export.clone();
+            volumes.push(check);
+        }
+        if req.start {
+            tracing::info!(drill = %drill.name, point = %drill.point, "drill verification started");
+        }
+        Ok(proto::DrillVerification {
+            drill_id: drill.id.clone(),
+            name: drill.name.clone(),
+            point_epoch: drill.point.0,
+            done: volumes
+                .iter()
+                .all(|v| matches!(v.state.as_str(), "done" | "failed")),
+            volumes,
+        })
     }
 
     /// Renames a drill (its drill volumes keep their export names).

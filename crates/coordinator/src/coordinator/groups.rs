@@ -560,14 +560,23 @@ impl Coordinator {
 
     /// What the group state machine looks at.
     pub(super) fn group_state(&self, state: &State, group: &GroupRecord) -> GroupView {
-        let replication = group_replication(
-            group.stopped,
-            self.member_views(state, group).iter().map(|p| {
-                p.replication_status
-                    .parse()
-                    .unwrap_or(ReplicationStatus::Inactive)
-            }),
-        );
+        use ReplicationStatus as R;
+        let pairs: Vec<R> = self
+            .member_views(state, group)
+            .iter()
+            .map(|p| p.replication_status.parse().unwrap_or(R::Inactive))
+            .collect();
+        // While its stop job runs, the group is not stopped until every pair is (then the
+        // job ends, and an update is taken): it shows what its pairs still replicating show.
+        let stopping = group
+            .job
+            .and_then(|j| state.jobs.get(&j))
+            .is_some_and(|j| j.job_type == JobType::StopGroup && !j.status.is_finished());
+        let replication = if stopping && !pairs.iter().all(|s| *s == R::ActiveStopped) {
+            group_replication(false, pairs.into_iter().filter(|s| *s != R::ActiveStopped))
+        } else {
+            group_replication(group.stopped, pairs)
+        };
         GroupView {
             status: group.status,
             replication,
@@ -789,6 +798,31 @@ mod tests {
             })
             .expect("the stopped group takes the update");
         assert_eq!(updated.group.unwrap().name, "renamed");
+    }
+
+    /// A group being stopped shows stopped only once its pairs are: until then an update
+    /// would be refused as busy, so a client that waits for the group to show stopped
+    /// (the seed's flow: stop, then update) must not see it early.
+    #[tokio::test]
+    async fn a_group_shows_stopped_only_once_its_pairs_are() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.production_reports(&[&a, &b]);
+        h.coordinator
+            .sync_or_stop_group(&group.id.to_string(), GroupAction::Stop)
+            .unwrap();
+        let shown = h.coordinator.get_group(&group.id.to_string()).unwrap();
+        assert_ne!(
+            shown.replication_status, "active-stopped",
+            "its pairs still replicate"
+        );
+        let mut state = pair_state(&a, "production", ReplicationStatus::ActiveStopped);
+        state.grouped = true;
+        h.report("n1", "az1", vec![], vec![state]);
+        let shown = h.coordinator.get_group(&group.id.to_string()).unwrap();
+        assert_ne!(
+            shown.replication_status, "active-stopped",
+            "one pair still replicates"
+        );
     }
 
     /// A finished job stays as it ended: a later request (here one refused) neither ends it

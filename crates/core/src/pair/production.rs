@@ -177,6 +177,13 @@ pub enum Transmit<P> {
         after: Option<Epoch>,
         crcs: Vec<u32>,
     },
+    /// Production's CRC of each 64 KiB block from `offset`, for the DR side to record once
+    /// the unit covering `after` is applied.
+    Digest {
+        offset: u64,
+        after: Epoch,
+        crcs: Vec<u32>,
+    },
 }
 
 /// Bytes a frame's header costs against a take's budget.
@@ -1098,6 +1105,15 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
                 Outgoing::Flush { seq } => Transmit::Flush { seq },
                 Outgoing::Discard { after } => Transmit::Discard { after },
                 Outgoing::SyncDone { epoch } => Transmit::SyncDone { epoch },
+                Outgoing::Digest {
+                    offset,
+                    crcs,
+                    after,
+                } => Transmit::Digest {
+                    offset,
+                    after,
+                    crcs,
+                },
                 Outgoing::Verify { id, after } => match self.probes.get(id) {
                     Some(probe) => Transmit::Verify {
                         id,
@@ -1208,6 +1224,33 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         self.answered_at_us = now_us;
         self.sync_done_acked = self.sync_done_acked.max(Some(epoch));
         Effects::notified()
+    }
+
+    // ---- digests for points in time ----
+
+    /// Production digests each sealed epoch's blocks (the group keeps points), or not.
+    pub fn set_digests(&mut self, on: bool) {
+        self.journal.set_digests(on);
+    }
+
+    /// Whether sealed epochs' blocks wait to be digested.
+    pub fn digests_due(&self) -> bool {
+        self.journal.digests_due()
+    }
+
+    /// The ranges due to be read (each with its blocks locked) and digested, clipped to a
+    /// volume of `size` bytes, and the round they belong to.
+    pub fn take_digests_due(&mut self, size: u64) -> (u64, Vec<ByteRange>) {
+        self.journal.take_digests_due(size)
+    }
+
+    /// Queues production's CRCs of the blocks from `offset`, read in `round` with the blocks
+    /// locked; dropped unless the journal stayed in journal mode since the round began.
+    pub fn push_digest(&mut self, round: u64, offset: u64, crcs: Vec<u32>) -> Effects<A> {
+        if self.live != Live::Journal || !self.journal.push_digest(round, offset, crcs) {
+            return Effects::default();
+        }
+        Effects::woke_sender()
     }
 
     // ---- online verify ----

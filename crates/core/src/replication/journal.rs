@@ -36,6 +36,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::extent::ByteRange;
+use crate::replication::digests::Touched;
 use crate::replication::ids::{Epoch, ProbeId, WriteSeq};
 use crate::replication::send_queue::{SendQueue, payload_bytes};
 use crate::replication::tickets::Ticket;
@@ -94,6 +95,14 @@ pub enum Outgoing<P> {
     Verify {
         id: ProbeId,
         after: Option<Epoch>,
+    },
+    /// Production's CRC of each 64 KiB block from `offset`, read after everything queued
+    /// before it (`digests`): recorded by the DR side once the unit covering `after` is
+    /// applied.
+    Digest {
+        offset: u64,
+        crcs: Vec<u32>,
+        after: Epoch,
     },
 }
 
@@ -168,6 +177,11 @@ pub struct Journal<P> {
     held_direct: VecDeque<Outgoing<P>>,
     /// Direct writes are queued gated.
     gated: bool,
+    /// The blocks each epoch touched, for production's digests (while the group keeps
+    /// points).
+    touched: Touched,
+    /// Counts the times `touched` was forgotten: a digest read before is not queued.
+    digest_round: u64,
 }
 
 /// Bytes a payload counts against the bound (zero ranges cost their header only).
@@ -204,6 +218,8 @@ impl<P: PayloadLen> Journal<P> {
             direct_after: None,
             held_direct: VecDeque::new(),
             gated: false,
+            touched: Touched::default(),
+            digest_round: 0,
         }
     }
 
@@ -360,6 +376,7 @@ impl<P: PayloadLen> Journal<P> {
             | Outgoing::Flush { .. }
             | Outgoing::SyncDone { .. }
             | Outgoing::Verify { .. }
+            | Outgoing::Digest { .. }
             | Outgoing::Ungate { .. } => {}
         }
         Some(frame)
@@ -389,6 +406,7 @@ impl<P: PayloadLen> Journal<P> {
     /// Live writes are tracked by the bitmap only (hypermetro while the link is down,
     /// or before a catch-up); seals wait for the catch-up.
     pub fn stop_journaling(&mut self) {
+        self.forget_digests();
         self.mode = Mode::Bitmap;
         self.sealing = false;
     }
@@ -414,6 +432,7 @@ impl<P: PayloadLen> Journal<P> {
 
     /// The resync reader starts a catch-up: its extents are queued without seals.
     pub fn begin_catch_up(&mut self) {
+        self.forget_digests();
         self.mode = Mode::CatchUp { live: false };
         self.sealing = false;
     }
@@ -526,6 +545,55 @@ impl<P: PayloadLen> Journal<P> {
         true
     }
 
+    /// Production digests the blocks of each sealed epoch (the group keeps points), or not.
+    pub fn set_digests(&mut self, on: bool) {
+        if on != self.touched.is_on() {
+            self.touched.set_on(on);
+            self.digest_round += 1;
+        }
+    }
+
+    /// Whether sealed epochs' blocks wait to be digested.
+    pub fn digests_due(&self) -> bool {
+        self.touched.has_due()
+    }
+
+    /// The ranges due to be digested (each read with its blocks locked, then queued with
+    /// [`Journal::push_digest`]), clipped to a volume of `size` bytes, and the round they
+    /// belong to.
+    pub fn take_digests_due(&mut self, size: u64) -> (u64, Vec<ByteRange>) {
+        (self.digest_round, self.touched.take_due(size))
+    }
+
+    /// Queues production's CRCs of the blocks from `offset`, read in `round` with the blocks
+    /// locked. Refused (false) unless the journal has stayed in journal mode since the round
+    /// began: otherwise the volume held writes the stream does not carry when it was read.
+    pub fn push_digest(&mut self, round: u64, offset: u64, crcs: Vec<u32>) -> bool {
+        if round != self.digest_round || !self.digesting() {
+            return false;
+        }
+        self.push_ordered(Outgoing::Digest {
+            offset,
+            crcs,
+            after: self.current,
+        });
+        true
+    }
+
+    /// Journaled writes are all the volume changes: what is read describes a point.
+    fn digesting(&self) -> bool {
+        self.touched.is_on()
+            && self.mode == Mode::Journal
+            && self.direct_after.is_none()
+            && self.catch_up_ends.is_none()
+    }
+
+    /// Nothing noted so far is digested.
+    fn forget_digests(&mut self) {
+        self.touched.forget();
+        self.digest_round += 1;
+    }
+
     /// Queues the end of the initial sync, after every extent queued before it. With
     /// `direct` live writes (hypermetro), the DR side is consistent at once (it is told epoch
     /// 0); otherwise once the unit of the current epoch is applied.
@@ -539,6 +607,7 @@ impl<P: PayloadLen> Journal<P> {
     /// still outstanding are sealed first: until their seal is queued, direct frames wait,
     /// so the DR side never applies a direct write before an earlier staged one.
     pub fn switch_to_direct(&mut self) {
+        self.forget_digests();
         let last = self.current;
         self.mode = Mode::Journal;
         self.sealing = true;
@@ -602,6 +671,9 @@ impl<P: PayloadLen> Journal<P> {
             fua: false,
             gated: false,
         });
+        if self.digesting() {
+            self.touched.note(epoch, range);
+        }
         // Catch-up extents and the final pass's writes are not coalesced: they are few.
         if self.mode == Mode::Journal {
             let dropped = self.queue.push_coalescing(frame);
@@ -633,6 +705,7 @@ impl<P: PayloadLen> Journal<P> {
         if last_closed > self.sealed {
             self.sealed = last_closed;
             self.queue.push(Outgoing::Seal { epoch: last_closed });
+            self.touched.sealed(last_closed);
         }
         if self.direct_after.is_some_and(|e| self.sealed >= e) {
             self.direct_after = None;
@@ -644,6 +717,7 @@ impl<P: PayloadLen> Journal<P> {
 
     /// Switches to bitmap mode; returns the tickets to forget.
     fn overflow(&mut self) -> Vec<Ticket> {
+        self.forget_digests();
         self.mode = Mode::Bitmap;
         self.sealing = false;
         self.catch_up_ends = None;
@@ -954,5 +1028,70 @@ mod tests {
             drain(&mut j).is_empty(),
             "nor does a later cut seal anything"
         );
+    }
+
+    #[test]
+    fn a_sealed_epochs_blocks_are_digested_behind_its_writes() {
+        use crate::replication::digests::DIGEST_BLOCK;
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        let mut reg = TicketRegistry::new();
+        j.set_digests(true);
+        let _ = write(&mut j, &mut reg, 0);
+        let _ = write(&mut j, &mut reg, 3 * DIGEST_BLOCK);
+        assert!(j.take_digests_due(1 << 30).1.is_empty(), "not sealed yet");
+        j.advance_epoch();
+        let (round, due) = j.take_digests_due(1 << 30);
+        assert_eq!(
+            due,
+            vec![
+                ByteRange::new(0, DIGEST_BLOCK),
+                ByteRange::new(3 * DIGEST_BLOCK, DIGEST_BLOCK)
+            ]
+        );
+        assert!(j.push_digest(round, 0, vec![7]));
+        let frames = drain(&mut j);
+        assert!(matches!(frames[0], Outgoing::Write(_)));
+        assert!(matches!(frames[1], Outgoing::Write(_)));
+        assert_eq!(frames[2], Outgoing::Seal { epoch: Epoch(1) });
+        assert_eq!(
+            frames[3],
+            Outgoing::Digest {
+                offset: 0,
+                crcs: vec![7],
+                after: Epoch(2)
+            }
+        );
+    }
+
+    #[test]
+    fn a_digest_read_before_the_journal_left_journal_mode_is_not_queued() {
+        let mut j = Journal::new(8, Epoch(0));
+        let mut reg = TicketRegistry::new();
+        j.set_digests(true);
+        let _ = write(&mut j, &mut reg, 0);
+        j.advance_epoch();
+        let (round, due) = j.take_digests_due(1 << 30);
+        assert_eq!(due.len(), 1);
+        // Over the bound: bitmap mode, and the notes of the open epoch are forgotten.
+        let _ = write(&mut j, &mut reg, 4096);
+        let _ = write(&mut j, &mut reg, 8192);
+        let _ = write(&mut j, &mut reg, 12288);
+        assert_eq!(j.mode(), Mode::Bitmap);
+        assert!(!j.push_digest(round, 0, vec![7]), "read in an older round");
+        j.begin_catch_up();
+        assert!(j.begin_final_pass());
+        let end = j.finish_catch_up(true).unwrap();
+        let (round, due) = j.take_digests_due(1 << 30);
+        assert!(due.is_empty(), "the catch-up's blocks are not digested");
+        assert!(
+            !j.push_digest(round, 0, vec![7]),
+            "nor anything until its seal is staged"
+        );
+        drain(&mut j);
+        let _ = j.handle_staged(end);
+        assert!(j.push_digest(round, 0, vec![7]));
+        j.set_digests(false);
+        let (round, _) = j.take_digests_due(1 << 30);
+        assert!(!j.push_digest(round, 0, vec![7]), "off");
     }
 }

@@ -5,6 +5,7 @@
 //! and in seeded simulations.
 
 pub mod answer_hold;
+pub mod digests;
 pub mod direct_gate;
 pub mod durability;
 pub mod group;

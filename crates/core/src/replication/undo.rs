@@ -136,6 +136,16 @@ impl Coverage {
         pieces
     }
 
+    /// Whether any covered range overlaps `range`.
+    pub fn overlaps(&self, range: ByteRange) -> bool {
+        let before = self
+            .map
+            .range(..range.offset)
+            .next_back()
+            .is_some_and(|(_, (e, _))| *e > range.offset);
+        before || self.map.range(range.offset..range.end()).next().is_some()
+    }
+
     /// The bytes covered.
     pub fn bytes(&self) -> u64 {
         self.map.iter().map(|(s, (e, _))| e - s).sum()
@@ -208,6 +218,23 @@ impl UndoIndex {
             .filter(|s| s.first > point)
             .map(|s| s.undo.bytes())
             .sum()
+    }
+
+    /// Whether no step that changed part of `range` lies between points `a` and `b` (either
+    /// order): the image there is the same at both. A merged step that changed it counts
+    /// whole, wherever in it the change came. Before the oldest point nothing is known: a
+    /// bound older than it is taken as the oldest.
+    pub fn unchanged(&self, range: ByteRange, a: Epoch, b: Epoch) -> bool {
+        let (lo, hi) = (a.min(b).max(self.oldest), a.max(b).max(self.oldest));
+        !self
+            .steps
+            .iter()
+            .any(|s| s.first <= hi && s.last > lo && s.undo.overlaps(range))
+    }
+
+    /// The oldest point.
+    pub fn oldest(&self) -> Epoch {
+        self.oldest
     }
 
     /// Keeps unit `epoch`'s undo (its ranges must not overlap): `epoch` becomes the newest

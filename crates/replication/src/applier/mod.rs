@@ -83,6 +83,13 @@ pub enum ApplyCmd {
         cut_ms: u64,
     },
     Verify(VerifyCmd),
+    /// Production's CRCs of the 64 KiB blocks from `offset`, to record once the unit
+    /// covering `after` is applied (docs/POINT-IN-TIME.md, "Verifying a drill's content").
+    Digest {
+        offset: u64,
+        after: Epoch,
+        crcs: Vec<u32>,
+    },
     /// The group committed further: units held for it may apply now.
     Allowed,
     /// Gated direct writes apply once the unit of `epoch` is applied.

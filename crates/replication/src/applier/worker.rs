@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use blockrep_core::pair::dr_side::DrSide;
+use blockrep_core::replication::digests::HeldDigest;
 use blockrep_core::replication::{SyncTicket, WriteSeq};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, BufPool, Volume, Waker};
@@ -91,6 +92,8 @@ pub(super) struct Worker {
     points: Arc<crate::undo_journal::Points>,
     /// The journal holds points (a direct write must empty it first).
     points_held: bool,
+    /// Production's digests waiting for the unit covering their epoch, oldest first.
+    held_digests: VecDeque<HeldDigest>,
 }
 
 impl Worker {
@@ -146,6 +149,7 @@ impl Worker {
                 .register(format!("DR applier of {label}")),
             points,
             points_held: false,
+            held_digests: VecDeque::new(),
         };
         for seal in replay {
             worker.queue.push_back(ApplyCmd::Replay {

@@ -104,6 +104,15 @@ fn command_of(frame: Frame) -> Option<ApplyCmd> {
         Frame::Discard { after } => ApplyCmd::Discard { after },
         Frame::SyncDone { epoch } => ApplyCmd::SyncDone { epoch },
         Frame::Ungate { epoch } => ApplyCmd::Ungate { epoch },
+        Frame::Digest {
+            offset,
+            after,
+            crcs,
+        } => ApplyCmd::Digest {
+            offset,
+            after,
+            crcs,
+        },
         Frame::Verify {
             id,
             offset,

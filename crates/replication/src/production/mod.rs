@@ -31,6 +31,7 @@ use crate::link::PairLink;
 use crate::membership::{Fence, Membership, MembershipRecord};
 use crate::verify::{VerifyRunner, VerifyStatus};
 
+mod digests;
 mod error;
 mod resync;
 mod session;

@@ -115,6 +115,19 @@ impl ProductionPair {
 
         let stop_resync = Arc::new(AtomicBool::new(false));
         let resync_thread = self.start_resync(plan, Arc::clone(&stop_resync))?;
+        let digest_thread = match super::digests::start(
+            Arc::clone(&self.volume),
+            Arc::clone(&self.link),
+            Arc::clone(&stop_resync),
+        ) {
+            Ok(thread) => thread,
+            Err(e) => {
+                stop_resync.store(true, Ordering::SeqCst);
+                return Err(SessionError::Local(format!(
+                    "cannot start the digest thread: {e}"
+                )));
+            }
+        };
         let mut ticker = Ticker::new(self);
         let result = self
             .stream(&mut reader, &mut writer, &mut ticker, &stop_resync)
@@ -126,7 +139,10 @@ impl ProductionPair {
         drop(ticker);
         // Every resync reader this session started ends with it: an outcome reported
         // later would be taken by the next session as its own.
-        for thread in [resync_thread, catch_up_thread].into_iter().flatten() {
+        for thread in [resync_thread, catch_up_thread, Some(digest_thread)]
+            .into_iter()
+            .flatten()
+        {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         result
@@ -485,6 +501,18 @@ fn encode_frames(
             Transmit::Discard { after } => writer.push_frame(&Frame::Discard { after }, chunks),
             Transmit::SyncDone { epoch } => writer.push_frame(&Frame::SyncDone { epoch }, chunks),
             Transmit::Ungate { epoch } => writer.push_frame(&Frame::Ungate { epoch }, chunks),
+            Transmit::Digest {
+                offset,
+                after,
+                crcs,
+            } => writer.push_frame(
+                &Frame::Digest {
+                    offset,
+                    after,
+                    crcs,
+                },
+                chunks,
+            ),
             Transmit::Verify {
                 id,
                 offset,

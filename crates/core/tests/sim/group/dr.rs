@@ -148,8 +148,11 @@ impl Sim {
                 dr.staged.retain(|(e, ..)| *e <= after);
             }
             Transmit::Ungate { epoch } => self.drs[h].side.ungate(epoch),
-            Transmit::Flush { .. } | Transmit::SyncDone { .. } | Transmit::Verify { .. } => {
-                panic!("the simulation sends no flush, sync end or verify")
+            Transmit::Flush { .. }
+            | Transmit::SyncDone { .. }
+            | Transmit::Verify { .. }
+            | Transmit::Digest { .. } => {
+                panic!("the simulation sends no flush, sync end, verify or digest")
             }
         }
         self.dr_progress(h);

@@ -99,7 +99,14 @@ impl Worker {
                 ApplyCmd::Discard { after } => {
                     let after = self.side.discard(after);
                     self.log.discard_after(after);
+                    // Staged writes before them are dropped: they describe no point here.
+                    self.held_digests.clear();
                 }
+                ApplyCmd::Digest {
+                    offset,
+                    after,
+                    crcs,
+                } => self.digest_arrived(offset, after, crcs),
                 // Picked up at the top of the loop.
                 ApplyCmd::Allowed => {}
                 ApplyCmd::Ungate { epoch } => self.side.ungate(epoch),
@@ -153,6 +160,7 @@ impl Worker {
         }
         let checksum_ok = zeroes || (whole && payload_crc(&payload) == header.crc);
         if !header.flags.has(WriteFlags::DIRECT) {
+            self.spoil_digests(range);
             let room = checksum_ok && (range.is_empty() || self.stage_room(range));
             match self.side.staged_write(header.epoch, checksum_ok, room) {
                 // Its unit can no longer apply: the production side catches up instead.

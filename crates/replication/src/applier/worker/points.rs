@@ -7,12 +7,18 @@ use std::io;
 
 use blockrep_core::ByteRange;
 use blockrep_core::pair::dr::SealRecord;
+use blockrep_core::replication::Epoch;
+use blockrep_core::replication::digests::{DIGEST_BLOCK, HeldDigest};
 use blockrep_core::replication::undo::{UnitUndo, undo_ranges, unit_undo};
 use blockrep_volume::AlignedBuf;
 
 use super::Worker;
 use crate::stage_log::Staged;
 use crate::undo_journal::{BLOCK, PIECE_BYTES, Point};
+
+/// Production's digests held for their units at most: past it the oldest is dropped (its
+/// blocks are then not comparable). Production sends at most 64 a sealed epoch.
+const MAX_HELD_DIGESTS: usize = 1024;
 
 impl Worker {
     /// Opens the volume's undo journal (in the applier's thread: it reads every segment).
@@ -116,11 +122,54 @@ impl Worker {
             })?;
             self.points_held = true;
         }
+        // The digests of this unit and before: production's content at its end, but
+        // where a later staged write spoiled them.
+        let ready = self
+            .held_digests
+            .iter()
+            .take_while(|d| d.after <= state.applied)
+            .count();
+        if state.consistent {
+            for digest in self.held_digests.drain(..ready) {
+                journal.record_digests(state.applied, digest.clean());
+            }
+        }
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         journal.trim(retention, now_ms, self.points.pinned())?;
         Ok(())
+    }
+
+    /// Production's digest of the blocks from `offset`, read after every frame before it:
+    /// held until the unit covering `after` is applied, if points are kept.
+    pub(super) fn digest_arrived(&mut self, offset: u64, after: Epoch, mut crcs: Vec<u32>) {
+        if !self.points.retention().is_on() {
+            return;
+        }
+        // Blocks past the volume's end describe nothing here.
+        let blocks = self
+            .volume
+            .size()
+            .saturating_sub(offset)
+            .div_ceil(DIGEST_BLOCK);
+        crcs.truncate(usize::try_from(blocks).unwrap_or(usize::MAX));
+        if crcs.is_empty() {
+            return;
+        }
+        if self.held_digests.len() >= MAX_HELD_DIGESTS {
+            self.held_digests.pop_front();
+        }
+        self.held_digests
+            .push_back(HeldDigest::new(after, offset, crcs));
+    }
+
+    /// A staged write to `range` arrived: the held digests' blocks it overlaps may differ
+    /// at the end of their unit.
+    pub(super) fn spoil_digests(&mut self, range: ByteRange) {
+        for digest in &mut self.held_digests {
+            digest.spoil(range);
+        }
     }
 
     /// A direct write is about to change the volume outside any unit: no point held

@@ -1,0 +1,249 @@
+//! Production's digests of its blocks at points in time, so that a drill can prove its
+//! content (no I/O). The design and its argument are in docs/POINT-IN-TIME.md, "Verifying
+//! a drill's content".
+//!
+//! - Production ([`Touched`]): the journal notes the 64 KiB blocks each epoch's journaled
+//!   writes touched; once the epoch is sealed they are due to be read (with the write gate
+//!   held) and their CRCs queued in stream order as a digest.
+//! - The DR side ([`HeldDigest`]): a digest is held until the unit covering its epoch is
+//!   applied; a staged write that arrives after it spoils the blocks it overlaps. The blocks
+//!   left are production's content at the end of that unit.
+//! - The DR side ([`DigestRecords`]): what was recorded, per block; with the undo index, the
+//!   CRC a block had at any retained point, where one is known.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::extent::ByteRange;
+use crate::replication::Epoch;
+use crate::replication::undo::UndoIndex;
+
+/// Bytes each digest CRC covers.
+pub const DIGEST_BLOCK: u64 = 64 << 10;
+/// Blocks noted per epoch at most (256 MiB to read): an epoch that touches more has only
+/// the first it touched digested.
+pub const MAX_BLOCKS_PER_EPOCH: usize = 4096;
+/// Records a DR volume keeps at most (about 100 MiB): past it new ones are not kept, and
+/// their blocks are not comparable.
+pub const MAX_RECORDS: usize = 4 << 20;
+/// Blocks one digest frame covers at most.
+pub const MAX_BLOCKS_PER_DIGEST: u64 = 64;
+
+/// The blocks of `range`, by index.
+fn blocks_of(range: ByteRange) -> std::ops::Range<u64> {
+    if range.len == 0 {
+        return 0..0;
+    }
+    range.offset / DIGEST_BLOCK..range.end().div_ceil(DIGEST_BLOCK)
+}
+
+/// Production's notes of the blocks each open epoch touched, and the blocks due to be
+/// digested.
+#[derive(Debug, Default)]
+pub struct Touched {
+    on: bool,
+    /// At most [`MAX_BLOCKS_PER_EPOCH`] blocks an epoch.
+    by_epoch: BTreeMap<Epoch, BTreeSet<u64>>,
+    due: BTreeSet<u64>,
+}
+
+impl Touched {
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    /// Digests are taken (the group keeps points) or not; off forgets every note.
+    pub fn set_on(&mut self, on: bool) {
+        self.on = on;
+        if !on {
+            self.forget();
+        }
+    }
+
+    pub fn has_due(&self) -> bool {
+        !self.due.is_empty()
+    }
+
+    /// A journaled write of `epoch` to `range` was queued.
+    pub fn note(&mut self, epoch: Epoch, range: ByteRange) {
+        if !self.on {
+            return;
+        }
+        let blocks = self.by_epoch.entry(epoch).or_default();
+        for b in blocks_of(range) {
+            if blocks.len() >= MAX_BLOCKS_PER_EPOCH {
+                break;
+            }
+            blocks.insert(b);
+        }
+    }
+
+    /// Every epoch ≤ `through` is sealed: its blocks are due.
+    pub fn sealed(&mut self, through: Epoch) {
+        let open = self.by_epoch.split_off(&through.next());
+        for blocks in std::mem::replace(&mut self.by_epoch, open).into_values() {
+            self.due.extend(blocks);
+        }
+    }
+
+    /// The journal left journal mode, or the queue was dropped: nothing noted is digested.
+    pub fn forget(&mut self) {
+        self.by_epoch.clear();
+        self.due.clear();
+    }
+
+    /// The ranges due to be read and digested, in runs of at most
+    /// [`MAX_BLOCKS_PER_DIGEST`] contiguous blocks, clipped to a volume of `size` bytes.
+    pub fn take_due(&mut self, size: u64) -> Vec<ByteRange> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in std::mem::take(&mut self.due) {
+            match runs.last_mut() {
+                Some((start, end)) if *end == b && b - *start < MAX_BLOCKS_PER_DIGEST => {
+                    *end = b + 1
+                }
+                _ => runs.push((b, b + 1)),
+            }
+        }
+        runs.into_iter()
+            .filter_map(|(start, end)| {
+                let offset = start * DIGEST_BLOCK;
+                let end = (end * DIGEST_BLOCK).min(size);
+                (offset < end).then(|| ByteRange::new(offset, end - offset))
+            })
+            .collect()
+    }
+}
+
+/// A digest on the DR side, held until the unit covering its epoch is applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldDigest {
+    /// Compared once the unit covering this epoch is applied.
+    pub after: Epoch,
+    pub offset: u64,
+    pub crcs: Vec<u32>,
+    /// Blocks a later staged write overlapped.
+    spoiled: Vec<bool>,
+}
+
+impl HeldDigest {
+    pub fn new(after: Epoch, offset: u64, crcs: Vec<u32>) -> Self {
+        let spoiled = vec![false; crcs.len()];
+        Self {
+            after,
+            offset,
+            crcs,
+            spoiled,
+        }
+    }
+
+    fn range(&self) -> ByteRange {
+        ByteRange::new(self.offset, self.crcs.len() as u64 * DIGEST_BLOCK)
+    }
+
+    /// A staged write to `range` arrived after the digest.
+    pub fn spoil(&mut self, range: ByteRange) {
+        if !self.range().overlaps(&range) {
+            return;
+        }
+        let first = self.offset / DIGEST_BLOCK;
+        for b in blocks_of(range) {
+            if let Some(s) = b
+                .checked_sub(first)
+                .and_then(|i| self.spoiled.get_mut(i as usize))
+            {
+                *s = true;
+            }
+        }
+    }
+
+    /// The blocks not spoiled, by index, with their CRC.
+    pub fn clean(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let first = self.offset / DIGEST_BLOCK;
+        self.crcs
+            .iter()
+            .zip(&self.spoiled)
+            .enumerate()
+            .filter(|(_, (_, spoiled))| !**spoiled)
+            .map(move |(i, (crc, _))| (first + i as u64, *crc))
+    }
+}
+
+/// Production's CRCs the DR side recorded, per block: `(point, crc)`, oldest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DigestRecords {
+    by_block: HashMap<u64, Vec<(Epoch, u32)>>,
+    /// Records held, in all.
+    count: usize,
+}
+
+impl DigestRecords {
+    pub fn is_empty(&self) -> bool {
+        self.by_block.is_empty()
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn clear(&mut self) {
+        self.by_block.clear();
+        self.count = 0;
+    }
+
+    /// Production's content of `block` was `crc` at point `point` (the newest applied).
+    /// Past [`MAX_RECORDS`] new records are not kept.
+    pub fn record(&mut self, point: Epoch, block: u64, crc: u32) {
+        let full = self.count >= MAX_RECORDS;
+        let records = self.by_block.entry(block).or_default();
+        match records.last_mut() {
+            Some((p, c)) if *p == point => *c = crc,
+            Some((p, _)) if *p > point => {
+                // Points only grow as units apply; an older one is out of place.
+                debug_assert!(false, "record at {point} after one at {p}");
+            }
+            _ if full => {}
+            _ => {
+                records.push((point, crc));
+                self.count += 1;
+            }
+        }
+        if records.is_empty() {
+            self.by_block.remove(&block);
+        }
+    }
+
+    /// The CRC `block` had at `point`, if a record tells it: the newest record at or before
+    /// the point with no change of the block in between, else the oldest after it.
+    pub fn expected(&self, index: &UndoIndex, point: Epoch, block: u64) -> Option<u32> {
+        let records = self.by_block.get(&block)?;
+        let range = ByteRange::new(block * DIGEST_BLOCK, DIGEST_BLOCK);
+        let valid = |r: &&(Epoch, u32)| index.unchanged(range, r.0, point);
+        let before = records.iter().rev().filter(|r| r.0 <= point).find(valid);
+        before
+            .or_else(|| records.iter().filter(|r| r.0 > point).find(valid))
+            .map(|r| r.1)
+    }
+
+    /// Retention is about to drop every step up to `oldest` from `index` (which still has
+    /// them): each block keeps, of its records at or before `oldest`, the newest that is
+    /// still its content there, as a record at `oldest`. Records after it stay.
+    pub fn trim(&mut self, index: &UndoIndex, oldest: Epoch) {
+        self.by_block.retain(|block, records| {
+            let range = ByteRange::new(block * DIGEST_BLOCK, DIGEST_BLOCK);
+            let split = records.partition_point(|r| r.0 <= oldest);
+            let survivor = records[..split]
+                .iter()
+                .rev()
+                .find(|r| index.unchanged(range, r.0, oldest))
+                .map(|r| (oldest, r.1));
+            let mut kept: Vec<(Epoch, u32)> = survivor.into_iter().collect();
+            kept.extend_from_slice(&records[split..]);
+            *records = kept;
+            !records.is_empty()
+        });
+        self.count = self.by_block.values().map(Vec::len).sum();
+    }
+}
+
+#[cfg(test)]
+mod tests;
