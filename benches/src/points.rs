@@ -70,6 +70,21 @@ impl GroupCluster {
             .unwrap_or_default())
     }
 
+    /// Verifies drill `name` against production's digests (nothing may differ); returns the
+    /// seconds it took, and the bytes compared and not comparable over its volumes.
+    fn verify(&self, name: &str) -> anyhow::Result<(f64, u64, u64)> {
+        let started = Instant::now();
+        let v = self.json("node-w", &["group", "drill", "verify", name])?;
+        let secs = started.elapsed().as_secs_f64();
+        let sum = |key: &str| -> u64 {
+            v["volumes"]
+                .as_array()
+                .map_or(0, |a| a.iter().map(|x| x[key].as_u64().unwrap_or(0)).sum())
+        };
+        anyhow::ensure!(sum("differing_bytes") == 0, "drill {name} differs: {v}");
+        Ok((secs, sum("compared_bytes"), sum("not_comparable_bytes")))
+    }
+
     /// Makes drill `name` at the newest point; returns the seconds until the call returned
     /// and until a 4 KiB read of each drill volume came back (its view built).
     fn drill(&self, name: &str) -> anyhow::Result<(f64, f64)> {
@@ -172,6 +187,17 @@ pub fn points(
         made_1g.push(made);
         usable_1g.push(usable);
     }
+    // Verification of a drill at the newest point, after the random writes above.
+    let mut verify_s = Vec::new();
+    let (mut compared, mut not_comparable) = (0, 0);
+    for _ in 0..repeats {
+        let (secs, c, n) = cluster.verify("b0")?;
+        eprintln!(
+            "bench: drill verify of 2 × 1 GiB: {secs:.2} s, {c} bytes compared, {n} not comparable"
+        );
+        verify_s.push(secs);
+        (compared, not_comparable) = (c, n);
+    }
     let drill_uri = cluster.node("node-b").nbd_uri("b0-g1");
     let dr_uri = cluster.node("node-b").nbd_uri("d1");
     let (mut drill_reads, mut dr_reads, mut read_ratios) = (Vec::new(), Vec::new(), Vec::new());
@@ -225,6 +251,8 @@ pub fn points(
     big.stop(env);
 
     let (r, read_r) = (median(&ratios), median(&read_ratios));
+    let verified = median(&verify_s);
+    let compared_share = compared as f64 / (compared + not_comparable).max(1) as f64;
     let (m1, u1, m8, u8) = (
         median(&made_1g),
         median(&usable_1g),
@@ -242,20 +270,24 @@ pub fn points(
     Ok(ScenarioResult {
         name: "points",
         summary: format!(
-            "retention on {:.0} vs off {:.0} IOPS: {r:.2}×; undo {} per GB written, {} per epoch; drill made in {m1:.2} s (1 GiB), {m8:.2} s (8 GiB); drill reads {read_r:.2}× the DR volume's",
+            "retention on {:.0} vs off {:.0} IOPS: {r:.2}×; undo {} per GB written, {} per epoch; drill made in {m1:.2} s (1 GiB), {m8:.2} s (8 GiB); drill reads {read_r:.2}× the DR volume's; drill verify of 2 × 1 GiB {verified:.2} s, {:.0}% compared",
             median(&on),
             median(&off),
             mib(per_gb),
-            mib(per_epoch)
+            mib(per_epoch),
+            compared_share * 100.0
         ),
         markdown: format!(
-            "- **Points in time** (async group of two pairs, 1 s cuts): 4k randwrite QD32 on both production volumes (1 GiB, written once beforehand) with a retention of 1 h: {:.0} IOPS, against {:.0} without points: {r:.2}× (median of {repeats} paired runs, order alternating). Undo kept: {} per GB written (4k random, so nearly every write overwrites a distinct block), {} per epoch (both volumes).\n- **Drills**: `group drill create` returned in {m1:.2} s on 1 GiB volumes and {m8:.2} s on 8 GiB volumes; the first 4 KiB read of each drill volume (its view built) came back {u1:.2} s and {u8:.2} s after the call (medians of {repeats}). 4k randread QD32 of a drill volume: {:.0} IOPS, of its DR volume: {:.0} IOPS, {read_r:.2}× (fio on the DR host; the drill is served by eight request threads per connection, the volume by the io_uring path). The first read's time includes starting fio twice..\n",
+            "- **Points in time** (async group of two pairs, 1 s cuts): 4k randwrite QD32 on both production volumes (1 GiB, written once beforehand) with a retention of 1 h: {:.0} IOPS, against {:.0} without points: {r:.2}× (median of {repeats} paired runs, order alternating). Undo kept: {} per GB written (4k random, so nearly every write overwrites a distinct block), {} per epoch (both volumes).\n- **Drills**: `group drill create` returned in {m1:.2} s on 1 GiB volumes and {m8:.2} s on 8 GiB volumes; the first 4 KiB read of each drill volume (its view built) came back {u1:.2} s and {u8:.2} s after the call (medians of {repeats}). 4k randread QD32 of a drill volume: {:.0} IOPS, of its DR volume: {:.0} IOPS, {read_r:.2}× (fio on the DR host; the drill is served by eight request threads per connection, the volume by the io_uring path). The first read's time includes starting fio twice.\n- **Drill verify** (production digests each epoch's changed 64 KiB blocks while the group keeps points; the retention-on rate above includes that): `group drill verify` of the 1 GiB drill at the newest point took {verified:.2} s for both volumes (median of {repeats}); {:.0}% of the bytes were compared ({} bytes, {} not comparable: written when the retention was off, or in epochs that changed more than the 4096 blocks production digests per epoch).\n",
             median(&on),
             median(&off),
             mib(per_gb),
             mib(per_epoch),
             median(&drill_reads),
             median(&dr_reads),
+            compared_share * 100.0,
+            compared,
+            not_comparable,
         ),
         json: json!({
             "retention_on_iops": on, "retention_off_iops": off, "ratios": ratios,
@@ -263,6 +295,8 @@ pub fn points(
             "drill_made_s_1g": made_1g, "drill_usable_s_1g": usable_1g,
             "drill_made_s_8g": made_8g, "drill_usable_s_8g": usable_8g,
             "drill_read_iops": drill_reads, "dr_read_iops": dr_reads, "read_ratios": read_ratios,
+            "drill_verify_s_1g": verify_s, "drill_verify_compared_bytes": compared,
+            "drill_verify_not_comparable_bytes": not_comparable,
         }),
         goals: vec![
             Goal::at_least(
