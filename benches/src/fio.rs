@@ -99,23 +99,20 @@ fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
     })
 }
 
-/// fio on `uris` at once (one job each), `rw` 4k QD32 for `runtime_s`, on `host`: total
-/// IOPS and bytes moved.
+/// fio on `uris` at once (one job each), `rw` 4k QD32 for `runtime_s` after `ramp_s` not
+/// counted, on `host`: total IOPS and bytes moved (counted: not the ramp's).
 pub fn nbd_4k(
     host: crate::env::Host,
     uris: &[String],
     rw: &str,
+    ramp_s: u32,
     runtime_s: u32,
 ) -> anyhow::Result<(f64, u64)> {
     let mut cmd = crate::env::on_host(host, "fio");
     cmd.args(["--ioengine=nbd", "--bs=4k", "--iodepth=32"])
         .arg(format!("--rw={rw}"))
-        .args([
-            "--time_based",
-            "--ramp_time=1",
-            "--group_reporting",
-            "--output-format=json",
-        ])
+        .args(["--time_based", "--group_reporting", "--output-format=json"])
+        .arg(format!("--ramp_time={ramp_s}"))
         .arg(format!("--runtime={runtime_s}"));
     for (i, uri) in uris.iter().enumerate() {
         cmd.arg(format!("--name=j{i}")).arg(format!("--uri={uri}"));

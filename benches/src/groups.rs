@@ -495,7 +495,7 @@ pub fn reprotect(env: &mut Env, work: &Path, bin: &Path) -> anyhow::Result<Scena
 
 /// fio 4k randwrite QD32 on both production volumes at once: total IOPS.
 fn iops_run(uris: &[String], runtime_s: u32) -> anyhow::Result<f64> {
-    Ok(crate::fio::nbd_4k(Host::Production, uris, "randwrite", runtime_s)?.0)
+    Ok(crate::fio::nbd_4k(Host::Production, uris, "randwrite", 1, runtime_s)?.0)
 }
 
 /// Two async pairs, 4k randwrite QD32 on both production volumes: in a group (cut every

@@ -267,6 +267,7 @@ fn agent_commands(pair: &Pair, volume: &str) -> Vec<Request> {
         synchronous: true,
         tripped: true,
         digests: true,
+        cut_ms: u64::MAX,
     };
     let commit = proto::GroupCommit {
         pair_ids: vec![pair.id.clone()],

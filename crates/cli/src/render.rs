@@ -696,6 +696,12 @@ pub fn check_drill_verification(v: &proto::DrillVerification) -> anyhow::Result<
             v.name
         );
     }
+    if v.volumes.iter().all(|v| v.compared_bytes == 0) {
+        anyhow::bail!(
+            "drill {} could not be compared at all: no digest of production's tells its point's content (see docs/POINT-IN-TIME.md)",
+            v.name
+        );
+    }
     Ok(())
 }
 

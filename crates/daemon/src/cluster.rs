@@ -298,7 +298,7 @@ impl Cluster {
                 let mode = CutMode::from_code(c.mode).ok_or_else(|| {
                     ApiError::InvalidArgument(format!("cut mode {} is not known", c.mode))
                 })?;
-                let answer = pairs.group_cut(&ids, Epoch(c.epoch), mode, c.digests)?;
+                let answer = pairs.group_cut(&ids, Epoch(c.epoch), mode, c.digests, c.cut_ms)?;
                 return Ok(Response::CutAck(cut_ack(answer)));
             }
             Request::GroupStaged(c) => {

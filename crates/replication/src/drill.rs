@@ -203,12 +203,13 @@ impl DrillVolume {
         self.read_below(range, out)
     }
 
-    /// Production's CRC of 64 KiB block `block` at the drill's point, if a record tells it.
-    pub(crate) fn expected_digest(&self, block: u64) -> io::Result<Option<u32>> {
+    /// Production's CRC at the drill's point of every 64 KiB block a record tells it of.
+    pub(crate) fn expected_digests(&self) -> io::Result<std::collections::HashMap<u64, u32>> {
         let journal = self.points.journal()?;
         Ok(journal
             .as_ref()
-            .and_then(|j| j.expected_digest(self.record.point, block)))
+            .map(|j| j.expected_digests(self.record.point))
+            .unwrap_or_default())
     }
 
     pub fn record(&self) -> &DrillRecord {

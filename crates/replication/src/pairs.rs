@@ -415,12 +415,18 @@ impl Pairs {
         to: Epoch,
         mode: CutMode,
         digests: bool,
+        cut_ms: u64,
     ) -> Result<CutAnswer, ApiError> {
         let runtimes = pairs
             .iter()
             .map(|p| self.production(*p))
             .collect::<Result<Vec<_>, _>>()?;
-        let now = self.clock.wall_ms();
+        // The coordinator's time of the cut, the same on every host of the group.
+        let now = if cut_ms > 0 {
+            cut_ms
+        } else {
+            self.clock.wall_ms()
+        };
         let mut answer = CutAnswer {
             staged: Epoch(u64::MAX),
             atomic: Vec::new(),

@@ -905,9 +905,9 @@ impl UndoJournal {
         }
     }
 
-    /// Production's CRC of the 64 KiB block `block` at `point`, if a record tells it.
-    pub fn expected_digest(&self, point: Epoch, block: u64) -> Option<u32> {
-        self.digests.expected(&self.index, point, block)
+    /// Production's CRC at `point` of every 64 KiB block (by index) a record tells it of.
+    pub fn expected_digests(&self, point: Epoch) -> std::collections::HashMap<u64, u32> {
+        self.digests.expected_at(&self.index, point)
     }
 
     /// Digest records held.

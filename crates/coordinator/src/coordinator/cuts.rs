@@ -464,6 +464,7 @@ impl Coordinator {
                 synchronous: false,
                 tripped: false,
                 digests,
+                cut_ms: now,
             })
         });
         let mut synchronous = true;
@@ -639,6 +640,7 @@ impl Coordinator {
                 synchronous: outcome.synchronous,
                 tripped: outcome.tripped,
                 digests: false,
+                cut_ms: 0,
             })
         });
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
@@ -815,6 +817,46 @@ mod tests {
                 "a cut to {} is below where a host admits",
                 cut.epoch
             );
+        }
+    }
+
+    /// Every host of a round records the coordinator's time of the cut as the epoch's cut
+    /// time (so every DR volume puts the epoch in the same clock hour, and keeps the same
+    /// hourly points), and is told to digest its epochs while the group keeps points.
+    #[tokio::test]
+    async fn every_host_of_a_cut_gets_the_same_cut_time_and_the_groups_digests() {
+        use blockrep_core::replication::undo::Retention;
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 0);
+        for retention in [false, true] {
+            if retention {
+                let id = group.id;
+                let mut state = h.coordinator.lock();
+                let g = state.groups.get_mut(&id).unwrap();
+                g.retention = Retention {
+                    max_age_secs: 3600,
+                    ..Retention::default()
+                };
+            }
+            h.production_reports(&[&a, &b]);
+            let before = h.agents.calls_of("GroupCut").len();
+            let started = now_millis();
+            h.coordinator.cut_round().await;
+            let cuts: Vec<proto::GroupCut> = h.agents.calls_of("GroupCut")[before..]
+                .iter()
+                .map(|call| match &call.request {
+                    Request::GroupCut(cut) => cut.clone(),
+                    _ => unreachable!("a group cut"),
+                })
+                .collect();
+            assert_eq!(cuts.len(), 2, "{:?}", h.agents.log());
+            assert!(
+                cuts.iter().all(|c| c.cut_ms == cuts[0].cut_ms
+                    && c.cut_ms >= started
+                    && c.cut_ms <= now_millis()),
+                "{cuts:?}"
+            );
+            assert!(cuts.iter().all(|c| c.digests == retention), "{cuts:?}");
         }
     }
 

@@ -257,6 +257,14 @@ impl Coordinator {
                     ..Default::default()
                 },
             };
+            if !req.start && check.state == "none" {
+                // Asked after a start: the DR agent restarted since, and forgot it.
+                check.state = "failed".into();
+                check.error = format!(
+                    "node {} restarted during the verification: verify the drill again",
+                    volume.node
+                );
+            }
             check.pair_id = volume.pair.to_string();
             check.node = volume.node.clone();
             check.export = volume.export.clone();
@@ -373,6 +381,58 @@ fn uuid_text() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coordinator::testing::*;
+
+    /// A DR agent that restarted during a verification has forgotten it ("none"): asked
+    /// again, the volume shows failed, so a client waiting for the end gets one.
+    #[tokio::test]
+    async fn a_verification_the_dr_agent_forgot_shows_failed() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.dr_reports(&[&a, &b], true, 0);
+        let drill = DrillRecord {
+            id: "d-1".into(),
+            name: "monday".into(),
+            point: Epoch(7),
+            cut_ms: 0,
+            created_at: now_text(),
+            volumes: vec![DrillVolumeRecord {
+                pair: a.id,
+                node: a.dr_node.clone(),
+                export: "monday-a".into(),
+                dr_volume: a.dr_volume,
+            }],
+            vpc: String::new(),
+            updated_at: None,
+            job: None,
+        };
+        h.coordinator
+            .lock()
+            .groups
+            .get_mut(&group.id)
+            .unwrap()
+            .drills
+            .push(drill);
+        let answer = |state: &str| {
+            Answer::Respond(Box::new(Response::DrillCheck(proto::DrillVolumeCheck {
+                state: state.into(),
+                ..Default::default()
+            })))
+        };
+        h.agents
+            .script("CheckDrill", Some(&a.dr_node), answer("running"), Some(1));
+        let ask = |start| proto::VerifyDrillRequest {
+            drill: "monday".into(),
+            start,
+        };
+        let started = h.coordinator.verify_drill(ask(true)).await.unwrap();
+        assert!(!started.done, "{started:?}");
+        h.agents
+            .script("CheckDrill", Some(&a.dr_node), answer("none"), None);
+        let polled = h.coordinator.verify_drill(ask(false)).await.unwrap();
+        assert!(polled.done, "{polled:?}");
+        assert_eq!(polled.volumes[0].state, "failed");
+        assert!(polled.volumes[0].error.contains("restarted"), "{polled:?}");
+    }
 
     #[test]
     fn drill_names_and_exports_are_file_names() {

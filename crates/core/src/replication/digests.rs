@@ -22,9 +22,12 @@ pub const DIGEST_BLOCK: u64 = 64 << 10;
 /// Blocks noted per epoch at most (256 MiB to read): an epoch that touches more has only
 /// the first it touched digested.
 pub const MAX_BLOCKS_PER_EPOCH: usize = 4096;
-/// Records a DR volume keeps at most (about 100 MiB): past it new ones are not kept, and
-/// their blocks are not comparable.
-pub const MAX_RECORDS: usize = 4 << 20;
+/// Records a DR volume keeps at most (about 40 bytes each in memory: some 80 MiB): past it
+/// new ones are not kept, and their blocks are not comparable.
+pub const MAX_RECORDS: usize = 2 << 20;
+/// Blocks due to be read at most, over the epochs sealed and not yet read: past it, the
+/// blocks of further epochs are not digested.
+pub const MAX_BLOCKS_DUE: usize = 4 * MAX_BLOCKS_PER_EPOCH;
 /// Blocks one digest frame covers at most.
 pub const MAX_BLOCKS_PER_DIGEST: u64 = 64;
 
@@ -81,7 +84,12 @@ impl Touched {
     pub fn sealed(&mut self, through: Epoch) {
         let open = self.by_epoch.split_off(&through.next());
         for blocks in std::mem::replace(&mut self.by_epoch, open).into_values() {
-            self.due.extend(blocks);
+            for b in blocks {
+                if self.due.len() >= MAX_BLOCKS_DUE {
+                    return;
+                }
+                self.due.insert(b);
+            }
         }
     }
 
@@ -92,8 +100,11 @@ impl Touched {
     }
 
     /// The ranges due to be read and digested, in runs of at most
-    /// [`MAX_BLOCKS_PER_DIGEST`] contiguous blocks, clipped to a volume of `size` bytes.
+    /// [`MAX_BLOCKS_PER_DIGEST`] contiguous blocks, of the whole blocks of a volume of
+    /// `size` bytes (a partial last block is not digested: its length changes when the
+    /// volume grows).
     pub fn take_due(&mut self, size: u64) -> Vec<ByteRange> {
+        let whole = size / DIGEST_BLOCK;
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for b in std::mem::take(&mut self.due) {
             match runs.last_mut() {
@@ -105,9 +116,9 @@ impl Touched {
         }
         runs.into_iter()
             .filter_map(|(start, end)| {
-                let offset = start * DIGEST_BLOCK;
-                let end = (end * DIGEST_BLOCK).min(size);
-                (offset < end).then(|| ByteRange::new(offset, end - offset))
+                let end = end.min(whole);
+                (start < end)
+                    .then(|| ByteRange::new(start * DIGEST_BLOCK, (end - start) * DIGEST_BLOCK))
             })
             .collect()
     }
@@ -167,81 +178,98 @@ impl HeldDigest {
     }
 }
 
-/// Production's CRCs the DR side recorded, per block: `(point, crc)`, oldest first.
+/// Production's CRCs the DR side recorded: `(block, point) → crc`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DigestRecords {
-    by_block: HashMap<u64, Vec<(Epoch, u32)>>,
-    /// Records held, in all.
-    count: usize,
+    records: BTreeMap<(u64, Epoch), u32>,
 }
 
 impl DigestRecords {
     pub fn is_empty(&self) -> bool {
-        self.by_block.is_empty()
+        self.records.is_empty()
     }
 
     /// Records held.
     pub fn len(&self) -> usize {
-        self.count
+        self.records.len()
     }
 
     pub fn clear(&mut self) {
-        self.by_block.clear();
-        self.count = 0;
+        self.records.clear();
     }
 
     /// Production's content of `block` was `crc` at point `point` (the newest applied).
     /// Past [`MAX_RECORDS`] new records are not kept.
     pub fn record(&mut self, point: Epoch, block: u64, crc: u32) {
-        let full = self.count >= MAX_RECORDS;
-        let records = self.by_block.entry(block).or_default();
-        match records.last_mut() {
-            Some((p, c)) if *p == point => *c = crc,
-            Some((p, _)) if *p > point => {
-                // Points only grow as units apply; an older one is out of place.
-                debug_assert!(false, "record at {point} after one at {p}");
-            }
-            _ if full => {}
-            _ => {
-                records.push((point, crc));
-                self.count += 1;
-            }
-        }
-        if records.is_empty() {
-            self.by_block.remove(&block);
+        if let Some(c) = self.records.get_mut(&(block, point)) {
+            *c = crc;
+        } else if self.records.len() < MAX_RECORDS {
+            self.records.insert((block, point), crc);
         }
     }
 
-    /// The CRC `block` had at `point`, if a record tells it: the newest record at or before
-    /// the point with no change of the block in between, else the oldest after it.
+    /// The CRC each block had at `point`, where a record tells it: the newest record at or
+    /// before the point with no change of the block in between, else the oldest after it
+    /// with none. One pass over the records and the index's steps.
+    pub fn expected_at(&self, index: &UndoIndex, point: Epoch) -> HashMap<u64, u32> {
+        let changes = index.changes_around(point, DIGEST_BLOCK);
+        let mut expected: HashMap<u64, (Epoch, u32)> = HashMap::new();
+        for (&(block, at), &crc) in &self.records {
+            let valid = if at <= point {
+                changes.last_until.get(&block).is_none_or(|l| *l <= at)
+            } else {
+                changes.first_after.get(&block).is_none_or(|f| *f > at)
+            };
+            if !valid {
+                continue;
+            }
+            // Records come oldest first: the newest valid one at or before the point wins,
+            // else the oldest valid one after it.
+            match expected.get(&block) {
+                Some((kept, _)) if *kept <= point && at > point => {}
+                Some((kept, _)) if *kept > point => {}
+                _ => {
+                    expected.insert(block, (at, crc));
+                }
+            }
+        }
+        expected.into_iter().map(|(b, (_, crc))| (b, crc)).collect()
+    }
+
+    /// The CRC `block` had at `point`, if a record tells it (see
+    /// [`DigestRecords::expected_at`]).
     pub fn expected(&self, index: &UndoIndex, point: Epoch, block: u64) -> Option<u32> {
-        let records = self.by_block.get(&block)?;
-        let range = ByteRange::new(block * DIGEST_BLOCK, DIGEST_BLOCK);
-        let valid = |r: &&(Epoch, u32)| index.unchanged(range, r.0, point);
-        let before = records.iter().rev().filter(|r| r.0 <= point).find(valid);
-        before
-            .or_else(|| records.iter().filter(|r| r.0 > point).find(valid))
-            .map(|r| r.1)
+        self.expected_at(index, point).get(&block).copied()
     }
 
     /// Retention is about to drop every step up to `oldest` from `index` (which still has
     /// them): each block keeps, of its records at or before `oldest`, the newest that is
-    /// still its content there, as a record at `oldest`. Records after it stay.
+    /// still its content there, as a record at `oldest`. Records after it stay. One pass
+    /// over the records and the steps.
     pub fn trim(&mut self, index: &UndoIndex, oldest: Epoch) {
-        self.by_block.retain(|block, records| {
-            let range = ByteRange::new(block * DIGEST_BLOCK, DIGEST_BLOCK);
-            let split = records.partition_point(|r| r.0 <= oldest);
-            let survivor = records[..split]
-                .iter()
-                .rev()
-                .find(|r| index.unchanged(range, r.0, oldest))
-                .map(|r| (oldest, r.1));
-            let mut kept: Vec<(Epoch, u32)> = survivor.into_iter().collect();
-            kept.extend_from_slice(&records[split..]);
-            *records = kept;
-            !records.is_empty()
-        });
-        self.count = self.by_block.values().map(Vec::len).sum();
+        let changes = index.changes_around(oldest, DIGEST_BLOCK);
+        let mut kept = BTreeMap::new();
+        let mut survivor: Option<(u64, u32)> = None;
+        for ((block, at), crc) in std::mem::take(&mut self.records) {
+            if at > oldest {
+                kept.insert((block, at), crc);
+                continue;
+            }
+            if changes.last_until.get(&block).is_none_or(|l| *l <= at) {
+                // Newer records of the same block come later and replace it.
+                if let Some((b, _)) = survivor
+                    && b != block
+                {
+                    let (b, c) = survivor.take().expect("checked");
+                    kept.insert((b, oldest), c);
+                }
+                survivor = Some((block, crc));
+            }
+        }
+        if let Some((b, c)) = survivor {
+            kept.insert((b, oldest), c);
+        }
+        self.records = kept;
     }
 }
 

@@ -168,6 +168,15 @@ struct Step {
     undo: Coverage,
 }
 
+/// Where the steps changed each block, around a point (see [`UndoIndex::changes_around`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockChanges {
+    /// Block → the end of the last step at or before the point that changed it.
+    pub last_until: std::collections::HashMap<u64, Epoch>,
+    /// Block → the start of the first step after the point that changed it.
+    pub first_after: std::collections::HashMap<u64, Epoch>,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UndoError {
     #[error("{epoch} is not after the last unit kept ({last})")]
@@ -230,6 +239,31 @@ impl UndoIndex {
             .steps
             .iter()
             .any(|s| s.first <= hi && s.last > lo && s.undo.overlaps(range))
+    }
+
+    /// For each `block`-byte block some step changed: the end of the last step that changed
+    /// it at or before `point`, and the start of the first that changed it after. A step
+    /// across `point` (none, when `point` is a point) counts as both.
+    pub fn changes_around(&self, point: Epoch, block: u64) -> BlockChanges {
+        let mut changes = BlockChanges::default();
+        for step in &self.steps {
+            for r in step.undo.ranges() {
+                if r.range.len == 0 {
+                    continue;
+                }
+                for b in r.range.offset / block..r.range.end().div_ceil(block) {
+                    if step.first <= point {
+                        let last = changes.last_until.entry(b).or_insert(step.last);
+                        *last = (*last).max(step.last);
+                    }
+                    if step.last > point {
+                        let first = changes.first_after.entry(b).or_insert(step.first);
+                        *first = (*first).min(step.first);
+                    }
+                }
+            }
+        }
+        changes
     }
 
     /// The oldest point.

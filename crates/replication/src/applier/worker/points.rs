@@ -3,6 +3,7 @@
 //! journal starts if it holds no points and is trimmed to the group's retention; before a
 //! direct write, which changes the volume outside any unit, the journal is emptied.
 
+use std::collections::VecDeque;
 use std::io;
 
 use blockrep_core::ByteRange;
@@ -124,13 +125,13 @@ impl Worker {
         }
         // The digests of this unit and before: production's content at its end, but
         // where a later staged write spoiled them.
-        let ready = self
-            .held_digests
-            .iter()
-            .take_while(|d| d.after <= state.applied)
-            .count();
+        let (ready, held): (VecDeque<HeldDigest>, VecDeque<HeldDigest>) =
+            std::mem::take(&mut self.held_digests)
+                .into_iter()
+                .partition(|d| d.after <= state.applied);
+        self.held_digests = held;
         if state.consistent {
-            for digest in self.held_digests.drain(..ready) {
+            for digest in ready {
                 journal.record_digests(state.applied, digest.clean());
             }
         }
@@ -147,12 +148,8 @@ impl Worker {
         if !self.points.retention().is_on() {
             return;
         }
-        // Blocks past the volume's end describe nothing here.
-        let blocks = self
-            .volume
-            .size()
-            .saturating_sub(offset)
-            .div_ceil(DIGEST_BLOCK);
+        // Only whole blocks of the volume are recorded (production digests no others).
+        let blocks = self.volume.size().saturating_sub(offset) / DIGEST_BLOCK;
         crcs.truncate(usize::try_from(blocks).unwrap_or(usize::MAX));
         if crcs.is_empty() {
             return;
