@@ -85,9 +85,12 @@ pub struct UndoJournal {
     readers: BTreeMap<u64, File>,
     /// [`SEGMENT_BYTES`], but in tests.
     segment_bytes: u64,
-    /// Production's CRCs of blocks at points, for drill verification (in memory only: a
-    /// restart starts with none).
+    /// Production's CRCs of blocks at points, for drill verification: saved to
+    /// `digests.bin` every [`SAVE_DIGESTS_EVERY`] and at every trim (a crash loses those
+    /// recorded since: their blocks are not comparable).
     digests: DigestRecords,
+    /// When the digest records were last saved.
+    digests_saved: std::time::Instant,
 }
 
 /// A DR volume's points, shared by its applier (which keeps and trims them) and those who
@@ -397,6 +400,23 @@ fn base_path(dir: &Path) -> PathBuf {
     dir.join("base.json")
 }
 
+/// Production's digest records, saved now and then (docs/POINT-IN-TIME.md).
+fn digests_path(dir: &Path) -> PathBuf {
+    dir.join("digests.bin")
+}
+
+/// How often the digest records are saved while units apply (and at every trim).
+const SAVE_DIGESTS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the saved digest records, durably, if there are any.
+fn remove_saved_digests(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_file(digests_path(dir)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The segments in `dir`, by sequence number.
 fn segment_files(dir: &Path) -> io::Result<BTreeMap<u64, PathBuf>> {
     let mut found = BTreeMap::new();
@@ -451,6 +471,7 @@ impl UndoJournal {
             readers: BTreeMap::new(),
             segment_bytes,
             digests: DigestRecords::default(),
+            digests_saved: std::time::Instant::now(),
         };
         // A merge a crash cut short before its rename: the segments it merged are there.
         for entry in std::fs::read_dir(dir)? {
@@ -529,7 +550,42 @@ impl UndoJournal {
                 }
             }
         }
+        journal.load_digests();
         Ok(journal)
+    }
+
+    /// Reads the saved digest records back: those at the points the journal holds. A file
+    /// that cannot be read is only logged (its blocks are not comparable).
+    fn load_digests(&mut self) {
+        let path = digests_path(&self.dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the digest records; drill verification starts without them");
+                return;
+            }
+        };
+        match DigestRecords::from_bytes(&bytes) {
+            Ok(mut records) => {
+                records.retain_between(self.index.oldest(), self.index.newest());
+                self.digests = records;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the digest records are corrupt; drill verification starts without them");
+            }
+        }
+    }
+
+    /// Saves the digest records, durably, if [`SAVE_DIGESTS_EVERY`] passed since the last
+    /// time, or `now`.
+    pub fn save_digests(&mut self, now: bool) -> io::Result<()> {
+        if self.base.is_none() || (!now && self.digests_saved.elapsed() < SAVE_DIGESTS_EVERY) {
+            return Ok(());
+        }
+        blockrep_volume::write_file_durably(&digests_path(&self.dir), &self.digests.to_bytes())?;
+        self.digests_saved = std::time::Instant::now();
+        Ok(())
     }
 
     /// Moves a journal that cannot be read aside (kept for the operator, under
@@ -594,6 +650,7 @@ impl UndoJournal {
             &base_path(&self.dir),
             &serde_json::to_vec(&point).expect("serialisable"),
         )?;
+        remove_saved_digests(&self.dir)?;
         self.base = Some(point);
         self.index = UndoIndex::new(point.epoch);
         self.digests.clear();
@@ -606,6 +663,9 @@ impl UndoJournal {
         if self.base.is_none() && self.segments.is_empty() {
             return Ok(());
         }
+        // The records go first: ones left beside a later journal would be of another
+        // history.
+        remove_saved_digests(&self.dir)?;
         match std::fs::remove_file(base_path(&self.dir)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}

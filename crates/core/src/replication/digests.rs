@@ -178,6 +178,9 @@ impl HeldDigest {
     }
 }
 
+/// The first bytes of a saved [`DigestRecords`].
+const MAGIC: &[u8; 8] = b"BRDIGST1";
+
 /// Production's CRCs the DR side recorded: `(block, point) → crc`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DigestRecords {
@@ -196,6 +199,56 @@ impl DigestRecords {
 
     pub fn clear(&mut self) {
         self.records.clear();
+    }
+
+    /// Keeps only the records at points from `oldest` to `newest` (those of the journal
+    /// the records were saved beside, as it opened).
+    pub fn retain_between(&mut self, oldest: Epoch, newest: Epoch) {
+        self.records
+            .retain(|(_, at), _| oldest <= *at && *at <= newest);
+    }
+
+    /// The records as bytes: `BRDIGST1`, a count, `(block, point, crc)` each, and a CRC32
+    /// of all that.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + 8 + self.records.len() * 20 + 4);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(self.records.len() as u64).to_le_bytes());
+        for (&(block, at), &crc) in &self.records {
+            out.extend_from_slice(&block.to_le_bytes());
+            out.extend_from_slice(&at.0.to_le_bytes());
+            out.extend_from_slice(&crc.to_le_bytes());
+        }
+        let sum = crc32fast::hash(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    /// The records [`DigestRecords::to_bytes`] wrote, or why these bytes are not them.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let (body, sum) = bytes
+            .split_last_chunk::<4>()
+            .ok_or("shorter than its checksum")?;
+        if crc32fast::hash(body) != u32::from_le_bytes(*sum) {
+            return Err("its checksum does not match".into());
+        }
+        let rest = body.strip_prefix(MAGIC).ok_or("not a digest record file")?;
+        let (count, mut rest) = rest.split_first_chunk::<8>().ok_or("no count")?;
+        let count = u64::from_le_bytes(*count);
+        if count.checked_mul(20) != Some(rest.len() as u64) || count > MAX_RECORDS as u64 {
+            return Err(format!(
+                "{count} records do not fit its {} bytes",
+                rest.len()
+            ));
+        }
+        let mut records = BTreeMap::new();
+        while let Some((record, tail)) = rest.split_first_chunk::<20>() {
+            let u64_at = |i: usize| u64::from_le_bytes(record[i..i + 8].try_into().expect("8"));
+            let crc = u32::from_le_bytes(record[16..20].try_into().expect("4"));
+            records.insert((u64_at(0), Epoch(u64_at(8))), crc);
+            rest = tail;
+        }
+        Ok(Self { records })
     }
 
     /// Production's content of `block` was `crc` at point `point` (the newest applied).

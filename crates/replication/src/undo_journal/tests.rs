@@ -487,3 +487,24 @@ fn units_go_to_the_newest_segment_even_when_the_clock_went_back() {
     h.reopen();
     h.check(0);
 }
+
+#[test]
+fn digest_records_come_back_after_a_restart_and_go_with_the_journal() {
+    let mut h = Harness::new();
+    h.apply(Epoch(2), &[(0, 1, 7)]);
+    h.journal
+        .record_digests(Epoch(2), [(0u64, 42u32)].into_iter());
+    h.journal.save_digests(true).unwrap();
+    let expected = h.journal.expected_digests(Epoch(2));
+    assert_eq!(expected.get(&0), Some(&42));
+    let reopened = UndoJournal::open(&h.undo_dir()).unwrap();
+    assert_eq!(reopened.expected_digests(Epoch(2)), expected);
+    // A file that cannot be read is only logged: the journal opens without records.
+    std::fs::write(h.undo_dir().join("digests.bin"), b"garbage").unwrap();
+    let reopened = UndoJournal::open(&h.undo_dir()).unwrap();
+    assert!(reopened.expected_digests(Epoch(2)).is_empty());
+    // The records go with the journal's points.
+    h.journal.save_digests(true).unwrap();
+    h.journal.clear().unwrap();
+    assert!(!h.undo_dir().join("digests.bin").exists());
+}

@@ -294,3 +294,24 @@ fn a_later_staged_write_spoils_the_blocks_it_overlaps() {
     d.spoil(ByteRange::new(3 * DIGEST_BLOCK + 100, DIGEST_BLOCK));
     assert_eq!(d.clean().collect::<Vec<_>>(), vec![(2, 7)]);
 }
+
+#[test]
+fn records_read_back_as_written_and_damage_is_refused() {
+    let mut records = DigestRecords::default();
+    records.record(Epoch(3), 7, 0xdead_beef);
+    records.record(Epoch(9), 7, 1);
+    records.record(Epoch(9), u64::MAX / DIGEST_BLOCK, 2);
+    let bytes = records.to_bytes();
+    assert_eq!(DigestRecords::from_bytes(&bytes), Ok(records.clone()));
+    for cut in [0, 3, 8, bytes.len() - 1] {
+        assert!(
+            DigestRecords::from_bytes(&bytes[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    let mut flipped = bytes.clone();
+    flipped[20] ^= 1;
+    assert!(DigestRecords::from_bytes(&flipped).is_err());
+    records.retain_between(Epoch(4), Epoch(9));
+    assert_eq!(records.len(), 2);
+}

@@ -138,7 +138,8 @@ impl Worker {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        journal.trim(retention, now_ms, self.points.pinned())?;
+        let dropped = journal.trim(retention, now_ms, self.points.pinned())?;
+        journal.save_digests(dropped > 0)?;
         Ok(())
     }
 
