@@ -89,8 +89,10 @@ pub struct UndoJournal {
     /// `digests.bin` every [`SAVE_DIGESTS_EVERY`] and at every trim (a crash loses those
     /// recorded since: their blocks are not comparable).
     digests: DigestRecords,
-    /// When the digest records were last saved.
+    /// When the digest records were last saved (or tried to be).
     digests_saved: std::time::Instant,
+    /// The digest records changed since.
+    digests_changed: bool,
 }
 
 /// A DR volume's points, shared by its applier (which keeps and trims them) and those who
@@ -472,6 +474,7 @@ impl UndoJournal {
             segment_bytes,
             digests: DigestRecords::default(),
             digests_saved: std::time::Instant::now(),
+            digests_changed: false,
         };
         // A merge a crash cut short before its rename: the segments it merged are there.
         for entry in std::fs::read_dir(dir)? {
@@ -487,6 +490,7 @@ impl UndoJournal {
                 std::fs::remove_file(path)?;
             }
             sync_dir(dir)?;
+            remove_saved_digests(dir)?;
             return Ok(journal);
         };
         let last_seq = files.keys().next_back().copied();
@@ -577,14 +581,17 @@ impl UndoJournal {
         }
     }
 
-    /// Saves the digest records, durably, if [`SAVE_DIGESTS_EVERY`] passed since the last
-    /// time, or `now`.
+    /// Saves the digest records, durably, if they changed and [`SAVE_DIGESTS_EVERY`]
+    /// passed since the last try, or `now`. A failure is the caller's to log: replication
+    /// does not depend on it (the records' blocks are only not comparable after a crash).
     pub fn save_digests(&mut self, now: bool) -> io::Result<()> {
-        if self.base.is_none() || (!now && self.digests_saved.elapsed() < SAVE_DIGESTS_EVERY) {
+        let due = now || self.digests_saved.elapsed() >= SAVE_DIGESTS_EVERY;
+        if self.base.is_none() || !self.digests_changed || !due {
             return Ok(());
         }
-        blockrep_volume::write_file_durably(&digests_path(&self.dir), &self.digests.to_bytes())?;
         self.digests_saved = std::time::Instant::now();
+        blockrep_volume::write_file_durably(&digests_path(&self.dir), &self.digests.to_bytes())?;
+        self.digests_changed = false;
         Ok(())
     }
 
@@ -645,12 +652,13 @@ impl UndoJournal {
     /// Starts holding points from `point` (the volume is that image now), durably.
     pub fn start(&mut self, point: Point) -> io::Result<()> {
         debug_assert!(self.base.is_none(), "the journal holds points already");
+        // Records of another history go before the new base is written.
+        remove_saved_digests(&self.dir)?;
         self.clear_segments()?;
         blockrep_volume::write_file_durably(
             &base_path(&self.dir),
             &serde_json::to_vec(&point).expect("serialisable"),
         )?;
-        remove_saved_digests(&self.dir)?;
         self.base = Some(point);
         self.index = UndoIndex::new(point.epoch);
         self.digests.clear();
@@ -836,6 +844,7 @@ impl UndoJournal {
         let cut = self.cuts.get(&segment.last).copied().unwrap_or(0);
         let before = self.index.points().len();
         self.digests.trim(&self.index, segment.last);
+        self.digests_changed = true;
         self.index
             .trim_through(segment.last)
             .map_err(|e| io::Error::other(format!("trimming the undo journal: {e}")))?;
@@ -962,6 +971,7 @@ impl UndoJournal {
         }
         for (block, crc) in blocks {
             self.digests.record(point, block, crc);
+            self.digests_changed = true;
         }
     }
 

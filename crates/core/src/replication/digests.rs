@@ -11,7 +11,7 @@
 //! - The DR side ([`DigestRecords`]): what was recorded, per block; with the undo index, the
 //!   CRC a block had at any retained point, where one is known.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::extent::ByteRange;
 use crate::replication::Epoch;
@@ -265,7 +265,11 @@ impl DigestRecords {
     /// before the point with no change of the block in between, else the oldest after it
     /// with none. One pass over the records and the index's steps.
     pub fn expected_at(&self, index: &UndoIndex, point: Epoch) -> HashMap<u64, u32> {
-        let changes = index.changes_around(point, DIGEST_BLOCK);
+        if self.records.is_empty() {
+            return HashMap::new();
+        }
+        let blocks: HashSet<u64> = self.records.keys().map(|(b, _)| *b).collect();
+        let changes = index.changes_around(point, DIGEST_BLOCK, |b| blocks.contains(&b));
         let mut expected: HashMap<u64, (Epoch, u32)> = HashMap::new();
         for (&(block, at), &crc) in &self.records {
             let valid = if at <= point {
@@ -300,7 +304,17 @@ impl DigestRecords {
     /// still its content there, as a record at `oldest`. Records after it stay. One pass
     /// over the records and the steps.
     pub fn trim(&mut self, index: &UndoIndex, oldest: Epoch) {
-        let changes = index.changes_around(oldest, DIGEST_BLOCK);
+        // Only the blocks with records at or before the new oldest point are looked up.
+        let blocks: HashSet<u64> = self
+            .records
+            .keys()
+            .filter(|(_, at)| *at <= oldest)
+            .map(|(b, _)| *b)
+            .collect();
+        if blocks.is_empty() {
+            return;
+        }
+        let changes = index.changes_around(oldest, DIGEST_BLOCK, |b| blocks.contains(&b));
         let mut kept = BTreeMap::new();
         let mut survivor: Option<(u64, u32)> = None;
         for ((block, at), crc) in std::mem::take(&mut self.records) {

@@ -241,10 +241,16 @@ impl UndoIndex {
             .any(|s| s.first <= hi && s.last > lo && s.undo.overlaps(range))
     }
 
-    /// For each `block`-byte block some step changed: the end of the last step that changed
-    /// it at or before `point`, and the start of the first that changed it after. A step
-    /// across `point` (none, when `point` is a point) counts as both.
-    pub fn changes_around(&self, point: Epoch, block: u64) -> BlockChanges {
+    /// For each `block`-byte block some step changed, of those `wanted`: the end of the
+    /// last step that changed it at or before `point`, and the start of the first that
+    /// changed it after. A step across `point` (none, when `point` is a point) counts as
+    /// both.
+    pub fn changes_around(
+        &self,
+        point: Epoch,
+        block: u64,
+        wanted: impl Fn(u64) -> bool,
+    ) -> BlockChanges {
         let mut changes = BlockChanges::default();
         for step in &self.steps {
             for r in step.undo.ranges() {
@@ -252,6 +258,9 @@ impl UndoIndex {
                     continue;
                 }
                 for b in r.range.offset / block..r.range.end().div_ceil(block) {
+                    if !wanted(b) {
+                        continue;
+                    }
                     if step.first <= point {
                         let last = changes.last_until.entry(b).or_insert(step.last);
                         *last = (*last).max(step.last);

@@ -508,3 +508,18 @@ fn digest_records_come_back_after_a_restart_and_go_with_the_journal() {
     h.journal.clear().unwrap();
     assert!(!h.undo_dir().join("digests.bin").exists());
 }
+
+#[test]
+fn saved_records_beside_no_points_are_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let undo = dir.path().join("undo");
+    std::fs::create_dir_all(&undo).unwrap();
+    let mut records = DigestRecords::default();
+    records.record(Epoch(5), 0, 42);
+    std::fs::write(undo.join("digests.bin"), records.to_bytes()).unwrap();
+    // No base: a journal being emptied, or one a start was cut short in. Records left
+    // here would be read back beside the next history's base.
+    let journal = UndoJournal::open(&undo).unwrap();
+    assert!(journal.newest().is_none());
+    assert!(!undo.join("digests.bin").exists());
+}
