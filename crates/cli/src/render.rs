@@ -335,7 +335,7 @@ impl Render for proto::DirtyExtents {
             "volume_id": self.volume_id,
             "dirty_bytes": self.dirty_bytes,
             "granularity": self.granularity,
-            "extents": self.extents.iter().map(|e| json!({"offset": e.offset, "length": e.length})).collect::<Vec<_>>(),
+            "extents": extents_json(&self.extents),
         })
     }
 
@@ -414,7 +414,7 @@ fn pair_state_json(p: &proto::PairState) -> Value {
             "progress": v.progress,
             "done": v.done,
             "error": empty_null(&v.error),
-            "differing": v.differing.iter().map(|e| json!({"offset": e.offset, "length": e.length})).collect::<Vec<_>>(),
+            "differing": extents_json(&v.differing),
             "differing_bytes": v.differing_bytes,
             "verified_bytes": v.verified_bytes,
             "unverified_bytes": v.unverified_bytes,
@@ -593,6 +593,16 @@ impl Render for proto::Drill {
     }
 }
 
+/// Byte ranges as JSON: `[{"offset", "length"}]`.
+fn extents_json(extents: &[proto::Extent]) -> Value {
+    Value::Array(
+        extents
+            .iter()
+            .map(|e| json!({"offset": e.offset, "length": e.length}))
+            .collect(),
+    )
+}
+
 impl Render for proto::DrillVerification {
     fn json(&self) -> Value {
         json!({
@@ -609,14 +619,8 @@ impl Render for proto::DrillVerification {
                 "compared_bytes": v.compared_bytes,
                 "differing_bytes": v.differing_bytes,
                 "not_comparable_bytes": v.not_comparable_bytes,
-                "differing": v.differing.iter().map(|e| json!({
-                    "offset": e.offset,
-                    "length": e.length,
-                })).collect::<Vec<_>>(),
-                "not_comparable": v.not_comparable.iter().map(|e| json!({
-                    "offset": e.offset,
-                    "length": e.length,
-                })).collect::<Vec<_>>(),
+                "differing": extents_json(&v.differing),
+                "not_comparable": extents_json(&v.not_comparable),
                 "error": empty_null(&v.error),
                 "finished_at": empty_null(&v.finished_at),
             })).collect::<Vec<_>>(),
