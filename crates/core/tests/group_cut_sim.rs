@@ -28,6 +28,7 @@ mod sim;
 fn async_groups_stay_a_crash_image_through_crashes_link_cuts_and_lost_messages() {
     let (mut answered, mut abandoned, mut mid_unit) = (0, 0, 0);
     let (mut kept, mut replayed, mut points) = (0, 0, 0);
+    let mut drill_reads = 0;
     for seed in sim::seeds(300) {
         let mut sim = Sim::new(seed, ReplicationModel::Async, Broken::Nothing);
         if let Err(e) = sim.run() {
@@ -38,14 +39,16 @@ fn async_groups_stay_a_crash_image_through_crashes_link_cuts_and_lost_messages()
         mid_unit += sim.cuts_mid_unit();
         let (k, r, p) = sim.undo_counts();
         (kept, replayed, points) = (kept + k, replayed + r, points + p);
+        drill_reads += sim.drill_reads();
     }
     eprintln!(
-        "{answered} records answered; {abandoned} cuts abandoned; {mid_unit} DR power cuts mid-unit; undo kept for {kept} units, found kept by {replayed} replays, {points} points held at the ends"
+        "{answered} records answered; {abandoned} cuts abandoned; {mid_unit} DR power cuts mid-unit; undo kept for {kept} units, found kept by {replayed} replays, {points} points held at the ends; {drill_reads} drill blocks read and checked"
     );
     assert!(
         kept > 0 && replayed > 0,
         "the undo journal was not exercised"
     );
+    assert!(drill_reads > 0, "no drill read anything");
 }
 
 /// Runs seeds with `broken` until one fails: the seed and what caught it.
@@ -91,6 +94,14 @@ fn a_staged_epoch_taken_without_its_units_is_caught() {
 fn taking_a_replayed_units_undo_again_is_caught() {
     let (_, e) = caught(Broken::UndoTakenAgainOnReplay);
     assert!(e.contains("the image at point"), "{e}");
+}
+
+/// A drill whose view does not take a unit's undo before the unit applies reads the unit's
+/// data where its point had older data.
+#[test]
+fn a_drill_view_not_extended_before_a_unit_is_caught() {
+    let (_, e) = caught(Broken::DrillViewNotExtended);
+    assert!(e.contains("a drill at point"), "{e}");
 }
 
 /// A DR side that records a unit applied when it begins applying it loses the rest of the

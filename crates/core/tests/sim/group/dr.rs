@@ -252,6 +252,7 @@ impl Sim {
         let blocks: Vec<u64> = unit.iter().map(|(b, _)| *b).collect();
         let state = dr.side.state().clone();
         let again = self.broken == Broken::UndoTakenAgainOnReplay;
+        dr.undo.drill_views_not_extended = self.broken == Broken::DrillViewNotExtended;
         dr.undo
             .before_unit(seal.epoch, &state, &blocks, &dr.image, again);
         dr.side.begin_unit(seal, unit.len());
@@ -280,6 +281,7 @@ impl Sim {
         unit.done = (unit.done + batch).min(unit.writes.len());
         let all = unit.done == unit.writes.len();
         let writes = unit.writes[from..unit.done].to_vec();
+        let check_drill = !all && self.rng.random_bool(0.02);
         let mut written = false;
         for (b, v) in writes {
             let before = self.drs[h].image[b as usize];
@@ -291,6 +293,14 @@ impl Sim {
             written, all,
             "the machine counts the unit's writes as the shell does"
         );
+        // A drill reads while the unit is half on the volume.
+        if check_drill {
+            let dr = &mut self.drs[h];
+            if let Err(e) = dr.undo.check_drill(&dr.image) {
+                self.undo_failure
+                    .get_or_insert(format!("DR side {h}'s drill, mid-unit: {e}"));
+            }
+        }
         if all {
             self.finish_unit(h);
         } else if !self.drs[h].draining {
@@ -316,6 +326,14 @@ impl Sim {
         if replayed && let Err(e) = self.drs[h].undo.check(&self.drs[h].image) {
             self.undo_failure
                 .get_or_insert(format!("after DR side {h} replayed a unit: {e}"));
+        }
+        // A drill's turn, now and then; it checks what it reads.
+        if self.rng.random_bool(0.05) {
+            let dr = &mut self.drs[h];
+            if let Err(e) = dr.undo.drill_step(&mut self.rng, &dr.image) {
+                self.undo_failure
+                    .get_or_insert(format!("DR side {h}'s drill: {e}"));
+            }
         }
         for seq in done.answers {
             self.answer_production(h, Answer::Written(seq));
@@ -404,6 +422,11 @@ impl Sim {
         }
         if let Err(e) = self.drs[h].undo.check(&self.drs[h].image) {
             return Err(format!("after DR side {h} lost power: {e}"));
+        }
+        let dr = &mut self.drs[h];
+        dr.undo.drill_power_cut();
+        if let Err(e) = dr.undo.check_drill(&dr.image) {
+            return Err(format!("after DR side {h} lost power, its drill: {e}"));
         }
         self.check_clean_blocks(h)
     }

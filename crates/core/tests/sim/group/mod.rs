@@ -376,6 +376,8 @@ pub enum Broken {
     /// The DR side takes a replayed unit's undo again, from the volume the unit half
     /// changed before a power cut.
     UndoTakenAgainOnReplay,
+    /// A drill's view does not take a unit's undo before the unit applies.
+    DrillViewNotExtended,
 }
 
 pub struct Sim {
@@ -962,5 +964,10 @@ impl Sim {
         self.drs.iter().fold((0, 0, 0), |(k, r, p), d| {
             (k + d.undo.kept, r + d.undo.replayed, p + d.undo.points())
         })
+    }
+
+    /// Blocks drills read and checked.
+    pub fn drill_reads(&self) -> u64 {
+        self.drs.iter().map(|d| d.undo.drill_reads).sum()
     }
 }

@@ -8,6 +8,13 @@
 //! The check: after every DR power cut and every unit applied, every point held (whose
 //! unit is applied) reads back, through the index, as the image the volume had right after
 //! that unit applied. Retention trims the oldest points now and then.
+//!
+//! A drill of the DR volume comes and goes: its view is the core's `Coverage`, built from
+//! the index at its first read and extended with each unit's undo before the unit applies
+//! (as `Points::extend_views` does); its writes go to an overlay, of which a power cut keeps
+//! what a flush made durable, and its view is built again after it. Checked after its
+//! writes, after units and after power cuts: the drill reads its own writes where it wrote,
+//! and elsewhere the image of its point, whatever units applied since.
 
 use std::collections::BTreeMap;
 
@@ -15,8 +22,10 @@ use blockrep_core::ByteRange;
 use blockrep_core::pair::dr::DrState;
 use blockrep_core::replication::Epoch;
 use blockrep_core::replication::undo::{
-    Piece, RecordAt, UndoIndex, UndoRange, UnitUndo, unit_undo,
+    Coverage, Piece, RecordAt, UndoIndex, UndoRange, UnitUndo, unit_undo,
 };
+use rand::Rng;
+use rand::rngs::SmallRng;
 
 use super::super::shell::BLOCK;
 
@@ -26,8 +35,25 @@ struct Step {
     old: Vec<(u64, u64)>,
 }
 
+/// A drill of the DR volume at `point`.
+struct Drill {
+    point: Epoch,
+    /// Built at the first read; extended before each unit applies.
+    view: Option<Coverage>,
+    /// Block → the value the drill wrote there.
+    overlay: BTreeMap<u64, u64>,
+    /// What the last flush made durable of it.
+    durable: BTreeMap<u64, u64>,
+    next_value: u64,
+}
+
 #[derive(Default)]
 pub(super) struct Undo {
+    drill: Option<Drill>,
+    /// Blocks a drill read and checked.
+    pub(super) drill_reads: u64,
+    /// Broken: a unit's undo does not join the drill's view.
+    pub(super) drill_views_not_extended: bool,
     /// The oldest point, and the steps after it; `None`: no points held.
     base: Option<Epoch>,
     steps: Vec<Step>,
@@ -48,18 +74,12 @@ impl Undo {
     /// The core's index over the steps: each record at (step, block's place in it).
     fn index(&self) -> Option<UndoIndex> {
         let mut index = UndoIndex::new(self.base?);
-        for (s, step) in self.steps.iter().enumerate() {
+        for step in &self.steps {
             let ranges: Vec<UndoRange> = step
                 .old
                 .iter()
                 .enumerate()
-                .map(|(i, (b, _))| UndoRange {
-                    range: ByteRange::new(b * BLOCK, BLOCK),
-                    at: RecordAt {
-                        segment: s as u64,
-                        offset: i as u64 * BLOCK,
-                    },
-                })
+                .map(|(i, (b, _))| record(step.epoch, i, *b))
                 .collect();
             index
                 .push_unit(step.epoch, &ranges)
@@ -76,6 +96,8 @@ impl Undo {
         self.base = None;
         self.steps.clear();
         self.images.clear();
+        // Its view can no longer be read: the drill is lost.
+        self.drill = None;
     }
 
     /// Before unit `epoch` (of `blocks`) applies on a volume at `state` holding `image`.
@@ -94,6 +116,17 @@ impl Undo {
                 let mut blocks = blocks.to_vec();
                 blocks.sort_unstable();
                 blocks.dedup();
+                // The unit's undo joins the drill's view before the unit applies.
+                if let Some(view) = self
+                    .drill
+                    .as_mut()
+                    .and_then(|d| d.view.as_mut())
+                    .filter(|_| !self.drill_views_not_extended)
+                {
+                    for (i, b) in blocks.iter().enumerate() {
+                        view.add_gaps(record(epoch, i, *b));
+                    }
+                }
                 self.steps.push(Step {
                     epoch,
                     old: blocks.iter().map(|&b| (b, image[b as usize])).collect(),
@@ -141,6 +174,8 @@ impl Undo {
         let Some(&point) = self.images.keys().nth(nth) else {
             return;
         };
+        // A drill keeps its point.
+        let point = self.drill.as_ref().map_or(point, |d| d.point.min(point));
         self.steps.retain(|s| s.epoch > point);
         self.base = Some(point);
         self.images.retain(|e, _| *e >= point);
@@ -169,10 +204,7 @@ impl Undo {
                 for i in 0..range.len / BLOCK {
                     let b = range.offset / BLOCK + i;
                     let got = match from {
-                        Some(at) => {
-                            let step = &self.steps[at.segment as usize];
-                            step.old[(at.offset / BLOCK + i) as usize].1
-                        }
+                        Some(at) => self.record_value(at, i),
                         None => image[b as usize],
                     };
                     if got != expected[b as usize] {
@@ -190,5 +222,115 @@ impl Undo {
             }
         }
         Ok(())
+    }
+
+    /// The old value an undo record holds, `i` blocks into it.
+    fn record_value(&self, at: RecordAt, i: u64) -> u64 {
+        let step = self
+            .steps
+            .iter()
+            .find(|s| s.epoch.0 == at.segment)
+            .expect("a record of a step held");
+        step.old[(at.offset / BLOCK + i) as usize].1
+    }
+
+    /// A drill's turn: made at a point held, written to, flushed, read and checked, or
+    /// deleted.
+    pub(super) fn drill_step(&mut self, rng: &mut SmallRng, image: &[u64]) -> Result<(), String> {
+        let Some(drill) = self.drill.as_mut() else {
+            if !self.images.is_empty() {
+                let points: Vec<Epoch> = self.images.keys().copied().collect();
+                self.drill = Some(Drill {
+                    point: points[rng.random_range(0..points.len())],
+                    view: None,
+                    overlay: BTreeMap::new(),
+                    durable: BTreeMap::new(),
+                    next_value: 1 << 40,
+                });
+            }
+            return Ok(());
+        };
+        match rng.random_range(0..10) {
+            0..=3 => {
+                let b = rng.random_range(0..image.len() as u64);
+                drill.next_value += 1;
+                drill.overlay.insert(b, drill.next_value);
+            }
+            4 => drill.durable = drill.overlay.clone(),
+            5 => self.drill = None,
+            _ => {}
+        }
+        self.check_drill(image)
+    }
+
+    /// The DR host lost power: the drill keeps the writes a flush made durable, and builds
+    /// its view again at its next read.
+    pub(super) fn drill_power_cut(&mut self) {
+        if let Some(drill) = self.drill.as_mut() {
+            drill.overlay = drill.durable.clone();
+            drill.view = None;
+        }
+    }
+
+    /// The drill reads its writes where it wrote, and elsewhere its point's image: through
+    /// its view, undo records or the volume `image` as it is now.
+    pub(super) fn check_drill(&mut self, image: &[u64]) -> Result<(), String> {
+        let Some(index) = self.index() else {
+            return Ok(());
+        };
+        let Some(drill) = self.drill.as_mut() else {
+            return Ok(());
+        };
+        if drill.view.is_none() {
+            drill.view = Some(
+                index
+                    .view(drill.point)
+                    .map_err(|e| format!("a drill's point {} is gone: {e}", drill.point))?,
+            );
+        }
+        let (point, view) = (drill.point, drill.view.clone().expect("built"));
+        let overlay = drill.overlay.clone();
+        let expected = self
+            .images
+            .get(&point)
+            .ok_or_else(|| format!("a drill's point {point} has no image"))?;
+        let size = image.len() as u64 * BLOCK;
+        for piece in view.pieces(ByteRange::new(0, size)) {
+            let (range, from) = match piece {
+                Piece::Undo { range, at } => (range, Some(at)),
+                Piece::Volume { range } => (range, None),
+            };
+            for i in 0..range.len / BLOCK {
+                let b = range.offset / BLOCK + i;
+                let (got, want) = match overlay.get(&b) {
+                    Some(v) => (*v, *v),
+                    None => (
+                        match from {
+                            Some(at) => self.record_value(at, i),
+                            None => image[b as usize],
+                        },
+                        expected[b as usize],
+                    ),
+                };
+                if got != want {
+                    return Err(format!(
+                        "a drill at point {point} reads {got} at block {b}, not {want}"
+                    ));
+                }
+                self.drill_reads += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Unit `epoch`'s undo record of block `b`, the `i`th of the unit.
+fn record(epoch: Epoch, i: usize, b: u64) -> UndoRange {
+    UndoRange {
+        range: ByteRange::new(b * BLOCK, BLOCK),
+        at: RecordAt {
+            segment: epoch.0,
+            offset: i as u64 * BLOCK,
+        },
     }
 }
