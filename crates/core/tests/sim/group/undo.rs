@@ -191,37 +191,47 @@ impl Undo {
         let Some(index) = self.index() else {
             return Ok(());
         };
-        let size = image.len() as u64 * BLOCK;
         for (point, expected) in &self.images {
             let view = index
                 .view(*point)
                 .map_err(|e| format!("point {point} is not in the index: {e}"))?;
-            for piece in view.pieces(ByteRange::new(0, size)) {
-                let (range, from) = match piece {
-                    Piece::Undo { range, at } => (range, Some(at)),
-                    Piece::Volume { range } => (range, None),
-                };
-                for i in 0..range.len / BLOCK {
-                    let b = range.offset / BLOCK + i;
-                    let got = match from {
-                        Some(at) => self.record_value(at, i),
-                        None => image[b as usize],
-                    };
-                    if got != expected[b as usize] {
-                        return Err(format!(
-                            "the image at point {point} reads {got} at block {b}, not {} (from {})",
-                            expected[b as usize],
-                            if from.is_some() {
-                                "an undo record"
-                            } else {
-                                "the volume"
-                            }
-                        ));
-                    }
+            for (b, got, from_undo) in self.read(&view, image) {
+                if got != expected[b as usize] {
+                    return Err(format!(
+                        "the image at point {point} reads {got} at block {b}, not {} (from {})",
+                        expected[b as usize],
+                        if from_undo {
+                            "an undo record"
+                        } else {
+                            "the volume"
+                        }
+                    ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Every block of the volume read through `view`: (block, value, from an undo record);
+    /// elsewhere the volume `image` as it is now.
+    fn read(&self, view: &Coverage, image: &[u64]) -> Vec<(u64, u64, bool)> {
+        let size = image.len() as u64 * BLOCK;
+        let mut blocks = Vec::with_capacity(image.len());
+        for piece in view.pieces(ByteRange::new(0, size)) {
+            let (range, from) = match piece {
+                Piece::Undo { range, at } => (range, Some(at)),
+                Piece::Volume { range } => (range, None),
+            };
+            for i in 0..range.len / BLOCK {
+                let b = range.offset / BLOCK + i;
+                let value = match from {
+                    Some(at) => self.record_value(at, i),
+                    None => image[b as usize],
+                };
+                blocks.push((b, value, from.is_some()));
+            }
+        }
+        blocks
     }
 
     /// The old value an undo record holds, `i` blocks into it.
@@ -294,32 +304,18 @@ impl Undo {
             .images
             .get(&point)
             .ok_or_else(|| format!("a drill's point {point} has no image"))?;
-        let size = image.len() as u64 * BLOCK;
-        for piece in view.pieces(ByteRange::new(0, size)) {
-            let (range, from) = match piece {
-                Piece::Undo { range, at } => (range, Some(at)),
-                Piece::Volume { range } => (range, None),
+        for (b, below, _) in self.read(&view, image) {
+            let (got, want) = match overlay.get(&b) {
+                Some(v) => (*v, *v),
+                None => (below, expected[b as usize]),
             };
-            for i in 0..range.len / BLOCK {
-                let b = range.offset / BLOCK + i;
-                let (got, want) = match overlay.get(&b) {
-                    Some(v) => (*v, *v),
-                    None => (
-                        match from {
-                            Some(at) => self.record_value(at, i),
-                            None => image[b as usize],
-                        },
-                        expected[b as usize],
-                    ),
-                };
-                if got != want {
-                    return Err(format!(
-                        "a drill at point {point} reads {got} at block {b}, not {want}"
-                    ));
-                }
-                self.drill_reads += 1;
+            if got != want {
+                return Err(format!(
+                    "a drill at point {point} reads {got} at block {b}, not {want}"
+                ));
             }
         }
+        self.drill_reads += image.len() as u64;
         Ok(())
     }
 }
