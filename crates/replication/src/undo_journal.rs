@@ -473,7 +473,10 @@ impl UndoJournal {
             readers: BTreeMap::new(),
             segment_bytes,
             digests: DigestRecords::default(),
-            digests_saved: std::time::Instant::now(),
+            // The first records are saved at the first chance, then once a minute.
+            digests_saved: std::time::Instant::now()
+                .checked_sub(SAVE_DIGESTS_EVERY)
+                .unwrap_or_else(std::time::Instant::now),
             digests_changed: false,
         };
         // A merge a crash cut short before its rename: the segments it merged are there.

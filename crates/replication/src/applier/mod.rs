@@ -995,6 +995,47 @@ mod tests {
             keep_hourly: 0,
         };
 
+    /// Production's digests are recorded at the unit covering their epoch and saved; a
+    /// save that fails (here: a directory where its temporary file goes) is logged, and units go on
+    /// applying: drill verification only loses those records at a crash.
+    #[test]
+    fn a_failed_save_of_the_digest_records_does_not_stop_the_applier() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let log_path = dir.path().join("stage-log");
+        std::fs::create_dir_all(dir.path().join("undo/digests.bin.tmp/in-the-way")).unwrap();
+        let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
+        let setup = Setup {
+            retention: KEEP_A_DAY,
+            ..Setup::default()
+        };
+        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        submit(ApplyCmd::SyncDone { epoch: Epoch(0) });
+        for e in 1..=3u64 {
+            submit(staged_write(e, e, 0, e as u8, false));
+            submit(ApplyCmd::Digest {
+                offset: 0,
+                after: Epoch(e),
+                crcs: vec![7],
+            });
+            submit(seal(e, e * 1000));
+            submit(ApplyCmd::Flush {
+                seq: WriteSeq(20 + e),
+            });
+            events_until_flush(&mut events, WriteSeq(20 + e));
+        }
+        applier.stop();
+        let points = listed_points(dir.path());
+        let guard = points.journal().unwrap();
+        let journal = guard.as_ref().unwrap();
+        assert_eq!(journal.newest(), Some(Epoch(3)), "every unit applied");
+        assert!(
+            !dir.path().join("undo/digests.bin").exists(),
+            "nothing was saved"
+        );
+    }
+
     /// With the group's retention on, each unit's undo is kept before it applies: every
     /// unit applied is a point, and the image at each reads back as the volume was then.
     /// A crash after a unit's undo was durable, in the middle of its apply, replays the
