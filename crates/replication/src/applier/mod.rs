@@ -995,23 +995,36 @@ mod tests {
             keep_hourly: 0,
         };
 
+    /// An applier of a new DR volume in `dir` (`dr.img`, `stage-log`) whose group keeps
+    /// points a day, its initial sync done: a consistent image from the start.
+    fn keeping_points(
+        dir: &std::path::Path,
+    ) -> (
+        Applier,
+        tokio::sync::mpsc::UnboundedReceiver<ApplyEvent>,
+        tokio::runtime::Runtime,
+    ) {
+        let recovered = StageLog::open(&dir.join("stage-log"), Epoch::ZERO).unwrap();
+        let setup = Setup {
+            retention: KEEP_A_DAY,
+            ..Setup::default()
+        };
+        let started = start_applier_on(dir, &dir.join("dr.img"), recovered, setup);
+        started
+            .2
+            .block_on(started.0.submit(ApplyCmd::SyncDone { epoch: Epoch(0) }));
+        started
+    }
+
     /// Production's digests are recorded at the unit covering their epoch and saved; a
     /// save that fails (here: a directory where its temporary file goes) is logged, and units go on
     /// applying: drill verification only loses those records at a crash.
     #[test]
     fn a_failed_save_of_the_digest_records_does_not_stop_the_applier() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dr.img");
-        let log_path = dir.path().join("stage-log");
         std::fs::create_dir_all(dir.path().join("undo/digests.bin.tmp/in-the-way")).unwrap();
-        let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
-        let setup = Setup {
-            retention: KEEP_A_DAY,
-            ..Setup::default()
-        };
-        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
+        let (applier, mut events, runtime) = keeping_points(dir.path());
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
-        submit(ApplyCmd::SyncDone { epoch: Epoch(0) });
         for e in 1..=3u64 {
             submit(staged_write(e, e, 0, e as u8, false));
             submit(ApplyCmd::Digest {
@@ -1045,15 +1058,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dr.img");
         let log_path = dir.path().join("stage-log");
-        let recovered = StageLog::open(&log_path, Epoch::ZERO).unwrap();
-        let setup = Setup {
-            retention: KEEP_A_DAY,
-            ..Setup::default()
-        };
-        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
+        let (applier, mut events, runtime) = keeping_points(dir.path());
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
-        // The initial sync is done: the volume is a consistent image from here.
-        submit(ApplyCmd::SyncDone { epoch: Epoch(0) });
         let mut images = Vec::new();
         for e in 1..=4u64 {
             submit(staged_write(e, e, 0, e as u8, false));
@@ -1162,15 +1168,8 @@ mod tests {
     #[test]
     fn a_direct_write_drops_the_points_first() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dr.img");
-        let recovered = StageLog::open(&dir.path().join("stage-log"), Epoch::ZERO).unwrap();
-        let setup = Setup {
-            retention: KEEP_A_DAY,
-            ..Setup::default()
-        };
-        let (applier, mut events, runtime) = start_applier_on(dir.path(), &path, recovered, setup);
+        let (applier, mut events, runtime) = keeping_points(dir.path());
         let submit = |cmd| runtime.block_on(applier.submit(cmd));
-        submit(ApplyCmd::SyncDone { epoch: Epoch(0) });
         for e in 1..=2u64 {
             submit(staged_write(e, e, 0, e as u8, false));
             submit(seal(e, e * 1000));
