@@ -560,23 +560,19 @@ impl Coordinator {
 
     /// What the group state machine looks at.
     pub(super) fn group_state(&self, state: &State, group: &GroupRecord) -> GroupView {
-        use ReplicationStatus as R;
-        let pairs: Vec<R> = self
-            .member_views(state, group)
-            .iter()
-            .map(|p| p.replication_status.parse().unwrap_or(R::Inactive))
-            .collect();
-        // While its stop job runs, the group is not stopped until every pair is (then the
-        // job ends, and an update is taken): it shows what its pairs still replicating show.
         let stopping = group
             .job
             .and_then(|j| state.jobs.get(&j))
             .is_some_and(|j| j.job_type == JobType::StopGroup && !j.status.is_finished());
-        let replication = if stopping && !pairs.iter().all(|s| *s == R::ActiveStopped) {
-            group_replication(false, pairs.into_iter().filter(|s| *s != R::ActiveStopped))
-        } else {
-            group_replication(group.stopped, pairs)
-        };
+        let replication = group_replication(
+            group.stopped,
+            stopping,
+            self.member_views(state, group).iter().map(|p| {
+                p.replication_status
+                    .parse()
+                    .unwrap_or(ReplicationStatus::Inactive)
+            }),
+        );
         GroupView {
             status: group.status,
             replication,

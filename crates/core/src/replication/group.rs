@@ -243,12 +243,24 @@ impl GroupAction {
 }
 
 /// A group's replication status from its pairs': stopped groups are `active-stopped`;
-/// otherwise the worst pair's status counts (error, then inactive, then copying).
+/// otherwise the worst pair's status counts (error, then inactive, then copying). While the
+/// group's stop job runs (`stopping`), it is stopped only once every pair is: until then it
+/// shows what its pairs still replicating show (an update, which needs it stopped, would be
+/// refused as busy).
 pub fn group_replication(
     stopped: bool,
+    stopping: bool,
     pairs: impl IntoIterator<Item = ReplicationStatus>,
 ) -> ReplicationStatus {
     use ReplicationStatus as R;
+    let pairs: Vec<R> = pairs.into_iter().collect();
+    if stopping && !pairs.iter().all(|s| *s == R::ActiveStopped) {
+        let replicating: Vec<R> = pairs
+            .into_iter()
+            .filter(|s| *s != R::ActiveStopped)
+            .collect();
+        return group_replication(false, false, replicating);
+    }
     let rank = |s: R| match s {
         R::Error => 4,
         R::Inactive => 3,
@@ -355,22 +367,41 @@ mod tests {
 
     #[test]
     fn a_group_replicates_as_its_worst_pair() {
-        assert_eq!(group_replication(false, [R::Active, R::Active]), R::Active);
         assert_eq!(
-            group_replication(false, [R::Active, R::Copying]),
+            group_replication(false, false, [R::Active, R::Active]),
+            R::Active
+        );
+        assert_eq!(
+            group_replication(false, false, [R::Active, R::Copying]),
             R::Copying
         );
         assert_eq!(
-            group_replication(false, [R::Inactive, R::Copying]),
+            group_replication(false, false, [R::Inactive, R::Copying]),
             R::Inactive
         );
-        assert_eq!(group_replication(false, [R::Error, R::Inactive]), R::Error);
         assert_eq!(
-            group_replication(true, [R::Active, R::Inactive]),
+            group_replication(false, false, [R::Error, R::Inactive]),
+            R::Error
+        );
+        assert_eq!(
+            group_replication(true, false, [R::Active, R::Inactive]),
             R::ActiveStopped
         );
-        assert_eq!(group_replication(true, [R::Error]), R::Error);
-        assert_eq!(group_replication(false, []), R::ActiveStopped);
+        assert_eq!(group_replication(true, false, [R::Error]), R::Error);
+        assert_eq!(group_replication(false, false, []), R::ActiveStopped);
+        // Being stopped: stopped once every pair is.
+        assert_eq!(
+            group_replication(true, true, [R::ActiveStopped, R::Active]),
+            R::Active
+        );
+        assert_eq!(
+            group_replication(true, true, [R::ActiveStopped, R::ActiveStopped]),
+            R::ActiveStopped
+        );
+        assert_eq!(
+            group_replication(true, true, [R::Error, R::ActiveStopped]),
+            R::Error
+        );
     }
 
     #[test]
