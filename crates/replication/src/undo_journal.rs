@@ -983,11 +983,6 @@ impl UndoJournal {
         self.digests.expected_at(&self.index, point)
     }
 
-    /// Digest records held.
-    pub fn digest_records(&self) -> usize {
-        self.digests.len()
-    }
-
     /// The image at `point`: which bytes come from undo records and which from the volume.
     pub fn view(&self, point: Epoch) -> io::Result<Coverage> {
         if self.base.is_none() {

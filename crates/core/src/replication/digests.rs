@@ -295,7 +295,8 @@ impl DigestRecords {
 
     /// The CRC `block` had at `point`, if a record tells it (see
     /// [`DigestRecords::expected_at`]).
-    pub fn expected(&self, index: &UndoIndex, point: Epoch, block: u64) -> Option<u32> {
+    #[cfg(test)]
+    pub(crate) fn expected(&self, index: &UndoIndex, point: Epoch, block: u64) -> Option<u32> {
         self.expected_at(index, point).get(&block).copied()
     }
 

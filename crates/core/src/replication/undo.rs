@@ -232,8 +232,10 @@ impl UndoIndex {
     /// Whether no step that changed part of `range` lies between points `a` and `b` (either
     /// order): the image there is the same at both. A merged step that changed it counts
     /// whole, wherever in it the change came. Before the oldest point nothing is known: a
-    /// bound older than it is taken as the oldest.
-    pub fn unchanged(&self, range: ByteRange, a: Epoch, b: Epoch) -> bool {
+    /// bound older than it is taken as the oldest. (The rule record by record, against
+    /// which the tests check [`UndoIndex::changes_around`]'s one pass.)
+    #[cfg(test)]
+    pub(crate) fn unchanged(&self, range: ByteRange, a: Epoch, b: Epoch) -> bool {
         let (lo, hi) = (a.min(b).max(self.oldest), a.max(b).max(self.oldest));
         !self
             .steps
