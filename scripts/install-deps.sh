@@ -22,6 +22,8 @@ declare -A packages=(
     [setpriv]=util-linux
     [nft]=nftables
     [ip]=iproute2
+    # The HA coordinator's store (its tests start three members on loopback).
+    [etcd]=etcd-server
     # The REST API's tests: curl, and a venv for the OTC SDK (scripts/sdk-venv.sh).
     [curl]=curl
     [python3]=python3

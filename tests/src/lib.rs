@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod etcd;
 pub mod group;
 pub mod nbd;
 pub mod records;

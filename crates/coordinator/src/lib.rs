@@ -7,9 +7,12 @@
 
 pub mod clock;
 pub mod coordinator;
+pub mod election;
 pub mod records;
 pub mod store;
 
 pub use clock::{Clock, SystemClock};
 pub use coordinator::{Agents, BoxFuture, Coordinator, NODE_TIMEOUT};
-pub use store::{Change, RedbStore, Snapshot, Store, StoreError};
+pub use store::{
+    Change, EtcdSettings, EtcdStore, EtcdTls, LeaderFence, RedbStore, Snapshot, Store, StoreError,
+};

@@ -1,28 +1,26 @@
 //! Where the coordinator keeps the cluster's metadata: a small interface ([`Store`]) that a
-//! transactional key-value store implements. The embedded default is redb, a file in the
-//! coordinator's state directory; etcd (transactions over keys) fits the same interface.
+//! transactional key-value store implements.
+//!
+//! - [`RedbStore`], the embedded default: a redb file in the coordinator's state directory.
+//! - [`EtcdStore`]: etcd, for coordinators that stand in for one another (one commit is one
+//!   etcd transaction, fenced by the leader's term: docs/HA-COORDINATOR.md).
 //!
 //! Five tables of JSON records keyed by id: pairs, groups, jobs, nodes, and the REST API's
-//! tokens. A change of several
-//! records commits in one transaction, or not at all. The tests keep the same tables in
-//! memory (`MemoryStore`).
-
-use std::path::Path;
-
-use redb::{Database, ReadableTable, TableDefinition};
+//! tokens. A change of several records commits in one transaction, or not at all. The
+//! tests keep the same tables in memory (`MemoryStore`). [`transfer`] moves every record
+//! from one store to another (`blockrep coordinator export` and `import`).
 
 use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, TokenRecord};
 
+pub(crate) mod etcd;
+pub use etcd::{EtcdSettings, EtcdStore, EtcdTls, LeaderFence};
 #[cfg(test)]
 mod memory;
 #[cfg(test)]
 pub use memory::MemoryStore;
-
-const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
-const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
-const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
-const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
+mod redb;
+pub use self::redb::RedbStore;
+pub mod transfer;
 
 /// One change in a transaction.
 // A transaction holds a few changes for a moment: their size does not matter.
@@ -39,6 +37,79 @@ pub enum Change {
     PutToken(TokenRecord),
 }
 
+/// The tables, each of one kind of record keyed by its id (a node by its name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Table {
+    Pairs,
+    Groups,
+    Jobs,
+    Nodes,
+    Tokens,
+}
+
+impl Table {
+    pub const ALL: [Table; 5] = [
+        Table::Pairs,
+        Table::Groups,
+        Table::Jobs,
+        Table::Nodes,
+        Table::Tokens,
+    ];
+
+    /// The table's name in every store (redb's table, etcd's key segment, the export's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Pairs => "pairs",
+            Table::Groups => "groups",
+            Table::Jobs => "jobs",
+            Table::Nodes => "nodes",
+            Table::Tokens => "api_tokens",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// What a change does to its table: puts the record's JSON under its key, or deletes the key.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub table: Table,
+    pub key: String,
+    /// The record's JSON; `None` deletes the key.
+    pub value: Option<Vec<u8>>,
+}
+
+impl Change {
+    pub fn entry(&self) -> Entry {
+        fn put<T: serde::Serialize>(table: Table, key: String, record: &T) -> Entry {
+            Entry {
+                table,
+                key,
+                value: Some(serde_json::to_vec(record).expect("serialisable")),
+            }
+        }
+        fn delete(table: Table, key: &str) -> Entry {
+            Entry {
+                table,
+                key: key.to_owned(),
+                value: None,
+            }
+        }
+        match self {
+            Change::PutPair(p) => put(Table::Pairs, p.id.to_string(), p),
+            Change::DeletePair(id) => delete(Table::Pairs, id),
+            Change::PutGroup(g) => put(Table::Groups, g.id.to_string(), g),
+            Change::DeleteGroup(id) => delete(Table::Groups, id),
+            Change::PutJob(j) => put(Table::Jobs, j.id.to_string(), j),
+            Change::DeleteJob(id) => delete(Table::Jobs, id),
+            Change::PutNode(n) => put(Table::Nodes, n.name.clone(), n),
+            Change::PutToken(t) => put(Table::Tokens, t.id.clone(), t),
+        }
+    }
+}
+
 /// Everything the store holds, as read at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -49,12 +120,60 @@ pub struct Snapshot {
     pub tokens: Vec<TokenRecord>,
 }
 
+impl Snapshot {
+    /// Decodes one stored record into its table's list.
+    pub fn add(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        fn decode<T: serde::de::DeserializeOwned>(
+            key: &str,
+            value: &[u8],
+        ) -> Result<T, StoreError> {
+            serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+                key: key.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+        match table {
+            Table::Pairs => self.pairs.push(decode(key, value)?),
+            Table::Groups => self.groups.push(decode(key, value)?),
+            Table::Jobs => self.jobs.push(decode(key, value)?),
+            Table::Nodes => self.nodes.push(decode(key, value)?),
+            Table::Tokens => self.tokens.push(decode(key, value)?),
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records() == 0
+    }
+
+    pub fn records(&self) -> usize {
+        self.pairs.len()
+            + self.groups.len()
+            + self.jobs.len()
+            + self.nodes.len()
+            + self.tokens.len()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("coordinator store: {0}")]
     Backend(String),
     #[error("coordinator store: record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The store cannot commit now (etcd without a quorum, or unreachable).
+    #[error("the coordinator's store has no quorum ({0})")]
+    NoQuorum(String),
+    /// A fenced commit found that this coordinator no longer leads: nothing was written.
+    #[error(
+        "this coordinator's term {term} is over: another coordinator leads, and nothing was written"
+    )]
+    Deposed { term: u64 },
+    /// A commit larger than the store takes in one transaction.
+    #[error(
+        "coordinator store: a commit of {changes} changes is more than one etcd transaction takes ({limit}); nothing was written"
+    )]
+    TooLarge { changes: usize, limit: usize },
 }
 
 pub trait Store: Send + Sync {
@@ -67,110 +186,8 @@ fn backend<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// The embedded store: a redb database file.
-pub struct RedbStore {
-    db: Database,
-}
-
-impl RedbStore {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(backend)?;
-        // Create the tables so that reads find them.
-        let txn = db.begin_write().map_err(backend)?;
-        for table in [PAIRS, GROUPS, JOBS, NODES, TOKENS] {
-            txn.open_table(table).map_err(backend)?;
-        }
-        txn.commit().map_err(backend)?;
-        Ok(Self { db })
-    }
-}
-
-fn read_all<T: serde::de::DeserializeOwned>(
-    txn: &redb::ReadTransaction,
-    table: TableDefinition<&str, &[u8]>,
-) -> Result<Vec<T>, StoreError> {
-    let table = txn.open_table(table).map_err(backend)?;
-    let mut out = Vec::new();
-    for entry in table.iter().map_err(backend)? {
-        let (key, value) = entry.map_err(backend)?;
-        let record = serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt {
-            key: key.value().to_owned(),
-            reason: e.to_string(),
-        })?;
-        out.push(record);
-    }
-    Ok(out)
-}
-
-impl Store for RedbStore {
-    fn load(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        Ok(Snapshot {
-            pairs: read_all(&txn, PAIRS)?,
-            groups: read_all(&txn, GROUPS)?,
-            jobs: read_all(&txn, JOBS)?,
-            nodes: read_all(&txn, NODES)?,
-            tokens: read_all(&txn, TOKENS)?,
-        })
-    }
-
-    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
-            let mut pairs = txn.open_table(PAIRS).map_err(backend)?;
-            let mut groups = txn.open_table(GROUPS).map_err(backend)?;
-            let mut jobs = txn.open_table(JOBS).map_err(backend)?;
-            let mut nodes = txn.open_table(NODES).map_err(backend)?;
-            let mut tokens = txn.open_table(TOKENS).map_err(backend)?;
-            for change in changes {
-                match change {
-                    Change::PutPair(p) => {
-                        let bytes = serde_json::to_vec(p).expect("serialisable");
-                        pairs
-                            .insert(p.id.to_string().as_str(), bytes.as_slice())
-                            .map_err(backend)?;
-                    }
-                    Change::DeletePair(id) => {
-                        pairs.remove(id.as_str()).map_err(backend)?;
-                    }
-                    Change::PutGroup(g) => {
-                        let bytes = serde_json::to_vec(g).expect("serialisable");
-                        groups
-                            .insert(g.id.to_string().as_str(), bytes.as_slice())
-                            .map_err(backend)?;
-                    }
-                    Change::DeleteGroup(id) => {
-                        groups.remove(id.as_str()).map_err(backend)?;
-                    }
-                    Change::DeleteJob(id) => {
-                        jobs.remove(id.as_str()).map_err(backend)?;
-                    }
-                    Change::PutJob(j) => {
-                        let bytes = serde_json::to_vec(j).expect("serialisable");
-                        jobs.insert(j.id.to_string().as_str(), bytes.as_slice())
-                            .map_err(backend)?;
-                    }
-                    Change::PutNode(n) => {
-                        let bytes = serde_json::to_vec(n).expect("serialisable");
-                        nodes
-                            .insert(n.name.as_str(), bytes.as_slice())
-                            .map_err(backend)?;
-                    }
-                    Change::PutToken(t) => {
-                        let bytes = serde_json::to_vec(t).expect("serialisable");
-                        tokens
-                            .insert(t.id.as_str(), bytes.as_slice())
-                            .map_err(backend)?;
-                    }
-                }
-            }
-        }
-        txn.commit().map_err(backend)
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use blockrep_core::replication::{JobId, JobStatus, JobType, PairId};
 
     use super::*;
@@ -203,7 +220,7 @@ mod tests {
         assert!(snapshot.pairs.is_empty());
     }
 
-    fn job(progress: f64) -> JobRecord {
+    pub(super) fn job(progress: f64) -> JobRecord {
         JobRecord {
             id: JobId::random(),
             job_type: JobType::CreatePair,

@@ -12,18 +12,9 @@ use super::*;
 /// be told to refuse them.
 #[derive(Default)]
 pub struct MemoryStore {
-    tables: Mutex<Tables>,
+    tables: Mutex<BTreeMap<(Table, String), Vec<u8>>>,
     commits: AtomicUsize,
     refuse: AtomicBool,
-}
-
-#[derive(Clone, Default)]
-struct Tables {
-    pairs: BTreeMap<String, Vec<u8>>,
-    groups: BTreeMap<String, Vec<u8>>,
-    jobs: BTreeMap<String, Vec<u8>>,
-    nodes: BTreeMap<String, Vec<u8>>,
-    tokens: BTreeMap<String, Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -41,21 +32,18 @@ impl MemoryStore {
         self.refuse.store(refuse, Ordering::SeqCst);
     }
 
-    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+    fn tables(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Table, String), Vec<u8>>> {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Store for MemoryStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let tables = self.tables();
-        Ok(Snapshot {
-            pairs: decode_all(&tables.pairs)?,
-            groups: decode_all(&tables.groups)?,
-            jobs: decode_all(&tables.jobs)?,
-            nodes: decode_all(&tables.nodes)?,
-            tokens: decode_all(&tables.tokens)?,
-        })
+        let mut snapshot = Snapshot::default();
+        for ((table, key), value) in self.tables().iter() {
+            snapshot.add(*table, key, value)?;
+        }
+        Ok(snapshot)
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -65,56 +53,18 @@ impl Store for MemoryStore {
             ));
         }
         let mut tables = self.tables();
-        // Applied to a copy, which replaces the tables only once every change is in.
-        let mut next = tables.clone();
-        for change in changes {
-            match change {
-                Change::PutPair(p) => {
-                    next.pairs.insert(p.id.to_string(), encode(p));
+        // Every change is encoded before any is applied: all or none.
+        for entry in changes.iter().map(Change::entry).collect::<Vec<_>>() {
+            match entry.value {
+                Some(value) => {
+                    tables.insert((entry.table, entry.key), value);
                 }
-                Change::DeletePair(id) => {
-                    next.pairs.remove(id);
-                }
-                Change::PutGroup(g) => {
-                    next.groups.insert(g.id.to_string(), encode(g));
-                }
-                Change::DeleteGroup(id) => {
-                    next.groups.remove(id);
-                }
-                Change::PutJob(j) => {
-                    next.jobs.insert(j.id.to_string(), encode(j));
-                }
-                Change::DeleteJob(id) => {
-                    next.jobs.remove(id);
-                }
-                Change::PutNode(n) => {
-                    next.nodes.insert(n.name.clone(), encode(n));
-                }
-                Change::PutToken(t) => {
-                    next.tokens.insert(t.id.clone(), encode(t));
+                None => {
+                    tables.remove(&(entry.table, entry.key));
                 }
             }
         }
-        *tables = next;
         self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-}
-
-fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
-    serde_json::to_vec(record).expect("serialisable")
-}
-
-fn decode_all<T: serde::de::DeserializeOwned>(
-    table: &BTreeMap<String, Vec<u8>>,
-) -> Result<Vec<T>, StoreError> {
-    table
-        .iter()
-        .map(|(key, value)| {
-            serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })
-        })
-        .collect()
 }

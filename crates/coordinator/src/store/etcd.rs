@@ -1,0 +1,407 @@
+//! The store on etcd: the five tables as keys `PREFIX/v1/TABLE/ID`, each holding the record's
+//! JSON, and one commit as one etcd transaction.
+//!
+//! A leader's store is fenced ([`LeaderFence`]): its transaction commits only while the
+//! leader's election key still has the creation revision it was elected with (its term).
+//! A deposed leader, however long it was paused, writes nothing: etcd checks the compare
+//! when the transaction commits (docs/HA-COORDINATOR.md, "Fencing").
+//!
+//! The [`Store`] interface is synchronous (the coordinator commits under its state's lock,
+//! as redb does). The etcd client runs on a runtime of its own, on one thread the store
+//! owns, so a commit can wait for it from any thread, async or not.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp,
+};
+
+use super::{Change, Snapshot, Store, StoreError, Table};
+
+/// etcd refuses a transaction of more operations than its `--max-txn-ops` (128 unless
+/// configured otherwise). A commit over it is refused whole, never split.
+pub const MAX_TXN_OPS: usize = 128;
+/// Records read per page at load.
+const LOAD_PAGE: i64 = 500;
+/// How long a request that found no quorum waits before it is made again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Where etcd is and how to reach it (`[coordinator]`: `etcd_endpoints`, `etcd_prefix`,
+/// `etcd_ca`, `etcd_cert`, `etcd_key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// `http://host:port`, or `https://host:port` with [`EtcdTls`].
+    pub endpoints: Vec<String>,
+    /// Every key blockrep writes starts with it (`/blockrep` unless configured).
+    pub prefix: String,
+    pub tls: Option<EtcdTls>,
+    /// How long one request may take before it fails (a member without a quorum answers
+    /// at once; an unreachable one is waited for this long).
+    pub request_timeout: Duration,
+}
+
+/// Mutual TLS to etcd: the CA that signed the members' certificates, and this client's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl EtcdSettings {
+    pub const DEFAULT_PREFIX: &'static str = "/blockrep";
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: Self::DEFAULT_PREFIX.into(),
+            tls: None,
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The client's options: its timeouts, that a member without a leader refuses at once
+    /// (rather than serve a read it cannot vouch for), and its TLS. One attempt takes at
+    /// most a quarter of the request's time, so a request meets a member that is down and
+    /// is made again to another within it.
+    pub fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
+        let attempt = self.attempt_timeout();
+        let mut options = ConnectOptions::new()
+            .with_timeout(attempt)
+            .with_connect_timeout(attempt)
+            .with_keep_alive(Duration::from_secs(2), attempt)
+            .with_require_leader(true);
+        if let Some(tls) = &self.tls {
+            let read = |what: &str, path: &PathBuf| {
+                std::fs::read(path).map_err(|e| {
+                    StoreError::Backend(format!("read the etcd {what} {}: {e}", path.display()))
+                })
+            };
+            let ca = read("CA certificate", &tls.ca)?;
+            let cert = read("client certificate", &tls.cert)?;
+            let key = read("client key", &tls.key)?;
+            options = options.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .identity(Identity::from_pem(cert, key)),
+            );
+        }
+        Ok(options)
+    }
+
+    fn attempt_timeout(&self) -> Duration {
+        (self.request_timeout / 4).max(Duration::from_millis(250))
+    }
+
+    /// The prefix of every record's key.
+    fn records_prefix(&self) -> String {
+        format!("{}/v1/", self.prefix.trim_end_matches('/'))
+    }
+
+    /// The election's name: candidates' keys are `PREFIX/leader/LEASE`.
+    pub fn election_name(&self) -> String {
+        format!("{}/leader", self.prefix.trim_end_matches('/'))
+    }
+}
+
+/// What a leader's commits are conditioned on: its election key, and the creation revision
+/// that key had when it was elected (the leader's term).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderFence {
+    pub key: Vec<u8>,
+    pub term: u64,
+}
+
+pub struct EtcdStore {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    /// Ends the runtime's thread when the store is dropped.
+    _stop: tokio::sync::oneshot::Sender<()>,
+    settings: EtcdSettings,
+    fence: Option<LeaderFence>,
+    /// Called when a fenced commit finds its term over, or cannot tell whether it committed:
+    /// either way the leader steps down.
+    on_step_down: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Commits refused because the term was over.
+    refused: AtomicU64,
+}
+
+impl EtcdStore {
+    /// Connects to etcd. Unfenced: for moving records between stores while no coordinator
+    /// runs ([`super::transfer`]); a coordinator's store is [`EtcdStore::fenced`].
+    pub fn connect(settings: EtcdSettings) -> Result<Self, StoreError> {
+        let options = settings.connect_options()?;
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("etcd-store".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(|e| StoreError::Backend(format!("start the etcd client's thread: {e}")))?;
+        let runtime = handle_rx
+            .recv()
+            .map_err(|_| StoreError::Backend("the etcd client's thread ended".into()))?
+            .map_err(|e| StoreError::Backend(format!("the etcd client's runtime: {e}")))?;
+        let endpoints = settings.endpoints.clone();
+        let client = wait_on(&runtime, settings.request_timeout, move || {
+            let (endpoints, options) = (endpoints.clone(), options.clone());
+            async move {
+                Client::connect(endpoints, Some(options))
+                    .await
+                    .map_err(etcd_error)
+            }
+        })?;
+        Ok(Self {
+            client,
+            runtime,
+            _stop: stop,
+            settings,
+            fence: None,
+            on_step_down: None,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Every commit from now on is conditioned on `fence`.
+    pub fn fenced(mut self, fence: LeaderFence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// `step_down` is called when a commit finds the term over, or cannot tell whether it
+    /// committed.
+    pub fn on_step_down(mut self, step_down: Box<dyn Fn() + Send + Sync>) -> Self {
+        self.on_step_down = Some(step_down);
+        self
+    }
+
+    fn step_down(&self) {
+        if let Some(step_down) = &self.on_step_down {
+            step_down();
+        }
+    }
+
+    /// Commits refused because this store's leader was deposed.
+    pub fn refused_commits(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether a coordinator leads on this store now (an election key exists).
+    pub fn has_leader(&self) -> Result<bool, StoreError> {
+        let client = self.client.clone();
+        let name = format!("{}/", self.settings.election_name());
+        wait_on(&self.runtime, self.settings.request_timeout, move || {
+            let (mut client, name) = (client.clone(), name.clone());
+            async move {
+                let options = GetOptions::new().with_prefix().with_count_only();
+                let found = client.get(name, Some(options)).await.map_err(etcd_error)?;
+                Ok(found.count() > 0)
+            }
+        })
+    }
+
+    fn key(&self, table: Table, id: &str) -> String {
+        format!("{}{}/{id}", self.settings.records_prefix(), table.name())
+    }
+}
+
+impl Store for EtcdStore {
+    /// Every record, read page by page at one revision (the first page's), so the snapshot
+    /// is one moment of the store.
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let client = self.client.clone();
+        let prefix = self.settings.records_prefix();
+        wait_on(
+            &self.runtime,
+            self.settings.request_timeout * 4,
+            move || {
+                let (mut client, prefix) = (client.clone(), prefix.clone());
+                async move {
+                    let end = prefix_end(prefix.as_bytes());
+                    let mut snapshot = Snapshot::default();
+                    let mut from = prefix.clone().into_bytes();
+                    let mut revision = 0;
+                    loop {
+                        let mut options = GetOptions::new()
+                            .with_range(end.clone())
+                            .with_limit(LOAD_PAGE);
+                        if revision > 0 {
+                            options = options.with_revision(revision);
+                        }
+                        let page = client
+                            .get(from.clone(), Some(options))
+                            .await
+                            .map_err(etcd_error)?;
+                        if revision == 0 {
+                            revision = page.header().map_or(0, |h| h.revision());
+                        }
+                        for kv in page.kvs() {
+                            let key = String::from_utf8_lossy(kv.key());
+                            let Some((table, id)) = key
+                                .strip_prefix(&prefix)
+                                .and_then(|rest| rest.split_once('/'))
+                                .and_then(|(table, id)| Some((Table::from_name(table)?, id)))
+                            else {
+                                tracing::warn!(%key, "a key under the coordinator's prefix that is no record; ignored");
+                                continue;
+                            };
+                            snapshot.add(table, id, kv.value())?;
+                        }
+                        match page.kvs().last() {
+                            Some(last) if page.more() => {
+                                from = last.key().to_vec();
+                                from.push(0);
+                            }
+                            _ => return Ok(snapshot),
+                        }
+                    }
+                }
+            },
+        )
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        // A later change of a key replaces an earlier one (etcd refuses a transaction that
+        // names a key twice).
+        let mut entries = std::collections::BTreeMap::new();
+        for entry in changes.iter().map(Change::entry) {
+            entries.insert(self.key(entry.table, &entry.key), entry.value);
+        }
+        if entries.len() > MAX_TXN_OPS {
+            return Err(StoreError::TooLarge {
+                changes: entries.len(),
+                limit: MAX_TXN_OPS,
+            });
+        }
+        let operations: Vec<TxnOp> = entries
+            .into_iter()
+            .map(|(key, value)| match value {
+                Some(value) => TxnOp::put(key, value, None),
+                None => TxnOp::delete(key, None),
+            })
+            .collect();
+        let compares: Vec<Compare> = self
+            .fence
+            .iter()
+            .map(|f| Compare::create_revision(f.key.clone(), CompareOp::Equal, f.term as i64))
+            .collect();
+        let client = self.client.clone();
+        let committed = wait_on(&self.runtime, self.settings.request_timeout, move || {
+            let mut client = client.clone();
+            let txn = Txn::new()
+                .when(compares.clone())
+                .and_then(operations.clone());
+            async move {
+                let response = client.txn(txn).await.map_err(etcd_error)?;
+                Ok(response.succeeded())
+            }
+        });
+        let term = self.fence.as_ref().map_or(0, |f| f.term);
+        match committed {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    term,
+                    "a commit refused by etcd: this coordinator's term is over"
+                );
+                self.step_down();
+                Err(StoreError::Deposed { term })
+            }
+            Err(e) => {
+                // The transaction may have committed all the same (its answer was lost): the
+                // records in memory may be behind the store's, so the leader steps down, and
+                // whoever leads next loads them.
+                tracing::warn!(term, error = %e, "a commit of unknown outcome: the coordinator steps down");
+                self.step_down();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Runs `attempt` on the store's runtime and waits for it, at most `timeout` in all. An
+/// attempt that could not reach a member with a quorum is made again (the client may have
+/// picked a member that is down): every request the store makes is safe to repeat (a get, or
+/// a transaction of puts and deletes of whole records under the same compare).
+fn wait_on<T, F>(
+    runtime: &tokio::runtime::Handle,
+    timeout: Duration,
+    mut attempt: impl FnMut() -> F + Send + 'static,
+) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outcome = loop {
+            match tokio::time::timeout_at(deadline, attempt()).await {
+                Ok(Err(StoreError::NoQuorum(why))) => {
+                    if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                        break Err(StoreError::NoQuorum(why));
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(outcome) => break outcome,
+                Err(_) => {
+                    break Err(StoreError::NoQuorum(format!(
+                        "etcd did not answer in {timeout:?}"
+                    )));
+                }
+            }
+        };
+        let _ = tx.send(outcome);
+    });
+    rx.recv()
+        .map_err(|_| StoreError::Backend("the etcd client's runtime ended".into()))?
+}
+
+/// An etcd error as the store's: a member that cannot reach a quorum (or is unreachable)
+/// means the store cannot commit now; anything else is the backend's error.
+pub(crate) fn etcd_error(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error;
+    match &e {
+        Error::GRpcStatus(status)
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) =>
+        {
+            StoreError::NoQuorum(format!("etcd: {}", status.message()))
+        }
+        Error::TransportError(_) | Error::IoError(_) => StoreError::NoQuorum(format!("etcd: {e}")),
+        _ => StoreError::Backend(format!("etcd: {e}")),
+    }
+}
+
+/// The end of the range of keys that start with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}

@@ -1,0 +1,150 @@
+//! An etcd cluster for tests: members from the Debian package `etcd-server`, on loopback
+//! ports, with their data in the test's directory. Members can be killed and started again;
+//! every member still running is killed when the cluster is dropped.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cluster::free_tcp_port;
+use crate::require_tool;
+
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    process: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until the cluster has a leader.
+    pub fn start(dir: &Path, size: usize) -> Self {
+        require_tool("etcd");
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                name: format!("etcd{i}"),
+                client_port: free_tcp_port(),
+                peer_port: free_tcp_port(),
+                data_dir: dir.join(format!("etcd{i}")),
+                log: dir.join(format!("etcd{i}.log")),
+                process: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            members,
+            initial_cluster,
+        };
+        for i in 0..size {
+            cluster.start_member(i);
+        }
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    /// The client URLs of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// The endpoints as a TOML array.
+    pub fn endpoints_toml(&self) -> String {
+        let quoted: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    pub fn kill(&mut self, member: usize) {
+        if let Some(mut process) = self.members[member].process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// Starts a member again (after [`EtcdCluster::kill`]), with the data it had.
+    pub fn start_member(&mut self, member: usize) {
+        let m = &mut self.members[member];
+        assert!(m.process.is_none(), "{} is running", m.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("etcd log");
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let process = Command::new("etcd")
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "blockrep-test"])
+            // A leader lost is noticed in a second (the defaults: 100 ms and 1 s).
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        m.process = Some(process);
+    }
+
+    /// Waits until every running member says it is healthy (it has a leader).
+    pub fn wait_healthy(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for m in self.members.iter().filter(|m| m.process.is_some()) {
+            while !healthy(m.client_port) {
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member {} is not healthy after {timeout:?}; its log:\n{}",
+                    m.name,
+                    std::fs::read_to_string(&m.log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Whether the member at `port` answers its health check with a leader.
+fn healthy(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}

@@ -1,0 +1,220 @@
+//! The coordinator's store on a real three-member etcd: one commit is one transaction, a
+//! deposed leader's commits are refused, and commits stop (saying why) without a quorum,
+//! the coordinator stepping down since it cannot tell whether they went in.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use blockrep_coordinator::election::Candidate;
+use blockrep_coordinator::records::JobRecord;
+use blockrep_coordinator::{Change, EtcdSettings, EtcdStore, Store, StoreError};
+use blockrep_core::replication::{JobId, JobStatus, JobType};
+use blockrep_tests::etcd::EtcdCluster;
+
+fn job(progress: f64) -> JobRecord {
+    JobRecord {
+        id: JobId::random(),
+        job_type: JobType::CreatePair,
+        status: JobStatus::Running,
+        begin_time: "2026-12-07T00:00:00Z".into(),
+        end_time: None,
+        progress,
+        fail_reason: None,
+        pair: None,
+        group: None,
+        result: None,
+        project: "default".into(),
+    }
+}
+
+fn settings(etcd: &EtcdCluster, prefix: &str) -> EtcdSettings {
+    EtcdSettings {
+        prefix: prefix.into(),
+        request_timeout: Duration::from_secs(2),
+        ..EtcdSettings::new(etcd.endpoints())
+    }
+}
+
+fn sorted_jobs(store: &dyn Store) -> Vec<JobRecord> {
+    let mut jobs = store.load().unwrap().jobs;
+    jobs.sort_by(|a, b| a.progress.total_cmp(&b.progress));
+    jobs
+}
+
+#[test]
+fn records_commit_whole_and_load_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(dir.path(), 3);
+    let store = EtcdStore::connect(settings(&etcd, "/records")).unwrap();
+    assert!(store.load().unwrap().is_empty());
+
+    // 1200 records, more than two pages of a load, in commits of 100.
+    let jobs: Vec<JobRecord> = (0..1200).map(|i| job(f64::from(i))).collect();
+    for chunk in jobs.chunks(100) {
+        store
+            .commit(
+                &chunk
+                    .iter()
+                    .cloned()
+                    .map(Change::PutJob)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+    }
+    assert_eq!(sorted_jobs(&store), jobs);
+
+    // A commit over etcd's transaction limit is refused whole.
+    let over: Vec<Change> = (0..129)
+        .map(|i| Change::PutJob(job(5000.0 + f64::from(i))))
+        .collect();
+    let refused = store.commit(&over);
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::TooLarge {
+                changes: 129,
+                limit: 128
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(store.load().unwrap().jobs.len(), 1200);
+
+    // A put and a delete in one commit; a key changed twice keeps its last change.
+    let mut moved = jobs[0].clone();
+    moved.progress = 0.5;
+    store
+        .commit(&[
+            Change::DeleteJob(jobs[1].id.to_string()),
+            Change::PutJob(jobs[0].clone()),
+            Change::PutJob(moved.clone()),
+        ])
+        .unwrap();
+    let now = sorted_jobs(&store);
+    assert_eq!(now.len(), 1199);
+    assert_eq!(now[0], moved);
+
+    // Another prefix is another store.
+    let other = EtcdStore::connect(settings(&etcd, "/other")).unwrap();
+    assert!(other.load().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_commits_are_refused_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(dir.path(), 3);
+    let settings = settings(&etcd, "/fenced");
+    let ttl = Duration::from_secs(2);
+    let first = Candidate::connect(&settings, "127.0.0.1:1".into(), ttl)
+        .await
+        .unwrap();
+    let second = Candidate::connect(&settings, "127.0.0.1:2".into(), ttl)
+        .await
+        .unwrap();
+
+    let old = first.campaign().await.unwrap();
+    let deposed = Arc::new(AtomicUsize::new(0));
+    let told = Arc::clone(&deposed);
+    let old_store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
+        .unwrap()
+        .fenced(old.fence.clone())
+        .on_step_down(Box::new(move || {
+            told.fetch_add(1, Ordering::SeqCst);
+        }));
+    let a = job(1.0);
+    tokio::task::block_in_place(|| old_store.commit(&[Change::PutJob(a.clone())])).unwrap();
+    assert_eq!(
+        second.leader().await.unwrap().map(|l| (l.address, l.term)),
+        Some(("127.0.0.1:1".into(), old.term()))
+    );
+
+    // The old leader's lease goes (as a pause past its TTL would end it); the second
+    // candidate leads with a larger term.
+    let old_term = old.term();
+    old.resign().await;
+    let new = second.campaign().await.unwrap();
+    assert!(new.term() > old_term, "{} after {old_term}", new.term());
+    let new_store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
+        .unwrap()
+        .fenced(new.fence.clone());
+
+    // The old leader, unaware, commits: refused, nothing written, and it is told.
+    let b = job(2.0);
+    let refused = tokio::task::block_in_place(|| {
+        old_store.commit(&[
+            Change::DeleteJob(a.id.to_string()),
+            Change::PutJob(b.clone()),
+        ])
+    });
+    assert!(
+        matches!(refused, Err(StoreError::Deposed { term }) if term == old_term),
+        "{refused:?}"
+    );
+    assert_eq!(deposed.load(Ordering::SeqCst), 1);
+    assert_eq!(old_store.refused_commits(), 1);
+    assert_eq!(
+        tokio::task::block_in_place(|| sorted_jobs(&new_store)),
+        vec![a.clone()]
+    );
+
+    // The new leader's commits go through.
+    tokio::task::block_in_place(|| new_store.commit(&[Change::PutJob(b.clone())])).unwrap();
+    assert_eq!(
+        tokio::task::block_in_place(|| sorted_jobs(&new_store)),
+        vec![a, b]
+    );
+}
+
+#[test]
+fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(dir.path(), 3);
+    let steps_down = Arc::new(AtomicUsize::new(0));
+    let told = Arc::clone(&steps_down);
+    let store = EtcdStore::connect(settings(&etcd, "/quorum"))
+        .unwrap()
+        .on_step_down(Box::new(move || {
+            told.fetch_add(1, Ordering::SeqCst);
+        }));
+
+    // One member of three down: a quorum remains.
+    etcd.kill(0);
+    store.commit(&[Change::PutJob(job(1.0))]).unwrap();
+
+    // Two down: no quorum. The commit fails within its timeout, saying why. Whether it went
+    // in is unknown (a member may have proposed it, to commit once a quorum is back), so the
+    // coordinator is told to step down: the next leader loads what the store holds.
+    etcd.kill(1);
+    let started = std::time::Instant::now();
+    let refused = store.commit(&[Change::PutJob(job(2.0))]);
+    assert!(
+        matches!(refused, Err(StoreError::NoQuorum(_))),
+        "{refused:?}"
+    );
+    assert!(
+        refused.unwrap_err().to_string().contains("no quorum"),
+        "the error says why"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(steps_down.load(Ordering::SeqCst), 1);
+
+    // A member back: a quorum again, and commits go on.
+    etcd.start_member(1);
+    etcd.wait_healthy(Duration::from_secs(30));
+    let c = job(3.0);
+    blockrep_tests::cluster::wait_until(
+        Duration::from_secs(20),
+        "a commit with a quorum back",
+        || store.commit(&[Change::PutJob(c.clone())]).is_ok(),
+    );
+    let progress: Vec<f64> = sorted_jobs(&store).iter().map(|j| j.progress).collect();
+    assert!(
+        progress == [1.0, 3.0] || progress == [1.0, 2.0, 3.0],
+        "{progress:?}"
+    );
+}
