@@ -167,10 +167,16 @@ impl NodeSpec {
 /// What every node's configuration adds: top-level keys and sections (`extra`, where
 /// `{node_dir}` stands for the node's own directory), and keys of the `[cluster]` section
 /// (`cluster_extra`).
+///
+/// With `candidates` > 0, the first `candidates` nodes are the candidates of an HA
+/// coordinator (their `[coordinator]` section is `coordinator_section`), and every node
+/// lists them all (`cluster.coordinators`). Otherwise the first node runs the coordinator.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClusterConfig<'a> {
     pub extra: &'a str,
     pub cluster_extra: &'a str,
+    pub candidates: usize,
+    pub coordinator_section: &'a str,
 }
 
 /// Ports a test chooses for its daemons to listen on come from outside the kernel's
@@ -249,7 +255,7 @@ impl TestCluster {
             &specs,
             ClusterConfig {
                 extra,
-                cluster_extra: "",
+                ..ClusterConfig::default()
             },
         )
     }
@@ -260,6 +266,8 @@ impl TestCluster {
         let ClusterConfig {
             extra,
             cluster_extra,
+            candidates,
+            coordinator_section,
         } = config;
         let nodes: Vec<(&str, &str)> = specs
             .iter()
@@ -270,7 +278,15 @@ impl TestCluster {
         let ports: Vec<u16> = nodes.iter().map(|_| free_udp_port()).collect();
         let metrics_ports: Vec<u16> = nodes.iter().map(|_| free_tcp_port()).collect();
         let api_ports: Vec<u16> = nodes.iter().map(|_| free_tcp_port()).collect();
-        let coordinator = format!("{}:{}", specs[0].address, ports[0]);
+        let runs_coordinator = |i: usize| i < candidates.max(1);
+        let coordinators = if candidates == 0 {
+            format!("coordinator = \"{}:{}\"", specs[0].address, ports[0])
+        } else {
+            let listed: Vec<String> = (0..candidates)
+                .map(|i| format!("\"{}:{}\"", specs[i].address, ports[i]))
+                .collect();
+            format!("coordinators = [{}]", listed.join(", "))
+        };
         let mut cluster = Self {
             dir: dir.to_owned(),
             nodes: Vec::new(),
@@ -289,18 +305,22 @@ impl TestCluster {
                 "--out-dir",
                 tls.to_str().unwrap(),
             ];
-            // The first node runs the coordinator.
-            if i == 0 {
+            if runs_coordinator(i) {
                 issue.push("--coordinator");
             }
             cli(&issue);
             let config = node_dir.join("blockrepd.toml");
             // `{node_dir}` in the shared text is each node's own directory.
             let extra = extra.replace("{node_dir}", &node_dir.display().to_string());
+            let section = if candidates > 0 && runs_coordinator(i) {
+                format!("[coordinator]\n{coordinator_section}\n")
+            } else {
+                String::new()
+            };
             std::fs::write(
                 &config,
                 format!(
-                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{extra}\n[api]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"{}:{}\"\ncoordinator = \"{coordinator}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
+                    "node_name = \"{name}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{extra}\n[api]\nlisten = \"127.0.0.1:{}\"\n[cluster]\nlisten = \"{}:{}\"\n{coordinators}\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n{section}",
                     node_dir.join("state").display(),
                     node_dir.join("run").display(),
                     metrics_ports[i],
@@ -310,7 +330,7 @@ impl TestCluster {
                     tls.join("ca.pem").display(),
                     tls.join("node.pem").display(),
                     tls.join("node.key").display(),
-                    i == 0
+                    runs_coordinator(i)
                 ),
             )
             .unwrap();
@@ -334,8 +354,34 @@ impl TestCluster {
         cluster
     }
 
+    /// The node the tests call the coordinator through: the first node (which runs it, or
+    /// is a candidate of an HA coordinator), or while that one is down, the first running
+    /// node (which forwards to the coordinator).
     pub fn coordinator(&self) -> &Node {
-        &self.nodes[0]
+        if self.nodes[0].daemon.is_some() {
+            return &self.nodes[0];
+        }
+        self.nodes
+            .iter()
+            .find(|n| n.daemon.is_some())
+            .unwrap_or(&self.nodes[0])
+    }
+
+    /// The node whose coordinator leads, as the cluster's node list says.
+    pub fn leader(&self) -> Option<String> {
+        let nodes = self
+            .coordinator()
+            .daemon()
+            .cli(&["--output", "json", "node", "list"]);
+        if !nodes.status.success() {
+            return None;
+        }
+        let nodes: Value = serde_json::from_slice(&nodes.stdout).ok()?;
+        nodes
+            .as_array()?
+            .iter()
+            .find(|n| n["coordinator_role"] == "leader")
+            .and_then(|n| n["name"].as_str().map(str::to_owned))
     }
 
     pub fn node(&self, name: &str) -> &Node {
@@ -361,7 +407,14 @@ impl TestCluster {
             .map(|n| n.name.as_str())
             .collect();
         wait_until(Duration::from_secs(30), "every node registered", || {
-            let nodes = self.coordinator().cli_json(&["node", "list"]);
+            // An HA coordinator may not have elected its leader yet: not an error.
+            let out = self
+                .coordinator()
+                .daemon()
+                .cli(&["--output", "json", "node", "list"]);
+            let Ok(nodes) = serde_json::from_slice::<Value>(&out.stdout) else {
+                return false;
+            };
             running.iter().all(|name| {
                 nodes
                     .as_array()

@@ -29,6 +29,7 @@ impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader.
     pub fn start(dir: &Path, size: usize) -> Self {
         require_tool("etcd");
+        std::fs::create_dir_all(dir).expect("etcd's directory");
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 name: format!("etcd{i}"),

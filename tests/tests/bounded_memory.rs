@@ -38,6 +38,8 @@ fn bounded_cluster(dir: &Path) -> TestCluster {
         ClusterConfig {
             extra: "[replication]\njournal_bytes = \"32MiB\"\napply_queue_bytes = \"16MiB\"\n",
             cluster_extra: "",
+            candidates: 0,
+            coordinator_section: "",
         },
     );
     cluster
@@ -155,6 +157,8 @@ fn a_stage_log_at_its_cap_falls_back_to_the_bitmap_and_keeps_a_consistent_image(
             // a DR side that keeps up never holds 4 MiB staged, and the cap is never met).
             extra: "[replication]\nepoch_interval_ms = 10000\nstage_log_max_bytes = \"4MiB\"\n",
             cluster_extra: "",
+            candidates: 0,
+            coordinator_section: "",
         },
     );
     let (_, dr, pair) = cluster.pair_two_files(dir.path(), "async", "async", 64 * MIB);

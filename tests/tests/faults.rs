@@ -27,6 +27,8 @@ const BLOCK: u64 = 4096;
 const FAST_TIMEOUT: ClusterConfig<'static> = ClusterConfig {
     extra: "",
     cluster_extra: "peer_timeout_ms = 1000",
+    candidates: 0,
+    coordinator_section: "",
 };
 
 fn two_nodes() -> Vec<NodeSpec> {
@@ -97,6 +99,8 @@ fn a_dr_agent_killed_mid_stream_is_caught_up_with_only_what_changed() {
         ClusterConfig {
             extra: "[replication]\njournal_bytes = \"32MiB\"\n",
             cluster_extra: FAST_TIMEOUT.cluster_extra,
+            candidates: 0,
+            coordinator_section: "",
         },
     );
     let (prod, dr) = file_volumes(&cluster, dir.path(), 1024 * MIB);
@@ -302,6 +306,8 @@ fn a_link_cut_during_a_catch_up_leaves_the_dr_volume_a_consistent_image() {
         ClusterConfig {
             extra: "[replication]\nepoch_interval_ms = 200\n",
             cluster_extra: FAST_TIMEOUT.cluster_extra,
+            candidates: 0,
+            coordinator_section: "",
         },
     );
     let records: u64 = 32 * 1024; // 128 MiB of records
@@ -578,6 +584,8 @@ fn verify_finds_a_block_changed_behind_the_dr_agent_and_repair_copies_it_again()
         ClusterConfig {
             extra: "[replication]\nepoch_interval_ms = 200\n",
             cluster_extra: FAST_TIMEOUT.cluster_extra,
+            candidates: 0,
+            coordinator_section: "",
         },
     );
     let (prod, dr) = file_volumes(&cluster, dir.path(), 64 * MIB);

@@ -87,6 +87,8 @@ fn group_in_namespace_at(
         ClusterConfig {
             extra: "[replication]\nepoch_interval_ms = 200\n",
             cluster_extra: "peer_timeout_ms = 1000",
+            candidates: 0,
+            coordinator_section: "",
         },
     );
     let production = [Member::new("node-a", "p1"), Member::new("node-c", "p2")];

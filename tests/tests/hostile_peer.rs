@@ -398,6 +398,7 @@ impl<'a> RawPeer<'a> {
         let request = ClusterRequest {
             request: Some(request),
             scope: None,
+            leader_term: 0,
         };
         self.runtime
             .block_on(self.endpoint.call(self.address(node), name, &request))

@@ -29,6 +29,8 @@ const MIB: u64 = 1 << 20;
 const FAST_TIMEOUT: ClusterConfig<'static> = ClusterConfig {
     extra: "",
     cluster_extra: "peer_timeout_ms = 1000",
+    candidates: 0,
+    coordinator_section: "",
 };
 
 /// Two nodes; node-b (the DR side) loses its unsynced writes when it dies.

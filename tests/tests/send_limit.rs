@@ -107,6 +107,8 @@ fn a_pair_held_back_by_the_send_limit_is_not_taken_for_a_silent_peer() {
         ClusterConfig {
             extra: "[replication]\nmax_bytes_per_sec = \"1MiB\"\n",
             cluster_extra: "peer_timeout_ms = 1000\n",
+            candidates: 0,
+            coordinator_section: "",
         },
     );
     cluster.wait_nodes_alive();

@@ -1,5 +1,6 @@
 //! `blockrep`: the operator's command line, talking to the local blockrepd over gRPC.
 
+mod coordinator_store;
 mod ping;
 mod render;
 mod stdout;
@@ -51,6 +52,9 @@ enum Command {
     /// The cluster's nodes, as the coordinator sees them.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The coordinator's records: moved between stores (redb, etcd).
+    #[command(subcommand)]
+    Coordinator(CoordinatorCommand),
     /// Replication pairs.
     #[command(subcommand)]
     Pair(PairCommand),
@@ -96,6 +100,27 @@ fn parse_send_limit(text: &str) -> Result<SendLimitArg, String> {
         return Ok(SendLimitArg::Off);
     }
     blockrep_api::parse_size(text).map(SendLimitArg::BytesPerSec)
+}
+
+#[derive(Subcommand)]
+enum CoordinatorCommand {
+    /// Write every record of a coordinator's store as JSON lines (to --out, or stdout).
+    Export {
+        #[command(flatten)]
+        from: coordinator_store::StoreArgs,
+        /// The file to write (stdout if not given).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Read an export into an empty store (from --in, or stdin), while no coordinator runs
+    /// on it.
+    Import {
+        #[command(flatten)]
+        to: coordinator_store::StoreArgs,
+        /// The export to read (stdin if not given).
+        #[arg(long = "in")]
+        input: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -573,11 +598,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let command = match cli.command {
         Command::Cluster(command) => return cluster_command(command, &out).await,
+        Command::Coordinator(command) => return coordinator_command(command, &out),
         other => other,
     };
     let mut client: AgentClient<Channel> = blockrep_api::connect(&cli.socket).await?;
     match command {
-        Command::Cluster(_) => unreachable!("handled above"),
+        Command::Cluster(_) | Command::Coordinator(_) => unreachable!("handled above"),
         Command::Node(NodeCommand::List) => {
             let nodes = call(client.list_nodes(proto::ListNodesRequest {})).await?;
             out.print(&nodes);
@@ -948,6 +974,30 @@ fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Runs the commands that need no daemon: certificates, and reaching a node.
+fn coordinator_command(command: CoordinatorCommand, out: &Output) -> anyhow::Result<()> {
+    let (what, records) = match command {
+        CoordinatorCommand::Export { from, out: file } => {
+            let to_stdout = file.is_none();
+            let records = coordinator_store::export(from, file)?;
+            if to_stdout {
+                // The records are the output: the count goes to stderr.
+                eprintln!("exported {records} records");
+                return Ok(());
+            }
+            ("exported", records)
+        }
+        CoordinatorCommand::Import { to, input } => {
+            ("imported", coordinator_store::import(to, input)?)
+        }
+    };
+    if out.json {
+        sayln!("{}", serde_json::json!({ what: records }));
+    } else {
+        sayln!("{what} {records} records");
+    }
+    Ok(())
+}
+
 async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Result<()> {
     match command {
         ClusterCommand::InitCa { dir } => {

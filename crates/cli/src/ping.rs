@@ -32,6 +32,7 @@ pub async fn ping(
             proto::ListNodesRequest {},
         )),
         scope: None,
+        leader_term: 0,
     };
     let started = std::time::Instant::now();
     let response = endpoint

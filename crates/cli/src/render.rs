@@ -879,6 +879,7 @@ fn node_json(n: &proto::Node) -> Value {
         "last_seen": n.last_seen,
         "volumes": n.volumes,
         "coordinator": n.coordinator,
+        "coordinator_role": n.coordinator_role,
         "peers_refused": n.peers_refused,
         "requests_refused": n.requests_refused,
         "pool": n.pool.map(|p| pool_json(&p)),
@@ -1210,10 +1211,11 @@ impl Render for proto::ListNodesResponse {
                     },
                     n.last_seen.clone(),
                     n.volumes.to_string(),
-                    if n.coordinator {
-                        "coordinator".into()
-                    } else {
-                        String::new()
+                    match n.coordinator_role.as_str() {
+                        "leader" => "coordinator (leader)".into(),
+                        "candidate" => "candidate".into(),
+                        _ if n.coordinator => "coordinator".into(),
+                        _ => String::new(),
                     },
                     n.peers_refused.to_string(),
                     n.requests_refused.to_string(),

@@ -14,6 +14,8 @@ use crate::stdout::{say, sayln};
 /// Polls start this often and slow down to `POLL`: a short job is seen to end at once.
 const FIRST_POLL: Duration = Duration::from_millis(25);
 const POLL: Duration = Duration::from_millis(500);
+/// How long the coordinator may be unavailable before the wait gives up.
+const COORDINATOR_AWAY: Duration = Duration::from_secs(30);
 
 pub async fn wait_for_job(
     client: &mut AgentClient<Channel>,
@@ -25,11 +27,33 @@ pub async fn wait_for_job(
     let started = Instant::now();
     let mut last_line = String::new();
     let mut poll = FIRST_POLL;
+    let mut unavailable_since = None;
     loop {
-        let j = call(client.get_job(proto::JobRef {
-            job: job.to_owned(),
-        }))
-        .await?;
+        // A coordinator that is away for a moment (an HA coordinator's leader changing) is
+        // waited for, within the timeout; any other error ends the wait.
+        let asked = client
+            .get_job(proto::JobRef {
+                job: job.to_owned(),
+            })
+            .await;
+        let j = match asked {
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                let since = *unavailable_since.get_or_insert_with(Instant::now);
+                let waited_out =
+                    timeout_s > 0 && started.elapsed() > Duration::from_secs(timeout_s);
+                if waited_out || since.elapsed() > COORDINATOR_AWAY {
+                    return call(std::future::ready(Err(status)))
+                        .await
+                        .map(|_: proto::Job| ());
+                }
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            asked => {
+                unavailable_since = None;
+                call(std::future::ready(asked)).await?
+            }
+        };
         let finished = j.status == "SUCCESS" || j.status == "FAIL";
         if terminal {
             let width = 30;

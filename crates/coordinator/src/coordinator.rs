@@ -186,6 +186,9 @@ pub struct Coordinator {
     node: String,
     /// What every timer reads.
     clock: Arc<dyn Clock>,
+    /// The leader term of an HA coordinator (0 with an embedded store): every command to an
+    /// agent carries it, and agents refuse the commands of an older one.
+    term: u64,
 }
 
 impl Coordinator {
@@ -195,9 +198,18 @@ impl Coordinator {
         node: String,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, ApiError> {
-        let snapshot = store
-            .load()
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Self::open_as_leader(store, agents, node, clock, 0)
+    }
+
+    /// Opens the coordinator of an HA leader of `term` (its store fenced by that term).
+    pub fn open_as_leader(
+        store: Arc<dyn Store>,
+        agents: Arc<dyn Agents>,
+        node: String,
+        clock: Arc<dyn Clock>,
+        term: u64,
+    ) -> Result<Arc<Self>, ApiError> {
+        let snapshot = store.load().map_err(store_error)?;
         let state = State {
             nodes: snapshot
                 .nodes
@@ -249,7 +261,13 @@ impl Coordinator {
             agents,
             node,
             clock,
+            term,
         }))
+    }
+
+    /// This coordinator's leader term (0 with an embedded store).
+    pub fn term(&self) -> u64 {
+        self.term
     }
 
     fn now(&self) -> Instant {
@@ -274,9 +292,7 @@ impl Coordinator {
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), ApiError> {
-        self.store
-            .commit(changes)
-            .map_err(|e| ApiError::Internal(e.to_string()))
+        self.store.commit(changes).map_err(store_error)
     }
 
     /// Answers a cluster request addressed to the coordinator: for the operator (the local
@@ -392,6 +408,18 @@ impl Coordinator {
     }
 }
 
+/// A store's refusal as the caller sees it: a store without a quorum, or a coordinator no
+/// longer leading, is unavailable for now (503); anything else is the coordinator's error.
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    use crate::store::StoreError;
+    match e {
+        StoreError::NoQuorum(_) | StoreError::Deposed { .. } => {
+            ApiError::Unavailable(e.to_string())
+        }
+        _ => ApiError::Internal(e.to_string()),
+    }
+}
+
 /// A record by its id, or by a name no other record of its kind has.
 fn find_by_id_or_name<Id, R>(
     records: &BTreeMap<Id, R>,
@@ -425,12 +453,24 @@ where
 /// Test-only faults, compiled in only with the `fault-injection` feature.
 mod fault {
     /// Aborts the process (as a `kill -9` would end it) once an operation has recorded a
-    /// step whose description contains `BLOCKREP_FAULT_COORDINATOR_CRASH_AT`.
+    /// step whose description contains `BLOCKREP_FAULT_COORDINATOR_CRASH_AT`, or the text
+    /// of the file `BLOCKREP_FAULT_COORDINATOR_CRASH_FILE`. The file is removed first, so it
+    /// kills one coordinator once (of several candidates that share it), and a test can set
+    /// the next step without restarting them.
     #[cfg(feature = "fault-injection")]
     pub fn crash_at(step: &str) {
         if let Ok(at) = std::env::var("BLOCKREP_FAULT_COORDINATOR_CRASH_AT")
             && !at.is_empty()
             && step.contains(&at)
+        {
+            tracing::error!(step, "fault injection: the coordinator dies here");
+            std::process::abort();
+        }
+        if let Ok(file) = std::env::var("BLOCKREP_FAULT_COORDINATOR_CRASH_FILE")
+            && let Ok(at) = std::fs::read_to_string(&file)
+            && !at.trim().is_empty()
+            && step.contains(at.trim())
+            && std::fs::remove_file(&file).is_ok()
         {
             tracing::error!(step, "fault injection: the coordinator dies here");
             std::process::abort();

@@ -20,6 +20,9 @@ use tokio::sync::watch;
 use crate::store::etcd::etcd_error;
 use crate::store::{EtcdSettings, LeaderFence, StoreError};
 
+/// How long giving the leadership up may take (its lease expires anyway).
+const RESIGN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A daemon that may lead.
 pub struct Candidate {
     client: Client,
@@ -27,6 +30,8 @@ pub struct Candidate {
     /// What followers answer as the leader's address (this daemon's cluster address).
     address: String,
     ttl: Duration,
+    /// How long a call that should answer at once may take (the campaign waits unbounded).
+    request_timeout: Duration,
 }
 
 /// Who leads, as anyone reads it from etcd.
@@ -53,17 +58,21 @@ impl Candidate {
         address: String,
         ttl: Duration,
     ) -> Result<Self, StoreError> {
-        let client = Client::connect(
-            settings.endpoints.clone(),
-            Some(settings.connect_options()?),
+        let request_timeout = settings.request_timeout;
+        let client = bounded(
+            request_timeout,
+            Client::connect(
+                settings.endpoints.clone(),
+                Some(settings.options_for_long_calls()?),
+            ),
         )
-        .await
-        .map_err(etcd_error)?;
+        .await?;
         Ok(Self {
             client,
             name: settings.election_name(),
             address,
             ttl: ttl.max(Duration::from_secs(2)),
+            request_timeout,
         })
     }
 
@@ -71,17 +80,30 @@ impl Candidate {
         self.ttl
     }
 
+    /// The address this candidate campaigns with.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// Campaigns until this candidate leads. Fails if etcd cannot be reached or the lease is
     /// lost while waiting; the caller campaigns again.
     pub async fn campaign(&self) -> Result<Leadership, StoreError> {
         let mut client = self.client.clone();
-        let lease = client
-            .lease_grant(self.ttl.as_secs() as i64, None)
-            .await
-            .map_err(etcd_error)?
-            .id();
+        let lease = bounded(
+            self.request_timeout,
+            client.lease_grant(self.ttl.as_secs() as i64, None),
+        )
+        .await?
+        .id();
         let (lost_tx, mut lost) = watch::channel(None);
-        let keeper = tokio::spawn(keep_alive(client.clone(), lease, self.ttl, lost_tx));
+        // Ends the renewals if this campaign is given up (its future dropped): the lease
+        // then expires, and its key with it.
+        let mut keeper = AbortOnDrop(Some(tokio::spawn(keep_alive(
+            client.clone(),
+            lease,
+            self.ttl,
+            lost_tx,
+        ))));
         let campaign = client.campaign(self.name.clone(), self.address.clone(), lease);
         let won = tokio::select! {
             won = campaign => won.map_err(etcd_error),
@@ -93,14 +115,13 @@ impl Candidate {
         let leader_key = match won.map(|mut r| r.take_leader()) {
             Ok(Some(key)) => key,
             Ok(None) => {
-                keeper.abort();
                 return Err(StoreError::Backend(
                     "etcd answered the campaign without a leader key".into(),
                 ));
             }
             Err(e) => {
-                keeper.abort();
-                let _ = client.lease_revoke(lease).await;
+                drop(keeper);
+                let _ = bounded(self.request_timeout, client.lease_revoke(lease)).await;
                 return Err(e);
             }
         };
@@ -111,7 +132,7 @@ impl Candidate {
             },
             lease,
             client,
-            keeper,
+            keeper: keeper.0.take().expect("the keeper runs"),
             lost,
             leader_key,
         })
@@ -120,7 +141,12 @@ impl Candidate {
     /// Who leads now, if anyone.
     pub async fn leader(&self) -> Result<Option<Leader>, StoreError> {
         let mut client = self.client.clone();
-        match client.leader(self.name.clone()).await {
+        let asked = tokio::time::timeout(self.request_timeout, client.leader(self.name.clone()))
+            .await
+            .map_err(|_| {
+                StoreError::NoQuorum(format!("etcd did not answer in {:?}", self.request_timeout))
+            })?;
+        match asked {
             Ok(response) => Ok(response.kv().map(|kv| Leader {
                 address: String::from_utf8_lossy(kv.value()).into_owned(),
                 term: kv.create_revision() as u64,
@@ -132,6 +158,19 @@ impl Candidate {
             }
             Err(e) => Err(etcd_error(e)),
         }
+    }
+}
+
+/// `call`, failing as etcd's unavailability if it takes longer than `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(answer) => answer.map_err(etcd_error),
+        Err(_) => Err(StoreError::NoQuorum(format!(
+            "etcd did not answer in {timeout:?}"
+        ))),
     }
 }
 
@@ -156,19 +195,26 @@ impl Leadership {
     /// lease to expire), as far as etcd can be reached.
     pub async fn resign(mut self) {
         self.keeper.abort();
-        let _ = self
-            .client
-            .resign(Some(
-                ResignOptions::new().with_leader(self.leader_key.clone()),
-            ))
-            .await;
-        let _ = self.client.lease_revoke(self.lease).await;
+        let leader = ResignOptions::new().with_leader(self.leader_key.clone());
+        let _ = bounded(RESIGN_TIMEOUT, self.client.resign(Some(leader))).await;
+        let _ = bounded(RESIGN_TIMEOUT, self.client.lease_revoke(self.lease)).await;
     }
 }
 
 impl Drop for Leadership {
     fn drop(&mut self) {
         self.keeper.abort();
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 
@@ -185,7 +231,10 @@ async fn keep_alive(
     let mut stream = None;
     loop {
         if stream.is_none() {
-            stream = client.lease_keep_alive(lease).await.ok();
+            stream = tokio::time::timeout(ttl / 3, client.lease_keep_alive(lease))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         let sent_at = Instant::now();
         let answer = match stream.as_mut() {

@@ -13,7 +13,7 @@
 use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, TokenRecord};
 
 pub(crate) mod etcd;
-pub use etcd::{EtcdSettings, EtcdStore, EtcdTls, LeaderFence};
+pub use etcd::{EtcdSettings, EtcdStore, EtcdTls, LeaderFence, MAX_TXN_OPS};
 #[cfg(test)]
 mod memory;
 #[cfg(test)]

@@ -23,16 +23,21 @@ use blockrep_replication::endpoint::{
     BoxFuture, ClusterEndpoint, Inbound, Peer, Refusal, ReplicationStream, error_response,
 };
 use blockrep_replication::membership::{Fence, Side};
-use blockrep_tls::{COORDINATOR_NAME, NodeTls};
+use blockrep_tls::NodeTls;
 use blockrep_volume::DIRECT_IO_ALIGN;
 use blockrep_wire::Hello;
+use std::sync::Mutex;
 
 use crate::agent::Agent;
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, CoordinatorStore};
 use crate::pair_proto::{self, pair_states};
 
 mod authority;
 use authority::Sender;
+mod leader_term;
+use leader_term::LeaderTerm;
+mod leadership;
+use leadership::CoordinatorRole;
 
 /// How often this node reports to the coordinator.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -42,7 +47,12 @@ const GROUP_HOLD_TIMEOUT: Duration =
 pub struct Cluster {
     pub config: ClusterConfig,
     pub endpoint: Arc<ClusterEndpoint>,
-    pub coordinator: Option<Arc<Coordinator>>,
+    /// The coordinator this daemon runs now, if any.
+    role: CoordinatorRole,
+    /// The coordinator this daemon's calls go to first: the one that answered last.
+    leader_hint: Mutex<SocketAddr>,
+    /// The highest coordinator term this agent has seen.
+    leader_term: LeaderTerm,
     agent: Arc<Agent>,
 }
 
@@ -95,39 +105,54 @@ impl Cluster {
         let agents = Arc::new(AgentsOverQuic {
             cluster: OnceLock::new(),
         });
-        let coordinator = if config.coordinator_role {
-            let path = agent.config.state_dir.join("coordinator.redb");
-            let store = RedbStore::open(&path).map_err(|e| {
-                anyhow::anyhow!("open the coordinator store {}: {e}", path.display())
-            })?;
-            let coordinator = Coordinator::open(
-                Arc::new(store),
-                Arc::clone(&agents) as Arc<dyn Agents>,
-                agent.config.node_name.clone(),
-                Arc::new(blockrep_coordinator::SystemClock),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            tokio::spawn(Arc::clone(&coordinator).drive());
-            // Async consistency groups are cut at the interval lone pairs cut at.
-            tokio::spawn(
-                Arc::clone(&coordinator).cut_groups(agent.config.replication.epoch_interval),
-            );
-            Some(coordinator)
-        } else {
-            None
-        };
+        let role = CoordinatorRole::default();
+        let mut candidate_of = None;
+        if config.coordinator_role {
+            match &config.coordinator_store {
+                CoordinatorStore::Redb => {
+                    let path = agent.config.state_dir.join("coordinator.redb");
+                    let store = RedbStore::open(&path).map_err(|e| {
+                        anyhow::anyhow!("open the coordinator store {}: {e}", path.display())
+                    })?;
+                    let coordinator = Coordinator::open(
+                        Arc::new(store),
+                        Arc::clone(&agents) as Arc<dyn Agents>,
+                        agent.config.node_name.clone(),
+                        Arc::new(blockrep_coordinator::SystemClock),
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    tokio::spawn(Arc::clone(&coordinator).drive());
+                    // Async consistency groups are cut at the interval lone pairs cut at.
+                    tokio::spawn(
+                        Arc::clone(&coordinator)
+                            .cut_groups(agent.config.replication.epoch_interval),
+                    );
+                    role.set_single(coordinator);
+                }
+                CoordinatorStore::Etcd {
+                    settings,
+                    lease_ttl,
+                } => candidate_of = Some((settings.clone(), *lease_ttl)),
+            }
+        }
+        let leader_term = LeaderTerm::load(&agent.config.state_dir)?;
         let cluster = Arc::new(Self {
+            leader_hint: Mutex::new(config.coordinators[0]),
             config,
             endpoint,
-            coordinator,
+            role,
+            leader_term,
             agent: Arc::clone(&agent),
         });
+        if let Some((settings, ttl)) = candidate_of {
+            tokio::spawn(Arc::clone(&cluster).lead(settings, ttl));
+        }
         let _ = handler.cluster.set(Arc::clone(&cluster));
         let _ = agents.cluster.set(Arc::clone(&cluster));
         agent.restore_pairs();
         agent.serve_drills();
         tokio::spawn(Arc::clone(&cluster).heartbeat());
-        tracing::info!(listen = %cluster.config.listen, coordinator = %cluster.config.coordinator,
+        tracing::info!(listen = %cluster.config.listen, coordinators = ?cluster.config.coordinators,
             coordinator_role = cluster.config.coordinator_role, "cluster endpoint up");
         Ok(cluster)
     }
@@ -148,19 +173,11 @@ impl Cluster {
         let request = ClusterRequest {
             request: Some(request),
             scope,
+            leader_term: 0,
         };
-        let response = match &self.coordinator {
+        let response = match self.role.leading() {
             Some(coordinator) => coordinator.handle(request, self.config.listen).await,
-            None => self
-                .endpoint
-                .call(self.config.coordinator, COORDINATOR_NAME, &request)
-                .await
-                .map_err(|e| {
-                    ApiError::Unavailable(format!(
-                        "the coordinator at {} is unreachable: {e}",
-                        self.config.coordinator
-                    ))
-                })?,
+            None => self.call_coordinator(&request).await?,
         };
         answer_for(project.as_deref(), response)
     }
@@ -182,9 +199,15 @@ impl Cluster {
             let report = self.report();
             match self.coordinator_call(Request::Report(report)).await {
                 Ok(Response::ReportAck(ack)) => {
-                    self.take_up_roles(&ack.roles);
+                    // The roles of a coordinator whose term is over are not taken up.
+                    match self.leader_term.admit(ack.leader_term, "a report's answer") {
+                        Ok(_term) => self.take_up_roles(&ack.roles),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the roles a report's answer gives are not taken up")
+                        }
+                    }
                     if !reachable {
-                        tracing::info!(coordinator = %self.config.coordinator, "coordinator reachable again");
+                        tracing::info!("coordinator reachable again");
                     }
                     reachable = true;
                 }
@@ -241,7 +264,33 @@ impl Cluster {
                 .load(std::sync::atomic::Ordering::Relaxed),
             requests_refused: self.endpoint.counters.refused_total(),
             pool: crate::agent::pool_proto(&self.agent),
+            coordinator_candidate: matches!(
+                self.config.coordinator_store,
+                CoordinatorStore::Etcd { .. }
+            ) && self.config.coordinator_role,
         }
+    }
+
+    /// The coordinator this daemon runs now, if any.
+    pub fn coordinator(&self) -> Option<Arc<Coordinator>> {
+        self.role.leading()
+    }
+
+    /// Runs a coordinator's command on this agent, if its term is not older than the
+    /// highest this agent has seen; the term is held while the command runs.
+    fn command(
+        &self,
+        request: Request,
+        term: u64,
+        peer: Option<SocketAddr>,
+    ) -> Result<Response, AgentRefusal> {
+        let newer = term > self.leader_term.highest();
+        let (name, _) = authority::classify(&request);
+        let _term = self.leader_term.admit(term, name)?;
+        if newer && let Some(peer) = peer {
+            self.follow(peer);
+        }
+        self.agent_request(request)
     }
 
     /// Makes a pool volume for the coordinator. Asking again for a volume the pool made
@@ -462,6 +511,9 @@ impl Cluster {
                 }
                 return Ok(Response::Done(proto::Done {}));
             }
+            // The term was taken as the command was admitted (its own, and the one the
+            // request carries).
+            Request::AdoptTerm(_) => return Ok(Response::Done(proto::Done {})),
             Request::MarkDirty(c) => {
                 let pair = pair_id(&c.pair_id)?;
                 let size = self.agent.pair_volume_handle(pair)?.volume.size();
@@ -572,7 +624,7 @@ impl Inbound for Handler {
             let Some(cluster) = self.cluster.get() else {
                 return error_response(503, "the node is starting".into());
             };
-            let scope = request.scope;
+            let (scope, leader_term) = (request.scope, request.leader_term);
             let Some(request) = request.request else {
                 return error_response(400, "empty request".into());
             };
@@ -584,35 +636,43 @@ impl Inbound for Handler {
             match authority::classify(&request).1 {
                 Sender::Coordinator => {
                     let owner = Arc::clone(cluster);
-                    let answer = tokio::task::spawn_blocking(move || owner.agent_request(request))
-                        .await
-                        .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
-                        .map_err(|refusal| {
-                            if let AgentRefusal::OutOfBounds(what) = &refusal {
-                                counters.refuse(&peer, Refusal::BadRange, what);
-                            }
-                            ApiError::from(refusal)
-                        });
+                    let (term, from) = (leader_term, peer.address);
+                    let answer = tokio::task::spawn_blocking(move || {
+                        owner.command(request, term, Some(from))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
+                    .map_err(|refusal| {
+                        if let AgentRefusal::OutOfBounds(what) = &refusal {
+                            counters.refuse(&peer, Refusal::BadRange, what);
+                        }
+                        ApiError::from(refusal)
+                    });
                     ClusterResponse {
                         response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
                         answered_for_project: String::new(),
                     }
                 }
-                Sender::ItsOwnNode | Sender::AnyNode => match &cluster.coordinator {
+                Sender::ItsOwnNode | Sender::AnyNode => match cluster.role.leading() {
                     Some(coordinator) => {
                         // A REST call keeps its caller's token: the coordinator answers for
                         // that project only.
                         let request = ClusterRequest {
                             request: Some(request),
                             scope,
+                            leader_term: 0,
                         };
                         coordinator.handle(request, peer.address).await
                     }
+                    None if cluster.role.is_candidate() => ClusterResponse {
+                        response: Some(Response::NotLeader(cluster.role.not_leader().await)),
+                        answered_for_project: String::new(),
+                    },
                     None => error_response(
                         503,
                         format!(
-                            "node {} does not run the coordinator (it is at {})",
-                            cluster.agent.config.node_name, cluster.config.coordinator
+                            "node {} does not run the coordinator (it is at {:?})",
+                            cluster.agent.config.node_name, cluster.config.coordinators
                         ),
                     ),
                 },
@@ -652,14 +712,16 @@ impl Agents for AgentsOverQuic {
                 .get()
                 .ok_or_else(|| ApiError::Unavailable("the node is starting".into()))?;
             if node == cluster.agent.config.node_name {
+                let term = request.leader_term;
                 let Some(request) = request.request else {
                     return Err(ApiError::InvalidArgument("empty request".into()));
                 };
                 let cluster = Arc::clone(cluster);
-                let answer = tokio::task::spawn_blocking(move || cluster.agent_request(request))
-                    .await
-                    .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
-                    .map_err(ApiError::from);
+                let answer =
+                    tokio::task::spawn_blocking(move || cluster.command(request, term, None))
+                        .await
+                        .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
+                        .map_err(ApiError::from);
                 return Ok(ClusterResponse {
                     response: Some(answer.unwrap_or_else(|e| Response::Error(e.into()))),
                     answered_for_project: String::new(),

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use blockrep_coordinator::{EtcdSettings, EtcdTls};
 use blockrep_core::Granularity;
 use blockrep_replication::CongestionControl;
 use blockrep_replication::production::ReplicationConfig;
@@ -49,6 +50,7 @@ struct RawConfig {
     #[serde(default)]
     nbd: RawNbd,
     cluster: Option<RawCluster>,
+    coordinator: Option<RawCoordinator>,
     #[serde(default)]
     replication: RawReplication,
     metrics_listen: Option<String>,
@@ -106,7 +108,10 @@ pub struct ApiConfig {
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     listen: String,
-    coordinator: String,
+    /// The coordinator (one), or
+    coordinator: Option<String>,
+    /// the coordinator candidates (an HA coordinator on etcd).
+    coordinators: Option<Vec<String>>,
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -116,6 +121,35 @@ struct RawCluster {
     peer_timeout_ms: u64,
     #[serde(default = "default_congestion_control")]
     congestion_control: String,
+}
+
+/// The `[coordinator]` section, for a daemon with `cluster.coordinator_role`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    #[serde(default = "default_store")]
+    store: String,
+    #[serde(default)]
+    etcd_endpoints: Vec<String>,
+    #[serde(default = "default_etcd_prefix")]
+    etcd_prefix: String,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    #[serde(default = "default_lease_ttl_secs")]
+    lease_ttl_secs: u64,
+}
+
+fn default_store() -> String {
+    "redb".into()
+}
+
+fn default_etcd_prefix() -> String {
+    EtcdSettings::DEFAULT_PREFIX.into()
+}
+
+fn default_lease_ttl_secs() -> u64 {
+    5
 }
 
 fn default_congestion_control() -> String {
@@ -173,14 +207,31 @@ fn default_journal_bytes() -> ByteSize {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConfig {
     pub listen: SocketAddr,
-    pub coordinator: SocketAddr,
+    /// Where the coordinator is: the one, or every candidate of an HA coordinator (the
+    /// agent follows whichever leads).
+    pub coordinators: Vec<SocketAddr>,
     pub tls: TlsFiles,
-    /// This daemon runs the coordinator (at `coordinator`).
+    /// This daemon runs the coordinator, or is one of its candidates.
     pub coordinator_role: bool,
+    /// Where this daemon's coordinator keeps its records (with `coordinator_role`).
+    pub coordinator_store: CoordinatorStore,
     /// A peer silent this long is gone: its connection is dropped and its pairs leave
     /// `active`.
     pub peer_timeout: Duration,
     pub congestion: CongestionControl,
+}
+
+/// Where the coordinator keeps its records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoordinatorStore {
+    /// A redb file in the state directory: one coordinator.
+    Redb,
+    /// etcd: every daemon with `coordinator_role` is a candidate, one leads at a time.
+    Etcd {
+        settings: EtcdSettings,
+        /// The leader's lease: a leader that does not renew it for this long is replaced.
+        lease_ttl: Duration,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +335,101 @@ pub struct Config {
     pub pool: Option<PoolConfig>,
 }
 
+/// The `[coordinator]` section, checked.
+fn coordinator_store(
+    raw: Option<RawCoordinator>,
+    listen: SocketAddr,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<CoordinatorStore, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(CoordinatorStore::Redb);
+    };
+    match raw.store.as_str() {
+        "redb" => return Ok(CoordinatorStore::Redb),
+        "etcd" => {}
+        other => {
+            return Err(invalid(
+                "coordinator.store",
+                format!("{other:?} is not a store: \"redb\" (one coordinator) or \"etcd\""),
+            ));
+        }
+    }
+    if raw.etcd_endpoints.is_empty() {
+        return Err(invalid(
+            "coordinator.etcd_endpoints",
+            "lists no endpoint: give every etcd member's client URL".into(),
+        ));
+    }
+    let https = raw.etcd_endpoints.iter().any(|e| e.starts_with("https://"));
+    for endpoint in &raw.etcd_endpoints {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(invalid(
+                "coordinator.etcd_endpoints",
+                format!("{endpoint:?} is not an http:// or https:// URL"),
+            ));
+        }
+    }
+    let tls = match (raw.etcd_ca, raw.etcd_cert, raw.etcd_key) {
+        (None, None, None) if https => {
+            return Err(invalid(
+                "coordinator.etcd_ca",
+                "https endpoints need etcd_ca, etcd_cert and etcd_key (mutual TLS)".into(),
+            ));
+        }
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => {
+            for (k, file) in [
+                ("coordinator.etcd_ca", &ca),
+                ("coordinator.etcd_cert", &cert),
+                ("coordinator.etcd_key", &key),
+            ] {
+                if !file.is_absolute() {
+                    return Err(invalid(
+                        k,
+                        format!("{} is not an absolute path", file.display()),
+                    ));
+                }
+            }
+            Some(EtcdTls { ca, cert, key })
+        }
+        _ => {
+            return Err(invalid(
+                "coordinator.etcd_ca",
+                "give etcd_ca, etcd_cert and etcd_key together".into(),
+            ));
+        }
+    };
+    if !raw.etcd_prefix.starts_with('/') || raw.etcd_prefix.len() < 2 {
+        return Err(invalid(
+            "coordinator.etcd_prefix",
+            format!("{:?} must start with / and name something", raw.etcd_prefix),
+        ));
+    }
+    if !(2..=60).contains(&raw.lease_ttl_secs) {
+        return Err(invalid(
+            "coordinator.lease_ttl_secs",
+            format!("{} must be from 2 to 60", raw.lease_ttl_secs),
+        ));
+    }
+    if listen.ip().is_unspecified() {
+        return Err(invalid(
+            "cluster.listen",
+            format!(
+                "{listen}: a coordinator candidate gives its listen address to the others as the leader's, so it must be one they can reach"
+            ),
+        ));
+    }
+    Ok(CoordinatorStore::Etcd {
+        settings: EtcdSettings {
+            endpoints: raw.etcd_endpoints,
+            prefix: raw.etcd_prefix,
+            tls,
+            request_timeout: EtcdSettings::DEFAULT_REQUEST_TIMEOUT,
+        },
+        lease_ttl: Duration::from_secs(raw.lease_ttl_secs),
+    })
+}
+
 /// The largest single NBD write, which one admission must fit in the activity log.
 const MAX_WRITE: u64 = 64 << 20;
 
@@ -297,7 +443,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
@@ -394,6 +540,14 @@ impl Config {
             })
             .transpose()?;
 
+        let raw_coordinator = raw.coordinator.take();
+        if raw_coordinator.is_some() && !raw.cluster.as_ref().is_some_and(|c| c.coordinator_role) {
+            return Err(invalid(
+                "coordinator",
+                "the [coordinator] section is for a daemon with cluster.coordinator_role = true"
+                    .into(),
+            ));
+        }
         let cluster = raw
             .cluster
             .map(|c| -> Result<ClusterConfig, ConfigError> {
@@ -403,12 +557,36 @@ impl Config {
                         .map_err(|e| invalid(key, format!("{value:?}: {e}")))
                 };
                 let listen = addr("cluster.listen", &c.listen)?;
-                let coordinator = addr("cluster.coordinator", &c.coordinator)?;
-                if coordinator.ip().is_unspecified() {
-                    return Err(invalid(
-                        "cluster.coordinator",
-                        format!("{coordinator} is not an address another host can reach"),
-                    ));
+                let (key, listed) = match (&c.coordinator, &c.coordinators) {
+                    (Some(one), None) => ("cluster.coordinator", vec![one.clone()]),
+                    (None, Some(many)) if !many.is_empty() => ("cluster.coordinators", many.clone()),
+                    (None, Some(_)) => {
+                        return Err(invalid("cluster.coordinators", "lists no address".into()));
+                    }
+                    (None, None) => {
+                        return Err(invalid(
+                            "cluster.coordinator",
+                            "is required (or cluster.coordinators, the candidates of an HA coordinator)"
+                                .into(),
+                        ));
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(
+                            "cluster.coordinators",
+                            "give cluster.coordinator or cluster.coordinators, not both".into(),
+                        ));
+                    }
+                };
+                let mut coordinators = Vec::new();
+                for text in &listed {
+                    let coordinator = addr(key, text)?;
+                    if coordinator.ip().is_unspecified() {
+                        return Err(invalid(
+                            key,
+                            format!("{coordinator} is not an address another host can reach"),
+                        ));
+                    }
+                    coordinators.push(coordinator);
                 }
                 for (key, file) in [
                     ("cluster.ca_cert", &c.ca_cert),
@@ -432,11 +610,14 @@ impl Config {
                     .congestion_control
                     .parse()
                     .map_err(|e| invalid("cluster.congestion_control", e))?;
+                let coordinator_store =
+                    coordinator_store(raw_coordinator, listen, &invalid)?;
                 Ok(ClusterConfig {
                     peer_timeout: Duration::from_millis(c.peer_timeout_ms),
                     congestion,
                     listen,
-                    coordinator,
+                    coordinators,
+                    coordinator_store,
                     tls: TlsFiles {
                         ca_cert: c.ca_cert,
                         cert: c.cert,
@@ -729,6 +910,103 @@ mod tests {
         );
         assert!(error_of("availability_zone = \"az1\"\n").contains("missing field `node_name`"));
         assert!(error_of(&format!("{MINIMAL}colour = 1\n")).contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn an_ha_coordinator_is_configured_and_checked() {
+        let cluster = "[cluster]\nlisten = \"10.0.1.5:7790\"\ncoordinators = [\"10.0.1.5:7790\", \"10.0.2.5:7790\", \"10.0.3.5:7790\"]\nca_cert = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\nkey = \"/c/n.key\"\ncoordinator_role = true\n";
+        let section = "[coordinator]\nstore = \"etcd\"\netcd_endpoints = [\"https://10.0.1.9:2379\", \"https://10.0.2.9:2379\", \"https://10.0.3.9:2379\"]\netcd_ca = \"/e/ca.pem\"\netcd_cert = \"/e/c.pem\"\netcd_key = \"/e/c.key\"\n";
+        let c = parse(&format!("{MINIMAL}{cluster}{section}"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.coordinators.len(), 3);
+        let CoordinatorStore::Etcd {
+            settings,
+            lease_ttl,
+        } = &c.coordinator_store
+        else {
+            panic!("{:?}", c.coordinator_store);
+        };
+        assert_eq!(*lease_ttl, Duration::from_secs(5), "the default TTL");
+        assert_eq!(settings.prefix, "/blockrep");
+        assert!(settings.tls.is_some());
+        // Without the section: the embedded store.
+        let c = parse(&format!("{MINIMAL}{cluster}"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.coordinator_store, CoordinatorStore::Redb);
+
+        for (bad, key) in [
+            (
+                section.replace("\"etcd\"", "\"zookeeper\""),
+                "coordinator.store",
+            ),
+            (
+                section.replace("etcd_ca = \"/e/ca.pem\"\n", ""),
+                "coordinator.etcd_ca",
+            ),
+            (
+                section.replace(
+                    "etcd_ca = \"/e/ca.pem\"\netcd_cert = \"/e/c.pem\"\netcd_key = \"/e/c.key\"\n",
+                    "",
+                ),
+                "https endpoints need etcd_ca",
+            ),
+            (
+                format!("{section}lease_ttl_secs = 1\n"),
+                "coordinator.lease_ttl_secs",
+            ),
+            (
+                section.replace("https://10.0.1.9:2379", "10.0.1.9:2379"),
+                "coordinator.etcd_endpoints",
+            ),
+            (
+                format!("{section}etcd_prefix = \"blockrep\"\n"),
+                "coordinator.etcd_prefix",
+            ),
+        ] {
+            let error = error_of(&format!("{MINIMAL}{cluster}{bad}"));
+            assert!(error.contains(key), "{key}: {error}");
+        }
+        // A candidate's listen address is the leader's address others are given.
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}{}{section}",
+                cluster.replace("listen = \"10.0.1.5", "listen = \"0.0.0.0")
+            ))
+            .contains("cluster.listen")
+        );
+        // The section is for a coordinator's daemon only.
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}{}{section}",
+                cluster.replace("coordinator_role = true", "coordinator_role = false")
+            ))
+            .contains("[coordinator] section is for a daemon with cluster.coordinator_role")
+        );
+        // One coordinator or a list, not both, and not none.
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}{}",
+                cluster.replace(
+                    "coordinators = [",
+                    "coordinator = \"10.0.1.5:7790\"\ncoordinators = ["
+                )
+            ))
+            .contains("not both")
+        );
+        assert!(
+            error_of(&format!(
+                "{MINIMAL}{}",
+                cluster.replace(
+                    "coordinators = [\"10.0.1.5:7790\", \"10.0.2.5:7790\", \"10.0.3.5:7790\"]",
+                    "coordinators = []"
+                )
+            ))
+            .contains("lists no address")
+        );
     }
 
     #[test]

@@ -205,6 +205,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(());
     if let Some(cluster) = &cluster {
+        // A leading coordinator candidate gives the leadership up: another leads at once.
+        cluster.resign().await;
         cluster.endpoint.close();
     }
     let drained = Arc::clone(&agent);

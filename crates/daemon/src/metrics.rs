@@ -271,8 +271,8 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
             "Requests and streams of authenticated peers refused for what they asked (a role command not from the coordinator, a report for another node, a stream from another node than the pair's peer, a range past the volume)",
             requests,
         );
-        if let Some(coordinator) = &cluster.coordinator {
-            register_groups(&mut registry, coordinator);
+        if let Some(coordinator) = cluster.coordinator() {
+            register_groups(&mut registry, &coordinator);
         }
     }
 

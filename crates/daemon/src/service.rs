@@ -188,7 +188,7 @@ impl agent_server::Agent for AgentService {
             coordinator: self
                 .cluster
                 .as_ref()
-                .is_some_and(|c| c.coordinator.is_some()),
+                .is_some_and(|c| c.coordinator().is_some()),
             pool: crate::agent::pool_proto(&self.agent),
             drills: crate::agent::drill_protos(&self.agent),
         }))

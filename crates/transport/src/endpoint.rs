@@ -722,6 +722,7 @@ mod tests {
                 },
             )),
             scope: None,
+            leader_term: 0,
         };
         let lying_hello = Hello {
             version: ProtocolVersion::CURRENT,

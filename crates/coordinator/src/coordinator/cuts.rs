@@ -668,10 +668,7 @@ impl Coordinator {
                 continue;
             };
             let agents = Arc::clone(&self.agents);
-            let request = ClusterRequest {
-                request: Some(request(pairs, to.0)),
-                scope: None,
-            };
+            let request = self.command(request(pairs, to.0));
             calls.spawn(async move {
                 let answer = agents.call(&host, address, request).await;
                 (host, to, answer)

@@ -115,6 +115,15 @@ impl Coordinator {
 
     // ---- calling agents ----
 
+    /// A command to an agent, carrying this coordinator's term.
+    pub(super) fn command(&self, request: Request) -> ClusterRequest {
+        ClusterRequest {
+            request: Some(request),
+            scope: None,
+            leader_term: self.term,
+        }
+    }
+
     pub(super) async fn call_agent(
         &self,
         node: &str,
@@ -123,14 +132,7 @@ impl Coordinator {
     ) -> Result<(), ApiError> {
         let response = self
             .agents
-            .call(
-                node,
-                address,
-                ClusterRequest {
-                    request: Some(request),
-                    scope: None,
-                },
-            )
+            .call(node, address, self.command(request))
             .await?;
         Self::answer_of(node, response)
     }
@@ -155,19 +157,11 @@ impl Coordinator {
         let address = self.lock().nodes.get(node).map(|n| n.record.address);
         let agents = Arc::clone(&self.agents);
         let node = node.to_owned();
+        let request = self.command(request);
         Box::pin(async move {
             let address = address
                 .ok_or_else(|| ApiError::Unavailable(format!("node {node} is not registered")))?;
-            let answer = agents
-                .call(
-                    &node,
-                    address,
-                    ClusterRequest {
-                        request: Some(request),
-                        scope: None,
-                    },
-                )
-                .await?;
+            let answer = agents.call(&node, address, request).await?;
             match answer.response {
                 Some(Response::Error(e)) => Err(e.into()),
                 Some(response) => Ok(response),

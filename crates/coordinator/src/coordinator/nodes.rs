@@ -5,6 +5,39 @@
 use super::*;
 
 impl Coordinator {
+    /// An HA leader's first act, before its driver and cut loops start: tells every
+    /// registered node its term, all at once, waiting at most `patience`. A node that took
+    /// it refuses the commands of every older leader from then on. Answers the nodes that
+    /// did not (down or unreachable): they take the term with the first command of it they
+    /// receive.
+    pub async fn adopt_term(&self, patience: Duration) -> Vec<String> {
+        let nodes: Vec<String> = self.lock().nodes.keys().cloned().collect();
+        let mut calls = tokio::task::JoinSet::new();
+        for node in &nodes {
+            let call = self.ask_agent(
+                node,
+                Request::AdoptTerm(proto::AdoptTerm { term: self.term }),
+            );
+            let node = node.clone();
+            calls.spawn(async move { (node, call.await) });
+        }
+        let mut unreached: std::collections::BTreeSet<String> = nodes.into_iter().collect();
+        let deadline = tokio::time::Instant::now() + patience;
+        while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, calls.join_next()).await {
+            match joined {
+                Ok((node, Ok(_))) => {
+                    unreached.remove(&node);
+                }
+                Ok((node, Err(e))) => {
+                    tracing::warn!(node, term = self.term, error = %e, "a node did not take the new leader's term");
+                }
+                Err(_) => {}
+            }
+        }
+        calls.abort_all();
+        unreached.into_iter().collect()
+    }
+
     /// A node's heartbeat: registers it (first time, or moved) and records what it
     /// reported. Answers with the pairs the coordinator knows the node is in.
     pub fn report(
@@ -48,6 +81,7 @@ impl Coordinator {
         Ok(proto::ReportAck {
             pair_ids,
             roles: Self::roles_of(&state, &name),
+            leader_term: self.term,
         })
     }
 
@@ -72,6 +106,13 @@ impl Coordinator {
                     .unwrap_or_else(|| "not since the coordinator started".into()),
                 volumes: n.report.volumes.len() as u32,
                 coordinator: n.record.name == self.node,
+                coordinator_role: if n.record.name == self.node {
+                    "leader".into()
+                } else if n.report.coordinator_candidate {
+                    "candidate".into()
+                } else {
+                    String::new()
+                },
                 peers_refused: n.report.peers_refused,
                 requests_refused: n.report.requests_refused,
                 pool: n.report.pool,

@@ -313,6 +313,7 @@ mod tests {
                         token_sha256: blockrep_api::token::sha256(secret),
                         project_id: project.into(),
                     }),
+                    leader_term: 0,
                 },
                 address("n9"),
             )

@@ -69,9 +69,16 @@ impl EtcdSettings {
     /// most a quarter of the request's time, so a request meets a member that is down and
     /// is made again to another within it.
     pub fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
+        Ok(self
+            .options_for_long_calls()?
+            .with_timeout(self.attempt_timeout()))
+    }
+
+    /// The options without a time limit per request, for calls that wait by design (an
+    /// election campaign waits until it leads): their callers bound the others.
+    pub fn options_for_long_calls(&self) -> Result<ConnectOptions, StoreError> {
         let attempt = self.attempt_timeout();
         let mut options = ConnectOptions::new()
-            .with_timeout(attempt)
             .with_connect_timeout(attempt)
             .with_keep_alive(Duration::from_secs(2), attempt)
             .with_require_leader(true);

@@ -4,7 +4,7 @@
 //!
 //! | request | who may send it |
 //! |---|---|
-//! | an agent command: take, leave or switch a pair's side, promote, fence, pause, resume, verify, a group's cut, release or commit, what a group's pairs staged, dirty blocks, extend, make or delete a pool volume | a coordinator's certificate |
+//! | an agent command: take, leave or switch a pair's side, promote, fence, pause, resume, verify, a group's cut, release or commit, what a group's pairs staged, dirty blocks, extend, make or delete a pool volume, points and drills, a new leader's term | a coordinator's certificate, of a term not older than the highest the agent has seen |
 //! | a heartbeat (`Report`) | any node, for the node its certificate names |
 //! | an operator's call forwarded to the coordinator (pairs, groups, jobs, nodes, API tokens), or a REST API call (which also carries its token, checked by the coordinator) | any node |
 //!
@@ -56,6 +56,7 @@ pub fn classify(request: &Request) -> (&'static str, Sender) {
         Request::CreateDrill(_) => ("CreateDrill", Coordinator),
         Request::DeleteDrill(_) => ("DeleteDrill", Coordinator),
         Request::CheckDrill(_) => ("CheckDrill", Coordinator),
+        Request::AdoptTerm(_) => ("AdoptTerm", Coordinator),
         Request::Report(_) => ("Report", ItsOwnNode),
         Request::CreatePair(_) => ("CreatePair", AnyNode),
         Request::ListPairs(_) => ("ListPairs", AnyNode),

@@ -34,10 +34,7 @@ impl Coordinator {
             .call(
                 &record.dr_node,
                 plan.dr_address,
-                ClusterRequest {
-                    request: Some(Request::BecomeDr(assignment)),
-                    scope: None,
-                },
+                self.command(Request::BecomeDr(assignment)),
             )
             .await;
         match asked.map(|answer| Self::answer_of(&record.dr_node, answer)) {
