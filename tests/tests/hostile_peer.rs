@@ -390,6 +390,11 @@ impl<'a> RawPeer<'a> {
 
     /// Calls `node` (dialled by its node name, or the coordinator's).
     fn call(&self, node: &str, request: Request) -> ClusterResponse {
+        self.call_in_term(node, request, 0)
+    }
+
+    /// Calls `node` with a command of coordinator term `term`.
+    fn call_in_term(&self, node: &str, request: Request, term: u64) -> ClusterResponse {
         let name = if node == self.cluster.coordinator().name {
             COORDINATOR_NAME
         } else {
@@ -398,7 +403,7 @@ impl<'a> RawPeer<'a> {
         let request = ClusterRequest {
             request: Some(request),
             scope: None,
-            leader_term: 0,
+            leader_term: term,
         };
         self.runtime
             .block_on(self.endpoint.call(self.address(node), name, &request))
@@ -578,6 +583,72 @@ fn a_node_of_the_cluster_cannot_command_another_nor_pose_as_it() {
 
     ranges_are_checked_even_from_a_coordinator_certificate(&cluster, &runtime, &pairs, &before);
     an_impostor_daemon_does_not_start(&cluster, dir.path());
+    // Last: it leaves the agent following a term the cluster's coordinator does not have.
+    a_deposed_coordinators_commands_are_refused(&cluster, &runtime, &pairs, &before);
+}
+
+/// An HA coordinator's leader sends its term to every agent when it takes over; a
+/// coordinator of an older term (deposed, and unaware of it) is then refused, counted as
+/// `stale_term`, and changes nothing. The term survives the agent's restart.
+fn a_deposed_coordinators_commands_are_refused(
+    cluster: &TestCluster,
+    runtime: &tokio::runtime::Runtime,
+    pairs: &[Pair],
+    before: &Snapshot,
+) {
+    let leaders = RawPeer::new(
+        cluster,
+        runtime,
+        &certificate(&cluster.dir, "co-elsewhere", true),
+    );
+    let taken = leaders.call_in_term(
+        PRODUCTION,
+        Request::AdoptTerm(proto::AdoptTerm { term: 50 }),
+        50,
+    );
+    assert!(
+        matches!(taken.response, Some(Response::Done(_))),
+        "{taken:?}"
+    );
+    let pair = &pairs[0];
+    let stale = [
+        Request::PausePair(proto::PairCommand {
+            pair_id: pair.id.clone(),
+            ..Default::default()
+        }),
+        Request::MarkDirty(proto::MarkDirty {
+            pair_id: pair.id.clone(),
+            runs: vec![proto::Extent {
+                offset: 0,
+                length: MIB,
+            }],
+        }),
+        Request::AdoptTerm(proto::AdoptTerm { term: 49 }),
+    ];
+    let sent = stale.len() as u64;
+    for request in stale {
+        let what = format!("{request:?}");
+        let response = leaders.call_in_term(PRODUCTION, request, 49);
+        assert_eq!(error_code(&response), Some(409), "{what}: {response:?}");
+        let Some(Response::Error(e)) = &response.response else {
+            unreachable!()
+        };
+        assert!(
+            e.message.contains("of coordinator term 49 refused: this node follows term 50"),
+            "{e:?}"
+        );
+    }
+    assert_eq!(refusals(cluster.node(PRODUCTION))["stale_term"], sent);
+    for pair in pairs {
+        pair.wait_active(cluster);
+    }
+    assert_eq!(
+        before.differences(&Snapshot::take(cluster, pairs)),
+        Vec::<String>::new()
+    );
+    let kept = std::fs::read_to_string(cluster.node(PRODUCTION).dir.join("state/leader-term"))
+        .unwrap();
+    assert_eq!(kept.trim(), "50");
 }
 
 /// Waits until the coordinator has heard from both agents since now. (`last_seen` reads

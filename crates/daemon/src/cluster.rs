@@ -286,7 +286,10 @@ impl Cluster {
     ) -> Result<Response, AgentRefusal> {
         let newer = term > self.leader_term.highest();
         let (name, _) = authority::classify(&request);
-        let _term = self.leader_term.admit(term, name)?;
+        let _term = self
+            .leader_term
+            .admit(term, name)
+            .map_err(AgentRefusal::StaleTerm)?;
         if newer && let Some(peer) = peer {
             self.follow(peer);
         }
@@ -553,6 +556,9 @@ enum AgentRefusal {
     /// A range or size in it does not fit the volume: refused (400) and counted as
     /// `bad_range`, before anything is marked or grown.
     OutOfBounds(String),
+    /// The command's coordinator term is older than the highest this node has seen:
+    /// refused (409) and counted as `stale_term`.
+    StaleTerm(ApiError),
     /// Anything else, as the API answers it.
     Api(ApiError),
 }
@@ -567,7 +573,7 @@ impl From<AgentRefusal> for ApiError {
     fn from(refusal: AgentRefusal) -> Self {
         match refusal {
             AgentRefusal::OutOfBounds(what) => ApiError::InvalidArgument(what),
-            AgentRefusal::Api(e) => e,
+            AgentRefusal::StaleTerm(e) | AgentRefusal::Api(e) => e,
         }
     }
 }
@@ -643,8 +649,14 @@ impl Inbound for Handler {
                     .await
                     .unwrap_or_else(|e| Err(ApiError::Internal(e.to_string()).into()))
                     .map_err(|refusal| {
-                        if let AgentRefusal::OutOfBounds(what) = &refusal {
-                            counters.refuse(&peer, Refusal::BadRange, what);
+                        match &refusal {
+                            AgentRefusal::OutOfBounds(what) => {
+                                counters.refuse(&peer, Refusal::BadRange, what);
+                            }
+                            AgentRefusal::StaleTerm(e) => {
+                                counters.refuse(&peer, Refusal::StaleTerm, &e.to_string());
+                            }
+                            AgentRefusal::Api(_) => {}
                         }
                         ApiError::from(refusal)
                     });

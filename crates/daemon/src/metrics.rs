@@ -268,7 +268,7 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
         }
         registry.register(
             "requests_refused",
-            "Requests and streams of authenticated peers refused for what they asked (a role command not from the coordinator, a report for another node, a stream from another node than the pair's peer, a range past the volume)",
+            "Requests and streams of authenticated peers refused for what they asked (a role command not from the coordinator, a report for another node, a stream from another node than the pair's peer, a range past the volume, a command of a coordinator term older than the node follows)",
             requests,
         );
         if let Some(coordinator) = cluster.coordinator() {

@@ -68,14 +68,18 @@ pub enum Refusal {
     WrongPeer,
     /// A range or size that does not fit the volume.
     BadRange,
+    /// A command of a coordinator term older than the highest the node has seen: from a
+    /// coordinator that no longer leads.
+    StaleTerm,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 4] = [
+    pub const ALL: [Refusal; 5] = [
         Refusal::NotCoordinator,
         Refusal::WrongNode,
         Refusal::WrongPeer,
         Refusal::BadRange,
+        Refusal::StaleTerm,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +88,7 @@ impl Refusal {
             Refusal::WrongNode => "wrong_node",
             Refusal::WrongPeer => "wrong_peer",
             Refusal::BadRange => "bad_range",
+            Refusal::StaleTerm => "stale_term",
         }
     }
 }
