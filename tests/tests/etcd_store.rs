@@ -119,7 +119,7 @@ async fn a_deposed_leaders_commits_are_refused_and_write_nothing() {
     let old_store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
         .unwrap()
         .fenced(old.fence.clone())
-        .on_step_down(Box::new(move || {
+        .on_step_down(Box::new(move |_| {
             told.fetch_add(1, Ordering::SeqCst);
         }));
     let a = job(1.0);
@@ -174,7 +174,7 @@ fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
     let told = Arc::clone(&steps_down);
     let store = EtcdStore::connect(settings(&etcd, "/quorum"))
         .unwrap()
-        .on_step_down(Box::new(move || {
+        .on_step_down(Box::new(move |_| {
             told.fetch_add(1, Ordering::SeqCst);
         }));
 

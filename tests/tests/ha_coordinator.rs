@@ -5,6 +5,9 @@
 //!   step of a reverse (seeded), a failover (its plan) and a reprotect (seeded): another
 //!   candidate leads within two lease TTLs, and each job finishes from its recorded plan;
 //!   the write-order checker's prefix holds on every side that takes over.
+//! - The leader paused past its lease and resumed changes nothing.
+//! - Without an etcd quorum the coordinator stops changing state, saying why, while data
+//!   replicates on; it resumes with the quorum.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +32,7 @@ const CANDIDATES: [&str; 3] = ["co-1", "co-2", "co-3"];
 struct Ha {
     cluster: TestCluster,
     // Dropped after the cluster: the daemons stop before etcd does.
-    _etcd: EtcdCluster,
+    etcd: std::cell::RefCell<EtcdCluster>,
     dir: tempfile::TempDir,
     /// Holds the step the leader dies after (read by every candidate's crash hook).
     crash_file: std::path::PathBuf,
@@ -83,7 +86,7 @@ impl Ha {
         cluster.wait_nodes_alive();
         let ha = Self {
             cluster,
-            _etcd: etcd,
+            etcd: std::cell::RefCell::new(etcd),
             dir,
             crash_file,
             production: [Member::new("node-a", "p1"), Member::new("node-a", "p2")],
@@ -308,4 +311,232 @@ fn a_killed_leader_is_replaced_and_the_group_operations_it_led_finish() {
             d.volume
         );
     }
+}
+
+/// The group as the coordinator shows it, asked through `via` (not a candidate that may be
+/// paused).
+fn group_via(ha: &Ha, via: &str) -> serde_json::Value {
+    ha.cluster.node(via).cli_json(&["group", "show", "app"])
+}
+
+/// The node that leads, as `via` reads the node list (None while no coordinator answers).
+fn leader_via(ha: &Ha, via: &str) -> Option<String> {
+    let out = ha
+        .cluster
+        .node(via)
+        .daemon()
+        .cli(&["--output", "json", "node", "list"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    nodes
+        .as_array()?
+        .iter()
+        .find(|n| n["coordinator_role"] == "leader")
+        .and_then(|n| n["name"].as_str().map(str::to_owned))
+}
+
+/// A counter or gauge of a node's metrics (0 if absent).
+fn metric(ha: &Ha, node: &str, name: &str) -> u64 {
+    ha.cluster
+        .node(node)
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn stale_term_refusals(ha: &Ha) -> u64 {
+    ["node-a", "node-b"]
+        .iter()
+        .map(|n| {
+            metric(
+                ha,
+                n,
+                "blockrep_requests_refused_total{reason=\"stale_term\"}",
+            )
+        })
+        .sum()
+}
+
+/// The leader paused (`SIGSTOP`) past its lease: another candidate leads and carries the
+/// group on (its cuts commit, a reverse finishes); the paused one resumed (`SIGCONT`) steps
+/// down, and whatever it still sends changes nothing: every record answered is on the side
+/// that took over, and the old side refuses writes.
+#[test]
+fn a_paused_leader_that_resumes_changes_nothing() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let mut ha = Ha::start("async");
+    let next = Arc::new(AtomicU64::new(0));
+    wait_consistent(&ha.cluster, "app", Duration::from_secs(120));
+    let writer = RecordWriter::start(
+        sockets(&ha.cluster, &ha.production),
+        Arc::clone(&next),
+        RECORDS,
+    );
+    writer.wait_for(0, 200, Duration::from_secs(60));
+
+    let paused = ha.wait_leader(Duration::from_secs(30));
+    let pid = Pid::from_raw(ha.cluster.node(&paused).daemon().pid() as i32);
+    let consistent = number(&group_via(&ha, "node-b"), "consistent_epoch");
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+
+    // Another leads, and acts: its cuts commit past the paused leader's last one.
+    let mut next_leader = None;
+    wait_until(Duration::from_secs(30), "another leader", || {
+        next_leader = leader_via(&ha, "node-b").filter(|l| *l != paused);
+        next_leader.is_some()
+    });
+    let next_leader = next_leader.unwrap();
+    eprintln!(
+        "{paused} paused; {next_leader} leads {:.2} s later",
+        stopped.elapsed().as_secs_f64()
+    );
+    wait_until(Duration::from_secs(30), "a cut of the new leader", || {
+        number(&group_via(&ha, "node-b"), "consistent_epoch") > consistent
+    });
+    let refused_before = stale_term_refusals(&ha);
+
+    // The paused leader resumes, with its plans and loops as they were: it steps down.
+    kill(pid, Signal::SIGCONT).unwrap();
+    wait_until(
+        Duration::from_secs(3) * LEASE_TTL.as_secs() as u32,
+        "the resumed leader to step down",
+        || metric(&ha, &paused, "blockrep_coordinator_leading") == 0,
+    );
+    assert_eq!(
+        leader_via(&ha, "node-b").as_deref(),
+        Some(next_leader.as_str())
+    );
+    let refused = stale_term_refusals(&ha) - refused_before;
+    let fenced = metric(&ha, &paused, "blockrep_coordinator_commits_fenced_total");
+    eprintln!(
+        "after it resumed: {refused} of its agent commands refused for their term, {fenced} of its commits refused by etcd"
+    );
+
+    // The new leader reverses the group: nothing the old one sent moved a side or lost a
+    // record.
+    let cut = number(&group_via(&ha, "node-b"), "consistent_epoch");
+    wait_until(Duration::from_secs(30), "cuts go on", || {
+        number(&group_via(&ha, "node-b"), "consistent_epoch") > cut
+    });
+    let started = ha
+        .cluster
+        .node("node-b")
+        .cli_json(&["group", "reverse", "app"]);
+    let job = started["job_id"].as_str().unwrap().to_owned();
+    let out = ha
+        .cluster
+        .node("node-b")
+        .daemon()
+        .cli(&["job", "wait", &job, "--timeout", "180"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ha.cluster.log_tails(40)
+    );
+    let answered = writer.stop();
+    std::mem::swap(&mut ha.production, &mut ha.dr);
+    let held = ha.held(&ha.production);
+    eprintln!("{held} records held of {answered} answered");
+    assert!(
+        held == answered || held == answered + 1,
+        "{held} of {answered}"
+    );
+    for m in &ha.dr {
+        assert_eq!(
+            write_error(&ha.cluster, m),
+            EPERM,
+            "the old side took a write"
+        );
+    }
+}
+
+/// etcd with one member of three down goes on, and so does the coordinator. With two down
+/// there is no quorum: the coordinator changes nothing and says why, while data still
+/// replicates (writes are answered and shipped to the DR side). With a member back, the
+/// coordinator leads again and the group's consistent point moves on.
+#[test]
+fn the_coordinator_stops_without_an_etcd_quorum_and_resumes_with_it() {
+    let ha = Ha::start("async");
+    let mut etcd = ha.etcd.borrow_mut();
+    let next = Arc::new(AtomicU64::new(0));
+    wait_consistent(&ha.cluster, "app", Duration::from_secs(120));
+    let writer = RecordWriter::start(
+        sockets(&ha.cluster, &ha.production),
+        Arc::clone(&next),
+        RECORDS,
+    );
+    writer.wait_for(0, 100, Duration::from_secs(60));
+
+    // One member down: cuts go on, and a change commits.
+    etcd.kill(0);
+    let consistent = number(&group_via(&ha, "node-b"), "consistent_epoch");
+    wait_until(Duration::from_secs(30), "cuts with one member down", || {
+        number(&group_via(&ha, "node-b"), "consistent_epoch") > consistent
+    });
+    ha.cluster
+        .node("node-b")
+        .cli_json(&["api", "token", "create", "--project", "one-member-down"]);
+
+    // Two down: no quorum. Calls that need the coordinator fail, saying why.
+    etcd.kill(1);
+    let mut said = String::new();
+    wait_until(
+        Duration::from_secs(30),
+        "the coordinator to say it has no quorum",
+        || {
+            let out = ha
+                .cluster
+                .node("node-b")
+                .daemon()
+                .cli(&["group", "show", "app"]);
+            said = String::from_utf8_lossy(&out.stderr).into_owned();
+            !out.status.success() && said.contains("no quorum")
+        },
+    );
+    eprintln!("without a quorum: {said}");
+    // Data replicates on: writes are answered, and shipped to the DR side (which stages
+    // them until a commit).
+    let sent = |ha: &Ha| -> u64 {
+        ha.production
+            .iter()
+            .map(|m| {
+                pair_state(&ha.cluster, m)["counters"]["bytes_sent"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let before = (next.load(Ordering::SeqCst), sent(&ha));
+    writer.wait_for(before.0, 200, Duration::from_secs(60));
+    wait_until(
+        Duration::from_secs(30),
+        "writes shipped to the DR side",
+        || sent(&ha) > before.1,
+    );
+
+    // A member back: a leader again, and the consistent point moves on.
+    etcd.start_member(1);
+    etcd.wait_healthy(Duration::from_secs(30));
+    let mut resumed_at = 0;
+    wait_until(Duration::from_secs(60), "the coordinator back", || {
+        let out = ha
+            .cluster
+            .node("node-b")
+            .daemon()
+            .cli(&["--output", "json", "group", "show", "app"]);
+        let Ok(group) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        resumed_at = number(&group, "consistent_epoch");
+        out.status.success()
+    });
+    wait_until(Duration::from_secs(30), "cuts again", || {
+        number(&group_via(&ha, "node-b"), "consistent_epoch") > resumed_at
+    });
+    let answered = writer.stop();
+    assert!(answered > before.0 + 200, "{answered}");
 }

@@ -634,7 +634,8 @@ fn a_deposed_coordinators_commands_are_refused(
             unreachable!()
         };
         assert!(
-            e.message.contains("of coordinator term 49 refused: this node follows term 50"),
+            e.message
+                .contains("of coordinator term 49 refused: this node follows term 50"),
             "{e:?}"
         );
     }
@@ -646,8 +647,8 @@ fn a_deposed_coordinators_commands_are_refused(
         before.differences(&Snapshot::take(cluster, pairs)),
         Vec::<String>::new()
     );
-    let kept = std::fs::read_to_string(cluster.node(PRODUCTION).dir.join("state/leader-term"))
-        .unwrap();
+    let kept =
+        std::fs::read_to_string(cluster.node(PRODUCTION).dir.join("state/leader-term")).unwrap();
     assert_eq!(kept.trim(), "50");
 }
 

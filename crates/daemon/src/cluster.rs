@@ -276,6 +276,16 @@ impl Cluster {
         self.role.leading()
     }
 
+    /// The highest coordinator term this agent has seen.
+    pub fn followed_term(&self) -> u64 {
+        self.leader_term.highest()
+    }
+
+    /// Commits etcd refused because this daemon's leader term was over.
+    pub fn fenced_commits(&self) -> u64 {
+        self.role.fenced_commits()
+    }
+
     /// Runs a coordinator's command on this agent, if its term is not older than the
     /// highest this agent has seen; the term is held while the command runs.
     fn command(
@@ -829,7 +839,9 @@ mod tests {
     fn out_of_bounds<T>(result: Result<T, AgentRefusal>) -> String {
         match result {
             Err(AgentRefusal::OutOfBounds(what)) => what,
-            Err(AgentRefusal::Api(e)) => panic!("refused for another reason: {e}"),
+            Err(AgentRefusal::Api(e) | AgentRefusal::StaleTerm(e)) => {
+                panic!("refused for another reason: {e}")
+            }
             Ok(_) => panic!("not refused"),
         }
     }

@@ -271,6 +271,7 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
             "Requests and streams of authenticated peers refused for what they asked (a role command not from the coordinator, a report for another node, a stream from another node than the pair's peer, a range past the volume, a command of a coordinator term older than the node follows)",
             requests,
         );
+        register_coordinator_role(&mut registry, cluster);
         if let Some(coordinator) = cluster.coordinator() {
             register_groups(&mut registry, &coordinator);
         }
@@ -281,6 +282,40 @@ pub fn render(agent: &Agent, cluster: Option<&Cluster>) -> String {
         tracing::error!(error = %e, "cannot encode metrics");
     }
     out
+}
+
+/// Whether this daemon leads the coordinator, in which term, and the term its agent follows.
+fn register_coordinator_role(registry: &mut Registry, cluster: &Cluster) {
+    let leading = Gauge::<i64>::default();
+    let term = Gauge::<i64>::default();
+    if let Some(coordinator) = cluster.coordinator() {
+        leading.set(1);
+        term.set(coordinator.term() as i64);
+    }
+    registry.register(
+        "coordinator_leading",
+        "1 if this daemon runs the coordinator now (the leader, for an HA coordinator)",
+        leading,
+    );
+    registry.register(
+        "coordinator_term",
+        "The leader term of the coordinator this daemon runs (0 with the embedded store)",
+        term,
+    );
+    let followed = Gauge::<i64>::default();
+    followed.set(cluster.followed_term() as i64);
+    registry.register(
+        "coordinator_term_followed",
+        "The highest coordinator term this agent has seen: commands of older terms are refused",
+        followed,
+    );
+    let fenced = Counter::<u64>::default();
+    fenced.inc_by(cluster.fenced_commits());
+    registry.register(
+        "coordinator_commits_fenced",
+        "Commits etcd refused because this daemon's leader term was over (it was deposed)",
+        fenced,
+    );
 }
 
 /// The consistency groups, on the daemon that runs the coordinator: fault level, pairs and

@@ -123,6 +123,9 @@ pub struct LeaderFence {
     pub term: u64,
 }
 
+/// What a leader's store calls when the leader must step down, with why.
+pub type StepDown = Box<dyn Fn(&StoreError) + Send + Sync>;
+
 pub struct EtcdStore {
     client: Client,
     runtime: tokio::runtime::Handle,
@@ -132,7 +135,7 @@ pub struct EtcdStore {
     fence: Option<LeaderFence>,
     /// Called when a fenced commit finds its term over, or cannot tell whether it committed:
     /// either way the leader steps down.
-    on_step_down: Option<Box<dyn Fn() + Send + Sync>>,
+    on_step_down: Option<StepDown>,
     /// Commits refused because the term was over.
     refused: AtomicU64,
 }
@@ -195,14 +198,14 @@ impl EtcdStore {
 
     /// `step_down` is called when a commit finds the term over, or cannot tell whether it
     /// committed.
-    pub fn on_step_down(mut self, step_down: Box<dyn Fn() + Send + Sync>) -> Self {
+    pub fn on_step_down(mut self, step_down: StepDown) -> Self {
         self.on_step_down = Some(step_down);
         self
     }
 
-    fn step_down(&self) {
+    fn step_down(&self, why: &StoreError) {
         if let Some(step_down) = &self.on_step_down {
-            step_down();
+            step_down(why);
         }
     }
 
@@ -330,15 +333,16 @@ impl Store for EtcdStore {
                     term,
                     "a commit refused by etcd: this coordinator's term is over"
                 );
-                self.step_down();
-                Err(StoreError::Deposed { term })
+                let deposed = StoreError::Deposed { term };
+                self.step_down(&deposed);
+                Err(deposed)
             }
             Err(e) => {
                 // The transaction may have committed all the same (its answer was lost): the
                 // records in memory may be behind the store's, so the leader steps down, and
                 // whoever leads next loads them.
                 tracing::warn!(term, error = %e, "a commit of unknown outcome: the coordinator steps down");
-                self.step_down();
+                self.step_down(&e);
                 Err(e)
             }
         }
@@ -392,7 +396,8 @@ pub(crate) fn etcd_error(e: etcd_client::Error) -> StoreError {
             if matches!(
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ) =>
+            ) || (status.code() == tonic::Code::Unknown
+                && status.message().contains("transport error")) =>
         {
             StoreError::NoQuorum(format!("etcd: {}", status.message()))
         }

@@ -14,13 +14,14 @@
 //! ([`Cluster::call_coordinator`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use blockrep_api::ApiError;
 use blockrep_api::proto::{self, ClusterRequest, ClusterResponse, cluster_response::Response};
 use blockrep_coordinator::election::{Candidate, Leader};
-use blockrep_coordinator::{Agents, Coordinator, EtcdSettings, EtcdStore};
+use blockrep_coordinator::{Agents, Coordinator, EtcdSettings, EtcdStore, StoreError};
 use blockrep_tls::COORDINATOR_NAME;
 
 use super::{AgentsOverQuic, Cluster};
@@ -44,6 +45,8 @@ pub struct CoordinatorRole {
     stopping: tokio::sync::watch::Sender<bool>,
     /// The candidate's life ended (it resigned, or never ran).
     ended: tokio::sync::Notify,
+    /// Commits etcd refused because this daemon's term was over (it led, and was deposed).
+    fenced_commits: Arc<AtomicU64>,
 }
 
 impl Default for CoordinatorRole {
@@ -54,6 +57,7 @@ impl Default for CoordinatorRole {
             why_not: Mutex::new(String::new()),
             stopping: tokio::sync::watch::Sender::new(false),
             ended: tokio::sync::Notify::new(),
+            fenced_commits: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -74,6 +78,11 @@ impl CoordinatorRole {
 
     fn set_leading(&self, coordinator: Option<Arc<Coordinator>>) {
         *self.leading.write().unwrap_or_else(|e| e.into_inner()) = coordinator;
+    }
+
+    /// Commits etcd refused because this daemon's term was over.
+    pub fn fenced_commits(&self) -> u64 {
+        self.fenced_commits.load(Ordering::Relaxed)
     }
 
     pub fn is_candidate(&self) -> bool {
@@ -200,10 +209,16 @@ impl Cluster {
                     leadership.fence.clone(),
                 );
                 let step_down = Arc::clone(&step_down);
+                let fenced_commits = Arc::clone(&self.role.fenced_commits);
                 tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<Coordinator>> {
                     let store = EtcdStore::connect(settings)?
                         .fenced(fence)
-                        .on_step_down(Box::new(move || step_down.notify_one()));
+                        .on_step_down(Box::new(move |why| {
+                            if matches!(why, StoreError::Deposed { .. }) {
+                                fenced_commits.fetch_add(1, Ordering::Relaxed);
+                            }
+                            step_down.notify_one();
+                        }));
                     let agents = Arc::new(AgentsOverQuic {
                         cluster: OnceLock::from(Arc::clone(&cluster)),
                     });
@@ -281,7 +296,8 @@ impl Cluster {
     ) -> Result<ClusterResponse, ApiError> {
         let listed = &self.config.coordinators;
         let mut target = *self.leader_hint.lock().unwrap_or_else(|e| e.into_inner());
-        let mut failures = Vec::new();
+        // The last answer of each candidate tried, for the error.
+        let mut failures = std::collections::BTreeMap::new();
         for _ in 0..listed.len() * 2 + 1 {
             let call = self.endpoint.call(target, COORDINATOR_NAME, request);
             let answer = if listed.len() > 1 {
@@ -300,10 +316,13 @@ impl Cluster {
                     ..
                 }) => {
                     let named = not.leader_address.parse::<SocketAddr>().ok();
-                    failures.push(match named {
-                        Some(leader) => format!("{target}: not the leader, try {leader}"),
-                        None => format!("{target}: not the leader ({})", not.why),
-                    });
+                    failures.insert(
+                        target,
+                        match named {
+                            Some(leader) => format!("not the leader, try {leader}"),
+                            None => format!("not the leader ({})", not.why),
+                        },
+                    );
                     target = match named {
                         Some(leader) if leader != target => leader,
                         _ => next_after(listed, target),
@@ -314,14 +333,18 @@ impl Cluster {
                     return Ok(response);
                 }
                 Err(e) => {
-                    failures.push(format!("{target}: {e}"));
+                    failures.insert(target, e.to_string());
                     target = next_after(listed, target);
                 }
             }
         }
+        let tried: Vec<String> = failures
+            .iter()
+            .map(|(candidate, answer)| format!("{candidate}: {answer}"))
+            .collect();
         Err(ApiError::Unavailable(format!(
             "no coordinator answers as the leader: {}",
-            failures.join("; ")
+            tried.join("; ")
         )))
     }
 
