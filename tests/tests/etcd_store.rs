@@ -218,3 +218,90 @@ fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
         "{progress:?}"
     );
 }
+
+/// `blockrep coordinator export` from a redb store and `import` into etcd move every record
+/// unchanged; an import into a store that holds records, or one a coordinator leads on, is
+/// refused and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_move_from_redb_to_etcd_with_the_cli() {
+    use blockrep_coordinator::RedbStore;
+    use blockrep_tests::{binary, run};
+    use std::process::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3);
+    let redb = dir.path().join("coordinator.redb");
+    let jobs: Vec<JobRecord> = (0..300).map(|i| job(f64::from(i))).collect();
+    {
+        let store = RedbStore::open(&redb).unwrap();
+        store
+            .commit(&jobs.iter().cloned().map(Change::PutJob).collect::<Vec<_>>())
+            .unwrap();
+    }
+    let export = dir.path().join("records.jsonl");
+    let endpoints = etcd.endpoints().join(",");
+    let said = run(Command::new(binary("blockrep")).args([
+        "coordinator",
+        "export",
+        "--redb",
+        redb.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]));
+    assert_eq!(said, "exported 300 records");
+    let import = || {
+        Command::new(binary("blockrep"))
+            .args([
+                "coordinator",
+                "import",
+                "--etcd-endpoints",
+                &endpoints,
+                "--etcd-prefix",
+                "/moved",
+                "--in",
+                export.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+
+    // A coordinator leads on the prefix: refused.
+    let settings = settings(&etcd, "/moved");
+    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let leading = candidate.campaign().await.unwrap();
+    let refused = tokio::task::block_in_place(import);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("a coordinator leads on this etcd prefix"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    leading.resign().await;
+    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone())).unwrap();
+    assert!(
+        tokio::task::block_in_place(|| store.load())
+            .unwrap()
+            .is_empty()
+    );
+
+    // No coordinator: every record moves, unchanged (in three transactions of at most 128).
+    let imported = tokio::task::block_in_place(import);
+    assert!(imported.status.success(), "{imported:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&imported.stdout).trim(),
+        "imported 300 records"
+    );
+    assert_eq!(tokio::task::block_in_place(|| sorted_jobs(&store)), jobs);
+
+    // Again: the store holds records now, so the import is refused.
+    let again = tokio::task::block_in_place(import);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("holds 300 records already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
