@@ -19,6 +19,13 @@ before=$(checkout_state)
 # fault hooks (a corrupted extent in flight), which release builds never have.
 cargo build --locked --workspace --bins --features blockrepd/fault-injection
 cargo nextest run --locked --workspace --no-fail-fast "$@"
+# The group tests again with the coordinator's records in etcd (a one-member etcd each
+# cluster starts), fewer failover rounds. group_trip is not among them: its daemons run in
+# network namespaces, which do not reach the test's etcd.
+BLOCKREP_TEST_COORDINATOR_STORE=etcd BLOCKREP_ROUNDS=5 cargo nextest run --locked \
+    -p blockrep-tests --no-fail-fast \
+    --test groups --test group_failover --test group_reverse --test group_order \
+    --test group_extend --test group_points --test group_ext4 "$@"
 
 after=$(checkout_state)
 if [[ "$before" != "$after" ]]; then

@@ -135,6 +135,20 @@ impl Node {
 pub struct TestCluster {
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
+    /// The coordinator's etcd, when the tests run on it (`BLOCKREP_TEST_COORDINATOR_STORE`);
+    /// dropped after the nodes.
+    pub etcd: Option<crate::etcd::EtcdCluster>,
+}
+
+/// The store a test cluster's one coordinator keeps its records in: redb (embedded), or a
+/// one-member etcd the cluster starts, with `BLOCKREP_TEST_COORDINATOR_STORE=etcd` (the
+/// test command runs the group tests both ways).
+fn coordinator_store_of_tests() -> Option<&'static str> {
+    match std::env::var("BLOCKREP_TEST_COORDINATOR_STORE").as_deref() {
+        Ok("etcd") => Some("etcd"),
+        Ok("redb") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("BLOCKREP_TEST_COORDINATOR_STORE={other:?}: redb or etcd"),
+    }
 }
 
 /// A node to start: its name and zone, and where it runs (a network namespace and the
@@ -290,7 +304,22 @@ impl TestCluster {
         let mut cluster = Self {
             dir: dir.to_owned(),
             nodes: Vec::new(),
+            etcd: None,
         };
+        // The one coordinator on etcd, if the tests run so.
+        let on_etcd;
+        let (candidates_section, coordinator_section) =
+            if candidates == 0 && coordinator_store_of_tests() == Some("etcd") {
+                let etcd = crate::etcd::EtcdCluster::start(&dir.join("etcd"), 1);
+                on_etcd = format!(
+                    "store = \"etcd\"\netcd_endpoints = {}\nlease_ttl_secs = 2\n",
+                    etcd.endpoints_toml()
+                );
+                cluster.etcd = Some(etcd);
+                (true, on_etcd.as_str())
+            } else {
+                (candidates > 0, coordinator_section)
+            };
         for (i, (name, az)) in nodes.iter().enumerate() {
             let node_dir = dir.join(name);
             std::fs::create_dir_all(&node_dir).unwrap();
@@ -312,7 +341,7 @@ impl TestCluster {
             let config = node_dir.join("blockrepd.toml");
             // `{node_dir}` in the shared text is each node's own directory.
             let extra = extra.replace("{node_dir}", &node_dir.display().to_string());
-            let section = if candidates > 0 && runs_coordinator(i) {
+            let section = if candidates_section && runs_coordinator(i) {
                 format!("[coordinator]\n{coordinator_section}\n")
             } else {
                 String::new()

@@ -89,6 +89,7 @@ impl Candidate {
     /// lost while waiting; the caller campaigns again.
     pub async fn campaign(&self) -> Result<Leadership, StoreError> {
         let mut client = self.client.clone();
+        self.end_earlier_runs().await?;
         let lease = bounded(
             self.request_timeout,
             client.lease_grant(self.ttl.as_secs() as i64, None),
@@ -136,6 +137,34 @@ impl Candidate {
             lost,
             leader_key,
         })
+    }
+
+    /// Revokes the leases of this candidate's earlier runs (keys under the election with
+    /// this candidate's address): a daemon that was killed and started again leads again at
+    /// once instead of waiting for its old lease to expire. Only one process can listen on
+    /// the address, so those runs are over.
+    async fn end_earlier_runs(&self) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        let keys = bounded(
+            self.request_timeout,
+            client.get(
+                format!("{}/", self.name),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            ),
+        )
+        .await?;
+        for kv in keys
+            .kvs()
+            .iter()
+            .filter(|kv| kv.value() == self.address.as_bytes())
+        {
+            tracing::info!(
+                lease = kv.lease(),
+                "ending an earlier run's campaign for the coordinator"
+            );
+            bounded(self.request_timeout, client.lease_revoke(kv.lease())).await?;
+        }
+        Ok(())
     }
 
     /// Who leads now, if anyone.

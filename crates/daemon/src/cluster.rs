@@ -175,9 +175,11 @@ impl Cluster {
             scope,
             leader_term: 0,
         };
+        // A heartbeat does not wait for an election: it comes again in a second.
+        let patient = !matches!(request.request, Some(Request::Report(_)));
         let response = match self.role.leading() {
             Some(coordinator) => coordinator.handle(request, self.config.listen).await,
-            None => self.call_coordinator(&request).await?,
+            None => self.call_coordinator(&request, patient).await?,
         };
         answer_for(project.as_deref(), response)
     }

@@ -28,6 +28,9 @@ use super::{AgentsOverQuic, Cluster};
 
 /// How long a call to a coordinator candidate may take before the next is tried.
 const CANDIDATE_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an operator's call waits for a coordinator to be elected.
+const ELECTION_WAIT: Duration = Duration::from_secs(10);
+const ELECTION_POLL: Duration = Duration::from_millis(200);
 /// How long a new leader waits for its agents to take its term before it starts.
 const ADOPT_PATIENCE: Duration = Duration::from_secs(1);
 /// How long a candidate waits before it campaigns again after etcd refused it.
@@ -289,15 +292,38 @@ impl Cluster {
     }
 
     /// Sends `request` to the coordinator: the one this daemon reached last, then the
-    /// leader a candidate names, then each candidate listed in turn.
+    /// leader a candidate names, then each candidate listed in turn. When candidates answer
+    /// but none leads (an election under way), a `patient` call waits for one, up to
+    /// [`ELECTION_WAIT`]; a heartbeat does not.
     pub(super) async fn call_coordinator(
         &self,
         request: &ClusterRequest,
+        patient: bool,
     ) -> Result<ClusterResponse, ApiError> {
+        let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+        loop {
+            let (answer, electing) = self.call_candidates(request).await;
+            match answer {
+                Err(e) if patient && electing && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "no coordinator leads yet; waiting for the election");
+                    tokio::time::sleep(ELECTION_POLL).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// One round of [`Cluster::call_coordinator`]; says too whether a candidate answered
+    /// that none leads.
+    async fn call_candidates(
+        &self,
+        request: &ClusterRequest,
+    ) -> (Result<ClusterResponse, ApiError>, bool) {
         let listed = &self.config.coordinators;
         let mut target = *self.leader_hint.lock().unwrap_or_else(|e| e.into_inner());
         // The last answer of each candidate tried, for the error.
         let mut failures = std::collections::BTreeMap::new();
+        let mut electing = false;
         for _ in 0..listed.len() * 2 + 1 {
             let call = self.endpoint.call(target, COORDINATOR_NAME, request);
             let answer = if listed.len() > 1 {
@@ -316,6 +342,7 @@ impl Cluster {
                     ..
                 }) => {
                     let named = not.leader_address.parse::<SocketAddr>().ok();
+                    electing |= named.is_none();
                     failures.insert(
                         target,
                         match named {
@@ -330,7 +357,7 @@ impl Cluster {
                 }
                 Ok(response) => {
                     *self.leader_hint.lock().unwrap_or_else(|e| e.into_inner()) = target;
-                    return Ok(response);
+                    return (Ok(response), false);
                 }
                 Err(e) => {
                     failures.insert(target, e.to_string());
@@ -342,10 +369,11 @@ impl Cluster {
             .iter()
             .map(|(candidate, answer)| format!("{candidate}: {answer}"))
             .collect();
-        Err(ApiError::Unavailable(format!(
+        let error = ApiError::Unavailable(format!(
             "no coordinator answers as the leader: {}",
             tried.join("; ")
-        )))
+        ));
+        (Err(error), electing)
     }
 
     /// A command of a newer term came from `peer`: if it is a listed candidate, it leads
