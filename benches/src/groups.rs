@@ -27,6 +27,9 @@ pub(crate) struct GroupCluster {
     bin: PathBuf,
     dir: PathBuf,
     nodes: Vec<NodeProc>,
+    /// The node the coordinator is asked through (the witness, or an agent when the
+    /// coordinator's candidates may be killed).
+    via: &'static str,
 }
 
 impl GroupCluster {
@@ -48,27 +51,63 @@ impl GroupCluster {
     ) -> anyhow::Result<Self> {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
-        let nodes = start_nodes(
+        Self::start_nodes(
             env,
             &dir,
             bin,
             &[("node-w", "az3"), ("node-a", "az1"), ("node-b", "az2")],
-            &[],
             config,
-        )?;
+            "node-w",
+        )
+    }
+
+    /// An HA coordinator's candidates (one per zone: az1, az2, az3), then node-a (az1) and
+    /// node-b (az2), in `dir`; the coordinator is asked through node-b.
+    pub(crate) fn start_ha(
+        env: &mut Env,
+        dir: &Path,
+        bin: &Path,
+        candidates: &[&str; 3],
+        config: NodeConfig<'_>,
+    ) -> anyhow::Result<Self> {
+        let nodes = [
+            (candidates[0], "az1"),
+            (candidates[1], "az2"),
+            (candidates[2], "az3"),
+            ("node-a", "az1"),
+            ("node-b", "az2"),
+        ];
+        let config = NodeConfig {
+            candidates: candidates.len(),
+            ..config
+        };
+        Self::start_nodes(env, dir, bin, &nodes, config, "node-b")
+    }
+
+    fn start_nodes(
+        env: &mut Env,
+        dir: &Path,
+        bin: &Path,
+        nodes: &[(&str, &str)],
+        config: NodeConfig<'_>,
+        via: &'static str,
+    ) -> anyhow::Result<Self> {
+        let nodes = start_nodes(env, dir, bin, nodes, &[], config)?;
         for n in &nodes {
             crate::env::pin(n.pid, host_of(&n.name))?;
         }
+        let count = nodes.len();
         let cluster = Self {
             bin: bin.to_owned(),
-            dir,
+            dir: dir.to_owned(),
             nodes,
+            via,
         };
         cluster.wait("the agents to register", 60, |c| {
-            let nodes = c.json("node-w", &["node", "list"])?;
+            let nodes = c.json(c.via, &["node", "list"])?;
             Ok(nodes
                 .as_array()
-                .is_some_and(|a| a.iter().filter(|n| n["alive"] == true).count() == 3))
+                .is_some_and(|a| a.iter().filter(|n| n["alive"] == true).count() == count))
         })?;
         Ok(cluster)
     }
@@ -127,10 +166,10 @@ impl GroupCluster {
             self.add_volume("node-b", &format!("d{i}"), size)?;
         }
         self.wait("the coordinator to see the volumes", 60, |c| {
-            let nodes = c.json("node-w", &["node", "list"])?;
+            let nodes = c.json(c.via, &["node", "list"])?;
             Ok(nodes.as_array().is_some_and(|a| {
                 a.iter()
-                    .filter(|n| n["name"] != "node-w")
+                    .filter(|n| n["name"] == "node-a" || n["name"] == "node-b")
                     .all(|n| n["volumes"].as_u64().unwrap_or(0) >= pairs as u64)
             }))
         })?;
@@ -138,7 +177,7 @@ impl GroupCluster {
         for i in 1..=pairs {
             let name = format!("g{i}");
             let created = self.json(
-                "node-w",
+                self.via,
                 &[
                     "pair",
                     "create",
@@ -153,7 +192,7 @@ impl GroupCluster {
                 ],
             )?;
             let job = created["job_id"].as_str().context("job id")?.to_owned();
-            self.cli("node-w", &["job", "wait", &job, "--timeout", "600"])?;
+            self.cli(self.via, &["job", "wait", &job, "--timeout", "600"])?;
             names.push(name);
         }
         self.create_group(&names.join(","), model)
@@ -161,7 +200,7 @@ impl GroupCluster {
 
     fn create_group(&self, pairs: &str, model: &str) -> anyhow::Result<()> {
         self.cli(
-            "node-w",
+            self.via,
             &[
                 "group",
                 "create",
@@ -181,7 +220,7 @@ impl GroupCluster {
     /// Until the group replicates and has a consistent point.
     fn wait_consistent(&self) -> anyhow::Result<()> {
         self.wait("the group's consistent point", 300, |c| {
-            let g = c.json("node-w", &["group", "show", "app"])?;
+            let g = c.json(c.via, &["group", "show", "app"])?;
             Ok(g["replication_status"] == "active" && g["consistent_epoch"].as_u64() > Some(0))
         })
     }
@@ -217,12 +256,12 @@ impl GroupCluster {
             .with_context(|| format!("no pair of volume {volume} on {node}"))
     }
 
-    fn kill(&mut self, env: &mut Env, node: &str) {
+    pub(crate) fn kill_node(&mut self, env: &mut Env, node: &str) {
         let pid = self.node(node).pid;
         env.kill_server(pid);
     }
 
-    fn restart(&mut self, env: &mut Env, node: &str) -> anyhow::Result<()> {
+    pub(crate) fn restart(&mut self, env: &mut Env, node: &str) -> anyhow::Result<()> {
         let (dir, config) = {
             let n = self.node(node);
             (n.dir.clone(), n.config.clone())
@@ -278,13 +317,22 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Failovers of a 2-pair async group under light writes: the production agent killed with
 /// kill -9, then `group failover`; the time from the call until a write through each DR
 /// export is taken. Each round reprotects and fails over back the other way.
-pub fn failover(
+/// The `group-failover` rounds on a cluster named `name`: the seconds from each failover
+/// call to writable DR exports, and each job's result. The coordinator keeps its records in
+/// redb, or with `section` (a `[coordinator]` section naming an etcd) in etcd.
+pub(crate) fn failover_rounds(
     env: &mut Env,
     work: &Path,
     bin: &Path,
     rounds: u32,
-) -> anyhow::Result<ScenarioResult> {
-    let mut cluster = GroupCluster::start(env, work, bin, "group-failover")?;
+    name: &str,
+    section: Option<&str>,
+) -> anyhow::Result<(Vec<f64>, Vec<Value>)> {
+    let config = NodeConfig {
+        coordinator_section: section.unwrap_or(""),
+        ..NodeConfig::default()
+    };
+    let mut cluster = GroupCluster::start_with(env, work, bin, name, config)?;
     cluster.group(2, 256 * MIB, "async")?;
     let mut production = "node-a";
     let mut dr = "node-b";
@@ -301,7 +349,7 @@ pub fn failover(
             .collect();
         let fio = background_writes(&uris, 2000)?;
         std::thread::sleep(Duration::from_secs(2));
-        cluster.kill(env, production);
+        cluster.kill_node(env, production);
         drop(fio);
         let asked = Instant::now();
         let started = cluster.json("node-w", &["group", "failover", "app"])?;
@@ -342,6 +390,28 @@ pub fn failover(
         volumes = (volumes.1, volumes.0);
     }
     cluster.stop(env);
+    Ok((times, results))
+}
+
+/// The seconds of each `group-failover` round (see [`failover_rounds`]).
+pub(crate) fn failover_times(
+    env: &mut Env,
+    work: &Path,
+    bin: &Path,
+    rounds: u32,
+    name: &str,
+    section: Option<&str>,
+) -> anyhow::Result<Vec<f64>> {
+    Ok(failover_rounds(env, work, bin, rounds, name, section)?.0)
+}
+
+pub fn failover(
+    env: &mut Env,
+    work: &Path,
+    bin: &Path,
+    rounds: u32,
+) -> anyhow::Result<ScenarioResult> {
+    let (mut times, results) = failover_rounds(env, work, bin, rounds, "group-failover", None)?;
     times.sort_by(f64::total_cmp);
     let (p50, max) = (
         percentile(&times, 0.5),
@@ -430,7 +500,7 @@ pub fn reprotect(env: &mut Env, work: &Path, bin: &Path) -> anyhow::Result<Scena
     write_percent(&cluster.node("node-a").nbd_uri("p1"), one_percent, 1)?;
     // Idle a few seconds (the activity log retires the regions), then the zone fails.
     std::thread::sleep(Duration::from_secs(4));
-    cluster.kill(env, "node-a");
+    cluster.kill_node(env, "node-a");
     let failover = cluster.action("failover")?;
     write_percent(&cluster.node("node-b").nbd_uri("d1"), one_percent, 2)?;
     cluster.restart(env, "node-a")?;

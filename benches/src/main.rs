@@ -4,6 +4,7 @@
 mod env;
 mod fio;
 mod groups;
+mod ha;
 mod meter;
 mod outages;
 mod pairs;
@@ -71,8 +72,14 @@ struct Args {
     /// `points`: an async group with points in time (4k randwrite with a retention against
     /// without, undo per GB and per epoch, drill creation on 1 GiB and 8 GiB volumes, drill
     /// reads against DR volume reads).
+    /// `ha`: an HA coordinator on a three-member etcd (`--leader-kills` leader kills, each
+    /// timed to the new leader's first commit applied; then the group-failover rounds with
+    /// the etcd store against redb).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Leader kills of the ha scenario.
+    #[arg(long, default_value_t = 10)]
+    leader_kills: u32,
     /// Volumes of the many-volumes scenario.
     #[arg(long, default_value_t = 10_000)]
     volumes: u32,
@@ -296,8 +303,15 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
             "group-rpo" => groups::rpo(&mut env, &work, &bin, args.lag_seconds)?,
             "many-volumes" => volumes::many(&mut env, &work, &bin, args.volumes)?,
             "points" => points::points(&mut env, &work, &bin, repeats, timing.runtime_s)?,
+            "ha" => ha::ha(
+                &mut env,
+                &work,
+                &bin,
+                args.leader_kills,
+                args.failover_rounds,
+            )?,
             other => bail!(
-                "unknown scenario {other:?} (lag, sustained, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo, many-volumes, points)"
+                "unknown scenario {other:?} (lag, sustained, initial-sync, catch-up, backlog, lossy, limited, group-failover, group-reprotect, group-iops, group-rpo, many-volumes, points, ha)"
             ),
         };
         eprintln!("bench: scenario {scenario}: {}", result.summary);

@@ -347,6 +347,11 @@ pub struct NodeConfig<'a> {
     pub extra: &'a str,
     /// Added at the top of the coordinator's (the first node's) configuration only.
     pub coordinator_extra: &'a str,
+    /// Added at the end of each coordinator's configuration (a `[coordinator]` section).
+    pub coordinator_section: &'a str,
+    /// With more than one, the first `candidates` nodes are the candidates of an HA
+    /// coordinator (`coordinator_section` names their etcd), and every node lists them.
+    pub candidates: usize,
     pub cluster_extra: &'a str,
     pub netns: Option<&'a str>,
 }
@@ -386,9 +391,12 @@ pub fn start_nodes(
     let NodeConfig {
         extra,
         coordinator_extra,
-        cluster_extra,
+        coordinator_section,
+        candidates,
         netns,
+        cluster_extra,
     } = config;
+    let coordinates = |i: usize| i < candidates.max(1);
     let cli = |args: &[&str]| -> anyhow::Result<String> {
         run(Command::new(bin.join("blockrep")).args(args))
     };
@@ -411,8 +419,8 @@ pub fn start_nodes(
             "--out-dir",
             path(&out),
         ];
-        // The first node runs the coordinator.
-        if i == 0 {
+        // The first node runs the coordinator (or the first few are its candidates).
+        if coordinates(i) {
             args.push("--coordinator");
         }
         cli(&args)?;
@@ -421,24 +429,41 @@ pub fn start_nodes(
         .iter()
         .map(|_| free_udp_port())
         .collect::<anyhow::Result<Vec<u16>>>()?;
+    let coordinators = if candidates > 1 {
+        let listed: Vec<String> = ports[..candidates]
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect();
+        format!("coordinators = [{}]", listed.join(", "))
+    } else {
+        format!("coordinator = \"127.0.0.1:{}\"", ports[0])
+    };
     let mut started = Vec::new();
     for (i, (node, az)) in nodes.iter().enumerate() {
         let node_dir = dir.join(node);
         let tls = node_dir.join("tls");
         let config = node_dir.join("blockrepd.toml");
-        let own = if i == 0 { coordinator_extra } else { "" };
+        let own = if coordinates(i) {
+            coordinator_extra
+        } else {
+            ""
+        };
+        let section = if coordinates(i) {
+            coordinator_section
+        } else {
+            ""
+        };
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{own}\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\ncoordinator = \"127.0.0.1:{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n",
+                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{own}\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\n{coordinators}\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n{section}\n",
                 node_dir.join("state").display(),
                 node_dir.join("run").display(),
                 ports[i],
-                ports[0],
                 tls.join("ca.pem").display(),
                 tls.join("node.pem").display(),
                 tls.join("node.key").display(),
-                i == 0
+                coordinates(i)
             ),
         )?;
         let pid = crate::env::start_daemon_in(
