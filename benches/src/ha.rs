@@ -46,7 +46,6 @@ impl Etcd {
             let peer_url = format!("http://127.0.0.1:{peer}");
             let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
             let data = dir.join(name);
-            let port = *client;
             env.start_server(
                 name,
                 Command::new("etcd")
@@ -59,8 +58,9 @@ impl Etcd {
                     .args(["--initial-cluster-state", "new"])
                     .args(["--logger", "zap", "--log-level", "warn"])
                     .stderr(log),
-                // A member is ready once it answers; the cluster, once all three do.
-                move || answers(port),
+                // A member serves clients only once the cluster has a quorum: the members
+                // are started together and then waited for.
+                || true,
             )?;
         }
         let endpoints: Vec<String> = members
@@ -106,10 +106,6 @@ fn health(port: u16) -> Option<String> {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).ok()?;
     Some(answer)
-}
-
-fn answers(port: u16) -> bool {
-    health(port).is_some()
 }
 
 fn healthy(port: u16) -> bool {
