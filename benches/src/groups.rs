@@ -314,10 +314,7 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Failovers of a 2-pair async group under light writes: the production agent killed with
-/// kill -9, then `group failover`; the time from the call until a write through each DR
-/// export is taken. Each round reprotects and fails over back the other way.
-/// The `group-failover` rounds on a cluster named `name`: the seconds from each failover
+/// The rounds of [`failover`] on a cluster named `name`: the seconds from each failover
 /// call to writable DR exports, and each job's result. The coordinator keeps its records in
 /// redb, or with `section` (a `[coordinator]` section naming an etcd) in etcd.
 pub(crate) fn failover_rounds(
@@ -393,18 +390,9 @@ pub(crate) fn failover_rounds(
     Ok((times, results))
 }
 
-/// The seconds of each `group-failover` round (see [`failover_rounds`]).
-pub(crate) fn failover_times(
-    env: &mut Env,
-    work: &Path,
-    bin: &Path,
-    rounds: u32,
-    name: &str,
-    section: Option<&str>,
-) -> anyhow::Result<Vec<f64>> {
-    Ok(failover_rounds(env, work, bin, rounds, name, section)?.0)
-}
-
+/// Failovers of a 2-pair async group under light writes: the production agent killed with
+/// kill -9, then `group failover`; the time from the call until a write through each DR
+/// export is taken. Each round reprotects and fails over back the other way.
 pub fn failover(
     env: &mut Env,
     work: &Path,

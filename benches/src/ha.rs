@@ -182,13 +182,13 @@ pub fn ha(
     cluster.stop(env);
 
     // Group failover with each store.
-    let redb = crate::groups::failover_times(env, work, bin, rounds, "ha-redb", None)?;
+    let (redb, _) = crate::groups::failover_rounds(env, work, bin, rounds, "ha-redb", None)?;
     let etcd_dir = work.join("ha-etcd-store");
     std::fs::create_dir_all(&etcd_dir)?;
     let etcd = Etcd::start(env, &etcd_dir)?;
     let one_candidate = etcd.section();
-    let on_etcd =
-        crate::groups::failover_times(env, work, bin, rounds, "ha-etcd", Some(&one_candidate))?;
+    let (on_etcd, _) =
+        crate::groups::failover_rounds(env, work, bin, rounds, "ha-etcd", Some(&one_candidate))?;
 
     let mut sorted = takeovers.clone();
     sorted.sort_by(f64::total_cmp);
