@@ -166,12 +166,16 @@ pub fn ha(
         })?;
         let killed = Instant::now();
         cluster.kill_node(env, &dead);
-        let at_kill = dr_consistent(&cluster, "node-b")?;
+        // Once another candidate leads, what the DR side applied by then came from the
+        // dead leader (a commit it sent just before dying): the new one cuts only after its
+        // agents took its term.
+        cluster.wait("another leader", 120, |c| Ok(leader(c)? != dead))?;
+        let next = leader(&cluster)?;
+        let before_new = dr_consistent(&cluster, "node-b")?;
         cluster.wait("a commit of the new leader", 120, |c| {
-            Ok(dr_consistent(c, "node-b")? > at_kill)
+            Ok(dr_consistent(c, "node-b")? > before_new)
         })?;
         let took = killed.elapsed().as_secs_f64();
-        let next = leader(&cluster)?;
         eprintln!(
             "bench: leader kill {}: {dead} killed; {next} leads, its first commit applied {took:.2} s later",
             kill + 1

@@ -119,6 +119,7 @@ async fn a_deposed_leaders_commits_are_refused_and_write_nothing() {
     let old_store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
         .unwrap()
         .fenced(old.fence.clone())
+        .unwrap()
         .on_step_down(Box::new(move |_| {
             told.fetch_add(1, Ordering::SeqCst);
         }));
@@ -137,7 +138,8 @@ async fn a_deposed_leaders_commits_are_refused_and_write_nothing() {
     assert!(new.term() > old_term, "{} after {old_term}", new.term());
     let new_store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
         .unwrap()
-        .fenced(new.fence.clone());
+        .fenced(new.fence.clone())
+        .unwrap();
 
     // The old leader, unaware, commits: refused, nothing written, and it is told.
     let b = job(2.0);
@@ -166,13 +168,21 @@ async fn a_deposed_leaders_commits_are_refused_and_write_nothing() {
     );
 }
 
-#[test]
-fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(dir.path(), 3);
+    let settings = settings(&etcd, "/quorum");
+    // A long lease: it outlives the outage, so what is seen is the commits' refusal.
+    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let leading = candidate.campaign().await.unwrap();
     let steps_down = Arc::new(AtomicUsize::new(0));
     let told = Arc::clone(&steps_down);
-    let store = EtcdStore::connect(settings(&etcd, "/quorum"))
+    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
+        .unwrap()
+        .fenced(leading.fence.clone())
         .unwrap()
         .on_step_down(Box::new(move |_| {
             told.fetch_add(1, Ordering::SeqCst);
@@ -180,14 +190,14 @@ fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
 
     // One member of three down: a quorum remains.
     etcd.kill(0);
-    store.commit(&[Change::PutJob(job(1.0))]).unwrap();
+    tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(1.0))])).unwrap();
 
     // Two down: no quorum. The commit fails within its timeout, saying why. Whether it went
     // in is unknown (a member may have proposed it, to commit once a quorum is back), so the
-    // coordinator is told to step down: the next leader loads what the store holds.
+    // leader steps down: the next leader loads what the store holds.
     etcd.kill(1);
     let started = std::time::Instant::now();
-    let refused = store.commit(&[Change::PutJob(job(2.0))]);
+    let refused = tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(2.0))]));
     assert!(
         matches!(refused, Err(StoreError::NoQuorum(_))),
         "{refused:?}"
@@ -203,16 +213,36 @@ fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
     );
     assert_eq!(steps_down.load(Ordering::SeqCst), 1);
 
-    // A member back: a quorum again, and commits go on.
+    // A member back: a quorum again. The leader that stepped down commits nothing more; a
+    // new leadership commits.
     etcd.start_member(1);
     etcd.wait_healthy(Duration::from_secs(30));
-    let c = job(3.0);
-    blockrep_tests::cluster::wait_until(
-        Duration::from_secs(20),
-        "a commit with a quorum back",
-        || store.commit(&[Change::PutJob(c.clone())]).is_ok(),
+    let stale = tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(9.0))]));
+    assert!(
+        matches!(stale, Err(StoreError::SteppedDown(_))),
+        "{stale:?}"
     );
-    let progress: Vec<f64> = sorted_jobs(&store).iter().map(|j| j.progress).collect();
+    leading.resign().await;
+    // The client may try the member still down first; a campaign that fails is made again,
+    // as the daemon does.
+    let again = loop {
+        match candidate.campaign().await {
+            Ok(again) => break again,
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(60), "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
+        .unwrap()
+        .fenced(again.fence.clone())
+        .unwrap();
+    tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(3.0))])).unwrap();
+    let progress: Vec<f64> = tokio::task::block_in_place(|| sorted_jobs(&store))
+        .iter()
+        .map(|j| j.progress)
+        .collect();
     assert!(
         progress == [1.0, 3.0] || progress == [1.0, 2.0, 3.0],
         "{progress:?}"
@@ -249,6 +279,15 @@ async fn records_move_from_redb_to_etcd_with_the_cli() {
         export.to_str().unwrap(),
     ]));
     assert_eq!(said, "exported 300 records");
+    // A mistyped file is not a store with no records.
+    let missing = Command::new(binary("blockrep"))
+        .args(["coordinator", "export", "--redb"])
+        .arg(dir.path().join("typo.redb"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no coordinator store at"));
+    assert!(!dir.path().join("typo.redb").exists());
     let import = || {
         Command::new(binary("blockrep"))
             .args([
@@ -303,5 +342,130 @@ async fn records_move_from_redb_to_etcd_with_the_cli() {
         String::from_utf8_lossy(&again.stderr).contains("holds 300 records already"),
         "{}",
         String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+/// A leader's commit goes in at most once, whatever its attempts do: when an earlier attempt
+/// went in (its answer lost), the commit is taken as made; when the commit key moved under
+/// the leader otherwise, the outcome is unknown and the leader steps down, after which its
+/// commits are refused without being sent. A request etcd refuses outright (too large)
+/// writes nothing and does not make the leader step down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaders_commit_goes_in_once_and_an_unknown_outcome_stops_its_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(dir.path(), 3);
+    let settings = settings(&etcd, "/once");
+    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let leading = candidate.campaign().await.unwrap();
+    let term = leading.term();
+    let steps_down = Arc::new(AtomicUsize::new(0));
+    let told = Arc::clone(&steps_down);
+    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
+        .unwrap()
+        .fenced(leading.fence.clone())
+        .unwrap()
+        .on_step_down(Box::new(move |_| {
+            told.fetch_add(1, Ordering::SeqCst);
+        }));
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let commit_key = "/once/commit";
+
+    let a = job(1.0);
+    tokio::task::block_in_place(|| store.commit(&[Change::PutJob(a.clone())])).unwrap();
+    let named = raw.get(commit_key, None).await.unwrap();
+    assert_eq!(named.kvs()[0].value_str().unwrap(), format!("{term}.1"));
+
+    // Too large for etcd (its request limit is 1.5 MiB): refused, nothing written, and the
+    // leader goes on.
+    let mut huge = job(2.0);
+    huge.fail_reason = Some("x".repeat(2 << 20));
+    let refused = tokio::task::block_in_place(|| store.commit(&[Change::PutJob(huge)]));
+    assert!(
+        matches!(refused, Err(StoreError::Backend(_))),
+        "{refused:?}"
+    );
+    assert_eq!(steps_down.load(Ordering::SeqCst), 0);
+
+    // The second commit's first attempt "went in" (as one whose answer was lost would): the
+    // commit key names it. The commit is taken as made.
+    raw.put(commit_key, format!("{term}.2"), None)
+        .await
+        .unwrap();
+    let b = job(3.0);
+    tokio::task::block_in_place(|| store.commit(&[Change::PutJob(b.clone())])).unwrap();
+    assert_eq!(steps_down.load(Ordering::SeqCst), 0);
+
+    // The commit key moved under the leader, naming another commit: unknown; it steps down.
+    raw.put(commit_key, "someone else", None).await.unwrap();
+    let c = job(4.0);
+    let unknown = tokio::task::block_in_place(|| store.commit(&[Change::PutJob(c.clone())]));
+    assert!(unknown.is_err(), "{unknown:?}");
+    assert_eq!(steps_down.load(Ordering::SeqCst), 1);
+
+    // From then on nothing is sent: etcd's revision does not move.
+    let before = raw
+        .get(commit_key, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let later = tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(5.0))]));
+    assert!(
+        matches!(later, Err(StoreError::SteppedDown(_))),
+        "{later:?}"
+    );
+    assert!(matches!(
+        tokio::task::block_in_place(|| store.check_leading()),
+        Err(StoreError::SteppedDown(_))
+    ));
+    let after = raw
+        .get(commit_key, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert_eq!(before, after);
+    assert_eq!(steps_down.load(Ordering::SeqCst), 1, "told once");
+    let progress: Vec<f64> = tokio::task::block_in_place(|| sorted_jobs(&store))
+        .iter()
+        .map(|j| j.progress)
+        .collect();
+    assert_eq!(
+        progress,
+        vec![1.0],
+        "b was not written by this commit, c and e not at all"
+    );
+}
+
+/// A leader checks it still leads before it tells an agent anything from memory: true while
+/// its key stands, and a deposed one is told so (and steps down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_checks_it_still_leads() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(dir.path(), 3);
+    let settings = settings(&etcd, "/check");
+    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let leading = candidate.campaign().await.unwrap();
+    let fence = leading.fence.clone();
+    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
+        .unwrap()
+        .fenced(fence)
+        .unwrap();
+    tokio::task::block_in_place(|| store.check_leading()).unwrap();
+    leading.resign().await;
+    // No candidate leads now: said so, not taken for an error.
+    assert_eq!(candidate.leader().await.unwrap(), None);
+    let deposed = tokio::task::block_in_place(|| store.check_leading());
+    assert!(
+        matches!(deposed, Err(StoreError::Deposed { .. })),
+        "{deposed:?}"
     );
 }

@@ -50,11 +50,16 @@ impl Opened {
     }
 }
 
-fn open(args: StoreArgs) -> anyhow::Result<Opened> {
+/// Opens the store `args` names; a redb file to export from must exist (opening one
+/// creates it).
+fn open(args: StoreArgs, exporting: bool) -> anyhow::Result<Opened> {
     if args.redb.is_none() && args.etcd_endpoints.is_empty() {
         anyhow::bail!("which store? give --redb FILE or --etcd-endpoints URL[,URL...]");
     }
     if let Some(path) = args.redb {
+        if exporting && !path.exists() {
+            anyhow::bail!("no coordinator store at {}", path.display());
+        }
         let store = RedbStore::open(&path).map_err(|e| {
             anyhow::anyhow!(
                 "open {}: {e} (is its coordinator still running? stop it first)",
@@ -77,7 +82,7 @@ fn open(args: StoreArgs) -> anyhow::Result<Opened> {
 
 /// Writes every record to `out` (a file, or stdout); answers how many.
 pub fn export(args: StoreArgs, out: Option<PathBuf>) -> anyhow::Result<usize> {
-    let store = open(args)?;
+    let store = open(args, true)?;
     let mut sink: Box<dyn Write> = match &out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path)
@@ -92,9 +97,10 @@ pub fn export(args: StoreArgs, out: Option<PathBuf>) -> anyhow::Result<usize> {
 
 /// Reads an export (a file, or stdin) into an empty store; answers how many records.
 pub fn import(args: StoreArgs, input: Option<PathBuf>) -> anyhow::Result<usize> {
-    let store = open(args)?;
+    let store = open(args, false)?;
     let per_commit = match &store {
         Opened::Etcd(etcd) => {
+            // Checked once: the candidates must stay stopped until the import is done.
             if etcd.has_leader()? {
                 anyhow::bail!(
                     "a coordinator leads on this etcd prefix: stop every coordinator candidate before an import"

@@ -331,7 +331,10 @@ impl Coordinator {
         peer: SocketAddr,
     ) -> Result<Response, ApiError> {
         match Some(request) {
-            Some(Request::Report(report)) => self.report(report, peer).map(Response::ReportAck),
+            Some(Request::Report(report)) => self
+                .report(report, peer)
+                .and_then(|ack| self.answer_while_leading(ack))
+                .map(Response::ReportAck),
             Some(Request::CreatePair(req)) => self.create_pair(req).await.map(Response::Created),
             Some(Request::ListPairs(_)) => Ok(Response::Pairs(proto::ListPairsResponse {
                 pairs: self.list_pairs(),

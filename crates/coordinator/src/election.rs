@@ -90,12 +90,20 @@ impl Candidate {
     pub async fn campaign(&self) -> Result<Leadership, StoreError> {
         let mut client = self.client.clone();
         self.end_earlier_runs().await?;
-        let lease = bounded(
+        let granted = bounded(
             self.request_timeout,
             client.lease_grant(self.ttl.as_secs() as i64, None),
         )
-        .await?
-        .id();
+        .await?;
+        let lease = granted.id();
+        if granted.ttl() as u64 != self.ttl.as_secs() {
+            // etcd raises a TTL below its minimum (one and a half election timeouts).
+            tracing::warn!(
+                asked = self.ttl.as_secs(),
+                granted = granted.ttl(),
+                "etcd granted the candidate's lease another TTL"
+            );
+        }
         let (lost_tx, mut lost) = watch::channel(None);
         // Ends the renewals if this campaign is given up (its future dropped): the lease
         // then expires, and its key with it.
@@ -180,8 +188,10 @@ impl Candidate {
                 address: String::from_utf8_lossy(kv.value()).into_owned(),
                 term: kv.create_revision() as u64,
             })),
+            // The election's own answer when no candidate leads ("etcdserver: no leader" is
+            // etcd without a quorum, an error).
             Err(etcd_client::Error::GRpcStatus(status))
-                if status.message().contains("no leader") =>
+                if status.message().contains("election: no leader") =>
             {
                 Ok(None)
             }
@@ -248,8 +258,9 @@ impl Drop for AbortOnDrop {
 }
 
 /// Renews `lease` every third of its TTL. Says why once it is lost: etcd answers that it
-/// expired, or no renewal got through for a whole TTL (counted from the last renewal sent
-/// that etcd answered, so etcd's expiry is never earlier than this side's).
+/// expired, or no renewal got through for a whole TTL, counted from the last renewal sent
+/// that etcd answered. That is noticed at the next failed renewal, up to two thirds of a
+/// TTL later; nothing rests on the moment (a leader's writes are fenced by its term).
 async fn keep_alive(
     mut client: Client,
     lease: i64,

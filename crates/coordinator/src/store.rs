@@ -13,7 +13,7 @@
 use crate::records::{GroupRecord, JobRecord, NodeRecord, PairRecord, TokenRecord};
 
 pub(crate) mod etcd;
-pub use etcd::{EtcdSettings, EtcdStore, EtcdTls, LeaderFence, MAX_TXN_OPS};
+pub use etcd::{EtcdSettings, EtcdStore, EtcdTls, LeaderFence, MAX_TXN_OPS, StepDown};
 #[cfg(test)]
 mod memory;
 #[cfg(test)]
@@ -169,6 +169,12 @@ pub enum StoreError {
         "this coordinator's term {term} is over: another coordinator leads, and nothing was written"
     )]
     Deposed { term: u64 },
+    /// This leader stepped down (its term is over, or a commit's outcome is unknown): the
+    /// commit was not sent.
+    #[error(
+        "this coordinator is stepping down ({0}): nothing was written; the next leader carries on from the records"
+    )]
+    SteppedDown(String),
     /// A commit larger than the store takes in one transaction.
     #[error(
         "coordinator store: a commit of {changes} changes is more than one etcd transaction takes ({limit}); nothing was written"
@@ -180,6 +186,12 @@ pub trait Store: Send + Sync {
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Applies every change, atomically and durably, or none.
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError>;
+    /// Whether this coordinator still leads, as the store says now (an HA leader's store
+    /// checks its term; one coordinator always leads). For what the coordinator tells an
+    /// agent from memory, without a commit: it is told only while it leads.
+    fn check_leading(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 fn backend<E: std::fmt::Display>(e: E) -> StoreError {

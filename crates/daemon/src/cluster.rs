@@ -201,12 +201,20 @@ impl Cluster {
             let report = self.report();
             match self.coordinator_call(Request::Report(report)).await {
                 Ok(Response::ReportAck(ack)) => {
-                    // The roles of a coordinator whose term is over are not taken up.
-                    match self.leader_term.admit(ack.leader_term, "a report's answer") {
-                        Ok(_term) => self.take_up_roles(&ack.roles),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the roles a report's answer gives are not taken up")
-                        }
+                    // The roles of a coordinator whose term is over are not taken up. Taking
+                    // a newer term waits for the commands of the current one: off the
+                    // runtime's workers.
+                    let cluster = Arc::clone(&self);
+                    let taken = tokio::task::spawn_blocking(move || {
+                        let _term = cluster
+                            .leader_term
+                            .admit(ack.leader_term, "a report's answer")?;
+                        cluster.take_up_roles(&ack.roles);
+                        Ok::<(), ApiError>(())
+                    })
+                    .await;
+                    if let Ok(Err(e)) = taken {
+                        tracing::warn!(error = %e, "the roles a report's answer gives are not taken up");
                     }
                     if !reachable {
                         tracing::info!("coordinator reachable again");
@@ -526,8 +534,7 @@ impl Cluster {
                 }
                 return Ok(Response::Done(proto::Done {}));
             }
-            // The term was taken as the command was admitted (its own, and the one the
-            // request carries).
+            // The term the request carries was taken as the command was admitted.
             Request::AdoptTerm(_) => return Ok(Response::Done(proto::Done {})),
             Request::MarkDirty(c) => {
                 let pair = pair_id(&c.pair_id)?;

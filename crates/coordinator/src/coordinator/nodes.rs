@@ -40,6 +40,20 @@ impl Coordinator {
 
     /// A node's heartbeat: registers it (first time, or moved) and records what it
     /// reported. Answers with the pairs the coordinator knows the node is in.
+    /// A report's answer gives roles from the records in memory, and a production role lets
+    /// a restarted production side take writes: it is given only if the store says this
+    /// coordinator still leads. (An answer checked so is as if it was delivered before any
+    /// later leader took over: the node takes a newer term's commands only after it.)
+    pub(super) fn answer_while_leading(
+        &self,
+        ack: proto::ReportAck,
+    ) -> Result<proto::ReportAck, ApiError> {
+        if ack.roles.iter().any(|r| r.side == "production") {
+            self.store.check_leading().map_err(store_error)?;
+        }
+        Ok(ack)
+    }
+
     pub fn report(
         &self,
         report: proto::NodeReport,
@@ -176,6 +190,62 @@ mod tests {
 
         h.report("n2", "az2", vec![], vec![]);
         assert!(h.coordinator.list_nodes()[0].alive);
+    }
+
+    /// A report's answer that gives a production role (a restarted production side takes
+    /// writes on it) goes out only while the store says this coordinator leads; one that
+    /// gives none does not ask. Answers carry the coordinator's term.
+    #[tokio::test]
+    async fn a_production_role_is_given_only_while_the_coordinator_leads() {
+        let (h, _group, a, b) = seeded_group_of_two();
+        let report = |node: &str, pair: &PairRecord, side: &str| {
+            let mut state = pair_state(pair, side, ReplicationStatus::Active);
+            state.grouped = true;
+            ClusterRequest {
+                request: Some(Request::Report(proto::NodeReport {
+                    node: node.into(),
+                    availability_zone: "az1".into(),
+                    pairs: vec![state],
+                    ..Default::default()
+                })),
+                scope: None,
+                leader_term: 0,
+            }
+        };
+        let answer = h
+            .coordinator
+            .handle(
+                report(&a.production_node, &a, "production"),
+                address(&a.production_node),
+            )
+            .await;
+        let Some(Response::ReportAck(ack)) = answer.response else {
+            panic!("{answer:?}");
+        };
+        assert!(ack.roles.iter().any(|r| r.side == "production"));
+        assert_eq!(ack.leader_term, h.coordinator.term());
+
+        h.store.depose(true);
+        let answer = h
+            .coordinator
+            .handle(
+                report(&a.production_node, &a, "production"),
+                address(&a.production_node),
+            )
+            .await;
+        assert!(
+            matches!(&answer.response, Some(Response::Error(e)) if e.code == 503),
+            "{answer:?}"
+        );
+        // A DR side's report gives no production role: answered as before.
+        let answer = h
+            .coordinator
+            .handle(report(&b.dr_node, &b, "dr"), address(&b.dr_node))
+            .await;
+        assert!(
+            matches!(&answer.response, Some(Response::ReportAck(ack)) if ack.roles.iter().all(|r| r.side != "production")),
+            "{answer:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ use etcd_client::{
     TxnOp,
 };
 
+use std::sync::Mutex;
+
 use super::{Change, Snapshot, Store, StoreError, Table};
 
 /// etcd refuses a transaction of more operations than its `--max-txn-ops` (128 unless
@@ -132,12 +134,28 @@ pub struct EtcdStore {
     /// Ends the runtime's thread when the store is dropped.
     _stop: tokio::sync::oneshot::Sender<()>,
     settings: EtcdSettings,
-    fence: Option<LeaderFence>,
+    /// A leader's store: its fence and where its commits stand.
+    leader: Option<Mutex<LeaderCommits>>,
     /// Called when a fenced commit finds its term over, or cannot tell whether it committed:
     /// either way the leader steps down.
     on_step_down: Option<StepDown>,
     /// Commits refused because the term was over.
     refused: AtomicU64,
+}
+
+/// Where a leader's commits stand. Each commit also puts the commit key
+/// (`PREFIX/commit`), naming the commit, under a compare of that key's revision as this
+/// leader's last commit left it. So of the attempts of one commit (a request is made again
+/// when its answer is lost) at most one goes in, and an attempt that lands late, after a later
+/// commit, goes in not at all: it cannot write back records a later commit changed.
+struct LeaderCommits {
+    fence: LeaderFence,
+    /// The commit key's revision after this leader's last commit (at first, as it found it).
+    last_revision: i64,
+    /// Commits made in this term: the next one's name is `TERM.MADE`.
+    made: u64,
+    /// Why this leader stepped down, once it did: every later commit is refused unsent.
+    stepped_down: Option<String>,
 }
 
 impl EtcdStore {
@@ -184,16 +202,36 @@ impl EtcdStore {
             runtime,
             _stop: stop,
             settings,
-            fence: None,
+            leader: None,
             on_step_down: None,
             refused: AtomicU64::new(0),
         })
     }
 
-    /// Every commit from now on is conditioned on `fence`.
-    pub fn fenced(mut self, fence: LeaderFence) -> Self {
-        self.fence = Some(fence);
-        self
+    /// Every commit from now on is conditioned on `fence`, and follows the commit key from
+    /// where the store has it now.
+    pub fn fenced(mut self, fence: LeaderFence) -> Result<Self, StoreError> {
+        let client = self.client.clone();
+        let key = self.commit_key();
+        let last_revision = wait_on(&self.runtime, self.settings.request_timeout, move || {
+            let (mut client, key) = (client.clone(), key.clone());
+            async move {
+                let found = client.get(key, None).await.map_err(etcd_error)?;
+                Ok(found.kvs().first().map_or(0, |kv| kv.mod_revision()))
+            }
+        })?;
+        self.leader = Some(Mutex::new(LeaderCommits {
+            fence,
+            last_revision,
+            made: 0,
+            stepped_down: None,
+        }));
+        Ok(self)
+    }
+
+    /// The key every fenced commit puts last, naming the commit.
+    fn commit_key(&self) -> String {
+        format!("{}/commit", self.settings.prefix.trim_end_matches('/'))
     }
 
     /// `step_down` is called when a commit finds the term over, or cannot tell whether it
@@ -203,9 +241,14 @@ impl EtcdStore {
         self
     }
 
-    fn step_down(&self, why: &StoreError) {
-        if let Some(step_down) = &self.on_step_down {
-            step_down(why);
+    /// The leader steps down: from now on its commits are refused unsent, and its owner is
+    /// told.
+    fn step_down(&self, leader: &mut LeaderCommits, why: &StoreError) {
+        if leader.stepped_down.is_none() {
+            leader.stepped_down = Some(why.to_string());
+            if let Some(step_down) = &self.on_step_down {
+                step_down(why);
+            }
         }
     }
 
@@ -295,10 +338,12 @@ impl Store for EtcdStore {
         for entry in changes.iter().map(Change::entry) {
             entries.insert(self.key(entry.table, &entry.key), entry.value);
         }
-        if entries.len() > MAX_TXN_OPS {
+        // A leader's commit puts the commit key too.
+        let room = MAX_TXN_OPS - usize::from(self.leader.is_some());
+        if entries.len() > room {
             return Err(StoreError::TooLarge {
                 changes: entries.len(),
-                limit: MAX_TXN_OPS,
+                limit: room,
             });
         }
         let operations: Vec<TxnOp> = entries
@@ -308,51 +353,174 @@ impl Store for EtcdStore {
                 None => TxnOp::delete(key, None),
             })
             .collect();
-        let compares: Vec<Compare> = self
-            .fence
-            .iter()
-            .map(|f| Compare::create_revision(f.key.clone(), CompareOp::Equal, f.term as i64))
-            .collect();
+        match &self.leader {
+            None => self.commit_unfenced(operations),
+            Some(leader) => {
+                let mut leader = leader.lock().unwrap_or_else(|e| e.into_inner());
+                self.commit_fenced(&mut leader, operations)
+            }
+        }
+    }
+
+    fn check_leading(&self) -> Result<(), StoreError> {
+        let Some(leader) = &self.leader else {
+            return Ok(());
+        };
+        let mut leader = leader.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = &leader.stepped_down {
+            return Err(StoreError::SteppedDown(why.clone()));
+        }
+        let fence = leader.fence.clone();
         let client = self.client.clone();
-        let committed = wait_on(&self.runtime, self.settings.request_timeout, move || {
+        let leading = wait_on(&self.runtime, self.settings.request_timeout, move || {
+            let mut client = client.clone();
+            let txn = Txn::new().when([fence_compare(&fence)]);
+            async move { Ok(client.txn(txn).await.map_err(etcd_error)?.succeeded()) }
+        })?;
+        if leading {
+            return Ok(());
+        }
+        let deposed = StoreError::Deposed {
+            term: leader.fence.term,
+        };
+        self.step_down(&mut leader, &deposed);
+        Err(deposed)
+    }
+}
+
+impl EtcdStore {
+    fn commit_unfenced(&self, operations: Vec<TxnOp>) -> Result<(), StoreError> {
+        let client = self.client.clone();
+        wait_on(&self.runtime, self.settings.request_timeout, move || {
+            let mut client = client.clone();
+            let txn = Txn::new().and_then(operations.clone());
+            async move { client.txn(txn).await.map(drop).map_err(etcd_error) }
+        })
+    }
+
+    /// A leader's commit: its operations and the commit key, if its leader key still has
+    /// its term and the commit key the revision its last commit left. When the compare
+    /// fails, the same transaction reads both keys, to tell an earlier attempt of this commit
+    /// that went in from a term that is over.
+    fn commit_fenced(
+        &self,
+        leader: &mut LeaderCommits,
+        mut operations: Vec<TxnOp>,
+    ) -> Result<(), StoreError> {
+        if let Some(why) = &leader.stepped_down {
+            return Err(StoreError::SteppedDown(why.clone()));
+        }
+        let term = leader.fence.term;
+        let name = format!("{term}.{}", leader.made + 1);
+        let commit_key = self.commit_key();
+        operations.push(TxnOp::put(commit_key.clone(), name.clone(), None));
+        let compares = [
+            fence_compare(&leader.fence),
+            Compare::mod_revision(commit_key.clone(), CompareOp::Equal, leader.last_revision),
+        ];
+        let reads = [
+            TxnOp::get(commit_key, None),
+            TxnOp::get(leader.fence.key.clone(), None),
+        ];
+        let client = self.client.clone();
+        let answered = wait_on(&self.runtime, self.settings.request_timeout, move || {
             let mut client = client.clone();
             let txn = Txn::new()
                 .when(compares.clone())
-                .and_then(operations.clone());
-            async move {
-                let response = client.txn(txn).await.map_err(etcd_error)?;
-                Ok(response.succeeded())
-            }
+                .and_then(operations.clone())
+                .or_else(reads.clone());
+            async move { client.txn(txn).await.map_err(etcd_error) }
         });
-        let term = self.fence.as_ref().map_or(0, |f| f.term);
-        match committed {
-            Ok(true) => Ok(()),
-            Ok(false) => {
+        let outcome = match answered {
+            Ok(response) => CommitOutcome::of(&response, &name, &leader.fence),
+            // The attempts' answers were lost: any of them may have gone in.
+            Err(e @ StoreError::NoQuorum(_)) => CommitOutcome::Unknown(e),
+            // etcd refused the request itself (too large, not permitted): nothing went in.
+            Err(e) => return Err(e),
+        };
+        match outcome {
+            CommitOutcome::Committed { revision } => {
+                leader.last_revision = revision;
+                leader.made += 1;
+                Ok(())
+            }
+            CommitOutcome::Deposed => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     term,
                     "a commit refused by etcd: this coordinator's term is over"
                 );
                 let deposed = StoreError::Deposed { term };
-                self.step_down(&deposed);
+                self.step_down(leader, &deposed);
                 Err(deposed)
             }
-            Err(e) => {
-                // The transaction may have committed all the same (its answer was lost): the
-                // records in memory may be behind the store's, so the leader steps down, and
-                // whoever leads next loads them.
+            CommitOutcome::Unknown(e) => {
+                // The records in memory may be behind the store's: the leader steps down,
+                // and whoever leads next loads them.
                 tracing::warn!(term, error = %e, "a commit of unknown outcome: the coordinator steps down");
-                self.step_down(&e);
+                self.step_down(leader, &e);
                 Err(e)
             }
         }
     }
 }
 
+/// The compare that holds while `fence`'s leader leads: its key has the term's revision.
+fn fence_compare(fence: &LeaderFence) -> Compare {
+    Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.term as i64)
+}
+
+/// What a leader's commit transaction answered.
+enum CommitOutcome {
+    /// It went in (now, or in an earlier attempt): the commit key's revision after it.
+    Committed { revision: i64 },
+    /// The leader key is gone or newer: the term is over, and nothing went in.
+    Deposed,
+    /// It cannot be told whether it went in.
+    Unknown(StoreError),
+}
+
+impl CommitOutcome {
+    fn of(response: &etcd_client::TxnResponse, name: &str, fence: &LeaderFence) -> Self {
+        if response.succeeded() {
+            return match response.header() {
+                Some(header) => CommitOutcome::Committed {
+                    revision: header.revision(),
+                },
+                None => CommitOutcome::Unknown(StoreError::Backend(
+                    "etcd answered a commit without its revision".into(),
+                )),
+            };
+        }
+        let mut found = response.op_responses().into_iter().map(|r| match r {
+            etcd_client::TxnOpResponse::Get(got) => got.kvs().first().cloned(),
+            _ => None,
+        });
+        let (commit, leader_key) = (found.next().flatten(), found.next().flatten());
+        if let Some(commit) = &commit
+            && commit.value() == name.as_bytes()
+        {
+            return CommitOutcome::Committed {
+                revision: commit.mod_revision(),
+            };
+        }
+        match leader_key {
+            Some(key) if key.create_revision() == fence.term as i64 => {
+                CommitOutcome::Unknown(StoreError::Backend(format!(
+                    "the commit key moved under this leader (it names commit {:?})",
+                    commit.map(|c| String::from_utf8_lossy(c.value()).into_owned())
+                )))
+            }
+            _ => CommitOutcome::Deposed,
+        }
+    }
+}
+
 /// Runs `attempt` on the store's runtime and waits for it, at most `timeout` in all. An
 /// attempt that could not reach a member with a quorum is made again (the client may have
-/// picked a member that is down): every request the store makes is safe to repeat (a get, or
-/// a transaction of puts and deletes of whole records under the same compare).
+/// picked a member that is down). Every request the store makes is safe to repeat: a read,
+/// an import's puts (no coordinator runs), or a leader's commit, which goes in at most once
+/// whatever its attempts do ([`LeaderCommits`]).
 fn wait_on<T, F>(
     runtime: &tokio::runtime::Handle,
     timeout: Duration,
@@ -383,8 +551,16 @@ where
         };
         let _ = tx.send(outcome);
     });
-    rx.recv()
-        .map_err(|_| StoreError::Backend("the etcd client's runtime ended".into()))?
+    // On a worker of the daemon's runtime, the other tasks move to another worker while
+    // this one waits.
+    let wait = || rx.recv();
+    let answer = match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    };
+    answer.map_err(|_| StoreError::Backend("the etcd client's runtime ended".into()))?
 }
 
 /// An etcd error as the store's: a member that cannot reach a quorum (or is unreachable)

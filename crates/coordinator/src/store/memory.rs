@@ -15,6 +15,8 @@ pub struct MemoryStore {
     tables: Mutex<BTreeMap<(Table, String), Vec<u8>>>,
     commits: AtomicUsize,
     refuse: AtomicBool,
+    /// As an HA leader's store whose term is over: `check_leading` fails.
+    deposed: AtomicBool,
 }
 
 impl MemoryStore {
@@ -32,12 +34,25 @@ impl MemoryStore {
         self.refuse.store(refuse, Ordering::SeqCst);
     }
 
+    /// From now on, the coordinator no longer leads (`true`), as a deposed HA leader's
+    /// store says, or leads again (`false`).
+    pub fn depose(&self, deposed: bool) {
+        self.deposed.store(deposed, Ordering::SeqCst);
+    }
+
     fn tables(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Table, String), Vec<u8>>> {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Store for MemoryStore {
+    fn check_leading(&self) -> Result<(), StoreError> {
+        if self.deposed.load(Ordering::SeqCst) {
+            return Err(StoreError::Deposed { term: 1 });
+        }
+        Ok(())
+    }
+
     fn load(&self) -> Result<Snapshot, StoreError> {
         let mut snapshot = Snapshot::default();
         for ((table, key), value) in self.tables().iter() {

@@ -76,8 +76,15 @@ pub fn import(
             .map_err(|e| bad(e.to_string()))?;
     }
     let changes = changes_of(snapshot);
+    let mut done = 0;
     for chunk in changes.chunks(max_per_commit.max(1)) {
-        store.commit(chunk)?;
+        store.commit(chunk).map_err(|e| {
+            StoreError::Backend(format!(
+                "the import stopped after {done} of {} records ({e}): the store holds those; remove them before importing again",
+                changes.len()
+            ))
+        })?;
+        done += chunk.len();
     }
     Ok(changes.len())
 }

@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use blockrep_api::ApiError;
@@ -17,7 +18,13 @@ const FILE: &str = "leader-term";
 pub struct LeaderTerm {
     path: PathBuf,
     highest: RwLock<u64>,
+    /// The same, for readers that must not wait behind a newer term being taken (metrics,
+    /// reports).
+    seen: AtomicU64,
 }
+
+/// The largest term there is: etcd's revisions are signed 64-bit.
+const MAX_TERM: u64 = i64::MAX as u64;
 
 impl LeaderTerm {
     /// Reads the term kept in `state_dir` (0 if none was ever taken).
@@ -37,16 +44,22 @@ impl LeaderTerm {
         Ok(Self {
             path,
             highest: RwLock::new(highest),
+            seen: AtomicU64::new(highest),
         })
     }
 
     pub fn highest(&self) -> u64 {
-        *self.highest.read().unwrap_or_else(|e| e.into_inner())
+        self.seen.load(Ordering::SeqCst)
     }
 
     /// Admits a command of `term`: refused if older than the highest seen; a newer term is
     /// kept (durably) first. The guard holds the term while the command runs.
     pub fn admit(&self, term: u64, what: &str) -> Result<RwLockReadGuard<'_, u64>, ApiError> {
+        if term > MAX_TERM {
+            return Err(ApiError::InvalidArgument(format!(
+                "{what} of coordinator term {term} refused: no coordinator has a term above {MAX_TERM}"
+            )));
+        }
         loop {
             {
                 let highest = self.highest.read().unwrap_or_else(|e| e.into_inner());
@@ -74,6 +87,7 @@ impl LeaderTerm {
                     "following a new coordinator term"
                 );
                 *highest = term;
+                self.seen.store(term, Ordering::SeqCst);
             }
         }
     }
@@ -112,6 +126,11 @@ mod tests {
                 .contains("GroupCut of coordinator term 5 refused: this node follows term 7"),
             "{refused}"
         );
+
+        // No term is above what etcd's signed revisions reach: such a command is refused, and
+        // the term kept does not move.
+        assert!(terms.admit(u64::MAX, "a command").is_err());
+        assert_eq!(terms.highest(), 7);
 
         let restarted = LeaderTerm::load(dir.path()).unwrap();
         assert_eq!(restarted.highest(), 7);

@@ -19,9 +19,11 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use blockrep_api::ApiError;
+use blockrep_api::proto::cluster_request::Request;
 use blockrep_api::proto::{self, ClusterRequest, ClusterResponse, cluster_response::Response};
 use blockrep_coordinator::election::{Candidate, Leader};
 use blockrep_coordinator::{Agents, Coordinator, EtcdSettings, EtcdStore, StoreError};
+use blockrep_replication::endpoint::CallError;
 use blockrep_tls::COORDINATOR_NAME;
 
 use super::{AgentsOverQuic, Cluster};
@@ -214,14 +216,15 @@ impl Cluster {
                 let step_down = Arc::clone(&step_down);
                 let fenced_commits = Arc::clone(&self.role.fenced_commits);
                 tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<Coordinator>> {
-                    let store = EtcdStore::connect(settings)?
-                        .fenced(fence)
-                        .on_step_down(Box::new(move |why| {
-                            if matches!(why, StoreError::Deposed { .. }) {
-                                fenced_commits.fetch_add(1, Ordering::Relaxed);
-                            }
-                            step_down.notify_one();
-                        }));
+                    let store =
+                        EtcdStore::connect(settings)?
+                            .fenced(fence)?
+                            .on_step_down(Box::new(move |why| {
+                                if matches!(why, StoreError::Deposed { .. }) {
+                                    fenced_commits.fetch_add(1, Ordering::Relaxed);
+                                }
+                                step_down.notify_one();
+                            }));
                     let agents = Arc::new(AgentsOverQuic {
                         cluster: OnceLock::from(Arc::clone(&cluster)),
                     });
@@ -324,14 +327,17 @@ impl Cluster {
         // The last answer of each candidate tried, for the error.
         let mut failures = std::collections::BTreeMap::new();
         let mut electing = false;
+        let repeatable = repeatable(request);
         for _ in 0..listed.len() * 2 + 1 {
             let call = self.endpoint.call(target, COORDINATOR_NAME, request);
-            let answer = if listed.len() > 1 {
+            // A call that changes something is waited for to the end: after a timeout it
+            // may have been carried out, so it is not made again elsewhere.
+            let answer = if listed.len() > 1 && repeatable {
                 tokio::time::timeout(CANDIDATE_CALL_TIMEOUT, call)
                     .await
                     .unwrap_or_else(|_| {
                         self.endpoint.forget(target);
-                        Err(blockrep_replication::endpoint::CallError::Timeout { addr: target })
+                        Err(CallError::Timeout { addr: target })
                     })
             } else {
                 call.await
@@ -359,6 +365,12 @@ impl Cluster {
                     *self.leader_hint.lock().unwrap_or_else(|e| e.into_inner()) = target;
                     return (Ok(response), false);
                 }
+                Err(e) if !repeatable && !matches!(e, CallError::Connect { .. }) => {
+                    let error = ApiError::Unavailable(format!(
+                        "the coordinator at {target} did not answer ({e}): the call may have been carried out; check before making it again"
+                    ));
+                    return (Err(error), false);
+                }
                 Err(e) => {
                     failures.insert(target, e.to_string());
                     target = next_after(listed, target);
@@ -385,6 +397,28 @@ impl Cluster {
     }
 }
 
+/// Whether a call may be made again after no answer came: it changes nothing (a read, or
+/// a heartbeat, which comes again anyway).
+fn repeatable(request: &ClusterRequest) -> bool {
+    matches!(
+        request.request,
+        Some(
+            Request::Report(_)
+                | Request::ListPairs(_)
+                | Request::GetPair(_)
+                | Request::GetJob(_)
+                | Request::ListJobs(_)
+                | Request::ListNodes(_)
+                | Request::ListGroups(_)
+                | Request::GetGroup(_)
+                | Request::GroupPoints(_)
+                | Request::ListDrills(_)
+                | Request::GetDrill(_)
+                | Request::ListApiTokens(_)
+        )
+    )
+}
+
 /// The candidate listed after `current` (the first if `current` is not listed).
 fn next_after(listed: &[SocketAddr], current: SocketAddr) -> SocketAddr {
     match listed.iter().position(|a| *a == current) {
@@ -396,6 +430,23 @@ fn next_after(listed: &[SocketAddr], current: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_calls_that_change_nothing_are_made_again_after_no_answer() {
+        let call = |request| ClusterRequest {
+            request: Some(request),
+            ..Default::default()
+        };
+        assert!(repeatable(&call(Request::Report(Default::default()))));
+        assert!(repeatable(&call(Request::GetGroup(Default::default()))));
+        assert!(!repeatable(&call(Request::FailoverGroup(
+            Default::default()
+        ))));
+        assert!(!repeatable(&call(Request::CreatePair(Default::default()))));
+        assert!(!repeatable(&call(Request::CreateApiToken(
+            Default::default()
+        ))));
+    }
 
     #[test]
     fn candidates_are_tried_in_turn() {

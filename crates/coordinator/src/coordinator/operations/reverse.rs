@@ -49,6 +49,9 @@ impl Coordinator {
         } else if let Some(waiting) = drain.waiting.first() {
             reason.push_str(&format!(" ({waiting})"));
         }
+        // Taking the fence down lets production take writes: only while this coordinator
+        // still leads (a leader deposed while it waited sends nothing).
+        self.store.check_leading().map_err(store_error)?;
         for unfence in group_steps::unfences(&plan, &members) {
             if let Err(e) = self.ask_agent(&unfence.node, unfence.request).await {
                 tracing::warn!(pair = %unfence.pair, error = %e, "cannot take the reverse's fence down");
@@ -115,5 +118,30 @@ mod tests {
             .filter(|c| matches!(&c.request, Request::Fence(f) if f.fence.is_empty()))
             .count();
         assert_eq!(unfenced, 2, "{:?}", h.agents.log());
+    }
+
+    /// Taking the fence down lets production take writes: a coordinator that no longer
+    /// leads (deposed while the drain waited) does not, and records nothing.
+    #[tokio::test]
+    async fn a_reverse_given_up_by_a_deposed_leader_takes_no_fence_down() {
+        let (h, group, a, b) = seeded_group_of_two();
+        h.production_reports(&[&a, &b]);
+        h.dr_reports(&[&a, &b], true, 7);
+        h.coordinator.reverse_group("g").unwrap();
+        h.coordinator.drive_operations().await;
+        h.store.depose(true);
+        h.clock.advance(Duration::from_millis(DRAIN_GIVE_UP_MS));
+        h.coordinator.drive_operations().await;
+        let unfenced = h
+            .agents
+            .calls_of("Fence")
+            .into_iter()
+            .filter(|c| matches!(&c.request, Request::Fence(f) if f.fence.is_empty()))
+            .count();
+        assert_eq!(unfenced, 0, "{:?}", h.agents.log());
+        assert_eq!(
+            h.stored_group(group.id).unwrap().status,
+            GroupStatus::Reversing
+        );
     }
 }
