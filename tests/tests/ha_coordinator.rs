@@ -27,7 +27,9 @@ use rand::{Rng, SeedableRng};
 // Room for every test's writes (the volumes are sparse files of RECORDS / 2 records).
 const RECORDS: u64 = 128 * 1024;
 const EPERM: u32 = 1;
-const LEASE_TTL: Duration = Duration::from_secs(2);
+// Short, so the tests are quick; long enough that a loaded machine's pauses do not cost
+// the leader its lease.
+const LEASE_TTL: Duration = Duration::from_secs(3);
 const CANDIDATES: [&str; 3] = ["co-1", "co-2", "co-3"];
 
 struct Ha {

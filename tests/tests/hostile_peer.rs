@@ -589,7 +589,8 @@ fn a_node_of_the_cluster_cannot_command_another_nor_pose_as_it() {
 
 /// An HA coordinator's leader sends its term to every agent when it takes over; a
 /// coordinator of an older term (deposed, and unaware of it) is then refused, counted as
-/// `stale_term`, and changes nothing. The term survives the agent's restart.
+/// `stale_term`, and changes nothing. The term is kept in the agent's state directory (its
+/// reload is `leader_term`'s unit test).
 fn a_deposed_coordinators_commands_are_refused(
     cluster: &TestCluster,
     runtime: &tokio::runtime::Runtime,
