@@ -212,7 +212,7 @@ pub fn ha(
             "leader kill to the new leader's first commit: median {p50:.2} s, max {max:.2} s over {kills}; group failover median {redb_p50:.3} s on redb, {etcd_p50:.3} s on etcd"
         ),
         markdown: format!(
-            "- **HA coordinator, leader failover** (three candidates, a three-member etcd, lease TTL {LEASE_TTL_S} s, a 2-pair async group): from `kill -9` of the leader to the DR agent applying the first commit made after it, median {p50:.2} s, max {max:.2} s over {kills} kills ({}).\n- **Group failover, etcd against redb** ({rounds} rounds each, as `group-failover`): median {redb_p50:.3} s with redb, {etcd_p50:.3} s with a three-member etcd.\n",
+            "- **HA coordinator, leader failover** (three candidates, a three-member etcd, lease TTL {LEASE_TTL_S} s, a 2-pair async group): from `kill -9` of the leader to the DR agent applying the new leader's first commit, median {p50:.2} s, max {max:.2} s over {kills} kills ({}).\n- **Group failover, etcd against redb** ({rounds} rounds each, as `group-failover`): median {redb_p50:.3} s with redb, {etcd_p50:.3} s with a three-member etcd.\n",
             sorted
                 .iter()
                 .map(|t| format!("{t:.2}"))

@@ -14,12 +14,25 @@ use crate::require_tool;
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
+    /// Clients must present a certificate of this CA, and reach the members over TLS.
+    tls: Option<ServerTls>,
+}
+
+/// The members' certificate and key (for the name `localhost`), and the CA their clients'
+/// certificates must be signed by.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP: `/health`, whatever the clients' TLS.
+    metrics_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
     process: Option<Child>,
@@ -28,6 +41,15 @@ struct Member {
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader.
     pub fn start(dir: &Path, size: usize) -> Self {
+        Self::start_with(dir, size, None)
+    }
+
+    /// As [`EtcdCluster::start`], clients held to mutual TLS (`https://localhost:PORT`).
+    pub fn start_tls(dir: &Path, size: usize, tls: ServerTls) -> Self {
+        Self::start_with(dir, size, Some(tls))
+    }
+
+    fn start_with(dir: &Path, size: usize, tls: Option<ServerTls>) -> Self {
         require_tool("etcd");
         std::fs::create_dir_all(dir).expect("etcd's directory");
         let members: Vec<Member> = (0..size)
@@ -35,6 +57,7 @@ impl EtcdCluster {
                 name: format!("etcd{i}"),
                 client_port: free_tcp_port(),
                 peer_port: free_tcp_port(),
+                metrics_port: free_tcp_port(),
                 data_dir: dir.join(format!("etcd{i}")),
                 log: dir.join(format!("etcd{i}.log")),
                 process: None,
@@ -48,6 +71,7 @@ impl EtcdCluster {
         let mut cluster = Self {
             members,
             initial_cluster,
+            tls,
         };
         for i in 0..size {
             cluster.start_member(i);
@@ -58,10 +82,14 @@ impl EtcdCluster {
 
     /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
-            .collect()
+        self.members.iter().map(|m| self.client_url(m)).collect()
+    }
+
+    fn client_url(&self, m: &Member) -> String {
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", m.client_port),
+            None => format!("http://127.0.0.1:{}", m.client_port),
+        }
     }
 
     /// The endpoints as a TOML array.
@@ -79,6 +107,19 @@ impl EtcdCluster {
 
     /// Starts a member again (after [`EtcdCluster::kill`]), with the data it had.
     pub fn start_member(&mut self, member: usize) {
+        let client = self.client_url(&self.members[member]);
+        let tls: Vec<String> = match &self.tls {
+            Some(t) => vec![
+                "--cert-file".into(),
+                t.cert.display().to_string(),
+                "--key-file".into(),
+                t.key.display().to_string(),
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                t.ca.display().to_string(),
+            ],
+            None => Vec::new(),
+        };
         let m = &mut self.members[member];
         assert!(m.process.is_none(), "{} is running", m.name);
         let log = std::fs::OpenOptions::new()
@@ -86,8 +127,8 @@ impl EtcdCluster {
             .append(true)
             .open(&m.log)
             .expect("etcd log");
-        let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
         let process = Command::new("etcd")
             .arg("--name")
             .arg(&m.name)
@@ -95,6 +136,8 @@ impl EtcdCluster {
             .arg(&m.data_dir)
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
+            .args(["--listen-metrics-urls", &metrics])
+            .args(&tls)
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
@@ -114,7 +157,7 @@ impl EtcdCluster {
     pub fn wait_healthy(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         for m in self.members.iter().filter(|m| m.process.is_some()) {
-            while !healthy(m.client_port) {
+            while !healthy(m.metrics_port) {
                 assert!(
                     Instant::now() < deadline,
                     "etcd member {} is not healthy after {timeout:?}; its log:\n{}",

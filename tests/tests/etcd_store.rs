@@ -469,3 +469,81 @@ async fn a_leader_checks_it_still_leads() {
         "{deposed:?}"
     );
 }
+
+/// Mutual TLS to etcd: with the CA of the members' certificate and a client certificate
+/// their CA signed, records commit and load; without a client certificate, or trusting
+/// another CA, the store cannot connect, and says so. The certificates are the cluster's
+/// own (`blockrep cluster init-ca`, `issue-cert`).
+#[test]
+fn the_store_reaches_etcd_over_mutual_tls() {
+    use blockrep_coordinator::EtcdTls;
+    use blockrep_tests::etcd::ServerTls;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let ca = dir.path().join("ca");
+    blockrep_tests::cluster::cli(&["cluster", "init-ca", "--dir", &path(&ca)]);
+    let issue = |node: &str| {
+        let out = dir.path().join(node);
+        blockrep_tests::cluster::cli(&[
+            "cluster",
+            "issue-cert",
+            "--ca-dir",
+            &path(&ca),
+            "--node",
+            node,
+            "--out-dir",
+            &path(&out),
+        ]);
+        out
+    };
+    let server = issue("localhost");
+    let client = issue("co-1");
+    let etcd = EtcdCluster::start_tls(
+        &dir.path().join("etcd"),
+        1,
+        ServerTls {
+            cert: server.join("node.pem"),
+            key: server.join("node.key"),
+            ca: server.join("ca.pem"),
+        },
+    );
+    let with = |tls: Option<EtcdTls>| EtcdSettings {
+        prefix: "/tls".into(),
+        tls,
+        request_timeout: Duration::from_secs(2),
+        ..EtcdSettings::new(etcd.endpoints())
+    };
+    let mutual = EtcdTls {
+        ca: client.join("ca.pem"),
+        cert: client.join("node.pem"),
+        key: client.join("node.key"),
+    };
+    let store = EtcdStore::connect(with(Some(mutual.clone()))).unwrap();
+    let a = job(1.0);
+    store.commit(&[Change::PutJob(a.clone())]).unwrap();
+    assert_eq!(sorted_jobs(&store), vec![a]);
+
+    // No TLS at all to an https endpoint: refused.
+    let plain = EtcdStore::connect(with(None)).and_then(|s| s.load().map(drop));
+    assert!(plain.is_err(), "{plain:?}");
+    // Trusting another CA: the member's certificate is refused.
+    let other = dir.path().join("other-ca");
+    blockrep_tests::cluster::cli(&["cluster", "init-ca", "--dir", &path(&other)]);
+    let wrong_ca = EtcdTls {
+        ca: other.join("ca.pem"),
+        ..mutual.clone()
+    };
+    let refused = EtcdStore::connect(with(Some(wrong_ca))).and_then(|s| s.load().map(drop));
+    assert!(refused.is_err(), "{refused:?}");
+    // A certificate file that is not there: said at once.
+    let missing = EtcdTls {
+        cert: dir.path().join("nowhere.pem"),
+        ..mutual
+    };
+    let said = EtcdStore::connect(with(Some(missing)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(said.contains("read the etcd client certificate"), "{said}");
+}
