@@ -139,12 +139,18 @@ impl Ha {
             self.cluster.log_tails(60)
         );
         let died = Instant::now();
+        // Each candidate says itself whether it leads (its metrics): asked directly, not
+        // through calls that first try the dead leader.
         let mut next = None;
         wait_until(
             2 * LEASE_TTL + Duration::from_secs(5),
             "a new leader",
             || {
-                next = self.cluster.leader().filter(|l| *l != leader);
+                next = CANDIDATES
+                    .iter()
+                    .filter(|c| **c != leader)
+                    .find(|c| metric(self, c, "blockrep_coordinator_leading") == 1)
+                    .map(|c| c.to_string());
                 next.is_some()
             },
         );

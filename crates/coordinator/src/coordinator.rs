@@ -333,7 +333,7 @@ impl Coordinator {
         match Some(request) {
             Some(Request::Report(report)) => self
                 .report(report, peer)
-                .and_then(|ack| self.answer_while_leading(ack))
+                .map(|ack| self.answer_while_leading(ack))
                 .map(Response::ReportAck),
             Some(Request::CreatePair(req)) => self.create_pair(req).await.map(Response::Created),
             Some(Request::ListPairs(_)) => Ok(Response::Pairs(proto::ListPairsResponse {
@@ -416,7 +416,7 @@ impl Coordinator {
 fn store_error(e: crate::store::StoreError) -> ApiError {
     use crate::store::StoreError;
     match e {
-        StoreError::NoQuorum(_) | StoreError::Deposed { .. } => {
+        StoreError::NoQuorum(_) | StoreError::Deposed { .. } | StoreError::SteppedDown(_) => {
             ApiError::Unavailable(e.to_string())
         }
         _ => ApiError::Internal(e.to_string()),

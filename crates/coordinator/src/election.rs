@@ -124,6 +124,8 @@ impl Candidate {
         let leader_key = match won.map(|mut r| r.take_leader()) {
             Ok(Some(key)) => key,
             Ok(None) => {
+                drop(keeper);
+                let _ = bounded(self.request_timeout, client.lease_revoke(lease)).await;
                 return Err(StoreError::Backend(
                     "etcd answered the campaign without a leader key".into(),
                 ));

@@ -213,8 +213,14 @@ impl Cluster {
                         Ok::<(), ApiError>(())
                     })
                     .await;
-                    if let Ok(Err(e)) = taken {
-                        tracing::warn!(error = %e, "the roles a report's answer gives are not taken up");
+                    match taken {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "the roles a report's answer gives are not taken up")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "taking up the roles a report's answer gives failed")
+                        }
                     }
                     if !reachable {
                         tracing::info!("coordinator reachable again");

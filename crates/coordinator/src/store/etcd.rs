@@ -366,11 +366,15 @@ impl Store for EtcdStore {
         let Some(leader) = &self.leader else {
             return Ok(());
         };
-        let mut leader = leader.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(why) = &leader.stepped_down {
-            return Err(StoreError::SteppedDown(why.clone()));
-        }
-        let fence = leader.fence.clone();
+        // The fence is read under the lock, the network is asked without it: commits do not
+        // wait behind a check.
+        let fence = {
+            let leader = leader.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = &leader.stepped_down {
+                return Err(StoreError::SteppedDown(why.clone()));
+            }
+            leader.fence.clone()
+        };
         let client = self.client.clone();
         let leading = wait_on(&self.runtime, self.settings.request_timeout, move || {
             let mut client = client.clone();
@@ -380,6 +384,7 @@ impl Store for EtcdStore {
         if leading {
             return Ok(());
         }
+        let mut leader = leader.lock().unwrap_or_else(|e| e.into_inner());
         let deposed = StoreError::Deposed {
             term: leader.fence.term,
         };
@@ -411,7 +416,10 @@ impl EtcdStore {
             return Err(StoreError::SteppedDown(why.clone()));
         }
         let term = leader.fence.term;
-        let name = format!("{term}.{}", leader.made + 1);
+        // A name is used once, whatever the commit's outcome: a later commit never finds an
+        // earlier one's attempt under its own name.
+        leader.made += 1;
+        let name = format!("{term}.{}", leader.made);
         let commit_key = self.commit_key();
         operations.push(TxnOp::put(commit_key.clone(), name.clone(), None));
         let compares = [
@@ -435,13 +443,13 @@ impl EtcdStore {
             Ok(response) => CommitOutcome::of(&response, &name, &leader.fence),
             // The attempts' answers were lost: any of them may have gone in.
             Err(e @ StoreError::NoQuorum(_)) => CommitOutcome::Unknown(e),
-            // etcd refused the request itself (too large, not permitted): nothing went in.
+            // etcd refused the request itself (too large, not permitted), and no earlier
+            // attempt may have gone in (`wait_on` says so otherwise): nothing went in.
             Err(e) => return Err(e),
         };
         match outcome {
             CommitOutcome::Committed { revision } => {
                 leader.last_revision = revision;
-                leader.made += 1;
                 Ok(())
             }
             CommitOutcome::Deposed => {
@@ -533,13 +541,22 @@ where
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     runtime.spawn(async move {
         let deadline = tokio::time::Instant::now() + timeout;
+        // An attempt whose answer was lost may have gone in: a later attempt's definite
+        // refusal then does not say that nothing did.
+        let mut maybe_delivered = false;
         let outcome = loop {
             match tokio::time::timeout_at(deadline, attempt()).await {
                 Ok(Err(StoreError::NoQuorum(why))) => {
+                    maybe_delivered = true;
                     if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                         break Err(StoreError::NoQuorum(why));
                     }
                     tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) if maybe_delivered => {
+                    break Err(StoreError::NoQuorum(format!(
+                        "an earlier attempt's answer was lost, then: {e}"
+                    )));
                 }
                 Ok(outcome) => break outcome,
                 Err(_) => {
@@ -568,15 +585,26 @@ where
 pub(crate) fn etcd_error(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error;
     match &e {
+        // What etcd refuses before it applies anything: a definite answer.
         Error::GRpcStatus(status)
             if matches!(
                 status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ) || (status.code() == tonic::Code::Unknown
-                && status.message().contains("transport error")) =>
+                tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::NotFound
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::Unimplemented
+            ) =>
         {
-            StoreError::NoQuorum(format!("etcd: {}", status.message()))
+            StoreError::Backend(format!("etcd: {}", status.message()))
         }
+        // Anything else (unavailable, timed out, cut off, an internal error) may have been
+        // applied or not: the store could not reach a quorum that answered.
+        Error::GRpcStatus(status) => StoreError::NoQuorum(format!("etcd: {}", status.message())),
         Error::TransportError(_) | Error::IoError(_) => StoreError::NoQuorum(format!("etcd: {e}")),
         _ => StoreError::Backend(format!("etcd: {e}")),
     }

@@ -327,6 +327,9 @@ impl Cluster {
         // The last answer of each candidate tried, for the error.
         let mut failures = std::collections::BTreeMap::new();
         let mut electing = false;
+        // Leaders named by candidates: one that cannot be reached is likely dead, its lease
+        // not yet run out, so an election is under way.
+        let mut named = Vec::new();
         let repeatable = repeatable(request);
         for _ in 0..listed.len() * 2 + 1 {
             let call = self.endpoint.call(target, COORDINATOR_NAME, request);
@@ -347,8 +350,10 @@ impl Cluster {
                     response: Some(Response::NotLeader(not)),
                     ..
                 }) => {
-                    let named = not.leader_address.parse::<SocketAddr>().ok();
-                    electing |= named.is_none();
+                    let leader = not.leader_address.parse::<SocketAddr>().ok();
+                    electing |= leader.is_none();
+                    named.extend(leader);
+                    let named = leader;
                     failures.insert(
                         target,
                         match named {
@@ -372,6 +377,7 @@ impl Cluster {
                     return (Err(error), false);
                 }
                 Err(e) => {
+                    electing |= named.contains(&target);
                     failures.insert(target, e.to_string());
                     target = next_after(listed, target);
                 }
