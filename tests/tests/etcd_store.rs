@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use blockrep_coordinator::election::Candidate;
+use blockrep_coordinator::election::{Candidate, Leadership};
 use blockrep_coordinator::records::JobRecord;
 use blockrep_coordinator::{Change, EtcdSettings, EtcdStore, Store, StoreError};
 use blockrep_core::replication::{JobId, JobStatus, JobType};
@@ -34,6 +34,20 @@ fn settings(etcd: &EtcdCluster, prefix: &str) -> EtcdSettings {
         request_timeout: Duration::from_secs(2),
         ..EtcdSettings::new(etcd.endpoints())
     }
+}
+
+/// A store fenced by `leadership`, and how many times it told its leader to step down.
+fn leader_store(settings: &EtcdSettings, leadership: &Leadership) -> (EtcdStore, Arc<AtomicUsize>) {
+    let steps_down = Arc::new(AtomicUsize::new(0));
+    let told = Arc::clone(&steps_down);
+    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
+        .unwrap()
+        .fenced(leadership.fence.clone())
+        .unwrap()
+        .on_step_down(Box::new(move |_| {
+            told.fetch_add(1, Ordering::SeqCst);
+        }));
+    (store, steps_down)
 }
 
 fn sorted_jobs(store: &dyn Store) -> Vec<JobRecord> {
@@ -114,15 +128,7 @@ async fn a_deposed_leaders_commits_are_refused_and_write_nothing() {
         .unwrap();
 
     let old = first.campaign().await.unwrap();
-    let deposed = Arc::new(AtomicUsize::new(0));
-    let told = Arc::clone(&deposed);
-    let old_store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
-        .unwrap()
-        .fenced(old.fence.clone())
-        .unwrap()
-        .on_step_down(Box::new(move |_| {
-            told.fetch_add(1, Ordering::SeqCst);
-        }));
+    let (old_store, deposed) = leader_store(&settings, &old);
     let a = job(1.0);
     tokio::task::block_in_place(|| old_store.commit(&[Change::PutJob(a.clone())])).unwrap();
     assert_eq!(
@@ -178,15 +184,7 @@ async fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
         .await
         .unwrap();
     let leading = candidate.campaign().await.unwrap();
-    let steps_down = Arc::new(AtomicUsize::new(0));
-    let told = Arc::clone(&steps_down);
-    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
-        .unwrap()
-        .fenced(leading.fence.clone())
-        .unwrap()
-        .on_step_down(Box::new(move |_| {
-            told.fetch_add(1, Ordering::SeqCst);
-        }));
+    let (store, steps_down) = leader_store(&settings, &leading);
 
     // One member of three down: a quorum remains.
     etcd.kill(0);
@@ -360,15 +358,7 @@ async fn a_leaders_commit_goes_in_once_and_an_unknown_outcome_stops_its_commits(
         .unwrap();
     let leading = candidate.campaign().await.unwrap();
     let term = leading.term();
-    let steps_down = Arc::new(AtomicUsize::new(0));
-    let told = Arc::clone(&steps_down);
-    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
-        .unwrap()
-        .fenced(leading.fence.clone())
-        .unwrap()
-        .on_step_down(Box::new(move |_| {
-            told.fetch_add(1, Ordering::SeqCst);
-        }));
+    let (store, steps_down) = leader_store(&settings, &leading);
     let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
         .await
         .unwrap();
