@@ -36,6 +36,15 @@ fn settings(etcd: &EtcdCluster, prefix: &str) -> EtcdSettings {
     }
 }
 
+/// A candidate at 127.0.0.1:1 with a lease of `ttl`, and its leadership once it leads.
+async fn lead(settings: &EtcdSettings, ttl: Duration) -> (Candidate, Leadership) {
+    let candidate = Candidate::connect(settings, "127.0.0.1:1".into(), ttl)
+        .await
+        .unwrap();
+    let leading = candidate.campaign().await.unwrap();
+    (candidate, leading)
+}
+
 /// A store fenced by `leadership`, and how many times it told its leader to step down.
 fn leader_store(settings: &EtcdSettings, leadership: &Leadership) -> (EtcdStore, Arc<AtomicUsize>) {
     let steps_down = Arc::new(AtomicUsize::new(0));
@@ -180,10 +189,7 @@ async fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
     let mut etcd = EtcdCluster::start(dir.path(), 3);
     let settings = settings(&etcd, "/quorum");
     // A long lease: it outlives the outage, so what is seen is the commits' refusal.
-    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    let leading = candidate.campaign().await.unwrap();
+    let (candidate, leading) = lead(&settings, Duration::from_secs(30)).await;
     let (store, steps_down) = leader_store(&settings, &leading);
 
     // One member of three down: a quorum remains.
@@ -304,10 +310,7 @@ async fn records_move_from_redb_to_etcd_with_the_cli() {
 
     // A coordinator leads on the prefix: refused.
     let settings = settings(&etcd, "/moved");
-    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(2))
-        .await
-        .unwrap();
-    let leading = candidate.campaign().await.unwrap();
+    let (_candidate, leading) = lead(&settings, Duration::from_secs(2)).await;
     let refused = tokio::task::block_in_place(import);
     assert!(!refused.status.success());
     assert!(
@@ -353,10 +356,7 @@ async fn a_leaders_commit_goes_in_once_and_an_unknown_outcome_stops_its_commits(
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdCluster::start(dir.path(), 3);
     let settings = settings(&etcd, "/once");
-    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(2))
-        .await
-        .unwrap();
-    let leading = candidate.campaign().await.unwrap();
+    let (_candidate, leading) = lead(&settings, Duration::from_secs(2)).await;
     let term = leading.term();
     let (store, steps_down) = leader_store(&settings, &leading);
     let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
@@ -444,15 +444,8 @@ async fn a_leader_checks_it_still_leads() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdCluster::start(dir.path(), 3);
     let settings = settings(&etcd, "/check");
-    let candidate = Candidate::connect(&settings, "127.0.0.1:1".into(), Duration::from_secs(2))
-        .await
-        .unwrap();
-    let leading = candidate.campaign().await.unwrap();
-    let fence = leading.fence.clone();
-    let store = tokio::task::block_in_place(|| EtcdStore::connect(settings.clone()))
-        .unwrap()
-        .fenced(fence)
-        .unwrap();
+    let (candidate, leading) = lead(&settings, Duration::from_secs(2)).await;
+    let (store, _) = leader_store(&settings, &leading);
     tokio::task::block_in_place(|| store.check_leading()).unwrap();
     leading.resign().await;
     // No candidate leads now: said so, not taken for an error.

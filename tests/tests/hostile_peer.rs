@@ -602,11 +602,7 @@ fn a_deposed_coordinators_commands_are_refused(
         runtime,
         &certificate(&cluster.dir, "co-elsewhere", true),
     );
-    let taken = leaders.call_in_term(
-        PRODUCTION,
-        Request::AdoptTerm(proto::AdoptTerm { term: 50 }),
-        50,
-    );
+    let taken = leaders.call_in_term(PRODUCTION, Request::AdoptTerm(proto::AdoptTerm {}), 50);
     assert!(
         matches!(taken.response, Some(Response::Done(_))),
         "{taken:?}"
@@ -624,7 +620,7 @@ fn a_deposed_coordinators_commands_are_refused(
                 length: MIB,
             }],
         }),
-        Request::AdoptTerm(proto::AdoptTerm { term: 49 }),
+        Request::AdoptTerm(proto::AdoptTerm {}),
     ];
     let sent = stale.len() as u64;
     for request in stale {

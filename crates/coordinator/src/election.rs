@@ -76,10 +76,6 @@ impl Candidate {
         })
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// The address this candidate campaigns with.
     pub fn address(&self) -> &str {
         &self.address

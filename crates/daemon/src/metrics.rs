@@ -313,7 +313,7 @@ fn register_coordinator_role(registry: &mut Registry, cluster: &Cluster) {
     fenced.inc_by(cluster.fenced_commits());
     registry.register(
         "coordinator_commits_fenced",
-        "Commits etcd refused because this daemon's leader term was over (it was deposed)",
+        "Times etcd refused a commit or a check of this daemon's leader term (it had been deposed): each ends a leadership",
         fenced,
     );
 }

@@ -14,10 +14,7 @@ impl Coordinator {
         let nodes: Vec<String> = self.lock().nodes.keys().cloned().collect();
         let mut calls = tokio::task::JoinSet::new();
         for node in &nodes {
-            let call = self.ask_agent(
-                node,
-                Request::AdoptTerm(proto::AdoptTerm { term: self.term }),
-            );
+            let call = self.ask_agent(node, Request::AdoptTerm(proto::AdoptTerm {}));
             let node = node.clone();
             calls.spawn(async move { (node, call.await) });
         }
@@ -213,13 +210,11 @@ mod tests {
                 leader_term: 0,
             }
         };
-        let answer = h
-            .coordinator
-            .handle(
-                report(&a.production_node, &a, "production"),
-                address(&a.production_node),
-            )
-            .await;
+        let answered = |node: &str, pair: &PairRecord, side: &str| {
+            h.coordinator
+                .handle(report(node, pair, side), address(node))
+        };
+        let answer = answered(&a.production_node, &a, "production").await;
         let Some(Response::ReportAck(ack)) = answer.response else {
             panic!("{answer:?}");
         };
@@ -227,13 +222,7 @@ mod tests {
         assert_eq!(ack.leader_term, h.coordinator.term());
 
         h.store.depose(true);
-        let answer = h
-            .coordinator
-            .handle(
-                report(&a.production_node, &a, "production"),
-                address(&a.production_node),
-            )
-            .await;
+        let answer = answered(&a.production_node, &a, "production").await;
         assert!(
             matches!(&answer.response, Some(Response::ReportAck(ack)) if ack.roles.iter().all(|r| r.side != "production")),
             "{answer:?}"

@@ -50,7 +50,8 @@ pub struct CoordinatorRole {
     stopping: tokio::sync::watch::Sender<bool>,
     /// The candidate's life ended (it resigned, or never ran).
     ended: tokio::sync::Notify,
-    /// Commits etcd refused because this daemon's term was over (it led, and was deposed).
+    /// Times etcd refused a commit or a check of this daemon's term (it led, and had been
+    /// deposed): each ended a leadership.
     fenced_commits: Arc<AtomicU64>,
 }
 
