@@ -37,6 +37,9 @@ for tool in "${!packages[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${packages[$tool]}")
 done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# protoc's well-known types (etcd-client's protos import them); only recommended by
+# protobuf-compiler, so not installed with it here.
+[[ -e /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 if ((${#missing[@]})); then
     mapfile -t wanted < <(printf '%s\n' "${missing[@]}" | sort -u)
     echo "install-deps: installing ${wanted[*]}" >&2
