@@ -175,6 +175,20 @@ pub fn sockets(cluster: &TestCluster, members: &[Member]) -> Vec<(PathBuf, Strin
 }
 
 /// A write through `member`'s export: its NBD error (0 when it was taken).
+/// Reads the member's first block and writes it back unchanged: the write's error code (0
+/// when it was taken). The data stays as it was.
+pub fn rewrite_first_block(cluster: &TestCluster, member: &Member) -> u32 {
+    let socket = cluster
+        .node(&member.node)
+        .daemon()
+        .nbd_socket(&member.volume);
+    let mut client = NbdClient::connect(&socket, &member.volume).expect("connect");
+    let block = client.read(0, 4096).expect("read the first block");
+    let error = client.write(0, &block).expect("an answer");
+    let _ = client.disconnect();
+    error
+}
+
 pub fn write_error(cluster: &TestCluster, member: &Member) -> u32 {
     let socket = cluster
         .node(&member.node)

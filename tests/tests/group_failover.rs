@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use blockrep_tests::cluster::{TestCluster, sha256, wait_until};
 use blockrep_tests::group::{
-    Member, RecordWriter, create_group_of_two, group_action, number, pair_state, sockets,
-    wait_consistent, write_error,
+    Member, RecordWriter, create_group_of_two, group_action, number, pair_state,
+    rewrite_first_block, sockets, wait_consistent, write_error,
 };
 use blockrep_tests::records::{RECORD, prefix_length_across};
 use blockrep_tests::{seed, sparse_file};
@@ -160,6 +160,22 @@ fn failover_rounds(model: &str, default_seed: u64) {
         assert_eq!(group["replication_status"], "active-stopped");
         let dr_zone = if dr[0].node == "node-b" { "az2" } else { "az1" };
         assert_eq!(group["priority_station"], dr_zone);
+        // The promoted sides take writes at once: the group is not cut again before its
+        // reprotect, so no answer waits for a cut's release.
+        for m in &dr {
+            assert_eq!(
+                rewrite_first_block(&setup.cluster, m),
+                0,
+                "round {round}: {m:?}"
+            );
+            let held = &pair_state(&setup.cluster, m)["hold"]["held"];
+            assert_eq!(
+                held.as_u64().unwrap_or(0),
+                0,
+                "round {round}: {} held its answers after the failover",
+                m.volume
+            );
+        }
 
         // The zone comes back: its volumes are fenced until reprotect.
         for node in nodes_of(&production) {

@@ -426,6 +426,11 @@ impl PairLink {
         self.stepping().start_in_group(to, now_us);
     }
 
+    /// A side its group's failover promoted (see [`Production::promoted_in_group`]).
+    pub fn promoted_in_group(&self, to: Epoch) {
+        self.stepping().promoted_in_group(to);
+    }
+
     /// A production agent that starts with its pair in a hypermetro group starts tripped.
     pub fn start_tripped(&self) {
         let now_us = self.now_us();
@@ -950,6 +955,30 @@ mod tests {
         clock.advance(Duration::from_millis(1));
         link.release_held_longer_than(Duration::from_secs(2));
         assert_eq!(delivered(&mailbox), vec![3]);
+    }
+
+    /// A side its group's failover promoted admits after the commit, in the group, and
+    /// answers at once: the group is not cut again before its reprotect.
+    #[test]
+    fn a_side_promoted_in_its_group_answers_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::default());
+        let link = new_link(
+            dir.path(),
+            ReplicationModel::Async,
+            64 << 20,
+            Epoch::ZERO,
+            clock,
+        );
+        link.promoted_in_group(Epoch(91));
+        assert_eq!(link.current_epoch(), Epoch(91));
+        assert!(link.grouped());
+        let mailbox = Arc::new(Mailbox::new(Arc::new(Waker::new().unwrap())));
+        assert_eq!(
+            write(&link, &mailbox, 0, 1),
+            (AfterLocal::Answer, Epoch(91))
+        );
+        assert_eq!(link.hold_summary().held, 0);
     }
 
     /// An agent killed after its catch-up's end was staged but before a cut ack said the

@@ -21,7 +21,7 @@ use crate::clock::Clock;
 use crate::dr::DrPair;
 use crate::endpoint::{ClusterEndpoint, Peer, Refusal, ReplicationStream};
 use crate::membership::{Membership, Side};
-use crate::production::{AgentContext, ProductionPair, ReplicationConfig};
+use crate::production::{AgentContext, ProductionPair, ReplicationConfig, Start};
 
 mod report;
 mod roles;
@@ -126,10 +126,16 @@ impl Pairs {
             .gate()
             .restore_role(membership.role_at_start());
         tracing::info!(volume = %handle.name, pair = %membership.pair, side = membership.side.as_str(), "taking up pair role again");
-        self.start(membership, handle).map_err(|e| e.to_string())
+        self.start(membership, handle, Start::FromRecord)
+            .map_err(|e| e.to_string())
     }
 
-    fn start(&self, membership: Membership, handle: VolumeHandle) -> Result<(), ApiError> {
+    fn start(
+        &self,
+        membership: Membership,
+        handle: VolumeHandle,
+        start: Start,
+    ) -> Result<(), ApiError> {
         let runtime = match membership.side {
             Side::Production => Runtime::Production(
                 ProductionPair::start(
@@ -144,6 +150,7 @@ impl Pairs {
                         clock: Arc::clone(&self.clock),
                         send_limit: Arc::clone(&self.send_limit),
                     },
+                    start,
                 )
                 .map_err(ApiError::FailedPrecondition)?,
             ),
@@ -228,10 +235,11 @@ impl Pairs {
         tracing::info!(volume = %handle.name, pair = %membership.pair, side = side.as_str(), "took a pair role");
         let dir = handle.dir.clone();
         let volume = Arc::clone(&handle.volume);
-        self.start(membership, handle).inspect_err(|_| {
-            let _ = Membership::remove(&dir);
-            volume.gate().restore_role(old);
-        })
+        self.start(membership, handle, Start::FromRecord)
+            .inspect_err(|_| {
+                let _ = Membership::remove(&dir);
+                volume.gate().restore_role(old);
+            })
     }
 
     /// The pair is deleted: this volume leaves it and is standalone (writable) again.
@@ -774,7 +782,7 @@ impl Pairs {
             .save(&handle.dir)
             .map_err(|e| internal("record the pair", &e))?;
         tracing::info!(volume = %handle.name, pair = %membership.pair, side = side.as_str(), "switched sides");
-        self.start(membership, handle)
+        self.start(membership, handle, Start::FromRecord)
     }
 
     /// Stops every production side (the daemon is stopping): answers their groups held

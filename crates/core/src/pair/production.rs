@@ -754,6 +754,14 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         self.hold = AnswerHold::restarted(to, now_us / 1000);
     }
 
+    /// A side its group's failover promoted: it admits after the commit it was rolled to,
+    /// and holds no answer. The group is not cut again before its reprotect (the coordinator
+    /// starts its cuts only then), so no round runs whose release an answer would wait for.
+    pub fn promoted_in_group(&mut self, to: Epoch) {
+        self.grouped = true;
+        self.journal.advance_epoch_to(to);
+    }
+
     /// A production agent that starts with its pair in a hypermetro group starts tripped:
     /// the others may still write their DR sides directly, and this pair's writes are only
     /// tracked until it catches up.

@@ -143,7 +143,7 @@ impl Pairs {
             Err(e) => {
                 // Serve the pair again as it was: nothing was promoted.
                 self.lock().remove(&pair);
-                let _ = self.start(membership, handle);
+                let _ = self.start(membership, handle, Start::FromRecord);
                 return Err(e);
             }
         };
@@ -172,7 +172,7 @@ impl Pairs {
         handle.volume.gate().restore_role(promoted.role());
         tracing::info!(volume = %handle.name, %pair, epoch = %promotion.epoch, dropped = promotion.dropped_bytes,
             "promoted: the volume is production and takes writes");
-        self.start(promoted, handle)?;
+        self.start(promoted, handle, Start::Promoted)?;
         Ok(promotion)
     }
 

@@ -172,6 +172,18 @@ impl SendLimits {
     }
 }
 
+/// How a production side comes up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// From its record: the agent restarted, or the side was given or switched to. A side of
+    /// a consistency group waits for the coordinator to confirm it (the group may have failed
+    /// over meanwhile) and holds its answers as for its last recorded cut.
+    FromRecord,
+    /// The coordinator's failover promoted it, under the term of that command: confirmed by
+    /// it, and under no cut until the group's reprotect.
+    Promoted,
+}
+
 impl ProductionPair {
     /// The pair's own send limit in bytes per second, if it has one.
     pub fn max_bytes_per_sec(&self) -> Option<u64> {
@@ -207,6 +219,7 @@ impl ProductionPair {
         volume: Arc<Volume>,
         volume_dir: PathBuf,
         agent: AgentContext,
+        start: Start,
     ) -> Result<Arc<Self>, String> {
         let AgentContext {
             endpoint,
@@ -223,7 +236,7 @@ impl ProductionPair {
         })?;
         let state = if membership.fence == Some(Fence::Demoted) {
             PairState::Demoted
-        } else if membership.role_at_start() != membership.role() {
+        } else if start == Start::FromRecord && membership.role_at_start() != membership.role() {
             // Its group may have failed over while this agent was down: it waits for the
             // coordinator to confirm this side is still production.
             PairState::Unconfirmed
@@ -241,7 +254,9 @@ impl ProductionPair {
             clock,
         ));
         link.set_grouped(membership.grouped);
-        if membership.grouped {
+        if membership.grouped && start == Start::Promoted {
+            link.promoted_in_group(membership.group_epoch);
+        } else if membership.grouped {
             // Never admit in an epoch the group has left, nor answer before the last cut's
             // round is over (rule 3).
             link.start_in_group(membership.group_epoch);
