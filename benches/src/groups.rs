@@ -347,7 +347,7 @@ pub(crate) fn failover_rounds(
         let fio = background_writes(&uris, 2000)?;
         std::thread::sleep(Duration::from_secs(2));
         cluster.kill_node(env, production);
-        drop(fio);
+        fio.kill_now();
         let asked = Instant::now();
         let started = cluster.json("node-w", &["group", "failover", "app"])?;
         let dr_uris: Vec<String> = volumes

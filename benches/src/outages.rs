@@ -131,6 +131,13 @@ impl BackgroundFio {
         Ok(Self(child))
     }
 
+    /// Ends fio at once, with SIGKILL: fio writing to a server that died does not end on
+    /// SIGTERM, and the drop's 5 s of patience would pass before the next step.
+    pub fn kill_now(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.0.try_wait()? {
             bail!("the background fio exited ({status})");

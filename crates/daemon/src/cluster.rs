@@ -310,16 +310,25 @@ impl Cluster {
         term: u64,
         peer: Option<SocketAddr>,
     ) -> Result<Response, AgentRefusal> {
+        let started = std::time::Instant::now();
         let newer = term > self.leader_term.highest();
         let (name, _) = authority::classify(&request);
         let _term = self
             .leader_term
             .admit(term, name)
             .map_err(AgentRefusal::StaleTerm)?;
+        let admitted = started.elapsed();
         if newer && let Some(peer) = peer {
             self.follow(peer);
         }
-        self.agent_request(request)
+        let answer = self.agent_request(request);
+        tracing::debug!(
+            command = name,
+            admit_us = admitted.as_micros() as u64,
+            took_us = started.elapsed().as_micros() as u64,
+            "coordinator command"
+        );
+        answer
     }
 
     /// Makes a pool volume for the coordinator. Asking again for a volume the pool made

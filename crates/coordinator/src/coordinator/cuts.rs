@@ -670,7 +670,9 @@ impl Coordinator {
             let agents = Arc::clone(&self.agents);
             let request = self.command(request(pairs, to.0));
             calls.spawn(async move {
+                let asked = std::time::Instant::now();
                 let answer = agents.call(&host, address, request).await;
+                tracing::debug!(host, %to, took_us = asked.elapsed().as_micros() as u64, ok = answer.is_ok(), "a host answered a cut call");
                 (host, to, answer)
             });
         }
