@@ -7,9 +7,9 @@
 //!
 //! The bounds: production holds at most `replication.journal_bytes` of data for the peer
 //! (queued, or sent and not yet acknowledged); the DR side holds at most
-//! `replication.apply_queue_bytes` received and as much on its ring, and 32 MiB of staged
-//! data kept for applying; QUIC holds up to its 64 MiB send window on the production side
-//! and a stream's 32 MiB receive window on the DR side.
+//! `replication.apply_queue_bytes` received and as much on its ring, and 16 MiB of staged
+//! data kept for applying; QUIC holds up to its 16 MiB send window on the production side
+//! and a stream's 16 MiB receive window on the DR side.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

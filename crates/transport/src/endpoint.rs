@@ -210,8 +210,9 @@ impl Default for TransportSettings {
 
 /// What one stream may have in flight to the reader: a pair's replication stream is
 /// read only as fast as its applier takes frames, so this is memory the DR agent holds for
-/// a pair that falls behind (32 MiB keeps a 10 Gbit/s link full up to 25 ms of round trip).
-const STREAM_RECEIVE_WINDOW: u32 = 32 << 20;
+/// a pair that falls behind. 16 MiB keeps a 10 Gbit/s link full up to 13 ms of round trip,
+/// as the production side's send window does; more only held memory behind a slow applier.
+const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 /// Data sent and not yet acknowledged, for the whole connection: memory the production
 /// agent holds beside the journal (large payloads are shared with the journal, small ones
 /// are copied into batches). 16 MiB keeps a 10 Gbit/s link full up to 13 ms of round trip,
@@ -224,7 +225,7 @@ fn transport(settings: TransportSettings) -> TransportConfig {
     // Windows large enough to fill a fast link with one stream (quinn's perf tool does
     // the same).
     t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW));
-    t.receive_window(VarInt::from_u32(128 << 20));
+    t.receive_window(VarInt::from_u32(64 << 20));
     t.send_window(SEND_WINDOW);
     if settings.congestion == CongestionControl::Bbr {
         t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));

@@ -89,7 +89,7 @@ impl Default for ReplicationConfig {
             journal_bytes: 256 << 20,
             resync_extent: 4 << 20,
             peer_timeout: crate::endpoint::DEFAULT_PEER_TIMEOUT,
-            apply_queue_bytes: 32 << 20,
+            apply_queue_bytes: 16 << 20,
             stage_log_max_bytes: None,
             max_bytes_per_sec: None,
             compression: crate::compression::Compression::Off,
