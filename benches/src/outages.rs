@@ -148,6 +148,11 @@ impl BackgroundFio {
 
 impl Drop for BackgroundFio {
     fn drop(&mut self) {
+        // Reaped already (by `kill_now`, or it ended and was waited for): its pid may be
+        // another process's by now.
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.0.id() as i32),
             nix::sys::signal::Signal::SIGTERM,

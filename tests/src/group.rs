@@ -174,7 +174,6 @@ pub fn sockets(cluster: &TestCluster, members: &[Member]) -> Vec<(PathBuf, Strin
         .collect()
 }
 
-/// A write through `member`'s export: its NBD error (0 when it was taken).
 /// Reads the member's first block and writes it back unchanged: the write's error code (0
 /// when it was taken). The data stays as it was.
 pub fn rewrite_first_block(cluster: &TestCluster, member: &Member) -> u32 {
@@ -189,6 +188,7 @@ pub fn rewrite_first_block(cluster: &TestCluster, member: &Member) -> u32 {
     error
 }
 
+/// A write through `member`'s export: its NBD error (0 when it was taken).
 pub fn write_error(cluster: &TestCluster, member: &Member) -> u32 {
     let socket = cluster
         .node(&member.node)

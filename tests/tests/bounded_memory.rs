@@ -23,9 +23,9 @@ use blockrep_tests::{NbdClient, PeakRss, require_tool, rss_bytes, sparse_file};
 const MIB: u64 = 1 << 20;
 const JOURNAL: u64 = 32 * MIB;
 const APPLY_QUEUE: u64 = 16 * MIB;
-const SEND_WINDOW: u64 = 64 * MIB;
-const STREAM_RECEIVE_WINDOW: u64 = 32 * MIB;
-const STAGED_IN_MEMORY: u64 = 32 * MIB;
+const SEND_WINDOW: u64 = 16 * MIB;
+const STREAM_RECEIVE_WINDOW: u64 = 16 * MIB;
+const STAGED_IN_MEMORY: u64 = 16 * MIB;
 const SLACK: u64 = 64 * MIB;
 
 fn bounded_cluster(dir: &Path) -> TestCluster {

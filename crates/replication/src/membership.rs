@@ -210,10 +210,11 @@ impl MembershipRecord {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn membership() -> Membership {
+    /// A grouped async production side's membership.
+    pub(crate) fn membership() -> Membership {
         Membership {
             pair: "6a1c6f0e-52d4-4c55-9b55-1f0d9a1b2c3d".parse().unwrap(),
             side: Side::Production,

@@ -184,6 +184,23 @@ pub enum Start {
     Promoted,
 }
 
+impl Start {
+    /// The pair's state when it comes up this way with `membership`.
+    fn state(self, membership: &Membership) -> PairState {
+        if membership.fence == Some(Fence::Demoted) {
+            PairState::Demoted
+        } else if self == Start::FromRecord && membership.role_at_start() != membership.role() {
+            // Its group may have failed over while this agent was down: it waits for the
+            // coordinator to confirm this side is still production.
+            PairState::Unconfirmed
+        } else if membership.paused {
+            PairState::Paused
+        } else {
+            PairState::Connecting
+        }
+    }
+}
+
 impl ProductionPair {
     /// The pair's own send limit in bytes per second, if it has one.
     pub fn max_bytes_per_sec(&self) -> Option<u64> {
@@ -234,17 +251,7 @@ impl ProductionPair {
         let tracker = volume.tracker().cloned().ok_or_else(|| {
             "replication needs dirty tracking (bitmap.dirty_tracking = true)".to_owned()
         })?;
-        let state = if membership.fence == Some(Fence::Demoted) {
-            PairState::Demoted
-        } else if start == Start::FromRecord && membership.role_at_start() != membership.role() {
-            // Its group may have failed over while this agent was down: it waits for the
-            // coordinator to confirm this side is still production.
-            PairState::Unconfirmed
-        } else if membership.paused {
-            PairState::Paused
-        } else {
-            PairState::Connecting
-        };
+        let state = start.state(&membership);
         let link = Arc::new(PairLink::new(
             membership.model,
             tracker,
@@ -698,4 +705,28 @@ impl ProductionPair {
 struct RunningVerify {
     status: Arc<Mutex<VerifyStatus>>,
     stop: Arc<AtomicBool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::tests::membership;
+
+    /// A grouped production side that comes back from its record waits for the coordinator
+    /// (its group may have failed over meanwhile); the same side just promoted by the
+    /// coordinator's failover does not, and stays paused until its reprotect.
+    #[test]
+    fn a_grouped_side_waits_for_confirmation_after_a_restart_and_not_after_its_promotion() {
+        let mut promoted = membership();
+        promoted.paused = true;
+        assert_eq!(Start::FromRecord.state(&promoted), PairState::Unconfirmed);
+        assert_eq!(Start::Promoted.state(&promoted), PairState::Paused);
+        let mut lone = promoted.clone();
+        lone.grouped = false;
+        assert_eq!(Start::FromRecord.state(&lone), PairState::Paused);
+        let mut demoted = promoted;
+        demoted.fence = Some(Fence::Demoted);
+        assert_eq!(Start::FromRecord.state(&demoted), PairState::Demoted);
+        assert_eq!(Start::Promoted.state(&demoted), PairState::Demoted);
+    }
 }
