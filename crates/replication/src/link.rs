@@ -73,6 +73,11 @@ pub struct PairLink {
     broken: AtomicBool,
     /// Signalled when frames are taken (room for the resync reader) or answered.
     changed: Condvar,
+    /// Signalled when sealed epochs' blocks become due to be digested. The digest thread,
+    /// which lives as long as the session, waits on this alone: `changed` fires for every
+    /// batch of frames the sender takes, and waking a thread per batch costs the production
+    /// host's core a context switch and the machine's lock each time.
+    digests_became_due: Condvar,
     /// Wakes the sender task.
     pub wake_sender: tokio::sync::Notify,
     pub counters: Arc<PairCounters>,
@@ -96,6 +101,7 @@ impl PairLink {
             state: tokio::sync::watch::Sender::new(state),
             broken: AtomicBool::new(false),
             changed: Condvar::new(),
+            digests_became_due: Condvar::new(),
             wake_sender: tokio::sync::Notify::new(),
             counters: Arc::new(PairCounters::default()),
         }
@@ -128,10 +134,12 @@ impl PairLink {
     fn stepping(&self) -> Stepping<'_> {
         let machine = self.lock();
         let before = machine.state();
+        let digests_were_due = machine.digests_due();
         Stepping {
             link: self,
             machine,
             before,
+            digests_were_due,
         }
     }
 
@@ -516,7 +524,7 @@ impl PairLink {
     /// Waits (the digest thread, blocking) until blocks are due to be digested. Returns
     /// false if `stop` says to give up.
     pub fn wait_digests_due(&self, stop: &dyn Fn() -> bool) -> bool {
-        self.wait_until(stop, |m| m.digests_due())
+        self.wait_on(&self.digests_became_due, stop, |m| m.digests_due())
     }
 
     /// The ranges due to be digested, clipped to a volume of `size` bytes, and their round.
@@ -569,6 +577,16 @@ impl PairLink {
     /// Waits (the resync thread, blocking) until `ready` holds of the machine, waking
     /// whenever frames are taken or answered. Returns false if `stop` says to give up.
     fn wait_until(&self, stop: &dyn Fn() -> bool, ready: impl Fn(&Machine) -> bool) -> bool {
+        self.wait_on(&self.changed, stop, ready)
+    }
+
+    /// As [`PairLink::wait_until`], woken by `signal` (and every 100 ms, to see `stop`).
+    fn wait_on(
+        &self,
+        signal: &Condvar,
+        stop: &dyn Fn() -> bool,
+        ready: impl Fn(&Machine) -> bool,
+    ) -> bool {
         let mut machine = self.lock();
         loop {
             if stop() {
@@ -577,8 +595,7 @@ impl PairLink {
             if ready(&machine) {
                 return true;
             }
-            machine = self
-                .changed
+            machine = signal
                 .wait_timeout(machine, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -651,6 +668,7 @@ struct Stepping<'a> {
     link: &'a PairLink,
     machine: MutexGuard<'a, Machine>,
     before: PairState,
+    digests_were_due: bool,
 }
 
 impl Deref for Stepping<'_> {
@@ -673,6 +691,9 @@ impl Drop for Stepping<'_> {
         if after != self.before {
             tracing::debug!(from = %self.before, to = %after, "pair state");
             self.link.state.send_replace(after);
+        }
+        if !self.digests_were_due && self.machine.digests_due() {
+            self.link.digests_became_due.notify_one();
         }
         if !std::thread::panicking() {
             self.link.check(&self.machine);
