@@ -174,14 +174,19 @@ pub fn sockets(cluster: &TestCluster, members: &[Member]) -> Vec<(PathBuf, Strin
         .collect()
 }
 
-/// Reads the member's first block and writes it back unchanged: the write's error code (0
-/// when it was taken). The data stays as it was.
-pub fn rewrite_first_block(cluster: &TestCluster, member: &Member) -> u32 {
+/// A client of `member`'s export.
+fn client_of(cluster: &TestCluster, member: &Member) -> NbdClient {
     let socket = cluster
         .node(&member.node)
         .daemon()
         .nbd_socket(&member.volume);
-    let mut client = NbdClient::connect(&socket, &member.volume).expect("connect");
+    NbdClient::connect(&socket, &member.volume).expect("connect")
+}
+
+/// Reads the member's first block and writes it back unchanged: the write's error code (0
+/// when it was taken). The data stays as it was.
+pub fn rewrite_first_block(cluster: &TestCluster, member: &Member) -> u32 {
+    let mut client = client_of(cluster, member);
     let block = client.read(0, 4096).expect("read the first block");
     let error = client.write(0, &block).expect("an answer");
     let _ = client.disconnect();
@@ -190,11 +195,7 @@ pub fn rewrite_first_block(cluster: &TestCluster, member: &Member) -> u32 {
 
 /// A write through `member`'s export: its NBD error (0 when it was taken).
 pub fn write_error(cluster: &TestCluster, member: &Member) -> u32 {
-    let socket = cluster
-        .node(&member.node)
-        .daemon()
-        .nbd_socket(&member.volume);
-    let mut client = NbdClient::connect(&socket, &member.volume).expect("connect");
+    let mut client = client_of(cluster, member);
     let error = client.write(0, &[0u8; 4096]).expect("an answer");
     let _ = client.disconnect();
     error
