@@ -42,6 +42,26 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8; 70] =
     b"narenas:1,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
+/// Gives every arena's freed pages back to the kernel now (`arena.<ALL>.purge`): the
+/// replication links ask for it when a journal overflows.
+fn purge_freed_pages() {
+    const PURGE_ALL_ARENAS: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: the name is NUL-terminated, and this control takes no value and gives none,
+    // so every pointer is null and the length zero.
+    let failed = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL_ARENAS.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if failed != 0 {
+        tracing::warn!(code = failed, "the allocator did not purge its freed pages");
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "blockrepd",
@@ -72,6 +92,7 @@ fn main() -> std::process::ExitCode {
     }
     init_logging();
     raise_open_files_limit();
+    blockrep_replication::memory_release::set_release(purge_freed_pages);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

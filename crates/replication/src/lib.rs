@@ -15,6 +15,7 @@ pub mod dr_state;
 pub mod drill;
 pub mod link;
 pub mod membership;
+pub mod memory_release;
 pub mod pairs;
 pub mod production;
 pub mod send_limit;
