@@ -170,7 +170,8 @@ fn failover_rounds(model: &str, default_seed: u64) {
             );
             let held = &pair_state(&setup.cluster, m)["hold"]["held"];
             assert_eq!(
-                held.as_u64().unwrap_or(0),
+                held.as_u64()
+                    .unwrap_or_else(|| panic!("round {round}: no hold summary for {m:?}")),
                 0,
                 "round {round}: {} held its answers after the failover",
                 m.volume

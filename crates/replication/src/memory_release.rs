@@ -6,17 +6,15 @@
 //! moment the agent would hold both. The daemon registers how to release them now; the link
 //! asks for it when its journal overflows.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 static RELEASE: OnceLock<fn()> = OnceLock::new();
 /// A release purges the whole allocator (every pair's freed pages, not only the overflowed
 /// journal's): at most one starts in this long, however many journals overflow.
 const AT_MOST_EVERY: Duration = Duration::from_secs(1);
-/// When the last release started, in ms after `START` (plus one; 0: never).
-static LAST_MS: AtomicU64 = AtomicU64::new(0);
-static START: OnceLock<Instant> = OnceLock::new();
+/// When the last release started.
+static LAST: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// Sets how freed memory is released (once; the daemon's allocator). Without it, nothing is
 /// done.
@@ -29,15 +27,12 @@ pub fn set_release(release: fn()) {
 /// if one was started.
 pub(crate) fn release_freed() -> Option<std::thread::JoinHandle<()>> {
     let release = *RELEASE.get()?;
-    let now_ms = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
-    let last = LAST_MS.load(Ordering::SeqCst);
-    let due = last == 0 || now_ms.saturating_sub(last) >= AT_MOST_EVERY.as_millis() as u64;
-    if !due
-        || LAST_MS
-            .compare_exchange(last, now_ms, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
     {
-        return None;
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < AT_MOST_EVERY) {
+            return None;
+        }
+        *last = Some(Instant::now());
     }
     std::thread::Builder::new()
         .name("memory-release".into())
@@ -63,7 +58,7 @@ mod tests {
         set_release(count_release);
         // Another test of this process may have asked for one just now: a second later,
         // one is due whatever happened before.
-        LAST_MS.store(0, Ordering::SeqCst);
+        *LAST.lock().unwrap() = None;
         let before = RELEASED.load(Ordering::SeqCst);
         release_freed().expect("a thread").join().unwrap();
         assert!(RELEASED.load(Ordering::SeqCst) > before);
