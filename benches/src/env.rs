@@ -138,7 +138,12 @@ enum Resource {
     Dir(PathBuf),
     /// A network namespace of the run: deleted after the servers in it stopped.
     NetNs(String),
+    /// The kernel's unbound workqueues' CPUs before the run confined them: put back.
+    WorkqueueCpus(String),
 }
+
+/// Which CPUs the kernel's unbound workqueues run on: the loop devices' I/O, among others.
+const UNBOUND_WORKQUEUE_CPUS: &str = "/sys/devices/virtual/workqueue/cpumask";
 
 /// Everything set up so far, torn down last-in first-out when dropped.
 #[derive(Default)]
@@ -169,6 +174,25 @@ impl Env {
         let dev = dev.trim().to_owned();
         self.stack.push(Resource::Loop(dev.clone()));
         Ok(dev)
+    }
+
+    /// In the pinned layout, runs the kernel's unbound workqueues on the production host's
+    /// CPU until the run ends. A loop device does its I/O on them, so otherwise the
+    /// production device's work would float onto the DR host's CPU (the unpaired row then
+    /// had a second CPU the pairs have not). The DR volume of `--dr-disk memory` is a file,
+    /// not a loop device, so the DR host's I/O stays in its agent's threads.
+    pub fn confine_kernel_work(&mut self) -> anyhow::Result<()> {
+        if layout() != Layout::Pinned {
+            return Ok(());
+        }
+        let before = std::fs::read_to_string(UNBOUND_WORKQUEUE_CPUS)
+            .with_context(|| format!("read {UNBOUND_WORKQUEUE_CPUS}"))?;
+        let mask = format!("{:x}", 1u64 << Host::Production.cpu().parse::<u32>()?);
+        std::fs::write(UNBOUND_WORKQUEUE_CPUS, &mask)
+            .with_context(|| format!("write {mask} to {UNBOUND_WORKQUEUE_CPUS}"))?;
+        self.stack
+            .push(Resource::WorkqueueCpus(before.trim().to_owned()));
+        Ok(())
     }
 
     /// A network namespace of this run with its loopback up, for scenarios that cut or
@@ -286,6 +310,11 @@ impl Drop for Env {
                 }
                 Resource::NetNs(name) => {
                     let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+                Resource::WorkqueueCpus(mask) => {
+                    if let Err(e) = std::fs::write(UNBOUND_WORKQUEUE_CPUS, &mask) {
+                        eprintln!("bench: cannot put {mask} back in {UNBOUND_WORKQUEUE_CPUS}: {e}");
+                    }
                 }
             }
         }

@@ -95,8 +95,9 @@ struct Args {
     /// Where the run's processes go: `shared` (every CPU for every process) or `pinned`
     /// (the production host's agent, fio, nbdkit and the link test's sender on CPU 0, the
     /// DR agent and the coordinator's witness node on CPU 1; pinned with `taskset` on every
-    /// thread, and the threads started later inherit it). The group scenarios' node-a is on
-    /// CPU 0, node-b and the witness on CPU 1.
+    /// thread, and the threads started later inherit it). The kernel's unbound workqueues,
+    /// which do the loop devices' I/O, are kept on CPU 0 for the run (as root). The group
+    /// scenarios' node-a is on CPU 0, node-b and the witness on CPU 1.
     #[arg(long, value_enum, default_value_t = env::Layout::Shared)]
     layout: env::Layout,
     /// Where the DR host's volume and its agent's state live: `shared` (on the production
@@ -162,6 +163,9 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     // Taken before the runs: the commit and date describe what was measured.
     let machine = machine_info(&timing, repeats, size, root, args.full);
     let mut env = Env::default();
+    if root {
+        env.confine_kernel_work()?;
+    }
     let work = env.temp_dir()?;
     eprintln!("bench: preparing a {} MiB device", size >> 20);
     let device = targets::prepare_device(&mut env, &work, size, root)?;
@@ -431,11 +435,11 @@ fn machine_info(
         "device": if root { "loop device (direct-io=on) over a preallocated file" } else { "preallocated file (not root)" },
         "dr_disk": match env::dr_disk() {
             env::DrDisk::Shared => "shared with the production volume",
-            env::DrDisk::Memory => "memory (/dev/shm): the DR volume and the DR agent's state",
+            env::DrDisk::Memory => "memory (/dev/shm): the DR volume (a file, no loop device) and the DR agent's state",
         },
         "layout": match env::layout() {
             env::Layout::Shared => "shared: every process on every CPU",
-            env::Layout::Pinned => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender) on CPU 0, DR agent and the coordinator's witness node on CPU 1",
+            env::Layout::Pinned => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender, and the kernel's unbound workqueues, which do the loop devices' I/O) on CPU 0, DR agent and the coordinator's witness node on CPU 1",
         },
     })
 }

@@ -361,7 +361,10 @@ pub fn prepare_device(
     }
 }
 
-/// A second device of the same size for the pairs' DR volumes, on a file in `work`.
+/// A second device of the same size for the pairs' DR volumes, on a file in `work`: a loop
+/// device over it, or with `--dr-disk memory` the file itself (in memory already; a loop
+/// device would do the DR host's I/O on kernel workers, which the pinned layout keeps on
+/// the production host's CPU).
 pub fn prepare_dr_device(env: &mut Env, work: &Path, bytes: u64) -> anyhow::Result<PathBuf> {
     let file = work.join("dr.img");
     run(Command::new("dd")
@@ -370,5 +373,8 @@ pub fn prepare_dr_device(env: &mut Env, work: &Path, bytes: u64) -> anyhow::Resu
         .arg("bs=1M")
         .arg(format!("count={}", bytes >> 20))
         .args(["oflag=direct", "conv=fsync", "status=none"]))?;
+    if crate::env::dr_disk() == crate::env::DrDisk::Memory {
+        return Ok(file);
+    }
     Ok(PathBuf::from(env.attach_loop(&file)?))
 }
