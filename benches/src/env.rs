@@ -106,8 +106,9 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// SIGINT and SIGTERM set a flag the run checks between steps (fio, in our process group,
-/// gets the terminal's Ctrl-C too and stops).
+/// SIGINT, SIGTERM and SIGHUP set a flag the run checks between steps (fio, in our process
+/// group, gets the terminal's Ctrl-C too and stops), so the run still tears down what it
+/// set up (the workqueue mask among it).
 pub fn catch_interrupts() -> anyhow::Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
@@ -118,6 +119,7 @@ pub fn catch_interrupts() -> anyhow::Result<()> {
     unsafe {
         sigaction(Signal::SIGINT, &action)?;
         sigaction(Signal::SIGTERM, &action)?;
+        sigaction(Signal::SIGHUP, &action)?;
     }
     Ok(())
 }
@@ -143,7 +145,10 @@ enum Resource {
 }
 
 /// Which CPUs the kernel's unbound workqueues run on: the loop devices' I/O, among others.
+/// The setting is the whole machine's.
 const UNBOUND_WORKQUEUE_CPUS: &str = "/sys/devices/virtual/workqueue/cpumask";
+/// The mask last asked for (the one in effect leaves out isolated CPUs): what is put back.
+const UNBOUND_WORKQUEUE_CPUS_REQUESTED: &str = "/sys/devices/virtual/workqueue/cpumask_requested";
 
 /// Everything set up so far, torn down last-in first-out when dropped.
 #[derive(Default)]
@@ -185,9 +190,17 @@ impl Env {
         if layout() != Layout::Pinned {
             return Ok(());
         }
-        let before = std::fs::read_to_string(UNBOUND_WORKQUEUE_CPUS)
+        let before = std::fs::read_to_string(UNBOUND_WORKQUEUE_CPUS_REQUESTED)
+            .or_else(|_| std::fs::read_to_string(UNBOUND_WORKQUEUE_CPUS))
             .with_context(|| format!("read {UNBOUND_WORKQUEUE_CPUS}"))?;
         let mask = format!("{:x}", 1u64 << Host::Production.cpu().parse::<u32>()?);
+        if before.trim().trim_start_matches(['0', ',']) == mask {
+            eprintln!(
+                "bench: warning: {UNBOUND_WORKQUEUE_CPUS} is already {mask} (a bench run that was \
+                 killed may have left it): it stays so after this run; write the machine's usual \
+                 mask (usually all CPUs) back"
+            );
+        }
         std::fs::write(UNBOUND_WORKQUEUE_CPUS, &mask)
             .with_context(|| format!("write {mask} to {UNBOUND_WORKQUEUE_CPUS}"))?;
         self.stack

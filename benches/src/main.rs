@@ -439,7 +439,8 @@ fn machine_info(
         },
         "layout": match env::layout() {
             env::Layout::Shared => "shared: every process on every CPU",
-            env::Layout::Pinned => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender, and the kernel's unbound workqueues, which do the loop devices' I/O) on CPU 0, DR agent and the coordinator's witness node on CPU 1",
+            env::Layout::Pinned if root => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender, and the kernel's unbound workqueues, which do the loop devices' I/O) on CPU 0, DR agent and the coordinator's witness node on CPU 1",
+            env::Layout::Pinned => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender) on CPU 0, DR agent and the coordinator's witness node on CPU 1; the kernel's workqueues unconfined (not root)",
         },
     })
 }
