@@ -367,6 +367,31 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// Seconds `cpu` has been busy since boot (everything but idle and I/O wait, from
+/// `/proc/stat`), or `None` when the machine has no such CPU.
+pub fn cpu_busy_seconds(cpu: usize) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
+    // SAFETY: sysconf has no memory effects.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(busy / per_second)
+}
+
+/// The CPU of the production host, in the pinned layout.
+pub fn production_cpu() -> Option<usize> {
+    (layout() == Layout::Pinned).then(|| Host::Production.cpu().parse().ok())?
+}
+
 /// Peak resident set size of a process, in bytes.
 pub fn peak_rss(pid: u32) -> Option<u64> {
     status_bytes(pid, "VmHWM:")
@@ -465,4 +490,15 @@ pub fn start_daemon_in(
                 .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains("READY=1"))
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cpus_busy_seconds_are_read_from_proc_stat_and_do_not_go_back() {
+        let before = super::cpu_busy_seconds(0).expect("cpu0 is in /proc/stat");
+        let after = super::cpu_busy_seconds(0).unwrap();
+        assert!(after >= before && before > 0.0);
+        assert_eq!(super::cpu_busy_seconds(1 << 20), None);
+    }
 }

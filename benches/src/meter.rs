@@ -26,6 +26,10 @@ pub struct Cost {
     /// Times a pair's journal overflowed (the pair fell back to its bitmap and caught up
     /// later): such a run measured the local volume, not replication.
     pub journal_overflows: Option<u64>,
+    /// The share of the run the production host's CPU was busy, whoever used it (the
+    /// agent, fio, the loop device's kernel workers, the network stack): in the pinned
+    /// layout only.
+    pub production_host_busy: Option<f64>,
 }
 
 impl Cost {
@@ -41,6 +45,8 @@ pub struct Meter {
     production: Option<(u32, Option<f64>)>,
     dr: Option<(u32, Option<f64>)>,
     before: Option<PairCounts>,
+    /// When the run started, and the production host's CPU's busy seconds then.
+    production_host_busy: Option<(std::time::Instant, f64)>,
 }
 
 /// A pair's counters a run is measured by.
@@ -63,6 +69,9 @@ impl Meter {
             production: production.map(begin),
             dr: dr.map(begin),
             before: pair,
+            production_host_busy: env::production_cpu()
+                .and_then(env::cpu_busy_seconds)
+                .map(|busy| (std::time::Instant::now(), busy)),
         }
     }
 
@@ -91,6 +100,12 @@ impl Meter {
                 .before
                 .zip(pair)
                 .map(|(b, a)| a.journal_overflows.saturating_sub(b.journal_overflows)),
+            production_host_busy: self
+                .production_host_busy
+                .zip(env::production_cpu().and_then(env::cpu_busy_seconds))
+                .map(|((start, before), after)| {
+                    (after - before) / start.elapsed().as_secs_f64().max(1e-3)
+                }),
         }
     }
 }

@@ -68,6 +68,16 @@ impl Row {
             Some(s.cost.replicated_bytes? as f64 / written as f64)
         })
     }
+    /// CPU seconds of the production host's CPU per GB the row moved (clients' bytes, or
+    /// the link test's): its busy share over the runs against the row's rate.
+    fn production_host_s_per_gb(&self) -> Option<f64> {
+        if self.workload.figure != Figure::MegabytesPerSecond {
+            return None;
+        }
+        let busy = self.median_of(|s| s.cost.production_host_busy)?;
+        let rate = self.median();
+        (rate > 0.0).then(|| busy * 1000.0 / rate)
+    }
     /// Whether the pair's journal overflowed in any run.
     fn overflowed(&self) -> bool {
         self.samples
@@ -191,6 +201,43 @@ impl Report {
     fn ratio(&self, row: &Row, baseline: &str) -> Option<f64> {
         let base = self.find(row.workload.name, baseline)?.median();
         (base > 0.0).then(|| row.median() / base)
+    }
+
+    /// The most a pair can move at 1M on one production CPU, which must do the link's work
+    /// and the local write path: 1 / (the quic-link row's + the unpaired row's CPU seconds
+    /// of that CPU per GB), in MB/s, with those two costs.
+    fn one_cpu_floor(&self) -> Option<(f64, f64, f64)> {
+        const ONE_M: &str = "seqwrite-1m-qd8";
+        let local = self.find(ONE_M, "blockrepd")?.production_host_s_per_gb()?;
+        let link = self.find(ONE_M, "quic-link")?.production_host_s_per_gb()?;
+        Some((1000.0 / (local + link), local, link))
+    }
+
+    /// The floor's lines, if the run measured it.
+    fn floor_markdown(&self) -> String {
+        let Some((floor, local, link)) = self.one_cpu_floor() else {
+            return String::new();
+        };
+        let link_rate = self
+            .find("seqwrite-1m-qd8", "quic-link")
+            .map_or(f64::NAN, Row::median);
+        let mut out = format!(
+            "
+The production host's one CPU at 1M: the unpaired row took {local:.2} s of it per GB, the quic-link row {link:.2} s; a pair doing both can move at most {floor:.0} MB/s ({:.2}× the quic-link row).
+",
+            floor / link_rate
+        );
+        for target in ["async-pair", "hypermetro-pair"] {
+            if let Some(row) = self.find("seqwrite-1m-qd8", target) {
+                out.push_str(&format!(
+                    "- {target} at 1M: {:.0} MB/s, {:.2}× that floor
+",
+                    row.median(),
+                    row.median() / floor
+                ));
+            }
+        }
+        out
     }
 
     pub fn markdown(&self) -> String {
@@ -449,6 +496,7 @@ impl Report {
             };
             out.push_str(&format!("- {}: {value}{verdict}\n", goal.claim));
         }
+        out.push_str(&self.floor_markdown());
         out
     }
 
@@ -479,6 +527,8 @@ impl Report {
                     "replicated_bytes": r.samples.iter().map(|s| s.cost.replicated_bytes).collect::<Vec<_>>(),
                     "journal_overflows": r.samples.iter().map(|s| s.cost.journal_overflows).collect::<Vec<_>>(),
                     "written_bytes": r.samples.iter().map(|s| s.cost.written_bytes).collect::<Vec<_>>(),
+                    "production_host_busy": r.samples.iter().map(|s| s.cost.production_host_busy).collect::<Vec<_>>(),
+                    "production_host_cpu_s_per_gb": r.production_host_s_per_gb(),
                 })
             })
             .collect();
@@ -492,7 +542,10 @@ impl Report {
             .iter()
             .map(|s| json!({"name": s.name, "figures": s.json}))
             .collect();
-        json!({ "machine": machine, "rows": rows, "goals": goals, "scenarios": scenarios })
+        let floor = self.one_cpu_floor().map(|(floor, local, link)| {
+            json!({"megabytes_per_second": floor, "unpaired_s_per_gb": local, "link_s_per_gb": link})
+        });
+        json!({ "machine": machine, "rows": rows, "goals": goals, "scenarios": scenarios, "one_cpu_floor_1m": floor })
     }
 }
 
@@ -535,6 +588,56 @@ mod tests {
         let unknown_figure = Goal::at_least("x".into(), Some(f64::NAN), 1.0);
         assert_eq!((unknown_figure.measured, unknown_figure.met), (None, None));
         assert_eq!(Goal::at_least("x".into(), Some(2.0), 1.0).met, Some(true));
+    }
+
+    #[test]
+    fn the_one_cpu_floor_adds_the_link_rows_and_the_unpaired_rows_cost_per_gb() {
+        let one_m = crate::workloads::all()
+            .into_iter()
+            .find(|w| w.name == "seqwrite-1m-qd8")
+            .unwrap();
+        let row = |target, value, busy| Row {
+            workload: one_m.clone(),
+            target,
+            target_title: "",
+            samples: vec![Sample {
+                value,
+                p50_us: 1.0,
+                p99_us: 1.0,
+                cost: Cost {
+                    production_host_busy: busy,
+                    ..Cost::default()
+                },
+            }],
+            journal_limit: None,
+        };
+        // 0.5 s per GB for the local path, 1.25 s per GB for the link: 1 / 1.75 GB/s.
+        let report = Report {
+            scenarios: Vec::new(),
+            rows: vec![
+                row("blockrepd", 2000.0, Some(1.0)),
+                row("quic-link", 800.0, Some(1.0)),
+                row("hypermetro-pair", 500.0, Some(1.0)),
+            ],
+        };
+        let (floor, local, link) = report.one_cpu_floor().unwrap();
+        assert!((local - 0.5).abs() < 1e-9 && (link - 1.25).abs() < 1e-9);
+        assert!((floor - 1000.0 / 1.75).abs() < 1e-6);
+        assert!(
+            report
+                .floor_markdown()
+                .contains("hypermetro-pair at 1M: 500 MB/s, 0.88×")
+        );
+        // Without the host's busy share (the shared layout), there is no floor.
+        let unpinned = Report {
+            scenarios: Vec::new(),
+            rows: vec![
+                row("blockrepd", 2000.0, None),
+                row("quic-link", 800.0, Some(1.0)),
+            ],
+        };
+        assert!(unpinned.one_cpu_floor().is_none());
+        assert!(unpinned.floor_markdown().is_empty());
     }
 
     #[test]
