@@ -222,16 +222,20 @@ impl Report {
             .find("seqwrite-1m-qd8", "quic-link")
             .map_or(f64::NAN, Row::median);
         let mut out = format!(
-            "
-The production host's one CPU at 1M: the unpaired row took {local:.2} s of it per GB, the quic-link row {link:.2} s; a pair doing both can move at most {floor:.0} MB/s ({:.2}× the quic-link row).
-",
+            "\nThe production host's one CPU at 1M: the unpaired row took {local:.2} s of it per GB, \
+             the quic-link row {link:.2} s; a pair doing both can move at most {floor:.0} MB/s \
+             ({:.2}× the quic-link row).\n",
             floor / link_rate
         );
         for target in ["async-pair", "hypermetro-pair"] {
             if let Some(row) = self.find("seqwrite-1m-qd8", target) {
+                let overflowed = if row.overflowed() {
+                    " (the journal overflowed: the runs measured the local volume, not replication)"
+                } else {
+                    ""
+                };
                 out.push_str(&format!(
-                    "- {target} at 1M: {:.0} MB/s, {:.2}× that floor
-",
+                    "- {target} at 1M: {:.0} MB/s, {:.2}× that floor{overflowed}\n",
                     row.median(),
                     row.median() / floor
                 ));
