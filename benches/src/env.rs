@@ -55,6 +55,8 @@ pub enum DrDisk {
 
 static LAYOUT: OnceLock<Layout> = OnceLock::new();
 static DR_DISK: OnceLock<DrDisk> = OnceLock::new();
+/// The kernel's unbound workqueues were kept on the production host's CPU for the run.
+static KERNEL_WORK_CONFINED: AtomicBool = AtomicBool::new(false);
 
 /// Sets where the DR host's data lives (once, before anything starts).
 pub fn set_dr_disk(disk: DrDisk) {
@@ -205,6 +207,7 @@ impl Env {
             .with_context(|| format!("write {mask} to {UNBOUND_WORKQUEUE_CPUS}"))?;
         self.stack
             .push(Resource::WorkqueueCpus(before.trim().to_owned()));
+        KERNEL_WORK_CONFINED.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -368,28 +371,40 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// Seconds `cpu` has been busy since boot (everything but idle and I/O wait, from
-/// `/proc/stat`), or `None` when the machine has no such CPU.
+/// `/proc/stat`), or `None` when the machine has no such CPU or the file cannot be read.
 pub fn cpu_busy_seconds(cpu: usize) -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let name = format!("cpu{cpu}");
     let line = stat
         .lines()
         .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    // SAFETY: sysconf has no memory effects.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(busy_ticks(line)? / per_second)
+}
+
+/// The busy ticks of one CPU's `/proc/stat` line: user, nice, system, irq, softirq and
+/// steal (a virtual machine's stolen time is time the host's work could not run). Guest
+/// time is counted within user already; idle and I/O wait are not busy.
+fn busy_ticks(line: &str) -> Option<f64> {
     let ticks: Vec<f64> = line
         .split_whitespace()
         .skip(1)
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal (guest time is within user).
-    let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
-    // SAFETY: sysconf has no memory effects.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(busy / per_second)
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = *ticks.get(..8)? else {
+        return None;
+    };
+    Some(user + nice + system + irq + softirq + steal)
 }
 
-/// The CPU of the production host, in the pinned layout.
+/// The production host's CPU, when the run keeps that host, kernel work included, on it:
+/// the pinned layout, run as root (see [`Env::confine_kernel_work`]).
 pub fn production_cpu() -> Option<usize> {
-    (layout() == Layout::Pinned).then(|| Host::Production.cpu().parse().ok())?
+    if !KERNEL_WORK_CONFINED.load(Ordering::SeqCst) {
+        return None;
+    }
+    Host::Production.cpu().parse().ok()
 }
 
 /// Peak resident set size of a process, in bytes.
@@ -494,11 +509,21 @@ pub fn start_daemon_in(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn a_cpus_busy_seconds_are_read_from_proc_stat_and_do_not_go_back() {
-        let before = super::cpu_busy_seconds(0).expect("cpu0 is in /proc/stat");
-        let after = super::cpu_busy_seconds(0).unwrap();
-        assert!(after >= before && before > 0.0);
-        assert_eq!(super::cpu_busy_seconds(1 << 20), None);
+    fn a_cpus_busy_ticks_leave_out_idle_and_io_wait_and_count_guest_time_once() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let line = "cpu0 100 5 50 1000 20 3 7 2 40 1";
+        assert_eq!(busy_ticks(line), Some(167.0));
+        assert_eq!(busy_ticks("cpu0 1 2 3"), None);
+        assert_eq!(busy_ticks("cpu0 1 2 3 x 5 6 7 8"), None);
+    }
+
+    #[test]
+    fn this_machines_cpu0_is_read_and_an_absent_cpu_is_none() {
+        let before = cpu_busy_seconds(0).expect("cpu0 is in /proc/stat");
+        assert!(cpu_busy_seconds(0).unwrap() >= before);
+        assert_eq!(cpu_busy_seconds(1 << 20), None);
     }
 }

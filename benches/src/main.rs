@@ -17,13 +17,14 @@ mod workloads;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::json;
 
 use crate::env::{Env, check_interrupted, is_root, run};
-use crate::meter::Meter;
+use crate::meter::{HostBusy, Meter};
 use crate::report::{Report, Row};
 
 #[derive(Parser)]
@@ -358,12 +359,24 @@ fn run_once(
         .filter(|_| target.kind != targets::Kind::QuicLink);
     let sent = || pair.map(|c| c.counts()).transpose();
     let meter = Meter::start(target.production_pid, target.dr_pid, sent()?);
+    // The steady part of the run: past fio's start-up and ramp (the link test's handshake),
+    // ending before the time its rate is counted over does.
+    let start_up = Duration::from_millis(500);
+    let steady = Duration::from_secs(u64::from(timing.runtime_s.saturating_sub(1).max(1)));
+    let busy = match target.kind {
+        targets::Kind::QuicLink => HostBusy::start(start_up, steady),
+        _ => HostBusy::start(
+            Duration::from_secs(u64::from(timing.ramp_s)) + start_up,
+            steady,
+        ),
+    };
     match (&target.cluster, target.kind) {
         (Some(cluster), targets::Kind::QuicLink) => {
             let link = cluster.link_test(timing.runtime_s)?;
             let mut cost = meter.finish(None);
             cost.production.cpu_s = Some(link.sender_cpu_s);
             cost.replicated_bytes = Some(link.bytes);
+            cost.production_host_busy = busy.share();
             Ok(fio::Sample {
                 value: link.megabytes_per_second,
                 p50_us: f64::NAN,
@@ -377,6 +390,7 @@ fn run_once(
                 cluster.wait_idle().context("wait for the pair to settle")?;
             }
             sample.cost = meter.finish(sent()?);
+            sample.cost.production_host_busy = busy.share();
             Ok(sample)
         }
     }

@@ -2,6 +2,8 @@
 //! process, and the bytes a pair replicated, from before the run until the pair is idle
 //! again (an async pair goes on sending after fio stops; that work is the run's too).
 
+use std::time::{Duration, Instant};
+
 use crate::env;
 
 /// One host's process over a run.
@@ -26,9 +28,9 @@ pub struct Cost {
     /// Times a pair's journal overflowed (the pair fell back to its bitmap and caught up
     /// later): such a run measured the local volume, not replication.
     pub journal_overflows: Option<u64>,
-    /// The share of the run the production host's CPU was busy, whoever used it (the
-    /// agent, fio, the loop device's kernel workers, the network stack): in the pinned
-    /// layout only.
+    /// The share of the run's steady part the production host's CPU was busy, whoever used
+    /// it (the agent, fio, the loop device's kernel workers, the network stack): see
+    /// [`HostBusy`].
     pub production_host_busy: Option<f64>,
 }
 
@@ -45,8 +47,6 @@ pub struct Meter {
     production: Option<(u32, Option<f64>)>,
     dr: Option<(u32, Option<f64>)>,
     before: Option<PairCounts>,
-    /// When the run started, and the production host's CPU's busy seconds then.
-    production_host_busy: Option<(std::time::Instant, f64)>,
 }
 
 /// A pair's counters a run is measured by.
@@ -69,9 +69,6 @@ impl Meter {
             production: production.map(begin),
             dr: dr.map(begin),
             before: pair,
-            production_host_busy: env::production_cpu()
-                .and_then(env::cpu_busy_seconds)
-                .map(|busy| (std::time::Instant::now(), busy)),
         }
     }
 
@@ -100,13 +97,49 @@ impl Meter {
                 .before
                 .zip(pair)
                 .map(|(b, a)| a.journal_overflows.saturating_sub(b.journal_overflows)),
-            production_host_busy: self
-                .production_host_busy
-                .zip(env::production_cpu().and_then(env::cpu_busy_seconds))
-                .map(|((start, before), after)| {
-                    (after - before) / start.elapsed().as_secs_f64().max(1e-3)
-                }),
+            production_host_busy: None,
         }
+    }
+}
+
+/// How busy the production host's CPU was during the steady part of a run, read from
+/// `/proc/stat` on a thread of its own: from `skip` after the run starts (past fio's
+/// start-up and ramp, or the link test's handshake) for `length` (ending before the run
+/// does), so the share covers the time the run's rate is counted over. Only where the run
+/// keeps the host's kernel work on its CPU ([`env::production_cpu`]).
+pub struct HostBusy(Option<std::thread::JoinHandle<Option<f64>>>);
+
+impl HostBusy {
+    pub fn start(skip: Duration, length: Duration) -> Self {
+        let Some(cpu) = env::production_cpu() else {
+            return Self(None);
+        };
+        let sampler = std::thread::Builder::new()
+            .name("host-busy".into())
+            .spawn(move || {
+                std::thread::sleep(skip);
+                let before = env::cpu_busy_seconds(cpu)?;
+                let started = Instant::now();
+                std::thread::sleep(length);
+                let after = env::cpu_busy_seconds(cpu)?;
+                Some((after - before) / started.elapsed().as_secs_f64())
+            });
+        match sampler {
+            Ok(thread) => Self(Some(thread)),
+            Err(e) => {
+                eprintln!("bench: cannot start the CPU sampler: {e}");
+                Self(None)
+            }
+        }
+    }
+
+    /// The busy share, once the sampling ended (`None` if it could not be read).
+    pub fn share(self) -> Option<f64> {
+        let share = self.0?.join().ok()?;
+        if share.is_none() {
+            eprintln!("bench: could not read the production CPU's busy time from /proc/stat");
+        }
+        share
     }
 }
 

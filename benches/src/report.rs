@@ -17,6 +17,22 @@ pub struct Row {
 
 const MIB: f64 = (1 << 20) as f64;
 
+/// The workload the one-CPU ceiling is measured at.
+const ONE_M: &str = "seqwrite-1m-qd8";
+
+/// Seconds of the production host's CPU per GB a run moved: its busy share over the run's
+/// steady part against its rate in MB/s.
+fn host_s_per_gb(sample: &Sample) -> Option<f64> {
+    let busy = sample.cost.production_host_busy?;
+    (sample.value > 0.0).then(|| busy * 1000.0 / sample.value)
+}
+
+/// The median of the values that are there, if any is.
+fn median_of_known(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let known: Vec<f64> = values.into_iter().flatten().collect();
+    (!known.is_empty()).then(|| median(known))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.retain(|v| !v.is_nan());
     if values.is_empty() {
@@ -68,15 +84,13 @@ impl Row {
             Some(s.cost.replicated_bytes? as f64 / written as f64)
         })
     }
-    /// CPU seconds of the production host's CPU per GB the row moved (clients' bytes, or
-    /// the link test's): its busy share over the runs against the row's rate.
-    fn production_host_s_per_gb(&self) -> Option<f64> {
+    /// Per run, the seconds of the production host's CPU per GB it moved (clients' bytes,
+    /// or the link test's): see [`host_s_per_gb`].
+    fn host_s_per_gb(&self) -> Vec<Option<f64>> {
         if self.workload.figure != Figure::MegabytesPerSecond {
-            return None;
+            return vec![None; self.samples.len()];
         }
-        let busy = self.median_of(|s| s.cost.production_host_busy)?;
-        let rate = self.median();
-        (rate > 0.0).then(|| busy * 1000.0 / rate)
+        self.samples.iter().map(host_s_per_gb).collect()
     }
     /// Whether the pair's journal overflowed in any run.
     fn overflowed(&self) -> bool {
@@ -161,6 +175,15 @@ fn known(measured: Option<f64>, bound: f64) -> Option<f64> {
     measured.filter(|m| !m.is_nan() && !bound.is_nan())
 }
 
+/// What one production CPU allows a pair at 1M (see [`Report::one_cpu_ceilings`]).
+#[derive(Clone, Copy, Debug)]
+struct Ceiling {
+    megabytes_per_second: f64,
+    /// Seconds of the CPU per GB: the unpaired row's and the quic-link row's.
+    local: f64,
+    link: f64,
+}
+
 pub struct Report {
     pub rows: Vec<Row>,
     pub scenarios: Vec<ScenarioResult>,
@@ -203,43 +226,88 @@ impl Report {
         (base > 0.0).then(|| row.median() / base)
     }
 
-    /// The most a pair can move at 1M on one production CPU, which must do the link's work
-    /// and the local write path: 1 / (the quic-link row's + the unpaired row's CPU seconds
-    /// of that CPU per GB), in MB/s, with those two costs.
-    fn one_cpu_floor(&self) -> Option<(f64, f64, f64)> {
-        const ONE_M: &str = "seqwrite-1m-qd8";
-        let local = self.find(ONE_M, "blockrepd")?.production_host_s_per_gb()?;
-        let link = self.find(ONE_M, "quic-link")?.production_host_s_per_gb()?;
-        Some((1000.0 / (local + link), local, link))
+    /// Per repetition, an estimate of the most a pair can move at 1M on the production
+    /// host's one CPU, which must do the link's work and the local write path:
+    /// 1000 / (the quic-link run's + the unpaired run's seconds of that CPU per GB), in
+    /// MB/s, with those two costs. It assumes each cost per GB holds at the pair's rate and
+    /// that the two add; it is not a bound.
+    fn one_cpu_ceilings(&self) -> Vec<Option<Ceiling>> {
+        let (Some(local), Some(link)) =
+            (self.find(ONE_M, "blockrepd"), self.find(ONE_M, "quic-link"))
+        else {
+            return Vec::new();
+        };
+        local
+            .host_s_per_gb()
+            .into_iter()
+            .zip(link.host_s_per_gb())
+            .map(|(local, link)| {
+                let (local, link) = (local?, link?);
+                Some(Ceiling {
+                    megabytes_per_second: 1000.0 / (local + link),
+                    local,
+                    link,
+                })
+            })
+            .collect()
     }
 
-    /// The floor's lines, if the run measured it.
-    fn floor_markdown(&self) -> String {
-        let Some((floor, local, link)) = self.one_cpu_floor() else {
+    /// The ceiling's medians over the repetitions.
+    fn one_cpu_ceiling(&self) -> Option<Ceiling> {
+        let ceilings = self.one_cpu_ceilings();
+        let of =
+            |f: fn(&Ceiling) -> f64| median_of_known(ceilings.iter().map(|c| c.as_ref().map(f)));
+        Some(Ceiling {
+            megabytes_per_second: of(|c| c.megabytes_per_second)?,
+            local: of(|c| c.local)?,
+            link: of(|c| c.link)?,
+        })
+    }
+
+    /// A pair's 1M runs against the ceiling of the same repetition: the median multiple.
+    fn of_ceiling(&self, pair: &Row) -> Option<f64> {
+        median_of_known(
+            pair.samples
+                .iter()
+                .zip(self.one_cpu_ceilings())
+                .map(|(sample, ceiling)| Some(sample.value / ceiling?.megabytes_per_second)),
+        )
+    }
+
+    /// The ceiling's lines, if the run measured it.
+    fn ceiling_markdown(&self) -> String {
+        let Some(ceiling) = self.one_cpu_ceiling() else {
             return String::new();
         };
-        let link_rate = self
-            .find("seqwrite-1m-qd8", "quic-link")
-            .map_or(f64::NAN, Row::median);
+        let link_rate = self.find(ONE_M, "quic-link").map_or(f64::NAN, Row::median);
         let mut out = format!(
-            "\nThe production host's one CPU at 1M: the unpaired row took {local:.2} s of it per GB, \
-             the quic-link row {link:.2} s; a pair doing both can move at most {floor:.0} MB/s \
-             ({:.2}× the quic-link row).\n",
-            floor / link_rate
+            "\nThe production host's one CPU at 1M (medians over the repetitions): the unpaired row \
+             took {:.2} s of it per GB, the quic-link row {:.2} s. A pair must do both on that CPU, \
+             so if each cost per GB holds at the pair's rate it can move about {:.0} MB/s at most \
+             ({:.2}× the quic-link row): an estimate, not a bound.\n",
+            ceiling.local,
+            ceiling.link,
+            ceiling.megabytes_per_second,
+            ceiling.megabytes_per_second / link_rate
         );
         for target in ["async-pair", "hypermetro-pair"] {
-            if let Some(row) = self.find("seqwrite-1m-qd8", target) {
-                let overflowed = if row.overflowed() {
-                    " (the journal overflowed: the runs measured the local volume, not replication)"
-                } else {
-                    ""
-                };
-                out.push_str(&format!(
-                    "- {target} at 1M: {:.0} MB/s, {:.2}× that floor{overflowed}\n",
-                    row.median(),
-                    row.median() / floor
-                ));
-            }
+            let Some(row) = self.find(ONE_M, target) else {
+                continue;
+            };
+            let overflowed = if row.overflowed() {
+                " (the journal overflowed: the runs measured the local volume, not replication)"
+            } else {
+                ""
+            };
+            let own = median_of_known(row.host_s_per_gb())
+                .map_or_else(String::new, |s| format!(", {s:.2} s of that CPU per GB"));
+            let multiple = self
+                .of_ceiling(row)
+                .map_or_else(|| "–".to_owned(), |m| format!("{m:.2}"));
+            out.push_str(&format!(
+                "- {target} at 1M: {:.0} MB/s{own}, {multiple}× the ceiling (median of per-repetition ratios){overflowed}\n",
+                row.median(),
+            ));
         }
         out
     }
@@ -500,7 +568,7 @@ impl Report {
             };
             out.push_str(&format!("- {}: {value}{verdict}\n", goal.claim));
         }
-        out.push_str(&self.floor_markdown());
+        out.push_str(&self.ceiling_markdown());
         out
     }
 
@@ -532,7 +600,7 @@ impl Report {
                     "journal_overflows": r.samples.iter().map(|s| s.cost.journal_overflows).collect::<Vec<_>>(),
                     "written_bytes": r.samples.iter().map(|s| s.cost.written_bytes).collect::<Vec<_>>(),
                     "production_host_busy": r.samples.iter().map(|s| s.cost.production_host_busy).collect::<Vec<_>>(),
-                    "production_host_cpu_s_per_gb": r.production_host_s_per_gb(),
+                    "production_host_s_per_gb": r.host_s_per_gb(),
                 })
             })
             .collect();
@@ -546,10 +614,21 @@ impl Report {
             .iter()
             .map(|s| json!({"name": s.name, "figures": s.json}))
             .collect();
-        let floor = self.one_cpu_floor().map(|(floor, local, link)| {
-            json!({"megabytes_per_second": floor, "unpaired_s_per_gb": local, "link_s_per_gb": link})
+        let ceiling = self.one_cpu_ceiling().map(|c| {
+            json!({
+                "megabytes_per_second": c.megabytes_per_second,
+                "unpaired_s_per_gb": c.local,
+                "link_s_per_gb": c.link,
+                "per_repetition_megabytes_per_second": self
+                    .one_cpu_ceilings()
+                    .iter()
+                    .map(|c| c.map(|c| c.megabytes_per_second))
+                    .collect::<Vec<_>>(),
+                "async_pair_multiple": self.find(ONE_M, "async-pair").and_then(|r| self.of_ceiling(r)),
+                "hypermetro_pair_multiple": self.find(ONE_M, "hypermetro-pair").and_then(|r| self.of_ceiling(r)),
+            })
         });
-        json!({ "machine": machine, "rows": rows, "goals": goals, "scenarios": scenarios, "one_cpu_floor_1m": floor })
+        json!({ "machine": machine, "rows": rows, "goals": goals, "scenarios": scenarios, "one_cpu_ceiling_1m": ceiling })
     }
 }
 
@@ -595,53 +674,85 @@ mod tests {
     }
 
     #[test]
-    fn the_one_cpu_floor_adds_the_link_rows_and_the_unpaired_rows_cost_per_gb() {
+    fn the_one_cpu_ceiling_pairs_each_repetitions_runs() {
         let one_m = crate::workloads::all()
             .into_iter()
-            .find(|w| w.name == "seqwrite-1m-qd8")
+            .find(|w| w.name == ONE_M)
             .unwrap();
-        let row = |target, value, busy| Row {
+        let run = |value, busy| Sample {
+            value,
+            p50_us: 1.0,
+            p99_us: 1.0,
+            cost: Cost {
+                production_host_busy: busy,
+                ..Cost::default()
+            },
+        };
+        let row = |target, runs: Vec<Sample>| Row {
             workload: one_m.clone(),
             target,
             target_title: "",
-            samples: vec![Sample {
-                value,
-                p50_us: 1.0,
-                p99_us: 1.0,
-                cost: Cost {
-                    production_host_busy: busy,
-                    ..Cost::default()
-                },
-            }],
+            samples: runs,
             journal_limit: None,
         };
-        // 0.5 s per GB for the local path, 1.25 s per GB for the link: 1 / 1.75 GB/s.
+        // Repetition by repetition, the local path costs 0.5, 0.25 and 1.0 s per GB and the
+        // link 1.25, 2.0 and 1.0 s: ceilings of 1000/1.75, 1000/2.25 and 1000/2.0 MB/s.
         let report = Report {
             scenarios: Vec::new(),
             rows: vec![
-                row("blockrepd", 2000.0, Some(1.0)),
-                row("quic-link", 800.0, Some(1.0)),
-                row("hypermetro-pair", 500.0, Some(1.0)),
+                row(
+                    "blockrepd",
+                    vec![
+                        run(2000.0, Some(1.0)),
+                        run(2000.0, Some(0.5)),
+                        run(1000.0, Some(1.0)),
+                    ],
+                ),
+                row(
+                    "quic-link",
+                    vec![
+                        run(800.0, Some(1.0)),
+                        run(400.0, Some(0.8)),
+                        run(900.0, Some(0.9)),
+                    ],
+                ),
+                row(
+                    "hypermetro-pair",
+                    vec![
+                        run(300.0, Some(1.0)),
+                        run(400.0, Some(1.0)),
+                        run(500.0, Some(1.0)),
+                    ],
+                ),
             ],
         };
-        let (floor, local, link) = report.one_cpu_floor().unwrap();
-        assert!((local - 0.5).abs() < 1e-9 && (link - 1.25).abs() < 1e-9);
-        assert!((floor - 1000.0 / 1.75).abs() < 1e-6);
+        let ceilings: Vec<f64> = report
+            .one_cpu_ceilings()
+            .into_iter()
+            .map(|c| c.unwrap().megabytes_per_second)
+            .collect();
+        for (got, want) in ceilings.iter().zip([1000.0 / 1.75, 1000.0 / 2.25, 500.0]) {
+            assert!((got - want).abs() < 1e-6, "{got} against {want}");
+        }
+        // The pair's multiple is the median of each run over its repetition's own ceiling
+        // (0.525, 0.90, 1.0), not the median run over the median ceiling (400 / 500).
+        let pair = report.find(ONE_M, "hypermetro-pair").unwrap();
+        assert!((report.of_ceiling(pair).unwrap() - 0.9).abs() < 1e-9);
         assert!(
             report
-                .floor_markdown()
-                .contains("hypermetro-pair at 1M: 500 MB/s, 0.88×")
+                .ceiling_markdown()
+                .contains("hypermetro-pair at 1M: 400 MB/s, 2.50 s of that CPU per GB, 0.90×")
         );
-        // Without the host's busy share (the shared layout), there is no floor.
+        // Without the host's busy share (not pinned, or not root), there is no ceiling.
         let unpinned = Report {
             scenarios: Vec::new(),
             rows: vec![
-                row("blockrepd", 2000.0, None),
-                row("quic-link", 800.0, Some(1.0)),
+                row("blockrepd", vec![run(2000.0, None)]),
+                row("quic-link", vec![run(800.0, Some(1.0))]),
             ],
         };
-        assert!(unpinned.one_cpu_floor().is_none());
-        assert!(unpinned.floor_markdown().is_empty());
+        assert!(unpinned.one_cpu_ceiling().is_none());
+        assert!(unpinned.ceiling_markdown().is_empty());
     }
 
     #[test]
