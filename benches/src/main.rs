@@ -361,15 +361,16 @@ fn run_once(
     let meter = Meter::start(target.production_pid, target.dr_pid, sent()?);
     // The steady part of the run: past fio's start-up and ramp (the link test's handshake),
     // ending before the time its rate is counted over does.
+    // From half a second past the start (and fio's ramp) for the runtime less a second: it
+    // ends inside the counted time when the start-up takes at most half a second. A run of
+    // less than 2 s is not sampled.
     let start_up = Duration::from_millis(500);
-    let steady = Duration::from_secs(u64::from(timing.runtime_s.saturating_sub(1).max(1)));
-    let busy = match target.kind {
-        targets::Kind::QuicLink => HostBusy::start(start_up, steady),
-        _ => HostBusy::start(
-            Duration::from_secs(u64::from(timing.ramp_s)) + start_up,
-            steady,
-        ),
+    let steady = Duration::from_secs(u64::from(timing.runtime_s.saturating_sub(1)));
+    let skip = match target.kind {
+        targets::Kind::QuicLink => start_up,
+        _ => Duration::from_secs(u64::from(timing.ramp_s)) + start_up,
     };
+    let busy = HostBusy::start(skip, steady);
     match (&target.cluster, target.kind) {
         (Some(cluster), targets::Kind::QuicLink) => {
             let link = cluster.link_test(timing.runtime_s)?;

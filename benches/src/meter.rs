@@ -111,7 +111,7 @@ pub struct HostBusy(Option<std::thread::JoinHandle<Option<f64>>>);
 
 impl HostBusy {
     pub fn start(skip: Duration, length: Duration) -> Self {
-        let Some(cpu) = env::production_cpu() else {
+        let Some(cpu) = env::production_cpu().filter(|_| !length.is_zero()) else {
             return Self(None);
         };
         let sampler = std::thread::Builder::new()

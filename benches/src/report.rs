@@ -274,21 +274,31 @@ impl Report {
         )
     }
 
+    /// Each repetition's ceiling against its quic-link run: the median multiple.
+    fn ceiling_of_link(&self) -> Option<f64> {
+        let link = self.find(ONE_M, "quic-link")?;
+        median_of_known(self.one_cpu_ceilings().into_iter().zip(&link.samples).map(
+            |(ceiling, run)| {
+                Some(ceiling?.megabytes_per_second / run.value).filter(|m| m.is_finite())
+            },
+        ))
+    }
+
     /// The ceiling's lines, if the run measured it.
     fn ceiling_markdown(&self) -> String {
         let Some(ceiling) = self.one_cpu_ceiling() else {
             return String::new();
         };
-        let link_rate = self.find(ONE_M, "quic-link").map_or(f64::NAN, Row::median);
+        let of_link = self
+            .ceiling_of_link()
+            .map_or_else(|| "–".to_owned(), |m| format!("{m:.2}"));
         let mut out = format!(
-            "\nThe production host's one CPU at 1M (medians over the repetitions): the unpaired row \
-             took {:.2} s of it per GB, the quic-link row {:.2} s. A pair must do both on that CPU, \
-             so if each cost per GB holds at the pair's rate it can move about {:.0} MB/s at most \
-             ({:.2}× the quic-link row): an estimate, not a bound.\n",
-            ceiling.local,
-            ceiling.link,
-            ceiling.megabytes_per_second,
-            ceiling.megabytes_per_second / link_rate
+            "\nThe production host's one CPU at 1M (each figure a median over the repetitions on \
+             its own): the unpaired row took {:.2} s of it per GB, the quic-link row {:.2} s. A pair \
+             must do both on that CPU, so if each cost per GB holds at the pair's rate and the two \
+             add, it can move about {:.0} MB/s at most ({of_link}× the quic-link run of the same \
+             repetition): an estimate, not a bound.\n",
+            ceiling.local, ceiling.link, ceiling.megabytes_per_second,
         );
         for target in ["async-pair", "hypermetro-pair"] {
             let Some(row) = self.find(ONE_M, target) else {
@@ -624,6 +634,7 @@ impl Report {
                     .iter()
                     .map(|c| c.map(|c| c.megabytes_per_second))
                     .collect::<Vec<_>>(),
+                "link_multiple": self.ceiling_of_link(),
                 "async_pair_multiple": self.find(ONE_M, "async-pair").and_then(|r| self.of_ceiling(r)),
                 "hypermetro_pair_multiple": self.find(ONE_M, "hypermetro-pair").and_then(|r| self.of_ceiling(r)),
             })
@@ -738,6 +749,9 @@ mod tests {
         // (0.525, 0.90, 1.0), not the median run over the median ceiling (400 / 500).
         let pair = report.find(ONE_M, "hypermetro-pair").unwrap();
         assert!((report.of_ceiling(pair).unwrap() - 0.9).abs() < 1e-9);
+        // Against each repetition's link run (800, 400, 900 MB/s): 0.71, 1.11, 0.56.
+        let of_link = report.ceiling_of_link().unwrap();
+        assert!((of_link - 1000.0 / 1.75 / 800.0).abs() < 1e-9, "{of_link}");
         assert!(
             report
                 .ceiling_markdown()
