@@ -359,9 +359,8 @@ fn run_once(
         .filter(|_| target.kind != targets::Kind::QuicLink);
     let sent = || pair.map(|c| c.counts()).transpose();
     let meter = Meter::start(target.production_pid, target.dr_pid, sent()?);
-    // The steady part of the run: past fio's start-up and ramp (the link test's handshake),
-    // ending before the time its rate is counted over does.
-    // From half a second past the start (and fio's ramp) for the runtime less a second: it
+    // The steady part of the run, where the production CPU's busy share is sampled: from
+    // half a second past the start (and fio's ramp) for the runtime less a second: it
     // ends inside the counted time when the start-up takes at most half a second. A run of
     // less than 2 s is not sampled.
     let start_up = Duration::from_millis(500);
