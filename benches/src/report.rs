@@ -690,50 +690,42 @@ mod tests {
             .into_iter()
             .find(|w| w.name == ONE_M)
             .unwrap();
-        let run = |value, busy| Sample {
-            value,
-            p50_us: 1.0,
-            p99_us: 1.0,
-            cost: Cost {
-                production_host_busy: busy,
-                ..Cost::default()
-            },
-        };
-        let row = |target, runs: Vec<Sample>| Row {
+        // Each run of a row: its rate (MB/s) and the production CPU's busy share.
+        let row = |target, runs: &[(f64, Option<f64>)]| Row {
             workload: one_m.clone(),
             target,
             target_title: "",
-            samples: runs,
+            samples: runs
+                .iter()
+                .map(|&(value, busy)| Sample {
+                    value,
+                    p50_us: 1.0,
+                    p99_us: 1.0,
+                    cost: Cost {
+                        production_host_busy: busy,
+                        ..Cost::default()
+                    },
+                })
+                .collect(),
             journal_limit: None,
         };
         // Repetition by repetition, the local path costs 0.5, 0.25 and 1.0 s per GB and the
         // link 1.25, 2.0 and 1.0 s: ceilings of 1000/1.75, 1000/2.25 and 1000/2.0 MB/s.
+        let (full, half) = (Some(1.0), Some(0.5));
         let report = Report {
             scenarios: Vec::new(),
             rows: vec![
                 row(
                     "blockrepd",
-                    vec![
-                        run(2000.0, Some(1.0)),
-                        run(2000.0, Some(0.5)),
-                        run(1000.0, Some(1.0)),
-                    ],
+                    &[(2000.0, full), (2000.0, half), (1000.0, full)],
                 ),
                 row(
                     "quic-link",
-                    vec![
-                        run(800.0, Some(1.0)),
-                        run(400.0, Some(0.8)),
-                        run(900.0, Some(0.9)),
-                    ],
+                    &[(800.0, full), (400.0, Some(0.8)), (900.0, Some(0.9))],
                 ),
                 row(
                     "hypermetro-pair",
-                    vec![
-                        run(300.0, Some(1.0)),
-                        run(400.0, Some(1.0)),
-                        run(500.0, Some(1.0)),
-                    ],
+                    &[(300.0, full), (400.0, full), (500.0, full)],
                 ),
             ],
         };
@@ -761,8 +753,8 @@ mod tests {
         let unpinned = Report {
             scenarios: Vec::new(),
             rows: vec![
-                row("blockrepd", vec![run(2000.0, None)]),
-                row("quic-link", vec![run(800.0, Some(1.0))]),
+                row("blockrepd", &[(2000.0, None)]),
+                row("quic-link", &[(800.0, full)]),
             ],
         };
         assert!(unpinned.one_cpu_ceiling().is_none());
