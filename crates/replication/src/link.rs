@@ -494,8 +494,14 @@ impl PairLink {
 
     /// A direct write or a flush was acknowledged.
     pub fn handle_ack(&self, seq: WriteSeq) {
+        self.handle_acks(&[seq]);
+    }
+
+    /// The DR side acknowledged these direct writes and flushes, received together: one
+    /// step of the machine, and their answers with one wake-up of each connection.
+    pub fn handle_acks(&self, seqs: &[WriteSeq]) {
         let now_us = self.now_us();
-        self.apply(|m| m.handle_ack(seq, now_us));
+        self.apply(|m| m.handle_acks(seqs, now_us));
     }
 
     /// The DR side synced every epoch ≤ `epoch` into its stage log.

@@ -36,7 +36,7 @@ impl FrameReader {
     /// The next whole frame, or `None` when the peer finished the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
         loop {
-            if let Some(frame) = Frame::decode(&mut self.buf)? {
+            if let Some(frame) = self.next_received()? {
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < 64 << 10 {
@@ -54,6 +54,12 @@ impl FrameReader {
                 Err(e) => return Err(StreamError::Connection(with_causes(&e))),
             }
         }
+    }
+
+    /// The next whole frame among the bytes already received, without waiting for more:
+    /// what arrived together can be handled together.
+    pub fn next_received(&mut self) -> Result<Option<Frame>, StreamError> {
+        Ok(Frame::decode(&mut self.buf)?)
     }
 }
 

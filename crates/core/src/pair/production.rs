@@ -1141,8 +1141,21 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     /// A direct write or a flush was acknowledged.
     pub fn handle_ack(&mut self, seq: WriteSeq, now_us: u64) -> Effects<A> {
+        self.handle_acks(&[seq], now_us)
+    }
+
+    /// Direct writes and flushes were acknowledged together (the DR side answers a sync's
+    /// writes at once): one step, so the shell gives their answers with one wake-up.
+    pub fn handle_acks(&mut self, seqs: &[WriteSeq], now_us: u64) -> Effects<A> {
         self.answered_at_us = now_us;
         let mut fx = Effects::default();
+        for &seq in seqs {
+            self.take_ack(seq, &mut fx);
+        }
+        fx
+    }
+
+    fn take_ack(&mut self, seq: WriteSeq, fx: &mut Effects<A>) {
         match self.pending.remove(&seq) {
             Some(Pending::Write {
                 ticket,
@@ -1172,7 +1185,6 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
             // An acknowledgement of nothing pending (of a frame sent again, say).
             None => {}
         }
-        fx
     }
 
     /// The DR side synced every epoch ≤ `epoch` into its stage log.

@@ -11,6 +11,9 @@ use crate::framed::{FrameReader, FrameWriter};
 use super::DrPair;
 use super::handshake::Accepted;
 
+/// Answers sent in one write at most, so a busy applier's answers still leave steadily.
+const MAX_BATCHED_ANSWERS: usize = 1024;
+
 impl DrPair {
     /// Serves the stream until it ends, a newer one replaces it, or the applier fails;
     /// then stops the applier.
@@ -26,24 +29,40 @@ impl DrPair {
             mut events,
         } = accepted;
         let answers = async {
-            while let Some(event) = events.recv().await {
-                let frame = match event {
-                    ApplyEvent::WriteAck(seq) => Frame::WriteAck { seq },
-                    ApplyEvent::FlushAck(seq) => Frame::FlushAck { seq },
-                    ApplyEvent::SyncDoneAck(epoch) => Frame::SyncDoneAck { epoch },
-                    ApplyEvent::Staged(epoch) => Frame::Staged { epoch },
-                    ApplyEvent::Applied { epoch, cut_ms } => {
-                        self.applied(epoch, cut_ms);
-                        Frame::Applied { epoch, cut_ms }
-                    }
-                    ApplyEvent::Reject { seq, reason } => Frame::Reject { seq, reason },
-                    ApplyEvent::Verified { id, differing } => Frame::Verified { id, differing },
-                    ApplyEvent::Failed(reason) => {
-                        writer.refuse(RefuseKind::Failed, reason.clone()).await;
-                        return Err(reason);
-                    }
-                };
-                if let Err(e) = writer.send(&frame).await {
+            let mut chunks = Vec::new();
+            while let Some(first) = events.recv().await {
+                // What the applier answered meanwhile goes out in the same write: a sync's
+                // acknowledgements share a packet and one wake-up of the production side.
+                let mut next = Some(first);
+                let mut batched = 0;
+                while let Some(event) = next {
+                    let frame = match event {
+                        ApplyEvent::WriteAck(seq) => Frame::WriteAck { seq },
+                        ApplyEvent::FlushAck(seq) => Frame::FlushAck { seq },
+                        ApplyEvent::SyncDoneAck(epoch) => Frame::SyncDoneAck { epoch },
+                        ApplyEvent::Staged(epoch) => Frame::Staged { epoch },
+                        ApplyEvent::Applied { epoch, cut_ms } => {
+                            self.applied(epoch, cut_ms);
+                            Frame::Applied { epoch, cut_ms }
+                        }
+                        ApplyEvent::Reject { seq, reason } => Frame::Reject { seq, reason },
+                        ApplyEvent::Verified { id, differing } => Frame::Verified { id, differing },
+                        ApplyEvent::Failed(reason) => {
+                            // The answers before it still go, then the refusal.
+                            let _ = writer.send_chunks(&mut chunks).await;
+                            writer.refuse(RefuseKind::Failed, reason.clone()).await;
+                            return Err(reason);
+                        }
+                    };
+                    writer.push_frame(&frame, &mut chunks);
+                    batched += 1;
+                    next = if batched < MAX_BATCHED_ANSWERS {
+                        events.try_recv().ok()
+                    } else {
+                        None
+                    };
+                }
+                if let Err(e) = writer.send_chunks(&mut chunks).await {
                     return Err(e.to_string());
                 }
             }

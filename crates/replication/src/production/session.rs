@@ -12,7 +12,7 @@ use blockrep_core::pair::production::Transmit;
 use blockrep_core::pair::state::PairState;
 use blockrep_core::replication::group_cut::Live;
 use blockrep_core::replication::lineage::{self, DrView, Plan, ProductionView};
-use blockrep_core::replication::{Payload, ReplicationStatus, WriteFrame};
+use blockrep_core::replication::{Payload, ReplicationStatus, WriteFrame, WriteSeq};
 use blockrep_wire::{
     Frame, Hello, HelloFlags, ProtocolVersion, RefuseKind, WriteFlags, WriteHeader, payload_crc,
 };
@@ -190,11 +190,45 @@ impl ProductionPair {
                         .bytes_received
                         .fetch_add(reader.bytes_received - counted, Ordering::Relaxed);
                     counted = reader.bytes_received;
-                    self.on_frame(frame)?;
+                    self.on_frames(frame, reader)?;
                 }
                 Input::Tick => self.on_tick(ticker, stop_resync).await?,
                 Input::Cut => self.on_cut(),
             }
+        }
+    }
+
+    /// A frame of the DR side and every whole frame that arrived with it, in order; each
+    /// run of acknowledgements is one step of the machine, whose answers wake each
+    /// connection once.
+    fn on_frames(
+        &self,
+        first: Option<Frame>,
+        reader: &mut FrameReader,
+    ) -> Result<(), SessionError> {
+        let mut acks = Vec::new();
+        let mut frame = first;
+        loop {
+            match frame {
+                Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => acks.push(seq),
+                other => {
+                    self.take_acks(&mut acks);
+                    self.on_frame(other)?;
+                }
+            }
+            match reader.next_received()? {
+                Some(next) => frame = Some(next),
+                None => break,
+            }
+        }
+        self.take_acks(&mut acks);
+        Ok(())
+    }
+
+    fn take_acks(&self, acks: &mut Vec<WriteSeq>) {
+        if !acks.is_empty() {
+            self.link.handle_acks(acks);
+            acks.clear();
         }
     }
 

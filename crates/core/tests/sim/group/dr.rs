@@ -171,7 +171,7 @@ impl Sim {
             self.set_dr_block(h, b, v);
         }
         if self.broken == Broken::AckBeforeSync {
-            return self.answer_production(h, Answer::Written(write.seq));
+            return self.answer_production(h, Answer::Written(vec![write.seq]));
         }
         self.drs[h].side.direct_written(write.seq);
         self.start_sync(h);
@@ -200,9 +200,8 @@ impl Sim {
             dr.volatile.pop_front();
             dr.volatile_base += 1;
         }
-        for seq in dr.side.synced(ticket) {
-            self.answer_production(h, Answer::Written(seq));
-        }
+        let durable = dr.side.synced(ticket);
+        self.answer_writes(h, durable);
         self.start_sync(h);
     }
 
@@ -335,9 +334,7 @@ impl Sim {
                     .get_or_insert(format!("DR side {h}'s drill: {e}"));
             }
         }
-        for seq in done.answers {
-            self.answer_production(h, Answer::Written(seq));
-        }
+        self.answer_writes(h, done.answers);
         self.dr_progress(h);
         self.dr_pump(h);
     }
@@ -360,6 +357,21 @@ impl Sim {
             for (mut write, corrupted) in let_go {
                 write.gated = false;
                 self.dr_direct(h, write, corrupted);
+            }
+        }
+    }
+
+    /// Answers writes made durable together: in one answer, as the applier's shell sends
+    /// them, or (as when they straddle the reads of the production side) one at a time.
+    fn answer_writes(&mut self, h: usize, seqs: Vec<WriteSeq>) {
+        if seqs.is_empty() {
+            return;
+        }
+        if self.rng.random_bool(0.5) {
+            self.answer_production(h, Answer::Written(seqs));
+        } else {
+            for seq in seqs {
+                self.answer_production(h, Answer::Written(vec![seq]));
             }
         }
     }

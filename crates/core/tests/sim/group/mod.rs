@@ -108,9 +108,10 @@ const END_MS: u64 = 12_000;
 type Machine = Production<Value, ()>;
 
 /// What the DR side answers on the stream.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Answer {
-    Written(WriteSeq),
+    /// Writes a sync made durable, answered together (or one at a time).
+    Written(Vec<WriteSeq>),
     Staged(Epoch),
     Refused(WriteSeq, RejectReason),
 }

@@ -580,7 +580,7 @@ impl Sim {
         let now_us = self.now_us();
         let machine = &mut self.hosts[h].machine;
         let fx = match answer {
-            Answer::Written(seq) => machine.handle_ack(seq, now_us),
+            Answer::Written(seqs) => machine.handle_acks(&seqs, now_us),
             Answer::Staged(epoch) => machine.handle_staged(epoch, now_us),
             Answer::Refused(seq, reason) => machine.handle_reject(seq, reason, now_us),
         };
