@@ -45,6 +45,8 @@ struct RawConfig {
     control_socket_group: Option<String>,
     #[serde(default = "default_shutdown_grace_ms")]
     shutdown_grace_ms: u64,
+    #[serde(default = "default_runtime_scheduling")]
+    runtime_scheduling: String,
     #[serde(default)]
     bitmap: RawBitmap,
     #[serde(default)]
@@ -284,6 +286,10 @@ impl ByteSize {
     }
 }
 
+fn default_runtime_scheduling() -> String {
+    "batch".into()
+}
+
 fn default_shutdown_grace_ms() -> u64 {
     20_000
 }
@@ -321,6 +327,8 @@ pub struct Config {
     pub control_socket_group: Option<String>,
     /// How long clients get, at shutdown, to take the replies to their requests in flight.
     pub shutdown_grace: Duration,
+    /// The scheduling policy of the async runtime's threads (`runtime_scheduling`).
+    pub runtime_scheduling: RuntimeScheduling,
     /// `None` when dirty tracking is switched off (benchmarks only).
     pub tracker: Option<TrackerConfig>,
     pub nbd_tcp_listen: Option<SocketAddr>,
@@ -333,6 +341,32 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// Where volumes are made on demand, if anywhere.
     pub pool: Option<PoolConfig>,
+}
+
+/// The scheduling policy of the async runtime's threads: the replication streams, the
+/// control and REST servers. The connections' threads (the write path) keep the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeScheduling {
+    /// `SCHED_BATCH`: a runtime thread woken by the write path does not preempt it. On a
+    /// busy CPU the write path finishes what it took in before the runtime sends it, so
+    /// writes travel together instead of each with its own packets and wake-ups.
+    Batch,
+    /// `SCHED_OTHER`, as the rest of the agent.
+    Normal,
+}
+
+impl std::str::FromStr for RuntimeScheduling {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "batch" => Ok(Self::Batch),
+            "normal" => Ok(Self::Normal),
+            other => Err(format!(
+                "{other:?} is not a policy: \"batch\" or \"normal\""
+            )),
+        }
+    }
 }
 
 /// The `[coordinator]` section, checked.
@@ -485,6 +519,10 @@ impl Config {
                 format!("{} must be at most 600000", raw.shutdown_grace_ms),
             ));
         }
+        let runtime_scheduling = raw
+            .runtime_scheduling
+            .parse()
+            .map_err(|m| invalid("runtime_scheduling", m))?;
         let b = &raw.bitmap;
         let granularity = b
             .granularity
@@ -790,6 +828,7 @@ impl Config {
             control_socket,
             control_socket_group: raw.control_socket_group,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+            runtime_scheduling,
             tracker,
             nbd_tcp_listen,
             cluster,
@@ -840,6 +879,17 @@ mod tests {
         assert_eq!(c.control_socket, Path::new("/run/blockrep/control.sock"));
         assert_eq!(c.tracker, Some(TrackerConfig::default()));
         assert_eq!(c.nbd_tcp_listen, None);
+        assert_eq!(c.runtime_scheduling, RuntimeScheduling::Batch);
+    }
+
+    #[test]
+    fn the_runtime_scheduling_is_one_of_two() {
+        let c = parse(&format!("{MINIMAL}runtime_scheduling = \"normal\"\n")).unwrap();
+        assert_eq!(c.runtime_scheduling, RuntimeScheduling::Normal);
+        assert!(
+            error_of(&format!("{MINIMAL}runtime_scheduling = \"fifo\"\n"))
+                .contains("runtime_scheduling: \"fifo\" is not a policy")
+        );
     }
 
     #[test]
