@@ -237,6 +237,78 @@ fn forty_more_volumes_take_no_more_threads() {
     daemon.stop().unwrap();
 }
 
+/// A thread's scheduling policy (field 41 of its `stat`: 0 `SCHED_OTHER`, 3 `SCHED_BATCH`).
+fn policy_of(stat: &str) -> u32 {
+    let after_name = &stat[stat.rfind(')').expect("a stat line") + 1..];
+    after_name
+        .split_whitespace()
+        .nth(38)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The policies of an agent's threads serving a client, by thread name.
+fn thread_policies_serving_a_client(extra: &str) -> Vec<(String, u32)> {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), extra).unwrap();
+    let file = dir.path().join("v.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    daemon.add_volume("v", &file);
+    let mut client = blockrep_tests::NbdClient::connect(&daemon.nbd_socket("v"), "v").unwrap();
+    // Answered: its connection's thread is running.
+    client.write(0, &[7; 4096]).unwrap();
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue;
+        };
+        policies.push((name.trim().to_owned(), policy_of(&stat)));
+    }
+    drop(client);
+    daemon.stop().unwrap();
+    policies
+}
+
+/// Every thread the agent starts runs under `SCHED_BATCH` (`scheduling`'s default): the
+/// runtime's, the connections' (which runtime threads start) and their io_uring workers;
+/// with `scheduling = "normal"`, every one runs as the agent was started.
+#[test]
+fn the_agents_threads_run_under_the_configured_scheduling() {
+    let started = policy_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+    assert_ne!(
+        started, 3,
+        "the test must run outside SCHED_BATCH to tell them apart"
+    );
+    for (extra, want) in [("", 3), ("scheduling = \"normal\"\n", started)] {
+        let policies = thread_policies_serving_a_client(extra);
+        // io_uring starts its workers only when it hands an operation to one.
+        for (prefix, always) in [
+            ("tokio-rt-worker", true),
+            ("nbd-conn", true),
+            ("bitmap-flusher", true),
+            ("iou-wrk", false),
+        ] {
+            let of: Vec<u32> = policies
+                .iter()
+                .filter(|(name, _)| name.starts_with(prefix))
+                .map(|&(_, policy)| policy)
+                .collect();
+            assert!(
+                (!always || !of.is_empty()) && of.iter().all(|&p| p == want),
+                "{prefix} with {extra:?}: want policy {want}, the threads have {policies:?}"
+            );
+        }
+    }
+}
+
 /// SIGTERM with writes in flight: every request the daemon read is answered, the daemon
 /// exits cleanly, and after restart every answered write is on disk and dirty.
 #[test]

@@ -45,8 +45,8 @@ struct RawConfig {
     control_socket_group: Option<String>,
     #[serde(default = "default_shutdown_grace_ms")]
     shutdown_grace_ms: u64,
-    #[serde(default = "default_runtime_scheduling")]
-    runtime_scheduling: String,
+    #[serde(default = "default_scheduling")]
+    scheduling: String,
     #[serde(default)]
     bitmap: RawBitmap,
     #[serde(default)]
@@ -286,7 +286,7 @@ impl ByteSize {
     }
 }
 
-fn default_runtime_scheduling() -> String {
+fn default_scheduling() -> String {
     "batch".into()
 }
 
@@ -327,8 +327,8 @@ pub struct Config {
     pub control_socket_group: Option<String>,
     /// How long clients get, at shutdown, to take the replies to their requests in flight.
     pub shutdown_grace: Duration,
-    /// The scheduling policy of the async runtime's threads (`runtime_scheduling`).
-    pub runtime_scheduling: RuntimeScheduling,
+    /// The scheduling policy of the agent's threads (`scheduling`).
+    pub scheduling: Scheduling,
     /// `None` when dirty tracking is switched off (benchmarks only).
     pub tracker: Option<TrackerConfig>,
     pub nbd_tcp_listen: Option<SocketAddr>,
@@ -343,19 +343,19 @@ pub struct Config {
     pub pool: Option<PoolConfig>,
 }
 
-/// The scheduling policy of the async runtime's threads: the replication streams, the
-/// control and REST servers. The connections' threads (the write path) keep the default.
+/// The scheduling policy of every thread of the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuntimeScheduling {
-    /// `SCHED_BATCH`: a runtime thread woken by the write path does not preempt it. On a
-    /// busy CPU the write path finishes what it took in before the runtime sends it, so
-    /// writes travel together instead of each with its own packets and wake-ups.
+pub enum Scheduling {
+    /// `SCHED_BATCH`: a thread of the agent that another wakes does not preempt it, nor the
+    /// applications beside it. On a busy CPU the connection thread queues every write it took
+    /// in before the thread that sends them runs, and so on down the path: writes travel in
+    /// batches instead of each with its own packets and wake-ups.
     Batch,
-    /// `SCHED_OTHER`, as the rest of the agent.
+    /// `SCHED_OTHER`, as the agent was started.
     Normal,
 }
 
-impl std::str::FromStr for RuntimeScheduling {
+impl std::str::FromStr for Scheduling {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -519,10 +519,10 @@ impl Config {
                 format!("{} must be at most 600000", raw.shutdown_grace_ms),
             ));
         }
-        let runtime_scheduling = raw
-            .runtime_scheduling
+        let scheduling = raw
+            .scheduling
             .parse()
-            .map_err(|m| invalid("runtime_scheduling", m))?;
+            .map_err(|m| invalid("scheduling", m))?;
         let b = &raw.bitmap;
         let granularity = b
             .granularity
@@ -828,7 +828,7 @@ impl Config {
             control_socket,
             control_socket_group: raw.control_socket_group,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
-            runtime_scheduling,
+            scheduling,
             tracker,
             nbd_tcp_listen,
             cluster,
@@ -879,16 +879,16 @@ mod tests {
         assert_eq!(c.control_socket, Path::new("/run/blockrep/control.sock"));
         assert_eq!(c.tracker, Some(TrackerConfig::default()));
         assert_eq!(c.nbd_tcp_listen, None);
-        assert_eq!(c.runtime_scheduling, RuntimeScheduling::Batch);
+        assert_eq!(c.scheduling, Scheduling::Batch);
     }
 
     #[test]
-    fn the_runtime_scheduling_is_one_of_two() {
-        let c = parse(&format!("{MINIMAL}runtime_scheduling = \"normal\"\n")).unwrap();
-        assert_eq!(c.runtime_scheduling, RuntimeScheduling::Normal);
+    fn the_scheduling_is_one_of_two() {
+        let c = parse(&format!("{MINIMAL}scheduling = \"normal\"\n")).unwrap();
+        assert_eq!(c.scheduling, Scheduling::Normal);
         assert!(
-            error_of(&format!("{MINIMAL}runtime_scheduling = \"fifo\"\n"))
-                .contains("runtime_scheduling: \"fifo\" is not a policy")
+            error_of(&format!("{MINIMAL}scheduling = \"fifo\"\n"))
+                .contains("scheduling: \"fifo\" is not a policy")
         );
     }
 

@@ -22,7 +22,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::agent::{Agent, remove_stale_socket, set_mode};
-use crate::config::{Config, DEFAULT_CONFIG_PATH, RuntimeScheduling};
+use crate::config::{Config, DEFAULT_CONFIG_PATH, Scheduling};
 
 /// Replication moves many short-lived buffers of up to a few MiB between threads (NBD
 /// readers, the sender, the applier); glibc's malloc kept the freed ones in per-thread
@@ -93,11 +93,11 @@ fn main() -> std::process::ExitCode {
     init_logging();
     raise_open_files_limit();
     blockrep_replication::memory_release::set_release(purge_freed_pages);
-    let scheduling = config.runtime_scheduling;
+    // Before any thread starts: every thread of the agent inherits it.
+    set_scheduling(config.scheduling);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .on_thread_start(move || set_thread_scheduling(scheduling))
         .build()
     {
         Ok(runtime) => runtime,
@@ -127,19 +127,20 @@ fn init_logging() {
         .init();
 }
 
-/// Puts the calling thread under the runtime's scheduling policy (see [`RuntimeScheduling`]).
-/// A system that refuses it leaves the thread as it was, and says so.
-fn set_thread_scheduling(scheduling: RuntimeScheduling) {
+/// Puts the main thread, and so every thread the agent starts after it, under the configured
+/// policy (see [`Scheduling`]). A system that refuses it leaves the agent as it was started,
+/// and says so.
+fn set_scheduling(scheduling: Scheduling) {
     let policy = match scheduling {
-        RuntimeScheduling::Batch => libc::SCHED_BATCH,
-        RuntimeScheduling::Normal => return,
+        Scheduling::Batch => libc::SCHED_BATCH,
+        Scheduling::Normal => return,
     };
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; the struct lives for the call.
+    // SAFETY: pid 0 is the calling thread (on Linux, only it); `param` lives for the call.
     if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
         tracing::warn!(
             error = %std::io::Error::last_os_error(),
-            "cannot put a runtime thread under SCHED_BATCH"
+            "cannot put the agent's threads under SCHED_BATCH"
         );
     }
 }

@@ -149,9 +149,9 @@ impl ProductionPair {
     }
 
     /// The stream's loop, the session's one owner of its inputs: it takes them one at a
-    /// time (a frame of the DR side, the ticker, the resync reader's end, the pair leaving
-    /// the streaming states) and applies each to the machine, whose invariants the link
-    /// checks after every step. The sender drains the machine's frames beside it, in the
+    /// time (the DR side's frames that arrived together, the ticker, the resync reader's
+    /// end, the pair leaving the streaming states) and applies each to the machine, whose
+    /// invariants the link checks after every step. The sender drains the machine's frames beside it, in the
     /// same task; the loop ends with the first error of either.
     async fn stream(
         &self,
@@ -206,36 +206,17 @@ impl ProductionPair {
         first: Option<Frame>,
         reader: &mut FrameReader,
     ) -> Result<(), SessionError> {
-        let mut acks = Vec::new();
-        let mut frame = first;
-        loop {
-            match frame {
-                Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => acks.push(seq),
-                other => {
-                    self.take_acks(&mut acks);
-                    self.on_frame(other)?;
-                }
-            }
-            match reader.next_received()? {
-                Some(next) => frame = Some(next),
-                None => break,
-            }
-        }
-        self.take_acks(&mut acks);
-        Ok(())
+        in_runs(
+            first,
+            || reader.next_received().map_err(SessionError::from),
+            |acks| self.link.handle_acks(acks),
+            |frame| self.on_frame(frame),
+        )
     }
 
-    fn take_acks(&self, acks: &mut Vec<WriteSeq>) {
-        if !acks.is_empty() {
-            self.link.handle_acks(acks);
-            acks.clear();
-        }
-    }
-
-    /// A frame of the DR side (`None`: it closed the stream).
+    /// A frame of the DR side other than an acknowledgement (`None`: it closed the stream).
     fn on_frame(&self, frame: Option<Frame>) -> Result<(), SessionError> {
         match frame {
-            Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => self.link.handle_ack(seq),
             Some(Frame::Staged { epoch }) => self.link.handle_staged(epoch),
             Some(Frame::SyncDoneAck { epoch }) => self.link.handle_sync_done_ack(epoch),
             Some(Frame::Applied { epoch, cut_ms }) => {
@@ -360,7 +341,7 @@ impl ProductionPair {
 
 /// What the session's loop takes in, one at a time.
 enum Input {
-    /// A frame of the DR side (`None`: it closed the stream).
+    /// A frame of the DR side other than an acknowledgement (`None`: it closed the stream).
     Frame(Option<Frame>),
     /// The ticker fired, or the resync reader ended.
     Tick,
@@ -599,6 +580,45 @@ impl Backoff {
     }
 }
 
+/// Hands `first`, then each frame `next` has at once after it, on in order: each run of
+/// acknowledgements to `on_acks` together, any other frame (`None`: the stream ended) to
+/// `on_frame`. Acknowledgements received before `next` fails are handed on before the error:
+/// the DR side holds those writes durably.
+fn in_runs<E>(
+    first: Option<Frame>,
+    mut next: impl FnMut() -> Result<Option<Frame>, E>,
+    mut on_acks: impl FnMut(&[WriteSeq]),
+    mut on_frame: impl FnMut(Option<Frame>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut acks = Vec::new();
+    let mut hand_on = |acks: &mut Vec<WriteSeq>| {
+        if !acks.is_empty() {
+            on_acks(acks);
+            acks.clear();
+        }
+    };
+    let mut frame = first;
+    loop {
+        match frame {
+            Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => acks.push(seq),
+            other => {
+                hand_on(&mut acks);
+                on_frame(other)?;
+            }
+        }
+        match next() {
+            Ok(Some(following)) => frame = Some(following),
+            Ok(None) => break,
+            Err(e) => {
+                hand_on(&mut acks);
+                return Err(e);
+            }
+        }
+    }
+    hand_on(&mut acks);
+    Ok(())
+}
+
 /// Test-only faults, compiled in only with the `fault-injection` feature.
 mod fault {
     use bytes::Bytes;
@@ -649,5 +669,82 @@ mod fault {
         pub fn apply(&self, bytes: Bytes) -> Bytes {
             bytes
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use blockrep_core::replication::Epoch;
+
+    use super::*;
+
+    /// What `in_runs` hands on for `first` followed by `rest`, and how it ends.
+    fn runs_of(
+        first: Option<Frame>,
+        rest: Vec<Result<Option<Frame>, &'static str>>,
+    ) -> (Vec<String>, Result<(), &'static str>) {
+        let seen = RefCell::new(Vec::new());
+        let mut rest = rest.into_iter();
+        let ended = in_runs(
+            first,
+            || rest.next().unwrap_or(Ok(None)),
+            |acks| {
+                let seqs: Vec<u64> = acks.iter().map(|s| s.0).collect();
+                seen.borrow_mut().push(format!("acks {seqs:?}"));
+            },
+            |frame| {
+                seen.borrow_mut().push(format!("{frame:?}"));
+                Ok(())
+            },
+        );
+        (seen.into_inner(), ended)
+    }
+
+    fn ack(seq: u64) -> Result<Option<Frame>, &'static str> {
+        Ok(Some(Frame::WriteAck { seq: WriteSeq(seq) }))
+    }
+
+    #[test]
+    fn frames_received_together_go_on_in_order_with_each_run_of_acks_at_once() {
+        let (seen, ended) = runs_of(
+            Some(Frame::WriteAck { seq: WriteSeq(1) }),
+            vec![
+                ack(2),
+                Ok(Some(Frame::FlushAck { seq: WriteSeq(3) })),
+                Ok(Some(Frame::Staged { epoch: Epoch(7) })),
+                ack(4),
+            ],
+        );
+        assert_eq!(ended, Ok(()));
+        assert_eq!(
+            seen,
+            [
+                "acks [1, 2, 3]".to_owned(),
+                format!("{:?}", Some(Frame::Staged { epoch: Epoch(7) })),
+                "acks [4]".to_owned(),
+            ]
+        );
+    }
+
+    /// Acknowledgements received before a bad frame are still taken: the DR side holds
+    /// those writes durably, so their blocks need not stay dirty.
+    #[test]
+    fn acks_received_before_a_bad_frame_are_taken_before_the_error() {
+        let (seen, ended) = runs_of(
+            Some(Frame::WriteAck { seq: WriteSeq(1) }),
+            vec![ack(2), Err("a bad frame")],
+        );
+        assert_eq!(ended, Err("a bad frame"));
+        assert_eq!(seen, ["acks [1, 2]"]);
+    }
+
+    #[test]
+    fn the_end_of_the_stream_goes_on_after_the_acks_before_it() {
+        let (seen, ended) = runs_of(Some(Frame::WriteAck { seq: WriteSeq(1) }), vec![]);
+        assert_eq!((seen, ended), (vec!["acks [1]".to_owned()], Ok(())));
+        let (seen, _) = runs_of(None, vec![]);
+        assert_eq!(seen, ["None"]);
     }
 }
