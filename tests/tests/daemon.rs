@@ -277,9 +277,10 @@ fn thread_policies_serving_a_client(extra: &str) -> Vec<(String, u32)> {
     policies
 }
 
-/// Every thread the agent starts runs under `SCHED_BATCH` (`scheduling`'s default): the
-/// runtime's, the connections' (which runtime threads start) and their io_uring workers;
-/// with `scheduling = "normal"`, every one runs as the agent was started.
+/// Every thread of the agent runs under `SCHED_BATCH` (`scheduling`'s default): the
+/// allocator's, which starts before `main`, the runtime's, the connections' (which runtime
+/// threads start) and their io_uring workers; with `scheduling = "normal"`, every one runs
+/// as the agent was started.
 #[test]
 fn the_agents_threads_run_under_the_configured_scheduling() {
     let started = policy_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
@@ -289,23 +290,16 @@ fn the_agents_threads_run_under_the_configured_scheduling() {
     );
     for (extra, want) in [("", 3), ("scheduling = \"normal\"\n", started)] {
         let policies = thread_policies_serving_a_client(extra);
-        // io_uring starts its workers only when it hands an operation to one.
-        for (prefix, always) in [
-            ("tokio-rt-worker", true),
-            ("nbd-conn", true),
-            ("bitmap-flusher", true),
-            ("iou-wrk", false),
-        ] {
-            let of: Vec<u32> = policies
-                .iter()
-                .filter(|(name, _)| name.starts_with(prefix))
-                .map(|&(_, policy)| policy)
-                .collect();
+        for named in ["tokio-rt-worker", "nbd-conn", "jemalloc_bg_thd"] {
             assert!(
-                (!always || !of.is_empty()) && of.iter().all(|&p| p == want),
-                "{prefix} with {extra:?}: want policy {want}, the threads have {policies:?}"
+                policies.iter().any(|(name, _)| name.starts_with(named)),
+                "no {named} thread among {policies:?}"
             );
         }
+        assert!(
+            policies.iter().all(|&(_, policy)| policy == want),
+            "with {extra:?} every thread should have policy {want}: {policies:?}"
+        );
     }
 }
 

@@ -351,7 +351,7 @@ pub enum Scheduling {
     /// in before the thread that sends them runs, and so on down the path: writes travel in
     /// batches instead of each with its own packets and wake-ups.
     Batch,
-    /// `SCHED_OTHER`, as the agent was started.
+    /// As the agent was started (`SCHED_OTHER`, unless its unit says otherwise).
     Normal,
 }
 

@@ -93,7 +93,7 @@ fn main() -> std::process::ExitCode {
     init_logging();
     raise_open_files_limit();
     blockrep_replication::memory_release::set_release(purge_freed_pages);
-    // Before any thread starts: every thread of the agent inherits it.
+    // Before the runtime: every thread it and the rest of the agent start inherits it.
     set_scheduling(config.scheduling);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -127,21 +127,35 @@ fn init_logging() {
         .init();
 }
 
-/// Puts the main thread, and so every thread the agent starts after it, under the configured
-/// policy (see [`Scheduling`]). A system that refuses it leaves the agent as it was started,
-/// and says so.
+/// Puts every thread of the agent under the configured policy (see [`Scheduling`]): the
+/// threads already running (the allocator's background thread starts before `main`), and
+/// the main thread, whose policy every thread started later inherits. A system that refuses
+/// it leaves a thread as it was, and says so.
 fn set_scheduling(scheduling: Scheduling) {
     let policy = match scheduling {
         Scheduling::Batch => libc::SCHED_BATCH,
         Scheduling::Normal => return,
     };
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread (on Linux, only it); `param` lives for the call.
-    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "cannot put the agent's threads under SCHED_BATCH"
-        );
+    let mut tids: Vec<libc::pid_t> = std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // The main thread last: whatever starts meanwhile inherits from one already set, or from
+    // it. 0 is the calling thread (on Linux, each thread has its own policy).
+    tids.push(0);
+    for tid in tids {
+        // SAFETY: a thread id of this process (or 0, the caller); `param` lives for the call.
+        if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
+            tracing::warn!(
+                tid,
+                error = %std::io::Error::last_os_error(),
+                "cannot put a thread of the agent under SCHED_BATCH"
+            );
+        }
     }
 }
 

@@ -151,8 +151,8 @@ impl ProductionPair {
     /// The stream's loop, the session's one owner of its inputs: it takes them one at a
     /// time (the DR side's frames that arrived together, the ticker, the resync reader's
     /// end, the pair leaving the streaming states) and applies each to the machine, whose
-    /// invariants the link checks after every step. The sender drains the machine's frames beside it, in the
-    /// same task; the loop ends with the first error of either.
+    /// invariants the link checks after every step. The sender drains the machine's frames
+    /// beside it, in the same task; the loop ends with the first error of either.
     async fn stream(
         &self,
         reader: &mut FrameReader,
@@ -341,7 +341,7 @@ impl ProductionPair {
 
 /// What the session's loop takes in, one at a time.
 enum Input {
-    /// A frame of the DR side other than an acknowledgement (`None`: it closed the stream).
+    /// A frame of the DR side (`None`: it closed the stream).
     Frame(Option<Frame>),
     /// The ticker fired, or the resync reader ended.
     Tick,
@@ -680,7 +680,8 @@ mod tests {
 
     use super::*;
 
-    /// What `in_runs` hands on for `first` followed by `rest`, and how it ends.
+    /// What `in_runs` hands on for `first` followed by `rest`, and how it ends (`on_frame`
+    /// refuses a `Reject`).
     fn runs_of(
         first: Option<Frame>,
         rest: Vec<Result<Option<Frame>, &'static str>>,
@@ -696,7 +697,10 @@ mod tests {
             },
             |frame| {
                 seen.borrow_mut().push(format!("{frame:?}"));
-                Ok(())
+                match frame {
+                    Some(Frame::Reject { .. }) => Err("refused"),
+                    _ => Ok(()),
+                }
             },
         );
         (seen.into_inner(), ended)
@@ -741,10 +745,25 @@ mod tests {
     }
 
     #[test]
-    fn the_end_of_the_stream_goes_on_after_the_acks_before_it() {
+    fn a_run_of_acks_ending_what_was_received_goes_on_and_so_does_the_end_of_the_stream() {
         let (seen, ended) = runs_of(Some(Frame::WriteAck { seq: WriteSeq(1) }), vec![]);
         assert_eq!((seen, ended), (vec!["acks [1]".to_owned()], Ok(())));
         let (seen, _) = runs_of(None, vec![]);
         assert_eq!(seen, ["None"]);
+    }
+
+    /// A frame the session refuses ends the run: the acks before it went on, none after.
+    #[test]
+    fn a_refused_frame_ends_the_run_after_the_acks_before_it() {
+        let reject = Frame::Reject {
+            seq: WriteSeq(2),
+            reason: blockrep_wire::RejectReason::Checksum,
+        };
+        let (seen, ended) = runs_of(
+            Some(Frame::WriteAck { seq: WriteSeq(1) }),
+            vec![Ok(Some(reject.clone())), ack(3)],
+        );
+        assert_eq!(ended, Err("refused"));
+        assert_eq!(seen, ["acks [1]".to_owned(), format!("{:?}", Some(reject))]);
     }
 }
