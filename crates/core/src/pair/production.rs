@@ -1571,6 +1571,64 @@ mod tests {
         assert_eq!(m.unanswered_for_us(50), None);
     }
 
+    /// Acknowledgements taken together (`handle_acks`) do what the same ones taken one at a
+    /// time, in order, do: the same answers in the same order, the same tickets redeemed or
+    /// forgotten, and the same machine afterwards. Among them: a write that failed here, one
+    /// acknowledged twice, one still awaited and a sequence number never sent.
+    #[test]
+    fn acknowledgements_taken_together_do_what_they_do_one_at_a_time() {
+        let prepare = || {
+            let mut tickets = TicketRegistry::new();
+            let mut m = live(ReplicationModel::Hypermetro);
+            let mut seqs = Vec::new();
+            for token in 1..=6u64 {
+                let mut w = admit(&mut m, &mut tickets, token * 4096, token);
+                let (seq, _) = m.send_direct(&mut w, &CONNECTION, 0);
+                seqs.push(seq.unwrap());
+                if token == 3 {
+                    let _ = m.local_failed(w, &CONNECTION, 0);
+                } else {
+                    let _ = m.local_done(w, &CONNECTION, 0);
+                }
+            }
+            (m, seqs)
+        };
+        let (mut together, seqs) = prepare();
+        let (mut alone, _) = prepare();
+        // All but the last, the second twice, and one never sent.
+        let acks = [
+            seqs[0],
+            seqs[1],
+            seqs[2],
+            seqs[1],
+            WriteSeq(seqs[5].0 + 100),
+            seqs[3],
+            seqs[4],
+        ];
+        let fx = together.handle_acks(&acks, 50);
+        let mut each: Effects<u32> = Effects::default();
+        for &seq in &acks {
+            let one = alone.handle_ack(seq, 50);
+            each.answers.extend(one.answers);
+            each.redeem.extend(one.redeem);
+            each.forget.extend(one.forget);
+            each.notify |= one.notify;
+        }
+        assert_eq!(answered(&fx), [1, 2, 3, 4, 5]);
+        assert_eq!(answered(&fx), answered(&each));
+        assert_eq!(fx.redeem, each.redeem);
+        assert_eq!(fx.forget, each.forget);
+        assert_eq!(fx.forget.len(), 1, "the write that failed here");
+        assert_eq!(fx.notify, each.notify);
+        assert!(together.check_invariants().is_ok());
+        assert_eq!(together.unanswered_for_us(60), alone.unanswered_for_us(60));
+        assert!(
+            together.unanswered_for_us(60).is_some(),
+            "the sixth still waits"
+        );
+        assert_eq!(answered(&together.handle_ack(seqs[5], 70)), [6]);
+    }
+
     #[test]
     fn a_synchronous_write_that_failed_here_keeps_its_blocks_dirty_whichever_answer_comes_first() {
         let mut tickets = TicketRegistry::new();
