@@ -492,11 +492,6 @@ impl PairLink {
         self.apply(|m| m.take_frames(max_bytes, out));
     }
 
-    /// A direct write or a flush was acknowledged.
-    pub fn handle_ack(&self, seq: WriteSeq) {
-        self.handle_acks(&[seq]);
-    }
-
     /// The DR side acknowledged these direct writes and flushes, received together: one
     /// step of the machine, and their answers with one wake-up of each connection.
     pub fn handle_acks(&self, seqs: &[WriteSeq]) {
@@ -1100,7 +1095,7 @@ mod tests {
         let w = admit(&link, &mailbox, 0, 1);
         clock.advance(Duration::from_millis(2500));
         assert_eq!(link.unanswered_for(), Some(Duration::from_millis(2500)));
-        link.handle_ack(w.seq.expect("sent direct"));
+        link.handle_acks(&[w.seq.expect("sent direct")]);
         assert_eq!(link.unanswered_for(), None);
 
         assert_eq!(link.stage_full_for(), None);
@@ -1293,12 +1288,12 @@ mod tests {
             let w = admit(&link, &mailbox, 8192, 1);
             let (range, seq) = (w.range, w.seq.expect("sent"));
             if peer_first {
-                link.handle_ack(seq);
+                link.handle_acks(&[seq]);
                 assert!(!link.tracker.any_dirty(range), "the answer cleared it");
             }
             assert_eq!(link.local_failed(w, &mailbox), AfterLocal::WaitForPeer);
             if !peer_first {
-                link.handle_ack(seq);
+                link.handle_acks(&[seq]);
             }
             assert!(
                 link.tracker.any_dirty(range),

@@ -170,6 +170,8 @@ impl ProductionPair {
         let mut states = self.link.states();
         // The counters run across streams; each stream counts from zero.
         let mut counted = reader.bytes_received;
+        // Gathers each run of acknowledgements, kept across frames so none allocates.
+        let mut acks = Vec::new();
         loop {
             // Each of these futures is cancel-safe: the reader keeps a partial frame in its
             // buffer, the ticker and the notification lose nothing a later tick misses.
@@ -190,7 +192,7 @@ impl ProductionPair {
                         .bytes_received
                         .fetch_add(reader.bytes_received - counted, Ordering::Relaxed);
                     counted = reader.bytes_received;
-                    self.on_frames(frame, reader)?;
+                    self.on_frames(frame, reader, &mut acks)?;
                 }
                 Input::Tick => self.on_tick(ticker, stop_resync).await?,
                 Input::Cut => self.on_cut(),
@@ -205,9 +207,11 @@ impl ProductionPair {
         &self,
         first: Option<Frame>,
         reader: &mut FrameReader,
+        acks: &mut Vec<WriteSeq>,
     ) -> Result<(), SessionError> {
         in_runs(
             first,
+            acks,
             || reader.next_received().map_err(SessionError::from),
             |acks| self.link.handle_acks(acks),
             |frame| self.on_frame(frame),
@@ -581,16 +585,16 @@ impl Backoff {
 }
 
 /// Hands `first`, then each frame `next` has at once after it, on in order: each run of
-/// acknowledgements to `on_acks` together, any other frame (`None`: the stream ended) to
-/// `on_frame`. Acknowledgements received before `next` fails are handed on before the error:
-/// the DR side holds those writes durably.
+/// acknowledgements to `on_acks` together (gathered in `acks`, empty before and after), any
+/// other frame (`None`: the stream ended) to `on_frame`. Acknowledgements received before
+/// `next` fails are handed on before the error: the DR side holds those writes durably.
 fn in_runs<E>(
     first: Option<Frame>,
+    acks: &mut Vec<WriteSeq>,
     mut next: impl FnMut() -> Result<Option<Frame>, E>,
     mut on_acks: impl FnMut(&[WriteSeq]),
     mut on_frame: impl FnMut(Option<Frame>) -> Result<(), E>,
 ) -> Result<(), E> {
-    let mut acks = Vec::new();
     let mut hand_on = |acks: &mut Vec<WriteSeq>| {
         if !acks.is_empty() {
             on_acks(acks);
@@ -602,7 +606,7 @@ fn in_runs<E>(
         match frame {
             Some(Frame::WriteAck { seq } | Frame::FlushAck { seq }) => acks.push(seq),
             other => {
-                hand_on(&mut acks);
+                hand_on(acks);
                 on_frame(other)?;
             }
         }
@@ -610,12 +614,12 @@ fn in_runs<E>(
             Ok(Some(following)) => frame = Some(following),
             Ok(None) => break,
             Err(e) => {
-                hand_on(&mut acks);
+                hand_on(acks);
                 return Err(e);
             }
         }
     }
-    hand_on(&mut acks);
+    hand_on(acks);
     Ok(())
 }
 
@@ -688,8 +692,10 @@ mod tests {
     ) -> (Vec<String>, Result<(), &'static str>) {
         let seen = RefCell::new(Vec::new());
         let mut rest = rest.into_iter();
+        let mut acks = Vec::new();
         let ended = in_runs(
             first,
+            &mut acks,
             || rest.next().unwrap_or(Ok(None)),
             |acks| {
                 let seqs: Vec<u64> = acks.iter().map(|s| s.0).collect();
@@ -703,6 +709,7 @@ mod tests {
                 }
             },
         );
+        assert!(acks.is_empty(), "every ack gathered was handed on");
         (seen.into_inner(), ended)
     }
 
