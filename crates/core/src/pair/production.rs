@@ -1139,7 +1139,9 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     // ---- the DR side's answers ----
 
-    /// A direct write or a flush was acknowledged.
+    /// A direct write or a flush was acknowledged (the shells take them in runs:
+    /// [`Production::handle_acks`]).
+    #[cfg(test)]
     pub fn handle_ack(&mut self, seq: WriteSeq, now_us: u64) -> Effects<A> {
         self.handle_acks(&[seq], now_us)
     }
