@@ -189,6 +189,13 @@ pub enum Transmit<P> {
 /// Bytes a frame's header costs against a take's budget.
 const FRAME_HEADER_BYTES: u64 = 48;
 
+/// The most resync data queued and not yet sent. The reader keeps this much ahead of the
+/// stream, enough to keep a link busy while it reads the next extents (64 MiB is 54 ms of a
+/// 10 Gbit/s link). It does not fill the whole journal: that would be memory held for
+/// nothing (the link takes it no faster), and during a catch-up the journal's room is for
+/// live writes, which overflow it when it is full.
+pub const RESYNC_READ_AHEAD: u64 = 64 << 20;
+
 /// A frame waiting for the DR side's acknowledgement.
 #[derive(Debug)]
 enum Pending<P, A> {
@@ -459,11 +466,17 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         self.resync_acked
     }
 
-    /// Whether `bytes` more fit in the queue, and among the resync extents not yet
-    /// acknowledged (what the resync reader waits for).
+    /// Whether `bytes` more read by the resync reader fit (what it waits for): in what is
+    /// queued and not yet sent, up to [`RESYNC_READ_AHEAD`] (or the journal's bound, if
+    /// smaller), and among the resync extents sent and not yet acknowledged, up to the
+    /// journal's bound. Anything fits when nothing is queued or unacknowledged, so one extent
+    /// larger than a bound still goes, alone.
     pub fn has_room_for(&self, bytes: u64) -> bool {
+        let queued = self.journal.queued_bytes();
+        let read_ahead = RESYNC_READ_AHEAD.min(self.journal.limit());
         let unacked = self.unacked_extent_bytes;
-        self.journal.has_room(bytes) && (unacked == 0 || unacked + bytes <= self.journal.limit())
+        (queued == 0 || queued + bytes <= read_ahead)
+            && (unacked == 0 || unacked + bytes <= self.journal.limit())
     }
 
     /// Whether a catch-up ending with `end` is settled: the DR side staged `end`, or the
@@ -1629,6 +1642,60 @@ mod tests {
             "the sixth still waits"
         );
         assert_eq!(answered(&together.handle_ack(seqs[5], 70)), [6]);
+    }
+
+    /// Queues 4 MiB initial-sync extents from `offset` while the reader would find room;
+    /// returns where it stopped.
+    fn read_ahead(m: &mut Machine, tickets: &mut TicketRegistry, mut offset: u64) -> u64 {
+        const EXTENT: u64 = 4 << 20;
+        while m.has_room_for(EXTENT) {
+            let range = ByteRange::new(offset, EXTENT);
+            let payload = Payload::Data(vec![0; EXTENT as usize]);
+            let fx = m.push_sync_extent(range, payload, tickets.issue(range), 0);
+            assert!(fx.forget.is_empty(), "streaming: the extent is queued");
+            offset += EXTENT;
+        }
+        offset
+    }
+
+    /// However large the journal, the resync reader keeps only [`RESYNC_READ_AHEAD`] queued
+    /// ahead of the stream; room comes back as frames are sent, before any is acknowledged.
+    #[test]
+    fn a_resync_reads_ahead_of_the_stream_by_its_read_ahead_not_the_whole_journal() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = Machine::new(ReplicationModel::Async, 1 << 30, Epoch(1));
+        let _ = m.connected(Epoch(1), true).unwrap();
+        let queued = read_ahead(&mut m, &mut tickets, 0);
+        assert_eq!(queued, RESYNC_READ_AHEAD);
+        let mut frames = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        assert_eq!(
+            frames.len() as u64,
+            RESYNC_READ_AHEAD >> 22,
+            "all of it sent"
+        );
+        assert_eq!(
+            read_ahead(&mut m, &mut tickets, queued),
+            2 * RESYNC_READ_AHEAD,
+            "as much again, with none acknowledged"
+        );
+    }
+
+    /// With a journal smaller than the read-ahead, the journal bounds both what is queued
+    /// and what is sent and not yet acknowledged.
+    #[test]
+    fn a_journal_smaller_than_the_read_ahead_bounds_the_resync() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = Machine::new(ReplicationModel::Async, 8 << 20, Epoch(1));
+        let _ = m.connected(Epoch(1), true).unwrap();
+        assert_eq!(read_ahead(&mut m, &mut tickets, 0), 8 << 20);
+        let mut frames = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        assert_eq!(frames.len(), 2);
+        assert!(
+            !m.has_room_for(4 << 20),
+            "sent but not acknowledged: still no room"
+        );
     }
 
     #[test]

@@ -319,7 +319,7 @@ impl<P: PayloadLen> Journal<P> {
     }
 
     /// A catch-up extent read with its blocks locked, admitted with [`Journal::admit`]: queued
-    /// like a write but never overflowing (the reader checks [`Journal::has_room`] first).
+    /// like a write but never overflowing (the reader waits for room first).
     /// Returns false if the catch-up was given up since (the journal overflowed, or the DR
     /// side refused a staged write): the extent is not queued, its ticket is the caller's to
     /// forget, and the reader stops (a new catch-up sends what is still dirty).
@@ -338,12 +338,6 @@ impl<P: PayloadLen> Journal<P> {
         }
         self.seal_closed_epochs();
         catching_up
-    }
-
-    /// Whether `bytes` more fit under the bound (anything fits an empty queue, so one
-    /// extent larger than the bound still goes, alone).
-    pub fn has_room(&self, bytes: u64) -> bool {
-        self.queued_bytes == 0 || self.queued_bytes + bytes <= self.limit
     }
 
     /// Moves new writes to the next epoch (the periodic cut); the old one is sealed once its
