@@ -571,8 +571,9 @@ impl PairLink {
 
     // ---- the resync reader ----
 
-    /// Waits until `bytes` more fit in the queue, and among the resync extents not yet
-    /// acknowledged. Returns false if `stop` says to give up.
+    /// Waits until the reader may queue `bytes` more: within its read-ahead of the stream,
+    /// and among the initial-sync extents not yet acknowledged (see
+    /// [`Production::has_room_for`]). Returns false if `stop` says to give up.
     pub fn wait_for_room(&self, bytes: u64, stop: &dyn Fn() -> bool) -> bool {
         self.wait_until(stop, |m| m.has_room_for(bytes))
     }

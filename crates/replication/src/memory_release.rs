@@ -1,9 +1,9 @@
 //! Giving freed memory back to the system at once, where the daemon's allocator can.
 //!
 //! An async pair whose journal overflows frees the journal's data (up to
-//! `replication.journal_bytes`) and starts a catch-up that reads as much again within the
-//! next second. The allocator returns freed pages on its own only after a delay, so for a
-//! moment the agent would hold both. The daemon registers how to release them now; the link
+//! `replication.journal_bytes`) and starts a catch-up that reads again (up to its 64 MiB
+//! read-ahead) within the next second. The allocator returns freed pages on its own only
+//! after a delay, so for a moment the agent would hold both. The daemon registers how to release them now; the link
 //! asks for it when its journal overflows.
 
 use std::sync::{Mutex, OnceLock};

@@ -189,11 +189,12 @@ pub enum Transmit<P> {
 /// Bytes a frame's header costs against a take's budget.
 const FRAME_HEADER_BYTES: u64 = 48;
 
-/// The most resync data queued and not yet sent. The reader keeps this much ahead of the
-/// stream, enough to keep a link busy while it reads the next extents (64 MiB is 54 ms of a
-/// 10 Gbit/s link). It does not fill the whole journal: that would be memory held for
-/// nothing (the link takes it no faster), and during a catch-up the journal's room is for
-/// live writes, which overflow it when it is full.
+/// How far the resync reader reads ahead of the stream by default: it adds nothing while
+/// this much is queued and not yet sent (live writes included). That keeps a link busy
+/// while it reads the next extents (64 MiB is 54 ms of a 10 Gbit/s link). It does not
+/// fill the whole journal: that would be memory held for nothing (the link takes it no
+/// faster), and during a catch-up the journal's room is for live writes, which overflow it
+/// when it is full.
 pub const RESYNC_READ_AHEAD: u64 = 64 << 20;
 
 /// A frame waiting for the DR side's acknowledgement.
@@ -268,6 +269,8 @@ pub struct Production<P, A> {
     /// Payload bytes of resync extents sent direct and not yet acknowledged (kept to be sent
     /// again if rejected): bounded with the journal (rule 6).
     unacked_extent_bytes: u64,
+    /// How far the resync reader reads ahead of the stream ([`RESYNC_READ_AHEAD`]).
+    resync_read_ahead: u64,
     /// When the DR side last answered, or when a frame began waiting with none waiting.
     answered_at_us: u64,
     /// Online verify probes waiting for the DR side, and answered.
@@ -304,6 +307,7 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
             sync_done_acked: None,
             stage_full_at_us: None,
             unacked_extent_bytes: 0,
+            resync_read_ahead: RESYNC_READ_AHEAD,
             answered_at_us: 0,
             probes: Probes::default(),
             grouped: false,
@@ -466,17 +470,27 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         self.resync_acked
     }
 
-    /// Whether `bytes` more read by the resync reader fit (what it waits for): in what is
-    /// queued and not yet sent, up to [`RESYNC_READ_AHEAD`] (or the journal's bound, if
-    /// smaller), and among the resync extents sent and not yet acknowledged, up to the
-    /// journal's bound. Anything fits when nothing is queued or unacknowledged, so one extent
+    /// Whether the resync reader may queue `bytes` more (what it waits for). Two bounds:
+    /// - what is queued and not yet sent, live writes included, stays within the
+    ///   read-ahead (or the journal's bound, if smaller), unless the sender can take none
+    ///   of it now (live writes held to coalesce wait for a fence, and the reader's next
+    ///   initial-sync extent is one);
+    /// - initial-sync extents sent and not yet acknowledged stay within the journal's bound.
+    ///
+    /// Each bound lets one extent through when nothing is counted against it, so an extent
     /// larger than a bound still goes, alone.
     pub fn has_room_for(&self, bytes: u64) -> bool {
         let queued = self.journal.queued_bytes();
-        let read_ahead = RESYNC_READ_AHEAD.min(self.journal.limit());
+        let read_ahead = self.resync_read_ahead.min(self.journal.limit());
         let unacked = self.unacked_extent_bytes;
-        (queued == 0 || queued + bytes <= read_ahead)
+        (queued == 0 || queued + bytes <= read_ahead || self.journal.nothing_to_send())
             && (unacked == 0 || unacked + bytes <= self.journal.limit())
+    }
+
+    /// Sets how far the resync reader reads ahead of the stream (the simulations vary it;
+    /// the agent keeps [`RESYNC_READ_AHEAD`]).
+    pub fn set_resync_read_ahead(&mut self, bytes: u64) {
+        self.resync_read_ahead = bytes;
     }
 
     /// Whether a catch-up ending with `end` is settled: the DR side staged `end`, or the
@@ -1644,15 +1658,52 @@ mod tests {
         assert_eq!(answered(&together.handle_ack(seqs[5], 70)), [6]);
     }
 
-    /// Queues 4 MiB initial-sync extents from `offset` while the reader would find room;
-    /// returns where it stopped.
-    fn read_ahead(m: &mut Machine, tickets: &mut TicketRegistry, mut offset: u64) -> u64 {
+    /// What the resync reader reads: an initial sync's extents or a catch-up's.
+    #[derive(Clone, Copy, Debug)]
+    enum Reading {
+        Sync,
+        CatchUp,
+    }
+
+    /// A pair with a `journal_bytes` journal whose resync reader is about to read.
+    fn resyncing(reading: Reading, journal_bytes: u64) -> Machine {
+        let mut m = Machine::new(ReplicationModel::Async, journal_bytes, Epoch(1));
+        match reading {
+            Reading::Sync => {
+                let _ = m.connected(Epoch(1), true).unwrap();
+            }
+            Reading::CatchUp => {
+                let _ = m.connected(Epoch(1), false).unwrap();
+                m.begin_catch_up().unwrap();
+            }
+        }
+        m
+    }
+
+    /// Queues 4 MiB extents from `offset` while the reader would find room; returns where
+    /// it stopped.
+    fn read_ahead(
+        m: &mut Machine,
+        reading: Reading,
+        tickets: &mut TicketRegistry,
+        mut offset: u64,
+    ) -> u64 {
         const EXTENT: u64 = 4 << 20;
         while m.has_room_for(EXTENT) {
             let range = ByteRange::new(offset, EXTENT);
             let payload = Payload::Data(vec![0; EXTENT as usize]);
-            let fx = m.push_sync_extent(range, payload, tickets.issue(range), 0);
-            assert!(fx.forget.is_empty(), "streaming: the extent is queued");
+            let ticket = tickets.issue(range);
+            match reading {
+                Reading::Sync => {
+                    let fx = m.push_sync_extent(range, payload, ticket, 0);
+                    assert!(fx.forget.is_empty(), "streaming: the extent is queued");
+                }
+                Reading::CatchUp => {
+                    let admitted = m.admit_catch_up_extent();
+                    let (queued, _) = m.push_catch_up_extent(admitted, range, payload, ticket);
+                    assert!(queued, "catching up: the extent is queued");
+                }
+            }
             offset += EXTENT;
         }
         offset
@@ -1662,40 +1713,94 @@ mod tests {
     /// ahead of the stream; room comes back as frames are sent, before any is acknowledged.
     #[test]
     fn a_resync_reads_ahead_of_the_stream_by_its_read_ahead_not_the_whole_journal() {
-        let mut tickets = TicketRegistry::new();
-        let mut m = Machine::new(ReplicationModel::Async, 1 << 30, Epoch(1));
-        let _ = m.connected(Epoch(1), true).unwrap();
-        let queued = read_ahead(&mut m, &mut tickets, 0);
-        assert_eq!(queued, RESYNC_READ_AHEAD);
-        let mut frames = Vec::new();
-        let _ = m.take_frames(u64::MAX, &mut frames);
-        assert_eq!(
-            frames.len() as u64,
-            RESYNC_READ_AHEAD >> 22,
-            "all of it sent"
-        );
-        assert_eq!(
-            read_ahead(&mut m, &mut tickets, queued),
-            2 * RESYNC_READ_AHEAD,
-            "as much again, with none acknowledged"
-        );
+        for reading in [Reading::Sync, Reading::CatchUp] {
+            let mut tickets = TicketRegistry::new();
+            let mut m = resyncing(reading, 1 << 30);
+            let queued = read_ahead(&mut m, reading, &mut tickets, 0);
+            assert_eq!(queued, RESYNC_READ_AHEAD, "{reading:?}");
+            let mut frames = Vec::new();
+            let _ = m.take_frames(u64::MAX, &mut frames);
+            assert_eq!(
+                frames.len() as u64,
+                RESYNC_READ_AHEAD >> 22,
+                "{reading:?}: all sent"
+            );
+            assert_eq!(
+                read_ahead(&mut m, reading, &mut tickets, queued),
+                2 * RESYNC_READ_AHEAD,
+                "{reading:?}: as much again, with none acknowledged"
+            );
+        }
     }
 
-    /// With a journal smaller than the read-ahead, the journal bounds both what is queued
-    /// and what is sent and not yet acknowledged.
+    /// A journal smaller than the read-ahead bounds what is queued instead; an initial
+    /// sync's extents sent and not yet acknowledged stay within it too.
     #[test]
     fn a_journal_smaller_than_the_read_ahead_bounds_the_resync() {
+        for reading in [Reading::Sync, Reading::CatchUp] {
+            let mut tickets = TicketRegistry::new();
+            let mut m = resyncing(reading, 8 << 20);
+            assert_eq!(
+                read_ahead(&mut m, reading, &mut tickets, 0),
+                8 << 20,
+                "{reading:?}"
+            );
+            let mut frames = Vec::new();
+            let _ = m.take_frames(u64::MAX, &mut frames);
+            assert_eq!(frames.len(), 2, "{reading:?}");
+            let sent_but_unacknowledged_bound = matches!(reading, Reading::Sync);
+            assert_eq!(
+                m.has_room_for(4 << 20),
+                !sent_but_unacknowledged_bound,
+                "{reading:?}"
+            );
+        }
+    }
+
+    /// Live writes of the open epoch held in the journal to coalesce (a large journal's
+    /// window is larger than the read-ahead) are not sent until something fences them: an
+    /// initial sync's next extent does, so the reader must not wait for them to leave.
+    #[test]
+    fn live_writes_held_to_coalesce_do_not_stall_an_initial_sync() {
         let mut tickets = TicketRegistry::new();
-        let mut m = Machine::new(ReplicationModel::Async, 8 << 20, Epoch(1));
+        let mut m = Machine::new(ReplicationModel::Async, 2 << 30, Epoch(1));
         let _ = m.connected(Epoch(1), true).unwrap();
-        assert_eq!(read_ahead(&mut m, &mut tickets, 0), 8 << 20);
+        let _ = m.go_live();
+        const WRITE: u64 = 1 << 20;
+        for token in 0..RESYNC_READ_AHEAD / WRITE + 1 {
+            let range = ByteRange::new(token * WRITE, WRITE);
+            let mode = m.admit(range);
+            let w = LocalWrite {
+                range,
+                payload: Some(Payload::Data(vec![1; WRITE as usize])),
+                fua: false,
+                token: AnswerToken(token),
+                mode,
+                ticket: mode.wants_ticket().then(|| tickets.issue(range)),
+                sent: None,
+            };
+            let (after, _) = m.local_done(w, &CONNECTION, 0);
+            assert_eq!(
+                after,
+                AfterLocal::Answer,
+                "async: answered after the local write"
+            );
+        }
         let mut frames = Vec::new();
         let _ = m.take_frames(u64::MAX, &mut frames);
-        assert_eq!(frames.len(), 2);
         assert!(
-            !m.has_room_for(4 << 20),
-            "sent but not acknowledged: still no room"
+            frames.is_empty(),
+            "held to coalesce: {} frames",
+            frames.len()
         );
+        assert!(
+            m.has_room_for(4 << 20),
+            "the sync's extent is what releases them"
+        );
+        let range = ByteRange::new(1 << 30, 4 << 20);
+        let _ = m.push_sync_extent(range, Payload::Zeroes, tickets.issue(range), 0);
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        assert_eq!(frames.len() as u64, RESYNC_READ_AHEAD / WRITE + 2);
     }
 
     #[test]

@@ -18,8 +18,8 @@
 //!   mode: the queue is dropped, the tickets of every unsent epoch are handed back to be
 //!   forgotten (their blocks stay dirty) and a `Discard` tells the DR side to drop what it
 //!   staged after the last seal it was sent. Writes go on, tracked by the bitmap only.
-//! - **Catch-up.** The resync reader queues dirty extents like writes (its own reads wait on
-//!   the bound instead of overflowing it), with no seals: the DR side stages them. Once the
+//! - **Catch-up.** The resync reader queues dirty extents like writes (its own reads wait for
+//!   room, reading a bounded way ahead of the stream, instead of overflowing it), with no seals: the DR side stages them. Once the
 //!   dirty set is small, live writes are journaled again (final pass); when the reader has
 //!   sent the last extents, the epoch is advanced and its seal covers the whole catch-up:
 //!   the DR side moves from its old consistent image to the new one in one step.
@@ -485,8 +485,8 @@ impl<P: PayloadLen> Journal<P> {
 
     /// Queues a write the DR side applies at once and acknowledges (hypermetro, initial
     /// sync). Its ticket is the caller's to keep, by the returned sequence number. Never
-    /// overflows: hypermetro writers wait for their answers, and the resync reader checks
-    /// [`Journal::has_room`].
+    /// overflows: hypermetro writers wait for their answers, and the resync reader waits for
+    /// room (`Production::has_room_for`).
     pub fn push_direct(&mut self, range: ByteRange, payload: Payload<P>, fua: bool) -> WriteSeq {
         self.queued_bytes += payload_bytes(&payload);
         let seq = self.take_seq();
