@@ -77,6 +77,8 @@ const BLOCKS: u64 = 8192;
 const UNWRITTEN: u64 = u64::MAX;
 /// Small, so that journaled stretches overflow now and then.
 const JOURNAL_BYTES: u64 = 24 * BLOCK;
+/// The resync reader's read-ahead: below the journal's bound, as in the agent.
+const READ_AHEAD_BYTES: u64 = 8 * BLOCK;
 /// A catch-up's final pass starts once this little is left.
 const FINAL_PASS_BYTES: u64 = 4 * BLOCK;
 const CUT_INTERVAL_MS: u64 = 100;

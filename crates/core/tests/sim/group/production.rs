@@ -340,21 +340,17 @@ impl Sim {
             }
             return;
         }
-        let run = reader.runs.pop_front().expect("checked above");
+        let run = *reader.runs.front().expect("checked above");
         let extent = ByteRange::new(run.offset, run.len.min(4 * BLOCK));
-        if run.len > extent.len {
-            reader
-                .runs
-                .push_front(ByteRange::new(extent.end(), run.len - extent.len));
-        }
         let locked = host.locked.range(blocks(extent)).next().is_some();
         if locked || !host.machine.has_room_for(extent.len) {
-            host.reader
-                .as_mut()
-                .expect("checked above")
-                .runs
-                .push_front(run);
+            // The reader waits; the run stays where it was.
             return;
+        }
+        let runs = &mut host.reader.as_mut().expect("checked above").runs;
+        runs.pop_front();
+        if run.len > extent.len {
+            runs.push_front(ByteRange::new(extent.end(), run.len - extent.len));
         }
         let admitted = host.machine.admit_catch_up_extent();
         let values: Vec<u64> = blocks(extent).map(|b| host.image[b as usize]).collect();
@@ -541,6 +537,7 @@ impl Sim {
         let mut machine =
             Machine::new(model, JOURNAL_BYTES, Epoch::ZERO).starting_in(PairState::Unconfirmed);
         let _ = machine.set_grouped(true);
+        machine.set_resync_read_ahead(READ_AHEAD_BYTES);
         machine.start_in_group(host.recorded_cut, now_us);
         if model == ReplicationModel::Hypermetro && broken != Broken::StartUntripped {
             machine.start_tripped(now_us);
@@ -591,6 +588,7 @@ impl Sim {
 pub(super) fn new_host(model: ReplicationModel) -> Host {
     let mut machine = Machine::new(model, JOURNAL_BYTES, Epoch::ZERO);
     let _ = machine.set_grouped(true);
+    machine.set_resync_read_ahead(READ_AHEAD_BYTES);
     Host {
         up: true,
         life: 0,
