@@ -472,9 +472,9 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
 
     /// Whether the resync reader may queue `bytes` more (what it waits for). Two bounds:
     /// - what is queued and not yet sent, live writes included, stays within the
-    ///   read-ahead (or the journal's bound, if smaller), unless the sender can take none
-    ///   of it now (live writes held to coalesce wait for a fence, and the reader's next
-    ///   initial-sync extent is one);
+    ///   read-ahead (or the journal's bound, if smaller), unless all of it is live writes
+    ///   held to coalesce (they wait for a fence, and the reader's next initial-sync extent
+    ///   is one);
     /// - initial-sync extents sent and not yet acknowledged stay within the journal's bound.
     ///
     /// Each bound lets one extent through when nothing is counted against it, so an extent
@@ -483,7 +483,7 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
         let queued = self.journal.queued_bytes();
         let read_ahead = self.resync_read_ahead.min(self.journal.limit());
         let unacked = self.unacked_extent_bytes;
-        (queued == 0 || queued + bytes <= read_ahead || self.journal.nothing_to_send())
+        (queued == 0 || queued + bytes <= read_ahead || self.journal.holds_to_coalesce())
             && (unacked == 0 || unacked + bytes <= self.journal.limit())
     }
 
@@ -1383,15 +1383,27 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
             fx.forget.push(ticket);
             return (false, fx);
         }
-        let queued = self
+        match self
             .journal
-            .complete_resync(admitted, range, payload, ticket);
-        if queued {
-            fx.wake_sender = true;
-        } else {
-            fx.forget.push(ticket);
+            .complete_resync(admitted, range, payload, ticket)
+        {
+            Completed::Queued => {
+                fx.wake_sender = true;
+                (true, fx)
+            }
+            Completed::NotJournaled => {
+                fx.forget.push(ticket);
+                (false, fx)
+            }
+            Completed::Overflowed { forget } => {
+                // Live writes are journaled only in the final pass, as an async pair's
+                // are: never synchronous here, so the pair falls back to the bitmap.
+                fx.overflowed = true;
+                fx.forget.extend(forget);
+                self.fall_back_to_the_bitmap();
+                (false, fx)
+            }
         }
-        (queued, fx)
     }
 
     /// A catch-up extent admitted but not read (the read failed): it leaves its epoch
@@ -1755,6 +1767,28 @@ mod tests {
                 "{reading:?}"
             );
         }
+    }
+
+    /// An initial sync's extents queued behind a direct cut wait with the cut's epoch, in
+    /// no queue the sender takes from: they count against the read-ahead like any other.
+    #[test]
+    fn extents_held_behind_a_direct_cut_count_against_the_read_ahead() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = Machine::new(ReplicationModel::Hypermetro, 1 << 30, Epoch(1));
+        let _ = m.set_grouped(true);
+        let _ = m.connected(Epoch(1), true).unwrap();
+        // A grouped hypermetro pair journals until its group goes synchronous.
+        let _ = m.go_live();
+        // A journaled write still running locally when the group's direct cut comes.
+        let _running = admit(&mut m, &mut tickets, 1 << 40, 1);
+        let ((_, direct), _) = m.group_cut(m.current_epoch().next(), CutMode::Direct, 0, 0);
+        assert!(direct, "the pair went synchronous");
+        let mut frames = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        assert_eq!(
+            read_ahead(&mut m, Reading::Sync, &mut tickets, 0),
+            RESYNC_READ_AHEAD
+        );
     }
 
     /// Live writes of the open epoch held in the journal to coalesce (a large journal's

@@ -18,11 +18,13 @@
 //!   mode: the queue is dropped, the tickets of every unsent epoch are handed back to be
 //!   forgotten (their blocks stay dirty) and a `Discard` tells the DR side to drop what it
 //!   staged after the last seal it was sent. Writes go on, tracked by the bitmap only.
-//! - **Catch-up.** The resync reader queues dirty extents like writes (its own reads wait for
-//!   room, reading a bounded way ahead of the stream, instead of overflowing it), with no seals: the DR side stages them. Once the
-//!   dirty set is small, live writes are journaled again (final pass); when the reader has
-//!   sent the last extents, the epoch is advanced and its seal covers the whole catch-up:
-//!   the DR side moves from its old consistent image to the new one in one step.
+//! - **Catch-up.** The resync reader queues dirty extents like writes, with no seals: the DR
+//!   side stages them. It reads a bounded way ahead of the stream, waiting for room; an
+//!   extent the final pass's live writes left no room for overflows the journal as a write
+//!   would. Once the dirty set is small, live writes are journaled again (final pass);
+//!   when the reader has sent the last extents, the epoch is advanced and its seal covers
+//!   the whole catch-up: the DR side moves from its old consistent image to the new one in
+//!   one step.
 //!
 //! - **Coalescing.** A staged write replaced by a later one of the same epoch and range
 //!   before it was sent is dropped (`send_queue`); so that there is something to replace,
@@ -257,6 +259,12 @@ impl<P: PayloadLen> Journal<P> {
         }
     }
 
+    /// Whether all that is queued is staged writes of the open epoch held to coalesce: the
+    /// next frame queued behind them (not held behind a direct cut) releases them.
+    pub fn holds_to_coalesce(&self) -> bool {
+        !self.queue.is_empty() && self.held_direct.is_empty() && self.nothing_to_send()
+    }
+
     /// Payload bytes of staged writes dropped because a later write of the same epoch
     /// replaced them before they were sent.
     pub fn coalesced_bytes(&self) -> u64 {
@@ -319,25 +327,34 @@ impl<P: PayloadLen> Journal<P> {
     }
 
     /// A catch-up extent read with its blocks locked, admitted with [`Journal::admit`]: queued
-    /// like a write but never overflowing (the reader waits for room first).
-    /// Returns false if the catch-up was given up since (the journal overflowed, or the DR
-    /// side refused a staged write): the extent is not queued, its ticket is the caller's to
-    /// forget, and the reader stops (a new catch-up sends what is still dirty).
-    #[must_use]
+    /// like a write. The reader waited for room before it read, but the final pass's live
+    /// writes may have filled the queue since: an extent that does not fit overflows the
+    /// journal as a write would (`Overflowed`, its ticket among those to forget), so the
+    /// bound holds. `NotJournaled` if the catch-up was given up since (the journal
+    /// overflowed, or the DR side refused a staged write): the extent is not queued, its
+    /// ticket is the caller's to forget. Either way the reader stops (a new catch-up sends
+    /// what is still dirty).
     pub fn complete_resync(
         &mut self,
         admitted: Admitted,
         range: ByteRange,
         payload: Payload<P>,
         ticket: Ticket,
-    ) -> bool {
+    ) -> Completed {
         self.finish_outstanding(admitted.epoch);
-        let catching_up = matches!(self.mode, Mode::CatchUp { .. });
-        if catching_up {
+        let len = payload_bytes(&payload);
+        let result = if !matches!(self.mode, Mode::CatchUp { .. }) {
+            Completed::NotJournaled
+        } else if self.queued_bytes > 0 && self.queued_bytes + len > self.limit {
+            let mut forget = self.overflow();
+            forget.push(ticket);
+            Completed::Overflowed { forget }
+        } else {
             self.push_write(admitted.epoch, range, payload, Some(ticket));
-        }
+            Completed::Queued
+        };
         self.seal_closed_epochs();
-        catching_up
+        result
     }
 
     /// Moves new writes to the next epoch (the periodic cut); the old one is sealed once its
@@ -871,6 +888,28 @@ mod tests {
     }
 
     #[test]
+    fn a_catch_up_extent_that_no_longer_fits_overflows_the_journal() {
+        let mut reg = TicketRegistry::new();
+        let mut j: Journal<Vec<u8>> = Journal::new(8, Epoch(0));
+        j.begin_catch_up();
+        // The reader found room for 4 bytes, then the final pass's live writes filled the
+        // queue before it queued them.
+        let r = j.admit();
+        assert!(j.begin_final_pass());
+        assert_eq!(write(&mut j, &mut reg, 0), Completed::Queued);
+        assert_eq!(write(&mut j, &mut reg, 4), Completed::Queued);
+        let t = reg.issue(ByteRange::new(16, 4));
+        let Completed::Overflowed { forget } =
+            j.complete_resync(r, ByteRange::new(16, 4), Payload::Data(vec![2; 4]), t)
+        else {
+            panic!("an extent past the bound was queued");
+        };
+        assert!(forget.contains(&t), "its ticket is forgotten: {forget:?}");
+        assert_eq!(j.mode(), Mode::Bitmap);
+        assert_eq!(j.queued_bytes(), 0);
+    }
+
+    #[test]
     fn overflow_drops_the_unsent_and_keeps_what_was_sealed_and_sent() {
         let mut reg = TicketRegistry::new();
         let mut j = Journal::new(8, Epoch(0));
@@ -926,7 +965,10 @@ mod tests {
         assert!(!a.journaled, "live writes are not journaled yet");
         let r = j.admit();
         let t = reg.issue(ByteRange::new(0, 12));
-        assert!(j.complete_resync(r, ByteRange::new(0, 12), Payload::Zeroes, t));
+        assert_eq!(
+            j.complete_resync(r, ByteRange::new(0, 12), Payload::Zeroes, t),
+            Completed::Queued
+        );
         j.advance_epoch(); // epochs go on, but are not sealed
         let _ = j.complete(a, ByteRange::new(20, 4), Payload::Data(vec![0; 4]), None);
         assert!(
@@ -970,7 +1012,10 @@ mod tests {
         j.advance_epoch_to(Epoch(90)); // the group's cuts go on during the catch-up
         let r = j.admit();
         let t = reg.issue(ByteRange::new(0, 8));
-        assert!(j.complete_resync(r, ByteRange::new(0, 8), Payload::Zeroes, t));
+        assert_eq!(
+            j.complete_resync(r, ByteRange::new(0, 8), Payload::Zeroes, t),
+            Completed::Queued
+        );
         assert!(j.begin_final_pass());
         let end = j.finish_catch_up(false).expect("the catch-up ran whole");
         assert_eq!(end, Epoch(90));
@@ -997,15 +1042,19 @@ mod tests {
         j.begin_catch_up();
         let r = j.admit();
         let t = reg.issue(ByteRange::new(0, 8));
-        assert!(j.complete_resync(r, ByteRange::new(0, 8), Payload::Zeroes, t));
+        assert_eq!(
+            j.complete_resync(r, ByteRange::new(0, 8), Payload::Zeroes, t),
+            Completed::Queued
+        );
         assert!(j.begin_final_pass());
         drain(&mut j); // the first extent is on the stream
         let forget = j.spoiled();
         assert_eq!(forget, vec![t], "the sent extent will not be staged");
         let r = j.admit();
         let t = reg.issue(ByteRange::new(8, 8));
-        assert!(
-            !j.complete_resync(r, ByteRange::new(8, 8), Payload::Zeroes, t),
+        assert_eq!(
+            j.complete_resync(r, ByteRange::new(8, 8), Payload::Zeroes, t),
+            Completed::NotJournaled,
             "an extent read after the spoil is not queued"
         );
         assert_eq!(j.finish_catch_up(true), None, "no seal ends it");
