@@ -32,7 +32,9 @@
 //!   has a stream exactly when the link is up; a paused pair refuses a stream.
 //!
 //! Writes pause a quarter of the time, so catch-ups end under load too. Half the seeds'
-//! catch-ups read ahead of the stream by less than the journal's bound. And at the end,
+//! catch-ups read ahead of the stream by less than the journal's bound; half start their
+//! final pass with half the volume left to send. The reader reads an extent with its
+//! blocks locked and queues it in a later step, its blocks still locked. And at the end,
 //! once writes stop and the link is up, the pair converges: nothing dirty, identical
 //! images, every answer given. `BLOCKREP_SEED=n` replays one seed; `BLOCKREP_SIM_SEEDS`
 //! sets how many.
@@ -40,7 +42,9 @@
 //! Mutation checks: a production shell that redeems the tickets the machine tells it to
 //! forget (a cut-off's, an overflow's) must be caught; so must a DR shell that applies a
 //! unit its machine dropped (spoiled by a refused write); so must a DR side that records a
-//! digest without spoiling the blocks later staged writes overlap.
+//! digest without spoiling the blocks later staged writes overlap; so must a resync reader
+//! that lets go of its blocks before it queues what it read (a live write of the final
+//! pass is then queued before the older data).
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -53,6 +57,7 @@ use blockrep_core::pair::production::{AfterLocal, Effects, LocalWrite, Productio
 use blockrep_core::pair::state::PairState;
 use blockrep_core::replication::digests::{DIGEST_BLOCK, HeldDigest};
 use blockrep_core::replication::group_cut::{CutMode, RoundOutcome};
+use blockrep_core::replication::journal::Admitted;
 use blockrep_core::replication::{
     AnswerToken, Epoch, Payload, Redeemed, RejectReason, ReplicationModel, Ticket, TicketRegistry,
     WriteFrame, WriteSeq,
@@ -82,6 +87,9 @@ enum Mutation {
     ApplyWhatIsDropped,
     /// The DR side's shell does not spoil held digests with the staged writes after them.
     DigestsNotSpoiled,
+    /// The resync reader lets go of its blocks' range lock once it has read them, before
+    /// it queues the extent: a live write to them can be queued first.
+    UnlockBeforeQueueing,
 }
 
 #[derive(Debug)]
@@ -104,6 +112,16 @@ struct Dr {
     held: Vec<HeldDigest>,
     /// Digest blocks recorded (and checked) at applied units.
     recorded: u64,
+}
+
+/// An extent the resync reader read and has not yet queued: it holds its blocks' range
+/// lock until then, so no write to them starts meanwhile.
+struct Read {
+    extent: ByteRange,
+    admitted: Admitted,
+    values: Vec<u64>,
+    ticket: Ticket,
+    locked: bool,
 }
 
 /// The production session's resync reader, as far as a catch-up goes.
@@ -140,6 +158,10 @@ struct Sim {
     paused: bool,
     dr: Dr,
     catch_up: Option<CatchUp>,
+    /// The reader's extent between its read and its queueing (steps of their own).
+    read: Option<Read>,
+    /// A catch-up's final pass starts once this little is left to send.
+    final_pass_bytes: u64,
     /// Production's digests due to be read, and their round.
     digests_due: Option<(u64, Vec<ByteRange>)>,
     digests_on: bool,
@@ -161,11 +183,21 @@ impl Sim {
             let _ = machine.set_grouped(true);
         }
         machine.set_digests(true);
-        // Half the seeds read ahead of the stream by less than the journal's bound, down
-        // to one block (the agent's read-ahead is a quarter of its default journal).
-        if rng.random_bool(0.5) {
-            machine.set_resync_read_ahead(rng.random_range(1..=limit / BLOCK) * BLOCK);
+        // The reader's shape comes from a generator of its own, so that the rest of a
+        // seed's run draws what it drew before. Half the seeds read ahead of the stream by
+        // less than the journal's bound, down to one block (the agent's read-ahead is a
+        // quarter of its default journal); half start a catch-up's final pass with much
+        // left, so that live writes come while the reader still reads.
+        let mut shape = SmallRng::seed_from_u64(seed ^ 0x5eed_5ea0);
+        if shape.random_bool(0.5) {
+            let most = limit.min(BLOCKS / 2 * BLOCK) / BLOCK;
+            machine.set_resync_read_ahead(shape.random_range(1..=most) * BLOCK);
         }
+        let final_pass_bytes = if shape.random_bool(0.5) {
+            FINAL_PASS_BYTES
+        } else {
+            BLOCKS / 2 * BLOCK
+        };
         let _ = machine
             .connected(Epoch(0), false)
             .expect("a new pair connects");
@@ -195,6 +227,8 @@ impl Sim {
                 recorded: 0,
             },
             catch_up: None,
+            read: None,
+            final_pass_bytes,
             digests_due: None,
             digests_on: true,
             steps: 0,
@@ -247,11 +281,14 @@ impl Sim {
             (start, len)
         };
         let range = ByteRange::new(range.0 * BLOCK, range.1 * BLOCK);
-        if self
-            .inflight
-            .iter()
-            .any(|w| w.range.offset < range.end() && range.offset < w.range.end())
+        let overlaps = |r: &ByteRange| r.offset < range.end() && range.offset < r.end();
+        if self.inflight.iter().any(|w| overlaps(&w.range))
+            || self
+                .read
+                .as_ref()
+                .is_some_and(|r| r.locked && overlaps(&r.extent))
         {
+            // Waits for the write or the reader before it.
             return;
         }
         let mode = self.machine.admit(range);
@@ -505,6 +542,8 @@ impl Sim {
         self.dr.held.clear();
         let fx = self.machine.disconnected(self.now_us);
         self.carry_out(fx);
+        // The reader queues what it read (the link drops it), then stops.
+        self.queue_read();
         self.catch_up = None;
     }
 
@@ -566,6 +605,13 @@ impl Sim {
     /// The catch-up reader takes one extent, with its blocks "locked" (skipped while a
     /// write is in flight there, as the range lock would make it wait).
     fn catch_up_step(&mut self) {
+        if self.read.is_some() {
+            // The reader's thread may be slow to queue what it read.
+            if self.rng.random_bool(0.25) {
+                self.queue_read();
+            }
+            return;
+        }
         let Some(catch_up) = self.catch_up.as_mut() else {
             return;
         };
@@ -599,7 +645,7 @@ impl Sim {
             }
             let unsent = unsent_runs(&self.dirty, &self.tickets);
             let bytes: u64 = unsent.iter().map(|r| r.len).sum();
-            if bytes <= FINAL_PASS_BYTES {
+            if bytes <= self.final_pass_bytes {
                 if !self.machine.begin_final_pass() {
                     self.catch_up = None;
                     return;
@@ -632,11 +678,25 @@ impl Sim {
         let admitted = self.machine.admit_catch_up_extent();
         let values: Vec<u64> = blocks(extent).map(|b| self.prod[b as usize]).collect();
         let ticket = self.tickets.issue(extent);
-        let (queued, fx) = self.machine.push_catch_up_extent(
-            admitted,
+        self.read = Some(Read {
             extent,
-            Payload::Data(Value(values)),
+            admitted,
+            values,
             ticket,
+            locked: self.mutation != Some(Mutation::UnlockBeforeQueueing),
+        });
+    }
+
+    /// The reader queues the extent it read, and lets go of its blocks.
+    fn queue_read(&mut self) {
+        let Some(read) = self.read.take() else {
+            return;
+        };
+        let (queued, fx) = self.machine.push_catch_up_extent(
+            read.admitted,
+            read.extent,
+            Payload::Data(Value(read.values)),
+            read.ticket,
         );
         self.carry_out(fx);
         if !queued {
@@ -739,6 +799,7 @@ impl Sim {
             self.step(false);
             if self.dirty.is_clean()
                 && self.catch_up.is_none()
+                && self.read.is_none()
                 && self.wire.is_empty()
                 && self.acks.is_empty()
             {
@@ -889,6 +950,26 @@ fn a_shell_that_redeems_what_it_should_forget_is_caught() {
     // Caught by the check it is aimed at, not by another failure.
     assert!(
         message.contains("is clean at production but differs on the DR side"),
+        "{message}"
+    );
+}
+
+/// The production shell's mutation check: a resync reader that lets go of its blocks'
+/// lock before it queues what it read lets a live write of the final pass be queued first,
+/// and the stale extent after it wins on the DR side while production counts the blocks
+/// clean.
+#[test]
+fn a_reader_that_unlocks_before_queueing_is_caught() {
+    let caught = (0..200u64).map(|i| 0xb10c_0000 + i).find_map(|seed| {
+        let panic = run(seed, 64 * BLOCK, 3000, Some(Mutation::UnlockBeforeQueueing)).err()?;
+        Some((seed, panic_message(&*panic)))
+    });
+    let (seed, message) =
+        caught.expect("200 seeds did not catch a reader that unlocks before queueing");
+    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    assert!(
+        message.contains("is clean at production but differs on the DR side")
+            || message.contains("is not production's image at its end"),
         "{message}"
     );
 }

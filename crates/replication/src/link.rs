@@ -179,7 +179,8 @@ impl PairLink {
         if fx.overflowed {
             self.counters.overflows.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("journal full: the pair falls back to bitmap mode");
-            // The journal's data was just freed, and the catch-up reads as much again.
+            // The journal's data was just freed, and the catch-up reads again (up to its
+            // read-ahead).
             let _ = crate::memory_release::release_freed();
         }
         if fx.corrupted_in_transit {

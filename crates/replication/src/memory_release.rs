@@ -3,8 +3,8 @@
 //! An async pair whose journal overflows frees the journal's data (up to
 //! `replication.journal_bytes`) and starts a catch-up that reads again (up to its 64 MiB
 //! read-ahead) within the next second. The allocator returns freed pages on its own only
-//! after a delay, so for a moment the agent would hold both. The daemon registers how to release them now; the link
-//! asks for it when its journal overflows.
+//! after a delay, so for a moment the agent would hold both. The daemon registers how to
+//! release them now; the link asks for it when its journal overflows.
 
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};

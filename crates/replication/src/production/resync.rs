@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use blockrep_core::pair::atomic_spans::unit_to_record;
-use blockrep_core::replication::{Payload, ReplicationStatus};
-use blockrep_core::{ByteRange, read_spans};
+use blockrep_core::replication::{Admitted, Payload, ReplicationStatus, Ticket};
+use blockrep_core::{ByteRange, ReadSpan, read_spans};
 use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
 use bytes::Bytes;
 
@@ -280,29 +280,21 @@ impl ResyncReader {
                 self.link
                     .tracker()
                     .issue_tickets(span.pieces.iter().copied(), &mut tickets);
-                self.volume.gate().leave(lock);
-                let data = match read {
-                    Ok(data) => data,
+                // Queued before the blocks are let go: a live write of the final pass that
+                // waited for them is journaled after the data read here, not before it (the
+                // DR side applies a unit in stream order).
+                let queued = match read {
+                    Ok(data) => Ok(self.queue_pieces(&span, &data, admitted, tickets)),
                     Err(e) => {
                         for admitted in admitted {
                             self.link.abandon_catch_up_extent(admitted);
                         }
                         self.link.tracker().forget(tickets);
-                        return Err(e);
+                        Err(e)
                     }
                 };
-                // Every piece goes to the link, even once the catch-up is given up: each
-                // leaves its epoch there.
-                let mut given_up = false;
-                for ((piece, admitted), ticket) in span.pieces.iter().zip(admitted).zip(tickets) {
-                    let start = (piece.offset - span.range.offset) as usize;
-                    let payload = payload_of(data.slice(start..start + piece.len as usize));
-                    self.count_sent(*piece, &payload);
-                    given_up |= !self
-                        .link
-                        .push_catch_up_extent(admitted, *piece, payload, ticket);
-                }
-                if given_up {
+                self.volume.gate().leave(lock);
+                if !queued? {
                     return Ok(ResyncOutcome::Stopped);
                 }
             }
@@ -319,6 +311,27 @@ impl ResyncReader {
                 return Ok(ResyncOutcome::CaughtUp);
             }
         }
+    }
+
+    /// Queues a span's pieces, read into `data`; false if the catch-up was given up. Every
+    /// piece goes to the link even then: each leaves its epoch there.
+    fn queue_pieces(
+        &self,
+        span: &ReadSpan,
+        data: &Bytes,
+        admitted: Vec<Admitted>,
+        tickets: Vec<Ticket>,
+    ) -> bool {
+        let mut given_up = false;
+        for ((piece, admitted), ticket) in span.pieces.iter().zip(admitted).zip(tickets) {
+            let start = (piece.offset - span.range.offset) as usize;
+            let payload = payload_of(data.slice(start..start + piece.len as usize));
+            self.count_sent(*piece, &payload);
+            given_up |= !self
+                .link
+                .push_catch_up_extent(admitted, *piece, payload, ticket);
+        }
+        !given_up
     }
 
     fn count_sent(&self, range: ByteRange, payload: &Payload<Data>) {
