@@ -183,8 +183,7 @@ impl Sim {
             let _ = machine.set_grouped(true);
         }
         machine.set_digests(true);
-        // The reader's shape comes from a generator of its own, so that the rest of a
-        // seed's run draws what it drew before. Half the seeds read ahead of the stream by
+        // The reader's shape comes from a generator of its own. Half the seeds read ahead of the stream by
         // less than the journal's bound, down to one block (the agent's read-ahead is a
         // quarter of its default journal); half start a catch-up's final pass with much
         // left, so that live writes come while the reader still reads.

@@ -1401,6 +1401,8 @@ impl<P: PayloadLen + Clone, A: Clone> Production<P, A> {
                 fx.overflowed = true;
                 fx.forget.extend(forget);
                 self.fall_back_to_the_bitmap();
+                // The Discard goes out now.
+                fx.wake_sender = true;
                 (false, fx)
             }
         }
@@ -1788,6 +1790,49 @@ mod tests {
         assert_eq!(
             read_ahead(&mut m, Reading::Sync, &mut tickets, 0),
             RESYNC_READ_AHEAD
+        );
+    }
+
+    /// A direct cut still waiting for a write of its epoch holds back every frame queued
+    /// after it, even once a trip cut made the pair journal again: writes held to
+    /// coalesce then let no extent through, as it would release nothing.
+    #[test]
+    fn writes_held_to_coalesce_behind_a_waiting_direct_cut_let_no_extent_through() {
+        let mut tickets = TicketRegistry::new();
+        let mut m = Machine::new(ReplicationModel::Hypermetro, 2 << 30, Epoch(1));
+        let _ = m.set_grouped(true);
+        let _ = m.connected(Epoch(1), true).unwrap();
+        let _ = m.go_live();
+        let _running = admit(&mut m, &mut tickets, 1 << 40, 1);
+        let ((_, direct), _) = m.group_cut(m.current_epoch().next(), CutMode::Direct, 0, 0);
+        assert!(direct, "the pair went synchronous");
+        let ((_, direct), _) = m.group_cut(m.current_epoch().next(), CutMode::Trip, 0, 0);
+        assert!(!direct, "the trip made it journal again");
+        let mut frames = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        // More than the read-ahead of staged writes, held to coalesce.
+        const WRITE: u64 = 1 << 20;
+        for token in 0..RESYNC_READ_AHEAD / WRITE + 1 {
+            let range = ByteRange::new(token * WRITE, WRITE);
+            let mode = m.admit(range);
+            let w = LocalWrite {
+                range,
+                payload: Some(Payload::Data(vec![1; WRITE as usize])),
+                fua: false,
+                token: AnswerToken(10 + token),
+                mode,
+                ticket: mode.wants_ticket().then(|| tickets.issue(range)),
+                sent: None,
+            };
+            let _ = m.local_done(w, &CONNECTION, 0);
+        }
+        frames.clear();
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        assert!(frames.is_empty(), "held: {} frames", frames.len());
+        assert_eq!(
+            read_ahead(&mut m, Reading::Sync, &mut tickets, 1 << 30),
+            1 << 30,
+            "an extent would release nothing: none goes"
         );
     }
 

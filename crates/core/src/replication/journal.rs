@@ -259,10 +259,10 @@ impl<P: PayloadLen> Journal<P> {
         }
     }
 
-    /// Whether all that is queued is staged writes of the open epoch held to coalesce: the
-    /// next frame queued behind them (not held behind a direct cut) releases them.
+    /// Whether all that is queued is staged writes of the open epoch held to coalesce, and
+    /// the next frame is queued behind them (no direct cut holds it back), releasing them.
     pub fn holds_to_coalesce(&self) -> bool {
-        !self.queue.is_empty() && self.held_direct.is_empty() && self.nothing_to_send()
+        !self.queue.is_empty() && self.direct_after.is_none() && self.nothing_to_send()
     }
 
     /// Payload bytes of staged writes dropped because a later write of the same epoch
