@@ -1771,22 +1771,59 @@ mod tests {
         }
     }
 
+    /// Completes journaled 1 MiB live writes (answer tokens from 100), from offset 0, a
+    /// little more than the read-ahead in all; they stay queued, held to coalesce.
+    fn hold_more_than_the_read_ahead(m: &mut Machine, tickets: &mut TicketRegistry) {
+        const WRITE: u64 = 1 << 20;
+        for token in 0..RESYNC_READ_AHEAD / WRITE + 1 {
+            let range = ByteRange::new(token * WRITE, WRITE);
+            let mode = m.admit(range);
+            let w = LocalWrite {
+                range,
+                payload: Some(Payload::Data(vec![1; WRITE as usize])),
+                fua: false,
+                token: AnswerToken(100 + token),
+                mode,
+                ticket: mode.wants_ticket().then(|| tickets.issue(range)),
+                sent: None,
+            };
+            let _ = m.local_done(w, &CONNECTION, 0);
+        }
+        let mut frames = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        assert!(
+            frames.is_empty(),
+            "held to coalesce: {} frames",
+            frames.len()
+        );
+    }
+
+    /// A grouped hypermetro pair in its initial sync, with a `journal_bytes` journal,
+    /// whose group went synchronous (a direct cut) while a journaled write still ran
+    /// locally: the cut waits for it, and what the sender could take is taken.
+    fn synchronous_behind_a_waiting_direct_cut(
+        journal_bytes: u64,
+        tickets: &mut TicketRegistry,
+    ) -> Machine {
+        let mut m = Machine::new(ReplicationModel::Hypermetro, journal_bytes, Epoch(1));
+        let _ = m.set_grouped(true);
+        let _ = m.connected(Epoch(1), true).unwrap();
+        // A grouped hypermetro pair journals until its group goes synchronous.
+        let _ = m.go_live();
+        let _running = admit(&mut m, tickets, 1 << 40, 1);
+        let ((_, direct), _) = m.group_cut(m.current_epoch().next(), CutMode::Direct, 0, 0);
+        assert!(direct, "the pair went synchronous");
+        let mut frames = Vec::new();
+        let _ = m.take_frames(u64::MAX, &mut frames);
+        m
+    }
+
     /// An initial sync's extents queued behind a direct cut wait with the cut's epoch, in
     /// no queue the sender takes from: they count against the read-ahead like any other.
     #[test]
     fn extents_held_behind_a_direct_cut_count_against_the_read_ahead() {
         let mut tickets = TicketRegistry::new();
-        let mut m = Machine::new(ReplicationModel::Hypermetro, 1 << 30, Epoch(1));
-        let _ = m.set_grouped(true);
-        let _ = m.connected(Epoch(1), true).unwrap();
-        // A grouped hypermetro pair journals until its group goes synchronous.
-        let _ = m.go_live();
-        // A journaled write still running locally when the group's direct cut comes.
-        let _running = admit(&mut m, &mut tickets, 1 << 40, 1);
-        let ((_, direct), _) = m.group_cut(m.current_epoch().next(), CutMode::Direct, 0, 0);
-        assert!(direct, "the pair went synchronous");
-        let mut frames = Vec::new();
-        let _ = m.take_frames(u64::MAX, &mut frames);
+        let mut m = synchronous_behind_a_waiting_direct_cut(1 << 30, &mut tickets);
         assert_eq!(
             read_ahead(&mut m, Reading::Sync, &mut tickets, 0),
             RESYNC_READ_AHEAD
@@ -1799,36 +1836,10 @@ mod tests {
     #[test]
     fn writes_held_to_coalesce_behind_a_waiting_direct_cut_let_no_extent_through() {
         let mut tickets = TicketRegistry::new();
-        let mut m = Machine::new(ReplicationModel::Hypermetro, 2 << 30, Epoch(1));
-        let _ = m.set_grouped(true);
-        let _ = m.connected(Epoch(1), true).unwrap();
-        let _ = m.go_live();
-        let _running = admit(&mut m, &mut tickets, 1 << 40, 1);
-        let ((_, direct), _) = m.group_cut(m.current_epoch().next(), CutMode::Direct, 0, 0);
-        assert!(direct, "the pair went synchronous");
+        let mut m = synchronous_behind_a_waiting_direct_cut(2 << 30, &mut tickets);
         let ((_, direct), _) = m.group_cut(m.current_epoch().next(), CutMode::Trip, 0, 0);
         assert!(!direct, "the trip made it journal again");
-        let mut frames = Vec::new();
-        let _ = m.take_frames(u64::MAX, &mut frames);
-        // More than the read-ahead of staged writes, held to coalesce.
-        const WRITE: u64 = 1 << 20;
-        for token in 0..RESYNC_READ_AHEAD / WRITE + 1 {
-            let range = ByteRange::new(token * WRITE, WRITE);
-            let mode = m.admit(range);
-            let w = LocalWrite {
-                range,
-                payload: Some(Payload::Data(vec![1; WRITE as usize])),
-                fua: false,
-                token: AnswerToken(10 + token),
-                mode,
-                ticket: mode.wants_ticket().then(|| tickets.issue(range)),
-                sent: None,
-            };
-            let _ = m.local_done(w, &CONNECTION, 0);
-        }
-        frames.clear();
-        let _ = m.take_frames(u64::MAX, &mut frames);
-        assert!(frames.is_empty(), "held: {} frames", frames.len());
+        hold_more_than_the_read_ahead(&mut m, &mut tickets);
         assert_eq!(
             read_ahead(&mut m, Reading::Sync, &mut tickets, 1 << 30),
             1 << 30,
@@ -1845,41 +1856,20 @@ mod tests {
         let mut m = Machine::new(ReplicationModel::Async, 2 << 30, Epoch(1));
         let _ = m.connected(Epoch(1), true).unwrap();
         let _ = m.go_live();
-        const WRITE: u64 = 1 << 20;
-        for token in 0..RESYNC_READ_AHEAD / WRITE + 1 {
-            let range = ByteRange::new(token * WRITE, WRITE);
-            let mode = m.admit(range);
-            let w = LocalWrite {
-                range,
-                payload: Some(Payload::Data(vec![1; WRITE as usize])),
-                fua: false,
-                token: AnswerToken(token),
-                mode,
-                ticket: mode.wants_ticket().then(|| tickets.issue(range)),
-                sent: None,
-            };
-            let (after, _) = m.local_done(w, &CONNECTION, 0);
-            assert_eq!(
-                after,
-                AfterLocal::Answer,
-                "async: answered after the local write"
-            );
-        }
-        let mut frames = Vec::new();
-        let _ = m.take_frames(u64::MAX, &mut frames);
-        assert!(
-            frames.is_empty(),
-            "held to coalesce: {} frames",
-            frames.len()
-        );
+        hold_more_than_the_read_ahead(&mut m, &mut tickets);
         assert!(
             m.has_room_for(4 << 20),
             "the sync's extent is what releases them"
         );
         let range = ByteRange::new(1 << 30, 4 << 20);
         let _ = m.push_sync_extent(range, Payload::Zeroes, tickets.issue(range), 0);
+        let mut frames = Vec::new();
         let _ = m.take_frames(u64::MAX, &mut frames);
-        assert_eq!(frames.len() as u64, RESYNC_READ_AHEAD / WRITE + 2);
+        assert_eq!(
+            frames.len() as u64,
+            (RESYNC_READ_AHEAD >> 20) + 2,
+            "the held writes, then the extent"
+        );
     }
 
     #[test]
