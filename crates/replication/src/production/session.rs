@@ -134,6 +134,15 @@ impl ProductionPair {
             .await;
         stop_resync.store(true, Ordering::SeqCst);
         writer.finish();
+        // The machine leaves the stream before the readers are waited for: a write waiting
+        // for the DR side holds its blocks until it is answered, a reader may be queued for
+        // them, and only leaving the stream answers it (or, in a synchronous group, the
+        // group's trip, which the coordinator hears of now). What a reader queues afterwards
+        // the machine drops (its blocks stay dirty).
+        self.link.disconnected();
+        if self.link.trip_wanted() {
+            self.report_now.notify_one();
+        }
         let catch_up_thread = ticker.catch_up_thread.take();
         // The session's beat ends with its loop, as before the readers are joined.
         drop(ticker);
