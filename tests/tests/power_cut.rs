@@ -273,13 +273,17 @@ fn a_hypermetro_initial_sync_under_writes_survives_a_power_cut_of_the_dr_host() 
     order.shuffle(&mut rng);
     order.truncate(20_000);
     let writers = start_writers(&socket, 0, order, 8, &answered);
-    wait_until(Duration::from_secs(60), "the sync to copy under writes", || {
-        state(&cluster, "node-a", &pair)["counters"]["resync_bytes_sent"]
-            .as_u64()
-            .unwrap_or(0)
-            > 16 * MIB
-            && answered.lock().unwrap().len() >= 100
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the sync to copy under writes",
+        || {
+            state(&cluster, "node-a", &pair)["counters"]["resync_bytes_sent"]
+                .as_u64()
+                .unwrap_or(0)
+                > 16 * MIB
+                && answered.lock().unwrap().len() >= 100
+        },
+    );
     let sent = state(&cluster, "node-a", &pair)["counters"]["resync_bytes_sent"]
         .as_u64()
         .unwrap_or(0);
