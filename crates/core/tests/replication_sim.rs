@@ -162,6 +162,9 @@ struct Sim {
     read: Option<Read>,
     /// A catch-up's final pass starts once this little is left to send.
     final_pass_bytes: u64,
+    /// Catch-up extents that overflowed the journal (the final pass's writes filled it
+    /// while the reader read).
+    extent_overflows: u64,
     /// Production's digests due to be read, and their round.
     digests_due: Option<(u64, Vec<ByteRange>)>,
     digests_on: bool,
@@ -228,6 +231,7 @@ impl Sim {
             catch_up: None,
             read: None,
             final_pass_bytes,
+            extent_overflows: 0,
             digests_due: None,
             digests_on: true,
             steps: 0,
@@ -697,6 +701,7 @@ impl Sim {
             Payload::Data(Value(read.values)),
             read.ticket,
         );
+        self.extent_overflows += u64::from(fx.overflowed);
         self.carry_out(fx);
         if !queued {
             // Given up (the journal overflowed, or the DR side refused): the reader stops.
@@ -855,11 +860,13 @@ fn seeds() -> Vec<u64> {
     (0..n).map(|i| 0xb10c_0000 + i).collect()
 }
 
-/// What a seed's run saw: bytes the journal coalesced away, digest blocks recorded.
+/// What a seed's run saw: bytes the journal coalesced away, digest blocks recorded, catch-up
+/// extents that overflowed the journal.
 #[derive(Default)]
 struct Seen {
     coalesced: u64,
     digests: u64,
+    extent_overflows: u64,
 }
 
 /// Runs one seed; `Err` holds its panic.
@@ -875,6 +882,7 @@ fn run(seed: u64, limit: u64, steps: u64, mutation: Option<Mutation>) -> std::th
         Seen {
             coalesced: sim.machine.coalesced_bytes(),
             digests: sim.dr.recorded,
+            extent_overflows: sim.extent_overflows,
         }
     })
 }
@@ -887,6 +895,7 @@ fn run_seeds(limit: u64, steps: u64) -> Seen {
             Ok(s) => {
                 seen.coalesced += s.coalesced;
                 seen.digests += s.digests;
+                seen.extent_overflows += s.extent_overflows;
             }
             Err(panic) => {
                 eprintln!("failing seed: BLOCKREP_SEED={seed}");
@@ -915,7 +924,14 @@ fn async_pairs_stay_consistent_through_link_breaks() {
 #[test]
 fn async_pairs_stay_consistent_through_overflows() {
     let seen = run_seeds(6 * BLOCK, 3000);
-    eprintln!("recorded {} digest blocks", seen.digests);
+    eprintln!(
+        "recorded {} digest blocks; {} catch-up extents overflowed the journal",
+        seen.digests, seen.extent_overflows
+    );
+    assert!(
+        seen.extent_overflows > 0,
+        "no catch-up extent ever found the journal filled while it was read"
+    );
 }
 
 /// The digests' mutation check: a DR side that records a digest whose blocks a later
