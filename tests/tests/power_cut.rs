@@ -71,6 +71,16 @@ fn wait_converged(cluster: &TestCluster, pair: &str) {
     });
 }
 
+/// Writes a MiB of data (each its own non-zero byte) every `stride` bytes of the file's
+/// first `size`.
+fn write_mibs(path: &Path, size: u64, stride: u64) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for (i, offset) in (0..size).step_by(stride as usize).enumerate() {
+        file.write_all_at(&vec![(i as u8) | 1; MIB as usize], offset)
+            .unwrap();
+    }
+}
+
 /// The content of write `seq` of round `round`: every 16 bytes say which write it is.
 fn block_of(round: u64, seq: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK as usize];
@@ -194,13 +204,7 @@ fn an_async_pair_and_an_initial_sync_converge_after_power_cuts_of_the_dr_host() 
     let dr = dir.path().join("dr.img");
     // Production holds data before the pair exists: the initial sync copies it.
     sparse_file(&prod, size);
-    {
-        let file = std::fs::OpenOptions::new().write(true).open(&prod).unwrap();
-        for i in 0..size / MIB / 2 {
-            file.write_all_at(&vec![(i as u8) | 1; MIB as usize], i * 2 * MIB)
-                .unwrap();
-        }
-    }
+    write_mibs(&prod, size, 2 * MIB);
     sparse_file(&dr, size);
     cluster.add_volume("node-a", "prod", &prod);
     cluster.add_volume("node-b", "dr", &dr);
@@ -258,14 +262,8 @@ fn a_hypermetro_initial_sync_under_writes_survives_a_power_cut_of_the_dr_host() 
     let mut cluster = cluster_with_volatile_dr(dir.path());
     let size = 256 * MIB;
     let (prod, dr) = volumes(&cluster, dir.path(), size);
-    {
-        // Data everywhere: the sync reads and sends the whole volume.
-        let file = std::fs::OpenOptions::new().write(true).open(&prod).unwrap();
-        for i in 0..size / MIB {
-            file.write_all_at(&vec![(i as u8) | 1; MIB as usize], i * MIB)
-                .unwrap();
-        }
-    }
+    // Data everywhere: the sync reads and sends the whole volume.
+    write_mibs(&prod, size, MIB);
     let (pair, job) = cluster.create_pair("sync", "prod,dr", "az1", "hypermetro");
     let socket = cluster.node("node-a").daemon().nbd_socket("prod");
     let answered: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
