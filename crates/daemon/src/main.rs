@@ -147,15 +147,22 @@ fn set_scheduling(scheduling: Scheduling) {
     // The main thread last: whatever starts meanwhile inherits from one already set, or from
     // it. 0 is the calling thread (on Linux, each thread has its own policy).
     tids.push(0);
+    let threads = tids.len();
+    let mut refused = None;
     for tid in tids {
         // SAFETY: a thread id of this process (or 0, the caller); `param` lives for the call.
         if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
-            tracing::warn!(
-                tid,
-                error = %std::io::Error::last_os_error(),
-                "cannot put a thread of the agent under SCHED_BATCH"
-            );
+            refused = Some((tid, std::io::Error::last_os_error()));
         }
+    }
+    // One warning, not one per thread: a system that refuses one refuses them all.
+    if let Some((tid, error)) = refused {
+        tracing::warn!(
+            tid,
+            threads,
+            %error,
+            "cannot put the agent's threads under SCHED_BATCH"
+        );
     }
 }
 
