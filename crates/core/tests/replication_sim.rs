@@ -938,13 +938,12 @@ fn async_pairs_stay_consistent_through_overflows() {
 /// staged write overlapped records content the unit's end does not have.
 #[test]
 fn a_dr_side_that_does_not_spoil_digests_is_caught() {
-    let caught = (0..100u64).map(|i| 0xb10c_0000 + i).find_map(|seed| {
-        let panic = run(seed, 64 * BLOCK, 3000, Some(Mutation::DigestsNotSpoiled)).err()?;
-        Some((seed, panic_message(&*panic)))
-    });
-    let (seed, message) =
-        caught.expect("100 seeds did not catch a DR side that does not spoil digests");
-    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    let message = first_caught(
+        100,
+        64 * BLOCK,
+        Mutation::DigestsNotSpoiled,
+        "a DR side that does not spoil digests",
+    );
     assert!(
         message.contains("is not the DR side's content there"),
         "{message}"
@@ -955,13 +954,12 @@ fn a_dr_side_that_does_not_spoil_digests_is_caught() {
 /// clean that the DR side does not hold, and the simulation sees it within a few seeds.
 #[test]
 fn a_shell_that_redeems_what_it_should_forget_is_caught() {
-    let caught = (0..50u64).map(|i| 0xb10c_0000 + i).find_map(|seed| {
-        let panic = run(seed, 6 * BLOCK, 3000, Some(Mutation::RedeemWhatIsForgotten)).err()?;
-        Some((seed, panic_message(&*panic)))
-    });
-    let (seed, message) =
-        caught.expect("50 seeds did not catch a shell that redeems forgotten tickets");
-    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    let message = first_caught(
+        50,
+        6 * BLOCK,
+        Mutation::RedeemWhatIsForgotten,
+        "a shell that redeems forgotten tickets",
+    );
     // Caught by the check it is aimed at, not by another failure.
     assert!(
         message.contains("is clean at production but differs on the DR side"),
@@ -975,18 +973,28 @@ fn a_shell_that_redeems_what_it_should_forget_is_caught() {
 /// clean.
 #[test]
 fn a_reader_that_unlocks_before_queueing_is_caught() {
-    let caught = (0..200u64).map(|i| 0xb10c_0000 + i).find_map(|seed| {
-        let panic = run(seed, 64 * BLOCK, 3000, Some(Mutation::UnlockBeforeQueueing)).err()?;
-        Some((seed, panic_message(&*panic)))
-    });
-    let (seed, message) =
-        caught.expect("200 seeds did not catch a reader that unlocks before queueing");
-    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    let message = first_caught(
+        200,
+        64 * BLOCK,
+        Mutation::UnlockBeforeQueueing,
+        "a reader that unlocks before queueing",
+    );
     assert!(
         message.contains("is clean at production but differs on the DR side")
             || message.contains("is not production's image at its end"),
         "{message}"
     );
+}
+
+/// Runs seeds until one catches `mutation` (with a `limit` journal); the panic's message.
+fn first_caught(seeds: u64, limit: u64, mutation: Mutation, what: &str) -> String {
+    let caught = (0..seeds).map(|i| 0xb10c_0000 + i).find_map(|seed| {
+        let panic = run(seed, limit, 3000, Some(mutation)).err()?;
+        Some((seed, panic_message(&*panic)))
+    });
+    let (seed, message) = caught.unwrap_or_else(|| panic!("{seeds} seeds did not catch {what}"));
+    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    message
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -1002,13 +1010,12 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// unit sees it.
 #[test]
 fn a_dr_shell_that_applies_a_spoiled_unit_is_caught() {
-    let caught = (0..100u64).map(|i| 0xb10c_0000 + i).find_map(|seed| {
-        let panic = run(seed, 64 * BLOCK, 3000, Some(Mutation::ApplyWhatIsDropped)).err()?;
-        Some((seed, panic_message(&*panic)))
-    });
-    let (seed, message) =
-        caught.expect("100 seeds did not catch a DR side that applies a spoiled unit");
-    eprintln!("caught by BLOCKREP_SEED={seed}: {message}");
+    let message = first_caught(
+        100,
+        64 * BLOCK,
+        Mutation::ApplyWhatIsDropped,
+        "a DR side that applies a spoiled unit",
+    );
     assert!(
         message.contains("is not production's image at its end"),
         "{message}"
