@@ -168,6 +168,28 @@ impl EtcdCluster {
             }
         }
     }
+
+    /// Waits until a running member says it leads, and returns which. After a kill, a
+    /// member's health still says it has a leader until it notices the leader gone; this
+    /// waits for the election that follows.
+    pub fn wait_for_leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut running = self
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.process.is_some());
+            if let Some((i, _)) = running.find(|(_, m)| leads(m.metrics_port)) {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no running etcd member leads after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 impl Drop for EtcdCluster {
@@ -180,15 +202,22 @@ impl Drop for EtcdCluster {
 
 /// Whether the member at `port` answers its health check with a leader.
 fn healthy(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+    get(port, "/health").is_some_and(|answer| answer.contains("\"health\":\"true\""))
+}
+
+/// Whether the member at `port` says it is the cluster's leader.
+fn leads(port: u16) -> bool {
+    get(port, "/metrics")
+        .is_some_and(|answer| answer.lines().any(|line| line == "etcd_server_is_leader 1"))
+}
+
+/// The answer of the member's plain HTTP endpoint `path`, or `None` if it does not answer.
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
-    answer.contains("\"health\":\"true\"")
+    Some(answer)
 }

@@ -192,14 +192,18 @@ async fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
     let (candidate, leading) = lead(&settings, Duration::from_secs(30)).await;
     let (store, steps_down) = leader_store(&settings, &leading);
 
-    // One member of three down: a quorum remains.
-    etcd.kill(0);
+    // One member of three down, the one that leads: a quorum remains, and commits once it
+    // has elected a leader.
+    let first = etcd.wait_for_leader(Duration::from_secs(30));
+    etcd.kill(first);
+    etcd.wait_for_leader(Duration::from_secs(30));
     tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(1.0))])).unwrap();
 
     // Two down: no quorum. The commit fails within its timeout, saying why. Whether it went
     // in is unknown (a member may have proposed it, to commit once a quorum is back), so the
     // leader steps down: the next leader loads what the store holds.
-    etcd.kill(1);
+    let second = (first + 1) % 3;
+    etcd.kill(second);
     let started = std::time::Instant::now();
     let refused = tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(2.0))]));
     assert!(
@@ -219,7 +223,7 @@ async fn without_a_quorum_commits_fail_saying_so_and_resume_with_it() {
 
     // A member back: a quorum again. The leader that stepped down commits nothing more; a
     // new leadership commits.
-    etcd.start_member(1);
+    etcd.start_member(second);
     etcd.wait_healthy(Duration::from_secs(30));
     let stale = tokio::task::block_in_place(|| store.commit(&[Change::PutJob(job(9.0))]));
     assert!(
