@@ -2,6 +2,7 @@
 //! CLI, each node in its own directory with its own QUIC port on loopback. The first node
 //! runs the coordinator.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -196,8 +197,25 @@ pub struct ClusterConfig<'a> {
 /// Ports a test chooses for its daemons to listen on come from outside the kernel's
 /// ephemeral range (`net.ipv4.ip_local_port_range`): an outgoing socket of another test (a
 /// QUIC client endpoint binds port 0) can then never take one between choosing and binding
-/// it; only another test choosing the same random port in that moment can.
+/// it. Under nextest, each test running at the same time has its own share of that range
+/// (by `NEXTEST_TEST_GLOBAL_SLOT`, unique among the tests running), so another test cannot
+/// choose it either; under `cargo test` the whole range is shared, with a small chance of a
+/// clash.
 fn listen_ports() -> std::ops::Range<u16> {
+    let outside = outside_the_ephemeral_range();
+    let slot = std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
+        .ok()
+        .and_then(|slot| slot.parse::<usize>().ok());
+    let Some(slot) = slot else {
+        return outside;
+    };
+    const SHARE: usize = 1000;
+    let shares = (outside.len() / SHARE).max(1);
+    let start = outside.start as usize + (slot % shares) * SHARE;
+    start as u16..(start + SHARE).min(outside.end as usize) as u16
+}
+
+fn outside_the_ephemeral_range() -> std::ops::Range<u16> {
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|text| {
@@ -212,21 +230,25 @@ fn listen_ports() -> std::ops::Range<u16> {
     }
 }
 
-/// A random port of [`listen_ports`] that `bind` accepts now.
+/// A random port of [`listen_ports`] that `bind` accepts now and that this test has not
+/// chosen before: a daemon killed and started again finds its port still free.
 fn free_port(bind: impl Fn(u16) -> bool) -> u16 {
     use rand::{Rng, SeedableRng};
-    // Not a test's random choice (no run depends on which port it gets): seeded so that
-    // tests starting at once choose apart.
+    static CHOSEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    // Not a test's random choice (no run depends on which port it gets).
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(nanos ^ u64::from(std::process::id()) << 32);
     let ports = listen_ports();
-    (0..1000)
+    let mut chosen = CHOSEN.lock().unwrap();
+    let port = (0..1000)
         .map(|_| rng.random_range(ports.clone()))
-        .find(|&port| bind(port))
-        .expect("a free port outside the ephemeral range")
+        .find(|&port| !chosen.contains(&port) && bind(port))
+        .expect("a free port outside the ephemeral range");
+    chosen.insert(port);
+    port
 }
 
 /// A free UDP port on loopback.
