@@ -175,6 +175,15 @@ enum ClusterCommand {
         /// cubic or bbr, as `cluster.congestion_control` on the agents.
         #[arg(long, default_value = "cubic")]
         congestion_control: blockrep_transport::CongestionControl,
+        /// The largest UDP payload to probe for, as `cluster.max_udp_payload` on the agents.
+        #[arg(
+            long,
+            default_value_t = blockrep_transport::MAX_UDP_PAYLOAD,
+            value_parser = clap::value_parser!(u16).range(
+                i64::from(blockrep_transport::MIN_UDP_PAYLOAD)..=i64::from(blockrep_transport::MAX_UDP_PAYLOAD)
+            ),
+        )]
+        max_udp_payload: u16,
     },
 }
 
@@ -1059,9 +1068,11 @@ async fn cluster_command(command: ClusterCommand, out: &Output) -> anyhow::Resul
             node,
             seconds,
             congestion_control,
+            max_udp_payload,
         } => {
             let settings = blockrep_transport::TransportSettings {
                 congestion: congestion_control,
+                max_udp_payload,
                 ..Default::default()
             };
             ping::link_test(address, &absolute(&tls_dir)?, &node, seconds, settings, out).await?

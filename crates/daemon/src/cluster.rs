@@ -99,6 +99,7 @@ impl Cluster {
             TransportSettings {
                 peer_timeout: config.peer_timeout,
                 congestion: config.congestion,
+                max_udp_payload: config.max_udp_payload,
             },
         )?;
         agent.pairs().set_endpoint(Arc::clone(&endpoint));

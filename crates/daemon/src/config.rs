@@ -123,6 +123,8 @@ struct RawCluster {
     peer_timeout_ms: u64,
     #[serde(default = "default_congestion_control")]
     congestion_control: String,
+    #[serde(default = "default_max_udp_payload")]
+    max_udp_payload: u16,
 }
 
 /// The `[coordinator]` section, for a daemon with `cluster.coordinator_role`.
@@ -156,6 +158,10 @@ fn default_lease_ttl_secs() -> u64 {
 
 fn default_congestion_control() -> String {
     "cubic".into()
+}
+
+fn default_max_udp_payload() -> u16 {
+    blockrep_replication::MAX_UDP_PAYLOAD
 }
 
 fn default_peer_timeout_ms() -> u64 {
@@ -221,6 +227,8 @@ pub struct ClusterConfig {
     /// `active`.
     pub peer_timeout: Duration,
     pub congestion: CongestionControl,
+    /// The largest UDP payload the cluster's QUIC paths probe for and accept.
+    pub max_udp_payload: u16,
 }
 
 /// Where the coordinator keeps its records.
@@ -644,6 +652,19 @@ impl Config {
                         format!("{} must be from 500 to 600000", c.peer_timeout_ms),
                     ));
                 }
+                let payloads =
+                    blockrep_replication::MIN_UDP_PAYLOAD..=blockrep_replication::MAX_UDP_PAYLOAD;
+                if !payloads.contains(&c.max_udp_payload) {
+                    return Err(invalid(
+                        "cluster.max_udp_payload",
+                        format!(
+                            "{} must be from {} to {}",
+                            c.max_udp_payload,
+                            payloads.start(),
+                            payloads.end()
+                        ),
+                    ));
+                }
                 let congestion = c
                     .congestion_control
                     .parse()
@@ -653,6 +674,7 @@ impl Config {
                 Ok(ClusterConfig {
                     peer_timeout: Duration::from_millis(c.peer_timeout_ms),
                     congestion,
+                    max_udp_payload: c.max_udp_payload,
                     listen,
                     coordinators,
                     coordinator_store,
@@ -960,6 +982,29 @@ mod tests {
         );
         assert!(error_of("availability_zone = \"az1\"\n").contains("missing field `node_name`"));
         assert!(error_of(&format!("{MINIMAL}colour = 1\n")).contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn the_largest_udp_payload_defaults_to_the_bound_and_stays_within_it() {
+        let cluster = "[cluster]\nlisten = \"127.0.0.1:7790\"\ncoordinator = \"127.0.0.1:7790\"\nca_cert = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\nkey = \"/c/n.key\"\n";
+        let c = parse(&format!("{MINIMAL}{cluster}"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.max_udp_payload, 6500);
+        let c = parse(&format!("{MINIMAL}{cluster}max_udp_payload = 1472\n"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.max_udp_payload, 1472);
+        for refused in [1199, 6501] {
+            assert!(
+                error_of(&format!("{MINIMAL}{cluster}max_udp_payload = {refused}\n")).contains(
+                    &format!("cluster.max_udp_payload: {refused} must be from 1200 to 6500")
+                ),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -24,5 +24,6 @@ pub mod undo_journal;
 pub mod verify;
 
 pub use blockrep_transport::{
-    CongestionControl, DEFAULT_PEER_TIMEOUT, TransportSettings, endpoint, framed, link_test,
+    CongestionControl, DEFAULT_PEER_TIMEOUT, MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, TransportSettings,
+    endpoint, framed, link_test,
 };

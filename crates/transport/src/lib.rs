@@ -11,4 +11,6 @@ pub mod endpoint;
 pub mod framed;
 pub mod link_test;
 
-pub use endpoint::{CongestionControl, DEFAULT_PEER_TIMEOUT, TransportSettings};
+pub use endpoint::{
+    CongestionControl, DEFAULT_PEER_TIMEOUT, MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, TransportSettings,
+};
