@@ -199,8 +199,8 @@ pub struct ClusterConfig<'a> {
 /// QUIC client endpoint binds port 0) can then never take one between choosing and binding
 /// it. Under nextest, each test running at the same time has its own share of that range
 /// (by `NEXTEST_TEST_GLOBAL_SLOT`, unique among the tests running), so another test cannot
-/// choose it either; under `cargo test` the whole range is shared, with a small chance of a
-/// clash.
+/// choose it either. A slot beyond the range's shares of 1000 ports, and a test under
+/// `cargo test`, chooses from the whole range, with a small chance of a clash.
 fn listen_ports() -> std::ops::Range<u16> {
     let outside = outside_the_ephemeral_range();
     let slot = std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
@@ -210,9 +210,11 @@ fn listen_ports() -> std::ops::Range<u16> {
         return outside;
     };
     const SHARE: usize = 1000;
-    let shares = (outside.len() / SHARE).max(1);
-    let start = outside.start as usize + (slot % shares) * SHARE;
-    start as u16..(start + SHARE).min(outside.end as usize) as u16
+    if slot >= outside.len() / SHARE {
+        return outside;
+    }
+    let start = outside.start as usize + slot * SHARE;
+    start as u16..(start + SHARE) as u16
 }
 
 fn outside_the_ephemeral_range() -> std::ops::Range<u16> {
