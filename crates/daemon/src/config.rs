@@ -124,7 +124,7 @@ struct RawCluster {
     #[serde(default = "default_congestion_control")]
     congestion_control: String,
     #[serde(default = "default_max_udp_payload")]
-    max_udp_payload: u16,
+    max_udp_payload: i64,
 }
 
 /// The `[coordinator]` section, for a daemon with `cluster.coordinator_role`.
@@ -160,8 +160,8 @@ fn default_congestion_control() -> String {
     "cubic".into()
 }
 
-fn default_max_udp_payload() -> u16 {
-    blockrep_replication::MAX_UDP_PAYLOAD
+fn default_max_udp_payload() -> i64 {
+    blockrep_replication::MAX_UDP_PAYLOAD.into()
 }
 
 fn default_peer_timeout_ms() -> u64 {
@@ -652,19 +652,22 @@ impl Config {
                         format!("{} must be from 500 to 600000", c.peer_timeout_ms),
                     ));
                 }
-                let payloads =
-                    blockrep_replication::MIN_UDP_PAYLOAD..=blockrep_replication::MAX_UDP_PAYLOAD;
-                if !payloads.contains(&c.max_udp_payload) {
-                    return Err(invalid(
-                        "cluster.max_udp_payload",
-                        format!(
-                            "{} must be from {} to {}",
-                            c.max_udp_payload,
-                            payloads.start(),
-                            payloads.end()
-                        ),
-                    ));
-                }
+                let payloads = i64::from(blockrep_replication::MIN_UDP_PAYLOAD)
+                    ..=i64::from(blockrep_replication::MAX_UDP_PAYLOAD);
+                let max_udp_payload = u16::try_from(c.max_udp_payload)
+                    .ok()
+                    .filter(|bytes| payloads.contains(&i64::from(*bytes)))
+                    .ok_or_else(|| {
+                        invalid(
+                            "cluster.max_udp_payload",
+                            format!(
+                                "{} must be from {} to {}",
+                                c.max_udp_payload,
+                                payloads.start(),
+                                payloads.end()
+                            ),
+                        )
+                    })?;
                 let congestion = c
                     .congestion_control
                     .parse()
@@ -674,7 +677,7 @@ impl Config {
                 Ok(ClusterConfig {
                     peer_timeout: Duration::from_millis(c.peer_timeout_ms),
                     congestion,
-                    max_udp_payload: c.max_udp_payload,
+                    max_udp_payload,
                     listen,
                     coordinators,
                     coordinator_store,
@@ -997,7 +1000,7 @@ mod tests {
             .cluster
             .unwrap();
         assert_eq!(c.max_udp_payload, 1472);
-        for refused in [1199, 6501] {
+        for refused in [-1, 1199, 6501, 70000] {
             assert!(
                 error_of(&format!("{MINIMAL}{cluster}max_udp_payload = {refused}\n")).contains(
                     &format!("cluster.max_udp_payload: {refused} must be from 1200 to 6500")
