@@ -55,6 +55,7 @@ pub enum DrDisk {
 
 static LAYOUT: OnceLock<Layout> = OnceLock::new();
 static DR_DISK: OnceLock<DrDisk> = OnceLock::new();
+static MAX_UDP_PAYLOAD: OnceLock<u16> = OnceLock::new();
 /// The kernel's unbound workqueues were kept on the production host's CPU for the run.
 static KERNEL_WORK_CONFINED: AtomicBool = AtomicBool::new(false);
 
@@ -65,6 +66,17 @@ pub fn set_dr_disk(disk: DrDisk) {
 
 pub fn dr_disk() -> DrDisk {
     DR_DISK.get().copied().unwrap_or_default()
+}
+
+/// Sets the agents' and the link test's `cluster.max_udp_payload` for the run (once,
+/// before anything starts); without it they keep their default.
+pub fn set_max_udp_payload(bytes: u16) {
+    let _ = MAX_UDP_PAYLOAD.set(bytes);
+}
+
+/// The run's `cluster.max_udp_payload`, when it is not the agents' default.
+pub fn max_udp_payload() -> Option<u16> {
+    MAX_UDP_PAYLOAD.get().copied()
 }
 
 /// Sets the run's layout (once, before anything starts).

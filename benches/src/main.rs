@@ -106,6 +106,12 @@ struct Args {
     /// `memory` (on `/dev/shm`: a DR host with a disk of its own, faster than a real one).
     #[arg(long, value_enum, default_value_t = env::DrDisk::Shared)]
     dr_disk: env::DrDisk,
+    /// The agents' `cluster.max_udp_payload` (and the link test's): the largest UDP payload
+    /// path MTU discovery probes for. Loopback carries any size, so without it the run's
+    /// links use the agents' default bound, as on a jumbo-frame network; 1472 is a
+    /// 1500-byte Ethernet path.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=6500))]
+    max_udp_payload: Option<u16>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -125,6 +131,9 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
     env::catch_interrupts()?;
     env::set_layout(args.layout);
     env::set_dr_disk(args.dr_disk);
+    if let Some(bytes) = args.max_udp_payload {
+        env::set_max_udp_payload(bytes);
+    }
     let repeats = args.repeats.unwrap_or(if args.full { 5 } else { 3 });
     let timing = fio::Timing {
         runtime_s: args.runtime.unwrap_or(if args.full { 15 } else { 4 }),
@@ -451,6 +460,10 @@ fn machine_info(
             env::DrDisk::Shared => "shared with the production volume",
             env::DrDisk::Memory => "memory (/dev/shm): the DR volume (a file, no loop device) and the DR agent's state",
         },
+        "max_udp_payload": match env::max_udp_payload() {
+            Some(bytes) => format!("{bytes} bytes (cluster.max_udp_payload)"),
+            None => "the agents' default bound (loopback carries it whole)".to_string(),
+        },
         "layout": match env::layout() {
             env::Layout::Shared => "shared: every process on every CPU",
             env::Layout::Pinned if root => "pinned (taskset on every thread): production host (agent, fio, nbdkit, link-test sender, and the kernel's unbound workqueues, which do the loop devices' I/O) on CPU 0, DR agent and the coordinator's witness node on CPU 1",
@@ -461,7 +474,7 @@ fn machine_info(
 
 fn describe(m: &serde_json::Value) -> String {
     format!(
-        "{} · commit {} · {} CPUs ({}) · kernel {} · {} · {} mode: {} × {} s per row, {} MiB {} · layout {} · DR disk {}",
+        "{} · commit {} · {} CPUs ({}) · kernel {} · {} · {} mode: {} × {} s per row, {} MiB {} · layout {} · DR disk {} · UDP payload {}",
         m["date"].as_str().unwrap_or(""),
         m["commit"].as_str().unwrap_or(""),
         m["cpus"],
@@ -475,5 +488,6 @@ fn describe(m: &serde_json::Value) -> String {
         m["device"].as_str().unwrap_or(""),
         m["layout"].as_str().unwrap_or(""),
         m["dr_disk"].as_str().unwrap_or(""),
+        m["max_udp_payload"].as_str().unwrap_or(""),
     )
 }

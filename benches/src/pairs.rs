@@ -303,7 +303,8 @@ impl Cluster {
         congestion_control: &str,
     ) -> anyhow::Result<LinkTest> {
         let cpu_before = crate::env::children_cpu_seconds();
-        let out = run(self.on_production(self.bin.join("blockrep")).args([
+        let mut link_test = self.on_production(self.bin.join("blockrep"));
+        link_test.args([
             "--output",
             "json",
             "cluster",
@@ -318,7 +319,11 @@ impl Cluster {
             &seconds.to_string(),
             "--congestion-control",
             congestion_control,
-        ]))?;
+        ]);
+        if let Some(bytes) = crate::env::max_udp_payload() {
+            link_test.args(["--max-udp-payload", &bytes.to_string()]);
+        }
+        let out = run(&mut link_test)?;
         // The sender was the only child waited for since.
         let sender_cpu_s = crate::env::children_cpu_seconds() - cpu_before;
         let v: Value = serde_json::from_str(&out)?;
@@ -438,6 +443,9 @@ pub fn start_nodes(
     } else {
         format!("coordinator = \"127.0.0.1:{}\"", ports[0])
     };
+    let payload = crate::env::max_udp_payload()
+        .map(|bytes| format!("max_udp_payload = {bytes}"))
+        .unwrap_or_default();
     let mut started = Vec::new();
     for (i, (node, az)) in nodes.iter().enumerate() {
         let node_dir = dir.join(node);
@@ -456,7 +464,7 @@ pub fn start_nodes(
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{own}\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\n{coordinators}\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{cluster_extra}\n{section}\n",
+                "node_name = \"{node}\"\navailability_zone = \"{az}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{own}\n{extra}\n[cluster]\nlisten = \"127.0.0.1:{}\"\n{coordinators}\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncoordinator_role = {}\n{payload}\n{cluster_extra}\n{section}\n",
                 node_dir.join("state").display(),
                 node_dir.join("run").display(),
                 ports[i],
