@@ -55,7 +55,7 @@ const BATCH_BYTES: usize = 4 << 20;
 /// The CRC32 of no bytes.
 const EMPTY_CRC: u32 = 0;
 /// Staged data kept in memory for applying, at most; beyond it, data is read back.
-const MEMORY_BYTES: u64 = 16 << 20;
+const MEMORY_BYTES: u64 = 8 << 20;
 
 fn seal_body(epoch: Epoch, cut_ms: u64) -> [u8; 16] {
     let mut body = [0u8; 16];
