@@ -121,6 +121,22 @@ fn start_writers(
         .collect()
 }
 
+/// `count` of the first `blocks` blocks (all of them if fewer), in the seeded order `rng`
+/// gives.
+fn shuffled_blocks(rng: &mut SmallRng, blocks: u64, count: usize) -> Vec<u64> {
+    let mut order: Vec<u64> = (0..blocks).collect();
+    order.shuffle(rng);
+    order.truncate(count);
+    order
+}
+
+/// Waits until the writers have logged `at_least` answered writes.
+fn wait_answered(answered: &Mutex<Vec<(u64, u64)>>, at_least: usize, what: &str) {
+    wait_until(Duration::from_secs(60), what, || {
+        answered.lock().unwrap().len() >= at_least
+    });
+}
+
 #[test]
 fn hypermetro_answered_writes_survive_a_power_cut_of_the_dr_host() {
     let seed = seed(0x5eed_0c07);
@@ -135,25 +151,16 @@ fn hypermetro_answered_writes_survive_a_power_cut_of_the_dr_host() {
 
     for round in 0..4u64 {
         let answered: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-        let mut order: Vec<u64> = (0..blocks).collect();
-        order.shuffle(&mut rng);
+        let order = shuffled_blocks(&mut rng, blocks, usize::MAX);
         let writers = start_writers(&socket, round, order, 4, &answered);
         let cut_after = rng.random_range(200..2000);
-        wait_until(
-            Duration::from_secs(60),
-            "the writers to get answers",
-            || answered.lock().unwrap().len() >= cut_after,
-        );
+        wait_answered(&answered, cut_after, "the writers to get answers");
         // The DR host loses power: its file holds what its agent synced, nothing more.
         cluster.node_mut("node-b").kill9();
         let survived = std::fs::read(&dr).unwrap();
         // The writers go on against the production side alone for a while.
         let more = answered.lock().unwrap().len() + 200;
-        wait_until(
-            Duration::from_secs(60),
-            "writes answered without the DR side",
-            || answered.lock().unwrap().len() >= more,
-        );
+        wait_answered(&answered, more, "writes answered without the DR side");
         // Taken before the bitmap: every write answered by then was admitted (its blocks
         // dirty) before it was answered.
         let log = answered.lock().unwrap().clone();
@@ -225,16 +232,10 @@ fn an_async_pair_and_an_initial_sync_converge_after_power_cuts_of_the_dr_host() 
     let socket = cluster.node("node-a").daemon().nbd_socket("prod");
     for round in 0..2u64 {
         let answered: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-        let mut order: Vec<u64> = (0..size / BLOCK).collect();
-        order.shuffle(&mut rng);
-        order.truncate(6000);
+        let order = shuffled_blocks(&mut rng, size / BLOCK, 6000);
         let writers = start_writers(&socket, round, order, 4, &answered);
         let cut_after = rng.random_range(500..3000);
-        wait_until(
-            Duration::from_secs(60),
-            "the writers to get answers",
-            || answered.lock().unwrap().len() >= cut_after,
-        );
+        wait_answered(&answered, cut_after, "the writers to get answers");
         cluster.node_mut("node-b").kill9();
         cluster.node_mut("node-b").start();
         for writer in writers {
@@ -267,9 +268,7 @@ fn a_hypermetro_initial_sync_under_writes_survives_a_power_cut_of_the_dr_host() 
     let (pair, job) = cluster.create_pair("sync", "prod,dr", "az1", "hypermetro");
     let socket = cluster.node("node-a").daemon().nbd_socket("prod");
     let answered: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    let mut order: Vec<u64> = (0..size / BLOCK).collect();
-    order.shuffle(&mut rng);
-    order.truncate(20_000);
+    let order = shuffled_blocks(&mut rng, size / BLOCK, 20_000);
     let writers = start_writers(&socket, 0, order, 8, &answered);
     wait_until(
         Duration::from_secs(60),
@@ -291,11 +290,7 @@ fn a_hypermetro_initial_sync_under_writes_survives_a_power_cut_of_the_dr_host() 
     );
     cluster.node_mut("node-b").kill9();
     let more = answered.lock().unwrap().len() + 200;
-    wait_until(
-        Duration::from_secs(30),
-        "writes answered without the DR side",
-        || answered.lock().unwrap().len() >= more,
-    );
+    wait_answered(&answered, more, "writes answered without the DR side");
     cluster.node_mut("node-b").start();
     for writer in writers {
         writer.join().unwrap();
