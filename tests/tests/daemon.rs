@@ -303,6 +303,52 @@ fn the_agents_threads_run_under_the_configured_scheduling() {
     }
 }
 
+/// The runtime's workers in the agent's start-up line.
+fn runtime_workers_when_started_by(wrapper: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("blockrepd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_name = \"host-a\"\navailability_zone = \"az1\"\nstate_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start_wrapped(
+        wrapper,
+        &blockrep_tests::binary("blockrepd"),
+        dir.path(),
+        &config,
+        &[],
+    )
+    .unwrap();
+    let log = daemon.log.clone();
+    daemon.stop().unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("blockrepd ready"))
+        .unwrap_or_else(|| panic!("no start-up line in {log}"));
+    let workers = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("runtime_workers="))
+        .unwrap_or_else(|| panic!("no runtime_workers in {line}"));
+    workers.to_owned()
+}
+
+/// An agent allowed one CPU runs one runtime worker: a second would only add a thread
+/// switch to every hand-over between its tasks (the sender and quinn's driver). With two
+/// CPUs or more it runs two.
+#[test]
+fn the_runtime_has_a_worker_per_allowed_cpu_up_to_two() {
+    assert_eq!(runtime_workers_when_started_by(&["taskset", "-c", "0"]), "1");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    if cpus >= 2 {
+        assert_eq!(runtime_workers_when_started_by(&[]), "2");
+    }
+}
+
 /// SIGTERM with writes in flight: every request the daemon read is answered, the daemon
 /// exits cleanly, and after restart every answered write is on disk and dirty.
 #[test]

@@ -96,7 +96,7 @@ fn main() -> std::process::ExitCode {
     // Before the runtime: every thread it and the rest of the agent start inherits it.
     set_scheduling(config.scheduling);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(runtime_workers())
         .enable_all()
         .build()
     {
@@ -131,6 +131,12 @@ fn init_logging() {
 /// threads already running (the allocator's background thread starts before `main`), and
 /// the main thread, whose policy every thread started later inherits. A system that refuses
 /// it leaves a thread as it was, and says so.
+/// The runtime's worker threads: two, or one on a host that lets the agent run on one CPU
+/// (a second worker there only adds a thread switch to every hand-over between tasks).
+fn runtime_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |cpus| cpus.get().min(2))
+}
+
 fn set_scheduling(scheduling: Scheduling) {
     let policy = match scheduling {
         Scheduling::Batch => libc::SCHED_BATCH,
@@ -248,7 +254,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let watchdog =
         sd_notify::watchdog_enabled().map(|interval| tokio::spawn(watchdog::ping(interval)));
     tracing::info!(node = %agent.config.node_name, az = %agent.config.availability_zone,
-        control_socket = %control_socket.display(), "blockrepd ready");
+        control_socket = %control_socket.display(),
+        runtime_workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        "blockrepd ready");
 
     stop_signal.wait().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
