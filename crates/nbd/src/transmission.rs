@@ -109,7 +109,7 @@ impl WriteBuf {
     /// Makes the payload shareable with the link, without copying it.
     fn share(&mut self) -> Bytes {
         if let WriteBuf::Owned(buf) = self {
-            let owned = std::mem::replace(buf, AlignedBuf::new(0));
+            let owned = std::mem::replace(buf, AlignedBuf::empty());
             *self = WriteBuf::Shared(Bytes::from_owner(owned));
         }
         match self {

@@ -29,6 +29,15 @@ impl AlignedBuf {
         Self { ptr, capacity, len }
     }
 
+    /// A buffer of no bytes, which allocates nothing (a placeholder for one moved out).
+    pub fn empty() -> Self {
+        Self {
+            ptr: NonNull::dangling(),
+            capacity: 0,
+            len: 0,
+        }
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -83,6 +92,10 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.capacity == 0 {
+            // `empty`: nothing was allocated.
+            return;
+        }
         let layout = Layout::from_size_align(self.capacity, DIRECT_IO_ALIGN as usize)
             .expect("layout was valid at allocation");
         // SAFETY: allocated with this layout in `new`.
@@ -177,6 +190,17 @@ mod tests {
         assert_eq!(buf.capacity(), 8192);
         assert_eq!(buf.len(), 5000);
         assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn an_empty_buffer_holds_nothing_and_the_pool_does_not_keep_it() {
+        let empty = AlignedBuf::empty();
+        assert_eq!((empty.len(), empty.capacity()), (0, 0));
+        assert!(empty.is_empty());
+        let mut pool = BufPool::default();
+        pool.give(empty);
+        assert_eq!(pool.idle_bytes, 0);
+        assert_eq!(pool.take(4096).capacity(), 4096);
     }
 
     #[test]
