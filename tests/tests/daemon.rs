@@ -342,7 +342,10 @@ fn runtime_workers_when_started_by(wrapper: &[&str]) -> String {
 /// CPUs or more it runs two.
 #[test]
 fn the_runtime_has_a_worker_per_allowed_cpu_up_to_two() {
-    assert_eq!(runtime_workers_when_started_by(&["taskset", "-c", "0"]), "1");
+    assert_eq!(
+        runtime_workers_when_started_by(&["taskset", "-c", "0"]),
+        "1"
+    );
     let cpus = std::thread::available_parallelism().unwrap().get();
     if cpus >= 2 {
         assert_eq!(runtime_workers_when_started_by(&[]), "2");

@@ -679,7 +679,7 @@ impl Frame {
 
 /// Appends a `Write` frame's header; its payload of `payload_len` bytes must follow
 /// (`header.len`, none for zeroes, or the compressed length with [`WriteFlags::ZSTD`]).
-pub fn encode_write_header(header: &WriteHeader, payload_len: u32, out: &mut BytesMut) {
+pub fn encode_write_header(header: &WriteHeader, payload_len: u32, out: &mut impl BufMut) {
     out.put_u32((WRITE_HEADER_LEN - 4) as u32 + payload_len);
     out.put_u8(Type::Write as u8);
     out.put_u8(header.flags.0);
