@@ -144,6 +144,10 @@ pub enum Completed {
 /// The open epoch's staged writes wait to be coalesced until this part of the bound is
 /// queued.
 const COALESCE_WINDOW_PART: u64 = 16;
+/// Once the open epoch's waiting writes fill the coalescing window, the sender takes them
+/// until the window has this much room again (or half the window, if less): each wake-up of
+/// the sender takes a batch, not the one write that filled the window.
+const DRAIN_BATCH: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub struct Journal<P> {
@@ -164,6 +168,8 @@ pub struct Journal<P> {
     /// (or the epoch is cut, or a frame that must not wait is queued behind them), so that a
     /// later write to the same range replaces one not yet sent.
     coalesce_window: u64,
+    /// The window filled: the open epoch's writes go until it has a batch of room again.
+    draining: bool,
     /// Payload bytes dropped that way.
     coalesced_bytes: u64,
     /// The last seal handed to the sender.
@@ -212,6 +218,7 @@ impl<P: PayloadLen> Journal<P> {
             queue: SendQueue::new(),
             queued_bytes: 0,
             coalesce_window: limit / COALESCE_WINDOW_PART,
+            draining: false,
             coalesced_bytes: 0,
             seal_sent: staged,
             tickets: BTreeMap::new(),
@@ -244,7 +251,8 @@ impl<P: PayloadLen> Journal<P> {
     }
 
     /// Whether the sender has nothing to take now: the queue is empty, or it starts with
-    /// staged writes of the open epoch that wait for later ones to coalesce with.
+    /// staged writes of the open epoch that wait for later ones to coalesce with (until
+    /// they fill the coalescing window; then they go until it has a batch of room again).
     pub fn nothing_to_send(&self) -> bool {
         match self.queue.front() {
             None => true,
@@ -253,9 +261,24 @@ impl<P: PayloadLen> Journal<P> {
                     && w.epoch >= self.current
                     && self.mode == Mode::Journal
                     && !self.queue.has_fence()
-                    && self.queued_bytes < self.coalesce_window
+                    && !self.draining
             }
             Some(_) => false,
+        }
+    }
+
+    /// Starts draining once the queue fills the coalescing window.
+    fn note_queued(&mut self) {
+        if self.queued_bytes >= self.coalesce_window {
+            self.draining = true;
+        }
+    }
+
+    /// Stops draining once the window has a batch of room.
+    fn note_taken(&mut self) {
+        let batch = (self.coalesce_window / 2).min(DRAIN_BATCH);
+        if self.queued_bytes + batch <= self.coalesce_window {
+            self.draining = false;
         }
     }
 
@@ -275,6 +298,8 @@ impl<P: PayloadLen> Journal<P> {
     /// none wait).
     pub fn set_coalesce_window(&mut self, bytes: u64) {
         self.coalesce_window = bytes;
+        self.draining = false;
+        self.note_queued();
     }
 
     pub fn queued_bytes(&self) -> u64 {
@@ -381,7 +406,10 @@ impl<P: PayloadLen> Journal<P> {
         }
         let frame = self.queue.pop()?;
         match &frame {
-            Outgoing::Write(w) => self.queued_bytes -= payload_bytes(&w.payload),
+            Outgoing::Write(w) => {
+                self.queued_bytes -= payload_bytes(&w.payload);
+                self.note_taken();
+            }
             Outgoing::Seal { epoch } => self.seal_sent = *epoch,
             Outgoing::Discard { .. }
             | Outgoing::Flush { .. }
@@ -693,6 +721,7 @@ impl<P: PayloadLen> Journal<P> {
         } else {
             self.queue.push(frame);
         }
+        self.note_queued();
         if let Some(ticket) = ticket {
             self.tickets.entry(epoch).or_default().push(ticket);
         }
@@ -737,6 +766,7 @@ impl<P: PayloadLen> Journal<P> {
         self.direct_after = None;
         self.gated = false;
         self.queued_bytes = 0;
+        self.draining = false;
         // Epochs up to the last seal sent will be staged and acknowledged; the rest will not.
         let unsent = self.tickets.split_off(&self.seal_sent.next());
         self.sealed = self.seal_sent;
@@ -870,10 +900,36 @@ mod tests {
         assert!(!j.nothing_to_send(), "12 bytes wait: the window is full");
         assert_eq!(
             written(&drain(&mut j)),
-            [(0, 1)],
-            "the oldest go until it is not"
+            [(0, 1), (8, 1)],
+            "the oldest go until half the window is free"
         );
-        assert_eq!(j.queued_bytes(), 8);
+        assert_eq!(j.queued_bytes(), 4);
+        // The next write waits again, until the window is full once more.
+        write_data(&mut j, 24, 1);
+        assert!(j.nothing_to_send(), "8 bytes of 12 wait");
+        write_data(&mut j, 32, 1);
+        assert!(!j.nothing_to_send());
+        assert_eq!(written(&drain(&mut j)), [(16, 1), (24, 1)]);
+    }
+
+    #[test]
+    fn a_full_window_drains_by_a_batch_of_at_most_a_mebibyte() {
+        let mut j = Journal::new(1 << 30, Epoch(0));
+        j.set_coalesce_window(4 << 20);
+        let block = vec![1u8; 64 << 10];
+        for n in 0..64 {
+            let a = j.admit();
+            let done = j.complete(
+                a,
+                ByteRange::new(n << 16, 64 << 10),
+                Payload::Data(block.clone()),
+                None,
+            );
+            assert_eq!(done, Completed::Queued);
+            assert_eq!(j.nothing_to_send(), n < 63, "write {n}");
+        }
+        assert_eq!(drain(&mut j).len(), 16, "1 MiB of 64 KiB writes");
+        assert_eq!(j.queued_bytes(), 3 << 20);
     }
 
     #[test]
