@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use blockrep_wire::{Frame, RefuseKind, WireError, WriteHeader, encode_write_header};
+use blockrep_wire::{
+    Frame, RefuseKind, WRITE_HEADER_LEN, WireError, WriteHeader, encode_write_header,
+};
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 use tokio::io::AsyncReadExt;
@@ -70,19 +72,19 @@ impl FrameReader {
 /// unacknowledged chunks, so a window full of 40-byte headers and 4 KiB payloads costs far
 /// more than copying them.
 const COPY_BELOW: usize = 16 << 10;
-/// Gathered bytes become a chunk once they reach this.
-const GATHER_BYTES: usize = 256 << 10;
-/// A gather buffer's capacity: a write's header and a payload just under [`COPY_BELOW`]
-/// still fit behind [`GATHER_BYTES`] - 1 gathered bytes.
-const GATHER_CAPACITY: usize = GATHER_BYTES + COPY_BELOW + 64;
-/// Idle gather buffers a writer keeps for reuse (4.3 MiB).
-const IDLE_GATHER_BUFFERS: usize = 16;
+/// A gather buffer's capacity: gathered bytes become a chunk when the next frame would not
+/// fit behind them (a larger frame grows the buffer, which is then not reused).
+const GATHER_CAPACITY: usize = 256 << 10;
+/// A batch sealed with less than this gathered goes out as a copy of its own, and its buffer
+/// gathers on: a buffer leaves with a chunk only at least half full, so the buffers chunks
+/// in flight hold are at most twice their bytes (which the connection's send window bounds).
+const HAND_OFF_BYTES: usize = GATHER_CAPACITY / 2;
+/// Idle gather buffers a writer keeps for reuse (1 MiB).
+const IDLE_GATHER_BUFFERS: usize = 4;
 
 pub struct FrameWriter {
     send: SendStream,
-    /// Headers and small payloads of the pending batch, not yet a chunk.
-    gather: Vec<u8>,
-    buffers: Arc<GatherBuffers>,
+    gather: Gather,
     /// Where a frame other than a write is encoded before it is gathered.
     scratch: BytesMut,
     /// Bytes sent, for the pair's counters.
@@ -91,11 +93,9 @@ pub struct FrameWriter {
 
 impl FrameWriter {
     pub fn new(send: SendStream) -> Self {
-        let buffers = Arc::new(GatherBuffers::default());
         Self {
             send,
-            gather: buffers.take(),
-            buffers,
+            gather: Gather::new(),
             scratch: BytesMut::new(),
             bytes_sent: 0,
         }
@@ -118,50 +118,25 @@ impl FrameWriter {
     /// Queues a write in the pending batch: a small payload gathered behind its header, a
     /// large one as its own chunk.
     pub fn push_write(&mut self, header: &WriteHeader, payload: Bytes, chunks: &mut Vec<Bytes>) {
-        encode_write_header(header, payload.len() as u32, &mut self.gather);
-        if payload.len() < COPY_BELOW {
-            self.gather.extend_from_slice(&payload);
-            if self.gather.len() >= GATHER_BYTES {
-                self.seal(chunks);
-            }
-        } else {
-            self.seal(chunks);
-            chunks.push(payload);
-        }
+        self.gather.push_write(header, payload, chunks);
     }
 
     /// Queues any other frame in the pending batch.
     pub fn push_frame(&mut self, frame: &Frame, chunks: &mut Vec<Bytes>) {
         self.scratch.clear();
         frame.encode(&mut self.scratch);
-        self.gather.extend_from_slice(&self.scratch);
-        if self.gather.len() >= GATHER_BYTES {
-            self.seal(chunks);
-        }
-    }
-
-    /// The gathered bytes become a chunk (their buffer comes back once quinn drops it),
-    /// and gathering goes on in an idle buffer.
-    fn seal(&mut self, chunks: &mut Vec<Bytes>) {
-        if self.gather.is_empty() {
-            return;
-        }
-        let buf = std::mem::replace(&mut self.gather, self.buffers.take());
-        chunks.push(Bytes::from_owner(Gathered {
-            buf,
-            home: Arc::downgrade(&self.buffers),
-        }));
+        self.gather.push(&self.scratch, chunks);
     }
 
     /// Sends a batch of chunks with as few system calls as quinn manages.
     /// Ends the pending batch: the gathered headers and small payloads become a chunk of
     /// `chunks`, so `chunks` holds every byte [`FrameWriter::send_chunks`] would send.
     pub fn close_batch(&mut self, chunks: &mut Vec<Bytes>) {
-        self.seal(chunks);
+        self.gather.seal(chunks);
     }
 
     pub async fn send_chunks(&mut self, chunks: &mut Vec<Bytes>) -> Result<(), StreamError> {
-        self.seal(chunks);
+        self.gather.seal(chunks);
         self.bytes_sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
         let result = self.send.write_all_chunks(chunks).await;
         chunks.clear();
@@ -178,6 +153,68 @@ impl FrameWriter {
     pub fn finish(&mut self) {
         // The peer may be gone already; nothing to do then.
         let _ = self.send.finish();
+    }
+}
+
+/// Headers and small payloads of the pending batch, gathered into chunks.
+struct Gather {
+    buf: Vec<u8>,
+    buffers: Arc<GatherBuffers>,
+}
+
+impl Gather {
+    fn new() -> Self {
+        let buffers = Arc::new(GatherBuffers::default());
+        Self {
+            buf: buffers.take(),
+            buffers,
+        }
+    }
+
+    /// A write: its header, and its payload behind it if small, or as a chunk of its own.
+    fn push_write(&mut self, header: &WriteHeader, payload: Bytes, chunks: &mut Vec<Bytes>) {
+        let small = payload.len() < COPY_BELOW;
+        let gathered = WRITE_HEADER_LEN + if small { payload.len() } else { 0 };
+        self.make_room(gathered, chunks);
+        encode_write_header(header, payload.len() as u32, &mut self.buf);
+        if small {
+            self.buf.extend_from_slice(&payload);
+        } else {
+            self.seal(chunks);
+            chunks.push(payload);
+        }
+    }
+
+    /// An encoded frame.
+    fn push(&mut self, frame: &[u8], chunks: &mut Vec<Bytes>) {
+        self.make_room(frame.len(), chunks);
+        self.buf.extend_from_slice(frame);
+    }
+
+    /// Seals what is gathered if `bytes` more would not fit behind it.
+    fn make_room(&mut self, bytes: usize, chunks: &mut Vec<Bytes>) {
+        if self.buf.len() + bytes > self.buf.capacity() {
+            self.seal(chunks);
+        }
+    }
+
+    /// What is gathered becomes a chunk: a buffer at least half full leaves with it (and
+    /// comes back once quinn drops the chunk) and gathering goes on in an idle one; less is
+    /// copied out, and the buffer gathers on.
+    fn seal(&mut self, chunks: &mut Vec<Bytes>) {
+        if self.buf.is_empty() {
+            return;
+        }
+        if self.buf.len() < HAND_OFF_BYTES {
+            chunks.push(Bytes::copy_from_slice(&self.buf));
+            self.buf.clear();
+            return;
+        }
+        let buf = std::mem::replace(&mut self.buf, self.buffers.take());
+        chunks.push(Bytes::from_owner(Gathered {
+            buf,
+            home: Arc::downgrade(&self.buffers),
+        }));
     }
 }
 
@@ -276,6 +313,66 @@ mod tests {
         assert!(again.is_empty());
         assert_eq!(again.capacity(), GATHER_CAPACITY);
         drop(second);
+    }
+
+    fn header(len: u32) -> WriteHeader {
+        WriteHeader {
+            flags: blockrep_wire::WriteFlags(0),
+            epoch: blockrep_core::replication::Epoch(1),
+            seq: blockrep_core::replication::WriteSeq(0),
+            offset: 0,
+            len,
+            crc: 0,
+        }
+    }
+
+    #[test]
+    fn a_small_batch_is_copied_out_and_its_buffer_gathers_on() {
+        let mut gather = Gather::new();
+        let at = gather.buf.as_ptr();
+        let mut chunks = Vec::new();
+        for _ in 0..100 {
+            gather.push_write(&header(4096), Bytes::from(vec![1; 4096]), &mut chunks);
+            gather.seal(&mut chunks);
+        }
+        assert_eq!(chunks.len(), 100);
+        assert!(chunks.iter().all(|c| c.len() == WRITE_HEADER_LEN + 4096));
+        assert_eq!(gather.buf.as_ptr(), at, "no buffer left with a small batch");
+        assert!(gather.buf.is_empty());
+    }
+
+    #[test]
+    fn a_full_buffer_leaves_with_its_chunk_and_comes_back() {
+        let mut gather = Gather::new();
+        let at = gather.buf.as_ptr();
+        let mut chunks = Vec::new();
+        let per_write = WRITE_HEADER_LEN + 8192;
+        let fit = GATHER_CAPACITY / per_write;
+        for _ in 0..=fit {
+            gather.push_write(&header(8192), Bytes::from(vec![2; 8192]), &mut chunks);
+        }
+        assert_eq!(
+            chunks.len(),
+            1,
+            "the write that did not fit sealed the rest"
+        );
+        assert_eq!(chunks[0].len(), fit * per_write);
+        assert_eq!(chunks[0].as_ptr(), at, "the buffer itself, not a copy");
+        assert_eq!(gather.buf.len(), per_write);
+        drop(chunks);
+        let back = gather.buffers.take();
+        assert_eq!(back.as_ptr(), at);
+    }
+
+    #[test]
+    fn a_large_payload_goes_as_its_own_chunk_behind_its_header() {
+        let mut gather = Gather::new();
+        let mut chunks = Vec::new();
+        let payload = Bytes::from(vec![3; COPY_BELOW]);
+        gather.push_write(&header(COPY_BELOW as u32), payload.clone(), &mut chunks);
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].len(), WRITE_HEADER_LEN);
+        assert_eq!(chunks[1].as_ptr(), payload.as_ptr(), "not copied");
     }
 
     #[test]
