@@ -29,7 +29,9 @@
 //! - **Coalescing.** A staged write replaced by a later one of the same epoch and range
 //!   before it was sent is dropped (`send_queue`); so that there is something to replace,
 //!   the open epoch's staged writes wait until a sixteenth of the bound is queued, the
-//!   epoch is cut, or a frame that must not wait is queued behind them.
+//!   epoch is cut, or a frame that must not wait is queued behind them. Once that window
+//!   is full the oldest go until it has 1 MiB of room again (half the window, if less), so
+//!   each wake-up of the sender takes a batch.
 //!
 //! Data is dropped from the journal as soon as the sender takes it: the QUIC stream holds
 //! it from there, and after a broken link the pair catches up from the bitmap instead of
@@ -261,6 +263,7 @@ impl<P: PayloadLen> Journal<P> {
                     && w.epoch >= self.current
                     && self.mode == Mode::Journal
                     && !self.queue.has_fence()
+                    && self.coalesce_window > 0
                     && !self.draining
             }
             Some(_) => false,
@@ -910,6 +913,23 @@ mod tests {
         write_data(&mut j, 32, 1);
         assert!(!j.nothing_to_send());
         assert_eq!(written(&drain(&mut j)), [(16, 1), (24, 1)]);
+    }
+
+    #[test]
+    fn with_no_window_nothing_waits_zero_ranges_included() {
+        let mut j = Journal::new(1 << 20, Epoch(0));
+        j.set_coalesce_window(0);
+        write_data(&mut j, 0, 1);
+        let a = j.admit();
+        let done = j.complete(a, ByteRange::new(8, 4), Payload::Zeroes, None);
+        assert_eq!(done, Completed::Queued);
+        let frames = drain(&mut j);
+        assert_eq!(
+            frames.len(),
+            2,
+            "the write and the zero range both go: {frames:?}"
+        );
+        assert!(j.nothing_to_send() && j.is_empty());
     }
 
     #[test]
