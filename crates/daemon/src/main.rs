@@ -127,16 +127,16 @@ fn init_logging() {
         .init();
 }
 
-/// Puts every thread of the agent under the configured policy (see [`Scheduling`]): the
-/// threads already running (the allocator's background thread starts before `main`), and
-/// the main thread, whose policy every thread started later inherits. A system that refuses
-/// it leaves a thread as it was, and says so.
 /// The runtime's worker threads: two, or one on a host that lets the agent run on one CPU
 /// (a second worker there only adds a thread switch to every hand-over between tasks).
 fn runtime_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |cpus| cpus.get().min(2))
 }
 
+/// Puts every thread of the agent under the configured policy (see [`Scheduling`]): the
+/// threads already running (the allocator's background thread starts before `main`), and
+/// the main thread, whose policy every thread started later inherits. A system that refuses
+/// it leaves a thread as it was, and says so.
 fn set_scheduling(scheduling: Scheduling) {
     let policy = match scheduling {
         Scheduling::Batch => libc::SCHED_BATCH,

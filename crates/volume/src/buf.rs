@@ -5,7 +5,8 @@ use std::ptr::NonNull;
 
 use crate::backing::DIRECT_IO_ALIGN;
 
-/// A zero-initialised buffer aligned to [`DIRECT_IO_ALIGN`], whose capacity is a multiple of it.
+/// A zero-initialised buffer aligned to [`DIRECT_IO_ALIGN`], whose capacity is a multiple of it
+/// (but [`AlignedBuf::empty`], which holds nothing and allocates nothing).
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     capacity: usize,
