@@ -230,8 +230,9 @@ pub const MAX_UDP_PAYLOAD: u16 = 6500;
 const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 /// Data sent and not yet acknowledged, for the whole connection: memory the production
 /// agent holds beside the journal (large payloads are shared with the journal, small ones
-/// are copied into batches whose buffers hold at most twice their bytes, plus 1 MiB of idle
-/// batch buffers per stream: `framed`). 16 MiB keeps a 10 Gbit/s link full up to 13 ms of round trip,
+/// are copied into batches whose buffers hold at most twice their bytes; besides, each
+/// stream's writer keeps the buffer it gathers in and up to four idle ones, 256 KiB each:
+/// `framed`). 16 MiB keeps a 10 Gbit/s link full up to 13 ms of round trip,
 /// and the agent within its journal bound plus 64 MiB.
 const SEND_WINDOW: u64 = 16 << 20;
 

@@ -128,13 +128,13 @@ impl FrameWriter {
         self.gather.push(&self.scratch, chunks);
     }
 
-    /// Sends a batch of chunks with as few system calls as quinn manages.
     /// Ends the pending batch: the gathered headers and small payloads become a chunk of
     /// `chunks`, so `chunks` holds every byte [`FrameWriter::send_chunks`] would send.
     pub fn close_batch(&mut self, chunks: &mut Vec<Bytes>) {
         self.gather.seal(chunks);
     }
 
+    /// Sends a batch of chunks with as few system calls as quinn manages.
     pub async fn send_chunks(&mut self, chunks: &mut Vec<Bytes>) -> Result<(), StreamError> {
         self.gather.seal(chunks);
         self.bytes_sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();

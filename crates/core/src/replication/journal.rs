@@ -255,6 +255,7 @@ impl<P: PayloadLen> Journal<P> {
     /// Whether the sender has nothing to take now: the queue is empty, or it starts with
     /// staged writes of the open epoch that wait for later ones to coalesce with (until
     /// they fill the coalescing window; then they go until it has a batch of room again).
+    /// With a window of zero nothing waits.
     pub fn nothing_to_send(&self) -> bool {
         match self.queue.front() {
             None => true,
