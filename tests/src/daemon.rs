@@ -52,6 +52,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 impl Daemon {
     /// Writes a config in `dir` (node `host-a`, zone `az1`, plus `extra` TOML) and starts.
     pub fn start(dir: &Path, extra: &str) -> anyhow::Result<Self> {
+        let config = Self::write_config(dir, extra)?;
+        Self::start_with_config(dir, &config)
+    }
+
+    /// Writes `dir/blockrepd.toml`: node `host-a`, zone `az1`, state and runtime
+    /// directories in `dir`, plus `extra` TOML.
+    pub fn write_config(dir: &Path, extra: &str) -> anyhow::Result<PathBuf> {
         let config = dir.join("blockrepd.toml");
         let text = format!(
             "node_name = \"host-a\"\navailability_zone = \"az1\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}",
@@ -59,7 +66,7 @@ impl Daemon {
             dir.join("run").display()
         );
         std::fs::write(&config, text)?;
-        Self::start_with_config(dir, &config)
+        Ok(config)
     }
 
     /// Starts with an existing config and waits for systemd's `READY=1`.

@@ -306,15 +306,7 @@ fn the_agents_threads_run_under_the_configured_scheduling() {
 /// The runtime's workers in the agent's start-up line.
 fn runtime_workers_when_started_by(wrapper: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("blockrepd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_name = \"host-a\"\navailability_zone = \"az1\"\nstate_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
+    let config = Daemon::write_config(dir.path(), "").unwrap();
     let daemon = Daemon::start_wrapped(
         wrapper,
         &blockrep_tests::binary("blockrepd"),
@@ -323,9 +315,9 @@ fn runtime_workers_when_started_by(wrapper: &[&str]) -> String {
         &[],
     )
     .unwrap();
-    let log = daemon.log.clone();
+    // Logged before the daemon says it is ready.
+    let log = daemon.log_text();
     daemon.stop().unwrap();
-    let log = std::fs::read_to_string(log).unwrap();
     let line = log
         .lines()
         .find(|l| l.contains("blockrepd ready"))

@@ -250,13 +250,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }),
     );
 
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let watchdog =
-        sd_notify::watchdog_enabled().map(|interval| tokio::spawn(watchdog::ping(interval)));
+    // Logged before the service manager hears of it: whoever waits for READY=1 finds it.
     tracing::info!(node = %agent.config.node_name, az = %agent.config.availability_zone,
         control_socket = %control_socket.display(),
         runtime_workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "blockrepd ready");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog =
+        sd_notify::watchdog_enabled().map(|interval| tokio::spawn(watchdog::ping(interval)));
 
     stop_signal.wait().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
