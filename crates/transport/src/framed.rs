@@ -1,4 +1,5 @@
-//! Frames over a QUIC stream: a reader that decodes whole frames out of what arrives, and a
+//! Frames over a QUIC stream: a reader that decodes whole frames out of what arrives (and
+//! can receive a large write's payload straight into memory its caller gives), and a
 //! writer that gathers headers and small payloads into large chunks and sends large payloads
 //! as chunks of their own, uncopied.
 
@@ -6,8 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use blockrep_wire::{
     Frame, RefuseKind, WRITE_HEADER_LEN, WireError, WriteHeader, encode_write_header,
+    pending_data_write,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 use tokio::io::AsyncReadExt;
 
@@ -39,7 +41,27 @@ impl FrameReader {
 
     /// The next whole frame, or `None` when the peer finished the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
+        self.next_placing(|_| None::<Vec<u8>>).await
+    }
+
+    /// Like [`FrameReader::next`], but a data write whose payload has not all arrived with
+    /// its header is offered to `place`: memory it gives (exactly the write's `len` bytes)
+    /// receives the payload, and becomes the frame's payload as it is. Memory of the
+    /// caller's choosing (aligned for `O_DIRECT`, from a pool) saves the copy into it
+    /// later, and the allocation of a buffer here.
+    pub async fn next_placing<M>(
+        &mut self,
+        mut place: impl FnMut(&WriteHeader) -> Option<M>,
+    ) -> Result<Option<Frame>, StreamError>
+    where
+        M: AsRef<[u8]> + AsMut<[u8]> + Send + 'static,
+    {
         loop {
+            if let Some(header) = pending_data_write(&self.buf)?
+                && let Some(memory) = place(&header)
+            {
+                return self.receive_payload(header, memory).await.map(Some);
+            }
             if let Some(frame) = self.next_received()? {
                 return Ok(Some(frame));
             }
@@ -58,6 +80,41 @@ impl FrameReader {
                 Err(e) => return Err(StreamError::Connection(with_causes(&e))),
             }
         }
+    }
+
+    /// Takes the write's header off the received bytes and its payload, those received
+    /// and the rest as it arrives, into `memory`.
+    async fn receive_payload<M>(
+        &mut self,
+        header: WriteHeader,
+        mut memory: M,
+    ) -> Result<Frame, StreamError>
+    where
+        M: AsRef<[u8]> + AsMut<[u8]> + Send + 'static,
+    {
+        self.buf.advance(WRITE_HEADER_LEN);
+        let payload = memory.as_mut();
+        assert_eq!(
+            payload.len(),
+            header.len as usize,
+            "memory placed for a write's payload is its length"
+        );
+        // Fewer than the payload's bytes are here (or it would have decoded whole).
+        let here = self.buf.len().min(payload.len());
+        payload[..here].copy_from_slice(&self.buf[..here]);
+        self.buf.advance(here);
+        let mut filled = here;
+        while filled < payload.len() {
+            match self.recv.read(&mut payload[filled..]).await {
+                Ok(Some(n)) => {
+                    filled += n;
+                    self.bytes_received += n as u64;
+                }
+                Ok(None) => return Err(StreamError::Truncated),
+                Err(e) => return Err(StreamError::Connection(with_causes(&e))),
+            }
+        }
+        Ok(Frame::Write(header, Bytes::from_owner(memory)))
     }
 
     /// The next whole frame among the bytes already received, without waiting for more:

@@ -490,46 +490,9 @@ impl Frame {
                 Frame::Refuse { kind, reason }
             }
             t if t == Type::Write as u8 => {
-                if body.len() < WRITE_HEADER_LEN - FRAME_HEADER_LEN {
+                let header = get_write_header(&mut body, len)?;
+                if !payload_fits(&header, body.len()) {
                     return Err(WireError::BadLength { ty, len });
-                }
-                let flags = body.get_u8();
-                if flags & !WriteFlags::KNOWN != 0 {
-                    return Err(WireError::UnknownFlags(flags));
-                }
-                let header = WriteHeader {
-                    flags: WriteFlags(flags),
-                    epoch: Epoch(body.get_u64()),
-                    seq: WriteSeq(body.get_u64()),
-                    offset: body.get_u64(),
-                    len: body.get_u32(),
-                    crc: body.get_u32(),
-                };
-                if header.offset.checked_add(u64::from(header.len)).is_none() {
-                    return Err(WireError::RangeWraps {
-                        offset: header.offset,
-                        len: u64::from(header.len),
-                    });
-                }
-                if header.flags.has(WriteFlags::ZSTD) {
-                    // Compressed: something, and less than it decompresses to, which is at
-                    // most what a frame may carry (the DR side decompresses into no more).
-                    if header.flags.has(WriteFlags::ZEROES)
-                        || body.is_empty()
-                        || body.len() >= header.len as usize
-                        || header.len as usize > MAX_PAYLOAD_LEN
-                    {
-                        return Err(WireError::BadLength { ty, len });
-                    }
-                } else {
-                    let payload_len = if header.flags.has(WriteFlags::ZEROES) {
-                        0
-                    } else {
-                        header.len as usize
-                    };
-                    if body.len() != payload_len {
-                        return Err(WireError::BadLength { ty, len });
-                    }
                 }
                 Frame::Write(header, body.freeze())
             }
@@ -679,6 +642,81 @@ impl Frame {
 
 /// Appends a `Write` frame's header; its payload of `payload_len` bytes must follow
 /// (`header.len`, none for zeroes, or the compressed length with [`WriteFlags::ZSTD`]).
+/// The header of a data write (neither zeroes nor compressed) at the front of `buf` whose
+/// payload has not all arrived: a reader may receive that payload into memory of its own
+/// rather than behind the header. `None` if `buf` does not start with one: too few bytes
+/// for a write's header yet, another frame, a zero range or a compressed payload, or the
+/// whole frame here already (for [`Frame::decode`]). The header is checked as `decode`
+/// checks it, and a frame that `decode` would refuse is refused here with the same error.
+pub fn pending_data_write(buf: &[u8]) -> Result<Option<WriteHeader>, WireError> {
+    if buf.len() < WRITE_HEADER_LEN || buf[4] != Type::Write as u8 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(WireError::TooLong { len });
+    }
+    if buf.len() >= 4 + len {
+        return Ok(None);
+    }
+    let mut fields = &buf[FRAME_HEADER_LEN..WRITE_HEADER_LEN];
+    let header = get_write_header(&mut fields, len)?;
+    if header.flags.has(WriteFlags::ZEROES) || header.flags.has(WriteFlags::ZSTD) {
+        return Ok(None);
+    }
+    if !payload_fits(&header, len - (WRITE_HEADER_LEN - 4)) {
+        return Err(WireError::BadLength {
+            ty: Type::Write as u8,
+            len,
+        });
+    }
+    Ok(Some(header))
+}
+
+/// A `Write` frame's header fields, from a body `len` bytes long (counting the type byte),
+/// checked: known flags, a range that does not wrap.
+fn get_write_header(body: &mut impl Buf, len: usize) -> Result<WriteHeader, WireError> {
+    let ty = Type::Write as u8;
+    if body.remaining() < WRITE_HEADER_LEN - FRAME_HEADER_LEN {
+        return Err(WireError::BadLength { ty, len });
+    }
+    let flags = body.get_u8();
+    if flags & !WriteFlags::KNOWN != 0 {
+        return Err(WireError::UnknownFlags(flags));
+    }
+    let header = WriteHeader {
+        flags: WriteFlags(flags),
+        epoch: Epoch(body.get_u64()),
+        seq: WriteSeq(body.get_u64()),
+        offset: body.get_u64(),
+        len: body.get_u32(),
+        crc: body.get_u32(),
+    };
+    if header.offset.checked_add(u64::from(header.len)).is_none() {
+        return Err(WireError::RangeWraps {
+            offset: header.offset,
+            len: u64::from(header.len),
+        });
+    }
+    Ok(header)
+}
+
+/// Whether a payload of `payload_len` bytes is what `header` says it carries.
+fn payload_fits(header: &WriteHeader, payload_len: usize) -> bool {
+    if header.flags.has(WriteFlags::ZSTD) {
+        // Compressed: something, and less than it decompresses to, which is at most what a
+        // frame may carry (the DR side decompresses into no more).
+        !header.flags.has(WriteFlags::ZEROES)
+            && payload_len > 0
+            && payload_len < header.len as usize
+            && header.len as usize <= MAX_PAYLOAD_LEN
+    } else if header.flags.has(WriteFlags::ZEROES) {
+        payload_len == 0
+    } else {
+        payload_len == header.len as usize
+    }
+}
+
 pub fn encode_write_header(header: &WriteHeader, payload_len: u32, out: &mut impl BufMut) {
     out.put_u32((WRITE_HEADER_LEN - 4) as u32 + payload_len);
     out.put_u8(Type::Write as u8);
@@ -1134,6 +1172,47 @@ mod tests {
         fn arbitrary_input_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut buf = BytesMut::from(&bytes[..]);
             while let Ok(Some(_)) = Frame::decode(&mut buf) {}
+        }
+
+        /// A write's header read ahead of its payload agrees with decoding the whole frame:
+        /// a data write that decodes is found, with the same header, from any prefix holding
+        /// its header but not all its payload; an error found ahead is the one decoding
+        /// gives; nothing else is found.
+        #[test]
+        fn a_data_write_read_ahead_agrees_with_decoding_it_whole(
+            flags in prop_oneof![
+                Just(0u8),
+                Just(WriteFlags::DIRECT | WriteFlags::ACK),
+                Just(WriteFlags::ZEROES),
+                Just(WriteFlags::ZSTD),
+                any::<u8>(),
+            ],
+            offset in prop_oneof![0u64..1 << 30, u64::MAX - (1 << 16)..=u64::MAX],
+            len in 0u32..3000,
+            off_by in prop_oneof![Just(0i64), -8i64..8],
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let header = WriteHeader {
+                flags: WriteFlags(flags), epoch: Epoch(3), seq: WriteSeq(9), offset, len, crc: 7,
+            };
+            let body = (i64::from(len) + off_by).max(0) as usize;
+            let mut whole = BytesMut::new();
+            encode_write_header(&header, body as u32, &mut whole);
+            whole.extend((0..body).map(|i| i as u8));
+            let decoded = Frame::decode(&mut whole.clone());
+            let at = WRITE_HEADER_LEN + cut.index(body.max(1));
+            let ahead = pending_data_write(&whole[..at.min(whole.len())]);
+            let is_data = |h: &WriteHeader| {
+                !h.flags.has(WriteFlags::ZEROES) && !h.flags.has(WriteFlags::ZSTD)
+            };
+            match (&decoded, &ahead) {
+                (Ok(Some(Frame::Write(h, _))), _) if is_data(h) && at < whole.len() => {
+                    prop_assert_eq!(ahead, Ok(Some(*h)));
+                }
+                (_, Ok(Some(_))) => prop_assert!(false, "found ahead: {ahead:?}, decoded: {decoded:?}"),
+                (_, Err(e)) => prop_assert_eq!(decoded.as_ref().err(), Some(e)),
+                (_, Ok(None)) => {}
+            }
         }
 
         #[test]
