@@ -13,7 +13,9 @@
 //!   syncs the stage log (the unit is now durable: `Staged`), applies the unit's writes,
 //!   syncs the volume and records the applied epoch (`Applied`).
 //!
-//! A payload whose CRC does not match is not written: the sender gets a `Reject`.
+//! A payload whose CRC does not match is not written: the sender gets a `Reject`. A large
+//! payload the stream received into aligned memory (`dr::received`) goes on the ring as it
+//! is; others are copied into one of the worker's aligned buffers.
 //!
 //! A `Verify` is a barrier too: the blocks it names are read back and their CRCs compared
 //! once every earlier frame is on the volume — at once for direct replication, or right
@@ -30,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use blockrep_core::replication::{Epoch, ProbeId, WriteSeq};
-use blockrep_volume::{Volume, Waker};
+use blockrep_volume::{DIRECT_IO_ALIGN, Volume, Waker};
 use blockrep_wire::{RejectReason, WriteFlags, WriteHeader};
 use bytes::Bytes;
 use tokio::sync::mpsc::UnboundedSender;
@@ -54,6 +56,15 @@ pub const COMPACT_BYTES: u64 = 256 << 20;
 pub const RECORDS_PER_CAP: u64 = 2;
 /// Zero ranges are written in pieces this large, each one progress for the watchdog.
 const ZEROES_PIECE: u64 = 64 << 20;
+
+/// Whether a write goes on the ring with its payload as it is: data, 4 KiB-aligned (others
+/// are written by read-modify-write or as zeroes, after every earlier write). A payload in
+/// memory aligned for `O_DIRECT` is written without a copy.
+pub(crate) fn goes_on_the_ring(header: &WriteHeader) -> bool {
+    !header.flags.has(WriteFlags::ZEROES)
+        && header.offset.is_multiple_of(DIRECT_IO_ALIGN)
+        && u64::from(header.len).is_multiple_of(DIRECT_IO_ALIGN)
+}
 
 /// A frame for the applier, in stream order.
 #[derive(Debug)]

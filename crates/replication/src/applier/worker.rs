@@ -16,6 +16,7 @@ use blockrep_core::replication::digests::HeldDigest;
 use blockrep_core::replication::{SyncTicket, WriteSeq};
 use blockrep_core::{Acquired, ByteRange, LockId, RangeLocks};
 use blockrep_volume::{AlignedBuf, BufPool, Volume, Waker};
+use bytes::Bytes;
 use io_uring::{IoUring, opcode, types};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -33,10 +34,38 @@ mod points;
 /// them back as fast as they come; more would only hold memory after a burst.
 const POOL_BYTES: usize = 8 << 20;
 
+/// A write's data on the ring.
+enum WriteData {
+    /// Copied (or read from the stage log) into a buffer of the worker's pool.
+    Pooled(AlignedBuf),
+    /// A payload received into aligned memory (`dr::received`), written as it came.
+    Received(Bytes),
+}
+
+impl WriteData {
+    /// The memory it holds, for the ring's bound in flight.
+    fn footprint(&self) -> usize {
+        match self {
+            WriteData::Pooled(buf) => buf.capacity(),
+            WriteData::Received(bytes) => bytes.len(),
+        }
+    }
+}
+
+impl std::ops::Deref for WriteData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            WriteData::Pooled(buf) => buf,
+            WriteData::Received(bytes) => bytes,
+        }
+    }
+}
+
 /// A write in flight on the ring.
 struct Slot {
     lock: LockId,
-    buf: AlignedBuf,
+    buf: WriteData,
     offset: u64,
     done: usize,
     fua: bool,
@@ -265,7 +294,7 @@ impl Worker {
         let slot = self.slots[index].take().expect("live slot");
         self.free.push(index);
         self.inflight -= 1;
-        self.inflight_bytes -= slot.buf.capacity() as u64;
+        self.inflight_bytes -= slot.buf.footprint() as u64;
         self.locks.release(slot.lock);
         slot
     }
@@ -353,7 +382,7 @@ impl Worker {
     fn submit_write(
         &mut self,
         range: ByteRange,
-        buf: AlignedBuf,
+        buf: WriteData,
         fua: bool,
         ack: Option<WriteSeq>,
         unit: bool,
@@ -366,7 +395,7 @@ impl Worker {
                 return Ok(false);
             }
         };
-        self.inflight_bytes += buf.capacity() as u64;
+        self.inflight_bytes += buf.footprint() as u64;
         let slot = Slot {
             lock,
             buf,
@@ -426,7 +455,9 @@ impl Worker {
         }
         let slot = self.retire(index);
         let written = ByteRange::new(slot.offset, slot.buf.len() as u64);
-        self.bufs.give(slot.buf);
+        if let WriteData::Pooled(buf) = slot.buf {
+            self.bufs.give(buf);
+        }
         fault::slow_disk(written.len);
         self.volume.backing().note_written(written);
         self.counters

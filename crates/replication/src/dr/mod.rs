@@ -22,6 +22,7 @@ use crate::undo_journal::Points;
 use blockrep_core::replication::undo::Retention;
 
 mod handshake;
+mod received;
 mod stream;
 
 /// Where the DR side is, for `pair show`.

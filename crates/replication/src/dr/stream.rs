@@ -10,6 +10,7 @@ use crate::framed::{FrameReader, FrameWriter};
 
 use super::DrPair;
 use super::handshake::Accepted;
+use super::received::PayloadMemory;
 
 /// Answers sent in one write at most, so a busy applier's answers still leave steadily.
 const MAX_BATCHED_ANSWERS: usize = 1024;
@@ -68,9 +69,10 @@ impl DrPair {
             }
             Ok(())
         };
+        let memory = PayloadMemory::new();
         let frames = async {
             loop {
-                match reader.next().await {
+                match reader.next_placing(|header| memory.place(header)).await {
                     Ok(Some(frame)) => {
                         let cmd = command_of(frame)
                             .ok_or_else(|| "unexpected frame on a replication stream".to_owned())?;

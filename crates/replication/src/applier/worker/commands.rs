@@ -15,8 +15,10 @@ use crate::applier::RECORDS_PER_CAP;
 use crate::compression;
 use bytes::Bytes;
 
-use super::Worker;
-use crate::applier::{ApplyCmd, ApplyEvent, MAX_INFLIGHT, VerifyCmd, ZEROES_PIECE};
+use super::{Worker, WriteData};
+use crate::applier::{
+    ApplyCmd, ApplyEvent, MAX_INFLIGHT, VerifyCmd, ZEROES_PIECE, goes_on_the_ring,
+};
 use crate::dr_state;
 
 impl Worker {
@@ -69,7 +71,7 @@ impl Worker {
                     | ApplyCmd::Replay { .. }
                     | ApplyCmd::Verify(_)
             ) || matches!(cmd, ApplyCmd::Write { header, .. }
-                if header.flags.has(WriteFlags::DIRECT) && !is_fast(header));
+                if header.flags.has(WriteFlags::DIRECT) && !goes_on_the_ring(header));
             if barrier && self.inflight > 0 {
                 return Ok(());
             }
@@ -200,11 +202,21 @@ impl Worker {
             }
             return Ok(true);
         }
-        if is_fast(&header) {
-            let mut buf = self.bufs.take(payload.len());
-            buf.copy_from_slice(&payload);
+        if goes_on_the_ring(&header) {
+            // Received into aligned memory (`dr::received`), it goes as it is.
+            let data = if payload
+                .as_ptr()
+                .addr()
+                .is_multiple_of(DIRECT_IO_ALIGN as usize)
+            {
+                WriteData::Received(payload.clone())
+            } else {
+                let mut buf = self.bufs.take(payload.len());
+                buf.copy_from_slice(&payload);
+                WriteData::Pooled(buf)
+            };
             let fua = header.flags.has(WriteFlags::FUA);
-            if !self.submit_write(range, buf, fua, ack, false)? {
+            if !self.submit_write(range, data, fua, ack, false)? {
                 self.queue.push_front(ApplyCmd::Write {
                     header,
                     payload,
@@ -363,7 +375,7 @@ impl Worker {
             }
             let mut buf = self.bufs.take(staged.range.len as usize);
             self.log.read(&staged, &mut buf)?;
-            if !self.submit_write(staged.range, buf, false, None, true)? {
+            if !self.submit_write(staged.range, WriteData::Pooled(buf), false, None, true)? {
                 return Ok(());
             }
             self.unit_queue.pop_front();
@@ -520,11 +532,4 @@ fn payload_bytes(cmd: &ApplyCmd) -> u64 {
 /// A frame the applier cannot act on.
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
-}
-
-/// A write the ring takes: data, 4 KiB-aligned.
-fn is_fast(header: &WriteHeader) -> bool {
-    !header.flags.has(WriteFlags::ZEROES)
-        && header.offset.is_multiple_of(DIRECT_IO_ALIGN)
-        && u64::from(header.len).is_multiple_of(DIRECT_IO_ALIGN)
 }
