@@ -32,7 +32,7 @@ use blockrep_core::{ByteRange, LockId, RangeError};
 use blockrep_volume::liveness::{Beat, Liveness};
 use blockrep_volume::{
     ADMIT_CHUNK, AfterLocal, AlignedBuf, AnswerToken, BufPool, DIRECT_IO_ALIGN, Delivery, Entered,
-    Mailbox, ReplicaData, ReplicaLink, Replicated, Volume, Waker,
+    Mailbox, ReplicaData, ReplicaLink, Replicated, SharedPool, Volume, Waker,
 };
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -45,6 +45,10 @@ const RING_ENTRIES: u32 = 256;
 /// Disk operations in flight, writes queued in the gate and answers held for the peer, per
 /// connection, before the loop stops reading requests.
 const MAX_INFLIGHT: usize = 128;
+/// Write buffers shared with the replication link that come back once the link lets go of
+/// them, kept idle for the next writes (beyond the connection's own pool): enough for a
+/// window of 1 MiB writes answered by the peer, little beside an async pair's journal.
+const RETURNED_IDLE_BYTES: usize = 8 << 20;
 const INBUF_BYTES: usize = 256 << 10;
 /// Queued reply bytes before the loop stops reading requests.
 const OUT_HIGH_WATER: usize = 64 << 20;
@@ -106,11 +110,12 @@ impl WriteBuf {
         }
     }
 
-    /// Makes the payload shareable with the link, without copying it.
-    fn share(&mut self) -> Bytes {
+    /// Makes the payload shareable with the link, without copying it; its buffer goes
+    /// back to `returned` once the last of them lets go.
+    fn share(&mut self, returned: &SharedPool) -> Bytes {
         if let WriteBuf::Owned(buf) = self {
             let owned = std::mem::replace(buf, AlignedBuf::empty());
-            *self = WriteBuf::Shared(Bytes::from_owner(owned));
+            *self = WriteBuf::Shared(Bytes::from_owner(returned.returning(owned)));
         }
         match self {
             WriteBuf::Shared(bytes) => bytes.clone(),
@@ -220,6 +225,8 @@ pub struct Connection {
     free_slots: Vec<usize>,
     inflight: usize,
     pool: BufPool,
+    /// Where write buffers shared with the link come back to (see `WriteBuf::share`).
+    returned: SharedPool,
     /// Wakes the loop when a queued write's blocks are granted.
     waker: Arc<Waker>,
     wake_buf: Box<[u8; 8]>,
@@ -282,6 +289,7 @@ impl Connection {
             free_slots: Vec::new(),
             inflight: 0,
             pool: BufPool::default(),
+            returned: SharedPool::with_idle_limit(RETURNED_IDLE_BYTES),
             merging: None,
             mailbox: Arc::new(Mailbox::new(Arc::clone(&waker))),
             waker,
@@ -602,6 +610,15 @@ impl Connection {
 
     // ---- requests ----
 
+    /// A buffer for a write's payload: the connection's own idle one, or one the link gave
+    /// back, or a new one.
+    fn write_buf(&mut self, len: usize) -> AlignedBuf {
+        match self.pool.take_idle(len) {
+            Some(buf) => buf,
+            None => self.returned.take(len),
+        }
+    }
+
     fn dispatch(&mut self, req: Request) -> io::Result<()> {
         self.stats.requests += 1;
         if req.command != Command::Write {
@@ -611,7 +628,7 @@ impl Connection {
         if req.command == Command::Write {
             let reject = self.check(&req).err();
             // A payload over the limit is read and dropped; the rest is held for the disk.
-            let buf = (req.len <= MAX_PAYLOAD).then(|| self.pool.take(req.len as usize));
+            let buf = (req.len <= MAX_PAYLOAD).then(|| self.write_buf(req.len as usize));
             self.payload = Some(Payload {
                 req,
                 buf,
@@ -1090,7 +1107,7 @@ impl Connection {
         self.replicas.clear();
         for write in batch.iter_mut() {
             let data = match &mut write.kind {
-                WriteKind::Data(buf) => ReplicaData::Data(buf.share()),
+                WriteKind::Data(buf) => ReplicaData::Data(buf.share(&self.returned)),
                 WriteKind::Zeroes { .. } | WriteKind::Trim => ReplicaData::Zeroes,
             };
             let token = self.new_token();

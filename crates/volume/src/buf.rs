@@ -1,7 +1,9 @@
-//! Page-aligned buffers for `O_DIRECT` I/O, and a per-thread pool of them.
+//! Page-aligned buffers for `O_DIRECT` I/O, a per-thread pool of them, and a pool shared
+//! between threads that buffers handed on as `Bytes` return to by themselves.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::backing::DIRECT_IO_ALIGN;
 
@@ -144,16 +146,26 @@ impl BufPool {
 
     /// A buffer of at least `len` bytes, with its length set to `len`.
     pub fn take(&mut self, len: usize) -> AlignedBuf {
-        let class = Self::class_of(len);
-        let mut buf = match self.classes.get_mut(class).and_then(Vec::pop) {
-            Some(buf) => {
-                self.idle_bytes -= buf.capacity();
-                buf
-            }
-            None => AlignedBuf::new(Self::class_capacity(class)),
-        };
+        self.take_idle(len).unwrap_or_else(|| Self::fresh(len))
+    }
+
+    /// A new buffer of `len` bytes, of the capacity of its class (to be given back).
+    fn fresh(len: usize) -> AlignedBuf {
+        let mut buf = AlignedBuf::new(Self::class_capacity(Self::class_of(len)));
         buf.set_len(len);
         buf
+    }
+
+    /// An idle buffer of at least `len` bytes, with its length set to `len`, if the pool
+    /// holds one.
+    pub fn take_idle(&mut self, len: usize) -> Option<AlignedBuf> {
+        let mut buf = self
+            .classes
+            .get_mut(Self::class_of(len))
+            .and_then(Vec::pop)?;
+        self.idle_bytes -= buf.capacity();
+        buf.set_len(len);
+        Some(buf)
     }
 
     pub fn give(&mut self, buf: AlignedBuf) {
@@ -177,6 +189,85 @@ impl BufPool {
 
     fn class_capacity(class: usize) -> usize {
         (DIRECT_IO_ALIGN as usize) << class
+    }
+}
+
+/// A [`BufPool`] shared between threads, for buffers handed on as `Bytes`
+/// (`Bytes::from_owner` of a [`PooledBuf`]): one goes back to the pool when the last
+/// reference to it drops, on whichever thread that is (the replication link's, once the
+/// peer has it), rather than being freed there and allocated and zeroed again here.
+#[derive(Clone)]
+pub struct SharedPool {
+    pool: Arc<Mutex<BufPool>>,
+}
+
+impl SharedPool {
+    /// A pool that keeps at most `max_idle_bytes` of buffers idle.
+    pub fn with_idle_limit(max_idle_bytes: usize) -> Self {
+        Self {
+            pool: Arc::new(Mutex::new(BufPool::with_idle_limit(max_idle_bytes))),
+        }
+    }
+
+    /// A buffer of at least `len` bytes (idle, or new), with its length set to `len`.
+    pub fn take(&self, len: usize) -> AlignedBuf {
+        let idle = self.lock().take_idle(len);
+        // Allocated (and zeroed) outside the lock.
+        idle.unwrap_or_else(|| BufPool::fresh(len))
+    }
+
+    pub fn give(&self, buf: AlignedBuf) {
+        self.lock().give(buf);
+    }
+
+    /// `buf`, given back to this pool when dropped.
+    pub fn returning(&self, buf: AlignedBuf) -> PooledBuf {
+        PooledBuf {
+            buf,
+            pool: self.clone(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BufPool> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A buffer that goes back to its [`SharedPool`] when dropped.
+pub struct PooledBuf {
+    buf: AlignedBuf,
+    pool: SharedPool,
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl AsMut<[u8]> for PooledBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        self.pool
+            .give(std::mem::replace(&mut self.buf, AlignedBuf::empty()));
     }
 }
 
@@ -231,5 +322,28 @@ mod tests {
             "the first two were kept"
         );
         assert_eq!(pool.idle_bytes, 0, "the third was freed, not kept");
+    }
+
+    /// A buffer handed on as `Bytes` goes back to its pool when the last reference drops,
+    /// on another thread too, and the next take reuses it; the idle bound holds.
+    #[test]
+    fn a_shared_buffer_returns_to_its_pool_once_its_last_reference_drops() {
+        let pool = SharedPool::with_idle_limit(1 << 20);
+        let mut buf = pool.returning(pool.take(1 << 20));
+        buf.fill(7);
+        let at = buf.as_ptr();
+        let bytes = bytes::Bytes::from_owner(buf);
+        let held = bytes.clone();
+        drop(bytes);
+        let other = pool.take(1 << 20);
+        assert_ne!(other.as_ptr(), at, "still held: not in the pool");
+        assert!(held.iter().all(|&b| b == 7));
+        std::thread::spawn(move || drop(held)).join().unwrap();
+        assert_eq!(pool.take(1 << 20).as_ptr(), at);
+        // Past the idle bound a buffer given back is freed.
+        pool.give(other);
+        pool.give(AlignedBuf::new(1 << 20));
+        assert!(pool.lock().take_idle(1 << 20).is_some());
+        assert!(pool.lock().take_idle(1 << 20).is_none());
     }
 }

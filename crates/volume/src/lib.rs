@@ -28,7 +28,7 @@ mod waker;
 
 pub use backing::{Backing, BackingKind, DIRECT_IO_ALIGN, Extent, GrowError, OpenError};
 pub use blockrep_core::replication::AnswerToken;
-pub use buf::{AlignedBuf, BufPool};
+pub use buf::{AlignedBuf, BufPool, PooledBuf, SharedPool};
 pub use durable_file::write_file_durably;
 pub use flusher::{Flusher, Flushing};
 pub use gate::{ADMIT_CHUNK, Entered, WriteGate};

@@ -2,9 +2,7 @@
 //! on its ring as they came: aligned for `O_DIRECT` (no copy into an aligned buffer before
 //! the write), and pooled (no fresh buffer per write, whose pages fault in as it fills).
 
-use std::sync::{Arc, Mutex, PoisonError};
-
-use blockrep_volume::{AlignedBuf, BufPool};
+use blockrep_volume::{PooledBuf, SharedPool};
 use blockrep_wire::WriteHeader;
 
 use crate::applier::goes_on_the_ring;
@@ -18,61 +16,26 @@ const IDLE_BYTES: usize = 16 << 20;
 
 /// A stream's pool of payload memory.
 pub(super) struct PayloadMemory {
-    pool: Arc<Mutex<BufPool>>,
+    pool: SharedPool,
 }
 
 impl PayloadMemory {
     pub(super) fn new() -> Self {
         Self {
-            pool: Arc::new(Mutex::new(BufPool::with_idle_limit(IDLE_BYTES))),
+            pool: SharedPool::with_idle_limit(IDLE_BYTES),
         }
     }
 
     /// Memory for the payload of `header`, if the applier puts it on its ring as it is and
-    /// it is large enough to be worth it. Only a power-of-two length is placed: the pool's
-    /// buffer then holds it exactly, so the memory held is the bytes received (what the
-    /// applier's queue counts).
-    pub(super) fn place(&self, header: &WriteHeader) -> Option<Placed> {
+    /// it is large enough to be worth it; back to the pool when the last reference to the
+    /// payload goes (the applier's, once its write completes). Only a power-of-two length
+    /// is placed: the pool's buffer then holds it exactly, so the memory held is the bytes
+    /// received (what the applier's queue counts).
+    pub(super) fn place(&self, header: &WriteHeader) -> Option<PooledBuf> {
         let placed = header.len >= PLACED_MIN_BYTES
             && header.len.is_power_of_two()
             && goes_on_the_ring(header);
-        placed.then(|| Placed {
-            buf: self.lock().take(header.len as usize),
-            pool: Arc::clone(&self.pool),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BufPool> {
-        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// A payload's memory; back to its stream's pool when the last reference to the payload
-/// goes (the applier's, once its write completes).
-pub(super) struct Placed {
-    buf: AlignedBuf,
-    pool: Arc<Mutex<BufPool>>,
-}
-
-impl AsRef<[u8]> for Placed {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl AsMut<[u8]> for Placed {
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
-    }
-}
-
-impl Drop for Placed {
-    fn drop(&mut self) {
-        let buf = std::mem::replace(&mut self.buf, AlignedBuf::empty());
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .give(buf);
+        placed.then(|| self.pool.returning(self.pool.take(header.len as usize)))
     }
 }
 
@@ -81,7 +44,6 @@ mod tests {
     use blockrep_core::replication::{Epoch, WriteSeq};
     use blockrep_volume::DIRECT_IO_ALIGN;
     use blockrep_wire::WriteFlags;
-    use bytes::Bytes;
 
     use super::*;
 
@@ -121,23 +83,5 @@ mod tests {
         ] {
             assert!(memory.place(&header).is_none(), "{header:?}");
         }
-    }
-
-    /// A payload's memory goes back to the pool when the last copy of the payload drops,
-    /// and the next write takes it.
-    #[test]
-    fn a_payloads_memory_is_reused_once_its_last_reference_drops() {
-        let memory = PayloadMemory::new();
-        let header = write(WriteFlags::DIRECT, 0, 1 << 20);
-        let mut placed = memory.place(&header).unwrap();
-        placed.as_mut().fill(7);
-        let at = placed.as_ref().as_ptr();
-        let payload = Bytes::from_owner(placed);
-        let held = payload.clone();
-        drop(payload);
-        assert_ne!(memory.place(&header).unwrap().as_ref().as_ptr(), at);
-        assert!(held.iter().all(|&b| b == 7));
-        drop(held);
-        assert_eq!(memory.place(&header).unwrap().as_ref().as_ptr(), at);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use blockrep_core::pair::atomic_spans::unit_to_record;
 use blockrep_core::replication::{Admitted, Payload, ReplicationStatus, Ticket};
 use blockrep_core::{ByteRange, ReadSpan, read_spans};
-use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Volume, Waker};
+use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, SharedPool, Volume, Waker};
 use bytes::Bytes;
 
 use crate::link::{Data, PairLink};
@@ -20,6 +20,10 @@ use super::error::SessionError;
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;
+
+/// An initial sync's idle read buffers: four extents of the default 4 MiB
+/// (`replication.resync_extent`).
+const RESYNC_IDLE_BYTES: usize = 16 << 20;
 
 /// A catch-up reads clean blocks between dirty ones when the gap is at most this: one read
 /// of a span instead of one per dirty run (only the dirty runs are sent).
@@ -72,6 +76,7 @@ impl ProductionPair {
         self.set_status(ReplicationStatus::Copying, status_detail);
         let reader = ResyncReader {
             volume: Arc::clone(&self.volume),
+            buffers: SharedPool::with_idle_limit(RESYNC_IDLE_BYTES),
             link: Arc::clone(&self.link),
             // An extent never takes more than half the journal's room.
             extent: self
@@ -158,6 +163,8 @@ pub(super) enum ResyncOutcome {
 /// Reads extents with their blocks locked and queues them on the link.
 struct ResyncReader {
     volume: Arc<Volume>,
+    /// An initial sync's read buffers, back once the DR side acknowledged their extents.
+    buffers: SharedPool,
     link: Arc<PairLink>,
     extent: u64,
     stop: Arc<AtomicBool>,
@@ -275,7 +282,7 @@ impl ResyncReader {
                     .iter()
                     .map(|_| self.link.admit_catch_up_extent())
                     .collect();
-                let read = self.read_range(span.range);
+                let read = self.read_range(span.range, None);
                 let mut tickets = Vec::with_capacity(span.pieces.len());
                 self.link
                     .tracker()
@@ -346,21 +353,34 @@ impl ResyncReader {
             .fetch_add(range.len, Ordering::Relaxed);
     }
 
-    /// Reads an extent (its blocks locked by the caller): zeroes are sent as a zero range.
+    /// Reads an initial sync's extent (its blocks locked by the caller) into a buffer of
+    /// `buffers`: zeroes are sent as a zero range.
     fn read_extent(&self, range: ByteRange) -> Result<Payload<Data>, String> {
-        self.read_range(range).map(payload_of)
+        self.read_range(range, Some(&self.buffers)).map(payload_of)
     }
 
-    /// Reads `range` (its blocks locked by the caller) with one I/O.
-    fn read_range(&self, range: ByteRange) -> Result<Bytes, String> {
+    /// Reads `range` (its blocks locked by the caller) with one I/O, into a buffer of
+    /// `pool` if one holds it exactly (a power-of-two length), which goes back to it once
+    /// the link lets go of the data. A catch-up's spans take buffers of their own: their
+    /// lengths vary, and the production host's memory is bounded by what they hold.
+    fn read_range(&self, range: ByteRange, pool: Option<&SharedPool>) -> Result<Bytes, String> {
         let aligned = range.align_out(DIRECT_IO_ALIGN);
-        let mut buf = AlignedBuf::new(aligned.len as usize);
+        let len = aligned.len as usize;
+        let pool = pool.filter(|_| len.is_power_of_two());
+        let mut buf = match pool {
+            Some(pool) => pool.take(len),
+            None => AlignedBuf::new(len),
+        };
         self.volume
             .backing()
             .read_exact_at(&mut buf, aligned.offset)
             .map_err(|e| format!("read {range}: {e}"))?;
+        let data = match pool {
+            Some(pool) => Bytes::from_owner(pool.returning(buf)),
+            None => Bytes::from_owner(buf),
+        };
         let start = (range.offset - aligned.offset) as usize;
-        Ok(Bytes::from_owner(buf).slice(start..start + range.len as usize))
+        Ok(data.slice(start..start + range.len as usize))
     }
 }
 
