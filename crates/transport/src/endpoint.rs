@@ -785,16 +785,20 @@ mod tests {
         ) -> BoxFuture<'_, ()> {
             Box::pin(async move {
                 loop {
-                    let mut placed = false;
+                    let mut memory_at = None;
                     let next = stream
                         .reader
                         .next_placing(|header| {
-                            placed = header.len >= 64 << 10;
-                            placed.then(|| vec![0u8; header.len as usize])
+                            (header.len >= 64 << 10).then(|| {
+                                let memory = vec![0u8; header.len as usize];
+                                memory_at = Some(memory.as_ptr().addr());
+                                memory
+                            })
                         })
                         .await;
-                    let placed = placed
-                        && matches!(&next, Ok(Some(Frame::Write(h, _))) if h.len >= 64 << 10);
+                    // The frame's payload is the memory placed, not a copy of it.
+                    let placed = matches!(&next, Ok(Some(Frame::Write(_, payload)))
+                        if Some(payload.as_ptr().addr()) == memory_at);
                     match next {
                         Ok(Some(frame)) => {
                             let _ = self.frames.send(Ok((frame, placed)));

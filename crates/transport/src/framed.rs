@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use blockrep_wire::{
-    Frame, RefuseKind, WRITE_HEADER_LEN, WireError, WriteHeader, encode_write_header,
-    pending_data_write,
+    Frame, RefuseKind, WRITE_HEADER_LEN, WireError, WriteAhead, WriteHeader, encode_write_header,
+    write_ahead,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
@@ -48,7 +48,11 @@ impl FrameReader {
     /// its header is offered to `place`: memory it gives (exactly the write's `len` bytes)
     /// receives the payload, and becomes the frame's payload as it is. Memory of the
     /// caller's choosing (aligned for `O_DIRECT`, from a pool) saves the copy into it
-    /// later, and the allocation of a buffer here.
+    /// later, and the allocation of a buffer here. `place` may be offered the same header
+    /// again (as more bytes arrive) until it gives memory or the frame is whole.
+    ///
+    /// Not cancel-safe, unlike `next`: a payload part-received into placed memory is lost
+    /// with the future, and the reader is then out of step with the stream (drop it).
     pub async fn next_placing<M>(
         &mut self,
         mut place: impl FnMut(&WriteHeader) -> Option<M>,
@@ -57,12 +61,17 @@ impl FrameReader {
         M: AsRef<[u8]> + AsMut<[u8]> + Send + 'static,
     {
         loop {
-            if let Some(header) = pending_data_write(&self.buf)?
+            let ahead = write_ahead(&self.buf)?;
+            if let WriteAhead::Data(header) = ahead
                 && let Some(memory) = place(&header)
             {
                 return self.receive_payload(header, memory).await.map(Some);
             }
-            if let Some(frame) = self.next_received()? {
+            // A write's header read in part: read on (decoding would only make room for
+            // the whole frame behind it, and might then take its payload in there).
+            if ahead != WriteAhead::HeaderIncomplete
+                && let Some(frame) = self.next_received()?
+            {
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < 64 << 10 {

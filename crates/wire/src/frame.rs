@@ -640,29 +640,42 @@ impl Frame {
     }
 }
 
-/// Appends a `Write` frame's header; its payload of `payload_len` bytes must follow
-/// (`header.len`, none for zeroes, or the compressed length with [`WriteFlags::ZSTD`]).
-/// The header of a data write (neither zeroes nor compressed) at the front of `buf` whose
-/// payload has not all arrived: a reader may receive that payload into memory of its own
-/// rather than behind the header. `None` if `buf` does not start with one: too few bytes
-/// for a write's header yet, another frame, a zero range or a compressed payload, or the
-/// whole frame here already (for [`Frame::decode`]). The header is checked as `decode`
-/// checks it, and a frame that `decode` would refuse is refused here with the same error.
-pub fn pending_data_write(buf: &[u8]) -> Result<Option<WriteHeader>, WireError> {
-    if buf.len() < WRITE_HEADER_LEN || buf[4] != Type::Write as u8 {
-        return Ok(None);
+/// What the front of a reader's buffer holds, read ahead of the frame's end: see
+/// [`write_ahead`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteAhead {
+    /// A data write's header (neither zeroes nor compressed) whose payload has not all
+    /// arrived: a reader may receive that payload into memory of its own rather than
+    /// behind the header.
+    Data(WriteHeader),
+    /// The start of a `Write` frame whose header has not all arrived.
+    HeaderIncomplete,
+    /// Anything else (too few bytes to tell, another frame, a zero range or a compressed
+    /// payload, or the whole frame here already): for [`Frame::decode`].
+    Other,
+}
+
+/// Reads a `Write` frame's header ahead of its payload, at the front of `buf`. The header
+/// is checked as [`Frame::decode`] checks it: a frame `decode` would refuse is refused here
+/// with the same error (sooner, before its payload arrives).
+pub fn write_ahead(buf: &[u8]) -> Result<WriteAhead, WireError> {
+    if buf.len() < FRAME_HEADER_LEN || buf[4] != Type::Write as u8 {
+        return Ok(WriteAhead::Other);
     }
     let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
     if len > MAX_FRAME_LEN {
         return Err(WireError::TooLong { len });
     }
     if buf.len() >= 4 + len {
-        return Ok(None);
+        return Ok(WriteAhead::Other);
+    }
+    if buf.len() < WRITE_HEADER_LEN {
+        return Ok(WriteAhead::HeaderIncomplete);
     }
     let mut fields = &buf[FRAME_HEADER_LEN..WRITE_HEADER_LEN];
     let header = get_write_header(&mut fields, len)?;
     if header.flags.has(WriteFlags::ZEROES) || header.flags.has(WriteFlags::ZSTD) {
-        return Ok(None);
+        return Ok(WriteAhead::Other);
     }
     if !payload_fits(&header, len - (WRITE_HEADER_LEN - 4)) {
         return Err(WireError::BadLength {
@@ -670,7 +683,7 @@ pub fn pending_data_write(buf: &[u8]) -> Result<Option<WriteHeader>, WireError> 
             len,
         });
     }
-    Ok(Some(header))
+    Ok(WriteAhead::Data(header))
 }
 
 /// A `Write` frame's header fields, from a body `len` bytes long (counting the type byte),
@@ -717,6 +730,8 @@ fn payload_fits(header: &WriteHeader, payload_len: usize) -> bool {
     }
 }
 
+/// Appends a `Write` frame's header; its payload of `payload_len` bytes must follow
+/// (`header.len`, none for zeroes, or the compressed length with [`WriteFlags::ZSTD`]).
 pub fn encode_write_header(header: &WriteHeader, payload_len: u32, out: &mut impl BufMut) {
     out.put_u32((WRITE_HEADER_LEN - 4) as u32 + payload_len);
     out.put_u8(Type::Write as u8);
@@ -1079,6 +1094,12 @@ mod tests {
             Frame::decode(&mut too_long),
             Err(WireError::TooLong { .. })
         ));
+        assert_eq!(
+            write_ahead(&[0xff, 0xff, 0xff, 0xff, Type::Write as u8]),
+            Err(WireError::TooLong {
+                len: u32::MAX as usize
+            })
+        );
         let mut unknown = BytesMut::from(&[0, 0, 0, 1, 200][..]);
         assert_eq!(
             Frame::decode(&mut unknown),
@@ -1176,8 +1197,9 @@ mod tests {
 
         /// A write's header read ahead of its payload agrees with decoding the whole frame:
         /// a data write that decodes is found, with the same header, from any prefix holding
-        /// its header but not all its payload; an error found ahead is the one decoding
-        /// gives; nothing else is found.
+        /// its header but not all its payload; a shorter prefix past the frame's length and
+        /// type is an incomplete header; an error found ahead is the one decoding gives;
+        /// nothing else is found.
         #[test]
         fn a_data_write_read_ahead_agrees_with_decoding_it_whole(
             flags in prop_oneof![
@@ -1200,18 +1222,26 @@ mod tests {
             encode_write_header(&header, body as u32, &mut whole);
             whole.extend((0..body).map(|i| i as u8));
             let decoded = Frame::decode(&mut whole.clone());
-            let at = WRITE_HEADER_LEN + cut.index(body.max(1));
-            let ahead = pending_data_write(&whole[..at.min(whole.len())]);
+            let at = cut.index(whole.len() + 1);
+            let ahead = write_ahead(&whole[..at]);
             let is_data = |h: &WriteHeader| {
                 !h.flags.has(WriteFlags::ZEROES) && !h.flags.has(WriteFlags::ZSTD)
             };
-            match (&decoded, &ahead) {
-                (Ok(Some(Frame::Write(h, _))), _) if is_data(h) && at < whole.len() => {
-                    prop_assert_eq!(ahead, Ok(Some(*h)));
+            if at < FRAME_HEADER_LEN || at == whole.len() {
+                prop_assert_eq!(ahead, Ok(WriteAhead::Other));
+            } else if at < WRITE_HEADER_LEN {
+                prop_assert_eq!(ahead, Ok(WriteAhead::HeaderIncomplete));
+            } else {
+                match (&decoded, &ahead) {
+                    (Ok(Some(Frame::Write(h, _))), _) if is_data(h) => {
+                        prop_assert_eq!(ahead, Ok(WriteAhead::Data(*h)));
+                    }
+                    (_, Ok(WriteAhead::Data(_) | WriteAhead::HeaderIncomplete)) => {
+                        prop_assert!(false, "found ahead: {ahead:?}, decoded: {decoded:?}")
+                    }
+                    (_, Err(e)) => prop_assert_eq!(decoded.as_ref().err(), Some(e)),
+                    (_, Ok(WriteAhead::Other)) => {}
                 }
-                (_, Ok(Some(_))) => prop_assert!(false, "found ahead: {ahead:?}, decoded: {decoded:?}"),
-                (_, Err(e)) => prop_assert_eq!(decoded.as_ref().err(), Some(e)),
-                (_, Ok(None)) => {}
             }
         }
 

@@ -10,7 +10,7 @@ pub mod version;
 
 pub use frame::{
     DIGEST_BLOCK, FRAME_HEADER_LEN, Frame, Hello, HelloFlags, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
-    MAX_VERIFY_BLOCKS, RefuseKind, RejectReason, WRITE_HEADER_LEN, WireError, WriteFlags,
-    WriteHeader, block_crcs, encode_write_header, payload_crc, pending_data_write,
+    MAX_VERIFY_BLOCKS, RefuseKind, RejectReason, WRITE_HEADER_LEN, WireError, WriteAhead,
+    WriteFlags, WriteHeader, block_crcs, encode_write_header, payload_crc, write_ahead,
 };
 pub use version::{ALPN, ProtocolVersion};

@@ -13,9 +13,9 @@
 //!   syncs the stage log (the unit is now durable: `Staged`), applies the unit's writes,
 //!   syncs the volume and records the applied epoch (`Applied`).
 //!
-//! A payload whose CRC does not match is not written: the sender gets a `Reject`. A large
-//! payload the stream received into aligned memory (`dr::received`) goes on the ring as it
-//! is; others are copied into one of the worker's aligned buffers.
+//! A payload whose CRC does not match is not written: the sender gets a `Reject`. A direct
+//! write's payload the stream received into aligned memory of its own (`dr::received`)
+//! goes on the ring as it is; others are copied into one of the worker's aligned buffers.
 //!
 //! A `Verify` is a barrier too: the blocks it names are read back and their CRCs compared
 //! once every earlier frame is on the volume — at once for direct replication, or right
@@ -74,6 +74,9 @@ pub enum ApplyCmd {
         payload: Bytes,
         /// Bytes of the apply queue's budget it holds, given back once it is handled.
         budget: u32,
+        /// The payload was received into aligned memory of its own (`dr::received`): the
+        /// ring writes it from there, uncopied.
+        placed: bool,
     },
     Flush {
         seq: WriteSeq,
@@ -249,6 +252,7 @@ impl Applier {
             header,
             payload,
             budget,
+            ..
         } = &mut cmd
             && !header.flags.has(WriteFlags::GATED)
         {
@@ -383,6 +387,7 @@ mod tests {
             },
             payload,
             budget: 0,
+            placed: false,
         }
     }
 
@@ -421,7 +426,54 @@ mod tests {
             },
             payload,
             budget: 0,
+            placed: false,
         }
+    }
+
+    /// A payload received into aligned memory of its own (`dr::received`) is written from
+    /// it, after an overlapping write it waited for (put back with its payload meanwhile);
+    /// its buffer goes back to its pool once written.
+    #[test]
+    fn a_placed_payload_is_written_as_it_came_and_its_buffer_returns_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dr.img");
+        let (applier, mut events, runtime) = start_applier(dir.path(), &path, SIZE);
+        let submit = |cmd| runtime.block_on(applier.submit(cmd));
+        let pool = blockrep_volume::SharedPool::with_idle_limit(1 << 20);
+        let mut buf = pool.returning(pool.take(64 << 10));
+        buf.fill(0x3c);
+        let at = buf.as_ptr().addr();
+        let payload = Bytes::from_owner(buf);
+        submit(direct_write(1, 0, 128 << 10, 0x11));
+        let ApplyCmd::Write { header, .. } = direct_write(2, 0, 64 << 10, 0) else {
+            unreachable!("a write")
+        };
+        submit(ApplyCmd::Write {
+            header: WriteHeader {
+                crc: payload_crc(&payload),
+                ..header
+            },
+            payload,
+            budget: 0,
+            placed: true,
+        });
+        submit(ApplyCmd::Flush { seq: WriteSeq(3) });
+        let seen = events_until_flush(&mut events, WriteSeq(3));
+        assert!(
+            !seen.iter().any(|e| matches!(e, ApplyEvent::Reject { .. })),
+            "{seen:?}"
+        );
+        assert_eq!(
+            pool.take(64 << 10).as_ptr().addr(),
+            at,
+            "back in its pool once written"
+        );
+        applier.stop();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut data = vec![0u8; 128 << 10];
+        file.read_exact_at(&mut data, 0).unwrap();
+        assert!(data[..64 << 10].iter().all(|&b| b == 0x3c));
+        assert!(data[64 << 10..].iter().all(|&b| b == 0x11));
     }
 
     /// An applier on a `size`-byte volume at `path` (created sparse if missing), its stage
@@ -778,6 +830,7 @@ mod tests {
                 crc,
             },
             payload: packed.clone(),
+            placed: false,
             budget: 0,
         };
         let crc = payload_crc(&data);

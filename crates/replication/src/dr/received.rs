@@ -10,8 +10,9 @@ use crate::applier::goes_on_the_ring;
 /// Smaller payloads are received behind their header and copied into the ring's buffers:
 /// a buffer of their own saves little.
 const PLACED_MIN_BYTES: u32 = 64 << 10;
-/// Idle buffers a stream keeps: a hypermetro window of 1 MiB writes, or a resync's pieces
-/// in flight, come back as fast as the next ones are received.
+/// Idle buffers a stream keeps (each stream its own pool, freed with the stream): a
+/// hypermetro window of 1 MiB writes, or a resync's pieces in flight, come back as fast as
+/// the next ones are received.
 const IDLE_BYTES: usize = 16 << 20;
 
 /// A stream's pool of payload memory.
@@ -26,11 +27,12 @@ impl PayloadMemory {
         }
     }
 
-    /// Memory for the payload of `header`, if the applier puts it on its ring as it is and
-    /// it is large enough to be worth it; back to the pool when the last reference to the
-    /// payload goes (the applier's, once its write completes). Only a power-of-two length
-    /// is placed: the pool's buffer then holds it exactly, so the memory held is the bytes
-    /// received (what the applier's queue counts).
+    /// Memory for the payload of `header`, if it is aligned data the applier's ring could
+    /// write as it is and large enough to be worth it; back to the pool when the last
+    /// reference to the payload goes: a direct write's once the ring wrote it, a staged
+    /// write's once it is copied into the stage log (a gated write's is held until it is
+    /// let go). Only a power-of-two length is placed: the pool's buffer then holds it
+    /// exactly, so the memory held is the bytes received (what the applier's queue counts).
     pub(super) fn place(&self, header: &WriteHeader) -> Option<PooledBuf> {
         let placed = header.len >= PLACED_MIN_BYTES
             && header.len.is_power_of_two()

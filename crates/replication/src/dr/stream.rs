@@ -72,9 +72,15 @@ impl DrPair {
         let memory = PayloadMemory::new();
         let frames = async {
             loop {
-                match reader.next_placing(|header| memory.place(header)).await {
+                let mut placed = false;
+                let next = reader.next_placing(|header| {
+                    let memory = memory.place(header);
+                    placed = memory.is_some();
+                    memory
+                });
+                match next.await {
                     Ok(Some(frame)) => {
-                        let cmd = command_of(frame)
+                        let cmd = command_of(frame, placed)
                             .ok_or_else(|| "unexpected frame on a replication stream".to_owned())?;
                         applier.submit(cmd).await;
                     }
@@ -112,13 +118,15 @@ impl DrPair {
 }
 
 /// The applier's command a frame of the production side stands for (`None`: a frame the
-/// production side never sends on a replication stream).
-fn command_of(frame: Frame) -> Option<ApplyCmd> {
+/// production side never sends on a replication stream); `placed`: a write's payload was
+/// received into memory of its own.
+fn command_of(frame: Frame, placed: bool) -> Option<ApplyCmd> {
     Some(match frame {
         Frame::Write(header, payload) => ApplyCmd::Write {
             header,
             payload,
             budget: 0,
+            placed,
         },
         Frame::Flush { seq } => ApplyCmd::Flush { seq },
         Frame::Seal { epoch, cut_ms } => ApplyCmd::Seal { epoch, cut_ms },

@@ -85,8 +85,9 @@ impl Worker {
                     header,
                     payload,
                     budget,
+                    placed,
                 } => {
-                    if !self.write(header, payload, budget)? {
+                    if !self.write(header, payload, budget, placed)? {
                         return Ok(());
                     }
                     self.inbox.budget.add_permits(budget as usize);
@@ -137,7 +138,13 @@ impl Worker {
     }
 
     /// Handles one incoming write. Returns false if it had to wait (it is put back).
-    fn write(&mut self, mut header: WriteHeader, payload: Bytes, budget: u32) -> io::Result<bool> {
+    fn write(
+        &mut self,
+        mut header: WriteHeader,
+        payload: Bytes,
+        budget: u32,
+        placed: bool,
+    ) -> io::Result<bool> {
         let zeroes = header.flags.has(WriteFlags::ZEROES);
         // A malformed write ends the applier: nothing after it in the stream applies.
         let range = ByteRange::within(header.offset, u64::from(header.len), self.volume.size())
@@ -203,12 +210,14 @@ impl Worker {
             return Ok(true);
         }
         if goes_on_the_ring(&header) {
-            // Received into aligned memory (`dr::received`), it goes as it is.
-            let data = if payload
-                .as_ptr()
-                .addr()
-                .is_multiple_of(DIRECT_IO_ALIGN as usize)
-            {
+            // Received into aligned memory of its own (`dr::received`), it goes as it is.
+            let data = if placed {
+                debug_assert!(
+                    payload
+                        .as_ptr()
+                        .addr()
+                        .is_multiple_of(DIRECT_IO_ALIGN as usize)
+                );
                 WriteData::Received(payload.clone())
             } else {
                 let mut buf = self.bufs.take(payload.len());
@@ -221,6 +230,7 @@ impl Worker {
                     header,
                     payload,
                     budget,
+                    placed,
                 });
                 return Ok(false);
             }
@@ -357,6 +367,7 @@ impl Worker {
                 return Ok(());
             }
             let fast = !staged.zeroes && staged.range.is_aligned(DIRECT_IO_ALIGN);
+            // (`goes_on_the_ring` for a staged write.)
             if !fast {
                 if self.inflight > 0 {
                     return Ok(());
