@@ -99,6 +99,50 @@ fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
     })
 }
 
+/// Seconds the production host's device takes to read what an initial sync reads of it,
+/// in 4 MiB reads with `O_DIRECT`, one at a time, fio on the production host's CPU: with
+/// `data`, `(chunk, stride, bytes)`, the `chunk` at the start of every `stride` of `path`
+/// up to `bytes` (what `SEEK_DATA` finds of the scenario's volume); otherwise all of it
+/// (a loop device, read whole).
+pub fn device_read_seconds(path: &str, data: Option<(u64, u64, u64)>) -> anyhow::Result<f64> {
+    let mut cmd = crate::env::on_host(crate::env::Host::Production, "fio");
+    cmd.args([
+        "--name=device-read",
+        "--output-format=json",
+        "--direct=1",
+        "--ioengine=psync",
+        "--numjobs=1",
+        "--rw=read",
+        "--bs=4m",
+    ])
+    .arg(format!("--filename={path}"));
+    if let Some((chunk, stride, bytes)) = data {
+        cmd.arg("--zonemode=strided")
+            .arg(format!("--zonesize={chunk}"))
+            .arg(format!("--zonerange={stride}"))
+            .arg(format!("--io_size={bytes}"));
+    }
+    let out = cmd.output().context("run fio")?;
+    if !out.status.success() {
+        crate::env::check_interrupted()?;
+        bail!(
+            "fio failed reading {path} ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text[text.find('{').context("no JSON in fio output")?..])
+        .context("parse fio JSON")?;
+    let read = &v["jobs"][0]["read"];
+    let bytes = read["io_bytes"].as_f64().unwrap_or(0.0);
+    let bw = read["bw_bytes"].as_f64().unwrap_or(0.0);
+    if bytes <= 0.0 || bw <= 0.0 {
+        bail!("fio read nothing of {path}");
+    }
+    Ok(bytes / bw)
+}
+
 /// fio on `uris` at once (one job each), `rw` 4k QD32 for `runtime_s` after `ramp_s` not
 /// counted, on `host`: total IOPS and bytes moved (counted: not the ramp's).
 pub fn nbd_4k(

@@ -153,7 +153,8 @@ const STRIDE: u64 = 32 << 20;
 /// A 2 GiB volume with 25% of it written (8 MiB of data every 32 MiB), paired with an
 /// empty one: what the initial sync sends, and how fast. Twice: on files, where the sync
 /// reads only what `SEEK_DATA` finds, and on loop devices, where it reads everything and
-/// sends zero blocks as zero ranges.
+/// sends zero blocks as zero ranges. Each beside what the production device alone takes to
+/// read the same (the copy's floor on the production host; the quic-link row moves memory).
 pub fn initial_sync(
     env: &mut Env,
     work: &Path,
@@ -165,7 +166,7 @@ pub fn initial_sync(
     let link = report.median_of("seqwrite-1m-qd8", "quic-link");
     let line = |what: &str, r: &SyncRun| {
         format!(
-            "- {what}: sent {:.1} MB on the stream ({:.1} MB of extent payload) for {:.1} MB allocated: {:.3}× allocated; {:.2} s: {:.0} MB/s of allocated data{}; of which copying (status `copying` to `active`) {}.",
+            "- {what}: sent {:.1} MB on the stream ({:.1} MB of extent payload) for {:.1} MB allocated: {:.3}× allocated; {:.2} s: {:.0} MB/s of allocated data{}; of which copying (status `copying` to `active`) {}. The production device alone reads what the sync reads in {:.2} s ({:.0} MB/s of allocated data; fio, `O_DIRECT`, one read at a time, 4 MiB reads, on the production host's CPU): the copy ran at {}.",
             r.sent as f64 / 1e6,
             r.payload as f64 / 1e6,
             r.allocated as f64 / 1e6,
@@ -183,6 +184,12 @@ pub fn initial_sync(
                 ),
                 _ => "not seen (the copy ended between two polls)".to_owned(),
             },
+            r.device_seconds,
+            r.device_throughput(),
+            r.copy_throughput().map_or_else(
+                || "an unknown share of that".to_owned(),
+                |rate| format!("{:.2}× that", rate / r.device_throughput())
+            ),
         )
     };
     let markdown = format!(
@@ -244,11 +251,20 @@ struct SyncRun {
     /// From the first status poll (every 50 ms) that saw the pair `copying` to `active`:
     /// the copy without the pair's setup (roles assigned, the agents connected).
     copying_seconds: Option<f64>,
+    /// How long the production device alone takes to read what the sync reads of it
+    /// (`fio::device_read_seconds`): a floor of the copy on the production host, which the
+    /// quic-link row (memory to memory) is not.
+    device_seconds: f64,
 }
 
 impl SyncRun {
     fn throughput(&self) -> f64 {
         self.allocated as f64 / 1e6 / self.seconds
+    }
+
+    /// The production device's read rate, in allocated data per second.
+    fn device_throughput(&self) -> f64 {
+        self.allocated as f64 / 1e6 / self.device_seconds
     }
 
     fn copy_throughput(&self) -> Option<f64> {
@@ -266,6 +282,8 @@ impl SyncRun {
             "megabytes_per_second": self.throughput(),
             "copying_seconds": self.copying_seconds,
             "copying_megabytes_per_second": self.copy_throughput(),
+            "device_read_seconds": self.device_seconds,
+            "device_read_megabytes_per_second": self.device_throughput(),
         })
     }
 }
@@ -304,6 +322,9 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
             dr_file.display().to_string(),
         )
     };
+    // What the sync reads, read by the device alone before the agents start.
+    let data = (!devices).then_some((CHUNK, STRIDE, allocated));
+    let device_seconds = fio::device_read_seconds(&prod, data)?;
     let cluster = Cluster::start(
         env,
         work,
@@ -367,6 +388,7 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
         payload: state["counters"]["resync_bytes_sent"].as_u64().unwrap_or(0),
         seconds: elapsed,
         copying_seconds: copying,
+        device_seconds,
     })
 }
 
