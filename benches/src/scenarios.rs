@@ -154,7 +154,7 @@ const STRIDE: u64 = 32 << 20;
 /// empty one: what the initial sync sends, and how fast. Twice: on files, where the sync
 /// reads only what `SEEK_DATA` finds, and on loop devices, where it reads everything and
 /// sends zero blocks as zero ranges. Each beside what the production device alone takes to
-/// read the same (the copy's floor on the production host; the quic-link row moves memory).
+/// read the same (a floor of the copy on the production host; the quic-link row moves memory).
 pub fn initial_sync(
     env: &mut Env,
     work: &Path,
