@@ -50,22 +50,27 @@ pub fn run_with(
         .args(&target.fio_args)
         .args(workload.fio_args)
         .args(extra);
+    let json = json_report(&mut cmd, &format!("on {} / {}", target.name, workload.name))?;
+    parse(&json, workload.figure)
+}
+
+/// Runs fio (`--output-format=json`) and returns its JSON report; `what` says what the run
+/// was, for the error if it fails.
+fn json_report(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     let out = cmd.output().context("run fio")?;
     if !out.status.success() {
         // Ctrl-C reaches fio too; say what happened rather than blame fio.
         crate::env::check_interrupted()?;
         bail!(
-            "fio failed on {} / {} ({}): {}",
-            target.name,
-            workload.name,
+            "fio failed {what} ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     // fio may print notices before its JSON.
     let text = String::from_utf8_lossy(&out.stdout);
-    let json = &text[text.find('{').context("no JSON in fio output")?..];
-    parse(json, workload.figure)
+    let start = text.find('{').context("no JSON in fio output")?;
+    Ok(text[start..].to_owned())
 }
 
 fn parse(json: &str, figure: Figure) -> anyhow::Result<Sample> {
@@ -122,18 +127,8 @@ pub fn device_read_seconds(path: &str, data: Option<(u64, u64, u64)>) -> anyhow:
             .arg(format!("--zonerange={stride}"))
             .arg(format!("--io_size={bytes}"));
     }
-    let out = cmd.output().context("run fio")?;
-    if !out.status.success() {
-        crate::env::check_interrupted()?;
-        bail!(
-            "fio failed reading {path} ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(&text[text.find('{').context("no JSON in fio output")?..])
-        .context("parse fio JSON")?;
+    let json = json_report(&mut cmd, &format!("reading {path}"))?;
+    let v: Value = serde_json::from_str(&json).context("parse fio JSON")?;
     let read = &v["jobs"][0]["read"];
     let bytes = read["io_bytes"].as_f64().unwrap_or(0.0);
     let bw = read["bw_bytes"].as_f64().unwrap_or(0.0);
