@@ -286,7 +286,10 @@ impl Gather {
 
 /// A writer's idle gather buffers. A chunk keeps its buffer until quinn drops it (the peer
 /// acknowledged its bytes); the buffer then comes back here, so gathering reuses memory
-/// already in place rather than faulting in a fresh allocation's pages.
+/// already in place rather than faulting in a fresh allocation's pages. Not the volume
+/// crate's `SharedPool`: these are growable `Vec`s frames are encoded into (`BufMut`), of
+/// one size and unaligned, and a chunk still in flight once its writer is gone frees its
+/// buffer (a `Weak` home) rather than keep the pool alive.
 #[derive(Default)]
 struct GatherBuffers {
     idle: Mutex<Vec<Vec<u8>>>,

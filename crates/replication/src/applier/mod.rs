@@ -430,11 +430,13 @@ mod tests {
         }
     }
 
-    /// A payload received into aligned memory of its own (`dr::received`) is written from
-    /// it, after an overlapping write it waited for (put back with its payload meanwhile);
-    /// its buffer goes back to its pool once written.
+    /// A payload received into aligned memory of its own (`dr::received`) is written, after
+    /// an overlapping write it waited for (put back with its payload meanwhile), and its
+    /// buffer goes back to its pool once written, not held or leaked by the ring's slot.
+    /// (That the ring writes it uncopied is not seen from here: a profile of the hypermetro
+    /// 1M bench row shows the applier thread without a copy.)
     #[test]
-    fn a_placed_payload_is_written_as_it_came_and_its_buffer_returns_once_written() {
+    fn a_placed_payload_is_written_and_its_buffer_returns_once_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dr.img");
         let (applier, mut events, runtime) = start_applier(dir.path(), &path, SIZE);

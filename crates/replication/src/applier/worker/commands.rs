@@ -366,8 +366,8 @@ impl Worker {
             if self.inflight >= MAX_INFLIGHT {
                 return Ok(());
             }
+            // As `goes_on_the_ring`, for a staged write's range.
             let fast = !staged.zeroes && staged.range.is_aligned(DIRECT_IO_ALIGN);
-            // (`goes_on_the_ring` for a staged write.)
             if !fast {
                 if self.inflight > 0 {
                     return Ok(());
