@@ -299,7 +299,9 @@ fn run_bench(args: Args) -> anyhow::Result<()> {
                     shorter.as_ref().map(|t| (t, SHORT_EPOCH_MS)),
                 )?
             }
-            "initial-sync" => scenarios::initial_sync(&mut env, &work, &bin, &report)?,
+            "initial-sync" => {
+                scenarios::initial_sync(&mut env, &work, dr_work.as_deref(), &bin, &report)?
+            }
             "sustained" => scenarios::sustained(&ready, &report, args.lag_seconds)?,
             "catch-up" | "backlog" | "lossy" | "limited" | "compressed" => {
                 let mut setup = targets::Setup::new(&mut env, paths);

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::env::{Env, check_interrupted, run};
 use crate::fio::{self, Timing};
-use crate::pairs::Cluster;
+use crate::pairs::{Cluster, ClusterSpec};
 use crate::report::{Goal, GoalFormat, Report, ScenarioResult};
 use crate::targets::{Kind, Target};
 use crate::workloads;
@@ -155,14 +155,17 @@ const STRIDE: u64 = 32 << 20;
 /// reads only what `SEEK_DATA` finds, and on loop devices, where it reads everything and
 /// sends zero blocks as zero ranges. Each beside what the production device alone takes to
 /// read the same (a floor of the copy on the production host; the quic-link row moves memory).
+/// With `dr_work` (`--dr-disk memory`), the DR volume (a file, in both runs) and the DR
+/// agent's state are there: the DR host's writes do not take from the production device.
 pub fn initial_sync(
     env: &mut Env,
     work: &Path,
+    dr_work: Option<&Path>,
     bin: &Path,
     report: &Report,
 ) -> anyhow::Result<ScenarioResult> {
-    let files = sync_once(env, work, bin, false)?;
-    let devices = sync_once(env, work, bin, true)?;
+    let files = sync_once(env, work, dr_work, bin, false)?;
+    let devices = sync_once(env, work, dr_work, bin, true)?;
     let link = report.median_of("seqwrite-1m-qd8", "quic-link");
     let line = |what: &str, r: &SyncRun| {
         format!(
@@ -288,10 +291,16 @@ impl SyncRun {
     }
 }
 
-fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::Result<SyncRun> {
+fn sync_once(
+    env: &mut Env,
+    work: &Path,
+    dr_work: Option<&Path>,
+    bin: &Path,
+    devices: bool,
+) -> anyhow::Result<SyncRun> {
     let tag = if devices { "dev" } else { "file" };
     let prod_file = work.join(format!("sync-{tag}-prod.img"));
-    let dr_file = work.join(format!("sync-{tag}-dr.img"));
+    let dr_file = dr_work.unwrap_or(work).join(format!("sync-{tag}-dr.img"));
     for file in [&prod_file, &dr_file] {
         std::fs::File::create(file)?.set_len(SYNC_VOLUME)?;
     }
@@ -314,13 +323,17 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
         file.sync_all()?;
     }
     let allocated = SYNC_VOLUME / STRIDE * CHUNK;
-    let (prod, dr) = if devices {
-        (env.attach_loop(&prod_file)?, env.attach_loop(&dr_file)?)
+    let prod = if devices {
+        env.attach_loop(&prod_file)?
     } else {
-        (
-            prod_file.display().to_string(),
-            dr_file.display().to_string(),
-        )
+        prod_file.display().to_string()
+    };
+    // A DR volume in memory stays a file: a loop device would do the DR host's writes on
+    // kernel workers, which the pinned layout keeps on the production host's CPU.
+    let dr = if devices && dr_work.is_none() {
+        env.attach_loop(&dr_file)?
+    } else {
+        dr_file.display().to_string()
     };
     // What the sync reads, read by the device alone before the agents start.
     let data = (!devices).then_some((CHUNK, STRIDE, allocated));
@@ -330,7 +343,10 @@ fn sync_once(env: &mut Env, work: &Path, bin: &Path, devices: bool) -> anyhow::R
         work,
         bin,
         &format!("initial-sync-{tag}"),
-        Default::default(),
+        ClusterSpec {
+            dr_home: dr_work,
+            ..Default::default()
+        },
     )?;
     cluster.cli_a(&["volume", "add", "--name", "prod", "--path", &prod])?;
     run(Command::new(bin.join("blockrep"))
