@@ -579,6 +579,12 @@ impl PairLink {
         self.wait_until(stop, |m| m.has_room_for(bytes))
     }
 
+    /// Whether the reader may queue `bytes` more now ([`PairLink::wait_for_room`] without
+    /// the wait).
+    pub fn has_room_for(&self, bytes: u64) -> bool {
+        self.lock().has_room_for(bytes)
+    }
+
     /// Waits (the resync thread, blocking) until `ready` holds of the machine, waking
     /// whenever frames are taken or answered. Returns false if `stop` says to give up.
     fn wait_until(&self, stop: &dyn Fn() -> bool, ready: impl Fn(&Machine) -> bool) -> bool {

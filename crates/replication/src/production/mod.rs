@@ -4,7 +4,8 @@
 //!
 //! - `session`: one session: the handshake and its plan, then the sender, receiver and
 //!   epoch ticker until one ends; the backoff between sessions.
-//! - `resync`: the resync reader (initial sync, catch-up).
+//! - `resync`: the resync reader (initial sync, catch-up);
+//! - `extent_reads`: an initial sync's reads in flight, on the resync thread's io_uring.
 //!
 //! ```text
 //!  connect ─► Hello ─► Welcome { applied, consistent } ─► decide:
@@ -33,6 +34,7 @@ use crate::verify::{VerifyRunner, VerifyStatus};
 
 mod digests;
 mod error;
+mod extent_reads;
 mod resync;
 mod session;
 

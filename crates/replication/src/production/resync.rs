@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use blockrep_core::pair::atomic_spans::unit_to_record;
 use blockrep_core::replication::{Admitted, Payload, ReplicationStatus, Ticket};
-use blockrep_core::{ByteRange, ReadSpan, read_spans};
-use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, SharedPool, Volume, Waker};
+use blockrep_core::{ByteRange, LockId, ReadSpan, read_spans};
+use blockrep_volume::{AlignedBuf, DIRECT_IO_ALIGN, Entered, SharedPool, Volume, Waker};
 use bytes::Bytes;
 
 use crate::link::{Data, PairLink};
@@ -17,6 +17,7 @@ use crate::membership::MembershipRecord;
 
 use super::ProductionPair;
 use super::error::SessionError;
+use super::extent_reads::{ExtentRead, ExtentReads, READS_IN_FLIGHT};
 
 /// The smallest extent a resync reads (a journal bound too small for more still moves).
 pub const MIN_EXTENT: u64 = 64 << 10;
@@ -180,6 +181,8 @@ impl ResyncReader {
     /// marks the sync done.
     fn initial_sync(&self, whole: bool) -> Result<ResyncOutcome, String> {
         let waker = Arc::new(Waker::new().map_err(|e| e.to_string())?);
+        let mut reads = ExtentReads::new(Arc::clone(&self.volume), self.buffers.clone())
+            .map_err(|e| format!("set up the initial sync's reads: {e}"))?;
         let runs = if whole {
             vec![ByteRange::new(0, self.volume.size())]
         } else {
@@ -189,14 +192,16 @@ impl ResyncReader {
             let mut at = run.offset;
             while at < run.end() {
                 if self.stopped() {
+                    // The reads in flight are dropped, their blocks let go, never queued.
                     return Ok(ResyncOutcome::Stopped);
                 }
                 // Holes are cheap to send (no payload): take them in big pieces.
                 let piece = ByteRange::new(at, (run.end() - at).min(1 << 30));
-                let consumed = self.sync_piece(piece, &waker)?;
+                let consumed = self.sync_piece(piece, &waker, &mut reads)?;
                 at += consumed;
             }
         }
+        self.finish_reads(&mut reads)?;
         if !self.link.wait_for_extents(&|| self.stopped()) {
             return Ok(ResyncOutcome::Stopped);
         }
@@ -208,43 +213,132 @@ impl ResyncReader {
         Ok(ResyncOutcome::FullSyncDone)
     }
 
-    /// Sends the start of `piece`: a hole whole, or one data extent. Returns the bytes it
-    /// covered.
-    fn sync_piece(&self, piece: ByteRange, waker: &Arc<Waker>) -> Result<u64, String> {
-        if !self.link.wait_for_room(self.extent, &|| self.stopped()) {
-            return Ok(piece.len);
+    /// Sends the start of `piece`: a hole whole, or one data extent, whose read it starts
+    /// (queued once read, oldest first, with at most [`READS_IN_FLIGHT`] reading). Returns
+    /// the bytes it covered: none if a write filled the hole it found.
+    fn sync_piece(
+        &self,
+        piece: ByteRange,
+        waker: &Arc<Waker>,
+        reads: &mut ExtentReads,
+    ) -> Result<u64, String> {
+        // Room for one more extent beside those being read: while there is none, the
+        // oldest read is queued first (it had room of its own). The reader waits for room
+        // only with no blocks locked.
+        while !self.link.has_room_for(reads.bytes() + self.extent) {
+            match reads.finish_oldest()? {
+                Some(read) => self.queue_extent(read),
+                None if !self.link.wait_for_room(self.extent, &|| self.stopped()) => {
+                    return Ok(piece.len);
+                }
+                None => break,
+            }
         }
-        let gate = self.volume.gate();
-        let lock = gate
-            .lock_blocking(piece, waker)
-            .map_err(|e| e.to_string())?;
-        // Allocation is read with the blocks locked: no write can fill a hole meanwhile.
+        // Read unlocked to size the lock; a hole is read again with its blocks locked.
         let first = self
             .volume
             .allocation(piece, 1)
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("find the data of {piece}: {e}"))?;
+        let Some(first) = first.first().copied() else {
+            return Ok(piece.len);
+        };
+        if first.hole {
+            return self.sync_hole(ByteRange::new(piece.offset, first.len), waker, reads);
+        }
+        let range = ByteRange::new(piece.offset, first.len.min(self.extent));
+        let lock = self.lock(range, waker, reads)?;
+        reads.start(range, lock)?;
+        if reads.len() >= READS_IN_FLIGHT
+            && let Some(read) = reads.finish_oldest()?
+        {
+            self.queue_extent(read);
+        }
+        Ok(range.len)
+    }
+
+    /// Sends `hole` as a zero range if it still is one with its blocks locked (no write can
+    /// fill it meanwhile). Returns the bytes sent: none if a write filled its start.
+    fn sync_hole(
+        &self,
+        hole: ByteRange,
+        waker: &Arc<Waker>,
+        reads: &mut ExtentReads,
+    ) -> Result<u64, String> {
+        let gate = self.volume.gate();
+        let lock = self.lock(hole, waker, reads)?;
+        let still = self
+            .volume
+            .allocation(hole, 1)
+            .map_err(|e| format!("find the data of {hole}: {e}"))
             .map(|extents| extents.first().copied());
-        let result = match first {
+        let sent = match still {
             Ok(Some(e)) if e.hole => {
-                let range = ByteRange::new(piece.offset, e.len);
+                let range = ByteRange::new(hole.offset, e.len);
                 let ticket = self.link.tracker().issue_ticket(range);
                 self.link.push_sync_extent(range, Payload::Zeroes, ticket);
                 Ok(e.len)
             }
-            Ok(Some(e)) => {
-                let range = ByteRange::new(piece.offset, e.len.min(self.extent));
-                self.read_extent(range).map(|payload| {
-                    let ticket = self.link.tracker().issue_ticket(range);
-                    self.count_sent(range, &payload);
-                    self.link.push_sync_extent(range, payload, ticket);
-                    range.len
-                })
-            }
-            Ok(None) => Ok(piece.len),
+            Ok(_) => Ok(0),
             Err(e) => Err(e),
         };
         gate.leave(lock);
-        result
+        sent
+    }
+
+    /// Locks `range` for an initial sync, its earlier extents perhaps still being read.
+    /// If a write holds or waits for some of its blocks, those reads are queued first,
+    /// letting go of their blocks: the write may be waiting for them too, and locks are
+    /// granted first come, first served, so waiting while holding them could wait forever.
+    fn lock(
+        &self,
+        range: ByteRange,
+        waker: &Arc<Waker>,
+        reads: &mut ExtentReads,
+    ) -> Result<LockId, String> {
+        let gate = self.volume.gate();
+        let lock = match gate.lock(range, waker) {
+            Entered::Go(lock) => return Ok(lock),
+            Entered::Queued(lock) => lock,
+            Entered::Refused(errno) => {
+                return Err(format!(
+                    "lock {range}: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                ));
+            }
+        };
+        let waited = self.finish_reads(reads).and_then(|()| {
+            while !gate.is_held(lock) {
+                waker
+                    .wait_blocking()
+                    .map_err(|e| format!("lock {range}: {e}"))?;
+            }
+            Ok(())
+        });
+        match waited {
+            Ok(()) => Ok(lock),
+            Err(e) => {
+                gate.leave(lock);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues every extent being read, oldest first.
+    fn finish_reads(&self, reads: &mut ExtentReads) -> Result<(), String> {
+        while let Some(read) = reads.finish_oldest()? {
+            self.queue_extent(read);
+        }
+        Ok(())
+    }
+
+    /// Queues an initial sync's extent, read with its blocks locked, and lets go of them.
+    fn queue_extent(&self, read: ExtentRead) {
+        let ExtentRead { range, data, lock } = read;
+        let payload = payload_of(data);
+        let ticket = self.link.tracker().issue_ticket(range);
+        self.count_sent(range, &payload);
+        self.link.push_sync_extent(range, payload, ticket);
+        self.volume.gate().leave(lock);
     }
 
     /// Sends the extents dirtied and not yet sent, pass after pass, staged as one unit;
@@ -282,7 +376,7 @@ impl ResyncReader {
                     .iter()
                     .map(|_| self.link.admit_catch_up_extent())
                     .collect();
-                let read = self.read_range(span.range, None);
+                let read = self.read_range(span.range);
                 let mut tickets = Vec::with_capacity(span.pieces.len());
                 self.link
                     .tracker()
@@ -353,34 +447,18 @@ impl ResyncReader {
             .fetch_add(range.len, Ordering::Relaxed);
     }
 
-    /// Reads an initial sync's extent (its blocks locked by the caller) into a buffer of
-    /// `buffers`: zeroes are sent as a zero range.
-    fn read_extent(&self, range: ByteRange) -> Result<Payload<Data>, String> {
-        self.read_range(range, Some(&self.buffers)).map(payload_of)
-    }
-
-    /// Reads `range` (its blocks locked by the caller) with one I/O, into a buffer of
-    /// `pool` if one holds it exactly (a power-of-two length), which goes back to it once
-    /// the link lets go of the data. A catch-up's spans take buffers of their own: their
-    /// lengths vary, and the production host's memory is bounded by what they hold.
-    fn read_range(&self, range: ByteRange, pool: Option<&SharedPool>) -> Result<Bytes, String> {
+    /// Reads a catch-up's `range` (its blocks locked by the caller) with one I/O, into a
+    /// buffer of its own: the spans' lengths vary, and the production host's memory is
+    /// bounded by what they hold.
+    fn read_range(&self, range: ByteRange) -> Result<Bytes, String> {
         let aligned = range.align_out(DIRECT_IO_ALIGN);
-        let len = aligned.len as usize;
-        let pool = pool.filter(|_| len.is_power_of_two());
-        let mut buf = match pool {
-            Some(pool) => pool.take(len),
-            None => AlignedBuf::new(len),
-        };
+        let mut buf = AlignedBuf::new(aligned.len as usize);
         self.volume
             .backing()
             .read_exact_at(&mut buf, aligned.offset)
             .map_err(|e| format!("read {range}: {e}"))?;
-        let data = match pool {
-            Some(pool) => Bytes::from_owner(pool.returning(buf)),
-            None => Bytes::from_owner(buf),
-        };
         let start = (range.offset - aligned.offset) as usize;
-        Ok(data.slice(start..start + range.len as usize))
+        Ok(Bytes::from_owner(buf).slice(start..start + range.len as usize))
     }
 }
 
@@ -397,4 +475,170 @@ fn is_zero(buf: &[u8]) -> bool {
     // SAFETY: any bytes are valid u128s; align_to splits off what is not aligned.
     let (head, body, tail) = unsafe { buf.align_to::<u128>() };
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use blockrep_core::pair::state::PairState;
+    use blockrep_core::replication::{Epoch, ReplicationModel};
+    use blockrep_volume::{Backing, DirtyTracker, TrackerConfig};
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const EXTENT: u64 = 4 << 20;
+    const VOLUME: u64 = 4 * EXTENT;
+
+    /// A resync reader of 4 MiB extents over a 16 MiB volume full of data, its link
+    /// copying (an initial sync's).
+    fn reader(dir: &std::path::Path) -> ResyncReader {
+        reader_over(dir, ByteRange::new(0, VOLUME))
+    }
+
+    /// As [`reader`], the volume a sparse file with only `data` written.
+    fn reader_over(dir: &std::path::Path, data: ByteRange) -> ResyncReader {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join("prod.img");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(VOLUME).unwrap();
+        file.write_all_at(&vec![0x5a; data.len as usize], data.offset)
+            .unwrap();
+        let (tracker, _) =
+            DirtyTracker::open(&dir.join("bitmap"), VOLUME, TrackerConfig::default()).unwrap();
+        let tracker = Arc::new(tracker);
+        let volume = Arc::new(Volume::new(
+            "prod".into(),
+            Backing::open(&path, blockrep_core::CacheMode::Writeback).unwrap(),
+            Some(Arc::clone(&tracker)),
+        ));
+        let link = PairLink::new(
+            ReplicationModel::Async,
+            tracker,
+            64 << 20,
+            Epoch(1),
+            PairState::Connecting,
+            Arc::new(ManualClock::default()),
+        );
+        link.connected(Epoch(1), true).unwrap();
+        link.go_live();
+        ResyncReader {
+            volume,
+            buffers: SharedPool::with_idle_limit(RESYNC_IDLE_BYTES),
+            link: Arc::new(link),
+            extent: EXTENT,
+            stop: Arc::new(AtomicBool::new(false)),
+            final_pass_bytes: 0,
+        }
+    }
+
+    fn copied(reader: &ResyncReader) -> u64 {
+        reader
+            .link
+            .counters
+            .resync_bytes_copied
+            .load(Ordering::Relaxed)
+    }
+
+    /// A write across the boundary of two extents waits for the first, being read. The
+    /// reader, locking the second, would wait for that write: it queues the first extent
+    /// (letting go of its blocks) before it waits, or neither could go on.
+    #[test]
+    fn the_reader_lets_go_of_the_extents_it_reads_before_it_waits_behind_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = reader(dir.path());
+        let waker = Arc::new(Waker::new().unwrap());
+        let mut reads =
+            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        let first = ByteRange::new(0, EXTENT);
+        let lock = reader.lock(first, &waker, &mut reads).unwrap();
+        reads.start(first, lock).unwrap();
+
+        let volume = Arc::clone(&reader.volume);
+        let writer_waker = Arc::new(Waker::new().unwrap());
+        let across = ByteRange::new(EXTENT - 4096, 8192);
+        let Entered::Queued(write) = volume.gate().lock(across, &writer_waker) else {
+            panic!("the write waits for the extent being read");
+        };
+        let writer = std::thread::spawn(move || {
+            while !volume.gate().is_held(write) {
+                writer_waker.wait_blocking().unwrap();
+            }
+            volume.gate().leave(write);
+        });
+
+        let (locked, seen) = mpsc::channel();
+        let locker = std::thread::spawn(move || {
+            let second = ByteRange::new(EXTENT, EXTENT);
+            let lock = reader.lock(second, &waker, &mut reads);
+            locked.send(()).unwrap();
+            (reader, reads, lock)
+        });
+        seen.recv_timeout(Duration::from_secs(30))
+            .expect("the reader locked the second extent (it did not wait forever)");
+        let (reader, reads, lock) = locker.join().unwrap();
+        writer.join().unwrap();
+        assert_eq!(
+            reads.len(),
+            0,
+            "the first extent was queued before the wait"
+        );
+        assert_eq!(copied(&reader), EXTENT);
+        reader.volume.gate().leave(lock.unwrap());
+        assert!(reader.volume.gate().idle());
+    }
+
+    /// A sync that stops with reads in flight never queues their extents, and lets go of
+    /// their blocks once the reads completed.
+    #[test]
+    fn reads_dropped_in_flight_let_go_of_their_blocks_unqueued() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = reader(dir.path());
+        let waker = Arc::new(Waker::new().unwrap());
+        let mut reads =
+            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        for i in 0..READS_IN_FLIGHT as u64 {
+            let range = ByteRange::new(i * EXTENT, EXTENT);
+            let lock = reader.lock(range, &waker, &mut reads).unwrap();
+            reads.start(range, lock).unwrap();
+        }
+        assert_eq!(reads.bytes(), READS_IN_FLIGHT as u64 * EXTENT);
+        assert!(!reader.volume.gate().idle());
+        drop(reads);
+        assert!(reader.volume.gate().idle());
+        assert_eq!(copied(&reader), 0);
+    }
+
+    /// The whole initial sync, reads in flight: the data extents are read and queued with
+    /// their bytes, the holes as zero ranges, and the blocks are free at the end.
+    #[test]
+    fn an_initial_sync_queues_every_extent_read_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = ByteRange::new(EXTENT, 2 * EXTENT);
+        let reader = reader_over(dir.path(), data);
+        let waker = Arc::new(Waker::new().unwrap());
+        let mut reads =
+            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        let mut at = 0;
+        while at < VOLUME {
+            at += reader
+                .sync_piece(ByteRange::new(at, VOLUME - at), &waker, &mut reads)
+                .unwrap();
+        }
+        reader.finish_reads(&mut reads).unwrap();
+        assert_eq!(copied(&reader), data.len, "the data extents were read");
+        assert_eq!(
+            reader
+                .link
+                .counters
+                .resync_bytes_sent
+                .load(Ordering::Relaxed),
+            data.len,
+            "the data went with its bytes, the holes as zero ranges"
+        );
+        assert!(reader.volume.gate().idle());
+    }
 }
