@@ -398,6 +398,12 @@ fn sync_once(
     let copying = copying_since.map(|at| at.elapsed().as_secs_f64());
     cluster.cli_a(&["job", "wait", &job, "--timeout", "60"])?;
     let state = cluster.pair_state()?;
+    // The agents and the volumes' files go before the next run (a loop device over a file
+    // keeps it until the run ends).
+    cluster.stop(env);
+    for file in [&prod_file, &dr_file] {
+        std::fs::remove_file(file)?;
+    }
     Ok(SyncRun {
         allocated,
         sent: state["counters"]["bytes_sent"].as_u64().unwrap_or(0),

@@ -261,12 +261,13 @@ fn a_hypermetro_initial_sync_under_writes_survives_a_power_cut_of_the_dr_host() 
     let mut rng = SmallRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = cluster_with_volatile_dr(dir.path());
-    let size = 256 * MIB;
+    let size = 512 * MIB;
     let (prod, dr) = volumes(&cluster, dir.path(), size);
     // Data everywhere: the sync reads and sends the whole volume, held to 64 MiB/s so
-    // that it is still copying when the DR host dies (at least 4 s for the volume alone).
-    // A write waits behind the extents queued before it (up to the reader's read-ahead):
-    // a few writes are answered each time that much was sent.
+    // that it is still copying when the DR host dies (at least 8 s for the volume alone).
+    // A write waits behind the extents queued before it (up to the reader's 64 MiB
+    // read-ahead): each of the eight writers has about one write answered each time that
+    // much is sent, so ten answers come with about a quarter of the volume queued.
     write_mibs(&prod, size, MIB);
     let limited = cluster.node("node-a").cli_json(&["send-limit", "64MiB"]);
     assert_eq!(limited["max_bytes_per_sec"], 64 * MIB);
@@ -300,6 +301,9 @@ fn a_hypermetro_initial_sync_under_writes_survives_a_power_cut_of_the_dr_host() 
     cluster.node_mut("node-b").kill9();
     let more = answered.lock().unwrap().len() + 200;
     wait_answered(&answered, more, "writes answered without the DR side");
+    // The copy starts again once the DR host is back: at full speed.
+    let lifted = cluster.node("node-a").cli_json(&["send-limit", "off"]);
+    assert!(lifted["max_bytes_per_sec"].is_null());
     cluster.node_mut("node-b").start();
     for writer in writers {
         writer.join().unwrap();

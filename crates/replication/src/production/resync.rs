@@ -226,13 +226,14 @@ impl ResyncReader {
         // oldest read is queued first (it had room of its own). The reader waits for room
         // only with no blocks locked.
         while !self.link.has_room_for(reads.bytes() + self.extent) {
-            match reads.finish_oldest()? {
-                Some(read) => self.queue_extent(read),
-                None if !self.link.wait_for_room(self.extent, &|| self.stopped()) => {
-                    return Ok(piece.len);
-                }
-                None => break,
+            if let Some(read) = reads.finish_oldest()? {
+                self.queue_extent(read);
+                continue;
             }
+            if !self.link.wait_for_room(self.extent, &|| self.stopped()) {
+                return Ok(piece.len);
+            }
+            break;
         }
         // Read unlocked to size the lock; a hole is read again with its blocks locked.
         let first = self
@@ -246,7 +247,7 @@ impl ResyncReader {
             return self.sync_hole(ByteRange::new(piece.offset, first.len), waker, reads);
         }
         let range = ByteRange::new(piece.offset, first.len.min(self.extent));
-        let lock = self.lock(range, waker, reads)?;
+        let lock = self.lock_extent(range, waker, reads)?;
         reads.start(range, lock)?;
         if reads.len() >= READS_IN_FLIGHT
             && let Some(read) = reads.finish_oldest()?
@@ -265,7 +266,7 @@ impl ResyncReader {
         reads: &mut ExtentReads,
     ) -> Result<u64, String> {
         let gate = self.volume.gate();
-        let lock = self.lock(hole, waker, reads)?;
+        let lock = self.lock_extent(hole, waker, reads)?;
         let still = self
             .volume
             .allocation(hole, 1)
@@ -289,7 +290,7 @@ impl ResyncReader {
     /// If a write holds or waits for some of its blocks, those reads are queued first,
     /// letting go of their blocks: the write may be waiting for them too, and locks are
     /// granted first come, first served, so waiting while holding them could wait forever.
-    fn lock(
+    fn lock_extent(
         &self,
         range: ByteRange,
         waker: &Arc<Waker>,
@@ -299,6 +300,8 @@ impl ResyncReader {
         let lock = match gate.lock(range, waker) {
             Entered::Go(lock) => return Ok(lock),
             Entered::Queued(lock) => lock,
+            // Only `WriteGate::enter` refuses (the application's writes, by the volume's
+            // role); a lock is always taken or queued.
             Entered::Refused(errno) => {
                 return Err(format!(
                     "lock {range}: {}",
@@ -483,6 +486,7 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
+    use blockrep_core::pair::production::Transmit;
     use blockrep_core::pair::state::PairState;
     use blockrep_core::replication::{Epoch, ReplicationModel};
     use blockrep_volume::{Backing, DirtyTracker, TrackerConfig};
@@ -505,8 +509,7 @@ mod tests {
         let path = dir.join("prod.img");
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(VOLUME).unwrap();
-        file.write_all_at(&vec![0x5a; data.len as usize], data.offset)
-            .unwrap();
+        file.write_all_at(&pattern(data), data.offset).unwrap();
         let (tracker, _) =
             DirtyTracker::open(&dir.join("bitmap"), VOLUME, TrackerConfig::default()).unwrap();
         let tracker = Arc::new(tracker);
@@ -535,6 +538,14 @@ mod tests {
         }
     }
 
+    /// Bytes that differ in every 4 KiB block of `range` (none zero): a read put in the
+    /// wrong buffer or at the wrong offset shows.
+    fn pattern(range: ByteRange) -> Vec<u8> {
+        (range.offset..range.end())
+            .map(|at| ((at / 4096) as u8).wrapping_mul(31) | 1)
+            .collect()
+    }
+
     fn copied(reader: &ResyncReader) -> u64 {
         reader
             .link
@@ -554,10 +565,11 @@ mod tests {
         let mut reads =
             ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
         let first = ByteRange::new(0, EXTENT);
-        let lock = reader.lock(first, &waker, &mut reads).unwrap();
+        let lock = reader.lock_extent(first, &waker, &mut reads).unwrap();
         reads.start(first, lock).unwrap();
 
         let volume = Arc::clone(&reader.volume);
+        let link = Arc::clone(&reader.link);
         let writer_waker = Arc::new(Waker::new().unwrap());
         let across = ByteRange::new(EXTENT - 4096, 8192);
         let Entered::Queued(write) = volume.gate().lock(across, &writer_waker) else {
@@ -567,20 +579,26 @@ mod tests {
             while !volume.gate().is_held(write) {
                 writer_waker.wait_blocking().unwrap();
             }
+            let queued_first = link.counters.resync_bytes_copied.load(Ordering::Relaxed);
             volume.gate().leave(write);
+            queued_first
         });
 
         let (locked, seen) = mpsc::channel();
         let locker = std::thread::spawn(move || {
             let second = ByteRange::new(EXTENT, EXTENT);
-            let lock = reader.lock(second, &waker, &mut reads);
+            let lock = reader.lock_extent(second, &waker, &mut reads);
             locked.send(()).unwrap();
             (reader, reads, lock)
         });
         seen.recv_timeout(Duration::from_secs(30))
             .expect("the reader locked the second extent (it did not wait forever)");
         let (reader, reads, lock) = locker.join().unwrap();
-        writer.join().unwrap();
+        assert_eq!(
+            writer.join().unwrap(),
+            EXTENT,
+            "the write got its blocks only once the extent read before it was queued"
+        );
         assert_eq!(
             reads.len(),
             0,
@@ -602,7 +620,7 @@ mod tests {
             ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
         for i in 0..READS_IN_FLIGHT as u64 {
             let range = ByteRange::new(i * EXTENT, EXTENT);
-            let lock = reader.lock(range, &waker, &mut reads).unwrap();
+            let lock = reader.lock_extent(range, &waker, &mut reads).unwrap();
             reads.start(range, lock).unwrap();
         }
         assert_eq!(reads.bytes(), READS_IN_FLIGHT as u64 * EXTENT);
@@ -610,6 +628,31 @@ mod tests {
         drop(reads);
         assert!(reader.volume.gate().idle());
         assert_eq!(copied(&reader), 0);
+    }
+
+    /// A hole found unlocked that a write filled before its blocks were locked is not sent
+    /// as zeroes: the reader sends nothing, and reads it as data next.
+    #[test]
+    fn a_hole_filled_before_it_was_locked_is_not_sent_as_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = reader_over(dir.path(), ByteRange::new(0, EXTENT));
+        let waker = Arc::new(Waker::new().unwrap());
+        let mut reads =
+            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        let hole = ByteRange::new(EXTENT, EXTENT);
+        let found = reader.volume.allocation(hole, 1).unwrap();
+        assert!(found[0].hole, "{found:?}");
+        // The write lands between the first look and the lock.
+        reader
+            .volume
+            .backing()
+            .write_all_at(&pattern(ByteRange::new(EXTENT, 4096)), EXTENT)
+            .unwrap();
+        assert_eq!(reader.sync_hole(hole, &waker, &mut reads).unwrap(), 0);
+        let mut frames = Vec::new();
+        reader.link.take_frames(u64::MAX, &mut frames);
+        assert!(frames.is_empty(), "{frames:?}");
+        assert!(reader.volume.gate().idle());
     }
 
     /// The whole initial sync, reads in flight: the data extents are read and queued with
@@ -630,6 +673,22 @@ mod tests {
         }
         reader.finish_reads(&mut reads).unwrap();
         assert_eq!(copied(&reader), data.len, "the data extents were read");
+        let mut frames = Vec::new();
+        reader.link.take_frames(u64::MAX, &mut frames);
+        let mut covered = 0;
+        for frame in frames {
+            let Transmit::Write(w) = frame else { continue };
+            covered += w.range.len;
+            match w.payload {
+                Payload::Data(Data(bytes)) => assert_eq!(bytes, pattern(w.range), "{}", w.range),
+                Payload::Zeroes => assert!(
+                    w.range.end() <= data.offset || w.range.offset >= data.end(),
+                    "{} sent as zeroes",
+                    w.range
+                ),
+            }
+        }
+        assert_eq!(covered, VOLUME, "every byte of the volume was sent once");
         assert_eq!(
             reader
                 .link
