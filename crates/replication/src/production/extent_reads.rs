@@ -1,7 +1,7 @@
-//! An initial sync's extent reads in flight, on an io_uring of the resync thread: while the
-//! link sends one extent, the device already reads the next. Each extent's blocks stay
-//! locked from before its read until the reader has queued it (or given it up), and reads
-//! finish oldest first.
+//! An initial sync's extent reads in flight, on an io_uring of the resync thread: the
+//! device reads the next extent while the thread waits for the CPU and queues the one
+//! before. Each extent's blocks stay locked from before its read until the reader has
+//! queued it (or given it up), and reads finish oldest first.
 
 use std::collections::VecDeque;
 use std::io;
@@ -131,7 +131,7 @@ impl ExtentReads {
         };
         let range = oldest.range;
         while self.in_flight.front().is_some_and(|r| r.result.is_none()) {
-            if let Err(e) = self.reap(true) {
+            if let Err(e) = self.reap() {
                 self.ring_failed = true;
                 return Err(format!("read {range}: wait for the read: {e}"));
             }
@@ -147,14 +147,13 @@ impl ExtentReads {
         }
     }
 
-    /// Takes the completions the ring holds, waiting for one first if `wait`.
-    fn reap(&mut self, wait: bool) -> io::Result<()> {
-        if wait {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => return Ok(()),
-                Err(e) => return Err(e),
-            }
+    /// Waits for a completion, then takes those the ring holds (none if a signal came
+    /// first: the caller waits again).
+    fn reap(&mut self) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => return Ok(()),
+            Err(e) => return Err(e),
         }
         for completion in self.ring.completion() {
             let sequence = completion.user_data();

@@ -236,11 +236,11 @@ impl ResyncReader {
             break;
         }
         // Read unlocked to size the lock; a hole is read again with its blocks locked.
-        let first = self
+        let extents = self
             .volume
             .allocation(piece, 1)
             .map_err(|e| format!("find the data of {piece}: {e}"))?;
-        let Some(first) = first.first().copied() else {
+        let Some(first) = extents.first().copied() else {
             return Ok(piece.len);
         };
         if first.hole {
