@@ -181,8 +181,7 @@ impl ResyncReader {
     /// marks the sync done.
     fn initial_sync(&self, whole: bool) -> Result<ResyncOutcome, String> {
         let waker = Arc::new(Waker::new().map_err(|e| e.to_string())?);
-        let mut reads = ExtentReads::new(Arc::clone(&self.volume), self.buffers.clone())
-            .map_err(|e| format!("set up the initial sync's reads: {e}"))?;
+        let mut reads = self.extent_reads()?;
         let runs = if whole {
             vec![ByteRange::new(0, self.volume.size())]
         } else {
@@ -211,6 +210,12 @@ impl ResyncReader {
             return Ok(ResyncOutcome::Stopped);
         }
         Ok(ResyncOutcome::FullSyncDone)
+    }
+
+    /// An initial sync's reads, into this reader's buffers.
+    fn extent_reads(&self) -> Result<ExtentReads, String> {
+        ExtentReads::new(Arc::clone(&self.volume), self.buffers.clone())
+            .map_err(|e| format!("set up the initial sync's reads: {e}"))
     }
 
     /// Sends the start of `piece`: a hole whole, or one data extent, whose read it starts
@@ -562,8 +567,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reader = reader(dir.path());
         let waker = Arc::new(Waker::new().unwrap());
-        let mut reads =
-            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        let mut reads = reader.extent_reads().unwrap();
         let first = ByteRange::new(0, EXTENT);
         let lock = reader.lock_extent(first, &waker, &mut reads).unwrap();
         reads.start(first, lock).unwrap();
@@ -616,8 +620,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reader = reader(dir.path());
         let waker = Arc::new(Waker::new().unwrap());
-        let mut reads =
-            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        let mut reads = reader.extent_reads().unwrap();
         for i in 0..READS_IN_FLIGHT as u64 {
             let range = ByteRange::new(i * EXTENT, EXTENT);
             let lock = reader.lock_extent(range, &waker, &mut reads).unwrap();
@@ -637,8 +640,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reader = reader_over(dir.path(), ByteRange::new(0, EXTENT));
         let waker = Arc::new(Waker::new().unwrap());
-        let mut reads =
-            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        let mut reads = reader.extent_reads().unwrap();
         let hole = ByteRange::new(EXTENT, EXTENT);
         let found = reader.volume.allocation(hole, 1).unwrap();
         assert!(found[0].hole, "{found:?}");
@@ -663,8 +665,7 @@ mod tests {
         let data = ByteRange::new(EXTENT, 2 * EXTENT);
         let reader = reader_over(dir.path(), data);
         let waker = Arc::new(Waker::new().unwrap());
-        let mut reads =
-            ExtentReads::new(Arc::clone(&reader.volume), reader.buffers.clone()).unwrap();
+        let mut reads = reader.extent_reads().unwrap();
         let mut at = 0;
         while at < VOLUME {
             at += reader
